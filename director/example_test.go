@@ -1,0 +1,68 @@
+package director_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/resolver"
+)
+
+// firstRand always returns 0, which makes round robin start at the first
+// backend so the output is deterministic. Real code leaves Config.Rand nil.
+type firstRand struct{}
+
+func (firstRand) IntN(int) int { return 0 }
+
+func ExampleDirector() {
+	d, err := director.New(director.Config{
+		Policy: director.RoundRobin,
+		Logger: slog.New(slog.DiscardHandler),
+		Rand:   firstRand{},
+	})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	// Before the resolver's first update there is nothing to pick.
+	_, _, err = d.Pick(context.Background(), "/echo.Echo/Say")
+	fmt.Println(errors.Is(err, director.ErrNoBackend))
+
+	// A resolver normally makes this call; see resolver.Static.Run.
+	if err := d.UpdateState(resolver.State{Addresses: []resolver.Address{
+		{Addr: "10.0.0.1:50051"},
+		{Addr: "10.0.0.2:50051"},
+	}}); err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	// The proxy picks once per stream and calls done when the stream ends.
+	for i := range 3 {
+		addr, done, err := d.Pick(context.Background(), "/echo.Echo/Say")
+		if err != nil {
+			fmt.Println(err)
+			return
+		}
+		fmt.Println("stream", i, "->", addr)
+		if i == 1 {
+			done(errors.New("backend returned UNAVAILABLE"))
+		} else {
+			done(nil)
+		}
+	}
+
+	for _, b := range d.Backends() {
+		fmt.Printf("%s in_flight=%d ok=%d failed=%d\n", b.Addr, b.InFlight, b.Successes, b.Failures)
+	}
+	// Output:
+	// true
+	// stream 0 -> 10.0.0.1:50051
+	// stream 1 -> 10.0.0.2:50051
+	// stream 2 -> 10.0.0.1:50051
+	// 10.0.0.1:50051 in_flight=0 ok=2 failed=0
+	// 10.0.0.2:50051 in_flight=0 ok=0 failed=1
+}

@@ -1,0 +1,109 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+)
+
+// Defaults for Config fields left zero.
+const (
+	DefaultMaxConcurrentStreams   = 4096
+	DefaultStreamWindow           = 256 << 10
+	DefaultConnWindow             = 4 << 20
+	DefaultMaxHeaderListSize      = 1 << 20
+	DefaultBackendStreamsPerConn  = 1000
+	DefaultConnectTimeout         = 5 * time.Second
+	DefaultPrefaceTimeout         = 10 * time.Second
+	maxWindow                     = 1<<31 - 1
+	minWindow                     = 65535
+	defaultInitialWindowRFC       = 65535
+	defaultMaxStreamsBeforePrefix = 0
+)
+
+// Config configures a frame-engine Server. The zero value of every field but
+// Picker selects a default.
+type Config struct {
+	// Picker chooses the backend of every stream. Required.
+	Picker Picker
+
+	// MaxConcurrentStreams is advertised to clients as
+	// SETTINGS_MAX_CONCURRENT_STREAMS; streams beyond it are refused with
+	// REFUSED_STREAM (RFC 9113 §5.1.2).
+	MaxConcurrentStreams uint32
+
+	// StreamWindow is the flow-control window granted per stream, to clients
+	// and to backends alike. It bounds the bytes buffered per stream and
+	// direction.
+	StreamWindow int32
+
+	// ConnWindow is the connection-level window granted to each peer.
+	ConnWindow int32
+
+	// MaxHeaderListSize bounds the decoded size of a header block
+	// (SETTINGS_MAX_HEADER_LIST_SIZE).
+	MaxHeaderListSize uint32
+
+	// BackendStreamsPerConn caps the streams opened on one backend
+	// connection; the backend's own SETTINGS_MAX_CONCURRENT_STREAMS applies
+	// when lower. When every connection to a backend is full another one is
+	// opened.
+	BackendStreamsPerConn uint32
+
+	// ConnectTimeout bounds dialing a backend.
+	ConnectTimeout time.Duration
+
+	// PrefaceTimeout bounds how long a new client connection may take to
+	// send the HTTP/2 connection preface.
+	PrefaceTimeout time.Duration
+
+	// Dial opens backend connections. Nil means net.Dialer.DialContext.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	// Logger receives the server's logs. Nil means slog.Default().
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() error {
+	if c.Picker == nil {
+		return errors.New("proxy: Config.Picker is required")
+	}
+	if c.MaxConcurrentStreams == 0 {
+		c.MaxConcurrentStreams = DefaultMaxConcurrentStreams
+	}
+	if c.StreamWindow == 0 {
+		c.StreamWindow = DefaultStreamWindow
+	}
+	if c.StreamWindow < minWindow {
+		return fmt.Errorf("proxy: StreamWindow %d is below the HTTP/2 default of %d", c.StreamWindow, minWindow)
+	}
+	if c.ConnWindow == 0 {
+		c.ConnWindow = DefaultConnWindow
+	}
+	if c.ConnWindow < minWindow {
+		return fmt.Errorf("proxy: ConnWindow %d is below the HTTP/2 default of %d", c.ConnWindow, minWindow)
+	}
+	if c.MaxHeaderListSize == 0 {
+		c.MaxHeaderListSize = DefaultMaxHeaderListSize
+	}
+	if c.BackendStreamsPerConn == 0 {
+		c.BackendStreamsPerConn = DefaultBackendStreamsPerConn
+	}
+	if c.ConnectTimeout <= 0 {
+		c.ConnectTimeout = DefaultConnectTimeout
+	}
+	if c.PrefaceTimeout <= 0 {
+		c.PrefaceTimeout = DefaultPrefaceTimeout
+	}
+	if c.Dial == nil {
+		var d net.Dialer
+		c.Dial = d.DialContext
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return nil
+}

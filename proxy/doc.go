@@ -1,0 +1,21 @@
+// Package proxy is streamlb's data plane: it accepts gRPC calls over
+// cleartext HTTP/2 (h2c with prior knowledge), asks a Picker for a backend
+// for every stream, and relays the call to that backend.
+//
+// Two engines share the Picker seam:
+//
+//   - Server, the frame engine, relays HTTP/2 frames with
+//     golang.org/x/net/http2's Framer and hpack. It never decodes a gRPC
+//     message: DATA bytes go through as they came, so any codec,
+//     compression or message size passes untouched. Each connection has one
+//     reader goroutine and one writer goroutine; streams are entries in the
+//     connection's table, not goroutines. Flow control is end to end
+//     (RFC 9113 §5.2): a window is granted to a sender only as its bytes are
+//     handed on to the receiver, so every stream's buffer is bounded.
+//   - Reference, the message-level engine built on mwitkow/grpc-proxy, with
+//     a goroutine pair per stream. It exists for differential tests and as a
+//     baseline in benchmarks.
+//
+// The package knows nothing of discovery or balancing policies: those live
+// in the resolver and director packages, which main wires to a Picker.
+package proxy

@@ -1,0 +1,206 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+
+	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/resolver"
+	"github.com/streamlb/streamlb/testserver"
+)
+
+// engines are the two data planes every end-to-end test runs against.
+var engines = []string{"frame", "grpc-proxy"}
+
+// server is what both engines offer.
+type server interface {
+	Serve(net.Listener) error
+	Shutdown(context.Context) error
+	Close() error
+}
+
+// env is one test's world: testservers, a director over them, a proxy in
+// front, and one client connection to the proxy.
+type env struct {
+	t        *testing.T
+	backends []*testserver.Server
+	dir      *director.Director
+	srv      server
+	addr     string
+	cc       *grpc.ClientConn
+	client   testgrpc.TestServiceClient
+	serveErr chan error
+}
+
+type envOpts struct {
+	backends int
+	engine   string
+	policy   string
+	tscfg    func(i int, c *testserver.Config)
+	pcfg     func(c *proxy.Config)
+}
+
+func verifyNoLeaks(t *testing.T) {
+	t.Helper()
+	t.Cleanup(func() {
+		goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	})
+}
+
+// newEnv builds an env and registers its teardown.
+func newEnv(t *testing.T, o envOpts) *env {
+	t.Helper()
+	if o.backends == 0 {
+		o.backends = 3
+	}
+	e := &env{t: t, serveErr: make(chan error, 1)}
+	var addrs []string
+	for i := 0; i < o.backends; i++ {
+		cfg := testserver.Config{Name: fmt.Sprintf("b%d", i)}
+		if o.tscfg != nil {
+			o.tscfg(i, &cfg)
+		}
+		ts, err := testserver.New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ts.Start("127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(ts.Stop)
+		e.backends = append(e.backends, ts)
+		addrs = append(addrs, ts.Addr())
+	}
+	d, err := director.New(director.Config{Policy: o.policy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.dir = d
+	e.setBackends(addrs...)
+
+	switch o.engine {
+	case "frame", "":
+		cfg := proxy.Config{Picker: d}
+		if o.pcfg != nil {
+			o.pcfg(&cfg)
+		}
+		s, err := proxy.New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.srv = s
+	case "grpc-proxy":
+		s, err := proxy.NewReference(proxy.ReferenceConfig{Picker: d})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.srv = s
+	default:
+		t.Fatalf("unknown engine %q", o.engine)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.addr = ln.Addr().String()
+	go func() { e.serveErr <- e.srv.Serve(ln) }()
+	t.Cleanup(func() {
+		e.srv.Close()
+		if err := <-e.serveErr; !errors.Is(err, proxy.ErrServerClosed) {
+			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		}
+	})
+	e.cc = e.dial(e.addr)
+	e.client = testgrpc.NewTestServiceClient(e.cc)
+	return e
+}
+
+func (e *env) setBackends(addrs ...string) {
+	e.t.Helper()
+	var st resolver.State
+	for _, a := range addrs {
+		st.Addresses = append(st.Addresses, resolver.Address{Addr: a})
+	}
+	if err := e.dir.UpdateState(st); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// dial opens a client connection, closed at cleanup.
+func (e *env) dial(addr string) *grpc.ClientConn {
+	e.t.Helper()
+	cc, err := grpc.NewClient("passthrough:///"+addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
+// direct returns a client straight to backend i, for comparisons.
+func (e *env) direct(i int) testgrpc.TestServiceClient {
+	return testgrpc.NewTestServiceClient(e.dial(e.backends[i].Addr()))
+}
+
+func (e *env) backendByName(name string) *testserver.Server {
+	for _, b := range e.backends {
+		if b.Name() == name {
+			return b
+		}
+	}
+	return nil
+}
+
+// ctx returns a context bounded so that no test hangs.
+func testCtx(t *testing.T, d time.Duration) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// waitFor polls cond under ctx, as grpc-go's tests do, never a fixed sleep.
+func waitFor(ctx context.Context, t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	tick := time.NewTicker(2 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("timed out waiting for %s", what)
+		case <-tick.C:
+		}
+	}
+}
+
+// drain reads a stream to its end and returns the messages and final error.
+func drain[T any](recv func() (*T, error)) ([]*T, error) {
+	var out []*T
+	for {
+		m, err := recv()
+		if err == io.EOF {
+			return out, nil
+		}
+		if err != nil {
+			return out, err
+		}
+		out = append(out, m)
+	}
+}
+
+var _ = sync.Mutex{}

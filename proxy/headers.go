@@ -1,0 +1,218 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// hopByHop reports whether a header is connection-specific and must not be
+// relayed (RFC 9113 §8.2.2; RFC 9110 §7.6.1).
+func hopByHop(name string) bool {
+	switch name {
+	case "connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade", "http2-settings":
+		return true
+	}
+	return false
+}
+
+// filterFields returns the fields to relay, without hop-by-hop headers. It
+// returns fields itself when nothing is dropped, which is the common case.
+// "te" may only be "trailers" in HTTP/2 and gRPC requires it, so it passes.
+func filterFields(fields []hpack.HeaderField) []hpack.HeaderField {
+	for i, f := range fields {
+		if hopByHop(f.Name) {
+			out := append([]hpack.HeaderField(nil), fields[:i]...)
+			for _, f := range fields[i+1:] {
+				if !hopByHop(f.Name) {
+					out = append(out, f)
+				}
+			}
+			return out
+		}
+	}
+	return fields
+}
+
+// requestInfo is what the proxy reads from a request header block.
+type requestInfo struct {
+	method      string // :method
+	path        string // :path, the gRPC full method name
+	contentType string
+	timeout     time.Duration // grpc-timeout; 0 when absent
+	hasTimeout  bool
+}
+
+var errNoPath = errors.New("missing :path")
+
+// parseRequest checks a request header block as RFC 9113 §8.3.1 requires
+// and extracts what routing needs.
+func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
+	var ri requestInfo
+	var scheme bool
+	for _, f := range fields {
+		switch f.Name {
+		case ":method":
+			ri.method = f.Value
+		case ":path":
+			ri.path = f.Value
+		case ":scheme":
+			scheme = true
+		case "content-type":
+			ri.contentType = f.Value
+		case "grpc-timeout":
+			d, err := ParseTimeout(f.Value)
+			if err != nil {
+				return ri, err
+			}
+			ri.timeout, ri.hasTimeout = d, true
+		}
+	}
+	if ri.method == "" || !scheme {
+		return ri, errors.New("missing :method or :scheme")
+	}
+	if ri.path == "" {
+		return ri, errNoPath
+	}
+	return ri, nil
+}
+
+// isGRPCContentType reports whether ct is application/grpc or
+// application/grpc+codec / ;params, per the gRPC over HTTP/2 spec.
+func isGRPCContentType(ct string) bool {
+	const base = "application/grpc"
+	if !strings.HasPrefix(ct, base) {
+		return false
+	}
+	if len(ct) == len(base) {
+		return true
+	}
+	switch ct[len(base)] {
+	case '+', ';':
+		return true
+	}
+	return false
+}
+
+// ParseTimeout parses a grpc-timeout header value: at most 8 ASCII digits
+// followed by one unit of H, M, S, m, u or n (gRPC over HTTP/2 spec).
+// Values too large for a time.Duration saturate.
+func ParseTimeout(v string) (time.Duration, error) {
+	if len(v) < 2 || len(v) > 9 {
+		return 0, fmt.Errorf("proxy: malformed grpc-timeout %q", v)
+	}
+	var unit time.Duration
+	switch v[len(v)-1] {
+	case 'H':
+		unit = time.Hour
+	case 'M':
+		unit = time.Minute
+	case 'S':
+		unit = time.Second
+	case 'm':
+		unit = time.Millisecond
+	case 'u':
+		unit = time.Microsecond
+	case 'n':
+		unit = time.Nanosecond
+	default:
+		return 0, fmt.Errorf("proxy: malformed grpc-timeout %q: unknown unit", v)
+	}
+	digits := v[:len(v)-1]
+	for i := 0; i < len(digits); i++ {
+		if digits[i] < '0' || digits[i] > '9' {
+			return 0, fmt.Errorf("proxy: malformed grpc-timeout %q", v)
+		}
+	}
+	n, err := strconv.ParseInt(digits, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("proxy: malformed grpc-timeout %q: %w", v, err)
+	}
+	const maxDur = time.Duration(1<<63 - 1)
+	if n > int64(maxDur/unit) {
+		return maxDur, nil
+	}
+	return time.Duration(n) * unit, nil
+}
+
+// encodeGRPCMessage percent-encodes a status message as the gRPC over
+// HTTP/2 spec requires: bytes outside 0x20–0x7E, and '%', become %XX.
+func encodeGRPCMessage(msg string) string {
+	need := false
+	for i := 0; i < len(msg); i++ {
+		if c := msg[i]; c < ' ' || c > '~' || c == '%' {
+			need = true
+			break
+		}
+	}
+	if !need {
+		return msg
+	}
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	b.Grow(len(msg) * 2)
+	for i := 0; i < len(msg); i++ {
+		c := msg[i]
+		if c < ' ' || c > '~' || c == '%' {
+			b.WriteByte('%')
+			b.WriteByte(hex[c>>4])
+			b.WriteByte(hex[c&15])
+			continue
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
+}
+
+// statusFields is a proxy-generated gRPC status. With trailersOnly it is a
+// complete response of one HEADERS frame (gRPC "Trailers-Only"), otherwise
+// the trailers that close a response already started.
+func statusFields(code codes.Code, msg string, trailersOnly bool) []hpack.HeaderField {
+	f := make([]hpack.HeaderField, 0, 4)
+	if trailersOnly {
+		f = append(f,
+			hpack.HeaderField{Name: ":status", Value: "200"},
+			hpack.HeaderField{Name: "content-type", Value: "application/grpc"})
+	}
+	f = append(f, hpack.HeaderField{Name: "grpc-status", Value: strconv.Itoa(int(code))})
+	if msg != "" {
+		f = append(f, hpack.HeaderField{Name: "grpc-message", Value: encodeGRPCMessage(msg)})
+	}
+	return f
+}
+
+// httpErrorFields is the early answer to a request that is not gRPC, after
+// grpc-go's server (writeEarlyAbort): an HTTP status with a gRPC status.
+func httpErrorFields(httpStatus int, code codes.Code, msg string) []hpack.HeaderField {
+	return []hpack.HeaderField{
+		{Name: ":status", Value: strconv.Itoa(httpStatus)},
+		{Name: "content-type", Value: "application/grpc"},
+		{Name: "grpc-status", Value: strconv.Itoa(int(code))},
+		{Name: "grpc-message", Value: encodeGRPCMessage(msg)},
+	}
+}
+
+// outcome derives the error reported to Picker.done from a response's
+// final header block: nil for grpc-status 0.
+func outcome(fields []hpack.HeaderField) error {
+	for _, f := range fields {
+		if f.Name != "grpc-status" {
+			continue
+		}
+		if f.Value == "0" {
+			return nil
+		}
+		n, err := strconv.Atoi(f.Value)
+		if err != nil {
+			return status.Errorf(codes.Unknown, "malformed grpc-status %q", f.Value)
+		}
+		return status.Error(codes.Code(n), "backend returned status")
+	}
+	return status.Error(codes.Unknown, "response without grpc-status")
+}

@@ -1,0 +1,162 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"sync"
+
+	grpcproxy "github.com/mwitkow/grpc-proxy/proxy"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+// ReferenceConfig configures the message-level reference engine.
+type ReferenceConfig struct {
+	// Picker chooses the backend of every stream. Required.
+	Picker Picker
+	// Logger receives the engine's logs. Nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Reference is the message-level engine: mwitkow/grpc-proxy's transparent
+// handler on a grpc-go server, with a goroutine pair per stream and a
+// grpc-go client connection per backend. It decodes each message into an
+// empty protobuf (keeping the bytes as unknown fields) and re-encodes it.
+// It serves as the baseline the frame engine is tested and measured
+// against.
+type Reference struct {
+	picker Picker
+	log    *slog.Logger
+	srv    *grpc.Server
+
+	mu sync.Mutex
+	// mu guards conns.
+	conns map[string]*grpc.ClientConn
+}
+
+type doneKey struct{}
+
+// doneHolder carries the Picker's done function from the director, which
+// runs inside the handler, back to the interceptor that sees the outcome.
+type doneHolder struct{ done func(error) }
+
+// NewReference builds the reference engine. It starts nothing.
+func NewReference(cfg ReferenceConfig) (*Reference, error) {
+	if cfg.Picker == nil {
+		return nil, errors.New("proxy: ReferenceConfig.Picker is required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	r := &Reference{picker: cfg.Picker, log: cfg.Logger.With("component", "proxy", "engine", "grpc-proxy"), conns: make(map[string]*grpc.ClientConn)}
+	r.srv = grpc.NewServer(
+		grpc.UnknownServiceHandler(grpcproxy.TransparentHandler(r.direct)),
+		grpc.StreamInterceptor(r.intercept),
+		grpc.MaxRecvMsgSize(math.MaxInt32),
+		grpc.MaxSendMsgSize(math.MaxInt32),
+	)
+	return r, nil
+}
+
+// intercept reports each stream's outcome to the Picker's done.
+func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	h := &doneHolder{}
+	err := handler(srv, &holderStream{ServerStream: ss, ctx: context.WithValue(ss.Context(), doneKey{}, h)})
+	if h.done != nil {
+		h.done(err)
+	}
+	return err
+}
+
+type holderStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *holderStream) Context() context.Context { return s.ctx }
+
+// direct is the grpc-proxy StreamDirector: pick, then forward metadata on
+// a client connection to the backend.
+func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Context, grpc.ClientConnInterface, error) {
+	addr, done, err := r.picker.Pick(ctx, fullMethod)
+	if err != nil {
+		return nil, nil, status.Errorf(codes.Unavailable, "streamlb: no backend for %s: %v", fullMethod, err)
+	}
+	if h, ok := ctx.Value(doneKey{}).(*doneHolder); ok {
+		h.done = done
+	}
+	cc, err := r.conn(addr)
+	if err != nil {
+		return nil, nil, status.Errorf(codes.Unavailable, "streamlb: backend %s: %v", addr, err)
+	}
+	md, _ := metadata.FromIncomingContext(ctx)
+	return metadata.NewOutgoingContext(ctx, md.Copy()), cc, nil
+}
+
+func (r *Reference) conn(addr string) (*grpc.ClientConn, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cc, ok := r.conns[addr]; ok {
+		return cc, nil
+	}
+	cc, err := grpc.NewClient("passthrough:///"+addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)))
+	if err != nil {
+		return nil, fmt.Errorf("proxy: client for %s: %w", addr, err)
+	}
+	r.conns[addr] = cc
+	return cc, nil
+}
+
+// Serve serves gRPC on ln until Shutdown or Close.
+func (r *Reference) Serve(ln net.Listener) error {
+	err := r.srv.Serve(ln)
+	if err == nil || errors.Is(err, grpc.ErrServerStopped) {
+		return ErrServerClosed
+	}
+	return err
+}
+
+// Shutdown stops accepting, lets in-flight calls finish until ctx ends,
+// then stops hard and closes the backend connections.
+func (r *Reference) Shutdown(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		r.srv.GracefulStop()
+		close(done)
+	}()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+		r.srv.Stop()
+		<-done
+	}
+	r.closeConns()
+	return err
+}
+
+// Close stops the engine at once.
+func (r *Reference) Close() error {
+	r.srv.Stop()
+	r.closeConns()
+	return nil
+}
+
+func (r *Reference) closeConns() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for addr, cc := range r.conns {
+		cc.Close()
+		delete(r.conns, addr)
+	}
+}

@@ -1,0 +1,174 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("proxy: server closed")
+
+// Server is the frame engine: a gRPC-aware HTTP/2 reverse proxy that picks
+// a backend per stream and relays frames without decoding messages.
+//
+// Serve and Shutdown follow net/http.Server: Serve blocks accepting
+// connections, Shutdown drains them. All methods are safe for concurrent
+// use.
+type Server struct {
+	cfg  Config
+	log  *slog.Logger
+	pool pool
+
+	mu sync.Mutex
+	// mu guards the fields below.
+	listeners map[net.Listener]struct{}
+	conns     map[*serverConn]struct{}
+	shutdown  bool
+	connWG    sync.WaitGroup // one per serverConn.serve
+
+	cancelPool context.CancelFunc
+}
+
+// New validates cfg and returns a Server. It starts nothing.
+func New(cfg Config) (*Server, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	s := &Server{
+		cfg:       cfg,
+		log:       cfg.Logger.With("component", "proxy"),
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*serverConn]struct{}),
+	}
+	s.pool.srv = s
+	s.pool.conns = make(map[string][]*backendConn)
+	s.pool.ctx, s.cancelPool = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// Serve accepts client connections on ln until Shutdown or Close, serving
+// each on its own goroutines. It always returns a non-nil error;
+// ErrServerClosed after Shutdown or Close. ln is closed when Serve returns.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.shutdown {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+	var backoff time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			s.mu.Lock()
+			down := s.shutdown
+			s.mu.Unlock()
+			if down {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				// Temporary accept failure (e.g. out of file descriptors):
+				// back off as net/http does instead of spinning.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "err", err, "backoff", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			return err
+		}
+		backoff = 0
+		if tc, ok := nc.(*net.TCPConn); ok {
+			tc.SetNoDelay(true)
+		}
+		c := newServerConn(s, nc)
+		s.mu.Lock()
+		if s.shutdown {
+			s.mu.Unlock()
+			nc.Close()
+			return ErrServerClosed
+		}
+		s.conns[c] = struct{}{}
+		s.connWG.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.connWG.Done()
+			c.serve()
+			s.mu.Lock()
+			delete(s.conns, c)
+			s.mu.Unlock()
+		}()
+	}
+}
+
+// Shutdown stops accepting connections, sends GOAWAY on every client
+// connection and waits for in-flight streams to finish, then closes the
+// backend connections. If ctx ends first, remaining connections are closed
+// (their calls fail: the backends see cancellation) and ctx's error is
+// returned.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.shutdown = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	for c := range s.conns {
+		c.shutdown()
+	}
+	s.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() {
+		s.connWG.Wait()
+		close(done)
+	}()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+		s.closeConns()
+		<-done
+	}
+	s.cancelPool()
+	s.pool.closeAll()
+	return err
+}
+
+// Close closes every listener and connection at once, failing calls in
+// flight, and waits for the server's goroutines to exit.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.shutdown = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	s.mu.Unlock()
+	s.closeConns()
+	s.connWG.Wait()
+	s.cancelPool()
+	s.pool.closeAll()
+	return nil
+}
+
+func (s *Server) closeConns() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.conns {
+		c.close(errServerClosing)
+	}
+}
+
+var errServerClosing = errors.New("proxy: server closing")

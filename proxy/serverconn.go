@@ -1,0 +1,545 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// serverConn is one client connection: the proxy is the HTTP/2 server. It
+// has two goroutines, owned by serve: readLoop (serve's own) and writeLoop.
+type serverConn struct {
+	transport
+	srv    *Server
+	ctx    context.Context // passed to Picker.Pick; cancelled when the connection ends
+	cancel context.CancelFunc
+
+	// mu (in transport) guards the fields below.
+	streams   map[uint32]*stream // open client streams by client stream id
+	lastID    uint32             // highest client stream id seen
+	goingAway bool               // GOAWAY sent: no new streams
+	fatal     bool               // connection error: writer exits after flushing
+}
+
+func newServerConn(srv *Server, nc net.Conn) *serverConn {
+	c := &serverConn{srv: srv, streams: make(map[uint32]*stream)}
+	cfg := &srv.cfg
+	c.transport.init(false, cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
+	c.attach(nc)
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	return c
+}
+
+// serve runs the connection until it ends. The writer goroutine it starts
+// has exited, and every stream has been failed or finished, when it returns.
+func (c *serverConn) serve() {
+	defer c.cancel()
+	if err := c.handshake(); err != nil {
+		c.log.Debug("connection rejected", "remote", c.nc.RemoteAddr().String(), "err", err)
+		c.nc.Close()
+		return
+	}
+	writerDone := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		c.writeLoop(c)
+	}()
+	err := c.readLoop()
+	c.mu.Lock()
+	fatal := c.fatal
+	c.mu.Unlock()
+	if fatal {
+		// Let the writer flush the GOAWAY, but not wait on a peer that
+		// does not read.
+		t := time.NewTimer(time.Second)
+		select {
+		case <-writerDone:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+	c.close(err)
+	<-writerDone
+	c.cleanup()
+}
+
+// handshake reads the client connection preface (RFC 9113 §3.4) within
+// PrefaceTimeout and queues our SETTINGS. Anything else gets a clear
+// answer: HTTP/1.x a 505 response, other bytes a GOAWAY(PROTOCOL_ERROR).
+func (c *serverConn) handshake() error {
+	cfg := &c.srv.cfg
+	c.nc.SetReadDeadline(time.Now().Add(cfg.PrefaceTimeout))
+	buf := make([]byte, len(http2.ClientPreface))
+	got := 0
+	for got < len(buf) {
+		n, err := c.nc.Read(buf[got:])
+		got += n
+		// Decide as soon as the bytes tell, without waiting for 24 bytes
+		// that a short HTTP/1.x request may never send.
+		switch classifyPreface(buf[:got]) {
+		case prefaceHTTP1:
+			writeHTTP1Rejection(c.nc)
+			return errors.New("proxy: HTTP/1.x request on an HTTP/2-only port")
+		case prefaceGarbage:
+			fr := http2.NewFramer(c.nc, nil)
+			c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+			fr.WriteGoAway(0, http2.ErrCodeProtocol, []byte("streamlb: bad HTTP/2 connection preface"))
+			return errors.New("proxy: bad connection preface")
+		}
+		if err != nil {
+			return fmt.Errorf("proxy: reading connection preface: %w", err)
+		}
+	}
+	c.nc.SetReadDeadline(time.Time{})
+	c.mu.Lock()
+	c.queueCtrlLocked(writeOp{kind: opSettings, settings: []http2.Setting{
+		{ID: http2.SettingMaxConcurrentStreams, Val: cfg.MaxConcurrentStreams},
+		{ID: http2.SettingInitialWindowSize, Val: uint32(cfg.StreamWindow)},
+		{ID: http2.SettingMaxFrameSize, Val: maxFrameSize},
+		{ID: http2.SettingMaxHeaderListSize, Val: cfg.MaxHeaderListSize},
+	}})
+	if inc := cfg.ConnWindow - defaultInitialWindowRFC; inc > 0 {
+		c.queueCtrlLocked(writeOp{kind: opWindowUpdate, val: uint32(inc)})
+		c.recvWindow += inc
+	}
+	c.mu.Unlock()
+	return nil
+}
+
+type prefaceKind int
+
+const (
+	prefaceSoFarOK   prefaceKind = iota // a prefix of the HTTP/2 preface
+	prefaceUndecided                    // a prefix of an HTTP/1.x request line
+	prefaceHTTP1
+	prefaceGarbage
+)
+
+// classifyPreface tells what the first bytes of a connection are.
+func classifyPreface(b []byte) prefaceKind {
+	if len(b) <= len(http2.ClientPreface) && string(b) == http2.ClientPreface[:len(b)] {
+		return prefaceSoFarOK
+	}
+	for _, m := range []string{"GET ", "POST ", "PUT ", "HEAD ", "DELETE ", "OPTIONS ", "PATCH ", "CONNECT ", "TRACE "} {
+		if bytes.HasPrefix(b, []byte(m)) {
+			return prefaceHTTP1
+		}
+		if len(b) < len(m) && m[:len(b)] == string(b) {
+			return prefaceUndecided
+		}
+	}
+	return prefaceGarbage
+}
+
+func writeHTTP1Rejection(nc net.Conn) {
+	const body = "streamlb: this port speaks gRPC over HTTP/2 only (h2c with prior knowledge); HTTP/1.x is not supported\n"
+	nc.SetWriteDeadline(time.Now().Add(time.Second))
+	fmt.Fprintf(nc, "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
+}
+
+// readLoop reads frames until the connection fails. Stream errors reset
+// the stream and go on; connection errors send GOAWAY and end the loop
+// (RFC 9113 §5.4).
+func (c *serverConn) readLoop() error {
+	for {
+		f, err := c.rfr.ReadFrame()
+		if err == nil {
+			err = c.handleFrame(f)
+		}
+		if err == nil {
+			continue
+		}
+		var se http2.StreamError
+		if errors.As(err, &se) {
+			c.resetFromClient(se.StreamID, se.Code, true)
+			continue
+		}
+		var ce http2.ConnectionError
+		if errors.As(err, &ce) {
+			c.goAwayFatal(http2.ErrCode(ce), c.rfr.ErrorDetail())
+			return fmt.Errorf("proxy: client connection error: %w", err)
+		}
+		return err
+	}
+}
+
+func (c *serverConn) goAwayFatal(code http2.ErrCode, detail error) {
+	c.mu.Lock()
+	var debug []byte
+	if detail != nil {
+		debug = []byte(detail.Error())
+	}
+	c.queueCtrlLocked(writeOp{kind: opGoAway, val: c.lastID, code: code, debug: debug})
+	c.fatal = true
+	c.goingAway = true
+	c.drainAndClose = true
+	c.mu.Unlock()
+	c.signal()
+}
+
+func (c *serverConn) handleFrame(f http2.Frame) error {
+	switch f := f.(type) {
+	case *http2.MetaHeadersFrame:
+		return c.onHeaders(f)
+	case *http2.DataFrame:
+		return c.onData(f)
+	case *http2.RSTStreamFrame:
+		c.resetFromClient(f.StreamID, f.ErrCode, false)
+	case *http2.SettingsFrame:
+		return c.handleSettings(f, c.eachQueueLocked)
+	case *http2.WindowUpdateFrame:
+		c.mu.Lock()
+		var q *sendQueue
+		if s := c.streams[f.StreamID]; s != nil {
+			q = &s.down
+		}
+		err := c.handleWindowUpdateLocked(q, f)
+		c.mu.Unlock()
+		return err
+	case *http2.PingFrame:
+		if !f.IsAck() {
+			c.mu.Lock()
+			c.queueCtrlLocked(writeOp{kind: opPing, end: true, ping: f.Data})
+			c.mu.Unlock()
+			c.signal()
+		}
+	case *http2.GoAwayFrame:
+		// The client will open no more streams; those in flight finish.
+	case *http2.PushPromiseFrame:
+		return http2.ConnectionError(http2.ErrCodeProtocol) // RFC 9113 §8.4: clients cannot push
+	}
+	return nil
+}
+
+// eachQueueLocked calls fn for the send queue of every open stream. Caller
+// must hold mu.
+func (c *serverConn) eachQueueLocked(fn func(*sendQueue)) {
+	for _, s := range c.streams {
+		fn(&s.down)
+	}
+}
+
+func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
+	id := f.StreamID
+	end := f.StreamEnded()
+	c.mu.Lock()
+	if s := c.streams[id]; s != nil {
+		// Request trailers (RFC 9113 §8.1): they must end the stream.
+		if !end {
+			c.mu.Unlock()
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if s.cRecvEnd {
+			c.mu.Unlock()
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+		}
+		s.cRecvEnd = true
+		c.maybeCloseLocked(s)
+		c.mu.Unlock()
+		if s.bc != nil {
+			s.bc.enqueueUp(s, outItem{kind: itemHeaders, end: true, fields: filterFields(f.Fields)})
+		}
+		return nil
+	}
+	if id%2 == 0 || id <= c.lastID {
+		c.mu.Unlock()
+		return http2.ConnectionError(http2.ErrCodeProtocol) // RFC 9113 §5.1.1
+	}
+	c.lastID = id
+	if c.goingAway {
+		c.mu.Unlock()
+		return nil // RFC 9113 §6.8: streams above the GOAWAY's id are ignored
+	}
+	if uint32(len(c.streams)) >= c.srv.cfg.MaxConcurrentStreams {
+		c.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeRefusedStream})
+		c.mu.Unlock()
+		c.signal()
+		return nil
+	}
+	s := &stream{cc: c}
+	s.down = sendQueue{s: s, id: id, window: c.peerInitWin}
+	s.upRecv = recvState{id: id, window: c.streamWindow}
+	s.up = sendQueue{s: s, src: &c.transport, credit: &s.upRecv}
+	s.cRecvEnd = end
+	c.streams[id] = s
+	c.mu.Unlock()
+
+	if f.Truncated {
+		c.rejectStream(s, httpErrorFields(431, codes.ResourceExhausted, "streamlb: request header list too large"))
+		return nil
+	}
+	ri, err := parseRequest(f.Fields)
+	switch {
+	case err != nil:
+		c.rejectStream(s, httpErrorFields(400, codes.Internal, "streamlb: malformed request headers: "+err.Error()))
+		return nil
+	case ri.method != "POST":
+		c.rejectStream(s, httpErrorFields(405, codes.Internal, fmt.Sprintf("streamlb: method %q not allowed, gRPC uses POST", ri.method)))
+		return nil
+	case !isGRPCContentType(ri.contentType):
+		c.rejectStream(s, httpErrorFields(415, codes.InvalidArgument, fmt.Sprintf("streamlb: invalid gRPC request content-type %q", ri.contentType)))
+		return nil
+	}
+	s.method = ri.path
+
+	addr, done, err := c.srv.cfg.Picker.Pick(c.ctx, ri.path)
+	if err != nil {
+		c.rejectStream(s, statusFields(codes.Unavailable, "streamlb: no backend for "+ri.path+": "+err.Error(), true))
+		return nil
+	}
+	s.done = done
+	bc, err := c.srv.pool.get(addr)
+	if err != nil {
+		c.rejectStream(s, statusFields(codes.Unavailable, "streamlb: "+err.Error(), true))
+		return nil
+	}
+	s.bc = bc
+	if ri.hasTimeout {
+		s.timer = time.AfterFunc(ri.timeout, func() { c.deadlineExceeded(s) })
+	}
+	bc.addStream(s, filterFields(f.Fields), end)
+	return nil
+}
+
+// rejectStream answers a stream the proxy will not forward with a complete
+// response, and resets it (NO_ERROR) if the client is still sending, as
+// grpc-go's server does. The stream never had a backend side.
+func (c *serverConn) rejectStream(s *stream, fields []hpack.HeaderField) {
+	s.sides.Add(1) // no backend side
+	c.mu.Lock()
+	s.result = outcome(fields)
+	c.finishDownLocked(s, fields)
+	c.mu.Unlock()
+	c.signal()
+}
+
+// finishDownLocked ends the response with the given final header block,
+// discarding what was queued, and resets the stream if the client has not
+// finished sending. Caller must hold mu.
+func (c *serverConn) finishDownLocked(s *stream, fields []hpack.HeaderField) {
+	s.down.drop()
+	s.down.items = append(s.down.items, outItem{kind: itemHeaders, end: true, fields: fields})
+	if !s.cRecvEnd {
+		s.down.items = append(s.down.items, outItem{kind: itemReset, code: http2.ErrCodeNo})
+	}
+	s.down.closed = true
+	c.markReadyLocked(&s.down)
+}
+
+// failDown ends a call with a proxy-generated status: trailers-only if no
+// response header was sent yet, else trailers. Nothing happens if the
+// response already ended.
+func (c *serverConn) failDown(s *stream, code codes.Code, msg string) {
+	c.mu.Lock()
+	if s.down.closed || s.cClosed {
+		c.mu.Unlock()
+		return
+	}
+	s.result = status.Error(code, msg)
+	c.finishDownLocked(s, statusFields(code, msg, !s.headersSent))
+	c.mu.Unlock()
+	c.signal()
+}
+
+// deadlineExceeded runs on the stream's timer when grpc-timeout passes
+// before the call ends: the client gets DEADLINE_EXCEEDED and the backend
+// stream is cancelled.
+func (c *serverConn) deadlineExceeded(s *stream) {
+	c.failDown(s, codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+s.method)
+	s.bc.resetUp(s, http2.ErrCodeCancel)
+}
+
+func (c *serverConn) onData(f *http2.DataFrame) error {
+	id := f.StreamID
+	data := f.Data()
+	n := int32(f.Length)
+	end := f.StreamEnded()
+	c.mu.Lock()
+	s := c.streams[id]
+	var r *recvState
+	if s != nil {
+		r = &s.upRecv
+	}
+	connOK, streamOK := c.consumeLocked(r, n)
+	lastID := c.lastID
+	switch {
+	case !connOK:
+		c.mu.Unlock()
+		return http2.ConnectionError(http2.ErrCodeFlowControl)
+	case s == nil:
+		c.mu.Unlock()
+		c.signal() // the connection window was credited
+		if id > lastID {
+			return http2.ConnectionError(http2.ErrCodeProtocol) // DATA on an idle stream, RFC 9113 §5.1
+		}
+		return nil // a stream we closed; its frames are ignored (§5.1 "closed")
+	case !streamOK:
+		c.mu.Unlock()
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
+	case s.cRecvEnd:
+		c.mu.Unlock()
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+	}
+	c.creditLocked(r, n-int32(len(data))) // padding is never relayed
+	if end {
+		s.cRecvEnd = true
+		c.maybeCloseLocked(s)
+	}
+	c.mu.Unlock()
+	if s.bc == nil || !s.bc.enqueueUpData(s, data, end) {
+		c.creditStream(r, int32(len(data)))
+	}
+	return nil
+}
+
+// resetFromClient handles a RST_STREAM from the client, or a stream error
+// we detected (sendRST): the stream ends on both sides.
+func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool) {
+	c.mu.Lock()
+	if sendRST {
+		c.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: code})
+	}
+	s := c.streams[id]
+	if s == nil {
+		c.mu.Unlock()
+		c.signal()
+		return
+	}
+	if !s.down.closed {
+		s.result = status.Error(codes.Canceled, "client reset the stream")
+	}
+	c.closeSideLocked(s)
+	c.mu.Unlock()
+	c.signal()
+	if s.bc != nil {
+		s.bc.resetUp(s, http2.ErrCodeCancel)
+	}
+}
+
+// enqueueDown queues a response item from the backend. It reports false if
+// the response was already ended, in which case DATA bytes must be credited
+// back by the caller.
+func (c *serverConn) enqueueDown(s *stream, it outItem, data []byte) bool {
+	c.mu.Lock()
+	if s.down.closed {
+		c.mu.Unlock()
+		return false
+	}
+	if it.kind == itemData {
+		s.down.pushData(data, it.end)
+	} else {
+		if it.end {
+			s.result = outcome(it.fields)
+		}
+		s.down.items = append(s.down.items, it)
+	}
+	if it.end {
+		s.down.closed = true
+	}
+	c.markReadyLocked(&s.down)
+	c.mu.Unlock()
+	c.signal()
+	return true
+}
+
+// backendReset relays a RST_STREAM from the backend. A NO_ERROR reset after
+// a complete response (a server ending the request early, RFC 9113 §8.1)
+// follows the response; any other aborts it.
+func (c *serverConn) backendReset(s *stream, code http2.ErrCode) {
+	c.mu.Lock()
+	defer c.signal()
+	defer c.mu.Unlock()
+	if s.cClosed {
+		return
+	}
+	if s.down.closed {
+		if !s.cRecvEnd && !s.cSentEnd {
+			s.down.items = append(s.down.items, outItem{kind: itemReset, code: code})
+			c.markReadyLocked(&s.down)
+		}
+		return
+	}
+	s.result = status.Errorf(rstStatus(code), "backend reset the stream: %v", code)
+	c.queueCtrlLocked(writeOp{kind: opReset, streamID: s.down.id, code: resetCode(code)})
+	c.closeSideLocked(s)
+}
+
+// maybeCloseLocked closes the client side once both directions ended.
+// Caller must hold mu.
+func (c *serverConn) maybeCloseLocked(s *stream) {
+	if s.cRecvEnd && s.cSentEnd {
+		c.closeSideLocked(s)
+	}
+}
+
+// closeSideLocked removes s from the client connection. Caller must hold mu.
+func (c *serverConn) closeSideLocked(s *stream) {
+	if s.cClosed {
+		return
+	}
+	s.cClosed = true
+	delete(c.streams, s.down.id)
+	s.down.drop()
+	s.down.closed = true
+	s.upRecv.done = true
+	s.sideClosed()
+}
+
+// openLocked implements role; clients open streams, we do not.
+func (c *serverConn) openLocked(batch []writeOp) []writeOp { return batch }
+
+// sentLastLocked implements role.
+func (c *serverConn) sentLastLocked(s *stream, reset bool) {
+	s.cSentEnd = true
+	if reset || s.cRecvEnd {
+		c.closeSideLocked(s)
+	}
+}
+
+// idleLocked implements role.
+func (c *serverConn) idleLocked() bool {
+	return c.fatal || (c.goingAway && len(c.streams) == 0)
+}
+
+// shutdown starts a graceful close: GOAWAY with the last stream id, then
+// the connection closes when its streams are done (RFC 9113 §6.8).
+func (c *serverConn) shutdown() {
+	c.mu.Lock()
+	if !c.goingAway {
+		c.goingAway = true
+		c.queueCtrlLocked(writeOp{kind: opGoAway, val: c.lastID, code: http2.ErrCodeNo})
+	}
+	c.drainAndClose = true
+	c.mu.Unlock()
+	c.signal()
+}
+
+// cleanup fails every stream left when the connection ended: the backend
+// side is cancelled. Runs after both goroutines exited.
+func (c *serverConn) cleanup() {
+	c.mu.Lock()
+	left := make([]*stream, 0, len(c.streams))
+	for _, s := range c.streams {
+		left = append(left, s)
+	}
+	for _, s := range left {
+		if !s.down.closed {
+			s.result = status.Error(codes.Canceled, "client connection closed")
+		}
+		c.closeSideLocked(s)
+	}
+	c.mu.Unlock()
+	for _, s := range left {
+		if s.bc != nil {
+			s.bc.resetUp(s, http2.ErrCodeCancel)
+		}
+	}
+}

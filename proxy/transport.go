@@ -1,0 +1,679 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// maxFrameSize is the SETTINGS_MAX_FRAME_SIZE we advertise. We never raise
+// it above the RFC default, so every DATA payload we receive fits one pooled
+// buffer, and every buffer fits a frame any peer accepts (RFC 9113 §4.2).
+const maxFrameSize = 16384
+
+// bufPool holds the buffers that carry DATA payloads between connections. A
+// buffer is taken by the reader that receives the bytes and returned by the
+// writer that sends them on, so the relay does not allocate per frame.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, maxFrameSize); return &b }}
+
+func getBuf() *[]byte  { return bufPool.Get().(*[]byte) }
+func putBuf(b *[]byte) { bufPool.Put(b) }
+
+type itemKind uint8
+
+const (
+	itemData itemKind = iota
+	itemHeaders
+	itemReset
+)
+
+// outItem is one entry of a stream's outbound queue: DATA bytes, a header
+// block, or a RST_STREAM that must follow what was queued before it.
+type outItem struct {
+	kind   itemKind
+	end    bool    // END_STREAM
+	buf    *[]byte // DATA: pooled buffer, pending bytes are (*buf)[off:n]
+	off, n int     //
+	fields []hpack.HeaderField
+	code   http2.ErrCode
+}
+
+// sendQueue is a stream's outbound state on one connection. All fields are
+// guarded by the owning transport's mu.
+type sendQueue struct {
+	s      *stream
+	id     uint32 // stream id on the owning connection; 0 until opened
+	window int32  // peer's flow-control window for this stream (RFC 9113 §6.9)
+	items  []outItem
+	head   int
+	ready  bool // in the transport's ready ring
+	closed bool // END_STREAM or RST queued: later items are dropped
+
+	// credit is the receive state of the connection the bytes came from;
+	// it is credited, under src.mu, as bytes are written here.
+	src    *transport
+	credit *recvState
+}
+
+func (q *sendQueue) empty() bool { return q.head == len(q.items) }
+
+// eligible reports whether the head item can be written once the
+// connection window allows. Header blocks and RST_STREAM are not
+// flow-controlled; DATA needs stream window unless it is an empty
+// END_STREAM frame. The connection window is checked by the writer, which
+// stops taking DATA while it is exhausted, leaving the ring as it is.
+func (q *sendQueue) eligible() bool {
+	if q.empty() || q.id == 0 {
+		return false
+	}
+	return !q.needsWindow() || q.window > 0
+}
+
+// needsWindow reports whether the head item is DATA with bytes in it.
+func (q *sendQueue) needsWindow() bool {
+	it := &q.items[q.head]
+	return it.kind == itemData && it.n > it.off
+}
+
+// push appends an item, coalescing DATA into the tail buffer when nothing
+// of that buffer has been sent yet, so tiny frames cannot pin a pooled
+// buffer each.
+func (q *sendQueue) pushData(p []byte, end bool) {
+	if n := len(q.items); n > q.head && len(p) > 0 {
+		t := &q.items[n-1]
+		if t.kind == itemData && !t.end && t.buf != nil && t.off == 0 && t.n+len(p) <= len(*t.buf) {
+			t.n += copy((*t.buf)[t.n:], p)
+			t.end = end
+			return
+		}
+	}
+	it := outItem{kind: itemData, end: end}
+	if len(p) > 0 {
+		it.buf = getBuf()
+		it.n = copy(*it.buf, p)
+	}
+	q.items = append(q.items, it)
+}
+
+// drop discards every queued item, releasing buffers, and returns how many
+// DATA bytes were discarded (so the source can be credited).
+func (q *sendQueue) drop() int {
+	n := 0
+	for i := q.head; i < len(q.items); i++ {
+		it := &q.items[i]
+		if it.buf != nil {
+			n += it.n - it.off
+			putBuf(it.buf)
+		}
+		*it = outItem{}
+	}
+	q.items = q.items[:0]
+	q.head = 0
+	return n
+}
+
+// recvState is the inbound flow-control state of one stream on one
+// connection. Guarded by the owning transport's mu.
+type recvState struct {
+	id      uint32 // stream id on the owning connection; 0 until opened
+	window  int32  // bytes the peer may still send
+	unacked int32  // bytes handed on but not yet returned with WINDOW_UPDATE
+	done    bool   // stream closed on this connection: no more updates
+}
+
+type opKind uint8
+
+const (
+	opData opKind = iota
+	opHeaders
+	opReset
+	opSettings
+	opSettingsAck
+	opPing
+	opGoAway
+	opWindowUpdate
+	opTableSize
+)
+
+// writeOp is one frame for the writer. Ops are built under mu and written
+// outside it by writeLoop, which is the only goroutine touching the socket's
+// write side, the write Framer and the HPACK encoder.
+type writeOp struct {
+	kind     opKind
+	streamID uint32
+	end      bool
+	buf      *[]byte // DATA from a pooled buffer; released after the write when release is set
+	data     []byte
+	release  bool
+	fields   []hpack.HeaderField
+	code     http2.ErrCode
+	val      uint32 // window increment, last stream id, or table size
+	ping     [8]byte
+	settings []http2.Setting
+	debug    []byte
+	src      *transport // DATA: connection to credit once written
+	credit   *recvState
+}
+
+// transport is the part of an HTTP/2 connection common to both roles: the
+// client-facing serverConn and the backend-facing backendConn. It owns the
+// socket, the reader's Framer, and the outbound scheduler drained by
+// writeLoop, after grpc-go's loopy writer: control frames first, then one
+// DATA frame per ready stream in turn, so a busy stream never starves the
+// others, and a flush only when there is nothing left to write.
+type transport struct {
+	nc     net.Conn      // set by attach, under mu
+	rfr    *http2.Framer // reader goroutine only
+	log    *slog.Logger
+	client bool // true on backend connections (we are the HTTP/2 client)
+
+	// Writer goroutine only.
+	bw     *bufio.Writer
+	wfr    *http2.Framer
+	henc   *hpack.Encoder
+	hbuf   bytes.Buffer
+	batch  []writeOp
+	dirty  bool // bytes sit in bw unflushed
+	credit []creditOp
+
+	wake chan struct{} // capacity 1, non-blocking sends: "there is work"
+
+	// Immutable after construction.
+	streamWindow  int32 // window we grant per stream
+	connWindow    int32 // window we grant on the connection
+	maxHeaderList uint32
+
+	mu sync.Mutex
+	// mu guards the fields below.
+	ctrl          []writeOp
+	ready         []*sendQueue // FIFO ring of streams with an eligible head item
+	readyHead     int
+	sendWindow    int32 // connection-level window the peer granted us
+	peerInitWin   int32 // peer's SETTINGS_INITIAL_WINDOW_SIZE
+	peerMaxFrame  uint32
+	peerMaxStream uint32 // peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	gotSettings   bool
+	recvUnacked   int32 // connection-level bytes consumed, not yet returned
+	recvWindow    int32 // connection-level bytes the peer may still send
+	closed        bool
+	closeErr      error
+	drainAndClose bool // writer exits once everything queued is written
+}
+
+type creditOp struct {
+	src    *transport
+	credit *recvState
+	n      int32
+}
+
+// init prepares a transport without a socket; attach adds the socket.
+// Backend connections queue streams between the two, while they dial.
+func (t *transport) init(client bool, streamWindow, connWindow int32, maxHeaderList uint32, log *slog.Logger) {
+	t.client = client
+	t.log = log
+	t.streamWindow = streamWindow
+	t.connWindow = connWindow
+	t.maxHeaderList = maxHeaderList
+	t.wake = make(chan struct{}, 1)
+	t.sendWindow = defaultInitialWindowRFC
+	t.peerInitWin = defaultInitialWindowRFC
+	t.peerMaxFrame = maxFrameSize
+	t.peerMaxStream = ^uint32(0)
+	t.recvWindow = defaultInitialWindowRFC
+}
+
+// attach gives the transport its socket. It must be called before the
+// reader and writer start.
+func (t *transport) attach(nc net.Conn) {
+	t.rfr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 32<<10))
+	t.rfr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	t.rfr.MaxHeaderListSize = t.maxHeaderList
+	t.rfr.SetMaxReadFrameSize(maxFrameSize)
+	t.rfr.SetReuseFrames()
+	t.bw = bufio.NewWriterSize(nc, 32<<10)
+	t.wfr = http2.NewFramer(t.bw, nil)
+	t.henc = hpack.NewEncoder(&t.hbuf)
+	t.mu.Lock()
+	t.nc = nc
+	t.mu.Unlock()
+}
+
+// signal wakes the writer. It never blocks.
+func (t *transport) signal() {
+	select {
+	case t.wake <- struct{}{}:
+	default:
+	}
+}
+
+// queueCtrlLocked queues a frame that is not flow-controlled. Caller must
+// hold mu.
+func (t *transport) queueCtrlLocked(op writeOp) {
+	if t.closed {
+		return
+	}
+	t.ctrl = append(t.ctrl, op)
+}
+
+// markReadyLocked puts q in the ready ring if its head item can be written.
+// Caller must hold mu.
+func (t *transport) markReadyLocked(q *sendQueue) {
+	if !q.ready && q.eligible() {
+		q.ready = true
+		t.ready = append(t.ready, q)
+	}
+}
+
+// creditLocked returns n handed-on bytes of stream r to the peer, sending a
+// WINDOW_UPDATE once a quarter of the window has accumulated so that a
+// steady stream costs few control frames. Caller must hold mu.
+func (t *transport) creditLocked(r *recvState, n int32) {
+	if r == nil || r.done || n <= 0 {
+		return
+	}
+	r.unacked += n
+	if r.id != 0 && r.unacked >= t.streamWindow/4 {
+		t.queueCtrlLocked(writeOp{kind: opWindowUpdate, streamID: r.id, val: uint32(r.unacked)})
+		r.window += r.unacked
+		r.unacked = 0
+	}
+}
+
+// creditConnLocked returns n bytes of connection-level window. Caller must
+// hold mu.
+func (t *transport) creditConnLocked(n int32) {
+	t.recvUnacked += n
+	if t.recvUnacked >= t.connWindow/4 {
+		t.queueCtrlLocked(writeOp{kind: opWindowUpdate, val: uint32(t.recvUnacked)})
+		t.recvWindow += t.recvUnacked
+		t.recvUnacked = 0
+	}
+}
+
+// creditStream is creditLocked for callers not holding mu.
+func (t *transport) creditStream(r *recvState, n int32) {
+	t.mu.Lock()
+	t.creditLocked(r, n)
+	t.mu.Unlock()
+	t.signal()
+}
+
+// consumeLocked accounts for an inbound DATA frame of length n (payload
+// plus padding) on stream r, checking the peer stayed within both windows
+// (RFC 9113 §6.9.1). The connection-level window is returned at once: the
+// stream window alone bounds what is buffered per stream. Caller must hold
+// mu.
+func (t *transport) consumeLocked(r *recvState, n int32) (connOK, streamOK bool) {
+	if n > t.recvWindow {
+		return false, false
+	}
+	t.recvWindow -= n
+	t.creditConnLocked(n)
+	if r == nil {
+		return true, true
+	}
+	if n > r.window {
+		return true, false
+	}
+	r.window -= n
+	return true, true
+}
+
+// close marks the transport closed and closes the socket, which unblocks
+// both goroutines. Safe to call more than once; the first error wins.
+func (t *transport) close(err error) {
+	t.mu.Lock()
+	if !t.closed {
+		t.closed = true
+		t.closeErr = err
+		for _, op := range t.ctrl {
+			if op.release && op.buf != nil {
+				putBuf(op.buf)
+			}
+		}
+		t.ctrl = nil
+	}
+	nc := t.nc
+	t.mu.Unlock()
+	if nc != nil {
+		nc.Close()
+	}
+	t.signal()
+}
+
+// errClosed is returned by writeLoop when the transport was closed.
+var errClosed = errors.New("proxy: connection closed")
+
+// handleSettings applies a peer's SETTINGS frame (RFC 9113 §6.5.2) and
+// queues the acknowledgement. onStreams, if non-nil, is called with mu held
+// for every stream whose send window must change by delta (§6.9.2).
+func (t *transport) handleSettings(f *http2.SettingsFrame, eachQueue func(func(*sendQueue))) error {
+	if f.IsAck() {
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	err := f.ForeachSetting(func(s http2.Setting) error {
+		if err := s.Valid(); err != nil {
+			return err
+		}
+		switch s.ID {
+		case http2.SettingInitialWindowSize:
+			delta := int32(s.Val) - t.peerInitWin
+			t.peerInitWin = int32(s.Val)
+			if eachQueue != nil && delta != 0 {
+				eachQueue(func(q *sendQueue) {
+					q.window += delta
+					t.markReadyLocked(q)
+				})
+			}
+		case http2.SettingMaxFrameSize:
+			t.peerMaxFrame = s.Val
+		case http2.SettingMaxConcurrentStreams:
+			t.peerMaxStream = s.Val
+		case http2.SettingHeaderTableSize:
+			t.queueCtrlLocked(writeOp{kind: opTableSize, val: s.Val})
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	t.gotSettings = true
+	t.queueCtrlLocked(writeOp{kind: opSettingsAck})
+	t.signal()
+	return nil
+}
+
+// handleWindowUpdateLocked applies a WINDOW_UPDATE (RFC 9113 §6.9.1). q is
+// the stream's send queue (nil for stream 0 or an unknown stream). Caller
+// must hold mu.
+func (t *transport) handleWindowUpdateLocked(q *sendQueue, f *http2.WindowUpdateFrame) error {
+	inc := int32(f.Increment)
+	if f.StreamID == 0 {
+		if t.sendWindow > maxWindow-inc {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+		t.sendWindow += inc
+		t.signal()
+		return nil
+	}
+	if q == nil {
+		return nil
+	}
+	if q.window > maxWindow-inc {
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
+	}
+	q.window += inc
+	t.markReadyLocked(q)
+	t.signal()
+	return nil
+}
+
+// flushAndWait is the idle part of writeLoop: flush buffered bytes, then
+// wait for a signal. It returns false when the transport closed.
+func (t *transport) idle() {
+	if t.dirty {
+		if err := t.bw.Flush(); err != nil {
+			t.close(err)
+		}
+		t.dirty = false
+		return
+	}
+	<-t.wake
+}
+
+// writeFrames writes one batch. It runs on the writer goroutine only.
+func (t *transport) writeFrames(batch []writeOp) error {
+	for i := range batch {
+		op := &batch[i]
+		var err error
+		switch op.kind {
+		case opData:
+			err = t.wfr.WriteData(op.streamID, op.end, op.data)
+			if op.release {
+				putBuf(op.buf)
+			}
+			if op.credit != nil && len(op.data) > 0 {
+				t.credit = append(t.credit, creditOp{op.src, op.credit, int32(len(op.data))})
+			}
+		case opHeaders:
+			err = t.writeHeaders(op.streamID, op.end, op.fields)
+		case opReset:
+			err = t.wfr.WriteRSTStream(op.streamID, op.code)
+		case opSettings:
+			err = t.wfr.WriteSettings(op.settings...)
+		case opSettingsAck:
+			err = t.wfr.WriteSettingsAck()
+		case opPing:
+			err = t.wfr.WritePing(op.end, op.ping)
+		case opGoAway:
+			err = t.wfr.WriteGoAway(op.val, op.code, op.debug)
+		case opWindowUpdate:
+			err = t.wfr.WriteWindowUpdate(op.streamID, op.val)
+		case opTableSize:
+			t.henc.SetMaxDynamicTableSizeLimit(op.val)
+		}
+		*op = writeOp{}
+		if err != nil {
+			for j := i + 1; j < len(batch); j++ {
+				if batch[j].release {
+					putBuf(batch[j].buf)
+				}
+				batch[j] = writeOp{}
+			}
+			return err
+		}
+	}
+	t.dirty = true
+	return nil
+}
+
+// writeHeaders HPACK-encodes fields and writes them as one HEADERS frame
+// and as many CONTINUATION frames as the peer's frame size requires
+// (RFC 9113 §6.10). The encoder's dynamic table follows the order blocks
+// are written in, which is why only the writer encodes.
+func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField) error {
+	t.hbuf.Reset()
+	for _, f := range fields {
+		if err := t.henc.WriteField(f); err != nil {
+			return err
+		}
+	}
+	block := t.hbuf.Bytes()
+	max := int(t.maxFrame())
+	first := true
+	for first || len(block) > 0 {
+		frag := block
+		if len(frag) > max {
+			frag = frag[:max]
+		}
+		block = block[len(frag):]
+		var err error
+		if first {
+			err = t.wfr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: frag, EndStream: end, EndHeaders: len(block) == 0})
+			first = false
+		} else {
+			err = t.wfr.WriteContinuation(id, len(block) == 0, frag)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (t *transport) maxFrame() uint32 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.peerMaxFrame
+}
+
+// applyCredits returns the window for bytes this writer sent on to their
+// source connections. Runs on the writer, with no mu held.
+func (t *transport) applyCredits() {
+	for i, c := range t.credit {
+		c.src.creditStream(c.credit, c.n)
+		t.credit[i] = creditOp{}
+	}
+	t.credit = t.credit[:0]
+}
+
+// popDataLocked takes up to one frame's worth of the head item of q,
+// within the stream and connection windows, and returns the op to write.
+// Caller must hold mu. end reports whether the op carries END_STREAM or is
+// a reset, i.e. whether the stream is done being sent on this connection.
+func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
+	it := &q.items[q.head]
+	switch it.kind {
+	case itemHeaders:
+		op = writeOp{kind: opHeaders, streamID: id, end: it.end, fields: it.fields}
+		last = it.end
+	case itemReset:
+		op = writeOp{kind: opReset, streamID: id, code: it.code}
+		last = true
+	default:
+		n := it.n - it.off
+		allowed := n
+		if int32(allowed) > q.window {
+			allowed = int(q.window)
+		}
+		if int32(allowed) > t.sendWindow {
+			allowed = int(t.sendWindow)
+		}
+		if n > 0 && allowed <= 0 {
+			return writeOp{}, false // caller checked eligibility; defensive
+		}
+		op = writeOp{kind: opData, streamID: id, src: q.src, credit: q.credit}
+		if it.buf != nil {
+			op.data = (*it.buf)[it.off : it.off+allowed]
+			op.buf = it.buf
+		}
+		q.window -= int32(allowed)
+		t.sendWindow -= int32(allowed)
+		if allowed < n {
+			it.off += allowed // partial: the rest waits for window
+			return op, false
+		}
+		op.release = it.buf != nil
+		op.end = it.end
+		last = it.end
+	}
+	*it = outItem{}
+	q.head++
+	if q.empty() {
+		q.items = q.items[:0]
+		q.head = 0
+	}
+	return op, last
+}
+
+// readyPopLocked removes and returns the first stream of the ready ring.
+// Caller must hold mu.
+func (t *transport) readyPopLocked() *sendQueue {
+	if t.readyHead == len(t.ready) {
+		return nil
+	}
+	q := t.ready[t.readyHead]
+	t.ready[t.readyHead] = nil
+	t.readyHead++
+	if t.readyHead == len(t.ready) {
+		t.ready = t.ready[:0]
+		t.readyHead = 0
+	} else if t.readyHead > 64 && t.readyHead*2 > len(t.ready) {
+		n := copy(t.ready, t.ready[t.readyHead:])
+		clear(t.ready[n:])
+		t.ready = t.ready[:n]
+		t.readyHead = 0
+	}
+	q.ready = false
+	return q
+}
+
+// role is what differs between the two kinds of connection as seen by the
+// writer. Both methods are called with mu held.
+type role interface {
+	// openLocked appends HEADERS for streams waiting to be opened, if the
+	// role opens streams (backend connections do).
+	openLocked(batch []writeOp) []writeOp
+	// sentLastLocked is called when the END_STREAM or RST_STREAM of s was
+	// taken for writing on this connection.
+	sentLastLocked(s *stream, reset bool)
+	// idleLocked reports whether a draining connection has no stream left
+	// and may close.
+	idleLocked() bool
+}
+
+// batchBudget bounds the DATA bytes taken in one batch, so control frames
+// (WINDOW_UPDATE, PING, RST_STREAM) queued meanwhile wait at most that long.
+const batchBudget = 64 << 10
+
+// writeLoop is the connection's only writer. It drains control frames and
+// ready streams in batches, writes them into a buffered writer and flushes
+// when there is nothing more to write, so many small frames cost one
+// syscall. It returns when the transport is closed or, while draining, when
+// nothing is left.
+func (t *transport) writeLoop(r role) error {
+	for {
+		t.mu.Lock()
+		if t.closed {
+			err := t.closeErr
+			t.mu.Unlock()
+			return err
+		}
+		batch := append(t.batch[:0], t.ctrl...)
+		clear(t.ctrl)
+		t.ctrl = t.ctrl[:0]
+		batch = r.openLocked(batch)
+		budget := batchBudget
+		for budget > 0 && t.readyHead < len(t.ready) {
+			q := t.ready[t.readyHead]
+			if q.empty() || q.id == 0 {
+				t.readyPopLocked() // dropped by a reset while it waited
+				continue
+			}
+			if q.needsWindow() && t.sendWindow <= 0 {
+				break // RFC 9113 §6.9.1: wait for a connection WINDOW_UPDATE
+			}
+			t.readyPopLocked()
+			op, last := t.popLocked(q, q.id)
+			batch = append(batch, op)
+			budget -= len(op.data) + 64
+			if op.kind == opHeaders && !t.client {
+				q.s.headersSent = true // from here on a failure must use trailers
+			}
+			if last {
+				q.closed = true
+				q.drop()
+				r.sentLastLocked(q.s, op.kind == opReset)
+				continue
+			}
+			t.markReadyLocked(q)
+		}
+		exit := len(batch) == 0 && t.drainAndClose && r.idleLocked()
+		t.mu.Unlock()
+
+		if len(batch) == 0 {
+			if exit {
+				err := t.bw.Flush()
+				t.batch = batch
+				return err
+			}
+			t.idle()
+			continue
+		}
+		err := t.writeFrames(batch)
+		t.batch = batch[:0]
+		t.applyCredits()
+		if err != nil {
+			t.close(err)
+			return err
+		}
+	}
+}
