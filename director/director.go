@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/streamlb/streamlb/resolver"
 )
@@ -39,7 +40,8 @@ var ErrNoBackend = errors.New("director: no backend available")
 func Policies() []string { return []string{RoundRobin, LeastRequest} }
 
 // Config configures a [Director]. The zero value is valid: round robin,
-// slog.Default and math/rand/v2.
+// outlier ejection with Envoy's defaults, slog.Default, math/rand/v2 and
+// time.Now.
 type Config struct {
 	// Policy is one of [Policies]; "" means [RoundRobin].
 	Policy string
@@ -54,6 +56,32 @@ type Config struct {
 	// source. Pick calls it concurrently, so it must be safe for concurrent
 	// use. Tests inject a deterministic source here.
 	Rand interface{ IntN(n int) int }
+
+	// EjectAfter is how many streams of a backend in a row must end with
+	// codes.Unavailable for the backend to be ejected: left out of picking
+	// for a while. 0 means [DefaultEjectAfter]; a negative value disables
+	// ejection. A stream that ends in success or with another backend
+	// status ends the run; Canceled and DeadlineExceeded neither count nor
+	// end it. See [Director.Pick].
+	EjectAfter int
+	// BaseEjection is how long a first ejection lasts; the n-th lasts n
+	// times as long, up to MaxEjection. The count decays by one for every
+	// BaseEjection the backend spends back in the set. 0 means
+	// [DefaultBaseEjection].
+	BaseEjection time.Duration
+	// MaxEjection caps one ejection's length. 0 means [DefaultMaxEjection],
+	// or BaseEjection if that is longer; otherwise it must be at least
+	// BaseEjection.
+	MaxEjection time.Duration
+	// MaxEjectionPercent is the largest share of the set, 1..100, that may
+	// be ejected at once; an ejection that would exceed it does not
+	// happen. Whatever the value, the last pickable backend is never
+	// ejected. 0 means [DefaultMaxEjectionPercent].
+	MaxEjectionPercent int
+	// Now is the clock for ejection times; nil means time.Now. Pick calls
+	// it concurrently while a backend is ejected, so it must be safe for
+	// concurrent use. Tests inject a fake clock here.
+	Now func() time.Time
 }
 
 // randSource is the randomness policies use; see [Config.Rand].
@@ -78,6 +106,8 @@ type Director struct {
 	logger     *slog.Logger
 	policyName string
 	policy     policy
+	outlier    outlierConfig
+	now        func() time.Time
 
 	// snap is the current snapshot. It is never nil after New. It is only
 	// stored while holding mu, and loaded without it.
@@ -85,8 +115,11 @@ type Director struct {
 
 	mu sync.Mutex // mu serialises rebuilds and guards the fields below.
 	// counters holds the long-lived per-backend counters keyed by address,
-	// for exactly the addresses of the current snapshot.
+	// for exactly the addresses of the current snapshot. Their outlier
+	// fields are guarded by mu too.
 	counters map[string]*counters
+	// ejectEpoch counts changes of the ejected set; see counters.capWarned.
+	ejectEpoch uint64
 }
 
 // New validates cfg and returns a Director with an empty backend set, so
@@ -117,14 +150,24 @@ func New(cfg Config) (*Director, error) {
 	default:
 		return nil, fmt.Errorf("director: unknown policy %q (valid: %s)", cfg.Policy, strings.Join(Policies(), ", "))
 	}
+	oc, err := newOutlierConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
 	logger := cfg.Logger
 	if logger == nil {
 		logger = slog.Default()
+	}
+	now := cfg.Now
+	if now == nil {
+		now = time.Now
 	}
 	d := &Director{
 		logger:     logger.With("component", "director"),
 		policyName: name,
 		policy:     p,
+		outlier:    oc,
+		now:        now,
 		counters:   make(map[string]*counters),
 	}
 	d.snap.Store(emptySnapshot)
@@ -135,9 +178,10 @@ var _ resolver.Updater = (*Director)(nil)
 
 // UpdateState replaces the backend set with s. It is called by a resolver,
 // and may be called concurrently with Pick, done and itself; rebuilds are
-// serialised. Counters of addresses present before and after survive;
-// counters of removed addresses are dropped, though done functions already
-// handed out for them stay safe to call. An empty set is accepted (Pick
+// serialised. Counters and ejection state of addresses present before and
+// after survive; those of removed addresses are dropped, though done
+// functions already handed out for them stay safe to call. If only ejected
+// backends remain, the ejection that would end first ends at once. An empty set is accepted (Pick
 // then returns [ErrNoBackend]) and logged as a warning.
 //
 // UpdateState rejects a set with an empty or duplicate address, returning
@@ -167,30 +211,31 @@ func (d *Director) UpdateState(s resolver.State) error {
 		next[a.Addr] = c
 		bs = append(bs, &backend{addr: a.Addr, weight: max(a.Weight, 1), ctr: c})
 	}
-	snap := newSnapshot(bs)
+	sortBackends(bs)
+	d.logChanges(old.all, bs)
 	d.counters = next
-	d.snap.Store(snap)
-	d.logChanges(old, snap)
+	d.publishLocked(bs, d.now())
 	return nil
 }
 
-// logChanges logs how the set moved from old to next. Caller must hold mu,
-// which keeps the log lines in the order of the rebuilds.
-func (d *Director) logChanges(old, next *snapshot) {
-	for _, b := range next.all {
-		switch ob := old.find(b.addr); {
+// logChanges logs how the set moved from old to next, both sorted by
+// address. Caller must hold mu, which keeps the log lines in the order of
+// the rebuilds.
+func (d *Director) logChanges(old, next []*backend) {
+	for _, b := range next {
+		switch ob := findBackend(old, b.addr); {
 		case ob == nil:
 			d.logger.Info("backend added", "backend", b.addr, "weight", b.weight, "policy", d.policyName)
 		case ob.weight != b.weight:
 			d.logger.Info("backend weight changed", "backend", b.addr, "weight", b.weight, "old_weight", ob.weight, "policy", d.policyName)
 		}
 	}
-	for _, b := range old.all {
-		if next.find(b.addr) == nil {
+	for _, b := range old {
+		if findBackend(next, b.addr) == nil {
 			d.logger.Info("backend removed", "backend", b.addr, "policy", d.policyName)
 		}
 	}
-	if len(next.all) == 0 {
+	if len(next) == 0 {
 		d.logger.Warn("backend set is empty; picks fail until backends return", "policy", d.policyName)
 	}
 }
@@ -207,13 +252,24 @@ func (d *Director) ReportError(err error) {
 // It is called by the proxy once per stream, concurrently; it never blocks
 // and does no I/O. On success it returns the backend's "host:port" and a
 // done function that the caller must call exactly once when the stream ends:
-// with nil if it ended with grpc-status 0, with the error otherwise. Any
-// non-nil error counts as a failure of that backend. Calling done more than
-// once is safe: only the first call counts.
+// with nil if it ended with grpc-status 0, with the error otherwise, carrying
+// the gRPC status (status.Code must read it). Any non-nil error counts in
+// [BackendStats.Failures]. For outlier ejection, codes.Unavailable counts
+// as the backend being unreachable (the proxy reports connect failures,
+// lost connections and refused streams so), Canceled and DeadlineExceeded
+// (or context.Canceled and context.DeadlineExceeded) count as nothing, and
+// anything else means the backend answered; see [Config.EjectAfter].
+// Calling done more than once is safe: only the first call counts. done may
+// be called from any goroutine; it does not block, except briefly on the
+// director's mutex when it completes a run of failures.
+//
+// Pick does not pick ejected backends. When an ejection has run out, the
+// first Pick that notices it rebuilds the snapshot if it can do so without
+// waiting, else a later one does.
 //
 // If no backend is usable, Pick returns [ErrNoBackend] and a nil done.
 func (d *Director) Pick(ctx context.Context, fullMethod string) (addr string, done func(error), err error) {
-	s := d.snap.Load()
+	s := d.load()
 	if len(s.ready) == 0 {
 		return "", nil, ErrNoBackend
 	}
@@ -222,7 +278,7 @@ func (d *Director) Pick(ctx context.Context, fullMethod string) (addr string, do
 	if d.logger.Enabled(ctx, slog.LevelDebug) {
 		d.logger.DebugContext(ctx, "picked backend", "backend", b.addr, "method", fullMethod, "policy", d.policyName)
 	}
-	c := &call{ctr: b.ctr}
+	c := &call{d: d, b: b}
 	return b.addr, c.done, nil
 }
 
@@ -239,13 +295,21 @@ type BackendStats struct {
 	// error, since the address last joined the set.
 	Successes int64
 	Failures  int64
+	// Ejected reports whether outlier ejection currently keeps the backend
+	// from being picked.
+	Ejected bool
+	// Ejections counts the backend's ejections since the address last
+	// joined the set.
+	Ejections int64
 }
 
 // Backends returns the stats of the current set, sorted by Addr. The
-// counters are read one by one, not as one atomic whole. It is safe to call
-// concurrently with everything else, and the caller owns the result.
+// counters are read one by one, not as one atomic whole. Like Pick, it
+// first restores ejections that have run out, if it can without waiting.
+// It is safe to call concurrently with everything else, and the caller owns
+// the result.
 func (d *Director) Backends() []BackendStats {
-	s := d.snap.Load()
+	s := d.load()
 	out := make([]BackendStats, len(s.all))
 	for i, b := range s.all {
 		out[i] = BackendStats{
@@ -254,6 +318,8 @@ func (d *Director) Backends() []BackendStats {
 			InFlight:  b.ctr.inflight.Load(),
 			Successes: b.ctr.successes.Load(),
 			Failures:  b.ctr.failures.Load(),
+			Ejected:   b.ejected,
+			Ejections: b.ctr.ejections.Load(),
 		}
 	}
 	return out

@@ -5,9 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
+	"time"
 
 	"github.com/streamlb/streamlb/director"
 	"github.com/streamlb/streamlb/resolver"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // firstRand always returns 0, which makes round robin start at the first
@@ -65,4 +69,58 @@ func ExampleDirector() {
 	// stream 2 -> 10.0.0.1:50051
 	// 10.0.0.1:50051 in_flight=0 ok=2 failed=0
 	// 10.0.0.2:50051 in_flight=0 ok=0 failed=1
+}
+
+func ExampleDirector_ejection() {
+	// A fake clock keeps the output deterministic; real code leaves Now nil.
+	now := time.Unix(0, 0)
+	d, err := director.New(director.Config{
+		Logger:       slog.New(slog.DiscardHandler),
+		Rand:         firstRand{},
+		Now:          func() time.Time { return now },
+		EjectAfter:   3,
+		BaseEjection: 10 * time.Second,
+	})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	if err := d.UpdateState(resolver.State{Addresses: []resolver.Address{
+		{Addr: "10.0.0.1:50051"},
+		{Addr: "10.0.0.2:50051"},
+	}}); err != nil {
+		fmt.Println(err)
+		return
+	}
+
+	// 10.0.0.2 is down: the proxy ends its streams with Unavailable.
+	picks := func(n int) {
+		var got []string
+		for range n {
+			addr, done, err := d.Pick(context.Background(), "/echo.Echo/Say")
+			if err != nil {
+				fmt.Println(err)
+				return
+			}
+			got = append(got, addr)
+			if addr == "10.0.0.2:50051" {
+				done(status.Error(codes.Unavailable, "connection refused"))
+			} else {
+				done(nil)
+			}
+		}
+		fmt.Println(strings.Join(got, " "))
+	}
+	picks(8) // the third failure in a row ejects 10.0.0.2
+
+	now = now.Add(10 * time.Second)
+	picks(2) // 10.0.0.2 is back, with a fresh run count
+	for _, b := range d.Backends() {
+		fmt.Printf("%s ejected=%v ejections=%d\n", b.Addr, b.Ejected, b.Ejections)
+	}
+	// Output:
+	// 10.0.0.1:50051 10.0.0.2:50051 10.0.0.1:50051 10.0.0.2:50051 10.0.0.1:50051 10.0.0.2:50051 10.0.0.1:50051 10.0.0.1:50051
+	// 10.0.0.1:50051 10.0.0.2:50051
+	// 10.0.0.1:50051 ejected=false ejections=0
+	// 10.0.0.2:50051 ejected=false ejections=1
 }

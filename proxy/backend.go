@@ -112,7 +112,11 @@ func (b *backendConn) run(ctx context.Context) {
 		return
 	}
 	readerDone := make(chan error, 1)
-	go func() { readerDone <- b.readLoop() }()
+	go func() {
+		err := b.readLoop()
+		b.close(err) // stops the writer too
+		readerDone <- err
+	}()
 	var werr error
 	if _, err := b.bw.WriteString(http2.ClientPreface); err != nil {
 		werr = err

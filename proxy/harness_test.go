@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math"
 	"net"
 	"sync"
@@ -21,6 +22,10 @@ import (
 	"github.com/streamlb/streamlb/resolver"
 	"github.com/streamlb/streamlb/testserver"
 )
+
+// quietLog keeps test output to failures; run with -v and edit here to see
+// the components' logs.
+var quietLog = slog.New(slog.DiscardHandler)
 
 // engines are the two data planes every end-to-end test runs against.
 var engines = []string{"frame", "grpc-proxy"}
@@ -69,7 +74,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 	e := &env{t: t, serveErr: make(chan error, 1)}
 	var addrs []string
 	for i := 0; i < o.backends; i++ {
-		cfg := testserver.Config{Name: fmt.Sprintf("b%d", i)}
+		cfg := testserver.Config{Name: fmt.Sprintf("b%d", i), Logger: quietLog}
 		if o.tscfg != nil {
 			o.tscfg(i, &cfg)
 		}
@@ -84,7 +89,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		e.backends = append(e.backends, ts)
 		addrs = append(addrs, ts.Addr())
 	}
-	d, err := director.New(director.Config{Policy: o.policy})
+	d, err := director.New(director.Config{Policy: o.policy, Logger: quietLog})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +98,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 
 	switch o.engine {
 	case "frame", "":
-		cfg := proxy.Config{Picker: d}
+		cfg := proxy.Config{Picker: d, Logger: quietLog}
 		if o.pcfg != nil {
 			o.pcfg(&cfg)
 		}
@@ -103,7 +108,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		}
 		e.srv = s
 	case "grpc-proxy":
-		s, err := proxy.NewReference(proxy.ReferenceConfig{Picker: d})
+		s, err := proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: quietLog})
 		if err != nil {
 			t.Fatal(err)
 		}

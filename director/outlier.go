@@ -1,0 +1,304 @@
+package director
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Passive outlier ejection, a first version of Envoy's consecutive
+// gateway-failure detection (envoy.config.cluster.v3.OutlierDetection,
+// consecutive_gateway_failure): a backend whose streams end with
+// [Config.EjectAfter] Unavailable outcomes in a row is left out of picking
+// for a while, then let back in.
+//
+// The pieces, and who runs them:
+//   - done (any goroutine, lock-free) classifies the outcome and counts the
+//     run in an atomic; only the call that completes a run takes mu, to
+//     eject.
+//   - eject (under mu) checks the max-ejection cap, records the ejection in
+//     the backend's long-lived counters and publishes a snapshot without it.
+//   - Nothing runs on a timer: each snapshot carries the earliest end of an
+//     ejection, and the first Pick that sees it due rebuilds the snapshot if
+//     it can take mu without waiting (TryLock). Every rebuild, whatever its
+//     cause, also restores the ejections that have run out.
+
+// Defaults for the outlier fields of [Config]. The values are Envoy's.
+const (
+	DefaultEjectAfter         = 3
+	DefaultBaseEjection       = 10 * time.Second
+	DefaultMaxEjection        = 5 * time.Minute
+	DefaultMaxEjectionPercent = 50
+)
+
+// outlierConfig is the validated outlier part of a Config.
+type outlierConfig struct {
+	ejectAfter    int64 // run length that ejects; 0 disables ejection
+	base, max     time.Duration
+	maxPercent    int // 1..100
+	maxMultiplier int // ceil(max/base): the multiplier never grows beyond it
+}
+
+func newOutlierConfig(cfg Config) (outlierConfig, error) {
+	oc := outlierConfig{
+		ejectAfter: int64(cfg.EjectAfter),
+		base:       cfg.BaseEjection,
+		max:        cfg.MaxEjection,
+		maxPercent: cfg.MaxEjectionPercent,
+	}
+	switch {
+	case oc.ejectAfter == 0:
+		oc.ejectAfter = DefaultEjectAfter
+	case oc.ejectAfter < 0:
+		oc.ejectAfter = 0
+	}
+	if oc.base < 0 {
+		return oc, fmt.Errorf("director: base ejection time %v is negative", cfg.BaseEjection)
+	}
+	if oc.base == 0 {
+		oc.base = DefaultBaseEjection
+	}
+	switch {
+	case oc.max < 0:
+		return oc, fmt.Errorf("director: max ejection time %v is negative", cfg.MaxEjection)
+	case oc.max == 0:
+		oc.max = max(DefaultMaxEjection, oc.base)
+	case oc.max < oc.base:
+		return oc, fmt.Errorf("director: max ejection time %v is shorter than the base ejection time %v", oc.max, oc.base)
+	}
+	if oc.maxPercent == 0 {
+		oc.maxPercent = DefaultMaxEjectionPercent
+	}
+	if oc.maxPercent < 0 || oc.maxPercent > 100 {
+		return oc, fmt.Errorf("director: max ejection percent %d out of range 0..100", cfg.MaxEjectionPercent)
+	}
+	oc.maxMultiplier = int((oc.max + oc.base - 1) / oc.base)
+	return oc, nil
+}
+
+// outcome is what one stream's end says about its backend's reachability.
+type outcome int
+
+const (
+	// outcomeNeutral says nothing: the client gave up.
+	outcomeNeutral outcome = iota
+	// outcomeReachable means the backend answered, successfully or with an
+	// application status; it ends a run of failures.
+	outcomeReachable
+	// outcomeUnreachable is codes.Unavailable: connect refused, a lost
+	// connection, REFUSED_STREAM or GOAWAY, or a backend saying it is
+	// unavailable. Envoy's gateway failures (502, 503, 504) are the same
+	// idea, minus the timeout.
+	outcomeUnreachable
+)
+
+// classify maps the error a done call received to an outcome.
+// DeadlineExceeded and Canceled are neutral because the client's deadline or
+// cancellation, not the backend, usually causes them; counting them would
+// let one impatient client eject a healthy backend.
+func classify(err error) outcome {
+	if err == nil {
+		return outcomeReachable
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return outcomeNeutral
+	}
+	switch status.Code(err) {
+	case codes.Unavailable:
+		return outcomeUnreachable
+	case codes.Canceled, codes.DeadlineExceeded:
+		return outcomeNeutral
+	}
+	return outcomeReachable
+}
+
+// observe feeds one stream outcome of b to outlier detection. It is called
+// from done, concurrently and without locks; only the outcome that
+// completes a run of [Config.EjectAfter] failures takes mu (see eject).
+func (d *Director) observe(b *backend, err error) {
+	if d.outlier.ejectAfter == 0 {
+		return
+	}
+	c := b.ctr
+	switch classify(err) {
+	case outcomeReachable:
+		// Load first: most outcomes are successes of a healthy backend,
+		// and a store would bounce the cache line between cores.
+		if c.consecutive.Load() != 0 {
+			c.consecutive.Store(0)
+		}
+	case outcomeUnreachable:
+		// Add hands each count to exactly one caller, so one call per run
+		// sees the threshold.
+		if n := c.consecutive.Add(1); n == d.outlier.ejectAfter {
+			d.eject(b, n)
+		}
+	}
+}
+
+// eject ejects b after a run of failures failures, unless b has left the
+// set, is already ejected, or the max-ejection cap forbids it. It blocks on
+// mu, which is only held for rebuilds.
+//
+// The ejection lasts BaseEjection times the backend's multiplier, at most
+// MaxEjection. The multiplier grows by one per ejection and decays, like
+// Envoy's, by one for every BaseEjection the backend spent back in the set
+// since its last ejection ended; the decay is applied lazily here, when the
+// next ejection is decided. So a backend that fails again at once is
+// ejected for 10s, 20s, 30s, …, and one that stays up for long enough
+// starts again at 10s.
+func (d *Director) eject(b *backend, failures int64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c := b.ctr
+	// Start a new run whatever happens, as Envoy does: a backend the cap
+	// keeps in is reconsidered after another full run, not every failure.
+	c.consecutive.Store(0)
+	if d.counters[b.addr] != c || !c.ejectedUntil.IsZero() {
+		// b left the set (maybe to come back with fresh counters), or it
+		// is ejected and streams picked before that are still ending.
+		return
+	}
+
+	now := d.now()
+	cur := d.snap.Load()
+	restored := d.restoreExpiredLocked(cur.all, now)
+	ejected := 0
+	for _, x := range cur.all {
+		if !x.ctr.ejectedUntil.IsZero() {
+			ejected++
+		}
+	}
+	total := len(cur.all)
+	if ejected+1 >= total || (ejected+1)*100 > total*d.outlier.maxPercent {
+		// Logging every refused run would flood the log while most of the
+		// set is down, so warn once per backend until the ejected set
+		// changes.
+		level := slog.LevelWarn
+		if c.capWarned == d.ejectEpoch+1 {
+			level = slog.LevelDebug
+		}
+		c.capWarned = d.ejectEpoch + 1
+		d.logger.Log(context.Background(), level, "backend not ejected: max ejection percent reached",
+			"backend", b.addr, "failures", failures, "ejected", ejected, "backends", total,
+			"max_ejection_percent", d.outlier.maxPercent)
+		if restored {
+			d.publishLocked(cloneBackends(cur.all), now)
+		}
+		return
+	}
+
+	m := c.multiplier
+	if !c.restoredAt.IsZero() {
+		m -= int(min(now.Sub(c.restoredAt)/d.outlier.base, time.Duration(m)))
+	}
+	m = min(m+1, d.outlier.maxMultiplier)
+	dur := min(d.outlier.base*time.Duration(m), d.outlier.max)
+	c.multiplier = m
+	c.ejectedUntil = now.Add(dur)
+	c.ejections.Add(1)
+	d.ejectEpoch++
+	d.logger.Info("backend ejected", "backend", b.addr, "failures", failures, "duration", dur)
+	d.publishLocked(cloneBackends(cur.all), now)
+}
+
+// restoreExpiredLocked restores the backends of bs whose ejection has
+// ended by now, and reports whether there were any. Caller must hold mu.
+func (d *Director) restoreExpiredLocked(bs []*backend, now time.Time) bool {
+	restored := false
+	for _, b := range bs {
+		if c := b.ctr; !c.ejectedUntil.IsZero() && !now.Before(c.ejectedUntil) {
+			d.restoreLocked(b, now)
+			d.logger.Info("backend restored", "backend", b.addr)
+			restored = true
+		}
+	}
+	return restored
+}
+
+// restoreLocked ends b's ejection. The run of failures is reset: outcomes
+// of streams picked before the ejection and ended during it say nothing
+// about the backend now. Caller must hold mu.
+func (d *Director) restoreLocked(b *backend, now time.Time) {
+	c := b.ctr
+	c.ejectedUntil = time.Time{}
+	c.restoredAt = now
+	c.consecutive.Store(0)
+	d.ejectEpoch++
+}
+
+// publishLocked builds a snapshot from bs and stores it. bs are fresh
+// backends, which publishLocked takes over: it sorts them, restores
+// ejections that have run out, makes sure at least one backend is
+// pickable, and sets their ejected flags. Caller must hold mu.
+func (d *Director) publishLocked(bs []*backend, now time.Time) *snapshot {
+	sortBackends(bs)
+	d.restoreExpiredLocked(bs, now)
+	// eject never ejects the last pickable backend, but the set can shrink
+	// to only ejected ones. Then the ejection that ends first ends now:
+	// sending streams to a suspect backend beats failing them all.
+	var first *backend
+	for _, b := range bs {
+		if b.ctr.ejectedUntil.IsZero() {
+			first = nil
+			break
+		}
+		if first == nil || b.ctr.ejectedUntil.Before(first.ctr.ejectedUntil) {
+			first = b
+		}
+	}
+	if first != nil {
+		d.restoreLocked(first, now)
+		d.logger.Info("backend restored early: no other backend is pickable", "backend", first.addr)
+	}
+	for _, b := range bs {
+		b.ejected = !b.ctr.ejectedUntil.IsZero()
+	}
+	s := newSnapshot(bs)
+	d.snap.Store(s)
+	return s
+}
+
+// cloneBackends returns fresh copies of bs for publishLocked, which sets
+// their ejected flags; published backends are immutable.
+func cloneBackends(bs []*backend) []*backend {
+	out := make([]*backend, len(bs))
+	for i, b := range bs {
+		out[i] = &backend{addr: b.addr, weight: b.weight, ctr: b.ctr}
+	}
+	return out
+}
+
+// load returns the snapshot to pick from. If an ejection in the current one
+// has run out, it first tries to publish one with that backend restored.
+// Like Pick, it never blocks.
+func (d *Director) load() *snapshot {
+	s := d.snap.Load()
+	if r := s.restoreAt.Load(); r != 0 && d.now().UnixNano() >= r {
+		return d.restoreDue(s, r)
+	}
+	return s
+}
+
+// restoreDue rebuilds the snapshot after s's earliest ejection, at r, has
+// run out. It does not wait: if another picker has claimed the rebuild, or
+// mu is busy, it returns s and the stream goes to one of s's backends.
+func (d *Director) restoreDue(s *snapshot, r int64) *snapshot {
+	// Claim the rebuild, so concurrent picks do not all hit mu.
+	if !s.restoreAt.CompareAndSwap(r, 0) {
+		return s
+	}
+	if !d.mu.TryLock() {
+		// A rebuild or ejection holds mu. Not every holder publishes, so
+		// hand the claim back for a later pick.
+		s.restoreAt.CompareAndSwap(0, r)
+		return s
+	}
+	defer d.mu.Unlock()
+	return d.publishLocked(cloneBackends(d.snap.Load().all), d.now())
+}

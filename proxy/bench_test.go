@@ -1,0 +1,280 @@
+package proxy_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+
+	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/resolver"
+	"github.com/streamlb/streamlb/testserver"
+)
+
+// The benchmarks run the proxy in a child process (this test binary,
+// re-executed with benchChildEnv set) so that its CPU time can be read
+// from /proc apart from the client's and the backends'. They report
+// proxy-µs/call and proxy-ms/MiB: CPU time (user+system) the proxy
+// process spent per call or per MiB relayed.
+//
+//	go test -run '^$' -bench . -benchtime 3s ./proxy/
+const benchChildEnv = "STREAMLB_BENCH_PROXY"
+
+func TestMain(m *testing.M) {
+	if spec := os.Getenv(benchChildEnv); spec != "" {
+		os.Exit(runBenchChild(spec))
+	}
+	os.Exit(m.Run())
+}
+
+// runBenchChild serves a proxy for the parent benchmark: spec is
+// "engine,backend1,backend2,...". It prints its address and serves until
+// stdin closes.
+func runBenchChild(spec string) int {
+	parts := strings.Split(spec, ",")
+	d, err := director.New(director.Config{Logger: quietLog})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	var st resolver.State
+	for _, a := range parts[1:] {
+		st.Addresses = append(st.Addresses, resolver.Address{Addr: a})
+	}
+	if err := d.UpdateState(st); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	var srv server
+	switch parts[0] {
+	case "frame":
+		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog})
+	case "grpc-proxy":
+		srv, err = proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: quietLog})
+	default:
+		err = fmt.Errorf("unknown engine %q", parts[0])
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println(ln.Addr().String())
+	go srv.Serve(ln)
+	io.Copy(io.Discard, os.Stdin) // the parent closes stdin to stop us
+	srv.Close()
+	return 0
+}
+
+// child is a proxy process started by a benchmark.
+type child struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	addr  string
+}
+
+func startChild(b *testing.B, engine string, backends []string) *child {
+	b.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), benchChildEnv+"="+engine+","+strings.Join(backends, ","))
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	c := &child{cmd: cmd, stdin: stdin}
+	b.Cleanup(func() {
+		stdin.Close()
+		cmd.Wait()
+	})
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		b.Fatalf("proxy child: %v", err)
+	}
+	c.addr = strings.TrimSpace(line)
+	return c
+}
+
+// cpu returns the child's user+system CPU time so far, from
+// /proc/PID/stat (fields 14 and 15, in USER_HZ = 100 ticks per second).
+func (c *child) cpu(b *testing.B) time.Duration {
+	b.Helper()
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", c.cmd.Process.Pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// The command name may hold spaces; fields start after the last ')'.
+	fields := strings.Fields(string(raw[strings.LastIndexByte(string(raw), ')')+2:]))
+	utime, err1 := strconv.ParseInt(fields[11], 10, 64)
+	stime, err2 := strconv.ParseInt(fields[12], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(utime+stime) * 10 * time.Millisecond
+}
+
+// benchTarget sets up three backends and returns the address to load:
+// a backend itself for "direct", else a proxy child in front of all three.
+func benchTarget(b *testing.B, path string) (addr string, c *child) {
+	b.Helper()
+	var addrs []string
+	for i := range 3 {
+		ts, err := testserver.New(testserver.Config{Name: fmt.Sprintf("b%d", i), Logger: quietLog})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := ts.Start("127.0.0.1:0"); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(ts.Stop)
+		addrs = append(addrs, ts.Addr())
+	}
+	if path == "direct" {
+		return addrs[0], nil
+	}
+	c = startChild(b, path, addrs)
+	return c.addr, c
+}
+
+// runLoad runs n calls of fn spread over conc goroutines sharing one client
+// connection.
+func runLoad(b *testing.B, n, conc int, fn func() error) {
+	b.Helper()
+	var next sync.WaitGroup
+	var mu sync.Mutex
+	var firstErr error
+	work := make(chan struct{}, n)
+	for range n {
+		work <- struct{}{}
+	}
+	close(work)
+	for range conc {
+		next.Add(1)
+		go func() {
+			defer next.Done()
+			for range work {
+				if err := fn(); err != nil {
+					mu.Lock()
+					if firstErr == nil {
+						firstErr = err
+					}
+					mu.Unlock()
+					return
+				}
+			}
+		}()
+	}
+	next.Wait()
+	if firstErr != nil {
+		b.Fatal(firstErr)
+	}
+}
+
+var benchPaths = []string{"direct", "frame", "grpc-proxy"}
+
+// BenchmarkUnary measures small unary calls (100-byte request and
+// response) at concurrency 50 over one client connection.
+func BenchmarkUnary(b *testing.B) {
+	for _, path := range benchPaths {
+		b.Run(path, func(b *testing.B) {
+			addr, c := benchTarget(b, path)
+			cc, err := dialBench(addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer cc.Close()
+			client := testgrpc.NewTestServiceClient(cc)
+			ctx := context.Background()
+			req := &testgrpc.SimpleRequest{ResponseSize: 100, Payload: &testgrpc.Payload{Body: make([]byte, 100)}}
+			call := func() error { _, err := client.UnaryCall(ctx, req); return err }
+			runLoad(b, 2000, 50, call) // warm up connections and pools
+			var before time.Duration
+			if c != nil {
+				before = c.cpu(b)
+			}
+			b.ResetTimer()
+			runLoad(b, b.N, 50, call)
+			b.StopTimer()
+			if c != nil {
+				b.ReportMetric(float64((c.cpu(b)-before).Microseconds())/float64(b.N), "proxy-µs/call")
+			}
+		})
+	}
+}
+
+// BenchmarkStream measures server streams of 1 MiB (16 messages of
+// 64 KiB) at concurrency 4 over one client connection.
+func BenchmarkStream(b *testing.B) {
+	for _, path := range benchPaths {
+		b.Run(path, func(b *testing.B) {
+			addr, c := benchTarget(b, path)
+			cc, err := dialBench(addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer cc.Close()
+			client := testgrpc.NewTestServiceClient(cc)
+			ctx := context.Background()
+			params := make([]*testgrpc.ResponseParameters, 16)
+			for i := range params {
+				params[i] = &testgrpc.ResponseParameters{Size: 64 << 10}
+			}
+			req := &testgrpc.StreamingOutputCallRequest{ResponseParameters: params}
+			call := func() error {
+				st, err := client.StreamingOutputCall(ctx, req)
+				if err != nil {
+					return err
+				}
+				for {
+					if _, err := st.Recv(); err != nil {
+						if err == io.EOF {
+							return nil
+						}
+						return err
+					}
+				}
+			}
+			runLoad(b, 50, 4, call)
+			var before time.Duration
+			if c != nil {
+				before = c.cpu(b)
+			}
+			b.SetBytes(1 << 20)
+			b.ResetTimer()
+			runLoad(b, b.N, 4, call)
+			b.StopTimer()
+			if c != nil {
+				b.ReportMetric(float64((c.cpu(b)-before).Microseconds())/1000/float64(b.N), "proxy-ms/MiB")
+			}
+		})
+	}
+}
+
+func dialBench(addr string) (*grpc.ClientConn, error) {
+	return grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+}
