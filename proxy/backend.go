@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -26,12 +28,32 @@ type backendConn struct {
 	addr string
 
 	// mu (in transport) guards the fields below.
-	streams   map[uint32]*stream // open backend streams by backend stream id
-	pending   []*stream          // waiting to be opened, in arrival order
-	reserved  uint32             // streams open or pending: what the pool counts
-	nextID    uint32
-	goingAway bool // GOAWAY received, or ids nearly exhausted: take no new streams
-	connected bool
+	streams    map[uint32]*stream // open backend streams by backend stream id
+	pending    []*stream          // waiting to be opened, in arrival order
+	reserved   uint32             // streams open or pending: what the pool counts
+	nextID     uint32
+	goingAway  bool // GOAWAY received, draining, or ids nearly exhausted: take no new streams
+	connected  bool
+	assumedMax uint32      // peer's stream limit assumed until its SETTINGS arrive
+	drainTimer *time.Timer // forces the close of a draining connection
+}
+
+// errDrainTimeout closes a draining connection whose streams outlived
+// Config.DrainTimeout.
+var errDrainTimeout = errors.New("backend left the set and its drain timeout expired")
+
+// drain stops new streams on b and closes it once its streams are done, or
+// after timeout.
+func (b *backendConn) drain(timeout time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.drainTimer != nil || b.closed {
+		return
+	}
+	b.goingAway = true
+	b.drainAndClose = true
+	b.drainTimer = time.AfterFunc(timeout, func() { b.close(errDrainTimeout) })
+	b.signal()
 }
 
 func newBackendConn(p *pool, addr string) *backendConn {
@@ -43,13 +65,23 @@ func newBackendConn(p *pool, addr string) *backendConn {
 
 // capLocked is how many streams this connection may carry. Caller must
 // hold mu.
+//
+// Until the backend's SETTINGS arrive its limit is unknown, and the RFC's
+// initial value is "unlimited"; we assume 100, the smallest limit RFC 9113
+// §6.5.2 recommends, so a new connection never takes more streams than a
+// well-behaved server accepts. Streams beyond a lower advertised limit wait
+// for a slot on this connection (at most 100 of them); later streams go to
+// another connection, which assumes the limit its siblings learned.
 func (b *backendConn) capLocked() uint32 {
 	c := b.pool.srv.cfg.BackendStreamsPerConn
-	if b.gotSettings && b.peerMaxStream < c {
-		c = b.peerMaxStream
+	peer := b.assumedMax
+	if b.gotSettings {
+		peer = b.peerMaxStream
 	}
-	return c
+	return min(c, peer)
 }
+
+const assumedPeerMaxStreams = 100
 
 // tryReserve takes a stream slot on b, if it has one.
 func (b *backendConn) tryReserve() bool {
@@ -71,6 +103,15 @@ func (b *backendConn) addStream(s *stream, fields []hpack.HeaderField, end bool)
 	s.downRecv = recvState{window: b.streamWindow}
 	s.down.src = &b.transport
 	s.down.credit = &s.downRecv
+	if b.closed {
+		// The connection failed between the reservation and now; its
+		// failAll has run already, so fail this stream the same way.
+		cause := b.closeErr
+		b.closeSideLocked(s)
+		b.mu.Unlock()
+		s.cc.failDown(s, codes.Unavailable, fmt.Sprintf("streamlb: backend %s: %v", b.addr, cause))
+		return
+	}
 	b.pending = append(b.pending, s)
 	b.mu.Unlock()
 	b.signal()
@@ -84,11 +125,12 @@ func (b *backendConn) run(ctx context.Context) {
 	nc, err := cfg.Dial(dctx, "tcp", b.addr)
 	cancel()
 	if err != nil {
+		err = fmt.Errorf("connecting: %w", err)
 		b.mu.Lock()
 		b.closed = true
 		b.closeErr = err
 		b.mu.Unlock()
-		b.failAll(fmt.Sprintf("streamlb: connecting to backend %s: %v", b.addr, err))
+		b.failAll(fmt.Sprintf("streamlb: backend %s: %v", b.addr, err))
 		return
 	}
 	b.attach(nc)
@@ -133,6 +175,11 @@ func (b *backendConn) run(ctx context.Context) {
 	if cause != nil && !errors.Is(cause, errClosed) {
 		msg += ": " + cause.Error()
 	}
+	b.mu.Lock()
+	if b.drainTimer != nil {
+		b.drainTimer.Stop()
+	}
+	b.mu.Unlock()
 	b.failAll(msg)
 }
 
@@ -483,9 +530,31 @@ type pool struct {
 
 	mu sync.Mutex
 	// mu guards the fields below.
-	conns  map[string][]*backendConn
-	closed bool
-	wg     sync.WaitGroup
+	conns    map[string][]*backendConn
+	inflight map[string]*atomic.Int64 // calls in flight per backend, when MaxStreamsPerBackend is set
+	closed   bool
+	wg       sync.WaitGroup
+}
+
+var errBackendFull = errors.New("backend is at its concurrency limit")
+
+// retain drains the connections of every backend not in keep.
+func (p *pool) retain(keep map[string]bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for addr, cs := range p.conns {
+		if keep[addr] {
+			continue
+		}
+		for _, b := range cs {
+			b.drain(p.srv.cfg.DrainTimeout)
+		}
+	}
+	for addr, n := range p.inflight {
+		if !keep[addr] && n.Load() == 0 {
+			delete(p.inflight, addr)
+		}
+	}
 }
 
 var errPoolClosed = errors.New("proxy: server is shutting down")
@@ -493,11 +562,23 @@ var errPoolClosed = errors.New("proxy: server is shutting down")
 // get returns a connection to addr with a stream slot reserved, opening a
 // new connection when every existing one is full (its
 // SETTINGS_MAX_CONCURRENT_STREAMS or BackendStreamsPerConn reached).
-func (p *pool) get(addr string) (*backendConn, error) {
+func (p *pool) get(addr string, s *stream) (*backendConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
 		return nil, errPoolClosed
+	}
+	if max := p.srv.cfg.MaxStreamsPerBackend; max > 0 {
+		n := p.inflight[addr]
+		if n == nil {
+			n = new(atomic.Int64)
+			p.inflight[addr] = n
+		}
+		if n.Load() >= max {
+			return nil, fmt.Errorf("%s: %w (limit %d)", addr, errBackendFull, max)
+		}
+		n.Add(1)
+		s.backendCount = n
 	}
 	for _, b := range p.conns[addr] {
 		if b.tryReserve() {
@@ -505,6 +586,14 @@ func (p *pool) get(addr string) (*backendConn, error) {
 		}
 	}
 	b := newBackendConn(p, addr)
+	b.assumedMax = assumedPeerMaxStreams
+	for _, sib := range p.conns[addr] {
+		sib.mu.Lock()
+		if sib.gotSettings {
+			b.assumedMax = max(1, sib.peerMaxStream)
+		}
+		sib.mu.Unlock()
+	}
 	b.reserved = 1
 	p.conns[addr] = append(p.conns[addr], b)
 	p.wg.Add(1)

@@ -6,22 +6,26 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strings"
 	"time"
 )
 
 // Defaults for Config fields left zero.
 const (
-	DefaultMaxConcurrentStreams   = 4096
-	DefaultStreamWindow           = 256 << 10
-	DefaultConnWindow             = 4 << 20
-	DefaultMaxHeaderListSize      = 1 << 20
-	DefaultBackendStreamsPerConn  = 1000
-	DefaultConnectTimeout         = 5 * time.Second
-	DefaultPrefaceTimeout         = 10 * time.Second
-	maxWindow                     = 1<<31 - 1
-	minWindow                     = 65535
-	defaultInitialWindowRFC       = 65535
-	defaultMaxStreamsBeforePrefix = 0
+	DefaultMaxConcurrentStreams  = 4096
+	DefaultStreamWindow          = 256 << 10
+	DefaultConnWindow            = 4 << 20
+	DefaultMaxHeaderListSize     = 1 << 20
+	DefaultBackendStreamsPerConn = 1000
+	DefaultConnectTimeout        = 5 * time.Second
+	DefaultPrefaceTimeout        = 10 * time.Second
+	DefaultDrainTimeout          = 30 * time.Second
+)
+
+const (
+	maxWindow               = 1<<31 - 1
+	minWindow               = 65535
+	defaultInitialWindowRFC = 65535
 )
 
 // Config configures a frame-engine Server. The zero value of every field but
@@ -60,6 +64,28 @@ type Config struct {
 	// send the HTTP/2 connection preface.
 	PrefaceTimeout time.Duration
 
+	// DrainTimeout bounds how long connections to a backend that left the
+	// set (see Server.RetainBackends) may keep serving the streams they
+	// carry; after it they are closed and those streams fail with
+	// UNAVAILABLE. Zero means DefaultDrainTimeout.
+	DrainTimeout time.Duration
+
+	// MaxStreams caps the calls in flight through the server, over all
+	// client connections; a call over the cap fails at once with
+	// RESOURCE_EXHAUSTED. Zero means no cap.
+	MaxStreams int64
+
+	// MaxStreamsPerBackend caps the calls in flight to any one backend;
+	// a call picked for a backend at its cap fails at once with
+	// RESOURCE_EXHAUSTED. Zero means no cap.
+	MaxStreamsPerBackend int64
+
+	// PickMetadata names request headers (lower case) to hand to the
+	// Picker as incoming gRPC metadata (metadata.FromIncomingContext), for
+	// policies that route on a header such as ring hash. Empty means none,
+	// which keeps Pick free of per-stream allocations.
+	PickMetadata []string
+
 	// Dial opens backend connections. Nil means net.Dialer.DialContext.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 
@@ -97,6 +123,15 @@ func (c *Config) setDefaults() error {
 	}
 	if c.PrefaceTimeout <= 0 {
 		c.PrefaceTimeout = DefaultPrefaceTimeout
+	}
+	if c.DrainTimeout <= 0 {
+		c.DrainTimeout = DefaultDrainTimeout
+	}
+	if c.MaxStreams < 0 || c.MaxStreamsPerBackend < 0 {
+		return errors.New("proxy: MaxStreams and MaxStreamsPerBackend must not be negative")
+	}
+	for i, h := range c.PickMetadata {
+		c.PickMetadata[i] = strings.ToLower(h)
 	}
 	if c.Dial == nil {
 		var d net.Dialer

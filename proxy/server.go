@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -31,6 +32,35 @@ type Server struct {
 	connWG    sync.WaitGroup // one per serverConn.serve
 
 	cancelPool context.CancelFunc
+
+	inflight atomic.Int64 // calls in flight, counted when MaxStreams is set
+}
+
+// admit takes a unit of the MaxStreams budget for s, if one is left.
+func (s *Server) admit(st *stream) bool {
+	if s.cfg.MaxStreams == 0 {
+		return true
+	}
+	if s.inflight.Add(1) > s.cfg.MaxStreams {
+		s.inflight.Add(-1)
+		return false
+	}
+	st.srvCount = &s.inflight
+	return true
+}
+
+// RetainBackends tells the server which backends are in the set now.
+// Connections to any other backend take no new streams; the streams they
+// carry finish, then the connections close, or are closed after
+// Config.DrainTimeout. main calls it with each set the resolver pushes, so
+// removed pods are drained without clients reconnecting. Safe for
+// concurrent use; it does not block on the drain.
+func (s *Server) RetainBackends(addrs []string) {
+	keep := make(map[string]bool, len(addrs))
+	for _, a := range addrs {
+		keep[a] = true
+	}
+	s.pool.retain(keep)
 }
 
 // New validates cfg and returns a Server. It starts nothing.
@@ -46,6 +76,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.pool.srv = s
 	s.pool.conns = make(map[string][]*backendConn)
+	s.pool.inflight = make(map[string]*atomic.Int64)
 	s.pool.ctx, s.cancelPool = context.WithCancel(context.Background())
 	return s, nil
 }

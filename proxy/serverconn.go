@@ -11,6 +11,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -290,15 +291,23 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	s.method = ri.path
 
-	addr, done, err := c.srv.cfg.Picker.Pick(c.ctx, ri.path)
+	if !c.srv.admit(s) {
+		c.rejectStream(s, statusFields(codes.ResourceExhausted, fmt.Sprintf("streamlb: too many concurrent calls (limit %d)", c.srv.cfg.MaxStreams), true))
+		return nil
+	}
+	addr, done, err := c.srv.cfg.Picker.Pick(c.pickContext(f.Fields), ri.path)
 	if err != nil {
 		c.rejectStream(s, statusFields(codes.Unavailable, "streamlb: no backend for "+ri.path+": "+err.Error(), true))
 		return nil
 	}
 	s.done = done
-	bc, err := c.srv.pool.get(addr)
+	bc, err := c.srv.pool.get(addr, s)
 	if err != nil {
-		c.rejectStream(s, statusFields(codes.Unavailable, "streamlb: "+err.Error(), true))
+		code := codes.Unavailable
+		if errors.Is(err, errBackendFull) {
+			code = codes.ResourceExhausted
+		}
+		c.rejectStream(s, statusFields(code, "streamlb: "+err.Error(), true))
 		return nil
 	}
 	s.bc = bc
@@ -307,6 +316,24 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	bc.addStream(s, filterFields(f.Fields), end)
 	return nil
+}
+
+// pickContext is the context handed to the Picker: the connection's, plus
+// the configured request headers as incoming metadata.
+func (c *serverConn) pickContext(fields []hpack.HeaderField) context.Context {
+	keys := c.srv.cfg.PickMetadata
+	if len(keys) == 0 {
+		return c.ctx
+	}
+	md := metadata.MD{}
+	for _, f := range fields {
+		for _, k := range keys {
+			if f.Name == k {
+				md[k] = append(md[k], f.Value)
+			}
+		}
+	}
+	return metadata.NewIncomingContext(c.ctx, md)
 }
 
 // rejectStream answers a stream the proxy will not forward with a complete

@@ -25,6 +25,10 @@ type stream struct {
 	done   func(error)
 	timer  *time.Timer // grpc-timeout, or nil
 
+	// Counters this stream holds a unit of, released when it ends.
+	srvCount     *atomic.Int64 // Server.inflight when MaxStreams applies
+	backendCount *atomic.Int64 // the backend's in-flight count
+
 	// Client side, guarded by cc.mu.
 	down        sendQueue // toward the client
 	upRecv      recvState // flow control of client → proxy DATA
@@ -56,6 +60,12 @@ func (s *stream) sideClosed() {
 	}
 	if s.timer != nil {
 		s.timer.Stop()
+	}
+	if s.srvCount != nil {
+		s.srvCount.Add(-1)
+	}
+	if s.backendCount != nil {
+		s.backendCount.Add(-1)
 	}
 	if s.done != nil {
 		s.done(s.result)
