@@ -28,9 +28,9 @@ type backendConn struct {
 	addr string
 
 	// mu (in transport) guards the fields below.
-	streams    map[uint32]*stream // open backend streams by backend stream id
-	pending    []*stream          // waiting to be opened, in arrival order
-	reserved   uint32             // streams open or pending: what the pool counts
+	streams    map[uint32]*attempt // open backend streams by backend stream id
+	pending    []*attempt          // waiting to be opened, in arrival order
+	reserved   uint32              // streams open or pending: what the pool counts
 	nextID     uint32
 	goingAway  bool // GOAWAY received, draining, or ids nearly exhausted: take no new streams
 	connected  bool
@@ -58,8 +58,9 @@ func (b *backendConn) drain(timeout time.Duration) {
 
 func newBackendConn(p *pool, addr string) *backendConn {
 	cfg := &p.srv.cfg
-	b := &backendConn{pool: p, addr: addr, streams: make(map[uint32]*stream), nextID: 1}
+	b := &backendConn{pool: p, addr: addr, streams: make(map[uint32]*attempt), nextID: 1}
 	b.transport.init(true, cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, p.srv.log.With("backend", addr))
+	b.retryBuffer = cfg.RetryBufferSize
 	return b
 }
 
@@ -94,27 +95,21 @@ func (b *backendConn) tryReserve() bool {
 	return true
 }
 
-// addStream queues s to be opened with the given request headers. The
-// caller reserved a slot with tryReserve.
-func (b *backendConn) addStream(s *stream, fields []hpack.HeaderField, end bool) {
+// addAttempt queues a to be opened. The caller reserved a slot with
+// tryReserve, holds a.s.cc.mu, and has put the attempt's first request
+// items in a.up. It reports false if b failed meanwhile; a is then unlinked
+// and the caller decides what happens to the stream.
+func (b *backendConn) addAttempt(a *attempt) bool {
 	b.mu.Lock()
-	s.reqFields = fields
-	s.reqEnd = end
-	s.downRecv = recvState{window: b.streamWindow}
-	s.down.src = &b.transport
-	s.down.credit = &s.downRecv
+	defer b.mu.Unlock()
+	a.downRecv = recvState{window: b.streamWindow}
 	if b.closed {
-		// The connection failed between the reservation and now; its
-		// failAll has run already, so fail this stream the same way.
-		cause := b.closeErr
-		b.closeSideLocked(s)
-		b.mu.Unlock()
-		s.cc.failDown(s, codes.Unavailable, fmt.Sprintf("streamlb: backend %s: %v", b.addr, cause))
-		return
+		b.unlinkLocked(a)
+		return false
 	}
-	b.pending = append(b.pending, s)
-	b.mu.Unlock()
+	b.pending = append(b.pending, a)
 	b.signal()
+	return true
 }
 
 // run dials the backend, then writes until the connection ends, and
@@ -183,26 +178,44 @@ func (b *backendConn) run(ctx context.Context) {
 	b.failAll(msg)
 }
 
-// failAll ends every stream on b with UNAVAILABLE: the backend is gone, so
-// there is nothing to reset on its side.
+// failAll ends every attempt left on b when the connection ended. Attempts
+// never opened go to another backend (transparent retry); attempts that
+// were sent but not answered are retried only if their method opted in;
+// the rest fail with UNAVAILABLE. The backend is gone, so nothing is reset
+// on its side.
 func (b *backendConn) failAll(msg string) {
 	b.mu.Lock()
-	var left []*stream
-	for _, s := range b.streams {
-		left = append(left, s)
+	type failed struct {
+		a           *attempt
+		transparent bool
 	}
-	for _, s := range b.pending {
-		if !s.bClosed && s.up.id == 0 {
-			left = append(left, s)
+	var left []failed
+	for _, a := range b.streams {
+		left = append(left, failed{a, false})
+	}
+	for _, a := range b.pending {
+		if !a.bClosed {
+			left = append(left, failed{a, true})
 		}
 	}
 	b.pending = nil
-	for _, s := range left {
-		b.closeSideLocked(s)
+	var gone []*attempt
+	var retry []failed
+	for _, f := range left {
+		if f.transparent || !f.a.forwarded {
+			b.unlinkLocked(f.a)
+			retry = append(retry, f)
+		} else {
+			b.closeAttLocked(f.a)
+			gone = append(gone, f.a)
+		}
 	}
 	b.mu.Unlock()
-	for _, s := range left {
-		s.cc.failDown(s, codes.Unavailable, msg)
+	for _, f := range retry {
+		f.a.s.cc.retryOrFail(f.a, f.transparent, codes.Unavailable, msg)
+	}
+	for _, a := range gone {
+		a.s.cc.failDown(a, codes.Unavailable, msg)
 	}
 }
 
@@ -269,8 +282,8 @@ func (b *backendConn) handleFrame(f http2.Frame) error {
 }
 
 func (b *backendConn) eachQueueLocked(fn func(*sendQueue)) {
-	for _, s := range b.streams {
-		fn(&s.up)
+	for _, a := range b.streams {
+		fn(&a.up)
 	}
 }
 
@@ -278,31 +291,81 @@ func (b *backendConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	id := f.StreamID
 	end := f.StreamEnded()
 	b.mu.Lock()
-	s := b.streams[id]
-	if s == nil {
+	a := b.streams[id]
+	if a == nil {
+		idle := id >= b.nextID
 		b.mu.Unlock()
-		if id >= b.nextIDSnapshot() {
+		if idle {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
 		return nil
 	}
-	if s.bRecvEnd {
+	if a.bRecvEnd {
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 	}
+	fields := filterFields(f.Fields)
+	if a.keepReplay && a.s.retryable && !a.forwarded {
+		// The method may be retried on UNAVAILABLE and the client has seen
+		// nothing yet.
+		if end && isUnavailable(fields) {
+			// Try another backend; the headers held back, if any, are
+			// dropped with this answer.
+			if !a.bSentEnd {
+				b.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeCancel})
+			}
+			answer := [][]hpack.HeaderField{fields}
+			if a.held != nil {
+				answer = [][]hpack.HeaderField{a.held, fields}
+				a.held = nil
+			}
+			b.unlinkLocked(a)
+			b.mu.Unlock()
+			b.signal()
+			a.s.cc.retryOrFail(a, false, codes.Unavailable, "streamlb: backend "+b.addr+" answered UNAVAILABLE", answer...)
+			return nil
+		}
+		if !end && !a.gotHeaders {
+			// Hold the response headers back until the first message or
+			// the trailers tell whether this is an UNAVAILABLE answer, so
+			// that headers-then-trailers failures are retried too, not
+			// only trailers-only ones.
+			a.gotHeaders = true
+			a.held = fields
+			b.mu.Unlock()
+			return nil
+		}
+	}
+	a.gotHeaders = true
+	held := b.forwardLocked(a)
 	if end {
-		s.bRecvEnd = true
-		b.maybeCloseLocked(s)
+		a.bRecvEnd = true
+		b.maybeCloseLocked(a)
 	}
 	b.mu.Unlock()
-	s.cc.enqueueDown(s, outItem{kind: itemHeaders, end: end, fields: filterFields(f.Fields)}, nil)
+	cc := a.s.cc
+	if held != nil {
+		cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil)
+	}
+	cc.enqueueDown(a, outItem{kind: itemHeaders, end: end, fields: fields}, nil)
 	return nil
 }
 
-func (b *backendConn) nextIDSnapshot() uint32 {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.nextID
+// forwardLocked marks the point where the client starts seeing the
+// backend's answer: the call can no longer be retried, so the request
+// bytes kept for that go, and held-back response headers are returned for
+// the caller to relay first. Caller must hold mu.
+func (b *backendConn) forwardLocked(a *attempt) (held []hpack.HeaderField) {
+	if a.forwarded {
+		return nil
+	}
+	a.forwarded = true
+	held, a.held = a.held, nil
+	if a.keepReplay {
+		a.keepReplay = false
+		b.releaseReplayLocked(a)
+	}
+	return held
 }
 
 func (b *backendConn) onData(f *http2.DataFrame) error {
@@ -311,169 +374,225 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 	n := int32(f.Length)
 	end := f.StreamEnded()
 	b.mu.Lock()
-	s := b.streams[id]
+	a := b.streams[id]
 	var r *recvState
-	if s != nil {
-		r = &s.downRecv
+	if a != nil {
+		r = &a.downRecv
 	}
 	connOK, streamOK := b.consumeLocked(r, n)
 	switch {
 	case !connOK:
 		b.mu.Unlock()
 		return http2.ConnectionError(http2.ErrCodeFlowControl)
-	case s == nil:
+	case a == nil:
 		b.mu.Unlock()
 		b.signal()
 		return nil
 	case !streamOK:
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
-	case s.bRecvEnd:
+	case a.bRecvEnd || !a.gotHeaders:
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 	}
 	b.creditLocked(r, n-int32(len(data)))
+	held := b.forwardLocked(a)
 	if end {
-		s.bRecvEnd = true
-		b.maybeCloseLocked(s)
+		a.bRecvEnd = true
+		b.maybeCloseLocked(a)
 	}
 	b.mu.Unlock()
-	if !s.cc.enqueueDown(s, outItem{kind: itemData, end: end}, data) {
+	if held != nil {
+		a.s.cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil)
+	}
+	if !a.s.cc.enqueueDown(a, outItem{kind: itemData, end: end}, data) {
 		b.creditStream(r, int32(len(data)))
 	}
 	return nil
 }
 
 // resetFromBackend handles a RST_STREAM from the backend, or a stream error
-// we detected (sendRST).
+// we detected (sendRST). REFUSED_STREAM before any answer means the backend
+// did not process the stream (RFC 9113 §8.7), so it is retried elsewhere.
 func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bool) {
 	b.mu.Lock()
 	if sendRST {
 		b.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: code})
 	}
-	s := b.streams[id]
-	if s != nil {
-		b.closeSideLocked(s)
+	a := b.streams[id]
+	if a == nil {
+		b.mu.Unlock()
+		b.signal()
+		return
 	}
+	if !sendRST && code == http2.ErrCodeRefusedStream && !a.forwarded {
+		b.unlinkLocked(a)
+		b.mu.Unlock()
+		a.s.cc.retryOrFail(a, true, codes.Unavailable, "streamlb: backend "+b.addr+" refused the stream")
+		return
+	}
+	b.closeAttLocked(a)
 	b.mu.Unlock()
 	b.signal()
-	if s == nil {
-		return
-	}
 	if sendRST {
-		s.cc.failDown(s, codes.Internal, fmt.Sprintf("streamlb: protocol error from backend %s: %v", b.addr, code))
+		a.s.cc.failDown(a, codes.Internal, fmt.Sprintf("streamlb: protocol error from backend %s: %v", b.addr, code))
 		return
 	}
-	s.cc.backendReset(s, code)
+	a.s.cc.backendReset(a, code)
 }
 
-// onGoAway stops new streams on b; streams the backend did not process
-// (ids above the GOAWAY's last stream id, RFC 9113 §6.8) fail with
-// UNAVAILABLE. The rest finish, then the connection closes.
+// onGoAway stops new streams on b. Streams the backend did not process
+// (ids above the GOAWAY's last stream id, RFC 9113 §6.8) and those not yet
+// opened go to another backend; the rest finish, then the connection
+// closes.
 func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 	b.mu.Lock()
 	b.goingAway = true
 	b.drainAndClose = true
-	var unprocessed []*stream
-	for id, s := range b.streams {
+	var unprocessed []*attempt
+	for id, a := range b.streams {
 		if id > f.LastStreamID {
-			unprocessed = append(unprocessed, s)
+			unprocessed = append(unprocessed, a)
 		}
 	}
-	for _, s := range b.pending {
-		if !s.bClosed && s.up.id == 0 {
-			unprocessed = append(unprocessed, s)
+	for _, a := range b.pending {
+		if !a.bClosed {
+			unprocessed = append(unprocessed, a)
 		}
 	}
 	b.pending = nil
-	for _, s := range unprocessed {
-		b.closeSideLocked(s)
+	for _, a := range unprocessed {
+		b.unlinkLocked(a)
 	}
 	b.mu.Unlock()
 	b.signal()
 	if f.ErrCode != http2.ErrCodeNo {
 		b.log.Warn("backend sent GOAWAY", "code", f.ErrCode.String(), "debug", string(f.DebugData()))
 	}
-	for _, s := range unprocessed {
-		s.cc.failDown(s, codes.Unavailable, "streamlb: backend "+b.addr+" is going away (GOAWAY) and did not process the call")
+	for _, a := range unprocessed {
+		a.s.cc.retryOrFail(a, true, codes.Unavailable, "streamlb: backend "+b.addr+" is going away (GOAWAY) and did not process the call")
 	}
 }
 
-// enqueueUp queues a request item other than DATA (trailers) toward the
-// backend.
-func (b *backendConn) enqueueUp(s *stream, it outItem) {
+// enqueueUp queues a request item toward the backend: DATA bytes
+// (copied) or a header block (trailers). It reports false when the attempt
+// is over and DATA must be credited back by the caller. Caller must hold
+// a.s.cc.mu, not b.mu.
+func (b *backendConn) enqueueUp(a *attempt, it outItem, data []byte) bool {
 	b.mu.Lock()
-	if !s.up.closed && !s.bClosed {
-		s.up.items = append(s.up.items, it)
-		if it.end {
-			s.up.closed = true
-		}
-		b.markReadyLocked(&s.up)
-	}
-	b.mu.Unlock()
-	b.signal()
-}
-
-// enqueueUpData queues request DATA toward the backend. It reports false
-// when the backend side is gone and the caller must credit the bytes back.
-func (b *backendConn) enqueueUpData(s *stream, data []byte, end bool) bool {
-	b.mu.Lock()
-	if s.up.closed || s.bClosed {
+	if a.up.closed || a.discarded {
 		b.mu.Unlock()
 		return false
 	}
-	s.up.pushData(data, end)
-	if end {
-		s.up.closed = true
+	// An attempt unlinked for a retry still takes items: retryOrFail,
+	// waiting for the cc.mu our caller holds, will carry them over.
+	if it.kind == itemData {
+		a.up.pushData(data, it.end)
+	} else {
+		a.up.items = append(a.up.items, it)
 	}
-	b.markReadyLocked(&s.up)
+	if it.end {
+		a.up.closed = true
+	}
+	b.markReadyLocked(&a.up)
 	b.mu.Unlock()
 	b.signal()
 	return true
 }
 
-// resetUp cancels the backend side of s: a RST_STREAM if it was opened.
-func (b *backendConn) resetUp(s *stream, code http2.ErrCode) {
+// resetUp cancels attempt a: a RST_STREAM if it was opened.
+func (b *backendConn) resetUp(a *attempt, code http2.ErrCode) {
 	b.mu.Lock()
-	if s.bClosed {
+	if a.bClosed {
 		b.mu.Unlock()
 		return
 	}
-	if s.up.id != 0 {
-		b.queueCtrlLocked(writeOp{kind: opReset, streamID: s.up.id, code: code})
+	if a.up.id != 0 {
+		b.queueCtrlLocked(writeOp{kind: opReset, streamID: a.up.id, code: code})
 	}
-	b.closeSideLocked(s)
+	b.closeAttLocked(a)
 	b.mu.Unlock()
 	b.signal()
 }
 
-func (b *backendConn) maybeCloseLocked(s *stream) {
-	if s.bRecvEnd && s.bSentEnd {
-		b.closeSideLocked(s)
+func (b *backendConn) maybeCloseLocked(a *attempt) {
+	if a.bRecvEnd && a.bSentEnd {
+		b.closeAttLocked(a)
 	}
 }
 
-// closeSideLocked removes s from b and frees its slot. Caller must hold mu.
-func (b *backendConn) closeSideLocked(s *stream) {
-	if s.bClosed {
+// unlinkLocked removes a from b's tables and frees its slot, keeping its
+// queued and replayable request items for a retry. Caller must hold mu.
+func (b *backendConn) unlinkLocked(a *attempt) {
+	if a.bClosed {
 		return
 	}
-	s.bClosed = true
-	s.up.drop()
-	s.up.closed = true
-	s.downRecv.done = true
-	if s.up.id != 0 {
-		delete(b.streams, s.up.id)
+	a.bClosed = true
+	a.downRecv.done = true
+	if a.up.id != 0 {
+		delete(b.streams, a.up.id)
 	}
 	b.reserved--
-	s.sideClosed()
+	if a.backendCount != nil {
+		a.backendCount.Add(-1)
+	}
 	b.signal()
 }
 
-// openLocked implements role: it opens pending streams while the backend's
-// concurrency limit allows, assigning ids in the order HEADERS are written
-// (RFC 9113 §5.1.1). Streams wait for the backend's SETTINGS first so they
-// never exceed its SETTINGS_MAX_CONCURRENT_STREAMS.
+// closeAttLocked ends a for good: it is unlinked, its buffers released, and
+// the stream learns its backend side is done. Caller must hold mu.
+func (b *backendConn) closeAttLocked(a *attempt) {
+	if a.bClosed {
+		return
+	}
+	b.unlinkLocked(a)
+	b.discardLocked(a)
+	a.s.sideClosed()
+}
+
+// discardLocked releases what a still holds. Caller must hold mu.
+func (b *backendConn) discardLocked(a *attempt) {
+	a.discarded = true
+	a.up.drop(&b.transport)
+	a.up.closed = true
+	a.keepReplay = false
+	b.releaseReplayLocked(a)
+}
+
+// harvest takes the request of an unlinked attempt for a retry: what was
+// written (the replay) and what was still queued, in order, as fresh
+// copies: the old connection's writer may still be reading the originals,
+// which go back to the pool through it. It reports false when the request
+// cannot be replayed because part of it was written and not kept.
+func (b *backendConn) harvest(a *attempt) ([]outItem, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if a.up.id != 0 && !a.keepReplay {
+		return nil, false
+	}
+	var out []outItem
+	take := func(it outItem, credited int) {
+		c := outItem{kind: it.kind, end: it.end, fields: it.fields, credited: credited}
+		if it.buf != nil {
+			c.buf = getBuf()
+			c.n = copy(*c.buf, (*it.buf)[:it.n])
+		}
+		out = append(out, c)
+	}
+	for _, it := range a.replay {
+		take(it, it.n)
+	}
+	for _, it := range a.up.items[a.up.head:] {
+		take(it, max(it.credited, it.off))
+	}
+	b.discardLocked(a)
+	return out, true
+}
+
+// openLocked implements role: it opens pending attempts while the
+// backend's concurrency limit allows, assigning ids in the order HEADERS
+// are written (RFC 9113 §5.1.1). Attempts wait for the backend's SETTINGS
+// first so they never exceed its SETTINGS_MAX_CONCURRENT_STREAMS.
 func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 	if !b.gotSettings {
 		return batch
@@ -481,9 +600,9 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 	limit := b.capLocked()
 	i := 0
 	for ; i < len(b.pending) && uint32(len(b.streams)) < limit; i++ {
-		s := b.pending[i]
+		a := b.pending[i]
 		b.pending[i] = nil
-		if s.bClosed {
+		if a.bClosed {
 			continue
 		}
 		id := b.nextID
@@ -492,16 +611,15 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 			b.goingAway = true // leave room for what is reserved; the pool opens a new connection
 			b.drainAndClose = true
 		}
-		s.up.id = id
-		s.up.window = b.peerInitWin
-		s.downRecv.id = id
-		b.streams[id] = s
-		batch = append(batch, writeOp{kind: opHeaders, streamID: id, end: s.reqEnd, fields: s.reqFields})
-		s.reqFields = nil
-		if s.reqEnd {
-			s.bSentEnd = true
+		a.up.id = id
+		a.up.window = b.peerInitWin
+		a.downRecv.id = id
+		b.streams[id] = a
+		batch = append(batch, writeOp{kind: opHeaders, streamID: id, end: a.s.reqEnd, fields: a.s.reqFields})
+		if a.s.reqEnd {
+			a.bSentEnd = true
 		}
-		b.markReadyLocked(&s.up)
+		b.markReadyLocked(&a.up)
 	}
 	b.pending = b.pending[i:]
 	if len(b.pending) == 0 {
@@ -511,10 +629,11 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 }
 
 // sentLastLocked implements role.
-func (b *backendConn) sentLastLocked(s *stream, reset bool) {
-	s.bSentEnd = true
-	if reset || s.bRecvEnd {
-		b.closeSideLocked(s)
+func (b *backendConn) sentLastLocked(q *sendQueue, reset bool) {
+	a := q.a
+	a.bSentEnd = true
+	if reset || a.bRecvEnd {
+		b.closeAttLocked(a)
 	}
 }
 
@@ -562,7 +681,7 @@ var errPoolClosed = errors.New("proxy: server is shutting down")
 // get returns a connection to addr with a stream slot reserved, opening a
 // new connection when every existing one is full (its
 // SETTINGS_MAX_CONCURRENT_STREAMS or BackendStreamsPerConn reached).
-func (p *pool) get(addr string, s *stream) (*backendConn, error) {
+func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -578,7 +697,7 @@ func (p *pool) get(addr string, s *stream) (*backendConn, error) {
 			return nil, fmt.Errorf("%s: %w (limit %d)", addr, errBackendFull, max)
 		}
 		n.Add(1)
-		s.backendCount = n
+		a.backendCount = n
 	}
 	for _, b := range p.conns[addr] {
 		if b.tryReserve() {

@@ -20,6 +20,8 @@ const (
 	DefaultConnectTimeout        = 5 * time.Second
 	DefaultPrefaceTimeout        = 10 * time.Second
 	DefaultDrainTimeout          = 30 * time.Second
+	DefaultRetryBufferSize       = 64 << 10
+	DefaultMaxRetries            = 2
 )
 
 const (
@@ -86,6 +88,20 @@ type Config struct {
 	// which keeps Pick free of per-stream allocations.
 	PickMetadata []string
 
+	// RetryBufferSize bounds the request bytes an attempt keeps so the call
+	// can be retried on another backend (see retry.go): zero means
+	// DefaultRetryBufferSize, negative disables retries.
+	RetryBufferSize int
+
+	// MaxRetries is how many more attempts a call may make: zero means
+	// DefaultMaxRetries, negative none.
+	MaxRetries int
+
+	// RetryOn names methods ("/pkg.Service/Method", or "/pkg.Service/" for
+	// all of a service) whose UNAVAILABLE answers are retried on another
+	// backend, within the retry budget. Only idempotent methods belong here.
+	RetryOn []string
+
 	// Dial opens backend connections. Nil means net.Dialer.DialContext.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 
@@ -123,6 +139,18 @@ func (c *Config) setDefaults() error {
 	}
 	if c.PrefaceTimeout <= 0 {
 		c.PrefaceTimeout = DefaultPrefaceTimeout
+	}
+	switch {
+	case c.RetryBufferSize == 0:
+		c.RetryBufferSize = DefaultRetryBufferSize
+	case c.RetryBufferSize < 0:
+		c.RetryBufferSize = 0
+	}
+	switch {
+	case c.MaxRetries == 0:
+		c.MaxRetries = DefaultMaxRetries
+	case c.MaxRetries < 0 || c.RetryBufferSize == 0:
+		c.MaxRetries = 0
 	}
 	if c.DrainTimeout <= 0 {
 		c.DrainTimeout = DefaultDrainTimeout

@@ -56,6 +56,7 @@ type envOpts struct {
 	policy   string
 	tscfg    func(i int, c *testserver.Config)
 	pcfg     func(c *proxy.Config)
+	dcfg     func(c *director.Config)
 }
 
 func verifyNoLeaks(t *testing.T) {
@@ -89,7 +90,11 @@ func newEnv(t *testing.T, o envOpts) *env {
 		e.backends = append(e.backends, ts)
 		addrs = append(addrs, ts.Addr())
 	}
-	d, err := director.New(director.Config{Policy: o.policy, Logger: quietLog})
+	dc := director.Config{Policy: o.policy, Logger: quietLog}
+	if o.dcfg != nil {
+		o.dcfg(&dc)
+	}
+	d, err := director.New(dc)
 	if err != nil {
 		t.Fatal(err)
 	}

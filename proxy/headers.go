@@ -216,3 +216,14 @@ func outcome(fields []hpack.HeaderField) error {
 	}
 	return status.Error(codes.Unknown, "response without grpc-status")
 }
+
+// isUnavailable reports whether a final header block carries grpc-status
+// 14 (UNAVAILABLE).
+func isUnavailable(fields []hpack.HeaderField) bool {
+	for _, f := range fields {
+		if f.Name == "grpc-status" {
+			return f.Value == "14"
+		}
+	}
+	return false
+}

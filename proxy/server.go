@@ -34,6 +34,7 @@ type Server struct {
 	cancelPool context.CancelFunc
 
 	inflight atomic.Int64 // calls in flight, counted when MaxStreams is set
+	budget   *retryBudget
 }
 
 // admit takes a unit of the MaxStreams budget for s, if one is left.
@@ -74,6 +75,7 @@ func New(cfg Config) (*Server, error) {
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*serverConn]struct{}),
 	}
+	s.budget = newRetryBudget(10, 0.1)
 	s.pool.srv = s
 	s.pool.conns = make(map[string][]*backendConn)
 	s.pool.inflight = make(map[string]*atomic.Int64)

@@ -243,11 +243,11 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 		}
 		s.cRecvEnd = true
+		if a := s.att; a != nil {
+			a.bc.enqueueUp(a, outItem{kind: itemHeaders, end: true, fields: filterFields(f.Fields)}, nil)
+		}
 		c.maybeCloseLocked(s)
 		c.mu.Unlock()
-		if s.bc != nil {
-			s.bc.enqueueUp(s, outItem{kind: itemHeaders, end: true, fields: filterFields(f.Fields)})
-		}
 		return nil
 	}
 	if id%2 == 0 || id <= c.lastID {
@@ -268,7 +268,6 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	s := &stream{cc: c}
 	s.down = sendQueue{s: s, id: id, window: c.peerInitWin}
 	s.upRecv = recvState{id: id, window: c.streamWindow}
-	s.up = sendQueue{s: s, src: &c.transport, credit: &s.upRecv}
 	s.cRecvEnd = end
 	c.streams[id] = s
 	c.mu.Unlock()
@@ -290,31 +289,28 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	s.method = ri.path
+	s.reqFields = filterFields(f.Fields)
+	s.reqEnd = end
+	s.retryable = c.srv.retryableMethod(ri.path)
 
 	if !c.srv.admit(s) {
 		c.rejectStream(s, statusFields(codes.ResourceExhausted, fmt.Sprintf("streamlb: too many concurrent calls (limit %d)", c.srv.cfg.MaxStreams), true))
 		return nil
 	}
-	addr, done, err := c.srv.cfg.Picker.Pick(c.pickContext(f.Fields), ri.path)
-	if err != nil {
-		c.rejectStream(s, statusFields(codes.Unavailable, "streamlb: no backend for "+ri.path+": "+err.Error(), true))
+	c.mu.Lock()
+	code, msg, ok := c.startAttemptLocked(s, nil)
+	c.mu.Unlock()
+	if !ok {
+		c.rejectStream(s, statusFields(code, msg, true))
 		return nil
 	}
-	s.done = done
-	bc, err := c.srv.pool.get(addr, s)
-	if err != nil {
-		code := codes.Unavailable
-		if errors.Is(err, errBackendFull) {
-			code = codes.ResourceExhausted
-		}
-		c.rejectStream(s, statusFields(code, "streamlb: "+err.Error(), true))
-		return nil
-	}
-	s.bc = bc
 	if ri.hasTimeout {
-		s.timer = time.AfterFunc(ri.timeout, func() { c.deadlineExceeded(s) })
+		c.mu.Lock()
+		if !s.cClosed {
+			s.timer = time.AfterFunc(ri.timeout, func() { c.deadlineExceeded(s) })
+		}
+		c.mu.Unlock()
 	}
-	bc.addStream(s, filterFields(f.Fields), end)
 	return nil
 }
 
@@ -340,7 +336,7 @@ func (c *serverConn) pickContext(fields []hpack.HeaderField) context.Context {
 // response, and resets it (NO_ERROR) if the client is still sending, as
 // grpc-go's server does. The stream never had a backend side.
 func (c *serverConn) rejectStream(s *stream, fields []hpack.HeaderField) {
-	s.sides.Add(1) // no backend side
+	s.sides.Add(1) // no attempt
 	c.mu.Lock()
 	s.result = outcome(fields)
 	c.finishDownLocked(s, fields)
@@ -348,12 +344,15 @@ func (c *serverConn) rejectStream(s *stream, fields []hpack.HeaderField) {
 	c.signal()
 }
 
-// finishDownLocked ends the response with the given final header block,
+// finishDownLocked ends the response with the given header blocks, the
+// last of which ends the stream,
 // discarding what was queued, and resets the stream if the client has not
 // finished sending. Caller must hold mu.
-func (c *serverConn) finishDownLocked(s *stream, fields []hpack.HeaderField) {
-	s.down.drop()
-	s.down.items = append(s.down.items, outItem{kind: itemHeaders, end: true, fields: fields})
+func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) {
+	s.down.drop(&c.transport)
+	for i, fields := range blocks {
+		s.down.items = append(s.down.items, outItem{kind: itemHeaders, end: i == len(blocks)-1, fields: fields})
+	}
 	if !s.cRecvEnd {
 		s.down.items = append(s.down.items, outItem{kind: itemReset, code: http2.ErrCodeNo})
 	}
@@ -363,10 +362,11 @@ func (c *serverConn) finishDownLocked(s *stream, fields []hpack.HeaderField) {
 
 // failDown ends a call with a proxy-generated status: trailers-only if no
 // response header was sent yet, else trailers. Nothing happens if the
-// response already ended.
-func (c *serverConn) failDown(s *stream, code codes.Code, msg string) {
+// response already ended or a is no longer the stream's attempt.
+func (c *serverConn) failDown(a *attempt, code codes.Code, msg string) {
+	s := a.s
 	c.mu.Lock()
-	if s.down.closed || s.cClosed {
+	if s.att != a || s.down.closed || s.cClosed {
 		c.mu.Unlock()
 		return
 	}
@@ -380,8 +380,14 @@ func (c *serverConn) failDown(s *stream, code codes.Code, msg string) {
 // before the call ends: the client gets DEADLINE_EXCEEDED and the backend
 // stream is cancelled.
 func (c *serverConn) deadlineExceeded(s *stream) {
-	c.failDown(s, codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+s.method)
-	s.bc.resetUp(s, http2.ErrCodeCancel)
+	c.mu.Lock()
+	a := s.att
+	c.mu.Unlock()
+	if a == nil {
+		return
+	}
+	c.failDown(a, codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+s.method)
+	a.bc.resetUp(a, http2.ErrCodeCancel)
 }
 
 func (c *serverConn) onData(f *http2.DataFrame) error {
@@ -416,14 +422,15 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 	}
 	c.creditLocked(r, n-int32(len(data))) // padding is never relayed
+	if a := s.att; a == nil || !a.bc.enqueueUp(a, outItem{kind: itemData, end: end}, data) {
+		c.creditLocked(r, int32(len(data)))
+	}
 	if end {
 		s.cRecvEnd = true
 		c.maybeCloseLocked(s)
 	}
 	c.mu.Unlock()
-	if s.bc == nil || !s.bc.enqueueUpData(s, data, end) {
-		c.creditStream(r, int32(len(data)))
-	}
+	c.signal()
 	return nil
 }
 
@@ -443,20 +450,22 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 	if !s.down.closed {
 		s.result = status.Error(codes.Canceled, "client reset the stream")
 	}
+	a := s.att
 	c.closeSideLocked(s)
 	c.mu.Unlock()
 	c.signal()
-	if s.bc != nil {
-		s.bc.resetUp(s, http2.ErrCodeCancel)
+	if a != nil {
+		a.bc.resetUp(a, http2.ErrCodeCancel)
 	}
 }
 
 // enqueueDown queues a response item from the backend. It reports false if
 // the response was already ended, in which case DATA bytes must be credited
 // back by the caller.
-func (c *serverConn) enqueueDown(s *stream, it outItem, data []byte) bool {
+func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
+	s := a.s
 	c.mu.Lock()
-	if s.down.closed {
+	if s.att != a || s.down.closed {
 		c.mu.Unlock()
 		return false
 	}
@@ -480,11 +489,12 @@ func (c *serverConn) enqueueDown(s *stream, it outItem, data []byte) bool {
 // backendReset relays a RST_STREAM from the backend. A NO_ERROR reset after
 // a complete response (a server ending the request early, RFC 9113 §8.1)
 // follows the response; any other aborts it.
-func (c *serverConn) backendReset(s *stream, code http2.ErrCode) {
+func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
+	s := a.s
 	c.mu.Lock()
 	defer c.signal()
 	defer c.mu.Unlock()
-	if s.cClosed {
+	if s.cClosed || s.att != a {
 		return
 	}
 	if s.down.closed {
@@ -495,7 +505,9 @@ func (c *serverConn) backendReset(s *stream, code http2.ErrCode) {
 		return
 	}
 	s.result = status.Errorf(rstStatus(code), "backend reset the stream: %v", code)
-	c.queueCtrlLocked(writeOp{kind: opReset, streamID: s.down.id, code: resetCode(code)})
+	// Codes are relayed as they are, so the client sees what a direct call
+	// would: grpc-go maps RST_STREAM codes to statuses itself.
+	c.queueCtrlLocked(writeOp{kind: opReset, streamID: s.down.id, code: code})
 	c.closeSideLocked(s)
 }
 
@@ -514,7 +526,7 @@ func (c *serverConn) closeSideLocked(s *stream) {
 	}
 	s.cClosed = true
 	delete(c.streams, s.down.id)
-	s.down.drop()
+	s.down.drop(&c.transport)
 	s.down.closed = true
 	s.upRecv.done = true
 	s.sideClosed()
@@ -524,7 +536,8 @@ func (c *serverConn) closeSideLocked(s *stream) {
 func (c *serverConn) openLocked(batch []writeOp) []writeOp { return batch }
 
 // sentLastLocked implements role.
-func (c *serverConn) sentLastLocked(s *stream, reset bool) {
+func (c *serverConn) sentLastLocked(q *sendQueue, reset bool) {
+	s := q.s
 	s.cSentEnd = true
 	if reset || s.cRecvEnd {
 		c.closeSideLocked(s)
@@ -553,20 +566,18 @@ func (c *serverConn) shutdown() {
 // side is cancelled. Runs after both goroutines exited.
 func (c *serverConn) cleanup() {
 	c.mu.Lock()
-	left := make([]*stream, 0, len(c.streams))
+	var left []*attempt
 	for _, s := range c.streams {
-		left = append(left, s)
-	}
-	for _, s := range left {
 		if !s.down.closed {
 			s.result = status.Error(codes.Canceled, "client connection closed")
+		}
+		if s.att != nil {
+			left = append(left, s.att)
 		}
 		c.closeSideLocked(s)
 	}
 	c.mu.Unlock()
-	for _, s := range left {
-		if s.bc != nil {
-			s.bc.resetUp(s, http2.ErrCodeCancel)
-		}
+	for _, a := range left {
+		a.bc.resetUp(a, http2.ErrCodeCancel)
 	}
 }

@@ -7,27 +7,28 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
-// stream is one proxied gRPC call: a client stream on a serverConn paired
-// with a backend stream on a backendConn. It is an entry in both
-// connections' tables; no goroutine belongs to it.
+// stream is one proxied gRPC call as the client sees it: a stream on a
+// serverConn, relayed to the backend stream of its current attempt. It is
+// an entry in its connection's table; no goroutine belongs to it.
 //
-// Lock discipline: the fields under "client side" are guarded by cc.mu, the
-// fields under "backend side" by bc.mu. The two locks are never held
-// together; work that spans both takes one, releases it, then takes the
-// other.
+// Lock discipline: fields under "client side" are guarded by cc.mu; an
+// attempt's fields by its bc.mu. cc.mu may be held while taking a bc.mu
+// (the client reader hands request bytes to the current attempt that way,
+// so that switching attempts for a retry is atomic with it), never the
+// other way round: backend connections release their mu before calling
+// into the client connection.
 type stream struct {
 	// Immutable after the stream is set up.
-	cc     *serverConn
-	bc     *backendConn // nil when no backend was picked
-	method string
-	done   func(error)
-	timer  *time.Timer // grpc-timeout, or nil
-
-	// Counters this stream holds a unit of, released when it ends.
-	srvCount     *atomic.Int64 // Server.inflight when MaxStreams applies
-	backendCount *atomic.Int64 // the backend's in-flight count
+	cc        *serverConn
+	method    string
+	reqFields []hpack.HeaderField // request headers as relayed, kept for retries
+	reqEnd    bool                // request HEADERS carried END_STREAM
+	retryable bool                // method opted in to retries of UNAVAILABLE
+	timer     *time.Timer         // grpc-timeout, or nil
+	srvCount  *atomic.Int64       // Server.inflight when MaxStreams applies
 
 	// Client side, guarded by cc.mu.
 	down        sendQueue // toward the client
@@ -37,23 +38,43 @@ type stream struct {
 	headersSent bool      // response HEADERS taken for writing
 	cClosed     bool      // removed from cc's table
 	result      error     // outcome reported to done
+	att         *attempt  // current backend attempt; nil when none was made
+	attempts    int       // attempts made so far
 
-	// Backend side, guarded by bc.mu.
-	up        sendQueue // toward the backend
-	downRecv  recvState // flow control of backend → proxy DATA
-	reqFields []hpack.HeaderField
-	reqEnd    bool // request HEADERS carried END_STREAM
-	bRecvEnd  bool
-	bSentEnd  bool
-	bClosed   bool
-
-	// sides counts the connections that have closed the stream; the second
-	// one reports the outcome to done.
+	// sides counts the sides that are done: the client side and the final
+	// attempt. The second reports the outcome.
 	sides atomic.Int32
 }
 
-// sideClosed is called once by each connection when it removes the stream
-// from its table. The second call reports the outcome.
+// attempt is one try of a stream on one backend: the backend stream and
+// the request bytes queued for it. A transparent retry ends an attempt and
+// starts another on another backend; the client sees one call.
+type attempt struct {
+	// Immutable after creation.
+	s            *stream
+	bc           *backendConn
+	done         func(error)
+	backendCount *atomic.Int64 // the backend's in-flight count, when capped
+
+	// Guarded by bc.mu.
+	up         sendQueue // toward the backend
+	downRecv   recvState // flow control of backend → proxy DATA
+	bRecvEnd   bool
+	bSentEnd   bool
+	bClosed    bool                // no longer in bc's tables
+	discarded  bool                // over for good: request items are refused
+	gotHeaders bool                // the backend sent its response headers
+	forwarded  bool                // the client has seen part of this attempt's answer
+	held       []hpack.HeaderField // response headers held back while a retry is possible
+	// replay keeps the request items already written, while a retry is
+	// still possible and they fit Config.RetryBufferSize.
+	replay      []outItem
+	replayBytes int
+	keepReplay  bool
+}
+
+// sideClosed is called once by the client side and once for the final
+// attempt when they are done. The second call reports the outcome.
 func (s *stream) sideClosed() {
 	if s.sides.Add(1) != 2 {
 		return
@@ -64,19 +85,13 @@ func (s *stream) sideClosed() {
 	if s.srvCount != nil {
 		s.srvCount.Add(-1)
 	}
-	if s.backendCount != nil {
-		s.backendCount.Add(-1)
-	}
-	if s.done != nil {
-		s.done(s.result)
+	if a := s.att; a != nil {
+		s.cc.srv.budget.record(status.Code(s.result) == codes.Unavailable)
+		if a.done != nil {
+			a.done(s.result)
+		}
 	}
 }
-
-// resetCode maps an HTTP/2 error code received from one peer to the code
-// sent to the other. Codes are relayed as they are, so a client sees what a
-// direct call would see: grpc-go maps RST_STREAM codes to statuses itself
-// (REFUSED_STREAM → UNAVAILABLE, CANCEL → CANCELLED, ...).
-func resetCode(c http2.ErrCode) http2.ErrCode { return c }
 
 // rstStatus is the outcome recorded for a stream the backend reset, as
 // grpc-go's client would report it (internal/transport http2ErrConvTab).

@@ -42,14 +42,19 @@ type outItem struct {
 	off, n int     //
 	fields []hpack.HeaderField
 	code   http2.ErrCode
+	// credited counts the leading bytes already returned to the sender's
+	// flow-control window: bytes replayed by a retry were credited when
+	// first sent and must not be credited twice.
+	credited int
 }
 
 // sendQueue is a stream's outbound state on one connection. All fields are
 // guarded by the owning transport's mu.
 type sendQueue struct {
-	s      *stream
-	id     uint32 // stream id on the owning connection; 0 until opened
-	window int32  // peer's flow-control window for this stream (RFC 9113 §6.9)
+	s      *stream  // set on a stream's queue toward the client
+	a      *attempt // set on an attempt's queue toward the backend
+	id     uint32   // stream id on the owning connection; 0 until opened
+	window int32    // peer's flow-control window for this stream (RFC 9113 §6.9)
 	items  []outItem
 	head   int
 	ready  bool // in the transport's ready ring
@@ -101,21 +106,19 @@ func (q *sendQueue) pushData(p []byte, end bool) {
 	q.items = append(q.items, it)
 }
 
-// drop discards every queued item, releasing buffers, and returns how many
-// DATA bytes were discarded (so the source can be credited).
-func (q *sendQueue) drop() int {
-	n := 0
+// drop discards every queued item. t is the transport whose writer drains
+// q: buffers go back to the pool through it, since its writer may still be
+// sending the first part of the head item. Caller must hold t.mu.
+func (q *sendQueue) drop(t *transport) {
 	for i := q.head; i < len(q.items); i++ {
 		it := &q.items[i]
 		if it.buf != nil {
-			n += it.n - it.off
-			putBuf(it.buf)
+			t.releaseLocked(it.buf)
 		}
 		*it = outItem{}
 	}
 	q.items = q.items[:0]
 	q.head = 0
-	return n
 }
 
 // recvState is the inbound flow-control state of one stream on one
@@ -159,6 +162,7 @@ type writeOp struct {
 	debug    []byte
 	src      *transport // DATA: connection to credit once written
 	credit   *recvState
+	creditN  int32 // DATA bytes to credit, once written
 }
 
 // transport is the part of an HTTP/2 connection common to both roles: the
@@ -204,6 +208,19 @@ type transport struct {
 	closed        bool
 	closeErr      error
 	drainAndClose bool // writer exits once everything queued is written
+	// toRelease holds buffers no queue needs any more but that the write in
+	// progress may still be reading; the writer returns them to the pool
+	// before it takes its next batch.
+	toRelease []*[]byte
+	// retryBuffer is Config.RetryBufferSize; backend connections keep up to
+	// that many written request bytes per attempt for a retry.
+	retryBuffer int
+}
+
+// releaseLocked returns b to the pool once the writer is past the write in
+// progress. Caller must hold mu.
+func (t *transport) releaseLocked(b *[]byte) {
+	t.toRelease = append(t.toRelease, b)
 }
 
 type creditOp struct {
@@ -440,8 +457,8 @@ func (t *transport) writeFrames(batch []writeOp) error {
 			if op.release {
 				putBuf(op.buf)
 			}
-			if op.credit != nil && len(op.data) > 0 {
-				t.credit = append(t.credit, creditOp{op.src, op.credit, int32(len(op.data))})
+			if op.credit != nil && op.creditN > 0 {
+				t.credit = append(t.credit, creditOp{op.src, op.credit, op.creditN})
 			}
 		case opHeaders:
 			err = t.writeHeaders(op.streamID, op.end, op.fields)
@@ -555,6 +572,9 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 			op.data = (*it.buf)[it.off : it.off+allowed]
 			op.buf = it.buf
 		}
+		if from, to := max(it.off, it.credited), it.off+allowed; to > from {
+			op.creditN = int32(to - from)
+		}
 		q.window -= int32(allowed)
 		t.sendWindow -= int32(allowed)
 		if allowed < n {
@@ -565,6 +585,9 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 		op.end = it.end
 		last = it.end
 	}
+	if a := q.a; a != nil && a.keepReplay && op.kind != opReset {
+		t.retainLocked(a, it, &op)
+	}
 	*it = outItem{}
 	q.head++
 	if q.empty() {
@@ -572,6 +595,38 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 		q.head = 0
 	}
 	return op, last
+}
+
+// retainLocked keeps a written request item of attempt a for a retry,
+// instead of releasing its buffer, while the attempt's replay fits the
+// retry buffer; past it, the attempt can no longer be retried and what was
+// kept is released. Caller must hold mu.
+func (t *transport) retainLocked(a *attempt, it *outItem, op *writeOp) {
+	n := 0
+	if it.buf != nil {
+		n = it.n
+	}
+	if a.replayBytes+n > t.retryBuffer {
+		a.keepReplay = false
+		t.releaseReplayLocked(a)
+		return
+	}
+	a.replay = append(a.replay, outItem{kind: it.kind, end: it.end, buf: it.buf, n: it.n, fields: it.fields, credited: it.n})
+	a.replayBytes += n
+	op.release = false
+}
+
+// releaseReplayLocked lets go of the request bytes kept for a retry.
+// Caller must hold mu.
+func (t *transport) releaseReplayLocked(a *attempt) {
+	for i := range a.replay {
+		if b := a.replay[i].buf; b != nil {
+			t.releaseLocked(b)
+		}
+		a.replay[i] = outItem{}
+	}
+	a.replay = nil
+	a.replayBytes = 0
 }
 
 // readyPopLocked removes and returns the first stream of the ready ring.
@@ -602,9 +657,9 @@ type role interface {
 	// openLocked appends HEADERS for streams waiting to be opened, if the
 	// role opens streams (backend connections do).
 	openLocked(batch []writeOp) []writeOp
-	// sentLastLocked is called when the END_STREAM or RST_STREAM of s was
+	// sentLastLocked is called when the END_STREAM or RST_STREAM of q was
 	// taken for writing on this connection.
-	sentLastLocked(s *stream, reset bool)
+	sentLastLocked(q *sendQueue, reset bool)
 	// idleLocked reports whether a draining connection has no stream left
 	// and may close.
 	idleLocked() bool
@@ -627,6 +682,13 @@ func (t *transport) writeLoop(r role) error {
 			t.mu.Unlock()
 			return err
 		}
+		// The previous batch is written: buffers it may have been reading
+		// can go back to the pool now.
+		for i, b := range t.toRelease {
+			putBuf(b)
+			t.toRelease[i] = nil
+		}
+		t.toRelease = t.toRelease[:0]
 		batch := append(t.batch[:0], t.ctrl...)
 		clear(t.ctrl)
 		t.ctrl = t.ctrl[:0]
@@ -645,13 +707,13 @@ func (t *transport) writeLoop(r role) error {
 			op, last := t.popLocked(q, q.id)
 			batch = append(batch, op)
 			budget -= len(op.data) + 64
-			if op.kind == opHeaders && !t.client {
+			if op.kind == opHeaders && q.s != nil {
 				q.s.headersSent = true // from here on a failure must use trailers
 			}
 			if last {
 				q.closed = true
-				q.drop()
-				r.sentLastLocked(q.s, op.kind == opReset)
+				q.drop(t)
+				r.sentLastLocked(q, op.kind == opReset)
 				continue
 			}
 			t.markReadyLocked(q)

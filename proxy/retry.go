@@ -1,0 +1,179 @@
+package proxy
+
+import (
+	"errors"
+	"strings"
+	"sync/atomic"
+
+	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Retries come in two kinds.
+//
+// Transparent retries (gRFC A6 "transparent retry"): a call that never
+// reached a backend's application goes to another backend, whatever its
+// method: the connection was refused or lost before the stream was opened,
+// the backend answered REFUSED_STREAM, or its GOAWAY named a last stream id
+// below ours. They need the request as it was sent, so each attempt keeps
+// the request bytes it wrote, up to Config.RetryBufferSize, until the
+// backend answers; a call that streamed past that is not retried once any
+// of it was written.
+//
+// Retries of UNAVAILABLE: for methods named in Config.RetryOn only, a
+// trailers-only UNAVAILABLE answer, or a connection lost before any answer,
+// is retried on another backend, within the same buffer and a retry budget
+// (gRFC A6 retry throttling: a token bucket that failures drain and
+// successes refill) so that when every backend fails the retries stop.
+//
+// Either way a call makes at most 1+Config.MaxRetries attempts, and only
+// while the client has seen no part of the response.
+
+// startAttemptLocked picks a backend for s and queues a new attempt on it,
+// with items as its first request items (nil for the first attempt). It
+// reports the status to fail the call with when no attempt could be made.
+// Caller must hold mu; the connection's and pool's locks are taken inside
+// (cc.mu → pool.mu → bc.mu is the lock order).
+func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (codes.Code, string, bool) {
+	for {
+		s.attempts++
+		addr, done, err := c.srv.cfg.Picker.Pick(c.pickContext(s.reqFields), s.method)
+		if err != nil {
+			c.releaseItemsLocked(items)
+			return codes.Unavailable, "streamlb: no backend for " + s.method + ": " + err.Error(), false
+		}
+		a := &attempt{s: s, done: done, keepReplay: c.srv.cfg.RetryBufferSize > 0}
+		a.up = sendQueue{a: a, src: &c.transport, credit: &s.upRecv, items: items}
+		bc, err := c.srv.pool.get(addr, a)
+		if err != nil {
+			code := codes.Unavailable
+			if errors.Is(err, errBackendFull) {
+				code = codes.ResourceExhausted
+			}
+			st := status.Error(code, "streamlb: "+err.Error())
+			if done != nil {
+				done(st)
+			}
+			c.releaseItemsLocked(items)
+			return code, "streamlb: " + err.Error(), false
+		}
+		a.bc = bc
+		a.up.closed = s.cRecvEnd
+		prev := s.att
+		s.att = a
+		s.down.src = &bc.transport
+		s.down.credit = &a.downRecv
+		if bc.addAttempt(a) {
+			bc.mu.Lock()
+			bc.markReadyLocked(&a.up)
+			bc.mu.Unlock()
+			return codes.OK, "", true
+		}
+		// The connection failed between the pick and now: the request is
+		// still whole in a.up, so try once more elsewhere.
+		s.att = prev
+		items = a.up.items[a.up.head:]
+		if done != nil {
+			done(status.Error(codes.Unavailable, "streamlb: backend connection failed"))
+		}
+		if s.attempts > c.srv.cfg.MaxRetries {
+			c.releaseItemsLocked(items)
+			return codes.Unavailable, "streamlb: backend " + addr + " connection failed", false
+		}
+	}
+}
+
+// releaseItemsLocked returns the buffers of items nobody will send.
+func (c *serverConn) releaseItemsLocked(items []outItem) {
+	for _, it := range items {
+		if it.buf != nil {
+			putBuf(it.buf) // copies made by harvest: no writer has seen them
+		}
+	}
+}
+
+// retryOrFail is called by a backend connection for an attempt it
+// unlinked because it ended before the backend answered. The call goes to
+// another backend if it may (see the comment at the top of this file);
+// otherwise it ends: with fallback, the backend's own answer as header
+// blocks, if there is one, else with the given status.
+func (c *serverConn) retryOrFail(a *attempt, transparent bool, code codes.Code, msg string, fallback ...[]hpack.HeaderField) {
+	s := a.s
+	c.mu.Lock()
+	if s.att == a && !s.cClosed && !s.down.closed && !s.headersSent && s.down.empty() &&
+		s.attempts <= c.srv.cfg.MaxRetries && (transparent || (s.retryable && c.srv.budget.allow())) {
+		if items, ok := a.bc.harvest(a); ok {
+			if _, _, ok := c.startAttemptLocked(s, items); ok {
+				c.mu.Unlock()
+				c.signal()
+				if a.done != nil {
+					a.done(status.Error(code, msg))
+				}
+				return
+			}
+		}
+	}
+	a.bc.mu.Lock()
+	a.bc.discardLocked(a)
+	a.bc.mu.Unlock()
+	current := s.att == a
+	if current && !s.cClosed && !s.down.closed {
+		if len(fallback) > 0 {
+			s.result = outcome(fallback[len(fallback)-1])
+			c.finishDownLocked(s, fallback...)
+		} else {
+			s.result = status.Error(code, msg)
+			c.finishDownLocked(s, statusFields(code, msg, !s.headersSent))
+		}
+	}
+	c.mu.Unlock()
+	c.signal()
+	if current {
+		s.sideClosed()
+	}
+}
+
+// retryableMethod reports whether Config.RetryOn names the method, as a
+// full method name or a "/package.Service/" prefix.
+func (s *Server) retryableMethod(method string) bool {
+	for _, m := range s.cfg.RetryOn {
+		if m == method || (strings.HasSuffix(m, "/") && strings.HasPrefix(method, m)) {
+			return true
+		}
+	}
+	return false
+}
+
+// retryBudget is gRFC A6 retry throttling: a token bucket of maxTokens;
+// every failed call takes one token, every success gives back ratio; a
+// retry is allowed only while more than half the tokens are left. Tokens
+// are kept in thousandths so the bucket is a single atomic.
+type retryBudget struct {
+	tokens    atomic.Int64
+	maxTokens int64
+	ratio     int64
+}
+
+func newRetryBudget(maxTokens int64, ratio float64) *retryBudget {
+	b := &retryBudget{maxTokens: maxTokens * 1000, ratio: int64(ratio * 1000)}
+	b.tokens.Store(b.maxTokens)
+	return b
+}
+
+func (b *retryBudget) allow() bool { return b.tokens.Load() > b.maxTokens/2 }
+
+// record accounts for the outcome of one call.
+func (b *retryBudget) record(failed bool) {
+	for {
+		old := b.tokens.Load()
+		n := old + b.ratio
+		if failed {
+			n = old - 1000
+		}
+		n = min(max(n, 0), b.maxTokens)
+		if n == old || b.tokens.CompareAndSwap(old, n) {
+			return
+		}
+	}
+}

@@ -1,0 +1,155 @@
+package proxy_test
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/testserver"
+)
+
+const emptyCall = "/grpc.testing.TestService/EmptyCall"
+
+// TestTransparentRetryRefused: a backend that refuses connections costs
+// the client nothing; every call is retried on a live backend.
+func TestTransparentRetryRefused(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 2, dcfg: func(c *director.Config) { c.EjectAfter = -1 }})
+	e.setBackends(deadAddr(t), e.backends[0].Addr(), e.backends[1].Addr())
+	ctx := testCtx(t, 20*time.Second)
+	for i := range 30 {
+		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatalf("call %d: %v (a refused connection must be retried elsewhere)", i, err)
+		}
+	}
+	if got := e.backends[0].Calls() + e.backends[1].Calls(); got != 30 {
+		t.Errorf("backends served %d calls, want 30", got)
+	}
+}
+
+// TestRetryUnavailable: a method that opted in is retried when a backend
+// answers UNAVAILABLE; one that did not is not.
+func TestRetryUnavailable(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		retryOn   []string
+		wantFails bool
+	}{
+		{name: "opted in", retryOn: []string{"/grpc.testing.TestService/"}},
+		{name: "not opted in", wantFails: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			verifyNoLeaks(t)
+			e := newEnv(t, envOpts{backends: 2,
+				tscfg: func(i int, c *testserver.Config) {
+					if i == 0 {
+						c.ErrorRate = 1 // b0 answers every call with UNAVAILABLE
+					}
+				},
+				pcfg: func(c *proxy.Config) { c.RetryOn = tc.retryOn },
+				dcfg: func(c *director.Config) { c.EjectAfter = -1 },
+			})
+			ctx := testCtx(t, 20*time.Second)
+			fails := 0
+			for range 20 {
+				var hdr metadata.MD
+				_, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}, grpc.Header(&hdr))
+				if err != nil {
+					if status.Code(err) != codes.Unavailable {
+						t.Fatalf("got %v, want success or UNAVAILABLE", err)
+					}
+					fails++
+					continue
+				}
+				if name := testserver.BackendFromHeader(hdr); name != "b1" {
+					t.Errorf("success attributed to %q, want b1 (the retry's backend)", name)
+				}
+			}
+			if e.backends[0].Calls() == 0 {
+				t.Fatal("the failing backend got no calls; the test proves nothing")
+			}
+			if tc.wantFails != (fails > 0) {
+				t.Errorf("%d of 20 calls failed; want failures: %v", fails, tc.wantFails)
+			}
+		})
+	}
+}
+
+// TestRetryBudget: when every backend fails, the budget stops retries so
+// load does not multiply.
+func TestRetryBudget(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 3,
+		tscfg: func(_ int, c *testserver.Config) { c.ErrorRate = 1 },
+		pcfg:  func(c *proxy.Config) { c.RetryOn = []string{emptyCall} },
+		dcfg:  func(c *director.Config) { c.EjectAfter = -1 },
+	})
+	ctx := testCtx(t, 20*time.Second)
+	const calls = 100
+	for range calls {
+		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); status.Code(err) != codes.Unavailable {
+			t.Fatalf("got %v, want UNAVAILABLE from backends that all fail", err)
+		}
+	}
+	var served int64
+	for _, b := range e.backends {
+		served += b.Calls()
+	}
+	extra := float64(served-calls) / calls * 100
+	t.Logf("%d calls cost %d backend calls (%.0f%% extra)", calls, served, extra)
+	if served <= calls {
+		t.Errorf("no retry was made at all (%d backend calls)", served)
+	}
+	if extra > 20 {
+		t.Errorf("retries added %.0f%% load, want at most 20%%", extra)
+	}
+}
+
+// TestKilledUnderLoad: a backend killed while calls run on it is ejected
+// and, with retries, the client sees no failed call.
+func TestKilledUnderLoad(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 3, pcfg: func(c *proxy.Config) { c.RetryOn = []string{emptyCall} }})
+	ctx := testCtx(t, 30*time.Second)
+	slow := metadata.AppendToOutgoingContext(ctx, testserver.MetadataDelay, "5ms")
+	victim := e.backends[2]
+	var done atomic.Int64
+	var g errgroup.Group
+	for range 8 {
+		g.Go(func() error {
+			for range 150 {
+				if _, err := e.client.EmptyCall(slow, &testgrpc.Empty{}); err != nil {
+					return err
+				}
+				done.Add(1)
+			}
+			return nil
+		})
+	}
+	waitFor(ctx, t, "load on the victim", func() bool { return victim.Calls() > 20 })
+	victim.Stop()
+	if err := g.Wait(); err != nil {
+		t.Fatalf("a call failed although the proxy could retry it: %v", err)
+	}
+	stats := e.dir.Backends()
+	for _, b := range stats {
+		if b.Addr == victim.Addr() && !b.Ejected {
+			t.Errorf("killed backend not ejected: %+v", b)
+		}
+	}
+	if got := done.Load(); got != 8*150 {
+		t.Errorf("%d calls completed, want %d", got, 8*150)
+	}
+}
+
+var _ = context.Background
