@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,90 +12,42 @@ import (
 	"github.com/streamlb/streamlb/resolver"
 )
 
-// Policy names accepted in [Config.Policy].
-const (
-	// RoundRobin cycles through the backends in address order, starting at
-	// a random offset so a fleet of proxies does not move in lockstep.
-	RoundRobin = "round_robin"
-	// LeastRequest samples [Config.ChoiceCount] distinct backends at random
-	// and picks the one with the fewest streams in flight (power of d
-	// choices, gRFC A48).
-	LeastRequest = "least_request"
-)
-
-// Bounds for [Config.ChoiceCount]. gRFC A48 uses the same default and cap.
-const (
-	DefaultChoiceCount = 2
-	MaxChoiceCount     = 10
-)
-
 // ErrNoBackend is returned by [Director.Pick] when the current set has no
 // usable backend. The proxy maps it to codes.Unavailable.
 var ErrNoBackend = errors.New("director: no backend available")
 
-// Policies returns the policy names [New] accepts, for flag help and error
-// messages. The caller owns the result.
-func Policies() []string { return []string{RoundRobin, LeastRequest} }
-
-// Config configures a [Director]. The zero value is valid: round robin,
-// outlier ejection with Envoy's defaults, slog.Default, math/rand/v2 and
-// time.Now.
-type Config struct {
-	// Policy is one of [Policies]; "" means [RoundRobin].
-	Policy string
-	// ChoiceCount is how many backends [LeastRequest] samples per pick,
-	// 2..[MaxChoiceCount]; 0 means [DefaultChoiceCount]. Other policies
-	// ignore it.
-	ChoiceCount int
-	// Logger receives state-change logs; nil means slog.Default(). The
-	// director adds component=director.
-	Logger *slog.Logger
-	// Rand supplies randomness to policies; nil means math/rand/v2's global
-	// source. Pick calls it concurrently, so it must be safe for concurrent
-	// use. Tests inject a deterministic source here.
-	Rand interface{ IntN(n int) int }
-
-	// EjectAfter is how many streams of a backend in a row must end with
-	// codes.Unavailable for the backend to be ejected: left out of picking
-	// for a while. 0 means [DefaultEjectAfter]; a negative value disables
-	// ejection. A stream that ends in success or with another backend
-	// status ends the run; Canceled and DeadlineExceeded neither count nor
-	// end it. See [Director.Pick].
-	EjectAfter int
-	// BaseEjection is how long a first ejection lasts; the n-th lasts n
-	// times as long, up to MaxEjection. The count decays by one for every
-	// BaseEjection the backend spends back in the set. 0 means
-	// [DefaultBaseEjection].
-	BaseEjection time.Duration
-	// MaxEjection caps one ejection's length. 0 means [DefaultMaxEjection],
-	// or BaseEjection if that is longer; otherwise it must be at least
-	// BaseEjection.
-	MaxEjection time.Duration
-	// MaxEjectionPercent is the largest share of the set, 1..100, that may
-	// be ejected at once; an ejection that would exceed it does not
-	// happen. Whatever the value, the last pickable backend is never
-	// ejected. 0 means [DefaultMaxEjectionPercent].
-	MaxEjectionPercent int
-	// Now is the clock for ejection times; nil means time.Now. Pick calls
-	// it concurrently while a backend is ejected, so it must be safe for
-	// concurrent use. Tests inject a fake clock here.
-	Now func() time.Time
+// policy chooses one backend for a stream. It is one small type per policy
+// name, in its own file.
+type policy interface {
+	// prepare precomputes the policy's fields of ps (a schedule, a ring)
+	// from ps.ready, which is non-empty. It is called under Director.mu
+	// once for every snapshot with backends, before the snapshot is
+	// published, so it may keep state between calls (a cache) without more
+	// locking.
+	prepare(ps *pickSet)
+	// pick is called concurrently from Pick. It must not block, and may
+	// only read ps and the backends' atomic counters. ps.ready is
+	// non-empty, sorted by address, shared, and must not be modified. ctx
+	// is Pick's.
+	pick(ctx context.Context, ps *pickSet) *backend
 }
 
-// randSource is the randomness policies use; see [Config.Rand].
-type randSource = interface{ IntN(n int) int }
-
-// globalRand adapts math/rand/v2's goroutine-safe global source.
-type globalRand struct{}
-
-func (globalRand) IntN(n int) int { return rand.IntN(n) }
-
-// policy chooses one backend for a stream. pick is called concurrently from
-// Pick, must not block, and may only read bs and the backends' atomic
-// counters. bs is the snapshot's usable set: non-empty, sorted by address,
-// shared, and must not be modified.
-type policy interface {
-	pick(bs []*backend) *backend
+// newPolicy returns the policy named in s.
+func newPolicy(s settings) policy {
+	switch s.policy {
+	case WeightedRoundRobin:
+		return newWeightedRoundRobin(s.rand)
+	case Random:
+		return newRandom(s.rand)
+	case LeastRequest:
+		return newLeastRequest(s.choices, s.rand, s.now, s.slowStart)
+	case PeakEWMA:
+		return newPeakEWMA(s.choices, s.rand, s.now, s.slowStart, s.decay, s.penalty)
+	case RingHash:
+		return newRingHash(s.hashHeader, s.ringSize, s.rand)
+	default:
+		return newRoundRobin(s.rand)
+	}
 }
 
 // Director picks backends for streams. Create one with [New]. All methods
@@ -107,7 +57,23 @@ type Director struct {
 	policyName string
 	policy     policy
 	outlier    outlierConfig
+	health     healthConfig
+	slowStart  time.Duration
+	initialRTT time.Duration
 	now        func() time.Time
+	resolveNow func()
+	// ewma is the policy when it is PeakEWMA, else nil: done feeds it
+	// latencies.
+	ewma *peakEWMA
+	// dialHealth opens a health-check client for one backend; see
+	// health.go. Tests may replace it before Run.
+	dialHealth func(addr string, hc healthConfig) (healthProber, error)
+	// setChanged wakes Run after UpdateState changed the set. Capacity 1,
+	// sent to without blocking: one pending wake-up covers any number of
+	// changes, as Run reads the whole set.
+	setChanged chan struct{}
+	// running is set while Run runs, which may only run once at a time.
+	running atomic.Bool
 
 	// snap is the current snapshot. It is never nil after New. It is only
 	// stored while holding mu, and loaded without it.
@@ -115,61 +81,41 @@ type Director struct {
 
 	mu sync.Mutex // mu serialises rebuilds and guards the fields below.
 	// counters holds the long-lived per-backend counters keyed by address,
-	// for exactly the addresses of the current snapshot. Their outlier
-	// fields are guarded by mu too.
+	// for exactly the addresses of the current snapshot. Their outlier,
+	// health and slow-start fields are guarded by mu too.
 	counters map[string]*counters
 	// ejectEpoch counts changes of the ejected set; see counters.capWarned.
 	ejectEpoch uint64
+	// panicking reports that the last published snapshot was in panic
+	// mode, so the transitions are logged once.
+	panicking bool
 }
 
 // New validates cfg and returns a Director with an empty backend set, so
 // Pick returns [ErrNoBackend] until the first [Director.UpdateState]. New
-// starts no goroutines and does no I/O.
+// starts no goroutines and does no I/O; active health checks run only
+// inside [Director.Run].
 func New(cfg Config) (*Director, error) {
-	name := cfg.Policy
-	if name == "" {
-		name = RoundRobin
-	}
-	r := randSource(globalRand{})
-	if cfg.Rand != nil {
-		r = cfg.Rand
-	}
-	var p policy
-	switch name {
-	case RoundRobin:
-		p = newRoundRobin(r)
-	case LeastRequest:
-		n := cfg.ChoiceCount
-		if n == 0 {
-			n = DefaultChoiceCount
-		}
-		if n < 2 || n > MaxChoiceCount {
-			return nil, fmt.Errorf("director: %s choice count %d out of range 2..%d", LeastRequest, cfg.ChoiceCount, MaxChoiceCount)
-		}
-		p = newLeastRequest(n, r)
-	default:
-		return nil, fmt.Errorf("director: unknown policy %q (valid: %s)", cfg.Policy, strings.Join(Policies(), ", "))
-	}
-	oc, err := newOutlierConfig(cfg)
+	st, err := validate(cfg)
 	if err != nil {
 		return nil, err
 	}
-	logger := cfg.Logger
-	if logger == nil {
-		logger = slog.Default()
-	}
-	now := cfg.Now
-	if now == nil {
-		now = time.Now
-	}
+	p := newPolicy(st)
 	d := &Director{
-		logger:     logger.With("component", "director"),
-		policyName: name,
+		logger:     st.logger.With("component", "director"),
+		policyName: st.policy,
 		policy:     p,
-		outlier:    oc,
-		now:        now,
+		outlier:    st.outlier,
+		health:     st.health,
+		slowStart:  st.slowStart,
+		initialRTT: st.initialRTT,
+		now:        st.now,
+		resolveNow: st.resolveNow,
+		dialHealth: dialGRPCHealth,
+		setChanged: make(chan struct{}, 1),
 		counters:   make(map[string]*counters),
 	}
+	d.ewma, _ = p.(*peakEWMA)
 	d.snap.Store(emptySnapshot)
 	return d, nil
 }
@@ -180,9 +126,12 @@ var _ resolver.Updater = (*Director)(nil)
 // and may be called concurrently with Pick, done and itself; rebuilds are
 // serialised. Counters and ejection state of addresses present before and
 // after survive; those of removed addresses are dropped, though done
-// functions already handed out for them stay safe to call. If only ejected
-// backends remain, the ejection that would end first ends at once. An empty set is accepted (Pick
-// then returns [ErrNoBackend]) and logged as a warning.
+// functions already handed out for them stay safe to call. A new address
+// starts healthy, with fresh counters, and slow-starts if [Config.SlowStart]
+// is set and the set was not empty. If only ejected backends remain, the
+// ejection that would end first ends at once. An empty set is accepted
+// (Pick then returns [ErrNoBackend]) and logged as a warning. UpdateState
+// wakes [Director.Run], if running, to start and stop health checkers.
 //
 // UpdateState rejects a set with an empty or duplicate address, returning
 // an error and keeping the previous set. It does not retain s.
@@ -200,6 +149,7 @@ func (d *Director) UpdateState(s resolver.State) error {
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	now := d.now()
 	old := d.snap.Load()
 	next := make(map[string]*counters, len(s.Addresses))
 	bs := make([]*backend, 0, len(s.Addresses))
@@ -207,6 +157,10 @@ func (d *Director) UpdateState(s resolver.State) error {
 		c := d.counters[a.Addr]
 		if c == nil {
 			c = new(counters)
+			c.latency.reset(d.initialRTT, now)
+			if d.slowStart > 0 && len(old.all) > 0 {
+				c.slowStartAt = now
+			}
 		}
 		next[a.Addr] = c
 		bs = append(bs, &backend{addr: a.Addr, weight: max(a.Weight, 1), ctr: c})
@@ -214,7 +168,12 @@ func (d *Director) UpdateState(s resolver.State) error {
 	sortBackends(bs)
 	d.logChanges(old.all, bs)
 	d.counters = next
-	d.publishLocked(bs, d.now())
+	d.publishLocked(bs, now)
+	// Wake Run to start and stop health checkers.
+	select {
+	case d.setChanged <- struct{}{}:
+	default:
+	}
 	return nil
 }
 
@@ -261,24 +220,34 @@ func (d *Director) ReportError(err error) {
 // anything else means the backend answered; see [Config.EjectAfter].
 // Calling done more than once is safe: only the first call counts. done may
 // be called from any goroutine; it does not block, except briefly on the
-// director's mutex when it completes a run of failures.
+// director's mutex when it completes a run of failures, and, with
+// [PeakEWMA], on the backend's estimate.
 //
-// Pick does not pick ejected backends. When an ejection has run out, the
-// first Pick that notices it rebuilds the snapshot if it can do so without
-// waiting, else a later one does.
+// With [PeakEWMA], the time from Pick to done is the backend's latency
+// sample. For codes.Unavailable, done also calls [Config.ResolveNow].
+//
+// Pick does not pick ejected backends, nor backends that failed active
+// health checks unless none is healthy (panic mode; see [Director.Run]).
+// When an ejection has run out or a slow-start step is due, the first Pick
+// that notices it rebuilds the snapshot if it can do so without waiting,
+// else a later one does. Besides logging, only [RingHash] reads ctx, for
+// the hash key; Pick does not keep it.
 //
 // If no backend is usable, Pick returns [ErrNoBackend] and a nil done.
 func (d *Director) Pick(ctx context.Context, fullMethod string) (addr string, done func(error), err error) {
 	s := d.load()
-	if len(s.ready) == 0 {
+	if len(s.set.ready) == 0 {
 		return "", nil, ErrNoBackend
 	}
-	b := d.policy.pick(s.ready)
+	b := d.policy.pick(ctx, &s.set)
 	b.ctr.inflight.Add(1)
 	if d.logger.Enabled(ctx, slog.LevelDebug) {
 		d.logger.DebugContext(ctx, "picked backend", "backend", b.addr, "method", fullMethod, "policy", d.policyName)
 	}
 	c := &call{d: d, b: b}
+	if d.ewma != nil {
+		c.start = d.now().UnixNano()
+	}
 	return b.addr, c.done, nil
 }
 
@@ -301,6 +270,10 @@ type BackendStats struct {
 	// Ejections counts the backend's ejections since the address last
 	// joined the set.
 	Ejections int64
+	// Healthy reports the verdict of active health checks: true unless
+	// checks found the backend unhealthy. An unhealthy backend gets no
+	// streams unless no backend is healthy.
+	Healthy bool
 }
 
 // Backends returns the stats of the current set, sorted by Addr. The
@@ -320,6 +293,7 @@ func (d *Director) Backends() []BackendStats {
 			Failures:  b.ctr.failures.Load(),
 			Ejected:   b.ejected,
 			Ejections: b.ctr.ejections.Load(),
+			Healthy:   !b.unhealthy,
 		}
 	}
 	return out

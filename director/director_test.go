@@ -9,7 +9,9 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/streamlb/streamlb/resolver"
@@ -73,11 +75,30 @@ func TestNew(t *testing.T) {
 		{name: "least request default choices", cfg: Config{Policy: LeastRequest}},
 		{name: "least request max choices", cfg: Config{Policy: LeastRequest, ChoiceCount: MaxChoiceCount}},
 		{name: "round robin ignores choice count", cfg: Config{Policy: RoundRobin, ChoiceCount: 99}},
-		{name: "unknown policy", cfg: Config{Policy: "random"}, wantErr: `director: unknown policy "random" (valid: round_robin, least_request)`},
+		{name: "weighted round robin", cfg: Config{Policy: WeightedRoundRobin}},
+		{name: "random", cfg: Config{Policy: Random}},
+		{name: "peak ewma with options", cfg: Config{Policy: PeakEWMA, ChoiceCount: 3, EWMADecay: time.Second, InitialRTT: time.Millisecond, FailurePenalty: time.Minute}},
+		{name: "ring hash", cfg: Config{Policy: RingHash, HashHeader: "X-User", RingSize: 10}},
+		{name: "ring hash max ring size", cfg: Config{Policy: RingHash, HashHeader: "x-user", RingSize: MaxRingPoints}},
+		{name: "slow start", cfg: Config{SlowStart: time.Minute}},
+		{name: "health checks", cfg: Config{HealthCheckInterval: time.Second, HealthCheckTimeout: time.Second, HealthCheckService: "echo.Echo", HealthyThreshold: 3, UnhealthyThreshold: 4}},
+		{name: "unknown policy", cfg: Config{Policy: "least_conn"}, wantErr: `director: unknown policy "least_conn" (valid: round_robin, weighted_round_robin, random, least_request, peak_ewma, ring_hash)`},
 		{name: "policy is case sensitive", cfg: Config{Policy: "Round_Robin"}, wantErr: "unknown policy"},
 		{name: "choice count one", cfg: Config{Policy: LeastRequest, ChoiceCount: 1}, wantErr: "director: least_request choice count 1 out of range 2..10"},
 		{name: "choice count too big", cfg: Config{Policy: LeastRequest, ChoiceCount: 11}, wantErr: "out of range"},
 		{name: "choice count negative", cfg: Config{Policy: LeastRequest, ChoiceCount: -2}, wantErr: "out of range"},
+		{name: "peak ewma choice count", cfg: Config{Policy: PeakEWMA, ChoiceCount: 11}, wantErr: "director: peak_ewma choice count 11 out of range 2..10"},
+		{name: "ring hash without header", cfg: Config{Policy: RingHash}, wantErr: "director: ring_hash needs a hash header"},
+		{name: "ring size negative", cfg: Config{Policy: RingHash, HashHeader: "x-user", RingSize: -1}, wantErr: "director: ring size -1 out of range 0..1048576"},
+		{name: "ring size too big", cfg: Config{Policy: RingHash, HashHeader: "x-user", RingSize: MaxRingPoints + 1}, wantErr: "out of range"},
+		{name: "negative decay", cfg: Config{EWMADecay: -time.Second}, wantErr: "director: EWMA decay -1s is negative"},
+		{name: "negative initial RTT", cfg: Config{InitialRTT: -time.Second}, wantErr: "director: initial RTT -1s is negative"},
+		{name: "negative penalty", cfg: Config{FailurePenalty: -time.Second}, wantErr: "director: failure penalty -1s is negative"},
+		{name: "negative slow start", cfg: Config{SlowStart: -time.Second}, wantErr: "director: slow start -1s is negative"},
+		{name: "negative interval", cfg: Config{HealthCheckInterval: -time.Second}, wantErr: "director: health check interval -1s is negative"},
+		{name: "negative timeout", cfg: Config{HealthCheckTimeout: -time.Second}, wantErr: "director: health check timeout -1s is negative"},
+		{name: "negative healthy threshold", cfg: Config{HealthyThreshold: -1}, wantErr: "director: healthy threshold -1 is negative"},
+		{name: "negative unhealthy threshold", cfg: Config{UnhealthyThreshold: -1}, wantErr: "director: unhealthy threshold -1 is negative"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -105,7 +126,7 @@ func TestPickNoBackend(t *testing.T) {
 	for _, policy := range Policies() {
 		t.Run(policy, func(t *testing.T) {
 			t.Parallel()
-			d, err := New(Config{Policy: policy, Logger: discardLogger()})
+			d, err := New(Config{Policy: policy, HashHeader: testHashHeader, Logger: discardLogger()})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -152,8 +173,8 @@ func TestUpdateStateKeepsCountersOfSurvivors(t *testing.T) {
 
 	mustUpdate(t, d, state("c:1", "a:1"))
 	want := []BackendStats{
-		{Addr: "a:1", Weight: 1, InFlight: 1, Successes: 2},
-		{Addr: "c:1", Weight: 1},
+		{Addr: "a:1", Weight: 1, InFlight: 1, Successes: 2, Healthy: true},
+		{Addr: "c:1", Weight: 1, Healthy: true},
 	}
 	if diff := cmp.Diff(want, d.Backends()); diff != "" {
 		t.Fatalf("Backends() after replacing b with c (-want +got):\n%s", diff)
@@ -162,14 +183,14 @@ func TestUpdateStateKeepsCountersOfSurvivors(t *testing.T) {
 	// A done for a removed backend is safe and touches no live counters.
 	pendingB(nil)
 	pendingA(errBackend)
-	want[0] = BackendStats{Addr: "a:1", Weight: 1, Successes: 2, Failures: 1}
+	want[0] = BackendStats{Addr: "a:1", Weight: 1, Successes: 2, Failures: 1, Healthy: true}
 	if diff := cmp.Diff(want, d.Backends()); diff != "" {
 		t.Fatalf("Backends() after done calls (-want +got):\n%s", diff)
 	}
 
 	// An address that comes back starts with fresh counters.
 	mustUpdate(t, d, state("a:1", "b:1", "c:1"))
-	want = []BackendStats{want[0], {Addr: "b:1", Weight: 1}, want[1]}
+	want = []BackendStats{want[0], {Addr: "b:1", Weight: 1, Healthy: true}, want[1]}
 	if diff := cmp.Diff(want, d.Backends()); diff != "" {
 		t.Errorf("Backends() after b returned (-want +got):\n%s", diff)
 	}
@@ -179,7 +200,7 @@ func TestUpdateStateWeights(t *testing.T) {
 	t.Parallel()
 	d := newTestDirector(t)
 	mustUpdate(t, d, resolver.State{Addresses: []resolver.Address{{Addr: "a:1"}, {Addr: "b:1", Weight: 5}}})
-	want := []BackendStats{{Addr: "a:1", Weight: 1}, {Addr: "b:1", Weight: 5}}
+	want := []BackendStats{{Addr: "a:1", Weight: 1, Healthy: true}, {Addr: "b:1", Weight: 5, Healthy: true}}
 	if diff := cmp.Diff(want, d.Backends()); diff != "" {
 		t.Errorf("Backends() mismatch (-want +got):\n%s", diff)
 	}
@@ -204,7 +225,7 @@ func TestUpdateStateRejectsBadState(t *testing.T) {
 			if err == nil || err.Error() != tc.wantErr {
 				t.Fatalf("UpdateState() error = %v, want %q", err, tc.wantErr)
 			}
-			want := []BackendStats{{Addr: "x:1", Weight: 1}}
+			want := []BackendStats{{Addr: "x:1", Weight: 1, Healthy: true}}
 			if diff := cmp.Diff(want, d.Backends()); diff != "" {
 				t.Errorf("Backends() after a rejected update (-want +got):\n%s", diff)
 			}
@@ -232,7 +253,7 @@ func TestDoneIdempotent(t *testing.T) {
 	done1(nil)
 	done1(nil)
 	done1(errors.New("late"))
-	want := []BackendStats{{Addr: "a:1", Weight: 1, InFlight: 1, Successes: 1}}
+	want := []BackendStats{{Addr: "a:1", Weight: 1, InFlight: 1, Successes: 1, Healthy: true}}
 	if diff := cmp.Diff(want, d.Backends()); diff != "" {
 		t.Errorf("Backends() after repeated done (-want +got):\n%s", diff)
 	}
@@ -243,7 +264,7 @@ func TestDoneIdempotent(t *testing.T) {
 		wg.Go(func() { done2(errors.New("boom")) })
 	}
 	wg.Wait()
-	want = []BackendStats{{Addr: "a:1", Weight: 1, Successes: 1, Failures: 1}}
+	want = []BackendStats{{Addr: "a:1", Weight: 1, Successes: 1, Failures: 1, Healthy: true}}
 	if diff := cmp.Diff(want, d.Backends()); diff != "" {
 		t.Errorf("Backends() after concurrent done (-want +got):\n%s", diff)
 	}
@@ -263,7 +284,7 @@ func TestConcurrent(t *testing.T) {
 	for _, policy := range Policies() {
 		t.Run(policy, func(t *testing.T) {
 			t.Parallel()
-			d, err := New(Config{Policy: policy, Logger: discardLogger()})
+			d, err := New(Config{Policy: policy, HashHeader: testHashHeader, Logger: discardLogger()})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -466,7 +487,7 @@ func TestPickAllocations(t *testing.T) {
 	// Not parallel: AllocsPerRun measures the whole process.
 	for _, policy := range Policies() {
 		t.Run(policy, func(t *testing.T) {
-			d, err := New(Config{Policy: policy, Logger: discardLogger()})
+			d, err := New(Config{Policy: policy, HashHeader: testHashHeader, Logger: discardLogger()})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -488,7 +509,7 @@ func BenchmarkPick(b *testing.B) {
 	for _, policy := range Policies() {
 		for _, n := range []int{3, 100} {
 			b.Run(fmt.Sprintf("%s/backends=%d", policy, n), func(b *testing.B) {
-				d, err := New(Config{Policy: policy, Logger: discardLogger()})
+				d, err := New(Config{Policy: policy, HashHeader: testHashHeader, Logger: discardLogger()})
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -509,5 +530,77 @@ func BenchmarkPick(b *testing.B) {
 				})
 			})
 		}
+	}
+}
+
+// testHashHeader is the RingHash key header tests configure; other policies
+// ignore it.
+const testHashHeader = "x-user"
+
+// TestResolveNow checks that a stream ending with Unavailable, and only
+// that, asks the resolver to look again, whatever the policy.
+func TestResolveNow(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		err  error
+		want int64
+	}{
+		{name: "success", err: nil},
+		{name: "unavailable", err: errUnavailable, want: 1},
+		{name: "wrapped unavailable", err: fmt.Errorf("relay: %w", errUnavailable), want: 1},
+		{name: "not found", err: errNotFound},
+		{name: "internal", err: errInternal},
+		{name: "canceled", err: errCanceled},
+		{name: "deadline", err: errDeadline},
+		{name: "plain error", err: errors.New("reset")},
+	}
+	for _, tc := range tests {
+		for _, policy := range Policies() {
+			t.Run(tc.name+"/"+policy, func(t *testing.T) {
+				t.Parallel()
+				var calls atomic.Int64
+				d, err := New(Config{Policy: policy, HashHeader: testHashHeader, Logger: discardLogger(), ResolveNow: func() { calls.Add(1) }})
+				if err != nil {
+					t.Fatal(err)
+				}
+				mustUpdate(t, d, state("a:1", "b:1", "c:1"))
+				_, done := mustPick(t, d)
+				done(tc.err)
+				done(tc.err) // only the first call counts
+				if got := calls.Load(); got != tc.want {
+					t.Errorf("ResolveNow called %d times, want %d", got, tc.want)
+				}
+			})
+		}
+	}
+}
+
+// TestResolveNowConcurrent ends many streams with Unavailable at once; the
+// counting fake must see each exactly once. Run with -race.
+func TestResolveNowConcurrent(t *testing.T) {
+	t.Parallel()
+	var calls atomic.Int64
+	d, err := New(Config{Logger: discardLogger(), EjectAfter: -1, ResolveNow: func() { calls.Add(1) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustUpdate(t, d, state("a:1", "b:1"))
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for range 100 {
+				_, done, err := d.Pick(context.Background(), "/s/m")
+				if err != nil {
+					t.Errorf("Pick() error = %v", err)
+					return
+				}
+				done(errUnavailable)
+			}
+		})
+	}
+	wg.Wait()
+	if got := calls.Load(); got != 800 {
+		t.Errorf("ResolveNow called %d times, want 800", got)
 	}
 }

@@ -124,3 +124,65 @@ func ExampleDirector_ejection() {
 	// 10.0.0.1:50051 ejected=false ejections=0
 	// 10.0.0.2:50051 ejected=false ejections=1
 }
+
+func ExampleDirector_weightedRoundRobin() {
+	d, err := director.New(director.Config{
+		Policy: director.WeightedRoundRobin,
+		Logger: slog.New(slog.DiscardHandler),
+		Rand:   firstRand{},
+	})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	// Weights come from SRV records or "host:port;weight=N" targets.
+	if err := d.UpdateState(resolver.State{Addresses: []resolver.Address{
+		{Addr: "10.0.0.1:50051", Weight: 1},
+		{Addr: "10.0.0.2:50051", Weight: 2},
+		{Addr: "10.0.0.3:50051", Weight: 3},
+	}}); err != nil {
+		fmt.Println(err)
+		return
+	}
+	// One cycle: each backend in proportion to its weight, interleaved.
+	var got []string
+	for range 6 {
+		addr, done, err := d.Pick(context.Background(), "/echo.Echo/Say")
+		if err != nil {
+			fmt.Println(err)
+			return
+		}
+		done(nil)
+		got = append(got, strings.TrimPrefix(addr, "10.0.0."))
+	}
+	fmt.Println(strings.Join(got, " "))
+	// Output:
+	// 3:50051 2:50051 1:50051 3:50051 2:50051 3:50051
+}
+
+func ExampleDirector_Run() {
+	d, err := director.New(director.Config{
+		Policy:              director.PeakEWMA,
+		SlowStart:           30 * time.Second,
+		HealthCheckInterval: 5 * time.Second,
+		// Usually the resolver's coalescing trigger.
+		ResolveNow: func() {},
+	})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	// main runs every component under one context, cancelled on SIGTERM,
+	// and waits for each Run to return.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- d.Run(ctx) }()
+
+	// ... a resolver calls d.UpdateState, the proxy calls d.Pick ...
+
+	cancel()
+	if err := <-errc; err != nil {
+		fmt.Println(err)
+	}
+}

@@ -120,12 +120,12 @@ func classify(err error) outcome {
 // observe feeds one stream outcome of b to outlier detection. It is called
 // from done, concurrently and without locks; only the outcome that
 // completes a run of [Config.EjectAfter] failures takes mu (see eject).
-func (d *Director) observe(b *backend, err error) {
+func (d *Director) observe(b *backend, o outcome) {
 	if d.outlier.ejectAfter == 0 {
 		return
 	}
 	c := b.ctr
-	switch classify(err) {
+	switch o {
 	case outcomeReachable:
 		// Load first: most outcomes are successes of a healthy backend,
 		// and a store would bounce the cache line between cores.
@@ -168,14 +168,20 @@ func (d *Director) eject(b *backend, failures int64) {
 	now := d.now()
 	cur := d.snap.Load()
 	restored := d.restoreExpiredLocked(cur.all, now)
-	ejected := 0
+	ejected, healthyOthers := 0, 0
 	for _, x := range cur.all {
-		if !x.ctr.ejectedUntil.IsZero() {
+		switch {
+		case !x.ctr.ejectedUntil.IsZero():
 			ejected++
+		case x.ctr != c && !x.ctr.unhealthy:
+			healthyOthers++
 		}
 	}
 	total := len(cur.all)
-	if ejected+1 >= total || (ejected+1)*100 > total*d.outlier.maxPercent {
+	// Never eject the last pickable backend, nor the last healthy one:
+	// publishing would restore another at once.
+	lastHealthy := !c.unhealthy && healthyOthers == 0
+	if ejected+1 >= total || (ejected+1)*100 > total*d.outlier.maxPercent || lastHealthy {
 		// Logging every refused run would flood the log while most of the
 		// set is down, so warn once per backend until the ejected set
 		// changes.
@@ -230,75 +236,4 @@ func (d *Director) restoreLocked(b *backend, now time.Time) {
 	c.restoredAt = now
 	c.consecutive.Store(0)
 	d.ejectEpoch++
-}
-
-// publishLocked builds a snapshot from bs and stores it. bs are fresh
-// backends, which publishLocked takes over: it sorts them, restores
-// ejections that have run out, makes sure at least one backend is
-// pickable, and sets their ejected flags. Caller must hold mu.
-func (d *Director) publishLocked(bs []*backend, now time.Time) *snapshot {
-	sortBackends(bs)
-	d.restoreExpiredLocked(bs, now)
-	// eject never ejects the last pickable backend, but the set can shrink
-	// to only ejected ones. Then the ejection that ends first ends now:
-	// sending streams to a suspect backend beats failing them all.
-	var first *backend
-	for _, b := range bs {
-		if b.ctr.ejectedUntil.IsZero() {
-			first = nil
-			break
-		}
-		if first == nil || b.ctr.ejectedUntil.Before(first.ctr.ejectedUntil) {
-			first = b
-		}
-	}
-	if first != nil {
-		d.restoreLocked(first, now)
-		d.logger.Info("backend restored early: no other backend is pickable", "backend", first.addr)
-	}
-	for _, b := range bs {
-		b.ejected = !b.ctr.ejectedUntil.IsZero()
-	}
-	s := newSnapshot(bs)
-	d.snap.Store(s)
-	return s
-}
-
-// cloneBackends returns fresh copies of bs for publishLocked, which sets
-// their ejected flags; published backends are immutable.
-func cloneBackends(bs []*backend) []*backend {
-	out := make([]*backend, len(bs))
-	for i, b := range bs {
-		out[i] = &backend{addr: b.addr, weight: b.weight, ctr: b.ctr}
-	}
-	return out
-}
-
-// load returns the snapshot to pick from. If an ejection in the current one
-// has run out, it first tries to publish one with that backend restored.
-// Like Pick, it never blocks.
-func (d *Director) load() *snapshot {
-	s := d.snap.Load()
-	if r := s.restoreAt.Load(); r != 0 && d.now().UnixNano() >= r {
-		return d.restoreDue(s, r)
-	}
-	return s
-}
-
-// restoreDue rebuilds the snapshot after s's earliest ejection, at r, has
-// run out. It does not wait: if another picker has claimed the rebuild, or
-// mu is busy, it returns s and the stream goes to one of s's backends.
-func (d *Director) restoreDue(s *snapshot, r int64) *snapshot {
-	// Claim the rebuild, so concurrent picks do not all hit mu.
-	if !s.restoreAt.CompareAndSwap(r, 0) {
-		return s
-	}
-	if !d.mu.TryLock() {
-		// A rebuild or ejection holds mu. Not every holder publishes, so
-		// hand the claim back for a later pick.
-		s.restoreAt.CompareAndSwap(0, r)
-		return s
-	}
-	defer d.mu.Unlock()
-	return d.publishLocked(cloneBackends(d.snap.Load().all), d.now())
 }

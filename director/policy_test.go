@@ -1,6 +1,7 @@
 package director
 
 import (
+	"context"
 	"fmt"
 	"math/rand/v2"
 	"slices"
@@ -47,10 +48,28 @@ func noRand(t *testing.T) fakeRand {
 func testPool(inflight ...int64) []*backend {
 	bs := make([]*backend, len(inflight))
 	for i, n := range inflight {
-		bs[i] = &backend{addr: fmt.Sprintf("b%d", i), weight: 1, ctr: new(counters)}
+		bs[i] = &backend{addr: fmt.Sprintf("b%d", i), weight: 1, ctr: new(counters), slowFactor: 1}
 		bs[i].ctr.inflight.Store(n)
 	}
 	return bs
+}
+
+// pickFrom prepares a pick set of bs for p, as a snapshot build would, and
+// picks from it with a background context.
+func pickFrom(p policy, bs []*backend) *backend {
+	return p.pick(context.Background(), prepared(p, bs))
+}
+
+// prepared returns the pick set of bs for p.
+func prepared(p policy, bs []*backend) *pickSet {
+	ps := &pickSet{ready: bs}
+	for _, b := range bs {
+		if b.slowSince != 0 {
+			ps.anySlow = true
+		}
+	}
+	p.prepare(ps)
+	return ps
 }
 
 func addrsOf(bs []*backend) []string {
@@ -78,10 +97,10 @@ func TestRoundRobin(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			p := newRoundRobin(seqRand(t, nil, tc.offset))
-			bs := testPool(make([]int64, tc.pool)...)
+			ps := prepared(p, testPool(make([]int64, tc.pool)...))
 			var got []string
 			for range tc.picks {
-				got = append(got, p.pick(bs).addr)
+				got = append(got, p.pick(context.Background(), ps).addr)
 			}
 			if diff := cmp.Diff(tc.want, got); diff != "" {
 				t.Errorf("picks mismatch (-want +got):\n%s", diff)
@@ -97,7 +116,7 @@ func TestRoundRobinSetChangeContinuesRotation(t *testing.T) {
 	two := three[:2]
 	var got []string
 	for _, bs := range [][]*backend{three, three, two, two, two} {
-		got = append(got, p.pick(bs).addr)
+		got = append(got, pickFrom(p, bs).addr)
 	}
 	// Counter 0,1 on three backends, then 2,3,4 mod 2 on two.
 	want := []string{"b0", "b1", "b0", "b1", "b0"}
@@ -136,8 +155,8 @@ func TestLeastRequest(t *testing.T) {
 			} else {
 				r = seqRand(t, &args, tc.draws...)
 			}
-			p := newLeastRequest(tc.choices, r)
-			got := p.pick(testPool(tc.inflight...)).addr
+			p := newLeastRequest(tc.choices, r, nil, 0)
+			got := pickFrom(p, testPool(tc.inflight...)).addr
 			if got != tc.want {
 				t.Errorf("pick() = %s, want %s", got, tc.want)
 			}
@@ -168,8 +187,8 @@ func TestLeastRequestSamplesDistinct(t *testing.T) {
 			for range 2000 {
 				var raw []int
 				r := fakeRand(func(n int) int { v := src.IntN(n); raw = append(raw, v); return v })
-				p := newLeastRequest(tc.choices, r)
-				got := p.pick(bs)
+				p := newLeastRequest(tc.choices, r, nil, 0)
+				got := pickFrom(p, bs)
 				idx := decodeDraws(raw, tc.pool)
 				if len(idx) != min(tc.choices, tc.pool) {
 					t.Fatalf("drew %d samples, want %d", len(idx), min(tc.choices, tc.pool))

@@ -19,8 +19,10 @@ type counters struct {
 	consecutive atomic.Int64
 	// ejections counts ejections since the address joined the set.
 	ejections atomic.Int64
+	// latency is the peak EWMA estimate; used by PeakEWMA only.
+	latency ewma
 
-	// The outlier state below is guarded by Director.mu.
+	// The state below is guarded by Director.mu.
 
 	// ejectedUntil is when the current ejection ends; zero if the backend
 	// is not ejected.
@@ -32,15 +34,52 @@ type counters struct {
 	// capWarned is Director.ejectEpoch+1 when the max ejection percent last
 	// kept this backend in, so that is logged at Warn once per epoch.
 	capWarned uint64
+	// unhealthy is the verdict of active health checks; see health.go.
+	unhealthy bool
+	// slowStartAt is when the backend's slow-start window began; zero if
+	// it is not (or no longer) slow-starting. See slowstart.go.
+	slowStartAt time.Time
 }
 
 // backend is one address as seen by one snapshot. It is immutable; only the
 // counters it points at change.
 type backend struct {
-	addr    string
-	weight  uint32 // at least 1
-	ctr     *counters
-	ejected bool // excluded from the snapshot's ready list
+	addr      string
+	weight    uint32 // at least 1
+	ctr       *counters
+	ejected   bool // excluded from the snapshot's ready list
+	unhealthy bool // excluded from the ready list, unless in panic mode
+	// slowSince is the start of the backend's slow-start window in Unix
+	// nanoseconds of Config.Now, or 0 if it was not slow-starting when the
+	// snapshot was built. slowFactor is the slow-start factor then, in
+	// (0, 1]; 1 if not slow-starting.
+	slowSince  int64
+	slowFactor float64
+}
+
+// pickSet is what policies see of a snapshot: the backends they may pick
+// from, and what the policy precomputed from them in prepare. Health,
+// ejection and panic mode have been resolved into ready; policies know
+// nothing of them (Caddy's Upstream.Available habit).
+type pickSet struct {
+	// ready holds the backends policies may pick from, sorted by addr. It
+	// is empty only if the whole set is.
+	ready []*backend
+	// anySlow reports whether a ready backend was slow-starting when the
+	// snapshot was built.
+	anySlow bool
+
+	// Policy state, built by the policy's prepare; nil if unused.
+
+	// sched is a rotation schedule for the round-robin policies: each
+	// ready backend appears in proportion to its effective weight. Nil
+	// means ready in order.
+	sched []*backend
+	// cum holds the running sums of the ready backends' effective weights,
+	// for Random while a backend slow-starts. Nil means uniform.
+	cum []uint64
+	// ring is RingHash's ring.
+	ring []ringPoint
 }
 
 // snapshot is an immutable view of the backend set that Pick reads without
@@ -48,48 +87,19 @@ type backend struct {
 type snapshot struct {
 	// all holds every backend, sorted by addr.
 	all []*backend
-	// ready holds the backends policies may pick from, sorted by addr:
-	// those not ejected. Filtering here means policies never see outlier
-	// (or, later, health) internals. It is empty only if all is.
-	ready []*backend
-	// restoreAt is the earliest end of an ejection in all, in Unix
-	// nanoseconds of Config.Now, or 0 if no backend is ejected. It is the
-	// snapshot's only mutable field: a picker that finds it due swaps it
-	// to 0 to claim the rebuild, so concurrent picks do not all try; see
-	// Director.restoreDue.
-	restoreAt atomic.Int64
+	// set is the policies' view.
+	set pickSet
+	// rebuildAt is when the snapshot goes stale, in Unix nanoseconds of
+	// Config.Now, or 0 if never: the earliest end of an ejection or of a
+	// slow-start step. It is the snapshot's only mutable field: a picker
+	// that finds it due swaps it to 0 to claim the rebuild, so concurrent
+	// picks do not all try; see Director.rebuildDue.
+	rebuildAt atomic.Int64
 }
 
 // emptySnapshot is the set before the first update. Shared and read-only
-// (its restoreAt stays 0, so nobody swaps it).
+// (its rebuildAt stays 0, so nobody swaps it).
 var emptySnapshot = &snapshot{}
-
-// newSnapshot builds a snapshot that owns bs, which must be sorted by
-// address and have their ejected flags set.
-func newSnapshot(bs []*backend) *snapshot {
-	s := &snapshot{all: bs, ready: bs}
-	var restoreAt int64
-	ejected := 0
-	for _, b := range bs {
-		if !b.ejected {
-			continue
-		}
-		ejected++
-		if t := b.ctr.ejectedUntil.UnixNano(); restoreAt == 0 || t < restoreAt {
-			restoreAt = t
-		}
-	}
-	if ejected > 0 {
-		s.ready = make([]*backend, 0, len(bs)-ejected)
-		for _, b := range bs {
-			if !b.ejected {
-				s.ready = append(s.ready, b)
-			}
-		}
-	}
-	s.restoreAt.Store(restoreAt)
-	return s
-}
 
 // sortBackends sorts bs by address in place.
 func sortBackends(bs []*backend) {
@@ -106,24 +116,188 @@ func findBackend(bs []*backend, addr string) *backend {
 	return bs[i]
 }
 
+// cloneBackends returns fresh copies of bs for publishLocked, which sets
+// their derived fields; published backends are immutable.
+func cloneBackends(bs []*backend) []*backend {
+	out := make([]*backend, len(bs))
+	for i, b := range bs {
+		out[i] = &backend{addr: b.addr, weight: b.weight, ctr: b.ctr}
+	}
+	return out
+}
+
+// minTime returns the earlier of two Unix-nanosecond times, where 0 means
+// none.
+func minTime(a, b int64) int64 {
+	if a == 0 || (b != 0 && b < a) {
+		return b
+	}
+	return a
+}
+
+// publishLocked builds a snapshot from bs and stores it. bs are fresh
+// backends, which publishLocked takes over. It sorts them, restores
+// ejections that have run out, makes sure a backend is pickable if any
+// exists, ends slow-start windows that have passed, and sets the derived
+// fields. Caller must hold mu.
+func (d *Director) publishLocked(bs []*backend, now time.Time) *snapshot {
+	sortBackends(bs)
+	d.restoreExpiredLocked(bs, now)
+	d.ensurePickableLocked(bs, now)
+
+	var rebuildAt int64
+	ready := make([]*backend, 0, len(bs))
+	healthy := 0
+	for _, b := range bs {
+		c := b.ctr
+		b.ejected = !c.ejectedUntil.IsZero()
+		b.unhealthy = c.unhealthy
+		b.slowSince, b.slowFactor = 0, 1
+		if b.ejected {
+			rebuildAt = minTime(rebuildAt, c.ejectedUntil.UnixNano())
+		}
+		if !c.slowStartAt.IsZero() {
+			if f, next, ok := d.slowStartStep(c.slowStartAt, now); ok {
+				b.slowSince, b.slowFactor = c.slowStartAt.UnixNano(), f
+				rebuildAt = minTime(rebuildAt, next.UnixNano())
+			} else {
+				c.slowStartAt = time.Time{}
+			}
+		}
+		if !b.ejected && !b.unhealthy {
+			ready = append(ready, b)
+			healthy++
+		}
+	}
+	s := &snapshot{all: bs}
+	panicking := healthy == 0 && len(bs) > 0
+	if panicking {
+		// Panic mode, as Envoy's: with no healthy backend, the checks are
+		// more likely wrong than every backend down, and failing every
+		// stream is the worst outcome. ensurePickableLocked left at least
+		// one backend unejected.
+		for _, b := range bs {
+			if !b.ejected {
+				ready = append(ready, b)
+			}
+		}
+	}
+	d.logPanicLocked(panicking, len(bs))
+	s.set.ready = ready
+	for _, b := range ready {
+		if b.slowSince != 0 {
+			s.set.anySlow = true
+			break
+		}
+	}
+	if len(ready) > 0 {
+		d.policy.prepare(&s.set)
+	}
+	s.rebuildAt.Store(rebuildAt)
+	d.snap.Store(s)
+	return s
+}
+
+// ensurePickableLocked restores ejected backends early when that is the
+// only way to have a pickable one. eject never ejects the last pickable
+// backend, but the set can shrink to only ejected ones, or health can
+// change under an ejection. Then the ejection that would end first ends
+// now, preferring healthy backends: sending streams to a suspect backend
+// beats failing them all. Caller must hold mu.
+func (d *Director) ensurePickableLocked(bs []*backend, now time.Time) {
+	var firstHealthy, firstAny *backend
+	unejected := false
+	for _, b := range bs {
+		c := b.ctr
+		if c.ejectedUntil.IsZero() {
+			if !c.unhealthy {
+				return // a healthy backend is pickable
+			}
+			unejected = true // pickable in panic mode
+			continue
+		}
+		if !c.unhealthy && (firstHealthy == nil || c.ejectedUntil.Before(firstHealthy.ctr.ejectedUntil)) {
+			firstHealthy = b
+		}
+		if firstAny == nil || c.ejectedUntil.Before(firstAny.ctr.ejectedUntil) {
+			firstAny = b
+		}
+	}
+	first := firstHealthy
+	if first == nil && !unejected {
+		// No healthy backend at all, and every one ejected: panic mode
+		// needs one back.
+		first = firstAny
+	}
+	if first != nil {
+		d.restoreLocked(first, now)
+		d.logger.Info("backend restored early: no other backend is pickable", "backend", first.addr)
+	}
+}
+
+// logPanicLocked logs entering and leaving panic mode. Caller must hold mu.
+func (d *Director) logPanicLocked(panicking bool, backends int) {
+	if panicking == d.panicking {
+		return
+	}
+	d.panicking = panicking
+	if panicking {
+		d.logger.Warn("no healthy backend; picking among all backends", "backends", backends, "policy", d.policyName)
+	} else {
+		d.logger.Info("healthy backends available again", "policy", d.policyName)
+	}
+}
+
+// load returns the snapshot to pick from. If the current one has gone
+// stale (an ejection has run out, or a slow-start step is due), it first
+// tries to publish a fresh one. Like Pick, it never blocks.
+func (d *Director) load() *snapshot {
+	s := d.snap.Load()
+	if r := s.rebuildAt.Load(); r != 0 && d.now().UnixNano() >= r {
+		return d.rebuildDue(s, r)
+	}
+	return s
+}
+
+// rebuildDue rebuilds the snapshot after s went stale at r. It does not
+// wait: if another picker has claimed the rebuild, or mu is busy, it
+// returns s and the stream goes to one of s's backends.
+func (d *Director) rebuildDue(s *snapshot, r int64) *snapshot {
+	// Claim the rebuild, so concurrent picks do not all hit mu.
+	if !s.rebuildAt.CompareAndSwap(r, 0) {
+		return s
+	}
+	if !d.mu.TryLock() {
+		// A rebuild or ejection holds mu. Not every holder publishes, so
+		// hand the claim back for a later pick.
+		s.rebuildAt.CompareAndSwap(0, r)
+		return s
+	}
+	defer d.mu.Unlock()
+	return d.publishLocked(cloneBackends(d.snap.Load().all), d.now())
+}
+
 // call tracks one picked stream. Its done method is the function Pick hands
 // out; the flag makes repeated calls harmless, like grpc-go's PickResult.Done
 // contract tolerates misbehaving callers.
 type call struct {
 	d        *Director
 	b        *backend
+	start    int64 // Unix nanoseconds of the pick; set for PeakEWMA only
 	finished atomic.Bool
 }
 
 // done records the end of the stream: the first call decrements in-flight,
-// counts err (nil is a success) and feeds it to outlier detection; later
-// calls do nothing. The backend may have left the set since; then the
-// update lands on counters nobody reads, which is harmless, and outlier
-// detection ignores it.
+// counts err (nil is a success), feeds it to the latency estimate and
+// outlier detection, and asks for re-resolution on Unavailable; later calls
+// do nothing. The backend may have left the set since; then the update
+// lands on counters nobody reads, which is harmless, and outlier detection
+// ignores it.
 func (c *call) done(err error) {
 	if c.finished.Swap(true) {
 		return
 	}
+	d := c.d
 	ctr := c.b.ctr
 	ctr.inflight.Add(-1)
 	if err == nil {
@@ -131,5 +305,12 @@ func (c *call) done(err error) {
 	} else {
 		ctr.failures.Add(1)
 	}
-	c.d.observe(c.b, err)
+	if d.ewma != nil {
+		d.ewma.observe(ctr, c.start, d.now().UnixNano(), err)
+	}
+	o := classify(err)
+	if o == outcomeUnreachable && d.resolveNow != nil {
+		d.resolveNow()
+	}
+	d.observe(c.b, o)
 }
