@@ -17,8 +17,7 @@ var _ Resolver = (*Static)(nil)
 
 // NewStatic validates targets and returns a resolver that serves them as one
 // fixed set. Every target must be a static "host:port" (optionally with
-// ";weight=N"); DNS targets parse but are rejected because DNS discovery is
-// not built yet. Targets that name the same endpoint, even in different
+// ";weight=N"); DNS targets are rejected, since [New] handles them. Targets that name the same endpoint, even in different
 // spellings, are rejected as duplicates. All problems are reported at once,
 // joined with [errors.Join]. NewStatic does no I/O, starts no goroutines and
 // does not retain targets.
@@ -36,7 +35,7 @@ func NewStatic(targets []string) (*Static, error) {
 			continue
 		}
 		if !t.IsStatic() {
-			errs = append(errs, fmt.Errorf("resolver: target %q: DNS discovery (%s://) is not built yet; list static host:port targets instead", s, t.Scheme))
+			errs = append(errs, fmt.Errorf("resolver: target %q: NewStatic takes static host:port targets only; use New for %s:// targets", s, t.Scheme))
 			continue
 		}
 		addr := t.Addr()

@@ -77,8 +77,8 @@ func TestNewStatic(t *testing.T) {
 			targets: []string{"[::1]:80", "[0:0::1]:080", "Host:1", "host:1"},
 			wantErr: []string{`duplicate target "[0:0::1]:080"`, `duplicate target "host:1"`},
 		},
-		{name: "dns not built", targets: []string{"dns:///b:80"}, wantErr: []string{"DNS discovery (dns://) is not built yet"}},
-		{name: "srv not built", targets: []string{"dns+srv:///_grpc._tcp.b"}, wantErr: []string{"DNS discovery (dns+srv://) is not built yet"}},
+		{name: "dns", targets: []string{"dns:///b:80"}, wantErr: []string{"use New for dns:// targets"}},
+		{name: "srv", targets: []string{"dns+srv:///_grpc._tcp.b"}, wantErr: []string{"use New for dns+srv:// targets"}},
 		{
 			name:    "all errors reported",
 			targets: []string{"a", "b:0", "c:1", "c:1"},

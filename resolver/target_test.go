@@ -167,6 +167,16 @@ func FuzzParseTarget(f *testing.F) {
 	for _, tc := range targetCases {
 		f.Add(tc.in)
 	}
+	// Forms New and NewBuilder see.
+	for _, s := range []string{
+		"dns://127.0.0.1:5353/web.default.svc.cluster.local:50051",
+		"dns+srv://[::1]:53/_grpc._tcp.web.default.svc.cluster.local",
+		"dns:///web.default.svc.cluster.local.:443",
+		"dns:///[fd00::1]:80",
+		"dns://localhost:53/localhost:1",
+	} {
+		f.Add(s)
+	}
 	f.Fuzz(func(t *testing.T, s string) {
 		tg, err := ParseTarget(s)
 		if err != nil {
@@ -197,6 +207,12 @@ func FuzzParseTarget(f *testing.F) {
 		}
 		if again.String() != str {
 			t.Fatalf("String not canonical: %q then %q", str, again.String())
+		}
+		// Every DNS target ParseTarget accepts can be followed.
+		if !tg.IsStatic() {
+			if _, err := NewDNS(tg, DNSOptions{}); err != nil {
+				t.Fatalf("NewDNS(ParseTarget(%q)) error = %v", s, err)
+			}
 		}
 	})
 }

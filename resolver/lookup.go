@@ -1,0 +1,426 @@
+package resolver
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// noTTL is the TTL a lookuper reports when the answer carried none, as for
+// /etc/hosts entries and IP literals. The refresh loop then uses
+// DNSOptions.Refresh.
+const noTTL time.Duration = -1
+
+// Defaults of the DNS client.
+const (
+	defaultQueryTimeout = 2 * time.Second
+	defaultAttempts     = 2
+	// ednsSize is the EDNS0 UDP buffer advertised in queries, the value
+	// DNS Flag Day 2020 recommends to avoid IP fragmentation. Larger
+	// answers come back truncated and are retried over TCP.
+	ednsSize = 1232
+)
+
+// A lookuper answers the DNS questions the refresh loop asks. It is the seam
+// tests replace with a table-backed fake. Implementations must be safe for
+// concurrent use.
+//
+// Both methods distinguish two kinds of "nothing":
+//   - an authoritative empty answer (NXDOMAIN, or NOERROR without records)
+//     is returned as an empty result and a nil error;
+//   - a failure (timeout, SERVFAIL, REFUSED, network error) is returned as
+//     a non-nil error.
+//
+// The TTL is the smallest TTL of the records the result came from, or of
+// the SOA in a negative answer (RFC 2308 §5), or noTTL if unknown.
+type lookuper interface {
+	// lookupHost returns the IPv4 and IPv6 addresses of host.
+	lookupHost(ctx context.Context, host string) ([]netip.Addr, time.Duration, error)
+	// lookupSRV returns the SRV records of name with their targets'
+	// addresses, for the records of the lowest priority that has
+	// addresses only (see firstUsableGroup).
+	lookupSRV(ctx context.Context, name string) ([]srvRecord, time.Duration, error)
+}
+
+// srvRecord is one SRV record (RFC 2782) with its target's addresses.
+type srvRecord struct {
+	target   string
+	port     uint16
+	priority uint16
+	weight   uint16
+	addrs    []netip.Addr
+}
+
+// priorityGroups splits recs by priority, lowest priority first, keeping
+// the order of records within a group.
+func priorityGroups(recs []srvRecord) [][]srvRecord {
+	sorted := slices.Clone(recs)
+	slices.SortStableFunc(sorted, func(a, b srvRecord) int { return cmp.Compare(a.priority, b.priority) })
+	var groups [][]srvRecord
+	for i := 0; i < len(sorted); {
+		j := i + 1
+		for j < len(sorted) && sorted[j].priority == sorted[i].priority {
+			j++
+		}
+		groups = append(groups, sorted[i:j:j])
+		i = j
+	}
+	return groups
+}
+
+// firstUsableGroup fills in the addresses of the records of recs with
+// resolve, one priority group at a time from the lowest priority, and
+// returns the first group in which some target has addresses, or nil.
+// RFC 2782: clients must use the targets of the lowest priority they can
+// reach; higher priorities are fallbacks, not part of the balanced set. A
+// group whose targets all vanished is as unreachable as it gets, so the
+// next group takes over.
+func firstUsableGroup(recs []srvRecord, resolve func(r *srvRecord) error) ([]srvRecord, error) {
+	for _, group := range priorityGroups(recs) {
+		usable := false
+		for i := range group {
+			if err := resolve(&group[i]); err != nil {
+				return nil, err
+			}
+			usable = usable || len(group[i].addrs) > 0
+		}
+		if usable {
+			return group, nil
+		}
+	}
+	return nil, nil
+}
+
+// dnsClient asks a fixed list of DNS servers directly, over UDP with a retry
+// over TCP when an answer is truncated (RFC 7766 §5), unlike net.Resolver,
+// which does not report TTLs.
+type dnsClient struct {
+	servers  []string // "host:port", tried in order
+	search   func(name string) []string
+	timeout  time.Duration // per query
+	attempts int           // passes over servers
+}
+
+// newDNSClient returns a client for servers. search expands a name into the
+// FQDNs to try in order (the resolv.conf search list); nil means the name
+// itself, made fully qualified.
+func newDNSClient(servers []string, search func(string) []string, timeout time.Duration) *dnsClient {
+	if search == nil {
+		search = func(name string) []string { return []string{dns.Fqdn(name)} }
+	}
+	if timeout <= 0 {
+		timeout = defaultQueryTimeout
+	}
+	return &dnsClient{servers: servers, search: search, timeout: timeout, attempts: defaultAttempts}
+}
+
+// exchange asks qname/qtype, trying each server in turn for up to attempts
+// passes, and returns the first answer with rcode NOERROR or NXDOMAIN. Any
+// other rcode, or a transport error, moves on to the next server, like
+// glibc's resolver.
+func (c *dnsClient) exchange(ctx context.Context, qname string, qtype uint16) (*dns.Msg, error) {
+	var lastErr error
+	for range c.attempts {
+		for _, server := range c.servers {
+			if err := ctx.Err(); err != nil {
+				return nil, err
+			}
+			r, err := c.exchangeOne(ctx, server, qname, qtype)
+			if err != nil {
+				lastErr = fmt.Errorf("server %s: %w", server, err)
+				continue
+			}
+			switch r.Rcode {
+			case dns.RcodeSuccess, dns.RcodeNameError:
+				return r, nil
+			}
+			lastErr = fmt.Errorf("server %s answered %s", server, rcodeString(r.Rcode))
+		}
+	}
+	return nil, lastErr
+}
+
+// exchangeOne sends one query to server over UDP, and again over TCP if the
+// answer was truncated.
+func (c *dnsClient) exchangeOne(ctx context.Context, server, qname string, qtype uint16) (*dns.Msg, error) {
+	m := new(dns.Msg)
+	m.SetQuestion(qname, qtype)
+	m.RecursionDesired = true
+	m.SetEdns0(ednsSize, false)
+	r, err := c.exchangeNet(ctx, "udp", server, m)
+	if err != nil {
+		return nil, err
+	}
+	if r.Truncated {
+		return c.exchangeNet(ctx, "tcp", server, m)
+	}
+	return r, nil
+}
+
+// exchangeNet sends m to server over network, bounded by c.timeout and ctx.
+// miekg/dns only honours ctx deadlines, so cancellation closes the
+// connection to end a pending read at once.
+func (c *dnsClient) exchangeNet(parent context.Context, network, server string, m *dns.Msg) (*dns.Msg, error) {
+	ctx, cancel := context.WithTimeout(parent, c.timeout)
+	defer cancel()
+	cl := &dns.Client{Net: network, Timeout: c.timeout, UDPSize: ednsSize}
+	conn, err := cl.DialContext(ctx, server)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", network, err)
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	r, _, err := cl.ExchangeWithConnContext(ctx, m, conn)
+	switch {
+	case err == nil:
+		return r, nil
+	case parent.Err() != nil:
+		return nil, fmt.Errorf("%s: %w", network, parent.Err())
+	case ctx.Err() != nil || isTimeout(err):
+		return nil, fmt.Errorf("%s: timeout after %v: %w", network, c.timeout, context.DeadlineExceeded)
+	}
+	return nil, fmt.Errorf("%s: %w", network, err)
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// lookupHost implements lookuper. It asks A and AAAA in parallel for each
+// name of the search list until one has addresses. A failed AAAA query is
+// ignored when A returned addresses, since many servers mishandle AAAA; any
+// other failure is returned.
+func (c *dnsClient) lookupHost(ctx context.Context, host string) ([]netip.Addr, time.Duration, error) {
+	ttl := noTTL
+	for _, name := range c.search(host) {
+		addrs, nttl, err := c.lookupName(ctx, name)
+		if err != nil {
+			return nil, 0, fmt.Errorf("lookup %s: %w", strings.TrimSuffix(name, "."), err)
+		}
+		if len(addrs) > 0 {
+			return addrs, nttl, nil
+		}
+		ttl = minTTL(ttl, nttl)
+	}
+	return nil, ttl, nil
+}
+
+// lookupName asks A and AAAA for one FQDN.
+func (c *dnsClient) lookupName(ctx context.Context, name string) ([]netip.Addr, time.Duration, error) {
+	type result struct {
+		addrs []netip.Addr
+		ttl   time.Duration
+		err   error
+	}
+	var res [2]result
+	var wg sync.WaitGroup
+	for i, qtype := range []uint16{dns.TypeA, dns.TypeAAAA} {
+		wg.Go(func() {
+			r, err := c.exchange(ctx, name, qtype)
+			if err != nil {
+				res[i].err = fmt.Errorf("%s: %w", dns.TypeToString[qtype], err)
+				return
+			}
+			res[i].addrs, res[i].ttl = addressesOf(r, qtype)
+		})
+	}
+	wg.Wait()
+	a, aaaa := res[0], res[1]
+	switch {
+	case a.err != nil:
+		return nil, 0, a.err
+	case aaaa.err != nil && len(a.addrs) > 0:
+		return a.addrs, a.ttl, nil
+	case aaaa.err != nil:
+		// A was empty, so the name may be IPv6-only: without AAAA we
+		// cannot tell an empty set from a failure.
+		return nil, 0, aaaa.err
+	}
+	return append(a.addrs, aaaa.addrs...), minTTL(a.ttl, aaaa.ttl), nil
+}
+
+// addressesOf returns the addresses of type qtype in r's answer section and
+// their smallest TTL, or, for an empty answer, the negative-caching TTL.
+// Records of any owner are taken, so the tail of a CNAME chain counts.
+func addressesOf(r *dns.Msg, qtype uint16) ([]netip.Addr, time.Duration) {
+	var addrs []netip.Addr
+	ttl := noTTL
+	for _, rr := range r.Answer {
+		var ip net.IP
+		switch rr := rr.(type) {
+		case *dns.A:
+			if qtype == dns.TypeA {
+				ip = rr.A
+			}
+		case *dns.AAAA:
+			if qtype == dns.TypeAAAA {
+				ip = rr.AAAA
+			}
+		case *dns.CNAME:
+			ttl = minTTL(ttl, rrTTL(rr))
+		}
+		if a, ok := netip.AddrFromSlice(ip); ok {
+			addrs = append(addrs, a.Unmap())
+			ttl = minTTL(ttl, rrTTL(rr))
+		}
+	}
+	if len(addrs) == 0 {
+		return nil, negativeTTL(r)
+	}
+	return addrs, ttl
+}
+
+// negativeTTL returns how long a negative answer may be cached: the smaller
+// of the SOA record's TTL and its minimum field (RFC 2308 §5), or noTTL.
+func negativeTTL(r *dns.Msg) time.Duration {
+	for _, rr := range r.Ns {
+		if soa, ok := rr.(*dns.SOA); ok {
+			return min(rrTTL(soa), time.Duration(soa.Minttl)*time.Second)
+		}
+	}
+	return noTTL
+}
+
+// lookupSRV implements lookuper. Targets' addresses come from the
+// additional section when the server sent them (RFC 2782), and from a
+// follow-up A/AAAA lookup otherwise. A target that does not exist is
+// skipped; a failed target lookup fails the whole lookup, because the set
+// would otherwise shrink on a transient error.
+func (c *dnsClient) lookupSRV(ctx context.Context, name string) ([]srvRecord, time.Duration, error) {
+	ttl := noTTL
+	var r *dns.Msg
+	for _, qname := range c.search(name) {
+		var err error
+		r, err = c.exchange(ctx, qname, dns.TypeSRV)
+		if err != nil {
+			return nil, 0, fmt.Errorf("lookup %s: SRV: %w", strings.TrimSuffix(qname, "."), err)
+		}
+		if hasType(r.Answer, dns.TypeSRV) {
+			break
+		}
+		ttl = minTTL(ttl, negativeTTL(r))
+		r = nil
+	}
+	if r == nil {
+		return nil, ttl, nil
+	}
+	ttl = noTTL
+	var recs []srvRecord
+	for _, rr := range r.Answer {
+		srv, ok := rr.(*dns.SRV)
+		if !ok {
+			continue
+		}
+		if srv.Target == "." {
+			continue // RFC 2782: "service decidedly not available" at this entry
+		}
+		ttl = minTTL(ttl, rrTTL(srv))
+		recs = append(recs, srvRecord{
+			target:   strings.ToLower(srv.Target),
+			port:     srv.Port,
+			priority: srv.Priority,
+			weight:   srv.Weight,
+		})
+	}
+	extra, extraTTL := additionalAddresses(r)
+	resolved := make(map[string][]netip.Addr) // follow-up lookups by target
+	addrTTL := noTTL
+	recs, err := firstUsableGroup(recs, func(rec *srvRecord) error {
+		t := rec.target
+		if a, err := netip.ParseAddr(strings.TrimSuffix(t, ".")); err == nil {
+			rec.addrs = []netip.Addr{a.Unmap()} // not standard, but harmless
+			return nil
+		}
+		if addrs := extra[t]; len(addrs) > 0 {
+			rec.addrs = addrs
+			addrTTL = minTTL(addrTTL, extraTTL[t])
+			return nil
+		}
+		addrs, ok := resolved[t]
+		if !ok {
+			var attl time.Duration
+			var err error
+			addrs, attl, err = c.lookupName(ctx, dns.Fqdn(t))
+			if err != nil {
+				return fmt.Errorf("lookup SRV target %s: %w", strings.TrimSuffix(t, "."), err)
+			}
+			resolved[t] = addrs
+			if len(addrs) > 0 {
+				addrTTL = minTTL(addrTTL, attl)
+			}
+		}
+		rec.addrs = addrs
+		return nil
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	// addrTTL also covers groups passed over, whose targets may regain
+	// addresses.
+	return recs, minTTL(ttl, addrTTL), nil
+}
+
+// additionalAddresses collects the A and AAAA records of r's additional
+// section by lower-case owner name, with each owner's smallest TTL.
+func additionalAddresses(r *dns.Msg) (map[string][]netip.Addr, map[string]time.Duration) {
+	addrs := make(map[string][]netip.Addr)
+	ttls := make(map[string]time.Duration)
+	for _, rr := range r.Extra {
+		var ip net.IP
+		switch rr := rr.(type) {
+		case *dns.A:
+			ip = rr.A
+		case *dns.AAAA:
+			ip = rr.AAAA
+		default:
+			continue
+		}
+		a, ok := netip.AddrFromSlice(ip)
+		if !ok {
+			continue
+		}
+		owner := strings.ToLower(rr.Header().Name)
+		addrs[owner] = append(addrs[owner], a.Unmap())
+		if old, ok := ttls[owner]; ok {
+			ttls[owner] = minTTL(old, rrTTL(rr))
+		} else {
+			ttls[owner] = rrTTL(rr)
+		}
+	}
+	return addrs, ttls
+}
+
+func hasType(rrs []dns.RR, t uint16) bool {
+	return slices.ContainsFunc(rrs, func(rr dns.RR) bool { return rr.Header().Rrtype == t })
+}
+
+func rrTTL(rr dns.RR) time.Duration { return time.Duration(rr.Header().Ttl) * time.Second }
+
+// minTTL returns the smaller of two TTLs, where noTTL means unknown.
+func minTTL(a, b time.Duration) time.Duration {
+	switch {
+	case a == noTTL:
+		return b
+	case b == noTTL:
+		return a
+	}
+	return min(a, b)
+}
+
+func rcodeString(rcode int) string {
+	if s, ok := dns.RcodeToString[rcode]; ok {
+		return s
+	}
+	return fmt.Sprintf("rcode %d", rcode)
+}
