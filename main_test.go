@@ -1,0 +1,182 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/streamlb/streamlb/testserver"
+)
+
+// TestMain fails the package's tests if any goroutine outlives them.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// TestUsage runs the app on command lines that must be rejected, or answered
+// with help, before anything is started. Not parallel: urfave/cli/v2 mutates
+// package globals (its help flag and command) in every Run.
+func TestUsage(t *testing.T) {
+	tests := []struct {
+		name     string
+		args     []string
+		wantCode int
+		wantOut  string // substring of stdout
+		wantErr  string // substring of the returned error
+	}{
+		{name: "help", args: []string{"--help"}, wantOut: "balances every stream"},
+		{name: "no arguments", args: nil, wantOut: "COMMANDS"},
+		{name: "proxy help", args: []string{"proxy", "--help"}, wantOut: "--drain-timeout"},
+		{name: "testserver help", args: []string{"testserver", "--help"}, wantOut: "--error-rate"},
+		{name: "unknown command", args: []string{"frobnicate"}, wantCode: 2, wantErr: `unknown command "frobnicate"`},
+		{name: "unknown flag", args: []string{"proxy", "--bogus"}, wantCode: 2, wantErr: "-bogus"},
+		{name: "no backend", args: []string{"proxy"}, wantCode: 2, wantErr: "no backend"},
+		{name: "bad policy", args: []string{"proxy", "--backend", "127.0.0.1:1", "--policy", "no_such_policy"}, wantCode: 2, wantErr: `unknown --policy "no_such_policy"`},
+		{name: "bad engine", args: []string{"proxy", "--backend", "127.0.0.1:1", "--engine", "l4"}, wantCode: 2, wantErr: `unknown --engine "l4"`},
+		{name: "bad backend", args: []string{"proxy", "--backend", "no-port"}, wantCode: 2, wantErr: "--backend"},
+		{name: "duplicate backend", args: []string{"proxy", "--backend", "127.0.0.1:1", "--backend", "127.0.0.1:1"}, wantCode: 2, wantErr: "duplicate"},
+		{name: "bad choice count", args: []string{"proxy", "--backend", "127.0.0.1:1", "--policy", "least_request", "--choice-count", "99"}, wantCode: 2, wantErr: "choice count"},
+		{name: "zero max streams", args: []string{"proxy", "--backend", "127.0.0.1:1", "--max-concurrent-streams", "0"}, wantCode: 2, wantErr: "--max-concurrent-streams"},
+		{name: "bad duration", args: []string{"proxy", "--backend", "127.0.0.1:1", "--drain-timeout", "soon"}, wantCode: 2, wantErr: "drain-timeout"},
+		{name: "bad log level", args: []string{"proxy", "--backend", "127.0.0.1:1", "--log-level", "loud"}, wantCode: 2, wantErr: "--log-level"},
+		{name: "bad log format", args: []string{"testserver", "--name", "a", "--log-format", "xml"}, wantCode: 2, wantErr: "--log-format"},
+		{name: "testserver without name", args: []string{"testserver"}, wantCode: 2, wantErr: "--name"},
+		{name: "testserver bad error rate", args: []string{"testserver", "--name", "a", "--error-rate", "2"}, wantCode: 2, wantErr: "ErrorRate"},
+		{name: "demo negative calls", args: []string{"demo", "--calls", "-1"}, wantCode: 2, wantErr: "calls"},
+		{name: "stray argument", args: []string{"proxy", "--backend", "127.0.0.1:1", "extra"}, wantCode: 2, wantErr: `unexpected argument "extra"`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			app := newApp()
+			app.Writer, app.ErrWriter = &stdout, &stderr
+			// A cancelled context makes a command line that unexpectedly
+			// passes validation stop at once instead of serving forever.
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			err := app.RunContext(ctx, append([]string{"streamlb"}, tc.args...))
+			if got := exitCode(err); got != tc.wantCode {
+				t.Errorf("exit code = %d (err %v), want %d", got, err, tc.wantCode)
+			}
+			if tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)) {
+				t.Errorf("error = %v, want it to contain %q", err, tc.wantErr)
+			}
+			if err != nil && strings.Contains(err.Error(), "\n") {
+				t.Errorf("error %q spans several lines, want one", err)
+			}
+			if !strings.Contains(stdout.String(), tc.wantOut) {
+				t.Errorf("stdout = %q, want it to contain %q", stdout.String(), tc.wantOut)
+			}
+		})
+	}
+}
+
+// TestProxyCommand runs the proxy command against a real backend, makes a
+// call through it, then cancels the app's context as a signal would and
+// expects a clean drain and a nil error.
+func TestProxyCommand(t *testing.T) {
+	// Not parallel: the command sets the slog default logger, and
+	// urfave/cli/v2 mutates package globals.
+	prev := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(prev) })
+
+	for _, engine := range engines {
+		t.Run(engine, func(t *testing.T) {
+			ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := ts.Start("127.0.0.1:0"); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(ts.Stop)
+
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			appCtx, stop := context.WithCancel(ctx)
+			defer stop()
+
+			logs, logw := io.Pipe()
+			addrc := make(chan string, 1)
+			scanDone := make(chan struct{})
+			go func() {
+				defer close(scanDone)
+				listenAddrs(logs, addrc)
+			}()
+
+			app := newApp()
+			app.Writer, app.ErrWriter = io.Discard, logw
+			runErr := make(chan error, 1)
+			go func() {
+				runErr <- app.RunContext(appCtx, []string{"streamlb", "proxy",
+					"--listen", "127.0.0.1:0", "--backend", ts.Addr(),
+					"--engine", engine, "--drain-timeout", "5s", "--log-format", "json"})
+				logw.Close()
+			}()
+
+			var addr string
+			select {
+			case addr = <-addrc:
+			case err := <-runErr:
+				t.Fatalf("proxy command returned %v before listening", err)
+			case <-ctx.Done():
+				t.Fatal("proxy command never logged its address")
+			}
+
+			cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var header metadata.MD
+			_, err = testgrpc.NewTestServiceClient(cc).EmptyCall(ctx, &testgrpc.Empty{}, grpc.Header(&header))
+			cc.Close()
+			if err != nil {
+				t.Fatalf("EmptyCall through the proxy: %v", err)
+			}
+			if got := testserver.BackendFromHeader(header); got != "b1" {
+				t.Errorf("call landed on %q, want b1", got)
+			}
+
+			stop() // as SIGTERM would
+			select {
+			case err := <-runErr:
+				if code := exitCode(err); err != nil || code != 0 {
+					t.Errorf("proxy command returned %v (exit code %d), want nil", err, code)
+				}
+			case <-ctx.Done():
+				t.Fatal("proxy command did not return after its context was cancelled")
+			}
+			<-scanDone
+		})
+	}
+}
+
+// listenAddrs reads JSON log lines from r until EOF and sends the addr of the
+// first "listening" line on addrc.
+func listenAddrs(r io.Reader, addrc chan<- string) {
+	sc := bufio.NewScanner(r)
+	sent := false
+	for sc.Scan() {
+		var rec struct {
+			Msg  string `json:"msg"`
+			Addr string `json:"addr"`
+		}
+		if json.Unmarshal(sc.Bytes(), &rec) == nil && rec.Msg == "listening" && !sent {
+			addrc <- rec.Addr
+			sent = true
+		}
+	}
+	io.Copy(io.Discard, r)
+}
