@@ -16,7 +16,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"net"
 	"os"
 	"os/signal"
@@ -26,12 +25,8 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
-	"golang.org/x/sync/errgroup"
 
-	"github.com/streamlb/streamlb/director"
 	"github.com/streamlb/streamlb/loadtest"
-	"github.com/streamlb/streamlb/proxy"
-	"github.com/streamlb/streamlb/resolver"
 	"github.com/streamlb/streamlb/testserver"
 )
 
@@ -152,204 +147,6 @@ func newLogger(c *cli.Context, w io.Writer) (*slog.Logger, error) {
 	default:
 		return nil, usageErr("unknown --log-format %q (want text or json)", c.String("log-format"))
 	}
-}
-
-func proxyCommand() *cli.Command {
-	return &cli.Command{
-		Name:      "proxy",
-		Usage:     "run the proxy in front of a fixed set of backends",
-		UsageText: "streamlb proxy --backend HOST:PORT [--backend HOST:PORT ...] [options]",
-		Description: "Accepts cleartext HTTP/2 (h2c) gRPC on --listen and sends every stream to\n" +
-			"the backend the --policy picks. SIGINT or SIGTERM starts a graceful drain:\n" +
-			"no new connections, GOAWAY to clients, in-flight streams get --drain-timeout\n" +
-			"to finish, then the proxy exits 0. A second signal exits at once.",
-		OnUsageError: onUsageError,
-		Flags: append([]cli.Flag{
-			&cli.StringFlag{
-				Name:  "listen",
-				Value: ":8080",
-				Usage: "`ADDR` to accept gRPC clients on (host:port; port 0 picks a free one)",
-			},
-			// Required, but checked in runProxy: urfave/cli would answer a
-			// missing required flag with the whole help text.
-			&cli.StringSliceFlag{
-				Name:    "backend",
-				EnvVars: []string{"STREAMLB_BACKENDS"},
-				Usage: "required: backend `HOST:PORT` to balance over, optionally with ;weight=N; repeat the flag " +
-					"or give a comma-separated list in",
-			},
-			&cli.StringFlag{
-				Name:  "policy",
-				Value: director.RoundRobin,
-				Usage: "how a backend is picked for each stream, one of: " + strings.Join(director.Policies(), ", "),
-			},
-			&cli.IntFlag{
-				Name:  "choice-count",
-				Value: director.DefaultChoiceCount,
-				Usage: fmt.Sprintf("backends least_request samples per pick, taking the one with fewest streams in flight (2..%d)", director.MaxChoiceCount),
-			},
-			&cli.StringFlag{
-				Name:  "engine",
-				Value: engineFrame,
-				Usage: "data plane: frame (relays HTTP/2 frames) or grpc-proxy (message-level reference engine)",
-			},
-			&cli.DurationFlag{
-				Name:  "drain-timeout",
-				Value: 15 * time.Second,
-				Usage: "on SIGINT/SIGTERM, how long in-flight streams may run before they are cut",
-			},
-			&cli.DurationFlag{
-				Name:  "connect-timeout",
-				Value: proxy.DefaultConnectTimeout,
-				Usage: "bound on dialing a backend; a call whose backend cannot be reached in time fails with UNAVAILABLE (frame engine)",
-			},
-			&cli.UintFlag{
-				Name:  "max-concurrent-streams",
-				Value: proxy.DefaultMaxConcurrentStreams,
-				Usage: "streams one client connection may have open, advertised as SETTINGS_MAX_CONCURRENT_STREAMS (frame engine)",
-			},
-		}, logFlags("info")...),
-		Action: runProxy,
-	}
-}
-
-// engine is what both data planes offer.
-type engine interface {
-	Serve(net.Listener) error
-	Shutdown(context.Context) error
-	Close() error
-}
-
-func runProxy(c *cli.Context) error {
-	if c.NArg() > 0 {
-		return usageErr("unexpected argument %q (backends are given with --backend)", c.Args().First())
-	}
-	logger, err := newLogger(c, c.App.ErrWriter)
-	if err != nil {
-		return err
-	}
-	policy := c.String("policy")
-	if !slices.Contains(director.Policies(), policy) {
-		return usageErr("unknown --policy %q (want one of %s)", policy, strings.Join(director.Policies(), ", "))
-	}
-	engineName := c.String("engine")
-	if !slices.Contains(engines, engineName) {
-		return usageErr("unknown --engine %q (want %s)", engineName, strings.Join(engines, " or "))
-	}
-	mcs := c.Uint("max-concurrent-streams")
-	if mcs == 0 || mcs > math.MaxUint32 {
-		return usageErr("--max-concurrent-streams must be in 1..%d, got %d", uint32(math.MaxUint32), mcs)
-	}
-	if c.Duration("connect-timeout") <= 0 {
-		return usageErr("--connect-timeout must be positive, got %v", c.Duration("connect-timeout"))
-	}
-	drain := c.Duration("drain-timeout")
-	if drain < 0 {
-		return usageErr("--drain-timeout must not be negative, got %v", drain)
-	}
-	backends := splitBackends(c.StringSlice("backend"))
-	if len(backends) == 0 {
-		return usageErr("no backend: give --backend HOST:PORT at least once, or set STREAMLB_BACKENDS")
-	}
-
-	d, err := director.New(director.Config{
-		Policy:      policy,
-		ChoiceCount: c.Int("choice-count"),
-		Logger:      logger,
-	})
-	if err != nil {
-		return usageErr("%v", err)
-	}
-	res, err := resolver.NewStatic(backends)
-	if err != nil {
-		return usageErr("--backend: %v", err)
-	}
-	var srv engine
-	switch engineName {
-	case engineFrame:
-		srv, err = proxy.New(proxy.Config{
-			Picker:               d,
-			ConnectTimeout:       c.Duration("connect-timeout"),
-			MaxConcurrentStreams: uint32(mcs),
-			Logger:               logger,
-		})
-	case engineGRPC:
-		srv, err = proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: logger})
-	}
-	if err != nil {
-		return usageErr("%v", err)
-	}
-
-	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
-	defer stop()
-
-	ln, err := net.Listen("tcp", c.String("listen"))
-	if err != nil {
-		return failure(fmt.Errorf("listen: %w", err))
-	}
-	// Give the director its set before the first client is accepted, so no
-	// early call fails for want of a backend. Run pushes the same set again,
-	// which the director takes as no change.
-	if err := d.UpdateState(res.State()); err != nil {
-		ln.Close()
-		return usageErr("--backend: %v", err)
-	}
-	slog.SetDefault(logger)
-	logger.Info("listening", "addr", ln.Addr().String(), "engine", engineName,
-		"policy", policy, "backends", backends)
-
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error {
-		if err := res.Run(gctx, d); err != nil {
-			return fmt.Errorf("resolve backends: %w", err)
-		}
-		return nil
-	})
-	g.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, proxy.ErrServerClosed) {
-			return fmt.Errorf("serve: %w", err)
-		}
-		return nil
-	})
-	g.Go(func() error {
-		<-gctx.Done()
-		if ctx.Err() != nil {
-			// Restore default signal handling: a second signal ends the
-			// process without waiting for the drain.
-			stop()
-			logger.Info("draining", "drain_timeout", drain)
-		}
-		start := time.Now()
-		sctx, cancel := context.WithTimeout(context.Background(), drain)
-		defer cancel()
-		switch err := srv.Shutdown(sctx); {
-		case errors.Is(err, context.DeadlineExceeded):
-			logger.Warn("drain timed out; streams still in flight were cut", "drain_timeout", drain)
-		case err != nil:
-			logger.Warn("shutdown", "err", err)
-		default:
-			logger.Info("drained", "duration", time.Since(start))
-		}
-		return nil
-	})
-	if err := g.Wait(); err != nil {
-		return failure(err)
-	}
-	return nil
-}
-
-// splitBackends flattens --backend values, which may themselves be
-// comma-separated lists (as $STREAMLB_BACKENDS is), dropping empty entries.
-func splitBackends(values []string) []string {
-	var out []string
-	for _, v := range values {
-		for _, b := range strings.Split(v, ",") {
-			if b = strings.TrimSpace(b); b != "" {
-				out = append(out, b)
-			}
-		}
-	}
-	return out
 }
 
 func testserverCommand() *cli.Command {

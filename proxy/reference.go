@@ -8,6 +8,7 @@ import (
 	"math"
 	"net"
 	"sync"
+	"time"
 
 	grpcproxy "github.com/mwitkow/grpc-proxy/proxy"
 	"google.golang.org/grpc"
@@ -21,6 +22,10 @@ import (
 type ReferenceConfig struct {
 	// Picker chooses the backend of every stream. Required.
 	Picker Picker
+	// DrainTimeout is how long the client connection of a backend that
+	// left the set (see RetainBackends) stays open for calls in flight.
+	// Zero means DefaultDrainTimeout.
+	DrainTimeout time.Duration
 	// Logger receives the engine's logs. Nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -35,10 +40,12 @@ type Reference struct {
 	picker Picker
 	log    *slog.Logger
 	srv    *grpc.Server
+	drain  time.Duration
 
 	mu sync.Mutex
-	// mu guards conns.
-	conns map[string]*grpc.ClientConn
+	// mu guards the fields below.
+	conns    map[string]*grpc.ClientConn
+	draining map[*grpc.ClientConn]*time.Timer // connections of removed backends, closed when their timer fires
 }
 
 type doneKey struct{}
@@ -55,7 +62,16 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	r := &Reference{picker: cfg.Picker, log: cfg.Logger.With("component", "proxy", "engine", "grpc-proxy"), conns: make(map[string]*grpc.ClientConn)}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = DefaultDrainTimeout
+	}
+	r := &Reference{
+		picker:   cfg.Picker,
+		log:      cfg.Logger.With("component", "proxy", "engine", "grpc-proxy"),
+		drain:    cfg.DrainTimeout,
+		conns:    make(map[string]*grpc.ClientConn),
+		draining: make(map[*grpc.ClientConn]*time.Timer),
+	}
 	r.srv = grpc.NewServer(
 		grpc.UnknownServiceHandler(grpcproxy.TransparentHandler(r.direct)),
 		grpc.StreamInterceptor(r.intercept),
@@ -158,5 +174,37 @@ func (r *Reference) closeConns() {
 	for addr, cc := range r.conns {
 		cc.Close()
 		delete(r.conns, addr)
+	}
+	for cc, t := range r.draining {
+		t.Stop()
+		cc.Close()
+		delete(r.draining, cc)
+	}
+}
+
+// RetainBackends takes the client connections of backends not in addrs out
+// of use; grpc-go cannot drain a ClientConn, so each is closed after
+// DrainTimeout, which fails calls still on it. Safe for concurrent use.
+func (r *Reference) RetainBackends(addrs []string) {
+	keep := make(map[string]bool, len(addrs))
+	for _, a := range addrs {
+		keep[a] = true
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for addr, cc := range r.conns {
+		if keep[addr] {
+			continue
+		}
+		delete(r.conns, addr)
+		r.draining[cc] = time.AfterFunc(r.drain, func() {
+			r.mu.Lock()
+			_, ok := r.draining[cc]
+			delete(r.draining, cc)
+			r.mu.Unlock()
+			if ok {
+				cc.Close()
+			}
+		})
 	}
 }

@@ -307,12 +307,17 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	if ri.hasTimeout {
 		c.mu.Lock()
 		if !s.cClosed {
+			s.deadline = time.Now().Add(ri.timeout)
 			s.timer = time.AfterFunc(ri.timeout, func() { c.deadlineExceeded(s) })
 		}
 		c.mu.Unlock()
 	}
 	return nil
 }
+
+// deadlineSlack is how close to a call's deadline a backend's CANCEL is
+// taken for the deadline passing.
+const deadlineSlack = 20 * time.Millisecond
 
 // pickContext is the context handed to the Picker: the connection's, plus
 // the configured request headers as incoming metadata.
@@ -502,6 +507,15 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 			s.down.items = append(s.down.items, outItem{kind: itemReset, code: code})
 			c.markReadyLocked(&s.down)
 		}
+		return
+	}
+	if code == http2.ErrCodeCancel && !s.deadline.IsZero() && time.Until(s.deadline) < deadlineSlack {
+		// The backend enforces the same grpc-timeout and cancelled the
+		// stream as it ran out, a moment before our own timer: the client
+		// is owed DEADLINE_EXCEEDED, not a bare reset.
+		msg := "streamlb: deadline exceeded (grpc-timeout) waiting for " + s.method
+		s.result = status.Error(codes.DeadlineExceeded, msg)
+		c.finishDownLocked(s, statusFields(codes.DeadlineExceeded, msg, !s.headersSent))
 		return
 	}
 	s.result = status.Errorf(rstStatus(code), "backend reset the stream: %v", code)

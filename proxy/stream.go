@@ -39,6 +39,7 @@ type stream struct {
 	cClosed     bool      // removed from cc's table
 	result      error     // outcome reported to done
 	att         *attempt  // current backend attempt; nil when none was made
+	deadline    time.Time // from grpc-timeout; zero when none
 	attempts    int       // attempts made so far
 
 	// sides counts the sides that are done: the client side and the final
