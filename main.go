@@ -240,28 +240,22 @@ func runTestserver(c *cli.Context) error {
 func demoCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "demo",
-		Usage: "start 3 test backends and the proxy on loopback, send calls over one connection, show where they landed",
-		Description: "Everything runs in this process on 127.0.0.1 and stops by itself. All calls\n" +
-			"share ONE client HTTP/2 connection, which an L4 balancer would pin to a\n" +
-			"single backend; the table shows streamlb spreading them per stream.",
+		Usage: "the headless-service demo: pods scale up and down, streamlb follows them over DNS",
+		Description: "Everything runs in this process on loopback and stops by itself (about 30 s\n" +
+			"by default). An embedded DNS server answers a headless service's name with one\n" +
+			"A record per pod; pods are test backends on 127.0.0.11, .12, ... sharing a\n" +
+			"port. streamlb re-resolves the name; one client sends steady load over ONE\n" +
+			"connection to it, while a plain grpc-go client dials the name directly. The\n" +
+			"pods are scaled through --steps and a table shows where both clients' calls land.",
 		OnUsageError: onUsageError,
 		Flags: append([]cli.Flag{
-			&cli.IntFlag{
-				Name:  "calls",
-				Value: loadtest.DefaultDemoCalls,
-				Usage: "number of unary calls to send",
-			},
-			&cli.IntFlag{
-				Name:  "concurrency",
-				Value: loadtest.DefaultDemoConcurrency,
-				Usage: "calls in flight at once, all on the one client connection",
-			},
-			&cli.DurationFlag{
-				Name:  "duration",
-				Value: loadtest.DefaultDemoDuration,
-				Usage: "upper bound on the run; calls not sent by then are skipped",
-			},
-		}, logFlags("warn")...),
+			&cli.StringFlag{Name: "steps", Value: "3,5,2", Usage: "pod counts to scale through, comma-separated"},
+			&cli.DurationFlag{Name: "step-duration", Value: loadtest.DefaultDemoStepDuration, Usage: "how long load runs at each step"},
+			&cli.DurationFlag{Name: "dns-refresh", Value: loadtest.DefaultDemoRefresh, Usage: "streamlb's DNS re-resolution interval"},
+			&cli.IntFlag{Name: "rate", Value: loadtest.DefaultDemoRate, Usage: "calls per second each client sends"},
+			&cli.IntFlag{Name: "concurrency", Value: loadtest.DefaultDemoConcurrency, Usage: "calls in flight per client, all on its one connection"},
+			&cli.DurationFlag{Name: "interval", Value: loadtest.DefaultDemoInterval, Usage: "how often the live table is printed"},
+		}, logFlags("error")...),
 		Action: runDemo,
 	}
 }
@@ -274,20 +268,30 @@ func runDemo(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	var steps []int
+	for _, f := range strings.Split(c.String("steps"), ",") {
+		var n int
+		if _, err := fmt.Sscan(strings.TrimSpace(f), &n); err != nil {
+			return usageErr("--steps: %q is not a number of pods", f)
+		}
+		steps = append(steps, n)
+	}
 	cfg := loadtest.DemoConfig{
-		Calls:       c.Int("calls"),
-		Concurrency: c.Int("concurrency"),
-		Duration:    c.Duration("duration"),
-		Logger:      logger,
+		Steps:        steps,
+		StepDuration: c.Duration("step-duration"),
+		Refresh:      c.Duration("dns-refresh"),
+		Rate:         c.Int("rate"),
+		Concurrency:  c.Int("concurrency"),
+		Interval:     c.Duration("interval"),
+		Logger:       logger,
 	}
 	if err := cfg.Validate(); err != nil {
 		return usageErr("%v", err)
 	}
 	slog.SetDefault(logger)
-
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := loadtest.RunDemo(ctx, cfg, c.App.Writer); err != nil {
+	if _, err := loadtest.RunDemo(ctx, cfg, c.App.Writer); err != nil {
 		return failure(err)
 	}
 	return nil

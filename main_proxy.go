@@ -191,7 +191,11 @@ func runProxy(c *cli.Context) error {
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	g, gctx := errgroup.WithContext(ctx)
-	up := &setUpdater{d: d, retain: srv.RetainBackends, first: make(chan struct{})}
+	first := make(chan struct{})
+	var once sync.Once
+	up := resolver.Tee(d, resolver.AddrsFunc(srv.RetainBackends), resolver.AddrsFunc(func([]string) {
+		once.Do(func() { close(first) })
+	}))
 	g.Go(func() error {
 		if err := res.Run(gctx, up); err != nil {
 			return fmt.Errorf("resolve backends: %w", err)
@@ -203,7 +207,7 @@ func runProxy(c *cli.Context) error {
 	// Wait for the first backend set, briefly, so early calls find one.
 	warm := time.NewTimer(warmupTimeout)
 	select {
-	case <-up.first:
+	case <-first:
 	case <-warm.C:
 		logger.Warn("no backend set yet; accepting clients anyway", "waited", warmupTimeout)
 	case <-gctx.Done():
@@ -284,30 +288,6 @@ func resolveNow(r resolver.Resolver) func() {
 	}
 	return nil
 }
-
-// setUpdater hands each backend set to the director, then lets the data
-// plane drain the backends that left it.
-type setUpdater struct {
-	d      *director.Director
-	retain func([]string)
-	first  chan struct{} // closed at the first set
-	once   sync.Once
-}
-
-func (u *setUpdater) UpdateState(st resolver.State) error {
-	if err := u.d.UpdateState(st); err != nil {
-		return err
-	}
-	addrs := make([]string, len(st.Addresses))
-	for i, a := range st.Addresses {
-		addrs[i] = a.Addr
-	}
-	u.retain(addrs)
-	u.once.Do(func() { close(u.first) })
-	return nil
-}
-
-func (u *setUpdater) ReportError(err error) { u.d.ReportError(err) }
 
 // adminHandler serves /healthz (the process is alive), /readyz (it has a
 // pickable backend and is not draining: 503 otherwise, so an orchestrator

@@ -54,7 +54,8 @@ func TestUsage(t *testing.T) {
 		{name: "bad log format", args: []string{"testserver", "--name", "a", "--log-format", "xml"}, wantCode: 2, wantErr: "--log-format"},
 		{name: "testserver without name", args: []string{"testserver"}, wantCode: 2, wantErr: "--name"},
 		{name: "testserver bad error rate", args: []string{"testserver", "--name", "a", "--error-rate", "2"}, wantCode: 2, wantErr: "ErrorRate"},
-		{name: "demo negative calls", args: []string{"demo", "--calls", "-1"}, wantCode: 2, wantErr: "calls"},
+		{name: "demo zero pods", args: []string{"demo", "--steps", "3,0"}, wantCode: 2, wantErr: "pods"},
+		{name: "demo bad steps", args: []string{"demo", "--steps", "three"}, wantCode: 2, wantErr: "steps"},
 		{name: "stray argument", args: []string{"proxy", "--backend", "127.0.0.1:1", "extra"}, wantCode: 2, wantErr: `unexpected argument "extra"`},
 	}
 	for _, tc := range tests {

@@ -7,10 +7,12 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
@@ -22,67 +24,88 @@ import (
 	"github.com/streamlb/streamlb/testserver"
 )
 
+// The headless-service demo, on one machine and without a cluster: an
+// embedded DNS server stands in for cluster DNS and answers a headless
+// service's name with one A record per "pod"; testservers on 127.0.0.x
+// addresses, all on one port, stand in for the pods. streamlb re-resolves
+// the name; one client keeps ONE connection to it and sends steady load.
+// Beside it, a plain grpc-go client dials the same name directly with the
+// default dns resolver and pick_first, as most gRPC clients in a cluster
+// do. The demo scales the pods through DemoConfig.Steps by changing the
+// records and starting and stopping testservers, and prints where the
+// calls of both clients land.
+
 // Defaults for DemoConfig fields left zero.
 const (
-	DefaultDemoBackends    = 3
-	DefaultDemoCalls       = 3000
-	DefaultDemoConcurrency = 30
-	DefaultDemoDuration    = 30 * time.Second
+	DefaultDemoStepDuration = 8 * time.Second
+	DefaultDemoRefresh      = time.Second
+	DefaultDemoRate         = 200
+	DefaultDemoConcurrency  = 8
+	DefaultDemoInterval     = time.Second
+	DefaultDemoName         = "grpc-echo.demo.svc.cluster.local"
+	demoMaxPods             = 50
+	demoFirstIP             = 11 // pod i listens on 127.0.0.(demoFirstIP+i)
 )
 
-// demoStopTimeout bounds the proxy's graceful drain at the end of the demo.
-const demoStopTimeout = 5 * time.Second
+// DefaultDemoSteps is the default scaling plan: 3 pods, then 5, then 2.
+var DefaultDemoSteps = []int{3, 5, 2}
 
-// DemoConfig configures RunDemo. The zero value runs the default demo.
+// DemoConfig configures RunDemo. The zero value runs the default demo,
+// which ends by itself in about half a minute.
 type DemoConfig struct {
-	// Backends is how many testservers to start; 0 means
-	// DefaultDemoBackends.
-	Backends int
-	// Calls is how many unary calls to send; 0 means DefaultDemoCalls.
-	Calls int
-	// Concurrency is how many calls are in flight at once, all on the one
-	// client connection; 0 means DefaultDemoConcurrency.
+	// Steps are the pod counts, one per step; nil means DefaultDemoSteps.
+	Steps []int
+	// StepDuration is how long load runs at each step.
+	StepDuration time.Duration
+	// Refresh is streamlb's DNS re-resolution interval.
+	Refresh time.Duration
+	// Rate is the calls per second each client sends.
+	Rate int
+	// Concurrency bounds each client's calls in flight, all on its one
+	// connection.
 	Concurrency int
-	// Duration bounds the sending; calls not sent by then are skipped and
-	// calls still in flight are abandoned. 0 means DefaultDemoDuration.
-	Duration time.Duration
-	// Logger receives the logs of the backends, director and proxy; nil
-	// means slog.Default().
+	// Interval is how often the live table is printed; negative means
+	// never (only the step and final summaries).
+	Interval time.Duration
+	// Logger receives the components' logs; nil means slog.Default().
 	Logger *slog.Logger
 }
 
-// Validate reports a field that RunDemo would reject.
+// Validate reports a field RunDemo would reject.
 func (c DemoConfig) Validate() error {
 	var errs []error
-	if c.Backends < 0 {
-		errs = append(errs, fmt.Errorf("loadtest: backends must not be negative, got %d", c.Backends))
+	for _, n := range c.Steps {
+		if n < 1 || n > demoMaxPods {
+			errs = append(errs, fmt.Errorf("loadtest: every step needs 1..%d pods, got %d", demoMaxPods, n))
+		}
 	}
-	if c.Calls < 0 {
-		errs = append(errs, fmt.Errorf("loadtest: calls must not be negative, got %d", c.Calls))
+	if c.StepDuration < 0 || c.Refresh < 0 {
+		errs = append(errs, errors.New("loadtest: durations must not be negative"))
 	}
-	if c.Concurrency < 0 {
-		errs = append(errs, fmt.Errorf("loadtest: concurrency must not be negative, got %d", c.Concurrency))
-	}
-	if c.Duration < 0 {
-		errs = append(errs, fmt.Errorf("loadtest: duration must not be negative, got %v", c.Duration))
+	if c.Rate < 0 || c.Concurrency < 0 {
+		errs = append(errs, errors.New("loadtest: rate and concurrency must not be negative"))
 	}
 	return errors.Join(errs...)
 }
 
-// withDefaults returns c with zero fields replaced by their defaults.
 func (c DemoConfig) withDefaults() DemoConfig {
-	if c.Backends == 0 {
-		c.Backends = DefaultDemoBackends
+	if c.Steps == nil {
+		c.Steps = DefaultDemoSteps
 	}
-	if c.Calls == 0 {
-		c.Calls = DefaultDemoCalls
+	if c.StepDuration == 0 {
+		c.StepDuration = DefaultDemoStepDuration
+	}
+	if c.Refresh == 0 {
+		c.Refresh = DefaultDemoRefresh
+	}
+	if c.Rate == 0 {
+		c.Rate = DefaultDemoRate
 	}
 	if c.Concurrency == 0 {
 		c.Concurrency = DefaultDemoConcurrency
 	}
-	c.Concurrency = min(c.Concurrency, c.Calls)
-	if c.Duration == 0 {
-		c.Duration = DefaultDemoDuration
+	if c.Interval == 0 {
+		c.Interval = DefaultDemoInterval
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -90,224 +113,438 @@ func (c DemoConfig) withDefaults() DemoConfig {
 	return c
 }
 
-// RunDemo starts cfg.Backends testservers on 127.0.0.1, the frame proxy with
-// round robin in front of them, and sends cfg.Calls EmptyCalls through the
-// proxy over one client connection. It then writes to out where the calls
-// landed, as a Report table, and stops everything it started before it
-// returns.
-//
-// It returns an error if the setup fails, if any call fails, or if ctx ends
-// before the calls are done (the table is written in the last two cases).
-// Reaching cfg.Duration is not an error: the table then says how many calls
-// were not sent. RunDemo blocks; it is safe to run several at once.
-func RunDemo(ctx context.Context, cfg DemoConfig, out io.Writer) (err error) {
+// Client names in DemoResult and the tables.
+const (
+	ViaProxy = "via streamlb"
+	Direct   = "direct grpc-go"
+)
+
+// DemoStep is what happened during one step.
+type DemoStep struct {
+	// Pods are the names of the pods in the set during the step.
+	Pods []string
+	// Calls holds, per client (ViaProxy, Direct), the calls each pod
+	// served during the step.
+	Calls map[string]map[string]int64
+	// Errors holds each client's failed calls during the step.
+	Errors map[string]int64
+}
+
+// DemoResult is the outcome of RunDemo, one entry per step.
+type DemoResult struct {
+	Steps []DemoStep
+}
+
+// demo is one run's world. Its goroutines are owned by RunDemo.
+type demo struct {
+	cfg  DemoConfig
+	out  io.Writer
+	log  *slog.Logger
+	dns  *testserver.DNSServer
+	port int
+	dir  *director.Director
+
+	mu sync.Mutex
+	// mu guards the fields below.
+	pods   []*testserver.Server // pods[i] is "pod-(i+1)" on 127.0.0.(demoFirstIP+i)
+	counts map[string]map[string]int64
+	errs   map[string]int64
+}
+
+// RunDemo runs the headless-service demo and writes its tables to out. It
+// blocks until the last step ends or ctx is cancelled, and returns after
+// everything it started has stopped.
+func RunDemo(ctx context.Context, cfg DemoConfig, out io.Writer) (*DemoResult, error) {
 	if err := cfg.Validate(); err != nil {
-		return err
+		return nil, err
 	}
 	cfg = cfg.withDefaults()
+	d := &demo{cfg: cfg, out: out, log: cfg.Logger}
+	d.resetCounts()
 
-	backends, err := startBackends(cfg.Backends, cfg.Logger)
-	if err != nil {
-		return err
+	d.dns = testserver.NewDNSServer(testserver.DNSConfig{DefaultTTL: 1, Logger: cfg.Logger})
+	if err := d.dns.Start("127.0.0.1:0"); err != nil {
+		return nil, fmt.Errorf("loadtest: demo DNS server: %w", err)
 	}
-	defer func() {
-		for _, b := range backends {
-			b.Stop()
-		}
-	}()
-	targets := make([]string, len(backends))
-	names := make(map[string]string, len(backends)) // name -> addr
-	for i, b := range backends {
-		targets[i] = b.Addr()
-		names[b.Name()] = b.Addr()
+	defer d.dns.Stop()
+	defer d.stopPods(0)
+	if err := d.scale(cfg.Steps[0]); err != nil {
+		return nil, err
 	}
 
-	d, err := director.New(director.Config{Policy: director.RoundRobin, Logger: cfg.Logger})
+	dir, err := director.New(director.Config{Logger: cfg.Logger})
 	if err != nil {
-		return fmt.Errorf("loadtest: %w", err)
+		return nil, err
 	}
-	res, err := resolver.NewStatic(targets)
+	d.dir = dir
+	target := fmt.Sprintf("dns://%s/%s:%d", d.dns.Addr(), DefaultDemoName, d.port)
+	res, err := resolver.New([]string{target}, resolver.DNSOptions{Refresh: cfg.Refresh, Logger: cfg.Logger})
 	if err != nil {
-		return fmt.Errorf("loadtest: %w", err)
+		return nil, err
 	}
-	// Prime the director so the first calls find backends; Run pushes the
-	// same set again, which the director takes as no change.
-	if err := d.UpdateState(res.State()); err != nil {
-		return fmt.Errorf("loadtest: %w", err)
-	}
-	resCtx, cancelRes := context.WithCancel(context.Background())
-	resDone := make(chan error, 1)
-	go func() { resDone <- res.Run(resCtx, d) }()
-	defer func() {
-		cancelRes()
-		if rerr := <-resDone; rerr != nil {
-			err = errors.Join(err, fmt.Errorf("loadtest: resolver: %w", rerr))
-		}
-	}()
-
-	srv, err := proxy.New(proxy.Config{Picker: d, Logger: cfg.Logger})
+	srv, err := proxy.New(proxy.Config{Picker: dir, DrainTimeout: 5 * time.Second, Logger: cfg.Logger})
 	if err != nil {
-		return fmt.Errorf("loadtest: %w", err)
+		return nil, err
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return fmt.Errorf("loadtest: listen: %w", err)
+		return nil, fmt.Errorf("loadtest: demo proxy: %w", err)
 	}
-	proxyAddr := ln.Addr().String()
-	serveDone := make(chan error, 1)
-	go func() { serveDone <- srv.Serve(ln) }()
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	bg, bgctx := errgroup.WithContext(ctx)
+	bg.Go(func() error { return res.Run(bgctx, resolver.Tee(dir, resolver.AddrsFunc(srv.RetainBackends))) })
+	bg.Go(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, proxy.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
 	defer func() {
-		sctx, cancel := context.WithTimeout(context.Background(), demoStopTimeout)
-		defer cancel()
-		if serr := srv.Shutdown(sctx); serr != nil {
-			err = errors.Join(err, fmt.Errorf("loadtest: proxy shutdown: %w", serr))
-		}
-		if serr := <-serveDone; !errors.Is(serr, proxy.ErrServerClosed) {
-			err = errors.Join(err, fmt.Errorf("loadtest: proxy serve: %w", serr))
-		}
+		cancel()
+		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+		srv.Shutdown(sctx)
+		scancel()
+		bg.Wait()
 	}()
 
-	// One client connection: an L4 balancer would pin it, and every call on
-	// it, to one backend.
-	cc, err := grpc.NewClient("passthrough:///"+proxyAddr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	viaProxy, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return fmt.Errorf("loadtest: dial proxy: %w", err)
+		return nil, err
 	}
-	defer cc.Close()
+	defer viaProxy.Close()
+	// A plain client of the same name, with grpc-go's own dns resolver
+	// (which looks the name up again only when a connection breaks, at
+	// most every 30 s) and its default pick_first policy.
+	direct, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	defer direct.Close()
 
-	fmt.Fprintf(out, "streamlb demo: %d backends on loopback, proxy (frame engine, %s) on %s\n",
-		len(backends), director.RoundRobin, proxyAddr)
-	fmt.Fprintf(out, "sending %d unary calls, %d at a time, over one client connection\n\n",
-		cfg.Calls, cfg.Concurrency)
+	if err := d.waitForSet(ctx, cfg.Steps[0]); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(out, "headless service %s:%d answered by DNS at %s; streamlb on %s re-resolves it every %v\n",
+		DefaultDemoName, d.port, d.dns.Addr(), ln.Addr(), cfg.Refresh)
+	fmt.Fprintf(out, "two clients, ONE connection each, %d calls/s each: %q through streamlb, %q dialing the name directly\n\n",
+		cfg.Rate, ViaProxy, Direct)
 
-	start := time.Now()
-	runCtx, cancelRun := context.WithTimeout(ctx, cfg.Duration)
-	defer cancelRun()
-	t := newTally(names)
-	var next atomic.Int64
+	load, lctx := errgroup.WithContext(ctx)
+	load.Go(func() error { d.drive(lctx, ViaProxy, testgrpc.NewTestServiceClient(viaProxy)); return nil })
+	load.Go(func() error { d.drive(lctx, Direct, testgrpc.NewTestServiceClient(direct)); return nil })
+
+	result := &DemoResult{}
+	var runErr error
+	for i, n := range cfg.Steps {
+		if i > 0 {
+			fmt.Fprintf(out, "--- scaling %d -> %d pods: DNS records changed\n", len(d.currentPods()), n)
+			start := time.Now()
+			if err := d.rescale(ctx, n); err != nil {
+				runErr = err
+				break
+			}
+			fmt.Fprintf(out, "--- streamlb followed the records in %v\n", time.Since(start).Round(time.Millisecond))
+		}
+		step, err := d.runStep(ctx, i)
+		if err != nil {
+			runErr = err
+			break
+		}
+		result.Steps = append(result.Steps, step)
+	}
+	cancel()
+	load.Wait()
+	if runErr != nil {
+		return result, runErr
+	}
+	d.summary(result)
+	return result, nil
+}
+
+// drive sends calls from one client at cfg.Rate with at most
+// cfg.Concurrency in flight, until ctx ends.
+func (d *demo) drive(ctx context.Context, client string, c testgrpc.TestServiceClient) {
+	interval := time.Second / time.Duration(d.cfg.Rate)
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	slots := make(chan struct{}, d.cfg.Concurrency)
 	var wg sync.WaitGroup
-	client := testgrpc.NewTestServiceClient(cc)
-	for range cfg.Concurrency {
+	defer wg.Wait()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		select {
+		case slots <- struct{}{}:
+		default:
+			continue // all slots busy: skip this tick rather than queue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			callLoop(runCtx, client, &next, int64(cfg.Calls), t)
+			defer func() { <-slots }()
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			var hdr metadata.MD
+			_, err := c.EmptyCall(cctx, &testgrpc.Empty{}, grpc.Header(&hdr))
+			if ctx.Err() != nil {
+				return // the demo is ending; not the client's failure
+			}
+			d.record(client, testserver.BackendFromHeader(hdr), err)
 		}()
 	}
-	wg.Wait()
-	elapsed := time.Since(start)
+}
 
-	report := t.report()
-	if werr := report.WriteTable(out); werr != nil {
-		return werr
+func (d *demo) record(client, pod string, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err != nil {
+		d.errs[client]++
+		return
 	}
-	done, failed := report.Total()
-	fmt.Fprintf(out, "\n%d calls finished in %v (%.0f calls/s)\n",
-		done, elapsed.Round(time.Millisecond), float64(done)/elapsed.Seconds())
-	if skipped := int64(cfg.Calls) - done; skipped > 0 && ctx.Err() == nil {
-		fmt.Fprintf(out, "stopped at the %v bound: %d calls not sent or not finished\n", cfg.Duration, skipped)
+	d.counts[client][pod]++
+}
+
+func (d *demo) resetCounts() (map[string]map[string]int64, map[string]int64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	counts, errs := d.counts, d.errs
+	d.counts = map[string]map[string]int64{ViaProxy: {}, Direct: {}}
+	d.errs = map[string]int64{}
+	return counts, errs
+}
+
+func (d *demo) snapshot() (map[string]map[string]int64, map[string]int64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	counts := map[string]map[string]int64{}
+	for c, m := range d.counts {
+		counts[c] = map[string]int64{}
+		for p, n := range m {
+			counts[c][p] = n
+		}
 	}
-	fmt.Fprintln(out, "All calls shared one client connection: a connection-level (L4) balancer would have sent them all to one backend.")
-	switch {
-	case ctx.Err() != nil:
-		return fmt.Errorf("loadtest: demo interrupted after %d calls: %w", done, ctx.Err())
-	case failed > 0:
-		return fmt.Errorf("loadtest: %d of %d calls failed", failed, done)
+	errs := map[string]int64{}
+	for c, n := range d.errs {
+		errs[c] = n
+	}
+	return counts, errs
+}
+
+// runStep runs load for one step, printing the live table.
+func (d *demo) runStep(ctx context.Context, i int) (DemoStep, error) {
+	pods := d.currentPods()
+	fmt.Fprintf(d.out, "=== step %d/%d: %d pods\n", i+1, len(d.cfg.Steps), len(pods))
+	d.resetCounts()
+	end := time.NewTimer(d.cfg.StepDuration)
+	defer end.Stop()
+	var tickC <-chan time.Time
+	if d.cfg.Interval > 0 {
+		t := time.NewTicker(d.cfg.Interval)
+		defer t.Stop()
+		tickC = t.C
+	}
+	start := time.Now()
+	prev, _ := d.snapshot()
+	for {
+		select {
+		case <-ctx.Done():
+			return DemoStep{}, ctx.Err()
+		case <-tickC:
+			cur, errs := d.snapshot()
+			d.table(pods, cur, prev, errs, time.Since(start), d.cfg.Interval)
+			prev = cur
+			continue
+		case <-end.C:
+		}
+		break
+	}
+	counts, errs := d.resetCounts()
+	fmt.Fprintf(d.out, "step %d total:\n", i+1)
+	d.table(pods, counts, nil, errs, d.cfg.StepDuration, 0)
+	fmt.Fprintln(d.out)
+	return DemoStep{Pods: pods, Calls: counts, Errors: errs}, nil
+}
+
+// table prints one block: each pod's share of each client's calls since
+// the step began and, with prev, its calls per second since prev.
+func (d *demo) table(pods []string, cur, prev map[string]map[string]int64, errs map[string]int64, elapsed, since time.Duration) {
+	var b strings.Builder
+	fmt.Fprintf(&b, "  t=%-5s %-8s %-30s %-30s\n", elapsed.Round(time.Second/10), "POD", ViaProxy, Direct)
+	for _, p := range allPods(pods, cur) {
+		fmt.Fprintf(&b, "          %-8s", p)
+		for _, c := range []string{ViaProxy, Direct} {
+			total := int64(0)
+			for _, n := range cur[c] {
+				total += n
+			}
+			col := fmt.Sprintf("%6d calls %5s", cur[c][p], pct(cur[c][p], total))
+			if prev != nil && since > 0 {
+				col += fmt.Sprintf(" %4.0f/s", float64(cur[c][p]-prev[c][p])/since.Seconds())
+			}
+			fmt.Fprintf(&b, " %-30s", col)
+		}
+		b.WriteByte('\n')
+	}
+	fmt.Fprintf(&b, "          %-8s %-30s %-30s\n", "failed", fmt.Sprintf("%6d calls", errs[ViaProxy]), fmt.Sprintf("%6d calls", errs[Direct]))
+	io.WriteString(d.out, b.String())
+}
+
+// allPods lists the step's pods, then any other pod that served calls.
+func allPods(pods []string, counts map[string]map[string]int64) []string {
+	out := slices.Clone(pods)
+	for _, m := range counts {
+		for p := range m {
+			if !slices.Contains(out, p) {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+func pct(n, total int64) string {
+	if total == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f%%", 100*float64(n)/float64(total))
+}
+
+// summary prints one line per step and client, and the lesson.
+func (d *demo) summary(r *DemoResult) {
+	fmt.Fprintln(d.out, "=== summary")
+	for i, s := range r.Steps {
+		for _, c := range []string{ViaProxy, Direct} {
+			used := 0
+			var total int64
+			for _, p := range s.Pods {
+				if s.Calls[c][p] > 0 {
+					used++
+				}
+				total += s.Calls[c][p]
+			}
+			fmt.Fprintf(d.out, "step %d (%d pods)  %-15s %6d calls on %d of %d pods, %d failed\n",
+				i+1, len(s.Pods), c, total, used, len(s.Pods), s.Errors[c])
+		}
+	}
+	fmt.Fprintln(d.out, "\nstreamlb follows the records: new pods get calls within its refresh interval, removed pods")
+	fmt.Fprintln(d.out, "are drained first. The direct client stays on the pod it connected to until that connection breaks.")
+}
+
+// currentPods returns the names of the running pods.
+func (d *demo) currentPods() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	names := make([]string, len(d.pods))
+	for i, p := range d.pods {
+		names[i] = p.Name()
+	}
+	return names
+}
+
+// scale starts pods up to n (it only grows the set) and publishes the
+// records.
+func (d *demo) scale(n int) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i := len(d.pods); i < n; i++ {
+		p, err := d.startPodLocked(i)
+		if err != nil {
+			return err
+		}
+		d.pods = append(d.pods, p)
+	}
+	d.publishLocked(n)
+	return nil
+}
+
+// startPodLocked starts pod i. The first pod picks the port every pod
+// shares, as the pods of a Kubernetes Deployment do. Caller must hold mu.
+func (d *demo) startPodLocked(i int) (*testserver.Server, error) {
+	ts, err := testserver.New(testserver.Config{Name: fmt.Sprintf("pod-%d", i+1), Logger: d.log})
+	if err != nil {
+		return nil, err
+	}
+	addr := fmt.Sprintf("127.0.0.%d:%d", demoFirstIP+i, d.port)
+	if err := ts.Start(addr); err != nil {
+		return nil, fmt.Errorf("loadtest: start pod on %s: %w", addr, err)
+	}
+	if d.port == 0 {
+		_, port, _ := net.SplitHostPort(ts.Addr())
+		fmt.Sscan(port, &d.port)
+	}
+	return ts, nil
+}
+
+// publishLocked points the name at the first n pods. Caller must hold mu.
+func (d *demo) publishLocked(n int) {
+	ips := make([]string, n)
+	for i := range n {
+		ips[i] = fmt.Sprintf("127.0.0.%d", demoFirstIP+i)
+	}
+	d.dns.SetA(DefaultDemoName, ips...)
+}
+
+// rescale moves to n pods. Growing starts pods, then publishes them.
+// Shrinking publishes the smaller set first, waits until streamlb has
+// dropped the removed pods and they finished their calls, then stops
+// them, as a Kubernetes endpoint update precedes a pod's termination.
+func (d *demo) rescale(ctx context.Context, n int) error {
+	if n >= len(d.currentPods()) {
+		if err := d.scale(n); err != nil {
+			return err
+		}
+		return d.waitForSet(ctx, n)
+	}
+	d.mu.Lock()
+	d.publishLocked(n)
+	d.mu.Unlock()
+	if err := d.waitForSet(ctx, n); err != nil {
+		return err
+	}
+	d.stopPods(n)
+	return nil
+}
+
+// waitForSet waits until the director's set has n backends.
+func (d *demo) waitForSet(ctx context.Context, n int) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*d.cfg.Refresh+5*time.Second)
+	defer cancel()
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for len(d.dir.Backends()) != n {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("loadtest: streamlb did not follow the records to %d pods: %w", n, ctx.Err())
+		case <-t.C:
+		}
 	}
 	return nil
 }
 
-// startBackends starts n testservers on loopback ports. On error it stops the
-// ones it started.
-func startBackends(n int, logger *slog.Logger) ([]*testserver.Server, error) {
-	var backends []*testserver.Server
-	for i := range n {
-		ts, err := testserver.New(testserver.Config{
-			Name:   fmt.Sprintf("backend-%d", i+1),
-			Logger: logger,
-		})
-		if err == nil {
-			err = ts.Start("127.0.0.1:0")
-		}
-		if err != nil {
-			for _, b := range backends {
-				b.Stop()
-			}
-			return nil, fmt.Errorf("loadtest: start backend: %w", err)
-		}
-		backends = append(backends, ts)
+// stopPods stops every pod from index n on, gracefully: calls in flight
+// finish first.
+func (d *demo) stopPods(n int) {
+	d.mu.Lock()
+	var gone []*testserver.Server
+	if n < len(d.pods) {
+		gone = d.pods[n:]
+		d.pods = d.pods[:n]
 	}
-	return backends, nil
-}
-
-// callLoop sends EmptyCalls until next passes limit or ctx ends, recording
-// each finished call in t. Calls cut short by ctx are not recorded: they say
-// nothing about where the proxy sends calls.
-func callLoop(ctx context.Context, client testgrpc.TestServiceClient, next *atomic.Int64, limit int64, t *tally) {
-	for next.Add(1) <= limit {
-		if ctx.Err() != nil {
-			return
-		}
-		var header, trailer metadata.MD
-		_, err := client.EmptyCall(ctx, &testgrpc.Empty{}, grpc.Header(&header), grpc.Trailer(&trailer))
-		if err != nil && ctx.Err() != nil {
-			return
-		}
-		name := testserver.BackendFromHeader(header)
-		if name == "" {
-			// A call that failed before its headers may still carry the
-			// name in its trailers.
-			if v := trailer.Get(testserver.TrailerBackend); len(v) > 0 {
-				name = v[0]
-			}
-		}
-		t.record(name, err)
+	d.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, p := range gone {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			p.Shutdown(ctx)
+		}()
 	}
-}
-
-// tally counts finished calls per backend name. It is safe for concurrent
-// use.
-type tally struct {
-	addrs map[string]string // name -> addr; immutable
-
-	mu   sync.Mutex // guards rows
-	rows map[string]*Row
-}
-
-func newTally(addrs map[string]string) *tally {
-	t := &tally{addrs: addrs, rows: make(map[string]*Row)}
-	// Every backend gets a row, so one that received nothing shows as 0.
-	for name, addr := range addrs {
-		t.rows[name] = &Row{Backend: name, Addr: addr}
-	}
-	return t
-}
-
-func (t *tally) record(name string, err error) {
-	if name == "" {
-		name = Unattributed
-	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	row, ok := t.rows[name]
-	if !ok {
-		row = &Row{Backend: name, Addr: t.addrs[name]}
-		t.rows[name] = row
-	}
-	row.Calls++
-	if err != nil {
-		row.Errors++
-	}
-}
-
-func (t *tally) report() Report {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	var r Report
-	for _, row := range t.rows {
-		r.Rows = append(r.Rows, *row)
-	}
-	sortRows(r.Rows)
-	return r
+	wg.Wait()
 }

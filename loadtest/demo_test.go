@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -14,129 +13,95 @@ import (
 	"github.com/streamlb/streamlb/loadtest"
 )
 
-// TestMain fails the package's tests if any goroutine outlives them.
-func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
-}
-
-// tableRow is one parsed backend line of the demo's table.
-type tableRow struct {
-	calls  int
-	share  float64
-	errors int
-}
-
-// parseTable picks the backend rows ("backend-N addr calls share% errors")
-// out of the demo's output.
-func parseTable(t *testing.T, out string) map[string]tableRow {
-	t.Helper()
-	rows := make(map[string]tableRow)
-	for _, line := range strings.Split(out, "\n") {
-		f := strings.Fields(line)
-		if len(f) != 5 || !strings.HasPrefix(f[0], "backend-") {
-			continue
-		}
-		calls, err1 := strconv.Atoi(f[2])
-		share, err2 := strconv.ParseFloat(strings.TrimSuffix(f[3], "%"), 64)
-		errs, err3 := strconv.Atoi(f[4])
-		if err1 != nil || err2 != nil || err3 != nil {
-			t.Fatalf("cannot parse table line %q", line)
-		}
-		rows[f[0]] = tableRow{calls: calls, share: share, errors: errs}
-	}
-	return rows
-}
-
-func TestRunDemo(t *testing.T) {
-	const calls = 300
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+// TestDemo runs the headless-service demo with a short configuration and
+// checks what it is there to show: streamlb follows the records over its
+// one client connection with no failed call, while the direct client stays
+// on one pod.
+func TestDemo(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	var out bytes.Buffer
-	err := loadtest.RunDemo(ctx, loadtest.DemoConfig{
-		Calls:       calls,
-		Concurrency: 10,
-		Logger:      slog.New(slog.DiscardHandler),
+	res, err := loadtest.RunDemo(ctx, loadtest.DemoConfig{
+		Steps:        []int{2, 4, 1},
+		StepDuration: 1500 * time.Millisecond,
+		Refresh:      200 * time.Millisecond,
+		Rate:         300,
+		Interval:     500 * time.Millisecond,
+		Logger:       slog.New(slog.DiscardHandler),
 	}, &out)
 	if err != nil {
-		t.Fatalf("RunDemo: %v\noutput:\n%s", err, out.String())
+		t.Fatalf("RunDemo: %v\n%s", err, out.String())
 	}
-
-	rows := parseTable(t, out.String())
-	if len(rows) != 3 {
-		t.Fatalf("table lists %d backends, want 3\noutput:\n%s", len(rows), out.String())
+	if len(res.Steps) != 3 {
+		t.Fatalf("got %d steps, want 3", len(res.Steps))
 	}
-	sum := 0
-	for name, r := range rows {
-		sum += r.calls
-		if r.errors != 0 {
-			t.Errorf("%s: errors = %d, want 0", name, r.errors)
+	for i, s := range res.Steps {
+		if n := s.Errors[loadtest.ViaProxy]; n != 0 {
+			t.Errorf("step %d: %d calls through streamlb failed, want none", i+1, n)
 		}
-		if r.share < 100.0/3-10 || r.share > 100.0/3+10 {
-			t.Errorf("%s: share = %.1f%%, want 33%% ± 10", name, r.share)
+		var total int64
+		for _, p := range s.Pods {
+			total += s.Calls[loadtest.ViaProxy][p]
+		}
+		for p, n := range s.Calls[loadtest.ViaProxy] {
+			if !contains(s.Pods, p) {
+				t.Errorf("step %d: pod %s, not in the set, got %d calls through streamlb", i+1, p, n)
+			}
+		}
+		// Every pod of the set gets a fair part of the proxied calls, the
+		// pods added by scale-out included (they appear within the refresh
+		// interval, a small part of the step).
+		for _, p := range s.Pods {
+			share := float64(s.Calls[loadtest.ViaProxy][p]) / float64(total)
+			if want := 0.5 / float64(len(s.Pods)); share < want {
+				t.Errorf("step %d: pod %s got %.0f%% of proxied calls, want at least %.0f%%", i+1, p, share*100, want*100)
+			}
 		}
 	}
-	if sum != calls {
-		t.Errorf("calls sum to %d, want %d\noutput:\n%s", sum, calls, out.String())
+	// pick_first keeps the direct client on one pod while 4 are up.
+	used := 0
+	for _, n := range res.Steps[1].Calls[loadtest.Direct] {
+		if n > 0 {
+			used++
+		}
 	}
-	if !strings.Contains(out.String(), "total") {
-		t.Errorf("table has no total line\noutput:\n%s", out.String())
+	if used != 1 {
+		t.Errorf("direct client used %d pods in the 4-pod step, want 1 (grpc-go pick_first without re-resolution)", used)
 	}
-}
-
-func TestRunDemoCancelled(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	var out bytes.Buffer
-	err := loadtest.RunDemo(ctx, loadtest.DemoConfig{
-		Calls:  50,
-		Logger: slog.New(slog.DiscardHandler),
-	}, &out)
-	if err == nil {
-		t.Fatalf("RunDemo with a cancelled context returned nil\noutput:\n%s", out.String())
+	for _, want := range []string{"=== step 2/3: 4 pods", "=== summary", loadtest.ViaProxy, loadtest.Direct, "pod-4"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
 	}
+	t.Logf("demo output:\n%s", out.String())
 }
 
 func TestDemoConfigValidate(t *testing.T) {
-	t.Parallel()
-	tests := []struct {
-		name    string
-		cfg     loadtest.DemoConfig
-		wantErr bool
+	for _, tc := range []struct {
+		name string
+		cfg  loadtest.DemoConfig
+		ok   bool
 	}{
-		{name: "zero value", cfg: loadtest.DemoConfig{}},
-		{name: "explicit", cfg: loadtest.DemoConfig{Backends: 2, Calls: 10, Concurrency: 100, Duration: time.Second}},
-		{name: "negative calls", cfg: loadtest.DemoConfig{Calls: -1}, wantErr: true},
-		{name: "negative concurrency", cfg: loadtest.DemoConfig{Concurrency: -1}, wantErr: true},
-		{name: "negative backends", cfg: loadtest.DemoConfig{Backends: -1}, wantErr: true},
-		{name: "negative duration", cfg: loadtest.DemoConfig{Duration: -time.Second}, wantErr: true},
-	}
-	for _, tc := range tests {
+		{name: "zero", ok: true},
+		{name: "no pods", cfg: loadtest.DemoConfig{Steps: []int{3, 0}}},
+		{name: "too many pods", cfg: loadtest.DemoConfig{Steps: []int{51}}},
+		{name: "negative rate", cfg: loadtest.DemoConfig{Rate: -1}},
+		{name: "negative duration", cfg: loadtest.DemoConfig{StepDuration: -time.Second}},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
-			t.Parallel()
-			err := tc.cfg.Validate()
-			if got := err != nil; got != tc.wantErr {
-				t.Errorf("Validate() = %v, want error: %v", err, tc.wantErr)
+			if err := tc.cfg.Validate(); (err == nil) != tc.ok {
+				t.Errorf("Validate() = %v, want ok=%v", err, tc.ok)
 			}
 		})
 	}
 }
 
-func TestReportWriteTable(t *testing.T) {
-	t.Parallel()
-	r := loadtest.Report{Rows: []loadtest.Row{
-		{Backend: "a", Addr: "127.0.0.1:1", Calls: 3, Errors: 1},
-		{Backend: "b", Addr: "127.0.0.1:2", Calls: 1},
-	}}
-	var out bytes.Buffer
-	if err := r.WriteTable(&out); err != nil {
-		t.Fatal(err)
+func contains(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
 	}
-	want := "" +
-		"BACKEND  ADDRESS      CALLS  SHARE   ERRORS\n" +
-		"a        127.0.0.1:1  3      75.0%   1\n" +
-		"b        127.0.0.1:2  1      25.0%   0\n" +
-		"total                 4      100.0%  1\n"
-	if got := out.String(); got != want {
-		t.Errorf("WriteTable wrote\n%s\nwant\n%s", got, want)
-	}
+	return false
 }

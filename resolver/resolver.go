@@ -53,3 +53,45 @@ type Resolver interface {
 func sortAddresses(as []Address) {
 	slices.SortFunc(as, func(a, b Address) int { return cmp.Compare(a.Addr, b.Addr) })
 }
+
+// Tee returns an Updater that hands every state and error to each of us,
+// in order. UpdateState stops at, and returns, the first error, so a
+// state the first updater rejects goes no further. main uses it to give
+// each set to the director and then to the data plane, which drains the
+// backends that left.
+func Tee(us ...Updater) Updater { return tee(us) }
+
+type tee []Updater
+
+func (t tee) UpdateState(s State) error {
+	for _, u := range t {
+		if err := u.UpdateState(s); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (t tee) ReportError(err error) {
+	for _, u := range t {
+		u.ReportError(err)
+	}
+}
+
+// AddrsFunc adapts a function of the backend addresses to an Updater, for
+// consumers that need only the addresses (proxy.Server.RetainBackends).
+// Errors are not passed on.
+type AddrsFunc func(addrs []string)
+
+// UpdateState calls f with the addresses of s, in order.
+func (f AddrsFunc) UpdateState(s State) error {
+	addrs := make([]string, len(s.Addresses))
+	for i, a := range s.Addresses {
+		addrs[i] = a.Addr
+	}
+	f(addrs)
+	return nil
+}
+
+// ReportError does nothing.
+func (AddrsFunc) ReportError(error) {}
