@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -153,3 +154,33 @@ func TestKilledUnderLoad(t *testing.T) {
 }
 
 var _ = context.Background
+
+// TestRetriedFailureMatchesDirect: when every attempt of a retried call
+// fails, the client gets the last backend's answer as that backend sent
+// it, headers held back for the retry included.
+func TestRetriedFailureMatchesDirect(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1,
+		tscfg: func(_ int, c *testserver.Config) { c.ErrorRate = 1 },
+		pcfg:  func(c *proxy.Config) { c.RetryOn = []string{emptyCall} },
+		dcfg:  func(c *director.Config) { c.EjectAfter = -1 },
+	})
+	ctx := metadata.AppendToOutgoingContext(testCtx(t, 20*time.Second), "x-echo-a", "1", "x-echo-trailer-b", "2")
+	call := func(c testgrpc.TestServiceClient) callResult {
+		var h, tr metadata.MD
+		_, err := c.EmptyCall(ctx, &testgrpc.Empty{}, grpc.Header(&h), grpc.Trailer(&tr))
+		return observe(h, tr, err)
+	}
+	want := call(e.direct(0))
+	before := e.backends[0].Calls()
+	got := call(e.client)
+	if want.code != codes.Unavailable {
+		t.Fatalf("direct call: %+v, want UNAVAILABLE", want)
+	}
+	if diff := cmp.Diff(want, got, cmp.AllowUnexported(callResult{})); diff != "" {
+		t.Errorf("retried failure differs from a direct call (-direct +proxied):\n%s", diff)
+	}
+	if n := e.backends[0].Calls() - before; n != 3 {
+		t.Errorf("backend saw %d attempts, want 3 (1 + 2 retries)", n)
+	}
+}
