@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"io"
 	"strconv"
 	"sync"
 	"testing"
@@ -364,6 +365,67 @@ func TestCancellationReachesBackend(t *testing.T) {
 				}
 			case <-ctx.Done():
 				t.Fatal("backend never saw its context cancelled")
+			}
+		})
+	}
+}
+
+// TestSlowBackendReader is TestSlowConsumer the other way: a backend
+// handler that does not read stalls only its own request stream, and once
+// it reads, every byte arrives.
+func TestSlowBackendReader(t *testing.T) {
+	const msgs, size = 100, 64 << 10
+	for _, engine := range engines {
+		t.Run(engine, func(t *testing.T) {
+			verifyNoLeaks(t)
+			release := make(chan struct{})
+			e := newEnv(t, envOpts{engine: engine, backends: 1, tscfg: func(_ int, c *testserver.Config) {
+				c.StreamingInputCallF = func(st testgrpc.TestService_StreamingInputCallServer) error {
+					<-release
+					total := 0
+					for {
+						m, err := st.Recv()
+						if err == io.EOF {
+							return st.SendAndClose(&testgrpc.StreamingInputCallResponse{AggregatedPayloadSize: int32(total)})
+						}
+						if err != nil {
+							return err
+						}
+						total += len(m.GetPayload().GetBody())
+					}
+				}
+			}})
+			ctx := testCtx(t, 60*time.Second)
+			st, err := e.client.StreamingInputCall(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sent := make(chan error, 1)
+			go func() {
+				for range msgs {
+					if err := st.Send(&testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, size)}}); err != nil {
+						sent <- err
+						return
+					}
+				}
+				sent <- st.CloseSend()
+			}()
+			// The stalled upload must not hold up other calls.
+			for i := range 20 {
+				if _, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{ResponseSize: 100}); err != nil {
+					t.Fatalf("call %d beside a stalled upload: %v", i, err)
+				}
+			}
+			close(release)
+			if err := <-sent; err != nil {
+				t.Fatal(err)
+			}
+			resp, err := st.CloseAndRecv()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := int(resp.GetAggregatedPayloadSize()); got != msgs*size {
+				t.Errorf("backend received %d bytes, want %d", got, msgs*size)
 			}
 		})
 	}
