@@ -494,7 +494,9 @@ func (b *backendConn) enqueueUp(a *attempt, it outItem, data []byte) bool {
 	if it.end {
 		a.up.closed = true
 	}
-	b.markReadyLocked(&a.up)
+	if !a.bClosed {
+		b.markReadyLocked(&a.up)
+	}
 	b.mu.Unlock()
 	b.signal()
 	return true
