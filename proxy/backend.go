@@ -530,6 +530,7 @@ func (b *backendConn) unlinkLocked(a *attempt) {
 		return
 	}
 	a.bClosed = true
+	a.up.detached = true
 	a.downRecv.done = true
 	if a.up.id != 0 {
 		delete(b.streams, a.up.id)

@@ -58,7 +58,10 @@ type sendQueue struct {
 	items  []outItem
 	head   int
 	ready  bool // in the transport's ready ring
-	closed bool // END_STREAM or RST queued: later items are dropped
+	// detached marks an attempt's queue taken off its connection for a
+	// retry: the writer must not send from it any more.
+	detached bool
+	closed   bool // END_STREAM or RST queued: later items are dropped
 
 	// credit is the receive state of the connection the bytes came from;
 	// it is credited, under src.mu, as bytes are written here.
@@ -74,7 +77,7 @@ func (q *sendQueue) empty() bool { return q.head == len(q.items) }
 // END_STREAM frame. The connection window is checked by the writer, which
 // stops taking DATA while it is exhausted, leaving the ring as it is.
 func (q *sendQueue) eligible() bool {
-	if q.empty() || q.id == 0 {
+	if q.empty() || q.id == 0 || q.detached {
 		return false
 	}
 	return !q.needsWindow() || q.window > 0
@@ -696,8 +699,8 @@ func (t *transport) writeLoop(r role) error {
 		budget := batchBudget
 		for budget > 0 && t.readyHead < len(t.ready) {
 			q := t.ready[t.readyHead]
-			if q.empty() || q.id == 0 {
-				t.readyPopLocked() // dropped by a reset while it waited
+			if q.empty() || q.id == 0 || q.detached {
+				t.readyPopLocked() // dropped or detached while it waited
 				continue
 			}
 			if q.needsWindow() && t.sendWindow <= 0 {
