@@ -3,16 +3,21 @@
 //
 // Behind the proxy a client sees only the proxy's address, so attribution
 // comes from the backends themselves: every testserver names itself in the
-// x-backend response header (testserver.HeaderBackend), and the report counts
-// calls per name.
+// x-backend response header (testserver.HeaderBackend), and the reports
+// count calls per name.
 //
-// Today the package holds the self-contained demo behind `streamlb demo`
-// (RunDemo): three testservers, the frame proxy with round robin in front,
-// and one client connection carrying every call. Because the demo builds its
-// own proxy, this package imports proxy, director and resolver besides
-// testserver; main still does the wiring of the real proxy command. A load
-// command driven by ghz, and a demo against DNS-discovered backends, are
-// later additions.
+// Run is `streamlb loadtest`: ghz (github.com/bojand/ghz/runner) as a
+// library sends the load, and a read-only tap on the client's HTTP/2
+// connections (tap.go, h2tap.go) records each call's backend header,
+// status and latency, which ghz itself does not expose. The Result renders
+// as a table, JSON or a self-contained HTML page, and CheckBalance gates CI
+// jobs on how evenly the calls spread.
+//
+// RunDemo is `streamlb demo`, the headless-service demo: an embedded DNS
+// server, testservers as pods, the frame proxy re-resolving the name, and a
+// direct grpc-go client beside it for comparison. Because the demo builds
+// its own proxy, this package imports proxy, director and resolver besides
+// testserver; main still wires the real proxy command.
 //
 // The package leaves balancing to the director and relaying to the proxy; it
 // only sends calls and counts answers.
