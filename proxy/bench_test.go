@@ -32,7 +32,11 @@ import (
 // proxy-µs/call and proxy-ms/MiB: CPU time (user+system) the proxy
 // process spent per call or per MiB relayed.
 //
-//	go test -run '^$' -bench . -benchtime 3s ./proxy/
+//	go test -run '^$' -bench Unary -benchtime 20000x ./proxy/
+//	go test -run '^$' -bench Stream -benchtime 300x ./proxy/
+//
+// Compare the paths of one run only: this machine's speed drifts. The
+// cross-proxy comparison (HAProxy, nginx) is loadtest/bench/run.sh.
 const benchChildEnv = "STREAMLB_BENCH_PROXY"
 
 func TestMain(m *testing.M) {
