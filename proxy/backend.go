@@ -125,6 +125,7 @@ func (b *backendConn) run(ctx context.Context) {
 		b.closed = true
 		b.closeErr = err
 		b.mu.Unlock()
+		b.stopDrainTimer()
 		b.failAll(fmt.Sprintf("streamlb: backend %s: %v", b.addr, err))
 		return
 	}
@@ -145,9 +146,22 @@ func (b *backendConn) run(ctx context.Context) {
 	b.mu.Unlock()
 	if closed {
 		nc.Close()
+		b.stopDrainTimer()
 		b.failAll("streamlb: backend connection closed")
 		return
 	}
+	// A backend that accepts TCP but never speaks HTTP/2 must not hold
+	// streams: without its SETTINGS in time the connection closes, and its
+	// waiting streams, never sent, go elsewhere.
+	settingsTimer := time.AfterFunc(cfg.ConnectTimeout, func() {
+		b.mu.Lock()
+		got := b.gotSettings
+		b.mu.Unlock()
+		if !got {
+			b.close(errNoSettings)
+		}
+	})
+	defer settingsTimer.Stop()
 	readerDone := make(chan error, 1)
 	go func() {
 		err := b.readLoop()
@@ -170,12 +184,20 @@ func (b *backendConn) run(ctx context.Context) {
 	if cause != nil && !errors.Is(cause, errClosed) {
 		msg += ": " + cause.Error()
 	}
+	b.stopDrainTimer()
+	b.failAll(msg)
+}
+
+// errNoSettings closes a backend connection whose peer sent no SETTINGS
+// within ConnectTimeout of the dial (RFC 9113 §3.4: it must send them first).
+var errNoSettings = errors.New("backend sent no HTTP/2 SETTINGS in time")
+
+func (b *backendConn) stopDrainTimer() {
 	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.drainTimer != nil {
 		b.drainTimer.Stop()
 	}
-	b.mu.Unlock()
-	b.failAll(msg)
 }
 
 // failAll ends every attempt left on b when the connection ended. Attempts
@@ -224,6 +246,9 @@ func (b *backendConn) readLoop() error {
 		f, err := b.rfr.ReadFrame()
 		if err == nil {
 			err = b.handleFrame(f)
+		}
+		if err == nil && b.ctrlOverflow.Load() {
+			err = http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
 		}
 		if err == nil {
 			continue
@@ -303,6 +328,12 @@ func (b *backendConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	if a.bRecvEnd {
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+	}
+	if f.Truncated {
+		// Over MaxHeaderListSize: what is left would be a response without
+		// its status. Reset the stream; the client gets INTERNAL.
+		b.mu.Unlock()
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 	}
 	fields := filterFields(f.Fields)
 	if a.keepReplay && a.s.retryable && !a.forwarded {
@@ -402,6 +433,7 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 		b.maybeCloseLocked(a)
 	}
 	b.mu.Unlock()
+	b.signal() // the connection-level WINDOW_UPDATE queued by consumeLocked
 	if held != nil {
 		a.s.cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil)
 	}

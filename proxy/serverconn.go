@@ -51,7 +51,10 @@ func (c *serverConn) serve() {
 	writerDone := make(chan struct{})
 	go func() {
 		defer close(writerDone)
-		c.writeLoop(c)
+		// Whether it failed or drained (after GOAWAY, or a connection
+		// error's GOAWAY), the connection is done: closing it also ends
+		// the reader, which a client that keeps it open would not.
+		c.close(c.writeLoop(c))
 	}()
 	err := c.readLoop()
 	c.mu.Lock()
@@ -155,6 +158,9 @@ func (c *serverConn) readLoop() error {
 		if err == nil {
 			err = c.handleFrame(f)
 		}
+		if err == nil && c.ctrlOverflow.Load() {
+			err = http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+		}
 		if err == nil {
 			continue
 		}
@@ -248,11 +254,18 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		}
 		c.maybeCloseLocked(s)
 		c.mu.Unlock()
+		c.signal()
 		return nil
 	}
-	if id%2 == 0 || id <= c.lastID {
+	if id%2 == 0 {
 		c.mu.Unlock()
 		return http2.ConnectionError(http2.ErrCodeProtocol) // RFC 9113 §5.1.1
+	}
+	if id <= c.lastID {
+		// A stream we closed: possibly one we reset while the peer was
+		// still sending (RFC 9113 §5.1 "closed").
+		c.mu.Unlock()
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 	}
 	c.lastID = id
 	if c.goingAway {
@@ -359,6 +372,7 @@ func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) 
 		s.down.items = append(s.down.items, outItem{kind: itemHeaders, end: i == len(blocks)-1, fields: fields})
 	}
 	if !s.cRecvEnd {
+		s.rstQueued = true
 		s.down.items = append(s.down.items, outItem{kind: itemReset, code: http2.ErrCodeNo})
 	}
 	s.down.closed = true
@@ -385,14 +399,20 @@ func (c *serverConn) failDown(a *attempt, code codes.Code, msg string) {
 // before the call ends: the client gets DEADLINE_EXCEEDED and the backend
 // stream is cancelled.
 func (c *serverConn) deadlineExceeded(s *stream) {
+	msg := "streamlb: deadline exceeded (grpc-timeout) waiting for " + s.method
+	// One critical section, so a retry switching attempts meanwhile cannot
+	// make the deadline miss: whatever attempt is current now is cut.
 	c.mu.Lock()
 	a := s.att
-	c.mu.Unlock()
-	if a == nil {
-		return
+	if !s.down.closed && !s.cClosed {
+		s.result = status.Error(codes.DeadlineExceeded, msg)
+		c.finishDownLocked(s, statusFields(codes.DeadlineExceeded, msg, !s.headersSent))
 	}
-	c.failDown(a, codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+s.method)
-	a.bc.resetUp(a, http2.ErrCodeCancel)
+	c.mu.Unlock()
+	c.signal()
+	if a != nil {
+		a.bc.resetUp(a, http2.ErrCodeCancel)
+	}
 }
 
 func (c *serverConn) onData(f *http2.DataFrame) error {
@@ -503,7 +523,11 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		return
 	}
 	if s.down.closed {
-		if !s.cRecvEnd && !s.cSentEnd {
+		// The response is complete (or being completed); a reset while the
+		// client still sends tells it to stop (RFC 9113 §8.1), legal also
+		// in half-closed (local). Queued after the response, and once.
+		if !s.cRecvEnd && !s.rstQueued {
+			s.rstQueued = true
 			s.down.items = append(s.down.items, outItem{kind: itemReset, code: code})
 			c.markReadyLocked(&s.down)
 		}

@@ -37,6 +37,7 @@ type stream struct {
 	cSentEnd    bool      // our END_STREAM or RST_STREAM was written to the client
 	headersSent bool      // response HEADERS taken for writing
 	cClosed     bool      // removed from cc's table
+	rstQueued   bool      // a RST_STREAM follows the response in down
 	result      error     // outcome reported to done
 	att         *attempt  // current backend attempt; nil when none was made
 	deadline    time.Time // from grpc-timeout; zero when none

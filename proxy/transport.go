@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -191,6 +192,8 @@ type transport struct {
 
 	wake chan struct{} // capacity 1, non-blocking sends: "there is work"
 
+	ctrlOverflow atomic.Bool // the control queue hit maxQueuedControlFrames; the reader ends the connection
+
 	// Immutable after construction.
 	streamWindow  int32 // window we grant per stream
 	connWindow    int32 // window we grant on the connection
@@ -211,6 +214,7 @@ type transport struct {
 	closed        bool
 	closeErr      error
 	drainAndClose bool // writer exits once everything queued is written
+
 	// toRelease holds buffers no queue needs any more but that the write in
 	// progress may still be reading; the writer returns them to the pool
 	// before it takes its next batch.
@@ -278,8 +282,18 @@ func (t *transport) queueCtrlLocked(op writeOp) {
 	if t.closed {
 		return
 	}
+	if len(t.ctrl) >= maxQueuedControlFrames {
+		// A peer that makes us answer (PING, SETTINGS, resets) faster than
+		// it reads: stop queueing; the reader ends the connection with
+		// ENHANCE_YOUR_CALM (CVE-2019-9512/9515, as x/net/http2 does).
+		t.ctrlOverflow.Store(true)
+		return
+	}
 	t.ctrl = append(t.ctrl, op)
 }
+
+// maxQueuedControlFrames bounds the control frames waiting for the writer.
+const maxQueuedControlFrames = 10000
 
 // markReadyLocked puts q in the ready ring if its head item can be written.
 // Caller must hold mu.
@@ -387,11 +401,19 @@ func (t *transport) handleSettings(f *http2.SettingsFrame, eachQueue func(func(*
 		case http2.SettingInitialWindowSize:
 			delta := int32(s.Val) - t.peerInitWin
 			t.peerInitWin = int32(s.Val)
+			var overflow bool
 			if eachQueue != nil && delta != 0 {
 				eachQueue(func(q *sendQueue) {
+					if delta > 0 && q.window > maxWindow-delta {
+						overflow = true // RFC 9113 §6.9.2
+						return
+					}
 					q.window += delta
 					t.markReadyLocked(q)
 				})
+			}
+			if overflow {
+				return http2.ConnectionError(http2.ErrCodeFlowControl)
 			}
 		case http2.SettingMaxFrameSize:
 			t.peerMaxFrame = s.Val
@@ -483,6 +505,12 @@ func (t *transport) writeFrames(batch []writeOp) error {
 		*op = writeOp{}
 		if err != nil {
 			for j := i + 1; j < len(batch); j++ {
+				// The connection is lost, but the bytes were taken from
+				// their source's window all the same: return it, or a
+				// retried call would be short of it for good.
+				if o := &batch[j]; o.credit != nil && o.creditN > 0 {
+					t.credit = append(t.credit, creditOp{o.src, o.credit, o.creditN})
+				}
 				if batch[j].release {
 					putBuf(batch[j].buf)
 				}
@@ -699,8 +727,11 @@ func (t *transport) writeLoop(r role) error {
 		budget := batchBudget
 		for budget > 0 && t.readyHead < len(t.ready) {
 			q := t.ready[t.readyHead]
-			if q.empty() || q.id == 0 || q.detached {
-				t.readyPopLocked() // dropped or detached while it waited
+			if !q.eligible() {
+				// Dropped, detached, or its window shrank (a lower
+				// SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 §6.9.2) while it
+				// waited; a WINDOW_UPDATE puts it back.
+				t.readyPopLocked()
 				continue
 			}
 			if q.needsWindow() && t.sendWindow <= 0 {
@@ -708,6 +739,9 @@ func (t *transport) writeLoop(r role) error {
 			}
 			t.readyPopLocked()
 			op, last := t.popLocked(q, q.id)
+			if op.streamID == 0 {
+				continue // nothing could be taken (unreachable after eligible)
+			}
 			batch = append(batch, op)
 			budget -= len(op.data) + 64
 			if op.kind == opHeaders && q.s != nil {

@@ -1,0 +1,235 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/streamlb/streamlb/proxy"
+)
+
+// rawConn is an HTTP/2 client written frame by frame, for peer behaviour
+// grpc-go never shows.
+type rawConn struct {
+	t  *testing.T
+	nc net.Conn
+	fr *http2.Framer
+}
+
+func dialRaw(t *testing.T, addr string) *rawConn {
+	t.Helper()
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	nc.SetDeadline(time.Now().Add(20 * time.Second))
+	io.WriteString(nc, http2.ClientPreface)
+	fr := http2.NewFramer(nc, nc)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	fr.WriteSettings()
+	return &rawConn{t: t, nc: nc, fr: fr}
+}
+
+func (r *rawConn) headers(id uint32, path string, end bool) {
+	r.t.Helper()
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	f := []string{":method", "POST", ":scheme", "http", ":path", path, ":authority", "x", "content-type", "application/grpc", "te", "trailers"}
+	for i := 0; i < len(f); i += 2 {
+		enc.WriteField(hpack.HeaderField{Name: f[i], Value: f[i+1]})
+	}
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: end}); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// next reads frames until one that fn accepts, failing on GOAWAY.
+func (r *rawConn) next(fn func(http2.Frame) bool) http2.Frame {
+	r.t.Helper()
+	for {
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			r.t.Fatalf("reading: %v", err)
+		}
+		if g, ok := f.(*http2.GoAwayFrame); ok && !fn(f) {
+			r.t.Fatalf("unexpected GOAWAY %v %q", g.ErrCode, g.DebugData())
+		}
+		if fn(f) {
+			return f
+		}
+	}
+}
+
+func grpcMsg(m proto.Message) []byte {
+	b, _ := proto.Marshal(m)
+	out := make([]byte, 5+len(b))
+	binary.BigEndian.PutUint32(out[1:], uint32(len(b)))
+	copy(out[5:], b)
+	return out
+}
+
+// TestLoweredInitialWindow: a client may lower SETTINGS_INITIAL_WINDOW_SIZE
+// while a response waits for window, driving the stream's window negative
+// (RFC 9113 §6.9.2). The stream waits for WINDOW_UPDATE; the connection
+// lives on.
+func TestLoweredInitialWindow(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	r := dialRaw(t, e.addr)
+	const size = 200000
+	r.headers(1, "/grpc.testing.TestService/UnaryCall", false)
+	r.fr.WriteData(1, true, grpcMsg(&testgrpc.SimpleRequest{ResponseSize: size}))
+	got := 0
+	for got < 65535 { // both windows spent
+		if d, ok := r.next(func(f http2.Frame) bool { _, ok := f.(*http2.DataFrame); return ok }).(*http2.DataFrame); ok {
+			got += len(d.Data())
+		}
+	}
+	r.fr.WriteWindowUpdate(1, 30000) // the stream may go on; the connection may not
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 65535 - 40000})
+	r.next(func(f http2.Frame) bool { s, ok := f.(*http2.SettingsFrame); return ok && s.IsAck() })
+	// The connection window opens while the stream's is negative: the
+	// writer must leave the stream alone. A PING round trip lets it run.
+	r.fr.WriteWindowUpdate(0, 1<<30)
+	r.fr.WritePing(false, [8]byte{1})
+	r.next(func(f http2.Frame) bool { p, ok := f.(*http2.PingFrame); return ok && p.IsAck() })
+	r.fr.WriteWindowUpdate(1, 1<<20)
+	end := r.next(func(f http2.Frame) bool {
+		switch f := f.(type) {
+		case *http2.DataFrame:
+			got += len(f.Data())
+		case *http2.RSTStreamFrame:
+			t.Fatalf("stream reset: %v", f.ErrCode)
+		case *http2.MetaHeadersFrame:
+			return f.StreamEnded()
+		}
+		return false
+	}).(*http2.MetaHeadersFrame)
+	if st := end.PseudoValue("status"); st != "" || len(end.Fields) == 0 || end.Fields[0].Value != "0" {
+		t.Errorf("trailers %v, want grpc-status 0", end.Fields)
+	}
+	if got < size {
+		t.Errorf("received %d response bytes, want at least %d", got, size)
+	}
+}
+
+// TestConnWindowUpdateReachesBackend: when a client stops reading, the
+// backend connection's window must still be returned for the bytes the
+// proxy took in, or every other stream on that backend connection stalls.
+func TestConnWindowUpdateReachesBackend(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.StreamWindow = 65535
+		c.ConnWindow = 65535
+	}})
+	ctx := testCtx(t, 20*time.Second)
+	params := make([]*testgrpc.ResponseParameters, 6)
+	for i := range params {
+		params[i] = &testgrpc.ResponseParameters{Size: 20000, IntervalUs: 100000}
+	}
+	st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	// A second client that grants no stream window takes a large answer
+	// on the same backend connection.
+	r := dialRaw(t, e.addr)
+	r.fr.WriteWindowUpdate(0, 1<<30)
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0})
+	r.headers(1, "/grpc.testing.TestService/UnaryCall", false)
+	r.fr.WriteData(1, true, grpcMsg(&testgrpc.SimpleRequest{ResponseSize: 1 << 20}))
+	go io.Copy(io.Discard, r.nc)
+	for i := 1; i < len(params); i++ {
+		if _, err := st.Recv(); err != nil {
+			t.Fatalf("message %d of the first stream: %v (stalled behind the client that does not read?)", i, err)
+		}
+	}
+}
+
+// TestShutdownClosesIdleClient: after GOAWAY a drained connection is
+// closed by the proxy, even if the client would keep it open.
+func TestShutdownClosesIdleClient(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	r := dialRaw(t, e.addr)
+	r.next(func(f http2.Frame) bool { _, ok := f.(*http2.SettingsFrame); return ok })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.srv.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown with an idle client that keeps its connection: %v", err)
+	}
+	r.next(func(f http2.Frame) bool { _, ok := f.(*http2.GoAwayFrame); return ok })
+	for {
+		if _, err := r.fr.ReadFrame(); err != nil {
+			break // closed, as it should be
+		}
+	}
+}
+
+// TestBackendWithoutHTTP2: a backend that accepts TCP but never sends
+// SETTINGS does not hold calls: they go to another backend.
+func TestBackendWithoutHTTP2(t *testing.T) {
+	verifyNoLeaks(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan net.Conn, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				close(accepted)
+				return
+			}
+			accepted <- c
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		for c := range accepted {
+			c.Close()
+		}
+	})
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.ConnectTimeout = 200 * time.Millisecond }})
+	e.setBackends(ln.Addr().String(), e.backends[0].Addr())
+	ctx := testCtx(t, 20*time.Second)
+	for i := range 4 {
+		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+}
+
+// TestHeadersOnClosedStream: HEADERS on a stream that is already closed
+// costs the stream (RST_STREAM STREAM_CLOSED), not the connection.
+func TestHeadersOnClosedStream(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	r := dialRaw(t, e.addr)
+	r.headers(1, "/grpc.testing.TestService/EmptyCall", false)
+	r.fr.WriteData(1, true, grpcMsg(&testgrpc.Empty{}))
+	r.next(func(f http2.Frame) bool { h, ok := f.(*http2.MetaHeadersFrame); return ok && h.StreamEnded() })
+	r.headers(1, "/grpc.testing.TestService/EmptyCall", true) // stream 1 is closed
+	rst := r.next(func(f http2.Frame) bool { _, ok := f.(*http2.RSTStreamFrame); return ok }).(*http2.RSTStreamFrame)
+	if rst.StreamID != 1 || rst.ErrCode != http2.ErrCodeStreamClosed {
+		t.Errorf("got RST_STREAM %d %v, want 1 STREAM_CLOSED", rst.StreamID, rst.ErrCode)
+	}
+	// The connection still works.
+	r.headers(3, "/grpc.testing.TestService/EmptyCall", false)
+	r.fr.WriteData(3, true, grpcMsg(&testgrpc.Empty{}))
+	r.next(func(f http2.Frame) bool { h, ok := f.(*http2.MetaHeadersFrame); return ok && h.StreamID == 3 && h.StreamEnded() })
+}
