@@ -231,5 +231,8 @@ func TestHeadersOnClosedStream(t *testing.T) {
 	// The connection still works.
 	r.headers(3, "/grpc.testing.TestService/EmptyCall", false)
 	r.fr.WriteData(3, true, grpcMsg(&testgrpc.Empty{}))
-	r.next(func(f http2.Frame) bool { h, ok := f.(*http2.MetaHeadersFrame); return ok && h.StreamID == 3 && h.StreamEnded() })
+	r.next(func(f http2.Frame) bool {
+		h, ok := f.(*http2.MetaHeadersFrame)
+		return ok && h.StreamID == 3 && h.StreamEnded()
+	})
 }
