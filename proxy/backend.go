@@ -405,6 +405,7 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 	n := int32(f.Length)
 	end := f.StreamEnded()
 	b.mu.Lock()
+	queued := len(b.ctrl)
 	a := b.streams[id]
 	var r *recvState
 	if a != nil {
@@ -432,8 +433,13 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 		a.bRecvEnd = true
 		b.maybeCloseLocked(a)
 	}
+	// Wake the writer for a WINDOW_UPDATE queued here (the connection
+	// window must be returned even if no client reads), not per frame.
+	wake := len(b.ctrl) != queued
 	b.mu.Unlock()
-	b.signal() // the connection-level WINDOW_UPDATE queued by consumeLocked
+	if wake {
+		b.signal()
+	}
 	if held != nil {
 		a.s.cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil)
 	}

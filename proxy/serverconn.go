@@ -421,6 +421,7 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 	n := int32(f.Length)
 	end := f.StreamEnded()
 	c.mu.Lock()
+	queued := len(c.ctrl)
 	s := c.streams[id]
 	var r *recvState
 	if s != nil {
@@ -454,8 +455,13 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 		s.cRecvEnd = true
 		c.maybeCloseLocked(s)
 	}
+	// Wake the writer only for a WINDOW_UPDATE it must send: a futex
+	// wake-up per DATA frame costs more than the frame.
+	wake := len(c.ctrl) != queued || end
 	c.mu.Unlock()
-	c.signal()
+	if wake {
+		c.signal()
+	}
 	return nil
 }
 
