@@ -221,6 +221,7 @@ func runProxy(c *cli.Context) error {
 		return failure(fmt.Errorf("listen: %w", err))
 	}
 	var draining atomic.Bool
+	drained := make(chan struct{}) // closed when the data plane has drained
 	if addr := c.String("admin-listen"); addr != "" {
 		aln, err := net.Listen("tcp", addr)
 		if err != nil {
@@ -237,10 +238,16 @@ func runProxy(c *cli.Context) error {
 			return nil
 		})
 		g.Go(func() error {
-			<-gctx.Done()
-			sctx, cancel := context.WithTimeout(context.Background(), drain+time.Second)
+			// The admin endpoints outlive the drain, so probes see /readyz
+			// answer 503 "draining" rather than a refused connection.
+			<-drained
+			sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			defer cancel()
-			return admin.Shutdown(sctx)
+			if err := admin.Shutdown(sctx); err != nil {
+				admin.Close()
+				logger.Warn("admin shutdown", "err", err)
+			}
+			return nil
 		})
 		logger.Info("admin listening", "addr", aln.Addr().String())
 	}
@@ -254,6 +261,7 @@ func runProxy(c *cli.Context) error {
 	})
 	g.Go(func() error {
 		<-gctx.Done()
+		defer close(drained)
 		draining.Store(true)
 		if ctx.Err() != nil {
 			// Restore default signal handling: a second signal ends the
@@ -303,8 +311,11 @@ func adminHandler(d *director.Director, draining *atomic.Bool) http.Handler {
 			http.Error(w, "draining", http.StatusServiceUnavailable)
 			return
 		}
+		// Ready while any backend can be picked; with every backend failing
+		// its health checks the director still picks among them (panic
+		// mode), and taking the whole fleet of proxies out would not help.
 		for _, b := range d.Backends() {
-			if b.Healthy && !b.Ejected {
+			if !b.Ejected {
 				fmt.Fprintln(w, "ready")
 				return
 			}

@@ -164,7 +164,7 @@ func TestSlowStartStepsRebuild(t *testing.T) {
 	start := clk.Now()
 	mustUpdate(t, d, state("a:1", "b:1"))
 	for i := 1; i <= slowStartSteps; i++ {
-		want := start.Add(time.Duration(i) * 500 * time.Millisecond).UnixNano()
+		want := monoNanos(start.Add(time.Duration(i) * 500 * time.Millisecond))
 		if got := d.snap.Load().rebuildAt.Load(); got != want {
 			t.Fatalf("step %d: rebuildAt = %d, want %d", i, got, want)
 		}

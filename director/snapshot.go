@@ -154,12 +154,12 @@ func (d *Director) publishLocked(bs []*backend, now time.Time) *snapshot {
 		b.unhealthy = c.unhealthy
 		b.slowSince, b.slowFactor = 0, 1
 		if b.ejected {
-			rebuildAt = minTime(rebuildAt, c.ejectedUntil.UnixNano())
+			rebuildAt = minTime(rebuildAt, monoNanos(c.ejectedUntil))
 		}
 		if !c.slowStartAt.IsZero() {
 			if f, next, ok := d.slowStartStep(c.slowStartAt, now); ok {
 				b.slowSince, b.slowFactor = c.slowStartAt.UnixNano(), f
-				rebuildAt = minTime(rebuildAt, next.UnixNano())
+				rebuildAt = minTime(rebuildAt, monoNanos(next))
 			} else {
 				c.slowStartAt = time.Time{}
 			}
@@ -248,12 +248,22 @@ func (d *Director) logPanicLocked(panicking bool, backends int) {
 	}
 }
 
+// monoEpoch anchors monoNanos. It is set once and never swapped.
+var monoEpoch = time.Now()
+
+// monoNanos turns t into nanoseconds since monoEpoch, on the monotonic
+// clock when t carries a reading (time.Now's do), so a wall-clock step
+// (NTP, a resumed VM) neither stalls an ejection's end nor makes every
+// Pick rebuild. Times from a fake clock have no monotonic reading and
+// compare by wall time, consistently.
+func monoNanos(t time.Time) int64 { return t.Sub(monoEpoch).Nanoseconds() }
+
 // load returns the snapshot to pick from. If the current one has gone
 // stale (an ejection has run out, or a slow-start step is due), it first
 // tries to publish a fresh one. Like Pick, it never blocks.
 func (d *Director) load() *snapshot {
 	s := d.snap.Load()
-	if r := s.rebuildAt.Load(); r != 0 && d.now().UnixNano() >= r {
+	if r := s.rebuildAt.Load(); r != 0 && monoNanos(d.now()) >= r {
 		return d.rebuildDue(s, r)
 	}
 	return s

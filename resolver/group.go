@@ -159,6 +159,7 @@ func (g *Group) Run(ctx context.Context, u Updater) error {
 // to u.
 func (g *Group) merge(ctx context.Context, events <-chan childEvent, u Updater) error {
 	sets := make([][]Address, len(g.children))
+	produced := make([]bool, len(g.children)) // the child has sent a set, possibly empty
 	reported := make([]bool, len(g.children))
 	waiting := len(g.children)
 	var (
@@ -180,8 +181,16 @@ func (g *Group) merge(ctx context.Context, events <-chan childEvent, u Updater) 
 			u.ReportError(ev.err)
 		} else {
 			sets[ev.idx] = ev.state.Addresses
+			produced[ev.idx] = true
 		}
 		if waiting > 0 {
+			continue
+		}
+		if !haveLast && !slices.Contains(produced, true) {
+			// Every target has reported, but only with errors: keep
+			// waiting for a first set rather than push an empty one
+			// (a lone DNS resolver pushes nothing on a failed lookup
+			// either). Errors went to ReportError above.
 			continue
 		}
 		union := unionAddresses(sets)
