@@ -32,8 +32,7 @@ type backendConn struct {
 	pending    []*attempt          // waiting to be opened, in arrival order
 	reserved   uint32              // streams open or pending: what the pool counts
 	nextID     uint32
-	goingAway  bool // GOAWAY received, draining, or ids nearly exhausted: take no new streams
-	connected  bool
+	goingAway  bool        // GOAWAY received, draining, or ids nearly exhausted: take no new streams
 	assumedMax uint32      // peer's stream limit assumed until its SETTINGS arrive
 	drainTimer *time.Timer // forces the close of a draining connection
 }
@@ -59,7 +58,7 @@ func (b *backendConn) drain(timeout time.Duration) {
 func newBackendConn(p *pool, addr string) *backendConn {
 	cfg := &p.srv.cfg
 	b := &backendConn{pool: p, addr: addr, streams: make(map[uint32]*attempt), nextID: 1}
-	b.transport.init(true, cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, p.srv.log.With("backend", addr))
+	b.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, p.srv.log.With("backend", addr))
 	b.retryBuffer = cfg.RetryBufferSize
 	return b
 }
@@ -131,7 +130,6 @@ func (b *backendConn) run(ctx context.Context) {
 	}
 	b.attach(nc)
 	b.mu.Lock()
-	b.connected = true
 	b.queueCtrlLocked(writeOp{kind: opSettings, settings: []http2.Setting{
 		{ID: http2.SettingEnablePush, Val: 0},
 		{ID: http2.SettingInitialWindowSize, Val: uint32(cfg.StreamWindow)},

@@ -33,7 +33,7 @@ type serverConn struct {
 func newServerConn(srv *Server, nc net.Conn) *serverConn {
 	c := &serverConn{srv: srv, streams: make(map[uint32]*stream)}
 	cfg := &srv.cfg
-	c.transport.init(false, cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
+	c.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
 	c.attach(nc)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c

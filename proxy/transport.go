@@ -176,10 +176,9 @@ type writeOp struct {
 // DATA frame per ready stream in turn, so a busy stream never starves the
 // others, and a flush only when there is nothing left to write.
 type transport struct {
-	nc     net.Conn      // set by attach, under mu
-	rfr    *http2.Framer // reader goroutine only
-	log    *slog.Logger
-	client bool // true on backend connections (we are the HTTP/2 client)
+	nc  net.Conn      // set by attach, under mu
+	rfr *http2.Framer // reader goroutine only
+	log *slog.Logger
 
 	// Writer goroutine only.
 	bw     *bufio.Writer
@@ -238,8 +237,7 @@ type creditOp struct {
 
 // init prepares a transport without a socket; attach adds the socket.
 // Backend connections queue streams between the two, while they dial.
-func (t *transport) init(client bool, streamWindow, connWindow int32, maxHeaderList uint32, log *slog.Logger) {
-	t.client = client
+func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, log *slog.Logger) {
 	t.log = log
 	t.streamWindow = streamWindow
 	t.connWindow = connWindow
