@@ -532,7 +532,9 @@ func TestDelayDeadline(t *testing.T) {
 	onCancel, cancels := cancelRecorder()
 	s, c := setup(t, Config{OnCancel: onCancel})
 	ctx := testContext(t)
-	callCtx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, MetadataDelay, "1h"), 50*time.Millisecond)
+	// Long enough for the call to reach the handler even on a loaded
+	// machine: a deadline that passes first would leave OnCancel unfired.
+	callCtx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, MetadataDelay, "1h"), time.Second)
 	defer cancel()
 	_, err := c.UnaryCall(callCtx, &testgrpc.SimpleRequest{})
 	if got := status.Code(err); got != codes.DeadlineExceeded {
