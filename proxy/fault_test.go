@@ -72,7 +72,7 @@ func TestDeadlineInProxy(t *testing.T) {
 		c.OnCancel = func(m string) { cancelled <- m }
 	}})
 	ctx := testCtx(t, 20*time.Second)
-	req := grpcRequest(ctx, t, e.addr, "/grpc.testing.TestService/EmptyCall", map[string]string{"grpc-timeout": "200m", testserver.MetadataHang: "1"})
+	req := grpcRequest(ctx, t, e.addr, "/grpc.testing.TestService/EmptyCall", map[string]string{"grpc-timeout": "1S", testserver.MetadataHang: "1"})
 	resp, err := rawClient(t).Do(req)
 	if err != nil {
 		t.Fatal(err)
