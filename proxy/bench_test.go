@@ -209,9 +209,11 @@ func runLoad(b *testing.B, n, conc int, fn func() error) {
 
 var benchPaths = []string{"direct", "frame", "grpc-proxy"}
 
-// BenchmarkUnary measures small unary calls (100-byte request and
-// response) at concurrency 50 over one client connection.
-func BenchmarkUnary(b *testing.B) {
+// benchCalls runs, for each path, warmup calls and then b.N measured calls
+// of the call that mk builds on a client of one connection to the path,
+// at concurrency conc, and reports the proxy's CPU per op, scaled by unit
+// and named metric.
+func benchCalls(b *testing.B, warmup, conc int, bytes int64, unit time.Duration, metric string, mk func(testgrpc.TestServiceClient) func() error) {
 	for _, path := range benchPaths {
 		b.Run(path, func(b *testing.B) {
 			addr, c := benchTarget(b, path)
@@ -220,71 +222,56 @@ func BenchmarkUnary(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer cc.Close()
-			client := testgrpc.NewTestServiceClient(cc)
-			ctx := context.Background()
-			req := &testgrpc.SimpleRequest{ResponseSize: 100, Payload: &testgrpc.Payload{Body: make([]byte, 100)}}
-			call := func() error { _, err := client.UnaryCall(ctx, req); return err }
-			runLoad(b, 2000, 50, call) // warm up connections and pools
+			call := mk(testgrpc.NewTestServiceClient(cc))
+			runLoad(b, warmup, conc, call) // warm up connections and pools
 			var before time.Duration
 			if c != nil {
 				before = c.cpu(b)
 			}
+			b.SetBytes(bytes)
 			b.ResetTimer()
-			runLoad(b, b.N, 50, call)
+			runLoad(b, b.N, conc, call)
 			b.StopTimer()
 			if c != nil {
-				b.ReportMetric(float64((c.cpu(b)-before).Microseconds())/float64(b.N), "proxy-µs/call")
+				b.ReportMetric(float64(c.cpu(b)-before)/float64(unit)/float64(b.N), metric)
 			}
 		})
 	}
 }
 
+// BenchmarkUnary measures small unary calls (100-byte request and
+// response) at concurrency 50 over one client connection.
+func BenchmarkUnary(b *testing.B) {
+	req := &testgrpc.SimpleRequest{ResponseSize: 100, Payload: &testgrpc.Payload{Body: make([]byte, 100)}}
+	benchCalls(b, 2000, 50, 0, time.Microsecond, "proxy-µs/call", func(client testgrpc.TestServiceClient) func() error {
+		return func() error { _, err := client.UnaryCall(context.Background(), req); return err }
+	})
+}
+
 // BenchmarkStream measures server streams of 1 MiB (16 messages of
 // 64 KiB) at concurrency 4 over one client connection.
 func BenchmarkStream(b *testing.B) {
-	for _, path := range benchPaths {
-		b.Run(path, func(b *testing.B) {
-			addr, c := benchTarget(b, path)
-			cc, err := dialBench(addr)
+	params := make([]*testgrpc.ResponseParameters, 16)
+	for i := range params {
+		params[i] = &testgrpc.ResponseParameters{Size: 64 << 10}
+	}
+	req := &testgrpc.StreamingOutputCallRequest{ResponseParameters: params}
+	benchCalls(b, 50, 4, 1<<20, time.Millisecond, "proxy-ms/MiB", func(client testgrpc.TestServiceClient) func() error {
+		return func() error {
+			st, err := client.StreamingOutputCall(context.Background(), req)
 			if err != nil {
-				b.Fatal(err)
+				return err
 			}
-			defer cc.Close()
-			client := testgrpc.NewTestServiceClient(cc)
-			ctx := context.Background()
-			params := make([]*testgrpc.ResponseParameters, 16)
-			for i := range params {
-				params[i] = &testgrpc.ResponseParameters{Size: 64 << 10}
-			}
-			req := &testgrpc.StreamingOutputCallRequest{ResponseParameters: params}
-			call := func() error {
-				st, err := client.StreamingOutputCall(ctx, req)
-				if err != nil {
+			for {
+				if _, err := st.Recv(); err != nil {
+					if err == io.EOF {
+						return nil
+					}
 					return err
 				}
-				for {
-					if _, err := st.Recv(); err != nil {
-						if err == io.EOF {
-							return nil
-						}
-						return err
-					}
-				}
 			}
-			runLoad(b, 50, 4, call)
-			var before time.Duration
-			if c != nil {
-				before = c.cpu(b)
-			}
-			b.SetBytes(1 << 20)
-			b.ResetTimer()
-			runLoad(b, b.N, 4, call)
-			b.StopTimer()
-			if c != nil {
-				b.ReportMetric(float64((c.cpu(b)-before).Microseconds())/1000/float64(b.N), "proxy-ms/MiB")
-			}
-		})
-	}
+		}
+	})
 }
 
 func dialBench(addr string) (*grpc.ClientConn, error) {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -258,26 +257,7 @@ func TestEvenSplit(t *testing.T) {
 		t.Run(engine, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{engine: engine})
-			ctx := testCtx(t, 60*time.Second)
-			var mu sync.Mutex
-			count := map[string]int{}
-			var g errgroup.Group
-			g.SetLimit(30)
-			for range calls {
-				g.Go(func() error {
-					var hdr metadata.MD
-					if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}, grpc.Header(&hdr)); err != nil {
-						return err
-					}
-					mu.Lock()
-					count[testserver.BackendFromHeader(hdr)]++
-					mu.Unlock()
-					return nil
-				})
-			}
-			if err := g.Wait(); err != nil {
-				t.Fatal(err)
-			}
+			count := spread(t, e, calls, 30, nil)
 			for _, b := range e.backends {
 				share := float64(count[b.Name()]) / calls * 100
 				if share < 100.0/3-5 || share > 100.0/3+5 {
