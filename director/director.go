@@ -16,46 +16,12 @@ import (
 // usable backend. The proxy maps it to codes.Unavailable.
 var ErrNoBackend = errors.New("director: no backend available")
 
-// policy chooses one backend for a stream. It is one small type per policy
-// name, in its own file.
-type policy interface {
-	// prepare precomputes the policy's fields of ps (a schedule, a ring)
-	// from ps.ready, which is non-empty. It is called under Director.mu
-	// once for every snapshot with backends, before the snapshot is
-	// published, so it may keep state between calls (a cache) without more
-	// locking.
-	prepare(ps *pickSet)
-	// pick is called concurrently from Pick. It must not block, and may
-	// only read ps and the backends' atomic counters. ps.ready is
-	// non-empty, sorted by address, shared, and must not be modified. ctx
-	// is Pick's.
-	pick(ctx context.Context, ps *pickSet) *backend
-}
-
-// newPolicy returns the policy named in s.
-func newPolicy(s settings) policy {
-	switch s.policy {
-	case WeightedRoundRobin:
-		return newWeightedRoundRobin(s.rand)
-	case Random:
-		return newRandom(s.rand)
-	case LeastRequest:
-		return newLeastRequest(s.choices, s.rand, s.now, s.slowStart)
-	case PeakEWMA:
-		return newPeakEWMA(s.choices, s.rand, s.now, s.slowStart, s.decay, s.penalty)
-	case RingHash:
-		return newRingHash(s.hashHeader, s.ringSize, s.rand)
-	default:
-		return newRoundRobin(s.rand)
-	}
-}
-
 // Director picks backends for streams. Create one with [New]. All methods
 // are safe for concurrent use.
 type Director struct {
 	logger     *slog.Logger
 	policyName string
-	policy     policy
+	builder    builder
 	outlier    outlierConfig
 	health     healthConfig
 	slowStart  time.Duration
@@ -68,15 +34,18 @@ type Director struct {
 	// dialHealth opens a health-check client for one backend; see
 	// health.go. Tests may replace it before Run.
 	dialHealth func(addr string, hc healthConfig) (healthProber, error)
-	// setChanged wakes Run after UpdateState changed the set. Capacity 1,
-	// sent to without blocking: one pending wake-up covers any number of
-	// changes, as Run reads the whole set.
-	setChanged chan struct{}
+	// wake wakes Run: after a snapshot was published (the set, health or
+	// ejections changed; Run follows the new set's health checkers and
+	// rebuildAt) and when a done call asks for an ejection. Capacity 1,
+	// sent to without blocking (see kick): one pending wake-up covers any
+	// number of events, as Run reads the whole state.
+	wake chan struct{}
 	// running is set while Run runs, which may only run once at a time.
 	running atomic.Bool
 
 	// snap is the current snapshot. It is never nil after New. It is only
-	// stored while holding mu, and loaded without it.
+	// stored while holding mu, and loaded without it: Pick, done and
+	// Backends never take mu.
 	snap atomic.Pointer[snapshot]
 
 	mu sync.Mutex // mu serialises rebuilds and guards the fields below.
@@ -93,18 +62,19 @@ type Director struct {
 
 // New validates cfg and returns a Director with an empty backend set, so
 // Pick returns [ErrNoBackend] until the first [Director.UpdateState]. New
-// starts no goroutines and does no I/O; active health checks run only
-// inside [Director.Run].
+// starts no goroutines and does no I/O. Ejections, their expiry, slow-start
+// steps and active health checks happen on the goroutine that runs
+// [Director.Run], which the owner must run.
 func New(cfg Config) (*Director, error) {
 	st, err := validate(cfg)
 	if err != nil {
 		return nil, err
 	}
-	p := newPolicy(st)
+	p := newBuilder(st)
 	d := &Director{
 		logger:     st.logger.With("component", "director"),
 		policyName: st.policy,
-		policy:     p,
+		builder:    p,
 		outlier:    st.outlier,
 		health:     st.health,
 		slowStart:  st.slowStart,
@@ -112,7 +82,7 @@ func New(cfg Config) (*Director, error) {
 		now:        st.now,
 		resolveNow: st.resolveNow,
 		dialHealth: dialGRPCHealth,
-		setChanged: make(chan struct{}, 1),
+		wake:       make(chan struct{}, 1),
 		counters:   make(map[string]*counters),
 	}
 	d.ewma, _ = p.(*peakEWMA)
@@ -129,9 +99,10 @@ var _ resolver.Updater = (*Director)(nil)
 // functions already handed out for them stay safe to call. A new address
 // starts healthy, with fresh counters, and slow-starts if [Config.SlowStart]
 // is set and the set was not empty. If only ejected backends remain, the
-// ejection that would end first ends at once. An empty set is accepted
-// (Pick then returns [ErrNoBackend]) and logged as a warning. UpdateState
-// wakes [Director.Run], if running, to start and stop health checkers.
+// ejection that would end first ends at once. Each change is logged: a
+// backend added, removed or reweighted at Info, an empty set as a warning
+// (Pick then returns [ErrNoBackend]). UpdateState wakes [Director.Run], if
+// running, to start and stop health checkers.
 //
 // UpdateState rejects a set with an empty or duplicate address, returning
 // an error and keeping the previous set. It does not retain s.
@@ -168,13 +139,16 @@ func (d *Director) UpdateState(s resolver.State) error {
 	sortBackends(bs)
 	d.logChanges(old.all, bs)
 	d.counters = next
-	d.publishLocked(bs, now)
-	// Wake Run to start and stop health checkers.
+	d.publishLocked(bs, now) // wakes Run to start and stop health checkers
+	return nil
+}
+
+// kick wakes Run without blocking; see Director.wake.
+func (d *Director) kick() {
 	select {
-	case d.setChanged <- struct{}{}:
+	case d.wake <- struct{}{}:
 	default:
 	}
-	return nil
 }
 
 // logChanges logs how the set moved from old to next, both sorted by
@@ -199,13 +173,19 @@ func (d *Director) logChanges(old, next []*backend) {
 	}
 }
 
-// ReportError records that the resolver failed. The director keeps the last
-// set it accepted and logs the error as a warning. It may be called
+// ReportError is told that the resolver failed. The director keeps the last
+// set it accepted and does not log: the resolver logged the failure, with
+// the target and its backoff, where it happened. It may be called
 // concurrently with the other methods.
-func (d *Director) ReportError(err error) {
-	d.logger.Warn("resolver error; keeping the last backend set",
-		"err", err, "backends", len(d.snap.Load().all), "policy", d.policyName)
-}
+func (d *Director) ReportError(error) {}
+
+// Ready reports whether a stream picked now would go to a backend that is
+// neither ejected nor failing its health checks. It is false while the set
+// is empty and while every backend is unhealthy or ejected: then Pick still
+// picks among the unejected backends (panic mode, see [Director.Run]), but
+// an orchestrator should send clients to a proxy that has a healthy
+// backend. Ready reads the current snapshot; it never blocks.
+func (d *Director) Ready() bool { return d.snap.Load().healthy }
 
 // Pick chooses a backend for a stream of fullMethod ("/pkg.Service/Method").
 // It is called by the proxy once per stream, concurrently; it never blocks
@@ -219,27 +199,29 @@ func (d *Director) ReportError(err error) {
 // (or context.Canceled and context.DeadlineExceeded) count as nothing, and
 // anything else means the backend answered; see [Config.EjectAfter].
 // Calling done more than once is safe: only the first call counts. done may
-// be called from any goroutine; it does not block, except briefly on the
-// director's mutex when it completes a run of failures, and, with
-// [PeakEWMA], on the backend's estimate.
+// be called from any goroutine, also while the caller holds its own locks:
+// it updates atomics, with [PeakEWMA] takes the backend's estimate's own
+// short lock, and hands an ejection to Run without waiting; it never takes
+// the director's mutex.
 //
 // With [PeakEWMA], the time from Pick to done is the backend's latency
 // sample. For codes.Unavailable, done also calls [Config.ResolveNow].
 //
 // Pick does not pick ejected backends, nor backends that failed active
 // health checks unless none is healthy (panic mode; see [Director.Run]).
-// When an ejection has run out or a slow-start step is due, the first Pick
-// that notices it rebuilds the snapshot if it can do so without waiting,
-// else a later one does. Besides logging, only [RingHash] reads ctx, for
-// the hash key; Pick does not keep it.
+// Pick only reads the current snapshot, as grpc-go's pickers do: it never
+// rebuilds one and never takes the director's mutex, so it may be called
+// under the caller's locks. Ejections end, and slow-start steps advance, on
+// Run's timer. Besides logging, only [RingHash] reads ctx, for the hash
+// key; Pick does not keep it.
 //
 // If no backend is usable, Pick returns [ErrNoBackend] and a nil done.
 func (d *Director) Pick(ctx context.Context, fullMethod string) (addr string, done func(error), err error) {
-	s := d.load()
-	if len(s.set.ready) == 0 {
+	s := d.snap.Load()
+	if s.picker == nil {
 		return "", nil, ErrNoBackend
 	}
-	b := d.policy.pick(ctx, &s.set)
+	b := s.picker.pick(ctx)
 	b.ctr.inflight.Add(1)
 	if d.logger.Enabled(ctx, slog.LevelDebug) {
 		d.logger.DebugContext(ctx, "picked backend", "backend", b.addr, "method", fullMethod, "policy", d.policyName)
@@ -278,11 +260,10 @@ type BackendStats struct {
 
 // Backends returns the stats of the current set, sorted by Addr. The
 // counters are read one by one, not as one atomic whole. Like Pick, it
-// first restores ejections that have run out, if it can without waiting.
-// It is safe to call concurrently with everything else, and the caller owns
-// the result.
+// only reads the current snapshot. It is safe to call concurrently with
+// everything else, and the caller owns the result.
 func (d *Director) Backends() []BackendStats {
-	s := d.load()
+	s := d.snap.Load()
 	out := make([]BackendStats, len(s.all))
 	for i, b := range s.all {
 		out[i] = BackendStats{

@@ -72,19 +72,21 @@ func ExampleDirector() {
 }
 
 func ExampleDirector_ejection() {
-	// A fake clock keeps the output deterministic; real code leaves Now nil.
-	now := time.Unix(0, 0)
 	d, err := director.New(director.Config{
 		Logger:       slog.New(slog.DiscardHandler),
 		Rand:         firstRand{},
-		Now:          func() time.Time { return now },
 		EjectAfter:   3,
-		BaseEjection: 10 * time.Second,
+		BaseEjection: 200 * time.Millisecond,
 	})
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
+	// Run decides ejections and ends them on its timer.
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- d.Run(ctx) }()
+	defer func() { cancel(); <-ran }()
 	if err := d.UpdateState(resolver.State{Addresses: []resolver.Address{
 		{Addr: "10.0.0.1:50051"},
 		{Addr: "10.0.0.2:50051"},
@@ -111,15 +113,23 @@ func ExampleDirector_ejection() {
 		}
 		fmt.Println(strings.Join(got, " "))
 	}
-	picks(8) // the third failure in a row ejects 10.0.0.2
-
-	now = now.Add(10 * time.Second)
-	picks(2) // 10.0.0.2 is back, with a fresh run count
+	ejected := func() bool { return d.Backends()[1].Ejected }
+	waitFor := func(cond func() bool) {
+		for deadline := time.Now().Add(5 * time.Second); !cond() && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	picks(6) // the third failure in a row hands 10.0.0.2 to Run, which ejects it
+	waitFor(ejected)
+	picks(4) // only 10.0.0.1 while the ejection lasts
+	waitFor(func() bool { return !ejected() })
+	picks(2) // 10.0.0.2 is back after BaseEjection, with a fresh run count
 	for _, b := range d.Backends() {
 		fmt.Printf("%s ejected=%v ejections=%d\n", b.Addr, b.Ejected, b.Ejections)
 	}
 	// Output:
-	// 10.0.0.1:50051 10.0.0.2:50051 10.0.0.1:50051 10.0.0.2:50051 10.0.0.1:50051 10.0.0.2:50051 10.0.0.1:50051 10.0.0.1:50051
+	// 10.0.0.1:50051 10.0.0.2:50051 10.0.0.1:50051 10.0.0.2:50051 10.0.0.1:50051 10.0.0.2:50051
+	// 10.0.0.1:50051 10.0.0.1:50051 10.0.0.1:50051 10.0.0.1:50051
 	// 10.0.0.1:50051 10.0.0.2:50051
 	// 10.0.0.1:50051 ejected=false ejections=0
 	// 10.0.0.2:50051 ejected=false ejections=1

@@ -2,7 +2,6 @@ package director
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"runtime/debug"
 	"sync"
@@ -19,7 +18,7 @@ import (
 // Active health checks over grpc.health.v1 (Health.Check), after Envoy's
 // gRPC health checker and CoreDNS's up package.
 //
-// Run owns one checker goroutine per backend of the current set. A checker
+// Run (run.go) owns one checker goroutine per backend of the current set. A checker
 // owns its own client connection, probes once at start and then on every
 // tick, one probe at a time (a tick that comes while a probe runs is
 // dropped), and counts results in a row (healthRun). When the verdict
@@ -80,46 +79,6 @@ func newHealthConfig(cfg Config) (healthConfig, error) {
 		hc.unhealthyAfter = DefaultUnhealthyThreshold
 	}
 	return hc, nil
-}
-
-// Run runs the active health checks of [Config.HealthCheckInterval] until
-// ctx is cancelled, then returns nil. It blocks; the caller decides whether
-// to run it in a goroutine. It starts a checker goroutine and a client
-// connection for every backend of the current set, and stops them when
-// their backend leaves the set ([Director.UpdateState] wakes Run). When it
-// returns, every goroutine it started has exited and every connection is
-// closed, and the backends it had found unhealthy count as healthy again,
-// as nothing checks them any more.
-//
-// With health checks disabled, Run just waits for ctx. It returns an error
-// if another Run of the same Director is running.
-func (d *Director) Run(ctx context.Context) error {
-	if !d.running.CompareAndSwap(false, true) {
-		return errors.New("director: Run is already running")
-	}
-	defer d.running.Store(false)
-	if d.health.interval <= 0 {
-		<-ctx.Done()
-		return nil
-	}
-
-	var wg sync.WaitGroup
-	checkers := make(map[string]checker)
-	defer func() {
-		for _, c := range checkers {
-			c.cancel()
-		}
-		wg.Wait()
-		d.forgetHealth()
-	}()
-	for {
-		d.syncCheckers(ctx, &wg, checkers)
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-d.setChanged:
-		}
-	}
 }
 
 // checker is Run's handle on one checker goroutine.

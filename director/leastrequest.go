@@ -17,10 +17,18 @@ func newLeastRequest(choices int, r randSource, now func() time.Time, slowStart 
 	return &leastRequest{p2c{choices: choices, rand: r, slow: slowStarter{window: slowStart, now: now, rand: r}}}
 }
 
-func (p *leastRequest) prepare(*pickSet) {}
+func (p *leastRequest) build(ready []*backend, _ bool) picker {
+	return &leastRequestPicker{p: p, ready: ready}
+}
 
-func (p *leastRequest) pick(_ context.Context, ps *pickSet) *backend {
-	return p.pickBy(ps.ready, p, 0)
+// leastRequestPicker is one snapshot's least-request choice.
+type leastRequestPicker struct {
+	p     *leastRequest
+	ready []*backend
+}
+
+func (lp *leastRequestPicker) pick(context.Context) *backend {
+	return lp.p.pickBy(lp.ready, lp.p, 0)
 }
 
 // load is the in-flight count.

@@ -17,16 +17,18 @@ import (
 // [Config.EjectAfter] Unavailable outcomes in a row is left out of picking
 // for a while, then let back in.
 //
-// The pieces, and who runs them:
+// The pieces, and who runs them (grpc-go's outlierdetection balancer has
+// the same split: calls count in atomics, ejection runs on its own timer):
 //   - done (any goroutine, lock-free) classifies the outcome and counts the
-//     run in an atomic; only the call that completes a run takes mu, to
-//     eject.
-//   - eject (under mu) checks the max-ejection cap, records the ejection in
-//     the backend's long-lived counters and publishes a snapshot without it.
-//   - Nothing runs on a timer: each snapshot carries the earliest end of an
-//     ejection, and the first Pick that sees it due rebuilds the snapshot if
-//     it can take mu without waiting (TryLock). Every rebuild, whatever its
-//     cause, also restores the ejections that have run out.
+//     run in an atomic; the call that completes a run marks the backend
+//     ejectPending and wakes Run, without waiting for anything.
+//   - Run's goroutine (reconcile, under mu) decides each pending ejection:
+//     it checks the max-ejection cap, records the ejection in the backend's
+//     long-lived counters and publishes a snapshot without it.
+//   - Each snapshot carries the earliest end of an ejection (rebuildAt);
+//     Run's timer fires then and publishes a snapshot with the backend
+//     back. Every rebuild, whatever its cause, also restores the ejections
+//     that have run out. Pick never rebuilds.
 
 // Defaults for the outlier fields of [Config]. The values are Envoy's.
 const (
@@ -118,8 +120,8 @@ func classify(err error) outcome {
 }
 
 // observe feeds one stream outcome of b to outlier detection. It is called
-// from done, concurrently and without locks; only the outcome that
-// completes a run of [Config.EjectAfter] failures takes mu (see eject).
+// from done, concurrently and without locks; the outcome that completes a
+// run of [Config.EjectAfter] failures hands the ejection to Run.
 func (d *Director) observe(b *backend, o outcome) {
 	if d.outlier.ejectAfter == 0 {
 		return
@@ -136,14 +138,18 @@ func (d *Director) observe(b *backend, o outcome) {
 		// Add hands each count to exactly one caller, so one call per run
 		// sees the threshold.
 		if n := c.consecutive.Add(1); n == d.outlier.ejectAfter {
-			d.eject(b, n)
+			c.ejectPending.Store(true)
+			d.kick()
 		}
 	}
 }
 
-// eject ejects b after a run of failures failures, unless b has left the
-// set, is already ejected, or the max-ejection cap forbids it. It blocks on
-// mu, which is only held for rebuilds.
+// ejectLocked decides the ejection of b, whose counters were marked
+// ejectPending after a run of failures, and reports whether the set's
+// state changed (b ejected, or expired ejections restored on the way), so
+// that the caller publishes. b is not ejected if it is already, or if the
+// max-ejection cap forbids it. Caller must hold mu; only reconcile calls
+// it.
 //
 // The ejection lasts BaseEjection times the backend's multiplier, at most
 // MaxEjection. The multiplier grows by one per ejection and decays, like
@@ -152,24 +158,20 @@ func (d *Director) observe(b *backend, o outcome) {
 // next ejection is decided. So a backend that fails again at once is
 // ejected for 10s, 20s, 30s, …, and one that stays up for long enough
 // starts again at 10s.
-func (d *Director) eject(b *backend, failures int64) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+func (d *Director) ejectLocked(all []*backend, b *backend, now time.Time) bool {
 	c := b.ctr
+	failures := d.outlier.ejectAfter
 	// Start a new run whatever happens, as Envoy does: a backend the cap
 	// keeps in is reconsidered after another full run, not every failure.
 	c.consecutive.Store(0)
-	if d.counters[b.addr] != c || !c.ejectedUntil.IsZero() {
-		// b left the set (maybe to come back with fresh counters), or it
-		// is ejected and streams picked before that are still ending.
-		return
+	if !c.ejectedUntil.IsZero() {
+		// Streams picked before the ejection are still ending.
+		return false
 	}
 
-	now := d.now()
-	cur := d.snap.Load()
-	restored := d.restoreExpiredLocked(cur.all, now)
+	restored := d.restoreExpiredLocked(all, now)
 	ejected, healthyOthers := 0, 0
-	for _, x := range cur.all {
+	for _, x := range all {
 		switch {
 		case !x.ctr.ejectedUntil.IsZero():
 			ejected++
@@ -177,7 +179,7 @@ func (d *Director) eject(b *backend, failures int64) {
 			healthyOthers++
 		}
 	}
-	total := len(cur.all)
+	total := len(all)
 	// Never eject the last pickable backend, nor the last healthy one:
 	// publishing would restore another at once.
 	lastHealthy := !c.unhealthy && healthyOthers == 0
@@ -193,10 +195,7 @@ func (d *Director) eject(b *backend, failures int64) {
 		d.logger.Log(context.Background(), level, "backend not ejected: max ejection percent reached",
 			"backend", b.addr, "failures", failures, "ejected", ejected, "backends", total,
 			"max_ejection_percent", d.outlier.maxPercent)
-		if restored {
-			d.publishLocked(cloneBackends(cur.all), now)
-		}
-		return
+		return restored
 	}
 
 	m := c.multiplier
@@ -210,7 +209,7 @@ func (d *Director) eject(b *backend, failures int64) {
 	c.ejections.Add(1)
 	d.ejectEpoch++
 	d.logger.Info("backend ejected", "backend", b.addr, "failures", failures, "duration", dur)
-	d.publishLocked(cloneBackends(cur.all), now)
+	return true
 }
 
 // restoreExpiredLocked restores the backends of bs whose ejection has
@@ -235,5 +234,6 @@ func (d *Director) restoreLocked(b *backend, now time.Time) {
 	c.ejectedUntil = time.Time{}
 	c.restoredAt = now
 	c.consecutive.Store(0)
+	c.ejectPending.Store(false)
 	d.ejectEpoch++
 }

@@ -111,8 +111,10 @@ func pickCounts(t *testing.T, d *Director, n int) map[string]int {
 }
 
 // statsOf returns addr's stats, failing the test if it is not in the set.
+// Like mustPick, it first does what Run would have done by then.
 func statsOf(t *testing.T, d *Director, addr string) BackendStats {
 	t.Helper()
+	d.reconcile()
 	for _, b := range d.Backends() {
 		if b.Addr == addr {
 			return b
@@ -538,26 +540,40 @@ func TestEjectionSetShrinksToEjected(t *testing.T) {
 }
 
 // TestPickDoesNotWaitToRestore holds the mutex while an ejection is due and
-// checks that Pick and Backends go on with the current snapshot, then
-// restore once the mutex is free.
+// checks that Pick, done and Backends go on with the current snapshot
+// without blocking (a failure run handed to Run included), and that the
+// ejection ends once Run's work can run.
 func TestPickDoesNotWaitToRestore(t *testing.T) {
 	t.Parallel()
 	clk := newFakeClock()
 	d := newOutlierDirector(t, Config{}, clk, "a:1", "b:1", "c:1")
 	failN(t, d, "a:1", errUnavailable, 3)
+	if !statsOf(t, d, "a:1").Ejected {
+		t.Fatal("a:1 not ejected after 3 failures")
+	}
 	clk.Advance(time.Minute)
 
 	d.mu.Lock()
-	if diff := cmp.Diff(map[string]int{"b:1": 3, "c:1": 3}, pickCounts(t, d, 6)); diff != "" {
-		d.mu.Unlock()
+	got := make(map[string]int)
+	for range 6 {
+		addr, done, err := d.Pick(t.Context(), "/s/m")
+		if err != nil {
+			d.mu.Unlock()
+			t.Fatalf("Pick() while mu is held: %v", err)
+		}
+		got[addr]++
+		done(errUnavailable) // completes b:1's and c:1's runs: handed over, not waited for
+	}
+	stillEjected := slices.ContainsFunc(d.Backends(), func(b BackendStats) bool { return b.Addr == "a:1" && b.Ejected })
+	d.mu.Unlock()
+	if diff := cmp.Diff(map[string]int{"b:1": 3, "c:1": 3}, got); diff != "" {
 		t.Fatalf("picks while mu is held (-want +got):\n%s", diff)
 	}
-	stillEjected := statsOf(t, d, "a:1").Ejected
-	d.mu.Unlock()
 	if !stillEjected {
 		t.Error("a:1 restored although mu was held")
 	}
 
+	d.reconcile() // Run's timer
 	if n := pickCounts(t, d, 6)["a:1"]; n == 0 {
 		t.Error("a:1 not picked after mu was released")
 	}

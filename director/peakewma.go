@@ -38,13 +38,21 @@ func newPeakEWMA(choices int, r randSource, now func() time.Time, slowStart, dec
 	}
 }
 
-func (p *peakEWMA) prepare(*pickSet) {}
+func (p *peakEWMA) build(ready []*backend, _ bool) picker {
+	return &peakEWMAPicker{p: p, ready: ready}
+}
 
-func (p *peakEWMA) pick(_ context.Context, ps *pickSet) *backend {
-	if len(ps.ready) == 1 {
-		return ps.ready[0]
+// peakEWMAPicker is one snapshot's peak EWMA choice.
+type peakEWMAPicker struct {
+	p     *peakEWMA
+	ready []*backend
+}
+
+func (pp *peakEWMAPicker) pick(context.Context) *backend {
+	if len(pp.ready) == 1 {
+		return pp.ready[0]
 	}
-	return p.pickBy(ps.ready, p, p.now().UnixNano())
+	return pp.p.pickBy(pp.ready, pp.p, pp.p.now().UnixNano())
 }
 
 // minEstimate floors the latency estimate in the cost, in nanoseconds, so

@@ -54,23 +54,25 @@ func testPool(inflight ...int64) []*backend {
 	return bs
 }
 
-// pickFrom prepares a pick set of bs for p, as a snapshot build would, and
+// pickFrom builds a picker of bs for p, as a snapshot build would, and
 // picks from it with a background context.
-func pickFrom(p policy, bs []*backend) *backend {
-	return p.pick(context.Background(), prepared(p, bs))
+func pickFrom(p builder, bs []*backend) *backend {
+	return prepared(p, bs).pick(context.Background())
 }
 
-// prepared returns the pick set of bs for p.
-func prepared(p policy, bs []*backend) *pickSet {
-	ps := &pickSet{ready: bs}
+// prepared returns p's picker over bs.
+func prepared(p builder, bs []*backend) picker {
+	anySlow := false
 	for _, b := range bs {
 		if b.slowSince != 0 {
-			ps.anySlow = true
+			anySlow = true
 		}
 	}
-	p.prepare(ps)
-	return ps
+	return p.build(bs, anySlow)
 }
+
+// newWeightedRotation is the WeightedRoundRobin builder.
+func newWeightedRotation(r randSource) *rotation { return newRotation(r, true) }
 
 func addrsOf(bs []*backend) []string {
 	out := make([]string, len(bs))
@@ -96,11 +98,11 @@ func TestRoundRobin(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			p := newRoundRobin(seqRand(t, nil, tc.offset))
+			p := newRotation(seqRand(t, nil, tc.offset), false)
 			ps := prepared(p, testPool(make([]int64, tc.pool)...))
 			var got []string
 			for range tc.picks {
-				got = append(got, p.pick(context.Background(), ps).addr)
+				got = append(got, ps.pick(context.Background()).addr)
 			}
 			if diff := cmp.Diff(tc.want, got); diff != "" {
 				t.Errorf("picks mismatch (-want +got):\n%s", diff)
@@ -111,7 +113,7 @@ func TestRoundRobin(t *testing.T) {
 
 func TestRoundRobinSetChangeContinuesRotation(t *testing.T) {
 	t.Parallel()
-	p := newRoundRobin(seqRand(t, nil, 0))
+	p := newRotation(seqRand(t, nil, 0), false)
 	three := testPool(0, 0, 0)
 	two := three[:2]
 	var got []string

@@ -14,30 +14,39 @@ type random struct {
 
 func newRandom(r randSource) *random { return &random{rand: r} }
 
-// prepare builds the running sums of the effective weights while a backend
-// slow-starts, and clears them otherwise.
-func (p *random) prepare(ps *pickSet) {
-	ps.cum = nil
-	if !ps.anySlow {
-		return
+// build computes the running sums of the effective weights while a backend
+// slow-starts.
+func (p *random) build(ready []*backend, anySlow bool) picker {
+	rp := &randomPicker{rand: p.rand, ready: ready}
+	if anySlow {
+		ws := effectiveWeights(ready, false)
+		rp.cum = make([]uint64, len(ws))
+		var sum uint64
+		for i, w := range ws {
+			sum += w
+			rp.cum[i] = sum
+		}
 	}
-	ws := effectiveWeights(ps.ready, false)
-	ps.cum = make([]uint64, len(ws))
-	var sum uint64
-	for i, w := range ws {
-		sum += w
-		ps.cum[i] = sum
-	}
+	return rp
+}
+
+// randomPicker is one snapshot's random choice.
+type randomPicker struct {
+	rand  randSource
+	ready []*backend
+	// cum holds the running sums of the ready backends' effective weights
+	// while a backend slow-starts; nil means uniform.
+	cum []uint64
 }
 
 // pick draws one IntN: over the backends when uniform, else over the total
 // effective weight, then finds the backend whose range holds the draw.
-func (p *random) pick(_ context.Context, ps *pickSet) *backend {
-	if ps.cum == nil {
-		return ps.ready[p.rand.IntN(len(ps.ready))]
+func (rp *randomPicker) pick(context.Context) *backend {
+	if rp.cum == nil {
+		return rp.ready[rp.rand.IntN(len(rp.ready))]
 	}
-	x := uint64(p.rand.IntN(int(ps.cum[len(ps.cum)-1])))
+	x := uint64(rp.rand.IntN(int(rp.cum[len(rp.cum)-1])))
 	// The first i with cum[i] > x.
-	i, _ := slices.BinarySearch(ps.cum, x+1)
-	return ps.ready[i]
+	i, _ := slices.BinarySearch(rp.cum, x+1)
+	return rp.ready[i]
 }

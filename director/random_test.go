@@ -14,7 +14,7 @@ func TestRandom(t *testing.T) {
 	ps := prepared(p, testPool(0, 0, 0))
 	var got []string
 	for range 4 {
-		got = append(got, p.pick(context.Background(), ps).addr)
+		got = append(got, ps.pick(context.Background()).addr)
 	}
 	if diff := cmp.Diff([]string{"b2", "b0", "b1", "b1"}, got); diff != "" {
 		t.Errorf("picks mismatch (-want +got):\n%s", diff)
@@ -28,7 +28,7 @@ func TestRandomUniform(t *testing.T) {
 	ps := prepared(p, weightedPool(1, 5, 1, 9))
 	counts := make(map[string]int)
 	for range 40000 {
-		counts[p.pick(context.Background(), ps).addr]++
+		counts[ps.pick(context.Background()).addr]++
 	}
 	for addr, n := range counts {
 		if n < 9500 || n > 10500 {
@@ -49,7 +49,7 @@ func TestRandomSlowStart(t *testing.T) {
 	ps := prepared(p, bs)
 	var got []string
 	for range 6 {
-		got = append(got, p.pick(context.Background(), ps).addr)
+		got = append(got, ps.pick(context.Background()).addr)
 	}
 	if diff := cmp.Diff([]string{"b0", "b0", "b1", "b1", "b2", "b2"}, got); diff != "" {
 		t.Errorf("picks mismatch (-want +got):\n%s", diff)

@@ -25,7 +25,7 @@ type ringHash struct {
 	perPoint int    // points per unit of weight
 	rand     randSource
 
-	// The cache below is guarded by Director.mu (prepare runs under it).
+	// The cache below is guarded by Director.mu (build runs under it).
 	// Snapshots are rebuilt for reasons that do not change the ring
 	// (another backend's ejection ending in panic mode, slow-start steps),
 	// so the last ring is reused while the ready addresses and weights are
@@ -51,15 +51,23 @@ func newRingHash(header string, ringSize int, r randSource) *ringHash {
 	return &ringHash{header: header, perPoint: ringSize, rand: r}
 }
 
-func (p *ringHash) prepare(ps *pickSet) {
-	key := make([]ringMember, len(ps.ready))
-	for i, b := range ps.ready {
+func (p *ringHash) build(ready []*backend, _ bool) picker {
+	key := make([]ringMember, len(ready))
+	for i, b := range ready {
 		key[i] = ringMember{addr: b.addr, weight: b.weight}
 	}
 	if p.cacheRing == nil || !slices.Equal(key, p.cacheKey) {
-		p.cacheKey, p.cacheRing = key, buildRing(ps.ready, p.perPoint, MaxRingPoints)
+		p.cacheKey, p.cacheRing = key, buildRing(ready, p.perPoint, MaxRingPoints)
 	}
-	ps.ring = p.cacheRing
+	return &ringPicker{header: p.header, rand: p.rand, ready: ready, ring: p.cacheRing}
+}
+
+// ringPicker is one snapshot's ring. The ring's indices point into ready.
+type ringPicker struct {
+	header string
+	rand   randSource
+	ready  []*backend
+	ring   []ringPoint
 }
 
 // buildRing places perWeight points per unit of weight for each backend
@@ -93,12 +101,12 @@ func buildRing(bs []*backend, perWeight int, limit uint64) []ringPoint {
 // pick hashes the first value of the configured header in ctx's incoming
 // metadata and walks the ring. Without a key it picks uniformly at random:
 // such streams have no affinity to keep.
-func (p *ringHash) pick(ctx context.Context, ps *pickSet) *backend {
-	vals := metadata.ValueFromIncomingContext(ctx, p.header)
-	if len(vals) == 0 || vals[0] == "" || len(ps.ring) == 0 {
-		return ps.ready[p.rand.IntN(len(ps.ready))]
+func (rp *ringPicker) pick(ctx context.Context) *backend {
+	vals := metadata.ValueFromIncomingContext(ctx, rp.header)
+	if len(vals) == 0 || vals[0] == "" || len(rp.ring) == 0 {
+		return rp.ready[rp.rand.IntN(len(rp.ready))]
 	}
-	return ps.ready[ringLookup(ps.ring, hashKey(vals[0]))]
+	return rp.ready[ringLookup(rp.ring, hashKey(vals[0]))]
 }
 
 // ringLookup returns the backend index of the first point at or after h,

@@ -76,8 +76,9 @@ func TestSlowStartRoundRobin(t *testing.T) {
 			t.Errorf("after %v: picks mismatch (-want +got):\n%s", elapsed, diff)
 		}
 	}
-	if s := d.snap.Load(); s.rebuildAt.Load() != 0 || s.set.anySlow {
-		t.Errorf("after the window: rebuildAt = %d, anySlow = %v; want no more rebuilds", s.rebuildAt.Load(), s.set.anySlow)
+	d.reconcile()
+	if s := d.snap.Load(); s.rebuildAt != 0 || s.picker.(*rotationPicker).sched != nil {
+		t.Errorf("after the window: rebuildAt = %d, schedule of %d; want no more rebuilds and plain rotation", s.rebuildAt, len(s.picker.(*rotationPicker).sched))
 	}
 }
 
@@ -165,13 +166,13 @@ func TestSlowStartStepsRebuild(t *testing.T) {
 	mustUpdate(t, d, state("a:1", "b:1"))
 	for i := 1; i <= slowStartSteps; i++ {
 		want := monoNanos(start.Add(time.Duration(i) * 500 * time.Millisecond))
-		if got := d.snap.Load().rebuildAt.Load(); got != want {
+		if got := d.snap.Load().rebuildAt; got != want {
 			t.Fatalf("step %d: rebuildAt = %d, want %d", i, got, want)
 		}
 		clk.Advance(500 * time.Millisecond)
 		pickCounts(t, d, 1)
 	}
-	if got := d.snap.Load().rebuildAt.Load(); got != 0 {
+	if got := d.snap.Load().rebuildAt; got != 0 {
 		t.Errorf("after the window: rebuildAt = %d, want 0", got)
 	}
 }

@@ -19,6 +19,10 @@ type counters struct {
 	consecutive atomic.Int64
 	// ejections counts ejections since the address joined the set.
 	ejections atomic.Int64
+	// ejectPending is set by the done call that completes a run of
+	// failures and cleared by Run, which decides on the ejection; see
+	// outlier.go.
+	ejectPending atomic.Bool
 	// latency is the peak EWMA estimate; used by PeakEWMA only.
 	latency ewma
 
@@ -57,48 +61,29 @@ type backend struct {
 	slowFactor float64
 }
 
-// pickSet is what policies see of a snapshot: the backends they may pick
-// from, and what the policy precomputed from them in prepare. Health,
-// ejection and panic mode have been resolved into ready; policies know
-// nothing of them (Caddy's Upstream.Available habit).
-type pickSet struct {
-	// ready holds the backends policies may pick from, sorted by addr. It
-	// is empty only if the whole set is.
-	ready []*backend
-	// anySlow reports whether a ready backend was slow-starting when the
-	// snapshot was built.
-	anySlow bool
-
-	// Policy state, built by the policy's prepare; nil if unused.
-
-	// sched is a rotation schedule for the round-robin policies: each
-	// ready backend appears in proportion to its effective weight. Nil
-	// means ready in order.
-	sched []*backend
-	// cum holds the running sums of the ready backends' effective weights,
-	// for Random while a backend slow-starts. Nil means uniform.
-	cum []uint64
-	// ring is RingHash's ring.
-	ring []ringPoint
-}
-
 // snapshot is an immutable view of the backend set that Pick reads without
-// locking. A new one is built for every change and published atomically.
+// locking. A new one is built for every change and published atomically;
+// nothing in it changes after that, only the counters its backends point
+// at.
 type snapshot struct {
 	// all holds every backend, sorted by addr.
 	all []*backend
-	// set is the policies' view.
-	set pickSet
-	// rebuildAt is when the snapshot goes stale, in Unix nanoseconds of
-	// Config.Now, or 0 if never: the earliest end of an ejection or of a
-	// slow-start step. It is the snapshot's only mutable field: a picker
-	// that finds it due swaps it to 0 to claim the rebuild, so concurrent
-	// picks do not all try; see Director.rebuildDue.
-	rebuildAt atomic.Int64
+	// ready holds the backends the picker chooses from, sorted by addr:
+	// the healthy, unejected ones, or in panic mode every unejected one.
+	// It is empty only if the whole set is.
+	ready []*backend
+	// picker is the policy's picker over ready; nil if ready is empty.
+	picker picker
+	// healthy reports that ready holds a backend that is healthy and not
+	// ejected, that is, the snapshot is not in panic mode and not empty.
+	healthy bool
+	// rebuildAt is when the snapshot goes stale, in nanoseconds of
+	// monoNanos, or 0 if never: the earliest end of an ejection or of a
+	// slow-start step. Run's timer rebuilds it then.
+	rebuildAt int64
 }
 
-// emptySnapshot is the set before the first update. Shared and read-only
-// (its rebuildAt stays 0, so nobody swaps it).
+// emptySnapshot is the set before the first update. Shared and read-only.
 var emptySnapshot = &snapshot{}
 
 // sortBackends sorts bs by address in place.
@@ -138,8 +123,9 @@ func minTime(a, b int64) int64 {
 // publishLocked builds a snapshot from bs and stores it. bs are fresh
 // backends, which publishLocked takes over. It sorts them, restores
 // ejections that have run out, makes sure a backend is pickable if any
-// exists, ends slow-start windows that have passed, and sets the derived
-// fields. Caller must hold mu.
+// exists, ends slow-start windows that have passed, sets the derived fields
+// and has the policy build the picker. It wakes Run, whose timer follows
+// the new snapshot's rebuildAt. Caller must hold mu.
 func (d *Director) publishLocked(bs []*backend, now time.Time) *snapshot {
 	sortBackends(bs)
 	d.restoreExpiredLocked(bs, now)
@@ -169,7 +155,7 @@ func (d *Director) publishLocked(bs []*backend, now time.Time) *snapshot {
 			healthy++
 		}
 	}
-	s := &snapshot{all: bs}
+	s := &snapshot{all: bs, healthy: healthy > 0, rebuildAt: rebuildAt}
 	panicking := healthy == 0 && len(bs) > 0
 	if panicking {
 		// Panic mode, as Envoy's: with no healthy backend, the checks are
@@ -183,18 +169,19 @@ func (d *Director) publishLocked(bs []*backend, now time.Time) *snapshot {
 		}
 	}
 	d.logPanicLocked(panicking, len(bs))
-	s.set.ready = ready
-	for _, b := range ready {
-		if b.slowSince != 0 {
-			s.set.anySlow = true
-			break
-		}
-	}
+	s.ready = ready
 	if len(ready) > 0 {
-		d.policy.prepare(&s.set)
+		anySlow := false
+		for _, b := range ready {
+			if b.slowSince != 0 {
+				anySlow = true
+				break
+			}
+		}
+		s.picker = d.builder.build(ready, anySlow)
 	}
-	s.rebuildAt.Store(rebuildAt)
 	d.snap.Store(s)
+	d.kick()
 	return s
 }
 
@@ -258,37 +245,8 @@ var monoEpoch = time.Now()
 // compare by wall time, consistently.
 func monoNanos(t time.Time) int64 { return t.Sub(monoEpoch).Nanoseconds() }
 
-// load returns the snapshot to pick from. If the current one has gone
-// stale (an ejection has run out, or a slow-start step is due), it first
-// tries to publish a fresh one. Like Pick, it never blocks.
-func (d *Director) load() *snapshot {
-	s := d.snap.Load()
-	if r := s.rebuildAt.Load(); r != 0 && monoNanos(d.now()) >= r {
-		return d.rebuildDue(s, r)
-	}
-	return s
-}
-
-// rebuildDue rebuilds the snapshot after s went stale at r. It does not
-// wait: if another picker has claimed the rebuild, or mu is busy, it
-// returns s and the stream goes to one of s's backends.
-func (d *Director) rebuildDue(s *snapshot, r int64) *snapshot {
-	// Claim the rebuild, so concurrent picks do not all hit mu.
-	if !s.rebuildAt.CompareAndSwap(r, 0) {
-		return s
-	}
-	if !d.mu.TryLock() {
-		// A rebuild or ejection holds mu. Not every holder publishes, so
-		// hand the claim back for a later pick.
-		s.rebuildAt.CompareAndSwap(0, r)
-		return s
-	}
-	defer d.mu.Unlock()
-	return d.publishLocked(cloneBackends(d.snap.Load().all), d.now())
-}
-
 // call tracks one picked stream. Its done method is the function Pick hands
-// out; the flag makes repeated calls harmless, like grpc-go's PickResult.Done
+// out; the flag makes repeated calls harmless, as grpc-go's PickResult.Done
 // contract tolerates misbehaving callers.
 type call struct {
 	d        *Director

@@ -7,30 +7,54 @@ import (
 	"sync/atomic"
 )
 
-// weightedRoundRobin rotates through a schedule in which every ready
-// backend appears in proportion to its weight (times its slow-start
-// factor). The schedule is built once per snapshot, so a pick is one atomic
-// add and an index, like roundRobin; over any whole cycle of the schedule
-// the shares are exact. The counter is shared by all snapshots, like
-// roundRobin's.
-type weightedRoundRobin struct {
-	next atomic.Uint64
+// rotation is RoundRobin and WeightedRoundRobin, which differ only in the
+// weights they rotate by. RoundRobin hands out the ready backends in
+// address order; WeightedRoundRobin rotates through a schedule in which
+// every backend appears in proportion to its weight, interleaved. While a
+// backend slow-starts, both rotate through a schedule of effective weights
+// (the weight, or 1 for RoundRobin, times the slow-start factor).
+//
+// The schedule is built once per snapshot, so a pick is one atomic add and
+// an index; over any whole cycle of the schedule the shares are exact. One
+// counter is shared by all pickers, so a set change shifts the rotation
+// rather than restarting it.
+type rotation struct {
+	weighted bool
+	next     atomic.Uint64
 }
 
-// newWeightedRoundRobin starts the rotation at a random offset, as
-// newRoundRobin does.
-func newWeightedRoundRobin(r randSource) *weightedRoundRobin {
-	p := &weightedRoundRobin{}
+// newRotation starts the rotation at a random offset so that many proxies
+// started together with the same set do not all send their first streams
+// to the same backend.
+func newRotation(r randSource, weighted bool) *rotation {
+	p := &rotation{weighted: weighted}
 	p.next.Store(uint64(r.IntN(math.MaxInt32)))
 	return p
 }
 
-func (p *weightedRoundRobin) prepare(ps *pickSet) {
-	ps.sched = buildSchedule(ps.ready, effectiveWeights(ps.ready, true))
+func (p *rotation) build(ready []*backend, anySlow bool) picker {
+	rp := &rotationPicker{next: &p.next, ready: ready}
+	if p.weighted || anySlow {
+		rp.sched = buildSchedule(ready, effectiveWeights(ready, p.weighted))
+	}
+	return rp
 }
 
-func (p *weightedRoundRobin) pick(_ context.Context, ps *pickSet) *backend {
-	return rotate(&p.next, ps)
+// rotationPicker is one snapshot's rotation.
+type rotationPicker struct {
+	next  *atomic.Uint64 // the builder's, shared by all its pickers
+	ready []*backend
+	// sched is one cycle of the weighted rotation; nil means ready in
+	// order (all weights equal).
+	sched []*backend
+}
+
+func (rp *rotationPicker) pick(context.Context) *backend {
+	n := rp.next.Add(1) - 1
+	if s := rp.sched; s != nil {
+		return s[n%uint64(len(s))]
+	}
+	return rp.ready[n%uint64(len(rp.ready))]
 }
 
 // maxSchedule bounds the length of a schedule. Weights whose reduced sum

@@ -97,11 +97,11 @@ func TestWeightedRoundRobinShares(t *testing.T) {
 	for _, offset := range []int{0, 1, 5, 12345} {
 		t.Run(fmt.Sprintf("offset=%d", offset), func(t *testing.T) {
 			t.Parallel()
-			p := newWeightedRoundRobin(seqRand(t, nil, offset))
+			p := newWeightedRotation(seqRand(t, nil, offset))
 			ps := prepared(p, weightedPool(1, 2, 3))
 			got := make(map[string]int)
 			for range 6000 {
-				got[p.pick(context.Background(), ps).addr]++
+				got[ps.pick(context.Background()).addr]++
 			}
 			want := map[string]int{"b0": 1000, "b1": 2000, "b2": 3000}
 			if diff := cmp.Diff(want, got); diff != "" {
@@ -113,14 +113,14 @@ func TestWeightedRoundRobinShares(t *testing.T) {
 
 func TestWeightedRoundRobinEqualWeightsRotate(t *testing.T) {
 	t.Parallel()
-	p := newWeightedRoundRobin(seqRand(t, nil, 0))
+	p := newWeightedRotation(seqRand(t, nil, 0))
 	ps := prepared(p, weightedPool(4, 4, 4))
-	if ps.sched != nil {
-		t.Fatalf("equal weights built a schedule of %d entries, want plain rotation", len(ps.sched))
+	if sched := ps.(*rotationPicker).sched; sched != nil {
+		t.Fatalf("equal weights built a schedule of %d entries, want plain rotation", len(sched))
 	}
 	var got []string
 	for range 4 {
-		got = append(got, p.pick(context.Background(), ps).addr)
+		got = append(got, ps.pick(context.Background()).addr)
 	}
 	if diff := cmp.Diff([]string{"b0", "b1", "b2", "b0"}, got); diff != "" {
 		t.Errorf("picks mismatch (-want +got):\n%s", diff)
