@@ -100,6 +100,16 @@ func newEnv(t *testing.T, o envOpts) *env {
 	}
 	e.dir = d
 	e.setBackends(addrs...)
+	// Run decides ejections and ends them, as the wiring runs it.
+	dctx, dcancel := context.WithCancel(context.Background())
+	dran := make(chan error, 1)
+	go func() { dran <- d.Run(dctx) }()
+	t.Cleanup(func() {
+		dcancel()
+		if err := <-dran; err != nil {
+			t.Errorf("director Run: %v", err)
+		}
+	})
 
 	switch o.engine {
 	case "frame", "":
