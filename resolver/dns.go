@@ -287,22 +287,19 @@ func (d *DNS) Run(ctx context.Context, u Updater) error {
 	}
 }
 
-// push offers addrs to u and logs the change from last. It reports whether
-// u accepted the set.
+// push offers addrs to u and reports whether u accepted the set. The
+// change is logged once, by the Updater that applies it (the director logs
+// every backend added and removed, and an empty set as a warning); here
+// only at Debug, with the target that changed.
 func (d *DNS) push(u Updater, last, addrs []Address) bool {
 	if err := u.UpdateState(State{Addresses: slices.Clone(addrs)}); err != nil {
 		d.logger.Warn("backend set rejected", "err", err, "backends", len(addrs))
 		return false
 	}
-	added, removed := diffAddresses(last, addrs)
-	if len(addrs) == 0 {
-		// See the package doc: an authoritative empty answer is the
-		// truth, and an operator should know the service has no
-		// backends left.
-		d.logger.Warn("name has no records; backend set is now empty", "removed", removed)
-		return true
+	if d.logger.Enabled(context.Background(), slog.LevelDebug) {
+		added, removed := diffAddresses(last, addrs)
+		d.logger.Debug("backend set changed", "added", added, "removed", removed, "backends", len(addrs))
 	}
-	d.logger.Info("backend set changed", "added", added, "removed", removed, "backends", len(addrs))
 	return true
 }
 

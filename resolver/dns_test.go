@@ -490,11 +490,12 @@ func TestDNSLogs(t *testing.T) {
 		fakeAnswer{},
 	)
 	wantLogs := []string{
-		`level=INFO msg="backend set changed" component=resolver target=dns:///svc:80 added="[10.0.0.1:80 10.0.0.2:80]" removed=[] backends=2`,
-		`level=INFO msg="backend set changed" component=resolver target=dns:///svc:80 added=[10.0.0.3:80] removed=[10.0.0.1:80] backends=2`,
+		// Set changes at Debug only: the director logs them, once.
+		`level=DEBUG msg="backend set changed" component=resolver target=dns:///svc:80 added="[10.0.0.1:80 10.0.0.2:80]" removed=[] backends=2`,
+		`level=DEBUG msg="backend set changed" component=resolver target=dns:///svc:80 added=[10.0.0.3:80] removed=[10.0.0.1:80] backends=2`,
 		`level=WARN msg="resolution failed; keeping last set" component=resolver target=dns:///svc:80 err="resolver: dns:///svc:80: server answered SERVFAIL" backends=2 failures=1`,
 		`level=INFO msg="resolution recovered" component=resolver target=dns:///svc:80 failures=1`,
-		`level=WARN msg="name has no records; backend set is now empty" component=resolver target=dns:///svc:80 removed="[10.0.0.2:80 10.0.0.3:80]"`,
+		`level=DEBUG msg="backend set changed" component=resolver target=dns:///svc:80 added=[] removed="[10.0.0.2:80 10.0.0.3:80]" backends=0`,
 	}
 	for range 3 {
 		h.clock.fire(h.nextTimer())

@@ -189,7 +189,7 @@ func TestDnsmasq(t *testing.T) {
 			if tc.authoritative {
 				// NXDOMAIN: the service is gone.
 				u.waitSet(ctx, t)
-				waitLog(ctx, t, logs, "name has no records; backend set is now empty")
+				waitLog(ctx, t, logs, "backends=0")
 			} else {
 				// REFUSED: a failure, so the set stays.
 				u.waitFor(ctx, t, "a reported error", func() bool { _, errs := u.snapshot(); return len(errs) > 0 })

@@ -22,7 +22,6 @@ type Group struct {
 type child struct {
 	name string // for logs: the target, or "static" for the static set
 	r    Resolver
-	dns  *DNS // nil for the static set
 }
 
 var _ Resolver = (*Group)(nil)
@@ -30,7 +29,7 @@ var _ Resolver = (*Group)(nil)
 // New validates targets and builds one resolver for all of them: static
 // "host:port" targets form one fixed set (as [NewStatic] builds it), and
 // each DNS target gets a [DNS] resolver configured by opts. The result is a
-// *[Group]; it also offers ResolveNow. All problems are reported at once,
+// *[Group]. All problems are reported at once,
 // joined with [errors.Join]. New does no I/O and starts no goroutines.
 func New(targets []string, opts DNSOptions) (Resolver, error) {
 	if len(targets) == 0 {
@@ -80,19 +79,17 @@ func New(targets []string, opts DNSOptions) (Resolver, error) {
 		if err != nil {
 			return nil, err // unreachable: t and opts were validated
 		}
-		g.children = append(g.children, child{name: t.String(), r: d, dns: d})
+		g.children = append(g.children, child{name: t.String(), r: d})
 	}
 	g.logger = opts.Logger.With("component", "resolver")
 	return g, nil
 }
 
-// ResolveNow asks every DNS resolver of the group to re-resolve early; see
+// ResolveNow asks every resolver of the group to re-resolve early; see
 // [DNS.ResolveNow]. It never blocks and is safe to call concurrently.
 func (g *Group) ResolveNow() {
 	for _, c := range g.children {
-		if c.dns != nil {
-			c.dns.ResolveNow()
-		}
+		c.r.ResolveNow()
 	}
 }
 

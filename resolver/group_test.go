@@ -35,6 +35,8 @@ func (s *scriptedResolver) Run(ctx context.Context, u Updater) error {
 }
 
 // push makes the child push addrs ("host:port" or "host:port;weight=N").
+func (s *scriptedResolver) ResolveNow() {}
+
 func (s *scriptedResolver) push(t *testing.T, addrs ...string) {
 	t.Helper()
 	var st State
@@ -207,8 +209,8 @@ func TestNew(t *testing.T) {
 			var names []string
 			for _, c := range g.children {
 				names = append(names, c.name)
-				if (c.dns != nil) == (c.name == "static") {
-					t.Errorf("child %s: dns = %v", c.name, c.dns)
+				if _, isDNS := c.r.(*DNS); isDNS == (c.name == "static") {
+					t.Errorf("child %s: resolver %T", c.name, c.r)
 				}
 			}
 			if diff := cmp.Diff(tc.children, names); diff != "" {

@@ -46,6 +46,12 @@ type Resolver interface {
 	// nil once ctx is cancelled. A non-nil error means the resolver cannot
 	// continue. The caller decides whether to run it on its own goroutine.
 	Run(ctx context.Context, u Updater) error
+	// ResolveNow asks Run to look the targets up again early, for example
+	// because a backend refused a connection and the set may be stale. It
+	// never blocks, coalesces, may be rate-limited, and is safe to call
+	// concurrently and when Run is not running. A resolver with nothing to
+	// look up ignores it.
+	ResolveNow()
 }
 
 // sortAddresses sorts as by Addr in place, so that sets compare equal

@@ -70,3 +70,6 @@ func (s *Static) Run(ctx context.Context, u Updater) error {
 	<-ctx.Done()
 	return nil
 }
+
+// ResolveNow does nothing: a static set has nothing to look up again.
+func (s *Static) ResolveNow() {}
