@@ -26,17 +26,9 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/streamlb/streamlb/loadtest"
+	"github.com/streamlb/streamlb/demo"
 	"github.com/streamlb/streamlb/testserver"
 )
-
-// Engine names accepted by --engine.
-const (
-	engineFrame = "frame"
-	engineGRPC  = "grpc-proxy"
-)
-
-var engines = []string{engineFrame, engineGRPC}
 
 // Exit codes.
 const (
@@ -250,11 +242,11 @@ func demoCommand() *cli.Command {
 		OnUsageError: onUsageError,
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "steps", Value: "3,5,2", Usage: "pod counts to scale through, comma-separated"},
-			&cli.DurationFlag{Name: "step-duration", Value: loadtest.DefaultDemoStepDuration, Usage: "how long load runs at each step"},
-			&cli.DurationFlag{Name: "dns-refresh", Value: loadtest.DefaultDemoRefresh, Usage: "streamlb's DNS re-resolution interval"},
-			&cli.IntFlag{Name: "rate", Value: loadtest.DefaultDemoRate, Usage: "calls per second each client sends"},
-			&cli.IntFlag{Name: "concurrency", Value: loadtest.DefaultDemoConcurrency, Usage: "calls in flight per client, all on its one connection"},
-			&cli.DurationFlag{Name: "interval", Value: loadtest.DefaultDemoInterval, Usage: "how often the live table is printed"},
+			&cli.DurationFlag{Name: "step-duration", Value: demo.DefaultStepDuration, Usage: "how long load runs at each step"},
+			&cli.DurationFlag{Name: "dns-refresh", Value: demo.DefaultRefresh, Usage: "streamlb's DNS re-resolution interval"},
+			&cli.IntFlag{Name: "rate", Value: demo.DefaultRate, Usage: "calls per second each client sends"},
+			&cli.IntFlag{Name: "concurrency", Value: demo.DefaultConcurrency, Usage: "calls in flight per client, all on its one connection"},
+			&cli.DurationFlag{Name: "interval", Value: demo.DefaultInterval, Usage: "how often the live table is printed"},
 		}, logFlags("error")...),
 		Action: runDemo,
 	}
@@ -276,7 +268,7 @@ func runDemo(c *cli.Context) error {
 		}
 		steps = append(steps, n)
 	}
-	cfg := loadtest.DemoConfig{
+	cfg := demo.Config{
 		Steps:        steps,
 		StepDuration: c.Duration("step-duration"),
 		Refresh:      c.Duration("dns-refresh"),
@@ -291,7 +283,7 @@ func runDemo(c *cli.Context) error {
 	slog.SetDefault(logger)
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if _, err := loadtest.RunDemo(ctx, cfg, c.App.Writer); err != nil {
+	if _, err := demo.Run(ctx, cfg, c.App.Writer); err != nil {
 		return failure(err)
 	}
 	return nil

@@ -17,6 +17,7 @@ import (
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 
+	"github.com/streamlb/streamlb/cluster"
 	"github.com/streamlb/streamlb/testserver"
 )
 
@@ -93,7 +94,7 @@ func TestProxyCommand(t *testing.T) {
 	prev := slog.Default()
 	t.Cleanup(func() { slog.SetDefault(prev) })
 
-	for _, engine := range engines {
+	for _, engine := range cluster.Engines() {
 		t.Run(engine, func(t *testing.T) {
 			ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
 			if err != nil {

@@ -179,6 +179,9 @@ func (d *Director) logChanges(old, next []*backend) {
 // concurrently with the other methods.
 func (d *Director) ReportError(error) {}
 
+// Policy returns the name of the director's policy, one of [Policies].
+func (d *Director) Policy() string { return d.policyName }
+
 // Ready reports whether a stream picked now would go to a backend that is
 // neither ejected nor failing its health checks. It is false while the set
 // is empty and while every backend is unhealthy or ejected: then Pick still

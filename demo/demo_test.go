@@ -1,4 +1,4 @@
-package loadtest_test
+package demo_test
 
 import (
 	"bytes"
@@ -10,7 +10,7 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/streamlb/streamlb/loadtest"
+	"github.com/streamlb/streamlb/demo"
 )
 
 // TestDemo runs the headless-service demo with a short configuration and
@@ -22,7 +22,7 @@ func TestDemo(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	var out bytes.Buffer
-	res, err := loadtest.RunDemo(ctx, loadtest.DemoConfig{
+	res, err := demo.Run(ctx, demo.Config{
 		Steps:        []int{2, 4, 1},
 		StepDuration: 1500 * time.Millisecond,
 		Refresh:      200 * time.Millisecond,
@@ -37,14 +37,14 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("got %d steps, want 3", len(res.Steps))
 	}
 	for i, s := range res.Steps {
-		if n := s.Errors[loadtest.ViaProxy]; n != 0 {
+		if n := s.Errors[demo.ViaProxy]; n != 0 {
 			t.Errorf("step %d: %d calls through streamlb failed, want none", i+1, n)
 		}
 		var total int64
 		for _, p := range s.Pods {
-			total += s.Calls[loadtest.ViaProxy][p]
+			total += s.Calls[demo.ViaProxy][p]
 		}
-		for p, n := range s.Calls[loadtest.ViaProxy] {
+		for p, n := range s.Calls[demo.ViaProxy] {
 			if !contains(s.Pods, p) {
 				t.Errorf("step %d: pod %s, not in the set, got %d calls through streamlb", i+1, p, n)
 			}
@@ -53,7 +53,7 @@ func TestDemo(t *testing.T) {
 		// pods added by scale-out included (they appear within the refresh
 		// interval, a small part of the step).
 		for _, p := range s.Pods {
-			share := float64(s.Calls[loadtest.ViaProxy][p]) / float64(total)
+			share := float64(s.Calls[demo.ViaProxy][p]) / float64(total)
 			if want := 0.5 / float64(len(s.Pods)); share < want {
 				t.Errorf("step %d: pod %s got %.0f%% of proxied calls, want at least %.0f%%", i+1, p, share*100, want*100)
 			}
@@ -61,7 +61,7 @@ func TestDemo(t *testing.T) {
 	}
 	// pick_first keeps the direct client on one pod while 4 are up.
 	used := 0
-	for _, n := range res.Steps[1].Calls[loadtest.Direct] {
+	for _, n := range res.Steps[1].Calls[demo.Direct] {
 		if n > 0 {
 			used++
 		}
@@ -69,7 +69,7 @@ func TestDemo(t *testing.T) {
 	if used != 1 {
 		t.Errorf("direct client used %d pods in the 4-pod step, want 1 (grpc-go pick_first without re-resolution)", used)
 	}
-	for _, want := range []string{"=== step 2/3: 4 pods", "=== summary", loadtest.ViaProxy, loadtest.Direct, "pod-4"} {
+	for _, want := range []string{"=== step 2/3: 4 pods", "=== summary", demo.ViaProxy, demo.Direct, "pod-4"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q:\n%s", want, out.String())
 		}
@@ -80,14 +80,14 @@ func TestDemo(t *testing.T) {
 func TestDemoConfigValidate(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		cfg  loadtest.DemoConfig
+		cfg  demo.Config
 		ok   bool
 	}{
 		{name: "zero", ok: true},
-		{name: "no pods", cfg: loadtest.DemoConfig{Steps: []int{3, 0}}},
-		{name: "too many pods", cfg: loadtest.DemoConfig{Steps: []int{51}}},
-		{name: "negative rate", cfg: loadtest.DemoConfig{Rate: -1}},
-		{name: "negative duration", cfg: loadtest.DemoConfig{StepDuration: -time.Second}},
+		{name: "no pods", cfg: demo.Config{Steps: []int{3, 0}}},
+		{name: "too many pods", cfg: demo.Config{Steps: []int{51}}},
+		{name: "negative rate", cfg: demo.Config{Rate: -1}},
+		{name: "negative duration", cfg: demo.Config{StepDuration: -time.Second}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if err := tc.cfg.Validate(); (err == nil) != tc.ok {

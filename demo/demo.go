@@ -1,4 +1,15 @@
-package loadtest
+// Package demo is the headless-service demo, on one machine and without a
+// cluster: an embedded DNS server stands in for cluster DNS and answers a
+// headless service's name with one A record per "pod"; testservers on
+// 127.0.0.x addresses, all on one port, stand in for the pods. streamlb,
+// built by the same wiring as the proxy command, re-resolves the name; one
+// client keeps ONE connection to it and sends steady load. Beside it, a
+// plain grpc-go client dials the same name directly with the default dns
+// resolver and pick_first, as most gRPC clients in a cluster do. The demo
+// scales the pods through Config.Steps by changing the records and
+// starting and stopping testservers, and prints where the calls of both
+// clients land.
+package demo
 
 import (
 	"context"
@@ -18,42 +29,29 @@ import (
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 
-	"github.com/streamlb/streamlb/director"
-	"github.com/streamlb/streamlb/proxy"
-	"github.com/streamlb/streamlb/resolver"
+	"github.com/streamlb/streamlb/cluster"
 	"github.com/streamlb/streamlb/testserver"
 )
 
-// The headless-service demo, on one machine and without a cluster: an
-// embedded DNS server stands in for cluster DNS and answers a headless
-// service's name with one A record per "pod"; testservers on 127.0.0.x
-// addresses, all on one port, stand in for the pods. streamlb re-resolves
-// the name; one client keeps ONE connection to it and sends steady load.
-// Beside it, a plain grpc-go client dials the same name directly with the
-// default dns resolver and pick_first, as most gRPC clients in a cluster
-// do. The demo scales the pods through DemoConfig.Steps by changing the
-// records and starting and stopping testservers, and prints where the
-// calls of both clients land.
-
-// Defaults for DemoConfig fields left zero.
+// Defaults for Config fields left zero.
 const (
-	DefaultDemoStepDuration = 8 * time.Second
-	DefaultDemoRefresh      = time.Second
-	DefaultDemoRate         = 200
-	DefaultDemoConcurrency  = 8
-	DefaultDemoInterval     = time.Second
-	DefaultDemoName         = "grpc-echo.demo.svc.cluster.local"
-	demoMaxPods             = 50
-	demoFirstIP             = 11 // pod i listens on 127.0.0.(demoFirstIP+i)
+	DefaultStepDuration = 8 * time.Second
+	DefaultRefresh      = time.Second
+	DefaultRate         = 200
+	DefaultConcurrency  = 8
+	DefaultInterval     = time.Second
+	DefaultName         = "grpc-echo.demo.svc.cluster.local"
+	demoMaxPods         = 50
+	demoFirstIP         = 11 // pod i listens on 127.0.0.(demoFirstIP+i)
 )
 
-// DefaultDemoSteps is the default scaling plan: 3 pods, then 5, then 2.
-var DefaultDemoSteps = []int{3, 5, 2}
+// DefaultSteps is the default scaling plan: 3 pods, then 5, then 2.
+var DefaultSteps = []int{3, 5, 2}
 
-// DemoConfig configures RunDemo. The zero value runs the default demo,
+// Config configures Run. The zero value runs the default demo,
 // which ends by itself in about half a minute.
-type DemoConfig struct {
-	// Steps are the pod counts, one per step; nil means DefaultDemoSteps.
+type Config struct {
+	// Steps are the pod counts, one per step; nil means DefaultSteps.
 	Steps []int
 	// StepDuration is how long load runs at each step.
 	StepDuration time.Duration
@@ -71,41 +69,41 @@ type DemoConfig struct {
 	Logger *slog.Logger
 }
 
-// Validate reports a field RunDemo would reject.
-func (c DemoConfig) Validate() error {
+// Validate reports a field Run would reject.
+func (c Config) Validate() error {
 	var errs []error
 	for _, n := range c.Steps {
 		if n < 1 || n > demoMaxPods {
-			errs = append(errs, fmt.Errorf("loadtest: every step needs 1..%d pods, got %d", demoMaxPods, n))
+			errs = append(errs, fmt.Errorf("demo: every step needs 1..%d pods, got %d", demoMaxPods, n))
 		}
 	}
 	if c.StepDuration < 0 || c.Refresh < 0 {
-		errs = append(errs, errors.New("loadtest: durations must not be negative"))
+		errs = append(errs, errors.New("demo: durations must not be negative"))
 	}
 	if c.Rate < 0 || c.Concurrency < 0 {
-		errs = append(errs, errors.New("loadtest: rate and concurrency must not be negative"))
+		errs = append(errs, errors.New("demo: rate and concurrency must not be negative"))
 	}
 	return errors.Join(errs...)
 }
 
-func (c DemoConfig) withDefaults() DemoConfig {
+func (c Config) withDefaults() Config {
 	if c.Steps == nil {
-		c.Steps = DefaultDemoSteps
+		c.Steps = DefaultSteps
 	}
 	if c.StepDuration == 0 {
-		c.StepDuration = DefaultDemoStepDuration
+		c.StepDuration = DefaultStepDuration
 	}
 	if c.Refresh == 0 {
-		c.Refresh = DefaultDemoRefresh
+		c.Refresh = DefaultRefresh
 	}
 	if c.Rate == 0 {
-		c.Rate = DefaultDemoRate
+		c.Rate = DefaultRate
 	}
 	if c.Concurrency == 0 {
-		c.Concurrency = DefaultDemoConcurrency
+		c.Concurrency = DefaultConcurrency
 	}
 	if c.Interval == 0 {
-		c.Interval = DefaultDemoInterval
+		c.Interval = DefaultInterval
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -113,14 +111,14 @@ func (c DemoConfig) withDefaults() DemoConfig {
 	return c
 }
 
-// Client names in DemoResult and the tables.
+// Client names in Result and the tables.
 const (
 	ViaProxy = "via streamlb"
 	Direct   = "direct grpc-go"
 )
 
-// DemoStep is what happened during one step.
-type DemoStep struct {
+// Step is what happened during one step.
+type Step struct {
 	// Pods are the names of the pods in the set during the step.
 	Pods []string
 	// Calls holds, per client (ViaProxy, Direct), the calls each pod
@@ -130,19 +128,19 @@ type DemoStep struct {
 	Errors map[string]int64
 }
 
-// DemoResult is the outcome of RunDemo, one entry per step.
-type DemoResult struct {
-	Steps []DemoStep
+// Result is the outcome of Run, one entry per step.
+type Result struct {
+	Steps []Step
 }
 
-// demo is one run's world. Its goroutines are owned by RunDemo.
+// demo is one run's world. Its goroutines are owned by Run.
 type demo struct {
-	cfg  DemoConfig
+	cfg  Config
 	out  io.Writer
 	log  *slog.Logger
 	dns  *testserver.DNSServer
 	port int
-	dir  *director.Director
+	srv  *cluster.Server
 
 	mu sync.Mutex
 	// mu guards the fields below.
@@ -151,10 +149,10 @@ type demo struct {
 	errs   map[string]int64
 }
 
-// RunDemo runs the headless-service demo and writes its tables to out. It
+// Run runs the headless-service demo and writes its tables to out. It
 // blocks until the last step ends or ctx is cancelled, and returns after
 // everything it started has stopped.
-func RunDemo(ctx context.Context, cfg DemoConfig, out io.Writer) (*DemoResult, error) {
+func Run(ctx context.Context, cfg Config, out io.Writer) (*Result, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -164,7 +162,7 @@ func RunDemo(ctx context.Context, cfg DemoConfig, out io.Writer) (*DemoResult, e
 
 	d.dns = testserver.NewDNSServer(testserver.DNSConfig{DefaultTTL: 1, Logger: cfg.Logger})
 	if err := d.dns.Start("127.0.0.1:0"); err != nil {
-		return nil, fmt.Errorf("loadtest: demo DNS server: %w", err)
+		return nil, fmt.Errorf("demo: demo DNS server: %w", err)
 	}
 	defer d.dns.Stop()
 	defer d.stopPods(0)
@@ -172,41 +170,30 @@ func RunDemo(ctx context.Context, cfg DemoConfig, out io.Writer) (*DemoResult, e
 		return nil, err
 	}
 
-	dir, err := director.New(director.Config{Logger: cfg.Logger})
+	target := fmt.Sprintf("dns://%s/%s:%d", d.dns.Addr(), DefaultName, d.port)
+	srv, err := cluster.NewServer(cluster.ServerConfig{
+		Cluster:      cluster.Config{Targets: []string{target}, DNSRefresh: cfg.Refresh},
+		DrainTimeout: 5 * time.Second,
+		Logger:       cfg.Logger,
+	})
 	if err != nil {
 		return nil, err
 	}
-	d.dir = dir
-	target := fmt.Sprintf("dns://%s/%s:%d", d.dns.Addr(), DefaultDemoName, d.port)
-	res, err := resolver.New([]string{target}, resolver.DNSOptions{Refresh: cfg.Refresh, Logger: cfg.Logger})
-	if err != nil {
-		return nil, err
-	}
-	srv, err := proxy.New(proxy.Config{Picker: dir, DrainTimeout: 5 * time.Second, Logger: cfg.Logger})
-	if err != nil {
-		return nil, err
-	}
+	d.srv = srv
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return nil, fmt.Errorf("loadtest: demo proxy: %w", err)
+		return nil, fmt.Errorf("demo: proxy: %w", err)
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	bg, bgctx := errgroup.WithContext(ctx)
-	bg.Go(func() error { return res.Run(bgctx, resolver.Tee(dir, resolver.AddrsFunc(srv.RetainBackends))) })
-	bg.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, proxy.ErrServerClosed) {
-			return err
-		}
-		return nil
-	})
+	ran := make(chan error, 1)
+	go func() { ran <- srv.Run(ctx, ln, nil) }()
 	defer func() {
 		cancel()
-		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
-		srv.Shutdown(sctx)
-		scancel()
-		bg.Wait()
+		if err := <-ran; err != nil {
+			d.log.Error("demo proxy", "err", err)
+		}
 	}()
 
 	viaProxy, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -227,7 +214,7 @@ func RunDemo(ctx context.Context, cfg DemoConfig, out io.Writer) (*DemoResult, e
 		return nil, err
 	}
 	fmt.Fprintf(out, "headless service %s:%d answered by DNS at %s; streamlb on %s re-resolves it every %v\n",
-		DefaultDemoName, d.port, d.dns.Addr(), ln.Addr(), cfg.Refresh)
+		DefaultName, d.port, d.dns.Addr(), ln.Addr(), cfg.Refresh)
 	fmt.Fprintf(out, "two clients, ONE connection each, %d calls/s each: %q through streamlb, %q dialing the name directly\n\n",
 		cfg.Rate, ViaProxy, Direct)
 
@@ -235,7 +222,7 @@ func RunDemo(ctx context.Context, cfg DemoConfig, out io.Writer) (*DemoResult, e
 	load.Go(func() error { d.drive(lctx, ViaProxy, testgrpc.NewTestServiceClient(viaProxy)); return nil })
 	load.Go(func() error { d.drive(lctx, Direct, testgrpc.NewTestServiceClient(direct)); return nil })
 
-	result := &DemoResult{}
+	result := &Result{}
 	var runErr error
 	for i, n := range cfg.Steps {
 		if i > 0 {
@@ -336,7 +323,7 @@ func (d *demo) snapshot() (map[string]map[string]int64, map[string]int64) {
 }
 
 // runStep runs load for one step, printing the live table.
-func (d *demo) runStep(ctx context.Context, i int) (DemoStep, error) {
+func (d *demo) runStep(ctx context.Context, i int) (Step, error) {
 	pods := d.currentPods()
 	fmt.Fprintf(d.out, "=== step %d/%d: %d pods\n", i+1, len(d.cfg.Steps), len(pods))
 	d.resetCounts()
@@ -353,7 +340,7 @@ func (d *demo) runStep(ctx context.Context, i int) (DemoStep, error) {
 	for {
 		select {
 		case <-ctx.Done():
-			return DemoStep{}, ctx.Err()
+			return Step{}, ctx.Err()
 		case <-tickC:
 			cur, errs := d.snapshot()
 			d.table(pods, cur, prev, errs, time.Since(start), d.cfg.Interval)
@@ -367,7 +354,7 @@ func (d *demo) runStep(ctx context.Context, i int) (DemoStep, error) {
 	fmt.Fprintf(d.out, "step %d total:\n", i+1)
 	d.table(pods, counts, nil, errs, d.cfg.StepDuration, 0)
 	fmt.Fprintln(d.out)
-	return DemoStep{Pods: pods, Calls: counts, Errors: errs}, nil
+	return Step{Pods: pods, Calls: counts, Errors: errs}, nil
 }
 
 // table prints one block: each pod's share of each client's calls since
@@ -415,7 +402,7 @@ func pct(n, total int64) string {
 }
 
 // summary prints one line per step and client, and the lesson.
-func (d *demo) summary(r *DemoResult) {
+func (d *demo) summary(r *Result) {
 	fmt.Fprintln(d.out, "=== summary")
 	for i, s := range r.Steps {
 		for _, c := range []string{ViaProxy, Direct} {
@@ -471,7 +458,7 @@ func (d *demo) startPodLocked(i int) (*testserver.Server, error) {
 	}
 	addr := fmt.Sprintf("127.0.0.%d:%d", demoFirstIP+i, d.port)
 	if err := ts.Start(addr); err != nil {
-		return nil, fmt.Errorf("loadtest: start pod on %s: %w", addr, err)
+		return nil, fmt.Errorf("demo: start pod on %s: %w", addr, err)
 	}
 	if d.port == 0 {
 		_, port, _ := net.SplitHostPort(ts.Addr())
@@ -486,7 +473,7 @@ func (d *demo) publishLocked(n int) {
 	for i := range n {
 		ips[i] = fmt.Sprintf("127.0.0.%d", demoFirstIP+i)
 	}
-	d.dns.SetA(DefaultDemoName, ips...)
+	d.dns.SetA(DefaultName, ips...)
 }
 
 // rescale moves to n pods. Growing starts pods, then publishes them.
@@ -516,10 +503,10 @@ func (d *demo) waitForSet(ctx context.Context, n int) error {
 	defer cancel()
 	t := time.NewTicker(10 * time.Millisecond)
 	defer t.Stop()
-	for len(d.dir.Backends()) != n {
+	for len(d.srv.Cluster().Backends()) != n {
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("loadtest: streamlb did not follow the records to %d pods: %w", n, ctx.Err())
+			return fmt.Errorf("demo: streamlb did not follow the records to %d pods: %w", n, ctx.Err())
 		case <-t.C:
 		}
 	}

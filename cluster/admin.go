@@ -1,0 +1,36 @@
+package cluster
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+)
+
+// AdminHandler serves the admin endpoints:
+//   - /healthz: 200 while the process runs (liveness);
+//   - /readyz: 200 while the server should get clients, 503 with the
+//     reason while draining or while no backend is healthy (every backend
+//     failing its health checks or ejected, or none resolved), so an
+//     orchestrator sends clients to a proxy that has one;
+//   - /backends: the cluster's per-backend state as JSON.
+func (s *Server) AdminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		ok, reason := s.Ready()
+		if !ok {
+			http.Error(w, reason, http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, reason)
+	})
+	mux.HandleFunc("GET /backends", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(s.cluster.Backends())
+	})
+	return mux
+}

@@ -1,0 +1,157 @@
+// Package cluster is streamlb's wiring root: the one place that turns a
+// cluster's settings (targets, policy, health checks, limits) into a
+// running resolver, director and data plane, and serves them with the
+// admin endpoints and a graceful drain. The proxy command, the demo and,
+// later, every cluster of the configuration file go through it; nothing
+// else builds those three by hand (compare CoreDNS's setup.go and Caddy's
+// Provision).
+//
+// The packages it wires know nothing of each other beyond small seams:
+// resolver pushes sets to a resolver.Updater (the director, then the data
+// plane's RetainBackends), the proxy asks a proxy.Picker (the director)
+// for a backend per stream, and the director asks the resolver to
+// ResolveNow when a backend refuses. This package owns the goroutines
+// that run them and waits for all of them.
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/resolver"
+)
+
+// Config configures one cluster: where its backends come from and how
+// streams are spread over them.
+type Config struct {
+	// Name names the cluster in logs; "" means "default".
+	Name string
+	// Targets are the backend targets, as resolver.New takes them:
+	// HOST:PORT[;weight=N], dns:///NAME:PORT, dns://DNSHOST:DNSPORT/NAME:PORT
+	// or dns+srv:///NAME. At least one is required.
+	Targets []string
+	// DNSRefresh is how often DNS targets are resolved again; 0 means
+	// resolver.DefaultRefresh.
+	DNSRefresh time.Duration
+	// DNSRespectTTL re-resolves DNS targets when their records' TTL runs
+	// out instead of every DNSRefresh.
+	DNSRespectTTL bool
+	// Director configures the policy, health checks and outlier ejection.
+	// Its Logger and ResolveNow are set by New.
+	Director director.Config
+	// Logger receives the cluster's logs; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// TargetError reports backend targets that [New] could not use, so that
+// callers can point at the setting that holds them.
+type TargetError struct {
+	Cluster string
+	Err     error // the resolver's error
+}
+
+func (e *TargetError) Error() string {
+	return fmt.Sprintf("cluster %s: backend targets: %v", e.Cluster, e.Err)
+}
+
+func (e *TargetError) Unwrap() error { return e.Err }
+
+// Cluster is one backend pool: a resolver feeding a director. Create it
+// with [New] and run it with [Cluster.Run]. Its methods are safe for
+// concurrent use.
+type Cluster struct {
+	name   string
+	res    resolver.Resolver
+	dir    *director.Director
+	logger *slog.Logger
+
+	resolvedOnce sync.Once
+	resolved     chan struct{} // closed when the first set was accepted
+}
+
+// New validates cfg and builds the cluster's resolver and director. It
+// does no I/O and starts nothing.
+func New(cfg Config) (*Cluster, error) {
+	if cfg.Name == "" {
+		cfg.Name = "default"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if len(cfg.Targets) == 0 {
+		return nil, errors.New("cluster: no backend target")
+	}
+	res, err := resolver.New(cfg.Targets, resolver.DNSOptions{
+		Refresh:    cfg.DNSRefresh,
+		RespectTTL: cfg.DNSRespectTTL,
+		Logger:     cfg.Logger,
+	})
+	if err != nil {
+		return nil, &TargetError{Cluster: cfg.Name, Err: err}
+	}
+	dc := cfg.Director
+	dc.Logger = cfg.Logger
+	dc.ResolveNow = res.ResolveNow
+	dir, err := director.New(dc)
+	if err != nil {
+		return nil, fmt.Errorf("cluster %s: %w", cfg.Name, err)
+	}
+	return &Cluster{
+		name:     cfg.Name,
+		res:      res,
+		dir:      dir,
+		logger:   cfg.Logger,
+		resolved: make(chan struct{}),
+	}, nil
+}
+
+// Name returns the cluster's name.
+func (c *Cluster) Name() string { return c.name }
+
+// Director returns the cluster's director: the Picker a data plane asks
+// for every stream's backend.
+func (c *Cluster) Director() *director.Director { return c.dir }
+
+// Ready reports whether a stream picked now would go to a healthy backend;
+// see [director.Director.Ready].
+func (c *Cluster) Ready() bool { return c.dir.Ready() }
+
+// Backends returns the director's per-backend state; see
+// [director.Director.Backends].
+func (c *Cluster) Backends() []director.BackendStats { return c.dir.Backends() }
+
+// Resolved returns a channel that is closed once the first backend set has
+// been accepted.
+func (c *Cluster) Resolved() <-chan struct{} { return c.resolved }
+
+// Run resolves the targets and runs the director (ejections, health
+// checks) until ctx is cancelled, then returns nil once both have stopped.
+// Every accepted set goes to the director and then to each of retain, in
+// order: a data plane's RetainBackends drains the connections of backends
+// that left. It blocks; the caller decides whether to run it in a
+// goroutine. It returns an error if the resolver cannot go on.
+func (c *Cluster) Run(ctx context.Context, retain ...func(addrs []string)) error {
+	us := []resolver.Updater{c.dir}
+	for _, r := range retain {
+		us = append(us, resolver.AddrsFunc(r))
+	}
+	us = append(us, resolver.AddrsFunc(func([]string) {
+		c.resolvedOnce.Do(func() { close(c.resolved) })
+	}))
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		if err := c.res.Run(gctx, resolver.Tee(us...)); err != nil {
+			return fmt.Errorf("cluster %s: resolve backends: %w", c.name, err)
+		}
+		return nil
+	})
+	g.Go(func() error { return c.dir.Run(gctx) })
+	return g.Wait()
+}

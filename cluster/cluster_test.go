@@ -1,0 +1,226 @@
+package cluster_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/streamlb/streamlb/cluster"
+	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/testserver"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+var quiet = slog.New(slog.DiscardHandler)
+
+// startBackend runs a testserver on addr ("127.0.0.1:0" for any port),
+// stopped at cleanup.
+func startBackend(t *testing.T, name, addr string) *testserver.Server {
+	t.Helper()
+	ts, err := testserver.New(testserver.Config{Name: name, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start(addr); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	return ts
+}
+
+// deadAddr returns a loopback address nothing listens on (bind, then
+// close: Caddy's deadUpstreamAddr).
+func deadAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// running is a Server under Run, with its addresses.
+type running struct {
+	srv   *cluster.Server
+	addr  string // the proxy's
+	admin string // the admin endpoints' base URL
+}
+
+// runServer runs a Server for cfg on loopback until cleanup, and checks
+// that Run then returns nil.
+func runServer(t *testing.T, cfg cluster.ServerConfig) running {
+	t.Helper()
+	cfg.Logger = quiet
+	srv, err := cluster.NewServer(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	aln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- srv.Run(ctx, ln, aln) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-ran:
+			if err != nil {
+				t.Errorf("Run() = %v, want nil", err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Error("Run did not return within 20s of cancel")
+		}
+	})
+	return running{srv: srv, addr: ln.Addr().String(), admin: "http://" + aln.Addr().String()}
+}
+
+// get returns the status code and body of an admin endpoint.
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, strings.TrimSpace(string(b))
+}
+
+// waitStatus polls url until it answers want, for up to 10s.
+func waitStatus(t *testing.T, url string, want int) string {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		code, body := get(t, url)
+		if code == want {
+			return body
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("GET %s = %d %q, want %d within 10s", url, code, body, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func dial(t *testing.T, addr string) testgrpc.TestServiceClient {
+	t.Helper()
+	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return testgrpc.NewTestServiceClient(cc)
+}
+
+// TestServerBalancesEveryCall runs the wiring end to end: one client
+// connection, calls spread over three backends.
+func TestServerBalancesEveryCall(t *testing.T) {
+	var targets []string
+	var backends []*testserver.Server
+	for _, name := range []string{"a", "b", "c"} {
+		ts := startBackend(t, name, "127.0.0.1:0")
+		backends = append(backends, ts)
+		targets = append(targets, ts.Addr())
+	}
+	for _, engine := range cluster.Engines() {
+		t.Run(engine, func(t *testing.T) {
+			r := runServer(t, cluster.ServerConfig{Engine: engine, Cluster: cluster.Config{Targets: targets}})
+			client := dial(t, r.addr)
+			got := make(map[string]int)
+			for range 30 {
+				var hdr metadata.MD
+				if _, err := client.EmptyCall(t.Context(), &testgrpc.Empty{}, grpc.Header(&hdr)); err != nil {
+					t.Fatalf("EmptyCall: %v", err)
+				}
+				got[testserver.BackendFromHeader(hdr)]++
+			}
+			for _, b := range backends {
+				if got[b.Name()] != 10 {
+					t.Errorf("backend %s got %d of 30 calls, want 10 (round robin)", b.Name(), got[b.Name()])
+				}
+			}
+			if code, body := get(t, r.admin+"/readyz"); code != http.StatusOK || body != "ready" {
+				t.Errorf("/readyz = %d %q, want 200 ready", code, body)
+			}
+		})
+	}
+}
+
+// TestReadyzFollowsHealth checks that /readyz is 503 while no backend would
+// take a stream (every backend failing its health checks, whether it says
+// NOT_SERVING or refuses connections) and 200 again once one recovers.
+func TestReadyzFollowsHealth(t *testing.T) {
+	hc := director.Config{
+		HealthCheckInterval: 50 * time.Millisecond,
+		HealthCheckTimeout:  500 * time.Millisecond,
+		HealthCheckService:  testserver.ServiceName,
+	}
+	t.Run("not serving", func(t *testing.T) {
+		ts := startBackend(t, "a", "127.0.0.1:0")
+		r := runServer(t, cluster.ServerConfig{Cluster: cluster.Config{Targets: []string{ts.Addr()}, Director: hc}})
+		waitStatus(t, r.admin+"/readyz", http.StatusOK)
+		ts.SetServing(false)
+		if body := waitStatus(t, r.admin+"/readyz", http.StatusServiceUnavailable); body != "no usable backend" {
+			t.Errorf("/readyz body = %q, want the reason", body)
+		}
+		ts.SetServing(true)
+		waitStatus(t, r.admin+"/readyz", http.StatusOK)
+	})
+	t.Run("refused, then back", func(t *testing.T) {
+		addr := deadAddr(t)
+		r := runServer(t, cluster.ServerConfig{Cluster: cluster.Config{Targets: []string{addr}, Director: hc}})
+		waitStatus(t, r.admin+"/readyz", http.StatusServiceUnavailable)
+		for _, b := range r.srv.Cluster().Backends() {
+			if b.Healthy {
+				t.Errorf("backend %s healthy on a closed port", b.Addr)
+			}
+		}
+		startBackend(t, "a", addr) // the port was free a moment ago
+		waitStatus(t, r.admin+"/readyz", http.StatusOK)
+		if _, err := dial(t, r.addr).EmptyCall(t.Context(), &testgrpc.Empty{}); err != nil {
+			t.Errorf("EmptyCall after recovery: %v", err)
+		}
+	})
+}
+
+func TestNewServerErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  cluster.ServerConfig
+		want string
+	}{
+		{name: "no targets", cfg: cluster.ServerConfig{}, want: "no backend target"},
+		{name: "bad target", cfg: cluster.ServerConfig{Cluster: cluster.Config{Targets: []string{"no-port"}}}, want: "backend targets"},
+		{name: "bad policy", cfg: cluster.ServerConfig{Cluster: cluster.Config{Targets: []string{"a:1"}, Director: director.Config{Policy: "nope"}}}, want: "unknown policy"},
+		{name: "bad engine", cfg: cluster.ServerConfig{Engine: "nope", Cluster: cluster.Config{Targets: []string{"a:1"}}}, want: "unknown engine"},
+		{name: "negative drain", cfg: cluster.ServerConfig{DrainTimeout: -1, Cluster: cluster.Config{Targets: []string{"a:1"}}}, want: "must not be negative"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := cluster.NewServer(tc.cfg)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("NewServer() error = %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
+}
