@@ -67,7 +67,7 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 		case "content-type":
 			ri.contentType = f.Value
 		case "grpc-timeout":
-			d, err := ParseTimeout(f.Value)
+			d, err := parseTimeout(f.Value)
 			if err != nil {
 				return ri, err
 			}
@@ -100,10 +100,10 @@ func isGRPCContentType(ct string) bool {
 	return false
 }
 
-// ParseTimeout parses a grpc-timeout header value: at most 8 ASCII digits
+// parseTimeout parses a grpc-timeout header value: at most 8 ASCII digits
 // followed by one unit of H, M, S, m, u or n (gRPC over HTTP/2 spec).
 // Values too large for a time.Duration saturate.
-func ParseTimeout(v string) (time.Duration, error) {
+func parseTimeout(v string) (time.Duration, error) {
 	if len(v) < 2 || len(v) > 9 {
 		return 0, fmt.Errorf("proxy: malformed grpc-timeout %q", v)
 	}
