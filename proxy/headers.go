@@ -170,34 +170,6 @@ func encodeGRPCMessage(msg string) string {
 	return b.String()
 }
 
-// statusFields is a proxy-generated gRPC status. With trailersOnly it is a
-// complete response of one HEADERS frame (gRPC "Trailers-Only"), otherwise
-// the trailers that close a response already started.
-func statusFields(code codes.Code, msg string, trailersOnly bool) []hpack.HeaderField {
-	f := make([]hpack.HeaderField, 0, 4)
-	if trailersOnly {
-		f = append(f,
-			hpack.HeaderField{Name: ":status", Value: "200"},
-			hpack.HeaderField{Name: "content-type", Value: "application/grpc"})
-	}
-	f = append(f, hpack.HeaderField{Name: "grpc-status", Value: strconv.Itoa(int(code))})
-	if msg != "" {
-		f = append(f, hpack.HeaderField{Name: "grpc-message", Value: encodeGRPCMessage(msg)})
-	}
-	return f
-}
-
-// httpErrorFields is the early answer to a request that is not gRPC, after
-// grpc-go's server (writeEarlyAbort): an HTTP status with a gRPC status.
-func httpErrorFields(httpStatus int, code codes.Code, msg string) []hpack.HeaderField {
-	return []hpack.HeaderField{
-		{Name: ":status", Value: strconv.Itoa(httpStatus)},
-		{Name: "content-type", Value: "application/grpc"},
-		{Name: "grpc-status", Value: strconv.Itoa(int(code))},
-		{Name: "grpc-message", Value: encodeGRPCMessage(msg)},
-	}
-}
-
 // outcome derives the error reported to Picker.done from a response's
 // final header block: nil for grpc-status 0.
 func outcome(fields []hpack.HeaderField) error {
