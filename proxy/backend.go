@@ -11,7 +11,6 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
-	"google.golang.org/grpc/codes"
 )
 
 // maxStreamID is the largest HTTP/2 stream id (RFC 9113 §5.1.1).
@@ -96,19 +95,23 @@ func (b *backendConn) tryReserve() bool {
 
 // addAttempt queues a to be opened. The caller reserved a slot with
 // tryReserve, holds a.s.cc.mu, and has put the attempt's first request
-// items in a.up. It reports false if b failed meanwhile; a is then unlinked
-// and the caller decides what happens to the stream.
-func (b *backendConn) addAttempt(a *attempt) bool {
+// items in a.up. If b failed meanwhile it returns why (errClosed when no
+// reason was given); a is then unlinked and the caller decides what happens
+// to the stream.
+func (b *backendConn) addAttempt(a *attempt) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	a.downRecv = recvState{window: b.streamWindow}
 	if b.closed {
 		b.unlinkLocked(a)
-		return false
+		if b.closeErr == nil {
+			return errClosed
+		}
+		return b.closeErr
 	}
 	b.pending = append(b.pending, a)
 	b.signal()
-	return true
+	return nil
 }
 
 // run dials the backend, then writes until the connection ends, and
@@ -119,13 +122,12 @@ func (b *backendConn) run(ctx context.Context) {
 	nc, err := cfg.Dial(dctx, "tcp", b.addr)
 	cancel()
 	if err != nil {
-		err = fmt.Errorf("connecting: %w", err)
 		b.mu.Lock()
 		b.closed = true
-		b.closeErr = err
+		b.closeErr = fmt.Errorf("connecting: %w", err)
 		b.mu.Unlock()
 		b.stopDrainTimer()
-		b.failAll(fmt.Sprintf("streamlb: backend %s: %v", b.addr, err))
+		b.failAll(failure{kind: failDial, backend: b.addr, cause: err})
 		return
 	}
 	b.attach(nc)
@@ -140,12 +142,12 @@ func (b *backendConn) run(ctx context.Context) {
 		b.queueCtrlLocked(writeOp{kind: opWindowUpdate, val: uint32(inc)})
 		b.recvWindow += inc
 	}
-	closed := b.closed
+	closed, closeErr := b.closed, b.closeErr
 	b.mu.Unlock()
 	if closed {
 		nc.Close()
 		b.stopDrainTimer()
-		b.failAll("streamlb: backend connection closed")
+		b.failAll(failure{kind: failConnLost, backend: b.addr, cause: closeErr})
 		return
 	}
 	// A backend that accepts TCP but never speaks HTTP/2 must not hold
@@ -178,12 +180,8 @@ func (b *backendConn) run(ctx context.Context) {
 	if cause == nil || errors.Is(cause, io.EOF) {
 		cause = werr
 	}
-	msg := "streamlb: backend connection to " + b.addr + " lost"
-	if cause != nil && !errors.Is(cause, errClosed) {
-		msg += ": " + cause.Error()
-	}
 	b.stopDrainTimer()
-	b.failAll(msg)
+	b.failAll(failure{kind: failConnLost, backend: b.addr, cause: cause})
 }
 
 // errNoSettings closes a backend connection whose peer sent no SETTINGS
@@ -198,12 +196,12 @@ func (b *backendConn) stopDrainTimer() {
 	}
 }
 
-// failAll ends every attempt left on b when the connection ended. Attempts
-// never opened go to another backend (transparent retry); attempts that
-// were sent but not answered are retried only if their method opted in;
-// the rest fail with UNAVAILABLE. The backend is gone, so nothing is reset
-// on its side.
-func (b *backendConn) failAll(msg string) {
+// failAll ends every attempt left on b when the connection ended, for the
+// reason f. Attempts never opened go to another backend (transparent
+// retry); attempts that were sent but not answered are retried only if
+// their method opted in; the rest fail with the status of f. The backend is
+// gone, so nothing is reset on its side.
+func (b *backendConn) failAll(f failure) {
 	b.mu.Lock()
 	type failed struct {
 		a           *attempt
@@ -221,21 +219,21 @@ func (b *backendConn) failAll(msg string) {
 	b.pending = nil
 	var gone []*attempt
 	var retry []failed
-	for _, f := range left {
-		if f.transparent || !f.a.forwarded {
-			b.unlinkLocked(f.a)
-			retry = append(retry, f)
+	for _, l := range left {
+		if l.transparent || !l.a.forwarded {
+			b.unlinkLocked(l.a)
+			retry = append(retry, l)
 		} else {
-			b.closeAttLocked(f.a)
-			gone = append(gone, f.a)
+			b.closeAttLocked(l.a)
+			gone = append(gone, l.a)
 		}
 	}
 	b.mu.Unlock()
-	for _, f := range retry {
-		f.a.s.cc.retryOrFail(f.a, f.transparent, codes.Unavailable, msg)
+	for _, r := range retry {
+		r.a.s.cc.retryOrFail(r.a, r.transparent, f)
 	}
 	for _, a := range gone {
-		a.s.cc.failDown(a, codes.Unavailable, msg)
+		a.s.cc.failDown(a, f)
 	}
 }
 
@@ -351,7 +349,7 @@ func (b *backendConn) onHeaders(f *http2.MetaHeadersFrame) error {
 			b.unlinkLocked(a)
 			b.mu.Unlock()
 			b.signal()
-			a.s.cc.retryOrFail(a, false, codes.Unavailable, "streamlb: backend "+b.addr+" answered UNAVAILABLE", answer...)
+			a.s.cc.retryOrFail(a, false, failure{kind: failBackendUnavailable, backend: b.addr}, answer...)
 			return nil
 		}
 		if !end && !a.gotHeaders {
@@ -464,14 +462,14 @@ func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bo
 	if !sendRST && code == http2.ErrCodeRefusedStream && !a.forwarded {
 		b.unlinkLocked(a)
 		b.mu.Unlock()
-		a.s.cc.retryOrFail(a, true, codes.Unavailable, "streamlb: backend "+b.addr+" refused the stream")
+		a.s.cc.retryOrFail(a, true, failure{kind: failRefused, backend: b.addr})
 		return
 	}
 	b.closeAttLocked(a)
 	b.mu.Unlock()
 	b.signal()
 	if sendRST {
-		a.s.cc.failDown(a, codes.Internal, fmt.Sprintf("streamlb: protocol error from backend %s: %v", b.addr, code))
+		a.s.cc.failDown(a, failure{kind: failBackendProtocol, backend: b.addr, h2code: code})
 		return
 	}
 	a.s.cc.backendReset(a, code)
@@ -506,7 +504,7 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 		b.log.Warn("backend sent GOAWAY", "code", f.ErrCode.String(), "debug", string(f.DebugData()))
 	}
 	for _, a := range unprocessed {
-		a.s.cc.retryOrFail(a, true, codes.Unavailable, "streamlb: backend "+b.addr+" is going away (GOAWAY) and did not process the call")
+		a.s.cc.retryOrFail(a, true, failure{kind: failGoAway, backend: b.addr})
 	}
 }
 
@@ -694,8 +692,6 @@ type pool struct {
 	wg       sync.WaitGroup
 }
 
-var errBackendFull = errors.New("backend is at its concurrency limit")
-
 // retain drains the connections of every backend not in keep.
 func (p *pool) retain(keep map[string]bool) {
 	p.mu.Lock()
@@ -715,16 +711,16 @@ func (p *pool) retain(keep map[string]bool) {
 	}
 }
 
-var errPoolClosed = errors.New("proxy: server is shutting down")
-
 // get returns a connection to addr with a stream slot reserved, opening a
 // new connection when every existing one is full (its
-// SETTINGS_MAX_CONCURRENT_STREAMS or BackendStreamsPerConn reached).
+// SETTINGS_MAX_CONCURRENT_STREAMS or BackendStreamsPerConn reached). Its
+// error is a failure: the server is shutting down, or the backend is at
+// MaxStreamsPerBackend.
 func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		return nil, errPoolClosed
+		return nil, failure{kind: failShuttingDown}
 	}
 	if max := p.srv.cfg.MaxStreamsPerBackend; max > 0 {
 		n := p.inflight[addr]
@@ -733,7 +729,7 @@ func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 			p.inflight[addr] = n
 		}
 		if n.Load() >= max {
-			return nil, fmt.Errorf("%s: %w (limit %d)", addr, errBackendFull, max)
+			return nil, failure{kind: failBackendFull, backend: addr, limit: max}
 		}
 		n.Add(1)
 		a.backendCount = n

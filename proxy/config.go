@@ -158,8 +158,14 @@ func (c *Config) setDefaults() error {
 	if c.MaxStreams < 0 || c.MaxStreamsPerBackend < 0 {
 		return errors.New("proxy: MaxStreams and MaxStreamsPerBackend must not be negative")
 	}
-	for i, h := range c.PickMetadata {
-		c.PickMetadata[i] = strings.ToLower(h)
+	if len(c.PickMetadata) > 0 {
+		// A copy: the caller's slice is theirs, and may be shared with
+		// other configs.
+		keys := make([]string, len(c.PickMetadata))
+		for i, h := range c.PickMetadata {
+			keys[i] = strings.ToLower(h)
+		}
+		c.PickMetadata = keys
 	}
 	if c.Dial == nil {
 		var d net.Dialer

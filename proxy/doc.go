@@ -16,6 +16,11 @@
 //     a goroutine pair per stream. It exists for differential tests and as a
 //     baseline in benchmarks.
 //
+// Calls the proxy ends itself (no backend, connection refused or lost,
+// deadline, limits, malformed requests) get their gRPC status from one
+// place, status.go; statuses that come from a backend are relayed
+// untouched.
+//
 // The package knows nothing of discovery or balancing policies: those live
 // in the resolver and director packages, which main wires to a Picker.
 package proxy

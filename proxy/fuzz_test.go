@@ -27,9 +27,9 @@ func TestParseTimeout(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.in, func(t *testing.T) {
-			got, err := ParseTimeout(tc.in)
+			got, err := parseTimeout(tc.in)
 			if (err != nil) != tc.wantErr || got != tc.want {
-				t.Errorf("ParseTimeout(%q) = %v, %v; want %v, error %v", tc.in, got, err, tc.want, tc.wantErr)
+				t.Errorf("parseTimeout(%q) = %v, %v; want %v, error %v", tc.in, got, err, tc.want, tc.wantErr)
 			}
 		})
 	}
@@ -40,7 +40,7 @@ func FuzzParseTimeout(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		d, err := ParseTimeout(s)
+		d, err := parseTimeout(s)
 		if err != nil {
 			if d != 0 {
 				t.Errorf("error with non-zero duration %v", d)

@@ -67,7 +67,7 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 		case "content-type":
 			ri.contentType = f.Value
 		case "grpc-timeout":
-			d, err := ParseTimeout(f.Value)
+			d, err := parseTimeout(f.Value)
 			if err != nil {
 				return ri, err
 			}
@@ -100,10 +100,10 @@ func isGRPCContentType(ct string) bool {
 	return false
 }
 
-// ParseTimeout parses a grpc-timeout header value: at most 8 ASCII digits
+// parseTimeout parses a grpc-timeout header value: at most 8 ASCII digits
 // followed by one unit of H, M, S, m, u or n (gRPC over HTTP/2 spec).
 // Values too large for a time.Duration saturate.
-func ParseTimeout(v string) (time.Duration, error) {
+func parseTimeout(v string) (time.Duration, error) {
 	if len(v) < 2 || len(v) > 9 {
 		return 0, fmt.Errorf("proxy: malformed grpc-timeout %q", v)
 	}
@@ -168,34 +168,6 @@ func encodeGRPCMessage(msg string) string {
 		b.WriteByte(c)
 	}
 	return b.String()
-}
-
-// statusFields is a proxy-generated gRPC status. With trailersOnly it is a
-// complete response of one HEADERS frame (gRPC "Trailers-Only"), otherwise
-// the trailers that close a response already started.
-func statusFields(code codes.Code, msg string, trailersOnly bool) []hpack.HeaderField {
-	f := make([]hpack.HeaderField, 0, 4)
-	if trailersOnly {
-		f = append(f,
-			hpack.HeaderField{Name: ":status", Value: "200"},
-			hpack.HeaderField{Name: "content-type", Value: "application/grpc"})
-	}
-	f = append(f, hpack.HeaderField{Name: "grpc-status", Value: strconv.Itoa(int(code))})
-	if msg != "" {
-		f = append(f, hpack.HeaderField{Name: "grpc-message", Value: encodeGRPCMessage(msg)})
-	}
-	return f
-}
-
-// httpErrorFields is the early answer to a request that is not gRPC, after
-// grpc-go's server (writeEarlyAbort): an HTTP status with a gRPC status.
-func httpErrorFields(httpStatus int, code codes.Code, msg string) []hpack.HeaderField {
-	return []hpack.HeaderField{
-		{Name: ":status", Value: strconv.Itoa(httpStatus)},
-		{Name: "content-type", Value: "application/grpc"},
-		{Name: "grpc-status", Value: strconv.Itoa(int(code))},
-		{Name: "grpc-message", Value: encodeGRPCMessage(msg)},
-	}
 }
 
 // outcome derives the error reported to Picker.done from a response's

@@ -14,7 +14,9 @@ import "context"
 // grpc-go's balancer.PickResult.Done. done may be nil.
 //
 // When no backend is usable Pick returns a non-nil error; the proxy answers
-// the call with UNAVAILABLE naming the error.
+// the call with UNAVAILABLE naming the error, or with the error's own
+// status when it carries one (status.FromError), or with CANCELLED or
+// DEADLINE_EXCEEDED for context errors.
 type Picker interface {
 	Pick(ctx context.Context, fullMethod string) (addr string, done func(error), err error)
 }

@@ -12,10 +12,8 @@ import (
 
 	grpcproxy "github.com/mwitkow/grpc-proxy/proxy"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 )
 
 // ReferenceConfig configures the message-level reference engine.
@@ -103,14 +101,14 @@ func (s *holderStream) Context() context.Context { return s.ctx }
 func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Context, grpc.ClientConnInterface, error) {
 	addr, done, err := r.picker.Pick(ctx, fullMethod)
 	if err != nil {
-		return nil, nil, status.Errorf(codes.Unavailable, "streamlb: no backend for %s: %v", fullMethod, err)
+		return nil, nil, failure{kind: failNoBackend, method: fullMethod, cause: err}.statusErr()
 	}
 	if h, ok := ctx.Value(doneKey{}).(*doneHolder); ok {
 		h.done = done
 	}
 	cc, err := r.conn(addr)
 	if err != nil {
-		return nil, nil, status.Errorf(codes.Unavailable, "streamlb: backend %s: %v", addr, err)
+		return nil, nil, failure{kind: failDial, backend: addr, cause: err}.statusErr()
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
 	return metadata.NewOutgoingContext(ctx, md.Copy()), cc, nil

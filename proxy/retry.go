@@ -1,13 +1,10 @@
 package proxy
 
 import (
-	"errors"
 	"strings"
 	"sync/atomic"
 
 	"golang.org/x/net/http2/hpack"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
 // Retries come in two kinds.
@@ -32,31 +29,30 @@ import (
 
 // startAttemptLocked picks a backend for s and queues a new attempt on it,
 // with items as its first request items (nil for the first attempt). It
-// reports the status to fail the call with when no attempt could be made.
+// reports the failure to end the call with when no attempt could be made.
 // Caller must hold mu; the connection's and pool's locks are taken inside
 // (cc.mu → pool.mu → bc.mu is the lock order).
-func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (codes.Code, string, bool) {
+func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bool) {
 	for {
 		s.attempts++
 		addr, done, err := c.srv.cfg.Picker.Pick(c.pickContext(s.reqFields), s.method)
 		if err != nil {
 			c.releaseItemsLocked(items)
-			return codes.Unavailable, "streamlb: no backend for " + s.method + ": " + err.Error(), false
+			return failure{kind: failNoBackend, method: s.method, cause: err}, false
 		}
 		a := &attempt{s: s, done: done, keepReplay: c.srv.cfg.RetryBufferSize > 0}
 		a.up = sendQueue{a: a, src: &c.transport, credit: &s.upRecv, items: items}
 		bc, err := c.srv.pool.get(addr, a)
 		if err != nil {
-			code := codes.Unavailable
-			if errors.Is(err, errBackendFull) {
-				code = codes.ResourceExhausted
+			f, ok := err.(failure)
+			if !ok {
+				f = failure{kind: failInternal, cause: err}
 			}
-			st := status.Error(code, "streamlb: "+err.Error())
 			if done != nil {
-				done(st)
+				done(f.statusErr())
 			}
 			c.releaseItemsLocked(items)
-			return code, "streamlb: " + err.Error(), false
+			return f, false
 		}
 		a.bc = bc
 		a.up.closed = s.cRecvEnd
@@ -64,22 +60,24 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (codes.Code,
 		s.att = a
 		s.down.src = &bc.transport
 		s.down.credit = &a.downRecv
-		if bc.addAttempt(a) {
+		cause := bc.addAttempt(a)
+		if cause == nil {
 			bc.mu.Lock()
 			bc.markReadyLocked(&a.up)
 			bc.mu.Unlock()
-			return codes.OK, "", true
+			return failure{}, true
 		}
 		// The connection failed between the pick and now: the request is
 		// still whole in a.up, so try once more elsewhere.
 		s.att = prev
 		items = a.up.items[a.up.head:]
+		f := failure{kind: failConnLost, backend: addr, cause: cause}
 		if done != nil {
-			done(status.Error(codes.Unavailable, "streamlb: backend connection failed"))
+			done(f.statusErr())
 		}
 		if s.attempts > c.srv.cfg.MaxRetries {
 			c.releaseItemsLocked(items)
-			return codes.Unavailable, "streamlb: backend " + addr + " connection failed", false
+			return f, false
 		}
 	}
 }
@@ -94,21 +92,21 @@ func (c *serverConn) releaseItemsLocked(items []outItem) {
 }
 
 // retryOrFail is called by a backend connection for an attempt it
-// unlinked because it ended before the backend answered. The call goes to
-// another backend if it may (see the comment at the top of this file);
-// otherwise it ends: with fallback, the backend's own answer as header
-// blocks, if there is one, else with the given status.
-func (c *serverConn) retryOrFail(a *attempt, transparent bool, code codes.Code, msg string, fallback ...[]hpack.HeaderField) {
+// unlinked because it ended before the backend answered, for the reason f.
+// The call goes to another backend if it may (see the comment at the top
+// of this file); otherwise it ends: with answer, the backend's own answer
+// as header blocks, if there is one, else with the status of f.
+func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer ...[]hpack.HeaderField) {
 	s := a.s
 	c.mu.Lock()
 	if s.att == a && !s.cClosed && !s.down.closed && !s.headersSent && s.down.empty() &&
 		s.attempts <= c.srv.cfg.MaxRetries && (transparent || (s.retryable && c.srv.budget.allow())) {
 		if items, ok := a.bc.harvest(a); ok {
-			if _, _, ok := c.startAttemptLocked(s, items); ok {
+			if _, ok := c.startAttemptLocked(s, items); ok {
 				c.mu.Unlock()
 				c.signal()
 				if a.done != nil {
-					a.done(status.Error(code, msg))
+					a.done(f.statusErr())
 				}
 				return
 			}
@@ -119,13 +117,7 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, code codes.Code, 
 	a.bc.mu.Unlock()
 	current := s.att == a
 	if current && !s.cClosed && !s.down.closed {
-		if len(fallback) > 0 {
-			s.result = outcome(fallback[len(fallback)-1])
-			c.finishDownLocked(s, fallback...)
-		} else {
-			s.result = status.Error(code, msg)
-			c.finishDownLocked(s, statusFields(code, msg, !s.headersSent))
-		}
+		c.failLocked(s, f, answer...)
 	}
 	c.mu.Unlock()
 	c.signal()

@@ -10,9 +10,7 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 )
 
 // serverConn is one client connection: the proxy is the HTTP/2 server. It
@@ -286,19 +284,19 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	c.mu.Unlock()
 
 	if f.Truncated {
-		c.rejectStream(s, httpErrorFields(431, codes.ResourceExhausted, "streamlb: request header list too large"))
+		c.rejectStream(s, failure{kind: failHeadersTooLarge})
 		return nil
 	}
 	ri, err := parseRequest(f.Fields)
 	switch {
 	case err != nil:
-		c.rejectStream(s, httpErrorFields(400, codes.Internal, "streamlb: malformed request headers: "+err.Error()))
+		c.rejectStream(s, failure{kind: failBadRequest, cause: err})
 		return nil
 	case ri.method != "POST":
-		c.rejectStream(s, httpErrorFields(405, codes.Internal, fmt.Sprintf("streamlb: method %q not allowed, gRPC uses POST", ri.method)))
+		c.rejectStream(s, failure{kind: failBadMethod, detail: ri.method})
 		return nil
 	case !isGRPCContentType(ri.contentType):
-		c.rejectStream(s, httpErrorFields(415, codes.InvalidArgument, fmt.Sprintf("streamlb: invalid gRPC request content-type %q", ri.contentType)))
+		c.rejectStream(s, failure{kind: failBadContentType, detail: ri.contentType})
 		return nil
 	}
 	s.method = ri.path
@@ -307,14 +305,14 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	s.retryable = c.srv.retryableMethod(ri.path)
 
 	if !c.srv.admit(s) {
-		c.rejectStream(s, statusFields(codes.ResourceExhausted, fmt.Sprintf("streamlb: too many concurrent calls (limit %d)", c.srv.cfg.MaxStreams), true))
+		c.rejectStream(s, failure{kind: failTooManyCalls, limit: c.srv.cfg.MaxStreams})
 		return nil
 	}
 	c.mu.Lock()
-	code, msg, ok := c.startAttemptLocked(s, nil)
+	fail, ok := c.startAttemptLocked(s, nil)
 	c.mu.Unlock()
 	if !ok {
-		c.rejectStream(s, statusFields(code, msg, true))
+		c.rejectStream(s, fail)
 		return nil
 	}
 	if ri.hasTimeout {
@@ -351,13 +349,13 @@ func (c *serverConn) pickContext(fields []hpack.HeaderField) context.Context {
 }
 
 // rejectStream answers a stream the proxy will not forward with a complete
-// response, and resets it (NO_ERROR) if the client is still sending, as
-// grpc-go's server does. The stream never had a backend side.
-func (c *serverConn) rejectStream(s *stream, fields []hpack.HeaderField) {
+// response carrying the status of f, and resets it (NO_ERROR) if the client
+// is still sending, as grpc-go's server does. The stream never had a
+// backend side.
+func (c *serverConn) rejectStream(s *stream, f failure) {
 	s.sides.Add(1) // no attempt
 	c.mu.Lock()
-	s.result = outcome(fields)
-	c.finishDownLocked(s, fields)
+	c.failLocked(s, f)
 	c.mu.Unlock()
 	c.signal()
 }
@@ -379,18 +377,17 @@ func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) 
 	c.markReadyLocked(&s.down)
 }
 
-// failDown ends a call with a proxy-generated status: trailers-only if no
-// response header was sent yet, else trailers. Nothing happens if the
-// response already ended or a is no longer the stream's attempt.
-func (c *serverConn) failDown(a *attempt, code codes.Code, msg string) {
+// failDown ends a call with the status of f (see failLocked). Nothing
+// happens if the response already ended or a is no longer the stream's
+// attempt.
+func (c *serverConn) failDown(a *attempt, f failure) {
 	s := a.s
 	c.mu.Lock()
 	if s.att != a || s.down.closed || s.cClosed {
 		c.mu.Unlock()
 		return
 	}
-	s.result = status.Error(code, msg)
-	c.finishDownLocked(s, statusFields(code, msg, !s.headersSent))
+	c.failLocked(s, f)
 	c.mu.Unlock()
 	c.signal()
 }
@@ -399,14 +396,12 @@ func (c *serverConn) failDown(a *attempt, code codes.Code, msg string) {
 // before the call ends: the client gets DEADLINE_EXCEEDED and the backend
 // stream is cancelled.
 func (c *serverConn) deadlineExceeded(s *stream) {
-	msg := "streamlb: deadline exceeded (grpc-timeout) waiting for " + s.method
 	// One critical section, so a retry switching attempts meanwhile cannot
 	// make the deadline miss: whatever attempt is current now is cut.
 	c.mu.Lock()
 	a := s.att
 	if !s.down.closed && !s.cClosed {
-		s.result = status.Error(codes.DeadlineExceeded, msg)
-		c.finishDownLocked(s, statusFields(codes.DeadlineExceeded, msg, !s.headersSent))
+		c.failLocked(s, failure{kind: failDeadline, method: s.method})
 	}
 	c.mu.Unlock()
 	c.signal()
@@ -479,7 +474,7 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 		return
 	}
 	if !s.down.closed {
-		s.result = status.Error(codes.Canceled, "client reset the stream")
+		s.result = failure{kind: failClientReset}.statusErr()
 	}
 	a := s.att
 	c.closeSideLocked(s)
@@ -543,12 +538,10 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		// The backend enforces the same grpc-timeout and cancelled the
 		// stream as it ran out, a moment before our own timer: the client
 		// is owed DEADLINE_EXCEEDED, not a bare reset.
-		msg := "streamlb: deadline exceeded (grpc-timeout) waiting for " + s.method
-		s.result = status.Error(codes.DeadlineExceeded, msg)
-		c.finishDownLocked(s, statusFields(codes.DeadlineExceeded, msg, !s.headersSent))
+		c.failLocked(s, failure{kind: failDeadline, method: s.method})
 		return
 	}
-	s.result = status.Errorf(rstStatus(code), "backend reset the stream: %v", code)
+	s.result = failure{kind: failBackendReset, backend: a.bc.addr, h2code: code}.statusErr()
 	// Codes are relayed as they are, so the client sees what a direct call
 	// would: grpc-go maps RST_STREAM codes to statuses itself.
 	c.queueCtrlLocked(writeOp{kind: opReset, streamID: s.down.id, code: code})
@@ -613,7 +606,7 @@ func (c *serverConn) cleanup() {
 	var left []*attempt
 	for _, s := range c.streams {
 		if !s.down.closed {
-			s.result = status.Error(codes.Canceled, "client connection closed")
+			s.result = failure{kind: failClientGone}.statusErr()
 		}
 		if s.att != nil {
 			left = append(left, s.att)

@@ -4,7 +4,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -93,24 +92,4 @@ func (s *stream) sideClosed() {
 			a.done(s.result)
 		}
 	}
-}
-
-// rstStatus is the outcome recorded for a stream the backend reset, as
-// grpc-go's client would report it (internal/transport http2ErrConvTab).
-func rstStatus(c http2.ErrCode) codes.Code {
-	switch c {
-	case http2.ErrCodeNo, http2.ErrCodeProtocol, http2.ErrCodeInternal, http2.ErrCodeFlowControl,
-		http2.ErrCodeSettingsTimeout, http2.ErrCodeStreamClosed, http2.ErrCodeFrameSize,
-		http2.ErrCodeCompression, http2.ErrCodeConnect:
-		return codes.Internal
-	case http2.ErrCodeRefusedStream:
-		return codes.Unavailable
-	case http2.ErrCodeCancel:
-		return codes.Canceled
-	case http2.ErrCodeEnhanceYourCalm:
-		return codes.ResourceExhausted
-	case http2.ErrCodeInadequateSecurity:
-		return codes.PermissionDenied
-	}
-	return codes.Unknown
 }

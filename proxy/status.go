@@ -1,0 +1,229 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strconv"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// This file is the proxy's status edge: every call the proxy itself ends,
+// rather than relaying a backend's answer, is described by a failure, and
+// statusOf alone turns a failure into the gRPC status (and, for requests
+// that are not gRPC, the HTTP status) the client and the Picker see. A
+// status that came from a backend never goes through statusOf: its header
+// blocks are relayed untouched (see endBlocks).
+
+// failKind is what went wrong when the proxy ends a call itself.
+type failKind int
+
+const (
+	// failInternal is a proxy bug: an error nobody classified. It is the
+	// zero value, so a failure nobody filled in reports INTERNAL.
+	failInternal failKind = iota
+	// failNoBackend: Picker.Pick returned an error (cause).
+	failNoBackend
+	// failShuttingDown: the server is closing and opens no backend
+	// connection.
+	failShuttingDown
+	// failTooManyCalls: Config.MaxStreams calls are in flight (limit).
+	failTooManyCalls
+	// failBackendFull: the backend has Config.MaxStreamsPerBackend calls
+	// in flight (limit).
+	failBackendFull
+	// failDial: the backend connection could not be opened (cause).
+	failDial
+	// failConnLost: the backend connection ended before the call did
+	// (cause, may be nil).
+	failConnLost
+	// failRefused: the backend reset the stream with REFUSED_STREAM before
+	// processing it (RFC 9113 §8.7).
+	failRefused
+	// failGoAway: the backend's GOAWAY named a last stream id below the
+	// call's (RFC 9113 §6.8), or the call was not yet opened.
+	failGoAway
+	// failBackendUnavailable: the backend answered UNAVAILABLE and the call
+	// is retried elsewhere. Only the Picker sees this status; if the call
+	// is not retried the client gets the backend's own answer.
+	failBackendUnavailable
+	// failBackendProtocol: the backend broke HTTP/2 on the call's stream
+	// (h2code is the reset we sent).
+	failBackendProtocol
+	// failBackendReset: the backend reset the stream (h2code). The reset
+	// itself is relayed to the client; this is the Picker's outcome.
+	failBackendReset
+	// failDeadline: the call's grpc-timeout passed.
+	failDeadline
+	// failClientReset: the client reset the stream.
+	failClientReset
+	// failClientGone: the client connection ended with the call open.
+	failClientGone
+	// failHeadersTooLarge: the request header list was over
+	// MaxHeaderListSize.
+	failHeadersTooLarge
+	// failBadRequest: the request headers are malformed (cause).
+	failBadRequest
+	// failBadMethod: the request's :method is not POST (detail).
+	failBadMethod
+	// failBadContentType: the request's content-type is not gRPC (detail).
+	failBadContentType
+)
+
+// failure is one call the proxy ends itself: its kind and the details its
+// message names. Only the fields the kind documents are read. A failure is
+// an error (its message) so that functions such as pool.get can return one.
+type failure struct {
+	kind    failKind
+	backend string        // backend address
+	method  string        // gRPC full method name
+	detail  string        // offending request header value
+	limit   int64         // limit reached
+	cause   error         // underlying error
+	h2code  http2.ErrCode // RST_STREAM code
+}
+
+func (f failure) Error() string {
+	st, _ := statusOf(f)
+	return st.Message()
+}
+
+// statusErr is f's status as a grpc-go status error, the form handed to
+// Picker.done.
+func (f failure) statusErr() error {
+	st, _ := statusOf(f)
+	return st.Err()
+}
+
+// statusOf is the one mapping from a proxy-generated failure to the status
+// the call ends with, and the HTTP status of the response: 200 except for
+// requests refused before they could be relayed, which get the HTTP status
+// grpc-go's server sends for them (http2_server.go, writeEarlyAbort).
+// Messages start with "streamlb:" and name the cause, and the backend or
+// limit when there is one, so a client can tell the proxy's answers from
+// its backends'.
+func statusOf(f failure) (*status.Status, int) {
+	switch f.kind {
+	case failNoBackend:
+		// A status the Picker chose is kept, as grpc-go's pickerWrapper
+		// ends an RPC with the status a picker returns.
+		if st, ok := status.FromError(f.cause); ok && st.Code() != codes.OK {
+			return st, http.StatusOK
+		}
+		code := codes.Unavailable
+		switch {
+		case errors.Is(f.cause, context.Canceled):
+			code = codes.Canceled
+		case errors.Is(f.cause, context.DeadlineExceeded):
+			code = codes.DeadlineExceeded
+		}
+		return status.Newf(code, "streamlb: no backend for %s: %v", f.method, f.cause), http.StatusOK
+	case failShuttingDown:
+		return status.New(codes.Unavailable, "streamlb: server is shutting down"), http.StatusOK
+	case failTooManyCalls:
+		return status.Newf(codes.ResourceExhausted, "streamlb: too many concurrent calls (limit %d)", f.limit), http.StatusOK
+	case failBackendFull:
+		return status.Newf(codes.ResourceExhausted, "streamlb: backend %s is at its concurrency limit (limit %d)", f.backend, f.limit), http.StatusOK
+	case failDial:
+		return status.Newf(codes.Unavailable, "streamlb: backend %s: connecting: %v", f.backend, f.cause), http.StatusOK
+	case failConnLost:
+		msg := "streamlb: backend connection to " + f.backend + " lost"
+		if f.cause != nil && !errors.Is(f.cause, errClosed) {
+			msg += ": " + f.cause.Error()
+		}
+		return status.New(codes.Unavailable, msg), http.StatusOK
+	case failRefused:
+		return status.Newf(codes.Unavailable, "streamlb: backend %s refused the stream (REFUSED_STREAM)", f.backend), http.StatusOK
+	case failGoAway:
+		return status.Newf(codes.Unavailable, "streamlb: backend %s is going away (GOAWAY) and did not process the call", f.backend), http.StatusOK
+	case failBackendUnavailable:
+		return status.Newf(codes.Unavailable, "streamlb: backend %s answered UNAVAILABLE", f.backend), http.StatusOK
+	case failBackendProtocol:
+		return status.Newf(codes.Internal, "streamlb: protocol error from backend %s: %v", f.backend, f.h2code), http.StatusOK
+	case failBackendReset:
+		return status.Newf(rstCode(f.h2code), "streamlb: backend %s reset the stream: %v", f.backend, f.h2code), http.StatusOK
+	case failDeadline:
+		return status.New(codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+f.method), http.StatusOK
+	case failClientReset:
+		return status.New(codes.Canceled, "streamlb: client reset the stream"), http.StatusOK
+	case failClientGone:
+		return status.New(codes.Canceled, "streamlb: client connection closed"), http.StatusOK
+	case failHeadersTooLarge:
+		return status.New(codes.ResourceExhausted, "streamlb: request header list too large"), http.StatusRequestHeaderFieldsTooLarge
+	case failBadRequest:
+		return status.Newf(codes.Internal, "streamlb: malformed request headers: %v", f.cause), http.StatusBadRequest
+	case failBadMethod:
+		return status.Newf(codes.Internal, "streamlb: method %q not allowed, gRPC uses POST", f.detail), http.StatusMethodNotAllowed
+	case failBadContentType:
+		return status.Newf(codes.InvalidArgument, "streamlb: invalid gRPC request content-type %q", f.detail), http.StatusUnsupportedMediaType
+	}
+	if f.cause != nil {
+		return status.Newf(codes.Internal, "streamlb: internal error: %v", f.cause), http.StatusOK
+	}
+	return status.Newf(codes.Internal, "streamlb: internal error (failure kind %d)", f.kind), http.StatusOK
+}
+
+// rstCode is the status of a stream the backend reset, as grpc-go's client
+// would report it (internal/transport http2ErrConvTab).
+func rstCode(c http2.ErrCode) codes.Code {
+	switch c {
+	case http2.ErrCodeNo, http2.ErrCodeProtocol, http2.ErrCodeInternal, http2.ErrCodeFlowControl,
+		http2.ErrCodeSettingsTimeout, http2.ErrCodeStreamClosed, http2.ErrCodeFrameSize,
+		http2.ErrCodeCompression, http2.ErrCodeConnect:
+		return codes.Internal
+	case http2.ErrCodeRefusedStream:
+		return codes.Unavailable
+	case http2.ErrCodeCancel:
+		return codes.Canceled
+	case http2.ErrCodeEnhanceYourCalm:
+		return codes.ResourceExhausted
+	case http2.ErrCodeInadequateSecurity:
+		return codes.PermissionDenied
+	}
+	return codes.Unknown
+}
+
+// endBlocks returns the header blocks that end a response the proxy cuts
+// short, and the outcome to report to Picker.done. With answer, the
+// backend's own final header blocks, those are relayed untouched and the
+// outcome is the backend's status; otherwise the blocks carry statusOf(f),
+// trailers-only when trailersOnly (no response header was sent yet),
+// else trailers after the headers already sent.
+func endBlocks(f failure, trailersOnly bool, answer [][]hpack.HeaderField) ([][]hpack.HeaderField, error) {
+	if len(answer) > 0 {
+		return answer, outcome(answer[len(answer)-1])
+	}
+	st, httpStatus := statusOf(f)
+	return [][]hpack.HeaderField{statusFields(st, httpStatus, trailersOnly)}, st.Err()
+}
+
+// statusFields is a proxy-generated gRPC status. With trailersOnly it is a
+// complete response of one HEADERS frame (gRPC "Trailers-Only") with the
+// given HTTP status, otherwise the trailers that close a response already
+// started.
+func statusFields(st *status.Status, httpStatus int, trailersOnly bool) []hpack.HeaderField {
+	f := make([]hpack.HeaderField, 0, 4)
+	if trailersOnly {
+		f = append(f,
+			hpack.HeaderField{Name: ":status", Value: strconv.Itoa(httpStatus)},
+			hpack.HeaderField{Name: "content-type", Value: "application/grpc"})
+	}
+	f = append(f, hpack.HeaderField{Name: "grpc-status", Value: strconv.Itoa(int(st.Code()))})
+	if msg := st.Message(); msg != "" {
+		f = append(f, hpack.HeaderField{Name: "grpc-message", Value: encodeGRPCMessage(msg)})
+	}
+	return f
+}
+
+// failLocked ends s's response because of f, as endBlocks describes, and
+// records the outcome for Picker.done. The response must not have ended
+// yet. Caller must hold mu.
+func (c *serverConn) failLocked(s *stream, f failure, answer ...[]hpack.HeaderField) {
+	blocks, result := endBlocks(f, !s.headersSent, answer)
+	s.result = result
+	c.finishDownLocked(s, blocks...)
+}
