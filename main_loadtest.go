@@ -13,8 +13,9 @@ import (
 	"github.com/streamlb/streamlb/loadtest"
 )
 
-// exitBalance is the exit code of a loadtest whose --assert-balance failed.
-const exitBalance = 3
+// exitAssert is the exit code of a loadtest whose --assert-balance or
+// --assert-max-error-rate check failed.
+const exitAssert = 3
 
 // loadtestCommand is `streamlb loadtest`: ghz-driven load with a
 // per-backend balance report.
@@ -30,9 +31,14 @@ func loadtestCommand() *cli.Command {
 			"header of every call, and the status codes. Flags are named as ghz's.\n" +
 			"The method is looked up by server reflection unless --proto or --protoset\n" +
 			"is given. Put flags before the target.\n\n" +
-			"Exit codes: 0 done (failed calls are reported, not fatal), 1 the run could\n" +
-			"not happen (unreachable target, unknown method), 2 usage error, 3 the\n" +
-			"--assert-balance check failed.",
+			"Exit codes:\n" +
+			"  0  the run was made and every --assert-* check passed (failed calls are\n" +
+			"     reported, not fatal, unless --assert-max-error-rate is given)\n" +
+			"  1  the run could not happen or was cut short: unreachable target, unknown\n" +
+			"     method, --out not writable (checked before the load), interrupted\n" +
+			"  2  usage error: bad flags or flag values\n" +
+			"  3  an --assert-balance or --assert-max-error-rate check failed (the\n" +
+			"     reports are still written)",
 		OnUsageError: onUsageError,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "target", Usage: "server `HOST:PORT` (or give it as the argument)"},
@@ -46,12 +52,12 @@ func loadtestCommand() *cli.Command {
 			&cli.StringFlag{Name: "proto", Usage: "describe the method with this .proto `FILE` instead of server reflection"},
 			&cli.StringFlag{Name: "protoset", Usage: "describe the method with this compiled protoset `FILE` instead of server reflection"},
 			&cli.StringFlag{Name: "import-paths", Aliases: []string{"i"}, Usage: "comma-separated `DIRS` to search for --proto imports"},
-			&cli.IntFlag{Name: "total", Aliases: []string{"n"}, Usage: fmt.Sprintf("number of calls to make (default %d when no --duration; with both, the run stops at whichever comes first)", loadtest.DefaultTotal)},
-			&cli.DurationFlag{Name: "duration", Aliases: []string{"z"}, Usage: "make calls for this long"},
+			&cli.IntFlag{Name: "total", Aliases: []string{"n"}, DefaultText: fmt.Sprintf("%d, or unbounded with --duration", loadtest.DefaultTotal), Usage: "number of calls to make; with --duration too, the run stops at whichever comes first"},
+			&cli.DurationFlag{Name: "duration", Aliases: []string{"z"}, DefaultText: "none", Usage: "make calls for this long"},
 			&cli.StringFlag{Name: "duration-stop", Value: loadtest.DefaultDurationStop, Usage: "at the --duration bound, calls in flight: wait (finish), close (fail), ignore (cut, left out)"},
 			&cli.IntFlag{Name: "concurrency", Aliases: []string{"c"}, Value: loadtest.DefaultConcurrency, Usage: "workers making calls, each one at a time"},
 			&cli.IntFlag{Name: "connections", Value: loadtest.DefaultConnections, Usage: "client connections the workers share"},
-			&cli.IntFlag{Name: "rps", Aliases: []string{"r"}, Usage: "cap on calls started per second; 0 is unlimited"},
+			&cli.IntFlag{Name: "rps", Aliases: []string{"r"}, DefaultText: "unlimited", Usage: "cap on calls started per second; 0 is unlimited"},
 			&cli.DurationFlag{Name: "timeout", Aliases: []string{"t"}, Value: loadtest.DefaultTimeout, Usage: "deadline of each call"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: loadtest.DefaultConnectTimeout, Usage: "bound on connecting and on the reflection lookup"},
 			&cli.BoolFlag{Name: "insecure", Value: true, Usage: "cleartext HTTP/2 (h2c); --insecure=false uses TLS"},
@@ -60,10 +66,12 @@ func loadtestCommand() *cli.Command {
 			&cli.StringFlag{Name: "name", Usage: "label of the run, shown in the reports"},
 			&cli.StringFlag{Name: "backend-header", Value: loadtest.DefaultBackendHeader, Usage: "response header `NAME` that names the backend of each call"},
 			&cli.StringFlag{Name: "format", Value: "table", Usage: "report on stdout: table or json"},
-			&cli.StringFlag{Name: "out", Usage: "also write the report as a self-contained HTML page to `FILE`"},
+			&cli.StringFlag{Name: "out", Usage: "also write the report as a self-contained HTML page to `FILE` (checked writable before the load runs)"},
+			&cli.BoolFlag{Name: "timeline", Usage: "with --format table: add calls and errors per backend per interval (1s, scaled for short and long runs)"},
 			&cli.BoolFlag{Name: "progress", Usage: "write a progress line to stderr every 500ms even when stderr is not a terminal"},
 			&cli.Float64Flag{Name: "assert-balance", Value: -1, DefaultText: "off", Usage: "exit 3 if any backend's share is more than `PCT` percentage points from an even share"},
-			&cli.IntFlag{Name: "expect-backends", Usage: "with --assert-balance: the even share is 100/`N` (backends with no calls count as 0%); default: the backends seen"},
+			&cli.Float64Flag{Name: "assert-max-error-rate", Value: -1, DefaultText: "off", Usage: "exit 3 if more than `PCT` percent (0..100) of the calls failed, or none was made"},
+			&cli.IntFlag{Name: "expect-backends", DefaultText: "the backends seen", Usage: "with --assert-balance: the even share is 100/`N` (backends with no calls count as 0%)"},
 		},
 		Action: runLoadtest,
 	}
@@ -85,6 +93,20 @@ func runLoadtest(c *cli.Context) error {
 	if c.Int("expect-backends") < 0 {
 		return usageErr("--expect-backends must not be negative, got %d", c.Int("expect-backends"))
 	}
+	assertErrs := c.IsSet("assert-max-error-rate")
+	if r := c.Float64("assert-max-error-rate"); assertErrs && (r < 0 || r > 100) {
+		return usageErr("--assert-max-error-rate must be a percentage from 0 to 100, got %v", r)
+	}
+
+	// Open --out now, so a path that cannot be written fails before the
+	// load, not after it.
+	var page *reportFile
+	if path := c.String("out"); path != "" {
+		if page, err = openReportFile(path); err != nil {
+			return failure(err)
+		}
+		defer page.discard()
+	}
 
 	var progress io.Writer
 	if isTerminal(c.App.ErrWriter) {
@@ -104,22 +126,34 @@ func runLoadtest(c *cli.Context) error {
 		err = res.WriteJSON(c.App.Writer)
 	} else {
 		err = res.WriteTable(c.App.Writer)
+		if err == nil && c.Bool("timeline") {
+			err = res.WriteTimeline(c.App.Writer)
+		}
 	}
 	if err != nil {
 		return failure(err)
 	}
-	if path := c.String("out"); path != "" {
-		if err := writeHTMLReport(res, path); err != nil {
+	if page != nil {
+		if err := page.write(res); err != nil {
 			return failure(err)
 		}
 	}
 	if runErr != nil {
 		return failure(runErr) // interrupted: the partial report is out
 	}
+	var failed []string
 	if assert {
 		if err := res.CheckBalance(c.Float64("assert-balance"), c.Int("expect-backends")); err != nil {
-			return cli.Exit(err.Error(), exitBalance)
+			failed = append(failed, err.Error())
 		}
+	}
+	if assertErrs {
+		if err := res.CheckErrorRate(c.Float64("assert-max-error-rate")); err != nil {
+			failed = append(failed, err.Error())
+		}
+	}
+	if len(failed) > 0 {
+		return cli.Exit(strings.Join(failed, "; "), exitAssert)
 	}
 	return nil
 }
@@ -220,18 +254,51 @@ func loadtestConfig(c *cli.Context) (loadtest.Config, error) {
 	return cfg, nil
 }
 
-// writeHTMLReport writes res as HTML to path.
-func writeHTMLReport(res *loadtest.Result, path string) (err error) {
-	f, err := os.Create(path)
+// reportFile is the --out file, opened before the run so an unwritable
+// path fails fast. Until write succeeds, discard removes a file the command
+// created (and leaves a file that was there untouched).
+type reportFile struct {
+	f       *os.File
+	created bool
+	written bool
+}
+
+func openReportFile(path string) (*reportFile, error) {
+	_, statErr := os.Stat(path)
+	// No O_TRUNC: an existing report survives a run that fails.
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("--out: %w", err)
+	}
+	return &reportFile{f: f, created: os.IsNotExist(statErr)}, nil
+}
+
+// write replaces the file's content with res as HTML and closes it.
+func (r *reportFile) write(res *loadtest.Result) error {
+	err := r.f.Truncate(0)
+	if err == nil {
+		err = res.WriteHTML(r.f)
+	}
+	if cerr := r.f.Close(); err == nil {
+		err = cerr
+	}
 	if err != nil {
 		return fmt.Errorf("--out: %w", err)
 	}
-	defer func() {
-		if cerr := f.Close(); cerr != nil && err == nil {
-			err = fmt.Errorf("--out: %w", cerr)
-		}
-	}()
-	return res.WriteHTML(f)
+	r.written = true
+	return nil
+}
+
+// discard closes the file unless written, and removes it if the command
+// created it.
+func (r *reportFile) discard() {
+	if r.written {
+		return
+	}
+	r.f.Close()
+	if r.created {
+		os.Remove(r.f.Name())
+	}
 }
 
 // isTerminal reports whether w is a character device, such as a terminal.

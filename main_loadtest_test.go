@@ -40,7 +40,18 @@ func TestLoadtestCommand(t *testing.T) {
 
 	dir := t.TempDir()
 	page := filepath.Join(dir, "report.html")
-	const call = "grpc.testing.TestService/EmptyCall"
+	const (
+		call    = "grpc.testing.TestService/EmptyCall"
+		unary   = "grpc.testing.TestService/UnaryCall"
+		failing = `{"response_status":{"code":14,"message":"planned"}}`
+	)
+	// noLoad checks that a command failing before the load made no call.
+	var callsBefore int64
+	noLoad := func(t *testing.T, _ string) {
+		if got := ts.Calls(); got != callsBefore {
+			t.Errorf("the backend got %d calls, want none: the command should fail before the load", got-callsBefore)
+		}
+	}
 
 	tests := []struct {
 		name     string
@@ -53,7 +64,64 @@ func TestLoadtestCommand(t *testing.T) {
 		{
 			name:    "table",
 			args:    []string{"--call", call, "-n", "40", "-c", "4", live},
-			wantOut: "Backends (from the \"x-backend\" response header)",
+			wantOut: "Backends (from the \"x-backend\" response header; latencies on the wire clock)",
+		},
+		{
+			name:    "timeline",
+			args:    []string{"--call", call, "-n", "40", "-c", "4", "--timeline", live},
+			wantOut: "Timeline (calls per backend per 100ms",
+		},
+		{
+			name: "duration ends normally",
+			args: []string{"--call", call, "-z", "200ms", "-c", "2", "--rps", "100", "--format", "json", live},
+			check: func(t *testing.T, stdout string) {
+				var rep loadtest.JSONReport
+				if err := json.Unmarshal([]byte(stdout), &rep); err != nil {
+					t.Fatal(err)
+				}
+				if rep.EndReason != loadtest.EndDuration {
+					t.Errorf("end reason %q, want %q, not timeout", rep.EndReason, loadtest.EndDuration)
+				}
+			},
+		},
+		{
+			name:    "error rate passes",
+			args:    []string{"--call", unary, "-n", "30", "-c", "3", "--assert-max-error-rate", "0", live},
+			wantOut: "solo",
+		},
+		{
+			name:     "error rate fails",
+			args:     []string{"--call", unary, "-d", failing, "-n", "30", "-c", "3", "--assert-max-error-rate", "50", live},
+			wantCode: exitAssert,
+			wantErr:  "error rate assertion failed: 30 of 30 calls failed (100.00%, allowed 50%)",
+			wantOut:  "Unavailable",
+		},
+		{
+			name:     "both gates fail",
+			args:     []string{"--call", unary, "-d", failing, "-n", "30", "-c", "3", "--assert-max-error-rate", "10", "--assert-balance", "5", "--expect-backends", "2", live},
+			wantCode: exitAssert,
+			wantErr:  "balance assertion failed: backend solo got 100.0% (even share 50.0%, allowed ±5); error rate assertion failed",
+		},
+		{
+			name:     "error rate all allowed",
+			args:     []string{"--call", unary, "-d", failing, "-n", "10", "-c", "2", "--assert-max-error-rate", "100", live},
+			wantOut:  "Unavailable",
+			wantCode: 0,
+		},
+		{name: "error rate out of range", args: []string{"--call", call, "--assert-max-error-rate", "101", live}, wantCode: exitUsage, wantErr: "--assert-max-error-rate must be a percentage"},
+		{
+			name:     "out not writable",
+			args:     []string{"--call", call, "-n", "10", "--out", filepath.Join(dir, "missing", "r.html"), live},
+			wantCode: exitFailure,
+			wantErr:  "--out: open " + filepath.Join(dir, "missing", "r.html"),
+			check:    noLoad,
+		},
+		{
+			name:     "out is a directory",
+			args:     []string{"--call", call, "-n", "10", "--out", dir, live},
+			wantCode: exitFailure,
+			wantErr:  "--out:",
+			check:    noLoad,
 		},
 		{
 			name: "json and html",
@@ -71,15 +139,20 @@ func TestLoadtestCommand(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if !bytes.Contains(html, []byte("<svg")) || !bytes.Contains(html, []byte("solo")) {
-					t.Errorf("HTML report lacks a chart or the backend name")
+				for _, want := range []string{"<svg", "solo", "Timeline", "Started", live, call, "p50 wire", "p50 client"} {
+					if !bytes.Contains(html, []byte(want)) {
+						t.Errorf("HTML report lacks %q", want)
+					}
+				}
+				if rep.Started == "" || rep.Request.Total != 30 || rep.Target != live || rep.Call != call {
+					t.Errorf("JSON report started %q, request %+v: want the run's time, target, method and options", rep.Started, rep.Request)
 				}
 			},
 		},
 		{
 			name:     "balance fails",
 			args:     []string{"--call", call, "-n", "30", "-c", "3", "--assert-balance", "10", "--expect-backends", "3", live},
-			wantCode: exitBalance,
+			wantCode: exitAssert,
 			wantErr:  "balance assertion failed: backend solo got 100.0% (even share 33.3%, allowed ±10)",
 			wantOut:  "solo",
 		},
@@ -104,6 +177,7 @@ func TestLoadtestCommand(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
+			callsBefore = ts.Calls()
 			var stdout, stderr bytes.Buffer
 			app := newApp()
 			app.Writer, app.ErrWriter = &stdout, &stderr
@@ -127,5 +201,30 @@ func TestLoadtestCommand(t *testing.T) {
 				tc.check(t, stdout.String())
 			}
 		})
+	}
+}
+
+// TestLoadtestHelp checks that --help shows the real defaults and the exit
+// codes.
+func TestLoadtestHelp(t *testing.T) {
+	var stdout bytes.Buffer
+	app := newApp()
+	app.Writer, app.ErrWriter = &stdout, &stdout
+	if err := app.Run([]string{"streamlb", "loadtest", "--help"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"(default: 200, or unbounded with --duration)",
+		"(default: unlimited)",
+		"--assert-max-error-rate PCT",
+		"--timeline",
+		"3  an --assert-balance or --assert-max-error-rate check failed",
+	} {
+		if !strings.Contains(stdout.String(), want) {
+			t.Errorf("help lacks %q:\n%s", want, stdout.String())
+		}
+	}
+	if strings.Contains(stdout.String(), "(default: 0)") {
+		t.Errorf("help shows a zero default that is not the real one:\n%s", stdout.String())
 	}
 }

@@ -76,3 +76,38 @@ func (r *Result) CheckBalance(pct float64, expect int) error {
 	}
 	return nil
 }
+
+// ErrorRateError is returned by CheckErrorRate when too many calls failed.
+type ErrorRateError struct {
+	// Rate is the percentage (0..100) of calls that failed.
+	Rate float64
+	// Errors and Count are the failed calls and all calls.
+	Errors, Count uint64
+	// Allowed is the highest rate allowed, in percent.
+	Allowed float64
+}
+
+func (e *ErrorRateError) Error() string {
+	return fmt.Sprintf("error rate assertion failed: %d of %d calls failed (%.2f%%, allowed %s%%)",
+		e.Errors, e.Count, e.Rate, strconv.FormatFloat(e.Allowed, 'f', -1, 64))
+}
+
+// CheckErrorRate checks that at most pct percent (0..100) of the calls
+// failed, counting the calls as ghz does (Result.Count, Result.Errors). A
+// run that made no calls fails the check, since it showed nothing.
+//
+// It returns an *ErrorRateError when the rate is above pct, another error
+// when no call was made or pct is not in 0..100.
+func (r *Result) CheckErrorRate(pct float64) error {
+	if pct < 0 || pct > 100 || math.IsNaN(pct) {
+		return fmt.Errorf("error rate assertion: allowed rate must be a percentage from 0 to 100, got %v", pct)
+	}
+	if r.Count == 0 {
+		return errors.New("error rate assertion failed: no call was made")
+	}
+	rate := 100 * float64(r.Errors) / float64(r.Count)
+	if rate > pct+1e-9 {
+		return &ErrorRateError{Rate: rate, Errors: r.Errors, Count: r.Count, Allowed: pct}
+	}
+	return nil
+}

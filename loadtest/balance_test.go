@@ -165,3 +165,43 @@ func TestConfigValidate(t *testing.T) {
 		})
 	}
 }
+
+func TestCheckErrorRate(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name          string
+		count, errors uint64
+		pct           float64
+		wantErr       string // "" for a pass
+		wantRateErr   bool
+	}{
+		{name: "no errors, zero allowed", count: 100, pct: 0},
+		{name: "at the limit", count: 200, errors: 2, pct: 1},
+		{name: "above the limit", count: 200, errors: 3, pct: 1, wantErr: "error rate assertion failed: 3 of 200 calls failed (1.50%, allowed 1%)", wantRateErr: true},
+		{name: "any error, zero allowed", count: 1000, errors: 1, pct: 0, wantErr: "1 of 1000 calls failed", wantRateErr: true},
+		{name: "all failed, all allowed", count: 5, errors: 5, pct: 100},
+		{name: "no calls", pct: 100, wantErr: "no call was made"},
+		{name: "negative", count: 1, pct: -1, wantErr: "from 0 to 100"},
+		{name: "over 100", count: 1, pct: 101, wantErr: "from 0 to 100"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			r := &loadtest.Result{Count: tc.count, Errors: tc.errors}
+			err := r.CheckErrorRate(tc.pct)
+			if tc.wantErr == "" {
+				if err != nil {
+					t.Errorf("CheckErrorRate(%v) = %v, want nil", tc.pct, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("CheckErrorRate(%v) = %v, want %q", tc.pct, err, tc.wantErr)
+			}
+			var re *loadtest.ErrorRateError
+			if got := errors.As(err, &re); got != tc.wantRateErr {
+				t.Errorf("errors.As(*ErrorRateError) = %v, want %v", got, tc.wantRateErr)
+			}
+		})
+	}
+}

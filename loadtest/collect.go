@@ -19,7 +19,10 @@ const UnknownBackend = "(unknown)"
 type collector struct {
 	path string           // :path of the method under test, "/pkg.Service/Method"
 	hdr  string           // lower-case backend header name
-	now  func() time.Time // clock for call latencies
+	now  func() time.Time // clock for call latencies and timestamps
+	// start is the time the load began; set once by Run before the first
+	// call can be recorded, read-only afterwards.
+	start time.Time
 
 	done   atomic.Int64 // calls recorded, for progress
 	failed atomic.Int64 // calls recorded as failed, for progress
@@ -34,7 +37,14 @@ type collector struct {
 // backendTally is what the taps saw of one backend.
 type backendTally struct {
 	calls, errors int64
-	lat           []time.Duration // latency of every call, failed ones included
+	recs          []callRec // every call, in the order recorded
+}
+
+// callRec is one call as the tap saw it.
+type callRec struct {
+	end time.Duration // when it ended, from collector.start
+	lat time.Duration // wire latency
+	ok  bool
 }
 
 func newCollector(path, header string, now func() time.Time) *collector {
@@ -52,11 +62,12 @@ func (c *collector) tap(conn net.Conn) net.Conn {
 	return tc
 }
 
-// record counts one finished call.
-func (c *collector) record(backend string, ok bool, lat time.Duration) {
+// record counts one call that ended at end after lat on the wire.
+func (c *collector) record(backend string, ok bool, end time.Time, lat time.Duration) {
 	if backend == "" {
 		backend = UnknownBackend
 	}
+	rec := callRec{end: end.Sub(c.start), lat: lat, ok: ok}
 	c.done.Add(1)
 	if !ok {
 		c.failed.Add(1)
@@ -72,7 +83,7 @@ func (c *collector) record(backend string, ok bool, lat time.Duration) {
 	if !ok {
 		t.errors++
 	}
-	t.lat = append(t.lat, lat)
+	t.recs = append(t.recs, rec)
 }
 
 func (c *collector) tapFailed(err error) {
@@ -84,10 +95,20 @@ func (c *collector) tapFailed(err error) {
 	}
 }
 
+// tally is what finish hands to newResult.
+type tally struct {
+	rows     []Backend
+	wire     Latency // over all calls the taps saw succeed
+	timeline Timeline
+	tapErrs  int
+	tapErr   error
+}
+
 // finish seals every tapped connection, so calls still open count as failed
-// and nothing is recorded any more, and returns the per-backend rows sorted
-// by name, UnknownBackend last, with shares of all recorded calls.
-func (c *collector) finish() (rows []Backend, tapErrs int, tapErr error) {
+// and nothing is recorded any more, and sums up what was recorded: the
+// per-backend rows sorted by name, UnknownBackend last, with shares of all
+// recorded calls, the wire latencies and the timeline.
+func (c *collector) finish() tally {
 	c.mu.Lock()
 	conns := slices.Clone(c.conns)
 	c.mu.Unlock()
@@ -98,25 +119,45 @@ func (c *collector) finish() (rows []Backend, tapErrs int, tapErr error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var total int64
+	var all []time.Duration
 	for _, t := range c.backends {
 		total += t.calls
 	}
+	var out tally
 	for name, t := range c.backends {
-		slices.Sort(t.lat)
+		lat := okWire(t.recs)
+		all = append(all, lat...)
 		b := Backend{
 			Name:   name,
 			Calls:  t.calls,
 			Errors: t.errors,
-			P50:    percentile(t.lat, 50),
-			P99:    percentile(t.lat, 99),
+			P50:    percentile(lat, 50),
+			P99:    percentile(lat, 99),
 		}
 		if total > 0 {
 			b.Share = 100 * float64(t.calls) / float64(total)
 		}
-		rows = append(rows, b)
+		out.rows = append(out.rows, b)
 	}
-	sortBackends(rows)
-	return rows, c.tapErrs, c.tapErr
+	sortBackends(out.rows)
+	slices.Sort(all)
+	out.wire = summarize(all)
+	out.timeline = c.timelineLocked(out.rows)
+	out.tapErrs, out.tapErr = c.tapErrs, c.tapErr
+	return out
+}
+
+// okWire returns the sorted wire latencies of the calls in recs that
+// succeeded.
+func okWire(recs []callRec) []time.Duration {
+	lat := make([]time.Duration, 0, len(recs))
+	for _, r := range recs {
+		if r.ok {
+			lat = append(lat, r.lat)
+		}
+	}
+	slices.Sort(lat)
+	return lat
 }
 
 // sortBackends orders rows by name, with UnknownBackend last.

@@ -9,9 +9,13 @@
 // Run is `streamlb loadtest`: ghz (github.com/bojand/ghz/runner) as a
 // library sends the load, and a read-only tap on the client's HTTP/2
 // connections (tap.go, h2tap.go) records each call's backend header,
-// status and latency, which ghz itself does not expose. The Result renders
-// as a table, JSON or a self-contained HTML page, and CheckBalance gates CI
-// jobs on how evenly the calls spread.
+// status, wire latency and end time, which ghz itself does not expose (ghz
+// v0.121.0 takes no dial options, so no grpc stats.Handler of ours can see
+// response headers). From those come the per-backend rows and a timeline of
+// calls and errors per backend per interval. Latencies are on two named
+// clocks, the client's (ghz) and the wire's (the tap); see Result. The
+// Result renders as a table, JSON or a self-contained HTML page, and
+// CheckBalance and CheckErrorRate gate CI jobs.
 //
 // RunDemo is `streamlb demo`, the headless-service demo: an embedded DNS
 // server, testservers as pods, the frame proxy re-resolving the name, and a

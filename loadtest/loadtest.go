@@ -358,7 +358,7 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Result, error) {
 		return nil, fmt.Errorf("loadtest: %s: %w", cfg.Call, err)
 	}
 
-	start := cfg.Now()
+	col.start = cfg.Now()
 	type outcome struct {
 		rep *runner.Report
 		err error
@@ -369,7 +369,7 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Result, error) {
 		runDone <- outcome{rep, err}
 	}()
 
-	stopProgress := startProgress(progress, cfg, col, start)
+	stopProgress := startProgress(progress, cfg, col, col.start)
 	var bound <-chan time.Time
 	if cfg.Duration > 0 {
 		t := time.NewTimer(cfg.Duration)
@@ -377,14 +377,19 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Result, error) {
 		bound = t.C
 	}
 	var out outcome
+	endReason := EndTotal
 	select {
 	case out = <-runDone:
 	case <-bound:
+		// ghz applies DurationStop only for ReasonTimeout; for the
+		// report, reaching the duration is the run's normal end.
 		stopRequester(reqr, runner.ReasonTimeout)
 		out = <-runDone
+		endReason = EndDuration
 	case <-ctx.Done():
 		stopRequester(reqr, runner.ReasonCancel)
 		out = <-runDone
+		endReason = EndCancel
 	}
 	stopProgress()
 
@@ -399,7 +404,7 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Result, error) {
 		// the request message; failed calls are in the report instead.
 		return nil, fmt.Errorf("loadtest: %s: %w", cfg.Call, firstError(out.err))
 	}
-	res := newResult(cfg, out.rep, col)
+	res := newResult(cfg, out.rep, col, endReason)
 	if err := ctx.Err(); err != nil {
 		return res, fmt.Errorf("loadtest: interrupted after %d calls: %w", res.Count, err)
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -219,8 +220,8 @@ func TestRunThroughProxy(t *testing.T) {
 			t.Errorf("table lacks %q:\n%s", s, table.String())
 		}
 	}
-	if n := strings.Count(page.String(), "<svg"); n != 2 {
-		t.Errorf("HTML has %d <svg> elements, want 2 (backends, histogram)", n)
+	if n := strings.Count(page.String(), "<svg"); n != 3 {
+		t.Errorf("HTML has %d <svg> elements, want 3 (backends, timeline, histogram)", n)
 	}
 	for _, s := range []string{"<script", "http://", "https://"} {
 		if s == "http://" && strings.Count(page.String(), s) == strings.Count(page.String(), `xmlns="http://www.w3.org/2000/svg"`) {
@@ -267,8 +268,8 @@ func TestRunDuration(t *testing.T) {
 	addr := startLoadProxy(t, backends)
 
 	res := runLoad(t, loadtest.Config{Target: addr, Call: emptyCall, Duration: 300 * time.Millisecond, Concurrency: 4, RPS: 200})
-	if res.EndReason != "timeout" {
-		t.Errorf("end reason %q, want timeout", res.EndReason)
+	if res.EndReason != loadtest.EndDuration {
+		t.Errorf("end reason %q, want %q: reaching --duration is the normal end of such a run", res.EndReason, loadtest.EndDuration)
 	}
 	if res.Count == 0 || res.Count > 200 {
 		t.Errorf("got %d calls in 300ms at 200/s, want 1..200", res.Count)
@@ -449,4 +450,161 @@ func progressShowsCalls(out string) bool {
 	var calls int
 	_, err := fmt.Sscanf(lines[len(lines)-1], "loadtest: %fs %d calls", &sec, &calls)
 	return err == nil && calls > 0
+}
+
+// timelineTotals sums the timeline's calls and errors per backend.
+func timelineTotals(tl loadtest.Timeline) (calls, errs map[string]int64) {
+	calls, errs = map[string]int64{}, map[string]int64{}
+	for _, p := range tl.Points {
+		for j, name := range tl.Backends {
+			calls[name] += p.Calls[j]
+			errs[name] += p.Errors[j]
+		}
+	}
+	return calls, errs
+}
+
+// TestRunTimeline checks the timeline of a run through the proxy against the
+// backend rows, the backends' own counters and the JSON report, and that
+// the run's settings are in the Result.
+func TestRunTimeline(t *testing.T) {
+	verifyNoLeaks(t)
+	backends := startLoadBackends(t, 3)
+	addr := startLoadProxy(t, backends)
+
+	before := time.Now()
+	res := runLoad(t, loadtest.Config{Target: addr, Call: emptyCall, Total: 900, Concurrency: 10, RPS: 1500,
+		Metadata: map[string]string{"x-note": "timeline"}})
+
+	gotCalls, gotErrs := timelineTotals(res.Timeline)
+	rowCalls, rowErrs, counters := map[string]int64{}, map[string]int64{}, map[string]int64{}
+	for _, b := range res.Backends {
+		rowCalls[b.Name], rowErrs[b.Name] = b.Calls, b.Errors
+	}
+	for _, b := range backends {
+		counters[b.Name()] = b.MethodCalls(emptyCallPath)
+	}
+	if diff := cmp.Diff(rowCalls, gotCalls); diff != "" {
+		t.Errorf("timeline calls differ from the backend rows (-rows +timeline):\n%s", diff)
+	}
+	if diff := cmp.Diff(rowErrs, gotErrs); diff != "" {
+		t.Errorf("timeline errors differ from the backend rows (-rows +timeline):\n%s", diff)
+	}
+	if diff := cmp.Diff(counters, gotCalls); diff != "" {
+		t.Errorf("timeline calls differ from the backends' counters (-backends +timeline):\n%s", diff)
+	}
+	if n := len(res.Timeline.Points); n < 3 {
+		t.Errorf("%d timeline points for a run of ~600ms, want several", n)
+	}
+	if len(res.Timeline.Events) != 0 {
+		t.Errorf("events %+v, want none: every backend served throughout", res.Timeline.Events)
+	}
+
+	if res.Started.Before(before) || res.Started.After(time.Now()) {
+		t.Errorf("started %v, want during the test", res.Started)
+	}
+	if res.Request.Data != "{}" || res.Request.Total != 900 || res.Request.RPS != 1500 || res.Request.Metadata["x-note"] != "timeline" {
+		t.Errorf("request %+v, want the run's settings", res.Request)
+	}
+	if res.WireLatency.P50 <= 0 || res.WireLatency.P50 > res.Latency.P99 {
+		t.Errorf("wire p50 %v, client p99 %v: want 0 < wire p50 <= client p99", res.WireLatency.P50, res.Latency.P99)
+	}
+
+	var buf bytes.Buffer
+	if err := res.WriteJSON(&buf); err != nil {
+		t.Fatal(err)
+	}
+	var j loadtest.JSONReport
+	if err := json.Unmarshal(buf.Bytes(), &j); err != nil {
+		t.Fatal(err)
+	}
+	jsonCalls := map[string]int64{}
+	for i := range j.Timeline.Calls {
+		for k, name := range j.Timeline.Backends {
+			jsonCalls[name] += j.Timeline.Calls[i][k]
+		}
+	}
+	if diff := cmp.Diff(gotCalls, jsonCalls); diff != "" {
+		t.Errorf("JSON timeline differs (-Result +JSON):\n%s", diff)
+	}
+	if j.Started == "" || j.Request.Total != 900 || !strings.HasPrefix(j.Clocks.Latency, "client") || !strings.HasPrefix(j.Clocks.Backends, "wire") {
+		t.Errorf("JSON started %q, request %+v, clocks %+v: want the run's time, settings and named clocks", j.Started, j.Request, j.Clocks)
+	}
+}
+
+// TestRunBackendStops stops one of two backends half-way through a run: the
+// timeline shows it vanishing, and nothing of it after that.
+func TestRunBackendStops(t *testing.T) {
+	verifyNoLeaks(t)
+	backends := startLoadBackends(t, 2)
+	addr := startLoadProxy(t, backends)
+	victim := backends[1]
+
+	const total = 2000
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for backends[0].MethodCalls(emptyCallPath)+victim.MethodCalls(emptyCallPath) < total/2 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+		victim.Stop()
+	}()
+	res, err := loadtest.Run(ctx, loadtest.Config{Target: addr, Call: emptyCall, Total: total, Concurrency: 8, RPS: 1000, Timeout: 5 * time.Second}, nil)
+	<-stopped
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	tl := res.Timeline
+	col := slices.Index(tl.Backends, victim.Name())
+	if col < 0 {
+		t.Fatalf("timeline backends %v lack %s", tl.Backends, victim.Name())
+	}
+	var vanished *loadtest.BackendEvent
+	for i, e := range tl.Events {
+		if e.Backend == victim.Name() && e.Kind == loadtest.EventVanished {
+			vanished = &tl.Events[i]
+		}
+	}
+	end := tl.Points[len(tl.Points)-1].Start + tl.Interval
+	if vanished == nil || vanished.At < end/4 || vanished.At > end*3/4 {
+		t.Fatalf("events %+v (run of %v): want %s to vanish around half-way", tl.Events, end, victim.Name())
+	}
+	for _, p := range tl.Points {
+		if p.Start >= vanished.At && p.Calls[col] != 0 {
+			t.Errorf("%s has %d calls at %v, after it vanished at %v", victim.Name(), p.Calls[col], p.Start, vanished.At)
+		}
+	}
+	last := tl.Points[len(tl.Points)-1]
+	if survivor := slices.Index(tl.Backends, backends[0].Name()); last.Calls[survivor] == 0 && tl.Points[len(tl.Points)-2].Calls[survivor] == 0 {
+		t.Errorf("%s has no calls at the end of the run: %+v", backends[0].Name(), tl.Points)
+	}
+	calls, _ := timelineTotals(tl)
+	for _, b := range res.Backends {
+		if calls[b.Name] != b.Calls {
+			t.Errorf("%s: timeline %d calls, row %d", b.Name, calls[b.Name], b.Calls)
+		}
+	}
+	var out bytes.Buffer
+	if err := res.WriteTimeline(&out); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "-"+victim.Name()) {
+		t.Errorf("terminal timeline lacks the vanish mark -%s:\n%s", victim.Name(), out.String())
+	}
+	out.Reset()
+	if err := res.WriteHTML(&out); err != nil {
+		t.Fatal(err)
+	}
+	if mark := "▼ " + victim.Name() + " vanished"; !strings.Contains(out.String(), mark) {
+		t.Errorf("HTML report lacks the mark %q", mark)
+	}
 }

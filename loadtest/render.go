@@ -16,6 +16,10 @@ import (
 
 // JSONReport is the schema WriteJSON writes. Durations are milliseconds;
 // shares are percentages (0..100). Fields are only ever added to it.
+//
+// latency is on the client clock; wire_latency and the backends' p50_ms and
+// p99_ms are on the wire clock (see Result); clocks says so in the report
+// itself.
 type JSONReport struct {
 	Name          string         `json:"name,omitempty"`
 	Target        string         `json:"target"`
@@ -23,16 +27,68 @@ type JSONReport struct {
 	BackendHeader string         `json:"backend_header"`
 	Connections   int            `json:"connections"`
 	Concurrency   int            `json:"concurrency"`
+	Started       string         `json:"started"` // RFC 3339, with the offset
+	Request       JSONRequest    `json:"request"`
 	EndReason     string         `json:"end_reason"`
 	Count         uint64         `json:"count"`
 	Errors        uint64         `json:"errors"`
 	TotalMS       float64        `json:"total_ms"`
 	RPS           float64        `json:"rps"`
+	Clocks        JSONClocks     `json:"clocks"`
 	Latency       JSONLatency    `json:"latency"`
+	WireLatency   JSONLatency    `json:"wire_latency"`
 	StatusCodes   map[string]int `json:"status_codes"`
 	ErrorMessages map[string]int `json:"error_messages,omitempty"`
 	Backends      []JSONBackend  `json:"backends"`
+	Timeline      JSONTimeline   `json:"timeline"`
 	Notes         []string       `json:"notes,omitempty"`
+}
+
+// JSONRequest is how the calls were made.
+type JSONRequest struct {
+	Data             string            `json:"data"`
+	Metadata         map[string]string `json:"metadata,omitempty"`
+	Proto            string            `json:"proto,omitempty"`
+	Protoset         string            `json:"protoset,omitempty"`
+	Total            int               `json:"total"` // 0: duration alone bounded the run
+	DurationMS       float64           `json:"duration_ms"`
+	DurationStop     string            `json:"duration_stop"`
+	RPS              int               `json:"rps"` // 0: unlimited
+	TimeoutMS        float64           `json:"timeout_ms"`
+	ConnectTimeoutMS float64           `json:"connect_timeout_ms"`
+	TLS              bool              `json:"tls"`
+}
+
+// JSONClocks names the clock of each latency in a JSONReport.
+type JSONClocks struct {
+	Latency     string `json:"latency"`
+	WireLatency string `json:"wire_latency"`
+	Backends    string `json:"backends"`
+}
+
+// The clocks, described for the reports.
+const (
+	clientClock = "client: from the call starting in the caller to its result returning (ghz)"
+	wireClock   = "wire: from the request HEADERS frame leaving the client to the end of the response arriving"
+)
+
+// JSONTimeline is the timeline of a JSONReport: calls[i][j] and errors[i][j]
+// are the calls and errors of backends[j] in the interval starting at
+// start_ms[i].
+type JSONTimeline struct {
+	IntervalMS float64     `json:"interval_ms"`
+	Backends   []string    `json:"backends"`
+	StartMS    []float64   `json:"start_ms"`
+	Calls      [][]int64   `json:"calls"`
+	Errors     [][]int64   `json:"errors"`
+	Events     []JSONEvent `json:"events"`
+}
+
+// JSONEvent is a backend appearing or vanishing.
+type JSONEvent struct {
+	Backend string  `json:"backend"`
+	Kind    string  `json:"kind"` // "appeared" or "vanished"
+	AtMS    float64 `json:"at_ms"`
 }
 
 // JSONLatency is the latency summary of a JSONReport, over the calls that
@@ -58,6 +114,7 @@ type JSONBackend struct {
 
 // JSON returns r in the JSONReport schema.
 func (r *Result) JSON() JSONReport {
+	q := r.Request
 	j := JSONReport{
 		Name:          r.Name,
 		Target:        r.Target,
@@ -65,19 +122,21 @@ func (r *Result) JSON() JSONReport {
 		BackendHeader: r.BackendHeader,
 		Connections:   r.Connections,
 		Concurrency:   r.Concurrency,
+		Started:       r.Started.Format(time.RFC3339Nano),
+		Request: JSONRequest{
+			Data: q.Data, Metadata: q.Metadata, Proto: q.Proto, Protoset: q.Protoset,
+			Total: q.Total, DurationMS: ms(q.Duration), DurationStop: q.DurationStop, RPS: q.RPS,
+			TimeoutMS: ms(q.Timeout), ConnectTimeoutMS: ms(q.ConnectTimeout), TLS: q.TLS,
+		},
 		EndReason:     r.EndReason,
 		Count:         r.Count,
 		Errors:        r.Errors,
 		TotalMS:       ms(r.Total),
 		RPS:           round(r.RPS, 1),
-		Latency: JSONLatency{
-			AvgMS:     ms(r.Latency.Average),
-			P50MS:     ms(r.Latency.P50),
-			P90MS:     ms(r.Latency.P90),
-			P99MS:     ms(r.Latency.P99),
-			FastestMS: ms(r.Latency.Fastest),
-			SlowestMS: ms(r.Latency.Slowest),
-		},
+		Clocks:        JSONClocks{Latency: clientClock, WireLatency: wireClock, Backends: wireClock},
+		Latency:       jsonLatency(r.Latency),
+		WireLatency:   jsonLatency(r.WireLatency),
+		Timeline:      jsonTimeline(r.Timeline),
 		StatusCodes:   r.StatusCodes,
 		ErrorMessages: r.ErrorMessages,
 		Backends:      make([]JSONBackend, 0, len(r.Backends)),
@@ -95,6 +154,40 @@ func (r *Result) JSON() JSONReport {
 			P50MS:  ms(b.P50),
 			P99MS:  ms(b.P99),
 		})
+	}
+	return j
+}
+
+func jsonLatency(l Latency) JSONLatency {
+	return JSONLatency{
+		AvgMS:     ms(l.Average),
+		P50MS:     ms(l.P50),
+		P90MS:     ms(l.P90),
+		P99MS:     ms(l.P99),
+		FastestMS: ms(l.Fastest),
+		SlowestMS: ms(l.Slowest),
+	}
+}
+
+func jsonTimeline(tl Timeline) JSONTimeline {
+	j := JSONTimeline{
+		IntervalMS: ms(tl.Interval),
+		Backends:   tl.Backends,
+		StartMS:    make([]float64, 0, len(tl.Points)),
+		Calls:      make([][]int64, 0, len(tl.Points)),
+		Errors:     make([][]int64, 0, len(tl.Points)),
+		Events:     make([]JSONEvent, 0, len(tl.Events)),
+	}
+	if j.Backends == nil {
+		j.Backends = []string{}
+	}
+	for _, p := range tl.Points {
+		j.StartMS = append(j.StartMS, ms(p.Start))
+		j.Calls = append(j.Calls, p.Calls)
+		j.Errors = append(j.Errors, p.Errors)
+	}
+	for _, e := range tl.Events {
+		j.Events = append(j.Events, JSONEvent{Backend: e.Backend, Kind: e.Kind, AtMS: ms(e.At)})
 	}
 	return j
 }
@@ -129,6 +222,7 @@ func (r *Result) WriteTable(w io.Writer) error {
 		title += " (" + r.Name + ")"
 	}
 	fmt.Fprintf(tw, "%s:\n", title)
+	fmt.Fprintf(tw, "  Started:\t%s\n", r.Started.Format(time.RFC3339))
 	fmt.Fprintf(tw, "  Target:\t%s\n", r.Target)
 	fmt.Fprintf(tw, "  Call:\t%s\n", r.Call)
 	fmt.Fprintf(tw, "  Connections:\t%d\n", r.Connections)
@@ -136,15 +230,17 @@ func (r *Result) WriteTable(w io.Writer) error {
 	fmt.Fprintf(tw, "  Count:\t%d (%d failed)\n", r.Count, r.Errors)
 	fmt.Fprintf(tw, "  Total:\t%s\n", fmtDur(r.Total))
 	fmt.Fprintf(tw, "  Requests/sec:\t%.1f\n", r.RPS)
-	fmt.Fprintf(tw, "  Latency:\tavg %s  p50 %s  p90 %s  p99 %s  (fastest %s, slowest %s)\n",
-		fmtDur(r.Latency.Average), fmtDur(r.Latency.P50), fmtDur(r.Latency.P90), fmtDur(r.Latency.P99),
-		fmtDur(r.Latency.Fastest), fmtDur(r.Latency.Slowest))
+	if r.EndReason != EndTotal {
+		fmt.Fprintf(tw, "  Ended:\t%s\n", endText(r.EndReason))
+	}
+	fmt.Fprintf(tw, "  Latency (client):\t%s\n", latencyLine(r.Latency))
+	fmt.Fprintf(tw, "  Latency (wire):\t%s\n", latencyLine(r.WireLatency))
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("loadtest: write table: %w", err)
 	}
 
-	fmt.Fprintf(w, "\nBackends (from the %q response header):\n", r.BackendHeader)
-	rows := [][]string{{"BACKEND", "CALLS", "SHARE", "ERRORS", "P50", "P99"}}
+	fmt.Fprintf(w, "\nBackends (from the %q response header; latencies on the wire clock):\n", r.BackendHeader)
+	rows := [][]string{{"BACKEND", "CALLS", "SHARE", "ERRORS", "WIRE P50", "WIRE P99"}}
 	var calls, errs int64
 	for _, b := range r.Backends {
 		rows = append(rows, []string{b.Name, fmt.Sprint(b.Calls), fmt.Sprintf("%.1f%%", b.Share), fmt.Sprint(b.Errors), fmtDur(b.P50), fmtDur(b.P99)})
@@ -179,7 +275,28 @@ func (r *Result) WriteTable(w io.Writer) error {
 	for _, n := range r.Notes {
 		fmt.Fprintf(w, "\nnote: %s\n", n)
 	}
+	fmt.Fprintf(w, "\nClocks: client = %s;\n        wire = %s.\n",
+		strings.TrimPrefix(clientClock, "client: "), strings.TrimPrefix(wireClock, "wire: "))
 	return nil
+}
+
+// latencyLine formats a latency summary on one line.
+func latencyLine(l Latency) string {
+	return fmt.Sprintf("avg %s  p50 %s  p90 %s  p99 %s  (fastest %s, slowest %s)",
+		fmtDur(l.Average), fmtDur(l.P50), fmtDur(l.P90), fmtDur(l.P99), fmtDur(l.Fastest), fmtDur(l.Slowest))
+}
+
+// endText says why a run ended.
+func endText(reason string) string {
+	switch reason {
+	case EndTotal:
+		return "all calls made"
+	case EndDuration:
+		return "duration reached"
+	case EndCancel:
+		return "interrupted"
+	}
+	return reason
 }
 
 // writeColumns writes rows as an indented table: the first column aligned

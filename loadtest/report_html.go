@@ -4,6 +4,9 @@ import (
 	"fmt"
 	"html/template"
 	"io"
+	"maps"
+	"slices"
+	"strings"
 	"unicode/utf8"
 )
 
@@ -39,14 +42,17 @@ const (
 var palette = []string{"#3b82f6", "#10b981", "#f59e0b", "#8b5cf6", "#ef4444", "#06b6d4", "#84cc16", "#ec4899"}
 
 type htmlView struct {
-	R         *Result
-	Title     string
-	Summary   []htmlStat
-	Bars      htmlBars
-	Hist      htmlHist
-	Codes     []htmlCode
-	Errors    []htmlCode // error messages, most frequent first
-	Generated string
+	R        *Result
+	Title    string
+	Summary  []htmlStat
+	Run      []htmlStat // when, what and how: the run's settings
+	Bars     htmlBars
+	Hist     htmlHist
+	Timeline htmlTimeline
+	Codes    []htmlCode
+	Errors   []htmlCode // error messages, most frequent first
+	Ended    string     // why the run ended, unless all calls were made
+	Clocks   [2]string  // client and wire clock, described
 }
 
 type htmlStat struct {
@@ -108,12 +114,19 @@ func newHTMLView(r *Result) htmlView {
 		{Label: "Failed", Value: fmt.Sprintf("%d", r.Errors), Bad: r.Errors > 0},
 		{Label: "Requests/s", Value: fmt.Sprintf("%.1f", r.RPS)},
 		{Label: "Total", Value: fmtDur(r.Total)},
-		{Label: "p50", Value: fmtDur(r.Latency.P50)},
-		{Label: "p90", Value: fmtDur(r.Latency.P90)},
-		{Label: "p99", Value: fmtDur(r.Latency.P99)},
+		{Label: "p50 client", Value: fmtDur(r.Latency.P50)},
+		{Label: "p99 client", Value: fmtDur(r.Latency.P99)},
+		{Label: "p50 wire", Value: fmtDur(r.WireLatency.P50)},
+		{Label: "p99 wire", Value: fmtDur(r.WireLatency.P99)},
 	}
+	v.Run = newHTMLRun(r)
+	if r.EndReason != EndTotal {
+		v.Ended = endText(r.EndReason)
+	}
+	v.Clocks = [2]string{clientClock, wireClock}
 	v.Bars = newHTMLBars(r.Backends)
 	v.Hist = newHTMLHist(r.Histogram)
+	v.Timeline = newHTMLTimeline(r.Timeline)
 	for _, code := range statusOrder(r.StatusCodes) {
 		n := r.StatusCodes[code]
 		v.Codes = append(v.Codes, htmlCode{Code: code, Count: n, Share: pctOf(int64(n), int64(r.Count))})
@@ -126,6 +139,52 @@ func newHTMLView(r *Result) htmlView {
 		v.Errors = append(v.Errors, htmlCode{Code: msg, Count: n, Share: pctOf(int64(n), int64(r.Count))})
 	}
 	return v
+}
+
+// newHTMLRun lists the run's settings.
+func newHTMLRun(r *Result) []htmlStat {
+	q := r.Request
+	bound := fmt.Sprintf("%d calls", q.Total)
+	switch {
+	case q.Total == 0:
+		bound = fmt.Sprintf("for %s (then %s)", q.Duration, q.DurationStop)
+	case q.Duration > 0:
+		bound += fmt.Sprintf(" or %s (then %s), whichever first", q.Duration, q.DurationStop)
+	}
+	rps := "unlimited"
+	if q.RPS > 0 {
+		rps = fmt.Sprintf("%d calls/s", q.RPS)
+	}
+	schema := "server reflection"
+	if q.Proto != "" {
+		schema = q.Proto
+	} else if q.Protoset != "" {
+		schema = q.Protoset
+	}
+	transport := "h2c (cleartext)"
+	if q.TLS {
+		transport = "TLS"
+	}
+	rows := []htmlStat{
+		{Label: "Started", Value: r.Started.Format("2006-01-02 15:04:05 MST")},
+		{Label: "Target", Value: r.Target},
+		{Label: "Method", Value: r.Call},
+		{Label: "Request", Value: q.Data},
+	}
+	if len(q.Metadata) > 0 {
+		var md []string
+		for _, k := range slices.Sorted(maps.Keys(q.Metadata)) {
+			md = append(md, k+": "+q.Metadata[k])
+		}
+		rows = append(rows, htmlStat{Label: "Metadata", Value: strings.Join(md, ", ")})
+	}
+	return append(rows,
+		htmlStat{Label: "Bound", Value: bound},
+		htmlStat{Label: "Load", Value: fmt.Sprintf("%d connection(s), concurrency %d, rate %s", r.Connections, r.Concurrency, rps)},
+		htmlStat{Label: "Timeouts", Value: fmt.Sprintf("call %s, connect %s", q.Timeout, q.ConnectTimeout)},
+		htmlStat{Label: "Transport", Value: transport},
+		htmlStat{Label: "Schema", Value: schema},
+	)
 }
 
 // maxHTMLErrors bounds the error messages the page lists.
@@ -159,10 +218,7 @@ func newHTMLBars(rows []Backend) htmlBars {
 		if scale > 0 {
 			w = plot * row.Share / scale
 		}
-		color := palette[i%len(palette)]
-		if row.Name == UnknownBackend {
-			color = "#9ca3af"
-		}
+		color := backendColor(i, row.Name)
 		b.Rows = append(b.Rows, htmlBar{
 			X: barLabelW, Y: y, W: w, H: barHeight,
 			LabelX: barLabelW - 8, ValueX: barLabelW + w + 8, TextY: y + barHeight/2 + 4,
@@ -222,7 +278,13 @@ func newHTMLHist(buckets []Bucket) htmlHist {
 	return h
 }
 
-var htmlReport = template.Must(template.New("report").Parse(`<!DOCTYPE html>
+var htmlReport = func() *template.Template {
+	t := template.Must(template.New("report").Parse(htmlPage))
+	template.Must(t.New("timeline").Parse(timelineTemplate))
+	return t
+}()
+
+const htmlPage = `<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -251,12 +313,16 @@ var htmlReport = template.Must(template.New("report").Parse(`<!DOCTYPE html>
   .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
   .note { color: #92400e; background: #fffbeb; border: 1px solid #fde68a; border-radius: 6px; padding: 6px 10px; margin-top: 12px; }
   .muted { color: #6b7280; font-size: 12px; }
+  .legend { margin: 8px 0 0; font-size: 12px; }
+  .legend .item { margin-right: 14px; white-space: nowrap; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }
+  table.run th { text-align: left; width: 110px; font-weight: 600; }
+  table.run td { text-align: left; }
 </style>
 </head>
 <body>
 <main>
 <h1>{{.Title}}</h1>
-<p class="sub">{{.R.Call}} → {{.R.Target}} · {{.R.Connections}} connection{{if ne .R.Connections 1}}s{{end}}, concurrency {{.R.Concurrency}}{{if .R.EndReason}} · ended: {{.R.EndReason}}{{end}}</p>
+<p class="sub">{{.R.Call}} → {{.R.Target}} · {{.R.Connections}} connection{{if ne .R.Connections 1}}s{{end}}, concurrency {{.R.Concurrency}} · {{.R.Started.Format "2006-01-02 15:04:05 MST"}}{{if .Ended}} · ended: {{.Ended}}{{end}}</p>
 <div class="stats">
 {{- range .Summary}}
   <div class="stat{{if .Bad}} bad{{end}}"><div class="v">{{.Value}}</div><div class="l">{{.Label}}</div></div>
@@ -281,17 +347,18 @@ var htmlReport = template.Must(template.New("report").Parse(`<!DOCTYPE html>
 {{- end}}
 </div>
 
+{{template "timeline" .Timeline}}
 <h2>Backends</h2>
 <table>
-<tr><th>Backend</th><th>Calls</th><th>Share</th><th>Errors</th><th>p50</th><th>p99</th></tr>
+<tr><th>Backend</th><th>Calls</th><th>Share</th><th>Errors</th><th>p50 wire</th><th>p99 wire</th></tr>
 {{- range .Bars.Rows}}
 <tr><td class="name"><span class="swatch" style="background: {{.Color}}"></span>{{.Name}}</td><td>{{.Calls}}</td><td>{{.Share}}</td><td>{{.Errors}}</td><td>{{.P50}}</td><td>{{.P99}}</td></tr>
 {{- end}}
 </table>
-<p class="muted">Per-backend latencies are measured on the wire, from the request leaving the client to the end of the response.</p>
+<p class="muted">Per-backend latencies are on the wire clock, like “p50 wire” above; “p50 client” is on the client clock. Clocks: {{index .Clocks 0}}; {{index .Clocks 1}}. Both over the calls that succeeded.</p>
 
 <h2>Latency histogram</h2>
-<p class="muted">Calls that succeeded, as the client measured them; the last bar may hold a slow tail beyond the 99.9th percentile.</p>
+<p class="muted">Calls that succeeded, on the client clock; the last bar may hold a slow tail beyond the 99.9th percentile.</p>
 <div class="card">
 {{- with .Hist}}
 {{- if .Empty}}<p class="muted">No successful calls.</p>{{else}}
@@ -334,7 +401,14 @@ var htmlReport = template.Must(template.New("report").Parse(`<!DOCTYPE html>
 {{- range .R.Notes}}
 <p class="note">{{.}}</p>
 {{- end}}
+
+<h2>Run</h2>
+<table class="run">
+{{- range .Run}}
+<tr><th>{{.Label}}</th><td class="msg">{{.Value}}</td></tr>
+{{- end}}
+</table>
 </main>
 </body>
 </html>
-`))
+`

@@ -8,8 +8,17 @@ import (
 )
 
 // Result is what one Run measured. The summary (Count, Total, RPS, Latency,
-// StatusCodes) is ghz's, measured at the client; Backends come from the
-// connection tap, which reads the backend header of every call.
+// StatusCodes) is ghz's, measured at the client; Backends, WireLatency and
+// Timeline come from the connection tap, which reads the backend header of
+// every call.
+//
+// Two clocks measure latency. The client clock (Latency) is ghz's: from the
+// call starting in the caller to its result returning, so it includes the
+// time a call waits inside the client for the shared connection. The wire
+// clock (WireLatency, Backend.P50 and P99) runs from the request's HEADERS
+// frame leaving the client to the end of the response arriving, and is the
+// one per-backend figures can be measured on. Both are over the calls that
+// succeeded.
 type Result struct {
 	Name          string
 	Target        string
@@ -17,8 +26,11 @@ type Result struct {
 	BackendHeader string
 	Connections   int
 	Concurrency   int
-	// EndReason is ghz's: "normal", "timeout" (Duration reached) or
-	// "cancel".
+	// Started is when the load began.
+	Started time.Time
+	// Request is how the calls were made.
+	Request Request
+	// EndReason is why the run ended: EndTotal, EndDuration or EndCancel.
 	EndReason string
 
 	// Count is the number of calls made, failed ones included.
@@ -27,8 +39,11 @@ type Result struct {
 	Total time.Duration
 	// RPS is Count / Total.
 	RPS float64
-	// Latency summarises the calls that succeeded.
+	// Latency summarises the calls that succeeded, on the client clock.
 	Latency Latency
+	// WireLatency summarises the calls the tap saw succeed, on the wire
+	// clock, the one the per-backend latencies use.
+	WireLatency Latency
 	// Errors is the number of calls that failed.
 	Errors uint64
 	// StatusCodes counts calls by gRPC status code name ("OK",
@@ -41,8 +56,11 @@ type Result struct {
 	// Backends has one row per backend name seen, sorted by name, with
 	// UnknownBackend last when some calls carried no name.
 	Backends []Backend
-	// Histogram is the latency histogram of the calls that succeeded.
+	// Histogram is the latency histogram of the calls that succeeded, on
+	// the client clock.
 	Histogram []Bucket
+	// Timeline is calls and errors per backend over time.
+	Timeline Timeline
 
 	// Notes are caveats about the numbers, for example calls the tap could
 	// not follow.
@@ -65,10 +83,54 @@ type Backend struct {
 	// Share is Calls as a percentage (0..100) of all attributed calls,
 	// UnknownBackend's included.
 	Share float64
-	// P50 and P99 are the latency percentiles of the backend's calls,
-	// measured on the wire: from the request's HEADERS frame leaving the
-	// client to the end of the response arriving.
+	// P50 and P99 are the latency percentiles of the backend's calls that
+	// succeeded, on the wire clock: from the request's HEADERS frame
+	// leaving the client to the end of the response arriving. Compare them
+	// with Result.WireLatency, not Result.Latency.
 	P50, P99 time.Duration
+}
+
+// Reasons a run ended (Result.EndReason).
+const (
+	EndTotal    = "normal"   // all Total calls made
+	EndDuration = "duration" // Duration reached
+	EndCancel   = "cancel"   // interrupted
+)
+
+// Request is how the calls of a run were made, for the reports.
+type Request struct {
+	// Data is the request message as given (JSON), cut to
+	// maxRequestData bytes, or a note of the binary message's size.
+	Data            string
+	Metadata        map[string]string
+	Proto, Protoset string // both empty: server reflection
+	Total           int    // 0: Duration alone bounded the run
+	Duration        time.Duration
+	DurationStop    string
+	RPS             int // 0: unlimited
+	Timeout         time.Duration
+	ConnectTimeout  time.Duration
+	TLS             bool
+}
+
+// maxRequestData bounds Request.Data.
+const maxRequestData = 2048
+
+func newRequest(cfg Config) Request {
+	r := Request{
+		Metadata: cfg.Metadata, Proto: cfg.Proto, Protoset: cfg.Protoset,
+		Total: cfg.Total, Duration: cfg.Duration, DurationStop: cfg.DurationStop,
+		RPS: cfg.RPS, Timeout: cfg.Timeout, ConnectTimeout: cfg.ConnectTimeout, TLS: cfg.TLS,
+	}
+	switch {
+	case cfg.BinaryData != nil:
+		r.Data = fmt.Sprintf("(binary protobuf, %d bytes)", len(cfg.BinaryData))
+	case len(cfg.Data) > maxRequestData:
+		r.Data = fmt.Sprintf("%s… (%d bytes)", cfg.Data[:maxRequestData], len(cfg.Data))
+	default:
+		r.Data = string(cfg.Data)
+	}
+	return r
 }
 
 // Bucket is one bar of a latency histogram: Count calls took at least Low
@@ -81,8 +143,10 @@ type Bucket struct {
 // histogramBuckets is the number of buckets of Result.Histogram.
 const histogramBuckets = 24
 
-func newResult(cfg Config, rep *runner.Report, col *collector) *Result {
-	rows, tapErrs, tapErr := col.finish()
+// newResult sums up a run that ended for endReason.
+func newResult(cfg Config, rep *runner.Report, col *collector, endReason string) *Result {
+	tal := col.finish()
+	rows, tapErrs, tapErr := tal.rows, tal.tapErrs, tal.tapErr
 	r := &Result{
 		Name:          cfg.Name,
 		Target:        cfg.Target,
@@ -90,12 +154,16 @@ func newResult(cfg Config, rep *runner.Report, col *collector) *Result {
 		BackendHeader: cfg.BackendHeader,
 		Connections:   cfg.Connections,
 		Concurrency:   cfg.Concurrency,
-		EndReason:     string(rep.EndReason),
+		Started:       col.start,
+		Request:       newRequest(cfg),
+		EndReason:     endReason,
 		Count:         rep.Count,
 		Total:         rep.Total,
 		RPS:           rep.Rps,
 		StatusCodes:   make(map[string]int, len(rep.StatusCodeDist)),
 		Backends:      rows,
+		WireLatency:   tal.wire,
+		Timeline:      tal.timeline,
 	}
 	for code, n := range rep.StatusCodeDist {
 		if code == "" {
@@ -111,15 +179,7 @@ func newResult(cfg Config, rep *runner.Report, col *collector) *Result {
 		r.ErrorMessages[msg] += n
 	}
 	lat := okLatencies(rep)
-	r.Latency = Latency{
-		Average: mean(lat),
-		P50:     percentile(lat, 50),
-		P90:     percentile(lat, 90),
-		P99:     percentile(lat, 99),
-	}
-	if len(lat) > 0 {
-		r.Latency.Fastest, r.Latency.Slowest = lat[0], lat[len(lat)-1]
-	}
+	r.Latency = summarize(lat)
 	r.Histogram = histogram(lat, histogramBuckets)
 
 	var attributed int64
@@ -129,7 +189,7 @@ func newResult(cfg Config, rep *runner.Report, col *collector) *Result {
 	if tapErrs > 0 {
 		r.Notes = append(r.Notes, fmt.Sprintf("%d connection directions could not be followed (%v); their calls are missing from the backend table", tapErrs, tapErr))
 	}
-	if cfg.DurationStop == "ignore" && r.EndReason == string(runner.ReasonTimeout) {
+	if cfg.DurationStop == "ignore" && r.EndReason == EndDuration {
 		r.Notes = append(r.Notes, "calls cut at the duration bound are left out of the summary but counted as failed in the backend table")
 	} else if attributed != int64(r.Count) && tapErrs == 0 {
 		r.Notes = append(r.Notes, fmt.Sprintf("the backend table covers %d calls, the summary %d", attributed, r.Count))
@@ -169,6 +229,20 @@ func histogram(sorted []time.Duration, n int) []Bucket {
 		tail.High = d
 	}
 	return buckets
+}
+
+// summarize returns the latency summary of sorted.
+func summarize(sorted []time.Duration) Latency {
+	l := Latency{
+		Average: mean(sorted),
+		P50:     percentile(sorted, 50),
+		P90:     percentile(sorted, 90),
+		P99:     percentile(sorted, 99),
+	}
+	if len(sorted) > 0 {
+		l.Fastest, l.Slowest = sorted[0], sorted[len(sorted)-1]
+	}
+	return l
 }
 
 // mean returns the average of d, or 0 for none.

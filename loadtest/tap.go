@@ -180,7 +180,7 @@ func (c *tapConn) seal() {
 	}
 	c.sealed = true
 	for id, s := range c.streams {
-		c.col.record(s.backend, false, now.Sub(s.start))
+		c.col.record(s.backend, false, now, now.Sub(s.start))
 		delete(c.streams, id)
 	}
 }
@@ -188,7 +188,8 @@ func (c *tapConn) seal() {
 // finishLocked records stream id as ended. Caller must hold c.mu.
 func (c *tapConn) finishLocked(id uint32, s *tapStream, ok bool) {
 	delete(c.streams, id)
-	c.col.record(s.backend, ok, c.col.now().Sub(s.start))
+	now := c.col.now()
+	c.col.record(s.backend, ok, now, now.Sub(s.start))
 }
 
 // tapOut receives the client-to-server events of a tapConn.
