@@ -18,6 +18,7 @@ import (
 
 	"github.com/streamlb/streamlb/cluster"
 	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/testserver"
 )
 
@@ -38,19 +39,6 @@ func startBackend(t *testing.T, name, addr string) *testserver.Server {
 	}
 	t.Cleanup(ts.Stop)
 	return ts
-}
-
-// deadAddr returns a loopback address nothing listens on (bind, then
-// close: Caddy's deadUpstreamAddr).
-func deadAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
 }
 
 // running is a Server under Run, with its addresses.
@@ -187,7 +175,7 @@ func TestReadyzFollowsHealth(t *testing.T) {
 		waitStatus(t, r.admin+"/readyz", http.StatusOK)
 	})
 	t.Run("refused, then back", func(t *testing.T) {
-		addr := deadAddr(t)
+		addr := testkit.DeadAddr(t)
 		r := runServer(t, cluster.ServerConfig{Cluster: cluster.Config{Targets: []string{addr}, Director: hc}})
 		waitStatus(t, r.admin+"/readyz", http.StatusServiceUnavailable)
 		for _, b := range r.srv.Cluster().Backends() {

@@ -8,19 +8,9 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
-)
 
-// waitUntil polls cond until it holds or ctx ends, and fails the test then.
-func waitUntil(ctx context.Context, t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting for %s", what)
-		case <-time.After(time.Millisecond):
-		}
-	}
-}
+	"github.com/streamlb/streamlb/internal/testkit"
+)
 
 // TestReady checks that Ready follows what Pick would pick: not ready with
 // no backend, nor while every backend fails its health checks (Pick then
@@ -109,7 +99,7 @@ func TestRunEjectionExpiresWhileCallsFlow(t *testing.T) {
 		}
 		call("a:1")
 		if i%10 == 9 {
-			waitUntil(ctx, t, "Run to act", func() bool { return len(d.wake) == 0 })
+			testkit.WaitFor(ctx, t, "Run to act", func() bool { return len(d.wake) == 0 })
 		}
 	}
 
@@ -131,8 +121,8 @@ func TestRunEjectionExpiresWhileCallsFlow(t *testing.T) {
 	}
 
 	// Run, free again, restores a:1 on its timer and decides b:1's run.
-	waitUntil(ctx, t, "a:1 restored", func() bool { return !ejected("a:1") })
-	waitUntil(ctx, t, "b:1 ejected", func() bool { return ejected("b:1") })
+	testkit.WaitFor(ctx, t, "a:1 restored", func() bool { return !ejected("a:1") })
+	testkit.WaitFor(ctx, t, "b:1 ejected", func() bool { return ejected("b:1") })
 	got := make(map[string]int)
 	for range 30 {
 		got[call("")]++

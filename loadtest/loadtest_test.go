@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/loadtest"
 	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/resolver"
@@ -99,19 +100,6 @@ func startLoadProxy(t *testing.T, backends []*testserver.Server) string {
 		}
 	})
 	return ln.Addr().String()
-}
-
-// deadAddr returns a loopback address that refuses connections: bound, then
-// closed.
-func deadAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
 }
 
 func runLoad(t *testing.T, cfg loadtest.Config) *loadtest.Result {
@@ -311,7 +299,7 @@ func TestRunBadInput(t *testing.T) {
 	verifyNoLeaks(t)
 	backends := startLoadBackends(t, 1)
 	live := backends[0].Addr()
-	dead := deadAddr(t)
+	dead := testkit.DeadAddr(t)
 
 	tests := []struct {
 		name    string

@@ -3,6 +3,7 @@ package testserver
 import (
 	"context"
 	"errors"
+	"github.com/streamlb/streamlb/internal/testkit"
 	"io"
 	"log/slog"
 	"math"
@@ -84,27 +85,7 @@ func setup(t *testing.T, cfg Config) (*Server, testgrpc.TestServiceClient) {
 	return s, testgrpc.NewTestServiceClient(dial(t, s.Addr()))
 }
 
-func testContext(t *testing.T) context.Context {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), testTimeout)
-	t.Cleanup(cancel)
-	return ctx
-}
-
-// waitFor polls cond until it holds or ctx is done, like grpc-go's
-// roundrobin.CheckRoundRobinRPCs.
-func waitFor(ctx context.Context, t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	tick := time.NewTicker(time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting for %s", what)
-		case <-tick.C:
-		}
-	}
-}
+func testContext(t *testing.T) context.Context { return testkit.Context(t, testTimeout) }
 
 // receive waits for a value on ch or fails the test when ctx is done.
 func receive[T any](ctx context.Context, t *testing.T, what string, ch <-chan T) T {
@@ -659,7 +640,7 @@ func TestCancelObserved(t *testing.T) {
 					_, err := c.UnaryCall(metadata.AppendToOutgoingContext(ctx, MetadataHang, "1"), &testgrpc.SimpleRequest{})
 					done <- err
 				}()
-				waitFor(testContext(t), t, "call in flight", func() bool { return s.InFlight() == 1 })
+				testkit.WaitFor(testContext(t), t, "call in flight", func() bool { return s.InFlight() == 1 })
 				return func() error { return receive(testContext(t), t, "call", done) }
 			},
 		},
@@ -944,7 +925,7 @@ func TestCounters(t *testing.T) {
 	}
 	// The server may still be finishing the last stream after the client
 	// saw its end.
-	waitFor(ctx, t, "no calls in flight", func() bool { return s.InFlight() == 0 })
+	testkit.WaitFor(ctx, t, "no calls in flight", func() bool { return s.InFlight() == 0 })
 	if got := s.Canceled(); got != 0 {
 		t.Errorf("Canceled() = %d, want 0", got)
 	}
@@ -1075,7 +1056,7 @@ func TestLifecycle(t *testing.T) {
 			_, err := c.EmptyCall(metadata.AppendToOutgoingContext(ctx, MetadataHang, "1"), &testgrpc.Empty{})
 			done <- err
 		}()
-		waitFor(ctx, t, "call in flight", func() bool { return s.InFlight() == 1 })
+		testkit.WaitFor(ctx, t, "call in flight", func() bool { return s.InFlight() == 1 })
 		shutdownCtx, cancel := context.WithCancel(ctx)
 		cancel() // already expired: GracefulStop cannot finish the hung call
 		if err := s.Shutdown(shutdownCtx); !errors.Is(err, context.Canceled) {

@@ -1,0 +1,51 @@
+// Package testkit holds the few helpers that tests of several streamlb
+// packages share: a bounded context, polling for a condition and an
+// address that refuses connections. It is imported only by tests and
+// imports nothing of streamlb's.
+package testkit
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+)
+
+// Context returns a context that ends after d or when the test ends,
+// whichever is first, so that no test hangs.
+func Context(t testing.TB, d time.Duration) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// WaitFor polls cond every millisecond until it holds, and fails the test
+// if ctx ends first. It never waits a fixed time (grpc-go's
+// roundrobin.CheckRoundRobinRPCs habit).
+func WaitFor(ctx context.Context, t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("timed out waiting for %s", what)
+		case <-tick.C:
+		}
+	}
+}
+
+// DeadAddr returns a loopback address that refuses connections: bound,
+// then closed (Caddy's deadUpstreamAddr). Another process may take the port
+// later; tests that start a server on it count on that being rare.
+func DeadAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
