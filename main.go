@@ -1,10 +1,11 @@
 // Command streamlb is a gRPC-aware L7 proxy that picks a backend for every
 // stream, not every connection.
 //
-// It wires the packages together and does nothing else: proxy is the data
-// plane, director picks backends, resolver turns --backend targets into a
-// backend set, testserver provides backends to try it on and loadtest drives
-// the demo. Every command runs under one context that SIGINT or SIGTERM
+// It parses flags and calls into the packages, and does nothing else:
+// cluster wires resolver, director and proxy together for the proxy command,
+// demo runs the headless-service demo on the same wiring, testserver
+// provides backends to try it on and loadtest drives load. Every command
+// runs under one context that SIGINT or SIGTERM
 // cancels, waits for everything it started, and maps the result to an exit
 // code: 0 on success or after a drain, 1 on a runtime failure, 2 on a usage
 // error.
