@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/urfave/cli/v2"
 
 	"github.com/streamlb/streamlb/cluster"
@@ -46,7 +48,8 @@ func proxyCommand() *cli.Command {
 			},
 			&cli.StringFlag{Name: "engine", Value: cluster.EngineFrame, Usage: "data plane: frame (relays HTTP/2 frames) or grpc-proxy (message-level reference engine)"},
 			&cli.DurationFlag{Name: "drain-timeout", Value: cluster.DefaultDrainTimeout, Usage: "how long in-flight streams may run on SIGINT/SIGTERM, and on a backend that left the set, before they are cut"},
-			&cli.StringFlag{Name: "admin-listen", Usage: "`ADDR` for the admin HTTP endpoints /healthz, /readyz and /backends (off when empty)"},
+			&cli.StringFlag{Name: "admin-listen", Usage: "`ADDR` for the admin HTTP endpoints /healthz, /readyz, /backends, /metrics and /debug/pprof/ (off when empty)"},
+			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "keep Prometheus metrics, served on /metrics of --admin-listen (--metrics=false: none)"},
 
 			// Discovery.
 			&cli.DurationFlag{Name: "dns-refresh", Value: resolver.DefaultRefresh, Usage: "how often DNS targets are resolved again (with ±10% jitter)"},
@@ -186,7 +189,19 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 		},
 		DrainTimeout: drain,
 		Logger:       logger,
+		Metrics:      newRegistry(c.Bool("metrics")),
 	}, nil
+}
+
+// newRegistry returns a Prometheus registry with the Go runtime's and the
+// process's collectors, or nil if metrics are off.
+func newRegistry(on bool) *prometheus.Registry {
+	if !on {
+		return nil
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
 }
 
 // splitBackends flattens --backend values, which may themselves be

@@ -4,6 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/pprof"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // AdminHandler serves the admin endpoints:
@@ -12,9 +15,19 @@ import (
 //     reason while draining or while no backend is healthy (every backend
 //     failing its health checks or ejected, or none resolved), so an
 //     orchestrator sends clients to a proxy that has one;
-//   - /backends: the cluster's per-backend state as JSON.
+//   - /backends: the cluster's per-backend state as JSON;
+//   - /metrics: Prometheus metrics, if ServerConfig.Metrics is set;
+//   - /debug/pprof/: the Go runtime's profiles.
 func (s *Server) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
+	if s.cfg.Metrics != nil {
+		mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Metrics, promhttp.HandlerOpts{}))
+	}
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})

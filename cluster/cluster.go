@@ -22,9 +22,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/resolver"
 )
 
@@ -48,6 +50,9 @@ type Config struct {
 	Director director.Config
 	// Logger receives the cluster's logs; nil means slog.Default().
 	Logger *slog.Logger
+	// Metrics, if set, gets the cluster's Prometheus metrics (see
+	// metrics.go); nil means none are kept.
+	Metrics prometheus.Registerer
 }
 
 // TargetError reports backend targets that [New] could not use, so that
@@ -67,10 +72,12 @@ func (e *TargetError) Unwrap() error { return e.Err }
 // with [New] and run it with [Cluster.Run]. Its methods are safe for
 // concurrent use.
 type Cluster struct {
-	name   string
-	res    resolver.Resolver
-	dir    *director.Director
-	logger *slog.Logger
+	name    string
+	res     resolver.Resolver
+	dir     *director.Director
+	picker  proxy.Picker // dir, metered if metrics are on
+	metrics *metrics     // nil if off
+	logger  *slog.Logger
 
 	resolvedOnce sync.Once
 	resolved     chan struct{} // closed when the first set was accepted
@@ -103,14 +110,24 @@ func New(cfg Config) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", cfg.Name, err)
 	}
-	return &Cluster{
+	c := &Cluster{
 		name:     cfg.Name,
 		res:      res,
 		dir:      dir,
+		picker:   dir,
 		logger:   cfg.Logger,
 		resolved: make(chan struct{}),
-	}, nil
+	}
+	if cfg.Metrics != nil {
+		c.metrics = newMetrics(cfg.Metrics, cfg.Name, c)
+		c.picker = &meteredPicker{next: dir, m: c.metrics}
+	}
+	return c, nil
 }
+
+// Picker returns what a data plane asks for every stream's backend: the
+// director, counted in the metrics if they are on.
+func (c *Cluster) Picker() proxy.Picker { return c.picker }
 
 // Name returns the cluster's name.
 func (c *Cluster) Name() string { return c.name }
@@ -139,6 +156,9 @@ func (c *Cluster) Resolved() <-chan struct{} { return c.resolved }
 // goroutine. It returns an error if the resolver cannot go on.
 func (c *Cluster) Run(ctx context.Context, retain ...func(addrs []string)) error {
 	us := []resolver.Updater{c.dir}
+	if c.metrics != nil {
+		us = append(us, c.metrics)
+	}
 	for _, r := range retain {
 		us = append(us, resolver.AddrsFunc(r))
 	}

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/streamlb/streamlb/proxy"
@@ -61,6 +62,9 @@ type ServerConfig struct {
 	OnDrain func()
 	// Logger receives the server's logs; nil means slog.Default().
 	Logger *slog.Logger
+	// Metrics, if set, gets the cluster's Prometheus metrics and is
+	// served on the admin endpoint /metrics; nil means no metrics.
+	Metrics *prometheus.Registry
 }
 
 // engine is what both data planes offer.
@@ -103,6 +107,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Cluster.Logger == nil {
 		cfg.Cluster.Logger = cfg.Logger
 	}
+	if cfg.Metrics != nil {
+		cfg.Cluster.Metrics = cfg.Metrics
+	}
 	c, err := New(cfg.Cluster)
 	if err != nil {
 		return nil, err
@@ -111,7 +118,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	switch cfg.Engine {
 	case EngineFrame:
 		pc := cfg.Proxy
-		pc.Picker = c.Director()
+		pc.Picker = c.Picker()
 		pc.DrainTimeout = cfg.DrainTimeout
 		pc.Logger = cfg.Logger
 		if h := cfg.Cluster.Director.HashHeader; h != "" && len(pc.PickMetadata) == 0 {
@@ -120,7 +127,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		}
 		s.engine, err = proxy.New(pc)
 	case EngineGRPCProxy:
-		s.engine, err = proxy.NewReference(proxy.ReferenceConfig{Picker: c.Director(), DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger})
+		s.engine, err = proxy.NewReference(proxy.ReferenceConfig{Picker: c.Picker(), DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger})
 	default:
 		return nil, fmt.Errorf("cluster: unknown engine %q (want %s or %s)", cfg.Engine, EngineFrame, EngineGRPCProxy)
 	}

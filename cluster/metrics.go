@@ -1,0 +1,224 @@
+package cluster
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/resolver"
+)
+
+// Prometheus metrics of a cluster, with Prometheus naming: streamlb_ prefix,
+// _total for counters, _seconds for durations. Two kinds of source:
+//
+//   - Per call, a metered Picker wraps the director: Pick counts the call
+//     started and in flight, its done counts it finished by status code and
+//     observes its duration. The label children of each backend are
+//     resolved once, when the backend is first picked, and kept in a map
+//     read under a read lock, so a call costs a few atomic adds and no
+//     label lookups.
+//   - At scrape time, a Collector reads the director's per-backend state
+//     (health, ejection, ejections) and the backend set's size, so none of
+//     that costs anything between scrapes.
+//
+// The per-backend counts of calls finished equal the calls the proxy sent
+// each backend, retries included: every attempt is its own pick.
+
+// metrics is one cluster's instruments. Its methods are safe for
+// concurrent use.
+type metrics struct {
+	cluster string
+
+	started   *prometheus.CounterVec   // cluster, backend
+	finished  *prometheus.CounterVec   // cluster, backend, code
+	inflight  *prometheus.GaugeVec     // cluster, backend
+	duration  *prometheus.HistogramVec // cluster, backend
+	noBackend prometheus.Counter
+	setChange prometheus.Counter
+	resolveEr prometheus.Counter
+
+	mu       sync.RWMutex
+	backends map[string]*backendMetrics // mu guards it
+}
+
+// backendMetrics are one backend's resolved label children.
+type backendMetrics struct {
+	started  prometheus.Counter
+	inflight prometheus.Gauge
+	duration prometheus.Observer
+	finished [17]prometheus.Counter // by codes.Code; 0..16
+}
+
+// newMetrics registers the instruments of cluster name with reg.
+func newMetrics(reg prometheus.Registerer, name string, c *Cluster) *metrics {
+	constLabels := prometheus.Labels{"cluster": name}
+	m := &metrics{
+		cluster: name,
+		started: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "streamlb_calls_started_total", Help: "Calls (stream attempts) sent to a backend.", ConstLabels: constLabels,
+		}, []string{"backend"}),
+		finished: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "streamlb_calls_finished_total", Help: "Calls (stream attempts) to a backend that ended, by gRPC status code.", ConstLabels: constLabels,
+		}, []string{"backend", "code"}),
+		inflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "streamlb_calls_in_flight", Help: "Calls (stream attempts) to a backend that have not ended.", ConstLabels: constLabels,
+		}, []string{"backend"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "streamlb_call_duration_seconds", Help: "Time from picking a backend to the end of the call's stream.", ConstLabels: constLabels,
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60},
+		}, []string{"backend"}),
+		noBackend: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "streamlb_pick_failures_total", Help: "Calls for which no backend could be picked.", ConstLabels: constLabels,
+		}),
+		setChange: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "streamlb_backend_set_changes_total", Help: "Backend sets accepted from discovery.", ConstLabels: constLabels,
+		}),
+		resolveEr: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "streamlb_resolver_errors_total", Help: "Failed lookups of the backend targets (the last set was kept).", ConstLabels: constLabels,
+		}),
+		backends: make(map[string]*backendMetrics),
+	}
+	reg.MustRegister(m.started, m.finished, m.inflight, m.duration, m.noBackend, m.setChange, m.resolveEr,
+		&stateCollector{c: c, constLabels: constLabels})
+	return m
+}
+
+// backend returns addr's label children, resolving them on first use.
+func (m *metrics) backend(addr string) *backendMetrics {
+	m.mu.RLock()
+	b := m.backends[addr]
+	m.mu.RUnlock()
+	if b != nil {
+		return b
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if b = m.backends[addr]; b != nil {
+		return b
+	}
+	b = &backendMetrics{
+		started:  m.started.WithLabelValues(addr),
+		inflight: m.inflight.WithLabelValues(addr),
+		duration: m.duration.WithLabelValues(addr),
+	}
+	for code := range b.finished {
+		b.finished[code] = m.finished.WithLabelValues(addr, codes.Code(code).String())
+	}
+	m.backends[addr] = b
+	return b
+}
+
+// UpdateState forgets the series of backends that left the set, so a
+// churning deployment does not grow the exposition without bound; calls
+// still in flight to them end on children nobody exports any more.
+func (m *metrics) UpdateState(s resolver.State) error {
+	m.setChange.Inc()
+	keep := make(map[string]bool, len(s.Addresses))
+	for _, a := range s.Addresses {
+		keep[a.Addr] = true
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for addr := range m.backends {
+		if keep[addr] {
+			continue
+		}
+		delete(m.backends, addr)
+		m.started.DeleteLabelValues(addr)
+		m.inflight.DeleteLabelValues(addr)
+		m.duration.DeleteLabelValues(addr)
+		m.finished.DeletePartialMatch(prometheus.Labels{"backend": addr})
+	}
+	return nil
+}
+
+// ReportError counts a failed lookup.
+func (m *metrics) ReportError(error) { m.resolveEr.Inc() }
+
+// meteredPicker counts every pick of next in m.
+type meteredPicker struct {
+	next proxy.Picker
+	m    *metrics
+}
+
+func (p *meteredPicker) Pick(ctx context.Context, fullMethod string) (string, func(error), error) {
+	addr, done, err := p.next.Pick(ctx, fullMethod)
+	if err != nil {
+		p.m.noBackend.Inc()
+		return addr, done, err
+	}
+	b := p.m.backend(addr)
+	b.started.Inc()
+	b.inflight.Inc()
+	start := time.Now()
+	var once sync.Once
+	return addr, func(err error) {
+		once.Do(func() {
+			b.inflight.Dec()
+			b.duration.Observe(time.Since(start).Seconds())
+			code := status.Code(err)
+			if err != nil && code == codes.OK {
+				code = codes.Unknown
+			}
+			if int(code) < len(b.finished) {
+				b.finished[code].Inc()
+			} else {
+				b.finished[codes.Unknown].Inc()
+			}
+		})
+		done(err)
+	}, nil
+}
+
+// stateCollector reports the director's per-backend state at scrape time.
+type stateCollector struct {
+	c           *Cluster
+	constLabels prometheus.Labels
+}
+
+var (
+	descBackends = func(l prometheus.Labels) *prometheus.Desc {
+		return prometheus.NewDesc("streamlb_backends", "Backends in the cluster's current set.", nil, l)
+	}
+	descHealthy = func(l prometheus.Labels) *prometheus.Desc {
+		return prometheus.NewDesc("streamlb_backend_healthy", "1 if the backend passes its active health checks (or none run), else 0.", []string{"backend"}, l)
+	}
+	descEjected = func(l prometheus.Labels) *prometheus.Desc {
+		return prometheus.NewDesc("streamlb_backend_ejected", "1 while outlier detection keeps the backend from being picked.", []string{"backend"}, l)
+	}
+	descEjections = func(l prometheus.Labels) *prometheus.Desc {
+		return prometheus.NewDesc("streamlb_backend_ejections_total", "Ejections of the backend since it joined the set.", []string{"backend"}, l)
+	}
+	descReady = func(l prometheus.Labels) *prometheus.Desc {
+		return prometheus.NewDesc("streamlb_cluster_ready", "1 if a pick would go to a healthy, unejected backend.", nil, l)
+	}
+)
+
+func (sc *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []func(prometheus.Labels) *prometheus.Desc{descBackends, descHealthy, descEjected, descEjections, descReady} {
+		ch <- d(sc.constLabels)
+	}
+}
+
+func (sc *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	bs := sc.c.Backends()
+	ch <- prometheus.MustNewConstMetric(descBackends(sc.constLabels), prometheus.GaugeValue, float64(len(bs)))
+	ch <- prometheus.MustNewConstMetric(descReady(sc.constLabels), prometheus.GaugeValue, boolFloat(sc.c.Ready()))
+	for _, b := range bs {
+		ch <- prometheus.MustNewConstMetric(descHealthy(sc.constLabels), prometheus.GaugeValue, boolFloat(b.Healthy), b.Addr)
+		ch <- prometheus.MustNewConstMetric(descEjected(sc.constLabels), prometheus.GaugeValue, boolFloat(b.Ejected), b.Addr)
+		ch <- prometheus.MustNewConstMetric(descEjections(sc.constLabels), prometheus.CounterValue, float64(b.Ejections), b.Addr)
+	}
+}
+
+func boolFloat(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

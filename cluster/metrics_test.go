@@ -1,0 +1,121 @@
+package cluster_test
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/streamlb/streamlb/cluster"
+	"github.com/streamlb/streamlb/testserver"
+)
+
+// scrape fetches /metrics and returns the samples of family name as
+// "label=value,label=value" -> value, leaving out the cluster label.
+func scrape(t *testing.T, admin, name string) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get(admin + "/metrics")
+	if err != nil {
+		t.Fatalf("GET /metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /metrics = %d", resp.StatusCode)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatalf("parse /metrics: %v", err)
+	}
+	out := make(map[string]float64)
+	fam, ok := fams[name]
+	if !ok {
+		return out
+	}
+	for _, m := range fam.GetMetric() {
+		var labels []string
+		for _, l := range m.GetLabel() {
+			if l.GetName() != "cluster" {
+				labels = append(labels, l.GetName()+"="+l.GetValue())
+			}
+		}
+		v := m.GetCounter().GetValue() + m.GetGauge().GetValue() + float64(m.GetHistogram().GetSampleCount())
+		out[strings.Join(labels, ",")] = v
+	}
+	return out
+}
+
+// TestMetricsMatchBackends scrapes /metrics after calls through one
+// connection and checks the per-backend counts against the backends' own
+// counters, with failures counted under their status code.
+func TestMetricsMatchBackends(t *testing.T) {
+	var targets []string
+	backends := map[string]*testserver.Server{}
+	for _, name := range []string{"a", "b", "c"} {
+		ts := startBackend(t, name, "127.0.0.1:0")
+		backends[ts.Addr()] = ts
+		targets = append(targets, ts.Addr())
+	}
+	r := runServer(t, cluster.ServerConfig{Metrics: prometheus.NewRegistry(), Cluster: cluster.Config{Name: "echo", Targets: targets}})
+	client := dial(t, r.addr)
+	const calls, failing = 90, 9
+	for i := range calls {
+		ctx := t.Context()
+		if i < failing {
+			ctx = metadata.AppendToOutgoingContext(ctx, testserver.MetadataFailCode, "5") // NOT_FOUND
+		}
+		_, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
+		if want := codes.OK; i < failing {
+			want = codes.NotFound
+			if status.Code(err) != want {
+				t.Fatalf("call %d: %v, want %v", i, err, want)
+			}
+		} else if err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+
+	started := scrape(t, r.admin, "streamlb_calls_started_total")
+	finished := scrape(t, r.admin, "streamlb_calls_finished_total")
+	var total, notFound float64
+	for addr, ts := range backends {
+		if got, want := started["backend="+addr], float64(ts.Calls()); got != want {
+			t.Errorf("started{backend=%s} = %v, want the backend's own count %v", addr, got, want)
+		}
+		ok, nf := finished["backend="+addr+",code=OK"], finished["backend="+addr+",code=NotFound"]
+		if ok+nf != float64(ts.Calls()) {
+			t.Errorf("finished{backend=%s} = %v OK + %v NotFound, want %d in all", addr, ok, nf, ts.Calls())
+		}
+		total += ok + nf
+		notFound += nf
+	}
+	if total != calls || notFound != failing {
+		t.Errorf("finished calls = %v (%v NotFound), want %d (%d)", total, notFound, calls, failing)
+	}
+	if got := scrape(t, r.admin, "streamlb_calls_in_flight"); len(got) != 3 {
+		t.Errorf("in-flight series = %v, want one per backend", got)
+	} else {
+		for k, v := range got {
+			if v != 0 {
+				t.Errorf("in flight %s = %v after all calls ended", k, v)
+			}
+		}
+	}
+	if got := scrape(t, r.admin, "streamlb_backends"); got[""] != 3 {
+		t.Errorf("streamlb_backends = %v, want 3", got)
+	}
+	if got := scrape(t, r.admin, "streamlb_cluster_ready"); got[""] != 1 {
+		t.Errorf("streamlb_cluster_ready = %v, want 1", got)
+	}
+	if got := scrape(t, r.admin, "streamlb_call_duration_seconds"); len(got) != 3 {
+		t.Errorf("duration histograms = %v, want one per backend", got)
+	}
+}
