@@ -1,0 +1,54 @@
+package cluster
+
+import (
+	"context"
+	"log/slog"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/resolver"
+)
+
+// BenchmarkPickMetrics compares a pick and its done with metrics off and
+// on, the per-call cost of the metered Picker:
+//
+//	go test -run '^$' -bench PickMetrics -benchmem ./cluster
+func BenchmarkPickMetrics(b *testing.B) {
+	for _, on := range []bool{false, true} {
+		name := "off"
+		if on {
+			name = "on"
+		}
+		b.Run(name, func(b *testing.B) {
+			cfg := Config{Targets: []string{"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"}, Logger: slog.New(slog.DiscardHandler)}
+			if on {
+				cfg.Metrics = prometheus.NewRegistry()
+			}
+			c, err := New(cfg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			st := resolver.State{}
+			for _, a := range cfg.Targets {
+				st.Addresses = append(st.Addresses, resolver.Address{Addr: a})
+			}
+			if err := c.Director().UpdateState(st); err != nil {
+				b.Fatal(err)
+			}
+			var p proxy.Picker = c.Picker()
+			ctx := context.Background()
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					_, done, err := p.Pick(ctx, "/s/m")
+					if err != nil {
+						b.Fatal(err)
+					}
+					done(nil)
+				}
+			})
+		})
+	}
+}
