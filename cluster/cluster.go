@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -103,6 +104,7 @@ func New(cfg Config) (*Cluster, error) {
 	if err != nil {
 		return nil, &TargetError{Cluster: cfg.Name, Err: err}
 	}
+	warnTargets(cfg)
 	dc := cfg.Director
 	dc.Logger = cfg.Logger
 	dc.ResolveNow = res.ResolveNow
@@ -174,4 +176,32 @@ func (c *Cluster) Run(ctx context.Context, retain ...func(addrs []string)) error
 	})
 	g.Go(func() error { return c.dir.Run(gctx) })
 	return g.Wait()
+}
+
+// warnTargets logs, at startup, target settings that are accepted but do
+// not do what their author likely meant.
+func warnTargets(cfg Config) {
+	policy := cfg.Director.Policy
+	if policy == "" {
+		policy = director.RoundRobin
+	}
+	usesWeights := policy == director.WeightedRoundRobin || policy == director.RingHash
+	for _, s := range cfg.Targets {
+		t, err := resolver.ParseTarget(s)
+		if err != nil || !t.IsStatic() {
+			continue
+		}
+		if t.Weight != 0 && !usesWeights {
+			cfg.Logger.Warn("target weight ignored: the policy does not use weights; use weighted_round_robin or ring_hash",
+				"cluster", cfg.Name, "target", s, "policy", policy)
+		}
+		if _, err := netip.ParseAddr(t.Host); err != nil && t.Host != "localhost" {
+			// A host name is looked up at each connection; behind it is
+			// usually an ordinary (ClusterIP) Service, one virtual
+			// address that pins each backend connection to one pod.
+			cfg.Logger.Warn("target is a host name, dialed as one backend: if it is a Kubernetes ClusterIP Service, each backend connection is pinned to one pod; "+
+				"give a headless service as dns:///NAME:PORT so streamlb balances over its pods",
+				"cluster", cfg.Name, "target", s, "instead", "dns:///"+t.Addr())
+		}
+	}
 }

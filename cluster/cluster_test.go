@@ -212,3 +212,44 @@ func TestNewServerErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestWarnings checks the startup warnings for settings that are accepted
+// but likely do not do what was meant.
+func TestWarnings(t *testing.T) {
+	tests := []struct {
+		name    string
+		cfg     cluster.Config
+		want    []string
+		wantNot []string
+	}{
+		{name: "weight under round robin", cfg: cluster.Config{Targets: []string{"10.0.0.1:80;weight=5", "10.0.0.2:80"}},
+			want: []string{"target weight ignored", `target="10.0.0.1:80;weight=5"`}},
+		{name: "weight under weighted round robin", cfg: cluster.Config{Targets: []string{"10.0.0.1:80;weight=5"}, Director: director.Config{Policy: director.WeightedRoundRobin}},
+			wantNot: []string{"weight ignored"}},
+		{name: "host name", cfg: cluster.Config{Targets: []string{"echo.default.svc.cluster.local:50051"}},
+			want: []string{"target is a host name", "instead=dns:///echo.default.svc.cluster.local:50051"}},
+		{name: "IP literals and localhost", cfg: cluster.Config{Targets: []string{"10.0.0.1:80", "[fd00::1]:80", "localhost:80"}},
+			wantNot: []string{"WARN"}},
+		{name: "DNS target", cfg: cluster.Config{Targets: []string{"dns:///echo.default.svc.cluster.local:50051"}},
+			wantNot: []string{"WARN"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var logs strings.Builder
+			tc.cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+			if _, err := cluster.New(tc.cfg); err != nil {
+				t.Fatal(err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(logs.String(), w) {
+					t.Errorf("logs lack %q:\n%s", w, logs.String())
+				}
+			}
+			for _, w := range tc.wantNot {
+				if strings.Contains(logs.String(), w) {
+					t.Errorf("logs have %q:\n%s", w, logs.String())
+				}
+			}
+		})
+	}
+}

@@ -100,6 +100,8 @@ type Config struct {
 	// RetryOn names methods ("/pkg.Service/Method", or "/pkg.Service/" for
 	// all of a service) whose UNAVAILABLE answers are retried on another
 	// backend, within the retry budget. Only idempotent methods belong here.
+	// The leading and a service's trailing slash may be left out
+	// ("pkg.Service/Method", "pkg.Service"); New rejects other forms.
 	RetryOn []string
 
 	// Dial opens backend connections. Nil means net.Dialer.DialContext.
@@ -166,6 +168,10 @@ func (c *Config) setDefaults() error {
 			keys[i] = strings.ToLower(h)
 		}
 		c.PickMetadata = keys
+	}
+	var err error
+	if c.RetryOn, err = normalizeMethods(c.RetryOn); err != nil {
+		return err
 	}
 	if c.Dial == nil {
 		var d net.Dialer
