@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/director"
@@ -200,5 +201,53 @@ func TestRetryAvoidsTriedBackend(t *testing.T) {
 	defer mu.Unlock()
 	if outcomes[codes.OK] != 30 || outcomes[codes.Canceled] == 0 || outcomes[codes.Unavailable] == 0 {
 		t.Errorf("outcomes reported to done: %v, want 30 OK, some UNAVAILABLE (refused) and some CANCELLED (picks not used)", outcomes)
+	}
+}
+
+// TestKilledAbruptly kills a backend (its connections closed with no
+// GOAWAY, as after SIGKILL) under load, with no method opted in to
+// retries: only the calls in flight on it fail, with UNAVAILABLE, and
+// every call started after the kill succeeds elsewhere.
+func TestKilledAbruptly(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 3})
+	ctx := testCtx(t, 30*time.Second)
+	slow := metadata.AppendToOutgoingContext(ctx, testserver.MetadataDelay, "5ms")
+	victim := e.backends[2]
+	var killedAt atomic.Int64 // UnixNano of the kill, 0 before
+	var failedBefore, failedAfter, total atomic.Int64
+	var g errgroup.Group
+	const workers, perWorker = 8, 150
+	for range workers {
+		g.Go(func() error {
+			for range perWorker {
+				start := time.Now().UnixNano()
+				_, err := e.client.EmptyCall(slow, &testgrpc.Empty{})
+				total.Add(1)
+				if err == nil {
+					continue
+				}
+				if status.Code(err) != codes.Unavailable {
+					return err
+				}
+				if k := killedAt.Load(); k != 0 && start > k {
+					failedAfter.Add(1)
+					t.Errorf("call started after the kill failed: %v", err)
+				} else {
+					failedBefore.Add(1)
+				}
+			}
+			return nil
+		})
+	}
+	waitFor(ctx, t, "load on the victim", func() bool { return victim.Calls() > 20 })
+	victim.Stop()
+	killedAt.Store(time.Now().UnixNano())
+	if err := g.Wait(); err != nil {
+		t.Fatalf("a call failed with other than UNAVAILABLE: %v", err)
+	}
+	t.Logf("%d of %d calls failed (in flight on the killed backend)", failedBefore.Load(), total.Load())
+	if n := failedBefore.Load(); n > workers {
+		t.Errorf("%d calls failed, more than the %d that could be in flight", n, workers)
 	}
 }
