@@ -78,6 +78,7 @@ func proxyCommand() *cli.Command {
 			&cli.Int64Flag{Name: "max-streams", Usage: "calls in flight through the proxy; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.Int64Flag{Name: "max-streams-per-backend", Usage: "calls in flight to one backend; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: proxy.DefaultConnectTimeout, Usage: "bound on dialing a backend (frame engine)"},
+			&cli.DurationFlag{Name: "handshake-timeout", Value: proxy.DefaultHandshakeTimeout, Usage: "bound on a backend's HTTP/2 handshake; a call waits at most this (and a quarter of its deadline) for a new connection before going elsewhere (frame engine)"},
 			&cli.UintFlag{Name: "max-concurrent-streams", Value: proxy.DefaultMaxConcurrentStreams, Usage: "streams one client connection may have open, advertised as SETTINGS_MAX_CONCURRENT_STREAMS (frame engine)"},
 		}, logFlags("info")...),
 		Action: runProxy,
@@ -139,7 +140,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 	if mcs == 0 || mcs > math.MaxUint32 {
 		return zero, usageErr("--max-concurrent-streams must be in 1..%d, got %d", uint32(math.MaxUint32), mcs)
 	}
-	for _, f := range []string{"connect-timeout", "dns-refresh"} {
+	for _, f := range []string{"connect-timeout", "handshake-timeout", "dns-refresh"} {
 		if c.Duration(f) <= 0 {
 			return zero, usageErr("--%s must be positive, got %v", f, c.Duration(f))
 		}
@@ -180,6 +181,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 		Engine: c.String("engine"),
 		Proxy: proxy.Config{
 			ConnectTimeout:       c.Duration("connect-timeout"),
+			HandshakeTimeout:     c.Duration("handshake-timeout"),
 			MaxConcurrentStreams: uint32(mcs),
 			MaxStreams:           c.Int64("max-streams"),
 			MaxStreamsPerBackend: c.Int64("max-streams-per-backend"),

@@ -1,10 +1,12 @@
 package director
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -199,7 +201,9 @@ func (d *Director) Ready() bool { return d.snap.Load().healthy }
 // [BackendStats.Failures]. For outlier ejection, codes.Unavailable counts
 // as the backend being unreachable (the proxy reports connect failures,
 // lost connections and refused streams so), Canceled and DeadlineExceeded
-// (or context.Canceled and context.DeadlineExceeded) count as nothing, and
+// (or context.Canceled and context.DeadlineExceeded) count as nothing, as
+// does an error with a method Draining() bool that returns true (the
+// backend announced a graceful restart), and
 // anything else means the backend answered; see [Config.EjectAfter].
 // Calling done more than once is safe: only the first call counts. done may
 // be called from any goroutine, also while the caller holds its own locks:
@@ -224,7 +228,50 @@ func (d *Director) Pick(ctx context.Context, fullMethod string) (addr string, do
 	if s.picker == nil {
 		return "", nil, ErrNoBackend
 	}
+	return d.picked(ctx, s.picker.pick(ctx), fullMethod)
+}
+
+// PickExcluding is [Director.Pick] for a retry of a stream: it avoids the
+// backends in tried, the addresses the stream's earlier attempts went to,
+// so a retry does not land on the backend that just failed it (Envoy's
+// previous_hosts retry predicate, HAProxy's redispatch). It asks the
+// policy again a few times and then takes the next ready backend, in
+// address order, that is not in tried; if every ready backend was tried
+// it returns the policy's pick. Its contract is otherwise Pick's: it never
+// blocks, never takes the director's mutex, and does not keep tried.
+func (d *Director) PickExcluding(ctx context.Context, fullMethod string, tried []string) (addr string, done func(error), err error) {
+	s := d.snap.Load()
+	if s.picker == nil {
+		return "", nil, ErrNoBackend
+	}
 	b := s.picker.pick(ctx)
+	for range excludeRepicks {
+		if !slices.Contains(tried, b.addr) {
+			return d.picked(ctx, b, fullMethod)
+		}
+		b = s.picker.pick(ctx)
+	}
+	if slices.Contains(tried, b.addr) {
+		// Walk on from the policy's choice, so that retries spread
+		// over the untried backends as the policy's picks do.
+		i, _ := slices.BinarySearchFunc(s.ready, b.addr, func(x *backend, addr string) int { return cmp.Compare(x.addr, addr) })
+		for j := 1; j < len(s.ready); j++ {
+			if x := s.ready[(i+j)%len(s.ready)]; !slices.Contains(tried, x.addr) {
+				b = x
+				break
+			}
+		}
+	}
+	return d.picked(ctx, b, fullMethod)
+}
+
+// excludeRepicks is how many more times PickExcluding asks the policy
+// before it walks the ready list; for random and P2C policies a repick
+// keeps their spread.
+const excludeRepicks = 2
+
+// picked accounts a pick of b and returns Pick's results.
+func (d *Director) picked(ctx context.Context, b *backend, fullMethod string) (string, func(error), error) {
 	b.ctr.inflight.Add(1)
 	if d.logger.Enabled(ctx, slog.LevelDebug) {
 		d.logger.DebugContext(ctx, "picked backend", "backend", b.addr, "method", fullMethod, "policy", d.policyName)

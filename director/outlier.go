@@ -99,6 +99,15 @@ const (
 	outcomeUnreachable
 )
 
+// draining is implemented by the errors the proxy reports for attempts
+// that failed because their backend is shutting down gracefully (the
+// proxy's Draining interface, matched by shape: director does not import
+// proxy).
+type draining interface {
+	error
+	Draining() bool
+}
+
 // classify maps the error a done call received to an outcome.
 // DeadlineExceeded and Canceled are neutral because the client's deadline or
 // cancellation, not the backend, usually causes them; counting them would
@@ -108,6 +117,13 @@ func classify(err error) outcome {
 		return outcomeReachable
 	}
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return outcomeNeutral
+	}
+	// A backend restarting gracefully announced it (the proxy's Draining
+	// errors): it is drained, not punished, so that it is picked again as
+	// soon as it is back (Kubernetes rolling restarts).
+	var dr draining
+	if errors.As(err, &dr) && dr.Draining() {
 		return outcomeNeutral
 	}
 	switch status.Code(err) {

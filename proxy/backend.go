@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -127,7 +128,7 @@ func (b *backendConn) run(ctx context.Context) {
 		b.closeErr = fmt.Errorf("connecting: %w", err)
 		b.mu.Unlock()
 		b.stopDrainTimer()
-		b.failAll(failure{kind: failDial, backend: b.addr, cause: err})
+		b.failAll(failure{kind: failDial, backend: b.addr, cause: err, draining: b.pool.restarting(b.addr)})
 		return
 	}
 	b.attach(nc)
@@ -152,12 +153,14 @@ func (b *backendConn) run(ctx context.Context) {
 	}
 	// A backend that accepts TCP but never speaks HTTP/2 must not hold
 	// streams: without its SETTINGS in time the connection closes, and its
-	// waiting streams, never sent, go elsewhere.
-	settingsTimer := time.AfterFunc(cfg.ConnectTimeout, func() {
+	// waiting streams, never sent, go elsewhere (each also has its own,
+	// shorter, wait: see watchHandshake).
+	settingsTimer := time.AfterFunc(cfg.HandshakeTimeout, func() {
 		b.mu.Lock()
 		got := b.gotSettings
 		b.mu.Unlock()
 		if !got {
+			b.log.Debug("backend sent no SETTINGS; closing the connection", "duration", cfg.HandshakeTimeout)
 			b.close(errNoSettings)
 		}
 	})
@@ -185,7 +188,7 @@ func (b *backendConn) run(ctx context.Context) {
 }
 
 // errNoSettings closes a backend connection whose peer sent no SETTINGS
-// within ConnectTimeout of the dial (RFC 9113 §3.4: it must send them first).
+// within HandshakeTimeout of the dial (RFC 9113 §3.4: it must send them first).
 var errNoSettings = errors.New("backend sent no HTTP/2 SETTINGS in time")
 
 func (b *backendConn) stopDrainTimer() {
@@ -277,7 +280,12 @@ func (b *backendConn) handleFrame(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		b.resetFromBackend(f.StreamID, f.ErrCode, false)
 	case *http2.SettingsFrame:
-		return b.handleSettings(f, b.eachQueueLocked)
+		if err := b.handleSettings(f, b.eachQueueLocked); err != nil {
+			return err
+		}
+		if !f.IsAck() {
+			b.pool.backUp(b.addr)
+		}
 	case *http2.WindowUpdateFrame:
 		b.mu.Lock()
 		var q *sendQueue
@@ -500,11 +508,14 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 	}
 	b.mu.Unlock()
 	b.signal()
-	if f.ErrCode != http2.ErrCodeNo {
+	graceful := f.ErrCode == http2.ErrCodeNo
+	if graceful {
+		b.pool.markRestarting(b.addr)
+	} else {
 		b.log.Warn("backend sent GOAWAY", "code", f.ErrCode.String(), "debug", string(f.DebugData()))
 	}
 	for _, a := range unprocessed {
-		a.s.cc.retryOrFail(a, true, failure{kind: failGoAway, backend: b.addr})
+		a.s.cc.retryOrFail(a, true, failure{kind: failGoAway, backend: b.addr, draining: graceful})
 	}
 }
 
@@ -648,6 +659,9 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 			b.goingAway = true // leave room for what is reserved; the pool opens a new connection
 			b.drainAndClose = true
 		}
+		if a.hsTimer != nil {
+			a.hsTimer.Stop()
+		}
 		a.up.id = id
 		a.up.window = b.peerInitWin
 		a.downRecv.id = id
@@ -688,8 +702,12 @@ type pool struct {
 	// mu guards the fields below.
 	conns    map[string][]*backendConn
 	inflight map[string]*atomic.Int64 // calls in flight per backend, when MaxStreamsPerBackend is set
-	closed   bool
-	wg       sync.WaitGroup
+	// goneAt holds the backends that sent a graceful GOAWAY, and when,
+	// until a new connection to them completes its handshake or
+	// RestartGrace passes; see Config.RestartGrace. Created on first use.
+	goneAt map[string]time.Time
+	closed bool
+	wg     sync.WaitGroup
 }
 
 // retain drains the connections of every backend not in keep.
@@ -790,4 +808,78 @@ func (p *pool) closeAll() {
 		b.close(errClosed)
 	}
 	p.wg.Wait()
+}
+
+// markRestarting records that the backend at addr sent a graceful GOAWAY:
+// for Config.RestartGrace its refused connections are a restart, not a
+// failure.
+func (p *pool) markRestarting(addr string) {
+	if p.srv.cfg.RestartGrace <= 0 {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.goneAt == nil {
+		p.goneAt = make(map[string]time.Time)
+	}
+	p.goneAt[addr] = time.Now()
+}
+
+// restarting reports whether addr sent a graceful GOAWAY less than
+// Config.RestartGrace ago and has not completed a handshake since.
+func (p *pool) restarting(addr string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	at, ok := p.goneAt[addr]
+	if ok && time.Since(at) >= p.srv.cfg.RestartGrace {
+		delete(p.goneAt, addr)
+		return false
+	}
+	return ok
+}
+
+// backUp records that a connection to addr completed its handshake: a
+// restart, if one was in progress, is over.
+func (p *pool) backUp(addr string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.goneAt) > 0 {
+		delete(p.goneAt, addr)
+	}
+}
+
+// minHandshakeWait is the least a call waits for a backend connection's
+// handshake before it goes elsewhere, however close its deadline: a
+// connection on loopback or in one zone takes well under it.
+const minHandshakeWait = 50 * time.Millisecond
+
+// watchHandshake bounds how long attempt a, queued on b, waits for b's
+// handshake (see Config.HandshakeTimeout): at most wait, after which a
+// goes to another backend, as a transparent retry, if b has still not sent
+// its SETTINGS. Nothing is armed when b already has. Caller must hold
+// a.s.cc.mu.
+func (b *backendConn) watchHandshake(a *attempt, wait time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.gotSettings || a.bClosed {
+		return
+	}
+	a.hsTimer = time.AfterFunc(wait, func() { b.handshakeExpired(a, wait) })
+}
+
+// handshakeExpired runs on a's handshake timer: if a still waits for b's
+// SETTINGS, it leaves b and is retried elsewhere, and b is reported failing.
+func (b *backendConn) handshakeExpired(a *attempt, wait time.Duration) {
+	b.mu.Lock()
+	if a.bClosed || a.up.id != 0 || b.gotSettings {
+		b.mu.Unlock()
+		return
+	}
+	if i := slices.Index(b.pending, a); i >= 0 {
+		b.pending = slices.Delete(b.pending, i, i+1)
+	}
+	b.unlinkLocked(a)
+	b.mu.Unlock()
+	b.log.Debug("backend handshake not done in time; call goes elsewhere", "method", a.s.method, "duration", wait)
+	a.s.cc.retryOrFail(a, true, failure{kind: failHandshake, backend: b.addr, limit: wait.Milliseconds()})
 }

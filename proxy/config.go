@@ -18,6 +18,8 @@ const (
 	DefaultMaxHeaderListSize     = 1 << 20
 	DefaultBackendStreamsPerConn = 1000
 	DefaultConnectTimeout        = 5 * time.Second
+	DefaultHandshakeTimeout      = time.Second
+	DefaultRestartGrace          = 5 * time.Second
 	DefaultPrefaceTimeout        = 10 * time.Second
 	DefaultDrainTimeout          = 30 * time.Second
 	DefaultRetryBufferSize       = 64 << 10
@@ -61,6 +63,27 @@ type Config struct {
 
 	// ConnectTimeout bounds dialing a backend.
 	ConnectTimeout time.Duration
+
+	// HandshakeTimeout bounds how long a backend may take to send its
+	// HTTP/2 SETTINGS after the connection is dialed (RFC 9113 §3.4); after
+	// it the connection is closed. A call waits on a connection that has
+	// not finished its handshake (dial included) at most HandshakeTimeout,
+	// and at most a quarter of the time its grpc-timeout leaves (never
+	// less than 50ms), then goes to another backend if it may be retried;
+	// such a wait counts as a failure of the backend. Zero means
+	// DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+
+	// RestartGrace is how long after a backend's graceful GOAWAY (code
+	// NO_ERROR, RFC 9113 §6.8) its refused connections are taken for a
+	// restart in progress rather than a failure: the calls go to other
+	// backends, and the outcome handed to the Picker's done implements
+	// Draining, so outlier ejection does not punish the backend, which
+	// would otherwise stay ejected after it is back. The first SETTINGS of
+	// a new connection to it ends the grace early; after it, refusals
+	// count as failures again. Zero means DefaultRestartGrace, negative
+	// none.
+	RestartGrace time.Duration
 
 	// PrefaceTimeout bounds how long a new client connection may take to
 	// send the HTTP/2 connection preface.
@@ -138,6 +161,15 @@ func (c *Config) setDefaults() error {
 	}
 	if c.ConnectTimeout <= 0 {
 		c.ConnectTimeout = DefaultConnectTimeout
+	}
+	if c.HandshakeTimeout <= 0 {
+		c.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	switch {
+	case c.RestartGrace == 0:
+		c.RestartGrace = DefaultRestartGrace
+	case c.RestartGrace < 0:
+		c.RestartGrace = 0
 	}
 	if c.PrefaceTimeout <= 0 {
 		c.PrefaceTimeout = DefaultPrefaceTimeout

@@ -28,3 +28,29 @@ type PickerFunc func(ctx context.Context, fullMethod string) (string, func(error
 func (f PickerFunc) Pick(ctx context.Context, fullMethod string) (string, func(error), error) {
 	return f(ctx, fullMethod)
 }
+
+// RetryPicker is an optional interface of a Picker, after Envoy's
+// previous_hosts retry predicate and HAProxy's redispatch: for the second
+// and later attempts of a call the proxy calls PickExcluding with the
+// addresses the call already tried, in order, and the picker should
+// choose a backend not among them if it has one. tried is only read
+// during the call and is never nil or empty. The contract is otherwise
+// Pick's. A Picker without it is asked again with Pick, a few times,
+// until it names an address not yet tried.
+type RetryPicker interface {
+	PickExcluding(ctx context.Context, fullMethod string, tried []string) (addr string, done func(error), err error)
+}
+
+// Draining is implemented by the errors the proxy hands to done for an
+// attempt that failed because its backend is shutting down gracefully: it
+// sent GOAWAY (RFC 9113 §6.8) and the call was not processed, or it
+// refused the connection shortly after such a GOAWAY, as a restarting
+// server does. The status is still UNAVAILABLE; a Picker that ejects
+// failing backends should not count such outcomes against the backend,
+// which announced its restart rather than failed. The interface uses only
+// standard types so a Picker can check for it (errors.As) without
+// importing this package.
+type Draining interface {
+	error
+	Draining() bool
+}

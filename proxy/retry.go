@@ -1,8 +1,10 @@
 package proxy
 
 import (
+	"slices"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/net/http2/hpack"
 )
@@ -35,7 +37,7 @@ import (
 func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bool) {
 	for {
 		s.attempts++
-		addr, done, err := c.srv.cfg.Picker.Pick(c.pickContext(s.reqFields), s.method)
+		addr, done, err := c.pickLocked(s)
 		if err != nil {
 			c.releaseItemsLocked(items)
 			return failure{kind: failNoBackend, method: s.method, cause: err}, false
@@ -55,6 +57,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			return f, false
 		}
 		a.bc = bc
+		s.tried = append(s.tried, addr)
 		a.up.closed = s.cRecvEnd
 		prev := s.att
 		s.att = a
@@ -65,13 +68,18 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			bc.mu.Lock()
 			bc.markReadyLocked(&a.up)
 			bc.mu.Unlock()
+			if s.attempts <= c.srv.cfg.MaxRetries {
+				// Only a call that may still go elsewhere gives up on a
+				// slow handshake; the last attempt waits for it.
+				bc.watchHandshake(a, c.handshakeWait(s))
+			}
 			return failure{}, true
 		}
 		// The connection failed between the pick and now: the request is
 		// still whole in a.up, so try once more elsewhere.
 		s.att = prev
 		items = a.up.items[a.up.head:]
-		f := failure{kind: failConnLost, backend: addr, cause: cause}
+		f := failure{kind: failConnLost, backend: addr, cause: cause, draining: c.srv.pool.restarting(addr)}
 		if done != nil {
 			done(f.statusErr())
 		}
@@ -80,6 +88,45 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			return f, false
 		}
 	}
+}
+
+// repickLimit is how many times a Picker that is not a RetryPicker is
+// asked for a backend the call has not tried, before its answer is taken
+// anyway.
+const repickLimit = 3
+
+// pickLocked picks the backend of s's next attempt: any for the first,
+// one not yet tried for a retry, so that a retry does not land on the
+// backend that just refused the call (Envoy's previous_hosts predicate).
+// Caller must hold mu.
+func (c *serverConn) pickLocked(s *stream) (string, func(error), error) {
+	ctx := c.pickContext(s.reqFields)
+	p := c.srv.cfg.Picker
+	if len(s.tried) == 0 {
+		return p.Pick(ctx, s.method)
+	}
+	if rp, ok := p.(RetryPicker); ok {
+		return rp.PickExcluding(ctx, s.method, s.tried)
+	}
+	for i := 1; ; i++ {
+		addr, done, err := p.Pick(ctx, s.method)
+		if err != nil || i == repickLimit || !slices.Contains(s.tried, addr) {
+			return addr, done, err
+		}
+		if done != nil {
+			done(failure{kind: failRepicked, backend: addr}.statusErr())
+		}
+	}
+}
+
+// handshakeWait is how long an attempt of s waits for its backend
+// connection's handshake; see Config.HandshakeTimeout.
+func (c *serverConn) handshakeWait(s *stream) time.Duration {
+	w := c.srv.cfg.HandshakeTimeout
+	if !s.deadline.IsZero() {
+		w = min(w, max(time.Until(s.deadline)/4, minHandshakeWait))
+	}
+	return w
 }
 
 // releaseItemsLocked returns the buffers of items nobody will send.

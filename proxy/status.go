@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -57,6 +58,14 @@ const (
 	// failBackendReset: the backend reset the stream (h2code). The reset
 	// itself is relayed to the client; this is the Picker's outcome.
 	failBackendReset
+	// failRepicked: a pick the proxy did not use, because the call had
+	// already tried that backend (backend). Only the Picker sees it, and
+	// as CANCELLED, so it counts neither for nor against the backend.
+	failRepicked
+	// failHandshake: the backend connection the attempt waited on did not
+	// finish its HTTP/2 handshake (the backend's SETTINGS) in time (limit,
+	// in milliseconds).
+	failHandshake
 	// failDeadline: the call's grpc-timeout passed.
 	failDeadline
 	// failClientReset: the client reset the stream.
@@ -85,6 +94,9 @@ type failure struct {
 	limit   int64         // limit reached
 	cause   error         // underlying error
 	h2code  http2.ErrCode // RST_STREAM code
+	// draining: the backend is restarting gracefully (see Draining); set
+	// on failGoAway, failDial and failConnLost only.
+	draining bool
 }
 
 func (f failure) Error() string {
@@ -96,8 +108,23 @@ func (f failure) Error() string {
 // Picker.done.
 func (f failure) statusErr() error {
 	st, _ := statusOf(f)
+	if f.draining {
+		return drainingError{st}
+	}
 	return st.Err()
 }
+
+// drainingError is the status of an attempt that failed because its
+// backend is restarting gracefully; it implements Draining.
+type drainingError struct{ st *status.Status }
+
+func (e drainingError) Error() string              { return e.st.Err().Error() }
+func (e drainingError) GRPCStatus() *status.Status { return e.st }
+
+// Draining implements the Draining interface.
+func (drainingError) Draining() bool { return true }
+
+var _ Draining = drainingError{}
 
 // statusOf is the one mapping from a proxy-generated failure to the status
 // the call ends with, and the HTTP status of the response: 200 except for
@@ -146,6 +173,10 @@ func statusOf(f failure) (*status.Status, int) {
 		return status.Newf(codes.Internal, "streamlb: protocol error from backend %s: %v", f.backend, f.h2code), http.StatusOK
 	case failBackendReset:
 		return status.Newf(rstCode(f.h2code), "streamlb: backend %s reset the stream: %v", f.backend, f.h2code), http.StatusOK
+	case failRepicked:
+		return status.Newf(codes.Canceled, "streamlb: pick of %s not used: the call already tried it", f.backend), http.StatusOK
+	case failHandshake:
+		return status.Newf(codes.Unavailable, "streamlb: backend %s: no HTTP/2 handshake within %v", f.backend, time.Duration(f.limit)*time.Millisecond), http.StatusOK
 	case failDeadline:
 		return status.New(codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+f.method), http.StatusOK
 	case failClientReset:

@@ -41,6 +41,7 @@ type stream struct {
 	att         *attempt  // current backend attempt; nil when none was made
 	deadline    time.Time // from grpc-timeout; zero when none
 	attempts    int       // attempts made so far
+	tried       []string  // backends of the attempts made, in order
 
 	// sides counts the sides that are done: the client side and the final
 	// attempt. The second reports the outcome.
@@ -56,6 +57,7 @@ type attempt struct {
 	bc           *backendConn
 	done         func(error)
 	backendCount *atomic.Int64 // the backend's in-flight count, when capped
+	hsTimer      *time.Timer   // bounds the wait for bc's handshake; set once under bc.mu, before the timer can fire
 
 	// Guarded by bc.mu.
 	up         sendQueue // toward the backend

@@ -1,0 +1,253 @@
+package proxy_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/testserver"
+)
+
+// loadResult counts the calls of a load run by outcome.
+type loadResult struct {
+	total  atomic.Int64
+	failed atomic.Int64
+	mu     sync.Mutex
+	errs   map[string]int // first errors by message, for the report
+}
+
+func (r *loadResult) record(err error) {
+	r.total.Add(1)
+	if err == nil {
+		return
+	}
+	r.failed.Add(1)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.errs == nil {
+		r.errs = make(map[string]int)
+	}
+	if len(r.errs) < 10 {
+		r.errs[status.Convert(err).Message()]++
+	}
+}
+
+// loadUntil runs workers goroutines that make EmptyCalls over the env's one
+// client connection until stop is closed, each at most maxPerWorker calls.
+// It returns a function that waits for them.
+func loadUntil(ctx context.Context, e *env, workers, maxPerWorker int, stop <-chan struct{}, r *loadResult) func() {
+	var g errgroup.Group
+	for range workers {
+		g.Go(func() error {
+			for range maxPerWorker {
+				select {
+				case <-stop:
+					return nil
+				case <-ctx.Done():
+					return nil
+				default:
+				}
+				cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+				cancel()
+				r.record(err)
+			}
+			return nil
+		})
+	}
+	return func() { g.Wait() }
+}
+
+// pause waits d unless ctx ends first. It paces the scenario (a restart's
+// downtime, the time between restarts); it synchronises nothing.
+func pause(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
+}
+
+// TestRollingRestart restarts every backend once, one at a time, as
+// Kubernetes does (graceful stop: GOAWAY, in-flight calls finish, the
+// listener closes; a new process on the same address half a second
+// later), under continuous load over one client connection. No call may
+// fail: calls that never reached a backend are retried on another one.
+func TestRollingRestart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("load run")
+	}
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 3})
+	ctx := testCtx(t, 60*time.Second)
+	var r loadResult
+	stop := make(chan struct{})
+	wait := loadUntil(ctx, e, 8, 50000, stop, &r)
+	waitFor(ctx, t, "load on every backend", func() bool {
+		for _, b := range e.backends {
+			if b.Calls() < 20 {
+				return false
+			}
+		}
+		return true
+	})
+	restarted := make([]*testserver.Server, len(e.backends))
+	for i, old := range e.backends {
+		addr := old.Addr()
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if err := old.Shutdown(sctx); err != nil {
+			t.Errorf("graceful stop of %s: %v", old.Name(), err)
+		}
+		cancel()
+		pause(ctx, 500*time.Millisecond)
+		ts, err := testserver.New(testserver.Config{Name: fmt.Sprintf("b%d-new", i), Logger: quietLog})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ts.Start(addr); err != nil {
+			t.Fatalf("restart on %s: %v", addr, err)
+		}
+		t.Cleanup(ts.Stop)
+		restarted[i] = ts
+		// Kubernetes waits for readiness, then some more, before the next.
+		pause(ctx, 700*time.Millisecond)
+	}
+	// Every restarted backend must be back in rotation.
+	waitFor(ctx, t, "the restarted backends to serve", func() bool {
+		for _, b := range restarted {
+			if b.Calls() < 20 {
+				return false
+			}
+		}
+		return true
+	})
+	close(stop)
+	wait()
+	total, failed := r.total.Load(), r.failed.Load()
+	t.Logf("rolling restart: %d of %d calls failed (%.3f%%)", failed, total, 100*float64(failed)/float64(max(total, 1)))
+	for msg, n := range r.errs {
+		t.Logf("  %d× %s", n, msg)
+	}
+	if failed != 0 {
+		t.Errorf("%d calls failed during a rolling restart, want 0", failed)
+	}
+	for _, b := range e.dir.Backends() {
+		if b.Ejected {
+			t.Errorf("backend %s ejected after a clean rolling restart: %+v", b.Addr, b)
+		}
+	}
+}
+
+var _ proxy.RetryPicker = (*director.Director)(nil)
+
+// TestRetryAvoidsTriedBackend: a retry never goes back to the backend the
+// call just tried, also with a Picker that is not a RetryPicker (it is
+// asked again), and the picks not used are reported as CANCELLED.
+func TestRetryAvoidsTriedBackend(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	dead, live := deadAddr(t), e.backends[0].Addr()
+	var n atomic.Int64
+	var mu sync.Mutex
+	outcomes := map[codes.Code]int{}
+	// Two picks of three name the dead backend: without the exclusion
+	// a call with one retry lands on it twice in a row.
+	picker := proxy.PickerFunc(func(context.Context, string) (string, func(error), error) {
+		addr := live
+		if n.Add(1)%3 != 0 {
+			addr = dead
+		}
+		return addr, func(err error) {
+			mu.Lock()
+			outcomes[status.Code(err)]++
+			mu.Unlock()
+		}, nil
+	})
+	srv, err := proxy.New(proxy.Config{Picker: picker, MaxRetries: 1, Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	t.Cleanup(func() {
+		srv.Close()
+		<-served
+	})
+	client := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
+	ctx := testCtx(t, 20*time.Second)
+	for i := range 30 {
+		if _, err := client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatalf("call %d: %v (the retry went back to the refusing backend)", i, err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if outcomes[codes.OK] != 30 || outcomes[codes.Canceled] == 0 || outcomes[codes.Unavailable] == 0 {
+		t.Errorf("outcomes reported to done: %v, want 30 OK, some UNAVAILABLE (refused) and some CANCELLED (picks not used)", outcomes)
+	}
+}
+
+// TestKilledAbruptly kills a backend (its connections closed with no
+// GOAWAY, as after SIGKILL) under load, with no method opted in to
+// retries: only the calls in flight on it fail, with UNAVAILABLE, and
+// every call started after the kill succeeds elsewhere.
+func TestKilledAbruptly(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 3})
+	ctx := testCtx(t, 30*time.Second)
+	slow := metadata.AppendToOutgoingContext(ctx, testserver.MetadataDelay, "5ms")
+	victim := e.backends[2]
+	var killedAt atomic.Int64 // UnixNano of the kill, 0 before
+	var failedBefore, failedAfter, total atomic.Int64
+	var g errgroup.Group
+	const workers, perWorker = 8, 150
+	for range workers {
+		g.Go(func() error {
+			for range perWorker {
+				start := time.Now().UnixNano()
+				_, err := e.client.EmptyCall(slow, &testgrpc.Empty{})
+				total.Add(1)
+				if err == nil {
+					continue
+				}
+				if status.Code(err) != codes.Unavailable {
+					return err
+				}
+				if k := killedAt.Load(); k != 0 && start > k {
+					failedAfter.Add(1)
+					t.Errorf("call started after the kill failed: %v", err)
+				} else {
+					failedBefore.Add(1)
+				}
+			}
+			return nil
+		})
+	}
+	waitFor(ctx, t, "load on the victim", func() bool { return victim.Calls() > 20 })
+	victim.Stop()
+	killedAt.Store(time.Now().UnixNano())
+	if err := g.Wait(); err != nil {
+		t.Fatalf("a call failed with other than UNAVAILABLE: %v", err)
+	}
+	t.Logf("%d of %d calls failed (in flight on the killed backend)", failedBefore.Load(), total.Load())
+	if n := failedBefore.Load(); n > workers {
+		t.Errorf("%d calls failed, more than the %d that could be in flight", n, workers)
+	}
+}

@@ -1,0 +1,167 @@
+package proxy_test
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/status"
+)
+
+// rawBackend listens on 127.0.0.1:0 and hands every connection to serve,
+// for backends no gRPC server would be. The listener and every connection
+// are closed, and serve's goroutines waited for, at cleanup.
+func rawBackend(t *testing.T, serve func(nc net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, nc)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer nc.Close()
+				serve(nc)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, nc := range conns {
+			nc.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().String()
+}
+
+// h2Backend is a raw HTTP/2 server: it reads the preface, sends SETTINGS,
+// and calls onHeaders for every request HEADERS until onHeaders returns
+// false or the connection ends.
+func h2Backend(onHeaders func(fr *http2.Framer, id uint32) bool) func(net.Conn) {
+	return func(nc net.Conn) {
+		br := bufio.NewReader(nc)
+		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+			return
+		}
+		fr := http2.NewFramer(nc, br)
+		if fr.WriteSettings() != nil {
+			return
+		}
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					fr.WriteSettingsAck()
+				}
+			case *http2.HeadersFrame:
+				if !onHeaders(fr, f.StreamID) {
+					return
+				}
+			}
+		}
+	}
+}
+
+// TestBadBackend puts one misbehaving backend beside a good one: every
+// call ends within its deadline with a clear status (success when the
+// proxy could retry it elsewhere), and the proxy keeps serving.
+func TestBadBackend(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		serve func(net.Conn)
+		// codes the client may see; OK when the call can go elsewhere.
+		want []codes.Code
+	}{
+		{name: "silent", want: []codes.Code{codes.OK}, serve: func(nc net.Conn) {
+			io.Copy(io.Discard, nc) // accepts TCP, never answers
+		}},
+		{name: "garbage", want: []codes.Code{codes.OK}, serve: func(nc net.Conn) {
+			io.WriteString(nc, "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n\x00\x00\x00garbage")
+			io.Copy(io.Discard, nc)
+		}},
+		{name: "GOAWAY before processing", want: []codes.Code{codes.OK}, serve: h2Backend(func(fr *http2.Framer, id uint32) bool {
+			fr.WriteGoAway(0, http2.ErrCodeNo, nil)
+			return false
+		})},
+		{name: "GOAWAY with the stream active, then close", want: []codes.Code{codes.OK, codes.Unavailable}, serve: h2Backend(func(fr *http2.Framer, id uint32) bool {
+			fr.WriteGoAway(id, http2.ErrCodeNo, nil)
+			return false
+		})},
+		{name: "resets every stream REFUSED_STREAM", want: []codes.Code{codes.OK}, serve: h2Backend(func(fr *http2.Framer, id uint32) bool {
+			return fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) == nil
+		})},
+		{name: "resets every stream INTERNAL_ERROR", want: []codes.Code{codes.OK, codes.Internal}, serve: h2Backend(func(fr *http2.Framer, id uint32) bool {
+			return fr.WriteRSTStream(id, http2.ErrCodeInternal) == nil
+		})},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			verifyNoLeaks(t)
+			e := newEnv(t, envOpts{backends: 1})
+			bad := rawBackend(t, tc.serve)
+			e.setBackends(bad, e.backends[0].Addr())
+			ctx := testCtx(t, 60*time.Second)
+			const deadline = 2 * time.Second
+			got := map[codes.Code]int{}
+			for i := range 12 {
+				cctx, cancel := context.WithTimeout(ctx, deadline)
+				start := time.Now()
+				_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+				took := time.Since(start)
+				cancel()
+				code := status.Code(err)
+				got[code]++
+				if !containsCode(tc.want, code) {
+					t.Errorf("call %d: %v after %v, want one of %v", i, err, took, tc.want)
+				}
+				if took > deadline*3/4 {
+					t.Errorf("call %d took %v of its %v deadline", i, took, deadline)
+				}
+			}
+			t.Logf("outcomes: %v; backends: %+v", got, e.dir.Backends())
+			// The proxy still serves, straight to the good backend.
+			e.setBackends(e.backends[0].Addr())
+			if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+				t.Errorf("after the bad backend: %v", err)
+			}
+		})
+	}
+}
+
+func containsCode(cs []codes.Code, c codes.Code) bool {
+	for _, x := range cs {
+		if x == c {
+			return true
+		}
+	}
+	return false
+}
