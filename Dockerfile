@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# docker build -t streamlb:dev .
+# docker build --build-arg VCS_REVISION=$(git rev-parse HEAD) -t streamlb:dev .
 #
 # One static binary on distroless: the same image runs `streamlb proxy`,
 # `streamlb testserver` and `streamlb loadtest` (see deploy/kubernetes).
@@ -25,11 +25,14 @@ RUN --mount=type=cache,target=/go/pkg/mod \
 
 ARG TARGETOS
 ARG TARGETARCH
+# The build context leaves .git out, so the revision comes in as an
+# argument; `streamlb version` prints it.
+ARG VCS_REVISION=
 RUN --mount=type=cache,target=/go/pkg/mod \
     --mount=type=cache,target=/root/.cache/go-build \
     --mount=type=bind,target=. \
     CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH \
-    go build -trimpath -ldflags="-s -w" -o /out/streamlb .
+    go build -trimpath -ldflags="-s -w -X main.revision=${VCS_REVISION}" -o /out/streamlb .
 
 # static-debian12 has no libc, no shell and no package manager; the :nonroot
 # tag defaults to uid/gid 65532, which the Kubernetes manifests also pin

@@ -20,6 +20,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"syscall"
@@ -91,7 +92,8 @@ func newApp() *cli.App {
 		Description: "gRPC multiplexes many calls over one HTTP/2 connection, so a connection-level\n" +
 			"(L4) balancer pins all of a client's calls to one backend. streamlb terminates\n" +
 			"HTTP/2, picks a backend for every stream and relays its frames as they are.",
-		Commands:     []*cli.Command{proxyCommand(), testserverCommand(), demoCommand(), loadtestCommand()},
+		Version:      buildVersion(debug.ReadBuildInfo),
+		Commands:     []*cli.Command{proxyCommand(), testserverCommand(), demoCommand(), loadtestCommand(), versionCommand()},
 		OnUsageError: onUsageError,
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {
