@@ -49,10 +49,12 @@ type running struct {
 }
 
 // runServer runs a Server for cfg on loopback until cleanup, and checks
-// that Run then returns nil.
+// that Run then returns nil. A nil cfg.Logger means no logs.
 func runServer(t *testing.T, cfg cluster.ServerConfig) running {
 	t.Helper()
-	cfg.Logger = quiet
+	if cfg.Logger == nil {
+		cfg.Logger = quiet
+	}
 	srv, err := cluster.NewServer(cfg)
 	if err != nil {
 		t.Fatal(err)
