@@ -71,10 +71,11 @@ type reloading[T any] struct {
 
 	mu sync.Mutex
 	// mu guards the fields below.
-	next time.Time // no read before this
-	data [][]byte  // the contents val was parsed from
-	bad  [][]byte  // the last contents that failed to parse (logged once)
-	val  T
+	next   time.Time // no read before this
+	data   [][]byte  // the contents val was parsed from
+	bad    [][]byte  // the last contents that failed to parse (logged once)
+	unread bool      // the last read failed (logged once)
+	val    T
 }
 
 func newReloading[T any](what string, files []string, parse func([][]byte) (T, error), logger *slog.Logger) (*reloading[T], error) {
@@ -122,13 +123,17 @@ func (r *reloading[T]) get() T {
 	switch {
 	case err != nil:
 		// A file missing halfway through a swap is read again next time;
-		// say so once per failure.
-		if r.bad == nil {
+		// say so once per run of failures.
+		if !r.unread {
 			logErr = err
 		}
-		r.bad = [][]byte{}
-	case equalData(data, r.data) || equalData(data, r.bad):
+		r.unread, r.bad = true, nil
+	case equalData(data, r.data):
+		r.unread = false
+		r.bad = nil // back to what is in use: a new failure is news again
+	case equalData(data, r.bad):
 	default:
+		r.unread = false
 		v, err := r.parse(data)
 		if err != nil {
 			r.bad = data
