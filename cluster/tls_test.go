@@ -41,7 +41,7 @@ type testCA struct {
 	pem  []byte
 }
 
-func newCA(t *testing.T, name string) *testCA {
+func newCA(t testing.TB, name string) *testCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -69,7 +69,7 @@ func newCA(t *testing.T, name string) *testCA {
 
 // issue returns a PEM certificate and key signed by ca: for a server on
 // 127.0.0.1 and localhost, or for a client.
-func (ca *testCA) issue(t *testing.T, name string, server bool) (certPEM, keyPEM []byte) {
+func (ca *testCA) issue(t testing.TB, name string, server bool) (certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -111,7 +111,7 @@ func (ca *testCA) pool() *x509.CertPool {
 }
 
 // keyPair returns ca.issue's files as a tls.Certificate.
-func (ca *testCA) keyPair(t *testing.T, name string, server bool) tls.Certificate {
+func (ca *testCA) keyPair(t testing.TB, name string, server bool) tls.Certificate {
 	t.Helper()
 	c, err := tls.X509KeyPair(ca.issue(t, name, server))
 	if err != nil {
@@ -120,7 +120,7 @@ func (ca *testCA) keyPair(t *testing.T, name string, server bool) tls.Certificat
 	return c
 }
 
-func writeFile(t *testing.T, dir, name string, data []byte) string {
+func writeFile(t testing.TB, dir, name string, data []byte) string {
 	t.Helper()
 	p := filepath.Join(dir, name)
 	if err := os.WriteFile(p, data, 0o600); err != nil {
@@ -131,7 +131,7 @@ func writeFile(t *testing.T, dir, name string, data []byte) string {
 
 // dialTLS returns a client for addr over TLS with cfg; the connection is
 // closed at cleanup.
-func dialTLS(t *testing.T, addr string, cfg *tls.Config) testgrpc.TestServiceClient {
+func dialTLS(t testing.TB, addr string, cfg *tls.Config) testgrpc.TestServiceClient {
 	t.Helper()
 	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
 	if err != nil {
@@ -143,7 +143,7 @@ func dialTLS(t *testing.T, addr string, cfg *tls.Config) testgrpc.TestServiceCli
 
 // serverFiles writes a server certificate from ca into a new directory
 // and returns the ServerTLS naming them.
-func serverFiles(t *testing.T, ca *testCA) cluster.ServerTLS {
+func serverFiles(t testing.TB, ca *testCA) cluster.ServerTLS {
 	t.Helper()
 	dir := t.TempDir()
 	cert, key := ca.issue(t, "proxy", true)
