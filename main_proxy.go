@@ -28,11 +28,12 @@ func proxyCommand() *cli.Command {
 		Name:      "proxy",
 		Usage:     "run the proxy in front of gRPC backends",
 		UsageText: "streamlb proxy --backend TARGET [--backend TARGET ...] [options]",
-		Description: "Accepts cleartext HTTP/2 (h2c) gRPC on --listen and sends every stream to\n" +
-			"the backend the --policy picks. A TARGET is HOST:PORT[;weight=N], or a DNS\n" +
-			"name re-resolved every --dns-refresh: dns:///NAME:PORT (system resolver),\n" +
-			"dns://DNSHOST:DNSPORT/NAME:PORT (that DNS server), dns+srv:///_grpc._tcp.NAME\n" +
-			"(SRV records, with their weights). Backends that leave the set are drained.\n" +
+		Description: "Accepts cleartext HTTP/2 (h2c) gRPC on --listen, or TLS with --tls-cert, and\n" +
+			"sends every stream to the backend the --policy picks. A TARGET is\n" +
+			"HOST:PORT[;weight=N], or a DNS name re-resolved every --dns-refresh:\n" +
+			"dns:///NAME:PORT (system resolver), dns://DNSHOST:DNSPORT/NAME:PORT (that\n" +
+			"DNS server), dns+srv:///_grpc._tcp.NAME (SRV records, with their weights).\n" +
+			"Backends that leave the set are drained. TLS to backends: --backend-tls-ca.\n" +
 			"SIGINT or SIGTERM starts a graceful drain: no new connections, GOAWAY to\n" +
 			"clients, in-flight streams get --drain-timeout to finish, then the proxy\n" +
 			"exits 0. A second signal exits at once.",
@@ -80,6 +81,15 @@ func proxyCommand() *cli.Command {
 			&cli.DurationFlag{Name: "connect-timeout", Value: proxy.DefaultConnectTimeout, Usage: "bound on dialing a backend (frame engine)"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: proxy.DefaultHandshakeTimeout, Usage: "bound on a backend's HTTP/2 handshake; a call waits at most this (and a quarter of its deadline) for a new connection before going elsewhere (frame engine)"},
 			&cli.UintFlag{Name: "max-concurrent-streams", Value: proxy.DefaultMaxConcurrentStreams, Usage: "streams one client connection may have open, advertised as SETTINGS_MAX_CONCURRENT_STREAMS (frame engine)"},
+
+			// TLS.
+			&cli.StringFlag{Name: "tls-cert", Usage: "PEM certificate `FILE` (chain, leaf first): terminate TLS on --listen (ALPN h2, TLS 1.2+); reloaded when it changes (needs --tls-key)"},
+			&cli.StringFlag{Name: "tls-key", Usage: "PEM private key `FILE` of --tls-cert"},
+			&cli.StringFlag{Name: "tls-client-ca", Usage: "PEM CA `FILE`: require client certificates signed by it (mutual TLS); reloaded when it changes"},
+			&cli.StringFlag{Name: "backend-tls-ca", Usage: "PEM CA `FILE` backend certificates must chain to: turns TLS to backends on, health checks included"},
+			&cli.StringFlag{Name: "backend-tls-server-name", Usage: "`NAME` backend certificates are checked against (default: each backend's address, which must then be an IP SAN)"},
+			&cli.StringFlag{Name: "backend-tls-cert", Usage: "PEM client certificate `FILE` presented to backends (mutual TLS; needs --backend-tls-key and --backend-tls-ca)"},
+			&cli.StringFlag{Name: "backend-tls-key", Usage: "PEM private key `FILE` of --backend-tls-cert"},
 		}, logFlags("info")...),
 		Action: runProxy,
 	}
@@ -154,6 +164,10 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 	if len(backends) == 0 {
 		return zero, usageErr("no backend: give --backend TARGET at least once, or set STREAMLB_BACKENDS")
 	}
+	serverTLS, backendTLS, err := tlsConfig(c)
+	if err != nil {
+		return zero, err
+	}
 	drain := c.Duration("drain-timeout")
 	if drain == 0 {
 		drain = time.Nanosecond // 0 means: cut at once
@@ -163,6 +177,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			Targets:       backends,
 			DNSRefresh:    c.Duration("dns-refresh"),
 			DNSRespectTTL: c.Bool("dns-respect-ttl"),
+			BackendTLS:    backendTLS,
 			Director: director.Config{
 				Policy:              c.String("policy"),
 				ChoiceCount:         c.Int("choice-count"),
@@ -190,9 +205,37 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			RetryBufferSize:      c.Int("retry-buffer"),
 		},
 		DrainTimeout: drain,
+		TLS:          serverTLS,
 		Logger:       logger,
 		Metrics:      newRegistry(c.Bool("metrics")),
 	}, nil
+}
+
+// tlsConfig reads the TLS flags; nil means that side is cleartext. The
+// files themselves are read by cluster.NewServer.
+func tlsConfig(c *cli.Context) (*cluster.ServerTLS, *cluster.BackendTLS, error) {
+	var st *cluster.ServerTLS
+	cert, key, ca := c.String("tls-cert"), c.String("tls-key"), c.String("tls-client-ca")
+	switch {
+	case (cert == "") != (key == ""):
+		return nil, nil, usageErr("--tls-cert and --tls-key go together")
+	case cert == "" && ca != "":
+		return nil, nil, usageErr("--tls-client-ca needs --tls-cert and --tls-key")
+	case cert != "":
+		st = &cluster.ServerTLS{CertFile: cert, KeyFile: key, ClientCAFile: ca}
+	}
+	var bt *cluster.BackendTLS
+	bca, name := c.String("backend-tls-ca"), c.String("backend-tls-server-name")
+	bcert, bkey := c.String("backend-tls-cert"), c.String("backend-tls-key")
+	switch {
+	case (bcert == "") != (bkey == ""):
+		return nil, nil, usageErr("--backend-tls-cert and --backend-tls-key go together")
+	case bca == "" && (name != "" || bcert != ""):
+		return nil, nil, usageErr("--backend-tls-server-name and --backend-tls-cert need --backend-tls-ca, which turns TLS to backends on")
+	case bca != "":
+		bt = &cluster.BackendTLS{CAFile: bca, ServerName: name, CertFile: bcert, KeyFile: bkey}
+	}
+	return st, bt, nil
 }
 
 // newRegistry returns a Prometheus registry with the Go runtime's and the

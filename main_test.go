@@ -57,6 +57,11 @@ func TestUsage(t *testing.T) {
 		{name: "testserver bad error rate", args: []string{"testserver", "--name", "a", "--error-rate", "2"}, wantCode: 2, wantErr: "ErrorRate"},
 		{name: "demo zero pods", args: []string{"demo", "--steps", "3,0"}, wantCode: 2, wantErr: "pods"},
 		{name: "demo bad steps", args: []string{"demo", "--steps", "three"}, wantCode: 2, wantErr: "steps"},
+		{name: "TLS cert without key", args: []string{"proxy", "--backend", "127.0.0.1:1", "--tls-cert", "a.crt"}, wantCode: 2, wantErr: "--tls-cert and --tls-key"},
+		{name: "client CA without cert", args: []string{"proxy", "--backend", "127.0.0.1:1", "--tls-client-ca", "ca.crt"}, wantCode: 2, wantErr: "--tls-client-ca needs"},
+		{name: "missing TLS files", args: []string{"proxy", "--backend", "127.0.0.1:1", "--tls-cert", "/nonexistent/a.crt", "--tls-key", "/nonexistent/a.key"}, wantCode: 2, wantErr: "/nonexistent/a.crt"},
+		{name: "backend cert without CA", args: []string{"proxy", "--backend", "127.0.0.1:1", "--backend-tls-cert", "a.crt", "--backend-tls-key", "a.key"}, wantCode: 2, wantErr: "need --backend-tls-ca"},
+		{name: "missing backend CA", args: []string{"proxy", "--backend", "127.0.0.1:1", "--backend-tls-ca", "/nonexistent/ca.crt"}, wantCode: 2, wantErr: "backend CA"},
 		{name: "stray argument", args: []string{"proxy", "--backend", "127.0.0.1:1", "extra"}, wantCode: 2, wantErr: `unexpected argument "extra"`},
 	}
 	for _, tc := range tests {

@@ -47,8 +47,12 @@ type Config struct {
 	// out instead of every DNSRefresh.
 	DNSRespectTTL bool
 	// Director configures the policy, health checks and outlier ejection.
-	// Its Logger and ResolveNow are set by New.
+	// Its Logger and ResolveNow are set by New, and its HealthCredentials
+	// too when BackendTLS is set.
 	Director director.Config
+	// BackendTLS, if set, turns TLS on for the connections to the
+	// backends, health checks included; nil means cleartext (h2c).
+	BackendTLS *BackendTLS
 	// Logger receives the cluster's logs; nil means slog.Default().
 	Logger *slog.Logger
 	// Metrics, if set, gets the cluster's Prometheus metrics (see
@@ -77,6 +81,7 @@ type Cluster struct {
 	res     resolver.Resolver
 	dir     *director.Director
 	picker  proxy.Picker // dir, metered if metrics are on
+	tls     *backendTLS  // nil: cleartext to backends
 	metrics *metrics     // nil if off
 	logger  *slog.Logger
 
@@ -105,7 +110,14 @@ func New(cfg Config) (*Cluster, error) {
 		return nil, &TargetError{Cluster: cfg.Name, Err: err}
 	}
 	warnTargets(cfg)
+	var btls *backendTLS
 	dc := cfg.Director
+	if cfg.BackendTLS != nil {
+		if btls, err = newBackendTLS(*cfg.BackendTLS, cfg.Logger); err != nil {
+			return nil, fmt.Errorf("cluster %s: %w", cfg.Name, err)
+		}
+		dc.HealthCredentials = btls.credentials()
+	}
 	dc.Logger = cfg.Logger
 	dc.ResolveNow = res.ResolveNow
 	dir, err := director.New(dc)
@@ -117,6 +129,7 @@ func New(cfg Config) (*Cluster, error) {
 		res:      res,
 		dir:      dir,
 		picker:   dir,
+		tls:      btls,
 		logger:   cfg.Logger,
 		resolved: make(chan struct{}),
 	}

@@ -28,7 +28,7 @@ var quiet = slog.New(slog.DiscardHandler)
 
 // startBackend runs a testserver on addr ("127.0.0.1:0" for any port),
 // stopped at cleanup.
-func startBackend(t *testing.T, name, addr string) *testserver.Server {
+func startBackend(t testing.TB, name, addr string) *testserver.Server {
 	t.Helper()
 	ts, err := testserver.New(testserver.Config{Name: name, Logger: quiet})
 	if err != nil {
@@ -49,10 +49,12 @@ type running struct {
 }
 
 // runServer runs a Server for cfg on loopback until cleanup, and checks
-// that Run then returns nil.
-func runServer(t *testing.T, cfg cluster.ServerConfig) running {
+// that Run then returns nil. A nil cfg.Logger means no logs.
+func runServer(t testing.TB, cfg cluster.ServerConfig) running {
 	t.Helper()
-	cfg.Logger = quiet
+	if cfg.Logger == nil {
+		cfg.Logger = quiet
+	}
 	srv, err := cluster.NewServer(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -110,7 +112,7 @@ func waitStatus(t *testing.T, url string, want int) string {
 	}
 }
 
-func dial(t *testing.T, addr string) testgrpc.TestServiceClient {
+func dial(t testing.TB, addr string) testgrpc.TestServiceClient {
 	t.Helper()
 	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

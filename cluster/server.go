@@ -65,6 +65,9 @@ type ServerConfig struct {
 	// Metrics, if set, gets the cluster's Prometheus metrics and is
 	// served on the admin endpoint /metrics; nil means no metrics.
 	Metrics *prometheus.Registry
+	// TLS, if set, terminates TLS on the listener Run serves; nil means
+	// cleartext HTTP/2 (h2c). The files are read by NewServer.
+	TLS *ServerTLS
 }
 
 // engine is what both data planes offer.
@@ -83,11 +86,13 @@ type Server struct {
 	cluster  *Cluster
 	engine   engine
 	logger   *slog.Logger
+	tls      *serverTLS // nil: h2c
 	draining atomic.Bool
 }
 
 // NewServer validates cfg and builds the cluster and the data plane. It
-// does no I/O and starts nothing.
+// reads the TLS files, if any, but opens no connection and starts
+// nothing.
 func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -115,10 +120,18 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{cfg: cfg, cluster: c, logger: cfg.Logger}
+	if cfg.TLS != nil {
+		if s.tls, err = newServerTLS(*cfg.TLS, cfg.Logger); err != nil {
+			return nil, err
+		}
+	}
 	switch cfg.Engine {
 	case EngineFrame:
 		pc := cfg.Proxy
 		pc.Picker = c.Picker()
+		if c.tls != nil && pc.Dial == nil {
+			pc.Dial = c.tls.dial
+		}
 		pc.DrainTimeout = cfg.DrainTimeout
 		pc.Logger = cfg.Logger
 		if h := cfg.Cluster.Director.HashHeader; h != "" && len(pc.PickMetadata) == 0 {
@@ -127,7 +140,11 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		}
 		s.engine, err = proxy.New(pc)
 	case EngineGRPCProxy:
-		s.engine, err = proxy.NewReference(proxy.ReferenceConfig{Picker: c.Picker(), DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger})
+		rc := proxy.ReferenceConfig{Picker: c.Picker(), DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger}
+		if c.tls != nil {
+			rc.Credentials = c.tls.credentials()
+		}
+		s.engine, err = proxy.NewReference(rc)
 	default:
 		return nil, fmt.Errorf("cluster: unknown engine %q (want %s or %s)", cfg.Engine, EngineFrame, EngineGRPCProxy)
 	}
@@ -155,13 +172,17 @@ func (s *Server) Ready() (ok bool, reason string) {
 // Run serves clients on ln and, if admin is not nil, the admin endpoints
 // (see [Server.AdminHandler]) on admin, until ctx is cancelled; then it
 // drains: GOAWAY to clients, in-flight streams get DrainTimeout to finish.
-// It takes over both listeners and closes them. Before serving it waits
+// It takes over both listeners and closes them; with TLS configured it
+// terminates TLS on ln. Before serving it waits
 // up to Warmup for the first backend set. The admin endpoints outlive the
 // drain, so probes see /readyz answer 503 "draining" rather than a refused
 // connection. Run blocks, returns nil after a drain (timed out or not) and
 // an error if serving or resolving failed; everything it started has
 // stopped when it returns.
 func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
+	if s.tls != nil {
+		ln = &tlsListener{Listener: ln, cfg: s.tls.config()}
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.cluster.Run(gctx, s.engine.RetainBackends) })
 
@@ -194,7 +215,7 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 		})
 		s.logger.Info("admin listening", "addr", admin.Addr().String())
 	}
-	s.logger.Info("listening", "addr", ln.Addr().String(), "engine", s.cfg.Engine,
+	s.logger.Info("listening", "addr", ln.Addr().String(), "tls", s.tls != nil, "engine", s.cfg.Engine,
 		"policy", s.cluster.Director().Policy(), "backends", s.cfg.Cluster.Targets)
 
 	g.Go(func() error {

@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"strings"
 	"time"
+
+	"google.golang.org/grpc/credentials"
 )
 
 // Policy names accepted in [Config.Policy].
@@ -182,6 +184,10 @@ type Config struct {
 	// NOT_SERVING or SERVICE_UNKNOWN is unhealthy at once, whatever the
 	// threshold: it said so itself.
 	UnhealthyThreshold int
+	// HealthCredentials secure the health checks' connections; they should
+	// match what the data plane uses to reach the backends (TLS when it
+	// uses TLS). Nil means cleartext (h2c).
+	HealthCredentials credentials.TransportCredentials
 
 	// ResolveNow, if set, is called when a stream ends with
 	// codes.Unavailable, so that a resolver can look the backends up again

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
@@ -49,6 +50,7 @@ type healthConfig struct {
 	service        string
 	healthyAfter   int
 	unhealthyAfter int
+	creds          credentials.TransportCredentials // nil: cleartext
 }
 
 func newHealthConfig(cfg Config) (healthConfig, error) {
@@ -58,6 +60,7 @@ func newHealthConfig(cfg Config) (healthConfig, error) {
 		service:        cfg.HealthCheckService,
 		healthyAfter:   cfg.HealthyThreshold,
 		unhealthyAfter: cfg.UnhealthyThreshold,
+		creds:          cfg.HealthCredentials,
 	}
 	switch {
 	case hc.interval < 0:
@@ -271,8 +274,9 @@ type grpcHealth struct {
 }
 
 // dialGRPCHealth creates a client for addr's grpc.health.v1 service. The
-// connection is made lazily by the first check, without TLS (as the
-// proxy's own backend connections) and without HTTP proxies. Reconnect
+// connection is made lazily by the first check, with the configured
+// transport credentials (cleartext when none, as the proxy's own backend
+// connections) and without HTTP proxies. Reconnect
 // backoff is capped near the check interval so that a backend that comes
 // back is noticed within a few intervals rather than grpc-go's default of
 // up to two minutes.
@@ -280,8 +284,12 @@ func dialGRPCHealth(addr string, hc healthConfig) (healthProber, error) {
 	bo := backoff.DefaultConfig
 	bo.BaseDelay = min(hc.interval, time.Second)
 	bo.MaxDelay = max(hc.interval, time.Second)
+	creds := hc.creds
+	if creds == nil {
+		creds = insecure.NewCredentials()
+	}
 	conn, err := grpc.NewClient("passthrough:///"+addr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(creds),
 		grpc.WithNoProxy(),
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: hc.timeout}),
 	)

@@ -198,7 +198,7 @@ func TestNonGRPCInput(t *testing.T) {
 		}
 		defer nc.Close()
 		nc.SetDeadline(time.Now().Add(10 * time.Second))
-		io.WriteString(nc, "\x16\x03\x01 this is not HTTP/2 at all....")
+		io.WriteString(nc, "PRX this is not HTTP/2 at all....")
 		f, err := http2.NewFramer(nil, bufio.NewReader(nc)).ReadFrame()
 		if err != nil {
 			t.Fatalf("want a GOAWAY frame, got %v", err)

@@ -68,7 +68,8 @@ func TestClassifyPreface(t *testing.T) {
 		{in: "POST / HTTP/1.1", want: prefaceHTTP1},
 		{in: "GET / HTTP/1.1\r\n", want: prefaceHTTP1},
 		{in: "GE", want: prefaceUndecided},
-		{in: "\x16\x03\x01", want: prefaceGarbage}, // a TLS ClientHello
+		{in: "\x16\x03\x01", want: prefaceTLS}, // a TLS ClientHello
+		{in: "\x16", want: prefaceTLS},
 		{in: "PRX", want: prefaceGarbage},
 	}
 	for _, tc := range cases {
@@ -85,7 +86,7 @@ func FuzzClassifyPreface(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		k := classifyPreface(b)
 		// More bytes never turn a decided answer back into undecided.
-		if k == prefaceHTTP1 || k == prefaceGarbage {
+		if k == prefaceHTTP1 || k == prefaceTLS || k == prefaceGarbage {
 			if k2 := classifyPreface(append(b, 'x')); k2 != k {
 				t.Errorf("classifyPreface(%q)=%v but with one more byte %v", b, k, k2)
 			}

@@ -12,6 +12,7 @@ import (
 
 	grpcproxy "github.com/mwitkow/grpc-proxy/proxy"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 )
@@ -26,6 +27,9 @@ type ReferenceConfig struct {
 	DrainTimeout time.Duration
 	// Logger receives the engine's logs. Nil means slog.Default().
 	Logger *slog.Logger
+	// Credentials secure the connections to backends. Nil means
+	// cleartext (h2c).
+	Credentials credentials.TransportCredentials
 }
 
 // Reference is the message-level engine: mwitkow/grpc-proxy's transparent
@@ -39,6 +43,7 @@ type Reference struct {
 	log    *slog.Logger
 	srv    *grpc.Server
 	drain  time.Duration
+	creds  credentials.TransportCredentials
 
 	mu sync.Mutex
 	// mu guards the fields below.
@@ -63,7 +68,11 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	if cfg.DrainTimeout <= 0 {
 		cfg.DrainTimeout = DefaultDrainTimeout
 	}
+	if cfg.Credentials == nil {
+		cfg.Credentials = insecure.NewCredentials()
+	}
 	r := &Reference{
+		creds:    cfg.Credentials,
 		picker:   cfg.Picker,
 		log:      cfg.Logger.With("component", "proxy", "engine", "grpc-proxy"),
 		drain:    cfg.DrainTimeout,
@@ -121,7 +130,7 @@ func (r *Reference) conn(addr string) (*grpc.ClientConn, error) {
 		return cc, nil
 	}
 	cc, err := grpc.NewClient("passthrough:///"+addr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(r.creds),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)))
 	if err != nil {
 		return nil, fmt.Errorf("proxy: client for %s: %w", addr, err)

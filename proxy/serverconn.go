@@ -87,6 +87,13 @@ func (c *serverConn) handshake() error {
 		// Decide as soon as the bytes tell, without waiting for 24 bytes
 		// that a short HTTP/1.x request may never send.
 		switch classifyPreface(buf[:got]) {
+		case prefaceTLS:
+			// The client's TLS stack will report the cleartext answer as
+			// "not TLS" (Go: "first record does not look like a TLS
+			// handshake", OpenSSL: "wrong version number").
+			c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+			fmt.Fprint(c.nc, "streamlb: this port speaks cleartext HTTP/2 (h2c), not TLS\n")
+			return errors.New("proxy: TLS handshake on a cleartext (h2c) port")
 		case prefaceHTTP1:
 			writeHTTP1Rejection(c.nc)
 			return errors.New("proxy: HTTP/1.x request on an HTTP/2-only port")
@@ -122,6 +129,7 @@ const (
 	prefaceSoFarOK   prefaceKind = iota // a prefix of the HTTP/2 preface
 	prefaceUndecided                    // a prefix of an HTTP/1.x request line
 	prefaceHTTP1
+	prefaceTLS // a TLS record: handshake (22) is the first a client sends
 	prefaceGarbage
 )
 
@@ -129,6 +137,9 @@ const (
 func classifyPreface(b []byte) prefaceKind {
 	if len(b) <= len(http2.ClientPreface) && string(b) == http2.ClientPreface[:len(b)] {
 		return prefaceSoFarOK
+	}
+	if b[0] == 0x16 { // RFC 8446 §5.1: ContentType handshake(22)
+		return prefaceTLS
 	}
 	for _, m := range []string{"GET ", "POST ", "PUT ", "HEAD ", "DELETE ", "OPTIONS ", "PATCH ", "CONNECT ", "TRACE "} {
 		if bytes.HasPrefix(b, []byte(m)) {
