@@ -75,6 +75,7 @@ func proxyCommand() *cli.Command {
 			&cli.Int64Flag{Name: "max-streams", Usage: "calls in flight through the proxy; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.Int64Flag{Name: "max-streams-per-backend", Usage: "calls in flight to one backend; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: proxy.DefaultConnectTimeout, Usage: "bound on dialing a backend (frame engine)"},
+			&cli.IntFlag{Name: "max-connections", Value: proxy.DefaultMaxConnections, Usage: "client connections served at once; more are closed as soon as accepted (negative: no cap; frame engine)"},
 			&cli.UintFlag{Name: "max-concurrent-streams", Value: proxy.DefaultMaxConcurrentStreams, Usage: "streams one client connection may have open, advertised as SETTINGS_MAX_CONCURRENT_STREAMS (frame engine)"},
 		}, logFlags("info")...),
 		Action: runProxy,
@@ -136,6 +137,10 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 	if mcs == 0 || mcs > math.MaxUint32 {
 		return zero, usageErr("--max-concurrent-streams must be in 1..%d, got %d", uint32(math.MaxUint32), mcs)
 	}
+	maxConns := c.Int("max-connections")
+	if maxConns == 0 {
+		return zero, usageErr("--max-connections must not be 0 (negative: no cap)")
+	}
 	for _, f := range []string{"connect-timeout", "dns-refresh"} {
 		if c.Duration(f) <= 0 {
 			return zero, usageErr("--%s must be positive, got %v", f, c.Duration(f))
@@ -178,6 +183,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 		Proxy: proxy.Config{
 			ConnectTimeout:       c.Duration("connect-timeout"),
 			MaxConcurrentStreams: uint32(mcs),
+			MaxConnections:       maxConns,
 			MaxStreams:           c.Int64("max-streams"),
 			MaxStreamsPerBackend: c.Int64("max-streams-per-backend"),
 			RetryOn:              c.StringSlice("retry-on"),

@@ -22,6 +22,7 @@ const (
 	DefaultDrainTimeout          = 30 * time.Second
 	DefaultRetryBufferSize       = 64 << 10
 	DefaultMaxRetries            = 2
+	DefaultMaxConnections        = 10000
 )
 
 const (
@@ -71,6 +72,12 @@ type Config struct {
 	// carry; after it they are closed and those streams fail with
 	// UNAVAILABLE. Zero means DefaultDrainTimeout.
 	DrainTimeout time.Duration
+
+	// MaxConnections caps the client connections served at once; a
+	// connection accepted over it is closed at once (and counted, and
+	// logged at Debug at most once a second). Zero means
+	// DefaultMaxConnections, negative no cap.
+	MaxConnections int
 
 	// MaxStreams caps the calls in flight through the server, over all
 	// client connections; a call over the cap fails at once with
@@ -136,6 +143,12 @@ func (c *Config) setDefaults() error {
 	}
 	if c.ConnectTimeout <= 0 {
 		c.ConnectTimeout = DefaultConnectTimeout
+	}
+	switch {
+	case c.MaxConnections == 0:
+		c.MaxConnections = DefaultMaxConnections
+	case c.MaxConnections < 0:
+		c.MaxConnections = 0
 	}
 	if c.PrefaceTimeout <= 0 {
 		c.PrefaceTimeout = DefaultPrefaceTimeout

@@ -1,0 +1,208 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+
+	"github.com/streamlb/streamlb/proxy"
+)
+
+// This file holds the hostile-client tests: each attack runs from a raw
+// HTTP/2 client on loopback, bounded in count and time, beside a good
+// client on its own connection that must see no error.
+
+// goodClient makes calls on its own connection until stop, counting
+// failures.
+type goodClient struct {
+	calls, errs atomic.Int64
+	lastErr     atomic.Value
+	stop        chan struct{}
+	done        chan struct{}
+}
+
+func startGoodClient(t *testing.T, e *env) *goodClient {
+	t.Helper()
+	client := testgrpc.NewTestServiceClient(e.dial(e.addr))
+	g := &goodClient{stop: make(chan struct{}), done: make(chan struct{})}
+	ctx := testCtx(t, 60*time.Second)
+	// One call first, so the connection is up before the attack.
+	if _, err := client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Fatalf("good client before the attack: %v", err)
+	}
+	go func() {
+		defer close(g.done)
+		for {
+			select {
+			case <-g.stop:
+				return
+			default:
+			}
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, err := client.UnaryCall(cctx, &testgrpc.SimpleRequest{ResponseSize: 100})
+			cancel()
+			g.calls.Add(1)
+			if err != nil {
+				g.errs.Add(1)
+				g.lastErr.Store(err)
+			}
+		}
+	}()
+	t.Cleanup(g.finish)
+	return g
+}
+
+// finish stops the client; safe to call twice.
+func (g *goodClient) finish() {
+	select {
+	case <-g.stop:
+	default:
+		close(g.stop)
+	}
+	<-g.done
+}
+
+// check stops the client and fails the test if any call failed.
+func (g *goodClient) check(t *testing.T) {
+	t.Helper()
+	g.finish()
+	if n := g.errs.Load(); n > 0 {
+		t.Errorf("good client: %d of %d calls failed, last: %v", n, g.calls.Load(), g.lastErr.Load())
+	}
+	if g.calls.Load() == 0 {
+		t.Errorf("good client made no call")
+	}
+	t.Logf("good client: %d calls, %d errors", g.calls.Load(), g.errs.Load())
+}
+
+// awaitGoAway reads until the connection ends and returns the GOAWAY seen,
+// or nil if it closed without one.
+func (r *rawConn) awaitGoAway() *http2.GoAwayFrame {
+	r.t.Helper()
+	var g *http2.GoAwayFrame
+	for {
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				r.t.Fatalf("connection still open: %v", err)
+			}
+			return g
+		}
+		if ga, ok := f.(*http2.GoAwayFrame); ok && g == nil {
+			g = &http2.GoAwayFrame{FrameHeader: ga.FrameHeader, LastStreamID: ga.LastStreamID, ErrCode: ga.ErrCode}
+		}
+	}
+}
+
+// flakyListener fails its first fails accepts with EMFILE, as a process
+// out of file descriptors sees.
+type flakyListener struct {
+	net.Listener
+	fails    atomic.Int32
+	accepted chan struct{} // closed on the first real accept
+	once     sync.Once
+}
+
+func (l *flakyListener) Accept() (net.Conn, error) {
+	if l.fails.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.Addr(), Err: os.NewSyscallError("accept4", syscall.EMFILE)}
+	}
+	nc, err := l.Listener.Accept()
+	if err == nil {
+		l.once.Do(func() { close(l.accepted) })
+	}
+	return nc, err
+}
+
+// TestAcceptEMFILE: running out of file descriptors is temporary. Serve
+// backs off and goes on accepting; it does not return.
+func TestAcceptEMFILE(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	good := startGoodClient(t, e)
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := &flakyListener{Listener: inner, accepted: make(chan struct{})}
+	ln.fails.Store(6) // 5+10+20+40+80+160 ms of back-off
+	served := make(chan error, 1)
+	go func() { served <- e.srv.Serve(ln) }()
+
+	ctx := testCtx(t, 20*time.Second)
+	client := testgrpc.NewTestServiceClient(e.dial(inner.Addr().String()))
+	if _, err := client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Fatalf("call through the listener that failed with EMFILE: %v", err)
+	}
+	select {
+	case err := <-served:
+		t.Fatalf("Serve returned %v after EMFILE", err)
+	default:
+	}
+	good.check(t)
+	e.srv.Close()
+	if err := <-served; !errors.Is(err, proxy.ErrServerClosed) {
+		t.Errorf("Serve returned %v, want ErrServerClosed", err)
+	}
+}
+
+// TestAcceptBackoffStopsOnClose: Close ends a Serve that is backing off at
+// once, not after the back-off.
+func TestAcceptBackoffStopsOnClose(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := &flakyListener{Listener: inner, accepted: make(chan struct{})}
+	ln.fails.Store(1 << 30)
+	served := make(chan error, 1)
+	go func() { served <- e.srv.Serve(ln) }()
+	ctx := testCtx(t, 10*time.Second)
+	waitFor(ctx, t, "accept failures", func() bool { return ln.fails.Load() < 1<<30-8 }) // into 1s waits
+	e.srv.Close()
+	select {
+	case err := <-served:
+		if !errors.Is(err, proxy.ErrServerClosed) {
+			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("Serve still backing off after Close")
+	}
+}
+
+// TestMaxConnections: connections over the cap are closed at once and
+// counted; those under it, and the server, carry on.
+func TestMaxConnections(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.MaxConnections = 2 }})
+	good := startGoodClient(t, e) // connection 1
+	held := dialRaw(t, e.addr)    // connection 2
+	held.next(func(f http2.Frame) bool { _, ok := f.(*http2.SettingsFrame); return ok })
+	for i := range 20 {
+		r := dialRaw(t, e.addr)
+		if g := r.awaitGoAway(); g != nil {
+			t.Fatalf("connection %d over the cap got GOAWAY %v, want a plain close", i, g.ErrCode)
+		}
+	}
+	srv := e.srv.(*proxy.Server)
+	if got := srv.RefusedConns(); got != 20 {
+		t.Errorf("refused %d connections, want 20", got)
+	}
+	// The held connection still works.
+	held.headers(1, "/grpc.testing.TestService/EmptyCall", false)
+	held.fr.WriteData(1, true, grpcMsg(&testgrpc.Empty{}))
+	held.next(func(f http2.Frame) bool { h, ok := f.(*http2.MetaHeadersFrame); return ok && h.StreamEnded() })
+	good.check(t)
+}
