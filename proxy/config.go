@@ -23,6 +23,8 @@ const (
 	DefaultRetryBufferSize       = 64 << 10
 	DefaultMaxRetries            = 2
 	DefaultMaxConnections        = 10000
+	DefaultMaxEarlyResets        = 100
+	DefaultMaxGlitches           = 1000
 )
 
 const (
@@ -78,6 +80,22 @@ type Config struct {
 	// logged at Debug at most once a second). Zero means
 	// DefaultMaxConnections, negative no cap.
 	MaxConnections int
+
+	// MaxEarlyResets bounds the streams a client connection may reset
+	// before their response ended, per 10 s window, once they are more
+	// than half of the streams it opened in the window; past it the
+	// connection ends with GOAWAY(ENHANCE_YOUR_CALM). This is the defence
+	// against rapid reset (CVE-2023-44487). Zero means
+	// DefaultMaxEarlyResets, negative no limit.
+	MaxEarlyResets int
+
+	// MaxGlitches is the points a client connection may spend per 10 s
+	// window on frames that do no work (empty DATA, PINGs with nothing sent
+	// in between, SETTINGS, frames on closed streams, stream errors), one
+	// point each; past it the connection ends with
+	// GOAWAY(ENHANCE_YOUR_CALM), as HAProxy's glitch threshold does. Zero
+	// means DefaultMaxGlitches, negative no limit.
+	MaxGlitches int
 
 	// MaxStreams caps the calls in flight through the server, over all
 	// client connections; a call over the cap fails at once with
@@ -149,6 +167,12 @@ func (c *Config) setDefaults() error {
 		c.MaxConnections = DefaultMaxConnections
 	case c.MaxConnections < 0:
 		c.MaxConnections = 0
+	}
+	if c.MaxEarlyResets == 0 {
+		c.MaxEarlyResets = DefaultMaxEarlyResets
+	}
+	if c.MaxGlitches == 0 {
+		c.MaxGlitches = DefaultMaxGlitches
 	}
 	if c.PrefaceTimeout <= 0 {
 		c.PrefaceTimeout = DefaultPrefaceTimeout

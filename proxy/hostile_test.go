@@ -5,6 +5,8 @@ import (
 	"errors"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -204,5 +206,160 @@ func TestMaxConnections(t *testing.T) {
 	held.headers(1, "/grpc.testing.TestService/EmptyCall", false)
 	held.fr.WriteData(1, true, grpcMsg(&testgrpc.Empty{}))
 	held.next(func(f http2.Frame) bool { h, ok := f.(*http2.MetaHeadersFrame); return ok && h.StreamEnded() })
+	good.check(t)
+}
+
+// flood writes frames with send(i) for i < n from its own goroutine until
+// one fails (the proxy closed the connection), and returns a channel that
+// yields how many were written.
+func (r *rawConn) flood(n int, send func(i int) error) <-chan int {
+	out := make(chan int, 1)
+	go func() {
+		i := 0
+		for ; i < n; i++ {
+			if send(i) != nil {
+				break
+			}
+		}
+		out <- i
+	}()
+	return out
+}
+
+// peakRSS returns the process's peak resident set (VmHWM) in MiB, after
+// resetting it if reset is set; 0 where /proc does not tell. The proxy
+// shares the process with the backends and the attacker, so this is an
+// upper bound, for the log rather than for assertions.
+func peakRSS(reset bool) int {
+	if reset {
+		os.WriteFile("/proc/self/clear_refs", []byte("5"), 0)
+	}
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
+			return kb >> 10
+		}
+	}
+	return 0
+}
+
+// TestRapidReset: a client that opens streams and resets them at once
+// (CVE-2023-44487) is cut with GOAWAY(ENHANCE_YOUR_CALM) after a few
+// hundred, long before its 20,000 pairs reach the backends.
+func TestRapidReset(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 2})
+	good := startGoodClient(t, e)
+	before := e.backends[0].Calls() + e.backends[1].Calls()
+	rss := peakRSS(true)
+	r := dialRaw(t, e.addr)
+	const pairs = 20000
+	sent := r.flood(pairs, func(i int) error {
+		id := uint32(2*i + 1)
+		if err := r.writeHeaders(id, "/grpc.testing.TestService/FullDuplexCall", false); err != nil {
+			return err
+		}
+		return r.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+	})
+	g := r.awaitGoAway()
+	n := <-sent
+	if g == nil || g.ErrCode != http2.ErrCodeEnhanceYourCalm {
+		t.Fatalf("got GOAWAY %+v, want ENHANCE_YOUR_CALM", g)
+	}
+	reached := e.backends[0].Calls() + e.backends[1].Calls() - before
+	t.Logf("attacker wrote %d pairs; GOAWAY last stream %d; %d streams reached backends; peak RSS %d MiB before, %d MiB after", n, g.LastStreamID, reached, rss, peakRSS(false))
+	if reached > 1000 {
+		t.Errorf("%d streams reached the backends, want a few hundred at most", reached)
+	}
+	good.check(t)
+}
+
+// TestGlitchFloods: floods of frames that do no work end the connection
+// with GOAWAY(ENHANCE_YOUR_CALM) within the glitch budget; the good client
+// on another connection sees no error.
+func TestGlitchFloods(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	good := startGoodClient(t, e)
+	const path = "/grpc.testing.TestService/FullDuplexCall"
+	tests := []struct {
+		name  string
+		n     int // frames the attacker is willing to send
+		setup func(r *rawConn)
+		send  func(r *rawConn, i int) error
+	}{
+		{
+			name:  "empty DATA",
+			n:     1 << 20,
+			setup: func(r *rawConn) { r.headers(1, path, false) },
+			send:  func(r *rawConn, i int) error { return r.fr.WriteData(1, false, nil) },
+		},
+		{
+			name: "PING",
+			n:    1 << 20,
+			send: func(r *rawConn, i int) error { return r.fr.WritePing(false, [8]byte{byte(i)}) },
+		},
+		{
+			name: "SETTINGS",
+			n:    1 << 20,
+			send: func(r *rawConn, i int) error {
+				return r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 65535})
+			},
+		},
+		{
+			name: "SETTINGS with 1000 entries",
+			n:    1,
+			send: func(r *rawConn, i int) error {
+				s := make([]http2.Setting, 1000)
+				for j := range s {
+					s[j] = http2.Setting{ID: http2.SettingID(0x100 + j), Val: 1}
+				}
+				return r.fr.WriteSettings(s...)
+			},
+		},
+		{
+			name: "RST_STREAM on closed streams",
+			n:    1 << 20,
+			setup: func(r *rawConn) {
+				r.headers(1, "/grpc.testing.TestService/EmptyCall", false)
+				r.fr.WriteData(1, true, grpcMsg(&testgrpc.Empty{}))
+				r.next(func(f http2.Frame) bool { h, ok := f.(*http2.MetaHeadersFrame); return ok && h.StreamEnded() })
+			},
+			send: func(r *rawConn, i int) error { return r.fr.WriteRSTStream(1, http2.ErrCodeCancel) },
+		},
+		{
+			name: "WINDOW_UPDATE on closed streams",
+			n:    1 << 20,
+			setup: func(r *rawConn) {
+				r.headers(1, "/grpc.testing.TestService/EmptyCall", false)
+				r.fr.WriteData(1, true, grpcMsg(&testgrpc.Empty{}))
+				r.next(func(f http2.Frame) bool { h, ok := f.(*http2.MetaHeadersFrame); return ok && h.StreamEnded() })
+			},
+			send: func(r *rawConn, i int) error { return r.fr.WriteWindowUpdate(1, 1) },
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			rss := peakRSS(true)
+			r := dialRaw(t, e.addr)
+			if tc.setup != nil {
+				tc.setup(r)
+			}
+			sent := r.flood(tc.n, func(i int) error { return tc.send(r, i) })
+			g := r.awaitGoAway()
+			n := <-sent
+			if g == nil || g.ErrCode != http2.ErrCodeEnhanceYourCalm {
+				t.Fatalf("got GOAWAY %+v, want ENHANCE_YOUR_CALM", g)
+			}
+			t.Logf("attacker wrote %d frames; peak RSS %d MiB before, %d MiB after", n, rss, peakRSS(false))
+			if tc.n > 1 && n == tc.n {
+				t.Errorf("all %d frames were taken", n)
+			}
+		})
+	}
 	good.check(t)
 }

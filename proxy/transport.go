@@ -192,6 +192,9 @@ type transport struct {
 	wake chan struct{} // capacity 1, non-blocking sends: "there is work"
 
 	ctrlOverflow atomic.Bool // the control queue hit maxQueuedControlFrames; the reader ends the connection
+	// dataSent is set by the writer when it writes HEADERS or DATA; the
+	// client role's reader clears it on each PING (see serverConn).
+	dataSent atomic.Bool
 
 	// Immutable after construction.
 	streamWindow  int32 // window we grant per stream
@@ -471,11 +474,18 @@ func (t *transport) idle() {
 
 // writeFrames writes one batch. It runs on the writer goroutine only.
 func (t *transport) writeFrames(batch []writeOp) error {
+	sent := false
+	defer func() {
+		if sent {
+			t.dataSent.Store(true)
+		}
+	}()
 	for i := range batch {
 		op := &batch[i]
 		var err error
 		switch op.kind {
 		case opData:
+			sent = true
 			err = t.wfr.WriteData(op.streamID, op.end, op.data)
 			if op.release {
 				putBuf(op.buf)
@@ -484,6 +494,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 				t.credit = append(t.credit, creditOp{op.src, op.credit, op.creditN})
 			}
 		case opHeaders:
+			sent = true
 			err = t.writeHeaders(op.streamID, op.end, op.fields)
 		case opReset:
 			err = t.wfr.WriteRSTStream(op.streamID, op.code)
