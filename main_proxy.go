@@ -76,6 +76,8 @@ func proxyCommand() *cli.Command {
 			&cli.Int64Flag{Name: "max-streams-per-backend", Usage: "calls in flight to one backend; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: proxy.DefaultConnectTimeout, Usage: "bound on dialing a backend (frame engine)"},
 			&cli.IntFlag{Name: "max-connections", Value: proxy.DefaultMaxConnections, Usage: "client connections served at once; more are closed as soon as accepted (negative: no cap; frame engine)"},
+			&cli.DurationFlag{Name: "idle-timeout", Value: proxy.DefaultIdleTimeout, Usage: "close a client connection gracefully (GOAWAY) after this long without a stream (negative: never; frame engine)"},
+			&cli.DurationFlag{Name: "write-timeout", Value: proxy.DefaultWriteTimeout, Usage: "close a client connection that does not read what the proxy writes for this long (negative: no bound; frame engine)"},
 			&cli.UintFlag{Name: "max-concurrent-streams", Value: proxy.DefaultMaxConcurrentStreams, Usage: "streams one client connection may have open, advertised as SETTINGS_MAX_CONCURRENT_STREAMS (frame engine)"},
 		}, logFlags("info")...),
 		Action: runProxy,
@@ -184,6 +186,8 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			ConnectTimeout:       c.Duration("connect-timeout"),
 			MaxConcurrentStreams: uint32(mcs),
 			MaxConnections:       maxConns,
+			IdleTimeout:          nonZero(c.Duration("idle-timeout")),
+			WriteTimeout:         nonZero(c.Duration("write-timeout")),
 			MaxStreams:           c.Int64("max-streams"),
 			MaxStreamsPerBackend: c.Int64("max-streams-per-backend"),
 			RetryOn:              c.StringSlice("retry-on"),
@@ -193,6 +197,15 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 		DrainTimeout: drain,
 		Logger:       logger,
 	}, nil
+}
+
+// nonZero maps a duration flag's 0 to "off" (negative) for proxy.Config,
+// where zero selects the default.
+func nonZero(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }
 
 // splitBackends flattens --backend values, which may themselves be

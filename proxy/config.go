@@ -25,6 +25,8 @@ const (
 	DefaultMaxConnections        = 10000
 	DefaultMaxEarlyResets        = 100
 	DefaultMaxGlitches           = 1000
+	DefaultIdleTimeout           = 5 * time.Minute
+	DefaultWriteTimeout          = 20 * time.Second
 )
 
 const (
@@ -68,6 +70,17 @@ type Config struct {
 	// PrefaceTimeout bounds how long a new client connection may take to
 	// send the HTTP/2 connection preface.
 	PrefaceTimeout time.Duration
+
+	// IdleTimeout is how long a client connection may go without a stream
+	// before it is shut down gracefully (GOAWAY, then close). Zero means
+	// DefaultIdleTimeout, negative never.
+	IdleTimeout time.Duration
+
+	// WriteTimeout bounds every write to a client connection: a client
+	// that does not read for that long while the proxy has bytes for it
+	// loses the connection, and its calls fail. Zero means
+	// DefaultWriteTimeout, negative no bound.
+	WriteTimeout time.Duration
 
 	// DrainTimeout bounds how long connections to a backend that left the
 	// set (see Server.RetainBackends) may keep serving the streams they
@@ -167,6 +180,18 @@ func (c *Config) setDefaults() error {
 		c.MaxConnections = DefaultMaxConnections
 	case c.MaxConnections < 0:
 		c.MaxConnections = 0
+	}
+	switch {
+	case c.IdleTimeout == 0:
+		c.IdleTimeout = DefaultIdleTimeout
+	case c.IdleTimeout < 0:
+		c.IdleTimeout = 0
+	}
+	switch {
+	case c.WriteTimeout == 0:
+		c.WriteTimeout = DefaultWriteTimeout
+	case c.WriteTimeout < 0:
+		c.WriteTimeout = 0
 	}
 	if c.MaxEarlyResets == 0 {
 		c.MaxEarlyResets = DefaultMaxEarlyResets

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"strconv"
@@ -361,5 +362,60 @@ func TestGlitchFloods(t *testing.T) {
 			}
 		})
 	}
+	good.check(t)
+}
+
+// TestIdleTimeout: a client connection without streams for IdleTimeout is
+// shut down with GOAWAY(NO_ERROR) and closed; one with a stream open is
+// left alone.
+func TestIdleTimeout(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.IdleTimeout = 300 * time.Millisecond }})
+	busy := dialRaw(t, e.addr)
+	busy.headers(1, "/grpc.testing.TestService/FullDuplexCall", false)
+	idle := dialRaw(t, e.addr)
+	idle.headers(1, "/grpc.testing.TestService/EmptyCall", false)
+	idle.fr.WriteData(1, true, grpcMsg(&testgrpc.Empty{}))
+	g := idle.awaitGoAway()
+	if g == nil || g.ErrCode != http2.ErrCodeNo || g.LastStreamID != 1 {
+		t.Fatalf("idle connection got GOAWAY %+v, want NO_ERROR with last stream 1", g)
+	}
+	busy.fr.WritePing(false, [8]byte{7})
+	busy.next(func(f http2.Frame) bool { p, ok := f.(*http2.PingFrame); return ok && p.IsAck() })
+}
+
+// TestWriteTimeout: a client that asks for large answers and never reads
+// them loses its connection after WriteTimeout; its streams are cancelled
+// at the backend, and a good client sees no error.
+func TestWriteTimeout(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.WriteTimeout = 300 * time.Millisecond }})
+	good := startGoodClient(t, e)
+	rss := peakRSS(true)
+	r := dialRaw(t, e.addr)
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
+	r.fr.WriteWindowUpdate(0, 1<<30)
+	params := make([]*testgrpc.ResponseParameters, 16)
+	for i := range params {
+		params[i] = &testgrpc.ResponseParameters{Size: 1 << 20}
+	}
+	const streams = 8
+	for i := range streams {
+		id := uint32(2*i + 1)
+		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
+		r.fr.WriteData(id, true, grpcMsg(&testgrpc.StreamingOutputCallRequest{ResponseParameters: params}))
+	}
+	ctx := testCtx(t, 30*time.Second)
+	waitFor(ctx, t, "the non-reading client's streams to be cancelled", func() bool {
+		return e.backends[0].Canceled() >= streams
+	})
+	// The socket was closed: what it buffered, then EOF.
+	r.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n, err := io.Copy(io.Discard, r.nc)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("connection still open after %d bytes", n)
+	}
+	t.Logf("non-reading client: connection ended after %d buffered bytes (%v); peak RSS %d MiB before, %d MiB after", n, err, rss, peakRSS(false))
 	good.check(t)
 }

@@ -27,12 +27,16 @@ type serverConn struct {
 	goingAway bool               // GOAWAY sent: no new streams
 	fatal     bool               // connection error: writer exits after flushing
 	calm      calmMeter          // early resets and glitches (calm.go)
+	idleSince time.Time          // when the last stream closed; see idleCheck
+
+	idleTimer *time.Timer // Config.IdleTimeout; nil when off. Set before the goroutines start.
 }
 
 func newServerConn(srv *Server, nc net.Conn) *serverConn {
 	c := &serverConn{srv: srv, streams: make(map[uint32]*stream)}
 	cfg := &srv.cfg
 	c.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
+	c.writeTimeout = cfg.WriteTimeout
 	c.attach(nc)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
@@ -46,6 +50,13 @@ func (c *serverConn) serve() {
 		c.log.Debug("connection rejected", "remote", c.nc.RemoteAddr().String(), "err", err)
 		c.nc.Close()
 		return
+	}
+	if d := c.srv.cfg.IdleTimeout; d > 0 {
+		c.mu.Lock()
+		c.idleSince = time.Now()
+		c.mu.Unlock()
+		c.idleTimer = time.AfterFunc(d, c.idleCheck)
+		defer c.idleTimer.Stop()
 	}
 	writerDone := make(chan struct{})
 	go func() {
@@ -72,6 +83,32 @@ func (c *serverConn) serve() {
 	c.close(err)
 	<-writerDone
 	c.cleanup()
+}
+
+// idleCheck runs on the idle timer: a connection that has had no stream
+// for Config.IdleTimeout is shut down gracefully (GOAWAY, then close), as
+// grpc-go's MaxConnectionIdle does; otherwise the timer is set again for
+// the time left.
+func (c *serverConn) idleCheck() {
+	d := c.srv.cfg.IdleTimeout
+	c.mu.Lock()
+	if c.closed || c.goingAway {
+		c.mu.Unlock()
+		return
+	}
+	if len(c.streams) > 0 {
+		c.mu.Unlock()
+		c.idleTimer.Reset(d)
+		return
+	}
+	if left := d - time.Since(c.idleSince); left > 0 {
+		c.mu.Unlock()
+		c.idleTimer.Reset(left)
+		return
+	}
+	c.mu.Unlock()
+	c.log.Debug("closing idle client connection", "remote", c.nc.RemoteAddr().String(), "idle", d)
+	c.shutdown()
 }
 
 // handshake reads the client connection preface (RFC 9113 §3.4) within
@@ -647,6 +684,9 @@ func (c *serverConn) closeSideLocked(s *stream) {
 	}
 	s.cClosed = true
 	delete(c.streams, s.down.id)
+	if len(c.streams) == 0 && c.idleTimer != nil {
+		c.idleSince = time.Now()
+	}
 	s.down.drop(&c.transport)
 	s.down.closed = true
 	s.upRecv.done = true

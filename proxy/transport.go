@@ -8,6 +8,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -197,8 +198,9 @@ type transport struct {
 	dataSent atomic.Bool
 
 	// Immutable after construction.
-	streamWindow  int32 // window we grant per stream
-	connWindow    int32 // window we grant on the connection
+	writeTimeout  time.Duration // bound on each write to the socket; zero: none
+	streamWindow  int32         // window we grant per stream
+	connWindow    int32         // window we grant on the connection
 	maxHeaderList uint32
 
 	mu sync.Mutex
@@ -463,6 +465,7 @@ func (t *transport) handleWindowUpdateLocked(q *sendQueue, f *http2.WindowUpdate
 // wait for a signal. It returns false when the transport closed.
 func (t *transport) idle() {
 	if t.dirty {
+		t.armWrite()
 		if err := t.bw.Flush(); err != nil {
 			t.close(err)
 		}
@@ -470,6 +473,16 @@ func (t *transport) idle() {
 		return
 	}
 	<-t.wake
+}
+
+// armWrite bounds the next write on the socket by writeTimeout, so a peer
+// that stops reading (slowloris, or a client that never reads its
+// responses) fails its connection instead of holding the writer, and with
+// it every buffer queued behind, for ever. Writer goroutine only.
+func (t *transport) armWrite() {
+	if t.writeTimeout > 0 {
+		t.nc.SetWriteDeadline(time.Now().Add(t.writeTimeout))
+	}
 }
 
 // writeFrames writes one batch. It runs on the writer goroutine only.
@@ -769,6 +782,7 @@ func (t *transport) writeLoop(r role) error {
 
 		if len(batch) == 0 {
 			if exit {
+				t.armWrite()
 				err := t.bw.Flush()
 				t.batch = batch
 				return err
@@ -776,6 +790,7 @@ func (t *transport) writeLoop(r role) error {
 			t.idle()
 			continue
 		}
+		t.armWrite()
 		err := t.writeFrames(batch)
 		t.batch = batch[:0]
 		t.applyCredits()
