@@ -25,6 +25,7 @@ const (
 	DefaultMaxConnections        = 10000
 	DefaultMaxEarlyResets        = 100
 	DefaultMaxGlitches           = 1000
+	DefaultMaxHeaderFields       = 100
 	DefaultIdleTimeout           = 5 * time.Minute
 	DefaultWriteTimeout          = 20 * time.Second
 )
@@ -57,6 +58,13 @@ type Config struct {
 	// MaxHeaderListSize bounds the decoded size of a header block
 	// (SETTINGS_MAX_HEADER_LIST_SIZE).
 	MaxHeaderListSize uint32
+
+	// MaxHeaderFields bounds the fields of a client's request header block
+	// (Envoy's default is 100 too); a request over it, or over
+	// MaxHeaderListSize, is answered RESOURCE_EXHAUSTED (HTTP 431) on its
+	// own stream, and request trailers over it reset the stream. Zero
+	// means DefaultMaxHeaderFields.
+	MaxHeaderFields int
 
 	// BackendStreamsPerConn caps the streams opened on one backend
 	// connection; the backend's own SETTINGS_MAX_CONCURRENT_STREAMS applies
@@ -168,6 +176,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.MaxHeaderListSize == 0 {
 		c.MaxHeaderListSize = DefaultMaxHeaderListSize
+	}
+	if c.MaxHeaderFields <= 0 {
+		c.MaxHeaderFields = DefaultMaxHeaderFields
 	}
 	if c.BackendStreamsPerConn == 0 {
 		c.BackendStreamsPerConn = DefaultBackendStreamsPerConn

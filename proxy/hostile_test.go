@@ -1,8 +1,10 @@
 package proxy_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -15,6 +17,7 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 
 	"github.com/streamlb/streamlb/proxy"
@@ -418,4 +421,98 @@ func TestWriteTimeout(t *testing.T) {
 	}
 	t.Logf("non-reading client: connection ended after %d buffered bytes (%v); peak RSS %d MiB before, %d MiB after", n, err, rss, peakRSS(false))
 	good.check(t)
+}
+
+// writeFields writes one HEADERS frame with the request headers of a
+// gRPC call to path, then extra fields, encoded as given.
+func (r *rawConn) writeFields(id uint32, path string, extra ...string) {
+	r.t.Helper()
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	f := append([]string{":method", "POST", ":scheme", "http", ":path", path, ":authority", "x", "content-type", "application/grpc", "te", "trailers"}, extra...)
+	for i := 0; i < len(f); i += 2 {
+		enc.WriteField(hpack.HeaderField{Name: f[i], Value: f[i+1]})
+	}
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true}); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// TestBadRequestHeaders: a request whose header block is over a limit, or
+// that the Framer rejects, costs its own stream only: the sibling stream
+// opened before it completes, the connection gets no GOAWAY, and the good
+// client sees no error.
+func TestBadRequestHeaders(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	good := startGoodClient(t, e)
+	many := make([]string, 0, 300)
+	for i := range 150 {
+		many = append(many, fmt.Sprintf("x-field-%d", i), "v")
+	}
+	tests := []struct {
+		name  string
+		extra []string
+		check func(t *testing.T, f http2.Frame) // first frame on the bad stream
+	}{
+		{
+			name:  "150 fields",
+			extra: many,
+			check: func(t *testing.T, f http2.Frame) {
+				h, ok := f.(*http2.MetaHeadersFrame)
+				if !ok || h.PseudoValue("status") != "431" || field(h, "grpc-status") != "8" {
+					t.Errorf("got %v, want HTTP 431 with grpc-status 8 (RESOURCE_EXHAUSTED)", f)
+				}
+			},
+		},
+		{name: "upper-case field name", extra: []string{"X-Upper", "v"}, check: wantRST(http2.ErrCodeProtocol)},
+		{name: "unknown pseudo-header", extra: []string{":foo", "v"}, check: wantRST(http2.ErrCodeProtocol)},
+		{name: "pseudo-header after regular", extra: []string{"x-a", "b", ":protocol", "v"}, check: wantRST(http2.ErrCodeProtocol)},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := dialRaw(t, e.addr)
+			r.headers(1, "/grpc.testing.TestService/UnaryCall", false) // the sibling
+			r.writeFields(3, "/grpc.testing.TestService/UnaryCall", tc.extra...)
+			tc.check(t, r.next(func(f http2.Frame) bool {
+				switch f := f.(type) {
+				case *http2.MetaHeadersFrame:
+					return f.StreamID == 3
+				case *http2.RSTStreamFrame:
+					return f.StreamID == 3
+				}
+				return false
+			}))
+			// The client sends its message anyway: ignored on stream 3,
+			// relayed on stream 1.
+			r.fr.WriteData(3, true, grpcMsg(&testgrpc.SimpleRequest{}))
+			r.fr.WriteData(1, true, grpcMsg(&testgrpc.SimpleRequest{ResponseSize: 10}))
+			end := r.next(func(f http2.Frame) bool {
+				h, ok := f.(*http2.MetaHeadersFrame)
+				return ok && h.StreamID == 1 && h.StreamEnded()
+			}).(*http2.MetaHeadersFrame)
+			if field(end, "grpc-status") != "0" {
+				t.Errorf("sibling stream ended with %v, want grpc-status 0", end.Fields)
+			}
+		})
+	}
+	good.check(t)
+}
+
+func wantRST(code http2.ErrCode) func(*testing.T, http2.Frame) {
+	return func(t *testing.T, f http2.Frame) {
+		t.Helper()
+		if rst, ok := f.(*http2.RSTStreamFrame); !ok || rst.ErrCode != code {
+			t.Errorf("got %v, want RST_STREAM %v", f, code)
+		}
+	}
+}
+
+func field(h *http2.MetaHeadersFrame, name string) string {
+	for _, f := range h.Fields {
+		if f.Name == name {
+			return f.Value
+		}
+	}
+	return ""
 }

@@ -339,6 +339,12 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 			c.mu.Unlock()
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 		}
+		if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields {
+			// Trailers cut short would change the request's meaning:
+			// the stream ends here (RFC 9113 §8.1).
+			c.mu.Unlock()
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
+		}
 		s.cRecvEnd = true
 		if a := s.att; a != nil {
 			a.bc.enqueueUp(a, outItem{kind: itemHeaders, end: true, fields: filterFields(f.Fields)}, nil)
@@ -377,7 +383,9 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	c.streamOpenedLocked()
 	c.mu.Unlock()
 
-	if f.Truncated {
+	if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields {
+		// As grpc-go's server answers a header list over its limit:
+		// RESOURCE_EXHAUSTED, HTTP 431, the stream alone.
 		c.rejectStream(s, failure{kind: failHeadersTooLarge})
 		return nil
 	}
