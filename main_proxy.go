@@ -80,6 +80,9 @@ func proxyCommand() *cli.Command {
 			&cli.Int64Flag{Name: "max-streams-per-backend", Usage: "calls in flight to one backend; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: proxy.DefaultConnectTimeout, Usage: "bound on dialing a backend (frame engine)"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: proxy.DefaultHandshakeTimeout, Usage: "bound on a backend's HTTP/2 handshake; a call waits at most this (and a quarter of its deadline) for a new connection before going elsewhere (frame engine)"},
+			&cli.IntFlag{Name: "max-connections", Value: proxy.DefaultMaxConnections, Usage: "client connections served at once; more are closed as soon as accepted (negative: no cap; frame engine)"},
+			&cli.DurationFlag{Name: "idle-timeout", Value: proxy.DefaultIdleTimeout, Usage: "close a client connection gracefully (GOAWAY) after this long without a stream (negative: never; frame engine)"},
+			&cli.DurationFlag{Name: "write-timeout", Value: proxy.DefaultWriteTimeout, Usage: "close a client connection that does not read what the proxy writes for this long (negative: no bound; frame engine)"},
 			&cli.UintFlag{Name: "max-concurrent-streams", Value: proxy.DefaultMaxConcurrentStreams, Usage: "streams one client connection may have open, advertised as SETTINGS_MAX_CONCURRENT_STREAMS (frame engine)"},
 
 			// TLS.
@@ -150,6 +153,10 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 	if mcs == 0 || mcs > math.MaxUint32 {
 		return zero, usageErr("--max-concurrent-streams must be in 1..%d, got %d", uint32(math.MaxUint32), mcs)
 	}
+	maxConns := c.Int("max-connections")
+	if maxConns == 0 {
+		return zero, usageErr("--max-connections must not be 0 (negative: no cap)")
+	}
 	for _, f := range []string{"connect-timeout", "handshake-timeout", "dns-refresh"} {
 		if c.Duration(f) <= 0 {
 			return zero, usageErr("--%s must be positive, got %v", f, c.Duration(f))
@@ -198,6 +205,9 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			ConnectTimeout:       c.Duration("connect-timeout"),
 			HandshakeTimeout:     c.Duration("handshake-timeout"),
 			MaxConcurrentStreams: uint32(mcs),
+			MaxConnections:       maxConns,
+			IdleTimeout:          nonZero(c.Duration("idle-timeout")),
+			WriteTimeout:         nonZero(c.Duration("write-timeout")),
 			MaxStreams:           c.Int64("max-streams"),
 			MaxStreamsPerBackend: c.Int64("max-streams-per-backend"),
 			RetryOn:              c.StringSlice("retry-on"),
@@ -247,6 +257,15 @@ func newRegistry(on bool) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return reg
+}
+
+// nonZero maps a duration flag's 0 to "off" (negative) for proxy.Config,
+// where zero selects the default.
+func nonZero(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }
 
 // splitBackends flattens --backend values, which may themselves be

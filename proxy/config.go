@@ -24,6 +24,12 @@ const (
 	DefaultDrainTimeout          = 30 * time.Second
 	DefaultRetryBufferSize       = 64 << 10
 	DefaultMaxRetries            = 2
+	DefaultMaxConnections        = 10000
+	DefaultMaxEarlyResets        = 100
+	DefaultMaxGlitches           = 1000
+	DefaultMaxHeaderFields       = 100
+	DefaultIdleTimeout           = 5 * time.Minute
+	DefaultWriteTimeout          = 20 * time.Second
 )
 
 const (
@@ -54,6 +60,13 @@ type Config struct {
 	// MaxHeaderListSize bounds the decoded size of a header block
 	// (SETTINGS_MAX_HEADER_LIST_SIZE).
 	MaxHeaderListSize uint32
+
+	// MaxHeaderFields bounds the fields of a client's request header block
+	// (Envoy's default is 100 too); a request over it, or over
+	// MaxHeaderListSize, is answered RESOURCE_EXHAUSTED (HTTP 431) on its
+	// own stream, and request trailers over it reset the stream. Zero
+	// means DefaultMaxHeaderFields.
+	MaxHeaderFields int
 
 	// BackendStreamsPerConn caps the streams opened on one backend
 	// connection; the backend's own SETTINGS_MAX_CONCURRENT_STREAMS applies
@@ -89,11 +102,44 @@ type Config struct {
 	// send the HTTP/2 connection preface.
 	PrefaceTimeout time.Duration
 
+	// IdleTimeout is how long a client connection may go without a stream
+	// before it is shut down gracefully (GOAWAY, then close). Zero means
+	// DefaultIdleTimeout, negative never.
+	IdleTimeout time.Duration
+
+	// WriteTimeout bounds every write to a client connection: a client
+	// that does not read for that long while the proxy has bytes for it
+	// loses the connection, and its calls fail. Zero means
+	// DefaultWriteTimeout, negative no bound.
+	WriteTimeout time.Duration
+
 	// DrainTimeout bounds how long connections to a backend that left the
 	// set (see Server.RetainBackends) may keep serving the streams they
 	// carry; after it they are closed and those streams fail with
 	// UNAVAILABLE. Zero means DefaultDrainTimeout.
 	DrainTimeout time.Duration
+
+	// MaxConnections caps the client connections served at once; a
+	// connection accepted over it is closed at once (and counted, and
+	// logged at Debug at most once a second). Zero means
+	// DefaultMaxConnections, negative no cap.
+	MaxConnections int
+
+	// MaxEarlyResets bounds the streams a client connection may reset
+	// before their response ended, per 10 s window, once they are more
+	// than half of the streams it opened in the window; past it the
+	// connection ends with GOAWAY(ENHANCE_YOUR_CALM). This is the defence
+	// against rapid reset (CVE-2023-44487). Zero means
+	// DefaultMaxEarlyResets, negative no limit.
+	MaxEarlyResets int
+
+	// MaxGlitches is the points a client connection may spend per 10 s
+	// window on frames that do no work (empty DATA, PINGs with nothing sent
+	// in between, SETTINGS, frames on closed streams, stream errors), one
+	// point each; past it the connection ends with
+	// GOAWAY(ENHANCE_YOUR_CALM), as HAProxy's glitch threshold does. Zero
+	// means DefaultMaxGlitches, negative no limit.
+	MaxGlitches int
 
 	// MaxStreams caps the calls in flight through the server, over all
 	// client connections; a call over the cap fails at once with
@@ -156,6 +202,9 @@ func (c *Config) setDefaults() error {
 	if c.MaxHeaderListSize == 0 {
 		c.MaxHeaderListSize = DefaultMaxHeaderListSize
 	}
+	if c.MaxHeaderFields <= 0 {
+		c.MaxHeaderFields = DefaultMaxHeaderFields
+	}
 	if c.BackendStreamsPerConn == 0 {
 		c.BackendStreamsPerConn = DefaultBackendStreamsPerConn
 	}
@@ -170,6 +219,30 @@ func (c *Config) setDefaults() error {
 		c.RestartGrace = DefaultRestartGrace
 	case c.RestartGrace < 0:
 		c.RestartGrace = 0
+	}
+	switch {
+	case c.MaxConnections == 0:
+		c.MaxConnections = DefaultMaxConnections
+	case c.MaxConnections < 0:
+		c.MaxConnections = 0
+	}
+	switch {
+	case c.IdleTimeout == 0:
+		c.IdleTimeout = DefaultIdleTimeout
+	case c.IdleTimeout < 0:
+		c.IdleTimeout = 0
+	}
+	switch {
+	case c.WriteTimeout == 0:
+		c.WriteTimeout = DefaultWriteTimeout
+	case c.WriteTimeout < 0:
+		c.WriteTimeout = 0
+	}
+	if c.MaxEarlyResets == 0 {
+		c.MaxEarlyResets = DefaultMaxEarlyResets
+	}
+	if c.MaxGlitches == 0 {
+		c.MaxGlitches = DefaultMaxGlitches
 	}
 	if c.PrefaceTimeout <= 0 {
 		c.PrefaceTimeout = DefaultPrefaceTimeout

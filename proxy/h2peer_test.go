@@ -42,15 +42,20 @@ func dialRaw(t *testing.T, addr string) *rawConn {
 
 func (r *rawConn) headers(id uint32, path string, end bool) {
 	r.t.Helper()
+	if err := r.writeHeaders(id, path, end); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// writeHeaders is headers for goroutines other than the test's.
+func (r *rawConn) writeHeaders(id uint32, path string, end bool) error {
 	var hb bytes.Buffer
 	enc := hpack.NewEncoder(&hb)
 	f := []string{":method", "POST", ":scheme", "http", ":path", path, ":authority", "x", "content-type", "application/grpc", "te", "trailers"}
 	for i := 0; i < len(f); i += 2 {
 		enc.WriteField(hpack.HeaderField{Name: f[i], Value: f[i+1]})
 	}
-	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: end}); err != nil {
-		r.t.Fatal(err)
-	}
+	return r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: end})
 }
 
 // next reads frames until one that fn accepts, failing on GOAWAY.

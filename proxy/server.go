@@ -35,6 +35,12 @@ type Server struct {
 
 	inflight atomic.Int64 // calls in flight, counted when MaxStreams is set
 	budget   *retryBudget
+
+	// done is closed when Shutdown or Close begins; it cuts an accept
+	// back-off short.
+	done     chan struct{}
+	now      func() time.Time
+	refusals refusalLog
 }
 
 // admit takes a unit of the MaxStreams budget for s, if one is left.
@@ -74,6 +80,8 @@ func New(cfg Config) (*Server, error) {
 		log:       cfg.Logger.With("component", "proxy"),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*serverConn]struct{}),
+		done:      make(chan struct{}),
+		now:       time.Now,
 	}
 	s.budget = newRetryBudget(10, 0.1)
 	s.pool.srv = s
@@ -101,38 +109,54 @@ func (s *Server) Serve(ln net.Listener) error {
 		s.mu.Unlock()
 		ln.Close()
 	}()
-	var backoff time.Duration
+	var bo acceptBackoff
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
-			s.mu.Lock()
-			down := s.shutdown
-			s.mu.Unlock()
-			if down {
+			if s.isShutdown() {
 				return ErrServerClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// Temporary accept failure (e.g. out of file descriptors):
-				// back off as net/http does instead of spinning.
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				s.log.Warn("accept failed; retrying", "err", err, "backoff", backoff)
-				time.Sleep(backoff)
-				continue
+			if !temporaryAcceptError(err) {
+				return err
 			}
-			return err
+			// Out of file descriptors, or a connection aborted before we
+			// took it: the listener is fine, so wait and try again, as
+			// net/http does, instead of ending Serve (and the proxy).
+			d := bo.fail()
+			if bo.failures == 1 {
+				s.log.Warn("accept failing; backing off", "err", err)
+			}
+			t := time.NewTimer(d)
+			select {
+			case <-t.C:
+			case <-s.done:
+				t.Stop()
+				return ErrServerClosed
+			}
+			continue
 		}
-		backoff = 0
+		if n := bo.failures; n > 0 {
+			s.log.Info("accepting again", "failed_accepts", n)
+			bo = acceptBackoff{}
+		}
 		if tc, ok := nc.(*net.TCPConn); ok {
 			tc.SetNoDelay(true)
 		}
-		c := newServerConn(s, nc)
 		s.mu.Lock()
 		if s.shutdown {
 			s.mu.Unlock()
 			nc.Close()
 			return ErrServerClosed
 		}
+		if max := s.cfg.MaxConnections; max > 0 && len(s.conns) >= max {
+			s.mu.Unlock()
+			// Before the preface nothing HTTP/2 can be said without
+			// waiting on the peer: a close is the cheapest clear answer.
+			nc.Close()
+			s.refusals.note(s.now(), s.log, max)
+			continue
+		}
+		c := newServerConn(s, nc)
 		s.conns[c] = struct{}{}
 		s.connWG.Add(1)
 		s.mu.Unlock()
@@ -153,7 +177,7 @@ func (s *Server) Serve(ln net.Listener) error {
 // returned.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
-	s.shutdown = true
+	s.markShutdownLocked()
 	for ln := range s.listeners {
 		ln.Close()
 	}
@@ -184,7 +208,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // flight, and waits for the server's goroutines to exit.
 func (s *Server) Close() error {
 	s.mu.Lock()
-	s.shutdown = true
+	s.markShutdownLocked()
 	for ln := range s.listeners {
 		ln.Close()
 	}
@@ -194,6 +218,21 @@ func (s *Server) Close() error {
 	s.cancelPool()
 	s.pool.closeAll()
 	return nil
+}
+
+// markShutdownLocked records that the server is closing. Caller must hold
+// mu.
+func (s *Server) markShutdownLocked() {
+	if !s.shutdown {
+		s.shutdown = true
+		close(s.done)
+	}
+}
+
+func (s *Server) isShutdown() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.shutdown
 }
 
 func (s *Server) closeConns() {

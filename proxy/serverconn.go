@@ -26,12 +26,17 @@ type serverConn struct {
 	lastID    uint32             // highest client stream id seen
 	goingAway bool               // GOAWAY sent: no new streams
 	fatal     bool               // connection error: writer exits after flushing
+	calm      calmMeter          // early resets and glitches (calm.go)
+	idleSince time.Time          // when the last stream closed; see idleCheck
+
+	idleTimer *time.Timer // Config.IdleTimeout; nil when off. Set before the goroutines start.
 }
 
 func newServerConn(srv *Server, nc net.Conn) *serverConn {
 	c := &serverConn{srv: srv, streams: make(map[uint32]*stream)}
 	cfg := &srv.cfg
 	c.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
+	c.writeTimeout = cfg.WriteTimeout
 	c.attach(nc)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
@@ -45,6 +50,13 @@ func (c *serverConn) serve() {
 		c.log.Debug("connection rejected", "remote", c.nc.RemoteAddr().String(), "err", err)
 		c.nc.Close()
 		return
+	}
+	if d := c.srv.cfg.IdleTimeout; d > 0 {
+		c.mu.Lock()
+		c.idleSince = time.Now()
+		c.mu.Unlock()
+		c.idleTimer = time.AfterFunc(d, c.idleCheck)
+		defer c.idleTimer.Stop()
 	}
 	writerDone := make(chan struct{})
 	go func() {
@@ -71,6 +83,32 @@ func (c *serverConn) serve() {
 	c.close(err)
 	<-writerDone
 	c.cleanup()
+}
+
+// idleCheck runs on the idle timer: a connection that has had no stream
+// for Config.IdleTimeout is shut down gracefully (GOAWAY, then close), as
+// grpc-go's MaxConnectionIdle does; otherwise the timer is set again for
+// the time left.
+func (c *serverConn) idleCheck() {
+	d := c.srv.cfg.IdleTimeout
+	c.mu.Lock()
+	if c.closed || c.goingAway {
+		c.mu.Unlock()
+		return
+	}
+	if len(c.streams) > 0 {
+		c.mu.Unlock()
+		c.idleTimer.Reset(d)
+		return
+	}
+	if left := d - time.Since(c.idleSince); left > 0 {
+		c.mu.Unlock()
+		c.idleTimer.Reset(left)
+		return
+	}
+	c.mu.Unlock()
+	c.log.Debug("closing idle client connection", "remote", c.nc.RemoteAddr().String(), "idle", d)
+	c.shutdown()
 }
 
 // handshake reads the client connection preface (RFC 9113 §3.4) within
@@ -175,16 +213,42 @@ func (c *serverConn) readLoop() error {
 		}
 		var se http2.StreamError
 		if errors.As(err, &se) {
-			c.resetFromClient(se.StreamID, se.Code, true)
-			continue
+			err = c.streamError(se)
+			if err == nil {
+				continue
+			}
 		}
 		var ce http2.ConnectionError
 		if errors.As(err, &ce) {
-			c.goAwayFatal(http2.ErrCode(ce), c.rfr.ErrorDetail())
+			detail := c.rfr.ErrorDetail()
+			if err != error(ce) {
+				detail = err // ours, with its reason
+			}
+			c.log.Debug("client connection error", "remote", c.nc.RemoteAddr().String(), "err", err)
+			c.goAwayFatal(http2.ErrCode(ce), detail)
 			return fmt.Errorf("proxy: client connection error: %w", err)
 		}
 		return err
 	}
+}
+
+// streamError answers a stream error, ours or the Framer's, with
+// RST_STREAM (RFC 9113 §5.4.2). A stream the client opened with a HEADERS
+// frame the Framer rejected (an upper-case field name, a bad pseudo-header)
+// leaves the idle state all the same (§5.1.1), so the frames the client
+// sends on it next are those of a closed stream, not of an idle one, and
+// cost that stream only.
+func (c *serverConn) streamError(se http2.StreamError) error {
+	c.mu.Lock()
+	if id := se.StreamID; id%2 == 1 && id > c.lastID {
+		c.lastID = id
+	}
+	err := c.glitchLocked(1, "stream error")
+	c.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return c.resetFromClient(se.StreamID, se.Code, true)
 }
 
 func (c *serverConn) goAwayFatal(code http2.ErrCode, detail error) {
@@ -208,21 +272,50 @@ func (c *serverConn) handleFrame(f http2.Frame) error {
 	case *http2.DataFrame:
 		return c.onData(f)
 	case *http2.RSTStreamFrame:
-		c.resetFromClient(f.StreamID, f.ErrCode, false)
+		return c.resetFromClient(f.StreamID, f.ErrCode, false)
 	case *http2.SettingsFrame:
+		if f.IsAck() {
+			return nil
+		}
+		if err := checkSettings(f); err != nil {
+			return err
+		}
+		if err := c.glitch(1, "SETTINGS"); err != nil {
+			return err // a client sends a handful per connection
+		}
 		return c.handleSettings(f, c.eachQueueLocked)
 	case *http2.WindowUpdateFrame:
 		c.mu.Lock()
+		defer c.mu.Unlock()
 		var q *sendQueue
-		if s := c.streams[f.StreamID]; s != nil {
-			q = &s.down
+		if id := f.StreamID; id != 0 {
+			s := c.streams[id]
+			switch {
+			case s != nil:
+				q = &s.down
+			case id > c.lastID:
+				return http2.ConnectionError(http2.ErrCodeProtocol) // idle stream, RFC 9113 §6.9
+			default:
+				// A stream that closed: legal in a race, useless in a flood.
+				if err := c.glitchLocked(1, "WINDOW_UPDATE on a closed stream"); err != nil {
+					return err
+				}
+			}
 		}
-		err := c.handleWindowUpdateLocked(q, f)
-		c.mu.Unlock()
-		return err
+		return c.handleWindowUpdateLocked(q, f)
 	case *http2.PingFrame:
 		if !f.IsAck() {
 			c.mu.Lock()
+			// As grpc-go's server counts ping strikes: a PING after we
+			// sent HEADERS or DATA is a client measuring the link (BDP
+			// estimation, keepalive under load); PINGs with nothing sent in
+			// between are a flood.
+			if !c.dataSent.Swap(false) {
+				if err := c.glitchLocked(1, "PING"); err != nil {
+					c.mu.Unlock()
+					return err
+				}
+			}
 			c.queueCtrlLocked(writeOp{kind: opPing, end: true, ping: f.Data})
 			c.mu.Unlock()
 			c.signal()
@@ -256,6 +349,12 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		if s.cRecvEnd {
 			c.mu.Unlock()
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+		}
+		if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields {
+			// Trailers cut short would change the request's meaning:
+			// the stream ends here (RFC 9113 §8.1).
+			c.mu.Unlock()
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 		}
 		s.cRecvEnd = true
 		if a := s.att; a != nil {
@@ -292,9 +391,12 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	s.upRecv = recvState{id: id, window: c.streamWindow}
 	s.cRecvEnd = end
 	c.streams[id] = s
+	c.streamOpenedLocked()
 	c.mu.Unlock()
 
-	if f.Truncated {
+	if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields {
+		// As grpc-go's server answers a header list over its limit:
+		// RESOURCE_EXHAUSTED, HTTP 431, the stream alone.
 		c.rejectStream(s, failure{kind: failHeadersTooLarge})
 		return nil
 	}
@@ -440,12 +542,17 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 		c.mu.Unlock()
 		return http2.ConnectionError(http2.ErrCodeFlowControl)
 	case s == nil:
+		var err error
+		if id > lastID {
+			err = http2.ConnectionError(http2.ErrCodeProtocol) // DATA on an idle stream, RFC 9113 §5.1
+		} else {
+			// A stream we closed; its frames are ignored (§5.1 "closed"),
+			// but a flood of them is a glitch.
+			err = c.glitchLocked(1, "DATA on a closed stream")
+		}
 		c.mu.Unlock()
 		c.signal() // the connection window was credited
-		if id > lastID {
-			return http2.ConnectionError(http2.ErrCodeProtocol) // DATA on an idle stream, RFC 9113 §5.1
-		}
-		return nil // a stream we closed; its frames are ignored (§5.1 "closed")
+		return err
 	case !streamOK:
 		c.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
@@ -454,6 +561,13 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 	}
 	c.creditLocked(r, n-int32(len(data))) // padding is never relayed
+	if len(data) == 0 && !end {
+		// Says nothing, and would cost a queue entry per frame toward
+		// the backend: not relayed, and a glitch.
+		err := c.glitchLocked(1, "empty DATA frame")
+		c.mu.Unlock()
+		return err
+	}
 	if a := s.att; a == nil || !a.bc.enqueueUp(a, outItem{kind: itemData, end: end}, data) {
 		c.creditLocked(r, int32(len(data)))
 	}
@@ -472,20 +586,34 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 }
 
 // resetFromClient handles a RST_STREAM from the client, or a stream error
-// we detected (sendRST): the stream ends on both sides.
-func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool) {
+// we detected (sendRST): the stream ends on both sides. A client's reset
+// of a stream whose response has not ended counts towards the rapid-reset
+// limit (calm.go); it returns the connection error once past it.
+func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool) error {
 	c.mu.Lock()
 	if sendRST {
 		c.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: code})
 	}
 	s := c.streams[id]
 	if s == nil {
+		var err error
+		switch {
+		case sendRST:
+		case id > c.lastID:
+			err = http2.ConnectionError(http2.ErrCodeProtocol) // idle stream, RFC 9113 §6.4
+		default:
+			err = c.glitchLocked(1, "RST_STREAM on a closed stream")
+		}
 		c.mu.Unlock()
 		c.signal()
-		return
+		return err
 	}
+	var err error
 	if !s.down.closed {
 		s.result = failure{kind: failClientReset}.statusErr()
+		if !sendRST {
+			err = c.earlyResetLocked()
+		}
 	}
 	a := s.att
 	c.closeSideLocked(s)
@@ -494,6 +622,7 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 	if a != nil {
 		a.bc.resetUp(a, http2.ErrCodeCancel)
 	}
+	return err
 }
 
 // enqueueDown queues a response item from the backend. It reports false if
@@ -574,6 +703,9 @@ func (c *serverConn) closeSideLocked(s *stream) {
 	}
 	s.cClosed = true
 	delete(c.streams, s.down.id)
+	if len(c.streams) == 0 && c.idleTimer != nil {
+		c.idleSince = time.Now()
+	}
 	s.down.drop(&c.transport)
 	s.down.closed = true
 	s.upRecv.done = true

@@ -73,7 +73,7 @@ const (
 	// failClientGone: the client connection ended with the call open.
 	failClientGone
 	// failHeadersTooLarge: the request header list was over
-	// MaxHeaderListSize.
+	// MaxHeaderListSize or MaxHeaderFields.
 	failHeadersTooLarge
 	// failBadRequest: the request headers are malformed (cause).
 	failBadRequest

@@ -8,6 +8,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -192,10 +193,14 @@ type transport struct {
 	wake chan struct{} // capacity 1, non-blocking sends: "there is work"
 
 	ctrlOverflow atomic.Bool // the control queue hit maxQueuedControlFrames; the reader ends the connection
+	// dataSent is set by the writer when it writes HEADERS or DATA; the
+	// client role's reader clears it on each PING (see serverConn).
+	dataSent atomic.Bool
 
 	// Immutable after construction.
-	streamWindow  int32 // window we grant per stream
-	connWindow    int32 // window we grant on the connection
+	writeTimeout  time.Duration // bound on each write to the socket; zero: none
+	streamWindow  int32         // window we grant per stream
+	connWindow    int32         // window we grant on the connection
 	maxHeaderList uint32
 
 	mu sync.Mutex
@@ -460,6 +465,7 @@ func (t *transport) handleWindowUpdateLocked(q *sendQueue, f *http2.WindowUpdate
 // wait for a signal. It returns false when the transport closed.
 func (t *transport) idle() {
 	if t.dirty {
+		t.armWrite()
 		if err := t.bw.Flush(); err != nil {
 			t.close(err)
 		}
@@ -469,13 +475,30 @@ func (t *transport) idle() {
 	<-t.wake
 }
 
+// armWrite bounds the next write on the socket by writeTimeout, so a peer
+// that stops reading (slowloris, or a client that never reads its
+// responses) fails its connection instead of holding the writer, and with
+// it every buffer queued behind, for ever. Writer goroutine only.
+func (t *transport) armWrite() {
+	if t.writeTimeout > 0 {
+		t.nc.SetWriteDeadline(time.Now().Add(t.writeTimeout))
+	}
+}
+
 // writeFrames writes one batch. It runs on the writer goroutine only.
 func (t *transport) writeFrames(batch []writeOp) error {
+	sent := false
+	defer func() {
+		if sent {
+			t.dataSent.Store(true)
+		}
+	}()
 	for i := range batch {
 		op := &batch[i]
 		var err error
 		switch op.kind {
 		case opData:
+			sent = true
 			err = t.wfr.WriteData(op.streamID, op.end, op.data)
 			if op.release {
 				putBuf(op.buf)
@@ -484,6 +507,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 				t.credit = append(t.credit, creditOp{op.src, op.credit, op.creditN})
 			}
 		case opHeaders:
+			sent = true
 			err = t.writeHeaders(op.streamID, op.end, op.fields)
 		case opReset:
 			err = t.wfr.WriteRSTStream(op.streamID, op.code)
@@ -758,6 +782,7 @@ func (t *transport) writeLoop(r role) error {
 
 		if len(batch) == 0 {
 			if exit {
+				t.armWrite()
 				err := t.bw.Flush()
 				t.batch = batch
 				return err
@@ -765,6 +790,7 @@ func (t *transport) writeLoop(r role) error {
 			t.idle()
 			continue
 		}
+		t.armWrite()
 		err := t.writeFrames(batch)
 		t.batch = batch[:0]
 		t.applyCredits()

@@ -1,0 +1,82 @@
+package proxy
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+// Accept back-off bounds, as net/http.Server uses them.
+const (
+	acceptBackoffMin = 5 * time.Millisecond
+	acceptBackoffMax = time.Second
+)
+
+// acceptBackoff is the wait between failed accepts: it doubles from
+// acceptBackoffMin to acceptBackoffMax over one burst of failures. The zero
+// value is a fresh burst. Used by Serve's goroutine only.
+type acceptBackoff struct {
+	failures int
+	d        time.Duration
+}
+
+// fail records a failed accept and returns how long to wait.
+func (b *acceptBackoff) fail() time.Duration {
+	b.failures++
+	b.d = min(max(2*b.d, acceptBackoffMin), acceptBackoffMax)
+	return b.d
+}
+
+// temporaryAcceptError reports whether err leaves the listener usable:
+// EMFILE, ENFILE, ECONNABORTED and the like. net/http's Serve makes the
+// same call with net.Error's deprecated Temporary, which is still the only
+// way the net package says so for accept.
+func temporaryAcceptError(err error) bool {
+	if errors.Is(err, net.ErrClosed) {
+		return false
+	}
+	var te interface{ Temporary() bool }
+	if errors.As(err, &te) && te.Temporary() {
+		return true
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// refusalLog counts connections refused over Config.MaxConnections and logs
+// them at Debug at most once per refusalLogEvery, so a flood of connection
+// attempts cannot flood the log.
+type refusalLog struct {
+	mu sync.Mutex
+	// mu guards the fields below.
+	total   int64
+	since   int64 // refused since the last log line
+	lastLog time.Time
+}
+
+const refusalLogEvery = time.Second
+
+// note records one refused connection. It logs after releasing mu.
+func (r *refusalLog) note(now time.Time, log *slog.Logger, limit int) {
+	r.mu.Lock()
+	r.total++
+	r.since++
+	if now.Sub(r.lastLog) < refusalLogEvery {
+		r.mu.Unlock()
+		return
+	}
+	r.lastLog = now
+	total, since := r.total, r.since
+	r.since = 0
+	r.mu.Unlock()
+	log.Debug("connections refused: at max connections", "limit", limit, "refused", since, "refused_total", total)
+}
+
+// refused returns how many connections were refused so far.
+func (r *refusalLog) refused() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.total
+}

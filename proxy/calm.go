@@ -1,0 +1,104 @@
+package proxy
+
+import (
+	"fmt"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// This file holds the per-connection limits on what a client may make the
+// proxy do for nothing: streams reset before their answer (rapid reset,
+// CVE-2023-44487) and "glitches", frames that are legal or nearly so but
+// that no well-behaved client sends in numbers (HAProxy's
+// tune.h2.fe.glitches-threshold). Past either limit the connection ends
+// with GOAWAY(ENHANCE_YOUR_CALM) (RFC 9113 §5.4.1, §11).
+
+// calmWindow is the period over which resets and glitches are counted;
+// counts start again at zero in each window, so a long-lived connection
+// with an occasional cancellation or stray frame is never cut.
+const calmWindow = 10 * time.Second
+
+// maxSettingsPerFrame bounds the entries of one SETTINGS frame. RFC 9113
+// defines six settings; x/net/http2's server hangs up above 100 too.
+const maxSettingsPerFrame = 100
+
+// calmMeter counts one client connection's early resets and glitches in
+// the current calmWindow. Guarded by the serverConn's mu.
+type calmMeter struct {
+	start    time.Time
+	opened   int // streams opened in the window
+	resets   int // streams the client reset before their response ended
+	glitches int
+}
+
+// rollLocked starts a new window if the current one is over.
+func (m *calmMeter) rollLocked(now time.Time) {
+	if now.Sub(m.start) >= calmWindow {
+		*m = calmMeter{start: now}
+	}
+}
+
+// errCalm is the connection error for a client past one of the limits:
+// reason goes into the GOAWAY's debug data.
+func errCalm(format string, args ...any) error {
+	return fmt.Errorf("proxy: "+format+": %w", append(args, http2.ConnectionError(http2.ErrCodeEnhanceYourCalm))...)
+}
+
+// streamOpenedLocked counts a stream the client opened. Caller must hold
+// mu.
+func (c *serverConn) streamOpenedLocked() {
+	c.calm.rollLocked(c.srv.now())
+	c.calm.opened++
+}
+
+// earlyResetLocked counts a stream the client reset before its response
+// ended, and reports a connection error once there were more than
+// Config.MaxEarlyResets in the window and they were more than half of the
+// streams opened in it. The fraction spares a busy client that cancels
+// some of its calls; an attacker gains nothing from streams it must let
+// finish. Caller must hold mu.
+func (c *serverConn) earlyResetLocked() error {
+	max := c.srv.cfg.MaxEarlyResets
+	if max <= 0 {
+		return nil
+	}
+	c.calm.rollLocked(c.srv.now())
+	c.calm.resets++
+	if c.calm.resets > max && 2*c.calm.resets > c.calm.opened {
+		return errCalm("%d streams reset before their response in %v (rapid reset)", c.calm.resets, calmWindow)
+	}
+	return nil
+}
+
+// glitchLocked charges the connection points for a frame that did no
+// useful work, and reports a connection error once the window's total
+// passes Config.MaxGlitches. Caller must hold mu.
+func (c *serverConn) glitchLocked(points int, what string) error {
+	max := c.srv.cfg.MaxGlitches
+	if max <= 0 {
+		return nil
+	}
+	c.calm.rollLocked(c.srv.now())
+	c.calm.glitches += points
+	if c.calm.glitches > max {
+		return errCalm("glitch budget of %d per %v spent, last on %s", max, calmWindow, what)
+	}
+	return nil
+}
+
+// glitch is glitchLocked for callers not holding mu.
+func (c *serverConn) glitch(points int, what string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.glitchLocked(points, what)
+}
+
+// checkSettings rejects a SETTINGS frame no client needs, before its
+// entries are applied: applying one costs a pass over every stream.
+func checkSettings(f *http2.SettingsFrame) error {
+	if f.NumSettings() > maxSettingsPerFrame || f.HasDuplicates() {
+		return errCalm("SETTINGS frame with %d entries or duplicates", f.NumSettings())
+	}
+	return nil
+}
