@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/testserver"
 )
@@ -92,11 +93,11 @@ func TestRollingRestart(t *testing.T) {
 	}
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 3})
-	ctx := testCtx(t, 60*time.Second)
+	ctx := testkit.Context(t, 60*time.Second)
 	var r loadResult
 	stop := make(chan struct{})
 	wait := loadUntil(ctx, e, 8, 50000, stop, &r)
-	waitFor(ctx, t, "load on every backend", func() bool {
+	testkit.WaitFor(ctx, t, "load on every backend", func() bool {
 		for _, b := range e.backends {
 			if b.Calls() < 20 {
 				return false
@@ -126,7 +127,7 @@ func TestRollingRestart(t *testing.T) {
 		pause(ctx, 700*time.Millisecond)
 	}
 	// Every restarted backend must be back in rotation.
-	waitFor(ctx, t, "the restarted backends to serve", func() bool {
+	testkit.WaitFor(ctx, t, "the restarted backends to serve", func() bool {
 		for _, b := range restarted {
 			if b.Calls() < 20 {
 				return false
@@ -159,7 +160,7 @@ var _ proxy.RetryPicker = (*director.Director)(nil)
 func TestRetryAvoidsTriedBackend(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 1})
-	dead, live := deadAddr(t), e.backends[0].Addr()
+	dead, live := testkit.DeadAddr(t), e.backends[0].Addr()
 	var n atomic.Int64
 	var mu sync.Mutex
 	outcomes := map[codes.Code]int{}
@@ -191,7 +192,7 @@ func TestRetryAvoidsTriedBackend(t *testing.T) {
 		<-served
 	})
 	client := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
-	ctx := testCtx(t, 20*time.Second)
+	ctx := testkit.Context(t, 20*time.Second)
 	for i := range 30 {
 		if _, err := client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 			t.Fatalf("call %d: %v (the retry went back to the refusing backend)", i, err)
@@ -211,7 +212,7 @@ func TestRetryAvoidsTriedBackend(t *testing.T) {
 func TestKilledAbruptly(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 3})
-	ctx := testCtx(t, 30*time.Second)
+	ctx := testkit.Context(t, 30*time.Second)
 	slow := metadata.AppendToOutgoingContext(ctx, testserver.MetadataDelay, "5ms")
 	victim := e.backends[2]
 	var killedAt atomic.Int64 // UnixNano of the kill, 0 before
@@ -240,7 +241,7 @@ func TestKilledAbruptly(t *testing.T) {
 			return nil
 		})
 	}
-	waitFor(ctx, t, "load on the victim", func() bool { return victim.Calls() > 20 })
+	testkit.WaitFor(ctx, t, "load on the victim", func() bool { return victim.Calls() > 20 })
 	victim.Stop()
 	killedAt.Store(time.Now().UnixNano())
 	if err := g.Wait(); err != nil {

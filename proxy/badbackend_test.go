@@ -1,6 +1,8 @@
 package proxy_test
 
 import (
+	"github.com/streamlb/streamlb/internal/testkit"
+
 	"bufio"
 	"context"
 	"io"
@@ -129,7 +131,7 @@ func TestBadBackend(t *testing.T) {
 			e := newEnv(t, envOpts{backends: 1})
 			bad := rawBackend(t, tc.serve)
 			e.setBackends(bad, e.backends[0].Addr())
-			ctx := testCtx(t, 60*time.Second)
+			ctx := testkit.Context(t, 60*time.Second)
 			const deadline = 2 * time.Second
 			got := map[codes.Code]int{}
 			for i := range 12 {

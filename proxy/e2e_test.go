@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/testserver"
 )
 
@@ -23,7 +24,7 @@ func TestRPCKinds(t *testing.T) {
 		t.Run(engine, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{engine: engine})
-			ctx := testCtx(t, 20*time.Second)
+			ctx := testkit.Context(t, 20*time.Second)
 
 			t.Run("unary", func(t *testing.T) {
 				var hdr metadata.MD
@@ -136,7 +137,7 @@ func TestMetadataAndStatusMatchDirect(t *testing.T) {
 		t.Run(engine, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{engine: engine})
-			ctx := testCtx(t, 20*time.Second)
+			ctx := testkit.Context(t, 20*time.Second)
 			for _, tc := range cases {
 				t.Run(tc.name, func(t *testing.T) {
 					req := tc.req
@@ -178,7 +179,7 @@ func TestLargeMessage(t *testing.T) {
 		t.Run(engine, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{engine: engine, backends: 1})
-			ctx := testCtx(t, 60*time.Second)
+			ctx := testkit.Context(t, 60*time.Second)
 			body := testserver.PayloadBody(size)
 			var trl metadata.MD
 			resp, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{ResponseSize: size, Payload: &testgrpc.Payload{Body: body}}, grpc.Trailer(&trl))
@@ -204,7 +205,7 @@ func TestThousandConcurrentStreams(t *testing.T) {
 		t.Run(engine, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{engine: engine})
-			ctx := testCtx(t, 60*time.Second)
+			ctx := testkit.Context(t, 60*time.Second)
 			streams := make([]testgrpc.TestService_FullDuplexCallClient, n)
 			var g errgroup.Group
 			g.SetLimit(100)
@@ -279,7 +280,7 @@ func TestSlowConsumer(t *testing.T) {
 		t.Run(engine, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{engine: engine})
-			ctx := testCtx(t, 60*time.Second)
+			ctx := testkit.Context(t, 60*time.Second)
 			params := make([]*testgrpc.ResponseParameters, msgs)
 			for i := range params {
 				params[i] = &testgrpc.ResponseParameters{Size: size}
@@ -321,13 +322,13 @@ func TestCancellationReachesBackend(t *testing.T) {
 			e := newEnv(t, envOpts{engine: engine, tscfg: func(i int, c *testserver.Config) {
 				c.OnCancel = func(m string) { cancelled <- m }
 			}})
-			ctx := testCtx(t, 20*time.Second)
+			ctx := testkit.Context(t, 20*time.Second)
 			cctx, cancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
 			st, err := e.client.FullDuplexCall(cctx)
 			if err != nil {
 				t.Fatal(err)
 			}
-			waitFor(ctx, t, "the call to reach a backend", func() bool {
+			testkit.WaitFor(ctx, t, "the call to reach a backend", func() bool {
 				var n int64
 				for _, b := range e.backends {
 					n += b.InFlight()
@@ -375,7 +376,7 @@ func TestSlowBackendReader(t *testing.T) {
 					}
 				}
 			}})
-			ctx := testCtx(t, 60*time.Second)
+			ctx := testkit.Context(t, 60*time.Second)
 			st, err := e.client.StreamingInputCall(ctx)
 			if err != nil {
 				t.Fatal(err)

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/testserver"
 )
@@ -71,7 +72,7 @@ func TestDeadlineInProxy(t *testing.T) {
 	e := newEnv(t, envOpts{backends: 1, tscfg: func(_ int, c *testserver.Config) {
 		c.OnCancel = func(m string) { cancelled <- m }
 	}})
-	ctx := testCtx(t, 20*time.Second)
+	ctx := testkit.Context(t, 20*time.Second)
 	req := grpcRequest(ctx, t, e.addr, "/grpc.testing.TestService/EmptyCall", map[string]string{"grpc-timeout": "1S", testserver.MetadataHang: "1"})
 	resp, err := rawClient(t).Do(req)
 	if err != nil {
@@ -93,7 +94,7 @@ func TestNoBackend(t *testing.T) {
 		t.Run(engine, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{engine: engine, backends: 1})
-			ctx := testCtx(t, 20*time.Second)
+			ctx := testkit.Context(t, 20*time.Second)
 
 			e.setBackends() // the set is empty
 			_, err := e.client.EmptyCall(ctx, &testgrpc.Empty{})
@@ -101,26 +102,13 @@ func TestNoBackend(t *testing.T) {
 				t.Errorf("empty set: got %v, want UNAVAILABLE naming the cause", err)
 			}
 
-			e.setBackends(deadAddr(t)) // nothing listens there
+			e.setBackends(testkit.DeadAddr(t)) // nothing listens there
 			_, err = e.client.EmptyCall(ctx, &testgrpc.Empty{})
 			if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "refused") {
 				t.Errorf("refusing backend: got %v, want UNAVAILABLE saying connection refused", err)
 			}
 		})
 	}
-}
-
-// deadAddr returns an address that refuses connections (Caddy's
-// deadUpstreamAddr trick: bind, then close).
-func deadAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
 }
 
 // TestBackendKilledMidStream stops a backend while a stream runs on it: the
@@ -130,7 +118,7 @@ func TestBackendKilledMidStream(t *testing.T) {
 		t.Run(engine, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{engine: engine})
-			ctx := testCtx(t, 30*time.Second)
+			ctx := testkit.Context(t, 30*time.Second)
 			st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{
 				ResponseParameters: []*testgrpc.ResponseParameters{{Size: 10}, {Size: 10, IntervalUs: 20e6}},
 			})
@@ -178,7 +166,7 @@ func TestBackendKilledMidStream(t *testing.T) {
 func TestNonGRPCInput(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 1})
-	ctx := testCtx(t, 20*time.Second)
+	ctx := testkit.Context(t, 20*time.Second)
 
 	t.Run("HTTP/1.1", func(t *testing.T) {
 		resp, err := http.Get("http://" + e.addr + "/")
@@ -252,13 +240,13 @@ func TestGracefulShutdown(t *testing.T) {
 		t.Run(engine, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{engine: engine, backends: 1})
-			ctx := testCtx(t, 20*time.Second)
+			ctx := testkit.Context(t, 20*time.Second)
 			res := make(chan error, 1)
 			go func() {
 				_, err := e.client.EmptyCall(metadata.AppendToOutgoingContext(ctx, testserver.MetadataDelay, "300ms"), &testgrpc.Empty{})
 				res <- err
 			}()
-			waitFor(ctx, t, "the call to reach the backend", func() bool { return e.backends[0].InFlight() == 1 })
+			testkit.WaitFor(ctx, t, "the call to reach the backend", func() bool { return e.backends[0].InFlight() == 1 })
 			if err := e.srv.Shutdown(ctx); err != nil {
 				t.Fatalf("Shutdown: %v", err)
 			}
@@ -278,13 +266,13 @@ func TestGracefulShutdown(t *testing.T) {
 func TestShutdownDeadline(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 1})
-	ctx := testCtx(t, 20*time.Second)
+	ctx := testkit.Context(t, 20*time.Second)
 	res := make(chan error, 1)
 	go func() {
 		_, err := e.client.EmptyCall(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"), &testgrpc.Empty{})
 		res <- err
 	}()
-	waitFor(ctx, t, "the call to reach the backend", func() bool { return e.backends[0].InFlight() == 1 })
+	testkit.WaitFor(ctx, t, "the call to reach the backend", func() bool { return e.backends[0].InFlight() == 1 })
 	sctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 	defer cancel()
 	if err := e.srv.Shutdown(sctx); !errors.Is(err, context.DeadlineExceeded) {
@@ -293,7 +281,7 @@ func TestShutdownDeadline(t *testing.T) {
 	if err := <-res; status.Code(err) != codes.Unavailable {
 		t.Errorf("call cut by shutdown: %v, want UNAVAILABLE", err)
 	}
-	waitFor(ctx, t, "the backend to see the call cancelled", func() bool { return e.backends[0].Canceled() == 1 })
+	testkit.WaitFor(ctx, t, "the backend to see the call cancelled", func() bool { return e.backends[0].Canceled() == 1 })
 }
 
 var _ = proxy.ErrServerClosed

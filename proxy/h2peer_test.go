@@ -14,6 +14,7 @@ import (
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
 )
 
@@ -137,7 +138,7 @@ func TestConnWindowUpdateReachesBackend(t *testing.T) {
 		c.StreamWindow = 65535
 		c.ConnWindow = 65535
 	}})
-	ctx := testCtx(t, 20*time.Second)
+	ctx := testkit.Context(t, 20*time.Second)
 	params := make([]*testgrpc.ResponseParameters, 6)
 	for i := range params {
 		params[i] = &testgrpc.ResponseParameters{Size: 20000, IntervalUs: 100000}
@@ -211,7 +212,7 @@ func TestBackendWithoutHTTP2(t *testing.T) {
 	})
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.ConnectTimeout = 200 * time.Millisecond }})
 	e.setBackends(ln.Addr().String(), e.backends[0].Addr())
-	ctx := testCtx(t, 20*time.Second)
+	ctx := testkit.Context(t, 20*time.Second)
 	for i := range 4 {
 		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 			t.Fatalf("call %d: %v", i, err)

@@ -10,13 +10,13 @@ import (
 	"net"
 	"sync"
 	"testing"
-	"time"
 
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 
+	"github.com/streamlb/streamlb/cluster"
 	"github.com/streamlb/streamlb/director"
 	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/resolver"
@@ -28,7 +28,7 @@ import (
 var quietLog = slog.New(slog.DiscardHandler)
 
 // engines are the two data planes every end-to-end test runs against.
-var engines = []string{"frame", "grpc-proxy"}
+var engines = cluster.Engines()
 
 // server is what both engines offer.
 type server interface {
@@ -184,28 +184,6 @@ func (e *env) backendByName(name string) *testserver.Server {
 		}
 	}
 	return nil
-}
-
-// ctx returns a context bounded so that no test hangs.
-func testCtx(t *testing.T, d time.Duration) context.Context {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
-
-// waitFor polls cond under ctx, as grpc-go's tests do, never a fixed sleep.
-func waitFor(ctx context.Context, t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	tick := time.NewTicker(2 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("timed out waiting for %s", what)
-		case <-tick.C:
-		}
-	}
 }
 
 // drain reads a stream to its end and returns the messages and final error.

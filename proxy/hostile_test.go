@@ -20,6 +20,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
 )
 
@@ -40,7 +41,7 @@ func startGoodClient(t *testing.T, e *env) *goodClient {
 	t.Helper()
 	client := testgrpc.NewTestServiceClient(e.dial(e.addr))
 	g := &goodClient{stop: make(chan struct{}), done: make(chan struct{})}
-	ctx := testCtx(t, 60*time.Second)
+	ctx := testkit.Context(t, 60*time.Second)
 	// One call first, so the connection is up before the attack.
 	if _, err := client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 		t.Fatalf("good client before the attack: %v", err)
@@ -145,7 +146,7 @@ func TestAcceptEMFILE(t *testing.T) {
 	served := make(chan error, 1)
 	go func() { served <- e.srv.Serve(ln) }()
 
-	ctx := testCtx(t, 20*time.Second)
+	ctx := testkit.Context(t, 20*time.Second)
 	client := testgrpc.NewTestServiceClient(e.dial(inner.Addr().String()))
 	if _, err := client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 		t.Fatalf("call through the listener that failed with EMFILE: %v", err)
@@ -175,8 +176,8 @@ func TestAcceptBackoffStopsOnClose(t *testing.T) {
 	ln.fails.Store(1 << 30)
 	served := make(chan error, 1)
 	go func() { served <- e.srv.Serve(ln) }()
-	ctx := testCtx(t, 10*time.Second)
-	waitFor(ctx, t, "accept failures", func() bool { return ln.fails.Load() < 1<<30-8 }) // into 1s waits
+	ctx := testkit.Context(t, 10*time.Second)
+	testkit.WaitFor(ctx, t, "accept failures", func() bool { return ln.fails.Load() < 1<<30-8 }) // into 1s waits
 	e.srv.Close()
 	select {
 	case err := <-served:
@@ -408,8 +409,8 @@ func TestWriteTimeout(t *testing.T) {
 		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
 		r.fr.WriteData(id, true, grpcMsg(&testgrpc.StreamingOutputCallRequest{ResponseParameters: params}))
 	}
-	ctx := testCtx(t, 30*time.Second)
-	waitFor(ctx, t, "the non-reading client's streams to be cancelled", func() bool {
+	ctx := testkit.Context(t, 30*time.Second)
+	testkit.WaitFor(ctx, t, "the non-reading client's streams to be cancelled", func() bool {
 		return e.backends[0].Canceled() >= streams
 	})
 	// The socket was closed: what it buffered, then EOF.

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/resolver"
 	"github.com/streamlb/streamlb/testserver"
@@ -21,7 +22,7 @@ import (
 // connection and counts them per backend name.
 func spread(t *testing.T, e *env, n, conc int, md func(i int) metadata.MD) map[string]int {
 	t.Helper()
-	ctx := testCtx(t, 60*time.Second)
+	ctx := testkit.Context(t, 60*time.Second)
 	var mu sync.Mutex
 	count := map[string]int{}
 	var g errgroup.Group
@@ -101,7 +102,7 @@ func TestRingHashAffinity(t *testing.T) {
 	})
 	addrs := []string{e.backends[0].Addr(), e.backends[1].Addr(), e.backends[2].Addr()}
 	e.setBackends(addrs...)
-	ctx := testCtx(t, 30*time.Second)
+	ctx := testkit.Context(t, 30*time.Second)
 	const users = 200
 	where := func() map[string]string {
 		m := map[string]string{}

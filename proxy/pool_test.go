@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/testserver"
 )
@@ -26,7 +27,7 @@ func TestBackendConcurrencyLimit(t *testing.T) {
 	e := newEnv(t, envOpts{backends: 1, tscfg: func(_ int, c *testserver.Config) {
 		c.ServerOptions = append(c.ServerOptions, grpc.MaxConcurrentStreams(10))
 	}})
-	ctx := testCtx(t, 20*time.Second)
+	ctx := testkit.Context(t, 20*time.Second)
 	// A first call learns the backend's SETTINGS.
 	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 		t.Fatal(err)
@@ -42,7 +43,7 @@ func TestBackendConcurrencyLimit(t *testing.T) {
 			return nil
 		})
 	}
-	waitFor(ctx, t, "30 calls in flight on a backend limited to 10 streams per connection", func() bool {
+	testkit.WaitFor(ctx, t, "30 calls in flight on a backend limited to 10 streams per connection", func() bool {
 		return e.backends[0].InFlight() == 30
 	})
 	cancel()
@@ -57,7 +58,7 @@ func TestDrainRemovedBackend(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 3})
 	srv := e.srv.(*proxy.Server)
-	ctx := testCtx(t, 30*time.Second)
+	ctx := testkit.Context(t, 30*time.Second)
 	slow := metadata.AppendToOutgoingContext(ctx, testserver.MetadataDelay, "20ms")
 
 	var failed atomic.Int64
@@ -79,18 +80,18 @@ func TestDrainRemovedBackend(t *testing.T) {
 			return nil
 		})
 	}
-	waitFor(ctx, t, "load on every backend", func() bool {
+	testkit.WaitFor(ctx, t, "load on every backend", func() bool {
 		return e.backends[0].Calls() > 5 && e.backends[1].Calls() > 5 && e.backends[2].Calls() > 5
 	})
 	gone := e.backends[2]
 	keep := []string{e.backends[0].Addr(), e.backends[1].Addr()}
 	e.setBackends(keep...)
 	srv.RetainBackends(keep)
-	waitFor(ctx, t, "the removed backend to finish its calls", func() bool { return gone.InFlight() == 0 })
+	testkit.WaitFor(ctx, t, "the removed backend to finish its calls", func() bool { return gone.InFlight() == 0 })
 	before := gone.Calls()
 	// More load after the removal: none of it may reach the removed backend.
 	target := e.backends[0].Calls() + 20
-	waitFor(ctx, t, "more calls after the removal", func() bool { return e.backends[0].Calls() > target })
+	testkit.WaitFor(ctx, t, "more calls after the removal", func() bool { return e.backends[0].Calls() > target })
 	close(stop)
 	if err := g.Wait(); err != nil {
 		t.Fatalf("a call failed while the set changed: %v", err)
@@ -117,7 +118,7 @@ func TestConcurrencyCaps(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{backends: 1, pcfg: tc.cfg})
-			ctx := testCtx(t, 20*time.Second)
+			ctx := testkit.Context(t, 20*time.Second)
 			hang, cancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
 			var g errgroup.Group
 			for range 5 {
@@ -129,7 +130,7 @@ func TestConcurrencyCaps(t *testing.T) {
 					return nil
 				})
 			}
-			waitFor(ctx, t, "5 calls in flight", func() bool { return e.backends[0].InFlight() == 5 })
+			testkit.WaitFor(ctx, t, "5 calls in flight", func() bool { return e.backends[0].InFlight() == 5 })
 			_, err := e.client.EmptyCall(ctx, &testgrpc.Empty{})
 			if st := status.Convert(err); st.Code() != codes.ResourceExhausted || !strings.Contains(st.Message(), "limit 5") {
 				t.Errorf("call over the cap: %v, want RESOURCE_EXHAUSTED naming the limit", err)
@@ -159,7 +160,7 @@ func TestPickMetadata(t *testing.T) {
 			return inner.Pick(ctx, m)
 		})
 	}})
-	ctx := testCtx(t, 20*time.Second)
+	ctx := testkit.Context(t, 20*time.Second)
 	if _, err := e.client.EmptyCall(metadata.AppendToOutgoingContext(ctx, "x-user", "alice", "x-other", "no"), &testgrpc.Empty{}); err != nil {
 		t.Fatal(err)
 	}

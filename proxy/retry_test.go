@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/testserver"
 )
@@ -26,8 +27,8 @@ const emptyCall = "/grpc.testing.TestService/EmptyCall"
 func TestTransparentRetryRefused(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 2, dcfg: func(c *director.Config) { c.EjectAfter = -1 }})
-	e.setBackends(deadAddr(t), e.backends[0].Addr(), e.backends[1].Addr())
-	ctx := testCtx(t, 20*time.Second)
+	e.setBackends(testkit.DeadAddr(t), e.backends[0].Addr(), e.backends[1].Addr())
+	ctx := testkit.Context(t, 20*time.Second)
 	for i := range 30 {
 		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 			t.Fatalf("call %d: %v (a refused connection must be retried elsewhere)", i, err)
@@ -60,7 +61,7 @@ func TestRetryUnavailable(t *testing.T) {
 				pcfg: func(c *proxy.Config) { c.RetryOn = tc.retryOn },
 				dcfg: func(c *director.Config) { c.EjectAfter = -1 },
 			})
-			ctx := testCtx(t, 20*time.Second)
+			ctx := testkit.Context(t, 20*time.Second)
 			fails := 0
 			for range 20 {
 				var hdr metadata.MD
@@ -95,7 +96,7 @@ func TestRetryBudget(t *testing.T) {
 		pcfg:  func(c *proxy.Config) { c.RetryOn = []string{emptyCall} },
 		dcfg:  func(c *director.Config) { c.EjectAfter = -1 },
 	})
-	ctx := testCtx(t, 20*time.Second)
+	ctx := testkit.Context(t, 20*time.Second)
 	const calls = 100
 	for range calls {
 		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); status.Code(err) != codes.Unavailable {
@@ -121,7 +122,7 @@ func TestRetryBudget(t *testing.T) {
 func TestKilledUnderLoad(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 3, pcfg: func(c *proxy.Config) { c.RetryOn = []string{emptyCall} }})
-	ctx := testCtx(t, 30*time.Second)
+	ctx := testkit.Context(t, 30*time.Second)
 	slow := metadata.AppendToOutgoingContext(ctx, testserver.MetadataDelay, "5ms")
 	victim := e.backends[2]
 	var done atomic.Int64
@@ -137,7 +138,7 @@ func TestKilledUnderLoad(t *testing.T) {
 			return nil
 		})
 	}
-	waitFor(ctx, t, "load on the victim", func() bool { return victim.Calls() > 20 })
+	testkit.WaitFor(ctx, t, "load on the victim", func() bool { return victim.Calls() > 20 })
 	victim.Stop()
 	if err := g.Wait(); err != nil {
 		t.Fatalf("a call failed although the proxy could retry it: %v", err)
@@ -165,7 +166,7 @@ func TestRetriedFailureMatchesDirect(t *testing.T) {
 		pcfg:  func(c *proxy.Config) { c.RetryOn = []string{emptyCall} },
 		dcfg:  func(c *director.Config) { c.EjectAfter = -1 },
 	})
-	ctx := metadata.AppendToOutgoingContext(testCtx(t, 20*time.Second), "x-echo-a", "1", "x-echo-trailer-b", "2")
+	ctx := metadata.AppendToOutgoingContext(testkit.Context(t, 20*time.Second), "x-echo-a", "1", "x-echo-trailer-b", "2")
 	call := func(c testgrpc.TestServiceClient) callResult {
 		var h, tr metadata.MD
 		_, err := c.EmptyCall(ctx, &testgrpc.Empty{}, grpc.Header(&h), grpc.Trailer(&tr))

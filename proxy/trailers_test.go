@@ -1,6 +1,8 @@
 package proxy_test
 
 import (
+	"github.com/streamlb/streamlb/internal/testkit"
+
 	"net"
 	"testing"
 	"time"
@@ -33,7 +35,7 @@ func TestTrailersOnlyFromBackend(t *testing.T) {
 
 			e := newEnv(t, envOpts{engine: engine, backends: 1})
 			e.setBackends(ln.Addr().String())
-			ctx := testCtx(t, 20*time.Second)
+			ctx := testkit.Context(t, 20*time.Second)
 			call := func(c testgrpc.TestServiceClient) callResult {
 				var h, tr metadata.MD
 				_, err := c.EmptyCall(ctx, &testgrpc.Empty{}, grpc.Header(&h), grpc.Trailer(&tr))
@@ -62,7 +64,7 @@ func TestStreamingStatusMatchesDirect(t *testing.T) {
 		t.Run(engine, func(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{engine: engine, backends: 1})
-			ctx := testCtx(t, 20*time.Second)
+			ctx := testkit.Context(t, 20*time.Second)
 			md := metadata.Pairs("x-echo-k", "v", "x-echo-trailer-t", "tv")
 			req := &testgrpc.StreamingOutputCallRequest{
 				ResponseParameters: []*testgrpc.ResponseParameters{{Size: 10}, {Size: 70000}},
