@@ -148,6 +148,23 @@ type meteredPicker struct {
 
 func (p *meteredPicker) Pick(ctx context.Context, fullMethod string) (string, func(error), error) {
 	addr, done, err := p.next.Pick(ctx, fullMethod)
+	return p.meter(addr, done, err)
+}
+
+// PickExcluding forwards a retry's pick, with the backends it already
+// tried, to next if next is a proxy.RetryPicker (the director is), so that
+// metering does not cost retries their exclusion; otherwise it is Pick.
+func (p *meteredPicker) PickExcluding(ctx context.Context, fullMethod string, tried []string) (string, func(error), error) {
+	if rp, ok := p.next.(proxy.RetryPicker); ok {
+		return p.meter(rp.PickExcluding(ctx, fullMethod, tried))
+	}
+	return p.Pick(ctx, fullMethod)
+}
+
+var _ proxy.RetryPicker = (*meteredPicker)(nil)
+
+// meter counts one pick's result and wraps its done.
+func (p *meteredPicker) meter(addr string, done func(error), err error) (string, func(error), error) {
 	if err != nil {
 		p.m.noBackend.Inc()
 		return addr, done, err

@@ -52,3 +52,35 @@ func BenchmarkPickMetrics(b *testing.B) {
 		})
 	}
 }
+
+// TestMeteredPickerKeepsExclusion checks that metering does not hide the
+// director's PickExcluding: a retry's pick must avoid the tried backends.
+func TestMeteredPickerKeepsExclusion(t *testing.T) {
+	cfg := Config{Targets: []string{"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"}, Logger: slog.New(slog.DiscardHandler), Metrics: prometheus.NewRegistry()}
+	c, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := resolver.State{}
+	for _, a := range cfg.Targets {
+		st.Addresses = append(st.Addresses, resolver.Address{Addr: a})
+	}
+	if err := c.Director().UpdateState(st); err != nil {
+		t.Fatal(err)
+	}
+	rp, ok := c.Picker().(proxy.RetryPicker)
+	if !ok {
+		t.Fatalf("metered Picker %T is not a proxy.RetryPicker", c.Picker())
+	}
+	tried := []string{"10.0.0.1:80", "10.0.0.2:80"}
+	for range 20 {
+		addr, done, err := rp.PickExcluding(t.Context(), "/s/m", tried)
+		if err != nil {
+			t.Fatal(err)
+		}
+		done(nil)
+		if addr != "10.0.0.3:80" {
+			t.Fatalf("PickExcluding(tried=%v) = %s, want the untried 10.0.0.3:80", tried, addr)
+		}
+	}
+}
