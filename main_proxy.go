@@ -50,6 +50,7 @@ func proxyCommand() *cli.Command {
 			&cli.StringFlag{Name: "engine", Value: cluster.EngineFrame, Usage: "data plane: frame (relays HTTP/2 frames) or grpc-proxy (message-level reference engine)"},
 			&cli.DurationFlag{Name: "drain-timeout", Value: cluster.DefaultDrainTimeout, Usage: "how long in-flight streams may run on SIGINT/SIGTERM, and on a backend that left the set, before they are cut"},
 			&cli.StringFlag{Name: "admin-listen", Usage: "`ADDR` for the admin HTTP endpoints /healthz, /readyz, /backends, /metrics and /debug/pprof/ (off when empty)"},
+			&cli.StringFlag{Name: "access-log", Usage: "write one line per call to `PATH` (appended; - or stderr for stderr), in --log-format"},
 			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "keep Prometheus metrics, served on /metrics of --admin-listen (--metrics=false: none)"},
 
 			// Discovery.
@@ -109,6 +110,14 @@ func runProxy(c *cli.Context) error {
 	cfg, err := proxyConfig(c, logger)
 	if err != nil {
 		return err
+	}
+	if path := c.String("access-log"); path != "" {
+		al, err := cluster.OpenAccessLog(path, c.String("log-format"), c.App.ErrWriter)
+		if err != nil {
+			return usageErr("--access-log: %v", err)
+		}
+		defer al.Close()
+		cfg.AccessLog = al
 	}
 	ctx, stop := signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -22,6 +22,10 @@ import (
 //     resolved once, when the backend is first picked, and kept in a map
 //     read under a read lock, so a call costs a few atomic adds and no
 //     label lookups.
+//   - Per call too, the data plane's call-end hook (callEnd) counts the
+//     bytes relayed, retries and limit rejections. It runs on the data
+//     plane's own delivery goroutine, off the relay, and uses the same
+//     resolved children.
 //   - At scrape time, a Collector reads the director's per-backend state
 //     (health, ejection, ejections) and the backend set's size, so none of
 //     that costs anything between scrapes.
@@ -41,6 +45,11 @@ type metrics struct {
 	noBackend prometheus.Counter
 	setChange prometheus.Counter
 	resolveEr prometheus.Counter
+	reqBytes  *prometheus.CounterVec // cluster, backend
+	respBytes *prometheus.CounterVec // cluster, backend
+	retriedOK prometheus.Counter     // retries of calls that ended OK
+	retriedNo prometheus.Counter     // retries of calls that failed anyway
+	limits    map[string]prometheus.Counter
 
 	mu       sync.RWMutex
 	backends map[string]*backendMetrics // mu guards it
@@ -52,6 +61,8 @@ type backendMetrics struct {
 	inflight prometheus.Gauge
 	duration prometheus.Observer
 	finished [17]prometheus.Counter // by codes.Code; 0..16
+	reqBytes prometheus.Counter
+	respByte prometheus.Counter
 }
 
 // newMetrics registers the instruments of cluster name with reg.
@@ -81,11 +92,51 @@ func newMetrics(reg prometheus.Registerer, name string, c *Cluster) *metrics {
 		resolveEr: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "streamlb_resolver_errors_total", Help: "Failed lookups of the backend targets (the last set was kept).", ConstLabels: constLabels,
 		}),
+		reqBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "streamlb_request_bytes_total", Help: "Request DATA payload bytes received from clients, by the backend of the call's final attempt.", ConstLabels: constLabels,
+		}, []string{"backend"}),
+		respBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "streamlb_response_bytes_total", Help: "Response DATA payload bytes relayed to clients, by backend.", ConstLabels: constLabels,
+		}, []string{"backend"}),
 		backends: make(map[string]*backendMetrics),
 	}
+	retries := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "streamlb_retries_total", Help: "Further attempts calls made on another backend, by the call's outcome (ok: it then succeeded).", ConstLabels: constLabels,
+	}, []string{"outcome"})
+	m.retriedOK, m.retriedNo = retries.WithLabelValues("ok"), retries.WithLabelValues("failed")
+	limits := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "streamlb_limit_rejections_total", Help: "Calls the proxy refused with RESOURCE_EXHAUSTED, by the limit reached.", ConstLabels: constLabels,
+	}, []string{"limit"})
+	m.limits = make(map[string]prometheus.Counter)
+	for _, l := range []string{proxy.LimitMaxStreams, proxy.LimitMaxStreamsPerBackend, proxy.LimitMaxHeaderSize} {
+		m.limits[l] = limits.WithLabelValues(l)
+	}
 	reg.MustRegister(m.started, m.finished, m.inflight, m.duration, m.noBackend, m.setChange, m.resolveEr,
+		m.reqBytes, m.respBytes, retries, limits,
 		&stateCollector{c: c, constLabels: constLabels})
 	return m
+}
+
+// callEnd counts what the data plane reports about a call that ended.
+// The map of limits is read-only after newMetrics.
+func (m *metrics) callEnd(ci proxy.CallInfo) {
+	if ci.Backend != "" {
+		b := m.backend(ci.Backend)
+		b.reqBytes.Add(float64(ci.RequestBytes))
+		b.respByte.Add(float64(ci.ResponseBytes))
+	}
+	if ci.Attempts > 1 {
+		if ci.Code == codes.OK {
+			m.retriedOK.Add(float64(ci.Attempts - 1))
+		} else {
+			m.retriedNo.Add(float64(ci.Attempts - 1))
+		}
+	}
+	if ci.Limit != "" {
+		if c := m.limits[ci.Limit]; c != nil {
+			c.Inc()
+		}
+	}
 }
 
 // backend returns addr's label children, resolving them on first use.
@@ -105,6 +156,8 @@ func (m *metrics) backend(addr string) *backendMetrics {
 		started:  m.started.WithLabelValues(addr),
 		inflight: m.inflight.WithLabelValues(addr),
 		duration: m.duration.WithLabelValues(addr),
+		reqBytes: m.reqBytes.WithLabelValues(addr),
+		respByte: m.respBytes.WithLabelValues(addr),
 	}
 	for code := range b.finished {
 		b.finished[code] = m.finished.WithLabelValues(addr, codes.Code(code).String())
@@ -132,6 +185,8 @@ func (m *metrics) UpdateState(s resolver.State) error {
 		m.started.DeleteLabelValues(addr)
 		m.inflight.DeleteLabelValues(addr)
 		m.duration.DeleteLabelValues(addr)
+		m.reqBytes.DeleteLabelValues(addr)
+		m.respBytes.DeleteLabelValues(addr)
 		m.finished.DeletePartialMatch(prometheus.Labels{"backend": addr})
 	}
 	return nil
@@ -238,4 +293,35 @@ func boolFloat(b bool) float64 {
 		return 1
 	}
 	return 0
+}
+
+// connCollector reports the frame engine's connection counts at scrape
+// time.
+type connCollector struct {
+	stats       func() proxy.Stats
+	constLabels prometheus.Labels
+	descs       [4]*prometheus.Desc
+}
+
+func newConnCollector(stats func() proxy.Stats, constLabels prometheus.Labels) *connCollector {
+	return &connCollector{stats: stats, constLabels: constLabels, descs: [4]*prometheus.Desc{
+		prometheus.NewDesc("streamlb_client_connections", "Client connections open.", nil, constLabels),
+		prometheus.NewDesc("streamlb_client_connections_accepted_total", "Client connections accepted and served.", nil, constLabels),
+		prometheus.NewDesc("streamlb_client_connections_refused_total", "Client connections closed as soon as accepted, over --max-connections.", nil, constLabels),
+		prometheus.NewDesc("streamlb_backend_connections", "Backend connections open or being opened.", nil, constLabels),
+	}}
+}
+
+func (cc *connCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range cc.descs {
+		ch <- d
+	}
+}
+
+func (cc *connCollector) Collect(ch chan<- prometheus.Metric) {
+	st := cc.stats()
+	ch <- prometheus.MustNewConstMetric(cc.descs[0], prometheus.GaugeValue, float64(st.ClientConns))
+	ch <- prometheus.MustNewConstMetric(cc.descs[1], prometheus.CounterValue, float64(st.ClientConnsAccepted))
+	ch <- prometheus.MustNewConstMetric(cc.descs[2], prometheus.CounterValue, float64(st.ClientConnsRefused))
+	ch <- prometheus.MustNewConstMetric(cc.descs[3], prometheus.GaugeValue, float64(st.BackendConns))
 }

@@ -68,6 +68,9 @@ type ServerConfig struct {
 	// TLS, if set, terminates TLS on the listener Run serves; nil means
 	// cleartext HTTP/2 (h2c). The files are read by NewServer.
 	TLS *ServerTLS
+	// AccessLog, if set, gets one line per call (see [AccessLog]); the
+	// caller closes it after Run returned. Nil means no access log.
+	AccessLog *AccessLog
 }
 
 // engine is what both data planes offer.
@@ -134,13 +137,14 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		}
 		pc.DrainTimeout = cfg.DrainTimeout
 		pc.Logger = cfg.Logger
+		pc.OnCallEnd = s.callEndHook()
 		if h := cfg.Cluster.Director.HashHeader; h != "" && len(pc.PickMetadata) == 0 {
 			// ring_hash reads its key from the stream's metadata.
 			pc.PickMetadata = []string{h}
 		}
 		s.engine, err = proxy.New(pc)
 	case EngineGRPCProxy:
-		rc := proxy.ReferenceConfig{Picker: c.Picker(), DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger}
+		rc := proxy.ReferenceConfig{Picker: c.Picker(), DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, OnCallEnd: s.callEndHook()}
 		if c.tls != nil {
 			rc.Credentials = c.tls.credentials()
 		}
@@ -151,7 +155,28 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	if fs, ok := s.engine.(*proxy.Server); ok && cfg.Metrics != nil {
+		cfg.Metrics.MustRegister(newConnCollector(fs.Stats, prometheus.Labels{"cluster": c.Name()}))
+	}
 	return s, nil
+}
+
+// callEndHook is the data plane's call-end hook: the access log and the
+// metrics counted per call, or nil when neither is on.
+func (s *Server) callEndHook() func(proxy.CallInfo) {
+	al, m, name := s.cfg.AccessLog, s.cluster.metrics, s.cluster.Name()
+	switch {
+	case al == nil && m == nil:
+		return nil
+	case al == nil:
+		return m.callEnd
+	case m == nil:
+		return func(ci proxy.CallInfo) { al.callEnd(name, ci) }
+	}
+	return func(ci proxy.CallInfo) {
+		m.callEnd(ci)
+		al.callEnd(name, ci)
+	}
 }
 
 // Cluster returns the server's cluster.

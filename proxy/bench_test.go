@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -68,6 +70,18 @@ func runBenchChild(spec string) int {
 	switch parts[0] {
 	case "frame":
 		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog})
+	case "frame-hook-noop":
+		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog, OnCallEnd: func(proxy.CallInfo) {}})
+	case "frame-hook-log":
+		// What an access log costs: a JSON line per call, written nowhere.
+		al := slog.New(slog.NewJSONHandler(io.Discard, nil))
+		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog, OnCallEnd: func(ci proxy.CallInfo) {
+			al.LogAttrs(context.Background(), slog.LevelInfo, "call",
+				slog.String("method", ci.Method), slog.String("backend", ci.Backend),
+				slog.String("code", ci.Code.String()), slog.Duration("duration", ci.Duration),
+				slog.Int64("bytes_in", ci.RequestBytes), slog.Int64("bytes_out", ci.ResponseBytes),
+				slog.Int("retries", max(ci.Attempts-1, 0)), slog.String("client", ci.Client.String()))
+		}})
 	case "grpc-proxy":
 		srv, err = proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: quietLog})
 	default:
@@ -91,16 +105,41 @@ func runBenchChild(spec string) int {
 	}
 	fmt.Println(ln.Addr().String())
 	go srv.Serve(ln)
-	io.Copy(io.Discard, os.Stdin) // the parent closes stdin to stop us
+	// Each line from the parent asks for the allocations so far; the
+	// parent closes stdin to stop us.
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		fmt.Println(ms.Mallocs)
+	}
 	srv.Close()
 	return 0
 }
 
 // child is a proxy process started by a benchmark.
 type child struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	addr  string
+	cmd    *exec.Cmd
+	stdin  io.WriteCloser
+	stdout *bufio.Reader
+	addr   string
+}
+
+// mallocs returns the child's heap allocations so far.
+func (c *child) mallocs(b *testing.B) uint64 {
+	b.Helper()
+	if _, err := io.WriteString(c.stdin, "\n"); err != nil {
+		b.Fatal(err)
+	}
+	line, err := c.stdout.ReadString('\n')
+	if err != nil {
+		b.Fatal(err)
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(line), 10, 64)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return n
 }
 
 func startChild(b *testing.B, engine string, backends []string) *child {
@@ -124,7 +163,8 @@ func startChild(b *testing.B, engine string, backends []string) *child {
 		stdin.Close()
 		cmd.Wait()
 	})
-	line, err := bufio.NewReader(stdout).ReadString('\n')
+	c.stdout = bufio.NewReader(stdout)
+	line, err := c.stdout.ReadString('\n')
 	if err != nil {
 		b.Fatalf("proxy child: %v", err)
 	}
@@ -213,8 +253,8 @@ var benchPaths = []string{"direct", "frame", "grpc-proxy"}
 // of the call that mk builds on a client of one connection to the path,
 // at concurrency conc, and reports the proxy's CPU per op, scaled by unit
 // and named metric.
-func benchCalls(b *testing.B, warmup, conc int, bytes int64, unit time.Duration, metric string, mk func(testgrpc.TestServiceClient) func() error) {
-	for _, path := range benchPaths {
+func benchCalls(b *testing.B, paths []string, warmup, conc int, bytes int64, unit time.Duration, metric string, mk func(testgrpc.TestServiceClient) func() error) {
+	for _, path := range paths {
 		b.Run(path, func(b *testing.B) {
 			addr, c := benchTarget(b, path)
 			cc, err := dialBench(addr)
@@ -225,7 +265,9 @@ func benchCalls(b *testing.B, warmup, conc int, bytes int64, unit time.Duration,
 			call := mk(testgrpc.NewTestServiceClient(cc))
 			runLoad(b, warmup, conc, call) // warm up connections and pools
 			var before time.Duration
+			var allocs uint64
 			if c != nil {
+				allocs = c.mallocs(b)
 				before = c.cpu(b)
 			}
 			b.SetBytes(bytes)
@@ -234,6 +276,7 @@ func benchCalls(b *testing.B, warmup, conc int, bytes int64, unit time.Duration,
 			b.StopTimer()
 			if c != nil {
 				b.ReportMetric(float64(c.cpu(b)-before)/float64(unit)/float64(b.N), metric)
+				b.ReportMetric(float64(c.mallocs(b)-allocs)/float64(b.N), "proxy-allocs/op")
 			}
 		})
 	}
@@ -243,7 +286,18 @@ func benchCalls(b *testing.B, warmup, conc int, bytes int64, unit time.Duration,
 // response) at concurrency 50 over one client connection.
 func BenchmarkUnary(b *testing.B) {
 	req := &testgrpc.SimpleRequest{ResponseSize: 100, Payload: &testgrpc.Payload{Body: make([]byte, 100)}}
-	benchCalls(b, 2000, 50, 0, time.Microsecond, "proxy-µs/call", func(client testgrpc.TestServiceClient) func() error {
+	benchCalls(b, benchPaths, 2000, 50, 0, time.Microsecond, "proxy-µs/call", func(client testgrpc.TestServiceClient) func() error {
+		return func() error { _, err := client.UnaryCall(context.Background(), req); return err }
+	})
+}
+
+// BenchmarkUnaryHook is BenchmarkUnary with Config.OnCallEnd nil, a
+// no-op and an access log's JSON line written to io.Discard:
+//
+//	go test -run '^$' -bench UnaryHook -benchtime 20000x ./proxy/
+func BenchmarkUnaryHook(b *testing.B) {
+	req := &testgrpc.SimpleRequest{ResponseSize: 100, Payload: &testgrpc.Payload{Body: make([]byte, 100)}}
+	benchCalls(b, []string{"frame", "frame-hook-noop", "frame-hook-log"}, 2000, 50, 0, time.Microsecond, "proxy-µs/call", func(client testgrpc.TestServiceClient) func() error {
 		return func() error { _, err := client.UnaryCall(context.Background(), req); return err }
 	})
 }
@@ -256,7 +310,7 @@ func BenchmarkStream(b *testing.B) {
 		params[i] = &testgrpc.ResponseParameters{Size: 64 << 10}
 	}
 	req := &testgrpc.StreamingOutputCallRequest{ResponseParameters: params}
-	benchCalls(b, 50, 4, 1<<20, time.Millisecond, "proxy-ms/MiB", func(client testgrpc.TestServiceClient) func() error {
+	benchCalls(b, benchPaths, 50, 4, 1<<20, time.Millisecond, "proxy-ms/MiB", func(client testgrpc.TestServiceClient) func() error {
 		return func() error {
 			st, err := client.StreamingOutputCall(context.Background(), req)
 			if err != nil {

@@ -178,6 +178,14 @@ type Config struct {
 
 	// Logger receives the server's logs. Nil means slog.Default().
 	Logger *slog.Logger
+
+	// OnCallEnd, if set, is called once per client stream after it ended,
+	// with what the access log and metrics need. It runs on a goroutine
+	// of the Server's, one call at a time, under no lock of the proxy's,
+	// so it may block, but while it does further calls queue (up to a
+	// bound, then they are dropped and counted in a Warn log). Nil costs
+	// nothing per call.
+	OnCallEnd func(CallInfo)
 }
 
 func (c *Config) setDefaults() error {

@@ -15,6 +15,8 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 )
 
 // ReferenceConfig configures the message-level reference engine.
@@ -30,6 +32,11 @@ type ReferenceConfig struct {
 	// Credentials secure the connections to backends. Nil means
 	// cleartext (h2c).
 	Credentials credentials.TransportCredentials
+	// OnCallEnd, if set, is called once per call when it ended, on the
+	// call's own goroutine and under no lock. This engine fills in
+	// Method, Backend, Attempts, Code, Message, Start, Duration and
+	// Client only: it does not see the bytes relayed.
+	OnCallEnd func(CallInfo)
 }
 
 // Reference is the message-level engine: mwitkow/grpc-proxy's transparent
@@ -44,6 +51,7 @@ type Reference struct {
 	srv    *grpc.Server
 	drain  time.Duration
 	creds  credentials.TransportCredentials
+	onEnd  func(CallInfo)
 
 	mu sync.Mutex
 	// mu guards the fields below.
@@ -55,7 +63,10 @@ type doneKey struct{}
 
 // doneHolder carries the Picker's done function from the director, which
 // runs inside the handler, back to the interceptor that sees the outcome.
-type doneHolder struct{ done func(error) }
+type doneHolder struct {
+	done func(error)
+	addr string
+}
 
 // NewReference builds the reference engine. It starts nothing.
 func NewReference(cfg ReferenceConfig) (*Reference, error) {
@@ -73,6 +84,7 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	}
 	r := &Reference{
 		creds:    cfg.Credentials,
+		onEnd:    cfg.OnCallEnd,
 		picker:   cfg.Picker,
 		log:      cfg.Logger.With("component", "proxy", "engine", "grpc-proxy"),
 		drain:    cfg.DrainTimeout,
@@ -90,10 +102,25 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 
 // intercept reports each stream's outcome to the Picker's done.
 func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	var start time.Time
+	if r.onEnd != nil {
+		start = time.Now()
+	}
 	h := &doneHolder{}
 	err := handler(srv, &holderStream{ServerStream: ss, ctx: context.WithValue(ss.Context(), doneKey{}, h)})
 	if h.done != nil {
 		h.done(err)
+	}
+	if r.onEnd != nil {
+		st, _ := status.FromError(err)
+		ci := CallInfo{Method: info.FullMethod, Backend: h.addr, Code: st.Code(), Message: st.Message(), Start: start, Duration: time.Since(start)}
+		if h.addr != "" {
+			ci.Attempts = 1
+		}
+		if p, ok := peer.FromContext(ss.Context()); ok {
+			ci.Client = p.Addr
+		}
+		r.onEnd(ci)
 	}
 	return err
 }
@@ -114,6 +141,7 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 	}
 	if h, ok := ctx.Value(doneKey{}).(*doneHolder); ok {
 		h.done = done
+		h.addr = addr
 	}
 	cc, err := r.conn(addr)
 	if err != nil {

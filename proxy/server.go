@@ -41,6 +41,8 @@ type Server struct {
 	done     chan struct{}
 	now      func() time.Time
 	refusals refusalLog
+	accepted atomic.Int64 // client connections accepted and served
+	ends     *endQueue    // nil without Config.OnCallEnd
 }
 
 // admit takes a unit of the MaxStreams budget for s, if one is left.
@@ -83,6 +85,9 @@ func New(cfg Config) (*Server, error) {
 		done:      make(chan struct{}),
 		now:       time.Now,
 	}
+	if cfg.OnCallEnd != nil {
+		s.ends = newEndQueue(cfg.OnCallEnd)
+	}
 	s.budget = newRetryBudget(10, 0.1)
 	s.pool.srv = s
 	s.pool.conns = make(map[string][]*backendConn)
@@ -102,6 +107,9 @@ func (s *Server) Serve(ln net.Listener) error {
 		return ErrServerClosed
 	}
 	s.listeners[ln] = struct{}{}
+	if s.ends != nil {
+		s.ends.start(s)
+	}
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
@@ -158,6 +166,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		}
 		c := newServerConn(s, nc)
 		s.conns[c] = struct{}{}
+		s.accepted.Add(1)
 		s.connWG.Add(1)
 		s.mu.Unlock()
 		go func() {
@@ -201,6 +210,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.cancelPool()
 	s.pool.closeAll()
+	s.stopEnds()
 	return err
 }
 
@@ -217,6 +227,7 @@ func (s *Server) Close() error {
 	s.connWG.Wait()
 	s.cancelPool()
 	s.pool.closeAll()
+	s.stopEnds()
 	return nil
 }
 

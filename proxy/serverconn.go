@@ -18,6 +18,7 @@ import (
 type serverConn struct {
 	transport
 	srv    *Server
+	remote net.Addr        // the client's address
 	ctx    context.Context // passed to Picker.Pick; cancelled when the connection ends
 	cancel context.CancelFunc
 
@@ -33,7 +34,7 @@ type serverConn struct {
 }
 
 func newServerConn(srv *Server, nc net.Conn) *serverConn {
-	c := &serverConn{srv: srv, streams: make(map[uint32]*stream)}
+	c := &serverConn{srv: srv, remote: nc.RemoteAddr(), streams: make(map[uint32]*stream)}
 	cfg := &srv.cfg
 	c.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
 	c.writeTimeout = cfg.WriteTimeout
@@ -387,6 +388,9 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	s := &stream{cc: c}
+	if c.srv.ends != nil {
+		s.start = c.srv.now()
+	}
 	s.down = sendQueue{s: s, id: id, window: c.peerInitWin}
 	s.upRecv = recvState{id: id, window: c.streamWindow}
 	s.cRecvEnd = end
@@ -561,6 +565,7 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 	}
 	c.creditLocked(r, n-int32(len(data))) // padding is never relayed
+	s.bytesIn += int64(len(data))
 	if len(data) == 0 && !end {
 		// Says nothing, and would cost a queue entry per frame toward
 		// the backend: not relayed, and a glitch.
@@ -637,9 +642,11 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 	}
 	if it.kind == itemData {
 		s.down.pushData(data, it.end)
+		s.bytesOut += int64(len(data))
 	} else {
 		if it.end {
 			s.result = outcome(it.fields)
+			c.noteBackendStatusLocked(s, it.fields)
 		}
 		s.down.items = append(s.down.items, it)
 	}

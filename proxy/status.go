@@ -256,5 +256,9 @@ func statusFields(st *status.Status, httpStatus int, trailersOnly bool) []hpack.
 func (c *serverConn) failLocked(s *stream, f failure, answer ...[]hpack.HeaderField) {
 	blocks, result := endBlocks(f, !s.headersSent, answer)
 	s.result = result
+	s.failKind = f.kind
+	if len(answer) > 0 {
+		c.noteBackendStatusLocked(s, answer[len(answer)-1])
+	}
 	c.finishDownLocked(s, blocks...)
 }

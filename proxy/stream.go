@@ -42,6 +42,12 @@ type stream struct {
 	deadline    time.Time // from grpc-timeout; zero when none
 	attempts    int       // attempts made so far
 	tried       []string  // backends of the attempts made, in order
+	bytesIn     int64     // DATA payload received from the client
+	bytesOut    int64     // DATA payload queued toward the client
+	fromBackend bool      // result is the backend's own status
+	failKind    failKind  // what failLocked ended the call for
+	message     string    // the backend's grpc-message, with Config.OnCallEnd
+	start       time.Time // request headers arrived, with Config.OnCallEnd
 
 	// sides counts the sides that are done: the client side and the final
 	// attempt. The second reports the outcome.
@@ -93,5 +99,9 @@ func (s *stream) sideClosed() {
 		if a.done != nil {
 			a.done(s.result)
 		}
+	}
+	if q := s.cc.srv.ends; q != nil {
+		// Queued, not called: this may run under cc.mu or a bc.mu.
+		q.push(s.callInfo(s.cc.srv.now()))
 	}
 }

@@ -1,0 +1,244 @@
+package proxy
+
+import (
+	"net"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// CallInfo describes one client call when it has ended, for access logs
+// and metrics: see Config.OnCallEnd. The hook owns it after the call.
+type CallInfo struct {
+	// Method is the gRPC full method name, "/pkg.Service/Method"; empty
+	// for a request rejected before its path was read.
+	Method string
+	// Backend is the address of the final attempt's backend; empty when
+	// the call reached none (no backend picked, or a limit rejected it).
+	Backend string
+	// Attempts is how many backends were picked for the call, retries
+	// included; Attempts-1 are retries. Zero when no pick was made.
+	Attempts int
+	// Code is the gRPC status the client was sent (or, when the client
+	// reset the stream or went away, CANCELLED).
+	Code codes.Code
+	// Message is grpc-message: the proxy's own for a status it made, the
+	// backend's as sent (percent-encoded, gRPC over HTTP/2) otherwise.
+	Message string
+	// ProxyStatus reports that the proxy made the status rather than
+	// relaying a backend's (see status.go).
+	ProxyStatus bool
+	// Limit names the limit that rejected the call when the proxy
+	// answered RESOURCE_EXHAUSTED: "max_streams",
+	// "max_streams_per_backend" or "max_header_size"; empty otherwise.
+	Limit string
+	// Start is when the request headers arrived.
+	Start time.Time
+	// Duration runs from Start until both the client side and the final
+	// attempt were done.
+	Duration time.Duration
+	// RequestBytes and ResponseBytes are the DATA payload (gRPC
+	// length-prefixed messages, padding excluded) received from the client
+	// and relayed to it.
+	RequestBytes, ResponseBytes int64
+	// Client is the client connection's remote address.
+	Client net.Addr
+}
+
+// Limit names, see CallInfo.Limit.
+const (
+	LimitMaxStreams           = "max_streams"
+	LimitMaxStreamsPerBackend = "max_streams_per_backend"
+	LimitMaxHeaderSize        = "max_header_size"
+)
+
+// limitName is the CallInfo.Limit of a proxy failure.
+func limitName(k failKind) string {
+	switch k {
+	case failTooManyCalls:
+		return LimitMaxStreams
+	case failBackendFull:
+		return LimitMaxStreamsPerBackend
+	case failHeadersTooLarge:
+		return LimitMaxHeaderSize
+	}
+	return ""
+}
+
+// callInfo describes s once both its sides are done, so nothing writes its
+// fields any more.
+func (s *stream) callInfo(end time.Time) CallInfo {
+	ci := CallInfo{
+		Method:        s.method,
+		Attempts:      s.attempts,
+		Start:         s.start,
+		Duration:      end.Sub(s.start),
+		RequestBytes:  s.bytesIn,
+		ResponseBytes: s.bytesOut,
+		Client:        s.cc.remote,
+		ProxyStatus:   !s.fromBackend,
+	}
+	if s.att != nil {
+		ci.Backend = s.att.bc.addr
+	}
+	if s.result != nil {
+		st, _ := status.FromError(s.result)
+		ci.Code = st.Code()
+		if s.fromBackend {
+			ci.Message = s.message
+		} else {
+			ci.Message = st.Message()
+			if ci.Code == codes.ResourceExhausted {
+				ci.Limit = limitName(s.failKind)
+			}
+		}
+	}
+	return ci
+}
+
+// maxPendingEnds bounds the calls waiting for Config.OnCallEnd; past it
+// further calls are not reported (and counted), so a hook that blocks
+// cannot grow the proxy's memory without bound.
+const maxPendingEnds = 1 << 16
+
+// endQueue hands ended calls to Config.OnCallEnd on a goroutine of its
+// own: streams end under connection locks, and the hook (an access log
+// writing a file, say) must run under none and must not hold up the
+// relay. Calls are collected under mu and delivered in batches.
+type endQueue struct {
+	fn   func(CallInfo)
+	wake chan struct{} // capacity 1: a coalescing "something is pending"
+	done chan struct{} // closed when deliverLoop returns
+
+	mu sync.Mutex
+	// mu guards the fields below.
+	pending []CallInfo
+	dropped int64
+	started bool
+	closed  bool
+}
+
+func newEndQueue(fn func(CallInfo)) *endQueue {
+	return &endQueue{fn: fn, wake: make(chan struct{}, 1), done: make(chan struct{})}
+}
+
+// push queues ci for the hook. It never blocks; once the queue is closed
+// it drops ci.
+func (q *endQueue) push(ci CallInfo) {
+	q.mu.Lock()
+	switch {
+	case q.closed:
+	case len(q.pending) >= maxPendingEnds:
+		q.dropped++
+	default:
+		q.pending = append(q.pending, ci)
+	}
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+// start starts deliverLoop once. The Server calls it from Serve.
+func (q *endQueue) start(s *Server) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.started || q.closed {
+		return
+	}
+	q.started = true
+	go q.deliverLoop(s)
+}
+
+// stop delivers what is pending, then ends deliverLoop and waits for it.
+// The Server calls it after its connections and streams are gone.
+func (q *endQueue) stop() {
+	q.mu.Lock()
+	started := q.started
+	q.closed = true
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+	if started {
+		<-q.done
+	}
+}
+
+// deliverLoop calls the hook for every queued call, in order, holding no
+// lock.
+func (q *endQueue) deliverLoop(s *Server) {
+	defer close(q.done)
+	var batch []CallInfo
+	for range q.wake {
+		q.mu.Lock()
+		batch, q.pending = q.pending, batch[:0]
+		dropped, closed := q.dropped, q.closed
+		q.dropped = 0
+		q.mu.Unlock()
+		for i := range batch {
+			q.fn(batch[i])
+			batch[i] = CallInfo{}
+		}
+		if dropped > 0 {
+			s.log.Warn("call-end hook too slow; calls not reported", "dropped", dropped)
+		}
+		if closed {
+			return
+		}
+	}
+}
+
+// noteBackendStatusLocked records that s ends with the backend's own
+// status, in the final header block fields. Caller must hold cc.mu.
+func (c *serverConn) noteBackendStatusLocked(s *stream, fields []hpack.HeaderField) {
+	s.fromBackend = true
+	if c.srv.ends == nil {
+		return
+	}
+	for _, f := range fields {
+		if f.Name == "grpc-message" {
+			s.message = f.Value
+		}
+	}
+}
+
+// stopEnds ends the delivery of ended calls, after every stream ended.
+func (s *Server) stopEnds() {
+	if s.ends != nil {
+		s.ends.stop()
+	}
+}
+
+// Stats are counts a Server reports at any time; see Server.Stats.
+type Stats struct {
+	// ClientConns is the client connections open now.
+	ClientConns int
+	// ClientConnsAccepted counts client connections served so far;
+	// ClientConnsRefused those closed at once over Config.MaxConnections.
+	ClientConnsAccepted, ClientConnsRefused int64
+	// BackendConns is the backend connections open (or being opened) now.
+	BackendConns int
+}
+
+// Stats reads the server's connection counts, for metrics read at scrape
+// time. Safe for concurrent use; it takes the server's and the pool's
+// locks briefly.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	st := Stats{ClientConns: len(s.conns)}
+	s.mu.Unlock()
+	st.ClientConnsAccepted = s.accepted.Load()
+	st.ClientConnsRefused = s.refusals.refused()
+	s.pool.mu.Lock()
+	for _, cs := range s.pool.conns {
+		st.BackendConns += len(cs)
+	}
+	s.pool.mu.Unlock()
+	return st
+}
