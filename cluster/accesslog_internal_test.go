@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/resolver"
 )
 
 func TestOpenAccessLog(t *testing.T) {
@@ -63,6 +64,10 @@ func TestCallEndMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := c.metrics
+	// The resolver's set makes the backend current, as Run would.
+	if err := m.UpdateState(resolver.State{Addresses: []resolver.Address{{Addr: "10.0.0.1:80"}}}); err != nil {
+		t.Fatal(err)
+	}
 	m.callEnd(proxy.CallInfo{Code: codes.ResourceExhausted, ProxyStatus: true, Limit: proxy.LimitMaxStreamsPerBackend})
 	m.callEnd(proxy.CallInfo{Backend: "10.0.0.1:80", Attempts: 3, Code: codes.Unavailable, RequestBytes: 10, ResponseBytes: 20})
 	fams, err := reg.Gather()

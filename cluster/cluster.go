@@ -134,7 +134,9 @@ func New(cfg Config) (*Cluster, error) {
 		resolved: make(chan struct{}),
 	}
 	if cfg.Metrics != nil {
-		c.metrics = newMetrics(cfg.Metrics, cfg.Name, c)
+		if c.metrics, err = newMetrics(cfg.Metrics, cfg.Name, c); err != nil {
+			return nil, err
+		}
 		c.picker = &meteredPicker{next: dir, m: c.metrics}
 	}
 	return c, nil
@@ -170,10 +172,13 @@ func (c *Cluster) Resolved() <-chan struct{} { return c.resolved }
 // that left. It blocks; the caller decides whether to run it in a
 // goroutine. It returns an error if the resolver cannot go on.
 func (c *Cluster) Run(ctx context.Context, retain ...func(addrs []string)) error {
-	us := []resolver.Updater{c.dir}
+	// Metrics first: a backend is current there before the director can
+	// pick it.
+	var us []resolver.Updater
 	if c.metrics != nil {
 		us = append(us, c.metrics)
 	}
+	us = append(us, c.dir)
 	for _, r := range retain {
 		us = append(us, resolver.AddrsFunc(r))
 	}

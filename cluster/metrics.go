@@ -2,7 +2,10 @@ package cluster
 
 import (
 	"context"
+	"fmt"
+	"maps"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -51,8 +54,17 @@ type metrics struct {
 	retriedNo prometheus.Counter     // retries of calls that failed anyway
 	limits    map[string]prometheus.Counter
 
-	mu       sync.RWMutex
-	backends map[string]*backendMetrics // mu guards it
+	// backends maps the current set's addresses to their resolved label
+	// children. Readers load it without locking (Pick must not block);
+	// writers copy it under mu and store the copy.
+	backends atomic.Pointer[map[string]*backendMetrics]
+	mu       sync.Mutex // mu serialises writers of backends and guards current
+	current  map[string]bool
+	// detached are unregistered instruments for picks of addresses not in
+	// the current set (a pick from the director's previous snapshot that
+	// races a set change): counting them must not bring back the series of
+	// a backend that left.
+	detached *backendMetrics
 }
 
 // backendMetrics are one backend's resolved label children.
@@ -65,8 +77,9 @@ type backendMetrics struct {
 	respByte prometheus.Counter
 }
 
-// newMetrics registers the instruments of cluster name with reg.
-func newMetrics(reg prometheus.Registerer, name string, c *Cluster) *metrics {
+// newMetrics registers the instruments of cluster name with reg. It fails
+// if reg already has them (two clusters of the same name).
+func newMetrics(reg prometheus.Registerer, name string, c *Cluster) (*metrics, error) {
 	constLabels := prometheus.Labels{"cluster": name}
 	m := &metrics{
 		cluster: name,
@@ -98,7 +111,18 @@ func newMetrics(reg prometheus.Registerer, name string, c *Cluster) *metrics {
 		respBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "streamlb_response_bytes_total", Help: "Response DATA payload bytes relayed to clients, by backend.", ConstLabels: constLabels,
 		}, []string{"backend"}),
-		backends: make(map[string]*backendMetrics),
+		current: make(map[string]bool),
+	}
+	m.backends.Store(&map[string]*backendMetrics{})
+	m.detached = &backendMetrics{
+		started:  prometheus.NewCounter(prometheus.CounterOpts{Name: "detached"}),
+		inflight: prometheus.NewGauge(prometheus.GaugeOpts{Name: "detached"}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "detached"}),
+		reqBytes: prometheus.NewCounter(prometheus.CounterOpts{Name: "detached"}),
+		respByte: prometheus.NewCounter(prometheus.CounterOpts{Name: "detached"}),
+	}
+	for code := range m.detached.finished {
+		m.detached.finished[code] = m.detached.started
 	}
 	retries := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "streamlb_retries_total", Help: "Further attempts calls made on another backend, by the call's outcome (ok: it then succeeded).", ConstLabels: constLabels,
@@ -111,10 +135,13 @@ func newMetrics(reg prometheus.Registerer, name string, c *Cluster) *metrics {
 	for _, l := range []string{proxy.LimitMaxStreams, proxy.LimitMaxStreamsPerBackend, proxy.LimitMaxHeaderSize} {
 		m.limits[l] = limits.WithLabelValues(l)
 	}
-	reg.MustRegister(m.started, m.finished, m.inflight, m.duration, m.noBackend, m.setChange, m.resolveEr,
-		m.reqBytes, m.respBytes, retries, limits,
-		&stateCollector{c: c, constLabels: constLabels})
-	return m
+	for _, col := range []prometheus.Collector{m.started, m.finished, m.inflight, m.duration, m.noBackend, m.setChange, m.resolveEr,
+		m.reqBytes, m.respBytes, retries, limits, &stateCollector{c: c, constLabels: constLabels}} {
+		if err := reg.Register(col); err != nil {
+			return nil, fmt.Errorf("cluster %s: metrics: %w", name, err)
+		}
+	}
+	return m, nil
 }
 
 // callEnd counts what the data plane reports about a call that ended.
@@ -141,18 +168,19 @@ func (m *metrics) callEnd(ci proxy.CallInfo) {
 
 // backend returns addr's label children, resolving them on first use.
 func (m *metrics) backend(addr string) *backendMetrics {
-	m.mu.RLock()
-	b := m.backends[addr]
-	m.mu.RUnlock()
-	if b != nil {
+	if b := (*m.backends.Load())[addr]; b != nil {
 		return b
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if b = m.backends[addr]; b != nil {
+	cur := *m.backends.Load()
+	if b := cur[addr]; b != nil {
 		return b
 	}
-	b = &backendMetrics{
+	if !m.current[addr] {
+		return m.detached
+	}
+	b := &backendMetrics{
 		started:  m.started.WithLabelValues(addr),
 		inflight: m.inflight.WithLabelValues(addr),
 		duration: m.duration.WithLabelValues(addr),
@@ -162,13 +190,18 @@ func (m *metrics) backend(addr string) *backendMetrics {
 	for code := range b.finished {
 		b.finished[code] = m.finished.WithLabelValues(addr, codes.Code(code).String())
 	}
-	m.backends[addr] = b
+	next := make(map[string]*backendMetrics, len(cur)+1)
+	maps.Copy(next, cur)
+	next[addr] = b
+	m.backends.Store(&next)
 	return b
 }
 
-// UpdateState forgets the series of backends that left the set, so a
-// churning deployment does not grow the exposition without bound; calls
-// still in flight to them end on children nobody exports any more.
+// UpdateState records the current set and forgets the series of backends
+// that left it, so a churning deployment does not grow the exposition
+// without bound; calls still in flight to them end on children nobody
+// exports any more. The cluster hands it each set before the director
+// does, so the first pick of a new backend finds it current.
 func (m *metrics) UpdateState(s resolver.State) error {
 	m.setChange.Inc()
 	keep := make(map[string]bool, len(s.Addresses))
@@ -177,11 +210,14 @@ func (m *metrics) UpdateState(s resolver.State) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for addr := range m.backends {
+	m.current = keep
+	cur := *m.backends.Load()
+	next := make(map[string]*backendMetrics, len(cur))
+	for addr, b := range cur {
 		if keep[addr] {
+			next[addr] = b
 			continue
 		}
-		delete(m.backends, addr)
 		m.started.DeleteLabelValues(addr)
 		m.inflight.DeleteLabelValues(addr)
 		m.duration.DeleteLabelValues(addr)
@@ -189,6 +225,7 @@ func (m *metrics) UpdateState(s resolver.State) error {
 		m.respBytes.DeleteLabelValues(addr)
 		m.finished.DeletePartialMatch(prometheus.Labels{"backend": addr})
 	}
+	m.backends.Store(&next)
 	return nil
 }
 

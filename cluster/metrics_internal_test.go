@@ -84,3 +84,52 @@ func TestMeteredPickerKeepsExclusion(t *testing.T) {
 		}
 	}
 }
+
+// TestStaleSeriesNotRecreated: a pick from the director's old snapshot that
+// is metered after metrics.UpdateState removed its backend must not bring
+// the backend's series back (nothing would delete them again).
+func TestStaleSeriesNotRecreated(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	c, err := New(Config{Targets: []string{"10.0.0.1:80"}, Logger: slog.New(slog.DiscardHandler), Metrics: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := c.metrics
+	m.UpdateState(resolver.State{Addresses: []resolver.Address{{Addr: "10.0.0.1:80"}}})
+	if m.backend("10.0.0.1:80") == m.detached {
+		t.Fatal("a backend of the current set gets detached instruments")
+	}
+	p := &meteredPicker{m: m, next: proxy.PickerFunc(func(context.Context, string) (string, func(error), error) {
+		// The director answered from the old snapshot; then the resolver's
+		// Tee delivered the new set (without 10.0.0.1) to metrics.
+		m.UpdateState(resolver.State{Addresses: []resolver.Address{{Addr: "10.0.0.2:80"}}})
+		return "10.0.0.1:80", func(error) {}, nil
+	})}
+	_, done, _ := p.Pick(context.Background(), "/x/y")
+	done(nil)
+	mfs, _ := reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() == "streamlb_calls_started_total" {
+			for _, mm := range mf.GetMetric() {
+				for _, l := range mm.GetLabel() {
+					if l.GetValue() == "10.0.0.1:80" {
+						t.Errorf("series %s{backend=10.0.0.1:80} exported after the backend left the set (re-created, never deleted)", mf.GetName())
+					}
+				}
+			}
+		}
+	}
+}
+
+// TestMetricsRegisterTwice: a second cluster of the same name on one
+// registry is an error from New, not a panic.
+func TestMetricsRegisterTwice(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	cfg := Config{Name: "echo", Targets: []string{"10.0.0.1:80"}, Logger: slog.New(slog.DiscardHandler), Metrics: reg}
+	if _, err := New(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(cfg); err == nil {
+		t.Error("New() with a cluster name already registered succeeded, want an error")
+	}
+}

@@ -209,23 +209,25 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 		ln = &tlsListener{Listener: ln, cfg: s.tls.config()}
 	}
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return s.cluster.Run(gctx, s.engine.RetainBackends) })
+	// The cluster outlives the drain: the streams still in flight, and
+	// their retries, are picked, health-checked and ejected as before, and
+	// backends that leave are still drained, until the data plane is done.
+	// The drain goroutine below stops it; a cluster error starts the drain.
+	cctx, stopCluster := context.WithCancel(context.Background())
+	defer stopCluster()
+	g.Go(func() error { return s.cluster.Run(cctx, s.engine.RetainBackends) })
 
-	warm := time.NewTimer(s.cfg.Warmup)
-	select {
-	case <-s.cluster.Resolved():
-	case <-warm.C:
-		s.logger.Warn("no backend set yet; accepting clients anyway", "waited", s.cfg.Warmup)
-	case <-gctx.Done():
-	}
-	warm.Stop()
-
+	// The admin endpoints come first, so liveness probes are answered
+	// during the warm-up (/readyz says 503 until a backend is usable), and
+	// they outlive the drain, so probes see /readyz answer 503 "draining"
+	// rather than a refused connection. A failing admin server is logged;
+	// it does not take the data plane down.
 	drained := make(chan struct{}) // closed when the data plane has drained
 	if admin != nil {
 		hs := &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 5 * time.Second, ErrorLog: slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug)}
 		g.Go(func() error {
 			if err := hs.Serve(admin); !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("admin: %w", err)
+				s.logger.Error("admin endpoints stopped", "err", err)
 			}
 			return nil
 		})
@@ -240,6 +242,16 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 		})
 		s.logger.Info("admin listening", "addr", admin.Addr().String())
 	}
+
+	warm := time.NewTimer(s.cfg.Warmup)
+	select {
+	case <-s.cluster.Resolved():
+	case <-warm.C:
+		s.logger.Warn("no backend set yet; accepting clients anyway", "waited", s.cfg.Warmup)
+	case <-gctx.Done():
+	}
+	warm.Stop()
+
 	s.logger.Info("listening", "addr", ln.Addr().String(), "tls", s.tls != nil, "engine", s.cfg.Engine,
 		"policy", s.cluster.Director().Policy(), "backends", s.cfg.Cluster.Targets)
 
@@ -270,6 +282,7 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 		default:
 			s.logger.Info("drained", "duration", time.Since(start))
 		}
+		stopCluster()
 		return nil
 	})
 	return g.Wait()
