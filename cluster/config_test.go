@@ -1,6 +1,7 @@
 package cluster_test
 
 import (
+	"os"
 	"strings"
 	"testing"
 
@@ -97,4 +98,22 @@ func FuzzParseFile(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cluster.ParseFile("fuzz.yaml", data) // must not panic
 	})
+}
+
+// TestREADMEExample checks that the README's configuration example parses.
+func TestREADMEExample(t *testing.T) {
+	t.Parallel()
+	data, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(data), "### Configuration file")
+	_, rest, ok2 := strings.Cut(rest, "```yaml\n")
+	example, _, ok3 := strings.Cut(rest, "```")
+	if !ok || !ok2 || !ok3 {
+		t.Fatal("README has no configuration example")
+	}
+	if _, err := cluster.ParseFile("README.md", []byte(example)); err != nil {
+		t.Errorf("README example: %v", err)
+	}
 }
