@@ -137,35 +137,40 @@ routes:
 	}
 }
 
-// TestReloadUnderLoad swaps the route table while calls run over one
-// client connection: no call may fail, and calls made after the reload
-// go to the new cluster. The old cluster is removed by the reload, so its
-// calls in flight finish on a stopped cluster.
+// TestReloadUnderLoad swaps the route table three times while calls run
+// over one client connection: no call may fail, and no call started after
+// a reload goes to a cluster older than that reload's. Each reload
+// replaces the default cluster (a, then b, then c), so calls in flight
+// finish on a stopped cluster; the cluster "keep" is the same each time
+// and must survive as it was.
 func TestReloadUnderLoad(t *testing.T) {
-	a := startBackend(t, "a", "127.0.0.1:0")
-	b := startBackend(t, "b", "127.0.0.1:0")
+	names := []string{"a", "b", "c"}
+	var addrs []string
+	for _, n := range names {
+		addrs = append(addrs, startBackend(t, n, "127.0.0.1:0").Addr())
+	}
 	k := startBackend(t, "k", "127.0.0.1:0")
 	dir := t.TempDir()
-	conf := func(cl string) string {
+	conf := func(gen int) string {
 		return fmt.Sprintf(`
 clusters:
-  - {name: %s, targets: [%s]}
+  - {name: gen%d, targets: [%s]}
   - {name: keep, targets: [%s], ejection: {after: 3}}
 routes:
   - {match: {headers: [{name: x-keep, present: true}]}, cluster: keep}
-  - {cluster: %s}
-`, cl, map[string]string{"old": a.Addr(), "new": b.Addr()}[cl], k.Addr(), cl)
+  - {cluster: gen%d}
+`, gen, addrs[gen], k.Addr(), gen)
 	}
-	path := writeConfig(t, dir, conf("old"))
+	path := writeConfig(t, dir, conf(0))
 	r := runFile(t, path, true)
 	keepDir := r.srv.Clusters()[0].Director()
 	client := dial(t, r.addr)
 	ctx := testkit.Context(t, 60*time.Second)
 
 	const workers = 8
-	const maxCalls = 20000
-	var calls, failures, afterOnOld, afterCalls atomic.Int64
-	var reloaded atomic.Bool
+	const maxCalls = 30000
+	var calls, failures, stale atomic.Int64
+	var gen atomic.Int64 // the last reload finished
 	var firstErr atomic.Value
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -179,8 +184,8 @@ routes:
 					return
 				default:
 				}
-				after := reloaded.Load()
-				// x-delay keeps calls in flight across the swap.
+				g := gen.Load()
+				// x-delay keeps calls in flight across each swap.
 				got, err := backendOf(ctx, client, "x-delay", "2ms")
 				calls.Add(1)
 				if err != nil {
@@ -188,33 +193,35 @@ routes:
 					firstErr.CompareAndSwap(nil, err.Error())
 					continue
 				}
-				if after {
-					afterCalls.Add(1)
-					if got != "b" {
-						afterOnOld.Add(1)
-					}
+				// Started after reload g: picked from generation g, or
+				// from g+1 if the next swap came first.
+				if got != names[g] && (int(g)+1 >= len(names) || got != names[g+1]) {
+					stale.Add(1)
 				}
 			}
 		}()
 	}
-	testkit.WaitFor(ctx, t, "load to start", func() bool { return calls.Load() > 200 })
-	writeConfig(t, dir, conf("new"))
-	if err := r.srv.Reload(ctx); err != nil {
-		t.Fatalf("Reload: %v", err)
+	for g := 1; g < len(names); g++ {
+		at := calls.Load()
+		testkit.WaitFor(ctx, t, "load between reloads", func() bool { return calls.Load() > at+300 })
+		writeConfig(t, dir, conf(g))
+		if err := r.srv.Reload(ctx); err != nil {
+			t.Fatalf("Reload: %v", err)
+		}
+		gen.Store(int64(g))
 	}
-	reloaded.Store(true)
-	testkit.WaitFor(ctx, t, "calls after the reload", func() bool { return afterCalls.Load() > 500 || calls.Load() >= maxCalls })
+	at := calls.Load()
+	testkit.WaitFor(ctx, t, "load after the reloads", func() bool { return calls.Load() > at+300 })
 	close(stop)
 	wg.Wait()
-	t.Logf("reload under load: %d calls, %d failures, %d after the reload (%d on the old cluster); a=%d b=%d",
-		calls.Load(), failures.Load(), afterCalls.Load(), afterOnOld.Load(), a.Calls(), b.Calls())
+	t.Logf("reload under load, 2 reloads: %d calls, %d failures, %d on a cluster older than the last reload",
+		calls.Load(), failures.Load(), stale.Load())
 	if failures.Load() != 0 {
-		t.Errorf("%d of %d calls failed across the reload, want 0; first: %v", failures.Load(), calls.Load(), firstErr.Load())
+		t.Errorf("%d of %d calls failed across the reloads, want 0; first: %v", failures.Load(), calls.Load(), firstErr.Load())
 	}
-	if afterOnOld.Load() != 0 || afterCalls.Load() == 0 {
-		t.Errorf("%d of %d calls started after the reload went to the old cluster, want 0 of >0", afterOnOld.Load(), afterCalls.Load())
+	if stale.Load() != 0 {
+		t.Errorf("%d calls went to a cluster a finished reload had replaced, want 0", stale.Load())
 	}
-	// The unchanged cluster was kept as it was.
 	var kept *cluster.Cluster
 	for _, c := range r.srv.Clusters() {
 		if c.Name() == "keep" {
@@ -222,7 +229,7 @@ routes:
 		}
 	}
 	if kept == nil || kept.Director() != keepDir {
-		t.Errorf("cluster keep after the reload = %v, want the same director as before", kept)
+		t.Errorf("cluster keep after the reloads = %v, want the same director as before", kept)
 	}
 	if got, err := backendOf(ctx, client, "x-keep", "1"); err != nil || got != "k" {
 		t.Errorf("call routed to keep went to %q (%v), want k", got, err)
