@@ -93,7 +93,7 @@ func newApp() *cli.App {
 			"(L4) balancer pins all of a client's calls to one backend. streamlb terminates\n" +
 			"HTTP/2, picks a backend for every stream and relays its frames as they are.",
 		Version:      buildVersion(debug.ReadBuildInfo),
-		Commands:     []*cli.Command{proxyCommand(), testserverCommand(), demoCommand(), loadtestCommand(), versionCommand()},
+		Commands:     []*cli.Command{proxyCommand(), validateCommand(), testserverCommand(), demoCommand(), loadtestCommand(), versionCommand()},
 		OnUsageError: onUsageError,
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {

@@ -27,7 +27,7 @@ func proxyCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "proxy",
 		Usage:     "run the proxy in front of gRPC backends",
-		UsageText: "streamlb proxy --backend TARGET [--backend TARGET ...] [options]",
+		UsageText: "streamlb proxy --backend TARGET [--backend TARGET ...] [options]\n   streamlb proxy --config FILE [--log-level L] [--log-format F]",
 		Description: "Accepts cleartext HTTP/2 (h2c) gRPC on --listen, or TLS with --tls-cert, and\n" +
 			"sends every stream to the backend the --policy picks. A TARGET is\n" +
 			"HOST:PORT[;weight=N], or a DNS name re-resolved every --dns-refresh:\n" +
@@ -36,9 +36,15 @@ func proxyCommand() *cli.Command {
 			"Backends that leave the set are drained. TLS to backends: --backend-tls-ca.\n" +
 			"SIGINT or SIGTERM starts a graceful drain: no new connections, GOAWAY to\n" +
 			"clients, in-flight streams get --drain-timeout to finish, then the proxy\n" +
-			"exits 0. A second signal exits at once.",
+			"exits 0. A second signal exits at once.\n\n" +
+			"--config FILE takes everything from a YAML file instead: listeners, named\n" +
+			"clusters, routes by gRPC service, method prefix and request headers, rate\n" +
+			"limits. Its clusters and routes are reloaded on SIGHUP and when the file\n" +
+			"changes. It cannot be mixed with the other flags, except --log-level and\n" +
+			"--log-format: the file would silently win, so the mix is an error.",
 		OnUsageError: onUsageError,
 		Flags: append([]cli.Flag{
+			&cli.StringFlag{Name: "config", Usage: "YAML configuration `FILE` (clusters, routes, rate limits; reloaded on SIGHUP and on change); excludes the other flags but --log-*"},
 			&cli.StringFlag{Name: "listen", Value: ":8080", Usage: "`ADDR` to accept gRPC clients on (host:port; port 0 picks a free one)"},
 			// Required, but checked in runProxy: urfave/cli would answer a
 			// missing required flag with the whole help text.
@@ -107,8 +113,17 @@ func runProxy(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	cfg, err := proxyConfig(c, logger)
-	if err != nil {
+	var cfg cluster.ServerConfig
+	listen, adminListen := c.String("listen"), c.String("admin-listen")
+	if path := c.String("config"); path != "" {
+		if cfg, listen, adminListen, err = fileConfig(c, path, logger); err != nil {
+			return err
+		}
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		cfg.Reload = hup
+	} else if cfg, err = proxyConfig(c, logger); err != nil {
 		return err
 	}
 	if path := c.String("access-log"); path != "" {
@@ -131,12 +146,12 @@ func runProxy(c *cli.Context) error {
 		return usageErr("%v", err)
 	}
 	slog.SetDefault(logger)
-	ln, err := net.Listen("tcp", c.String("listen"))
+	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return failure(fmt.Errorf("listen: %w", err))
 	}
 	var admin net.Listener
-	if addr := c.String("admin-listen"); addr != "" {
+	if addr := adminListen; addr != "" {
 		if admin, err = net.Listen("tcp", addr); err != nil {
 			ln.Close()
 			return failure(fmt.Errorf("admin listen: %w", err))
@@ -228,6 +243,29 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 		Logger:       logger,
 		Metrics:      newRegistry(c.Bool("metrics")),
 	}, nil
+}
+
+// fileConfig loads the --config file and returns the server's settings
+// and listen addresses. The other proxy flags are refused beside it.
+func fileConfig(c *cli.Context, path string, logger *slog.Logger) (cluster.ServerConfig, string, string, error) {
+	var zero cluster.ServerConfig
+	for _, name := range c.FlagNames() {
+		if name != "config" && !strings.HasPrefix(name, "log-") && c.IsSet(name) {
+			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level and --log-format go beside --config)", name, path)
+		}
+	}
+	f, err := cluster.LoadFile(path)
+	if err != nil {
+		return zero, "", "", usageErr("%v", err)
+	}
+	cfg := f.ServerConfig()
+	cfg.Logger = logger
+	cfg.Metrics = newRegistry(f.MetricsOn())
+	listen := f.Listen
+	if listen == "" {
+		listen = ":8080"
+	}
+	return cfg, listen, f.AdminListen, nil
 }
 
 // tlsConfig reads the TLS flags; nil means that side is cleartext. The

@@ -43,6 +43,15 @@ func (s *Server) AdminHandler() http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
+		if s.set != nil {
+			// By cluster name.
+			m := map[string]any{}
+			for _, c := range s.set.current() {
+				m[c.Name()] = c.Backends()
+			}
+			enc.Encode(m)
+			return
+		}
 		enc.Encode(s.cluster.Backends())
 	})
 	return mux

@@ -22,6 +22,17 @@ import (
 // "label=value,label=value" -> value, leaving out the cluster label.
 func scrape(t *testing.T, admin, name string) map[string]float64 {
 	t.Helper()
+	return scrapeLabels(t, admin, name, false)
+}
+
+// scrapeAll is scrape keeping the cluster label.
+func scrapeAll(t *testing.T, admin, name string) map[string]float64 {
+	t.Helper()
+	return scrapeLabels(t, admin, name, true)
+}
+
+func scrapeLabels(t *testing.T, admin, name string, keepCluster bool) map[string]float64 {
+	t.Helper()
 	resp, err := http.Get(admin + "/metrics")
 	if err != nil {
 		t.Fatalf("GET /metrics: %v", err)
@@ -43,7 +54,7 @@ func scrape(t *testing.T, admin, name string) map[string]float64 {
 	for _, m := range fam.GetMetric() {
 		var labels []string
 		for _, l := range m.GetLabel() {
-			if l.GetName() != "cluster" {
+			if keepCluster || l.GetName() != "cluster" {
 				labels = append(labels, l.GetName()+"="+l.GetValue())
 			}
 		}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -40,10 +41,21 @@ const (
 	adminDrainGrace = time.Second
 )
 
-// ServerConfig configures a proxy serving one cluster.
+// ServerConfig configures a proxy serving one cluster, or the clusters and
+// routes of a configuration file.
 type ServerConfig struct {
-	// Cluster is the backend pool every stream is sent to.
+	// Cluster is the backend pool every stream is sent to. It is ignored
+	// when File is set.
 	Cluster Config
+	// File, if set, holds the clusters and routes (see [File.ServerConfig]):
+	// a router picks each stream's cluster, and the clusters and routes
+	// are reloaded when the file changes (polled every
+	// DefaultPollInterval), on each receive from Reload, and on
+	// [Server.Reload].
+	File *File
+	// Reload, with File, triggers a reload of the file on each receive
+	// (the proxy command relays SIGHUP here).
+	Reload <-chan os.Signal
 	// Engine is one of [Engines]; "" means [EngineFrame].
 	Engine string
 	// Proxy configures the frame engine. Its Picker, DrainTimeout and
@@ -86,7 +98,8 @@ type engine interface {
 // [Server.Run].
 type Server struct {
 	cfg      ServerConfig
-	cluster  *Cluster
+	cluster  *Cluster    // nil with a configuration file
+	set      *clusterSet // nil without
 	engine   engine
 	logger   *slog.Logger
 	tls      *serverTLS // nil: h2c
@@ -118,11 +131,40 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Metrics != nil {
 		cfg.Cluster.Metrics = cfg.Metrics
 	}
-	c, err := New(cfg.Cluster)
-	if err != nil {
-		return nil, err
+	s := &Server{cfg: cfg, logger: cfg.Logger}
+	var picker proxy.Picker
+	var btls *backendTLS
+	pc := cfg.Proxy
+	if cfg.File != nil {
+		var headers []string // the grpc-proxy engine hands Pick all metadata
+		if cfg.Engine == EngineFrame {
+			headers = append([]string{}, pickHeaders(cfg.File)...) // not nil: a fixed list
+			pc.PickMetadata = headers
+		}
+		var reg prometheus.Registerer
+		if cfg.Metrics != nil {
+			reg = cfg.Metrics
+		}
+		set, err := newClusterSet(cfg.File, cfg.Logger, reg, headers, cfg.Warmup, cfg.Reload)
+		if err != nil {
+			return nil, err
+		}
+		s.set, picker = set, &set.router
+		for _, e := range set.entries {
+			btls = e.c.tls // backend TLS is one setting for all clusters of a file
+		}
+	} else {
+		c, err := New(cfg.Cluster)
+		if err != nil {
+			return nil, err
+		}
+		s.cluster, picker, btls = c, c.Picker(), c.tls
+		if h := cfg.Cluster.Director.HashHeader; h != "" && len(pc.PickMetadata) == 0 {
+			// ring_hash reads its key from the stream's metadata.
+			pc.PickMetadata = []string{h}
+		}
 	}
-	s := &Server{cfg: cfg, cluster: c, logger: cfg.Logger}
+	var err error
 	if cfg.TLS != nil {
 		if s.tls, err = newServerTLS(*cfg.TLS, cfg.Logger); err != nil {
 			return nil, err
@@ -130,23 +172,18 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	switch cfg.Engine {
 	case EngineFrame:
-		pc := cfg.Proxy
-		pc.Picker = c.Picker()
-		if c.tls != nil && pc.Dial == nil {
-			pc.Dial = c.tls.dial
+		pc.Picker = picker
+		if btls != nil && pc.Dial == nil {
+			pc.Dial = btls.dial
 		}
 		pc.DrainTimeout = cfg.DrainTimeout
 		pc.Logger = cfg.Logger
 		pc.OnCallEnd = s.callEndHook()
-		if h := cfg.Cluster.Director.HashHeader; h != "" && len(pc.PickMetadata) == 0 {
-			// ring_hash reads its key from the stream's metadata.
-			pc.PickMetadata = []string{h}
-		}
 		s.engine, err = proxy.New(pc)
 	case EngineGRPCProxy:
-		rc := proxy.ReferenceConfig{Picker: c.Picker(), DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, OnCallEnd: s.callEndHook()}
-		if c.tls != nil {
-			rc.Credentials = c.tls.credentials()
+		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, OnCallEnd: s.callEndHook()}
+		if btls != nil {
+			rc.Credentials = btls.credentials()
 		}
 		s.engine, err = proxy.NewReference(rc)
 	default:
@@ -156,15 +193,39 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		return nil, err
 	}
 	if fs, ok := s.engine.(*proxy.Server); ok && cfg.Metrics != nil {
-		cfg.Metrics.MustRegister(newConnCollector(fs.Stats, prometheus.Labels{"cluster": c.Name()}))
+		// Client connections belong to the listener, not to a cluster.
+		if err := cfg.Metrics.Register(newConnCollector(fs.Stats, nil)); err != nil {
+			return nil, fmt.Errorf("cluster: metrics: %w", err)
+		}
 	}
 	return s, nil
 }
 
 // callEndHook is the data plane's call-end hook: the access log and the
-// metrics counted per call, or nil when neither is on.
+// metrics counted per call, or nil when neither is on. With a
+// configuration file, a call is counted in the cluster whose current set
+// holds the call's backend.
 func (s *Server) callEndHook() func(proxy.CallInfo) {
-	al, m, name := s.cfg.AccessLog, s.cluster.metrics, s.cluster.Name()
+	al := s.cfg.AccessLog
+	if s.set != nil {
+		if al == nil && s.cfg.Metrics == nil {
+			return nil
+		}
+		return func(ci proxy.CallInfo) {
+			c := s.set.clusterFor(ci.Backend)
+			name := ""
+			if c != nil {
+				name = c.Name()
+				if c.metrics != nil {
+					c.metrics.callEnd(ci)
+				}
+			}
+			if al != nil {
+				al.callEnd(name, ci)
+			}
+		}
+	}
+	m, name := s.cluster.metrics, s.cluster.Name()
 	switch {
 	case al == nil && m == nil:
 		return nil
@@ -179,8 +240,28 @@ func (s *Server) callEndHook() func(proxy.CallInfo) {
 	}
 }
 
-// Cluster returns the server's cluster.
+// Cluster returns the server's cluster; nil when it serves a
+// configuration file.
 func (s *Server) Cluster() *Cluster { return s.cluster }
+
+// Reload re-reads the configuration file and applies it, as SIGHUP does,
+// and returns why the file was rejected (the running configuration then
+// stays). Only for a server with a File, while Run runs; it blocks until
+// the reload is done or ctx ends.
+func (s *Server) Reload(ctx context.Context) error {
+	if s.set == nil {
+		return errors.New("cluster: no configuration file to reload")
+	}
+	return s.set.Reload(ctx)
+}
+
+// ready reports whether some cluster has a usable backend.
+func (s *Server) ready() bool {
+	if s.set != nil {
+		return s.set.Ready()
+	}
+	return s.cluster.Ready()
+}
 
 // Ready reports whether the server should get clients: it is not draining
 // and its cluster has a healthy backend. /readyz answers from it.
@@ -188,7 +269,7 @@ func (s *Server) Ready() (ok bool, reason string) {
 	switch {
 	case s.draining.Load():
 		return false, "draining"
-	case !s.cluster.Ready():
+	case !s.ready():
 		return false, "no usable backend"
 	}
 	return true, "ready"
@@ -215,7 +296,7 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 	// The drain goroutine below stops it; a cluster error starts the drain.
 	cctx, stopCluster := context.WithCancel(context.Background())
 	defer stopCluster()
-	g.Go(func() error { return s.cluster.Run(cctx, s.engine.RetainBackends) })
+	resolved := s.runClusters(g, cctx)
 
 	// The admin endpoints come first, so liveness probes are answered
 	// during the warm-up (/readyz says 503 until a backend is usable), and
@@ -245,15 +326,20 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 
 	warm := time.NewTimer(s.cfg.Warmup)
 	select {
-	case <-s.cluster.Resolved():
+	case <-resolved:
 	case <-warm.C:
 		s.logger.Warn("no backend set yet; accepting clients anyway", "waited", s.cfg.Warmup)
 	case <-gctx.Done():
 	}
 	warm.Stop()
 
-	s.logger.Info("listening", "addr", ln.Addr().String(), "tls", s.tls != nil, "engine", s.cfg.Engine,
-		"policy", s.cluster.Director().Policy(), "backends", s.cfg.Cluster.Targets)
+	if s.set != nil {
+		s.logger.Info("listening", "addr", ln.Addr().String(), "tls", s.tls != nil, "engine", s.cfg.Engine,
+			"config", s.cfg.File.Path, "clusters", len(s.cfg.File.Clusters), "routes", len(s.cfg.File.Routes))
+	} else {
+		s.logger.Info("listening", "addr", ln.Addr().String(), "tls", s.tls != nil, "engine", s.cfg.Engine,
+			"policy", s.cluster.Director().Policy(), "backends", s.cfg.Cluster.Targets)
+	}
 
 	g.Go(func() error {
 		if err := s.engine.Serve(ln); !errors.Is(err, proxy.ErrServerClosed) {
@@ -286,4 +372,15 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 		return nil
 	})
 	return g.Wait()
+}
+
+// runClusters runs the cluster, or the file's clusters, in g, and returns
+// a channel closed once they have their first backend set.
+func (s *Server) runClusters(g *errgroup.Group, ctx context.Context) <-chan struct{} {
+	if s.set != nil {
+		g.Go(func() error { return s.set.Run(ctx, s.engine.RetainBackends) })
+		return s.set.resolved
+	}
+	g.Go(func() error { return s.cluster.Run(ctx, s.engine.RetainBackends) })
+	return s.cluster.Resolved()
 }

@@ -1,0 +1,512 @@
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"reflect"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	// go.yaml.in/yaml/v3 (the maintained yaml.v3) rather than
+	// sigs.k8s.io/yaml: the latter converts YAML to JSON first and so loses
+	// line numbers, and an operator fixing a file wants the line.
+	"go.yaml.in/yaml/v3"
+
+	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/proxy"
+)
+
+// File is a parsed and checked configuration file: listeners, the global
+// proxy settings, named clusters and the routes that send calls to them.
+// Get one with [LoadFile] or [ParseFile]; it is immutable afterwards.
+// Clusters and routes can be reloaded while the proxy runs; everything
+// else takes effect at the next start.
+type File struct {
+	// Path is the file it was read from ("" for ParseFile with no name).
+	Path string
+	raw  []byte // the contents parsed
+
+	Listen       string        `yaml:"listen"`
+	AdminListen  string        `yaml:"admin_listen"`
+	Engine       string        `yaml:"engine"`
+	DrainTimeout time.Duration `yaml:"drain_timeout"`
+	// Metrics turns Prometheus metrics on; absent means on.
+	Metrics    *bool          `yaml:"metrics"`
+	TLS        *fileTLS       `yaml:"tls"`
+	BackendTLS *fileBackendTL `yaml:"backend_tls"`
+	Proxy      fileProxy      `yaml:"proxy"`
+	Clusters   []fileCluster  `yaml:"clusters"`
+	Routes     []fileRoute    `yaml:"routes"`
+}
+
+type fileTLS struct {
+	Cert     string `yaml:"cert"`
+	Key      string `yaml:"key"`
+	ClientCA string `yaml:"client_ca"`
+}
+
+type fileBackendTL struct {
+	CA         string `yaml:"ca"`
+	ServerName string `yaml:"server_name"`
+	Cert       string `yaml:"cert"`
+	Key        string `yaml:"key"`
+}
+
+// fileProxy holds the data plane's global limits; zero means the proxy
+// package's default, as with the flags.
+type fileProxy struct {
+	ConnectTimeout       time.Duration `yaml:"connect_timeout"`
+	HandshakeTimeout     time.Duration `yaml:"handshake_timeout"`
+	MaxConcurrentStreams uint32        `yaml:"max_concurrent_streams"`
+	MaxConnections       int           `yaml:"max_connections"`
+	IdleTimeout          time.Duration `yaml:"idle_timeout"`
+	WriteTimeout         time.Duration `yaml:"write_timeout"`
+	MaxStreams           int64         `yaml:"max_streams"`
+	MaxStreamsPerBackend int64         `yaml:"max_streams_per_backend"`
+	RetryOn              []string      `yaml:"retry_on"`
+	MaxRetries           int           `yaml:"max_retries"`
+	RetryBuffer          int           `yaml:"retry_buffer"`
+}
+
+// fileCluster is one cluster's settings. Two clusters with equal
+// fileCluster values are the same cluster: a reload keeps it running.
+type fileCluster struct {
+	Name          string        `yaml:"name"`
+	Targets       []string      `yaml:"targets"`
+	DNSRefresh    time.Duration `yaml:"dns_refresh"`
+	DNSRespectTTL bool          `yaml:"dns_respect_ttl"`
+	Policy        string        `yaml:"policy"`
+	ChoiceCount   int           `yaml:"choice_count"`
+	HashHeader    string        `yaml:"hash_header"`
+	RingSize      int           `yaml:"ring_size"`
+	SlowStart     time.Duration `yaml:"slow_start"`
+	HealthCheck   struct {
+		Interval           time.Duration `yaml:"interval"`
+		Timeout            time.Duration `yaml:"timeout"`
+		Service            string        `yaml:"service"`
+		HealthyThreshold   int           `yaml:"healthy_threshold"`
+		UnhealthyThreshold int           `yaml:"unhealthy_threshold"`
+	} `yaml:"health_check"`
+	Ejection struct {
+		After      int           `yaml:"after"`
+		Base       time.Duration `yaml:"base"`
+		Max        time.Duration `yaml:"max"`
+		MaxPercent int           `yaml:"max_percent"`
+	} `yaml:"ejection"`
+}
+
+type fileRoute struct {
+	Name  string `yaml:"name"`
+	Match struct {
+		Service      string        `yaml:"service"`
+		MethodPrefix string        `yaml:"method_prefix"`
+		Headers      []headerMatch `yaml:"headers"`
+	} `yaml:"match"`
+	Cluster   string `yaml:"cluster"`
+	RateLimit *struct {
+		Rate  float64 `yaml:"rate"`
+		Burst int     `yaml:"burst"`
+	} `yaml:"rate_limit"`
+}
+
+// headerMatch matches one request header: its first value equals Exact,
+// starts with Prefix, or (Present) the header is there at all. Exactly
+// one of the three is set.
+type headerMatch struct {
+	Name    string  `yaml:"name"`
+	Exact   *string `yaml:"exact"`
+	Prefix  *string `yaml:"prefix"`
+	Present bool    `yaml:"present"`
+}
+
+// LoadFile reads and checks the configuration file at path. It reads the
+// TLS files it names, but opens no connection and starts nothing.
+func LoadFile(path string) (*File, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return ParseFile(path, data)
+}
+
+// ParseFile checks data as a configuration file named name. Unknown fields
+// are errors, and every error names the line and the field.
+func ParseFile(name string, data []byte) (*File, error) {
+	f, err := parseFile(data)
+	if err != nil {
+		if name == "" {
+			return nil, fmt.Errorf("config: %w", err)
+		}
+		return nil, fmt.Errorf("config: %s: %w", name, err)
+	}
+	f.Path, f.raw = name, data
+	return f, nil
+}
+
+// discardLogger takes the logs of the clusters built only to check them.
+var discardLogger = slog.New(slog.DiscardHandler)
+
+// yamlInType matches the Go type names in yaml.v3's messages, and
+// yamlLineRE the line number that starts each.
+var (
+	yamlInType = regexp.MustCompile(` in type [\w.]+`)
+	yamlLineRE = regexp.MustCompile(`^line (\d+): `)
+)
+
+func parseFile(data []byte) (*File, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, cleanYAMLError(nil, err)
+	}
+	f := new(File)
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(f); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("empty file")
+		}
+		return nil, cleanYAMLError(&root, err)
+	}
+	if err := f.check(&root); err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// cleanYAMLError turns yaml.v3's messages into ours: each keeps its line,
+// gains the field's path, and loses the Go type names of this package.
+func cleanYAMLError(root *yaml.Node, err error) error {
+	var te *yaml.TypeError
+	if !errors.As(err, &te) {
+		return errors.New(strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	msgs := make([]string, 0, len(te.Errors))
+	for _, m := range te.Errors {
+		m = yamlInType.ReplaceAllString(m, "")
+		m = strings.ReplaceAll(m, "into time.Duration", "as a duration (like 1s or 250ms)")
+		if sm := yamlLineRE.FindStringSubmatch(m); sm != nil && root != nil {
+			line, _ := strconv.Atoi(sm[1])
+			if path := pathAtLine(root, line); path != "" && !strings.Contains(m, "field ") {
+				m = fmt.Sprintf("line %d: %s: %s", line, path, m[len(sm[0]):])
+			}
+		}
+		msgs = append(msgs, m)
+	}
+	return errors.New(strings.Join(msgs, "; "))
+}
+
+// pathAtLine returns the path (as fieldName writes it) of the value that
+// starts at line, or "" if none does.
+func pathAtLine(root *yaml.Node, line int) string {
+	var walk func(n *yaml.Node, path []any) []any
+	walk = func(n *yaml.Node, path []any) []any {
+		switch n.Kind {
+		case yaml.DocumentNode:
+			for _, c := range n.Content {
+				if p := walk(c, path); p != nil {
+					return p
+				}
+			}
+		case yaml.MappingNode:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				k, v := n.Content[i], n.Content[i+1]
+				p := append(append([]any(nil), path...), k.Value)
+				if v.Kind == yaml.ScalarNode && v.Line == line {
+					return p
+				}
+				if q := walk(v, p); q != nil {
+					return q
+				}
+			}
+		case yaml.SequenceNode:
+			for i, v := range n.Content {
+				p := append(append([]any(nil), path...), i)
+				if v.Kind == yaml.ScalarNode && v.Line == line {
+					return p
+				}
+				if q := walk(v, p); q != nil {
+					return q
+				}
+			}
+		}
+		return nil
+	}
+	return fieldName(walk(root, nil)...)
+}
+
+// fieldError is a semantic error at a field of the file.
+type fieldError struct {
+	line  int
+	field string
+	msg   string
+}
+
+func (e *fieldError) Error() string {
+	if e.line == 0 {
+		return fmt.Sprintf("%s: %s", e.field, e.msg)
+	}
+	return fmt.Sprintf("line %d: %s: %s", e.line, e.field, e.msg)
+}
+
+// lineOf returns the line of the node at path (mapping keys and sequence
+// indexes) under root, or of the deepest node on the way that exists.
+func lineOf(root *yaml.Node, path ...any) int {
+	n := root
+	if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
+		n = n.Content[0]
+	}
+	line := n.Line
+	for _, p := range path {
+		var next *yaml.Node
+		switch p := p.(type) {
+		case string:
+			if n.Kind == yaml.MappingNode {
+				for i := 0; i+1 < len(n.Content); i += 2 {
+					if n.Content[i].Value == p {
+						next = n.Content[i+1]
+						line = n.Content[i].Line
+					}
+				}
+			}
+		case int:
+			if n.Kind == yaml.SequenceNode && p < len(n.Content) {
+				next = n.Content[p]
+				line = next.Line
+			}
+		}
+		if next == nil {
+			return line
+		}
+		n = next
+	}
+	return line
+}
+
+// fieldName renders path as routes[1].match.service.
+func fieldName(path ...any) string {
+	var b strings.Builder
+	for _, p := range path {
+		switch p := p.(type) {
+		case string:
+			if b.Len() > 0 {
+				b.WriteByte('.')
+			}
+			b.WriteString(p)
+		case int:
+			b.WriteString("[" + strconv.Itoa(p) + "]")
+		}
+	}
+	return b.String()
+}
+
+// check validates what the decoder cannot: references, ranges, and what
+// the packages themselves would refuse (it builds each cluster, which
+// starts nothing).
+func (f *File) check(root *yaml.Node) error {
+	errAt := func(msg string, path ...any) error {
+		return &fieldError{line: lineOf(root, path...), field: fieldName(path...), msg: msg}
+	}
+	if f.Engine != "" && f.Engine != EngineFrame && f.Engine != EngineGRPCProxy {
+		return errAt(fmt.Sprintf("unknown engine %q (want %s or %s)", f.Engine, EngineFrame, EngineGRPCProxy), "engine")
+	}
+	if f.DrainTimeout < 0 {
+		return errAt("must not be negative", "drain_timeout")
+	}
+	if t := f.TLS; t != nil && (t.Cert == "" || t.Key == "") {
+		return errAt("cert and key are both required", "tls")
+	}
+	if t := f.BackendTLS; t != nil && (t.CA == "" || (t.Cert == "") != (t.Key == "")) {
+		return errAt("ca is required; cert and key go together", "backend_tls")
+	}
+	pc := f.proxyConfig()
+	pc.Picker = proxy.PickerFunc(func(context.Context, string) (string, func(error), error) { return "", nil, nil })
+	pc.Logger = discardLogger
+	if _, err := proxy.New(pc); err != nil { // New starts nothing
+		return errAt(err.Error(), "proxy")
+	}
+	if len(f.Clusters) == 0 {
+		return errAt("at least one cluster is required", "clusters")
+	}
+	names := map[string]bool{}
+	for i, c := range f.Clusters {
+		switch {
+		case c.Name == "":
+			return errAt("required", "clusters", i, "name")
+		case names[c.Name]:
+			return errAt(fmt.Sprintf("cluster %q is defined twice", c.Name), "clusters", i, "name")
+		case len(c.Targets) == 0:
+			return errAt("at least one target is required", "clusters", i, "targets")
+		case c.Policy != "" && !contains(director.Policies(), c.Policy):
+			return errAt(fmt.Sprintf("unknown policy %q (want one of %s)", c.Policy, strings.Join(director.Policies(), ", ")), "clusters", i, "policy")
+		}
+		names[c.Name] = true
+		cfg := f.clusterConfig(c)
+		cfg.Logger = discardLogger
+		cfg.BackendTLS = nil // its files are read once, by the server
+		if _, err := New(cfg); err != nil {
+			var te *TargetError
+			if errors.As(err, &te) {
+				return errAt(te.Err.Error(), "clusters", i, "targets")
+			}
+			return errAt(err.Error(), "clusters", i)
+		}
+	}
+	if len(f.Routes) == 0 {
+		return errAt("at least one route is required (a route with no match takes every call)", "routes")
+	}
+	routeNames := map[string]bool{}
+	for i, r := range f.Routes {
+		if !names[r.Cluster] {
+			return errAt(fmt.Sprintf("unknown cluster %q", r.Cluster), "routes", i, "cluster")
+		}
+		if name := f.routeName(i); routeNames[name] {
+			return errAt(fmt.Sprintf("route %q is defined twice", name), "routes", i, "name")
+		} else {
+			routeNames[name] = true
+		}
+		if s := r.Match.Service; strings.Contains(strings.Trim(s, "/"), "/") {
+			return errAt(fmt.Sprintf("%q is not a service name (pkg.Service); use method_prefix for methods", s), "routes", i, "match", "service")
+		}
+		for j, h := range r.Match.Headers {
+			n := 0
+			for _, set := range []bool{h.Exact != nil, h.Prefix != nil, h.Present} {
+				if set {
+					n++
+				}
+			}
+			switch {
+			case h.Name == "":
+				return errAt("required", "routes", i, "match", "headers", j, "name")
+			case strings.HasPrefix(h.Name, ":"):
+				return errAt("pseudo-headers cannot be matched", "routes", i, "match", "headers", j, "name")
+			case n != 1:
+				return errAt("give exactly one of exact, prefix, present", "routes", i, "match", "headers", j)
+			}
+		}
+		if rl := r.RateLimit; rl != nil {
+			if rl.Rate <= 0 {
+				return errAt("must be positive (calls per second)", "routes", i, "rate_limit", "rate")
+			}
+			if rl.Burst < 0 {
+				return errAt("must not be negative", "routes", i, "rate_limit", "burst")
+			}
+		}
+	}
+	return nil
+}
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+// routeName is route i's name: its own, or "route-i".
+func (f *File) routeName(i int) string {
+	if n := f.Routes[i].Name; n != "" {
+		return n
+	}
+	return "route-" + strconv.Itoa(i)
+}
+
+// clusterConfig turns one cluster's settings into New's.
+func (f *File) clusterConfig(c fileCluster) Config {
+	cfg := Config{
+		Name:          c.Name,
+		Targets:       c.Targets,
+		DNSRefresh:    c.DNSRefresh,
+		DNSRespectTTL: c.DNSRespectTTL,
+		Director: director.Config{
+			Policy:              c.Policy,
+			ChoiceCount:         c.ChoiceCount,
+			HashHeader:          c.HashHeader,
+			RingSize:            c.RingSize,
+			SlowStart:           c.SlowStart,
+			HealthCheckInterval: c.HealthCheck.Interval,
+			HealthCheckTimeout:  c.HealthCheck.Timeout,
+			HealthCheckService:  c.HealthCheck.Service,
+			HealthyThreshold:    c.HealthCheck.HealthyThreshold,
+			UnhealthyThreshold:  c.HealthCheck.UnhealthyThreshold,
+			EjectAfter:          c.Ejection.After,
+			BaseEjection:        c.Ejection.Base,
+			MaxEjection:         c.Ejection.Max,
+			MaxEjectionPercent:  c.Ejection.MaxPercent,
+		},
+	}
+	if t := f.BackendTLS; t != nil {
+		cfg.BackendTLS = &BackendTLS{CAFile: t.CA, ServerName: t.ServerName, CertFile: t.Cert, KeyFile: t.Key}
+	}
+	return cfg
+}
+
+// proxyConfig returns the frame engine's settings from the file; zero
+// values select the proxy's defaults.
+func (f *File) proxyConfig() proxy.Config {
+	p := f.Proxy
+	return proxy.Config{
+		ConnectTimeout:       p.ConnectTimeout,
+		HandshakeTimeout:     p.HandshakeTimeout,
+		MaxConcurrentStreams: p.MaxConcurrentStreams,
+		MaxConnections:       p.MaxConnections,
+		IdleTimeout:          p.IdleTimeout,
+		WriteTimeout:         p.WriteTimeout,
+		MaxStreams:           p.MaxStreams,
+		MaxStreamsPerBackend: p.MaxStreamsPerBackend,
+		RetryOn:              p.RetryOn,
+		MaxRetries:           p.MaxRetries,
+		RetryBufferSize:      p.RetryBuffer,
+	}
+}
+
+// ServerConfig returns the settings of a server for f: [NewServer] builds
+// every cluster and the route table from it. The caller adds the logger,
+// the metrics registry (if [File.MetricsOn]) and OnDrain.
+func (f *File) ServerConfig() ServerConfig {
+	sc := ServerConfig{
+		Engine:       f.Engine,
+		Proxy:        f.proxyConfig(),
+		DrainTimeout: f.DrainTimeout,
+		File:         f,
+	}
+	if t := f.TLS; t != nil {
+		sc.TLS = &ServerTLS{CertFile: t.Cert, KeyFile: t.Key, ClientCAFile: t.ClientCA}
+	}
+	return sc
+}
+
+// MetricsOn reports whether the file asks for metrics (the default).
+func (f *File) MetricsOn() bool { return f.Metrics == nil || *f.Metrics }
+
+// restartOnly returns the names of the settings that differ between f and
+// g and that a reload cannot apply.
+func (f *File) restartOnly(g *File) []string {
+	var out []string
+	for _, d := range []struct {
+		name string
+		a, b any
+	}{
+		{"listen", f.Listen, g.Listen},
+		{"admin_listen", f.AdminListen, g.AdminListen},
+		{"engine", f.Engine, g.Engine},
+		{"drain_timeout", f.DrainTimeout, g.DrainTimeout},
+		{"metrics", f.MetricsOn(), g.MetricsOn()},
+		{"tls", f.TLS, g.TLS},
+		{"backend_tls", f.BackendTLS, g.BackendTLS},
+		{"proxy", f.Proxy, g.Proxy},
+	} {
+		if !reflect.DeepEqual(d.a, d.b) {
+			out = append(out, d.name)
+		}
+	}
+	return out
+}

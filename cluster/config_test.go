@@ -1,0 +1,119 @@
+package cluster_test
+
+import (
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/streamlb/streamlb/cluster"
+)
+
+const goodConfig = `
+listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+drain_timeout: 5s
+proxy:
+  max_streams: 1000
+  retry_on: [/grpc.testing.TestService/]
+clusters:
+  - name: users
+    targets: [127.0.0.1:9001, 127.0.0.1:9002]
+    policy: least_request
+    slow_start: 10s
+    health_check: {interval: 5s, timeout: 1s}
+    ejection: {after: 5, base: 30s, max_percent: 50}
+  - name: canary
+    targets: [127.0.0.1:9003]
+    dns_refresh: 10s
+routes:
+  - name: gold
+    match:
+      service: grpc.testing.TestService
+      headers: [{name: X-Tenant, exact: gold}]
+    cluster: canary
+    rate_limit: {rate: 100, burst: 20}
+  - match: {method_prefix: /grpc.testing.TestService/Unary}
+    cluster: canary
+  - cluster: users
+`
+
+func TestParseFileGood(t *testing.T) {
+	t.Parallel()
+	f, err := cluster.ParseFile("good.yaml", []byte(goodConfig))
+	if err != nil {
+		t.Fatalf("ParseFile: %v", err)
+	}
+	if len(f.Clusters) != 2 || len(f.Routes) != 3 || f.Listen != "127.0.0.1:0" {
+		t.Errorf("got %d clusters, %d routes, listen %q; want 2, 3, 127.0.0.1:0", len(f.Clusters), len(f.Routes), f.Listen)
+	}
+	if _, err := cluster.NewServer(f.ServerConfig()); err != nil {
+		t.Errorf("NewServer(ServerConfig()) = %v", err)
+	}
+}
+
+// TestParseFileErrors checks that each error names the line and the field.
+func TestParseFileErrors(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		replace [2]string // in goodConfig
+		want    []string  // substrings of the error
+	}{
+		{name: "unknown top-level field", replace: [2]string{"drain_timeout: 5s", "drain_timeout: 5s\nlisten_addr: x"}, want: []string{"line 5:", "field listen_addr not found"}},
+		{name: "unknown cluster field", replace: [2]string{"    slow_start: 10s", "    slowstart: 10s"}, want: []string{"line 12:", "field slowstart not found"}},
+		{name: "bad duration", replace: [2]string{"dns_refresh: 10s", "dns_refresh: often"}, want: []string{"line 17:", "clusters[1].dns_refresh", "duration"}},
+		{name: "bad int", replace: [2]string{"max_streams: 1000", "max_streams: many"}, want: []string{"line 6:", "proxy.max_streams"}},
+		{name: "unknown cluster in route", replace: [2]string{"  - cluster: users", "  - cluster: user"}, want: []string{"line 27:", "routes[2].cluster", `unknown cluster "user"`}},
+		{name: "unknown policy", replace: [2]string{"policy: least_request", "policy: fastest"}, want: []string{"line 11:", "clusters[0].policy", "fastest"}},
+		{name: "bad target", replace: [2]string{"[127.0.0.1:9003]", "[\"dns:///\"]"}, want: []string{"line 16:", "clusters[1].targets"}},
+		{name: "duplicate cluster", replace: [2]string{"name: canary", "name: users"}, want: []string{"line 15:", "clusters[1].name", "twice"}},
+		{name: "two header matchers", replace: [2]string{"exact: gold}", "exact: gold, present: true}"}, want: []string{"line 22:", "routes[0].match.headers[0]", "exactly one"}},
+		{name: "zero rate", replace: [2]string{"rate: 100", "rate: 0"}, want: []string{"line 24:", "routes[0].rate_limit.rate"}},
+		{name: "service with method", replace: [2]string{"service: grpc.testing.TestService", "service: grpc.testing.TestService/EmptyCall"}, want: []string{"line 21:", "routes[0].match.service"}},
+		{name: "bad proxy limit", replace: [2]string{"max_streams: 1000", "max_streams: -1"}, want: []string{"line 5:", "proxy:", "MaxStreams"}},
+		{name: "syntax", replace: [2]string{"listen: 127.0.0.1:0", "listen: [127.0.0.1:0"}, want: []string{"line"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			data := strings.Replace(goodConfig, tc.replace[0], tc.replace[1], 1)
+			if data == goodConfig {
+				t.Fatalf("replacement %q not found", tc.replace[0])
+			}
+			_, err := cluster.ParseFile("f.yaml", []byte(data))
+			if err == nil {
+				t.Fatal("ParseFile = nil, want an error")
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("ParseFile error = %q, want it to contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func FuzzParseFile(f *testing.F) {
+	f.Add([]byte(goodConfig))
+	f.Add([]byte("clusters: [{name: a, targets: [1.2.3.4:5]}]\nroutes: [{cluster: a}]"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cluster.ParseFile("fuzz.yaml", data) // must not panic
+	})
+}
+
+// TestREADMEExample checks that the README's configuration example parses.
+func TestREADMEExample(t *testing.T) {
+	t.Parallel()
+	data, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(data), "### Configuration file")
+	_, rest, ok2 := strings.Cut(rest, "```yaml\n")
+	example, _, ok3 := strings.Cut(rest, "```")
+	if !ok || !ok2 || !ok3 {
+		t.Fatal("README has no configuration example")
+	}
+	if _, err := cluster.ParseFile("README.md", []byte(example)); err != nil {
+		t.Errorf("README example: %v", err)
+	}
+}

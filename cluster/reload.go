@@ -1,0 +1,469 @@
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"reflect"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+)
+
+// DefaultPollInterval is how often a server started from a configuration
+// file looks at the file for changes.
+const DefaultPollInterval = time.Second
+
+// clusterSet runs the clusters of a configuration file behind one router,
+// and reloads them: on SIGHUP, when the file changes, or on request.
+//
+// A reload builds the clusters whose settings changed (or are new) while
+// the running ones go on serving, starts them and waits (up to the
+// warm-up) for their first backend set, then swaps the route table in one
+// atomic store and only then stops the clusters no longer used. Clusters
+// whose settings are unchanged are kept as they are: resolver, director,
+// health and ejection state, connections. Calls in flight on a stopped
+// cluster finish: their done funcs only touch the old director's atomics,
+// and its backends' connections are drained gracefully by the data plane
+// once no cluster lists them. A file that does not parse or check, or
+// that a reload cannot apply, is rejected with a logged error and the
+// running configuration stays.
+type clusterSet struct {
+	router    router
+	logger    *slog.Logger
+	metrics   prometheus.Registerer  // nil: metrics off
+	limited   *prometheus.CounterVec // nil: metrics off
+	headers   []string               // what the data plane hands Pick; nil: all
+	warmup    time.Duration
+	pollEvery time.Duration
+	signals   <-chan os.Signal
+	now       func() time.Time
+	reqs      chan chan error // Reload requests, served by Run's goroutine
+	resolved  chan struct{}   // closed when the first clusters have a set
+
+	boot *File // the file the server started with: restart-only settings
+
+	// Owned by Run's goroutine once Run has started (by NewServer before).
+	file    *File
+	seen    []byte // the last contents of the file read
+	entries map[string]*entry
+
+	// mu guards live and each entry's addrs. It is held across the call
+	// to retain, on purpose: that orders the calls, so the data plane
+	// never sees an older union after a newer one; retain (the data
+	// plane's RetainBackends) calls nothing of ours.
+	mu     sync.Mutex
+	live   map[*entry]bool
+	retain func(addrs []string)
+}
+
+// entry is one running cluster.
+type entry struct {
+	spec    fileCluster
+	c       *Cluster
+	reg     *laterRegisterer // nil: metrics off
+	cancel  context.CancelFunc
+	stopped chan struct{} // closed when its Run has returned
+	addrs   []string      // its current backend set; guarded by clusterSet.mu
+}
+
+// newClusterSet builds the clusters and the route table of f. It starts
+// nothing.
+func newClusterSet(f *File, logger *slog.Logger, reg prometheus.Registerer, headers []string, warmup time.Duration, signals <-chan os.Signal) (*clusterSet, error) {
+	s := &clusterSet{
+		logger:    logger.With("component", "config"),
+		metrics:   reg,
+		headers:   headers,
+		warmup:    warmup,
+		pollEvery: DefaultPollInterval,
+		signals:   signals,
+		now:       time.Now,
+		reqs:      make(chan chan error),
+		resolved:  make(chan struct{}),
+		boot:      f,
+		file:      f,
+		seen:      f.raw,
+		entries:   map[string]*entry{},
+		live:      map[*entry]bool{},
+	}
+	if reg != nil {
+		s.limited = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "streamlb_route_rate_limited_total", Help: "Calls a route's rate limit failed with RESOURCE_EXHAUSTED.",
+		}, []string{"route"})
+		if err := reg.Register(s.limited); err != nil {
+			return nil, fmt.Errorf("cluster: metrics: %w", err)
+		}
+	}
+	for _, fc := range f.Clusters {
+		e, err := s.newEntry(f, fc)
+		if err != nil {
+			return nil, err
+		}
+		s.entries[fc.Name] = e
+		if e.reg != nil {
+			if err := e.reg.commit(); err != nil {
+				return nil, fmt.Errorf("cluster %s: metrics: %w", fc.Name, err)
+			}
+		}
+	}
+	s.router.table.Store(buildTable(f, s.clusters(s.entries), nil, s.limited, s.now))
+	return s, nil
+}
+
+func (s *clusterSet) newEntry(f *File, fc fileCluster) (*entry, error) {
+	cfg := f.clusterConfig(fc)
+	cfg.BackendTLS = s.boot.clusterConfig(fc).BackendTLS // a restart-only setting
+	cfg.Logger = s.logger.With("cluster", fc.Name)
+	e := &entry{spec: fc}
+	if s.metrics != nil {
+		e.reg = &laterRegisterer{reg: s.metrics}
+		cfg.Metrics = e.reg
+	}
+	c, err := New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	e.c = c
+	return e, nil
+}
+
+func (s *clusterSet) clusters(es map[string]*entry) map[string]*Cluster {
+	m := make(map[string]*Cluster, len(es))
+	for name, e := range es {
+		m[name] = e.c
+	}
+	return m
+}
+
+// Run runs the clusters and watches for reloads until ctx is cancelled,
+// then stops every cluster and returns nil; or returns the error of a
+// cluster whose resolver cannot go on. retain gets the union of all
+// running clusters' backend sets whenever one changes.
+func (s *clusterSet) Run(ctx context.Context, retain func(addrs []string)) error {
+	s.mu.Lock()
+	s.retain = retain
+	s.mu.Unlock()
+	g, gctx := errgroup.WithContext(ctx)
+	first := make([]*entry, 0, len(s.entries))
+	for _, e := range s.entries {
+		s.start(g, gctx, e)
+		first = append(first, e)
+	}
+	g.Go(func() error {
+		if s.waitResolved(gctx, first, nil) {
+			close(s.resolved)
+		}
+		return nil
+	})
+	g.Go(func() error { return s.watch(gctx, g) })
+	return g.Wait()
+}
+
+// start runs e's cluster in g until ctx ends or e.cancel is called.
+func (s *clusterSet) start(g *errgroup.Group, ctx context.Context, e *entry) {
+	cctx, cancel := context.WithCancel(ctx)
+	e.cancel = cancel
+	e.stopped = make(chan struct{})
+	g.Go(func() error {
+		defer close(e.stopped)
+		return e.c.Run(cctx, func(addrs []string) { s.setAddrs(e, addrs) })
+	})
+}
+
+// setAddrs records e's backend set and hands the union to the data plane.
+func (s *clusterSet) setAddrs(e *entry, addrs []string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e.addrs = slices.Clone(addrs)
+	s.live[e] = true
+	s.retainLocked()
+}
+
+// drop forgets a stopped cluster's backends: the data plane drains the
+// connections of those no other cluster lists.
+func (s *clusterSet) drop(e *entry) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.live, e)
+	s.retainLocked()
+}
+
+// retainLocked hands the union of the live sets to retain. Caller must
+// hold mu.
+func (s *clusterSet) retainLocked() {
+	if s.retain == nil {
+		return
+	}
+	var union []string
+	for e := range s.live {
+		union = append(union, e.addrs...)
+	}
+	slices.Sort(union)
+	s.retain(slices.Compact(union))
+}
+
+// waitResolved waits until every cluster of es has its first backend set,
+// or ctx ends, or timeout fires (nil: never); it reports whether all had.
+func (s *clusterSet) waitResolved(ctx context.Context, es []*entry, timeout <-chan time.Time) bool {
+	for _, e := range es {
+		select {
+		case <-e.c.Resolved():
+		case <-timeout:
+			return false
+		case <-ctx.Done():
+			return false
+		}
+	}
+	return true
+}
+
+// watch serves reloads until ctx ends: SIGHUP, a changed file (polled),
+// and Reload requests.
+func (s *clusterSet) watch(ctx context.Context, g *errgroup.Group) error {
+	var tick <-chan time.Time
+	if s.file.Path != "" && s.pollEvery > 0 {
+		t := time.NewTicker(s.pollEvery)
+		defer t.Stop()
+		tick = t.C
+	}
+	var readErr string // the last read error logged, not to repeat it
+	for {
+		var why string
+		var reply chan error
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick:
+			why = "file changed"
+		case <-s.signals:
+			why = "SIGHUP"
+		case reply = <-s.reqs:
+			why = "requested"
+		}
+		data, err := os.ReadFile(s.file.Path)
+		if err != nil {
+			if reply != nil {
+				reply <- fmt.Errorf("config: %w", err)
+			} else if err.Error() != readErr {
+				s.logger.Error("configuration file unreadable; the running configuration stays", "err", err)
+			}
+			readErr = err.Error()
+			continue
+		}
+		readErr = ""
+		if reply == nil && why == "file changed" && bytes.Equal(data, s.seen) {
+			continue
+		}
+		s.seen = data
+		err = s.reload(ctx, g, data, why)
+		if reply != nil {
+			reply <- err
+		}
+	}
+}
+
+// reload parses data and applies it, logging the outcome.
+func (s *clusterSet) reload(ctx context.Context, g *errgroup.Group, data []byte, why string) error {
+	nf, err := ParseFile(s.file.Path, data)
+	if err == nil {
+		err = s.apply(ctx, g, nf)
+	}
+	if err != nil {
+		s.logger.Error("configuration rejected; the running configuration stays", "reason", why, "err", err)
+		return err
+	}
+	return nil
+}
+
+// apply makes nf the running configuration; see clusterSet. It runs on
+// Run's goroutine.
+func (s *clusterSet) apply(ctx context.Context, g *errgroup.Group, nf *File) error {
+	if s.headers != nil {
+		for _, h := range pickHeaders(nf) {
+			if !slices.Contains(s.headers, h) {
+				return fmt.Errorf("config: header %q is matched, but the data plane started handing Pick only %q: restart the proxy to route on it", h, s.headers)
+			}
+		}
+	}
+	next := make(map[string]*entry, len(nf.Clusters))
+	var fresh, kept []*entry
+	var freshNames, keptNames, goneNames []string
+	for _, fc := range nf.Clusters {
+		if old := s.entries[fc.Name]; old != nil && reflect.DeepEqual(old.spec, fc) {
+			next[fc.Name] = old
+			kept = append(kept, old)
+			keptNames = append(keptNames, fc.Name)
+			continue
+		}
+		e, err := s.newEntry(nf, fc)
+		if err != nil {
+			return err // nothing was started
+		}
+		next[fc.Name] = e
+		fresh = append(fresh, e)
+		freshNames = append(freshNames, fc.Name)
+	}
+	var gone []*entry
+	for name, e := range s.entries {
+		if next[name] != e {
+			gone = append(gone, e)
+			goneNames = append(goneNames, name)
+		}
+	}
+	table := buildTable(nf, s.clusters(next), s.router.table.Load(), s.limited, s.now)
+
+	// New clusters first get their backends, so the swap sends no call to
+	// a cluster with none.
+	for _, e := range fresh {
+		s.start(g, ctx, e)
+	}
+	warm := time.NewTimer(s.warmup)
+	if !s.waitResolved(ctx, fresh, warm.C) && ctx.Err() == nil {
+		s.logger.Warn("new clusters have no backend set yet; switching anyway", "waited", s.warmup)
+	}
+	warm.Stop()
+	for _, e := range gone {
+		if e.reg != nil {
+			e.reg.withdraw()
+		}
+	}
+	for _, e := range fresh {
+		if e.reg != nil {
+			if err := e.reg.commit(); err != nil {
+				s.logger.Warn("cluster metrics not registered", "cluster", e.c.Name(), "err", err)
+			}
+		}
+	}
+	s.router.table.Store(table)
+	if changed := s.file.restartOnly(nf); len(changed) > 0 {
+		s.logger.Warn("settings changed that take effect only after a restart", "settings", changed)
+	}
+	s.entries, s.file = next, nf
+	for _, e := range gone {
+		e.cancel()
+		<-e.stopped
+		s.drop(e)
+	}
+	s.logger.Info("configuration reloaded", "routes", len(table.routes),
+		"clusters_started", freshNames, "clusters_kept", keptNames, "clusters_stopped", goneNames)
+	return nil
+}
+
+// Reload re-reads the file and applies it; it returns the reason a file
+// was rejected. It waits for Run's goroutine, which does the work, so it
+// must not be called when Run is not running (it then waits for ctx).
+func (s *clusterSet) Reload(ctx context.Context) error {
+	reply := make(chan error, 1)
+	select {
+	case s.reqs <- reply:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-reply:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// current returns the clusters the route table uses, in route order,
+// each once.
+func (s *clusterSet) current() []*Cluster {
+	var cs []*Cluster
+	for _, r := range s.router.table.Load().routes {
+		if !slices.Contains(cs, r.cluster) {
+			cs = append(cs, r.cluster)
+		}
+	}
+	return cs
+}
+
+// clusterFor returns the routed cluster whose current backend set holds
+// addr, or nil (no backend, or a backend no routed cluster has any more).
+// It is called once per call by the data plane's call-end hook; it does
+// not block on the set's mutex.
+func (s *clusterSet) clusterFor(addr string) *Cluster {
+	if addr == "" {
+		return nil
+	}
+	for _, c := range s.current() {
+		if c.metrics != nil {
+			if (*c.metrics.backends.Load())[addr] != nil {
+				return c
+			}
+			continue
+		}
+		for _, b := range c.Backends() {
+			if b.Addr == addr {
+				return c
+			}
+		}
+	}
+	return nil
+}
+
+// Ready reports whether some routed cluster has a usable backend.
+func (s *clusterSet) Ready() bool {
+	for _, c := range s.current() {
+		if c.Ready() {
+			return true
+		}
+	}
+	return false
+}
+
+// laterRegisterer collects a cluster's collectors so that they are
+// registered only once the cluster is in use, and withdrawn when it
+// leaves: a replaced cluster and its successor have the same name, so the
+// same label values.
+type laterRegisterer struct {
+	reg prometheus.Registerer
+	cs  []prometheus.Collector // only New and the owner of the set touch it
+}
+
+func (l *laterRegisterer) Register(c prometheus.Collector) error {
+	l.cs = append(l.cs, c)
+	return nil
+}
+
+func (l *laterRegisterer) MustRegister(cs ...prometheus.Collector) { l.cs = append(l.cs, cs...) }
+
+func (l *laterRegisterer) Unregister(c prometheus.Collector) bool {
+	i := slices.Index(l.cs, c)
+	if i < 0 {
+		return false
+	}
+	l.cs = slices.Delete(l.cs, i, i+1)
+	return l.reg.Unregister(c)
+}
+
+func (l *laterRegisterer) commit() error {
+	var errs []error
+	for _, c := range l.cs {
+		errs = append(errs, l.reg.Register(c))
+	}
+	return errors.Join(errs...)
+}
+
+func (l *laterRegisterer) withdraw() {
+	for _, c := range l.cs {
+		l.reg.Unregister(c)
+	}
+}
+
+// Clusters returns the clusters the server sends calls to: its one
+// cluster, or those the current route table of its configuration file
+// uses, in route order.
+func (s *Server) Clusters() []*Cluster {
+	if s.set != nil {
+		return s.set.current()
+	}
+	return []*Cluster{s.cluster}
+}

@@ -1,0 +1,254 @@
+package cluster
+
+import (
+	"context"
+	"math"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/streamlb/streamlb/proxy"
+)
+
+// Routing lives entirely at the Picker seam: the data plane asks one
+// Picker, the router, for every stream's backend, and the router sends
+// the question to the Picker of the cluster the first matching route
+// names. The route table is immutable and published with an
+// atomic.Pointer, so a reload swaps it in one store and Pick takes no
+// lock (the director's snapshot habit). Request headers reach Pick as
+// incoming gRPC metadata: the server lists the matched header names in
+// proxy.Config.PickMetadata. A Pick error carrying a gRPC status (no
+// route, rate limited) is answered to the client with that status.
+
+// router is the proxy.Picker and proxy.RetryPicker of a server with a
+// configuration file. Its methods are safe for concurrent use.
+type router struct {
+	table atomic.Pointer[routeTable]
+}
+
+// routeTable is one configuration's routes, in order. It is never
+// modified once published.
+type routeTable struct {
+	routes      []*route
+	headerMatch bool // some route matches headers: read the metadata
+}
+
+// route sends the calls it matches to one cluster's picker.
+type route struct {
+	name    string
+	service string // "/pkg.Service/" or ""
+	prefix  string // method prefix or ""
+	headers []headerMatch
+	cluster *Cluster
+	picker  proxy.Picker
+	limit   *tokenBucket       // nil: no rate limit
+	limited prometheus.Counter // nil if metrics are off
+}
+
+// matches reports whether r takes a call to fullMethod with metadata md.
+func (r *route) matches(fullMethod string, md metadata.MD) bool {
+	if r.service != "" && !strings.HasPrefix(fullMethod, r.service) {
+		return false
+	}
+	if r.prefix != "" && !strings.HasPrefix(fullMethod, r.prefix) {
+		return false
+	}
+	for _, h := range r.headers {
+		vs := md.Get(h.Name)
+		switch {
+		case h.Present:
+			if len(vs) == 0 {
+				return false
+			}
+		case h.Exact != nil:
+			if len(vs) == 0 || vs[0] != *h.Exact {
+				return false
+			}
+		case h.Prefix != nil:
+			if len(vs) == 0 || !strings.HasPrefix(vs[0], *h.Prefix) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// match returns the first route that takes the call, or nil.
+func (t *routeTable) match(ctx context.Context, fullMethod string) *route {
+	var md metadata.MD
+	if t.headerMatch {
+		md, _ = metadata.FromIncomingContext(ctx)
+	}
+	for _, r := range t.routes {
+		if r.matches(fullMethod, md) {
+			return r
+		}
+	}
+	return nil
+}
+
+// Pick routes the call and asks the route's cluster for a backend. A call
+// no route takes fails with UNIMPLEMENTED, as Envoy answers a gRPC call
+// without a route; a call over its route's rate limit fails at once with
+// RESOURCE_EXHAUSTED.
+func (rt *router) Pick(ctx context.Context, fullMethod string) (string, func(error), error) {
+	r, err := rt.route(ctx, fullMethod)
+	if err != nil {
+		return "", nil, err
+	}
+	if r.limit != nil && !r.limit.allow() {
+		if r.limited != nil {
+			r.limited.Inc()
+		}
+		return "", nil, status.Errorf(codes.ResourceExhausted, "streamlb: route %s: rate limit exceeded", r.name)
+	}
+	return r.picker.Pick(ctx, fullMethod)
+}
+
+// PickExcluding picks a retry's backend from the routed cluster, avoiding
+// the backends tried. A retry is part of a call already admitted, so it
+// takes no token from the rate limit.
+func (rt *router) PickExcluding(ctx context.Context, fullMethod string, tried []string) (string, func(error), error) {
+	r, err := rt.route(ctx, fullMethod)
+	if err != nil {
+		return "", nil, err
+	}
+	if p, ok := r.picker.(proxy.RetryPicker); ok {
+		return p.PickExcluding(ctx, fullMethod, tried)
+	}
+	// The cluster's picker cannot exclude (the metered wrapper before it
+	// learned to): ask it again a few times, as the proxy would.
+	for i := 1; ; i++ {
+		addr, done, err := r.picker.Pick(ctx, fullMethod)
+		if err != nil || i == retryRepicks || !slices.Contains(tried, addr) {
+			return addr, done, err
+		}
+		if done != nil {
+			done(status.Error(codes.Canceled, "streamlb: repicked: backend already tried"))
+		}
+	}
+}
+
+// retryRepicks bounds the picks PickExcluding makes of a picker that
+// cannot exclude.
+const retryRepicks = 3
+
+func (rt *router) route(ctx context.Context, fullMethod string) (*route, error) {
+	if r := rt.table.Load().match(ctx, fullMethod); r != nil {
+		return r, nil
+	}
+	return nil, status.Errorf(codes.Unimplemented, "streamlb: no route for %s", fullMethod)
+}
+
+// tokenBucket admits calls at rate per second with bursts of up to burst.
+// It starts full. allow never blocks beyond a short critical section.
+type tokenBucket struct {
+	rate  float64
+	burst float64
+	now   func() time.Time
+
+	mu     sync.Mutex // guards the fields below
+	tokens float64
+	last   time.Time
+}
+
+func newTokenBucket(rate float64, burst int, now func() time.Time) *tokenBucket {
+	if burst < 1 {
+		burst = 1
+	}
+	return &tokenBucket{rate: rate, burst: float64(burst), now: now, tokens: float64(burst), last: now()}
+}
+
+// allow takes a token if there is one.
+func (b *tokenBucket) allow() bool {
+	now := b.now()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if d := now.Sub(b.last); d > 0 {
+		b.tokens = min(b.burst, b.tokens+d.Seconds()*b.rate)
+		b.last = now
+	}
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// buildTable makes the route table of f over clusters (by name). The
+// rate limiters of routes whose name and limit are unchanged from old
+// carry over, so a reload neither refills nor empties their buckets.
+// limited, if not nil, counts the calls each route's limit rejects.
+func buildTable(f *File, clusters map[string]*Cluster, old *routeTable, limited *prometheus.CounterVec, now func() time.Time) *routeTable {
+	oldLimits := map[string]*tokenBucket{}
+	if old != nil {
+		for _, r := range old.routes {
+			if r.limit != nil {
+				oldLimits[r.name] = r.limit
+			}
+		}
+	}
+	t := &routeTable{}
+	for i, fr := range f.Routes {
+		c := clusters[fr.Cluster]
+		r := &route{
+			name:    f.routeName(i),
+			prefix:  fr.Match.MethodPrefix,
+			headers: slices.Clone(fr.Match.Headers),
+			cluster: c,
+			picker:  c.Picker(),
+		}
+		if s := strings.Trim(fr.Match.Service, "/"); s != "" {
+			r.service = "/" + s + "/"
+		}
+		if r.prefix != "" && !strings.HasPrefix(r.prefix, "/") {
+			r.prefix = "/" + r.prefix // as grpcurl writes methods
+		}
+		for j := range r.headers {
+			r.headers[j].Name = strings.ToLower(r.headers[j].Name)
+		}
+		t.headerMatch = t.headerMatch || len(r.headers) > 0
+		if rl := fr.RateLimit; rl != nil {
+			burst := rl.Burst
+			if burst == 0 {
+				burst = max(1, int(math.Ceil(rl.Rate))) // one second's worth
+			}
+			b := oldLimits[r.name]
+			if b == nil || b.rate != rl.Rate || b.burst != float64(burst) {
+				b = newTokenBucket(rl.Rate, burst, now)
+			}
+			r.limit = b
+			if limited != nil {
+				r.limited = limited.WithLabelValues(r.name)
+			}
+		}
+		t.routes = append(t.routes, r)
+	}
+	return t
+}
+
+// pickHeaders returns the request headers the routes of f and the hash
+// policies of its clusters read, lower case and sorted: what the data
+// plane must hand to Pick.
+func pickHeaders(f *File) []string {
+	var hs []string
+	for _, r := range f.Routes {
+		for _, h := range r.Match.Headers {
+			hs = append(hs, strings.ToLower(h.Name))
+		}
+	}
+	for _, c := range f.Clusters {
+		if c.HashHeader != "" {
+			hs = append(hs, strings.ToLower(c.HashHeader))
+		}
+	}
+	slices.Sort(hs)
+	return slices.Compact(hs)
+}

@@ -1,0 +1,62 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestValidateCommand checks the validate command's exit codes and
+// messages, and that --config refuses the other proxy flags. Not
+// parallel: urfave/cli/v2 mutates package globals.
+func TestValidateCommand(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	good := write("good.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: a}\n")
+	badField := write("bad.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1], polcy: random}\nroutes:\n  - {cluster: a}\n")
+	badRef := write("ref.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: b}\n")
+	badTLS := write("tls.yaml", "tls: {cert: /nonexistent/a.crt, key: /nonexistent/a.key}\nclusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: a}\n")
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		wantCode int
+		wantOut  string
+		wantErr  string
+	}{
+		{name: "good", args: []string{"validate", "--config", good}, wantOut: "ok (1 clusters, 1 routes)"},
+		{name: "unknown field", args: []string{"validate", "--config", badField}, wantCode: 2, wantErr: "line 2: field polcy not found"},
+		{name: "unknown cluster", args: []string{"validate", "--config", badRef}, wantCode: 2, wantErr: `line 4: routes[0].cluster: unknown cluster "b"`},
+		{name: "missing TLS file", args: []string{"validate", "--config", badTLS}, wantCode: 2, wantErr: "/nonexistent/a.crt"},
+		{name: "missing file", args: []string{"validate", "--config", filepath.Join(dir, "none.yaml")}, wantCode: 2, wantErr: "none.yaml"},
+		{name: "no config", args: []string{"validate"}, wantCode: 2, wantErr: "--config FILE"},
+		{name: "config and flags", args: []string{"proxy", "--config", good, "--backend", "127.0.0.1:2"}, wantCode: 2, wantErr: "--backend cannot be used with --config"},
+		{name: "proxy bad config", args: []string{"proxy", "--config", badRef}, wantCode: 2, wantErr: "unknown cluster"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			app := newApp()
+			app.Writer, app.ErrWriter = &stdout, &stderr
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			err := app.RunContext(ctx, append([]string{"streamlb"}, tc.args...))
+			if got := exitCode(err); got != tc.wantCode {
+				t.Errorf("exit code = %d (err %v), want %d", got, err, tc.wantCode)
+			}
+			if tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)) {
+				t.Errorf("error = %v, want it to contain %q", err, tc.wantErr)
+			}
+			if !strings.Contains(stdout.String(), tc.wantOut) {
+				t.Errorf("stdout = %q, want it to contain %q", stdout.String(), tc.wantOut)
+			}
+		})
+	}
+}
