@@ -258,7 +258,7 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 // attach gives the transport its socket. It must be called before the
 // reader and writer start.
 func (t *transport) attach(nc net.Conn) {
-	t.rfr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 32<<10))
+	t.rfr = http2.NewFramer(nil, &contGuard{r: bufio.NewReaderSize(nc, 32<<10)})
 	t.rfr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
