@@ -20,7 +20,7 @@ import (
 // rawBackend listens on 127.0.0.1:0 and hands every connection to serve,
 // for backends no gRPC server would be. The listener and every connection
 // are closed, and serve's goroutines waited for, at cleanup.
-func rawBackend(t *testing.T, serve func(nc net.Conn)) string {
+func rawBackend(t testing.TB, serve func(nc net.Conn)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"fmt"
+	"io"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -101,4 +102,56 @@ func checkSettings(f *http2.SettingsFrame) error {
 		return errCalm("SETTINGS frame with %d entries or duplicates", f.NumSettings())
 	}
 	return nil
+}
+
+// maxEmptyContinuations is how many empty CONTINUATION frames in a row a
+// peer may send inside one header block. hpack encoders never split a
+// block into empty fragments; the Framer bounds CONTINUATION by header
+// bytes (CVE-2023-45288) but loops over empty ones inside ReadFrame, where
+// no frame handler, and so no glitch budget, sees them.
+const maxEmptyContinuations = 8
+
+// contGuard sits between the Framer and the buffered socket and watches
+// the frame headers go by, for what ReadFrame hides: past
+// maxEmptyContinuations empty CONTINUATION frames in a row, its next Read
+// fails with ENHANCE_YOUR_CALM, which ReadFrame returns.
+type contGuard struct {
+	r       io.Reader
+	hdr     [9]byte // frame header being read
+	nhdr    int     // bytes of hdr read so far
+	payload int     // payload bytes of the current frame still to come
+	empty   int     // empty CONTINUATION frames in a row
+	err     error   // sticky: io.ReadFull drops an error that comes with enough bytes
+}
+
+func (g *contGuard) Read(p []byte) (int, error) {
+	if g.err != nil {
+		return 0, g.err
+	}
+	n, err := g.r.Read(p)
+	for b := p[:n]; len(b) > 0; {
+		if g.payload > 0 {
+			k := min(g.payload, len(b))
+			g.payload -= k
+			b = b[k:]
+			continue
+		}
+		k := copy(g.hdr[g.nhdr:], b)
+		g.nhdr += k
+		b = b[k:]
+		if g.nhdr < len(g.hdr) {
+			break
+		}
+		g.nhdr = 0
+		g.payload = int(g.hdr[0])<<16 | int(g.hdr[1])<<8 | int(g.hdr[2])
+		switch {
+		case http2.FrameType(g.hdr[3]) != http2.FrameContinuation:
+			g.empty = 0
+		case g.payload == 0:
+			if g.empty++; g.empty > maxEmptyContinuations {
+				g.err = errCalm("%d empty CONTINUATION frames in a row", g.empty)
+			}
+		}
+	}
+	return n, err
 }

@@ -158,7 +158,8 @@ type Config struct {
 	PickMetadata []string
 
 	// RetryBufferSize bounds the request bytes an attempt keeps so the call
-	// can be retried on another backend (see retry.go): zero means
+	// can be retried on another backend (see retry.go), counted by the
+	// capacity of the buffers kept, not by the bytes in them: zero means
 	// DefaultRetryBufferSize, negative disables retries.
 	RetryBufferSize int
 

@@ -351,15 +351,21 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 			c.mu.Unlock()
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 		}
-		if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields {
-			// Trailers cut short would change the request's meaning:
-			// the stream ends here (RFC 9113 §8.1).
+		if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields || len(f.PseudoFields()) > 0 {
+			// Trailers cut short would change the request's meaning,
+			// and trailers with pseudo-header fields are malformed: the
+			// stream ends here (RFC 9113 §8.1).
 			c.mu.Unlock()
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 		}
 		s.cRecvEnd = true
 		if a := s.att; a != nil {
-			a.bc.enqueueUp(a, outItem{kind: itemHeaders, end: true, fields: filterFields(f.Fields)}, nil)
+			// gRPC has no request trailers, and a grpc-go server closes
+			// the whole connection on a second HEADERS from the client
+			// (an "illegal stream id"), taking every other client's
+			// calls on it. Only the end of the stream is relayed, as an
+			// empty DATA frame with END_STREAM; the fields are dropped.
+			a.bc.enqueueUp(a, outItem{kind: itemData, end: true}, nil)
 		}
 		c.maybeCloseLocked(s)
 		c.mu.Unlock()

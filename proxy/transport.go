@@ -258,7 +258,7 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 // attach gives the transport its socket. It must be called before the
 // reader and writer start.
 func (t *transport) attach(nc net.Conn) {
-	t.rfr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 32<<10))
+	t.rfr = http2.NewFramer(nil, &contGuard{r: bufio.NewReaderSize(nc, 32<<10)})
 	t.rfr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
@@ -654,10 +654,28 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 // instead of releasing its buffer, while the attempt's replay fits the
 // retry buffer; past it, the attempt can no longer be retried and what was
 // kept is released. Caller must hold mu.
+//
+// The replay is counted by the capacity of the buffers it holds, not by
+// the bytes in them: a pooled buffer is maxFrameSize whatever it carries,
+// and 10,000 one-byte DATA frames kept one buffer each would hold 160 MiB
+// against a 64 KiB budget. Small DATA is copied into the room left in the
+// replay's last buffer instead, so the replay stays about as large as the
+// request and a call sent in tiny frames stays retryable.
 func (t *transport) retainLocked(a *attempt, it *outItem, op *writeOp) {
+	if it.kind == itemData && it.buf != nil {
+		if last := len(a.replay) - 1; last >= 0 {
+			tail := &a.replay[last]
+			if tail.kind == itemData && !tail.end && tail.buf != nil && tail.n+it.n <= len(*tail.buf) {
+				tail.n += copy((*tail.buf)[tail.n:], (*it.buf)[:it.n])
+				tail.credited = tail.n
+				tail.end = it.end
+				return // op.release hands it.buf back to the pool
+			}
+		}
+	}
 	n := 0
 	if it.buf != nil {
-		n = it.n
+		n = len(*it.buf)
 	}
 	if a.replayBytes+n > t.retryBuffer {
 		a.keepReplay = false
