@@ -165,7 +165,12 @@ func TestEtcdOutageKeepsSet(t *testing.T) {
 	_, logs := startEtcdResolver(t, "etcd://"+srv.Endpoint()+"/svc", EtcdOptions{}, u)
 	u.waitSet(ctx, t, "10.0.0.1:80")
 
+	// Stopping takes a while: etcd gives open streams (the resolver's
+	// watch) a grace period. The waits that follow get their own bound.
+	stopping := time.Now()
 	srv.Stop()
+	t.Logf("etcd stopped in %v", time.Since(stopping))
+	ctx = testContext(t)
 	u.waitFor(ctx, t, "an error", func() bool { _, errs := u.snapshot(); return len(errs) >= 2 })
 	if got, _ := u.last(); len(got) != 1 {
 		t.Errorf("set during the outage = %v, want the last one kept", got)
