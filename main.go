@@ -22,6 +22,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -173,6 +174,15 @@ func testserverCommand() *cli.Command {
 				Name:  "error-rate",
 				Usage: "fraction of TestService calls, 0..1, that fail with UNAVAILABLE",
 			},
+			&cli.StringFlag{
+				Name:  "register",
+				Usage: "register in etcd as Kitex does, at `etcd://HOST:PORT[,...]/PREFIX` (key PREFIX/ADDR, a lease kept alive, revoked on graceful stop)",
+			},
+			&cli.DurationFlag{
+				Name:  "register-ttl",
+				Value: testserver.DefaultRegisterTTL,
+				Usage: "lease TTL of --register: how long the registration outlives a killed testserver",
+			},
 		}, logFlags("info")...),
 		Action: runTestserver,
 	}
@@ -211,8 +221,24 @@ func runTestserver(c *cli.Context) error {
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- ts.Serve(ln) }()
+	var reg *testserver.Registration
+	if target := c.String("register"); target != "" {
+		addr := registerAddr(ln.Addr())
+		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		reg, err = testserver.RegisterEtcd(rctx, target, addr, testserver.RegisterOptions{TTL: c.Duration("register-ttl")})
+		cancel()
+		if err != nil {
+			ts.Stop()
+			<-serveErr
+			return failure(err)
+		}
+		logger.Info("registered", "key", reg.Key(), "ttl", c.Duration("register-ttl"))
+	}
 	select {
 	case err := <-serveErr:
+		if reg != nil {
+			reg.Abandon()
+		}
 		if err != nil {
 			return failure(fmt.Errorf("serve: %w", err))
 		}
@@ -220,6 +246,17 @@ func runTestserver(c *cli.Context) error {
 	case <-ctx.Done():
 	}
 	stop()
+	if reg != nil {
+		// Deregister first, so the proxies stop sending new calls
+		// while the calls in flight finish.
+		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := reg.Deregister(dctx); err != nil {
+			logger.Warn("deregistration failed; the lease will expire", "err", err)
+		} else {
+			logger.Info("deregistered", "key", reg.Key())
+		}
+		cancel()
+	}
 	logger.Info("stopping", "drain_timeout", testserverDrainTimeout)
 	sctx, cancel := context.WithTimeout(context.Background(), testserverDrainTimeout)
 	defer cancel()
@@ -230,6 +267,16 @@ func runTestserver(c *cli.Context) error {
 		return failure(fmt.Errorf("serve: %w", err))
 	}
 	return nil
+}
+
+// registerAddr is the address a testserver listening on addr registers:
+// an unspecified IP (":9090") becomes the loopback address.
+func registerAddr(addr net.Addr) string {
+	ta, ok := addr.(*net.TCPAddr)
+	if !ok || !ta.IP.IsUnspecified() {
+		return addr.String()
+	}
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(ta.Port))
 }
 
 func demoCommand() *cli.Command {

@@ -62,6 +62,11 @@ func proxyCommand() *cli.Command {
 			// Discovery.
 			&cli.DurationFlag{Name: "dns-refresh", Value: resolver.DefaultRefresh, Usage: "how often DNS targets are resolved again (with ±10% jitter)"},
 			&cli.BoolFlag{Name: "dns-respect-ttl", Usage: "re-resolve DNS targets when their records' TTL runs out, bounded to 1s..5m, instead of every --dns-refresh"},
+			&cli.StringFlag{Name: "etcd-ca", Usage: "PEM CA `FILE` etcd's server certificate must chain to: turns TLS to etcd:// targets on"},
+			&cli.StringFlag{Name: "etcd-cert", Usage: "PEM client certificate `FILE` presented to etcd (needs --etcd-key)"},
+			&cli.StringFlag{Name: "etcd-key", Usage: "PEM private key `FILE` of --etcd-cert"},
+			&cli.StringFlag{Name: "etcd-username", Usage: "etcd user `NAME` (etcd auth; needs the password)"},
+			&cli.StringFlag{Name: "etcd-password", EnvVars: []string{"STREAMLB_ETCD_PASSWORD"}, Usage: "etcd password (prefer the environment variable, which ps does not show)"},
 
 			// Balancing.
 			&cli.StringFlag{Name: "policy", Value: director.RoundRobin, Usage: "how a backend is picked for each stream, one of: " + strings.Join(director.Policies(), ", ")},
@@ -208,7 +213,11 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			Targets:       backends,
 			DNSRefresh:    c.Duration("dns-refresh"),
 			DNSRespectTTL: c.Bool("dns-respect-ttl"),
-			BackendTLS:    backendTLS,
+			Etcd: resolver.EtcdOptions{
+				CAFile: c.String("etcd-ca"), CertFile: c.String("etcd-cert"), KeyFile: c.String("etcd-key"),
+				Username: c.String("etcd-username"), Password: c.String("etcd-password"),
+			},
+			BackendTLS: backendTLS,
 			Director: director.Config{
 				Policy:              c.String("policy"),
 				ChoiceCount:         c.Int("choice-count"),
@@ -317,13 +326,26 @@ func nonZero(d time.Duration) time.Duration {
 
 // splitBackends flattens --backend values, which may themselves be
 // comma-separated lists (as $STREAMLB_BACKENDS is), dropping empty entries.
+// The commas of an etcd target's endpoint list
+// ("etcd://h1:2379,h2:2379/PREFIX") do not split it: a piece is joined
+// back to the previous one while that is a scheme target whose authority
+// has not ended with '/' yet.
 func splitBackends(values []string) []string {
 	var out []string
 	for _, v := range values {
+		open := false // out's last entry is "scheme://authority" without '/'
 		for _, b := range strings.Split(v, ",") {
-			if b = strings.TrimSpace(b); b != "" {
+			b = strings.TrimSpace(b)
+			if open {
+				out[len(out)-1] += "," + b
+			} else if b != "" {
 				out = append(out, b)
+			} else {
+				continue
 			}
+			last := out[len(out)-1]
+			_, rest, ok := strings.Cut(last, "://")
+			open = ok && !strings.Contains(rest, "/")
 		}
 	}
 	return out

@@ -37,8 +37,9 @@ type Config struct {
 	// Name names the cluster in logs; "" means "default".
 	Name string
 	// Targets are the backend targets, as resolver.New takes them:
-	// HOST:PORT[;weight=N], dns:///NAME:PORT, dns://DNSHOST:DNSPORT/NAME:PORT
-	// or dns+srv:///NAME. At least one is required.
+	// HOST:PORT[;weight=N], dns:///NAME:PORT, dns://DNSHOST:DNSPORT/NAME:PORT,
+	// dns+srv:///NAME or etcd://HOST:PORT[,...]/PREFIX. At least one is
+	// required.
 	Targets []string
 	// DNSRefresh is how often DNS targets are resolved again; 0 means
 	// resolver.DefaultRefresh.
@@ -46,6 +47,9 @@ type Config struct {
 	// DNSRespectTTL re-resolves DNS targets when their records' TTL runs
 	// out instead of every DNSRefresh.
 	DNSRespectTTL bool
+	// Etcd configures etcd:// targets (TLS, authentication); its Logger
+	// defaults to Logger.
+	Etcd resolver.EtcdOptions
 	// Director configures the policy, health checks and outlier ejection.
 	// Its Logger and ResolveNow are set by New, and its HealthCredentials
 	// too when BackendTLS is set.
@@ -105,6 +109,7 @@ func New(cfg Config) (*Cluster, error) {
 		Refresh:    cfg.DNSRefresh,
 		RespectTTL: cfg.DNSRespectTTL,
 		Logger:     cfg.Logger,
+		Etcd:       cfg.Etcd,
 	})
 	if err != nil {
 		return nil, &TargetError{Cluster: cfg.Name, Err: err}

@@ -73,6 +73,11 @@ type DNSOptions struct {
 	// Nil means slog.Default().
 	Logger *slog.Logger
 
+	// Etcd configures the etcd targets [New] builds. Its Logger,
+	// BackoffInitial and BackoffMax, when unset, are taken from these
+	// options.
+	Etcd EtcdOptions
+
 	// Now, After and Rand replace the clock and randomness, for tests. Now
 	// has the contract of time.Now and After of time.After; Rand.Float64
 	// returns a value in [0, 1). They are called from Run's goroutine and,

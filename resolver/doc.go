@@ -11,9 +11,14 @@
 //     up SRV records, which carry each backend's port and weight (0 counts
 //     as 1). Only the lowest priority whose targets have addresses forms
 //     the set (RFC 2782); targets' addresses come from the additional
-//     section, or from A/AAAA lookups when the server left it out.
+//     section, or from A/AAAA lookups when the server left it out;
+//   - "etcd://host:port[,host:port...]/PREFIX[?format=F]" follows the keys
+//     under PREFIX/ in etcd, as services register there with a lease, in
+//     the formats of etcd's naming package, Kitex, go-zero, Kratos,
+//     go-micro and dubbo-go (see [Etcd] and [EtcdFormats]).
 //
-// [Static] serves a fixed set, [DNS] follows one DNS target, and [New]
+// [Static] serves a fixed set, [DNS] follows one DNS target, [Etcd] one etcd
+// prefix, and [New]
 // combines any mix of targets into one [Group]. [NewBuilder] offers the DNS
 // refresh loop to plain grpc-go clients as a grpc-go resolver.
 //

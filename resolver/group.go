@@ -27,10 +27,12 @@ type child struct {
 var _ Resolver = (*Group)(nil)
 
 // New validates targets and builds one resolver for all of them: static
-// "host:port" targets form one fixed set (as [NewStatic] builds it), and
-// each DNS target gets a [DNS] resolver configured by opts. The result is a
-// *[Group]. All problems are reported at once,
-// joined with [errors.Join]. New does no I/O and starts no goroutines.
+// "host:port" targets form one fixed set (as [NewStatic] builds it), each
+// DNS target gets a [DNS] resolver configured by opts, and each etcd target
+// an [Etcd] resolver configured by opts.Etcd. The result is a *[Group]. All
+// problems are reported at once, joined with [errors.Join]. New does no
+// network I/O and starts no goroutines; it reads opts.Etcd's TLS files if
+// an etcd target is given.
 func New(targets []string, opts DNSOptions) (Resolver, error) {
 	if len(targets) == 0 {
 		return nil, errors.New("resolver: no targets given")
@@ -62,6 +64,25 @@ func New(targets []string, opts DNSOptions) (Resolver, error) {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	eopts := opts.Etcd
+	if eopts.Logger == nil {
+		eopts.Logger = opts.Logger
+	}
+	if eopts.BackoffInitial == 0 && eopts.BackoffMax == 0 {
+		eopts.BackoffInitial, eopts.BackoffMax = opts.BackoffInitial, opts.BackoffMax
+	}
+	etcds := make(map[Target]*Etcd)
+	for _, t := range dnsTgts {
+		if t.Scheme != SchemeEtcd {
+			continue
+		}
+		e, err := NewEtcd(t, eopts)
+		if err != nil {
+			errs = append(errs, err)
+			break // the options' problems would repeat for every target
+		}
+		etcds[t] = e
+	}
 	g := &Group{}
 	if len(static) > 0 {
 		st, err := NewStatic(static)
@@ -75,6 +96,10 @@ func New(targets []string, opts DNSOptions) (Resolver, error) {
 		return nil, errors.Join(errs...)
 	}
 	for _, t := range dnsTgts {
+		if e := etcds[t]; e != nil {
+			g.children = append(g.children, child{name: t.String(), r: e})
+			continue
+		}
 		d, err := NewDNS(t, opts)
 		if err != nil {
 			return nil, err // unreachable: t and opts were validated

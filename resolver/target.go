@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 )
 
 // Target schemes recognised by [ParseTarget]. A static target has no scheme.
@@ -17,6 +18,9 @@ const (
 	// SchemeDNSSRV resolves SRV records, which carry ports and weights:
 	// "dns+srv:///_grpc._tcp.name".
 	SchemeDNSSRV = "dns+srv"
+	// SchemeEtcd follows the keys under a prefix in etcd:
+	// "etcd://host:port[,host:port...]/PREFIX[?format=F]". See [Etcd].
+	SchemeEtcd = "etcd"
 )
 
 // Weight bounds for the ";weight=N" suffix of a static target.
@@ -30,18 +34,26 @@ const (
 // the same endpoint in different spellings (host name case, IPv6 zero
 // compression, leading zeros in the port) parse to equal values.
 type Target struct {
-	// Scheme is "" for a static host:port, [SchemeDNS] or [SchemeDNSSRV].
+	// Scheme is "" for a static host:port, [SchemeDNS], [SchemeDNSSRV] or
+	// [SchemeEtcd].
 	Scheme string
 	// Authority is the DNS server as a canonical "host:port" for
 	// "dns://dnshost:dnsport/...", and "" when the system resolver is meant
-	// or the target is static.
+	// or the target is static. For SchemeEtcd it is the etcd endpoints,
+	// canonical "host:port" joined by commas, in the order given.
 	Authority string
 	// Host is an IP literal (IPv6 without brackets) or a lower-case host
 	// name. For SchemeDNSSRV it is the SRV owner name, such as
-	// "_grpc._tcp.example.com".
+	// "_grpc._tcp.example.com". For SchemeEtcd it is the key prefix as
+	// given (case kept), without trailing '/': the resolver follows the
+	// keys under Host+"/".
 	Host string
-	// Port is 1..65535, or 0 for SchemeDNSSRV where SRV records carry it.
+	// Port is 1..65535, or 0 for SchemeDNSSRV where SRV records carry it
+	// and for SchemeEtcd.
 	Port uint16
+	// Format is, for SchemeEtcd, the "?format=" value ([EtcdFormats]), ""
+	// meaning each key's format is detected.
+	Format string
 	// Weight is the ";weight=N" suffix of a static target, or 0 if absent
 	// (meaning the default weight, 1).
 	Weight uint32
@@ -68,6 +80,13 @@ func (t Target) String() string {
 		}
 		return t.Addr() + ";weight=" + strconv.FormatUint(uint64(t.Weight), 10)
 	}
+	if t.Scheme == SchemeEtcd {
+		s := t.Scheme + "://" + t.Authority + "/" + t.Host
+		if t.Format != "" {
+			s += "?format=" + t.Format
+		}
+		return s
+	}
 	return t.Scheme + "://" + t.Authority + "/" + t.Addr()
 }
 
@@ -77,7 +96,10 @@ func (t Target) String() string {
 //     literal or a host name, and port is 1..65535, optionally followed by
 //     ";weight=N" with N in [MinWeight]..[MaxWeight];
 //   - "dns:///name:port" and "dns://dnshost:dnsport/name:port";
-//   - "dns+srv:///name" and "dns+srv://dnshost:dnsport/name".
+//   - "dns+srv:///name" and "dns+srv://dnshost:dnsport/name";
+//   - "etcd://host:port[,host:port...]/PREFIX[?format=F]", the keys under
+//     PREFIX+"/" in etcd, with F one of [EtcdFormats] (default: detected
+//     per key).
 //
 // Parsing is purely syntactic: it does no I/O and does not check that a
 // name resolves. Errors have the form `resolver: target "s": reason`. It is
@@ -100,6 +122,11 @@ func parseTarget(s string) (Target, error) {
 	endpoint, params, hasParams := strings.Cut(s, ";")
 
 	if scheme, rest, ok := strings.Cut(endpoint, "://"); ok {
+		if strings.EqualFold(scheme, SchemeEtcd) {
+			// A key prefix may contain ';', so the etcd form is cut
+			// before the static parameters are.
+			return parseEtcdTarget(s[len(scheme)+len("://"):])
+		}
 		if hasParams {
 			return Target{}, errors.New("parameters such as \";weight=N\" are only supported on static host:port targets")
 		}
@@ -122,7 +149,7 @@ func parseTarget(s string) (Target, error) {
 // parseSchemeTarget parses what follows "scheme://".
 func parseSchemeTarget(scheme, rest string) (Target, error) {
 	if scheme != SchemeDNS && scheme != SchemeDNSSRV {
-		return Target{}, fmt.Errorf("unknown scheme %q (want %q, %q or a static host:port)", scheme, SchemeDNS, SchemeDNSSRV)
+		return Target{}, fmt.Errorf("unknown scheme %q (want %q, %q, %q or a static host:port)", scheme, SchemeDNS, SchemeDNSSRV, SchemeEtcd)
 	}
 	authority, endpoint, ok := strings.Cut(rest, "/")
 	if !ok {
@@ -154,6 +181,51 @@ func parseSchemeTarget(scheme, rest string) (Target, error) {
 		return Target{}, err
 	}
 	t.Host, t.Port = host, port
+	return t, nil
+}
+
+// parseEtcdTarget parses what follows "etcd://":
+// "host:port[,host:port...]/PREFIX[?format=F]".
+func parseEtcdTarget(rest string) (Target, error) {
+	authority, path, ok := strings.Cut(rest, "/")
+	if !ok {
+		return Target{}, errors.New("missing '/PREFIX' after etcd://endpoints")
+	}
+	if authority == "" {
+		return Target{}, errors.New("missing etcd endpoint: give etcd://host:port[,host:port...]/PREFIX")
+	}
+	var eps []string
+	for ep := range strings.SplitSeq(authority, ",") {
+		host, port, err := parseHostPort(ep)
+		if err != nil {
+			return Target{}, fmt.Errorf("etcd endpoint %q: %w", ep, err)
+		}
+		eps = append(eps, net.JoinHostPort(host, strconv.FormatUint(uint64(port), 10)))
+	}
+	t := Target{Scheme: SchemeEtcd, Authority: strings.Join(eps, ",")}
+	path, query, hasQuery := strings.Cut(path, "?")
+	if hasQuery {
+		key, value, _ := strings.Cut(query, "=")
+		if key != "format" || strings.ContainsAny(value, "&=") {
+			return Target{}, fmt.Errorf("invalid query %q: only format=F is known", query)
+		}
+		f, err := parseEtcdFormat(value)
+		if err != nil {
+			return Target{}, err
+		}
+		t.Format = f
+	}
+	// The resolver always appends one '/', so "svc" never matches
+	// "svc-canary/..."; a trailing '/' given by the user is the same one.
+	t.Host = strings.TrimRight(path, "/")
+	if strings.Trim(t.Host, "/") == "" {
+		return Target{}, errors.New("missing key prefix after etcd://endpoints/")
+	}
+	for _, r := range t.Host {
+		if r < 0x21 || r == 0x7f || r == utf8.RuneError {
+			return Target{}, fmt.Errorf("key prefix %q: white space, control or invalid characters are not allowed", t.Host)
+		}
+	}
 	return t, nil
 }
 

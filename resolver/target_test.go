@@ -42,6 +42,15 @@ var targetCases = []targetCase{
 	{name: "srv", in: "dns+srv:///_grpc._tcp.backend.svc", want: Target{Scheme: "dns+srv", Host: "_grpc._tcp.backend.svc"}},
 	{name: "srv authority", in: "dns+srv://127.0.0.1:53/_grpc._tcp.b", want: Target{Scheme: "dns+srv", Authority: "127.0.0.1:53", Host: "_grpc._tcp.b"}},
 
+	// etcd targets.
+	{name: "etcd", in: "etcd://127.0.0.1:2379/svc", want: Target{Scheme: "etcd", Authority: "127.0.0.1:2379", Host: "svc"}},
+	{name: "etcd endpoints", in: "ETCD://10.0.0.1:2379,Etcd-1.Example:02379,[::1]:2379/kitex/registry-etcd/Echo", want: Target{Scheme: "etcd", Authority: "10.0.0.1:2379,etcd-1.example:2379,[::1]:2379", Host: "kitex/registry-etcd/Echo"}},
+	{name: "etcd trailing slash", in: "etcd://h:1/svc//", want: Target{Scheme: "etcd", Authority: "h:1", Host: "svc"}},
+	{name: "etcd absolute prefix", in: "etcd://h:1//microservices/helloworld", want: Target{Scheme: "etcd", Authority: "h:1", Host: "/microservices/helloworld"}},
+	{name: "etcd format", in: "etcd://h:1/svc?format=Kitex", want: Target{Scheme: "etcd", Authority: "h:1", Host: "svc", Format: "kitex"}},
+	{name: "etcd format auto", in: "etcd://h:1/svc?format=auto", want: Target{Scheme: "etcd", Authority: "h:1", Host: "svc"}},
+	{name: "etcd semicolon in prefix", in: "etcd://h:1/a;b", want: Target{Scheme: "etcd", Authority: "h:1", Host: "a;b"}},
+
 	// Bad targets.
 	{name: "empty", in: "", wantErr: "empty target"},
 	{name: "white space", in: " 10.0.0.1:80", wantErr: "white space"},
@@ -82,6 +91,15 @@ var targetCases = []targetCase{
 	{name: "dns path", in: "dns:///a/b:80", wantErr: "not allowed"},
 	{name: "dns weight", in: "dns:///backend:80;weight=2", wantErr: "only supported on static"},
 	{name: "srv port", in: "dns+srv:///_grpc._tcp.b:80", wantErr: "must not have a port"},
+	{name: "etcd no prefix", in: "etcd://h:1/", wantErr: "missing key prefix"},
+	{name: "etcd only slashes", in: "etcd://h:1///", wantErr: "missing key prefix"},
+	{name: "etcd no slash", in: "etcd://h:1", wantErr: "missing '/PREFIX'"},
+	{name: "etcd no endpoint", in: "etcd:///svc", wantErr: "missing etcd endpoint"},
+	{name: "etcd bad endpoint", in: "etcd://h:1,h/svc", wantErr: `etcd endpoint "h": missing port`},
+	{name: "etcd empty endpoint", in: "etcd://h:1,/svc", wantErr: `etcd endpoint "": missing port`},
+	{name: "etcd unknown format", in: "etcd://h:1/svc?format=consul", wantErr: `unknown format "consul"`},
+	{name: "etcd unknown query", in: "etcd://h:1/svc?watch=1", wantErr: "only format=F"},
+	{name: "etcd space in prefix", in: "etcd://h:1/a b", wantErr: "white space"},
 }
 
 func TestParseTarget(t *testing.T) {
@@ -146,6 +164,7 @@ func TestTargetString(t *testing.T) {
 		{name: "dns", in: "dns:///b:1", want: "dns:///b:1"},
 		{name: "dns authority", in: "dns://[::1]:53/b:1", want: "dns://[::1]:53/b:1"},
 		{name: "srv", in: "DNS+SRV:///_grpc._tcp.B", want: "dns+srv:///_grpc._tcp.b"},
+		{name: "etcd", in: "ETCD://H:01,[::1]:2/Svc/?format=GO-ZERO", want: "etcd://h:1,[::1]:2/Svc?format=go-zero"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -174,6 +193,9 @@ func FuzzParseTarget(f *testing.F) {
 		"dns:///web.default.svc.cluster.local.:443",
 		"dns:///[fd00::1]:80",
 		"dns://localhost:53/localhost:1",
+		"etcd://127.0.0.1:2379,127.0.0.2:2379/kitex/registry-etcd/echo?format=kitex",
+		"etcd://[::1]:2379//dubbo/com.foo.Greeter/providers",
+		"etcd://localhost:2379/user.rpc?format=auto",
 	} {
 		f.Add(s)
 	}
@@ -191,7 +213,7 @@ func FuzzParseTarget(f *testing.F) {
 		if tg.Host == "" {
 			t.Fatalf("ParseTarget(%q) = %+v with empty Host", s, tg)
 		}
-		if tg.Scheme != SchemeDNSSRV && tg.Port == 0 {
+		if tg.Scheme != SchemeDNSSRV && tg.Scheme != SchemeEtcd && tg.Port == 0 {
 			t.Fatalf("ParseTarget(%q) = %+v with port 0", s, tg)
 		}
 		if tg.Weight != 0 && (!tg.IsStatic() || tg.Weight < MinWeight || tg.Weight > MaxWeight) {
@@ -208,7 +230,13 @@ func FuzzParseTarget(f *testing.F) {
 		if again.String() != str {
 			t.Fatalf("String not canonical: %q then %q", str, again.String())
 		}
-		// Every DNS target ParseTarget accepts can be followed.
+		// Every DNS and etcd target ParseTarget accepts can be followed.
+		if tg.Scheme == SchemeEtcd {
+			if _, err := NewEtcd(tg, EtcdOptions{}); err != nil {
+				t.Fatalf("NewEtcd(ParseTarget(%q)) error = %v", s, err)
+			}
+			return
+		}
 		if !tg.IsStatic() {
 			if _, err := NewDNS(tg, DNSOptions{}); err != nil {
 				t.Fatalf("NewDNS(ParseTarget(%q)) error = %v", s, err)

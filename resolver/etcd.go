@@ -1,0 +1,393 @@
+package resolver
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+// Defaults of [EtcdOptions].
+const (
+	// DefaultEtcdRequestTimeout bounds one Get, the list and the probes.
+	DefaultEtcdRequestTimeout = 5 * time.Second
+	// DefaultEtcdProbeInterval is how often a watching resolver checks
+	// that etcd still answers. A watch on a server that went away does
+	// not fail: etcd's client reconnects it silently, so without a probe
+	// the set would freeze without anyone being told.
+	DefaultEtcdProbeInterval = 5 * time.Second
+)
+
+// EtcdOptions configures [Etcd] resolvers, and through [New] (as
+// DNSOptions.Etcd) every etcd target. The zero value means all defaults:
+// cleartext, no authentication.
+type EtcdOptions struct {
+	// CAFile is a PEM file of the CAs etcd's server certificate must chain
+	// to; it turns TLS on. CertFile and KeyFile are a PEM client
+	// certificate and key presented to etcd (they turn TLS on too, with
+	// the system's CAs if CAFile is empty).
+	CAFile, CertFile, KeyFile string
+	// Username and Password authenticate to etcd (etcd's auth); empty
+	// means none.
+	Username, Password string
+	// RequestTimeout bounds each request: the list and the probes. Zero
+	// means DefaultEtcdRequestTimeout.
+	RequestTimeout time.Duration
+	// ProbeInterval is how often a watching resolver checks that etcd
+	// still answers; zero means DefaultEtcdProbeInterval.
+	ProbeInterval time.Duration
+	// BackoffInitial is the wait after the first failure; each further
+	// consecutive failure doubles it, up to BackoffMax. Zero means
+	// DefaultBackoffInitial and DefaultBackoffMax.
+	BackoffInitial, BackoffMax time.Duration
+	// Logger receives the resolver's logs, with component=resolver added.
+	// Nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// withDefaults validates o and fills in defaults.
+func (o EtcdOptions) withDefaults() (EtcdOptions, error) {
+	var errs []error
+	for _, d := range []struct {
+		name string
+		p    *time.Duration
+		def  time.Duration
+	}{
+		{"RequestTimeout", &o.RequestTimeout, DefaultEtcdRequestTimeout},
+		{"ProbeInterval", &o.ProbeInterval, DefaultEtcdProbeInterval},
+		{"BackoffInitial", &o.BackoffInitial, DefaultBackoffInitial},
+		{"BackoffMax", &o.BackoffMax, DefaultBackoffMax},
+	} {
+		switch {
+		case *d.p < 0:
+			errs = append(errs, fmt.Errorf("resolver: etcd options: negative %s %v", d.name, *d.p))
+		case *d.p == 0:
+			*d.p = d.def
+		}
+	}
+	if o.BackoffInitial > o.BackoffMax {
+		errs = append(errs, fmt.Errorf("resolver: etcd options: BackoffInitial %v above BackoffMax %v", o.BackoffInitial, o.BackoffMax))
+	}
+	if (o.CertFile == "") != (o.KeyFile == "") {
+		errs = append(errs, errors.New("resolver: etcd options: CertFile and KeyFile go together"))
+	}
+	if (o.Username == "") != (o.Password == "") {
+		errs = append(errs, errors.New("resolver: etcd options: Username and Password go together"))
+	}
+	if len(errs) > 0 {
+		return EtcdOptions{}, errors.Join(errs...)
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return o, nil
+}
+
+// tlsConfig reads the TLS files; nil means cleartext.
+func (o EtcdOptions) tlsConfig() (*tls.Config, error) {
+	if o.CAFile == "" && o.CertFile == "" {
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if o.CAFile != "" {
+		pem, err := os.ReadFile(o.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("resolver: etcd CA: %w", err)
+		}
+		cfg.RootCAs = x509.NewCertPool()
+		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("resolver: etcd CA %s: no PEM certificate", o.CAFile)
+		}
+	}
+	if o.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(o.CertFile, o.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("resolver: etcd client certificate: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
+}
+
+// Etcd is a [Resolver] that follows the keys under one prefix of etcd
+// ("etcd://host:port[,...]/PREFIX"), as services register themselves
+// there with a lease and a keep-alive. Create it with [NewEtcd] and run it
+// with [Etcd.Run].
+//
+// It lists the keys under PREFIX+"/" and then watches them from the
+// list's revision on, so no change between the two is missed, with
+// require-leader so that a member cut off from its cluster ends the watch
+// instead of serving a stale view. Each key's value is decoded in its
+// framework's format (see [EtcdFormats]); a value that does not decode is
+// skipped with one warning per key, and the key keeps what it registered
+// before, if anything.
+type Etcd struct {
+	// Immutable after NewEtcd.
+	target Target
+	prefix string // target.Host + "/"
+	opts   EtcdOptions
+	tls    *tls.Config
+	logger *slog.Logger
+
+	// afterList, if set, is called on Run's goroutine after each
+	// successful list, before the watch starts; for tests.
+	afterList func()
+}
+
+var _ Resolver = (*Etcd)(nil)
+
+// errCompacted ends a watch whose start revision was compacted away: the
+// resolver lists again at once.
+var errCompacted = errors.New("watch revision compacted")
+
+// NewEtcd validates target, which must be an etcd target from
+// [ParseTarget], and opts, and reads opts' TLS files. It does no network
+// I/O and starts no goroutines.
+func NewEtcd(target Target, opts EtcdOptions) (*Etcd, error) {
+	if target.Scheme != SchemeEtcd || target.Authority == "" || target.Host == "" {
+		return nil, fmt.Errorf("resolver: target %q is not an etcd target; obtain one from ParseTarget", target)
+	}
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	tc, err := opts.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
+	return &Etcd{
+		target: target,
+		prefix: target.Host + "/",
+		opts:   opts,
+		tls:    tc,
+		logger: opts.Logger.With("component", "resolver", "target", target.String()),
+	}, nil
+}
+
+// Target returns the target e follows.
+func (e *Etcd) Target() Target { return e.target }
+
+// ResolveNow does nothing: the watch delivers every change as it happens,
+// and a backend refusing connections says nothing new about etcd.
+func (e *Etcd) ResolveNow() {}
+
+// Run connects to etcd, pushes the set under the prefix to u and follows
+// it until ctx is cancelled; then it closes its client and returns nil.
+// It returns an error only if the client cannot be built at all. It
+// blocks; Run must not be called concurrently with itself.
+//
+// u.UpdateState is called with the first list and then only when the
+// sorted set changes; a list that finds no key pushes an empty set, since
+// that is etcd's authoritative answer. On compaction of the watched
+// revision Run lists again at once. On any other failure — etcd
+// unreachable (found by a probe every ProbeInterval, because the client
+// retries a broken watch silently), no leader, a failed list — it keeps
+// the last set, logs a warning, calls u.ReportError, and lists again after
+// a backoff of BackoffInitial doubling to BackoffMax.
+func (e *Etcd) Run(ctx context.Context, u Updater) error {
+	cfg := clientv3.Config{
+		Endpoints:   strings.Split(e.target.Authority, ","),
+		DialTimeout: e.opts.RequestTimeout,
+		TLS:         e.tls,
+		Username:    e.opts.Username,
+		Password:    e.opts.Password,
+		Logger:      zap.NewNop(), // failures are logged here, once each
+		Context:     ctx,
+	}
+	cli, err := clientv3.New(cfg)
+	if err != nil {
+		return fmt.Errorf("resolver: %s: etcd client: %w", e.target, err)
+	}
+	defer cli.Close()
+
+	st := &etcdState{keys: make(map[string][]Address), warned: make(map[string]bool)}
+	failures := 0
+	for {
+		rev, err := e.list(ctx, cli, st, u)
+		if err == nil {
+			if failures > 0 {
+				e.logger.Info("etcd recovered", "failures", failures)
+			}
+			failures = 0
+			if e.afterList != nil {
+				e.afterList()
+			}
+			err = e.watch(ctx, cli, st, u, rev)
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, errCompacted) {
+			e.logger.Info("watch revision compacted; listing again", "revision", rev+1)
+			continue
+		}
+		failures++
+		err = fmt.Errorf("resolver: %s: %w", e.target, err)
+		e.logger.Warn("etcd failed; keeping last set", "err", err, "backends", len(st.last), "failures", failures)
+		u.ReportError(err)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff(e.opts.BackoffInitial, e.opts.BackoffMax, failures)):
+		}
+	}
+}
+
+// etcdState is what Run knows of the prefix. It is used by Run's goroutine
+// only.
+type etcdState struct {
+	keys     map[string][]Address // decoded addresses per key
+	warned   map[string]bool      // keys whose undecodable value was logged
+	last     []Address            // the last set u accepted
+	haveLast bool
+}
+
+// list reads every key under the prefix, replaces st.keys with them,
+// pushes the set if it changed, and returns the revision of the read.
+func (e *Etcd) list(ctx context.Context, cli *clientv3.Client, st *etcdState, u Updater) (int64, error) {
+	rctx, cancel := context.WithTimeout(ctx, e.opts.RequestTimeout)
+	defer cancel()
+	resp, err := cli.Get(rctx, e.prefix, clientv3.WithPrefix())
+	if err != nil {
+		return 0, fmt.Errorf("list %q: %w", e.prefix, err)
+	}
+	keys := make(map[string][]Address, len(resp.Kvs))
+	present := make(map[string]bool, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		k := string(kv.Key)
+		present[k] = true
+		if as, ok := e.decode(st, k, kv.Value); ok {
+			keys[k] = as
+		}
+	}
+	st.keys = keys
+	for k := range st.warned {
+		if !present[k] {
+			delete(st.warned, k) // gone: warn again if it comes back bad
+		}
+	}
+	e.push(st, u)
+	return resp.Header.Revision, nil
+}
+
+// decode decodes one key's value. A value that does not decode is logged
+// once per key and skipped: the key keeps its previous addresses, if it
+// had any, so a bad write never takes a backend away.
+func (e *Etcd) decode(st *etcdState, key string, value []byte) ([]Address, bool) {
+	as, format, err := decodeEtcdValue(key, value, e.target.Format)
+	if err != nil {
+		if !st.warned[key] {
+			st.warned[key] = true
+			if format == "" {
+				format = "auto"
+			}
+			e.logger.Warn("skipping etcd key: value does not decode", "key", key, "format", format, "err", err, "value", truncate(string(value), 200))
+		}
+		prev, ok := st.keys[key]
+		return prev, ok
+	}
+	delete(st.warned, key)
+	return as, true
+}
+
+// watch follows the prefix from rev+1 until the watch fails, etcd stops
+// answering the probe, or ctx ends.
+func (e *Etcd) watch(ctx context.Context, cli *clientv3.Client, st *etcdState, u Updater, rev int64) error {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	wch := cli.Watch(wctx, e.prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+	probe := time.NewTicker(e.opts.ProbeInterval)
+	defer probe.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-probe.C:
+			pctx, pcancel := context.WithTimeout(ctx, e.opts.RequestTimeout)
+			_, err := cli.Get(pctx, e.prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+			pcancel()
+			if err != nil {
+				return fmt.Errorf("probe: %w", err)
+			}
+		case resp, ok := <-wch:
+			if !ok {
+				return errors.New("watch closed")
+			}
+			if resp.CompactRevision != 0 {
+				return errCompacted
+			}
+			if err := resp.Err(); err != nil {
+				return fmt.Errorf("watch: %w", err)
+			}
+			if resp.Canceled {
+				return errors.New("watch cancelled by the server")
+			}
+			for _, ev := range resp.Events {
+				k := string(ev.Kv.Key)
+				if ev.Type == clientv3.EventTypeDelete {
+					delete(st.keys, k)
+					delete(st.warned, k)
+					continue
+				}
+				if as, ok := e.decode(st, k, ev.Kv.Value); ok {
+					st.keys[k] = as
+				}
+			}
+			e.push(st, u)
+		}
+	}
+}
+
+// push offers the union of st.keys to u if it differs from the last set u
+// accepted.
+func (e *Etcd) push(st *etcdState, u Updater) {
+	keys := make([]string, 0, len(st.keys))
+	for k := range st.keys {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	set := []Address{}
+	for _, k := range keys {
+		set = append(set, st.keys[k]...)
+	}
+	set = dedupAddresses(set)
+	if st.haveLast && slices.Equal(set, st.last) {
+		return
+	}
+	if err := u.UpdateState(State{Addresses: slices.Clone(set)}); err != nil {
+		e.logger.Warn("backend set rejected", "err", err, "backends", len(set))
+		return
+	}
+	if e.logger.Enabled(context.Background(), slog.LevelDebug) {
+		added, removed := diffAddresses(st.last, set)
+		e.logger.Debug("backend set changed", "added", added, "removed", removed, "backends", len(set))
+	}
+	st.last, st.haveLast = set, true
+}
+
+// backoff returns the wait after the given number of consecutive failures
+// (at least 1): initial doubled per further failure, capped at maxWait.
+func backoff(initial, maxWait time.Duration, failures int) time.Duration {
+	b := initial
+	for i := 1; i < failures && b < maxWait; i++ {
+		b *= 2
+	}
+	return min(b, maxWait)
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}

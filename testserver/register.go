@@ -1,0 +1,161 @@
+package testserver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+// DefaultRegisterTTL is the lease TTL of [RegisterEtcd] when none is given.
+const DefaultRegisterTTL = 10 * time.Second
+
+// RegisterOptions configures [RegisterEtcd].
+type RegisterOptions struct {
+	// TTL is the lease's time to live: how long the registration outlives
+	// a crashed backend. Zero means DefaultRegisterTTL; etcd's minimum is
+	// about 2s.
+	TTL time.Duration
+	// Weight is the Kitex weight registered; 0 means Kitex's default, 10.
+	Weight int
+	// Tags are Kitex's tags; nil registers an empty object.
+	Tags map[string]string
+}
+
+// Registration is one backend registered in etcd by [RegisterEtcd], kept
+// alive until [Registration.Deregister] or [Registration.Abandon].
+type Registration struct {
+	cli    *clientv3.Client
+	key    string
+	lease  clientv3.LeaseID
+	cancel context.CancelFunc // stops the keep-alive
+	done   chan struct{}      // closed when keepAliveLoop has returned
+	once   sync.Once
+}
+
+// kitexValue is the value kitex-contrib/registry-etcd writes.
+type kitexValue struct {
+	Network string            `json:"network"`
+	Address string            `json:"address"`
+	Weight  int               `json:"weight"`
+	Tags    map[string]string `json:"tags"`
+}
+
+// RegisterEtcd registers addr ("host:port") in the etcd of target
+// ("etcd://host:port[,host:port...]/PREFIX"), the way a Kitex service does:
+// key PREFIX/addr, value {"network":"tcp","address":addr,"weight":...,
+// "tags":{...}}, attached to a lease of opts.TTL kept alive in the
+// background. It returns once the key is written. The caller must end the
+// registration with Deregister (graceful shutdown: the key goes at once)
+// or Abandon (as if the process died: the key goes when the lease
+// expires).
+func RegisterEtcd(ctx context.Context, target, addr string, opts RegisterOptions) (*Registration, error) {
+	endpoints, prefix, err := splitEtcdTarget(target)
+	if err != nil {
+		return nil, err
+	}
+	if opts.TTL == 0 {
+		opts.TTL = DefaultRegisterTTL
+	}
+	if opts.TTL < time.Second {
+		return nil, fmt.Errorf("testserver: register: TTL %v below 1s", opts.TTL)
+	}
+	if opts.Tags == nil {
+		opts.Tags = map[string]string{}
+	}
+	weight := opts.Weight
+	if weight == 0 {
+		weight = 10
+	}
+	value, err := json.Marshal(kitexValue{Network: "tcp", Address: addr, Weight: weight, Tags: opts.Tags})
+	if err != nil {
+		return nil, fmt.Errorf("testserver: register: %w", err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		return nil, fmt.Errorf("testserver: register: etcd client: %w", err)
+	}
+	lease, err := cli.Grant(ctx, int64((opts.TTL+time.Second-1)/time.Second))
+	if err != nil {
+		cli.Close()
+		return nil, fmt.Errorf("testserver: register: grant lease: %w", err)
+	}
+	key := prefix + "/" + addr
+	if _, err := cli.Put(ctx, key, string(value), clientv3.WithLease(lease.ID)); err != nil {
+		cli.Close()
+		return nil, fmt.Errorf("testserver: register %s: %w", key, err)
+	}
+	kctx, cancel := context.WithCancel(context.Background())
+	ka, err := cli.KeepAlive(kctx, lease.ID)
+	if err != nil {
+		cancel()
+		cli.Close()
+		return nil, fmt.Errorf("testserver: register: keep-alive: %w", err)
+	}
+	r := &Registration{cli: cli, key: key, lease: lease.ID, cancel: cancel, done: make(chan struct{})}
+	go r.keepAliveLoop(ka)
+	return r, nil
+}
+
+// keepAliveLoop drains the keep-alive responses until the keep-alive
+// ends; clientv3 needs them read.
+func (r *Registration) keepAliveLoop(ka <-chan *clientv3.LeaseKeepAliveResponse) {
+	defer close(r.done)
+	for range ka {
+	}
+}
+
+// Key returns the registered key.
+func (r *Registration) Key() string { return r.key }
+
+// Deregister revokes the lease, which deletes the key at once, and closes
+// the client. It is what a service does on graceful shutdown. Later calls
+// of Deregister and Abandon do nothing.
+func (r *Registration) Deregister(ctx context.Context) error {
+	var err error
+	r.once.Do(func() {
+		r.stopKeepAlive()
+		if _, rerr := r.cli.Revoke(ctx, r.lease); rerr != nil {
+			err = fmt.Errorf("testserver: deregister %s: %w", r.key, rerr)
+		}
+		r.cli.Close()
+	})
+	return err
+}
+
+// Abandon stops the keep-alive and closes the client without revoking,
+// as a killed process would: the key stays until the lease expires.
+func (r *Registration) Abandon() {
+	r.once.Do(func() {
+		r.stopKeepAlive()
+		r.cli.Close()
+	})
+}
+
+func (r *Registration) stopKeepAlive() {
+	r.cancel()
+	<-r.done
+}
+
+// splitEtcdTarget splits "etcd://h:p[,h:p...]/PREFIX[?query]" into the
+// endpoints and the prefix without trailing '/'. (The resolver package
+// parses targets fully; testserver imports nothing of streamlb's.)
+func splitEtcdTarget(target string) ([]string, string, error) {
+	rest, ok := strings.CutPrefix(target, "etcd://")
+	if !ok {
+		return nil, "", fmt.Errorf("testserver: register target %q: want etcd://HOST:PORT[,...]/PREFIX", target)
+	}
+	rest, _, _ = strings.Cut(rest, "?")
+	authority, prefix, ok := strings.Cut(rest, "/")
+	prefix = strings.TrimRight(prefix, "/")
+	if !ok || authority == "" || prefix == "" {
+		return nil, "", errors.New("testserver: register target " + fmt.Sprintf("%q", target) + ": want etcd://HOST:PORT[,...]/PREFIX")
+	}
+	return strings.Split(authority, ","), prefix, nil
+}
