@@ -512,8 +512,18 @@ func TestProxyAvailability(t *testing.T) {
 	if spec.TerminationGracePeriodSeconds == nil {
 		t.Fatal("terminationGracePeriodSeconds is not set")
 	}
-	if grace := time.Duration(*spec.TerminationGracePeriodSeconds) * time.Second; grace <= drain {
-		t.Errorf("terminationGracePeriodSeconds %v is not longer than --drain-timeout %v; SIGKILL would cut the drain short", grace, drain)
+	// The preStop sleep keeps the pod serving while its endpoints are
+	// removed; SIGTERM, and so the drain, only comes after it, and the grace
+	// period covers both.
+	if c.Lifecycle == nil || c.Lifecycle.PreStop == nil || c.Lifecycle.PreStop.Sleep == nil {
+		t.Fatalf("lifecycle: got %+v, want a preStop sleep action", c.Lifecycle)
+	}
+	preStop := time.Duration(c.Lifecycle.PreStop.Sleep.Seconds) * time.Second
+	if preStop <= 0 {
+		t.Errorf("preStop sleep: got %v, want more than 0", preStop)
+	}
+	if grace := time.Duration(*spec.TerminationGracePeriodSeconds) * time.Second; grace <= preStop+drain {
+		t.Errorf("terminationGracePeriodSeconds %v is not longer than preStop sleep %v + --drain-timeout %v; SIGKILL would cut the drain short", grace, preStop, drain)
 	}
 
 	if a := spec.Affinity; a == nil || a.PodAntiAffinity == nil ||
@@ -534,6 +544,109 @@ func TestProxyAvailability(t *testing.T) {
 	}
 	if mn := pdb.Spec.MinAvailable; mn == nil || mn.IntValue() != 1 {
 		t.Errorf("PodDisruptionBudget %s minAvailable: got %v, want 1", pdb.Name, mn)
+	}
+}
+
+// proxyContainers returns every container, init (sidecar) containers
+// included, that runs `streamlb proxy`, named "Kind/name/container".
+func (m *manifests) proxyContainers() map[string]corev1.Container {
+	out := map[string]corev1.Container{}
+	for _, w := range m.workloads() {
+		for _, c := range slices.Concat(w.spec.InitContainers, w.spec.Containers) {
+			if len(c.Args) > 0 && c.Args[0] == "proxy" {
+				out[w.name+"/"+c.Name] = c
+			}
+		}
+	}
+	return out
+}
+
+// TestProxyContainers checks what every streamlb proxy container, central
+// or sidecar, needs: GOMEMLIMIT from its memory limit, and readiness and
+// liveness probes on /readyz and /healthz of its admin port.
+func TestProxyContainers(t *testing.T) {
+	t.Parallel()
+	m := load(t)
+	proxies := m.proxyContainers()
+	if _, ok := proxies["Deployment/"+proxyName+"/streamlb"]; !ok {
+		t.Fatalf("proxy containers %v: no Deployment/%s/streamlb", sortedKeys(proxies), proxyName)
+	}
+	for _, name := range sortedKeys(proxies) {
+		c := proxies[name]
+		t.Run(name, func(t *testing.T) {
+			checkGoMemLimit(t, c)
+			checkAdminProbes(t, c)
+		})
+	}
+}
+
+// checkGoMemLimit checks that GOMEMLIMIT is the container's memory limit in
+// bytes.
+func checkGoMemLimit(t *testing.T, c corev1.Container) {
+	t.Helper()
+	i := slices.IndexFunc(c.Env, func(e corev1.EnvVar) bool { return e.Name == "GOMEMLIMIT" })
+	if i < 0 {
+		t.Error("no GOMEMLIMIT env var")
+		return
+	}
+	e := c.Env[i]
+	if e.ValueFrom == nil || e.ValueFrom.ResourceFieldRef == nil {
+		t.Errorf("GOMEMLIMIT: got %+v, want valueFrom.resourceFieldRef", e)
+		return
+	}
+	ref := e.ValueFrom.ResourceFieldRef
+	if ref.Resource != "limits.memory" {
+		t.Errorf("GOMEMLIMIT resource: got %q, want limits.memory", ref.Resource)
+	}
+	if ref.ContainerName != "" && ref.ContainerName != c.Name {
+		t.Errorf("GOMEMLIMIT containerName: got %q, want %q (its own container)", ref.ContainerName, c.Name)
+	}
+	// Go reads a bare number as bytes: any other divisor would make the
+	// limit 2^20 or 10^6 times too small.
+	if d := ref.Divisor; !d.IsZero() && d.Value() != 1 {
+		t.Errorf("GOMEMLIMIT divisor: got %s, want 1 (bytes)", d.String())
+	}
+	if _, ok := c.Resources.Limits[corev1.ResourceMemory]; !ok {
+		t.Error("GOMEMLIMIT comes from limits.memory, but the container has no memory limit")
+	}
+}
+
+// checkAdminProbes checks that readiness is /readyz and liveness /healthz,
+// both on the container port named admin, which is --admin-listen's port.
+func checkAdminProbes(t *testing.T, c corev1.Container) {
+	t.Helper()
+	_, port, err := net.SplitHostPort(flagValue(t, c.Args, "admin-listen"))
+	if err != nil {
+		t.Fatalf("--admin-listen: %v", err)
+	}
+	i := slices.IndexFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.Name == "admin" })
+	if i < 0 {
+		t.Fatal("no container port named admin")
+	}
+	if got := strconv.Itoa(int(c.Ports[i].ContainerPort)); got != port {
+		t.Errorf("container port admin is %s, but --admin-listen's port is %s", got, port)
+	}
+	for _, p := range []struct {
+		name, path string
+		probe      *corev1.Probe
+	}{
+		{"readinessProbe", "/readyz", c.ReadinessProbe},
+		{"livenessProbe", "/healthz", c.LivenessProbe},
+	} {
+		if p.probe == nil || p.probe.HTTPGet == nil {
+			t.Errorf("%s: got %+v, want an HTTP GET of %s on the admin port", p.name, p.probe, p.path)
+			continue
+		}
+		g := p.probe.HTTPGet
+		if g.Path != p.path {
+			t.Errorf("%s path: got %q, want %q", p.name, g.Path, p.path)
+		}
+		if g.Port.String() != "admin" && g.Port.String() != port {
+			t.Errorf("%s port: got %s, want admin (%s)", p.name, g.Port.String(), port)
+		}
+		if g.Scheme != "" && g.Scheme != corev1.URISchemeHTTP {
+			t.Errorf("%s scheme: got %s, want HTTP (the admin port is cleartext)", p.name, g.Scheme)
+		}
 	}
 }
 
