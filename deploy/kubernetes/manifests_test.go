@@ -32,6 +32,7 @@ const (
 	nonRootUID     = 65532           // distroless :nonroot user, also USER in the Dockerfile
 	clusterDomain  = "svc.cluster.local"
 	kustomizeFile  = "kustomization.yaml"
+	tlsSecretName  = "streamlb-tls" // kubernetes.io/tls Secret the README has you create
 	dockerfilePath = "../../Dockerfile"
 )
 
@@ -646,6 +647,73 @@ func checkAdminProbes(t *testing.T, c corev1.Container) {
 		}
 		if g.Scheme != "" && g.Scheme != corev1.URISchemeHTTP {
 			t.Errorf("%s scheme: got %s, want HTTP (the admin port is cleartext)", p.name, g.Scheme)
+		}
+	}
+}
+
+// secretFile returns the path at which container c sees key of Secret
+// secret, through a whole-directory (no subPath) mount of a volume of spec,
+// or "" if it does not.
+func secretFile(spec *corev1.PodSpec, c corev1.Container, secret, key string) string {
+	for _, vm := range c.VolumeMounts {
+		i := slices.IndexFunc(spec.Volumes, func(v corev1.Volume) bool { return v.Name == vm.Name })
+		if i < 0 || vm.SubPath != "" || vm.SubPathExpr != "" {
+			continue
+		}
+		src := spec.Volumes[i].Secret
+		if src == nil || src.SecretName != secret {
+			continue
+		}
+		file := key
+		if len(src.Items) > 0 {
+			j := slices.IndexFunc(src.Items, func(kp corev1.KeyToPath) bool { return kp.Key == key })
+			if j < 0 {
+				continue
+			}
+			file = src.Items[j].Path
+		}
+		return filepath.Join(vm.MountPath, file)
+	}
+	return ""
+}
+
+// TestProxyTLS checks that the proxy's --tls-cert and --tls-key are the
+// tls.crt and tls.key of the TLS Secret, mounted read-only as a directory
+// (a subPath mount would never see a rotated certificate), and that the
+// load Job verifies the proxy against that Secret's ca.crt.
+func TestProxyTLS(t *testing.T) {
+	t.Parallel()
+	m := load(t)
+	spec := &mustDeployment(t, m, proxyName).Spec.Template.Spec
+	c := onlyContainer(t, "Deployment/"+proxyName, spec)
+	for _, f := range []struct{ flag, key string }{{"tls-cert", "tls.crt"}, {"tls-key", "tls.key"}} {
+		got := flagValue(t, c.Args, f.flag)
+		if want := secretFile(spec, c, tlsSecretName, f.key); got != want || want == "" {
+			t.Errorf("--%s: got %q, want key %s of Secret %s through a volume mount without subPath (at %q)", f.flag, got, f.key, tlsSecretName, want)
+		}
+	}
+	for _, vm := range c.VolumeMounts {
+		if !vm.ReadOnly {
+			t.Errorf("volume mount %s is not readOnly", vm.Name)
+		}
+	}
+
+	j, ok := m.jobs[loadJobName]
+	if !ok {
+		t.Fatalf("no Job %q", loadJobName)
+	}
+	jspec := &j.Spec.Template.Spec
+	lc := onlyContainer(t, "Job/"+loadJobName, jspec)
+	if got := flagValue(t, lc.Args, "insecure"); got != "false" {
+		t.Errorf("load Job --insecure: got %s, want false: the proxy serves TLS", got)
+	}
+	if got, want := flagValue(t, lc.Args, "cacert"), secretFile(jspec, lc, tlsSecretName, "ca.crt"); got != want || want == "" {
+		t.Errorf("load Job --cacert: got %q, want key ca.crt of Secret %s through a volume mount (at %q)", got, tlsSecretName, want)
+	}
+	for _, v := range jspec.Volumes {
+		if v.Secret != nil && v.Secret.SecretName == tlsSecretName &&
+			(len(v.Secret.Items) == 0 || slices.ContainsFunc(v.Secret.Items, func(kp corev1.KeyToPath) bool { return kp.Key == "tls.key" })) {
+			t.Errorf("load Job volume %s mounts the proxy's private key; project only ca.crt", v.Name)
 		}
 	}
 }
