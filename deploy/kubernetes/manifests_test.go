@@ -28,6 +28,7 @@ const (
 	backendName    = "grpc-echo"     // Deployment and headless Service
 	proxyName      = "streamlb"      // Deployment, Service and PodDisruptionBudget
 	loadJobName    = "streamlb-load" // Job
+	sidecarJobName = "sidecar-load"  // Job with streamlb as a native sidecar
 	imageName      = "streamlb"      // image every container names; kustomization.yaml rewrites it
 	nonRootUID     = 65532           // distroless :nonroot user, also USER in the Dockerfile
 	clusterDomain  = "svc.cluster.local"
@@ -346,6 +347,7 @@ func TestManifestsDecodeStrictly(t *testing.T) {
 	want := []string{
 		"Deployment/" + backendName,
 		"Deployment/" + proxyName,
+		"Job/" + sidecarJobName,
 		"Job/" + loadJobName,
 		"Namespace/" + demoNamespace,
 		"PodDisruptionBudget/" + proxyName,
@@ -569,8 +571,10 @@ func TestProxyContainers(t *testing.T) {
 	t.Parallel()
 	m := load(t)
 	proxies := m.proxyContainers()
-	if _, ok := proxies["Deployment/"+proxyName+"/streamlb"]; !ok {
-		t.Fatalf("proxy containers %v: no Deployment/%s/streamlb", sortedKeys(proxies), proxyName)
+	for _, want := range []string{"Deployment/" + proxyName + "/streamlb", "Job/" + sidecarJobName + "/streamlb"} {
+		if _, ok := proxies[want]; !ok {
+			t.Fatalf("proxy containers %v: no %s", sortedKeys(proxies), want)
+		}
 	}
 	for _, name := range sortedKeys(proxies) {
 		c := proxies[name]
@@ -718,6 +722,68 @@ func TestProxyTLS(t *testing.T) {
 	}
 }
 
+// isSidecar reports whether init container c is a native sidecar.
+func isSidecar(c corev1.Container) bool {
+	return c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways
+}
+
+// TestSidecar checks the per-host example: streamlb is a native sidecar of
+// the client's pod, listens on 127.0.0.1 only, balances the same headless
+// Service as the central proxy, holds the client back until it is ready,
+// and the client dials it on loopback.
+func TestSidecar(t *testing.T) {
+	t.Parallel()
+	m := load(t)
+	j, ok := m.jobs[sidecarJobName]
+	if !ok {
+		t.Fatalf("no Job %q", sidecarJobName)
+	}
+	spec := &j.Spec.Template.Spec
+	if len(spec.InitContainers) != 1 {
+		t.Fatalf("got %d init containers, want the streamlb sidecar only", len(spec.InitContainers))
+	}
+	sc := spec.InitContainers[0]
+	if !isSidecar(sc) {
+		t.Errorf("init container %s: restartPolicy %s, want Always (a native sidecar)", sc.Name, deref(sc.RestartPolicy))
+	}
+	if len(sc.Args) == 0 || sc.Args[0] != "proxy" {
+		t.Fatalf("sidecar args: got %q, want the proxy subcommand first", sc.Args)
+	}
+	listen := flagValue(t, sc.Args, "listen")
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		t.Fatalf("sidecar --listen %q: %v", listen, err)
+	}
+	if host != "127.0.0.1" {
+		t.Errorf("sidecar --listen %q: want host 127.0.0.1, so only its own pod can reach it", listen)
+	}
+	for _, f := range []string{"tls-cert", "tls-key"} {
+		if len(flagValues(sc.Args, f)) > 0 {
+			t.Errorf("sidecar sets --%s; loopback traffic needs no TLS and the example has no Secret for it", f)
+		}
+	}
+	addr, ok := strings.CutPrefix(flagValue(t, sc.Args, "backend"), "dns:///")
+	if !ok {
+		t.Errorf("sidecar --backend %q: want the dns:/// scheme", flagValue(t, sc.Args, "backend"))
+	} else {
+		checkServiceAddr(t, "sidecar --backend", addr, mustService(t, m, backendName), "grpc")
+	}
+	if p := sc.StartupProbe; p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/readyz" || p.HTTPGet.Port.String() != "admin" {
+		t.Errorf("sidecar startupProbe: got %+v, want /readyz on the admin port, so the client starts once a backend is ready", p)
+	}
+
+	c := onlyContainer(t, "Job/"+sidecarJobName, spec)
+	if len(c.Args) == 0 || c.Args[0] != "loadtest" {
+		t.Fatalf("args: got %q, want the loadtest subcommand first", c.Args)
+	}
+	if got := flagValue(t, c.Args, "target"); got != listen {
+		t.Errorf("client --target: got %q, want the sidecar's --listen %q", got, listen)
+	}
+	if got := flagValues(c.Args, "insecure"); len(got) > 0 && got[0] != "true" {
+		t.Errorf("client --insecure=%s: the sidecar serves cleartext h2c on loopback", got[0])
+	}
+}
+
 // TestLoadJob checks that the load test runs once, through the proxy's
 // Service.
 func TestLoadJob(t *testing.T) {
@@ -800,8 +866,8 @@ func TestContainersHardened(t *testing.T) {
 	t.Parallel()
 	m := load(t)
 	for _, w := range m.workloads() {
-		if len(w.spec.InitContainers) > 0 || len(w.spec.EphemeralContainers) > 0 {
-			t.Errorf("%s: has init or ephemeral containers, which this test does not check", w.name)
+		if len(w.spec.EphemeralContainers) > 0 {
+			t.Errorf("%s: has ephemeral containers, which this test does not check", w.name)
 		}
 		if w.spec.AutomountServiceAccountToken == nil || *w.spec.AutomountServiceAccountToken {
 			t.Errorf("%s: automountServiceAccountToken is not false; nothing in the demo calls the Kubernetes API", w.name)
@@ -809,6 +875,16 @@ func TestContainersHardened(t *testing.T) {
 		pod := w.spec.SecurityContext
 		if pod == nil {
 			pod = &corev1.PodSecurityContext{}
+		}
+		// Init containers are only allowed as native sidecars, which run
+		// for the pod's whole life and so need what any server needs.
+		for _, c := range w.spec.InitContainers {
+			t.Run(w.name+"/init/"+c.Name, func(t *testing.T) {
+				if !isSidecar(c) {
+					t.Fatal("an init container that is not a native sidecar (restartPolicy: Always), which this test does not check")
+				}
+				checkContainer(t, c, pod, true)
+			})
 		}
 		for _, c := range w.spec.Containers {
 			t.Run(w.name+"/"+c.Name, func(t *testing.T) {
