@@ -17,6 +17,7 @@ import (
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 )
@@ -33,6 +34,7 @@ const (
 	nonRootUID     = 65532           // distroless :nonroot user, also USER in the Dockerfile
 	clusterDomain  = "svc.cluster.local"
 	kustomizeFile  = "kustomization.yaml"
+	monitoringDir  = "monitoring"   // kustomization with the PodMonitor, a CRD
 	tlsSecretName  = "streamlb-tls" // kubernetes.io/tls Secret the README has you create
 	dockerfilePath = "../../Dockerfile"
 )
@@ -117,7 +119,14 @@ type manifests struct {
 // kustomization.yaml, sorted.
 func yamlFiles(t *testing.T) []string {
 	t.Helper()
-	entries, err := os.ReadDir(".")
+	return yamlFilesIn(t, ".")
+}
+
+// yamlFilesIn returns the names of dir's YAML files other than
+// kustomization.yaml, sorted.
+func yamlFilesIn(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -784,6 +793,109 @@ func TestSidecar(t *testing.T) {
 	}
 }
 
+// podMonitor is the part of the Prometheus operator's PodMonitor
+// (monitoring.coreos.com/v1) the demo uses. k8s.io/api has no type for the
+// CRD, so it is decoded into this struct, as strictly as the typed
+// manifests: a field the struct lacks fails the test until it is added
+// here, after checking it against the operator's API reference.
+type podMonitor struct {
+	APIVersion string            `json:"apiVersion"`
+	Kind       string            `json:"kind"`
+	Metadata   metav1.ObjectMeta `json:"metadata"`
+	Spec       struct {
+		Selector            metav1.LabelSelector `json:"selector"`
+		PodMetricsEndpoints []struct {
+			Port          string `json:"port"`
+			Path          string `json:"path,omitempty"`
+			Scheme        string `json:"scheme,omitempty"`
+			Interval      string `json:"interval,omitempty"`
+			ScrapeTimeout string `json:"scrapeTimeout,omitempty"`
+		} `json:"podMetricsEndpoints"`
+	} `json:"spec"`
+}
+
+// decodeStrict decodes one YAML document into v as decode does: duplicate
+// keys, unknown fields and fields in the wrong case fail.
+func decodeStrict(doc []byte, v any) error {
+	js, err := yaml.YAMLToJSONStrict(doc)
+	if err != nil {
+		return fmt.Errorf("yaml: %w", err)
+	}
+	strictErrs, err := kjson.UnmarshalStrict(js, v)
+	return errors.Join(append(strictErrs, err)...)
+}
+
+// TestPodMonitor checks the monitoring kustomization: its only resource is
+// a PodMonitor whose selector matches the proxy's pods and which scrapes
+// /metrics on a named port of the proxy container, the admin port.
+func TestPodMonitor(t *testing.T) {
+	t.Parallel()
+	files := yamlFilesIn(t, monitoringDir)
+	if diff := cmp.Diff([]string{"podmonitor.yaml"}, files); diff != "" {
+		t.Fatalf("%s: YAML files (-want +got):\n%s", monitoringDir, diff)
+	}
+	k := readKustomization(t, filepath.Join(monitoringDir, kustomizeFile))
+	if diff := cmp.Diff(files, slices.Sorted(slices.Values(k.Resources))); diff != "" {
+		t.Errorf("%s resources (-want +got):\n%s", monitoringDir, diff)
+	}
+	if k.Namespace != demoNamespace {
+		t.Errorf("%s namespace: got %q, want %q", monitoringDir, k.Namespace, demoNamespace)
+	}
+
+	data, err := os.ReadFile(filepath.Join(monitoringDir, files[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	docs := splitDocuments(string(data))
+	if len(docs) != 1 {
+		t.Fatalf("%s: got %d documents, want 1", files[0], len(docs))
+	}
+	var pm podMonitor
+	if err := decodeStrict([]byte(docs[0]), &pm); err != nil {
+		t.Fatalf("%s: %v", files[0], err)
+	}
+	if pm.APIVersion != "monitoring.coreos.com/v1" || pm.Kind != "PodMonitor" {
+		t.Errorf("got %s %s, want monitoring.coreos.com/v1 PodMonitor", pm.APIVersion, pm.Kind)
+	}
+	if pm.Metadata.Namespace != demoNamespace {
+		t.Errorf("PodMonitor namespace: got %q, want %q", pm.Metadata.Namespace, demoNamespace)
+	}
+
+	m := load(t)
+	d := mustDeployment(t, m, proxyName)
+	if len(pm.Spec.Selector.MatchExpressions) > 0 || !selects(pm.Spec.Selector.MatchLabels, d.Spec.Template.Labels) {
+		t.Errorf("PodMonitor selector %+v does not match the proxy's pod labels %v", pm.Spec.Selector, d.Spec.Template.Labels)
+	}
+	for _, w := range m.workloads() {
+		if w.name != "Deployment/"+proxyName && selects(pm.Spec.Selector.MatchLabels, w.labels) {
+			t.Errorf("PodMonitor selector %v also matches %s", pm.Spec.Selector.MatchLabels, w.name)
+		}
+	}
+	c := onlyContainer(t, "Deployment/"+proxyName, &d.Spec.Template.Spec)
+	if slices.Contains(flagValues(c.Args, "metrics"), "false") {
+		t.Error("the proxy runs with --metrics=false; there is nothing to scrape")
+	}
+	if len(pm.Spec.PodMetricsEndpoints) == 0 {
+		t.Fatal("PodMonitor has no podMetricsEndpoints")
+	}
+	for i, ep := range pm.Spec.PodMetricsEndpoints {
+		if ep.Port != "admin" || !slices.ContainsFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.Name == ep.Port }) {
+			t.Errorf("podMetricsEndpoints[%d].port: got %q, want admin, a container port of the proxy", i, ep.Port)
+		}
+		if ep.Path != "/metrics" {
+			t.Errorf("podMetricsEndpoints[%d].path: got %q, want /metrics", i, ep.Path)
+		}
+		if ep.Scheme != "" && ep.Scheme != "http" {
+			t.Errorf("podMetricsEndpoints[%d].scheme: got %q, want http (the admin port is cleartext)", i, ep.Scheme)
+		}
+		if ep.Interval != "" {
+			if _, err := time.ParseDuration(ep.Interval); err != nil {
+				t.Errorf("podMetricsEndpoints[%d].interval: %v", i, err)
+			}
+		}
+	}
+}
+
 // TestLoadJob checks that the load test runs once, through the proxy's
 // Service.
 func TestLoadJob(t *testing.T) {
@@ -1003,21 +1115,26 @@ type kustomizeImage struct {
 	Digest  string `json:"digest,omitempty"`
 }
 
-func TestKustomization(t *testing.T) {
-	t.Parallel()
-	data, err := os.ReadFile(kustomizeFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	js, err := yaml.YAMLToJSONStrict(data)
+// readKustomization decodes the kustomization file at path strictly.
+func readKustomization(t *testing.T, path string) kustomization {
+	t.Helper()
+	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var k kustomization
-	strictErrs, err := kjson.UnmarshalStrict(js, &k)
-	if err = errors.Join(append(strictErrs, err)...); err != nil {
-		t.Fatal(err)
+	if err := decodeStrict(data, &k); err != nil {
+		t.Fatalf("%s: %v", path, err)
 	}
+	if k.Kind != "Kustomization" || !strings.HasPrefix(k.APIVersion, "kustomize.config.k8s.io/") {
+		t.Errorf("%s: got kind %q apiVersion %q, want a kustomize.config.k8s.io Kustomization", path, k.Kind, k.APIVersion)
+	}
+	return k
+}
+
+func TestKustomization(t *testing.T) {
+	t.Parallel()
+	k := readKustomization(t, kustomizeFile)
 	if k.Kind != "Kustomization" || !strings.HasPrefix(k.APIVersion, "kustomize.config.k8s.io/") {
 		t.Errorf("got kind %q apiVersion %q, want a kustomize.config.k8s.io Kustomization", k.Kind, k.APIVersion)
 	}
