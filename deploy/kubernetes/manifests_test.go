@@ -17,6 +17,7 @@ import (
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 )
@@ -28,10 +29,13 @@ const (
 	backendName    = "grpc-echo"     // Deployment and headless Service
 	proxyName      = "streamlb"      // Deployment, Service and PodDisruptionBudget
 	loadJobName    = "streamlb-load" // Job
+	sidecarJobName = "sidecar-load"  // Job with streamlb as a native sidecar
 	imageName      = "streamlb"      // image every container names; kustomization.yaml rewrites it
 	nonRootUID     = 65532           // distroless :nonroot user, also USER in the Dockerfile
 	clusterDomain  = "svc.cluster.local"
 	kustomizeFile  = "kustomization.yaml"
+	monitoringDir  = "monitoring"   // kustomization with the PodMonitor, a CRD
+	tlsSecretName  = "streamlb-tls" // kubernetes.io/tls Secret the README has you create
 	dockerfilePath = "../../Dockerfile"
 )
 
@@ -115,7 +119,14 @@ type manifests struct {
 // kustomization.yaml, sorted.
 func yamlFiles(t *testing.T) []string {
 	t.Helper()
-	entries, err := os.ReadDir(".")
+	return yamlFilesIn(t, ".")
+}
+
+// yamlFilesIn returns the names of dir's YAML files other than
+// kustomization.yaml, sorted.
+func yamlFilesIn(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -345,6 +356,7 @@ func TestManifestsDecodeStrictly(t *testing.T) {
 	want := []string{
 		"Deployment/" + backendName,
 		"Deployment/" + proxyName,
+		"Job/" + sidecarJobName,
 		"Job/" + loadJobName,
 		"Namespace/" + demoNamespace,
 		"PodDisruptionBudget/" + proxyName,
@@ -512,8 +524,18 @@ func TestProxyAvailability(t *testing.T) {
 	if spec.TerminationGracePeriodSeconds == nil {
 		t.Fatal("terminationGracePeriodSeconds is not set")
 	}
-	if grace := time.Duration(*spec.TerminationGracePeriodSeconds) * time.Second; grace <= drain {
-		t.Errorf("terminationGracePeriodSeconds %v is not longer than --drain-timeout %v; SIGKILL would cut the drain short", grace, drain)
+	// The preStop sleep keeps the pod serving while its endpoints are
+	// removed; SIGTERM, and so the drain, only comes after it, and the grace
+	// period covers both.
+	if c.Lifecycle == nil || c.Lifecycle.PreStop == nil || c.Lifecycle.PreStop.Sleep == nil {
+		t.Fatalf("lifecycle: got %+v, want a preStop sleep action", c.Lifecycle)
+	}
+	preStop := time.Duration(c.Lifecycle.PreStop.Sleep.Seconds) * time.Second
+	if preStop <= 0 {
+		t.Errorf("preStop sleep: got %v, want more than 0", preStop)
+	}
+	if grace := time.Duration(*spec.TerminationGracePeriodSeconds) * time.Second; grace <= preStop+drain {
+		t.Errorf("terminationGracePeriodSeconds %v is not longer than preStop sleep %v + --drain-timeout %v; SIGKILL would cut the drain short", grace, preStop, drain)
 	}
 
 	if a := spec.Affinity; a == nil || a.PodAntiAffinity == nil ||
@@ -534,6 +556,343 @@ func TestProxyAvailability(t *testing.T) {
 	}
 	if mn := pdb.Spec.MinAvailable; mn == nil || mn.IntValue() != 1 {
 		t.Errorf("PodDisruptionBudget %s minAvailable: got %v, want 1", pdb.Name, mn)
+	}
+}
+
+// proxyContainers returns every container, init (sidecar) containers
+// included, that runs `streamlb proxy`, named "Kind/name/container".
+func (m *manifests) proxyContainers() map[string]corev1.Container {
+	out := map[string]corev1.Container{}
+	for _, w := range m.workloads() {
+		for _, c := range slices.Concat(w.spec.InitContainers, w.spec.Containers) {
+			if len(c.Args) > 0 && c.Args[0] == "proxy" {
+				out[w.name+"/"+c.Name] = c
+			}
+		}
+	}
+	return out
+}
+
+// TestProxyContainers checks what every streamlb proxy container, central
+// or sidecar, needs: GOMEMLIMIT from its memory limit, and readiness and
+// liveness probes on /readyz and /healthz of its admin port.
+func TestProxyContainers(t *testing.T) {
+	t.Parallel()
+	m := load(t)
+	proxies := m.proxyContainers()
+	for _, want := range []string{"Deployment/" + proxyName + "/streamlb", "Job/" + sidecarJobName + "/streamlb"} {
+		if _, ok := proxies[want]; !ok {
+			t.Fatalf("proxy containers %v: no %s", sortedKeys(proxies), want)
+		}
+	}
+	for _, name := range sortedKeys(proxies) {
+		c := proxies[name]
+		t.Run(name, func(t *testing.T) {
+			checkGoMemLimit(t, c)
+			checkAdminProbes(t, c)
+		})
+	}
+}
+
+// checkGoMemLimit checks that GOMEMLIMIT is the container's memory limit in
+// bytes.
+func checkGoMemLimit(t *testing.T, c corev1.Container) {
+	t.Helper()
+	i := slices.IndexFunc(c.Env, func(e corev1.EnvVar) bool { return e.Name == "GOMEMLIMIT" })
+	if i < 0 {
+		t.Error("no GOMEMLIMIT env var")
+		return
+	}
+	e := c.Env[i]
+	if e.ValueFrom == nil || e.ValueFrom.ResourceFieldRef == nil {
+		t.Errorf("GOMEMLIMIT: got %+v, want valueFrom.resourceFieldRef", e)
+		return
+	}
+	ref := e.ValueFrom.ResourceFieldRef
+	if ref.Resource != "limits.memory" {
+		t.Errorf("GOMEMLIMIT resource: got %q, want limits.memory", ref.Resource)
+	}
+	if ref.ContainerName != "" && ref.ContainerName != c.Name {
+		t.Errorf("GOMEMLIMIT containerName: got %q, want %q (its own container)", ref.ContainerName, c.Name)
+	}
+	// Go reads a bare number as bytes: any other divisor would make the
+	// limit 2^20 or 10^6 times too small.
+	if d := ref.Divisor; !d.IsZero() && d.Value() != 1 {
+		t.Errorf("GOMEMLIMIT divisor: got %s, want 1 (bytes)", d.String())
+	}
+	if _, ok := c.Resources.Limits[corev1.ResourceMemory]; !ok {
+		t.Error("GOMEMLIMIT comes from limits.memory, but the container has no memory limit")
+	}
+}
+
+// checkAdminProbes checks that readiness is /readyz and liveness /healthz,
+// both on the container port named admin, which is --admin-listen's port.
+func checkAdminProbes(t *testing.T, c corev1.Container) {
+	t.Helper()
+	_, port, err := net.SplitHostPort(flagValue(t, c.Args, "admin-listen"))
+	if err != nil {
+		t.Fatalf("--admin-listen: %v", err)
+	}
+	i := slices.IndexFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.Name == "admin" })
+	if i < 0 {
+		t.Fatal("no container port named admin")
+	}
+	if got := strconv.Itoa(int(c.Ports[i].ContainerPort)); got != port {
+		t.Errorf("container port admin is %s, but --admin-listen's port is %s", got, port)
+	}
+	for _, p := range []struct {
+		name, path string
+		probe      *corev1.Probe
+	}{
+		{"readinessProbe", "/readyz", c.ReadinessProbe},
+		{"livenessProbe", "/healthz", c.LivenessProbe},
+	} {
+		if p.probe == nil || p.probe.HTTPGet == nil {
+			t.Errorf("%s: got %+v, want an HTTP GET of %s on the admin port", p.name, p.probe, p.path)
+			continue
+		}
+		g := p.probe.HTTPGet
+		if g.Path != p.path {
+			t.Errorf("%s path: got %q, want %q", p.name, g.Path, p.path)
+		}
+		if g.Port.String() != "admin" && g.Port.String() != port {
+			t.Errorf("%s port: got %s, want admin (%s)", p.name, g.Port.String(), port)
+		}
+		if g.Scheme != "" && g.Scheme != corev1.URISchemeHTTP {
+			t.Errorf("%s scheme: got %s, want HTTP (the admin port is cleartext)", p.name, g.Scheme)
+		}
+	}
+}
+
+// secretFile returns the path at which container c sees key of Secret
+// secret, through a whole-directory (no subPath) mount of a volume of spec,
+// or "" if it does not.
+func secretFile(spec *corev1.PodSpec, c corev1.Container, secret, key string) string {
+	for _, vm := range c.VolumeMounts {
+		i := slices.IndexFunc(spec.Volumes, func(v corev1.Volume) bool { return v.Name == vm.Name })
+		if i < 0 || vm.SubPath != "" || vm.SubPathExpr != "" {
+			continue
+		}
+		src := spec.Volumes[i].Secret
+		if src == nil || src.SecretName != secret {
+			continue
+		}
+		file := key
+		if len(src.Items) > 0 {
+			j := slices.IndexFunc(src.Items, func(kp corev1.KeyToPath) bool { return kp.Key == key })
+			if j < 0 {
+				continue
+			}
+			file = src.Items[j].Path
+		}
+		return filepath.Join(vm.MountPath, file)
+	}
+	return ""
+}
+
+// TestProxyTLS checks that the proxy's --tls-cert and --tls-key are the
+// tls.crt and tls.key of the TLS Secret, mounted read-only as a directory
+// (a subPath mount would never see a rotated certificate), and that the
+// load Job verifies the proxy against that Secret's ca.crt.
+func TestProxyTLS(t *testing.T) {
+	t.Parallel()
+	m := load(t)
+	spec := &mustDeployment(t, m, proxyName).Spec.Template.Spec
+	c := onlyContainer(t, "Deployment/"+proxyName, spec)
+	for _, f := range []struct{ flag, key string }{{"tls-cert", "tls.crt"}, {"tls-key", "tls.key"}} {
+		got := flagValue(t, c.Args, f.flag)
+		if want := secretFile(spec, c, tlsSecretName, f.key); got != want || want == "" {
+			t.Errorf("--%s: got %q, want key %s of Secret %s through a volume mount without subPath (at %q)", f.flag, got, f.key, tlsSecretName, want)
+		}
+	}
+	for _, vm := range c.VolumeMounts {
+		if !vm.ReadOnly {
+			t.Errorf("volume mount %s is not readOnly", vm.Name)
+		}
+	}
+
+	j, ok := m.jobs[loadJobName]
+	if !ok {
+		t.Fatalf("no Job %q", loadJobName)
+	}
+	jspec := &j.Spec.Template.Spec
+	lc := onlyContainer(t, "Job/"+loadJobName, jspec)
+	if got := flagValue(t, lc.Args, "insecure"); got != "false" {
+		t.Errorf("load Job --insecure: got %s, want false: the proxy serves TLS", got)
+	}
+	if got, want := flagValue(t, lc.Args, "cacert"), secretFile(jspec, lc, tlsSecretName, "ca.crt"); got != want || want == "" {
+		t.Errorf("load Job --cacert: got %q, want key ca.crt of Secret %s through a volume mount (at %q)", got, tlsSecretName, want)
+	}
+	for _, v := range jspec.Volumes {
+		if v.Secret != nil && v.Secret.SecretName == tlsSecretName &&
+			(len(v.Secret.Items) == 0 || slices.ContainsFunc(v.Secret.Items, func(kp corev1.KeyToPath) bool { return kp.Key == "tls.key" })) {
+			t.Errorf("load Job volume %s mounts the proxy's private key; project only ca.crt", v.Name)
+		}
+	}
+}
+
+// isSidecar reports whether init container c is a native sidecar.
+func isSidecar(c corev1.Container) bool {
+	return c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways
+}
+
+// TestSidecar checks the per-host example: streamlb is a native sidecar of
+// the client's pod, listens on 127.0.0.1 only, balances the same headless
+// Service as the central proxy, holds the client back until it is ready,
+// and the client dials it on loopback.
+func TestSidecar(t *testing.T) {
+	t.Parallel()
+	m := load(t)
+	j, ok := m.jobs[sidecarJobName]
+	if !ok {
+		t.Fatalf("no Job %q", sidecarJobName)
+	}
+	spec := &j.Spec.Template.Spec
+	if len(spec.InitContainers) != 1 {
+		t.Fatalf("got %d init containers, want the streamlb sidecar only", len(spec.InitContainers))
+	}
+	sc := spec.InitContainers[0]
+	if !isSidecar(sc) {
+		t.Errorf("init container %s: restartPolicy %s, want Always (a native sidecar)", sc.Name, deref(sc.RestartPolicy))
+	}
+	if len(sc.Args) == 0 || sc.Args[0] != "proxy" {
+		t.Fatalf("sidecar args: got %q, want the proxy subcommand first", sc.Args)
+	}
+	listen := flagValue(t, sc.Args, "listen")
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		t.Fatalf("sidecar --listen %q: %v", listen, err)
+	}
+	if host != "127.0.0.1" {
+		t.Errorf("sidecar --listen %q: want host 127.0.0.1, so only its own pod can reach it", listen)
+	}
+	for _, f := range []string{"tls-cert", "tls-key"} {
+		if len(flagValues(sc.Args, f)) > 0 {
+			t.Errorf("sidecar sets --%s; loopback traffic needs no TLS and the example has no Secret for it", f)
+		}
+	}
+	addr, ok := strings.CutPrefix(flagValue(t, sc.Args, "backend"), "dns:///")
+	if !ok {
+		t.Errorf("sidecar --backend %q: want the dns:/// scheme", flagValue(t, sc.Args, "backend"))
+	} else {
+		checkServiceAddr(t, "sidecar --backend", addr, mustService(t, m, backendName), "grpc")
+	}
+	if p := sc.StartupProbe; p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/readyz" || p.HTTPGet.Port.String() != "admin" {
+		t.Errorf("sidecar startupProbe: got %+v, want /readyz on the admin port, so the client starts once a backend is ready", p)
+	}
+
+	c := onlyContainer(t, "Job/"+sidecarJobName, spec)
+	if len(c.Args) == 0 || c.Args[0] != "loadtest" {
+		t.Fatalf("args: got %q, want the loadtest subcommand first", c.Args)
+	}
+	if got := flagValue(t, c.Args, "target"); got != listen {
+		t.Errorf("client --target: got %q, want the sidecar's --listen %q", got, listen)
+	}
+	if got := flagValues(c.Args, "insecure"); len(got) > 0 && got[0] != "true" {
+		t.Errorf("client --insecure=%s: the sidecar serves cleartext h2c on loopback", got[0])
+	}
+}
+
+// podMonitor is the part of the Prometheus operator's PodMonitor
+// (monitoring.coreos.com/v1) the demo uses. k8s.io/api has no type for the
+// CRD, so it is decoded into this struct, as strictly as the typed
+// manifests: a field the struct lacks fails the test until it is added
+// here, after checking it against the operator's API reference.
+type podMonitor struct {
+	APIVersion string            `json:"apiVersion"`
+	Kind       string            `json:"kind"`
+	Metadata   metav1.ObjectMeta `json:"metadata"`
+	Spec       struct {
+		Selector            metav1.LabelSelector `json:"selector"`
+		PodMetricsEndpoints []struct {
+			Port          string `json:"port"`
+			Path          string `json:"path,omitempty"`
+			Scheme        string `json:"scheme,omitempty"`
+			Interval      string `json:"interval,omitempty"`
+			ScrapeTimeout string `json:"scrapeTimeout,omitempty"`
+		} `json:"podMetricsEndpoints"`
+	} `json:"spec"`
+}
+
+// decodeStrict decodes one YAML document into v as decode does: duplicate
+// keys, unknown fields and fields in the wrong case fail.
+func decodeStrict(doc []byte, v any) error {
+	js, err := yaml.YAMLToJSONStrict(doc)
+	if err != nil {
+		return fmt.Errorf("yaml: %w", err)
+	}
+	strictErrs, err := kjson.UnmarshalStrict(js, v)
+	return errors.Join(append(strictErrs, err)...)
+}
+
+// TestPodMonitor checks the monitoring kustomization: its only resource is
+// a PodMonitor whose selector matches the proxy's pods and which scrapes
+// /metrics on a named port of the proxy container, the admin port.
+func TestPodMonitor(t *testing.T) {
+	t.Parallel()
+	files := yamlFilesIn(t, monitoringDir)
+	if diff := cmp.Diff([]string{"podmonitor.yaml"}, files); diff != "" {
+		t.Fatalf("%s: YAML files (-want +got):\n%s", monitoringDir, diff)
+	}
+	k := readKustomization(t, filepath.Join(monitoringDir, kustomizeFile))
+	if diff := cmp.Diff(files, slices.Sorted(slices.Values(k.Resources))); diff != "" {
+		t.Errorf("%s resources (-want +got):\n%s", monitoringDir, diff)
+	}
+	if k.Namespace != demoNamespace {
+		t.Errorf("%s namespace: got %q, want %q", monitoringDir, k.Namespace, demoNamespace)
+	}
+
+	data, err := os.ReadFile(filepath.Join(monitoringDir, files[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	docs := splitDocuments(string(data))
+	if len(docs) != 1 {
+		t.Fatalf("%s: got %d documents, want 1", files[0], len(docs))
+	}
+	var pm podMonitor
+	if err := decodeStrict([]byte(docs[0]), &pm); err != nil {
+		t.Fatalf("%s: %v", files[0], err)
+	}
+	if pm.APIVersion != "monitoring.coreos.com/v1" || pm.Kind != "PodMonitor" {
+		t.Errorf("got %s %s, want monitoring.coreos.com/v1 PodMonitor", pm.APIVersion, pm.Kind)
+	}
+	if pm.Metadata.Namespace != demoNamespace {
+		t.Errorf("PodMonitor namespace: got %q, want %q", pm.Metadata.Namespace, demoNamespace)
+	}
+
+	m := load(t)
+	d := mustDeployment(t, m, proxyName)
+	if len(pm.Spec.Selector.MatchExpressions) > 0 || !selects(pm.Spec.Selector.MatchLabels, d.Spec.Template.Labels) {
+		t.Errorf("PodMonitor selector %+v does not match the proxy's pod labels %v", pm.Spec.Selector, d.Spec.Template.Labels)
+	}
+	for _, w := range m.workloads() {
+		if w.name != "Deployment/"+proxyName && selects(pm.Spec.Selector.MatchLabels, w.labels) {
+			t.Errorf("PodMonitor selector %v also matches %s", pm.Spec.Selector.MatchLabels, w.name)
+		}
+	}
+	c := onlyContainer(t, "Deployment/"+proxyName, &d.Spec.Template.Spec)
+	if slices.Contains(flagValues(c.Args, "metrics"), "false") {
+		t.Error("the proxy runs with --metrics=false; there is nothing to scrape")
+	}
+	if len(pm.Spec.PodMetricsEndpoints) == 0 {
+		t.Fatal("PodMonitor has no podMetricsEndpoints")
+	}
+	for i, ep := range pm.Spec.PodMetricsEndpoints {
+		if ep.Port != "admin" || !slices.ContainsFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.Name == ep.Port }) {
+			t.Errorf("podMetricsEndpoints[%d].port: got %q, want admin, a container port of the proxy", i, ep.Port)
+		}
+		if ep.Path != "/metrics" {
+			t.Errorf("podMetricsEndpoints[%d].path: got %q, want /metrics", i, ep.Path)
+		}
+		if ep.Scheme != "" && ep.Scheme != "http" {
+			t.Errorf("podMetricsEndpoints[%d].scheme: got %q, want http (the admin port is cleartext)", i, ep.Scheme)
+		}
+		if ep.Interval != "" {
+			if _, err := time.ParseDuration(ep.Interval); err != nil {
+				t.Errorf("podMetricsEndpoints[%d].interval: %v", i, err)
+			}
+		}
 	}
 }
 
@@ -619,8 +978,8 @@ func TestContainersHardened(t *testing.T) {
 	t.Parallel()
 	m := load(t)
 	for _, w := range m.workloads() {
-		if len(w.spec.InitContainers) > 0 || len(w.spec.EphemeralContainers) > 0 {
-			t.Errorf("%s: has init or ephemeral containers, which this test does not check", w.name)
+		if len(w.spec.EphemeralContainers) > 0 {
+			t.Errorf("%s: has ephemeral containers, which this test does not check", w.name)
 		}
 		if w.spec.AutomountServiceAccountToken == nil || *w.spec.AutomountServiceAccountToken {
 			t.Errorf("%s: automountServiceAccountToken is not false; nothing in the demo calls the Kubernetes API", w.name)
@@ -628,6 +987,16 @@ func TestContainersHardened(t *testing.T) {
 		pod := w.spec.SecurityContext
 		if pod == nil {
 			pod = &corev1.PodSecurityContext{}
+		}
+		// Init containers are only allowed as native sidecars, which run
+		// for the pod's whole life and so need what any server needs.
+		for _, c := range w.spec.InitContainers {
+			t.Run(w.name+"/init/"+c.Name, func(t *testing.T) {
+				if !isSidecar(c) {
+					t.Fatal("an init container that is not a native sidecar (restartPolicy: Always), which this test does not check")
+				}
+				checkContainer(t, c, pod, true)
+			})
 		}
 		for _, c := range w.spec.Containers {
 			t.Run(w.name+"/"+c.Name, func(t *testing.T) {
@@ -746,21 +1115,26 @@ type kustomizeImage struct {
 	Digest  string `json:"digest,omitempty"`
 }
 
-func TestKustomization(t *testing.T) {
-	t.Parallel()
-	data, err := os.ReadFile(kustomizeFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	js, err := yaml.YAMLToJSONStrict(data)
+// readKustomization decodes the kustomization file at path strictly.
+func readKustomization(t *testing.T, path string) kustomization {
+	t.Helper()
+	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var k kustomization
-	strictErrs, err := kjson.UnmarshalStrict(js, &k)
-	if err = errors.Join(append(strictErrs, err)...); err != nil {
-		t.Fatal(err)
+	if err := decodeStrict(data, &k); err != nil {
+		t.Fatalf("%s: %v", path, err)
 	}
+	if k.Kind != "Kustomization" || !strings.HasPrefix(k.APIVersion, "kustomize.config.k8s.io/") {
+		t.Errorf("%s: got kind %q apiVersion %q, want a kustomize.config.k8s.io Kustomization", path, k.Kind, k.APIVersion)
+	}
+	return k
+}
+
+func TestKustomization(t *testing.T) {
+	t.Parallel()
+	k := readKustomization(t, kustomizeFile)
 	if k.Kind != "Kustomization" || !strings.HasPrefix(k.APIVersion, "kustomize.config.k8s.io/") {
 		t.Errorf("got kind %q apiVersion %q, want a kustomize.config.k8s.io Kustomization", k.Kind, k.APIVersion)
 	}
