@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"syscall"
@@ -55,7 +56,7 @@ func proxyCommand() *cli.Command {
 			},
 			&cli.StringFlag{Name: "engine", Value: cluster.EngineFrame, Usage: "data plane: frame (relays HTTP/2 frames) or grpc-proxy (message-level reference engine)"},
 			&cli.DurationFlag{Name: "drain-timeout", Value: cluster.DefaultDrainTimeout, Usage: "how long in-flight streams may run on SIGINT/SIGTERM, and on a backend that left the set, before they are cut"},
-			&cli.StringFlag{Name: "admin-listen", Usage: "`ADDR` for the admin HTTP endpoints /healthz, /readyz, /backends, /metrics and /debug/pprof/ (off when empty)"},
+			&cli.StringFlag{Name: "admin-listen", Usage: "`ADDR` for the admin HTTP endpoints / (live status page), /status.json, /healthz, /readyz, /backends, /metrics and /debug/pprof/ (off when empty)"},
 			&cli.StringFlag{Name: "access-log", Usage: "write one line per call to `PATH` (appended; - or stderr for stderr), in --log-format"},
 			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "keep Prometheus metrics, served on /metrics of --admin-listen (--metrics=false: none)"},
 
@@ -144,6 +145,7 @@ func runProxy(c *cli.Context) error {
 	// Restore default signal handling once draining: a second signal ends
 	// the process without waiting for the drain.
 	cfg.OnDrain = stop
+	cfg.Version = buildVersion(debug.ReadBuildInfo)
 	srv, err := cluster.NewServer(cfg)
 	if te := (*cluster.TargetError)(nil); errors.As(err, &te) {
 		return usageErr("--backend: %v", te.Err)

@@ -17,12 +17,17 @@ import (
 //     orchestrator sends clients to a proxy that has one;
 //   - /backends: the cluster's per-backend state as JSON;
 //   - /metrics: Prometheus metrics, if ServerConfig.Metrics is set;
-//   - /debug/pprof/: the Go runtime's profiles.
+//   - /debug/pprof/: the Go runtime's profiles;
+//   - / (that path only): a live status page, self-contained HTML that
+//     polls /status.json, the clusters' per-backend state and, with
+//     metrics on, their cumulative call counters and duration histograms.
 func (s *Server) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
 	if s.cfg.Metrics != nil {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Metrics, promhttp.HandlerOpts{}))
 	}
+	mux.HandleFunc("GET /{$}", serveStatusPage)
+	mux.HandleFunc("GET /status.json", s.serveStatusJSON)
 	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
 	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)

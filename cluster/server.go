@@ -83,6 +83,8 @@ type ServerConfig struct {
 	// AccessLog, if set, gets one line per call (see [AccessLog]); the
 	// caller closes it after Run returned. Nil means no access log.
 	AccessLog *AccessLog
+	// Version, if set, describes the binary on the admin status page.
+	Version string
 }
 
 // engine is what both data planes offer.
