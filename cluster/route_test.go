@@ -358,18 +358,7 @@ routes:
 // access-log line names the cluster its route chose, and each cluster's
 // metrics count its own backends' calls.
 func TestFileAccessLogAndMetrics(t *testing.T) {
-	a := startBackend(t, "a", "127.0.0.1:0")
-	b := startBackend(t, "b", "127.0.0.1:0")
-	path := writeConfig(t, t.TempDir(), fmt.Sprintf(`
-clusters:
-  - {name: gold, targets: [%s]}
-  - {name: rest, targets: [%s]}
-routes:
-  - match: {headers: [{name: x-tenant, exact: gold}]}
-    cluster: gold
-  - match: {service: grpc.testing.TestService}
-    cluster: rest
-`, a.Addr(), b.Addr()))
+	a, b, path := twoClusterFile(t)
 	f, err := cluster.LoadFile(path)
 	if err != nil {
 		t.Fatal(err)
@@ -411,4 +400,24 @@ routes:
 	if started["backend="+a.Addr()+",cluster=gold"] != 3 || started["backend="+b.Addr()+",cluster=rest"] != 2 {
 		t.Errorf("streamlb_calls_started_total = %v, want gold/a 3 and rest/b 2", started)
 	}
+}
+
+// twoClusterFile starts backends a and b and writes a configuration file
+// with a cluster for each: "gold" for calls with x-tenant: gold, "rest"
+// for the other TestService calls.
+func twoClusterFile(t *testing.T) (a, b *testserver.Server, path string) {
+	t.Helper()
+	a = startBackend(t, "a", "127.0.0.1:0")
+	b = startBackend(t, "b", "127.0.0.1:0")
+	path = writeConfig(t, t.TempDir(), fmt.Sprintf(`
+clusters:
+  - {name: gold, targets: [%s]}
+  - {name: rest, targets: [%s]}
+routes:
+  - match: {headers: [{name: x-tenant, exact: gold}]}
+    cluster: gold
+  - match: {service: grpc.testing.TestService}
+    cluster: rest
+`, a.Addr(), b.Addr()))
+	return a, b, path
 }

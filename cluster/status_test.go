@@ -204,18 +204,7 @@ func TestStatusPageMetricsOff(t *testing.T) {
 // TestStatusFileClusters checks /status.json lists each cluster of a
 // configuration file with its own counters.
 func TestStatusFileClusters(t *testing.T) {
-	a := startBackend(t, "a", "127.0.0.1:0")
-	b := startBackend(t, "b", "127.0.0.1:0")
-	path := writeConfig(t, t.TempDir(), fmt.Sprintf(`
-clusters:
-  - {name: gold, targets: [%s]}
-  - {name: rest, targets: [%s]}
-routes:
-  - match: {headers: [{name: x-tenant, exact: gold}]}
-    cluster: gold
-  - match: {service: grpc.testing.TestService}
-    cluster: rest
-`, a.Addr(), b.Addr()))
+	a, b, path := twoClusterFile(t)
 	r := runFile(t, path, true)
 	cc := dial(t, r.addr)
 	ctx := testkit.Context(t, 30*time.Second)
