@@ -2,6 +2,8 @@ package cluster_test
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -180,10 +182,14 @@ func TestReadyzFollowsHealth(t *testing.T) {
 		addr := testkit.DeadAddr(t)
 		r := runServer(t, cluster.ServerConfig{Cluster: cluster.Config{Targets: []string{addr}, Director: hc}})
 		waitStatus(t, r.admin+"/readyz", http.StatusServiceUnavailable)
-		for _, b := range r.srv.Cluster().Backends() {
-			if b.Healthy {
-				t.Errorf("backend %s healthy on a closed port", b.Addr)
-			}
+		// /backends says why, in snake_case as the loadtest report.
+		_, body := get(t, r.admin+"/backends")
+		var bs []map[string]any
+		if err := json.Unmarshal([]byte(body), &bs); err != nil || len(bs) != 1 {
+			t.Fatalf("/backends = %s (%v), want one backend", body, err)
+		}
+		if bs[0]["addr"] != addr || bs[0]["healthy"] != false || !strings.Contains(fmt.Sprint(bs[0]["reason"]), "health check failed") {
+			t.Errorf("/backends = %s, want %s unhealthy with the failing check as its reason", body, addr)
 		}
 		startBackend(t, "a", addr) // the port was free a moment ago
 		waitStatus(t, r.admin+"/readyz", http.StatusOK)

@@ -283,29 +283,36 @@ func (d *Director) picked(ctx context.Context, b *backend, fullMethod string) (s
 	return b.addr, c.done, nil
 }
 
-// BackendStats is a point-in-time view of one backend's counters.
+// BackendStats is a point-in-time view of one backend's counters. Its JSON
+// form (the admin endpoint /backends) uses snake_case names, as the
+// loadtest report does.
 type BackendStats struct {
 	// Addr is the backend's "host:port".
-	Addr string
+	Addr string `json:"addr"`
 	// Weight is the backend's effective weight (at least 1).
-	Weight uint32
+	Weight uint32 `json:"weight"`
 	// InFlight is the number of picked streams whose done has not been
 	// called yet.
-	InFlight int64
+	InFlight int64 `json:"in_flight"`
 	// Successes and Failures count done calls with a nil and a non-nil
 	// error, since the address last joined the set.
-	Successes int64
-	Failures  int64
+	Successes int64 `json:"successes"`
+	Failures  int64 `json:"failures"`
 	// Ejected reports whether outlier ejection currently keeps the backend
-	// from being picked.
-	Ejected bool
+	// from being picked; EjectedUntil is when that ejection ends.
+	Ejected      bool      `json:"ejected"`
+	EjectedUntil time.Time `json:"ejected_until,omitzero"`
 	// Ejections counts the backend's ejections since the address last
 	// joined the set.
-	Ejections int64
+	Ejections int64 `json:"ejections"`
 	// Healthy reports the verdict of active health checks: true unless
 	// checks found the backend unhealthy. An unhealthy backend gets no
 	// streams unless no backend is healthy.
-	Healthy bool
+	Healthy bool `json:"healthy"`
+	// Reason says why the backend is unhealthy or ejected: the last failing
+	// health check's status or error, or the failures that ejected it.
+	// Empty while it is healthy and not ejected.
+	Reason string `json:"reason,omitempty"`
 }
 
 // Backends returns the stats of the current set, sorted by Addr. The
@@ -322,9 +329,11 @@ func (d *Director) Backends() []BackendStats {
 			InFlight:  b.ctr.inflight.Load(),
 			Successes: b.ctr.successes.Load(),
 			Failures:  b.ctr.failures.Load(),
-			Ejected:   b.ejected,
-			Ejections: b.ctr.ejections.Load(),
-			Healthy:   !b.unhealthy,
+			Ejected:      b.ejected,
+			EjectedUntil: b.ejectedUntil,
+			Ejections:    b.ctr.ejections.Load(),
+			Healthy:      !b.unhealthy,
+			Reason:       b.reason,
 		}
 	}
 	return out

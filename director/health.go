@@ -236,8 +236,10 @@ func (d *Director) setHealth(addr string, ctr *counters, healthy bool, st health
 		}
 		d.logger.Info("backend healthy", "backend", addr)
 	case err != nil:
+		ctr.unhealthyReason = fmt.Sprintf("health check failed: %v", err)
 		d.logger.Info("backend unhealthy", "backend", addr, "err", err)
 	default:
+		ctr.unhealthyReason = "health check answered " + st.String()
 		d.logger.Info("backend unhealthy", "backend", addr, "status", st.String())
 	}
 	d.publishLocked(cloneBackends(d.snap.Load().all), now)

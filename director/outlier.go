@@ -222,6 +222,7 @@ func (d *Director) ejectLocked(all []*backend, b *backend, now time.Time) bool {
 	dur := min(d.outlier.base*time.Duration(m), d.outlier.max)
 	c.multiplier = m
 	c.ejectedUntil = now.Add(dur)
+	c.ejectReason = fmt.Sprintf("ejected for %v after %d calls in a row ended UNAVAILABLE", dur, failures)
 	c.ejections.Add(1)
 	d.ejectEpoch++
 	d.logger.Info("backend ejected", "backend", b.addr, "failures", failures, "duration", dur)

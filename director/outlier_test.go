@@ -438,7 +438,8 @@ func TestEjectionCapWarnsOncePerChange(t *testing.T) {
 	}
 	want := []BackendStats{
 		{Addr: "a:1", Weight: 1, Successes: 3, Failures: 6, Ejections: 1, Healthy: true},
-		{Addr: "b:1", Weight: 1, Successes: 2, Failures: 12, Ejected: true, Ejections: 1, Healthy: true},
+		{Addr: "b:1", Weight: 1, Successes: 2, Failures: 12, Ejected: true, Ejections: 1, Healthy: true,
+			EjectedUntil: clk.Now().Add(10 * time.Second), Reason: "ejected for 10s after 3 calls in a row ended UNAVAILABLE"},
 	}
 	if diff := cmp.Diff(want, d.Backends()); diff != "" {
 		t.Errorf("Backends() mismatch (-want +got):\n%s", diff)

@@ -43,6 +43,11 @@ func TestReady(t *testing.T) {
 	if d.Ready() {
 		t.Error("Ready() = true with every backend unhealthy")
 	}
+	for _, b := range d.Backends() {
+		if b.Healthy || b.Reason != "health check answered NOT_SERVING" {
+			t.Errorf("Backends() %s: Healthy %v, Reason %q; want unhealthy with the check's answer", b.Addr, b.Healthy, b.Reason)
+		}
+	}
 	if _, _, err := d.Pick(t.Context(), "/s/m"); err != nil {
 		t.Errorf("Pick() in panic mode error = %v, want a pick", err)
 	}

@@ -40,6 +40,8 @@ type counters struct {
 	capWarned uint64
 	// unhealthy is the verdict of active health checks; see health.go.
 	unhealthy bool
+	// unhealthyReason and ejectReason say why, for BackendStats.Reason.
+	unhealthyReason, ejectReason string
 	// slowStartAt is when the backend's slow-start window began; zero if
 	// it is not (or no longer) slow-starting. See slowstart.go.
 	slowStartAt time.Time
@@ -53,6 +55,10 @@ type backend struct {
 	ctr       *counters
 	ejected   bool // excluded from the snapshot's ready list
 	unhealthy bool // excluded from the ready list, unless in panic mode
+	// ejectedUntil and reason copy the counters' state when the snapshot
+	// was built, for Backends.
+	ejectedUntil time.Time
+	reason       string
 	// slowSince is the start of the backend's slow-start window in Unix
 	// nanoseconds of Config.Now, or 0 if it was not slow-starting when the
 	// snapshot was built. slowFactor is the slow-start factor then, in
@@ -138,6 +144,15 @@ func (d *Director) publishLocked(bs []*backend, now time.Time) *snapshot {
 		c := b.ctr
 		b.ejected = !c.ejectedUntil.IsZero()
 		b.unhealthy = c.unhealthy
+		b.ejectedUntil, b.reason = c.ejectedUntil, ""
+		switch {
+		case b.ejected && b.unhealthy:
+			b.reason = c.ejectReason + "; " + c.unhealthyReason
+		case b.ejected:
+			b.reason = c.ejectReason
+		case b.unhealthy:
+			b.reason = c.unhealthyReason
+		}
 		b.slowSince, b.slowFactor = 0, 1
 		if b.ejected {
 			rebuildAt = minTime(rebuildAt, monoNanos(c.ejectedUntil))
