@@ -324,11 +324,11 @@ func (d *Director) Backends() []BackendStats {
 	out := make([]BackendStats, len(s.all))
 	for i, b := range s.all {
 		out[i] = BackendStats{
-			Addr:      b.addr,
-			Weight:    b.weight,
-			InFlight:  b.ctr.inflight.Load(),
-			Successes: b.ctr.successes.Load(),
-			Failures:  b.ctr.failures.Load(),
+			Addr:         b.addr,
+			Weight:       b.weight,
+			InFlight:     b.ctr.inflight.Load(),
+			Successes:    b.ctr.successes.Load(),
+			Failures:     b.ctr.failures.Load(),
 			Ejected:      b.ejected,
 			EjectedUntil: b.ejectedUntil,
 			Ejections:    b.ctr.ejections.Load(),
