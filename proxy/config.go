@@ -24,6 +24,8 @@ const (
 	DefaultDrainTimeout          = 30 * time.Second
 	DefaultRetryBufferSize       = 64 << 10
 	DefaultMaxRetries            = 2
+	DefaultRetryBudget           = 10
+	DefaultRetryBudgetRatio      = 0.1
 	DefaultMaxConnections        = 10000
 	DefaultMaxEarlyResets        = 100
 	DefaultMaxGlitches           = 1000
@@ -167,6 +169,17 @@ type Config struct {
 	// DefaultMaxRetries, negative none.
 	MaxRetries int
 
+	// RetryBudget and RetryBudgetRatio are gRFC A6 retry throttling for
+	// the RetryOn methods: a token bucket of RetryBudget tokens; every
+	// failed call takes one, every successful call gives back
+	// RetryBudgetRatio, and UNAVAILABLE answers are retried only while more
+	// than half the tokens are left, so a fleet-wide failure does not
+	// multiply the load. Zero means DefaultRetryBudget and
+	// DefaultRetryBudgetRatio. Transparent retries (the call never reached
+	// a backend) do not use the budget.
+	RetryBudget      int
+	RetryBudgetRatio float64
+
 	// RetryOn names methods ("/pkg.Service/Method", or "/pkg.Service/" for
 	// all of a service) whose UNAVAILABLE answers are retried on another
 	// backend, within the retry budget. Only idempotent methods belong here.
@@ -282,6 +295,15 @@ func (c *Config) setDefaults() error {
 			keys[i] = strings.ToLower(h)
 		}
 		c.PickMetadata = keys
+	}
+	if c.RetryBudget < 0 || c.RetryBudgetRatio < 0 {
+		return errors.New("proxy: RetryBudget and RetryBudgetRatio must not be negative")
+	}
+	if c.RetryBudget == 0 {
+		c.RetryBudget = DefaultRetryBudget
+	}
+	if c.RetryBudgetRatio == 0 {
+		c.RetryBudgetRatio = DefaultRetryBudgetRatio
 	}
 	var err error
 	if c.RetryOn, err = normalizeMethods(c.RetryOn); err != nil {

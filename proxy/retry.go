@@ -146,8 +146,10 @@ func (c *serverConn) releaseItemsLocked(items []outItem) {
 func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer ...[]hpack.HeaderField) {
 	s := a.s
 	c.mu.Lock()
-	if s.att == a && !s.cClosed && !s.down.closed && !s.headersSent && s.down.empty() &&
-		s.attempts <= c.srv.cfg.MaxRetries && (transparent || (s.retryable && c.srv.budget.allow())) {
+	eligible := s.att == a && !s.cClosed && !s.down.closed && !s.headersSent && s.down.empty() &&
+		s.attempts <= c.srv.cfg.MaxRetries
+	throttled := eligible && !transparent && s.retryable && !c.srv.budget.allow()
+	if eligible && (transparent || (s.retryable && !throttled)) {
 		if items, ok := a.bc.harvest(a); ok {
 			if _, ok := c.startAttemptLocked(s, items); ok {
 				c.mu.Unlock()
@@ -171,6 +173,26 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 	if current {
 		s.sideClosed()
 	}
+	if throttled {
+		c.srv.warnThrottled()
+	}
+}
+
+// throttleWarnEvery bounds how often an exhausted retry budget is logged.
+const throttleWarnEvery = 10 * time.Second
+
+// warnThrottled logs, at most once per throttleWarnEvery, that the retry
+// budget kept a call from being retried: when a fleet-wide failure drains
+// the budget, the operator should know that UNAVAILABLE answers now reach
+// clients on purpose. It is called with no lock held.
+func (s *Server) warnThrottled() {
+	now := s.now().UnixNano()
+	last := s.throttleWarned.Load()
+	if now-last < int64(throttleWarnEvery) || !s.throttleWarned.CompareAndSwap(last, now) {
+		return
+	}
+	s.cfg.Logger.Warn("retry budget exhausted; UNAVAILABLE answers are not retried until enough calls succeed",
+		"retry_budget", s.cfg.RetryBudget, "retry_budget_ratio", s.cfg.RetryBudgetRatio)
 }
 
 // retryableMethod reports whether Config.RetryOn names the method, as a
@@ -184,7 +206,8 @@ func (s *Server) retryableMethod(method string) bool {
 	return false
 }
 
-// retryBudget is gRFC A6 retry throttling: a token bucket of maxTokens;
+// retryBudget is gRFC A6 retry throttling (Config.RetryBudget and
+// RetryBudgetRatio): a token bucket of maxTokens;
 // every failed call takes one token, every success gives back ratio; a
 // retry is allowed only while more than half the tokens are left. Tokens
 // are kept in thousandths so the bucket is a single atomic.

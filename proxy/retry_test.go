@@ -2,6 +2,10 @@ package proxy_test
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -115,6 +119,73 @@ func TestRetryBudget(t *testing.T) {
 	if extra > 20 {
 		t.Errorf("retries added %.0f%% load, want at most 20%%", extra)
 	}
+}
+
+// TestRetryBudgetSetting: the budget's size is a setting (a larger bucket
+// allows more retries before it throttles), and throttling is logged, once
+// per interval rather than per call.
+func TestRetryBudgetSetting(t *testing.T) {
+	verifyNoLeaks(t)
+	for _, tc := range []struct {
+		budget int
+		// Retries allowed before the bucket is half empty: every failed
+		// attempt takes a token, a retry's included, so about the
+		// bucket's size.
+		minRetries, maxRetries int64
+	}{
+		{budget: 10, minRetries: 5, maxRetries: 15},
+		{budget: 100, minRetries: 50, maxRetries: 150},
+	} {
+		t.Run(fmt.Sprint("budget=", tc.budget), func(t *testing.T) {
+			var logs syncLog
+			e := newEnv(t, envOpts{backends: 3,
+				tscfg: func(_ int, c *testserver.Config) { c.ErrorRate = 1 },
+				pcfg: func(c *proxy.Config) {
+					c.RetryOn = []string{emptyCall}
+					c.RetryBudget = tc.budget
+					c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+				},
+				dcfg: func(c *director.Config) { c.EjectAfter = -1 },
+			})
+			ctx := testkit.Context(t, 20*time.Second)
+			const calls = 200
+			for range calls {
+				if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); status.Code(err) != codes.Unavailable {
+					t.Fatalf("got %v, want UNAVAILABLE from backends that all fail", err)
+				}
+			}
+			var served int64
+			for _, b := range e.backends {
+				served += b.Calls()
+			}
+			retries := served - calls
+			t.Logf("budget %d: %d calls cost %d retries", tc.budget, calls, retries)
+			if retries < tc.minRetries || retries > tc.maxRetries {
+				t.Errorf("budget %d: %d retries, want %d..%d", tc.budget, retries, tc.minRetries, tc.maxRetries)
+			}
+			if n := strings.Count(logs.String(), "retry budget exhausted"); n != 1 {
+				t.Errorf("throttling logged %d times, want once:\n%s", n, logs.String())
+			}
+		})
+	}
+}
+
+// syncLog is a strings.Builder safe for a logger's concurrent writes.
+type syncLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *syncLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *syncLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // TestKilledUnderLoad: a backend killed while calls run on it is ejected

@@ -35,6 +35,8 @@ type Server struct {
 
 	inflight atomic.Int64 // calls in flight, counted when MaxStreams is set
 	budget   *retryBudget
+	// throttleWarned is when warnThrottled last logged, in Unix nanoseconds.
+	throttleWarned atomic.Int64
 
 	// done is closed when Shutdown or Close begins; it cuts an accept
 	// back-off short.
@@ -88,7 +90,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.OnCallEnd != nil {
 		s.ends = newEndQueue(cfg.OnCallEnd)
 	}
-	s.budget = newRetryBudget(10, 0.1)
+	s.budget = newRetryBudget(int64(cfg.RetryBudget), cfg.RetryBudgetRatio)
 	s.pool.srv = s
 	s.pool.conns = make(map[string][]*backendConn)
 	s.pool.inflight = make(map[string]*atomic.Int64)
