@@ -105,11 +105,17 @@ func New(cfg Config) (*Cluster, error) {
 	if len(cfg.Targets) == 0 {
 		return nil, errors.New("cluster: no backend target")
 	}
+	var c *Cluster // set below, before anything runs; OnLookup reads it
 	res, err := resolver.New(cfg.Targets, resolver.DNSOptions{
 		Refresh:    cfg.DNSRefresh,
 		RespectTTL: cfg.DNSRespectTTL,
 		Logger:     cfg.Logger,
 		Etcd:       cfg.Etcd,
+		OnLookup: func(_ string, err error) {
+			if c.metrics != nil {
+				c.metrics.lookup(err)
+			}
+		},
 	})
 	if err != nil {
 		return nil, &TargetError{Cluster: cfg.Name, Err: err}
@@ -129,7 +135,7 @@ func New(cfg Config) (*Cluster, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", cfg.Name, err)
 	}
-	c := &Cluster{
+	c = &Cluster{
 		name:     cfg.Name,
 		res:      res,
 		dir:      dir,

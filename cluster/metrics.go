@@ -48,6 +48,8 @@ type metrics struct {
 	noBackend prometheus.Counter
 	setChange prometheus.Counter
 	resolveEr prometheus.Counter
+	lookupOK  prometheus.Counter
+	lookupErr prometheus.Counter
 	reqBytes  *prometheus.CounterVec // cluster, backend
 	respBytes *prometheus.CounterVec // cluster, backend
 	retriedOK prometheus.Counter     // retries of calls that ended OK
@@ -124,6 +126,10 @@ func newMetrics(reg prometheus.Registerer, name string, c *Cluster) (*metrics, e
 	for code := range m.detached.finished {
 		m.detached.finished[code] = m.detached.started
 	}
+	lookups := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "streamlb_dns_lookups_total", Help: "DNS lookups of the backend targets, by result (ok, error).", ConstLabels: constLabels,
+	}, []string{"result"})
+	m.lookupOK, m.lookupErr = lookups.WithLabelValues("ok"), lookups.WithLabelValues("error")
 	retries := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "streamlb_retries_total", Help: "Further attempts calls made on another backend, by the call's outcome (ok: it then succeeded).", ConstLabels: constLabels,
 	}, []string{"outcome"})
@@ -136,7 +142,7 @@ func newMetrics(reg prometheus.Registerer, name string, c *Cluster) (*metrics, e
 		m.limits[l] = limits.WithLabelValues(l)
 	}
 	for _, col := range []prometheus.Collector{m.started, m.finished, m.inflight, m.duration, m.noBackend, m.setChange, m.resolveEr,
-		m.reqBytes, m.respBytes, retries, limits, &stateCollector{c: c, constLabels: constLabels}} {
+		m.reqBytes, m.respBytes, retries, limits, lookups, &stateCollector{c: c, constLabels: constLabels}} {
 		if err := reg.Register(col); err != nil {
 			return nil, fmt.Errorf("cluster %s: metrics: %w", name, err)
 		}
@@ -227,6 +233,15 @@ func (m *metrics) UpdateState(s resolver.State) error {
 	}
 	m.backends.Store(&next)
 	return nil
+}
+
+// lookup counts one DNS lookup.
+func (m *metrics) lookup(err error) {
+	if err != nil {
+		m.lookupErr.Inc()
+		return
+	}
+	m.lookupOK.Inc()
 }
 
 // ReportError counts a failed lookup.

@@ -1,9 +1,11 @@
 package cluster_test
 
 import (
+	"net"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/expfmt"
@@ -15,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/cluster"
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/testserver"
 )
 
@@ -128,5 +131,43 @@ func TestMetricsMatchBackends(t *testing.T) {
 	}
 	if got := scrape(t, r.admin, "streamlb_call_duration_seconds"); len(got) != 3 {
 		t.Errorf("duration histograms = %v, want one per backend", got)
+	}
+}
+
+// TestDNSLookupMetrics follows a name on a real DNS server and counts its
+// lookups: successes while the server answers, errors once it is gone
+// (the last set is kept, and the resolver's errors are counted too).
+func TestDNSLookupMetrics(t *testing.T) {
+	ts := startBackend(t, "a", "127.0.0.1:0")
+	_, port, _ := net.SplitHostPort(ts.Addr())
+	dns := testserver.NewDNSServer(testserver.DNSConfig{DefaultTTL: 1, Logger: quiet})
+	if err := dns.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			dns.Stop()
+		}
+	})
+	dns.SetA("echo.test", "127.0.0.1")
+	r := runServer(t, cluster.ServerConfig{Metrics: prometheus.NewRegistry(), Cluster: cluster.Config{
+		Targets:    []string{"dns://" + dns.Addr() + "/echo.test:" + port},
+		DNSRefresh: 100 * time.Millisecond,
+	}})
+	ctx := testkit.Context(t, 30*time.Second)
+	testkit.WaitFor(ctx, t, "two successful lookups", func() bool {
+		return scrape(t, r.admin, "streamlb_dns_lookups_total")["result=ok"] >= 2
+	})
+	dns.Stop()
+	stopped = true
+	testkit.WaitFor(ctx, t, "a failed lookup", func() bool {
+		return scrape(t, r.admin, "streamlb_dns_lookups_total")["result=error"] >= 1
+	})
+	if got := scrape(t, r.admin, "streamlb_resolver_errors_total")[""]; got < 1 {
+		t.Errorf("streamlb_resolver_errors_total = %v, want at least 1", got)
+	}
+	if got := scrape(t, r.admin, "streamlb_backends")[""]; got != 1 {
+		t.Errorf("streamlb_backends = %v after the DNS server went away, want the last set (1)", got)
 	}
 }

@@ -73,6 +73,11 @@ type DNSOptions struct {
 	// Nil means slog.Default().
 	Logger *slog.Logger
 
+	// OnLookup, if set, is called after every DNS lookup with the target
+	// and the lookup's error (nil on success), for metrics. It is called
+	// from Run's goroutine and must not block.
+	OnLookup func(target string, err error)
+
 	// Etcd configures the etcd targets [New] builds. Its Logger,
 	// BackoffInitial and BackoffMax, when unset, are taken from these
 	// options.
@@ -248,6 +253,9 @@ func (d *DNS) Run(ctx context.Context, u Updater) error {
 		addrs, ttl, err := d.resolve(ctx)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if d.opts.OnLookup != nil {
+			d.opts.OnLookup(d.target.String(), err)
 		}
 
 		var wait time.Duration
