@@ -534,7 +534,7 @@ func (b *backendConn) enqueueUp(a *attempt, it outItem, data []byte) bool {
 	if it.kind == itemData {
 		a.up.pushData(data, it.end)
 	} else {
-		a.up.items = append(a.up.items, it)
+		a.up.push(it)
 	}
 	if it.end {
 		a.up.closed = true

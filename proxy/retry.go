@@ -43,7 +43,10 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			return failure{kind: failNoBackend, method: s.method, cause: err}, false
 		}
 		a := &attempt{s: s, done: done, keepReplay: c.srv.cfg.RetryBufferSize > 0}
-		a.up = sendQueue{a: a, src: &c.transport, credit: &s.upRecv, items: items}
+		a.up = sendQueue{a: a, src: &c.transport, credit: &s.upRecv}
+		for _, it := range items {
+			a.up.push(it) // a copy: items may sit in a failed attempt's inline storage
+		}
 		bc, err := c.srv.pool.get(addr, a)
 		if err != nil {
 			f, ok := err.(failure)

@@ -490,11 +490,11 @@ func (c *serverConn) rejectStream(s *stream, f failure) {
 func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) {
 	s.down.drop(&c.transport)
 	for i, fields := range blocks {
-		s.down.items = append(s.down.items, outItem{kind: itemHeaders, end: i == len(blocks)-1, fields: fields})
+		s.down.push(outItem{kind: itemHeaders, end: i == len(blocks)-1, fields: fields})
 	}
 	if !s.cRecvEnd {
 		s.rstQueued = true
-		s.down.items = append(s.down.items, outItem{kind: itemReset, code: http2.ErrCodeNo})
+		s.down.push(outItem{kind: itemReset, code: http2.ErrCodeNo})
 	}
 	s.down.closed = true
 	c.markReadyLocked(&s.down)
@@ -654,7 +654,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 			s.result = outcome(it.fields)
 			c.noteBackendStatusLocked(s, it.fields)
 		}
-		s.down.items = append(s.down.items, it)
+		s.down.push(it)
 	}
 	if it.end {
 		s.down.closed = true
@@ -682,7 +682,7 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		// in half-closed (local). Queued after the response, and once.
 		if !s.cRecvEnd && !s.rstQueued {
 			s.rstQueued = true
-			s.down.items = append(s.down.items, outItem{kind: itemReset, code: code})
+			s.down.push(outItem{kind: itemReset, code: code})
 			c.markReadyLocked(&s.down)
 		}
 		return

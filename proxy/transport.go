@@ -59,7 +59,10 @@ type sendQueue struct {
 	window int32    // peer's flow-control window for this stream (RFC 9113 §6.9)
 	items  []outItem
 	head   int
-	ready  bool // in the transport's ready ring
+	// inl is the first storage of items: a unary call queues a header
+	// block, its DATA and its trailers, so most queues never allocate.
+	inl   [3]outItem
+	ready bool // in the transport's ready ring
 	// detached marks an attempt's queue taken off its connection for a
 	// retry: the writer must not send from it any more.
 	detached bool
@@ -72,6 +75,14 @@ type sendQueue struct {
 }
 
 func (q *sendQueue) empty() bool { return q.head == len(q.items) }
+
+// push appends it to the queue, in the inline storage while it fits.
+func (q *sendQueue) push(it outItem) {
+	if q.items == nil {
+		q.items = q.inl[:0]
+	}
+	q.items = append(q.items, it)
+}
 
 // eligible reports whether the head item can be written once the
 // connection window allows. Header blocks and RST_STREAM are not
@@ -108,7 +119,7 @@ func (q *sendQueue) pushData(p []byte, end bool) {
 		it.buf = getBuf()
 		it.n = copy(*it.buf, p)
 	}
-	q.items = append(q.items, it)
+	q.push(it)
 }
 
 // drop discards every queued item. t is the transport whose writer drains
