@@ -49,6 +49,11 @@ type stream struct {
 	message     string    // the backend's grpc-message, with Config.OnCallEnd
 	start       time.Time // request headers arrived, with Config.OnCallEnd
 
+	// first is the storage of the first attempt and triedInl of tried:
+	// most calls make one attempt, so they cost no allocation of their own.
+	first    attempt
+	triedInl [1]string
+
 	// sides counts the sides that are done: the client side and the final
 	// attempt. The second reports the outcome.
 	sides atomic.Int32
