@@ -242,7 +242,7 @@ func (b *backendConn) failAll(f failure) {
 
 func (b *backendConn) readLoop() error {
 	for {
-		f, err := b.rfr.ReadFrame()
+		f, err := b.readFrame()
 		if err == nil {
 			err = b.handleFrame(f)
 		}
@@ -273,7 +273,7 @@ func (b *backendConn) readLoop() error {
 
 func (b *backendConn) handleFrame(f http2.Frame) error {
 	switch f := f.(type) {
-	case *http2.MetaHeadersFrame:
+	case *headerBlock:
 		return b.onHeaders(f)
 	case *http2.DataFrame:
 		return b.onData(f)
@@ -316,7 +316,7 @@ func (b *backendConn) eachQueueLocked(fn func(*sendQueue)) {
 	}
 }
 
-func (b *backendConn) onHeaders(f *http2.MetaHeadersFrame) error {
+func (b *backendConn) onHeaders(f *headerBlock) error {
 	id := f.StreamID
 	end := f.StreamEnded()
 	b.mu.Lock()

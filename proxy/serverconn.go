@@ -202,7 +202,7 @@ func writeHTTP1Rejection(nc net.Conn) {
 // (RFC 9113 §5.4).
 func (c *serverConn) readLoop() error {
 	for {
-		f, err := c.rfr.ReadFrame()
+		f, err := c.readFrame()
 		if err == nil {
 			err = c.handleFrame(f)
 		}
@@ -268,7 +268,7 @@ func (c *serverConn) goAwayFatal(code http2.ErrCode, detail error) {
 
 func (c *serverConn) handleFrame(f http2.Frame) error {
 	switch f := f.(type) {
-	case *http2.MetaHeadersFrame:
+	case *headerBlock:
 		return c.onHeaders(f)
 	case *http2.DataFrame:
 		return c.onData(f)
@@ -337,7 +337,7 @@ func (c *serverConn) eachQueueLocked(fn func(*sendQueue)) {
 	}
 }
 
-func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
+func (c *serverConn) onHeaders(f *headerBlock) error {
 	id := f.StreamID
 	end := f.StreamEnded()
 	c.mu.Lock()

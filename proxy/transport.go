@@ -190,6 +190,7 @@ type writeOp struct {
 type transport struct {
 	nc  net.Conn      // set by attach, under mu
 	rfr *http2.Framer // reader goroutine only
+	hd  hdecState     // reader goroutine only
 	log *slog.Logger
 
 	// Writer goroutine only.
@@ -270,7 +271,8 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 // reader and writer start.
 func (t *transport) attach(nc net.Conn) {
 	t.rfr = http2.NewFramer(nil, &contGuard{r: bufio.NewReaderSize(nc, 32<<10)})
-	t.rfr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	// ReadMetaHeaders stays nil: readFrame assembles header blocks.
+	t.hd.dec = hpack.NewDecoder(4096, t.hd.emit)
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
