@@ -339,7 +339,10 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 	}
-	fields := filterFields(f.Fields)
+	if a.fieldRoom == nil {
+		a.fieldRoom = a.fieldInl[:]
+	}
+	fields := keepFields(&a.fieldRoom, filterFields(f.Fields))
 	if a.keepReplay && a.s.retryable && !a.forwarded {
 		// The method may be retried on UNAVAILABLE and the client has seen
 		// nothing yet.

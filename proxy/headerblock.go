@@ -19,8 +19,8 @@ import (
 // The checks are x/net's readMetaFrame's, in the same order; the empty
 // CONTINUATION guard (contGuard) sits below the Framer as before.
 //
-// A headerBlock is the transport's and valid until its next readFrame;
-// Fields is the caller's to keep.
+// A headerBlock and its Fields are the transport's and valid until its
+// next readFrame: a caller that keeps fields copies them (keepFields).
 type headerBlock struct {
 	*http2.HeadersFrame
 	Fields    []hpack.HeaderField
@@ -181,9 +181,23 @@ func (t *transport) readHeaderBlock(hf *http2.HeadersFrame) (http2.Frame, error)
 	if err := checkPseudos(h.fields); err != nil {
 		return nil, http2.StreamError{StreamID: hf.StreamID, Code: http2.ErrCodeProtocol, Cause: err}
 	}
-	h.block = headerBlock{HeadersFrame: hf, Fields: slices.Clone(h.fields), Truncated: h.truncated}
-	clear(h.fields) // drop the strings: the scratch slice lives as long as the connection
+	h.block = headerBlock{HeadersFrame: hf, Fields: h.fields, Truncated: h.truncated}
 	return &h.block, nil
+}
+
+// keepFields copies fields into the unused room of *room, which it
+// shrinks by as much, or into a new slice when they do not fit. It is how a
+// header block outlives the reader's next frame without an allocation of
+// its own: streams and attempts carry room for the blocks of a typical
+// call.
+func keepFields(room *[]hpack.HeaderField, fields []hpack.HeaderField) []hpack.HeaderField {
+	if len(fields) > len(*room) {
+		return slices.Clone(fields)
+	}
+	n := copy(*room, fields)
+	out := (*room)[:n:n]
+	*room = (*room)[n:]
+	return out
 }
 
 // checkPseudos is x/net's MetaHeadersFrame.checkPseudos: known

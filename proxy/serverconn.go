@@ -423,7 +423,8 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		return nil
 	}
 	s.method = ri.path
-	s.reqFields = filterFields(f.Fields)
+	room := s.reqRoom[:]
+	s.reqFields = keepFields(&room, filterFields(f.Fields))
 	s.reqEnd = end
 	s.retryable = c.srv.retryableMethod(ri.path)
 

@@ -53,6 +53,9 @@ type stream struct {
 	// most calls make one attempt, so they cost no allocation of their own.
 	first    attempt
 	triedInl [1]string
+	// reqRoom is the room keepFields takes reqFields from; grpc-go sends
+	// seven to nine request headers.
+	reqRoom [10]hpack.HeaderField
 
 	// sides counts the sides that are done: the client side and the final
 	// attempt. The second reports the outcome.
@@ -85,6 +88,11 @@ type attempt struct {
 	replay      []outItem
 	replayBytes int
 	keepReplay  bool
+
+	// Backend reader only: the room keepFields takes the response's header
+	// blocks from, headers and trailers of a typical gRPC answer.
+	fieldRoom []hpack.HeaderField
+	fieldInl  [8]hpack.HeaderField
 }
 
 // sideClosed is called once by the client side and once for the final
