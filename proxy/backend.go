@@ -675,9 +675,10 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		}
 		b.markReadyLocked(&a.up)
 	}
-	b.pending = b.pending[i:]
-	if len(b.pending) == 0 {
-		b.pending = nil
+	if i == len(b.pending) {
+		b.pending = b.pending[:0] // keep the array: the next call needs it
+	} else {
+		b.pending = b.pending[i:]
 	}
 	return batch
 }

@@ -86,6 +86,7 @@ type attempt struct {
 	// replay keeps the request items already written, while a retry is
 	// still possible and they fit Config.RetryBufferSize.
 	replay      []outItem
+	replayInl   [1]outItem // first storage of replay: a unary request is one DATA item
 	replayBytes int
 	keepReplay  bool
 

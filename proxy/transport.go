@@ -695,6 +695,9 @@ func (t *transport) retainLocked(a *attempt, it *outItem, op *writeOp) {
 		t.releaseReplayLocked(a)
 		return
 	}
+	if a.replay == nil {
+		a.replay = a.replayInl[:0]
+	}
 	a.replay = append(a.replay, outItem{kind: it.kind, end: it.end, buf: it.buf, n: it.n, fields: it.fields, credited: it.n})
 	a.replayBytes += n
 	op.release = false
