@@ -625,7 +625,7 @@ func (b *backendConn) harvest(a *attempt) ([]outItem, bool) {
 	take := func(it outItem, credited int) {
 		c := outItem{kind: it.kind, end: it.end, fields: it.fields, credited: credited}
 		if it.buf != nil {
-			c.buf = getBuf()
+			c.buf = getBuf(it.n)
 			c.n = copy(*c.buf, (*it.buf)[:it.n])
 		}
 		out = append(out, c)

@@ -22,10 +22,34 @@ const maxFrameSize = 16384
 // bufPool holds the buffers that carry DATA payloads between connections. A
 // buffer is taken by the reader that receives the bytes and returned by the
 // writer that sends them on, so the relay does not allocate per frame.
-var bufPool = sync.Pool{New: func() any { b := make([]byte, maxFrameSize); return &b }}
+// smallBufPool holds smallBufSize buffers for payloads that fit one: a
+// small unary message would otherwise pin a full frame's 16 KiB for as
+// long as its call waits for the peer.
+var (
+	bufPool      = sync.Pool{New: func() any { b := make([]byte, maxFrameSize); return &b }}
+	smallBufPool = sync.Pool{New: func() any { b := make([]byte, smallBufSize); return &b }}
+)
 
-func getBuf() *[]byte  { return bufPool.Get().(*[]byte) }
-func putBuf(b *[]byte) { bufPool.Put(b) }
+// smallBufSize is the size of the small DATA buffers: a gRPC message of
+// up to about 1 KiB with its 5-byte prefix.
+const smallBufSize = 1024
+
+// getBuf returns a pooled buffer of at least n bytes, n <= maxFrameSize.
+func getBuf(n int) *[]byte {
+	if n <= smallBufSize {
+		return smallBufPool.Get().(*[]byte)
+	}
+	return bufPool.Get().(*[]byte)
+}
+
+// putBuf returns b to the pool of its size.
+func putBuf(b *[]byte) {
+	if len(*b) == smallBufSize {
+		smallBufPool.Put(b)
+		return
+	}
+	bufPool.Put(b)
+}
 
 type itemKind uint8
 
@@ -116,7 +140,7 @@ func (q *sendQueue) pushData(p []byte, end bool) {
 	}
 	it := outItem{kind: itemData, end: end}
 	if len(p) > 0 {
-		it.buf = getBuf()
+		it.buf = getBuf(len(p))
 		it.n = copy(*it.buf, p)
 	}
 	q.push(it)
@@ -669,7 +693,7 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 // kept is released. Caller must hold mu.
 //
 // The replay is counted by the capacity of the buffers it holds, not by
-// the bytes in them: a pooled buffer is maxFrameSize whatever it carries,
+// the bytes in them: a pooled buffer is its full size whatever it carries,
 // and 10,000 one-byte DATA frames kept one buffer each would hold 160 MiB
 // against a 64 KiB budget. Small DATA is copied into the room left in the
 // replay's last buffer instead, so the replay stays about as large as the
