@@ -242,7 +242,7 @@ func (b *backendConn) failAll(f failure) {
 
 func (b *backendConn) readLoop() error {
 	for {
-		f, err := b.rfr.ReadFrame()
+		f, err := b.readFrame()
 		if err == nil {
 			err = b.handleFrame(f)
 		}
@@ -273,7 +273,7 @@ func (b *backendConn) readLoop() error {
 
 func (b *backendConn) handleFrame(f http2.Frame) error {
 	switch f := f.(type) {
-	case *http2.MetaHeadersFrame:
+	case *headerBlock:
 		return b.onHeaders(f)
 	case *http2.DataFrame:
 		return b.onData(f)
@@ -316,7 +316,7 @@ func (b *backendConn) eachQueueLocked(fn func(*sendQueue)) {
 	}
 }
 
-func (b *backendConn) onHeaders(f *http2.MetaHeadersFrame) error {
+func (b *backendConn) onHeaders(f *headerBlock) error {
 	id := f.StreamID
 	end := f.StreamEnded()
 	b.mu.Lock()
@@ -339,7 +339,10 @@ func (b *backendConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 	}
-	fields := filterFields(f.Fields)
+	if a.fieldRoom == nil {
+		a.fieldRoom = a.fieldInl[:]
+	}
+	fields := keepFields(&a.fieldRoom, filterFields(f.Fields))
 	if a.keepReplay && a.s.retryable && !a.forwarded {
 		// The method may be retried on UNAVAILABLE and the client has seen
 		// nothing yet.
@@ -534,7 +537,7 @@ func (b *backendConn) enqueueUp(a *attempt, it outItem, data []byte) bool {
 	if it.kind == itemData {
 		a.up.pushData(data, it.end)
 	} else {
-		a.up.items = append(a.up.items, it)
+		a.up.push(it)
 	}
 	if it.end {
 		a.up.closed = true
@@ -622,7 +625,7 @@ func (b *backendConn) harvest(a *attempt) ([]outItem, bool) {
 	take := func(it outItem, credited int) {
 		c := outItem{kind: it.kind, end: it.end, fields: it.fields, credited: credited}
 		if it.buf != nil {
-			c.buf = getBuf()
+			c.buf = getBuf(it.n)
 			c.n = copy(*c.buf, (*it.buf)[:it.n])
 		}
 		out = append(out, c)
@@ -672,9 +675,10 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		}
 		b.markReadyLocked(&a.up)
 	}
-	b.pending = b.pending[i:]
-	if len(b.pending) == 0 {
-		b.pending = nil
+	if i == len(b.pending) {
+		b.pending = b.pending[:0] // keep the array: the next call needs it
+	} else {
+		b.pending = b.pending[i:]
 	}
 	return batch
 }

@@ -37,6 +37,10 @@ import (
 //	go test -run '^$' -bench Unary -benchtime 20000x ./proxy/
 //	go test -run '^$' -bench Stream -benchtime 300x ./proxy/
 //
+// STREAMLB_BENCH_CPUPROFILE=file and STREAMLB_BENCH_MEMPROFILE=file make
+// the child write a CPU or an allocation profile (of the whole run,
+// warm-up included) when it exits.
+//
 // Compare the paths of one run only: this machine's speed drifts. The
 // cross-proxy comparison (HAProxy, nginx) is loadtest/bench/run.sh.
 const benchChildEnv = "STREAMLB_BENCH_PROXY"
@@ -102,6 +106,16 @@ func runBenchChild(spec string) int {
 			pprof.StartCPUProfile(f)
 			defer func() { pprof.StopCPUProfile(); f.Close() }()
 		}
+	}
+	if path := os.Getenv("STREAMLB_BENCH_MEMPROFILE"); path != "" {
+		// Every allocation sampled: slower, so profile CPU in another run.
+		runtime.MemProfileRate = 1
+		defer func() {
+			if f, err := os.Create(path); err == nil {
+				pprof.Lookup("allocs").WriteTo(f, 0)
+				f.Close()
+			}
+		}()
 	}
 	fmt.Println(ln.Addr().String())
 	go srv.Serve(ln)

@@ -42,8 +42,15 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			c.releaseItemsLocked(items)
 			return failure{kind: failNoBackend, method: s.method, cause: err}, false
 		}
-		a := &attempt{s: s, done: done, keepReplay: c.srv.cfg.RetryBufferSize > 0}
-		a.up = sendQueue{a: a, src: &c.transport, credit: &s.upRecv, items: items}
+		a := &s.first
+		if s.attempts > 1 {
+			a = new(attempt)
+		}
+		*a = attempt{s: s, done: done, keepReplay: c.srv.cfg.RetryBufferSize > 0}
+		a.up = sendQueue{a: a, src: &c.transport, credit: &s.upRecv}
+		for _, it := range items {
+			a.up.push(it) // a copy: items may sit in a failed attempt's inline storage
+		}
 		bc, err := c.srv.pool.get(addr, a)
 		if err != nil {
 			f, ok := err.(failure)
@@ -57,6 +64,9 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			return f, false
 		}
 		a.bc = bc
+		if s.tried == nil {
+			s.tried = s.triedInl[:0]
+		}
 		s.tried = append(s.tried, addr)
 		a.up.closed = s.cRecvEnd
 		prev := s.att

@@ -202,7 +202,7 @@ func writeHTTP1Rejection(nc net.Conn) {
 // (RFC 9113 §5.4).
 func (c *serverConn) readLoop() error {
 	for {
-		f, err := c.rfr.ReadFrame()
+		f, err := c.readFrame()
 		if err == nil {
 			err = c.handleFrame(f)
 		}
@@ -268,7 +268,7 @@ func (c *serverConn) goAwayFatal(code http2.ErrCode, detail error) {
 
 func (c *serverConn) handleFrame(f http2.Frame) error {
 	switch f := f.(type) {
-	case *http2.MetaHeadersFrame:
+	case *headerBlock:
 		return c.onHeaders(f)
 	case *http2.DataFrame:
 		return c.onData(f)
@@ -337,7 +337,7 @@ func (c *serverConn) eachQueueLocked(fn func(*sendQueue)) {
 	}
 }
 
-func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
+func (c *serverConn) onHeaders(f *headerBlock) error {
 	id := f.StreamID
 	end := f.StreamEnded()
 	c.mu.Lock()
@@ -423,7 +423,8 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	s.method = ri.path
-	s.reqFields = filterFields(f.Fields)
+	room := s.reqRoom[:]
+	s.reqFields = keepFields(&room, filterFields(f.Fields))
 	s.reqEnd = end
 	s.retryable = c.srv.retryableMethod(ri.path)
 
@@ -490,11 +491,11 @@ func (c *serverConn) rejectStream(s *stream, f failure) {
 func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) {
 	s.down.drop(&c.transport)
 	for i, fields := range blocks {
-		s.down.items = append(s.down.items, outItem{kind: itemHeaders, end: i == len(blocks)-1, fields: fields})
+		s.down.push(outItem{kind: itemHeaders, end: i == len(blocks)-1, fields: fields})
 	}
 	if !s.cRecvEnd {
 		s.rstQueued = true
-		s.down.items = append(s.down.items, outItem{kind: itemReset, code: http2.ErrCodeNo})
+		s.down.push(outItem{kind: itemReset, code: http2.ErrCodeNo})
 	}
 	s.down.closed = true
 	c.markReadyLocked(&s.down)
@@ -654,7 +655,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 			s.result = outcome(it.fields)
 			c.noteBackendStatusLocked(s, it.fields)
 		}
-		s.down.items = append(s.down.items, it)
+		s.down.push(it)
 	}
 	if it.end {
 		s.down.closed = true
@@ -682,7 +683,7 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		// in half-closed (local). Queued after the response, and once.
 		if !s.cRecvEnd && !s.rstQueued {
 			s.rstQueued = true
-			s.down.items = append(s.down.items, outItem{kind: itemReset, code: code})
+			s.down.push(outItem{kind: itemReset, code: code})
 			c.markReadyLocked(&s.down)
 		}
 		return

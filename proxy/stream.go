@@ -49,6 +49,14 @@ type stream struct {
 	message     string    // the backend's grpc-message, with Config.OnCallEnd
 	start       time.Time // request headers arrived, with Config.OnCallEnd
 
+	// first is the storage of the first attempt and triedInl of tried:
+	// most calls make one attempt, so they cost no allocation of their own.
+	first    attempt
+	triedInl [1]string
+	// reqRoom is the room keepFields takes reqFields from; grpc-go sends
+	// seven to nine request headers.
+	reqRoom [10]hpack.HeaderField
+
 	// sides counts the sides that are done: the client side and the final
 	// attempt. The second reports the outcome.
 	sides atomic.Int32
@@ -78,8 +86,14 @@ type attempt struct {
 	// replay keeps the request items already written, while a retry is
 	// still possible and they fit Config.RetryBufferSize.
 	replay      []outItem
+	replayInl   [1]outItem // first storage of replay: a unary request is one DATA item
 	replayBytes int
 	keepReplay  bool
+
+	// Backend reader only: the room keepFields takes the response's header
+	// blocks from, headers and trailers of a typical gRPC answer.
+	fieldRoom []hpack.HeaderField
+	fieldInl  [8]hpack.HeaderField
 }
 
 // sideClosed is called once by the client side and once for the final

@@ -22,10 +22,34 @@ const maxFrameSize = 16384
 // bufPool holds the buffers that carry DATA payloads between connections. A
 // buffer is taken by the reader that receives the bytes and returned by the
 // writer that sends them on, so the relay does not allocate per frame.
-var bufPool = sync.Pool{New: func() any { b := make([]byte, maxFrameSize); return &b }}
+// smallBufPool holds smallBufSize buffers for payloads that fit one: a
+// small unary message would otherwise pin a full frame's 16 KiB for as
+// long as its call waits for the peer.
+var (
+	bufPool      = sync.Pool{New: func() any { b := make([]byte, maxFrameSize); return &b }}
+	smallBufPool = sync.Pool{New: func() any { b := make([]byte, smallBufSize); return &b }}
+)
 
-func getBuf() *[]byte  { return bufPool.Get().(*[]byte) }
-func putBuf(b *[]byte) { bufPool.Put(b) }
+// smallBufSize is the size of the small DATA buffers: a gRPC message of
+// up to about 1 KiB with its 5-byte prefix.
+const smallBufSize = 1024
+
+// getBuf returns a pooled buffer of at least n bytes, n <= maxFrameSize.
+func getBuf(n int) *[]byte {
+	if n <= smallBufSize {
+		return smallBufPool.Get().(*[]byte)
+	}
+	return bufPool.Get().(*[]byte)
+}
+
+// putBuf returns b to the pool of its size.
+func putBuf(b *[]byte) {
+	if len(*b) == smallBufSize {
+		smallBufPool.Put(b)
+		return
+	}
+	bufPool.Put(b)
+}
 
 type itemKind uint8
 
@@ -59,7 +83,10 @@ type sendQueue struct {
 	window int32    // peer's flow-control window for this stream (RFC 9113 §6.9)
 	items  []outItem
 	head   int
-	ready  bool // in the transport's ready ring
+	// inl is the first storage of items: a unary call queues a header
+	// block, its DATA and its trailers, so most queues never allocate.
+	inl   [3]outItem
+	ready bool // in the transport's ready ring
 	// detached marks an attempt's queue taken off its connection for a
 	// retry: the writer must not send from it any more.
 	detached bool
@@ -72,6 +99,14 @@ type sendQueue struct {
 }
 
 func (q *sendQueue) empty() bool { return q.head == len(q.items) }
+
+// push appends it to the queue, in the inline storage while it fits.
+func (q *sendQueue) push(it outItem) {
+	if q.items == nil {
+		q.items = q.inl[:0]
+	}
+	q.items = append(q.items, it)
+}
 
 // eligible reports whether the head item can be written once the
 // connection window allows. Header blocks and RST_STREAM are not
@@ -105,10 +140,10 @@ func (q *sendQueue) pushData(p []byte, end bool) {
 	}
 	it := outItem{kind: itemData, end: end}
 	if len(p) > 0 {
-		it.buf = getBuf()
+		it.buf = getBuf(len(p))
 		it.n = copy(*it.buf, p)
 	}
-	q.items = append(q.items, it)
+	q.push(it)
 }
 
 // drop discards every queued item. t is the transport whose writer drains
@@ -179,6 +214,7 @@ type writeOp struct {
 type transport struct {
 	nc  net.Conn      // set by attach, under mu
 	rfr *http2.Framer // reader goroutine only
+	hd  hdecState     // reader goroutine only
 	log *slog.Logger
 
 	// Writer goroutine only.
@@ -259,7 +295,8 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 // reader and writer start.
 func (t *transport) attach(nc net.Conn) {
 	t.rfr = http2.NewFramer(nil, &contGuard{r: bufio.NewReaderSize(nc, 32<<10)})
-	t.rfr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	// ReadMetaHeaders stays nil: readFrame assembles header blocks.
+	t.hd.dec = hpack.NewDecoder(4096, t.hd.emit)
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
@@ -656,7 +693,7 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 // kept is released. Caller must hold mu.
 //
 // The replay is counted by the capacity of the buffers it holds, not by
-// the bytes in them: a pooled buffer is maxFrameSize whatever it carries,
+// the bytes in them: a pooled buffer is its full size whatever it carries,
 // and 10,000 one-byte DATA frames kept one buffer each would hold 160 MiB
 // against a 64 KiB budget. Small DATA is copied into the room left in the
 // replay's last buffer instead, so the replay stays about as large as the
@@ -681,6 +718,9 @@ func (t *transport) retainLocked(a *attempt, it *outItem, op *writeOp) {
 		a.keepReplay = false
 		t.releaseReplayLocked(a)
 		return
+	}
+	if a.replay == nil {
+		a.replay = a.replayInl[:0]
 	}
 	a.replay = append(a.replay, outItem{kind: it.kind, end: it.end, buf: it.buf, n: it.n, fields: it.fields, credited: it.n})
 	a.replayBytes += n

@@ -1,0 +1,228 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"golang.org/x/net/http/httpguts"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// headerBlock is a HEADERS frame with its CONTINUATION frames and its
+// decoded fields, as x/net's MetaHeadersFrame is. The transport assembles
+// it itself (Framer.ReadMetaHeaders is nil) so that decoding a block costs
+// one allocation, the fields slice the block hands on, instead of a
+// MetaHeadersFrame, its emit closure and the growth of its field slice.
+// The checks are x/net's readMetaFrame's, in the same order; the empty
+// CONTINUATION guard (contGuard) sits below the Framer as before.
+//
+// A headerBlock and its Fields are the transport's and valid until its
+// next readFrame: a caller that keeps fields copies them (keepFields).
+type headerBlock struct {
+	*http2.HeadersFrame
+	Fields    []hpack.HeaderField
+	Truncated bool
+}
+
+// PseudoFields returns the pseudo-header fields of the block, which
+// checkPseudos has placed before the regular ones.
+func (h *headerBlock) PseudoFields() []hpack.HeaderField {
+	for i, f := range h.Fields {
+		if !strings.HasPrefix(f.Name, ":") {
+			return h.Fields[:i]
+		}
+	}
+	return h.Fields
+}
+
+// hdecState is the reader's HPACK decoder and the state its emit function
+// works on while one block is decoded. Reader goroutine only.
+type hdecState struct {
+	dec            *hpack.Decoder
+	fields         []hpack.HeaderField // scratch, reused block after block
+	headersRemain  uint32
+	trailersRemain uint32
+	sawRegular     bool
+	truncated      bool
+	invalid        error
+	block          headerBlock
+}
+
+var errPseudoAfterRegular = errors.New("pseudo header field after regular")
+
+// emit is the decoder's emit function, set once per connection: the checks
+// and size accounting of x/net's readMetaFrame, appending to the scratch
+// slice.
+func (h *hdecState) emit(hf hpack.HeaderField) {
+	if !httpguts.ValidHeaderFieldValue(hf.Value) {
+		// The value may be sensitive: it is not in the error.
+		h.invalid = fmt.Errorf("invalid header field value for %q", hf.Name)
+	}
+	if strings.HasPrefix(hf.Name, ":") {
+		if h.sawRegular {
+			h.invalid = errPseudoAfterRegular
+		}
+	} else {
+		h.sawRegular = true
+		if !validWireHeaderFieldName(hf.Name) {
+			h.invalid = fmt.Errorf("invalid header field name %q", hf.Name)
+		}
+	}
+	if h.invalid != nil {
+		h.dec.SetEmitEnabled(false)
+		return
+	}
+	remain := &h.headersRemain
+	var size uint32
+	if hf.Name == "trailer" {
+		remain = &h.trailersRemain
+		n := strings.Count(hf.Value, ",") + 1
+		size = uint32(len(hf.Value)-n+1) + uint32(n)*hpack.HeaderField{}.Size()
+	} else {
+		size = hf.Size()
+	}
+	if size > *remain {
+		h.dec.SetEmitEnabled(false)
+		h.truncated = true
+		h.headersRemain, h.trailersRemain = 0, 0
+		return
+	}
+	*remain -= size
+	h.fields = append(h.fields, hf)
+}
+
+// validWireHeaderFieldName is x/net/http2's: a token, no upper case
+// (RFC 9113 §8.2.1).
+func validWireHeaderFieldName(v string) bool {
+	if len(v) == 0 {
+		return false
+	}
+	for _, r := range v {
+		if !httpguts.IsTokenRune(r) || 'A' <= r && r <= 'Z' {
+			return false
+		}
+	}
+	return true
+}
+
+// readFrame reads the next frame, assembling a HEADERS frame and its
+// CONTINUATION frames into a *headerBlock. Reader goroutine only.
+func (t *transport) readFrame() (http2.Frame, error) {
+	f, err := t.rfr.ReadFrame()
+	if err != nil {
+		return nil, err
+	}
+	if hf, ok := f.(*http2.HeadersFrame); ok {
+		return t.readHeaderBlock(hf)
+	}
+	return f, nil
+}
+
+type headersOrContinuation interface {
+	HeaderBlockFragment() []byte
+	HeadersEnded() bool
+}
+
+// readHeaderBlock decodes the block hf starts, as x/net's readMetaFrame
+// does: the Framer's checkFrameOrder guarantees that the frames that
+// follow until END_HEADERS are CONTINUATION frames of the same stream.
+func (t *transport) readHeaderBlock(hf *http2.HeadersFrame) (http2.Frame, error) {
+	h := &t.hd
+	limit := t.rfr.MaxHeaderListSize
+	if limit == 0 {
+		limit = 16 << 20 // x/net's default
+	}
+	maxString := int(limit)
+	if maxString < 0 {
+		maxString = 0
+	}
+	h.fields = h.fields[:0]
+	h.headersRemain, h.trailersRemain = limit, limit
+	h.sawRegular, h.truncated, h.invalid = false, false, nil
+	h.dec.SetEmitEnabled(true)
+	h.dec.SetMaxStringLength(maxString)
+	var hc headersOrContinuation = hf
+	for {
+		frag := hc.HeaderBlockFragment()
+		// Stop parsing a block far over the limit, and any CONTINUATION
+		// once over it (both budgets 0) or after an invalid field, whose
+		// size is no longer tracked: CVE-2023-45288, as x/net does.
+		if int64(len(frag)) > 2*int64(h.headersRemain+h.trailersRemain) {
+			return nil, http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if h.invalid != nil {
+			return nil, http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if _, err := h.dec.Write(frag); err != nil {
+			return nil, http2.ConnectionError(http2.ErrCodeCompression)
+		}
+		if hc.HeadersEnded() {
+			break
+		}
+		f, err := t.rfr.ReadFrame()
+		if err != nil {
+			return nil, err
+		}
+		cf, ok := f.(*http2.ContinuationFrame)
+		if !ok {
+			return nil, http2.ConnectionError(http2.ErrCodeProtocol) // checkFrameOrder rules this out
+		}
+		hc = cf
+	}
+	if err := h.dec.Close(); err != nil {
+		return nil, http2.ConnectionError(http2.ErrCodeCompression)
+	}
+	if h.invalid != nil {
+		return nil, http2.StreamError{StreamID: hf.StreamID, Code: http2.ErrCodeProtocol, Cause: h.invalid}
+	}
+	if err := checkPseudos(h.fields); err != nil {
+		return nil, http2.StreamError{StreamID: hf.StreamID, Code: http2.ErrCodeProtocol, Cause: err}
+	}
+	h.block = headerBlock{HeadersFrame: hf, Fields: h.fields, Truncated: h.truncated}
+	return &h.block, nil
+}
+
+// keepFields copies fields into the unused room of *room, which it
+// shrinks by as much, or into a new slice when they do not fit. It is how a
+// header block outlives the reader's next frame without an allocation of
+// its own: streams and attempts carry room for the blocks of a typical
+// call.
+func keepFields(room *[]hpack.HeaderField, fields []hpack.HeaderField) []hpack.HeaderField {
+	if len(fields) > len(*room) {
+		return slices.Clone(fields)
+	}
+	n := copy(*room, fields)
+	out := (*room)[:n:n]
+	*room = (*room)[n:]
+	return out
+}
+
+// checkPseudos is x/net's MetaHeadersFrame.checkPseudos: known
+// pseudo-headers only, no duplicates, not both request and response ones
+// (RFC 9113 §8.3). emit already put them all first.
+func checkPseudos(fields []hpack.HeaderField) error {
+	var isRequest, isResponse bool
+	pf := (&headerBlock{Fields: fields}).PseudoFields()
+	for i, hf := range pf {
+		switch hf.Name {
+		case ":method", ":path", ":scheme", ":authority", ":protocol":
+			isRequest = true
+		case ":status":
+			isResponse = true
+		default:
+			return fmt.Errorf("invalid pseudo-header %q", hf.Name)
+		}
+		for _, hf2 := range pf[:i] {
+			if hf.Name == hf2.Name {
+				return fmt.Errorf("duplicate pseudo-header %q", hf.Name)
+			}
+		}
+	}
+	if isRequest && isResponse {
+		return errors.New("mix of request and response pseudo headers")
+	}
+	return nil
+}
