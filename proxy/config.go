@@ -30,6 +30,8 @@ const (
 	DefaultMaxHeaderFields       = 100
 	DefaultIdleTimeout           = 5 * time.Minute
 	DefaultWriteTimeout          = 20 * time.Second
+	DefaultShutdownPingTimeout   = time.Second
+	DefaultShutdownLinger        = time.Second
 )
 
 const (
@@ -112,6 +114,20 @@ type Config struct {
 	// loses the connection, and its calls fail. Zero means
 	// DefaultWriteTimeout, negative no bound.
 	WriteTimeout time.Duration
+
+	// ShutdownPingTimeout bounds the first step of a client connection's
+	// graceful shutdown (Server.Shutdown, IdleTimeout): after GOAWAY with
+	// stream id 2^31-1 and a PING, the proxy waits for the PING's ack, or
+	// this long, before it sends GOAWAY with the real last stream id;
+	// streams the client opened in between are served (RFC 9113 §6.8).
+	// Zero means DefaultShutdownPingTimeout.
+	ShutdownPingTimeout time.Duration
+
+	// ShutdownLinger is how long a drained client connection, its final
+	// GOAWAY written, waits for the client to close before the proxy
+	// closes it, so the GOAWAY is not lost to a TCP reset. Zero means
+	// DefaultShutdownLinger, negative none.
+	ShutdownLinger time.Duration
 
 	// DrainTimeout bounds how long connections to a backend that left the
 	// set (see Server.RetainBackends) may keep serving the streams they
@@ -246,6 +262,15 @@ func (c *Config) setDefaults() error {
 		c.WriteTimeout = DefaultWriteTimeout
 	case c.WriteTimeout < 0:
 		c.WriteTimeout = 0
+	}
+	if c.ShutdownPingTimeout <= 0 {
+		c.ShutdownPingTimeout = DefaultShutdownPingTimeout
+	}
+	switch {
+	case c.ShutdownLinger == 0:
+		c.ShutdownLinger = DefaultShutdownLinger
+	case c.ShutdownLinger < 0:
+		c.ShutdownLinger = 0
 	}
 	if c.MaxEarlyResets == 0 {
 		c.MaxEarlyResets = DefaultMaxEarlyResets

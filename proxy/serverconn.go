@@ -25,16 +25,36 @@ type serverConn struct {
 	// mu (in transport) guards the fields below.
 	streams   map[uint32]*stream // open client streams by client stream id
 	lastID    uint32             // highest client stream id seen
-	goingAway bool               // GOAWAY sent: no new streams
-	fatal     bool               // connection error: writer exits after flushing
-	calm      calmMeter          // early resets and glitches (calm.go)
-	idleSince time.Time          // when the last stream closed; see idleCheck
+	goingAway bool               // final GOAWAY sent: no new streams
+	// drainPhase is where the two-step graceful shutdown stands (RFC 9113
+	// §6.8): drainNone, drainPinged (GOAWAY with 2^31-1 and a PING sent;
+	// streams still accepted), drainFinal (GOAWAY with the real last id).
+	drainPhase   uint8
+	goAwaySent   bool      // a GOAWAY was queued; goAwayID is its last-stream-id
+	goAwayID     uint32    // never increases (§6.8)
+	handshook    bool      // our SETTINGS is queued: other frames may follow
+	drainPending bool      // shutdown asked for before handshook
+	fatal        bool      // connection error: writer exits after flushing
+	calm         calmMeter // early resets and glitches (calm.go)
+	idleSince    time.Time // when the last stream closed; see idleCheck
 
-	idleTimer *time.Timer // Config.IdleTimeout; nil when off. Set before the goroutines start.
+	idleTimer  *time.Timer   // Config.IdleTimeout; nil when off. Set before the goroutines start.
+	drainTimer *time.Timer   // ends the PING wait of a graceful shutdown; guarded by mu
+	readerDone chan struct{} // closed when readLoop returned; ends the linger
 }
 
+const (
+	drainNone uint8 = iota
+	drainPinged
+	drainFinal
+)
+
+// drainPing is the payload of the PING sent with the first GOAWAY of a
+// graceful shutdown; its ack ends the first step.
+var drainPing = [8]byte{'s', 't', 'r', 'm', 'l', 'b', 'g', 'a'}
+
 func newServerConn(srv *Server, nc net.Conn) *serverConn {
-	c := &serverConn{srv: srv, remote: nc.RemoteAddr(), streams: make(map[uint32]*stream)}
+	c := &serverConn{srv: srv, remote: nc.RemoteAddr(), streams: make(map[uint32]*stream), readerDone: make(chan struct{})}
 	cfg := &srv.cfg
 	c.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
 	c.writeTimeout = cfg.WriteTimeout
@@ -47,6 +67,7 @@ func newServerConn(srv *Server, nc net.Conn) *serverConn {
 // has exited, and every stream has been failed or finished, when it returns.
 func (c *serverConn) serve() {
 	defer c.cancel()
+	defer c.stopDrainTimer()
 	if err := c.handshake(); err != nil {
 		c.log.Debug("connection rejected", "remote", c.nc.RemoteAddr().String(), "err", err)
 		c.nc.Close()
@@ -65,9 +86,14 @@ func (c *serverConn) serve() {
 		// Whether it failed or drained (after GOAWAY, or a connection
 		// error's GOAWAY), the connection is done: closing it also ends
 		// the reader, which a client that keeps it open would not.
-		c.close(c.writeLoop(c))
+		err := c.writeLoop(c)
+		if err == nil {
+			c.linger()
+		}
+		c.close(err)
 	}()
 	err := c.readLoop()
+	close(c.readerDone)
 	c.mu.Lock()
 	fatal := c.fatal
 	c.mu.Unlock()
@@ -93,7 +119,7 @@ func (c *serverConn) serve() {
 func (c *serverConn) idleCheck() {
 	d := c.srv.cfg.IdleTimeout
 	c.mu.Lock()
-	if c.closed || c.goingAway {
+	if c.closed || c.goingAway || c.drainPhase != drainNone {
 		c.mu.Unlock()
 		return
 	}
@@ -158,7 +184,12 @@ func (c *serverConn) handshake() error {
 		c.queueCtrlLocked(writeOp{kind: opWindowUpdate, val: uint32(inc)})
 		c.recvWindow += inc
 	}
+	c.handshook = true
+	pending := c.drainPending
 	c.mu.Unlock()
+	if pending {
+		c.shutdown()
+	}
 	return nil
 }
 
@@ -258,7 +289,7 @@ func (c *serverConn) goAwayFatal(code http2.ErrCode, detail error) {
 	if detail != nil {
 		debug = []byte(detail.Error())
 	}
-	c.queueCtrlLocked(writeOp{kind: opGoAway, val: c.lastID, code: code, debug: debug})
+	c.queueGoAwayLocked(c.lastID, code, debug)
 	c.fatal = true
 	c.goingAway = true
 	c.drainAndClose = true
@@ -305,6 +336,9 @@ func (c *serverConn) handleFrame(f http2.Frame) error {
 		}
 		return c.handleWindowUpdateLocked(q, f)
 	case *http2.PingFrame:
+		if f.IsAck() && f.Data == drainPing {
+			c.finishDrain()
+		}
 		if !f.IsAck() {
 			c.mu.Lock()
 			// As grpc-go's server counts ping strikes: a PING after we
@@ -742,17 +776,95 @@ func (c *serverConn) idleLocked() bool {
 	return c.fatal || (c.goingAway && len(c.streams) == 0)
 }
 
-// shutdown starts a graceful close: GOAWAY with the last stream id, then
-// the connection closes when its streams are done (RFC 9113 §6.8).
+// shutdown starts a graceful close in two steps (RFC 9113 §6.8): a GOAWAY
+// with the largest stream id, so the client opens nothing new, and a PING;
+// once the PING is acknowledged, or after Config.ShutdownPingTimeout, the
+// streams the client opened meanwhile are in, and finishDrain sends the
+// real last stream id. The connection closes when its streams are done.
+// Safe to call more than once and from any goroutine; it does not block.
 func (c *serverConn) shutdown() {
 	c.mu.Lock()
+	if !c.handshook {
+		// Our SETTINGS must be the first frame we send (§3.4): the
+		// handshake starts the shutdown once it queued it.
+		c.drainPending = true
+		c.mu.Unlock()
+		return
+	}
+	if c.drainPhase != drainNone || c.goingAway {
+		c.mu.Unlock()
+		return
+	}
+	c.drainPhase = drainPinged
+	c.queueGoAwayLocked(1<<31-1, http2.ErrCodeNo, nil)
+	c.queueCtrlLocked(writeOp{kind: opPing, ping: drainPing})
+	c.drainTimer = time.AfterFunc(c.srv.cfg.ShutdownPingTimeout, c.finishDrain)
+	c.mu.Unlock()
+	c.signal()
+}
+
+// finishDrain is the second step of shutdown: GOAWAY with the highest
+// stream id the connection took, after which streams above it are
+// ignored, and the connection closes once its streams are done. It runs
+// on the PING ack or on the drain timer, whichever is first.
+func (c *serverConn) finishDrain() {
+	c.mu.Lock()
+	if c.drainPhase != drainPinged {
+		c.mu.Unlock()
+		return
+	}
+	c.drainPhase = drainFinal
 	if !c.goingAway {
 		c.goingAway = true
-		c.queueCtrlLocked(writeOp{kind: opGoAway, val: c.lastID, code: http2.ErrCodeNo})
+		c.queueGoAwayLocked(c.lastID, http2.ErrCodeNo, nil)
 	}
 	c.drainAndClose = true
 	c.mu.Unlock()
 	c.signal()
+}
+
+// queueGoAwayLocked queues a GOAWAY whose last-stream-id is id, or that of
+// the GOAWAY sent before if lower: it never increases (RFC 9113 §6.8).
+// Caller must hold mu.
+func (c *serverConn) queueGoAwayLocked(id uint32, code http2.ErrCode, debug []byte) {
+	if c.goAwaySent && id > c.goAwayID {
+		id = c.goAwayID
+	}
+	c.goAwaySent = true
+	c.goAwayID = id
+	c.queueCtrlLocked(writeOp{kind: opGoAway, val: id, code: code, debug: debug})
+}
+
+func (c *serverConn) stopDrainTimer() {
+	c.mu.Lock()
+	if c.drainTimer != nil {
+		c.drainTimer.Stop()
+	}
+	c.mu.Unlock()
+}
+
+// linger runs after the writer flushed the final GOAWAY: it half-closes
+// the socket and waits, at most Config.ShutdownLinger, for the client to
+// close its side, so that frames it sent meanwhile do not make our kernel
+// answer with a TCP RST that could destroy the GOAWAY in flight (as
+// x/net/http2's goAwayTimeout does).
+func (c *serverConn) linger() {
+	d := c.srv.cfg.ShutdownLinger
+	c.mu.Lock()
+	closed := c.closed
+	c.mu.Unlock()
+	if closed || d <= 0 {
+		return
+	}
+	if cw, ok := c.nc.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-c.readerDone:
+	case <-t.C:
+	}
 }
 
 // cleanup fails every stream left when the connection ended: the backend
