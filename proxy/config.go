@@ -32,6 +32,7 @@ const (
 	DefaultWriteTimeout          = 20 * time.Second
 	DefaultShutdownPingTimeout   = time.Second
 	DefaultShutdownLinger        = time.Second
+	DefaultRequestIdleTimeout    = 5 * time.Minute
 )
 
 const (
@@ -108,6 +109,17 @@ type Config struct {
 	// before it is shut down gracefully (GOAWAY, then close). Zero means
 	// DefaultIdleTimeout, negative never.
 	IdleTimeout time.Duration
+
+	// RequestIdleTimeout bounds how long a client stream whose request is
+	// not complete (no END_STREAM yet) may go with no DATA from the client
+	// and no response frame toward it: past it the call ends with
+	// DEADLINE_EXCEEDED, the stream is reset (NO_ERROR) and the backend
+	// stream cancelled, so a client cannot hold streams (and the backend's
+	// handlers) by never finishing its requests. Checked on a sweep every
+	// quarter of it, so a stream may live up to a quarter longer. Calls
+	// whose request is complete are bounded by their grpc-timeout only.
+	// Zero means DefaultRequestIdleTimeout, negative none.
+	RequestIdleTimeout time.Duration
 
 	// WriteTimeout bounds every write to a client connection: a client
 	// that does not read for that long while the proxy has bytes for it
@@ -262,6 +274,12 @@ func (c *Config) setDefaults() error {
 		c.WriteTimeout = DefaultWriteTimeout
 	case c.WriteTimeout < 0:
 		c.WriteTimeout = 0
+	}
+	switch {
+	case c.RequestIdleTimeout == 0:
+		c.RequestIdleTimeout = DefaultRequestIdleTimeout
+	case c.RequestIdleTimeout < 0:
+		c.RequestIdleTimeout = 0
 	}
 	if c.ShutdownPingTimeout <= 0 {
 		c.ShutdownPingTimeout = DefaultShutdownPingTimeout

@@ -40,6 +40,7 @@ type serverConn struct {
 
 	idleTimer  *time.Timer   // Config.IdleTimeout; nil when off. Set before the goroutines start.
 	drainTimer *time.Timer   // ends the PING wait of a graceful shutdown; guarded by mu
+	sweepTimer *time.Timer   // Config.RequestIdleTimeout sweeps; nil when off. Set before the goroutines start.
 	readerDone chan struct{} // closed when readLoop returned; ends the linger
 }
 
@@ -79,6 +80,10 @@ func (c *serverConn) serve() {
 		c.mu.Unlock()
 		c.idleTimer = time.AfterFunc(d, c.idleCheck)
 		defer c.idleTimer.Stop()
+	}
+	if d := c.srv.cfg.RequestIdleTimeout; d > 0 {
+		c.sweepTimer = time.AfterFunc(d/4, c.sweepRequestIdle)
+		defer c.sweepTimer.Stop()
 	}
 	writerDone := make(chan struct{})
 	go func() {
@@ -434,6 +439,7 @@ func (c *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	s.down = sendQueue{s: s, id: id, window: c.peerInitWin}
 	s.upRecv = recvState{id: id, window: c.streamWindow}
 	s.cRecvEnd = end
+	s.active = true
 	c.streams[id] = s
 	c.streamOpenedLocked()
 	c.mu.Unlock()
@@ -528,6 +534,7 @@ func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) 
 	}
 	if !s.cRecvEnd {
 		s.rstQueued = true
+		s.rstCode = http2.ErrCodeNo
 		s.down.items = append(s.down.items, outItem{kind: itemReset, code: http2.ErrCodeNo})
 	}
 	s.down.closed = true
@@ -563,6 +570,50 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 	c.mu.Unlock()
 	c.signal()
 	if a != nil {
+		a.bc.resetUp(a, http2.ErrCodeCancel)
+	}
+}
+
+// sweepRequestIdle runs on the sweep timer, every quarter of
+// Config.RequestIdleTimeout: a stream whose request is not complete and on
+// which no frame moved either way for four sweeps in a row ends with
+// DEADLINE_EXCEEDED, and its backend stream is cancelled. One timer per
+// connection, not per stream, keeps the cost off the per-frame path: a
+// frame only sets a flag.
+func (c *serverConn) sweepRequestIdle() {
+	d := c.srv.cfg.RequestIdleTimeout
+	var cut []*attempt
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	for _, s := range c.streams {
+		if s.cRecvEnd || s.down.closed {
+			continue
+		}
+		if s.active {
+			s.active = false
+			s.idleSweeps = 0
+			continue
+		}
+		if s.idleSweeps++; s.idleSweeps < 4 {
+			continue
+		}
+		c.failLocked(s, failure{kind: failRequestIdle, limit: d.Milliseconds()})
+		if s.att != nil {
+			cut = append(cut, s.att)
+		}
+	}
+	// Under mu, which close takes: serve's Stop after close cannot be
+	// undone by this Reset.
+	c.sweepTimer.Reset(d / 4)
+	c.mu.Unlock()
+	if len(cut) > 0 {
+		c.log.Debug("request idle: streams ended", "remote", c.remote.String(), "streams", len(cut), "duration", d)
+	}
+	c.signal()
+	for _, a := range cut {
 		a.bc.resetUp(a, http2.ErrCodeCancel)
 	}
 }
@@ -606,6 +657,7 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 	}
 	c.creditLocked(r, n-int32(len(data))) // padding is never relayed
 	s.bytesIn += int64(len(data))
+	s.active = true
 	if len(data) == 0 && !end {
 		// Says nothing, and would cost a queue entry per frame toward
 		// the backend: not relayed, and a glitch.
@@ -680,6 +732,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 		c.mu.Unlock()
 		return false
 	}
+	s.active = true
 	if it.kind == itemData {
 		s.down.pushData(data, it.end)
 		s.bytesOut += int64(len(data))
@@ -716,6 +769,7 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		// in half-closed (local). Queued after the response, and once.
 		if !s.cRecvEnd && !s.rstQueued {
 			s.rstQueued = true
+			s.rstCode = code
 			s.down.items = append(s.down.items, outItem{kind: itemReset, code: code})
 			c.markReadyLocked(&s.down)
 		}
@@ -765,6 +819,14 @@ func (c *serverConn) openLocked(batch []writeOp) []writeOp { return batch }
 // sentLastLocked implements role.
 func (c *serverConn) sentLastLocked(q *sendQueue, reset bool) {
 	s := q.s
+	if !reset && s.rstQueued && !s.cRecvEnd {
+		// The RST_STREAM queued behind the response's last frame went
+		// with the queue when that frame was taken: send it now, after
+		// that frame, or the stream stays open until the client ends its
+		// side, which it may never do (RFC 9113 §8.1).
+		c.queueCtrlLocked(writeOp{kind: opReset, streamID: q.id, code: s.rstCode})
+		reset = true
+	}
 	s.cSentEnd = true
 	if reset || s.cRecvEnd {
 		c.closeSideLocked(s)
