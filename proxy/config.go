@@ -33,6 +33,7 @@ const (
 	DefaultShutdownPingTimeout   = time.Second
 	DefaultShutdownLinger        = time.Second
 	DefaultRequestIdleTimeout    = 5 * time.Minute
+	DefaultMaxConnBufferedBytes  = 16 << 20
 )
 
 const (
@@ -59,6 +60,16 @@ type Config struct {
 
 	// ConnWindow is the connection-level window granted to each peer.
 	ConnWindow int32
+
+	// MaxConnBufferedBytes bounds the request DATA bytes a client
+	// connection may have in the proxy, received and not yet handed on to
+	// backends, over all its streams (each stream is also bounded by
+	// StreamWindow). Past it the proxy withholds the connection-level
+	// WINDOW_UPDATE, so the client stops sending, until the backends have
+	// taken half of it; at most ConnWindow more can arrive meanwhile.
+	// Zero means DefaultMaxConnBufferedBytes, negative no bound. Retry
+	// replay buffers are bounded per attempt by RetryBufferSize instead.
+	MaxConnBufferedBytes int64
 
 	// MaxHeaderListSize bounds the decoded size of a header block
 	// (SETTINGS_MAX_HEADER_LIST_SIZE).
@@ -235,6 +246,12 @@ func (c *Config) setDefaults() error {
 	}
 	if c.ConnWindow < minWindow {
 		return fmt.Errorf("proxy: ConnWindow %d is below the HTTP/2 default of %d", c.ConnWindow, minWindow)
+	}
+	switch {
+	case c.MaxConnBufferedBytes == 0:
+		c.MaxConnBufferedBytes = DefaultMaxConnBufferedBytes
+	case c.MaxConnBufferedBytes < 0:
+		c.MaxConnBufferedBytes = 0
 	}
 	if c.MaxHeaderListSize == 0 {
 		c.MaxHeaderListSize = DefaultMaxHeaderListSize

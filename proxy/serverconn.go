@@ -59,6 +59,7 @@ func newServerConn(srv *Server, nc net.Conn) *serverConn {
 	cfg := &srv.cfg
 	c.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
 	c.writeTimeout = cfg.WriteTimeout
+	c.heldBudget = cfg.MaxConnBufferedBytes
 	c.attach(nc)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
@@ -810,6 +811,7 @@ func (c *serverConn) closeSideLocked(s *stream) {
 	s.down.drop(&c.transport)
 	s.down.closed = true
 	s.upRecv.done = true
+	c.releaseHeldLocked(&s.upRecv)
 	s.sideClosed()
 }
 
