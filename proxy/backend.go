@@ -580,6 +580,7 @@ func (b *backendConn) unlinkLocked(a *attempt) {
 	a.bClosed = true
 	a.up.detached = true
 	a.downRecv.done = true
+	b.releaseHeldLocked(&a.downRecv)
 	if a.up.id != 0 {
 		delete(b.streams, a.up.id)
 	}

@@ -32,6 +32,10 @@ const (
 	DefaultMaxHeaderFields       = 100
 	DefaultIdleTimeout           = 5 * time.Minute
 	DefaultWriteTimeout          = 20 * time.Second
+	DefaultShutdownPingTimeout   = time.Second
+	DefaultShutdownLinger        = time.Second
+	DefaultRequestIdleTimeout    = 5 * time.Minute
+	DefaultMaxConnBufferedBytes  = 16 << 20
 )
 
 const (
@@ -58,6 +62,16 @@ type Config struct {
 
 	// ConnWindow is the connection-level window granted to each peer.
 	ConnWindow int32
+
+	// MaxConnBufferedBytes bounds the request DATA bytes a client
+	// connection may have in the proxy, received and not yet handed on to
+	// backends, over all its streams (each stream is also bounded by
+	// StreamWindow). Past it the proxy withholds the connection-level
+	// WINDOW_UPDATE, so the client stops sending, until the backends have
+	// taken half of it; at most ConnWindow more can arrive meanwhile.
+	// Zero means DefaultMaxConnBufferedBytes, negative no bound. Retry
+	// replay buffers are bounded per attempt by RetryBufferSize instead.
+	MaxConnBufferedBytes int64
 
 	// MaxHeaderListSize bounds the decoded size of a header block
 	// (SETTINGS_MAX_HEADER_LIST_SIZE).
@@ -109,11 +123,36 @@ type Config struct {
 	// DefaultIdleTimeout, negative never.
 	IdleTimeout time.Duration
 
+	// RequestIdleTimeout bounds how long a client stream whose request is
+	// not complete (no END_STREAM yet) may go with no DATA from the client
+	// and no response frame toward it: past it the call ends with
+	// DEADLINE_EXCEEDED, the stream is reset (NO_ERROR) and the backend
+	// stream cancelled, so a client cannot hold streams (and the backend's
+	// handlers) by never finishing its requests. Checked on a sweep every
+	// quarter of it, so a stream may live up to a quarter longer. Calls
+	// whose request is complete are bounded by their grpc-timeout only.
+	// Zero means DefaultRequestIdleTimeout, negative none.
+	RequestIdleTimeout time.Duration
+
 	// WriteTimeout bounds every write to a client connection: a client
 	// that does not read for that long while the proxy has bytes for it
 	// loses the connection, and its calls fail. Zero means
 	// DefaultWriteTimeout, negative no bound.
 	WriteTimeout time.Duration
+
+	// ShutdownPingTimeout bounds the first step of a client connection's
+	// graceful shutdown (Server.Shutdown, IdleTimeout): after GOAWAY with
+	// stream id 2^31-1 and a PING, the proxy waits for the PING's ack, or
+	// this long, before it sends GOAWAY with the real last stream id;
+	// streams the client opened in between are served (RFC 9113 §6.8).
+	// Zero means DefaultShutdownPingTimeout.
+	ShutdownPingTimeout time.Duration
+
+	// ShutdownLinger is how long a drained client connection, its final
+	// GOAWAY written, waits for the client to close before the proxy
+	// closes it, so the GOAWAY is not lost to a TCP reset. Zero means
+	// DefaultShutdownLinger, negative none.
+	ShutdownLinger time.Duration
 
 	// DrainTimeout bounds how long connections to a backend that left the
 	// set (see Server.RetainBackends) may keep serving the streams they
@@ -221,6 +260,12 @@ func (c *Config) setDefaults() error {
 	if c.ConnWindow < minWindow {
 		return fmt.Errorf("proxy: ConnWindow %d is below the HTTP/2 default of %d", c.ConnWindow, minWindow)
 	}
+	switch {
+	case c.MaxConnBufferedBytes == 0:
+		c.MaxConnBufferedBytes = DefaultMaxConnBufferedBytes
+	case c.MaxConnBufferedBytes < 0:
+		c.MaxConnBufferedBytes = 0
+	}
 	if c.MaxHeaderListSize == 0 {
 		c.MaxHeaderListSize = DefaultMaxHeaderListSize
 	}
@@ -259,6 +304,21 @@ func (c *Config) setDefaults() error {
 		c.WriteTimeout = DefaultWriteTimeout
 	case c.WriteTimeout < 0:
 		c.WriteTimeout = 0
+	}
+	switch {
+	case c.RequestIdleTimeout == 0:
+		c.RequestIdleTimeout = DefaultRequestIdleTimeout
+	case c.RequestIdleTimeout < 0:
+		c.RequestIdleTimeout = 0
+	}
+	if c.ShutdownPingTimeout <= 0 {
+		c.ShutdownPingTimeout = DefaultShutdownPingTimeout
+	}
+	switch {
+	case c.ShutdownLinger == 0:
+		c.ShutdownLinger = DefaultShutdownLinger
+	case c.ShutdownLinger < 0:
+		c.ShutdownLinger = 0
 	}
 	if c.MaxEarlyResets == 0 {
 		c.MaxEarlyResets = DefaultMaxEarlyResets

@@ -10,3 +10,17 @@ func (s *Server) ClientConns() int {
 	defer s.mu.Unlock()
 	return len(s.conns)
 }
+
+// MaxHeldBytes reports the largest count of request bytes held by any of
+// its client connections now, for tests.
+func (s *Server) MaxHeldBytes() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var m int64
+	for c := range s.conns {
+		c.mu.Lock()
+		m = max(m, c.held)
+		c.mu.Unlock()
+	}
+	return m
+}

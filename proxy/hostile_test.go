@@ -91,8 +91,8 @@ func (g *goodClient) check(t *testing.T) {
 	t.Logf("good client: %d calls, %d errors", g.calls.Load(), g.errs.Load())
 }
 
-// awaitGoAway reads until the connection ends and returns the GOAWAY seen,
-// or nil if it closed without one.
+// awaitGoAway reads until the connection ends and returns the last GOAWAY
+// seen (a graceful shutdown sends two), or nil if it closed without one.
 func (r *rawConn) awaitGoAway() *http2.GoAwayFrame {
 	r.t.Helper()
 	var g *http2.GoAwayFrame
@@ -105,7 +105,7 @@ func (r *rawConn) awaitGoAway() *http2.GoAwayFrame {
 			}
 			return g
 		}
-		if ga, ok := f.(*http2.GoAwayFrame); ok && g == nil {
+		if ga, ok := f.(*http2.GoAwayFrame); ok {
 			g = &http2.GoAwayFrame{FrameHeader: ga.FrameHeader, LastStreamID: ga.LastStreamID, ErrCode: ga.ErrCode}
 		}
 	}

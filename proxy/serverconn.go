@@ -25,19 +25,41 @@ type serverConn struct {
 	// mu (in transport) guards the fields below.
 	streams   map[uint32]*stream // open client streams by client stream id
 	lastID    uint32             // highest client stream id seen
-	goingAway bool               // GOAWAY sent: no new streams
-	fatal     bool               // connection error: writer exits after flushing
-	calm      calmMeter          // early resets and glitches (calm.go)
-	idleSince time.Time          // when the last stream closed; see idleCheck
+	goingAway bool               // final GOAWAY sent: no new streams
+	// drainPhase is where the two-step graceful shutdown stands (RFC 9113
+	// §6.8): drainNone, drainPinged (GOAWAY with 2^31-1 and a PING sent;
+	// streams still accepted), drainFinal (GOAWAY with the real last id).
+	drainPhase   uint8
+	goAwaySent   bool      // a GOAWAY was queued; goAwayID is its last-stream-id
+	goAwayID     uint32    // never increases (§6.8)
+	handshook    bool      // our SETTINGS is queued: other frames may follow
+	drainPending bool      // shutdown asked for before handshook
+	fatal        bool      // connection error: writer exits after flushing
+	calm         calmMeter // early resets and glitches (calm.go)
+	idleSince    time.Time // when the last stream closed; see idleCheck
 
-	idleTimer *time.Timer // Config.IdleTimeout; nil when off. Set before the goroutines start.
+	idleTimer  *time.Timer   // Config.IdleTimeout; nil when off. Set before the goroutines start.
+	drainTimer *time.Timer   // ends the PING wait of a graceful shutdown; guarded by mu
+	sweepTimer *time.Timer   // Config.RequestIdleTimeout sweeps; nil when off. Set before the goroutines start.
+	readerDone chan struct{} // closed when readLoop returned; ends the linger
 }
 
+const (
+	drainNone uint8 = iota
+	drainPinged
+	drainFinal
+)
+
+// drainPing is the payload of the PING sent with the first GOAWAY of a
+// graceful shutdown; its ack ends the first step.
+var drainPing = [8]byte{'s', 't', 'r', 'm', 'l', 'b', 'g', 'a'}
+
 func newServerConn(srv *Server, nc net.Conn) *serverConn {
-	c := &serverConn{srv: srv, remote: nc.RemoteAddr(), streams: make(map[uint32]*stream)}
+	c := &serverConn{srv: srv, remote: nc.RemoteAddr(), streams: make(map[uint32]*stream), readerDone: make(chan struct{})}
 	cfg := &srv.cfg
 	c.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
 	c.writeTimeout = cfg.WriteTimeout
+	c.heldBudget = cfg.MaxConnBufferedBytes
 	c.attach(nc)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
@@ -47,6 +69,7 @@ func newServerConn(srv *Server, nc net.Conn) *serverConn {
 // has exited, and every stream has been failed or finished, when it returns.
 func (c *serverConn) serve() {
 	defer c.cancel()
+	defer c.stopDrainTimer()
 	if err := c.handshake(); err != nil {
 		c.log.Debug("connection rejected", "remote", c.nc.RemoteAddr().String(), "err", err)
 		c.nc.Close()
@@ -59,15 +82,24 @@ func (c *serverConn) serve() {
 		c.idleTimer = time.AfterFunc(d, c.idleCheck)
 		defer c.idleTimer.Stop()
 	}
+	if d := c.srv.cfg.RequestIdleTimeout; d > 0 {
+		c.sweepTimer = time.AfterFunc(d/4, c.sweepRequestIdle)
+		defer c.sweepTimer.Stop()
+	}
 	writerDone := make(chan struct{})
 	go func() {
 		defer close(writerDone)
 		// Whether it failed or drained (after GOAWAY, or a connection
 		// error's GOAWAY), the connection is done: closing it also ends
 		// the reader, which a client that keeps it open would not.
-		c.close(c.writeLoop(c))
+		err := c.writeLoop(c)
+		if err == nil {
+			c.linger()
+		}
+		c.close(err)
 	}()
 	err := c.readLoop()
+	close(c.readerDone)
 	c.mu.Lock()
 	fatal := c.fatal
 	c.mu.Unlock()
@@ -93,7 +125,7 @@ func (c *serverConn) serve() {
 func (c *serverConn) idleCheck() {
 	d := c.srv.cfg.IdleTimeout
 	c.mu.Lock()
-	if c.closed || c.goingAway {
+	if c.closed || c.goingAway || c.drainPhase != drainNone {
 		c.mu.Unlock()
 		return
 	}
@@ -158,7 +190,12 @@ func (c *serverConn) handshake() error {
 		c.queueCtrlLocked(writeOp{kind: opWindowUpdate, val: uint32(inc)})
 		c.recvWindow += inc
 	}
+	c.handshook = true
+	pending := c.drainPending
 	c.mu.Unlock()
+	if pending {
+		c.shutdown()
+	}
 	return nil
 }
 
@@ -258,7 +295,7 @@ func (c *serverConn) goAwayFatal(code http2.ErrCode, detail error) {
 	if detail != nil {
 		debug = []byte(detail.Error())
 	}
-	c.queueCtrlLocked(writeOp{kind: opGoAway, val: c.lastID, code: code, debug: debug})
+	c.queueGoAwayLocked(c.lastID, code, debug)
 	c.fatal = true
 	c.goingAway = true
 	c.drainAndClose = true
@@ -305,6 +342,9 @@ func (c *serverConn) handleFrame(f http2.Frame) error {
 		}
 		return c.handleWindowUpdateLocked(q, f)
 	case *http2.PingFrame:
+		if f.IsAck() && f.Data == drainPing {
+			c.finishDrain()
+		}
 		if !f.IsAck() {
 			c.mu.Lock()
 			// As grpc-go's server counts ping strikes: a PING after we
@@ -400,6 +440,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	s.down = sendQueue{s: s, id: id, window: c.peerInitWin}
 	s.upRecv = recvState{id: id, window: c.streamWindow}
 	s.cRecvEnd = end
+	s.active = true
 	c.streams[id] = s
 	c.streamOpenedLocked()
 	c.mu.Unlock()
@@ -495,6 +536,7 @@ func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) 
 	}
 	if !s.cRecvEnd {
 		s.rstQueued = true
+		s.rstCode = http2.ErrCodeNo
 		s.down.push(outItem{kind: itemReset, code: http2.ErrCodeNo})
 	}
 	s.down.closed = true
@@ -530,6 +572,50 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 	c.mu.Unlock()
 	c.signal()
 	if a != nil {
+		a.bc.resetUp(a, http2.ErrCodeCancel)
+	}
+}
+
+// sweepRequestIdle runs on the sweep timer, every quarter of
+// Config.RequestIdleTimeout: a stream whose request is not complete and on
+// which no frame moved either way for four sweeps in a row ends with
+// DEADLINE_EXCEEDED, and its backend stream is cancelled. One timer per
+// connection, not per stream, keeps the cost off the per-frame path: a
+// frame only sets a flag.
+func (c *serverConn) sweepRequestIdle() {
+	d := c.srv.cfg.RequestIdleTimeout
+	var cut []*attempt
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	for _, s := range c.streams {
+		if s.cRecvEnd || s.down.closed {
+			continue
+		}
+		if s.active {
+			s.active = false
+			s.idleSweeps = 0
+			continue
+		}
+		if s.idleSweeps++; s.idleSweeps < 4 {
+			continue
+		}
+		c.failLocked(s, failure{kind: failRequestIdle, limit: d.Milliseconds()})
+		if s.att != nil {
+			cut = append(cut, s.att)
+		}
+	}
+	// Under mu, which close takes: serve's Stop after close cannot be
+	// undone by this Reset.
+	c.sweepTimer.Reset(d / 4)
+	c.mu.Unlock()
+	if len(cut) > 0 {
+		c.log.Debug("request idle: streams ended", "remote", c.remote.String(), "streams", len(cut), "duration", d)
+	}
+	c.signal()
+	for _, a := range cut {
 		a.bc.resetUp(a, http2.ErrCodeCancel)
 	}
 }
@@ -573,6 +659,7 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 	}
 	c.creditLocked(r, n-int32(len(data))) // padding is never relayed
 	s.bytesIn += int64(len(data))
+	s.active = true
 	if len(data) == 0 && !end {
 		// Says nothing, and would cost a queue entry per frame toward
 		// the backend: not relayed, and a glitch.
@@ -647,6 +734,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 		c.mu.Unlock()
 		return false
 	}
+	s.active = true
 	if it.kind == itemData {
 		s.down.pushData(data, it.end)
 		s.bytesOut += int64(len(data))
@@ -683,6 +771,7 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		// in half-closed (local). Queued after the response, and once.
 		if !s.cRecvEnd && !s.rstQueued {
 			s.rstQueued = true
+			s.rstCode = code
 			s.down.push(outItem{kind: itemReset, code: code})
 			c.markReadyLocked(&s.down)
 		}
@@ -723,6 +812,7 @@ func (c *serverConn) closeSideLocked(s *stream) {
 	s.down.drop(&c.transport)
 	s.down.closed = true
 	s.upRecv.done = true
+	c.releaseHeldLocked(&s.upRecv)
 	s.sideClosed()
 }
 
@@ -732,6 +822,14 @@ func (c *serverConn) openLocked(batch []writeOp) []writeOp { return batch }
 // sentLastLocked implements role.
 func (c *serverConn) sentLastLocked(q *sendQueue, reset bool) {
 	s := q.s
+	if !reset && s.rstQueued && !s.cRecvEnd {
+		// The RST_STREAM queued behind the response's last frame went
+		// with the queue when that frame was taken: send it now, after
+		// that frame, or the stream stays open until the client ends its
+		// side, which it may never do (RFC 9113 §8.1).
+		c.queueCtrlLocked(writeOp{kind: opReset, streamID: q.id, code: s.rstCode})
+		reset = true
+	}
 	s.cSentEnd = true
 	if reset || s.cRecvEnd {
 		c.closeSideLocked(s)
@@ -743,17 +841,95 @@ func (c *serverConn) idleLocked() bool {
 	return c.fatal || (c.goingAway && len(c.streams) == 0)
 }
 
-// shutdown starts a graceful close: GOAWAY with the last stream id, then
-// the connection closes when its streams are done (RFC 9113 §6.8).
+// shutdown starts a graceful close in two steps (RFC 9113 §6.8): a GOAWAY
+// with the largest stream id, so the client opens nothing new, and a PING;
+// once the PING is acknowledged, or after Config.ShutdownPingTimeout, the
+// streams the client opened meanwhile are in, and finishDrain sends the
+// real last stream id. The connection closes when its streams are done.
+// Safe to call more than once and from any goroutine; it does not block.
 func (c *serverConn) shutdown() {
 	c.mu.Lock()
+	if !c.handshook {
+		// Our SETTINGS must be the first frame we send (§3.4): the
+		// handshake starts the shutdown once it queued it.
+		c.drainPending = true
+		c.mu.Unlock()
+		return
+	}
+	if c.drainPhase != drainNone || c.goingAway {
+		c.mu.Unlock()
+		return
+	}
+	c.drainPhase = drainPinged
+	c.queueGoAwayLocked(1<<31-1, http2.ErrCodeNo, nil)
+	c.queueCtrlLocked(writeOp{kind: opPing, ping: drainPing})
+	c.drainTimer = time.AfterFunc(c.srv.cfg.ShutdownPingTimeout, c.finishDrain)
+	c.mu.Unlock()
+	c.signal()
+}
+
+// finishDrain is the second step of shutdown: GOAWAY with the highest
+// stream id the connection took, after which streams above it are
+// ignored, and the connection closes once its streams are done. It runs
+// on the PING ack or on the drain timer, whichever is first.
+func (c *serverConn) finishDrain() {
+	c.mu.Lock()
+	if c.drainPhase != drainPinged {
+		c.mu.Unlock()
+		return
+	}
+	c.drainPhase = drainFinal
 	if !c.goingAway {
 		c.goingAway = true
-		c.queueCtrlLocked(writeOp{kind: opGoAway, val: c.lastID, code: http2.ErrCodeNo})
+		c.queueGoAwayLocked(c.lastID, http2.ErrCodeNo, nil)
 	}
 	c.drainAndClose = true
 	c.mu.Unlock()
 	c.signal()
+}
+
+// queueGoAwayLocked queues a GOAWAY whose last-stream-id is id, or that of
+// the GOAWAY sent before if lower: it never increases (RFC 9113 §6.8).
+// Caller must hold mu.
+func (c *serverConn) queueGoAwayLocked(id uint32, code http2.ErrCode, debug []byte) {
+	if c.goAwaySent && id > c.goAwayID {
+		id = c.goAwayID
+	}
+	c.goAwaySent = true
+	c.goAwayID = id
+	c.queueCtrlLocked(writeOp{kind: opGoAway, val: id, code: code, debug: debug})
+}
+
+func (c *serverConn) stopDrainTimer() {
+	c.mu.Lock()
+	if c.drainTimer != nil {
+		c.drainTimer.Stop()
+	}
+	c.mu.Unlock()
+}
+
+// linger runs after the writer flushed the final GOAWAY: it half-closes
+// the socket and waits, at most Config.ShutdownLinger, for the client to
+// close its side, so that frames it sent meanwhile do not make our kernel
+// answer with a TCP RST that could destroy the GOAWAY in flight (as
+// x/net/http2's goAwayTimeout does).
+func (c *serverConn) linger() {
+	d := c.srv.cfg.ShutdownLinger
+	c.mu.Lock()
+	closed := c.closed
+	c.mu.Unlock()
+	if closed || d <= 0 {
+		return
+	}
+	if cw, ok := c.nc.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-c.readerDone:
+	case <-t.C:
+	}
 }
 
 // cleanup fails every stream left when the connection ended: the backend

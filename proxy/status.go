@@ -81,6 +81,10 @@ const (
 	failBadMethod
 	// failBadContentType: the request's content-type is not gRPC (detail).
 	failBadContentType
+	// failRequestIdle: the client sent nothing on a stream whose request
+	// is not complete, and the response moved neither, for
+	// Config.RequestIdleTimeout (limit, in milliseconds).
+	failRequestIdle
 )
 
 // failure is one call the proxy ends itself: its kind and the details its
@@ -179,6 +183,8 @@ func statusOf(f failure) (*status.Status, int) {
 		return status.Newf(codes.Unavailable, "streamlb: backend %s: no HTTP/2 handshake within %v", f.backend, time.Duration(f.limit)*time.Millisecond), http.StatusOK
 	case failDeadline:
 		return status.New(codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+f.method), http.StatusOK
+	case failRequestIdle:
+		return status.Newf(codes.DeadlineExceeded, "streamlb: request idle for %v: no DATA or END_STREAM from the client", time.Duration(f.limit)*time.Millisecond), http.StatusOK
 	case failClientReset:
 		return status.New(codes.Canceled, "streamlb: client reset the stream"), http.StatusOK
 	case failClientGone:

@@ -4,6 +4,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -30,24 +31,27 @@ type stream struct {
 	srvCount  *atomic.Int64       // Server.inflight when MaxStreams applies
 
 	// Client side, guarded by cc.mu.
-	down        sendQueue // toward the client
-	upRecv      recvState // flow control of client → proxy DATA
-	cRecvEnd    bool      // client sent END_STREAM
-	cSentEnd    bool      // our END_STREAM or RST_STREAM was written to the client
-	headersSent bool      // response HEADERS taken for writing
-	cClosed     bool      // removed from cc's table
-	rstQueued   bool      // a RST_STREAM follows the response in down
-	result      error     // outcome reported to done
-	att         *attempt  // current backend attempt; nil when none was made
-	deadline    time.Time // from grpc-timeout; zero when none
-	attempts    int       // attempts made so far
-	tried       []string  // backends of the attempts made, in order
-	bytesIn     int64     // DATA payload received from the client
-	bytesOut    int64     // DATA payload queued toward the client
-	fromBackend bool      // result is the backend's own status
-	failKind    failKind  // what failLocked ended the call for
-	message     string    // the backend's grpc-message, with Config.OnCallEnd
-	start       time.Time // request headers arrived, with Config.OnCallEnd
+	down        sendQueue     // toward the client
+	upRecv      recvState     // flow control of client → proxy DATA
+	cRecvEnd    bool          // client sent END_STREAM
+	cSentEnd    bool          // our END_STREAM or RST_STREAM was written to the client
+	headersSent bool          // response HEADERS taken for writing
+	cClosed     bool          // removed from cc's table
+	rstQueued   bool          // a RST_STREAM follows the response in down
+	rstCode     http2.ErrCode // its code
+	result      error         // outcome reported to done
+	att         *attempt      // current backend attempt; nil when none was made
+	deadline    time.Time     // from grpc-timeout; zero when none
+	attempts    int           // attempts made so far
+	tried       []string      // backends of the attempts made, in order
+	bytesIn     int64         // DATA payload received from the client
+	bytesOut    int64         // DATA payload queued toward the client
+	fromBackend bool          // result is the backend's own status
+	failKind    failKind      // what failLocked ended the call for
+	active      bool          // a frame moved either way since the last request-idle sweep
+	idleSweeps  uint8         // request-idle sweeps in a row that found it inactive
+	message     string        // the backend's grpc-message, with Config.OnCallEnd
+	start       time.Time     // request headers arrived, with Config.OnCallEnd
 
 	// first is the storage of the first attempt and triedInl of tried:
 	// most calls make one attempt, so they cost no allocation of their own.

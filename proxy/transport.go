@@ -168,6 +168,7 @@ type recvState struct {
 	window  int32  // bytes the peer may still send
 	unacked int32  // bytes handed on but not yet returned with WINDOW_UPDATE
 	done    bool   // stream closed on this connection: no more updates
+	held    int32  // bytes received and not yet handed on (see transport.held)
 }
 
 type opKind uint8
@@ -254,6 +255,12 @@ type transport struct {
 	closed        bool
 	closeErr      error
 	drainAndClose bool // writer exits once everything queued is written
+	// held is the DATA bytes received on open streams and not yet handed
+	// on (credited back); past heldBudget (0: none) the connection-level
+	// window is withheld until held falls to half of it.
+	held       int64
+	heldBudget int64 // immutable after construction
+	withheld   bool  // connection window withheld, see held
 
 	// toRelease holds buffers no queue needs any more but that the write in
 	// progress may still be reading; the writer returns them to the pool
@@ -348,7 +355,13 @@ func (t *transport) markReadyLocked(q *sendQueue) {
 // WINDOW_UPDATE once a quarter of the window has accumulated so that a
 // steady stream costs few control frames. Caller must hold mu.
 func (t *transport) creditLocked(r *recvState, n int32) {
-	if r == nil || r.done || n <= 0 {
+	if r == nil || n <= 0 {
+		return
+	}
+	if r.held > 0 {
+		t.unholdLocked(r, min(n, r.held))
+	}
+	if r.done {
 		return
 	}
 	r.unacked += n
@@ -359,10 +372,40 @@ func (t *transport) creditLocked(r *recvState, n int32) {
 	}
 }
 
-// creditConnLocked returns n bytes of connection-level window. Caller must
-// hold mu.
+// unholdLocked counts n bytes of r as handed on (or dropped), and gives
+// back the connection window withheld once held fell to half the budget.
+// Caller must hold mu.
+func (t *transport) unholdLocked(r *recvState, n int32) {
+	r.held -= n
+	t.held -= int64(n)
+	if t.withheld && t.held <= t.heldBudget/2 {
+		t.withheld = false
+		if t.recvUnacked > 0 {
+			t.queueCtrlLocked(writeOp{kind: opWindowUpdate, val: uint32(t.recvUnacked)})
+			t.recvWindow += t.recvUnacked
+			t.recvUnacked = 0
+		}
+	}
+}
+
+// releaseHeldLocked is called when stream r closes: the bytes it held are
+// dropped with its queues. Caller must hold mu.
+func (t *transport) releaseHeldLocked(r *recvState) {
+	if r.held > 0 {
+		t.unholdLocked(r, r.held)
+	}
+}
+
+// creditConnLocked returns n bytes of connection-level window, unless the
+// connection holds more than its budget of bytes not yet handed on: then
+// the window is withheld, and the peer stops sending (RFC 9113 §6.9.1)
+// until unholdLocked gives it back. Caller must hold mu.
 func (t *transport) creditConnLocked(n int32) {
 	t.recvUnacked += n
+	if t.heldBudget > 0 && t.held > t.heldBudget {
+		t.withheld = true
+		return
+	}
 	if t.recvUnacked >= t.connWindow/4 {
 		t.queueCtrlLocked(writeOp{kind: opWindowUpdate, val: uint32(t.recvUnacked)})
 		t.recvWindow += t.recvUnacked
@@ -388,14 +431,18 @@ func (t *transport) consumeLocked(r *recvState, n int32) (connOK, streamOK bool)
 		return false, false
 	}
 	t.recvWindow -= n
-	t.creditConnLocked(n)
 	if r == nil {
+		t.creditConnLocked(n)
 		return true, true
 	}
 	if n > r.window {
+		t.creditConnLocked(n)
 		return true, false
 	}
 	r.window -= n
+	r.held += n
+	t.held += int64(n)
+	t.creditConnLocked(n)
 	return true, true
 }
 
