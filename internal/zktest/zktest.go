@@ -19,7 +19,8 @@ import (
 	"time"
 )
 
-// Jar is the ZooKeeper server of Debian's zookeeper package.
+// Jar is the ZooKeeper server of Debian's libzookeeper-java package (which
+// the zookeeper package depends on); its manifest names its libraries.
 const Jar = "/usr/share/java/zookeeper.jar"
 
 // TickTime is the server's tick: sessions may last 2 to 20 ticks, so 0.4 s
@@ -52,7 +53,7 @@ func Start(t testing.TB) *Server {
 		if os.Getenv("STREAMLB_REQUIRE_ZOOKEEPER") == "1" {
 			t.Fatalf("zookeeper not found but STREAMLB_REQUIRE_ZOOKEEPER=1: java: %v, jar: %v", jerr, ferr)
 		}
-		t.Skipf("zookeeper not installed (java: %v, jar: %v); apt-get install zookeeper, or set STREAMLB_REQUIRE_ZOOKEEPER=1 to require it", jerr, ferr)
+		t.Skipf("zookeeper not installed (java: %v, jar: %v); apt-get install zookeeper (or default-jre-headless libzookeeper-java), or set STREAMLB_REQUIRE_ZOOKEEPER=1 to require it", jerr, ferr)
 	}
 	s := &Server{t: t, dir: t.TempDir()}
 	s.addr = freeAddr(t)
@@ -101,7 +102,7 @@ func (s *Server) Start() {
 	// ZooKeeperServerMain is the standalone server zkServer.sh runs.
 	cmd := exec.Command("java", "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
 		"-Dzookeeper.log.dir="+s.dir, "-Dzookeeper.root.logger=WARN,CONSOLE",
-		"-cp", "/etc/zookeeper/conf:"+Jar,
+		"-cp", Jar,
 		"org.apache.zookeeper.server.ZooKeeperServerMain", s.cfg)
 	cmd.Stdout, cmd.Stderr = &lockedWriter{mu: &s.mu, w: s.log}, &lockedWriter{mu: &s.mu, w: s.log}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
