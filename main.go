@@ -176,12 +176,12 @@ func testserverCommand() *cli.Command {
 			},
 			&cli.StringFlag{
 				Name:  "register",
-				Usage: "register in etcd as Kitex does, at `etcd://HOST:PORT[,...]/PREFIX` (key PREFIX/ADDR, a lease kept alive, revoked on graceful stop)",
+				Usage: "register as Kitex does, in etcd at `etcd://HOST:PORT[,...]/PREFIX` (key PREFIX/ADDR, a lease kept alive, revoked on graceful stop) or in ZooKeeper at zk://HOST:PORT[,...]/PATH (ephemeral node PATH/ADDR, session closed on graceful stop)",
 			},
 			&cli.DurationFlag{
 				Name:  "register-ttl",
 				Value: testserver.DefaultRegisterTTL,
-				Usage: "lease TTL of --register: how long the registration outlives a killed testserver",
+				Usage: "lease TTL (etcd) or session timeout (ZooKeeper) of --register: how long the registration outlives a killed testserver",
 			},
 		}, logFlags("info")...),
 		Action: runTestserver,
@@ -225,7 +225,7 @@ func runTestserver(c *cli.Context) error {
 	if target := c.String("register"); target != "" {
 		addr := registerAddr(ln.Addr())
 		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		reg, err = testserver.RegisterEtcd(rctx, target, addr, testserver.RegisterOptions{TTL: c.Duration("register-ttl")})
+		reg, err = testserver.Register(rctx, target, addr, testserver.RegisterOptions{TTL: c.Duration("register-ttl")})
 		cancel()
 		if err != nil {
 			ts.Stop()
