@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"path"
 	"slices"
 	"strings"
@@ -90,6 +91,9 @@ type ZK struct {
 	target Target
 	opts   ZKOptions
 	logger *slog.Logger
+
+	// dialer, if set, replaces the client's dialer; for tests.
+	dialer zk.Dialer
 }
 
 var _ Resolver = (*ZK)(nil)
@@ -139,8 +143,12 @@ var errZKExpired = errors.New("session expired")
 // it keeps the last set, logs a warning, calls u.ReportError, and lists
 // again after a backoff of BackoffInitial doubling to BackoffMax.
 func (z *ZK) Run(ctx context.Context, u Updater) error {
+	dial := z.dialer
+	if dial == nil {
+		dial = net.DialTimeout
+	}
 	conn, events, err := zk.Connect(strings.Split(z.target.Authority, ","), z.opts.SessionTimeout,
-		zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
+		zk.WithDialer(dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
 	if err != nil {
 		return fmt.Errorf("resolver: %s: zk client: %w", z.target, err)
 	}
@@ -207,7 +215,11 @@ func (z *ZK) awaitSession(ctx context.Context, conn *zk.Conn, events <-chan zk.E
 			return ctx.Err()
 		case <-t.C:
 			return fmt.Errorf("no session within %v (state %v)", z.opts.ConnectTimeout, conn.State())
-		case <-events:
+		case ev := <-events:
+			if ev.State == zk.StateExpired {
+				// The list that follows is on the new session.
+				z.logger.Info("zookeeper session expired; listing again")
+			}
 		}
 	}
 	return nil

@@ -125,6 +125,11 @@ func (c *zkClient) cut() {
 
 func startZKResolver(t *testing.T, target string, u Updater) *syncBuffer {
 	t.Helper()
+	return startZKResolverDial(t, target, nil, u)
+}
+
+func startZKResolverDial(t *testing.T, target string, dial zk.Dialer, u Updater) *syncBuffer {
+	t.Helper()
 	opts := ZKOptions{
 		SessionTimeout: 2 * time.Second,
 		ConnectTimeout: time.Second,
@@ -137,6 +142,7 @@ func startZKResolver(t *testing.T, target string, u Updater) *syncBuffer {
 	if err != nil {
 		t.Fatal(err)
 	}
+	z.dialer = dial
 	runResolver(t, z, u)
 	return logs
 }
@@ -247,4 +253,80 @@ func TestZKOutageKeepsSet(t *testing.T) {
 			t.Errorf("an empty set was pushed: %v", states)
 		}
 	}
+}
+
+// cuttableDialer dials normally until cut, which closes the connection it
+// made and refuses new ones until heal.
+type cuttableDialer struct {
+	mu   sync.Mutex // guards the fields below
+	down bool
+	nc   net.Conn
+}
+
+func (d *cuttableDialer) dial(network, address string, timeout time.Duration) (net.Conn, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.down {
+		return nil, net.ErrClosed
+	}
+	nc, err := net.DialTimeout(network, address, timeout)
+	if err == nil {
+		d.nc = nc
+	}
+	return nc, err
+}
+
+func (d *cuttableDialer) cut() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.down = true
+	if d.nc != nil {
+		d.nc.Close()
+	}
+}
+
+func (d *cuttableDialer) heal() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.down = false
+}
+
+// TestZKSessionExpiryRelists cuts the resolver off from ZooKeeper for
+// longer than its session: ZooKeeper expires the session and its watch,
+// and on reconnecting the resolver lists again on a new session, seeing
+// what changed meanwhile. While cut off it keeps the last set.
+func TestZKSessionExpiryRelists(t *testing.T) {
+	srv := zktest.Start(t)
+	ctx := testContext(t)
+	c := newZKClient(t, srv.Addr(), 2*time.Second)
+	c.create("/svc/10.0.0.1:80", "", 0)
+
+	d := &cuttableDialer{}
+	u := newRecUpdater()
+	logs := startZKResolverDial(t, "zk://"+srv.Addr()+"/svc", d.dial, u)
+	u.waitSet(ctx, t, "10.0.0.1:80;weight=10")
+
+	d.cut()
+	waitLog(ctx, t, logs, "zookeeper failed; keeping last set")
+	c.create("/svc/10.0.0.2:80", "", 0)
+	c.delete("/svc/10.0.0.1:80")
+	// Wait past the 2 s session timeout, so that ZooKeeper expires it.
+	expired := time.NewTimer(3 * time.Second)
+	defer expired.Stop()
+	select {
+	case <-ctx.Done():
+		t.Fatal(ctx.Err())
+	case <-expired.C:
+	}
+	if got, _ := u.last(); len(got) != 1 || got[0] != "10.0.0.1:80;weight=10" {
+		t.Errorf("set while cut off = %v, want the last one kept", got)
+	}
+	d.heal()
+	u.waitSet(ctx, t, "10.0.0.2:80;weight=10")
+	if !strings.Contains(logs.String(), "session expired") {
+		t.Errorf("session expiry not logged; logs:\n%s", logs)
+	}
+	// The watch was re-armed on the new session.
+	c.create("/svc/10.0.0.3:80", "", 0)
+	u.waitSet(ctx, t, "10.0.0.2:80;weight=10", "10.0.0.3:80;weight=10")
 }
