@@ -176,12 +176,12 @@ func testserverCommand() *cli.Command {
 			},
 			&cli.StringFlag{
 				Name:  "register",
-				Usage: "register in etcd as Kitex does, at `etcd://HOST:PORT[,...]/PREFIX` (key PREFIX/ADDR, a lease kept alive, revoked on graceful stop)",
+				Usage: "register as Kitex does, in etcd at `etcd://HOST:PORT[,...]/PREFIX` (key PREFIX/ADDR, a lease kept alive, revoked on graceful stop) or in ZooKeeper at zk://HOST:PORT[,...]/PATH (ephemeral node PATH/ADDR, session closed on graceful stop)",
 			},
 			&cli.DurationFlag{
 				Name:  "register-ttl",
 				Value: testserver.DefaultRegisterTTL,
-				Usage: "lease TTL of --register: how long the registration outlives a killed testserver",
+				Usage: "lease TTL (etcd) or session timeout (ZooKeeper) of --register: how long the registration outlives a killed testserver",
 			},
 		}, logFlags("info")...),
 		Action: runTestserver,
@@ -225,7 +225,7 @@ func runTestserver(c *cli.Context) error {
 	if target := c.String("register"); target != "" {
 		addr := registerAddr(ln.Addr())
 		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		reg, err = testserver.RegisterEtcd(rctx, target, addr, testserver.RegisterOptions{TTL: c.Duration("register-ttl")})
+		reg, err = testserver.Register(rctx, target, addr, testserver.RegisterOptions{TTL: c.Duration("register-ttl")})
 		cancel()
 		if err != nil {
 			ts.Stop()
@@ -297,6 +297,8 @@ func demoCommand() *cli.Command {
 			&cli.IntFlag{Name: "rate", Value: demo.DefaultRate, Usage: "calls per second each client sends"},
 			&cli.IntFlag{Name: "concurrency", Value: demo.DefaultConcurrency, Usage: "calls in flight per client, all on its one connection"},
 			&cli.DurationFlag{Name: "interval", Value: demo.DefaultInterval, Usage: "how often the live table is printed"},
+			&cli.StringFlag{Name: "registry", Value: demo.RegistryDNS, Usage: "how pods are published: dns (a headless service's A records) or etcd (pods register in an embedded etcd as Kitex services do, with leases; the first scale-in kills one pod without deregistering)"},
+			&cli.DurationFlag{Name: "lease-ttl", Value: demo.DefaultLeaseTTL, Usage: "with --registry etcd: each pod's lease TTL, so how long a killed pod stays registered"},
 		}, logFlags("error")...),
 		Action: runDemo,
 	}
@@ -325,6 +327,8 @@ func runDemo(c *cli.Context) error {
 		Rate:         c.Int("rate"),
 		Concurrency:  c.Int("concurrency"),
 		Interval:     c.Duration("interval"),
+		Registry:     c.String("registry"),
+		LeaseTTL:     c.Duration("lease-ttl"),
 		Logger:       logger,
 	}
 	if err := cfg.Validate(); err != nil {

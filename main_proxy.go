@@ -52,7 +52,7 @@ func proxyCommand() *cli.Command {
 			&cli.StringSliceFlag{
 				Name:    "backend",
 				EnvVars: []string{"STREAMLB_BACKENDS"},
-				Usage:   "required: backend `TARGET` (HOST:PORT[;weight=N], dns:///NAME:PORT, dns://DNSHOST:DNSPORT/NAME:PORT, dns+srv:///NAME); repeat the flag or give a comma-separated list in",
+				Usage:   "required: backend `TARGET` (HOST:PORT[;weight=N], dns:///NAME:PORT, dns://DNSHOST:DNSPORT/NAME:PORT, dns+srv:///NAME, etcd://HOST:PORT[,...]/PREFIX, zk://HOST:PORT[,...]/PATH); repeat the flag or give a comma-separated list in",
 			},
 			&cli.StringFlag{Name: "engine", Value: cluster.EngineFrame, Usage: "data plane: frame (relays HTTP/2 frames) or grpc-proxy (message-level reference engine)"},
 			&cli.DurationFlag{Name: "drain-timeout", Value: cluster.DefaultDrainTimeout, Usage: "how long in-flight streams may run on SIGINT/SIGTERM, and on a backend that left the set, before they are cut"},
@@ -332,7 +332,7 @@ func nonZero(d time.Duration) time.Duration {
 
 // splitBackends flattens --backend values, which may themselves be
 // comma-separated lists (as $STREAMLB_BACKENDS is), dropping empty entries.
-// The commas of an etcd target's endpoint list
+// The commas of an etcd or zk target's endpoint list
 // ("etcd://h1:2379,h2:2379/PREFIX") do not split it: a piece is joined
 // back to the previous one while that is a scheme target whose authority
 // has not ended with '/' yet.

@@ -38,7 +38,8 @@ type Config struct {
 	Name string
 	// Targets are the backend targets, as resolver.New takes them:
 	// HOST:PORT[;weight=N], dns:///NAME:PORT, dns://DNSHOST:DNSPORT/NAME:PORT,
-	// dns+srv:///NAME or etcd://HOST:PORT[,...]/PREFIX. At least one is
+	// dns+srv:///NAME, etcd://HOST:PORT[,...]/PREFIX or
+	// zk://HOST:PORT[,...]/PATH. At least one is
 	// required.
 	Targets []string
 	// DNSRefresh is how often DNS targets are resolved again; 0 means

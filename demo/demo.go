@@ -9,6 +9,12 @@
 // scales the pods through Config.Steps by changing the records and
 // starting and stopping testservers, and prints where the calls of both
 // clients land.
+//
+// With Config.Registry set to RegistryEtcd the pods instead register
+// themselves in an embedded etcd, in Kitex's format with a lease, and
+// streamlb watches it; the direct client resolved the registry once, at
+// start. On the first scale-in one pod is killed without deregistering, so
+// its lease has to expire before streamlb drops it.
 package demo
 
 import (
@@ -28,6 +34,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
+	grpcresolver "google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 
 	"github.com/streamlb/streamlb/cluster"
 	"github.com/streamlb/streamlb/testserver"
@@ -41,6 +49,7 @@ const (
 	DefaultConcurrency  = 8
 	DefaultInterval     = time.Second
 	DefaultName         = "grpc-echo.demo.svc.cluster.local"
+	DefaultLeaseTTL     = 5 * time.Second
 	demoMaxPods         = 50
 	demoFirstIP         = 11 // pod i listens on 127.0.0.(demoFirstIP+i)
 )
@@ -65,6 +74,12 @@ type Config struct {
 	// Interval is how often the live table is printed; negative means
 	// never (only the step and final summaries).
 	Interval time.Duration
+	// Registry is how the pods are published: RegistryDNS (also "") or
+	// RegistryEtcd.
+	Registry string
+	// LeaseTTL is the etcd lease of each pod's registration, so how long
+	// a killed pod stays registered; zero means DefaultLeaseTTL.
+	LeaseTTL time.Duration
 	// Logger receives the components' logs; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -82,6 +97,12 @@ func (c Config) Validate() error {
 	}
 	if c.Rate < 0 || c.Concurrency < 0 {
 		errs = append(errs, errors.New("demo: rate and concurrency must not be negative"))
+	}
+	if c.Registry != "" && c.Registry != RegistryDNS && c.Registry != RegistryEtcd {
+		errs = append(errs, fmt.Errorf("demo: registry %q: want %q or %q", c.Registry, RegistryDNS, RegistryEtcd))
+	}
+	if c.LeaseTTL != 0 && c.LeaseTTL < 2*time.Second {
+		errs = append(errs, fmt.Errorf("demo: lease TTL %v below etcd's minimum of 2s", c.LeaseTTL))
 	}
 	return errors.Join(errs...)
 }
@@ -104,6 +125,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Interval == 0 {
 		c.Interval = DefaultInterval
+	}
+	if c.Registry == "" {
+		c.Registry = RegistryDNS
+	}
+	if c.LeaseTTL == 0 {
+		c.LeaseTTL = DefaultLeaseTTL
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -131,6 +158,9 @@ type Step struct {
 // Result is the outcome of Run, one entry per step.
 type Result struct {
 	Steps []Step
+	// ChangeErrors holds, per change between steps, each client's calls
+	// that failed while streamlb followed it.
+	ChangeErrors []map[string]int64
 }
 
 // demo is one run's world. Its goroutines are owned by Run.
@@ -138,9 +168,12 @@ type demo struct {
 	cfg  Config
 	out  io.Writer
 	log  *slog.Logger
-	dns  *testserver.DNSServer
+	pub  publisher
 	port int
 	srv  *cluster.Server
+	// killed is set once a pod was killed without deregistering; used by
+	// Run's goroutine only.
+	killed bool
 
 	mu sync.Mutex
 	// mu guards the fields below.
@@ -160,17 +193,26 @@ func Run(ctx context.Context, cfg Config, out io.Writer) (*Result, error) {
 	d := &demo{cfg: cfg, out: out, log: cfg.Logger}
 	d.resetCounts()
 
-	d.dns = testserver.NewDNSServer(testserver.DNSConfig{DefaultTTL: 1, Logger: cfg.Logger})
-	if err := d.dns.Start("127.0.0.1:0"); err != nil {
-		return nil, fmt.Errorf("demo: demo DNS server: %w", err)
+	if cfg.Registry == RegistryEtcd {
+		p, err := newEtcdPublisher(cfg.LeaseTTL)
+		if err != nil {
+			return nil, err
+		}
+		d.pub = p
+	} else {
+		p, err := newDNSPublisher(cfg.Logger)
+		if err != nil {
+			return nil, err
+		}
+		d.pub = p
 	}
-	defer d.dns.Stop()
+	defer d.pub.close()
 	defer d.stopPods(0)
-	if err := d.scale(cfg.Steps[0]); err != nil {
+	if err := d.scale(ctx, cfg.Steps[0]); err != nil {
 		return nil, err
 	}
 
-	target := fmt.Sprintf("dns://%s/%s:%d", d.dns.Addr(), DefaultName, d.port)
+	target := d.pub.target()
 	srv, err := cluster.NewServer(cluster.ServerConfig{
 		Cluster:      cluster.Config{Targets: []string{target}, DNSRefresh: cfg.Refresh},
 		DrainTimeout: 5 * time.Second,
@@ -203,8 +245,19 @@ func Run(ctx context.Context, cfg Config, out io.Writer) (*Result, error) {
 	defer viaProxy.Close()
 	// A plain client of the same name, with grpc-go's own dns resolver
 	// (which looks the name up again only when a connection breaks, at
-	// most every 30 s) and its default pick_first policy.
-	direct, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// most every 30 s) and its default pick_first policy. With a registry,
+	// a client that read it once at start: grpc-go has no Kitex resolver.
+	directTarget, directOpts := target, []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if cfg.Registry != RegistryDNS {
+		r := manual.NewBuilderWithScheme("demo")
+		var addrs []grpcresolver.Address
+		for _, p := range d.currentPods() {
+			addrs = append(addrs, grpcresolver.Address{Addr: d.podAddr(p)})
+		}
+		r.InitialState(grpcresolver.State{Addresses: addrs})
+		directTarget, directOpts = "demo:///"+etcdService, append(directOpts, grpc.WithResolvers(r))
+	}
+	direct, err := grpc.NewClient(directTarget, directOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -213,10 +266,13 @@ func Run(ctx context.Context, cfg Config, out io.Writer) (*Result, error) {
 	if err := d.waitForSet(ctx, cfg.Steps[0]); err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(out, "headless service %s:%d answered by DNS at %s; streamlb on %s re-resolves it every %v\n",
-		DefaultName, d.port, d.dns.Addr(), ln.Addr(), cfg.Refresh)
-	fmt.Fprintf(out, "two clients, ONE connection each, %d calls/s each: %q through streamlb, %q dialing the name directly\n\n",
-		cfg.Rate, ViaProxy, Direct)
+	fmt.Fprintf(out, "%s; streamlb on %s\n", d.pub.describe(cfg.Refresh), ln.Addr())
+	how := "dialing the name directly"
+	if cfg.Registry != RegistryDNS {
+		how = "dialing the pods it read from the registry at start"
+	}
+	fmt.Fprintf(out, "two clients, ONE connection each, %d calls/s each: %q through streamlb, %q %s\n\n",
+		cfg.Rate, ViaProxy, Direct, how)
 
 	load, lctx := errgroup.WithContext(ctx)
 	load.Go(func() error { d.drive(lctx, ViaProxy, testgrpc.NewTestServiceClient(viaProxy)); return nil })
@@ -226,13 +282,25 @@ func Run(ctx context.Context, cfg Config, out io.Writer) (*Result, error) {
 	var runErr error
 	for i, n := range cfg.Steps {
 		if i > 0 {
-			fmt.Fprintf(out, "--- scaling %d -> %d pods: DNS records changed\n", len(d.currentPods()), n)
+			what := "DNS records changed"
+			if cfg.Registry != RegistryDNS {
+				what = "pods register / deregister"
+			}
+			fmt.Fprintf(out, "--- scaling %d -> %d pods: %s\n", len(d.currentPods()), n, what)
 			start := time.Now()
+			d.resetCounts()
 			if err := d.rescale(ctx, n); err != nil {
 				runErr = err
 				break
 			}
-			fmt.Fprintf(out, "--- streamlb followed the records in %v\n", time.Since(start).Round(time.Millisecond))
+			_, errs := d.snapshot()
+			if cfg.Registry == RegistryDNS {
+				fmt.Fprintf(out, "--- streamlb followed the records in %v\n", time.Since(start).Round(time.Millisecond))
+			} else {
+				fmt.Fprintf(out, "--- streamlb followed the registry in %v; calls failed meanwhile: %d via streamlb, %d direct\n",
+					time.Since(start).Round(time.Millisecond), errs[ViaProxy], errs[Direct])
+			}
+			result.ChangeErrors = append(result.ChangeErrors, errs)
 		}
 		step, err := d.runStep(ctx, i)
 		if err != nil {
@@ -418,6 +486,12 @@ func (d *demo) summary(r *Result) {
 				i+1, len(s.Pods), c, total, used, len(s.Pods), s.Errors[c])
 		}
 	}
+	if d.cfg.Registry != RegistryDNS {
+		fmt.Fprintln(d.out, "\nstreamlb follows the registry: a pod gets calls as soon as it registers, a deregistered pod is")
+		fmt.Fprintln(d.out, "drained first, a killed one is dropped when its lease expires. The direct client stays on the pod it")
+		fmt.Fprintln(d.out, "connected to.")
+		return
+	}
 	fmt.Fprintln(d.out, "\nstreamlb follows the records: new pods get calls within its refresh interval, removed pods")
 	fmt.Fprintln(d.out, "are drained first. The direct client stays on the pod it connected to until that connection breaks.")
 }
@@ -434,19 +508,19 @@ func (d *demo) currentPods() []string {
 }
 
 // scale starts pods up to n (it only grows the set) and publishes the
-// records.
-func (d *demo) scale(n int) error {
+// first n.
+func (d *demo) scale(ctx context.Context, n int) error {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	for i := len(d.pods); i < n; i++ {
 		p, err := d.startPodLocked(i)
 		if err != nil {
+			d.mu.Unlock()
 			return err
 		}
 		d.pods = append(d.pods, p)
 	}
-	d.publishLocked(n)
-	return nil
+	d.mu.Unlock()
+	return d.publish(ctx, n)
 }
 
 // startPodLocked starts pod i. The first pod picks the port every pod
@@ -467,29 +541,56 @@ func (d *demo) startPodLocked(i int) (*testserver.Server, error) {
 	return ts, nil
 }
 
-// publishLocked points the name at the first n pods. Caller must hold mu.
-func (d *demo) publishLocked(n int) {
-	ips := make([]string, n)
-	for i := range n {
-		ips[i] = fmt.Sprintf("127.0.0.%d", demoFirstIP+i)
+// publish makes the first n pods the published set.
+func (d *demo) publish(ctx context.Context, n int) error {
+	d.mu.Lock()
+	addrs := make([]string, 0, n)
+	for _, p := range d.pods[:min(n, len(d.pods))] {
+		addrs = append(addrs, p.Addr())
 	}
-	d.dns.SetA(DefaultName, ips...)
+	d.mu.Unlock()
+	return d.pub.publish(ctx, addrs)
+}
+
+// podAddr returns the address of the pod named name.
+func (d *demo) podAddr(name string) string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, p := range d.pods {
+		if p.Name() == name {
+			return p.Addr()
+		}
+	}
+	return ""
 }
 
 // rescale moves to n pods. Growing starts pods, then publishes them.
 // Shrinking publishes the smaller set first, waits until streamlb has
 // dropped the removed pods and they finished their calls, then stops
-// them, as a Kubernetes endpoint update precedes a pod's termination.
+// them, as a Kubernetes endpoint update precedes a pod's termination. With
+// a registry, the first shrink kills the last pod outright instead: it
+// stops without deregistering, and streamlb drops it when its lease
+// expires.
 func (d *demo) rescale(ctx context.Context, n int) error {
 	if n >= len(d.currentPods()) {
-		if err := d.scale(n); err != nil {
+		if err := d.scale(ctx, n); err != nil {
 			return err
 		}
 		return d.waitForSet(ctx, n)
 	}
-	d.mu.Lock()
-	d.publishLocked(n)
-	d.mu.Unlock()
+	if d.cfg.Registry != RegistryDNS && !d.killed {
+		d.killed = true
+		d.mu.Lock()
+		victim := d.pods[len(d.pods)-1]
+		d.pods = d.pods[:len(d.pods)-1]
+		d.mu.Unlock()
+		ttl := d.pub.kill(victim.Addr())
+		victim.Stop()
+		fmt.Fprintf(d.out, "--- %s killed without deregistering: its lease (TTL %v) has to expire\n", victim.Name(), ttl)
+	}
+	if err := d.publish(ctx, n); err != nil {
+		return err
+	}
 	if err := d.waitForSet(ctx, n); err != nil {
 		return err
 	}
@@ -499,14 +600,14 @@ func (d *demo) rescale(ctx context.Context, n int) error {
 
 // waitForSet waits until the director's set has n backends.
 func (d *demo) waitForSet(ctx context.Context, n int) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*d.cfg.Refresh+5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, max(10*d.cfg.Refresh, 2*d.cfg.LeaseTTL)+5*time.Second)
 	defer cancel()
 	t := time.NewTicker(10 * time.Millisecond)
 	defer t.Stop()
 	for len(d.srv.Cluster().Backends()) != n {
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("demo: streamlb did not follow the records to %d pods: %w", n, ctx.Err())
+			return fmt.Errorf("demo: streamlb did not follow the pods to %d: %w", n, ctx.Err())
 		case <-t.C:
 		}
 	}

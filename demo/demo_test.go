@@ -88,6 +88,9 @@ func TestDemoConfigValidate(t *testing.T) {
 		{name: "too many pods", cfg: demo.Config{Steps: []int{51}}},
 		{name: "negative rate", cfg: demo.Config{Rate: -1}},
 		{name: "negative duration", cfg: demo.Config{StepDuration: -time.Second}},
+		{name: "etcd", cfg: demo.Config{Registry: demo.RegistryEtcd}, ok: true},
+		{name: "unknown registry", cfg: demo.Config{Registry: "consul"}},
+		{name: "short lease", cfg: demo.Config{Registry: demo.RegistryEtcd, LeaseTTL: time.Second}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if err := tc.cfg.Validate(); (err == nil) != tc.ok {
@@ -104,4 +107,66 @@ func contains(s []string, v string) bool {
 		}
 	}
 	return false
+}
+
+// TestDemoEtcd runs the demo with pods registering in the embedded etcd:
+// streamlb follows registrations, deregistrations and a killed pod's
+// lease expiry with no failed call in any step, while the direct client
+// stays on one pod.
+func TestDemoEtcd(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var out bytes.Buffer
+	res, err := demo.Run(ctx, demo.Config{
+		Registry:     demo.RegistryEtcd,
+		LeaseTTL:     2 * time.Second,
+		Steps:        []int{2, 4, 1},
+		StepDuration: 1500 * time.Millisecond,
+		Rate:         300,
+		Interval:     -1,
+		Logger:       slog.New(slog.DiscardHandler),
+	}, &out)
+	if err != nil {
+		t.Fatalf("Run: %v\n%s", err, out.String())
+	}
+	if len(res.Steps) != 3 {
+		t.Fatalf("got %d steps, want 3", len(res.Steps))
+	}
+	for i, s := range res.Steps {
+		if n := s.Errors[demo.ViaProxy]; n != 0 {
+			t.Errorf("step %d: %d calls through streamlb failed, want none", i+1, n)
+		}
+		var total int64
+		for _, p := range s.Pods {
+			total += s.Calls[demo.ViaProxy][p]
+		}
+		for p, n := range s.Calls[demo.ViaProxy] {
+			if !contains(s.Pods, p) {
+				t.Errorf("step %d: pod %s, not in the set, got %d calls through streamlb", i+1, p, n)
+			}
+		}
+		for _, p := range s.Pods {
+			share := float64(s.Calls[demo.ViaProxy][p]) / float64(total)
+			if want := 0.5 / float64(len(s.Pods)); share < want {
+				t.Errorf("step %d: pod %s got %.0f%% of proxied calls, want at least %.0f%%", i+1, p, share*100, want*100)
+			}
+		}
+	}
+	used := 0
+	for _, n := range res.Steps[1].Calls[demo.Direct] {
+		if n > 0 {
+			used++
+		}
+	}
+	if used != 1 {
+		t.Errorf("direct client used %d pods in the 4-pod step, want 1", used)
+	}
+	for _, want := range []string{"embedded etcd", "pod-4 killed without deregistering", "streamlb followed the registry in", "=== summary"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+	t.Logf("failed calls during the changes: %v", res.ChangeErrors)
+	t.Logf("demo output:\n%s", out.String())
 }

@@ -83,6 +83,10 @@ type DNSOptions struct {
 	// options.
 	Etcd EtcdOptions
 
+	// ZK configures the zk targets [New] builds, with the same defaults
+	// taken from these options as Etcd.
+	ZK ZKOptions
+
 	// Now, After and Rand replace the clock and randomness, for tests. Now
 	// has the contract of time.Now and After of time.After; Rand.Float64
 	// returns a value in [0, 1). They are called from Run's goroutine and,

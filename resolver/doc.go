@@ -15,10 +15,14 @@
 //   - "etcd://host:port[,host:port...]/PREFIX[?format=F]" follows the keys
 //     under PREFIX/ in etcd, as services register there with a lease, in
 //     the formats of etcd's naming package, Kitex, go-zero, Kratos,
-//     go-micro and dubbo-go (see [Etcd] and [EtcdFormats]).
+//     go-micro and dubbo-go (see [Etcd] and [EtcdFormats]);
+//   - "zk://host:port[,host:port...]/PATH[?format=F]" follows the children
+//     of the ZooKeeper node PATH, as services register there with an
+//     ephemeral node, in the formats of Kitex, dubbo-go and Kratos (see
+//     [ZK] and [ZKFormats]).
 //
 // [Static] serves a fixed set, [DNS] follows one DNS target, [Etcd] one etcd
-// prefix, and [New]
+// prefix, [ZK] one ZooKeeper node, and [New]
 // combines any mix of targets into one [Group]. [NewBuilder] offers the DNS
 // refresh loop to plain grpc-go clients as a grpc-go resolver.
 //

@@ -351,28 +351,35 @@ func (e *Etcd) watch(ctx context.Context, cli *clientv3.Client, st *etcdState, u
 // push offers the union of st.keys to u if it differs from the last set u
 // accepted.
 func (e *Etcd) push(st *etcdState, u Updater) {
-	keys := make([]string, 0, len(st.keys))
-	for k := range st.keys {
+	pushSet(e.logger, st.keys, &st.last, &st.haveLast, u)
+}
+
+// pushSet offers the union of the registrations in byKey, in key order and
+// without duplicates, to u if it differs from *last, and records it in
+// *last once u accepts it. It is shared by the registry resolvers.
+func pushSet(logger *slog.Logger, byKey map[string][]Address, last *[]Address, haveLast *bool, u Updater) {
+	keys := make([]string, 0, len(byKey))
+	for k := range byKey {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
 	set := []Address{}
 	for _, k := range keys {
-		set = append(set, st.keys[k]...)
+		set = append(set, byKey[k]...)
 	}
 	set = dedupAddresses(set)
-	if st.haveLast && slices.Equal(set, st.last) {
+	if *haveLast && slices.Equal(set, *last) {
 		return
 	}
 	if err := u.UpdateState(State{Addresses: slices.Clone(set)}); err != nil {
-		e.logger.Warn("backend set rejected", "err", err, "backends", len(set))
+		logger.Warn("backend set rejected", "err", err, "backends", len(set))
 		return
 	}
-	if e.logger.Enabled(context.Background(), slog.LevelDebug) {
-		added, removed := diffAddresses(st.last, set)
-		e.logger.Debug("backend set changed", "added", added, "removed", removed, "backends", len(set))
+	if logger.Enabled(context.Background(), slog.LevelDebug) {
+		added, removed := diffAddresses(*last, set)
+		logger.Debug("backend set changed", "added", added, "removed", removed, "backends", len(set))
 	}
-	st.last, st.haveLast = set, true
+	*last, *haveLast = set, true
 }
 
 // backoff returns the wait after the given number of consecutive failures

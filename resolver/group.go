@@ -28,8 +28,9 @@ var _ Resolver = (*Group)(nil)
 
 // New validates targets and builds one resolver for all of them: static
 // "host:port" targets form one fixed set (as [NewStatic] builds it), each
-// DNS target gets a [DNS] resolver configured by opts, and each etcd target
-// an [Etcd] resolver configured by opts.Etcd. The result is a *[Group]. All
+// DNS target gets a [DNS] resolver configured by opts, each etcd target an
+// [Etcd] resolver configured by opts.Etcd, and each zk target a [ZK]
+// resolver configured by opts.ZK. The result is a *[Group]. All
 // problems are reported at once, joined with [errors.Join]. New does no
 // network I/O and starts no goroutines; it reads opts.Etcd's TLS files if
 // an etcd target is given.
@@ -83,6 +84,25 @@ func New(targets []string, opts DNSOptions) (Resolver, error) {
 		}
 		etcds[t] = e
 	}
+	zopts := opts.ZK
+	if zopts.Logger == nil {
+		zopts.Logger = opts.Logger
+	}
+	if zopts.BackoffInitial == 0 && zopts.BackoffMax == 0 {
+		zopts.BackoffInitial, zopts.BackoffMax = opts.BackoffInitial, opts.BackoffMax
+	}
+	zks := make(map[Target]*ZK)
+	for _, t := range dnsTgts {
+		if t.Scheme != SchemeZK {
+			continue
+		}
+		z, err := NewZK(t, zopts)
+		if err != nil {
+			errs = append(errs, err)
+			break // the options' problems would repeat for every target
+		}
+		zks[t] = z
+	}
 	g := &Group{}
 	if len(static) > 0 {
 		st, err := NewStatic(static)
@@ -98,6 +118,10 @@ func New(targets []string, opts DNSOptions) (Resolver, error) {
 	for _, t := range dnsTgts {
 		if e := etcds[t]; e != nil {
 			g.children = append(g.children, child{name: t.String(), r: e})
+			continue
+		}
+		if z := zks[t]; z != nil {
+			g.children = append(g.children, child{name: t.String(), r: z})
 			continue
 		}
 		d, err := NewDNS(t, opts)

@@ -21,6 +21,9 @@ const (
 	// SchemeEtcd follows the keys under a prefix in etcd:
 	// "etcd://host:port[,host:port...]/PREFIX[?format=F]". See [Etcd].
 	SchemeEtcd = "etcd"
+	// SchemeZK follows the children of a ZooKeeper node:
+	// "zk://host:port[,host:port...]/PATH[?format=F]". See [ZK].
+	SchemeZK = "zk"
 )
 
 // Weight bounds for the ";weight=N" suffix of a static target.
@@ -34,25 +37,28 @@ const (
 // the same endpoint in different spellings (host name case, IPv6 zero
 // compression, leading zeros in the port) parse to equal values.
 type Target struct {
-	// Scheme is "" for a static host:port, [SchemeDNS], [SchemeDNSSRV] or
-	// [SchemeEtcd].
+	// Scheme is "" for a static host:port, [SchemeDNS], [SchemeDNSSRV],
+	// [SchemeEtcd] or [SchemeZK].
 	Scheme string
 	// Authority is the DNS server as a canonical "host:port" for
 	// "dns://dnshost:dnsport/...", and "" when the system resolver is meant
 	// or the target is static. For SchemeEtcd it is the etcd endpoints,
-	// canonical "host:port" joined by commas, in the order given.
+	// canonical "host:port" joined by commas, in the order given; likewise
+	// the ZooKeeper servers for SchemeZK.
 	Authority string
 	// Host is an IP literal (IPv6 without brackets) or a lower-case host
 	// name. For SchemeDNSSRV it is the SRV owner name, such as
 	// "_grpc._tcp.example.com". For SchemeEtcd it is the key prefix as
 	// given (case kept), without trailing '/': the resolver follows the
-	// keys under Host+"/".
+	// keys under Host+"/". For SchemeZK it is the node's path with one
+	// leading '/' and none trailing.
 	Host string
 	// Port is 1..65535, or 0 for SchemeDNSSRV where SRV records carry it
-	// and for SchemeEtcd.
+	// and for SchemeEtcd and SchemeZK.
 	Port uint16
-	// Format is, for SchemeEtcd, the "?format=" value ([EtcdFormats]), ""
-	// meaning each key's format is detected.
+	// Format is, for SchemeEtcd, the "?format=" value ([EtcdFormats]), and
+	// for SchemeZK ([ZKFormats]); "" means each key's or node's format is
+	// detected.
 	Format string
 	// Weight is the ";weight=N" suffix of a static target, or 0 if absent
 	// (meaning the default weight, 1).
@@ -80,8 +86,12 @@ func (t Target) String() string {
 		}
 		return t.Addr() + ";weight=" + strconv.FormatUint(uint64(t.Weight), 10)
 	}
-	if t.Scheme == SchemeEtcd {
-		s := t.Scheme + "://" + t.Authority + "/" + t.Host
+	if t.Scheme == SchemeEtcd || t.Scheme == SchemeZK {
+		host := t.Host
+		if t.Scheme == SchemeZK {
+			host = strings.TrimPrefix(host, "/") // always absolute
+		}
+		s := t.Scheme + "://" + t.Authority + "/" + host
 		if t.Format != "" {
 			s += "?format=" + t.Format
 		}
@@ -99,7 +109,10 @@ func (t Target) String() string {
 //   - "dns+srv:///name" and "dns+srv://dnshost:dnsport/name";
 //   - "etcd://host:port[,host:port...]/PREFIX[?format=F]", the keys under
 //     PREFIX+"/" in etcd, with F one of [EtcdFormats] (default: detected
-//     per key).
+//     per key);
+//   - "zk://host:port[,host:port...]/PATH[?format=F]", the children of the
+//     ZooKeeper node PATH, with F one of [ZKFormats] (default: detected per
+//     child).
 //
 // Parsing is purely syntactic: it does no I/O and does not check that a
 // name resolves. Errors have the form `resolver: target "s": reason`. It is
@@ -122,10 +135,10 @@ func parseTarget(s string) (Target, error) {
 	endpoint, params, hasParams := strings.Cut(s, ";")
 
 	if scheme, rest, ok := strings.Cut(endpoint, "://"); ok {
-		if strings.EqualFold(scheme, SchemeEtcd) {
-			// A key prefix may contain ';', so the etcd form is cut
-			// before the static parameters are.
-			return parseEtcdTarget(s[len(scheme)+len("://"):])
+		if strings.EqualFold(scheme, SchemeEtcd) || strings.EqualFold(scheme, SchemeZK) {
+			// A key prefix or node path may contain ';', so the
+			// registry forms are cut before the static parameters are.
+			return parseRegistryTarget(strings.ToLower(scheme), s[len(scheme)+len("://"):])
 		}
 		if hasParams {
 			return Target{}, errors.New("parameters such as \";weight=N\" are only supported on static host:port targets")
@@ -149,7 +162,7 @@ func parseTarget(s string) (Target, error) {
 // parseSchemeTarget parses what follows "scheme://".
 func parseSchemeTarget(scheme, rest string) (Target, error) {
 	if scheme != SchemeDNS && scheme != SchemeDNSSRV {
-		return Target{}, fmt.Errorf("unknown scheme %q (want %q, %q, %q or a static host:port)", scheme, SchemeDNS, SchemeDNSSRV, SchemeEtcd)
+		return Target{}, fmt.Errorf("unknown scheme %q (want %q, %q, %q, %q or a static host:port)", scheme, SchemeDNS, SchemeDNSSRV, SchemeEtcd, SchemeZK)
 	}
 	authority, endpoint, ok := strings.Cut(rest, "/")
 	if !ok {
@@ -184,46 +197,61 @@ func parseSchemeTarget(scheme, rest string) (Target, error) {
 	return t, nil
 }
 
-// parseEtcdTarget parses what follows "etcd://":
-// "host:port[,host:port...]/PREFIX[?format=F]".
-func parseEtcdTarget(rest string) (Target, error) {
+// parseRegistryTarget parses what follows "etcd://" or "zk://":
+// "host:port[,host:port...]/PATH[?format=F]".
+func parseRegistryTarget(scheme, rest string) (Target, error) {
+	what, placeholder := "key prefix", "PREFIX"
+	if scheme == SchemeZK {
+		what, placeholder = "node path", "PATH"
+	}
 	authority, path, ok := strings.Cut(rest, "/")
 	if !ok {
-		return Target{}, errors.New("missing '/PREFIX' after etcd://endpoints")
+		return Target{}, fmt.Errorf("missing '/%s' after %s://endpoints", placeholder, scheme)
 	}
 	if authority == "" {
-		return Target{}, errors.New("missing etcd endpoint: give etcd://host:port[,host:port...]/PREFIX")
+		return Target{}, fmt.Errorf("missing %s endpoint: give %s://host:port[,host:port...]/%s", scheme, scheme, placeholder)
 	}
 	var eps []string
 	for ep := range strings.SplitSeq(authority, ",") {
 		host, port, err := parseHostPort(ep)
 		if err != nil {
-			return Target{}, fmt.Errorf("etcd endpoint %q: %w", ep, err)
+			return Target{}, fmt.Errorf("%s endpoint %q: %w", scheme, ep, err)
 		}
 		eps = append(eps, net.JoinHostPort(host, strconv.FormatUint(uint64(port), 10)))
 	}
-	t := Target{Scheme: SchemeEtcd, Authority: strings.Join(eps, ",")}
+	t := Target{Scheme: scheme, Authority: strings.Join(eps, ",")}
 	path, query, hasQuery := strings.Cut(path, "?")
 	if hasQuery {
 		key, value, _ := strings.Cut(query, "=")
 		if key != "format" || strings.ContainsAny(value, "&=") {
 			return Target{}, fmt.Errorf("invalid query %q: only format=F is known", query)
 		}
-		f, err := parseEtcdFormat(value)
+		parse := parseEtcdFormat
+		if scheme == SchemeZK {
+			parse = parseZKFormat
+		}
+		f, err := parse(value)
 		if err != nil {
 			return Target{}, err
 		}
 		t.Format = f
 	}
-	// The resolver always appends one '/', so "svc" never matches
+	// The etcd resolver always appends one '/', so "svc" never matches
 	// "svc-canary/..."; a trailing '/' given by the user is the same one.
 	t.Host = strings.TrimRight(path, "/")
 	if strings.Trim(t.Host, "/") == "" {
-		return Target{}, errors.New("missing key prefix after etcd://endpoints/")
+		return Target{}, fmt.Errorf("missing %s after %s://endpoints/", what, scheme)
 	}
 	for _, r := range t.Host {
 		if r < 0x21 || r == 0x7f || r == utf8.RuneError {
-			return Target{}, fmt.Errorf("key prefix %q: white space, control or invalid characters are not allowed", t.Host)
+			return Target{}, fmt.Errorf("%s %q: white space, control or invalid characters are not allowed", what, t.Host)
+		}
+	}
+	if scheme == SchemeZK {
+		// ZooKeeper paths are absolute and have no empty segments.
+		t.Host = "/" + strings.TrimLeft(t.Host, "/")
+		if strings.Contains(t.Host, "//") {
+			return Target{}, fmt.Errorf("node path %q: empty path segment", t.Host)
 		}
 	}
 	return t, nil

@@ -51,6 +51,12 @@ var targetCases = []targetCase{
 	{name: "etcd format auto", in: "etcd://h:1/svc?format=auto", want: Target{Scheme: "etcd", Authority: "h:1", Host: "svc"}},
 	{name: "etcd semicolon in prefix", in: "etcd://h:1/a;b", want: Target{Scheme: "etcd", Authority: "h:1", Host: "a;b"}},
 
+	// ZooKeeper targets.
+	{name: "zk", in: "zk://127.0.0.1:2181/kitex/echo", want: Target{Scheme: "zk", Authority: "127.0.0.1:2181", Host: "/kitex/echo"}},
+	{name: "zk servers", in: "ZK://a:2181,B:02181/dubbo/com.foo.Greeter/providers/", want: Target{Scheme: "zk", Authority: "a:2181,b:2181", Host: "/dubbo/com.foo.Greeter/providers"}},
+	{name: "zk double slash", in: "zk://h:1//microservices/hello", want: Target{Scheme: "zk", Authority: "h:1", Host: "/microservices/hello"}},
+	{name: "zk format", in: "zk://h:1/svc?format=Dubbo", want: Target{Scheme: "zk", Authority: "h:1", Host: "/svc", Format: "dubbo"}},
+
 	// Bad targets.
 	{name: "empty", in: "", wantErr: "empty target"},
 	{name: "white space", in: " 10.0.0.1:80", wantErr: "white space"},
@@ -100,6 +106,11 @@ var targetCases = []targetCase{
 	{name: "etcd unknown format", in: "etcd://h:1/svc?format=consul", wantErr: `unknown format "consul"`},
 	{name: "etcd unknown query", in: "etcd://h:1/svc?watch=1", wantErr: "only format=F"},
 	{name: "etcd space in prefix", in: "etcd://h:1/a b", wantErr: "white space"},
+	{name: "zk no path", in: "zk://h:1/", wantErr: "missing node path"},
+	{name: "zk no slash", in: "zk://h:1", wantErr: "missing '/PATH'"},
+	{name: "zk no endpoint", in: "zk:///svc", wantErr: "missing zk endpoint"},
+	{name: "zk empty segment", in: "zk://h:1/a//b", wantErr: "empty path segment"},
+	{name: "zk etcd-only format", in: "zk://h:1/svc?format=go-zero", wantErr: `unknown format "go-zero"`},
 }
 
 func TestParseTarget(t *testing.T) {
@@ -165,6 +176,7 @@ func TestTargetString(t *testing.T) {
 		{name: "dns authority", in: "dns://[::1]:53/b:1", want: "dns://[::1]:53/b:1"},
 		{name: "srv", in: "DNS+SRV:///_grpc._tcp.B", want: "dns+srv:///_grpc._tcp.b"},
 		{name: "etcd", in: "ETCD://H:01,[::1]:2/Svc/?format=GO-ZERO", want: "etcd://h:1,[::1]:2/Svc?format=go-zero"},
+		{name: "zk", in: "ZK://H:01//Svc/?format=KITEX", want: "zk://h:1/Svc?format=kitex"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -196,6 +208,7 @@ func FuzzParseTarget(f *testing.F) {
 		"etcd://127.0.0.1:2379,127.0.0.2:2379/kitex/registry-etcd/echo?format=kitex",
 		"etcd://[::1]:2379//dubbo/com.foo.Greeter/providers",
 		"etcd://localhost:2379/user.rpc?format=auto",
+		"zk://127.0.0.1:2181//dubbo/com.foo.Greeter/providers?format=dubbo",
 	} {
 		f.Add(s)
 	}
@@ -213,7 +226,7 @@ func FuzzParseTarget(f *testing.F) {
 		if tg.Host == "" {
 			t.Fatalf("ParseTarget(%q) = %+v with empty Host", s, tg)
 		}
-		if tg.Scheme != SchemeDNSSRV && tg.Scheme != SchemeEtcd && tg.Port == 0 {
+		if tg.Scheme != SchemeDNSSRV && tg.Scheme != SchemeEtcd && tg.Scheme != SchemeZK && tg.Port == 0 {
 			t.Fatalf("ParseTarget(%q) = %+v with port 0", s, tg)
 		}
 		if tg.Weight != 0 && (!tg.IsStatic() || tg.Weight < MinWeight || tg.Weight > MaxWeight) {
@@ -231,6 +244,12 @@ func FuzzParseTarget(f *testing.F) {
 			t.Fatalf("String not canonical: %q then %q", str, again.String())
 		}
 		// Every DNS and etcd target ParseTarget accepts can be followed.
+		if tg.Scheme == SchemeZK {
+			if _, err := NewZK(tg, ZKOptions{}); err != nil {
+				t.Fatalf("NewZK(ParseTarget(%q)) error = %v", s, err)
+			}
+			return
+		}
 		if tg.Scheme == SchemeEtcd {
 			if _, err := NewEtcd(tg, EtcdOptions{}); err != nil {
 				t.Fatalf("NewEtcd(ParseTarget(%q)) error = %v", s, err)

@@ -13,14 +13,16 @@ import (
 	"go.uber.org/zap"
 )
 
-// DefaultRegisterTTL is the lease TTL of [RegisterEtcd] when none is given.
+// DefaultRegisterTTL is the lease TTL of [RegisterEtcd], and the session
+// timeout of [RegisterZK], when none is given.
 const DefaultRegisterTTL = 10 * time.Second
 
-// RegisterOptions configures [RegisterEtcd].
+// RegisterOptions configures [Register], [RegisterEtcd] and [RegisterZK].
 type RegisterOptions struct {
-	// TTL is the lease's time to live: how long the registration outlives
-	// a crashed backend. Zero means DefaultRegisterTTL; etcd's minimum is
-	// about 2s.
+	// TTL is the lease's time to live in etcd, or the session timeout in
+	// ZooKeeper: how long the registration outlives a crashed backend.
+	// Zero means DefaultRegisterTTL; etcd's minimum is about 2s, and
+	// ZooKeeper bounds it between 2 and 20 of its ticks.
 	TTL time.Duration
 	// Weight is the Kitex weight registered; 0 means Kitex's default, 10.
 	Weight int
@@ -28,15 +30,23 @@ type RegisterOptions struct {
 	Tags map[string]string
 }
 
-// Registration is one backend registered in etcd by [RegisterEtcd], kept
-// alive until [Registration.Deregister] or [Registration.Abandon].
+// Registration is one backend registered by [Register], kept alive until
+// [Registration.Deregister] or [Registration.Abandon].
 type Registration struct {
-	cli    *clientv3.Client
-	key    string
-	lease  clientv3.LeaseID
-	cancel context.CancelFunc // stops the keep-alive
-	done   chan struct{}      // closed when keepAliveLoop has returned
-	once   sync.Once
+	key        string
+	deregister func(context.Context) error // graceful: the key goes at once
+	abandon    func()                      // as if killed: the key goes with the lease or session
+	once       sync.Once
+}
+
+// Register registers addr in the registry of target: etcd
+// ("etcd://...", see [RegisterEtcd]) or ZooKeeper ("zk://...", see
+// [RegisterZK]).
+func Register(ctx context.Context, target, addr string, opts RegisterOptions) (*Registration, error) {
+	if strings.HasPrefix(target, "zk://") {
+		return RegisterZK(ctx, target, addr, opts)
+	}
+	return RegisterEtcd(ctx, target, addr, opts)
 }
 
 // kitexValue is the value kitex-contrib/registry-etcd writes.
@@ -98,15 +108,33 @@ func RegisterEtcd(ctx context.Context, target, addr string, opts RegisterOptions
 		cli.Close()
 		return nil, fmt.Errorf("testserver: register: keep-alive: %w", err)
 	}
-	r := &Registration{cli: cli, key: key, lease: lease.ID, cancel: cancel, done: make(chan struct{})}
-	go r.keepAliveLoop(ka)
-	return r, nil
+	done := make(chan struct{})
+	go keepAliveLoop(ka, done)
+	stop := func() {
+		cancel()
+		<-done
+	}
+	return &Registration{
+		key: key,
+		deregister: func(ctx context.Context) error {
+			stop()
+			defer cli.Close()
+			if _, err := cli.Revoke(ctx, lease.ID); err != nil {
+				return fmt.Errorf("testserver: deregister %s: %w", key, err)
+			}
+			return nil
+		},
+		abandon: func() {
+			stop()
+			cli.Close()
+		},
+	}, nil
 }
 
 // keepAliveLoop drains the keep-alive responses until the keep-alive
-// ends; clientv3 needs them read.
-func (r *Registration) keepAliveLoop(ka <-chan *clientv3.LeaseKeepAliveResponse) {
-	defer close(r.done)
+// ends, then closes done; clientv3 needs them read.
+func keepAliveLoop(ka <-chan *clientv3.LeaseKeepAliveResponse, done chan<- struct{}) {
+	defer close(done)
 	for range ka {
 	}
 }
@@ -114,33 +142,22 @@ func (r *Registration) keepAliveLoop(ka <-chan *clientv3.LeaseKeepAliveResponse)
 // Key returns the registered key.
 func (r *Registration) Key() string { return r.key }
 
-// Deregister revokes the lease, which deletes the key at once, and closes
-// the client. It is what a service does on graceful shutdown. Later calls
-// of Deregister and Abandon do nothing.
+// Deregister removes the registration at once — etcd: revokes the lease;
+// ZooKeeper: closes the session, which deletes its ephemeral node — and
+// closes the client. It is what a service does on graceful shutdown.
+// Later calls of Deregister and Abandon do nothing.
 func (r *Registration) Deregister(ctx context.Context) error {
 	var err error
-	r.once.Do(func() {
-		r.stopKeepAlive()
-		if _, rerr := r.cli.Revoke(ctx, r.lease); rerr != nil {
-			err = fmt.Errorf("testserver: deregister %s: %w", r.key, rerr)
-		}
-		r.cli.Close()
-	})
+	r.once.Do(func() { err = r.deregister(ctx) })
 	return err
 }
 
-// Abandon stops the keep-alive and closes the client without revoking,
-// as a killed process would: the key stays until the lease expires.
+// Abandon stops keeping the registration alive and drops the client
+// without telling the registry, as a killed process would: the key stays
+// until the lease or session expires. Later calls of Deregister and
+// Abandon do nothing.
 func (r *Registration) Abandon() {
-	r.once.Do(func() {
-		r.stopKeepAlive()
-		r.cli.Close()
-	})
-}
-
-func (r *Registration) stopKeepAlive() {
-	r.cancel()
-	<-r.done
+	r.once.Do(r.abandon)
 }
 
 // splitEtcdTarget splits "etcd://h:p[,h:p...]/PREFIX[?query]" into the
