@@ -155,7 +155,8 @@ func TestEtcdFollowsRegistrations(t *testing.T) {
 }
 
 func TestEtcdOutageKeepsSet(t *testing.T) {
-	t.Parallel()
+	// Not parallel: it stops and restarts a server on fixed ports, and a
+	// parallel test of this package picking a free port could take them.
 	srv := etcdtest.Start(t)
 	cli := srv.Client()
 	ctx := testContext(t)
@@ -171,7 +172,13 @@ func TestEtcdOutageKeepsSet(t *testing.T) {
 	srv.Stop()
 	t.Logf("etcd stopped in %v", time.Since(stopping))
 	ctx = testContext(t)
-	u.waitFor(ctx, t, "an error", func() bool { _, errs := u.snapshot(); return len(errs) >= 2 })
+	u.waitFor(ctx, t, "an error (logs follow on failure)", func() bool {
+		_, errs := u.snapshot()
+		if len(errs) < 2 && ctx.Err() != nil {
+			t.Logf("resolver logs:\n%s", logs)
+		}
+		return len(errs) >= 2
+	})
 	if got, _ := u.last(); len(got) != 1 {
 		t.Errorf("set during the outage = %v, want the last one kept", got)
 	}

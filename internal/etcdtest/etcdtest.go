@@ -24,6 +24,10 @@ type Server struct {
 	clientURL url.URL
 	peerURL   url.URL
 	e         *embed.Etcd
+	// held keeps the stopped server's ports bound, so that no other test
+	// (or package, running at the same time) starts a server on them and
+	// answers for this one while it is down; Start lets them go.
+	held []net.Listener
 }
 
 // Start starts a single-member etcd with its data in t.TempDir() on two
@@ -37,7 +41,10 @@ func Start(t testing.TB) *Server {
 		peerURL:   url.URL{Scheme: "http", Host: freeAddr(t)},
 	}
 	s.Start()
-	t.Cleanup(s.Stop)
+	t.Cleanup(func() {
+		s.Stop()
+		s.release()
+	})
 	return s
 }
 
@@ -61,6 +68,7 @@ func (s *Server) Start() {
 	if s.e != nil {
 		return
 	}
+	s.release()
 	cfg := embed.NewConfig()
 	cfg.Name = "etcdtest"
 	cfg.Dir = s.dir
@@ -106,6 +114,21 @@ func (s *Server) Stop() {
 	s.e.Close()
 	<-s.e.Server.StopNotify()
 	s.e = nil
+	// Hold the ports while down: connections to them queue and are never
+	// answered, as to a host that is gone, and nobody else can take them.
+	for _, host := range []string{s.clientURL.Host, s.peerURL.Host} {
+		if ln, err := net.Listen("tcp", host); err == nil {
+			s.held = append(s.held, ln)
+		}
+	}
+}
+
+// release lets the held ports go.
+func (s *Server) release() {
+	for _, ln := range s.held {
+		ln.Close()
+	}
+	s.held = nil
 }
 
 // Client returns a client of the server, closed when the test ends.
