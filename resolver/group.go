@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"time"
 )
 
 // Group is a [Resolver] that combines the sets of several resolvers, static
@@ -65,43 +66,33 @@ func New(targets []string, opts DNSOptions) (Resolver, error) {
 	if err != nil {
 		errs = append(errs, err)
 	}
-	eopts := opts.Etcd
-	if eopts.Logger == nil {
-		eopts.Logger = opts.Logger
-	}
-	if eopts.BackoffInitial == 0 && eopts.BackoffMax == 0 {
-		eopts.BackoffInitial, eopts.BackoffMax = opts.BackoffInitial, opts.BackoffMax
-	}
-	etcds := make(map[Target]*Etcd)
+	// The registries take the logger and backoff of opts unless their own
+	// options set them.
+	eopts, zopts := opts.Etcd, opts.ZK
+	inherit(&eopts.Logger, &eopts.BackoffInitial, &eopts.BackoffMax, opts)
+	inherit(&zopts.Logger, &zopts.BackoffInitial, &zopts.BackoffMax, opts)
+	registries := make(map[Target]Resolver)
+	failed := make(map[string]bool) // schemes whose options were rejected
 	for _, t := range dnsTgts {
-		if t.Scheme != SchemeEtcd {
+		var r Resolver
+		var err error
+		switch t.Scheme {
+		case SchemeEtcd:
+			r, err = NewEtcd(t, eopts)
+		case SchemeZK:
+			r, err = NewZK(t, zopts)
+		default:
+			continue // DNS, built below once every target is known good
+		}
+		if err != nil {
+			// The options' problems would repeat for every target.
+			if !failed[t.Scheme] {
+				errs = append(errs, err)
+			}
+			failed[t.Scheme] = true
 			continue
 		}
-		e, err := NewEtcd(t, eopts)
-		if err != nil {
-			errs = append(errs, err)
-			break // the options' problems would repeat for every target
-		}
-		etcds[t] = e
-	}
-	zopts := opts.ZK
-	if zopts.Logger == nil {
-		zopts.Logger = opts.Logger
-	}
-	if zopts.BackoffInitial == 0 && zopts.BackoffMax == 0 {
-		zopts.BackoffInitial, zopts.BackoffMax = opts.BackoffInitial, opts.BackoffMax
-	}
-	zks := make(map[Target]*ZK)
-	for _, t := range dnsTgts {
-		if t.Scheme != SchemeZK {
-			continue
-		}
-		z, err := NewZK(t, zopts)
-		if err != nil {
-			errs = append(errs, err)
-			break // the options' problems would repeat for every target
-		}
-		zks[t] = z
+		registries[t] = r
 	}
 	g := &Group{}
 	if len(static) > 0 {
@@ -116,12 +107,8 @@ func New(targets []string, opts DNSOptions) (Resolver, error) {
 		return nil, errors.Join(errs...)
 	}
 	for _, t := range dnsTgts {
-		if e := etcds[t]; e != nil {
-			g.children = append(g.children, child{name: t.String(), r: e})
-			continue
-		}
-		if z := zks[t]; z != nil {
-			g.children = append(g.children, child{name: t.String(), r: z})
+		if r := registries[t]; r != nil {
+			g.children = append(g.children, child{name: t.String(), r: r})
 			continue
 		}
 		d, err := NewDNS(t, opts)
@@ -132,6 +119,16 @@ func New(targets []string, opts DNSOptions) (Resolver, error) {
 	}
 	g.logger = opts.Logger.With("component", "resolver")
 	return g, nil
+}
+
+// inherit fills a registry's logger and backoff from opts where unset.
+func inherit(logger **slog.Logger, initial, max *time.Duration, opts DNSOptions) {
+	if *logger == nil {
+		*logger = opts.Logger
+	}
+	if *initial == 0 && *max == 0 {
+		*initial, *max = opts.BackoffInitial, opts.BackoffMax
+	}
 }
 
 // ResolveNow asks every resolver of the group to re-resolve early; see
