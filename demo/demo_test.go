@@ -33,42 +33,7 @@ func TestDemo(t *testing.T) {
 	if err != nil {
 		t.Fatalf("RunDemo: %v\n%s", err, out.String())
 	}
-	if len(res.Steps) != 3 {
-		t.Fatalf("got %d steps, want 3", len(res.Steps))
-	}
-	for i, s := range res.Steps {
-		if n := s.Errors[demo.ViaProxy]; n != 0 {
-			t.Errorf("step %d: %d calls through streamlb failed, want none", i+1, n)
-		}
-		var total int64
-		for _, p := range s.Pods {
-			total += s.Calls[demo.ViaProxy][p]
-		}
-		for p, n := range s.Calls[demo.ViaProxy] {
-			if !contains(s.Pods, p) {
-				t.Errorf("step %d: pod %s, not in the set, got %d calls through streamlb", i+1, p, n)
-			}
-		}
-		// Every pod of the set gets a fair part of the proxied calls, the
-		// pods added by scale-out included (they appear within the refresh
-		// interval, a small part of the step).
-		for _, p := range s.Pods {
-			share := float64(s.Calls[demo.ViaProxy][p]) / float64(total)
-			if want := 0.5 / float64(len(s.Pods)); share < want {
-				t.Errorf("step %d: pod %s got %.0f%% of proxied calls, want at least %.0f%%", i+1, p, share*100, want*100)
-			}
-		}
-	}
-	// pick_first keeps the direct client on one pod while 4 are up.
-	used := 0
-	for _, n := range res.Steps[1].Calls[demo.Direct] {
-		if n > 0 {
-			used++
-		}
-	}
-	if used != 1 {
-		t.Errorf("direct client used %d pods in the 4-pod step, want 1 (grpc-go pick_first without re-resolution)", used)
-	}
+	checkSteps(t, res)
 	for _, want := range []string{"=== step 2/3: 4 pods", "=== summary", demo.ViaProxy, demo.Direct, "pod-4"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("output lacks %q:\n%s", want, out.String())
@@ -130,6 +95,23 @@ func TestDemoEtcd(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Run: %v\n%s", err, out.String())
 	}
+	checkSteps(t, res)
+	for _, want := range []string{"embedded etcd", "pod-4 killed without deregistering", "streamlb followed the registry in", "=== summary"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+	t.Logf("failed calls during the changes: %v", res.ChangeErrors)
+	t.Logf("demo output:\n%s", out.String())
+}
+
+// checkSteps checks what the demo is there to show, over steps of 2, 4 and
+// 1 pods: no call through streamlb fails, only pods of the set get calls
+// and every one a fair part (pods added by scale-out included: they
+// appear within a small part of the step), while pick_first keeps the
+// direct client on one pod while 4 are up.
+func checkSteps(t *testing.T, res *demo.Result) {
+	t.Helper()
 	if len(res.Steps) != 3 {
 		t.Fatalf("got %d steps, want 3", len(res.Steps))
 	}
@@ -160,13 +142,6 @@ func TestDemoEtcd(t *testing.T) {
 		}
 	}
 	if used != 1 {
-		t.Errorf("direct client used %d pods in the 4-pod step, want 1", used)
+		t.Errorf("direct client used %d pods in the 4-pod step, want 1 (grpc-go pick_first without re-resolution)", used)
 	}
-	for _, want := range []string{"embedded etcd", "pod-4 killed without deregistering", "streamlb followed the registry in", "=== summary"} {
-		if !strings.Contains(out.String(), want) {
-			t.Errorf("output lacks %q:\n%s", want, out.String())
-		}
-	}
-	t.Logf("failed calls during the changes: %v", res.ChangeErrors)
-	t.Logf("demo output:\n%s", out.String())
 }
