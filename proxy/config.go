@@ -260,12 +260,7 @@ func (c *Config) setDefaults() error {
 	if c.ConnWindow < minWindow {
 		return fmt.Errorf("proxy: ConnWindow %d is below the HTTP/2 default of %d", c.ConnWindow, minWindow)
 	}
-	switch {
-	case c.MaxConnBufferedBytes == 0:
-		c.MaxConnBufferedBytes = DefaultMaxConnBufferedBytes
-	case c.MaxConnBufferedBytes < 0:
-		c.MaxConnBufferedBytes = 0
-	}
+	defaultOrOff(&c.MaxConnBufferedBytes, DefaultMaxConnBufferedBytes)
 	if c.MaxHeaderListSize == 0 {
 		c.MaxHeaderListSize = DefaultMaxHeaderListSize
 	}
@@ -281,45 +276,15 @@ func (c *Config) setDefaults() error {
 	if c.HandshakeTimeout <= 0 {
 		c.HandshakeTimeout = DefaultHandshakeTimeout
 	}
-	switch {
-	case c.RestartGrace == 0:
-		c.RestartGrace = DefaultRestartGrace
-	case c.RestartGrace < 0:
-		c.RestartGrace = 0
-	}
-	switch {
-	case c.MaxConnections == 0:
-		c.MaxConnections = DefaultMaxConnections
-	case c.MaxConnections < 0:
-		c.MaxConnections = 0
-	}
-	switch {
-	case c.IdleTimeout == 0:
-		c.IdleTimeout = DefaultIdleTimeout
-	case c.IdleTimeout < 0:
-		c.IdleTimeout = 0
-	}
-	switch {
-	case c.WriteTimeout == 0:
-		c.WriteTimeout = DefaultWriteTimeout
-	case c.WriteTimeout < 0:
-		c.WriteTimeout = 0
-	}
-	switch {
-	case c.RequestIdleTimeout == 0:
-		c.RequestIdleTimeout = DefaultRequestIdleTimeout
-	case c.RequestIdleTimeout < 0:
-		c.RequestIdleTimeout = 0
-	}
+	defaultOrOff(&c.RestartGrace, DefaultRestartGrace)
+	defaultOrOff(&c.MaxConnections, DefaultMaxConnections)
+	defaultOrOff(&c.IdleTimeout, DefaultIdleTimeout)
+	defaultOrOff(&c.WriteTimeout, DefaultWriteTimeout)
+	defaultOrOff(&c.RequestIdleTimeout, DefaultRequestIdleTimeout)
 	if c.ShutdownPingTimeout <= 0 {
 		c.ShutdownPingTimeout = DefaultShutdownPingTimeout
 	}
-	switch {
-	case c.ShutdownLinger == 0:
-		c.ShutdownLinger = DefaultShutdownLinger
-	case c.ShutdownLinger < 0:
-		c.ShutdownLinger = 0
-	}
+	defaultOrOff(&c.ShutdownLinger, DefaultShutdownLinger)
 	if c.MaxEarlyResets == 0 {
 		c.MaxEarlyResets = DefaultMaxEarlyResets
 	}
@@ -329,12 +294,7 @@ func (c *Config) setDefaults() error {
 	if c.PrefaceTimeout <= 0 {
 		c.PrefaceTimeout = DefaultPrefaceTimeout
 	}
-	switch {
-	case c.RetryBufferSize == 0:
-		c.RetryBufferSize = DefaultRetryBufferSize
-	case c.RetryBufferSize < 0:
-		c.RetryBufferSize = 0
-	}
+	defaultOrOff(&c.RetryBufferSize, DefaultRetryBufferSize)
 	switch {
 	case c.MaxRetries == 0:
 		c.MaxRetries = DefaultMaxRetries
@@ -377,4 +337,15 @@ func (c *Config) setDefaults() error {
 		c.Logger = slog.Default()
 	}
 	return nil
+}
+
+// defaultOrOff applies the convention of the Config fields that can be
+// turned off: zero means def, a negative value means off (stored as 0).
+func defaultOrOff[T ~int | ~int64](v *T, def T) {
+	switch {
+	case *v == 0:
+		*v = def
+	case *v < 0:
+		*v = 0
+	}
 }
