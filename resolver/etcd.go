@@ -304,12 +304,24 @@ func (e *Etcd) decode(st *etcdState, key string, value []byte) ([]Address, bool)
 // answering the probe, or ctx ends.
 func (e *Etcd) watch(ctx context.Context, cli *clientv3.Client, st *etcdState, u Updater, rev int64) error {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-	defer cancel()
-	wch := cli.Watch(wctx, e.prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+	// cli.Watch blocks until its request is sent, which is forever while
+	// etcd is unreachable: start it on its own goroutine so that the probe
+	// below still notices the outage. Cancelling wctx ends that call.
+	started := make(chan clientv3.WatchChan, 1)
+	go func() { started <- cli.Watch(wctx, e.prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1)) }()
+	var wch clientv3.WatchChan // nil, so not selected, until the watch has started
+	defer func() {
+		cancel()
+		if started != nil {
+			<-started
+		}
+	}()
 	probe := time.NewTicker(e.opts.ProbeInterval)
 	defer probe.Stop()
 	for {
 		select {
+		case wch = <-started:
+			started = nil
 		case <-ctx.Done():
 			return nil
 		case <-probe.C:
