@@ -68,7 +68,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			s.tried = s.triedInl[:0]
 		}
 		s.tried = append(s.tried, addr)
-		a.up.closed = s.cRecvEnd
+		a.up.closed = s.cst.recvEnded()
 		prev := s.att
 		s.att = a
 		s.down.src = &bc.transport
@@ -156,7 +156,7 @@ func (c *serverConn) releaseItemsLocked(items []outItem) {
 func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer ...[]hpack.HeaderField) {
 	s := a.s
 	c.mu.Lock()
-	eligible := s.att == a && !s.cClosed && !s.down.closed && !s.headersSent && s.down.empty() &&
+	eligible := s.att == a && !s.cst.ended() && !s.down.closed && !s.headersSent && s.down.empty() &&
 		s.attempts <= c.srv.cfg.MaxRetries
 	throttled := eligible && !transparent && s.retryable && !c.srv.budget.allow()
 	if eligible && (transparent || (s.retryable && !throttled)) {
@@ -175,7 +175,7 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 	a.bc.discardLocked(a)
 	a.bc.mu.Unlock()
 	current := s.att == a
-	if current && !s.cClosed && !s.down.closed {
+	if current && !s.cst.ended() && !s.down.closed {
 		c.failLocked(s, f, answer...)
 	}
 	c.mu.Unlock()

@@ -387,9 +387,9 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 			c.mu.Unlock()
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
-		if s.cRecvEnd {
+		if c.stepLocked(s, evRecvHeaders) != resOK {
 			c.mu.Unlock()
-			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed} // §5.1 half-closed (remote)
 		}
 		if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields || len(f.PseudoFields()) > 0 {
 			// Trailers cut short would change the request's meaning,
@@ -398,7 +398,6 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 			c.mu.Unlock()
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 		}
-		s.cRecvEnd = true
 		if a := s.att; a != nil {
 			// gRPC has no request trailers, and a grpc-go server closes
 			// the whole connection on a second HEADERS from the client
@@ -407,7 +406,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 			// empty DATA frame with END_STREAM; the fields are dropped.
 			a.bc.enqueueUp(a, outItem{kind: itemData, end: true}, nil)
 		}
-		c.maybeCloseLocked(s)
+		c.stepLocked(s, evRecvEnd)
 		c.mu.Unlock()
 		c.signal()
 		return nil
@@ -439,7 +438,10 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	}
 	s.down = sendQueue{s: s, id: id, window: c.peerInitWin}
 	s.upRecv = recvState{id: id, window: c.streamWindow}
-	s.cRecvEnd = end
+	s.cst.apply(evRecvHeaders)
+	if end {
+		s.cst.apply(evRecvEnd)
+	}
 	s.active = true
 	c.streams[id] = s
 	c.streamOpenedLocked()
@@ -482,7 +484,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	}
 	if ri.hasTimeout {
 		c.mu.Lock()
-		if !s.cClosed {
+		if !s.cst.ended() {
 			s.deadline = time.Now().Add(ri.timeout)
 			s.timer = time.AfterFunc(ri.timeout, func() { c.deadlineExceeded(s) })
 		}
@@ -534,7 +536,7 @@ func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) 
 	for i, fields := range blocks {
 		s.down.push(outItem{kind: itemHeaders, end: i == len(blocks)-1, fields: fields})
 	}
-	if !s.cRecvEnd {
+	if !s.cst.recvEnded() {
 		s.rstQueued = true
 		s.rstCode = http2.ErrCodeNo
 		s.down.push(outItem{kind: itemReset, code: http2.ErrCodeNo})
@@ -549,7 +551,7 @@ func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) 
 func (c *serverConn) failDown(a *attempt, f failure) {
 	s := a.s
 	c.mu.Lock()
-	if s.att != a || s.down.closed || s.cClosed {
+	if s.att != a || s.down.closed || s.cst.ended() {
 		c.mu.Unlock()
 		return
 	}
@@ -566,7 +568,7 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 	// make the deadline miss: whatever attempt is current now is cut.
 	c.mu.Lock()
 	a := s.att
-	if !s.down.closed && !s.cClosed {
+	if !s.down.closed && !s.cst.ended() {
 		c.failLocked(s, failure{kind: failDeadline, method: s.method})
 	}
 	c.mu.Unlock()
@@ -591,7 +593,7 @@ func (c *serverConn) sweepRequestIdle() {
 		return
 	}
 	for _, s := range c.streams {
-		if s.cRecvEnd || s.down.closed {
+		if s.cst.recvEnded() || s.down.closed {
 			continue
 		}
 		if s.active {
@@ -653,9 +655,9 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 	case !streamOK:
 		c.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
-	case s.cRecvEnd:
+	case c.stepLocked(s, evRecvData) != resOK:
 		c.mu.Unlock()
-		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed} // §6.1
 	}
 	c.creditLocked(r, n-int32(len(data))) // padding is never relayed
 	s.bytesIn += int64(len(data))
@@ -671,8 +673,7 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 		c.creditLocked(r, int32(len(data)))
 	}
 	if end {
-		s.cRecvEnd = true
-		c.maybeCloseLocked(s)
+		c.stepLocked(s, evRecvEnd)
 	}
 	// Wake the writer only for a WINDOW_UPDATE it must send: a futex
 	// wake-up per DATA frame costs more than the frame.
@@ -715,7 +716,11 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 		}
 	}
 	a := s.att
-	c.closeSideLocked(s)
+	if sendRST {
+		c.stepLocked(s, evSendReset)
+	} else {
+		c.stepLocked(s, evRecvReset)
+	}
 	c.mu.Unlock()
 	c.signal()
 	if a != nil {
@@ -762,14 +767,14 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 	c.mu.Lock()
 	defer c.signal()
 	defer c.mu.Unlock()
-	if s.cClosed || s.att != a {
+	if s.cst.ended() || s.att != a {
 		return
 	}
 	if s.down.closed {
 		// The response is complete (or being completed); a reset while the
 		// client still sends tells it to stop (RFC 9113 §8.1), legal also
 		// in half-closed (local). Queued after the response, and once.
-		if !s.cRecvEnd && !s.rstQueued {
+		if !s.cst.recvEnded() && !s.rstQueued {
 			s.rstQueued = true
 			s.rstCode = code
 			s.down.push(outItem{kind: itemReset, code: code})
@@ -788,23 +793,33 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 	// Codes are relayed as they are, so the client sees what a direct call
 	// would: grpc-go maps RST_STREAM codes to statuses itself.
 	c.queueCtrlLocked(writeOp{kind: opReset, streamID: s.down.id, code: code})
-	c.closeSideLocked(s)
+	c.stepLocked(s, evSendReset)
 }
 
-// maybeCloseLocked closes the client side once both directions ended.
-// Caller must hold mu.
-func (c *serverConn) maybeCloseLocked(s *stream) {
-	if s.cRecvEnd && s.cSentEnd {
-		c.closeSideLocked(s)
+// stepLocked applies ev to s's state on the client connection (RFC 9113
+// §5.1) and removes s from the connection once it ended. Caller must hold
+// mu.
+func (c *serverConn) stepLocked(s *stream, ev h2event) h2result {
+	res, ended := c.transport.stepLocked(&s.cst, s.down.id, ev)
+	if ended {
+		c.removeLocked(s)
 	}
+	return res
 }
 
-// closeSideLocked removes s from the client connection. Caller must hold mu.
+// closeSideLocked ends s on the client connection whatever its state: the
+// connection or the call is over. Caller must hold mu.
 func (c *serverConn) closeSideLocked(s *stream) {
-	if s.cClosed {
+	if s.cst.ended() {
 		return
 	}
-	s.cClosed = true
+	s.cst = stClosed
+	c.removeLocked(s)
+}
+
+// removeLocked removes s, which just ended, from the client connection.
+// Caller must hold mu.
+func (c *serverConn) removeLocked(s *stream) {
 	delete(c.streams, s.down.id)
 	if len(c.streams) == 0 && c.idleTimer != nil {
 		c.idleSince = time.Now()
@@ -822,17 +837,18 @@ func (c *serverConn) openLocked(batch []writeOp) []writeOp { return batch }
 // sentLastLocked implements role.
 func (c *serverConn) sentLastLocked(q *sendQueue, reset bool) {
 	s := q.s
-	if !reset && s.rstQueued && !s.cRecvEnd {
+	if reset {
+		c.stepLocked(s, evSendReset)
+		return
+	}
+	c.stepLocked(s, evSendEnd)
+	if s.rstQueued && !s.cst.recvEnded() {
 		// The RST_STREAM queued behind the response's last frame went
 		// with the queue when that frame was taken: send it now, after
 		// that frame, or the stream stays open until the client ends its
 		// side, which it may never do (RFC 9113 §8.1).
 		c.queueCtrlLocked(writeOp{kind: opReset, streamID: q.id, code: s.rstCode})
-		reset = true
-	}
-	s.cSentEnd = true
-	if reset || s.cRecvEnd {
-		c.closeSideLocked(s)
+		c.stepLocked(s, evSendReset)
 	}
 }
 

@@ -33,10 +33,8 @@ type stream struct {
 	// Client side, guarded by cc.mu.
 	down        sendQueue     // toward the client
 	upRecv      recvState     // flow control of client → proxy DATA
-	cRecvEnd    bool          // client sent END_STREAM
-	cSentEnd    bool          // our END_STREAM or RST_STREAM was written to the client
-	headersSent bool          // response HEADERS taken for writing
-	cClosed     bool          // removed from cc's table
+	cst         h2state       // RFC 9113 §5.1 state on cc; it leaves cc's table when it ends
+	headersSent bool          // response HEADERS taken for writing: a failure must use trailers (gRPC, not §5.1)
 	rstQueued   bool          // a RST_STREAM follows the response in down
 	rstCode     http2.ErrCode // its code
 	result      error         // outcome reported to done

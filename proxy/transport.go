@@ -261,6 +261,9 @@ type transport struct {
 	held       int64
 	heldBudget int64 // immutable after construction
 	withheld   bool  // connection window withheld, see held
+	// resets are the stream ids we reset last: frames on them are ignored
+	// after the streams are gone (RFC 9113 §5.1 "closed").
+	resets resetRing
 
 	// toRelease holds buffers no queue needs any more but that the write in
 	// progress may still be reading; the writer returns them to the pool
@@ -269,6 +272,21 @@ type transport struct {
 	// retryBuffer is Config.RetryBufferSize; backend connections keep up to
 	// that many written request bytes per attempt for a retry.
 	retryBuffer int
+}
+
+// stepLocked applies ev to the state st of stream id (RFC 9113 §5.1) and
+// reports the result and whether the stream ended with it. A stream we
+// reset while the peer could still send on it is remembered, so that its
+// frames in flight are ignored once it is gone. Caller must hold mu.
+func (t *transport) stepLocked(st *h2state, id uint32, ev h2event) (res h2result, ended bool) {
+	prev := *st
+	if res = st.apply(ev); res != resOK {
+		return res, false
+	}
+	if ev == evSendReset && !prev.recvEnded() && id != 0 {
+		t.resets.add(id)
+	}
+	return res, !prev.ended() && st.ended()
 }
 
 // releaseLocked returns b to the pool once the writer is past the write in
