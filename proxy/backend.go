@@ -329,9 +329,9 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		}
 		return nil
 	}
-	if a.bRecvEnd {
+	if b.stepLocked(a, evRecvHeaders) != resOK {
 		b.mu.Unlock()
-		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed} // §5.1 half-closed (remote)
 	}
 	if f.Truncated {
 		// Over MaxHeaderListSize: what is left would be a response without
@@ -349,8 +349,9 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		if end && isUnavailable(fields) {
 			// Try another backend; the headers held back, if any, are
 			// dropped with this answer.
-			if !a.bSentEnd {
+			if !a.bst.sentEnded() {
 				b.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeCancel})
+				b.transport.stepLocked(&a.bst, id, evSendReset)
 			}
 			answer := [][]hpack.HeaderField{fields}
 			if a.held != nil {
@@ -377,8 +378,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	a.gotHeaders = true
 	held := b.forwardLocked(a)
 	if end {
-		a.bRecvEnd = true
-		b.maybeCloseLocked(a)
+		b.stepLocked(a, evRecvEnd)
 	}
 	b.mu.Unlock()
 	cc := a.s.cc
@@ -430,15 +430,17 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 	case !streamOK:
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
-	case a.bRecvEnd || !a.gotHeaders:
+	case b.stepLocked(a, evRecvData) != resOK:
+		b.mu.Unlock()
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed} // §6.1
+	case !a.gotHeaders:
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
 	}
 	b.creditLocked(r, n-int32(len(data)))
 	held := b.forwardLocked(a)
 	if end {
-		a.bRecvEnd = true
-		b.maybeCloseLocked(a)
+		b.stepLocked(a, evRecvEnd)
 	}
 	// Wake the writer for a WINDOW_UPDATE queued here (the connection
 	// window must be returned even if no client reads), not per frame.
@@ -471,10 +473,16 @@ func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bo
 		return
 	}
 	if !sendRST && code == http2.ErrCodeRefusedStream && !a.forwarded {
+		b.transport.stepLocked(&a.bst, id, evRecvReset)
 		b.unlinkLocked(a)
 		b.mu.Unlock()
 		a.s.cc.retryOrFail(a, true, failure{kind: failRefused, backend: b.addr})
 		return
+	}
+	if sendRST {
+		b.stepLocked(a, evSendReset)
+	} else {
+		b.stepLocked(a, evRecvReset)
 	}
 	b.closeAttLocked(a)
 	b.mu.Unlock()
@@ -559,16 +567,21 @@ func (b *backendConn) resetUp(a *attempt, code http2.ErrCode) {
 	}
 	if a.up.id != 0 {
 		b.queueCtrlLocked(writeOp{kind: opReset, streamID: a.up.id, code: code})
+		b.stepLocked(a, evSendReset)
 	}
 	b.closeAttLocked(a)
 	b.mu.Unlock()
 	b.signal()
 }
 
-func (b *backendConn) maybeCloseLocked(a *attempt) {
-	if a.bRecvEnd && a.bSentEnd {
+// stepLocked applies ev to a's state on b (RFC 9113 §5.1) and ends a once
+// its state ended. Caller must hold mu.
+func (b *backendConn) stepLocked(a *attempt, ev h2event) h2result {
+	res, ended := b.transport.stepLocked(&a.bst, a.up.id, ev)
+	if ended {
 		b.closeAttLocked(a)
 	}
+	return res
 }
 
 // unlinkLocked removes a from b's tables and frees its slot, keeping its
@@ -578,6 +591,9 @@ func (b *backendConn) unlinkLocked(a *attempt) {
 		return
 	}
 	a.bClosed = true
+	if !a.bst.ended() {
+		a.bst = stClosed // the connection forgets it
+	}
 	a.up.detached = true
 	a.downRecv.done = true
 	b.releaseHeldLocked(&a.downRecv)
@@ -671,8 +687,9 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		a.downRecv.id = id
 		b.streams[id] = a
 		batch = append(batch, writeOp{kind: opHeaders, streamID: id, end: a.s.reqEnd, fields: a.s.reqFields})
+		b.transport.stepLocked(&a.bst, id, evSendHeaders)
 		if a.s.reqEnd {
-			a.bSentEnd = true
+			b.transport.stepLocked(&a.bst, id, evSendEnd)
 		}
 		b.markReadyLocked(&a.up)
 	}
@@ -686,10 +703,10 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 
 // sentLastLocked implements role.
 func (b *backendConn) sentLastLocked(q *sendQueue, reset bool) {
-	a := q.a
-	a.bSentEnd = true
-	if reset || a.bRecvEnd {
-		b.closeAttLocked(a)
+	if reset {
+		b.stepLocked(q.a, evSendReset)
+	} else {
+		b.stepLocked(q.a, evSendEnd)
 	}
 }
 

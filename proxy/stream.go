@@ -76,11 +76,10 @@ type attempt struct {
 	hsTimer      *time.Timer   // bounds the wait for bc's handshake; set once under bc.mu, before the timer can fire
 
 	// Guarded by bc.mu.
-	up         sendQueue // toward the backend
-	downRecv   recvState // flow control of backend → proxy DATA
-	bRecvEnd   bool
-	bSentEnd   bool
-	bClosed    bool                // no longer in bc's tables
+	up         sendQueue           // toward the backend
+	downRecv   recvState           // flow control of backend → proxy DATA
+	bst        h2state             // RFC 9113 §5.1 state on bc: idle while pending
+	bClosed    bool                // no longer in bc's tables nor holding a slot (also set to retry elsewhere)
 	discarded  bool                // over for good: request items are refused
 	gotHeaders bool                // the backend sent its response headers
 	forwarded  bool                // the client has seen part of this attempt's answer
