@@ -167,7 +167,7 @@ func (b *backendConn) run(ctx context.Context) {
 	defer settingsTimer.Stop()
 	readerDone := make(chan error, 1)
 	go func() {
-		err := b.readLoop()
+		err := b.readLoop(b)
 		b.close(err) // stops the writer too
 		readerDone <- err
 	}()
@@ -240,75 +240,57 @@ func (b *backendConn) failAll(f failure) {
 	}
 }
 
-func (b *backendConn) readLoop() error {
-	for {
-		f, err := b.readFrame()
-		if err == nil {
-			err = b.handleFrame(f)
-		}
-		if err == nil && b.ctrlOverflow.Load() {
-			err = http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
-		}
-		if err == nil {
-			continue
-		}
-		var se http2.StreamError
-		if errors.As(err, &se) {
-			b.resetFromBackend(se.StreamID, se.Code, true)
-			continue
-		}
-		var ce http2.ConnectionError
-		if errors.As(err, &ce) {
-			b.mu.Lock()
-			b.queueCtrlLocked(writeOp{kind: opGoAway, code: http2.ErrCode(ce)})
-			b.goingAway = true
-			b.drainAndClose = true
-			b.mu.Unlock()
-			b.signal()
-			return fmt.Errorf("protocol error from backend: %w", err)
-		}
-		return err
-	}
+// connError implements errorPolicy.
+func (b *backendConn) connError(err error, code http2.ErrCode, detail error) error {
+	b.mu.Lock()
+	b.queueCtrlLocked(writeOp{kind: opGoAway, code: code})
+	b.goingAway = true
+	b.drainAndClose = true
+	b.mu.Unlock()
+	b.signal()
+	return fmt.Errorf("protocol error from backend: %w", err)
 }
 
-func (b *backendConn) handleFrame(f http2.Frame) error {
-	switch f := f.(type) {
-	case *headerBlock:
-		return b.onHeaders(f)
-	case *http2.DataFrame:
-		return b.onData(f)
-	case *http2.RSTStreamFrame:
-		b.resetFromBackend(f.StreamID, f.ErrCode, false)
-	case *http2.SettingsFrame:
-		if err := b.handleSettings(f, b.eachQueueLocked); err != nil {
-			return err
-		}
-		if !f.IsAck() {
-			b.pool.backUp(b.addr)
-		}
-	case *http2.WindowUpdateFrame:
-		b.mu.Lock()
-		var q *sendQueue
-		if s := b.streams[f.StreamID]; s != nil {
-			q = &s.up
-		}
-		err := b.handleWindowUpdateLocked(q, f)
-		b.mu.Unlock()
-		return err
-	case *http2.PingFrame:
-		if !f.IsAck() {
-			b.mu.Lock()
-			b.queueCtrlLocked(writeOp{kind: opPing, end: true, ping: f.Data})
-			b.mu.Unlock()
-			b.signal()
-		}
-	case *http2.GoAwayFrame:
-		b.onGoAway(f)
-	case *http2.PushPromiseFrame:
-		return http2.ConnectionError(http2.ErrCodeProtocol) // we sent ENABLE_PUSH=0
-	}
+// streamError implements errorPolicy.
+func (b *backendConn) streamError(se http2.StreamError) error {
+	b.resetFromBackend(se.StreamID, se.Code, true)
 	return nil
 }
+
+// glitchLocked implements errorPolicy: a backend is ours, and is not
+// held to a budget.
+func (b *backendConn) glitchLocked(int, string) error { return nil }
+
+// streamLocked implements streamTable.
+func (b *backendConn) streamLocked(id uint32) (*h2state, *sendQueue) {
+	if a := b.streams[id]; a != nil {
+		return &a.bst, &a.up
+	}
+	return nil, nil
+}
+
+// forgottenLocked implements streamTable. We open odd ids in increasing
+// order, nextID being the next; a backend opens none, since we sent
+// ENABLE_PUSH=0 (RFC 9113 §8.4).
+func (b *backendConn) forgottenLocked(id uint32) h2state {
+	if id%2 == 0 || id >= b.nextID {
+		return stIdle
+	}
+	return stClosed
+}
+
+// onReset implements frameHandler.
+func (b *backendConn) onReset(id uint32, code http2.ErrCode) error {
+	b.resetFromBackend(id, code, false)
+	return nil
+}
+
+// onPingAck implements frameHandler; we send no PING of our own.
+func (b *backendConn) onPingAck([8]byte) {}
+
+// settingsApplied implements frameHandler: the backend's handshake is
+// done.
+func (b *backendConn) settingsApplied() { b.pool.backUp(b.addr) }
 
 func (b *backendConn) eachQueueLocked(fn func(*sendQueue)) {
 	for _, a := range b.streams {
@@ -322,12 +304,14 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	b.mu.Lock()
 	a := b.streams[id]
 	if a == nil {
-		idle := id >= b.nextID
-		b.mu.Unlock()
-		if idle {
-			return http2.ConnectionError(http2.ErrCodeProtocol)
+		// On an idle stream, a backend opening a stream (§8.4, §5.1.1);
+		// on a closed one, STREAM_CLOSED unless we reset it.
+		var err error = http2.ConnectionError(http2.ErrCodeProtocol)
+		if b.forgottenLocked(id) != stIdle {
+			err = b.unknownStreamLocked(b, id, evRecvHeaders, "HEADERS on a closed stream")
 		}
-		return nil
+		b.mu.Unlock()
+		return err
 	}
 	if b.stepLocked(a, evRecvHeaders) != resOK {
 		b.mu.Unlock()
@@ -407,37 +391,26 @@ func (b *backendConn) forwardLocked(a *attempt) (held []hpack.HeaderField) {
 }
 
 func (b *backendConn) onData(f *http2.DataFrame) error {
-	id := f.StreamID
 	data := f.Data()
-	n := int32(f.Length)
 	end := f.StreamEnded()
 	b.mu.Lock()
 	queued := len(b.ctrl)
-	a := b.streams[id]
+	a := b.streams[f.StreamID]
+	var st *h2state
 	var r *recvState
 	if a != nil {
-		r = &a.downRecv
+		st, r = &a.bst, &a.downRecv
 	}
-	connOK, streamOK := b.consumeLocked(r, n)
-	switch {
-	case !connOK:
+	if ok, err := b.recvDataLocked(b, f, st, r); !ok {
 		b.mu.Unlock()
-		return http2.ConnectionError(http2.ErrCodeFlowControl)
-	case a == nil:
-		b.mu.Unlock()
-		b.signal()
-		return nil
-	case !streamOK:
-		b.mu.Unlock()
-		return http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
-	case b.stepLocked(a, evRecvData) != resOK:
-		b.mu.Unlock()
-		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed} // §6.1
-	case !a.gotHeaders:
-		b.mu.Unlock()
-		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+		b.signal() // the connection window was credited
+		return err
 	}
-	b.creditLocked(r, n-int32(len(data)))
+	if !a.gotHeaders {
+		// A response starts with HEADERS (RFC 9113 §8.1).
+		b.mu.Unlock()
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeStreamClosed}
+	}
 	held := b.forwardLocked(a)
 	if end {
 		b.stepLocked(a, evRecvEnd)
@@ -468,6 +441,9 @@ func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bo
 	}
 	a := b.streams[id]
 	if a == nil {
+		if sendRST {
+			b.resets.add(id) // its frames in flight are ignored
+		}
 		b.mu.Unlock()
 		b.signal()
 		return

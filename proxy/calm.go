@@ -88,13 +88,6 @@ func (c *serverConn) glitchLocked(points int, what string) error {
 	return nil
 }
 
-// glitch is glitchLocked for callers not holding mu.
-func (c *serverConn) glitch(points int, what string) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.glitchLocked(points, what)
-}
-
 // checkSettings rejects a SETTINGS frame no client needs, before its
 // entries are applied: applying one costs a pass over every stream.
 func checkSettings(f *http2.SettingsFrame) error {

@@ -98,7 +98,7 @@ func (c *serverConn) serve() {
 		}
 		c.close(err)
 	}()
-	err := c.readLoop()
+	err := c.readLoop(c)
 	close(c.readerDone)
 	c.mu.Lock()
 	fatal := c.fatal
@@ -234,42 +234,6 @@ func writeHTTP1Rejection(nc net.Conn) {
 	fmt.Fprintf(nc, "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
 }
 
-// readLoop reads frames until the connection fails. Stream errors reset
-// the stream and go on; connection errors send GOAWAY and end the loop
-// (RFC 9113 §5.4).
-func (c *serverConn) readLoop() error {
-	for {
-		f, err := c.readFrame()
-		if err == nil {
-			err = c.handleFrame(f)
-		}
-		if err == nil && c.ctrlOverflow.Load() {
-			err = http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
-		}
-		if err == nil {
-			continue
-		}
-		var se http2.StreamError
-		if errors.As(err, &se) {
-			err = c.streamError(se)
-			if err == nil {
-				continue
-			}
-		}
-		var ce http2.ConnectionError
-		if errors.As(err, &ce) {
-			detail := c.rfr.ErrorDetail()
-			if err != error(ce) {
-				detail = err // ours, with its reason
-			}
-			c.log.Debug("client connection error", "remote", c.nc.RemoteAddr().String(), "err", err)
-			c.goAwayFatal(http2.ErrCode(ce), detail)
-			return fmt.Errorf("proxy: client connection error: %w", err)
-		}
-		return err
-	}
-}
-
 // streamError answers a stream error, ours or the Framer's, with
 // RST_STREAM (RFC 9113 §5.4.2). A stream the client opened with a HEADERS
 // frame the Framer rejected (an upper-case field name, a bad pseudo-header)
@@ -303,71 +267,55 @@ func (c *serverConn) goAwayFatal(code http2.ErrCode, detail error) {
 	c.signal()
 }
 
-func (c *serverConn) handleFrame(f http2.Frame) error {
-	switch f := f.(type) {
-	case *headerBlock:
-		return c.onHeaders(f)
-	case *http2.DataFrame:
-		return c.onData(f)
-	case *http2.RSTStreamFrame:
-		return c.resetFromClient(f.StreamID, f.ErrCode, false)
-	case *http2.SettingsFrame:
-		if f.IsAck() {
-			return nil
-		}
-		if err := checkSettings(f); err != nil {
-			return err
-		}
-		if err := c.glitch(1, "SETTINGS"); err != nil {
-			return err // a client sends a handful per connection
-		}
-		return c.handleSettings(f, c.eachQueueLocked)
-	case *http2.WindowUpdateFrame:
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		var q *sendQueue
-		if id := f.StreamID; id != 0 {
-			s := c.streams[id]
-			switch {
-			case s != nil:
-				q = &s.down
-			case id > c.lastID:
-				return http2.ConnectionError(http2.ErrCodeProtocol) // idle stream, RFC 9113 §6.9
-			default:
-				// A stream that closed: legal in a race, useless in a flood.
-				if err := c.glitchLocked(1, "WINDOW_UPDATE on a closed stream"); err != nil {
-					return err
-				}
-			}
-		}
-		return c.handleWindowUpdateLocked(q, f)
-	case *http2.PingFrame:
-		if f.IsAck() && f.Data == drainPing {
-			c.finishDrain()
-		}
-		if !f.IsAck() {
-			c.mu.Lock()
-			// As grpc-go's server counts ping strikes: a PING after we
-			// sent HEADERS or DATA is a client measuring the link (BDP
-			// estimation, keepalive under load); PINGs with nothing sent in
-			// between are a flood.
-			if !c.dataSent.Swap(false) {
-				if err := c.glitchLocked(1, "PING"); err != nil {
-					c.mu.Unlock()
-					return err
-				}
-			}
-			c.queueCtrlLocked(writeOp{kind: opPing, end: true, ping: f.Data})
-			c.mu.Unlock()
-			c.signal()
-		}
-	case *http2.GoAwayFrame:
-		// The client will open no more streams; those in flight finish.
-	case *http2.PushPromiseFrame:
-		return http2.ConnectionError(http2.ErrCodeProtocol) // RFC 9113 §8.4: clients cannot push
-	}
-	return nil
+// connError implements errorPolicy: GOAWAY with the last stream id we
+// took, then the connection closes once the writer flushed it.
+func (c *serverConn) connError(err error, code http2.ErrCode, detail error) error {
+	c.log.Debug("client connection error", "remote", c.remote.String(), "err", err)
+	c.goAwayFatal(code, detail)
+	return fmt.Errorf("proxy: client connection error: %w", err)
 }
+
+// streamLocked implements streamTable.
+func (c *serverConn) streamLocked(id uint32) (*h2state, *sendQueue) {
+	if s := c.streams[id]; s != nil {
+		return &s.cst, &s.down
+	}
+	return nil, nil
+}
+
+// forgottenLocked implements streamTable. Clients open odd ids in
+// increasing order (RFC 9113 §5.1.1) and we open none. Streams above the
+// last id of a GOAWAY we sent were never processed: their frames are
+// ignored (§6.8).
+func (c *serverConn) forgottenLocked(id uint32) h2state {
+	switch {
+	case id%2 == 0 || id > c.lastID:
+		return stIdle
+	case c.goAwaySent && id > c.goAwayID:
+		return stResetSent
+	}
+	return stClosed
+}
+
+// onReset implements frameHandler.
+func (c *serverConn) onReset(id uint32, code http2.ErrCode) error {
+	return c.resetFromClient(id, code, false)
+}
+
+// onGoAway implements frameHandler: the client will open no more streams;
+// those in flight finish.
+func (c *serverConn) onGoAway(*http2.GoAwayFrame) {}
+
+// onPingAck implements frameHandler: the ack of the PING of a graceful
+// shutdown ends its first step.
+func (c *serverConn) onPingAck(data [8]byte) {
+	if data == drainPing {
+		c.finishDrain()
+	}
+}
+
+// settingsApplied implements frameHandler.
+func (c *serverConn) settingsApplied() {}
 
 // eachQueueLocked calls fn for the send queue of every open stream. Caller
 // must hold mu.
@@ -416,10 +364,11 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol) // RFC 9113 §5.1.1
 	}
 	if id <= c.lastID {
-		// A stream we closed: possibly one we reset while the peer was
-		// still sending (RFC 9113 §5.1 "closed").
+		// A stream we closed (RFC 9113 §5.1 "closed"): STREAM_CLOSED,
+		// unless we reset it and this was in flight.
+		err := c.unknownStreamLocked(c, id, evRecvHeaders, "HEADERS on a closed stream")
 		c.mu.Unlock()
-		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+		return err
 	}
 	c.lastID = id
 	if c.goingAway {
@@ -428,6 +377,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	}
 	if uint32(len(c.streams)) >= c.srv.cfg.MaxConcurrentStreams {
 		c.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeRefusedStream})
+		c.resets.add(id)
 		c.mu.Unlock()
 		c.signal()
 		return nil
@@ -623,43 +573,21 @@ func (c *serverConn) sweepRequestIdle() {
 }
 
 func (c *serverConn) onData(f *http2.DataFrame) error {
-	id := f.StreamID
 	data := f.Data()
-	n := int32(f.Length)
 	end := f.StreamEnded()
 	c.mu.Lock()
 	queued := len(c.ctrl)
-	s := c.streams[id]
+	s := c.streams[f.StreamID]
+	var st *h2state
 	var r *recvState
 	if s != nil {
-		r = &s.upRecv
+		st, r = &s.cst, &s.upRecv
 	}
-	connOK, streamOK := c.consumeLocked(r, n)
-	lastID := c.lastID
-	switch {
-	case !connOK:
-		c.mu.Unlock()
-		return http2.ConnectionError(http2.ErrCodeFlowControl)
-	case s == nil:
-		var err error
-		if id > lastID {
-			err = http2.ConnectionError(http2.ErrCodeProtocol) // DATA on an idle stream, RFC 9113 §5.1
-		} else {
-			// A stream we closed; its frames are ignored (§5.1 "closed"),
-			// but a flood of them is a glitch.
-			err = c.glitchLocked(1, "DATA on a closed stream")
-		}
+	if ok, err := c.recvDataLocked(c, f, st, r); !ok {
 		c.mu.Unlock()
 		c.signal() // the connection window was credited
 		return err
-	case !streamOK:
-		c.mu.Unlock()
-		return http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
-	case c.stepLocked(s, evRecvData) != resOK:
-		c.mu.Unlock()
-		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed} // §6.1
 	}
-	c.creditLocked(r, n-int32(len(data))) // padding is never relayed
 	s.bytesIn += int64(len(data))
 	s.active = true
 	if len(data) == 0 && !end {
@@ -696,17 +624,15 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 	}
 	s := c.streams[id]
 	if s == nil {
-		var err error
-		switch {
-		case sendRST:
-		case id > c.lastID:
-			err = http2.ConnectionError(http2.ErrCodeProtocol) // idle stream, RFC 9113 §6.4
-		default:
-			err = c.glitchLocked(1, "RST_STREAM on a closed stream")
+		// Gone since the frame loop looked, or, for a stream error, a
+		// stream that never made it into the table (a HEADERS frame the
+		// Framer rejected): its frames in flight are ignored.
+		if sendRST {
+			c.resets.add(id)
 		}
 		c.mu.Unlock()
 		c.signal()
-		return err
+		return nil
 	}
 	var err error
 	if !s.down.closed {

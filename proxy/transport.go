@@ -231,7 +231,7 @@ type transport struct {
 
 	ctrlOverflow atomic.Bool // the control queue hit maxQueuedControlFrames; the reader ends the connection
 	// dataSent is set by the writer when it writes HEADERS or DATA; the
-	// client role's reader clears it on each PING (see serverConn).
+	// reader clears it on each PING (see dispatch).
 	dataSent atomic.Bool
 
 	// Immutable after construction.

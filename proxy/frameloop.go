@@ -1,0 +1,254 @@
+package proxy
+
+import (
+	"errors"
+
+	"golang.org/x/net/http2"
+)
+
+// This file is the reader half of transport, the same for both roles: the
+// frame loop, the connection-level frames (SETTINGS, PING, WINDOW_UPDATE,
+// GOAWAY, PUSH_PROMISE), the rules on the first frame and frame sizes, the
+// flow-control and RFC 9113 §5.1 checks every DATA frame passes, and the
+// answer to frames on streams the connection does not track. What a
+// stream's frames mean is the role's, behind h2role: serverConn for the
+// client-facing side, backendConn for the backend-facing side, as grpc-go's
+// http2_server and http2_client share one loopy writer.
+
+// h2role is what the frame loop needs from its connection's role. The
+// methods named ...Locked are called with mu held; the others without.
+type h2role interface {
+	role // the writer's side
+	streamTable
+	frameHandler
+	errorPolicy
+}
+
+// streamTable is the role's table of streams.
+type streamTable interface {
+	// streamLocked returns the state and send queue of stream id, or
+	// nils when the connection does not track it.
+	streamLocked(id uint32) (*h2state, *sendQueue)
+	// forgottenLocked is the §5.1 state of a stream id the connection
+	// does not track: stIdle if it was never opened, stResetSent if its
+	// frames are to be ignored, stClosed otherwise.
+	forgottenLocked(id uint32) h2state
+	// eachQueueLocked calls fn for the send queue of every open stream.
+	eachQueueLocked(fn func(*sendQueue))
+}
+
+// frameHandler is what the role does with the frames that reach it.
+type frameHandler interface {
+	onHeaders(f *headerBlock) error
+	// onData handles a DATA frame; it starts with recvDataLocked.
+	onData(f *http2.DataFrame) error
+	// onReset handles the peer's RST_STREAM on a stream it tracks (or
+	// tracked a moment ago).
+	onReset(id uint32, code http2.ErrCode) error
+	onGoAway(f *http2.GoAwayFrame)
+	// onPingAck is the peer's answer to a PING of ours.
+	onPingAck(data [8]byte)
+	// settingsApplied follows each SETTINGS frame from the peer, once
+	// applied and acknowledged.
+	settingsApplied()
+}
+
+// errorPolicy is how the role answers misbehaviour.
+type errorPolicy interface {
+	// glitchLocked charges the connection for a frame that did no useful
+	// work (calm.go), returning a connection error past the budget.
+	glitchLocked(points int, what string) error
+	// streamError resets the stream of se (RFC 9113 §5.4.2); a non-nil
+	// result ends the connection.
+	streamError(se http2.StreamError) error
+	// connError sends GOAWAY with code (§5.4.1) and returns the error
+	// the frame loop ends with; detail, if any, says why.
+	connError(err error, code http2.ErrCode, detail error) error
+}
+
+// readLoop reads frames until the connection fails. Stream errors reset
+// the stream and go on; connection errors send GOAWAY and end the loop
+// (RFC 9113 §5.4). Reader goroutine only.
+func (t *transport) readLoop(p h2role) error {
+	first := true
+	for {
+		f, err := t.readFrame()
+		if err == nil {
+			if _, ok := f.(*http2.SettingsFrame); first && !ok {
+				// §3.4: each side's preface ends with a SETTINGS frame,
+				// which must be the first frame it sends.
+				err = connErr(http2.ErrCodeProtocol, "first frame is not SETTINGS")
+			} else {
+				first = false
+				err = t.dispatch(p, f)
+			}
+		} else if errors.Is(err, http2.ErrFrameTooLarge) {
+			err = http2.ConnectionError(http2.ErrCodeFrameSize) // §4.2
+		}
+		if err == nil && t.ctrlOverflow.Load() {
+			err = http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+		}
+		if err == nil {
+			continue
+		}
+		var se http2.StreamError
+		if errors.As(err, &se) {
+			if err = p.streamError(se); err == nil {
+				continue
+			}
+		}
+		var ce http2.ConnectionError
+		if errors.As(err, &ce) {
+			detail := t.rfr.ErrorDetail()
+			if err != error(ce) {
+				detail = err // ours, with its reason
+			}
+			return p.connError(err, http2.ErrCode(ce), detail)
+		}
+		return err
+	}
+}
+
+// connReason is a connection error with our reason for it, which goes
+// into the GOAWAY's debug data.
+type connReason struct {
+	code   http2.ErrCode
+	reason string
+}
+
+func (e connReason) Error() string { return "proxy: " + e.reason }
+func (e connReason) Unwrap() error { return http2.ConnectionError(e.code) }
+
+func connErr(code http2.ErrCode, reason string) error { return connReason{code, reason} }
+
+// dispatch handles one frame: connection-level frames here, stream frames
+// through the role.
+func (t *transport) dispatch(p h2role, f http2.Frame) error {
+	switch f := f.(type) {
+	case *headerBlock:
+		return p.onHeaders(f)
+	case *http2.DataFrame:
+		return p.onData(f)
+	case *http2.RSTStreamFrame:
+		t.mu.Lock()
+		st, _ := p.streamLocked(f.StreamID)
+		if st == nil {
+			err := t.unknownStreamLocked(p, f.StreamID, evRecvReset, "RST_STREAM on a closed stream")
+			t.mu.Unlock()
+			return err
+		}
+		t.mu.Unlock()
+		return p.onReset(f.StreamID, f.ErrCode)
+	case *http2.SettingsFrame:
+		if f.IsAck() {
+			return nil
+		}
+		if err := checkSettings(f); err != nil {
+			return err
+		}
+		t.mu.Lock()
+		err := p.glitchLocked(1, "SETTINGS") // a peer sends a handful per connection
+		t.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		if err := t.handleSettings(f, p.eachQueueLocked); err != nil {
+			return err
+		}
+		p.settingsApplied()
+	case *http2.WindowUpdateFrame:
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		var q *sendQueue
+		if id := f.StreamID; id != 0 {
+			st, sq := p.streamLocked(id)
+			if st == nil {
+				// §6.9: on an idle stream a connection error; on a
+				// closed one legal in a race, useless in a flood.
+				return t.unknownStreamLocked(p, id, evRecvWindowUpdate, "WINDOW_UPDATE on a closed stream")
+			}
+			q = sq
+		}
+		return t.handleWindowUpdateLocked(q, f)
+	case *http2.PingFrame:
+		if f.IsAck() {
+			p.onPingAck(f.Data)
+			return nil
+		}
+		t.mu.Lock()
+		// As grpc-go's server counts ping strikes: a PING after we sent
+		// HEADERS or DATA is a peer measuring the link (BDP estimation,
+		// keepalive under load); PINGs with nothing sent in between are a
+		// flood.
+		if !t.dataSent.Swap(false) {
+			if err := p.glitchLocked(1, "PING"); err != nil {
+				t.mu.Unlock()
+				return err
+			}
+		}
+		t.queueCtrlLocked(writeOp{kind: opPing, end: true, ping: f.Data})
+		t.mu.Unlock()
+		t.signal()
+	case *http2.GoAwayFrame:
+		p.onGoAway(f)
+	case *http2.PushPromiseFrame:
+		// §8.4: a client cannot push, and we sent ENABLE_PUSH=0 to
+		// backends.
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	return nil
+}
+
+// unknownStreamLocked answers a frame (event ev) on stream id, which the
+// connection does not track, as RFC 9113 §5.1 says for the state it is
+// in: idle, a connection error PROTOCOL_ERROR; closed, STREAM_CLOSED for
+// DATA and HEADERS; reset by us or closed otherwise, ignored, and counted
+// as a glitch. Caller must hold mu.
+func (t *transport) unknownStreamLocked(p h2role, id uint32, ev h2event, what string) error {
+	st := p.forgottenLocked(id)
+	if st == stClosed && t.resets.has(id) {
+		st = stResetSent
+	}
+	if _, res := transition(st, ev); res != resIgnore {
+		return resultErr(id, res)
+	}
+	return p.glitchLocked(1, what)
+}
+
+// resultErr is the error RFC 9113 §5.1 makes of a transition's result on
+// stream id; nil for resOK and resIgnore.
+func resultErr(id uint32, res h2result) error {
+	switch res {
+	case resStreamClosed:
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+	case resProtocol:
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	return nil
+}
+
+// recvDataLocked is what every DATA frame goes through before its role
+// sees its payload: flow control (RFC 9113 §6.9.1: the connection's window,
+// then the stream's), the stream's state (§6.1), and the crediting of
+// padding, which is never relayed. st and r are the stream's state and
+// receive window, nil when the connection does not track it. It reports
+// whether the role goes on with the payload; when not, err is what to
+// answer, if anything, and the caller must wake the writer (the connection
+// window was credited). Caller must hold mu.
+func (t *transport) recvDataLocked(p h2role, f *http2.DataFrame, st *h2state, r *recvState) (ok bool, err error) {
+	n := int32(f.Length)
+	connOK, streamOK := t.consumeLocked(r, n)
+	switch {
+	case !connOK:
+		return false, http2.ConnectionError(http2.ErrCodeFlowControl)
+	case st == nil:
+		return false, t.unknownStreamLocked(p, f.StreamID, evRecvData, "DATA on a closed stream")
+	case !streamOK:
+		return false, http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
+	}
+	if _, res := transition(*st, evRecvData); res != resOK {
+		return false, resultErr(f.StreamID, res)
+	}
+	t.creditLocked(r, n-int32(len(f.Data())))
+	return true, nil
+}
