@@ -166,8 +166,10 @@ func (b *backendConn) run(ctx context.Context) {
 	})
 	defer settingsTimer.Stop()
 	readerDone := make(chan error, 1)
+	writerDone := make(chan struct{})
 	go func() {
 		err := b.readLoop(b)
+		b.awaitGoAway(writerDone)
 		b.close(err) // stops the writer too
 		readerDone <- err
 	}()
@@ -177,6 +179,7 @@ func (b *backendConn) run(ctx context.Context) {
 	} else {
 		werr = b.writeLoop(b)
 	}
+	close(writerDone)
 	b.close(werr)
 	rerr := <-readerDone
 	cause := rerr
@@ -246,6 +249,7 @@ func (b *backendConn) connError(err error, code http2.ErrCode, detail error) err
 	b.queueCtrlLocked(writeOp{kind: opGoAway, code: code})
 	b.goingAway = true
 	b.drainAndClose = true
+	b.fatal = true
 	b.mu.Unlock()
 	b.signal()
 	return fmt.Errorf("protocol error from backend: %w", err)
@@ -638,7 +642,7 @@ func (b *backendConn) harvest(a *attempt) ([]outItem, bool) {
 // are written (RFC 9113 §5.1.1). Attempts wait for the backend's SETTINGS
 // first so they never exceed its SETTINGS_MAX_CONCURRENT_STREAMS.
 func (b *backendConn) openLocked(batch []writeOp) []writeOp {
-	if !b.gotSettings {
+	if !b.gotSettings || b.fatal {
 		return batch
 	}
 	limit := b.capLocked()
@@ -688,7 +692,7 @@ func (b *backendConn) sentLastLocked(q *sendQueue, reset bool) {
 
 // idleLocked implements role.
 func (b *backendConn) idleLocked() bool {
-	return len(b.streams) == 0 && len(b.pending) == 0
+	return b.fatal || len(b.streams) == 0 && len(b.pending) == 0
 }
 
 // pool holds the backend connections, keyed by address.

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"errors"
+	"time"
 
 	"golang.org/x/net/http2"
 )
@@ -106,6 +107,25 @@ func (t *transport) readLoop(p h2role) error {
 			return p.connError(err, http2.ErrCode(ce), detail)
 		}
 		return err
+	}
+}
+
+// awaitGoAway runs after readLoop returned: after a connection error it
+// lets the writer flush the GOAWAY, but does not wait more than a second
+// on a peer that does not read. writerDone is closed when writeLoop
+// returned. Reader goroutine only.
+func (t *transport) awaitGoAway(writerDone <-chan struct{}) {
+	t.mu.Lock()
+	fatal := t.fatal
+	t.mu.Unlock()
+	if !fatal {
+		return
+	}
+	tm := time.NewTimer(time.Second)
+	defer tm.Stop()
+	select {
+	case <-writerDone:
+	case <-tm.C:
 	}
 }
 

@@ -34,7 +34,6 @@ type serverConn struct {
 	goAwayID     uint32    // never increases (§6.8)
 	handshook    bool      // our SETTINGS is queued: other frames may follow
 	drainPending bool      // shutdown asked for before handshook
-	fatal        bool      // connection error: writer exits after flushing
 	calm         calmMeter // early resets and glitches (calm.go)
 	idleSince    time.Time // when the last stream closed; see idleCheck
 
@@ -100,19 +99,7 @@ func (c *serverConn) serve() {
 	}()
 	err := c.readLoop(c)
 	close(c.readerDone)
-	c.mu.Lock()
-	fatal := c.fatal
-	c.mu.Unlock()
-	if fatal {
-		// Let the writer flush the GOAWAY, but not wait on a peer that
-		// does not read.
-		t := time.NewTimer(time.Second)
-		select {
-		case <-writerDone:
-		case <-t.C:
-		}
-		t.Stop()
-	}
+	c.awaitGoAway(writerDone)
 	c.close(err)
 	<-writerDone
 	c.cleanup()

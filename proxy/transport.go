@@ -255,6 +255,7 @@ type transport struct {
 	closed        bool
 	closeErr      error
 	drainAndClose bool // writer exits once everything queued is written
+	fatal         bool // connection error: the writer exits once its GOAWAY is written
 	// held is the DATA bytes received on open streams and not yet handed
 	// on (credited back); past heldBudget (0: none) the connection-level
 	// window is withheld until held falls to half of it.

@@ -1,0 +1,392 @@
+package proxy_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+)
+
+// The tables here put RFC 9113's stream-state rules (§3.4, §4.2, §5.1,
+// §5.1.1, §6.1, §6.4, §6.9, §8.4) on the wire against both roles of the
+// proxy: as a server, to a raw client, and as a client, to a raw backend.
+// Each row writes its frames, then a PING, and reads what the proxy
+// answers before the PING's ack: a GOAWAY, a RST_STREAM on the row's
+// stream, or nothing ("ignored").
+
+// rfcPing is the PING that closes each row's frames.
+var rfcPing = [8]byte{'r', 'f', 'c', '9', '1', '1', '3'}
+
+// answer reads frames until fr's peer answers on stream id (RST_STREAM),
+// ends the connection (GOAWAY), or acks rfcPing, and says which.
+func answer(fr *http2.Framer, id uint32) string {
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			return fmt.Sprintf("read error %v", err)
+		}
+		switch f := f.(type) {
+		case *http2.GoAwayFrame:
+			return "GOAWAY " + f.ErrCode.String()
+		case *http2.RSTStreamFrame:
+			if f.StreamID == id {
+				return "RST_STREAM " + f.ErrCode.String()
+			}
+		case *http2.PingFrame:
+			if f.IsAck() && f.Data == rfcPing {
+				return "ignored"
+			}
+		}
+	}
+}
+
+const unaryPath = "/grpc.testing.TestService/UnaryCall"
+
+// TestRFC9113ClientSide: frames from a client on streams in every §5.1
+// state, and the connection-level rules, each answered as the RFC says;
+// a connection that took only a stream error goes on serving, and a good
+// client beside them all sees no error.
+func TestRFC9113ClientSide(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	good := startGoodClient(t, e)
+	msg := grpcMsg(&testgrpc.SimpleRequest{ResponseSize: 10})
+	// call completes a unary call on id: afterwards the stream is closed.
+	call := func(r *rawConn, id uint32) {
+		r.headers(id, unaryPath, false)
+		r.fr.WriteData(id, true, msg)
+		r.next(func(f http2.Frame) bool {
+			h, ok := f.(*http2.MetaHeadersFrame)
+			return ok && h.StreamID == id && h.StreamEnded()
+		})
+	}
+	tests := []struct {
+		name       string
+		noSettings bool           // skip the SETTINGS frame of the preface
+		setup      func(*rawConn) // frames whose answer is not the row's
+		frames     func(*rawConn)
+		id         uint32 // the stream whose RST_STREAM is the answer
+		want       string
+	}{
+		{
+			name:   "§5.1 idle: RST_STREAM (§6.4)",
+			frames: func(r *rawConn) { r.fr.WriteRSTStream(5, http2.ErrCodeCancel) },
+			id:     5, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§5.1 idle: WINDOW_UPDATE (§6.9)",
+			frames: func(r *rawConn) { r.fr.WriteWindowUpdate(5, 1) },
+			id:     5, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§5.1 idle: DATA (§6.1)",
+			frames: func(r *rawConn) { r.fr.WriteData(5, true, msg) },
+			id:     5, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§5.1.1 DATA on an even id below the client's last (we never push)",
+			setup:  func(r *rawConn) { call(r, 3) },
+			frames: func(r *rawConn) { r.fr.WriteData(2, false, msg) },
+			id:     2, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§5.1.1 HEADERS on an even id",
+			frames: func(r *rawConn) { r.headers(2, unaryPath, true) },
+			id:     2, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name: "§5.1 half-closed (remote): DATA after END_STREAM (§6.1)",
+			frames: func(r *rawConn) {
+				r.headers(1, unaryPath, true)
+				r.fr.WriteData(1, false, msg)
+			},
+			id: 1, want: "RST_STREAM STREAM_CLOSED",
+		},
+		{
+			name:   "§5.1 closed: DATA (§6.1)",
+			setup:  func(r *rawConn) { call(r, 1) },
+			frames: func(r *rawConn) { r.fr.WriteData(1, false, msg) },
+			id:     1, want: "RST_STREAM STREAM_CLOSED",
+		},
+		{
+			name:   "§5.1 closed: RST_STREAM is ignored",
+			setup:  func(r *rawConn) { call(r, 1) },
+			frames: func(r *rawConn) { r.fr.WriteRSTStream(1, http2.ErrCodeCancel) },
+			id:     1, want: "ignored",
+		},
+		{
+			name:   "§5.1 closed: WINDOW_UPDATE is ignored",
+			setup:  func(r *rawConn) { call(r, 1) },
+			frames: func(r *rawConn) { r.fr.WriteWindowUpdate(1, 100) },
+			id:     1, want: "ignored",
+		},
+		{
+			name: "§5.1 closed after our RST_STREAM: the client's frames in flight are ignored",
+			setup: func(r *rawConn) {
+				// Not gRPC: answered and reset (NO_ERROR) while the
+				// client still sends.
+				r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true, BlockFragment: hpackBlock(
+					":method", "POST", ":scheme", "http", ":path", unaryPath, ":authority", "x", "content-type", "text/plain")})
+				r.next(func(f http2.Frame) bool { rst, ok := f.(*http2.RSTStreamFrame); return ok && rst.StreamID == 1 })
+			},
+			frames: func(r *rawConn) {
+				r.fr.WriteData(1, false, msg)
+				r.fr.WriteWindowUpdate(1, 100)
+				r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true, EndStream: true, BlockFragment: hpackBlock("x-trailer", "v")})
+			},
+			id: 1, want: "ignored",
+		},
+		{
+			name:       "§3.4 the first frame is not SETTINGS",
+			noSettings: true,
+			frames:     func(r *rawConn) { r.headers(1, unaryPath, true) },
+			id:         1, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name: "§4.2 a frame over SETTINGS_MAX_FRAME_SIZE",
+			frames: func(r *rawConn) {
+				r.headers(1, unaryPath, false)
+				r.fr.WriteRawFrame(http2.FrameData, 0, 1, make([]byte, 16384+1))
+			},
+			id: 1, want: "GOAWAY FRAME_SIZE_ERROR",
+		},
+		{
+			name: "§8.4 PUSH_PROMISE from a client",
+			frames: func(r *rawConn) {
+				r.fr.WritePushPromise(http2.PushPromiseParam{StreamID: 1, PromiseID: 2, BlockFragment: requestBlock(unaryPath), EndHeaders: true})
+			},
+			id: 1, want: "GOAWAY PROTOCOL_ERROR",
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var r *rawConn
+			if tc.noSettings {
+				nc, err := net.Dial("tcp", e.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { nc.Close() })
+				nc.SetDeadline(time.Now().Add(20 * time.Second))
+				io.WriteString(nc, http2.ClientPreface)
+				fr := http2.NewFramer(nc, nc)
+				fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+				r = &rawConn{t: t, nc: nc, fr: fr}
+			} else {
+				r = dialRaw(t, e.addr)
+			}
+			r.fr.AllowIllegalWrites = true
+			if tc.setup != nil {
+				tc.setup(r)
+			}
+			tc.frames(r)
+			r.fr.WritePing(false, rfcPing)
+			if got := answer(r.fr, tc.id); got != tc.want {
+				t.Fatalf("got %s, want %s", got, tc.want)
+			}
+			if tc.want[:6] != "GOAWAY" {
+				call(r, 101) // the connection goes on
+			}
+		})
+	}
+	good.check(t)
+}
+
+// TestRFC9113BackendSide: frames from a backend, answering a call on a
+// raw backend, on streams in every §5.1 state, and the connection-level
+// rules, each answered as the RFC says. The call ends within its
+// deadline, whatever it ends with, and the proxy goes on serving.
+func TestRFC9113BackendSide(t *testing.T) {
+	verifyNoLeaks(t)
+	resp := hpackBlock(":status", "200", "content-type", "application/grpc")
+	trailers := hpackBlock("grpc-status", "0")
+	msg := grpcMsg(&testgrpc.SimpleResponse{})
+	tests := []struct {
+		name      string
+		atConnect bool // frames go right after the preface, before SETTINGS
+		cancel    bool // frames go after the proxy reset the stream for a cancelled call
+		frames    func(fr *http2.Framer, id uint32)
+		want      string
+	}{
+		{
+			name:   "§5.1 idle: DATA on a stream we never opened (§6.1)",
+			frames: func(fr *http2.Framer, id uint32) { fr.WriteData(id+2, false, msg) },
+			want:   "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§5.1.1 DATA on an even stream",
+			frames: func(fr *http2.Framer, id uint32) { fr.WriteData(2, false, msg) },
+			want:   "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name: "§8.4 HEADERS on an even stream (a push we refused)",
+			frames: func(fr *http2.Framer, id uint32) {
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 2, BlockFragment: resp, EndHeaders: true})
+			},
+			want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§5.1 idle: RST_STREAM (§6.4)",
+			frames: func(fr *http2.Framer, id uint32) { fr.WriteRSTStream(id+2, http2.ErrCodeCancel) },
+			want:   "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§5.1 idle: WINDOW_UPDATE (§6.9)",
+			frames: func(fr *http2.Framer, id uint32) { fr.WriteWindowUpdate(id+2, 1) },
+			want:   "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name: "§5.1 DATA after END_STREAM (§6.1)",
+			frames: func(fr *http2.Framer, id uint32) {
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: resp, EndHeaders: true})
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true})
+				fr.WriteData(id, false, msg)
+			},
+			want: "RST_STREAM STREAM_CLOSED",
+		},
+		{
+			name: "§5.1 closed: RST_STREAM is ignored",
+			frames: func(fr *http2.Framer, id uint32) {
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: resp, EndHeaders: true})
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true})
+				fr.WriteRSTStream(id, http2.ErrCodeCancel)
+			},
+			want: "ignored",
+		},
+		{
+			name:   "§5.1 closed after our RST_STREAM: the backend's frames in flight are ignored",
+			cancel: true,
+			frames: func(fr *http2.Framer, id uint32) {
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: resp, EndHeaders: true})
+				fr.WriteData(id, false, msg)
+				fr.WriteWindowUpdate(id, 100)
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true})
+			},
+			want: "ignored",
+		},
+		{
+			name:   "§8.1 DATA before the response HEADERS",
+			frames: func(fr *http2.Framer, id uint32) { fr.WriteData(id, false, msg) },
+			want:   "RST_STREAM STREAM_CLOSED",
+		},
+		{
+			name:      "§3.4 the first frame is not SETTINGS",
+			atConnect: true,
+			frames:    func(fr *http2.Framer, id uint32) { fr.WritePing(false, [8]byte{1}) },
+			want:      "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name: "§4.2 a frame over SETTINGS_MAX_FRAME_SIZE",
+			frames: func(fr *http2.Framer, id uint32) {
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: resp, EndHeaders: true})
+				fr.WriteRawFrame(http2.FrameData, 0, id, make([]byte, 16384+1))
+			},
+			want: "GOAWAY FRAME_SIZE_ERROR",
+		},
+		{
+			name: "§8.4 PUSH_PROMISE",
+			frames: func(fr *http2.Framer, id uint32) {
+				fr.WritePushPromise(http2.PushPromiseParam{StreamID: id, PromiseID: 2, BlockFragment: resp, EndHeaders: true})
+			},
+			want: "GOAWAY PROTOCOL_ERROR",
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := make(chan string, 1)
+			opened := make(chan struct{})
+			raw := rawBackend(t, func(nc net.Conn) {
+				nc.SetDeadline(time.Now().Add(10 * time.Second))
+				br := bufio.NewReader(nc)
+				if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+					return
+				}
+				w := bufio.NewWriter(nc)
+				fr := http2.NewFramer(w, br)
+				fr.AllowIllegalWrites = true
+				finish := func(id uint32) {
+					fr.WritePing(false, rfcPing)
+					w.Flush()
+					select {
+					case got <- answer(fr, id):
+					default:
+					}
+				}
+				if tc.atConnect {
+					tc.frames(fr, 0)
+					finish(0)
+					return
+				}
+				fr.WriteSettings()
+				w.Flush()
+				for {
+					f, err := fr.ReadFrame()
+					if err != nil {
+						return
+					}
+					switch f := f.(type) {
+					case *http2.SettingsFrame:
+						if !f.IsAck() {
+							fr.WriteSettingsAck()
+							w.Flush()
+						}
+					case *http2.HeadersFrame:
+						id := f.StreamID
+						if tc.cancel {
+							close(opened)
+							for {
+								f, err := fr.ReadFrame()
+								if err != nil {
+									return
+								}
+								if rst, ok := f.(*http2.RSTStreamFrame); ok && rst.StreamID == id {
+									break
+								}
+							}
+						}
+						tc.frames(fr, id)
+						finish(id)
+						return
+					}
+				}
+			})
+			fe := newFuzzEnv(t, raw)
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			called := make(chan struct{})
+			go func() {
+				defer close(called)
+				fe.client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+			}()
+			if tc.cancel {
+				select {
+				case <-opened:
+					cancel()
+				case <-time.After(5 * time.Second):
+					t.Fatal("the backend got no request")
+				}
+			}
+			select {
+			case g := <-got:
+				if g != tc.want {
+					t.Errorf("got %s, want %s", g, tc.want)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the raw backend saw no answer")
+			}
+			select {
+			case <-called:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the call did not end within its deadline")
+			}
+			fe.healthy(t)
+		})
+	}
+}
