@@ -146,7 +146,16 @@ func connErr(code http2.ErrCode, reason string) error { return connReason{code, 
 func (t *transport) dispatch(p h2role, f http2.Frame) error {
 	switch f := f.(type) {
 	case *headerBlock:
+		if f.HasPriority() && f.Priority.StreamDep == f.StreamID {
+			return selfDependency(f.StreamID)
+		}
 		return p.onHeaders(f)
+	case *http2.PriorityFrame:
+		// Priorities are advisory and we follow none (§5.3.2), but one
+		// rule is not: a stream cannot depend on itself.
+		if f.StreamDep == f.StreamID {
+			return selfDependency(f.StreamID)
+		}
 	case *http2.DataFrame:
 		return p.onData(f)
 	case *http2.RSTStreamFrame:
@@ -217,6 +226,12 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	return nil
+}
+
+// selfDependency is RFC 9113 §5.3.1's answer to a stream that depends on
+// itself: "a stream error of type PROTOCOL_ERROR", as x/net's server does.
+func selfDependency(id uint32) error {
+	return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: errors.New("stream depends on itself")}
 }
 
 // unknownStreamLocked answers a frame (event ev) on stream id, which the

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -19,7 +20,8 @@ import (
 // proxy: as a server, to a raw client, and as a client, to a raw backend.
 // Each row writes its frames, then a PING, and reads what the proxy
 // answers before the PING's ack: a GOAWAY, a RST_STREAM on the row's
-// stream, or nothing ("ignored").
+// stream, or nothing ("ignored"). A reset must be the only answer: the
+// frames that follow on a stream we reset are ignored.
 
 // rfcPing is the PING that closes each row's frames.
 var rfcPing = [8]byte{'r', 'f', 'c', '9', '1', '1', '3'}
@@ -144,6 +146,21 @@ func TestRFC9113ClientSide(t *testing.T) {
 			id: 1, want: "ignored",
 		},
 		{
+			name:   "§5.3.1 PRIORITY on a stream depending on itself",
+			setup:  func(r *rawConn) { r.headers(1, unaryPath, false) },
+			frames: func(r *rawConn) { r.fr.WritePriority(1, http2.PriorityParam{StreamDep: 1, Weight: 15}) },
+			id:     1, want: "RST_STREAM PROTOCOL_ERROR",
+		},
+		{
+			name: "§5.3.1 HEADERS depending on itself; the client's DATA that follows is ignored",
+			frames: func(r *rawConn) {
+				r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: requestBlock(unaryPath), EndHeaders: true,
+					Priority: http2.PriorityParam{StreamDep: 1, Weight: 15}})
+				r.fr.WriteData(1, true, msg)
+			},
+			id: 1, want: "RST_STREAM PROTOCOL_ERROR",
+		},
+		{
 			name:       "§3.4 the first frame is not SETTINGS",
 			noSettings: true,
 			frames:     func(r *rawConn) { r.headers(1, unaryPath, true) },
@@ -191,7 +208,14 @@ func TestRFC9113ClientSide(t *testing.T) {
 			if got := answer(r.fr, tc.id); got != tc.want {
 				t.Fatalf("got %s, want %s", got, tc.want)
 			}
-			if tc.want[:6] != "GOAWAY" {
+			if strings.HasPrefix(tc.want, "RST_STREAM") {
+				// One answer only: what the client sent after the frame
+				// that cost the stream is ignored (§5.1).
+				if got := answer(r.fr, tc.id); got != "ignored" {
+					t.Fatalf("after the reset: got %s, want ignored", got)
+				}
+			}
+			if !strings.HasPrefix(tc.want, "GOAWAY") {
 				call(r, 101) // the connection goes on
 			}
 		})
