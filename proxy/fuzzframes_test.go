@@ -149,6 +149,15 @@ func clientSeeds() [][]byte {
 			fr.WriteWindowUpdate(0, 1<<31-1)
 			fr.WriteWindowUpdate(0, 1<<31-1)
 		}),
+		encodeFrames(func(fr *http2.Framer) { // RFC 9113 tables: closed streams, self-dependency, even ids
+			hdr(fr, 1, unary, false)
+			fr.WriteData(1, true, msg)
+			fr.WriteData(1, false, msg)
+			fr.WriteWindowUpdate(1, 1)
+			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: requestBlock(unary), EndHeaders: true, Priority: http2.PriorityParam{StreamDep: 3}})
+			fr.WriteData(3, true, msg)
+			fr.WriteData(2, false, msg)
+		}),
 		encodeFrames(func(fr *http2.Framer) { // push, unknown frame types, GOAWAY from a client
 			fr.WritePushPromise(http2.PushPromiseParam{StreamID: 1, PromiseID: 2, BlockFragment: requestBlock(unary), EndHeaders: true})
 			fr.WriteRawFrame(0x20, 0, 0, []byte("unknown"))
@@ -311,6 +320,14 @@ func backendSeeds() [][]byte {
 			fr.WriteWindowUpdate(0, 1<<31-1)
 			fr.WriteRSTStream(1, http2.ErrCodeCancel)
 			fr.WriteData(1, false, msg)
+		}),
+		encodeFrames(func(fr *http2.Framer) { // RFC 9113 tables: idle and closed streams
+			fr.WriteData(3, false, msg)
+			fr.WriteWindowUpdate(5, 1)
+			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: resp, EndHeaders: true})
+			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: trailers, EndHeaders: true, EndStream: true})
+			fr.WriteData(1, false, msg)
+			fr.WriteRSTStream(1, http2.ErrCodeCancel)
 		}),
 		encodeFrames(func(fr *http2.Framer) { // headers split and trailers-only
 			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: resp[:2]})
