@@ -228,6 +228,80 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 	return nil
 }
 
+// handleSettings applies a peer's SETTINGS frame (RFC 9113 §6.5.2) and
+// queues the acknowledgement. eachQueue, if non-nil, is called with mu held
+// for every stream whose send window must change by delta (§6.9.2).
+func (t *transport) handleSettings(f *http2.SettingsFrame, eachQueue func(func(*sendQueue))) error {
+	if f.IsAck() {
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	err := f.ForeachSetting(func(s http2.Setting) error {
+		if err := s.Valid(); err != nil {
+			return err
+		}
+		switch s.ID {
+		case http2.SettingInitialWindowSize:
+			delta := int32(s.Val) - t.peerInitWin
+			t.peerInitWin = int32(s.Val)
+			var overflow bool
+			if eachQueue != nil && delta != 0 {
+				eachQueue(func(q *sendQueue) {
+					if delta > 0 && q.window > maxWindow-delta {
+						overflow = true // RFC 9113 §6.9.2
+						return
+					}
+					q.window += delta
+					t.markReadyLocked(q)
+				})
+			}
+			if overflow {
+				return http2.ConnectionError(http2.ErrCodeFlowControl)
+			}
+		case http2.SettingMaxFrameSize:
+			t.peerMaxFrame = s.Val
+		case http2.SettingMaxConcurrentStreams:
+			t.peerMaxStream = s.Val
+		case http2.SettingHeaderTableSize:
+			t.queueCtrlLocked(writeOp{kind: opTableSize, val: s.Val})
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	t.gotSettings = true
+	t.queueCtrlLocked(writeOp{kind: opSettingsAck})
+	t.signal()
+	return nil
+}
+
+// handleWindowUpdateLocked applies a WINDOW_UPDATE (RFC 9113 §6.9.1). q is
+// the stream's send queue (nil for stream 0 or an unknown stream). Caller
+// must hold mu.
+func (t *transport) handleWindowUpdateLocked(q *sendQueue, f *http2.WindowUpdateFrame) error {
+	inc := int32(f.Increment)
+	if f.StreamID == 0 {
+		if t.sendWindow > maxWindow-inc {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+		t.sendWindow += inc
+		t.signal()
+		return nil
+	}
+	if q == nil {
+		return nil
+	}
+	if q.window > maxWindow-inc {
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
+	}
+	q.window += inc
+	t.markReadyLocked(q)
+	t.signal()
+	return nil
+}
+
 // selfDependency is RFC 9113 §5.3.1's answer to a stream that depends on
 // itself: "a stream error of type PROTOCOL_ERROR", as x/net's server does.
 func selfDependency(id uint32) error {
