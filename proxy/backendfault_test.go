@@ -252,3 +252,63 @@ func TestKilledAbruptly(t *testing.T) {
 		t.Errorf("%d calls failed, more than the %d that could be in flight", n, workers)
 	}
 }
+
+// TestRestartCycles restarts backends gracefully many times in quick
+// succession (grpc-go GracefulStop: GOAWAY 2^31-1 and PING, then GOAWAY
+// with the real last stream id, in-flight calls finish, the connection
+// closes; a new server on the same address at once) under unary load over
+// one client connection, with no method opted in to retries. Every call
+// must succeed: a stream the backend accepted is finished by it, and one
+// it did not (sent after its GOAWAY, or never opened) goes elsewhere.
+func TestRestartCycles(t *testing.T) {
+	if testing.Short() {
+		t.Skip("load run")
+	}
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 3})
+	ctx := testkit.Context(t, 120*time.Second)
+	var r loadResult
+	stop := make(chan struct{})
+	wait := loadUntil(ctx, e, 16, 200000, stop, &r)
+	testkit.WaitFor(ctx, t, "load on every backend", func() bool {
+		for _, b := range e.backends {
+			if b.Calls() < 20 {
+				return false
+			}
+		}
+		return true
+	})
+	const cycles = 100
+	for i := range cycles {
+		idx := i % len(e.backends)
+		old := e.backends[idx]
+		addr := old.Addr()
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := old.Shutdown(sctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("graceful stop of %s: %v", old.Name(), err)
+		}
+		ts, err := testserver.New(testserver.Config{Name: fmt.Sprintf("b%d-%d", idx, i), Logger: quietLog})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ts.Start(addr); err != nil {
+			t.Fatalf("restart on %s: %v", addr, err)
+		}
+		t.Cleanup(ts.Stop)
+		e.backends[idx] = ts
+		// Calls land on the new server before the next restart.
+		testkit.WaitFor(ctx, t, "the restarted backend to serve", func() bool { return ts.Calls() > 5 })
+	}
+	close(stop)
+	wait()
+	total, failed := r.total.Load(), r.failed.Load()
+	t.Logf("%d graceful restarts: %d of %d calls failed", cycles, failed, total)
+	for msg, n := range r.errs {
+		t.Logf("  %d× %s", n, msg)
+	}
+	if failed != 0 {
+		t.Errorf("%d calls failed across graceful restarts, want 0", failed)
+	}
+}

@@ -24,3 +24,8 @@ func (s *Server) MaxHeldBytes() int64 {
 	}
 	return m
 }
+
+// SetAfterReserve sets a hook called, with the client connection's lock
+// held, between reserving a stream slot on a backend connection to addr
+// and queueing the attempt on it. Call before Serve.
+func SetAfterReserve(s *Server, fn func(addr string)) { s.afterReserve = fn }
