@@ -67,6 +67,9 @@ func newBackendConn(p *pool, addr string) *backendConn {
 	b := &backendConn{pool: p, addr: addr, streams: make(map[uint32]*attempt), nextID: 1}
 	b.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, p.srv.log.With("backend", addr))
 	b.retryBuffer = cfg.RetryBufferSize
+	// A backend that stops reading must not hold the writer, and the
+	// calls queued behind it, for ever.
+	b.writeTimeout = cfg.WriteTimeout
 	return b
 }
 
