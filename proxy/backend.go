@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -35,6 +36,12 @@ type backendConn struct {
 	goingAway  bool        // GOAWAY received, draining, or ids nearly exhausted: take no new streams
 	assumedMax uint32      // peer's stream limit assumed until its SETTINGS arrive
 	drainTimer *time.Timer // forces the close of a draining connection
+	// peerGoAway: the backend sent GOAWAY. No stream is opened on b from
+	// then on (RFC 9113 §6.8), not even one whose slot was reserved just
+	// before: grpc-go accepts a stream that races its second GOAWAY into
+	// the last stream id and may still close the connection without
+	// answering it, so only a stream never sent is safe to move.
+	peerGoAway bool
 }
 
 // errDrainTimeout closes a draining connection whose streams outlived
@@ -60,6 +67,9 @@ func newBackendConn(p *pool, addr string) *backendConn {
 	b := &backendConn{pool: p, addr: addr, streams: make(map[uint32]*attempt), nextID: 1}
 	b.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, p.srv.log.With("backend", addr))
 	b.retryBuffer = cfg.RetryBufferSize
+	// A backend that stops reading must not hold the writer, and the
+	// calls queued behind it, for ever.
+	b.writeTimeout = cfg.WriteTimeout
 	return b
 }
 
@@ -103,8 +113,11 @@ func (b *backendConn) addAttempt(a *attempt) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	a.downRecv = recvState{window: b.streamWindow}
-	if b.closed {
+	if b.closed || b.peerGoAway {
 		b.unlinkLocked(a)
+		if !b.closed {
+			return errPeerGoAway
+		}
 		if b.closeErr == nil {
 			return errClosed
 		}
@@ -114,6 +127,10 @@ func (b *backendConn) addAttempt(a *attempt) error {
 	b.signal()
 	return nil
 }
+
+// errPeerGoAway is addAttempt's answer when the backend's GOAWAY arrived
+// after the attempt's slot was reserved.
+var errPeerGoAway = errors.New("backend sent GOAWAY")
 
 // run dials the backend, then writes until the connection ends, and
 // finally fails every stream still on it with UNAVAILABLE.
@@ -225,7 +242,15 @@ func (b *backendConn) failAll(f failure) {
 	b.pending = nil
 	var gone []*attempt
 	var retry []failed
+	debug := len(b.streams) > 0 && b.log.Enabled(context.Background(), slog.LevelDebug)
 	for _, l := range left {
+		if debug && !l.transparent {
+			// A stream the backend may have processed, lost with its
+			// connection: the call fails unless its method opted in to
+			// retries.
+			b.log.Debug("backend connection ended with the call in flight", "method", l.a.s.method,
+				"stream", l.a.up.id, "answered", l.a.forwarded, "goaway", b.peerGoAway, "err", f.cause)
+		}
 		if l.transparent || !l.a.forwarded {
 			b.unlinkLocked(l.a)
 			retry = append(retry, l)
@@ -479,7 +504,13 @@ func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bo
 // opened go to another backend; the rest finish, then the connection
 // closes.
 func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
+	graceful := f.ErrCode == http2.ErrCodeNo
+	if graceful {
+		// Before the attempts refused below ask whether it is restarting.
+		b.pool.markRestarting(b.addr)
+	}
 	b.mu.Lock()
+	b.peerGoAway = true
 	b.goingAway = true
 	b.drainAndClose = true
 	var unprocessed []*attempt
@@ -499,11 +530,10 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 	}
 	b.mu.Unlock()
 	b.signal()
-	graceful := f.ErrCode == http2.ErrCodeNo
 	if graceful {
-		b.pool.markRestarting(b.addr)
+		b.log.Debug("backend sent GOAWAY", "last_stream", f.LastStreamID, "moved", len(unprocessed))
 	} else {
-		b.log.Warn("backend sent GOAWAY", "code", f.ErrCode.String(), "debug", string(f.DebugData()))
+		b.log.Warn("backend sent GOAWAY", "code", f.ErrCode.String(), "last_stream", f.LastStreamID, "moved", len(unprocessed), "debug", string(f.DebugData()))
 	}
 	for _, a := range unprocessed {
 		a.s.cc.retryOrFail(a, true, failure{kind: failGoAway, backend: b.addr, draining: graceful})
@@ -642,8 +672,8 @@ func (b *backendConn) harvest(a *attempt) ([]outItem, bool) {
 // are written (RFC 9113 §5.1.1). Attempts wait for the backend's SETTINGS
 // first so they never exceed its SETTINGS_MAX_CONCURRENT_STREAMS.
 func (b *backendConn) openLocked(batch []writeOp) []writeOp {
-	if !b.gotSettings || b.fatal {
-		return batch
+	if !b.gotSettings || b.fatal || b.peerGoAway {
+		return batch // after a GOAWAY, onGoAway and addAttempt send them elsewhere
 	}
 	limit := b.capLocked()
 	i := 0

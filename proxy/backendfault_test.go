@@ -1,14 +1,17 @@
 package proxy_test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"golang.org/x/net/http2"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
@@ -243,6 +246,12 @@ func TestKilledAbruptly(t *testing.T) {
 	}
 	testkit.WaitFor(ctx, t, "load on the victim", func() bool { return victim.Calls() > 20 })
 	victim.Stop()
+	// A call can still be sent on the victim's connection until the proxy
+	// reads its end; whether it reached the victim's application cannot
+	// be known then, so it fails, as it would on a direct connection. The
+	// calls that must succeed are those started once the proxy knew.
+	srv := e.srv.(*proxy.Server)
+	testkit.WaitFor(ctx, t, "the proxy to drop its connections to the victim", func() bool { return srv.BackendConns(victim.Addr()) == 0 })
 	killedAt.Store(time.Now().UnixNano())
 	if err := g.Wait(); err != nil {
 		t.Fatalf("a call failed with other than UNAVAILABLE: %v", err)
@@ -250,5 +259,195 @@ func TestKilledAbruptly(t *testing.T) {
 	t.Logf("%d of %d calls failed (in flight on the killed backend)", failedBefore.Load(), total.Load())
 	if n := failedBefore.Load(); n > workers {
 		t.Errorf("%d calls failed, more than the %d that could be in flight", n, workers)
+	}
+}
+
+// TestRestartCycles restarts backends gracefully many times in quick
+// succession (grpc-go GracefulStop: GOAWAY 2^31-1 and PING, then GOAWAY
+// with the real last stream id, in-flight calls finish, the connection
+// closes; a new server on the same address at once) under unary load over
+// one client connection, with no method opted in to retries. Every call
+// must succeed: a stream the backend accepted is finished by it, and one
+// it did not (sent after its GOAWAY, or never opened) goes elsewhere.
+func TestRestartCycles(t *testing.T) {
+	if testing.Short() {
+		t.Skip("load run")
+	}
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 3})
+	ctx := testkit.Context(t, 120*time.Second)
+	var r loadResult
+	stop := make(chan struct{})
+	wait := loadUntil(ctx, e, 16, 200000, stop, &r)
+	testkit.WaitFor(ctx, t, "load on every backend", func() bool {
+		for _, b := range e.backends {
+			if b.Calls() < 20 {
+				return false
+			}
+		}
+		return true
+	})
+	const cycles = 100
+	for i := range cycles {
+		idx := i % len(e.backends)
+		old := e.backends[idx]
+		addr := old.Addr()
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := old.Shutdown(sctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("graceful stop of %s: %v", old.Name(), err)
+		}
+		ts, err := testserver.New(testserver.Config{Name: fmt.Sprintf("b%d-%d", idx, i), Logger: quietLog})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ts.Start(addr); err != nil {
+			t.Fatalf("restart on %s: %v", addr, err)
+		}
+		t.Cleanup(ts.Stop)
+		e.backends[idx] = ts
+		// Calls land on the new server before the next restart.
+		testkit.WaitFor(ctx, t, "the restarted backend to serve", func() bool { return ts.Calls() > 5 })
+	}
+	close(stop)
+	wait()
+	total, failed := r.total.Load(), r.failed.Load()
+	t.Logf("%d graceful restarts: %d of %d calls failed", cycles, failed, total)
+	for msg, n := range r.errs {
+		t.Logf("  %d× %s", n, msg)
+	}
+	if failed != 0 {
+		t.Errorf("%d calls failed across graceful restarts, want 0", failed)
+	}
+}
+
+// stallingBackend is a raw HTTP/2 backend that completes the handshake,
+// granting the proxy windows of 1 GiB so that nothing but the socket
+// holds back what the proxy writes, and then never reads again. It waits
+// on stop, closed at cleanup.
+func stallingBackend(stop <-chan struct{}) func(net.Conn) {
+	return func(nc net.Conn) {
+		br := bufio.NewReader(nc)
+		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+			return
+		}
+		fr := http2.NewFramer(nc, br)
+		if fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30}) != nil ||
+			fr.WriteWindowUpdate(0, 1<<30) != nil {
+			return
+		}
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			if sf, ok := f.(*http2.SettingsFrame); ok && !sf.IsAck() {
+				if fr.WriteSettingsAck() != nil {
+					return
+				}
+				break
+			}
+		}
+		<-stop
+	}
+}
+
+// TestBackendStopsReading: a backend that accepts streams and then stops
+// reading its connection. Client-streaming calls to it end with
+// DEADLINE_EXCEEDED at their deadline; the request bytes the proxy holds
+// for them stay within their stream windows however much the clients try
+// to send; calls to another backend, over the same client connection and
+// another, all succeed meanwhile; and the write timeout closes the
+// stalled connection.
+func TestBackendStopsReading(t *testing.T) {
+	verifyNoLeaks(t)
+	const writeTimeout = 3 * time.Second
+	e := newEnv(t, envOpts{backends: 1})
+	good := e.backends[0].Addr()
+	stop := make(chan struct{})
+	stalled := rawBackend(t, stallingBackend(stop))
+	t.Cleanup(func() { close(stop) }) // runs before rawBackend's cleanup
+	const streamInput = "/grpc.testing.TestService/StreamingInputCall"
+	picker := proxy.PickerFunc(func(_ context.Context, method string) (string, func(error), error) {
+		if method == streamInput {
+			return stalled, nil, nil
+		}
+		return good, nil, nil
+	})
+	srv, err := proxy.New(proxy.Config{Picker: picker, Logger: quietLog, WriteTimeout: writeTimeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	t.Cleanup(func() {
+		srv.Close()
+		<-served
+	})
+	stalledClient := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
+	otherClient := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
+	ctx := testkit.Context(t, 60*time.Second)
+
+	const calls, deadline = 4, 1500 * time.Millisecond
+	var sent atomic.Int64
+	var g errgroup.Group
+	for range calls {
+		g.Go(func() error {
+			cctx, cancel := context.WithTimeout(ctx, deadline)
+			defer cancel()
+			start := time.Now()
+			st, err := stalledClient.StreamingInputCall(cctx)
+			if err == nil {
+				msg := &testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, 64<<10)}}
+				for i := 0; i < 100000 && st.Send(msg) == nil; i++ {
+					sent.Add(64 << 10)
+				}
+				_, err = st.CloseAndRecv()
+			}
+			took := time.Since(start)
+			if status.Code(err) != codes.DeadlineExceeded || took > deadline+time.Second {
+				return fmt.Errorf("call to the stalled backend: %v after %v, want DEADLINE_EXCEEDED at %v", err, took, deadline)
+			}
+			return nil
+		})
+	}
+	// Meanwhile: calls elsewhere succeed, from the stalled calls' client
+	// connection and from another, and the proxy's held request bytes
+	// stay within the stalled streams' windows.
+	stalledDone := make(chan error, 1)
+	go func() { stalledDone <- g.Wait() }()
+	var maxHeld int64
+	var good1, good2 int
+	for i := 0; i < 100000 && len(stalledDone) == 0; i++ {
+		if _, err := stalledClient.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatalf("call to the good backend beside the stalled ones: %v", err)
+		}
+		good1++
+		if _, err := otherClient.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatalf("call to the good backend from another client: %v", err)
+		}
+		good2++
+		maxHeld = max(maxHeld, srv.MaxHeldBytes())
+	}
+	if err := <-stalledDone; err != nil {
+		t.Error(err)
+	}
+	bound := int64(calls * proxy.DefaultStreamWindow)
+	t.Logf("clients sent %d MiB toward the stalled backend; the proxy held at most %d KiB (bound %d KiB); %d+%d calls elsewhere succeeded",
+		sent.Load()>>20, maxHeld>>10, bound>>10, good1, good2)
+	if maxHeld > bound {
+		t.Errorf("the proxy held %d request bytes for the stalled backend, want at most %d (the streams' windows)", maxHeld, bound)
+	}
+	// Nothing else closes a backend connection: no idle timeout, no GOAWAY.
+	wctx, cancel := context.WithTimeout(ctx, writeTimeout+15*time.Second)
+	defer cancel()
+	testkit.WaitFor(wctx, t, "the write timeout to close the stalled connection", func() bool { return srv.BackendConns(stalled) == 0 })
+	if _, err := otherClient.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Errorf("after the stall: %v", err)
 	}
 }

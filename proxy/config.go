@@ -134,9 +134,9 @@ type Config struct {
 	// Zero means DefaultRequestIdleTimeout, negative none.
 	RequestIdleTimeout time.Duration
 
-	// WriteTimeout bounds every write to a client connection: a client
-	// that does not read for that long while the proxy has bytes for it
-	// loses the connection, and its calls fail. Zero means
+	// WriteTimeout bounds every write to a client or backend connection:
+	// a peer that does not read for that long while the proxy has bytes
+	// for it loses the connection, and the calls on it fail. Zero means
 	// DefaultWriteTimeout, negative no bound.
 	WriteTimeout time.Duration
 

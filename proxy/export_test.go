@@ -24,3 +24,17 @@ func (s *Server) MaxHeldBytes() int64 {
 	}
 	return m
 }
+
+// SetAfterReserve sets a hook called, with the client connection's lock
+// held, between reserving a stream slot on a backend connection to addr
+// and queueing the attempt on it. Call before Serve.
+func SetAfterReserve(s *Server, fn func(addr string)) { s.afterReserve = fn }
+
+// BackendConns reports how many connections to the backend at addr the
+// pool holds, for tests: zero once the proxy has noticed that a killed
+// backend's connections are gone.
+func (s *Server) BackendConns(addr string) int {
+	s.pool.mu.Lock()
+	defer s.pool.mu.Unlock()
+	return len(s.pool.conns[addr])
+}

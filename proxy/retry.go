@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -63,6 +64,9 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			c.releaseItemsLocked(items)
 			return f, false
 		}
+		if h := c.srv.afterReserve; h != nil {
+			h(addr)
+		}
 		a.bc = bc
 		if s.tried == nil {
 			s.tried = s.triedInl[:0]
@@ -90,6 +94,9 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		s.att = prev
 		items = a.up.items[a.up.head:]
 		f := failure{kind: failConnLost, backend: addr, cause: cause, draining: c.srv.pool.restarting(addr)}
+		if errors.Is(cause, errPeerGoAway) {
+			f.kind = failGoAway
+		}
 		if done != nil {
 			done(f.statusErr())
 		}

@@ -45,6 +45,12 @@ type Server struct {
 	refusals refusalLog
 	accepted atomic.Int64 // client connections accepted and served
 	ends     *endQueue    // nil without Config.OnCallEnd
+
+	// afterReserve is a test hook, nil otherwise: startAttemptLocked calls
+	// it with cc.mu held between reserving a stream slot on a backend
+	// connection and queueing the attempt there, so a test can land a
+	// GOAWAY in between. Set before Serve.
+	afterReserve func(addr string)
 }
 
 // admit takes a unit of the MaxStreams budget for s, if one is left.

@@ -51,11 +51,16 @@ func currentRSS() int {
 }
 
 // soakCalls counts the soak's calls. A failure is excused only when it is
-// UNAVAILABLE and the call was in flight at the instant a backend was
-// killed (started before, ended after).
+// UNAVAILABLE and the call was in flight on the killed backend: it ended
+// after the kill began and started before the proxy had noticed the kill
+// (its connections to that backend all gone). A call can still be sent
+// on such a connection while Stop closes it, or after, until the proxy
+// reads its end; whether that call reached the backend's application is
+// unknowable then, so it fails, as it would on a direct connection.
 type soakCalls struct {
 	total, excused atomic.Int64
 	killedAt       atomic.Int64 // UnixNano, 0 before the kill
+	noticedAt      atomic.Int64 // UnixNano the proxy held no connection to it, 0 before
 
 	mu     sync.Mutex
 	failed []string // unexcused failures, the first few
@@ -67,8 +72,8 @@ func (s *soakCalls) record(kind string, start time.Time, err error) {
 	if err == nil {
 		return
 	}
-	k := s.killedAt.Load()
-	if status.Code(err) == codes.Unavailable && k != 0 && start.UnixNano() < k && time.Now().UnixNano() >= k {
+	k, n := s.killedAt.Load(), s.noticedAt.Load()
+	if status.Code(err) == codes.Unavailable && k != 0 && (n == 0 || start.UnixNano() < n) && time.Now().UnixNano() >= k {
 		s.excused.Add(1)
 		return
 	}
@@ -263,13 +268,27 @@ func restartLoop(ctx context.Context, t *testing.T, e *env, dur time.Duration, c
 			// closes the connections.
 			calls.killedAt.Store(time.Now().UnixNano())
 			old.Stop()
+			if err := noticed(e.srv.(*proxy.Server), addr); err != nil {
+				return err
+			}
+			calls.noticedAt.Store(time.Now().UnixNano())
+			t.Logf("killed %s; the proxy had dropped its connections to it %s after the kill began",
+				old.Name(), time.Duration(calls.noticedAt.Load()-calls.killedAt.Load()))
 			kills.Add(1)
 		} else {
-			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			// Kubernetes' default grace period: calls in flight may be
+			// slow on a loaded machine (the never-reading client's
+			// answers, 32 MiB, are read once it wakes up), and a stop cut
+			// short would fail them.
+			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			stopStart := time.Now()
 			err := old.Shutdown(sctx)
 			cancel()
 			if err != nil {
 				return fmt.Errorf("graceful stop of %s: %w", old.Name(), err)
+			}
+			if took := time.Since(stopStart); took > 2*time.Second {
+				t.Logf("graceful stop of %s took %v", old.Name(), took.Round(time.Millisecond))
 			}
 			restarts.Add(1)
 		}
@@ -284,6 +303,19 @@ func restartLoop(ctx context.Context, t *testing.T, e *env, dur time.Duration, c
 		t.Cleanup(ts.Stop)
 		// Only this goroutine writes e.backends while the soak runs.
 		e.backends[idx] = ts
+	}
+	return nil
+}
+
+// noticed polls until the proxy holds no connection to the killed backend
+// at addr, for at most 10 s.
+func noticed(srv *proxy.Server, addr string) error {
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for deadline := time.Now().Add(10 * time.Second); srv.BackendConns(addr) > 0; <-tick.C {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the proxy still holds %d connections to the killed backend %s after 10s", srv.BackendConns(addr), addr)
+		}
 	}
 	return nil
 }
