@@ -35,6 +35,9 @@ type backendConn struct {
 	goingAway  bool        // GOAWAY received, draining, or ids nearly exhausted: take no new streams
 	assumedMax uint32      // peer's stream limit assumed until its SETTINGS arrive
 	drainTimer *time.Timer // forces the close of a draining connection
+	used       bool        // a stream was reserved since the last idle sweep (see pool.closeIfIdle)
+
+	lastRead atomic.Int64 // unix nanoseconds bytes last arrived, for keepalive (see readClock)
 }
 
 // errDrainTimeout closes a draining connection whose streams outlived
@@ -91,6 +94,7 @@ func (b *backendConn) tryReserve() bool {
 		return false
 	}
 	b.reserved++
+	b.used = true
 	return true
 }
 
@@ -131,7 +135,8 @@ func (b *backendConn) run(ctx context.Context) {
 		b.failAll(failure{kind: failDial, backend: b.addr, cause: err, draining: b.pool.restarting(b.addr)})
 		return
 	}
-	b.attach(nc)
+	b.lastRead.Store(b.pool.srv.now().UnixNano())
+	b.attach(&readClock{Conn: nc, now: b.pool.srv.now, last: &b.lastRead})
 	b.mu.Lock()
 	b.queueCtrlLocked(writeOp{kind: opSettings, settings: []http2.Setting{
 		{ID: http2.SettingEnablePush, Val: 0},
@@ -165,6 +170,11 @@ func (b *backendConn) run(ctx context.Context) {
 		}
 	})
 	defer settingsTimer.Stop()
+	watchDone, watched := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(watched)
+		b.watchLoop(watchDone)
+	}()
 	readerDone := make(chan error, 1)
 	go func() {
 		err := b.readLoop()
@@ -179,10 +189,17 @@ func (b *backendConn) run(ctx context.Context) {
 	}
 	b.close(werr)
 	rerr := <-readerDone
+	close(watchDone)
+	<-watched
 	cause := rerr
 	if cause == nil || errors.Is(cause, io.EOF) {
 		cause = werr
 	}
+	b.mu.Lock()
+	if errors.Is(b.closeErr, errKeepalive) {
+		cause = b.closeErr // the reader and writer only saw the socket closed
+	}
+	b.mu.Unlock()
 	b.stopDrainTimer()
 	b.failAll(failure{kind: failConnLost, backend: b.addr, cause: cause})
 }
@@ -284,7 +301,7 @@ func (b *backendConn) handleFrame(f http2.Frame) error {
 			return err
 		}
 		if !f.IsAck() {
-			b.pool.backUp(b.addr)
+			b.onPeerSettings()
 		}
 	case *http2.WindowUpdateFrame:
 		b.mu.Lock()
@@ -713,6 +730,8 @@ type pool struct {
 	goneAt map[string]time.Time
 	closed bool
 	wg     sync.WaitGroup
+
+	pings atomic.Int64 // keepalive PINGs sent, for tests
 }
 
 // retain drains the connections of every backend not in keep.
@@ -737,8 +756,8 @@ func (p *pool) retain(keep map[string]bool) {
 // get returns a connection to addr with a stream slot reserved, opening a
 // new connection when every existing one is full (its
 // SETTINGS_MAX_CONCURRENT_STREAMS or BackendStreamsPerConn reached). Its
-// error is a failure: the server is shutting down, or the backend is at
-// MaxStreamsPerBackend.
+// error is a failure: the server is shutting down, the backend is at
+// MaxStreamsPerBackend, or it has MaxBackendConns connections, all full.
 func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -761,6 +780,13 @@ func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 		if b.tryReserve() {
 			return b, nil
 		}
+	}
+	if max := p.srv.cfg.MaxBackendConns; max > 0 && len(p.conns[addr]) >= max {
+		if a.backendCount != nil {
+			a.backendCount.Add(-1)
+			a.backendCount = nil
+		}
+		return nil, failure{kind: failBackendConns, backend: addr, limit: int64(max)}
 	}
 	b := newBackendConn(p, addr)
 	b.assumedMax = assumedPeerMaxStreams
@@ -785,18 +811,7 @@ func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 func (p *pool) remove(b *backendConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	cs := p.conns[b.addr]
-	for i, c := range cs {
-		if c == b {
-			cs = append(cs[:i], cs[i+1:]...)
-			break
-		}
-	}
-	if len(cs) == 0 {
-		delete(p.conns, b.addr)
-	} else {
-		p.conns[b.addr] = cs
-	}
+	p.removeLocked(b)
 }
 
 // closeAll stops new connections and closes the existing ones, then waits

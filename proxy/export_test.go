@@ -24,3 +24,13 @@ func (s *Server) MaxHeldBytes() int64 {
 	}
 	return m
 }
+
+// BackendPings reports the keepalive PINGs sent to backends, for tests.
+func (s *Server) BackendPings() int64 { return s.pool.pings.Load() }
+
+// BackendConns reports the connections the pool holds to addr, for tests.
+func (s *Server) BackendConns(addr string) int {
+	s.pool.mu.Lock()
+	defer s.pool.mu.Unlock()
+	return len(s.pool.conns[addr])
+}
