@@ -253,7 +253,7 @@ func (b *backendConn) failAll(f failure) {
 		r.a.s.cc.retryOrFail(r.a, r.transparent, f)
 	}
 	for _, a := range gone {
-		a.s.cc.failDown(a, f)
+		a.s.cc.failLost(a, f)
 	}
 }
 

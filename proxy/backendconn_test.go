@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"io"
 	"net"
@@ -12,9 +13,11 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
@@ -365,6 +368,98 @@ func TestBackendKeepaliveGRPCEnforcement(t *testing.T) {
 				t.Errorf("%d keepalive PINGs sent in %v of silence at %v, want at least 5", pings, quiet, tc.ping)
 			}
 			t.Logf("%d keepalive PINGs sent", pings)
+		})
+	}
+}
+
+// TestBackendEndsMidStream: a backend sends N messages and then loses its
+// connection or resets the stream while the client has not read them yet;
+// the client receives all N, then the error, as a direct client would.
+func TestBackendEndsMidStream(t *testing.T) {
+	const n, size = 20, 10 << 10 // more than the client's 64 KiB window
+	msg := grpcMsg(&testgrpc.StreamingOutputCallResponse{Payload: &testgrpc.Payload{Body: make([]byte, size)}})
+	for _, tc := range []struct {
+		name string
+		end  func(fr *http2.Framer, id uint32) // after the messages
+		want codes.Code
+	}{
+		{name: "connection lost", want: codes.Unavailable, end: func(*http2.Framer, uint32) {}},
+		{name: "RST_STREAM INTERNAL_ERROR", want: codes.Internal, end: func(fr *http2.Framer, id uint32) {
+			fr.WriteRSTStream(id, http2.ErrCodeInternal)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			verifyNoLeaks(t)
+			sent := make(chan struct{})
+			bad := rawBackend(t, func(nc net.Conn) {
+				br := bufio.NewReader(nc)
+				if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+					return
+				}
+				fr := http2.NewFramer(nc, br)
+				fr.WriteSettings()
+				for {
+					f, err := fr.ReadFrame()
+					if err != nil {
+						return
+					}
+					switch f := f.(type) {
+					case *http2.SettingsFrame:
+						if !f.IsAck() {
+							fr.WriteSettingsAck()
+						}
+					case *http2.PingFrame:
+						if f.IsAck() {
+							// The proxy read all that came before.
+							close(sent)
+							if tc.want == codes.Unavailable {
+								return // closes the connection
+							}
+						}
+					case *http2.HeadersFrame:
+						var hb bytes.Buffer
+						enc := hpack.NewEncoder(&hb)
+						enc.WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+						enc.WriteField(hpack.HeaderField{Name: "content-type", Value: "application/grpc"})
+						fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true})
+						for range n {
+							fr.WriteData(f.StreamID, false, msg)
+						}
+						tc.end(fr, f.StreamID)
+						fr.WritePing(false, [8]byte{7})
+					}
+				}
+			})
+			e := newEnv(t, envOpts{backends: 1})
+			srv := e.srv.(*proxy.Server)
+			e.setBackends(bad)
+			ctx := testkit.Context(t, 30*time.Second)
+			// A fixed window turns grpc-go's BDP estimation off, so the
+			// messages wait in the proxy until the client reads.
+			cc, err := grpc.NewClient("passthrough:///"+e.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+				grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { cc.Close() })
+			st, err := testgrpc.NewTestServiceClient(cc).StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-sent:
+			case <-ctx.Done():
+				t.Fatal("the backend never sent its messages")
+			}
+			if tc.want == codes.Unavailable {
+				testkit.WaitFor(ctx, t, "the proxy to see the backend connection end", func() bool {
+					return srv.BackendConns(bad) == 0
+				})
+			}
+			msgs, err := drain(st.Recv)
+			if len(msgs) != n || status.Code(err) != tc.want {
+				t.Errorf("client got %d messages then %v, want %d then %v", len(msgs), err, n, tc.want)
+			}
 		})
 	}
 }
