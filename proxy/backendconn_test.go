@@ -384,6 +384,9 @@ func TestBackendEndsMidStream(t *testing.T) {
 		want codes.Code
 	}{
 		{name: "connection lost", want: codes.Unavailable, end: func(*http2.Framer, uint32) {}},
+		{name: "connection lost in the middle of a message", want: codes.Unavailable, end: func(fr *http2.Framer, id uint32) {
+			fr.WriteData(id, false, msg[:len(msg)/2])
+		}},
 		{name: "RST_STREAM INTERNAL_ERROR", want: codes.Internal, end: func(fr *http2.Framer, id uint32) {
 			fr.WriteRSTStream(id, http2.ErrCodeInternal)
 		}},

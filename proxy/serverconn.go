@@ -745,6 +745,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 	if it.kind == itemData {
 		s.down.pushData(data, it.end)
 		s.bytesOut += int64(len(data))
+		s.msgs.advance(data)
 	} else {
 		if it.end {
 			s.result = outcome(it.fields)
