@@ -273,7 +273,7 @@ func TestBackendKeepalive(t *testing.T) {
 	verifyNoLeaks(t)
 	var streams atomic.Int64
 	silent := silentBackend(t, &streams)
-	const interval, timeout = 100 * time.Millisecond, 200 * time.Millisecond
+	const interval, timeout = 100 * time.Millisecond, time.Second
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
 		c.BackendKeepaliveTime = interval
 		c.BackendKeepaliveTimeout = timeout
