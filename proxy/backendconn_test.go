@@ -466,3 +466,64 @@ func TestBackendEndsMidStream(t *testing.T) {
 		})
 	}
 }
+
+// TestBackendIdleCloseGoAway: an idle backend connection is closed
+// gracefully: the backend reads GOAWAY(NO_ERROR), then the end of the
+// connection.
+func TestBackendIdleCloseGoAway(t *testing.T) {
+	verifyNoLeaks(t)
+	ended := make(chan string, 1)
+	addr := rawBackend(t, func(nc net.Conn) {
+		br := bufio.NewReader(nc)
+		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+			return
+		}
+		fr := http2.NewFramer(nc, br)
+		fr.WriteSettings()
+		var goaway *http2.GoAwayFrame
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				switch {
+				case goaway == nil:
+					ended <- "closed without GOAWAY: " + err.Error()
+				case goaway.ErrCode != http2.ErrCodeNo:
+					ended <- "GOAWAY " + goaway.ErrCode.String()
+				default:
+					ended <- "ok"
+				}
+				return
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					fr.WriteSettingsAck()
+				}
+			case *http2.HeadersFrame:
+				var hb bytes.Buffer
+				enc := hpack.NewEncoder(&hb)
+				for _, kv := range [][2]string{{":status", "200"}, {"content-type", "application/grpc"}, {"grpc-status", "12"}} {
+					enc.WriteField(hpack.HeaderField{Name: kv[0], Value: kv[1]})
+				}
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
+			case *http2.GoAwayFrame:
+				g := *f
+				goaway = &g
+			}
+		}
+	})
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.BackendIdleTimeout = 20 * time.Millisecond }})
+	e.setBackends(addr)
+	ctx := testkit.Context(t, 20*time.Second)
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("got %v, want the backend's UNIMPLEMENTED", err)
+	}
+	select {
+	case got := <-ended:
+		if got != "ok" {
+			t.Errorf("idle backend connection: %s, want GOAWAY(NO_ERROR) then close", got)
+		}
+	case <-ctx.Done():
+		t.Fatal("the idle backend connection was never closed")
+	}
+}
