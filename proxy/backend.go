@@ -782,6 +782,9 @@ func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 		}
 	}
 	if max := p.srv.cfg.MaxBackendConns; max > 0 && len(p.conns[addr]) >= max {
+		if b := p.reserveUnknownLocked(addr); b != nil {
+			return b, nil
+		}
 		if a.backendCount != nil {
 			a.backendCount.Add(-1)
 			a.backendCount = nil

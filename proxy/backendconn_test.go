@@ -527,3 +527,70 @@ func TestBackendIdleCloseGoAway(t *testing.T) {
 		t.Fatal("the idle backend connection was never closed")
 	}
 }
+
+// TestBackendConnCapBurst: a burst of calls to a backend whose SETTINGS
+// have not arrived yet is not failed by MaxBackendConns on the guess of
+// 100 streams per connection: the calls wait for the handshake and then
+// all run, on no more connections than the cap.
+func TestBackendConnCapBurst(t *testing.T) {
+	verifyNoLeaks(t)
+	var dials atomic.Int64
+	// The backend's SETTINGS are held back until the whole burst is in
+	// the proxy.
+	gate := make(chan struct{})
+	var gateOnce sync.Once
+	openGate := func() { gateOnce.Do(func() { close(gate) }) }
+	dial := countingDial(&dials)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.MaxBackendConns = 2
+		c.HandshakeTimeout = 20 * time.Second
+		c.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			nc, err := dial(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return &gatedConn{Conn: nc, gate: gate}, nil
+		}
+	}})
+	t.Cleanup(openGate) // before the env's cleanup, which waits for the reads
+	ctx := testkit.Context(t, 30*time.Second)
+	hang, cancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
+	var g errgroup.Group
+	const calls = 250 // over 2 connections of 100 assumed streams
+	for range calls {
+		g.Go(func() error {
+			_, err := e.client.EmptyCall(hang, &testgrpc.Empty{})
+			if status.Code(err) != codes.Canceled {
+				return err
+			}
+			return nil
+		})
+	}
+	testkit.WaitFor(ctx, t, "every call of the burst picked and waiting", func() bool {
+		b := e.dir.Backends()
+		return len(b) == 1 && b[0].InFlight == calls
+	})
+	openGate()
+	testkit.WaitFor(ctx, t, "every call of the burst in flight", func() bool {
+		return e.backends[0].InFlight() == calls
+	})
+	cancel()
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if n := dials.Load(); n > 2 {
+		t.Errorf("%d connections dialed, want at most 2", n)
+	}
+}
+
+// gatedConn is a backend connection that reads nothing until gate is
+// closed.
+type gatedConn struct {
+	net.Conn
+	gate <-chan struct{}
+}
+
+func (g *gatedConn) Read(p []byte) (int, error) {
+	<-g.gate
+	return g.Conn.Read(p)
+}

@@ -82,6 +82,44 @@ func (b *backendConn) onPeerSettings() {
 	}
 }
 
+// reserveUnknownLocked is get's last resort at MaxBackendConns: while no
+// connection to addr has had the backend's SETTINGS, their stream limit is
+// a guess (see capLocked), and a burst of calls to a new backend waits on
+// one of them, up to BackendStreamsPerConn each, for the SETTINGS to tell
+// how many it takes, rather than fail on the guess. Those over the limit
+// the backend then advertises wait on their connection for a slot, as they
+// do whenever SETTINGS come in lower than assumed. Caller must hold p.mu.
+func (p *pool) reserveUnknownLocked(addr string) *backendConn {
+	cs := p.conns[addr]
+	for _, b := range cs {
+		b.mu.Lock()
+		known := b.gotSettings
+		b.mu.Unlock()
+		if known {
+			return nil
+		}
+	}
+	for _, b := range cs {
+		if b.tryReserveUnknown() {
+			return b
+		}
+	}
+	return nil
+}
+
+// tryReserveUnknown takes a stream slot on b, past its assumed limit,
+// while its handshake is not done; see reserveUnknownLocked.
+func (b *backendConn) tryReserveUnknown() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed || b.goingAway || b.drainAndClose || b.gotSettings || b.reserved >= b.pool.srv.cfg.BackendStreamsPerConn {
+		return false
+	}
+	b.reserved++
+	b.used = true
+	return true
+}
+
 // watchLoop runs beside a backend connection's reader and writer until
 // done is closed: it sends keepalive PINGs and closes the connection when
 // they go unanswered, and closes it when idle. The connection's run owns

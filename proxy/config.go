@@ -97,7 +97,7 @@ type Config struct {
 	// BackendStreamsPerConn caps the streams opened on one backend
 	// connection; the backend's own SETTINGS_MAX_CONCURRENT_STREAMS applies
 	// when lower. When every connection to a backend is full another one is
-	// opened.
+	// opened, up to MaxBackendConns.
 	BackendStreamsPerConn uint32
 
 	// MaxBackendConns caps the connections open to any one backend
