@@ -95,6 +95,10 @@ func proxyCommand() *cli.Command {
 			&cli.Int64Flag{Name: "max-streams-per-backend", Usage: "calls in flight to one backend; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: proxy.DefaultConnectTimeout, Usage: "bound on dialing a backend (frame engine)"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: proxy.DefaultHandshakeTimeout, Usage: "bound on a backend's HTTP/2 handshake; a call waits at most this (and a quarter of its deadline) for a new connection before going elsewhere (frame engine)"},
+			&cli.IntFlag{Name: "max-backend-conns", Value: proxy.DefaultMaxBackendConns, Usage: "connections to one backend address; when all are full a call goes to another backend, else fails with UNAVAILABLE (negative: no cap; frame engine)"},
+			&cli.DurationFlag{Name: "backend-idle-timeout", Value: proxy.DefaultBackendIdleTimeout, Usage: "close a backend connection gracefully (GOAWAY) after this long without a stream (negative: never; frame engine)"},
+			&cli.DurationFlag{Name: "backend-keepalive-time", Value: proxy.DefaultBackendKeepaliveTime, Usage: "PING a backend connection with streams after this long without a frame from it; keep it at or above the backends' keepalive MinTime (negative: no PINGs; frame engine)"},
+			&cli.DurationFlag{Name: "backend-keepalive-timeout", Value: proxy.DefaultBackendKeepaliveTimeout, Usage: "close a backend connection, failing its calls with UNAVAILABLE, when nothing arrives this long after a keepalive PING (frame engine)"},
 			&cli.IntFlag{Name: "max-connections", Value: proxy.DefaultMaxConnections, Usage: "client connections served at once; more are closed as soon as accepted (negative: no cap; frame engine)"},
 			&cli.DurationFlag{Name: "idle-timeout", Value: proxy.DefaultIdleTimeout, Usage: "close a client connection gracefully (GOAWAY) after this long without a stream (negative: never; frame engine)"},
 			&cli.DurationFlag{Name: "write-timeout", Value: proxy.DefaultWriteTimeout, Usage: "close a client or backend connection that does not read what the proxy writes for this long (negative: no bound; frame engine)"},
@@ -190,7 +194,10 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 	if maxConns == 0 {
 		return zero, usageErr("--max-connections must not be 0 (negative: no cap)")
 	}
-	for _, f := range []string{"connect-timeout", "handshake-timeout", "dns-refresh"} {
+	if c.Int("max-backend-conns") == 0 {
+		return zero, usageErr("--max-backend-conns must not be 0 (negative: no cap)")
+	}
+	for _, f := range []string{"connect-timeout", "handshake-timeout", "backend-keepalive-timeout", "dns-refresh"} {
 		if c.Duration(f) <= 0 {
 			return zero, usageErr("--%s must be positive, got %v", f, c.Duration(f))
 		}
@@ -239,19 +246,23 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 		},
 		Engine: c.String("engine"),
 		Proxy: proxy.Config{
-			ConnectTimeout:       c.Duration("connect-timeout"),
-			HandshakeTimeout:     c.Duration("handshake-timeout"),
-			MaxConcurrentStreams: uint32(mcs),
-			MaxConnections:       maxConns,
-			IdleTimeout:          nonZero(c.Duration("idle-timeout")),
-			WriteTimeout:         nonZero(c.Duration("write-timeout")),
-			MaxStreams:           c.Int64("max-streams"),
-			MaxStreamsPerBackend: c.Int64("max-streams-per-backend"),
-			RetryOn:              c.StringSlice("retry-on"),
-			MaxRetries:           c.Int("max-retries"),
-			RetryBufferSize:      c.Int("retry-buffer"),
-			RetryBudget:          c.Int("retry-budget"),
-			RetryBudgetRatio:     c.Float64("retry-budget-ratio"),
+			ConnectTimeout:          c.Duration("connect-timeout"),
+			HandshakeTimeout:        c.Duration("handshake-timeout"),
+			MaxConcurrentStreams:    uint32(mcs),
+			MaxConnections:          maxConns,
+			IdleTimeout:             nonZero(c.Duration("idle-timeout")),
+			MaxBackendConns:         c.Int("max-backend-conns"),
+			BackendIdleTimeout:      nonZero(c.Duration("backend-idle-timeout")),
+			BackendKeepaliveTime:    nonZero(c.Duration("backend-keepalive-time")),
+			BackendKeepaliveTimeout: c.Duration("backend-keepalive-timeout"),
+			WriteTimeout:            nonZero(c.Duration("write-timeout")),
+			MaxStreams:              c.Int64("max-streams"),
+			MaxStreamsPerBackend:    c.Int64("max-streams-per-backend"),
+			RetryOn:                 c.StringSlice("retry-on"),
+			MaxRetries:              c.Int("max-retries"),
+			RetryBufferSize:         c.Int("retry-buffer"),
+			RetryBudget:             c.Int("retry-budget"),
+			RetryBudgetRatio:        c.Float64("retry-budget-ratio"),
 		},
 		DrainTimeout: drain,
 		TLS:          serverTLS,

@@ -42,6 +42,9 @@ type backendConn struct {
 	// the last stream id and may still close the connection without
 	// answering it, so only a stream never sent is safe to move.
 	peerGoAway bool
+	used       bool        // a stream was reserved since the last idle sweep (see pool.closeIfIdle)
+
+	lastRead atomic.Int64 // unix nanoseconds bytes last arrived, for keepalive (see readClock)
 }
 
 // errDrainTimeout closes a draining connection whose streams outlived
@@ -101,6 +104,7 @@ func (b *backendConn) tryReserve() bool {
 		return false
 	}
 	b.reserved++
+	b.used = true
 	return true
 }
 
@@ -148,7 +152,8 @@ func (b *backendConn) run(ctx context.Context) {
 		b.failAll(failure{kind: failDial, backend: b.addr, cause: err, draining: b.pool.restarting(b.addr)})
 		return
 	}
-	b.attach(nc)
+	b.lastRead.Store(b.pool.srv.now().UnixNano())
+	b.attach(&readClock{Conn: nc, now: b.pool.srv.now, last: &b.lastRead})
 	b.mu.Lock()
 	b.queueCtrlLocked(writeOp{kind: opSettings, settings: []http2.Setting{
 		{ID: http2.SettingEnablePush, Val: 0},
@@ -182,6 +187,11 @@ func (b *backendConn) run(ctx context.Context) {
 		}
 	})
 	defer settingsTimer.Stop()
+	watchDone, watched := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(watched)
+		b.watchLoop(watchDone)
+	}()
 	readerDone := make(chan error, 1)
 	writerDone := make(chan struct{})
 	go func() {
@@ -199,10 +209,17 @@ func (b *backendConn) run(ctx context.Context) {
 	close(writerDone)
 	b.close(werr)
 	rerr := <-readerDone
+	close(watchDone)
+	<-watched
 	cause := rerr
 	if cause == nil || errors.Is(cause, io.EOF) {
 		cause = werr
 	}
+	b.mu.Lock()
+	if errors.Is(b.closeErr, errKeepalive) {
+		cause = b.closeErr // the reader and writer only saw the socket closed
+	}
+	b.mu.Unlock()
 	b.stopDrainTimer()
 	b.failAll(failure{kind: failConnLost, backend: b.addr, cause: cause})
 }
@@ -264,7 +281,7 @@ func (b *backendConn) failAll(f failure) {
 		r.a.s.cc.retryOrFail(r.a, r.transparent, f)
 	}
 	for _, a := range gone {
-		a.s.cc.failDown(a, f)
+		a.s.cc.failLost(a, f)
 	}
 }
 
@@ -319,7 +336,7 @@ func (b *backendConn) onPingAck([8]byte) {}
 
 // settingsApplied implements frameHandler: the backend's handshake is
 // done.
-func (b *backendConn) settingsApplied() { b.pool.backUp(b.addr) }
+func (b *backendConn) settingsApplied() { b.onPeerSettings() }
 
 func (b *backendConn) eachQueueLocked(fn func(*sendQueue)) {
 	for _, a := range b.streams {
@@ -740,6 +757,8 @@ type pool struct {
 	goneAt map[string]time.Time
 	closed bool
 	wg     sync.WaitGroup
+
+	pings atomic.Int64 // keepalive PINGs sent, for tests
 }
 
 // retain drains the connections of every backend not in keep.
@@ -764,8 +783,8 @@ func (p *pool) retain(keep map[string]bool) {
 // get returns a connection to addr with a stream slot reserved, opening a
 // new connection when every existing one is full (its
 // SETTINGS_MAX_CONCURRENT_STREAMS or BackendStreamsPerConn reached). Its
-// error is a failure: the server is shutting down, or the backend is at
-// MaxStreamsPerBackend.
+// error is a failure: the server is shutting down, the backend is at
+// MaxStreamsPerBackend, or it has MaxBackendConns connections, all full.
 func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -788,6 +807,16 @@ func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 		if b.tryReserve() {
 			return b, nil
 		}
+	}
+	if max := p.srv.cfg.MaxBackendConns; max > 0 && len(p.conns[addr]) >= max {
+		if b := p.reserveUnknownLocked(addr); b != nil {
+			return b, nil
+		}
+		if a.backendCount != nil {
+			a.backendCount.Add(-1)
+			a.backendCount = nil
+		}
+		return nil, failure{kind: failBackendConns, backend: addr, limit: int64(max)}
 	}
 	b := newBackendConn(p, addr)
 	b.assumedMax = assumedPeerMaxStreams
@@ -812,18 +841,7 @@ func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 func (p *pool) remove(b *backendConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	cs := p.conns[b.addr]
-	for i, c := range cs {
-		if c == b {
-			cs = append(cs[:i], cs[i+1:]...)
-			break
-		}
-	}
-	if len(cs) == 0 {
-		delete(p.conns, b.addr)
-	} else {
-		p.conns[b.addr] = cs
-	}
+	p.removeLocked(b)
 }
 
 // closeAll stops new connections and closes the existing ones, then waits

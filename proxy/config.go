@@ -36,6 +36,16 @@ const (
 	DefaultShutdownLinger        = time.Second
 	DefaultRequestIdleTimeout    = 5 * time.Minute
 	DefaultMaxConnBufferedBytes  = 16 << 20
+	DefaultMaxBackendConns       = 8
+	DefaultBackendIdleTimeout    = 5 * time.Minute
+	// DefaultBackendKeepaliveTime is grpc-go's server default of
+	// keepalive.EnforcementPolicy.MinTime: PINGs any closer together, on
+	// a connection whose backend sends nothing in between, make a grpc-go
+	// backend close it with GOAWAY(ENHANCE_YOUR_CALM, "too_many_pings").
+	DefaultBackendKeepaliveTime = 5 * time.Minute
+	// DefaultBackendKeepaliveTimeout is grpc-go's client default
+	// (keepalive.ClientParameters.Timeout).
+	DefaultBackendKeepaliveTimeout = 20 * time.Second
 )
 
 const (
@@ -87,8 +97,44 @@ type Config struct {
 	// BackendStreamsPerConn caps the streams opened on one backend
 	// connection; the backend's own SETTINGS_MAX_CONCURRENT_STREAMS applies
 	// when lower. When every connection to a backend is full another one is
-	// opened.
+	// opened, up to MaxBackendConns.
 	BackendStreamsPerConn uint32
+
+	// MaxBackendConns caps the connections open to any one backend
+	// address, draining ones included. Another connection is opened only
+	// when every one is full (BackendStreamsPerConn or the backend's
+	// SETTINGS_MAX_CONCURRENT_STREAMS reached); at the cap a call is not
+	// queued: it goes to another backend as a transparent retry (it never
+	// reached this one), and when none can take it fails at once with
+	// UNAVAILABLE, as Envoy's max_connections circuit breaker overflows
+	// with 503. Such an overflow is not the backend's failure: the Picker's
+	// done sees CANCELLED, which counts neither for nor against it. Zero
+	// means DefaultMaxBackendConns, negative no cap.
+	MaxBackendConns int
+
+	// BackendIdleTimeout closes a backend connection that carried no
+	// stream for that long (checked every quarter of it, so it may live
+	// up to a quarter longer): GOAWAY, then close, and the pool forgets
+	// it; the next call opens a new one. Zero means
+	// DefaultBackendIdleTimeout, negative never.
+	BackendIdleTimeout time.Duration
+
+	// BackendKeepaliveTime and BackendKeepaliveTimeout find half-open
+	// backend connections, as grpc-go's client keepalive does: a
+	// connection with streams in flight on which nothing was read for
+	// BackendKeepaliveTime sends a PING, and if still nothing is read
+	// within BackendKeepaliveTimeout it is closed, its calls failing with
+	// UNAVAILABLE (a failure of the backend, for ejection). Idle
+	// connections are not pinged (grpc-go servers refuse that by default,
+	// PermitWithoutStream); BackendIdleTimeout closes them. A grpc-go
+	// backend whose keepalive.EnforcementPolicy.MinTime is above
+	// BackendKeepaliveTime closes the connection with "too_many_pings" when
+	// it sends nothing between PINGs: keep BackendKeepaliveTime at or above
+	// the backends' MinTime (grpc-go's default, 5 min, is the default
+	// here). Zero means the defaults, a negative BackendKeepaliveTime no
+	// PINGs.
+	BackendKeepaliveTime    time.Duration
+	BackendKeepaliveTimeout time.Duration
 
 	// ConnectTimeout bounds dialing a backend.
 	ConnectTimeout time.Duration
@@ -269,6 +315,12 @@ func (c *Config) setDefaults() error {
 	}
 	if c.BackendStreamsPerConn == 0 {
 		c.BackendStreamsPerConn = DefaultBackendStreamsPerConn
+	}
+	defaultOrOff(&c.MaxBackendConns, DefaultMaxBackendConns)
+	defaultOrOff(&c.BackendIdleTimeout, DefaultBackendIdleTimeout)
+	defaultOrOff(&c.BackendKeepaliveTime, DefaultBackendKeepaliveTime)
+	if c.BackendKeepaliveTimeout <= 0 {
+		c.BackendKeepaliveTimeout = DefaultBackendKeepaliveTimeout
 	}
 	if c.ConnectTimeout <= 0 {
 		c.ConnectTimeout = DefaultConnectTimeout

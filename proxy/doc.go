@@ -7,8 +7,11 @@
 //   - Server, the frame engine, relays HTTP/2 frames with
 //     golang.org/x/net/http2's Framer and hpack. It never decodes a gRPC
 //     message: DATA bytes go through as they came, so any codec,
-//     compression or message size passes untouched. Each connection has one
-//     reader goroutine and one writer goroutine; streams are entries in the
+//     compression or message size passes untouched (it follows the 5-byte
+//     message prefixes of responses, only so that a backend dying mid-message
+//     does not leave the client half a message). Each connection has one
+//     reader goroutine and one writer goroutine, and a backend connection a
+//     third for keepalive PINGs and idle close; streams are entries in the
 //     connection's table, not goroutines. Flow control is end to end
 //     (RFC 9113 §5.2): a window is granted to a sender only as its bytes are
 //     handed on to the receiver, so every stream's buffer is bounded.

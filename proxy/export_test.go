@@ -30,6 +30,9 @@ func (s *Server) MaxHeldBytes() int64 {
 // and queueing the attempt on it. Call before Serve.
 func SetAfterReserve(s *Server, fn func(addr string)) { s.afterReserve = fn }
 
+// BackendPings reports the keepalive PINGs sent to backends, for tests.
+func (s *Server) BackendPings() int64 { return s.pool.pings.Load() }
+
 // BackendConns reports how many connections to the backend at addr the
 // pool holds, for tests: zero once the proxy has noticed that a killed
 // backend's connections are gone.

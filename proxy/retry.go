@@ -59,7 +59,17 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 				f = failure{kind: failInternal, cause: err}
 			}
 			if done != nil {
-				done(f.statusErr())
+				done(f.pickerErr())
+			}
+			if f.kind == failBackendConns && s.attempts <= c.srv.cfg.MaxRetries {
+				// Never reached the backend: another may take the call
+				// (see Config.MaxBackendConns). Noted as tried, so the
+				// next pick avoids it.
+				if s.tried == nil {
+					s.tried = s.triedInl[:0]
+				}
+				s.tried = append(s.tried, addr)
+				continue
 			}
 			c.releaseItemsLocked(items)
 			return f, false

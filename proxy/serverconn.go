@@ -470,6 +470,13 @@ func (c *serverConn) rejectStream(s *stream, f failure) {
 // finished sending. Caller must hold mu.
 func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) {
 	s.down.drop(&c.transport)
+	c.endDownLocked(s, blocks...)
+}
+
+// endDownLocked ends the response with the given header blocks, after
+// what is queued, and resets the stream if the client has not finished
+// sending. Caller must hold mu.
+func (c *serverConn) endDownLocked(s *stream, blocks ...[]hpack.HeaderField) {
 	for i, fields := range blocks {
 		s.down.push(outItem{kind: itemHeaders, end: i == len(blocks)-1, fields: fields})
 	}
@@ -656,6 +663,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 	if it.kind == itemData {
 		s.down.pushData(data, it.end)
 		s.bytesOut += int64(len(data))
+		s.msgs.advance(data)
 	} else {
 		if it.end {
 			s.result = outcome(it.fields)
@@ -704,9 +712,10 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 	}
 	s.result = failure{kind: failBackendReset, backend: a.bc.addr, h2code: code}.statusErr()
 	// Codes are relayed as they are, so the client sees what a direct call
-	// would: grpc-go maps RST_STREAM codes to statuses itself.
-	c.queueCtrlLocked(writeOp{kind: opReset, streamID: s.down.id, code: code})
-	c.stepLocked(s, evSendReset)
+	// would: grpc-go maps RST_STREAM codes to statuses itself. The reset
+	// follows the response bytes already received, which a direct client
+	// would have read before it (see resetAfterQueuedLocked).
+	c.resetAfterQueuedLocked(s, code)
 }
 
 // stepLocked applies ev to s's state on the client connection (RFC 9113

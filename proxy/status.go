@@ -85,6 +85,13 @@ const (
 	// is not complete, and the response moved neither, for
 	// Config.RequestIdleTimeout (limit, in milliseconds).
 	failRequestIdle
+	// failBackendConns: every connection to the backend is full and it
+	// has Config.MaxBackendConns of them (limit). The Picker sees
+	// CANCELLED (see pickerErr): the backend did not fail.
+	failBackendConns
+	// failNoStreams: the backend advertised
+	// SETTINGS_MAX_CONCURRENT_STREAMS=0, so it takes no stream.
+	failNoStreams
 )
 
 // failure is one call the proxy ends itself: its kind and the details its
@@ -116,6 +123,17 @@ func (f failure) statusErr() error {
 		return drainingError{st}
 	}
 	return st.Err()
+}
+
+// pickerErr is the outcome of f as handed to the Picker's done when the
+// attempt never got a stream: statusErr, except for an overflow of the
+// proxy's own connection cap, which says nothing about the backend and is
+// reported as CANCELLED, as failRepicked is.
+func (f failure) pickerErr() error {
+	if f.kind == failBackendConns {
+		return status.Errorf(codes.Canceled, "streamlb: backend %s not used: at its connection cap", f.backend)
+	}
+	return f.statusErr()
 }
 
 // drainingError is the status of an attempt that failed because its
@@ -181,6 +199,10 @@ func statusOf(f failure) (*status.Status, int) {
 		return status.Newf(codes.Canceled, "streamlb: pick of %s not used: the call already tried it", f.backend), http.StatusOK
 	case failHandshake:
 		return status.Newf(codes.Unavailable, "streamlb: backend %s: no HTTP/2 handshake within %v", f.backend, time.Duration(f.limit)*time.Millisecond), http.StatusOK
+	case failBackendConns:
+		return status.Newf(codes.Unavailable, "streamlb: backend %s: every connection is at its stream limit (limit %d connections)", f.backend, f.limit), http.StatusOK
+	case failNoStreams:
+		return status.Newf(codes.Unavailable, "streamlb: backend %s accepts no streams (SETTINGS_MAX_CONCURRENT_STREAMS=0)", f.backend), http.StatusOK
 	case failDeadline:
 		return status.New(codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+f.method), http.StatusOK
 	case failRequestIdle:

@@ -44,6 +44,7 @@ type stream struct {
 	tried       []string      // backends of the attempts made, in order
 	bytesIn     int64         // DATA payload received from the client
 	bytesOut    int64         // DATA payload queued toward the client
+	msgs        msgCursor     // gRPC message boundaries in that payload (see failLost)
 	fromBackend bool          // result is the backend's own status
 	failKind    failKind      // what failLocked ended the call for
 	active      bool          // a frame moved either way since the last request-idle sweep

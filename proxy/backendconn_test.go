@@ -1,0 +1,596 @@
+package proxy_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/testserver"
+)
+
+// Tests of the backend connection pool's limits and of backend connection
+// lifetimes: the connection cap, SETTINGS_MAX_CONCURRENT_STREAMS=0, idle
+// close, keepalive, and responses cut short by the backend.
+
+// countingDial is a Config.Dial that counts the connections it opens.
+func countingDial(n *atomic.Int64) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	var d net.Dialer
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		n.Add(1)
+		return d.DialContext(ctx, network, addr)
+	}
+}
+
+// TestBackendConnCap: a backend limited to 2 streams per connection, with
+// MaxBackendConns 2, carries 4 calls; a fifth goes to the other backend
+// as a transparent retry, and with no other backend fails at once with
+// UNAVAILABLE instead of opening a third connection.
+func TestBackendConnCap(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 2, tscfg: func(i int, c *testserver.Config) {
+		if i == 0 {
+			c.ServerOptions = append(c.ServerOptions, grpc.MaxConcurrentStreams(2))
+		}
+	}, pcfg: func(c *proxy.Config) { c.MaxBackendConns = 2 },
+		dcfg: func(c *director.Config) { c.EjectAfter = 1 }})
+	srv := e.srv.(*proxy.Server)
+	capped, other := e.backends[0], e.backends[1]
+	ctx := testkit.Context(t, 30*time.Second)
+	// A first call on the capped backend learns its SETTINGS.
+	e.setBackends(capped.Addr())
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	e.setBackends(capped.Addr(), other.Addr())
+
+	hang, cancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
+	var g errgroup.Group
+	const calls = 12
+	for range calls {
+		g.Go(func() error {
+			_, err := e.client.EmptyCall(hang, &testgrpc.Empty{})
+			if status.Code(err) != codes.Canceled {
+				return err
+			}
+			return nil
+		})
+	}
+	testkit.WaitFor(ctx, t, "12 calls in flight, 4 of them on the capped backend", func() bool {
+		return capped.InFlight() == 4 && capped.InFlight()+other.InFlight() == calls
+	})
+	if got := srv.BackendConns(capped.Addr()); got != 2 {
+		t.Errorf("connections to the capped backend: got %d, want 2", got)
+	}
+
+	// Alone, the capped backend's overflow fails fast with UNAVAILABLE.
+	e.setBackends(capped.Addr())
+	cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
+	_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+	ccancel()
+	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "every connection") {
+		t.Errorf("call over the connection cap: got %v, want UNAVAILABLE naming the cap", err)
+	}
+	if got := srv.BackendConns(capped.Addr()); got != 2 {
+		t.Errorf("connections to the capped backend after the overflow: got %d, want 2", got)
+	}
+	cancel()
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	// The overflow did not count against the backend: one UNAVAILABLE
+	// outcome would have ejected it.
+	for _, b := range e.dir.Backends() {
+		if b.Addr == capped.Addr() && b.Ejected {
+			t.Errorf("capped backend ejected (%s); an overflow is not its failure", b.Reason)
+		}
+	}
+}
+
+// zeroStreamsBackend is a raw HTTP/2 backend that advertises
+// SETTINGS_MAX_CONCURRENT_STREAMS=0 and reads until the proxy closes the
+// connection; open counts its connections still open.
+func zeroStreamsBackend(t *testing.T, open, accepted *atomic.Int64) string {
+	return rawBackend(t, func(nc net.Conn) {
+		accepted.Add(1)
+		open.Add(1)
+		defer open.Add(-1)
+		br := bufio.NewReader(nc)
+		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+			return
+		}
+		fr := http2.NewFramer(nc, br)
+		if fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0}) != nil {
+			return
+		}
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			if s, ok := f.(*http2.SettingsFrame); ok && !s.IsAck() {
+				fr.WriteSettingsAck()
+			}
+		}
+	})
+}
+
+// TestBackendMaxStreamsZero: a backend advertising
+// SETTINGS_MAX_CONCURRENT_STREAMS=0 takes no call: calls go to the real
+// backend beside it, its connections are closed, and alone it fails calls
+// promptly with UNAVAILABLE, not at their deadline.
+func TestBackendMaxStreamsZero(t *testing.T) {
+	verifyNoLeaks(t)
+	var open, accepted atomic.Int64
+	zero := zeroStreamsBackend(t, &open, &accepted)
+	e := newEnv(t, envOpts{backends: 1})
+	srv := e.srv.(*proxy.Server)
+	e.setBackends(zero, e.backends[0].Addr())
+	ctx := testkit.Context(t, 30*time.Second)
+	for i := range 8 {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+	if accepted.Load() == 0 {
+		t.Fatal("no call was picked for the zero-streams backend; the test proves nothing")
+	}
+	testkit.WaitFor(ctx, t, "the zero-streams backend's connections closed and forgotten", func() bool {
+		return open.Load() == 0 && srv.BackendConns(zero) == 0
+	})
+
+	e.setBackends(zero)
+	start := time.Now()
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+	cancel()
+	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "MAX_CONCURRENT_STREAMS=0") {
+		t.Errorf("only the zero-streams backend: got %v, want UNAVAILABLE naming the setting", err)
+	}
+	t.Logf("failed after %v; %d connections were opened to it", time.Since(start), accepted.Load())
+	testkit.WaitFor(ctx, t, "every connection to it closed", func() bool {
+		return open.Load() == 0 && srv.BackendConns(zero) == 0
+	})
+	for _, b := range e.dir.Backends() {
+		if b.Addr == zero && b.Failures == 0 {
+			t.Errorf("zero-streams backend has no failures recorded: %+v", b)
+		}
+	}
+}
+
+// TestBackendIdleClose: a backend connection without streams for
+// BackendIdleTimeout is closed and forgotten; calls racing with the close
+// are never lost.
+func TestBackendIdleClose(t *testing.T) {
+	verifyNoLeaks(t)
+	var dials atomic.Int64
+	const idle = 8 * time.Millisecond
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.BackendIdleTimeout = idle
+		c.Dial = countingDial(&dials)
+	}})
+	srv := e.srv.(*proxy.Server)
+	addr := e.backends[0].Addr()
+	ctx := testkit.Context(t, 60*time.Second)
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(ctx, t, "the idle backend connection closed and forgotten", func() bool {
+		return srv.BackendConns(addr) == 0
+	})
+
+	// Rounds of concurrent calls, with pauses between them around the
+	// idle timeout (the close comes between 1 and 1.25 of it), so that
+	// idle closes race with new calls reserving a stream.
+	for round := range 40 {
+		var g errgroup.Group
+		for range 6 {
+			g.Go(func() error {
+				for range 3 {
+					if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		}
+		if err := g.Wait(); err != nil {
+			t.Fatalf("round %d: a call racing with an idle close failed: %v", round, err)
+		}
+		pause := idle * time.Duration(4+round%5) / 4 // 1 to 2 idle timeouts
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
+			t.Fatal(ctx.Err())
+		}
+	}
+	if dials.Load() < 3 {
+		t.Errorf("%d backend connections dialed; idle connections were not closed", dials.Load())
+	}
+	t.Logf("%d backend connections dialed", dials.Load())
+}
+
+// silentBackend is a raw HTTP/2 backend that completes the handshake,
+// takes streams, and then never sends another frame: a half-open
+// connection, as seen from the proxy. It keeps reading.
+func silentBackend(t *testing.T, streams *atomic.Int64) string {
+	return rawBackend(t, func(nc net.Conn) {
+		br := bufio.NewReader(nc)
+		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+			return
+		}
+		fr := http2.NewFramer(nc, br)
+		if fr.WriteSettings() != nil {
+			return
+		}
+		acked := false
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() && !acked {
+					acked = true
+					fr.WriteSettingsAck()
+				}
+			case *http2.HeadersFrame:
+				streams.Add(1) // and not a word more
+			}
+		}
+	})
+}
+
+// TestBackendKeepalive: calls on a backend that went silent (reads, never
+// answers, PINGs included) fail with UNAVAILABLE after the keepalive
+// interval and timeout, well before their deadline; the other backend
+// keeps serving.
+func TestBackendKeepalive(t *testing.T) {
+	verifyNoLeaks(t)
+	var streams atomic.Int64
+	silent := silentBackend(t, &streams)
+	const interval, timeout = 100 * time.Millisecond, time.Second
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.BackendKeepaliveTime = interval
+		c.BackendKeepaliveTimeout = timeout
+	}})
+	srv := e.srv.(*proxy.Server)
+	e.setBackends(silent, e.backends[0].Addr())
+	ctx := testkit.Context(t, 60*time.Second)
+	const deadline = 20 * time.Second
+	var (
+		mu     sync.Mutex
+		failed int
+		g      errgroup.Group
+	)
+	for range 6 {
+		g.Go(func() error {
+			cctx, cancel := context.WithTimeout(ctx, deadline)
+			defer cancel()
+			start := time.Now()
+			_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+			if err == nil {
+				return nil
+			}
+			if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "keepalive") {
+				return err
+			}
+			t.Logf("call on the silent backend failed after %v (interval %v + timeout %v)", time.Since(start), interval, timeout)
+			mu.Lock()
+			failed++
+			mu.Unlock()
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		t.Fatalf("got %v, want success or UNAVAILABLE naming the keepalive", err)
+	}
+	if failed == 0 || streams.Load() == 0 {
+		t.Fatalf("no call reached the silent backend (failed %d, streams %d); the test proves nothing", failed, streams.Load())
+	}
+	if srv.BackendPings() == 0 {
+		t.Error("no keepalive PING was sent")
+	}
+	// The good backend still serves, alone.
+	e.setBackends(e.backends[0].Addr())
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Errorf("after the silent backend: %v", err)
+	}
+}
+
+// TestBackendKeepaliveGRPCEnforcement: the proxy's PINGs keep to a grpc-go
+// backend's keepalive enforcement when BackendKeepaliveTime is at least
+// its EnforcementPolicy.MinTime (as the defaults are, 5 min each): a
+// stream on which the backend sends nothing for many intervals lives. The
+// control case, PINGs closer than MinTime, is closed by the backend with
+// too_many_pings, so the test can see a violation.
+func TestBackendKeepaliveGRPCEnforcement(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		minTime, ping time.Duration
+		want          codes.Code
+	}{
+		{name: "interval at MinTime", minTime: 200 * time.Millisecond, ping: 200 * time.Millisecond, want: codes.OK},
+		{name: "control: interval below MinTime", minTime: 5 * time.Second, ping: 50 * time.Millisecond, want: codes.Unavailable},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			verifyNoLeaks(t)
+			e := newEnv(t, envOpts{backends: 1, tscfg: func(_ int, c *testserver.Config) {
+				// grpc-go's default policy, with MinTime scaled down.
+				c.ServerOptions = append(c.ServerOptions, grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: tc.minTime}))
+			}, pcfg: func(c *proxy.Config) {
+				c.BackendKeepaliveTime = tc.ping
+				c.BackendKeepaliveTimeout = 5 * time.Second
+			}})
+			srv := e.srv.(*proxy.Server)
+			ctx := testkit.Context(t, 60*time.Second)
+			// One message after 15 intervals of silence from the backend.
+			quiet := 15 * tc.minTime
+			if tc.want != codes.OK {
+				quiet = 20 * time.Second // the backend gives up long before
+			}
+			st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{
+				ResponseParameters: []*testgrpc.ResponseParameters{{Size: 10, IntervalUs: int32(quiet / time.Microsecond)}},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			msgs, err := drain(st.Recv)
+			if got := status.Code(err); got != tc.want || (tc.want == codes.OK && len(msgs) != 1) {
+				t.Errorf("stream ended with %v after %d messages, want %v", err, len(msgs), tc.want)
+			}
+			pings := srv.BackendPings()
+			if tc.want == codes.OK && pings < 5 {
+				t.Errorf("%d keepalive PINGs sent in %v of silence at %v, want at least 5", pings, quiet, tc.ping)
+			}
+			t.Logf("%d keepalive PINGs sent", pings)
+		})
+	}
+}
+
+// TestBackendEndsMidStream: a backend sends N messages and then loses its
+// connection or resets the stream while the client has not read them yet;
+// the client receives all N, then the error, as a direct client would.
+func TestBackendEndsMidStream(t *testing.T) {
+	const n, size = 20, 10 << 10 // more than the client's 64 KiB window
+	msg := grpcMsg(&testgrpc.StreamingOutputCallResponse{Payload: &testgrpc.Payload{Body: make([]byte, size)}})
+	for _, tc := range []struct {
+		name string
+		end  func(fr *http2.Framer, id uint32) // after the messages
+		want codes.Code
+	}{
+		{name: "connection lost", want: codes.Unavailable, end: func(*http2.Framer, uint32) {}},
+		{name: "connection lost in the middle of a message", want: codes.Unavailable, end: func(fr *http2.Framer, id uint32) {
+			fr.WriteData(id, false, msg[:len(msg)/2])
+		}},
+		{name: "RST_STREAM INTERNAL_ERROR", want: codes.Internal, end: func(fr *http2.Framer, id uint32) {
+			fr.WriteRSTStream(id, http2.ErrCodeInternal)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			verifyNoLeaks(t)
+			sent := make(chan struct{})
+			bad := rawBackend(t, func(nc net.Conn) {
+				br := bufio.NewReader(nc)
+				if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+					return
+				}
+				fr := http2.NewFramer(nc, br)
+				fr.WriteSettings()
+				for {
+					f, err := fr.ReadFrame()
+					if err != nil {
+						return
+					}
+					switch f := f.(type) {
+					case *http2.SettingsFrame:
+						if !f.IsAck() {
+							fr.WriteSettingsAck()
+						}
+					case *http2.PingFrame:
+						if f.IsAck() {
+							// The proxy read all that came before.
+							close(sent)
+							if tc.want == codes.Unavailable {
+								return // closes the connection
+							}
+						}
+					case *http2.HeadersFrame:
+						var hb bytes.Buffer
+						enc := hpack.NewEncoder(&hb)
+						enc.WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+						enc.WriteField(hpack.HeaderField{Name: "content-type", Value: "application/grpc"})
+						fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true})
+						for range n {
+							fr.WriteData(f.StreamID, false, msg)
+						}
+						tc.end(fr, f.StreamID)
+						fr.WritePing(false, [8]byte{7})
+					}
+				}
+			})
+			e := newEnv(t, envOpts{backends: 1})
+			srv := e.srv.(*proxy.Server)
+			e.setBackends(bad)
+			ctx := testkit.Context(t, 30*time.Second)
+			// A fixed window turns grpc-go's BDP estimation off, so the
+			// messages wait in the proxy until the client reads.
+			cc, err := grpc.NewClient("passthrough:///"+e.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+				grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { cc.Close() })
+			st, err := testgrpc.NewTestServiceClient(cc).StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-sent:
+			case <-ctx.Done():
+				t.Fatal("the backend never sent its messages")
+			}
+			if tc.want == codes.Unavailable {
+				testkit.WaitFor(ctx, t, "the proxy to see the backend connection end", func() bool {
+					return srv.BackendConns(bad) == 0
+				})
+			}
+			msgs, err := drain(st.Recv)
+			if len(msgs) != n || status.Code(err) != tc.want {
+				t.Errorf("client got %d messages then %v, want %d then %v", len(msgs), err, n, tc.want)
+			}
+		})
+	}
+}
+
+// TestBackendIdleCloseGoAway: an idle backend connection is closed
+// gracefully: the backend reads GOAWAY(NO_ERROR), then the end of the
+// connection.
+func TestBackendIdleCloseGoAway(t *testing.T) {
+	verifyNoLeaks(t)
+	ended := make(chan string, 1)
+	addr := rawBackend(t, func(nc net.Conn) {
+		br := bufio.NewReader(nc)
+		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+			return
+		}
+		fr := http2.NewFramer(nc, br)
+		fr.WriteSettings()
+		var goaway *http2.GoAwayFrame
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				switch {
+				case goaway == nil:
+					ended <- "closed without GOAWAY: " + err.Error()
+				case goaway.ErrCode != http2.ErrCodeNo:
+					ended <- "GOAWAY " + goaway.ErrCode.String()
+				default:
+					ended <- "ok"
+				}
+				return
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					fr.WriteSettingsAck()
+				}
+			case *http2.HeadersFrame:
+				var hb bytes.Buffer
+				enc := hpack.NewEncoder(&hb)
+				for _, kv := range [][2]string{{":status", "200"}, {"content-type", "application/grpc"}, {"grpc-status", "12"}} {
+					enc.WriteField(hpack.HeaderField{Name: kv[0], Value: kv[1]})
+				}
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
+			case *http2.GoAwayFrame:
+				g := *f
+				goaway = &g
+			}
+		}
+	})
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.BackendIdleTimeout = 20 * time.Millisecond }})
+	e.setBackends(addr)
+	ctx := testkit.Context(t, 20*time.Second)
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("got %v, want the backend's UNIMPLEMENTED", err)
+	}
+	select {
+	case got := <-ended:
+		if got != "ok" {
+			t.Errorf("idle backend connection: %s, want GOAWAY(NO_ERROR) then close", got)
+		}
+	case <-ctx.Done():
+		t.Fatal("the idle backend connection was never closed")
+	}
+}
+
+// TestBackendConnCapBurst: a burst of calls to a backend whose SETTINGS
+// have not arrived yet is not failed by MaxBackendConns on the guess of
+// 100 streams per connection: the calls wait for the handshake and then
+// all run, on no more connections than the cap.
+func TestBackendConnCapBurst(t *testing.T) {
+	verifyNoLeaks(t)
+	var dials atomic.Int64
+	// The backend's SETTINGS are held back until the whole burst is in
+	// the proxy.
+	gate := make(chan struct{})
+	var gateOnce sync.Once
+	openGate := func() { gateOnce.Do(func() { close(gate) }) }
+	dial := countingDial(&dials)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.MaxBackendConns = 2
+		c.HandshakeTimeout = 20 * time.Second
+		c.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			nc, err := dial(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return &gatedConn{Conn: nc, gate: gate}, nil
+		}
+	}})
+	t.Cleanup(openGate) // before the env's cleanup, which waits for the reads
+	ctx := testkit.Context(t, 30*time.Second)
+	hang, cancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
+	var g errgroup.Group
+	const calls = 250 // over 2 connections of 100 assumed streams
+	for range calls {
+		g.Go(func() error {
+			_, err := e.client.EmptyCall(hang, &testgrpc.Empty{})
+			if status.Code(err) != codes.Canceled {
+				return err
+			}
+			return nil
+		})
+	}
+	testkit.WaitFor(ctx, t, "every call of the burst picked and waiting", func() bool {
+		b := e.dir.Backends()
+		return len(b) == 1 && b[0].InFlight == calls
+	})
+	openGate()
+	testkit.WaitFor(ctx, t, "every call of the burst in flight", func() bool {
+		return e.backends[0].InFlight() == calls
+	})
+	cancel()
+	if err := g.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if n := dials.Load(); n > 2 {
+		t.Errorf("%d connections dialed, want at most 2", n)
+	}
+}
+
+// gatedConn is a backend connection that reads nothing until gate is
+// closed.
+type gatedConn struct {
+	net.Conn
+	gate <-chan struct{}
+}
+
+func (g *gatedConn) Read(p []byte) (int, error) {
+	<-g.gate
+	return g.Conn.Read(p)
+}

@@ -1,0 +1,258 @@
+package proxy
+
+import (
+	"errors"
+	"net"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// This file is the life of a backend connection after its handshake: how
+// it notices that the backend will take no stream (SETTINGS_MAX_CONCURRENT_
+// STREAMS=0), that it is gone without a word (keepalive PINGs), and that it
+// is no longer needed (idle close). Each ends the connection gracefully
+// where it can, and the pool forgets it.
+
+// errKeepalive closes a backend connection on which nothing was read for
+// Config.BackendKeepaliveTimeout after a keepalive PING.
+var errKeepalive = errors.New("backend did not answer a keepalive PING in time")
+
+// keepalivePing is the payload of our keepalive PINGs; any frame read
+// answers them, so the payload is not matched.
+var keepalivePing = [8]byte{'s', 't', 'r', 'e', 'a', 'm', 'l', 'b'}
+
+// readClock wraps a backend connection's socket to note when bytes last
+// arrived, for keepalive: a read is one syscall (the reader buffers 32 KiB),
+// so the clock costs nothing per frame.
+type readClock struct {
+	net.Conn
+	now  func() time.Time
+	last *atomic.Int64 // unix nanoseconds of the last read that returned bytes
+}
+
+func (r *readClock) Read(p []byte) (int, error) {
+	n, err := r.Conn.Read(p)
+	if n > 0 {
+		r.last.Store(r.now().UnixNano())
+	}
+	return n, err
+}
+
+// onPeerSettings is called by the reader after it applied a SETTINGS frame
+// (not an ACK) from the backend. The backend is up; if it now advertises
+// SETTINGS_MAX_CONCURRENT_STREAMS=0 it takes no stream (RFC 9113 §5.1.2,
+// §6.5.2): the connection takes no new stream and closes (GOAWAY first)
+// once the streams it carries are done, and the calls waiting on it go to
+// another backend as transparent retries, each a failure of this backend.
+// We do not wait for the backend to raise the limit: nothing says when it
+// would, and a call is better served elsewhere now.
+func (b *backendConn) onPeerSettings() {
+	b.pool.backUp(b.addr)
+	b.mu.Lock()
+	if b.peerMaxStream != 0 || b.closed || b.drainAndClose {
+		b.mu.Unlock()
+		return
+	}
+	b.goingAway = true
+	b.drainAndClose = true
+	b.queueCtrlLocked(writeOp{kind: opGoAway, code: http2.ErrCodeNo})
+	var moved []*attempt
+	for _, a := range b.pending {
+		if !a.bClosed {
+			moved = append(moved, a)
+		}
+	}
+	b.pending = nil
+	for _, a := range moved {
+		if a.hsTimer != nil {
+			a.hsTimer.Stop()
+		}
+		b.unlinkLocked(a)
+	}
+	open := len(b.streams)
+	b.mu.Unlock()
+	b.signal()
+	b.log.Debug("backend advertises SETTINGS_MAX_CONCURRENT_STREAMS=0; closing the connection",
+		"waiting", len(moved), "open", open)
+	for _, a := range moved {
+		a.s.cc.retryOrFail(a, true, failure{kind: failNoStreams, backend: b.addr})
+	}
+}
+
+// reserveUnknownLocked is get's last resort at MaxBackendConns: while no
+// connection to addr has had the backend's SETTINGS, their stream limit is
+// a guess (see capLocked), and a burst of calls to a new backend waits on
+// one of them, up to BackendStreamsPerConn each, for the SETTINGS to tell
+// how many it takes, rather than fail on the guess. Those over the limit
+// the backend then advertises wait on their connection for a slot, as they
+// do whenever SETTINGS come in lower than assumed. Caller must hold p.mu.
+func (p *pool) reserveUnknownLocked(addr string) *backendConn {
+	cs := p.conns[addr]
+	for _, b := range cs {
+		b.mu.Lock()
+		known := b.gotSettings
+		b.mu.Unlock()
+		if known {
+			return nil
+		}
+	}
+	for _, b := range cs {
+		if b.tryReserveUnknown() {
+			return b
+		}
+	}
+	return nil
+}
+
+// tryReserveUnknown takes a stream slot on b, past its assumed limit,
+// while its handshake is not done; see reserveUnknownLocked.
+func (b *backendConn) tryReserveUnknown() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed || b.goingAway || b.drainAndClose || b.gotSettings || b.reserved >= b.pool.srv.cfg.BackendStreamsPerConn {
+		return false
+	}
+	b.reserved++
+	b.used = true
+	return true
+}
+
+// watchLoop runs beside a backend connection's reader and writer until
+// done is closed: it sends keepalive PINGs and closes the connection when
+// they go unanswered, and closes it when idle. The connection's run owns
+// it and waits for it.
+func (b *backendConn) watchLoop(done <-chan struct{}) {
+	cfg := &b.pool.srv.cfg
+	var kaC, idleC <-chan time.Time
+	var ka *time.Timer
+	if cfg.BackendKeepaliveTime > 0 {
+		ka = time.NewTimer(cfg.BackendKeepaliveTime)
+		defer ka.Stop()
+		kaC = ka.C
+	}
+	if cfg.BackendIdleTimeout > 0 {
+		t := time.NewTicker(cfg.BackendIdleTimeout / idleSweeps)
+		defer t.Stop()
+		idleC = t.C
+	}
+	var pingAt int64 // when the PING in flight was sent; 0: none
+	idle := 0        // sweeps in a row that found b idle
+	for {
+		select {
+		case <-done:
+			return
+		case <-idleC:
+			if !b.idleSinceSweep() {
+				idle = 0
+				continue
+			}
+			// idleSweeps+1 sweeps in a row: idle for at least
+			// BackendIdleTimeout, at most a quarter longer.
+			if idle++; idle > idleSweeps && b.pool.closeIfIdle(b) {
+				idleC = nil
+			}
+		case <-kaC:
+			next := b.keepaliveTick(&pingAt)
+			if next <= 0 {
+				return
+			}
+			ka.Reset(next)
+		}
+	}
+}
+
+// idleSweeps is how many idle checks one BackendIdleTimeout holds.
+const idleSweeps = 4
+
+// idleSinceSweep reports whether b carries no stream and reserved none
+// since the previous sweep, and starts a new sweep period.
+func (b *backendConn) idleSinceSweep() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	idle := b.reserved == 0 && !b.used && !b.closed && !b.goingAway
+	b.used = false
+	return idle
+}
+
+// closeIfIdle closes b gracefully (GOAWAY, then the writer exits) if it
+// still carries no stream and reserved none since the last sweep, and
+// forgets it. Under p.mu, as get reserves under it: a call either reserved
+// its slot before, and b stays, or finds b going away and takes another
+// connection; none is lost in between.
+func (p *pool) closeIfIdle(b *backendConn) bool {
+	p.mu.Lock()
+	b.mu.Lock()
+	idle := b.reserved == 0 && !b.used && !b.closed && !b.goingAway
+	if idle {
+		b.goingAway = true
+		b.drainAndClose = true
+		b.queueCtrlLocked(writeOp{kind: opGoAway, code: http2.ErrCodeNo})
+	}
+	b.mu.Unlock()
+	if idle {
+		p.removeLocked(b)
+	}
+	p.mu.Unlock()
+	if idle {
+		b.signal()
+		b.log.Debug("backend connection idle; closing it", "duration", p.srv.cfg.BackendIdleTimeout)
+	}
+	return idle
+}
+
+// keepaliveTick is the keepalive timer of b, after grpc-go's client
+// keepalive: after BackendKeepaliveTime with nothing read, a connection
+// with streams sends a PING; after BackendKeepaliveTimeout more with
+// nothing read it is closed. Anything read answers the PING. It returns
+// when to look again, or zero when it closed b.
+func (b *backendConn) keepaliveTick(pingAt *int64) time.Duration {
+	cfg := &b.pool.srv.cfg
+	interval, timeout := cfg.BackendKeepaliveTime, cfg.BackendKeepaliveTimeout
+	now := b.pool.srv.now().UnixNano()
+	last := b.lastRead.Load()
+	if *pingAt != 0 {
+		if last <= *pingAt {
+			if waited := time.Duration(now - *pingAt); waited < timeout {
+				return min(interval, timeout-waited)
+			}
+			b.log.Warn("backend did not answer a keepalive PING; closing the connection", "duration", timeout)
+			b.close(errKeepalive)
+			return 0
+		}
+		*pingAt = 0
+	}
+	if quiet := time.Duration(now - last); quiet < interval {
+		return interval - quiet
+	}
+	b.mu.Lock()
+	if b.closed || len(b.streams) == 0 {
+		// Idle connections are not pinged: grpc-go servers count that
+		// against the client (PermitWithoutStream is off by default).
+		b.mu.Unlock()
+		return interval
+	}
+	b.queueCtrlLocked(writeOp{kind: opPing, ping: keepalivePing})
+	b.mu.Unlock()
+	b.signal()
+	b.pool.pings.Add(1)
+	*pingAt = now
+	// Look again after the shorter of the two: an answer starts the next
+	// interval from when it came, as grpc-go's client does.
+	return min(interval, timeout)
+}
+
+// removeLocked forgets b. Caller must hold p.mu.
+func (p *pool) removeLocked(b *backendConn) {
+	cs := p.conns[b.addr]
+	if i := slices.Index(cs, b); i >= 0 {
+		cs = slices.Delete(cs, i, i+1)
+	}
+	if len(cs) == 0 {
+		delete(p.conns, b.addr)
+	} else {
+		p.conns[b.addr] = cs
+	}
+}
