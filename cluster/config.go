@@ -62,17 +62,20 @@ type fileBackendTL struct {
 // fileProxy holds the data plane's global limits; zero means the proxy
 // package's default, as with the flags.
 type fileProxy struct {
-	ConnectTimeout       time.Duration `yaml:"connect_timeout"`
-	HandshakeTimeout     time.Duration `yaml:"handshake_timeout"`
-	MaxConcurrentStreams uint32        `yaml:"max_concurrent_streams"`
-	MaxConnections       int           `yaml:"max_connections"`
-	IdleTimeout          time.Duration `yaml:"idle_timeout"`
-	WriteTimeout         time.Duration `yaml:"write_timeout"`
-	MaxStreams           int64         `yaml:"max_streams"`
-	MaxStreamsPerBackend int64         `yaml:"max_streams_per_backend"`
-	RetryOn              []string      `yaml:"retry_on"`
-	MaxRetries           int           `yaml:"max_retries"`
-	RetryBuffer          int           `yaml:"retry_buffer"`
+	ConnectTimeout            time.Duration `yaml:"connect_timeout"`
+	HandshakeTimeout          time.Duration `yaml:"handshake_timeout"`
+	MaxConcurrentStreams      uint32        `yaml:"max_concurrent_streams"`
+	MaxConnections            int           `yaml:"max_connections"`
+	IdleTimeout               time.Duration `yaml:"idle_timeout"`
+	WriteTimeout              time.Duration `yaml:"write_timeout"`
+	MaxHeaderListSize         uint32        `yaml:"max_header_list_size"`
+	MaxResponseHeaderListSize uint32        `yaml:"max_response_header_list_size"`
+	MaxConnBuffer             int64         `yaml:"max_conn_buffer"`
+	MaxStreams                int64         `yaml:"max_streams"`
+	MaxStreamsPerBackend      int64         `yaml:"max_streams_per_backend"`
+	RetryOn                   []string      `yaml:"retry_on"`
+	MaxRetries                int           `yaml:"max_retries"`
+	RetryBuffer               int           `yaml:"retry_buffer"`
 }
 
 // fileCluster is one cluster's settings. Two clusters with equal
@@ -454,17 +457,20 @@ func (f *File) clusterConfig(c fileCluster) Config {
 func (f *File) proxyConfig() proxy.Config {
 	p := f.Proxy
 	return proxy.Config{
-		ConnectTimeout:       p.ConnectTimeout,
-		HandshakeTimeout:     p.HandshakeTimeout,
-		MaxConcurrentStreams: p.MaxConcurrentStreams,
-		MaxConnections:       p.MaxConnections,
-		IdleTimeout:          p.IdleTimeout,
-		WriteTimeout:         p.WriteTimeout,
-		MaxStreams:           p.MaxStreams,
-		MaxStreamsPerBackend: p.MaxStreamsPerBackend,
-		RetryOn:              p.RetryOn,
-		MaxRetries:           p.MaxRetries,
-		RetryBufferSize:      p.RetryBuffer,
+		ConnectTimeout:            p.ConnectTimeout,
+		HandshakeTimeout:          p.HandshakeTimeout,
+		MaxConcurrentStreams:      p.MaxConcurrentStreams,
+		MaxConnections:            p.MaxConnections,
+		IdleTimeout:               p.IdleTimeout,
+		WriteTimeout:              p.WriteTimeout,
+		MaxHeaderListSize:         p.MaxHeaderListSize,
+		MaxResponseHeaderListSize: p.MaxResponseHeaderListSize,
+		MaxConnBufferedBytes:      p.MaxConnBuffer,
+		MaxStreams:                p.MaxStreams,
+		MaxStreamsPerBackend:      p.MaxStreamsPerBackend,
+		RetryOn:                   p.RetryOn,
+		MaxRetries:                p.MaxRetries,
+		RetryBufferSize:           p.RetryBuffer,
 	}
 }
 

@@ -12,30 +12,31 @@ import (
 
 // Defaults for Config fields left zero.
 const (
-	DefaultMaxConcurrentStreams  = 4096
-	DefaultStreamWindow          = 256 << 10
-	DefaultConnWindow            = 4 << 20
-	DefaultMaxHeaderListSize     = 1 << 20
-	DefaultBackendStreamsPerConn = 1000
-	DefaultConnectTimeout        = 5 * time.Second
-	DefaultHandshakeTimeout      = time.Second
-	DefaultRestartGrace          = 5 * time.Second
-	DefaultPrefaceTimeout        = 10 * time.Second
-	DefaultDrainTimeout          = 30 * time.Second
-	DefaultRetryBufferSize       = 64 << 10
-	DefaultMaxRetries            = 2
-	DefaultRetryBudget           = 10
-	DefaultRetryBudgetRatio      = 0.1
-	DefaultMaxConnections        = 10000
-	DefaultMaxEarlyResets        = 100
-	DefaultMaxGlitches           = 1000
-	DefaultMaxHeaderFields       = 100
-	DefaultIdleTimeout           = 5 * time.Minute
-	DefaultWriteTimeout          = 20 * time.Second
-	DefaultShutdownPingTimeout   = time.Second
-	DefaultShutdownLinger        = time.Second
-	DefaultRequestIdleTimeout    = 5 * time.Minute
-	DefaultMaxConnBufferedBytes  = 16 << 20
+	DefaultMaxConcurrentStreams      = 4096
+	DefaultStreamWindow              = 256 << 10
+	DefaultConnWindow                = 4 << 20
+	DefaultMaxHeaderListSize         = 60 << 10
+	DefaultMaxResponseHeaderListSize = 1 << 20
+	DefaultBackendStreamsPerConn     = 1000
+	DefaultConnectTimeout            = 5 * time.Second
+	DefaultHandshakeTimeout          = time.Second
+	DefaultRestartGrace              = 5 * time.Second
+	DefaultPrefaceTimeout            = 10 * time.Second
+	DefaultDrainTimeout              = 30 * time.Second
+	DefaultRetryBufferSize           = 64 << 10
+	DefaultMaxRetries                = 2
+	DefaultRetryBudget               = 10
+	DefaultRetryBudgetRatio          = 0.1
+	DefaultMaxConnections            = 10000
+	DefaultMaxEarlyResets            = 100
+	DefaultMaxGlitches               = 1000
+	DefaultMaxHeaderFields           = 100
+	DefaultIdleTimeout               = 5 * time.Minute
+	DefaultWriteTimeout              = 20 * time.Second
+	DefaultShutdownPingTimeout       = time.Second
+	DefaultShutdownLinger            = time.Second
+	DefaultRequestIdleTimeout        = 5 * time.Minute
+	DefaultMaxConnBufferedBytes      = 16 << 20
 )
 
 const (
@@ -73,9 +74,33 @@ type Config struct {
 	// replay buffers are bounded per attempt by RetryBufferSize instead.
 	MaxConnBufferedBytes int64
 
-	// MaxHeaderListSize bounds the decoded size of a header block
-	// (SETTINGS_MAX_HEADER_LIST_SIZE).
+	// MaxHeaderListSize bounds the decoded size (RFC 9113 §6.5.2: names,
+	// values and 32 bytes per field) of a client's request header block,
+	// and is advertised to clients as SETTINGS_MAX_HEADER_LIST_SIZE. Zero
+	// means DefaultMaxHeaderListSize, 60 KiB, Envoy's default
+	// (max_request_headers_kb): gRPC metadata is small, and every open
+	// stream keeps its request headers for retries, so this times
+	// MaxConcurrentStreams is what one connection could make the proxy
+	// hold without MaxConnBufferedBytes.
 	MaxHeaderListSize uint32
+
+	// MaxResponseHeaderListSize bounds the decoded size of a backend's
+	// response header and trailer blocks, and is advertised to backends
+	// as SETTINGS_MAX_HEADER_LIST_SIZE. Backends are trusted more than
+	// clients and their trailers carry grpc-status-details-bin, the
+	// serialized google.rpc.Status with its error details, so the limit is
+	// larger: zero means DefaultMaxResponseHeaderListSize, 1 MiB. grpc-go's
+	// client accepts 16 MiB, but a response block is decoded into memory
+	// before it is relayed, and 1 MiB is already far beyond any status a
+	// service sends on purpose. A response block over it ends the call
+	// with INTERNAL.
+	//
+	// Both directions also respect the peer's own advertised
+	// SETTINGS_MAX_HEADER_LIST_SIZE when sending: a response header or
+	// trailer block over the client's limit is replaced by a gRPC status
+	// INTERNAL, as grpc-go's server fails such a call, and a request over
+	// a backend's limit ends with RESOURCE_EXHAUSTED without being sent.
+	MaxResponseHeaderListSize uint32
 
 	// MaxHeaderFields bounds the fields of a client's request header block
 	// (Envoy's default is 100 too); a request over it, or over
@@ -263,6 +288,9 @@ func (c *Config) setDefaults() error {
 	defaultOrOff(&c.MaxConnBufferedBytes, DefaultMaxConnBufferedBytes)
 	if c.MaxHeaderListSize == 0 {
 		c.MaxHeaderListSize = DefaultMaxHeaderListSize
+	}
+	if c.MaxResponseHeaderListSize == 0 {
+		c.MaxResponseHeaderListSize = DefaultMaxResponseHeaderListSize
 	}
 	if c.MaxHeaderFields <= 0 {
 		c.MaxHeaderFields = DefaultMaxHeaderFields

@@ -739,6 +739,12 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 		s.down.pushData(data, it.end)
 		s.bytesOut += int64(len(data))
 	} else {
+		if c.responseOverPeerLocked(a, it.fields) {
+			c.mu.Unlock()
+			c.signal()
+			a.bc.resetUp(a, http2.ErrCodeCancel)
+			return true
+		}
 		if it.end {
 			s.result = outcome(it.fields)
 			c.noteBackendStatusLocked(s, it.fields)

@@ -249,6 +249,9 @@ type transport struct {
 	peerInitWin   int32 // peer's SETTINGS_INITIAL_WINDOW_SIZE
 	peerMaxFrame  uint32
 	peerMaxStream uint32 // peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	// peerMaxHeaders is the peer's SETTINGS_MAX_HEADER_LIST_SIZE; zero
+	// while it advertised none (RFC 9113 §6.5.2: unlimited).
+	peerMaxHeaders uint32
 	gotSettings   bool
 	recvUnacked   int32 // connection-level bytes consumed, not yet returned
 	recvWindow    int32 // connection-level bytes the peer may still send
@@ -506,6 +509,8 @@ func (t *transport) handleSettings(f *http2.SettingsFrame, eachQueue func(func(*
 			t.peerMaxFrame = s.Val
 		case http2.SettingMaxConcurrentStreams:
 			t.peerMaxStream = s.Val
+		case http2.SettingMaxHeaderListSize:
+			t.peerMaxHeaders = s.Val
 		case http2.SettingHeaderTableSize:
 			t.queueCtrlLocked(writeOp{kind: opTableSize, val: s.Val})
 		}
