@@ -58,7 +58,7 @@ func (b *backendConn) drain(timeout time.Duration) {
 func newBackendConn(p *pool, addr string) *backendConn {
 	cfg := &p.srv.cfg
 	b := &backendConn{pool: p, addr: addr, streams: make(map[uint32]*attempt), nextID: 1}
-	b.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxResponseHeaderListSize, p.srv.log.With("backend", addr))
+	b.transport.init(cfg.BackendStreamWindow, cfg.ConnWindow, cfg.MaxResponseHeaderListSize, p.srv.log.With("backend", addr))
 	b.retryBuffer = cfg.RetryBufferSize
 	return b
 }
@@ -135,7 +135,7 @@ func (b *backendConn) run(ctx context.Context) {
 	b.mu.Lock()
 	b.queueCtrlLocked(writeOp{kind: opSettings, settings: []http2.Setting{
 		{ID: http2.SettingEnablePush, Val: 0},
-		{ID: http2.SettingInitialWindowSize, Val: uint32(cfg.StreamWindow)},
+		{ID: http2.SettingInitialWindowSize, Val: uint32(cfg.BackendStreamWindow)},
 		{ID: http2.SettingMaxFrameSize, Val: maxFrameSize},
 		{ID: http2.SettingMaxHeaderListSize, Val: cfg.MaxResponseHeaderListSize},
 	}})
@@ -627,6 +627,7 @@ func (b *backendConn) harvest(a *attempt) ([]outItem, bool) {
 		c := outItem{kind: it.kind, end: it.end, fields: it.fields, credited: credited}
 		if it.buf != nil {
 			c.buf = getBuf(it.n)
+			a.up.mem.add(len(*c.buf))
 			c.n = copy(*c.buf, (*it.buf)[:it.n])
 		}
 		out = append(out, c)

@@ -14,6 +14,7 @@ import (
 const (
 	DefaultMaxConcurrentStreams      = 4096
 	DefaultStreamWindow              = 256 << 10
+	DefaultBackendStreamWindow       = 64 << 10
 	DefaultConnWindow                = 4 << 20
 	DefaultMaxHeaderListSize         = 60 << 10
 	DefaultMaxResponseHeaderListSize = 1 << 20
@@ -56,22 +57,52 @@ type Config struct {
 	// REFUSED_STREAM (RFC 9113 §5.1.2).
 	MaxConcurrentStreams uint32
 
-	// StreamWindow is the flow-control window granted per stream, to clients
-	// and to backends alike. It bounds the bytes buffered per stream and
-	// direction.
+	// StreamWindow is the flow-control window granted to clients per
+	// stream. It bounds the request bytes buffered per stream.
 	StreamWindow int32
+
+	// BackendStreamWindow is the flow-control window granted to backends
+	// per stream (their SETTINGS_INITIAL_WINDOW_SIZE). It bounds the
+	// response bytes a backend can make the proxy buffer for one stream
+	// whose client does not read them, since a window granted cannot be
+	// taken back (RFC 9113 §6.9). It is smaller than StreamWindow because
+	// the link to a backend is short (one cluster, well under a
+	// millisecond: 64 KiB per round trip is more than a stream needs),
+	// while clients may be far. Per client connection the response
+	// buffers are bounded by MaxConcurrentStreams × BackendStreamWindow:
+	// with the defaults 4096 × 64 KiB = 256 MiB, where StreamWindow
+	// (256 KiB) gave 1 GiB; by the capacity of the buffers that hold
+	// them, at most one buffer more per stream (a backend's small frames
+	// coalesce into its stream's last buffer). Those buffers count in
+	// MaxConnBufferedBytes, so a connection past it opens no new stream.
+	// Zero means DefaultBackendStreamWindow.
+	BackendStreamWindow int32
 
 	// ConnWindow is the connection-level window granted to each peer.
 	ConnWindow int32
 
-	// MaxConnBufferedBytes bounds the request DATA bytes a client
-	// connection may have in the proxy, received and not yet handed on to
-	// backends, over all its streams (each stream is also bounded by
-	// StreamWindow). Past it the proxy withholds the connection-level
-	// WINDOW_UPDATE, so the client stops sending, until the backends have
-	// taken half of it; at most ConnWindow more can arrive meanwhile.
-	// Zero means DefaultMaxConnBufferedBytes, negative no bound. Retry
-	// replay buffers are bounded per attempt by RetryBufferSize instead.
+	// MaxConnBufferedBytes is the one budget of the buffers a client
+	// connection may hold in the proxy, counted by their capacity, not by
+	// the bytes in them (a 1-byte DATA payload in a 1 KiB buffer counts
+	// 1 KiB; see budget.go): request DATA queued toward backends, the
+	// copies kept so calls can be retried, response DATA queued toward
+	// the client, and the request header blocks kept for retries (by
+	// their RFC 9113 §6.5.2 size). Past it:
+	//   - the connection-level WINDOW_UPDATE is withheld, so the client
+	//     stops sending DATA, until the count is back to half (at most
+	//     ConnWindow more arrives meanwhile), as Envoy's per-connection
+	//     buffer limit stops reading from the client;
+	//   - new streams are answered RESOURCE_EXHAUSTED: HEADERS are not
+	//     flow-controlled, so this is what bounds retained headers;
+	//   - retries keep no more replay once half of it is used: such a
+	//     call loses its retryability, not its bytes, as Envoy lets a
+	//     request that outgrew its retry buffer go on unretried. The half
+	//     left is what queued DATA needs to drain, so the withheld window
+	//     always comes back once the backends take the queued bytes.
+	// The response direction is bounded per stream by BackendStreamWindow.
+	// Zero means DefaultMaxConnBufferedBytes (16 MiB: 256 streams' worth
+	// of BackendStreamWindow, 64 of StreamWindow), negative no bound.
+	// RetryBufferSize still bounds each attempt's replay.
 	MaxConnBufferedBytes int64
 
 	// MaxHeaderListSize bounds the decoded size (RFC 9113 §6.5.2: names,
@@ -278,6 +309,12 @@ func (c *Config) setDefaults() error {
 	}
 	if c.StreamWindow < minWindow {
 		return fmt.Errorf("proxy: StreamWindow %d is below the HTTP/2 default of %d", c.StreamWindow, minWindow)
+	}
+	if c.BackendStreamWindow == 0 {
+		c.BackendStreamWindow = DefaultBackendStreamWindow
+	}
+	if c.BackendStreamWindow < minWindow {
+		return fmt.Errorf("proxy: BackendStreamWindow %d is below the HTTP/2 default of %d", c.BackendStreamWindow, minWindow)
 	}
 	if c.ConnWindow == 0 {
 		c.ConnWindow = DefaultConnWindow
