@@ -350,8 +350,8 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// remoteGood is the good client of an attack: unary calls back to back on
-// its own connection to the proxy.
+// remoteGood is the good client of an attack: unary calls one after the
+// other on its own connection to the proxy.
 type remoteGood struct {
 	calls, errs atomic.Int64
 	last        atomic.Value
@@ -374,7 +374,16 @@ func startRemoteGood(t *testing.T, addr string) *remoteGood {
 	}
 	go func() {
 		defer close(g.done)
+		// 500 calls a second at most, so the proxy's CPU is mostly the
+		// attack's.
+		tick := time.NewTicker(2 * time.Millisecond)
+		defer tick.Stop()
 		for ctx.Err() == nil {
+			select {
+			case <-tick.C:
+			case <-ctx.Done():
+				return
+			}
 			cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
 			_, err := client.UnaryCall(cctx, &testgrpc.SimpleRequest{ResponseSize: 100})
 			ccancel()

@@ -62,7 +62,9 @@ func TestBudgetCountsCapacity(t *testing.T) {
 	if refused == 0 || used < budget || opened > budget/256 {
 		t.Fatalf("%d bytes counted, stream %d refused, want past %d within %d streams", used, refused, budget, budget/256)
 	}
-	for s := uint32(1); s < refused; s += 2 {
+	// Every stream opened, the refused one included: a stream after it
+	// may have been taken once the replays let go of their half.
+	for s := uint32(1); s < id; s += 2 {
 		r.fr.WriteRSTStream(s, http2.ErrCodeCancel)
 	}
 	testkit.WaitFor(ctx, t, "the budget to empty", func() bool { return srv.MaxBufferedBytes() == 0 })
@@ -101,4 +103,42 @@ func TestBudgetSmallerThanRequest(t *testing.T) {
 		}
 	}
 	testkit.WaitFor(ctx, t, "the budget to empty", func() bool { return srv.MaxBufferedBytes() == 0 })
+}
+
+// TestResponseBuffersPerStream: a client that asks for large answers and
+// never reads them makes the proxy hold at most BackendStreamWindow per
+// stream (plus a buffer), not StreamWindow: a window granted to a backend
+// cannot be taken back, so it is what bounds the response direction.
+func TestResponseBuffersPerStream(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	r := dialRaw(t, e.addr)
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
+	r.fr.WriteWindowUpdate(0, 1<<30)
+	params := make([]*testgrpc.ResponseParameters, 64)
+	for i := range params {
+		params[i] = &testgrpc.ResponseParameters{Size: 128 << 10}
+	}
+	const streams = 8
+	for i := range streams {
+		id := uint32(2*i + 1)
+		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
+		r.fr.WriteData(id, true, grpcMsg(&testgrpc.StreamingOutputCallRequest{ResponseParameters: params}))
+	}
+	// The kernel takes what it can first; then the proxy's queues fill.
+	const bound = streams * (proxy.DefaultBackendStreamWindow + 16<<10 + 1<<10)
+	testkit.WaitFor(ctx, t, "the response queues to fill", func() bool { return srv.MaxBufferedBytes() >= streams*(proxy.DefaultBackendStreamWindow/2) })
+	peak := int64(0)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for range 100 {
+		<-tick.C
+		peak = max(peak, srv.MaxBufferedBytes())
+	}
+	t.Logf("response buffers of %d unread streams: peak %d bytes (bound %d; with StreamWindow per stream up to %d)", streams, peak, bound, streams*proxy.DefaultStreamWindow)
+	if peak > bound {
+		t.Errorf("peak %d bytes buffered, over %d", peak, bound)
+	}
 }

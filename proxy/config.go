@@ -14,7 +14,7 @@ import (
 const (
 	DefaultMaxConcurrentStreams      = 4096
 	DefaultStreamWindow              = 256 << 10
-	DefaultBackendStreamWindow       = 64 << 10
+	DefaultBackendStreamWindow       = 128 << 10
 	DefaultConnWindow                = 4 << 20
 	DefaultMaxHeaderListSize         = 60 << 10
 	DefaultMaxResponseHeaderListSize = 1 << 20
@@ -67,11 +67,13 @@ type Config struct {
 	// whose client does not read them, since a window granted cannot be
 	// taken back (RFC 9113 §6.9). It is smaller than StreamWindow because
 	// the link to a backend is short (one cluster, well under a
-	// millisecond: 64 KiB per round trip is more than a stream needs),
-	// while clients may be far. Per client connection the response
-	// buffers are bounded by MaxConcurrentStreams × BackendStreamWindow:
-	// with the defaults 4096 × 64 KiB = 256 MiB, where StreamWindow
-	// (256 KiB) gave 1 GiB; by the capacity of the buffers that hold
+	// millisecond), while clients may be far; below 128 KiB, streams of
+	// 64 KiB messages cost measurably more CPU per MiB (a window of
+	// 64 KiB: +29%, see BENCHMARKS.md), at 128 KiB they cost what they did
+	// with 256 KiB. Per client connection the response buffers are
+	// bounded by MaxConcurrentStreams × BackendStreamWindow: with the
+	// defaults 4096 × 128 KiB = 512 MiB, where StreamWindow (256 KiB)
+	// gave 1 GiB; by the capacity of the buffers that hold
 	// them, at most one buffer more per stream (a backend's small frames
 	// coalesce into its stream's last buffer). Those buffers count in
 	// MaxConnBufferedBytes, so a connection past it opens no new stream.
