@@ -100,6 +100,7 @@ func proxyCommand() *cli.Command {
 			&cli.DurationFlag{Name: "write-timeout", Value: proxy.DefaultWriteTimeout, Usage: "close a client connection that does not read what the proxy writes for this long (negative: no bound; frame engine)"},
 			&cli.UintFlag{Name: "max-header-list-size", Value: proxy.DefaultMaxHeaderListSize, Usage: "bytes of a client's request header list (RFC 9113 §6.5.2 size), advertised to clients; over it a call fails RESOURCE_EXHAUSTED (frame engine)"},
 			&cli.UintFlag{Name: "max-response-header-list-size", Value: proxy.DefaultMaxResponseHeaderListSize, Usage: "bytes of a backend's response header or trailer list, advertised to backends; over it a call fails INTERNAL (frame engine)"},
+			&cli.IntFlag{Name: "backend-stream-window", Value: proxy.DefaultBackendStreamWindow, Usage: "flow-control window granted to backends per stream: what a client that does not read can make the proxy hold per stream (frame engine)"},
 			&cli.Int64Flag{Name: "max-conn-buffer", Value: proxy.DefaultMaxConnBufferedBytes, Usage: "bytes of buffers one client connection may hold in the proxy, requests, retry copies and request headers together (negative: no bound; frame engine)"},
 			&cli.UintFlag{Name: "max-concurrent-streams", Value: proxy.DefaultMaxConcurrentStreams, Usage: "streams one client connection may have open, advertised as SETTINGS_MAX_CONCURRENT_STREAMS (frame engine)"},
 
@@ -251,6 +252,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			MaxHeaderListSize:         uint32(c.Uint("max-header-list-size")),
 			MaxResponseHeaderListSize: uint32(c.Uint("max-response-header-list-size")),
 			MaxConnBufferedBytes:      c.Int64("max-conn-buffer"),
+			BackendStreamWindow:       int32(min(c.Int("backend-stream-window"), math.MaxInt32)),
 			MaxStreams:                c.Int64("max-streams"),
 			MaxStreamsPerBackend:      c.Int64("max-streams-per-backend"),
 			RetryOn:                   c.StringSlice("retry-on"),

@@ -71,6 +71,7 @@ type fileProxy struct {
 	MaxHeaderListSize         uint32        `yaml:"max_header_list_size"`
 	MaxResponseHeaderListSize uint32        `yaml:"max_response_header_list_size"`
 	MaxConnBuffer             int64         `yaml:"max_conn_buffer"`
+	BackendStreamWindow       int32         `yaml:"backend_stream_window"`
 	MaxStreams                int64         `yaml:"max_streams"`
 	MaxStreamsPerBackend      int64         `yaml:"max_streams_per_backend"`
 	RetryOn                   []string      `yaml:"retry_on"`
@@ -466,6 +467,7 @@ func (f *File) proxyConfig() proxy.Config {
 		MaxHeaderListSize:         p.MaxHeaderListSize,
 		MaxResponseHeaderListSize: p.MaxResponseHeaderListSize,
 		MaxConnBufferedBytes:      p.MaxConnBuffer,
+		BackendStreamWindow:       p.BackendStreamWindow,
 		MaxStreams:                p.MaxStreams,
 		MaxStreamsPerBackend:      p.MaxStreamsPerBackend,
 		RetryOn:                   p.RetryOn,
