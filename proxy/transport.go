@@ -225,7 +225,7 @@ type transport struct {
 	log *slog.Logger
 
 	// Writer goroutine only.
-	bw     *bufio.Writer
+	bw     lazyWriter
 	wfr    *http2.Framer
 	henc   *hpack.Encoder
 	hbuf   bytes.Buffer
@@ -319,8 +319,8 @@ func (t *transport) attach(nc net.Conn) {
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
-	t.bw = bufio.NewWriterSize(nc, 32<<10)
-	t.wfr = http2.NewFramer(t.bw, nil)
+	t.bw = lazyWriter{w: nc}
+	t.wfr = http2.NewFramer(&t.bw, nil)
 	t.henc = hpack.NewEncoder(&t.hbuf)
 	t.mu.Lock()
 	t.nc = nc
