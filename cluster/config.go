@@ -62,21 +62,25 @@ type fileBackendTL struct {
 // fileProxy holds the data plane's global limits; zero means the proxy
 // package's default, as with the flags.
 type fileProxy struct {
-	ConnectTimeout          time.Duration `yaml:"connect_timeout"`
-	HandshakeTimeout        time.Duration `yaml:"handshake_timeout"`
-	MaxConcurrentStreams    uint32        `yaml:"max_concurrent_streams"`
-	MaxConnections          int           `yaml:"max_connections"`
-	IdleTimeout             time.Duration `yaml:"idle_timeout"`
-	MaxBackendConns         int           `yaml:"max_backend_conns"`
-	BackendIdleTimeout      time.Duration `yaml:"backend_idle_timeout"`
-	BackendKeepaliveTime    time.Duration `yaml:"backend_keepalive_time"`
-	BackendKeepaliveTimeout time.Duration `yaml:"backend_keepalive_timeout"`
-	WriteTimeout            time.Duration `yaml:"write_timeout"`
-	MaxStreams              int64         `yaml:"max_streams"`
-	MaxStreamsPerBackend    int64         `yaml:"max_streams_per_backend"`
-	RetryOn                 []string      `yaml:"retry_on"`
-	MaxRetries              int           `yaml:"max_retries"`
-	RetryBuffer             int           `yaml:"retry_buffer"`
+	ConnectTimeout            time.Duration `yaml:"connect_timeout"`
+	HandshakeTimeout          time.Duration `yaml:"handshake_timeout"`
+	MaxConcurrentStreams      uint32        `yaml:"max_concurrent_streams"`
+	MaxConnections            int           `yaml:"max_connections"`
+	IdleTimeout               time.Duration `yaml:"idle_timeout"`
+	MaxBackendConns           int           `yaml:"max_backend_conns"`
+	BackendIdleTimeout        time.Duration `yaml:"backend_idle_timeout"`
+	BackendKeepaliveTime      time.Duration `yaml:"backend_keepalive_time"`
+	BackendKeepaliveTimeout   time.Duration `yaml:"backend_keepalive_timeout"`
+	WriteTimeout              time.Duration `yaml:"write_timeout"`
+	MaxStreams                int64         `yaml:"max_streams"`
+	MaxStreamsPerBackend      int64         `yaml:"max_streams_per_backend"`
+	RetryOn                   []string      `yaml:"retry_on"`
+	MaxRetries                int           `yaml:"max_retries"`
+	RetryBuffer               int           `yaml:"retry_buffer"`
+	MaxHeaderListSize         uint32        `yaml:"max_header_list_size"`
+	MaxResponseHeaderListSize uint32        `yaml:"max_response_header_list_size"`
+	MaxConnBuffer             int64         `yaml:"max_conn_buffer"`
+	BackendStreamWindow       int32         `yaml:"backend_stream_window"`
 }
 
 // fileCluster is one cluster's settings. Two clusters with equal
@@ -458,21 +462,25 @@ func (f *File) clusterConfig(c fileCluster) Config {
 func (f *File) proxyConfig() proxy.Config {
 	p := f.Proxy
 	return proxy.Config{
-		ConnectTimeout:          p.ConnectTimeout,
-		HandshakeTimeout:        p.HandshakeTimeout,
-		MaxConcurrentStreams:    p.MaxConcurrentStreams,
-		MaxConnections:          p.MaxConnections,
-		IdleTimeout:             p.IdleTimeout,
-		MaxBackendConns:         p.MaxBackendConns,
-		BackendIdleTimeout:      p.BackendIdleTimeout,
-		BackendKeepaliveTime:    p.BackendKeepaliveTime,
-		BackendKeepaliveTimeout: p.BackendKeepaliveTimeout,
-		WriteTimeout:            p.WriteTimeout,
-		MaxStreams:              p.MaxStreams,
-		MaxStreamsPerBackend:    p.MaxStreamsPerBackend,
-		RetryOn:                 p.RetryOn,
-		MaxRetries:              p.MaxRetries,
-		RetryBufferSize:         p.RetryBuffer,
+		ConnectTimeout:            p.ConnectTimeout,
+		HandshakeTimeout:          p.HandshakeTimeout,
+		MaxConcurrentStreams:      p.MaxConcurrentStreams,
+		MaxConnections:            p.MaxConnections,
+		IdleTimeout:               p.IdleTimeout,
+		MaxBackendConns:           p.MaxBackendConns,
+		BackendIdleTimeout:        p.BackendIdleTimeout,
+		BackendKeepaliveTime:      p.BackendKeepaliveTime,
+		BackendKeepaliveTimeout:   p.BackendKeepaliveTimeout,
+		WriteTimeout:              p.WriteTimeout,
+		MaxStreams:                p.MaxStreams,
+		MaxStreamsPerBackend:      p.MaxStreamsPerBackend,
+		RetryOn:                   p.RetryOn,
+		MaxRetries:                p.MaxRetries,
+		RetryBufferSize:           p.RetryBuffer,
+		MaxHeaderListSize:         p.MaxHeaderListSize,
+		MaxResponseHeaderListSize: p.MaxResponseHeaderListSize,
+		MaxConnBufferedBytes:      p.MaxConnBuffer,
+		BackendStreamWindow:       p.BackendStreamWindow,
 	}
 }
 

@@ -68,7 +68,7 @@ func (b *backendConn) drain(timeout time.Duration) {
 func newBackendConn(p *pool, addr string) *backendConn {
 	cfg := &p.srv.cfg
 	b := &backendConn{pool: p, addr: addr, streams: make(map[uint32]*attempt), nextID: 1}
-	b.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, p.srv.log.With("backend", addr))
+	b.transport.init(cfg.BackendStreamWindow, cfg.ConnWindow, cfg.MaxResponseHeaderListSize, p.srv.log.With("backend", addr))
 	b.retryBuffer = cfg.RetryBufferSize
 	// A backend that stops reading must not hold the writer, and the
 	// calls queued behind it, for ever.
@@ -157,9 +157,9 @@ func (b *backendConn) run(ctx context.Context) {
 	b.mu.Lock()
 	b.queueCtrlLocked(writeOp{kind: opSettings, settings: []http2.Setting{
 		{ID: http2.SettingEnablePush, Val: 0},
-		{ID: http2.SettingInitialWindowSize, Val: uint32(cfg.StreamWindow)},
+		{ID: http2.SettingInitialWindowSize, Val: uint32(cfg.BackendStreamWindow)},
 		{ID: http2.SettingMaxFrameSize, Val: maxFrameSize},
-		{ID: http2.SettingMaxHeaderListSize, Val: cfg.MaxHeaderListSize},
+		{ID: http2.SettingMaxHeaderListSize, Val: cfg.MaxResponseHeaderListSize},
 	}})
 	if inc := cfg.ConnWindow - defaultInitialWindowRFC; inc > 0 {
 		b.queueCtrlLocked(writeOp{kind: opWindowUpdate, val: uint32(inc)})
@@ -364,7 +364,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed} // §5.1 half-closed (remote)
 	}
 	if f.Truncated {
-		// Over MaxHeaderListSize: what is left would be a response without
+		// Over MaxResponseHeaderListSize: what is left would be a response without
 		// its status. Reset the stream; the client gets INTERNAL.
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
@@ -670,6 +670,7 @@ func (b *backendConn) harvest(a *attempt) ([]outItem, bool) {
 		c := outItem{kind: it.kind, end: it.end, fields: it.fields, credited: credited}
 		if it.buf != nil {
 			c.buf = getBuf(it.n)
+			a.up.mem.add(len(*c.buf))
 			c.n = copy(*c.buf, (*it.buf)[:it.n])
 		}
 		out = append(out, c)
@@ -698,6 +699,15 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		a := b.pending[i]
 		b.pending[i] = nil
 		if a.bClosed {
+			continue
+		}
+		if f, over := b.requestOverPeerLocked(a); over {
+			// Never sent. failDown takes the client connection's mu,
+			// which must not be taken under ours: it runs on its own,
+			// short-lived goroutine (rare: only with a backend that
+			// advertises a small limit).
+			b.closeAttLocked(a)
+			go a.s.cc.failDown(a, f)
 			continue
 		}
 		id := b.nextID

@@ -140,7 +140,7 @@ type child struct {
 }
 
 // mallocs returns the child's heap allocations so far.
-func (c *child) mallocs(b *testing.B) uint64 {
+func (c *child) mallocs(b testing.TB) uint64 {
 	b.Helper()
 	if _, err := io.WriteString(c.stdin, "\n"); err != nil {
 		b.Fatal(err)
@@ -156,7 +156,7 @@ func (c *child) mallocs(b *testing.B) uint64 {
 	return n
 }
 
-func startChild(b *testing.B, engine string, backends []string) *child {
+func startChild(b testing.TB, engine string, backends []string) *child {
 	b.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), benchChildEnv+"="+engine+","+strings.Join(backends, ","))
@@ -188,7 +188,7 @@ func startChild(b *testing.B, engine string, backends []string) *child {
 
 // cpu returns the child's user+system CPU time so far, from
 // /proc/PID/stat (fields 14 and 15, in USER_HZ = 100 ticks per second).
-func (c *child) cpu(b *testing.B) time.Duration {
+func (c *child) cpu(b testing.TB) time.Duration {
 	b.Helper()
 	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", c.cmd.Process.Pid))
 	if err != nil {

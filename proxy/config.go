@@ -15,7 +15,7 @@ const (
 	DefaultMaxConcurrentStreams  = 4096
 	DefaultStreamWindow          = 256 << 10
 	DefaultConnWindow            = 4 << 20
-	DefaultMaxHeaderListSize     = 1 << 20
+	DefaultMaxHeaderListSize     = 60 << 10
 	DefaultBackendStreamsPerConn = 1000
 	DefaultConnectTimeout        = 5 * time.Second
 	DefaultHandshakeTimeout      = time.Second
@@ -45,7 +45,9 @@ const (
 	DefaultBackendKeepaliveTime = 5 * time.Minute
 	// DefaultBackendKeepaliveTimeout is grpc-go's client default
 	// (keepalive.ClientParameters.Timeout).
-	DefaultBackendKeepaliveTimeout = 20 * time.Second
+	DefaultBackendKeepaliveTimeout   = 20 * time.Second
+	DefaultBackendStreamWindow       = 128 << 10
+	DefaultMaxResponseHeaderListSize = 1 << 20
 )
 
 const (
@@ -65,27 +67,83 @@ type Config struct {
 	// REFUSED_STREAM (RFC 9113 §5.1.2).
 	MaxConcurrentStreams uint32
 
-	// StreamWindow is the flow-control window granted per stream, to clients
-	// and to backends alike. It bounds the bytes buffered per stream and
-	// direction.
+	// StreamWindow is the flow-control window granted to clients per
+	// stream. It bounds the request bytes buffered per stream.
 	StreamWindow int32
+
+	// BackendStreamWindow is the flow-control window granted to backends
+	// per stream (their SETTINGS_INITIAL_WINDOW_SIZE). It bounds the
+	// response bytes a backend can make the proxy buffer for one stream
+	// whose client does not read them, since a window granted cannot be
+	// taken back (RFC 9113 §6.9). It is smaller than StreamWindow because
+	// the link to a backend is short (one cluster, well under a
+	// millisecond), while clients may be far; below 128 KiB, streams of
+	// 64 KiB messages cost measurably more CPU per MiB (a window of
+	// 64 KiB: +29%, see BENCHMARKS.md), at 128 KiB they cost what they did
+	// with 256 KiB. Per client connection the response buffers are
+	// bounded by MaxConcurrentStreams × BackendStreamWindow: with the
+	// defaults 4096 × 128 KiB = 512 MiB, where StreamWindow (256 KiB)
+	// gave 1 GiB; by the capacity of the buffers that hold
+	// them, at most one buffer more per stream (a backend's small frames
+	// coalesce into its stream's last buffer). Those buffers count in
+	// MaxConnBufferedBytes, so a connection past it opens no new stream.
+	// Zero means DefaultBackendStreamWindow.
+	BackendStreamWindow int32
 
 	// ConnWindow is the connection-level window granted to each peer.
 	ConnWindow int32
 
-	// MaxConnBufferedBytes bounds the request DATA bytes a client
-	// connection may have in the proxy, received and not yet handed on to
-	// backends, over all its streams (each stream is also bounded by
-	// StreamWindow). Past it the proxy withholds the connection-level
-	// WINDOW_UPDATE, so the client stops sending, until the backends have
-	// taken half of it; at most ConnWindow more can arrive meanwhile.
-	// Zero means DefaultMaxConnBufferedBytes, negative no bound. Retry
-	// replay buffers are bounded per attempt by RetryBufferSize instead.
+	// MaxConnBufferedBytes is the one budget of the buffers a client
+	// connection may hold in the proxy, counted by their capacity, not by
+	// the bytes in them (a 1-byte DATA payload in a 1 KiB buffer counts
+	// 1 KiB; see budget.go): request DATA queued toward backends, the
+	// copies kept so calls can be retried, response DATA queued toward
+	// the client, and the request header blocks kept for retries (by
+	// their RFC 9113 §6.5.2 size). Past it:
+	//   - the connection-level WINDOW_UPDATE is withheld, so the client
+	//     stops sending DATA, until the count is back to half (at most
+	//     ConnWindow more arrives meanwhile), as Envoy's per-connection
+	//     buffer limit stops reading from the client;
+	//   - new streams are answered RESOURCE_EXHAUSTED: HEADERS are not
+	//     flow-controlled, so this is what bounds retained headers;
+	//   - retries keep no more replay once half of it is used: such a
+	//     call loses its retryability, not its bytes, as Envoy lets a
+	//     request that outgrew its retry buffer go on unretried. The half
+	//     left is what queued DATA needs to drain, so the withheld window
+	//     always comes back once the backends take the queued bytes.
+	// The response direction is bounded per stream by BackendStreamWindow.
+	// Zero means DefaultMaxConnBufferedBytes (16 MiB: 256 streams' worth
+	// of BackendStreamWindow, 64 of StreamWindow), negative no bound.
+	// RetryBufferSize still bounds each attempt's replay.
 	MaxConnBufferedBytes int64
 
-	// MaxHeaderListSize bounds the decoded size of a header block
-	// (SETTINGS_MAX_HEADER_LIST_SIZE).
+	// MaxHeaderListSize bounds the decoded size (RFC 9113 §6.5.2: names,
+	// values and 32 bytes per field) of a client's request header block,
+	// and is advertised to clients as SETTINGS_MAX_HEADER_LIST_SIZE. Zero
+	// means DefaultMaxHeaderListSize, 60 KiB, Envoy's default
+	// (max_request_headers_kb): gRPC metadata is small, and every open
+	// stream keeps its request headers for retries, so this times
+	// MaxConcurrentStreams is what one connection could make the proxy
+	// hold without MaxConnBufferedBytes.
 	MaxHeaderListSize uint32
+
+	// MaxResponseHeaderListSize bounds the decoded size of a backend's
+	// response header and trailer blocks, and is advertised to backends
+	// as SETTINGS_MAX_HEADER_LIST_SIZE. Backends are trusted more than
+	// clients and their trailers carry grpc-status-details-bin, the
+	// serialized google.rpc.Status with its error details, so the limit is
+	// larger: zero means DefaultMaxResponseHeaderListSize, 1 MiB. grpc-go's
+	// client accepts 16 MiB, but a response block is decoded into memory
+	// before it is relayed, and 1 MiB is already far beyond any status a
+	// service sends on purpose. A response block over it ends the call
+	// with INTERNAL.
+	//
+	// Both directions also respect the peer's own advertised
+	// SETTINGS_MAX_HEADER_LIST_SIZE when sending: a response header or
+	// trailer block over the client's limit is replaced by a gRPC status
+	// INTERNAL, as grpc-go's server fails such a call, and a request over
+	// a backend's limit ends with RESOURCE_EXHAUSTED without being sent.
+	MaxResponseHeaderListSize uint32
 
 	// MaxHeaderFields bounds the fields of a client's request header block
 	// (Envoy's default is 100 too); a request over it, or over
@@ -300,6 +358,12 @@ func (c *Config) setDefaults() error {
 	if c.StreamWindow < minWindow {
 		return fmt.Errorf("proxy: StreamWindow %d is below the HTTP/2 default of %d", c.StreamWindow, minWindow)
 	}
+	if c.BackendStreamWindow == 0 {
+		c.BackendStreamWindow = DefaultBackendStreamWindow
+	}
+	if c.BackendStreamWindow < minWindow {
+		return fmt.Errorf("proxy: BackendStreamWindow %d is below the HTTP/2 default of %d", c.BackendStreamWindow, minWindow)
+	}
 	if c.ConnWindow == 0 {
 		c.ConnWindow = DefaultConnWindow
 	}
@@ -309,6 +373,9 @@ func (c *Config) setDefaults() error {
 	defaultOrOff(&c.MaxConnBufferedBytes, DefaultMaxConnBufferedBytes)
 	if c.MaxHeaderListSize == 0 {
 		c.MaxHeaderListSize = DefaultMaxHeaderListSize
+	}
+	if c.MaxResponseHeaderListSize == 0 {
+		c.MaxResponseHeaderListSize = DefaultMaxResponseHeaderListSize
 	}
 	if c.MaxHeaderFields <= 0 {
 		c.MaxHeaderFields = DefaultMaxHeaderFields

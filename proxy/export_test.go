@@ -11,6 +11,18 @@ func (s *Server) ClientConns() int {
 	return len(s.conns)
 }
 
+// MaxBufferedBytes reports the largest buffer budget use (budget.go) of
+// any of its client connections now, for tests.
+func (s *Server) MaxBufferedBytes() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var m int64
+	for c := range s.conns {
+		m = max(m, c.bufs.used.Load())
+	}
+	return m
+}
+
 // MaxHeldBytes reports the largest count of request bytes held by any of
 // its client connections now, for tests.
 func (s *Server) MaxHeldBytes() int64 {

@@ -263,6 +263,8 @@ func (t *transport) handleSettings(f *http2.SettingsFrame, eachQueue func(func(*
 			t.peerMaxFrame = s.Val
 		case http2.SettingMaxConcurrentStreams:
 			t.peerMaxStream = s.Val
+		case http2.SettingMaxHeaderListSize:
+			t.peerMaxHeaders = s.Val
 		case http2.SettingHeaderTableSize:
 			t.queueCtrlLocked(writeOp{kind: opTableSize, val: s.Val})
 		}

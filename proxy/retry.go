@@ -48,7 +48,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			a = new(attempt)
 		}
 		*a = attempt{s: s, done: done, keepReplay: c.srv.cfg.RetryBufferSize > 0}
-		a.up = sendQueue{a: a, src: &c.transport, credit: &s.upRecv}
+		a.up = sendQueue{a: a, src: &c.transport, credit: &s.upRecv, mem: &c.bufs}
 		for _, it := range items {
 			a.up.push(it) // a copy: items may sit in a failed attempt's inline storage
 		}
@@ -160,7 +160,7 @@ func (c *serverConn) handshakeWait(s *stream) time.Duration {
 func (c *serverConn) releaseItemsLocked(items []outItem) {
 	for _, it := range items {
 		if it.buf != nil {
-			putBuf(it.buf) // copies made by harvest: no writer has seen them
+			c.bufs.freeBuf(it.buf) // copies made by harvest: no writer has seen them
 		}
 	}
 }

@@ -18,6 +18,7 @@ import (
 type serverConn struct {
 	transport
 	srv    *Server
+	bufs   bufBudget       // Config.MaxConnBufferedBytes; see budget.go
 	remote net.Addr        // the client's address
 	ctx    context.Context // passed to Picker.Pick; cancelled when the connection ends
 	cancel context.CancelFunc
@@ -58,7 +59,8 @@ func newServerConn(srv *Server, nc net.Conn) *serverConn {
 	cfg := &srv.cfg
 	c.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
 	c.writeTimeout = cfg.WriteTimeout
-	c.heldBudget = cfg.MaxConnBufferedBytes
+	c.bufs = bufBudget{limit: cfg.MaxConnBufferedBytes, owner: &c.transport}
+	c.budget = &c.bufs
 	c.attach(nc)
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
@@ -373,7 +375,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	if c.srv.ends != nil {
 		s.start = c.srv.now()
 	}
-	s.down = sendQueue{s: s, id: id, window: c.peerInitWin}
+	s.down = sendQueue{s: s, id: id, window: c.peerInitWin, mem: &c.bufs}
 	s.upRecv = recvState{id: id, window: c.streamWindow}
 	s.cst.apply(evRecvHeaders)
 	if end {
@@ -402,9 +404,17 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		c.rejectStream(s, failure{kind: failBadContentType, detail: ri.contentType})
 		return nil
 	}
+	if c.bufs.over() {
+		// The connection holds its whole budget already: new calls wait
+		// for the ones in flight (budget.go).
+		c.rejectStream(s, failure{kind: failConnBudget, limit: c.bufs.limit})
+		return nil
+	}
 	s.method = ri.path
 	room := s.reqRoom[:]
 	s.reqFields = keepFields(&room, filterFields(f.Fields))
+	s.reqSize = headerListSize(s.reqFields)
+	c.bufs.add(int(s.reqSize))
 	s.reqEnd = end
 	s.retryable = c.srv.retryableMethod(ri.path)
 
@@ -665,6 +675,12 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 		s.bytesOut += int64(len(data))
 		s.msgs.advance(data)
 	} else {
+		if c.responseOverPeerLocked(a, it.fields) {
+			c.mu.Unlock()
+			c.signal()
+			a.bc.resetUp(a, http2.ErrCodeCancel)
+			return true
+		}
 		if it.end {
 			s.result = outcome(it.fields)
 			c.noteBackendStatusLocked(s, it.fields)

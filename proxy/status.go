@@ -75,6 +75,17 @@ const (
 	// failHeadersTooLarge: the request header list was over
 	// MaxHeaderListSize or MaxHeaderFields.
 	failHeadersTooLarge
+	// failRequestHeadersOverPeer: the request header list (detail: its
+	// size) is over the backend's SETTINGS_MAX_HEADER_LIST_SIZE (limit);
+	// it was not sent.
+	failRequestHeadersOverPeer
+	// failResponseHeadersOverPeer: a response header or trailer block of
+	// the backend's is over the client's SETTINGS_MAX_HEADER_LIST_SIZE
+	// (limit); it was not sent.
+	failResponseHeadersOverPeer
+	// failConnBudget: the client connection holds its
+	// Config.MaxConnBufferedBytes (limit) already.
+	failConnBudget
 	// failBadRequest: the request headers are malformed (cause).
 	failBadRequest
 	// failBadMethod: the request's :method is not POST (detail).
@@ -213,6 +224,14 @@ func statusOf(f failure) (*status.Status, int) {
 		return status.New(codes.Canceled, "streamlb: client connection closed"), http.StatusOK
 	case failHeadersTooLarge:
 		return status.New(codes.ResourceExhausted, "streamlb: request header list too large"), http.StatusRequestHeaderFieldsTooLarge
+	case failRequestHeadersOverPeer:
+		return status.Newf(codes.ResourceExhausted, "streamlb: request header list of %s bytes is over backend %s's SETTINGS_MAX_HEADER_LIST_SIZE of %d", f.detail, f.backend, f.limit), http.StatusOK
+	case failResponseHeadersOverPeer:
+		// grpc-go's server resets such a stream with INTERNAL_ERROR, which
+		// its client reports as INTERNAL; a status says why.
+		return status.Newf(codes.Internal, "streamlb: response header list of %s bytes from backend %s is over the client's SETTINGS_MAX_HEADER_LIST_SIZE of %d", f.detail, f.backend, f.limit), http.StatusOK
+	case failConnBudget:
+		return status.Newf(codes.ResourceExhausted, "streamlb: connection holds its buffer budget (%d bytes): too much data in flight", f.limit), http.StatusOK
 	case failBadRequest:
 		return status.Newf(codes.Internal, "streamlb: malformed request headers: %v", f.cause), http.StatusBadRequest
 	case failBadMethod:

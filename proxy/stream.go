@@ -26,6 +26,7 @@ type stream struct {
 	method    string
 	reqFields []hpack.HeaderField // request headers as relayed, kept for retries
 	reqEnd    bool                // request HEADERS carried END_STREAM
+	reqSize   uint32              // HPACK size of reqFields, counted in cc.bufs while the stream lives
 	retryable bool                // method opted in to retries of UNAVAILABLE
 	timer     *time.Timer         // grpc-timeout, or nil
 	srvCount  *atomic.Int64       // Server.inflight when MaxStreams applies
@@ -109,6 +110,9 @@ func (s *stream) sideClosed() {
 	}
 	if s.srvCount != nil {
 		s.srvCount.Add(-1)
+	}
+	if s.reqSize > 0 {
+		s.cc.bufs.sub(int(s.reqSize))
 	}
 	if a := s.att; a != nil {
 		s.cc.srv.budget.record(status.Code(s.result) == codes.Unavailable)

@@ -96,6 +96,9 @@ type sendQueue struct {
 	// it is credited, under src.mu, as bytes are written here.
 	src    *transport
 	credit *recvState
+	// mem is the budget of the client connection the stream belongs to;
+	// the queue's buffers count in it by capacity (budget.go).
+	mem *bufBudget
 }
 
 func (q *sendQueue) empty() bool { return q.head == len(q.items) }
@@ -141,6 +144,7 @@ func (q *sendQueue) pushData(p []byte, end bool) {
 	it := outItem{kind: itemData, end: end}
 	if len(p) > 0 {
 		it.buf = getBuf(len(p))
+		q.mem.add(len(*it.buf))
 		it.n = copy(*it.buf, p)
 	}
 	q.push(it)
@@ -153,6 +157,7 @@ func (q *sendQueue) drop(t *transport) {
 	for i := q.head; i < len(q.items); i++ {
 		it := &q.items[i]
 		if it.buf != nil {
+			q.mem.sub(len(*it.buf))
 			t.releaseLocked(it.buf)
 		}
 		*it = outItem{}
@@ -202,6 +207,7 @@ type writeOp struct {
 	settings []http2.Setting
 	debug    []byte
 	src      *transport // DATA: connection to credit once written
+	mem      *bufBudget // DATA: the budget buf counts in, if any
 	credit   *recvState
 	creditN  int32 // DATA bytes to credit, once written
 }
@@ -219,7 +225,7 @@ type transport struct {
 	log *slog.Logger
 
 	// Writer goroutine only.
-	bw     *bufio.Writer
+	bw     lazyWriter
 	wfr    *http2.Framer
 	henc   *hpack.Encoder
 	hbuf   bytes.Buffer
@@ -249,19 +255,25 @@ type transport struct {
 	peerInitWin   int32 // peer's SETTINGS_INITIAL_WINDOW_SIZE
 	peerMaxFrame  uint32
 	peerMaxStream uint32 // peer's SETTINGS_MAX_CONCURRENT_STREAMS
-	gotSettings   bool
-	recvUnacked   int32 // connection-level bytes consumed, not yet returned
-	recvWindow    int32 // connection-level bytes the peer may still send
-	closed        bool
-	closeErr      error
-	drainAndClose bool // writer exits once everything queued is written
-	fatal         bool // connection error: the writer exits once its GOAWAY is written
-	// held is the DATA bytes received on open streams and not yet handed
-	// on (credited back); past heldBudget (0: none) the connection-level
-	// window is withheld until held falls to half of it.
-	held       int64
-	heldBudget int64 // immutable after construction
-	withheld   bool  // connection window withheld, see held
+	// peerMaxHeaders is the peer's SETTINGS_MAX_HEADER_LIST_SIZE; zero
+	// while it advertised none (RFC 9113 §6.5.2: unlimited).
+	peerMaxHeaders uint32
+	gotSettings    bool
+	recvUnacked    int32 // connection-level bytes consumed, not yet returned
+	recvWindow     int32 // connection-level bytes the peer may still send
+	closed         bool
+	closeErr       error
+	drainAndClose  bool // writer exits once everything queued is written
+	fatal          bool // connection error: the writer exits once its GOAWAY is written
+	// held is the DATA payload received on open streams and not yet
+	// handed on (credited back), for tests and the stream's own books.
+	held int64
+	// withheld is set while the connection-level window is withheld
+	// because budget is past its limit (budget.go).
+	withheld bool
+	// budget is the client connection's buffer budget; nil on backend
+	// connections. Immutable after construction.
+	budget *bufBudget
 	// resets are the stream ids we reset last: frames on them are ignored
 	// after the streams are gone (RFC 9113 §5.1 "closed").
 	resets resetRing
@@ -326,8 +338,8 @@ func (t *transport) attach(nc net.Conn) {
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
-	t.bw = bufio.NewWriterSize(nc, 32<<10)
-	t.wfr = http2.NewFramer(t.bw, nil)
+	t.bw = lazyWriter{w: nc}
+	t.wfr = http2.NewFramer(&t.bw, nil)
 	t.henc = hpack.NewEncoder(&t.hbuf)
 	t.mu.Lock()
 	t.nc = nc
@@ -397,14 +409,7 @@ func (t *transport) creditLocked(r *recvState, n int32) {
 func (t *transport) unholdLocked(r *recvState, n int32) {
 	r.held -= n
 	t.held -= int64(n)
-	if t.withheld && t.held <= t.heldBudget/2 {
-		t.withheld = false
-		if t.recvUnacked > 0 {
-			t.queueCtrlLocked(writeOp{kind: opWindowUpdate, val: uint32(t.recvUnacked)})
-			t.recvWindow += t.recvUnacked
-			t.recvUnacked = 0
-		}
-	}
+	t.maybeGiveBackLocked()
 }
 
 // releaseHeldLocked is called when stream r closes: the bytes it held are
@@ -421,8 +426,12 @@ func (t *transport) releaseHeldLocked(r *recvState) {
 // until unholdLocked gives it back. Caller must hold mu.
 func (t *transport) creditConnLocked(n int32) {
 	t.recvUnacked += n
-	if t.heldBudget > 0 && t.held > t.heldBudget {
+	if t.withheld {
+		return
+	}
+	if t.budget.over() {
 		t.withheld = true
+		t.budget.waiting.Store(true)
 		return
 	}
 	if t.recvUnacked >= t.connWindow/4 {
@@ -530,7 +539,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 			sent = true
 			err = t.wfr.WriteData(op.streamID, op.end, op.data)
 			if op.release {
-				putBuf(op.buf)
+				op.mem.freeBuf(op.buf)
 			}
 			if op.credit != nil && op.creditN > 0 {
 				t.credit = append(t.credit, creditOp{op.src, op.credit, op.creditN})
@@ -563,7 +572,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 					t.credit = append(t.credit, creditOp{o.src, o.credit, o.creditN})
 				}
 				if batch[j].release {
-					putBuf(batch[j].buf)
+					batch[j].mem.freeBuf(batch[j].buf)
 				}
 				batch[j] = writeOp{}
 			}
@@ -649,7 +658,7 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 		if n > 0 && allowed <= 0 {
 			return writeOp{}, false // caller checked eligibility; defensive
 		}
-		op = writeOp{kind: opData, streamID: id, src: q.src, credit: q.credit}
+		op = writeOp{kind: opData, streamID: id, src: q.src, credit: q.credit, mem: q.mem}
 		if it.buf != nil {
 			op.data = (*it.buf)[it.off : it.off+allowed]
 			op.buf = it.buf
@@ -706,7 +715,12 @@ func (t *transport) retainLocked(a *attempt, it *outItem, op *writeOp) {
 	if it.buf != nil {
 		n = len(*it.buf)
 	}
-	if a.replayBytes+n > t.retryBuffer {
+	if a.replayBytes+n > t.retryBuffer || (n > 0 && !a.up.mem.belowHalf()) {
+		// Over the attempt's retry buffer, or the client connection's
+		// budget is more than half used: the call loses its
+		// retryability, not its bytes (as Envoy stops buffering a
+		// request past its retry buffer limit and lets it go on
+		// unretried).
 		a.keepReplay = false
 		t.releaseReplayLocked(a)
 		return
@@ -724,6 +738,7 @@ func (t *transport) retainLocked(a *attempt, it *outItem, op *writeOp) {
 func (t *transport) releaseReplayLocked(a *attempt) {
 	for i := range a.replay {
 		if b := a.replay[i].buf; b != nil {
+			a.up.mem.sub(len(*b))
 			t.releaseLocked(b)
 		}
 		a.replay[i] = outItem{}
@@ -785,6 +800,7 @@ func (t *transport) writeLoop(r role) error {
 			t.mu.Unlock()
 			return err
 		}
+		t.maybeGiveBackLocked()
 		// The previous batch is written: buffers it may have been reading
 		// can go back to the pool now.
 		for i, b := range t.toRelease {

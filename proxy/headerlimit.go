@@ -1,0 +1,70 @@
+package proxy
+
+import (
+	"strconv"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// This file holds the checks of header blocks against the limit the peer
+// they are sent to advertised in SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113
+// §6.5.2, §10.5.1): a peer may treat a larger block as a stream error, or
+// drop the connection, so the proxy never sends one. A response block over
+// the client's limit is replaced by a small status; a request over a
+// backend's limit is not sent.
+
+// headerListSize is the size of fields as SETTINGS_MAX_HEADER_LIST_SIZE
+// counts it: names and values, plus 32 bytes per field.
+func headerListSize(fields []hpack.HeaderField) uint32 {
+	var n uint32
+	for _, f := range fields {
+		n += f.Size()
+	}
+	return n
+}
+
+// responseOverPeerLocked reports whether a response header block of a's
+// backend is over the client's advertised limit, and if so ends the call
+// with a status instead (failResponseHeadersOverPeer). Caller must hold
+// c.mu; the caller cancels the backend stream once it released it.
+func (c *serverConn) responseOverPeerLocked(a *attempt, fields []hpack.HeaderField) bool {
+	limit := c.peerMaxHeaders
+	if limit == 0 {
+		return false // the common case: clients rarely advertise one
+	}
+	n := headerListSize(fields)
+	if n <= limit {
+		return false
+	}
+	s := a.s
+	f := failure{kind: failResponseHeadersOverPeer, backend: a.bc.addr, limit: int64(limit), detail: strconv.FormatUint(uint64(n), 10)}
+	if blocks, _ := endBlocks(f, !s.headersSent, nil); headerListSize(blocks[0]) > limit {
+		// Even the status does not fit: a reset is all that is left
+		// (grpc-go's server sends INTERNAL_ERROR too).
+		s.result = f.statusErr()
+		s.failKind = f.kind
+		s.down.drop(&c.transport)
+		s.down.push(outItem{kind: itemReset, code: http2.ErrCodeInternal})
+		s.down.closed = true
+		c.markReadyLocked(&s.down)
+		return true
+	}
+	c.failLocked(s, f)
+	return true
+}
+
+// requestOverPeerLocked reports whether the request headers of a are over
+// the backend's advertised limit; openLocked then ends the attempt without
+// sending it (failRequestHeadersOverPeer). Caller must hold b.mu.
+func (b *backendConn) requestOverPeerLocked(a *attempt) (failure, bool) {
+	limit := b.peerMaxHeaders
+	if limit == 0 {
+		return failure{}, false
+	}
+	n := headerListSize(a.s.reqFields)
+	if n <= limit {
+		return failure{}, false
+	}
+	return failure{kind: failRequestHeadersOverPeer, backend: b.addr, limit: int64(limit), detail: strconv.FormatUint(uint64(n), 10)}, true
+}
