@@ -96,38 +96,43 @@ func main() {
 	flag.StringVar(&o.caCert, "cacert", "", "PEM CA file: speak TLS, verifying the server against it")
 	flag.StringVar(&o.serverName, "servername", "localhost", "with -cacert: name the server certificate is checked against")
 	flag.Parse()
-	if err := run(o); err != nil {
+	rep, err := run(o)
+	if err == nil {
+		err = json.NewEncoder(os.Stdout).Encode(rep)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "gen:", err)
 		os.Exit(1)
 	}
 }
 
-func run(o options) error {
+// run makes the calls o describes and reports them.
+func run(o options) (*report, error) {
 	if (o.target == "") == (o.targets == "") {
-		return errors.New("give exactly one of -target and -targets")
+		return nil, errors.New("give exactly one of -target and -targets")
 	}
 	if o.conc <= 0 || o.total < 0 || o.rate < 0 || o.size < 0 {
-		return errors.New("-c must be positive; -n, -rate and -size not negative")
+		return nil, errors.New("-c must be positive; -n, -rate and -size not negative")
 	}
 	if o.total == 0 && o.duration <= 0 {
-		return errors.New("give -n, -duration or both")
+		return nil, errors.New("give -n, -duration or both")
 	}
 	addrs := strings.Split(o.target+o.targets, ",")
 	for _, a := range addrs {
 		host, _, err := net.SplitHostPort(a)
 		if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
-			return fmt.Errorf("target %q: want a loopback HOST:PORT", a)
+			return nil, fmt.Errorf("target %q: want a loopback HOST:PORT", a)
 		}
 	}
 	creds := insecure.NewCredentials()
 	if o.caCert != "" {
 		pem, err := os.ReadFile(o.caCert)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("%s: no PEM certificates", o.caCert)
+			return nil, fmt.Errorf("%s: no PEM certificates", o.caCert)
 		}
 		creds = credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: o.serverName})
 	}
@@ -146,7 +151,7 @@ func run(o options) error {
 	}
 	cc, err := grpc.NewClient(target, dopts...)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer cc.Close()
 	client := testgrpc.NewTestServiceClient(cc)
@@ -162,7 +167,7 @@ func run(o options) error {
 	_, err = client.EmptyCall(wctx, &testgrpc.Empty{}, grpc.WaitForReady(true))
 	wcancel()
 	if err != nil {
-		return fmt.Errorf("first call: %w", err)
+		return nil, fmt.Errorf("first call: %w", err)
 	}
 
 	// Calls are handed out by a counter (-n) and, with -rate, by a pacer.
@@ -261,7 +266,7 @@ func run(o options) error {
 	for _, k := range names {
 		rep.Backends = append(rep.Backends, backendRow{Name: k, Count: backends[k], Share: 100 * float64(backends[k]) / float64(max(rep.Count, 1))})
 	}
-	return json.NewEncoder(os.Stdout).Encode(rep)
+	return &rep, nil
 }
 
 // streamCall makes one server-streaming call, reads it to the end and

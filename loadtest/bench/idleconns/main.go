@@ -54,37 +54,44 @@ func main() {
 	settle := flag.Duration("settle", 2*time.Second, "wait after the last handshake before the second RSS reading")
 	timeout := flag.Duration("timeout", 60*time.Second, "bound on opening all connections")
 	flag.Parse()
-	if err := run(*target, *pidList, *n, *settle, *timeout); err != nil {
+	res, err := run(*target, *pidList, *n, *settle, *timeout)
+	if res != nil {
+		json.NewEncoder(os.Stdout).Encode(res)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "idleconns:", err)
 		os.Exit(1)
 	}
 }
 
-func run(target, pidList string, n int, settle, timeout time.Duration) error {
+// run opens the connections, takes the readings and closes the
+// connections again. With an error it may still return a result: the
+// readings of a run in which not every connection stayed open.
+func run(target, pidList string, n int, settle, timeout time.Duration) (*result, error) {
 	host, _, err := net.SplitHostPort(target)
 	if err != nil {
-		return fmt.Errorf("target %q: %w", target, err)
+		return nil, fmt.Errorf("target %q: %w", target, err)
 	}
 	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
-		return fmt.Errorf("target %q: only loopback addresses", target)
+		return nil, fmt.Errorf("target %q: only loopback addresses", target)
 	}
 	if n <= 0 || n > 100000 {
-		return fmt.Errorf("-n %d: want 1..100000", n)
+		return nil, fmt.Errorf("-n %d: want 1..100000", n)
 	}
 	var pids []int
 	for _, s := range strings.Split(pidList, ",") {
 		p, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || p <= 0 {
-			return fmt.Errorf("-pid %q: want comma-separated process ids", pidList)
+			return nil, fmt.Errorf("-pid %q: want comma-separated process ids", pidList)
 		}
 		pids = append(pids, p)
 	}
 	if err := raiseNoFile(uint64(n) + 256); err != nil {
-		return err
+		return nil, err
 	}
 	before, err := rssKiB(pids)
 	if err != nil {
-		return err
+		return nil, err
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
@@ -129,37 +136,45 @@ func run(target, pidList string, n int, settle, timeout time.Duration) error {
 		}
 	}()
 
-	// Watch every connection: a read returns only if the server sends
-	// something (it should not: GOAWAY, a PING) or closes.
+	// Watch every connection: a connection counts as closed when the
+	// server closes it or sends GOAWAY. Frames that come after the
+	// handshake (a WINDOW_UPDATE, a PING) are read past.
 	var closed atomic.Int64
 	for _, c := range conns {
 		if c == nil {
 			continue
 		}
 		go func(c net.Conn) {
-			var b [1]byte
-			if _, err := c.Read(b[:]); err != nil && !errors.Is(err, net.ErrClosed) {
-				closed.Add(1)
-			} else if err == nil {
-				closed.Add(1) // unexpected bytes count as not idle
+			fr := http2.NewFramer(nil, c)
+			for {
+				f, err := fr.ReadFrame()
+				if err != nil {
+					if !errors.Is(err, net.ErrClosed) {
+						closed.Add(1)
+					}
+					return
+				}
+				if _, ok := f.(*http2.GoAwayFrame); ok {
+					closed.Add(1)
+					return
+				}
 			}
 		}(c)
 	}
 	time.Sleep(settle) // a measurement delay, not synchronisation
 	after, err := rssKiB(pids)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	res.SettleSecs = settle.Seconds()
 	res.RSSBeforeKiB, res.RSSAfterKiB = before, after
 	res.OpenAtEnd = res.Handshaken - int(closed.Load())
 	res.BytesPerConn = float64(after-before) * 1024 / float64(n)
 	res.KiBPerConn = res.BytesPerConn / 1024
-	json.NewEncoder(os.Stdout).Encode(res)
 	if res.Handshaken < n || res.OpenAtEnd < n {
-		return fmt.Errorf("%d of %d connections handshaken, %d open at the end (first error: %v)", res.Handshaken, n, res.OpenAtEnd, firstErr)
+		return &res, fmt.Errorf("%d of %d connections handshaken, %d open at the end (first error: %v)", res.Handshaken, n, res.OpenAtEnd, firstErr)
 	}
-	return nil
+	return &res, nil
 }
 
 // handshake dials target and completes the HTTP/2 handshake (RFC 9113
