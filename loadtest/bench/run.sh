@@ -155,11 +155,13 @@ declare -A PORT=([direct]=$P_B1 [client-rr]=- [frame]=$((BASE_PORT + 10)) [grpc-
 ADMIN_PORT=$((BASE_PORT + 20))
 declare -A PROC # path -> pid of the proxy process (nginx: the master)
 
+BACKEND_PIDS=()
 for i in 1 2 3; do
 	port_var=P_B$i
 	"${PIN_LOAD[@]}" "$BIN" testserver --listen "127.0.0.1:${!port_var}" --name "backend-$i" \
 		--log-level warn >"$WORK/backend-$i.log" 2>&1 &
 	PIDS+=($!)
+	BACKEND_PIDS+=($!)
 done
 for port in $P_B1 $P_B2 $P_B3; do
 	wait_port "$port" || die "backend on port $port did not start (see $WORK/backend-*.log)"
@@ -293,11 +295,17 @@ pids_of() {
 proc_pids() { pids_of "${PROC[$1]}"; }
 
 # cpu_ticks prints the user+system CPU time, in clock ticks, of a path's
-# processes (fields 14 and 15 of /proc/PID/stat; the comm field may hold
-# spaces, so count from after its closing parenthesis).
+# processes, or of the three backends for "backends" (fields 14 and 15 of
+# /proc/PID/stat; the comm field may hold spaces, so count from after its
+# closing parenthesis).
 cpu_ticks() {
-	local total=0 pid t
-	for pid in $(proc_pids "$1"); do
+	local total=0 pid t pids
+	if [[ $1 == backends ]]; then
+		pids=${BACKEND_PIDS[*]}
+	else
+		pids=$(proc_pids "$1")
+	fi
+	for pid in $pids; do
 		t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
 		total=$((total + ${t:-0}))
 	done
@@ -360,12 +368,13 @@ target_args() {
 has_proc() { [[ $1 != direct && $1 != client-rr ]]; }
 
 RAW=$WORK/raw.tsv
-printf 'round\tworkload\tpath\tcalls\terrors\trps\tp50_ms\tp99_ms\tcpu_ticks\tcpu_us_per_call\tsplit\tbackend_conns\n' >"$RAW"
+printf 'round\tworkload\tpath\tcalls\terrors\trps\tp50_ms\tp99_ms\tcpu_ticks\tcpu_us_per_call\tsplit\tbackend_conns\tbackends_us_per_call\n' >"$RAW"
 
 # run_load runs one workload through one path and appends a line to $RAW.
 run_load() {
-	local round=$1 w=$2 path=$3 json=$WORK/r$1-$2-$3.json before=0 after=0
+	local round=$1 w=$2 path=$3 json=$WORK/r$1-$2-$3.json before=0 after=0 bbefore bafter
 	has_proc "$path" && before=$(cpu_ticks "$path")
+	bbefore=$(cpu_ticks backends)
 	# shellcheck disable=SC2046
 	if ! timeout 180 "${PIN_LOAD[@]}" "$GEN" $(workload_args "$w") $(target_args "$path") \
 		>"$json" 2>"$json.err"; then
@@ -373,7 +382,8 @@ run_load() {
 		return 0
 	fi
 	has_proc "$path" && after=$(cpu_ticks "$path")
-	local calls errors rps p50 p99 split cpu_us=- conns
+	bafter=$(cpu_ticks backends)
+	local calls errors rps p50 p99 split cpu_us=- conns bcpu_us=-
 	calls=$(jq .count "$json")
 	errors=$(jq .errors "$json")
 	rps=$(jq .rps "$json")
@@ -384,12 +394,13 @@ run_load() {
 	if has_proc "$path" && ((calls > 0)); then
 		cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$calls" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
 	fi
+	((calls > 0)) && bcpu_us=$(awk -v t=$((bafter - bbefore)) -v hz="$CLK_TCK" -v n="$calls" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
 	if ((errors > 0)); then
 		note "round $round, $w via $path: $errors of $calls calls failed ($(jq -r '.error_messages // {} | to_entries | map("\(.value)× \(.key)") | join("; ")' "$json" | head -c 400))"
 	fi
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$w" "$path" "$calls" "$errors" "$rps" \
-		"$p50" "$p99" "$((after - before))" "$cpu_us" "$split" "$conns" >>"$RAW"
-	log "round $round $w via $path: $calls calls ($errors failed), $(fmt "$rps" 0)/s, p50 ${p50}ms p99 ${p99}ms, CPU ${cpu_us}µs/call, $split, $conns backend conns"
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$w" "$path" "$calls" "$errors" "$rps" \
+		"$p50" "$p99" "$((after - before))" "$cpu_us" "$split" "$conns" "$bcpu_us" >>"$RAW"
+	log "round $round $w via $path: $calls calls ($errors failed), $(fmt "$rps" 0)/s, p50 ${p50}ms p99 ${p99}ms, CPU ${cpu_us}µs/call (backends ${bcpu_us}), $split, $conns backend conns"
 }
 
 fmt() { # number, decimals -> formatted, or - for none
@@ -482,7 +493,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
 	echo "- Command: \`QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS IDLE_CONNS=$IDLE_CONNS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
-	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds."
+	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
 	for w in "${WORKLOADS[@]}"; do
 		echo "### $w: ${WDESC[$w]}"
@@ -492,8 +503,8 @@ ELAPSED=$(($(date +%s) - START_TIME))
 		else
 			unit="CPU µs/call"
 		fi
-		echo "| path | calls/s | vs client-rr | p50 ms | p99 ms | p50 added | p99 added | $unit | vs HAProxy | vs nginx | peak RSS MiB | failed | backend conns | split |"
-		echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+		echo "| path | calls/s | vs client-rr | p50 ms | p99 ms | p50 added | p99 added | $unit | vs HAProxy | vs nginx | peak RSS MiB | failed | backend conns | backends' $unit | split |"
+		echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 		d50=$(med "$w" direct p50_ms)
 		d99=$(med "$w" direct p99_ms)
 		rr=$(med "$w" client-rr rps)
@@ -518,12 +529,18 @@ ELAPSED=$(($(date +%s) - START_TIME))
 			has_proc "$path" && rss=$(fmt "$(awk -v k="${RSS[$path]}" 'BEGIN {print k / 1024}')" 1)
 			split=$(col "$w" "$path" split | tail -1)
 			conns=$(col "$w" "$path" backend_conns | tail -1)
+			bcpu=$(med "$w" "$path" backends_us_per_call)
+			if [[ $w == stream && $bcpu != - ]]; then
+				bshown=$(fmt "$(awk -v c="$bcpu" 'BEGIN {print c / 1000}')" 2)
+			else
+				bshown=$(fmt "$bcpu" 1)
+			fi
 			if [[ $path == direct ]]; then
 				a50=- a99=-
 			else
 				a50=$(added "$p50" "$d50") a99=$(added "$p99" "$d99")
 			fi
-			echo "| $path | $(fmt "$rps" 0) | $(ratio "$rps" "$rr") | $(fmt "$p50" 2) | $(fmt "$p99" 2) | $a50 | $a99 | $shown | $(ratio "$cpu" "$hc") | $(ratio "$cpu" "$nc") | $rss | $(sum "$w" "$path" errors) | ${conns:--} | ${split:--} |"
+			echo "| $path | $(fmt "$rps" 0) | $(ratio "$rps" "$rr") | $(fmt "$p50" 2) | $(fmt "$p99" 2) | $a50 | $a99 | $shown | $(ratio "$cpu" "$hc") | $(ratio "$cpu" "$nc") | $rss | $(sum "$w" "$path" errors) | ${conns:--} | $bshown | ${split:--} |"
 		done
 		echo
 	done
