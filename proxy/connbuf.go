@@ -4,16 +4,22 @@ import (
 	"bufio"
 	"io"
 	"net"
+	"os"
 	"sync"
+	"syscall"
 )
 
 // Connection buffers are held only while there is something in them, so an
 // idle connection costs little memory (issue 12: 5,000 idle client
 // connections). This is x/net/http2's pattern: its server's bufferedWriter
 // takes a bufio.Writer from a pool on the first write and gives it back on
-// Flush. The reading side here does the same with a pooled read buffer,
-// plus a small buffer of the connection's own for the read that waits on
-// an idle socket.
+// Flush. The reading side here does the same with a pooled read buffer. On
+// a plain TCP socket it reads through syscall.RawConn, which lets it give
+// the buffer back when the socket has nothing (EAGAIN) before the goroutine
+// parks, and take one again when data arrives: no buffer is held while
+// waiting, and no syscall is added. On other connections (TLS, wrappers)
+// it waits with a small buffer of its own and takes a pooled one for
+// bursts.
 
 // connBufSize is the size of the pooled read and write buffers: room for
 // two 16 KiB DATA frames, so a busy connection reads and writes in few
@@ -42,17 +48,83 @@ var (
 // the pooled buffer go straight into the caller's slice, as bufio.Reader's
 // do. It is used by the reader goroutine only.
 type connReader struct {
-	nc    net.Conn
-	big   *[]byte // pooled buffer: held while it has unread bytes, or while burst
-	buf   []byte  // the buffer being drained: small[:] or *big
-	r, w  int     // buf[r:w] is unread
-	burst bool    // the last fill filled its buffer
-	err   error   // read error that came with bytes, returned once they are drained
-	small [smallReadSize]byte
+	nc  net.Conn
+	raw syscall.RawConn // set when nc is a plain socket: see readRaw
+	// rawFill is fillRaw bound to c; rawN and rawErr are its results.
+	rawFill func(fd uintptr) bool
+	rawN    int
+	rawErr  error
+	big     *[]byte // pooled buffer: held while it has unread bytes, or while burst
+	buf     []byte  // the buffer being drained: small or *big
+	r, w    int     // buf[r:w] is unread
+	burst   bool    // the last fill filled its buffer
+	err     error   // read error that came with bytes, returned once they are drained
+	small   []byte  // smallReadSize, when raw is nil
 }
 
 func newConnReader(nc net.Conn) *connReader {
-	return &connReader{nc: nc}
+	c := &connReader{nc: nc}
+	// Only the exact socket types: a wrapper that embeds one may do more
+	// in its Read (count, inject faults), which reading the descriptor
+	// would skip.
+	var sc syscall.Conn
+	switch v := nc.(type) {
+	case *net.TCPConn:
+		sc = v
+	case *net.UnixConn:
+		sc = v
+	}
+	if sc != nil {
+		if raw, err := sc.SyscallConn(); err == nil {
+			c.raw = raw
+			c.rawFill = c.fillRaw
+		}
+	}
+	if c.raw == nil {
+		c.small = make([]byte, smallReadSize)
+	}
+	return c
+}
+
+// readRaw fills the pooled buffer straight from the socket. The buffer is
+// taken only once the socket has bytes: when a read finds none (EAGAIN)
+// the buffer goes back to the pool before RawConn.Read parks the goroutine
+// until the socket is readable, so a connection waiting for its next frame
+// holds no buffer. Deadlines and Close work as for nc.Read.
+func (c *connReader) readRaw() (int, error) {
+	err := c.raw.Read(c.rawFill)
+	n, serr := c.rawN, c.rawErr
+	c.rawN, c.rawErr = 0, nil
+	switch {
+	case err != nil: // closed, deadline
+		return 0, err
+	case serr != nil:
+		return 0, &net.OpError{Op: "read", Net: c.nc.LocalAddr().Network(), Source: c.nc.LocalAddr(), Addr: c.nc.RemoteAddr(), Err: os.NewSyscallError("read", serr)}
+	case n <= 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// fillRaw is RawConn.Read's callback (made once, as rawFill, so a read
+// allocates no closure): one read(2) into the pooled buffer, taken here,
+// given back if the socket had nothing.
+func (c *connReader) fillRaw(fd uintptr) bool {
+	if c.big == nil {
+		c.big = readBufPool.Get().(*[]byte)
+	}
+	for {
+		c.rawN, c.rawErr = syscall.Read(int(fd), *c.big)
+		if c.rawErr != syscall.EINTR {
+			break
+		}
+	}
+	if c.rawErr == syscall.EAGAIN {
+		c.rawN, c.rawErr = 0, nil
+		c.release()
+		return false // wait until readable, then call again
+	}
+	return true
 }
 
 // Read implements io.Reader.
@@ -67,6 +139,20 @@ func (c *connReader) Read(p []byte) (int, error) {
 			c.release()
 			return 0, err
 		}
+		if c.raw != nil {
+			// The buffer is kept from one fill to the next: readRaw
+			// lets go of it when the socket has nothing.
+			n, err := c.readRaw()
+			if n == 0 {
+				c.release()
+				if err == nil {
+					err = io.ErrNoProgress
+				}
+				return 0, err
+			}
+			c.buf, c.w = *c.big, n
+			return c.copyOut(p), nil
+		}
 		if len(p) >= connBufSize {
 			// Large read: straight into p, no copy, as bufio.Reader does.
 			c.release()
@@ -74,7 +160,7 @@ func (c *connReader) Read(p []byte) (int, error) {
 			c.burst = n > smallReadSize
 			return n, err
 		}
-		buf := c.small[:]
+		buf := c.small
 		if c.burst || len(p) > len(buf) {
 			if c.big == nil {
 				c.big = readBufPool.Get().(*[]byte)
@@ -98,12 +184,19 @@ func (c *connReader) Read(p []byte) (int, error) {
 			return 0, err
 		}
 	}
+	return c.copyOut(p), nil
+}
+
+// copyOut hands unread bytes to p, and lets go of the pooled buffer once
+// it is drained, unless a burst (non-raw) or the next fill (raw) will use
+// it.
+func (c *connReader) copyOut(p []byte) int {
 	n := copy(p, c.buf[c.r:c.w])
 	c.r += n
-	if c.r == c.w && !c.burst {
+	if c.r == c.w && !c.burst && c.raw == nil {
 		c.release()
 	}
-	return n, nil
+	return n
 }
 
 // release returns the pooled buffer. Caller must have drained it.

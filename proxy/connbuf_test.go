@@ -6,7 +6,10 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // chunkConn is a net.Conn whose reads return the scripted chunks one by
@@ -176,5 +179,137 @@ func TestConnReaderLetsGoWhenQuiet(t *testing.T) {
 	}
 	if r.big != nil {
 		t.Error("after a 17-byte fill drained: pooled buffer still held")
+	}
+}
+
+// tcpPair returns the two ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	client, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server = <-accepted
+	if server == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { client.Close(); server.Close() })
+	return client, server
+}
+
+// TestConnReaderRaw reads a plain socket through syscall.RawConn: the
+// bytes come through whole and in order, whatever the sizes of writes and
+// reads, and EOF ends them.
+func TestConnReaderRaw(t *testing.T) {
+	t.Parallel()
+	client, server := tcpPair(t)
+	r := newConnReader(server)
+	if r.raw == nil {
+		t.Fatal("a *net.TCPConn is not read raw")
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	want := make([]byte, 300_000)
+	for i := range want {
+		want[i] = byte(rng.IntN(256))
+	}
+	done := make(chan error, 1)
+	go func() {
+		rest := want
+		for len(rest) > 0 {
+			k := min(len(rest), 1+rng.IntN(40_000))
+			if _, err := client.Write(rest[:k]); err != nil {
+				done <- err
+				return
+			}
+			rest = rest[k:]
+		}
+		done <- client.Close()
+	}()
+	var got []byte
+	sizes := []int{9, 16384, 9, 100, 1, 9, 70000}
+	for i := 0; ; i++ {
+		p := make([]byte, sizes[i%len(sizes)])
+		n, err := r.Read(p)
+		got = append(got, p[:n]...)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("read %d: %v", i, err)
+		}
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("got %d bytes, want %d, or they differ", len(got), len(want))
+	}
+	if r.big != nil {
+		t.Error("pooled buffer held after EOF")
+	}
+}
+
+// TestConnReaderRawLetsGoWhileWaiting checks that a raw reader that has
+// drained its buffer gives it back when it has to wait for the socket,
+// and that read deadlines and Close still end the wait with the usual
+// errors.
+func TestConnReaderRawLetsGoWhileWaiting(t *testing.T) {
+	t.Parallel()
+	client, server := tcpPair(t)
+	r := newConnReader(server)
+	if _, err := client.Write(make([]byte, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(r, make([]byte, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	server.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	if _, err := r.Read(make([]byte, 9)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read past the deadline: %v, want %v", err, os.ErrDeadlineExceeded)
+	}
+	if r.big != nil {
+		t.Error("the reader waited on an empty socket holding a pooled buffer")
+	}
+	server.SetReadDeadline(time.Time{})
+	if _, err := client.Write([]byte("after")); err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, 5)
+	if _, err := io.ReadFull(r, p); err != nil || string(p) != "after" {
+		t.Fatalf("read after the deadline: %q %v, want \"after\" nil", p, err)
+	}
+	server.Close()
+	if _, err := r.Read(p); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("read after Close: %v, want %v", err, net.ErrClosed)
+	}
+}
+
+// TestConnReaderRawReset checks that a reset connection reads as the same
+// kind of error net.Conn.Read returns.
+func TestConnReaderRawReset(t *testing.T) {
+	t.Parallel()
+	client, server := tcpPair(t)
+	r := newConnReader(server)
+	client.(*net.TCPConn).SetLinger(0) // close with RST
+	client.Write([]byte("x"))
+	client.Close()
+	var err error
+	for err == nil {
+		_, err = r.Read(make([]byte, 9))
+	}
+	var op *net.OpError
+	reset := errors.As(err, &op) && errors.Is(err, syscall.ECONNRESET)
+	if !reset && !errors.Is(err, io.EOF) {
+		t.Errorf("read of a reset connection: %v (%T), want a *net.OpError with ECONNRESET, or EOF", err, err)
 	}
 }
