@@ -156,23 +156,25 @@ func run(o options) (*report, error) {
 	defer cc.Close()
 	client := testgrpc.NewTestServiceClient(cc)
 
+	// Wait for the connections before the clock starts: with -targets,
+	// until the last len(addrs) calls went to as many backends, so every
+	// subchannel is in round_robin's picker.
+	if err := warmUp(client, len(addrs)); err != nil {
+		return nil, err
+	}
+
+	// The clock starts once the connections are up.
 	ctx := context.Background()
 	if o.duration > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, o.duration)
 		defer cancel()
 	}
-	// Wait for the connection(s) before the clock starts.
-	wctx, wcancel := context.WithTimeout(context.Background(), 10*time.Second)
-	_, err = client.EmptyCall(wctx, &testgrpc.Empty{}, grpc.WaitForReady(true))
-	wcancel()
-	if err != nil {
-		return nil, fmt.Errorf("first call: %w", err)
-	}
 
 	// Calls are handed out by a counter (-n) and, with -rate, by a pacer.
 	var issued atomic.Int64
 	take := func() bool { return o.total == 0 || issued.Add(1) <= int64(o.total) }
+	start := time.Now()
 	var tokens chan struct{}
 	if o.rate > 0 {
 		tokens = make(chan struct{}, o.conc)
@@ -186,7 +188,6 @@ func run(o options) (*report, error) {
 	}
 	results := make([]workerResult, o.conc)
 	var wg sync.WaitGroup
-	start := time.Now()
 	for w := range o.conc {
 		wg.Add(1)
 		go func(res *workerResult) {
@@ -267,6 +268,31 @@ func run(o options) (*report, error) {
 		rep.Backends = append(rep.Backends, backendRow{Name: k, Count: backends[k], Share: 100 * float64(backends[k]) / float64(max(rep.Count, 1))})
 	}
 	return &rep, nil
+}
+
+// warmUp makes calls until the last n of them landed on n different
+// backends, for at most 10 seconds.
+func warmUp(client testgrpc.TestServiceClient, n int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var last []string
+	for {
+		resp, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
+		if err != nil {
+			return fmt.Errorf("warm-up call: %w", err)
+		}
+		last = append(last, resp.GetServerId())
+		if len(last) > n {
+			last = last[1:]
+		}
+		seen := map[string]bool{}
+		for _, s := range last {
+			seen[s] = true
+		}
+		if len(seen) == n {
+			return nil
+		}
+	}
 }
 
 // streamCall makes one server-streaming call, reads it to the end and
