@@ -153,6 +153,19 @@ wait_port() {
 	return 1
 }
 
+# pids_of lists a process and its children (nginx: the master and workers).
+pids_of() {
+	echo "$1"
+	pgrep -P "$1" 2>/dev/null || true
+}
+
+# owned_port succeeds if process $2 (or its child) listens on 127.0.0.1:$1.
+owned_port() {
+	local pids
+	pids=$(pids_of "$2" | paste -sd'|')
+	ss -Htlnp "sport = :$1" 2>/dev/null | grep -qE "pid=($pids),"
+}
+
 P_B1=$((BASE_PORT + 1)) P_B2=$((BASE_PORT + 2)) P_B3=$((BASE_PORT + 3))
 declare -A PORT=([direct]=$P_B1 [client-rr]=- [frame]=$((BASE_PORT + 10)) [grpc-proxy]=$((BASE_PORT + 11))
 	[haproxy]=$((BASE_PORT + 12)) [nginx]=$((BASE_PORT + 13)) [frame-nometrics]=$((BASE_PORT + 14))
@@ -168,8 +181,14 @@ for i in 1 2 3; do
 	PIDS+=($!)
 	BACKEND_PIDS+=($!)
 done
-for port in $P_B1 $P_B2 $P_B3; do
+for i in 0 1 2; do
+	port_var=P_B$((i + 1))
+	port=${!port_var}
 	wait_port "$port" || die "backend on port $port did not start (see $WORK/backend-*.log)"
+	# Another process on the port would answer instead, unpinned and
+	# uncounted: make sure the listener is ours.
+	owned_port "$port" "${BACKEND_PIDS[$i]}" ||
+		die "port $port is held by another process (BASE_PORT=$BASE_PORT; see $WORK/backend-$((i + 1)).log)"
 done
 BACKENDS=(--backend "127.0.0.1:$P_B1" --backend "127.0.0.1:$P_B2" --backend "127.0.0.1:$P_B3")
 
@@ -273,6 +292,7 @@ start_proc() {
 	STARTED=$!
 	PIDS+=($!)
 	wait_port "$port" || { note "$path skipped: it did not start listening (see $WORK/$name.log)"; return 1; }
+	owned_port "$port" "$STARTED" || { note "$path skipped: port $port is held by another process"; return 1; }
 }
 
 start_path() {
@@ -292,11 +312,6 @@ start_path() {
 	fi
 }
 
-# pids_of lists a process and its children (nginx: the master and workers).
-pids_of() {
-	echo "$1"
-	pgrep -P "$1" 2>/dev/null || true
-}
 proc_pids() { pids_of "${PROC[$1]}"; }
 
 # cpu_ticks prints the user+system CPU time, in clock ticks, of a path's
