@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"log/slog"
@@ -225,7 +224,7 @@ type transport struct {
 	log *slog.Logger
 
 	// Writer goroutine only.
-	bw     lazyWriter
+	bw     *connWriter // holds a pooled buffer only between a write and its flush
 	wfr    *http2.Framer
 	henc   *hpack.Encoder
 	hbuf   bytes.Buffer
@@ -332,14 +331,14 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 // attach gives the transport its socket. It must be called before the
 // reader and writer start.
 func (t *transport) attach(nc net.Conn) {
-	t.rfr = http2.NewFramer(nil, &contGuard{r: bufio.NewReaderSize(nc, 32<<10)})
+	t.rfr = http2.NewFramer(nil, &contGuard{r: newConnReader(nc)})
 	// ReadMetaHeaders stays nil: readFrame assembles header blocks.
 	t.hd.dec = hpack.NewDecoder(4096, t.hd.emit)
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
-	t.bw = lazyWriter{w: nc}
-	t.wfr = http2.NewFramer(&t.bw, nil)
+	t.bw = newConnWriter(nc)
+	t.wfr = http2.NewFramer(t.bw, nil)
 	t.henc = hpack.NewEncoder(&t.hbuf)
 	t.mu.Lock()
 	t.nc = nc

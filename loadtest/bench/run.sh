@@ -1,39 +1,76 @@
 #!/usr/bin/env bash
 # loadtest/bench/run.sh measures, in one run, the same gRPC workloads through
 #
-#   direct      the client straight to one backend (the baseline)
-#   frame       streamlb proxy --engine frame
-#   grpc-proxy  streamlb proxy --engine grpc-proxy (mwitkow/grpc-proxy)
-#   haproxy     HAProxy, mode http, h2c on both sides (haproxy.cfg)
-#   nginx       nginx grpc_pass over h2c (nginx.conf)
+#   direct           the client straight to one backend (the baseline)
+#   client-rr        a grpc-go client doing its own round_robin over the
+#                    three backends, one connection each (issue 12's calls/s
+#                    baseline: no proxy at all)
+#   frame            streamlb proxy --engine frame as it runs in production:
+#                    metrics on, admin listener, /metrics scraped every second
+#   frame-nometrics  the same with --metrics=false and no admin listener
+#   grpc-proxy       streamlb proxy --engine grpc-proxy (mwitkow/grpc-proxy)
+#   haproxy          HAProxy, mode http, h2c on both sides (haproxy.cfg)
+#   nginx            nginx grpc_pass over h2c (nginx.conf)
+#   frame-tls        frame terminating TLS (--metrics=false), h2c to backends
+#   haproxy-tls      HAProxy terminating TLS, h2c to backends
+#   nginx-tls        nginx terminating TLS, h2c to backends
 #
 # each balancing per call over three `streamlb testserver` backends, with all
-# calls of a workload over ONE client connection. The load generator is
-# `streamlb loadtest --format json` (ghz inside), which also reports where the
-# calls landed. The proxy under test is pinned to CPU 0, the load generator
-# and the backends to CPU 1. For each workload the proxy's CPU time is read
-# from /proc/PID/stat before and after; its peak RSS is VmHWM.
+# calls of a workload over ONE client connection. The TLS certificates are
+# made by this script with openssl (a throw-away CA, ECDSA P-256).
 #
-# Paths are interleaved (round r: every workload through direct, frame,
-# grpc-proxy, haproxy, nginx; then round r+1), and the report gives medians
-# over the rounds, because a shared machine's speed drifts.
+# The load generator is loadtest/bench/gen, a plain grpc-go client (the
+# generated stub, no JSON, no frame tap), so the generator is not what sets
+# the pace; each call's backend comes from the backend itself (server_id of
+# the response, x-backend of a stream). The proxy under test is pinned to
+# CPU 0, the load generator and the backends to CPU 1: on a 2-CPU machine
+# calls/s is bounded by what one CPU does for client plus backends, the same
+# budget for every path, and the proxy's cost is its CPU per call. For each
+# workload the proxy's CPU time is read from /proc/PID/stat before and
+# after; its peak RSS is VmHWM; its backend connections are counted with ss
+# after the workload.
+#
+# Paths are interleaved (round r: every workload through every path; then
+# round r+1), and the report gives medians over the rounds, because a
+# shared machine's speed drifts. Then the idle-connection step opens
+# IDLE_CONNS idle HTTP/2 connections (loadtest/bench/idleconns) to a fresh
+# frame proxy, HAProxy, nginx and a plain grpc-go server (testserver) each,
+# and reports the RSS each holds per idle connection.
 #
 # Usage: loadtest/bench/run.sh            (as root it installs haproxy and
 #                                          nginx with apt-get if missing)
-# Knobs (environment): ROUNDS (3), PATHS ("direct frame grpc-proxy haproxy
-# nginx"), UNARY_CALLS (20000), RATE (2000), RATE_SECS (5), STREAM_CALLS
-# (300), BASE_PORT (27000), OUT (results file; default in the work dir),
-# KEEP_WORK (1 keeps the work dir with logs and raw JSON).
+#        QUICK=1 loadtest/bench/run.sh    (smoke run: 1 round, short
+#                                          workloads, 1,000 idle connections)
+# Knobs (environment): ROUNDS (3), PATHS ("direct client-rr frame
+# frame-nometrics grpc-proxy haproxy nginx frame-tls haproxy-tls nginx-tls"),
+# WORKLOADS ("unary rate stream"), UNARY_CALLS (20000), RATE (2000),
+# RATE_SECS (5), STREAM_CALLS (300), MAX_SECS (3: bound on the unary and
+# stream workloads, whichever of it and the call count comes first), IDLE_CONNS (5000; 0 skips the step),
+# IDLE_PATHS ("frame haproxy nginx grpc-go"), BASE_PORT (27000), OUT (results
+# file; default in the work dir), KEEP_WORK (1 keeps the work dir with logs
+# and raw JSON).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+	ROUNDS=${ROUNDS:-1} UNARY_CALLS=${UNARY_CALLS:-5000} RATE_SECS=${RATE_SECS:-2}
+	STREAM_CALLS=${STREAM_CALLS:-60} IDLE_CONNS=${IDLE_CONNS:-1000}
+fi
 ROUNDS=${ROUNDS:-3}
-PATHS=${PATHS:-"direct frame grpc-proxy haproxy nginx"}
+PATHS=${PATHS:-"direct client-rr frame frame-nometrics grpc-proxy haproxy nginx frame-tls haproxy-tls nginx-tls"}
+WORKLOADS=(${WORKLOADS:-unary rate stream})
 UNARY_CALLS=${UNARY_CALLS:-20000}
 RATE=${RATE:-2000}
 RATE_SECS=${RATE_SECS:-5}
 STREAM_CALLS=${STREAM_CALLS:-300}
+# A slow path (nginx: about 1k unary calls/s with TLS, 25 streams/s) stops
+# at this bound rather than make the run longer than 10 minutes; its
+# figures are per call, so fewer calls still compare.
+MAX_SECS=${MAX_SECS:-3}
+IDLE_CONNS=${IDLE_CONNS:-5000}
+IDLE_PATHS=${IDLE_PATHS:-"frame haproxy nginx grpc-go"}
 BASE_PORT=${BASE_PORT:-27000}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/streamlb-bench.XXXXXX")
 OUT=${OUT:-$WORK/results.md}
@@ -63,7 +100,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- setup
-for tool in jq taskset awk sed; do
+for tool in jq taskset awk sed ss; do
 	command -v "$tool" >/dev/null || die "$tool is required"
 done
 command -v go >/dev/null || die "go is required to build streamlb"
@@ -81,9 +118,11 @@ fi
 CLK_TCK=$(getconf CLK_TCK)
 
 log "work dir $WORK"
-log "building streamlb"
-(cd "$REPO" && go build -o "$WORK/streamlb" .) || die "go build failed"
+log "building streamlb, the load generator and idleconns"
+(cd "$REPO" && go build -o "$WORK/streamlb" . && go build -o "$WORK/gen" ./loadtest/bench/gen &&
+	go build -o "$WORK/idleconns" ./loadtest/bench/idleconns) || die "go build failed"
 BIN=$WORK/streamlb
+GEN=$WORK/gen
 
 NOTES=()
 note() { NOTES+=("$*"); log "note: $*"; }
@@ -114,77 +153,179 @@ wait_port() {
 	return 1
 }
 
+# pids_of lists a process and its children (nginx: the master and workers).
+pids_of() {
+	echo "$1"
+	pgrep -P "$1" 2>/dev/null || true
+}
+
+# owned_port succeeds if process $2 (or its child) listens on 127.0.0.1:$1.
+owned_port() {
+	local pids
+	pids=$(pids_of "$2" | paste -sd'|')
+	ss -Htlnp "sport = :$1" 2>/dev/null | grep -qE "pid=($pids),"
+}
+
 P_B1=$((BASE_PORT + 1)) P_B2=$((BASE_PORT + 2)) P_B3=$((BASE_PORT + 3))
-declare -A PORT=([direct]=$P_B1 [frame]=$((BASE_PORT + 10)) [grpc-proxy]=$((BASE_PORT + 11))
-	[haproxy]=$((BASE_PORT + 12)) [nginx]=$((BASE_PORT + 13)))
+declare -A PORT=([direct]=$P_B1 [client-rr]=- [frame]=$((BASE_PORT + 10)) [grpc-proxy]=$((BASE_PORT + 11))
+	[haproxy]=$((BASE_PORT + 12)) [nginx]=$((BASE_PORT + 13)) [frame-nometrics]=$((BASE_PORT + 14))
+	[frame-tls]=$((BASE_PORT + 15)) [haproxy-tls]=$((BASE_PORT + 16)) [nginx-tls]=$((BASE_PORT + 17)))
+ADMIN_PORT=$((BASE_PORT + 20))
 declare -A PROC # path -> pid of the proxy process (nginx: the master)
 
+BACKEND_PIDS=()
 for i in 1 2 3; do
 	port_var=P_B$i
 	"${PIN_LOAD[@]}" "$BIN" testserver --listen "127.0.0.1:${!port_var}" --name "backend-$i" \
 		--log-level warn >"$WORK/backend-$i.log" 2>&1 &
 	PIDS+=($!)
+	BACKEND_PIDS+=($!)
 done
-for port in $P_B1 $P_B2 $P_B3; do
+for i in 0 1 2; do
+	port_var=P_B$((i + 1))
+	port=${!port_var}
 	wait_port "$port" || die "backend on port $port did not start (see $WORK/backend-*.log)"
+	# Another process on the port would answer instead, unpinned and
+	# uncounted: make sure the listener is ours.
+	owned_port "$port" "${BACKEND_PIDS[$i]}" ||
+		die "port $port is held by another process (BASE_PORT=$BASE_PORT; see $WORK/backend-$((i + 1)).log)"
 done
 BACKENDS=(--backend "127.0.0.1:$P_B1" --backend "127.0.0.1:$P_B2" --backend "127.0.0.1:$P_B3")
 
-render() { # template -> rendered file
-	sed -e "s|@PORT@|$3|g" -e "s|@B1@|$P_B1|g" -e "s|@B2@|$P_B2|g" -e "s|@B3@|$P_B3|g" \
-		-e "s|@DIR@|$WORK|g" "$1" >"$2"
+# TLS material for the *-tls paths: a throw-away CA and a server certificate
+# for localhost and 127.0.0.1, ECDSA P-256.
+TLS_DIR=$WORK/tls
+make_certs() {
+	[[ -f $TLS_DIR/server.pem ]] && return 0
+	command -v openssl >/dev/null || return 1
+	mkdir -p "$TLS_DIR"
+	(
+		cd "$TLS_DIR" &&
+			openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key \
+				-out ca.crt -days 2 -subj /CN=streamlb-bench-ca &&
+			openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout server.key \
+				-out server.csr -subj /CN=localhost &&
+			printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >san.ext &&
+			openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt \
+				-days 2 -extfile san.ext &&
+			cat server.crt server.key >server.pem
+	) >"$WORK/openssl.log" 2>&1
 }
 
-start_path() {
-	local path=$1 port=${PORT[$1]}
-	case $path in
-	direct)
-		return 0
+render() { # template rendered-file port name bind-or-listen tls-lines
+	sed -e "s|@PORT@|$3|g" -e "s|@B1@|$P_B1|g" -e "s|@B2@|$P_B2|g" -e "s|@B3@|$P_B3|g" \
+		-e "s|@DIR@|$WORK|g" -e "s|@NAME@|$4|g" -e "s|@BIND@|$5|g" -e "s|@LISTEN@|$5|g" \
+		-e "s|@TLS@|$6|g" "$1" >"$2"
+}
+
+SCRAPER=
+# start_proc starts the process of one path (or, for the idle step, of one
+# idle target) listening on port; it sets STARTED to its pid.
+start_proc() {
+	local path=$1 port=$2 name=$3
+	local base=${path%-tls} tls=0
+	[[ $path == *-tls ]] && tls=1
+	if ((tls)) && ! make_certs; then
+		note "$path skipped: could not make certificates with openssl (see $WORK/openssl.log)"
+		return 1
+	fi
+	local tlsflags=()
+	((tls)) && tlsflags=(--tls-cert "$TLS_DIR/server.crt" --tls-key "$TLS_DIR/server.key")
+	case $base in
+	frame)
+		# frame: as in production, metrics on and an admin listener (the
+		# idle step: the default flags); frame-tls: --metrics=false, beside
+		# frame-nometrics, so the two differ by TLS alone.
+		local extra=()
+		if ((tls)); then
+			extra=(--metrics=false)
+		elif [[ $name == frame ]]; then
+			extra=(--admin-listen "127.0.0.1:$ADMIN_PORT")
+		fi
+		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
+			"${extra[@]}" "${tlsflags[@]}" --log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
-	frame | grpc-proxy)
-		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine "$path" \
-			--log-level warn >"$WORK/$path.log" 2>&1 &
+	frame-nometrics)
+		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
+			--metrics=false --log-level warn >"$WORK/$name.log" 2>&1 &
+		;;
+	grpc-proxy)
+		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine grpc-proxy \
+			--log-level warn >"$WORK/$name.log" 2>&1 &
+		;;
+	grpc-go)
+		"${PIN_PROXY[@]}" "$BIN" testserver --listen "127.0.0.1:$port" --name idle \
+			--log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
 	haproxy)
 		if ! ensure_pkg haproxy haproxy; then
-			note "haproxy skipped: not installed and could not be installed (run as root, or apt-get install haproxy)"
+			note "$path skipped: not installed and could not be installed (run as root, or apt-get install haproxy)"
 			return 1
 		fi
-		render "$HERE/haproxy.cfg" "$WORK/haproxy.cfg" "$port"
-		haproxy -c -q -f "$WORK/haproxy.cfg" >"$WORK/haproxy-check.log" 2>&1 ||
-			{ note "haproxy skipped: config check failed ($(head -c 300 "$WORK/haproxy-check.log"))"; return 1; }
-		"${PIN_PROXY[@]}" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+		local bind="proto h2"
+		((tls)) && bind="ssl crt $TLS_DIR/server.pem alpn h2"
+		render "$HERE/haproxy.cfg" "$WORK/$name.cfg" "$port" "$name" "$bind" ""
+		haproxy -c -q -f "$WORK/$name.cfg" >"$WORK/$name-check.log" 2>&1 ||
+			{ note "$path skipped: config check failed ($(head -c 300 "$WORK/$name-check.log"))"; return 1; }
+		# As root, HAProxy raises its own open-file limit to fit maxconn.
+		"${PIN_PROXY[@]}" haproxy -db -f "$WORK/$name.cfg" >"$WORK/$name.log" 2>&1 &
 		;;
 	nginx)
 		if ! ensure_pkg nginx nginx; then
-			note "nginx skipped: not installed and could not be installed (run as root, or apt-get install nginx)"
+			note "$path skipped: not installed and could not be installed (run as root, or apt-get install nginx)"
 			return 1
 		fi
-		render "$HERE/nginx.conf" "$WORK/nginx.conf" "$port"
-		nginx -t -q -p "$WORK/" -c "$WORK/nginx.conf" >"$WORK/nginx-check.log" 2>&1 ||
-			{ note "nginx skipped: config check failed ($(head -c 300 "$WORK/nginx-check.log"))"; return 1; }
-		"${PIN_PROXY[@]}" nginx -p "$WORK/" -c "$WORK/nginx.conf" >"$WORK/nginx.log" 2>&1 &
+		local listen=http2 tlslines=""
+		if ((tls)); then
+			listen="ssl http2"
+			tlslines="ssl_certificate $TLS_DIR/server.crt; ssl_certificate_key $TLS_DIR/server.key; ssl_protocols TLSv1.2 TLSv1.3;"
+		fi
+		render "$HERE/nginx.conf" "$WORK/$name.conf" "$port" "$name" "$listen" "$tlslines"
+		nginx -t -q -p "$WORK/" -c "$WORK/$name.conf" >"$WORK/$name-check.log" 2>&1 ||
+			{ note "$path skipped: config check failed ($(head -c 300 "$WORK/$name-check.log"))"; return 1; }
+		"${PIN_PROXY[@]}" nginx -p "$WORK/" -c "$WORK/$name.conf" >"$WORK/$name.log" 2>&1 &
+		;;
+	*)
+		die "unknown path $path"
 		;;
 	esac
-	PROC[$path]=$!
+	STARTED=$!
 	PIDS+=($!)
-	wait_port "$port" || { note "$path skipped: it did not start listening (see $WORK/$path.log)"; return 1; }
+	wait_port "$port" || { note "$path skipped: it did not start listening (see $WORK/$name.log)"; return 1; }
+	owned_port "$port" "$STARTED" || { note "$path skipped: port $port is held by another process"; return 1; }
 }
 
-# proc_pids lists the processes whose CPU counts for a path: the proxy and,
-# for nginx, its workers.
-proc_pids() {
-	local pid=${PROC[$1]}
-	echo "$pid"
-	pgrep -P "$pid" 2>/dev/null || true
+start_path() {
+	local path=$1
+	case $path in
+	direct | client-rr) return 0 ;;
+	esac
+	start_proc "$path" "${PORT[$path]}" "$path" || return 1
+	PROC[$path]=$STARTED
+	if [[ $path == frame ]] && command -v curl >/dev/null; then
+		# Scrape /metrics once a second, as Prometheus would, for the whole
+		# run (only frame's own workload windows count towards its CPU).
+		# The loop is bounded by the run: cleanup kills it.
+		"${PIN_LOAD[@]}" bash -c "while sleep 1; do curl -s -o /dev/null http://127.0.0.1:$ADMIN_PORT/metrics || true; done" &
+		SCRAPER=$!
+		PIDS+=($!)
+	fi
 }
+
+proc_pids() { pids_of "${PROC[$1]}"; }
 
 # cpu_ticks prints the user+system CPU time, in clock ticks, of a path's
-# processes (fields 14 and 15 of /proc/PID/stat; the comm field may hold
-# spaces, so count from after its closing parenthesis).
+# processes, or of the three backends for "backends" (fields 14 and 15 of
+# /proc/PID/stat; the comm field may hold spaces, so count from after its
+# closing parenthesis).
 cpu_ticks() {
-	local total=0 pid t
-	for pid in $(proc_pids "$1"); do
+	local total=0 pid t pids
+	if [[ $1 == backends ]]; then
+		pids=${BACKEND_PIDS[*]}
+	else
+		pids=$(proc_pids "$1")
+	fi
+	for pid in $pids; do
 		t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
 		total=$((total + ${t:-0}))
 	done
@@ -201,8 +342,23 @@ peak_rss_kib() {
 	echo "$total"
 }
 
+# backend_conns counts the established TCP connections a path's processes
+# hold to the three backends.
+backend_conns() {
+	local path=$1
+	case $path in
+	direct) echo 1; return ;;
+	client-rr) echo 3; return ;; # one subchannel per backend, by construction
+	esac
+	local pids
+	pids=$(proc_pids "$path" | paste -sd'|')
+	ss -Htnp state established "( dport = :$P_B1 or dport = :$P_B2 or dport = :$P_B3 )" 2>/dev/null |
+		grep -cE "pid=($pids)," || true
+}
+
 ACTIVE=()
 for path in $PATHS; do
+	[[ -n ${PORT[$path]:-} ]] || die "unknown path $path (known: ${!PORT[*]})"
 	if start_path "$path"; then
 		ACTIVE+=("$path")
 	fi
@@ -210,65 +366,72 @@ done
 log "paths: ${ACTIVE[*]}"
 
 # ---------------------------------------------------------------- workloads
-PAYLOAD=$(head -c 100 /dev/zero | base64 -w0)
-UNARY_DATA="{\"response_size\":100,\"payload\":{\"body\":\"$PAYLOAD\"}}"
-STREAM_DATA="{\"response_parameters\":[$(printf '{"size":65536},%.0s' $(seq 15)){\"size\":65536}]}"
-WORKLOADS=(unary rate stream)
 declare -A WDESC=(
-	[unary]="unary, 100 B request and response, concurrency 50, $UNARY_CALLS calls at full speed"
+	[unary]="unary, 100 B request and response, concurrency 50, $UNARY_CALLS calls (or ${MAX_SECS}s) at full speed"
 	[rate]="unary, 100 B request and response, fixed $RATE calls/s for ${RATE_SECS}s (concurrency 50)"
-	[stream]="server stream of 16 x 64 KiB = 1 MiB per call, concurrency 4, $STREAM_CALLS calls"
+	[stream]="server stream of 16 x 64 KiB = 1 MiB per call, concurrency 4, $STREAM_CALLS calls (or ${MAX_SECS}s)"
 )
 workload_args() {
 	case $1 in
-	unary) echo "--call grpc.testing.TestService/UnaryCall -c 50 -n $UNARY_CALLS" ;;
-	rate) echo "--call grpc.testing.TestService/UnaryCall -c 50 -r $RATE -z ${RATE_SECS}s" ;;
-	stream) echo "--call grpc.testing.TestService/StreamingOutputCall -c 4 -n $STREAM_CALLS" ;;
+	unary) echo "-c 50 -n $UNARY_CALLS -duration ${MAX_SECS}s" ;;
+	rate) echo "-c 50 -rate $RATE -duration ${RATE_SECS}s" ;;
+	stream) echo "-stream -c 4 -n $STREAM_CALLS -duration ${MAX_SECS}s" ;;
 	esac
 }
-workload_data() {
+target_args() {
 	case $1 in
-	unary | rate) echo "$UNARY_DATA" ;;
-	stream) echo "$STREAM_DATA" ;;
+	client-rr) echo "-targets 127.0.0.1:$P_B1,127.0.0.1:$P_B2,127.0.0.1:$P_B3" ;;
+	*-tls) echo "-target 127.0.0.1:${PORT[$1]} -cacert $TLS_DIR/ca.crt -servername localhost" ;;
+	*) echo "-target 127.0.0.1:${PORT[$1]}" ;;
 	esac
 }
+has_proc() { [[ $1 != direct && $1 != client-rr ]]; }
 
 RAW=$WORK/raw.tsv
-printf 'round\tworkload\tpath\tcalls\terrors\trps\tp50_ms\tp99_ms\tcpu_ticks\tcpu_us_per_call\tsplit\n' >"$RAW"
+printf 'round\tworkload\tpath\tcalls\terrors\trps\tp50_ms\tp99_ms\tcpu_ticks\tcpu_us_per_call\tsplit\tbackend_conns\tbackends_us_per_call\n' >"$RAW"
 
 # run_load runs one workload through one path and appends a line to $RAW.
 run_load() {
-	local round=$1 w=$2 path=$3 json=$WORK/r$1-$2-$3.json before=0 after=0
-	[[ $path != direct ]] && before=$(cpu_ticks "$path")
+	local round=$1 w=$2 path=$3 json=$WORK/r$1-$2-$3.json before=0 after=0 bbefore bafter
+	has_proc "$path" && before=$(cpu_ticks "$path")
+	bbefore=$(cpu_ticks backends)
 	# shellcheck disable=SC2046
-	if ! timeout 180 "${PIN_LOAD[@]}" "$BIN" loadtest $(workload_args "$w") -d "$(workload_data "$w")" \
-		--timeout 30s --format json "127.0.0.1:${PORT[$path]}" >"$json" 2>"$json.err"; then
-		note "round $round, $w via $path: loadtest failed: $(head -c 300 "$json.err")"
+	if ! timeout 180 "${PIN_LOAD[@]}" "$GEN" $(workload_args "$w") $(target_args "$path") \
+		>"$json" 2>"$json.err"; then
+		note "round $round, $w via $path: load generator failed: $(head -c 300 "$json.err")"
 		return 0
 	fi
-	[[ $path != direct ]] && after=$(cpu_ticks "$path")
-	local calls errors rps p50 p99 split cpu_us=-
+	has_proc "$path" && after=$(cpu_ticks "$path")
+	bafter=$(cpu_ticks backends)
+	local calls errors rps p50 p99 split cpu_us=- conns bcpu_us=-
 	calls=$(jq .count "$json")
 	errors=$(jq .errors "$json")
 	rps=$(jq .rps "$json")
 	p50=$(jq .latency.p50_ms "$json")
 	p99=$(jq .latency.p99_ms "$json")
-	split=$(jq -r '[.backends[] | "\(.name | sub("backend-"; "b"))=\(.share | round)%"] | join(" ")' "$json")
-	if [[ $path != direct ]] && ((calls > 0)); then
+	split=$(jq -r '[.backends // [] | .[] | "\(.name | sub("backend-"; "b"))=\(.share | round)%"] | join(" ")' "$json")
+	conns=$(backend_conns "$path")
+	if has_proc "$path" && ((calls > 0)); then
 		cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$calls" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
 	fi
+	((calls > 0)) && bcpu_us=$(awk -v t=$((bafter - bbefore)) -v hz="$CLK_TCK" -v n="$calls" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
 	if ((errors > 0)); then
 		note "round $round, $w via $path: $errors of $calls calls failed ($(jq -r '.error_messages // {} | to_entries | map("\(.value)× \(.key)") | join("; ")' "$json" | head -c 400))"
 	fi
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$w" "$path" "$calls" "$errors" "$rps" \
-		"$p50" "$p99" "$((after - before))" "$cpu_us" "$split" >>"$RAW"
-	log "round $round $w via $path: $calls calls, $rps/s, p50 ${p50}ms p99 ${p99}ms, CPU ${cpu_us}µs/call, $split"
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$w" "$path" "$calls" "$errors" "$rps" \
+		"$p50" "$p99" "$((after - before))" "$cpu_us" "$split" "$conns" "$bcpu_us" >>"$RAW"
+	log "round $round $w via $path: $calls calls ($errors failed), $(fmt "$rps" 0)/s, p50 ${p50}ms p99 ${p99}ms, CPU ${cpu_us}µs/call (backends ${bcpu_us}), $split, $conns backend conns"
+}
+
+fmt() { # number, decimals -> formatted, or - for none
+	[[ $1 == - || -z $1 ]] && { echo -; return; }
+	awk -v v="$1" -v d="$2" 'BEGIN {printf "%.*f", d, v}'
 }
 
 log "warm-up"
 for path in "${ACTIVE[@]}"; do
-	timeout 60 "${PIN_LOAD[@]}" "$BIN" loadtest --call grpc.testing.TestService/UnaryCall -c 10 -n 2000 \
-		-d "$UNARY_DATA" --format json "127.0.0.1:${PORT[$path]}" >/dev/null 2>&1 ||
+	# shellcheck disable=SC2046
+	timeout 60 "${PIN_LOAD[@]}" "$GEN" -c 10 -n 2000 $(target_args "$path") >/dev/null 2>&1 ||
 		note "warm-up via $path failed"
 done
 
@@ -282,13 +445,47 @@ done
 
 declare -A RSS
 for path in "${ACTIVE[@]}"; do
-	[[ $path == direct ]] || RSS[$path]=$(peak_rss_kib "$path")
+	has_proc "$path" && RSS[$path]=$(peak_rss_kib "$path")
 done
+[[ -n $SCRAPER ]] && kill "$SCRAPER" 2>/dev/null
+
+# ---------------------------------------------------------------- idle connections
+# Each idle target is a fresh process on CPU 0, so the RSS it gains is the
+# idle connections' and nothing else's; it is stopped after its reading.
+IDLE_RAW=$WORK/idle.tsv
+printf 'path\tconns\topen\trss_before_kib\trss_after_kib\tkib_per_conn\n' >"$IDLE_RAW"
+if ((IDLE_CONNS > 0)); then
+	ip=0
+	for path in $IDLE_PATHS; do
+		port=$((BASE_PORT + 30 + ip))
+		ip=$((ip + 1))
+		STARTED=
+		if ! start_proc "$path" "$port" "idle-$path"; then
+			note "idle connections via $path skipped"
+			continue
+		fi
+		sleep 1 # let the fresh process settle before the first RSS reading
+		pids=$(pids_of "$STARTED" | paste -sd,)
+		if timeout 120 "${PIN_LOAD[@]}" "$WORK/idleconns" -target "127.0.0.1:$port" -pid "$pids" \
+			-n "$IDLE_CONNS" >"$WORK/idle-$path.json" 2>"$WORK/idle-$path.err"; then
+			:
+		else
+			note "idle connections via $path: $(head -c 300 "$WORK/idle-$path.err")"
+		fi
+		if [[ -s $WORK/idle-$path.json ]]; then
+			jq -r --arg p "$path" '[$p, .conns, .open_at_end, .rss_before_kib, .rss_after_kib, (.kib_per_conn * 10 | round / 10)] | @tsv' \
+				"$WORK/idle-$path.json" >>"$IDLE_RAW"
+			log "idle connections via $path: $(jq -r '"\(.open_at_end) of \(.conns) open, \(.kib_per_conn * 10 | round / 10) KiB RSS each"' "$WORK/idle-$path.json")"
+		fi
+		for pid in $(pids_of "$STARTED"); do kill "$pid" 2>/dev/null || true; done
+		wait "$STARTED" 2>/dev/null || true
+	done
+fi
 
 # ---------------------------------------------------------------- report
 # median prints the median of the numbers on stdin, or - if there are none.
 median() {
-	sort -g | awk '$1 != "-" {a[++n] = $1} END {
+	sort -g | awk '$1 != "-" && $1 != "" {a[++n] = $1} END {
 		if (n == 0) { print "-"; exit }
 		if (n % 2) print a[(n + 1) / 2]; else print (a[n / 2] + a[n / 2 + 1]) / 2 }'
 }
@@ -297,10 +494,7 @@ col() { # workload path column-name -> values of that column
 		$2 == w && $3 == p {print $idx[c]}' "$RAW"
 }
 med() { col "$1" "$2" "$3" | median; }
-fmt() { # number, decimals -> formatted, or - for none
-	[[ $1 == - || -z $1 ]] && { echo -; return; }
-	awk -v v="$1" -v d="$2" 'BEGIN {printf "%.*f", d, v}'
-}
+sum() { col "$1" "$2" "$3" | awk '{s += $1} END {print s + 0}'; }
 ratio() {
 	[[ $1 == - || $2 == - || -z $1 || -z $2 ]] && { echo -; return; }
 	awk -v a="$1" -v b="$2" 'BEGIN {if (b == 0) print "-"; else printf "%.2f×", a / b}'
@@ -314,12 +508,12 @@ ELAPSED=$(($(date +%s) - START_TIME))
 {
 	echo "## streamlb benchmark: $(date -u '+%Y-%m-%d %H:%M UTC')"
 	echo
-	echo "- Machine: $NCPU CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, $(uname -sr); shared and noisy."
+	echo "- Machine: $NCPU CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, $(uname -sr); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
 	echo "- Pinning: $PINNING."
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
-	echo "- Command: \`ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
-	echo "- Every workload runs over ONE client connection; the proxies balance per call over 3 backends."
-	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run."
+	echo "- Command: \`QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
+	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
+	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
 	for w in "${WORKLOADS[@]}"; do
 		echo "### $w: ${WDESC[$w]}"
@@ -329,10 +523,11 @@ ELAPSED=$(($(date +%s) - START_TIME))
 		else
 			unit="CPU µs/call"
 		fi
-		echo "| path | calls/s | p50 ms | p99 ms | p50 added | p99 added | $unit | vs HAProxy | vs nginx | peak RSS MiB | split |"
-		echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+		echo "| path | calls/s | vs client-rr | p50 ms | p99 ms | p50 added | p99 added | $unit | vs HAProxy | vs nginx | peak RSS MiB | failed | backend conns | backends' $unit | split |"
+		echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 		d50=$(med "$w" direct p50_ms)
 		d99=$(med "$w" direct p99_ms)
+		rr=$(med "$w" client-rr rps)
 		hcpu=$(med "$w" haproxy cpu_us_per_call)
 		ncpu=$(med "$w" nginx cpu_us_per_call)
 		for path in "${ACTIVE[@]}"; do
@@ -340,30 +535,44 @@ ELAPSED=$(($(date +%s) - START_TIME))
 			p50=$(med "$w" "$path" p50_ms)
 			p99=$(med "$w" "$path" p99_ms)
 			cpu=$(med "$w" "$path" cpu_us_per_call)
+			hc=$hcpu nc=$ncpu
+			if [[ $path == *-tls ]]; then # TLS paths compare with TLS paths
+				hc=$(med "$w" haproxy-tls cpu_us_per_call)
+				nc=$(med "$w" nginx-tls cpu_us_per_call)
+			fi
 			if [[ $w == stream && $cpu != - ]]; then
 				shown=$(fmt "$(awk -v c="$cpu" 'BEGIN {print c / 1000}')" 2) # 1 MiB per call
 			else
 				shown=$(fmt "$cpu" 1)
 			fi
 			rss=-
-			[[ $path != direct ]] && rss=$(fmt "$(awk -v k="${RSS[$path]}" 'BEGIN {print k / 1024}')" 1)
+			has_proc "$path" && rss=$(fmt "$(awk -v k="${RSS[$path]}" 'BEGIN {print k / 1024}')" 1)
 			split=$(col "$w" "$path" split | tail -1)
+			conns=$(col "$w" "$path" backend_conns | tail -1)
+			bcpu=$(med "$w" "$path" backends_us_per_call)
+			if [[ $w == stream && $bcpu != - ]]; then
+				bshown=$(fmt "$(awk -v c="$bcpu" 'BEGIN {print c / 1000}')" 2)
+			else
+				bshown=$(fmt "$bcpu" 1)
+			fi
 			if [[ $path == direct ]]; then
 				a50=- a99=-
 			else
 				a50=$(added "$p50" "$d50") a99=$(added "$p99" "$d99")
 			fi
-			echo "| $path | $(fmt "$rps" 0) | $(fmt "$p50" 2) | $(fmt "$p99" 2) | $a50 | $a99 | $shown | $(ratio "$cpu" "$hcpu") | $(ratio "$cpu" "$ncpu") | $rss | ${split:--} |"
+			echo "| $path | $(fmt "$rps" 0) | $(ratio "$rps" "$rr") | $(fmt "$p50" 2) | $(fmt "$p99" 2) | $a50 | $a99 | $shown | $(ratio "$cpu" "$hc") | $(ratio "$cpu" "$nc") | $rss | $(sum "$w" "$path" errors) | ${conns:--} | $bshown | ${split:--} |"
 		done
 		echo
 	done
+	echo "TLS paths (\`*-tls\`) are compared with HAProxy and nginx terminating TLS too."
+	echo
 	echo "Per round, CPU µs per call (unary, rate) and per 1 MiB stream call (stream), to show the drift:"
 	echo
 	echo "| workload | path | $(for ((r = 1; r <= ROUNDS; r++)); do printf 'round %d | ' "$r"; done)"
 	echo "|---|---|$(for ((r = 1; r <= ROUNDS; r++)); do printf -- '---:|'; done)"
 	for w in "${WORKLOADS[@]}"; do
 		for path in "${ACTIVE[@]}"; do
-			[[ $path == direct ]] && continue
+			has_proc "$path" || continue
 			printf '| %s | %s | ' "$w" "$path"
 			for ((r = 1; r <= ROUNDS; r++)); do
 				v=$(awk -F'\t' -v r="$r" -v w="$w" -v p="$path" '$1 == r && $2 == w && $3 == p {print $10}' "$RAW")
@@ -372,6 +581,16 @@ ELAPSED=$(($(date +%s) - START_TIME))
 			echo
 		done
 	done
+	if (($(wc -l <"$IDLE_RAW") > 1)); then
+		echo
+		echo "### idle: $IDLE_CONNS idle HTTP/2 (h2c) client connections, handshake done, a fresh process each"
+		echo
+		echo "| server | connections open | RSS before MiB | RSS after MiB | RSS per idle connection KiB |"
+		echo "|---|---:|---:|---:|---:|"
+		tail -n +2 "$IDLE_RAW" | while IFS=$'\t' read -r p n open b a k; do
+			echo "| $p | $open of $n | $(fmt "$(awk -v x="$b" 'BEGIN {print x / 1024}')" 1) | $(fmt "$(awk -v x="$a" 'BEGIN {print x / 1024}')" 1) | $k |"
+		done
+	fi
 	if ((${#NOTES[@]} > 0)); then
 		echo
 		echo "Notes:"

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/streamlb/streamlb/testserver"
+)
+
+func startBackends(t *testing.T, names ...string) []string {
+	t.Helper()
+	var addrs []string
+	for _, name := range names {
+		srv, err := testserver.New(testserver.Config{Name: name, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := srv.Start("127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Stop)
+		addrs = append(addrs, srv.Addr())
+	}
+	return addrs
+}
+
+func TestRun(t *testing.T) {
+	t.Parallel()
+	addrs := startBackends(t, "a", "b", "c")
+	tests := []struct {
+		name      string
+		o         options
+		wantCount int
+		wantSplit map[string]int // backend -> calls
+	}{
+		{name: "one target, unary", o: options{target: addrs[0], conc: 4, total: 30, size: 100}, wantCount: 30, wantSplit: map[string]int{"a": 30}},
+		// grpc-go's round_robin over three ready subchannels is exact.
+		{name: "client round_robin", o: options{targets: strings.Join(addrs, ","), conc: 1, total: 30, size: 100}, wantCount: 30, wantSplit: map[string]int{"a": 10, "b": 10, "c": 10}},
+		{name: "stream", o: options{target: addrs[1], conc: 2, total: 3, stream: true}, wantCount: 3, wantSplit: map[string]int{"b": 3}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			tc.o.timeout = 10 * time.Second
+			rep, err := run(tc.o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep.Count != tc.wantCount || rep.Errors != 0 {
+				t.Errorf("got %d calls, %d failed; want %d, 0 (%v)", rep.Count, rep.Errors, tc.wantCount, rep.ErrorMessages)
+			}
+			got := map[string]int{}
+			for _, b := range rep.Backends {
+				got[b.Name] = b.Count
+			}
+			for name, n := range tc.wantSplit {
+				if got[name] != n {
+					t.Errorf("backend %s: got %d calls, want %d (split %v)", name, got[name], n, got)
+				}
+			}
+			if len(got) != len(tc.wantSplit) {
+				t.Errorf("split %v, want %v", got, tc.wantSplit)
+			}
+		})
+	}
+}
+
+// TestRunRate checks that the pacer never starts more calls than the rate
+// allows: an upper bound only, as a busy machine may make fewer.
+func TestRunRate(t *testing.T) {
+	t.Parallel()
+	addrs := startBackends(t, "a")
+	rep, err := run(options{target: addrs[0], conc: 5, rate: 100, duration: 500 * time.Millisecond, timeout: 10 * time.Second, size: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The pacer starts no more than rate x elapsed calls, however late
+	// the machine lets it or the deadline run.
+	if bound := int(100*rep.Seconds) + 1; rep.Count > bound || rep.Errors != 0 {
+		t.Errorf("got %d calls (%d failed) in %.3fs at 100/s; want at most %d, none failed", rep.Count, rep.Errors, rep.Seconds, bound)
+	}
+	if rep.Count == 0 {
+		t.Error("no calls made")
+	}
+}
+
+func TestRunRejects(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		o    options
+		want string
+	}{
+		{name: "no target", o: options{conc: 1, total: 1}, want: "exactly one"},
+		{name: "both targets", o: options{target: "127.0.0.1:1", targets: "127.0.0.1:2", conc: 1, total: 1}, want: "exactly one"},
+		{name: "not loopback", o: options{target: "10.0.0.1:80", conc: 1, total: 1}, want: "loopback"},
+		{name: "unbounded", o: options{target: "127.0.0.1:1", conc: 1}, want: "-n, -duration"},
+		{name: "no workers", o: options{target: "127.0.0.1:1", total: 1}, want: "-c must be positive"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := run(tc.o)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got error %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
+}

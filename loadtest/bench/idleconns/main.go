@@ -1,0 +1,289 @@
+// Command idleconns measures the memory a server holds per idle HTTP/2
+// client connection (issue 12): it reads the server process's RSS, opens N
+// connections that each complete the HTTP/2 handshake (preface, SETTINGS
+// both ways, both acknowledged) and then stay idle, waits for the server to
+// settle, reads the RSS again and prints (after - before) / N. It is the
+// idle-connection step of loadtest/bench/run.sh; the connections speak
+// cleartext HTTP/2 (h2c) to 127.0.0.1 only.
+//
+//	go run ./loadtest/bench/idleconns -target 127.0.0.1:8080 -pid PID -n 5000
+//
+// The output is one line of JSON. It exits 1 if fewer than N connections
+// complete the handshake or stay open until the second reading.
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+type result struct {
+	Target         string  `json:"target"`
+	PIDs           []int   `json:"pids"`
+	Conns          int     `json:"conns"`
+	Handshaken     int     `json:"handshaken"`
+	OpenAtEnd      int     `json:"open_at_end"`
+	RSSBeforeKiB   int64   `json:"rss_before_kib"`
+	RSSAfterKiB    int64   `json:"rss_after_kib"`
+	BytesPerConn   float64 `json:"bytes_per_conn"`
+	KiBPerConn     float64 `json:"kib_per_conn"`
+	HandshakeSecs  float64 `json:"handshake_secs"`
+	SettleSecs     float64 `json:"settle_secs"`
+	FirstDialError string  `json:"first_error,omitempty"`
+}
+
+func main() {
+	target := flag.String("target", "", "server HOST:PORT (127.0.0.0/8 only)")
+	pidList := flag.String("pid", "", "comma-separated PIDs whose summed RSS is measured (the server process, and its workers)")
+	n := flag.Int("n", 5000, "idle connections to open")
+	settle := flag.Duration("settle", 2*time.Second, "wait after the last handshake before the second RSS reading")
+	timeout := flag.Duration("timeout", 60*time.Second, "bound on opening all connections")
+	flag.Parse()
+	res, err := run(*target, *pidList, *n, *settle, *timeout)
+	if res != nil {
+		json.NewEncoder(os.Stdout).Encode(res)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "idleconns:", err)
+		os.Exit(1)
+	}
+}
+
+// run opens the connections, takes the readings and closes the
+// connections again. With an error it may still return a result: the
+// readings of a run in which not every connection stayed open.
+func run(target, pidList string, n int, settle, timeout time.Duration) (*result, error) {
+	host, _, err := net.SplitHostPort(target)
+	if err != nil {
+		return nil, fmt.Errorf("target %q: %w", target, err)
+	}
+	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+		return nil, fmt.Errorf("target %q: only loopback addresses", target)
+	}
+	if n <= 0 || n > 100000 {
+		return nil, fmt.Errorf("-n %d: want 1..100000", n)
+	}
+	var pids []int
+	for _, s := range strings.Split(pidList, ",") {
+		p, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || p <= 0 {
+			return nil, fmt.Errorf("-pid %q: want comma-separated process ids", pidList)
+		}
+		pids = append(pids, p)
+	}
+	if err := raiseNoFile(uint64(n) + 256); err != nil {
+		return nil, err
+	}
+	before, err := rssKiB(pids)
+	if err != nil {
+		return nil, err
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	conns := make([]net.Conn, n)
+	var open atomic.Int64
+	var firstErr error
+	var errOnce sync.Once
+	var wg sync.WaitGroup
+	start := time.Now()
+	next := make(chan int)
+	for w := 0; w < 32; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				c, err := handshake(ctx, target)
+				if err != nil {
+					errOnce.Do(func() { firstErr = err })
+					continue
+				}
+				conns[i] = c
+				open.Add(1)
+			}
+		}()
+	}
+	for i := 0; i < n; i++ {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	res := result{Target: target, PIDs: pids, Conns: n, HandshakeSecs: time.Since(start).Seconds()}
+	res.Handshaken = int(open.Load())
+	if firstErr != nil {
+		res.FirstDialError = firstErr.Error()
+	}
+	defer func() {
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+	}()
+
+	// Watch every connection: a connection counts as closed when the
+	// server closes it or sends GOAWAY. Frames that come after the
+	// handshake (a WINDOW_UPDATE, a PING) are read past.
+	var closed atomic.Int64
+	for _, c := range conns {
+		if c == nil {
+			continue
+		}
+		go func(c net.Conn) {
+			fr := http2.NewFramer(nil, c)
+			for {
+				f, err := fr.ReadFrame()
+				if err != nil {
+					if !errors.Is(err, net.ErrClosed) {
+						closed.Add(1)
+					}
+					return
+				}
+				if _, ok := f.(*http2.GoAwayFrame); ok {
+					closed.Add(1)
+					return
+				}
+			}
+		}(c)
+	}
+	time.Sleep(settle) // a measurement delay, not synchronisation
+	after, err := rssKiB(pids)
+	if err != nil {
+		return nil, err
+	}
+	res.SettleSecs = settle.Seconds()
+	res.RSSBeforeKiB, res.RSSAfterKiB = before, after
+	res.OpenAtEnd = res.Handshaken - int(closed.Load())
+	res.BytesPerConn = float64(after-before) * 1024 / float64(n)
+	res.KiBPerConn = res.BytesPerConn / 1024
+	if res.Handshaken < n || res.OpenAtEnd < n {
+		return &res, fmt.Errorf("%d of %d connections handshaken, %d open at the end (first error: %v)", res.Handshaken, n, res.OpenAtEnd, firstErr)
+	}
+	return &res, nil
+}
+
+// handshake dials target and completes the HTTP/2 handshake (RFC 9113
+// §3.4): the client preface and an empty SETTINGS out, the server's
+// SETTINGS in and acknowledged, and our SETTINGS acknowledged. Frames the
+// server sends meanwhile (WINDOW_UPDATE, PING) are read past; a PING is
+// answered.
+func handshake(ctx context.Context, target string) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", target)
+	if err != nil {
+		return nil, err
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	bw := bufio.NewWriter(c)
+	fr := http2.NewFramer(bw, c)
+	if _, err := io.WriteString(bw, http2.ClientPreface); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := fr.WriteSettings(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := bw.Flush(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	gotSettings, gotAck := false, false
+	for !gotSettings || !gotAck {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("handshake with %s: %w", target, err)
+		}
+		switch f := f.(type) {
+		case *http2.SettingsFrame:
+			if f.IsAck() {
+				gotAck = true
+				continue
+			}
+			gotSettings = true
+			if err := fr.WriteSettingsAck(); err != nil {
+				c.Close()
+				return nil, err
+			}
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				if err := fr.WritePing(true, f.Data); err != nil {
+					c.Close()
+					return nil, err
+				}
+			}
+		case *http2.GoAwayFrame:
+			c.Close()
+			return nil, fmt.Errorf("handshake with %s: GOAWAY %v", target, f.ErrCode)
+		}
+		if err := bw.Flush(); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
+	c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+// rssKiB sums VmRSS of the processes.
+func rssKiB(pids []int) (int64, error) {
+	var total int64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			return 0, err
+		}
+		found := false
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+				k, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+				if err != nil {
+					return 0, fmt.Errorf("pid %d: VmRSS %q: %w", pid, v, err)
+				}
+				total += k
+				found = true
+			}
+		}
+		if !found {
+			return 0, fmt.Errorf("pid %d: no VmRSS", pid)
+		}
+	}
+	return total, nil
+}
+
+// raiseNoFile raises this process's open-file limit to at least want.
+func raiseNoFile(want uint64) error {
+	var l syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		return err
+	}
+	if l.Cur >= want {
+		return nil
+	}
+	l.Cur = want
+	if l.Max < want {
+		l.Max = want
+	}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		return fmt.Errorf("raising RLIMIT_NOFILE to %d (run as root, or ulimit -n): %w", want, err)
+	}
+	return nil
+}

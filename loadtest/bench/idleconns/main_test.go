@@ -1,0 +1,123 @@
+package main
+
+import (
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// startH2C serves cleartext HTTP/2 with x/net's server on a loopback port
+// and counts the connections it accepted.
+func startH2C(t *testing.T) (addr string, accepted func() int) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	var wg sync.WaitGroup
+	srv := &http2.Server{}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				srv.ServeConn(c, &http2.ServeConnOpts{Handler: http.NotFoundHandler()})
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().String(), func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(conns)
+	}
+}
+
+func TestRun(t *testing.T) {
+	addr, accepted := startH2C(t)
+	res, err := run(addr, strconv.Itoa(os.Getpid()), 20, 50*time.Millisecond, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Handshaken != 20 || res.OpenAtEnd != 20 || accepted() != 20 {
+		t.Errorf("handshaken %d, open at the end %d, accepted %d; want 20 each", res.Handshaken, res.OpenAtEnd, accepted())
+	}
+	if res.RSSBeforeKiB <= 0 || res.RSSAfterKiB <= 0 {
+		t.Errorf("RSS before %d KiB, after %d KiB; want both positive", res.RSSBeforeKiB, res.RSSAfterKiB)
+	}
+}
+
+// TestRunNotHTTP2 checks that a server that closes instead of speaking
+// HTTP/2 fails the run rather than counting as idle connections.
+func TestRunNotHTTP2(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
+	res, err := run(ln.Addr().String(), strconv.Itoa(os.Getpid()), 3, 0, 5*time.Second)
+	if err == nil {
+		t.Fatalf("got no error (%+v), want one", res)
+	}
+	if res != nil && res.Handshaken != 0 {
+		t.Errorf("handshaken %d, want 0", res.Handshaken)
+	}
+}
+
+func TestRunRejects(t *testing.T) {
+	tests := []struct {
+		name, target, pids string
+		n                  int
+		want               string
+	}{
+		{name: "not loopback", target: "10.1.2.3:80", pids: "1", n: 1, want: "loopback"},
+		{name: "no port", target: "127.0.0.1", pids: "1", n: 1, want: "target"},
+		{name: "bad pid", target: "127.0.0.1:1", pids: "x", n: 1, want: "-pid"},
+		{name: "no connections", target: "127.0.0.1:1", pids: "1", n: 0, want: "-n"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := run(tc.target, tc.pids, tc.n, 0, time.Second)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got error %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,252 @@
+package proxy
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+)
+
+// Connection buffers are held only while there is something in them, so an
+// idle connection costs little memory (issue 12: 5,000 idle client
+// connections). This is x/net/http2's pattern: its server's bufferedWriter
+// takes a bufio.Writer from a pool on the first write and gives it back on
+// Flush. The reading side here does the same with a pooled read buffer. On
+// a plain TCP socket it reads through syscall.RawConn, which lets it give
+// the buffer back when the socket has nothing (EAGAIN) before the goroutine
+// parks, and take one again when data arrives: no buffer is held while
+// waiting, and no syscall is added. On other connections (TLS, wrappers)
+// it waits with a small buffer of its own and takes a pooled one for
+// bursts.
+
+// connBufSize is the size of the pooled read and write buffers: room for
+// two 16 KiB DATA frames, so a busy connection reads and writes in few
+// syscalls.
+const connBufSize = 32 << 10
+
+// smallReadSize is the connection's own read buffer. A read that waits on
+// an idle socket uses it, so no pooled buffer is pinned while nothing
+// arrives; a small call (HEADERS and a short DATA frame, a PING, a
+// WINDOW_UPDATE) fits it in one read.
+const smallReadSize = 512
+
+var (
+	readBufPool   = sync.Pool{New: func() any { b := make([]byte, connBufSize); return &b }}
+	bufWriterPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, connBufSize) }}
+)
+
+// connReader is a buffered reader of a socket that holds a pooled buffer
+// only while it has unread bytes in it, or while the connection is busy. A
+// read on an empty buffer goes into the small inline buffer, unless the
+// previous fill brought more than that holds (a burst: the next fill is
+// likely to come at once) or the caller wants more, in which case it takes
+// a pooled buffer. So a connection that waits for its next frame after a
+// trickle of small ones holds no pooled buffer; one that goes quiet right
+// after a burst holds one until its next fill. Reads at least as large as
+// the pooled buffer go straight into the caller's slice, as bufio.Reader's
+// do. It is used by the reader goroutine only.
+type connReader struct {
+	nc  net.Conn
+	raw syscall.RawConn // set when nc is a plain socket: see readRaw
+	// rawFill is fillRaw bound to c; rawN and rawErr are its results.
+	rawFill func(fd uintptr) bool
+	rawN    int
+	rawErr  error
+	big     *[]byte // pooled buffer: held while it has unread bytes, or while burst
+	buf     []byte  // the buffer being drained: small or *big
+	r, w    int     // buf[r:w] is unread
+	burst   bool    // the last fill filled its buffer
+	err     error   // read error that came with bytes, returned once they are drained
+	small   []byte  // smallReadSize, when raw is nil
+}
+
+func newConnReader(nc net.Conn) *connReader {
+	c := &connReader{nc: nc}
+	// Only the exact socket types: a wrapper that embeds one may do more
+	// in its Read (count, inject faults), which reading the descriptor
+	// would skip.
+	var sc syscall.Conn
+	switch v := nc.(type) {
+	case *net.TCPConn:
+		sc = v
+	case *net.UnixConn:
+		sc = v
+	}
+	if sc != nil {
+		if raw, err := sc.SyscallConn(); err == nil {
+			c.raw = raw
+			c.rawFill = c.fillRaw
+		}
+	}
+	if c.raw == nil {
+		c.small = make([]byte, smallReadSize)
+	}
+	return c
+}
+
+// readRaw fills the pooled buffer straight from the socket. The buffer is
+// taken only once the socket has bytes: when a read finds none (EAGAIN)
+// the buffer goes back to the pool before RawConn.Read parks the goroutine
+// until the socket is readable, so a connection waiting for its next frame
+// holds no buffer. Deadlines and Close work as for nc.Read.
+func (c *connReader) readRaw() (int, error) {
+	err := c.raw.Read(c.rawFill)
+	n, serr := c.rawN, c.rawErr
+	c.rawN, c.rawErr = 0, nil
+	switch {
+	case err != nil: // closed, deadline
+		return 0, err
+	case serr != nil:
+		return 0, &net.OpError{Op: "read", Net: c.nc.LocalAddr().Network(), Source: c.nc.LocalAddr(), Addr: c.nc.RemoteAddr(), Err: os.NewSyscallError("read", serr)}
+	case n <= 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// fillRaw is RawConn.Read's callback (made once, as rawFill, so a read
+// allocates no closure): one read(2) into the pooled buffer, taken here,
+// given back if the socket had nothing.
+func (c *connReader) fillRaw(fd uintptr) bool {
+	if c.big == nil {
+		c.big = readBufPool.Get().(*[]byte)
+	}
+	for {
+		c.rawN, c.rawErr = syscall.Read(int(fd), *c.big)
+		if c.rawErr != syscall.EINTR {
+			break
+		}
+	}
+	if c.rawErr == syscall.EAGAIN {
+		c.rawN, c.rawErr = 0, nil
+		c.release()
+		return false // wait until readable, then call again
+	}
+	return true
+}
+
+// Read implements io.Reader.
+func (c *connReader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if c.r == c.w {
+		c.r, c.w = 0, 0
+		if err := c.err; err != nil {
+			c.err = nil // as bufio.Reader: an error is returned once
+			c.release()
+			return 0, err
+		}
+		if c.raw != nil {
+			// The buffer is kept from one fill to the next: readRaw
+			// lets go of it when the socket has nothing.
+			n, err := c.readRaw()
+			if n == 0 {
+				c.release()
+				if err == nil {
+					err = io.ErrNoProgress
+				}
+				return 0, err
+			}
+			c.buf, c.w = *c.big, n
+			return c.copyOut(p), nil
+		}
+		if len(p) >= connBufSize {
+			// Large read: straight into p, no copy, as bufio.Reader does.
+			c.release()
+			n, err := c.nc.Read(p)
+			c.burst = n > smallReadSize
+			return n, err
+		}
+		buf := c.small
+		if c.burst || len(p) > len(buf) {
+			if c.big == nil {
+				c.big = readBufPool.Get().(*[]byte)
+			}
+			buf = *c.big
+		} else {
+			c.release()
+		}
+		n, err := c.nc.Read(buf)
+		// A fill that filled the small buffer, or brought more than it
+		// holds, says the connection is busy: keep reading into the pooled
+		// buffer until a fill brings little again.
+		c.burst = n == len(buf) || n > smallReadSize
+		c.buf, c.w, c.err = buf, n, err
+		if n == 0 {
+			c.err = nil
+			c.release()
+			if err == nil {
+				err = io.ErrNoProgress
+			}
+			return 0, err
+		}
+	}
+	return c.copyOut(p), nil
+}
+
+// copyOut hands unread bytes to p, and lets go of the pooled buffer once
+// it is drained, unless a burst (non-raw) or the next fill (raw) will use
+// it.
+func (c *connReader) copyOut(p []byte) int {
+	n := copy(p, c.buf[c.r:c.w])
+	c.r += n
+	if c.r == c.w && !c.burst && c.raw == nil {
+		c.release()
+	}
+	return n
+}
+
+// release returns the pooled buffer. Caller must have drained it.
+func (c *connReader) release() {
+	c.buf = nil
+	if c.big != nil {
+		readBufPool.Put(c.big)
+		c.big = nil
+	}
+}
+
+// connWriter is a buffered writer of a socket that takes its bufio.Writer
+// from a pool on the first write and gives it back on Flush, like x/net's
+// bufferedWriter. It is used by the writer goroutine only.
+type connWriter struct {
+	nc net.Conn
+	bw *bufio.Writer // nil while nothing is buffered
+}
+
+func newConnWriter(nc net.Conn) *connWriter {
+	return &connWriter{nc: nc}
+}
+
+// Write implements io.Writer.
+func (c *connWriter) Write(p []byte) (int, error) {
+	if c.bw == nil {
+		c.bw = bufWriterPool.Get().(*bufio.Writer)
+		c.bw.Reset(c.nc)
+	}
+	return c.bw.Write(p)
+}
+
+// WriteString implements io.StringWriter.
+func (c *connWriter) WriteString(s string) (int, error) {
+	if c.bw == nil {
+		c.bw = bufWriterPool.Get().(*bufio.Writer)
+		c.bw.Reset(c.nc)
+	}
+	return c.bw.WriteString(s)
+}
+
+// Flush writes what is buffered and returns the buffer to the pool.
+func (c *connWriter) Flush() error {
+	bw := c.bw
+	if bw == nil {
+		return nil
+	}
+	err := bw.Flush()
+	bw.Reset(nil) // drops the socket and a sticky error
+	bufWriterPool.Put(bw)
+	c.bw = nil
+	return err
+}
