@@ -152,8 +152,12 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			return nil, err
 		}
 		s.set, picker = set, &set.router
-		for _, e := range set.entries {
-			btls = e.c.tls // backend TLS is one setting for all clusters of a file
+		if cfg.Engine == EngineGRPCProxy {
+			// It dials every cluster alike: the file's backend_tls
+			// (File.check refuses a cluster's own).
+			for _, e := range set.entries {
+				btls = e.c.tls
+			}
 		}
 	} else {
 		c, err := New(cfg.Cluster)
@@ -181,7 +185,13 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		pc.DrainTimeout = cfg.DrainTimeout
 		pc.Logger = cfg.Logger
 		pc.OnCallEnd = s.callEndHook()
-		s.engine, err = proxy.New(pc)
+		var fs *proxy.Server
+		if fs, err = proxy.New(pc); err == nil {
+			s.engine = fs
+			if s.set != nil {
+				s.set.drainUpstream = fs.DrainUpstream
+			}
+		}
 	case EngineGRPCProxy:
 		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, OnCallEnd: s.callEndHook()}
 		if btls != nil {
@@ -196,7 +206,11 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	if fs, ok := s.engine.(*proxy.Server); ok && cfg.Metrics != nil {
 		// Client connections belong to the listener, not to a cluster.
-		if err := cfg.Metrics.Register(newConnCollector(fs.Stats, nil)); err != nil {
+		own := ""
+		if s.cluster != nil {
+			own = s.cluster.Name()
+		}
+		if err := cfg.Metrics.Register(newConnCollector(fs.Stats, nil, own)); err != nil {
 			return nil, fmt.Errorf("cluster: metrics: %w", err)
 		}
 	}

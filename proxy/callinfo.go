@@ -224,6 +224,9 @@ type Stats struct {
 	ClientConnsAccepted, ClientConnsRefused int64
 	// BackendConns is the backend connections open (or being opened) now.
 	BackendConns int
+	// BackendConnsByUpstream splits BackendConns by the name of the
+	// Upstream they were opened for ("" for the Server's own).
+	BackendConnsByUpstream map[string]int
 }
 
 // Stats reads the server's connection counts, for metrics read at scrape
@@ -235,9 +238,11 @@ func (s *Server) Stats() Stats {
 	s.mu.Unlock()
 	st.ClientConnsAccepted = s.accepted.Load()
 	st.ClientConnsRefused = s.refusals.refused()
+	st.BackendConnsByUpstream = map[string]int{}
 	s.pool.mu.Lock()
-	for _, cs := range s.pool.conns {
+	for k, cs := range s.pool.conns {
 		st.BackendConns += len(cs)
+		st.BackendConnsByUpstream[k.up.name] += len(cs)
 	}
 	s.pool.mu.Unlock()
 	return st

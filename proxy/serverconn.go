@@ -467,7 +467,6 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	room := s.reqRoom[:]
 	s.reqFields = keepFields(&room, filterFields(f.Fields))
 	s.reqEnd = end
-	s.retryable = c.srv.retryableMethod(ri.path)
 
 	if !c.srv.admit(s) {
 		c.rejectStream(s, failure{kind: failTooManyCalls, limit: c.srv.cfg.MaxStreams})
