@@ -281,6 +281,13 @@ func (s *Server) ready() bool {
 
 // Ready reports whether the server should get clients: it is not draining
 // and its cluster has a healthy backend. /readyz answers from it.
+//
+// With a configuration file it is ready while some routed cluster has a
+// usable backend, not every one: the proxy is one endpoint for all its
+// routes, and taking it out of its Service because one cluster is down
+// would fail the calls of the others too (Envoy's /ready, likewise, does
+// not follow upstream health). Probes that need a cluster ask
+// [Server.ClustersReady], /readyz?cluster=NAME.
 func (s *Server) Ready() (ok bool, reason string) {
 	switch {
 	case s.draining.Load():
@@ -289,6 +296,30 @@ func (s *Server) Ready() (ok bool, reason string) {
 		return false, "no usable backend"
 	}
 	return true, "ready"
+}
+
+// ClustersReady reports whether each named cluster, as the current route
+// table uses it, has a usable backend and the server is not draining;
+// known is false (and reason says which) if a name is no routed
+// cluster's. A server of one cluster knows it by its name.
+func (s *Server) ClustersReady(names ...string) (ok, known bool, reason string) {
+	for _, name := range names {
+		var c *Cluster
+		for _, rc := range s.Clusters() {
+			if rc.Name() == name {
+				c = rc
+			}
+		}
+		switch {
+		case c == nil:
+			return false, false, fmt.Sprintf("cluster %q: no route uses it", name)
+		case s.draining.Load():
+			return false, true, "draining"
+		case !c.Ready():
+			return false, true, fmt.Sprintf("cluster %s: no usable backend", name)
+		}
+	}
+	return true, true, "ready"
 }
 
 // Run serves clients on ln and, if admin is not nil, the admin endpoints
