@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -64,4 +66,42 @@ routes:
 	if code, body := get(t, one.admin+"/readyz?cluster=other"); code != http.StatusNotFound {
 		t.Errorf("/readyz?cluster=other of a one-cluster server = %d %q, want 404", code, body)
 	}
+}
+
+// TestReloadFollowsConfigMapSwap lays the configuration file out as the
+// kubelet mounts a ConfigMap (streamlb.yaml -> ..data/streamlb.yaml, ..data
+// -> a timestamped directory) and updates it as the kubelet does: a new
+// directory, ..data swapped to it by an atomic rename, the old directory
+// removed. The file watcher must follow the swap.
+func TestReloadFollowsConfigMapSwap(t *testing.T) {
+	a := startBackend(t, "a", "127.0.0.1:0")
+	b := startBackend(t, "b", "127.0.0.1:0")
+	conf := "clusters: [{name: x, targets: [%s]}]\nroutes: [{cluster: x}]\n"
+	k := newKubeSecret(t, map[string][]byte{"streamlb.yaml": fmt.Appendf(nil, conf, a.Addr())})
+	if target, err := os.Readlink(k.path("streamlb.yaml")); err != nil || target != filepath.Join("..data", "streamlb.yaml") {
+		t.Fatalf("streamlb.yaml links to %q (%v), want ..data/streamlb.yaml", target, err)
+	}
+	r := runFile(t, k.path("streamlb.yaml"), false)
+	client := dial(t, r.addr)
+	ctx := testkit.Context(t, 30*time.Second)
+	if got, err := backendOf(ctx, client); got != "a" {
+		t.Fatalf("first call went to %q (%v), want a", got, err)
+	}
+	k.update(t, map[string][]byte{"streamlb.yaml": fmt.Appendf(nil, conf, b.Addr())})
+	if err := os.RemoveAll(filepath.Join(k.dir, "..gen1")); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(ctx, t, "calls to go to b after the ..data swap", func() bool {
+		got, _ := backendOf(ctx, client)
+		return got == "b"
+	})
+	// And a second swap, from the directory the first one made.
+	k.update(t, map[string][]byte{"streamlb.yaml": fmt.Appendf(nil, conf, a.Addr())})
+	if err := os.RemoveAll(filepath.Join(k.dir, "..gen2")); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(ctx, t, "calls to go to a after the second swap", func() bool {
+		got, _ := backendOf(ctx, client)
+		return got == "a"
+	})
 }
