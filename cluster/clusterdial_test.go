@@ -311,3 +311,50 @@ routes: [{cluster: a}]
 		t.Errorf("LoadFile of good per-cluster settings: %v", err)
 	}
 }
+
+// TestSharedBackendAttribution runs two clusters over the same backend:
+// what the call-end hook counts (bytes here) goes to the cluster each call
+// was routed to, which the data plane names (it pools connections per
+// cluster), not to the first routed cluster that lists the address.
+func TestSharedBackendAttribution(t *testing.T) {
+	b := startBackend(t, "b", "127.0.0.1:0")
+	conf := `
+clusters:
+  - {name: x, targets: [%s]}
+  - {name: y, targets: [%s]}
+routes:
+  - {match: {headers: [{name: x-cluster, exact: y}]}, cluster: y}
+  - {cluster: x}
+`
+	r := runFile(t, writeConfig(t, t.TempDir(), fmt.Sprintf(conf, b.Addr(), b.Addr())), true)
+	client := dial(t, r.addr)
+	ctx := testkit.Context(t, 30*time.Second)
+	// y, the first routed cluster, is called first: from then on both
+	// clusters list the backend.
+	for range 5 {
+		if _, err := backendOf(ctx, client, "x-cluster", "y"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 3 {
+		if _, err := backendOf(ctx, client); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Every EmptyCall carries the same request bytes: x has 3 calls' worth,
+	// y 5.
+	testkit.WaitFor(ctx, t, "the call-end hook to count 3 calls' bytes for x and 5 for y", func() bool {
+		got := map[string]float64{}
+		for k, v := range scrapeAll(t, r.admin, "streamlb_request_bytes_total") {
+			for _, l := range strings.Split(k, ",") {
+				if name, ok := strings.CutPrefix(l, "cluster="); ok {
+					got[name] += v
+				}
+			}
+		}
+		return got["x"] > 0 && got["x"]*5 == got["y"]*3
+	})
+	if got := scrapeAll(t, r.admin, "streamlb_backend_connections"); got["cluster=x"] != 1 || got["cluster=y"] != 1 {
+		t.Errorf("streamlb_backend_connections = %v, want one per cluster", got)
+	}
+}

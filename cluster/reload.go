@@ -414,12 +414,22 @@ func (s *clusterSet) current() []*Cluster {
 	return cs
 }
 
-// clusterFor returns the routed cluster whose current backend set holds
-// addr, or nil (no backend, or a backend no routed cluster has any more).
-// It is called once per call by the data plane's call-end hook; it does
-// not block on the set's mutex.
-func (s *clusterSet) clusterFor(addr string) *Cluster {
+// clusterFor returns the routed cluster named name (the frame engine
+// names the cluster whose Upstream dialed the call's backend), or else
+// the routed cluster whose current backend set holds addr; nil if none
+// (no backend, or a cluster no route uses any more). It is called once per
+// call by the data plane's call-end hook; it does not block on the set's
+// mutex.
+func (s *clusterSet) clusterFor(name, addr string) *Cluster {
 	if addr == "" {
+		return nil
+	}
+	if name != "" {
+		for _, c := range s.current() {
+			if c.name == name {
+				return c
+			}
+		}
 		return nil
 	}
 	for _, c := range s.current() {

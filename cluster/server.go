@@ -228,7 +228,7 @@ func (s *Server) callEndHook() func(proxy.CallInfo) {
 			return nil
 		}
 		return func(ci proxy.CallInfo) {
-			c := s.set.clusterFor(ci.Backend)
+			c := s.set.clusterFor(ci.Upstream, ci.Backend)
 			name := ""
 			if c != nil {
 				name = c.Name()
