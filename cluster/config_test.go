@@ -95,6 +95,10 @@ func TestParseFileErrors(t *testing.T) {
 func FuzzParseFile(f *testing.F) {
 	f.Add([]byte(goodConfig))
 	f.Add([]byte("clusters: [{name: a, targets: [1.2.3.4:5]}]\nroutes: [{cluster: a}]"))
+	f.Add([]byte("clusters: [{name: a, targets: [1.2.3.4:5], backend_tls: {ca: x}, retry: {retry_on: [a.B/C], max_retries: -1, budget: 3, budget_ratio: 0.2}}]\nroutes: [{cluster: a}]"))
+	if data, err := os.ReadFile("../examples/streamlb.yaml"); err == nil {
+		f.Add(data)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cluster.ParseFile("fuzz.yaml", data) // must not panic
 	})
