@@ -358,3 +358,56 @@ routes:
 		t.Errorf("streamlb_backend_connections = %v, want one per cluster", got)
 	}
 }
+
+// TestClusterRetainsItsOwnBackends removes a backend from one of two
+// clusters that share it: that cluster's connection to it drains (it
+// would otherwise stay open and idle, since the other cluster still lists
+// the address), and the other cluster's stays.
+func TestClusterRetainsItsOwnBackends(t *testing.T) {
+	shared := startBackend(t, "shared", "127.0.0.1:0")
+	own := startBackend(t, "own", "127.0.0.1:0")
+	dir := t.TempDir()
+	conf := `
+clusters:
+  - {name: x, targets: [%s]}
+  - {name: y, targets: [%s]}
+routes:
+  - {match: {headers: [{name: x-cluster, exact: y}]}, cluster: y}
+  - {cluster: x}
+`
+	r := runFile(t, writeConfig(t, dir, fmt.Sprintf(conf, shared.Addr()+", "+own.Addr(), shared.Addr())), true)
+	client := dial(t, r.addr)
+	ctx := testkit.Context(t, 30*time.Second)
+	seen := map[string]bool{}
+	for range 4 {
+		got, err := backendOf(ctx, client)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen[got] = true
+	}
+	if !seen["shared"] || !seen["own"] {
+		t.Fatalf("cluster x's calls went to %v, want both backends", seen)
+	}
+	if _, err := backendOf(ctx, client, "x-cluster", "y"); err != nil {
+		t.Fatal(err)
+	}
+	conns := func() map[string]float64 { return scrapeAll(t, r.admin, "streamlb_backend_connections") }
+	if got := conns(); got["cluster=x"] != 2 || got["cluster=y"] != 1 {
+		t.Fatalf("streamlb_backend_connections = %v, want x:2 y:1", got)
+	}
+	writeConfig(t, dir, fmt.Sprintf(conf, own.Addr(), shared.Addr()))
+	if err := r.srv.Reload(ctx); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(ctx, t, "x's connection to the shared backend to close", func() bool { return conns()["cluster=x"] == 1 })
+	if got, err := backendOf(ctx, client); err != nil || got != "own" {
+		t.Errorf("cluster x's call after the reload went to %q (%v), want own", got, err)
+	}
+	if got, err := backendOf(ctx, client, "x-cluster", "y"); err != nil || got != "shared" {
+		t.Errorf("cluster y's call after the reload went to %q (%v), want shared", got, err)
+	}
+	if got := conns(); got["cluster=x"] != 1 || got["cluster=y"] != 1 {
+		t.Errorf("streamlb_backend_connections = %v, want x:1 y:1 (y's connection kept)", got)
+	}
+}

@@ -56,18 +56,21 @@ type clusterSet struct {
 	seen    []byte // the last contents of the file read
 	entries map[string]*entry
 
-	// mu guards live and each entry's addrs. It is held across the call
-	// to retain, on purpose: that orders the calls, so the data plane
-	// never sees an older union after a newer one; retain (the data
-	// plane's RetainBackends) calls nothing of ours.
+	// mu guards live and each entry's addrs. It is held across the calls
+	// to retain and retainUpstream, on purpose: that orders the calls, so
+	// the data plane never sees an older set after a newer one; they (the
+	// data plane's RetainBackends, RetainUpstreamBackends) call nothing of
+	// ours.
 	mu     sync.Mutex
 	live   map[*entry]bool
 	retain func(addrs []string)
 
 	// drainUpstream, if set (the frame engine's DrainUpstream), drains
 	// the connections of a stopped cluster whose Upstream no running
-	// cluster took over. Set before Run.
-	drainUpstream func(*proxy.Upstream)
+	// cluster took over; retainUpstream (RetainUpstreamBackends) those of
+	// a cluster's Upstream to backends that left its set. Set before Run.
+	drainUpstream  func(*proxy.Upstream)
+	retainUpstream func(*proxy.Upstream, []string)
 }
 
 // entry is one running cluster.
@@ -202,6 +205,9 @@ func (s *clusterSet) setAddrs(e *entry, addrs []string) {
 	e.addrs = slices.Clone(addrs)
 	s.live[e] = true
 	s.retainLocked()
+	if s.retainUpstream != nil {
+		s.retainUpstream(e.c.up, e.addrs)
+	}
 }
 
 // drop forgets a stopped cluster's backends: the data plane drains the

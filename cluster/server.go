@@ -190,6 +190,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			s.engine = fs
 			if s.set != nil {
 				s.set.drainUpstream = fs.DrainUpstream
+				s.set.retainUpstream = fs.RetainUpstreamBackends
 			}
 		}
 	case EngineGRPCProxy:

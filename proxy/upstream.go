@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"slices"
 	"strings"
 	"sync/atomic"
 )
@@ -130,6 +131,29 @@ func (s *Server) DrainUpstream(up *Upstream) {
 	defer s.pool.mu.Unlock()
 	for k, cs := range s.pool.conns {
 		if k.up != up {
+			continue
+		}
+		for _, b := range cs {
+			b.drain(s.cfg.DrainTimeout)
+		}
+	}
+}
+
+// RetainUpstreamBackends is RetainBackends for the connections opened for
+// up alone: those to a backend not in addrs drain, while other Upstreams'
+// connections to the same address are left alone. A Picker over several
+// Upstreams calls it with each group's set, since an address can leave one
+// group and stay in another (RetainBackends, given the union of the sets,
+// would then keep the first group's connection idle for good). Safe for
+// concurrent use; it does not block on the drain.
+func (s *Server) RetainUpstreamBackends(up *Upstream, addrs []string) {
+	if up == nil {
+		return
+	}
+	s.pool.mu.Lock()
+	defer s.pool.mu.Unlock()
+	for k, cs := range s.pool.conns {
+		if k.up != up || slices.Contains(addrs, k.addr) {
 			continue
 		}
 		for _, b := range cs {
