@@ -151,10 +151,39 @@ routes:
 	}
 	ping()
 
+	// Calls to the TLS cluster back to back over the one client connection
+	// while it reloads (bounded: at most 5000 calls), none of which may fail.
+	stop := make(chan struct{})
+	loadDone := make(chan error, 1)
+	var loadCalls atomic.Int64
+	go func() {
+		for range 5000 {
+			select {
+			case <-stop:
+				loadDone <- nil
+				return
+			default:
+			}
+			if _, err := client.EmptyCall(sctx, &testgrpc.Empty{}); err != nil {
+				loadDone <- err
+				return
+			}
+			loadCalls.Add(1)
+		}
+		loadDone <- nil
+	}()
+	testkit.WaitFor(ctx, t, "load before the reload", func() bool { return loadCalls.Load() >= 20 })
 	write("c2")
 	if err := r.srv.Reload(ctx); err != nil {
 		t.Fatalf("Reload: %v", err)
 	}
+	before := loadCalls.Load()
+	testkit.WaitFor(ctx, t, "load after the reload", func() bool { return loadCalls.Load() >= before+20 })
+	close(stop)
+	if err := <-loadDone; err != nil {
+		t.Fatalf("a call under load failed across the reload: %v", err)
+	}
+	t.Logf("%d calls under load across the reload, none failed", loadCalls.Load())
 	if got, err := backendOf(ctx, client, "x-cluster", "secure"); err != nil || got != "secure" {
 		t.Fatalf("call to the TLS cluster after the reload went to %q (%v), want secure", got, err)
 	}
