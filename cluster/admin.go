@@ -14,7 +14,11 @@ import (
 //   - /readyz: 200 while the server should get clients, 503 with the
 //     reason while draining or while no backend is healthy (every backend
 //     failing its health checks or ejected, or none resolved), so an
-//     orchestrator sends clients to a proxy that has one;
+//     orchestrator sends clients to a proxy that has one; with a
+//     configuration file, ready means some routed cluster has a usable
+//     backend (see [Server.Ready]), and /readyz?cluster=NAME (repeatable)
+//     asks about those clusters alone: 503 naming the first without a
+//     usable backend, 404 for a cluster no route uses;
 //   - /backends: the cluster's per-backend state as JSON;
 //   - /metrics: Prometheus metrics, if ServerConfig.Metrics is set;
 //   - /debug/pprof/: the Go runtime's profiles;
@@ -36,8 +40,16 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		ok, reason := s.Ready()
+		if names := r.URL.Query()["cluster"]; len(names) > 0 && ok {
+			var known bool
+			ok, known, reason = s.ClustersReady(names...)
+			if !known {
+				http.Error(w, reason, http.StatusNotFound)
+				return
+			}
+		}
 		if !ok {
 			http.Error(w, reason, http.StatusServiceUnavailable)
 			return

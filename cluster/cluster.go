@@ -58,11 +58,31 @@ type Config struct {
 	// BackendTLS, if set, turns TLS on for the connections to the
 	// backends, health checks included; nil means cleartext (h2c).
 	BackendTLS *BackendTLS
+	// Retry is the cluster's retry policy, for the data plane of a
+	// configuration file that pools each cluster's connections apart
+	// (see [Cluster.Upstream]); a server of one cluster takes its retry
+	// policy from ServerConfig.Proxy instead.
+	Retry Retry
 	// Logger receives the cluster's logs; nil means slog.Default().
 	Logger *slog.Logger
 	// Metrics, if set, gets the cluster's Prometheus metrics (see
 	// metrics.go); nil means none are kept.
 	Metrics prometheus.Registerer
+
+	// from, if set, is the cluster this one replaces on a reload, with
+	// equal BackendTLS and Retry: its backend TLS and Upstream are reused,
+	// so the replacement keeps the data plane's connections.
+	from *Cluster
+}
+
+// Retry is a cluster's retry policy: what proxy.Config's fields of the
+// same meaning say (RetryOn, MaxRetries, RetryBudget, RetryBudgetRatio),
+// with the same defaults for zero values.
+type Retry struct {
+	On          []string
+	MaxRetries  int
+	Budget      int
+	BudgetRatio float64
 }
 
 // TargetError reports backend targets that [New] could not use, so that
@@ -85,9 +105,10 @@ type Cluster struct {
 	name    string
 	res     resolver.Resolver
 	dir     *director.Director
-	picker  proxy.Picker // dir, metered if metrics are on
-	tls     *backendTLS  // nil: cleartext to backends
-	metrics *metrics     // nil if off
+	picker  proxy.Picker    // dir, metered if metrics are on
+	tls     *backendTLS     // nil: cleartext to backends
+	up      *proxy.Upstream // its dial settings and retry policy
+	metrics *metrics        // nil if off
 	logger  *slog.Logger
 
 	resolvedOnce sync.Once
@@ -122,12 +143,26 @@ func New(cfg Config) (*Cluster, error) {
 		return nil, &TargetError{Cluster: cfg.Name, Err: err}
 	}
 	warnTargets(cfg)
-	var btls *backendTLS
-	dc := cfg.Director
-	if cfg.BackendTLS != nil {
-		if btls, err = newBackendTLS(*cfg.BackendTLS, cfg.Logger); err != nil {
+	btls, up := cfg.from.reusable()
+	if up == nil {
+		if cfg.BackendTLS != nil {
+			if btls, err = newBackendTLS(*cfg.BackendTLS, cfg.Logger); err != nil {
+				return nil, fmt.Errorf("cluster %s: %w", cfg.Name, err)
+			}
+		}
+		uc := proxy.UpstreamConfig{
+			Name: cfg.Name, RetryOn: cfg.Retry.On, MaxRetries: cfg.Retry.MaxRetries,
+			RetryBudget: cfg.Retry.Budget, RetryBudgetRatio: cfg.Retry.BudgetRatio,
+		}
+		if btls != nil {
+			uc.Dial = btls.dial
+		}
+		if up, err = proxy.NewUpstream(uc); err != nil {
 			return nil, fmt.Errorf("cluster %s: %w", cfg.Name, err)
 		}
+	}
+	dc := cfg.Director
+	if btls != nil {
 		dc.HealthCredentials = btls.credentials()
 	}
 	dc.Logger = cfg.Logger
@@ -142,6 +177,7 @@ func New(cfg Config) (*Cluster, error) {
 		dir:      dir,
 		picker:   dir,
 		tls:      btls,
+		up:       up,
 		logger:   cfg.Logger,
 		resolved: make(chan struct{}),
 	}
@@ -153,6 +189,20 @@ func New(cfg Config) (*Cluster, error) {
 	}
 	return c, nil
 }
+
+// reusable returns what a successor of c with the same backend TLS and
+// retry settings takes over; nothing when c is nil.
+func (c *Cluster) reusable() (*backendTLS, *proxy.Upstream) {
+	if c == nil {
+		return nil, nil
+	}
+	return c.tls, c.up
+}
+
+// Upstream returns the cluster's dial settings (backend TLS) and retry
+// policy, as the data plane of a configuration file takes them with each
+// pick (see proxy.UpstreamPicker).
+func (c *Cluster) Upstream() *proxy.Upstream { return c.up }
 
 // Picker returns what a data plane asks for every stream's backend: the
 // director, counted in the metrics if they are on.

@@ -182,12 +182,16 @@ func TestReadyzFollowsHealth(t *testing.T) {
 		addr := testkit.DeadAddr(t)
 		r := runServer(t, cluster.ServerConfig{Cluster: cluster.Config{Targets: []string{addr}, Director: hc}})
 		waitStatus(t, r.admin+"/readyz", http.StatusServiceUnavailable)
-		// /backends says why, in snake_case as the loadtest report.
-		_, body := get(t, r.admin+"/backends")
+		// /backends says why, in snake_case as the loadtest report. The
+		// admin endpoints answer from before the first set is resolved
+		// (/readyz is 503 then too), so wait for the backend to be listed.
+		var body string
 		var bs []map[string]any
-		if err := json.Unmarshal([]byte(body), &bs); err != nil || len(bs) != 1 {
-			t.Fatalf("/backends = %s (%v), want one backend", body, err)
-		}
+		testkit.WaitFor(testkit.Context(t, 10*time.Second), t, "/backends to list the backend", func() bool {
+			_, body = get(t, r.admin+"/backends")
+			bs = nil
+			return json.Unmarshal([]byte(body), &bs) == nil && len(bs) == 1 && bs[0]["reason"] != nil
+		})
 		if bs[0]["addr"] != addr || bs[0]["healthy"] != false || !strings.Contains(fmt.Sprint(bs[0]["reason"]), "health check failed") {
 			t.Errorf("/backends = %s, want %s unhealthy with the failing check as its reason", body, addr)
 		}

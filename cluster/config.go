@@ -67,20 +67,34 @@ type fileProxy struct {
 	MaxConcurrentStreams      uint32        `yaml:"max_concurrent_streams"`
 	MaxConnections            int           `yaml:"max_connections"`
 	IdleTimeout               time.Duration `yaml:"idle_timeout"`
+	WriteTimeout              time.Duration `yaml:"write_timeout"`
+	MaxStreams                int64         `yaml:"max_streams"`
+	MaxStreamsPerBackend      int64         `yaml:"max_streams_per_backend"`
 	MaxBackendConns           int           `yaml:"max_backend_conns"`
 	BackendIdleTimeout        time.Duration `yaml:"backend_idle_timeout"`
 	BackendKeepaliveTime      time.Duration `yaml:"backend_keepalive_time"`
 	BackendKeepaliveTimeout   time.Duration `yaml:"backend_keepalive_timeout"`
-	WriteTimeout              time.Duration `yaml:"write_timeout"`
-	MaxStreams                int64         `yaml:"max_streams"`
-	MaxStreamsPerBackend      int64         `yaml:"max_streams_per_backend"`
-	RetryOn                   []string      `yaml:"retry_on"`
-	MaxRetries                int           `yaml:"max_retries"`
-	RetryBuffer               int           `yaml:"retry_buffer"`
 	MaxHeaderListSize         uint32        `yaml:"max_header_list_size"`
 	MaxResponseHeaderListSize uint32        `yaml:"max_response_header_list_size"`
 	MaxConnBuffer             int64         `yaml:"max_conn_buffer"`
 	BackendStreamWindow       int32         `yaml:"backend_stream_window"`
+	RetryBuffer               int           `yaml:"retry_buffer"`
+	// The retry policy of the clusters without their own (see fileRetry).
+	RetryOn          []string `yaml:"retry_on"`
+	MaxRetries       int      `yaml:"max_retries"`
+	RetryBudget      int      `yaml:"retry_budget"`
+	RetryBudgetRatio float64  `yaml:"retry_budget_ratio"`
+}
+
+// fileRetry is a cluster's own retry policy. A field left out takes the
+// value under proxy (retry_on, max_retries, retry_budget,
+// retry_budget_ratio); retry_on: [] turns retries of UNAVAILABLE off for
+// the cluster.
+type fileRetry struct {
+	RetryOn     *[]string `yaml:"retry_on"`
+	MaxRetries  int       `yaml:"max_retries"`
+	Budget      int       `yaml:"budget"`
+	BudgetRatio float64   `yaml:"budget_ratio"`
 }
 
 // fileCluster is one cluster's settings. Two clusters with equal
@@ -108,6 +122,10 @@ type fileCluster struct {
 		Max        time.Duration `yaml:"max"`
 		MaxPercent int           `yaml:"max_percent"`
 	} `yaml:"ejection"`
+	// BackendTLS, if set, replaces the file's backend_tls for this
+	// cluster; Retry, if set, its retry policy (see fileRetry).
+	BackendTLS *fileBackendTL `yaml:"backend_tls"`
+	Retry      *fileRetry     `yaml:"retry"`
 }
 
 type fileRoute struct {
@@ -135,13 +153,26 @@ type headerMatch struct {
 }
 
 // LoadFile reads and checks the configuration file at path. It reads the
-// TLS files it names, but opens no connection and starts nothing.
+// backend TLS files it names (an error names the setting), but opens no
+// connection and starts nothing.
 func LoadFile(path string) (*File, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	return ParseFile(path, data)
+	return loadData(path, data)
+}
+
+// loadData is ParseFile plus the reading of the backend TLS files.
+func loadData(path string, data []byte) (*File, error) {
+	f, err := ParseFile(path, data)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.checkFiles(); err != nil {
+		return nil, fmt.Errorf("config: %s: %w", path, err)
+	}
+	return f, nil
 }
 
 // ParseFile checks data as a configuration file named name. Unknown fields
@@ -330,8 +361,11 @@ func (f *File) check(root *yaml.Node) error {
 	if t := f.TLS; t != nil && (t.Cert == "" || t.Key == "") {
 		return errAt("cert and key are both required", "tls")
 	}
-	if t := f.BackendTLS; t != nil && (t.CA == "" || (t.Cert == "") != (t.Key == "")) {
-		return errAt("ca is required; cert and key go together", "backend_tls")
+	if err := checkBackendTLS(f.BackendTLS, errAt, "backend_tls"); err != nil {
+		return err
+	}
+	if err := checkRetryOn(f.Proxy.RetryOn, errAt, "proxy", "retry_on"); err != nil {
+		return err
 	}
 	pc := f.proxyConfig()
 	pc.Picker = proxy.PickerFunc(func(context.Context, string) (string, func(error), error) { return "", nil, nil })
@@ -355,10 +389,29 @@ func (f *File) check(root *yaml.Node) error {
 			return errAt(fmt.Sprintf("unknown policy %q (want one of %s)", c.Policy, strings.Join(director.Policies(), ", ")), "clusters", i, "policy")
 		}
 		names[c.Name] = true
+		if err := checkBackendTLS(c.BackendTLS, errAt, "clusters", i, "backend_tls"); err != nil {
+			return err
+		}
+		if r := c.Retry; r != nil {
+			if r.RetryOn != nil {
+				if err := checkRetryOn(*r.RetryOn, errAt, "clusters", i, "retry", "retry_on"); err != nil {
+					return err
+				}
+			}
+			switch {
+			case r.Budget < 0:
+				return errAt("must not be negative", "clusters", i, "retry", "budget")
+			case r.BudgetRatio < 0:
+				return errAt("must not be negative", "clusters", i, "retry", "budget_ratio")
+			}
+		}
+		if f.Engine == EngineGRPCProxy && !reflect.DeepEqual(f.backendTLSOf(c), f.BackendTLS) {
+			return errAt("a cluster's own backend_tls needs the frame engine (grpc-proxy dials every cluster alike)", "clusters", i, "backend_tls")
+		}
 		cfg := f.clusterConfig(c)
 		cfg.Logger = discardLogger
-		cfg.BackendTLS = nil // its files are read once, by the server
-		if _, err := New(cfg); err != nil {
+		cfg.BackendTLS = nil                // its files are read by checkFiles
+		if _, err := New(cfg); err != nil { // starts nothing
 			var te *TargetError
 			if errors.As(err, &te) {
 				return errAt(te.Err.Error(), "clusters", i, "targets")
@@ -410,6 +463,63 @@ func (f *File) check(root *yaml.Node) error {
 	return nil
 }
 
+// checkBackendTLS checks the backend_tls at path: its required fields,
+// and that its files load.
+func checkBackendTLS(t *fileBackendTL, errAt func(string, ...any) error, path ...any) error {
+	if t == nil {
+		return nil
+	}
+	switch {
+	case t.CA == "":
+		return errAt("required: the CA backend certificates must chain to", append(path, "ca")...)
+	case (t.Cert == "") != (t.Key == ""):
+		return errAt("cert and key go together", append(path, "cert")...)
+	}
+	return nil
+}
+
+// checkFiles reads the backend TLS files f names, the file's and each
+// cluster's, and names the setting of those that do not load.
+func (f *File) checkFiles() error {
+	var root yaml.Node
+	if err := yaml.Unmarshal(f.raw, &root); err != nil {
+		return err
+	}
+	errAt := func(msg string, path ...any) error {
+		return &fieldError{line: lineOf(&root, path...), field: fieldName(path...), msg: msg}
+	}
+	load := func(t *fileBackendTL, path ...any) error {
+		if t == nil {
+			return nil
+		}
+		bt := BackendTLS{CAFile: t.CA, ServerName: t.ServerName, CertFile: t.Cert, KeyFile: t.Key}
+		if _, err := newBackendTLS(bt, discardLogger); err != nil {
+			return errAt(err.Error(), path...)
+		}
+		return nil
+	}
+	if err := load(f.BackendTLS, "backend_tls"); err != nil {
+		return err
+	}
+	for i, c := range f.Clusters {
+		if err := load(c.BackendTLS, "clusters", i, "backend_tls"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkRetryOn checks each method of the retry_on list at path, so that an
+// error names its entry.
+func checkRetryOn(methods []string, errAt func(string, ...any) error, path ...any) error {
+	for j, m := range methods {
+		if _, err := proxy.NewUpstream(proxy.UpstreamConfig{RetryOn: []string{m}}); err != nil {
+			return errAt(strings.TrimPrefix(err.Error(), "proxy: "), append(path, j)...)
+		}
+	}
+	return nil
+}
+
 func contains(list []string, s string) bool {
 	for _, v := range list {
 		if v == s {
@@ -451,10 +561,41 @@ func (f *File) clusterConfig(c fileCluster) Config {
 			MaxEjectionPercent:  c.Ejection.MaxPercent,
 		},
 	}
-	if t := f.BackendTLS; t != nil {
+	if t := f.backendTLSOf(c); t != nil {
 		cfg.BackendTLS = &BackendTLS{CAFile: t.CA, ServerName: t.ServerName, CertFile: t.Cert, KeyFile: t.Key}
 	}
+	cfg.Retry = f.retryOf(c)
 	return cfg
+}
+
+// backendTLSOf returns cluster c's backend TLS: its own, or the file's.
+func (f *File) backendTLSOf(c fileCluster) *fileBackendTL {
+	if c.BackendTLS != nil {
+		return c.BackendTLS
+	}
+	return f.BackendTLS
+}
+
+// retryOf returns cluster c's retry policy: its own fields, the others
+// from proxy.
+func (f *File) retryOf(c fileCluster) Retry {
+	p := f.Proxy
+	r := Retry{On: p.RetryOn, MaxRetries: p.MaxRetries, Budget: p.RetryBudget, BudgetRatio: p.RetryBudgetRatio}
+	if cr := c.Retry; cr != nil {
+		if cr.RetryOn != nil {
+			r.On = *cr.RetryOn
+		}
+		if cr.MaxRetries != 0 {
+			r.MaxRetries = cr.MaxRetries
+		}
+		if cr.Budget != 0 {
+			r.Budget = cr.Budget
+		}
+		if cr.BudgetRatio != 0 {
+			r.BudgetRatio = cr.BudgetRatio
+		}
+	}
+	return r
 }
 
 // proxyConfig returns the frame engine's settings from the file; zero
@@ -467,16 +608,18 @@ func (f *File) proxyConfig() proxy.Config {
 		MaxConcurrentStreams:      p.MaxConcurrentStreams,
 		MaxConnections:            p.MaxConnections,
 		IdleTimeout:               p.IdleTimeout,
-		MaxBackendConns:           p.MaxBackendConns,
-		BackendIdleTimeout:        p.BackendIdleTimeout,
-		BackendKeepaliveTime:      p.BackendKeepaliveTime,
-		BackendKeepaliveTimeout:   p.BackendKeepaliveTimeout,
 		WriteTimeout:              p.WriteTimeout,
 		MaxStreams:                p.MaxStreams,
 		MaxStreamsPerBackend:      p.MaxStreamsPerBackend,
 		RetryOn:                   p.RetryOn,
 		MaxRetries:                p.MaxRetries,
+		RetryBudget:               p.RetryBudget,
+		RetryBudgetRatio:          p.RetryBudgetRatio,
 		RetryBufferSize:           p.RetryBuffer,
+		MaxBackendConns:           p.MaxBackendConns,
+		BackendIdleTimeout:        p.BackendIdleTimeout,
+		BackendKeepaliveTime:      p.BackendKeepaliveTime,
+		BackendKeepaliveTimeout:   p.BackendKeepaliveTimeout,
 		MaxHeaderListSize:         p.MaxHeaderListSize,
 		MaxResponseHeaderListSize: p.MaxResponseHeaderListSize,
 		MaxConnBufferedBytes:      p.MaxConnBuffer,
@@ -517,12 +660,18 @@ func (f *File) restartOnly(g *File) []string {
 		{"drain_timeout", f.DrainTimeout, g.DrainTimeout},
 		{"metrics", f.MetricsOn(), g.MetricsOn()},
 		{"tls", f.TLS, g.TLS},
-		{"backend_tls", f.BackendTLS, g.BackendTLS},
-		{"proxy", f.Proxy, g.Proxy},
+		{"proxy", f.Proxy.restartOnly(), g.Proxy.restartOnly()},
 	} {
 		if !reflect.DeepEqual(d.a, d.b) {
 			out = append(out, d.name)
 		}
 	}
 	return out
+}
+
+// restartOnly returns p without the retry policy, which clusters take
+// on reload: what of proxy a reload cannot apply.
+func (p fileProxy) restartOnly() fileProxy {
+	p.RetryOn, p.MaxRetries, p.RetryBudget, p.RetryBudgetRatio = nil, 0, 0, 0
+	return p
 }

@@ -95,6 +95,10 @@ func TestParseFileErrors(t *testing.T) {
 func FuzzParseFile(f *testing.F) {
 	f.Add([]byte(goodConfig))
 	f.Add([]byte("clusters: [{name: a, targets: [1.2.3.4:5]}]\nroutes: [{cluster: a}]"))
+	f.Add([]byte("clusters: [{name: a, targets: [1.2.3.4:5], backend_tls: {ca: x}, retry: {retry_on: [a.B/C], max_retries: -1, budget: 3, budget_ratio: 0.2}}]\nroutes: [{cluster: a}]"))
+	if data, err := os.ReadFile("../examples/streamlb.yaml"); err == nil {
+		f.Add(data)
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cluster.ParseFile("fuzz.yaml", data) // must not panic
 	})
@@ -115,5 +119,28 @@ func TestREADMEExample(t *testing.T) {
 	}
 	if _, err := cluster.ParseFile("README.md", []byte(example)); err != nil {
 		t.Errorf("README example: %v", err)
+	}
+}
+
+// TestExampleFile checks that examples/streamlb.yaml parses and that its
+// clusters and routes build (its TLS files, which exist where it is
+// deployed, are left out).
+func TestExampleFile(t *testing.T) {
+	t.Parallel()
+	data, err := os.ReadFile("../examples/streamlb.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := cluster.ParseFile("examples/streamlb.yaml", data)
+	if err != nil {
+		t.Fatalf("examples/streamlb.yaml: %v", err)
+	}
+	if len(f.Clusters) != 3 || len(f.Routes) != 3 {
+		t.Errorf("got %d clusters and %d routes, want 3 and 3", len(f.Clusters), len(f.Routes))
+	}
+	// LoadFile reads the backend TLS files, and names the setting of the
+	// first that does not load.
+	if _, err := cluster.LoadFile("../examples/streamlb.yaml"); err == nil || !strings.Contains(err.Error(), "clusters[0].backend_tls") {
+		t.Errorf("LoadFile of the example without its TLS files = %v, want an error naming clusters[0].backend_tls", err)
 	}
 }

@@ -349,18 +349,22 @@ func boolFloat(b bool) float64 {
 
 // connCollector reports the frame engine's connection counts at scrape
 // time.
+// Backend connections carry the label of the cluster they were opened
+// for (the data plane pools them per cluster); ownCluster names the
+// cluster of the connections opened with the server's own settings.
 type connCollector struct {
 	stats       func() proxy.Stats
 	constLabels prometheus.Labels
+	ownCluster  string
 	descs       [4]*prometheus.Desc
 }
 
-func newConnCollector(stats func() proxy.Stats, constLabels prometheus.Labels) *connCollector {
-	return &connCollector{stats: stats, constLabels: constLabels, descs: [4]*prometheus.Desc{
+func newConnCollector(stats func() proxy.Stats, constLabels prometheus.Labels, ownCluster string) *connCollector {
+	return &connCollector{stats: stats, constLabels: constLabels, ownCluster: ownCluster, descs: [4]*prometheus.Desc{
 		prometheus.NewDesc("streamlb_client_connections", "Client connections open.", nil, constLabels),
 		prometheus.NewDesc("streamlb_client_connections_accepted_total", "Client connections accepted and served.", nil, constLabels),
 		prometheus.NewDesc("streamlb_client_connections_refused_total", "Client connections closed as soon as accepted, over --max-connections.", nil, constLabels),
-		prometheus.NewDesc("streamlb_backend_connections", "Backend connections open or being opened.", nil, constLabels),
+		prometheus.NewDesc("streamlb_backend_connections", "Backend connections open or being opened, by the cluster they were opened for.", []string{"cluster"}, constLabels),
 	}}
 }
 
@@ -375,5 +379,10 @@ func (cc *connCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(cc.descs[0], prometheus.GaugeValue, float64(st.ClientConns))
 	ch <- prometheus.MustNewConstMetric(cc.descs[1], prometheus.CounterValue, float64(st.ClientConnsAccepted))
 	ch <- prometheus.MustNewConstMetric(cc.descs[2], prometheus.CounterValue, float64(st.ClientConnsRefused))
-	ch <- prometheus.MustNewConstMetric(cc.descs[3], prometheus.GaugeValue, float64(st.BackendConns))
+	for name, n := range st.BackendConnsByUpstream {
+		if name == "" {
+			name = cc.ownCluster
+		}
+		ch <- prometheus.MustNewConstMetric(cc.descs[3], prometheus.GaugeValue, float64(n), name)
+	}
 }

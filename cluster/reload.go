@@ -14,6 +14,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/streamlb/streamlb/proxy"
 )
 
 // DefaultPollInterval is how often a server started from a configuration
@@ -54,18 +56,28 @@ type clusterSet struct {
 	seen    []byte // the last contents of the file read
 	entries map[string]*entry
 
-	// mu guards live and each entry's addrs. It is held across the call
-	// to retain, on purpose: that orders the calls, so the data plane
-	// never sees an older union after a newer one; retain (the data
-	// plane's RetainBackends) calls nothing of ours.
+	// mu guards live and each entry's addrs. It is held across the calls
+	// to retain and retainUpstream, on purpose: that orders the calls, so
+	// the data plane never sees an older set after a newer one; they (the
+	// data plane's RetainBackends, RetainUpstreamBackends) call nothing of
+	// ours.
 	mu     sync.Mutex
 	live   map[*entry]bool
 	retain func(addrs []string)
+
+	// drainUpstream, if set (the frame engine's DrainUpstream), drains
+	// the connections of a stopped cluster whose Upstream no running
+	// cluster took over; retainUpstream (RetainUpstreamBackends) those of
+	// a cluster's Upstream to backends that left its set. Set before Run.
+	drainUpstream  func(*proxy.Upstream)
+	retainUpstream func(*proxy.Upstream, []string)
 }
 
 // entry is one running cluster.
 type entry struct {
 	spec    fileCluster
+	tls     *fileBackendTL // its backend TLS, its own or the file's
+	retry   Retry          // its retry policy, its own fields or proxy's
 	c       *Cluster
 	reg     *laterRegisterer // nil: metrics off
 	cancel  context.CancelFunc
@@ -101,7 +113,7 @@ func newClusterSet(f *File, logger *slog.Logger, reg prometheus.Registerer, head
 		}
 	}
 	for _, fc := range f.Clusters {
-		e, err := s.newEntry(f, fc)
+		e, err := s.newEntry(f, fc, nil)
 		if err != nil {
 			return nil, err
 		}
@@ -116,11 +128,16 @@ func newClusterSet(f *File, logger *slog.Logger, reg prometheus.Registerer, head
 	return s, nil
 }
 
-func (s *clusterSet) newEntry(f *File, fc fileCluster) (*entry, error) {
+// newEntry builds cluster fc of f. old, if not nil, is the running
+// cluster of that name: if its backend TLS and retry policy are fc's, the
+// new cluster takes over its Upstream, and so its connections.
+func (s *clusterSet) newEntry(f *File, fc fileCluster, old *entry) (*entry, error) {
 	cfg := f.clusterConfig(fc)
-	cfg.BackendTLS = s.boot.clusterConfig(fc).BackendTLS // a restart-only setting
 	cfg.Logger = s.logger.With("cluster", fc.Name)
-	e := &entry{spec: fc}
+	e := &entry{spec: fc, tls: f.backendTLSOf(fc), retry: f.retryOf(fc)}
+	if old != nil && old.sameUpstream(e) {
+		cfg.from = old.c
+	}
 	if s.metrics != nil {
 		e.reg = &laterRegisterer{reg: s.metrics}
 		cfg.Metrics = e.reg
@@ -131,6 +148,11 @@ func (s *clusterSet) newEntry(f *File, fc fileCluster) (*entry, error) {
 	}
 	e.c = c
 	return e, nil
+}
+
+// sameUpstream reports whether e and o dial and retry alike.
+func (e *entry) sameUpstream(o *entry) bool {
+	return reflect.DeepEqual(e.tls, o.tls) && reflect.DeepEqual(e.retry, o.retry)
 }
 
 func (s *clusterSet) clusters(es map[string]*entry) map[string]*Cluster {
@@ -183,6 +205,9 @@ func (s *clusterSet) setAddrs(e *entry, addrs []string) {
 	e.addrs = slices.Clone(addrs)
 	s.live[e] = true
 	s.retainLocked()
+	if s.retainUpstream != nil {
+		s.retainUpstream(e.c.up, e.addrs)
+	}
 }
 
 // drop forgets a stopped cluster's backends: the data plane drains the
@@ -270,7 +295,7 @@ func (s *clusterSet) watch(ctx context.Context, g *errgroup.Group) error {
 
 // reload parses data and applies it, logging the outcome.
 func (s *clusterSet) reload(ctx context.Context, g *errgroup.Group, data []byte, why string) error {
-	nf, err := ParseFile(s.file.Path, data)
+	nf, err := loadData(s.file.Path, data)
 	if err == nil {
 		err = s.apply(ctx, g, nf)
 	}
@@ -295,13 +320,14 @@ func (s *clusterSet) apply(ctx context.Context, g *errgroup.Group, nf *File) err
 	var fresh, kept []*entry
 	var freshNames, keptNames, goneNames []string
 	for _, fc := range nf.Clusters {
-		if old := s.entries[fc.Name]; old != nil && reflect.DeepEqual(old.spec, fc) {
+		old := s.entries[fc.Name]
+		if old != nil && reflect.DeepEqual(old.spec, fc) && old.sameUpstream(&entry{tls: nf.backendTLSOf(fc), retry: nf.retryOf(fc)}) {
 			next[fc.Name] = old
 			kept = append(kept, old)
 			keptNames = append(keptNames, fc.Name)
 			continue
 		}
-		e, err := s.newEntry(nf, fc)
+		e, err := s.newEntry(nf, fc, old)
 		if err != nil {
 			return err // nothing was started
 		}
@@ -345,10 +371,19 @@ func (s *clusterSet) apply(ctx context.Context, g *errgroup.Group, nf *File) err
 		s.logger.Warn("settings changed that take effect only after a restart", "settings", changed)
 	}
 	s.entries, s.file = next, nf
+	inUse := map[*proxy.Upstream]bool{}
+	for _, e := range next {
+		inUse[e.c.up] = true
+	}
 	for _, e := range gone {
 		e.cancel()
 		<-e.stopped
 		s.drop(e)
+		if s.drainUpstream != nil && !inUse[e.c.up] {
+			// Its calls in flight finish on the old settings; new calls
+			// dial with the new ones.
+			s.drainUpstream(e.c.up)
+		}
 	}
 	s.logger.Info("configuration reloaded", "routes", len(table.routes),
 		"clusters_started", freshNames, "clusters_kept", keptNames, "clusters_stopped", goneNames)
@@ -385,12 +420,22 @@ func (s *clusterSet) current() []*Cluster {
 	return cs
 }
 
-// clusterFor returns the routed cluster whose current backend set holds
-// addr, or nil (no backend, or a backend no routed cluster has any more).
-// It is called once per call by the data plane's call-end hook; it does
-// not block on the set's mutex.
-func (s *clusterSet) clusterFor(addr string) *Cluster {
+// clusterFor returns the routed cluster named name (the frame engine
+// names the cluster whose Upstream dialed the call's backend), or else
+// the routed cluster whose current backend set holds addr; nil if none
+// (no backend, or a cluster no route uses any more). It is called once per
+// call by the data plane's call-end hook; it does not block on the set's
+// mutex.
+func (s *clusterSet) clusterFor(name, addr string) *Cluster {
 	if addr == "" {
+		return nil
+	}
+	if name != "" {
+		for _, c := range s.current() {
+			if c.name == name {
+				return c
+			}
+		}
 		return nil
 	}
 	for _, c := range s.current() {

@@ -27,8 +27,11 @@ import (
 // proxy.Config.PickMetadata. A Pick error carrying a gRPC status (no
 // route, rate limited) is answered to the client with that status.
 
-// router is the proxy.Picker and proxy.RetryPicker of a server with a
-// configuration file. Its methods are safe for concurrent use.
+// router is the proxy.Picker, proxy.RetryPicker and proxy.UpstreamPicker
+// of a server with a configuration file: the frame engine calls
+// PickUpstream, and so learns with each pick the routed cluster's dial
+// settings and retry policy; the grpc-proxy engine calls Pick. Its
+// methods are safe for concurrent use.
 type router struct {
 	table atomic.Pointer[routeTable]
 }
@@ -99,17 +102,48 @@ func (t *routeTable) match(ctx context.Context, fullMethod string) *route {
 // without a route; a call over its route's rate limit fails at once with
 // RESOURCE_EXHAUSTED.
 func (rt *router) Pick(ctx context.Context, fullMethod string) (string, func(error), error) {
-	r, err := rt.route(ctx, fullMethod)
+	r, err := rt.admit(ctx, fullMethod)
 	if err != nil {
 		return "", nil, err
+	}
+	return r.picker.Pick(ctx, fullMethod)
+}
+
+// admit routes a call's first attempt and takes a token of the route's
+// rate limit.
+func (rt *router) admit(ctx context.Context, fullMethod string) (*route, error) {
+	r, err := rt.route(ctx, fullMethod)
+	if err != nil {
+		return nil, err
 	}
 	if r.limit != nil && !r.limit.allow() {
 		if r.limited != nil {
 			r.limited.Inc()
 		}
-		return "", nil, status.Errorf(codes.ResourceExhausted, "streamlb: route %s: rate limit exceeded", r.name)
+		return nil, status.Errorf(codes.ResourceExhausted, "streamlb: route %s: rate limit exceeded", r.name)
 	}
-	return r.picker.Pick(ctx, fullMethod)
+	return r, nil
+}
+
+// PickUpstream is Pick for a call's first attempt (tried is nil) and
+// PickExcluding for a retry, and returns with the backend the routed
+// cluster's Upstream: the dial settings (backend TLS) and retry policy
+// the data plane uses for it. The route and the Upstream come from the
+// same route table, so a reload between two calls never pairs one
+// cluster's backend with another's TLS settings.
+func (rt *router) PickUpstream(ctx context.Context, fullMethod string, tried []string) (string, *proxy.Upstream, func(error), error) {
+	var r *route
+	var err error
+	if len(tried) == 0 {
+		r, err = rt.admit(ctx, fullMethod)
+	} else {
+		r, err = rt.route(ctx, fullMethod)
+	}
+	if err != nil {
+		return "", nil, nil, err
+	}
+	addr, done, err := r.pick(ctx, fullMethod, tried)
+	return addr, r.cluster.up, done, err
 }
 
 // PickExcluding picks a retry's backend from the routed cluster, avoiding
@@ -119,6 +153,14 @@ func (rt *router) PickExcluding(ctx context.Context, fullMethod string, tried []
 	r, err := rt.route(ctx, fullMethod)
 	if err != nil {
 		return "", nil, err
+	}
+	return r.pick(ctx, fullMethod, tried)
+}
+
+// pick asks r's cluster for a backend, avoiding tried if not empty.
+func (r *route) pick(ctx context.Context, fullMethod string, tried []string) (string, func(error), error) {
+	if len(tried) == 0 {
+		return r.picker.Pick(ctx, fullMethod)
 	}
 	if p, ok := r.picker.(proxy.RetryPicker); ok {
 		return p.PickExcluding(ctx, fullMethod, tried)

@@ -152,8 +152,12 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			return nil, err
 		}
 		s.set, picker = set, &set.router
-		for _, e := range set.entries {
-			btls = e.c.tls // backend TLS is one setting for all clusters of a file
+		if cfg.Engine == EngineGRPCProxy {
+			// It dials every cluster alike: the file's backend_tls
+			// (File.check refuses a cluster's own).
+			for _, e := range set.entries {
+				btls = e.c.tls
+			}
 		}
 	} else {
 		c, err := New(cfg.Cluster)
@@ -181,7 +185,14 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		pc.DrainTimeout = cfg.DrainTimeout
 		pc.Logger = cfg.Logger
 		pc.OnCallEnd = s.callEndHook()
-		s.engine, err = proxy.New(pc)
+		var fs *proxy.Server
+		if fs, err = proxy.New(pc); err == nil {
+			s.engine = fs
+			if s.set != nil {
+				s.set.drainUpstream = fs.DrainUpstream
+				s.set.retainUpstream = fs.RetainUpstreamBackends
+			}
+		}
 	case EngineGRPCProxy:
 		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, OnCallEnd: s.callEndHook()}
 		if btls != nil {
@@ -196,7 +207,11 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	if fs, ok := s.engine.(*proxy.Server); ok && cfg.Metrics != nil {
 		// Client connections belong to the listener, not to a cluster.
-		if err := cfg.Metrics.Register(newConnCollector(fs.Stats, nil)); err != nil {
+		own := ""
+		if s.cluster != nil {
+			own = s.cluster.Name()
+		}
+		if err := cfg.Metrics.Register(newConnCollector(fs.Stats, nil, own)); err != nil {
 			return nil, fmt.Errorf("cluster: metrics: %w", err)
 		}
 	}
@@ -214,7 +229,7 @@ func (s *Server) callEndHook() func(proxy.CallInfo) {
 			return nil
 		}
 		return func(ci proxy.CallInfo) {
-			c := s.set.clusterFor(ci.Backend)
+			c := s.set.clusterFor(ci.Upstream, ci.Backend)
 			name := ""
 			if c != nil {
 				name = c.Name()
@@ -267,6 +282,13 @@ func (s *Server) ready() bool {
 
 // Ready reports whether the server should get clients: it is not draining
 // and its cluster has a healthy backend. /readyz answers from it.
+//
+// With a configuration file it is ready while some routed cluster has a
+// usable backend, not every one: the proxy is one endpoint for all its
+// routes, and taking it out of its Service because one cluster is down
+// would fail the calls of the others too (Envoy's /ready, likewise, does
+// not follow upstream health). Probes that need a cluster ask
+// [Server.ClustersReady], /readyz?cluster=NAME.
 func (s *Server) Ready() (ok bool, reason string) {
 	switch {
 	case s.draining.Load():
@@ -275,6 +297,30 @@ func (s *Server) Ready() (ok bool, reason string) {
 		return false, "no usable backend"
 	}
 	return true, "ready"
+}
+
+// ClustersReady reports whether each named cluster, as the current route
+// table uses it, has a usable backend and the server is not draining;
+// known is false (and reason says which) if a name is no routed
+// cluster's. A server of one cluster knows it by its name.
+func (s *Server) ClustersReady(names ...string) (ok, known bool, reason string) {
+	for _, name := range names {
+		var c *Cluster
+		for _, rc := range s.Clusters() {
+			if rc.Name() == name {
+				c = rc
+			}
+		}
+		switch {
+		case c == nil:
+			return false, false, fmt.Sprintf("cluster %q: no route uses it", name)
+		case s.draining.Load():
+			return false, true, "draining"
+		case !c.Ready():
+			return false, true, fmt.Sprintf("cluster %s: no usable backend", name)
+		}
+	}
+	return true, true, "ready"
 }
 
 // Run serves clients on ln and, if admin is not nil, the admin endpoints

@@ -27,6 +27,7 @@ type backendConn struct {
 	transport
 	pool *pool
 	addr string
+	up   *Upstream // whose Dial opened it
 
 	// mu (in transport) guards the fields below.
 	streams    map[uint32]*attempt // open backend streams by backend stream id
@@ -65,9 +66,10 @@ func (b *backendConn) drain(timeout time.Duration) {
 	b.signal()
 }
 
-func newBackendConn(p *pool, addr string) *backendConn {
+func newBackendConn(p *pool, k poolKey) *backendConn {
 	cfg := &p.srv.cfg
-	b := &backendConn{pool: p, addr: addr, streams: make(map[uint32]*attempt), nextID: 1}
+	addr := k.addr
+	b := &backendConn{pool: p, addr: addr, up: k.up, streams: make(map[uint32]*attempt), nextID: 1}
 	b.transport.init(cfg.BackendStreamWindow, cfg.ConnWindow, cfg.MaxResponseHeaderListSize, p.srv.log.With("backend", addr))
 	b.retryBuffer = cfg.RetryBufferSize
 	// A backend that stops reading must not hold the writer, and the
@@ -141,7 +143,7 @@ var errPeerGoAway = errors.New("backend sent GOAWAY")
 func (b *backendConn) run(ctx context.Context) {
 	cfg := &b.pool.srv.cfg
 	dctx, cancel := context.WithTimeout(ctx, cfg.ConnectTimeout)
-	nc, err := cfg.Dial(dctx, "tcp", b.addr)
+	nc, err := b.up.dial(dctx, "tcp", b.addr)
 	cancel()
 	if err != nil {
 		b.mu.Lock()
@@ -752,14 +754,21 @@ func (b *backendConn) idleLocked() bool {
 	return b.fatal || len(b.streams) == 0 && len(b.pending) == 0
 }
 
-// pool holds the backend connections, keyed by address.
+// poolKey keys the pool's connections: the same address reached with
+// two Upstreams' dial settings is two sets of connections.
+type poolKey struct {
+	up   *Upstream
+	addr string
+}
+
+// pool holds the backend connections, keyed by Upstream and address.
 type pool struct {
 	srv *Server
 	ctx context.Context // cancelled on hard close; bounds dials
 
 	mu sync.Mutex
 	// mu guards the fields below.
-	conns    map[string][]*backendConn
+	conns    map[poolKey][]*backendConn
 	inflight map[string]*atomic.Int64 // calls in flight per backend, when MaxStreamsPerBackend is set
 	// goneAt holds the backends that sent a graceful GOAWAY, and when,
 	// until a new connection to them completes its handshake or
@@ -775,8 +784,8 @@ type pool struct {
 func (p *pool) retain(keep map[string]bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for addr, cs := range p.conns {
-		if keep[addr] {
+	for k, cs := range p.conns {
+		if keep[k.addr] {
 			continue
 		}
 		for _, b := range cs {
@@ -795,7 +804,7 @@ func (p *pool) retain(keep map[string]bool) {
 // SETTINGS_MAX_CONCURRENT_STREAMS or BackendStreamsPerConn reached). Its
 // error is a failure: the server is shutting down, the backend is at
 // MaxStreamsPerBackend, or it has MaxBackendConns connections, all full.
-func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
+func (p *pool) get(up *Upstream, addr string, a *attempt) (*backendConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -813,13 +822,14 @@ func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 		n.Add(1)
 		a.backendCount = n
 	}
-	for _, b := range p.conns[addr] {
+	k := poolKey{up, addr}
+	for _, b := range p.conns[k] {
 		if b.tryReserve() {
 			return b, nil
 		}
 	}
-	if max := p.srv.cfg.MaxBackendConns; max > 0 && len(p.conns[addr]) >= max {
-		if b := p.reserveUnknownLocked(addr); b != nil {
+	if max := p.srv.cfg.MaxBackendConns; max > 0 && len(p.conns[k]) >= max {
+		if b := p.reserveUnknownLocked(k); b != nil {
 			return b, nil
 		}
 		if a.backendCount != nil {
@@ -828,9 +838,9 @@ func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 		}
 		return nil, failure{kind: failBackendConns, backend: addr, limit: int64(max)}
 	}
-	b := newBackendConn(p, addr)
+	b := newBackendConn(p, k)
 	b.assumedMax = assumedPeerMaxStreams
-	for _, sib := range p.conns[addr] {
+	for _, sib := range p.conns[k] {
 		sib.mu.Lock()
 		if sib.gotSettings {
 			b.assumedMax = max(1, sib.peerMaxStream)
@@ -838,7 +848,12 @@ func (p *pool) get(addr string, a *attempt) (*backendConn, error) {
 		sib.mu.Unlock()
 	}
 	b.reserved = 1
-	p.conns[addr] = append(p.conns[addr], b)
+	if up.retired.Load() {
+		// Picked just before the Picker stopped naming up: serve this
+		// call, then close (see Server.DrainUpstream).
+		b.drain(p.srv.cfg.DrainTimeout)
+	}
+	p.conns[k] = append(p.conns[k], b)
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()

@@ -89,8 +89,8 @@ func (b *backendConn) onPeerSettings() {
 // how many it takes, rather than fail on the guess. Those over the limit
 // the backend then advertises wait on their connection for a slot, as they
 // do whenever SETTINGS come in lower than assumed. Caller must hold p.mu.
-func (p *pool) reserveUnknownLocked(addr string) *backendConn {
-	cs := p.conns[addr]
+func (p *pool) reserveUnknownLocked(k poolKey) *backendConn {
+	cs := p.conns[k]
 	for _, b := range cs {
 		b.mu.Lock()
 		known := b.gotSettings
@@ -246,13 +246,14 @@ func (b *backendConn) keepaliveTick(pingAt *int64) time.Duration {
 
 // removeLocked forgets b. Caller must hold p.mu.
 func (p *pool) removeLocked(b *backendConn) {
-	cs := p.conns[b.addr]
+	k := poolKey{b.up, b.addr}
+	cs := p.conns[k]
 	if i := slices.Index(cs, b); i >= 0 {
 		cs = slices.Delete(cs, i, i+1)
 	}
 	if len(cs) == 0 {
-		delete(p.conns, b.addr)
+		delete(p.conns, k)
 	} else {
-		p.conns[b.addr] = cs
+		p.conns[k] = cs
 	}
 }

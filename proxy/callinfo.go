@@ -19,6 +19,10 @@ type CallInfo struct {
 	// Backend is the address of the final attempt's backend; empty when
 	// the call reached none (no backend picked, or a limit rejected it).
 	Backend string
+	// Upstream is the name of the Upstream the final attempt's connection
+	// was dialed for (the cluster, with an UpstreamPicker); empty for the
+	// Server's own, or when the call reached no backend.
+	Upstream string
 	// Attempts is how many backends were picked for the call, retries
 	// included; Attempts-1 are retries. Zero when no pick was made.
 	Attempts int
@@ -83,6 +87,7 @@ func (s *stream) callInfo(end time.Time) CallInfo {
 	}
 	if s.att != nil {
 		ci.Backend = s.att.bc.addr
+		ci.Upstream = s.att.bc.up.name
 	}
 	if s.result != nil {
 		st, _ := status.FromError(s.result)
@@ -224,6 +229,9 @@ type Stats struct {
 	ClientConnsAccepted, ClientConnsRefused int64
 	// BackendConns is the backend connections open (or being opened) now.
 	BackendConns int
+	// BackendConnsByUpstream splits BackendConns by the name of the
+	// Upstream they were opened for ("" for the Server's own).
+	BackendConnsByUpstream map[string]int
 }
 
 // Stats reads the server's connection counts, for metrics read at scrape
@@ -235,9 +243,11 @@ func (s *Server) Stats() Stats {
 	s.mu.Unlock()
 	st.ClientConnsAccepted = s.accepted.Load()
 	st.ClientConnsRefused = s.refusals.refused()
+	st.BackendConnsByUpstream = map[string]int{}
 	s.pool.mu.Lock()
-	for _, cs := range s.pool.conns {
+	for k, cs := range s.pool.conns {
 		st.BackendConns += len(cs)
+		st.BackendConnsByUpstream[k.up.name] += len(cs)
 	}
 	s.pool.mu.Unlock()
 	return st

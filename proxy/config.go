@@ -323,6 +323,10 @@ type Config struct {
 	RetryBudget      int
 	RetryBudgetRatio float64
 
+	// MaxRetries, RetryBudget, RetryBudgetRatio, RetryOn and Dial make the
+	// Server's own Upstream: they apply to the calls of a Picker that is
+	// not an UpstreamPicker, or whose pick names no Upstream.
+	//
 	// RetryOn names methods ("/pkg.Service/Method", or "/pkg.Service/" for
 	// all of a service) whose UNAVAILABLE answers are retried on another
 	// backend, within the retry budget. Only idempotent methods belong here.

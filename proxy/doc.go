@@ -25,5 +25,9 @@
 // untouched.
 //
 // The package knows nothing of discovery or balancing policies: those live
-// in the resolver and director packages, which main wires to a Picker.
+// in the resolver and director packages, which main wires to a Picker. A
+// Picker over several groups of backends with their own dial settings and
+// retry policies (the clusters of a configuration file) implements
+// UpstreamPicker and names each pick's Upstream; the frame engine pools
+// backend connections per Upstream and address (upstream.go).
 package proxy

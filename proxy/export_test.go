@@ -51,5 +51,11 @@ func (s *Server) BackendPings() int64 { return s.pool.pings.Load() }
 func (s *Server) BackendConns(addr string) int {
 	s.pool.mu.Lock()
 	defer s.pool.mu.Unlock()
-	return len(s.pool.conns[addr])
+	n := 0
+	for k, cs := range s.pool.conns {
+		if k.addr == addr {
+			n += len(cs)
+		}
+	}
+	return n
 }

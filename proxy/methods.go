@@ -6,7 +6,7 @@ import (
 )
 
 // normalizeMethods returns the method names of Config.RetryOn in the one
-// form retryableMethod matches: "/pkg.Service/Method" for a method and
+// form Upstream.retryable matches: "/pkg.Service/Method" for a method and
 // "/pkg.Service/" for every method of a service. It accepts the spellings
 // users write: with or without the leading slash (grpcurl and ghz's
 // --call write "pkg.Service/Method"), and a service with or without the

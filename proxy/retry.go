@@ -3,7 +3,6 @@ package proxy
 import (
 	"errors"
 	"slices"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -38,10 +37,21 @@ import (
 func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bool) {
 	for {
 		s.attempts++
-		addr, done, err := c.pickLocked(s)
+		addr, up, done, err := c.pickLocked(s)
 		if err != nil {
 			c.releaseItemsLocked(items)
 			return failure{kind: failNoBackend, method: s.method, cause: err}, false
+		}
+		if up == nil {
+			up = c.srv.up
+		}
+		if s.up == nil {
+			// The call's retry policy is its first pick's Upstream's.
+			s.up = up
+			s.retryable = up.retryable(s.method)
+			if c.srv.cfg.RetryBufferSize > 0 {
+				s.maxRetries = up.maxRetries
+			}
 		}
 		a := &s.first
 		if s.attempts > 1 {
@@ -52,7 +62,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		for _, it := range items {
 			a.up.push(it) // a copy: items may sit in a failed attempt's inline storage
 		}
-		bc, err := c.srv.pool.get(addr, a)
+		bc, err := c.srv.pool.get(up, addr, a)
 		if err != nil {
 			f, ok := err.(failure)
 			if !ok {
@@ -92,7 +102,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			bc.mu.Lock()
 			bc.markReadyLocked(&a.up)
 			bc.mu.Unlock()
-			if s.attempts <= c.srv.cfg.MaxRetries {
+			if s.attempts <= s.maxRetries {
 				// Only a call that may still go elsewhere gives up on a
 				// slow handshake; the last attempt waits for it.
 				bc.watchHandshake(a, c.handshakeWait(s))
@@ -110,7 +120,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		if done != nil {
 			done(f.statusErr())
 		}
-		if s.attempts > c.srv.cfg.MaxRetries {
+		if s.attempts > s.maxRetries {
 			c.releaseItemsLocked(items)
 			return f, false
 		}
@@ -125,20 +135,26 @@ const repickLimit = 3
 // pickLocked picks the backend of s's next attempt: any for the first,
 // one not yet tried for a retry, so that a retry does not land on the
 // backend that just refused the call (Envoy's previous_hosts predicate).
-// Caller must hold mu.
-func (c *serverConn) pickLocked(s *stream) (string, func(error), error) {
+// up is the Upstream an UpstreamPicker named, nil otherwise. Caller must
+// hold mu.
+func (c *serverConn) pickLocked(s *stream) (addr string, up *Upstream, done func(error), err error) {
 	ctx := c.pickContext(s.reqFields)
+	if up := c.srv.upPicker; up != nil {
+		return up.PickUpstream(ctx, s.method, s.tried)
+	}
 	p := c.srv.cfg.Picker
 	if len(s.tried) == 0 {
-		return p.Pick(ctx, s.method)
+		addr, done, err = p.Pick(ctx, s.method)
+		return addr, nil, done, err
 	}
 	if rp, ok := p.(RetryPicker); ok {
-		return rp.PickExcluding(ctx, s.method, s.tried)
+		addr, done, err = rp.PickExcluding(ctx, s.method, s.tried)
+		return addr, nil, done, err
 	}
 	for i := 1; ; i++ {
-		addr, done, err := p.Pick(ctx, s.method)
+		addr, done, err = p.Pick(ctx, s.method)
 		if err != nil || i == repickLimit || !slices.Contains(s.tried, addr) {
-			return addr, done, err
+			return addr, nil, done, err
 		}
 		if done != nil {
 			done(failure{kind: failRepicked, backend: addr}.statusErr())
@@ -174,8 +190,8 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 	s := a.s
 	c.mu.Lock()
 	eligible := s.att == a && !s.cst.ended() && !s.down.closed && !s.headersSent && s.down.empty() &&
-		s.attempts <= c.srv.cfg.MaxRetries
-	throttled := eligible && !transparent && s.retryable && !c.srv.budget.allow()
+		s.attempts <= s.maxRetries
+	throttled := eligible && !transparent && s.retryable && !s.up.budget.allow()
 	if eligible && (transparent || (s.retryable && !throttled)) {
 		if items, ok := a.bc.harvest(a); ok {
 			if _, ok := c.startAttemptLocked(s, items); ok {
@@ -201,7 +217,7 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 		s.sideClosed()
 	}
 	if throttled {
-		c.srv.warnThrottled()
+		c.srv.warnThrottled(s.up)
 	}
 }
 
@@ -212,25 +228,14 @@ const throttleWarnEvery = 10 * time.Second
 // budget kept a call from being retried: when a fleet-wide failure drains
 // the budget, the operator should know that UNAVAILABLE answers now reach
 // clients on purpose. It is called with no lock held.
-func (s *Server) warnThrottled() {
+func (s *Server) warnThrottled(up *Upstream) {
 	now := s.now().UnixNano()
 	last := s.throttleWarned.Load()
 	if now-last < int64(throttleWarnEvery) || !s.throttleWarned.CompareAndSwap(last, now) {
 		return
 	}
 	s.cfg.Logger.Warn("retry budget exhausted; UNAVAILABLE answers are not retried until enough calls succeed",
-		"retry_budget", s.cfg.RetryBudget, "retry_budget_ratio", s.cfg.RetryBudgetRatio)
-}
-
-// retryableMethod reports whether Config.RetryOn names the method, as a
-// full method name or a "/package.Service/" prefix.
-func (s *Server) retryableMethod(method string) bool {
-	for _, m := range s.cfg.RetryOn {
-		if m == method || (strings.HasSuffix(m, "/") && strings.HasPrefix(method, m)) {
-			return true
-		}
-	}
-	return false
+		"cluster", up.name, "retry_budget", up.budgetSize, "retry_budget_ratio", up.budgetRate)
 }
 
 // retryBudget is gRFC A6 retry throttling (Config.RetryBudget and

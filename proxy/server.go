@@ -34,7 +34,8 @@ type Server struct {
 	cancelPool context.CancelFunc
 
 	inflight atomic.Int64 // calls in flight, counted when MaxStreams is set
-	budget   *retryBudget
+	up       *Upstream    // the dial and retry settings of Config; see Upstream
+	upPicker UpstreamPicker
 	// throttleWarned is when warnThrottled last logged, in Unix nanoseconds.
 	throttleWarned atomic.Int64
 
@@ -96,9 +97,20 @@ func New(cfg Config) (*Server, error) {
 	if cfg.OnCallEnd != nil {
 		s.ends = newEndQueue(cfg.OnCallEnd)
 	}
-	s.budget = newRetryBudget(int64(cfg.RetryBudget), cfg.RetryBudgetRatio)
+	up, err := NewUpstream(UpstreamConfig{
+		Dial: cfg.Dial, RetryOn: cfg.RetryOn, MaxRetries: cfg.MaxRetries,
+		RetryBudget: cfg.RetryBudget, RetryBudgetRatio: cfg.RetryBudgetRatio,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if cfg.MaxRetries == 0 { // setDefaults said none (negative, or no retry buffer)
+		up.maxRetries = 0
+	}
+	s.up = up
+	s.upPicker, _ = cfg.Picker.(UpstreamPicker)
 	s.pool.srv = s
-	s.pool.conns = make(map[string][]*backendConn)
+	s.pool.conns = make(map[poolKey][]*backendConn)
 	s.pool.inflight = make(map[string]*atomic.Int64)
 	s.pool.ctx, s.cancelPool = context.WithCancel(context.Background())
 	return s, nil

@@ -416,7 +416,6 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	s.reqSize = headerListSize(s.reqFields)
 	c.bufs.add(int(s.reqSize))
 	s.reqEnd = end
-	s.retryable = c.srv.retryableMethod(ri.path)
 
 	if !c.srv.admit(s) {
 		c.rejectStream(s, failure{kind: failTooManyCalls, limit: c.srv.cfg.MaxStreams})

@@ -27,9 +27,14 @@ type stream struct {
 	reqFields []hpack.HeaderField // request headers as relayed, kept for retries
 	reqEnd    bool                // request HEADERS carried END_STREAM
 	reqSize   uint32              // HPACK size of reqFields, counted in cc.bufs while the stream lives
-	retryable bool                // method opted in to retries of UNAVAILABLE
 	timer     *time.Timer         // grpc-timeout, or nil
 	srvCount  *atomic.Int64       // Server.inflight when MaxStreams applies
+
+	// Set by the first pick (under cc.mu, before any backend sees the
+	// stream), then immutable.
+	up         *Upstream // its retry policy and budget
+	retryable  bool      // method opted in to retries of UNAVAILABLE
+	maxRetries int       // further attempts allowed
 
 	// Client side, guarded by cc.mu.
 	down        sendQueue     // toward the client
@@ -115,7 +120,7 @@ func (s *stream) sideClosed() {
 		s.cc.bufs.sub(int(s.reqSize))
 	}
 	if a := s.att; a != nil {
-		s.cc.srv.budget.record(status.Code(s.result) == codes.Unavailable)
+		s.up.budget.record(status.Code(s.result) == codes.Unavailable)
 		if a.done != nil {
 			a.done(s.result)
 		}

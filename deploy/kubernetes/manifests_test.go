@@ -3,6 +3,7 @@ package kubernetes
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -20,6 +21,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
+
+	"github.com/streamlb/streamlb/cluster"
 )
 
 // The names the demo is built from. The manifests, README.md and the
@@ -34,8 +37,9 @@ const (
 	nonRootUID     = 65532           // distroless :nonroot user, also USER in the Dockerfile
 	clusterDomain  = "svc.cluster.local"
 	kustomizeFile  = "kustomization.yaml"
-	monitoringDir  = "monitoring"   // kustomization with the PodMonitor, a CRD
-	tlsSecretName  = "streamlb-tls" // kubernetes.io/tls Secret the README has you create
+	monitoringDir  = "monitoring"      // kustomization with the PodMonitor, a CRD
+	tlsSecretName  = "streamlb-tls"    // kubernetes.io/tls Secret the README has you create
+	configMapName  = "streamlb-config" // ConfigMap holding the proxy's streamlb.yaml
 	dockerfilePath = "../../Dockerfile"
 )
 
@@ -47,6 +51,7 @@ type typeKey struct{ apiVersion, kind string }
 var kinds = map[typeKey]func() any{
 	{"v1", "Namespace"}:                  func() any { return new(corev1.Namespace) },
 	{"v1", "Service"}:                    func() any { return new(corev1.Service) },
+	{"v1", "ConfigMap"}:                  func() any { return new(corev1.ConfigMap) },
 	{"apps/v1", "Deployment"}:            func() any { return new(appsv1.Deployment) },
 	{"batch/v1", "Job"}:                  func() any { return new(batchv1.Job) },
 	{"policy/v1", "PodDisruptionBudget"}: func() any { return new(policyv1.PodDisruptionBudget) },
@@ -110,6 +115,7 @@ type manifests struct {
 	deployments map[string]*appsv1.Deployment
 	jobs        map[string]*batchv1.Job
 	pdbs        map[string]*policyv1.PodDisruptionBudget
+	configMaps  map[string]*corev1.ConfigMap
 	// namespaced is every namespaced object, as "Kind/name", with its
 	// metadata.namespace.
 	namespaced map[string]string
@@ -157,6 +163,7 @@ func load(t *testing.T) *manifests {
 		deployments: map[string]*appsv1.Deployment{},
 		jobs:        map[string]*batchv1.Job{},
 		pdbs:        map[string]*policyv1.PodDisruptionBudget{},
+		configMaps:  map[string]*corev1.ConfigMap{},
 		namespaced:  map[string]string{},
 	}
 	for _, file := range yamlFiles(t) {
@@ -185,6 +192,9 @@ func load(t *testing.T) *manifests {
 			case *policyv1.PodDisruptionBudget:
 				dup = add(m.pdbs, o.Name, o)
 				m.namespaced["PodDisruptionBudget/"+o.Name] = o.Namespace
+			case *corev1.ConfigMap:
+				dup = add(m.configMaps, o.Name, o)
+				m.namespaced["ConfigMap/"+o.Name] = o.Namespace
 			default:
 				t.Fatalf("%s, document %d: decoded to %T, which load does not handle", file, i+1, obj)
 			}
@@ -286,6 +296,79 @@ func flagValue(t *testing.T, args []string, name string) string {
 	return vals[0]
 }
 
+// configFile returns the configuration file a `streamlb proxy --config
+// FILE` container c of spec reads, parsed by the proxy's own parser, and
+// the ConfigMap it comes from; nil if c takes no --config. The file must
+// come from a ConfigMap mounted as a whole directory (a subPath mount
+// would never see an update, so the proxy would never reload it).
+func configFile(t *testing.T, m *manifests, spec *corev1.PodSpec, c corev1.Container) (*cluster.File, *corev1.ConfigMap) {
+	t.Helper()
+	vals := flagValues(c.Args, "config")
+	if len(vals) == 0 {
+		return nil, nil
+	}
+	path := vals[0]
+	for _, vm := range c.VolumeMounts {
+		if vm.MountPath != filepath.Dir(path) {
+			continue
+		}
+		if vm.SubPath != "" || vm.SubPathExpr != "" {
+			t.Fatalf("--config %s: mounted with subPath, which the kubelet never updates", path)
+		}
+		i := slices.IndexFunc(spec.Volumes, func(v corev1.Volume) bool { return v.Name == vm.Name })
+		if i < 0 || spec.Volumes[i].ConfigMap == nil {
+			t.Fatalf("--config %s: volume %s is not a ConfigMap", path, vm.Name)
+		}
+		src := spec.Volumes[i].ConfigMap
+		key := filepath.Base(path)
+		if j := slices.IndexFunc(src.Items, func(kp corev1.KeyToPath) bool { return kp.Path == key }); j >= 0 {
+			key = src.Items[j].Key
+		}
+		cm, ok := m.configMaps[src.Name]
+		if !ok {
+			t.Fatalf("--config %s: no ConfigMap %q", path, src.Name)
+		}
+		data, ok := cm.Data[key]
+		if !ok {
+			t.Fatalf("--config %s: ConfigMap %s has no key %q", path, cm.Name, key)
+		}
+		f, err := cluster.ParseFile("ConfigMap/"+cm.Name+"/"+key, []byte(data))
+		if err != nil {
+			t.Fatalf("--config %s: %v", path, err)
+		}
+		return f, cm
+	}
+	t.Fatalf("--config %s: no volume is mounted at %s", path, filepath.Dir(path))
+	return nil, nil
+}
+
+// proxyArgs returns the command line of proxy container c of spec, with
+// the settings of its --config file, if it has one, written as the flags
+// that would say the same, so that checks of a setting hold for either
+// form. A file's backend and DNS refresh are its one cluster's, when it
+// has one cluster with one target.
+func proxyArgs(t *testing.T, m *manifests, spec *corev1.PodSpec, c corev1.Container) []string {
+	t.Helper()
+	f, _ := configFile(t, m, spec, c)
+	if f == nil {
+		return c.Args
+	}
+	args := []string{"proxy", "--listen", f.Listen, "--admin-listen", f.AdminListen, "--drain-timeout", f.DrainTimeout.String()}
+	if f.Listen == "" {
+		args[2] = ":8080" // the file's default
+	}
+	if f.TLS != nil {
+		args = append(args, "--tls-cert", f.TLS.Cert, "--tls-key", f.TLS.Key)
+	}
+	if !f.MetricsOn() {
+		args = append(args, "--metrics=false")
+	}
+	if len(f.Clusters) == 1 && len(f.Clusters[0].Targets) == 1 {
+		args = append(args, "--backend", f.Clusters[0].Targets[0], "--dns-refresh", f.Clusters[0].DNSRefresh.String())
+	}
+	return args
+}
+
 // servicePort returns the port of svc named name.
 func servicePort(t *testing.T, svc *corev1.Service, name string) corev1.ServicePort {
 	t.Helper()
@@ -354,6 +437,7 @@ func TestManifestsDecodeStrictly(t *testing.T) {
 	}
 	slices.Sort(got)
 	want := []string{
+		"ConfigMap/" + configMapName,
 		"Deployment/" + backendName,
 		"Deployment/" + proxyName,
 		"Job/" + sidecarJobName,
@@ -464,17 +548,19 @@ func TestBackendIsHeadless(t *testing.T) {
 			svc.Name, svc.Spec.Selector, backend.Name, backend.Spec.Template.Labels)
 	}
 
-	proxy := onlyContainer(t, "Deployment/"+proxyName, &mustDeployment(t, m, proxyName).Spec.Template.Spec)
+	pspec := &mustDeployment(t, m, proxyName).Spec.Template.Spec
+	proxy := onlyContainer(t, "Deployment/"+proxyName, pspec)
 	if len(proxy.Args) == 0 || proxy.Args[0] != "proxy" {
 		t.Fatalf("proxy args: got %q, want the proxy subcommand first", proxy.Args)
 	}
-	target := flagValue(t, proxy.Args, "backend")
+	args := proxyArgs(t, m, pspec, proxy)
+	target := flagValue(t, args, "backend")
 	addr, ok := strings.CutPrefix(target, "dns:///")
 	if !ok {
 		t.Fatalf("--backend %q: want the dns:/// scheme, so the proxy re-resolves the name", target)
 	}
 	checkServiceAddr(t, "--backend", addr, svc, "grpc")
-	if _, err := time.ParseDuration(flagValue(t, proxy.Args, "dns-refresh")); err != nil {
+	if _, err := time.ParseDuration(flagValue(t, args, "dns-refresh")); err != nil {
 		t.Errorf("--dns-refresh: %v", err)
 	}
 }
@@ -517,7 +603,7 @@ func TestProxyAvailability(t *testing.T) {
 
 	spec := &d.Spec.Template.Spec
 	c := onlyContainer(t, "Deployment/"+proxyName, spec)
-	drain, err := time.ParseDuration(flagValue(t, c.Args, "drain-timeout"))
+	drain, err := time.ParseDuration(flagValue(t, proxyArgs(t, m, spec, c), "drain-timeout"))
 	if err != nil {
 		t.Fatalf("--drain-timeout: %v", err)
 	}
@@ -585,11 +671,16 @@ func TestProxyContainers(t *testing.T) {
 			t.Fatalf("proxy containers %v: no %s", sortedKeys(proxies), want)
 		}
 	}
+	specs := map[string]*corev1.PodSpec{}
+	for _, w := range m.workloads() {
+		specs[w.name] = w.spec
+	}
 	for _, name := range sortedKeys(proxies) {
 		c := proxies[name]
+		spec := specs[name[:strings.LastIndex(name, "/")]]
 		t.Run(name, func(t *testing.T) {
 			checkGoMemLimit(t, c)
-			checkAdminProbes(t, c)
+			checkAdminProbes(t, c, proxyArgs(t, m, spec, c))
 		})
 	}
 }
@@ -626,10 +717,11 @@ func checkGoMemLimit(t *testing.T, c corev1.Container) {
 }
 
 // checkAdminProbes checks that readiness is /readyz and liveness /healthz,
-// both on the container port named admin, which is --admin-listen's port.
-func checkAdminProbes(t *testing.T, c corev1.Container) {
+// both on the container port named admin, which is --admin-listen's port
+// (in args, see proxyArgs).
+func checkAdminProbes(t *testing.T, c corev1.Container, args []string) {
 	t.Helper()
-	_, port, err := net.SplitHostPort(flagValue(t, c.Args, "admin-listen"))
+	_, port, err := net.SplitHostPort(flagValue(t, args, "admin-listen"))
 	if err != nil {
 		t.Fatalf("--admin-listen: %v", err)
 	}
@@ -699,8 +791,9 @@ func TestProxyTLS(t *testing.T) {
 	m := load(t)
 	spec := &mustDeployment(t, m, proxyName).Spec.Template.Spec
 	c := onlyContainer(t, "Deployment/"+proxyName, spec)
+	args := proxyArgs(t, m, spec, c)
 	for _, f := range []struct{ flag, key string }{{"tls-cert", "tls.crt"}, {"tls-key", "tls.key"}} {
-		got := flagValue(t, c.Args, f.flag)
+		got := flagValue(t, args, f.flag)
 		if want := secretFile(spec, c, tlsSecretName, f.key); got != want || want == "" {
 			t.Errorf("--%s: got %q, want key %s of Secret %s through a volume mount without subPath (at %q)", f.flag, got, f.key, tlsSecretName, want)
 		}
@@ -872,7 +965,7 @@ func TestPodMonitor(t *testing.T) {
 		}
 	}
 	c := onlyContainer(t, "Deployment/"+proxyName, &d.Spec.Template.Spec)
-	if slices.Contains(flagValues(c.Args, "metrics"), "false") {
+	if args := proxyArgs(t, m, &d.Spec.Template.Spec, c); slices.Contains(flagValues(args, "metrics"), "false") || slices.Contains(args, "--metrics=false") {
 		t.Error("the proxy runs with --metrics=false; there is nothing to scrape")
 	}
 	if len(pm.Spec.PodMetricsEndpoints) == 0 {
@@ -1224,4 +1317,58 @@ func dockerInstructions(dockerfile string) []string {
 		}
 	}
 	return out
+}
+
+// TestProxyConfigMap checks that the central proxy takes its settings from
+// the ConfigMap's streamlb.yaml, mounted as a directory so that the
+// kubelet's updates reach it (the proxy reloads the file when it changes),
+// and that the file is a valid configuration: the proxy's own parser
+// accepts it, and the server it describes builds (the TLS files, which
+// exist only in the pod, left out).
+func TestProxyConfigMap(t *testing.T) {
+	t.Parallel()
+	m := load(t)
+	d := mustDeployment(t, m, proxyName)
+	spec := &d.Spec.Template.Spec
+	c := onlyContainer(t, "Deployment/"+proxyName, spec)
+	f, cm := configFile(t, m, spec, c)
+	if f == nil {
+		t.Fatalf("proxy args %q: no --config", c.Args)
+	}
+	if cm.Name != configMapName {
+		t.Errorf("--config comes from ConfigMap %s, want %s", cm.Name, configMapName)
+	}
+	// --config cannot be mixed with the other proxy flags (a usage error);
+	// only the log flags go beside it.
+	for i := 1; i < len(c.Args); i++ {
+		name, _, _ := strings.Cut(strings.TrimPrefix(c.Args[i], "--"), "=")
+		switch {
+		case !strings.HasPrefix(c.Args[i], "--"):
+		case name == "config", name == "log-level", name == "log-format":
+		default:
+			t.Errorf("proxy arg %s beside --config: the proxy refuses the mix", c.Args[i])
+		}
+	}
+	for _, vm := range c.VolumeMounts {
+		if vm.MountPath == filepath.Dir(flagValue(t, c.Args, "config")) && !vm.ReadOnly {
+			t.Errorf("volume mount %s of the configuration is not readOnly", vm.Name)
+		}
+	}
+	cfg := f.ServerConfig()
+	cfg.TLS = nil // its files are in the Secret, which is not here
+	cfg.Logger = slog.New(slog.DiscardHandler)
+	if _, err := cluster.NewServer(cfg); err != nil {
+		t.Errorf("the ConfigMap's configuration does not build: %v", err)
+	}
+	if len(f.Routes) == 0 || len(f.Clusters) == 0 {
+		t.Errorf("the configuration has %d clusters and %d routes, want some of each", len(f.Clusters), len(f.Routes))
+	}
+	if f.TLS == nil || f.TLS.Cert != secretFile(spec, c, tlsSecretName, "tls.crt") {
+		t.Errorf("the configuration's tls.cert is not tls.crt of the Secret %s", tlsSecretName)
+	}
+	// Every key of the ConfigMap is meant for the proxy: a second file
+	// would be a file nobody reads.
+	if len(cm.Data) != 1 || len(cm.BinaryData) != 0 {
+		t.Errorf("ConfigMap %s has keys %v, want only the configuration file", cm.Name, sortedKeys(cm.Data))
+	}
 }

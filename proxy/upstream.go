@@ -1,0 +1,163 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"slices"
+	"strings"
+	"sync/atomic"
+)
+
+// An Upstream is the dial and retry settings of a group of backends: one
+// cluster of a configuration file, in Envoy's terms. A Picker that knows
+// of several such groups implements UpstreamPicker and names, with every
+// pick, the Upstream of the backend it picked; a plain Picker's backends
+// all use the Server's own Upstream, built from its Config.
+//
+// Backend connections are pooled per Upstream and address, so two
+// Upstreams never share a connection even to the same address: a
+// connection dialed with one's TLS settings is never used for another's
+// calls. Create one with NewUpstream; it is immutable afterwards, apart
+// from its retry budget, and may be used by several Servers.
+type Upstream struct {
+	name       string
+	dial       func(ctx context.Context, network, addr string) (net.Conn, error)
+	retryOn    []string // normalized, see normalizeMethods
+	maxRetries int      // 0: none
+	budget     *retryBudget
+	budgetSize int
+	budgetRate float64
+	// retired is set by DrainUpstream: a connection opened for up after
+	// it (by a call picked just before) drains once its streams are done.
+	retired atomic.Bool
+}
+
+// UpstreamConfig configures an Upstream. Its fields mean what the Config
+// fields of the same names mean, with the same defaults.
+type UpstreamConfig struct {
+	// Name names the group (the cluster) in logs and in Stats.
+	Name string
+	// Dial opens backend connections; nil means net.Dialer.DialContext.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// RetryOn, MaxRetries, RetryBudget and RetryBudgetRatio are the
+	// group's retry policy (see Config). Config.RetryBufferSize, a bound
+	// on the proxy's memory, stays the Server's: when it turns retries
+	// off, no Upstream retries.
+	RetryOn          []string
+	MaxRetries       int
+	RetryBudget      int
+	RetryBudgetRatio float64
+}
+
+// NewUpstream validates cfg and returns its Upstream. It starts nothing.
+func NewUpstream(cfg UpstreamConfig) (*Upstream, error) {
+	if cfg.RetryBudget < 0 || cfg.RetryBudgetRatio < 0 {
+		return nil, errors.New("proxy: RetryBudget and RetryBudgetRatio must not be negative")
+	}
+	if cfg.RetryBudget == 0 {
+		cfg.RetryBudget = DefaultRetryBudget
+	}
+	if cfg.RetryBudgetRatio == 0 {
+		cfg.RetryBudgetRatio = DefaultRetryBudgetRatio
+	}
+	switch {
+	case cfg.MaxRetries == 0:
+		cfg.MaxRetries = DefaultMaxRetries
+	case cfg.MaxRetries < 0:
+		cfg.MaxRetries = 0
+	}
+	retryOn, err := normalizeMethods(cfg.RetryOn)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Dial == nil {
+		var d net.Dialer
+		cfg.Dial = d.DialContext
+	}
+	return &Upstream{
+		name:       cfg.Name,
+		dial:       cfg.Dial,
+		retryOn:    retryOn,
+		maxRetries: cfg.MaxRetries,
+		budget:     newRetryBudget(int64(cfg.RetryBudget), cfg.RetryBudgetRatio),
+		budgetSize: cfg.RetryBudget,
+		budgetRate: cfg.RetryBudgetRatio,
+	}, nil
+}
+
+// Name returns the name the Upstream was created with.
+func (u *Upstream) Name() string { return u.name }
+
+// retryable reports whether RetryOn names the method, as a full method
+// name or a "/package.Service/" prefix.
+func (u *Upstream) retryable(method string) bool {
+	for _, m := range u.retryOn {
+		if m == method || (strings.HasSuffix(m, "/") && strings.HasPrefix(method, m)) {
+			return true
+		}
+	}
+	return false
+}
+
+// UpstreamPicker is an optional interface of a Picker whose backends
+// belong to groups with their own dial and retry settings (the clusters of
+// a configuration file). When the Server's Picker implements it, the
+// Server calls PickUpstream instead of Pick and PickExcluding: tried is
+// nil for a call's first attempt and, for a retry, the addresses the call
+// already tried, as for RetryPicker. It returns, with the pick, the
+// Upstream of the backend picked; nil means the Server's own. The call's
+// retry policy is the Upstream of its first pick; every attempt dials
+// with the Upstream of its own pick. The contract is otherwise Pick's:
+// it must not block or do I/O.
+type UpstreamPicker interface {
+	PickUpstream(ctx context.Context, fullMethod string, tried []string) (addr string, up *Upstream, done func(error), err error)
+}
+
+// DrainUpstream drains the backend connections opened for up: they take
+// no new streams, the streams they carry finish, then they close, or are
+// closed after Config.DrainTimeout. A Picker calls it for an Upstream it
+// no longer names (a cluster whose dial settings were reloaded), so that
+// its connections do not linger; connections opened for up afterwards,
+// by calls picked before the Picker stopped naming it, drain as soon as
+// their streams are done. Safe for concurrent use; it does not block on
+// the drain.
+func (s *Server) DrainUpstream(up *Upstream) {
+	if up == nil || up == s.up {
+		return
+	}
+	s.pool.mu.Lock()
+	up.retired.Store(true)
+	defer s.pool.mu.Unlock()
+	for k, cs := range s.pool.conns {
+		if k.up != up {
+			continue
+		}
+		for _, b := range cs {
+			b.drain(s.cfg.DrainTimeout)
+		}
+	}
+}
+
+// RetainUpstreamBackends is RetainBackends for the connections opened for
+// up alone: those to a backend not in addrs drain, while other Upstreams'
+// connections to the same address are left alone. A Picker over several
+// Upstreams calls it with each group's set, since an address can leave one
+// group and stay in another (RetainBackends, given the union of the sets,
+// would then keep the first group's connection idle for good). Safe for
+// concurrent use; it does not block on the drain.
+func (s *Server) RetainUpstreamBackends(up *Upstream, addrs []string) {
+	if up == nil {
+		return
+	}
+	s.pool.mu.Lock()
+	defer s.pool.mu.Unlock()
+	for k, cs := range s.pool.conns {
+		if k.up != up || slices.Contains(addrs, k.addr) {
+			continue
+		}
+		for _, b := range cs {
+			b.drain(s.cfg.DrainTimeout)
+		}
+	}
+}
