@@ -1,0 +1,95 @@
+package resolver
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+
+	"google.golang.org/grpc/credentials"
+)
+
+// tlsErrors remembers the last TLS failure of an etcd client's
+// connections. etcd's client waits for a connection until the request's
+// deadline and then reports only "context deadline exceeded"; the reason —
+// a server certificate from an unknown CA, a client certificate the server
+// refused — is seen only by the connection, so the resolver records it
+// there and adds it to the error it logs and reports.
+type tlsErrors struct {
+	mu   sync.Mutex // guards last
+	last error
+}
+
+// record keeps err as the last TLS failure.
+func (r *tlsErrors) record(err error) {
+	r.mu.Lock()
+	r.last = err
+	r.mu.Unlock()
+}
+
+// take returns the last TLS failure since the previous take, if any, and
+// forgets it.
+func (r *tlsErrors) take() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	err := r.last
+	r.last = nil
+	return err
+}
+
+// annotate adds the last TLS failure, if any, to err.
+func (r *tlsErrors) annotate(err error) error {
+	if r == nil || err == nil {
+		return err
+	}
+	if terr := r.take(); terr != nil {
+		return fmt.Errorf("%w (last TLS error: %v)", err, terr)
+	}
+	return err
+}
+
+// recordingCreds is grpc's TLS transport credentials, recording the
+// handshake's failures, and the alerts the server sends after it (with TLS
+// 1.3 a server that rejects the client's certificate says so only after
+// the client has finished its handshake), in errs.
+type recordingCreds struct {
+	credentials.TransportCredentials
+	errs *tlsErrors
+}
+
+func newRecordingCreds(cfg *tls.Config, errs *tlsErrors) *recordingCreds {
+	return &recordingCreds{TransportCredentials: credentials.NewTLS(cfg), errs: errs}
+}
+
+func (c *recordingCreds) ClientHandshake(ctx context.Context, authority string, raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, info, err := c.TransportCredentials.ClientHandshake(ctx, authority, raw)
+	if err != nil {
+		c.errs.record(fmt.Errorf("handshake with %s: %w", authority, err))
+		return nil, nil, err
+	}
+	return &recordingConn{Conn: conn, authority: authority, errs: c.errs}, info, nil
+}
+
+func (c *recordingCreds) Clone() credentials.TransportCredentials {
+	return &recordingCreds{TransportCredentials: c.TransportCredentials.Clone(), errs: c.errs}
+}
+
+// recordingConn records the TLS alerts read on a handshaken connection.
+type recordingConn struct {
+	net.Conn
+	authority string
+	errs      *tlsErrors
+}
+
+func (c *recordingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	// crypto/tls reports an alert from the peer as an *net.OpError with
+	// Op "remote error", e.g. "remote error: tls: certificate required".
+	var oe *net.OpError
+	if err != nil && errors.As(err, &oe) && oe.Op == "remote error" {
+		c.errs.record(fmt.Errorf("%s: %w", c.authority, err))
+	}
+	return n, err
+}
