@@ -37,6 +37,13 @@ type ZKOptions struct {
 	// consecutive failure doubles it, up to BackoffMax. Zero means
 	// DefaultBackoffInitial and DefaultBackoffMax.
 	BackoffInitial, BackoffMax time.Duration
+	// Username and Password, if set, are added to the session as
+	// ZooKeeper's digest credentials ("addauth digest user:password"), so
+	// that nodes whose ACL grants READ to that digest identity (a
+	// zk.DigestACL) can be listed. ZooKeeper accepts any digest
+	// credentials; wrong ones show as NOAUTH on the nodes. Empty means
+	// none: only nodes readable by anyone can be listed.
+	Username, Password string
 	// Logger receives the resolver's logs, with component=resolver added.
 	// Nil means slog.Default().
 	Logger *slog.Logger
@@ -64,6 +71,12 @@ func (o ZKOptions) withDefaults() (ZKOptions, error) {
 	}
 	if o.BackoffInitial > o.BackoffMax {
 		errs = append(errs, fmt.Errorf("resolver: zk options: BackoffInitial %v above BackoffMax %v", o.BackoffInitial, o.BackoffMax))
+	}
+	if (o.Username == "") != (o.Password == "") {
+		errs = append(errs, errors.New("resolver: zk options: Username and Password go together"))
+	}
+	if strings.Contains(o.Username, ":") {
+		errs = append(errs, errors.New("resolver: zk options: Username must not contain ':' (digest credentials are user:password)"))
 	}
 	if len(errs) > 0 {
 		return ZKOptions{}, errors.Join(errs...)
@@ -141,7 +154,10 @@ var errZKExpired = errors.New("session expired")
 // session expiry Run lists again at once. On any other failure — the
 // connection lost, no session within ConnectTimeout, a failed request —
 // it keeps the last set, logs a warning, calls u.ReportError, and lists
-// again after a backoff of BackoffInitial doubling to BackoffMax.
+// again after a backoff of BackoffInitial doubling to BackoffMax. A node
+// whose ACL refuses the session (NOAUTH: wrong or missing digest
+// credentials) is such a failure; a child it refuses is skipped with a
+// warning instead, so that it does not freeze the rest.
 func (z *ZK) Run(ctx context.Context, u Updater) error {
 	dial := z.dialer
 	if dial == nil {
@@ -197,6 +213,7 @@ type zkState struct {
 	nodes    map[string][]Address // decoded addresses per child name
 	warned   map[string]bool      // children whose undecodable data was logged
 	stale    bool                 // nodes' data must be read again
+	authed   bool                 // the digest credentials were added
 	last     []Address            // the last set u accepted
 	haveLast bool
 }
@@ -231,6 +248,14 @@ func (z *ZK) list(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st
 	if err := z.awaitSession(ctx, conn, events); err != nil {
 		return nil, err
 	}
+	if z.opts.Username != "" && !st.authed {
+		// Once per connection object: go-zookeeper sends the credentials
+		// it was given again on every reconnection and new session.
+		if err := conn.AddAuth("digest", []byte(z.opts.Username+":"+z.opts.Password)); err != nil {
+			return nil, fmt.Errorf("add digest credentials of %q: %w", z.opts.Username, err)
+		}
+		st.authed = true
+	}
 	p := z.target.Host
 	children, _, watch, err := conn.ChildrenW(p)
 	if errors.Is(err, zk.ErrNoNode) {
@@ -246,7 +271,7 @@ func (z *ZK) list(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st
 		children = nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("list %q: %w", p, err)
+		return nil, fmt.Errorf("list %q: %w", p, z.explain(err))
 	}
 	nodes := make(map[string][]Address, len(children))
 	for _, name := range children {
@@ -258,6 +283,18 @@ func (z *ZK) list(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st
 		data, _, err := conn.Get(full)
 		if errors.Is(err, zk.ErrNoNode) {
 			continue // gone since the list; the watch has fired
+		}
+		if errors.Is(err, zk.ErrNoAuth) {
+			// One node its owner locked away must not freeze the rest:
+			// skip it, as a node that does not decode.
+			if !st.warned[name] {
+				st.warned[name] = true
+				z.logger.Warn("skipping zookeeper node: its ACL does not let this session read it", "node", full, "err", z.explain(err))
+			}
+			if as, ok := st.nodes[name]; ok {
+				nodes[name] = as
+			}
+			continue
 		}
 		if err != nil {
 			return nil, fmt.Errorf("get %q: %w", full, err)
@@ -274,6 +311,17 @@ func (z *ZK) list(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st
 	}
 	z.push(st, u)
 	return watch, nil
+}
+
+// explain adds to a NOAUTH error what it means here.
+func (z *ZK) explain(err error) error {
+	if !errors.Is(err, zk.ErrNoAuth) {
+		return err
+	}
+	if z.opts.Username == "" {
+		return fmt.Errorf("%w (the ACL requires credentials and none were given)", err)
+	}
+	return fmt.Errorf("%w (the ACL does not grant READ to digest user %q with this password)", err, z.opts.Username)
 }
 
 // decode decodes one child. A child that does not decode is logged once
