@@ -94,8 +94,11 @@ func (o EtcdOptions) withDefaults() (EtcdOptions, error) {
 	return o, nil
 }
 
-// tlsConfig reads the TLS files; nil means cleartext.
-func (o EtcdOptions) tlsConfig() (*tls.Config, error) {
+// TLSConfig reads o's TLS files and returns the client TLS configuration
+// they make, or nil for cleartext (no CAFile and no CertFile). It is what
+// [NewEtcd] uses, exported for other etcd clients configured alike (the
+// testserver's registration).
+func (o EtcdOptions) TLSConfig() (*tls.Config, error) {
 	if o.CAFile == "" && o.CertFile == "" {
 		return nil, nil
 	}
@@ -162,7 +165,7 @@ func NewEtcd(target Target, opts EtcdOptions) (*Etcd, error) {
 	if err != nil {
 		return nil, err
 	}
-	tc, err := opts.tlsConfig()
+	tc, err := opts.TLSConfig()
 	if err != nil {
 		return nil, err
 	}
