@@ -197,6 +197,9 @@ func registerOptions(c *cli.Context) (testserver.RegisterOptions, error) {
 		return opts, err
 	}
 	if strings.HasPrefix(c.String("register"), "zk://") {
+		if opts.TLS, err = z.TLSConfig(); err != nil {
+			return opts, usageErr("%v", err)
+		}
 		opts.Username, opts.Password = z.Username, z.Password
 		return opts, nil
 	}

@@ -366,6 +366,9 @@ func registryFlags() []cli.Flag {
 		&cli.StringFlag{Name: "etcd-password", EnvVars: []string{"STREAMLB_ETCD_PASSWORD"}, Usage: "etcd password (prefer the environment variable, which ps does not show)"},
 		&cli.StringFlag{Name: "zk-username", Usage: "ZooKeeper digest user `NAME`: the session adds \"digest NAME:PASSWORD\", for nodes with a digest ACL (needs the password)"},
 		&cli.StringFlag{Name: "zk-password", EnvVars: []string{"STREAMLB_ZK_PASSWORD"}, Usage: "ZooKeeper digest password (prefer the environment variable, which ps does not show)"},
+		&cli.StringFlag{Name: "zk-ca", Usage: "PEM CA `FILE` ZooKeeper's server certificate must chain to: turns TLS to ZooKeeper on (its secureClientPort)"},
+		&cli.StringFlag{Name: "zk-cert", Usage: "PEM client certificate `FILE` presented to ZooKeeper, for ssl.clientAuth=need (needs --zk-key)"},
+		&cli.StringFlag{Name: "zk-key", Usage: "PEM private key `FILE` of --zk-cert"},
 	}
 }
 
@@ -376,10 +379,15 @@ func registryOptions(c *cli.Context) (resolver.EtcdOptions, resolver.ZKOptions, 
 		CAFile: c.String("etcd-ca"), CertFile: c.String("etcd-cert"), KeyFile: c.String("etcd-key"),
 		Username: c.String("etcd-username"), Password: c.String("etcd-password"),
 	}
-	z := resolver.ZKOptions{Username: c.String("zk-username"), Password: c.String("zk-password")}
+	z := resolver.ZKOptions{
+		Username: c.String("zk-username"), Password: c.String("zk-password"),
+		CAFile: c.String("zk-ca"), CertFile: c.String("zk-cert"), KeyFile: c.String("zk-key"),
+	}
 	switch {
 	case (e.CertFile == "") != (e.KeyFile == ""):
 		return e, z, usageErr("--etcd-cert and --etcd-key go together")
+	case (z.CertFile == "") != (z.KeyFile == ""):
+		return e, z, usageErr("--zk-cert and --zk-key go together")
 	case e.Username != "" && e.Password == "":
 		return e, z, usageErr("--etcd-username needs a password: set STREAMLB_ETCD_PASSWORD (or --etcd-password)")
 	case e.Username == "" && e.Password != "":

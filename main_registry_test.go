@@ -185,16 +185,28 @@ func TestProxyCommandEtcdTLSAuth(t *testing.T) {
 		})
 }
 
-// TestProxyCommandZKDigest runs `streamlb proxy` on a ZooKeeper path whose
-// nodes only digest user svc may read (--zk-username and
-// STREAMLB_ZK_PASSWORD), while backends register with the same
-// credentials, which put that digest ACL on their nodes.
-func TestProxyCommandZKDigest(t *testing.T) {
+// TestProxyCommandZKTLSDigest runs `streamlb proxy` on the TLS port of a
+// real ZooKeeper that requires client certificates (--zk-ca, --zk-cert,
+// --zk-key), on a path whose nodes only digest user svc may read
+// (--zk-username and STREAMLB_ZK_PASSWORD), while backends register over
+// the same TLS with the same credentials, which put that digest ACL on
+// their nodes.
+func TestProxyCommandZKTLSDigest(t *testing.T) {
 	prev := slog.Default()
 	t.Cleanup(func() { slog.SetDefault(prev) })
-	zks := zktest.Start(t)
-	target := "zk://" + zks.Addr() + "/secure/kitex/echo"
-	creds := testserver.RegisterOptions{TTL: 4 * time.Second, Username: "svc", Password: "s3cret"}
+	dir := t.TempDir()
+	ca := testkit.NewCA(t, "zk-ca")
+	caFile := ca.WriteCA(t, dir, "zk")
+	zks := zktest.StartWith(t, zktest.Options{Keystore: ca.WriteKeystore(t, dir, "zk"), Truststore: caFile, ClientAuth: "need"})
+	servicePair, err := tls.X509KeyPair(ca.Issue(t, "echo-service", false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := "zk://" + zks.SecureAddr() + "/secure/kitex/echo"
+	creds := testserver.RegisterOptions{
+		TTL: 4 * time.Second, Username: "svc", Password: "s3cret",
+		TLS: &tls.Config{RootCAs: ca.Pool(), Certificates: []tls.Certificate{servicePair}},
+	}
 
 	// The registration's node is indeed closed to a session without
 	// the credentials.
@@ -216,8 +228,10 @@ func TestProxyCommandZKDigest(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	cert, key := ca.WriteIssued(t, dir, "streamlb", false)
 	t.Setenv("STREAMLB_ZK_PASSWORD", "s3cret")
-	registryProxyRun(t, []string{"--backend", target, "--zk-username", "svc"},
+	registryProxyRun(t, []string{"--backend", target, "--zk-username", "svc",
+		"--zk-ca", caFile, "--zk-cert", cert, "--zk-key", key},
 		func(ctx context.Context, addr string) (*testserver.Registration, error) {
 			return testserver.RegisterZK(ctx, target, addr, creds)
 		})

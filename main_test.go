@@ -66,6 +66,8 @@ func TestUsage(t *testing.T) {
 		{name: "etcd cert without key", args: []string{"proxy", "--backend", "etcd://127.0.0.1:1/svc", "--etcd-cert", "a.pem"}, wantCode: 2, wantErr: "--etcd-cert and --etcd-key"},
 		{name: "zk user without password", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-username", "svc"}, wantCode: 2, wantErr: "STREAMLB_ZK_PASSWORD"},
 		{name: "zk password without user", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-password", "x"}, wantCode: 2, wantErr: "needs --zk-username"},
+		{name: "zk cert without key", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-cert", "a.pem"}, wantCode: 2, wantErr: "--zk-cert and --zk-key"},
+		{name: "missing zk CA", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-ca", "/nonexistent/zk-ca.pem"}, wantCode: 2, wantErr: "/nonexistent/zk-ca.pem"},
 		{name: "zk user with a colon", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-username", "a:b", "--zk-password", "x"}, wantCode: 2, wantErr: "must not contain ':'"},
 		{name: "testserver zk user without password", args: []string{"testserver", "--name", "a", "--register", "zk://127.0.0.1:1/svc", "--zk-username", "svc"}, wantCode: 2, wantErr: "STREAMLB_ZK_PASSWORD"},
 		{name: "testserver missing etcd CA", args: []string{"testserver", "--name", "a", "--register", "etcd://127.0.0.1:1/svc", "--etcd-ca", "/nonexistent/ca.pem"}, wantCode: 2, wantErr: "/nonexistent/ca.pem"},

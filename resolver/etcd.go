@@ -99,24 +99,31 @@ func (o EtcdOptions) withDefaults() (EtcdOptions, error) {
 // [NewEtcd] uses, exported for other etcd clients configured alike (the
 // testserver's registration).
 func (o EtcdOptions) TLSConfig() (*tls.Config, error) {
-	if o.CAFile == "" && o.CertFile == "" {
+	return clientTLS("etcd", o.CAFile, o.CertFile, o.KeyFile)
+}
+
+// clientTLS reads a registry client's TLS files: a PEM CA file (empty: the
+// system's CAs) and a PEM client certificate and key (empty: none). It
+// returns nil, cleartext, if caFile and certFile are both empty.
+func clientTLS(registry, caFile, certFile, keyFile string) (*tls.Config, error) {
+	if caFile == "" && certFile == "" {
 		return nil, nil
 	}
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
-	if o.CAFile != "" {
-		pem, err := os.ReadFile(o.CAFile)
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
 		if err != nil {
-			return nil, fmt.Errorf("resolver: etcd CA: %w", err)
+			return nil, fmt.Errorf("resolver: %s CA: %w", registry, err)
 		}
 		cfg.RootCAs = x509.NewCertPool()
 		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("resolver: etcd CA %s: no PEM certificate", o.CAFile)
+			return nil, fmt.Errorf("resolver: %s CA %s: no PEM certificate", registry, caFile)
 		}
 	}
-	if o.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(o.CertFile, o.KeyFile)
+	if certFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
 		if err != nil {
-			return nil, fmt.Errorf("resolver: etcd client certificate: %w", err)
+			return nil, fmt.Errorf("resolver: %s client certificate: %w", registry, err)
 		}
 		cfg.Certificates = []tls.Certificate{cert}
 	}
@@ -215,7 +222,7 @@ func (e *Etcd) Run(ctx context.Context, u Updater) error {
 		// Replaces the client's own TLS credentials (its DialOptions come
 		// last), with the same configuration, to learn why a connection
 		// failed.
-		tlsErrs = &tlsErrors{}
+		tlsErrs = &tlsErrors{label: "last TLS error"}
 		cfg.DialOptions = []grpc.DialOption{grpc.WithTransportCredentials(newRecordingCreds(e.tls, tlsErrs))}
 	}
 	var cli *clientv3.Client

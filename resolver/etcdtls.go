@@ -17,7 +17,12 @@ import (
 // a server certificate from an unknown CA, a client certificate the server
 // refused — is seen only by the connection, so the resolver records it
 // there and adds it to the error it logs and reports.
+//
+// The ZooKeeper resolver uses it too, for every dial error: go-zookeeper
+// retries dials silently, so a session that never comes says only that.
 type tlsErrors struct {
+	label string // how annotate introduces the error: "last TLS error"
+
 	mu   sync.Mutex // guards last
 	last error
 }
@@ -45,7 +50,7 @@ func (r *tlsErrors) annotate(err error) error {
 		return err
 	}
 	if terr := r.take(); terr != nil {
-		return fmt.Errorf("%w (last TLS error: %v)", err, terr)
+		return fmt.Errorf("%w (%s: %v)", err, r.label, terr)
 	}
 	return err
 }

@@ -2,6 +2,7 @@ package resolver
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -44,6 +45,12 @@ type ZKOptions struct {
 	// credentials; wrong ones show as NOAUTH on the nodes. Empty means
 	// none: only nodes readable by anyone can be listed.
 	Username, Password string
+	// CAFile is a PEM file of the CAs ZooKeeper's server certificate must
+	// chain to; it turns TLS on (ZooKeeper's secureClientPort). CertFile
+	// and KeyFile are a PEM client certificate and key presented to it
+	// (ssl.clientAuth=need); they turn TLS on too, with the system's CAs
+	// if CAFile is empty.
+	CAFile, CertFile, KeyFile string
 	// Logger receives the resolver's logs, with component=resolver added.
 	// Nil means slog.Default().
 	Logger *slog.Logger
@@ -75,6 +82,9 @@ func (o ZKOptions) withDefaults() (ZKOptions, error) {
 	if (o.Username == "") != (o.Password == "") {
 		errs = append(errs, errors.New("resolver: zk options: Username and Password go together"))
 	}
+	if (o.CertFile == "") != (o.KeyFile == "") {
+		errs = append(errs, errors.New("resolver: zk options: CertFile and KeyFile go together"))
+	}
 	if strings.Contains(o.Username, ":") {
 		errs = append(errs, errors.New("resolver: zk options: Username must not contain ':' (digest credentials are user:password)"))
 	}
@@ -85,6 +95,14 @@ func (o ZKOptions) withDefaults() (ZKOptions, error) {
 		o.Logger = slog.Default()
 	}
 	return o, nil
+}
+
+// TLSConfig reads o's TLS files and returns the client TLS configuration
+// they make, or nil for cleartext (no CAFile and no CertFile). It is what
+// [NewZK] uses, exported for other ZooKeeper clients configured alike (the
+// testserver's registration).
+func (o ZKOptions) TLSConfig() (*tls.Config, error) {
+	return clientTLS("zk", o.CAFile, o.CertFile, o.KeyFile)
 }
 
 // ZK is a [Resolver] that follows the children of one ZooKeeper node
@@ -103,6 +121,7 @@ type ZK struct {
 	// Immutable after NewZK.
 	target Target
 	opts   ZKOptions
+	tls    *tls.Config // nil: cleartext
 	logger *slog.Logger
 
 	// dialer, if set, replaces the client's dialer; for tests.
@@ -121,9 +140,14 @@ func NewZK(target Target, opts ZKOptions) (*ZK, error) {
 	if err != nil {
 		return nil, err
 	}
+	tc, err := opts.TLSConfig()
+	if err != nil {
+		return nil, err
+	}
 	return &ZK{
 		target: target,
 		opts:   opts,
+		tls:    tc,
 		logger: opts.Logger.With("component", "resolver", "target", target.String()),
 	}, nil
 }
@@ -159,12 +183,12 @@ var errZKExpired = errors.New("session expired")
 // credentials) is such a failure; a child it refuses is skipped with a
 // warning instead, so that it does not freeze the rest.
 func (z *ZK) Run(ctx context.Context, u Updater) error {
-	dial := z.dialer
-	if dial == nil {
-		dial = net.DialTimeout
+	d := &zkDialer{dial: z.dialer, tls: z.tls, errs: &tlsErrors{label: "last connection error"}}
+	if d.dial == nil {
+		d.dial = net.DialTimeout
 	}
 	conn, events, err := zk.Connect(strings.Split(z.target.Authority, ","), z.opts.SessionTimeout,
-		zk.WithDialer(dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
+		zk.WithDialer(d.Dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
 	if err != nil {
 		return fmt.Errorf("resolver: %s: zk client: %w", z.target, err)
 	}
@@ -182,6 +206,7 @@ func (z *ZK) Run(ctx context.Context, u Updater) error {
 				z.logger.Info("zookeeper recovered", "failures", failures)
 			}
 			failures = 0
+			d.errs.take() // from before the recovery: not the cause of what follows
 			err = z.wait(ctx, events, watch)
 			if err == nil {
 				continue // the children changed: list again, re-arming the watch
@@ -196,7 +221,7 @@ func (z *ZK) Run(ctx context.Context, u Updater) error {
 			continue
 		}
 		failures++
-		err = fmt.Errorf("resolver: %s: %w", z.target, err)
+		err = fmt.Errorf("resolver: %s: %w", z.target, d.errs.annotate(err))
 		z.logger.Warn("zookeeper failed; keeping last set", "err", err, "backends", len(st.last), "failures", failures)
 		u.ReportError(err)
 		select {
@@ -216,6 +241,43 @@ type zkState struct {
 	authed   bool                 // the digest credentials were added
 	last     []Address            // the last set u accepted
 	haveLast bool
+}
+
+// zkDialer dials ZooKeeper for go-zookeeper, over TLS if tls is set, and
+// records the dial and TLS failures in errs: go-zookeeper retries them
+// silently, and the resolver adds the last one to the error it reports.
+type zkDialer struct {
+	dial zk.Dialer
+	tls  *tls.Config
+	errs *tlsErrors
+}
+
+// Dial is a zk.Dialer. The TLS handshake is done here, within timeout, so
+// that its failure is a dial failure.
+func (d *zkDialer) Dial(network, address string, timeout time.Duration) (net.Conn, error) {
+	conn, err := d.dial(network, address, timeout)
+	if err == nil && d.tls != nil {
+		cfg := d.tls.Clone()
+		if cfg.ServerName == "" {
+			cfg.ServerName, _, _ = net.SplitHostPort(address)
+		}
+		tc := tls.Client(conn, cfg)
+		_ = tc.SetDeadline(time.Now().Add(timeout))
+		if err = tc.Handshake(); err != nil {
+			conn.Close()
+			err = fmt.Errorf("handshake with %s: %w", address, err)
+		} else {
+			_ = tc.SetDeadline(time.Time{})
+			// With TLS 1.3 a refused client certificate is an alert read
+			// after the handshake.
+			conn = &recordingConn{Conn: tc, authority: address, errs: d.errs}
+		}
+	}
+	if err != nil {
+		d.errs.record(err)
+		return nil, err
+	}
+	return conn, nil
 }
 
 // awaitSession waits until conn has a session, for at most

@@ -29,8 +29,8 @@ type RegisterOptions struct {
 	Weight int
 	// Tags are Kitex's tags; nil registers an empty object.
 	Tags map[string]string
-	// TLS, if set, is the client TLS configuration for etcd (server CA,
-	// client certificate). ZooKeeper: not supported, an error.
+	// TLS, if set, is the client TLS configuration (server CA, client
+	// certificate) for etcd, or for ZooKeeper's TLS port.
 	TLS *tls.Config
 	// Username and Password, if set, are etcd's login, or ZooKeeper's
 	// digest credentials: then the session adds "digest user:password"

@@ -2,6 +2,7 @@ package testserver
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -42,9 +43,6 @@ func RegisterZK(ctx context.Context, target, addr string, opts RegisterOptions) 
 	if opts.TTL == 0 {
 		opts.TTL = DefaultRegisterTTL
 	}
-	if opts.TLS != nil {
-		return nil, errors.New("testserver: register: TLS to ZooKeeper is not supported")
-	}
 	if (opts.Username == "") != (opts.Password == "") || strings.Contains(opts.Username, ":") {
 		return nil, errors.New("testserver: register: ZooKeeper digest credentials need a username without ':' and a password")
 	}
@@ -78,10 +76,25 @@ func RegisterZK(ctx context.Context, target, addr string, opts RegisterOptions) 
 			return nil, net.ErrClosed
 		}
 		c, err := net.DialTimeout(network, address, timeout)
-		if err == nil {
-			nc = c
+		if err != nil {
+			return nil, err
 		}
-		return c, err
+		if opts.TLS != nil {
+			cfg := opts.TLS.Clone()
+			if cfg.ServerName == "" {
+				cfg.ServerName, _, _ = net.SplitHostPort(address)
+			}
+			tc := tls.Client(c, cfg)
+			_ = tc.SetDeadline(time.Now().Add(timeout))
+			if err := tc.Handshake(); err != nil {
+				c.Close()
+				return nil, err
+			}
+			_ = tc.SetDeadline(time.Time{})
+			c = tc
+		}
+		nc = c
+		return c, nil
 	}
 	conn, events, err := zk.Connect(servers, opts.TTL, zk.WithDialer(dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
 	if err != nil {

@@ -112,6 +112,24 @@ func (ca *CA) WriteIssued(t testing.TB, dir, name string, server bool) (certFile
 	return WriteFile(t, dir, name+".pem", c), WriteFile(t, dir, name+".key", k)
 }
 
+// WriteKeystore issues a server certificate as [CA.Issue] does and writes
+// it with its key, as PKCS#8, to one PEM file dir/name.keystore.pem, as
+// ZooKeeper's PEM keystore (ssl.keyStore.type=PEM) reads it.
+func (ca *CA) WriteKeystore(t testing.TB, dir, name string) string {
+	t.Helper()
+	c, k := ca.Issue(t, name, true)
+	b, _ := pem.Decode(k)
+	key, err := x509.ParseECPrivateKey(b.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p8, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return WriteFile(t, dir, name+".keystore.pem", append(c, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: p8})...))
+}
+
 // WriteFile writes data to dir/name with mode 0600 and returns the path.
 func WriteFile(t testing.TB, dir, name string, data []byte) string {
 	t.Helper()
