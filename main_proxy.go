@@ -261,7 +261,13 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 // and listen addresses. The other proxy flags are refused beside it.
 func fileConfig(c *cli.Context, path string, logger *slog.Logger) (cluster.ServerConfig, string, string, error) {
 	var zero cluster.ServerConfig
+	// The registry passwords' environment variables may be set for the
+	// file's password_env to name them.
+	fromEnv := map[string]string{"etcd-password": "STREAMLB_ETCD_PASSWORD", "zk-password": "STREAMLB_ZK_PASSWORD"}
 	for _, name := range c.FlagNames() {
+		if env, ok := fromEnv[name]; ok && c.String(name) == os.Getenv(env) {
+			continue
+		}
 		if name != "config" && !strings.HasPrefix(name, "log-") && c.IsSet(name) {
 			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level and --log-format go beside --config)", name, path)
 		}
