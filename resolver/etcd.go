@@ -3,11 +3,9 @@ package resolver
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -100,34 +98,6 @@ func (o EtcdOptions) withDefaults() (EtcdOptions, error) {
 // testserver's registration).
 func (o EtcdOptions) TLSConfig() (*tls.Config, error) {
 	return clientTLS("etcd", o.CAFile, o.CertFile, o.KeyFile)
-}
-
-// clientTLS reads a registry client's TLS files: a PEM CA file (empty: the
-// system's CAs) and a PEM client certificate and key (empty: none). It
-// returns nil, cleartext, if caFile and certFile are both empty.
-func clientTLS(registry, caFile, certFile, keyFile string) (*tls.Config, error) {
-	if caFile == "" && certFile == "" {
-		return nil, nil
-	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
-	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
-		if err != nil {
-			return nil, fmt.Errorf("resolver: %s CA: %w", registry, err)
-		}
-		cfg.RootCAs = x509.NewCertPool()
-		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("resolver: %s CA %s: no PEM certificate", registry, caFile)
-		}
-	}
-	if certFile != "" {
-		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
-		if err != nil {
-			return nil, fmt.Errorf("resolver: %s client certificate: %w", registry, err)
-		}
-		cfg.Certificates = []tls.Certificate{cert}
-	}
-	return cfg, nil
 }
 
 // Etcd is a [Resolver] that follows the keys under one prefix of etcd

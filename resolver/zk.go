@@ -243,43 +243,6 @@ type zkState struct {
 	haveLast bool
 }
 
-// zkDialer dials ZooKeeper for go-zookeeper, over TLS if tls is set, and
-// records the dial and TLS failures in errs: go-zookeeper retries them
-// silently, and the resolver adds the last one to the error it reports.
-type zkDialer struct {
-	dial zk.Dialer
-	tls  *tls.Config
-	errs *tlsErrors
-}
-
-// Dial is a zk.Dialer. The TLS handshake is done here, within timeout, so
-// that its failure is a dial failure.
-func (d *zkDialer) Dial(network, address string, timeout time.Duration) (net.Conn, error) {
-	conn, err := d.dial(network, address, timeout)
-	if err == nil && d.tls != nil {
-		cfg := d.tls.Clone()
-		if cfg.ServerName == "" {
-			cfg.ServerName, _, _ = net.SplitHostPort(address)
-		}
-		tc := tls.Client(conn, cfg)
-		_ = tc.SetDeadline(time.Now().Add(timeout))
-		if err = tc.Handshake(); err != nil {
-			conn.Close()
-			err = fmt.Errorf("handshake with %s: %w", address, err)
-		} else {
-			_ = tc.SetDeadline(time.Time{})
-			// With TLS 1.3 a refused client certificate is an alert read
-			// after the handshake.
-			conn = &recordingConn{Conn: tc, authority: address, errs: d.errs}
-		}
-	}
-	if err != nil {
-		d.errs.record(err)
-		return nil, err
-	}
-	return conn, nil
-}
-
 // awaitSession waits until conn has a session, for at most
 // ConnectTimeout.
 func (z *ZK) awaitSession(ctx context.Context, conn *zk.Conn, events <-chan zk.Event) error {

@@ -1,13 +1,21 @@
 package resolver
 
+// TLS and error plumbing shared by the registry resolvers: the client TLS
+// configuration from files, and the recording of connection failures that
+// etcd's client and go-zookeeper would otherwise hide behind a timeout.
+
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
+	"time"
 
+	"github.com/go-zookeeper/zk"
 	"google.golang.org/grpc/credentials"
 )
 
@@ -97,4 +105,69 @@ func (c *recordingConn) Read(p []byte) (int, error) {
 		c.errs.record(fmt.Errorf("%s: %w", c.authority, err))
 	}
 	return n, err
+}
+
+// clientTLS reads a registry client's TLS files: a PEM CA file (empty: the
+// system's CAs) and a PEM client certificate and key (empty: none). It
+// returns nil, cleartext, if caFile and certFile are both empty.
+func clientTLS(registry, caFile, certFile, keyFile string) (*tls.Config, error) {
+	if caFile == "" && certFile == "" {
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("resolver: %s CA: %w", registry, err)
+		}
+		cfg.RootCAs = x509.NewCertPool()
+		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("resolver: %s CA %s: no PEM certificate", registry, caFile)
+		}
+	}
+	if certFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("resolver: %s client certificate: %w", registry, err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
+}
+
+// zkDialer dials ZooKeeper for go-zookeeper, over TLS if tls is set, and
+// records the dial and TLS failures in errs: go-zookeeper retries them
+// silently, and the resolver adds the last one to the error it reports.
+type zkDialer struct {
+	dial zk.Dialer
+	tls  *tls.Config
+	errs *tlsErrors
+}
+
+// Dial is a zk.Dialer. The TLS handshake is done here, within timeout, so
+// that its failure is a dial failure.
+func (d *zkDialer) Dial(network, address string, timeout time.Duration) (net.Conn, error) {
+	conn, err := d.dial(network, address, timeout)
+	if err == nil && d.tls != nil {
+		cfg := d.tls.Clone()
+		if cfg.ServerName == "" {
+			cfg.ServerName, _, _ = net.SplitHostPort(address)
+		}
+		tc := tls.Client(conn, cfg)
+		_ = tc.SetDeadline(time.Now().Add(timeout))
+		if err = tc.Handshake(); err != nil {
+			conn.Close()
+			err = fmt.Errorf("handshake with %s: %w", address, err)
+		} else {
+			_ = tc.SetDeadline(time.Time{})
+			// With TLS 1.3 a refused client certificate is an alert read
+			// after the handshake.
+			conn = &recordingConn{Conn: tc, authority: address, errs: d.errs}
+		}
+	}
+	if err != nil {
+		d.errs.record(err)
+		return nil, err
+	}
+	return conn, nil
 }
