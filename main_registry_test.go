@@ -1,10 +1,13 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"io"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -240,3 +243,84 @@ func TestProxyCommandZKTLSDigest(t *testing.T) {
 type nopLogger struct{}
 
 func (nopLogger) Printf(string, ...any) {}
+
+// TestTestserverRegisterZKTLSDigest runs `streamlb testserver --register
+// zk://...` with the registry flags, as a demo of an ACL-protected registry
+// would: over ZooKeeper's TLS port with a client certificate, with digest
+// credentials. The node it registers is readable with those credentials
+// only, and is gone once the command is stopped.
+func TestTestserverRegisterZKTLSDigest(t *testing.T) {
+	prev := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(prev) })
+	dir := t.TempDir()
+	ca := testkit.NewCA(t, "zk-ca")
+	caFile := ca.WriteCA(t, dir, "zk")
+	zks := zktest.StartWith(t, zktest.Options{Keystore: ca.WriteKeystore(t, dir, "zk"), Truststore: caFile, ClientAuth: "need"})
+	cert, key := ca.WriteIssued(t, dir, "echo-service", false)
+	ctx := testkit.Context(t, 60*time.Second)
+
+	t.Setenv("STREAMLB_ZK_PASSWORD", "s3cret")
+	appCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	logs, logw := io.Pipe()
+	keys := make(chan string, 1)
+	scanDone := make(chan struct{})
+	go func() {
+		defer close(scanDone)
+		sc := bufio.NewScanner(logs)
+		for sc.Scan() {
+			var rec struct{ Msg, Key string }
+			if json.Unmarshal(sc.Bytes(), &rec) == nil && rec.Msg == "registered" {
+				keys <- rec.Key
+			}
+		}
+		io.Copy(io.Discard, logs)
+	}()
+	app := newApp()
+	app.Writer, app.ErrWriter = io.Discard, logw
+	runErr := make(chan error, 1)
+	go func() {
+		runErr <- app.RunContext(appCtx, []string{"streamlb", "testserver", "--name", "t1", "--listen", "127.0.0.1:0",
+			"--register", "zk://" + zks.SecureAddr() + "/secure/echo", "--register-ttl", "4s",
+			"--zk-username", "svc", "--zk-ca", caFile, "--zk-cert", cert, "--zk-key", key, "--log-format", "json"})
+		logw.Close()
+	}()
+	var node string
+	select {
+	case node = <-keys:
+	case err := <-runErr:
+		t.Fatalf("testserver returned %v before registering", err)
+	case <-ctx.Done():
+		t.Fatal("testserver never logged its registration")
+	}
+
+	conn, _, err := zk.Connect([]string{zks.Addr()}, 4*time.Second, zk.WithLogInfo(false), zk.WithLogger(nopLogger{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, _, err := conn.Get(node); err != zk.ErrNoAuth {
+		t.Errorf("get %s without credentials: err = %v, want %v", node, err, zk.ErrNoAuth)
+	}
+	if err := conn.AddAuth("digest", []byte("svc:s3cret")); err != nil {
+		t.Fatal(err)
+	}
+	data, _, err := conn.Get(node)
+	if err != nil || !strings.Contains(string(data), `"Weight":10`) {
+		t.Errorf("get %s with svc's credentials = %q, %v; want Kitex's data", node, data, err)
+	}
+
+	stop() // as SIGTERM would: deregisters, then drains
+	select {
+	case err := <-runErr:
+		if err != nil {
+			t.Errorf("testserver returned %v, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("testserver did not return after its context was cancelled")
+	}
+	<-scanDone
+	if ok, _, err := conn.Exists(node); err != nil || ok {
+		t.Errorf("%s exists = %v, %v after the testserver stopped; want gone", node, ok, err)
+	}
+}
