@@ -183,9 +183,31 @@ func testserverCommand() *cli.Command {
 				Value: testserver.DefaultRegisterTTL,
 				Usage: "lease TTL (etcd) or session timeout (ZooKeeper) of --register: how long the registration outlives a killed testserver",
 			},
-		}, logFlags("info")...),
+		}, append(registryFlags(), logFlags("info")...)...),
 		Action: runTestserver,
 	}
+}
+
+// registerOptions reads the testserver's --register-ttl and the registry
+// flags (TLS and credentials) of --register's registry.
+func registerOptions(c *cli.Context) (testserver.RegisterOptions, error) {
+	opts := testserver.RegisterOptions{TTL: c.Duration("register-ttl")}
+	e, z, err := registryOptions(c)
+	if err != nil {
+		return opts, err
+	}
+	if strings.HasPrefix(c.String("register"), "zk://") {
+		if opts.TLS, err = z.TLSConfig(); err != nil {
+			return opts, usageErr("%v", err)
+		}
+		opts.Username, opts.Password = z.Username, z.Password
+		return opts, nil
+	}
+	if opts.TLS, err = e.TLSConfig(); err != nil {
+		return opts, usageErr("%v", err)
+	}
+	opts.Username, opts.Password = e.Username, e.Password
+	return opts, nil
 }
 
 func runTestserver(c *cli.Context) error {
@@ -196,6 +218,10 @@ func runTestserver(c *cli.Context) error {
 		return usageErr("no name: give --name NAME")
 	}
 	logger, err := newLogger(c, c.App.ErrWriter)
+	if err != nil {
+		return err
+	}
+	regOpts, err := registerOptions(c)
 	if err != nil {
 		return err
 	}
@@ -225,7 +251,7 @@ func runTestserver(c *cli.Context) error {
 	if target := c.String("register"); target != "" {
 		addr := registerAddr(ln.Addr())
 		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		reg, err = testserver.Register(rctx, target, addr, testserver.RegisterOptions{TTL: c.Duration("register-ttl")})
+		reg, err = testserver.Register(rctx, target, addr, regOpts)
 		cancel()
 		if err != nil {
 			ts.Stop()

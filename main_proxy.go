@@ -63,11 +63,6 @@ func proxyCommand() *cli.Command {
 			// Discovery.
 			&cli.DurationFlag{Name: "dns-refresh", Value: resolver.DefaultRefresh, Usage: "how often DNS targets are resolved again (with ±10% jitter)"},
 			&cli.BoolFlag{Name: "dns-respect-ttl", Usage: "re-resolve DNS targets when their records' TTL runs out, bounded to 1s..5m, instead of every --dns-refresh"},
-			&cli.StringFlag{Name: "etcd-ca", Usage: "PEM CA `FILE` etcd's server certificate must chain to: turns TLS to etcd:// targets on"},
-			&cli.StringFlag{Name: "etcd-cert", Usage: "PEM client certificate `FILE` presented to etcd (needs --etcd-key)"},
-			&cli.StringFlag{Name: "etcd-key", Usage: "PEM private key `FILE` of --etcd-cert"},
-			&cli.StringFlag{Name: "etcd-username", Usage: "etcd user `NAME` (etcd auth; needs the password)"},
-			&cli.StringFlag{Name: "etcd-password", EnvVars: []string{"STREAMLB_ETCD_PASSWORD"}, Usage: "etcd password (prefer the environment variable, which ps does not show)"},
 
 			// Balancing.
 			&cli.StringFlag{Name: "policy", Value: director.RoundRobin, Usage: "how a backend is picked for each stream, one of: " + strings.Join(director.Policies(), ", ")},
@@ -116,7 +111,7 @@ func proxyCommand() *cli.Command {
 			&cli.StringFlag{Name: "backend-tls-server-name", Usage: "`NAME` backend certificates are checked against (default: each backend's address, which must then be an IP SAN)"},
 			&cli.StringFlag{Name: "backend-tls-cert", Usage: "PEM client certificate `FILE` presented to backends (mutual TLS; needs --backend-tls-key and --backend-tls-ca)"},
 			&cli.StringFlag{Name: "backend-tls-key", Usage: "PEM private key `FILE` of --backend-tls-cert"},
-		}, logFlags("info")...),
+		}, append(registryFlags(), logFlags("info")...)...),
 		Action: runProxy,
 	}
 }
@@ -219,6 +214,10 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 	if err != nil {
 		return zero, err
 	}
+	etcdOpts, zkOpts, err := registryOptions(c)
+	if err != nil {
+		return zero, err
+	}
 	drain := c.Duration("drain-timeout")
 	if drain == 0 {
 		drain = time.Nanosecond // 0 means: cut at once
@@ -228,11 +227,9 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			Targets:       backends,
 			DNSRefresh:    c.Duration("dns-refresh"),
 			DNSRespectTTL: c.Bool("dns-respect-ttl"),
-			Etcd: resolver.EtcdOptions{
-				CAFile: c.String("etcd-ca"), CertFile: c.String("etcd-cert"), KeyFile: c.String("etcd-key"),
-				Username: c.String("etcd-username"), Password: c.String("etcd-password"),
-			},
-			BackendTLS: backendTLS,
+			Etcd:          etcdOpts,
+			ZK:            zkOpts,
+			BackendTLS:    backendTLS,
 			Director: director.Config{
 				Policy:              c.String("policy"),
 				ChoiceCount:         c.Int("choice-count"),
@@ -283,7 +280,13 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 // and listen addresses. The other proxy flags are refused beside it.
 func fileConfig(c *cli.Context, path string, logger *slog.Logger) (cluster.ServerConfig, string, string, error) {
 	var zero cluster.ServerConfig
+	// The registry passwords' environment variables may be set for the
+	// file's password_env to name them.
+	fromEnv := map[string]string{"etcd-password": "STREAMLB_ETCD_PASSWORD", "zk-password": "STREAMLB_ZK_PASSWORD"}
 	for _, name := range c.FlagNames() {
+		if env, ok := fromEnv[name]; ok && c.String(name) == os.Getenv(env) {
+			continue
+		}
 		if name != "config" && !strings.HasPrefix(name, "log-") && c.IsSet(name) {
 			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level and --log-format go beside --config)", name, path)
 		}
@@ -374,4 +377,52 @@ func splitBackends(values []string) []string {
 		}
 	}
 	return out
+}
+
+// registryFlags are the settings of etcd:// and zk:// registries: the
+// proxy follows its targets with them, and the testserver registers with
+// them (--register).
+func registryFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "etcd-ca", Usage: "PEM CA `FILE` etcd's server certificate must chain to: turns TLS to etcd on"},
+		&cli.StringFlag{Name: "etcd-cert", Usage: "PEM client certificate `FILE` presented to etcd, for --client-cert-auth (needs --etcd-key)"},
+		&cli.StringFlag{Name: "etcd-key", Usage: "PEM private key `FILE` of --etcd-cert"},
+		&cli.StringFlag{Name: "etcd-username", Usage: "etcd user `NAME` (etcd auth; needs the password)"},
+		&cli.StringFlag{Name: "etcd-password", EnvVars: []string{"STREAMLB_ETCD_PASSWORD"}, Usage: "etcd password (prefer the environment variable, which ps does not show)"},
+		&cli.StringFlag{Name: "zk-username", Usage: "ZooKeeper digest user `NAME`: the session adds \"digest NAME:PASSWORD\", for nodes with a digest ACL (needs the password)"},
+		&cli.StringFlag{Name: "zk-password", EnvVars: []string{"STREAMLB_ZK_PASSWORD"}, Usage: "ZooKeeper digest password (prefer the environment variable, which ps does not show)"},
+		&cli.StringFlag{Name: "zk-ca", Usage: "PEM CA `FILE` ZooKeeper's server certificate must chain to: turns TLS to ZooKeeper on (its secureClientPort)"},
+		&cli.StringFlag{Name: "zk-cert", Usage: "PEM client certificate `FILE` presented to ZooKeeper, for ssl.clientAuth=need (needs --zk-key)"},
+		&cli.StringFlag{Name: "zk-key", Usage: "PEM private key `FILE` of --zk-cert"},
+	}
+}
+
+// registryOptions reads registryFlags, checking that the settings that go
+// together were given together.
+func registryOptions(c *cli.Context) (resolver.EtcdOptions, resolver.ZKOptions, error) {
+	e := resolver.EtcdOptions{
+		CAFile: c.String("etcd-ca"), CertFile: c.String("etcd-cert"), KeyFile: c.String("etcd-key"),
+		Username: c.String("etcd-username"), Password: c.String("etcd-password"),
+	}
+	z := resolver.ZKOptions{
+		Username: c.String("zk-username"), Password: c.String("zk-password"),
+		CAFile: c.String("zk-ca"), CertFile: c.String("zk-cert"), KeyFile: c.String("zk-key"),
+	}
+	switch {
+	case (e.CertFile == "") != (e.KeyFile == ""):
+		return e, z, usageErr("--etcd-cert and --etcd-key go together")
+	case (z.CertFile == "") != (z.KeyFile == ""):
+		return e, z, usageErr("--zk-cert and --zk-key go together")
+	case e.Username != "" && e.Password == "":
+		return e, z, usageErr("--etcd-username needs a password: set STREAMLB_ETCD_PASSWORD (or --etcd-password)")
+	case e.Username == "" && e.Password != "":
+		return e, z, usageErr("an etcd password needs --etcd-username")
+	case z.Username != "" && z.Password == "":
+		return e, z, usageErr("--zk-username needs a password: set STREAMLB_ZK_PASSWORD (or --zk-password)")
+	case z.Username == "" && z.Password != "":
+		return e, z, usageErr("a ZooKeeper password needs --zk-username")
+	case strings.Contains(z.Username, ":"):
+		return e, z, usageErr("--zk-username must not contain ':'")
+	}
+	return e, z, nil
 }

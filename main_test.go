@@ -62,6 +62,15 @@ func TestUsage(t *testing.T) {
 		{name: "missing TLS files", args: []string{"proxy", "--backend", "127.0.0.1:1", "--tls-cert", "/nonexistent/a.crt", "--tls-key", "/nonexistent/a.key"}, wantCode: 2, wantErr: "/nonexistent/a.crt"},
 		{name: "backend cert without CA", args: []string{"proxy", "--backend", "127.0.0.1:1", "--backend-tls-cert", "a.crt", "--backend-tls-key", "a.key"}, wantCode: 2, wantErr: "need --backend-tls-ca"},
 		{name: "missing backend CA", args: []string{"proxy", "--backend", "127.0.0.1:1", "--backend-tls-ca", "/nonexistent/ca.crt"}, wantCode: 2, wantErr: "backend CA"},
+		{name: "etcd user without password", args: []string{"proxy", "--backend", "etcd://127.0.0.1:1/svc", "--etcd-username", "lb"}, wantCode: 2, wantErr: "STREAMLB_ETCD_PASSWORD"},
+		{name: "etcd cert without key", args: []string{"proxy", "--backend", "etcd://127.0.0.1:1/svc", "--etcd-cert", "a.pem"}, wantCode: 2, wantErr: "--etcd-cert and --etcd-key"},
+		{name: "zk user without password", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-username", "svc"}, wantCode: 2, wantErr: "STREAMLB_ZK_PASSWORD"},
+		{name: "zk password without user", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-password", "x"}, wantCode: 2, wantErr: "needs --zk-username"},
+		{name: "zk cert without key", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-cert", "a.pem"}, wantCode: 2, wantErr: "--zk-cert and --zk-key"},
+		{name: "missing zk CA", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-ca", "/nonexistent/zk-ca.pem"}, wantCode: 2, wantErr: "/nonexistent/zk-ca.pem"},
+		{name: "zk user with a colon", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-username", "a:b", "--zk-password", "x"}, wantCode: 2, wantErr: "must not contain ':'"},
+		{name: "testserver zk user without password", args: []string{"testserver", "--name", "a", "--register", "zk://127.0.0.1:1/svc", "--zk-username", "svc"}, wantCode: 2, wantErr: "STREAMLB_ZK_PASSWORD"},
+		{name: "testserver missing etcd CA", args: []string{"testserver", "--name", "a", "--register", "etcd://127.0.0.1:1/svc", "--etcd-ca", "/nonexistent/ca.pem"}, wantCode: 2, wantErr: "/nonexistent/ca.pem"},
 		{name: "stray argument", args: []string{"proxy", "--backend", "127.0.0.1:1", "extra"}, wantCode: 2, wantErr: `unexpected argument "extra"`},
 	}
 	for _, tc := range tests {

@@ -51,6 +51,9 @@ type Config struct {
 	// Etcd configures etcd:// targets (TLS, authentication); its Logger
 	// defaults to Logger.
 	Etcd resolver.EtcdOptions
+	// ZK configures zk:// targets (digest credentials); its Logger
+	// defaults to Logger.
+	ZK resolver.ZKOptions
 	// Director configures the policy, health checks and outlier ejection.
 	// Its Logger and ResolveNow are set by New, and its HealthCredentials
 	// too when BackendTLS is set.
@@ -133,6 +136,7 @@ func New(cfg Config) (*Cluster, error) {
 		RespectTTL: cfg.DNSRespectTTL,
 		Logger:     cfg.Logger,
 		Etcd:       cfg.Etcd,
+		ZK:         cfg.ZK,
 		OnLookup: func(_ string, err error) {
 			if c.metrics != nil {
 				c.metrics.lookup(err)

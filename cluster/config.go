@@ -21,6 +21,7 @@ import (
 
 	"github.com/streamlb/streamlb/director"
 	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/resolver"
 )
 
 // File is a parsed and checked configuration file: listeners, the global
@@ -104,6 +105,8 @@ type fileCluster struct {
 	Targets       []string      `yaml:"targets"`
 	DNSRefresh    time.Duration `yaml:"dns_refresh"`
 	DNSRespectTTL bool          `yaml:"dns_respect_ttl"`
+	Etcd          *fileRegistry `yaml:"etcd"`
+	ZooKeeper     *fileRegistry `yaml:"zookeeper"`
 	Policy        string        `yaml:"policy"`
 	ChoiceCount   int           `yaml:"choice_count"`
 	HashHeader    string        `yaml:"hash_header"`
@@ -126,6 +129,35 @@ type fileCluster struct {
 	// cluster; Retry, if set, its retry policy (see fileRetry).
 	BackendTLS *fileBackendTL `yaml:"backend_tls"`
 	Retry      *fileRetry     `yaml:"retry"`
+}
+
+// fileRegistry is how a cluster reaches the registry of its etcd:// or
+// zk:// targets: TLS files and a user. The password is never in the file:
+// password_env names the environment variable that holds it, read at each
+// load.
+type fileRegistry struct {
+	CA          string `yaml:"ca"`
+	Cert        string `yaml:"cert"`
+	Key         string `yaml:"key"`
+	Username    string `yaml:"username"`
+	PasswordEnv string `yaml:"password_env"`
+}
+
+// check validates r's pairs; what the resolver checks (files) it leaves.
+func (r *fileRegistry) check() (field, msg string) {
+	switch {
+	case r == nil:
+		return "", ""
+	case (r.Cert == "") != (r.Key == ""):
+		return "", "cert and key go together"
+	case r.Username != "" && r.PasswordEnv == "":
+		return "password_env", "required with username: the environment variable that holds the password"
+	case r.Username == "" && r.PasswordEnv != "":
+		return "username", "required with password_env"
+	case r.PasswordEnv != "" && os.Getenv(r.PasswordEnv) == "":
+		return "password_env", fmt.Sprintf("environment variable %s is not set", r.PasswordEnv)
+	}
+	return "", ""
 }
 
 type fileRoute struct {
@@ -388,6 +420,18 @@ func (f *File) check(root *yaml.Node) error {
 		case c.Policy != "" && !contains(director.Policies(), c.Policy):
 			return errAt(fmt.Sprintf("unknown policy %q (want one of %s)", c.Policy, strings.Join(director.Policies(), ", ")), "clusters", i, "policy")
 		}
+		for _, r := range []struct {
+			key string
+			reg *fileRegistry
+		}{{"etcd", c.Etcd}, {"zookeeper", c.ZooKeeper}} {
+			if field, msg := r.reg.check(); msg != "" {
+				path := []any{"clusters", i, r.key}
+				if field != "" {
+					path = append(path, field)
+				}
+				return errAt(msg, path...)
+			}
+		}
 		names[c.Name] = true
 		if err := checkBackendTLS(c.BackendTLS, errAt, "clusters", i, "backend_tls"); err != nil {
 			return err
@@ -561,6 +605,12 @@ func (f *File) clusterConfig(c fileCluster) Config {
 			MaxEjectionPercent:  c.Ejection.MaxPercent,
 		},
 	}
+	if r := c.Etcd; r != nil {
+		cfg.Etcd = resolver.EtcdOptions{CAFile: r.CA, CertFile: r.Cert, KeyFile: r.Key, Username: r.Username, Password: r.password()}
+	}
+	if r := c.ZooKeeper; r != nil {
+		cfg.ZK = resolver.ZKOptions{CAFile: r.CA, CertFile: r.Cert, KeyFile: r.Key, Username: r.Username, Password: r.password()}
+	}
 	if t := f.backendTLSOf(c); t != nil {
 		cfg.BackendTLS = &BackendTLS{CAFile: t.CA, ServerName: t.ServerName, CertFile: t.Cert, KeyFile: t.Key}
 	}
@@ -596,6 +646,14 @@ func (f *File) retryOf(c fileCluster) Retry {
 		}
 	}
 	return r
+}
+
+// password reads the password from the environment.
+func (r *fileRegistry) password() string {
+	if r.PasswordEnv == "" {
+		return ""
+	}
+	return os.Getenv(r.PasswordEnv)
 }
 
 // proxyConfig returns the frame engine's settings from the file; zero

@@ -71,6 +71,10 @@ func TestParseFileErrors(t *testing.T) {
 		{name: "zero rate", replace: [2]string{"rate: 100", "rate: 0"}, want: []string{"line 24:", "routes[0].rate_limit.rate"}},
 		{name: "service with method", replace: [2]string{"service: grpc.testing.TestService", "service: grpc.testing.TestService/EmptyCall"}, want: []string{"line 21:", "routes[0].match.service"}},
 		{name: "bad proxy limit", replace: [2]string{"max_streams: 1000", "max_streams: -1"}, want: []string{"line 5:", "proxy:", "MaxStreams"}},
+		{name: "etcd user without password_env", replace: [2]string{"    dns_refresh: 10s", "    dns_refresh: 10s\n    etcd: {username: lb}"}, want: []string{"line 18:", "clusters[1].etcd.password_env", "required with username"}},
+		{name: "etcd password_env unset", replace: [2]string{"    dns_refresh: 10s", "    dns_refresh: 10s\n    etcd: {username: lb, password_env: STREAMLB_TEST_SURELY_UNSET}"}, want: []string{"line 18:", "clusters[1].etcd.password_env", "STREAMLB_TEST_SURELY_UNSET is not set"}},
+		{name: "zookeeper cert without key", replace: [2]string{"    dns_refresh: 10s", "    dns_refresh: 10s\n    zookeeper: {cert: a.pem}"}, want: []string{"line 18:", "clusters[1].zookeeper", "cert and key go together"}},
+		{name: "etcd CA missing", replace: [2]string{"[127.0.0.1:9003]", "[\"etcd://127.0.0.1:1/svc\"]\n    etcd: {ca: /nonexistent/ca.pem}"}, want: []string{"clusters[1]", "/nonexistent/ca.pem"}},
 		{name: "syntax", replace: [2]string{"listen: 127.0.0.1:0", "listen: [127.0.0.1:0"}, want: []string{"line"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -21,6 +21,11 @@
 //     ephemeral node, in the formats of Kitex, dubbo-go and Kratos (see
 //     [ZK] and [ZKFormats]).
 //
+// Both registries can be reached over TLS, with a client certificate, and
+// with credentials (etcd's users, ZooKeeper's digest ACLs): see
+// [EtcdOptions] and [ZKOptions]. A refusal is a failure like an outage:
+// the last set is kept, and the error names the cause.
+//
 // [Static] serves a fixed set, [DNS] follows one DNS target, [Etcd] one etcd
 // prefix, [ZK] one ZooKeeper node, and [New]
 // combines any mix of targets into one [Group]. [NewBuilder] offers the DNS

@@ -3,11 +3,9 @@ package resolver
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -15,6 +13,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 )
 
 // Defaults of [EtcdOptions].
@@ -93,30 +92,12 @@ func (o EtcdOptions) withDefaults() (EtcdOptions, error) {
 	return o, nil
 }
 
-// tlsConfig reads the TLS files; nil means cleartext.
-func (o EtcdOptions) tlsConfig() (*tls.Config, error) {
-	if o.CAFile == "" && o.CertFile == "" {
-		return nil, nil
-	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
-	if o.CAFile != "" {
-		pem, err := os.ReadFile(o.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("resolver: etcd CA: %w", err)
-		}
-		cfg.RootCAs = x509.NewCertPool()
-		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("resolver: etcd CA %s: no PEM certificate", o.CAFile)
-		}
-	}
-	if o.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(o.CertFile, o.KeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("resolver: etcd client certificate: %w", err)
-		}
-		cfg.Certificates = []tls.Certificate{cert}
-	}
-	return cfg, nil
+// TLSConfig reads o's TLS files and returns the client TLS configuration
+// they make, or nil for cleartext (no CAFile and no CertFile). It is what
+// [NewEtcd] uses, exported for other etcd clients configured alike (the
+// testserver's registration).
+func (o EtcdOptions) TLSConfig() (*tls.Config, error) {
+	return clientTLS("etcd", o.CAFile, o.CertFile, o.KeyFile)
 }
 
 // Etcd is a [Resolver] that follows the keys under one prefix of etcd
@@ -161,7 +142,7 @@ func NewEtcd(target Target, opts EtcdOptions) (*Etcd, error) {
 	if err != nil {
 		return nil, err
 	}
-	tc, err := opts.tlsConfig()
+	tc, err := opts.TLSConfig()
 	if err != nil {
 		return nil, err
 	}
@@ -183,17 +164,19 @@ func (e *Etcd) ResolveNow() {}
 
 // Run connects to etcd, pushes the set under the prefix to u and follows
 // it until ctx is cancelled; then it closes its client and returns nil.
-// It returns an error only if the client cannot be built at all. It
-// blocks; Run must not be called concurrently with itself.
+// It blocks; Run must not be called concurrently with itself.
 //
 // u.UpdateState is called with the first list and then only when the
 // sorted set changes; a list that finds no key pushes an empty set, since
 // that is etcd's authoritative answer. On compaction of the watched
 // revision Run lists again at once. On any other failure — etcd
 // unreachable (found by a probe every ProbeInterval, because the client
-// retries a broken watch silently), no leader, a failed list — it keeps
-// the last set, logs a warning, calls u.ReportError, and lists again after
-// a backoff of BackoffInitial doubling to BackoffMax.
+// retries a broken watch silently), no leader, a failed list, a TLS
+// handshake or a login that fails — it keeps the last set, logs a warning,
+// calls u.ReportError, and tries again after a backoff of BackoffInitial
+// doubling to BackoffMax. A TLS failure is named in the error (etcd's
+// client alone would say only "context deadline exceeded"), and so is a
+// wrong password: etcd's "authentication failed".
 func (e *Etcd) Run(ctx context.Context, u Updater) error {
 	cfg := clientv3.Config{
 		Endpoints:   strings.Split(e.target.Authority, ","),
@@ -204,21 +187,47 @@ func (e *Etcd) Run(ctx context.Context, u Updater) error {
 		Logger:      zap.NewNop(), // failures are logged here, once each
 		Context:     ctx,
 	}
-	cli, err := clientv3.New(cfg)
-	if err != nil {
-		return fmt.Errorf("resolver: %s: etcd client: %w", e.target, err)
+	var tlsErrs *tlsErrors // nil for cleartext
+	if e.tls != nil {
+		// Replaces the client's own TLS credentials (its DialOptions come
+		// last), with the same configuration, to learn why a connection
+		// failed.
+		tlsErrs = &tlsErrors{label: "last TLS error"}
+		cfg.DialOptions = []grpc.DialOption{grpc.WithTransportCredentials(newRecordingCreds(e.tls, tlsErrs))}
 	}
-	defer cli.Close()
+	var cli *clientv3.Client
+	defer func() {
+		if cli != nil {
+			cli.Close()
+		}
+	}()
 
 	st := &etcdState{keys: make(map[string][]Address), warned: make(map[string]bool)}
 	failures := 0
 	for {
-		rev, err := e.list(ctx, cli, st, u)
+		var (
+			rev int64
+			err error
+		)
+		if cli == nil {
+			// With a username, New logs in at once, so a wrong password
+			// or an etcd that is down fails here: like any failure, it is
+			// retried after a backoff, never fatal.
+			if cli, err = clientv3.New(cfg); err != nil {
+				cli, err = nil, fmt.Errorf("connect: %w", err)
+			}
+		}
+		if err == nil {
+			rev, err = e.list(ctx, cli, st, u)
+		}
 		if err == nil {
 			if failures > 0 {
 				e.logger.Info("etcd recovered", "failures", failures)
 			}
 			failures = 0
+			if tlsErrs != nil {
+				tlsErrs.take() // from before the recovery: not the cause of what follows
+			}
 			if e.afterList != nil {
 				e.afterList()
 			}
@@ -232,7 +241,7 @@ func (e *Etcd) Run(ctx context.Context, u Updater) error {
 			continue
 		}
 		failures++
-		err = fmt.Errorf("resolver: %s: %w", e.target, err)
+		err = fmt.Errorf("resolver: %s: %w", e.target, tlsErrs.annotate(err))
 		e.logger.Warn("etcd failed; keeping last set", "err", err, "backends", len(st.last), "failures", failures)
 		u.ReportError(err)
 		select {

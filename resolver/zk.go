@@ -2,6 +2,7 @@ package resolver
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -37,6 +38,19 @@ type ZKOptions struct {
 	// consecutive failure doubles it, up to BackoffMax. Zero means
 	// DefaultBackoffInitial and DefaultBackoffMax.
 	BackoffInitial, BackoffMax time.Duration
+	// Username and Password, if set, are added to the session as
+	// ZooKeeper's digest credentials ("addauth digest user:password"), so
+	// that nodes whose ACL grants READ to that digest identity (a
+	// zk.DigestACL) can be listed. ZooKeeper accepts any digest
+	// credentials; wrong ones show as NOAUTH on the nodes. Empty means
+	// none: only nodes readable by anyone can be listed.
+	Username, Password string
+	// CAFile is a PEM file of the CAs ZooKeeper's server certificate must
+	// chain to; it turns TLS on (ZooKeeper's secureClientPort). CertFile
+	// and KeyFile are a PEM client certificate and key presented to it
+	// (ssl.clientAuth=need); they turn TLS on too, with the system's CAs
+	// if CAFile is empty.
+	CAFile, CertFile, KeyFile string
 	// Logger receives the resolver's logs, with component=resolver added.
 	// Nil means slog.Default().
 	Logger *slog.Logger
@@ -65,6 +79,15 @@ func (o ZKOptions) withDefaults() (ZKOptions, error) {
 	if o.BackoffInitial > o.BackoffMax {
 		errs = append(errs, fmt.Errorf("resolver: zk options: BackoffInitial %v above BackoffMax %v", o.BackoffInitial, o.BackoffMax))
 	}
+	if (o.Username == "") != (o.Password == "") {
+		errs = append(errs, errors.New("resolver: zk options: Username and Password go together"))
+	}
+	if (o.CertFile == "") != (o.KeyFile == "") {
+		errs = append(errs, errors.New("resolver: zk options: CertFile and KeyFile go together"))
+	}
+	if strings.Contains(o.Username, ":") {
+		errs = append(errs, errors.New("resolver: zk options: Username must not contain ':' (digest credentials are user:password)"))
+	}
 	if len(errs) > 0 {
 		return ZKOptions{}, errors.Join(errs...)
 	}
@@ -72,6 +95,14 @@ func (o ZKOptions) withDefaults() (ZKOptions, error) {
 		o.Logger = slog.Default()
 	}
 	return o, nil
+}
+
+// TLSConfig reads o's TLS files and returns the client TLS configuration
+// they make, or nil for cleartext (no CAFile and no CertFile). It is what
+// [NewZK] uses, exported for other ZooKeeper clients configured alike (the
+// testserver's registration).
+func (o ZKOptions) TLSConfig() (*tls.Config, error) {
+	return clientTLS("zk", o.CAFile, o.CertFile, o.KeyFile)
 }
 
 // ZK is a [Resolver] that follows the children of one ZooKeeper node
@@ -90,6 +121,7 @@ type ZK struct {
 	// Immutable after NewZK.
 	target Target
 	opts   ZKOptions
+	tls    *tls.Config // nil: cleartext
 	logger *slog.Logger
 
 	// dialer, if set, replaces the client's dialer; for tests.
@@ -108,9 +140,14 @@ func NewZK(target Target, opts ZKOptions) (*ZK, error) {
 	if err != nil {
 		return nil, err
 	}
+	tc, err := opts.TLSConfig()
+	if err != nil {
+		return nil, err
+	}
 	return &ZK{
 		target: target,
 		opts:   opts,
+		tls:    tc,
 		logger: opts.Logger.With("component", "resolver", "target", target.String()),
 	}, nil
 }
@@ -141,14 +178,17 @@ var errZKExpired = errors.New("session expired")
 // session expiry Run lists again at once. On any other failure — the
 // connection lost, no session within ConnectTimeout, a failed request —
 // it keeps the last set, logs a warning, calls u.ReportError, and lists
-// again after a backoff of BackoffInitial doubling to BackoffMax.
+// again after a backoff of BackoffInitial doubling to BackoffMax. A node
+// whose ACL refuses the session (NOAUTH: wrong or missing digest
+// credentials) is such a failure; a child it refuses is skipped with a
+// warning instead, so that it does not freeze the rest.
 func (z *ZK) Run(ctx context.Context, u Updater) error {
-	dial := z.dialer
-	if dial == nil {
-		dial = net.DialTimeout
+	d := &zkDialer{dial: z.dialer, tls: z.tls, errs: &tlsErrors{label: "last connection error"}}
+	if d.dial == nil {
+		d.dial = net.DialTimeout
 	}
 	conn, events, err := zk.Connect(strings.Split(z.target.Authority, ","), z.opts.SessionTimeout,
-		zk.WithDialer(dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
+		zk.WithDialer(d.Dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
 	if err != nil {
 		return fmt.Errorf("resolver: %s: zk client: %w", z.target, err)
 	}
@@ -166,6 +206,7 @@ func (z *ZK) Run(ctx context.Context, u Updater) error {
 				z.logger.Info("zookeeper recovered", "failures", failures)
 			}
 			failures = 0
+			d.errs.take() // from before the recovery: not the cause of what follows
 			err = z.wait(ctx, events, watch)
 			if err == nil {
 				continue // the children changed: list again, re-arming the watch
@@ -180,7 +221,7 @@ func (z *ZK) Run(ctx context.Context, u Updater) error {
 			continue
 		}
 		failures++
-		err = fmt.Errorf("resolver: %s: %w", z.target, err)
+		err = fmt.Errorf("resolver: %s: %w", z.target, d.errs.annotate(err))
 		z.logger.Warn("zookeeper failed; keeping last set", "err", err, "backends", len(st.last), "failures", failures)
 		u.ReportError(err)
 		select {
@@ -197,6 +238,7 @@ type zkState struct {
 	nodes    map[string][]Address // decoded addresses per child name
 	warned   map[string]bool      // children whose undecodable data was logged
 	stale    bool                 // nodes' data must be read again
+	authed   bool                 // the digest credentials were added
 	last     []Address            // the last set u accepted
 	haveLast bool
 }
@@ -231,6 +273,14 @@ func (z *ZK) list(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st
 	if err := z.awaitSession(ctx, conn, events); err != nil {
 		return nil, err
 	}
+	if z.opts.Username != "" && !st.authed {
+		// Once per connection object: go-zookeeper sends the credentials
+		// it was given again on every reconnection and new session.
+		if err := conn.AddAuth("digest", []byte(z.opts.Username+":"+z.opts.Password)); err != nil {
+			return nil, fmt.Errorf("add digest credentials of %q: %w", z.opts.Username, err)
+		}
+		st.authed = true
+	}
 	p := z.target.Host
 	children, _, watch, err := conn.ChildrenW(p)
 	if errors.Is(err, zk.ErrNoNode) {
@@ -246,7 +296,7 @@ func (z *ZK) list(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st
 		children = nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("list %q: %w", p, err)
+		return nil, fmt.Errorf("list %q: %w", p, z.explain(err))
 	}
 	nodes := make(map[string][]Address, len(children))
 	for _, name := range children {
@@ -258,6 +308,18 @@ func (z *ZK) list(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st
 		data, _, err := conn.Get(full)
 		if errors.Is(err, zk.ErrNoNode) {
 			continue // gone since the list; the watch has fired
+		}
+		if errors.Is(err, zk.ErrNoAuth) {
+			// One node its owner locked away must not freeze the rest:
+			// skip it, as a node that does not decode.
+			if !st.warned[name] {
+				st.warned[name] = true
+				z.logger.Warn("skipping zookeeper node: its ACL does not let this session read it", "node", full, "err", z.explain(err))
+			}
+			if as, ok := st.nodes[name]; ok {
+				nodes[name] = as
+			}
+			continue
 		}
 		if err != nil {
 			return nil, fmt.Errorf("get %q: %w", full, err)
@@ -274,6 +336,17 @@ func (z *ZK) list(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st
 	}
 	z.push(st, u)
 	return watch, nil
+}
+
+// explain adds to a NOAUTH error what it means here.
+func (z *ZK) explain(err error) error {
+	if !errors.Is(err, zk.ErrNoAuth) {
+		return err
+	}
+	if z.opts.Username == "" {
+		return fmt.Errorf("%w (the ACL requires credentials and none were given)", err)
+	}
+	return fmt.Errorf("%w (the ACL does not grant READ to digest user %q with this password)", err, z.opts.Username)
 }
 
 // decode decodes one child. A child that does not decode is logged once

@@ -2,6 +2,7 @@ package testserver
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -28,6 +29,15 @@ type RegisterOptions struct {
 	Weight int
 	// Tags are Kitex's tags; nil registers an empty object.
 	Tags map[string]string
+	// TLS, if set, is the client TLS configuration (server CA, client
+	// certificate) for etcd, or for ZooKeeper's TLS port.
+	TLS *tls.Config
+	// Username and Password, if set, are etcd's login, or ZooKeeper's
+	// digest credentials: then the session adds "digest user:password"
+	// and the nodes it creates (missing parents too) get a digest ACL
+	// granting that user everything and nobody else anything, as a
+	// registry that only its services may read.
+	Username, Password string
 }
 
 // Registration is one backend registered by [Register], kept alive until
@@ -87,7 +97,10 @@ func RegisterEtcd(ctx context.Context, target, addr string, opts RegisterOptions
 	if err != nil {
 		return nil, fmt.Errorf("testserver: register: %w", err)
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop(),
+		TLS: opts.TLS, Username: opts.Username, Password: opts.Password,
+	})
 	if err != nil {
 		return nil, fmt.Errorf("testserver: register: etcd client: %w", err)
 	}

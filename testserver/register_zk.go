@@ -2,6 +2,7 @@ package testserver
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -42,6 +43,13 @@ func RegisterZK(ctx context.Context, target, addr string, opts RegisterOptions) 
 	if opts.TTL == 0 {
 		opts.TTL = DefaultRegisterTTL
 	}
+	if (opts.Username == "") != (opts.Password == "") || strings.Contains(opts.Username, ":") {
+		return nil, errors.New("testserver: register: ZooKeeper digest credentials need a username without ':' and a password")
+	}
+	acl := zk.WorldACL(zk.PermAll)
+	if opts.Username != "" {
+		acl = zk.DigestACL(zk.PermAll, opts.Username, opts.Password)
+	}
 	weight := opts.Weight
 	if weight == 0 {
 		weight = 10
@@ -68,10 +76,25 @@ func RegisterZK(ctx context.Context, target, addr string, opts RegisterOptions) 
 			return nil, net.ErrClosed
 		}
 		c, err := net.DialTimeout(network, address, timeout)
-		if err == nil {
-			nc = c
+		if err != nil {
+			return nil, err
 		}
-		return c, err
+		if opts.TLS != nil {
+			cfg := opts.TLS.Clone()
+			if cfg.ServerName == "" {
+				cfg.ServerName, _, _ = net.SplitHostPort(address)
+			}
+			tc := tls.Client(c, cfg)
+			_ = tc.SetDeadline(time.Now().Add(timeout))
+			if err := tc.Handshake(); err != nil {
+				c.Close()
+				return nil, err
+			}
+			_ = tc.SetDeadline(time.Time{})
+			c = tc
+		}
+		nc = c
+		return c, nil
 	}
 	conn, events, err := zk.Connect(servers, opts.TTL, zk.WithDialer(dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
 	if err != nil {
@@ -81,12 +104,18 @@ func RegisterZK(ctx context.Context, target, addr string, opts RegisterOptions) 
 		conn.Close()
 		return nil, fmt.Errorf("testserver: register: %w", err)
 	}
+	if opts.Username != "" {
+		if err := conn.AddAuth("digest", []byte(opts.Username+":"+opts.Password)); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("testserver: register: add digest credentials: %w", err)
+		}
+	}
 	key := strings.TrimRight(nodePath, "/") + "/" + addr
-	if err := createZKParents(conn, key); err != nil {
+	if err := createZKParents(conn, key, acl); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("testserver: register %s: %w", key, err)
 	}
-	if _, err := conn.Create(key, data, zk.FlagEphemeral, zk.WorldACL(zk.PermAll)); err != nil {
+	if _, err := conn.Create(key, data, zk.FlagEphemeral, acl); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("testserver: register %s: %w", key, err)
 	}
@@ -120,12 +149,13 @@ func awaitZKSession(ctx context.Context, conn *zk.Conn, events <-chan zk.Event) 
 	return nil
 }
 
-// createZKParents creates the missing parents of p as persistent nodes.
-func createZKParents(conn *zk.Conn, p string) error {
+// createZKParents creates the missing parents of p as persistent nodes
+// with acl.
+func createZKParents(conn *zk.Conn, p string, acl []zk.ACL) error {
 	parts := strings.Split(strings.Trim(p, "/"), "/")
 	for i := 1; i < len(parts); i++ {
 		parent := "/" + strings.Join(parts[:i], "/")
-		if _, err := conn.Create(parent, nil, 0, zk.WorldACL(zk.PermAll)); err != nil && !errors.Is(err, zk.ErrNodeExists) {
+		if _, err := conn.Create(parent, nil, 0, acl); err != nil && !errors.Is(err, zk.ErrNodeExists) {
 			return fmt.Errorf("create %s: %w", parent, err)
 		}
 	}

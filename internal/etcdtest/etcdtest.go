@@ -5,11 +5,15 @@ package etcdtest
 
 import (
 	"context"
+	"crypto/tls"
+	"errors"
 	"net"
 	"net/url"
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
@@ -23,6 +27,7 @@ type Server struct {
 	dir       string
 	clientURL url.URL
 	peerURL   url.URL
+	opts      Options
 	e         *embed.Etcd
 	// held keeps the stopped server's ports bound, so that no other test
 	// (or package, running at the same time) starts a server on them and
@@ -30,15 +35,42 @@ type Server struct {
 	held []net.Listener
 }
 
+// Options configures [StartWith]. The zero value is a cleartext server,
+// as [Start] runs.
+type Options struct {
+	// CertFile and KeyFile are the server's PEM certificate and key for
+	// its clients: they turn TLS on (https://); the peer port stays
+	// cleartext.
+	CertFile, KeyFile string
+	// ClientCertAuth makes the server require a client certificate that
+	// chains to TrustedCAFile (etcd's --client-cert-auth).
+	ClientCertAuth bool
+	TrustedCAFile  string
+	// ClientTLS is the TLS configuration of the clients made by
+	// [Server.Client]; needed when CertFile is set.
+	ClientTLS *tls.Config
+}
+
 // Start starts a single-member etcd with its data in t.TempDir() on two
 // free loopback ports, and stops it when the test ends.
 func Start(t testing.TB) *Server {
 	t.Helper()
+	return StartWith(t, Options{})
+}
+
+// StartWith is [Start] with TLS settings.
+func StartWith(t testing.TB, opts Options) *Server {
+	t.Helper()
+	scheme := "http"
+	if opts.CertFile != "" {
+		scheme = "https"
+	}
 	s := &Server{
 		t:         t,
 		dir:       t.TempDir(),
-		clientURL: url.URL{Scheme: "http", Host: freeAddr(t)},
+		clientURL: url.URL{Scheme: scheme, Host: freeAddr(t)},
 		peerURL:   url.URL{Scheme: "http", Host: freeAddr(t)},
+		opts:      opts,
 	}
 	s.Start()
 	t.Cleanup(func() {
@@ -62,6 +94,12 @@ func freeAddr(t testing.TB) string {
 // Endpoint returns the client address, "127.0.0.1:PORT".
 func (s *Server) Endpoint() string { return s.clientURL.Host }
 
+// SetCert makes the next [Server.Start] of a stopped server present
+// another certificate, as after a rotation.
+func (s *Server) SetCert(certFile, keyFile string) {
+	s.opts.CertFile, s.opts.KeyFile = certFile, keyFile
+}
+
 // Start (re)starts the server if it is stopped and waits until it serves.
 func (s *Server) Start() {
 	s.t.Helper()
@@ -80,6 +118,17 @@ func (s *Server) Start() {
 	cfg.Logger = "zap"
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	cfg.UnsafeNoFsync = true
+	// bcrypt's minimum cost: a login at the default cost takes over a
+	// second under the race detector, longer than the tests' timeouts.
+	cfg.BcryptCost = 4
+	if s.opts.CertFile != "" {
+		cfg.ClientTLSInfo = transport.TLSInfo{
+			CertFile:       s.opts.CertFile,
+			KeyFile:        s.opts.KeyFile,
+			ClientCertAuth: s.opts.ClientCertAuth,
+			TrustedCAFile:  s.opts.TrustedCAFile,
+		}
+	}
 	var (
 		e   *embed.Etcd
 		err error
@@ -131,12 +180,22 @@ func (s *Server) release() {
 	s.held = nil
 }
 
-// Client returns a client of the server, closed when the test ends.
+// Client returns a client of the server, over TLS with Options.ClientTLS
+// if the server has TLS, closed when the test ends.
 func (s *Server) Client() *clientv3.Client {
+	s.t.Helper()
+	return s.ClientAs("", "")
+}
+
+// ClientAs is [Server.Client] authenticated as user (etcd's auth).
+func (s *Server) ClientAs(user, password string) *clientv3.Client {
 	s.t.Helper()
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   []string{s.Endpoint()},
 		DialTimeout: 5 * time.Second,
+		TLS:         s.opts.ClientTLS,
+		Username:    user,
+		Password:    password,
 		Logger:      zap.NewNop(),
 	})
 	if err != nil {
@@ -144,6 +203,44 @@ func (s *Server) Client() *clientv3.Client {
 	}
 	s.t.Cleanup(func() { cli.Close() })
 	return cli
+}
+
+// EnableAuth turns etcd's authentication on through cli (a client made
+// before, so unauthenticated), as an operator does with etcdctl: user root
+// with rootPassword and the root role, and user with password and a role
+// that may only read the keys under prefix. From then on writes need a
+// client of [Server.ClientAs] root.
+func EnableAuth(t testing.TB, cli *clientv3.Client, rootPassword, user, password, prefix string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	steps := []struct {
+		what string
+		do   func() error
+	}{
+		{"add user root", func() error { _, err := cli.UserAdd(ctx, "root", rootPassword); return err }},
+		{"add role root", func() error {
+			_, err := cli.RoleAdd(ctx, "root")
+			if errors.Is(err, rpctypes.ErrRoleAlreadyExist) {
+				return nil // built in on some versions
+			}
+			return err
+		}},
+		{"grant root", func() error { _, err := cli.UserGrantRole(ctx, "root", "root"); return err }},
+		{"add role reader", func() error { _, err := cli.RoleAdd(ctx, "reader"); return err }},
+		{"grant read", func() error {
+			_, err := cli.RoleGrantPermission(ctx, "reader", prefix, clientv3.GetPrefixRangeEnd(prefix), clientv3.PermissionType(clientv3.PermRead))
+			return err
+		}},
+		{"add user " + user, func() error { _, err := cli.UserAdd(ctx, user, password); return err }},
+		{"grant reader", func() error { _, err := cli.UserGrantRole(ctx, user, "reader"); return err }},
+		{"enable auth", func() error { _, err := cli.AuthEnable(ctx); return err }},
+	}
+	for _, st := range steps {
+		if err := st.do(); err != nil {
+			t.Fatalf("etcdtest: %s: %v", st.what, err)
+		}
+	}
 }
 
 // Put writes key=value, failing the test on error.

@@ -1,7 +1,7 @@
 // Package testkit holds the few helpers that tests of several streamlb
-// packages share: a bounded context, polling for a condition and an
-// address that refuses connections. It is imported only by tests and
-// imports nothing of streamlb's.
+// packages share: a bounded context, polling for a condition, an address
+// that refuses connections and a certificate authority made in the test.
+// It is imported only by tests and imports nothing of streamlb's.
 package testkit
 
 import (

@@ -31,10 +31,11 @@ const TickTime = 200 * time.Millisecond
 // stay the same across Stop and Start, so a restarted server has the same
 // data, as after an outage.
 type Server struct {
-	t    testing.TB
-	dir  string
-	addr string
-	cfg  string
+	t          testing.TB
+	dir        string
+	addr       string
+	secureAddr string // "" without TLS
+	cfg        string
 
 	mu     sync.Mutex // guards the fields below
 	cmd    *exec.Cmd
@@ -47,6 +48,30 @@ type Server struct {
 // STREAMLB_REQUIRE_ZOOKEEPER=1.
 func Start(t testing.TB) *Server {
 	t.Helper()
+	return StartWith(t, Options{})
+}
+
+// Options configures [StartWith]. The zero value is a cleartext server,
+// as [Start] runs.
+type Options struct {
+	// Keystore is a PEM file holding the server's certificate and its
+	// PKCS#8 private key; it turns on a TLS port (secureClientPort, with
+	// the Netty connection factory) beside the cleartext one.
+	Keystore string
+	// Truststore is a PEM file of the CAs client certificates must chain
+	// to, and ClientAuth is ZooKeeper's ssl.clientAuth: "need", "want" or
+	// "none" (the default when empty).
+	Truststore, ClientAuth string
+}
+
+// NettyCodecJar holds Netty's codec classes, which the TLS port needs and
+// the jar's manifest does not list (Debian's libnetty-java, a dependency
+// of libzookeeper-java).
+const NettyCodecJar = "/usr/share/java/netty-codec.jar"
+
+// StartWith is [Start] with TLS settings.
+func StartWith(t testing.TB, opts Options) *Server {
+	t.Helper()
 	_, jerr := exec.LookPath("java")
 	_, ferr := os.Stat(Jar)
 	if jerr != nil || ferr != nil {
@@ -58,6 +83,28 @@ func Start(t testing.TB) *Server {
 	s := &Server{t: t, dir: t.TempDir()}
 	s.addr = freeAddr(t)
 	_, port, _ := net.SplitHostPort(s.addr)
+	var secure string
+	if opts.Keystore != "" {
+		if _, err := os.Stat(NettyCodecJar); err != nil {
+			t.Fatalf("zookeeper TLS needs Netty's codec: %v (apt-get install libnetty-java)", err)
+		}
+		s.secureAddr = freeAddr(t)
+		_, sport, _ := net.SplitHostPort(s.secureAddr)
+		clientAuth := opts.ClientAuth
+		if clientAuth == "" {
+			clientAuth = "none"
+		}
+		secure = fmt.Sprintf(`secureClientPort=%s
+secureClientPortAddress=127.0.0.1
+serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory
+ssl.keyStore.location=%s
+ssl.keyStore.type=PEM
+ssl.clientAuth=%s
+`, sport, opts.Keystore, clientAuth)
+		if opts.Truststore != "" {
+			secure += fmt.Sprintf("ssl.trustStore.location=%s\nssl.trustStore.type=PEM\n", opts.Truststore)
+		}
+	}
 	s.cfg = filepath.Join(s.dir, "zoo.cfg")
 	cfg := fmt.Sprintf(`tickTime=%d
 dataDir=%s
@@ -66,7 +113,7 @@ clientPortAddress=127.0.0.1
 maxClientCnxns=0
 admin.enableServer=false
 4lw.commands.whitelist=srvr
-`, TickTime.Milliseconds(), filepath.Join(s.dir, "data"), port)
+`, TickTime.Milliseconds(), filepath.Join(s.dir, "data"), port) + secure
 	if err := os.WriteFile(s.cfg, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -89,6 +136,10 @@ func freeAddr(t testing.TB) string {
 // Addr returns the client address, "127.0.0.1:PORT".
 func (s *Server) Addr() string { return s.addr }
 
+// SecureAddr returns the TLS client address, "127.0.0.1:PORT", or "" if
+// the server has no Keystore.
+func (s *Server) SecureAddr() string { return s.secureAddr }
+
 // Start (re)starts the server if it is stopped and waits until it serves
 // clients, for at most 60 s (a JVM on a busy machine starts slowly).
 func (s *Server) Start() {
@@ -102,7 +153,7 @@ func (s *Server) Start() {
 	// ZooKeeperServerMain is the standalone server zkServer.sh runs.
 	cmd := exec.Command("java", "-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
 		"-Dzookeeper.log.dir="+s.dir, "-Dzookeeper.root.logger=WARN,CONSOLE",
-		"-cp", Jar,
+		"-cp", Jar+":"+NettyCodecJar,
 		"org.apache.zookeeper.server.ZooKeeperServerMain", s.cfg)
 	cmd.Stdout, cmd.Stderr = &lockedWriter{mu: &s.mu, w: s.log}, &lockedWriter{mu: &s.mu, w: s.log}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
