@@ -43,7 +43,7 @@ type backendConn struct {
 	// the last stream id and may still close the connection without
 	// answering it, so only a stream never sent is safe to move.
 	peerGoAway bool
-	used       bool        // a stream was reserved since the last idle sweep (see pool.closeIfIdle)
+	used       bool // a stream was reserved since the last idle sweep (see pool.closeIfIdle)
 
 	lastRead atomic.Int64 // unix nanoseconds bytes last arrived, for keepalive (see readClock)
 }
