@@ -110,6 +110,15 @@ func TestZKDigestAuth(t *testing.T) {
 		t.Errorf("%d warnings for the locked node, want 1; logs:\n%s", n, logs)
 	}
 
+	if raceEnabled {
+		// go-zookeeper v1.0.4 (the newest release) races with itself when
+		// a session with credentials and watches reconnects: Conn.loop's
+		// sendSetWatches reads lastZxid (conn.go:614) while recvLoop
+		// writes it for the re-sent auth's answer (conn.go:849). The rest
+		// runs without the race detector (.ci/run runs it so).
+		t.Log("skipping the reconnection with credentials under -race: a data race inside go-zookeeper v1.0.4")
+		return
+	}
 	// The service node's ACL changes to admin only. Debian's ZooKeeper
 	// (3.8.0-11+deb12u2) then no longer delivers the node's child watch to
 	// a session that may not read it (seen here; newer ZooKeepers check
