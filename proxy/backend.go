@@ -45,7 +45,7 @@ type backendConn struct {
 	peerGoAway bool
 	used       bool // a stream was reserved since the last idle sweep (see pool.closeIfIdle)
 
-	lastRead atomic.Int64 // unix nanoseconds bytes last arrived, for keepalive (see readClock)
+	lastRead atomic.Int64 // unix nanoseconds bytes last arrived, for keepalive (see connReader.lastRead)
 }
 
 // errDrainTimeout closes a draining connection whose streams outlived
@@ -155,7 +155,8 @@ func (b *backendConn) run(ctx context.Context) {
 		return
 	}
 	b.lastRead.Store(b.pool.srv.now().UnixNano())
-	b.attach(&readClock{Conn: nc, now: b.pool.srv.now, last: &b.lastRead})
+	b.attach(nc)
+	b.cr.lastRead, b.cr.now = &b.lastRead, b.pool.srv.now
 	b.mu.Lock()
 	b.queueCtrlLocked(writeOp{kind: opSettings, settings: []http2.Setting{
 		{ID: http2.SettingEnablePush, Val: 0},

@@ -2,9 +2,7 @@ package proxy
 
 import (
 	"errors"
-	"net"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -23,23 +21,6 @@ var errKeepalive = errors.New("backend did not answer a keepalive PING in time")
 // keepalivePing is the payload of our keepalive PINGs; any frame read
 // answers them, so the payload is not matched.
 var keepalivePing = [8]byte{'s', 't', 'r', 'e', 'a', 'm', 'l', 'b'}
-
-// readClock wraps a backend connection's socket to note when bytes last
-// arrived, for keepalive: a read is one syscall (the reader buffers 32 KiB),
-// so the clock costs nothing per frame.
-type readClock struct {
-	net.Conn
-	now  func() time.Time
-	last *atomic.Int64 // unix nanoseconds of the last read that returned bytes
-}
-
-func (r *readClock) Read(p []byte) (int, error) {
-	n, err := r.Conn.Read(p)
-	if n > 0 {
-		r.last.Store(r.now().UnixNano())
-	}
-	return n, err
-}
 
 // onPeerSettings is called by the reader after it applied a SETTINGS frame
 // (not an ACK) from the backend. The backend is up; if it now advertises

@@ -6,7 +6,9 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Connection buffers are held only while there is something in them, so an
@@ -60,6 +62,18 @@ type connReader struct {
 	burst   bool    // the last fill filled its buffer
 	err     error   // read error that came with bytes, returned once they are drained
 	small   []byte  // smallReadSize, when raw is nil
+	// lastRead, when set (with now), is stamped with the time of every
+	// read that brought bytes: once per syscall, not per frame. Backend
+	// connections use it for keepalive.
+	lastRead *atomic.Int64
+	now      func() time.Time
+}
+
+// stamp notes that a read brought n bytes; see lastRead.
+func (c *connReader) stamp(n int) {
+	if n > 0 && c.lastRead != nil {
+		c.lastRead.Store(c.now().UnixNano())
+	}
 }
 
 func newConnReader(nc net.Conn) *connReader {
@@ -143,6 +157,7 @@ func (c *connReader) Read(p []byte) (int, error) {
 			// The buffer is kept from one fill to the next: readRaw
 			// lets go of it when the socket has nothing.
 			n, err := c.readRaw()
+			c.stamp(n)
 			if n == 0 {
 				c.release()
 				if err == nil {
@@ -157,6 +172,7 @@ func (c *connReader) Read(p []byte) (int, error) {
 			// Large read: straight into p, no copy, as bufio.Reader does.
 			c.release()
 			n, err := c.nc.Read(p)
+			c.stamp(n)
 			c.burst = n > smallReadSize
 			return n, err
 		}
@@ -170,6 +186,7 @@ func (c *connReader) Read(p []byte) (int, error) {
 			c.release()
 		}
 		n, err := c.nc.Read(buf)
+		c.stamp(n)
 		// A fill that filled the small buffer, or brought more than it
 		// holds, says the connection is busy: keep reading into the pooled
 		// buffer until a fill brings little again.

@@ -220,6 +220,7 @@ type writeOp struct {
 type transport struct {
 	nc  net.Conn      // set by attach, under mu
 	rfr *http2.Framer // reader goroutine only
+	cr  *connReader   // rfr's source, the socket's buffered reader
 	hd  hdecState     // reader goroutine only
 	log *slog.Logger
 
@@ -331,7 +332,8 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 // attach gives the transport its socket. It must be called before the
 // reader and writer start.
 func (t *transport) attach(nc net.Conn) {
-	t.rfr = http2.NewFramer(nil, &contGuard{r: newConnReader(nc)})
+	t.cr = newConnReader(nc)
+	t.rfr = http2.NewFramer(nil, &contGuard{r: t.cr})
 	// ReadMetaHeaders stays nil: readFrame assembles header blocks.
 	t.hd.dec = hpack.NewDecoder(4096, t.hd.emit)
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
