@@ -306,9 +306,10 @@ func (b *backendConn) streamError(se http2.StreamError) error {
 	return nil
 }
 
-// glitchLocked implements errorPolicy: a backend is ours, and is not
-// held to a budget.
+// glitchLocked and strayLocked implement errorPolicy: a backend is ours,
+// and is not held to a budget.
 func (b *backendConn) glitchLocked(int, string) error { return nil }
+func (b *backendConn) strayLocked(string) error       { return nil }
 
 // streamLocked implements streamTable.
 func (b *backendConn) streamLocked(id uint32) (*h2state, *sendQueue) {

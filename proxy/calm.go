@@ -31,7 +31,19 @@ type calmMeter struct {
 	opened   int // streams opened in the window
 	resets   int // streams the client reset before their response ended
 	glitches int
+	strays   int // frames on closed streams
 }
+
+// straysPerStream is how many frames on closed streams a client may send
+// per stream it opened in the window before they count as glitches. RFC
+// 9113 allows them in a race (§5.1 "closed", §6.9: "a receiver MUST NOT
+// treat this as an error"), and a good client sends them routinely: a
+// grpc-go client whose application reads a server stream's last messages
+// after END_STREAM arrived sends a WINDOW_UPDATE for each quarter of the
+// stream window it frees, then may cancel (RST_STREAM). Charging each one
+// cut such a client at about 100 streams a second. A flood on few
+// streams still spends the budget.
+const straysPerStream = 4
 
 // rollLocked starts a new window if the current one is over.
 func (m *calmMeter) rollLocked(now time.Time) {
@@ -86,6 +98,18 @@ func (c *serverConn) glitchLocked(points int, what string) error {
 		return errCalm("glitch budget of %d per %v spent, last on %s", max, calmWindow, what)
 	}
 	return nil
+}
+
+// strayLocked counts a frame on a closed stream: free up to
+// straysPerStream per stream opened in the window, a glitch point beyond.
+// Caller must hold mu.
+func (c *serverConn) strayLocked(what string) error {
+	c.calm.rollLocked(c.srv.now())
+	c.calm.strays++
+	if c.calm.strays <= straysPerStream*c.calm.opened {
+		return nil
+	}
+	return c.glitchLocked(1, what)
 }
 
 // checkSettings rejects a SETTINGS frame no client needs, before its

@@ -59,6 +59,9 @@ type errorPolicy interface {
 	// glitchLocked charges the connection for a frame that did no useful
 	// work (calm.go), returning a connection error past the budget.
 	glitchLocked(points int, what string) error
+	// strayLocked charges a frame on a closed stream, legal in a race
+	// (RFC 9113 §5.1, §6.9): a few per stream opened are free (calm.go).
+	strayLocked(what string) error
 	// streamError resets the stream of se (RFC 9113 §5.4.2); a non-nil
 	// result ends the connection.
 	streamError(se http2.StreamError) error
@@ -323,7 +326,7 @@ func (t *transport) unknownStreamLocked(p h2role, id uint32, ev h2event, what st
 	if _, res := transition(st, ev); res != resIgnore {
 		return resultErr(id, res)
 	}
-	return p.glitchLocked(1, what)
+	return p.strayLocked(what)
 }
 
 // resultErr is the error RFC 9113 §5.1 makes of a transition's result on
