@@ -456,9 +456,11 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 		return err
 	}
 	if !a.gotHeaders {
-		// A response starts with HEADERS (RFC 9113 §8.1).
+		// A response starts with HEADERS (RFC 9113 §8.1); without them
+		// it is malformed, a stream error PROTOCOL_ERROR (§8.1.1), as
+		// x/net's client answers "DATA before a HEADERS frame".
 		b.mu.Unlock()
-		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeStreamClosed}
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol, Cause: errors.New("DATA before the response HEADERS")}
 	}
 	held := b.forwardLocked(a)
 	if end {

@@ -175,6 +175,13 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		if err := checkSettings(f); err != nil {
 			return err
 		}
+		if _, fromServer := p.(*backendConn); fromServer {
+			// §6.5.2: a server never sends ENABLE_PUSH=1; a client
+			// treats it as a connection error PROTOCOL_ERROR.
+			if v, ok := f.Value(http2.SettingEnablePush); ok && v != 0 {
+				return connErr(http2.ErrCodeProtocol, "SETTINGS_ENABLE_PUSH=1 from a server")
+			}
+		}
 		t.mu.Lock()
 		err := p.glitchLocked(1, "SETTINGS") // a peer sends a handful per connection
 		t.mu.Unlock()
