@@ -43,7 +43,8 @@ type backendConn struct {
 	// the last stream id and may still close the connection without
 	// answering it, so only a stream never sent is safe to move.
 	peerGoAway bool
-	used       bool // a stream was reserved since the last idle sweep (see pool.closeIfIdle)
+	used       bool      // a stream was reserved since the last idle sweep (see pool.closeIfIdle)
+	calm       calmMeter // glitches (calm.go)
 
 	lastRead atomic.Int64 // unix nanoseconds bytes last arrived, for keepalive (see connReader.lastRead)
 }
@@ -288,10 +289,20 @@ func (b *backendConn) failAll(f failure) {
 	}
 }
 
-// connError implements errorPolicy.
+// connError implements errorPolicy. The GOAWAY's last-stream-id is 0 on
+// purpose: RFC 9113 §6.8 defines it as the highest stream id "initiated by
+// the sender's peer" that we acted on. Our peer here is the server, whose
+// only streams would be pushes, and we refuse those (ENABLE_PUSH=0, §8.4),
+// so there is none; the streams we opened are ours and are not named.
+// x/net's and grpc-go's clients send 0 too. TestRFC9113BackendSide checks.
 func (b *backendConn) connError(err error, code http2.ErrCode, detail error) error {
+	var debug []byte
+	if detail != nil {
+		debug = []byte(detail.Error())
+	}
+	b.log.Warn("backend connection error; closing the connection", "code", code.String(), "err", err)
 	b.mu.Lock()
-	b.queueCtrlLocked(writeOp{kind: opGoAway, code: code})
+	b.queueCtrlLocked(writeOp{kind: opGoAway, code: code, debug: debug})
 	b.goingAway = true
 	b.drainAndClose = true
 	b.fatal = true
@@ -305,10 +316,6 @@ func (b *backendConn) streamError(se http2.StreamError) error {
 	b.resetFromBackend(se.StreamID, se.Code, true)
 	return nil
 }
-
-// glitchLocked implements errorPolicy: a backend is ours, and is not
-// held to a budget.
-func (b *backendConn) glitchLocked(int, string) error { return nil }
 
 // streamLocked implements streamTable.
 func (b *backendConn) streamLocked(id uint32) (*h2state, *sendQueue) {
@@ -461,6 +468,13 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 		// x/net's client answers "DATA before a HEADERS frame".
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol, Cause: errors.New("DATA before the response HEADERS")}
+	}
+	if len(data) == 0 && !end {
+		// Says nothing, and would cost a queue entry per frame toward
+		// the client: not relayed, and a glitch.
+		err := b.glitchLocked(1, "empty DATA frame")
+		b.mu.Unlock()
+		return err
 	}
 	held := b.forwardLocked(a)
 	if end {

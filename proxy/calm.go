@@ -24,8 +24,9 @@ const calmWindow = 10 * time.Second
 // defines six settings; x/net/http2's server hangs up above 100 too.
 const maxSettingsPerFrame = 100
 
-// calmMeter counts one client connection's early resets and glitches in
-// the current calmWindow. Guarded by the serverConn's mu.
+// calmMeter counts one connection's early resets (client connections
+// only) and glitches in the current calmWindow. Guarded by the
+// connection's mu.
 type calmMeter struct {
 	start    time.Time
 	opened   int // streams opened in the window
@@ -76,17 +77,43 @@ func (c *serverConn) earlyResetLocked() error {
 // useful work, and reports a connection error once the window's total
 // passes Config.MaxGlitches. Caller must hold mu.
 func (c *serverConn) glitchLocked(points int, what string) error {
-	max := c.srv.cfg.MaxGlitches
+	return c.calm.chargeLocked(c.srv.now(), c.srv.cfg.MaxGlitches, points, what)
+}
+
+// glitchLocked implements errorPolicy for a backend connection, with the
+// client side's budget: a backend is ours, but a broken or compromised one
+// flooding PING, SETTINGS, tiny WINDOW_UPDATEs, empty DATA or frames on
+// closed streams would otherwise cost the proxy CPU, and the clients whose
+// calls share its connection, without limit. Past the budget the
+// connection ends with GOAWAY(ENHANCE_YOUR_CALM); its calls end as for any
+// lost backend connection (UNAVAILABLE, retried where the policy allows),
+// and the Picker hears of each as a failure of the backend. Caller must
+// hold mu.
+func (b *backendConn) glitchLocked(points int, what string) error {
+	return b.calm.chargeLocked(b.pool.srv.now(), b.pool.srv.cfg.MaxGlitches, points, what)
+}
+
+// chargeLocked adds points to the window's glitches and reports a
+// connection error once they pass max (no limit when max <= 0).
+func (m *calmMeter) chargeLocked(now time.Time, max, points int, what string) error {
 	if max <= 0 {
 		return nil
 	}
-	c.calm.rollLocked(c.srv.now())
-	c.calm.glitches += points
-	if c.calm.glitches > max {
+	m.rollLocked(now)
+	m.glitches += points
+	if m.glitches > max {
 		return errCalm("glitch budget of %d per %v spent, last on %s", max, calmWindow, what)
 	}
 	return nil
 }
+
+// tinyWindowUpdate is the increment under which a WINDOW_UPDATE counts as
+// a glitch. Receivers return window in batches (grpc-go at a quarter of
+// the window, x/net from 4 KiB, nghttp2 at half); a flood of one-byte
+// updates only costs the sender's scheduler a pass per frame. A flood of
+// larger ones ends at the 2^31-1 window limit (FLOW_CONTROL_ERROR, RFC
+// 9113 §6.9.1).
+const tinyWindowUpdate = 1024
 
 // checkSettings rejects a SETTINGS frame no client needs, before its
 // entries are applied: applying one costs a pass over every stream.

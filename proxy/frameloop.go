@@ -195,6 +195,11 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 	case *http2.WindowUpdateFrame:
 		t.mu.Lock()
 		defer t.mu.Unlock()
+		if f.Increment < tinyWindowUpdate {
+			if err := p.glitchLocked(1, "WINDOW_UPDATE of a few bytes"); err != nil {
+				return err
+			}
+		}
 		var q *sendQueue
 		if id := f.StreamID; id != 0 {
 			st, sq := p.streamLocked(id)
