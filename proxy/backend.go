@@ -795,6 +795,9 @@ type pool struct {
 	wg     sync.WaitGroup
 
 	pings atomic.Int64 // keepalive PINGs sent, for tests
+	// overflows counts and logs the picks refused at MaxBackendConns,
+	// once per burst.
+	overflows refusalLog
 }
 
 // retain drains the connections of every backend not in keep.
@@ -853,6 +856,8 @@ func (p *pool) get(up *Upstream, addr string, a *attempt) (*backendConn, error) 
 			a.backendCount.Add(-1)
 			a.backendCount = nil
 		}
+		p.overflows.note(p.srv.now(), p.srv.log, slog.LevelWarn,
+			"calls refused: every connection to the backend is full (max backend connections)", max, "backend", addr)
 		return nil, failure{kind: failBackendConns, backend: addr, limit: int64(max)}
 	}
 	b := newBackendConn(p, k)

@@ -35,11 +35,17 @@ import (
 // Caller must hold mu; the connection's and pool's locks are taken inside
 // (cc.mu → pool.mu → bc.mu is the lock order).
 func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bool) {
+	var overflow *failure // the last pick refused at MaxBackendConns
 	for {
 		s.attempts++
 		addr, up, done, err := c.pickLocked(s)
 		if err != nil {
 			c.releaseItemsLocked(items)
+			if overflow != nil {
+				// The backend that could take the call was full: that is
+				// why it failed, not the Picker's having nothing else.
+				return *overflow, false
+			}
 			return failure{kind: failNoBackend, method: s.method, cause: err}, false
 		}
 		if up == nil {
@@ -72,6 +78,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 				done(f.pickerErr())
 			}
 			if f.kind == failBackendConns && s.attempts <= c.srv.cfg.MaxRetries {
+				overflow = &f
 				// Never reached the backend: another may take the call
 				// (see Config.MaxBackendConns). Noted as tried, so the
 				// next pick avoids it.
