@@ -45,6 +45,7 @@ type backendConn struct {
 	peerGoAway bool
 	used       bool      // a stream was reserved since the last idle sweep (see pool.closeIfIdle)
 	calm       calmMeter // glitches (calm.go)
+	noStreams  bool      // the backend's SETTINGS_MAX_CONCURRENT_STREAMS is 0 (see onPeerSettings)
 
 	lastRead atomic.Int64 // unix nanoseconds bytes last arrived, for keepalive (see connReader.lastRead)
 }
@@ -847,6 +848,16 @@ func (p *pool) get(up *Upstream, addr string, a *attempt) (*backendConn, error) 
 		if b.tryReserve() {
 			return b, nil
 		}
+	}
+	if p.noStreamsLocked(k) {
+		// Refused at once, never dialed: the call goes to another
+		// backend, and this one stays usable for when it raises its
+		// limit (see onPeerSettings).
+		if a.backendCount != nil {
+			a.backendCount.Add(-1)
+			a.backendCount = nil
+		}
+		return nil, failure{kind: failNoStreams, backend: addr}
 	}
 	if max := p.srv.cfg.MaxBackendConns; max > 0 && len(p.conns[k]) >= max {
 		if b := p.reserveUnknownLocked(k); b != nil {

@@ -15,6 +15,7 @@ import (
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/testserver"
 )
@@ -112,9 +113,14 @@ func TestBackendGlitchFloods(t *testing.T) {
 				fr.WriteSettings()
 			}
 		}},
-		{"WINDOW_UPDATE", func(fr *http2.Framer, id uint32) {
+		{"connection WINDOW_UPDATE", func(fr *http2.Framer, id uint32) {
 			for range 4 * budget {
-				fr.WriteWindowUpdate(0, 1)
+				fr.WriteWindowUpdate(0, 1<<16)
+			}
+		}},
+		{"stream WINDOW_UPDATE", func(fr *http2.Framer, id uint32) {
+			for range 4 * budget {
+				fr.WriteWindowUpdate(id, 1)
 			}
 		}},
 		{"empty DATA", func(fr *http2.Framer, id uint32) {
@@ -175,6 +181,8 @@ func TestBackendGlitchFloods(t *testing.T) {
 				if got := status.Code(err); got != want {
 					t.Errorf("call: %v, want %v", err, want)
 				}
+				// done may run a moment after the retry answered.
+				testkit.WaitFor(ctx, t, "the Picker to hear the outcome", func() bool { return len(pick.outcomes()) > 0 })
 				outs := pick.outcomes()
 				if len(outs) != 1 || status.Code(outs[0]) != codes.Unavailable {
 					t.Errorf("the Picker heard %v for the flooding backend, want one UNAVAILABLE", outs)

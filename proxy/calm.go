@@ -32,14 +32,26 @@ type calmMeter struct {
 	opened   int // streams opened in the window
 	resets   int // streams the client reset before their response ended
 	glitches int
+
+	// Kept across windows: the connection's send window just before the
+	// last connection-level WINDOW_UPDATE, and whether there was one (see
+	// uselessWindowUpdateLocked).
+	wuWindow int32
+	wuSeen   bool
 }
 
 // rollLocked starts a new window if the current one is over.
 func (m *calmMeter) rollLocked(now time.Time) {
 	if now.Sub(m.start) >= calmWindow {
-		*m = calmMeter{start: now}
+		*m = calmMeter{start: now, wuWindow: m.wuWindow, wuSeen: m.wuSeen}
 	}
 }
+
+// meterLocked implements errorPolicy.
+func (c *serverConn) meterLocked() *calmMeter { return &c.calm }
+
+// meterLocked implements errorPolicy.
+func (b *backendConn) meterLocked() *calmMeter { return &b.calm }
 
 // errCalm is the connection error for a client past one of the limits:
 // reason goes into the GOAWAY's debug data.
@@ -107,13 +119,26 @@ func (m *calmMeter) chargeLocked(now time.Time, max, points int, what string) er
 	return nil
 }
 
-// tinyWindowUpdate is the increment under which a WINDOW_UPDATE counts as
-// a glitch. Receivers return window in batches (grpc-go at a quarter of
-// the window, x/net from 4 KiB, nghttp2 at half); a flood of one-byte
-// updates only costs the sender's scheduler a pass per frame. A flood of
-// larger ones ends at the 2^31-1 window limit (FLOW_CONTROL_ERROR, RFC
-// 9113 §6.9.1).
-const tinyWindowUpdate = 1024
+// uselessWindowUpdateLocked reports whether a WINDOW_UPDATE on stream id
+// (q its send queue, nil for stream 0) grants window the peer has no
+// reason to grant, a glitch: receivers return window for bytes they
+// received, so a well-behaved peer's connection-level updates follow DATA
+// we sent since its last one (grpc-go, x/net, nghttp2 and netty all do;
+// grpc-go also grows the window once per BDP step), and its stream-level
+// updates come while the stream's window is below the peer's own
+// SETTINGS_INITIAL_WINDOW_SIZE. Increments are no test: grpc-go returns
+// the 5 bytes of an empty message in a WINDOW_UPDATE of its own before
+// each BDP PING. A flood that passes these tests still ends at the 2^31-1
+// window limit (FLOW_CONTROL_ERROR, RFC 9113 §6.9.1). It records the
+// connection's send window for the next update. Caller must hold mu.
+func (t *transport) uselessWindowUpdateLocked(m *calmMeter, q *sendQueue) bool {
+	if q != nil {
+		return t.peerInitWin > 0 && q.window >= t.peerInitWin
+	}
+	useless := m.wuSeen && t.sendWindow >= m.wuWindow
+	m.wuSeen, m.wuWindow = true, t.sendWindow
+	return useless
+}
 
 // checkSettings rejects a SETTINGS frame no client needs, before its
 // entries are applied: applying one costs a pass over every stream.

@@ -59,6 +59,8 @@ type errorPolicy interface {
 	// glitchLocked charges the connection for a frame that did no useful
 	// work (calm.go), returning a connection error past the budget.
 	glitchLocked(points int, what string) error
+	// meterLocked is the connection's calm meter (calm.go).
+	meterLocked() *calmMeter
 	// streamError resets the stream of se (RFC 9113 §5.4.2); a non-nil
 	// result ends the connection.
 	streamError(se http2.StreamError) error
@@ -195,11 +197,6 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 	case *http2.WindowUpdateFrame:
 		t.mu.Lock()
 		defer t.mu.Unlock()
-		if f.Increment < tinyWindowUpdate {
-			if err := p.glitchLocked(1, "WINDOW_UPDATE of a few bytes"); err != nil {
-				return err
-			}
-		}
 		var q *sendQueue
 		if id := f.StreamID; id != 0 {
 			st, sq := p.streamLocked(id)
@@ -209,6 +206,11 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 				return t.unknownStreamLocked(p, id, evRecvWindowUpdate, "WINDOW_UPDATE on a closed stream")
 			}
 			q = sq
+		}
+		if t.uselessWindowUpdateLocked(p.meterLocked(), q) {
+			if err := p.glitchLocked(1, "WINDOW_UPDATE granting unused window"); err != nil {
+				return err
+			}
 		}
 		return t.handleWindowUpdateLocked(q, f)
 	case *http2.PingFrame:
