@@ -371,6 +371,14 @@ func TestRFC9113BackendSide(t *testing.T) {
 			want: "GOAWAY PROTOCOL_ERROR",
 		},
 		{
+			name: "§5.3.1 HEADERS depending on itself",
+			frames: func(fr *http2.Framer, id uint32) {
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: resp, EndHeaders: true,
+					Priority: http2.PriorityParam{StreamDep: id, Weight: 15}})
+			},
+			want: "RST_STREAM PROTOCOL_ERROR",
+		},
+		{
 			name:      "§3.4 the first frame is not SETTINGS",
 			atConnect: true,
 			frames:    func(fr *http2.Framer, id uint32) { fr.WritePing(false, [8]byte{1}) },
