@@ -194,3 +194,47 @@ func TestBackendGlitchFloods(t *testing.T) {
 		}
 	}
 }
+
+// TestGlitchBudgetSparesGoodPeers: grpc-go, as client and as backend,
+// returns window after every small message (a WINDOW_UPDATE before each
+// BDP PING) and pings for BDP; none of it may count as glitches, or a busy
+// connection would be cut. Many calls over one client connection and one
+// backend connection, against a small budget, all succeed.
+func TestGlitchBudgetSparesGoodPeers(t *testing.T) {
+	verifyNoLeaks(t)
+	const budget = 20
+	_, client := twoBackendProxy(t, "127.0.0.1:1", proxy.Config{MaxGlitches: budget})
+	ctx := testkit.Context(t, 60*time.Second)
+	for i := range 50 * budget {
+		if _, err := client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+	// Messages over the 64 KiB window: grpc-go grants a stream extra
+	// window for each (inFlow.maybeAdjust), both ways.
+	const msgs, size = 10 * budget, 100 << 10
+	params := make([]*testgrpc.ResponseParameters, msgs)
+	for i := range params {
+		params[i] = &testgrpc.ResponseParameters{Size: size}
+	}
+	out, err := client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := drain(out.Recv)
+	if err != nil || len(got) != msgs {
+		t.Fatalf("server stream: %d messages, %v; want %d", len(got), err, msgs)
+	}
+	in, err := client.StreamingInputCall(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range msgs {
+		if err := in.Send(&testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, size)}}); err != nil {
+			t.Fatalf("client stream, message %d: %v", i, err)
+		}
+	}
+	if _, err := in.CloseAndRecv(); err != nil {
+		t.Fatalf("client stream: %v", err)
+	}
+}

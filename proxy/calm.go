@@ -33,17 +33,15 @@ type calmMeter struct {
 	resets   int // streams the client reset before their response ended
 	glitches int
 
-	// Kept across windows: the connection's send window just before the
-	// last connection-level WINDOW_UPDATE, and whether there was one (see
-	// uselessWindowUpdateLocked).
-	wuWindow int32
-	wuSeen   bool
+	// windowUpdates counts the peer's WINDOW_UPDATE frames over the
+	// connection's life, kept across windows (see windowUpdateOverLocked).
+	windowUpdates int64
 }
 
 // rollLocked starts a new window if the current one is over.
 func (m *calmMeter) rollLocked(now time.Time) {
 	if now.Sub(m.start) >= calmWindow {
-		*m = calmMeter{start: now, wuWindow: m.wuWindow, wuSeen: m.wuSeen}
+		*m = calmMeter{start: now, windowUpdates: m.windowUpdates}
 	}
 }
 
@@ -119,25 +117,28 @@ func (m *calmMeter) chargeLocked(now time.Time, max, points int, what string) er
 	return nil
 }
 
-// uselessWindowUpdateLocked reports whether a WINDOW_UPDATE on stream id
-// (q its send queue, nil for stream 0) grants window the peer has no
-// reason to grant, a glitch: receivers return window for bytes they
-// received, so a well-behaved peer's connection-level updates follow DATA
-// we sent since its last one (grpc-go, x/net, nghttp2 and netty all do;
-// grpc-go also grows the window once per BDP step), and its stream-level
-// updates come while the stream's window is below the peer's own
-// SETTINGS_INITIAL_WINDOW_SIZE. Increments are no test: grpc-go returns
-// the 5 bytes of an empty message in a WINDOW_UPDATE of its own before
-// each BDP PING. A flood that passes these tests still ends at the 2^31-1
-// window limit (FLOW_CONTROL_ERROR, RFC 9113 §6.9.1). It records the
-// connection's send window for the next update. Caller must hold mu.
-func (t *transport) uselessWindowUpdateLocked(m *calmMeter, q *sendQueue) bool {
-	if q != nil {
-		return t.peerInitWin > 0 && q.window >= t.peerInitWin
-	}
-	useless := m.wuSeen && t.sendWindow >= m.wuWindow
-	m.wuSeen, m.wuWindow = true, t.sendWindow
-	return useless
+// Envoy's allowance for WINDOW_UPDATE frames
+// (max_inbound_window_update_frames_per_data_frame_sent, default 10): a
+// receiver returns window for what it received, so a well-behaved peer
+// sends about one WINDOW_UPDATE per frame of ours it read, for the stream
+// and the connection, plus a few when it grows its windows (grpc-go's
+// BDP estimation). Neither increments nor the window's state tell a flood
+// apart: grpc-go returns the 5 bytes of an empty message in a
+// WINDOW_UPDATE of its own before each BDP PING, grants a stream extra
+// window for each message larger than it, and may send two updates with
+// none of our frames between them.
+const (
+	windowUpdatesFree     = 5  // allowed before we sent anything
+	windowUpdatesPerFrame = 10 // allowed per HEADERS or DATA frame we sent
+)
+
+// windowUpdateOverLocked counts a WINDOW_UPDATE from the peer and reports
+// whether the connection's updates now exceed windowUpdatesFree +
+// windowUpdatesPerFrame per HEADERS or DATA frame we sent: each one past
+// that is a glitch. Caller must hold mu.
+func (t *transport) windowUpdateOverLocked(m *calmMeter) bool {
+	m.windowUpdates++
+	return m.windowUpdates > windowUpdatesFree+windowUpdatesPerFrame*t.framesSent.Load()
 }
 
 // checkSettings rejects a SETTINGS frame no client needs, before its

@@ -207,8 +207,8 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 			}
 			q = sq
 		}
-		if t.uselessWindowUpdateLocked(p.meterLocked(), q) {
-			if err := p.glitchLocked(1, "WINDOW_UPDATE granting unused window"); err != nil {
+		if t.windowUpdateOverLocked(p.meterLocked()) {
+			if err := p.glitchLocked(1, "WINDOW_UPDATE beyond the frames we sent"); err != nil {
 				return err
 			}
 		}
