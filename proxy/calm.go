@@ -92,7 +92,7 @@ func (c *serverConn) glitchLocked(points int, what string) error {
 
 // glitchLocked implements errorPolicy for a backend connection, with the
 // client side's budget: a backend is ours, but a broken or compromised one
-// flooding PING, SETTINGS, tiny WINDOW_UPDATEs, empty DATA or frames on
+// flooding PING, SETTINGS, WINDOW_UPDATE, empty DATA or frames on
 // closed streams would otherwise cost the proxy CPU, and the clients whose
 // calls share its connection, without limit. Past the budget the
 // connection ends with GOAWAY(ENHANCE_YOUR_CALM); its calls end as for any
