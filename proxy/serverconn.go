@@ -296,8 +296,10 @@ func (c *serverConn) onReset(id uint32, code http2.ErrCode) error {
 func (c *serverConn) onGoAway(*http2.GoAwayFrame) {}
 
 // onPingAck implements frameHandler: the ack of the PING of a graceful
-// shutdown ends its first step.
+// shutdown ends its first step; that of a drain probe lets response
+// windows grow (budget.go).
 func (c *serverConn) onPingAck(data [8]byte) {
+	c.bufs.onProbeAck(data)
 	if data == drainPing {
 		c.finishDrain()
 	}
