@@ -59,3 +59,16 @@ func (s *Server) BackendConns(addr string) int {
 	}
 	return n
 }
+
+// MaxWindowGrowth reports the largest growth of backend stream windows
+// beyond their initial window that any of its client connections counts
+// now (bufBudget.grown), for tests.
+func (s *Server) MaxWindowGrowth() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var m int64
+	for c := range s.conns {
+		m = max(m, c.bufs.grown.Load())
+	}
+	return m
+}
