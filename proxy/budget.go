@@ -109,6 +109,12 @@ func (b *bufBudget) onProbeAck(data [8]byte) {
 // default budget, and the rest stays for the request direction.
 func (b *bufBudget) responseShare() int64 { return b.limit / 4 }
 
+// shareFull reports whether the response share is all taken, so no window
+// can grow now.
+func (b *bufBudget) shareFull() bool {
+	return b.limit > 0 && b.grown.Load() >= b.responseShare()
+}
+
 // takeGrowth counts up to d bytes more of window growth, as much as fits
 // in the response share, and returns how much it counted. With no budget
 // limit growth is not bounded here (only by Config.BackendMaxStreamWindow).

@@ -460,7 +460,12 @@ func (t *transport) creditLocked(r *recvState, n int32) {
 // large batches. Caller must hold mu.
 func (t *transport) growLocked(r *recvState, target int32) int32 {
 	b := r.grow
-	if b == nil || target >= t.maxStreamWindow || r.window > target/4 || !b.belowHalf() || !b.drainedSince(&r.drainSeen) {
+	if b == nil || target >= t.maxStreamWindow || r.window > target/4 || !b.belowHalf() || b.shareFull() {
+		return 0
+	}
+	// Last, as it asks for a probe when there is no fresh evidence: only
+	// a stream that could grow makes the client connection send PINGs.
+	if !b.drainedSince(&r.drainSeen) {
 		return 0
 	}
 	d := int32(b.takeGrowth(int64(t.maxStreamWindow - target)))
