@@ -122,6 +122,7 @@ func (b *backendConn) addAttempt(a *attempt) error {
 	// The response window starts small and grows only while the client
 	// drains it, within its connection's budget (transport.growLocked).
 	a.downRecv = recvState{window: b.streamWindow, target: b.streamWindow, grow: a.s.cc.budget}
+	b.openWindowLocked(&a.downRecv)
 	if b.closed || b.peerGoAway {
 		b.unlinkLocked(a)
 		if !b.closed {

@@ -42,6 +42,12 @@ type bufBudget struct {
 	// bounded by responseShare. It is what the connection's draining
 	// streams may have in flight and queued beyond the initial windows.
 	grown atomic.Int64
+	// windows is the window granted to backends for this connection's
+	// open response streams, their initial windows and growth together:
+	// what they may make the proxy hold. New streams are refused past the
+	// limit (windowRoom): a window granted by SETTINGS cannot be withheld,
+	// so the number of streams is what bounds it.
+	windows atomic.Int64
 
 	// The drain probe: a stream's window grows only on evidence that the
 	// client reads what it is sent, which bytes written to the socket are
@@ -108,6 +114,13 @@ func (b *bufBudget) onProbeAck(data [8]byte) {
 // bytes are bounded by its streams' initial windows plus 4 MiB with the
 // default budget, and the rest stays for the request direction.
 func (b *bufBudget) responseShare() int64 { return b.limit / 4 }
+
+// windowRoom reports whether a new stream's initial backend window w0
+// fits in the budget beside the windows of the connection's open streams.
+// Nil-safe.
+func (b *bufBudget) windowRoom(w0 int32) bool {
+	return b == nil || b.limit <= 0 || b.windows.Load()+int64(w0) <= b.limit
+}
 
 // shareFull reports whether the response share is all taken, so no window
 // can grow now.

@@ -56,10 +56,9 @@ const (
 	minWindow               = 65535
 	defaultInitialWindowRFC = 65535
 
-	// minBackendWindow is the smallest BackendStreamWindow: one small
-	// gRPC message, so no call waits on a WINDOW_UPDATE for its first
-	// bytes.
-	minBackendWindow = 1 << 10
+	// minBackendWindow is the smallest BackendStreamWindow: a window of
+	// zero would never be credited (credit follows bytes received).
+	minBackendWindow = 256
 )
 
 // Config configures a frame-engine Server. The zero value of every field but
@@ -81,18 +80,19 @@ type Config struct {
 	// backends per stream (their SETTINGS_INITIAL_WINDOW_SIZE). It is all
 	// a stream whose client does not read its answer can make the proxy
 	// buffer for it, since a window granted cannot be taken back (RFC 9113
-	// §6.9): per client connection, streams × BackendStreamWindow. While
-	// the client drains what it is sent, and its connection's buffers are
-	// within MaxConnBufferedBytes, the window grows, doubling each time
-	// the backend ran short of it, up to BackendMaxStreamWindow; the
-	// growth of all the streams of one client connection together is at
-	// most a quarter of MaxConnBufferedBytes (see transport.growLocked).
+	// §6.9): per client connection, streams × BackendStreamWindow. When
+	// the backend ran short of it and the client has shown that it reads
+	// (a drain probe PING acknowledged), while its connection's buffers
+	// are within half of MaxConnBufferedBytes, the window grows towards
+	// BackendMaxStreamWindow; the growth of all the streams of one client
+	// connection together is at most a quarter of MaxConnBufferedBytes
+	// (see transport.growLocked).
 	// So a fast client's streams run with large windows (few
 	// WINDOW_UPDATEs, large batches: a fixed window of 64 KiB cost 29%
 	// more CPU per MiB than one of 128 KiB, see BENCHMARKS.md), and a
 	// client that never reads holds 16 KiB per stream. The connection
 	// window is credited on receipt, so a stream held back never holds
-	// back the other streams of its backend connection. At least 1 KiB;
+	// back the other streams of its backend connection. At least 256;
 	// zero means DefaultBackendStreamWindow (16 KiB).
 	BackendStreamWindow int32
 
@@ -126,7 +126,9 @@ type Config struct {
 	// The response direction is bounded by the windows granted to
 	// backends: streams × BackendStreamWindow, plus at most a quarter of
 	// this budget of window growth (see BackendStreamWindow); the
-	// response buffers count in the budget too.
+	// response buffers count in the budget too, and new streams are
+	// refused (RESOURCE_EXHAUSTED) once the windows of the open ones
+	// would exceed it: 1,024 streams of 16 KiB with the defaults.
 	// Zero means DefaultMaxConnBufferedBytes (16 MiB: 64 streams' worth
 	// of StreamWindow), negative no bound.
 	// RetryBufferSize still bounds each attempt's replay.

@@ -72,3 +72,16 @@ func (s *Server) MaxWindowGrowth() int64 {
 	}
 	return m
 }
+
+// MaxBackendWindows reports the largest sum of the windows granted to
+// backends for one client connection's open response streams
+// (bufBudget.windows), for tests.
+func (s *Server) MaxBackendWindows() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var m int64
+	for c := range s.conns {
+		m = max(m, c.bufs.windows.Load())
+	}
+	return m
+}

@@ -139,7 +139,56 @@ func TestSlowReaderCompletesLargeStream(t *testing.T) {
 	if share := int64(proxy.DefaultMaxConnBufferedBytes / 4); grew > share {
 		t.Errorf("window growth %d over the connection's share %d", grew, share)
 	}
-	testkit.WaitFor(ctx, t, "the growth to be given back at the stream's end", func() bool { return srv.MaxWindowGrowth() == 0 })
+	testkit.WaitFor(ctx, t, "the growth and the window to be given back at the stream's end", func() bool {
+		return srv.MaxWindowGrowth() == 0 && srv.MaxBackendWindows() == 0
+	})
+}
+
+// TestStreamsPastWindowBudgetRefused: the initial backend windows of a
+// connection's open streams count in its budget, since a window granted
+// by SETTINGS cannot be withheld: once they fill it, new calls on the
+// connection are answered RESOURCE_EXHAUSTED (before any backend sees
+// them), and the buffered bytes stay within the budget.
+func TestStreamsPastWindowBudgetRefused(t *testing.T) {
+	verifyNoLeaks(t)
+	const budget = 16 * proxy.DefaultBackendStreamWindow
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.MaxConnBufferedBytes = budget }})
+	srv := e.srv.(*proxy.Server)
+	r := dialRaw(t, e.addr)
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
+	r.fr.WriteWindowUpdate(0, 1<<30)
+	const streams = 24
+	msg := grpcMsg(bigStream(64, 128<<10))
+	for i := range streams {
+		id := uint32(2*i + 1)
+		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
+		r.fr.WriteData(id, true, msg)
+	}
+	// The first 16 fill the budget with their windows; the rest are
+	// refused. Reading the answers drains the first ones: only the
+	// refusals (trailers-only, grpc-status 8) are counted.
+	refused := map[uint32]bool{}
+	for len(refused) < streams-16 {
+		f := r.next(func(f http2.Frame) bool { _, ok := f.(*http2.MetaHeadersFrame); return ok }).(*http2.MetaHeadersFrame)
+		if f.StreamEnded() && f.PseudoValue("status") == "200" {
+			var code string
+			for _, hf := range f.Fields {
+				if hf.Name == "grpc-status" {
+					code = hf.Value
+				}
+			}
+			if code != "8" {
+				t.Fatalf("stream %d ended with grpc-status %q, want 8", f.StreamID, code)
+			}
+			if f.StreamID <= 2*16 {
+				t.Errorf("stream %d refused: within the budget", f.StreamID)
+			}
+			refused[f.StreamID] = true
+		}
+		if b := srv.MaxBackendWindows(); b > budget {
+			t.Fatalf("backend windows %d, over the budget %d", b, budget)
+		}
+	}
 }
 
 // TestFastClientBesideNeverReader: a client that reads completes its

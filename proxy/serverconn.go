@@ -406,9 +406,10 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		c.rejectStream(s, failure{kind: failBadContentType, detail: ri.contentType})
 		return nil
 	}
-	if c.bufs.over() {
-		// The connection holds its whole budget already: new calls wait
-		// for the ones in flight (budget.go).
+	if c.bufs.over() || !c.bufs.windowRoom(c.srv.cfg.BackendStreamWindow) {
+		// The connection holds its whole budget already, or its streams'
+		// backend windows would let it: new calls wait for the ones in
+		// flight (budget.go).
 		c.rejectStream(s, failure{kind: failConnBudget, limit: c.bufs.limit})
 		return nil
 	}

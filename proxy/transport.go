@@ -436,8 +436,10 @@ func (t *transport) creditLocked(r *recvState, n int32) {
 // This is the response direction's bound: a backend stream starts with
 // the small window of the backend connection's SETTINGS
 // (Config.BackendStreamWindow), which is all a client that never reads
-// can make the proxy hold for it; the window doubles, up to
-// Config.BackendMaxStreamWindow, only
+// can make the proxy hold for it; the window grows to
+// Config.BackendMaxStreamWindow, or as far towards it as the connection's
+// response share allows (a stream that got only part of it grows again on
+// a later probe), only
 //
 //   - when the client reads what it is sent: bytes written to its socket
 //     are not evidence of that (the kernel buffers megabytes for a client
@@ -469,15 +471,28 @@ func (t *transport) growLocked(r *recvState, target int32) int32 {
 		return 0
 	}
 	d := int32(b.takeGrowth(int64(t.maxStreamWindow - target)))
+	b.windows.Add(int64(d))
 	r.target = target + d
 	return d
 }
 
-// retireLocked gives back the growth of stream r's window to the budget
-// it counted in, when the stream ends. Caller must hold mu.
+// openWindowLocked counts the initial window of a new stream r in the
+// budget of its client connection (bufBudget.windows). Caller must hold
+// mu.
+func (t *transport) openWindowLocked(r *recvState) {
+	if r.grow != nil {
+		r.grow.windows.Add(int64(r.target))
+	}
+}
+
+// retireLocked gives back stream r's window, and its growth, to the
+// budget it counted in, when the stream ends. Caller must hold mu.
 func (t *transport) retireLocked(r *recvState) {
-	if r.grow != nil && r.target > t.streamWindow {
-		r.grow.grown.Add(-int64(r.target - t.streamWindow))
+	if b := r.grow; b != nil {
+		b.windows.Add(-int64(r.target))
+		if r.target > t.streamWindow {
+			b.grown.Add(-int64(r.target - t.streamWindow))
+		}
 	}
 	r.grow = nil
 }
