@@ -537,12 +537,20 @@ func (t *transport) creditConnLocked(n int32) {
 	}
 }
 
-// creditStream is creditLocked for callers not holding mu.
+// creditStream is creditLocked for callers not holding mu. It wakes the
+// writer only if a frame was queued (a WINDOW_UPDATE, a window given back,
+// a drain probe): most credits only add to what is not yet returned, and
+// a wake-up per DATA frame relayed cost the writer a futex and a trip
+// through the scheduler for nothing.
 func (t *transport) creditStream(r *recvState, n int32) {
 	t.mu.Lock()
+	queued := len(t.ctrl)
 	t.creditLocked(r, n)
+	wake := len(t.ctrl) != queued
 	t.mu.Unlock()
-	t.signal()
+	if wake {
+		t.signal()
+	}
 }
 
 // consumeLocked accounts for an inbound DATA frame of length n (payload
