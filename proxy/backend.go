@@ -74,6 +74,7 @@ func newBackendConn(p *pool, k poolKey) *backendConn {
 	b := &backendConn{pool: p, addr: addr, up: k.up, streams: make(map[uint32]*attempt), nextID: 1}
 	b.transport.init(cfg.BackendStreamWindow, cfg.ConnWindow, cfg.MaxResponseHeaderListSize, p.srv.log.With("backend", addr))
 	b.retryBuffer = cfg.RetryBufferSize
+	b.maxStreamWindow = cfg.BackendMaxStreamWindow
 	// A backend that stops reading must not hold the writer, and the
 	// calls queued behind it, for ever.
 	b.writeTimeout = cfg.WriteTimeout
@@ -120,7 +121,10 @@ func (b *backendConn) tryReserve() bool {
 func (b *backendConn) addAttempt(a *attempt) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	a.downRecv = recvState{window: b.streamWindow}
+	// The response window starts small and grows only while the client
+	// drains it, within its connection's budget (transport.growLocked).
+	a.downRecv = recvState{window: b.streamWindow, target: b.streamWindow, grow: a.s.cc.budget}
+	b.openWindowLocked(&a.downRecv)
 	if b.closed || b.peerGoAway {
 		b.unlinkLocked(a)
 		if !b.closed {

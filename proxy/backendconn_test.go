@@ -428,8 +428,8 @@ func TestBackendKeepaliveGRPCEnforcement(t *testing.T) {
 // the client receives all N, then the error, as a direct client would.
 func TestBackendEndsMidStream(t *testing.T) {
 	// More than the client's 64 KiB window, within the 128 KiB the proxy
-	// grants a backend per stream (Config.BackendStreamWindow), which this
-	// raw backend does not watch.
+	// grants this backend per stream (Config.BackendStreamWindow, set
+	// below), which this raw backend does not watch.
 	const n, size = 10, 10 << 10
 	msg := grpcMsg(&testgrpc.StreamingOutputCallResponse{Payload: &testgrpc.Payload{Body: make([]byte, size)}})
 	for _, tc := range []struct {
@@ -487,7 +487,7 @@ func TestBackendEndsMidStream(t *testing.T) {
 					}
 				}
 			})
-			e := newEnv(t, envOpts{backends: 1})
+			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.BackendStreamWindow = 128 << 10 }})
 			srv := e.srv.(*proxy.Server)
 			e.setBackends(bad)
 			ctx := testkit.Context(t, 30*time.Second)

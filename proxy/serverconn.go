@@ -316,8 +316,10 @@ func (c *serverConn) onReset(id uint32, code http2.ErrCode) error {
 func (c *serverConn) onGoAway(*http2.GoAwayFrame) {}
 
 // onPingAck implements frameHandler: the ack of the PING of a graceful
-// shutdown ends its first step.
+// shutdown ends its first step; that of a drain probe lets response
+// windows grow (budget.go).
 func (c *serverConn) onPingAck(data [8]byte) {
+	c.bufs.onProbeAck(data)
 	if data == drainPing {
 		c.finishDrain()
 	}
@@ -436,9 +438,10 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		c.rejectStream(s, failure{kind: failBadContentType, detail: ri.contentType})
 		return nil
 	}
-	if c.bufs.over() {
-		// The connection holds its whole budget already: new calls wait
-		// for the ones in flight (budget.go).
+	if c.bufs.over() || !c.bufs.windowRoom(c.srv.cfg.BackendStreamWindow) {
+		// The connection holds its whole budget already, or its streams'
+		// backend windows would let it: new calls wait for the ones in
+		// flight (budget.go).
 		c.rejectStream(s, failure{kind: failConnBudget, limit: c.bufs.limit})
 		return nil
 	}

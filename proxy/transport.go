@@ -173,6 +173,17 @@ type recvState struct {
 	unacked int32  // bytes handed on but not yet returned with WINDOW_UPDATE
 	done    bool   // stream closed on this connection: no more updates
 	held    int32  // bytes received and not yet handed on (see transport.held)
+	// target is the window kept open for the peer: what it may have sent
+	// and we not yet handed on. Zero means the transport's streamWindow.
+	// A backend stream's target starts at the initial window and grows
+	// (growLocked) while its client drains what it is sent.
+	target int32
+	// grow is the budget of the client connection whose response the
+	// stream carries, which its growth counts in; nil: the target is fixed.
+	grow *bufBudget
+	// drainSeen is the count of grow's acknowledged drain probes when the
+	// window last grew: it grows at most once per probe.
+	drainSeen uint64
 }
 
 type opKind uint8
@@ -248,6 +259,10 @@ type transport struct {
 	streamWindow  int32         // window we grant per stream
 	connWindow    int32         // window we grant on the connection
 	maxHeaderList uint32
+
+	// maxStreamWindow is what a stream's window may grow to (growLocked);
+	// backend connections only, zero elsewhere. Immutable.
+	maxStreamWindow int32
 
 	mu sync.Mutex
 	// mu guards the fields below.
@@ -387,8 +402,9 @@ func (t *transport) markReadyLocked(q *sendQueue) {
 }
 
 // creditLocked returns n handed-on bytes of stream r to the peer, sending a
-// WINDOW_UPDATE once a quarter of the window has accumulated so that a
-// steady stream costs few control frames. Caller must hold mu.
+// WINDOW_UPDATE once a quarter of the stream's window (its target) has
+// accumulated so that a steady stream costs few control frames; with it,
+// the window may grow (growLocked). Caller must hold mu.
 func (t *transport) creditLocked(r *recvState, n int32) {
 	if r == nil || n <= 0 {
 		return
@@ -400,11 +416,88 @@ func (t *transport) creditLocked(r *recvState, n int32) {
 		return
 	}
 	r.unacked += n
-	if r.id != 0 && r.unacked >= t.streamWindow/4 {
-		t.queueCtrlLocked(writeOp{kind: opWindowUpdate, streamID: r.id, val: uint32(r.unacked)})
-		r.window += r.unacked
+	target := r.target
+	if target == 0 {
+		target = t.streamWindow
+	}
+	if r.id != 0 && r.unacked >= target/4 {
+		inc := r.unacked + t.growLocked(r, target)
+		// RFC 9113 §6.9.1: a window never exceeds 2^31-1. target is
+		// bounded by maxStreamWindow (<= maxWindow), and window+unacked
+		// never exceeds the target; the clamp is the rule made explicit.
+		if int64(r.window)+int64(inc) > maxWindow {
+			inc = maxWindow - r.window
+		}
+		t.queueCtrlLocked(writeOp{kind: opWindowUpdate, streamID: r.id, val: uint32(inc)})
+		r.window += inc
 		r.unacked = 0
 	}
+}
+
+// growLocked decides whether stream r's window grows as its handed-on
+// bytes are returned, and returns by how much (0: it stays at target).
+// This is the response direction's bound: a backend stream starts with
+// the small window of the backend connection's SETTINGS
+// (Config.BackendStreamWindow), which is all a client that never reads
+// can make the proxy hold for it; the window grows to
+// Config.BackendMaxStreamWindow, or as far towards it as the connection's
+// response share allows (a stream that got only part of it grows again on
+// a later probe), only
+//
+//   - when the client reads what it is sent: bytes written to its socket
+//     are not evidence of that (the kernel buffers megabytes for a client
+//     that never reads), so the client connection sends a PING after them,
+//     a drain probe, and the window grows at most once per probe the
+//     client acknowledged (bufBudget.drainedSince), as grpc-go's BDP
+//     estimator measures with PINGs; a client that never reads never
+//     makes its streams grow;
+//   - when the backend ran short of window (a quarter or less of the
+//     target left): the window limited it, as grpc-go's BDP estimator
+//     grows its window only when a round trip's bytes filled it;
+//   - while the client connection's buffers are at most half its budget
+//     (MaxConnBufferedBytes), and the growth of all its streams together
+//     stays within a quarter of that budget (responseShare), counted in
+//     the budget until the stream ends (retireLocked).
+//
+// So a client connection makes the proxy hold at most streams ×
+// BackendStreamWindow plus its response share of response bytes, and a
+// fast client's streams run with large windows: few WINDOW_UPDATEs and
+// large batches. Caller must hold mu.
+func (t *transport) growLocked(r *recvState, target int32) int32 {
+	b := r.grow
+	if b == nil || target >= t.maxStreamWindow || r.window > target/4 || !b.belowHalf() || b.shareFull() {
+		return 0
+	}
+	// Last, as it asks for a probe when there is no fresh evidence: only
+	// a stream that could grow makes the client connection send PINGs.
+	if !b.drainedSince(&r.drainSeen) {
+		return 0
+	}
+	d := int32(b.takeGrowth(int64(t.maxStreamWindow - target)))
+	b.windows.Add(int64(d))
+	r.target = target + d
+	return d
+}
+
+// openWindowLocked counts the initial window of a new stream r in the
+// budget of its client connection (bufBudget.windows). Caller must hold
+// mu.
+func (t *transport) openWindowLocked(r *recvState) {
+	if r.grow != nil {
+		r.grow.windows.Add(int64(r.target))
+	}
+}
+
+// retireLocked gives back stream r's window, and its growth, to the
+// budget it counted in, when the stream ends. Caller must hold mu.
+func (t *transport) retireLocked(r *recvState) {
+	if b := r.grow; b != nil {
+		b.windows.Add(-int64(r.target))
+		if r.target > t.streamWindow {
+			b.grown.Add(-int64(r.target - t.streamWindow))
+		}
+	}
+	r.grow = nil
 }
 
 // unholdLocked counts n bytes of r as handed on (or dropped), and gives
@@ -417,8 +510,10 @@ func (t *transport) unholdLocked(r *recvState, n int32) {
 }
 
 // releaseHeldLocked is called when stream r closes: the bytes it held are
-// dropped with its queues. Caller must hold mu.
+// dropped with its queues, and the growth of its window is given back to
+// its budget. Caller must hold mu.
 func (t *transport) releaseHeldLocked(r *recvState) {
+	t.retireLocked(r)
 	if r.held > 0 {
 		t.unholdLocked(r, r.held)
 	}
@@ -445,12 +540,20 @@ func (t *transport) creditConnLocked(n int32) {
 	}
 }
 
-// creditStream is creditLocked for callers not holding mu.
+// creditStream is creditLocked for callers not holding mu. It wakes the
+// writer only if a frame was queued (a WINDOW_UPDATE, a window given back,
+// a drain probe): most credits only add to what is not yet returned, and
+// a wake-up per DATA frame relayed cost the writer a futex and a trip
+// through the scheduler for nothing.
 func (t *transport) creditStream(r *recvState, n int32) {
 	t.mu.Lock()
+	queued := len(t.ctrl)
 	t.creditLocked(r, n)
+	wake := len(t.ctrl) != queued
 	t.mu.Unlock()
-	t.signal()
+	if wake {
+		t.signal()
+	}
 }
 
 // consumeLocked accounts for an inbound DATA frame of length n (payload
