@@ -71,6 +71,7 @@ func newBackendConn(p *pool, k poolKey) *backendConn {
 	addr := k.addr
 	b := &backendConn{pool: p, addr: addr, up: k.up, streams: make(map[uint32]*attempt), nextID: 1}
 	b.transport.init(cfg.BackendStreamWindow, cfg.ConnWindow, cfg.MaxResponseHeaderListSize, p.srv.log.With("backend", addr))
+	b.usePersistentWriter() // run's goroutine is the writer
 	b.retryBuffer = cfg.RetryBufferSize
 	// A backend that stops reading must not hold the writer, and the
 	// calls queued behind it, for ever.

@@ -14,7 +14,8 @@ import (
 )
 
 // serverConn is one client connection: the proxy is the HTTP/2 server. It
-// has two goroutines, owned by serve: readLoop (serve's own) and writeLoop.
+// has a reader, readLoop (serve's own goroutine), and a writer that runs
+// on demand, only while there is something to write (transport.signal).
 type serverConn struct {
 	transport
 	srv    *Server
@@ -87,18 +88,20 @@ func (c *serverConn) serve() {
 		c.sweepTimer = time.AfterFunc(d/4, c.sweepRequestIdle)
 		defer c.sweepTimer.Stop()
 	}
+	// The writer runs on demand: a goroutine exists only while there is
+	// something to write (transport.signal), so an idle connection holds
+	// the reader's goroutine alone. finish runs on the last one.
 	writerDone := make(chan struct{})
-	go func() {
+	c.startOnDemand(c, func(err error) {
 		defer close(writerDone)
 		// Whether it failed or drained (after GOAWAY, or a connection
 		// error's GOAWAY), the connection is done: closing it also ends
 		// the reader, which a client that keeps it open would not.
-		err := c.writeLoop(c)
 		if err == nil {
 			c.linger()
 		}
 		c.close(err)
-	}()
+	})
 	err := c.readLoop(c)
 	close(c.readerDone)
 	c.awaitGoAway(writerDone)

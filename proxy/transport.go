@@ -233,7 +233,16 @@ type transport struct {
 	dirty  bool // bytes sit in bw unflushed
 	credit []creditOp
 
-	wake chan struct{} // capacity 1, non-blocking sends: "there is work"
+	// wake is the persistent writer's "there is work" (capacity 1,
+	// non-blocking sends); nil on an on-demand transport, whose writer
+	// goroutine runs only while there is something to write (wstate).
+	wake chan struct{}
+	// wstate is the on-demand writer's state (wNotStarted ... wDone): see
+	// signal and runWriter. role and finish are set before it leaves
+	// wNotStarted.
+	wstate atomic.Int32
+	wrole  role
+	finish func(err error)
 
 	ctrlOverflow atomic.Bool // the control queue hit maxQueuedControlFrames; the reader ends the connection
 	// dataSent is set by the writer when it writes HEADERS or DATA; the
@@ -305,6 +314,16 @@ func (t *transport) stepLocked(st *h2state, id uint32, ev h2event) (res h2result
 // releaseLocked returns b to the pool once the writer is past the write in
 // progress. Caller must hold mu.
 func (t *transport) releaseLocked(b *[]byte) {
+	if t.wake == nil {
+		switch t.wstate.Load() {
+		case wNotStarted, wIdle, wDone:
+			// No writer runs, so no write is reading b, and the next
+			// writer must take mu first: back to the pool at once,
+			// rather than held by an idle connection.
+			putBuf(b)
+			return
+		}
+	}
 	t.toRelease = append(t.toRelease, b)
 }
 
@@ -321,7 +340,6 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 	t.streamWindow = streamWindow
 	t.connWindow = connWindow
 	t.maxHeaderList = maxHeaderList
-	t.wake = make(chan struct{}, 1)
 	t.sendWindow = defaultInitialWindowRFC
 	t.peerInitWin = defaultInitialWindowRFC
 	t.peerMaxFrame = maxFrameSize
@@ -347,11 +365,79 @@ func (t *transport) attach(nc net.Conn) {
 	t.mu.Unlock()
 }
 
-// signal wakes the writer. It never blocks.
+// The on-demand writer's states. A connection that has nothing to write
+// has no writer goroutine (issue 12: an idle client connection costs its
+// reader's stack, not two): signal starts one when it finds none running,
+// and the writer exits once everything queued is written and flushed.
+const (
+	wNotStarted int32 = iota // serve has not started writing: signal does nothing
+	wIdle                    // no writer goroutine; the next signal starts one
+	wRunning                 // a writer goroutine runs
+	wKicked                  // it runs, and was signalled since it last took work
+	wDone                    // the writer finished for good (closed, or drained)
+)
+
+// usePersistentWriter makes t's writer the long-lived writeLoop, woken by
+// signal through a channel. Backend connections use it: they are few, and
+// their run goroutine is the writer.
+func (t *transport) usePersistentWriter() {
+	t.wake = make(chan struct{}, 1)
+}
+
+// startOnDemand lets signal start writers for r from now on, and starts
+// one for what is queued already. finish is called on the writer goroutine,
+// once, when writing ends for good: nil after a drain completed, the error
+// otherwise.
+func (t *transport) startOnDemand(r role, finish func(err error)) {
+	t.wrole, t.finish = r, finish
+	t.wstate.Store(wIdle)
+	t.signal()
+}
+
+// signal tells the writer there is work, starting one if none runs. It
+// never blocks. Work must be queued (under mu) before signal is called.
 func (t *transport) signal() {
-	select {
-	case t.wake <- struct{}{}:
-	default:
+	if t.wake != nil {
+		select {
+		case t.wake <- struct{}{}:
+		default:
+		}
+		return
+	}
+	for {
+		switch t.wstate.Load() {
+		case wIdle:
+			if t.wstate.CompareAndSwap(wIdle, wRunning) {
+				go t.runWriter()
+				return
+			}
+		case wRunning:
+			if t.wstate.CompareAndSwap(wRunning, wKicked) {
+				return
+			}
+		default: // not started, already kicked, or done
+			return
+		}
+	}
+}
+
+// runWriter is an on-demand writer: it writes until nothing is queued and
+// nothing is buffered, then exits, unless it was signalled meanwhile. The
+// compare-and-swap to wIdle is its last act, so at most one runs at a time
+// and each hands the writer-only fields to the next through wstate.
+func (t *transport) runWriter() {
+	for {
+		t.wstate.Store(wRunning) // work signalled before this is taken below
+		switch st, err := t.writeStep(t.wrole); st {
+		case stepExit:
+			t.wstate.Store(wDone)
+			t.finish(err)
+			return
+		case stepIdle:
+			if t.wstate.CompareAndSwap(wRunning, wIdle) {
+				return
+			}
+		}
 	}
 }
 
@@ -499,20 +585,6 @@ func (t *transport) close(err error) {
 
 // errClosed is returned by writeLoop when the transport was closed.
 var errClosed = errors.New("proxy: connection closed")
-
-// flushAndWait is the idle part of writeLoop: flush buffered bytes, then
-// wait for a signal. It returns false when the transport closed.
-func (t *transport) idle() {
-	if t.dirty {
-		t.armWrite()
-		if err := t.bw.Flush(); err != nil {
-			t.close(err)
-		}
-		t.dirty = false
-		return
-	}
-	<-t.wake
-}
 
 // armWrite bounds the next write on the socket by writeTimeout, so a peer
 // that stops reading (slowloris, or a client that never reads its
@@ -792,78 +864,105 @@ const batchBudget = 64 << 10
 // ready streams in batches, writes them into a buffered writer and flushes
 // when there is nothing more to write, so many small frames cost one
 // syscall. It returns when the transport is closed or, while draining, when
-// nothing is left.
+// nothing is left. It is the persistent writer (usePersistentWriter); an
+// on-demand transport runs the same steps in runWriter.
 func (t *transport) writeLoop(r role) error {
 	for {
-		t.mu.Lock()
-		if t.closed {
-			err := t.closeErr
-			t.mu.Unlock()
+		switch st, err := t.writeStep(r); st {
+		case stepExit:
 			return err
-		}
-		t.maybeGiveBackLocked()
-		// The previous batch is written: buffers it may have been reading
-		// can go back to the pool now.
-		for i, b := range t.toRelease {
-			putBuf(b)
-			t.toRelease[i] = nil
-		}
-		t.toRelease = t.toRelease[:0]
-		batch := append(t.batch[:0], t.ctrl...)
-		clear(t.ctrl)
-		t.ctrl = t.ctrl[:0]
-		batch = r.openLocked(batch)
-		budget := batchBudget
-		for budget > 0 && t.readyHead < len(t.ready) {
-			q := t.ready[t.readyHead]
-			if !q.eligible() {
-				// Dropped, detached, or its window shrank (a lower
-				// SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 §6.9.2) while it
-				// waited; a WINDOW_UPDATE puts it back.
-				t.readyPopLocked()
-				continue
-			}
-			if q.needsWindow() && t.sendWindow <= 0 {
-				break // RFC 9113 §6.9.1: wait for a connection WINDOW_UPDATE
-			}
-			t.readyPopLocked()
-			op, last := t.popLocked(q, q.id)
-			if op.streamID == 0 {
-				continue // nothing could be taken (unreachable after eligible)
-			}
-			batch = append(batch, op)
-			budget -= len(op.data) + 64
-			if op.kind == opHeaders && q.s != nil {
-				q.s.headersSent = true // from here on a failure must use trailers
-			}
-			if last {
-				q.closed = true
-				q.drop(t)
-				r.sentLastLocked(q, op.kind == opReset)
-				continue
-			}
-			t.markReadyLocked(q)
-		}
-		exit := len(batch) == 0 && t.drainAndClose && r.idleLocked()
-		t.mu.Unlock()
-
-		if len(batch) == 0 {
-			if exit {
-				t.armWrite()
-				err := t.bw.Flush()
-				t.batch = batch
-				return err
-			}
-			t.idle()
-			continue
-		}
-		t.armWrite()
-		err := t.writeFrames(batch)
-		t.batch = batch[:0]
-		t.applyCredits()
-		if err != nil {
-			t.close(err)
-			return err
+		case stepIdle:
+			<-t.wake
 		}
 	}
+}
+
+type writeStepResult uint8
+
+const (
+	stepWrote writeStepResult = iota // wrote a batch or flushed: look again
+	stepIdle                         // nothing queued, nothing buffered
+	stepExit                         // closed, or drained: writing is over
+)
+
+// writeStep takes one batch of control frames and ready streams and writes
+// it, or flushes what is buffered when nothing is queued. Writer only.
+func (t *transport) writeStep(r role) (writeStepResult, error) {
+	t.mu.Lock()
+	if t.closed {
+		err := t.closeErr
+		t.mu.Unlock()
+		return stepExit, err
+	}
+	t.maybeGiveBackLocked()
+	// The previous batch is written: buffers it may have been reading
+	// can go back to the pool now.
+	for i, b := range t.toRelease {
+		putBuf(b)
+		t.toRelease[i] = nil
+	}
+	t.toRelease = t.toRelease[:0]
+	batch := append(t.batch[:0], t.ctrl...)
+	clear(t.ctrl)
+	t.ctrl = t.ctrl[:0]
+	batch = r.openLocked(batch)
+	budget := batchBudget
+	for budget > 0 && t.readyHead < len(t.ready) {
+		q := t.ready[t.readyHead]
+		if !q.eligible() {
+			// Dropped, detached, or its window shrank (a lower
+			// SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 §6.9.2) while it
+			// waited; a WINDOW_UPDATE puts it back.
+			t.readyPopLocked()
+			continue
+		}
+		if q.needsWindow() && t.sendWindow <= 0 {
+			break // RFC 9113 §6.9.1: wait for a connection WINDOW_UPDATE
+		}
+		t.readyPopLocked()
+		op, last := t.popLocked(q, q.id)
+		if op.streamID == 0 {
+			continue // nothing could be taken (unreachable after eligible)
+		}
+		batch = append(batch, op)
+		budget -= len(op.data) + 64
+		if op.kind == opHeaders && q.s != nil {
+			q.s.headersSent = true // from here on a failure must use trailers
+		}
+		if last {
+			q.closed = true
+			q.drop(t)
+			r.sentLastLocked(q, op.kind == opReset)
+			continue
+		}
+		t.markReadyLocked(q)
+	}
+	exit := len(batch) == 0 && t.drainAndClose && r.idleLocked()
+	t.mu.Unlock()
+
+	if len(batch) == 0 {
+		t.batch = batch
+		if exit {
+			t.armWrite()
+			return stepExit, t.bw.Flush()
+		}
+		if !t.dirty {
+			return stepIdle, nil
+		}
+		t.armWrite()
+		if err := t.bw.Flush(); err != nil {
+			t.close(err)
+		}
+		t.dirty = false
+		return stepWrote, nil
+	}
+	t.armWrite()
+	err := t.writeFrames(batch)
+	t.batch = batch[:0]
+	t.applyCredits()
+	if err != nil {
+		t.close(err)
+		return stepExit, err
+	}
+	return stepWrote, nil
 }
