@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -225,11 +226,15 @@ type transport struct {
 	log *slog.Logger
 
 	// Writer goroutine only.
-	bw     *connWriter // holds a pooled buffer only between a write and its flush
-	wfr    *http2.Framer
-	henc   *hpack.Encoder
-	hbuf   bytes.Buffer
-	batch  []writeOp
+	bw   *connWriter // holds a pooled buffer only between a write and its flush
+	henc *hpack.Encoder
+	// hw is what henc writes to: the scratch's header buffer while a
+	// writer runs.
+	hw switchWriter
+	// sc is the writer's scratch (Framer, header buffer, batch), taken
+	// from a pool when a writer starts and given back when an on-demand
+	// writer exits, so an idle connection holds none.
+	sc     *writeScratch
 	dirty  bool // bytes sit in bw unflushed
 	credit []creditOp
 
@@ -333,6 +338,57 @@ type creditOp struct {
 	n      int32
 }
 
+// writeScratch is what a writer needs only while it writes: a write Framer
+// (whose buffer keeps the largest frame it wrote), the buffer header
+// blocks are encoded into, and the batch. It holds no connection state:
+// the HPACK encoder's table stays with the transport.
+type writeScratch struct {
+	out   switchWriter // the Framer's destination: the writing transport's bw
+	fr    *http2.Framer
+	hbuf  bytes.Buffer
+	batch []writeOp
+}
+
+var scratchPool = sync.Pool{New: func() any {
+	sc := new(writeScratch)
+	sc.fr = http2.NewFramer(&sc.out, nil)
+	return sc
+}}
+
+// switchWriter is an io.Writer whose destination is set by its user.
+type switchWriter struct{ w io.Writer }
+
+func (s *switchWriter) Write(p []byte) (int, error) { return s.w.Write(p) }
+
+// takeScratch gives the writer its scratch. Writer only.
+func (t *transport) takeScratch() {
+	if t.sc != nil {
+		return
+	}
+	sc := scratchPool.Get().(*writeScratch)
+	sc.out.w = t.bw
+	t.hw.w = &sc.hbuf
+	t.sc = sc
+}
+
+// dropScratch gives the scratch back: the writer is about to exit with
+// nothing written but not flushed. Writer only.
+func (t *transport) dropScratch() {
+	sc := t.sc
+	if sc == nil {
+		return
+	}
+	t.sc, t.hw.w = nil, nil
+	sc.out.w = nil
+	sc.hbuf.Reset()
+	if sc.hbuf.Cap() > 4<<10 {
+		sc.hbuf = bytes.Buffer{} // a rare large header block is not kept
+	}
+	clear(sc.batch)
+	sc.batch = sc.batch[:0]
+	scratchPool.Put(sc)
+}
+
 // init prepares a transport without a socket; attach adds the socket.
 // Backend connections queue streams between the two, while they dial.
 func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, log *slog.Logger) {
@@ -358,8 +414,7 @@ func (t *transport) attach(nc net.Conn) {
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
 	t.bw = newConnWriter(nc)
-	t.wfr = http2.NewFramer(t.bw, nil)
-	t.henc = hpack.NewEncoder(&t.hbuf)
+	t.henc = hpack.NewEncoder(&t.hw)
 	t.mu.Lock()
 	t.nc = nc
 	t.mu.Unlock()
@@ -610,7 +665,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 		switch op.kind {
 		case opData:
 			sent = true
-			err = t.wfr.WriteData(op.streamID, op.end, op.data)
+			err = t.sc.fr.WriteData(op.streamID, op.end, op.data)
 			if op.release {
 				op.mem.freeBuf(op.buf)
 			}
@@ -621,17 +676,17 @@ func (t *transport) writeFrames(batch []writeOp) error {
 			sent = true
 			err = t.writeHeaders(op.streamID, op.end, op.fields)
 		case opReset:
-			err = t.wfr.WriteRSTStream(op.streamID, op.code)
+			err = t.sc.fr.WriteRSTStream(op.streamID, op.code)
 		case opSettings:
-			err = t.wfr.WriteSettings(op.settings...)
+			err = t.sc.fr.WriteSettings(op.settings...)
 		case opSettingsAck:
-			err = t.wfr.WriteSettingsAck()
+			err = t.sc.fr.WriteSettingsAck()
 		case opPing:
-			err = t.wfr.WritePing(op.end, op.ping)
+			err = t.sc.fr.WritePing(op.end, op.ping)
 		case opGoAway:
-			err = t.wfr.WriteGoAway(op.val, op.code, op.debug)
+			err = t.sc.fr.WriteGoAway(op.val, op.code, op.debug)
 		case opWindowUpdate:
-			err = t.wfr.WriteWindowUpdate(op.streamID, op.val)
+			err = t.sc.fr.WriteWindowUpdate(op.streamID, op.val)
 		case opTableSize:
 			t.henc.SetMaxDynamicTableSizeLimit(op.val)
 		}
@@ -661,13 +716,14 @@ func (t *transport) writeFrames(batch []writeOp) error {
 // (RFC 9113 §6.10). The encoder's dynamic table follows the order blocks
 // are written in, which is why only the writer encodes.
 func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField) error {
-	t.hbuf.Reset()
+	hbuf := &t.sc.hbuf
+	hbuf.Reset()
 	for _, f := range fields {
 		if err := t.henc.WriteField(f); err != nil {
 			return err
 		}
 	}
-	block := t.hbuf.Bytes()
+	block := hbuf.Bytes()
 	max := int(t.maxFrame())
 	first := true
 	for first || len(block) > 0 {
@@ -678,10 +734,10 @@ func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField
 		block = block[len(frag):]
 		var err error
 		if first {
-			err = t.wfr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: frag, EndStream: end, EndHeaders: len(block) == 0})
+			err = t.sc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: frag, EndStream: end, EndHeaders: len(block) == 0})
 			first = false
 		} else {
-			err = t.wfr.WriteContinuation(id, len(block) == 0, frag)
+			err = t.sc.fr.WriteContinuation(id, len(block) == 0, frag)
 		}
 		if err != nil {
 			return err
@@ -902,7 +958,8 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 		t.toRelease[i] = nil
 	}
 	t.toRelease = t.toRelease[:0]
-	batch := append(t.batch[:0], t.ctrl...)
+	t.takeScratch()
+	batch := append(t.sc.batch[:0], t.ctrl...)
 	clear(t.ctrl)
 	t.ctrl = t.ctrl[:0]
 	batch = r.openLocked(batch)
@@ -938,15 +995,23 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 		t.markReadyLocked(q)
 	}
 	exit := len(batch) == 0 && t.drainAndClose && r.idleLocked()
+	if len(batch) == 0 && !exit && !t.dirty && t.wake == nil {
+		// An on-demand writer about to exit: the connection keeps no
+		// control-frame storage while it has nothing to write.
+		t.ctrl = nil
+	}
 	t.mu.Unlock()
 
+	t.sc.batch = batch
 	if len(batch) == 0 {
-		t.batch = batch
 		if exit {
 			t.armWrite()
 			return stepExit, t.bw.Flush()
 		}
 		if !t.dirty {
+			if t.wake == nil {
+				t.dropScratch()
+			}
 			return stepIdle, nil
 		}
 		t.armWrite()
@@ -958,7 +1023,7 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 	}
 	t.armWrite()
 	err := t.writeFrames(batch)
-	t.batch = batch[:0]
+	t.sc.batch = batch[:0]
 	t.applyCredits()
 	if err != nil {
 		t.close(err)
