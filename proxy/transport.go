@@ -226,8 +226,8 @@ type transport struct {
 	log *slog.Logger
 
 	// Writer goroutine only.
-	bw   *connWriter // holds a pooled buffer only between a write and its flush
-	henc *hpack.Encoder
+	bw   *connWriter    // holds a pooled buffer only between a write and its flush
+	henc *hpack.Encoder // nil until the first header block: see encoder
 	// hw is what henc writes to: the scratch's header buffer while a
 	// writer runs.
 	hw switchWriter
@@ -409,12 +409,11 @@ func (t *transport) attach(nc net.Conn) {
 	t.cr = newConnReader(nc)
 	t.rfr = http2.NewFramer(nil, &contGuard{r: t.cr})
 	// ReadMetaHeaders stays nil: readFrame assembles header blocks.
-	t.hd.dec = hpack.NewDecoder(4096, t.hd.emit)
+	// t.hd.dec and t.henc are made at their first header block.
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
 	t.bw = newConnWriter(nc)
-	t.henc = hpack.NewEncoder(&t.hw)
 	t.mu.Lock()
 	t.nc = nc
 	t.mu.Unlock()
@@ -688,7 +687,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 		case opWindowUpdate:
 			err = t.sc.fr.WriteWindowUpdate(op.streamID, op.val)
 		case opTableSize:
-			t.henc.SetMaxDynamicTableSizeLimit(op.val)
+			t.encoder().SetMaxDynamicTableSizeLimit(op.val)
 		}
 		*op = writeOp{}
 		if err != nil {
@@ -719,7 +718,7 @@ func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField
 	hbuf := &t.sc.hbuf
 	hbuf.Reset()
 	for _, f := range fields {
-		if err := t.henc.WriteField(f); err != nil {
+		if err := t.encoder().WriteField(f); err != nil {
 			return err
 		}
 	}
@@ -744,6 +743,15 @@ func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField
 		}
 	}
 	return nil
+}
+
+// encoder returns the connection's HPACK encoder, made at its first use
+// so that a connection that never carries a call holds none. Writer only.
+func (t *transport) encoder() *hpack.Encoder {
+	if t.henc == nil {
+		t.henc = hpack.NewEncoder(&t.hw)
+	}
+	return t.henc
 }
 
 func (t *transport) maxFrame() uint32 {
