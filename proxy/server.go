@@ -285,12 +285,12 @@ func (s *Server) closeConns() {
 var errServerClosing = errors.New("proxy: server closing")
 
 // housekeepPeriod is how often the housekeeper looks at every client
-// connection: a quarter of the shortest of IdleTimeout and
-// RequestIdleTimeout in force, or zero when both are off.
+// connection: every second (parked writers exit), or a quarter of the
+// shortest of IdleTimeout and RequestIdleTimeout in force if shorter.
 func (s *Server) housekeepPeriod() time.Duration {
-	var p time.Duration
+	p := time.Second
 	for _, d := range []time.Duration{s.cfg.IdleTimeout, s.cfg.RequestIdleTimeout} {
-		if d > 0 && (p == 0 || d/4 < p) {
+		if d > 0 && d/4 < p {
 			p = d / 4
 		}
 	}
@@ -300,7 +300,8 @@ func (s *Server) housekeepPeriod() time.Duration {
 // startHousekeeperLocked starts the housekeeping goroutine if it does not
 // run. One goroutine and one ticker per server do the idle and
 // request-idle checks of every client connection, rather than two timers
-// per connection (issue 12: what an idle connection costs). It runs while
+// per connection (issue 12: what an idle connection costs), and make the
+// writers parked since the last tick exit. It runs while
 // there are connections and is counted in connWG, so Close waits for it.
 // Caller must hold mu.
 func (s *Server) startHousekeeperLocked() {

@@ -45,6 +45,7 @@ type serverConn struct {
 	nextSweep  time.Time
 	drainTimer *time.Timer   // ends the PING wait of a graceful shutdown; guarded by mu
 	readerDone chan struct{} // closed when readLoop returned; ends the linger
+	writerDone chan struct{} // closed when the last writer finished; set by serve
 }
 
 const (
@@ -90,19 +91,12 @@ func (c *serverConn) serve() {
 	}
 	c.mu.Unlock()
 	// The writer runs on demand: a goroutine exists only while there is
-	// something to write (transport.signal), so an idle connection holds
-	// the reader's goroutine alone. finish runs on the last one.
+	// something to write, or streams are open (transport.signal), so an
+	// idle connection holds the reader's goroutine alone. The last one
+	// calls writerFinished.
 	writerDone := make(chan struct{})
-	c.startOnDemand(c, func(err error) {
-		defer close(writerDone)
-		// Whether it failed or drained (after GOAWAY, or a connection
-		// error's GOAWAY), the connection is done: closing it also ends
-		// the reader, which a client that keeps it open would not.
-		if err == nil {
-			c.linger()
-		}
-		c.close(err)
-	})
+	c.writerDone = writerDone
+	c.startOnDemand(c)
 	err := c.readLoop(c)
 	close(c.readerDone)
 	c.awaitGoAway(writerDone)
@@ -111,10 +105,11 @@ func (c *serverConn) serve() {
 	c.cleanup()
 }
 
-// housekeep runs on the server's housekeeper, every quarter of the
-// shorter of IdleTimeout and RequestIdleTimeout: the request-idle sweep
-// when it is due, and the idle check.
+// housekeep runs on the server's housekeeper (Server.housekeepPeriod): a
+// parked writer exits, the request-idle sweep runs when it is due, and the
+// idle check.
 func (c *serverConn) housekeep(now time.Time) {
+	c.reapWriter()
 	c.mu.Lock()
 	sweep := !c.nextSweep.IsZero() && !now.Before(c.nextSweep)
 	c.mu.Unlock()
@@ -127,7 +122,7 @@ func (c *serverConn) housekeep(now time.Time) {
 // idleCheck shuts a connection that has had no stream for
 // Config.IdleTimeout down gracefully (GOAWAY, then close), as grpc-go's
 // MaxConnectionIdle does. The housekeeper's period makes that happen
-// within a quarter of the timeout after it ran out.
+// within a second (or a quarter of the timeout) after it ran out.
 func (c *serverConn) idleCheck(now time.Time) {
 	d := c.srv.cfg.IdleTimeout
 	c.mu.Lock()
@@ -801,6 +796,21 @@ func (c *serverConn) sentLastLocked(q *sendQueue, reset bool) {
 		c.stepLocked(s, evSendReset)
 	}
 }
+
+// writerFinished implements writerOwner.
+func (c *serverConn) writerFinished(err error) {
+	defer close(c.writerDone)
+	// Whether it failed or drained (after GOAWAY, or a connection error's
+	// GOAWAY), the connection is done: closing it also ends the reader,
+	// which a client that keeps it open would not.
+	if err == nil {
+		c.linger()
+	}
+	c.close(err)
+}
+
+// streamsLocked implements writerOwner.
+func (c *serverConn) streamsLocked() bool { return len(c.streams) > 0 }
 
 // idleLocked implements role.
 func (c *serverConn) idleLocked() bool {

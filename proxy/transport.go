@@ -246,8 +246,14 @@ type transport struct {
 	// signal and runWriter. role and finish are set before it leaves
 	// wNotStarted.
 	wstate atomic.Int32
-	wrole  role
-	finish func(err error)
+	owner  writerOwner
+	// parkOK is set by writeStep when it found nothing to write: whether
+	// the owner has streams open, so more is likely to come. Writer only.
+	parkOK bool
+	// park is where an on-demand writer with nothing to do waits, until
+	// signal or the server's housekeeper (reapWriter) wakes it; made by
+	// the first writer that parks.
+	park chan struct{}
 
 	ctrlOverflow atomic.Bool // the control queue hit maxQueuedControlFrames; the reader ends the connection
 	// dataSent is set by the writer when it writes HEADERS or DATA; the
@@ -321,7 +327,7 @@ func (t *transport) stepLocked(st *h2state, id uint32, ev h2event) (res h2result
 func (t *transport) releaseLocked(b *[]byte) {
 	if t.wake == nil {
 		switch t.wstate.Load() {
-		case wNotStarted, wIdle, wDone:
+		case wNotStarted, wIdle, wParked, wDone:
 			// No writer runs, so no write is reading b, and the next
 			// writer must take mu first: back to the pool at once,
 			// rather than held by an idle connection.
@@ -421,13 +427,18 @@ func (t *transport) attach(nc net.Conn) {
 
 // The on-demand writer's states. A connection that has nothing to write
 // has no writer goroutine (issue 12: an idle client connection costs its
-// reader's stack, not two): signal starts one when it finds none running,
-// and the writer exits once everything queued is written and flushed.
+// reader's stack, not two): signal starts one when it finds none running.
+// Once everything queued is written and flushed the writer exits if the
+// connection has no stream open, and parks otherwise, so that a busy
+// connection does not start a goroutine per burst; the server's
+// housekeeper makes parked writers exit about once a second (reapWriter).
 const (
 	wNotStarted int32 = iota // serve has not started writing: signal does nothing
 	wIdle                    // no writer goroutine; the next signal starts one
 	wRunning                 // a writer goroutine runs
 	wKicked                  // it runs, and was signalled since it last took work
+	wParked                  // it waits on park with nothing to do
+	wReaping                 // the housekeeper told the parked writer to exit
 	wDone                    // the writer finished for good (closed, or drained)
 )
 
@@ -438,12 +449,23 @@ func (t *transport) usePersistentWriter() {
 	t.wake = make(chan struct{}, 1)
 }
 
-// startOnDemand lets signal start writers for r from now on, and starts
-// one for what is queued already. finish is called on the writer goroutine,
-// once, when writing ends for good: nil after a drain completed, the error
-// otherwise.
-func (t *transport) startOnDemand(r role, finish func(err error)) {
-	t.wrole, t.finish = r, finish
+// writerOwner is the connection an on-demand writer works for.
+type writerOwner interface {
+	role
+	// streamsLocked reports whether the connection has streams open:
+	// then a writer with nothing to write parks for the next burst
+	// rather than exit. Called with mu held.
+	streamsLocked() bool
+	// writerFinished is called on the writer goroutine, once, when
+	// writing ends for good: nil after a drain completed, the error
+	// otherwise.
+	writerFinished(err error)
+}
+
+// startOnDemand lets signal start writers for o from now on, and starts
+// one for what is queued already.
+func (t *transport) startOnDemand(o writerOwner) {
+	t.owner = o
 	t.wstate.Store(wIdle)
 	t.signal()
 }
@@ -459,7 +481,7 @@ func (t *transport) signal() {
 		return
 	}
 	for {
-		switch t.wstate.Load() {
+		switch st := t.wstate.Load(); st {
 		case wIdle:
 			if t.wstate.CompareAndSwap(wIdle, wRunning) {
 				go t.runWriter()
@@ -469,30 +491,85 @@ func (t *transport) signal() {
 			if t.wstate.CompareAndSwap(wRunning, wKicked) {
 				return
 			}
+		case wParked, wReaping:
+			if t.wstate.CompareAndSwap(st, wRunning) {
+				t.unpark()
+				return
+			}
 		default: // not started, already kicked, or done
 			return
 		}
 	}
 }
 
+// unpark wakes a parked writer. A token left over (the writer woke for
+// another reason first) costs it one empty look at the queues later.
+func (t *transport) unpark() {
+	select {
+	case t.park <- struct{}{}:
+	default:
+	}
+}
+
+// reapWriter makes a parked on-demand writer exit and let go of its
+// scratch. The server's housekeeper calls it about once a second for
+// every client connection.
+func (t *transport) reapWriter() {
+	if t.wstate.CompareAndSwap(wParked, wReaping) {
+		t.unpark()
+	}
+}
+
 // runWriter is an on-demand writer: it writes until nothing is queued and
-// nothing is buffered, then exits, unless it was signalled meanwhile. The
-// compare-and-swap to wIdle is its last act, so at most one runs at a time
-// and each hands the writer-only fields to the next through wstate.
+// nothing is buffered, then parks until signalled, or exits when reaped.
+// The compare-and-swap to wIdle is its last act, so at most one runs at a
+// time and each hands the writer-only fields to the next through wstate.
 func (t *transport) runWriter() {
 	for {
 		t.wstate.Store(wRunning) // work signalled before this is taken below
-		switch st, err := t.writeStep(t.wrole); st {
+		switch st, err := t.writeStep(t.owner); st {
 		case stepExit:
 			t.wstate.Store(wDone)
-			t.finish(err)
+			t.owner.writerFinished(err)
 			return
 		case stepIdle:
-			if t.wstate.CompareAndSwap(wRunning, wIdle) {
+			if !t.parkOK {
+				t.releaseIdle()
+				if t.wstate.CompareAndSwap(wRunning, wIdle) {
+					return
+				}
+				continue // signalled meanwhile
+			}
+			if t.park == nil {
+				// Made by the first writer that parks; signal and
+				// reapWriter read it only after they saw wParked.
+				t.park = make(chan struct{}, 1)
+			}
+			if !t.wstate.CompareAndSwap(wRunning, wParked) {
+				continue // signalled meanwhile
+			}
+			<-t.park
+			if t.wstate.Load() != wReaping {
+				continue // signalled
+			}
+			t.releaseIdle()
+			if t.wstate.CompareAndSwap(wReaping, wIdle) {
 				return
 			}
+			// Signalled while letting go: take the scratch again.
 		}
 	}
+}
+
+// releaseIdle lets go of what only a writer needs, before an on-demand
+// writer exits: its scratch and the control-frame storage. Writer only.
+func (t *transport) releaseIdle() {
+	t.dropScratch()
+	t.mu.Lock()
+	if len(t.ctrl) == 0 {
+		t.ctrl = nil
+	}
+	t.mu.Unlock()
 }
 
 // queueCtrlLocked queues a frame that is not flow-controlled. Caller must
@@ -1003,10 +1080,8 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 		t.markReadyLocked(q)
 	}
 	exit := len(batch) == 0 && t.drainAndClose && r.idleLocked()
-	if len(batch) == 0 && !exit && !t.dirty && t.wake == nil {
-		// An on-demand writer about to exit: the connection keeps no
-		// control-frame storage while it has nothing to write.
-		t.ctrl = nil
+	if len(batch) == 0 && t.owner != nil {
+		t.parkOK = t.owner.streamsLocked()
 	}
 	t.mu.Unlock()
 
@@ -1017,9 +1092,6 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 			return stepExit, t.bw.Flush()
 		}
 		if !t.dirty {
-			if t.wake == nil {
-				t.dropScratch()
-			}
 			return stepIdle, nil
 		}
 		t.armWrite()

@@ -75,7 +75,8 @@ func pingRaw(t *testing.T, r *rawConn, data [8]byte) {
 // TestIdleConnHoldsNoWriter: an idle client connection has no writer
 // goroutine, only its reader (issue 12: the per-connection cost of 5,000
 // idle clients). Writers start when there is something to write — the
-// handshake, a PING's ack — and exit once it is written.
+// handshake, a PING's ack — and park when it is written; the server's
+// housekeeper makes them exit within about a second.
 func TestIdleConnHoldsNoWriter(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 1})
