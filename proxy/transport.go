@@ -234,8 +234,11 @@ type transport struct {
 	// sc is the writer's scratch (Framer, header buffer, batch), taken
 	// from a pool when a writer starts and given back when an on-demand
 	// writer exits, so an idle connection holds none.
-	sc     *writeScratch
-	dirty  bool // bytes sit in bw unflushed
+	sc    *writeScratch
+	dirty bool // bytes sit in bw unflushed
+	// parkOK is set by writeStep when it found nothing to write: whether
+	// the owner has streams open, so more is likely to come.
+	parkOK bool
 	credit []creditOp
 
 	// wake is the persistent writer's "there is work" (capacity 1,
@@ -247,9 +250,6 @@ type transport struct {
 	// wNotStarted.
 	wstate atomic.Int32
 	owner  writerOwner
-	// parkOK is set by writeStep when it found nothing to write: whether
-	// the owner has streams open, so more is likely to come. Writer only.
-	parkOK bool
 	// park is where an on-demand writer with nothing to do waits, until
 	// signal or the server's housekeeper (reapWriter) wakes it; made by
 	// the first writer that parks.
