@@ -33,13 +33,13 @@ import (
 )
 
 type result struct {
-	Target         string  `json:"target"`
-	PIDs           []int   `json:"pids"`
-	Conns          int     `json:"conns"`
-	Handshaken     int     `json:"handshaken"`
-	OpenAtEnd      int     `json:"open_at_end"`
-	RSSBeforeKiB   int64   `json:"rss_before_kib"`
-	RSSAfterKiB    int64   `json:"rss_after_kib"`
+	Target       string `json:"target"`
+	PIDs         []int  `json:"pids"`
+	Conns        int    `json:"conns"`
+	Handshaken   int    `json:"handshaken"`
+	OpenAtEnd    int    `json:"open_at_end"`
+	RSSBeforeKiB int64  `json:"rss_before_kib"`
+	RSSAfterKiB  int64  `json:"rss_after_kib"`
 	// The same for RssAnon (heap, stacks): what the connections cost,
 	// without the file-backed pages of the binary that VmRSS also counts.
 	AnonBeforeKiB  int64   `json:"rss_anon_before_kib"`
