@@ -184,7 +184,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			// Before the preface nothing HTTP/2 can be said without
 			// waiting on the peer: a close is the cheapest clear answer.
 			nc.Close()
-			s.refusals.note(s.now(), s.log, max)
+			s.refusals.note(s.now(), s.log, slog.LevelDebug, "connections refused: at max connections", max)
 			continue
 		}
 		c := newServerConn(s, nc)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"time"
 
@@ -161,9 +162,7 @@ func (c *serverConn) handshake() error {
 			writeHTTP1Rejection(c.nc)
 			return errors.New("proxy: HTTP/1.x request on an HTTP/2-only port")
 		case prefaceGarbage:
-			fr := http2.NewFramer(c.nc, nil)
-			c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-			fr.WriteGoAway(0, http2.ErrCodeProtocol, []byte("streamlb: bad HTTP/2 connection preface"))
+			rejectPreface(c.nc)
 			return errors.New("proxy: bad connection preface")
 		}
 		if err != nil {
@@ -190,6 +189,27 @@ func (c *serverConn) handshake() error {
 	}
 	return nil
 }
+
+// rejectPreface answers an invalid connection preface with a connection
+// error PROTOCOL_ERROR (RFC 9113 §3.4): our SETTINGS first, as every server
+// preface starts, then GOAWAY, then a clean close: the write side is shut
+// (FIN) and what the client sent is read and dropped, up to a bound, so the
+// close does not turn into a TCP reset that could destroy the GOAWAY before
+// the client reads it.
+func rejectPreface(nc net.Conn) {
+	nc.SetDeadline(time.Now().Add(time.Second))
+	fr := http2.NewFramer(nc, nil)
+	if fr.WriteSettings() != nil || fr.WriteGoAway(0, http2.ErrCodeProtocol, []byte("streamlb: bad HTTP/2 connection preface")) != nil {
+		return
+	}
+	if cw, ok := nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		io.Copy(io.Discard, io.LimitReader(nc, maxPrefaceDrain))
+	}
+}
+
+// maxPrefaceDrain bounds what rejectPreface reads from a client whose
+// preface was invalid.
+const maxPrefaceDrain = 64 << 10
 
 type prefaceKind int
 
@@ -322,14 +342,17 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	end := f.StreamEnded()
 	c.mu.Lock()
 	if s := c.streams[id]; s != nil {
-		// Request trailers (RFC 9113 §8.1): they must end the stream.
-		if !end {
-			c.mu.Unlock()
-			return http2.ConnectionError(http2.ErrCodeProtocol)
-		}
+		// The order is x/net's processHeaders: a HEADERS after the
+		// client's END_STREAM first (§5.1 half-closed (remote):
+		// STREAM_CLOSED), then request trailers, which must end the
+		// stream (§8.1: a stream error, as processTrailerHeaders).
 		if c.stepLocked(s, evRecvHeaders) != resOK {
 			c.mu.Unlock()
-			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed} // §5.1 half-closed (remote)
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+		}
+		if !end {
+			c.mu.Unlock()
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: errors.New("request trailers without END_STREAM")}
 		}
 		if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields || len(f.PseudoFields()) > 0 {
 			// Trailers cut short would change the request's meaning,
@@ -356,11 +379,20 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol) // RFC 9113 §5.1.1
 	}
 	if id <= c.lastID {
-		// A stream we closed (RFC 9113 §5.1 "closed"): STREAM_CLOSED,
-		// unless we reset it and this was in flight.
-		err := c.unknownStreamLocked(c, id, evRecvHeaders, "HEADERS on a closed stream")
+		// Not a stream of ours, and not above the highest the client
+		// opened: ids must increase (RFC 9113 §5.1.1), so a connection
+		// error PROTOCOL_ERROR, as x/net's processHeaders
+		// ("stream_went_down"). Two exceptions, both frames the client
+		// had in flight: on a stream we reset (§5.1: ignored after our
+		// RST_STREAM, for which x/net only has its resetQueued), and
+		// above the last id of our GOAWAY (§6.8: never processed).
+		if c.forgottenLocked(id) == stResetSent || c.resets.has(id) {
+			err := c.glitchLocked(1, "HEADERS on a reset stream")
+			c.mu.Unlock()
+			return err
+		}
 		c.mu.Unlock()
-		return err
+		return connErr(http2.ErrCodeProtocol, fmt.Sprintf("HEADERS on stream %d, at or below the highest opened (%d): stream ids must increase", id, c.lastID))
 	}
 	c.lastID = id
 	if c.goingAway {

@@ -259,6 +259,9 @@ type transport struct {
 	// dataSent is set by the writer when it writes HEADERS or DATA; the
 	// reader clears it on each PING (see dispatch).
 	dataSent atomic.Bool
+	// framesSent counts the HEADERS and DATA frames the writer wrote, for
+	// the WINDOW_UPDATE allowance (calm.go).
+	framesSent atomic.Int64
 
 	// Immutable after construction.
 	writeTimeout  time.Duration // bound on each write to the socket; zero: none
@@ -729,10 +732,11 @@ func (t *transport) armWrite() {
 
 // writeFrames writes one batch. It runs on the writer goroutine only.
 func (t *transport) writeFrames(batch []writeOp) error {
-	sent := false
+	sent := 0 // HEADERS and DATA frames
 	defer func() {
-		if sent {
+		if sent > 0 {
 			t.dataSent.Store(true)
+			t.framesSent.Add(int64(sent))
 		}
 	}()
 	for i := range batch {
@@ -740,7 +744,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 		var err error
 		switch op.kind {
 		case opData:
-			sent = true
+			sent++
 			err = t.sc.fr.WriteData(op.streamID, op.end, op.data)
 			if op.release {
 				op.mem.freeBuf(op.buf)
@@ -749,7 +753,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 				t.credit = append(t.credit, creditOp{op.src, op.credit, op.creditN})
 			}
 		case opHeaders:
-			sent = true
+			sent++
 			err = t.writeHeaders(op.streamID, op.end, op.fields)
 		case opReset:
 			err = t.sc.fr.WriteRSTStream(op.streamID, op.code)
