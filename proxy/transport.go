@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -236,15 +237,34 @@ type transport struct {
 	log *slog.Logger
 
 	// Writer goroutine only.
-	bw     *connWriter // holds a pooled buffer only between a write and its flush
-	wfr    *http2.Framer
-	henc   *hpack.Encoder
-	hbuf   bytes.Buffer
-	batch  []writeOp
-	dirty  bool // bytes sit in bw unflushed
+	bw   *connWriter    // holds a pooled buffer only between a write and its flush
+	henc *hpack.Encoder // nil until the first header block: see encoder
+	// hw is what henc writes to: the scratch's header buffer while a
+	// writer runs.
+	hw switchWriter
+	// sc is the writer's scratch (Framer, header buffer, batch), taken
+	// from a pool when a writer starts and given back when an on-demand
+	// writer exits, so an idle connection holds none.
+	sc    *writeScratch
+	dirty bool // bytes sit in bw unflushed
+	// parkOK is set by writeStep when it found nothing to write: whether
+	// the owner has streams open, so more is likely to come.
+	parkOK bool
 	credit []creditOp
 
-	wake chan struct{} // capacity 1, non-blocking sends: "there is work"
+	// wake is the persistent writer's "there is work" (capacity 1,
+	// non-blocking sends); nil on an on-demand transport, whose writer
+	// goroutine runs only while there is something to write (wstate).
+	wake chan struct{}
+	// wstate is the on-demand writer's state (wNotStarted ... wDone): see
+	// signal and runWriter. role and finish are set before it leaves
+	// wNotStarted.
+	wstate atomic.Int32
+	owner  writerOwner
+	// park is where an on-demand writer with nothing to do waits, until
+	// signal or the server's housekeeper (reapWriter) wakes it; made by
+	// the first writer that parks.
+	park chan struct{}
 
 	ctrlOverflow atomic.Bool // the control queue hit maxQueuedControlFrames; the reader ends the connection
 	// dataSent is set by the writer when it writes HEADERS or DATA; the
@@ -323,6 +343,16 @@ func (t *transport) stepLocked(st *h2state, id uint32, ev h2event) (res h2result
 // releaseLocked returns b to the pool once the writer is past the write in
 // progress. Caller must hold mu.
 func (t *transport) releaseLocked(b *[]byte) {
+	if t.wake == nil {
+		switch t.wstate.Load() {
+		case wNotStarted, wIdle, wParked, wDone:
+			// No writer runs, so no write is reading b, and the next
+			// writer must take mu first: back to the pool at once,
+			// rather than held by an idle connection.
+			putBuf(b)
+			return
+		}
+	}
 	t.toRelease = append(t.toRelease, b)
 }
 
@@ -332,6 +362,57 @@ type creditOp struct {
 	n      int32
 }
 
+// writeScratch is what a writer needs only while it writes: a write Framer
+// (whose buffer keeps the largest frame it wrote), the buffer header
+// blocks are encoded into, and the batch. It holds no connection state:
+// the HPACK encoder's table stays with the transport.
+type writeScratch struct {
+	out   switchWriter // the Framer's destination: the writing transport's bw
+	fr    *http2.Framer
+	hbuf  bytes.Buffer
+	batch []writeOp
+}
+
+var scratchPool = sync.Pool{New: func() any {
+	sc := new(writeScratch)
+	sc.fr = http2.NewFramer(&sc.out, nil)
+	return sc
+}}
+
+// switchWriter is an io.Writer whose destination is set by its user.
+type switchWriter struct{ w io.Writer }
+
+func (s *switchWriter) Write(p []byte) (int, error) { return s.w.Write(p) }
+
+// takeScratch gives the writer its scratch. Writer only.
+func (t *transport) takeScratch() {
+	if t.sc != nil {
+		return
+	}
+	sc := scratchPool.Get().(*writeScratch)
+	sc.out.w = t.bw
+	t.hw.w = &sc.hbuf
+	t.sc = sc
+}
+
+// dropScratch gives the scratch back: the writer is about to exit with
+// nothing written but not flushed. Writer only.
+func (t *transport) dropScratch() {
+	sc := t.sc
+	if sc == nil {
+		return
+	}
+	t.sc, t.hw.w = nil, nil
+	sc.out.w = nil
+	sc.hbuf.Reset()
+	if sc.hbuf.Cap() > 4<<10 {
+		sc.hbuf = bytes.Buffer{} // a rare large header block is not kept
+	}
+	clear(sc.batch)
+	sc.batch = sc.batch[:0]
+	scratchPool.Put(sc)
+}
+
 // init prepares a transport without a socket; attach adds the socket.
 // Backend connections queue streams between the two, while they dial.
 func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, log *slog.Logger) {
@@ -339,7 +420,6 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 	t.streamWindow = streamWindow
 	t.connWindow = connWindow
 	t.maxHeaderList = maxHeaderList
-	t.wake = make(chan struct{}, 1)
 	t.sendWindow = defaultInitialWindowRFC
 	t.peerInitWin = defaultInitialWindowRFC
 	t.peerMaxFrame = maxFrameSize
@@ -353,24 +433,161 @@ func (t *transport) attach(nc net.Conn) {
 	t.cr = newConnReader(nc)
 	t.rfr = http2.NewFramer(nil, &contGuard{r: t.cr})
 	// ReadMetaHeaders stays nil: readFrame assembles header blocks.
-	t.hd.dec = hpack.NewDecoder(4096, t.hd.emit)
+	// t.hd.dec and t.henc are made at their first header block.
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
 	t.bw = newConnWriter(nc)
-	t.wfr = http2.NewFramer(t.bw, nil)
-	t.henc = hpack.NewEncoder(&t.hbuf)
 	t.mu.Lock()
 	t.nc = nc
 	t.mu.Unlock()
 }
 
-// signal wakes the writer. It never blocks.
+// The on-demand writer's states. A connection that has nothing to write
+// has no writer goroutine (issue 12: an idle client connection costs its
+// reader's stack, not two): signal starts one when it finds none running.
+// Once everything queued is written and flushed the writer exits if the
+// connection has no stream open, and parks otherwise, so that a busy
+// connection does not start a goroutine per burst; the server's
+// housekeeper makes parked writers exit about once a second (reapWriter).
+const (
+	wNotStarted int32 = iota // serve has not started writing: signal does nothing
+	wIdle                    // no writer goroutine; the next signal starts one
+	wRunning                 // a writer goroutine runs
+	wKicked                  // it runs, and was signalled since it last took work
+	wParked                  // it waits on park with nothing to do
+	wReaping                 // the housekeeper told the parked writer to exit
+	wDone                    // the writer finished for good (closed, or drained)
+)
+
+// usePersistentWriter makes t's writer the long-lived writeLoop, woken by
+// signal through a channel. Backend connections use it: they are few, and
+// their run goroutine is the writer.
+func (t *transport) usePersistentWriter() {
+	t.wake = make(chan struct{}, 1)
+}
+
+// writerOwner is the connection an on-demand writer works for.
+type writerOwner interface {
+	role
+	// streamsLocked reports whether the connection has streams open:
+	// then a writer with nothing to write parks for the next burst
+	// rather than exit. Called with mu held.
+	streamsLocked() bool
+	// writerFinished is called on the writer goroutine, once, when
+	// writing ends for good: nil after a drain completed, the error
+	// otherwise.
+	writerFinished(err error)
+}
+
+// startOnDemand lets signal start writers for o from now on, and starts
+// one for what is queued already.
+func (t *transport) startOnDemand(o writerOwner) {
+	t.owner = o
+	t.wstate.Store(wIdle)
+	t.signal()
+}
+
+// signal tells the writer there is work, starting one if none runs. It
+// never blocks. Work must be queued (under mu) before signal is called.
 func (t *transport) signal() {
+	if t.wake != nil {
+		select {
+		case t.wake <- struct{}{}:
+		default:
+		}
+		return
+	}
+	for {
+		switch st := t.wstate.Load(); st {
+		case wIdle:
+			if t.wstate.CompareAndSwap(wIdle, wRunning) {
+				go t.runWriter()
+				return
+			}
+		case wRunning:
+			if t.wstate.CompareAndSwap(wRunning, wKicked) {
+				return
+			}
+		case wParked, wReaping:
+			if t.wstate.CompareAndSwap(st, wRunning) {
+				t.unpark()
+				return
+			}
+		default: // not started, already kicked, or done
+			return
+		}
+	}
+}
+
+// unpark wakes a parked writer. A token left over (the writer woke for
+// another reason first) costs it one empty look at the queues later.
+func (t *transport) unpark() {
 	select {
-	case t.wake <- struct{}{}:
+	case t.park <- struct{}{}:
 	default:
 	}
+}
+
+// reapWriter makes a parked on-demand writer exit and let go of its
+// scratch. The server's housekeeper calls it about once a second for
+// every client connection.
+func (t *transport) reapWriter() {
+	if t.wstate.CompareAndSwap(wParked, wReaping) {
+		t.unpark()
+	}
+}
+
+// runWriter is an on-demand writer: it writes until nothing is queued and
+// nothing is buffered, then parks until signalled, or exits when reaped.
+// The compare-and-swap to wIdle is its last act, so at most one runs at a
+// time and each hands the writer-only fields to the next through wstate.
+func (t *transport) runWriter() {
+	for {
+		t.wstate.Store(wRunning) // work signalled before this is taken below
+		switch st, err := t.writeStep(t.owner); st {
+		case stepExit:
+			t.wstate.Store(wDone)
+			t.owner.writerFinished(err)
+			return
+		case stepIdle:
+			if !t.parkOK {
+				t.releaseIdle()
+				if t.wstate.CompareAndSwap(wRunning, wIdle) {
+					return
+				}
+				continue // signalled meanwhile
+			}
+			if t.park == nil {
+				// Made by the first writer that parks; signal and
+				// reapWriter read it only after they saw wParked.
+				t.park = make(chan struct{}, 1)
+			}
+			if !t.wstate.CompareAndSwap(wRunning, wParked) {
+				continue // signalled meanwhile
+			}
+			<-t.park
+			if t.wstate.Load() != wReaping {
+				continue // signalled
+			}
+			t.releaseIdle()
+			if t.wstate.CompareAndSwap(wReaping, wIdle) {
+				return
+			}
+			// Signalled while letting go: take the scratch again.
+		}
+	}
+}
+
+// releaseIdle lets go of what only a writer needs, before an on-demand
+// writer exits: its scratch and the control-frame storage. Writer only.
+func (t *transport) releaseIdle() {
+	t.dropScratch()
+	t.mu.Lock()
+	if len(t.ctrl) == 0 {
+		t.ctrl = nil
+	}
+	t.mu.Unlock()
 }
 
 // queueCtrlLocked queues a frame that is not flow-controlled. Caller must
@@ -606,20 +823,6 @@ func (t *transport) close(err error) {
 // errClosed is returned by writeLoop when the transport was closed.
 var errClosed = errors.New("proxy: connection closed")
 
-// flushAndWait is the idle part of writeLoop: flush buffered bytes, then
-// wait for a signal. It returns false when the transport closed.
-func (t *transport) idle() {
-	if t.dirty {
-		t.armWrite()
-		if err := t.bw.Flush(); err != nil {
-			t.close(err)
-		}
-		t.dirty = false
-		return
-	}
-	<-t.wake
-}
-
 // armWrite bounds the next write on the socket by writeTimeout, so a peer
 // that stops reading (slowloris, or a client that never reads its
 // responses) fails its connection instead of holding the writer, and with
@@ -645,7 +848,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 		switch op.kind {
 		case opData:
 			sent++
-			err = t.wfr.WriteData(op.streamID, op.end, op.data)
+			err = t.sc.fr.WriteData(op.streamID, op.end, op.data)
 			if op.release {
 				op.mem.freeBuf(op.buf)
 			}
@@ -656,19 +859,19 @@ func (t *transport) writeFrames(batch []writeOp) error {
 			sent++
 			err = t.writeHeaders(op.streamID, op.end, op.fields)
 		case opReset:
-			err = t.wfr.WriteRSTStream(op.streamID, op.code)
+			err = t.sc.fr.WriteRSTStream(op.streamID, op.code)
 		case opSettings:
-			err = t.wfr.WriteSettings(op.settings...)
+			err = t.sc.fr.WriteSettings(op.settings...)
 		case opSettingsAck:
-			err = t.wfr.WriteSettingsAck()
+			err = t.sc.fr.WriteSettingsAck()
 		case opPing:
-			err = t.wfr.WritePing(op.end, op.ping)
+			err = t.sc.fr.WritePing(op.end, op.ping)
 		case opGoAway:
-			err = t.wfr.WriteGoAway(op.val, op.code, op.debug)
+			err = t.sc.fr.WriteGoAway(op.val, op.code, op.debug)
 		case opWindowUpdate:
-			err = t.wfr.WriteWindowUpdate(op.streamID, op.val)
+			err = t.sc.fr.WriteWindowUpdate(op.streamID, op.val)
 		case opTableSize:
-			t.henc.SetMaxDynamicTableSizeLimit(op.val)
+			t.encoder().SetMaxDynamicTableSizeLimit(op.val)
 		}
 		*op = writeOp{}
 		if err != nil {
@@ -696,13 +899,14 @@ func (t *transport) writeFrames(batch []writeOp) error {
 // (RFC 9113 §6.10). The encoder's dynamic table follows the order blocks
 // are written in, which is why only the writer encodes.
 func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField) error {
-	t.hbuf.Reset()
+	hbuf := &t.sc.hbuf
+	hbuf.Reset()
 	for _, f := range fields {
-		if err := t.henc.WriteField(f); err != nil {
+		if err := t.encoder().WriteField(f); err != nil {
 			return err
 		}
 	}
-	block := t.hbuf.Bytes()
+	block := hbuf.Bytes()
 	max := int(t.maxFrame())
 	first := true
 	for first || len(block) > 0 {
@@ -713,16 +917,25 @@ func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField
 		block = block[len(frag):]
 		var err error
 		if first {
-			err = t.wfr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: frag, EndStream: end, EndHeaders: len(block) == 0})
+			err = t.sc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: frag, EndStream: end, EndHeaders: len(block) == 0})
 			first = false
 		} else {
-			err = t.wfr.WriteContinuation(id, len(block) == 0, frag)
+			err = t.sc.fr.WriteContinuation(id, len(block) == 0, frag)
 		}
 		if err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// encoder returns the connection's HPACK encoder, made at its first use
+// so that a connection that never carries a call holds none. Writer only.
+func (t *transport) encoder() *hpack.Encoder {
+	if t.henc == nil {
+		t.henc = hpack.NewEncoder(&t.hw)
+	}
+	return t.henc
 }
 
 func (t *transport) maxFrame() uint32 {
@@ -899,78 +1112,109 @@ const batchBudget = 64 << 10
 // ready streams in batches, writes them into a buffered writer and flushes
 // when there is nothing more to write, so many small frames cost one
 // syscall. It returns when the transport is closed or, while draining, when
-// nothing is left.
+// nothing is left. It is the persistent writer (usePersistentWriter); an
+// on-demand transport runs the same steps in runWriter.
 func (t *transport) writeLoop(r role) error {
 	for {
-		t.mu.Lock()
-		if t.closed {
-			err := t.closeErr
-			t.mu.Unlock()
+		switch st, err := t.writeStep(r); st {
+		case stepExit:
 			return err
-		}
-		t.maybeGiveBackLocked()
-		// The previous batch is written: buffers it may have been reading
-		// can go back to the pool now.
-		for i, b := range t.toRelease {
-			putBuf(b)
-			t.toRelease[i] = nil
-		}
-		t.toRelease = t.toRelease[:0]
-		batch := append(t.batch[:0], t.ctrl...)
-		clear(t.ctrl)
-		t.ctrl = t.ctrl[:0]
-		batch = r.openLocked(batch)
-		budget := batchBudget
-		for budget > 0 && t.readyHead < len(t.ready) {
-			q := t.ready[t.readyHead]
-			if !q.eligible() {
-				// Dropped, detached, or its window shrank (a lower
-				// SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 §6.9.2) while it
-				// waited; a WINDOW_UPDATE puts it back.
-				t.readyPopLocked()
-				continue
-			}
-			if q.needsWindow() && t.sendWindow <= 0 {
-				break // RFC 9113 §6.9.1: wait for a connection WINDOW_UPDATE
-			}
-			t.readyPopLocked()
-			op, last := t.popLocked(q, q.id)
-			if op.streamID == 0 {
-				continue // nothing could be taken (unreachable after eligible)
-			}
-			batch = append(batch, op)
-			budget -= len(op.data) + 64
-			if op.kind == opHeaders && q.s != nil {
-				q.s.headersSent = true // from here on a failure must use trailers
-			}
-			if last {
-				q.closed = true
-				q.drop(t)
-				r.sentLastLocked(q, op.kind == opReset)
-				continue
-			}
-			t.markReadyLocked(q)
-		}
-		exit := len(batch) == 0 && t.drainAndClose && r.idleLocked()
-		t.mu.Unlock()
-
-		if len(batch) == 0 {
-			if exit {
-				t.armWrite()
-				err := t.bw.Flush()
-				t.batch = batch
-				return err
-			}
-			t.idle()
-			continue
-		}
-		t.armWrite()
-		err := t.writeFrames(batch)
-		t.batch = batch[:0]
-		t.applyCredits()
-		if err != nil {
-			t.close(err)
-			return err
+		case stepIdle:
+			<-t.wake
 		}
 	}
+}
+
+type writeStepResult uint8
+
+const (
+	stepWrote writeStepResult = iota // wrote a batch or flushed: look again
+	stepIdle                         // nothing queued, nothing buffered
+	stepExit                         // closed, or drained: writing is over
+)
+
+// writeStep takes one batch of control frames and ready streams and writes
+// it, or flushes what is buffered when nothing is queued. Writer only.
+func (t *transport) writeStep(r role) (writeStepResult, error) {
+	t.mu.Lock()
+	if t.closed {
+		err := t.closeErr
+		t.mu.Unlock()
+		return stepExit, err
+	}
+	t.maybeGiveBackLocked()
+	// The previous batch is written: buffers it may have been reading
+	// can go back to the pool now.
+	for i, b := range t.toRelease {
+		putBuf(b)
+		t.toRelease[i] = nil
+	}
+	t.toRelease = t.toRelease[:0]
+	t.takeScratch()
+	batch := append(t.sc.batch[:0], t.ctrl...)
+	clear(t.ctrl)
+	t.ctrl = t.ctrl[:0]
+	batch = r.openLocked(batch)
+	budget := batchBudget
+	for budget > 0 && t.readyHead < len(t.ready) {
+		q := t.ready[t.readyHead]
+		if !q.eligible() {
+			// Dropped, detached, or its window shrank (a lower
+			// SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 §6.9.2) while it
+			// waited; a WINDOW_UPDATE puts it back.
+			t.readyPopLocked()
+			continue
+		}
+		if q.needsWindow() && t.sendWindow <= 0 {
+			break // RFC 9113 §6.9.1: wait for a connection WINDOW_UPDATE
+		}
+		t.readyPopLocked()
+		op, last := t.popLocked(q, q.id)
+		if op.streamID == 0 {
+			continue // nothing could be taken (unreachable after eligible)
+		}
+		batch = append(batch, op)
+		budget -= len(op.data) + 64
+		if op.kind == opHeaders && q.s != nil {
+			q.s.headersSent = true // from here on a failure must use trailers
+		}
+		if last {
+			q.closed = true
+			q.drop(t)
+			r.sentLastLocked(q, op.kind == opReset)
+			continue
+		}
+		t.markReadyLocked(q)
+	}
+	exit := len(batch) == 0 && t.drainAndClose && r.idleLocked()
+	if len(batch) == 0 && t.owner != nil {
+		t.parkOK = t.owner.streamsLocked()
+	}
+	t.mu.Unlock()
+
+	t.sc.batch = batch
+	if len(batch) == 0 {
+		if exit {
+			t.armWrite()
+			return stepExit, t.bw.Flush()
+		}
+		if !t.dirty {
+			return stepIdle, nil
+		}
+		t.armWrite()
+		if err := t.bw.Flush(); err != nil {
+			t.close(err)
+		}
+		t.dirty = false
+		return stepWrote, nil
+	}
+	t.armWrite()
+	err := t.writeFrames(batch)
+	t.sc.batch = batch[:0]
+	t.applyCredits()
+	if err != nil {
+		t.close(err)
+		return stepExit, err
+	}
+	return stepWrote, nil
 }

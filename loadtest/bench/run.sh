@@ -18,6 +18,9 @@
 #                    production build; the backends run the full binary)
 #   haproxy          HAProxy, mode http, h2c on both sides (haproxy.cfg)
 #   nginx            nginx grpc_pass over h2c (nginx.conf)
+#   frame-base       frame-nometrics run from the binary BASE_BIN (a build of
+#                    another commit), for a before and after in one run; only
+#                    when named in PATHS
 #   frame-tls        frame terminating TLS (--metrics=false), h2c to backends
 #   haproxy-tls      HAProxy terminating TLS, h2c to backends
 #   nginx-tls        nginx terminating TLS, h2c to backends
@@ -184,7 +187,7 @@ P_B1=$((BASE_PORT + 1)) P_B2=$((BASE_PORT + 2)) P_B3=$((BASE_PORT + 3))
 declare -A PORT=([direct]=$P_B1 [client-rr]=- [frame]=$((BASE_PORT + 10)) [grpc-proxy]=$((BASE_PORT + 11))
 	[haproxy]=$((BASE_PORT + 12)) [nginx]=$((BASE_PORT + 13)) [frame-nometrics]=$((BASE_PORT + 14))
 	[frame-tls]=$((BASE_PORT + 15)) [haproxy-tls]=$((BASE_PORT + 16)) [nginx-tls]=$((BASE_PORT + 17))
-	[frame-full]=$((BASE_PORT + 18)))
+	[frame-full]=$((BASE_PORT + 18)) [frame-base]=$((BASE_PORT + 19)))
 ADMIN_PORT=$((BASE_PORT + 20))
 declare -A ADMIN=([frame]=$ADMIN_PORT [frame-full]=$((BASE_PORT + 21)))
 declare -A PROC # path -> pid of the proxy process (nginx: the master)
@@ -262,6 +265,13 @@ start_proc() {
 		fi
 		"${PIN_PROXY[@]}" "$bin" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
 			"${extra[@]}" "${tlsflags[@]}" --log-level warn >"$WORK/$name.log" 2>&1 &
+		;;
+	frame-base)
+		# frame-nometrics from another build (BASE_BIN), for a before and
+		# after in the same run.
+		[[ -x ${BASE_BIN:-} ]] || { note "$path skipped: set BASE_BIN to a streamlb binary"; return 1; }
+		"${PIN_PROXY[@]}" "$BASE_BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
+			--metrics=false --log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
 	frame-nometrics)
 		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
