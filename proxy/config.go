@@ -12,7 +12,7 @@ import (
 
 // Defaults for Config fields left zero.
 const (
-	DefaultMaxConcurrentStreams  = 4096
+	DefaultMaxConcurrentStreams  = 1024
 	DefaultStreamWindow          = 256 << 10
 	DefaultConnWindow            = 4 << 20
 	DefaultMaxHeaderListSize     = 60 << 10

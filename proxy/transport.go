@@ -835,19 +835,25 @@ func (t *transport) armWrite() {
 
 // writeFrames writes one batch. It runs on the writer goroutine only.
 func (t *transport) writeFrames(batch []writeOp) error {
-	sent := 0 // HEADERS and DATA frames
-	defer func() {
-		if sent > 0 {
-			t.dataSent.Store(true)
-			t.framesSent.Add(int64(sent))
+	// Count HEADERS and DATA before writing them: once the bytes leave
+	// (a full buffer flushes in the middle of the batch), the peer's
+	// answers to them (a BDP PING, WINDOW_UPDATEs) may be read before this
+	// function returns, and must find them counted (calm.go).
+	sent := 0
+	for i := range batch {
+		if k := batch[i].kind; k == opData || k == opHeaders {
+			sent++
 		}
-	}()
+	}
+	if sent > 0 {
+		t.dataSent.Store(true)
+		t.framesSent.Add(int64(sent))
+	}
 	for i := range batch {
 		op := &batch[i]
 		var err error
 		switch op.kind {
 		case opData:
-			sent++
 			err = t.sc.fr.WriteData(op.streamID, op.end, op.data)
 			if op.release {
 				op.mem.freeBuf(op.buf)
@@ -856,7 +862,6 @@ func (t *transport) writeFrames(batch []writeOp) error {
 				t.credit = append(t.credit, creditOp{op.src, op.credit, op.creditN})
 			}
 		case opHeaders:
-			sent++
 			err = t.writeHeaders(op.streamID, op.end, op.fields)
 		case opReset:
 			err = t.sc.fr.WriteRSTStream(op.streamID, op.code)
