@@ -99,7 +99,8 @@ func proxyCommand() *cli.Command {
 			&cli.DurationFlag{Name: "write-timeout", Value: proxy.DefaultWriteTimeout, Usage: "close a client or backend connection that does not read what the proxy writes for this long (negative: no bound; frame engine)"},
 			&cli.UintFlag{Name: "max-header-list-size", Value: proxy.DefaultMaxHeaderListSize, Usage: "bytes of a client's request header list (RFC 9113 §6.5.2 size), advertised to clients; over it a call fails RESOURCE_EXHAUSTED (frame engine)"},
 			&cli.UintFlag{Name: "max-response-header-list-size", Value: proxy.DefaultMaxResponseHeaderListSize, Usage: "bytes of a backend's response header or trailer list, advertised to backends; over it a call fails INTERNAL (frame engine)"},
-			&cli.IntFlag{Name: "backend-stream-window", Value: proxy.DefaultBackendStreamWindow, Usage: "flow-control window granted to backends per stream: what a client that does not read can make the proxy hold per stream (frame engine)"},
+			&cli.IntFlag{Name: "backend-stream-window", Value: proxy.DefaultBackendStreamWindow, Usage: "initial flow-control window granted to backends per stream: what a client that does not read can make the proxy hold per stream (frame engine)"},
+			&cli.IntFlag{Name: "backend-stream-window-max", Value: proxy.DefaultBackendMaxStreamWindow, Usage: "what a backend stream's window grows to while its client drains the answer, within the connection's buffer budget (frame engine)"},
 			&cli.Int64Flag{Name: "max-conn-buffer", Value: proxy.DefaultMaxConnBufferedBytes, Usage: "bytes of buffers one client connection may hold in the proxy, requests, retry copies and request headers together (negative: no bound; frame engine)"},
 			&cli.UintFlag{Name: "max-concurrent-streams", Value: proxy.DefaultMaxConcurrentStreams, Usage: "streams one client connection may have open, advertised as SETTINGS_MAX_CONCURRENT_STREAMS (frame engine)"},
 
@@ -268,6 +269,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			MaxResponseHeaderListSize: uint32(c.Uint("max-response-header-list-size")),
 			MaxConnBufferedBytes:      c.Int64("max-conn-buffer"),
 			BackendStreamWindow:       int32(min(c.Int("backend-stream-window"), math.MaxInt32)),
+			BackendMaxStreamWindow:    int32(min(c.Int("backend-stream-window-max"), math.MaxInt32)),
 		},
 		DrainTimeout: drain,
 		TLS:          serverTLS,

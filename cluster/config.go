@@ -79,6 +79,7 @@ type fileProxy struct {
 	MaxResponseHeaderListSize uint32        `yaml:"max_response_header_list_size"`
 	MaxConnBuffer             int64         `yaml:"max_conn_buffer"`
 	BackendStreamWindow       int32         `yaml:"backend_stream_window"`
+	BackendStreamWindowMax    int32         `yaml:"backend_stream_window_max"`
 	RetryBuffer               int           `yaml:"retry_buffer"`
 	// The retry policy of the clusters without their own (see fileRetry).
 	RetryOn          []string `yaml:"retry_on"`
@@ -682,6 +683,7 @@ func (f *File) proxyConfig() proxy.Config {
 		MaxResponseHeaderListSize: p.MaxResponseHeaderListSize,
 		MaxConnBufferedBytes:      p.MaxConnBuffer,
 		BackendStreamWindow:       p.BackendStreamWindow,
+		BackendMaxStreamWindow:    p.BackendStreamWindowMax,
 	}
 }
 

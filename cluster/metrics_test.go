@@ -1,6 +1,8 @@
 package cluster_test
 
 import (
+	"context"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/streamlb/streamlb/cluster"
 	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/testserver"
 )
 
@@ -169,5 +172,62 @@ func TestDNSLookupMetrics(t *testing.T) {
 	}
 	if got := scrape(t, r.admin, "streamlb_backends")[""]; got != 1 {
 		t.Errorf("streamlb_backends = %v after the DNS server went away, want the last set (1)", got)
+	}
+}
+
+// TestBackendConnsOverflowMetric: calls refused because every connection
+// to their backend is full (--max-backend-conns) are counted under their
+// own label of streamlb_limit_rejections_total, and a burst of them is
+// logged once, not once per call.
+func TestBackendConnsOverflowMetric(t *testing.T) {
+	ts, err := testserver.New(testserver.Config{Name: "a", Logger: quiet, ServerOptions: []grpc.ServerOption{grpc.MaxConcurrentStreams(1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	var logs syncBuffer
+	r := runServer(t, cluster.ServerConfig{
+		Metrics: prometheus.NewRegistry(),
+		Logger:  slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Proxy:   proxy.Config{MaxBackendConns: 1},
+		Cluster: cluster.Config{Name: "echo", Targets: []string{ts.Addr()}},
+	})
+	client := dial(t, r.addr)
+	ctx := testkit.Context(t, 30*time.Second)
+	// One call holds the only stream of the only connection allowed.
+	hctx, hang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
+	held := make(chan error, 1)
+	go func() {
+		_, err := client.UnaryCall(hctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
+		held <- err
+	}()
+	testkit.WaitFor(ctx, t, "the held call to reach the backend", func() bool { return ts.InFlight() == 1 })
+	const refused = 50
+	start := time.Now()
+	for i := range refused {
+		_, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+		if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "every connection") {
+			t.Fatalf("call %d: %v, want UNAVAILABLE at the connection cap", i, err)
+		}
+	}
+	burst := time.Since(start)
+	hang()
+	if err := <-held; status.Code(err) != codes.Canceled {
+		t.Errorf("held call: %v, want CANCELLED", err)
+	}
+	got := scrape(t, r.admin, "streamlb_limit_rejections_total")
+	if got["limit=max_backend_conns"] != refused {
+		t.Errorf("streamlb_limit_rejections_total = %v, want %d under limit=max_backend_conns", got, refused)
+	}
+	if got["limit=max_streams"] != 0 {
+		t.Errorf("streamlb_limit_rejections_total = %v: counted under another limit too", got)
+	}
+	lines := strings.Count(logs.String(), "max backend connections")
+	// Once per second at most, whatever the burst's length on a slow machine.
+	if maxLines := 1 + int(burst/time.Second); lines < 1 || lines > maxLines {
+		t.Errorf("%d log lines for %d refusals in %v, want 1 to %d:\n%s", lines, refused, burst, maxLines, logs.String())
 	}
 }

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net"
@@ -45,9 +46,10 @@ func temporaryAcceptError(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// refusalLog counts connections refused over Config.MaxConnections and logs
-// them at Debug at most once per refusalLogEvery, so a flood of connection
-// attempts cannot flood the log.
+// refusalLog counts refusals at a limit (connections over
+// Config.MaxConnections, calls over Config.MaxBackendConns) and logs them
+// at most once per refusalLogEvery, with the count since the last line, so
+// a burst of refusals makes one log line, not one per refusal.
 type refusalLog struct {
 	mu sync.Mutex
 	// mu guards the fields below.
@@ -58,8 +60,9 @@ type refusalLog struct {
 
 const refusalLogEvery = time.Second
 
-// note records one refused connection. It logs after releasing mu.
-func (r *refusalLog) note(now time.Time, log *slog.Logger, limit int) {
+// note records one refusal at limit, and logs msg at level with args if
+// the last line is older than refusalLogEvery. It logs after releasing mu.
+func (r *refusalLog) note(now time.Time, log *slog.Logger, level slog.Level, msg string, limit int, args ...any) {
 	r.mu.Lock()
 	r.total++
 	r.since++
@@ -71,7 +74,7 @@ func (r *refusalLog) note(now time.Time, log *slog.Logger, limit int) {
 	total, since := r.total, r.since
 	r.since = 0
 	r.mu.Unlock()
-	log.Debug("connections refused: at max connections", "limit", limit, "refused", since, "refused_total", total)
+	log.Log(context.Background(), level, msg, append([]any{"limit", limit, "refused", since, "refused_total", total}, args...)...)
 }
 
 // refused returns how many connections were refused so far.

@@ -43,7 +43,9 @@ type backendConn struct {
 	// the last stream id and may still close the connection without
 	// answering it, so only a stream never sent is safe to move.
 	peerGoAway bool
-	used       bool // a stream was reserved since the last idle sweep (see pool.closeIfIdle)
+	used       bool      // a stream was reserved since the last idle sweep (see pool.closeIfIdle)
+	calm       calmMeter // glitches (calm.go)
+	noStreams  bool      // the backend's SETTINGS_MAX_CONCURRENT_STREAMS is 0 (see onPeerSettings)
 
 	lastRead atomic.Int64 // unix nanoseconds bytes last arrived, for keepalive (see connReader.lastRead)
 }
@@ -71,7 +73,9 @@ func newBackendConn(p *pool, k poolKey) *backendConn {
 	addr := k.addr
 	b := &backendConn{pool: p, addr: addr, up: k.up, streams: make(map[uint32]*attempt), nextID: 1}
 	b.transport.init(cfg.BackendStreamWindow, cfg.ConnWindow, cfg.MaxResponseHeaderListSize, p.srv.log.With("backend", addr))
+	b.usePersistentWriter() // run's goroutine is the writer
 	b.retryBuffer = cfg.RetryBufferSize
+	b.maxStreamWindow = cfg.BackendMaxStreamWindow
 	// A backend that stops reading must not hold the writer, and the
 	// calls queued behind it, for ever.
 	b.writeTimeout = cfg.WriteTimeout
@@ -118,7 +122,10 @@ func (b *backendConn) tryReserve() bool {
 func (b *backendConn) addAttempt(a *attempt) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	a.downRecv = recvState{window: b.streamWindow}
+	// The response window starts small and grows only while the client
+	// drains it, within its connection's budget (transport.growLocked).
+	a.downRecv = recvState{window: b.streamWindow, target: b.streamWindow, grow: a.s.cc.budget}
+	b.openWindowLocked(&a.downRecv)
 	if b.closed || b.peerGoAway {
 		b.unlinkLocked(a)
 		if !b.closed {
@@ -288,10 +295,20 @@ func (b *backendConn) failAll(f failure) {
 	}
 }
 
-// connError implements errorPolicy.
+// connError implements errorPolicy. The GOAWAY's last-stream-id is 0 on
+// purpose: RFC 9113 §6.8 defines it as the highest stream id "initiated by
+// the sender's peer" that we acted on. Our peer here is the server, whose
+// only streams would be pushes, and we refuse those (ENABLE_PUSH=0, §8.4),
+// so there is none; the streams we opened are ours and are not named.
+// x/net's and grpc-go's clients send 0 too. TestRFC9113BackendSide checks.
 func (b *backendConn) connError(err error, code http2.ErrCode, detail error) error {
+	var debug []byte
+	if detail != nil {
+		debug = []byte(detail.Error())
+	}
+	b.log.Warn("backend connection error; closing the connection", "code", code.String(), "err", err)
 	b.mu.Lock()
-	b.queueCtrlLocked(writeOp{kind: opGoAway, code: code})
+	b.queueCtrlLocked(writeOp{kind: opGoAway, code: code, debug: debug})
 	b.goingAway = true
 	b.drainAndClose = true
 	b.fatal = true
@@ -305,10 +322,6 @@ func (b *backendConn) streamError(se http2.StreamError) error {
 	b.resetFromBackend(se.StreamID, se.Code, true)
 	return nil
 }
-
-// glitchLocked implements errorPolicy: a backend is ours, and is not
-// held to a budget.
-func (b *backendConn) glitchLocked(int, string) error { return nil }
 
 // streamLocked implements streamTable.
 func (b *backendConn) streamLocked(id uint32) (*h2state, *sendQueue) {
@@ -456,9 +469,18 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 		return err
 	}
 	if !a.gotHeaders {
-		// A response starts with HEADERS (RFC 9113 §8.1).
+		// A response starts with HEADERS (RFC 9113 §8.1); without them
+		// it is malformed, a stream error PROTOCOL_ERROR (§8.1.1), as
+		// x/net's client answers "DATA before a HEADERS frame".
 		b.mu.Unlock()
-		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeStreamClosed}
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol, Cause: errors.New("DATA before the response HEADERS")}
+	}
+	if len(data) == 0 && !end {
+		// Says nothing, and would cost a queue entry per frame toward
+		// the client: not relayed, and a glitch.
+		err := b.glitchLocked(1, "empty DATA frame")
+		b.mu.Unlock()
+		return err
 	}
 	held := b.forwardLocked(a)
 	if end {
@@ -726,6 +748,8 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		a.up.window = b.peerInitWin
 		a.downRecv.id = id
 		b.streams[id] = a
+		b.calm.rollLocked(b.pool.srv.now())
+		b.calm.opened++ // the allowance for the backend's stray frames (calm.go)
 		batch = append(batch, writeOp{kind: opHeaders, streamID: id, end: a.s.reqEnd, fields: a.s.reqFields})
 		b.transport.stepLocked(&a.bst, id, evSendHeaders)
 		if a.s.reqEnd {
@@ -779,6 +803,9 @@ type pool struct {
 	wg     sync.WaitGroup
 
 	pings atomic.Int64 // keepalive PINGs sent, for tests
+	// overflows counts and logs the picks refused at MaxBackendConns,
+	// once per burst.
+	overflows refusalLog
 }
 
 // retain drains the connections of every backend not in keep.
@@ -829,6 +856,16 @@ func (p *pool) get(up *Upstream, addr string, a *attempt) (*backendConn, error) 
 			return b, nil
 		}
 	}
+	if p.noStreamsLocked(k) {
+		// Refused at once, never dialed: the call goes to another
+		// backend, and this one stays usable for when it raises its
+		// limit (see onPeerSettings).
+		if a.backendCount != nil {
+			a.backendCount.Add(-1)
+			a.backendCount = nil
+		}
+		return nil, failure{kind: failNoStreams, backend: addr}
+	}
 	if max := p.srv.cfg.MaxBackendConns; max > 0 && len(p.conns[k]) >= max {
 		if b := p.reserveUnknownLocked(k); b != nil {
 			return b, nil
@@ -837,6 +874,8 @@ func (p *pool) get(up *Upstream, addr string, a *attempt) (*backendConn, error) 
 			a.backendCount.Add(-1)
 			a.backendCount = nil
 		}
+		p.overflows.note(p.srv.now(), p.srv.log, slog.LevelWarn,
+			"calls refused: every connection to the backend is full (max backend connections)", max, "backend", addr)
 		return nil, failure{kind: failBackendConns, backend: addr, limit: int64(max)}
 	}
 	b := newBackendConn(p, k)

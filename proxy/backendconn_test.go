@@ -1,8 +1,10 @@
 package proxy_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"io"
 	"net"
 	"strings"
 	"sync"
@@ -106,47 +108,75 @@ func TestBackendConnCap(t *testing.T) {
 }
 
 // zeroStreamsBackend is a raw HTTP/2 backend that advertises
-// SETTINGS_MAX_CONCURRENT_STREAMS=0 and reads until the proxy closes the
-// connection; open counts its connections still open.
-func zeroStreamsBackend(t *testing.T, open, accepted *atomic.Int64) string {
+// SETTINGS_MAX_CONCURRENT_STREAMS=0 and, once raise is closed, 100 with a
+// new SETTINGS frame; it answers every call it gets with an empty message
+// and status OK. accepted counts its connections, served its calls.
+func zeroStreamsBackend(t *testing.T, raise <-chan struct{}, accepted, served *atomic.Int64) string {
+	resp := hpackBlock(":status", "200", "content-type", "application/grpc")
+	trailers := hpackBlock("grpc-status", "0")
 	return rawBackend(t, func(nc net.Conn) {
 		accepted.Add(1)
-		open.Add(1)
-		defer open.Add(-1)
-		s, err := acceptH2(nc)
-		if err != nil || s.hello(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0}) != nil {
+		br := bufio.NewReader(nc)
+		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
 			return
 		}
-		s.serve(nil)
+		var wmu sync.Mutex // the reader and the raiser both write
+		fr := http2.NewFramer(nc, br)
+		if fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0}) != nil {
+			return
+		}
+		done := make(chan struct{})
+		defer close(done)
+		go func() {
+			select {
+			case <-raise:
+				wmu.Lock()
+				fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 100})
+				wmu.Unlock()
+			case <-done:
+			}
+		}()
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			wmu.Lock()
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					fr.WriteSettingsAck()
+				}
+			case *http2.PingFrame:
+				if !f.IsAck() {
+					fr.WritePing(true, f.Data)
+				}
+			case *http2.HeadersFrame:
+				served.Add(1)
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: resp, EndHeaders: true})
+				fr.WriteData(f.StreamID, false, grpcMsg(&testgrpc.Empty{}))
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: trailers, EndHeaders: true, EndStream: true})
+			}
+			wmu.Unlock()
+		}
 	})
 }
 
 // TestBackendMaxStreamsZero: a backend advertising
-// SETTINGS_MAX_CONCURRENT_STREAMS=0 takes no call: calls go to the real
-// backend beside it, its connections are closed, and alone it fails calls
-// promptly with UNAVAILABLE, not at their deadline.
+// SETTINGS_MAX_CONCURRENT_STREAMS=0 takes no call, but is not dialed per
+// call either: its one connection stays, calls picked for it go to the
+// real backend beside it at once (200 of them, all succeed), it is not
+// ejected, and once it raises the limit with a new SETTINGS frame it takes
+// calls again. Alone, it fails a call promptly with UNAVAILABLE naming the
+// setting, not at the call's deadline.
 func TestBackendMaxStreamsZero(t *testing.T) {
 	verifyNoLeaks(t)
-	var open, accepted atomic.Int64
-	zero := zeroStreamsBackend(t, &open, &accepted)
+	var accepted, served atomic.Int64
+	raise := make(chan struct{})
+	zero := zeroStreamsBackend(t, raise, &accepted, &served)
 	e := newEnv(t, envOpts{backends: 1})
 	srv := e.srv.(*proxy.Server)
-	e.setBackends(zero, e.backends[0].Addr())
-	ctx := testkit.Context(t, 30*time.Second)
-	for i := range 8 {
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
-		cancel()
-		if err != nil {
-			t.Fatalf("call %d: %v", i, err)
-		}
-	}
-	if accepted.Load() == 0 {
-		t.Fatal("no call was picked for the zero-streams backend; the test proves nothing")
-	}
-	testkit.WaitFor(ctx, t, "the zero-streams backend's connections closed and forgotten", func() bool {
-		return open.Load() == 0 && srv.BackendConns(zero) == 0
-	})
+	ctx := testkit.Context(t, 60*time.Second)
 
 	e.setBackends(zero)
 	start := time.Now()
@@ -156,14 +186,49 @@ func TestBackendMaxStreamsZero(t *testing.T) {
 	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "MAX_CONCURRENT_STREAMS=0") {
 		t.Errorf("only the zero-streams backend: got %v, want UNAVAILABLE naming the setting", err)
 	}
-	t.Logf("failed after %v; %d connections were opened to it", time.Since(start), accepted.Load())
-	testkit.WaitFor(ctx, t, "every connection to it closed", func() bool {
-		return open.Load() == 0 && srv.BackendConns(zero) == 0
-	})
-	for _, b := range e.dir.Backends() {
-		if b.Addr == zero && b.Failures == 0 {
-			t.Errorf("zero-streams backend has no failures recorded: %+v", b)
+	t.Logf("alone: failed after %v", time.Since(start))
+
+	e.setBackends(zero, e.backends[0].Addr())
+	const calls = 200
+	for i := range calls {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d: %v", i, err)
 		}
+	}
+	// One dial found the limit; each further one would be a dial per
+	// call. Two allows for the first connection's handshake racing the
+	// second call.
+	if n := accepted.Load(); n == 0 || n > 2 {
+		t.Errorf("%d connections to the zero-streams backend for %d calls, want 1 or 2", n, calls+1)
+	}
+	if n := served.Load(); n != 0 {
+		t.Errorf("the zero-streams backend got %d calls", n)
+	}
+	if n := srv.BackendConns(zero); n != 1 {
+		t.Errorf("%d connections to the zero-streams backend kept, want 1", n)
+	}
+	for _, b := range e.dir.Backends() {
+		// Its refusals reach the Picker as CANCELLED, which outlier
+		// detection ignores; as UNAVAILABLE, 200 would have ejected it.
+		if b.Addr == zero && (b.Ejected || b.Ejections != 0) {
+			t.Errorf("zero-streams backend ejected (%+v); it is alive and said \"not now\"", b)
+		}
+	}
+
+	close(raise)
+	testkit.WaitFor(ctx, t, "the raised backend to take calls", func() bool {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		if _, err := e.client.EmptyCall(cctx, &testgrpc.Empty{}); err != nil {
+			t.Fatalf("after the raise: %v", err)
+		}
+		return served.Load() > 0
+	})
+	if n := accepted.Load(); n > 2 {
+		t.Errorf("%d connections to the backend after it raised its limit, want the one kept", n)
 	}
 }
 
@@ -350,8 +415,8 @@ func TestBackendKeepaliveGRPCEnforcement(t *testing.T) {
 // the client receives all N, then the error, as a direct client would.
 func TestBackendEndsMidStream(t *testing.T) {
 	// More than the client's 64 KiB window, within the 128 KiB the proxy
-	// grants a backend per stream (Config.BackendStreamWindow), which this
-	// raw backend does not watch.
+	// grants this backend per stream (Config.BackendStreamWindow, set
+	// below), which this raw backend does not watch.
 	const n, size = 10, 10 << 10
 	msg := grpcMsg(&testgrpc.StreamingOutputCallResponse{Payload: &testgrpc.Payload{Body: make([]byte, size)}})
 	for _, tc := range []struct {
@@ -401,7 +466,7 @@ func TestBackendEndsMidStream(t *testing.T) {
 					return true
 				})
 			})
-			e := newEnv(t, envOpts{backends: 1})
+			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.BackendStreamWindow = 128 << 10 }})
 			srv := e.srv.(*proxy.Server)
 			e.setBackends(bad)
 			ctx := testkit.Context(t, 30*time.Second)

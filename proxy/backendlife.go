@@ -23,44 +23,62 @@ var errKeepalive = errors.New("backend did not answer a keepalive PING in time")
 var keepalivePing = [8]byte{'s', 't', 'r', 'e', 'a', 'm', 'l', 'b'}
 
 // onPeerSettings is called by the reader after it applied a SETTINGS frame
-// (not an ACK) from the backend. The backend is up; if it now advertises
+// (not an ACK) from the backend. The backend is up. While it advertises
 // SETTINGS_MAX_CONCURRENT_STREAMS=0 it takes no stream (RFC 9113 §5.1.2,
-// §6.5.2): the connection takes no new stream and closes (GOAWAY first)
-// once the streams it carries are done, and the calls waiting on it go to
-// another backend as transparent retries, each a failure of this backend.
-// We do not wait for the backend to raise the limit: nothing says when it
-// would, and a call is better served elsewhere now.
+// §6.5.2): the calls waiting on this connection go to another backend at
+// once, as transparent retries, and the pool refuses new ones for the
+// backend without dialing (see pool.noStreamsLocked), but the connection
+// stays: the backend is alive, and a later SETTINGS frame that raises the
+// limit makes it usable again, its slots taken by the next calls picked
+// for it. Nothing says when that would be, so calls do not wait for it.
 func (b *backendConn) onPeerSettings() {
 	b.pool.backUp(b.addr)
 	b.mu.Lock()
-	if b.peerMaxStream != 0 || b.closed || b.drainAndClose {
-		b.mu.Unlock()
-		return
-	}
-	b.goingAway = true
-	b.drainAndClose = true
-	b.queueCtrlLocked(writeOp{kind: opGoAway, code: http2.ErrCodeNo})
+	zero := b.peerMaxStream == 0 && !b.closed && !b.drainAndClose
+	changed := zero != b.noStreams
+	b.noStreams = zero
 	var moved []*attempt
-	for _, a := range b.pending {
-		if !a.bClosed {
-			moved = append(moved, a)
+	if zero {
+		for _, a := range b.pending {
+			if !a.bClosed {
+				moved = append(moved, a)
+			}
 		}
-	}
-	b.pending = nil
-	for _, a := range moved {
-		if a.hsTimer != nil {
-			a.hsTimer.Stop()
+		b.pending = nil
+		for _, a := range moved {
+			if a.hsTimer != nil {
+				a.hsTimer.Stop()
+			}
+			b.unlinkLocked(a)
 		}
-		b.unlinkLocked(a)
 	}
 	open := len(b.streams)
 	b.mu.Unlock()
-	b.signal()
-	b.log.Debug("backend advertises SETTINGS_MAX_CONCURRENT_STREAMS=0; closing the connection",
-		"waiting", len(moved), "open", open)
+	if changed && zero {
+		b.log.Debug("backend advertises SETTINGS_MAX_CONCURRENT_STREAMS=0; its calls go elsewhere until it raises the limit",
+			"waiting", len(moved), "open", open)
+	} else if changed {
+		b.log.Debug("backend raised SETTINGS_MAX_CONCURRENT_STREAMS from 0; it takes calls again")
+	}
 	for _, a := range moved {
 		a.s.cc.retryOrFail(a, true, failure{kind: failNoStreams, backend: b.addr})
 	}
+}
+
+// noStreamsLocked reports whether the backend of k advertised
+// SETTINGS_MAX_CONCURRENT_STREAMS=0 on a connection that is still usable:
+// a new connection would be told the same, so get refuses the call
+// instead of dialing. Caller must hold p.mu.
+func (p *pool) noStreamsLocked(k poolKey) bool {
+	for _, b := range p.conns[k] {
+		b.mu.Lock()
+		zero := b.noStreams && !b.closed && !b.goingAway
+		b.mu.Unlock()
+		if zero {
+			return true
+		}
+	}
+	return false
 }
 
 // reserveUnknownLocked is get's last resort at MaxBackendConns: while no

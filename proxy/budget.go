@@ -1,6 +1,9 @@
 package proxy
 
-import "sync/atomic"
+import (
+	"encoding/binary"
+	"sync/atomic"
+)
 
 // bufBudget is the one budget of buffered bytes of a client connection
 // (Config.MaxConnBufferedBytes). It counts, by the capacity of the buffers
@@ -8,7 +11,10 @@ import "sync/atomic"
 //
 //   - request DATA queued toward backends (the attempts' up queues),
 //   - the replay kept for retries (the attempts' replay),
-//   - response DATA queued toward the client (the streams' down queues),
+//   - response DATA queued toward the client (the streams' down queues):
+//     how much of it there can be is set by the windows granted to the
+//     backends, which grow only within the budget (grown, and
+//     transport.growLocked),
 //   - the request header blocks kept for retries (reqFields), by their
 //     HPACK size.
 //
@@ -31,6 +37,115 @@ type bufBudget struct {
 	// not take the client connection's).
 	waiting atomic.Bool
 	owner   *transport // the client connection
+	// grown is the window granted to backends for this connection's
+	// response streams beyond their initial window (transport.growLocked),
+	// bounded by responseShare. It is what the connection's draining
+	// streams may have in flight and queued beyond the initial windows.
+	grown atomic.Int64
+	// windows is the window granted to backends for this connection's
+	// open response streams, their initial windows and growth together:
+	// what they may make the proxy hold. New streams are refused past the
+	// limit (windowRoom): a window granted by SETTINGS cannot be withheld,
+	// so the number of streams is what bounds it.
+	windows atomic.Int64
+
+	// The drain probe: a stream's window grows only on evidence that the
+	// client reads what it is sent, which bytes written to the socket are
+	// not (the kernel takes megabytes from a client that never reads).
+	// The evidence is a PING written after them and acknowledged: the
+	// client's answer comes once it has read up to it. drained counts
+	// the acknowledged probes; a stream grows at most once per probe.
+	drained     atomic.Uint64
+	probeWanted atomic.Bool   // a stream would grow: the writer sends a probe
+	probe       atomic.Uint64 // payload of the probe in flight; 0: none
+	probeSeq    uint64        // owner's writer only
+}
+
+// probeTag marks the PING payloads of drain probes ("sl" and a sequence).
+const probeTag = uint64('s')<<56 | uint64('l')<<48
+
+// drainedSince reports whether a drain probe was acknowledged since *seen,
+// and moves *seen to now. When not, it asks the owner's writer for a probe.
+// Called under a backend connection's mu: it only touches atomics and
+// signals.
+func (b *bufBudget) drainedSince(seen *uint64) bool {
+	if d := b.drained.Load(); d > *seen {
+		*seen = d
+		return true
+	}
+	if b.probe.Load() == 0 && !b.probeWanted.Swap(true) {
+		b.owner.signal()
+	}
+	return false
+}
+
+// maybeProbeLocked queues a drain probe PING if one is wanted and none is
+// in flight. The owner's writer calls it on every wake-up. Caller must
+// hold owner.mu.
+func (t *transport) maybeProbeLocked() {
+	b := t.budget
+	if b == nil || !b.probeWanted.Load() || b.probe.Load() != 0 {
+		return
+	}
+	b.probeWanted.Store(false)
+	b.probeSeq++
+	v := probeTag | b.probeSeq&(1<<48-1)
+	b.probe.Store(v)
+	op := writeOp{kind: opPing}
+	binary.BigEndian.PutUint64(op.ping[:], v)
+	t.queueCtrlLocked(op)
+}
+
+// onProbeAck takes the client's acknowledgement of a PING: if it answers
+// the drain probe in flight, the client has read everything written
+// before it. Called by the reader.
+func (b *bufBudget) onProbeAck(data [8]byte) {
+	v := binary.BigEndian.Uint64(data[:])
+	if v != 0 && b.probe.CompareAndSwap(v, 0) {
+		b.drained.Add(1)
+		if b.probeWanted.Load() {
+			b.owner.signal()
+		}
+	}
+}
+
+// responseShare is the part of the budget the growth of a connection's
+// backend stream windows may take: a quarter, so a connection's response
+// bytes are bounded by its streams' initial windows plus 4 MiB with the
+// default budget, and the rest stays for the request direction.
+func (b *bufBudget) responseShare() int64 { return b.limit / 4 }
+
+// windowRoom reports whether a new stream's initial backend window w0
+// fits in the budget beside the windows of the connection's open streams.
+// Nil-safe.
+func (b *bufBudget) windowRoom(w0 int32) bool {
+	return b == nil || b.limit <= 0 || b.windows.Load()+int64(w0) <= b.limit
+}
+
+// shareFull reports whether the response share is all taken, so no window
+// can grow now.
+func (b *bufBudget) shareFull() bool {
+	return b.limit > 0 && b.grown.Load() >= b.responseShare()
+}
+
+// takeGrowth counts up to d bytes more of window growth, as much as fits
+// in the response share, and returns how much it counted. With no budget
+// limit growth is not bounded here (only by Config.BackendMaxStreamWindow).
+func (b *bufBudget) takeGrowth(d int64) int64 {
+	if b.limit <= 0 {
+		b.grown.Add(d)
+		return d
+	}
+	for {
+		g := b.grown.Load()
+		take := min(d, b.responseShare()-g)
+		if take <= 0 {
+			return 0
+		}
+		if b.grown.CompareAndSwap(g, g+take) {
+			return take
+		}
+	}
 }
 
 // add counts n more bytes. Nil-safe: backend-only buffers have no budget.
@@ -69,10 +184,12 @@ func (b *bufBudget) freeBuf(buf *[]byte) {
 }
 
 // maybeGiveBackLocked gives back the connection window withheld because
-// of the budget once the count fell to half of it. The client connection's
+// of the budget once the count fell to half of it, and sends a drain
+// probe if one is wanted (maybeProbeLocked). The client connection's
 // writer calls it on every wake-up, which is how a release on a backend
 // connection reaches it. Caller must hold mu.
 func (t *transport) maybeGiveBackLocked() {
+	t.maybeProbeLocked()
 	if !t.withheld || !t.budget.belowHalf() {
 		return
 	}

@@ -24,6 +24,10 @@ func TestBudgetCountsCapacity(t *testing.T) {
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
 		c.MaxConnBufferedBytes = budget
 		c.MaxEarlyResets = -1 // the test resets its streams in a burst
+		// The streams' backend windows count in the budget too (4 of
+		// 16 KiB would fill it); 256 bytes each leaves the request
+		// buffers, which this test is about, to fill it first.
+		c.BackendStreamWindow = 256
 	}})
 	srv := e.srv.(*proxy.Server)
 	ctx := testkit.Context(t, 30*time.Second)

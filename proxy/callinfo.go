@@ -36,8 +36,10 @@ type CallInfo struct {
 	// relaying a backend's (see status.go).
 	ProxyStatus bool
 	// Limit names the limit that rejected the call when the proxy
-	// answered RESOURCE_EXHAUSTED: "max_streams",
-	// "max_streams_per_backend" or "max_header_size"; empty otherwise.
+	// answered it for one: "max_streams", "max_streams_per_backend" or
+	// "max_header_size" (RESOURCE_EXHAUSTED), or "max_backend_conns"
+	// (UNAVAILABLE: every connection to the backend was full and no other
+	// backend took the call); empty otherwise.
 	Limit string
 	// Start is when the request headers arrived.
 	Start time.Time
@@ -57,6 +59,7 @@ const (
 	LimitMaxStreams           = "max_streams"
 	LimitMaxStreamsPerBackend = "max_streams_per_backend"
 	LimitMaxHeaderSize        = "max_header_size"
+	LimitMaxBackendConns      = "max_backend_conns"
 )
 
 // limitName is the CallInfo.Limit of a proxy failure.
@@ -68,6 +71,8 @@ func limitName(k failKind) string {
 		return LimitMaxStreamsPerBackend
 	case failHeadersTooLarge:
 		return LimitMaxHeaderSize
+	case failBackendConns:
+		return LimitMaxBackendConns
 	}
 	return ""
 }
@@ -96,7 +101,7 @@ func (s *stream) callInfo(end time.Time) CallInfo {
 			ci.Message = s.message
 		} else {
 			ci.Message = st.Message()
-			if ci.Code == codes.ResourceExhausted {
+			if ci.Code != codes.OK {
 				ci.Limit = limitName(s.failKind)
 			}
 		}

@@ -24,21 +24,44 @@ const calmWindow = 10 * time.Second
 // defines six settings; x/net/http2's server hangs up above 100 too.
 const maxSettingsPerFrame = 100
 
-// calmMeter counts one client connection's early resets and glitches in
-// the current calmWindow. Guarded by the serverConn's mu.
+// calmMeter counts one connection's early resets (client connections
+// only) and glitches in the current calmWindow. Guarded by the
+// connection's mu.
 type calmMeter struct {
 	start    time.Time
 	opened   int // streams opened in the window
 	resets   int // streams the client reset before their response ended
 	glitches int
+	strays   int // frames on closed streams
+
+	// windowUpdates counts the peer's WINDOW_UPDATE frames over the
+	// connection's life, kept across windows (see windowUpdateOverLocked).
+	windowUpdates int64
 }
+
+// straysPerStream is how many frames on closed streams a client may send
+// per stream it opened in the window before they count as glitches. RFC
+// 9113 allows them in a race (§5.1 "closed", §6.9: "a receiver MUST NOT
+// treat this as an error"), and a good client sends them routinely: a
+// grpc-go client whose application reads a server stream's last messages
+// after END_STREAM arrived sends a WINDOW_UPDATE for each quarter of the
+// stream window it frees, then may cancel (RST_STREAM). Charging each one
+// cut such a client at about 100 streams a second. A flood on few
+// streams still spends the budget.
+const straysPerStream = 4
 
 // rollLocked starts a new window if the current one is over.
 func (m *calmMeter) rollLocked(now time.Time) {
 	if now.Sub(m.start) >= calmWindow {
-		*m = calmMeter{start: now}
+		*m = calmMeter{start: now, windowUpdates: m.windowUpdates}
 	}
 }
+
+// meterLocked implements errorPolicy.
+func (c *serverConn) meterLocked() *calmMeter { return &c.calm }
+
+// meterLocked implements errorPolicy.
+func (b *backendConn) meterLocked() *calmMeter { return &b.calm }
 
 // errCalm is the connection error for a client past one of the limits:
 // reason goes into the GOAWAY's debug data.
@@ -76,16 +99,83 @@ func (c *serverConn) earlyResetLocked() error {
 // useful work, and reports a connection error once the window's total
 // passes Config.MaxGlitches. Caller must hold mu.
 func (c *serverConn) glitchLocked(points int, what string) error {
-	max := c.srv.cfg.MaxGlitches
+	return c.calm.chargeLocked(c.srv.now(), c.srv.cfg.MaxGlitches, points, what)
+}
+
+// glitchLocked implements errorPolicy for a backend connection, with the
+// client side's budget: a backend is ours, but a broken or compromised one
+// flooding PING, SETTINGS, WINDOW_UPDATE, empty DATA or frames on
+// closed streams would otherwise cost the proxy CPU, and the clients whose
+// calls share its connection, without limit. Past the budget the
+// connection ends with GOAWAY(ENHANCE_YOUR_CALM); its calls end as for any
+// lost backend connection (UNAVAILABLE, retried where the policy allows),
+// and the Picker hears of each as a failure of the backend. Caller must
+// hold mu.
+func (b *backendConn) glitchLocked(points int, what string) error {
+	return b.calm.chargeLocked(b.pool.srv.now(), b.pool.srv.cfg.MaxGlitches, points, what)
+}
+
+// chargeLocked adds points to the window's glitches and reports a
+// connection error once they pass max (no limit when max <= 0).
+func (m *calmMeter) chargeLocked(now time.Time, max, points int, what string) error {
 	if max <= 0 {
 		return nil
 	}
-	c.calm.rollLocked(c.srv.now())
-	c.calm.glitches += points
-	if c.calm.glitches > max {
+	m.rollLocked(now)
+	m.glitches += points
+	if m.glitches > max {
 		return errCalm("glitch budget of %d per %v spent, last on %s", max, calmWindow, what)
 	}
 	return nil
+}
+
+// strayLocked counts a frame on a closed stream: free up to
+// straysPerStream per stream opened in the window, a glitch point beyond.
+// Caller must hold mu.
+func (m *calmMeter) strayLocked(now time.Time, max int, what string) error {
+	m.rollLocked(now)
+	m.strays++
+	if m.strays <= straysPerStream*m.opened {
+		return nil
+	}
+	return m.chargeLocked(now, max, 1, what)
+}
+
+// strayLocked implements errorPolicy. Caller must hold mu.
+func (c *serverConn) strayLocked(what string) error {
+	return c.calm.strayLocked(c.srv.now(), c.srv.cfg.MaxGlitches, what)
+}
+
+// strayLocked implements errorPolicy: a backend gets the same allowance
+// per stream the proxy opened on it (a grpc-go server may send a
+// WINDOW_UPDATE for request bytes it read after the stream ended). Caller
+// must hold mu.
+func (b *backendConn) strayLocked(what string) error {
+	return b.calm.strayLocked(b.pool.srv.now(), b.pool.srv.cfg.MaxGlitches, what)
+}
+
+// Envoy's allowance for WINDOW_UPDATE frames
+// (max_inbound_window_update_frames_per_data_frame_sent, default 10): a
+// receiver returns window for what it received, so a well-behaved peer
+// sends about one WINDOW_UPDATE per frame of ours it read, for the stream
+// and the connection, plus a few when it grows its windows (grpc-go's
+// BDP estimation). Neither increments nor the window's state tell a flood
+// apart: grpc-go returns the 5 bytes of an empty message in a
+// WINDOW_UPDATE of its own before each BDP PING, grants a stream extra
+// window for each message larger than it, and may send two updates with
+// none of our frames between them.
+const (
+	windowUpdatesFree     = 5  // allowed before we sent anything
+	windowUpdatesPerFrame = 10 // allowed per HEADERS or DATA frame we sent
+)
+
+// windowUpdateOverLocked counts a WINDOW_UPDATE from the peer and reports
+// whether the connection's updates now exceed windowUpdatesFree +
+// windowUpdatesPerFrame per HEADERS or DATA frame we sent: each one past
+// that is a glitch. Caller must hold mu.
+func (t *transport) windowUpdateOverLocked(m *calmMeter) bool {
+	m.windowUpdates++
+	return m.windowUpdates > windowUpdatesFree+windowUpdatesPerFrame*t.framesSent.Load()
 }
 
 // checkSettings rejects a SETTINGS frame no client needs, before its

@@ -46,7 +46,8 @@ const (
 	// DefaultBackendKeepaliveTimeout is grpc-go's client default
 	// (keepalive.ClientParameters.Timeout).
 	DefaultBackendKeepaliveTimeout   = 20 * time.Second
-	DefaultBackendStreamWindow       = 128 << 10
+	DefaultBackendStreamWindow       = 16 << 10
+	DefaultBackendMaxStreamWindow    = 1 << 20
 	DefaultMaxResponseHeaderListSize = 1 << 20
 )
 
@@ -54,6 +55,10 @@ const (
 	maxWindow               = 1<<31 - 1
 	minWindow               = 65535
 	defaultInitialWindowRFC = 65535
+
+	// minBackendWindow is the smallest BackendStreamWindow: a window of
+	// zero would never be credited (credit follows bytes received).
+	minBackendWindow = 256
 )
 
 // Config configures a frame-engine Server. The zero value of every field but
@@ -71,24 +76,31 @@ type Config struct {
 	// stream. It bounds the request bytes buffered per stream.
 	StreamWindow int32
 
-	// BackendStreamWindow is the flow-control window granted to backends
-	// per stream (their SETTINGS_INITIAL_WINDOW_SIZE). It bounds the
-	// response bytes a backend can make the proxy buffer for one stream
-	// whose client does not read them, since a window granted cannot be
-	// taken back (RFC 9113 §6.9). It is smaller than StreamWindow because
-	// the link to a backend is short (one cluster, well under a
-	// millisecond), while clients may be far; below 128 KiB, streams of
-	// 64 KiB messages cost measurably more CPU per MiB (a window of
-	// 64 KiB: +29%, see BENCHMARKS.md), at 128 KiB they cost what they did
-	// with 256 KiB. Per client connection the response buffers are
-	// bounded by MaxConcurrentStreams × BackendStreamWindow: with the
-	// defaults 4096 × 128 KiB = 512 MiB, where StreamWindow (256 KiB)
-	// gave 1 GiB; by the capacity of the buffers that hold
-	// them, at most one buffer more per stream (a backend's small frames
-	// coalesce into its stream's last buffer). Those buffers count in
-	// MaxConnBufferedBytes, so a connection past it opens no new stream.
-	// Zero means DefaultBackendStreamWindow.
+	// BackendStreamWindow is the initial flow-control window granted to
+	// backends per stream (their SETTINGS_INITIAL_WINDOW_SIZE). It is all
+	// a stream whose client does not read its answer can make the proxy
+	// buffer for it, since a window granted cannot be taken back (RFC 9113
+	// §6.9): per client connection, streams × BackendStreamWindow. When
+	// the backend ran short of it and the client has shown that it reads
+	// (a drain probe PING acknowledged), while its connection's buffers
+	// are within half of MaxConnBufferedBytes, the window grows towards
+	// BackendMaxStreamWindow; the growth of all the streams of one client
+	// connection together is at most a quarter of MaxConnBufferedBytes
+	// (see transport.growLocked).
+	// So a fast client's streams run with large windows (few
+	// WINDOW_UPDATEs, large batches: a fixed window of 64 KiB cost 29%
+	// more CPU per MiB than one of 128 KiB, see BENCHMARKS.md), and a
+	// client that never reads holds 16 KiB per stream. The connection
+	// window is credited on receipt, so a stream held back never holds
+	// back the other streams of its backend connection. At least 256;
+	// zero means DefaultBackendStreamWindow (16 KiB).
 	BackendStreamWindow int32
+
+	// BackendMaxStreamWindow is what a backend stream's window may grow
+	// to while its client drains the answer (see BackendStreamWindow).
+	// At least BackendStreamWindow, at most 2^31-1; zero means
+	// DefaultBackendMaxStreamWindow (1 MiB).
+	BackendMaxStreamWindow int32
 
 	// ConnWindow is the connection-level window granted to each peer.
 	ConnWindow int32
@@ -111,9 +123,14 @@ type Config struct {
 	//     request that outgrew its retry buffer go on unretried. The half
 	//     left is what queued DATA needs to drain, so the withheld window
 	//     always comes back once the backends take the queued bytes.
-	// The response direction is bounded per stream by BackendStreamWindow.
-	// Zero means DefaultMaxConnBufferedBytes (16 MiB: 256 streams' worth
-	// of BackendStreamWindow, 64 of StreamWindow), negative no bound.
+	// The response direction is bounded by the windows granted to
+	// backends: streams × BackendStreamWindow, plus at most a quarter of
+	// this budget of window growth (see BackendStreamWindow); the
+	// response buffers count in the budget too, and new streams are
+	// refused (RESOURCE_EXHAUSTED) once the windows of the open ones
+	// would exceed it: 1,024 streams of 16 KiB with the defaults.
+	// Zero means DefaultMaxConnBufferedBytes (16 MiB: 64 streams' worth
+	// of StreamWindow), negative no bound.
 	// RetryBufferSize still bounds each attempt's replay.
 	MaxConnBufferedBytes int64
 
@@ -280,8 +297,8 @@ type Config struct {
 
 	// MaxGlitches is the points a client connection may spend per 10 s
 	// window on frames that do no work (empty DATA, PINGs with nothing sent
-	// in between, SETTINGS, frames on closed streams, stream errors), one
-	// point each; past it the connection ends with
+	// in between, SETTINGS, frames on closed streams beyond 4 per stream
+	// opened in the window, stream errors), one point each; past it the connection ends with
 	// GOAWAY(ENHANCE_YOUR_CALM), as HAProxy's glitch threshold does. Zero
 	// means DefaultMaxGlitches, negative no limit.
 	MaxGlitches int
@@ -365,8 +382,14 @@ func (c *Config) setDefaults() error {
 	if c.BackendStreamWindow == 0 {
 		c.BackendStreamWindow = DefaultBackendStreamWindow
 	}
-	if c.BackendStreamWindow < minWindow {
-		return fmt.Errorf("proxy: BackendStreamWindow %d is below the HTTP/2 default of %d", c.BackendStreamWindow, minWindow)
+	if c.BackendStreamWindow < minBackendWindow {
+		return fmt.Errorf("proxy: BackendStreamWindow %d is below %d", c.BackendStreamWindow, minBackendWindow)
+	}
+	if c.BackendMaxStreamWindow == 0 {
+		c.BackendMaxStreamWindow = max(DefaultBackendMaxStreamWindow, c.BackendStreamWindow)
+	}
+	if c.BackendMaxStreamWindow < c.BackendStreamWindow {
+		return fmt.Errorf("proxy: BackendMaxStreamWindow %d is below BackendStreamWindow %d", c.BackendMaxStreamWindow, c.BackendStreamWindow)
 	}
 	if c.ConnWindow == 0 {
 		c.ConnWindow = DefaultConnWindow

@@ -59,3 +59,29 @@ func (s *Server) BackendConns(addr string) int {
 	}
 	return n
 }
+
+// MaxWindowGrowth reports the largest growth of backend stream windows
+// beyond their initial window that any of its client connections counts
+// now (bufBudget.grown), for tests.
+func (s *Server) MaxWindowGrowth() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var m int64
+	for c := range s.conns {
+		m = max(m, c.bufs.grown.Load())
+	}
+	return m
+}
+
+// MaxBackendWindows reports the largest sum of the windows granted to
+// backends for one client connection's open response streams
+// (bufBudget.windows), for tests.
+func (s *Server) MaxBackendWindows() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var m int64
+	for c := range s.conns {
+		m = max(m, c.bufs.windows.Load())
+	}
+	return m
+}

@@ -59,6 +59,11 @@ type errorPolicy interface {
 	// glitchLocked charges the connection for a frame that did no useful
 	// work (calm.go), returning a connection error past the budget.
 	glitchLocked(points int, what string) error
+	// strayLocked charges a frame on a closed stream, legal in a race
+	// (RFC 9113 §5.1, §6.9): a few per stream opened are free (calm.go).
+	strayLocked(what string) error
+	// meterLocked is the connection's calm meter (calm.go).
+	meterLocked() *calmMeter
 	// streamError resets the stream of se (RFC 9113 §5.4.2); a non-nil
 	// result ends the connection.
 	streamError(se http2.StreamError) error
@@ -175,6 +180,13 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		if err := checkSettings(f); err != nil {
 			return err
 		}
+		if _, fromServer := p.(*backendConn); fromServer {
+			// §6.5.2: a server never sends ENABLE_PUSH=1; a client
+			// treats it as a connection error PROTOCOL_ERROR.
+			if v, ok := f.Value(http2.SettingEnablePush); ok && v != 0 {
+				return connErr(http2.ErrCodeProtocol, "SETTINGS_ENABLE_PUSH=1 from a server")
+			}
+		}
 		t.mu.Lock()
 		err := p.glitchLocked(1, "SETTINGS") // a peer sends a handful per connection
 		t.mu.Unlock()
@@ -197,6 +209,11 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 				return t.unknownStreamLocked(p, id, evRecvWindowUpdate, "WINDOW_UPDATE on a closed stream")
 			}
 			q = sq
+		}
+		if t.windowUpdateOverLocked(p.meterLocked()) {
+			if err := p.glitchLocked(1, "WINDOW_UPDATE beyond the frames we sent"); err != nil {
+				return err
+			}
 		}
 		return t.handleWindowUpdateLocked(q, f)
 	case *http2.PingFrame:
@@ -323,7 +340,7 @@ func (t *transport) unknownStreamLocked(p h2role, id uint32, ev h2event, what st
 	if _, res := transition(st, ev); res != resIgnore {
 		return resultErr(id, res)
 	}
-	return p.glitchLocked(1, what)
+	return p.strayLocked(what)
 }
 
 // resultErr is the error RFC 9113 §5.1 makes of a transition's result on

@@ -134,6 +134,14 @@ func clientSeeds() [][]byte {
 			fr.WriteContinuation(1, true, b[7:])
 			fr.WriteData(1, true, msg)
 		}),
+		encodeFrames(func(fr *http2.Framer) { // trailers without END_STREAM, then a decreasing id
+			hdr(fr, 3, unary, false)
+			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: hpackBlock("x-trailer", "v"), EndHeaders: true})
+			fr.WriteData(3, true, msg)
+			hdr(fr, 5, unary, false)
+			fr.WriteData(5, true, msg)
+			hdr(fr, 1, unary, true)
+		}),
 		encodeFrames(func(fr *http2.Framer) { // stream state errors
 			fr.WriteRSTStream(9, http2.ErrCodeCancel) // idle stream
 			hdr(fr, 3, unary, true)
@@ -335,6 +343,21 @@ func backendSeeds() [][]byte {
 			fr.WriteContinuation(1, true, resp[2:])
 			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hpackBlock(":status", "200", "grpc-status", "0"), EndHeaders: true, EndStream: true})
 		}),
+		encodeFrames(func(fr *http2.Framer) { // glitches: PING, SETTINGS, window nobody used, empty DATA
+			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: resp, EndHeaders: true})
+			for i := range 16 {
+				fr.WritePing(false, [8]byte{byte(i)})
+				fr.WriteSettings()
+				fr.WriteWindowUpdate(0, 1<<16)
+				fr.WriteWindowUpdate(1, 1)
+				fr.WriteData(1, false, nil)
+			}
+		}),
+		encodeFrames(func(fr *http2.Framer) { // MAX_CONCURRENT_STREAMS 0, then raised
+			fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0})
+			fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 10})
+			fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hpackBlock(":status", "200", "grpc-status", "0"), EndHeaders: true, EndStream: true})
+		}),
 	}
 }
 
@@ -355,6 +378,7 @@ func FuzzBackendFrames(f *testing.F) {
 		if err != nil {
 			return
 		}
+		s.buffered()
 		s.fr.AllowIllegalWrites = true
 		s.hello()
 		s.serve(func(f http2.Frame) bool {

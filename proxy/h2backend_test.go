@@ -56,12 +56,13 @@ func rawBackend(t testing.TB, serve func(nc net.Conn)) string {
 }
 
 // h2Server is a raw HTTP/2 server's end of one connection from the proxy,
-// written frame by frame, for a rawBackend's serve. Its Framer writes to a
-// buffer: serve flushes it after each frame it hands on; code that writes
-// and then waits outside serve calls flush itself.
+// written frame by frame, for a rawBackend's serve. Each frame its Framer
+// writes goes out at once, unless buffered was called.
 type h2Server struct {
 	fr *http2.Framer
-	w  *bufio.Writer
+	nc net.Conn
+	br *bufio.Reader
+	w  *bufio.Writer // nil unless buffered
 	// ackOnce: acknowledge only the proxy's first SETTINGS, and stay
 	// silent after that, whatever the proxy sends.
 	ackOnce bool
@@ -73,11 +74,24 @@ func acceptH2(nc net.Conn) (*h2Server, error) {
 	if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
 		return nil, err
 	}
-	w := bufio.NewWriter(nc)
-	return &h2Server{fr: http2.NewFramer(w, br), w: w}, nil
+	return &h2Server{fr: http2.NewFramer(nc, br), nc: nc, br: br}, nil
 }
 
-func (s *h2Server) flush() error { return s.w.Flush() }
+// buffered makes the Framer (a new one) write to a buffer that serve
+// flushes after each frame it hands on, so that the frames written for one
+// go out together; code that writes and then waits outside serve calls
+// flush itself.
+func (s *h2Server) buffered() {
+	s.w = bufio.NewWriter(s.nc)
+	s.fr = http2.NewFramer(s.w, s.br)
+}
+
+func (s *h2Server) flush() error {
+	if s.w == nil {
+		return nil
+	}
+	return s.w.Flush()
+}
 
 // hello sends the server's SETTINGS, the first frame of its preface.
 func (s *h2Server) hello(settings ...http2.Setting) error {

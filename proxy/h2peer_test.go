@@ -227,26 +227,3 @@ func TestBackendWithoutHTTP2(t *testing.T) {
 		}
 	}
 }
-
-// TestHeadersOnClosedStream: HEADERS on a stream that is already closed
-// costs the stream (RST_STREAM STREAM_CLOSED), not the connection.
-func TestHeadersOnClosedStream(t *testing.T) {
-	verifyNoLeaks(t)
-	e := newEnv(t, envOpts{backends: 1})
-	r := dialRaw(t, e.addr)
-	r.headers(1, "/grpc.testing.TestService/EmptyCall", false)
-	r.fr.WriteData(1, true, grpcMsg(&testgrpc.Empty{}))
-	r.next(func(f http2.Frame) bool { h, ok := f.(*http2.MetaHeadersFrame); return ok && h.StreamEnded() })
-	r.headers(1, "/grpc.testing.TestService/EmptyCall", true) // stream 1 is closed
-	rst := r.next(func(f http2.Frame) bool { _, ok := f.(*http2.RSTStreamFrame); return ok }).(*http2.RSTStreamFrame)
-	if rst.StreamID != 1 || rst.ErrCode != http2.ErrCodeStreamClosed {
-		t.Errorf("got RST_STREAM %d %v, want 1 STREAM_CLOSED", rst.StreamID, rst.ErrCode)
-	}
-	// The connection still works.
-	r.headers(3, "/grpc.testing.TestService/EmptyCall", false)
-	r.fr.WriteData(3, true, grpcMsg(&testgrpc.Empty{}))
-	r.next(func(f http2.Frame) bool {
-		h, ok := f.(*http2.MetaHeadersFrame)
-		return ok && h.StreamID == 3 && h.StreamEnded()
-	})
-}

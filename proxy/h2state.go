@@ -167,19 +167,31 @@ func (s h2state) ended() bool { return s >= stResetSent }
 // them are ignored (§5.1) rather than answered with STREAM_CLOSED.
 const recentResets = 32
 
-// resetRing remembers the last recentResets stream ids we reset.
+// resetRing remembers the last recentResets stream ids we reset. Its
+// storage is allocated at the first reset: most connections never reset a
+// stream, and an idle one should not carry it (issue 12).
 type resetRing struct {
+	r *resetIDs
+}
+
+type resetIDs struct {
 	ids  [recentResets]uint32
 	next int
 }
 
 func (r *resetRing) add(id uint32) {
-	r.ids[r.next] = id
-	r.next = (r.next + 1) % recentResets
+	if r.r == nil {
+		r.r = new(resetIDs)
+	}
+	r.r.ids[r.r.next] = id
+	r.r.next = (r.r.next + 1) % recentResets
 }
 
 func (r *resetRing) has(id uint32) bool {
-	for _, v := range r.ids {
+	if r.r == nil {
+		return false
+	}
+	for _, v := range r.r.ids {
 		if v == id {
 			return true
 		}

@@ -142,6 +142,11 @@ func (t *transport) readHeaderBlock(hf *http2.HeadersFrame) (http2.Frame, error)
 	h.fields = h.fields[:0]
 	h.headersRemain, h.trailersRemain = limit, limit
 	h.sawRegular, h.truncated, h.invalid = false, false, nil
+	if h.dec == nil {
+		// Made at the first header block: a connection that never
+		// carries a call does not hold a decoder (issue 12).
+		h.dec = hpack.NewDecoder(4096, h.emit)
+	}
 	h.dec.SetEmitEnabled(true)
 	h.dec.SetMaxStringLength(maxString)
 	var hc headersOrContinuation = hf

@@ -346,6 +346,18 @@ func TestGlitchFloods(t *testing.T) {
 			},
 			send: func(r *rawConn, i int) error { return r.fr.WriteWindowUpdate(1, 1) },
 		},
+		{
+			// Below 2^31-1 in all: only the glitch budget can stop it.
+			name: "connection WINDOW_UPDATE with nothing sent",
+			n:    1 << 14,
+			send: func(r *rawConn, i int) error { return r.fr.WriteWindowUpdate(0, 1<<16) },
+		},
+		{
+			name:  "WINDOW_UPDATE on an open stream with a full window",
+			n:     1 << 20,
+			setup: func(r *rawConn) { r.headers(1, path, false) },
+			send:  func(r *rawConn, i int) error { return r.fr.WriteWindowUpdate(1, 1) },
+		},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

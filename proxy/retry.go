@@ -35,11 +35,18 @@ import (
 // Caller must hold mu; the connection's and pool's locks are taken inside
 // (cc.mu → pool.mu → bc.mu is the lock order).
 func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bool) {
+	var refused *failure // the last pick the pool refused without trying it
 	for {
 		s.attempts++
 		addr, up, done, err := c.pickLocked(s)
 		if err != nil {
 			c.releaseItemsLocked(items)
+			if refused != nil {
+				// The backend that could take the call refused it (full,
+				// or taking no streams): that is why it failed, not the
+				// Picker's having nothing else.
+				return *refused, false
+			}
 			return failure{kind: failNoBackend, method: s.method, cause: err}, false
 		}
 		if up == nil {
@@ -71,10 +78,11 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			if done != nil {
 				done(f.pickerErr())
 			}
-			if f.kind == failBackendConns && s.attempts <= c.srv.cfg.MaxRetries {
+			if (f.kind == failBackendConns || f.kind == failNoStreams) && s.attempts <= c.srv.cfg.MaxRetries {
+				refused = &f
 				// Never reached the backend: another may take the call
-				// (see Config.MaxBackendConns). Noted as tried, so the
-				// next pick avoids it.
+				// (see Config.MaxBackendConns, pool.noStreamsLocked).
+				// Noted as tried, so the next pick avoids it.
 				if s.tried == nil {
 					s.tried = s.triedInl[:0]
 				}
@@ -198,7 +206,7 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 				c.mu.Unlock()
 				c.signal()
 				if a.done != nil {
-					a.done(f.statusErr())
+					a.done(f.pickerErr())
 				}
 				return
 			}

@@ -10,6 +10,8 @@ import (
 
 	"golang.org/x/net/http2"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+
+	"github.com/streamlb/streamlb/proxy"
 )
 
 // The tables here put RFC 9113's stream-state rules (§3.4, §4.2, §5.1,
@@ -26,21 +28,28 @@ var rfcPing = [8]byte{'r', 'f', 'c', '9', '1', '1', '3'}
 // answer reads frames until fr's peer answers on stream id (RST_STREAM),
 // ends the connection (GOAWAY), or acks rfcPing, and says which.
 func answer(fr *http2.Framer, id uint32) string {
+	s, _ := answerGoAway(fr, id)
+	return s
+}
+
+// answerGoAway is answer, with the last-stream-id of the GOAWAY if that was
+// the answer.
+func answerGoAway(fr *http2.Framer, id uint32) (string, uint32) {
 	for {
 		f, err := fr.ReadFrame()
 		if err != nil {
-			return fmt.Sprintf("read error %v", err)
+			return fmt.Sprintf("read error %v", err), 0
 		}
 		switch f := f.(type) {
 		case *http2.GoAwayFrame:
-			return "GOAWAY " + f.ErrCode.String()
+			return "GOAWAY " + f.ErrCode.String(), f.LastStreamID
 		case *http2.RSTStreamFrame:
 			if f.StreamID == id {
-				return "RST_STREAM " + f.ErrCode.String()
+				return "RST_STREAM " + f.ErrCode.String(), 0
 			}
 		case *http2.PingFrame:
 			if f.IsAck() && f.Data == rfcPing {
-				return "ignored"
+				return "ignored", 0
 			}
 		}
 	}
@@ -54,7 +63,9 @@ const unaryPath = "/grpc.testing.TestService/UnaryCall"
 // client beside them all sees no error.
 func TestRFC9113ClientSide(t *testing.T) {
 	verifyNoLeaks(t)
-	e := newEnv(t, envOpts{backends: 1})
+	// A small stream limit, for the §5.1.2 row; the others use two at most.
+	const maxStreams = 4
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.MaxConcurrentStreams = maxStreams }})
 	good := startGoodClient(t, e)
 	msg := grpcMsg(&testgrpc.SimpleRequest{ResponseSize: 10})
 	// call completes a unary call on id: afterwards the stream is closed.
@@ -99,6 +110,49 @@ func TestRFC9113ClientSide(t *testing.T) {
 			name:   "§5.1.1 HEADERS on an even id",
 			frames: func(r *rawConn) { r.headers(2, unaryPath, true) },
 			id:     2, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§5.1.1 HEADERS on a closed stream: ids must increase",
+			setup:  func(r *rawConn) { call(r, 1) },
+			frames: func(r *rawConn) { r.headers(1, unaryPath, true) },
+			id:     1, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§5.1.1 HEADERS on a never-used id below the highest opened",
+			setup:  func(r *rawConn) { call(r, 5) },
+			frames: func(r *rawConn) { r.headers(3, unaryPath, true) },
+			id:     3, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name: "§5.1 half-closed (remote): HEADERS after END_STREAM",
+			frames: func(r *rawConn) {
+				r.headers(1, unaryPath, true)
+				r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true, EndStream: true, BlockFragment: hpackBlock("x-trailer", "v")})
+			},
+			id: 1, want: "RST_STREAM STREAM_CLOSED",
+		},
+		{
+			name: "§8.1 request trailers without END_STREAM",
+			frames: func(r *rawConn) {
+				r.headers(1, unaryPath, false)
+				r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, EndHeaders: true, BlockFragment: hpackBlock("x-trailer", "v")})
+			},
+			id: 1, want: "RST_STREAM PROTOCOL_ERROR",
+		},
+		{
+			name: "§5.1.2 a stream over SETTINGS_MAX_CONCURRENT_STREAMS",
+			setup: func(r *rawConn) {
+				for id := uint32(1); id < 2*maxStreams; id += 2 {
+					r.headers(id, unaryPath, false)
+				}
+			},
+			frames: func(r *rawConn) {
+				r.headers(2*maxStreams+1, unaryPath, false)
+				for id := uint32(1); id < 2*maxStreams; id += 2 {
+					r.fr.WriteRSTStream(id, http2.ErrCodeCancel) // room for the next rows' call
+				}
+			},
+			id: 2*maxStreams + 1, want: "RST_STREAM REFUSED_STREAM",
 		},
 		{
 			name: "§5.1 half-closed (remote): DATA after END_STREAM (§6.1)",
@@ -284,9 +338,33 @@ func TestRFC9113BackendSide(t *testing.T) {
 			want: "ignored",
 		},
 		{
-			name:   "§8.1 DATA before the response HEADERS",
+			name:   "§8.1.1 DATA before the response HEADERS: a malformed response",
 			frames: func(fr *http2.Framer, id uint32) { fr.WriteData(id, false, msg) },
-			want:   "RST_STREAM STREAM_CLOSED",
+			want:   "RST_STREAM PROTOCOL_ERROR",
+		},
+		{
+			name: "§5.1 closed: HEADERS after END_STREAM",
+			frames: func(fr *http2.Framer, id uint32) {
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: resp, EndHeaders: true})
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true})
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true})
+			},
+			want: "RST_STREAM STREAM_CLOSED",
+		},
+		{
+			name: "§6.5.2 SETTINGS_ENABLE_PUSH=1 from a server",
+			frames: func(fr *http2.Framer, id uint32) {
+				fr.WriteSettings(http2.Setting{ID: http2.SettingEnablePush, Val: 1})
+			},
+			want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name: "§5.3.1 HEADERS depending on itself",
+			frames: func(fr *http2.Framer, id uint32) {
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: resp, EndHeaders: true,
+					Priority: http2.PriorityParam{StreamDep: id, Weight: 15}})
+			},
+			want: "RST_STREAM PROTOCOL_ERROR",
 		},
 		{
 			name:      "§3.4 the first frame is not SETTINGS",
@@ -320,12 +398,22 @@ func TestRFC9113BackendSide(t *testing.T) {
 				if err != nil {
 					return
 				}
+				s.buffered()
 				s.fr.AllowIllegalWrites = true
 				finish := func(id uint32) {
 					s.fr.WritePing(false, rfcPing)
 					s.flush()
+					a, last := answerGoAway(s.fr, id)
+					if last != 0 {
+						// RFC 9113 §6.8: the last-stream-id is the
+						// last stream the PEER initiated that we
+						// acted on; a backend initiates none (we
+						// refuse pushes), so it is 0, as x/net's and
+						// grpc-go's clients send.
+						a += fmt.Sprintf(" with last-stream-id %d", last)
+					}
 					select {
-					case got <- answer(s.fr, id):
+					case got <- a:
 					default:
 					}
 				}

@@ -29,7 +29,10 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*serverConn]struct{}
 	shutdown  bool
-	connWG    sync.WaitGroup // one per serverConn.serve
+	connWG    sync.WaitGroup // one per serverConn.serve, and the housekeeper
+	// hkStop is non-nil while the housekeeping goroutine runs (while
+	// there are connections); closing it stops that goroutine.
+	hkStop chan struct{}
 
 	cancelPool context.CancelFunc
 
@@ -181,19 +184,24 @@ func (s *Server) Serve(ln net.Listener) error {
 			// Before the preface nothing HTTP/2 can be said without
 			// waiting on the peer: a close is the cheapest clear answer.
 			nc.Close()
-			s.refusals.note(s.now(), s.log, max)
+			s.refusals.note(s.now(), s.log, slog.LevelDebug, "connections refused: at max connections", max)
 			continue
 		}
 		c := newServerConn(s, nc)
 		s.conns[c] = struct{}{}
 		s.accepted.Add(1)
 		s.connWG.Add(1)
+		s.startHousekeeperLocked()
 		s.mu.Unlock()
 		go func() {
 			defer s.connWG.Done()
 			c.serve()
 			s.mu.Lock()
 			delete(s.conns, c)
+			if len(s.conns) == 0 && s.hkStop != nil {
+				close(s.hkStop)
+				s.hkStop = nil
+			}
 			s.mu.Unlock()
 		}()
 	}
@@ -275,3 +283,63 @@ func (s *Server) closeConns() {
 }
 
 var errServerClosing = errors.New("proxy: server closing")
+
+// housekeepPeriod is how often the housekeeper looks at every client
+// connection: every second (parked writers exit), or a quarter of the
+// shortest of IdleTimeout and RequestIdleTimeout in force if shorter.
+func (s *Server) housekeepPeriod() time.Duration {
+	p := time.Second
+	for _, d := range []time.Duration{s.cfg.IdleTimeout, s.cfg.RequestIdleTimeout} {
+		if d > 0 && d/4 < p {
+			p = d / 4
+		}
+	}
+	return p
+}
+
+// startHousekeeperLocked starts the housekeeping goroutine if it does not
+// run. One goroutine and one ticker per server do the idle and
+// request-idle checks of every client connection, rather than two timers
+// per connection (issue 12: what an idle connection costs), and make the
+// writers parked since the last tick exit. It runs while
+// there are connections and is counted in connWG, so Close waits for it.
+// Caller must hold mu.
+func (s *Server) startHousekeeperLocked() {
+	p := s.housekeepPeriod()
+	if p <= 0 || s.hkStop != nil {
+		return
+	}
+	stop := make(chan struct{})
+	s.hkStop = stop
+	s.connWG.Add(1)
+	go func() {
+		defer s.connWG.Done()
+		s.housekeep(p, stop)
+	}()
+}
+
+// housekeep runs the checks of every connection every period p until stop
+// is closed.
+func (s *Server) housekeep(p time.Duration, stop <-chan struct{}) {
+	tick := time.NewTicker(p)
+	defer tick.Stop()
+	var conns []*serverConn
+	for {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+		s.mu.Lock()
+		for c := range s.conns {
+			conns = append(conns, c)
+		}
+		s.mu.Unlock()
+		now := time.Now()
+		for i, c := range conns {
+			c.housekeep(now)
+			conns[i] = nil
+		}
+		conns = conns[:0]
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"time"
 
@@ -14,7 +15,8 @@ import (
 )
 
 // serverConn is one client connection: the proxy is the HTTP/2 server. It
-// has two goroutines, owned by serve: readLoop (serve's own) and writeLoop.
+// has a reader, readLoop (serve's own goroutine), and a writer that runs
+// on demand, only while there is something to write (transport.signal).
 type serverConn struct {
 	transport
 	srv    *Server
@@ -38,10 +40,13 @@ type serverConn struct {
 	calm         calmMeter // early resets and glitches (calm.go)
 	idleSince    time.Time // when the last stream closed; see idleCheck
 
-	idleTimer  *time.Timer   // Config.IdleTimeout; nil when off. Set before the goroutines start.
+	// nextSweep is when the next RequestIdleTimeout sweep is due; zero
+	// until the handshake is done, or with the sweeps off. The server's
+	// housekeeper runs the sweeps and the idle check (Server.housekeep).
+	nextSweep  time.Time
 	drainTimer *time.Timer   // ends the PING wait of a graceful shutdown; guarded by mu
-	sweepTimer *time.Timer   // Config.RequestIdleTimeout sweeps; nil when off. Set before the goroutines start.
 	readerDone chan struct{} // closed when readLoop returned; ends the linger
+	writerDone chan struct{} // closed when the last writer finished; set by serve
 }
 
 const (
@@ -55,7 +60,7 @@ const (
 var drainPing = [8]byte{'s', 't', 'r', 'm', 'l', 'b', 'g', 'a'}
 
 func newServerConn(srv *Server, nc net.Conn) *serverConn {
-	c := &serverConn{srv: srv, remote: nc.RemoteAddr(), streams: make(map[uint32]*stream), readerDone: make(chan struct{})}
+	c := &serverConn{srv: srv, remote: nc.RemoteAddr(), readerDone: make(chan struct{})}
 	cfg := &srv.cfg
 	c.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
 	c.writeTimeout = cfg.WriteTimeout
@@ -76,29 +81,23 @@ func (c *serverConn) serve() {
 		c.nc.Close()
 		return
 	}
-	if d := c.srv.cfg.IdleTimeout; d > 0 {
-		c.mu.Lock()
-		c.idleSince = time.Now()
-		c.mu.Unlock()
-		c.idleTimer = time.AfterFunc(d, c.idleCheck)
-		defer c.idleTimer.Stop()
+	// From here on the server's housekeeper checks the connection.
+	c.mu.Lock()
+	now := time.Now()
+	if c.srv.cfg.IdleTimeout > 0 {
+		c.idleSince = now
 	}
 	if d := c.srv.cfg.RequestIdleTimeout; d > 0 {
-		c.sweepTimer = time.AfterFunc(d/4, c.sweepRequestIdle)
-		defer c.sweepTimer.Stop()
+		c.nextSweep = now.Add(d / 4)
 	}
+	c.mu.Unlock()
+	// The writer runs on demand: a goroutine exists only while there is
+	// something to write, or streams are open (transport.signal), so an
+	// idle connection holds the reader's goroutine alone. The last one
+	// calls writerFinished.
 	writerDone := make(chan struct{})
-	go func() {
-		defer close(writerDone)
-		// Whether it failed or drained (after GOAWAY, or a connection
-		// error's GOAWAY), the connection is done: closing it also ends
-		// the reader, which a client that keeps it open would not.
-		err := c.writeLoop(c)
-		if err == nil {
-			c.linger()
-		}
-		c.close(err)
-	}()
+	c.writerDone = writerDone
+	c.startOnDemand(c)
 	err := c.readLoop(c)
 	close(c.readerDone)
 	c.awaitGoAway(writerDone)
@@ -107,25 +106,30 @@ func (c *serverConn) serve() {
 	c.cleanup()
 }
 
-// idleCheck runs on the idle timer: a connection that has had no stream
-// for Config.IdleTimeout is shut down gracefully (GOAWAY, then close), as
-// grpc-go's MaxConnectionIdle does; otherwise the timer is set again for
-// the time left.
-func (c *serverConn) idleCheck() {
+// housekeep runs on the server's housekeeper (Server.housekeepPeriod): a
+// parked writer exits, the request-idle sweep runs when it is due, and the
+// idle check.
+func (c *serverConn) housekeep(now time.Time) {
+	c.reapWriter()
+	c.mu.Lock()
+	sweep := !c.nextSweep.IsZero() && !now.Before(c.nextSweep)
+	c.mu.Unlock()
+	if sweep {
+		c.sweepRequestIdle(now)
+	}
+	c.idleCheck(now)
+}
+
+// idleCheck shuts a connection that has had no stream for
+// Config.IdleTimeout down gracefully (GOAWAY, then close), as grpc-go's
+// MaxConnectionIdle does. The housekeeper's period makes that happen
+// within a second (or a quarter of the timeout) after it ran out.
+func (c *serverConn) idleCheck(now time.Time) {
 	d := c.srv.cfg.IdleTimeout
 	c.mu.Lock()
-	if c.closed || c.goingAway || c.drainPhase != drainNone {
+	if d <= 0 || c.idleSince.IsZero() || c.closed || c.goingAway || c.drainPhase != drainNone ||
+		len(c.streams) > 0 || now.Sub(c.idleSince) < d {
 		c.mu.Unlock()
-		return
-	}
-	if len(c.streams) > 0 {
-		c.mu.Unlock()
-		c.idleTimer.Reset(d)
-		return
-	}
-	if left := d - time.Since(c.idleSince); left > 0 {
-		c.mu.Unlock()
-		c.idleTimer.Reset(left)
 		return
 	}
 	c.mu.Unlock()
@@ -158,9 +162,7 @@ func (c *serverConn) handshake() error {
 			writeHTTP1Rejection(c.nc)
 			return errors.New("proxy: HTTP/1.x request on an HTTP/2-only port")
 		case prefaceGarbage:
-			fr := http2.NewFramer(c.nc, nil)
-			c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-			fr.WriteGoAway(0, http2.ErrCodeProtocol, []byte("streamlb: bad HTTP/2 connection preface"))
+			rejectPreface(c.nc)
 			return errors.New("proxy: bad connection preface")
 		}
 		if err != nil {
@@ -187,6 +189,27 @@ func (c *serverConn) handshake() error {
 	}
 	return nil
 }
+
+// rejectPreface answers an invalid connection preface with a connection
+// error PROTOCOL_ERROR (RFC 9113 §3.4): our SETTINGS first, as every server
+// preface starts, then GOAWAY, then a clean close: the write side is shut
+// (FIN) and what the client sent is read and dropped, up to a bound, so the
+// close does not turn into a TCP reset that could destroy the GOAWAY before
+// the client reads it.
+func rejectPreface(nc net.Conn) {
+	nc.SetDeadline(time.Now().Add(time.Second))
+	fr := http2.NewFramer(nc, nil)
+	if fr.WriteSettings() != nil || fr.WriteGoAway(0, http2.ErrCodeProtocol, []byte("streamlb: bad HTTP/2 connection preface")) != nil {
+		return
+	}
+	if cw, ok := nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		io.Copy(io.Discard, io.LimitReader(nc, maxPrefaceDrain))
+	}
+}
+
+// maxPrefaceDrain bounds what rejectPreface reads from a client whose
+// preface was invalid.
+const maxPrefaceDrain = 64 << 10
 
 type prefaceKind int
 
@@ -296,8 +319,10 @@ func (c *serverConn) onReset(id uint32, code http2.ErrCode) error {
 func (c *serverConn) onGoAway(*http2.GoAwayFrame) {}
 
 // onPingAck implements frameHandler: the ack of the PING of a graceful
-// shutdown ends its first step.
+// shutdown ends its first step; that of a drain probe lets response
+// windows grow (budget.go).
 func (c *serverConn) onPingAck(data [8]byte) {
+	c.bufs.onProbeAck(data)
 	if data == drainPing {
 		c.finishDrain()
 	}
@@ -319,14 +344,17 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	end := f.StreamEnded()
 	c.mu.Lock()
 	if s := c.streams[id]; s != nil {
-		// Request trailers (RFC 9113 §8.1): they must end the stream.
-		if !end {
-			c.mu.Unlock()
-			return http2.ConnectionError(http2.ErrCodeProtocol)
-		}
+		// The order is x/net's processHeaders: a HEADERS after the
+		// client's END_STREAM first (§5.1 half-closed (remote):
+		// STREAM_CLOSED), then request trailers, which must end the
+		// stream (§8.1: a stream error, as processTrailerHeaders).
 		if c.stepLocked(s, evRecvHeaders) != resOK {
 			c.mu.Unlock()
-			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed} // §5.1 half-closed (remote)
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+		}
+		if !end {
+			c.mu.Unlock()
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: errors.New("request trailers without END_STREAM")}
 		}
 		if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields || len(f.PseudoFields()) > 0 {
 			// Trailers cut short would change the request's meaning,
@@ -353,11 +381,20 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol) // RFC 9113 §5.1.1
 	}
 	if id <= c.lastID {
-		// A stream we closed (RFC 9113 §5.1 "closed"): STREAM_CLOSED,
-		// unless we reset it and this was in flight.
-		err := c.unknownStreamLocked(c, id, evRecvHeaders, "HEADERS on a closed stream")
+		// Not a stream of ours, and not above the highest the client
+		// opened: ids must increase (RFC 9113 §5.1.1), so a connection
+		// error PROTOCOL_ERROR, as x/net's processHeaders
+		// ("stream_went_down"). Two exceptions, both frames the client
+		// had in flight: on a stream we reset (§5.1: ignored after our
+		// RST_STREAM, for which x/net only has its resetQueued), and
+		// above the last id of our GOAWAY (§6.8: never processed).
+		if c.forgottenLocked(id) == stResetSent || c.resets.has(id) {
+			err := c.glitchLocked(1, "HEADERS on a reset stream")
+			c.mu.Unlock()
+			return err
+		}
 		c.mu.Unlock()
-		return err
+		return connErr(http2.ErrCodeProtocol, fmt.Sprintf("HEADERS on stream %d, at or below the highest opened (%d): stream ids must increase", id, c.lastID))
 	}
 	c.lastID = id
 	if c.goingAway {
@@ -382,6 +419,9 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		s.cst.apply(evRecvEnd)
 	}
 	s.active = true
+	if c.streams == nil {
+		c.streams = make(map[uint32]*stream) // made at the first stream: idle connections have none
+	}
 	c.streams[id] = s
 	c.streamOpenedLocked()
 	c.mu.Unlock()
@@ -404,9 +444,10 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		c.rejectStream(s, failure{kind: failBadContentType, detail: ri.contentType})
 		return nil
 	}
-	if c.bufs.over() {
-		// The connection holds its whole budget already: new calls wait
-		// for the ones in flight (budget.go).
+	if c.bufs.over() || !c.bufs.windowRoom(c.srv.cfg.BackendStreamWindow) {
+		// The connection holds its whole budget already, or its streams'
+		// backend windows would let it: new calls wait for the ones in
+		// flight (budget.go).
 		c.rejectStream(s, failure{kind: failConnBudget, limit: c.bufs.limit})
 		return nil
 	}
@@ -531,15 +572,16 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 	}
 }
 
-// sweepRequestIdle runs on the sweep timer, every quarter of
+// sweepRequestIdle runs on the server's housekeeper, every quarter of
 // Config.RequestIdleTimeout: a stream whose request is not complete and on
 // which no frame moved either way for four sweeps in a row ends with
-// DEADLINE_EXCEEDED, and its backend stream is cancelled. One timer per
-// connection, not per stream, keeps the cost off the per-frame path: a
-// frame only sets a flag.
-func (c *serverConn) sweepRequestIdle() {
+// DEADLINE_EXCEEDED, and its backend stream is cancelled. One sweep per
+// connection, not a timer per stream, keeps the cost off the per-frame
+// path: a frame only sets a flag.
+func (c *serverConn) sweepRequestIdle(now time.Time) {
 	d := c.srv.cfg.RequestIdleTimeout
 	var cut []*attempt
+	failed := false
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -558,18 +600,19 @@ func (c *serverConn) sweepRequestIdle() {
 			continue
 		}
 		c.failLocked(s, failure{kind: failRequestIdle, limit: d.Milliseconds()})
+		failed = true
 		if s.att != nil {
 			cut = append(cut, s.att)
 		}
 	}
-	// Under mu, which close takes: serve's Stop after close cannot be
-	// undone by this Reset.
-	c.sweepTimer.Reset(d / 4)
+	c.nextSweep = now.Add(d / 4)
 	c.mu.Unlock()
 	if len(cut) > 0 {
 		c.log.Debug("request idle: streams ended", "remote", c.remote.String(), "streams", len(cut), "duration", d)
 	}
-	c.signal()
+	if failed {
+		c.signal() // the failed streams' trailers or resets
+	}
 	for _, a := range cut {
 		a.bc.resetUp(a, http2.ErrCodeCancel)
 	}
@@ -758,7 +801,7 @@ func (c *serverConn) closeSideLocked(s *stream) {
 // Caller must hold mu.
 func (c *serverConn) removeLocked(s *stream) {
 	delete(c.streams, s.down.id)
-	if len(c.streams) == 0 && c.idleTimer != nil {
+	if len(c.streams) == 0 && !c.idleSince.IsZero() {
 		c.idleSince = time.Now()
 	}
 	s.down.drop(&c.transport)
@@ -788,6 +831,21 @@ func (c *serverConn) sentLastLocked(q *sendQueue, reset bool) {
 		c.stepLocked(s, evSendReset)
 	}
 }
+
+// writerFinished implements writerOwner.
+func (c *serverConn) writerFinished(err error) {
+	defer close(c.writerDone)
+	// Whether it failed or drained (after GOAWAY, or a connection error's
+	// GOAWAY), the connection is done: closing it also ends the reader,
+	// which a client that keeps it open would not.
+	if err == nil {
+		c.linger()
+	}
+	c.close(err)
+}
+
+// streamsLocked implements writerOwner.
+func (c *serverConn) streamsLocked() bool { return len(c.streams) > 0 }
 
 // idleLocked implements role.
 func (c *serverConn) idleLocked() bool {

@@ -31,8 +31,17 @@ import (
 type soakSample struct {
 	at         time.Duration
 	rssMiB     int
+	heapMiB    int // heap in use after a GC: RSS under -race also holds shadow memory and freed pages
 	goroutines int
 	calls      int64
+}
+
+// heapAfterGC returns the heap in use, in MiB, right after a collection.
+func heapAfterGC() int {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return int(m.HeapInuse >> 20)
 }
 
 // currentRSS returns VmRSS in MiB, 0 where /proc does not tell.
@@ -137,7 +146,7 @@ func TestSoak(t *testing.T) {
 	for loadCtx.Err() == nil {
 		select {
 		case <-tick.C:
-			samples = append(samples, soakSample{at: time.Since(start).Round(time.Second), rssMiB: currentRSS(), goroutines: runtime.NumGoroutine(), calls: calls.total.Load()})
+			samples = append(samples, soakSample{at: time.Since(start).Round(time.Second), rssMiB: currentRSS(), heapMiB: heapAfterGC(), goroutines: runtime.NumGoroutine(), calls: calls.total.Load()})
 		case <-loadCtx.Done():
 		}
 	}
@@ -147,7 +156,7 @@ func TestSoak(t *testing.T) {
 	}
 
 	for _, s := range samples {
-		t.Logf("soak +%s: %d calls, RSS %d MiB, %d goroutines", s.at, s.calls, s.rssMiB, s.goroutines)
+		t.Logf("soak +%s: %d calls, RSS %d MiB, heap %d MiB after GC, %d goroutines", s.at, s.calls, s.rssMiB, s.heapMiB, s.goroutines)
 	}
 	t.Logf("soak %s: %d calls, %d failed unexcused, %d UNAVAILABLE in flight on the killed backend; %d graceful restarts, %d kills; hostile: %d rapid-reset, %d empty-DATA, %d never-reading connections (%d ended by the proxy); %d floods not ended with ENHANCE_YOUR_CALM",
 		dur, calls.total.Load(), calls.nfail, calls.excused.Load(), restarts.Load(), kills.Load(),
@@ -170,6 +179,16 @@ func TestSoak(t *testing.T) {
 		first, last := samples[len(samples)/3], samples[len(samples)-1]
 		if first.rssMiB > 0 && float64(last.rssMiB) > 1.5*float64(first.rssMiB)+32 {
 			t.Errorf("RSS grew from %d MiB to %d MiB", first.rssMiB, last.rssMiB)
+		}
+		// The heap after GC swings with the calls in flight (a stream
+		// holds up to a MiB): the base is the largest reading up to the
+		// first third, and a leak is growth well past it.
+		base := 0
+		for _, s := range samples[:len(samples)/3+1] {
+			base = max(base, s.heapMiB)
+		}
+		if float64(last.heapMiB) > 1.5*float64(base)+32 {
+			t.Errorf("heap in use after GC grew from at most %d MiB in the first third to %d MiB", base, last.heapMiB)
 		}
 		if float64(last.goroutines) > 1.5*float64(first.goroutines)+50 {
 			t.Errorf("goroutines grew from %d to %d", first.goroutines, last.goroutines)

@@ -137,12 +137,17 @@ func (f failure) statusErr() error {
 }
 
 // pickerErr is the outcome of f as handed to the Picker's done when the
-// attempt never got a stream: statusErr, except for an overflow of the
-// proxy's own connection cap, which says nothing about the backend and is
-// reported as CANCELLED, as failRepicked is.
+// attempt never got a stream and the call went on elsewhere: statusErr,
+// except for an overflow of the proxy's own connection cap and a backend
+// that advertises SETTINGS_MAX_CONCURRENT_STREAMS=0, which say nothing of
+// the backend's health (the second is alive and says "not now") and are
+// reported as CANCELLED, as failRepicked is, so they never eject it.
 func (f failure) pickerErr() error {
-	if f.kind == failBackendConns {
+	switch f.kind {
+	case failBackendConns:
 		return status.Errorf(codes.Canceled, "streamlb: backend %s not used: at its connection cap", f.backend)
+	case failNoStreams:
+		return status.Errorf(codes.Canceled, "streamlb: backend %s not used: it takes no streams (SETTINGS_MAX_CONCURRENT_STREAMS=0)", f.backend)
 	}
 	return f.statusErr()
 }

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -173,6 +174,17 @@ type recvState struct {
 	unacked int32  // bytes handed on but not yet returned with WINDOW_UPDATE
 	done    bool   // stream closed on this connection: no more updates
 	held    int32  // bytes received and not yet handed on (see transport.held)
+	// target is the window kept open for the peer: what it may have sent
+	// and we not yet handed on. Zero means the transport's streamWindow.
+	// A backend stream's target starts at the initial window and grows
+	// (growLocked) while its client drains what it is sent.
+	target int32
+	// grow is the budget of the client connection whose response the
+	// stream carries, which its growth counts in; nil: the target is fixed.
+	grow *bufBudget
+	// drainSeen is the count of grow's acknowledged drain probes when the
+	// window last grew: it grows at most once per probe.
+	drainSeen uint64
 }
 
 type opKind uint8
@@ -225,26 +237,52 @@ type transport struct {
 	log *slog.Logger
 
 	// Writer goroutine only.
-	bw     *connWriter // holds a pooled buffer only between a write and its flush
-	wfr    *http2.Framer
-	henc   *hpack.Encoder
-	hbuf   bytes.Buffer
-	batch  []writeOp
-	dirty  bool // bytes sit in bw unflushed
+	bw   *connWriter    // holds a pooled buffer only between a write and its flush
+	henc *hpack.Encoder // nil until the first header block: see encoder
+	// hw is what henc writes to: the scratch's header buffer while a
+	// writer runs.
+	hw switchWriter
+	// sc is the writer's scratch (Framer, header buffer, batch), taken
+	// from a pool when a writer starts and given back when an on-demand
+	// writer exits, so an idle connection holds none.
+	sc    *writeScratch
+	dirty bool // bytes sit in bw unflushed
+	// parkOK is set by writeStep when it found nothing to write: whether
+	// the owner has streams open, so more is likely to come.
+	parkOK bool
 	credit []creditOp
 
-	wake chan struct{} // capacity 1, non-blocking sends: "there is work"
+	// wake is the persistent writer's "there is work" (capacity 1,
+	// non-blocking sends); nil on an on-demand transport, whose writer
+	// goroutine runs only while there is something to write (wstate).
+	wake chan struct{}
+	// wstate is the on-demand writer's state (wNotStarted ... wDone): see
+	// signal and runWriter. role and finish are set before it leaves
+	// wNotStarted.
+	wstate atomic.Int32
+	owner  writerOwner
+	// park is where an on-demand writer with nothing to do waits, until
+	// signal or the server's housekeeper (reapWriter) wakes it; made by
+	// the first writer that parks.
+	park chan struct{}
 
 	ctrlOverflow atomic.Bool // the control queue hit maxQueuedControlFrames; the reader ends the connection
 	// dataSent is set by the writer when it writes HEADERS or DATA; the
 	// reader clears it on each PING (see dispatch).
 	dataSent atomic.Bool
+	// framesSent counts the HEADERS and DATA frames the writer wrote, for
+	// the WINDOW_UPDATE allowance (calm.go).
+	framesSent atomic.Int64
 
 	// Immutable after construction.
 	writeTimeout  time.Duration // bound on each write to the socket; zero: none
 	streamWindow  int32         // window we grant per stream
 	connWindow    int32         // window we grant on the connection
 	maxHeaderList uint32
+
+	// maxStreamWindow is what a stream's window may grow to (growLocked);
+	// backend connections only, zero elsewhere. Immutable.
+	maxStreamWindow int32
 
 	mu sync.Mutex
 	// mu guards the fields below.
@@ -305,6 +343,16 @@ func (t *transport) stepLocked(st *h2state, id uint32, ev h2event) (res h2result
 // releaseLocked returns b to the pool once the writer is past the write in
 // progress. Caller must hold mu.
 func (t *transport) releaseLocked(b *[]byte) {
+	if t.wake == nil {
+		switch t.wstate.Load() {
+		case wNotStarted, wIdle, wParked, wDone:
+			// No writer runs, so no write is reading b, and the next
+			// writer must take mu first: back to the pool at once,
+			// rather than held by an idle connection.
+			putBuf(b)
+			return
+		}
+	}
 	t.toRelease = append(t.toRelease, b)
 }
 
@@ -314,6 +362,57 @@ type creditOp struct {
 	n      int32
 }
 
+// writeScratch is what a writer needs only while it writes: a write Framer
+// (whose buffer keeps the largest frame it wrote), the buffer header
+// blocks are encoded into, and the batch. It holds no connection state:
+// the HPACK encoder's table stays with the transport.
+type writeScratch struct {
+	out   switchWriter // the Framer's destination: the writing transport's bw
+	fr    *http2.Framer
+	hbuf  bytes.Buffer
+	batch []writeOp
+}
+
+var scratchPool = sync.Pool{New: func() any {
+	sc := new(writeScratch)
+	sc.fr = http2.NewFramer(&sc.out, nil)
+	return sc
+}}
+
+// switchWriter is an io.Writer whose destination is set by its user.
+type switchWriter struct{ w io.Writer }
+
+func (s *switchWriter) Write(p []byte) (int, error) { return s.w.Write(p) }
+
+// takeScratch gives the writer its scratch. Writer only.
+func (t *transport) takeScratch() {
+	if t.sc != nil {
+		return
+	}
+	sc := scratchPool.Get().(*writeScratch)
+	sc.out.w = t.bw
+	t.hw.w = &sc.hbuf
+	t.sc = sc
+}
+
+// dropScratch gives the scratch back: the writer is about to exit with
+// nothing written but not flushed. Writer only.
+func (t *transport) dropScratch() {
+	sc := t.sc
+	if sc == nil {
+		return
+	}
+	t.sc, t.hw.w = nil, nil
+	sc.out.w = nil
+	sc.hbuf.Reset()
+	if sc.hbuf.Cap() > 4<<10 {
+		sc.hbuf = bytes.Buffer{} // a rare large header block is not kept
+	}
+	clear(sc.batch)
+	sc.batch = sc.batch[:0]
+	scratchPool.Put(sc)
+}
+
 // init prepares a transport without a socket; attach adds the socket.
 // Backend connections queue streams between the two, while they dial.
 func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, log *slog.Logger) {
@@ -321,7 +420,6 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 	t.streamWindow = streamWindow
 	t.connWindow = connWindow
 	t.maxHeaderList = maxHeaderList
-	t.wake = make(chan struct{}, 1)
 	t.sendWindow = defaultInitialWindowRFC
 	t.peerInitWin = defaultInitialWindowRFC
 	t.peerMaxFrame = maxFrameSize
@@ -335,24 +433,161 @@ func (t *transport) attach(nc net.Conn) {
 	t.cr = newConnReader(nc)
 	t.rfr = http2.NewFramer(nil, &contGuard{r: t.cr})
 	// ReadMetaHeaders stays nil: readFrame assembles header blocks.
-	t.hd.dec = hpack.NewDecoder(4096, t.hd.emit)
+	// t.hd.dec and t.henc are made at their first header block.
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
 	t.bw = newConnWriter(nc)
-	t.wfr = http2.NewFramer(t.bw, nil)
-	t.henc = hpack.NewEncoder(&t.hbuf)
 	t.mu.Lock()
 	t.nc = nc
 	t.mu.Unlock()
 }
 
-// signal wakes the writer. It never blocks.
+// The on-demand writer's states. A connection that has nothing to write
+// has no writer goroutine (issue 12: an idle client connection costs its
+// reader's stack, not two): signal starts one when it finds none running.
+// Once everything queued is written and flushed the writer exits if the
+// connection has no stream open, and parks otherwise, so that a busy
+// connection does not start a goroutine per burst; the server's
+// housekeeper makes parked writers exit about once a second (reapWriter).
+const (
+	wNotStarted int32 = iota // serve has not started writing: signal does nothing
+	wIdle                    // no writer goroutine; the next signal starts one
+	wRunning                 // a writer goroutine runs
+	wKicked                  // it runs, and was signalled since it last took work
+	wParked                  // it waits on park with nothing to do
+	wReaping                 // the housekeeper told the parked writer to exit
+	wDone                    // the writer finished for good (closed, or drained)
+)
+
+// usePersistentWriter makes t's writer the long-lived writeLoop, woken by
+// signal through a channel. Backend connections use it: they are few, and
+// their run goroutine is the writer.
+func (t *transport) usePersistentWriter() {
+	t.wake = make(chan struct{}, 1)
+}
+
+// writerOwner is the connection an on-demand writer works for.
+type writerOwner interface {
+	role
+	// streamsLocked reports whether the connection has streams open:
+	// then a writer with nothing to write parks for the next burst
+	// rather than exit. Called with mu held.
+	streamsLocked() bool
+	// writerFinished is called on the writer goroutine, once, when
+	// writing ends for good: nil after a drain completed, the error
+	// otherwise.
+	writerFinished(err error)
+}
+
+// startOnDemand lets signal start writers for o from now on, and starts
+// one for what is queued already.
+func (t *transport) startOnDemand(o writerOwner) {
+	t.owner = o
+	t.wstate.Store(wIdle)
+	t.signal()
+}
+
+// signal tells the writer there is work, starting one if none runs. It
+// never blocks. Work must be queued (under mu) before signal is called.
 func (t *transport) signal() {
+	if t.wake != nil {
+		select {
+		case t.wake <- struct{}{}:
+		default:
+		}
+		return
+	}
+	for {
+		switch st := t.wstate.Load(); st {
+		case wIdle:
+			if t.wstate.CompareAndSwap(wIdle, wRunning) {
+				go t.runWriter()
+				return
+			}
+		case wRunning:
+			if t.wstate.CompareAndSwap(wRunning, wKicked) {
+				return
+			}
+		case wParked, wReaping:
+			if t.wstate.CompareAndSwap(st, wRunning) {
+				t.unpark()
+				return
+			}
+		default: // not started, already kicked, or done
+			return
+		}
+	}
+}
+
+// unpark wakes a parked writer. A token left over (the writer woke for
+// another reason first) costs it one empty look at the queues later.
+func (t *transport) unpark() {
 	select {
-	case t.wake <- struct{}{}:
+	case t.park <- struct{}{}:
 	default:
 	}
+}
+
+// reapWriter makes a parked on-demand writer exit and let go of its
+// scratch. The server's housekeeper calls it about once a second for
+// every client connection.
+func (t *transport) reapWriter() {
+	if t.wstate.CompareAndSwap(wParked, wReaping) {
+		t.unpark()
+	}
+}
+
+// runWriter is an on-demand writer: it writes until nothing is queued and
+// nothing is buffered, then parks until signalled, or exits when reaped.
+// The compare-and-swap to wIdle is its last act, so at most one runs at a
+// time and each hands the writer-only fields to the next through wstate.
+func (t *transport) runWriter() {
+	for {
+		t.wstate.Store(wRunning) // work signalled before this is taken below
+		switch st, err := t.writeStep(t.owner); st {
+		case stepExit:
+			t.wstate.Store(wDone)
+			t.owner.writerFinished(err)
+			return
+		case stepIdle:
+			if !t.parkOK {
+				t.releaseIdle()
+				if t.wstate.CompareAndSwap(wRunning, wIdle) {
+					return
+				}
+				continue // signalled meanwhile
+			}
+			if t.park == nil {
+				// Made by the first writer that parks; signal and
+				// reapWriter read it only after they saw wParked.
+				t.park = make(chan struct{}, 1)
+			}
+			if !t.wstate.CompareAndSwap(wRunning, wParked) {
+				continue // signalled meanwhile
+			}
+			<-t.park
+			if t.wstate.Load() != wReaping {
+				continue // signalled
+			}
+			t.releaseIdle()
+			if t.wstate.CompareAndSwap(wReaping, wIdle) {
+				return
+			}
+			// Signalled while letting go: take the scratch again.
+		}
+	}
+}
+
+// releaseIdle lets go of what only a writer needs, before an on-demand
+// writer exits: its scratch and the control-frame storage. Writer only.
+func (t *transport) releaseIdle() {
+	t.dropScratch()
+	t.mu.Lock()
+	if len(t.ctrl) == 0 {
+		t.ctrl = nil
+	}
+	t.mu.Unlock()
 }
 
 // queueCtrlLocked queues a frame that is not flow-controlled. Caller must
@@ -384,8 +619,9 @@ func (t *transport) markReadyLocked(q *sendQueue) {
 }
 
 // creditLocked returns n handed-on bytes of stream r to the peer, sending a
-// WINDOW_UPDATE once a quarter of the window has accumulated so that a
-// steady stream costs few control frames. Caller must hold mu.
+// WINDOW_UPDATE once a quarter of the stream's window (its target) has
+// accumulated so that a steady stream costs few control frames; with it,
+// the window may grow (growLocked). Caller must hold mu.
 func (t *transport) creditLocked(r *recvState, n int32) {
 	if r == nil || n <= 0 {
 		return
@@ -397,11 +633,88 @@ func (t *transport) creditLocked(r *recvState, n int32) {
 		return
 	}
 	r.unacked += n
-	if r.id != 0 && r.unacked >= t.streamWindow/4 {
-		t.queueCtrlLocked(writeOp{kind: opWindowUpdate, streamID: r.id, val: uint32(r.unacked)})
-		r.window += r.unacked
+	target := r.target
+	if target == 0 {
+		target = t.streamWindow
+	}
+	if r.id != 0 && r.unacked >= target/4 {
+		inc := r.unacked + t.growLocked(r, target)
+		// RFC 9113 §6.9.1: a window never exceeds 2^31-1. target is
+		// bounded by maxStreamWindow (<= maxWindow), and window+unacked
+		// never exceeds the target; the clamp is the rule made explicit.
+		if int64(r.window)+int64(inc) > maxWindow {
+			inc = maxWindow - r.window
+		}
+		t.queueCtrlLocked(writeOp{kind: opWindowUpdate, streamID: r.id, val: uint32(inc)})
+		r.window += inc
 		r.unacked = 0
 	}
+}
+
+// growLocked decides whether stream r's window grows as its handed-on
+// bytes are returned, and returns by how much (0: it stays at target).
+// This is the response direction's bound: a backend stream starts with
+// the small window of the backend connection's SETTINGS
+// (Config.BackendStreamWindow), which is all a client that never reads
+// can make the proxy hold for it; the window grows to
+// Config.BackendMaxStreamWindow, or as far towards it as the connection's
+// response share allows (a stream that got only part of it grows again on
+// a later probe), only
+//
+//   - when the client reads what it is sent: bytes written to its socket
+//     are not evidence of that (the kernel buffers megabytes for a client
+//     that never reads), so the client connection sends a PING after them,
+//     a drain probe, and the window grows at most once per probe the
+//     client acknowledged (bufBudget.drainedSince), as grpc-go's BDP
+//     estimator measures with PINGs; a client that never reads never
+//     makes its streams grow;
+//   - when the backend ran short of window (a quarter or less of the
+//     target left): the window limited it, as grpc-go's BDP estimator
+//     grows its window only when a round trip's bytes filled it;
+//   - while the client connection's buffers are at most half its budget
+//     (MaxConnBufferedBytes), and the growth of all its streams together
+//     stays within a quarter of that budget (responseShare), counted in
+//     the budget until the stream ends (retireLocked).
+//
+// So a client connection makes the proxy hold at most streams ×
+// BackendStreamWindow plus its response share of response bytes, and a
+// fast client's streams run with large windows: few WINDOW_UPDATEs and
+// large batches. Caller must hold mu.
+func (t *transport) growLocked(r *recvState, target int32) int32 {
+	b := r.grow
+	if b == nil || target >= t.maxStreamWindow || r.window > target/4 || !b.belowHalf() || b.shareFull() {
+		return 0
+	}
+	// Last, as it asks for a probe when there is no fresh evidence: only
+	// a stream that could grow makes the client connection send PINGs.
+	if !b.drainedSince(&r.drainSeen) {
+		return 0
+	}
+	d := int32(b.takeGrowth(int64(t.maxStreamWindow - target)))
+	b.windows.Add(int64(d))
+	r.target = target + d
+	return d
+}
+
+// openWindowLocked counts the initial window of a new stream r in the
+// budget of its client connection (bufBudget.windows). Caller must hold
+// mu.
+func (t *transport) openWindowLocked(r *recvState) {
+	if r.grow != nil {
+		r.grow.windows.Add(int64(r.target))
+	}
+}
+
+// retireLocked gives back stream r's window, and its growth, to the
+// budget it counted in, when the stream ends. Caller must hold mu.
+func (t *transport) retireLocked(r *recvState) {
+	if b := r.grow; b != nil {
+		b.windows.Add(-int64(r.target))
+		if r.target > t.streamWindow {
+			b.grown.Add(-int64(r.target - t.streamWindow))
+		}
+	}
+	r.grow = nil
 }
 
 // unholdLocked counts n bytes of r as handed on (or dropped), and gives
@@ -414,8 +727,10 @@ func (t *transport) unholdLocked(r *recvState, n int32) {
 }
 
 // releaseHeldLocked is called when stream r closes: the bytes it held are
-// dropped with its queues. Caller must hold mu.
+// dropped with its queues, and the growth of its window is given back to
+// its budget. Caller must hold mu.
 func (t *transport) releaseHeldLocked(r *recvState) {
+	t.retireLocked(r)
 	if r.held > 0 {
 		t.unholdLocked(r, r.held)
 	}
@@ -442,12 +757,20 @@ func (t *transport) creditConnLocked(n int32) {
 	}
 }
 
-// creditStream is creditLocked for callers not holding mu.
+// creditStream is creditLocked for callers not holding mu. It wakes the
+// writer only if a frame was queued (a WINDOW_UPDATE, a window given back,
+// a drain probe): most credits only add to what is not yet returned, and
+// a wake-up per DATA frame relayed cost the writer a futex and a trip
+// through the scheduler for nothing.
 func (t *transport) creditStream(r *recvState, n int32) {
 	t.mu.Lock()
+	queued := len(t.ctrl)
 	t.creditLocked(r, n)
+	wake := len(t.ctrl) != queued
 	t.mu.Unlock()
-	t.signal()
+	if wake {
+		t.signal()
+	}
 }
 
 // consumeLocked accounts for an inbound DATA frame of length n (payload
@@ -500,20 +823,6 @@ func (t *transport) close(err error) {
 // errClosed is returned by writeLoop when the transport was closed.
 var errClosed = errors.New("proxy: connection closed")
 
-// flushAndWait is the idle part of writeLoop: flush buffered bytes, then
-// wait for a signal. It returns false when the transport closed.
-func (t *transport) idle() {
-	if t.dirty {
-		t.armWrite()
-		if err := t.bw.Flush(); err != nil {
-			t.close(err)
-		}
-		t.dirty = false
-		return
-	}
-	<-t.wake
-}
-
 // armWrite bounds the next write on the socket by writeTimeout, so a peer
 // that stops reading (slowloris, or a client that never reads its
 // responses) fails its connection instead of holding the writer, and with
@@ -526,10 +835,11 @@ func (t *transport) armWrite() {
 
 // writeFrames writes one batch. It runs on the writer goroutine only.
 func (t *transport) writeFrames(batch []writeOp) error {
-	sent := false
+	sent := 0 // HEADERS and DATA frames
 	defer func() {
-		if sent {
+		if sent > 0 {
 			t.dataSent.Store(true)
+			t.framesSent.Add(int64(sent))
 		}
 	}()
 	for i := range batch {
@@ -537,8 +847,8 @@ func (t *transport) writeFrames(batch []writeOp) error {
 		var err error
 		switch op.kind {
 		case opData:
-			sent = true
-			err = t.wfr.WriteData(op.streamID, op.end, op.data)
+			sent++
+			err = t.sc.fr.WriteData(op.streamID, op.end, op.data)
 			if op.release {
 				op.mem.freeBuf(op.buf)
 			}
@@ -546,22 +856,22 @@ func (t *transport) writeFrames(batch []writeOp) error {
 				t.credit = append(t.credit, creditOp{op.src, op.credit, op.creditN})
 			}
 		case opHeaders:
-			sent = true
+			sent++
 			err = t.writeHeaders(op.streamID, op.end, op.fields)
 		case opReset:
-			err = t.wfr.WriteRSTStream(op.streamID, op.code)
+			err = t.sc.fr.WriteRSTStream(op.streamID, op.code)
 		case opSettings:
-			err = t.wfr.WriteSettings(op.settings...)
+			err = t.sc.fr.WriteSettings(op.settings...)
 		case opSettingsAck:
-			err = t.wfr.WriteSettingsAck()
+			err = t.sc.fr.WriteSettingsAck()
 		case opPing:
-			err = t.wfr.WritePing(op.end, op.ping)
+			err = t.sc.fr.WritePing(op.end, op.ping)
 		case opGoAway:
-			err = t.wfr.WriteGoAway(op.val, op.code, op.debug)
+			err = t.sc.fr.WriteGoAway(op.val, op.code, op.debug)
 		case opWindowUpdate:
-			err = t.wfr.WriteWindowUpdate(op.streamID, op.val)
+			err = t.sc.fr.WriteWindowUpdate(op.streamID, op.val)
 		case opTableSize:
-			t.henc.SetMaxDynamicTableSizeLimit(op.val)
+			t.encoder().SetMaxDynamicTableSizeLimit(op.val)
 		}
 		*op = writeOp{}
 		if err != nil {
@@ -589,13 +899,14 @@ func (t *transport) writeFrames(batch []writeOp) error {
 // (RFC 9113 §6.10). The encoder's dynamic table follows the order blocks
 // are written in, which is why only the writer encodes.
 func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField) error {
-	t.hbuf.Reset()
+	hbuf := &t.sc.hbuf
+	hbuf.Reset()
 	for _, f := range fields {
-		if err := t.henc.WriteField(f); err != nil {
+		if err := t.encoder().WriteField(f); err != nil {
 			return err
 		}
 	}
-	block := t.hbuf.Bytes()
+	block := hbuf.Bytes()
 	max := int(t.maxFrame())
 	first := true
 	for first || len(block) > 0 {
@@ -606,16 +917,25 @@ func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField
 		block = block[len(frag):]
 		var err error
 		if first {
-			err = t.wfr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: frag, EndStream: end, EndHeaders: len(block) == 0})
+			err = t.sc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: frag, EndStream: end, EndHeaders: len(block) == 0})
 			first = false
 		} else {
-			err = t.wfr.WriteContinuation(id, len(block) == 0, frag)
+			err = t.sc.fr.WriteContinuation(id, len(block) == 0, frag)
 		}
 		if err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// encoder returns the connection's HPACK encoder, made at its first use
+// so that a connection that never carries a call holds none. Writer only.
+func (t *transport) encoder() *hpack.Encoder {
+	if t.henc == nil {
+		t.henc = hpack.NewEncoder(&t.hw)
+	}
+	return t.henc
 }
 
 func (t *transport) maxFrame() uint32 {
@@ -792,78 +1112,109 @@ const batchBudget = 64 << 10
 // ready streams in batches, writes them into a buffered writer and flushes
 // when there is nothing more to write, so many small frames cost one
 // syscall. It returns when the transport is closed or, while draining, when
-// nothing is left.
+// nothing is left. It is the persistent writer (usePersistentWriter); an
+// on-demand transport runs the same steps in runWriter.
 func (t *transport) writeLoop(r role) error {
 	for {
-		t.mu.Lock()
-		if t.closed {
-			err := t.closeErr
-			t.mu.Unlock()
+		switch st, err := t.writeStep(r); st {
+		case stepExit:
 			return err
-		}
-		t.maybeGiveBackLocked()
-		// The previous batch is written: buffers it may have been reading
-		// can go back to the pool now.
-		for i, b := range t.toRelease {
-			putBuf(b)
-			t.toRelease[i] = nil
-		}
-		t.toRelease = t.toRelease[:0]
-		batch := append(t.batch[:0], t.ctrl...)
-		clear(t.ctrl)
-		t.ctrl = t.ctrl[:0]
-		batch = r.openLocked(batch)
-		budget := batchBudget
-		for budget > 0 && t.readyHead < len(t.ready) {
-			q := t.ready[t.readyHead]
-			if !q.eligible() {
-				// Dropped, detached, or its window shrank (a lower
-				// SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 §6.9.2) while it
-				// waited; a WINDOW_UPDATE puts it back.
-				t.readyPopLocked()
-				continue
-			}
-			if q.needsWindow() && t.sendWindow <= 0 {
-				break // RFC 9113 §6.9.1: wait for a connection WINDOW_UPDATE
-			}
-			t.readyPopLocked()
-			op, last := t.popLocked(q, q.id)
-			if op.streamID == 0 {
-				continue // nothing could be taken (unreachable after eligible)
-			}
-			batch = append(batch, op)
-			budget -= len(op.data) + 64
-			if op.kind == opHeaders && q.s != nil {
-				q.s.headersSent = true // from here on a failure must use trailers
-			}
-			if last {
-				q.closed = true
-				q.drop(t)
-				r.sentLastLocked(q, op.kind == opReset)
-				continue
-			}
-			t.markReadyLocked(q)
-		}
-		exit := len(batch) == 0 && t.drainAndClose && r.idleLocked()
-		t.mu.Unlock()
-
-		if len(batch) == 0 {
-			if exit {
-				t.armWrite()
-				err := t.bw.Flush()
-				t.batch = batch
-				return err
-			}
-			t.idle()
-			continue
-		}
-		t.armWrite()
-		err := t.writeFrames(batch)
-		t.batch = batch[:0]
-		t.applyCredits()
-		if err != nil {
-			t.close(err)
-			return err
+		case stepIdle:
+			<-t.wake
 		}
 	}
+}
+
+type writeStepResult uint8
+
+const (
+	stepWrote writeStepResult = iota // wrote a batch or flushed: look again
+	stepIdle                         // nothing queued, nothing buffered
+	stepExit                         // closed, or drained: writing is over
+)
+
+// writeStep takes one batch of control frames and ready streams and writes
+// it, or flushes what is buffered when nothing is queued. Writer only.
+func (t *transport) writeStep(r role) (writeStepResult, error) {
+	t.mu.Lock()
+	if t.closed {
+		err := t.closeErr
+		t.mu.Unlock()
+		return stepExit, err
+	}
+	t.maybeGiveBackLocked()
+	// The previous batch is written: buffers it may have been reading
+	// can go back to the pool now.
+	for i, b := range t.toRelease {
+		putBuf(b)
+		t.toRelease[i] = nil
+	}
+	t.toRelease = t.toRelease[:0]
+	t.takeScratch()
+	batch := append(t.sc.batch[:0], t.ctrl...)
+	clear(t.ctrl)
+	t.ctrl = t.ctrl[:0]
+	batch = r.openLocked(batch)
+	budget := batchBudget
+	for budget > 0 && t.readyHead < len(t.ready) {
+		q := t.ready[t.readyHead]
+		if !q.eligible() {
+			// Dropped, detached, or its window shrank (a lower
+			// SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 §6.9.2) while it
+			// waited; a WINDOW_UPDATE puts it back.
+			t.readyPopLocked()
+			continue
+		}
+		if q.needsWindow() && t.sendWindow <= 0 {
+			break // RFC 9113 §6.9.1: wait for a connection WINDOW_UPDATE
+		}
+		t.readyPopLocked()
+		op, last := t.popLocked(q, q.id)
+		if op.streamID == 0 {
+			continue // nothing could be taken (unreachable after eligible)
+		}
+		batch = append(batch, op)
+		budget -= len(op.data) + 64
+		if op.kind == opHeaders && q.s != nil {
+			q.s.headersSent = true // from here on a failure must use trailers
+		}
+		if last {
+			q.closed = true
+			q.drop(t)
+			r.sentLastLocked(q, op.kind == opReset)
+			continue
+		}
+		t.markReadyLocked(q)
+	}
+	exit := len(batch) == 0 && t.drainAndClose && r.idleLocked()
+	if len(batch) == 0 && t.owner != nil {
+		t.parkOK = t.owner.streamsLocked()
+	}
+	t.mu.Unlock()
+
+	t.sc.batch = batch
+	if len(batch) == 0 {
+		if exit {
+			t.armWrite()
+			return stepExit, t.bw.Flush()
+		}
+		if !t.dirty {
+			return stepIdle, nil
+		}
+		t.armWrite()
+		if err := t.bw.Flush(); err != nil {
+			t.close(err)
+		}
+		t.dirty = false
+		return stepWrote, nil
+	}
+	t.armWrite()
+	err := t.writeFrames(batch)
+	t.sc.batch = batch[:0]
+	t.applyCredits()
+	if err != nil {
+		t.close(err)
+		return stepExit, err
+	}
+	return stepWrote, nil
 }

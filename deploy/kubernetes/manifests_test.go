@@ -33,7 +33,8 @@ const (
 	proxyName      = "streamlb"      // Deployment, Service and PodDisruptionBudget
 	loadJobName    = "streamlb-load" // Job
 	sidecarJobName = "sidecar-load"  // Job with streamlb as a native sidecar
-	imageName      = "streamlb"      // image every container names; kustomization.yaml rewrites it
+	imageName      = "streamlb"      // image every proxy container names; kustomization.yaml rewrites it
+	devImageName   = "streamlb-dev"  // image of the testserver and loadtest containers (the Dockerfile's dev target)
 	nonRootUID     = 65532           // distroless :nonroot user, also USER in the Dockerfile
 	clusterDomain  = "svc.cluster.local"
 	kustomizeFile  = "kustomization.yaml"
@@ -1100,8 +1101,14 @@ func TestContainersHardened(t *testing.T) {
 }
 
 func checkContainer(t *testing.T, c corev1.Container, pod *corev1.PodSecurityContext, probed bool) {
-	if c.Image != imageName {
-		t.Errorf("image: got %q, want %q, which kustomization.yaml's images entry rewrites", c.Image, imageName)
+	// The proxy runs the production image (-tags proxyonly), which has no
+	// testserver or loadtest command; those run the dev image.
+	want := imageName
+	if len(c.Args) > 0 && c.Args[0] != "proxy" {
+		want = devImageName
+	}
+	if c.Image != want {
+		t.Errorf("image: got %q, want %q (command %q), which kustomization.yaml's images entry rewrites", c.Image, want, c.Args)
 	}
 
 	sc := c.SecurityContext
@@ -1238,8 +1245,10 @@ func TestKustomization(t *testing.T) {
 	if diff := cmp.Diff(yamlFiles(t), got); diff != "" {
 		t.Errorf("resources, want every YAML file in the directory once (-want +got):\n%s", diff)
 	}
-	if !slices.ContainsFunc(k.Images, func(i kustomizeImage) bool { return i.Name == imageName }) {
-		t.Errorf("images: no entry for %q, the image every container names", imageName)
+	for _, name := range []string{imageName, devImageName} {
+		if !slices.ContainsFunc(k.Images, func(i kustomizeImage) bool { return i.Name == name }) {
+			t.Errorf("images: no entry for %q, an image the containers name", name)
+		}
 	}
 }
 
@@ -1284,6 +1293,13 @@ func TestDockerfile(t *testing.T) {
 		if !strings.Contains(build, want) {
 			t.Errorf("build %q: want %q (a static binary for distroless/static)", build, want)
 		}
+	}
+	// The last go build is the final stage's: the production binary.
+	if !strings.Contains(build, "-tags proxyonly") {
+		t.Errorf("build %q: the final image's binary is not the proxy-only build (-tags proxyonly)", build)
+	}
+	if !slices.Contains(final, "COPY --from=build-prod /out/streamlb /streamlb") {
+		t.Errorf("final stage %q: want the binary of the build-prod stage", final)
 	}
 
 	ignore, err := os.ReadFile(filepath.Join(filepath.Dir(dockerfilePath), ".dockerignore"))

@@ -6,11 +6,21 @@
 #                    three backends, one connection each (issue 12's calls/s
 #                    baseline: no proxy at all)
 #   frame            streamlb proxy --engine frame as it runs in production:
-#                    metrics on, admin listener, /metrics scraped every second
+#                    the production build (CGO_ENABLED=0 go build -tags
+#                    proxyonly, as the Dockerfile builds it), metrics on,
+#                    admin listener, /metrics scraped every second
+#   frame-full       the same with the full binary (go build ., every
+#                    command linked in), to show what the production build
+#                    saves; its own admin listener, scraped the same way
 #   frame-nometrics  the same with --metrics=false and no admin listener
 #   grpc-proxy       streamlb proxy --engine grpc-proxy (mwitkow/grpc-proxy)
+#                    (every streamlb proxy path but frame-full runs the
+#                    production build; the backends run the full binary)
 #   haproxy          HAProxy, mode http, h2c on both sides (haproxy.cfg)
 #   nginx            nginx grpc_pass over h2c (nginx.conf)
+#   frame-base       frame-nometrics run from the binary BASE_BIN (a build of
+#                    another commit), for a before and after in one run; only
+#                    when named in PATHS
 #   frame-tls        frame terminating TLS (--metrics=false), h2c to backends
 #   haproxy-tls      HAProxy terminating TLS, h2c to backends
 #   nginx-tls        nginx terminating TLS, h2c to backends
@@ -27,8 +37,10 @@
 # calls/s is bounded by what one CPU does for client plus backends, the same
 # budget for every path, and the proxy's cost is its CPU per call. For each
 # workload the proxy's CPU time is read from /proc/PID/stat before and
-# after; its peak RSS is VmHWM; its backend connections are counted with ss
-# after the workload.
+# after; its peak RSS is VmHWM, and its peak RssAnon (anonymous memory: heap,
+# stacks, runtime; the rest of RSS is the binary's and libraries' pages) is
+# sampled every 0.1 s during the workloads; its backend connections are
+# counted with ss after the workload.
 #
 # Paths are interleaved (round r: every workload through every path; then
 # round r+1), and the report gives medians over the rounds, because a
@@ -42,7 +54,7 @@
 #        QUICK=1 loadtest/bench/run.sh    (smoke run: 1 round, short
 #                                          workloads, 1,000 idle connections)
 # Knobs (environment): ROUNDS (3), PATHS ("direct client-rr frame
-# frame-nometrics grpc-proxy haproxy nginx frame-tls haproxy-tls nginx-tls"),
+# frame-full frame-nometrics grpc-proxy haproxy nginx frame-tls haproxy-tls nginx-tls"),
 # WORKLOADS ("unary rate stream"), UNARY_CALLS (20000), RATE (2000),
 # RATE_SECS (5), STREAM_CALLS (300), MAX_SECS (3: bound on the unary and
 # stream workloads, whichever of it and the call count comes first), IDLE_CONNS (5000; 0 skips the step),
@@ -59,7 +71,7 @@ if [[ $QUICK == 1 ]]; then
 	STREAM_CALLS=${STREAM_CALLS:-60} IDLE_CONNS=${IDLE_CONNS:-1000}
 fi
 ROUNDS=${ROUNDS:-3}
-PATHS=${PATHS:-"direct client-rr frame frame-nometrics grpc-proxy haproxy nginx frame-tls haproxy-tls nginx-tls"}
+PATHS=${PATHS:-"direct client-rr frame frame-full frame-nometrics grpc-proxy haproxy nginx frame-tls haproxy-tls nginx-tls"}
 WORKLOADS=(${WORKLOADS:-unary rate stream})
 UNARY_CALLS=${UNARY_CALLS:-20000}
 RATE=${RATE:-2000}
@@ -118,10 +130,15 @@ fi
 CLK_TCK=$(getconf CLK_TCK)
 
 log "work dir $WORK"
-log "building streamlb, the load generator and idleconns"
-(cd "$REPO" && go build -o "$WORK/streamlb" . && go build -o "$WORK/gen" ./loadtest/bench/gen &&
+log "building streamlb (production and full), the load generator and idleconns"
+# PROD_BIN is the proxy as it is deployed: the Dockerfile's build (static,
+# -tags proxyonly: no testserver, demo or loadtest command). FULL_BIN has
+# every command: it runs the backends and the frame-full path.
+(cd "$REPO" && CGO_ENABLED=0 go build -tags proxyonly -trimpath -o "$WORK/streamlb-prod" . &&
+	go build -o "$WORK/streamlb" . && go build -o "$WORK/gen" ./loadtest/bench/gen &&
 	go build -o "$WORK/idleconns" ./loadtest/bench/idleconns) || die "go build failed"
-BIN=$WORK/streamlb
+BIN=$WORK/streamlb-prod
+FULL_BIN=$WORK/streamlb
 GEN=$WORK/gen
 
 NOTES=()
@@ -169,14 +186,16 @@ owned_port() {
 P_B1=$((BASE_PORT + 1)) P_B2=$((BASE_PORT + 2)) P_B3=$((BASE_PORT + 3))
 declare -A PORT=([direct]=$P_B1 [client-rr]=- [frame]=$((BASE_PORT + 10)) [grpc-proxy]=$((BASE_PORT + 11))
 	[haproxy]=$((BASE_PORT + 12)) [nginx]=$((BASE_PORT + 13)) [frame-nometrics]=$((BASE_PORT + 14))
-	[frame-tls]=$((BASE_PORT + 15)) [haproxy-tls]=$((BASE_PORT + 16)) [nginx-tls]=$((BASE_PORT + 17)))
+	[frame-tls]=$((BASE_PORT + 15)) [haproxy-tls]=$((BASE_PORT + 16)) [nginx-tls]=$((BASE_PORT + 17))
+	[frame-full]=$((BASE_PORT + 18)) [frame-base]=$((BASE_PORT + 19)))
 ADMIN_PORT=$((BASE_PORT + 20))
+declare -A ADMIN=([frame]=$ADMIN_PORT [frame-full]=$((BASE_PORT + 21)))
 declare -A PROC # path -> pid of the proxy process (nginx: the master)
 
 BACKEND_PIDS=()
 for i in 1 2 3; do
 	port_var=P_B$i
-	"${PIN_LOAD[@]}" "$BIN" testserver --listen "127.0.0.1:${!port_var}" --name "backend-$i" \
+	"${PIN_LOAD[@]}" "$FULL_BIN" testserver --listen "127.0.0.1:${!port_var}" --name "backend-$i" \
 		--log-level warn >"$WORK/backend-$i.log" 2>&1 &
 	PIDS+=($!)
 	BACKEND_PIDS+=($!)
@@ -218,7 +237,7 @@ render() { # template rendered-file port name bind-or-listen tls-lines
 		-e "s|@TLS@|$6|g" "$1" >"$2"
 }
 
-SCRAPER=
+SCRAPERS=()
 # start_proc starts the process of one path (or, for the idle step, of one
 # idle target) listening on port; it sets STARTED to its pid.
 start_proc() {
@@ -232,18 +251,27 @@ start_proc() {
 	local tlsflags=()
 	((tls)) && tlsflags=(--tls-cert "$TLS_DIR/server.crt" --tls-key "$TLS_DIR/server.key")
 	case $base in
-	frame)
+	frame | frame-full)
 		# frame: as in production, metrics on and an admin listener (the
 		# idle step: the default flags); frame-tls: --metrics=false, beside
-		# frame-nometrics, so the two differ by TLS alone.
-		local extra=()
+		# frame-nometrics, so the two differ by TLS alone. frame-full: frame
+		# with the full binary.
+		local extra=() bin=$BIN
+		[[ $base == frame-full ]] && bin=$FULL_BIN
 		if ((tls)); then
 			extra=(--metrics=false)
-		elif [[ $name == frame ]]; then
-			extra=(--admin-listen "127.0.0.1:$ADMIN_PORT")
+		elif [[ -n ${ADMIN[$name]:-} ]]; then
+			extra=(--admin-listen "127.0.0.1:${ADMIN[$name]}")
 		fi
-		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
+		"${PIN_PROXY[@]}" "$bin" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
 			"${extra[@]}" "${tlsflags[@]}" --log-level warn >"$WORK/$name.log" 2>&1 &
+		;;
+	frame-base)
+		# frame-nometrics from another build (BASE_BIN), for a before and
+		# after in the same run.
+		[[ -x ${BASE_BIN:-} ]] || { note "$path skipped: set BASE_BIN to a streamlb binary"; return 1; }
+		"${PIN_PROXY[@]}" "$BASE_BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
+			--metrics=false --log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
 	frame-nometrics)
 		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
@@ -254,7 +282,7 @@ start_proc() {
 			--log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
 	grpc-go)
-		"${PIN_PROXY[@]}" "$BIN" testserver --listen "127.0.0.1:$port" --name idle \
+		"${PIN_PROXY[@]}" "$FULL_BIN" testserver --listen "127.0.0.1:$port" --name idle \
 			--log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
 	haproxy)
@@ -302,12 +330,12 @@ start_path() {
 	esac
 	start_proc "$path" "${PORT[$path]}" "$path" || return 1
 	PROC[$path]=$STARTED
-	if [[ $path == frame ]] && command -v curl >/dev/null; then
+	if [[ -n ${ADMIN[$path]:-} ]] && command -v curl >/dev/null; then
 		# Scrape /metrics once a second, as Prometheus would, for the whole
-		# run (only frame's own workload windows count towards its CPU).
+		# run (only the path's own workload windows count towards its CPU).
 		# The loop is bounded by the run: cleanup kills it.
-		"${PIN_LOAD[@]}" bash -c "while sleep 1; do curl -s -o /dev/null http://127.0.0.1:$ADMIN_PORT/metrics || true; done" &
-		SCRAPER=$!
+		"${PIN_LOAD[@]}" bash -c "while sleep 1; do curl -s -o /dev/null http://127.0.0.1:${ADMIN[$path]}/metrics || true; done" &
+		SCRAPERS+=($!)
 		PIDS+=($!)
 	fi
 }
@@ -340,6 +368,25 @@ peak_rss_kib() {
 		total=$((total + ${k:-0}))
 	done
 	echo "$total"
+}
+
+# anon_sampler FILE PID...: every 0.1 s while FILE.on exists (at most
+# 200 s), sums the processes' RssAnon and writes the largest sum seen, in
+# KiB, to FILE. Pure bash reads, so the sampler costs CPU 1 little.
+anon_sampler() {
+	local file=$1 max=0 i total pid k v rest
+	shift
+	for ((i = 0; i < 2000; i++)); do
+		[[ -e $file.on ]] || break
+		total=0
+		for pid in "$@"; do
+			while read -r k v rest; do
+				[[ $k == RssAnon: ]] && total=$((total + v))
+			done <"/proc/$pid/status" 2>/dev/null || true
+		done
+		((total > max)) && { max=$total; echo "$max" >"$file"; }
+		sleep 0.1
+	done
 }
 
 # backend_conns counts the established TCP connections a path's processes
@@ -388,21 +435,35 @@ target_args() {
 has_proc() { [[ $1 != direct && $1 != client-rr ]]; }
 
 RAW=$WORK/raw.tsv
-printf 'round\tworkload\tpath\tcalls\terrors\trps\tp50_ms\tp99_ms\tcpu_ticks\tcpu_us_per_call\tsplit\tbackend_conns\tbackends_us_per_call\n' >"$RAW"
+printf 'round\tworkload\tpath\tcalls\terrors\trps\tp50_ms\tp99_ms\tcpu_ticks\tcpu_us_per_call\tsplit\tbackend_conns\tbackends_us_per_call\tanon_peak_kib\n' >"$RAW"
 
 # run_load runs one workload through one path and appends a line to $RAW.
 run_load() {
 	local round=$1 w=$2 path=$3 json=$WORK/r$1-$2-$3.json before=0 after=0 bbefore bafter
-	has_proc "$path" && before=$(cpu_ticks "$path")
+	local anon=$WORK/anon-r$1-$2-$3 sampler= anon_kib=-
+	if has_proc "$path"; then
+		before=$(cpu_ticks "$path")
+		touch "$anon.on"
+		# shellcheck disable=SC2046
+		"${PIN_LOAD[@]}" bash -c "$(declare -f anon_sampler); anon_sampler \"\$@\"" _ "$anon" $(proc_pids "$path") &
+		sampler=$!
+	fi
 	bbefore=$(cpu_ticks backends)
 	# shellcheck disable=SC2046
 	if ! timeout 180 "${PIN_LOAD[@]}" "$GEN" $(workload_args "$w") $(target_args "$path") \
 		>"$json" 2>"$json.err"; then
 		note "round $round, $w via $path: load generator failed: $(head -c 300 "$json.err")"
+		rm -f "$anon.on"
+		[[ -n $sampler ]] && wait "$sampler" 2>/dev/null
 		return 0
 	fi
 	has_proc "$path" && after=$(cpu_ticks "$path")
 	bafter=$(cpu_ticks backends)
+	if [[ -n $sampler ]]; then
+		rm -f "$anon.on"
+		wait "$sampler" 2>/dev/null || true
+		[[ -s $anon ]] && anon_kib=$(<"$anon")
+	fi
 	local calls errors rps p50 p99 split cpu_us=- conns bcpu_us=-
 	calls=$(jq .count "$json")
 	errors=$(jq .errors "$json")
@@ -418,8 +479,8 @@ run_load() {
 	if ((errors > 0)); then
 		note "round $round, $w via $path: $errors of $calls calls failed ($(jq -r '.error_messages // {} | to_entries | map("\(.value)× \(.key)") | join("; ")' "$json" | head -c 400))"
 	fi
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$w" "$path" "$calls" "$errors" "$rps" \
-		"$p50" "$p99" "$((after - before))" "$cpu_us" "$split" "$conns" "$bcpu_us" >>"$RAW"
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$w" "$path" "$calls" "$errors" "$rps" \
+		"$p50" "$p99" "$((after - before))" "$cpu_us" "$split" "$conns" "$bcpu_us" "$anon_kib" >>"$RAW"
 	log "round $round $w via $path: $calls calls ($errors failed), $(fmt "$rps" 0)/s, p50 ${p50}ms p99 ${p99}ms, CPU ${cpu_us}µs/call (backends ${bcpu_us}), $split, $conns backend conns"
 }
 
@@ -447,7 +508,7 @@ declare -A RSS
 for path in "${ACTIVE[@]}"; do
 	has_proc "$path" && RSS[$path]=$(peak_rss_kib "$path")
 done
-[[ -n $SCRAPER ]] && kill "$SCRAPER" 2>/dev/null
+for pid in "${SCRAPERS[@]}"; do kill "$pid" 2>/dev/null || true; done
 
 # ---------------------------------------------------------------- idle connections
 # Each idle target is a fresh process on CPU 0, so the RSS it gains is the
@@ -513,7 +574,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
 	echo "- Command: \`QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
-	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
+	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
 	for w in "${WORKLOADS[@]}"; do
 		echo "### $w: ${WDESC[$w]}"
@@ -523,8 +584,8 @@ ELAPSED=$(($(date +%s) - START_TIME))
 		else
 			unit="CPU µs/call"
 		fi
-		echo "| path | calls/s | vs client-rr | p50 ms | p99 ms | p50 added | p99 added | $unit | vs HAProxy | vs nginx | peak RSS MiB | failed | backend conns | backends' $unit | split |"
-		echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+		echo "| path | calls/s | vs client-rr | p50 ms | p99 ms | p50 added | p99 added | $unit | vs HAProxy | vs nginx | peak RSS MiB | peak RssAnon MiB | failed | backend conns | backends' $unit | split |"
+		echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 		d50=$(med "$w" direct p50_ms)
 		d99=$(med "$w" direct p99_ms)
 		rr=$(med "$w" client-rr rps)
@@ -547,6 +608,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 			fi
 			rss=-
 			has_proc "$path" && rss=$(fmt "$(awk -v k="${RSS[$path]}" 'BEGIN {print k / 1024}')" 1)
+			anonpk=$(col "$w" "$path" anon_peak_kib | awk '$1 != "-" && $1 > m {m = $1} END {if (m) printf "%.1f", m / 1024; else print "-"}')
 			split=$(col "$w" "$path" split | tail -1)
 			conns=$(col "$w" "$path" backend_conns | tail -1)
 			bcpu=$(med "$w" "$path" backends_us_per_call)
@@ -560,7 +622,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 			else
 				a50=$(added "$p50" "$d50") a99=$(added "$p99" "$d99")
 			fi
-			echo "| $path | $(fmt "$rps" 0) | $(ratio "$rps" "$rr") | $(fmt "$p50" 2) | $(fmt "$p99" 2) | $a50 | $a99 | $shown | $(ratio "$cpu" "$hc") | $(ratio "$cpu" "$nc") | $rss | $(sum "$w" "$path" errors) | ${conns:--} | $bshown | ${split:--} |"
+			echo "| $path | $(fmt "$rps" 0) | $(ratio "$rps" "$rr") | $(fmt "$p50" 2) | $(fmt "$p99" 2) | $a50 | $a99 | $shown | $(ratio "$cpu" "$hc") | $(ratio "$cpu" "$nc") | $rss | $anonpk | $(sum "$w" "$path" errors) | ${conns:--} | $bshown | ${split:--} |"
 		done
 		echo
 	done

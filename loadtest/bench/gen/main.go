@@ -22,6 +22,17 @@
 //	go run ./loadtest/bench/gen -target 127.0.0.1:8080 -c 50 -n 20000
 //	go run ./loadtest/bench/gen -targets 127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003 -c 50 -n 20000
 //	go run ./loadtest/bench/gen -target 127.0.0.1:8080 -c 50 -rate 2000 -duration 5s
+//
+// For fault runs (loadtest/bench/rolling.sh): -stream-workers N adds N
+// workers making server streams beside the unary ones, on the same
+// connection; -ready FILE is created once the warm-up is done and the
+// clock runs; SIGUSR1 marks the start of the "after" window (the calls
+// started from then on are also reported on their own, with their split
+// over the backends); SIGINT or SIGTERM stops starting calls, lets the
+// calls in flight finish and reports. The report then counts failures by
+// gRPC status code and by kind of call.
+//
+//	gen -target 127.0.0.1:8080 -c 50 -stream-workers 2 -duration 60s -ready /tmp/ready
 package main
 
 import (
@@ -35,14 +46,17 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/signal"
 	"slices"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
@@ -61,6 +75,11 @@ type options struct {
 	stream          bool
 	caCert          string
 	serverName      string
+	streamWorkers   int
+	ready           string
+	// stop, when closed, ends the load as -duration does; mark, when
+	// closed, starts the "after" window. Either may be nil.
+	stop, mark <-chan struct{}
 }
 
 type backendRow struct {
@@ -80,6 +99,25 @@ type report struct {
 	} `json:"latency"`
 	Backends      []backendRow   `json:"backends"`
 	ErrorMessages map[string]int `json:"error_messages,omitempty"`
+	// ErrorCodes counts failed calls by gRPC status code name.
+	ErrorCodes map[string]int `json:"error_codes,omitempty"`
+	// Kinds splits calls and failures by kind, "unary" and "stream".
+	Kinds map[string]*kindRow `json:"kinds"`
+	// After covers the calls started after the mark (SIGUSR1), when one
+	// was given.
+	After *afterReport `json:"after,omitempty"`
+}
+
+type kindRow struct {
+	Count  int `json:"count"`
+	Errors int `json:"errors"`
+}
+
+type afterReport struct {
+	Count      int            `json:"count"`
+	Errors     int            `json:"errors"`
+	ErrorCodes map[string]int `json:"error_codes,omitempty"`
+	Backends   []backendRow   `json:"backends"`
 }
 
 func main() {
@@ -95,7 +133,26 @@ func main() {
 	flag.BoolVar(&o.stream, "stream", false, "StreamingOutputCall, 16 x 64 KiB responses, instead of UnaryCall")
 	flag.StringVar(&o.caCert, "cacert", "", "PEM CA file: speak TLS, verifying the server against it")
 	flag.StringVar(&o.serverName, "servername", "localhost", "with -cacert: name the server certificate is checked against")
+	flag.IntVar(&o.streamWorkers, "stream-workers", 0, "further workers making server streams (16 x 64 KiB) on the same connection, beside the -c unary ones")
+	flag.StringVar(&o.ready, "ready", "", "FILE to create once the warm-up is done and the clock runs")
 	flag.Parse()
+	stop, mark := make(chan struct{}), make(chan struct{})
+	o.stop, o.mark = stop, mark
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR1)
+	go func() {
+		var stopped, marked bool
+		for s := range sigs {
+			switch {
+			case s == syscall.SIGUSR1 && !marked:
+				marked = true
+				close(mark)
+			case s != syscall.SIGUSR1 && !stopped:
+				stopped = true
+				close(stop)
+			}
+		}
+	}()
 	rep, err := run(o)
 	if err == nil {
 		err = json.NewEncoder(os.Stdout).Encode(rep)
@@ -111,8 +168,14 @@ func run(o options) (*report, error) {
 	if (o.target == "") == (o.targets == "") {
 		return nil, errors.New("give exactly one of -target and -targets")
 	}
-	if o.conc <= 0 || o.total < 0 || o.rate < 0 || o.size < 0 {
-		return nil, errors.New("-c must be positive; -n, -rate and -size not negative")
+	if o.conc <= 0 || o.total < 0 || o.rate < 0 || o.size < 0 || o.streamWorkers < 0 {
+		return nil, errors.New("-c must be positive; -n, -rate, -size and -stream-workers not negative")
+	}
+	if o.streamWorkers > 0 && o.stream {
+		return nil, errors.New("-stream-workers goes with unary load, not with -stream")
+	}
+	if o.streamWorkers > 0 && o.duration <= 0 {
+		return nil, errors.New("-stream-workers needs -duration: stream workers run until it ends")
 	}
 	if o.total == 0 && o.duration <= 0 {
 		return nil, errors.New("give -n, -duration or both")
@@ -164,11 +227,37 @@ func run(o options) (*report, error) {
 	}
 
 	// The clock starts once the connections are up.
-	ctx := context.Background()
+	ctx, cancelLoad := context.WithCancel(context.Background())
+	defer cancelLoad()
 	if o.duration > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, o.duration)
 		defer cancel()
+	}
+	if o.stop != nil {
+		go func() {
+			select {
+			case <-o.stop:
+				cancelLoad()
+			case <-ctx.Done():
+			}
+		}()
+	}
+	// marked is set when the "after" window starts.
+	var marked atomic.Bool
+	if o.mark != nil {
+		go func() {
+			select {
+			case <-o.mark:
+				marked.Store(true)
+			case <-ctx.Done():
+			}
+		}()
+	}
+	if o.ready != "" {
+		if err := os.WriteFile(o.ready, nil, 0o644); err != nil {
+			return nil, err
+		}
 	}
 
 	// Calls are handed out by a counter (-n) and, with -rate, by a pacer.
@@ -182,18 +271,28 @@ func run(o options) (*report, error) {
 	}
 
 	type workerResult struct {
+		stream   bool
 		lat      []time.Duration
 		backends map[string]int
 		errs     map[string]int
+		codes    map[codes.Code]int
+		// Calls started after the mark.
+		after, afterErrs int
+		afterBackends    map[string]int
+		afterCodes       map[codes.Code]int
 	}
-	results := make([]workerResult, o.conc)
+	results := make([]workerResult, o.conc+o.streamWorkers)
 	var wg sync.WaitGroup
-	for w := range o.conc {
+	for w := range results {
 		wg.Add(1)
 		go func(res *workerResult) {
 			defer wg.Done()
+			res.stream = o.stream || w >= o.conc
 			res.backends = map[string]int{}
 			res.errs = map[string]int{}
+			res.codes = map[codes.Code]int{}
+			res.afterBackends = map[string]int{}
+			res.afterCodes = map[codes.Code]int{}
 			req := &testgrpc.SimpleRequest{
 				ResponseSize: int32(o.size),
 				Payload:      &testgrpc.Payload{Body: make([]byte, o.size)},
@@ -202,8 +301,8 @@ func run(o options) (*report, error) {
 			for range 16 {
 				sreq.ResponseParameters = append(sreq.ResponseParameters, &testgrpc.ResponseParameters{Size: 64 << 10})
 			}
-			for take() {
-				if tokens != nil {
+			for res.stream && !o.stream || take() {
+				if tokens != nil && !res.stream {
 					select {
 					case <-tokens:
 					case <-ctx.Done():
@@ -214,10 +313,11 @@ func run(o options) (*report, error) {
 					return
 				}
 				cctx, cancel := context.WithTimeout(context.Background(), o.timeout)
+				after := marked.Load()
 				t0 := time.Now()
 				var name string
 				var err error
-				if o.stream {
+				if res.stream {
 					name, err = streamCall(cctx, client, sreq)
 				} else {
 					var resp *testgrpc.SimpleResponse
@@ -226,11 +326,23 @@ func run(o options) (*report, error) {
 				}
 				res.lat = append(res.lat, time.Since(t0))
 				cancel()
+				if after {
+					res.after++
+				}
 				if err != nil {
-					res.errs[status.Convert(err).String()]++
+					st := status.Convert(err)
+					res.errs[st.String()]++
+					res.codes[st.Code()]++
+					if after {
+						res.afterErrs++
+						res.afterCodes[st.Code()]++
+					}
 					continue
 				}
 				res.backends[name]++
+				if after {
+					res.afterBackends[name]++
+				}
 			}
 		}(&results[w])
 	}
@@ -239,11 +351,47 @@ func run(o options) (*report, error) {
 
 	var rep report
 	var lat []time.Duration
-	backends := map[string]int{}
+	backends, afterBackends := map[string]int{}, map[string]int{}
+	rep.Kinds = map[string]*kindRow{}
+	if o.mark != nil {
+		select {
+		case <-o.mark:
+			rep.After = &afterReport{}
+		default:
+		}
+	}
 	for _, r := range results {
 		lat = append(lat, r.lat...)
+		kind := "unary"
+		if r.stream {
+			kind = "stream"
+		}
+		if rep.Kinds[kind] == nil {
+			rep.Kinds[kind] = &kindRow{}
+		}
+		rep.Kinds[kind].Count += len(r.lat)
 		for k, v := range r.backends {
 			backends[k] += v
+		}
+		for c, v := range r.codes {
+			if rep.ErrorCodes == nil {
+				rep.ErrorCodes = map[string]int{}
+			}
+			rep.ErrorCodes[c.String()] += v
+			rep.Kinds[kind].Errors += v
+		}
+		if rep.After != nil {
+			rep.After.Count += r.after
+			rep.After.Errors += r.afterErrs
+			for k, v := range r.afterBackends {
+				afterBackends[k] += v
+			}
+			for c, v := range r.afterCodes {
+				if rep.After.ErrorCodes == nil {
+					rep.After.ErrorCodes = map[string]int{}
+				}
+				rep.After.ErrorCodes[c.String()] += v
+			}
 		}
 		for k, v := range r.errs {
 			if rep.ErrorMessages == nil {
@@ -259,15 +407,25 @@ func run(o options) (*report, error) {
 	slices.Sort(lat)
 	rep.Latency.P50 = ms(pct(lat, 0.50))
 	rep.Latency.P99 = ms(pct(lat, 0.99))
+	rep.Backends = split(backends, rep.Count)
+	if rep.After != nil {
+		rep.After.Backends = split(afterBackends, rep.After.Count)
+	}
+	return &rep, nil
+}
+
+// split lists the calls per backend, by name, with their share of total.
+func split(backends map[string]int, total int) []backendRow {
 	names := make([]string, 0, len(backends))
 	for k := range backends {
 		names = append(names, k)
 	}
 	sort.Strings(names)
+	var rows []backendRow
 	for _, k := range names {
-		rep.Backends = append(rep.Backends, backendRow{Name: k, Count: backends[k], Share: 100 * float64(backends[k]) / float64(max(rep.Count, 1))})
+		rows = append(rows, backendRow{Name: k, Count: backends[k], Share: 100 * float64(backends[k]) / float64(max(total, 1))})
 	}
-	return &rep, nil
+	return rows
 }
 
 // warmUp makes calls until the last n of them landed on n different

@@ -2,6 +2,7 @@ package main
 
 import (
 	"log/slog"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -107,5 +108,69 @@ func TestRunRejects(t *testing.T) {
 				t.Errorf("got error %v, want one containing %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestRunStopMark checks the fault-run mode: stream workers beside the
+// unary ones on the one connection, the "after" window opened by the mark,
+// and the load ended early by stop with every call accounted for.
+func TestRunStopMark(t *testing.T) {
+	t.Parallel()
+	addrs := startBackends(t, "a")
+	stop, mark := make(chan struct{}), make(chan struct{})
+	ready := t.TempDir() + "/ready"
+	type result struct {
+		rep *report
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rep, err := run(options{target: addrs[0], conc: 2, streamWorkers: 1, duration: time.Minute,
+			timeout: 10 * time.Second, size: 10, ready: ready, stop: stop, mark: mark})
+		done <- result{rep, err}
+	}()
+	// The load runs until stop, well before the minute of -duration.
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for range tick.C {
+		if _, err := os.Stat(ready); err == nil {
+			break
+		}
+	}
+	close(mark)
+	time.AfterFunc(300*time.Millisecond, func() { close(stop) })
+	var res result
+	select {
+	case res = <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("run did not end after stop")
+	}
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	rep := res.rep
+	if rep.Seconds > 20 {
+		t.Errorf("run took %.1fs: stop did not end it", rep.Seconds)
+	}
+	if rep.Errors != 0 || len(rep.ErrorCodes) != 0 {
+		t.Errorf("%d errors %v, want none", rep.Errors, rep.ErrorCodes)
+	}
+	u, s := rep.Kinds["unary"], rep.Kinds["stream"]
+	if u == nil || s == nil || u.Count == 0 || s.Count == 0 || u.Count+s.Count != rep.Count {
+		t.Fatalf("kinds %+v %+v, want unary and stream calls adding up to %d", u, s, rep.Count)
+	}
+	if rep.After == nil || rep.After.Count == 0 || rep.After.Count > rep.Count {
+		t.Fatalf("after %+v, want some of the %d calls", rep.After, rep.Count)
+	}
+	if len(rep.After.Backends) != 1 || rep.After.Backends[0].Name != "a" || rep.After.Backends[0].Count != rep.After.Count {
+		t.Errorf("after split %+v, want all %d calls on a", rep.After.Backends, rep.After.Count)
+	}
+}
+
+func TestRunStreamWorkersNeedDuration(t *testing.T) {
+	t.Parallel()
+	if _, err := run(options{target: "127.0.0.1:1", conc: 1, total: 5, streamWorkers: 1}); err == nil ||
+		!strings.Contains(err.Error(), "-duration") {
+		t.Errorf("run = %v, want an error asking for -duration", err)
 	}
 }

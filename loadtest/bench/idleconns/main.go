@@ -33,13 +33,18 @@ import (
 )
 
 type result struct {
-	Target         string  `json:"target"`
-	PIDs           []int   `json:"pids"`
-	Conns          int     `json:"conns"`
-	Handshaken     int     `json:"handshaken"`
-	OpenAtEnd      int     `json:"open_at_end"`
-	RSSBeforeKiB   int64   `json:"rss_before_kib"`
-	RSSAfterKiB    int64   `json:"rss_after_kib"`
+	Target       string `json:"target"`
+	PIDs         []int  `json:"pids"`
+	Conns        int    `json:"conns"`
+	Handshaken   int    `json:"handshaken"`
+	OpenAtEnd    int    `json:"open_at_end"`
+	RSSBeforeKiB int64  `json:"rss_before_kib"`
+	RSSAfterKiB  int64  `json:"rss_after_kib"`
+	// The same for RssAnon (heap, stacks): what the connections cost,
+	// without the file-backed pages of the binary that VmRSS also counts.
+	AnonBeforeKiB  int64   `json:"rss_anon_before_kib"`
+	AnonAfterKiB   int64   `json:"rss_anon_after_kib"`
+	AnonKiBPerConn float64 `json:"anon_kib_per_conn"`
 	BytesPerConn   float64 `json:"bytes_per_conn"`
 	KiBPerConn     float64 `json:"kib_per_conn"`
 	HandshakeSecs  float64 `json:"handshake_secs"`
@@ -89,7 +94,11 @@ func run(target, pidList string, n int, settle, timeout time.Duration) (*result,
 	if err := raiseNoFile(uint64(n) + 256); err != nil {
 		return nil, err
 	}
-	before, err := rssKiB(pids)
+	before, err := rssKiB(pids, "VmRSS:")
+	if err != nil {
+		return nil, err
+	}
+	anonBefore, err := rssKiB(pids, "RssAnon:")
 	if err != nil {
 		return nil, err
 	}
@@ -162,10 +171,16 @@ func run(target, pidList string, n int, settle, timeout time.Duration) (*result,
 		}(c)
 	}
 	time.Sleep(settle) // a measurement delay, not synchronisation
-	after, err := rssKiB(pids)
+	after, err := rssKiB(pids, "VmRSS:")
 	if err != nil {
 		return nil, err
 	}
+	anonAfter, err := rssKiB(pids, "RssAnon:")
+	if err != nil {
+		return nil, err
+	}
+	res.AnonBeforeKiB, res.AnonAfterKiB = anonBefore, anonAfter
+	res.AnonKiBPerConn = float64(anonAfter-anonBefore) / float64(n)
 	res.SettleSecs = settle.Seconds()
 	res.RSSBeforeKiB, res.RSSAfterKiB = before, after
 	res.OpenAtEnd = res.Handshaken - int(closed.Load())
@@ -243,8 +258,9 @@ func handshake(ctx context.Context, target string) (net.Conn, error) {
 	return c, nil
 }
 
-// rssKiB sums VmRSS of the processes.
-func rssKiB(pids []int) (int64, error) {
+// rssKiB sums a /proc/PID/status field (VmRSS:, RssAnon:) of the
+// processes.
+func rssKiB(pids []int, field string) (int64, error) {
 	var total int64
 	for _, pid := range pids {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
@@ -253,17 +269,17 @@ func rssKiB(pids []int) (int64, error) {
 		}
 		found := false
 		for _, line := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			if v, ok := strings.CutPrefix(line, field); ok {
 				k, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
 				if err != nil {
-					return 0, fmt.Errorf("pid %d: VmRSS %q: %w", pid, v, err)
+					return 0, fmt.Errorf("pid %d: %s %q: %w", pid, field, v, err)
 				}
 				total += k
 				found = true
 			}
 		}
 		if !found {
-			return 0, fmt.Errorf("pid %d: no VmRSS", pid)
+			return 0, fmt.Errorf("pid %d: no %s", pid, field)
 		}
 	}
 	return total, nil

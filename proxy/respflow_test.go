@@ -1,0 +1,412 @@
+package proxy_test
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+
+	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/proxy"
+)
+
+// The response direction's flow control (transport.growLocked): a backend
+// stream starts with BackendStreamWindow and its window grows only while
+// the client drains what it is sent.
+
+// bigStream asks for msgs messages of size bytes each.
+func bigStream(msgs, size int) *testgrpc.StreamingOutputCallRequest {
+	params := make([]*testgrpc.ResponseParameters, msgs)
+	for i := range params {
+		params[i] = &testgrpc.ResponseParameters{Size: int32(size)}
+	}
+	return &testgrpc.StreamingOutputCallRequest{ResponseParameters: params}
+}
+
+// recvAll reads a server stream to its end and returns the payload bytes
+// received; every message must have size bytes.
+func recvAll(st testgrpc.TestService_StreamingOutputCallClient, size int, pace <-chan time.Time) (int, error) {
+	got := 0
+	for {
+		m, err := st.Recv()
+		if errors.Is(err, io.EOF) {
+			return got, nil
+		}
+		if err != nil {
+			return got, err
+		}
+		if n := len(m.GetPayload().GetBody()); n != size {
+			return got, fmt.Errorf("message of %d bytes, want %d", n, size)
+		}
+		got += size
+		if pace != nil {
+			<-pace
+		}
+	}
+}
+
+// TestNeverReaderWindowsDoNotGrow: a client that never reads, whatever the
+// windows it grants, keeps its streams at the initial backend window: the
+// drain probes it never answers are what growth waits for. Read from the
+// budget: no window growth counted, and the buffered bytes within streams
+// × (BackendStreamWindow plus one buffer).
+func TestNeverReaderWindowsDoNotGrow(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	r := dialRaw(t, e.addr)
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
+	r.fr.WriteWindowUpdate(0, 1<<30)
+	const streams = 16
+	msg := grpcMsg(bigStream(64, 128<<10))
+	for i := range streams {
+		id := uint32(2*i + 1)
+		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
+		r.fr.WriteData(id, true, msg)
+	}
+	const bound = streams * (proxy.DefaultBackendStreamWindow + 16<<10 + 1<<10)
+	testkit.WaitFor(ctx, t, "the response queues to fill", func() bool {
+		return srv.MaxBufferedBytes() >= streams*proxy.DefaultBackendStreamWindow/2
+	})
+	peak := int64(0)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for range 100 {
+		<-tick.C
+		peak = max(peak, srv.MaxBufferedBytes())
+		if g := srv.MaxWindowGrowth(); g != 0 {
+			t.Fatalf("a client that never reads made its windows grow by %d bytes", g)
+		}
+	}
+	t.Logf("%d unread streams: peak %d bytes buffered (bound %d)", streams, peak, bound)
+	if peak > bound {
+		t.Errorf("peak %d bytes buffered, over %d", peak, bound)
+	}
+}
+
+// TestSlowReaderCompletesLargeStream: a client that reads slowly, but
+// reads, gets its whole answer, and its stream's window grows (its HTTP/2
+// stack answers the drain probes), within its connection's share.
+func TestSlowReaderCompletesLargeStream(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 60*time.Second)
+	const msgs, size = 128, 64 << 10 // 8 MiB
+	st, err := e.client.StreamingOutputCall(ctx, bigStream(msgs, size))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pace := time.NewTicker(2 * time.Millisecond)
+	defer pace.Stop()
+	var grew int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				grew = max(grew, srv.MaxWindowGrowth())
+				if grew > 0 {
+					return
+				}
+			}
+		}
+	}()
+	got, err := recvAll(st, size, pace.C)
+	<-done
+	if err != nil || got != msgs*size {
+		t.Fatalf("slow reader got %d of %d bytes, then %v", got, msgs*size, err)
+	}
+	if grew == 0 {
+		t.Errorf("the window of a reading client's stream never grew")
+	}
+	if share := int64(proxy.DefaultMaxConnBufferedBytes / 4); grew > share {
+		t.Errorf("window growth %d over the connection's share %d", grew, share)
+	}
+	testkit.WaitFor(ctx, t, "the growth and the window to be given back at the stream's end", func() bool {
+		return srv.MaxWindowGrowth() == 0 && srv.MaxBackendWindows() == 0
+	})
+}
+
+// TestStreamsPastWindowBudgetRefused: the initial backend windows of a
+// connection's open streams count in its budget, since a window granted
+// by SETTINGS cannot be withheld: once they fill it, new calls on the
+// connection are answered RESOURCE_EXHAUSTED (before any backend sees
+// them), and the buffered bytes stay within the budget.
+func TestStreamsPastWindowBudgetRefused(t *testing.T) {
+	verifyNoLeaks(t)
+	const budget = 16 * proxy.DefaultBackendStreamWindow
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.MaxConnBufferedBytes = budget }})
+	srv := e.srv.(*proxy.Server)
+	r := dialRaw(t, e.addr)
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
+	r.fr.WriteWindowUpdate(0, 1<<30)
+	const streams = 24
+	msg := grpcMsg(bigStream(64, 128<<10))
+	for i := range streams {
+		id := uint32(2*i + 1)
+		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
+		r.fr.WriteData(id, true, msg)
+	}
+	// The first 16 fill the budget with their windows; the rest are
+	// refused. Reading the answers drains the first ones: only the
+	// refusals (trailers-only, grpc-status 8) are counted.
+	refused := map[uint32]bool{}
+	for len(refused) < streams-16 {
+		f := r.next(func(f http2.Frame) bool { _, ok := f.(*http2.MetaHeadersFrame); return ok }).(*http2.MetaHeadersFrame)
+		if f.StreamEnded() && f.PseudoValue("status") == "200" {
+			var code string
+			for _, hf := range f.Fields {
+				if hf.Name == "grpc-status" {
+					code = hf.Value
+				}
+			}
+			if code != "8" {
+				t.Fatalf("stream %d ended with grpc-status %q, want 8", f.StreamID, code)
+			}
+			if f.StreamID <= 2*16 {
+				t.Errorf("stream %d refused: within the budget", f.StreamID)
+			}
+			refused[f.StreamID] = true
+		}
+		if b := srv.MaxBackendWindows(); b > budget {
+			t.Fatalf("backend windows %d, over the budget %d", b, budget)
+		}
+	}
+}
+
+// TestFastClientBesideNeverReader: a client that reads completes its
+// streams at full speed while another client, whose streams share the
+// same backend connection, never reads: the backend connection's window
+// is returned as bytes arrive, only the stuck streams' windows wait.
+func TestFastClientBesideNeverReader(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 60*time.Second)
+	r := dialRaw(t, e.addr)
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
+	r.fr.WriteWindowUpdate(0, 1<<30)
+	const stuck = 32
+	msg := grpcMsg(bigStream(64, 128<<10)) // 8 MiB each
+	for i := range stuck {
+		id := uint32(2*i + 1)
+		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
+		r.fr.WriteData(id, true, msg)
+	}
+	testkit.WaitFor(ctx, t, "the stuck streams' queues to fill", func() bool {
+		return srv.MaxBufferedBytes() >= stuck*proxy.DefaultBackendStreamWindow/2
+	})
+	// 4 at a time, 1 MiB each, as the benchmark's stream workload.
+	const calls, conc, msgs, size = 40, 4, 16, 64 << 10
+	var wg sync.WaitGroup
+	errs := make(chan error, calls)
+	next := make(chan struct{}, calls)
+	for range calls {
+		next <- struct{}{}
+	}
+	close(next)
+	for range conc {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range next {
+				st, err := e.client.StreamingOutputCall(ctx, bigStream(msgs, size))
+				if err == nil {
+					var got int
+					if got, err = recvAll(st, size, nil); err == nil && got != msgs*size {
+						err = fmt.Errorf("got %d bytes", got)
+					}
+				}
+				if err != nil {
+					errs <- err
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Errorf("fast client: %v", err)
+	}
+	if n := srv.BackendConns(e.backends[0].Addr()); n != 1 {
+		t.Errorf("%d backend connections, want the one both clients share", n)
+	}
+	// The client that never reads is still held (its write timeout is
+	// 20 s), not served and not cut.
+	if n := srv.ClientConns(); n != 2 {
+		t.Errorf("%d client connections, want 2", n)
+	}
+}
+
+// TestBackendWindowGrowthLimits: a raw backend tracks the window the proxy
+// grants one stream, frame by frame, while a client reads the answer as
+// fast as it can. The window grows past the initial one, never past
+// BackendMaxStreamWindow, and never past 2^31-1 (RFC 9113 §6.9.1: a
+// sender must treat that as a FLOW_CONTROL_ERROR), also when the maximum
+// is 2^31-1 itself and no budget bounds it.
+func TestBackendWindowGrowthLimits(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		max       int32
+		budget    int64
+		wantAbove int64
+	}{
+		{"default", 0, 0, proxy.DefaultBackendStreamWindow},
+		{"max 2^31-1, no budget", math.MaxInt32, -1, proxy.DefaultBackendMaxStreamWindow},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			verifyNoLeaks(t)
+			limit := int64(tc.max)
+			if limit == 0 {
+				limit = proxy.DefaultBackendMaxStreamWindow
+			}
+			const msgs, size = 64, 64 << 10
+			var one bytes.Buffer
+			for range msgs {
+				one.Write(grpcMsg(&testgrpc.StreamingOutputCallResponse{Payload: &testgrpc.Payload{Body: make([]byte, size)}}))
+			}
+			answer := one.Bytes()
+			type seen struct{ maxStream, maxConn int64 }
+			res := make(chan seen, 1)
+			errc := make(chan error, 1)
+			bad := rawBackend(t, func(nc net.Conn) {
+				s, err := serveWindowed(nc, answer)
+				res <- s
+				errc <- err
+				// Closing at once could reset the connection under the
+				// trailers; the proxy closes it, or the cleanup does.
+				io.Copy(io.Discard, nc)
+			})
+			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+				c.BackendMaxStreamWindow = tc.max
+				c.MaxConnBufferedBytes = tc.budget
+			}})
+			e.setBackends(bad)
+			ctx := testkit.Context(t, 60*time.Second)
+			st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, cerr := recvAll(st, size, nil)
+			var s seen
+			select {
+			case s = <-res:
+			case <-ctx.Done():
+				t.Fatal("the backend never finished")
+			}
+			if err := <-errc; err != nil {
+				t.Fatalf("backend: %v", err)
+			}
+			if cerr != nil || got != msgs*size {
+				t.Fatalf("client got %d of %d bytes, then %v", got, msgs*size, cerr)
+			}
+			t.Logf("largest stream window granted %d (limit %d), connection window %d", s.maxStream, limit, s.maxConn)
+			if s.maxStream <= tc.wantAbove {
+				t.Errorf("stream window never grew past %d", tc.wantAbove)
+			}
+			if s.maxStream > limit {
+				t.Errorf("stream window reached %d, over the limit %d", s.maxStream, limit)
+			}
+		})
+	}
+}
+
+// serveWindowed is a backend that answers the first stream with answer,
+// in DATA frames within the windows it is granted, then OK trailers, and
+// reports the largest stream and connection windows it was granted. A
+// window over 2^31-1 is an error (RFC 9113 §6.9.1).
+func serveWindowed(nc net.Conn, answer []byte) (s struct{ maxStream, maxConn int64 }, err error) {
+	nc.SetDeadline(time.Now().Add(50 * time.Second))
+	br := bufio.NewReader(nc)
+	if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+		return s, err
+	}
+	fr := http2.NewFramer(nc, br)
+	fr.WriteSettings()
+	streamWin, connWin := int64(65535), int64(65535)
+	var id uint32
+	sent := 0
+	note := func() error {
+		s.maxStream, s.maxConn = max(s.maxStream, streamWin), max(s.maxConn, connWin)
+		if streamWin > math.MaxInt32 || connWin > math.MaxInt32 {
+			return fmt.Errorf("window over 2^31-1: stream %d, connection %d", streamWin, connWin)
+		}
+		return nil
+	}
+	for {
+		if id != 0 && sent < len(answer) && streamWin > 0 && connWin > 0 {
+			n := int(min(int64(16<<10), streamWin, connWin, int64(len(answer)-sent)))
+			if err := fr.WriteData(id, false, answer[sent:sent+n]); err != nil {
+				return s, err
+			}
+			sent += n
+			streamWin -= int64(n)
+			connWin -= int64(n)
+			if sent == len(answer) {
+				var hb bytes.Buffer
+				hpack.NewEncoder(&hb).WriteField(hpack.HeaderField{Name: "grpc-status", Value: "0"})
+				return s, fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
+			}
+			continue
+		}
+		f, err := fr.ReadFrame()
+		if err != nil {
+			return s, err
+		}
+		switch f := f.(type) {
+		case *http2.SettingsFrame:
+			if f.IsAck() {
+				break
+			}
+			if v, ok := f.Value(http2.SettingInitialWindowSize); ok {
+				streamWin += int64(v) - 65535 // RFC 9113 §6.9.2; before any stream
+			}
+			fr.WriteSettingsAck()
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				fr.WritePing(true, f.Data)
+			}
+		case *http2.WindowUpdateFrame:
+			if f.StreamID == 0 {
+				connWin += int64(f.Increment)
+			} else if f.StreamID == id {
+				streamWin += int64(f.Increment)
+			}
+			if err := note(); err != nil {
+				return s, err
+			}
+		case *http2.HeadersFrame:
+			if id != 0 {
+				break
+			}
+			id = f.StreamID
+			var hb bytes.Buffer
+			enc := hpack.NewEncoder(&hb)
+			enc.WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+			enc.WriteField(hpack.HeaderField{Name: "content-type", Value: "application/grpc"})
+			if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true}); err != nil {
+				return s, err
+			}
+			if err := note(); err != nil {
+				return s, err
+			}
+		}
+	}
+}
