@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -63,34 +61,12 @@ func TestProxyFollowsDNS(t *testing.T) {
 	publish(0, 1, 2)
 
 	const refresh = 300 * time.Millisecond
-	appCtx, stop := context.WithCancel(ctx)
-	defer stop()
-	logs, logw := io.Pipe()
-	addrs := make(chan map[string]string, 1)
-	scanDone := make(chan struct{})
-	go func() {
-		defer close(scanDone)
-		collectAddrs(logs, addrs, "listening", "admin listening")
-	}()
-	app := newApp()
-	app.Writer, app.ErrWriter = io.Discard, logw
-	runErr := make(chan error, 1)
-	go func() {
-		runErr <- app.RunContext(appCtx, []string{"streamlb", "proxy", "--listen", "127.0.0.1:0",
-			"--backend", fmt.Sprintf("dns://%s/%s:%s", dns.Addr(), name, port),
-			"--dns-refresh", refresh.String(), "--admin-listen", "127.0.0.1:0",
-			"--drain-timeout", "5s", "--log-format", "json"})
-		logw.Close()
-	}()
-	var got map[string]string
-	select {
-	case got = <-addrs:
-	case err := <-runErr:
-		t.Fatalf("proxy returned %v before listening", err)
-	case <-ctx.Done():
-		t.Fatal("proxy never logged its addresses")
-	}
-	proxyAddr, adminAddr := got["listening"], got["admin listening"]
+	app := startApp(ctx, t, []string{"proxy", "--listen", "127.0.0.1:0",
+		"--backend", fmt.Sprintf("dns://%s/%s:%s", dns.Addr(), name, port),
+		"--dns-refresh", refresh.String(), "--admin-listen", "127.0.0.1:0",
+		"--drain-timeout", "5s", "--log-format", "json"}, "listening", "admin listening")
+	got := app.wait(ctx, t)
+	proxyAddr, adminAddr := got["listening"].Addr, got["admin listening"].Addr
 
 	if code := httpGet(t, "http://"+adminAddr+"/readyz"); code != http.StatusOK {
 		t.Errorf("/readyz = %d, want 200", code)
@@ -184,11 +160,9 @@ func TestProxyFollowsDNS(t *testing.T) {
 	}
 	mu.Unlock()
 
-	stop()
-	if err := <-runErr; err != nil {
+	if err := app.shutdown(t); err != nil {
 		t.Errorf("proxy returned %v after its context was cancelled, want nil", err)
 	}
-	<-scanDone
 }
 
 func cmpOr(a, b string) string {
@@ -196,35 +170,6 @@ func cmpOr(a, b string) string {
 		return a
 	}
 	return b
-}
-
-// collectAddrs reads JSON log lines until EOF and sends, once all msgs have
-// been seen, the addr of each.
-func collectAddrs(r io.Reader, out chan<- map[string]string, msgs ...string) {
-	got := map[string]string{}
-	sent := false
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		var rec struct {
-			Msg  string `json:"msg"`
-			Addr string `json:"addr"`
-		}
-		if json.Unmarshal(sc.Bytes(), &rec) != nil || rec.Addr == "" {
-			continue
-		}
-		got[rec.Msg] = rec.Addr
-		if !sent && len(got) >= len(msgs) {
-			complete := true
-			for _, m := range msgs {
-				complete = complete && got[m] != ""
-			}
-			if complete {
-				out <- got
-				sent = true
-			}
-		}
-	}
-	io.Copy(io.Discard, r)
 }
 
 func httpGet(t *testing.T, url string) int {

@@ -7,13 +7,13 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/loadtest"
 	"github.com/streamlb/streamlb/testserver"
 )
@@ -33,12 +33,10 @@ func TestLoadtestCommand(t *testing.T) {
 	t.Cleanup(ts.Stop)
 	live := ts.Addr()
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dead := ln.Addr().String()
-	ln.Close()
+	// Refused for the whole test: a port merely closed again was taken
+	// by another package's server, run in parallel, and "unreachable"
+	// reached it.
+	dead := testkit.RefusingAddr(t)
 
 	dir := t.TempDir()
 	page := filepath.Join(dir, "report.html")

@@ -1,11 +1,8 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
-	"encoding/json"
-	"io"
 	"log/slog"
 	"strings"
 	"testing"
@@ -49,31 +46,9 @@ func registryProxyRun(t *testing.T, args []string, register func(ctx context.Con
 	}
 	t.Cleanup(regA.Abandon)
 
-	appCtx, stop := context.WithCancel(ctx)
-	defer stop()
-	logs, logw := io.Pipe()
-	addrc := make(chan string, 1)
-	scanDone := make(chan struct{})
-	go func() {
-		defer close(scanDone)
-		listenAddrs(logs, addrc)
-	}()
-	app := newApp()
-	app.Writer, app.ErrWriter = io.Discard, logw
-	runErr := make(chan error, 1)
-	go func() {
-		runErr <- app.RunContext(appCtx, append([]string{"streamlb", "proxy", "--listen", "127.0.0.1:0",
-			"--drain-timeout", "5s", "--log-format", "json"}, args...))
-		logw.Close()
-	}()
-	var addr string
-	select {
-	case addr = <-addrc:
-	case err := <-runErr:
-		t.Fatalf("proxy command returned %v before listening", err)
-	case <-ctx.Done():
-		t.Fatal("proxy command never logged its address")
-	}
+	app := startApp(ctx, t, append([]string{"proxy", "--listen", "127.0.0.1:0",
+		"--drain-timeout", "5s", "--log-format", "json"}, args...), "listening")
+	addr := app.wait(ctx, t)["listening"].Addr
 	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -141,16 +116,9 @@ func registryProxyRun(t *testing.T, args []string, register func(ctx context.Con
 		t.Errorf("%d calls failed, want 0; first: %v", len(failed), failed[0])
 	}
 
-	stop()
-	select {
-	case err := <-runErr:
-		if err != nil {
-			t.Errorf("proxy command returned %v, want nil", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("proxy command did not return after its context was cancelled")
+	if err := app.shutdown(t); err != nil {
+		t.Errorf("proxy command returned %v, want nil", err)
 	}
-	<-scanDone
 }
 
 // TestProxyCommandEtcdTLSAuth runs `streamlb proxy` on an etcd that takes
@@ -260,39 +228,10 @@ func TestTestserverRegisterZKTLSDigest(t *testing.T) {
 	ctx := testkit.Context(t, 60*time.Second)
 
 	t.Setenv("STREAMLB_ZK_PASSWORD", "s3cret")
-	appCtx, stop := context.WithCancel(ctx)
-	defer stop()
-	logs, logw := io.Pipe()
-	keys := make(chan string, 1)
-	scanDone := make(chan struct{})
-	go func() {
-		defer close(scanDone)
-		sc := bufio.NewScanner(logs)
-		for sc.Scan() {
-			var rec struct{ Msg, Key string }
-			if json.Unmarshal(sc.Bytes(), &rec) == nil && rec.Msg == "registered" {
-				keys <- rec.Key
-			}
-		}
-		io.Copy(io.Discard, logs)
-	}()
-	app := newApp()
-	app.Writer, app.ErrWriter = io.Discard, logw
-	runErr := make(chan error, 1)
-	go func() {
-		runErr <- app.RunContext(appCtx, []string{"streamlb", "testserver", "--name", "t1", "--listen", "127.0.0.1:0",
-			"--register", "zk://" + zks.SecureAddr() + "/secure/echo", "--register-ttl", "4s",
-			"--zk-username", "svc", "--zk-ca", caFile, "--zk-cert", cert, "--zk-key", key, "--log-format", "json"})
-		logw.Close()
-	}()
-	var node string
-	select {
-	case node = <-keys:
-	case err := <-runErr:
-		t.Fatalf("testserver returned %v before registering", err)
-	case <-ctx.Done():
-		t.Fatal("testserver never logged its registration")
-	}
+	app := startApp(ctx, t, []string{"testserver", "--name", "t1", "--listen", "127.0.0.1:0",
+		"--register", "zk://" + zks.SecureAddr() + "/secure/echo", "--register-ttl", "4s",
+		"--zk-username", "svc", "--zk-ca", caFile, "--zk-cert", cert, "--zk-key", key, "--log-format", "json"}, "registered")
+	node := app.wait(ctx, t)["registered"].Key
 
 	conn, _, err := zk.Connect([]string{zks.Addr()}, 4*time.Second, zk.WithLogInfo(false), zk.WithLogger(nopLogger{}))
 	if err != nil {
@@ -310,16 +249,10 @@ func TestTestserverRegisterZKTLSDigest(t *testing.T) {
 		t.Errorf("get %s with svc's credentials = %q, %v; want Kitex's data", node, data, err)
 	}
 
-	stop() // as SIGTERM would: deregisters, then drains
-	select {
-	case err := <-runErr:
-		if err != nil {
-			t.Errorf("testserver returned %v, want nil", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("testserver did not return after its context was cancelled")
+	// As SIGTERM would: deregisters, then drains.
+	if err := app.shutdown(t); err != nil {
+		t.Errorf("testserver returned %v, want nil", err)
 	}
-	<-scanDone
 	if ok, _, err := conn.Exists(node); err != nil || ok {
 		t.Errorf("%s exists = %v, %v after the testserver stopped; want gone", node, ok, err)
 	}

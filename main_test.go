@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -121,35 +122,9 @@ func TestProxyCommand(t *testing.T) {
 
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			appCtx, stop := context.WithCancel(ctx)
-			defer stop()
-
-			logs, logw := io.Pipe()
-			addrc := make(chan string, 1)
-			scanDone := make(chan struct{})
-			go func() {
-				defer close(scanDone)
-				listenAddrs(logs, addrc)
-			}()
-
-			app := newApp()
-			app.Writer, app.ErrWriter = io.Discard, logw
-			runErr := make(chan error, 1)
-			go func() {
-				runErr <- app.RunContext(appCtx, []string{"streamlb", "proxy",
-					"--listen", "127.0.0.1:0", "--backend", ts.Addr(),
-					"--engine", engine, "--drain-timeout", "5s", "--log-format", "json"})
-				logw.Close()
-			}()
-
-			var addr string
-			select {
-			case addr = <-addrc:
-			case err := <-runErr:
-				t.Fatalf("proxy command returned %v before listening", err)
-			case <-ctx.Done():
-				t.Fatal("proxy command never logged its address")
-			}
+			app := startApp(ctx, t, []string{"proxy", "--listen", "127.0.0.1:0", "--backend", ts.Addr(),
+				"--engine", engine, "--drain-timeout", "5s", "--log-format", "json"}, "listening")
+			addr := app.wait(ctx, t)["listening"].Addr
 
 			cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 			if err != nil {
@@ -165,34 +140,103 @@ func TestProxyCommand(t *testing.T) {
 				t.Errorf("call landed on %q, want b1", got)
 			}
 
-			stop() // as SIGTERM would
-			select {
-			case err := <-runErr:
-				if code := exitCode(err); err != nil || code != 0 {
-					t.Errorf("proxy command returned %v (exit code %d), want nil", err, code)
-				}
-			case <-ctx.Done():
-				t.Fatal("proxy command did not return after its context was cancelled")
+			if err := app.shutdown(t); err != nil || exitCode(err) != 0 {
+				t.Errorf("proxy command returned %v (exit code %d), want nil", err, exitCode(err))
 			}
-			<-scanDone
 		})
 	}
 }
 
-// listenAddrs reads JSON log lines from r until EOF and sends the addr of the
-// first "listening" line on addrc.
-func listenAddrs(r io.Reader, addrc chan<- string) {
-	sc := bufio.NewScanner(r)
-	sent := false
-	for sc.Scan() {
-		var rec struct {
-			Msg  string `json:"msg"`
-			Addr string `json:"addr"`
+// logRecord is what the tests read of a JSON log line.
+type logRecord struct {
+	Msg  string `json:"msg"`
+	Addr string `json:"addr"`
+	Key  string `json:"key"`
+}
+
+// appRun is the app running one command line in a goroutine of its own,
+// as main runs it, with its JSON logs read from a pipe.
+type appRun struct {
+	stop   context.CancelFunc // as SIGTERM would
+	done   chan struct{}      // closed once RunContext returned and its logs were read
+	err    error              // what RunContext returned, once done is closed
+	logged chan map[string]logRecord
+}
+
+// startApp runs `streamlb args...` (args must ask for JSON logs) under a
+// child of ctx. Once every one of msgs has been logged, logged receives
+// the first record of each. The app is stopped and waited for at cleanup
+// if the test has not done so.
+func startApp(ctx context.Context, t *testing.T, args []string, msgs ...string) *appRun {
+	t.Helper()
+	appCtx, stop := context.WithCancel(ctx)
+	r := &appRun{stop: stop, done: make(chan struct{}), logged: make(chan map[string]logRecord, 1)}
+	logs, logw := io.Pipe()
+	scanDone := make(chan struct{})
+	go func() {
+		defer close(scanDone)
+		got := map[string]logRecord{}
+		sent := false
+		sc := bufio.NewScanner(logs)
+		for sc.Scan() {
+			var rec logRecord
+			if sent || json.Unmarshal(sc.Bytes(), &rec) != nil || !slices.Contains(msgs, rec.Msg) {
+				continue
+			}
+			if _, ok := got[rec.Msg]; !ok {
+				got[rec.Msg] = rec
+			}
+			if len(got) == len(msgs) {
+				r.logged <- got
+				sent = true
+			}
 		}
-		if json.Unmarshal(sc.Bytes(), &rec) == nil && rec.Msg == "listening" && !sent {
-			addrc <- rec.Addr
-			sent = true
+		io.Copy(io.Discard, logs)
+	}()
+	app := newApp()
+	app.Writer, app.ErrWriter = io.Discard, logw
+	go func() {
+		r.err = app.RunContext(appCtx, append([]string{"streamlb"}, args...))
+		logw.Close()
+		<-scanDone
+		close(r.done)
+	}()
+	t.Cleanup(func() {
+		stop()
+		select {
+		case <-r.done:
+		case <-time.After(30 * time.Second):
+			t.Error("the app did not return after its context was cancelled")
 		}
+	})
+	return r
+}
+
+// wait returns the records startApp was asked to wait for, failing t if
+// the app returns first or ctx ends.
+func (r *appRun) wait(ctx context.Context, t *testing.T) map[string]logRecord {
+	t.Helper()
+	select {
+	case got := <-r.logged:
+		return got
+	case <-r.done:
+		t.Fatalf("the app returned %v before it logged what the test waits for", r.err)
+	case <-ctx.Done():
+		t.Fatal("the app never logged what the test waits for")
 	}
-	io.Copy(io.Discard, r)
+	return nil
+}
+
+// shutdown cancels the app's context, as SIGTERM would, and returns what
+// the app returned, failing t if it does not return within 30s.
+func (r *appRun) shutdown(t *testing.T) error {
+	t.Helper()
+	r.stop()
+	select {
+	case <-r.done:
+		return r.err
+	case <-time.After(30 * time.Second):
+		t.Fatal("the app did not return after its context was cancelled")
+	}
+	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/bojand/ghz/load"
 	"github.com/bojand/ghz/runner"
 
 	"github.com/streamlb/streamlb/testserver"
@@ -281,6 +282,7 @@ func (c Config) ghzOptions() []runner.Option {
 		// keeps Total as its bound (it would replace it with "unlimited"
 		// if given the duration).
 		runner.WithTotalRequests(uint(c.total())),
+		runner.WithWorkerTicker(newConstWorkers(c.Concurrency)),
 	}
 	if c.Name != "" {
 		opts = append(opts, runner.WithName(c.Name))
@@ -307,6 +309,25 @@ func (c Config) ghzOptions() []runner.Option {
 	}
 	return opts
 }
+
+// constWorkers starts a constant number of ghz workers, as ghz's own
+// load.ConstWorkerTicker does, without its race: that one sends the
+// worker count from Run, in a goroutine of its own, on the channel that
+// Finish closes when the run ends, so a run stopped before that goroutine
+// got to send (a short Duration, a cancel right after the start) crashed
+// with "send on closed channel", or raced under -race. Here the count is
+// in the channel's buffer from the start, and Run sends nothing.
+type constWorkers struct{ c chan load.TickValue }
+
+func newConstWorkers(n int) *constWorkers {
+	c := make(chan load.TickValue, 1)
+	c <- load.TickValue{Delta: n, Done: true}
+	return &constWorkers{c: c}
+}
+
+func (w *constWorkers) Ticker() <-chan load.TickValue { return w.c }
+func (w *constWorkers) Run()                          {}
+func (w *constWorkers) Finish()                       { close(w.c) }
 
 // total is the bound on calls given to ghz.
 func (c Config) total() int {

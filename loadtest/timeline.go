@@ -3,6 +3,7 @@ package loadtest
 import (
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -25,6 +26,11 @@ type Timeline struct {
 	Points []TimelinePoint
 	// Events are the backends that appeared after the first interval or
 	// vanished before the last, in time order. UnknownBackend has none.
+	// A backend appeared if its first call ended an interval or more
+	// after the run's first call, and vanished if its last call ended an
+	// interval or more before the run's last: a run whose last interval
+	// holds only its last call or two, or whose calls started late, shows
+	// no event.
 	Events []BackendEvent
 }
 
@@ -84,9 +90,11 @@ func timelineInterval(span time.Duration) time.Duration {
 // rows. Caller must hold c.mu.
 func (c *collector) timelineLocked(rows []Backend) Timeline {
 	var span time.Duration
+	begin := time.Duration(math.MaxInt64) // the run's first call's end
 	for _, t := range c.backends {
 		for _, r := range t.recs {
 			span = max(span, r.end)
+			begin = min(begin, max(r.end, 0))
 		}
 	}
 	tl := Timeline{Interval: timelineInterval(span)}
@@ -102,21 +110,24 @@ func (c *collector) timelineLocked(rows []Backend) Timeline {
 	for col, row := range rows {
 		tl.Backends = append(tl.Backends, row.Name)
 		first, last := n, -1
+		firstEnd, lastEnd := time.Duration(math.MaxInt64), time.Duration(0)
 		for _, r := range c.backends[row.Name].recs {
-			i := min(int(max(r.end, 0)/tl.Interval), n-1)
+			end := max(r.end, 0)
+			i := min(int(end/tl.Interval), n-1)
 			tl.Points[i].Calls[col]++
 			if !r.ok {
 				tl.Points[i].Errors[col]++
 			}
 			first, last = min(first, i), max(last, i)
+			firstEnd, lastEnd = min(firstEnd, end), max(lastEnd, end)
 		}
 		if row.Name == UnknownBackend || last < 0 {
 			continue
 		}
-		if first > 0 {
+		if first > 0 && firstEnd-begin >= tl.Interval {
 			tl.Events = append(tl.Events, BackendEvent{Backend: row.Name, Kind: EventAppeared, At: time.Duration(first) * tl.Interval})
 		}
-		if last < n-1 {
+		if last < n-1 && span-lastEnd >= tl.Interval {
 			tl.Events = append(tl.Events, BackendEvent{Backend: row.Name, Kind: EventVanished, At: time.Duration(last+1) * tl.Interval})
 		}
 	}

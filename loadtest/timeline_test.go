@@ -33,6 +33,49 @@ func TestTimelineInterval(t *testing.T) {
 	}
 }
 
+// TestTimelineEdges: a run whose last interval holds only its last call,
+// or whose calls all started late, shows no backend appearing or
+// vanishing; one backend that stopped an interval before the end did
+// vanish. The first case made TestRunTimeline fail about once in 15 runs.
+func TestTimelineEdges(t *testing.T) {
+	t.Parallel()
+	start := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	for _, tc := range []struct {
+		name string
+		// calls from a, b and c in turn every ms over [from, to) ms,
+		// then one more from a at last ms
+		from, to, last int
+		stopB          int // b makes no call from this ms on (0: never stops)
+		want           []BackendEvent
+	}{
+		{name: "last interval holds one call", from: 0, to: 600, last: 600},
+		{name: "calls start late", from: 150, to: 600, last: 600},
+		{name: "b stops early", from: 0, to: 600, last: 600, stopB: 450,
+			want: []BackendEvent{{Backend: "b", Kind: EventVanished, At: 500 * time.Millisecond}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newCollector("/s/M", "x-backend", func() time.Time { return start })
+			c.start = start
+			at := func(ms int) time.Time { return start.Add(time.Duration(ms) * time.Millisecond) }
+			for ms := tc.from; ms < tc.to; ms++ {
+				name := []string{"a", "b", "c"}[ms%3]
+				if name == "b" && tc.stopB != 0 && ms >= tc.stopB {
+					continue
+				}
+				c.record(name, true, at(ms), time.Millisecond)
+			}
+			c.record("a", true, at(tc.last).Add(500*time.Microsecond), time.Millisecond)
+			tl := c.finish().timeline
+			if tl.Interval != 100*time.Millisecond {
+				t.Fatalf("interval %v, want 100ms", tl.Interval)
+			}
+			if diff := cmp.Diff(tc.want, tl.Events); diff != "" {
+				t.Errorf("events (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
 // TestTimelineBins records calls on a fixed clock: a backend that vanishes,
 // one that appears, errors, and calls with no backend name.
 func TestTimelineBins(t *testing.T) {

@@ -289,30 +289,17 @@ func TestBackendIdleClose(t *testing.T) {
 // connection, as seen from the proxy. It keeps reading.
 func silentBackend(t *testing.T, streams *atomic.Int64) string {
 	return rawBackend(t, func(nc net.Conn) {
-		br := bufio.NewReader(nc)
-		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello() != nil {
 			return
 		}
-		fr := http2.NewFramer(nc, br)
-		if fr.WriteSettings() != nil {
-			return
-		}
-		acked := false
-		for {
-			f, err := fr.ReadFrame()
-			if err != nil {
-				return
-			}
-			switch f := f.(type) {
-			case *http2.SettingsFrame:
-				if !f.IsAck() && !acked {
-					acked = true
-					fr.WriteSettingsAck()
-				}
-			case *http2.HeadersFrame:
+		s.ackOnce = true
+		s.serve(func(f http2.Frame) bool {
+			if _, ok := f.(*http2.HeadersFrame); ok {
 				streams.Add(1) // and not a word more
 			}
-		}
+			return true
+		})
 	})
 }
 
@@ -449,28 +436,19 @@ func TestBackendEndsMidStream(t *testing.T) {
 			verifyNoLeaks(t)
 			sent := make(chan struct{})
 			bad := rawBackend(t, func(nc net.Conn) {
-				br := bufio.NewReader(nc)
-				if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+				s, err := acceptH2(nc)
+				if err != nil {
 					return
 				}
-				fr := http2.NewFramer(nc, br)
-				fr.WriteSettings()
-				for {
-					f, err := fr.ReadFrame()
-					if err != nil {
-						return
-					}
+				s.hello()
+				s.serve(func(f http2.Frame) bool {
 					switch f := f.(type) {
-					case *http2.SettingsFrame:
-						if !f.IsAck() {
-							fr.WriteSettingsAck()
-						}
 					case *http2.PingFrame:
 						if f.IsAck() {
 							// The proxy read all that came before.
 							close(sent)
 							if tc.want == codes.Unavailable {
-								return // closes the connection
+								return false // closes the connection
 							}
 						}
 					case *http2.HeadersFrame:
@@ -478,14 +456,15 @@ func TestBackendEndsMidStream(t *testing.T) {
 						enc := hpack.NewEncoder(&hb)
 						enc.WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
 						enc.WriteField(hpack.HeaderField{Name: "content-type", Value: "application/grpc"})
-						fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true})
+						s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true})
 						for range n {
-							fr.WriteData(f.StreamID, false, msg)
+							s.fr.WriteData(f.StreamID, false, msg)
 						}
-						tc.end(fr, f.StreamID)
-						fr.WritePing(false, [8]byte{7})
+						tc.end(s.fr, f.StreamID)
+						s.fr.WritePing(false, [8]byte{7})
 					}
-				}
+					return true
+				})
 			})
 			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.BackendStreamWindow = 128 << 10 }})
 			srv := e.srv.(*proxy.Server)
@@ -528,42 +507,34 @@ func TestBackendIdleCloseGoAway(t *testing.T) {
 	verifyNoLeaks(t)
 	ended := make(chan string, 1)
 	addr := rawBackend(t, func(nc net.Conn) {
-		br := bufio.NewReader(nc)
-		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+		s, err := acceptH2(nc)
+		if err != nil {
 			return
 		}
-		fr := http2.NewFramer(nc, br)
-		fr.WriteSettings()
+		s.hello()
 		var goaway *http2.GoAwayFrame
-		for {
-			f, err := fr.ReadFrame()
-			if err != nil {
-				switch {
-				case goaway == nil:
-					ended <- "closed without GOAWAY: " + err.Error()
-				case goaway.ErrCode != http2.ErrCodeNo:
-					ended <- "GOAWAY " + goaway.ErrCode.String()
-				default:
-					ended <- "ok"
-				}
-				return
-			}
+		err = s.serve(func(f http2.Frame) bool {
 			switch f := f.(type) {
-			case *http2.SettingsFrame:
-				if !f.IsAck() {
-					fr.WriteSettingsAck()
-				}
 			case *http2.HeadersFrame:
 				var hb bytes.Buffer
 				enc := hpack.NewEncoder(&hb)
 				for _, kv := range [][2]string{{":status", "200"}, {"content-type", "application/grpc"}, {"grpc-status", "12"}} {
 					enc.WriteField(hpack.HeaderField{Name: kv[0], Value: kv[1]})
 				}
-				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
+				s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
 			case *http2.GoAwayFrame:
 				g := *f
 				goaway = &g
 			}
+			return true
+		})
+		switch {
+		case goaway == nil:
+			ended <- "closed without GOAWAY: " + err.Error()
+		case goaway.ErrCode != http2.ErrCodeNo:
+			ended <- "GOAWAY " + goaway.ErrCode.String()
+		default:
+			ended <- "ok"
 		}
 	})
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.BackendIdleTimeout = 20 * time.Millisecond }})

@@ -1,10 +1,8 @@
 package proxy_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -328,26 +326,14 @@ func TestRestartCycles(t *testing.T) {
 // on stop, closed at cleanup.
 func stallingBackend(stop <-chan struct{}) func(net.Conn) {
 	return func(nc net.Conn) {
-		br := bufio.NewReader(nc)
-		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+		s, err := acceptH2(nc)
+		if err != nil || s.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30}) != nil ||
+			s.fr.WriteWindowUpdate(0, 1<<30) != nil || s.flush() != nil {
 			return
 		}
-		fr := http2.NewFramer(nc, br)
-		if fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30}) != nil ||
-			fr.WriteWindowUpdate(0, 1<<30) != nil {
+		// Up to the acknowledgement of the proxy's SETTINGS.
+		if s.serve(func(f http2.Frame) bool { sf, ok := f.(*http2.SettingsFrame); return !ok || sf.IsAck() }) != nil {
 			return
-		}
-		for {
-			f, err := fr.ReadFrame()
-			if err != nil {
-				return
-			}
-			if sf, ok := f.(*http2.SettingsFrame); ok && !sf.IsAck() {
-				if fr.WriteSettingsAck() != nil {
-					return
-				}
-				break
-			}
 		}
 		<-stop
 	}

@@ -3,11 +3,9 @@ package proxy_test
 import (
 	"github.com/streamlb/streamlb/internal/testkit"
 
-	"bufio"
 	"context"
 	"io"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,83 +14,6 @@ import (
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
 )
-
-// rawBackend listens on 127.0.0.1:0 and hands every connection to serve,
-// for backends no gRPC server would be. The listener and every connection
-// are closed, and serve's goroutines waited for, at cleanup.
-func rawBackend(t testing.TB, serve func(nc net.Conn)) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		conns []net.Conn
-	)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			nc, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, nc)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer nc.Close()
-				serve(nc)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, nc := range conns {
-			nc.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	return ln.Addr().String()
-}
-
-// h2Backend is a raw HTTP/2 server: it reads the preface, sends SETTINGS,
-// and calls onHeaders for every request HEADERS until onHeaders returns
-// false or the connection ends.
-func h2Backend(onHeaders func(fr *http2.Framer, id uint32) bool) func(net.Conn) {
-	return func(nc net.Conn) {
-		br := bufio.NewReader(nc)
-		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
-			return
-		}
-		fr := http2.NewFramer(nc, br)
-		if fr.WriteSettings() != nil {
-			return
-		}
-		for {
-			f, err := fr.ReadFrame()
-			if err != nil {
-				return
-			}
-			switch f := f.(type) {
-			case *http2.SettingsFrame:
-				if !f.IsAck() {
-					fr.WriteSettingsAck()
-				}
-			case *http2.HeadersFrame:
-				if !onHeaders(fr, f.StreamID) {
-					return
-				}
-			}
-		}
-	}
-}
 
 // TestBadBackend puts one misbehaving backend beside a good one: every
 // call ends within its deadline with a clear status (success when the

@@ -374,28 +374,18 @@ func FuzzBackendFrames(f *testing.F) {
 	}
 	var current atomic.Pointer[[]byte]
 	raw := rawBackend(f, func(nc net.Conn) {
-		br := bufio.NewReader(nc)
-		if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+		s, err := acceptH2(nc)
+		if err != nil {
 			return
 		}
-		w := bufio.NewWriter(nc)
-		fr := http2.NewFramer(w, br)
-		fr.AllowIllegalWrites = true
-		fr.WriteSettings()
-		w.Flush()
-		for {
-			f, err := fr.ReadFrame()
-			if err != nil {
-				return
-			}
+		s.buffered()
+		s.fr.AllowIllegalWrites = true
+		s.hello()
+		s.serve(func(f http2.Frame) bool {
 			switch f := f.(type) {
-			case *http2.SettingsFrame:
-				if !f.IsAck() {
-					fr.WriteSettingsAck()
-				}
 			case *http2.PingFrame:
 				if !f.IsAck() {
-					fr.WritePing(true, f.Data)
+					s.fr.WritePing(true, f.Data)
 				}
 			case *http2.HeadersFrame:
 				for _, r := range decodeRecords(*current.Load()) {
@@ -403,17 +393,14 @@ func FuzzBackendFrames(f *testing.F) {
 					if id == 1 {
 						id = f.StreamID
 					}
-					fr.WriteRawFrame(r.typ, r.flags, id, r.payload)
+					s.fr.WriteRawFrame(r.typ, r.flags, id, r.payload)
 				}
 				// Then hang up, so that an input that leaves the
 				// stream open costs a redial, not the call's deadline.
-				w.Flush()
-				return
+				return false
 			}
-			if w.Flush() != nil {
-				return
-			}
-		}
+			return true
+		})
 	})
 	fe := newFuzzEnv(f, raw)
 	f.Fuzz(func(t *testing.T, data []byte) {

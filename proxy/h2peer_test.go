@@ -28,6 +28,15 @@ type rawConn struct {
 
 func dialRaw(t *testing.T, addr string) *rawConn {
 	t.Helper()
+	r := dialRawPreface(t, addr)
+	r.fr.WriteSettings()
+	return r
+}
+
+// dialRawPreface is dialRaw without the client's SETTINGS: only the
+// connection preface's magic has been written.
+func dialRawPreface(t *testing.T, addr string) *rawConn {
+	t.Helper()
 	nc, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
@@ -37,7 +46,6 @@ func dialRaw(t *testing.T, addr string) *rawConn {
 	io.WriteString(nc, http2.ClientPreface)
 	fr := http2.NewFramer(nc, nc)
 	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	fr.WriteSettings()
 	return &rawConn{t: t, nc: nc, fr: fr}
 }
 

@@ -49,22 +49,43 @@ func spread(t *testing.T, e *env, n, conc int, md func(i int) metadata.MD) map[s
 	return count
 }
 
-// TestPeakEWMAAvoidsSlowBackend: a backend 20 ms slower than its siblings
-// gets clearly less traffic under peak_ewma.
+// TestPeakEWMAAvoidsSlowBackend: a backend 100 ms slower than its
+// siblings gets clearly less traffic under peak_ewma than under
+// least_request, the baseline measured in the same run.
+//
+// The calls go one at a time, so the in-flight counts are all 0 at every
+// pick and least_request, blind to latency, spreads them evenly: only the
+// latency estimate can keep peak_ewma off the slow backend. (With calls
+// in parallel the slow backend's in-flight count alone keeps
+// least_request off it, and the test could not tell the two apart.) The
+// decay is short beside the test's few seconds, so that one peak on a
+// fast backend of a loaded machine, which peak_ewma takes at once, is
+// forgotten within the test rather than send the calls to the slow
+// backend for the rest of it; and 100 ms is far above what load adds to
+// the fast backends' latency.
 func TestPeakEWMAAvoidsSlowBackend(t *testing.T) {
 	verifyNoLeaks(t)
-	e := newEnv(t, envOpts{policy: director.PeakEWMA, tscfg: func(i int, c *testserver.Config) {
-		if i == 0 {
-			c.Latency = 20 * time.Millisecond
-		}
-	}})
-	const n = 1500
-	count := spread(t, e, n, 10, nil)
-	slow := float64(count["b0"]) / n * 100
-	fast := (float64(count["b1"]) + float64(count["b2"])) / 2 / n * 100
-	t.Logf("peak_ewma shares: slow b0 %.1f%%, fast b1 %.1f%% b2 %.1f%%", slow, float64(count["b1"])/n*100, float64(count["b2"])/n*100)
+	share := func(policy string, n int) (slow, fast float64) {
+		t.Helper()
+		e := newEnv(t, envOpts{policy: policy,
+			dcfg: func(c *director.Config) { c.EWMADecay = 250 * time.Millisecond },
+			tscfg: func(i int, c *testserver.Config) {
+				if i == 0 {
+					c.Latency = 100 * time.Millisecond
+				}
+			}})
+		count := spread(t, e, n, 1, nil)
+		pct := func(b string) float64 { return float64(count[b]) / float64(n) * 100 }
+		t.Logf("%s shares: slow b0 %.1f%%, fast b1 %.1f%% b2 %.1f%%", policy, pct("b0"), pct("b1"), pct("b2"))
+		return pct("b0"), (pct("b1") + pct("b2")) / 2
+	}
+	baseline, _ := share(director.LeastRequest, 150) // about 33%
+	slow, fast := share(director.PeakEWMA, 600)
 	if slow > fast/3 {
 		t.Errorf("slow backend got %.1f%%, fast ones %.1f%% each: want the slow one well below a third of a fast one's share", slow, fast)
+	}
+	if slow > baseline/4 {
+		t.Errorf("slow backend got %.1f%% under peak_ewma, %.1f%% under least_request: want well below a quarter of that", slow, baseline)
 	}
 }
 

@@ -1,17 +1,14 @@
 package proxy_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 
 	"github.com/streamlb/streamlb/proxy"
@@ -240,16 +237,7 @@ func TestRFC9113ClientSide(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			var r *rawConn
 			if tc.noSettings {
-				nc, err := net.Dial("tcp", e.addr)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { nc.Close() })
-				nc.SetDeadline(time.Now().Add(20 * time.Second))
-				io.WriteString(nc, http2.ClientPreface)
-				fr := http2.NewFramer(nc, nc)
-				fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-				r = &rawConn{t: t, nc: nc, fr: fr}
+				r = dialRawPreface(t, e.addr)
 			} else {
 				r = dialRaw(t, e.addr)
 			}
@@ -406,17 +394,16 @@ func TestRFC9113BackendSide(t *testing.T) {
 			opened := make(chan struct{})
 			raw := rawBackend(t, func(nc net.Conn) {
 				nc.SetDeadline(time.Now().Add(10 * time.Second))
-				br := bufio.NewReader(nc)
-				if _, err := io.ReadFull(br, make([]byte, len(http2.ClientPreface))); err != nil {
+				s, err := acceptH2(nc)
+				if err != nil {
 					return
 				}
-				w := bufio.NewWriter(nc)
-				fr := http2.NewFramer(w, br)
-				fr.AllowIllegalWrites = true
+				s.buffered()
+				s.fr.AllowIllegalWrites = true
 				finish := func(id uint32) {
-					fr.WritePing(false, rfcPing)
-					w.Flush()
-					a, last := answerGoAway(fr, id)
+					s.fr.WritePing(false, rfcPing)
+					s.flush()
+					a, last := answerGoAway(s.fr, id)
 					if last != 0 {
 						// RFC 9113 §6.8: the last-stream-id is the
 						// last stream the PEER initiated that we
@@ -431,42 +418,33 @@ func TestRFC9113BackendSide(t *testing.T) {
 					}
 				}
 				if tc.atConnect {
-					tc.frames(fr, 0)
+					tc.frames(s.fr, 0)
 					finish(0)
 					return
 				}
-				fr.WriteSettings()
-				w.Flush()
-				for {
-					f, err := fr.ReadFrame()
-					if err != nil {
-						return
+				s.hello()
+				s.serve(func(f http2.Frame) bool {
+					h, ok := f.(*http2.HeadersFrame)
+					if !ok {
+						return true
 					}
-					switch f := f.(type) {
-					case *http2.SettingsFrame:
-						if !f.IsAck() {
-							fr.WriteSettingsAck()
-							w.Flush()
-						}
-					case *http2.HeadersFrame:
-						id := f.StreamID
-						if tc.cancel {
-							close(opened)
-							for {
-								f, err := fr.ReadFrame()
-								if err != nil {
-									return
-								}
-								if rst, ok := f.(*http2.RSTStreamFrame); ok && rst.StreamID == id {
-									break
-								}
+					id := h.StreamID
+					if tc.cancel {
+						close(opened)
+						for {
+							f, err := s.fr.ReadFrame()
+							if err != nil {
+								return false
+							}
+							if rst, ok := f.(*http2.RSTStreamFrame); ok && rst.StreamID == id {
+								break
 							}
 						}
-						tc.frames(fr, id)
-						finish(id)
-						return
 					}
-				}
+					tc.frames(s.fr, id)
+					finish(id)
+					return false
+				})
 			})
 			fe := newFuzzEnv(t, raw)
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
