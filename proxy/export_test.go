@@ -14,27 +14,17 @@ func (s *Server) ClientConns() int {
 // MaxBufferedBytes reports the largest buffer budget use (budget.go) of
 // any of its client connections now, for tests.
 func (s *Server) MaxBufferedBytes() int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var m int64
-	for c := range s.conns {
-		m = max(m, c.bufs.used.Load())
-	}
-	return m
+	return s.maxOverConns(func(c *serverConn) int64 { return c.bufs.used.Load() })
 }
 
 // MaxHeldBytes reports the largest count of request bytes held by any of
 // its client connections now, for tests.
 func (s *Server) MaxHeldBytes() int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var m int64
-	for c := range s.conns {
+	return s.maxOverConns(func(c *serverConn) int64 {
 		c.mu.Lock()
-		m = max(m, c.held)
-		c.mu.Unlock()
-	}
-	return m
+		defer c.mu.Unlock()
+		return c.held
+	})
 }
 
 // SetAfterReserve sets a hook called, with the client connection's lock
@@ -64,24 +54,23 @@ func (s *Server) BackendConns(addr string) int {
 // beyond their initial window that any of its client connections counts
 // now (bufBudget.grown), for tests.
 func (s *Server) MaxWindowGrowth() int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var m int64
-	for c := range s.conns {
-		m = max(m, c.bufs.grown.Load())
-	}
-	return m
+	return s.maxOverConns(func(c *serverConn) int64 { return c.bufs.grown.Load() })
 }
 
 // MaxBackendWindows reports the largest sum of the windows granted to
 // backends for one client connection's open response streams
 // (bufBudget.windows), for tests.
 func (s *Server) MaxBackendWindows() int64 {
+	return s.maxOverConns(func(c *serverConn) int64 { return c.bufs.windows.Load() })
+}
+
+// maxOverConns is the largest of f over the client connections served now.
+func (s *Server) maxOverConns(f func(c *serverConn) int64) int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var m int64
 	for c := range s.conns {
-		m = max(m, c.bufs.windows.Load())
+		m = max(m, f(c))
 	}
 	return m
 }
