@@ -76,6 +76,7 @@ type errorPolicy interface {
 // the stream and go on; connection errors send GOAWAY and end the loop
 // (RFC 9113 §5.4). Reader goroutine only.
 func (t *transport) readLoop(p h2role) error {
+	defer t.runKicks()
 	first := true
 	for {
 		f, err := t.readFrame()
