@@ -469,6 +469,10 @@ const (
 	wParked                  // it waits on park with nothing to do
 	wReaping                 // the housekeeper told the parked writer to exit
 	wDone                    // the writer finished for good (closed, or drained)
+	// A producer took the role from a parked writer, which stays parked
+	// (writeNow); it gives the role back to it, or wakes it for more.
+	wInline
+	wInlineKicked // wInline, and signalled since the producer took work
 )
 
 // usePersistentWriter makes t's writer the long-lived writeLoop, woken by
@@ -524,6 +528,10 @@ func (t *transport) signal() {
 		case wParked, wReaping:
 			if t.wstate.CompareAndSwap(st, wRunning) {
 				t.unpark()
+				return
+			}
+		case wInline:
+			if t.wstate.CompareAndSwap(wInline, wInlineKicked) {
 				return
 			}
 		default: // not started, already kicked, or done
@@ -595,14 +603,22 @@ func (t *transport) runKicks() {
 // waits under the write deadline. Sockets without a RawConn (TLS) are
 // signalled as before.
 func (t *transport) writeNow() {
+	// From wIdle there is no writer goroutine; from wParked (on-demand
+	// writers only) it stays parked while the producer writes, in
+	// wInline, which signal turns into wInlineKicked, and runWriter
+	// ignores a stale park token in.
+	parked := false
 	if !t.wstate.CompareAndSwap(wIdle, wRunning) {
-		t.signal()
-		return
+		if t.wake != nil || !t.wstate.CompareAndSwap(wParked, wInline) {
+			t.signal()
+			return
+		}
+		parked = true
 	}
 	// The writer role is ours: the socket's writer (set before any
 	// writer ran) may be read.
 	if !t.bw.canTry() {
-		t.handOver()
+		t.giveBack(parked)
 		return
 	}
 	t.bw.inline = true
@@ -612,26 +628,26 @@ func (t *transport) writeNow() {
 	case stepExit:
 		// Closed, or drained: the writer goroutine finishes, as it
 		// would have (writerFinished may linger).
-		t.handOver()
+		t.giveBack(parked)
 		return
 	case stepWrote:
 		t.armWrite()
 		done, err := t.bw.tryFlush()
 		if err != nil {
 			t.close(err)
-			t.handOver()
+			t.giveBack(parked)
 			return
 		}
 		if !done {
 			// The socket took part of it: t.dirty stays set, and the
 			// writer goroutine flushes the rest, waiting as it may.
-			t.handOver()
+			t.giveBack(parked)
 			return
 		}
 		t.dirty = false
 	}
 	// Everything is written: let go as a writer going idle does.
-	if t.wake == nil {
+	if !parked && t.wake == nil {
 		t.dropScratch()
 	}
 	t.mu.Lock()
@@ -641,9 +657,26 @@ func (t *transport) writeNow() {
 	}
 	t.toRelease = t.toRelease[:0]
 	t.mu.Unlock()
+	if parked {
+		if !t.wstate.CompareAndSwap(wInline, wParked) {
+			t.giveBack(true) // signalled meanwhile: more is queued
+		}
+		return
+	}
 	if !t.wstate.CompareAndSwap(wRunning, wIdle) {
 		t.handOver() // signalled meanwhile: more is queued
 	}
+}
+
+// giveBack hands the writer role writeNow took to a writer goroutine:
+// the parked one (parked) or, as handOver, a new or the persistent one.
+func (t *transport) giveBack(parked bool) {
+	if !parked {
+		t.handOver()
+		return
+	}
+	t.wstate.Store(wRunning)
+	t.unpark()
 }
 
 // unpark wakes a parked writer. A token left over (the writer woke for
@@ -692,8 +725,15 @@ func (t *transport) runWriter() {
 			if !t.wstate.CompareAndSwap(wRunning, wParked) {
 				continue // signalled meanwhile
 			}
+		wait:
 			<-t.park
-			if t.wstate.Load() != wReaping {
+			switch t.wstate.Load() {
+			case wParked, wInline, wInlineKicked:
+				// A token left over from an earlier wake-up: still
+				// parked, or a producer writing inline holds the role.
+				goto wait
+			case wReaping:
+			default:
 				continue // signalled
 			}
 			t.releaseIdle()
