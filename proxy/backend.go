@@ -491,7 +491,7 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 	wake := len(b.ctrl) != queued
 	b.mu.Unlock()
 	if wake {
-		b.signal()
+		b.kickLater(&b.transport)
 	}
 	if held != nil {
 		a.s.cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil, &b.transport)

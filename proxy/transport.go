@@ -656,7 +656,14 @@ func (t *transport) writeNow() {
 		t.toRelease[i] = nil
 	}
 	t.toRelease = t.toRelease[:0]
+	// A draining connection whose last frames this was ends with a
+	// writer's next step (stepExit): the writer goroutine takes it.
+	draining := t.drainAndClose || t.closed
 	t.mu.Unlock()
+	if draining {
+		t.giveBack(parked)
+		return
+	}
 	if parked {
 		if !t.wstate.CompareAndSwap(wInline, wParked) {
 			t.giveBack(true) // signalled meanwhile: more is queued
