@@ -118,8 +118,8 @@ func (b *backendConn) tryReserve() bool {
 // tryReserve, holds a.s.cc.mu, and has put the attempt's first request
 // items in a.up. If b failed meanwhile it returns why (errClosed when no
 // reason was given); a is then unlinked and the caller decides what happens
-// to the stream. from is as for serverConn.enqueueDown.
-func (b *backendConn) addAttempt(a *attempt, from *transport) error {
+// to the stream.
+func (b *backendConn) addAttempt(a *attempt) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	// The response window starts small and grows only while the client
@@ -137,7 +137,7 @@ func (b *backendConn) addAttempt(a *attempt, from *transport) error {
 		return b.closeErr
 	}
 	b.pending = append(b.pending, a)
-	b.kickFrom(from)
+	b.signal()
 	return nil
 }
 
@@ -429,9 +429,9 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	b.mu.Unlock()
 	cc := a.s.cc
 	if held != nil {
-		cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil, &b.transport)
+		cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil)
 	}
-	cc.enqueueDown(a, outItem{kind: itemHeaders, end: end, fields: fields}, nil, &b.transport)
+	cc.enqueueDown(a, outItem{kind: itemHeaders, end: end, fields: fields}, nil)
 	return nil
 }
 
@@ -491,12 +491,12 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 	wake := len(b.ctrl) != queued
 	b.mu.Unlock()
 	if wake {
-		b.kickLater(&b.transport)
+		b.signal()
 	}
 	if held != nil {
-		a.s.cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil, &b.transport)
+		a.s.cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil)
 	}
-	if !a.s.cc.enqueueDown(a, outItem{kind: itemData, end: end}, data, &b.transport) {
+	if !a.s.cc.enqueueDown(a, outItem{kind: itemData, end: end}, data) {
 		b.creditStream(r, int32(len(data)))
 	}
 	return nil
@@ -585,8 +585,8 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 // enqueueUp queues a request item toward the backend: DATA bytes
 // (copied) or a header block (trailers). It reports false when the attempt
 // is over and DATA must be credited back by the caller. Caller must hold
-// a.s.cc.mu, not b.mu. from is as for serverConn.enqueueDown.
-func (b *backendConn) enqueueUp(a *attempt, it outItem, data []byte, from *transport) bool {
+// a.s.cc.mu, not b.mu.
+func (b *backendConn) enqueueUp(a *attempt, it outItem, data []byte) bool {
 	b.mu.Lock()
 	if a.up.closed || a.discarded {
 		b.mu.Unlock()
@@ -606,7 +606,7 @@ func (b *backendConn) enqueueUp(a *attempt, it outItem, data []byte, from *trans
 		b.markReadyLocked(&a.up)
 	}
 	b.mu.Unlock()
-	b.kickFrom(from)
+	b.signal()
 	return true
 }
 

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"io"
 	"net"
 	"os"
@@ -38,7 +39,7 @@ const smallReadSize = 512
 
 var (
 	readBufPool   = sync.Pool{New: func() any { b := make([]byte, connBufSize); return &b }}
-	bufWriterPool = sync.Pool{New: func() any { b := make([]byte, connBufSize); return &b }}
+	bufWriterPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, connBufSize) }}
 )
 
 // connReader is a buffered reader of a socket that holds a pooled buffer
@@ -69,9 +70,6 @@ type connReader struct {
 	// connections use it for keepalive.
 	lastRead *atomic.Int64
 	now      func() time.Time
-	// beforeFill, when set, runs each time the buffered bytes are all
-	// consumed, before the next read from the socket.
-	beforeFill func()
 }
 
 // stamp notes that a read brought n bytes; see lastRead.
@@ -152,11 +150,6 @@ func (c *connReader) Read(p []byte) (int, error) {
 		return 0, nil
 	}
 	if c.r == c.w {
-		if c.beforeFill != nil {
-			// Every frame read so far is handled: the writes they
-			// asked for go out now, combined (transport.runKicks).
-			c.beforeFill()
-		}
 		c.r, c.w = 0, 0
 		if err := c.err; err != nil {
 			c.err = nil // as bufio.Reader: an error is returned once
@@ -235,151 +228,45 @@ func (c *connReader) release() {
 	}
 }
 
-// connWriter is a buffered writer of a socket that takes its buffer from a
-// pool on the first write and gives it back on Flush, like x/net's
-// bufferedWriter. It is used by whoever holds the transport's writer role
-// (the writer goroutine, or a producer writing inline: transport.writeNow).
-//
-// In inline mode a Write never touches the socket: a full buffer grows
-// instead of being flushed (by at most one batch, which batchBudget and
-// the header list limits bound), and tryFlush then writes what it can
-// without waiting. On a plain TCP socket that is one write(2) through
-// syscall.RawConn whose callback never asks to wait, so a peer that stops
-// reading costs the producer nothing: the rest stays buffered for a writer
-// goroutine, which waits for the socket under the write deadline.
+// connWriter is a buffered writer of a socket that takes its bufio.Writer
+// from a pool on the first write and gives it back on Flush, like x/net's
+// bufferedWriter. It is used by the writer goroutine only.
 type connWriter struct {
-	nc  net.Conn
-	raw syscall.RawConn // set on plain sockets only: see tryFlush
-	// buf is the pooled buffer, nil while nothing is buffered; b is what
-	// is buffered, in *buf or, after an inline batch outgrew it, in a
-	// larger slice of its own.
-	buf    *[]byte
-	b      []byte
-	inline bool
-	// rawWrite is tryWrite bound to c (made once: no closure per write);
-	// rawP is its input, rawN and rawErr its results.
-	rawWrite func(fd uintptr) bool
-	rawP     []byte
-	rawN     int
-	rawErr   error
+	nc net.Conn
+	bw *bufio.Writer // nil while nothing is buffered
 }
 
 func newConnWriter(nc net.Conn) *connWriter {
-	c := &connWriter{nc: nc}
-	// As newConnReader: only the exact socket types.
-	var sc syscall.Conn
-	switch v := nc.(type) {
-	case *net.TCPConn:
-		sc = v
-	case *net.UnixConn:
-		sc = v
-	}
-	if sc != nil {
-		if raw, err := sc.SyscallConn(); err == nil {
-			c.raw = raw
-			c.rawWrite = c.tryWrite
-		}
-	}
-	return c
+	return &connWriter{nc: nc}
 }
-
-// canTry reports whether tryFlush can write without waiting: the socket
-// is a plain one.
-func (c *connWriter) canTry() bool { return c.raw != nil }
 
 // Write implements io.Writer.
 func (c *connWriter) Write(p []byte) (int, error) {
-	if c.buf == nil {
-		c.buf = bufWriterPool.Get().(*[]byte)
-		c.b = (*c.buf)[:0]
+	if c.bw == nil {
+		c.bw = bufWriterPool.Get().(*bufio.Writer)
+		c.bw.Reset(c.nc)
 	}
-	if !c.inline && len(c.b)+len(p) > cap(c.b) {
-		if err := c.writeOut(); err != nil {
-			return 0, err
-		}
-		if len(p) >= cap(c.b) {
-			// Large write: straight to the socket, as bufio.Writer does.
-			return c.nc.Write(p)
-		}
-	}
-	c.b = append(c.b, p...)
-	return len(p), nil
+	return c.bw.Write(p)
 }
 
 // WriteString implements io.StringWriter.
 func (c *connWriter) WriteString(s string) (int, error) {
-	return c.Write([]byte(s))
-}
-
-// writeOut writes what is buffered, waiting for the socket (under its
-// write deadline), and keeps the buffer.
-func (c *connWriter) writeOut() error {
-	if len(c.b) == 0 {
-		return nil
+	if c.bw == nil {
+		c.bw = bufWriterPool.Get().(*bufio.Writer)
+		c.bw.Reset(c.nc)
 	}
-	_, err := c.nc.Write(c.b)
-	c.b = c.b[:0]
-	return err
+	return c.bw.WriteString(s)
 }
 
 // Flush writes what is buffered and returns the buffer to the pool.
 func (c *connWriter) Flush() error {
-	if c.buf == nil {
+	bw := c.bw
+	if bw == nil {
 		return nil
 	}
-	err := c.writeOut()
-	c.release()
+	err := bw.Flush()
+	bw.Reset(nil) // drops the socket and a sticky error
+	bufWriterPool.Put(bw)
+	c.bw = nil
 	return err
-}
-
-// release gives the pooled buffer back; what is buffered is dropped.
-func (c *connWriter) release() {
-	if c.buf != nil {
-		bufWriterPool.Put(c.buf)
-	}
-	c.buf, c.b = nil, nil
-}
-
-// tryFlush writes what is buffered as far as the socket takes it without
-// waiting. done reports that nothing is left (the buffer went back to the
-// pool); otherwise the rest stays buffered, for Flush. The caller arms the
-// write deadline first: RawConn.Write fails at once past a stale one.
-func (c *connWriter) tryFlush() (done bool, err error) {
-	if len(c.b) == 0 {
-		c.release()
-		return true, nil
-	}
-	c.rawP = c.b
-	err = c.raw.Write(c.rawWrite)
-	n, serr := c.rawN, c.rawErr
-	c.rawP, c.rawN, c.rawErr = nil, 0, nil
-	switch {
-	case err != nil: // closed, deadline
-		return false, err
-	case serr == syscall.EAGAIN:
-		return false, nil
-	case serr != nil:
-		return false, &net.OpError{Op: "write", Net: c.nc.LocalAddr().Network(), Source: c.nc.LocalAddr(), Addr: c.nc.RemoteAddr(), Err: os.NewSyscallError("write", serr)}
-	}
-	if n >= len(c.b) {
-		c.release()
-		return true, nil
-	}
-	c.b = c.b[:copy(c.b, c.b[n:])]
-	return false, nil
-}
-
-// tryWrite is RawConn.Write's callback: one write(2), and never a wait
-// (it returns true whatever the socket said).
-func (c *connWriter) tryWrite(fd uintptr) bool {
-	for {
-		c.rawN, c.rawErr = syscall.Write(int(fd), c.rawP)
-		if c.rawErr != syscall.EINTR {
-			break
-		}
-	}
-	if c.rawN < 0 {
-		c.rawN = 0
-	}
-	return true
 }

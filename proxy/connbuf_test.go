@@ -137,8 +137,8 @@ func TestConnWriter(t *testing.T) {
 	if _, err := w.Write([]byte(" * HTTP/2.0")); err != nil {
 		t.Fatal(err)
 	}
-	if w.buf == nil || conn.writes.Len() != 0 {
-		t.Fatalf("before flush: buffer held %v, %d bytes written; want held, 0", w.buf != nil, conn.writes.Len())
+	if w.bw == nil || conn.writes.Len() != 0 {
+		t.Fatalf("before flush: buffer held %v, %d bytes written; want held, 0", w.bw != nil, conn.writes.Len())
 	}
 	if err := w.Flush(); err != nil {
 		t.Fatal(err)
@@ -146,7 +146,7 @@ func TestConnWriter(t *testing.T) {
 	if got, want := conn.writes.String(), "PRI * HTTP/2.0"; got != want {
 		t.Errorf("written %q, want %q", got, want)
 	}
-	if w.buf != nil {
+	if w.bw != nil {
 		t.Error("after flush the pooled buffer is still held")
 	}
 }

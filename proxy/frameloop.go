@@ -76,7 +76,6 @@ type errorPolicy interface {
 // the stream and go on; connection errors send GOAWAY and end the loop
 // (RFC 9113 §5.4). Reader goroutine only.
 func (t *transport) readLoop(p h2role) error {
-	defer t.runKicks()
 	first := true
 	for {
 		f, err := t.readFrame()
@@ -235,7 +234,7 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		}
 		t.queueCtrlLocked(writeOp{kind: opPing, end: true, ping: f.Data})
 		t.mu.Unlock()
-		t.kickLater(t) // with what else this read asks for (runKicks)
+		t.signal()
 	case *http2.GoAwayFrame:
 		p.onGoAway(f)
 	case *http2.PushPromiseFrame:
@@ -293,7 +292,7 @@ func (t *transport) handleSettings(f *http2.SettingsFrame, eachQueue func(func(*
 	}
 	t.gotSettings = true
 	t.queueCtrlLocked(writeOp{kind: opSettingsAck})
-	t.kickLater(t) // mu is held: the write waits for runKicks
+	t.signal()
 	return nil
 }
 
@@ -307,7 +306,7 @@ func (t *transport) handleWindowUpdateLocked(q *sendQueue, f *http2.WindowUpdate
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
 		t.sendWindow += inc
-		t.kickLater(t) // mu is held: the write waits for runKicks
+		t.signal()
 		return nil
 	}
 	if q == nil {
@@ -318,7 +317,7 @@ func (t *transport) handleWindowUpdateLocked(q *sendQueue, f *http2.WindowUpdate
 	}
 	q.window += inc
 	t.markReadyLocked(q)
-	t.kickLater(t)
+	t.signal()
 	return nil
 }
 

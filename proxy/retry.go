@@ -32,10 +32,9 @@ import (
 // startAttemptLocked picks a backend for s and queues a new attempt on it,
 // with items as its first request items (nil for the first attempt). It
 // reports the failure to end the call with when no attempt could be made.
-// from is the calling reader's connection, or nil (see
-// serverConn.enqueueDown). Caller must hold mu; the connection's and pool's locks are taken inside
+// Caller must hold mu; the connection's and pool's locks are taken inside
 // (cc.mu → pool.mu → bc.mu is the lock order).
-func (c *serverConn) startAttemptLocked(s *stream, items []outItem, from *transport) (failure, bool) {
+func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bool) {
 	var refused *failure // the last pick the pool refused without trying it
 	for {
 		s.attempts++
@@ -106,7 +105,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem, from *transp
 		s.att = a
 		s.down.src = &bc.transport
 		s.down.credit = &a.downRecv
-		cause := bc.addAttempt(a, from)
+		cause := bc.addAttempt(a)
 		if cause == nil {
 			bc.mu.Lock()
 			bc.markReadyLocked(&a.up)
@@ -203,7 +202,7 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 	throttled := eligible && !transparent && s.retryable && !s.up.budget.allow()
 	if eligible && (transparent || (s.retryable && !throttled)) {
 		if items, ok := a.bc.harvest(a); ok {
-			if _, ok := c.startAttemptLocked(s, items, nil); ok {
+			if _, ok := c.startAttemptLocked(s, items); ok {
 				c.mu.Unlock()
 				c.signal()
 				if a.done != nil {

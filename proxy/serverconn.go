@@ -369,7 +369,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 			// (an "illegal stream id"), taking every other client's
 			// calls on it. Only the end of the stream is relayed, as an
 			// empty DATA frame with END_STREAM; the fields are dropped.
-			a.bc.enqueueUp(a, outItem{kind: itemData, end: true}, nil, &c.transport)
+			a.bc.enqueueUp(a, outItem{kind: itemData, end: true}, nil)
 		}
 		c.stepLocked(s, evRecvEnd)
 		c.mu.Unlock()
@@ -463,7 +463,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		return nil
 	}
 	c.mu.Lock()
-	fail, ok := c.startAttemptLocked(s, nil, &c.transport)
+	fail, ok := c.startAttemptLocked(s, nil)
 	c.mu.Unlock()
 	if !ok {
 		c.rejectStream(s, fail)
@@ -643,7 +643,7 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 		c.mu.Unlock()
 		return err
 	}
-	if a := s.att; a == nil || !a.bc.enqueueUp(a, outItem{kind: itemData, end: end}, data, &c.transport) {
+	if a := s.att; a == nil || !a.bc.enqueueUp(a, outItem{kind: itemData, end: end}, data) {
 		c.creditLocked(r, int32(len(data)))
 	}
 	if end {
@@ -654,7 +654,7 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 	wake := len(c.ctrl) != queued || end
 	c.mu.Unlock()
 	if wake {
-		c.kickFrom(&c.transport)
+		c.signal()
 	}
 	return nil
 }
@@ -703,10 +703,8 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 
 // enqueueDown queues a response item from the backend. It reports false if
 // the response was already ended, in which case DATA bytes must be credited
-// back by the caller. from is the connection whose reader calls, which
-// wakes the writer once it handled what it read (transport.kickLater), or
-// nil.
-func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte, from *transport) bool {
+// back by the caller.
+func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 	s := a.s
 	c.mu.Lock()
 	if s.att != a || s.down.closed {
@@ -736,7 +734,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte, from *tran
 	}
 	c.markReadyLocked(&s.down)
 	c.mu.Unlock()
-	c.kickFrom(from)
+	c.signal()
 	return true
 }
 

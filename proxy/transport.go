@@ -261,16 +261,6 @@ type transport struct {
 	// wNotStarted.
 	wstate atomic.Int32
 	owner  writerOwner
-	// wrole is the role writeStep is run with: set before wstate first
-	// becomes wIdle, so a producer that claims the writer role (writeNow)
-	// finds it.
-	wrole role
-	// kicks are the connections whose writers frames read on this
-	// connection queued work for: they write once the reader has handled
-	// everything it read (runKicks), so the frames of one read go out in
-	// one batch. Reader goroutine only.
-	kicks   []*transport
-	kickInl [4]*transport
 	// park is where an on-demand writer with nothing to do waits, until
 	// signal or the server's housekeeper (reapWriter) wakes it; made by
 	// the first writer that parks.
@@ -448,7 +438,6 @@ func (t *transport) attach(nc net.Conn) {
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
 	t.bw = newConnWriter(nc)
-	t.cr.beforeFill = t.runKicks
 	t.mu.Lock()
 	t.nc = nc
 	t.mu.Unlock()
@@ -469,10 +458,6 @@ const (
 	wParked                  // it waits on park with nothing to do
 	wReaping                 // the housekeeper told the parked writer to exit
 	wDone                    // the writer finished for good (closed, or drained)
-	// A producer took the role from a parked writer, which stays parked
-	// (writeNow); it gives the role back to it, or wakes it for more.
-	wInline
-	wInlineKicked // wInline, and signalled since the producer took work
 )
 
 // usePersistentWriter makes t's writer the long-lived writeLoop, woken by
@@ -480,9 +465,6 @@ const (
 // their run goroutine is the writer.
 func (t *transport) usePersistentWriter() {
 	t.wake = make(chan struct{}, 1)
-	// The goroutine that will run writeLoop holds the writer role from
-	// the start (it dials first): signals until then are kicks.
-	t.wstate.Store(wRunning)
 }
 
 // writerOwner is the connection an on-demand writer works for.
@@ -502,23 +484,25 @@ type writerOwner interface {
 // one for what is queued already.
 func (t *transport) startOnDemand(o writerOwner) {
 	t.owner = o
-	t.wrole = o
 	t.wstate.Store(wIdle)
 	t.signal()
 }
 
 // signal tells the writer there is work, starting one if none runs. It
 // never blocks. Work must be queued (under mu) before signal is called.
-//
-// A persistent writer (writeLoop) uses wIdle, wRunning, wKicked and wDone
-// alike, wIdle meaning that it waits on wake: a token is sent on wake only
-// with the change from wIdle to wRunning, which hands it the writer role.
 func (t *transport) signal() {
+	if t.wake != nil {
+		select {
+		case t.wake <- struct{}{}:
+		default:
+		}
+		return
+	}
 	for {
 		switch st := t.wstate.Load(); st {
 		case wIdle:
 			if t.wstate.CompareAndSwap(wIdle, wRunning) {
-				t.handOver()
+				go t.runWriter()
 				return
 			}
 		case wRunning:
@@ -530,160 +514,10 @@ func (t *transport) signal() {
 				t.unpark()
 				return
 			}
-		case wInline:
-			if t.wstate.CompareAndSwap(wInline, wInlineKicked) {
-				return
-			}
 		default: // not started, already kicked, or done
 			return
 		}
 	}
-}
-
-// handOver gives the writer role, which the caller holds, to a writer
-// goroutine: the persistent one waiting on wake, or a new on-demand one.
-func (t *transport) handOver() {
-	if t.wake != nil {
-		select {
-		case t.wake <- struct{}{}:
-		default:
-		}
-		return
-	}
-	go t.runWriter()
-}
-
-// kickLater asks d's writer to run once this connection's reader has
-// handled what it read (runKicks), instead of waking it for each frame.
-// Reader goroutine only; work must be queued on d (under d.mu) first.
-func (t *transport) kickLater(d *transport) {
-	for _, k := range t.kicks {
-		if k == d {
-			return
-		}
-	}
-	if len(t.kicks) == len(t.kickInl) {
-		d.signal() // a bounded list: the rest are woken at once
-		return
-	}
-	if t.kicks == nil {
-		t.kicks = t.kickInl[:0]
-	}
-	t.kicks = append(t.kicks, d)
-}
-
-// kickFrom wakes t's writer for work queued by the reader of from, or at
-// once when from is nil (the caller is not a reader goroutine).
-func (t *transport) kickFrom(from *transport) {
-	if from == nil {
-		t.signal()
-		return
-	}
-	from.kickLater(t)
-}
-
-// runKicks writes for the connections kickLater noted, on this
-// goroutine where it can (writeNow). The reader calls it, holding no
-// lock, when it has handled every frame it read and before it reads
-// again, and when it ends.
-func (t *transport) runKicks() {
-	for i, d := range t.kicks {
-		t.kicks[i] = nil
-		d.writeNow()
-	}
-	t.kicks = t.kicks[:0]
-}
-
-// writeNow is signal for a producer that holds no lock: when no writer
-// runs, the producer takes the writer role (the same compare-and-swap a
-// signal makes) and writes one batch itself, sparing the hand-off to a
-// writer goroutine and the wake-up of a thread for it (issue 12). It never
-// waits on the socket: the batch is written with one non-blocking write,
-// and what the socket does not take is left to a writer goroutine, which
-// waits under the write deadline. Sockets without a RawConn (TLS) are
-// signalled as before.
-func (t *transport) writeNow() {
-	// From wIdle there is no writer goroutine; from wParked (on-demand
-	// writers only) it stays parked while the producer writes, in
-	// wInline, which signal turns into wInlineKicked, and runWriter
-	// ignores a stale park token in.
-	parked := false
-	if !t.wstate.CompareAndSwap(wIdle, wRunning) {
-		if t.wake != nil || !t.wstate.CompareAndSwap(wParked, wInline) {
-			t.signal()
-			return
-		}
-		parked = true
-	}
-	// The writer role is ours: the socket's writer (set before any
-	// writer ran) may be read.
-	if !t.bw.canTry() {
-		t.giveBack(parked)
-		return
-	}
-	t.bw.inline = true
-	st, _ := t.writeStep(t.wrole)
-	t.bw.inline = false
-	switch st {
-	case stepExit:
-		// Closed, or drained: the writer goroutine finishes, as it
-		// would have (writerFinished may linger).
-		t.giveBack(parked)
-		return
-	case stepWrote:
-		t.armWrite()
-		done, err := t.bw.tryFlush()
-		if err != nil {
-			t.close(err)
-			t.giveBack(parked)
-			return
-		}
-		if !done {
-			// The socket took part of it: t.dirty stays set, and the
-			// writer goroutine flushes the rest, waiting as it may.
-			t.giveBack(parked)
-			return
-		}
-		t.dirty = false
-	}
-	// Everything is written: let go as a writer going idle does.
-	if !parked && t.wake == nil {
-		t.dropScratch()
-	}
-	t.mu.Lock()
-	for i, b := range t.toRelease {
-		putBuf(b)
-		t.toRelease[i] = nil
-	}
-	t.toRelease = t.toRelease[:0]
-	// A draining connection whose last frames this was ends with a
-	// writer's next step (stepExit): the writer goroutine takes it.
-	draining := t.drainAndClose || t.closed
-	t.mu.Unlock()
-	if draining {
-		t.giveBack(parked)
-		return
-	}
-	if parked {
-		if !t.wstate.CompareAndSwap(wInline, wParked) {
-			t.giveBack(true) // signalled meanwhile: more is queued
-		}
-		return
-	}
-	if !t.wstate.CompareAndSwap(wRunning, wIdle) {
-		t.handOver() // signalled meanwhile: more is queued
-	}
-}
-
-// giveBack hands the writer role writeNow took to a writer goroutine:
-// the parked one (parked) or, as handOver, a new or the persistent one.
-func (t *transport) giveBack(parked bool) {
-	if !parked {
-		t.handOver()
-		return
-	}
-	t.wstate.Store(wRunning)
-	t.unpark()
 }
 
 // unpark wakes a parked writer. A token left over (the writer woke for
@@ -732,15 +566,8 @@ func (t *transport) runWriter() {
 			if !t.wstate.CompareAndSwap(wRunning, wParked) {
 				continue // signalled meanwhile
 			}
-		wait:
 			<-t.park
-			switch t.wstate.Load() {
-			case wParked, wInline, wInlineKicked:
-				// A token left over from an earlier wake-up: still
-				// parked, or a producer writing inline holds the role.
-				goto wait
-			case wReaping:
-			default:
+			if t.wstate.Load() != wReaping {
 				continue // signalled
 			}
 			t.releaseIdle()
@@ -1293,19 +1120,11 @@ const batchBudget = 64 << 10
 // nothing is left. It is the persistent writer (usePersistentWriter); an
 // on-demand transport runs the same steps in runWriter.
 func (t *transport) writeLoop(r role) error {
-	t.wrole = r
 	for {
-		t.wstate.Store(wRunning) // work signalled before this is taken below
 		switch st, err := t.writeStep(r); st {
 		case stepExit:
-			t.wstate.Store(wDone)
 			return err
 		case stepIdle:
-			if !t.wstate.CompareAndSwap(wRunning, wIdle) {
-				continue // signalled meanwhile
-			}
-			// Idle: a signal, or a producer that wrote inline and left
-			// more queued, hands the role back with a token.
 			<-t.wake
 		}
 	}
