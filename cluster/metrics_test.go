@@ -218,7 +218,15 @@ func TestBackendConnsOverflowMetric(t *testing.T) {
 	if err := <-held; status.Code(err) != codes.Canceled {
 		t.Errorf("held call: %v, want CANCELLED", err)
 	}
-	got := scrape(t, r.admin, "streamlb_limit_rejections_total")
+	// A call is counted when both its sides are done, which may be a
+	// moment after its client had the answer (the client's END_STREAM
+	// follows the refusal), and call ends are delivered to the metrics
+	// on a goroutine of their own: wait for the count, then check it.
+	var got map[string]float64
+	testkit.WaitFor(ctx, t, "the refusals to be counted", func() bool {
+		got = scrape(t, r.admin, "streamlb_limit_rejections_total")
+		return got["limit=max_backend_conns"] >= refused
+	})
 	if got["limit=max_backend_conns"] != refused {
 		t.Errorf("streamlb_limit_rejections_total = %v, want %d under limit=max_backend_conns", got, refused)
 	}
