@@ -242,6 +242,14 @@ func TestZKFormatsAndRegistrations(t *testing.T) {
 }
 
 func TestZKOutageKeepsSet(t *testing.T) {
+	if raceEnabled {
+		// The client's session comes back with its watch when the server
+		// does, and go-zookeeper v1.0.4 races with itself there: Conn.loop's
+		// sendSetWatches reads lastZxid (conn.go:614) while recvLoop writes
+		// it (conn.go:849); it failed a fresh-clone CI run. .ci/run runs
+		// this test without the race detector.
+		t.Skip("the reconnection with a watch races inside go-zookeeper v1.0.4 under -race; run without -race")
+	}
 	srv := zktest.Start(t)
 	ctx := testContext(t)
 	c := newZKClient(t, srv.Addr(), 2*time.Second)
