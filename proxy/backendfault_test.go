@@ -46,6 +46,20 @@ func (r *loadResult) record(err error) {
 	}
 }
 
+// waitLoadOnEvery waits until every backend of e has answered at least n
+// calls.
+func waitLoadOnEvery(ctx context.Context, t *testing.T, e *env, n int64) {
+	t.Helper()
+	testkit.WaitFor(ctx, t, "load on every backend", func() bool {
+		for _, b := range e.backends {
+			if b.Calls() < n {
+				return false
+			}
+		}
+		return true
+	})
+}
+
 // loadUntil runs workers goroutines that make EmptyCalls over the env's one
 // client connection until stop is closed, each at most maxPerWorker calls.
 // It returns a function that waits for them.
@@ -98,14 +112,7 @@ func TestRollingRestart(t *testing.T) {
 	var r loadResult
 	stop := make(chan struct{})
 	wait := loadUntil(ctx, e, 8, 50000, stop, &r)
-	testkit.WaitFor(ctx, t, "load on every backend", func() bool {
-		for _, b := range e.backends {
-			if b.Calls() < 20 {
-				return false
-			}
-		}
-		return true
-	})
+	waitLoadOnEvery(ctx, t, e, 20)
 	restarted := make([]*testserver.Server, len(e.backends))
 	for i, old := range e.backends {
 		addr := old.Addr()
@@ -277,14 +284,7 @@ func TestRestartCycles(t *testing.T) {
 	var r loadResult
 	stop := make(chan struct{})
 	wait := loadUntil(ctx, e, 16, 200000, stop, &r)
-	testkit.WaitFor(ctx, t, "load on every backend", func() bool {
-		for _, b := range e.backends {
-			if b.Calls() < 20 {
-				return false
-			}
-		}
-		return true
-	})
+	waitLoadOnEvery(ctx, t, e, 20)
 	const cycles = 100
 	for i := range cycles {
 		idx := i % len(e.backends)
