@@ -118,9 +118,7 @@ func TestResponseBuffersPerStream(t *testing.T) {
 	e := newEnv(t, envOpts{backends: 1})
 	srv := e.srv.(*proxy.Server)
 	ctx := testkit.Context(t, 30*time.Second)
-	r := dialRaw(t, e.addr)
-	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
-	r.fr.WriteWindowUpdate(0, 1<<30)
+	r := dialRawWide(t, e.addr)
 	params := make([]*testgrpc.ResponseParameters, 64)
 	for i := range params {
 		params[i] = &testgrpc.ResponseParameters{Size: 128 << 10}

@@ -33,6 +33,17 @@ func dialRaw(t *testing.T, addr string) *rawConn {
 	return r
 }
 
+// dialRawWide is dialRaw with 1 GiB stream and connection windows granted
+// to the proxy, so that only the socket (a client that does not read)
+// stops what the proxy sends.
+func dialRawWide(t *testing.T, addr string) *rawConn {
+	t.Helper()
+	r := dialRaw(t, addr)
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
+	r.fr.WriteWindowUpdate(0, 1<<30)
+	return r
+}
+
 // dialRawPreface is dialRaw without the client's SETTINGS: only the
 // connection preface's magic has been written.
 func dialRawPreface(t *testing.T, addr string) *rawConn {

@@ -408,9 +408,7 @@ func TestWriteTimeout(t *testing.T) {
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.WriteTimeout = 300 * time.Millisecond }})
 	good := startGoodClient(t, e)
 	rss := peakRSS(true)
-	r := dialRaw(t, e.addr)
-	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
-	r.fr.WriteWindowUpdate(0, 1<<30)
+	r := dialRawWide(t, e.addr)
 	params := make([]*testgrpc.ResponseParameters, 16)
 	for i := range params {
 		params[i] = &testgrpc.ResponseParameters{Size: 1 << 20}

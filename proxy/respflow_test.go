@@ -65,9 +65,7 @@ func TestNeverReaderWindowsDoNotGrow(t *testing.T) {
 	e := newEnv(t, envOpts{backends: 1})
 	srv := e.srv.(*proxy.Server)
 	ctx := testkit.Context(t, 30*time.Second)
-	r := dialRaw(t, e.addr)
-	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
-	r.fr.WriteWindowUpdate(0, 1<<30)
+	r := dialRawWide(t, e.addr)
 	const streams = 16
 	msg := grpcMsg(bigStream(64, 128<<10))
 	for i := range streams {
@@ -154,9 +152,7 @@ func TestStreamsPastWindowBudgetRefused(t *testing.T) {
 	const budget = 16 * proxy.DefaultBackendStreamWindow
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.MaxConnBufferedBytes = budget }})
 	srv := e.srv.(*proxy.Server)
-	r := dialRaw(t, e.addr)
-	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
-	r.fr.WriteWindowUpdate(0, 1<<30)
+	r := dialRawWide(t, e.addr)
 	const streams = 24
 	msg := grpcMsg(bigStream(64, 128<<10))
 	for i := range streams {
@@ -200,9 +196,7 @@ func TestFastClientBesideNeverReader(t *testing.T) {
 	e := newEnv(t, envOpts{backends: 1})
 	srv := e.srv.(*proxy.Server)
 	ctx := testkit.Context(t, 60*time.Second)
-	r := dialRaw(t, e.addr)
-	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
-	r.fr.WriteWindowUpdate(0, 1<<30)
+	r := dialRawWide(t, e.addr)
 	const stuck = 32
 	msg := grpcMsg(bigStream(64, 128<<10)) // 8 MiB each
 	for i := range stuck {
