@@ -131,7 +131,7 @@ func (c *connReader) fillRaw(fd uintptr) bool {
 		c.big = readBufPool.Get().(*[]byte)
 	}
 	for {
-		c.rawN, c.rawErr = syscall.Read(int(fd), *c.big)
+		c.rawN, c.rawErr = rawRead(fd, *c.big)
 		if c.rawErr != syscall.EINTR {
 			break
 		}
@@ -232,19 +232,25 @@ func (c *connReader) release() {
 // from a pool on the first write and gives it back on Flush, like x/net's
 // bufferedWriter. It is used by the writer goroutine only.
 type connWriter struct {
-	nc net.Conn
-	bw *bufio.Writer // nil while nothing is buffered
+	nc  net.Conn
+	out io.Writer     // nc, or a rawSock writing nc's descriptor
+	bw  *bufio.Writer // nil while nothing is buffered
 }
 
 func newConnWriter(nc net.Conn) *connWriter {
-	return &connWriter{nc: nc}
+	c := &connWriter{nc: nc}
+	c.out = nc
+	if s := newRawSock(nc); s != nil {
+		c.out = s
+	}
+	return c
 }
 
 // Write implements io.Writer.
 func (c *connWriter) Write(p []byte) (int, error) {
 	if c.bw == nil {
 		c.bw = bufWriterPool.Get().(*bufio.Writer)
-		c.bw.Reset(c.nc)
+		c.bw.Reset(c.out)
 	}
 	return c.bw.Write(p)
 }
@@ -253,7 +259,7 @@ func (c *connWriter) Write(p []byte) (int, error) {
 func (c *connWriter) WriteString(s string) (int, error) {
 	if c.bw == nil {
 		c.bw = bufWriterPool.Get().(*bufio.Writer)
-		c.bw.Reset(c.nc)
+		c.bw.Reset(c.out)
 	}
 	return c.bw.WriteString(s)
 }

@@ -1,0 +1,16 @@
+//go:build !linux
+
+package proxy
+
+import (
+	"net"
+	"syscall"
+)
+
+// rawRead is read(2); see rawsys_linux.go.
+func rawRead(fd uintptr, p []byte) (int, error) { return syscall.Read(int(fd), p) }
+
+// rawSock is Linux-only (rawsys_linux.go); elsewhere the writer writes nc.
+type rawSock struct{ net.Conn }
+
+func newRawSock(net.Conn) *rawSock { return nil }
