@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/streamlb/streamlb/proxy"
 	"google.golang.org/grpc/credentials"
 )
 
@@ -262,7 +264,7 @@ func (l *tlsListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &tlsServerConn{Conn: tls.Server(nc, l.cfg)}, nil
+	return &tlsServerConn{Conn: tls.Server(proxy.WrapSocket(nc), l.cfg)}, nil
 }
 
 // tlsServerConn is a server-side TLS connection that answers a client
@@ -362,7 +364,7 @@ func (b *backendTLS) dial(ctx context.Context, network, addr string) (net.Conn, 
 	if err != nil {
 		return nil, err
 	}
-	tc := tls.Client(nc, cfg)
+	tc := tls.Client(proxy.WrapSocket(nc), cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("TLS handshake: %w", err)

@@ -3,6 +3,7 @@
 package proxy
 
 import (
+	"io"
 	"net"
 	"os"
 	"syscall"
@@ -98,3 +99,79 @@ func (s *rawSock) write(fd uintptr) bool {
 	}
 	return true
 }
+
+// WrapSocket returns a plain TCP connection wrapped so that its Read and
+// Write use rawRead and rawSock (see above); any other net.Conn is
+// returned as it is. The data plane reads and writes plain sockets this
+// way itself; WrapSocket is for a layer between them, such as TLS
+// (tls.Server(proxy.WrapSocket(nc), cfg)), whose record reads and writes
+// would otherwise each wake sysmon. Read and Write may be called
+// concurrently with each other, not with themselves, which is how
+// crypto/tls uses its connection.
+func WrapSocket(nc net.Conn) net.Conn {
+	tc, ok := nc.(*net.TCPConn)
+	if !ok {
+		return nc
+	}
+	raw, err := tc.SyscallConn()
+	if err != nil {
+		return nc
+	}
+	w := newRawSock(nc)
+	if w == nil {
+		return nc
+	}
+	c := &rawTCPConn{TCPConn: tc, raw: raw, w: w}
+	c.rfn = c.read
+	return c
+}
+
+// rawTCPConn is WrapSocket's connection.
+type rawTCPConn struct {
+	*net.TCPConn
+	raw  syscall.RawConn
+	w    *rawSock
+	rfn  func(fd uintptr) bool // read, bound once
+	rp   []byte
+	rn   int
+	rerr error
+}
+
+func (c *rawTCPConn) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	c.rp = p
+	err := c.raw.Read(c.rfn)
+	n, rerr := c.rn, c.rerr
+	c.rp, c.rn, c.rerr = nil, 0, nil
+	switch {
+	case err != nil: // closed, deadline
+		return 0, err
+	case rerr != nil:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.NewSyscallError("read", rerr)}
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// read is RawConn.Read's callback.
+func (c *rawTCPConn) read(fd uintptr) bool {
+	for {
+		n, err := rawRead(fd, c.rp)
+		switch err {
+		case nil:
+			c.rn = n
+			return true
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			return false
+		default:
+			c.rerr = err
+			return true
+		}
+	}
+}
+
+func (c *rawTCPConn) Write(p []byte) (int, error) { return c.w.Write(p) }

@@ -14,3 +14,6 @@ func rawRead(fd uintptr, p []byte) (int, error) { return syscall.Read(int(fd), p
 type rawSock struct{ net.Conn }
 
 func newRawSock(net.Conn) *rawSock { return nil }
+
+// WrapSocket returns nc: the raw-syscall socket is Linux-only.
+func WrapSocket(nc net.Conn) net.Conn { return nc }
