@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"log/slog"
@@ -371,6 +372,7 @@ type writeScratch struct {
 	fr    *http2.Framer
 	hbuf  bytes.Buffer
 	batch []writeOp
+	dhdr  [9]byte // a DATA frame's header: see writeData
 }
 
 var scratchPool = sync.Pool{New: func() any {
@@ -854,7 +856,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 		var err error
 		switch op.kind {
 		case opData:
-			err = t.sc.fr.WriteData(op.streamID, op.end, op.data)
+			err = t.writeData(op.streamID, op.end, op.data)
 			if op.release {
 				op.mem.freeBuf(op.buf)
 			}
@@ -897,6 +899,34 @@ func (t *transport) writeFrames(batch []writeOp) error {
 	}
 	t.dirty = true
 	return nil
+}
+
+// writeData writes one DATA frame (RFC 9113 §6.1, no padding) straight
+// into the buffered writer. x/net's Framer.WriteData would first copy the
+// payload into the Framer's own buffer and then that into the writer's:
+// one more copy of every relayed byte, about 8% of the CPU of a 1 MiB
+// stream in a profile. The payload's size is within the peer's
+// SETTINGS_MAX_FRAME_SIZE (popLocked takes no more) and id is one of ours.
+func (t *transport) writeData(id uint32, end bool, data []byte) error {
+	h := &t.sc.dhdr
+	dataFrameHeader(h, id, end, len(data))
+	if _, err := t.bw.Write(h[:]); err != nil {
+		return err
+	}
+	_, err := t.bw.Write(data)
+	return err
+}
+
+// dataFrameHeader fills h with the header of an unpadded DATA frame of n
+// bytes (RFC 9113 §4.1, §6.1).
+func dataFrameHeader(h *[9]byte, id uint32, end bool, n int) {
+	h[0], h[1], h[2] = byte(n>>16), byte(n>>8), byte(n)
+	h[3] = byte(http2.FrameData)
+	h[4] = 0
+	if end {
+		h[4] = byte(http2.FlagDataEndStream)
+	}
+	binary.BigEndian.PutUint32(h[5:], id&(1<<31-1))
 }
 
 // writeHeaders HPACK-encodes fields and writes them as one HEADERS frame
