@@ -330,13 +330,13 @@ ELAPSED=$(($(date +%s) - START_TIME))
 		group_by(.scenario + " " + .path)[] |
 		"| \(.[0].scenario) | \(.[0].path) | \(map(.count) | add) | \(map(.errors) | add) | \(map(.errors) | min)-\(map(.errors) | max) |"' "$RAW"
 	echo
-	echo "Kill: time from b2 listening again to the first call it answered (its longest gap between answered calls ends there; \"-\" if that gap is not the kill's):"
+	echo "Kill: time from b2 listening again to the first call it answered (its longest gap between answered calls ends there):"
 	echo
 	jq -r 'select(.scenario == "kill") |
 		(.events | capture("b2 listening again at (?<t>[0-9.]+)").t | tonumber) as $up |
 		((.backends // []) | map(select(.name == "b2")) | .[0] // {}) as $b |
 		if ($b.gap_end // 0) > $up then "- run \(.run), \(.path): \((($b.gap_end - $up) * 1000) | floor) ms (b2 answered no call for \($b.gap_ms | floor) ms)"
-		else "- run \(.run), \(.path): -" end' "$RAW"
+		else "- run \(.run), \(.path): none in the \(((.end - $up) * 1000) | floor) ms to the end of the run" end' "$RAW"
 	echo
 	echo "A kill may fail at most the calls in flight on the killed backend: $CONC + $STREAM_WORKERS in flight in all, about a third of them on it."
 	echo "Backend stops (from the events): $(jq -rs 'map(.events) | join(";") | split(";") | map(select(. != "")) | map(capture("exited \\((?<rc>[^)]*)\\) after (?<s>[0-9.]+)s")) | "\(length) stops, exit codes \(map(.rc) | unique | join(",")), longest \(map(.s | tonumber) | max // 0)s"' "$RAW")"

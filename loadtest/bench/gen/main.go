@@ -100,6 +100,8 @@ type report struct {
 	Errors  int     `json:"errors"`
 	RPS     float64 `json:"rps"`
 	Seconds float64 `json:"seconds"`
+	// End is the Unix time in seconds when the last call ended.
+	End float64 `json:"end"`
 	Latency struct {
 		P50 float64 `json:"p50_ms"`
 		P99 float64 `json:"p99_ms"`
@@ -360,6 +362,7 @@ func run(o options) (*report, error) {
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	end := float64(time.Now().UnixNano()) / 1e9
 
 	var rep report
 	var lat []time.Duration
@@ -419,6 +422,7 @@ func run(o options) (*report, error) {
 	}
 	rep.Count = len(lat)
 	rep.Seconds = elapsed.Seconds()
+	rep.End = end
 	rep.RPS = float64(rep.Count) / elapsed.Seconds()
 	slices.Sort(lat)
 	rep.Latency.P50 = ms(pct(lat, 0.50))
