@@ -54,3 +54,16 @@ type Draining interface {
 	error
 	Draining() bool
 }
+
+// ConnectionFailure is implemented by the errors the proxy hands to done
+// for an attempt that failed at the connection level, not because the
+// backend answered: the connection could not be opened (refused, timed
+// out), did not finish its HTTP/2 handshake in time, or was lost with the
+// call open. The status is UNAVAILABLE. A Picker that ejects such a
+// backend may end the ejection as soon as a new connection to it
+// succeeds, since that is the fact these failures were about. Draining
+// errors do not implement it. Like Draining it uses only standard types.
+type ConnectionFailure interface {
+	error
+	ConnectionFailed() bool
+}

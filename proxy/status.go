@@ -130,8 +130,11 @@ func (f failure) Error() string {
 // Picker.done.
 func (f failure) statusErr() error {
 	st, _ := statusOf(f)
-	if f.draining {
+	switch {
+	case f.draining:
 		return drainingError{st}
+	case f.kind == failDial || f.kind == failConnLost || f.kind == failHandshake:
+		return connectionError{st}
 	}
 	return st.Err()
 }
@@ -163,6 +166,19 @@ func (e drainingError) GRPCStatus() *status.Status { return e.st }
 func (drainingError) Draining() bool { return true }
 
 var _ Draining = drainingError{}
+
+// connectionError is the status of an attempt that failed because its
+// backend connection could not be opened, did not finish its handshake or
+// was lost; it implements ConnectionFailure.
+type connectionError struct{ st *status.Status }
+
+func (e connectionError) Error() string              { return e.st.Err().Error() }
+func (e connectionError) GRPCStatus() *status.Status { return e.st }
+
+// ConnectionFailed implements the ConnectionFailure interface.
+func (connectionError) ConnectionFailed() bool { return true }
+
+var _ ConnectionFailure = connectionError{}
 
 // statusOf is the one mapping from a proxy-generated failure to the status
 // the call ends with, and the HTTP status of the response: 200 except for
