@@ -33,7 +33,10 @@ func (f PickerFunc) Pick(ctx context.Context, fullMethod string) (string, func(e
 // previous_hosts retry predicate and HAProxy's redispatch: for the second
 // and later attempts of a call the proxy calls PickExcluding with the
 // addresses the call already tried, in order, and the picker should
-// choose a backend not among them if it has one. tried is only read
+// choose a backend not among them if it has one. The proxy also calls it
+// for a first attempt, with the backends that currently take no stream
+// (they advertise SETTINGS_MAX_CONCURRENT_STREAMS=0), so that they are
+// not picked; the call is no retry then. tried is only read
 // during the call and is never nil or empty. The contract is otherwise
 // Pick's. A Picker without it is asked again with Pick, a few times,
 // until it names an address not yet tried.
