@@ -133,10 +133,17 @@ func (f failure) statusErr() error {
 	switch {
 	case f.draining:
 		return drainingError{st}
-	case f.kind == failDial || f.kind == failConnLost || f.kind == failHandshake:
+	case f.connectionLevel():
 		return connectionError{st}
 	}
 	return st.Err()
+}
+
+// connectionLevel reports whether f is a failure of the backend
+// connection itself: it could not be opened, did not finish its
+// handshake, or was lost.
+func (f failure) connectionLevel() bool {
+	return f.kind == failDial || f.kind == failConnLost || f.kind == failHandshake
 }
 
 // pickerErr is the outcome of f as handed to the Picker's done when the
@@ -297,7 +304,14 @@ func endBlocks(f failure, trailersOnly bool, answer [][]hpack.HeaderField) ([][]
 		return answer, outcome(answer[len(answer)-1])
 	}
 	st, httpStatus := statusOf(f)
-	return [][]hpack.HeaderField{statusFields(st, httpStatus, trailersOnly)}, st.Err()
+	err := st.Err()
+	if !f.draining && f.connectionLevel() {
+		// For outlier detection: a call that ends because its backend
+		// connection was lost says the connection failed (see
+		// ConnectionFailure).
+		err = connectionError{st}
+	}
+	return [][]hpack.HeaderField{statusFields(st, httpStatus, trailersOnly)}, err
 }
 
 // statusFields is a proxy-generated gRPC status. With trailersOnly it is a
