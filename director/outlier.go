@@ -252,8 +252,11 @@ func (d *Director) ejectLocked(all []*backend, b *backend, now time.Time) bool {
 	c.ejectReason = fmt.Sprintf("ejected for %v after %d calls in a row ended UNAVAILABLE", dur, failures)
 	// The failures that ended the run were connection failures: a new
 	// connection that completes its handshake disproves them, so the
-	// ejection may end early (uneject.go).
-	c.reconnectProbe = connRun > 0
+	// ejection may end early (uneject.go). Only a first ejection: one
+	// that follows soon after the last ended (multiplier above 1) runs
+	// its full time, so a backend that accepts connections and then
+	// fails its calls costs a run of failures per ejection, not per probe.
+	c.reconnectProbe = connRun > 0 && m == 1
 	c.ejections.Add(1)
 	d.ejectEpoch++
 	if c.reconnectProbe {

@@ -34,7 +34,12 @@ import (
 //     reconnectProbeMax; the first handshake that completes ends the
 //     ejection. An ejection that followed answers (the backend said
 //     UNAVAILABLE itself) is never probed: a handshake proves nothing
-//     about it. Envoy without active checks keeps every ejection to its
+//     about it. Nor is an ejection that came soon after the backend's
+//     last one ended (its multiplier is above 1): a backend that takes
+//     connections and then fails its calls, or crashes again at once,
+//     serves its growing ejections in full, so it costs a run of
+//     failures per ejection rather than one per probe.
+//     Envoy without active checks keeps every ejection to its
 //     end; HAProxy brings a server back as soon as its checks pass (its
 //     default check is a TCP connect, `inter 2s rise 2`). Connection
 //     failures are the case where a connect is the right check, so for

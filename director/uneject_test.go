@@ -92,6 +92,22 @@ func TestRestartedBackendUnejectedByHandshake(t *testing.T) {
 	if got[down] != 10 {
 		t.Errorf("picks after the un-ejection = %v, want 10 of 30 on %s", got, down)
 	}
+
+	// Failing again at once (a backend that takes connections, then
+	// fails its calls): the second ejection, twice as long, is not probed
+	// and runs its time, although a handshake would succeed.
+	n := probes.Load()
+	failN(t, d, down, errRefused, DefaultEjectAfter)
+	if st := statsOf(t, d, down); !st.Ejected || st.Ejections != 2 {
+		t.Fatalf("after failing again: %+v, want a second ejection", st)
+	}
+	time.Sleep(10 * reconnectProbeFirst) // asserting that nothing happens
+	if !ejectedOf(d, down) {
+		t.Error("a second ejection in a row ended early")
+	}
+	if p := probes.Load(); p != n {
+		t.Errorf("%d probes during the second ejection, want 0", p-n)
+	}
 }
 
 // TestAnsweredUnavailableNotProbed: an ejection that followed the backend's
