@@ -32,8 +32,8 @@
 # whether the restarted backends are back in the rotation. The report
 # gives, for every run, the calls made, the failed calls by gRPC status
 # code and by kind, and the after split; then totals per path and
-# scenario; then, for each kill, the time from the killed backend
-# listening again to the first call it answered.
+# scenario; then, for each kill, the time from the killed backend's new
+# process being launched to the first call it answered.
 #
 # The proxy under test is pinned to CPU 0, the generator and the backends
 # to CPU 1, as in run.sh. Everything listens on 127.0.0.1; every process
@@ -241,8 +241,10 @@ restart_backend() {
 	awk -v i="$i" -v sig="$sig" -v rc="$rc" -v a="$t0" -v b="$t1" \
 		'BEGIN { printf "b%d %s: exited (%s) after %.2fs\n", i, sig, rc, b - a }' >>"$events"
 	sleep "$delay"
+	# The new process's launch: it listens a few ms later, before
+	# wait_port, which polls every 0.1 s, can tell.
+	echo "b$i restarted at $(date +%s.%N)" >>"$events"
 	start_backend "$i"
-	echo "b$i listening again at $(date +%s.%N)" >>"$events"
 }
 
 RAW=$WORK/raw.jsonl
@@ -330,10 +332,10 @@ ELAPSED=$(($(date +%s) - START_TIME))
 		group_by(.scenario + " " + .path)[] |
 		"| \(.[0].scenario) | \(.[0].path) | \(map(.count) | add) | \(map(.errors) | add) | \(map(.errors) | min)-\(map(.errors) | max) |"' "$RAW"
 	echo
-	echo "Kill: time from b2 listening again to the first call it answered (its longest gap between answered calls ends there):"
+	echo "Kill: time from b2's new process being launched to the first call it answered (its longest gap between answered calls ends there):"
 	echo
 	jq -r 'select(.scenario == "kill") |
-		(.events | capture("b2 listening again at (?<t>[0-9.]+)").t | tonumber) as $up |
+		(.events | capture("b2 restarted at (?<t>[0-9.]+)").t | tonumber) as $up |
 		((.backends // []) | map(select(.name == "b2")) | .[0] // {}) as $b |
 		if ($b.gap_end // 0) > $up then "- run \(.run), \(.path): \((($b.gap_end - $up) * 1000) | floor) ms (b2 answered no call for \($b.gap_ms | floor) ms)"
 		else "- run \(.run), \(.path): none in the \(((.end - $up) * 1000) | floor) ms to the end of the run" end' "$RAW"
