@@ -101,7 +101,7 @@ type report struct {
 	RPS     float64 `json:"rps"`
 	Seconds float64 `json:"seconds"`
 	// End is the Unix time in seconds when the last call ended.
-	End float64 `json:"end"`
+	End     float64 `json:"end"`
 	Latency struct {
 		P50 float64 `json:"p50_ms"`
 		P99 float64 `json:"p99_ms"`
