@@ -2,12 +2,15 @@ package director
 
 import (
 	"context"
+	"crypto/tls"
 	"net"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/testserver"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
@@ -180,4 +183,68 @@ func TestHealthCheckUnejects(t *testing.T) {
 	waitFor(t, 5*time.Second, "ejection", func() bool { return ejectedOf(d, bs[0].Addr()) })
 	took := waitFor(t, 5*time.Second, "un-ejection by a passing check", func() bool { return !ejectedOf(d, bs[0].Addr()) })
 	t.Logf("un-ejected %v after the ejection (check interval %v, base ejection %v)", took, e2eInterval, DefaultBaseEjection)
+}
+
+// TestH2Handshake: the reconnect probe succeeds only on a completed HTTP/2
+// handshake, over TLS when the backend speaks it and the credentials
+// trust it.
+func TestH2Handshake(t *testing.T) {
+	t.Parallel()
+	ca, other := testkit.NewCA(t, "ca"), testkit.NewCA(t, "other")
+	certPEM, keyPEM := ca.Issue(t, "backend", true)
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsBackend, err := testserver.New(testserver.Config{Name: "tls", Logger: discardLogger(),
+		ServerOptions: []grpc.ServerOption{grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}}))}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tlsBackend.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(tlsBackend.Stop)
+	plain := startBackends(t, 1)[0]
+	// A server that answers with HTTP/1.1, not HTTP/2.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			nc.Write([]byte("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n"))
+			nc.Close()
+		}
+	}()
+	trusting := credentials.NewTLS(&tls.Config{RootCAs: ca.Pool()})
+	foreign := credentials.NewTLS(&tls.Config{RootCAs: other.Pool()})
+	tests := []struct {
+		name   string
+		addr   string
+		creds  credentials.TransportCredentials
+		wantOK bool
+	}{
+		{name: "cleartext grpc-go", addr: plain.Addr(), wantOK: true},
+		{name: "TLS grpc-go", addr: tlsBackend.Addr(), creds: trusting, wantOK: true},
+		{name: "TLS, untrusted certificate", addr: tlsBackend.Addr(), creds: foreign},
+		{name: "cleartext to a TLS backend", addr: tlsBackend.Addr()},
+		{name: "HTTP/1.1 answer", addr: ln.Addr().String()},
+		{name: "refused", addr: freeAddr(t)},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+			defer cancel()
+			err := h2Handshake(ctx, tc.addr, tc.creds)
+			if (err == nil) != tc.wantOK {
+				t.Errorf("h2Handshake(%s) = %v, want ok %v", tc.addr, err, tc.wantOK)
+			}
+		})
+	}
 }
