@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/streamlb/streamlb/resolver"
+	"google.golang.org/grpc/credentials"
 )
 
 // ErrNoBackend is returned by [Director.Pick] when the current set has no
@@ -36,6 +37,9 @@ type Director struct {
 	// dialHealth opens a health-check client for one backend; see
 	// health.go. Tests may replace it before Run.
 	dialHealth func(addr string, hc healthConfig) (healthProber, error)
+	// handshake is the reconnect probe of an ejected backend; see
+	// uneject.go. Tests may replace it before Run.
+	handshake func(ctx context.Context, addr string, creds credentials.TransportCredentials) error
 	// wake wakes Run: after a snapshot was published (the set, health or
 	// ejections changed; Run follows the new set's health checkers and
 	// rebuildAt) and when a done call asks for an ejection. Capacity 1,
@@ -84,6 +88,7 @@ func New(cfg Config) (*Director, error) {
 		now:        st.now,
 		resolveNow: st.resolveNow,
 		dialHealth: dialGRPCHealth,
+		handshake:  h2Handshake,
 		wake:       make(chan struct{}, 1),
 		counters:   make(map[string]*counters),
 	}

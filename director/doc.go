@@ -52,10 +52,13 @@
 // detection, leaves out of the snapshot a backend whose streams keep ending
 // with codes.Unavailable, for a time that grows with repeated ejections;
 // [Config.MaxEjectionPercent] bounds how much of the set can be out, and
-// the last pickable (and last healthy) backend always stays. There is no
-// timer goroutine: an ejection that has run out is undone by the next Pick
-// that notices it. Unavailable outcomes also call [Config.ResolveNow], so a
-// DNS resolver can notice moved backends early.
+// the last pickable (and last healthy) backend always stays. Run decides
+// ejections and ends them on its timer, or earlier once the backend is
+// known to be back: at a passing health check, or, without checks, for a
+// first ejection that followed connection failures, at the first HTTP/2
+// handshake its reconnect prober completes (uneject.go). Unavailable
+// outcomes also call [Config.ResolveNow], so a DNS resolver can notice
+// moved backends early.
 //
 // The package leaves target parsing and discovery to package resolver, and
 // connections, framing, retries, concurrency limits and status mapping to

@@ -171,6 +171,11 @@ func (d *Director) checkLoop(ctx context.Context, addr string, ctr *counters) {
 		if hr.observe(res) {
 			d.setHealth(addr, ctr, hr.healthy, st, err)
 		}
+		if res == probePass && hr.healthy && d.ejectedNow(addr, ctr) {
+			// Envoy's successful_active_health_check_uneject_host
+			// (uneject.go).
+			d.unejectEarly(addr, ctr, "active health check passed")
+		}
 		select {
 		case <-ctx.Done():
 			return

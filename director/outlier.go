@@ -135,10 +135,28 @@ func classify(err error) outcome {
 	return outcomeReachable
 }
 
+// connectionFailure is implemented by the errors the proxy reports for
+// attempts whose backend connection could not be opened or was lost (the
+// proxy's ConnectionFailure interface, matched by shape like draining).
+type connectionFailure interface {
+	error
+	ConnectionFailed() bool
+}
+
+// isConnectionFailure reports whether err says the backend could not be
+// reached at the connection level; see uneject.go.
+func isConnectionFailure(err error) bool {
+	var cf connectionFailure
+	return errors.As(err, &cf) && cf.ConnectionFailed()
+}
+
 // observe feeds one stream outcome of b to outlier detection. It is called
 // from done, concurrently and without locks; the outcome that completes a
-// run of [Config.EjectAfter] failures hands the ejection to Run.
-func (d *Director) observe(b *backend, o outcome) {
+// run of [Config.EjectAfter] failures hands the ejection to Run. connFail
+// says an unreachable outcome was a connection failure; the run of those
+// at the end of a run of failures decides whether the ejection may end
+// early with a handshake (see uneject.go).
+func (d *Director) observe(b *backend, o outcome, connFail bool) {
 	if d.outlier.ejectAfter == 0 {
 		return
 	}
@@ -150,7 +168,15 @@ func (d *Director) observe(b *backend, o outcome) {
 		if c.consecutive.Load() != 0 {
 			c.consecutive.Store(0)
 		}
+		if c.connRun.Load() != 0 {
+			c.connRun.Store(0)
+		}
 	case outcomeUnreachable:
+		if connFail {
+			c.connRun.Add(1)
+		} else if c.connRun.Load() != 0 {
+			c.connRun.Store(0)
+		}
 		// Add hands each count to exactly one caller, so one call per run
 		// sees the threshold.
 		if n := c.consecutive.Add(1); n == d.outlier.ejectAfter {
@@ -180,6 +206,7 @@ func (d *Director) ejectLocked(all []*backend, b *backend, now time.Time) bool {
 	// Start a new run whatever happens, as Envoy does: a backend the cap
 	// keeps in is reconsidered after another full run, not every failure.
 	c.consecutive.Store(0)
+	connRun := c.connRun.Swap(0)
 	if !c.ejectedUntil.IsZero() {
 		// Streams picked before the ejection are still ending.
 		return false
@@ -223,9 +250,21 @@ func (d *Director) ejectLocked(all []*backend, b *backend, now time.Time) bool {
 	c.multiplier = m
 	c.ejectedUntil = now.Add(dur)
 	c.ejectReason = fmt.Sprintf("ejected for %v after %d calls in a row ended UNAVAILABLE", dur, failures)
+	// The failures that ended the run were connection failures: a new
+	// connection that completes its handshake disproves them, so the
+	// ejection may end early (uneject.go). Only a first ejection: one
+	// that follows soon after the last ended (multiplier above 1) runs
+	// its full time, so a backend that accepts connections and then
+	// fails its calls costs a run of failures per ejection, not per probe.
+	c.reconnectProbe = connRun > 0 && m == 1
 	c.ejections.Add(1)
 	d.ejectEpoch++
-	d.logger.Info("backend ejected", "backend", b.addr, "failures", failures, "duration", dur)
+	if c.reconnectProbe {
+		d.logger.Info("backend ejected", "backend", b.addr, "failures", failures, "duration", dur,
+			"probe", "until a new connection completes its handshake")
+	} else {
+		d.logger.Info("backend ejected", "backend", b.addr, "failures", failures, "duration", dur)
+	}
 	return true
 }
 
@@ -249,8 +288,10 @@ func (d *Director) restoreExpiredLocked(bs []*backend, now time.Time) bool {
 func (d *Director) restoreLocked(b *backend, now time.Time) {
 	c := b.ctr
 	c.ejectedUntil = time.Time{}
+	c.reconnectProbe = false
 	c.restoredAt = now
 	c.consecutive.Store(0)
+	c.connRun.Store(0)
 	c.ejectPending.Store(false)
 	d.ejectEpoch++
 }

@@ -18,9 +18,12 @@ import (
 //
 // With health checks enabled, Run starts a checker goroutine and a client
 // connection for every backend of the current set, and stops them when
-// their backend leaves the set ([Director.UpdateState] wakes Run). When Run
-// returns, every goroutine it started has exited and every connection is
-// closed, and the backends it had found unhealthy count as healthy again,
+// their backend leaves the set ([Director.UpdateState] wakes Run); a
+// passing check ends an ejection at once. Without them, Run starts a
+// reconnect prober for each backend ejected after connection failures,
+// which ends the ejection once a handshake with it completes (see
+// uneject.go). When Run returns, every goroutine it started has exited
+// and every connection is closed, and the backends it had found unhealthy count as healthy again,
 // as nothing checks them any more.
 //
 // Without Run, Pick still works over the sets UpdateState gives it, but
@@ -35,9 +38,13 @@ func (d *Director) Run(ctx context.Context) error {
 
 	var wg sync.WaitGroup
 	checkers := make(map[string]checker)
+	probers := make(map[string]prober)
 	defer func() {
 		for _, c := range checkers {
 			c.cancel()
+		}
+		for _, p := range probers {
+			p.cancel()
 		}
 		wg.Wait()
 		d.forgetHealth()
@@ -49,6 +56,9 @@ func (d *Director) Run(ctx context.Context) error {
 			d.syncCheckers(ctx, &wg, checkers)
 		}
 		due := d.reconcile()
+		if d.health.interval == 0 {
+			d.syncProbers(ctx, &wg, probers)
+		}
 		timer.Stop()
 		if due != 0 {
 			timer.Reset(time.Duration(max(due-monoNanos(d.now()), 0)))

@@ -17,6 +17,9 @@ type counters struct {
 	// consecutive counts Unavailable outcomes since the last outcome that
 	// showed the backend reachable; see observe.
 	consecutive atomic.Int64
+	// connRun counts the connection failures (see isConnectionFailure)
+	// at the end of the current run of Unavailable outcomes.
+	connRun atomic.Int64
 	// ejections counts ejections since the address joined the set.
 	ejections atomic.Int64
 	// ejectPending is set by the done call that completes a run of
@@ -31,6 +34,10 @@ type counters struct {
 	// ejectedUntil is when the current ejection ends; zero if the backend
 	// is not ejected.
 	ejectedUntil time.Time
+	// reconnectProbe says the current ejection followed connection
+	// failures, so it ends early once a new connection to the backend
+	// completes its HTTP/2 handshake; see uneject.go.
+	reconnectProbe bool
 	// multiplier scales the next ejection's length; see Director.eject.
 	multiplier int
 	// restoredAt is when the last ejection ended; zero if never ejected.
@@ -54,6 +61,7 @@ type backend struct {
 	weight    uint32 // at least 1
 	ctr       *counters
 	ejected   bool // excluded from the snapshot's ready list
+	probe     bool // ejected, and Run probes it with handshakes (uneject.go)
 	unhealthy bool // excluded from the ready list, unless in panic mode
 	// ejectedUntil and reason copy the counters' state when the snapshot
 	// was built, for Backends.
@@ -143,6 +151,7 @@ func (d *Director) publishLocked(bs []*backend, now time.Time) *snapshot {
 	for _, b := range bs {
 		c := b.ctr
 		b.ejected = !c.ejectedUntil.IsZero()
+		b.probe = b.ejected && c.reconnectProbe
 		b.unhealthy = c.unhealthy
 		b.ejectedUntil, b.reason = c.ejectedUntil, ""
 		switch {
@@ -295,5 +304,5 @@ func (c *call) done(err error) {
 	if o == outcomeUnreachable && d.resolveNow != nil {
 		d.resolveNow()
 	}
-	d.observe(c.b, o)
+	d.observe(c.b, o, o == outcomeUnreachable && isConnectionFailure(err))
 }

@@ -802,6 +802,13 @@ type pool struct {
 	closed bool
 	wg     sync.WaitGroup
 
+	// zeroAddrs lists, sorted, the backend addresses that advertise
+	// SETTINGS_MAX_CONCURRENT_STREAMS=0 on a usable connection (see
+	// noStreamsLocked), so that picks avoid them (avoidLocked); nil when
+	// there are none, which is the common case and costs a pick one
+	// atomic load. Stored under mu by refreshZeroLocked, loaded without.
+	zeroAddrs atomic.Pointer[[]string]
+
 	pings atomic.Int64 // keepalive PINGs sent, for tests
 	// overflows counts and logs the picks refused at MaxBackendConns,
 	// once per burst.

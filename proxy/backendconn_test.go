@@ -6,6 +6,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -229,6 +230,77 @@ func TestBackendMaxStreamsZero(t *testing.T) {
 	})
 	if n := accepted.Load(); n > 2 {
 		t.Errorf("%d connections to the backend after it raised its limit, want the one kept", n)
+	}
+}
+
+// TestMaxStreamsZeroNotPicked: a backend advertising
+// SETTINGS_MAX_CONCURRENT_STREAMS=0 beside two grpc-go backends is not
+// picked at all once the proxy knows it (the Picker hears of no stream for
+// it, where each pick used to cost a refusal and a re-pick), the calls
+// split evenly over the other two, it is never ejected, and once a
+// SETTINGS frame raises its limit it is picked and served again.
+func TestMaxStreamsZeroNotPicked(t *testing.T) {
+	verifyNoLeaks(t)
+	var accepted, served atomic.Int64
+	raise := make(chan struct{})
+	zero := zeroStreamsBackend(t, raise, &accepted, &served)
+	e := newEnv(t, envOpts{backends: 2})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 60*time.Second)
+	e.setBackends(zero, e.backends[0].Addr(), e.backends[1].Addr())
+	call := func() {
+		t.Helper()
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		if _, err := e.client.EmptyCall(cctx, &testgrpc.Empty{}); err != nil {
+			t.Fatalf("call: %v", err)
+		}
+	}
+	// The first pick of the zero-streams backend dials it and learns.
+	testkit.WaitFor(ctx, t, "the proxy to learn the backend takes no stream", func() bool {
+		call()
+		return slices.Contains(srv.ZeroStreamBackends(), zero)
+	})
+	picks := func() map[string]int64 {
+		out := map[string]int64{}
+		for _, b := range e.dir.Backends() {
+			out[b.Addr] = b.Successes + b.Failures + b.InFlight
+		}
+		return out
+	}
+	before := picks()
+	const calls = 100
+	for range calls {
+		call()
+	}
+	after := picks()
+	if n := after[zero] - before[zero]; n != 0 {
+		t.Errorf("the zero-streams backend was picked %d times in %d calls, want 0", n, calls)
+	}
+	for _, b := range e.backends {
+		if n := after[b.Addr()] - before[b.Addr()]; n < calls/2-5 || n > calls/2+5 {
+			t.Errorf("%s got %d of %d calls, want an even split (%d±5)", b.Addr(), n, calls, calls/2)
+		}
+	}
+	if n := served.Load(); n != 0 {
+		t.Errorf("the zero-streams backend served %d calls", n)
+	}
+	for _, b := range e.dir.Backends() {
+		if b.Addr == zero && (b.Ejected || b.Ejections != 0) {
+			t.Errorf("zero-streams backend ejected (%+v)", b)
+		}
+	}
+
+	close(raise)
+	testkit.WaitFor(ctx, t, "the raised backend to be picked and served", func() bool {
+		call()
+		return served.Load() > 0
+	})
+	if got := srv.ZeroStreamBackends(); len(got) != 0 {
+		t.Errorf("backends avoided after the raise: %v, want none", got)
+	}
+	if n := accepted.Load(); n != 1 {
+		t.Errorf("%d connections to the zero-streams backend, want the one kept", n)
 	}
 }
 

@@ -437,3 +437,69 @@ func TestBackendStopsReading(t *testing.T) {
 		t.Errorf("after the stall: %v", err)
 	}
 }
+
+// TestKilledBackendBackBeforeEjectionEnds: a backend killed under load
+// (connections closed with no GOAWAY, as after SIGKILL) is ejected for its
+// connection failures; restarted on the same address, it is picked again
+// as soon as the director's reconnect probe completes a handshake with
+// it, not when its ejection (a minute here) runs out.
+func TestKilledBackendBackBeforeEjectionEnds(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 3, dcfg: func(c *director.Config) { c.BaseEjection = time.Minute }})
+	ctx := testkit.Context(t, 60*time.Second)
+	victim := e.backends[2]
+	addr := victim.Addr()
+	// Calls of 20 ms from 24 workers: several are in flight on the victim
+	// when it dies, and their loss alone makes the run that ejects it,
+	// as in loadtest/bench/rolling.sh's kill.
+	slow := metadata.AppendToOutgoingContext(ctx, testserver.MetadataDelay, "20ms")
+	stop := make(chan struct{})
+	var g errgroup.Group
+	for range 24 {
+		g.Go(func() error {
+			for {
+				select {
+				case <-stop:
+					return nil
+				default:
+				}
+				cctx, cancel := context.WithTimeout(slow, 5*time.Second)
+				_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+				cancel()
+				if err != nil && status.Code(err) != codes.Unavailable {
+					return err
+				}
+			}
+		})
+	}
+	defer func() {
+		close(stop)
+		if err := g.Wait(); err != nil {
+			t.Errorf("a call failed with other than UNAVAILABLE: %v", err)
+		}
+	}()
+	ejected := func() bool {
+		for _, b := range e.dir.Backends() {
+			if b.Addr == addr {
+				return b.Ejected
+			}
+		}
+		return false
+	}
+	testkit.WaitFor(ctx, t, "load on the victim", func() bool { return victim.Calls() > 20 })
+	victim.Stop()
+	testkit.WaitFor(ctx, t, "the killed backend ejected", ejected)
+	back, err := testserver.New(testserver.Config{Name: "back", Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := back.Start(addr); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(back.Stop)
+	start := time.Now()
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	testkit.WaitFor(wctx, t, "the restarted backend picked again", func() bool { return !ejected() && back.Calls() > 0 })
+	t.Logf("restarted backend served calls %v after it listened again (ejection %v)", time.Since(start), time.Minute)
+}

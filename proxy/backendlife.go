@@ -54,6 +54,11 @@ func (b *backendConn) onPeerSettings() {
 	}
 	open := len(b.streams)
 	b.mu.Unlock()
+	if changed {
+		b.pool.mu.Lock()
+		b.pool.refreshZeroLocked(b.addr)
+		b.pool.mu.Unlock()
+	}
 	if changed && zero {
 		b.log.Debug("backend advertises SETTINGS_MAX_CONCURRENT_STREAMS=0; its calls go elsewhere until it raises the limit",
 			"waiting", len(moved), "open", open)
@@ -79,6 +84,64 @@ func (p *pool) noStreamsLocked(k poolKey) bool {
 		}
 	}
 	return false
+}
+
+// refreshZeroLocked recomputes whether addr belongs in zeroAddrs: whether
+// any usable connection to it, for any Upstream, has the backend's
+// SETTINGS_MAX_CONCURRENT_STREAMS at 0. It runs when a connection's
+// limit moves to or from 0 and when a connection is forgotten. A
+// connection going away with the limit at 0 keeps addr listed until it is
+// forgotten, which is soon: it carries no stream. Caller must hold p.mu.
+func (p *pool) refreshZeroLocked(addr string) {
+	zero := false
+	for k, cs := range p.conns {
+		if k.addr != addr {
+			continue
+		}
+		for _, b := range cs {
+			b.mu.Lock()
+			zero = zero || (b.noStreams && !b.closed && !b.goingAway)
+			b.mu.Unlock()
+		}
+	}
+	var cur []string
+	if l := p.zeroAddrs.Load(); l != nil {
+		cur = *l
+	}
+	i, listed := slices.BinarySearch(cur, addr)
+	if zero == listed {
+		return
+	}
+	next := slices.Clone(cur)
+	if zero {
+		next = slices.Insert(next, i, addr)
+	} else {
+		next = slices.Delete(next, i, i+1)
+	}
+	if len(next) == 0 {
+		p.zeroAddrs.Store(nil)
+		return
+	}
+	p.zeroAddrs.Store(&next)
+}
+
+// avoid returns the addresses a pick should avoid: tried, the backends
+// the call already tried, plus the backends that take no stream
+// (zeroAddrs). It returns tried itself, without allocating, when no
+// backend is at 0. The caller must not modify tried through the result.
+func (p *pool) avoid(tried []string) []string {
+	l := p.zeroAddrs.Load()
+	if l == nil {
+		return tried
+	}
+	out := make([]string, 0, len(tried)+len(*l))
+	out = append(out, tried...)
+	for _, a := range *l {
+		if !slices.Contains(tried, a) {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // reserveUnknownLocked is get's last resort at MaxBackendConns: while no
@@ -254,5 +317,8 @@ func (p *pool) removeLocked(b *backendConn) {
 		delete(p.conns, k)
 	} else {
 		p.conns[k] = cs
+	}
+	if p.zeroAddrs.Load() != nil {
+		p.refreshZeroLocked(b.addr)
 	}
 }

@@ -33,6 +33,9 @@ type calmMeter struct {
 	resets   int // streams the client reset before their response ended
 	glitches int
 	strays   int // frames on closed streams
+	// dataFrames and dataBytes count the client's non-empty DATA frames
+	// and their payload in the window (see dataLocked).
+	dataFrames, dataBytes int
 
 	// windowUpdates counts the peer's WINDOW_UPDATE frames over the
 	// connection's life, kept across windows (see windowUpdateOverLocked).
@@ -127,6 +130,53 @@ func (m *calmMeter) chargeLocked(now time.Time, max, points int, what string) er
 		return errCalm("glitch budget of %d per %v spent, last on %s", max, calmWindow, what)
 	}
 	return nil
+}
+
+// Tiny DATA frames. A gRPC message is at least its 5-byte prefix, and
+// grpc-go writes each message, prefix and payload, into as few DATA frames
+// as the frame size and the flow-control windows allow; a frame shorter
+// than a prefix comes only from a window or frame-size boundary inside a
+// message, a handful per window. A client that sends such frames by the
+// thousand, averaging under 5 bytes a frame, makes the proxy do a frame's
+// work (and keep a replay entry, on a retryable call) per byte. nginx
+// judges this per connection by bytes received against payload (its
+// "http2 flood detected" when total_bytes/8 > payload_bytes + 1 MiB);
+// we judge DATA frames alone, which is tighter and spares the control
+// frames the other limits judge: once a window has seen tinyDataFrames
+// non-empty DATA frames averaging under tinyDataPayload bytes, each
+// further frame under tinyDataPayload that does not end its stream is a
+// glitch. A frame of a whole message never is, whatever its size.
+const (
+	tinyDataPayload = 5
+	tinyDataFrames  = 1024
+)
+
+// dataLocked counts a non-empty DATA frame of n bytes from the client,
+// and charges a glitch for a tiny one past the allowance above. Only a
+// tiny frame reads the clock. Caller must hold mu.
+func (c *serverConn) dataLocked(n int, end bool) error {
+	m := &c.calm
+	tiny := n < tinyDataPayload && !end
+	if tiny {
+		m.rollLocked(c.srv.now())
+	}
+	m.dataFrames++
+	m.dataBytes += n
+	if !tiny || m.dataFrames < tinyDataFrames || m.dataBytes >= tinyDataPayload*m.dataFrames {
+		return nil
+	}
+	return c.glitchLocked(1, "DATA frames of under 5 bytes on average")
+}
+
+// limitGlitch is the glitch a stream costs its client connection when the
+// proxy refuses it because the connection reached one of its limits
+// (HAProxy counts a HEADERS frame over MAX_CONCURRENT_STREAMS as one): a
+// client that keeps opening streams past a limit, each costing a header
+// decode and an answer, ends with GOAWAY(ENHANCE_YOUR_CALM) rather than
+// being refused forever. Limits of the whole server (Config.MaxStreams)
+// are not the client's doing and cost nothing. Caller must hold mu.
+func (c *serverConn) limitGlitchLocked(what string) error {
+	return c.glitchLocked(1, what)
 }
 
 // strayLocked counts a frame on a closed stream: free up to

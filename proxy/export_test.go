@@ -1,5 +1,7 @@
 package proxy
 
+import "slices"
+
 // RefusedConns reports the connections refused over MaxConnections, for
 // tests.
 func (s *Server) RefusedConns() int64 { return s.refusals.refused() }
@@ -73,4 +75,13 @@ func (s *Server) maxOverConns(f func(c *serverConn) int64) int64 {
 		m = max(m, f(c))
 	}
 	return m
+}
+
+// ZeroStreamBackends lists the backends the pick path avoids because they
+// advertise SETTINGS_MAX_CONCURRENT_STREAMS=0.
+func (s *Server) ZeroStreamBackends() []string {
+	if l := s.pool.zeroAddrs.Load(); l != nil {
+		return slices.Clone(*l)
+	}
+	return nil
 }

@@ -33,7 +33,10 @@ func (f PickerFunc) Pick(ctx context.Context, fullMethod string) (string, func(e
 // previous_hosts retry predicate and HAProxy's redispatch: for the second
 // and later attempts of a call the proxy calls PickExcluding with the
 // addresses the call already tried, in order, and the picker should
-// choose a backend not among them if it has one. tried is only read
+// choose a backend not among them if it has one. The proxy also calls it
+// for a first attempt, with the backends that currently take no stream
+// (they advertise SETTINGS_MAX_CONCURRENT_STREAMS=0), so that they are
+// not picked; the call is no retry then. tried is only read
 // during the call and is never nil or empty. The contract is otherwise
 // Pick's. A Picker without it is asked again with Pick, a few times,
 // until it names an address not yet tried.
@@ -53,4 +56,17 @@ type RetryPicker interface {
 type Draining interface {
 	error
 	Draining() bool
+}
+
+// ConnectionFailure is implemented by the errors the proxy hands to done
+// for an attempt that failed at the connection level, not because the
+// backend answered: the connection could not be opened (refused, timed
+// out), did not finish its HTTP/2 handshake in time, or was lost with the
+// call open. The status is UNAVAILABLE. A Picker that ejects such a
+// backend may end the ejection as soon as a new connection to it
+// succeeds, since that is the fact these failures were about. Draining
+// errors do not implement it. Like Draining it uses only standard types.
+type ConnectionFailure interface {
+	error
+	ConnectionFailed() bool
 }

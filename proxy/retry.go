@@ -145,23 +145,36 @@ const repickLimit = 3
 // backend that just refused the call (Envoy's previous_hosts predicate).
 // up is the Upstream an UpstreamPicker named, nil otherwise. Caller must
 // hold mu.
+//
+// Every attempt also avoids the backends that advertise
+// SETTINGS_MAX_CONCURRENT_STREAMS=0 (pool.avoid), which the pool would
+// refuse: they are not picked, rather than picked, refused and picked
+// again, and come back to the picks as soon as they raise the limit.
+// With an UpstreamPicker a first attempt cannot pass them (its tried list
+// empty is what admits the call to its route's rate limit), so there the
+// pool refuses such a pick and the call is picked again.
 func (c *serverConn) pickLocked(s *stream) (addr string, up *Upstream, done func(error), err error) {
 	ctx := c.pickContext(s.reqFields)
 	if up := c.srv.upPicker; up != nil {
-		return up.PickUpstream(ctx, s.method, s.tried)
+		avoid := s.tried
+		if len(avoid) > 0 {
+			avoid = c.srv.pool.avoid(avoid)
+		}
+		return up.PickUpstream(ctx, s.method, avoid)
 	}
 	p := c.srv.cfg.Picker
-	if len(s.tried) == 0 {
+	avoid := c.srv.pool.avoid(s.tried)
+	if len(avoid) == 0 {
 		addr, done, err = p.Pick(ctx, s.method)
 		return addr, nil, done, err
 	}
 	if rp, ok := p.(RetryPicker); ok {
-		addr, done, err = rp.PickExcluding(ctx, s.method, s.tried)
+		addr, done, err = rp.PickExcluding(ctx, s.method, avoid)
 		return addr, nil, done, err
 	}
 	for i := 1; ; i++ {
 		addr, done, err = p.Pick(ctx, s.method)
-		if err != nil || i == repickLimit || !slices.Contains(s.tried, addr) {
+		if err != nil || i == repickLimit || !slices.Contains(avoid, addr) {
 			return addr, nil, done, err
 		}
 		if done != nil {

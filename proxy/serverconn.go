@@ -404,9 +404,10 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	if uint32(len(c.streams)) >= c.srv.cfg.MaxConcurrentStreams {
 		c.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeRefusedStream})
 		c.resets.add(id)
+		err := c.limitGlitchLocked("HEADERS over MAX_CONCURRENT_STREAMS")
 		c.mu.Unlock()
 		c.signal()
-		return nil
+		return err
 	}
 	s := &stream{cc: c}
 	if c.srv.ends != nil {
@@ -429,8 +430,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields {
 		// As grpc-go's server answers a header list over its limit:
 		// RESOURCE_EXHAUSTED, HTTP 431, the stream alone.
-		c.rejectStream(s, failure{kind: failHeadersTooLarge})
-		return nil
+		return c.rejectOverLimit(s, failure{kind: failHeadersTooLarge}, "request headers over the limit")
 	}
 	ri, err := parseRequest(f.Fields)
 	switch {
@@ -448,8 +448,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		// The connection holds its whole budget already, or its streams'
 		// backend windows would let it: new calls wait for the ones in
 		// flight (budget.go).
-		c.rejectStream(s, failure{kind: failConnBudget, limit: c.bufs.limit})
-		return nil
+		return c.rejectOverLimit(s, failure{kind: failConnBudget, limit: c.bufs.limit}, "a stream over the connection's buffer budget")
 	}
 	s.method = ri.path
 	room := s.reqRoom[:]
@@ -512,6 +511,18 @@ func (c *serverConn) rejectStream(s *stream, f failure) {
 	c.failLocked(s, f)
 	c.mu.Unlock()
 	c.signal()
+}
+
+// rejectOverLimit is rejectStream for a stream refused because its
+// connection reached one of its own limits, which also costs the
+// connection a glitch (limitGlitchLocked, what names it); it returns the
+// connection error once the glitch budget is spent.
+func (c *serverConn) rejectOverLimit(s *stream, f failure, what string) error {
+	c.rejectStream(s, f)
+	c.mu.Lock()
+	err := c.limitGlitchLocked(what)
+	c.mu.Unlock()
+	return err
 }
 
 // finishDownLocked ends the response with the given header blocks, the
@@ -642,6 +653,12 @@ func (c *serverConn) onData(f *http2.DataFrame) error {
 		err := c.glitchLocked(1, "empty DATA frame")
 		c.mu.Unlock()
 		return err
+	}
+	if len(data) > 0 {
+		if err := c.dataLocked(len(data), end); err != nil {
+			c.mu.Unlock()
+			return err
+		}
 	}
 	if a := s.att; a == nil || !a.bc.enqueueUp(a, outItem{kind: itemData, end: end}, data) {
 		c.creditLocked(r, int32(len(data)))

@@ -130,10 +130,20 @@ func (f failure) Error() string {
 // Picker.done.
 func (f failure) statusErr() error {
 	st, _ := statusOf(f)
-	if f.draining {
+	switch {
+	case f.draining:
 		return drainingError{st}
+	case f.connectionLevel():
+		return connectionError{st}
 	}
 	return st.Err()
+}
+
+// connectionLevel reports whether f is a failure of the backend
+// connection itself: it could not be opened, did not finish its
+// handshake, or was lost.
+func (f failure) connectionLevel() bool {
+	return f.kind == failDial || f.kind == failConnLost || f.kind == failHandshake
 }
 
 // pickerErr is the outcome of f as handed to the Picker's done when the
@@ -163,6 +173,19 @@ func (e drainingError) GRPCStatus() *status.Status { return e.st }
 func (drainingError) Draining() bool { return true }
 
 var _ Draining = drainingError{}
+
+// connectionError is the status of an attempt that failed because its
+// backend connection could not be opened, did not finish its handshake or
+// was lost; it implements ConnectionFailure.
+type connectionError struct{ st *status.Status }
+
+func (e connectionError) Error() string              { return e.st.Err().Error() }
+func (e connectionError) GRPCStatus() *status.Status { return e.st }
+
+// ConnectionFailed implements the ConnectionFailure interface.
+func (connectionError) ConnectionFailed() bool { return true }
+
+var _ ConnectionFailure = connectionError{}
 
 // statusOf is the one mapping from a proxy-generated failure to the status
 // the call ends with, and the HTTP status of the response: 200 except for
@@ -281,7 +304,14 @@ func endBlocks(f failure, trailersOnly bool, answer [][]hpack.HeaderField) ([][]
 		return answer, outcome(answer[len(answer)-1])
 	}
 	st, httpStatus := statusOf(f)
-	return [][]hpack.HeaderField{statusFields(st, httpStatus, trailersOnly)}, st.Err()
+	err := st.Err()
+	if !f.draining && f.connectionLevel() {
+		// For outlier detection: a call that ends because its backend
+		// connection was lost says the connection failed (see
+		// ConnectionFailure).
+		err = connectionError{st}
+	}
+	return [][]hpack.HeaderField{statusFields(st, httpStatus, trailersOnly)}, err
 }
 
 // statusFields is a proxy-generated gRPC status. With trailersOnly it is a

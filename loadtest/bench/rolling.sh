@@ -7,6 +7,8 @@
 #   streamlb-retry  the same with --retry-on /grpc.testing.TestService/
 #                   (every TestService method is idempotent), as a user
 #                   who wants retries would run it
+#   streamlb-hc     the default flags plus --health-check-interval 1s
+#                   (not in the default PATHS)
 #   haproxy         HAProxy, mode http, h2c on both sides, with retries,
 #                   redispatch and a TCP check (haproxy-rolling.cfg says
 #                   what is set and why)
@@ -30,7 +32,8 @@
 # whether the restarted backends are back in the rotation. The report
 # gives, for every run, the calls made, the failed calls by gRPC status
 # code and by kind, and the after split; then totals per path and
-# scenario.
+# scenario; then, for each kill, the time from the killed backend's new
+# process being launched to the first call it answered.
 #
 # The proxy under test is pinned to CPU 0, the generator and the backends
 # to CPU 1, as in run.sh. Everything listens on 127.0.0.1; every process
@@ -122,7 +125,7 @@ GEN=$WORK/gen
 
 for path in $PATHS; do
 	case $path in
-	streamlb | streamlb-retry) ;;
+	streamlb | streamlb-retry | streamlb-hc) ;;
 	haproxy)
 		if ! command -v haproxy >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
 			log "installing haproxy"
@@ -132,7 +135,7 @@ for path in $PATHS; do
 		fi
 		command -v haproxy >/dev/null || die "haproxy is not installed (run as root, or apt-get install haproxy; or leave it out of PATHS)"
 		;;
-	*) die "unknown path $path (known: streamlb streamlb-retry haproxy)" ;;
+	*) die "unknown path $path (known: streamlb streamlb-retry streamlb-hc haproxy)" ;;
 	esac
 done
 for s in $SCENARIOS; do
@@ -202,6 +205,10 @@ start_proxy() {
 		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$PROXY_PORT" "${BACKENDS[@]}" \
 			--log-level "$LOG_LEVEL" >"$WORK/$tag.proxy.log" 2>&1 &
 		;;
+	streamlb-hc)
+		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$PROXY_PORT" "${BACKENDS[@]}" \
+			--health-check-interval 1s --log-level "$LOG_LEVEL" >"$WORK/$tag.proxy.log" 2>&1 &
+		;;
 	streamlb-retry)
 		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$PROXY_PORT" "${BACKENDS[@]}" \
 			--retry-on /grpc.testing.TestService/ --log-level "$LOG_LEVEL" >"$WORK/$tag.proxy.log" 2>&1 &
@@ -234,6 +241,9 @@ restart_backend() {
 	awk -v i="$i" -v sig="$sig" -v rc="$rc" -v a="$t0" -v b="$t1" \
 		'BEGIN { printf "b%d %s: exited (%s) after %.2fs\n", i, sig, rc, b - a }' >>"$events"
 	sleep "$delay"
+	# The new process's launch: it listens a few ms later, before
+	# wait_port, which polls every 0.1 s, can tell.
+	echo "b$i restarted at $(date +%s.%N)" >>"$events"
 	start_backend "$i"
 }
 
@@ -321,6 +331,14 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	jq -rs '
 		group_by(.scenario + " " + .path)[] |
 		"| \(.[0].scenario) | \(.[0].path) | \(map(.count) | add) | \(map(.errors) | add) | \(map(.errors) | min)-\(map(.errors) | max) |"' "$RAW"
+	echo
+	echo "Kill: time from b2's new process being launched to the first call it answered (its longest gap between answered calls ends there):"
+	echo
+	jq -r 'select(.scenario == "kill") |
+		(.events | capture("b2 restarted at (?<t>[0-9.]+)").t | tonumber) as $up |
+		((.backends // []) | map(select(.name == "b2")) | .[0] // {}) as $b |
+		if ($b.gap_end // 0) > $up then "- run \(.run), \(.path): \((($b.gap_end - $up) * 1000) | floor) ms (b2 answered no call for \($b.gap_ms | floor) ms)"
+		else "- run \(.run), \(.path): none in the \(((.end - $up) * 1000) | floor) ms to the end of the run" end' "$RAW"
 	echo
 	echo "A kill may fail at most the calls in flight on the killed backend: $CONC + $STREAM_WORKERS in flight in all, about a third of them on it."
 	echo "Backend stops (from the events): $(jq -rs 'map(.events) | join(";") | split(";") | map(select(. != "")) | map(capture("exited \\((?<rc>[^)]*)\\) after (?<s>[0-9.]+)s")) | "\(length) stops, exit codes \(map(.rc) | unique | join(",")), longest \(map(.s | tonumber) | max // 0)s"' "$RAW")"

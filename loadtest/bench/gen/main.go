@@ -86,6 +86,13 @@ type backendRow struct {
 	Name  string  `json:"name"`
 	Count int     `json:"count"`
 	Share float64 `json:"share"`
+	// GapMS is the longest time, in milliseconds, between two calls
+	// that this backend answered (by their ends), and GapEnd the Unix
+	// time in seconds of the call that ended it: after a backend is
+	// killed and restarted, GapEnd minus the restart is how long the
+	// proxy took to send it calls again.
+	GapMS  float64 `json:"gap_ms,omitempty"`
+	GapEnd float64 `json:"gap_end,omitempty"`
 }
 
 type report struct {
@@ -93,6 +100,8 @@ type report struct {
 	Errors  int     `json:"errors"`
 	RPS     float64 `json:"rps"`
 	Seconds float64 `json:"seconds"`
+	// End is the Unix time in seconds when the last call ended.
+	End     float64 `json:"end"`
 	Latency struct {
 		P50 float64 `json:"p50_ms"`
 		P99 float64 `json:"p99_ms"`
@@ -274,8 +283,11 @@ func run(o options) (*report, error) {
 		stream   bool
 		lat      []time.Duration
 		backends map[string]int
-		errs     map[string]int
-		codes    map[codes.Code]int
+		// ends holds, per backend, the Unix nanoseconds at which its
+		// calls ended, for the gaps in the report.
+		ends  map[string][]int64
+		errs  map[string]int
+		codes map[codes.Code]int
 		// Calls started after the mark.
 		after, afterErrs int
 		afterBackends    map[string]int
@@ -289,6 +301,7 @@ func run(o options) (*report, error) {
 			defer wg.Done()
 			res.stream = o.stream || w >= o.conc
 			res.backends = map[string]int{}
+			res.ends = map[string][]int64{}
 			res.errs = map[string]int{}
 			res.codes = map[codes.Code]int{}
 			res.afterBackends = map[string]int{}
@@ -340,6 +353,7 @@ func run(o options) (*report, error) {
 					continue
 				}
 				res.backends[name]++
+				res.ends[name] = append(res.ends[name], time.Now().UnixNano())
 				if after {
 					res.afterBackends[name]++
 				}
@@ -348,10 +362,12 @@ func run(o options) (*report, error) {
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	end := float64(time.Now().UnixNano()) / 1e9
 
 	var rep report
 	var lat []time.Duration
 	backends, afterBackends := map[string]int{}, map[string]int{}
+	ends := map[string][]int64{}
 	rep.Kinds = map[string]*kindRow{}
 	if o.mark != nil {
 		select {
@@ -372,6 +388,9 @@ func run(o options) (*report, error) {
 		rep.Kinds[kind].Count += len(r.lat)
 		for k, v := range r.backends {
 			backends[k] += v
+		}
+		for k, v := range r.ends {
+			ends[k] = append(ends[k], v...)
 		}
 		for c, v := range r.codes {
 			if rep.ErrorCodes == nil {
@@ -403,11 +422,15 @@ func run(o options) (*report, error) {
 	}
 	rep.Count = len(lat)
 	rep.Seconds = elapsed.Seconds()
+	rep.End = end
 	rep.RPS = float64(rep.Count) / elapsed.Seconds()
 	slices.Sort(lat)
 	rep.Latency.P50 = ms(pct(lat, 0.50))
 	rep.Latency.P99 = ms(pct(lat, 0.99))
 	rep.Backends = split(backends, rep.Count)
+	for i := range rep.Backends {
+		rep.Backends[i].GapMS, rep.Backends[i].GapEnd = longestGap(ends[rep.Backends[i].Name])
+	}
 	if rep.After != nil {
 		rep.After.Backends = split(afterBackends, rep.After.Count)
 	}
@@ -426,6 +449,21 @@ func split(backends map[string]int, total int) []backendRow {
 		rows = append(rows, backendRow{Name: k, Count: backends[k], Share: 100 * float64(backends[k]) / float64(max(total, 1))})
 	}
 	return rows
+}
+
+// longestGap returns the longest time between two of the call ends in ns
+// (Unix nanoseconds, in any order), in milliseconds, and the end that
+// closed it, in Unix seconds; zeros if there are fewer than two.
+func longestGap(ns []int64) (gapMS, end float64) {
+	slices.Sort(ns)
+	var best int64
+	for i := 1; i < len(ns); i++ {
+		if g := ns[i] - ns[i-1]; g > best {
+			best = g
+			end = float64(ns[i]) / 1e9
+		}
+	}
+	return float64(best) / 1e6, end
 }
 
 // warmUp makes calls until the last n of them landed on n different

@@ -174,3 +174,24 @@ func TestRunStreamWorkersNeedDuration(t *testing.T) {
 		t.Errorf("run = %v, want an error asking for -duration", err)
 	}
 }
+
+func TestLongestGap(t *testing.T) {
+	tests := []struct {
+		name    string
+		ns      []int64
+		wantMS  float64
+		wantEnd float64
+	}{
+		{name: "none", ns: nil},
+		{name: "one", ns: []int64{5e9}},
+		{name: "unsorted", ns: []int64{3e9, 1e9, 1.5e9, 9e9, 9.5e9}, wantMS: 6000, wantEnd: 9},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			gotMS, gotEnd := longestGap(tc.ns)
+			if gotMS != tc.wantMS || gotEnd != tc.wantEnd {
+				t.Errorf("longestGap(%v) = %v ms, end %v; want %v ms, end %v", tc.ns, gotMS, gotEnd, tc.wantMS, tc.wantEnd)
+			}
+		})
+	}
+}
