@@ -125,16 +125,17 @@ func (rt *router) admit(ctx context.Context, fullMethod string) (*route, error) 
 	return r, nil
 }
 
-// PickUpstream is Pick for a call's first attempt (tried is nil) and
-// PickExcluding for a retry, and returns with the backend the routed
+// PickUpstream is Pick for a call's first attempt (first: it takes a
+// token from the route's rate limit) and PickExcluding for a retry, both
+// avoiding the backends in avoid if another will do, and returns with the backend the routed
 // cluster's Upstream: the dial settings (backend TLS) and retry policy
 // the data plane uses for it. The route and the Upstream come from the
 // same route table, so a reload between two calls never pairs one
 // cluster's backend with another's TLS settings.
-func (rt *router) PickUpstream(ctx context.Context, fullMethod string, tried []string) (string, *proxy.Upstream, func(error), error) {
+func (rt *router) PickUpstream(ctx context.Context, fullMethod string, first bool, avoid []string) (string, *proxy.Upstream, func(error), error) {
 	var r *route
 	var err error
-	if len(tried) == 0 {
+	if first {
 		r, err = rt.admit(ctx, fullMethod)
 	} else {
 		r, err = rt.route(ctx, fullMethod)
@@ -142,7 +143,7 @@ func (rt *router) PickUpstream(ctx context.Context, fullMethod string, tried []s
 	if err != nil {
 		return "", nil, nil, err
 	}
-	addr, done, err := r.pick(ctx, fullMethod, tried)
+	addr, done, err := r.pick(ctx, fullMethod, avoid)
 	return addr, r.cluster.up, done, err
 }
 

@@ -150,17 +150,10 @@ const repickLimit = 3
 // SETTINGS_MAX_CONCURRENT_STREAMS=0 (pool.avoid), which the pool would
 // refuse: they are not picked, rather than picked, refused and picked
 // again, and come back to the picks as soon as they raise the limit.
-// With an UpstreamPicker a first attempt cannot pass them (its tried list
-// empty is what admits the call to its route's rate limit), so there the
-// pool refuses such a pick and the call is picked again.
 func (c *serverConn) pickLocked(s *stream) (addr string, up *Upstream, done func(error), err error) {
 	ctx := c.pickContext(s.reqFields)
 	if up := c.srv.upPicker; up != nil {
-		avoid := s.tried
-		if len(avoid) > 0 {
-			avoid = c.srv.pool.avoid(avoid)
-		}
-		return up.PickUpstream(ctx, s.method, avoid)
+		return up.PickUpstream(ctx, s.method, len(s.tried) == 0, c.srv.pool.avoid(s.tried))
 	}
 	p := c.srv.cfg.Picker
 	avoid := c.srv.pool.avoid(s.tried)

@@ -103,15 +103,18 @@ func (u *Upstream) retryable(method string) bool {
 // UpstreamPicker is an optional interface of a Picker whose backends
 // belong to groups with their own dial and retry settings (the clusters of
 // a configuration file). When the Server's Picker implements it, the
-// Server calls PickUpstream instead of Pick and PickExcluding: tried is
-// nil for a call's first attempt and, for a retry, the addresses the call
-// already tried, as for RetryPicker. It returns, with the pick, the
+// Server calls PickUpstream instead of Pick and PickExcluding: first says
+// whether this is a call's first attempt (which a rate limit admits), and
+// avoid lists the backends not to pick if another will do: for a retry
+// the addresses the call already tried, as for RetryPicker, and for every
+// attempt the backends that take no stream now (SETTINGS_MAX_CONCURRENT_STREAMS
+// of 0 on every connection). It returns, with the pick, the
 // Upstream of the backend picked; nil means the Server's own. The call's
 // retry policy is the Upstream of its first pick; every attempt dials
 // with the Upstream of its own pick. The contract is otherwise Pick's:
 // it must not block or do I/O.
 type UpstreamPicker interface {
-	PickUpstream(ctx context.Context, fullMethod string, tried []string) (addr string, up *Upstream, done func(error), err error)
+	PickUpstream(ctx context.Context, fullMethod string, first bool, avoid []string) (addr string, up *Upstream, done func(error), err error)
 }
 
 // DrainUpstream drains the backend connections opened for up: they take

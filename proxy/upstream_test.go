@@ -27,7 +27,7 @@ func (p *upstreamPicker) Pick(context.Context, string) (string, func(error), err
 	panic("the Server must call PickUpstream")
 }
 
-func (p *upstreamPicker) PickUpstream(_ context.Context, _ string, tried []string) (string, *proxy.Upstream, func(error), error) {
+func (p *upstreamPicker) PickUpstream(_ context.Context, _ string, _ bool, tried []string) (string, *proxy.Upstream, func(error), error) {
 	addr, up := p.pick(tried)
 	return addr, up, nil, nil
 }
