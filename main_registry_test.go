@@ -89,8 +89,12 @@ func registryProxyRun(t *testing.T, args []string, register func(ctx context.Con
 	}
 	d := time.Since(regAt)
 	t.Logf("registration → first call through the proxy: %v", d)
-	if d > time.Second {
-		t.Errorf("first call on b %v after its registration, want within 1s", d)
+	// The watch delivers in milliseconds (7-39 ms measured, README); the
+	// bound is loose because this runs beside the whole suite under -race
+	// (1.65 s at a load average of 20), and a registry that is only
+	// listed again later, or never, fails it all the same.
+	if d > 5*time.Second {
+		t.Errorf("first call on b %v after its registration, want within 5s", d)
 	}
 
 	deregAt := time.Now()
