@@ -7,7 +7,8 @@
 #                    baseline: no proxy at all)
 #   frame            streamlb proxy --engine frame as it runs in production:
 #                    the production build (CGO_ENABLED=0 go build -tags
-#                    proxyonly, as the Dockerfile builds it), metrics on,
+#                    proxyonly,grpcnotrace,urfave_cli_no_docs, as the
+#                    Dockerfile builds it), metrics on,
 #                    admin listener, /metrics scraped every second
 #   frame-full       the same with the full binary (go build ., every
 #                    command linked in), to show what the production build
@@ -132,9 +133,9 @@ CLK_TCK=$(getconf CLK_TCK)
 log "work dir $WORK"
 log "building streamlb (production and full), the load generator and idleconns"
 # PROD_BIN is the proxy as it is deployed: the Dockerfile's build (static,
-# -tags proxyonly: no testserver, demo or loadtest command). FULL_BIN has
+# -tags proxyonly,...: no testserver, demo or loadtest command). FULL_BIN has
 # every command: it runs the backends and the frame-full path.
-(cd "$REPO" && CGO_ENABLED=0 go build -tags proxyonly -trimpath -o "$WORK/streamlb-prod" . &&
+(cd "$REPO" && CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs -trimpath -o "$WORK/streamlb-prod" . &&
 	go build -o "$WORK/streamlb" . && go build -o "$WORK/gen" ./loadtest/bench/gen &&
 	go build -o "$WORK/idleconns" ./loadtest/bench/idleconns) || die "go build failed"
 BIN=$WORK/streamlb-prod
@@ -574,7 +575,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
 	echo "- Command: \`QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
-	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
+	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
 	for w in "${WORKLOADS[@]}"; do
 		echo "### $w: ${WDESC[$w]}"
