@@ -21,7 +21,9 @@
 #   nginx            nginx grpc_pass over h2c (nginx.conf)
 #   frame-base       frame-nometrics run from the binary BASE_BIN (a build of
 #                    another commit), for a before and after in one run; only
-#                    when named in PATHS
+#                    when named in PATHS. BASE_METRICS=1 runs it as frame
+#                    instead (metrics on, its own admin listener scraped
+#                    every second), to compare like with like against frame
 #   frame-tls        frame terminating TLS (--metrics=false), h2c to backends
 #   haproxy-tls      HAProxy terminating TLS, h2c to backends
 #   nginx-tls        nginx terminating TLS, h2c to backends
@@ -59,7 +61,8 @@
 # WORKLOADS ("unary rate stream"), UNARY_CALLS (20000), RATE (2000),
 # RATE_SECS (5), STREAM_CALLS (300), MAX_SECS (3: bound on the unary and
 # stream workloads, whichever of it and the call count comes first), IDLE_CONNS (5000; 0 skips the step),
-# IDLE_PATHS ("frame haproxy nginx grpc-go"), BASE_PORT (27000), OUT (results
+# IDLE_PATHS ("frame haproxy nginx grpc-go"), BASE_PORT (27000), BASE_BIN and
+# BASE_METRICS (0; see frame-base), OUT (results
 # file; default in the work dir), KEEP_WORK (1 keeps the work dir with logs
 # and raw JSON).
 set -euo pipefail
@@ -191,6 +194,9 @@ declare -A PORT=([direct]=$P_B1 [client-rr]=- [frame]=$((BASE_PORT + 10)) [grpc-
 	[frame-full]=$((BASE_PORT + 18)) [frame-base]=$((BASE_PORT + 19)))
 ADMIN_PORT=$((BASE_PORT + 20))
 declare -A ADMIN=([frame]=$ADMIN_PORT [frame-full]=$((BASE_PORT + 21)))
+if [[ ${BASE_METRICS:-0} == 1 ]]; then
+	ADMIN[frame-base]=$((BASE_PORT + 22))
+fi
 declare -A PROC # path -> pid of the proxy process (nginx: the master)
 
 BACKEND_PIDS=()
@@ -269,10 +275,12 @@ start_proc() {
 		;;
 	frame-base)
 		# frame-nometrics from another build (BASE_BIN), for a before and
-		# after in the same run.
+		# after in the same run; with BASE_METRICS=1, frame's settings.
 		[[ -x ${BASE_BIN:-} ]] || { note "$path skipped: set BASE_BIN to a streamlb binary"; return 1; }
+		local bextra=(--metrics=false)
+		[[ -n ${ADMIN[$name]:-} ]] && bextra=(--admin-listen "127.0.0.1:${ADMIN[$name]}")
 		"${PIN_PROXY[@]}" "$BASE_BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
-			--metrics=false --log-level warn >"$WORK/$name.log" 2>&1 &
+			"${bextra[@]}" --log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
 	frame-nometrics)
 		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
