@@ -10,7 +10,7 @@ package cluster
 // every linked package, the flag parsing and the wiring leave nearly the
 // whole binary resident: about 15 MiB of the production build's 18 MiB of
 // code and tables, idle, of which a serving proxy uses about two thirds
-// (BENCHMARKS.md, "Start-up pages"). Dropping those mappings once, when
+// (BENCHMARKS.md, "Memory: start-up pages"). Dropping those mappings once, when
 // start-up is over, lets RSS count what the running proxy touches again.
 //
 // The pages stay in the page cache (they are the file's clean pages), so

@@ -51,7 +51,7 @@ const (
 	// client slower than the backends then held about 4 MiB of DATA in
 	// the proxy, which the GC's heap goal doubles. 512 KiB took the
 	// benchmark's peak RSS from about 22-24 to 20 MiB with no measurable
-	// CPU per MiB (BENCHMARKS.md, "Start-up pages").
+	// CPU per MiB (BENCHMARKS.md, "Memory: start-up pages").
 	DefaultBackendMaxStreamWindow    = 512 << 10
 	DefaultMaxResponseHeaderListSize = 1 << 20
 )
