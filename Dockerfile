@@ -4,7 +4,7 @@
 # docker build --build-arg VCS_REVISION=$(git rev-parse HEAD) --target dev -t streamlb-dev:dev .
 #
 # One static binary on distroless. The default target is the production
-# image: `go build -tags proxyonly`, the proxy, validate and version commands
+# image: `go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs`, the proxy, validate and version commands
 # only (about half the binary and of its resident memory; README "Build").
 # The `dev` target carries every command, for the pods that run
 # `streamlb testserver` and `streamlb loadtest` (see deploy/kubernetes).
@@ -48,7 +48,9 @@ ENTRYPOINT ["/streamlb"]
 
 # The production binary: -tags proxyonly leaves out the development commands
 # and what only they link (the embedded etcd server, ghz, the gRPC interop
-# service).
+# service); grpcnotrace and urfave_cli_no_docs leave out grpc-go's
+# x/net/trace pages and urfave/cli's man-page generator, whose package
+# initialisation allocates memory the proxy never uses (README "Build").
 FROM build AS build-prod
 ARG TARGETOS
 ARG TARGETARCH
@@ -59,7 +61,7 @@ RUN --mount=type=cache,target=/go/pkg/mod \
     --mount=type=cache,target=/root/.cache/go-build \
     --mount=type=bind,target=. \
     CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH \
-    go build -tags proxyonly -trimpath -ldflags="-s -w -X main.revision=${VCS_REVISION}" -o /out/streamlb .
+    go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs -trimpath -ldflags="-s -w -X main.revision=${VCS_REVISION}" -o /out/streamlb .
 
 # static-debian12 has no libc, no shell and no package manager; the :nonroot
 # tag defaults to uid/gid 65532, which the Kubernetes manifests also pin

@@ -24,6 +24,24 @@ var devOnlyPackages = []string{
 	"google.golang.org/grpc/interop", // testserver's TestService
 }
 
+// productionTags are the build tags of the production binary, as the
+// Dockerfile and loadtest/bench/run.sh build it: proxyonly (ours), and two
+// that drop code the proxy never runs but whose package initialisation
+// allocates and stays live: grpcnotrace (grpc-go without golang.org/x/net/trace
+// and its html/template pages; the proxy never calls grpc.EnableTracing)
+// and urfave_cli_no_docs (urfave/cli without its man-page and Markdown
+// generator, go-md2man and blackfriday).
+const productionTags = "proxyonly,grpcnotrace,urfave_cli_no_docs"
+
+// prodExcluded are import paths (prefixes) the production tags leave out
+// beyond devOnlyPackages: the two library tags' packages.
+var prodExcluded = []string{
+	"golang.org/x/net/trace",
+	"html/template",
+	"github.com/russross/blackfriday/",
+	"github.com/cpuguy83/go-md2man/",
+}
+
 // TestProxyOnlyDeps checks that a build with -tags proxyonly leaves out the
 // development commands' dependencies, and that the default build keeps them
 // (so the test would notice the tag stop doing anything).
@@ -45,14 +63,28 @@ func TestProxyOnlyDeps(t *testing.T) {
 		}
 		return ""
 	}
-	prod := list("-tags", "proxyonly")
+	prod := list("-tags", productionTags)
+	only := list("-tags", "proxyonly")
 	full := list()
 	if find(prod, "github.com/streamlb/streamlb/cluster") == "" {
 		t.Fatalf("go list -deps -tags proxyonly . has no cluster package: %d packages listed", len(prod))
 	}
 	for _, p := range devOnlyPackages {
 		if got := find(prod, p); got != "" {
-			t.Errorf("the proxy-only build links %s", got)
+			t.Errorf("the production build links %s", got)
+		}
+		if got := find(only, p); got != "" {
+			t.Errorf("the proxy-only build (-tags proxyonly alone) links %s", got)
+		}
+	}
+	for _, p := range prodExcluded {
+		if got := find(prod, p); got != "" {
+			t.Errorf("the production build (-tags %s) links %s", productionTags, got)
+		}
+		// Without the library tags it is linked: the tags still do
+		// something.
+		if find(only, p) == "" {
+			t.Errorf("-tags proxyonly alone does not link %s: drop it from prodExcluded, or the tag that removed it from productionTags", p)
 		}
 	}
 	for _, p := range []string{"github.com/streamlb/streamlb/demo", "go.etcd.io/etcd/server/", "github.com/bojand/ghz/"} {
@@ -74,8 +106,8 @@ func TestProxyOnlyBinary(t *testing.T) {
 	}
 	goTool := goBinary(t)
 	bin := filepath.Join(t.TempDir(), "streamlb")
-	if out, err := exec.Command(goTool, "build", "-tags", "proxyonly", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build -tags proxyonly: %v\n%s", err, out)
+	if out, err := exec.Command(goTool, "build", "-tags", productionTags, "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build -tags %s: %v\n%s", productionTags, err, out)
 	}
 
 	var want bytes.Buffer

@@ -28,7 +28,7 @@ func proxyCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "proxy",
 		Usage:     "run the proxy in front of gRPC backends",
-		UsageText: "streamlb proxy --backend TARGET [--backend TARGET ...] [options]\n   streamlb proxy --config FILE [--log-level L] [--log-format F]",
+		UsageText: "streamlb proxy --backend TARGET [--backend TARGET ...] [options]\n   streamlb proxy --config FILE [--log-level L] [--log-format F] [--release-startup-pages=false]",
 		Description: "Accepts cleartext HTTP/2 (h2c) gRPC on --listen, or TLS with --tls-cert, and\n" +
 			"sends every stream to the backend the --policy picks. A TARGET is\n" +
 			"HOST:PORT[;weight=N], or a DNS name re-resolved every --dns-refresh:\n" +
@@ -41,8 +41,8 @@ func proxyCommand() *cli.Command {
 			"--config FILE takes everything from a YAML file instead: listeners, named\n" +
 			"clusters, routes by gRPC service, method prefix and request headers, rate\n" +
 			"limits. Its clusters and routes are reloaded on SIGHUP and when the file\n" +
-			"changes. It cannot be mixed with the other flags, except --log-level and\n" +
-			"--log-format: the file would silently win, so the mix is an error.",
+			"changes. It cannot be mixed with the other flags, except --log-level,\n" +
+			"--log-format and --release-startup-pages: the file would silently win, so\nthe mix is an error.",
 		OnUsageError: onUsageError,
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "config", Usage: "YAML configuration `FILE` (clusters, routes, rate limits; reloaded on SIGHUP and on change); excludes the other flags but --log-*"},
@@ -58,6 +58,7 @@ func proxyCommand() *cli.Command {
 			&cli.DurationFlag{Name: "drain-timeout", Value: cluster.DefaultDrainTimeout, Usage: "how long in-flight streams may run on SIGINT/SIGTERM, and on a backend that left the set, before they are cut"},
 			&cli.StringFlag{Name: "admin-listen", Usage: "`ADDR` for the admin HTTP endpoints / (live status page), /status.json, /healthz, /readyz, /backends, /metrics and /debug/pprof/ (off when empty)"},
 			&cli.StringFlag{Name: "access-log", Usage: "write one line per call to `PATH` (appended; - or stderr for stderr), in --log-format"},
+			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once started, unmap the binary's code and read-only data that start-up touched, so RSS counts what the running proxy uses (Linux; the only flag besides --log-* allowed with --config)"},
 			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "keep Prometheus metrics, served on /metrics of --admin-listen (--metrics=false: none)"},
 
 			// Discovery.
@@ -152,6 +153,7 @@ func runProxy(c *cli.Context) error {
 	// the process without waiting for the drain.
 	cfg.OnDrain = stop
 	cfg.Version = buildVersion(debug.ReadBuildInfo)
+	cfg.ReleaseStartupPages = c.Bool("release-startup-pages")
 	srv, err := cluster.NewServer(cfg)
 	if te := (*cluster.TargetError)(nil); errors.As(err, &te) {
 		return usageErr("--backend: %v", te.Err)
@@ -289,8 +291,10 @@ func fileConfig(c *cli.Context, path string, logger *slog.Logger) (cluster.Serve
 		if env, ok := fromEnv[name]; ok && c.String(name) == os.Getenv(env) {
 			continue
 		}
-		if name != "config" && !strings.HasPrefix(name, "log-") && c.IsSet(name) {
-			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level and --log-format go beside --config)", name, path)
+		// --release-startup-pages is about the process, not the proxy's
+		// configuration, like the log flags.
+		if name != "config" && name != "release-startup-pages" && !strings.HasPrefix(name, "log-") && c.IsSet(name) {
+			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level, --log-format and --release-startup-pages go beside --config)", name, path)
 		}
 	}
 	f, err := cluster.LoadFile(path)

@@ -161,6 +161,9 @@ type appRun struct {
 	done   chan struct{}      // closed once RunContext returned and its logs were read
 	err    error              // what RunContext returned, once done is closed
 	logged chan map[string]logRecord
+	// seen holds the message of every JSON log line; read it once done is
+	// closed.
+	seen map[string]struct{}
 }
 
 // startApp runs `streamlb args...` (args must ask for JSON logs) under a
@@ -170,7 +173,7 @@ type appRun struct {
 func startApp(ctx context.Context, t *testing.T, args []string, msgs ...string) *appRun {
 	t.Helper()
 	appCtx, stop := context.WithCancel(ctx)
-	r := &appRun{stop: stop, done: make(chan struct{}), logged: make(chan map[string]logRecord, 1)}
+	r := &appRun{stop: stop, done: make(chan struct{}), logged: make(chan map[string]logRecord, 1), seen: map[string]struct{}{}}
 	logs, logw := io.Pipe()
 	scanDone := make(chan struct{})
 	go func() {
@@ -180,7 +183,11 @@ func startApp(ctx context.Context, t *testing.T, args []string, msgs ...string) 
 		sc := bufio.NewScanner(logs)
 		for sc.Scan() {
 			var rec logRecord
-			if sent || json.Unmarshal(sc.Bytes(), &rec) != nil || !slices.Contains(msgs, rec.Msg) {
+			if json.Unmarshal(sc.Bytes(), &rec) != nil {
+				continue
+			}
+			r.seen[rec.Msg] = struct{}{}
+			if sent || !slices.Contains(msgs, rec.Msg) {
 				continue
 			}
 			if _, ok := got[rec.Msg]; !ok {

@@ -85,6 +85,11 @@ type ServerConfig struct {
 	AccessLog *AccessLog
 	// Version, if set, describes the binary on the admin status page.
 	Version string
+	// ReleaseStartupPages makes Run call [ReleaseStartupPages] once the
+	// first backend set is in (or the warm-up is over), before it accepts
+	// clients: the pages of the binary that only start-up touched leave
+	// the process's RSS. The proxy command sets it (--release-startup-pages).
+	ReleaseStartupPages bool
 }
 
 // engine is what both data planes offer.
@@ -380,6 +385,17 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 	case <-gctx.Done():
 	}
 	warm.Stop()
+
+	if s.cfg.ReleaseStartupPages {
+		// Start-up is over: flags, wiring, package initialisation, the
+		// first resolution. What the proxy runs from here maps its pages
+		// again.
+		if n, err := ReleaseStartupPages(); err != nil {
+			s.logger.Warn("could not release start-up pages", "err", err)
+		} else {
+			s.logger.Debug("released start-up pages", "mapped_bytes", n)
+		}
+	}
 
 	if s.set != nil {
 		s.logger.Info("listening", "addr", ln.Addr().String(), "tls", s.tls != nil, "engine", s.cfg.Engine,

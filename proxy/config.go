@@ -45,9 +45,14 @@ const (
 	DefaultBackendKeepaliveTime = 5 * time.Minute
 	// DefaultBackendKeepaliveTimeout is grpc-go's client default
 	// (keepalive.ClientParameters.Timeout).
-	DefaultBackendKeepaliveTimeout   = 20 * time.Second
-	DefaultBackendStreamWindow       = 16 << 10
-	DefaultBackendMaxStreamWindow    = 1 << 20
+	DefaultBackendKeepaliveTimeout = 20 * time.Second
+	DefaultBackendStreamWindow     = 16 << 10
+	// DefaultBackendMaxStreamWindow was 1 MiB: four 1 MiB answers to a
+	// client slower than the backends then held about 4 MiB of DATA in
+	// the proxy, which the GC's heap goal doubles. 512 KiB took the
+	// benchmark's peak RSS from about 22-24 to 20 MiB with no measurable
+	// CPU per MiB (BENCHMARKS.md, "Memory: start-up pages").
+	DefaultBackendMaxStreamWindow    = 512 << 10
 	DefaultMaxResponseHeaderListSize = 1 << 20
 )
 
@@ -99,7 +104,7 @@ type Config struct {
 	// BackendMaxStreamWindow is what a backend stream's window may grow
 	// to while its client drains the answer (see BackendStreamWindow).
 	// At least BackendStreamWindow, at most 2^31-1; zero means
-	// DefaultBackendMaxStreamWindow (1 MiB).
+	// DefaultBackendMaxStreamWindow (512 KiB).
 	BackendMaxStreamWindow int32
 
 	// ConnWindow is the connection-level window granted to each peer.

@@ -7,7 +7,8 @@
 #                    baseline: no proxy at all)
 #   frame            streamlb proxy --engine frame as it runs in production:
 #                    the production build (CGO_ENABLED=0 go build -tags
-#                    proxyonly, as the Dockerfile builds it), metrics on,
+#                    proxyonly,grpcnotrace,urfave_cli_no_docs, as the
+#                    Dockerfile builds it), metrics on,
 #                    admin listener, /metrics scraped every second
 #   frame-full       the same with the full binary (go build ., every
 #                    command linked in), to show what the production build
@@ -20,7 +21,9 @@
 #   nginx            nginx grpc_pass over h2c (nginx.conf)
 #   frame-base       frame-nometrics run from the binary BASE_BIN (a build of
 #                    another commit), for a before and after in one run; only
-#                    when named in PATHS
+#                    when named in PATHS. BASE_METRICS=1 runs it as frame
+#                    instead (metrics on, its own admin listener scraped
+#                    every second), to compare like with like against frame
 #   frame-tls        frame terminating TLS (--metrics=false), h2c to backends
 #   haproxy-tls      HAProxy terminating TLS, h2c to backends
 #   nginx-tls        nginx terminating TLS, h2c to backends
@@ -58,7 +61,8 @@
 # WORKLOADS ("unary rate stream"), UNARY_CALLS (20000), RATE (2000),
 # RATE_SECS (5), STREAM_CALLS (300), MAX_SECS (3: bound on the unary and
 # stream workloads, whichever of it and the call count comes first), IDLE_CONNS (5000; 0 skips the step),
-# IDLE_PATHS ("frame haproxy nginx grpc-go"), BASE_PORT (27000), OUT (results
+# IDLE_PATHS ("frame haproxy nginx grpc-go"), BASE_PORT (27000), BASE_BIN and
+# BASE_METRICS (0; see frame-base), OUT (results
 # file; default in the work dir), KEEP_WORK (1 keeps the work dir with logs
 # and raw JSON).
 set -euo pipefail
@@ -132,9 +136,9 @@ CLK_TCK=$(getconf CLK_TCK)
 log "work dir $WORK"
 log "building streamlb (production and full), the load generator and idleconns"
 # PROD_BIN is the proxy as it is deployed: the Dockerfile's build (static,
-# -tags proxyonly: no testserver, demo or loadtest command). FULL_BIN has
+# -tags proxyonly,...: no testserver, demo or loadtest command). FULL_BIN has
 # every command: it runs the backends and the frame-full path.
-(cd "$REPO" && CGO_ENABLED=0 go build -tags proxyonly -trimpath -o "$WORK/streamlb-prod" . &&
+(cd "$REPO" && CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs -trimpath -o "$WORK/streamlb-prod" . &&
 	go build -o "$WORK/streamlb" . && go build -o "$WORK/gen" ./loadtest/bench/gen &&
 	go build -o "$WORK/idleconns" ./loadtest/bench/idleconns) || die "go build failed"
 BIN=$WORK/streamlb-prod
@@ -190,6 +194,9 @@ declare -A PORT=([direct]=$P_B1 [client-rr]=- [frame]=$((BASE_PORT + 10)) [grpc-
 	[frame-full]=$((BASE_PORT + 18)) [frame-base]=$((BASE_PORT + 19)))
 ADMIN_PORT=$((BASE_PORT + 20))
 declare -A ADMIN=([frame]=$ADMIN_PORT [frame-full]=$((BASE_PORT + 21)))
+if [[ ${BASE_METRICS:-0} == 1 ]]; then
+	ADMIN[frame-base]=$((BASE_PORT + 22))
+fi
 declare -A PROC # path -> pid of the proxy process (nginx: the master)
 
 BACKEND_PIDS=()
@@ -268,10 +275,12 @@ start_proc() {
 		;;
 	frame-base)
 		# frame-nometrics from another build (BASE_BIN), for a before and
-		# after in the same run.
+		# after in the same run; with BASE_METRICS=1, frame's settings.
 		[[ -x ${BASE_BIN:-} ]] || { note "$path skipped: set BASE_BIN to a streamlb binary"; return 1; }
+		local bextra=(--metrics=false)
+		[[ -n ${ADMIN[$name]:-} ]] && bextra=(--admin-listen "127.0.0.1:${ADMIN[$name]}")
 		"${PIN_PROXY[@]}" "$BASE_BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
-			--metrics=false --log-level warn >"$WORK/$name.log" 2>&1 &
+			"${bextra[@]}" --log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
 	frame-nometrics)
 		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
@@ -574,7 +583,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
 	echo "- Command: \`QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
-	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
+	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
 	for w in "${WORKLOADS[@]}"; do
 		echo "### $w: ${WDESC[$w]}"
