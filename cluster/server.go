@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -85,6 +86,18 @@ type ServerConfig struct {
 	AccessLog *AccessLog
 	// Version, if set, describes the binary on the admin status page.
 	Version string
+	// MutexProfileFraction and BlockProfileRate, when positive, switch the
+	// Go runtime's mutex and blocking profiles on for the whole process
+	// while Run runs (runtime.SetMutexProfileFraction: one contended
+	// unlock in this many is recorded; runtime.SetBlockProfileRate: one
+	// blocking event per this many nanoseconds blocked), served on the
+	// admin endpoints /debug/pprof/mutex and /debug/pprof/block. Zero
+	// leaves a profile off, and its endpoint answers 404 rather than an
+	// empty profile. Both cost CPU at every contended lock or blocking
+	// event: they are for diagnosis (which lock limits scaling past one
+	// CPU), not for steady production. Negative values are an error.
+	MutexProfileFraction int
+	BlockProfileRate     int
 }
 
 // engine is what both data planes offer.
@@ -120,6 +133,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	if cfg.DrainTimeout < 0 || cfg.Warmup < 0 {
 		return nil, errors.New("cluster: drain timeout and warm-up must not be negative")
+	}
+	if cfg.MutexProfileFraction < 0 || cfg.BlockProfileRate < 0 {
+		return nil, errors.New("cluster: mutex profile fraction and block profile rate must not be negative")
 	}
 	if cfg.DrainTimeout == 0 {
 		cfg.DrainTimeout = DefaultDrainTimeout
@@ -336,6 +352,16 @@ func (s *Server) ClustersReady(names ...string) (ok, known bool, reason string) 
 func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 	if s.tls != nil {
 		ln = &tlsListener{Listener: ln, cfg: s.tls.config()}
+	}
+	// The runtime's rates are process-wide: set while Run runs, off again
+	// when it returns.
+	if r := s.cfg.MutexProfileFraction; r > 0 {
+		runtime.SetMutexProfileFraction(r)
+		defer runtime.SetMutexProfileFraction(0)
+	}
+	if r := s.cfg.BlockProfileRate; r > 0 {
+		runtime.SetBlockProfileRate(r)
+		defer runtime.SetBlockProfileRate(0)
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	// The cluster outlives the drain: the streams still in flight, and
