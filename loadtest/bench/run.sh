@@ -17,8 +17,10 @@
 #                    (taskset -c 0-N, so an inherited affinity does not
 #                    pin it) and GOMAXPROCS=2, so it may use both CPUs,
 #                    sharing CPU 1 with the load generator and the
-#                    backends; beside the pinned one, it shows how the
-#                    proxy scales past one CPU (issue 12's multi-core item)
+#                    backends; beside the pinned one, it shows what a
+#                    second CPU does to calls/s and CPU per call (issue
+#                    12's multi-core item; on a 2-CPU machine the second
+#                    CPU is the load's, so this is no clean scaling test)
 #   grpc-proxy       streamlb proxy --engine grpc-proxy (mwitkow/grpc-proxy)
 #                    (every streamlb proxy path but frame-full runs the
 #                    production build; the backends run the full binary)
@@ -291,8 +293,8 @@ start_proc() {
 			--metrics=false --log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
 	frame-unpinned)
-		# frame-nometrics on every CPU with GOMAXPROCS=2 (pinned, the Go
-		# runtime sizes GOMAXPROCS to the affinity: 1).
+		# frame-nometrics on every CPU with GOMAXPROCS=2 (the pinned paths
+		# get GOMAXPROCS 1: the Go runtime sizes it to the affinity).
 		"${UNPIN[@]}" env GOMAXPROCS=2 "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" \
 			--engine frame --metrics=false --log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
@@ -593,7 +595,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "- Machine: $NCPU CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, $(uname -sr); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
 	echo "- Pinning: $PINNING.$([[ " ${ACTIVE[*]} " == *-unpinned\ * ]] && echo " The *-unpinned paths are not pinned (taskset -c 0-$((NCPU - 1))): frame-unpinned runs with GOMAXPROCS=2, haproxy-unpinned with nbthread 2; they share CPU 1 with the load generator and the backends.")"
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
-	echo "- Command: \`QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
+	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
 	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
