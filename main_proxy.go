@@ -42,7 +42,8 @@ func proxyCommand() *cli.Command {
 			"clusters, routes by gRPC service, method prefix and request headers, rate\n" +
 			"limits. Its clusters and routes are reloaded on SIGHUP and when the file\n" +
 			"changes. It cannot be mixed with the other flags, except --log-level,\n" +
-			"--log-format and --release-startup-pages: the file would silently win, so\nthe mix is an error.",
+			"--log-format, --release-startup-pages and the contention profiles' --mutex-profile-fraction\n" +
+			"and --block-profile-rate: the file would silently win, so the mix is an error.",
 		OnUsageError: onUsageError,
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "config", Usage: "YAML configuration `FILE` (clusters, routes, rate limits; reloaded on SIGHUP and on change); excludes the other flags but --log-*"},
@@ -60,6 +61,8 @@ func proxyCommand() *cli.Command {
 			&cli.StringFlag{Name: "access-log", Usage: "write one line per call to `PATH` (appended; - or stderr for stderr), in --log-format"},
 			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once started, unmap the binary's code and read-only data that start-up touched, so RSS counts what the running proxy uses (Linux; the only flag besides --log-* allowed with --config)"},
 			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "keep Prometheus metrics, served on /metrics of --admin-listen (--metrics=false: none)"},
+			&cli.IntFlag{Name: "mutex-profile-fraction", Usage: "record one contended unlock in `N` for /debug/pprof/mutex of --admin-listen (0: off, and that endpoint answers 404; costs CPU: for diagnosis); allowed beside --config"},
+			&cli.IntFlag{Name: "block-profile-rate", Usage: "record a blocking event per `NS` nanoseconds blocked for /debug/pprof/block of --admin-listen (0: off, and that endpoint answers 404; costs CPU: for diagnosis); allowed beside --config"},
 
 			// Discovery.
 			&cli.DurationFlag{Name: "dns-refresh", Value: resolver.DefaultRefresh, Usage: "how often DNS targets are resolved again (with ±10% jitter)"},
@@ -138,6 +141,12 @@ func runProxy(c *cli.Context) error {
 		cfg.Reload = hup
 	} else if cfg, err = proxyConfig(c, logger); err != nil {
 		return err
+	}
+	// The contention profiles are the process's, not the file's: they go
+	// beside --config too.
+	cfg.MutexProfileFraction, cfg.BlockProfileRate = c.Int("mutex-profile-fraction"), c.Int("block-profile-rate")
+	if cfg.MutexProfileFraction < 0 || cfg.BlockProfileRate < 0 {
+		return usageErr("--mutex-profile-fraction and --block-profile-rate must not be negative")
 	}
 	if path := c.String("access-log"); path != "" {
 		al, err := cluster.OpenAccessLog(path, c.String("log-format"), c.App.ErrWriter)
@@ -291,10 +300,11 @@ func fileConfig(c *cli.Context, path string, logger *slog.Logger) (cluster.Serve
 		if env, ok := fromEnv[name]; ok && c.String(name) == os.Getenv(env) {
 			continue
 		}
-		// --release-startup-pages is about the process, not the proxy's
-		// configuration, like the log flags.
-		if name != "config" && name != "release-startup-pages" && !strings.HasPrefix(name, "log-") && c.IsSet(name) {
-			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level, --log-format and --release-startup-pages go beside --config)", name, path)
+		// --release-startup-pages and the contention profiles are about the
+		// process, not the proxy's configuration, like the log flags.
+		if name != "config" && name != "release-startup-pages" && !strings.HasPrefix(name, "log-") && !strings.HasSuffix(name, "-profile-fraction") &&
+			!strings.HasSuffix(name, "-profile-rate") && c.IsSet(name) {
+			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level, --log-format, --release-startup-pages, --mutex-profile-fraction and --block-profile-rate go beside --config)", name, path)
 		}
 	}
 	f, err := cluster.LoadFile(path)

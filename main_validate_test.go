@@ -40,6 +40,11 @@ func TestValidateCommand(t *testing.T) {
 		{name: "no config", args: []string{"validate"}, wantCode: 2, wantErr: "--config FILE"},
 		{name: "config and flags", args: []string{"proxy", "--config", good, "--backend", "127.0.0.1:2"}, wantCode: 2, wantErr: "--backend cannot be used with --config"},
 		{name: "proxy bad config", args: []string{"proxy", "--config", badRef}, wantCode: 2, wantErr: "unknown cluster"},
+		// The contention profiles are the process's: allowed beside
+		// --config (the file is read, and refused for its own error).
+		{name: "profiles beside config", args: []string{"proxy", "--config", badRef, "--mutex-profile-fraction", "5", "--block-profile-rate", "1000"}, wantCode: 2, wantErr: "unknown cluster"},
+		{name: "negative mutex profile fraction", args: []string{"proxy", "--backend", "127.0.0.1:1", "--mutex-profile-fraction", "-1"}, wantCode: 2, wantErr: "must not be negative"},
+		{name: "negative block profile rate", args: []string{"proxy", "--config", good, "--block-profile-rate", "-1"}, wantCode: 2, wantErr: "must not be negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var stdout, stderr bytes.Buffer

@@ -21,7 +21,9 @@ import (
 //     usable backend, 404 for a cluster no route uses;
 //   - /backends: the cluster's per-backend state as JSON;
 //   - /metrics: Prometheus metrics, if ServerConfig.Metrics is set;
-//   - /debug/pprof/: the Go runtime's profiles;
+//   - /debug/pprof/: the Go runtime's profiles; /debug/pprof/mutex and
+//     /debug/pprof/block answer 404 unless ServerConfig.MutexProfileFraction
+//     and BlockProfileRate switch them on;
 //   - / (that path only): a live status page, self-contained HTML that
 //     polls /status.json, the clusters' per-backend state and, with
 //     metrics on, their cumulative call counters and duration histograms.
@@ -37,6 +39,8 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	mux.Handle("GET /debug/pprof/mutex", contentionProfile("mutex", s.cfg.MutexProfileFraction, "MutexProfileFraction (--mutex-profile-fraction)"))
+	mux.Handle("GET /debug/pprof/block", contentionProfile("block", s.cfg.BlockProfileRate, "BlockProfileRate (--block-profile-rate)"))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
@@ -72,4 +76,16 @@ func (s *Server) AdminHandler() http.Handler {
 		enc.Encode(s.cluster.Backends())
 	})
 	return mux
+}
+
+// contentionProfile serves the runtime profile name when rate switched it
+// on, and otherwise 404 saying how to: with the rate at zero the runtime
+// records nothing, and an empty profile would read as "no contention".
+func contentionProfile(name string, rate int, knob string) http.Handler {
+	if rate > 0 {
+		return pprof.Handler(name)
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, fmt.Sprintf("%s profile off: set %s to a positive value", name, knob), http.StatusNotFound)
+	})
 }

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -90,6 +91,18 @@ type ServerConfig struct {
 	// clients: the pages of the binary that only start-up touched leave
 	// the process's RSS. The proxy command sets it (--release-startup-pages).
 	ReleaseStartupPages bool
+	// MutexProfileFraction and BlockProfileRate, when positive, switch the
+	// Go runtime's mutex and blocking profiles on for the whole process
+	// while Run runs (runtime.SetMutexProfileFraction: one contended
+	// unlock in this many is recorded; runtime.SetBlockProfileRate: one
+	// blocking event per this many nanoseconds blocked), served on the
+	// admin endpoints /debug/pprof/mutex and /debug/pprof/block. Zero
+	// leaves a profile off, and its endpoint answers 404 rather than an
+	// empty profile. Both cost CPU at every contended lock or blocking
+	// event: they are for diagnosis (which lock limits scaling past one
+	// CPU), not for steady production. Negative values are an error.
+	MutexProfileFraction int
+	BlockProfileRate     int
 }
 
 // engine is what both data planes offer.
@@ -125,6 +138,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	if cfg.DrainTimeout < 0 || cfg.Warmup < 0 {
 		return nil, errors.New("cluster: drain timeout and warm-up must not be negative")
+	}
+	if cfg.MutexProfileFraction < 0 || cfg.BlockProfileRate < 0 {
+		return nil, errors.New("cluster: mutex profile fraction and block profile rate must not be negative")
 	}
 	if cfg.DrainTimeout == 0 {
 		cfg.DrainTimeout = DefaultDrainTimeout
@@ -341,6 +357,16 @@ func (s *Server) ClustersReady(names ...string) (ok, known bool, reason string) 
 func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 	if s.tls != nil {
 		ln = &tlsListener{Listener: ln, cfg: s.tls.config()}
+	}
+	// The runtime's rates are process-wide: set while Run runs, off again
+	// when it returns.
+	if r := s.cfg.MutexProfileFraction; r > 0 {
+		runtime.SetMutexProfileFraction(r)
+		defer runtime.SetMutexProfileFraction(0)
+	}
+	if r := s.cfg.BlockProfileRate; r > 0 {
+		runtime.SetBlockProfileRate(r)
+		defer runtime.SetBlockProfileRate(0)
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	// The cluster outlives the drain: the streams still in flight, and

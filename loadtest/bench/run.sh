@@ -14,10 +14,20 @@
 #                    command linked in), to show what the production build
 #                    saves; its own admin listener, scraped the same way
 #   frame-nometrics  the same with --metrics=false and no admin listener
+#   frame-unpinned   frame-nometrics NOT pinned: allowed on every CPU
+#                    (taskset -c 0-N, so an inherited affinity does not
+#                    pin it) and GOMAXPROCS=2, so it may use both CPUs,
+#                    sharing CPU 1 with the load generator and the
+#                    backends; beside the pinned one, it shows what a
+#                    second CPU does to calls/s and CPU per call (issue
+#                    12's multi-core item; on a 2-CPU machine the second
+#                    CPU is the load's, so this is no clean scaling test)
 #   grpc-proxy       streamlb proxy --engine grpc-proxy (mwitkow/grpc-proxy)
 #                    (every streamlb proxy path but frame-full runs the
 #                    production build; the backends run the full binary)
 #   haproxy          HAProxy, mode http, h2c on both sides (haproxy.cfg)
+#   haproxy-unpinned the same with nbthread 2 and not pinned, like for like
+#                    with frame-unpinned
 #   nginx            nginx grpc_pass over h2c (nginx.conf)
 #   frame-base       frame-nometrics run from the binary BASE_BIN (a build of
 #                    another commit), for a before and after in one run; only
@@ -57,7 +67,8 @@
 #        QUICK=1 loadtest/bench/run.sh    (smoke run: 1 round, short
 #                                          workloads, 1,000 idle connections)
 # Knobs (environment): ROUNDS (3), PATHS ("direct client-rr frame
-# frame-full frame-nometrics grpc-proxy haproxy nginx frame-tls haproxy-tls nginx-tls"),
+# frame-full frame-nometrics grpc-proxy haproxy nginx frame-tls haproxy-tls nginx-tls";
+# frame-unpinned, haproxy-unpinned and frame-base run only when named),
 # WORKLOADS ("unary rate stream"), UNARY_CALLS (20000), RATE (2000),
 # RATE_SECS (5), STREAM_CALLS (300), MAX_SECS (3: bound on the unary and
 # stream workloads, whichever of it and the call count comes first), IDLE_CONNS (5000; 0 skips the step),
@@ -126,8 +137,11 @@ if ((NCPU >= 2)); then
 	PIN_PROXY=(taskset -c 0)
 	PIN_LOAD=(taskset -c 1)
 	PINNING="proxy under test on CPU 0; load generator and the 3 backends on CPU 1"
+	# The *-unpinned paths: every CPU, whatever affinity this script got.
+	UNPIN=(taskset -c "0-$((NCPU - 1))")
 else
 	PIN_PROXY=()
+	UNPIN=()
 	PIN_LOAD=()
 	PINNING="not pinned: only $NCPU CPU"
 fi
@@ -191,7 +205,8 @@ P_B1=$((BASE_PORT + 1)) P_B2=$((BASE_PORT + 2)) P_B3=$((BASE_PORT + 3))
 declare -A PORT=([direct]=$P_B1 [client-rr]=- [frame]=$((BASE_PORT + 10)) [grpc-proxy]=$((BASE_PORT + 11))
 	[haproxy]=$((BASE_PORT + 12)) [nginx]=$((BASE_PORT + 13)) [frame-nometrics]=$((BASE_PORT + 14))
 	[frame-tls]=$((BASE_PORT + 15)) [haproxy-tls]=$((BASE_PORT + 16)) [nginx-tls]=$((BASE_PORT + 17))
-	[frame-full]=$((BASE_PORT + 18)) [frame-base]=$((BASE_PORT + 19)))
+	[frame-full]=$((BASE_PORT + 18)) [frame-base]=$((BASE_PORT + 19))
+	[frame-unpinned]=$((BASE_PORT + 22)) [haproxy-unpinned]=$((BASE_PORT + 23)))
 ADMIN_PORT=$((BASE_PORT + 20))
 declare -A ADMIN=([frame]=$ADMIN_PORT [frame-full]=$((BASE_PORT + 21)))
 if [[ ${BASE_METRICS:-0} == 1 ]]; then
@@ -238,10 +253,10 @@ make_certs() {
 	) >"$WORK/openssl.log" 2>&1
 }
 
-render() { # template rendered-file port name bind-or-listen tls-lines
+render() { # template rendered-file port name bind-or-listen tls-lines [threads]
 	sed -e "s|@PORT@|$3|g" -e "s|@B1@|$P_B1|g" -e "s|@B2@|$P_B2|g" -e "s|@B3@|$P_B3|g" \
 		-e "s|@DIR@|$WORK|g" -e "s|@NAME@|$4|g" -e "s|@BIND@|$5|g" -e "s|@LISTEN@|$5|g" \
-		-e "s|@TLS@|$6|g" "$1" >"$2"
+		-e "s|@TLS@|$6|g" -e "s|@THREADS@|${7:-1}|g" "$1" >"$2"
 }
 
 SCRAPERS=()
@@ -286,6 +301,12 @@ start_proc() {
 		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine frame \
 			--metrics=false --log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
+	frame-unpinned)
+		# frame-nometrics on every CPU with GOMAXPROCS=2 (the pinned paths
+		# get GOMAXPROCS 1: the Go runtime sizes it to the affinity).
+		"${UNPIN[@]}" env GOMAXPROCS=2 "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" \
+			--engine frame --metrics=false --log-level warn >"$WORK/$name.log" 2>&1 &
+		;;
 	grpc-proxy)
 		"${PIN_PROXY[@]}" "$BIN" proxy --listen "127.0.0.1:$port" "${BACKENDS[@]}" --engine grpc-proxy \
 			--log-level warn >"$WORK/$name.log" 2>&1 &
@@ -294,18 +315,20 @@ start_proc() {
 		"${PIN_PROXY[@]}" "$FULL_BIN" testserver --listen "127.0.0.1:$port" --name idle \
 			--log-level warn >"$WORK/$name.log" 2>&1 &
 		;;
-	haproxy)
+	haproxy | haproxy-unpinned)
 		if ! ensure_pkg haproxy haproxy; then
 			note "$path skipped: not installed and could not be installed (run as root, or apt-get install haproxy)"
 			return 1
 		fi
 		local bind="proto h2"
 		((tls)) && bind="ssl crt $TLS_DIR/server.pem alpn h2"
-		render "$HERE/haproxy.cfg" "$WORK/$name.cfg" "$port" "$name" "$bind" ""
+		local threads=1 pin=("${PIN_PROXY[@]}")
+		[[ $base == haproxy-unpinned ]] && threads=2 pin=("${UNPIN[@]}")
+		render "$HERE/haproxy.cfg" "$WORK/$name.cfg" "$port" "$name" "$bind" "" "$threads"
 		haproxy -c -q -f "$WORK/$name.cfg" >"$WORK/$name-check.log" 2>&1 ||
 			{ note "$path skipped: config check failed ($(head -c 300 "$WORK/$name-check.log"))"; return 1; }
 		# As root, HAProxy raises its own open-file limit to fit maxconn.
-		"${PIN_PROXY[@]}" haproxy -db -f "$WORK/$name.cfg" >"$WORK/$name.log" 2>&1 &
+		"${pin[@]}" haproxy -db -f "$WORK/$name.cfg" >"$WORK/$name.log" 2>&1 &
 		;;
 	nginx)
 		if ! ensure_pkg nginx nginx; then
@@ -579,9 +602,9 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "## streamlb benchmark: $(date -u '+%Y-%m-%d %H:%M UTC')"
 	echo
 	echo "- Machine: $NCPU CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, $(uname -sr); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
-	echo "- Pinning: $PINNING."
+	echo "- Pinning: $PINNING.$([[ " ${ACTIVE[*]} " == *-unpinned\ * ]] && echo " The *-unpinned paths are not pinned (taskset -c 0-$((NCPU - 1))): frame-unpinned runs with GOMAXPROCS=2, haproxy-unpinned with nbthread 2; they share CPU 1 with the load generator and the backends.")"
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
-	echo "- Command: \`QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
+	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
 	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
@@ -609,6 +632,9 @@ ELAPSED=$(($(date +%s) - START_TIME))
 			if [[ $path == *-tls ]]; then # TLS paths compare with TLS paths
 				hc=$(med "$w" haproxy-tls cpu_us_per_call)
 				nc=$(med "$w" nginx-tls cpu_us_per_call)
+			elif [[ $path == *-unpinned ]]; then # unpinned with unpinned, if it ran
+				uh=$(med "$w" haproxy-unpinned cpu_us_per_call)
+				[[ $uh != - ]] && hc=$uh
 			fi
 			if [[ $w == stream && $cpu != - ]]; then
 				shown=$(fmt "$(awk -v c="$cpu" 'BEGIN {print c / 1000}')" 2) # 1 MiB per call
@@ -635,7 +661,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 		done
 		echo
 	done
-	echo "TLS paths (\`*-tls\`) are compared with HAProxy and nginx terminating TLS too."
+	echo "TLS paths (\`*-tls\`) are compared with HAProxy and nginx terminating TLS too; \`*-unpinned\` paths with haproxy-unpinned when it ran."
 	echo
 	echo "Per round, CPU µs per call (unary, rate) and per 1 MiB stream call (stream), to show the drift:"
 	echo
