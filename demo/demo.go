@@ -180,6 +180,9 @@ type demo struct {
 	pods   []*testserver.Server // pods[i] is "pod-(i+1)" on 127.0.0.(demoFirstIP+i)
 	counts map[string]map[string]int64
 	errs   map[string]int64
+	// epoch counts resetCounts: a call is counted on its pod only in the
+	// epoch (step) it was made in; see record.
+	epoch int
 }
 
 // Run runs the headless-service demo and writes its tables to out. It
@@ -344,24 +347,39 @@ func (d *demo) drive(ctx context.Context, client string, c testgrpc.TestServiceC
 			defer func() { <-slots }()
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			defer cancel()
+			epoch := d.currentEpoch()
 			var hdr metadata.MD
 			_, err := c.EmptyCall(cctx, &testgrpc.Empty{}, grpc.Header(&hdr))
 			if ctx.Err() != nil {
 				return // the demo is ending; not the client's failure
 			}
-			d.record(client, testserver.BackendFromHeader(hdr), err)
+			d.record(client, testserver.BackendFromHeader(hdr), err, epoch)
 		}()
 	}
 }
 
-func (d *demo) record(client, pod string, err error) {
+// record counts a call made in epoch. A failure is always counted. A
+// success is counted on its pod only if the counts were not reset since
+// the call was made: the tables show where each step's calls were picked,
+// and a call picked in the previous step (on a pod since removed) that
+// ends just after the step changed belongs to the previous step, whose
+// table is already printed.
+func (d *demo) record(client, pod string, err error, epoch int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err != nil {
 		d.errs[client]++
 		return
 	}
-	d.counts[client][pod]++
+	if epoch == d.epoch {
+		d.counts[client][pod]++
+	}
+}
+
+func (d *demo) currentEpoch() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.epoch
 }
 
 func (d *demo) resetCounts() (map[string]map[string]int64, map[string]int64) {
@@ -370,6 +388,7 @@ func (d *demo) resetCounts() (map[string]map[string]int64, map[string]int64) {
 	counts, errs := d.counts, d.errs
 	d.counts = map[string]map[string]int64{ViaProxy: {}, Direct: {}}
 	d.errs = map[string]int64{}
+	d.epoch++
 	return counts, errs
 }
 
