@@ -23,7 +23,7 @@ const (
 	DefaultPrefaceTimeout        = 10 * time.Second
 	DefaultDrainTimeout          = 30 * time.Second
 	DefaultRetryBufferSize       = 64 << 10
-	DefaultResponseHoldback      = 64 << 10
+	DefaultResponseHoldback      = 128 << 10
 	DefaultMaxRetries            = 2
 	DefaultRetryBudget           = 10
 	DefaultRetryBudgetRatio      = 0.1
@@ -336,9 +336,11 @@ type Config struct {
 	// arrives, so that a backend failing in the middle of it gives the
 	// client the complete messages before it and a clean status, not a
 	// torn message (see holdback.go). A larger message goes on as it
-	// arrives. Zero means DefaultResponseHoldback (64 KiB), negative
-	// off. It needs BackendMaxStreamWindow of at least 4/3 of it plus
-	// the prefix: a held message must be able to arrive whole.
+	// arrives. Zero means DefaultResponseHoldback (128 KiB: a message of
+	// a 64 KiB payload, a common chunk size, is a few bytes over 64 KiB
+	// encoded), negative off. It needs a BackendMaxStreamWindow of at
+	// least 4/3 of it plus the prefix: a held message must be able to
+	// arrive whole.
 	ResponseHoldback int
 
 	// MaxRetries is how many more attempts a call may make: zero means

@@ -203,7 +203,15 @@ func (b *backendConn) roomToHoldLocked(a *attempt) bool {
 // known.
 func (h *holdback) keep(p []byte, mem *bufBudget) {
 	if len(p) > 0 && h.items == nil {
-		h.items = make([]outItem, 0, 2)
+		// The first message held on this attempt: one allocation for
+		// both item slices, each with room for a message of this size
+		// in full frames' buffers.
+		c := 2
+		if h.cur.prefix == 5 {
+			c = int(h.cur.size+5)/maxFrameSize + 2
+		}
+		both := make([]outItem, 2*c)
+		h.items, h.out = both[:0:c], both[c:c:2*c]
 	}
 	for len(p) > 0 {
 		if n := len(h.items); n > 0 {
