@@ -296,8 +296,9 @@ func TestHoldbackSplitMessages(t *testing.T) {
 }
 
 // TestHoldbackLargeMessages: through real grpc-go backends, messages
-// below, at and above the bound, and above the backend stream's initial
-// window (so that holding them needs the window raised), arrive intact,
+// below, at and above the bound (128 KiB; a 128 KiB body is a few bytes
+// over it encoded), and above the backend stream's initial window (so that
+// holding them needs the window raised), arrive intact,
 // also for a client whose fixed 64 KiB window makes the proxy wait for it;
 // and once the calls are over the connection's buffer budget and backend
 // windows are back to zero (the held buffers were counted and released).
@@ -306,7 +307,7 @@ func TestHoldbackLargeMessages(t *testing.T) {
 	e := newEnv(t, envOpts{backends: 1})
 	srv := e.srv.(*proxy.Server)
 	ctx := testkit.Context(t, 60*time.Second)
-	sizes := []int32{100, 40 << 10, 64<<10 - 20, 64 << 10, 64<<10 + 100, 200 << 10, 1 << 20, 3}
+	sizes := []int32{100, 40 << 10, 64 << 10, 128<<10 - 20, 128 << 10, 200 << 10, 1 << 20, 3}
 	var params []*testgrpc.ResponseParameters
 	for _, n := range sizes {
 		params = append(params, &testgrpc.ResponseParameters{Size: n})
@@ -338,6 +339,56 @@ func TestHoldbackLargeMessages(t *testing.T) {
 					t.Errorf("%s: message %d has %d bytes, want %d", c.name, i, got, sizes[i])
 				}
 			}
+		}
+	}
+	testkit.WaitFor(ctx, t, "the buffer budget and backend windows to be given back", func() bool {
+		return srv.MaxBufferedBytes() == 0 && srv.MaxBackendWindows() == 0 && srv.MaxWindowGrowth() == 0
+	})
+}
+
+// TestHoldbackShareFull: with a small buffer budget, the window growth
+// that holding large messages needs runs out for some of the streams of a
+// connection; their messages then go on as they arrive. Every message of
+// 16 concurrent streams arrives intact, none waits for ever, and the
+// budget is all given back.
+func TestHoldbackShareFull(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 2, pcfg: func(c *proxy.Config) { c.MaxConnBufferedBytes = 1 << 20 }})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 60*time.Second)
+	const streams, perStream, size = 16, 8, 120 << 10
+	var params []*testgrpc.ResponseParameters
+	for range perStream {
+		params = append(params, &testgrpc.ResponseParameters{Size: size})
+	}
+	errs := make(chan error, streams)
+	for range streams {
+		go func() {
+			st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{ResponseParameters: params})
+			if err != nil {
+				errs <- err
+				return
+			}
+			msgs, err := drain(st.Recv)
+			switch {
+			case err != nil:
+				errs <- fmt.Errorf("%d messages then %w", len(msgs), err)
+			case len(msgs) != perStream:
+				errs <- fmt.Errorf("got %d messages, want %d", len(msgs), perStream)
+			default:
+				for i, m := range msgs {
+					if n := len(m.GetPayload().GetBody()); n != size {
+						errs <- fmt.Errorf("message %d has %d bytes, want %d", i, n, size)
+						return
+					}
+				}
+				errs <- nil
+			}
+		}()
+	}
+	for range streams {
+		if err := <-errs; err != nil {
+			t.Error(err)
 		}
 	}
 	testkit.WaitFor(ctx, t, "the buffer budget and backend windows to be given back", func() bool {
