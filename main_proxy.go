@@ -88,6 +88,7 @@ func proxyCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "retry-on", Usage: "`METHOD` (/pkg.Service/Method, or /pkg.Service/ for all) whose UNAVAILABLE answers are retried on another backend; only idempotent methods (frame engine)"},
 			&cli.IntFlag{Name: "max-retries", Value: proxy.DefaultMaxRetries, Usage: "further attempts a call may make, transparent retries included; negative: none (frame engine)"},
 			&cli.IntFlag{Name: "retry-buffer", Value: proxy.DefaultRetryBufferSize, Usage: "request bytes kept per call so it can be retried; a larger request is not retried once sent (frame engine)"},
+			&cli.IntFlag{Name: "response-holdback", Value: proxy.DefaultResponseHoldback, Usage: "largest gRPC response message (bytes, the length in its prefix) held back until complete, so a backend dying mid-message gives the client the whole messages before it and UNAVAILABLE, not a torn message (0: off; frame engine)"},
 			&cli.IntFlag{Name: "retry-budget", Value: proxy.DefaultRetryBudget, Usage: "retry throttling (gRFC A6): tokens in the bucket; failed calls take one, UNAVAILABLE answers of --retry-on methods are retried only while over half are left (frame engine)"},
 			&cli.Float64Flag{Name: "retry-budget-ratio", Value: proxy.DefaultRetryBudgetRatio, Usage: "tokens a successful call gives back to the retry budget (frame engine)"},
 			&cli.Int64Flag{Name: "max-streams", Usage: "calls in flight through the proxy; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
@@ -274,6 +275,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			RetryOn:                   c.StringSlice("retry-on"),
 			MaxRetries:                c.Int("max-retries"),
 			RetryBufferSize:           c.Int("retry-buffer"),
+			ResponseHoldback:          offIfZero(c.Int("response-holdback")),
 			RetryBudget:               c.Int("retry-budget"),
 			RetryBudgetRatio:          c.Float64("retry-budget-ratio"),
 			MaxHeaderListSize:         uint32(c.Uint("max-header-list-size")),
@@ -357,6 +359,15 @@ func newRegistry(on bool) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return reg
+}
+
+// offIfZero maps a size flag's 0 ("off") to the proxy.Config convention
+// for off, a negative value (zero there selects the default).
+func offIfZero(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }
 
 // nonZero maps a duration flag's 0 to "off" (negative) for proxy.Config,

@@ -81,6 +81,7 @@ type fileProxy struct {
 	BackendStreamWindow       int32         `yaml:"backend_stream_window"`
 	BackendStreamWindowMax    int32         `yaml:"backend_stream_window_max"`
 	RetryBuffer               int           `yaml:"retry_buffer"`
+	ResponseHoldback          int           `yaml:"response_holdback"`
 	// The retry policy of the clusters without their own (see fileRetry).
 	RetryOn          []string `yaml:"retry_on"`
 	MaxRetries       int      `yaml:"max_retries"`
@@ -675,6 +676,7 @@ func (f *File) proxyConfig() proxy.Config {
 		RetryBudget:               p.RetryBudget,
 		RetryBudgetRatio:          p.RetryBudgetRatio,
 		RetryBufferSize:           p.RetryBuffer,
+		ResponseHoldback:          p.ResponseHoldback,
 		MaxBackendConns:           p.MaxBackendConns,
 		BackendIdleTimeout:        p.BackendIdleTimeout,
 		BackendKeepaliveTime:      p.BackendKeepaliveTime,

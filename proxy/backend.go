@@ -47,6 +47,8 @@ type backendConn struct {
 	calm       calmMeter // glitches (calm.go)
 	noStreams  bool      // the backend's SETTINGS_MAX_CONCURRENT_STREAMS is 0 (see onPeerSettings)
 
+	holdBound uint32 // Config.ResponseHoldback, 0 when off (holdback.go); immutable
+
 	lastRead atomic.Int64 // unix nanoseconds bytes last arrived, for keepalive (see connReader.lastRead)
 }
 
@@ -76,6 +78,7 @@ func newBackendConn(p *pool, k poolKey) *backendConn {
 	b.usePersistentWriter() // run's goroutine is the writer
 	b.retryBuffer = cfg.RetryBufferSize
 	b.maxStreamWindow = cfg.BackendMaxStreamWindow
+	b.holdBound = uint32(cfg.ResponseHoldback)
 	// A backend that stops reading must not hold the writer, and the
 	// calls queued behind it, for ever.
 	b.writeTimeout = cfg.WriteTimeout
@@ -389,6 +392,9 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		a.fieldRoom = a.fieldInl[:]
 	}
 	fields := keepFields(&a.fieldRoom, filterFields(f.Fields))
+	if !a.gotHeaders {
+		a.hold.on = b.holdBound > 0 && isGRPCResponse(fields)
+	}
 	if a.keepReplay && a.s.retryable && !a.forwarded {
 		// The method may be retried on UNAVAILABLE and the client has seen
 		// nothing yet.
@@ -421,6 +427,13 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 			return nil
 		}
 	}
+	var items []outItem
+	if a.gotHeaders && a.hold.held > 0 {
+		// Trailers after part of a message: the backend ended the
+		// response itself, and the client reads what it sent, as a
+		// direct client would.
+		items = a.hold.take()
+	}
 	a.gotHeaders = true
 	held := b.forwardLocked(a)
 	if end {
@@ -430,6 +443,9 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	cc := a.s.cc
 	if held != nil {
 		cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil)
+	}
+	if items != nil {
+		b.relayHeld(a, items, nil, false)
 	}
 	cc.enqueueDown(a, outItem{kind: itemHeaders, end: end, fields: fields}, nil)
 	return nil
@@ -483,6 +499,13 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 		return err
 	}
 	held := b.forwardLocked(a)
+	// The bytes of an incomplete gRPC message wait for the rest of it
+	// (holdback.go); items are held bytes that go on first.
+	var items []outItem
+	fwd := len(data)
+	if a.hold.on {
+		items, fwd = b.holdLocked(a, data, end)
+	}
 	if end {
 		b.stepLocked(a, evRecvEnd)
 	}
@@ -496,8 +519,13 @@ func (b *backendConn) onData(f *http2.DataFrame) error {
 	if held != nil {
 		a.s.cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil)
 	}
-	if !a.s.cc.enqueueDown(a, outItem{kind: itemData, end: end}, data) {
-		b.creditStream(r, int32(len(data)))
+	switch {
+	case items != nil:
+		b.relayHeld(a, items, data[:fwd], end)
+	case fwd > 0 || end:
+		if !a.s.cc.enqueueDown(a, outItem{kind: itemData, end: end}, data[:fwd]) {
+			b.creditStream(r, int32(fwd))
+		}
 	}
 	return nil
 }
@@ -649,6 +677,9 @@ func (b *backendConn) unlinkLocked(a *attempt) {
 	a.up.detached = true
 	a.downRecv.done = true
 	b.releaseHeldLocked(&a.downRecv)
+	if a.hold.held > 0 {
+		a.hold.releaseLocked(&a.s.cc.bufs) // a message cut short is never relayed
+	}
 	if a.up.id != 0 {
 		delete(b.streams, a.up.id)
 	}

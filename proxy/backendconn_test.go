@@ -484,7 +484,9 @@ func TestBackendKeepaliveGRPCEnforcement(t *testing.T) {
 
 // TestBackendEndsMidStream: a backend sends N messages and then loses its
 // connection or resets the stream while the client has not read them yet;
-// the client receives all N, then the error, as a direct client would.
+// the client receives all N, then the error, as a direct client would, and
+// the connection's buffer budget is all given back. Half a message is held
+// back (holdback.go), or with the hold-back off trimmed from the queue.
 func TestBackendEndsMidStream(t *testing.T) {
 	// More than the client's 64 KiB window, within the 128 KiB the proxy
 	// grants this backend per stream (Config.BackendStreamWindow, set
@@ -495,10 +497,17 @@ func TestBackendEndsMidStream(t *testing.T) {
 		name string
 		end  func(fr *http2.Framer, id uint32) // after the messages
 		want codes.Code
+		off  bool // response hold-back off
 	}{
 		{name: "connection lost", want: codes.Unavailable, end: func(*http2.Framer, uint32) {}},
 		{name: "connection lost in the middle of a message", want: codes.Unavailable, end: func(fr *http2.Framer, id uint32) {
 			fr.WriteData(id, false, msg[:len(msg)/2])
+		}},
+		{name: "connection lost in the middle of a message, hold-back off", want: codes.Unavailable, off: true, end: func(fr *http2.Framer, id uint32) {
+			// In two frames, so that the second takes a queue buffer of
+			// its own, which the trim must give back.
+			fr.WriteData(id, false, msg[:len(msg)/2])
+			fr.WriteData(id, false, msg[len(msg)/2:len(msg)-1])
 		}},
 		{name: "RST_STREAM INTERNAL_ERROR", want: codes.Internal, end: func(fr *http2.Framer, id uint32) {
 			fr.WriteRSTStream(id, http2.ErrCodeInternal)
@@ -538,7 +547,12 @@ func TestBackendEndsMidStream(t *testing.T) {
 					return true
 				})
 			})
-			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.BackendStreamWindow = 128 << 10 }})
+			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+				c.BackendStreamWindow = 128 << 10
+				if tc.off {
+					c.ResponseHoldback = -1
+				}
+			}})
 			srv := e.srv.(*proxy.Server)
 			e.setBackends(bad)
 			ctx := testkit.Context(t, 30*time.Second)
@@ -568,6 +582,7 @@ func TestBackendEndsMidStream(t *testing.T) {
 			if len(msgs) != n || status.Code(err) != tc.want {
 				t.Errorf("client got %d messages then %v, want %d then %v", len(msgs), err, n, tc.want)
 			}
+			testkit.WaitFor(ctx, t, "the connection's buffer budget to be given back", func() bool { return srv.MaxBufferedBytes() == 0 })
 		})
 	}
 }

@@ -86,6 +86,12 @@ func runBenchChild(spec string) int {
 				slog.Int64("bytes_in", ci.RequestBytes), slog.Int64("bytes_out", ci.ResponseBytes),
 				slog.Int("retries", max(ci.Attempts-1, 0)), slog.String("client", ci.Client.String()))
 		}})
+	case "frame-holdback-off":
+		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog, ResponseHoldback: -1})
+	case "frame-holdback-64k":
+		// Just under BenchmarkStream's messages (64 KiB bodies, a few
+		// bytes more encoded): they go on as they arrive.
+		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog, ResponseHoldback: 64 << 10})
 	case "grpc-proxy":
 		srv, err = proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: quietLog})
 	default:
@@ -318,13 +324,26 @@ func BenchmarkUnaryHook(b *testing.B) {
 
 // BenchmarkStream measures server streams of 1 MiB (16 messages of
 // 64 KiB) at concurrency 4 over one client connection.
-func BenchmarkStream(b *testing.B) {
+func BenchmarkStream(b *testing.B) { benchStream(b, benchPaths) }
+
+// BenchmarkStreamHoldback is BenchmarkStream through the frame engine with
+// the response hold-back (holdback.go) off, at 64 KiB (which these
+// messages, 64 KiB bodies encoded, are just over: they go on as they
+// arrive, the cursor only following them) and at its default, which holds
+// every message until its last frame:
+//
+//	go test -run '^$' -bench StreamHoldback -benchtime 3000x ./proxy/
+func BenchmarkStreamHoldback(b *testing.B) {
+	benchStream(b, []string{"frame-holdback-off", "frame-holdback-64k", "frame"})
+}
+
+func benchStream(b *testing.B, paths []string) {
 	params := make([]*testgrpc.ResponseParameters, 16)
 	for i := range params {
 		params[i] = &testgrpc.ResponseParameters{Size: 64 << 10}
 	}
 	req := &testgrpc.StreamingOutputCallRequest{ResponseParameters: params}
-	benchCalls(b, benchPaths, 50, 4, 1<<20, time.Millisecond, "proxy-ms/MiB", func(client testgrpc.TestServiceClient) func() error {
+	benchCalls(b, paths, 50, 4, 1<<20, time.Millisecond, "proxy-ms/MiB", func(client testgrpc.TestServiceClient) func() error {
 		return func() error {
 			st, err := client.StreamingOutputCall(context.Background(), req)
 			if err != nil {

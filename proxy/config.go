@@ -23,6 +23,7 @@ const (
 	DefaultPrefaceTimeout        = 10 * time.Second
 	DefaultDrainTimeout          = 30 * time.Second
 	DefaultRetryBufferSize       = 64 << 10
+	DefaultResponseHoldback      = 128 << 10
 	DefaultMaxRetries            = 2
 	DefaultRetryBudget           = 10
 	DefaultRetryBudgetRatio      = 0.1
@@ -330,6 +331,18 @@ type Config struct {
 	// DefaultRetryBufferSize, negative disables retries.
 	RetryBufferSize int
 
+	// ResponseHoldback is the largest gRPC response message (its length
+	// prefix, in bytes) whose first part is held back until the rest
+	// arrives, so that a backend failing in the middle of it gives the
+	// client the complete messages before it and a clean status, not a
+	// torn message (see holdback.go). A larger message goes on as it
+	// arrives. Zero means DefaultResponseHoldback (128 KiB: a message of
+	// a 64 KiB payload, a common chunk size, is a few bytes over 64 KiB
+	// encoded), negative off. It needs a BackendMaxStreamWindow of at
+	// least 4/3 of it plus the prefix: a held message must be able to
+	// arrive whole.
+	ResponseHoldback int
+
 	// MaxRetries is how many more attempts a call may make: zero means
 	// DefaultMaxRetries, negative none.
 	MaxRetries int
@@ -446,6 +459,10 @@ func (c *Config) setDefaults() error {
 		c.PrefaceTimeout = DefaultPrefaceTimeout
 	}
 	defaultOrOff(&c.RetryBufferSize, DefaultRetryBufferSize)
+	defaultOrOff(&c.ResponseHoldback, DefaultResponseHoldback)
+	if n := int64(c.ResponseHoldback) + 5; c.ResponseHoldback > 0 && n+n/3+1 > int64(c.BackendMaxStreamWindow) {
+		return fmt.Errorf("proxy: ResponseHoldback %d needs a BackendMaxStreamWindow of at least %d, not %d", c.ResponseHoldback, n+n/3+1, c.BackendMaxStreamWindow)
+	}
 	switch {
 	case c.MaxRetries == 0:
 		c.MaxRetries = DefaultMaxRetries

@@ -89,6 +89,7 @@ func (c *serverConn) trimDownLocked(s *stream, n int64) bool {
 		n -= take
 		if it.n == it.off {
 			if it.buf != nil {
+				q.mem.sub(len(*it.buf)) // counted by capacity while queued (budget.go)
 				c.releaseLocked(it.buf) // the writer may still be reading its head
 			}
 			*it = outItem{}

@@ -91,6 +91,7 @@ type attempt struct {
 	gotHeaders bool                // the backend sent its response headers
 	forwarded  bool                // the client has seen part of this attempt's answer
 	held       []hpack.HeaderField // response headers held back while a retry is possible
+	hold       holdback            // the incomplete response message held back (holdback.go)
 	// replay keeps the request items already written, while a retry is
 	// still possible and they fit Config.RetryBufferSize.
 	replay      []outItem
