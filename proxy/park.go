@@ -89,7 +89,8 @@ type parkCtl struct {
 }
 
 // parkRawConn returns the RawConn of nc's TCP socket if nc is a
-// connection whose reader may park: a *net.TCPConn, or TLS over one (see
+// connection whose reader may park: a *net.TCPConn (or WrapSocket's
+// wrapper of one, which reads it without a buffer), or TLS over one (see
 // the file comment), nil otherwise.
 func parkRawConn(nc net.Conn) syscall.RawConn {
 	if !parkSupported {
@@ -101,15 +102,7 @@ func parkRawConn(nc net.Conn) syscall.RawConn {
 	}); ok {
 		nc = t.NetConn()
 	}
-	tc, ok := nc.(*net.TCPConn)
-	if !ok {
-		return nil
-	}
-	rc, err := tc.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	return rc
+	return socketRawConn(nc)
 }
 
 // parkTimeout runs in contGuard.Read when a read failed without bytes and

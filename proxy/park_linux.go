@@ -6,13 +6,29 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
 
 // parkSupported: Linux parks idle client connections in an epoll set.
 const parkSupported = true
+
+// socketRawConn returns the RawConn of a plain TCP socket, or of
+// WrapSocket's wrapper of one; nil for any other connection.
+func socketRawConn(nc net.Conn) syscall.RawConn {
+	switch v := nc.(type) {
+	case *net.TCPConn:
+		if rc, err := v.SyscallConn(); err == nil {
+			return rc
+		}
+	case *rawTCPConn:
+		return v.raw
+	}
+	return nil
+}
 
 // parker is a server's set of parked client connections (park.go): one
 // epoll instance, and one goroutine, waitLoop, blocked in epoll_wait while

@@ -100,7 +100,8 @@ func startTLSProxy(t *testing.T, e *env) (*proxy.Server, testgrpc.TestServiceCli
 	}
 	served := make(chan error, 1)
 	go func() {
-		served <- s.Serve(tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2"}}))
+		// As the cluster package serves TLS: crypto/tls over WrapSocket.
+		served <- s.Serve(tls.NewListener(wrapListener{ln}, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2"}}))
 	}()
 	t.Cleanup(func() {
 		s.Close()
@@ -310,4 +311,15 @@ func TestManyParkedConns(t *testing.T) {
 		r.fr.WritePing(false, [8]byte{byte(i / 100)})
 		r.next(func(f http2.Frame) bool { p, ok := f.(*http2.PingFrame); return ok && p.IsAck() })
 	}
+}
+
+// wrapListener gives its connections to proxy.WrapSocket.
+type wrapListener struct{ net.Listener }
+
+func (l wrapListener) Accept() (net.Conn, error) {
+	nc, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return proxy.WrapSocket(nc), nil
 }

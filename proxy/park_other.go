@@ -2,9 +2,16 @@
 
 package proxy
 
+import (
+	"net"
+	"syscall"
+)
+
 // parkSupported: only Linux parks idle client connections (park.go);
 // elsewhere every connection keeps its reader goroutine.
 const parkSupported = false
+
+func socketRawConn(net.Conn) syscall.RawConn { return nil }
 
 // parker is the stand-in for Linux's epoll parker: parkRawConn gives no
 // connection a socket to park, so none of its methods is reached but
