@@ -9,6 +9,7 @@ import (
 	"net"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -46,6 +47,12 @@ type parker struct {
 	next  uint64                 // the last id given; 0 is the wake-up eventfd
 	epfd  int                    // -1 while no waitLoop runs
 	evfd  int                    // eventfd that stops waitLoop
+	// parks counts the parks since the last GC for their stacks, at
+	// lastGC (Server.collectParkedStacks); parksSeen is parks at the
+	// housekeeper's previous look.
+	parks     int
+	parksSeen int
+	lastGC    time.Time
 }
 
 func (p *parker) init(s *Server) {
@@ -90,8 +97,23 @@ func (p *parker) park(c *serverConn) error {
 	}
 	c.pk.id = id
 	p.conns[id] = c
+	p.parks++
 	c.pk.state.Store(pkParked)
 	return nil
+}
+
+// gcDue reports whether a GC for the stacks of parked readers is due
+// (see collectParkedStacks), and if so counts it as done.
+func (p *parker) gcDue(now time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	burst := p.parks != p.parksSeen // still parking: wait for the end
+	p.parksSeen = p.parks
+	if burst || p.parks < parkGCAfter || now.Sub(p.lastGC) < parkGCEvery {
+		return false
+	}
+	p.parks, p.parksSeen, p.lastGC = 0, 0, now
+	return true
 }
 
 // forget removes c's socket from the epoll set. The resumed reader calls

@@ -5,6 +5,7 @@ package proxy
 import (
 	"net"
 	"syscall"
+	"time"
 )
 
 // parkSupported: only Linux parks idle client connections (park.go);
@@ -24,4 +25,5 @@ func (p *parker) forget(*serverConn)     {}
 func (p *parker) closing(*serverConn)    {}
 func (p *parker) stop()                  {}
 
-func (p *parker) parked() int { return 0 }
+func (p *parker) parked() int          { return 0 }
+func (p *parker) gcDue(time.Time) bool { return false }

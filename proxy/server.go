@@ -365,5 +365,6 @@ func (s *Server) housekeep(p time.Duration, stop <-chan struct{}) {
 			conns[i] = nil
 		}
 		conns = conns[:0]
+		s.collectParkedStacks(now)
 	}
 }
