@@ -38,7 +38,7 @@ func newParkEnv(t *testing.T, pcfg func(c *proxy.Config)) (*env, *proxy.Server) 
 
 func waitParked(ctx context.Context, t *testing.T, s *proxy.Server, n int) {
 	t.Helper()
-	testkit.WaitFor(ctx, t, "parked connections", func() bool { return s.ParkedConns() == n })
+	testkit.WaitFor(ctx, t, "parked connections", func() bool { return s.Stats().ClientConnsParked == n })
 }
 
 // handshake reads the proxy's SETTINGS and acknowledges it, so the client
@@ -322,4 +322,34 @@ func (l wrapListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	return proxy.WrapSocket(nc), nil
+}
+
+// TestParkedCountTowardsMaxConnections: parked connections are counted
+// against MaxConnections: one over the cap is closed at once, and a
+// parked one, woken by a call, still serves it.
+func TestParkedCountTowardsMaxConnections(t *testing.T) {
+	verifyNoLeaks(t)
+	e, s := newParkEnv(t, func(c *proxy.Config) { c.MaxConnections = 2 })
+	ctx := testkit.Context(t, 20*time.Second)
+	var rs []*rawConn
+	for range 2 {
+		r := dialRaw(t, e.addr)
+		r.handshake()
+		rs = append(rs, r)
+	}
+	waitParked(ctx, t, s, 2)
+	over := dialRaw(t, e.addr)
+	if g := over.awaitGoAway(); g != nil {
+		t.Fatalf("connection over the cap got GOAWAY %v, want a plain close", g.ErrCode)
+	}
+	if got := s.RefusedConns(); got != 1 {
+		t.Errorf("refused %d connections, want 1", got)
+	}
+	r := rs[0]
+	r.headers(1, "/grpc.testing.TestService/EmptyCall", false)
+	r.fr.WriteData(1, true, grpcMsg(&testgrpc.Empty{}))
+	h := r.next(func(f http2.Frame) bool { h, ok := f.(*http2.MetaHeadersFrame); return ok && h.StreamEnded() })
+	if got := field(h.(*http2.MetaHeadersFrame), "grpc-status"); got != "0" {
+		t.Errorf("call on a woken parked connection: grpc-status %q, want 0", got)
+	}
 }
