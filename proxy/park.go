@@ -143,7 +143,9 @@ func (c *serverConn) askPark(now time.Time, after time.Duration) {
 	idle := !c.closed && c.handshook && !c.goingAway && c.drainPhase == drainNone &&
 		len(c.streams) == 0 && len(c.ctrl) == 0 && !now.Before(pk.askAt)
 	if idle {
-		pk.askAt = now.Add(after)
+		// A quarter of slack, so that the ticker's jitter does not skip
+		// a pass and make asks come every other pass.
+		pk.askAt = now.Add(after - after/4)
 	}
 	c.mu.Unlock()
 	if idle && pk.state.CompareAndSwap(pkRunning, pkAsked) {
@@ -198,7 +200,8 @@ func (c *serverConn) close(err error) {
 // and frees those stacks only at a GC. An idle server allocates little, so
 // without one the stacks of the readers that parked would stay resident
 // until the runtime's forced GC, every two minutes. So at the end of a
-// burst of parks (a housekeeping pass that found no new park) the
+// burst of parks (two housekeeping passes in a row that found no new
+// park) the
 // housekeeper runs one GC, which frees them and lets the scavenger return
 // the pages: only once parkGCAfter readers (at 4 KiB, 4 MiB of stacks)
 // parked since the last, and at most once per parkGCEvery. Connections

@@ -6,8 +6,8 @@ import (
 )
 
 // TestParkGCDue: the GC for parked readers' stacks runs once a burst of
-// at least parkGCAfter parks has ended (a look that found no new park),
-// and at most once per parkGCEvery.
+// at least parkGCAfter parks has ended (two looks in a row that found no
+// new park), and at most once per parkGCEvery.
 func TestParkGCDue(t *testing.T) {
 	t.Parallel()
 	var p parker
@@ -21,14 +21,19 @@ func TestParkGCDue(t *testing.T) {
 	}{
 		{"few parks", 10, 0, false},
 		{"quiet, too few", 0, time.Second, false},
+		{"quiet again, too few", 0, 1500 * time.Millisecond, false},
 		{"burst goes on", parkGCAfter, 2 * time.Second, false},
-		{"burst ended", 0, 3 * time.Second, true},
-		{"counted as done", 0, 4 * time.Second, false},
-		{"next burst", parkGCAfter, 5 * time.Second, false},
-		{"ended, but too soon", 0, 6 * time.Second, false},
-		{"later", 0, 3*time.Second + parkGCEvery, true},
-		{"a burst that never pauses", parkGCAfter, 4*time.Second + 2*parkGCEvery, false},
-		{"still going", 1, 5*time.Second + 2*parkGCEvery, false},
+		{"one quiet look", 0, 3 * time.Second, false},
+		{"a late wave", 10, 4 * time.Second, false},
+		{"quiet", 0, 5 * time.Second, false},
+		{"quiet twice: burst ended", 0, 6 * time.Second, true},
+		{"counted as done", 0, 7 * time.Second, false},
+		{"next burst", parkGCAfter, 8 * time.Second, false},
+		{"ended", 0, 9 * time.Second, false},
+		{"ended, but too soon", 0, 10 * time.Second, false},
+		{"later", 0, 6*time.Second + parkGCEvery, true},
+		{"a burst that never pauses", parkGCAfter, 7*time.Second + 2*parkGCEvery, false},
+		{"still going", 1, 8*time.Second + 2*parkGCEvery, false},
 	}
 	for _, st := range steps {
 		p.mu.Lock()

@@ -52,6 +52,7 @@ type parker struct {
 	// housekeeper's previous look.
 	parks     int
 	parksSeen int
+	quiet     int // looks in a row that saw no new park
 	lastGC    time.Time
 }
 
@@ -107,12 +108,15 @@ func (p *parker) park(c *serverConn) error {
 func (p *parker) gcDue(now time.Time) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	burst := p.parks != p.parksSeen // still parking: wait for the end
-	p.parksSeen = p.parks
-	if burst || p.parks < parkGCAfter || now.Sub(p.lastGC) < parkGCEvery {
+	if p.parks != p.parksSeen { // still parking: wait for the end
+		p.parksSeen, p.quiet = p.parks, 0
 		return false
 	}
-	p.parks, p.parksSeen, p.lastGC = 0, 0, now
+	p.quiet++
+	if p.quiet < 2 || p.parks < parkGCAfter || now.Sub(p.lastGC) < parkGCEvery {
+		return false
+	}
+	p.parks, p.parksSeen, p.quiet, p.lastGC = 0, 0, 0, now
 	return true
 }
 
