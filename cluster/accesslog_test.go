@@ -174,6 +174,10 @@ func TestAccessLogAndCallMetrics(t *testing.T) {
 	if got := scrape(t, r.admin, "streamlb_client_connections"); got[""] != 1 {
 		t.Errorf("streamlb_client_connections = %v, want 1", got)
 	}
+	if got := scrape(t, r.admin, "streamlb_client_connections_parked"); len(got) != 1 || got[""] > 1 {
+		// 0, or 1 if the connection was quiet long enough to park.
+		t.Errorf("streamlb_client_connections_parked = %v, want one value, 0 or 1", got)
+	}
 	if got := scrape(t, r.admin, "streamlb_client_connections_accepted_total"); got[""] != 1 {
 		t.Errorf("streamlb_client_connections_accepted_total = %v, want 1", got)
 	}

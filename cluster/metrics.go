@@ -356,15 +356,16 @@ type connCollector struct {
 	stats       func() proxy.Stats
 	constLabels prometheus.Labels
 	ownCluster  string
-	descs       [4]*prometheus.Desc
+	descs       [5]*prometheus.Desc
 }
 
 func newConnCollector(stats func() proxy.Stats, constLabels prometheus.Labels, ownCluster string) *connCollector {
-	return &connCollector{stats: stats, constLabels: constLabels, ownCluster: ownCluster, descs: [4]*prometheus.Desc{
+	return &connCollector{stats: stats, constLabels: constLabels, ownCluster: ownCluster, descs: [5]*prometheus.Desc{
 		prometheus.NewDesc("streamlb_client_connections", "Client connections open.", nil, constLabels),
 		prometheus.NewDesc("streamlb_client_connections_accepted_total", "Client connections accepted and served.", nil, constLabels),
 		prometheus.NewDesc("streamlb_client_connections_refused_total", "Client connections closed as soon as accepted, over --max-connections.", nil, constLabels),
 		prometheus.NewDesc("streamlb_backend_connections", "Backend connections open or being opened, by the cluster they were opened for.", []string{"cluster"}, constLabels),
+		prometheus.NewDesc("streamlb_client_connections_parked", "Client connections idle without a reader goroutine (Linux), among those open.", nil, constLabels),
 	}}
 }
 
@@ -379,6 +380,7 @@ func (cc *connCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(cc.descs[0], prometheus.GaugeValue, float64(st.ClientConns))
 	ch <- prometheus.MustNewConstMetric(cc.descs[1], prometheus.CounterValue, float64(st.ClientConnsAccepted))
 	ch <- prometheus.MustNewConstMetric(cc.descs[2], prometheus.CounterValue, float64(st.ClientConnsRefused))
+	ch <- prometheus.MustNewConstMetric(cc.descs[4], prometheus.GaugeValue, float64(st.ClientConnsParked))
 	for name, n := range st.BackendConnsByUpstream {
 		if name == "" {
 			name = cc.ownCluster

@@ -227,8 +227,9 @@ func (s *Server) stopEnds() {
 
 // Stats are counts a Server reports at any time; see Server.Stats.
 type Stats struct {
-	// ClientConns is the client connections open now.
-	ClientConns int
+	// ClientConns is the client connections open now; ClientConnsParked
+	// those of them idle without a reader goroutine (Config.ParkAfter).
+	ClientConns, ClientConnsParked int
 	// ClientConnsAccepted counts client connections served so far;
 	// ClientConnsRefused those closed at once over Config.MaxConnections.
 	ClientConnsAccepted, ClientConnsRefused int64
@@ -246,6 +247,7 @@ func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	st := Stats{ClientConns: len(s.conns)}
 	s.mu.Unlock()
+	st.ClientConnsParked = s.parker.parked()
 	st.ClientConnsAccepted = s.accepted.Load()
 	st.ClientConnsRefused = s.refusals.refused()
 	st.BackendConnsByUpstream = map[string]int{}

@@ -3,6 +3,7 @@ package proxy
 import (
 	"fmt"
 	"io"
+	"net"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -255,6 +256,14 @@ type contGuard struct {
 	payload int     // payload bytes of the current frame still to come
 	empty   int     // empty CONTINUATION frames in a row
 	err     error   // sticky: io.ReadFull drops an error that comes with enough bytes
+	// For parking (park.go), set on client connections that can park:
+	// pk is the connection's, nc its socket, frames counts the frame
+	// headers read, and inBlock is set by readHeaderBlock while it reads
+	// a CONTINUATION frame.
+	pk      *parkCtl
+	nc      net.Conn
+	frames  uint64
+	inBlock bool
 }
 
 func (g *contGuard) Read(p []byte) (int, error) {
@@ -262,6 +271,9 @@ func (g *contGuard) Read(p []byte) (int, error) {
 		return 0, g.err
 	}
 	n, err := g.r.Read(p)
+	if n == 0 && err != nil && g.pk != nil {
+		n, err = g.parkTimeout(p, err)
+	}
 	for b := p[:n]; len(b) > 0; {
 		if g.payload > 0 {
 			k := min(g.payload, len(b))
@@ -276,6 +288,7 @@ func (g *contGuard) Read(p []byte) (int, error) {
 			break
 		}
 		g.nhdr = 0
+		g.frames++
 		g.payload = int(g.hdr[0])<<16 | int(g.hdr[1])<<8 | int(g.hdr[2])
 		switch {
 		case http2.FrameType(g.hdr[3]) != http2.FrameContinuation:

@@ -32,6 +32,7 @@ const (
 	DefaultMaxGlitches           = 1000
 	DefaultMaxHeaderFields       = 100
 	DefaultIdleTimeout           = 5 * time.Minute
+	DefaultParkAfter             = time.Second
 	DefaultWriteTimeout          = 20 * time.Second
 	DefaultShutdownPingTimeout   = time.Second
 	DefaultShutdownLinger        = time.Second
@@ -250,6 +251,16 @@ type Config struct {
 	// DefaultIdleTimeout, negative never.
 	IdleTimeout time.Duration
 
+	// ParkAfter is how long a client connection must go without a stream
+	// and without a frame from the client before its reader goroutine is
+	// let go (on Linux, for plain TCP and TLS connections): the socket
+	// waits in the server's epoll set, and a new reader starts when the
+	// client sends something or hangs up. An idle connection then costs
+	// no goroutine stack. The check runs on the server's housekeeper, so
+	// a connection parks between ParkAfter and about twice that after it
+	// went quiet. Zero means DefaultParkAfter, negative never.
+	ParkAfter time.Duration
+
 	// RequestIdleTimeout bounds how long a client stream whose request is
 	// not complete (no END_STREAM yet) may go with no DATA from the client
 	// and no response frame toward it: past it the call ends with
@@ -443,6 +454,7 @@ func (c *Config) setDefaults() error {
 	defaultOrOff(&c.RestartGrace, DefaultRestartGrace)
 	defaultOrOff(&c.MaxConnections, DefaultMaxConnections)
 	defaultOrOff(&c.IdleTimeout, DefaultIdleTimeout)
+	defaultOrOff(&c.ParkAfter, DefaultParkAfter)
 	defaultOrOff(&c.WriteTimeout, DefaultWriteTimeout)
 	defaultOrOff(&c.RequestIdleTimeout, DefaultRequestIdleTimeout)
 	if c.ShutdownPingTimeout <= 0 {

@@ -85,3 +85,7 @@ func (s *Server) ZeroStreamBackends() []string {
 	}
 	return nil
 }
+
+// ParkedConns reports the client connections whose reader goroutine is
+// parked (park.go), for tests.
+func (s *Server) ParkedConns() int { return s.parker.parked() }

@@ -75,17 +75,20 @@ type errorPolicy interface {
 // readLoop reads frames until the connection fails. Stream errors reset
 // the stream and go on; connection errors send GOAWAY and end the loop
 // (RFC 9113 §5.4). Reader goroutine only.
+//
+// On a client connection that can park (park.go) it also returns
+// errParkAsked, between two frames; it may then be called again and goes
+// on where it stopped.
 func (t *transport) readLoop(p h2role) error {
-	first := true
 	for {
 		f, err := t.readFrame()
 		if err == nil {
-			if _, ok := f.(*http2.SettingsFrame); first && !ok {
+			if _, ok := f.(*http2.SettingsFrame); !t.sawFrame && !ok {
 				// §3.4: each side's preface ends with a SETTINGS frame,
 				// which must be the first frame it sends.
 				err = connErr(http2.ErrCodeProtocol, "first frame is not SETTINGS")
 			} else {
-				first = false
+				t.sawFrame = true
 				err = t.dispatch(p, f)
 			}
 		} else if errors.Is(err, http2.ErrFrameTooLarge) {

@@ -167,7 +167,9 @@ func (t *transport) readHeaderBlock(hf *http2.HeadersFrame) (http2.Frame, error)
 		if hc.HeadersEnded() {
 			break
 		}
+		t.cg.inBlock = true // no parking inside a header block (park.go)
 		f, err := t.rfr.ReadFrame()
+		t.cg.inBlock = false
 		if err != nil {
 			return nil, err
 		}

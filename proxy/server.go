@@ -34,6 +34,10 @@ type Server struct {
 	// there are connections); closing it stops that goroutine.
 	hkStop chan struct{}
 
+	// parker holds the idle client connections that gave up their
+	// reader goroutine (park.go).
+	parker parker
+
 	cancelPool context.CancelFunc
 
 	inflight atomic.Int64 // calls in flight, counted when MaxStreams is set
@@ -113,6 +117,7 @@ func New(cfg Config) (*Server, error) {
 	s.up = up
 	s.upPicker, _ = cfg.Picker.(UpstreamPicker)
 	s.pool.srv = s
+	s.parker.init(s)
 	s.pool.conns = make(map[poolKey][]*backendConn)
 	s.pool.inflight = make(map[string]*atomic.Int64)
 	s.pool.ctx, s.cancelPool = context.WithCancel(context.Background())
@@ -193,18 +198,33 @@ func (s *Server) Serve(ln net.Listener) error {
 		s.connWG.Add(1)
 		s.startHousekeeperLocked()
 		s.mu.Unlock()
-		go func() {
-			defer s.connWG.Done()
-			c.serve()
-			s.mu.Lock()
-			delete(s.conns, c)
-			if len(s.conns) == 0 && s.hkStop != nil {
-				close(s.hkStop)
-				s.hkStop = nil
-			}
-			s.mu.Unlock()
-		}()
+		go s.serveConn(c)
 	}
+}
+
+// serveConn serves c on its own goroutine. A connection whose reader parks
+// (park.go) stays in conns and in connWG: the goroutine that resumes it
+// ends it.
+func (s *Server) serveConn(c *serverConn) {
+	if c.serve() {
+		return
+	}
+	s.connEnded(c)
+}
+
+// connEnded removes c, which ended, from the server.
+func (s *Server) connEnded(c *serverConn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	if len(s.conns) == 0 {
+		if s.hkStop != nil {
+			close(s.hkStop)
+			s.hkStop = nil
+		}
+		s.parker.stop() // nothing is parked: no connection is left
+	}
+	s.mu.Unlock()
+	s.connWG.Done()
 }
 
 // Shutdown stops accepting connections, sends GOAWAY on every client
@@ -285,14 +305,18 @@ func (s *Server) closeConns() {
 var errServerClosing = errors.New("proxy: server closing")
 
 // housekeepPeriod is how often the housekeeper looks at every client
-// connection: every second (parked writers exit), or a quarter of the
-// shortest of IdleTimeout and RequestIdleTimeout in force if shorter.
+// connection: every second (parked writers exit, idle readers park), or a
+// quarter of the shortest of IdleTimeout and RequestIdleTimeout in force,
+// or ParkAfter, if shorter.
 func (s *Server) housekeepPeriod() time.Duration {
 	p := time.Second
 	for _, d := range []time.Duration{s.cfg.IdleTimeout, s.cfg.RequestIdleTimeout} {
 		if d > 0 && d/4 < p {
 			p = d / 4
 		}
+	}
+	if d := s.cfg.ParkAfter; d > 0 && d < p {
+		p = d
 	}
 	return p
 }
@@ -341,5 +365,6 @@ func (s *Server) housekeep(p time.Duration, stop <-chan struct{}) {
 			conns[i] = nil
 		}
 		conns = conns[:0]
+		s.collectParkedStacks(now)
 	}
 }

@@ -47,6 +47,7 @@ type serverConn struct {
 	drainTimer *time.Timer   // ends the PING wait of a graceful shutdown; guarded by mu
 	readerDone chan struct{} // closed when readLoop returned; ends the linger
 	writerDone chan struct{} // closed when the last writer finished; set by serve
+	pk         parkCtl       // the reader's goroutine while idle: park.go
 }
 
 const (
@@ -67,19 +68,23 @@ func newServerConn(srv *Server, nc net.Conn) *serverConn {
 	c.bufs = bufBudget{limit: cfg.MaxConnBufferedBytes, owner: &c.transport}
 	c.budget = &c.bufs
 	c.attach(nc)
+	if rc := parkRawConn(nc); rc != nil {
+		c.pk.rc = rc
+		c.cg.pk, c.cg.nc = &c.pk, nc
+	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
 }
 
-// serve runs the connection until it ends. The writer goroutine it starts
-// has exited, and every stream has been failed or finished, when it returns.
-func (c *serverConn) serve() {
-	defer c.cancel()
-	defer c.stopDrainTimer()
+// serve runs the connection until it ends or its reader parks (park.go),
+// and reports whether it parked. When it did not, the writer goroutine it
+// starts has exited, and every stream has been failed or finished.
+func (c *serverConn) serve() (parked bool) {
 	if err := c.handshake(); err != nil {
 		c.log.Debug("connection rejected", "remote", c.nc.RemoteAddr().String(), "err", err)
 		c.nc.Close()
-		return
+		c.cancel()
+		return false
 	}
 	// From here on the server's housekeeper checks the connection.
 	c.mu.Lock()
@@ -95,20 +100,37 @@ func (c *serverConn) serve() {
 	// something to write, or streams are open (transport.signal), so an
 	// idle connection holds the reader's goroutine alone. The last one
 	// calls writerFinished.
-	writerDone := make(chan struct{})
-	c.writerDone = writerDone
+	c.writerDone = make(chan struct{})
 	c.startOnDemand(c)
-	err := c.readLoop(c)
-	close(c.readerDone)
-	c.awaitGoAway(writerDone)
-	c.close(err)
-	<-writerDone
-	c.cleanup()
+	return c.run()
+}
+
+// run is the reader from the handshake, or from a resume, on: it runs the
+// frame loop until the connection ends, and then ends it, or until the
+// reader parks, and reports whether it parked.
+func (c *serverConn) run() (parked bool) {
+	for {
+		err := c.readLoop(c)
+		if err == errParkAsked {
+			if c.tryPark() {
+				return true
+			}
+			continue
+		}
+		close(c.readerDone)
+		c.awaitGoAway(c.writerDone)
+		c.close(err)
+		<-c.writerDone
+		c.cleanup()
+		c.stopDrainTimer()
+		c.cancel()
+		return false
+	}
 }
 
 // housekeep runs on the server's housekeeper (Server.housekeepPeriod): a
-// parked writer exits, the request-idle sweep runs when it is due, and the
-// idle check.
+// parked writer exits, the request-idle sweep runs when it is due, the
+// idle check, and an idle reader is asked to park (park.go).
 func (c *serverConn) housekeep(now time.Time) {
 	c.reapWriter()
 	c.mu.Lock()
@@ -118,6 +140,7 @@ func (c *serverConn) housekeep(now time.Time) {
 		c.sweepRequestIdle(now)
 	}
 	c.idleCheck(now)
+	c.askPark(now, c.srv.cfg.ParkAfter)
 }
 
 // idleCheck shuts a connection that has had no stream for

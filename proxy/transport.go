@@ -234,8 +234,12 @@ type transport struct {
 	nc  net.Conn      // set by attach, under mu
 	rfr *http2.Framer // reader goroutine only
 	cr  *connReader   // rfr's source, the socket's buffered reader
+	cg  *contGuard    // between rfr and cr
 	hd  hdecState     // reader goroutine only
 	log *slog.Logger
+	// sawFrame is set once the peer's first frame was read (readLoop).
+	// Reader goroutine only.
+	sawFrame bool
 
 	// Writer goroutine only.
 	bw   *connWriter    // holds a pooled buffer only between a write and its flush
@@ -433,7 +437,8 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 // reader and writer start.
 func (t *transport) attach(nc net.Conn) {
 	t.cr = newConnReader(nc)
-	t.rfr = http2.NewFramer(nil, &contGuard{r: t.cr})
+	t.cg = &contGuard{r: t.cr}
+	t.rfr = http2.NewFramer(nil, t.cg)
 	// ReadMetaHeaders stays nil: readFrame assembles header blocks.
 	// t.hd.dec and t.henc are made at their first header block.
 	t.rfr.MaxHeaderListSize = t.maxHeaderList

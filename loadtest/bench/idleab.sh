@@ -9,14 +9,18 @@
 # Usage: loadtest/bench/idleab.sh ROUNDS N LABEL=BINARY [LABEL=BINARY ...]
 # e.g.   loadtest/bench/idleab.sh 3 5000 old=/tmp/streamlb-old new=/tmp/streamlb-new
 # The backend is a testserver run from the first binary; ports from
-# BASE_PORT (27390) up.
+# BASE_PORT (27390) up. SETTLE (2s) is idleconns' wait after the last
+# handshake before the second reading; a frame proxy parks idle
+# connections' readers 1-3 s after they go quiet (Config.ParkAfter), so
+# SETTLE=5s measures them parked.
 set -euo pipefail
-(($# >= 3)) || { sed -n '2,13p' "$0"; exit 2; }
+(($# >= 3)) || { sed -n '2,16p' "$0"; exit 2; }
 ROUNDS=$1 N=$2
 shift 2
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 BASE_PORT=${BASE_PORT:-27390}
+SETTLE=${SETTLE:-2s}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/streamlb-idleab.XXXXXX")
 (cd "$REPO" && go build -o "$WORK/idleconns" ./loadtest/bench/idleconns)
 PIN0=() PIN1=()
@@ -34,7 +38,7 @@ for r in $(seq 1 "$ROUNDS"); do
 			--admin-listen "127.0.0.1:$((port + 1))" --log-level warn >"$WORK/$label.log" 2>&1 &
 		P=$!
 		sleep 1 # let the fresh process settle before the first reading
-		if out=$("${PIN1[@]}" "$WORK/idleconns" -target "127.0.0.1:$port" -pid "$P" -n "$N" 2>"$WORK/$label.err"); then
+		if out=$("${PIN1[@]}" "$WORK/idleconns" -target "127.0.0.1:$port" -pid "$P" -n "$N" -settle "$SETTLE" 2>"$WORK/$label.err"); then
 			jq -r --arg l "$label" --arg r "$r" '"round \($r) \($l): \(.open_at_end)/\(.conns) open; VmRSS \(.rss_before_kib) -> \(.rss_after_kib) KiB, \(.kib_per_conn * 100 | round / 100) KiB per connection; RssAnon \(.rss_anon_before_kib) -> \(.rss_anon_after_kib) KiB, \(.anon_kib_per_conn * 100 | round / 100) KiB per connection"' <<<"$out"
 		else
 			echo "round $r $label: failed: $(head -c 300 "$WORK/$label.err")"

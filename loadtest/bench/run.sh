@@ -72,7 +72,9 @@
 # WORKLOADS ("unary rate stream"), UNARY_CALLS (20000), RATE (2000),
 # RATE_SECS (5), STREAM_CALLS (300), MAX_SECS (3: bound on the unary and
 # stream workloads, whichever of it and the call count comes first), IDLE_CONNS (5000; 0 skips the step),
-# IDLE_PATHS ("frame haproxy nginx grpc-go"), BASE_PORT (27000), BASE_BIN and
+# IDLE_PATHS ("frame haproxy nginx grpc-go"), IDLE_SETTLE (8s: idleconns'
+# wait after the last handshake; the frame proxy parks idle readers 1-3 s
+# after they go quiet), BASE_PORT (27000), BASE_BIN and
 # BASE_METRICS (0; see frame-base), OUT (results
 # file; default in the work dir), KEEP_WORK (1 keeps the work dir with logs
 # and raw JSON).
@@ -97,6 +99,7 @@ STREAM_CALLS=${STREAM_CALLS:-300}
 # figures are per call, so fewer calls still compare.
 MAX_SECS=${MAX_SECS:-3}
 IDLE_CONNS=${IDLE_CONNS:-5000}
+IDLE_SETTLE=${IDLE_SETTLE:-8s}
 IDLE_PATHS=${IDLE_PATHS:-"frame haproxy nginx grpc-go"}
 BASE_PORT=${BASE_PORT:-27000}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/streamlb-bench.XXXXXX")
@@ -560,7 +563,7 @@ if ((IDLE_CONNS > 0)); then
 		sleep 1 # let the fresh process settle before the first RSS reading
 		pids=$(pids_of "$STARTED" | paste -sd,)
 		if timeout 120 "${PIN_LOAD[@]}" "$WORK/idleconns" -target "127.0.0.1:$port" -pid "$pids" \
-			-n "$IDLE_CONNS" >"$WORK/idle-$path.json" 2>"$WORK/idle-$path.err"; then
+			-n "$IDLE_CONNS" -settle "$IDLE_SETTLE" >"$WORK/idle-$path.json" 2>"$WORK/idle-$path.err"; then
 			:
 		else
 			note "idle connections via $path: $(head -c 300 "$WORK/idle-$path.err")"
@@ -604,7 +607,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "- Machine: $NCPU CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, $(uname -sr); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
 	echo "- Pinning: $PINNING.$([[ " ${ACTIVE[*]} " == *-unpinned\ * ]] && echo " The *-unpinned paths are not pinned (taskset -c 0-$((NCPU - 1))): frame-unpinned runs with GOMAXPROCS=2, haproxy-unpinned with nbthread 2; they share CPU 1 with the load generator and the backends.")"
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
-	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
+	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS IDLE_SETTLE=$IDLE_SETTLE loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
 	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
