@@ -9,10 +9,12 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -34,6 +36,14 @@ import (
 // when asked:
 //
 //	STREAMLB_ATTACKS=1 go test -count=1 -run TestAttackReport -v ./proxy/
+//
+// With STREAMLB_ATTACK_BIN set to a streamlb binary (the production build:
+// CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs),
+// the proxy attacked is that binary's `proxy` command with its defaults
+// instead of the test binary, which is larger and so holds more of its
+// own pages:
+//
+//	STREAMLB_ATTACKS=1 STREAMLB_ATTACK_BIN=/tmp/streamlb go test -count=1 -run TestAttackReport -v ./proxy/
 func TestAttackReport(t *testing.T) {
 	if os.Getenv("STREAMLB_ATTACKS") == "" {
 		t.Skip("set STREAMLB_ATTACKS=1 to run the attack report (about a minute)")
@@ -60,7 +70,7 @@ func TestAttackReport(t *testing.T) {
 	var rows []row
 	for _, a := range attacks {
 		t.Run(a.name, func(t *testing.T) {
-			c := startChild(t, "frame", addrs)
+			c := startAttackChild(t, addrs)
 			pid := c.cmd.Process.Pid
 			base := procMiB(pid, "VmRSS:")
 			cpu0 := c.cpu(t)
@@ -458,4 +468,55 @@ func procMiB(pid int, key string) int {
 		}
 	}
 	return 0
+}
+
+// startAttackChild starts the proxy an attack runs against: the test
+// binary in a child process (startChild), or the streamlb binary named by
+// STREAMLB_ATTACK_BIN running `streamlb proxy` with its default limits.
+func startAttackChild(t *testing.T, backends []string) *child {
+	t.Helper()
+	bin := os.Getenv("STREAMLB_ATTACK_BIN")
+	if bin == "" {
+		return startChild(t, "frame", backends)
+	}
+	// A port for it: free now, and the child takes it at once.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	args := []string{"proxy", "--listen", addr, "--log-level", "error"}
+	for _, b := range backends {
+		args = append(args, "--backend", b)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		nc, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			nc.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s proxy is not listening on %s: %v", bin, addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return &child{cmd: cmd, addr: addr}
 }
