@@ -75,6 +75,7 @@ func newBackendConn(p *pool, k poolKey) *backendConn {
 	addr := k.addr
 	b := &backendConn{pool: p, addr: addr, up: k.up, streams: make(map[uint32]*attempt), nextID: 1}
 	b.transport.init(cfg.BackendStreamWindow, cfg.ConnWindow, cfg.MaxResponseHeaderListSize, p.srv.log.With("backend", addr))
+	b.transport.ackDelay = max(cfg.PingAckDelay, 0)
 	b.usePersistentWriter() // run's goroutine is the writer
 	b.retryBuffer = cfg.RetryBufferSize
 	b.maxStreamWindow = cfg.BackendMaxStreamWindow

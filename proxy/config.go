@@ -34,6 +34,7 @@ const (
 	DefaultIdleTimeout           = 5 * time.Minute
 	DefaultParkAfter             = time.Second
 	DefaultWriteTimeout          = 20 * time.Second
+	DefaultPingAckDelay          = 5 * time.Millisecond
 	DefaultShutdownPingTimeout   = time.Second
 	DefaultShutdownLinger        = time.Second
 	DefaultRequestIdleTimeout    = 5 * time.Minute
@@ -272,6 +273,16 @@ type Config struct {
 	// Zero means DefaultRequestIdleTimeout, negative none.
 	RequestIdleTimeout time.Duration
 
+	// PingAckDelay is how long the answer to a peer's PING may wait for
+	// other frames to that peer before it is written on its own. grpc-go
+	// clients and servers send a PING (their BDP estimator's) after most
+	// DATA they receive; answered at once, each answer was a write of its
+	// own, on a loopback about as costly as the call's own writes. Held
+	// back, it goes out with the next frames written to the peer, which at
+	// a moderate rate come within a millisecond or two. The wait adds to
+	// the peer's round-trip measurement, so it is kept short. 0 means
+	// DefaultPingAckDelay, negative answers at once.
+	PingAckDelay time.Duration
 	// WriteTimeout bounds every write to a client or backend connection:
 	// a peer that does not read for that long while the proxy has bytes
 	// for it loses the connection, and the calls on it fail. Zero means
@@ -456,6 +467,7 @@ func (c *Config) setDefaults() error {
 	defaultOrOff(&c.IdleTimeout, DefaultIdleTimeout)
 	defaultOrOff(&c.ParkAfter, DefaultParkAfter)
 	defaultOrOff(&c.WriteTimeout, DefaultWriteTimeout)
+	defaultOrOff(&c.PingAckDelay, DefaultPingAckDelay)
 	defaultOrOff(&c.RequestIdleTimeout, DefaultRequestIdleTimeout)
 	if c.ShutdownPingTimeout <= 0 {
 		c.ShutdownPingTimeout = DefaultShutdownPingTimeout

@@ -237,7 +237,7 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		}
 		t.queueCtrlLocked(writeOp{kind: opPing, end: true, ping: f.Data})
 		t.mu.Unlock()
-		t.signal()
+		t.signalPingAck()
 	case *http2.GoAwayFrame:
 		p.onGoAway(f)
 	case *http2.PushPromiseFrame:

@@ -27,8 +27,10 @@ func heapInUse() uint64 {
 // the 64 KiB retry buffer when the replay was counted by payload).
 func TestReplayTinyFrames(t *testing.T) {
 	verifyNoLeaks(t)
-	// The PINGs that pace the frames would spend the glitch budget.
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.MaxGlitches = -1 }})
+	// The PINGs that pace the frames would spend the glitch budget, and
+	// 5,000 of them waiting PingAckDelay each for other frames would take
+	// 25 s.
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.MaxGlitches = -1; c.PingAckDelay = -1 }})
 	r := dialRaw(t, e.addr)
 	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
 	before := heapInUse()

@@ -64,6 +64,7 @@ func newServerConn(srv *Server, nc net.Conn) *serverConn {
 	c := &serverConn{srv: srv, remote: nc.RemoteAddr(), readerDone: make(chan struct{})}
 	cfg := &srv.cfg
 	c.transport.init(cfg.StreamWindow, cfg.ConnWindow, cfg.MaxHeaderListSize, srv.log)
+	c.transport.ackDelay = max(cfg.PingAckDelay, 0)
 	c.writeTimeout = cfg.WriteTimeout
 	c.bufs = bufBudget{limit: cfg.MaxConnBufferedBytes, owner: &c.transport}
 	c.budget = &c.bufs

@@ -231,12 +231,19 @@ type writeOp struct {
 // DATA frame per ready stream in turn, so a busy stream never starves the
 // others, and a flush only when there is nothing left to write.
 type transport struct {
-	nc  net.Conn      // set by attach, under mu
-	rfr *http2.Framer // reader goroutine only
-	cr  *connReader   // rfr's source, the socket's buffered reader
-	cg  *contGuard    // between rfr and cr
-	hd  hdecState     // reader goroutine only
-	log *slog.Logger
+	// ackDelay is Config.PingAckDelay (0: answer PINGs at once); ackTimer,
+	// made by the reader at the first PING, fires when an answer waited
+	// that long; ackArmed is set while it runs for a queued answer. See
+	// signalPingAck.
+	ackDelay time.Duration
+	ackTimer *time.Timer
+	ackArmed atomic.Bool
+	nc       net.Conn      // set by attach, under mu
+	rfr      *http2.Framer // reader goroutine only
+	cr       *connReader   // rfr's source, the socket's buffered reader
+	cg       *contGuard    // between rfr and cr
+	hd       hdecState     // reader goroutine only
+	log      *slog.Logger
 	// sawFrame is set once the peer's first frame was read (readLoop).
 	// Reader goroutine only.
 	sawFrame bool
@@ -497,6 +504,53 @@ func (t *transport) startOnDemand(o writerOwner) {
 
 // signal tells the writer there is work, starting one if none runs. It
 // never blocks. Work must be queued (under mu) before signal is called.
+// signalPingAck has the answer to a PING, just queued, written within
+// ackDelay (Config.PingAckDelay): with whatever the writer writes next, or
+// on its own when the timer fires first.
+func (t *transport) signalPingAck() {
+	if t.ackDelay <= 0 {
+		t.signal()
+		return
+	}
+	if t.ackTimer == nil {
+		// Made (stopped) before ackArmed is set, which publishes it to
+		// the writer (ackTaken).
+		t.ackTimer = time.AfterFunc(time.Hour, t.ackTimeout)
+		t.ackTimer.Stop()
+	}
+	if !t.ackArmed.CompareAndSwap(false, true) {
+		return // a timer runs for an earlier answer, still queued
+	}
+	t.ackTimer.Reset(t.ackDelay)
+}
+
+// ackTimeout is the PING answers' timer: nothing else was written within
+// ackDelay, so the writer writes them on their own.
+func (t *transport) ackTimeout() {
+	if t.ackArmed.Swap(false) {
+		t.signal()
+	}
+}
+
+// onlyPingAnswers reports whether batch holds nothing but answers to
+// PINGs.
+func onlyPingAnswers(batch []writeOp) bool {
+	for i := range batch {
+		if batch[i].kind != opPing || !batch[i].end {
+			return false
+		}
+	}
+	return true
+}
+
+// ackTaken is called by the writer when it takes the queued PING answers
+// with other frames to write: they need their timer no more.
+func (t *transport) ackTaken() {
+	if t.ackArmed.Swap(false) {
+		t.ackTimer.Stop()
+	}
+}
+
 func (t *transport) signal() {
 	if t.wake != nil {
 		select {
@@ -1225,6 +1279,18 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 			continue
 		}
 		t.markReadyLocked(q)
+	}
+	if len(batch) > 0 && t.ackArmed.Load() {
+		if onlyPingAnswers(batch) {
+			// Woken for something that wrote nothing (a window credit
+			// under the threshold): the answers wait on for other
+			// frames, or for their timer (signalPingAck).
+			t.ctrl = append(t.ctrl, batch...)
+			clear(batch)
+			batch = batch[:0]
+		} else {
+			t.ackTaken()
+		}
 	}
 	exit := len(batch) == 0 && t.drainAndClose && r.idleLocked()
 	if len(batch) == 0 && t.owner != nil {
