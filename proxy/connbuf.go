@@ -79,23 +79,32 @@ func (c *connReader) stamp(n int) {
 	}
 }
 
-func newConnReader(nc net.Conn) *connReader {
-	c := &connReader{nc: nc}
-	// Only the exact socket types: a wrapper that embeds one may do more
-	// in its Read (count, inject faults), which reading the descriptor
-	// would skip.
+// plainSocket returns the syscall.RawConn of a plain TCP or Unix socket,
+// nil for any other connection. Only the exact socket types: a wrapper
+// that embeds one may do more in its Read and Write (count, inject
+// faults, TLS), which using the descriptor would skip.
+func plainSocket(nc net.Conn) syscall.RawConn {
 	var sc syscall.Conn
 	switch v := nc.(type) {
 	case *net.TCPConn:
 		sc = v
 	case *net.UnixConn:
 		sc = v
+	default:
+		return nil
 	}
-	if sc != nil {
-		if raw, err := sc.SyscallConn(); err == nil {
-			c.raw = raw
-			c.rawFill = c.fillRaw
-		}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return raw
+}
+
+func newConnReader(nc net.Conn) *connReader {
+	c := &connReader{nc: nc}
+	if raw := plainSocket(nc); raw != nil {
+		c.raw = raw
+		c.rawFill = c.fillRaw
 	}
 	if c.raw == nil {
 		c.small = make([]byte, smallReadSize)

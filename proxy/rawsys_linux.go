@@ -50,17 +50,8 @@ type rawSock struct {
 // newRawSock returns a rawSock for a plain TCP or Unix socket, nil for
 // anything else (TLS, wrappers that do more in their Write).
 func newRawSock(nc net.Conn) *rawSock {
-	var sc syscall.Conn
-	switch v := nc.(type) {
-	case *net.TCPConn:
-		sc = v
-	case *net.UnixConn:
-		sc = v
-	default:
-		return nil
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
+	raw := plainSocket(nc)
+	if raw == nil {
 		return nil
 	}
 	s := &rawSock{nc: nc, raw: raw}
