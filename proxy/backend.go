@@ -140,6 +140,14 @@ func (b *backendConn) addAttempt(a *attempt) error {
 		}
 		return b.closeErr
 	}
+	if b.noStreams {
+		// The slot was reserved on the assumed limit, and the backend's
+		// SETTINGS said 0 before the attempt got here: onPeerSettings
+		// moved the waiting attempts elsewhere, and this one would wait
+		// for a slot that does not come.
+		b.unlinkLocked(a)
+		return errNoStreams
+	}
 	b.pending = append(b.pending, a)
 	b.signal()
 	return nil
@@ -148,6 +156,10 @@ func (b *backendConn) addAttempt(a *attempt) error {
 // errPeerGoAway is addAttempt's answer when the backend's GOAWAY arrived
 // after the attempt's slot was reserved.
 var errPeerGoAway = errors.New("backend sent GOAWAY")
+
+// errNoStreams is addAttempt's answer when the backend advertised
+// SETTINGS_MAX_CONCURRENT_STREAMS=0 after the attempt's slot was reserved.
+var errNoStreams = errors.New("backend takes no stream")
 
 // run dials the backend, then writes until the connection ends, and
 // finally fails every stream still on it with UNAVAILABLE.

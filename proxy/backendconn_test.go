@@ -706,3 +706,41 @@ func (g *gatedConn) Read(p []byte) (int, error) {
 	<-g.gate
 	return g.Conn.Read(p)
 }
+
+// TestMaxStreamsZeroAfterReserve: a call whose slot on a new backend
+// connection was reserved on the assumed stream limit, before the
+// backend's SETTINGS said 0, goes to another backend at once instead of
+// waiting for a slot that never comes (it waited to its deadline).
+func TestMaxStreamsZeroAfterReserve(t *testing.T) {
+	verifyNoLeaks(t)
+	var accepted, served atomic.Int64
+	zero := zeroStreamsBackend(t, make(chan struct{}), &accepted, &served)
+	e := newEnv(t, envOpts{backends: 1})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 60*time.Second)
+	var held atomic.Bool
+	proxy.SetAfterReserve(srv, func(addr string) {
+		if addr != zero || held.Swap(true) {
+			return
+		}
+		// The slot is reserved: let the backend's SETTINGS arrive first.
+		testkit.WaitFor(ctx, t, "the proxy to learn the backend takes no stream", func() bool {
+			return slices.Contains(srv.ZeroStreamBackends(), zero)
+		})
+	})
+	e.setBackends(zero, e.backends[0].Addr())
+	for i := 0; !held.Load(); i++ {
+		if i == 20 {
+			t.Fatal("20 calls and none picked the zero-streams backend")
+		}
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+	if n := served.Load(); n != 0 {
+		t.Errorf("the zero-streams backend served %d calls", n)
+	}
+}

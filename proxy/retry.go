@@ -121,6 +121,20 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		// still whole in a.up, so try once more elsewhere.
 		s.att = prev
 		items = a.up.items[a.up.head:]
+		if errors.Is(cause, errNoStreams) {
+			// Never reached the backend, as when the pool refuses it
+			// (above): another may take the call.
+			f := failure{kind: failNoStreams, backend: addr}
+			if done != nil {
+				done(f.pickerErr())
+			}
+			if s.attempts <= c.srv.cfg.MaxRetries {
+				refused = &f
+				continue
+			}
+			c.releaseItemsLocked(items)
+			return f, false
+		}
 		f := failure{kind: failConnLost, backend: addr, cause: cause, draining: c.srv.pool.restarting(addr)}
 		if errors.Is(cause, errPeerGoAway) {
 			f.kind = failGoAway
