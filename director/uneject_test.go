@@ -25,19 +25,6 @@ func (connErr) ConnectionFailed() bool       { return true }
 
 var errRefused = connErr{status.New(codes.Unavailable, "streamlb: backend: connecting: connection refused")}
 
-// freeAddr returns a loopback address nothing listens on (bound, then
-// closed), for a backend that is down and comes back on the same address.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
-
 // startBackendAt starts a test server on addr, stopped at cleanup.
 func startBackendAt(t *testing.T, addr string) *testserver.Server {
 	t.Helper()
@@ -70,7 +57,7 @@ func TestRestartedBackendUnejectedByHandshake(t *testing.T) {
 	t.Parallel()
 	clk := newFakeClock()
 	other := startBackends(t, 2)
-	down := freeAddr(t)
+	down := testkit.DeadAddr(t)
 	d := newOutlierDirector(t, Config{}, clk, down, other[0].Addr(), other[1].Addr())
 	var probes atomic.Int64
 	d.handshake = func(ctx context.Context, addr string, creds credentials.TransportCredentials) error {
@@ -149,7 +136,7 @@ func TestProbeStopsWhenBackendLeaves(t *testing.T) {
 	t.Parallel()
 	clk := newFakeClock()
 	bs := startBackends(t, 2)
-	down := freeAddr(t)
+	down := testkit.DeadAddr(t)
 	d := newOutlierDirector(t, Config{}, clk, down, bs[0].Addr(), bs[1].Addr())
 	var probes atomic.Int64
 	d.handshake = func(ctx context.Context, addr string, creds credentials.TransportCredentials) error {
@@ -235,7 +222,7 @@ func TestH2Handshake(t *testing.T) {
 		{name: "TLS, untrusted certificate", addr: tlsBackend.Addr(), creds: foreign},
 		{name: "cleartext to a TLS backend", addr: tlsBackend.Addr()},
 		{name: "HTTP/1.1 answer", addr: ln.Addr().String()},
-		{name: "refused", addr: freeAddr(t)},
+		{name: "refused", addr: testkit.DeadAddr(t)},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/testserver"
 )
 
@@ -480,12 +481,7 @@ func startAttackChild(t *testing.T, backends []string) *child {
 		return startChild(t, "frame", backends)
 	}
 	// A port for it: free now, and the child takes it at once.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := testkit.DeadAddr(t)
 	args := []string{"proxy", "--listen", addr, "--log-level", "error"}
 	for _, b := range backends {
 		args = append(args, "--backend", b)

@@ -279,15 +279,11 @@ func (c *serverConn) enqueueHeld(a *attempt, items []outItem, data []byte, end b
 	s.active = true
 	for i := range items {
 		it := items[i]
-		p := (*it.buf)[:it.n]
-		s.bytesOut += int64(len(p))
-		s.msgs.advance(p)
+		s.countDown((*it.buf)[:it.n])
 		s.down.push(it)
 	}
 	if len(data) > 0 || end {
-		s.down.pushData(data, end)
-		s.bytesOut += int64(len(data))
-		s.msgs.advance(data)
+		s.pushDownData(data, end)
 	}
 	if end {
 		s.down.closed = true

@@ -742,6 +742,21 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 	return err
 }
 
+// pushDownData queues response DATA (copied) toward the client and counts
+// it. Caller must hold the client connection's mu.
+func (s *stream) pushDownData(data []byte, end bool) {
+	s.down.pushData(data, end)
+	s.countDown(data)
+}
+
+// countDown counts response payload queued toward the client: the bytes,
+// and the gRPC messages they complete. Caller must hold the client
+// connection's mu.
+func (s *stream) countDown(p []byte) {
+	s.bytesOut += int64(len(p))
+	s.msgs.advance(p)
+}
+
 // enqueueDown queues a response item from the backend. It reports false if
 // the response was already ended, in which case DATA bytes must be credited
 // back by the caller.
@@ -754,9 +769,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 	}
 	s.active = true
 	if it.kind == itemData {
-		s.down.pushData(data, it.end)
-		s.bytesOut += int64(len(data))
-		s.msgs.advance(data)
+		s.pushDownData(data, it.end)
 	} else {
 		if c.responseOverPeerLocked(a, it.fields) {
 			c.mu.Unlock()
