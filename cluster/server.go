@@ -205,7 +205,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		}
 		pc.DrainTimeout = cfg.DrainTimeout
 		pc.Logger = cfg.Logger
-		pc.OnCallEnd = s.callEndHook()
+		pc.CountCallEnd, pc.OnCallEnd = s.callEndHooks()
 		var fs *proxy.Server
 		if fs, err = proxy.New(pc); err == nil {
 			s.engine = fs
@@ -239,42 +239,57 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	return s, nil
 }
 
-// callEndHook is the data plane's call-end hook: the access log and the
-// metrics counted per call, or nil when neither is on. With a
-// configuration file, a call is counted in the cluster whose current set
-// holds the call's backend.
-func (s *Server) callEndHook() func(proxy.CallInfo) {
+// callEndHooks are the data plane's call-end hooks: count, the metrics
+// counted per call, which only adds to counters and so runs inline
+// (proxy.Config.CountCallEnd), and log, the access log, which writes and
+// so is delivered on the data plane's own goroutine (OnCallEnd). Each is
+// nil when off. With a configuration file, a call is counted in the
+// cluster whose current set holds the call's backend.
+func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
 	al := s.cfg.AccessLog
 	if s.set != nil {
-		if al == nil && s.cfg.Metrics == nil {
-			return nil
-		}
-		return func(ci proxy.CallInfo) {
-			c := s.set.clusterFor(ci.Upstream, ci.Backend)
-			name := ""
-			if c != nil {
-				name = c.Name()
-				if c.metrics != nil {
+		if s.cfg.Metrics != nil {
+			count = func(ci proxy.CallInfo) {
+				if c := s.set.clusterFor(ci.Upstream, ci.Backend); c != nil && c.metrics != nil {
 					c.metrics.callEnd(ci)
 				}
 			}
-			if al != nil {
+		}
+		if al != nil {
+			log = func(ci proxy.CallInfo) {
+				name := ""
+				if c := s.set.clusterFor(ci.Upstream, ci.Backend); c != nil {
+					name = c.Name()
+				}
 				al.callEnd(name, ci)
 			}
 		}
+		return count, log
 	}
-	m, name := s.cluster.metrics, s.cluster.Name()
+	if m := s.cluster.metrics; m != nil {
+		count = m.callEnd
+	}
+	if al != nil {
+		name := s.cluster.Name()
+		log = func(ci proxy.CallInfo) { al.callEnd(name, ci) }
+	}
+	return count, log
+}
+
+// callEndHook is both callEndHooks in one, for an engine with a single
+// hook delivered off its data path (the grpc-proxy engine's); nil when
+// neither is on.
+func (s *Server) callEndHook() func(proxy.CallInfo) {
+	count, log := s.callEndHooks()
 	switch {
-	case al == nil && m == nil:
-		return nil
-	case al == nil:
-		return m.callEnd
-	case m == nil:
-		return func(ci proxy.CallInfo) { al.callEnd(name, ci) }
+	case count == nil:
+		return log
+	case log == nil:
+		return count
 	}
 	return func(ci proxy.CallInfo) {
-		m.callEnd(ci)
-		al.callEnd(name, ci)
+		count(ci)
+		log(ci)
 	}
 }
 

@@ -76,6 +76,8 @@ func runBenchChild(spec string) int {
 		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog})
 	case "frame-hook-noop":
 		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog, OnCallEnd: func(proxy.CallInfo) {}})
+	case "frame-count-noop":
+		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog, CountCallEnd: func(proxy.CallInfo) {}})
 	case "frame-hook-log":
 		// What an access log costs: a JSON line per call, written nowhere.
 		al := slog.New(slog.NewJSONHandler(io.Discard, nil))
@@ -312,12 +314,13 @@ func BenchmarkUnary(b *testing.B) {
 }
 
 // BenchmarkUnaryHook is BenchmarkUnary with Config.OnCallEnd nil, a
-// no-op and an access log's JSON line written to io.Discard:
+// no-op and an access log's JSON line written to io.Discard, and with a
+// no-op Config.CountCallEnd:
 //
 //	go test -run '^$' -bench UnaryHook -benchtime 20000x ./proxy/
 func BenchmarkUnaryHook(b *testing.B) {
 	req := &testgrpc.SimpleRequest{ResponseSize: 100, Payload: &testgrpc.Payload{Body: make([]byte, 100)}}
-	benchCalls(b, []string{"frame", "frame-hook-noop", "frame-hook-log"}, 2000, 50, 0, time.Microsecond, "proxy-µs/call", func(client testgrpc.TestServiceClient) func() error {
+	benchCalls(b, []string{"frame", "frame-hook-noop", "frame-count-noop", "frame-hook-log"}, 2000, 50, 0, time.Microsecond, "proxy-µs/call", func(client testgrpc.TestServiceClient) func() error {
 		return func() error { _, err := client.UnaryCall(context.Background(), req); return err }
 	})
 }

@@ -208,7 +208,7 @@ func (q *endQueue) deliverLoop(s *Server) {
 // status, in the final header block fields. Caller must hold cc.mu.
 func (c *serverConn) noteBackendStatusLocked(s *stream, fields []hpack.HeaderField) {
 	s.fromBackend = true
-	if c.srv.ends == nil {
+	if !c.srv.reportsEnds() {
 		return
 	}
 	for _, f := range fields {
@@ -217,6 +217,10 @@ func (c *serverConn) noteBackendStatusLocked(s *stream, fields []hpack.HeaderFie
 		}
 	}
 }
+
+// reportsEnds reports whether ended calls are described to a hook
+// (Config.OnCallEnd or Config.CountCallEnd).
+func (s *Server) reportsEnds() bool { return s.ends != nil || s.countEnd != nil }
 
 // stopEnds ends the delivery of ended calls, after every stream ended.
 func (s *Server) stopEnds() {

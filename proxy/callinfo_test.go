@@ -35,7 +35,16 @@ func (ch callEnds) next(t *testing.T, ctx context.Context) proxy.CallInfo {
 // TestOnCallEnd: every call is reported once, after it ended, with the
 // backend that answered (as its own x-backend names it), the status the
 // client got, the bytes relayed, the retries and the limit that refused it.
+//
+// CountCallEnd, called inline where OnCallEnd's calls are queued, reports
+// the same.
 func TestOnCallEnd(t *testing.T) {
+	for _, hook := range []string{"OnCallEnd", "CountCallEnd"} {
+		t.Run(hook, func(t *testing.T) { testCallEnd(t, hook) })
+	}
+}
+
+func testCallEnd(t *testing.T, hook string) {
 	verifyNoLeaks(t)
 	ends := make(callEnds, 16)
 	e := newEnv(t, envOpts{backends: 2,
@@ -45,7 +54,12 @@ func TestOnCallEnd(t *testing.T) {
 			}
 		},
 		pcfg: func(c *proxy.Config) {
-			c.OnCallEnd = func(ci proxy.CallInfo) { ends <- ci }
+			if hook == "CountCallEnd" {
+				// A buffered send with room: it does not block.
+				c.CountCallEnd = func(ci proxy.CallInfo) { ends <- ci }
+			} else {
+				c.OnCallEnd = func(ci proxy.CallInfo) { ends <- ci }
+			}
 			c.RetryOn = []string{"/grpc.testing.TestService/UnaryCall"}
 			c.MaxStreams = 1
 		},

@@ -404,6 +404,15 @@ type Config struct {
 	// bound, then they are dropped and counted in a Warn log). Nil costs
 	// nothing per call.
 	OnCallEnd func(CallInfo)
+
+	// CountCallEnd, if set, is called once per client stream after it
+	// ended, with the same CallInfo as OnCallEnd, but at once, on the
+	// goroutine that ended the stream and possibly under the proxy's
+	// locks. It must return quickly, never block and never call back into
+	// the Server: it is for counters (metrics), which need no goroutine
+	// hand-off per call the way OnCallEnd's delivery does. Nil costs
+	// nothing per call.
+	CountCallEnd func(CallInfo)
 }
 
 func (c *Config) setDefaults() error {

@@ -51,8 +51,9 @@ type Server struct {
 	done     chan struct{}
 	now      func() time.Time
 	refusals refusalLog
-	accepted atomic.Int64 // client connections accepted and served
-	ends     *endQueue    // nil without Config.OnCallEnd
+	accepted atomic.Int64   // client connections accepted and served
+	ends     *endQueue      // nil without Config.OnCallEnd
+	countEnd func(CallInfo) // Config.CountCallEnd
 
 	// afterReserve is a test hook, nil otherwise: startAttemptLocked calls
 	// it with cc.mu held between reserving a stream slot on a backend
@@ -104,6 +105,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.OnCallEnd != nil {
 		s.ends = newEndQueue(cfg.OnCallEnd)
 	}
+	s.countEnd = cfg.CountCallEnd
 	up, err := NewUpstream(UpstreamConfig{
 		Dial: cfg.Dial, RetryOn: cfg.RetryOn, MaxRetries: cfg.MaxRetries,
 		RetryBudget: cfg.RetryBudget, RetryBudgetRatio: cfg.RetryBudgetRatio,

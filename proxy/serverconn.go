@@ -434,7 +434,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		return err
 	}
 	s := &stream{cc: c}
-	if c.srv.ends != nil {
+	if c.srv.reportsEnds() {
 		s.start = c.srv.now()
 	}
 	s.down = sendQueue{s: s, id: id, window: c.peerInitWin, mem: &c.bufs}

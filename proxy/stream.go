@@ -126,8 +126,14 @@ func (s *stream) sideClosed() {
 			a.done(s.result)
 		}
 	}
-	if q := s.cc.srv.ends; q != nil {
-		// Queued, not called: this may run under cc.mu or a bc.mu.
-		q.push(s.callInfo(s.cc.srv.now()))
+	if srv := s.cc.srv; srv.reportsEnds() {
+		ci := s.callInfo(srv.now())
+		if srv.countEnd != nil {
+			srv.countEnd(ci)
+		}
+		if srv.ends != nil {
+			// Queued, not called: this may run under cc.mu or a bc.mu.
+			srv.ends.push(ci)
+		}
 	}
 }
