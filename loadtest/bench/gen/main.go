@@ -1,3 +1,5 @@
+//go:build unix
+
 // Command gen is the load generator of loadtest/bench/run.sh: a plain
 // grpc-go client with the generated TestService stub, so that on a 2-CPU
 // machine the client costs as little CPU as a gRPC client can and the proxy

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command idleconns measures the memory a server holds per idle HTTP/2
 // client connection (issue 12): it reads the server process's RSS, opens N
 // connections that each complete the HTTP/2 handshake (preface, SETTINGS

@@ -1,0 +1,19 @@
+//go:build windows
+
+package proxy
+
+import (
+	"net"
+	"syscall"
+)
+
+// rawRead is read(2); see rawsys_linux.go.
+func rawRead(fd uintptr, p []byte) (int, error) { return syscall.Read(syscall.Handle(fd), p) }
+
+// rawSock is Linux-only (rawsys_linux.go); elsewhere the writer writes nc.
+type rawSock struct{ net.Conn }
+
+func newRawSock(net.Conn) *rawSock { return nil }
+
+// WrapSocket returns nc: the raw-syscall socket is Linux-only.
+func WrapSocket(nc net.Conn) net.Conn { return nc }
