@@ -250,7 +250,7 @@ type transport struct {
 
 	// Writer goroutine only.
 	bw   *connWriter    // holds a pooled buffer only between a write and its flush
-	henc *headerEncoder // nil until the first header block: see encoder
+	henc *hpack.Encoder // nil until the first header block: see encoder
 	// hw is what henc writes to: the scratch's header buffer while a
 	// writer runs.
 	hw switchWriter
@@ -937,7 +937,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 		case opWindowUpdate:
 			err = t.sc.fr.WriteWindowUpdate(op.streamID, op.val)
 		case opTableSize:
-			t.encoder().setMaxTableSizeLimit(op.val)
+			t.encoder().SetMaxDynamicTableSizeLimit(op.val)
 		}
 		*op = writeOp{}
 		if err != nil {
@@ -995,8 +995,10 @@ func dataFrameHeader(h *[9]byte, id uint32, end bool, n int) {
 func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField) error {
 	hbuf := &t.sc.hbuf
 	hbuf.Reset()
-	if err := t.encoder().encode(hbuf, fields); err != nil {
-		return err
+	for _, f := range fields {
+		if err := t.encoder().WriteField(f); err != nil {
+			return err
+		}
 	}
 	block := hbuf.Bytes()
 	max := int(t.maxFrame())
@@ -1023,9 +1025,9 @@ func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField
 
 // encoder returns the connection's HPACK encoder, made at its first use
 // so that a connection that never carries a call holds none. Writer only.
-func (t *transport) encoder() *headerEncoder {
+func (t *transport) encoder() *hpack.Encoder {
 	if t.henc == nil {
-		t.henc = newHeaderEncoder(&t.hw)
+		t.henc = hpack.NewEncoder(&t.hw)
 	}
 	return t.henc
 }
