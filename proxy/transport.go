@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -249,11 +248,8 @@ type transport struct {
 	sawFrame bool
 
 	// Writer goroutine only.
-	bw   *connWriter    // holds a pooled buffer only between a write and its flush
-	henc *hpack.Encoder // nil until the first header block: see encoder
-	// hw is what henc writes to: the scratch's header buffer while a
-	// writer runs.
-	hw switchWriter
+	bw   *connWriter   // holds a pooled buffer only between a write and its flush
+	henc *hpackEncoder // nil until the first header block: see encoder
 	// sc is the writer's scratch (Framer, header buffer, batch), taken
 	// from a pool when a writer starts and given back when an on-demand
 	// writer exits, so an idle connection holds none.
@@ -381,7 +377,7 @@ type creditOp struct {
 type writeScratch struct {
 	out   switchWriter // the Framer's destination: the writing transport's bw
 	fr    *http2.Framer
-	hbuf  bytes.Buffer
+	hbuf  []byte // a header block being encoded
 	batch []writeOp
 	dhdr  [9]byte // a DATA frame's header: see writeData
 }
@@ -404,7 +400,6 @@ func (t *transport) takeScratch() {
 	}
 	sc := scratchPool.Get().(*writeScratch)
 	sc.out.w = t.bw
-	t.hw.w = &sc.hbuf
 	t.sc = sc
 }
 
@@ -415,11 +410,11 @@ func (t *transport) dropScratch() {
 	if sc == nil {
 		return
 	}
-	t.sc, t.hw.w = nil, nil
+	t.sc = nil
 	sc.out.w = nil
-	sc.hbuf.Reset()
-	if sc.hbuf.Cap() > 4<<10 {
-		sc.hbuf = bytes.Buffer{} // a rare large header block is not kept
+	sc.hbuf = sc.hbuf[:0]
+	if cap(sc.hbuf) > 4<<10 {
+		sc.hbuf = nil // a rare large header block is not kept
 	}
 	clear(sc.batch)
 	sc.batch = sc.batch[:0]
@@ -937,7 +932,7 @@ func (t *transport) writeFrames(batch []writeOp) error {
 		case opWindowUpdate:
 			err = t.sc.fr.WriteWindowUpdate(op.streamID, op.val)
 		case opTableSize:
-			t.encoder().SetMaxDynamicTableSizeLimit(op.val)
+			t.encoder().setMaxSizeLimit(op.val)
 		}
 		*op = writeOp{}
 		if err != nil {
@@ -993,14 +988,8 @@ func dataFrameHeader(h *[9]byte, id uint32, end bool, n int) {
 // (RFC 9113 §6.10). The encoder's dynamic table follows the order blocks
 // are written in, which is why only the writer encodes.
 func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField) error {
-	hbuf := &t.sc.hbuf
-	hbuf.Reset()
-	for _, f := range fields {
-		if err := t.encoder().WriteField(f); err != nil {
-			return err
-		}
-	}
-	block := hbuf.Bytes()
+	block := t.encoder().appendBlock(t.sc.hbuf[:0], fields)
+	t.sc.hbuf = block
 	max := int(t.maxFrame())
 	first := true
 	for first || len(block) > 0 {
@@ -1025,9 +1014,9 @@ func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField
 
 // encoder returns the connection's HPACK encoder, made at its first use
 // so that a connection that never carries a call holds none. Writer only.
-func (t *transport) encoder() *hpack.Encoder {
+func (t *transport) encoder() *hpackEncoder {
 	if t.henc == nil {
-		t.henc = hpack.NewEncoder(&t.hw)
+		t.henc = newHpackEncoder()
 	}
 	return t.henc
 }

@@ -1,0 +1,218 @@
+package proxy
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"golang.org/x/net/http2/hpack"
+)
+
+// decodeBlock decodes one header block with x/net's decoder, which keeps
+// its own dynamic table: the reference the encoder must agree with.
+func decodeBlock(t *testing.T, d *hpack.Decoder, block []byte) []hpack.HeaderField {
+	t.Helper()
+	got, err := d.DecodeFull(block)
+	if err != nil {
+		t.Fatalf("decoding %x: %v", block, err)
+	}
+	return got
+}
+
+// grpcRequest is a unary call's request headers as grpc-go sends them.
+func grpcRequest(timeout string) []hpack.HeaderField {
+	return []hpack.HeaderField{
+		{Name: ":method", Value: "POST"},
+		{Name: ":scheme", Value: "http"},
+		{Name: ":path", Value: "/grpc.testing.TestService/UnaryCall"},
+		{Name: ":authority", Value: "127.0.0.1:24100"},
+		{Name: "content-type", Value: "application/grpc"},
+		{Name: "user-agent", Value: "grpc-go/1.79.0"},
+		{Name: "te", Value: "trailers"},
+		{Name: "grpc-timeout", Value: timeout},
+	}
+}
+
+func TestHpackEncoderStaticTable(t *testing.T) {
+	t.Parallel()
+	// Every entry of RFC 7541 Appendix A, as x/net's decoder knows it:
+	// a lone indexed field (one byte) must decode to the entry.
+	d := hpack.NewDecoder(4096, nil)
+	e := newHpackEncoder()
+	for i := uint64(1); i <= 61; i++ {
+		want := decodeBlock(t, d, appendHpackInt(nil, 0x80, 7, i))
+		if len(want) != 1 {
+			t.Fatalf("static %d: %v", i, want)
+		}
+		block := e.appendBlock(nil, want)
+		if len(block) != 1 {
+			t.Errorf("static entry %d %q: encoded in %d bytes, want 1 (an index)", i, want[0].Name+": "+want[0].Value, len(block))
+		}
+		if got := decodeBlock(t, d, block); !cmp.Equal(got, want) {
+			t.Errorf("static entry %d: got %v, want %v", i, got, want)
+		}
+		// The name alone, with another value: the name's index, the
+		// value as a literal.
+		other := []hpack.HeaderField{{Name: want[0].Name, Value: "x-other"}}
+		block = e.appendBlock(nil, other)
+		if got := decodeBlock(t, d, block); !cmp.Equal(got, other) {
+			t.Errorf("static name %d: got %v, want %v", i, got, other)
+		}
+		if block[0]&0x3f == 0 && block[0]&0xc0 == 0x40 {
+			t.Errorf("static name %d %q: sent as a new name (%x)", i, want[0].Name, block)
+		}
+	}
+}
+
+func TestHpackEncoderSteadyState(t *testing.T) {
+	t.Parallel()
+	d := hpack.NewDecoder(4096, nil)
+	e := newHpackEncoder()
+	resp := []hpack.HeaderField{{Name: ":status", Value: "200"}, {Name: "content-type", Value: "application/grpc"}, {Name: "x-backend", Value: "b1"}}
+	trailers := []hpack.HeaderField{{Name: "grpc-status", Value: "0"}, {Name: "grpc-message", Value: ""}}
+	var sizes []int
+	for call := range 500 {
+		req := grpcRequest(fmt.Sprintf("%dm", 30000-call))
+		for _, fields := range [][]hpack.HeaderField{req, resp, trailers} {
+			block := e.appendBlock(nil, fields)
+			if got := decodeBlock(t, d, block); !cmp.Equal(got, fields) {
+				t.Fatalf("call %d: got %v, want %v", call, got, fields)
+			}
+			if call > 0 {
+				sizes = append(sizes, len(block))
+			}
+		}
+	}
+	// After the first call every field but grpc-timeout is one byte: an
+	// index into the static or the dynamic table. grpc-timeout is a
+	// literal of its static-less name (1 + 1 + 12 bytes) and its value.
+	for i, n := range sizes {
+		want := []int{7 + 1 + 1 + 12 + 1 + 6, 3, 2}[i%3]
+		if n > want {
+			t.Fatalf("block %d of the steady state: %d bytes, want at most %d", i, n, want)
+		}
+	}
+	if e.count > 20 {
+		t.Errorf("%d table entries after 500 calls of the same fields, want them inserted once", e.count)
+	}
+}
+
+func TestHpackEncoderSensitive(t *testing.T) {
+	t.Parallel()
+	d := hpack.NewDecoder(4096, nil)
+	e := newHpackEncoder()
+	fields := []hpack.HeaderField{
+		{Name: "authorization", Value: "secret", Sensitive: true},
+		{Name: "x-token", Value: "secret", Sensitive: true},
+		{Name: ":method", Value: "POST", Sensitive: true}, // a static entry, but never indexed
+	}
+	for range 3 {
+		block := e.appendBlock(nil, fields)
+		if got := decodeBlock(t, d, block); !cmp.Equal(got, fields) {
+			t.Fatalf("got %v, want %v", got, fields)
+		}
+	}
+	if e.count != 0 {
+		t.Errorf("%d never-indexed fields in the dynamic table", e.count)
+	}
+}
+
+// TestHpackEncoderRandom encodes random header lists, with the peer's
+// table size lowered now and then, and decodes them with x/net's decoder,
+// which fails on an index its table does not hold and on a size update
+// missing or above what it allows.
+func TestHpackEncoderRandom(t *testing.T) {
+	t.Parallel()
+	names := []string{":method", ":path", ":authority", ":status", "content-type", "te", "grpc-timeout",
+		"grpc-status", "grpc-message", "x-a", "x-b", "x-c", "user-agent", "accept-encoding", "cookie"}
+	for seed := range uint64(20) {
+		t.Run(fmt.Sprint(seed), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(seed, 7))
+			e := newHpackEncoder()
+			d := hpack.NewDecoder(4096, nil)
+			for block := range 400 {
+				lowered := false
+				if rng.IntN(40) == 0 {
+					// The peer changes SETTINGS_HEADER_TABLE_SIZE: its
+					// decoder allows no more from now on, and our
+					// encoder hears of it before its next block.
+					v := uint32(rng.IntN(5000))
+					d.SetAllowedMaxDynamicTableSize(v)
+					lowered = v < e.maxSize
+					e.setMaxSizeLimit(v)
+				}
+				var fields []hpack.HeaderField
+				for range rng.IntN(12) {
+					f := hpack.HeaderField{Name: names[rng.IntN(len(names))]}
+					switch rng.IntN(6) {
+					case 0:
+						f.Value = strings.Repeat("v", rng.IntN(4200)) // some larger than the table
+					case 1:
+						f.Value = ""
+					case 2:
+						f.Value = fmt.Sprint(rng.IntN(1000))
+					default:
+						f.Value = fmt.Sprint(rng.IntN(8))
+					}
+					f.Sensitive = rng.IntN(20) == 0
+					fields = append(fields, f)
+				}
+				b := e.appendBlock(nil, fields)
+				if lowered && (len(b) == 0 || b[0]&0xe0 != 0x20) {
+					t.Fatalf("block %d after the table was lowered to %d: no dynamic table size update first (%x)", block, e.maxSize, b)
+				}
+				got := decodeBlock(t, d, b)
+				if len(fields) == 0 {
+					fields = nil
+				}
+				if !cmp.Equal(got, fields) {
+					t.Fatalf("block %d: got %v, want %v", block, got, fields)
+				}
+				if e.size > e.maxSize {
+					t.Fatalf("block %d: table size %d over its maximum %d", block, e.size, e.maxSize)
+				}
+				held := 0
+				for _, s := range e.slots {
+					if s.id != 0 {
+						held += len(s.name) + len(s.value) + 32
+					}
+				}
+				if held > int(e.size) {
+					t.Fatalf("block %d: the cache holds %d bytes of entries, the table only %d", block, held, e.size)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkHpackEncoder(b *testing.B) {
+	resp := []hpack.HeaderField{{Name: ":status", Value: "200"}, {Name: "content-type", Value: "application/grpc"}, {Name: "x-backend", Value: "b1"}}
+	trailers := []hpack.HeaderField{{Name: "grpc-status", Value: "0"}, {Name: "grpc-message", Value: ""}}
+	reqs := make([][]hpack.HeaderField, 64)
+	for i := range reqs {
+		reqs[i] = grpcRequest(fmt.Sprintf("%du", 29999000-i*37))
+	}
+	b.Run("streamlb", func(b *testing.B) {
+		e := newHpackEncoder()
+		var buf []byte
+		for i := 0; b.Loop(); i++ {
+			buf = e.appendBlock(buf[:0], reqs[i%len(reqs)])
+			buf = e.appendBlock(buf[:0], resp)
+			buf = e.appendBlock(buf[:0], trailers)
+		}
+	})
+	b.Run("x-net", func(b *testing.B) {
+		var w strings.Builder
+		e := hpack.NewEncoder(&w)
+		for i := 0; b.Loop(); i++ {
+			for _, fields := range [][]hpack.HeaderField{reqs[i%len(reqs)], resp, trailers} {
+				w.Reset()
+				for _, f := range fields {
+					e.WriteField(f)
+				}
+			}
+		}
+	})
+}
