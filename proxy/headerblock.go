@@ -95,18 +95,28 @@ func (h *hdecState) emit(hf hpack.HeaderField) {
 }
 
 // validWireHeaderFieldName is x/net/http2's: a token, no upper case
-// (RFC 9113 §8.2.1).
+// (RFC 9113 §8.2.1). It looks bytes up in a table rather than decoding
+// runes: every byte of a token is ASCII, so a byte of a multi-byte UTF-8
+// sequence (or of invalid UTF-8) fails either way.
 func validWireHeaderFieldName(v string) bool {
 	if len(v) == 0 {
 		return false
 	}
-	for _, r := range v {
-		if !httpguts.IsTokenRune(r) || 'A' <= r && r <= 'Z' {
+	for i := 0; i < len(v); i++ {
+		if !wireNameByte[v[i]] {
 			return false
 		}
 	}
 	return true
 }
+
+// wireNameByte tells the bytes validWireHeaderFieldName allows.
+var wireNameByte = func() (t [256]bool) {
+	for c := rune(0); c < 0x80; c++ {
+		t[c] = httpguts.IsTokenRune(c) && !('A' <= c && c <= 'Z')
+	}
+	return t
+}()
 
 // readFrame reads the next frame, assembling a HEADERS frame and its
 // CONTINUATION frames into a *headerBlock. Reader goroutine only.
