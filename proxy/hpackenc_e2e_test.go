@@ -1,12 +1,18 @@
 package proxy_test
 
 import (
+	"context"
 	"fmt"
+	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
 )
 
 // TestClientHeaderTableSize: a client that sets SETTINGS_HEADER_TABLE_SIZE
@@ -92,5 +98,64 @@ func TestClientHeaderTableSize(t *testing.T) {
 				t.Errorf("calls answered by %v, want both backends (their x-backend values differ)", backends)
 			}
 		})
+	}
+}
+
+// TestHeaderBlocksUnderLoad relays many concurrent calls over one client
+// connection whose metadata the backends echo in response headers and
+// trailers: values that repeat (dynamic table hits), values new with each
+// call (inserts), and now and then one of 1-3 KiB, which evicts most of a
+// 4,096-byte table. The proxy's encoders, one per connection in each
+// direction, must keep in step with grpc-go's decoders throughout: every
+// echoed value comes back as sent.
+func TestHeaderBlocksUnderLoad(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 3})
+	client := e.client
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const workers, calls = 16, 60
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range calls {
+				want := map[string]string{
+					"x-echo-shared":        fmt.Sprintf("shared-%d", i%5),
+					"x-echo-unique":        fmt.Sprintf("w%d-call%d", w, i),
+					"x-echo-trailer-small": fmt.Sprint(i % 3),
+				}
+				if i%7 == 3 {
+					want["x-echo-big"] = strings.Repeat(fmt.Sprintf("%d-", w), 500+100*(i%20))
+				}
+				var pairs []string
+				for k, v := range want {
+					pairs = append(pairs, k, v)
+				}
+				var hdr, trl metadata.MD
+				cctx := metadata.AppendToOutgoingContext(ctx, pairs...)
+				if _, err := client.UnaryCall(cctx, &testgrpc.SimpleRequest{ResponseSize: 10}, grpc.Header(&hdr), grpc.Trailer(&trl)); err != nil {
+					errs <- fmt.Errorf("worker %d call %d: %v", w, i, err)
+					return
+				}
+				for k, v := range want {
+					md := hdr
+					if strings.HasPrefix(k, "x-echo-trailer-") {
+						md = trl
+					}
+					if got := md.Get(k); len(got) != 1 || got[0] != v {
+						errs <- fmt.Errorf("worker %d call %d: %s echoed as %.40q, want %.40q", w, i, k, got, v)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
 	}
 }
