@@ -22,7 +22,7 @@ func decodeBlock(t *testing.T, d *hpack.Decoder, block []byte) []hpack.HeaderFie
 }
 
 // grpcRequest is a unary call's request headers as grpc-go sends them.
-func grpcRequest(timeout string) []hpack.HeaderField {
+func grpcRequestFields(timeout string) []hpack.HeaderField {
 	return []hpack.HeaderField{
 		{Name: ":method", Value: "POST"},
 		{Name: ":scheme", Value: "http"},
@@ -74,7 +74,7 @@ func TestHpackEncoderSteadyState(t *testing.T) {
 	trailers := []hpack.HeaderField{{Name: "grpc-status", Value: "0"}, {Name: "grpc-message", Value: ""}}
 	var sizes []int
 	for call := range 500 {
-		req := grpcRequest(fmt.Sprintf("%dm", 30000-call))
+		req := grpcRequestFields(fmt.Sprintf("%dm", 30000-call))
 		for _, fields := range [][]hpack.HeaderField{req, resp, trailers} {
 			block := e.appendBlock(nil, fields)
 			if got := decodeBlock(t, d, block); !cmp.Equal(got, fields) {
@@ -192,7 +192,7 @@ func BenchmarkHpackEncoder(b *testing.B) {
 	trailers := []hpack.HeaderField{{Name: "grpc-status", Value: "0"}, {Name: "grpc-message", Value: ""}}
 	reqs := make([][]hpack.HeaderField, 64)
 	for i := range reqs {
-		reqs[i] = grpcRequest(fmt.Sprintf("%du", 29999000-i*37))
+		reqs[i] = grpcRequestFields(fmt.Sprintf("%du", 29999000-i*37))
 	}
 	b.Run("streamlb", func(b *testing.B) {
 		e := newHpackEncoder()

@@ -496,7 +496,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		c.mu.Lock()
 		if !s.cst.ended() {
 			s.deadline = time.Now().Add(ri.timeout)
-			s.timer = time.AfterFunc(ri.timeout, func() { c.deadlineExceeded(s) })
+			s.timer = startDeadline(s, ri.timeout)
 		}
 		c.mu.Unlock()
 	}

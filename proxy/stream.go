@@ -27,7 +27,7 @@ type stream struct {
 	reqFields []hpack.HeaderField // request headers as relayed, kept for retries
 	reqEnd    bool                // request HEADERS carried END_STREAM
 	reqSize   uint32              // HPACK size of reqFields, counted in cc.bufs while the stream lives
-	timer     *time.Timer         // grpc-timeout, or nil
+	timer     *deadlineTimer      // grpc-timeout, or nil
 	srvCount  *atomic.Int64       // Server.inflight when MaxStreams applies
 
 	// Set by the first pick (under cc.mu, before any backend sees the
@@ -112,7 +112,7 @@ func (s *stream) sideClosed() {
 		return
 	}
 	if s.timer != nil {
-		s.timer.Stop()
+		s.timer.stop()
 	}
 	if s.srvCount != nil {
 		s.srvCount.Add(-1)
