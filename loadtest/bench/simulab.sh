@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# loadtest/bench/simulab.sh compares the CPU per unary call of two proxy
+# binaries by running them AT THE SAME TIME: both pinned to CPU 0, each
+# driven by its own generator (loadtest/bench/gen -c 50, full speed) on
+# CPU 1 over the same three backends, so that both see the same
+# interference from whatever else runs on the machine. run.sh interleaves
+# paths instead, which a shared machine's drift between rounds can swamp
+# for changes of a few percent. Each round starts a fresh pair and prints
+# both CPU figures (user+system from /proc/PID/stat, per call) and B/A.
+# Swap A and B for a second run to cancel any advantage of the order.
+#
+#   loadtest/bench/simulab.sh A_BIN B_BIN
+#
+# Knobs (environment): ROUNDS (8), SECS (5), BASE_PORT (24400; uses
+# BASE_PORT+1..3 for the backends, +10 and +20 for the proxies), WORK (a
+# directory with streamlb (full build, for the testservers) and gen;
+# built from this checkout when missing). The proxies run
+# `proxy --metrics=false`.
+set -euo pipefail
+A=${1:?usage: simulab.sh A_BIN B_BIN}
+B=${2:?usage: simulab.sh A_BIN B_BIN}
+ROUNDS=${ROUNDS:-8} SECS=${SECS:-5} PB=${BASE_PORT:-24400}
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/simulab.XXXXXX")}
+[[ -x $WORK/streamlb ]] || (cd "$REPO" && go build -o "$WORK/streamlb" .)
+[[ -x $WORK/gen ]] || (cd "$REPO" && go build -o "$WORK/gen" ./loadtest/bench/gen)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+for i in 1 2 3; do
+	taskset -c 1 "$WORK/streamlb" testserver --listen 127.0.0.1:$((PB + i)) --name b$i --log-level warn &
+	pids+=($!)
+done
+sleep 2
+tick=$(getconf CLK_TCK)
+cpu() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
+count() { grep -o '"count":[0-9]*' "$1" | head -1 | cut -d: -f2; }
+backends=(--backend 127.0.0.1:$((PB + 1)) --backend 127.0.0.1:$((PB + 2)) --backend 127.0.0.1:$((PB + 3)))
+for r in $(seq 1 "$ROUNDS"); do
+	taskset -c 0 "$A" proxy --listen 127.0.0.1:$((PB + 10)) "${backends[@]}" --metrics=false --log-level warn &
+	pa=$!
+	taskset -c 0 "$B" proxy --listen 127.0.0.1:$((PB + 20)) "${backends[@]}" --metrics=false --log-level warn &
+	pb=$!
+	sleep 1
+	for p in 10 20; do taskset -c 1 "$WORK/gen" -c 50 -n 3000 -target 127.0.0.1:$((PB + p)) >/dev/null; done # warm-up
+	a0=$(cpu $pa) b0=$(cpu $pb)
+	taskset -c 1 "$WORK/gen" -c 50 -duration "${SECS}s" -n 100000000 -target 127.0.0.1:$((PB + 10)) >"$WORK/a.json" &
+	ga=$!
+	taskset -c 1 "$WORK/gen" -c 50 -duration "${SECS}s" -n 100000000 -target 127.0.0.1:$((PB + 20)) >"$WORK/b.json"
+	wait $ga
+	a1=$(cpu $pa) b1=$(cpu $pb)
+	kill $pa $pb
+	wait $pa $pb 2>/dev/null || true
+	awk -v r="$r" -v na="$(count "$WORK/a.json")" -v nb="$(count "$WORK/b.json")" -v a=$((a1 - a0)) -v b=$((b1 - b0)) -v t="$tick" 'BEGIN {
+		ca = a / t / na * 1e6; cb = b / t / nb * 1e6
+		printf "round %d  A %6d calls %6.2f µs/call   B %6d calls %6.2f µs/call   B/A %.3f\n", r, na, ca, nb, cb, cb / ca }'
+done
