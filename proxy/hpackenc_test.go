@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"strings"
@@ -16,7 +17,7 @@ func decodeBlock(t *testing.T, d *hpack.Decoder, block []byte) []hpack.HeaderFie
 	t.Helper()
 	got, err := d.DecodeFull(block)
 	if err != nil {
-		t.Fatalf("decoding %x: %v", block, err)
+		t.Fatalf("decoding %d bytes (from %.64x): %v", len(block), block, err)
 	}
 	return got
 }
@@ -212,6 +213,71 @@ func BenchmarkHpackEncoder(b *testing.B) {
 				for _, f := range fields {
 					e.WriteField(f)
 				}
+			}
+		}
+	})
+}
+
+// FuzzHpackEncoder reads a script from the input: header lists (names
+// from a small set, so that fields repeat; values from the input) and
+// now and then a new table size from the peer. Every block must decode,
+// with x/net's decoder held to the sizes the peer allowed, to the list
+// that was encoded.
+func FuzzHpackEncoder(f *testing.F) {
+	f.Add([]byte("\x03\x01a\x02bb\x05ccccc\xff\x10\x00\x04\x01a\x02bb"))
+	f.Add([]byte("\xfe\x00\x00\x02\x01x\x01x\x01x"))
+	f.Add(bytes.Repeat([]byte{7, 200, 'v'}, 50))
+	names := []string{":path", ":authority", "content-type", "grpc-timeout", "grpc-status", "x-a", "x-b", "cookie", "te", ":status"}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		e := newHpackEncoder()
+		d := hpack.NewDecoder(4096, nil)
+		next := func() (byte, bool) {
+			if len(in) == 0 {
+				return 0, false
+			}
+			b := in[0]
+			in = in[1:]
+			return b, true
+		}
+		for blocks := 0; len(in) > 0 && blocks < 200; blocks++ {
+			n, _ := next()
+			if n >= 0xfe { // the peer's SETTINGS_HEADER_TABLE_SIZE
+				hi, _ := next()
+				lo, _ := next()
+				v := uint32(hi)<<8 | uint32(lo)
+				if n == 0xff {
+					v <<= 2
+				}
+				d.SetAllowedMaxDynamicTableSize(v)
+				e.setMaxSizeLimit(v)
+				continue
+			}
+			var fields []hpack.HeaderField
+			for range n % 16 {
+				k, ok := next()
+				if !ok {
+					break
+				}
+				l, _ := next()
+				v := make([]byte, int(l)*int(k>>4+1))
+				for i := range v {
+					v[i] = 'a' + byte(i+int(k))%26
+				}
+				fields = append(fields, hpack.HeaderField{Name: names[int(k)%len(names)], Value: string(v), Sensitive: k&0x80 != 0 && k&1 != 0})
+			}
+			b := e.appendBlock(nil, fields)
+			got, err := d.DecodeFull(b)
+			if err != nil {
+				t.Fatalf("block %d (%d bytes, from %.64x): %v", blocks, len(b), b, err)
+			}
+			if len(fields) == 0 {
+				fields = nil
+			}
+			if !cmp.Equal(got, fields) {
+				t.Fatalf("block %d: got %v, want %v", blocks, got, fields)
+			}
+			if e.size > e.maxSize {
+				t.Fatalf("table size %d over its maximum %d", e.size, e.maxSize)
 			}
 		}
 	})
