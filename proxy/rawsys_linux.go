@@ -42,9 +42,13 @@ type rawSock struct {
 	nc    net.Conn
 	raw   syscall.RawConn
 	fn    func(fd uintptr) bool // write, bound once so a Write allocates nothing
+	vfn   func(fd uintptr) bool // writev, bound once
 	p     []byte
 	n     int
 	errno error
+	// iov is writeSegs' vector: iov[vi:] is still to write.
+	iov []syscall.Iovec
+	vi  int
 }
 
 // newRawSock returns a rawSock for a plain TCP or Unix socket, nil for
@@ -56,6 +60,7 @@ func newRawSock(nc net.Conn) *rawSock {
 	}
 	s := &rawSock{nc: nc, raw: raw}
 	s.fn = s.write
+	s.vfn = s.writev
 	return s
 }
 
@@ -86,6 +91,62 @@ func (s *rawSock) write(fd uintptr) bool {
 		default:
 			s.errno = e
 			return true
+		}
+	}
+	return true
+}
+
+// writeSegs writes segs in order with writev(2), waiting in the netpoller
+// as Write does. The segments are not changed.
+func (s *rawSock) writeSegs(segs [][]byte) error {
+	for _, p := range segs {
+		if len(p) == 0 {
+			continue
+		}
+		v := syscall.Iovec{Base: &p[0]}
+		v.SetLen(len(p))
+		s.iov = append(s.iov, v)
+	}
+	s.vi, s.errno = 0, nil
+	err := s.raw.Write(s.vfn)
+	errno := s.errno
+	clear(s.iov) // no pointers into the buffers kept
+	s.iov, s.vi, s.errno = s.iov[:0], 0, nil
+	if err == nil && errno != nil {
+		err = &net.OpError{Op: "writev", Net: s.nc.LocalAddr().Network(), Source: s.nc.LocalAddr(), Addr: s.nc.RemoteAddr(), Err: os.NewSyscallError("writev", errno)}
+	}
+	return err
+}
+
+// writev is RawConn.Write's callback for writeSegs: writev(2) until the
+// vector is written, the socket is full (false) or an error.
+func (s *rawSock) writev(fd uintptr) bool {
+	for s.vi < len(s.iov) {
+		iov := s.iov[s.vi:]
+		if len(iov) > maxSegs {
+			iov = iov[:maxSegs] // within IOV_MAX (1024)
+		}
+		r, _, e := syscall.RawSyscall(syscall.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
+		switch e {
+		case 0:
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		default:
+			s.errno = e
+			return true
+		}
+		// Skip what was written: whole segments, then into the next.
+		n := uint64(r)
+		for s.vi < len(s.iov) && n >= uint64(s.iov[s.vi].Len) {
+			n -= uint64(s.iov[s.vi].Len)
+			s.vi++
+		}
+		if n > 0 {
+			v := &s.iov[s.vi]
+			v.Base = (*byte)(unsafe.Add(unsafe.Pointer(v.Base), n))
+			v.SetLen(int(uint64(v.Len) - n))
 		}
 	}
 	return true
