@@ -228,6 +228,24 @@ func (c *connReader) copyOut(p []byte) int {
 	return n
 }
 
+// buffered returns the unread bytes, valid until the next Read or
+// discard.
+func (c *connReader) buffered() []byte {
+	if c.r == c.w {
+		return nil // buf may be gone with the pooled buffer (release)
+	}
+	return c.buf[c.r:c.w]
+}
+
+// discard drops the first n unread bytes, n <= len(buffered()), letting
+// go of the pooled buffer as copyOut does.
+func (c *connReader) discard(n int) {
+	c.r += n
+	if c.r == c.w && !c.burst && c.raw == nil {
+		c.release()
+	}
+}
+
 // release returns the pooled buffer. Caller must have drained it.
 func (c *connReader) release() {
 	c.buf = nil

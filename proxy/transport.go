@@ -243,6 +243,7 @@ type transport struct {
 	cr       *connReader   // rfr's source, the socket's buffered reader
 	cg       *contGuard    // between rfr and cr
 	hd       hdecState     // reader goroutine only
+	df       dataFrame     // the DATA frame being handled; reader goroutine only
 	log      *slog.Logger
 	// sawFrame is set once the peer's first frame was read (readLoop).
 	// Reader goroutine only.
