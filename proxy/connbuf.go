@@ -284,6 +284,10 @@ type connWriter struct {
 	refd    bool
 	// refs are the pooled buffers of payloads in segs, freed once written.
 	refs []bufRef
+	// corked is set when a write made because the pending bytes reached
+	// a limit went out with MSG_MORE, and the kernel may be keeping its
+	// last packet for the next write: Flush must push it.
+	corked bool
 }
 
 // bufRef is a pooled DATA buffer and the budget it counts in.
@@ -346,10 +350,11 @@ func (c *connWriter) writeSmall(p []byte) (int, error) {
 		c.vb = readBufPool.Get().(*[]byte)
 	}
 	if c.vn+len(p) > len(*c.vb) || len(c.segs) >= maxSegs {
-		if err := c.flushSegs(); err != nil {
+		if err := c.flushSegs(true); err != nil {
 			return 0, err
 		}
 		if len(p) > len(*c.vb) {
+			c.corked = false     // write(2) pushes
 			return c.rs.Write(p) // larger than the buffer: nothing is pending
 		}
 	}
@@ -391,7 +396,7 @@ func (c *connWriter) writePayload(p []byte, buf *[]byte, mem *bufBudget, free bo
 		c.refs = append(c.refs, bufRef{buf, mem})
 	}
 	if c.pending >= vecFlushAt || len(c.segs) >= maxSegs {
-		return c.flushSegs()
+		return c.flushSegs(true)
 	}
 	return nil
 }
@@ -405,11 +410,18 @@ func (c *connWriter) freeAfterWrite(b *[]byte) { c.refs = append(c.refs, bufRef{
 func (c *connWriter) holdsRefs() bool { return c.refd }
 
 // flushSegs writes what is pending and frees the referenced buffers, also
-// when the write fails; it keeps the gathering buffer.
-func (c *connWriter) flushSegs() error {
+// when the write fails; it keeps the gathering buffer. more is set on the
+// writes made because the pending bytes reached a limit, in the middle of
+// a batch: they go out with MSG_MORE. A write of 64 KiB and a few frame
+// headers is one packet of the loopback's 64 KiB MTU and one of a hundred
+// bytes, each costing the kernel as much to send and receive, and each
+// waking the receiver; with MSG_MORE the small one waits for the bytes
+// that follow, and the packets are full ones.
+func (c *connWriter) flushSegs(more bool) error {
 	var err error
 	if c.pending > 0 {
-		err = c.rs.writeSegs(c.segs)
+		err = c.rs.writeSegs(c.segs, more)
+		c.corked = more
 	}
 	c.resetSegs()
 	return err
@@ -434,6 +446,7 @@ func (c *connWriter) discard() {
 		return
 	}
 	c.resetSegs()
+	c.corked = false
 	if c.vb != nil {
 		readBufPool.Put(c.vb)
 		c.vb = nil
@@ -443,12 +456,16 @@ func (c *connWriter) discard() {
 // Flush writes what is buffered and returns the buffer to the pool.
 func (c *connWriter) Flush() error {
 	if c.rs != nil {
-		if c.vb == nil {
-			return nil
+		var err error
+		if c.vb != nil {
+			err = c.flushSegs(false) // pushes what MSG_MORE kept, if anything was pending
+			readBufPool.Put(c.vb)
+			c.vb = nil
 		}
-		err := c.flushSegs()
-		readBufPool.Put(c.vb)
-		c.vb = nil
+		if c.corked {
+			c.corked = false
+			c.rs.push() // nothing was pending: push it alone
+		}
 		return err
 	}
 	bw := c.bw

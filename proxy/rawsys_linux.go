@@ -43,12 +43,15 @@ type rawSock struct {
 	raw   syscall.RawConn
 	fn    func(fd uintptr) bool // write, bound once so a Write allocates nothing
 	vfn   func(fd uintptr) bool // writev, bound once
+	pfn   func(fd uintptr)      // nodelay, bound once
 	p     []byte
 	n     int
 	errno error
-	// iov is writeSegs' vector: iov[vi:] is still to write.
-	iov []syscall.Iovec
-	vi  int
+	// iov is writeSegs' vector: iov[vi:] is still to write; flags are
+	// its sendmsg flags.
+	iov   []syscall.Iovec
+	vi    int
+	flags int
 }
 
 // newRawSock returns a rawSock for a plain TCP or Unix socket, nil for
@@ -61,6 +64,7 @@ func newRawSock(nc net.Conn) *rawSock {
 	s := &rawSock{nc: nc, raw: raw}
 	s.fn = s.write
 	s.vfn = s.writev
+	s.pfn = s.nodelay
 	return s
 }
 
@@ -96,9 +100,16 @@ func (s *rawSock) write(fd uintptr) bool {
 	return true
 }
 
-// writeSegs writes segs in order with writev(2), waiting in the netpoller
-// as Write does. The segments are not changed.
-func (s *rawSock) writeSegs(segs [][]byte) error {
+// writeSegs writes segs in order with sendmsg(2), waiting in the
+// netpoller as Write does. The segments are not changed. With more set
+// it passes MSG_MORE: more bytes follow at once, so the kernel keeps a
+// last packet smaller than a segment for them instead of sending it on
+// its own (see connWriter); push sends it if nothing follows.
+func (s *rawSock) writeSegs(segs [][]byte, more bool) error {
+	s.flags = 0
+	if more {
+		s.flags = syscall.MSG_MORE
+	}
 	for _, p := range segs {
 		if len(p) == 0 {
 			continue
@@ -118,7 +129,7 @@ func (s *rawSock) writeSegs(segs [][]byte) error {
 	return err
 }
 
-// writev is RawConn.Write's callback for writeSegs: writev(2) until the
+// writev is RawConn.Write's callback for writeSegs: sendmsg(2) until the
 // vector is written, the socket is full (false) or an error.
 func (s *rawSock) writev(fd uintptr) bool {
 	for s.vi < len(s.iov) {
@@ -126,7 +137,7 @@ func (s *rawSock) writev(fd uintptr) bool {
 		if len(iov) > maxSegs {
 			iov = iov[:maxSegs] // within IOV_MAX (1024)
 		}
-		r, _, e := syscall.RawSyscall(syscall.SYS_WRITEV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
+		r, e := rawSendmsg(fd, iov, s.flags)
 		switch e {
 		case 0:
 		case syscall.EINTR:
@@ -151,6 +162,14 @@ func (s *rawSock) writev(fd uintptr) bool {
 	}
 	return true
 }
+
+// push makes the kernel send what MSG_MORE kept back: setting
+// TCP_NODELAY (which the runtime set on the socket already) pushes the
+// pending packets (tcp(7)). Not a TCP socket: nothing was kept back.
+func (s *rawSock) push() { s.raw.Control(s.pfn) }
+
+// nodelay is push's callback.
+func (s *rawSock) nodelay(fd uintptr) { rawNodelay(fd) }
 
 // WrapSocket returns a plain TCP connection wrapped so that its Read and
 // Write use rawRead and rawSock (see above); any other net.Conn is

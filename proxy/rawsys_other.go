@@ -16,7 +16,7 @@ type rawSock struct{ net.Conn }
 func newRawSock(net.Conn) *rawSock { return nil }
 
 // writeSegs is never called: newRawSock makes no rawSock here.
-func (s *rawSock) writeSegs(segs [][]byte) error {
+func (s *rawSock) writeSegs(segs [][]byte, more bool) error {
 	for _, p := range segs {
 		if _, err := s.Write(p); err != nil {
 			return err
@@ -27,3 +27,6 @@ func (s *rawSock) writeSegs(segs [][]byte) error {
 
 // WrapSocket returns nc: the raw-syscall socket is Linux-only.
 func WrapSocket(nc net.Conn) net.Conn { return nc }
+
+// push is never called: newRawSock makes no rawSock here.
+func (s *rawSock) push() {}

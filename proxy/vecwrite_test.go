@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // TestConnWriterGathers: on a plain socket, large payloads are written by
@@ -157,4 +159,66 @@ func TestConnWriterDiscard(t *testing.T) {
 	if w.holdsRefs() || w.vb != nil || mem.used.Load() != 0 {
 		t.Fatalf("after discard: holdsRefs %v, own buffer held %v, budget %d; want false, false, 0", w.holdsRefs(), w.vb != nil, mem.used.Load())
 	}
+}
+
+// TestConnWriterPushesAfterMore: a write made because the pending bytes
+// reached vecFlushAt goes out with MSG_MORE, which lets the kernel keep
+// its last, partial packet; when the flush that ends the batch finds
+// nothing more to write, it must push that packet, or the peer waits for
+// the end of a frame that never comes.
+func TestConnWriterPushesAfterMore(t *testing.T) {
+	a, b := tcpPair(t)
+	t.Cleanup(func() { a.Close(); b.Close() })
+	w := newConnWriter(a)
+	var want bytes.Buffer
+	for i := 0; want.Len() < vecFlushAt; i++ {
+		var h [9]byte
+		dataFrameHeader(&h, 1, false, maxFrameSize)
+		w.Write(h[:])
+		want.Write(h[:])
+		buf := getBuf(maxFrameSize)
+		for j := range *buf {
+			(*buf)[j] = byte(i + j)
+		}
+		want.Write(*buf)
+		if err := w.writePayload(*buf, buf, nil, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if w.pending != 0 || !w.corked {
+		t.Fatalf("after %d bytes: %d pending, corked %v; want the limit's write, with MSG_MORE", want.Len(), w.pending, w.corked)
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n := notSent(t, a); n != 0 {
+		t.Fatalf("after Flush the kernel still holds %d bytes unsent", n)
+	}
+	b.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got := make([]byte, want.Len())
+	if n, err := io.ReadFull(b, got); err != nil {
+		t.Fatalf("read %d of %d bytes: %v (the last packet was not pushed?)", n, want.Len(), err)
+	}
+	if !bytes.Equal(got, want.Bytes()) {
+		t.Fatal("bytes read differ from the bytes written")
+	}
+}
+
+// notSent is the bytes in nc's send queue not yet sent (SIOCOUTQNSD).
+func notSent(t *testing.T, nc net.Conn) int {
+	t.Helper()
+	raw, err := nc.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int32
+	var errno syscall.Errno
+	raw.Control(func(fd uintptr) {
+		const siocoutqnsd = 0x894b
+		_, _, errno = syscall.Syscall(syscall.SYS_IOCTL, fd, siocoutqnsd, uintptr(unsafe.Pointer(&n)))
+	})
+	if errno != 0 {
+		t.Skipf("SIOCOUTQNSD: %v", errno)
+	}
+	return int(n)
 }
