@@ -481,7 +481,7 @@ func (b *backendConn) forwardLocked(a *attempt) (held []hpack.HeaderField) {
 	return held
 }
 
-func (b *backendConn) onData(f *http2.DataFrame) error {
+func (b *backendConn) onData(f *dataFrame) error {
 	data := f.Data()
 	end := f.StreamEnded()
 	b.mu.Lock()

@@ -49,6 +49,11 @@ type hdecState struct {
 	truncated      bool
 	invalid        error
 	block          headerBlock
+	// open is set while a header block is being read: from its HEADERS
+	// frame to the frame with END_HEADERS. Left set when reading the
+	// block failed, so that the Framer, which then expects CONTINUATION,
+	// reads every later frame (bufferedData).
+	open bool
 }
 
 var errPseudoAfterRegular = errors.New("pseudo header field after regular")
@@ -160,6 +165,7 @@ func (t *transport) readHeaderBlock(hf *http2.HeadersFrame) (http2.Frame, error)
 	h.dec.SetEmitEnabled(true)
 	h.dec.SetMaxStringLength(maxString)
 	var hc headersOrContinuation = hf
+	h.open = true
 	for {
 		frag := hc.HeaderBlockFragment()
 		// Stop parsing a block far over the limit, and any CONTINUATION
@@ -175,6 +181,7 @@ func (t *transport) readHeaderBlock(hf *http2.HeadersFrame) (http2.Frame, error)
 			return nil, http2.ConnectionError(http2.ErrCodeCompression)
 		}
 		if hc.HeadersEnded() {
+			h.open = false
 			break
 		}
 		t.cg.inBlock = true // no parking inside a header block (park.go)

@@ -42,9 +42,16 @@ type rawSock struct {
 	nc    net.Conn
 	raw   syscall.RawConn
 	fn    func(fd uintptr) bool // write, bound once so a Write allocates nothing
+	vfn   func(fd uintptr) bool // writev, bound once
+	pfn   func(fd uintptr)      // nodelay, bound once
 	p     []byte
 	n     int
 	errno error
+	// iov is writeSegs' vector: iov[vi:] is still to write; flags are
+	// its sendmsg flags.
+	iov   []syscall.Iovec
+	vi    int
+	flags int
 }
 
 // newRawSock returns a rawSock for a plain TCP or Unix socket, nil for
@@ -56,6 +63,8 @@ func newRawSock(nc net.Conn) *rawSock {
 	}
 	s := &rawSock{nc: nc, raw: raw}
 	s.fn = s.write
+	s.vfn = s.writev
+	s.pfn = s.nodelay
 	return s
 }
 
@@ -90,6 +99,77 @@ func (s *rawSock) write(fd uintptr) bool {
 	}
 	return true
 }
+
+// writeSegs writes segs in order with sendmsg(2), waiting in the
+// netpoller as Write does. The segments are not changed. With more set
+// it passes MSG_MORE: more bytes follow at once, so the kernel keeps a
+// last packet smaller than a segment for them instead of sending it on
+// its own (see connWriter); push sends it if nothing follows.
+func (s *rawSock) writeSegs(segs [][]byte, more bool) error {
+	s.flags = 0
+	if more {
+		s.flags = syscall.MSG_MORE
+	}
+	for _, p := range segs {
+		if len(p) == 0 {
+			continue
+		}
+		v := syscall.Iovec{Base: &p[0]}
+		v.SetLen(len(p))
+		s.iov = append(s.iov, v)
+	}
+	s.vi, s.errno = 0, nil
+	err := s.raw.Write(s.vfn)
+	errno := s.errno
+	clear(s.iov) // no pointers into the buffers kept
+	s.iov, s.vi, s.errno = s.iov[:0], 0, nil
+	if err == nil && errno != nil {
+		err = &net.OpError{Op: "writev", Net: s.nc.LocalAddr().Network(), Source: s.nc.LocalAddr(), Addr: s.nc.RemoteAddr(), Err: os.NewSyscallError("writev", errno)}
+	}
+	return err
+}
+
+// writev is RawConn.Write's callback for writeSegs: sendmsg(2) until the
+// vector is written, the socket is full (false) or an error.
+func (s *rawSock) writev(fd uintptr) bool {
+	for s.vi < len(s.iov) {
+		iov := s.iov[s.vi:]
+		if len(iov) > maxSegs {
+			iov = iov[:maxSegs] // within IOV_MAX (1024)
+		}
+		r, e := rawSendmsg(fd, iov, s.flags)
+		switch e {
+		case 0:
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		default:
+			s.errno = e
+			return true
+		}
+		// Skip what was written: whole segments, then into the next.
+		n := uint64(r)
+		for s.vi < len(s.iov) && n >= uint64(s.iov[s.vi].Len) {
+			n -= uint64(s.iov[s.vi].Len)
+			s.vi++
+		}
+		if n > 0 {
+			v := &s.iov[s.vi]
+			v.Base = (*byte)(unsafe.Add(unsafe.Pointer(v.Base), n))
+			v.SetLen(int(uint64(v.Len) - n))
+		}
+	}
+	return true
+}
+
+// push makes the kernel send what MSG_MORE kept back: setting
+// TCP_NODELAY (which the runtime set on the socket already) pushes the
+// pending packets (tcp(7)). Not a TCP socket: nothing was kept back.
+func (s *rawSock) push() { s.raw.Control(s.pfn) }
+
+// nodelay is push's callback.
+func (s *rawSock) nodelay(fd uintptr) { rawNodelay(fd) }
 
 // WrapSocket returns a plain TCP connection wrapped so that its Read and
 // Write use rawRead and rawSock (see above); any other net.Conn is

@@ -15,5 +15,18 @@ type rawSock struct{ net.Conn }
 
 func newRawSock(net.Conn) *rawSock { return nil }
 
+// writeSegs is never called: newRawSock makes no rawSock here.
+func (s *rawSock) writeSegs(segs [][]byte, more bool) error {
+	for _, p := range segs {
+		if _, err := s.Write(p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // WrapSocket returns nc: the raw-syscall socket is Linux-only.
 func WrapSocket(nc net.Conn) net.Conn { return nc }
+
+// push is never called: newRawSock makes no rawSock here.
+func (s *rawSock) push() {}

@@ -653,7 +653,7 @@ func (c *serverConn) sweepRequestIdle(now time.Time) {
 	}
 }
 
-func (c *serverConn) onData(f *http2.DataFrame) error {
+func (c *serverConn) onData(f *dataFrame) error {
 	data := f.Data()
 	end := f.StreamEnded()
 	c.mu.Lock()
