@@ -14,12 +14,19 @@
 # Knobs (environment): ROUNDS (8), SECS (5), BASE_PORT (24400; uses
 # BASE_PORT+1..3 for the backends, +10 and +20 for the proxies), WORK (a
 # directory with streamlb (full build, for the testservers) and gen;
-# built from this checkout when missing). The proxies run
-# `proxy --metrics=false`.
+# built from this checkout when missing), A_FLAGS and B_FLAGS (each
+# proxy's flags, `--metrics=false` by default; with `--metrics=true
+# --admin-listen HOST:PORT` the admin listener is scraped once a second,
+# as run.sh does), GEN (the workload's generator flags, `-c 50` by
+# default; `-stream -c 4` for 1 MiB server streams: a call is a MiB),
+# WARM (warm-up calls per proxy, 3000).
 set -euo pipefail
 A=${1:?usage: simulab.sh A_BIN B_BIN}
 B=${2:?usage: simulab.sh A_BIN B_BIN}
 ROUNDS=${ROUNDS:-8} SECS=${SECS:-5} PB=${BASE_PORT:-24400}
+read -r -a AF <<<"${A_FLAGS:---metrics=false}"
+read -r -a BF <<<"${B_FLAGS:---metrics=false}"
+read -r -a GF <<<"${GEN:--c 50}"
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/simulab.XXXXXX")}
 [[ -x $WORK/streamlb ]] || (cd "$REPO" && go build -o "$WORK/streamlb" .)
@@ -37,20 +44,27 @@ cpu() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
 count() { grep -o '"count":[0-9]*' "$1" | head -1 | cut -d: -f2; }
 backends=(--backend 127.0.0.1:$((PB + 1)) --backend 127.0.0.1:$((PB + 2)) --backend 127.0.0.1:$((PB + 3)))
 for r in $(seq 1 "$ROUNDS"); do
-	taskset -c 0 "$A" proxy --listen 127.0.0.1:$((PB + 10)) "${backends[@]}" --metrics=false --log-level warn &
+	taskset -c 0 "$A" proxy --listen 127.0.0.1:$((PB + 10)) "${backends[@]}" "${AF[@]}" --log-level warn &
 	pa=$!
-	taskset -c 0 "$B" proxy --listen 127.0.0.1:$((PB + 20)) "${backends[@]}" --metrics=false --log-level warn &
+	taskset -c 0 "$B" proxy --listen 127.0.0.1:$((PB + 20)) "${backends[@]}" "${BF[@]}" --log-level warn &
 	pb=$!
 	sleep 1
-	for p in 10 20; do taskset -c 1 "$WORK/gen" -c 50 -n 3000 -target 127.0.0.1:$((PB + p)) >/dev/null; done # warm-up
+	scrapers=()
+	for f in "${A_FLAGS:-}" "${B_FLAGS:-}"; do
+		if [[ $f =~ --admin-listen[=\ ]([0-9.:]+) ]]; then
+			taskset -c 1 bash -c "while sleep 1; do curl -s -o /dev/null http://${BASH_REMATCH[1]}/metrics || true; done" &
+			scrapers+=($!)
+		fi
+	done
+	for p in 10 20; do taskset -c 1 "$WORK/gen" "${GF[@]}" -n "${WARM:-3000}" -target 127.0.0.1:$((PB + p)) >/dev/null; done # warm-up
 	a0=$(cpu $pa) b0=$(cpu $pb)
-	taskset -c 1 "$WORK/gen" -c 50 -duration "${SECS}s" -n 100000000 -target 127.0.0.1:$((PB + 10)) >"$WORK/a.json" &
+	taskset -c 1 "$WORK/gen" "${GF[@]}" -duration "${SECS}s" -n 100000000 -target 127.0.0.1:$((PB + 10)) >"$WORK/a.json" &
 	ga=$!
-	taskset -c 1 "$WORK/gen" -c 50 -duration "${SECS}s" -n 100000000 -target 127.0.0.1:$((PB + 20)) >"$WORK/b.json"
+	taskset -c 1 "$WORK/gen" "${GF[@]}" -duration "${SECS}s" -n 100000000 -target 127.0.0.1:$((PB + 20)) >"$WORK/b.json"
 	wait $ga
 	a1=$(cpu $pa) b1=$(cpu $pb)
-	kill $pa $pb
-	wait $pa $pb 2>/dev/null || true
+	kill $pa $pb "${scrapers[@]}"
+	wait $pa $pb "${scrapers[@]}" 2>/dev/null || true
 	awk -v r="$r" -v na="$(count "$WORK/a.json")" -v nb="$(count "$WORK/b.json")" -v a=$((a1 - a0)) -v b=$((b1 - b0)) -v t="$tick" 'BEGIN {
 		ca = a / t / na * 1e6; cb = b / t / nb * 1e6
 		printf "round %d  A %6d calls %6.2f µs/call   B %6d calls %6.2f µs/call   B/A %.3f\n", r, na, ca, nb, cb, cb / ca }'
