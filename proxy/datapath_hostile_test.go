@@ -343,10 +343,12 @@ func TestHeaderTableSizeChurn(t *testing.T) {
 			c.want["x-echo-shared"] = fmt.Sprintf("shared-%d", i%2)
 			c.want["x-echo-unique"] = fmt.Sprintf("stage%d-call%d-%d", stage, i, rng.Uint64())
 			c.wantTrl["x-echo-trailer-t"] = fmt.Sprint(i % 3)
-			// A field whose HPACK size (name, value, 32) is exactly the
-			// table's size, when it can be.
-			if v := size - 32 - int64(len("x-echo-exact")); v >= 0 && v < 8192 {
-				c.want["x-echo-exact"] = strings.Repeat("e", int(v))
+			// Fields whose HPACK size (name, value, 32) is the table's
+			// size, one byte less and one more, when they can be.
+			for d, name := range map[int64]string{-1: "x-echo-under", 0: "x-echo-exact", 1: "x-echo-over1"} {
+				if v := size + d - 32 - int64(len(name)); v >= 0 && v < 8192 {
+					c.want[name] = strings.Repeat(name[7:8], int(v))
+				}
 			}
 			if i == 2 {
 				c.want["x-echo-big"] = strings.Repeat("b", 5000) // larger than any table
@@ -661,14 +663,15 @@ func TestResetAndCloseMidWrite(t *testing.T) {
 		t.Fatalf("%d streams reset, want 8", len(resetSent))
 	}
 	// Every buffer goes back through the budget once the streams are over.
-	deadline := time.Now().Add(10 * time.Second)
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(10 * time.Second)
 	for ps.MaxBufferedBytes() != 0 {
-		if time.Now().After(deadline) {
+		select {
+		case <-deadline:
 			t.Fatalf("buffer budget at %d bytes with every stream over, want 0", ps.MaxBufferedBytes())
+		case <-tick.C:
 		}
-		// A PING round trip lets the proxy's writer run its next step.
-		r.fr.WritePing(false, [8]byte{1})
-		r.next(func(f http2.Frame) bool { p, ok := f.(*http2.PingFrame); return ok && p.IsAck() })
 	}
 
 	// A client that goes away in the middle of the answers.
