@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -750,5 +751,134 @@ func TestHugeEchoedMetadata(t *testing.T) {
 	}
 	if _, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{ResponseSize: 10}); err != nil {
 		t.Errorf("call after the oversized one: %v", err)
+	}
+}
+
+// TestBackendInterleavedOneWrite: a raw backend whose SETTINGS set an odd
+// HPACK table size (77 bytes) answers each wave of 8 concurrent calls at
+// once: the HEADERS, DATA frames (random sizes, some padded, some padding
+// only) and trailers of all 8 interleaved in one write. The proxy's
+// request header blocks must decode in the backend's 77-byte table (each
+// call's x-id read here), and every caller gets its own echo, byte for
+// byte, with its own x-id back.
+func TestBackendInterleavedOneWrite(t *testing.T) {
+	verifyNoLeaks(t)
+	const wave = 8
+	var bad sync.Map // what the backend found wrong, by stream
+	raw := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello(http2.Setting{ID: http2.SettingHeaderTableSize, Val: 77}, http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 20}) != nil {
+			return
+		}
+		s.fr.WriteWindowUpdate(0, 1<<30)
+		dec := hpack.NewDecoder(77, nil)
+		type req struct {
+			xid  string
+			data []byte
+		}
+		reqs := map[uint32]*req{}
+		var done []uint32
+		rng := rand.New(rand.NewPCG(1, 77))
+		s.serve(func(f http2.Frame) bool {
+			switch f := f.(type) {
+			case *http2.HeadersFrame:
+				fields, err := dec.DecodeFull(f.HeaderBlockFragment())
+				if err != nil || !f.HeadersEnded() {
+					bad.Store(f.StreamID, fmt.Sprintf("request block %x: %v (END_HEADERS %v)", f.HeaderBlockFragment(), err, f.HeadersEnded()))
+					return false
+				}
+				r := &req{}
+				for _, hf := range fields {
+					if hf.Name == "x-id" {
+						r.xid = hf.Value
+					}
+				}
+				reqs[f.StreamID] = r
+			case *http2.DataFrame:
+				r := reqs[f.StreamID]
+				if r == nil {
+					return false
+				}
+				r.data = append(r.data, f.Data()...)
+				if f.StreamEnded() {
+					done = append(done, f.StreamID)
+				}
+			}
+			if len(done) < wave {
+				return true
+			}
+			// The whole wave's answers, interleaved, in one write.
+			var b bytes.Buffer
+			fr := http2.NewFramer(&b, nil)
+			frames := map[uint32][]byte{}
+			for _, id := range done {
+				r := reqs[id]
+				delete(reqs, id)
+				var m testgrpc.SimpleRequest
+				if len(r.data) < 5 || proto.Unmarshal(r.data[5:], &m) != nil {
+					bad.Store(id, "request message unreadable")
+				}
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hpackBlock(":status", "200", "content-type", "application/grpc", "x-id", r.xid), EndHeaders: true})
+				msg := grpcMsg(&testgrpc.SimpleResponse{Payload: &testgrpc.Payload{Body: m.GetPayload().GetBody()}})
+				frames[id] = append(dataFrames(rng, id, msg, false), func() []byte {
+					var t bytes.Buffer
+					http2.NewFramer(&t, nil).WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hpackBlock("grpc-status", "0"), EndHeaders: true, EndStream: true})
+					return t.Bytes()
+				}()...)
+			}
+			order := append([]uint32(nil), done...)
+			done = done[:0]
+			for len(order) > 0 {
+				i := rng.IntN(len(order))
+				f := frames[order[i]]
+				n := 9 + (int(f[0])<<16 | int(f[1])<<8 | int(f[2]))
+				b.Write(f[:n])
+				if frames[order[i]] = f[n:]; len(frames[order[i]]) == 0 {
+					order = append(order[:i], order[i+1:]...)
+				}
+			}
+			_, err := nc.Write(b.Bytes())
+			return err == nil
+		})
+	})
+	_, client := twoBackendProxy(t, raw, proxy.Config{BackendStreamWindow: 1 << 20, ConnWindow: 16 << 20})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	rng := rand.New(rand.NewPCG(8, 8))
+	for w := range 4 {
+		var wg sync.WaitGroup
+		errs := make(chan error, wave)
+		for i := range wave {
+			want := make([]byte, []int{0, 1, 4096, 16384, 16385, rng.IntN(100000), rng.IntN(100000), rng.IntN(300000)}[i])
+			for j := range want {
+				want[j] = byte(rng.Uint32())
+			}
+			xid := fmt.Sprintf("wave%d-call%d-%s", w, i, strings.Repeat("i", rng.IntN(60)))
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var hdr metadata.MD
+				resp, err := client.UnaryCall(metadata.AppendToOutgoingContext(ctx, "x-id", xid), &testgrpc.SimpleRequest{Payload: &testgrpc.Payload{Body: want}}, grpc.Header(&hdr))
+				if err != nil {
+					errs <- fmt.Errorf("%s: %v", xid, err)
+					return
+				}
+				if got := hdr.Get("x-id"); len(got) != 1 || got[0] != xid {
+					errs <- fmt.Errorf("%s: x-id came back as %q", xid, got)
+				}
+				if got := resp.GetPayload().GetBody(); !bytes.Equal(got, want) {
+					errs <- fmt.Errorf("%s: echo of %d bytes (sha256 %x) differs from the %d sent (%x)", xid, len(got), sha256.Sum256(got), len(want), sha256.Sum256(want))
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		bad.Range(func(k, v any) bool { t.Errorf("backend, stream %v: %v", k, v); return true })
+		if t.Failed() {
+			t.FailNow()
+		}
 	}
 }
