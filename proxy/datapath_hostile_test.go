@@ -882,3 +882,69 @@ func TestBackendInterleavedOneWrite(t *testing.T) {
 		}
 	}
 }
+
+// TestBackendDataSplitAtEveryByte: a raw backend writes each answer
+// (HEADERS, DATA frames padded, padding only, PADDED with no padding,
+// plain, 255 bytes of padding, trailers) in two writes split at a
+// different byte boundary for every call, every boundary in turn, and
+// once a byte per write; every answer reaches the grpc-go client byte for
+// byte.
+func TestBackendDataSplitAtEveryByte(t *testing.T) {
+	verifyNoLeaks(t)
+	const size = 120
+	msg := grpcMsg(&testgrpc.SimpleResponse{Payload: &testgrpc.Payload{Body: testserver.PayloadBody(size)}})
+	answer := func(id uint32) []byte {
+		var b bytes.Buffer
+		fr := http2.NewFramer(&b, nil)
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hpackBlock(":status", "200", "content-type", "application/grpc"), EndHeaders: true})
+		fr.WriteDataPadded(id, false, msg[:40], make([]byte, 7))
+		fr.WriteDataPadded(id, false, nil, make([]byte, 3))
+		fr.WriteDataPadded(id, false, msg[40:41], []byte{})
+		fr.WriteData(id, false, msg[41:100])
+		fr.WriteDataPadded(id, false, msg[100:], make([]byte, 255))
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hpackBlock("grpc-status", "0"), EndHeaders: true, EndStream: true})
+		return b.Bytes()
+	}
+	n := len(answer(1))
+	raw := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello() != nil {
+			return
+		}
+		call := 0
+		s.serve(func(f http2.Frame) bool {
+			h, ok := f.(*http2.HeadersFrame)
+			if !ok {
+				return true
+			}
+			b := answer(h.StreamID)
+			k := call % n
+			call++
+			if k == 0 {
+				for _, c := range b { // a byte per write
+					if _, err := nc.Write([]byte{c}); err != nil {
+						return false
+					}
+				}
+				return true
+			}
+			if _, err := nc.Write(b[:k]); err != nil {
+				return false
+			}
+			_, err := nc.Write(b[k:])
+			return err == nil
+		})
+	})
+	_, client := twoBackendProxy(t, raw, proxy.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for i := range n {
+		resp, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+		if err != nil {
+			t.Fatalf("call %d (split at %d): %v", i, i, err)
+		}
+		if b := resp.GetPayload().GetBody(); len(b) != size || testserver.CheckPayloadBody(b) != nil {
+			t.Fatalf("call %d (split at %d): body of %d bytes corrupted", i, i, len(b))
+		}
+	}
+}
