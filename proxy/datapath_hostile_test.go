@@ -948,3 +948,77 @@ func TestBackendDataSplitAtEveryByte(t *testing.T) {
 		}
 	}
 }
+
+// TestBackendClosesMidRequest: a backend that grants a large window and
+// then drops its connection at the first DATA of a 1 MiB request, while
+// the proxy is writing the request by reference: the call fails (or is
+// retried on the other backend), the client connection's buffer budget
+// comes back to zero, and the proxy serves the next calls.
+func TestBackendClosesMidRequest(t *testing.T) {
+	verifyNoLeaks(t)
+	raw := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30}) != nil {
+			return
+		}
+		s.fr.WriteWindowUpdate(0, 1<<30)
+		s.serve(func(f http2.Frame) bool {
+			_, data := f.(*http2.DataFrame)
+			return !data // close at the first DATA
+		})
+	})
+	ts, err := testserver.New(testserver.Config{Name: "good", Logger: quietLog, UnaryCallF: echoUnary})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	pick := &twoPicker{first: raw, second: ts.Addr()}
+	srv, err := proxy.New(proxy.Config{Picker: pick, Logger: quietLog, StreamWindow: 4 << 20, ConnWindow: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	t.Cleanup(func() {
+		srv.Close()
+		<-served
+	})
+	cc, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	client := testgrpc.NewTestServiceClient(cc)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	body := testserver.PayloadBody(1 << 20)
+	for i := range 4 {
+		resp, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{Payload: &testgrpc.Payload{Body: body}})
+		if err == nil && !bytes.Equal(resp.GetPayload().GetBody(), body) {
+			t.Fatalf("call %d: retried call's echo corrupted", i)
+		}
+		t.Logf("call %d: %v", i, err)
+		if ctx.Err() != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for srv.MaxBufferedBytes() != 0 {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("buffer budget at %d bytes with every call over, want 0", srv.MaxBufferedBytes())
+		case <-tick.C:
+		}
+	}
+	if _, err := client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Fatalf("call after the backend went away: %v", err)
+	}
+}
