@@ -56,3 +56,60 @@ func TestDeadlineTimersReused(t *testing.T) {
 		run(fmt.Sprintf("round %d hanging", round), 40, map[string]string{"grpc-timeout": "200m", testserver.MetadataHang: "1"}, "4", "deadline")
 	}
 }
+
+// TestDeadlineTimersRacing: calls whose grpc-timeout (3 ms) is about their
+// backend's delay, so that a timer is stopped as it fires again and again,
+// run beside calls with 20 s to live and a 50 ms delay, on timers from the
+// same pool. A short call ends OK or DEADLINE_EXCEEDED; a long call must
+// end OK: a timer that fired, or was firing, when its call ended must not
+// be reused and cut a later call.
+func TestDeadlineTimersRacing(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 2})
+	ctx := testkit.Context(t, 30*time.Second)
+	client := rawClient(t)
+	const workers, calls = 8, 48
+	var wg sync.WaitGroup
+	errs := make(chan error, workers*calls)
+	var nExpired, nShortOK int64
+	var mu sync.Mutex
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range calls {
+				long := (w+i)%3 == 0
+				hdr := map[string]string{"grpc-timeout": "3m", testserver.MetadataDelay: fmt.Sprintf("%dms", 1+i%5)}
+				if long {
+					hdr = map[string]string{"grpc-timeout": "20S", testserver.MetadataDelay: "50ms"}
+				}
+				resp, err := client.Do(grpcRequest(ctx, t, e.addr, "/grpc.testing.TestService/EmptyCall", hdr))
+				if err != nil {
+					errs <- fmt.Errorf("worker %d call %d: %v", w, i, err)
+					return
+				}
+				code, msg := grpcStatusOf(t, resp)
+				switch {
+				case long && code != "0":
+					errs <- fmt.Errorf("worker %d call %d (20 s to live): grpc-status %q %q, want 0", w, i, code, msg)
+				case !long && code != "0" && code != "4":
+					errs <- fmt.Errorf("worker %d call %d (3 ms to live): grpc-status %q %q, want 0 or 4", w, i, code, msg)
+				case !long:
+					mu.Lock()
+					if code == "4" {
+						nExpired++
+					} else {
+						nShortOK++
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	t.Logf("short calls: %d expired, %d ended in time", nExpired, nShortOK)
+}
