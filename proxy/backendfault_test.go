@@ -189,16 +189,7 @@ func TestRetryAvoidsTriedBackend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.Close()
-		<-served
-	})
+	ln := serveProxy(t, srv)
 	client := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
 	ctx := testkit.Context(t, 20*time.Second)
 	for i := range 30 {
@@ -365,16 +356,7 @@ func TestBackendStopsReading(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.Close()
-		<-served
-	})
+	ln := serveProxy(t, srv)
 	stalledClient := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
 	otherClient := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
 	ctx := testkit.Context(t, 60*time.Second)

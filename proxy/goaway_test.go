@@ -184,16 +184,7 @@ func TestNoStreamAfterGoAway(t *testing.T) {
 			t.Error("the proxy did not acknowledge the shutdown PING")
 		}
 	})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.Close()
-		<-served
-	})
+	ln := serveProxy(t, srv)
 	client := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
 	ctx := testkit.Context(t, 20*time.Second)
 	first := make(chan error, 1)

@@ -202,3 +202,20 @@ func drain[T any](recv func() (*T, error)) ([]*T, error) {
 }
 
 var _ = sync.Mutex{}
+
+// serveProxy serves srv on a new loopback listener until the test ends,
+// then closes srv and waits for Serve to return.
+func serveProxy(t testing.TB, srv *proxy.Server) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	t.Cleanup(func() {
+		srv.Close()
+		<-served
+	})
+	return ln
+}
