@@ -88,6 +88,15 @@ func (t *transport) readLoop(p h2role) error {
 			err = p.onData(&t.df)
 			t.df = dataFrame{}
 			t.cr.discard(n)
+		} else if n, frag := t.bufferedHeaders(); n > 0 {
+			// The decoder copies what it keeps: frag may go with the
+			// buffer once the block is decoded.
+			f, ferr := t.readHeaderBlock(&t.hf, frag)
+			t.cr.discard(n)
+			if err = ferr; err == nil {
+				err = t.dispatch(p, f)
+			}
+			t.hf = http2.HeadersFrame{}
 		} else if f, ferr := t.readFrame(); ferr == nil {
 			if _, ok := f.(*http2.SettingsFrame); !t.sawFrame && !ok {
 				// §3.4: each side's preface ends with a SETTINGS frame,
@@ -451,6 +460,43 @@ func (t *transport) bufferedData() int {
 	t.cg.frames++
 	t.cg.empty = 0
 	return frameHeaderLen + n
+}
+
+// bufferedHeaders is bufferedData's counterpart for the commonest HEADERS
+// frame: a whole header block in one frame (END_HEADERS), neither padded
+// nor with a priority, wholly in the read buffer. It fills t.hf with the
+// frame's header and returns the frame's length and its block fragment, a
+// slice of the read buffer, for readHeaderBlock: this saves x/net's
+// HeadersFrame allocation and its copy of the block, on every header block
+// (three per gRPC call). It returns 0 for anything else, which the Framer
+// reads and checks as before (the first frame, stream 0, a frame over the
+// size limit, padding, priority, a block continued in CONTINUATION
+// frames, HEADERS inside an open block, the contGuard's error). As the
+// Framer's checkFrameOrder, only an unfinished block expects
+// CONTINUATION, so reading a finished one here leaves its state right.
+// Reader goroutine only.
+func (t *transport) bufferedHeaders() (int, []byte) {
+	b := t.cr.buffered()
+	if len(b) < frameHeaderLen || http2.FrameType(b[3]) != http2.FrameHeaders ||
+		!t.sawFrame || t.hd.open || t.cg.err != nil {
+		return 0, nil
+	}
+	flags := http2.Flags(b[4])
+	if flags&^(http2.FlagHeadersEndStream|http2.FlagHeadersEndHeaders) != 0 || !flags.Has(http2.FlagHeadersEndHeaders) {
+		return 0, nil
+	}
+	n := int(b[0])<<16 | int(b[1])<<8 | int(b[2])
+	if n > maxFrameSize || len(b) < frameHeaderLen+n {
+		return 0, nil
+	}
+	id := binary.BigEndian.Uint32(b[5:]) & (1<<31 - 1)
+	if id == 0 {
+		return 0, nil // §6.2: a connection error, the Framer's to report
+	}
+	t.hf = http2.HeadersFrame{FrameHeader: http2.FrameHeader{Type: http2.FrameHeaders, Flags: flags, Length: uint32(n), StreamID: id}}
+	t.cg.frames++
+	t.cg.empty = 0
+	return frameHeaderLen + n, b[frameHeaderLen : frameHeaderLen+n]
 }
 
 // frameHeaderLen is the size of an HTTP/2 frame header (RFC 9113 §4.1).

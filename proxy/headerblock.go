@@ -131,7 +131,7 @@ func (t *transport) readFrame() (http2.Frame, error) {
 		return nil, err
 	}
 	if hf, ok := f.(*http2.HeadersFrame); ok {
-		return t.readHeaderBlock(hf)
+		return t.readHeaderBlock(hf, hf.HeaderBlockFragment())
 	}
 	return f, nil
 }
@@ -141,10 +141,11 @@ type headersOrContinuation interface {
 	HeadersEnded() bool
 }
 
-// readHeaderBlock decodes the block hf starts, as x/net's readMetaFrame
-// does: the Framer's checkFrameOrder guarantees that the frames that
-// follow until END_HEADERS are CONTINUATION frames of the same stream.
-func (t *transport) readHeaderBlock(hf *http2.HeadersFrame) (http2.Frame, error) {
+// readHeaderBlock decodes the block hf starts with its fragment frag, as
+// x/net's readMetaFrame does: the Framer's checkFrameOrder guarantees that
+// the frames that follow until END_HEADERS are CONTINUATION frames of the
+// same stream.
+func (t *transport) readHeaderBlock(hf *http2.HeadersFrame, frag []byte) (http2.Frame, error) {
 	h := &t.hd
 	limit := t.rfr.MaxHeaderListSize
 	if limit == 0 {
@@ -166,8 +167,10 @@ func (t *transport) readHeaderBlock(hf *http2.HeadersFrame) (http2.Frame, error)
 	h.dec.SetMaxStringLength(maxString)
 	var hc headersOrContinuation = hf
 	h.open = true
-	for {
-		frag := hc.HeaderBlockFragment()
+	for first := true; ; first = false {
+		if !first {
+			frag = hc.HeaderBlockFragment()
+		}
 		// Stop parsing a block far over the limit, and any CONTINUATION
 		// once over it (both budgets 0) or after an invalid field, whose
 		// size is no longer tracked: CVE-2023-45288, as x/net does.

@@ -225,6 +225,46 @@ func TestRFC9113ClientSide(t *testing.T) {
 			},
 			id: 1, want: "GOAWAY FRAME_SIZE_ERROR",
 		},
+		// Whole single-frame blocks are read straight from the read buffer
+		// (frameloop.go bufferedHeaders); these hold that path to the
+		// Framer's rules.
+		{
+			name: "§6.10 CONTINUATION after a block that ended in its HEADERS",
+			frames: func(r *rawConn) {
+				r.headers(1, unaryPath, false)
+				r.fr.WriteContinuation(1, true, hpackBlock("x-more", "v"))
+			},
+			id: 1, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name: "§6.2 HEADERS on stream 0",
+			frames: func(r *rawConn) {
+				r.fr.WriteRawFrame(http2.FrameHeaders, http2.FlagHeadersEndHeaders, 0, requestBlock(unaryPath))
+			},
+			id: 1, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name: "§4.2 a HEADERS frame over SETTINGS_MAX_FRAME_SIZE",
+			frames: func(r *rawConn) {
+				r.fr.WriteRawFrame(http2.FrameHeaders, http2.FlagHeadersEndHeaders, 1, append(requestBlock(unaryPath), make([]byte, 16384)...))
+			},
+			id: 1, want: "GOAWAY FRAME_SIZE_ERROR",
+		},
+		{
+			name: "§8.2.1 an upper-case field name in a one-frame block",
+			frames: func(r *rawConn) {
+				r.fr.WriteRawFrame(http2.FrameHeaders, http2.FlagHeadersEndHeaders, 1, requestBlock(unaryPath, "X-Upper", "v"))
+			},
+			id: 1, want: "RST_STREAM PROTOCOL_ERROR",
+		},
+		{
+			name: "§5.1 HEADERS of a new stream inside another's open block",
+			frames: func(r *rawConn) {
+				r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: requestBlock(unaryPath), EndHeaders: false})
+				r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: requestBlock(unaryPath), EndHeaders: true})
+			},
+			id: 1, want: "GOAWAY PROTOCOL_ERROR",
+		},
 		{
 			name: "§8.4 PUSH_PROMISE from a client",
 			frames: func(r *rawConn) {

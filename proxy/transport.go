@@ -243,7 +243,10 @@ type transport struct {
 	cg       *contGuard    // between rfr and cr
 	hd       hdecState     // reader goroutine only
 	df       dataFrame     // the DATA frame being handled; reader goroutine only
-	log      *slog.Logger
+	// hf is the HEADERS frame read straight from the read buffer
+	// (bufferedHeaders), reused frame after frame; reader goroutine only.
+	hf  http2.HeadersFrame
+	log *slog.Logger
 	// sawFrame is set once the peer's first frame was read (readLoop).
 	// Reader goroutine only.
 	sawFrame bool
