@@ -1,7 +1,7 @@
 package proxy_test
 
 // Hostile tests of the streaming data path from outside: DATA taken from
-// the read buffer (frameloop.go bufferedData), payloads written by
+// the read buffer (frameloop.go bufferedFrame, takeData), payloads written by
 // reference with sendmsg (connbuf.go), the proxy's own HPACK encoder
 // (hpackenc.go). Raw HTTP/2 peers written with x/net's Framer, real gRPC
 // backends, every byte checked.

@@ -19,11 +19,11 @@ import (
 // and the error.
 func readDataFrames(t *transport) (got []string, fast int, err error) {
 	for {
-		if n := t.bufferedData(); n > 0 {
+		if fh, payload, ok := t.bufferedFrame(); ok && t.takeData(fh, payload) {
 			f := &t.df
 			got = append(got, fmt.Sprintf("DATA id=%d len=%d end=%v data=%x", f.StreamID, f.Length, f.StreamEnded(), f.Data()))
 			t.df = dataFrame{}
-			t.cr.discard(n)
+			t.cr.discard(frameHeaderLen + len(payload))
 			fast++
 			continue
 		}

@@ -84,15 +84,15 @@ type errorPolicy interface {
 func (t *transport) readLoop(p h2role) error {
 	for {
 		var err error
-		if n := t.bufferedData(); n > 0 {
+		if fh, payload, ok := t.bufferedFrame(); ok && t.takeData(fh, payload) {
 			err = p.onData(&t.df)
 			t.df = dataFrame{}
-			t.cr.discard(n)
-		} else if n, frag := t.bufferedHeaders(); n > 0 {
-			// The decoder copies what it keeps: frag may go with the
-			// buffer once the block is decoded.
-			f, ferr := t.readHeaderBlock(&t.hf, frag)
-			t.cr.discard(n)
+			t.cr.discard(frameHeaderLen + len(payload))
+		} else if ok && t.takeHeaders(fh) {
+			// The decoder copies what it keeps: the block may go with the
+			// buffer once it is decoded.
+			f, ferr := t.readHeaderBlock(&t.hf, payload)
+			t.cr.discard(frameHeaderLen + len(payload))
 			if err = ferr; err == nil {
 				err = t.dispatch(p, f)
 			}
@@ -403,7 +403,7 @@ func (t *transport) recvDataLocked(p h2role, f *dataFrame, st *h2state, r *recvS
 }
 
 // dataFrame is a DATA frame as the roles see it (onData): read by the
-// Framer, or taken from the read buffer by bufferedData.
+// Framer, or taken from the read buffer by takeData.
 type dataFrame struct {
 	StreamID uint32
 	// Length is the frame's payload length, padding included: what flow
@@ -419,84 +419,77 @@ func (f *dataFrame) Data() []byte { return f.data }
 // StreamEnded reports whether the frame has END_STREAM.
 func (f *dataFrame) StreamEnded() bool { return f.end }
 
-// bufferedData is the DATA fast path of the frame loop. When the read
-// buffer holds the whole next frame and it is a DATA frame the Framer
-// would return as it is, it sets t.df to that frame, its payload a slice
-// of the read buffer, and returns the frame's size, which the caller
-// discards from the buffer once the role has handled it. The Framer would
-// first copy the payload into a buffer of its own: one more copy of every
-// relayed byte (issue 12). It returns 0 for anything else: a frame not
-// wholly buffered, another type, and every case where the Framer has
-// something to say (the first frame, a frame over the size limit, stream
-// 0, bad padding, a DATA frame inside a header block, the contGuard's
-// error), which then read it as before. Reader goroutine only.
-func (t *transport) bufferedData() int {
+// bufferedFrame is the frame loop's fast path: when the read buffer holds
+// the whole next frame, it returns the frame's header and its payload, a
+// slice of the read buffer, which the caller discards from the buffer once
+// the frame is handled. takeData and takeHeaders then decide whether the
+// frame is one to take from there: DATA, whose payload the Framer would
+// first copy into a buffer of its own (one more copy of every relayed
+// byte), and HEADERS holding a whole block, for which the Framer would
+// allocate a HeadersFrame and copy the block (three per gRPC call; issue
+// 12). ok is false, and so is every take, where the Framer has something
+// to say: the first frame, a frame over the size limit, stream 0, a frame
+// inside a header block, the contGuard's error; the Framer then reads the
+// frame and checks it as before. Reader goroutine only.
+func (t *transport) bufferedFrame() (fh http2.FrameHeader, payload []byte, ok bool) {
 	b := t.cr.buffered()
-	if len(b) < frameHeaderLen || http2.FrameType(b[3]) != http2.FrameData ||
-		!t.sawFrame || t.hd.open || t.cg.err != nil {
-		return 0
+	if len(b) < frameHeaderLen || !t.sawFrame || t.hd.open || t.cg.err != nil {
+		return fh, nil, false
 	}
 	n := int(b[0])<<16 | int(b[1])<<8 | int(b[2])
 	if n > maxFrameSize || len(b) < frameHeaderLen+n {
-		return 0
+		return fh, nil, false
 	}
 	id := binary.BigEndian.Uint32(b[5:]) & (1<<31 - 1)
 	if id == 0 {
-		return 0 // §6.1: a connection error, the Framer's to report
+		return fh, nil, false // a connection error for DATA and HEADERS (§6.1, §6.2), the Framer's to report
 	}
-	flags := http2.Flags(b[4])
-	payload := b[frameHeaderLen : frameHeaderLen+n]
-	if flags.Has(http2.FlagDataPadded) {
-		// §6.1: Pad Length, then data, then that much padding; padding
-		// at least as long as the payload is a connection error.
-		if n == 0 || int(payload[0]) > n-1 {
-			return 0
-		}
-		payload = payload[1 : n-int(payload[0])]
-	}
-	t.df = dataFrame{StreamID: id, Length: uint32(n), end: flags.Has(http2.FlagDataEndStream), data: payload}
-	// What the contGuard would have seen go by: one more frame (park.go),
-	// and not an empty CONTINUATION.
-	t.cg.frames++
-	t.cg.empty = 0
-	return frameHeaderLen + n
+	fh = http2.FrameHeader{Type: http2.FrameType(b[3]), Flags: http2.Flags(b[4]), Length: uint32(n), StreamID: id}
+	return fh, b[frameHeaderLen : frameHeaderLen+n], true
 }
 
-// bufferedHeaders is bufferedData's counterpart for the commonest HEADERS
-// frame: a whole header block in one frame (END_HEADERS), neither padded
-// nor with a priority, wholly in the read buffer. It fills t.hf with the
-// frame's header and returns the frame's length and its block fragment, a
-// slice of the read buffer, for readHeaderBlock: this saves x/net's
-// HeadersFrame allocation and its copy of the block, on every header block
-// (three per gRPC call). It returns 0 for anything else, which the Framer
-// reads and checks as before (the first frame, stream 0, a frame over the
-// size limit, padding, priority, a block continued in CONTINUATION
-// frames, HEADERS inside an open block, the contGuard's error). As the
-// Framer's checkFrameOrder, only an unfinished block expects
-// CONTINUATION, so reading a finished one here leaves its state right.
-// Reader goroutine only.
-func (t *transport) bufferedHeaders() (int, []byte) {
-	b := t.cr.buffered()
-	if len(b) < frameHeaderLen || http2.FrameType(b[3]) != http2.FrameHeaders ||
-		!t.sawFrame || t.hd.open || t.cg.err != nil {
-		return 0, nil
+// takeData takes the buffered frame fh, payload if it is DATA with valid
+// padding: t.df becomes the frame, its data a slice of the read buffer.
+func (t *transport) takeData(fh http2.FrameHeader, payload []byte) bool {
+	if fh.Type != http2.FrameData {
+		return false
 	}
-	flags := http2.Flags(b[4])
-	if flags&^(http2.FlagHeadersEndStream|http2.FlagHeadersEndHeaders) != 0 || !flags.Has(http2.FlagHeadersEndHeaders) {
-		return 0, nil
+	data := payload
+	if fh.Flags.Has(http2.FlagDataPadded) {
+		// §6.1: Pad Length, then data, then that much padding; padding
+		// at least as long as the payload is a connection error.
+		n := len(payload)
+		if n == 0 || int(payload[0]) > n-1 {
+			return false
+		}
+		data = payload[1 : n-int(payload[0])]
 	}
-	n := int(b[0])<<16 | int(b[1])<<8 | int(b[2])
-	if n > maxFrameSize || len(b) < frameHeaderLen+n {
-		return 0, nil
+	t.df = dataFrame{StreamID: fh.StreamID, Length: fh.Length, end: fh.Flags.Has(http2.FlagDataEndStream), data: data}
+	t.tookBuffered()
+	return true
+}
+
+// takeHeaders takes the buffered frame fh if it is HEADERS holding a whole
+// block (END_HEADERS), neither padded nor with a priority: t.hf becomes
+// the frame, whose payload is the block for readHeaderBlock. As the
+// Framer's checkFrameOrder, only an unfinished block expects CONTINUATION,
+// so taking a finished one here leaves the Framer's state right.
+func (t *transport) takeHeaders(fh http2.FrameHeader) bool {
+	const plain = http2.FlagHeadersEndStream | http2.FlagHeadersEndHeaders
+	if fh.Type != http2.FrameHeaders || fh.Flags&^plain != 0 || !fh.Flags.Has(http2.FlagHeadersEndHeaders) {
+		return false
 	}
-	id := binary.BigEndian.Uint32(b[5:]) & (1<<31 - 1)
-	if id == 0 {
-		return 0, nil // §6.2: a connection error, the Framer's to report
-	}
-	t.hf = http2.HeadersFrame{FrameHeader: http2.FrameHeader{Type: http2.FrameHeaders, Flags: flags, Length: uint32(n), StreamID: id}}
+	t.hf = http2.HeadersFrame{FrameHeader: fh}
+	t.tookBuffered()
+	return true
+}
+
+// tookBuffered notes what the contGuard would have seen go by for a frame
+// taken from the buffer: one more frame (park.go), and not an empty
+// CONTINUATION.
+func (t *transport) tookBuffered() {
 	t.cg.frames++
 	t.cg.empty = 0
-	return frameHeaderLen + n, b[frameHeaderLen : frameHeaderLen+n]
 }
 
 // frameHeaderLen is the size of an HTTP/2 frame header (RFC 9113 §4.1).

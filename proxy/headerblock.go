@@ -52,7 +52,7 @@ type hdecState struct {
 	// open is set while a header block is being read: from its HEADERS
 	// frame to the frame with END_HEADERS. Left set when reading the
 	// block failed, so that the Framer, which then expects CONTINUATION,
-	// reads every later frame (bufferedData).
+	// reads every later frame (bufferedFrame).
 	open bool
 }
 

@@ -226,7 +226,7 @@ func TestRFC9113ClientSide(t *testing.T) {
 			id: 1, want: "GOAWAY FRAME_SIZE_ERROR",
 		},
 		// Whole single-frame blocks are read straight from the read buffer
-		// (frameloop.go bufferedHeaders); these hold that path to the
+		// (frameloop.go bufferedFrame, takeHeaders); these hold that path to the
 		// Framer's rules.
 		{
 			name: "§6.10 CONTINUATION after a block that ended in its HEADERS",

@@ -244,7 +244,7 @@ type transport struct {
 	hd       hdecState     // reader goroutine only
 	df       dataFrame     // the DATA frame being handled; reader goroutine only
 	// hf is the HEADERS frame read straight from the read buffer
-	// (bufferedHeaders), reused frame after frame; reader goroutine only.
+	// (bufferedFrame, takeHeaders), reused frame after frame; reader goroutine only.
 	hf  http2.HeadersFrame
 	log *slog.Logger
 	// sawFrame is set once the peer's first frame was read (readLoop).
