@@ -36,6 +36,23 @@ func readDataFrames(t *transport) (got []string, fast int, err error) {
 	}
 }
 
+// sameFrames fails t unless the fast path read exactly the frames the
+// Framer read (want), to the end of the input.
+func sameFrames(t *testing.T, got, want []string, err error) {
+	t.Helper()
+	if err != io.EOF {
+		t.Fatalf("read error %v, want io.EOF at the end", err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("read %d frames, the Framer %d", len(got), len(want))
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("frame %d: got %.120s, want %.120s", i, got[i], want[i])
+		}
+	}
+}
+
 func describe(f http2.Frame) string {
 	if d, ok := f.(*http2.DataFrame); ok {
 		return fmt.Sprintf("DATA id=%d len=%d end=%v data=%x", d.StreamID, d.Length, d.StreamEnded(), d.Data())
@@ -137,17 +154,7 @@ func TestBufferedDataChunks(t *testing.T) {
 			}
 			tr := newTestTransport(conn)
 			got, fast, err := readDataFrames(tr)
-			if err != io.EOF {
-				t.Fatalf("read error %v, want io.EOF at the end", err)
-			}
-			if len(got) != len(want) {
-				t.Fatalf("read %d frames, the Framer %d", len(got), len(want))
-			}
-			for i := range want {
-				if got[i] != want[i] {
-					t.Fatalf("frame %d: got %.120s, want %.120s", i, got[i], want[i])
-				}
-			}
+			sameFrames(t, got, want, err)
 			if fast == 0 && tc.name != "one frame header at a time" {
 				t.Error("no DATA frame came through the fast path")
 			}
@@ -181,17 +188,7 @@ func TestBufferedDataTCP(t *testing.T) {
 		t.Fatal("not reading through RawConn")
 	}
 	got, fast, err := readDataFrames(tr)
-	if err != io.EOF {
-		t.Fatalf("read error %v, want io.EOF at the end", err)
-	}
-	if len(got) != len(want) {
-		t.Fatalf("read %d frames, the Framer %d", len(got), len(want))
-	}
-	for i := range want {
-		if got[i] != want[i] {
-			t.Fatalf("frame %d: got %.120s, want %.120s", i, got[i], want[i])
-		}
-	}
+	sameFrames(t, got, want, err)
 	if fast == 0 {
 		t.Error("no DATA frame came through the fast path")
 	}
