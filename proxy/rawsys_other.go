@@ -1,14 +1,8 @@
-//go:build !linux && !windows
+//go:build !linux
 
 package proxy
 
-import (
-	"net"
-	"syscall"
-)
-
-// rawRead is read(2); see rawsys_linux.go.
-func rawRead(fd uintptr, p []byte) (int, error) { return syscall.Read(int(fd), p) }
+import "net"
 
 // rawSock is Linux-only (rawsys_linux.go); elsewhere the writer writes nc.
 type rawSock struct{ net.Conn }

@@ -1,0 +1,8 @@
+//go:build !linux && !windows
+
+package proxy
+
+import "syscall"
+
+// rawRead is read(2); see rawsys_linux.go.
+func rawRead(fd uintptr, p []byte) (int, error) { return syscall.Read(int(fd), p) }
