@@ -34,6 +34,10 @@ func (s *Server) MaxHeldBytes() int64 {
 // and queueing the attempt on it. Call before Serve.
 func SetAfterReserve(s *Server, fn func(addr string)) { s.afterReserve = fn }
 
+// WriterStarts reports how many writer goroutines client connections
+// started, for tests.
+func (s *Server) WriterStarts() int64 { return s.writerStarts.Load() }
+
 // BackendPings reports the keepalive PINGs sent to backends, for tests.
 func (s *Server) BackendPings() int64 { return s.pool.pings.Load() }
 

@@ -51,9 +51,12 @@ type Server struct {
 	done     chan struct{}
 	now      func() time.Time
 	refusals refusalLog
-	accepted atomic.Int64   // client connections accepted and served
-	ends     *endQueue      // nil without Config.OnCallEnd
-	countEnd func(CallInfo) // Config.CountCallEnd
+	accepted atomic.Int64 // client connections accepted and served
+	// writerStarts counts the writer goroutines client connections
+	// started (transport.signal), for tests.
+	writerStarts atomic.Int64
+	ends         *endQueue      // nil without Config.OnCallEnd
+	countEnd     func(CallInfo) // Config.CountCallEnd
 
 	// afterReserve is a test hook, nil otherwise: startAttemptLocked calls
 	// it with cc.mu held between reserving a stream slot on a backend

@@ -29,6 +29,10 @@ type serverConn struct {
 	streams   map[uint32]*stream // open client streams by client stream id
 	lastID    uint32             // highest client stream id seen
 	goingAway bool               // final GOAWAY sent: no new streams
+	// recentStreams is set when a stream opens and cleared by the
+	// housekeeper: the connection carried calls since it last looked,
+	// so its writer parks between them rather than exit (streamsLocked).
+	recentStreams bool
 	// drainPhase is where the two-step graceful shutdown stands (RFC 9113
 	// §6.8): drainNone, drainPinged (GOAWAY with 2^31-1 and a PING sent;
 	// streams still accepted), drainFinal (GOAWAY with the real last id).
@@ -98,10 +102,12 @@ func (c *serverConn) serve() (parked bool) {
 	}
 	c.mu.Unlock()
 	// The writer runs on demand: a goroutine exists only while there is
-	// something to write, or streams are open (transport.signal), so an
-	// idle connection holds the reader's goroutine alone. The last one
+	// something to write, or streams are open or opened lately
+	// (transport.signal, streamsLocked), so an idle connection holds the
+	// reader's goroutine alone. The last one
 	// calls writerFinished.
 	c.writerDone = make(chan struct{})
+	c.starts = &c.srv.writerStarts
 	c.startOnDemand(c)
 	return c.run()
 }
@@ -135,6 +141,7 @@ func (c *serverConn) run() (parked bool) {
 func (c *serverConn) housekeep(now time.Time) {
 	c.reapWriter()
 	c.mu.Lock()
+	c.recentStreams = false
 	sweep := !c.nextSweep.IsZero() && !now.Before(c.nextSweep)
 	c.mu.Unlock()
 	if sweep {
@@ -448,6 +455,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		c.streams = make(map[uint32]*stream) // made at the first stream: idle connections have none
 	}
 	c.streams[id] = s
+	c.recentStreams = true
 	c.streamOpenedLocked()
 	c.mu.Unlock()
 
@@ -690,9 +698,12 @@ func (c *serverConn) onData(f *dataFrame) error {
 	if end {
 		c.stepLocked(s, evRecvEnd)
 	}
-	// Wake the writer only for a WINDOW_UPDATE it must send: a futex
-	// wake-up per DATA frame costs more than the frame.
-	wake := len(c.ctrl) != queued || end
+	// Wake the writer only for a WINDOW_UPDATE it must send, a futex
+	// wake-up per DATA frame costs more than the frame, or for a draining
+	// connection whose last stream may just have ended (idleLocked). The
+	// end of a request alone gives it nothing to write: waking it there
+	// started a writer goroutine per unary call that found nothing to do.
+	wake := len(c.ctrl) != queued || (end && c.goingAway)
 	c.mu.Unlock()
 	if wake {
 		c.signal()
@@ -898,8 +909,16 @@ func (c *serverConn) writerFinished(err error) {
 	c.close(err)
 }
 
-// streamsLocked implements writerOwner.
-func (c *serverConn) streamsLocked() bool { return len(c.streams) > 0 }
+// streamsLocked implements writerOwner: streams are open, or opened
+// since the housekeeper last looked. A connection that carries a call at
+// a time, as at a moderate rate, has none open between its calls; its
+// writer used to exit after each response and a new one started, and
+// grew its stack, for the next (issue 12: a goroutine start and a stack
+// copy per call or so at 2,000 calls/s). Now it parks, and the
+// housekeeper makes it exit within a period or two once calls stop
+// (housekeep, reapWriter). A connection that never opened a stream
+// (a client that only connected) still holds no writer.
+func (c *serverConn) streamsLocked() bool { return len(c.streams) > 0 || c.recentStreams }
 
 // idleLocked implements role.
 func (c *serverConn) idleLocked() bool {

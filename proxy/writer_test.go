@@ -168,3 +168,71 @@ func TestWriteTimeoutAmongIdle(t *testing.T) {
 	})
 	t.Logf("non-reading client ended %v after its requests (write timeout %v), %d bytes buffered", ended, wt, n)
 }
+
+// TestWriterParksBetweenCalls: a client connection that makes one call at
+// a time, as at a moderate rate, keeps one writer goroutine parked between
+// its calls instead of starting one per response (issue 12: a goroutine
+// start and a stack copy per call at 2,000 calls/s); once the calls stop,
+// the housekeeper still makes it exit.
+func TestWriterParksBetweenCalls(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 2})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	if _, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{ResponseSize: 10}); err != nil {
+		t.Fatal(err)
+	}
+	const calls = 100
+	before := srv.WriterStarts()
+	start := time.Now()
+	for i := range calls {
+		if _, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{ResponseSize: 10}); err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+	elapsed := time.Since(start)
+	starts := srv.WriterStarts() - before
+	// The housekeeper (once a second) makes a parked writer exit, and
+	// the next call starts one: one start per second elapsed, and one
+	// more for the tick the calls began in. A writer per response
+	// fails here.
+	if allowed := int64(elapsed/time.Second) + 2; starts > allowed {
+		t.Fatalf("%d writer goroutines started for %d calls in %v, want at most %d", starts, calls, elapsed, allowed)
+	}
+	testkit.WaitFor(ctx, t, "the parked writer to exit", func() bool {
+		w, _ := goroutinesIn(writerFrame)
+		return w == 0
+	})
+	t.Logf("%d calls in %v: %d writer starts", calls, elapsed, starts)
+}
+
+// TestWindowUpdateStartsNoWriter: a WINDOW_UPDATE when nothing waits for
+// window gives the writer nothing to do, so it starts none (issue 12:
+// grpc-go returns each response's bytes with one, and each started a
+// writer goroutine that found nothing to write).
+func TestWindowUpdateStartsNoWriter(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	srv := e.srv.(*proxy.Server)
+	r := dialRaw(t, e.addr)
+	handshakeRaw(t, r)
+	ctx := testkit.Context(t, 20*time.Second)
+	testkit.WaitFor(ctx, t, "the handshake's writers to exit", func() bool {
+		w, _ := goroutinesIn(writerFrame)
+		return w == 0
+	})
+	before := srv.WriterStarts()
+	const updates = 20
+	for i := range updates {
+		// One at a time, so that a writer started for one would find
+		// nothing and exit before the next.
+		if err := r.fr.WriteWindowUpdate(0, uint32(1000+i)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	pingRaw(t, r, [8]byte{'w', 'u'}) // its answer needs a writer: one start
+	if starts := srv.WriterStarts() - before; starts != 1 {
+		t.Fatalf("%d writer goroutines started for %d WINDOW_UPDATEs and a PING, want 1 (the PING's)", starts, updates)
+	}
+}
