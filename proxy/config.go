@@ -285,8 +285,10 @@ type Config struct {
 	PingAckDelay time.Duration
 	// WriteTimeout bounds every write to a client or backend connection:
 	// a peer that does not read for that long while the proxy has bytes
-	// for it loses the connection, and the calls on it fail. Zero means
-	// DefaultWriteTimeout, negative no bound.
+	// for it loses the connection, and the calls on it fail. The
+	// deadline moves at most every sixteenth of WriteTimeout, so a write
+	// that stalls fails between fifteen sixteenths of it and all of it
+	// after it began. Zero means DefaultWriteTimeout, negative no bound.
 	WriteTimeout time.Duration
 
 	// ShutdownPingTimeout bounds the first step of a client connection's
