@@ -273,6 +273,10 @@ func TestBusyConnNotParked(t *testing.T) {
 	if _, err := half.nc.Write([]byte("-end")); err != nil {
 		t.Fatal(err)
 	}
+	// A stream keeps it busy from here on: once its PING is whole it
+	// would be idle, and could park by right before the check below on
+	// a slow machine.
+	half.headers(1, "/grpc.testing.TestService/FullDuplexCall", false)
 	f := half.next(func(f http2.Frame) bool { p, ok := f.(*http2.PingFrame); return ok && p.IsAck() })
 	if got := f.(*http2.PingFrame).Data; got != [8]byte{'h', 'a', 'l', 'f', '-', 'e', 'n', 'd'} {
 		t.Errorf("half-written PING acked with %q", got)
