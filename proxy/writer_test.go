@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -38,6 +39,15 @@ func goroutinesIn(fn string) (n, total int) {
 
 // writerFrame is the on-demand writer of a client connection.
 const writerFrame = "proxy.(*transport).runWriter"
+
+// waitNoWriter waits until no client connection has a writer goroutine.
+func waitNoWriter(ctx context.Context, t *testing.T, what string) {
+	t.Helper()
+	testkit.WaitFor(ctx, t, what, func() bool {
+		w, _ := goroutinesIn(writerFrame)
+		return w == 0
+	})
+}
 
 // handshakeRaw completes r's HTTP/2 handshake: the proxy's SETTINGS is
 // read and acknowledged, and the ack of ours is read.
@@ -162,10 +172,7 @@ func TestWriteTimeoutAmongIdle(t *testing.T) {
 	}
 	good.check(t)
 	good.finish()
-	testkit.WaitFor(ctx, t, "no writer left", func() bool {
-		w, _ := goroutinesIn(writerFrame)
-		return w == 0
-	})
+	waitNoWriter(ctx, t, "no writer left")
 	t.Logf("non-reading client ended %v after its requests (write timeout %v), %d bytes buffered", ended, wt, n)
 }
 
@@ -199,10 +206,7 @@ func TestWriterParksBetweenCalls(t *testing.T) {
 	if allowed := int64(elapsed/time.Second) + 2; starts > allowed {
 		t.Fatalf("%d writer goroutines started for %d calls in %v, want at most %d", starts, calls, elapsed, allowed)
 	}
-	testkit.WaitFor(ctx, t, "the parked writer to exit", func() bool {
-		w, _ := goroutinesIn(writerFrame)
-		return w == 0
-	})
+	waitNoWriter(ctx, t, "the parked writer to exit")
 	t.Logf("%d calls in %v: %d writer starts", calls, elapsed, starts)
 }
 
@@ -217,10 +221,7 @@ func TestWindowUpdateStartsNoWriter(t *testing.T) {
 	r := dialRaw(t, e.addr)
 	handshakeRaw(t, r)
 	ctx := testkit.Context(t, 20*time.Second)
-	testkit.WaitFor(ctx, t, "the handshake's writers to exit", func() bool {
-		w, _ := goroutinesIn(writerFrame)
-		return w == 0
-	})
+	waitNoWriter(ctx, t, "the handshake's writer to exit")
 	before := srv.WriterStarts()
 	const updates = 20
 	for i := range updates {
