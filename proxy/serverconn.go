@@ -29,10 +29,11 @@ type serverConn struct {
 	streams   map[uint32]*stream // open client streams by client stream id
 	lastID    uint32             // highest client stream id seen
 	goingAway bool               // final GOAWAY sent: no new streams
-	// recentStreams is set when a stream opens and cleared by the
-	// housekeeper: the connection carried calls since it last looked,
-	// so its writer parks between them rather than exit (streamsLocked).
-	recentStreams bool
+	// recentStreams counts the streams opened since the housekeeper last
+	// looked, up to 2: from the second on, the connection carries calls
+	// one after another, and its writer parks between them rather than
+	// exit (streamsLocked).
+	recentStreams uint8
 	// drainPhase is where the two-step graceful shutdown stands (RFC 9113
 	// §6.8): drainNone, drainPinged (GOAWAY with 2^31-1 and a PING sent;
 	// streams still accepted), drainFinal (GOAWAY with the real last id).
@@ -141,7 +142,7 @@ func (c *serverConn) run() (parked bool) {
 func (c *serverConn) housekeep(now time.Time) {
 	c.reapWriter()
 	c.mu.Lock()
-	c.recentStreams = false
+	c.recentStreams = 0
 	sweep := !c.nextSweep.IsZero() && !now.Before(c.nextSweep)
 	c.mu.Unlock()
 	if sweep {
@@ -455,7 +456,9 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		c.streams = make(map[uint32]*stream) // made at the first stream: idle connections have none
 	}
 	c.streams[id] = s
-	c.recentStreams = true
+	if c.recentStreams < 2 {
+		c.recentStreams++
+	}
 	c.streamOpenedLocked()
 	c.mu.Unlock()
 
@@ -909,16 +912,18 @@ func (c *serverConn) writerFinished(err error) {
 	c.close(err)
 }
 
-// streamsLocked implements writerOwner: streams are open, or opened
-// since the housekeeper last looked. A connection that carries a call at
-// a time, as at a moderate rate, has none open between its calls; its
-// writer used to exit after each response and a new one started, and
+// streamsLocked implements writerOwner: streams are open, or two or more
+// opened since the housekeeper last looked. A connection that carries a
+// call at a time, as at a moderate rate, has none open between its calls;
+// its writer used to exit after each response and a new one started, and
 // grew its stack, for the next (issue 12: a goroutine start and a stack
 // copy per call or so at 2,000 calls/s). Now it parks, and the
 // housekeeper makes it exit within a period or two once calls stop
-// (housekeep, reapWriter). A connection that never opened a stream
-// (a client that only connected) still holds no writer.
-func (c *serverConn) streamsLocked() bool { return len(c.streams) > 0 || c.recentStreams }
+// (housekeep, reapWriter). A connection that made one call, or none (a
+// client that only connected), holds no writer once it is answered.
+func (c *serverConn) streamsLocked() bool {
+	return len(c.streams) > 0 || c.recentStreams >= 2
+}
 
 // idleLocked implements role.
 func (c *serverConn) idleLocked() bool {
