@@ -31,14 +31,32 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/simulab.XXXXXX")}
 [[ -x $WORK/streamlb ]] || (cd "$REPO" && go build -o "$WORK/streamlb" .)
 [[ -x $WORK/gen ]] || (cd "$REPO" && go build -o "$WORK/gen" ./loadtest/bench/gen)
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+pids=() round=()
+# Everything started is killed on the way out, the round's proxies and
+# scrapers too: a failed generator (set -e) must not leave the script
+# waiting on them.
+cleanup() { kill "${pids[@]}" "${round[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
 for i in 1 2 3; do
-	taskset -c 1 "$WORK/streamlb" testserver --listen 127.0.0.1:$((PB + i)) --name b$i --log-level warn &
+	taskset -c 1 "$WORK/streamlb" testserver --listen 127.0.0.1:$((PB + i)) --name b$i --log-level warn 2>>"$WORK/testserver.log" &
 	pids+=($!)
 done
-sleep 2
+up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# backends_up waits up to 10 s for the three backends to accept
+# connections, and fails at once if one exited (its port taken).
+backends_up() {
+	local i t
+	for i in 1 2 3; do
+		for t in $(seq 50); do
+			kill -0 "${pids[i - 1]}" 2>/dev/null || break
+			up $((PB + i)) && continue 2
+			sleep 0.2
+		done
+		echo "simulab: $1backend 127.0.0.1:$((PB + i)) is not serving (port taken? see $WORK/testserver.log)" >&2
+		return 1
+	done
+}
+backends_up "" || exit 1
 tick=$(getconf CLK_TCK)
 cpu() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
 count() { grep -o '"count":[0-9]*' "$1" | head -1 | cut -d: -f2; }
@@ -48,14 +66,17 @@ for r in $(seq 1 "$ROUNDS"); do
 	pa=$!
 	taskset -c 0 "$B" proxy --listen 127.0.0.1:$((PB + 20)) "${backends[@]}" "${BF[@]}" --log-level warn &
 	pb=$!
+	round=($pa $pb)
 	sleep 1
 	scrapers=()
 	for f in "${A_FLAGS:-}" "${B_FLAGS:-}"; do
 		if [[ $f =~ --admin-listen[=\ ]([0-9.:]+) ]]; then
 			taskset -c 1 bash -c "while sleep 1; do curl -s -o /dev/null http://${BASH_REMATCH[1]}/metrics || true; done" &
 			scrapers+=($!)
+			round+=($!)
 		fi
 	done
+	backends_up "round $r: " || exit 1
 	for p in 10 20; do taskset -c 1 "$WORK/gen" "${GF[@]}" -n "${WARM:-3000}" -target 127.0.0.1:$((PB + p)) >/dev/null; done # warm-up
 	a0=$(cpu $pa) b0=$(cpu $pb)
 	taskset -c 1 "$WORK/gen" "${GF[@]}" -duration "${SECS}s" -n 100000000 -target 127.0.0.1:$((PB + 10)) >"$WORK/a.json" &
@@ -65,6 +86,7 @@ for r in $(seq 1 "$ROUNDS"); do
 	a1=$(cpu $pa) b1=$(cpu $pb)
 	kill $pa $pb "${scrapers[@]}"
 	wait $pa $pb "${scrapers[@]}" 2>/dev/null || true
+	round=()
 	awk -v r="$r" -v na="$(count "$WORK/a.json")" -v nb="$(count "$WORK/b.json")" -v a=$((a1 - a0)) -v b=$((b1 - b0)) -v t="$tick" 'BEGIN {
 		ca = a / t / na * 1e6; cb = b / t / nb * 1e6
 		printf "round %d  A %6d calls %6.2f µs/call   B %6d calls %6.2f µs/call   B/A %.3f\n", r, na, ca, nb, cb, cb / ca }'
