@@ -313,6 +313,25 @@ func BenchmarkUnary(b *testing.B) {
 	})
 }
 
+// BenchmarkUnaryDeadline is BenchmarkUnary through the frame engine with
+// a 30s deadline on each call, as loadtest/bench/gen and most clients set
+// one: grpc-go then sends a grpc-timeout new with every call, a literal
+// the proxy's decoder inserts into its dynamic table (and an older entry
+// evicted) every call.
+//
+//	go test -run '^$' -bench 'UnaryDeadline$' -benchtime 20000x ./proxy/
+func BenchmarkUnaryDeadline(b *testing.B) {
+	req := &testgrpc.SimpleRequest{ResponseSize: 100, Payload: &testgrpc.Payload{Body: make([]byte, 100)}}
+	benchCalls(b, []string{"frame"}, 2000, 50, 0, time.Microsecond, "proxy-µs/call", func(client testgrpc.TestServiceClient) func() error {
+		return func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			_, err := client.UnaryCall(ctx, req)
+			return err
+		}
+	})
+}
+
 // BenchmarkUnaryHook is BenchmarkUnary with Config.OnCallEnd nil, a
 // no-op and an access log's JSON line written to io.Discard, and with a
 // no-op Config.CountCallEnd:
