@@ -315,9 +315,12 @@ func BenchmarkUnary(b *testing.B) {
 
 // BenchmarkUnaryDeadline is BenchmarkUnary through the frame engine with
 // a 30s deadline on each call, as loadtest/bench/gen and most clients set
-// one: grpc-go then sends a grpc-timeout new with every call, a literal
-// the proxy's decoder inserts into its dynamic table (and an older entry
-// evicted) every call.
+// one: grpc-go then sends a grpc-timeout, in microseconds, that the
+// proxy's decoder inserts into its dynamic table (evicting an older
+// entry) when it is new. At this benchmark's speed (50 calls in flight,
+// a few µs apart) most calls' values are still in the table, sent as an
+// index: about 3% of calls carried a new one in an allocation profile of
+// x/net's decoder here. At 2,000 calls/s nearly every call does.
 //
 //	go test -run '^$' -bench 'UnaryDeadline$' -benchtime 20000x ./proxy/
 func BenchmarkUnaryDeadline(b *testing.B) {
