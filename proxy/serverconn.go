@@ -105,8 +105,7 @@ func (c *serverConn) serve() (parked bool) {
 	// The writer runs on demand: a goroutine exists only while there is
 	// something to write, or streams are open or opened lately
 	// (transport.signal, streamsLocked), so an idle connection holds the
-	// reader's goroutine alone. The last one
-	// calls writerFinished.
+	// reader's goroutine alone. The last one calls writerFinished.
 	c.writerDone = make(chan struct{})
 	c.starts = &c.srv.writerStarts
 	c.startOnDemand(c)

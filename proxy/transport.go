@@ -262,7 +262,7 @@ type transport struct {
 	// armedAt is when armWrite last set the write deadline.
 	armedAt time.Time
 	// parkOK is set by writeStep when it found nothing to write: whether
-	// the owner has streams open, so more is likely to come.
+	// more is likely to come (the owner's streamsLocked).
 	parkOK bool
 	credit []creditOp
 
