@@ -175,3 +175,42 @@ func TestUpstreamRetryPolicy(t *testing.T) {
 		}
 	}
 }
+
+// TestDrainedUpstreamKeepsReservedSlot: a connection dialed for an
+// Upstream already drained (a call picked just before a route table swap)
+// drains from birth, but waits for the call that reserved its slot to
+// queue its attempt instead of closing under it once its handshake is
+// done, which made the call retry and dial again.
+func TestDrainedUpstreamKeepsReservedSlot(t *testing.T) {
+	verifyNoLeaks(t)
+	var dials atomic.Int64
+	up := countingUpstream(t, "late", &dials)
+	var backend string
+	p := &upstreamPicker{pick: func([]string) (string, *proxy.Upstream) { return backend, up }}
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.Picker = p }})
+	backend = e.backends[0].Addr()
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	srv.DrainUpstream(up)
+	var held atomic.Bool
+	proxy.SetAfterReserve(srv, func(string) {
+		if !held.Swap(true) {
+			// The slot is reserved and the connection dialing: give its
+			// handshake, and its writer's look for work, time to happen
+			// before the attempt is queued.
+			time.Sleep(300 * time.Millisecond)
+		}
+	})
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Fatalf("call picked with the drained Upstream: %v", err)
+	}
+	if !held.Load() {
+		t.Fatal("the call reserved no slot")
+	}
+	if got := dials.Load(); got != 1 {
+		t.Errorf("Upstream dialed %d times for one call, want 1", got)
+	}
+	testkit.WaitFor(ctx, t, "the drained Upstream's connection to close", func() bool {
+		return srv.Stats().BackendConnsByUpstream["late"] == 0
+	})
+}
