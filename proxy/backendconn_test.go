@@ -744,3 +744,48 @@ func TestMaxStreamsZeroAfterReserve(t *testing.T) {
 		t.Errorf("the zero-streams backend served %d calls", n)
 	}
 }
+
+// TestResetAfterCompleteResponseIsNoError: a backend that sends its whole
+// response and then RST_STREAM(CANCEL) while the client still sends (as
+// grpc-go's server does when its deadline timer fires just after the
+// handler's status went out) leaves the client the response and a
+// RST_STREAM(NO_ERROR): stop sending, the answer stands (RFC 9113 §8.1).
+// Relayed as CANCEL, Go's HTTP/2 client failed a call it had all of.
+func TestResetAfterCompleteResponseIsNoError(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	bad := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndHeaders: true,
+			BlockFragment: hpackBlock(":status", "200", "content-type", "application/grpc")})
+		fr.WriteData(id, false, grpcMsg(&testgrpc.Empty{}))
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndHeaders: true, EndStream: true,
+			BlockFragment: hpackBlock("grpc-status", "0")})
+		fr.WriteRSTStream(id, http2.ErrCodeCancel)
+		return true
+	}))
+	e.setBackends(bad)
+	r := dialRaw(t, e.addr)
+	handshakeRaw(t, r)
+	r.headers(1, "/grpc.testing.TestService/EmptyCall", false) // the request goes on
+	var status string
+	r.next(func(f http2.Frame) bool {
+		if h, ok := f.(*http2.MetaHeadersFrame); ok && h.StreamEnded() {
+			for _, hf := range h.RegularFields() {
+				if hf.Name == "grpc-status" {
+					status = hf.Value
+				}
+			}
+			if status == "" {
+				status = "none"
+			}
+		}
+		return status != ""
+	})
+	if status != "0" {
+		t.Fatalf("trailers with grpc-status %q, want 0", status)
+	}
+	f := r.next(func(f http2.Frame) bool { _, ok := f.(*http2.RSTStreamFrame); return ok })
+	if code := f.(*http2.RSTStreamFrame).ErrCode; code != http2.ErrCodeNo {
+		t.Fatalf("RST_STREAM %v after the complete response, want NO_ERROR", code)
+	}
+}

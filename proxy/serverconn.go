@@ -819,11 +819,16 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 	if s.down.closed {
 		// The response is complete (or being completed); a reset while the
 		// client still sends tells it to stop (RFC 9113 §8.1), legal also
-		// in half-closed (local). Queued after the response, and once.
+		// in half-closed (local). Queued after the response, and once, as
+		// NO_ERROR whatever the backend's code: the response stands, and a
+		// client may take another code for the call failing. grpc-go's
+		// server sends CANCEL when its deadline timer fires just after the
+		// handler's status went out, which made Go's HTTP/2 client fail a
+		// call it had the whole answer to (TestDeadlineTimersRacing, rarely).
 		if !s.cst.recvEnded() && !s.rstQueued {
 			s.rstQueued = true
-			s.rstCode = code
-			s.down.push(outItem{kind: itemReset, code: code})
+			s.rstCode = http2.ErrCodeNo
+			s.down.push(outItem{kind: itemReset, code: http2.ErrCodeNo})
 			c.markReadyLocked(&s.down)
 		}
 		return
