@@ -2,8 +2,6 @@ package proxy_test
 
 import (
 	"context"
-	"errors"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -54,7 +52,22 @@ func (p *twoPicker) outcomes() []error {
 // and returns the picker and a grpc-go client of the proxy.
 func twoBackendProxy(t *testing.T, raw string, cfg proxy.Config) (*twoPicker, testgrpc.TestServiceClient) {
 	t.Helper()
-	ts, err := testserver.New(testserver.Config{Name: "good", Logger: quietLog})
+	_, pick, client := twoBackendServer(t, raw, testserver.Config{}, cfg)
+	return pick, client
+}
+
+// twoBackendServer is twoBackendProxy with the testserver's configuration
+// tcfg (named "good", quiet, unless tcfg says otherwise), and the proxy
+// returned too.
+func twoBackendServer(t *testing.T, raw string, tcfg testserver.Config, cfg proxy.Config) (*proxy.Server, *twoPicker, testgrpc.TestServiceClient) {
+	t.Helper()
+	if tcfg.Name == "" {
+		tcfg.Name = "good"
+	}
+	if tcfg.Logger == nil {
+		tcfg.Logger = quietLog
+	}
+	ts, err := testserver.New(tcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,24 +81,13 @@ func twoBackendProxy(t *testing.T, raw string, cfg proxy.Config) (*twoPicker, te
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.Close()
-		if err := <-served; !errors.Is(err, proxy.ErrServerClosed) {
-			t.Errorf("Serve returned %v, want ErrServerClosed", err)
-		}
-	})
+	ln := serveProxy(t, srv)
 	cc, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cc.Close() })
-	return pick, testgrpc.NewTestServiceClient(cc)
+	return srv, pick, testgrpc.NewTestServiceClient(cc)
 }
 
 // TestBackendGlitchFloods: a backend that floods its connection with

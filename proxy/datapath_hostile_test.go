@@ -967,26 +967,7 @@ func TestBackendClosesMidRequest(t *testing.T) {
 			return !data // close at the first DATA
 		})
 	})
-	ts, err := testserver.New(testserver.Config{Name: "good", Logger: quietLog, UnaryCallF: echoUnary})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
-	pick := &twoPicker{first: raw, second: ts.Addr()}
-	srv, err := proxy.New(proxy.Config{Picker: pick, Logger: quietLog, StreamWindow: 4 << 20, ConnWindow: 8 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := serveProxy(t, srv)
-	cc, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cc.Close() })
-	client := testgrpc.NewTestServiceClient(cc)
+	srv, _, client := twoBackendServer(t, raw, testserver.Config{UnaryCallF: echoUnary}, proxy.Config{StreamWindow: 4 << 20, ConnWindow: 8 << 20})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	body := testserver.PayloadBody(1 << 20)

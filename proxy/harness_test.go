@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"math"
 	"net"
-	"sync"
 	"testing"
 
 	"go.uber.org/goleak"
@@ -201,10 +200,8 @@ func drain[T any](recv func() (*T, error)) ([]*T, error) {
 	}
 }
 
-var _ = sync.Mutex{}
-
 // serveProxy serves srv on a new loopback listener until the test ends,
-// then closes srv and waits for Serve to return.
+// then closes srv and checks that Serve returned ErrServerClosed.
 func serveProxy(t testing.TB, srv *proxy.Server) net.Listener {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -215,7 +212,9 @@ func serveProxy(t testing.TB, srv *proxy.Server) net.Listener {
 	go func() { served <- srv.Serve(ln) }()
 	t.Cleanup(func() {
 		srv.Close()
-		<-served
+		if err := <-served; !errors.Is(err, proxy.ErrServerClosed) {
+			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		}
 	})
 	return ln
 }
