@@ -208,6 +208,43 @@ func TestShutdownClosesIdleClient(t *testing.T) {
 // SETTINGS does not hold calls: they go to another backend.
 func TestBackendWithoutHTTP2(t *testing.T) {
 	verifyNoLeaks(t)
+	mute := muteBackend(t)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.ConnectTimeout = 200 * time.Millisecond }})
+	e.setBackends(mute, e.backends[0].Addr())
+	ctx := testkit.Context(t, 20*time.Second)
+	for i := range 4 {
+		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+}
+
+// TestHandshakeWaitFollowsDeadline: a call waits on a backend's unfinished
+// handshake at most a quarter of what its grpc-timeout leaves
+// (Config.HandshakeTimeout), its first attempt too, then goes to another
+// backend. The first attempt used to be started before the deadline was
+// noted, so it waited the whole HandshakeTimeout and the call ended
+// DEADLINE_EXCEEDED on a backend that never answered.
+func TestHandshakeWaitFollowsDeadline(t *testing.T) {
+	verifyNoLeaks(t)
+	mute := muteBackend(t)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.HandshakeTimeout = time.Minute }})
+	e.setBackends(mute, e.backends[0].Addr())
+	ctx := testkit.Context(t, 20*time.Second)
+	// Each rotation over the two backends picks the mute one once.
+	for i := range 4 {
+		call, cancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := e.client.EmptyCall(call, &testgrpc.Empty{})
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d: %v, want it answered by the serving backend", i, err)
+		}
+	}
+}
+
+// muteBackend is the address of a backend that accepts TCP connections
+// and never sends a byte: no SETTINGS, so no handshake ever finishes.
+func muteBackend(t *testing.T) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -229,12 +266,5 @@ func TestBackendWithoutHTTP2(t *testing.T) {
 			c.Close()
 		}
 	})
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.ConnectTimeout = 200 * time.Millisecond }})
-	e.setBackends(ln.Addr().String(), e.backends[0].Addr())
-	ctx := testkit.Context(t, 20*time.Second)
-	for i := range 4 {
-		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
-			t.Fatalf("call %d: %v", i, err)
-		}
-	}
+	return ln.Addr().String()
 }

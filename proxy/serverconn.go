@@ -496,19 +496,22 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		return nil
 	}
 	c.mu.Lock()
+	if ri.hasTimeout {
+		// Before the first attempt: its wait for a backend's handshake is
+		// bounded by the time the deadline leaves (handshakeWait).
+		s.deadline = time.Now().Add(ri.timeout)
+	}
 	fail, ok := c.startAttemptLocked(s, nil)
+	if ok && ri.hasTimeout && !s.cst.ended() {
+		// Under the same hold of mu as the attempt's start: the client side
+		// cannot end before mu is released, so the stream's end
+		// (sideClosed) finds the timer to stop. An expiry that comes first
+		// waits for mu in deadlineExceeded.
+		s.timer = startDeadline(s, ri.timeout)
+	}
 	c.mu.Unlock()
 	if !ok {
 		c.rejectStream(s, fail)
-		return nil
-	}
-	if ri.hasTimeout {
-		c.mu.Lock()
-		if !s.cst.ended() {
-			s.deadline = time.Now().Add(ri.timeout)
-			s.timer = startDeadline(s, ri.timeout)
-		}
-		c.mu.Unlock()
 	}
 	return nil
 }
