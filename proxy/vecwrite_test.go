@@ -169,7 +169,9 @@ func TestConnWriterDiscard(t *testing.T) {
 // nothing more to write, it must push that packet, or the peer waits for
 // the end of a frame that never comes.
 func TestConnWriterPushesAfterMore(t *testing.T) {
-	a, b := tcpPair(t)
+	// Socket buffers that hold the whole write while b does not read: an
+	// unread peer's full window must not pass for a corked packet.
+	a, b := tcpPairBuffers(t, 4*vecFlushAt)
 	t.Cleanup(func() { a.Close(); b.Close() })
 	w := newConnWriter(a)
 	var want bytes.Buffer
@@ -207,6 +209,49 @@ func TestConnWriterPushesAfterMore(t *testing.T) {
 }
 
 // notSent is the bytes in nc's send queue not yet sent (SIOCOUTQNSD).
+// tcpPairBuffers is tcpPair with send and receive buffers of size bytes
+// on both sockets, set before the connection is made so that TCP offers
+// the window they allow.
+func tcpPairBuffers(t *testing.T, size int) (client, server net.Conn) {
+	t.Helper()
+	set := func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			for _, opt := range []int{syscall.SO_SNDBUF, syscall.SO_RCVBUF} {
+				if serr == nil {
+					serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, opt, size)
+				}
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}
+	lc := net.ListenConfig{Control: set}
+	ln, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	d := net.Dialer{Control: set}
+	client, err = d.DialContext(t.Context(), "tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server = <-accepted
+	if server == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { client.Close(); server.Close() })
+	return client, server
+}
+
 func notSent(t *testing.T, nc net.Conn) int {
 	t.Helper()
 	raw, err := nc.(*net.TCPConn).SyscallConn()
