@@ -41,27 +41,40 @@ type hpackEncoder struct {
 	maxSize    uint32 // the dynamic table's maximum size, as the peer's decoder knows it
 	size       uint32 // sum of the sizes of the entries in the table (§4.1)
 	sizeUpdate bool   // the next block opens with a dynamic table size update
+	grown      bool   // slots is at its full size
 
 	// Entries are numbered from 1 in insertion order; next is the number
 	// of the next one. The table holds the entries next-count .. next-1.
 	next  uint32
 	count uint32
 	// ring holds the table's entries, oldest first from head: each one's
-	// size and the cache slot it was put in.
-	ring [encMaxEntries]encEntry
+	// size and the cache slot it was put in. Its length is a power of two
+	// that grows with the entries the table holds at once, up to
+	// encMaxEntries.
+	ring []encEntry
 	head uint32
 	// slots is the cache: name and value of an entry and its number (0:
 	// empty). An evicted entry's slot is emptied, so the cache holds no
-	// more than the table does.
-	slots [encSlots]encSlot
+	// more than the table does. It starts with encFirstSlots and grows to
+	// encSlots the first time a new entry finds both its places taken.
+	slots []encSlot
 }
 
+// The encoder's storage grows with what a connection's header blocks put
+// in the table. A client connection's encoder carries gRPC responses,
+// whose few fields the table holds (content-type, grpc-status and
+// grpc-message, a backend's metadata), so it stays at 8 slots and a short
+// ring: about 400 bytes where fixed arrays of the largest sizes took 2
+// KiB, which every client connection that made a call held for as long as
+// it stayed open, idle or not (issue 12: idle connections).
 const (
 	encInitialTableSize = 4096 // RFC 9113 §6.5.2's initial SETTINGS_HEADER_TABLE_SIZE
 	// encMaxEntries bounds the table's entries: each counts at least 32
 	// bytes (RFC 7541 §4.1) against at most encInitialTableSize.
 	encMaxEntries = encInitialTableSize / 32
+	encFirstSlots = 8
 	encSlots      = 32
+	encFirstRing  = 4
 )
 
 type encEntry struct {
@@ -116,11 +129,13 @@ func (e *hpackEncoder) appendField(dst []byte, f *hpack.HeaderField) []byte {
 		return appendHpackInt(dst, 0x80, 7, uint64(nameIdx))
 	}
 	h := encHash(f.Name, f.Value)
-	for _, s := range [2]uint32{h, (h + 1) % encSlots} {
-		if c := &e.slots[s]; c.id != 0 && c.name == f.Name && c.value == f.Value {
-			// §2.3.3: dynamic indices start after the static table's 61
-			// entries, the newest entry first.
-			return appendHpackInt(dst, 0x80, 7, uint64(61+e.next-c.id))
+	if len(e.slots) > 0 {
+		for _, s := range e.places(h) {
+			if c := &e.slots[s]; c.id != 0 && c.name == f.Name && c.value == f.Value {
+				// §2.3.3: dynamic indices start after the static table's
+				// 61 entries, the newest entry first.
+				return appendHpackInt(dst, 0x80, 7, uint64(61+e.next-c.id))
+			}
 		}
 	}
 	size := uint32(len(f.Name)) + uint32(len(f.Value)) + 32
@@ -137,16 +152,72 @@ func (e *hpackEncoder) appendField(dst []byte, f *hpack.HeaderField) []byte {
 // that is empty or holds the older entry.
 func (e *hpackEncoder) insert(f *hpack.HeaderField, size, h uint32) {
 	e.evictTo(e.maxSize - size)
-	s := h
-	if alt := (h + 1) % encSlots; e.slots[alt].id < e.slots[h].id {
-		s = alt
+	if e.slots == nil {
+		e.slots = make([]encSlot, encFirstSlots)
+	}
+	p := e.places(h)
+	if !e.grown && e.slots[p[0]].id != 0 && e.slots[p[1]].id != 0 {
+		e.growSlots()
+		p = e.places(h)
+	}
+	s := p[0]
+	if e.slots[p[1]].id < e.slots[s].id {
+		s = p[1]
+	}
+	if e.count == uint32(len(e.ring)) {
+		e.growRing()
 	}
 	id := e.next
 	e.next++
 	e.slots[s] = encSlot{name: f.Name, value: f.Value, id: id}
-	e.ring[(e.head+e.count)%encMaxEntries] = encEntry{size: uint16(size), slot: uint8(s)}
+	e.ring[(e.head+e.count)&uint32(len(e.ring)-1)] = encEntry{size: uint16(size), slot: uint8(s)}
 	e.count++
 	e.size += size
+}
+
+// places returns the two cache slots of hash h. The cache must exist.
+func (e *hpackEncoder) places(h uint32) [2]uint32 {
+	mask := uint32(len(e.slots) - 1) // a power of two
+	return [2]uint32{h & mask, (h + 1) & mask}
+}
+
+// growRing doubles the ring (from encFirstRing), keeping the entries in
+// order from index 0. The table never holds more than encMaxEntries, so
+// the ring never grows past that.
+func (e *hpackEncoder) growRing() {
+	r := make([]encEntry, max(2*len(e.ring), encFirstRing))
+	for i := range e.count {
+		r[i] = e.ring[(e.head+i)&uint32(len(e.ring)-1)]
+	}
+	e.ring, e.head = r, 0
+}
+
+// growSlots moves the cache to encSlots slots, each entry to a place of
+// its hash there, and points the ring's entries at their new slots. An
+// entry that finds both its places taken leaves the cache (it stays in
+// the table, unreferenced, until it is evicted, as a pushed-out entry
+// does); its ring entry keeps its old slot number, which holds another
+// entry's number or none, so its eviction empties nothing.
+func (e *hpackEncoder) growSlots() {
+	old := e.slots
+	e.slots = make([]encSlot, encSlots)
+	e.grown = true
+	const mask = encSlots - 1
+	first := e.next - e.count // number of the oldest entry in the table
+	for _, c := range old {
+		if c.id == 0 {
+			continue
+		}
+		h := encHash(c.name, c.value)
+		s := h & mask
+		if e.slots[s].id != 0 {
+			if s = (h + 1) & mask; e.slots[s].id != 0 {
+				continue
+			}
+		}
+		e.slots[s] = c
+		e.ring[(e.head+c.id-first)&uint32(len(e.ring)-1)].slot = uint8(s)
+	}
 }
 
 // evictTo evicts the oldest entries until the table's size is at most
@@ -158,7 +229,7 @@ func (e *hpackEncoder) evictTo(limit uint32) {
 			e.slots[old.slot] = encSlot{}
 		}
 		e.ring[e.head] = encEntry{}
-		e.head = (e.head + 1) % encMaxEntries
+		e.head = (e.head + 1) & uint32(len(e.ring)-1)
 		e.count--
 		e.size -= uint32(old.size)
 	}
@@ -172,7 +243,7 @@ func volatileField(name string) bool {
 }
 
 // encHash is the cache's hash of a field: cheap, from the lengths and a few
-// bytes, which tell gRPC's usual fields apart.
+// bytes, which tell gRPC's usual fields apart. Its low bits pick the slot.
 func encHash(name, value string) uint32 {
 	h := uint32(len(name))*7 + uint32(len(value))*131
 	if len(name) > 1 {
@@ -182,7 +253,7 @@ func encHash(name, value string) uint32 {
 		h += uint32(value[0])*3 + uint32(value[n-1])*17 + uint32(value[n/2])*5
 	}
 	h ^= h >> 5
-	return h % encSlots
+	return h
 }
 
 // appendLiteral appends a literal field (§6.2) whose first byte has the

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/net/http2/hpack"
@@ -174,18 +175,105 @@ func TestHpackEncoderRandom(t *testing.T) {
 				if e.size > e.maxSize {
 					t.Fatalf("block %d: table size %d over its maximum %d", block, e.size, e.maxSize)
 				}
-				held := 0
-				for _, s := range e.slots {
-					if s.id != 0 {
-						held += len(s.name) + len(s.value) + 32
-					}
-				}
-				if held > int(e.size) {
-					t.Fatalf("block %d: the cache holds %d bytes of entries, the table only %d", block, held, e.size)
-				}
+				checkEncoderBooks(t, e)
 			}
 		})
 	}
+}
+
+// checkEncoderBooks checks that the encoder's books agree with each other:
+// the ring holds the table's entries and their sizes, and the cache only
+// entries the table holds, each at the slot its ring entry names.
+func checkEncoderBooks(t *testing.T, e *hpackEncoder) {
+	t.Helper()
+	if n := len(e.ring); n&(n-1) != 0 || n > encMaxEntries || e.count > uint32(n) {
+		t.Fatalf("ring of %d for %d entries: want a power of two, at most %d, holding them", n, e.count, encMaxEntries)
+	}
+	if n := len(e.slots); n != 0 && n != encFirstSlots && n != encSlots {
+		t.Fatalf("cache of %d slots", n)
+	}
+	var size uint32
+	for i := range e.count {
+		size += uint32(e.ring[(e.head+i)&uint32(len(e.ring)-1)].size)
+	}
+	if size != e.size {
+		t.Fatalf("ring entries add up to %d bytes, the table's books say %d", size, e.size)
+	}
+	first := e.next - e.count
+	for i, c := range e.slots {
+		if c.id == 0 {
+			continue
+		}
+		if c.id < first || c.id >= e.next {
+			t.Fatalf("slot %d caches entry %d, not in the table (%d..%d)", i, c.id, first, e.next-1)
+		}
+		r := e.ring[(e.head+c.id-first)&uint32(len(e.ring)-1)]
+		if int(r.slot) != i || int(r.size) != len(c.name)+len(c.value)+32 {
+			t.Fatalf("slot %d caches entry %d (%d bytes), whose ring entry says slot %d, %d bytes", i, c.id, len(c.name)+len(c.value)+32, r.slot, r.size)
+		}
+	}
+}
+
+// TestHpackEncoderSmall: an encoder that carries gRPC responses, as a
+// client connection's does, keeps its first 8 cache slots and a short
+// ring: about 400 bytes for as long as the connection lives, idle or not,
+// where arrays of the largest sizes took 2 KiB.
+func TestHpackEncoderSmall(t *testing.T) {
+	e := newHpackEncoder()
+	d := hpack.NewDecoder(4096, nil)
+	headers := []hpack.HeaderField{{Name: ":status", Value: "200"}, {Name: "content-type", Value: "application/grpc"}}
+	for i := range 1000 {
+		trailers := []hpack.HeaderField{{Name: "grpc-status", Value: fmt.Sprint([]int{0, 0, 0, 5, 14}[i%5])}, {Name: "grpc-message", Value: ""}}
+		for _, fields := range [][]hpack.HeaderField{headers, trailers} {
+			if got := decodeBlock(t, d, e.appendBlock(nil, fields)); !cmp.Equal(got, fields) {
+				t.Fatalf("call %d: got %v, want %v", i, got, fields)
+			}
+		}
+		checkEncoderBooks(t, e)
+	}
+	held := int(unsafe.Sizeof(*e)) + cap(e.ring)*int(unsafe.Sizeof(encEntry{})) + cap(e.slots)*int(unsafe.Sizeof(encSlot{}))
+	if len(e.slots) != encFirstSlots || held > 512 {
+		t.Errorf("after 1,000 responses: %d cache slots, %d ring entries, %d bytes; want %d slots, at most 512 bytes", len(e.slots), len(e.ring), held, encFirstSlots)
+	}
+}
+
+// TestHpackEncoderGrows: many distinct fields grow the ring to hold them
+// all and the cache to its full size, and the books stay right: x/net's
+// decoder agrees with the blocks, and every field the cache holds after
+// the growth is sent as an index into the table.
+func TestHpackEncoderGrows(t *testing.T) {
+	e := newHpackEncoder()
+	d := hpack.NewDecoder(4096, nil)
+	var fields []hpack.HeaderField
+	for i := range 100 {
+		fields = append(fields, hpack.HeaderField{Name: fmt.Sprintf("x-%c%c", 'a'+i%26, 'a'+i/26), Value: fmt.Sprint(i)})
+	}
+	if got := decodeBlock(t, d, e.appendBlock(nil, fields)); !cmp.Equal(got, fields) {
+		t.Fatalf("got %v, want %v", got, fields)
+	}
+	checkEncoderBooks(t, e)
+	if e.count != 100 || len(e.ring) != encMaxEntries || len(e.slots) != encSlots {
+		t.Fatalf("%d entries, ring of %d, %d slots; want 100, %d, %d", e.count, len(e.ring), len(e.slots), encMaxEntries, encSlots)
+	}
+	var cached []hpack.HeaderField
+	for _, c := range e.slots {
+		if c.id != 0 {
+			cached = append(cached, hpack.HeaderField{Name: c.name, Value: c.value})
+		}
+	}
+	if len(cached) < encSlots/2 {
+		t.Fatalf("%d of the %d slots hold an entry", len(cached), encSlots)
+	}
+	for _, f := range cached {
+		b := e.appendBlock(nil, []hpack.HeaderField{f})
+		if len(b) == 0 || b[0]&0x80 == 0 {
+			t.Fatalf("cached %v sent as %x, not as an index", f, b)
+		}
+		if got := decodeBlock(t, d, b); !cmp.Equal(got, []hpack.HeaderField{f}) {
+			t.Fatalf("got %v, want %v", got, f)
+		}
+	}
+	checkEncoderBooks(t, e)
 }
 
 func BenchmarkHpackEncoder(b *testing.B) {
@@ -276,6 +364,7 @@ func FuzzHpackEncoder(f *testing.F) {
 			if !cmp.Equal(got, fields) {
 				t.Fatalf("block %d: got %v, want %v", blocks, got, fields)
 			}
+			checkEncoderBooks(t, e)
 			if e.size > e.maxSize {
 				t.Fatalf("table size %d over its maximum %d", e.size, e.maxSize)
 			}
