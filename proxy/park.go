@@ -160,6 +160,14 @@ func (c *serverConn) askPark(now time.Time, after time.Duration) {
 func (c *serverConn) tryPark() bool {
 	c.mu.Lock()
 	idle := !c.closed && !c.goingAway && c.drainPhase == drainNone && len(c.streams) == 0
+	if idle {
+		// What the connection's calls left behind goes with the reader:
+		// the empty stream map (onHeaders makes one at the next stream)
+		// and the decoder's scratch (reader only; its next block makes
+		// it again). The HPACK tables stay: they are the protocol's state.
+		c.streams = nil
+		c.hd.fields = nil
+	}
 	c.mu.Unlock()
 	if idle {
 		if err := c.srv.parker.park(c); err == nil {

@@ -52,8 +52,8 @@ func (r *rawConn) handshake() {
 }
 
 // TestParkedConnResumesForCall: a gRPC client's idle connection is
-// parked, a later call on it wakes it and succeeds, and it parks and
-// wakes again; over TCP and over TLS.
+// parked, without the stream map its calls made, a later call on it wakes
+// it and succeeds, and it parks and wakes again; over TCP and over TLS.
 func TestParkedConnResumesForCall(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -72,6 +72,9 @@ func TestParkedConnResumesForCall(t *testing.T) {
 					t.Fatalf("call %d: %v", round, err)
 				}
 				waitParked(ctx, t, s, 1)
+				if n := s.StreamMaps(); n != 0 {
+					t.Errorf("call %d: the parked connection kept its stream map", round)
+				}
 			}
 			if got := s.ClientConns(); got != 1 {
 				t.Errorf("client connections = %d, want 1 (the same one, resumed)", got)
