@@ -60,7 +60,8 @@
 # shared machine's speed drifts. Then the idle-connection step opens
 # IDLE_CONNS idle HTTP/2 connections (loadtest/bench/idleconns) to a fresh
 # frame proxy, HAProxy, nginx and a plain grpc-go server (testserver) each,
-# and reports the RSS each holds per idle connection.
+# and reports the RSS each holds per idle connection; then again with
+# connections that each made one call before going idle (IDLE_CALL).
 #
 # Usage: loadtest/bench/run.sh            (as root it installs haproxy and
 #                                          nginx with apt-get if missing)
@@ -74,7 +75,9 @@
 # stream workloads, whichever of it and the call count comes first), IDLE_CONNS (5000; 0 skips the step),
 # IDLE_PATHS ("frame haproxy nginx grpc-go"), IDLE_SETTLE (8s: idleconns'
 # wait after the last handshake; the frame proxy parks idle readers 1-3 s
-# after they go quiet), BASE_PORT (27000), BASE_BIN and
+# after they go quiet), IDLE_CALL (/grpc.testing.TestService/EmptyCall:
+# the idle step runs again with connections that each made this call
+# first; empty skips that run), BASE_PORT (27000), BASE_BIN and
 # BASE_METRICS (0; see frame-base), OUT (results
 # file; default in the work dir), KEEP_WORK (1 keeps the work dir with logs
 # and raw JSON).
@@ -101,6 +104,7 @@ MAX_SECS=${MAX_SECS:-3}
 IDLE_CONNS=${IDLE_CONNS:-5000}
 IDLE_SETTLE=${IDLE_SETTLE:-8s}
 IDLE_PATHS=${IDLE_PATHS:-"frame haproxy nginx grpc-go"}
+IDLE_CALL=${IDLE_CALL-/grpc.testing.TestService/EmptyCall}
 BASE_PORT=${BASE_PORT:-27000}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/streamlb-bench.XXXXXX")
 OUT=${OUT:-$WORK/results.md}
@@ -562,33 +566,45 @@ for pid in "${SCRAPERS[@]}"; do kill "$pid" 2>/dev/null || true; done
 # ---------------------------------------------------------------- idle connections
 # Each idle target is a fresh process on CPU 0, so the RSS it gains is the
 # idle connections' and nothing else's; it is stopped after its reading.
+# Twice per target: connections that only made the handshake, then (with
+# IDLE_CALL) connections that each made one call first, as a real
+# client's idle connection has: its HPACK tables and what its call left.
 IDLE_RAW=$WORK/idle.tsv
-printf 'path\tconns\topen\trss_before_kib\trss_after_kib\tkib_per_conn\n' >"$IDLE_RAW"
+printf 'path\tcall\tconns\topen\trss_before_kib\trss_after_kib\tkib_per_conn\n' >"$IDLE_RAW"
 if ((IDLE_CONNS > 0)); then
 	ip=0
+	modes=(-)
+	[[ -n $IDLE_CALL ]] && modes+=("$IDLE_CALL")
 	for path in $IDLE_PATHS; do
-		port=$((BASE_PORT + 30 + ip))
-		ip=$((ip + 1))
-		STARTED=
-		if ! start_proc "$path" "$port" "idle-$path"; then
-			note "idle connections via $path skipped"
-			continue
-		fi
-		sleep 1 # let the fresh process settle before the first RSS reading
-		pids=$(pids_of "$STARTED" | paste -sd,)
-		if timeout 120 "${PIN_LOAD[@]}" "$WORK/idleconns" -target "127.0.0.1:$port" -pid "$pids" \
-			-n "$IDLE_CONNS" -settle "$IDLE_SETTLE" >"$WORK/idle-$path.json" 2>"$WORK/idle-$path.err"; then
-			:
-		else
-			note "idle connections via $path: $(head -c 300 "$WORK/idle-$path.err")"
-		fi
-		if [[ -s $WORK/idle-$path.json ]]; then
-			jq -r --arg p "$path" '[$p, .conns, .open_at_end, .rss_before_kib, .rss_after_kib, (.kib_per_conn * 10 | round / 10)] | @tsv' \
-				"$WORK/idle-$path.json" >>"$IDLE_RAW"
-			log "idle connections via $path: $(jq -r '"\(.open_at_end) of \(.conns) open, \(.kib_per_conn * 10 | round / 10) KiB RSS each"' "$WORK/idle-$path.json")"
-		fi
-		for pid in $(pids_of "$STARTED"); do kill "$pid" 2>/dev/null || true; done
-		wait "$STARTED" 2>/dev/null || true
+		for mode in "${modes[@]}"; do
+			port=$((BASE_PORT + 30 + ip))
+			ip=$((ip + 1))
+			tag=$path
+			callflag=()
+			if [[ $mode != - ]]; then
+				tag=$path-call callflag=(-call "$mode")
+			fi
+			STARTED=
+			if ! start_proc "$path" "$port" "idle-$tag"; then
+				note "idle connections via $path skipped"
+				continue
+			fi
+			sleep 1 # let the fresh process settle before the first RSS reading
+			pids=$(pids_of "$STARTED" | paste -sd,)
+			if timeout 120 "${PIN_LOAD[@]}" "$WORK/idleconns" -target "127.0.0.1:$port" -pid "$pids" \
+				-n "$IDLE_CONNS" -settle "$IDLE_SETTLE" "${callflag[@]}" >"$WORK/idle-$tag.json" 2>"$WORK/idle-$tag.err"; then
+				:
+			else
+				note "idle connections via $path${callflag[*]:+ (${callflag[*]})}: $(head -c 300 "$WORK/idle-$tag.err")"
+			fi
+			if [[ -s $WORK/idle-$tag.json ]]; then
+				jq -r --arg p "$path" --arg c "$mode" '[$p, $c, .conns, .open_at_end, .rss_before_kib, .rss_after_kib, (.kib_per_conn * 10 | round / 10)] | @tsv' \
+					"$WORK/idle-$tag.json" >>"$IDLE_RAW"
+				log "idle connections via $path${callflag[*]:+ after one call}: $(jq -r '"\(.open_at_end) of \(.conns) open, \(.kib_per_conn * 10 | round / 10) KiB RSS each"' "$WORK/idle-$tag.json")"
+			fi
+			for pid in $(pids_of "$STARTED"); do kill "$pid" 2>/dev/null || true; done
+			wait "$STARTED" 2>/dev/null || true
+		done
 	done
 fi
 
@@ -621,7 +637,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "- Machine: $NCPU CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, $(uname -sr); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
 	echo "- Pinning: $PINNING.$([[ " ${ACTIVE[*]} " == *-unpinned\ * ]] && echo " The *-unpinned paths are not pinned (taskset -c 0-$((NCPU - 1))): frame-unpinned runs with GOMAXPROCS=2, haproxy-unpinned with nbthread 2; they share CPU 1 with the load generator and the backends.")"
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
-	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS IDLE_SETTLE=$IDLE_SETTLE loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
+	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS IDLE_SETTLE=$IDLE_SETTLE IDLE_CALL=$IDLE_CALL loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
 	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
@@ -699,10 +715,14 @@ ELAPSED=$(($(date +%s) - START_TIME))
 		echo
 		echo "### idle: $IDLE_CONNS idle HTTP/2 (h2c) client connections, handshake done, a fresh process each"
 		echo
-		echo "| server | connections open | RSS before MiB | RSS after MiB | RSS per idle connection KiB |"
-		echo "|---|---:|---:|---:|---:|"
-		tail -n +2 "$IDLE_RAW" | while IFS=$'\t' read -r p n open b a k; do
-			echo "| $p | $open of $n | $(fmt "$(awk -v x="$b" 'BEGIN {print x / 1024}')" 1) | $(fmt "$(awk -v x="$a" 'BEGIN {print x / 1024}')" 1) | $k |"
+		[[ -n $IDLE_CALL ]] && echo "The second line of each server: every connection made one call ($IDLE_CALL, an empty message) before going idle."
+		echo
+		echo "| server | first | connections open | RSS before MiB | RSS after MiB | RSS per idle connection KiB |"
+		echo "|---|---|---:|---:|---:|---:|"
+		tail -n +2 "$IDLE_RAW" | while IFS=$'\t' read -r p c n open b a k; do
+			first="handshake only"
+			[[ $c != - ]] && first="one call"
+			echo "| $p | $first | $open of $n | $(fmt "$(awk -v x="$b" 'BEGIN {print x / 1024}')" 1) | $(fmt "$(awk -v x="$a" 'BEGIN {print x / 1024}')" 1) | $k |"
 		done
 	fi
 	if ((${#NOTES[@]} > 0)); then

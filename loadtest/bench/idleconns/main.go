@@ -10,12 +10,19 @@
 //
 //	go run ./loadtest/bench/idleconns -target 127.0.0.1:8080 -pid PID -n 5000
 //
+// With -call PATH, each connection first makes one gRPC unary call to PATH
+// (an empty message, as grpc.testing.TestService/EmptyCall takes) and
+// then stays idle: what an idle connection of a real client holds, its
+// HPACK tables and whatever its call left behind included.
+//
 // The output is one line of JSON. It exits 1 if fewer than N connections
-// complete the handshake or stay open until the second reading.
+// complete the handshake (and the call) or stay open until the second
+// reading.
 package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -32,10 +39,12 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
 
 type result struct {
 	Target       string `json:"target"`
+	Call         string `json:"call,omitempty"`
 	PIDs         []int  `json:"pids"`
 	Conns        int    `json:"conns"`
 	Handshaken   int    `json:"handshaken"`
@@ -60,8 +69,9 @@ func main() {
 	n := flag.Int("n", 5000, "idle connections to open")
 	settle := flag.Duration("settle", 2*time.Second, "wait after the last handshake before the second RSS reading")
 	timeout := flag.Duration("timeout", 60*time.Second, "bound on opening all connections")
+	call := flag.String("call", "", "gRPC method path (/pkg.Service/Method) each connection calls once, with an empty message, before it goes idle")
 	flag.Parse()
-	res, err := run(*target, *pidList, *n, *settle, *timeout)
+	res, err := run(*target, *pidList, *n, *settle, *timeout, *call)
 	if res != nil {
 		json.NewEncoder(os.Stdout).Encode(res)
 	}
@@ -74,7 +84,7 @@ func main() {
 // run opens the connections, takes the readings and closes the
 // connections again. With an error it may still return a result: the
 // readings of a run in which not every connection stayed open.
-func run(target, pidList string, n int, settle, timeout time.Duration) (*result, error) {
+func run(target, pidList string, n int, settle, timeout time.Duration, call string) (*result, error) {
 	host, _, err := net.SplitHostPort(target)
 	if err != nil {
 		return nil, fmt.Errorf("target %q: %w", target, err)
@@ -84,6 +94,9 @@ func run(target, pidList string, n int, settle, timeout time.Duration) (*result,
 	}
 	if n <= 0 || n > 100000 {
 		return nil, fmt.Errorf("-n %d: want 1..100000", n)
+	}
+	if call != "" && !strings.HasPrefix(call, "/") {
+		return nil, fmt.Errorf("-call %q: want a method path, /pkg.Service/Method", call)
 	}
 	var pids []int
 	for _, s := range strings.Split(pidList, ",") {
@@ -103,7 +116,7 @@ func run(target, pidList string, n int, settle, timeout time.Duration) (*result,
 	// --release-startup-pages) would otherwise count them against the n
 	// connections: about 2 MiB, 0.4 KiB each of 5,000.
 	wctx, wcancel := context.WithTimeout(context.Background(), timeout)
-	wc, err := handshake(wctx, target)
+	wc, err := handshake(wctx, target, call)
 	wcancel()
 	if err != nil {
 		return nil, fmt.Errorf("warm-up connection: %w", err)
@@ -133,7 +146,7 @@ func run(target, pidList string, n int, settle, timeout time.Duration) (*result,
 		go func() {
 			defer wg.Done()
 			for i := range next {
-				c, err := handshake(ctx, target)
+				c, err := handshake(ctx, target, call)
 				if err != nil {
 					errOnce.Do(func() { firstErr = err })
 					continue
@@ -148,7 +161,7 @@ func run(target, pidList string, n int, settle, timeout time.Duration) (*result,
 	}
 	close(next)
 	wg.Wait()
-	res := result{Target: target, PIDs: pids, Conns: n, HandshakeSecs: time.Since(start).Seconds()}
+	res := result{Target: target, Call: call, PIDs: pids, Conns: n, HandshakeSecs: time.Since(start).Seconds()}
 	res.Handshaken = int(open.Load())
 	if firstErr != nil {
 		res.FirstDialError = firstErr.Error()
@@ -210,10 +223,11 @@ func run(target, pidList string, n int, settle, timeout time.Duration) (*result,
 
 // handshake dials target and completes the HTTP/2 handshake (RFC 9113
 // §3.4): the client preface and an empty SETTINGS out, the server's
-// SETTINGS in and acknowledged, and our SETTINGS acknowledged. Frames the
-// server sends meanwhile (WINDOW_UPDATE, PING) are read past; a PING is
-// answered.
-func handshake(ctx context.Context, target string) (net.Conn, error) {
+// SETTINGS in and acknowledged, and our SETTINGS acknowledged; then, with
+// call set, it makes that gRPC call on stream 1 and reads its answer to
+// the trailers, which must say grpc-status 0. Frames the server sends
+// meanwhile (WINDOW_UPDATE, PING) are read past; a PING is answered.
+func handshake(ctx context.Context, target, call string) (net.Conn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", target)
 	if err != nil {
@@ -222,26 +236,48 @@ func handshake(ctx context.Context, target string) (net.Conn, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
 	}
+	if err := converse(c, target, call); err != nil {
+		c.Close()
+		return nil, err
+	}
+	c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+// converse is handshake's exchange on the connection c.
+func converse(c net.Conn, target, call string) error {
 	bw := bufio.NewWriter(c)
 	fr := http2.NewFramer(bw, c)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	if _, err := io.WriteString(bw, http2.ClientPreface); err != nil {
-		c.Close()
-		return nil, err
+		return err
 	}
 	if err := fr.WriteSettings(); err != nil {
-		c.Close()
-		return nil, err
+		return err
+	}
+	if call != "" {
+		var block bytes.Buffer
+		enc := hpack.NewEncoder(&block)
+		for _, f := range [][2]string{{":method", "POST"}, {":scheme", "http"}, {":path", call}, {":authority", target},
+			{"content-type", "application/grpc"}, {"te", "trailers"}} {
+			enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+		}
+		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndHeaders: true}); err != nil {
+			return err
+		}
+		// An empty message: no compression flag, length 0.
+		if err := fr.WriteData(1, true, make([]byte, 5)); err != nil {
+			return err
+		}
 	}
 	if err := bw.Flush(); err != nil {
-		c.Close()
-		return nil, err
+		return err
 	}
-	gotSettings, gotAck := false, false
-	for !gotSettings || !gotAck {
+	gotSettings, gotAck, answered := false, false, call == ""
+	for !gotSettings || !gotAck || !answered {
 		f, err := fr.ReadFrame()
 		if err != nil {
-			c.Close()
-			return nil, fmt.Errorf("handshake with %s: %w", target, err)
+			return fmt.Errorf("handshake with %s: %w", target, err)
 		}
 		switch f := f.(type) {
 		case *http2.SettingsFrame:
@@ -251,27 +287,44 @@ func handshake(ctx context.Context, target string) (net.Conn, error) {
 			}
 			gotSettings = true
 			if err := fr.WriteSettingsAck(); err != nil {
-				c.Close()
-				return nil, err
+				return err
 			}
 		case *http2.PingFrame:
 			if !f.IsAck() {
 				if err := fr.WritePing(true, f.Data); err != nil {
-					c.Close()
-					return nil, err
+					return err
 				}
 			}
+		case *http2.MetaHeadersFrame:
+			if f.StreamEnded() {
+				if st := f.PseudoValue("status"); st != "" && st != "200" {
+					return fmt.Errorf("call %s: HTTP status %s", call, st)
+				}
+				if st := f.Fields; grpcStatus(st) != "0" {
+					return fmt.Errorf("call %s: grpc-status %q", call, grpcStatus(st))
+				}
+				answered = true
+			}
+		case *http2.RSTStreamFrame:
+			return fmt.Errorf("call %s: RST_STREAM %v", call, f.ErrCode)
 		case *http2.GoAwayFrame:
-			c.Close()
-			return nil, fmt.Errorf("handshake with %s: GOAWAY %v", target, f.ErrCode)
+			return fmt.Errorf("handshake with %s: GOAWAY %v", target, f.ErrCode)
 		}
 		if err := bw.Flush(); err != nil {
-			c.Close()
-			return nil, err
+			return err
 		}
 	}
-	c.SetDeadline(time.Time{})
-	return c, nil
+	return nil
+}
+
+// grpcStatus is the grpc-status among fields, or "".
+func grpcStatus(fields []hpack.HeaderField) string {
+	for _, f := range fields {
+		if f.Name == "grpc-status" {
+			return f.Value
+		}
+	}
+	return ""
 }
 
 // rssKiB sums a /proc/PID/status field (VmRSS:, RssAnon:) of the

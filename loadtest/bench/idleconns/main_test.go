@@ -3,6 +3,7 @@
 package main
 
 import (
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -13,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/streamlb/streamlb/testserver"
 )
 
 // startH2C serves cleartext HTTP/2 with x/net's server on a loopback port
@@ -63,7 +66,7 @@ func startH2C(t *testing.T) (addr string, accepted func() int) {
 
 func TestRun(t *testing.T) {
 	addr, accepted := startH2C(t)
-	res, err := run(addr, strconv.Itoa(os.Getpid()), 20, 50*time.Millisecond, 10*time.Second)
+	res, err := run(addr, strconv.Itoa(os.Getpid()), 20, 50*time.Millisecond, 10*time.Second, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,6 +77,36 @@ func TestRun(t *testing.T) {
 	}
 	if res.RSSBeforeKiB <= 0 || res.RSSAfterKiB <= 0 {
 		t.Errorf("RSS before %d KiB, after %d KiB; want both positive", res.RSSBeforeKiB, res.RSSAfterKiB)
+	}
+}
+
+// TestRunCall: with -call, every connection makes one gRPC call to a real
+// grpc-go server first, whose answer must be OK; a method the server does
+// not have fails the run with its status.
+func TestRunCall(t *testing.T) {
+	ts, err := testserver.New(testserver.Config{Name: "b", Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	pid := strconv.Itoa(os.Getpid())
+	res, err := run(ts.Addr(), pid, 10, 0, 10*time.Second, "/grpc.testing.TestService/EmptyCall")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Handshaken != 10 || res.OpenAtEnd != 10 || res.Call == "" {
+		t.Errorf("handshaken %d, open at the end %d, call %q; want 10, 10, the method", res.Handshaken, res.OpenAtEnd, res.Call)
+	}
+	// The warm-up connection's call, and one per connection.
+	if got := ts.Calls(); got != 11 {
+		t.Errorf("the server answered %d calls, want 11", got)
+	}
+	_, err = run(ts.Addr(), pid, 2, 0, 10*time.Second, "/grpc.testing.TestService/NoSuchMethod")
+	if err == nil || !strings.Contains(err.Error(), `grpc-status "12"`) {
+		t.Errorf("a call to a missing method: err %v, want grpc-status 12 (UNIMPLEMENTED)", err)
 	}
 }
 
@@ -96,7 +129,7 @@ func TestRunNotHTTP2(t *testing.T) {
 		}
 	}()
 	t.Cleanup(func() { ln.Close(); <-done })
-	res, err := run(ln.Addr().String(), strconv.Itoa(os.Getpid()), 3, 0, 5*time.Second)
+	res, err := run(ln.Addr().String(), strconv.Itoa(os.Getpid()), 3, 0, 5*time.Second, "")
 	if err == nil {
 		t.Fatalf("got no error (%+v), want one", res)
 	}
@@ -118,7 +151,7 @@ func TestRunRejects(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := run(tc.target, tc.pids, tc.n, 0, time.Second)
+			_, err := run(tc.target, tc.pids, tc.n, 0, time.Second, "")
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("got error %v, want one containing %q", err, tc.want)
 			}
