@@ -93,18 +93,3 @@ func (s *Server) ZeroStreamBackends() []string {
 // ParkedConns reports the client connections whose reader goroutine is
 // parked (park.go), for tests.
 func (s *Server) ParkedConns() int { return s.parker.parked() }
-
-// StreamMaps counts the client connections that hold a stream map (made at
-// their first stream, dropped when they park).
-func (s *Server) StreamMaps() int64 {
-	var n int64
-	s.maxOverConns(func(c *serverConn) int64 {
-		c.mu.Lock()
-		if c.streams != nil {
-			n++
-		}
-		c.mu.Unlock()
-		return 0
-	})
-	return n
-}

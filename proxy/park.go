@@ -167,6 +167,7 @@ func (c *serverConn) tryPark() bool {
 		// it again). The HPACK tables stay: they are the protocol's state.
 		c.streams = nil
 		c.hd.fields = nil
+		c.hd.block = headerBlock{} // its Fields are the same array
 	}
 	c.mu.Unlock()
 	if idle {
