@@ -507,7 +507,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		// cannot end before mu is released, so the stream's end
 		// (sideClosed) finds the timer to stop. An expiry that comes first
 		// waits for mu in deadlineExceeded.
-		s.timer = startDeadline(s, ri.timeout)
+		s.timer = startDeadline(s, time.Until(s.deadline)) // the pick took some of it
 	}
 	c.mu.Unlock()
 	if !ok {
