@@ -1214,7 +1214,11 @@ type role interface {
 }
 
 // batchBudget bounds the DATA bytes taken in one batch, so control frames
-// (WINDOW_UPDATE, PING, RST_STREAM) queued meanwhile wait at most that long.
+// (WINDOW_UPDATE, PING, RST_STREAM) queued meanwhile go out behind at most
+// that much DATA of this batch. On a plain socket, payloads written by
+// reference are gathered across batches up to vecFlushAt (256 KiB) before
+// the write (connbuf.go), so a control frame may wait in the gathered
+// bytes behind up to that much, as it would in the socket's buffer.
 const batchBudget = 64 << 10
 
 // writeLoop is the connection's only writer. It drains control frames and

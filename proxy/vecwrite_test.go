@@ -208,7 +208,6 @@ func TestConnWriterPushesAfterMore(t *testing.T) {
 	}
 }
 
-// notSent is the bytes in nc's send queue not yet sent (SIOCOUTQNSD).
 // tcpPairBuffers is tcpPair with send and receive buffers of size bytes
 // on both sockets, set before the connection is made so that TCP offers
 // the window they allow.
@@ -252,6 +251,7 @@ func tcpPairBuffers(t *testing.T, size int) (client, server net.Conn) {
 	return client, server
 }
 
+// notSent is the bytes in nc's send queue not yet sent (SIOCOUTQNSD).
 func notSent(t *testing.T, nc net.Conn) int {
 	t.Helper()
 	raw, err := nc.(*net.TCPConn).SyscallConn()
