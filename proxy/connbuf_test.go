@@ -185,7 +185,15 @@ func TestConnReaderLetsGoWhenQuiet(t *testing.T) {
 // tcpPair returns the two ends of a loopback TCP connection.
 func tcpPair(t *testing.T) (client, server net.Conn) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return tcpPairWith(t, net.ListenConfig{}, net.Dialer{})
+}
+
+// tcpPairWith is tcpPair with the listener and the client socket made by
+// lc and d (their Control functions can set socket options before the
+// connection is made).
+func tcpPairWith(t *testing.T, lc net.ListenConfig, d net.Dialer) (client, server net.Conn) {
+	t.Helper()
+	ln, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,7 +203,7 @@ func tcpPair(t *testing.T) (client, server net.Conn) {
 		c, _ := ln.Accept()
 		accepted <- c
 	}()
-	client, err = net.Dial("tcp", ln.Addr().String())
+	client, err = d.DialContext(t.Context(), "tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -227,28 +227,7 @@ func tcpPairBuffers(t *testing.T, size int) (client, server net.Conn) {
 		}
 		return serr
 	}
-	lc := net.ListenConfig{Control: set}
-	ln, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	d := net.Dialer{Control: set}
-	client, err = d.DialContext(t.Context(), "tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	server = <-accepted
-	if server == nil {
-		t.Fatal("accept failed")
-	}
-	t.Cleanup(func() { client.Close(); server.Close() })
-	return client, server
+	return tcpPairWith(t, net.ListenConfig{Control: set}, net.Dialer{Control: set})
 }
 
 // notSent is the bytes in nc's send queue not yet sent (SIOCOUTQNSD).
