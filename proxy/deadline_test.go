@@ -57,6 +57,28 @@ func TestDeadlineTimersReused(t *testing.T) {
 	}
 }
 
+// TestLongestGRPCTimeout: the largest grpc-timeout a client can send
+// (8 digits of hours, which saturates a time.Duration) is a deadline that
+// never passes, not one that has: the deadline the proxy notes (saturated
+// to the far future) and the timer it starts for what is left of it must
+// let the call end OK, with a backend delay so that the timer is running.
+func TestLongestGRPCTimeout(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	ctx := testkit.Context(t, 30*time.Second)
+	client := rawClient(t)
+	for _, timeout := range []string{"99999999H", "2562047H", "99999999S"} {
+		resp, err := client.Do(grpcRequest(ctx, t, e.addr, "/grpc.testing.TestService/EmptyCall",
+			map[string]string{"grpc-timeout": timeout, testserver.MetadataDelay: "50ms"}))
+		if err != nil {
+			t.Fatalf("grpc-timeout %s: %v", timeout, err)
+		}
+		if code, msg := grpcStatusOf(t, resp); code != "0" {
+			t.Errorf("grpc-timeout %s: grpc-status %q (%q), want 0", timeout, code, msg)
+		}
+	}
+}
+
 // TestDeadlineTimersRacing: calls whose grpc-timeout (3 ms) is about their
 // backend's delay, so that a timer is stopped as it fires again and again,
 // run beside calls with 20 s to live and a 50 ms delay, on timers from the
