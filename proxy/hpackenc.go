@@ -41,7 +41,6 @@ type hpackEncoder struct {
 	maxSize    uint32 // the dynamic table's maximum size, as the peer's decoder knows it
 	size       uint32 // sum of the sizes of the entries in the table (§4.1)
 	sizeUpdate bool   // the next block opens with a dynamic table size update
-	grown      bool   // slots is at its full size
 
 	// Entries are numbered from 1 in insertion order; next is the number
 	// of the next one. The table holds the entries next-count .. next-1.
@@ -156,7 +155,7 @@ func (e *hpackEncoder) insert(f *hpack.HeaderField, size, h uint32) {
 		e.slots = make([]encSlot, encFirstSlots)
 	}
 	p := e.places(h)
-	if !e.grown && e.slots[p[0]].id != 0 && e.slots[p[1]].id != 0 {
+	if len(e.slots) < encSlots && e.slots[p[0]].id != 0 && e.slots[p[1]].id != 0 {
 		e.growSlots()
 		p = e.places(h)
 	}
@@ -201,7 +200,6 @@ func (e *hpackEncoder) growRing() {
 func (e *hpackEncoder) growSlots() {
 	old := e.slots
 	e.slots = make([]encSlot, encSlots)
-	e.grown = true
 	const mask = encSlots - 1
 	first := e.next - e.count // number of the oldest entry in the table
 	for _, c := range old {
