@@ -300,8 +300,8 @@ func converse(c net.Conn, target, call string) error {
 				if st := f.PseudoValue("status"); st != "" && st != "200" {
 					return fmt.Errorf("call %s: HTTP status %s", call, st)
 				}
-				if st := f.Fields; grpcStatus(st) != "0" {
-					return fmt.Errorf("call %s: grpc-status %q", call, grpcStatus(st))
+				if gs := grpcStatus(f.Fields); gs != "0" {
+					return fmt.Errorf("call %s: grpc-status %q", call, gs)
 				}
 				answered = true
 			}
