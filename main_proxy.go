@@ -59,7 +59,7 @@ func proxyCommand() *cli.Command {
 			&cli.DurationFlag{Name: "drain-timeout", Value: cluster.DefaultDrainTimeout, Usage: "how long in-flight streams may run on SIGINT/SIGTERM, and on a backend that left the set, before they are cut"},
 			&cli.StringFlag{Name: "admin-listen", Usage: "`ADDR` for the admin HTTP endpoints / (live status page), /status.json, /healthz, /readyz, /backends, /metrics and /debug/pprof/ (off when empty)"},
 			&cli.StringFlag{Name: "access-log", Usage: "write one line per call to `PATH` (appended; - or stderr for stderr), in --log-format"},
-			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once started, unmap the binary's code and read-only data that start-up touched, so RSS counts what the running proxy uses (Linux; the only flag besides --log-* allowed with --config)"},
+			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once started, unmap the binary's code and read-only data that start-up touched and drop them from the page cache, so RSS counts what the running proxy uses (Linux; pages touched later are read from the file; the only flag besides --log-* allowed with --config)"},
 			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "keep Prometheus metrics, served on /metrics of --admin-listen (--metrics=false: none)"},
 			&cli.IntFlag{Name: "mutex-profile-fraction", Usage: "record one contended unlock in `N` for /debug/pprof/mutex of --admin-listen (0: off, and that endpoint answers 404; costs CPU: for diagnosis); allowed beside --config"},
 			&cli.IntFlag{Name: "block-profile-rate", Usage: "record a blocking event per `NS` nanoseconds blocked for /debug/pprof/block of --admin-listen (0: off, and that endpoint answers 404; costs CPU: for diagnosis); allowed beside --config"},
