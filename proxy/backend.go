@@ -401,6 +401,29 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 	}
+	if !end {
+		// A response is up to maxInterimResponses informational (1xx)
+		// header blocks, one final one, and trailers, which end the
+		// stream (RFC 9113 §8.1): any other HEADERS without END_STREAM
+		// makes it malformed, a stream error PROTOCOL_ERROR (§8.1.1),
+		// and the client gets INTERNAL, as a direct grpc-go client
+		// fails such an answer. Relayed instead, every block is queued
+		// toward the client: a backend repeating a small block of
+		// references to a large table entry made the proxy decode and
+		// hold a megabyte per 250 bytes it sent.
+		switch {
+		case a.finalHeaders:
+			b.mu.Unlock()
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: errors.New("HEADERS without END_STREAM after the response headers")}
+		case !isInterimResponse(f.Fields):
+			a.finalHeaders = true
+		case a.interim >= maxInterimResponses:
+			b.mu.Unlock()
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: fmt.Errorf("more than %d informational (1xx) responses", maxInterimResponses)}
+		default:
+			a.interim++
+		}
+	}
 	if a.fieldRoom == nil {
 		a.fieldRoom = a.fieldInl[:]
 	}

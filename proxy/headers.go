@@ -40,6 +40,23 @@ func filterFields(fields []hpack.HeaderField) []hpack.HeaderField {
 	return fields
 }
 
+// maxInterimResponses bounds the informational (1xx) responses a backend
+// may send before its final response headers, as x/net's HTTP/2 client
+// does (5; http2.Transport, "too many 1xx informational responses").
+const maxInterimResponses = 5
+
+// isInterimResponse reports whether a response header block is
+// informational: a :status of 1xx (RFC 9110 §15.2).
+func isInterimResponse(fields []hpack.HeaderField) bool {
+	for i := range fields {
+		if fields[i].Name == ":status" {
+			v := fields[i].Value
+			return len(v) == 3 && v[0] == '1'
+		}
+	}
+	return false
+}
+
 // requestInfo is what the proxy reads from a request header block.
 type requestInfo struct {
 	method      string // :method

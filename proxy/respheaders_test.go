@@ -1,0 +1,107 @@
+package proxy_test
+
+import (
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/streamlb/streamlb/internal/testkit"
+
+	"golang.org/x/net/http2"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/status"
+)
+
+// TestResponseHeaderBlocks sends a backend's answer as header blocks in
+// the order RFC 9113 §8.1 allows, or not: up to five informational (1xx)
+// blocks, the final headers, DATA and trailers pass; a HEADERS frame
+// without END_STREAM after the final headers, or a sixth 1xx block, makes
+// the response malformed, and the client gets INTERNAL. Relayed, repeated
+// blocks were queued toward the client without bound (the attack that
+// found it: 250-byte blocks of references to a 4 KB table entry, each a
+// megabyte decoded and held, 127 MiB of RSS for 2.5 MB sent). The proxy
+// resets the backend's stream PROTOCOL_ERROR and keeps serving.
+func TestResponseHeaderBlocks(t *testing.T) {
+	final := hpackBlock(":status", "200", "content-type", "application/grpc")
+	interim := hpackBlock(":status", "100")
+	trailers := hpackBlock("grpc-status", "0")
+	empty := []byte{0, 0, 0, 0, 0} // a gRPC message: grpc.testing.Empty
+	for _, tc := range []struct {
+		name   string
+		blocks [][]byte // header blocks sent without END_STREAM, in order
+		want   codes.Code
+		reset  bool // the backend must see RST_STREAM(PROTOCOL_ERROR)
+	}{
+		{name: "final headers", blocks: [][]byte{final}, want: codes.OK},
+		{name: "five informational, then final", blocks: [][]byte{interim, interim, interim, interim, interim, final}, want: codes.OK},
+		{name: "six informational", blocks: [][]byte{interim, interim, interim, interim, interim, interim, final}, want: codes.Internal, reset: true},
+		{name: "headers after the final headers", blocks: [][]byte{final, final}, want: codes.Internal, reset: true},
+		{name: "a hundred blocks after the final headers", blocks: append([][]byte{final}, repeatBlock(hpackBlock("x-more", "y"), 100)...), want: codes.Internal, reset: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			verifyNoLeaks(t)
+			e := newEnv(t, envOpts{backends: 1})
+			var resets atomic.Int32
+			bad := rawBackend(t, func(nc net.Conn) {
+				s, err := acceptH2(nc)
+				if err != nil || s.hello() != nil {
+					return
+				}
+				s.serve(func(f http2.Frame) bool {
+					switch f := f.(type) {
+					case *http2.RSTStreamFrame:
+						if f.ErrCode == http2.ErrCodeProtocol {
+							resets.Add(1)
+						}
+					case *http2.HeadersFrame:
+						id := f.StreamID
+						for _, b := range tc.blocks {
+							if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: b, EndHeaders: true}) != nil {
+								return false
+							}
+						}
+						if s.fr.WriteData(id, false, empty) != nil {
+							return false
+						}
+						return s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
+					}
+					return true
+				})
+			})
+			e.setBackends(bad)
+			ctx := testkit.Context(t, 30*time.Second)
+			for i := range 3 {
+				_, err := e.client.EmptyCall(ctx, &testgrpc.Empty{})
+				if got := status.Code(err); got != tc.want {
+					t.Fatalf("call %d: %v, want %v", i, err, tc.want)
+				}
+			}
+			if tc.reset {
+				// The RST follows the client's status; give it a moment.
+				deadline := time.Now().Add(5 * time.Second)
+				for resets.Load() < 3 && time.Now().Before(deadline) {
+					time.Sleep(10 * time.Millisecond)
+				}
+				if n := resets.Load(); n < 3 {
+					t.Errorf("the backend saw %d RST_STREAM(PROTOCOL_ERROR) for 3 malformed answers", n)
+				}
+			}
+			// The proxy still serves, through a good backend.
+			e.setBackends(e.backends[0].Addr())
+			if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+				t.Errorf("after the backend's answers: %v", err)
+			}
+		})
+	}
+}
+
+func repeatBlock(b []byte, n int) [][]byte {
+	out := make([][]byte, n)
+	for i := range out {
+		out[i] = b
+	}
+	return out
+}
+
