@@ -529,9 +529,15 @@ func (b *backendConn) onData(f *dataFrame) error {
 	}
 	if len(data) == 0 && !end {
 		// Says nothing, and would cost a queue entry per frame toward
-		// the client: not relayed, and a glitch.
+		// the client: not relayed, and a glitch. Its padding was
+		// credited: a WINDOW_UPDATE for it may be queued, without which
+		// a backend that pads stalls on its window.
 		err := b.glitchLocked(1, "empty DATA frame")
+		wake := len(b.ctrl) != queued
 		b.mu.Unlock()
+		if wake {
+			b.signal()
+		}
 		return err
 	}
 	held := b.forwardLocked(a)

@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"context"
 	"net"
 	"sync/atomic"
 	"testing"
@@ -105,3 +106,63 @@ func repeatBlock(b []byte, n int) [][]byte {
 	return out
 }
 
+// TestPaddingOnlyDataCredited has a backend fill its stream's window with
+// DATA frames that carry only padding: the padding is returned with
+// WINDOW_UPDATE (RFC 9113 §6.9.1 counts it), so the backend can then send
+// its message. The proxy credited it but, the frame being empty, did not
+// wake its writer, and the WINDOW_UPDATE waited for something else to
+// write: the backend stalled on its window and the call ran into its
+// deadline.
+func TestPaddingOnlyDataCredited(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	final := hpackBlock(":status", "200", "content-type", "application/grpc")
+	trailers := hpackBlock("grpc-status", "0")
+	pad := make([]byte, 255)
+	bad := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello() != nil {
+			return
+		}
+		// The proxy's initial window per backend stream is 16 KiB
+		// (BackendStreamWindow): 64 frames of 256 bytes fill it.
+		credit := map[uint32]uint32{}
+		s.serve(func(f http2.Frame) bool {
+			switch f := f.(type) {
+			case *http2.HeadersFrame:
+				id := f.StreamID
+				credit[id] = 0
+				if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: final, EndHeaders: true}) != nil {
+					return false
+				}
+				for range 64 {
+					if s.fr.WriteDataPadded(id, false, nil, pad) != nil {
+						return false
+					}
+				}
+			case *http2.WindowUpdateFrame:
+				got, ok := credit[f.StreamID]
+				if !ok || got >= 5 {
+					return true
+				}
+				credit[f.StreamID] = got + f.Increment
+				if got+f.Increment >= 5 {
+					id := f.StreamID
+					return s.fr.WriteData(id, false, []byte{0, 0, 0, 0, 0}) == nil &&
+						s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
+				}
+			}
+			return true
+		})
+	})
+	e.setBackends(bad)
+	ctx := testkit.Context(t, 30*time.Second)
+	for i := range 3 {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+}

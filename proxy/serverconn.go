@@ -686,9 +686,14 @@ func (c *serverConn) onData(f *dataFrame) error {
 	s.active = true
 	if len(data) == 0 && !end {
 		// Says nothing, and would cost a queue entry per frame toward
-		// the backend: not relayed, and a glitch.
+		// the backend: not relayed, and a glitch. Its padding was
+		// credited: a WINDOW_UPDATE for it may be queued.
 		err := c.glitchLocked(1, "empty DATA frame")
+		wake := len(c.ctrl) != queued
 		c.mu.Unlock()
+		if wake {
+			c.signal()
+		}
 		return err
 	}
 	if len(data) > 0 {
