@@ -89,13 +89,13 @@ type attempt struct {
 	bClosed    bool                // no longer in bc's tables nor holding a slot (also set to retry elsewhere)
 	discarded  bool                // over for good: request items are refused
 	gotHeaders bool                // the backend sent its response headers
+	forwarded  bool                // the client has seen part of this attempt's answer
+	held       []hpack.HeaderField // response headers held back while a retry is possible
+	hold       holdback            // the incomplete response message held back (holdback.go)
 	// finalHeaders: the backend sent its final (non-1xx) response
 	// headers; interim counts the informational ones before them.
 	finalHeaders bool
 	interim      uint8
-	forwarded  bool                // the client has seen part of this attempt's answer
-	held       []hpack.HeaderField // response headers held back while a retry is possible
-	hold       holdback            // the incomplete response message held back (holdback.go)
 	// replay keeps the request items already written, while a retry is
 	// still possible and they fit Config.RetryBufferSize.
 	replay      []outItem
