@@ -1,9 +1,11 @@
 package cluster_test
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"io"
 	"log/slog"
 	"net/http"
 	"os"
@@ -369,6 +371,26 @@ func TestTLSMismatch(t *testing.T) {
 		resp.Body.Close()
 		if resp.StatusCode != http.StatusBadRequest {
 			t.Errorf("GET over cleartext: %d, want 400", resp.StatusCode)
+		}
+	})
+	t.Run("HTTP/1 over TLS", func(t *testing.T) {
+		// No ALPN: the handshake succeeds, and the proxy reads an
+		// HTTP/1.1 request where the HTTP/2 preface should be.
+		conn, err := tls.Dial("tcp", secure.addr, &tls.Config{InsecureSkipVerify: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(conn, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusHTTPVersionNotSupported || !strings.Contains(string(body), "h2 over TLS") {
+			t.Errorf("GET over TLS: %d %q, want 505 naming h2 over TLS", resp.StatusCode, body)
 		}
 	})
 }

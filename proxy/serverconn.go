@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -272,7 +273,10 @@ func classifyPreface(b []byte) prefaceKind {
 }
 
 func writeHTTP1Rejection(nc net.Conn) {
-	const body = "streamlb: this port speaks gRPC over HTTP/2 only (h2c with prior knowledge); HTTP/1.x is not supported\n"
+	body := "streamlb: this port speaks gRPC over HTTP/2 only (h2c with prior knowledge); HTTP/1.x is not supported\n"
+	if _, ok := nc.(interface{ ConnectionState() tls.ConnectionState }); ok { // *tls.Conn, or a wrapper of one
+		body = "streamlb: this port speaks gRPC over HTTP/2 only (h2 over TLS); HTTP/1.x is not supported\n"
+	}
 	nc.SetWriteDeadline(time.Now().Add(time.Second))
 	fmt.Fprintf(nc, "HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
 }
