@@ -16,7 +16,11 @@ import (
 //     backends, which grow only within the budget (grown, and
 //     transport.growLocked),
 //   - the request header blocks kept for retries (reqFields), by their
-//     HPACK size.
+//     HPACK size,
+//   - the backends' response header and trailer blocks queued toward the
+//     client (stream.respSize), by their HPACK size, until the call ends;
+//     a block that would take the count past the limit is not queued
+//     and its call fails RESOURCE_EXHAUSTED (responseOverBudgetLocked).
 //
 // A 1-byte payload in a 16 KiB buffer counts 16 KiB: the memory is what
 // is bounded. The counter is an atomic because the buffers are taken and

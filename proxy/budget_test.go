@@ -1,6 +1,9 @@
 package proxy_test
 
 import (
+	"net"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -143,4 +146,94 @@ func TestResponseBuffersPerStream(t *testing.T) {
 	if peak > bound {
 		t.Errorf("peak %d bytes buffered, over %d", peak, bound)
 	}
+}
+
+// TestBudgetCountsResponseHeaders: the header blocks of the backends'
+// answers queued toward a client that does not read count in its
+// connection's budget. A backend answering every call with 900 KB of
+// headers (within MaxResponseHeaderListSize) made the proxy queue all of
+// them for such a client: 100 calls, about 90 MB. Now, past the budget,
+// the calls end RESOURCE_EXHAUSTED and the answers' headers are not
+// queued; what the client finally reads is the kernel's socket buffers'
+// worth of big answers and a status for the rest.
+func TestBudgetCountsResponseHeaders(t *testing.T) {
+	verifyNoLeaks(t)
+	const budget = 1 << 20
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.MaxConnBufferedBytes = budget
+		c.BackendStreamWindow = 256 // the streams' windows leave room for the headers
+	}})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 60*time.Second)
+	big := hpackBlock(":status", "200", "content-type", "application/grpc", "x-big", strings.Repeat("b", 900<<10))
+	trailers := hpackBlock("grpc-status", "0")
+	var answered atomic.Int32
+	bad := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello() != nil {
+			return
+		}
+		s.serve(func(f http2.Frame) bool {
+			h, ok := f.(*http2.HeadersFrame)
+			if !ok {
+				return true
+			}
+			// One header block over frames of 16 KiB, the proxy's
+			// SETTINGS_MAX_FRAME_SIZE.
+			const frame = 16 << 10
+			b := big
+			if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: h.StreamID, BlockFragment: b[:frame]}) != nil {
+				return false
+			}
+			for b = b[frame:]; len(b) > 0; {
+				n := min(frame, len(b))
+				if s.fr.WriteContinuation(h.StreamID, n == len(b), b[:n]) != nil {
+					return false
+				}
+				b = b[n:]
+			}
+			ok = s.fr.WriteData(h.StreamID, false, grpcMsg(&testgrpc.Empty{})) == nil &&
+				s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: h.StreamID, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
+			answered.Add(1)
+			return ok
+		})
+	})
+	e.setBackends(bad)
+	r := dialRaw(t, e.addr)
+	const calls = 100
+	for i := range calls {
+		id := uint32(2*i + 1)
+		r.headers(id, "/grpc.testing.TestService/EmptyCall", false)
+		r.fr.WriteData(id, true, grpcMsg(&testgrpc.Empty{}))
+	}
+	// Not reading: the proxy takes the answers the backend sends and
+	// holds what the socket does not take.
+	testkit.WaitFor(ctx, t, "the backend to answer or the proxy to refuse every call", func() bool {
+		return answered.Load() == calls || srv.MaxBufferedBytes() >= budget
+	})
+	time.Sleep(200 * time.Millisecond) // the last answers reach the proxy
+	if used := srv.MaxBufferedBytes(); used > budget {
+		t.Errorf("the connection's budget counts %d bytes, over its %d", used, budget)
+	}
+	var bigOnes, exhausted, ended int
+	for ended < calls {
+		f := r.next(func(f http2.Frame) bool { _, ok := f.(*http2.MetaHeadersFrame); return ok })
+		h := f.(*http2.MetaHeadersFrame)
+		if field(h, "x-big") != "" {
+			bigOnes++
+		}
+		if h.StreamEnded() {
+			ended++
+			if field(h, "grpc-status") == "8" {
+				exhausted++
+			}
+		}
+	}
+	t.Logf("%d calls: %d answers with 900 KB of headers relayed, %d ended RESOURCE_EXHAUSTED", calls, bigOnes, exhausted)
+	// The kernel's buffers of a loopback connection take a few MB; the
+	// budget 1 MiB more. Without the bound all 100 answers were queued.
+	if bigOnes > 40 || exhausted == 0 {
+		t.Errorf("%d of %d answers' 900 KB headers were queued for a client that did not read, %d calls refused; want the budget to stop them", bigOnes, calls, exhausted)
+	}
+	testkit.WaitFor(ctx, t, "the budget to empty", func() bool { return srv.MaxBufferedBytes() == 0 })
 }

@@ -118,14 +118,17 @@ type Config struct {
 	// the bytes in them (a 1-byte DATA payload in a 1 KiB buffer counts
 	// 1 KiB; see budget.go): request DATA queued toward backends, the
 	// copies kept so calls can be retried, response DATA queued toward
-	// the client, and the request header blocks kept for retries (by
-	// their RFC 9113 §6.5.2 size). Past it:
+	// the client, the request header blocks kept for retries and the
+	// backends' response header and trailer blocks queued toward the
+	// client (both by their RFC 9113 §6.5.2 size). Past it:
 	//   - the connection-level WINDOW_UPDATE is withheld, so the client
 	//     stops sending DATA, until the count is back to half (at most
 	//     ConnWindow more arrives meanwhile), as Envoy's per-connection
 	//     buffer limit stops reading from the client;
 	//   - new streams are answered RESOURCE_EXHAUSTED: HEADERS are not
 	//     flow-controlled, so this is what bounds retained headers;
+	//   - a response header block that would take the count past it is
+	//     not queued, and its call ends RESOURCE_EXHAUSTED instead;
 	//   - retries keep no more replay once half of it is used: such a
 	//     call loses its retryability, not its bytes, as Envoy lets a
 	//     request that outgrew its retry buffer go on unretried. The half

@@ -54,6 +54,27 @@ func (c *serverConn) responseOverPeerLocked(a *attempt, fields []hpack.HeaderFie
 	return true
 }
 
+// responseOverBudgetLocked counts a response header or trailer block of
+// the backend's, queued toward the client, in the client connection's
+// buffer budget (Config.MaxConnBufferedBytes) by its HPACK size, until
+// the stream ends (sideClosed); a block that would take the budget over
+// its limit is not queued, and the call ends RESOURCE_EXHAUSTED
+// (failConnBudget) instead, as a new stream would be refused. Without it a
+// client that did not read could make the proxy queue every answer's
+// headers, up to MaxResponseHeaderListSize each (a testserver echoing a
+// 50 KB request header: 53 MiB per connection). Caller must hold c.mu.
+func (c *serverConn) responseOverBudgetLocked(a *attempt, fields []hpack.HeaderField) bool {
+	s := a.s
+	n := int64(headerListSize(fields))
+	if b := &c.bufs; b.limit > 0 && b.used.Load()+n > b.limit {
+		c.failLocked(s, failure{kind: failConnBudget, limit: b.limit})
+		return true
+	}
+	c.bufs.add(int(n))
+	s.respSize += n
+	return false
+}
+
 // requestOverPeerLocked reports whether the request headers of a are over
 // the backend's advertised limit; openLocked then ends the attempt without
 // sending it (failRequestHeadersOverPeer). Caller must hold b.mu.

@@ -796,7 +796,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 	if it.kind == itemData {
 		s.pushDownData(data, it.end)
 	} else {
-		if c.responseOverPeerLocked(a, it.fields) {
+		if c.responseOverPeerLocked(a, it.fields) || c.responseOverBudgetLocked(a, it.fields) {
 			c.mu.Unlock()
 			c.signal()
 			a.bc.resetUp(a, http2.ErrCodeCancel)

@@ -27,6 +27,7 @@ type stream struct {
 	reqFields []hpack.HeaderField // request headers as relayed, kept for retries
 	reqEnd    bool                // request HEADERS carried END_STREAM
 	reqSize   uint32              // HPACK size of reqFields, counted in cc.bufs while the stream lives
+	respSize  int64               // HPACK size of the response blocks queued toward the client, counted the same; guarded by cc.mu
 	timer     *deadlineTimer      // grpc-timeout, or nil
 	srvCount  *atomic.Int64       // Server.inflight when MaxStreams applies
 
@@ -123,6 +124,11 @@ func (s *stream) sideClosed() {
 	}
 	if s.reqSize > 0 {
 		s.cc.bufs.sub(int(s.reqSize))
+	}
+	if s.respSize > 0 {
+		// The last block was queued before the response side closed,
+		// under cc.mu, and that close came before this.
+		s.cc.bufs.sub(int(s.respSize))
 	}
 	if a := s.att; a != nil {
 		s.up.budget.record(status.Code(s.result) == codes.Unavailable)
