@@ -166,3 +166,73 @@ func TestPaddingOnlyDataCredited(t *testing.T) {
 		}
 	}
 }
+
+// TestEarlyAnswerEndsRequest: a backend that answers completely while the
+// client is still sending its request, without resetting its stream
+// (RFC 9113 §8.1 lets a server do either), leaves the proxy to end the
+// request: the client gets the answer, then RST_STREAM(NO_ERROR), and the
+// backend's stream is cancelled. Without it both streams stayed open for
+// as long as the client kept sending nothing, and the idle checks skipped
+// them.
+func TestEarlyAnswerEndsRequest(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	final := hpackBlock(":status", "200", "content-type", "application/grpc")
+	trailers := hpackBlock("grpc-status", "0")
+	backendReset := make(chan http2.ErrCode, 4)
+	bad := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello() != nil {
+			return
+		}
+		s.serve(func(f http2.Frame) bool {
+			switch f := f.(type) {
+			case *http2.HeadersFrame:
+				id := f.StreamID
+				return s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: final, EndHeaders: true}) == nil &&
+					s.fr.WriteData(id, false, grpcMsg(&testgrpc.Empty{})) == nil &&
+					s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
+			case *http2.RSTStreamFrame:
+				select {
+				case backendReset <- f.ErrCode:
+				default:
+				}
+			}
+			return true
+		})
+	})
+	e.setBackends(bad)
+	r := dialRaw(t, e.addr)
+	// The request's HEADERS, no END_STREAM, and nothing more.
+	r.headers(1, "/grpc.testing.TestService/EmptyCall", false)
+	var status string
+	f := r.next(func(f http2.Frame) bool {
+		switch f := f.(type) {
+		case *http2.MetaHeadersFrame:
+			if f.StreamEnded() {
+				status = field(f, "grpc-status")
+			}
+		case *http2.RSTStreamFrame:
+			return f.StreamID == 1
+		}
+		return false
+	})
+	if rst := f.(*http2.RSTStreamFrame); status != "0" || rst.ErrCode != http2.ErrCodeNo {
+		t.Errorf("client got grpc-status %q then RST_STREAM %v, want 0 then NO_ERROR", status, rst.ErrCode)
+	}
+	select {
+	case code := <-backendReset:
+		if code != http2.ErrCodeCancel {
+			t.Errorf("backend's stream reset %v, want CANCEL", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("the backend's stream was not reset")
+	}
+	// The connection serves on.
+	r.headers(3, "/grpc.testing.TestService/EmptyCall", false)
+	r.fr.WriteData(3, true, grpcMsg(&testgrpc.Empty{}))
+	r.next(func(f http2.Frame) bool {
+		h, ok := f.(*http2.MetaHeadersFrame)
+		return ok && h.StreamID == 3 && h.StreamEnded()
+	})
+}

@@ -808,12 +808,29 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 		}
 		s.down.push(it)
 	}
+	// The backend's complete answer while the client still sends: as for
+	// the proxy's own statuses (endDownLocked), the answer is followed by
+	// RST_STREAM(NO_ERROR), telling the client to stop (RFC 9113 §8.1),
+	// and the backend's stream is cancelled. A grpc-go backend resets
+	// its side itself; without this, one that did not left the stream
+	// open on both connections for as long as the client kept its request
+	// open, out of reach of the idle checks, its backend slot held.
+	cancelUp := false
+	if it.end && it.kind == itemHeaders && !s.cst.recvEnded() && !s.rstQueued {
+		s.rstQueued = true
+		s.rstCode = http2.ErrCodeNo
+		s.down.push(outItem{kind: itemReset, code: http2.ErrCodeNo})
+		cancelUp = true
+	}
 	if it.end {
 		s.down.closed = true
 	}
 	c.markReadyLocked(&s.down)
 	c.mu.Unlock()
 	c.signal()
+	if cancelUp {
+		a.bc.resetUp(a, http2.ErrCodeCancel)
+	}
 	return true
 }
 
