@@ -68,6 +68,7 @@ type fileProxy struct {
 	MaxConcurrentStreams      uint32        `yaml:"max_concurrent_streams"`
 	MaxConnections            int           `yaml:"max_connections"`
 	IdleTimeout               time.Duration `yaml:"idle_timeout"`
+	RequestIdleTimeout        time.Duration `yaml:"request_idle_timeout"`
 	WriteTimeout              time.Duration `yaml:"write_timeout"`
 	MaxStreams                int64         `yaml:"max_streams"`
 	MaxStreamsPerBackend      int64         `yaml:"max_streams_per_backend"`
@@ -668,6 +669,7 @@ func (f *File) proxyConfig() proxy.Config {
 		MaxConcurrentStreams:      p.MaxConcurrentStreams,
 		MaxConnections:            p.MaxConnections,
 		IdleTimeout:               p.IdleTimeout,
+		RequestIdleTimeout:        p.RequestIdleTimeout,
 		WriteTimeout:              p.WriteTimeout,
 		MaxStreams:                p.MaxStreams,
 		MaxStreamsPerBackend:      p.MaxStreamsPerBackend,

@@ -4,6 +4,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -69,4 +70,24 @@ func replaceOnce(t *testing.T, s, old, new string) string {
 		t.Fatalf("%q not found", old)
 	}
 	return strings.Replace(s, old, new, 1)
+}
+
+// TestProxyTimeoutsFromFile checks that the file's proxy timeouts reach
+// the data plane's settings, request_idle_timeout among them.
+func TestProxyTimeoutsFromFile(t *testing.T) {
+	t.Parallel()
+	f, err := ParseFile("t.yaml", []byte(`
+proxy: {idle_timeout: 7s, request_idle_timeout: 3s, write_timeout: 9s}
+clusters:
+  - name: a
+    targets: [127.0.0.1:1]
+routes: [{cluster: a}]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := f.proxyConfig()
+	if p.IdleTimeout != 7*time.Second || p.RequestIdleTimeout != 3*time.Second || p.WriteTimeout != 9*time.Second {
+		t.Errorf("idle %v, request idle %v, write %v; want 7s, 3s, 9s", p.IdleTimeout, p.RequestIdleTimeout, p.WriteTimeout)
+	}
 }
