@@ -242,7 +242,7 @@ func (b *backendConn) run(ctx context.Context) {
 		cause = werr
 	}
 	b.mu.Lock()
-	if errors.Is(b.closeErr, errKeepalive) {
+	if errors.Is(b.closeErr, errKeepalive) || errors.Is(b.closeErr, errNoSettings) {
 		cause = b.closeErr // the reader and writer only saw the socket closed
 	}
 	b.mu.Unlock()

@@ -6,12 +6,15 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/streamlb/streamlb/internal/testkit"
@@ -267,4 +270,20 @@ func muteBackend(t *testing.T) string {
 		}
 	})
 	return ln.Addr().String()
+}
+
+// TestBackendWithoutHTTP2Status: with no other backend, a call on a
+// backend that never sends its SETTINGS fails UNAVAILABLE saying so, not
+// with the "use of closed network connection" its reader saw when the
+// proxy closed the connection.
+func TestBackendWithoutHTTP2Status(t *testing.T) {
+	verifyNoLeaks(t)
+	mute := muteBackend(t)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.HandshakeTimeout = 300 * time.Millisecond }})
+	e.setBackends(mute)
+	ctx := testkit.Context(t, 20*time.Second)
+	_, err := e.client.EmptyCall(ctx, &testgrpc.Empty{})
+	if status.Code(err) != codes.Unavailable || !(strings.Contains(err.Error(), "SETTINGS") || strings.Contains(err.Error(), "handshake")) || strings.Contains(err.Error(), "closed network connection") {
+		t.Errorf("call on a backend that never speaks HTTP/2: %v, want UNAVAILABLE naming the missing handshake", err)
+	}
 }
