@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"encoding/binary"
+	"math/rand/v2"
 	"sync/atomic"
 )
 
@@ -62,10 +63,13 @@ type bufBudget struct {
 	drained     atomic.Uint64
 	probeWanted atomic.Bool   // a stream would grow: the writer sends a probe
 	probe       atomic.Uint64 // payload of the probe in flight; 0: none
-	probeSeq    uint64        // owner's writer only
 }
 
-// probeTag marks the PING payloads of drain probes ("sl" and a sequence).
+// probeTag marks the PING payloads of drain probes: "sl" and 48 random
+// bits, so that a client cannot acknowledge a probe it has not read. With
+// a sequence number instead, a client that never read could send the
+// acknowledgements of the next probes unasked and make its streams'
+// windows grow (TestForgedProbeAcks).
 const probeTag = uint64('s')<<56 | uint64('l')<<48
 
 // drainedSince reports whether a drain probe was acknowledged since *seen,
@@ -92,8 +96,7 @@ func (t *transport) maybeProbeLocked() {
 		return
 	}
 	b.probeWanted.Store(false)
-	b.probeSeq++
-	v := probeTag | b.probeSeq&(1<<48-1)
+	v := probeTag | rand.Uint64()&(1<<48-1)
 	b.probe.Store(v)
 	op := writeOp{kind: opPing}
 	binary.BigEndian.PutUint64(op.ping[:], v)

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -401,6 +402,44 @@ func serveWindowed(nc net.Conn, answer []byte) (s struct{ maxStream, maxConn int
 			if err := note(); err != nil {
 				return s, err
 			}
+		}
+	}
+}
+
+// TestForgedProbeAcks is TestNeverReaderWindowsDoNotGrow with a client
+// that, never reading, sends the PING acknowledgements the drain probes
+// would get, guessing their payloads: "sl" and a sequence number, as they
+// were. The payloads are random now, so the windows still do not grow.
+func TestForgedProbeAcks(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	r := dialRawWide(t, e.addr)
+	const streams = 16
+	msg := grpcMsg(bigStream(64, 128<<10))
+	for i := range streams {
+		id := uint32(2*i + 1)
+		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
+		r.fr.WriteData(id, true, msg)
+	}
+	testkit.WaitFor(ctx, t, "the response queues to fill", func() bool {
+		return srv.MaxBufferedBytes() >= streams*proxy.DefaultBackendStreamWindow/2
+	})
+	forge := func(seq uint64) {
+		var p [8]byte
+		binary.BigEndian.PutUint64(p[:], uint64('s')<<56|uint64('l')<<48|seq)
+		r.fr.WritePing(true, p)
+	}
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for round := range 100 {
+		<-tick.C
+		for seq := uint64(1); seq <= 16; seq++ {
+			forge(uint64(round/4)*16 + seq)
+		}
+		if g := srv.MaxWindowGrowth(); g != 0 {
+			t.Fatalf("forged acknowledgements made a never-reading client's windows grow by %d bytes", g)
 		}
 	}
 }
