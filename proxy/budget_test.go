@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -168,36 +167,30 @@ func TestBudgetCountsResponseHeaders(t *testing.T) {
 	big := hpackBlock(":status", "200", "content-type", "application/grpc", "x-big", strings.Repeat("b", 900<<10))
 	trailers := hpackBlock("grpc-status", "0")
 	var answered atomic.Int32
-	bad := rawBackend(t, func(nc net.Conn) {
-		s, err := acceptH2(nc)
-		if err != nil || s.hello() != nil {
-			return
+	bad := rawBackend(t, h2Frames(func(s *h2Server, f http2.Frame) bool {
+		h, ok := f.(*http2.HeadersFrame)
+		if !ok {
+			return true
 		}
-		s.serve(func(f http2.Frame) bool {
-			h, ok := f.(*http2.HeadersFrame)
-			if !ok {
-				return true
-			}
-			// One header block over frames of 16 KiB, the proxy's
-			// SETTINGS_MAX_FRAME_SIZE.
-			const frame = 16 << 10
-			b := big
-			if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: h.StreamID, BlockFragment: b[:frame]}) != nil {
+		// One header block over frames of 16 KiB, the proxy's
+		// SETTINGS_MAX_FRAME_SIZE.
+		const frame = 16 << 10
+		b := big
+		if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: h.StreamID, BlockFragment: b[:frame]}) != nil {
+			return false
+		}
+		for b = b[frame:]; len(b) > 0; {
+			n := min(frame, len(b))
+			if s.fr.WriteContinuation(h.StreamID, n == len(b), b[:n]) != nil {
 				return false
 			}
-			for b = b[frame:]; len(b) > 0; {
-				n := min(frame, len(b))
-				if s.fr.WriteContinuation(h.StreamID, n == len(b), b[:n]) != nil {
-					return false
-				}
-				b = b[n:]
-			}
-			ok = s.fr.WriteData(h.StreamID, false, grpcMsg(&testgrpc.Empty{})) == nil &&
-				s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: h.StreamID, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
-			answered.Add(1)
-			return ok
-		})
-	})
+			b = b[n:]
+		}
+		ok = s.fr.WriteData(h.StreamID, false, grpcMsg(&testgrpc.Empty{})) == nil &&
+			s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: h.StreamID, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
+		answered.Add(1)
+		return ok
+	}))
 	e.setBackends(bad)
 	r := dialRaw(t, e.addr)
 	const calls = 100

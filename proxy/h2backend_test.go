@@ -132,14 +132,22 @@ func (s *h2Server) serve(on func(http2.Frame) bool) error {
 // and calls onHeaders for every request HEADERS until onHeaders returns
 // false or the connection ends.
 func h2Backend(onHeaders func(fr *http2.Framer, id uint32) bool) func(net.Conn) {
+	return h2Frames(func(s *h2Server, f http2.Frame) bool {
+		h, ok := f.(*http2.HeadersFrame)
+		return !ok || onHeaders(s.fr, h.StreamID)
+	})
+}
+
+// h2Frames is a raw HTTP/2 server that hands every frame to on, with the
+// connection's h2Server to answer on, until on returns false or the
+// connection ends; it reads the preface, sends SETTINGS and acknowledges
+// the proxy's.
+func h2Frames(on func(s *h2Server, f http2.Frame) bool) func(net.Conn) {
 	return func(nc net.Conn) {
 		s, err := acceptH2(nc)
 		if err != nil || s.hello() != nil {
 			return
 		}
-		s.serve(func(f http2.Frame) bool {
-			h, ok := f.(*http2.HeadersFrame)
-			return !ok || onHeaders(s.fr, h.StreamID)
-		})
+		s.serve(func(f http2.Frame) bool { return on(s, f) })
 	}
 }

@@ -65,19 +65,9 @@ func TestNeverReaderWindowsDoNotGrow(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 1})
 	srv := e.srv.(*proxy.Server)
-	ctx := testkit.Context(t, 30*time.Second)
-	r := dialRawWide(t, e.addr)
 	const streams = 16
-	msg := grpcMsg(bigStream(64, 128<<10))
-	for i := range streams {
-		id := uint32(2*i + 1)
-		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
-		r.fr.WriteData(id, true, msg)
-	}
+	unreadStreams(t, e, streams)
 	const bound = streams * (proxy.DefaultBackendStreamWindow + 16<<10 + 1<<10)
-	testkit.WaitFor(ctx, t, "the response queues to fill", func() bool {
-		return srv.MaxBufferedBytes() >= streams*proxy.DefaultBackendStreamWindow/2
-	})
 	peak := int64(0)
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
@@ -406,6 +396,26 @@ func serveWindowed(nc net.Conn, answer []byte) (s struct{ maxStream, maxConn int
 	}
 }
 
+// unreadStreams opens n server streams of 64 answers of 128 KiB on a raw
+// connection that grants 1 GiB windows and never reads, and waits until
+// the proxy's response queues hold at least half the streams' initial
+// backend windows.
+func unreadStreams(t *testing.T, e *env, n int) *rawConn {
+	t.Helper()
+	srv := e.srv.(*proxy.Server)
+	r := dialRawWide(t, e.addr)
+	msg := grpcMsg(bigStream(64, 128<<10))
+	for i := range n {
+		id := uint32(2*i + 1)
+		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
+		r.fr.WriteData(id, true, msg)
+	}
+	testkit.WaitFor(testkit.Context(t, 30*time.Second), t, "the response queues to fill", func() bool {
+		return srv.MaxBufferedBytes() >= int64(n)*proxy.DefaultBackendStreamWindow/2
+	})
+	return r
+}
+
 // TestForgedProbeAcks is TestNeverReaderWindowsDoNotGrow with a client
 // that, never reading, sends the PING acknowledgements the drain probes
 // would get, guessing their payloads: "sl" and a sequence number, as they
@@ -414,18 +424,7 @@ func TestForgedProbeAcks(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 1})
 	srv := e.srv.(*proxy.Server)
-	ctx := testkit.Context(t, 30*time.Second)
-	r := dialRawWide(t, e.addr)
-	const streams = 16
-	msg := grpcMsg(bigStream(64, 128<<10))
-	for i := range streams {
-		id := uint32(2*i + 1)
-		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
-		r.fr.WriteData(id, true, msg)
-	}
-	testkit.WaitFor(ctx, t, "the response queues to fill", func() bool {
-		return srv.MaxBufferedBytes() >= streams*proxy.DefaultBackendStreamWindow/2
-	})
+	r := unreadStreams(t, e, 16)
 	forge := func(seq uint64) {
 		var p [8]byte
 		binary.BigEndian.PutUint64(p[:], uint64('s')<<56|uint64('l')<<48|seq)

@@ -45,32 +45,26 @@ func TestResponseHeaderBlocks(t *testing.T) {
 			verifyNoLeaks(t)
 			e := newEnv(t, envOpts{backends: 1})
 			var resets atomic.Int32
-			bad := rawBackend(t, func(nc net.Conn) {
-				s, err := acceptH2(nc)
-				if err != nil || s.hello() != nil {
-					return
-				}
-				s.serve(func(f http2.Frame) bool {
-					switch f := f.(type) {
-					case *http2.RSTStreamFrame:
-						if f.ErrCode == http2.ErrCodeProtocol {
-							resets.Add(1)
-						}
-					case *http2.HeadersFrame:
-						id := f.StreamID
-						for _, b := range tc.blocks {
-							if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: b, EndHeaders: true}) != nil {
-								return false
-							}
-						}
-						if s.fr.WriteData(id, false, empty) != nil {
+			bad := rawBackend(t, h2Frames(func(s *h2Server, f http2.Frame) bool {
+				switch f := f.(type) {
+				case *http2.RSTStreamFrame:
+					if f.ErrCode == http2.ErrCodeProtocol {
+						resets.Add(1)
+					}
+				case *http2.HeadersFrame:
+					id := f.StreamID
+					for _, b := range tc.blocks {
+						if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: b, EndHeaders: true}) != nil {
 							return false
 						}
-						return s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
 					}
-					return true
-				})
-			})
+					if s.fr.WriteData(id, false, empty) != nil {
+						return false
+					}
+					return s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
+				}
+				return true
+			}))
 			e.setBackends(bad)
 			ctx := testkit.Context(t, 30*time.Second)
 			for i := range 3 {
@@ -180,27 +174,21 @@ func TestEarlyAnswerEndsRequest(t *testing.T) {
 	final := hpackBlock(":status", "200", "content-type", "application/grpc")
 	trailers := hpackBlock("grpc-status", "0")
 	backendReset := make(chan http2.ErrCode, 4)
-	bad := rawBackend(t, func(nc net.Conn) {
-		s, err := acceptH2(nc)
-		if err != nil || s.hello() != nil {
-			return
-		}
-		s.serve(func(f http2.Frame) bool {
-			switch f := f.(type) {
-			case *http2.HeadersFrame:
-				id := f.StreamID
-				return s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: final, EndHeaders: true}) == nil &&
-					s.fr.WriteData(id, false, grpcMsg(&testgrpc.Empty{})) == nil &&
-					s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
-			case *http2.RSTStreamFrame:
-				select {
-				case backendReset <- f.ErrCode:
-				default:
-				}
+	bad := rawBackend(t, h2Frames(func(s *h2Server, f http2.Frame) bool {
+		switch f := f.(type) {
+		case *http2.HeadersFrame:
+			id := f.StreamID
+			return s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: final, EndHeaders: true}) == nil &&
+				s.fr.WriteData(id, false, grpcMsg(&testgrpc.Empty{})) == nil &&
+				s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
+		case *http2.RSTStreamFrame:
+			select {
+			case backendReset <- f.ErrCode:
+			default:
 			}
-			return true
-		})
-	})
+		}
+		return true
+	}))
 	e.setBackends(bad)
 	r := dialRaw(t, e.addr)
 	// The request's HEADERS, no END_STREAM, and nothing more.
