@@ -138,7 +138,7 @@ func newMetrics(reg prometheus.Registerer, name string, c *Cluster) (*metrics, e
 		Name: "streamlb_limit_rejections_total", Help: "Calls the proxy refused at one of its limits, by the limit reached (RESOURCE_EXHAUSTED; UNAVAILABLE for max_backend_conns).", ConstLabels: constLabels,
 	}, []string{"limit"})
 	m.limits = make(map[string]prometheus.Counter)
-	for _, l := range []string{proxy.LimitMaxStreams, proxy.LimitMaxStreamsPerBackend, proxy.LimitMaxHeaderSize, proxy.LimitMaxBackendConns} {
+	for _, l := range []string{proxy.LimitMaxStreams, proxy.LimitMaxStreamsPerBackend, proxy.LimitMaxHeaderSize, proxy.LimitMaxConnBuffer, proxy.LimitMaxBackendConns} {
 		m.limits[l] = limits.WithLabelValues(l)
 	}
 	for _, col := range []prometheus.Collector{m.started, m.finished, m.inflight, m.duration, m.noBackend, m.setChange, m.resolveEr,

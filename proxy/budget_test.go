@@ -158,9 +158,15 @@ func TestResponseBuffersPerStream(t *testing.T) {
 func TestBudgetCountsResponseHeaders(t *testing.T) {
 	verifyNoLeaks(t)
 	const budget = 1 << 20
+	var overBudget atomic.Int32 // calls ended at the limit, as OnCallEnd sees them
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
 		c.MaxConnBufferedBytes = budget
 		c.BackendStreamWindow = 256 // the streams' windows leave room for the headers
+		c.OnCallEnd = func(ci proxy.CallInfo) {
+			if ci.Limit == proxy.LimitMaxConnBuffer {
+				overBudget.Add(1)
+			}
+		}
 	}})
 	srv := e.srv.(*proxy.Server)
 	ctx := testkit.Context(t, 60*time.Second)
@@ -229,4 +235,7 @@ func TestBudgetCountsResponseHeaders(t *testing.T) {
 		t.Errorf("%d of %d answers' 900 KB headers were queued for a client that did not read, %d calls refused; want the budget to stop them", bigOnes, calls, exhausted)
 	}
 	testkit.WaitFor(ctx, t, "the budget to empty", func() bool { return srv.MaxBufferedBytes() == 0 })
+	// Each refused call is reported with the limit that refused it
+	// (streamlb_limit_rejections_total{limit="max_conn_buffer"}).
+	testkit.WaitFor(ctx, t, "the refused calls to be reported", func() bool { return overBudget.Load() >= int32(exhausted) })
 }

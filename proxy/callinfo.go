@@ -36,8 +36,9 @@ type CallInfo struct {
 	// relaying a backend's (see status.go).
 	ProxyStatus bool
 	// Limit names the limit that rejected the call when the proxy
-	// answered it for one: "max_streams", "max_streams_per_backend" or
-	// "max_header_size" (RESOURCE_EXHAUSTED), or "max_backend_conns"
+	// answered it for one: "max_streams", "max_streams_per_backend",
+	// "max_header_size" or "max_conn_buffer" (RESOURCE_EXHAUSTED), or
+	// "max_backend_conns"
 	// (UNAVAILABLE: every connection to the backend was full and no other
 	// backend took the call); empty otherwise.
 	Limit string
@@ -60,6 +61,7 @@ const (
 	LimitMaxStreamsPerBackend = "max_streams_per_backend"
 	LimitMaxHeaderSize        = "max_header_size"
 	LimitMaxBackendConns      = "max_backend_conns"
+	LimitMaxConnBuffer        = "max_conn_buffer"
 )
 
 // limitName is the CallInfo.Limit of a proxy failure.
@@ -73,6 +75,8 @@ func limitName(k failKind) string {
 		return LimitMaxHeaderSize
 	case failBackendConns:
 		return LimitMaxBackendConns
+	case failConnBudget:
+		return LimitMaxConnBuffer
 	}
 	return ""
 }
