@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -172,8 +173,14 @@ func TestBudgetCountsResponseHeaders(t *testing.T) {
 	ctx := testkit.Context(t, 60*time.Second)
 	big := hpackBlock(":status", "200", "content-type", "application/grpc", "x-big", strings.Repeat("b", 900<<10))
 	trailers := hpackBlock("grpc-status", "0")
+	const calls = 100
 	var answered atomic.Int32
+	var processed atomic.Bool // the proxy read every answer: it acknowledged the PING after them
+	done := [8]byte{'d', 'o', 'n', 'e'}
 	bad := rawBackend(t, h2Frames(func(s *h2Server, f http2.Frame) bool {
+		if p, ok := f.(*http2.PingFrame); ok && p.IsAck() && p.Data == done {
+			processed.Store(true)
+		}
 		h, ok := f.(*http2.HeadersFrame)
 		if !ok {
 			return true
@@ -194,12 +201,13 @@ func TestBudgetCountsResponseHeaders(t *testing.T) {
 		}
 		ok = s.fr.WriteData(h.StreamID, false, grpcMsg(&testgrpc.Empty{})) == nil &&
 			s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: h.StreamID, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
-		answered.Add(1)
+		if answered.Add(1) == calls && ok {
+			ok = s.fr.WritePing(false, done) == nil
+		}
 		return ok
 	}))
 	e.setBackends(bad)
 	r := dialRaw(t, e.addr)
-	const calls = 100
 	for i := range calls {
 		id := uint32(2*i + 1)
 		r.headers(id, "/grpc.testing.TestService/EmptyCall", false)
@@ -207,12 +215,18 @@ func TestBudgetCountsResponseHeaders(t *testing.T) {
 	}
 	// Not reading: the proxy takes the answers the backend sends and
 	// holds what the socket does not take.
-	testkit.WaitFor(ctx, t, "the backend to answer or the proxy to refuse every call", func() bool {
-		return answered.Load() == calls || srv.MaxBufferedBytes() >= budget
-	})
-	time.Sleep(200 * time.Millisecond) // the last answers reach the proxy
+	testkit.WaitFor(ctx, t, "the proxy to read every answer", processed.Load)
 	if used := srv.MaxBufferedBytes(); used > budget {
 		t.Errorf("the connection's budget counts %d bytes, over its %d", used, budget)
+	}
+	// And the refused blocks are not kept either: the attempts held
+	// their decoded strings until their calls ended (90 MB here).
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	t.Logf("heap with the client not reading: %d MiB", ms.HeapAlloc>>20)
+	if ms.HeapAlloc > 40<<20 {
+		t.Errorf("%d MiB of heap live with %d answers of 900 KB refused", ms.HeapAlloc>>20, calls)
 	}
 	var bigOnes, exhausted, ended int
 	for ended < calls {

@@ -797,6 +797,11 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 		s.pushDownData(data, it.end)
 	} else {
 		if c.responseOverPeerLocked(a, it.fields) || c.responseOverBudgetLocked(a, it.fields) {
+			// The block is not sent: let go of its decoded strings,
+			// which the attempt's field storage would otherwise keep
+			// until the call ends (up to MaxResponseHeaderListSize per
+			// refused call). Nothing else refers to them.
+			clear(it.fields)
 			c.mu.Unlock()
 			c.signal()
 			a.bc.resetUp(a, http2.ErrCodeCancel)
