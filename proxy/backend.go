@@ -386,7 +386,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		// on a closed one, STREAM_CLOSED unless we reset it.
 		var err error = http2.ConnectionError(http2.ErrCodeProtocol)
 		if b.forgottenLocked(id) != stIdle {
-			err = b.unknownStreamLocked(b, id, evRecvHeaders, "HEADERS on a closed stream")
+			err = b.unknownStreamLocked(b, id, evRecvHeaders, "HEADERS on a closed stream", -1)
 		}
 		b.mu.Unlock()
 		return err
@@ -583,7 +583,7 @@ func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bo
 	a := b.streams[id]
 	if a == nil {
 		if sendRST {
-			b.resets.add(id) // its frames in flight are ignored
+			b.resets.add(id, b.resetAllowance()) // its frames in flight are ignored
 		}
 		b.mu.Unlock()
 		b.signal()

@@ -188,7 +188,7 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		t.mu.Lock()
 		st, _ := p.streamLocked(f.StreamID)
 		if st == nil {
-			err := t.unknownStreamLocked(p, f.StreamID, evRecvReset, "RST_STREAM on a closed stream")
+			err := t.unknownStreamLocked(p, f.StreamID, evRecvReset, "RST_STREAM on a closed stream", strayCost)
 			t.mu.Unlock()
 			return err
 		}
@@ -227,7 +227,7 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 			if st == nil {
 				// §6.9: on an idle stream a connection error; on a
 				// closed one legal in a race, useless in a flood.
-				return t.unknownStreamLocked(p, id, evRecvWindowUpdate, "WINDOW_UPDATE on a closed stream")
+				return t.unknownStreamLocked(p, id, evRecvWindowUpdate, "WINDOW_UPDATE on a closed stream", strayCost)
 			}
 			q = sq
 		}
@@ -365,13 +365,16 @@ func selfDependency(id uint32) error {
 // in: idle, a connection error PROTOCOL_ERROR; closed, STREAM_CLOSED for
 // DATA and HEADERS; reset by us or closed otherwise, ignored, and counted
 // as a glitch. Caller must hold mu.
-func (t *transport) unknownStreamLocked(p h2role, id uint32, ev h2event, what string) error {
+func (t *transport) unknownStreamLocked(p h2role, id uint32, ev h2event, what string, cost int64) error {
 	st := p.forgottenLocked(id)
 	if st == stClosed && t.resets.has(id) {
 		st = stResetSent
 	}
 	if _, res := transition(st, ev); res != resIgnore {
 		return resultErr(id, res)
+	}
+	if st == stResetSent && t.resets.spend(id, cost) {
+		return nil // in flight when we reset it (§5.1)
 	}
 	return p.strayLocked(what)
 }
@@ -403,7 +406,7 @@ func (t *transport) recvDataLocked(p h2role, f *dataFrame, st *h2state, r *recvS
 	case !connOK:
 		return false, http2.ConnectionError(http2.ErrCodeFlowControl)
 	case st == nil:
-		return false, t.unknownStreamLocked(p, f.StreamID, evRecvData, "DATA on a closed stream")
+		return false, t.unknownStreamLocked(p, f.StreamID, evRecvData, "DATA on a closed stream", int64(f.Length))
 	case !streamOK:
 		return false, http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
 	}

@@ -175,16 +175,52 @@ type resetRing struct {
 }
 
 type resetIDs struct {
-	ids  [recentResets]uint32
+	ids [recentResets]uint32
+	// left is what each stream may still receive without counting as a
+	// glitch: the frames the peer had in flight when it read our reset
+	// (see spend).
+	left [recentResets]int64
 	next int
 }
 
-func (r *resetRing) add(id uint32) {
+// add remembers id, which the peer may send up to allow more bytes on
+// before it learns of the reset (spend).
+func (r *resetRing) add(id uint32, allow int64) {
 	if r.r == nil {
 		r.r = new(resetIDs)
 	}
 	r.r.ids[r.r.next] = id
+	r.r.left[r.r.next] = allow
 	r.r.next = (r.r.next + 1) % recentResets
+}
+
+// strayCost is what a frame other than DATA on a stream we reset, or a
+// DATA frame shorter than it, spends of the stream's allowance: a client
+// answered early has DATA, a WINDOW_UPDATE or a RST_STREAM of its own in
+// flight, not a stream of empty frames.
+const strayCost = 1 << 10
+
+// spend takes cost from id's allowance and reports whether it was within
+// it: the frame is one the peer had in flight when we reset the stream,
+// ignored as RFC 9113 §5.1 says, not a glitch. A legitimate client whose
+// upload the backend answered early sends up to its stream window of DATA
+// after our RST_STREAM(NO_ERROR) (and grpc-go a RST_STREAM of its own):
+// counted as glitches, 20 such uploads in 10 s spent the connection's
+// budget and it was closed ENHANCE_YOUR_CALM. A negative cost is never
+// within it: header blocks, whose decoding a hostile backend can make
+// expensive, count as before.
+func (r *resetRing) spend(id uint32, cost int64) bool {
+	if r.r == nil || cost < 0 {
+		return false
+	}
+	cost = max(cost, strayCost)
+	for i, v := range r.r.ids {
+		if v == id && r.r.left[i] >= cost {
+			r.r.left[i] -= cost
+			return true
+		}
+	}
+	return false
 }
 
 func (r *resetRing) has(id uint32) bool {

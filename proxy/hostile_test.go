@@ -22,6 +22,7 @@ import (
 
 	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/testserver"
 )
 
 // This file holds the hostile-client tests: each attack runs from a raw
@@ -335,6 +336,18 @@ func TestGlitchFloods(t *testing.T) {
 				r.next(func(f http2.Frame) bool { h, ok := f.(*http2.MetaHeadersFrame); return ok && h.StreamEnded() })
 			},
 			send: func(r *rawConn, i int) error { return r.fr.WriteRSTStream(1, http2.ErrCodeCancel) },
+		},
+		{
+			// The proxy reset the stream after the backend's early
+			// answer: a stream window of DATA in flight is ignored
+			// (TestEarlyRejectedUploads), not a flood.
+			name: "DATA on a stream the proxy reset",
+			n:    1 << 20,
+			setup: func(r *rawConn) {
+				r.writeFields(1, "/grpc.testing.TestService/StreamingInputCall", testserver.MetadataFailCode, "7")
+				r.next(func(f http2.Frame) bool { rst, ok := f.(*http2.RSTStreamFrame); return ok && rst.StreamID == 1 })
+			},
+			send: func(r *rawConn, i int) error { return r.fr.WriteData(1, false, []byte{0}) },
 		},
 		{
 			name: "WINDOW_UPDATE on closed streams",

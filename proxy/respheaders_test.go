@@ -3,15 +3,18 @@ package proxy_test
 import (
 	"context"
 	"net"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/testserver"
 
 	"golang.org/x/net/http2"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -223,4 +226,55 @@ func TestEarlyAnswerEndsRequest(t *testing.T) {
 		h, ok := f.(*http2.MetaHeadersFrame)
 		return ok && h.StreamID == 3 && h.StreamEnded()
 	})
+}
+
+// TestEarlyRejectedUploads: uploads the backend rejects at once (client
+// streams of 30 messages of 16 KB, x-fail-code 7) all end
+// PERMISSION_DENIED on one client connection, as they do direct. The
+// DATA the client had in flight after the proxy's RST_STREAM(NO_ERROR),
+// and grpc-go's own RST_STREAM, arrive on streams the proxy has reset:
+// counted as glitches, they spent the connection's budget in about 20
+// uploads, and the connection was closed ENHANCE_YOUR_CALM, failing the
+// calls on it UNAVAILABLE. Up to a stream window of them per reset
+// stream is now ignored, as RFC 9113 §5.1 says.
+func TestEarlyRejectedUploads(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	ctx := testkit.Context(t, 60*time.Second)
+	msg := &testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, 16000)}}
+	const workers, uploads = 8, 40
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	got := map[string]int{}
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range uploads {
+				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				cctx = metadata.AppendToOutgoingContext(cctx, testserver.MetadataFailCode, "7")
+				st, err := e.client.StreamingInputCall(cctx)
+				if err == nil {
+					for range 30 {
+						if st.Send(msg) != nil {
+							break
+						}
+					}
+					_, err = st.CloseAndRecv()
+				}
+				cancel()
+				k := status.Code(err).String()
+				if status.Code(err) != codes.PermissionDenied {
+					k += ": " + status.Convert(err).Message()
+				}
+				mu.Lock()
+				got[k]++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if got[codes.PermissionDenied.String()] != workers*uploads {
+		t.Errorf("%d uploads rejected by the backend: %v, want all PermissionDenied", workers*uploads, got)
+	}
 }

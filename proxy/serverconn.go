@@ -438,7 +438,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	}
 	if uint32(len(c.streams)) >= c.srv.cfg.MaxConcurrentStreams {
 		c.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeRefusedStream})
-		c.resets.add(id)
+		c.resets.add(id, c.resetAllowance())
 		err := c.limitGlitchLocked("HEADERS over MAX_CONCURRENT_STREAMS")
 		c.mu.Unlock()
 		c.signal()
@@ -740,7 +740,7 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 		// stream that never made it into the table (a HEADERS frame the
 		// Framer rejected): its frames in flight are ignored.
 		if sendRST {
-			c.resets.add(id)
+			c.resets.add(id, c.resetAllowance())
 		}
 		c.mu.Unlock()
 		c.signal()

@@ -352,9 +352,16 @@ func (t *transport) stepLocked(st *h2state, id uint32, ev h2event) (res h2result
 		return res, false
 	}
 	if ev == evSendReset && !prev.recvEnded() && id != 0 {
-		t.resets.add(id)
+		t.resets.add(id, t.resetAllowance())
 	}
 	return res, !prev.ended() && st.ended()
+}
+
+// resetAllowance is what a peer may still send on a stream we reset while
+// it could send, before it learns of the reset: the largest window we
+// grant a stream, and a few frames more (resetRing.spend).
+func (t *transport) resetAllowance() int64 {
+	return int64(max(t.streamWindow, t.maxStreamWindow)) + 4*strayCost
 }
 
 // releaseLocked returns b to the pool once the writer is past the write in
