@@ -107,7 +107,7 @@ func proxyCommand() *cli.Command {
 			&cli.UintFlag{Name: "max-response-header-list-size", Value: proxy.DefaultMaxResponseHeaderListSize, Usage: "bytes of a backend's response header or trailer list, advertised to backends; over it a call fails INTERNAL (frame engine)"},
 			&cli.IntFlag{Name: "backend-stream-window", Value: proxy.DefaultBackendStreamWindow, Usage: "initial flow-control window granted to backends per stream: what a client that does not read can make the proxy hold per stream (frame engine)"},
 			&cli.IntFlag{Name: "backend-stream-window-max", Value: proxy.DefaultBackendMaxStreamWindow, Usage: "what a backend stream's window grows to while its client drains the answer, within the connection's buffer budget (frame engine)"},
-			&cli.Int64Flag{Name: "max-conn-buffer", Value: proxy.DefaultMaxConnBufferedBytes, Usage: "bytes of buffers one client connection may hold in the proxy, requests, retry copies and request headers together (negative: no bound; frame engine)"},
+			&cli.Int64Flag{Name: "max-conn-buffer", Value: proxy.DefaultMaxConnBufferedBytes, Usage: "bytes of buffers one client connection may hold in the proxy, requests, answers, retry copies and header blocks together; past it new calls, and answers whose headers would not fit, fail RESOURCE_EXHAUSTED (negative: no bound; frame engine)"},
 			&cli.UintFlag{Name: "max-concurrent-streams", Value: proxy.DefaultMaxConcurrentStreams, Usage: "streams one client connection may have open, advertised as SETTINGS_MAX_CONCURRENT_STREAMS (frame engine)"},
 
 			// TLS.

@@ -401,6 +401,13 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 	}
+	if isInterimResponse(f.Fields) && (end || a.finalHeaders || hasStatus(f.Fields, "101")) {
+		// An informational response that ends the stream, comes after
+		// the final headers, or is 101 (HTTP/2 has no upgrade, RFC 9113
+		// §8.6) is malformed (§8.1.1).
+		b.mu.Unlock()
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: errors.New("malformed informational (1xx) response")}
+	}
 	if !end {
 		// A response is up to maxInterimResponses informational (1xx)
 		// header blocks, one final one, and trailers, which end the

@@ -57,6 +57,16 @@ func isInterimResponse(fields []hpack.HeaderField) bool {
 	return false
 }
 
+// hasStatus reports whether a response header block's :status is v.
+func hasStatus(fields []hpack.HeaderField, v string) bool {
+	for i := range fields {
+		if fields[i].Name == ":status" {
+			return fields[i].Value == v
+		}
+	}
+	return false
+}
+
 // requestInfo is what the proxy reads from a request header block.
 type requestInfo struct {
 	method      string // :method

@@ -35,6 +35,7 @@ func TestResponseHeaderBlocks(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		blocks [][]byte // header blocks sent without END_STREAM, in order
+		only   []byte   // instead, the one header block of the answer, with END_STREAM
 		want   codes.Code
 		reset  bool // the backend must see RST_STREAM(PROTOCOL_ERROR)
 	}{
@@ -42,6 +43,8 @@ func TestResponseHeaderBlocks(t *testing.T) {
 		{name: "five informational, then final", blocks: [][]byte{interim, interim, interim, interim, interim, final}, want: codes.OK},
 		{name: "six informational", blocks: [][]byte{interim, interim, interim, interim, interim, interim, final}, want: codes.Internal, reset: true},
 		{name: "headers after the final headers", blocks: [][]byte{final, final}, want: codes.Internal, reset: true},
+		{name: "101", blocks: [][]byte{hpackBlock(":status", "101"), final}, want: codes.Internal, reset: true},
+		{name: "1xx ending the stream", only: hpackBlock(":status", "103"), want: codes.Internal, reset: true},
 		{name: "a hundred blocks after the final headers", blocks: append([][]byte{final}, repeatBlock(hpackBlock("x-more", "y"), 100)...), want: codes.Internal, reset: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -56,6 +59,9 @@ func TestResponseHeaderBlocks(t *testing.T) {
 					}
 				case *http2.HeadersFrame:
 					id := f.StreamID
+					if tc.only != nil {
+						return s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: tc.only, EndHeaders: true, EndStream: true}) == nil
+					}
 					for _, b := range tc.blocks {
 						if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: b, EndHeaders: true}) != nil {
 							return false
