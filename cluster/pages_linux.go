@@ -14,8 +14,9 @@ import (
 // used leave its RSS; marks them for random access; and drops the
 // executable's pages that no process maps any more from the page cache,
 // so that what the program touches again is mapped a page at a time. It
-// returns how many bytes of mappings it dropped (resident or not). It is safe to call at any time and from any
-// goroutine, but it is meant to be called once, when start-up is over: the
+// returns how many bytes of mappings it dropped (resident or not). It is
+// safe to call at any time and from any goroutine, but it is meant to be
+// called once, when start-up is over: the
 // proxy command has [Server.Run] call it, with
 // [ServerConfig.ReleaseStartupPages], before it accepts clients.
 func ReleaseStartupPages() (int64, error) {

@@ -401,35 +401,35 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 	}
-	if isInterimResponse(f.Fields) && (end || a.finalHeaders || hasStatus(f.Fields, "101")) {
-		// An informational response that ends the stream, comes after
-		// the final headers, or is 101 (HTTP/2 has no upgrade, RFC 9113
-		// §8.6) is malformed (§8.1.1).
-		b.mu.Unlock()
-		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: errors.New("malformed informational (1xx) response")}
+	// A response is up to maxInterimResponses informational (1xx) header
+	// blocks, one final one, and trailers, which end the stream (RFC 9113
+	// §8.1). Anything else makes it malformed, a stream error
+	// PROTOCOL_ERROR (§8.1.1), and the client gets INTERNAL, as a direct
+	// grpc-go client fails such an answer: HEADERS without END_STREAM
+	// after the final headers (relayed, every block was queued toward the
+	// client: a backend repeating a small block of references to a large
+	// table entry made the proxy decode and hold a megabyte per 250 bytes
+	// it sent), a 1xx block that ends the stream or follows the final
+	// headers, and 101 (HTTP/2 has no upgrade, §8.6).
+	status := responseStatus(f.Fields)
+	interim := len(status) == 3 && status[0] == '1'
+	var malformed error
+	switch {
+	case interim && (end || a.finalHeaders || status == "101"):
+		malformed = errors.New("malformed informational (1xx) response")
+	case end:
+	case a.finalHeaders:
+		malformed = errors.New("HEADERS without END_STREAM after the response headers")
+	case !interim:
+		a.finalHeaders = true
+	case a.interim >= maxInterimResponses:
+		malformed = fmt.Errorf("more than %d informational (1xx) responses", maxInterimResponses)
+	default:
+		a.interim++
 	}
-	if !end {
-		// A response is up to maxInterimResponses informational (1xx)
-		// header blocks, one final one, and trailers, which end the
-		// stream (RFC 9113 §8.1): any other HEADERS without END_STREAM
-		// makes it malformed, a stream error PROTOCOL_ERROR (§8.1.1),
-		// and the client gets INTERNAL, as a direct grpc-go client
-		// fails such an answer. Relayed instead, every block is queued
-		// toward the client: a backend repeating a small block of
-		// references to a large table entry made the proxy decode and
-		// hold a megabyte per 250 bytes it sent.
-		switch {
-		case a.finalHeaders:
-			b.mu.Unlock()
-			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: errors.New("HEADERS without END_STREAM after the response headers")}
-		case !isInterimResponse(f.Fields):
-			a.finalHeaders = true
-		case a.interim >= maxInterimResponses:
-			b.mu.Unlock()
-			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: fmt.Errorf("more than %d informational (1xx) responses", maxInterimResponses)}
-		default:
-			a.interim++
-		}
+	if malformed != nil {
+		b.mu.Unlock()
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: malformed}
 	}
 	if a.fieldRoom == nil {
 		a.fieldRoom = a.fieldInl[:]
@@ -590,7 +590,7 @@ func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bo
 	a := b.streams[id]
 	if a == nil {
 		if sendRST {
-			b.resets.add(id, b.resetAllowance()) // its frames in flight are ignored
+			b.resets.add(id) // its frames in flight are ignored
 		}
 		b.mu.Unlock()
 		b.signal()

@@ -364,7 +364,9 @@ func selfDependency(id uint32) error {
 // connection does not track, as RFC 9113 §5.1 says for the state it is
 // in: idle, a connection error PROTOCOL_ERROR; closed, STREAM_CLOSED for
 // DATA and HEADERS; reset by us or closed otherwise, ignored, and counted
-// as a glitch. Caller must hold mu.
+// as a glitch unless it is within what the peer may have had in flight
+// on a stream we reset (cost, spent of resetAllowance; a negative cost is
+// never within it). Caller must hold mu.
 func (t *transport) unknownStreamLocked(p h2role, id uint32, ev h2event, what string, cost int64) error {
 	st := p.forgottenLocked(id)
 	if st == stClosed && t.resets.has(id) {
@@ -373,7 +375,7 @@ func (t *transport) unknownStreamLocked(p h2role, id uint32, ev h2event, what st
 	if _, res := transition(st, ev); res != resIgnore {
 		return resultErr(id, res)
 	}
-	if st == stResetSent && t.resets.spend(id, cost) {
+	if st == stResetSent && t.resets.spend(id, cost, t.resetAllowance()) {
 		return nil // in flight when we reset it (§5.1)
 	}
 	return p.strayLocked(what)

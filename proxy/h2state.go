@@ -176,21 +176,18 @@ type resetRing struct {
 
 type resetIDs struct {
 	ids [recentResets]uint32
-	// left is what each stream may still receive without counting as a
-	// glitch: the frames the peer had in flight when it read our reset
-	// (see spend).
-	left [recentResets]int64
-	next int
+	// spent is what each stream received since the reset without counting
+	// as a glitch (see spend).
+	spent [recentResets]int64
+	next  int
 }
 
-// add remembers id, which the peer may send up to allow more bytes on
-// before it learns of the reset (spend).
-func (r *resetRing) add(id uint32, allow int64) {
+func (r *resetRing) add(id uint32) {
 	if r.r == nil {
 		r.r = new(resetIDs)
 	}
 	r.r.ids[r.r.next] = id
-	r.r.left[r.r.next] = allow
+	r.r.spent[r.r.next] = 0
 	r.r.next = (r.r.next + 1) % recentResets
 }
 
@@ -200,23 +197,23 @@ func (r *resetRing) add(id uint32, allow int64) {
 // flight, not a stream of empty frames.
 const strayCost = 1 << 10
 
-// spend takes cost from id's allowance and reports whether it was within
-// it: the frame is one the peer had in flight when we reset the stream,
-// ignored as RFC 9113 §5.1 says, not a glitch. A legitimate client whose
-// upload the backend answered early sends up to its stream window of DATA
-// after our RST_STREAM(NO_ERROR) (and grpc-go a RST_STREAM of its own):
-// counted as glitches, 20 such uploads in 10 s spent the connection's
-// budget and it was closed ENHANCE_YOUR_CALM. A negative cost is never
-// within it: header blocks, whose decoding a hostile backend can make
-// expensive, count as before.
-func (r *resetRing) spend(id uint32, cost int64) bool {
+// spend adds cost to what id received since we reset it and reports
+// whether that stays within allow: the frame is one the peer had in
+// flight when we reset the stream, ignored as RFC 9113 §5.1 says, not a
+// glitch. A legitimate client whose upload the backend answered early
+// sends up to its stream window of DATA after our RST_STREAM(NO_ERROR)
+// (and grpc-go a RST_STREAM of its own): counted as glitches, 20 such
+// uploads in 10 s spent the connection's budget and it was closed
+// ENHANCE_YOUR_CALM. A negative cost is never within it: header blocks,
+// whose decoding a hostile backend can make expensive, count as before.
+func (r *resetRing) spend(id uint32, cost, allow int64) bool {
 	if r.r == nil || cost < 0 {
 		return false
 	}
 	cost = max(cost, strayCost)
 	for i, v := range r.r.ids {
-		if v == id && r.r.left[i] >= cost {
-			r.r.left[i] -= cost
+		if v == id && r.r.spent[i]+cost <= allow {
+			r.r.spent[i] += cost
 			return true
 		}
 	}

@@ -45,26 +45,15 @@ func filterFields(fields []hpack.HeaderField) []hpack.HeaderField {
 // does (5; http2.Transport, "too many 1xx informational responses").
 const maxInterimResponses = 5
 
-// isInterimResponse reports whether a response header block is
-// informational: a :status of 1xx (RFC 9110 §15.2).
-func isInterimResponse(fields []hpack.HeaderField) bool {
+// responseStatus returns a response header block's :status, "" without
+// one. A 1xx status is informational (RFC 9110 §15.2).
+func responseStatus(fields []hpack.HeaderField) string {
 	for i := range fields {
 		if fields[i].Name == ":status" {
-			v := fields[i].Value
-			return len(v) == 3 && v[0] == '1'
+			return fields[i].Value
 		}
 	}
-	return false
-}
-
-// hasStatus reports whether a response header block's :status is v.
-func hasStatus(fields []hpack.HeaderField, v string) bool {
-	for i := range fields {
-		if fields[i].Name == ":status" {
-			return fields[i].Value == v
-		}
-	}
-	return false
+	return ""
 }
 
 // requestInfo is what the proxy reads from a request header block.

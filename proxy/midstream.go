@@ -58,9 +58,7 @@ func (c *serverConn) resetAfterQueuedLocked(s *stream, code http2.ErrCode) {
 		c.stepLocked(s, evSendReset)
 		return
 	}
-	s.rstQueued = true
-	s.rstCode = code
-	s.down.push(outItem{kind: itemReset, code: code})
+	queueResetLocked(s, code)
 	s.down.closed = true
 	c.markReadyLocked(&s.down)
 }

@@ -438,7 +438,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	}
 	if uint32(len(c.streams)) >= c.srv.cfg.MaxConcurrentStreams {
 		c.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeRefusedStream})
-		c.resets.add(id, c.resetAllowance())
+		c.resets.add(id)
 		err := c.limitGlitchLocked("HEADERS over MAX_CONCURRENT_STREAMS")
 		c.mu.Unlock()
 		c.signal()
@@ -583,12 +583,19 @@ func (c *serverConn) endDownLocked(s *stream, blocks ...[]hpack.HeaderField) {
 		s.down.push(outItem{kind: itemHeaders, end: i == len(blocks)-1, fields: fields})
 	}
 	if !s.cst.recvEnded() {
-		s.rstQueued = true
-		s.rstCode = http2.ErrCodeNo
-		s.down.push(outItem{kind: itemReset, code: http2.ErrCodeNo})
+		queueResetLocked(s, http2.ErrCodeNo)
 	}
 	s.down.closed = true
 	c.markReadyLocked(&s.down)
+}
+
+// queueResetLocked queues RST_STREAM(code) behind what s's response has
+// queued; sentLastLocked sends it after the last frame if the queue's
+// entry went with that frame. Caller must hold s.cc.mu.
+func queueResetLocked(s *stream, code http2.ErrCode) {
+	s.rstQueued = true
+	s.rstCode = code
+	s.down.push(outItem{kind: itemReset, code: code})
 }
 
 // failDown ends a call with the status of f (see failLocked). Nothing
@@ -740,7 +747,7 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 		// stream that never made it into the table (a HEADERS frame the
 		// Framer rejected): its frames in flight are ignored.
 		if sendRST {
-			c.resets.add(id, c.resetAllowance())
+			c.resets.add(id)
 		}
 		c.mu.Unlock()
 		c.signal()
@@ -822,9 +829,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 	// open, out of reach of the idle checks, its backend slot held.
 	cancelUp := false
 	if it.end && it.kind == itemHeaders && !s.cst.recvEnded() && !s.rstQueued {
-		s.rstQueued = true
-		s.rstCode = http2.ErrCodeNo
-		s.down.push(outItem{kind: itemReset, code: http2.ErrCodeNo})
+		queueResetLocked(s, http2.ErrCodeNo)
 		cancelUp = true
 	}
 	if it.end {
@@ -860,9 +865,7 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		// handler's status went out, which made Go's HTTP/2 client fail a
 		// call it had the whole answer to (TestDeadlineTimersRacing, rarely).
 		if !s.cst.recvEnded() && !s.rstQueued {
-			s.rstQueued = true
-			s.rstCode = http2.ErrCodeNo
-			s.down.push(outItem{kind: itemReset, code: http2.ErrCodeNo})
+			queueResetLocked(s, http2.ErrCodeNo)
 			c.markReadyLocked(&s.down)
 		}
 		return

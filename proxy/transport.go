@@ -352,7 +352,7 @@ func (t *transport) stepLocked(st *h2state, id uint32, ev h2event) (res h2result
 		return res, false
 	}
 	if ev == evSendReset && !prev.recvEnded() && id != 0 {
-		t.resets.add(id, t.resetAllowance())
+		t.resets.add(id)
 	}
 	return res, !prev.ended() && st.ended()
 }
