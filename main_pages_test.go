@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/metrics"
 	"testing"
 	"time"
 
@@ -76,4 +78,78 @@ func TestReleaseStartupPagesFlag(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestGCMinHeapFlag runs the proxy command with --gc-min-heap (in this
+// process, whose live heap is well under the 64 MiB asked for) and checks
+// that the collector's percentage is raised while the proxy runs and set
+// back when it returns; that --gc-min-heap=0 and a GOGC in the
+// environment leave it alone; and that the flag goes beside --config
+// (TestCLIErrors has a negative value).
+func TestGCMinHeapFlag(t *testing.T) {
+	// Not parallel: the command sets the slog default logger and the GC
+	// percentage, and urfave/cli/v2 mutates package globals.
+	prev := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(prev) })
+
+	ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	conf := filepath.Join(t.TempDir(), "proxy.yaml")
+	text := fmt.Sprintf("listen: 127.0.0.1:0\nclusters:\n  - {name: a, targets: [%s]}\nroutes:\n  - {cluster: a}\n", ts.Addr())
+	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	flags := []string{"proxy", "--listen", "127.0.0.1:0", "--backend", ts.Addr()}
+	file := []string{"proxy", "--config", conf}
+	const big = "--gc-min-heap=67108864" // 64 MiB
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		gogc   string // set in the environment when not empty
+		raised bool
+	}{
+		{name: "flags", args: append(flags[:len(flags):len(flags)], big), raised: true},
+		{name: "config file", args: append(file[:len(file):len(file)], big), raised: true},
+		{name: "off", args: append(flags[:len(flags):len(flags)], "--gc-min-heap=0")},
+		{name: "GOGC set", args: append(flags[:len(flags):len(flags)], big), gogc: "100"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.gogc != "" {
+				t.Setenv("GOGC", tc.gogc)
+			}
+			before := gcPercent()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			app := startApp(ctx, t, append(tc.args, "--log-format", "json"), "listening")
+			app.wait(ctx, t)
+			// A cycle, so the keeper has seen this heap.
+			runtime.GC()
+			running := gcPercent()
+			if err := app.shutdown(t); err != nil {
+				t.Fatalf("proxy command returned %v", err)
+			}
+			if after := gcPercent(); after != before {
+				t.Errorf("GC percentage %d after the proxy returned, want %d as before", after, before)
+			}
+			if tc.raised && running <= before {
+				t.Errorf("GC percentage %d while the proxy ran, want over %d", running, before)
+			}
+			if !tc.raised && running != before {
+				t.Errorf("GC percentage %d while the proxy ran, want %d untouched", running, before)
+			}
+		})
+	}
+}
+
+// gcPercent is the collector's current GC percentage.
+func gcPercent() int64 {
+	s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
+	metrics.Read(s)
+	return int64(s[0].Value.Uint64())
 }

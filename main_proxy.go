@@ -42,8 +42,9 @@ func proxyCommand() *cli.Command {
 			"clusters, routes by gRPC service, method prefix and request headers, rate\n" +
 			"limits. Its clusters and routes are reloaded on SIGHUP and when the file\n" +
 			"changes. It cannot be mixed with the other flags, except --log-level,\n" +
-			"--log-format, --release-startup-pages and the contention profiles' --mutex-profile-fraction\n" +
-			"and --block-profile-rate: the file would silently win, so the mix is an error.",
+			"--log-format, --release-startup-pages, --gc-min-heap and the contention\n" +
+			"profiles' --mutex-profile-fraction and --block-profile-rate: the file would\n" +
+			"silently win, so the mix is an error.",
 		OnUsageError: onUsageError,
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "config", Usage: "YAML configuration `FILE` (clusters, routes, rate limits; reloaded on SIGHUP and on change); excludes the other flags but --log-*"},
@@ -62,6 +63,7 @@ func proxyCommand() *cli.Command {
 			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once started, unmap the binary's code and read-only data that start-up touched and drop them from the page cache, so RSS counts what the running proxy uses (Linux; pages touched later are read from the file; the only flag besides --log-* allowed with --config)"},
 			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "keep Prometheus metrics, served on /metrics of --admin-listen (--metrics=false: none)"},
 			&cli.IntFlag{Name: "mutex-profile-fraction", Usage: "record one contended unlock in `N` for /debug/pprof/mutex of --admin-listen (0: off, and that endpoint answers 404; costs CPU: for diagnosis); allowed beside --config"},
+			&cli.Int64Flag{Name: "gc-min-heap", Value: cluster.DefaultMinHeapGoal, Usage: "keep the Go collector's heap goal at least `BYTES` while the live heap is small: fewer collections for at most this much heap (4 MiB or less: the runtime's own minimum, 4 MiB; ignored when GOGC is set); allowed beside --config"},
 			&cli.IntFlag{Name: "block-profile-rate", Usage: "record a blocking event per `NS` nanoseconds blocked for /debug/pprof/block of --admin-listen (0: off, and that endpoint answers 404; costs CPU: for diagnosis); allowed beside --config"},
 
 			// Discovery.
@@ -149,6 +151,9 @@ func runProxy(c *cli.Context) error {
 	cfg.MutexProfileFraction, cfg.BlockProfileRate = c.Int("mutex-profile-fraction"), c.Int("block-profile-rate")
 	if cfg.MutexProfileFraction < 0 || cfg.BlockProfileRate < 0 {
 		return usageErr("--mutex-profile-fraction and --block-profile-rate must not be negative")
+	}
+	if cfg.MinHeapGoal = c.Int64("gc-min-heap"); cfg.MinHeapGoal < 0 {
+		return usageErr("--gc-min-heap must not be negative")
 	}
 	if path := c.String("access-log"); path != "" {
 		al, err := cluster.OpenAccessLog(path, c.String("log-format"), c.App.ErrWriter)
@@ -306,9 +311,9 @@ func fileConfig(c *cli.Context, path string, logger *slog.Logger) (cluster.Serve
 		}
 		// --release-startup-pages and the contention profiles are about the
 		// process, not the proxy's configuration, like the log flags.
-		if name != "config" && name != "release-startup-pages" && !strings.HasPrefix(name, "log-") && !strings.HasSuffix(name, "-profile-fraction") &&
+		if name != "config" && name != "release-startup-pages" && name != "gc-min-heap" && !strings.HasPrefix(name, "log-") && !strings.HasSuffix(name, "-profile-fraction") &&
 			!strings.HasSuffix(name, "-profile-rate") && c.IsSet(name) {
-			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level, --log-format, --release-startup-pages, --mutex-profile-fraction and --block-profile-rate go beside --config)", name, path)
+			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level, --log-format, --release-startup-pages, --gc-min-heap, --mutex-profile-fraction and --block-profile-rate go beside --config)", name, path)
 		}
 	}
 	f, err := cluster.LoadFile(path)

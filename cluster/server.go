@@ -103,6 +103,13 @@ type ServerConfig struct {
 	// CPU), not for steady production. Negative values are an error.
 	MutexProfileFraction int
 	BlockProfileRate     int
+	// MinHeapGoal, when over 4 MiB, keeps the Go collector's heap goal at
+	// least this many bytes while Run runs ([KeepMinHeapGoal]): fewer
+	// collections while the live heap is small, for at most this much
+	// heap. Zero leaves the collector as the runtime sets it; the proxy
+	// command sets [DefaultMinHeapGoal] (--gc-min-heap). Process-wide:
+	// the first server to run with it rules. Negative is an error.
+	MinHeapGoal int64
 }
 
 // engine is what both data planes offer.
@@ -141,6 +148,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	if cfg.MutexProfileFraction < 0 || cfg.BlockProfileRate < 0 {
 		return nil, errors.New("cluster: mutex profile fraction and block profile rate must not be negative")
+	}
+	if cfg.MinHeapGoal < 0 {
+		return nil, errors.New("cluster: minimum heap goal must not be negative")
 	}
 	if cfg.DrainTimeout == 0 {
 		cfg.DrainTimeout = DefaultDrainTimeout
@@ -382,6 +392,9 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 	if r := s.cfg.BlockProfileRate; r > 0 {
 		runtime.SetBlockProfileRate(r)
 		defer runtime.SetBlockProfileRate(0)
+	}
+	if n := s.cfg.MinHeapGoal; n > 0 {
+		defer KeepMinHeapGoal(n)()
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	// The cluster outlives the drain: the streams still in flight, and
