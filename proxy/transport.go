@@ -396,6 +396,9 @@ type writeScratch struct {
 	hbuf  []byte // a header block being encoded
 	batch []writeOp
 	dhdr  [9]byte // a DATA frame's header: see writeData
+	// blocked holds, during writeStep, the streams whose DATA waits for
+	// the connection window.
+	blocked []*sendQueue
 }
 
 var scratchPool = sync.Pool{New: func() any {
@@ -1085,13 +1088,10 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 		last = true
 	default:
 		n := it.n - it.off
-		allowed := n
-		if int32(allowed) > q.window {
-			allowed = int(q.window)
-		}
-		if int32(allowed) > t.sendWindow {
-			allowed = int(t.sendWindow)
-		}
+		// Either window may be negative (a lower
+		// SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 §6.9.2): an empty
+		// END_STREAM frame still goes, taking nothing.
+		allowed := max(0, min(n, int(q.window), int(t.sendWindow)))
 		if n > 0 && allowed <= 0 {
 			return writeOp{}, false // caller checked eligibility; defensive
 		}
@@ -1282,6 +1282,7 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 	t.ctrl = t.ctrl[:0]
 	batch = r.openLocked(batch)
 	budget := batchBudget
+	blocked := t.sc.blocked[:0]
 	for budget > 0 && t.readyHead < len(t.ready) {
 		q := t.ready[t.readyHead]
 		if !q.eligible() {
@@ -1291,10 +1292,15 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 			t.readyPopLocked()
 			continue
 		}
-		if q.needsWindow() && t.sendWindow <= 0 {
-			break // RFC 9113 §6.9.1: wait for a connection WINDOW_UPDATE
-		}
 		t.readyPopLocked()
+		if q.needsWindow() && t.sendWindow <= 0 {
+			// RFC 9113 §6.9.1: its DATA waits for a connection
+			// WINDOW_UPDATE. Only DATA is flow-controlled: the header
+			// blocks, resets and empty END_STREAM frames of the streams
+			// behind it go on.
+			blocked = append(blocked, q)
+			continue
+		}
 		op, last := t.popLocked(q, q.id)
 		if op.streamID == 0 {
 			continue // nothing could be taken (unreachable after eligible)
@@ -1312,6 +1318,14 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 		}
 		t.markReadyLocked(q)
 	}
+	// The streams waiting for the connection window go back in the
+	// ring, in their order, for the WINDOW_UPDATE that reopens it
+	// (handleWindowUpdateLocked wakes the writer).
+	for i, q := range blocked {
+		t.markReadyLocked(q)
+		blocked[i] = nil
+	}
+	t.sc.blocked = blocked[:0]
 	if len(batch) > 0 && t.ackArmed.Load() {
 		if onlyPingAnswers(batch) {
 			// Woken for something that wrote nothing (a window credit
