@@ -73,25 +73,41 @@ func errCalm(format string, args ...any) error {
 	return fmt.Errorf("proxy: "+format+": %w", append(args, http2.ConnectionError(http2.ErrCodeEnhanceYourCalm))...)
 }
 
-// streamOpenedLocked counts a stream the client opened. Caller must hold
-// mu.
-func (c *serverConn) streamOpenedLocked() {
-	c.calm.rollLocked(c.srv.now())
+// earlyResetAge is the age below which a stream the client resets before
+// its response ended counts as an early reset: Envoy's "premature reset"
+// (its premature_reset_min_stream_lifetime_seconds, 1 s). A rapid-reset
+// attack resets each stream as soon as it opened it; a client that cancels
+// a call it waited a second or more for does what clients do (a user gave
+// up, a hedged call lost, a watch ended), and paid a second per stream
+// slot for it. Counting those too closed the connection of a client whose
+// calls to a slow backend were all cancelled, cutting its healthy calls
+// on the same connection (attack round 3).
+const earlyResetAge = time.Second
+
+// streamOpenedLocked counts a stream the client opened at now. Caller
+// must hold mu.
+func (c *serverConn) streamOpenedLocked(now time.Time) {
+	c.calm.rollLocked(now)
 	c.calm.opened++
 }
 
-// earlyResetLocked counts a stream the client reset before its response
-// ended, and reports a connection error once there were more than
-// Config.MaxEarlyResets in the window and they were more than half of the
-// streams opened in it. The fraction spares a busy client that cancels
-// some of its calls; an attacker gains nothing from streams it must let
-// finish. Caller must hold mu.
-func (c *serverConn) earlyResetLocked() error {
+// earlyResetLocked counts stream s, which the client reset before its
+// response ended, if it was younger than earlyResetAge, and reports a
+// connection error once there were more than Config.MaxEarlyResets in the
+// window and they were more than half of the streams opened in it. The
+// fraction spares a busy client that cancels some of its calls; an
+// attacker gains nothing from streams it must let finish or hold for a
+// second each. Caller must hold mu.
+func (c *serverConn) earlyResetLocked(s *stream) error {
 	max := c.srv.cfg.MaxEarlyResets
 	if max <= 0 {
 		return nil
 	}
-	c.calm.rollLocked(c.srv.now())
+	now := c.srv.now()
+	if now.Sub(s.start) >= earlyResetAge {
+		return nil
+	}
+	c.calm.rollLocked(now)
 	c.calm.resets++
 	if c.calm.resets > max && 2*c.calm.resets > c.calm.opened {
 		return errCalm("%d streams reset before their response in %v (rapid reset)", c.calm.resets, calmWindow)

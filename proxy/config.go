@@ -321,11 +321,12 @@ type Config struct {
 	MaxConnections int
 
 	// MaxEarlyResets bounds the streams a client connection may reset
-	// before their response ended, per 10 s window, once they are more
-	// than half of the streams it opened in the window; past it the
-	// connection ends with GOAWAY(ENHANCE_YOUR_CALM). This is the defence
-	// against rapid reset (CVE-2023-44487). Zero means
-	// DefaultMaxEarlyResets, negative no limit.
+	// before their response ended and within a second of opening them,
+	// per 10 s window, once they are more than half of the streams it
+	// opened in the window; past it the connection ends with
+	// GOAWAY(ENHANCE_YOUR_CALM). This is the defence against rapid reset
+	// (CVE-2023-44487). Zero means DefaultMaxEarlyResets, negative no
+	// limit.
 	MaxEarlyResets int
 
 	// MaxGlitches is the points a client connection may spend per 10 s

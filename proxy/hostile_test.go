@@ -284,6 +284,63 @@ func TestRapidReset(t *testing.T) {
 	good.check(t)
 }
 
+// TestCancelsOfOldStreamsKeepConnection: a client that cancels calls it
+// waited on for a second or more is not a rapid-reset attacker, however
+// many it cancels: its connection, and the healthy stream beside them,
+// live on. Every reset before the answer counted: a client whose calls to
+// a slow backend were all cancelled had its connection closed, cutting
+// its healthy calls (attack round 3).
+func TestCancelsOfOldStreamsKeepConnection(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.MaxEarlyResets = 4 }})
+	client := testgrpc.NewTestServiceClient(e.dial(e.addr))
+	ctx := testkit.Context(t, 30*time.Second)
+	echo := &testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{{Size: 10}}}
+	roundTrip := func(st testgrpc.TestService_FullDuplexCallClient) error {
+		if err := st.Send(echo); err != nil {
+			return err
+		}
+		_, err := st.Recv()
+		return err
+	}
+	healthy, err := client.FullDuplexCall(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := roundTrip(healthy); err != nil {
+		t.Fatal(err)
+	}
+	const n = 12 // three times the limit, most of the streams opened
+	var cancels []context.CancelFunc
+	for range n {
+		sctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		st, err := client.FullDuplexCall(sctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := roundTrip(st); err != nil {
+			t.Fatal(err)
+		}
+		cancels = append(cancels, cancel)
+	}
+	time.Sleep(1100 * time.Millisecond) // older than a rapid reset's streams
+	for _, cancel := range cancels {
+		cancel()
+	}
+	// The resets went out before the next message on the connection.
+	if err := roundTrip(healthy); err != nil {
+		t.Fatalf("the healthy stream after %d cancels of old streams: %v", n, err)
+	}
+	if _, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{ResponseSize: 10}); err != nil {
+		t.Fatalf("a new call after %d cancels of old streams: %v", n, err)
+	}
+	healthy.CloseSend()
+	if _, err := healthy.Recv(); err != io.EOF {
+		t.Errorf("healthy stream ended with %v, want its end", err)
+	}
+}
+
 // TestGlitchFloods: floods of frames that do no work end the connection
 // with GOAWAY(ENHANCE_YOUR_CALM) within the glitch budget; the good client
 // on another connection sees no error.

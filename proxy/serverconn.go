@@ -444,10 +444,8 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		c.signal()
 		return err
 	}
-	s := &stream{cc: c}
-	if c.srv.reportsEnds() {
-		s.start = c.srv.now()
-	}
+	now := c.srv.now()
+	s := &stream{cc: c, start: now}
 	s.down = sendQueue{s: s, id: id, window: c.peerInitWin, mem: &c.bufs}
 	s.upRecv = recvState{id: id, window: c.streamWindow}
 	s.cst.apply(evRecvHeaders)
@@ -462,7 +460,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	if c.recentStreams < 2 {
 		c.recentStreams++
 	}
-	c.streamOpenedLocked()
+	c.streamOpenedLocked(now)
 	c.mu.Unlock()
 
 	if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields {
@@ -757,7 +755,7 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 	if !s.down.closed {
 		s.result = failure{kind: failClientReset}.statusErr()
 		if !sendRST {
-			err = c.earlyResetLocked()
+			err = c.earlyResetLocked(s)
 		}
 	}
 	a := s.att
