@@ -52,12 +52,18 @@ type backendConn struct {
 	lastRead atomic.Int64 // unix nanoseconds bytes last arrived, for keepalive (see connReader.lastRead)
 }
 
-// errDrainTimeout closes a draining connection whose streams outlived
-// Config.DrainTimeout.
-var errDrainTimeout = errors.New("backend left the set and its drain timeout expired")
+// errLeftSet is why a connection drained with a bound was closed: its
+// backend left the set (RetainBackends, RetainUpstreamBackends) and its
+// streams outlived Config.DrainTimeout. The calls cut get it, with the
+// timeout, in their status message.
+var errLeftSet = errors.New("draining because the backend left the set")
 
-// drain stops new streams on b and closes it once its streams are done, or
-// after timeout.
+// drain stops new streams on b and closes it once its streams are done.
+// A timeout above zero also bounds the wait: after it, b is closed and the
+// streams left on it fail with errLeftSet and the timeout. Zero bounds
+// nothing (a retired Upstream's connections: their calls run to their
+// end, see Server.DrainUpstream); a later drain with a timeout bounds such
+// a connection all the same, and the first bound armed stays.
 func (b *backendConn) drain(timeout time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -66,7 +72,10 @@ func (b *backendConn) drain(timeout time.Duration) {
 	}
 	b.goingAway = true
 	b.drainAndClose = true
-	b.drainTimer = time.AfterFunc(timeout, func() { b.close(errDrainTimeout) })
+	if timeout > 0 {
+		why := fmt.Errorf("%w: drain timeout %v passed", errLeftSet, timeout)
+		b.drainTimer = time.AfterFunc(timeout, func() { b.close(why) })
+	}
 	b.signal()
 }
 
@@ -242,7 +251,7 @@ func (b *backendConn) run(ctx context.Context) {
 		cause = werr
 	}
 	b.mu.Lock()
-	if errors.Is(b.closeErr, errKeepalive) || errors.Is(b.closeErr, errNoSettings) {
+	if errors.Is(b.closeErr, errKeepalive) || errors.Is(b.closeErr, errNoSettings) || errors.Is(b.closeErr, errLeftSet) {
 		cause = b.closeErr // the reader and writer only saw the socket closed
 	}
 	b.mu.Unlock()
@@ -902,12 +911,16 @@ type pool struct {
 	overflows refusalLog
 }
 
-// retain drains the connections of every backend not in keep.
+// retain drains the connections of every backend not in keep, within
+// Config.DrainTimeout. A retired Upstream's connections are left alone:
+// the union of the live sets loses the backends of a cluster that a
+// reload removed, and those carry their calls to their end (see
+// Server.DrainUpstream); RetainUpstreamBackends still bounds them.
 func (p *pool) retain(keep map[string]bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for k, cs := range p.conns {
-		if keep[k.addr] {
+		if keep[k.addr] || k.up.retired.Load() {
 			continue
 		}
 		for _, b := range cs {
@@ -985,7 +998,7 @@ func (p *pool) get(up *Upstream, addr string, a *attempt) (*backendConn, error) 
 	if up.retired.Load() {
 		// Picked just before the Picker stopped naming up: serve this
 		// call, then close (see Server.DrainUpstream).
-		b.drain(p.srv.cfg.DrainTimeout)
+		b.drain(0)
 	}
 	p.conns[k] = append(p.conns[k], b)
 	p.wg.Add(1)

@@ -311,7 +311,9 @@ type Config struct {
 	// DrainTimeout bounds how long connections to a backend that left the
 	// set (see Server.RetainBackends) may keep serving the streams they
 	// carry; after it they are closed and those streams fail with
-	// UNAVAILABLE. Zero means DefaultDrainTimeout.
+	// UNAVAILABLE, in a message that names the backend, its departure and
+	// the timeout. It does not bound the calls of a retired Upstream (see
+	// Server.DrainUpstream). Zero means DefaultDrainTimeout.
 	DrainTimeout time.Duration
 
 	// MaxConnections caps the client connections served at once; a

@@ -82,7 +82,8 @@ func (s *Server) admit(st *stream) bool {
 // Connections to any other backend take no new streams; the streams they
 // carry finish, then the connections close, or are closed after
 // Config.DrainTimeout. main calls it with each set the resolver pushes, so
-// removed pods are drained without clients reconnecting. Safe for
+// removed pods are drained without clients reconnecting. The connections
+// of a retired Upstream are left alone (see DrainUpstream). Safe for
 // concurrent use; it does not block on the drain.
 func (s *Server) RetainBackends(addrs []string) {
 	keep := make(map[string]bool, len(addrs))

@@ -117,14 +117,22 @@ type UpstreamPicker interface {
 	PickUpstream(ctx context.Context, fullMethod string, first bool, avoid []string) (addr string, up *Upstream, done func(error), err error)
 }
 
-// DrainUpstream drains the backend connections opened for up: they take
-// no new streams, the streams they carry finish, then they close, or are
-// closed after Config.DrainTimeout. A Picker calls it for an Upstream it
-// no longer names (a cluster whose dial settings were reloaded), so that
-// its connections do not linger; connections opened for up afterwards,
-// by calls picked before the Picker stopped naming it, drain as soon as
-// their streams are done. Safe for concurrent use; it does not block on
-// the drain.
+// DrainUpstream retires up and drains the backend connections opened for
+// it: they take no new streams, the streams they carry run to their end,
+// however long, and each closes once its last stream is done (an idle one
+// at once). A Picker calls it for an Upstream it no longer names (a
+// cluster removed, or whose dial or retry settings were reloaded), so that
+// its connections do not linger; connections opened for up afterwards, by
+// calls picked before the Picker stopped naming it, drain the same way.
+// This is Envoy's drain of a cluster a CDS update removed or replaced.
+//
+// Config.DrainTimeout does not bound these calls: what ends the cluster
+// is a configuration change, not the backend's departure, and a reload
+// must not cut every long call through the proxy. Server.Shutdown and
+// Close still end them, and RetainBackends does not touch a retired
+// Upstream's connections, while RetainUpstreamBackends(up, ...) does bound
+// those to backends that left its set, as for any Upstream. Safe for
+// concurrent use; it does not block on the drain.
 func (s *Server) DrainUpstream(up *Upstream) {
 	if up == nil || up == s.up {
 		return
@@ -137,14 +145,16 @@ func (s *Server) DrainUpstream(up *Upstream) {
 			continue
 		}
 		for _, b := range cs {
-			b.drain(s.cfg.DrainTimeout)
+			b.drain(0)
 		}
 	}
 }
 
 // RetainUpstreamBackends is RetainBackends for the connections opened for
-// up alone: those to a backend not in addrs drain, while other Upstreams'
-// connections to the same address are left alone. A Picker over several
+// up alone: those to a backend not in addrs drain, within
+// Config.DrainTimeout, while other Upstreams' connections to the same
+// address are left alone. up may be retired (DrainUpstream): the
+// connections it still has to a backend that left addrs are then bounded. A Picker over several
 // Upstreams calls it with each group's set, since an address can leave one
 // group and stay in another (RetainBackends, given the union of the sets,
 // would then keep the first group's connection idle for good). Safe for

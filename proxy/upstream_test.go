@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -213,4 +214,87 @@ func TestDrainedUpstreamKeepsReservedSlot(t *testing.T) {
 	testkit.WaitFor(ctx, t, "the drained Upstream's connection to close", func() bool {
 		return srv.Stats().BackendConnsByUpstream["late"] == 0
 	})
+}
+
+// TestDrainedUpstreamOutlivesDrainTimeout: the calls on a retired
+// Upstream's connection (a cluster a reload replaced or removed) run past
+// Config.DrainTimeout, and RetainBackends, given a set without their
+// backend, does not bound them; RetainUpstreamBackends for that Upstream
+// does, since its backend then left the set, and the call it cuts is told
+// why. The connection closes after its last call.
+func TestDrainedUpstreamOutlivesDrainTimeout(t *testing.T) {
+	verifyNoLeaks(t)
+	var dials atomic.Int64
+	up := countingUpstream(t, "old", &dials)
+	var backend string
+	p := &upstreamPicker{pick: func([]string) (string, *proxy.Upstream) { return backend, up }}
+	const drain = 100 * time.Millisecond
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.Picker = p; c.DrainTimeout = drain }})
+	backend = e.backends[0].Addr()
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	conns := func() int { return srv.Stats().BackendConnsByUpstream["old"] }
+
+	open := func() testgrpc.TestService_FullDuplexCallClient {
+		t.Helper()
+		s, err := e.client.FullDuplexCall(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	ping := func(s testgrpc.TestService_FullDuplexCallClient) error {
+		if err := s.Send(&testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{{Size: 1}}}); err != nil {
+			_, err = s.Recv()
+			return err
+		}
+		_, err := s.Recv()
+		return err
+	}
+	ends, cut := open(), open()
+	for _, s := range []testgrpc.TestService_FullDuplexCallClient{ends, cut} {
+		if err := ping(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := dials.Load(); got != 1 {
+		t.Fatalf("dials = %d, want 1", got)
+	}
+	srv.DrainUpstream(up)
+	srv.RetainBackends(nil) // what a reload that removed the cluster hands the union
+
+	// Three drain timeouts pass: this is what the calls must outlive.
+	outlive := time.NewTimer(3 * drain)
+	select {
+	case <-outlive.C:
+	case <-ctx.Done():
+		t.Fatal(ctx.Err())
+	}
+	for i, s := range []testgrpc.TestService_FullDuplexCallClient{ends, cut} {
+		if err := ping(s); err != nil {
+			t.Fatalf("stream %d on the retired Upstream after 3 drain timeouts: %v, want it alive", i, err)
+		}
+	}
+	if err := ends.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ends.Recv(); err != io.EOF {
+		t.Fatalf("stream on the retired Upstream ended with %v, want io.EOF", err)
+	}
+	if got := conns(); got != 1 {
+		t.Fatalf("the retired Upstream's connections = %d, want 1 (it carries a stream)", got)
+	}
+
+	// Its backend leaves the Upstream's set: now the drain timeout bounds it.
+	srv.RetainUpstreamBackends(up, nil)
+	var err error
+	for err == nil {
+		err = ping(cut)
+	}
+	st := status.Convert(err)
+	if st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "left the set") ||
+		!strings.Contains(st.Message(), "drain timeout 100ms") {
+		t.Errorf("stream cut by the drain timeout: %v, want UNAVAILABLE saying the backend left the set and naming the timeout", err)
+	}
+	testkit.WaitFor(ctx, t, "the retired Upstream's connection to close", func() bool { return conns() == 0 })
 }
