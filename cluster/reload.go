@@ -31,11 +31,15 @@ const DefaultPollInterval = time.Second
 // atomic store and only then stops the clusters no longer used. Clusters
 // whose settings are unchanged are kept as they are: resolver, director,
 // health and ejection state, connections. Calls in flight on a stopped
-// cluster finish: their done funcs only touch the old director's atomics,
-// and its backends' connections are drained gracefully by the data plane
-// once no cluster lists them. A file that does not parse or check, or
-// that a reload cannot apply, is rejected with a logged error and the
-// running configuration stays.
+// cluster run to their end: their done funcs only touch the old
+// director's atomics, and the connections of its Upstream, unless a
+// successor took that over, are retired (drainUpstream): they take no new
+// call and close after their last one, with no drain timeout. Only those
+// to a backend that then leaves the set of the cluster that replaced it
+// (a cluster of the same name, with other dial or retry settings) are
+// bounded by it, like any cluster's to a backend that left. A file that
+// does not parse or check, or that a reload cannot apply, is rejected
+// with a logged error and the running configuration stays.
 type clusterSet struct {
 	router    router
 	logger    *slog.Logger
@@ -65,10 +69,12 @@ type clusterSet struct {
 	live   map[*entry]bool
 	retain func(addrs []string)
 
-	// drainUpstream, if set (the frame engine's DrainUpstream), drains
-	// the connections of a stopped cluster whose Upstream no running
-	// cluster took over; retainUpstream (RetainUpstreamBackends) those of
-	// a cluster's Upstream to backends that left its set. Set before Run.
+	// drainUpstream, if set (the frame engine's DrainUpstream), retires
+	// the Upstream of a stopped cluster that no running cluster took over,
+	// so that its connections close after their last call;
+	// retainUpstream (RetainUpstreamBackends) drains, within the drain
+	// timeout, those of a cluster's Upstream, and of its predecessor's
+	// (entry.prev), to backends that left its set. Set before Run.
 	drainUpstream  func(*proxy.Upstream)
 	retainUpstream func(*proxy.Upstream, []string)
 }
@@ -83,6 +89,11 @@ type entry struct {
 	cancel  context.CancelFunc
 	stopped chan struct{} // closed when its Run has returned
 	addrs   []string      // its current backend set; guarded by clusterSet.mu
+	// prev is the retired Upstream of the cluster of the same name that
+	// e replaced (or that the one e took over from replaced), whose
+	// connections may still carry calls: setAddrs bounds those to
+	// backends that left e's set. Guarded by clusterSet.mu.
+	prev *proxy.Upstream
 }
 
 // newClusterSet builds the clusters and the route table of f. It starts
@@ -207,6 +218,30 @@ func (s *clusterSet) setAddrs(e *entry, addrs []string) {
 	s.retainLocked()
 	if s.retainUpstream != nil {
 		s.retainUpstream(e.c.up, e.addrs)
+		if e.prev != nil {
+			s.retainUpstream(e.prev, e.addrs)
+		}
+	}
+}
+
+// succeed records, once old is stopped and its Upstream retired, that
+// next (nil: none) is the cluster that replaced it: the retired Upstream's
+// connections to backends not in next's set drain within the drain
+// timeout, now if next has a set and on each new one. A successor that
+// took over old's Upstream inherits old's predecessor instead.
+func (s *clusterSet) succeed(old, next *entry) {
+	if next == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if next.c.up == old.c.up {
+		next.prev = old.prev
+		return
+	}
+	next.prev = old.c.up
+	if s.live[next] && s.retainUpstream != nil {
+		s.retainUpstream(next.prev, next.addrs)
 	}
 }
 
@@ -378,12 +413,16 @@ func (s *clusterSet) apply(ctx context.Context, g *errgroup.Group, nf *File) err
 	for _, e := range gone {
 		e.cancel()
 		<-e.stopped
-		s.drop(e)
 		if s.drainUpstream != nil && !inUse[e.c.up] {
-			// Its calls in flight finish on the old settings; new calls
-			// dial with the new ones.
+			// Its calls in flight run to their end on the old settings,
+			// however long (no drain timeout: a reload must not cut
+			// them); new calls dial with the new ones. Retired before
+			// drop, whose retain would otherwise bound the connections
+			// to backends no other cluster lists.
 			s.drainUpstream(e.c.up)
 		}
+		s.drop(e)
+		s.succeed(e, next[e.c.name])
 	}
 	s.logger.Info("configuration reloaded", "routes", len(table.routes),
 		"clusters_started", freshNames, "clusters_kept", keptNames, "clusters_stopped", goneNames)
