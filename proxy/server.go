@@ -259,6 +259,20 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-done:
 	case <-ctx.Done():
 		err = ctx.Err()
+		// The calls left end with a status that says why, rather than
+		// with the connection closed under them; the writers get a
+		// moment to send it before the connections close.
+		s.mu.Lock()
+		for c := range s.conns {
+			c.abortCalls()
+		}
+		s.mu.Unlock()
+		grace := time.NewTimer(shutdownAbortGrace)
+		select {
+		case <-done:
+		case <-grace.C:
+		}
+		grace.Stop()
 		s.closeConns()
 		<-done
 	}
@@ -309,6 +323,12 @@ func (s *Server) closeConns() {
 }
 
 var errServerClosing = errors.New("proxy: server closing")
+
+// shutdownAbortGrace is how long Shutdown, once its context ended, lets
+// the writers send the calls it cut their UNAVAILABLE status before it
+// closes the connections: a client that reads takes them at once, one
+// that does not is not waited for.
+const shutdownAbortGrace = 250 * time.Millisecond
 
 // housekeepPeriod is how often the housekeeper looks at every client
 // connection: every second (parked writers exit, idle readers park), or a

@@ -629,6 +629,38 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 	}
 }
 
+// abortCalls ends every call in flight on c with UNAVAILABLE ("server is
+// shutting down"), cancels their backend streams, and closes c once what
+// it queued is written: Server.Shutdown's drain ran out. Safe from any
+// goroutine; it does not block.
+func (c *serverConn) abortCalls() {
+	var cut []*attempt
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	for _, s := range c.streams {
+		if s.down.closed || s.cst.ended() {
+			continue
+		}
+		if a := s.att; a != nil {
+			cut = append(cut, a)
+		}
+		c.failLocked(s, failure{kind: failShuttingDown, method: s.method})
+	}
+	if !c.goingAway && c.handshook {
+		c.goingAway = true
+		c.queueGoAwayLocked(c.lastID, http2.ErrCodeNo, nil)
+	}
+	c.drainAndClose = true
+	c.mu.Unlock()
+	c.signal()
+	for _, a := range cut {
+		a.bc.resetUp(a, http2.ErrCodeCancel)
+	}
+}
+
 // sweepRequestIdle runs on the server's housekeeper, every quarter of
 // Config.RequestIdleTimeout: a stream whose request is not complete and on
 // which no frame moved either way for four sweeps in a row ends with
