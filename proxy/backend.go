@@ -939,9 +939,21 @@ func (p *pool) retain(keep map[string]bool) {
 // SETTINGS_MAX_CONCURRENT_STREAMS or BackendStreamsPerConn reached). Its
 // error is a failure: the server is shutting down, the backend is at
 // MaxStreamsPerBackend, or it has MaxBackendConns connections, all full.
+// The last is logged (at most once a second), after p.mu is released: a
+// logger that blocks holds up this call alone, not every pick.
 func (p *pool) get(up *Upstream, addr string, a *attempt) (*backendConn, error) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	b, err := p.getLocked(up, addr, a)
+	p.mu.Unlock()
+	if f, ok := err.(failure); ok && f.kind == failBackendConns {
+		p.overflows.note(p.srv.now(), p.srv.log, slog.LevelWarn,
+			"calls refused: every connection to the backend is full (max backend connections)", int(f.limit), "backend", addr)
+	}
+	return b, err
+}
+
+// getLocked is get under p.mu. Caller must hold p.mu.
+func (p *pool) getLocked(up *Upstream, addr string, a *attempt) (*backendConn, error) {
 	if p.closed {
 		return nil, failure{kind: failShuttingDown}
 	}
@@ -981,8 +993,6 @@ func (p *pool) get(up *Upstream, addr string, a *attempt) (*backendConn, error) 
 			a.backendCount.Add(-1)
 			a.backendCount = nil
 		}
-		p.overflows.note(p.srv.now(), p.srv.log, slog.LevelWarn,
-			"calls refused: every connection to the backend is full (max backend connections)", max, "backend", addr)
 		return nil, failure{kind: failBackendConns, backend: addr, limit: int64(max)}
 	}
 	b := newBackendConn(p, k)
