@@ -12,6 +12,7 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -22,6 +23,8 @@ import (
 	"strings"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/streamlb/streamlb/cluster"
 )
 
 // Exit codes.
@@ -109,26 +112,47 @@ func logFlags(defaultLevel string) []cli.Flag {
 			Value: "text",
 			Usage: "log line format on stderr: text (key=value) or json",
 		},
+		&cli.IntFlag{
+			Name:  "log-buffer",
+			Value: cluster.DefaultLogBuffer,
+			Usage: "`BYTES` of log lines held while stderr does not take them; lines past it are dropped and counted, so logging never waits for stderr",
+		},
 	}
 }
 
-// newLogger builds the logger the flags ask for, writing to w.
-func newLogger(c *cli.Context, w io.Writer) (*slog.Logger, error) {
+// newLogger builds the logger the flags ask for. It writes to w through a
+// cluster.LogWriter of --log-buffer bytes, so that logging never waits for
+// w (a stderr pipe nobody reads would otherwise stop whatever logs); the
+// caller closes the LogWriter, which flushes it, once nothing logs any
+// more.
+func newLogger(c *cli.Context, w io.Writer) (*slog.Logger, *cluster.LogWriter, error) {
 	var level slog.Level
 	name := strings.ToLower(c.String("log-level"))
 	if !slices.Contains([]string{"debug", "info", "warn", "error"}, name) {
-		return nil, usageErr("unknown --log-level %q (want debug, info, warn or error)", c.String("log-level"))
+		return nil, nil, usageErr("unknown --log-level %q (want debug, info, warn or error)", c.String("log-level"))
 	}
 	if err := level.UnmarshalText([]byte(name)); err != nil {
-		return nil, usageErr("--log-level: %v", err)
+		return nil, nil, usageErr("--log-level: %v", err)
 	}
-	opts := &slog.HandlerOptions{Level: level}
+	var handler func(io.Writer, *slog.HandlerOptions) slog.Handler
 	switch c.String("log-format") {
 	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
+		handler = func(w io.Writer, o *slog.HandlerOptions) slog.Handler { return slog.NewTextHandler(w, o) }
 	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
+		handler = func(w io.Writer, o *slog.HandlerOptions) slog.Handler { return slog.NewJSONHandler(w, o) }
 	default:
-		return nil, usageErr("unknown --log-format %q (want text or json)", c.String("log-format"))
+		return nil, nil, usageErr("unknown --log-format %q (want text or json)", c.String("log-format"))
 	}
+	size := c.Int("log-buffer")
+	if size <= 0 {
+		return nil, nil, usageErr("--log-buffer must be positive, got %d", size)
+	}
+	// The line saying how many lines were dropped goes out at every level.
+	notice := func(n int64) []byte {
+		var b bytes.Buffer
+		slog.New(handler(&b, nil)).Warn("log lines dropped: stderr did not take them in time", "dropped", n)
+		return b.Bytes()
+	}
+	lw := cluster.NewLogWriter(w, size, notice)
+	return slog.New(handler(lw, &slog.HandlerOptions{Level: level})), lw, nil
 }

@@ -100,10 +100,11 @@ func runTestserver(c *cli.Context) error {
 	if c.String("name") == "" {
 		return usageErr("no name: give --name NAME")
 	}
-	logger, err := newLogger(c, c.App.ErrWriter)
+	logger, lw, err := newLogger(c, c.App.ErrWriter)
 	if err != nil {
 		return err
 	}
+	defer lw.Close()
 	regOpts, err := registerOptions(c)
 	if err != nil {
 		return err
@@ -217,10 +218,11 @@ func runDemo(c *cli.Context) error {
 	if c.NArg() > 0 {
 		return usageErr("unexpected argument %q", c.Args().First())
 	}
-	logger, err := newLogger(c, c.App.ErrWriter)
+	logger, lw, err := newLogger(c, c.App.ErrWriter)
 	if err != nil {
 		return err
 	}
+	defer lw.Close()
 	var steps []int
 	for _, f := range strings.Split(c.String("steps"), ",") {
 		var n int

@@ -42,7 +42,7 @@ func proxyCommand() *cli.Command {
 			"clusters, routes by gRPC service, method prefix and request headers, rate\n" +
 			"limits. Its clusters and routes are reloaded on SIGHUP and when the file\n" +
 			"changes. It cannot be mixed with the other flags, except --log-level,\n" +
-			"--log-format, --release-startup-pages, --gc-min-heap and the contention\n" +
+			"--log-format, --log-buffer, --release-startup-pages, --gc-min-heap and the contention\n" +
 			"profiles' --mutex-profile-fraction and --block-profile-rate: the file would\n" +
 			"silently win, so the mix is an error.",
 		OnUsageError: onUsageError,
@@ -129,10 +129,13 @@ func runProxy(c *cli.Context) error {
 	if c.NArg() > 0 {
 		return usageErr("unexpected argument %q (backends are given with --backend)", c.Args().First())
 	}
-	logger, err := newLogger(c, c.App.ErrWriter)
+	// Deferred first, so it runs last: the lines of the drain are out
+	// before the command returns.
+	logger, lw, err := newLogger(c, c.App.ErrWriter)
 	if err != nil {
 		return err
 	}
+	defer lw.Close()
 	var cfg cluster.ServerConfig
 	listen, adminListen := c.String("listen"), c.String("admin-listen")
 	if path := c.String("config"); path != "" {
@@ -156,7 +159,8 @@ func runProxy(c *cli.Context) error {
 		return usageErr("--gc-min-heap must not be negative")
 	}
 	if path := c.String("access-log"); path != "" {
-		al, err := cluster.OpenAccessLog(path, c.String("log-format"), c.App.ErrWriter)
+		// "-" shares the log's writer: neither waits for stderr.
+		al, err := cluster.OpenAccessLog(path, c.String("log-format"), lw)
 		if err != nil {
 			return usageErr("--access-log: %v", err)
 		}
@@ -313,7 +317,7 @@ func fileConfig(c *cli.Context, path string, logger *slog.Logger) (cluster.Serve
 		// process, not the proxy's configuration, like the log flags.
 		if name != "config" && name != "release-startup-pages" && name != "gc-min-heap" && !strings.HasPrefix(name, "log-") && !strings.HasSuffix(name, "-profile-fraction") &&
 			!strings.HasSuffix(name, "-profile-rate") && c.IsSet(name) {
-			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level, --log-format, --release-startup-pages, --gc-min-heap, --mutex-profile-fraction and --block-profile-rate go beside --config)", name, path)
+			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level, --log-format, --log-buffer, --release-startup-pages, --gc-min-heap, --mutex-profile-fraction and --block-profile-rate go beside --config)", name, path)
 		}
 	}
 	f, err := cluster.LoadFile(path)

@@ -173,6 +173,13 @@ type appRun struct {
 // if the test has not done so.
 func startApp(ctx context.Context, t *testing.T, args []string, msgs ...string) *appRun {
 	t.Helper()
+	return startAppWriter(ctx, t, nil, args, msgs...)
+}
+
+// startAppWriter is startApp with the app's stderr wrapped by wrap, if
+// not nil.
+func startAppWriter(ctx context.Context, t *testing.T, wrap func(io.Writer) io.Writer, args []string, msgs ...string) *appRun {
+	t.Helper()
 	appCtx, stop := context.WithCancel(ctx)
 	r := &appRun{stop: stop, done: make(chan struct{}), logged: make(chan map[string]logRecord, 1), seen: map[string]struct{}{}}
 	logs, logw := io.Pipe()
@@ -203,6 +210,9 @@ func startApp(ctx context.Context, t *testing.T, args []string, msgs ...string) 
 	}()
 	app := newApp()
 	app.Writer, app.ErrWriter = io.Discard, logw
+	if wrap != nil {
+		app.ErrWriter = wrap(logw)
+	}
 	go func() {
 		r.err = app.RunContext(appCtx, append([]string{"streamlb"}, args...))
 		logw.Close()
