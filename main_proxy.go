@@ -37,7 +37,9 @@ func proxyCommand() *cli.Command {
 			"Backends that leave the set are drained. TLS to backends: --backend-tls-ca.\n" +
 			"SIGINT or SIGTERM starts a graceful drain: no new connections, GOAWAY to\n" +
 			"clients, in-flight streams get --drain-timeout to finish, then the proxy\n" +
-			"exits 0. A second signal exits at once.\n\n" +
+			"exits 0. A second signal exits at once. SIGHUP reopens the --access-log\n" +
+			"file (for logrotate) and, with --config, reloads the file; it never stops\n" +
+			"the proxy.\n\n" +
 			"--config FILE takes everything from a YAML file instead: listeners, named\n" +
 			"clusters, routes by gRPC service, method prefix and request headers, rate\n" +
 			"limits. Its clusters and routes are reloaded on SIGHUP and when the file\n" +
@@ -59,7 +61,7 @@ func proxyCommand() *cli.Command {
 			&cli.StringFlag{Name: "engine", Value: cluster.EngineFrame, Usage: "data plane: frame (relays HTTP/2 frames) or grpc-proxy (message-level reference engine)"},
 			&cli.DurationFlag{Name: "drain-timeout", Value: cluster.DefaultDrainTimeout, Usage: "how long in-flight streams may run on SIGINT/SIGTERM, and on a backend that left the set, before they are cut"},
 			&cli.StringFlag{Name: "admin-listen", Usage: "`ADDR` for the admin HTTP endpoints / (live status page), /status.json, /healthz, /readyz, /backends, /metrics and /debug/pprof/ (off when empty)"},
-			&cli.StringFlag{Name: "access-log", Usage: "write one line per call to `PATH` (appended; - or stderr for stderr), in --log-format"},
+			&cli.StringFlag{Name: "access-log", Usage: "write one line per call to `PATH` (appended, and opened again on SIGHUP; - or stderr for stderr), in --log-format"},
 			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once started, unmap the binary's code and read-only data that start-up touched and drop them from the page cache, so RSS counts what the running proxy uses (Linux; pages touched later are read from the file; the only flag besides --log-* allowed with --config)"},
 			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "keep Prometheus metrics, served on /metrics of --admin-listen (--metrics=false: none)"},
 			&cli.IntFlag{Name: "mutex-profile-fraction", Usage: "record one contended unlock in `N` for /debug/pprof/mutex of --admin-listen (0: off, and that endpoint answers 404; costs CPU: for diagnosis); allowed beside --config"},
@@ -142,13 +144,16 @@ func runProxy(c *cli.Context) error {
 		if cfg, listen, adminListen, err = fileConfig(c, path, logger); err != nil {
 			return err
 		}
-		hup := make(chan os.Signal, 1)
-		signal.Notify(hup, syscall.SIGHUP)
-		defer signal.Stop(hup)
-		cfg.Reload = hup
 	} else if cfg, err = proxyConfig(c, logger); err != nil {
 		return err
 	}
+	// SIGHUP reloads the file and reopens the access log file, with or
+	// without --config: logrotate's "postrotate kill -HUP" must not end
+	// the process (its default action) and cut the calls in flight.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	cfg.Hangup = hup
 	// The contention profiles are the process's, not the file's: they go
 	// beside --config too.
 	cfg.MutexProfileFraction, cfg.BlockProfileRate = c.Int("mutex-profile-fraction"), c.Int("block-profile-rate")

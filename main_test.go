@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -22,8 +23,17 @@ import (
 	"github.com/streamlb/streamlb/testserver"
 )
 
+// runMainEnv, set to 1 in a test binary's environment, makes it run main
+// instead of the tests: tests that need a process of the command's own
+// (signals) run the test binary as streamlb.
+const runMainEnv = "STREAMLB_TEST_RUN_MAIN"
+
 // TestMain fails the package's tests if any goroutine outlives them.
 func TestMain(m *testing.M) {
+	if os.Getenv(runMainEnv) == "1" {
+		main()
+		os.Exit(0)
+	}
 	goleak.VerifyTestMain(m)
 }
 

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/streamlb/streamlb/proxy"
 )
@@ -19,8 +20,8 @@ import (
 // which runs off the relay's goroutines and under no lock. Safe for
 // concurrent use.
 type AccessLog struct {
-	log    *slog.Logger
-	closer io.Closer // nil when the log does not own its writer
+	log  *slog.Logger
+	file *logFile // nil when the log does not own its writer
 }
 
 // NewAccessLog returns an access log writing records to h, at level Info.
@@ -30,17 +31,18 @@ func NewAccessLog(h slog.Handler) *AccessLog {
 
 // OpenAccessLog opens the access log the proxy command's --access-log
 // names: "-" or "stderr" for stderr, anything else a file opened for
-// appending (created if missing). format is "text" or "json", as for
-// --log-format. Close closes the file.
+// appending (created if missing), which [AccessLog.Reopen] opens again.
+// format is "text" or "json", as for --log-format. Close closes the file.
 func OpenAccessLog(path, format string, stderr io.Writer) (*AccessLog, error) {
 	var w io.Writer = stderr
-	var closer io.Closer
+	var file *logFile
 	if path != "-" && path != "stderr" {
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+		f, err := openLogFile(path)
 		if err != nil {
-			return nil, fmt.Errorf("cluster: access log: %w", err)
+			return nil, err
 		}
-		w, closer = f, f
+		file = &logFile{path: path, f: f}
+		w = file
 	}
 	var h slog.Handler
 	switch strings.ToLower(format) {
@@ -49,23 +51,104 @@ func OpenAccessLog(path, format string, stderr io.Writer) (*AccessLog, error) {
 	case "json":
 		h = slog.NewJSONHandler(w, nil)
 	default:
-		if closer != nil {
-			closer.Close()
+		if file != nil {
+			file.Close()
 		}
 		return nil, fmt.Errorf("cluster: access log: unknown format %q (want text or json)", format)
 	}
 	al := NewAccessLog(h)
-	al.closer = closer
+	al.file = file
 	return al, nil
 }
 
 // Close closes the file OpenAccessLog opened, if any. Call it after the
 // server's Run returned: no line is written after that.
 func (a *AccessLog) Close() error {
-	if a == nil || a.closer == nil {
+	if a == nil || a.file == nil {
 		return nil
 	}
-	return a.closer.Close()
+	return a.file.Close()
+}
+
+// Path returns the file OpenAccessLog opened, or "" when the log does
+// not write to a file of its own (stderr, or NewAccessLog's handler).
+func (a *AccessLog) Path() string {
+	if a == nil || a.file == nil {
+		return ""
+	}
+	return a.file.path
+}
+
+// Reopen opens the access log's file again by its path, creating it if it
+// is missing, and closes the one it wrote to: after logrotate renamed the
+// file away, the next lines go to a new file at the path (the server does
+// it on SIGHUP, ServerConfig.Hangup). Lines being written meanwhile go
+// whole to one file or the other. If the path cannot be opened, the old
+// file stays in use and the error is returned. Without a file of its own,
+// Reopen does nothing.
+func (a *AccessLog) Reopen() error {
+	if a == nil || a.file == nil {
+		return nil
+	}
+	return a.file.reopen()
+}
+
+// logFile is a file written by path that can be opened again under its
+// writers (Reopen). Safe for concurrent use.
+type logFile struct {
+	path string
+
+	mu sync.Mutex
+	// mu guards f; Write holds it while it writes.
+	f *os.File // nil once closed
+}
+
+func openLogFile(path string) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("cluster: access log: %w", err)
+	}
+	return f, nil
+}
+
+func (l *logFile) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f == nil {
+		return 0, os.ErrClosed
+	}
+	return l.f.Write(p)
+}
+
+// reopen opens path (outside mu, so a slow open holds up no line), swaps
+// the new file in and closes the old one.
+func (l *logFile) reopen() error {
+	f, err := openLogFile(l.path)
+	if err != nil {
+		return err
+	}
+	l.mu.Lock()
+	old := l.f
+	if old == nil { // closed meanwhile
+		l.mu.Unlock()
+		f.Close()
+		return nil
+	}
+	l.f = f
+	l.mu.Unlock()
+	return old.Close()
+}
+
+// Close closes the file; later Writes fail with os.ErrClosed.
+func (l *logFile) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.f == nil {
+		return nil
+	}
+	err := l.f.Close()
+	l.f = nil
+	return err
 }
 
 // callEnd writes ci's line.

@@ -54,9 +54,14 @@ type ServerConfig struct {
 	// DefaultPollInterval), on each receive from Reload, and on
 	// [Server.Reload].
 	File *File
-	// Reload, with File, triggers a reload of the file on each receive
-	// (the proxy command relays SIGHUP here).
+	// Reload, with File, triggers a reload of the file on each receive.
 	Reload <-chan os.Signal
+	// Hangup, if set, is served while Run runs (the proxy command relays
+	// SIGHUP here, with or without a file): each receive reopens the
+	// access log's file ([AccessLog.Reopen], for logrotate) and, with
+	// File and no Reload, reloads the file as Reload would. With neither,
+	// it logs at Info that there is nothing to do.
+	Hangup <-chan os.Signal
 	// Engine is one of [Engines]; "" means [EngineFrame].
 	Engine string
 	// Proxy configures the frame engine. Its Picker, DrainTimeout and
@@ -131,6 +136,9 @@ type Server struct {
 	logger   *slog.Logger
 	tls      *serverTLS // nil: h2c
 	draining atomic.Bool
+	// hupReload is the file's reload channel fed by Hangup; nil when
+	// there is no file, or Reload is set instead.
+	hupReload chan os.Signal
 }
 
 // NewServer validates cfg and builds the cluster and the data plane. It
@@ -178,7 +186,12 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		if cfg.Metrics != nil {
 			reg = cfg.Metrics
 		}
-		set, err := newClusterSet(cfg.File, cfg.Logger, reg, headers, cfg.Warmup, cfg.Reload)
+		reload := cfg.Reload
+		if reload == nil && cfg.Hangup != nil {
+			s.hupReload = make(chan os.Signal, 1)
+			reload = s.hupReload
+		}
+		set, err := newClusterSet(cfg.File, cfg.Logger, reg, headers, cfg.Warmup, reload)
 		if err != nil {
 			return nil, err
 		}
@@ -404,6 +417,11 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 	cctx, stopCluster := context.WithCancel(context.Background())
 	defer stopCluster()
 	resolved := s.runClusters(g, cctx)
+	if s.cfg.Hangup != nil {
+		// Served through the drain too: a log rotated meanwhile is
+		// reopened, and a SIGHUP never falls to its default action.
+		g.Go(func() error { s.hangupLoop(cctx); return nil })
+	}
 
 	// The admin endpoints come first, so liveness probes are answered
 	// during the warm-up (/readyz says 503 until a backend is usable), and
@@ -490,6 +508,38 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 		return nil
 	})
 	return g.Wait()
+}
+
+// hangupLoop serves ServerConfig.Hangup until ctx ends: each signal
+// reopens the access log's file and asks the file's clusters to reload.
+func (s *Server) hangupLoop(ctx context.Context) {
+	for {
+		var sig os.Signal
+		select {
+		case <-ctx.Done():
+			return
+		case sig = <-s.cfg.Hangup:
+		}
+		did := false
+		if al := s.cfg.AccessLog; al.Path() != "" {
+			did = true
+			if err := al.Reopen(); err != nil {
+				s.logger.Error("access log not reopened; lines still go to the file it had open", "signal", sig.String(), "path", al.Path(), "err", err)
+			} else {
+				s.logger.Info("access log reopened", "signal", sig.String(), "path", al.Path())
+			}
+		}
+		if s.hupReload != nil {
+			did = true
+			select {
+			case s.hupReload <- sig: // a reload pending already covers this one
+			default:
+			}
+		}
+		if !did {
+			s.logger.Info("nothing to reload: no configuration file and no access log file", "signal", sig.String())
+		}
+	}
 }
 
 // runClusters runs the cluster, or the file's clusters, in g, and returns
