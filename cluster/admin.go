@@ -5,9 +5,34 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/pprof"
+	"strconv"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
+
+// adminWriteTimeout bounds the writing of an admin response; pprof adds
+// a profile's or trace's seconds to it, and maxProfileSeconds bounds
+// those: together they bound what a client that never reads can make the
+// proxy hold (a never-read /debug/pprof/trace?seconds=600 grew it by 0.4
+// MB/s, attack round 3).
+const adminWriteTimeout = 35 * time.Second
+
+// maxProfileSeconds is the longest CPU profile or execution trace the
+// admin endpoints take (pprof's default is 30 s).
+const maxProfileSeconds = 60
+
+// capSeconds refuses a profile or trace longer than maxProfileSeconds with
+// 400, and hands the others to h.
+func capSeconds(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if sec, err := strconv.ParseFloat(r.FormValue("seconds"), 64); err == nil && sec > maxProfileSeconds {
+			http.Error(w, fmt.Sprintf("seconds must be at most %d", maxProfileSeconds), http.StatusBadRequest)
+			return
+		}
+		h(w, r)
+	}
+}
 
 // AdminHandler serves the admin endpoints:
 //   - /healthz: 200 while the process runs (liveness);
@@ -21,7 +46,8 @@ import (
 //     usable backend, 404 for a cluster no route uses;
 //   - /backends: the cluster's per-backend state as JSON;
 //   - /metrics: Prometheus metrics, if ServerConfig.Metrics is set;
-//   - /debug/pprof/: the Go runtime's profiles; /debug/pprof/mutex and
+//   - /debug/pprof/: the Go runtime's profiles (a CPU profile or trace at
+//     most a minute long); /debug/pprof/mutex and
 //     /debug/pprof/block answer 404 unless ServerConfig.MutexProfileFraction
 //     and BlockProfileRate switch them on;
 //   - / (that path only): a live status page, self-contained HTML that
@@ -36,9 +62,9 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("GET /status.json", s.serveStatusJSON)
 	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
 	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/profile", capSeconds(pprof.Profile))
 	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("GET /debug/pprof/trace", capSeconds(pprof.Trace))
 	mux.Handle("GET /debug/pprof/mutex", contentionProfile("mutex", s.cfg.MutexProfileFraction, "MutexProfileFraction (--mutex-profile-fraction)"))
 	mux.Handle("GET /debug/pprof/block", contentionProfile("block", s.cfg.BlockProfileRate, "BlockProfileRate (--block-profile-rate)"))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {

@@ -91,3 +91,21 @@ func head(s string) string {
 	}
 	return s
 }
+
+// TestAdminBoundsLongResponses: a profile or trace longer than a minute is
+// refused rather than held for a client that may never read it (attack
+// round 3: a never-read /debug/pprof/trace?seconds=600 grew the proxy by
+// 0.4 MB/s); a short one is served.
+func TestAdminBoundsLongResponses(t *testing.T) {
+	b := startBackend(t, "b", "127.0.0.1:0")
+	srv := runServer(t, cluster.ServerConfig{Cluster: cluster.Config{Targets: []string{b.Addr()}}})
+	for _, path := range []string{"/debug/pprof/trace?seconds=600", "/debug/pprof/profile?seconds=600"} {
+		code, body := get(t, srv.admin+path)
+		if code != http.StatusBadRequest || !strings.Contains(body, "seconds must be at most 60") {
+			t.Errorf("%s = %d %q, want 400: longer than a minute", path, code, head(body))
+		}
+	}
+	if code, body := get(t, srv.admin+"/debug/pprof/trace?seconds=0.05"); code != http.StatusOK {
+		t.Errorf("/debug/pprof/trace?seconds=0.05 = %d %q, want 200", code, head(body))
+	}
+}

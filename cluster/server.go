@@ -430,7 +430,12 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 	// it does not take the data plane down.
 	drained := make(chan struct{}) // closed when the data plane has drained
 	if admin != nil {
-		hs := &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 5 * time.Second, ErrorLog: slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug)}
+		// WriteTimeout bounds what a client that never reads can make
+		// the admin endpoints hold: /debug/pprof/trace?seconds=600 grew
+		// the proxy's RSS by 0.4 MB/s (attack round 3). It leaves room
+		// for pprof's default 30 s profile; pprof refuses a longer one.
+		hs := &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 5 * time.Second, WriteTimeout: adminWriteTimeout,
+			IdleTimeout: 2 * time.Minute, ErrorLog: slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug)}
 		g.Go(func() error {
 			if err := hs.Serve(admin); !errors.Is(err, http.ErrServerClosed) {
 				s.logger.Error("admin endpoints stopped", "err", err)
