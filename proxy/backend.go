@@ -488,8 +488,10 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	}
 	a.gotHeaders = true
 	held := b.forwardLocked(a)
+	stopUp := false
 	if end {
 		b.stepLocked(a, evRecvEnd)
+		stopUp = !a.bClosed
 	}
 	b.mu.Unlock()
 	cc := a.s.cc
@@ -500,6 +502,9 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		b.relayHeld(a, items, nil, false)
 	}
 	cc.enqueueDown(a, outItem{kind: itemHeaders, end: end, fields: fields}, nil)
+	if stopUp {
+		b.resetUp(a, http2.ErrCodeCancel) // the request was not all sent: see onData
+	}
 	return nil
 }
 
@@ -564,8 +569,10 @@ func (b *backendConn) onData(f *dataFrame) error {
 	if a.hold.on {
 		items, fwd = b.holdLocked(a, data, end)
 	}
+	stopUp := false
 	if end {
 		b.stepLocked(a, evRecvEnd)
+		stopUp = !a.bClosed
 	}
 	// Wake the writer for a WINDOW_UPDATE queued here (the connection
 	// window must be returned even if no client reads), not per frame.
@@ -585,8 +592,26 @@ func (b *backendConn) onData(f *dataFrame) error {
 			b.creditStream(r, int32(fwd))
 		}
 	}
+	if stopUp {
+		b.resetUp(a, http2.ErrCodeCancel) // see below
+	}
 	return nil
 }
+
+// A backend's complete answer while the request is still on its way to
+// it (its END_STREAM not yet sent: request DATA still queued behind the
+// backend's window, or the client still sending) ends the backend stream
+// too: the proxy resets it with CANCEL (RFC 9113 §8.1: the response
+// stands, the rest of the request is not needed), which frees its slot,
+// its queued request bytes and its place in the backend's in-flight
+// count. A grpc-go backend resets its side itself; one that answered at
+// once and then granted no more window left the call in flight forever,
+// out of reach of every timeout (the request was complete on the
+// client's side), its slot held (attack round 4: 400 calls held 47 MiB;
+// with MAX_CONCURRENT_STREAMS 1 every later call failed). The answer is
+// queued toward the client first, so the reset cannot overtake it. The
+// client's side is ended separately (enqueueDown: RST_STREAM(NO_ERROR)
+// if it still sends).
 
 // resetFromBackend handles a RST_STREAM from the backend, or a stream error
 // we detected (sendRST). REFUSED_STREAM before any answer means the backend

@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/testserver"
 
 	"golang.org/x/net/http2"
@@ -232,6 +234,67 @@ func TestEarlyAnswerEndsRequest(t *testing.T) {
 		h, ok := f.(*http2.MetaHeadersFrame)
 		return ok && h.StreamID == 3 && h.StreamEnded()
 	})
+}
+
+// TestEarlyAnswerToQueuedUpload: a backend with no stream window for the
+// request (SETTINGS_INITIAL_WINDOW_SIZE 0) and one stream at a time
+// answers each upload completely as soon as its HEADERS arrive, and never
+// reads it. The client sent its whole request; what the proxy queued for
+// the backend can never go. The proxy must reset the backend's stream
+// (CANCEL), so the slot comes back: five calls in a row on one backend
+// connection all succeed. The stream stayed open on the backend
+// connection forever, its slot held, and every later call failed
+// (attack round 4).
+func TestEarlyAnswerToQueuedUpload(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.MaxBackendConns = 1 }})
+	final := hpackBlock(":status", "200", "content-type", "application/grpc")
+	trailers := hpackBlock("grpc-status", "0")
+	var resets atomic.Int32
+	bad := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0},
+			http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 1}) != nil {
+			return
+		}
+		s.serve(func(f http2.Frame) bool {
+			switch f := f.(type) {
+			case *http2.HeadersFrame:
+				id := f.StreamID
+				return s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: final, EndHeaders: true}) == nil &&
+					s.fr.WriteData(id, false, grpcMsg(&testgrpc.StreamingInputCallResponse{AggregatedPayloadSize: 7})) == nil &&
+					s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
+			case *http2.RSTStreamFrame:
+				if f.ErrCode == http2.ErrCodeCancel {
+					resets.Add(1)
+				}
+			}
+			return true
+		})
+	})
+	e.setBackends(bad)
+	ctx := testkit.Context(t, 30*time.Second)
+	const calls = 5
+	for i := range calls {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		st, err := e.client.StreamingInputCall(cctx)
+		if err == nil {
+			for range 10 {
+				if err = st.Send(&testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, 10000)}}); err != nil {
+					break
+				}
+			}
+		}
+		var resp *testgrpc.StreamingInputCallResponse
+		if err == nil || err == io.EOF {
+			resp, err = st.CloseAndRecv()
+		}
+		cancel()
+		if err != nil || resp.GetAggregatedPayloadSize() != 7 {
+			t.Fatalf("call %d: %v %v, want the backend's answer", i, resp, err)
+		}
+	}
+	testkit.WaitFor(ctx, t, "the backend's streams reset with CANCEL", func() bool { return resets.Load() == calls })
 }
 
 // TestEarlyRejectedUploads: uploads the backend rejects at once (client
