@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -295,6 +296,46 @@ func TestEarlyAnswerToQueuedUpload(t *testing.T) {
 		}
 	}
 	testkit.WaitFor(ctx, t, "the backend's streams reset with CANCEL", func() bool { return resets.Load() == calls })
+}
+
+// TestRefusedAfterAnswerStarted: a backend that sends its response
+// headers, or headers and half a message, then RST_STREAM(REFUSED_STREAM)
+// claims it did not process a stream it answered. Relayed as it was, the
+// reset made grpc-go retry the call transparently, and the backend ran it
+// twice (attack round 4). The client gets INTERNAL, and the backend sees
+// the call once.
+func TestRefusedAfterAnswerStarted(t *testing.T) {
+	verifyNoLeaks(t)
+	final := hpackBlock(":status", "200", "content-type", "application/grpc")
+	for _, half := range []bool{false, true} {
+		t.Run(fmt.Sprintf("half a message %v", half), func(t *testing.T) {
+			e := newEnv(t, envOpts{backends: 1})
+			var calls atomic.Int32
+			bad := rawBackend(t, h2Frames(func(s *h2Server, f http2.Frame) bool {
+				h, ok := f.(*http2.HeadersFrame)
+				if !ok {
+					return true
+				}
+				calls.Add(1)
+				if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: h.StreamID, BlockFragment: final, EndHeaders: true}) != nil {
+					return false
+				}
+				if half && s.fr.WriteData(h.StreamID, false, grpcMsg(&testgrpc.SimpleResponse{Payload: &testgrpc.Payload{Body: make([]byte, 100)}})[:50]) != nil {
+					return false
+				}
+				return s.fr.WriteRSTStream(h.StreamID, http2.ErrCodeRefusedStream) == nil
+			}))
+			e.setBackends(bad)
+			ctx := testkit.Context(t, 20*time.Second)
+			_, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{ResponseSize: 100})
+			if status.Code(err) != codes.Internal {
+				t.Errorf("call: %v, want INTERNAL", err)
+			}
+			if n := calls.Load(); n != 1 {
+				t.Errorf("the backend got the call %d times, want once", n)
+			}
+		})
+	}
 }
 
 // TestEarlyRejectedUploads: uploads the backend rejects at once (client

@@ -908,10 +908,21 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		return
 	}
 	s.result = failure{kind: failBackendReset, backend: a.bc.addr, h2code: code}.statusErr()
-	// Codes are relayed as they are, so the client sees what a direct call
-	// would: grpc-go maps RST_STREAM codes to statuses itself. The reset
-	// follows the response bytes already received, which a direct client
-	// would have read before it (see resetAfterQueuedLocked).
+	if code == http2.ErrCodeRefusedStream {
+		// REFUSED_STREAM says the backend did not process the stream
+		// (RFC 9113 §8.7), and grpc-go retries such a stream
+		// transparently, but this one started its answer (the proxy
+		// retries a refused stream itself while the client has seen
+		// nothing of it: resetFromBackend). Relayed, it made the client
+		// run the call again (attack round 4); the backend broke the
+		// protocol, so the client gets INTERNAL_ERROR (codes.Internal).
+		code = http2.ErrCodeInternal
+	}
+	// Other codes are relayed as they are, so the client sees what a
+	// direct call would: grpc-go maps RST_STREAM codes to statuses itself.
+	// The reset follows the response bytes already received, which a
+	// direct client would have read before it (see
+	// resetAfterQueuedLocked).
 	c.resetAfterQueuedLocked(s, code)
 }
 
