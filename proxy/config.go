@@ -357,8 +357,10 @@ type Config struct {
 
 	// RetryBufferSize bounds the request bytes an attempt keeps so the call
 	// can be retried on another backend (see retry.go), counted by the
-	// capacity of the buffers kept, not by the bytes in them: zero means
-	// DefaultRetryBufferSize, negative disables retries.
+	// capacity of the buffers kept, not by the bytes in them; the kept
+	// bytes are packed into full buffers (transport.retainLocked), so a
+	// request of up to RetryBufferSize less 16 KiB is always kept. Zero
+	// means DefaultRetryBufferSize, negative disables retries.
 	RetryBufferSize int
 
 	// ResponseHoldback is the largest gRPC response message (its length

@@ -1133,18 +1133,30 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 // The replay is counted by the capacity of the buffers it holds, not by
 // the bytes in them: a pooled buffer is its full size whatever it carries,
 // and 10,000 one-byte DATA frames kept one buffer each would hold 160 MiB
-// against a 64 KiB budget. Small DATA is copied into the room left in the
-// replay's last buffer instead, so the replay stays about as large as the
-// request and a call sent in tiny frames stays retryable.
+// against a 64 KiB budget. So the replay is kept packed: DATA fills the
+// room left in the replay's last buffer first, and what does not fit goes
+// to a buffer of its own, copied into one sized for it (the item's buffer
+// may still be read by the write of op, so its bytes cannot be moved).
+// Every buffer of the replay but the last is then full, and a request of
+// N bytes keeps less than N bytes plus one buffer (16 KiB). Only an item
+// that starts a buffer is kept in its own, without a copy. Filling only
+// when a whole item fit, 9,000-byte messages kept a 16 KiB buffer each,
+// and a call of five (45 KB) was not retried with the 64 KiB default.
 func (t *transport) retainLocked(a *attempt, it *outItem, op *writeOp) {
 	if it.kind == itemData && it.buf != nil {
 		if last := len(a.replay) - 1; last >= 0 {
 			tail := &a.replay[last]
-			if tail.kind == itemData && !tail.end && tail.buf != nil && tail.n+it.n <= len(*tail.buf) {
-				tail.n += copy((*tail.buf)[tail.n:], (*it.buf)[:it.n])
+			if tail.kind == itemData && !tail.end && tail.buf != nil && tail.n < len(*tail.buf) {
+				p := (*it.buf)[:it.n]
+				c := copy((*tail.buf)[tail.n:], p)
+				tail.n += c
 				tail.credited = tail.n
-				tail.end = it.end
-				return // op.release hands it.buf back to the pool
+				if c == len(p) {
+					tail.end = it.end
+					return // op.release hands it.buf back to the pool
+				}
+				t.retainRestLocked(a, it, p[c:])
+				return
 			}
 		}
 	}
@@ -1152,14 +1164,7 @@ func (t *transport) retainLocked(a *attempt, it *outItem, op *writeOp) {
 	if it.buf != nil {
 		n = len(*it.buf)
 	}
-	if a.replayBytes+n > t.retryBuffer || (n > 0 && !a.up.mem.belowHalf()) {
-		// Over the attempt's retry buffer, or the client connection's
-		// budget is more than half used: the call loses its
-		// retryability, not its bytes (as Envoy stops buffering a
-		// request past its retry buffer limit and lets it go on
-		// unretried).
-		a.keepReplay = false
-		t.releaseReplayLocked(a)
+	if !t.replayRoomLocked(a, n) {
 		return
 	}
 	if a.replay == nil {
@@ -1168,6 +1173,40 @@ func (t *transport) retainLocked(a *attempt, it *outItem, op *writeOp) {
 	a.replay = append(a.replay, outItem{kind: it.kind, end: it.end, buf: it.buf, n: it.n, fields: it.fields, credited: it.n})
 	a.replayBytes += n
 	op.release = false
+}
+
+// retainRestLocked keeps rest, the part of DATA item it that did not fit
+// the replay's last buffer, in a buffer of its own. it.buf itself goes
+// back to the pool through the write that reads it (op.release). Caller
+// must hold mu.
+func (t *transport) retainRestLocked(a *attempt, it *outItem, rest []byte) {
+	buf := getBuf(len(rest))
+	n := len(*buf)
+	if !t.replayRoomLocked(a, n) {
+		putBuf(buf)
+		return
+	}
+	a.up.mem.add(n)
+	c := copy(*buf, rest)
+	a.replay = append(a.replay, outItem{kind: itemData, end: it.end, buf: buf, n: c, credited: c})
+	a.replayBytes += n
+}
+
+// replayRoomLocked reports whether n bytes more of buffer capacity may be
+// kept in a's replay. When not, the attempt can no longer be retried and
+// what it kept is released. Caller must hold mu.
+func (t *transport) replayRoomLocked(a *attempt, n int) bool {
+	if a.replayBytes+n > t.retryBuffer || (n > 0 && !a.up.mem.belowHalf()) {
+		// Over the attempt's retry buffer, or the client connection's
+		// budget is more than half used: the call loses its
+		// retryability, not its bytes (as Envoy stops buffering a
+		// request past its retry buffer limit and lets it go on
+		// unretried).
+		a.keepReplay = false
+		t.releaseReplayLocked(a)
+		return false
+	}
+	return true
 }
 
 // releaseReplayLocked lets go of the request bytes kept for a retry.
