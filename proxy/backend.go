@@ -452,7 +452,8 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		// nothing yet.
 		if end && isUnavailable(fields) {
 			// Try another backend; the headers held back, if any, are
-			// dropped with this answer.
+			// dropped with this answer (their count in the budget goes
+			// with the attempt, discardLocked).
 			if !a.bst.sentEnded() {
 				b.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeCancel})
 				b.transport.stepLocked(&a.bst, id, evSendReset)
@@ -468,11 +469,12 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 			a.s.cc.retryOrFail(a, false, failure{kind: failBackendUnavailable, backend: b.addr}, answer...)
 			return nil
 		}
-		if !end && !a.gotHeaders {
+		if !end && !a.gotHeaders && b.holdHeadersLocked(a, fields) {
 			// Hold the response headers back until the first message or
 			// the trailers tell whether this is an UNAVAILABLE answer, so
 			// that headers-then-trailers failures are retried too, not
-			// only trailers-only ones.
+			// only trailers-only ones. Past the client connection's
+			// buffer budget they are queued now instead, and refused.
 			a.gotHeaders = true
 			a.held = fields
 			b.mu.Unlock()
@@ -791,6 +793,7 @@ func (b *backendConn) discardLocked(a *attempt) {
 	a.up.closed = true
 	a.keepReplay = false
 	b.releaseReplayLocked(a)
+	b.releaseHeldHeadersLocked(a)
 }
 
 // harvest takes the request of an unlinked attempt for a retry: what was

@@ -21,7 +21,12 @@ import (
 //   - the backends' response header and trailer blocks queued toward the
 //     client (stream.respSize), by their HPACK size, until the call ends;
 //     a block that would take the count past the limit is not queued
-//     and its call fails RESOURCE_EXHAUSTED (responseOverBudgetLocked).
+//     and its call fails RESOURCE_EXHAUSTED (responseOverBudgetLocked),
+//   - the response headers held back while a call may still be retried
+//     (attempt.heldSize), by their HPACK size, from when they are held;
+//     their count moves to respSize when they are queued. Headers that
+//     would take the count past the limit are not held but queued at
+//     once, where the limit refuses them (holdHeadersLocked).
 //
 // A 1-byte payload in a 16 KiB buffer counts 16 KiB: the memory is what
 // is bounded. The counter is an atomic because the buffers are taken and
@@ -159,6 +164,24 @@ func (b *bufBudget) takeGrowth(d int64) int64 {
 func (b *bufBudget) add(n int) {
 	if b != nil {
 		b.used.Add(int64(n))
+	}
+}
+
+// tryAdd counts n more bytes if that keeps the count within the limit,
+// and reports whether it did. Without a limit it always counts them.
+func (b *bufBudget) tryAdd(n int64) bool {
+	if b.limit <= 0 {
+		b.used.Add(n)
+		return true
+	}
+	for {
+		u := b.used.Load()
+		if u+n > b.limit {
+			return false
+		}
+		if b.used.CompareAndSwap(u, u+n) {
+			return true
+		}
 	}
 }
 

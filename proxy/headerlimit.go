@@ -63,9 +63,18 @@ func (c *serverConn) responseOverPeerLocked(a *attempt, fields []hpack.HeaderFie
 // client that did not read could make the proxy queue every answer's
 // headers, up to MaxResponseHeaderListSize each (a testserver echoing a
 // 50 KB request header: 53 MiB per connection). Caller must hold c.mu.
+//
+// Held-back headers (holdHeadersLocked) were counted when they were held:
+// their count moves to respSize here, without a second check.
 func (c *serverConn) responseOverBudgetLocked(a *attempt, fields []hpack.HeaderField) bool {
 	s := a.s
 	n := int64(headerListSize(fields))
+	if held := a.heldSize.Swap(0); held > 0 {
+		// The held-back block, queued before any other of a's.
+		c.bufs.add(int(n - held))
+		s.respSize += n
+		return false
+	}
 	if b := &c.bufs; b.limit > 0 && b.used.Load()+n > b.limit {
 		c.failLocked(s, failure{kind: failConnBudget, limit: b.limit})
 		return true
@@ -73,6 +82,59 @@ func (c *serverConn) responseOverBudgetLocked(a *attempt, fields []hpack.HeaderF
 	c.bufs.add(int(n))
 	s.respSize += n
 	return false
+}
+
+// answerOverBudgetLocked counts the backend's own answer that a call not
+// retried ends with (retryOrFail: held-back headers and UNAVAILABLE
+// trailers) in the buffer budget, as responseOverBudgetLocked counts the
+// blocks of an answer relayed as it comes, and reports whether the call
+// was ended RESOURCE_EXHAUSTED instead. The held headers' count was
+// released with the attempt (discardLocked). Caller must hold c.mu.
+func (c *serverConn) answerOverBudgetLocked(a *attempt, answer [][]hpack.HeaderField) bool {
+	for _, fields := range answer {
+		if c.responseOverBudgetLocked(a, fields) {
+			for _, f := range answer {
+				clear(f) // not sent, as in enqueueDown
+			}
+			return true
+		}
+	}
+	return false
+}
+
+// holdHeadersLocked counts response headers of a that are about to be
+// held back while the call may still be retried (attempt.held) in the
+// client connection's buffer budget, by their HPACK size, and reports
+// whether they fit. Held headers were counted nowhere: with --retry-on,
+// 60 calls answered with 900 KB of headers each and nothing more held
+// 62 MB of heap on a connection with a 4 MiB budget, where without
+// retries the calls past it failed RESOURCE_EXHAUSTED. Headers that do
+// not fit are not held: the caller queues them at once, where
+// responseOverBudgetLocked refuses them and ends the call
+// RESOURCE_EXHAUSTED, as without retries. Caller must hold b.mu.
+func (b *backendConn) holdHeadersLocked(a *attempt, fields []hpack.HeaderField) bool {
+	n := int64(headerListSize(fields))
+	if !a.s.cc.bufs.tryAdd(n) {
+		return false
+	}
+	a.heldSize.Store(n)
+	return true
+}
+
+// releaseHeldHeadersLocked lets go of a's held-back headers and of their
+// count in the budget, unless it moved to the stream's respSize already.
+// Caller must hold b.mu.
+func (b *backendConn) releaseHeldHeadersLocked(a *attempt) {
+	if n := a.heldSize.Swap(0); n > 0 {
+		a.s.cc.bufs.sub(int(n))
+	}
+	if a.held != nil {
+		// Nothing else refers to them: let go of their decoded strings,
+		// which the attempt's field storage would keep until the call
+		// ends.
+		clear(a.held)
+		a.held = nil
+	}
 }
 
 // requestOverPeerLocked reports whether the request headers of a are over

@@ -223,6 +223,13 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 	if eligible && (transparent || (s.retryable && !throttled)) {
 		if items, ok := a.bc.harvest(a); ok {
 			if _, ok := c.startAttemptLocked(s, items); ok {
+				for _, fields := range answer {
+					// Dropped: let go of the decoded strings (held-back
+					// headers of up to MaxResponseHeaderListSize), which
+					// the attempt's field storage would keep until the
+					// call ends. Nothing else refers to them.
+					clear(fields)
+				}
 				c.mu.Unlock()
 				c.signal()
 				if a.done != nil {
@@ -236,7 +243,7 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 	a.bc.discardLocked(a)
 	a.bc.mu.Unlock()
 	current := s.att == a
-	if current && !s.cst.ended() && !s.down.closed {
+	if current && !s.cst.ended() && !s.down.closed && !c.answerOverBudgetLocked(a, answer) {
 		c.failLocked(s, f, answer...)
 	}
 	c.mu.Unlock()

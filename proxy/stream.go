@@ -93,6 +93,12 @@ type attempt struct {
 	forwarded  bool                // the client has seen part of this attempt's answer
 	held       []hpack.HeaderField // response headers held back while a retry is possible
 	hold       holdback            // the incomplete response message held back (holdback.go)
+	// heldSize is the HPACK size of held, counted in the client
+	// connection's budget while they are held (holdHeadersLocked), until
+	// the count moves to the stream's respSize as they are queued toward
+	// the client (responseOverBudgetLocked) or is released with the
+	// attempt (discardLocked), whichever swaps it to zero first.
+	heldSize atomic.Int64
 	// finalHeaders: the backend sent its final (non-1xx) response
 	// headers; interim counts the informational ones before them.
 	finalHeaders bool
