@@ -41,13 +41,12 @@ func (c *serverConn) responseOverPeerLocked(a *attempt, fields []hpack.HeaderFie
 	f := failure{kind: failResponseHeadersOverPeer, backend: a.bc.addr, limit: int64(limit), detail: strconv.FormatUint(uint64(n), 10)}
 	if blocks, _ := endBlocks(f, !s.headersSent, nil); headerListSize(blocks[0]) > limit {
 		// Even the status does not fit: a reset is all that is left
-		// (grpc-go's server sends INTERNAL_ERROR too).
+		// (grpc-go's server sends INTERNAL_ERROR too). It follows the
+		// messages queued, as a status would (endStatusLocked); the
+		// client reads them, then the reset's INTERNAL.
 		s.result = f.statusErr()
 		s.failKind = f.kind
-		s.down.drop(&c.transport)
-		s.down.push(outItem{kind: itemReset, code: http2.ErrCodeInternal})
-		s.down.closed = true
-		c.markReadyLocked(&s.down)
+		c.resetAfterQueuedLocked(s, http2.ErrCodeInternal)
 		return true
 	}
 	c.failLocked(s, f)

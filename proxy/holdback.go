@@ -279,6 +279,7 @@ func (c *serverConn) enqueueHeld(a *attempt, items []outItem, data []byte, end b
 	s.active = true
 	for i := range items {
 		it := items[i]
+		it.msgAt = s.msgs.nextAt((*it.buf)[:it.n])
 		s.countDown((*it.buf)[:it.n])
 		s.down.push(it)
 	}

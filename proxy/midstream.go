@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 
 	"golang.org/x/net/http2"
+	"google.golang.org/grpc/codes"
 )
 
 // A backend that dies or resets a stream mid-response has usually sent
@@ -12,11 +13,23 @@ import (
 // would read them before it learned of the failure (grpc-go's transport
 // queues the error behind the data it received), so the proxy relays them
 // first and ends the stream after them, never instead of them.
+//
+// The same holds for most failures the proxy detects itself once a
+// response started (endStatusLocked): a stream error of the backend's (a
+// second response HEADERS block without END_STREAM), trailers over the
+// client's SETTINGS_MAX_HEADER_LIST_SIZE or over the connection's buffer
+// budget. A direct grpc-go client reads every message received before
+// such an error too, and the messages kept are already counted in the
+// budget they are queued under. Whatever the failure, the client must
+// never find the stream ending inside a message: its parser turns that
+// into INTERNAL "unexpected EOF" (rpc_util.go, recvMsg) and the status
+// the proxy sent after it is lost.
 
 // failLost ends a call whose backend connection ended after the response
 // started (the attempt was forwarded): the response bytes received are
-// still relayed, then the status of f in trailers. Nothing happens if the
-// response already ended or a is no longer the stream's attempt.
+// still relayed, then the status of f in trailers (see endStatusLocked).
+// Nothing happens if the response already ended or a is no longer the
+// stream's attempt.
 func (c *serverConn) failLost(a *attempt, f failure) {
 	s := a.s
 	c.mu.Lock()
@@ -24,18 +37,171 @@ func (c *serverConn) failLost(a *attempt, f failure) {
 		c.mu.Unlock()
 		return
 	}
-	if cut := s.msgs.partial; cut > 0 && c.trimDownLocked(s, cut) {
-		// The backend died in the middle of a message: a client reading
-		// half of it would fail the call with INTERNAL ("unexpected EOF")
-		// instead of the connection's UNAVAILABLE, so the half goes.
-		s.msgs = msgCursor{}
-	}
-	blocks, result := endBlocks(f, !s.headersSent && !s.down.queuedHeaders(), nil)
-	s.result = result
-	s.failKind = f.kind
-	c.endDownLocked(s, blocks...)
+	c.endStatusLocked(s, f)
 	c.mu.Unlock()
 	c.signal()
+}
+
+// endStatusLocked ends s's response with the status of f, a failure of
+// the proxy's own, and records the outcome for Picker.done; the response
+// must not have ended yet. Caller must hold mu.
+//
+// What was queued toward the client depends on the failure kind
+// (keepsQueued). Most keep it: the complete messages go, then the
+// status. The incomplete message at the end of the queue, if any, is
+// dropped: a client reading half of it would fail the call with INTERNAL
+// ("unexpected EOF") instead of the status. If part of that message was
+// written already, nothing can save it, and the stream is reset after the
+// rest of the queue instead of ending with trailers: grpc-go's client
+// reports the reset's status (resetCodeOf) rather than "unexpected EOF".
+//
+// A deadline, a request left idle or an expired shutdown drain mean stop
+// now, and grpc-go's server drops what it queued for the stream when its
+// deadline passes (http2_server.go: closeStream, RST_STREAM(CANCEL)): so
+// the queue goes, but for the rest of a message already partly written
+// (cutQueuedLocked), then the status in trailers. When where that message
+// ends is not known, or it is not all queued, the queue goes and the
+// stream is reset at once, as grpc-go's server does: CANCEL for a
+// deadline, which grpc-go's client reports as DEADLINE_EXCEEDED once its
+// own deadline passed.
+func (c *serverConn) endStatusLocked(s *stream, f failure) {
+	s.failKind = f.kind
+	torn := false
+	if f.keepsQueued() {
+		if cut := s.msgs.partial; cut > 0 {
+			if c.trimDownLocked(s, cut) {
+				s.msgs = msgCursor{}
+			} else {
+				torn = true // part of the message is on its way
+			}
+		}
+	} else if !c.cutQueuedLocked(s) {
+		s.down.drop(&c.transport)
+		torn = true
+	}
+	// A response whose HEADERS are queued but not yet written is not
+	// trailers-only.
+	blocks, result := endBlocks(f, !s.headersSent && !s.down.queuedHeaders(), nil)
+	s.result = result
+	if torn {
+		c.resetAfterQueuedLocked(s, resetCodeOf(f))
+		return
+	}
+	c.endDownLocked(s, blocks...)
+}
+
+// keepsQueued reports whether the response messages queued toward the
+// client still go when the proxy ends the call for f (endStatusLocked).
+func (f failure) keepsQueued() bool {
+	switch f.kind {
+	case failDeadline, failRequestIdle, failShuttingDown:
+		return false
+	}
+	return true
+}
+
+// resetCodeOf is the RST_STREAM code that ends a call failing for f when
+// trailers cannot (endStatusLocked): one grpc-go's client turns into the
+// status's code (rstCode) where there is one. UNAVAILABLE has none but
+// REFUSED_STREAM, which grpc-go's client takes for a stream never
+// processed and may retry transparently: INTERNAL_ERROR instead.
+func resetCodeOf(f failure) http2.ErrCode {
+	st, _ := statusOf(f)
+	switch st.Code() {
+	case codes.Canceled, codes.DeadlineExceeded:
+		// grpc-go's client reports CANCEL as DEADLINE_EXCEEDED once its
+		// deadline passed (http2_client.go, handleRSTStream).
+		return http2.ErrCodeCancel
+	case codes.ResourceExhausted:
+		return http2.ErrCodeEnhanceYourCalm
+	}
+	return http2.ErrCodeInternal
+}
+
+// cutQueuedLocked drops what s's response queued, but for the rest of the
+// gRPC message the writer is in the middle of, which stays queued so that
+// the client never finds the stream ending inside a message. It reports
+// false, leaving the queue as it is, when where that message ends is not
+// known or the queue does not hold all of it. Caller must hold mu.
+func (c *serverConn) cutQueuedLocked(s *stream) bool {
+	q := &s.down
+	if q.empty() {
+		return true
+	}
+	h := &q.items[q.head]
+	if h.kind != itemData || h.buf == nil {
+		// Response HEADERS not yet written: nothing of a message went.
+		q.drop(&c.transport)
+		return true
+	}
+	if h.msgAt == 0 {
+		return false
+	}
+	// Offsets count from the first byte of the head item's buffer, whose
+	// bytes stay there until the item is done, written or not; the items
+	// behind it start at their first byte.
+	pos, off := int64(h.msgAt-1), int64(h.off)
+	var prefix [5]byte
+	for pos < off {
+		if !q.readData(pos, prefix[:]) {
+			return false
+		}
+		pos += 5 + int64(binary.BigEndian.Uint32(prefix[1:]))
+	}
+	if pos == off {
+		q.drop(&c.transport)
+		return true
+	}
+	// The message being written ends at pos: keep what comes before it.
+	var base int64
+	keep := -1
+	for i := q.head; i < len(q.items); i++ {
+		it := &q.items[i]
+		if it.kind != itemData {
+			return false // unreachable: the response has not ended
+		}
+		end := base + int64(it.n)
+		if pos <= end {
+			it.n = int(pos - base)
+			it.end = false
+			keep = i + 1
+			break
+		}
+		base = end
+	}
+	if keep < 0 {
+		return false // the rest of the message is not all here
+	}
+	for i := keep; i < len(q.items); i++ {
+		if it := &q.items[i]; it.buf != nil {
+			q.mem.sub(len(*it.buf)) // counted by capacity while queued (budget.go)
+			c.releaseLocked(it.buf)
+		}
+		q.items[i] = outItem{}
+	}
+	q.items = q.items[:keep]
+	return true
+}
+
+// readData copies into p the DATA bytes of q at offset pos, counted from
+// the first byte of the head item's buffer (see cutQueuedLocked), and
+// reports whether q holds them all.
+func (q *sendQueue) readData(pos int64, p []byte) bool {
+	var base int64
+	for i := q.head; i < len(q.items) && len(p) > 0; i++ {
+		it := &q.items[i]
+		if it.kind != itemData || it.buf == nil {
+			continue
+		}
+		end := base + int64(it.n)
+		if pos < end {
+			k := copy(p, (*it.buf)[pos-base:it.n])
+			p = p[k:]
+			pos += int64(k)
+		}
+		base = end
+	}
+	return len(p) == 0
 }
 
 // queuedHeaders reports whether a header block waits in q: a response
@@ -111,6 +277,32 @@ type msgCursor struct {
 	length  [4]byte // its length, as read so far
 	left    uint32  // body bytes of the current message still to come
 	partial int64   // bytes of the current message seen, prefix included; 0 at a boundary
+}
+
+// nextAt returns 1 + the offset in p, the payload that follows the bytes
+// the cursor has seen, where the next message starts (past len(p) when the
+// current message goes on after p), or 0 when that is not known: p ends
+// inside the current message's prefix, or the offset is too large.
+func (m *msgCursor) nextAt(p []byte) uint32 {
+	var at uint64
+	switch m.prefix {
+	case 0:
+	case 5:
+		at = uint64(m.left)
+	default:
+		// The rest of the prefix, length bytes m.prefix-1 to 3, opens p.
+		need := 5 - int(m.prefix)
+		if len(p) < need {
+			return 0
+		}
+		l := m.length
+		copy(l[m.prefix-1:], p[:need])
+		at = uint64(need) + uint64(binary.BigEndian.Uint32(l[:]))
+	}
+	if at >= 1<<32-1 {
+		return 0
+	}
+	return uint32(at + 1)
 }
 
 // advance moves the cursor over p.

@@ -565,9 +565,10 @@ func (c *serverConn) rejectOverLimit(s *stream, f failure, what string) error {
 }
 
 // finishDownLocked ends the response with the given header blocks, the
-// last of which ends the stream,
-// discarding what was queued, and resets the stream if the client has not
-// finished sending. Caller must hold mu.
+// last of which ends the stream, discarding what was queued, and resets
+// the stream if the client has not finished sending. Only for a response
+// none of whose payload was written: a failure of the proxy's after that
+// goes through endStatusLocked (midstream.go). Caller must hold mu.
 func (c *serverConn) finishDownLocked(s *stream, blocks ...[]hpack.HeaderField) {
 	s.down.drop(&c.transport)
 	c.endDownLocked(s, blocks...)
@@ -807,7 +808,12 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 // pushDownData queues response DATA (copied) toward the client and counts
 // it. Caller must hold the client connection's mu.
 func (s *stream) pushDownData(data []byte, end bool) {
+	n := len(s.down.items)
 	s.down.pushData(data, end)
+	if len(s.down.items) > n {
+		// A new item: where its first message starts (cutQueuedLocked).
+		s.down.items[len(s.down.items)-1].msgAt = s.msgs.nextAt(data)
+	}
 	s.countDown(data)
 }
 

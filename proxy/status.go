@@ -334,8 +334,14 @@ func statusFields(st *status.Status, httpStatus int, trailersOnly bool) []hpack.
 
 // failLocked ends s's response because of f, as endBlocks describes, and
 // records the outcome for Picker.done. The response must not have ended
-// yet. Caller must hold mu.
+// yet. Caller must hold mu. With answer, the backend's own answer before
+// any response was relayed, what is queued is dropped; otherwise
+// endStatusLocked (midstream.go) decides what of it still goes.
 func (c *serverConn) failLocked(s *stream, f failure, answer ...[]hpack.HeaderField) {
+	if len(answer) == 0 {
+		c.endStatusLocked(s, f)
+		return
+	}
 	blocks, result := endBlocks(f, !s.headersSent, answer)
 	s.result = result
 	s.failKind = f.kind

@@ -68,6 +68,12 @@ type outItem struct {
 	off, n int     //
 	fields []hpack.HeaderField
 	code   http2.ErrCode
+	// msgAt, on a response's DATA toward the client, is 1 + the offset
+	// in buf of the first gRPC message that starts at or after the
+	// item's first byte (it may lie past n, in a later item); 0: not
+	// known. It lets a failure of the proxy's end the response at a
+	// message boundary (cutQueuedLocked, midstream.go).
+	msgAt uint32
 	// credited counts the leading bytes already returned to the sender's
 	// flow-control window: bytes replayed by a retry were credited when
 	// first sent and must not be credited twice.
