@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"sync"
 	"testing"
 	"time"
 
@@ -44,11 +45,16 @@ func TestNegativeWindowEmptyEnd(t *testing.T) {
 		}
 		return true
 	}
+	// wmu orders this callback's writes with the goroutine's below; the
+	// Framer's reads (serve's) use other state.
+	var wmu sync.Mutex
 	backend := rawBackend(t, h2Frames(func(s *h2Server, f http2.Frame) bool {
 		d, isData := f.(*http2.DataFrame)
 		if !isData || !d.StreamEnded() {
 			return true
 		}
+		wmu.Lock()
+		defer wmu.Unlock()
 		if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: d.StreamID, BlockFragment: ok, EndHeaders: true}) != nil {
 			return false
 		}
@@ -59,6 +65,8 @@ func TestNegativeWindowEmptyEnd(t *testing.T) {
 			}
 			go func() {
 				<-end1
+				wmu.Lock()
+				defer wmu.Unlock()
 				s.fr.WriteData(1, true, nil)
 			}()
 			return true
