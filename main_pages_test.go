@@ -26,24 +26,7 @@ import (
 func TestReleaseStartupPagesFlag(t *testing.T) {
 	// Not parallel: the command sets the slog default logger, and
 	// urfave/cli/v2 mutates package globals.
-	prev := slog.Default()
-	t.Cleanup(func() { slog.SetDefault(prev) })
-
-	ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
-	conf := filepath.Join(t.TempDir(), "proxy.yaml")
-	text := fmt.Sprintf("listen: 127.0.0.1:0\nclusters:\n  - {name: a, targets: [%s]}\nroutes:\n  - {cluster: a}\n", ts.Addr())
-	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	flags := []string{"proxy", "--listen", "127.0.0.1:0", "--backend", ts.Addr()}
-	file := []string{"proxy", "--config", conf}
+	flags, file := processFlagCommands(t)
 	for _, tc := range []struct {
 		name        string
 		args        []string
@@ -89,24 +72,7 @@ func TestReleaseStartupPagesFlag(t *testing.T) {
 func TestGCMinHeapFlag(t *testing.T) {
 	// Not parallel: the command sets the slog default logger and the GC
 	// percentage, and urfave/cli/v2 mutates package globals.
-	prev := slog.Default()
-	t.Cleanup(func() { slog.SetDefault(prev) })
-
-	ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
-	conf := filepath.Join(t.TempDir(), "proxy.yaml")
-	text := fmt.Sprintf("listen: 127.0.0.1:0\nclusters:\n  - {name: a, targets: [%s]}\nroutes:\n  - {cluster: a}\n", ts.Addr())
-	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	flags := []string{"proxy", "--listen", "127.0.0.1:0", "--backend", ts.Addr()}
-	file := []string{"proxy", "--config", conf}
+	flags, file := processFlagCommands(t)
 	const big = "--gc-min-heap=67108864" // 64 MiB
 	for _, tc := range []struct {
 		name   string
@@ -152,4 +118,31 @@ func gcPercent() int64 {
 	s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
 	metrics.Read(s)
 	return int64(s[0].Value.Uint64())
+}
+
+// processFlagCommands starts a backend and writes a configuration file
+// routing to it, and returns the proxy command lines of both kinds, for
+// the tests of the flags that go beside --config. It restores the slog
+// default logger, which the command sets, at cleanup.
+func processFlagCommands(t *testing.T) (flags, file []string) {
+	t.Helper()
+	prev := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(prev) })
+
+	ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	conf := filepath.Join(t.TempDir(), "proxy.yaml")
+	text := fmt.Sprintf("listen: 127.0.0.1:0\nclusters:\n  - {name: a, targets: [%s]}\nroutes:\n  - {cluster: a}\n", ts.Addr())
+	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	flags = []string{"proxy", "--listen", "127.0.0.1:0", "--backend", ts.Addr()}
+	file = []string{"proxy", "--config", conf}
+	return flags, file
 }
