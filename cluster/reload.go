@@ -73,7 +73,7 @@ type clusterSet struct {
 	// the Upstream of a stopped cluster that no running cluster took over,
 	// so that its connections close after their last call;
 	// retainUpstream (RetainUpstreamBackends) drains, within the drain
-	// timeout, those of a cluster's Upstream, and of its predecessor's
+	// timeout, those of a cluster's Upstream, and of its predecessors'
 	// (entry.prev), to backends that left its set. Set before Run.
 	drainUpstream  func(*proxy.Upstream)
 	retainUpstream func(*proxy.Upstream, []string)
@@ -89,12 +89,20 @@ type entry struct {
 	cancel  context.CancelFunc
 	stopped chan struct{} // closed when its Run has returned
 	addrs   []string      // its current backend set; guarded by clusterSet.mu
-	// prev is the retired Upstream of the cluster of the same name that
-	// e replaced (or that the one e took over from replaced), whose
-	// connections may still carry calls: setAddrs bounds those to
-	// backends that left e's set. Guarded by clusterSet.mu.
-	prev *proxy.Upstream
+	// prev holds the retired Upstreams of the clusters of the same name
+	// that e replaced, and that they replaced, newest last (at most
+	// maxRetiredGenerations), whose connections may still carry calls:
+	// setAddrs bounds those to backends that left e's set. Guarded by
+	// clusterSet.mu.
+	prev []*proxy.Upstream
 }
+
+// maxRetiredGenerations bounds how many retired Upstreams of one cluster
+// name follow its set (entry.prev). An older one, pushed out by a further
+// reload, has its remaining connections drained within the drain timeout
+// at once, as if every backend had left its set: reloads in a loop cannot
+// keep connections of a departed backend, or the Upstreams, forever.
+const maxRetiredGenerations = 8
 
 // newClusterSet builds the clusters and the route table of f. It starts
 // nothing.
@@ -218,30 +226,42 @@ func (s *clusterSet) setAddrs(e *entry, addrs []string) {
 	s.retainLocked()
 	if s.retainUpstream != nil {
 		s.retainUpstream(e.c.up, e.addrs)
-		if e.prev != nil {
-			s.retainUpstream(e.prev, e.addrs)
+		for _, up := range e.prev {
+			s.retainUpstream(up, e.addrs)
 		}
 	}
 }
 
 // succeed records, once old is stopped and its Upstream retired, that
-// next (nil: none) is the cluster that replaced it: the retired Upstream's
-// connections to backends not in next's set drain within the drain
-// timeout, now if next has a set and on each new one. A successor that
-// took over old's Upstream inherits old's predecessor instead.
+// next (nil: none) is the cluster that replaced it: the connections of the
+// retired Upstream, and of old's own predecessors, to backends not in
+// next's set drain within the drain timeout, now if next has a set and on
+// each new one. A successor that took over old's Upstream inherits old's
+// predecessors only. Past maxRetiredGenerations, the oldest is bounded
+// as if its every backend had left.
 func (s *clusterSet) succeed(old, next *entry) {
 	if next == nil {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	next.prev = slices.Clone(old.prev)
 	if next.c.up == old.c.up {
-		next.prev = old.prev
 		return
 	}
-	next.prev = old.c.up
+	next.prev = append(next.prev, old.c.up)
+	if n := len(next.prev) - maxRetiredGenerations; n > 0 {
+		if s.retainUpstream != nil {
+			for _, up := range next.prev[:n] {
+				s.retainUpstream(up, nil)
+			}
+		}
+		next.prev = slices.Delete(next.prev, 0, n)
+	}
 	if s.live[next] && s.retainUpstream != nil {
-		s.retainUpstream(next.prev, next.addrs)
+		for _, up := range next.prev {
+			s.retainUpstream(up, next.addrs)
+		}
 	}
 }
 

@@ -281,3 +281,52 @@ routes:
 	}
 	testkit.WaitFor(ctx, t, "the old connection to the backend that stayed to close", func() bool { return ln1.open.Load() == 0 })
 }
+
+// TestReloadBoundsBackendThatLeftLater: calls on the connection of a
+// cluster that two reloads replaced are still bounded when their backend
+// leaves the set at the second: only the last replaced generation was
+// followed, and such calls ran to their end (attack round 5).
+func TestReloadBoundsBackendThatLeftLater(t *testing.T) {
+	_, ln1 := serveLive(t, "one")
+	_, ln2 := serveLive(t, "two")
+	dir := t.TempDir()
+	const drain = 500 * time.Millisecond
+	conf := `
+drain_timeout: %v
+proxy: {retry_on: %s}
+clusters:
+  - {name: a, targets: [%s], ejection: {after: -1}}
+routes:
+  - {cluster: a}
+`
+	r := runFile(t, writeConfig(t, dir, fmt.Sprintf(conf, drain, "[]", ln1.Addr())), false)
+	client := dial(t, r.addr)
+	ctx := testkit.Context(t, 30*time.Second)
+	release := make(chan struct{})
+	defer close(release)
+	var calls []*longCall
+	for range 2 {
+		lc := startLongCall(ctx, client, release)
+		if err := <-lc.ready; err != nil {
+			t.Fatal(err)
+		}
+		calls = append(calls, lc)
+	}
+	// First reload: a new retry policy, the same backend. The calls go on.
+	writeConfig(t, dir, fmt.Sprintf(conf, drain, "[grpc.testing.TestService/EmptyCall]", ln1.Addr()))
+	if err := r.srv.Reload(ctx); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	// Second: another policy, and the backend replaced.
+	writeConfig(t, dir, fmt.Sprintf(conf, drain, "[grpc.testing.TestService/UnaryCall]", ln2.Addr()))
+	if err := r.srv.Reload(ctx); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	for _, lc := range calls {
+		err := <-lc.done
+		if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "left the set") {
+			t.Errorf("call on the backend that left two reloads later: %v; want UNAVAILABLE saying it left the set", err)
+		}
+	}
+	testkit.WaitFor(ctx, t, "the connection to the backend that left to close", func() bool { return ln1.open.Load() == 0 })
+}
