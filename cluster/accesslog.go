@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 
 	"github.com/streamlb/streamlb/proxy"
 )
@@ -103,8 +104,13 @@ type logFile struct {
 	f *os.File // nil once closed
 }
 
+// openLogFile opens path for appending. O_NONBLOCK makes the open of a
+// FIFO nobody reads fail (ENXIO) instead of waiting for a reader: a
+// SIGHUP that found one at the path blocked the reopen, and with it the
+// process's exit (attack round 5). Writes are unaffected: the runtime
+// polls a FIFO's descriptor either way, and a regular file ignores it.
 func openLogFile(path string) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NONBLOCK, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("cluster: access log: %w", err)
 	}
