@@ -131,8 +131,17 @@ func runProxy(c *cli.Context) error {
 	if c.NArg() > 0 {
 		return usageErr("unexpected argument %q (backends are given with --backend)", c.Args().First())
 	}
-	// Deferred first, so it runs last: the lines of the drain are out
-	// before the command returns.
+	// SIGHUP reloads the file and reopens the access log file, with or
+	// without --config: logrotate's "postrotate kill -HUP" must not end
+	// the process (its default action) and cut the calls in flight. Caught
+	// before anything else and until the very end, the log's last flush
+	// included (up to 2 s on a slow stderr): a SIGHUP then killed the
+	// process and lost its last lines (attack round 5).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	// Deferred before the rest, so it runs after it: the lines of the
+	// drain are out before the command returns.
 	logger, lw, err := newLogger(c, c.App.ErrWriter)
 	if err != nil {
 		return err
@@ -147,12 +156,6 @@ func runProxy(c *cli.Context) error {
 	} else if cfg, err = proxyConfig(c, logger); err != nil {
 		return err
 	}
-	// SIGHUP reloads the file and reopens the access log file, with or
-	// without --config: logrotate's "postrotate kill -HUP" must not end
-	// the process (its default action) and cut the calls in flight.
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	cfg.Hangup = hup
 	// The contention profiles are the process's, not the file's: they go
 	// beside --config too.

@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -193,4 +194,69 @@ func TestProxySighup(t *testing.T) {
 		}
 		stop(t, p)
 	})
+}
+
+// TestProxySighupDuringLastFlush: a SIGHUP that comes while the proxy,
+// drained, waits for a stderr nobody reads to take its last lines (up to
+// 2 s) does not kill it: it still exits 0. signal.Stop ran before that
+// flush, and the SIGHUP's default action ended the process (attack round
+// 5).
+func TestProxySighupDuringLastFlush(t *testing.T) {
+	ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	addr := freeAddr(t)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	cmd := exec.Command(os.Args[0], "proxy", "--listen", addr, "--backend", ts.Addr(), "--log-level", "debug", "--drain-timeout", "200ms")
+	cmd.Env = append(os.Environ(), runMainEnv+"=1")
+	cmd.Stderr = w // never read until the end: the pipe fills
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	ctx := testkit.Context(t, 30*time.Second)
+	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	client := testgrpc.NewTestServiceClient(cc)
+	// A debug line per call: more than a pipe holds.
+	testkit.WaitFor(ctx, t, "the proxy to serve", func() bool {
+		_, err := client.EmptyCall(ctx, &testgrpc.Empty{})
+		return err == nil
+	})
+	for range 2000 {
+		if _, err := client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	time.Sleep(700 * time.Millisecond) // drained (200 ms), flushing (up to 2 s)
+	cmd.Process.Signal(syscall.SIGHUP)
+	err = cmd.Wait()
+	if err != nil {
+		t.Errorf("the proxy exited with %v, want 0", err)
+	}
+}
+
+// freeAddr returns a loopback address no one listens on now.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
 }
