@@ -21,6 +21,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -38,6 +39,11 @@ func main() {
 	if err == nil {
 		return
 	}
+	// A stderr pipe nobody reads must not keep the process from exiting
+	// (the log itself goes through a LogWriter): the deadline applies
+	// where stderr is a pipe or a socket, and is refused, harmlessly, on a
+	// terminal or a regular file.
+	os.Stderr.SetWriteDeadline(time.Now().Add(2 * time.Second))
 	fmt.Fprintf(os.Stderr, "streamlb: %v\n", err)
 	os.Exit(exitCode(err))
 }
