@@ -7,7 +7,6 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -210,7 +209,7 @@ func TestProxySighupDuringLastFlush(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(ts.Stop)
-	addr := freeAddr(t)
+	addr := testkit.FreeAddr(t)
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -248,15 +247,4 @@ func TestProxySighupDuringLastFlush(t *testing.T) {
 	if err != nil {
 		t.Errorf("the proxy exited with %v, want 0", err)
 	}
-}
-
-// freeAddr returns a loopback address no one listens on now.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }

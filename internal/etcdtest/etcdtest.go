@@ -1,6 +1,7 @@
 // Package etcdtest runs an embedded etcd server (go.etcd.io/etcd/server/v3/embed)
 // in-process on loopback ports for tests: fast, hermetic, no install. It is
-// imported only by tests and imports nothing of streamlb's.
+// imported only by tests and imports nothing of streamlb's but
+// internal/testkit.
 package etcdtest
 
 import (
@@ -17,6 +18,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+
+	"github.com/streamlb/streamlb/internal/testkit"
 )
 
 // Server is one embedded etcd member. Its ports and data directory stay
@@ -68,8 +71,8 @@ func StartWith(t testing.TB, opts Options) *Server {
 	s := &Server{
 		t:         t,
 		dir:       t.TempDir(),
-		clientURL: url.URL{Scheme: scheme, Host: freeAddr(t)},
-		peerURL:   url.URL{Scheme: "http", Host: freeAddr(t)},
+		clientURL: url.URL{Scheme: scheme, Host: testkit.FreeAddr(t)},
+		peerURL:   url.URL{Scheme: "http", Host: testkit.FreeAddr(t)},
 		opts:      opts,
 	}
 	s.Start()
@@ -78,17 +81,6 @@ func StartWith(t testing.TB, opts Options) *Server {
 		s.release()
 	})
 	return s
-}
-
-// freeAddr returns a loopback address that was free a moment ago.
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }
 
 // Endpoint returns the client address, "127.0.0.1:PORT".

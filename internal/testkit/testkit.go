@@ -49,3 +49,16 @@ func DeadAddr(t testing.TB) string {
 	ln.Close()
 	return addr
 }
+
+// FreeAddr returns a loopback address, "127.0.0.1:PORT", that was free a
+// moment ago: for a server the test starts as a process of its own, or
+// that needs its address before it listens.
+func FreeAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}

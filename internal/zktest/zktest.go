@@ -1,7 +1,8 @@
 // Package zktest runs a real ZooKeeper server (Debian's zookeeper package,
 // a Java process) on a free loopback port for tests. It is imported only by
-// tests and imports nothing of streamlb's. When ZooKeeper is not installed
-// the test is skipped, unless STREAMLB_REQUIRE_ZOOKEEPER=1, which fails it.
+// tests and imports nothing of streamlb's but internal/testkit. When
+// ZooKeeper is not installed the test is skipped, unless
+// STREAMLB_REQUIRE_ZOOKEEPER=1, which fails it.
 package zktest
 
 import (
@@ -16,6 +17,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/streamlb/streamlb/internal/testkit"
 )
 
 // Jar is the ZooKeeper server of Debian's libzookeeper-java package (which
@@ -80,14 +83,14 @@ func StartWith(t testing.TB, opts Options) *Server {
 		t.Skipf("zookeeper not installed (java: %v, jar: %v); apt-get install zookeeper (or default-jre-headless libzookeeper-java), or set STREAMLB_REQUIRE_ZOOKEEPER=1 to require it", jerr, ferr)
 	}
 	s := &Server{t: t, dir: t.TempDir()}
-	s.addr = freeAddr(t)
+	s.addr = testkit.FreeAddr(t)
 	_, port, _ := net.SplitHostPort(s.addr)
 	var secure string
 	if opts.Keystore != "" {
 		if _, err := os.Stat(NettyCodecJar); err != nil {
 			t.Fatalf("zookeeper TLS needs Netty's codec: %v (apt-get install libnetty-java)", err)
 		}
-		s.secureAddr = freeAddr(t)
+		s.secureAddr = testkit.FreeAddr(t)
 		_, sport, _ := net.SplitHostPort(s.secureAddr)
 		clientAuth := opts.ClientAuth
 		if clientAuth == "" {
@@ -119,17 +122,6 @@ admin.enableServer=false
 	s.Start()
 	t.Cleanup(s.Stop)
 	return s
-}
-
-// freeAddr returns a loopback address that was free a moment ago.
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }
 
 // Addr returns the client address, "127.0.0.1:PORT".
