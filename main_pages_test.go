@@ -14,8 +14,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
-
-	"github.com/streamlb/streamlb/testserver"
 )
 
 // TestReleaseStartupPagesFlag runs the proxy command with and without
@@ -129,14 +127,7 @@ func processFlagCommands(t *testing.T) (flags, file []string) {
 	prev := slog.Default()
 	t.Cleanup(func() { slog.SetDefault(prev) })
 
-	ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
+	ts := startBackend(t)
 	conf := filepath.Join(t.TempDir(), "proxy.yaml")
 	text := fmt.Sprintf("listen: 127.0.0.1:0\nclusters:\n  - {name: a, targets: [%s]}\nroutes:\n  - {cluster: a}\n", ts.Addr())
 	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {

@@ -6,7 +6,6 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -105,14 +104,7 @@ func (p *proc) waitLog(ctx context.Context, t *testing.T, from int, msg string) 
 // reload. Before, SIGHUP was handled only with --config and killed the
 // process.
 func TestProxySighup(t *testing.T) {
-	ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
+	ts := startBackend(t)
 	ctx := testkit.Context(t, 60*time.Second)
 
 	call := func(t *testing.T, addr string, md ...string) error {
@@ -201,14 +193,7 @@ func TestProxySighup(t *testing.T) {
 // flush, and the SIGHUP's default action ended the process (attack round
 // 5).
 func TestProxySighupDuringLastFlush(t *testing.T) {
-	ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
+	ts := startBackend(t)
 	addr := testkit.FreeAddr(t)
 	r, w, err := os.Pipe()
 	if err != nil {

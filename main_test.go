@@ -122,14 +122,7 @@ func TestProxyCommand(t *testing.T) {
 
 	for _, engine := range cluster.Engines() {
 		t.Run(engine, func(t *testing.T) {
-			ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := ts.Start("127.0.0.1:0"); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(ts.Stop)
+			ts := startBackend(t)
 
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
@@ -267,4 +260,19 @@ func (r *appRun) shutdown(t *testing.T) error {
 		t.Fatal("the app did not return after its context was cancelled")
 	}
 	return nil
+}
+
+// startBackend starts a testserver named b1 on a free loopback port for
+// the test, stopped at cleanup.
+func startBackend(t *testing.T) *testserver.Server {
+	t.Helper()
+	ts, err := testserver.New(testserver.Config{Name: "b1", Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	return ts
 }

@@ -23,18 +23,33 @@ import (
 	"github.com/streamlb/streamlb/testserver"
 )
 
-// countingListener counts the connections a backend accepted.
+// countingListener counts the connections a backend accepted (n), and
+// those it has open (open: accepted and not yet closed; grpc-go closes
+// its side once the proxy closes its own).
 type countingListener struct {
 	net.Listener
-	n atomic.Int64
+	n, open atomic.Int64
 }
 
 func (l *countingListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
-	if err == nil {
-		l.n.Add(1)
+	if err != nil {
+		return nil, err
 	}
-	return c, err
+	l.n.Add(1)
+	l.open.Add(1)
+	return &countedConn{Conn: c, l: l}, nil
+}
+
+type countedConn struct {
+	net.Conn
+	l    *countingListener
+	once sync.Once
+}
+
+func (c *countedConn) Close() error {
+	c.once.Do(func() { c.l.open.Add(-1) })
+	return c.Conn.Close()
 }
 
 // serveBackend serves ts on a counting loopback listener.

@@ -4,10 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,48 +17,15 @@ import (
 	"github.com/streamlb/streamlb/testserver"
 )
 
-// liveListener counts the connections a backend has open: accepted and
-// not yet closed (grpc-go closes its side once the proxy closes its own).
-type liveListener struct {
-	net.Listener
-	open atomic.Int64
-}
-
-func (l *liveListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	l.open.Add(1)
-	return &liveConn{Conn: c, l: l}, nil
-}
-
-type liveConn struct {
-	net.Conn
-	l    *liveListener
-	once sync.Once
-}
-
-func (c *liveConn) Close() error {
-	c.once.Do(func() { c.l.open.Add(-1) })
-	return c.Conn.Close()
-}
-
-// serveLive serves a testserver named name on a liveListener.
-func serveLive(t *testing.T, name string) (*testserver.Server, *liveListener) {
+// serveLive serves a testserver named name on a countingListener, whose
+// open connections the reload tests watch.
+func serveLive(t *testing.T, name string) (*testserver.Server, *countingListener) {
 	t.Helper()
 	ts, err := testserver.New(testserver.Config{Name: name, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := &liveListener{Listener: ln}
-	go ts.Serve(l)
-	t.Cleanup(ts.Stop)
-	return ts, l
+	return ts, serveBackend(t, ts)
 }
 
 // longCall is a streaming call in flight: it answers pings until release
@@ -221,6 +185,18 @@ routes:
 	}
 }
 
+// retryConf is a file of one cluster, a, for the reload tests that
+// change its retry policy: the drain timeout, the retry_on list and the
+// targets go in.
+const retryConf = `
+drain_timeout: %v
+proxy: {retry_on: %s}
+clusters:
+  - {name: a, targets: [%s], ejection: {after: -1}}
+routes:
+  - {cluster: a}
+`
+
 // TestReloadBoundsBackendThatLeft: a reload that changes a cluster's
 // retry policy and removes one of its targets. The call in flight on the
 // backend that stays runs to its end on the old connection; the one on
@@ -231,15 +207,7 @@ func TestReloadBoundsBackendThatLeft(t *testing.T) {
 	_, ln2 := serveLive(t, "two")
 	dir := t.TempDir()
 	const drain = 500 * time.Millisecond
-	conf := `
-drain_timeout: %v
-proxy: {retry_on: %s}
-clusters:
-  - {name: a, targets: [%s], ejection: {after: -1}}
-routes:
-  - {cluster: a}
-`
-	r := runFile(t, writeConfig(t, dir, fmt.Sprintf(conf, drain, "[]", ln1.Addr().String()+", "+ln2.Addr().String())), false)
+	r := runFile(t, writeConfig(t, dir, fmt.Sprintf(retryConf, drain, "[]", ln1.Addr().String()+", "+ln2.Addr().String())), false)
 	client := dial(t, r.addr)
 	ctx := testkit.Context(t, 30*time.Second)
 
@@ -256,7 +224,7 @@ routes:
 		t.Fatalf("long calls by backend: %v, want some on each", byBackend)
 	}
 
-	writeConfig(t, dir, fmt.Sprintf(conf, drain, "[grpc.testing.TestService/EmptyCall]", ln1.Addr()))
+	writeConfig(t, dir, fmt.Sprintf(retryConf, drain, "[grpc.testing.TestService/EmptyCall]", ln1.Addr()))
 	if err := r.srv.Reload(ctx); err != nil {
 		t.Fatalf("Reload: %v", err)
 	}
@@ -291,15 +259,7 @@ func TestReloadBoundsBackendThatLeftLater(t *testing.T) {
 	_, ln2 := serveLive(t, "two")
 	dir := t.TempDir()
 	const drain = 500 * time.Millisecond
-	conf := `
-drain_timeout: %v
-proxy: {retry_on: %s}
-clusters:
-  - {name: a, targets: [%s], ejection: {after: -1}}
-routes:
-  - {cluster: a}
-`
-	r := runFile(t, writeConfig(t, dir, fmt.Sprintf(conf, drain, "[]", ln1.Addr())), false)
+	r := runFile(t, writeConfig(t, dir, fmt.Sprintf(retryConf, drain, "[]", ln1.Addr())), false)
 	client := dial(t, r.addr)
 	ctx := testkit.Context(t, 30*time.Second)
 	release := make(chan struct{})
@@ -313,12 +273,12 @@ routes:
 		calls = append(calls, lc)
 	}
 	// First reload: a new retry policy, the same backend. The calls go on.
-	writeConfig(t, dir, fmt.Sprintf(conf, drain, "[grpc.testing.TestService/EmptyCall]", ln1.Addr()))
+	writeConfig(t, dir, fmt.Sprintf(retryConf, drain, "[grpc.testing.TestService/EmptyCall]", ln1.Addr()))
 	if err := r.srv.Reload(ctx); err != nil {
 		t.Fatalf("Reload: %v", err)
 	}
 	// Second: another policy, and the backend replaced.
-	writeConfig(t, dir, fmt.Sprintf(conf, drain, "[grpc.testing.TestService/UnaryCall]", ln2.Addr()))
+	writeConfig(t, dir, fmt.Sprintf(retryConf, drain, "[grpc.testing.TestService/UnaryCall]", ln2.Addr()))
 	if err := r.srv.Reload(ctx); err != nil {
 		t.Fatalf("Reload: %v", err)
 	}

@@ -3,7 +3,6 @@ package resolver
 import (
 	"context"
 	"crypto/tls"
-	"net"
 	"os"
 	"os/exec"
 	"testing"
@@ -73,7 +72,7 @@ func startDebianEtcd(t *testing.T, tc *tls.Config, extra []string) (string, *cli
 	if tc != nil {
 		scheme = "https"
 	}
-	client, peer := freeTCPAddr(t), freeTCPAddr(t)
+	client, peer := testkit.FreeAddr(t), testkit.FreeAddr(t)
 	args := append([]string{
 		"--name", "streamlb-test",
 		"--data-dir", t.TempDir(),
@@ -113,17 +112,6 @@ func startDebianEtcd(t *testing.T, tc *tls.Config, extra []string) (string, *cli
 		time.Sleep(50 * time.Millisecond)
 	}
 	return client, cli
-}
-
-// freeTCPAddr returns a loopback address that was free a moment ago.
-func freeTCPAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }
 
 // TestEtcdDebianServerTLSAuth runs the resolver against Debian's etcd 3.4
