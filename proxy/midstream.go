@@ -173,11 +173,7 @@ func (c *serverConn) cutQueuedLocked(s *stream) bool {
 		return false // the rest of the message is not all here
 	}
 	for i := keep; i < len(q.items); i++ {
-		if it := &q.items[i]; it.buf != nil {
-			q.mem.sub(len(*it.buf)) // counted by capacity while queued (budget.go)
-			c.releaseLocked(it.buf)
-		}
-		q.items[i] = outItem{}
+		q.freeLocked(&c.transport, &q.items[i])
 	}
 	q.items = q.items[:keep]
 	return true
@@ -252,11 +248,7 @@ func (c *serverConn) trimDownLocked(s *stream, n int64) bool {
 		it.n -= int(take)
 		n -= take
 		if it.n == it.off {
-			if it.buf != nil {
-				q.mem.sub(len(*it.buf)) // counted by capacity while queued (budget.go)
-				c.releaseLocked(it.buf) // the writer may still be reading its head
-			}
-			*it = outItem{}
+			q.freeLocked(&c.transport, it)
 			q.items = q.items[:len(q.items)-1]
 			if len(q.items) == q.head {
 				q.items = q.items[:0]

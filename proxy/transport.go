@@ -161,15 +161,21 @@ func (q *sendQueue) pushData(p []byte, end bool) {
 // sending the first part of the head item. Caller must hold t.mu.
 func (q *sendQueue) drop(t *transport) {
 	for i := q.head; i < len(q.items); i++ {
-		it := &q.items[i]
-		if it.buf != nil {
-			q.mem.sub(len(*it.buf))
-			t.releaseLocked(it.buf)
-		}
-		*it = outItem{}
+		q.freeLocked(t, &q.items[i])
 	}
 	q.items = q.items[:0]
 	q.head = 0
+}
+
+// freeLocked empties queued item it: its buffer, counted by capacity in
+// the connection's budget while queued (budget.go), goes back to the pool
+// through t, whose writer may still be reading it. Caller must hold t.mu.
+func (q *sendQueue) freeLocked(t *transport, it *outItem) {
+	if it.buf != nil {
+		q.mem.sub(len(*it.buf))
+		t.releaseLocked(it.buf)
+	}
+	*it = outItem{}
 }
 
 // recvState is the inbound flow-control state of one stream on one
