@@ -193,19 +193,8 @@ func TestBudgetCountsResponseHeaders(t *testing.T) {
 		if !ok {
 			return true
 		}
-		// One header block over frames of 16 KiB, the proxy's
-		// SETTINGS_MAX_FRAME_SIZE.
-		const frame = 16 << 10
-		b := big
-		if s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: h.StreamID, BlockFragment: b[:frame]}) != nil {
+		if writeHeaderBlock(s.fr, h.StreamID, big) != nil {
 			return false
-		}
-		for b = b[frame:]; len(b) > 0; {
-			n := min(frame, len(b))
-			if s.fr.WriteContinuation(h.StreamID, n == len(b), b[:n]) != nil {
-				return false
-			}
-			b = b[n:]
 		}
 		ok = s.fr.WriteData(h.StreamID, false, grpcMsg(&testgrpc.Empty{})) == nil &&
 			s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: h.StreamID, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
@@ -260,4 +249,23 @@ func TestBudgetCountsResponseHeaders(t *testing.T) {
 	// Each refused call is reported with the limit that refused it
 	// (streamlb_limit_rejections_total{limit="max_conn_buffer"}).
 	testkit.WaitFor(ctx, t, "the refused calls to be reported", func() bool { return overBudget.Load() >= int32(exhausted) })
+}
+
+// writeHeaderBlock writes block as the response headers of stream id, in
+// a HEADERS frame and CONTINUATION frames of 16 KiB, the proxy's
+// SETTINGS_MAX_FRAME_SIZE, without END_STREAM.
+func writeHeaderBlock(fr *http2.Framer, id uint32, block []byte) error {
+	const frame = 16 << 10
+	first := min(frame, len(block))
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block[:first], EndHeaders: first == len(block)}); err != nil {
+		return err
+	}
+	for b := block[first:]; len(b) > 0; {
+		n := min(frame, len(b))
+		if err := fr.WriteContinuation(id, n == len(b), b[:n]); err != nil {
+			return err
+		}
+		b = b[n:]
+	}
+	return nil
 }
