@@ -89,6 +89,7 @@ func newBackendConn(p *pool, k poolKey) *backendConn {
 	b.retryBuffer = cfg.RetryBufferSize
 	b.maxStreamWindow = cfg.BackendMaxStreamWindow
 	b.holdBound = uint32(cfg.ResponseHoldback)
+	b.views = true // readref.go
 	// A backend that stops reading must not hold the writer, and the
 	// calls queued behind it, for ever.
 	b.writeTimeout = cfg.WriteTimeout
@@ -501,7 +502,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil)
 	}
 	if items != nil {
-		b.relayHeld(a, items, nil, false)
+		b.relayHeld(a, items, nil, nil, false)
 	}
 	cc.enqueueDown(a, outItem{kind: itemHeaders, end: end, fields: fields}, nil)
 	if stopUp {
@@ -568,8 +569,12 @@ func (b *backendConn) onData(f *dataFrame) error {
 	// (holdback.go); items are held bytes that go on first.
 	var items []outItem
 	fwd := len(data)
+	var rd *connReader // views of the read buffer may be made (readref.go)
+	if f.inBuf {
+		rd = b.cr
+	}
 	if a.hold.on {
-		items, fwd = b.holdLocked(a, data, end)
+		items, fwd = b.holdLocked(a, data, end, rd)
 	}
 	stopUp := false
 	if end {
@@ -586,11 +591,18 @@ func (b *backendConn) onData(f *dataFrame) error {
 	if held != nil {
 		a.s.cc.enqueueDown(a, outItem{kind: itemHeaders, fields: held}, nil)
 	}
+	var v *pbuf
+	if rd != nil && fwd >= vecMin {
+		v = rd.view(data[:fwd]) // nil: copied
+	}
 	switch {
 	case items != nil:
-		b.relayHeld(a, items, data[:fwd], end)
+		b.relayHeld(a, items, data[:fwd], v, end)
 	case fwd > 0 || end:
-		if !a.s.cc.enqueueDown(a, outItem{kind: itemData, end: end}, data[:fwd]) {
+		if !a.s.cc.enqueueDown(a, outItem{kind: itemData, end: end, buf: v}, data[:fwd]) {
+			if v != nil {
+				putBuf(v)
+			}
 			b.creditStream(r, int32(fwd))
 		}
 	}
@@ -812,8 +824,8 @@ func (b *backendConn) harvest(a *attempt) ([]outItem, bool) {
 		c := outItem{kind: it.kind, end: it.end, fields: it.fields, credited: credited}
 		if it.buf != nil {
 			c.buf = getBuf(it.n)
-			a.up.mem.add(len(*c.buf))
-			c.n = copy(*c.buf, (*it.buf)[:it.n])
+			a.up.mem.add(len(c.buf.b))
+			c.n = copy(c.buf.b, it.buf.b[:it.n])
 		}
 		out = append(out, c)
 	}

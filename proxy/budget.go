@@ -208,8 +208,8 @@ func (b *bufBudget) belowHalf() bool {
 
 // freeBuf returns a pooled buffer counted in b to the pool. For buffers no
 // writer can be reading.
-func (b *bufBudget) freeBuf(buf *[]byte) {
-	b.sub(len(*buf))
+func (b *bufBudget) freeBuf(buf *pbuf) {
+	b.sub(len(buf.b))
 	putBuf(buf)
 }
 

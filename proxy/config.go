@@ -370,9 +370,10 @@ type Config struct {
 	// torn message (see holdback.go). A larger message goes on as it
 	// arrives. Zero means DefaultResponseHoldback (128 KiB: a message of
 	// a 64 KiB payload, a common chunk size, is a few bytes over 64 KiB
-	// encoded), negative off. It needs a BackendMaxStreamWindow of at
-	// least 4/3 of it plus the prefix: a held message must be able to
-	// arrive whole.
+	// encoded, or less when BackendMaxStreamWindow is under twice that),
+	// negative off. It needs a BackendMaxStreamWindow of at least twice it
+	// plus the prefix (holdTarget): a held message must be able to arrive
+	// whole.
 	ResponseHoldback int
 
 	// MaxRetries is how many more attempts a call may make: zero means
@@ -502,9 +503,13 @@ func (c *Config) setDefaults() error {
 		c.PrefaceTimeout = DefaultPrefaceTimeout
 	}
 	defaultOrOff(&c.RetryBufferSize, DefaultRetryBufferSize)
-	defaultOrOff(&c.ResponseHoldback, DefaultResponseHoldback)
-	if n := int64(c.ResponseHoldback) + 5; c.ResponseHoldback > 0 && n+n/3+1 > int64(c.BackendMaxStreamWindow) {
-		return fmt.Errorf("proxy: ResponseHoldback %d needs a BackendMaxStreamWindow of at least %d, not %d", c.ResponseHoldback, n+n/3+1, c.BackendMaxStreamWindow)
+	if c.ResponseHoldback == 0 {
+		// The default, within what the window cap lets arrive whole.
+		c.ResponseHoldback = max(0, min(DefaultResponseHoldback, int((int64(c.BackendMaxStreamWindow)-1)*(creditDiv-1)/creditDiv)-5))
+	}
+	defaultOrOff(&c.ResponseHoldback, 0)
+	if n := holdTarget(int64(c.ResponseHoldback) + 5); c.ResponseHoldback > 0 && n > int64(c.BackendMaxStreamWindow) {
+		return fmt.Errorf("proxy: ResponseHoldback %d needs a BackendMaxStreamWindow of at least %d, not %d", c.ResponseHoldback, n, c.BackendMaxStreamWindow)
 	}
 	switch {
 	case c.MaxRetries == 0:

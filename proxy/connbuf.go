@@ -65,6 +65,12 @@ type connReader struct {
 	burst   bool    // the last fill filled its buffer
 	err     error   // read error that came with bytes, returned once they are drained
 	small   []byte  // smallReadSize, when raw is nil
+	// shared is set once views of *big were made (readref.go): the
+	// buffer is not filled again; pinned counts c's buffers with views
+	// alive. fillAt is where the next raw fill goes in *big (fillTo).
+	shared *readBuf
+	pinned atomic.Int32
+	fillAt int
 	// lastRead, when set (with now), is stamped with the time of every
 	// read that brought bytes: once per syscall, not per frame. Backend
 	// connections use it for keepalive.
@@ -140,14 +146,16 @@ func (c *connReader) fillRaw(fd uintptr) bool {
 		c.big = readBufPool.Get().(*[]byte)
 	}
 	for {
-		c.rawN, c.rawErr = rawRead(fd, *c.big)
+		c.rawN, c.rawErr = rawRead(fd, (*c.big)[c.fillAt:])
 		if c.rawErr != syscall.EINTR {
 			break
 		}
 	}
 	if c.rawErr == syscall.EAGAIN {
 		c.rawN, c.rawErr = 0, nil
-		c.release()
+		if c.fillAt == 0 {
+			c.release() // nothing unread in it
+		}
 		return false // wait until readable, then call again
 	}
 	return true
@@ -167,7 +175,9 @@ func (c *connReader) Read(p []byte) (int, error) {
 		}
 		if c.raw != nil {
 			// The buffer is kept from one fill to the next: readRaw
-			// lets go of it when the socket has nothing.
+			// lets go of it when the socket has nothing. One with views
+			// alive is not filled again.
+			c.detach()
 			n, err := c.readRaw()
 			c.stamp(n)
 			if n == 0 {
@@ -246,9 +256,11 @@ func (c *connReader) discard(n int) {
 	}
 }
 
-// release returns the pooled buffer. Caller must have drained it.
+// release returns the pooled buffer, or lets go of it if views of it live.
+// Caller must have drained it.
 func (c *connReader) release() {
 	c.buf = nil
+	c.detach()
 	if c.big != nil {
 		readBufPool.Put(c.big)
 		c.big = nil
@@ -292,7 +304,7 @@ type connWriter struct {
 
 // bufRef is a pooled DATA buffer and the budget it counts in.
 type bufRef struct {
-	buf *[]byte
+	buf *pbuf
 	mem *bufBudget
 }
 
@@ -385,7 +397,7 @@ func (c *connWriter) writeSmall(p []byte) (int, error) {
 // reference: p must stay unchanged until the next Flush, or the next
 // writePayload, which may write it (see transport.toRelease). Otherwise p
 // is copied and buf freed at once. On error, buf is freed all the same.
-func (c *connWriter) writePayload(p []byte, buf *[]byte, mem *bufBudget, free bool) error {
+func (c *connWriter) writePayload(p []byte, buf *pbuf, mem *bufBudget, free bool) error {
 	if c.rs == nil || len(p) < vecMin {
 		_, err := c.Write(p)
 		if free {
@@ -411,7 +423,7 @@ func (c *connWriter) writePayload(p []byte, buf *[]byte, mem *bufBudget, free bo
 
 // freeAfterWrite returns b, which no budget counts any more, to its pool
 // once what is pending is written: a pending payload may be in it.
-func (c *connWriter) freeAfterWrite(b *[]byte) { c.refs = append(c.refs, bufRef{buf: b}) }
+func (c *connWriter) freeAfterWrite(b *pbuf) { c.refs = append(c.refs, bufRef{buf: b}) }
 
 // holdsRefs reports whether a payload written by reference is still
 // pending: the buffers it may be in must not be reused yet.

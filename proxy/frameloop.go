@@ -84,7 +84,7 @@ type errorPolicy interface {
 func (t *transport) readLoop(p h2role) error {
 	for {
 		var err error
-		if fh, payload, ok := t.bufferedFrame(); ok && t.takeData(fh, payload) {
+		if fh, payload, ok := t.nextBuffered(); ok && t.takeData(fh, payload) {
 			err = p.onData(&t.df)
 			t.df = dataFrame{}
 			t.cr.discard(frameHeaderLen + len(payload))
@@ -428,6 +428,9 @@ type dataFrame struct {
 	Length uint32
 	end    bool
 	data   []byte // the payload without padding
+	// inBuf is set when data is a slice of the read buffer on a
+	// connection that makes views (transport.views, readref.go).
+	inBuf bool
 }
 
 // Data returns the payload, padding removed.
@@ -465,6 +468,40 @@ func (t *transport) bufferedFrame() (fh http2.FrameHeader, payload []byte, ok bo
 	return fh, b[frameHeaderLen : frameHeaderLen+n], true
 }
 
+// nextBuffered is bufferedFrame, except that on a connection that makes
+// views (readref.go) it reads into the read buffer first: the next frame
+// header when fewer bytes are buffered, and the rest of a DATA frame of
+// vecMin bytes or more whose start is buffered, so that the frame can be
+// taken from there whole. Reader goroutine only.
+func (t *transport) nextBuffered() (fh http2.FrameHeader, payload []byte, ok bool) {
+	if fh, payload, ok = t.bufferedFrame(); ok || !t.views {
+		return fh, payload, ok
+	}
+	if !t.sawFrame || t.hd.open || t.cg.err != nil {
+		return fh, payload, false
+	}
+	b := t.cr.buffered()
+	if len(b) < frameHeaderLen {
+		// At a frame's start with too little buffered: the next fill
+		// goes into the buffer here, where its frames can be taken
+		// from, not through the Framer, which copies what it reads.
+		if !t.cr.fillTo(frameHeaderLen) {
+			return fh, payload, false
+		}
+		if fh, payload, ok = t.bufferedFrame(); ok {
+			return fh, payload, ok
+		}
+		b = t.cr.buffered()
+	}
+	if http2.FrameType(b[3]) != http2.FrameData {
+		return fh, payload, false
+	}
+	if n := int(b[0])<<16 | int(b[1])<<8 | int(b[2]); n < vecMin || n > maxFrameSize || !t.cr.fillTo(frameHeaderLen+n) {
+		return fh, payload, false
+	}
+	return t.bufferedFrame()
+}
+
 // takeData takes the buffered frame fh, payload if it is DATA with valid
 // padding: t.df becomes the frame, its data a slice of the read buffer.
 func (t *transport) takeData(fh http2.FrameHeader, payload []byte) bool {
@@ -481,7 +518,7 @@ func (t *transport) takeData(fh http2.FrameHeader, payload []byte) bool {
 		}
 		data = payload[1 : n-int(payload[0])]
 	}
-	t.df = dataFrame{StreamID: fh.StreamID, Length: fh.Length, end: fh.Flags.Has(http2.FlagDataEndStream), data: data}
+	t.df = dataFrame{StreamID: fh.StreamID, Length: fh.Length, end: fh.Flags.Has(http2.FlagDataEndStream), data: data, inBuf: t.views}
 	t.tookBuffered()
 	return true
 }

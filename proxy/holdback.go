@@ -35,9 +35,9 @@ import (
 // written to the client), so they add nothing to what the windows already
 // bound. A held message must never wait for window only its own
 // forwarding would free: before a message of n bytes is held, the
-// stream's window target is raised to at least 4n/3 (the crediting
-// returns window in steps of a quarter of the target, so up to a quarter
-// can be unreturned), taken from the connection's response share like any
+// stream's window target is raised to at least holdTarget(n), 2n (the
+// crediting returns window in steps of 1/creditDiv of the target, so up to
+// that can be unreturned), taken from the connection's response share like any
 // growth (transport.growLocked); without room for it, the message goes
 // on as it arrives. The buffers of held bytes count in the client
 // connection's budget by capacity, as queued ones do.
@@ -133,7 +133,10 @@ func isGRPCResponse(fields []hpack.HeaderField) bool {
 // the first fwd bytes of p, after the held items returned (nil when none
 // complete). The rest of p is held. Caller must hold b.mu; the returned
 // items are the reader's until passed to enqueueHeld or freed.
-func (b *backendConn) holdLocked(a *attempt, p []byte, end bool) (items []outItem, fwd int) {
+//
+// rd, when set, is the reader whose read buffer p is in: large parts of p
+// are then held as views of it (readref.go), not copied.
+func (b *backendConn) holdLocked(a *attempt, p []byte, end bool, rd *connReader) (items []outItem, fwd int) {
 	h := &a.hold
 	start := h.cur.scan(p, b.holdBound)
 	if end {
@@ -152,16 +155,24 @@ func (b *backendConn) holdLocked(a *attempt, p []byte, end bool) (items []outIte
 		return nil, len(p) // whole messages, or one not held
 	}
 	if start < 0 {
-		h.keep(p, &a.s.cc.bufs) // more of the message held
+		h.keep(p, &a.s.cc.bufs, rd) // more of the message held
 		return nil, 0
 	}
 	if h.held > 0 {
 		items = h.take() // the held message is complete, or goes on
 	}
 	if start < len(p) {
-		h.keep(p[start:], &a.s.cc.bufs)
+		h.keep(p[start:], &a.s.cc.bufs, rd)
 	}
 	return items, start
+}
+
+// holdTarget is the smallest stream window target with which a message of n
+// bytes, prefix included, can arrive whole while none of it is returned:
+// besides it, up to target/creditDiv of credited bytes may not be returned
+// yet (transport.creditLocked).
+func holdTarget(n int64) int64 {
+	return n*creditDiv/(creditDiv-1) + 1
 }
 
 // roomToHoldLocked makes sure the backend can send the whole of a's
@@ -175,7 +186,7 @@ func (b *backendConn) roomToHoldLocked(a *attempt) bool {
 	}
 	r := &a.downRecv
 	n := int64(c.size) + 5
-	need := n + n/3 + 1
+	need := holdTarget(n)
 	target := int64(r.target)
 	if target == 0 {
 		target = int64(b.streamWindow)
@@ -201,7 +212,7 @@ func (b *backendConn) roomToHoldLocked(a *attempt) bool {
 // keep copies p to the held items, filling the last one's room first.
 // The buffers are sized by what is left of the message when its length is
 // known.
-func (h *holdback) keep(p []byte, mem *bufBudget) {
+func (h *holdback) keep(p []byte, mem *bufBudget, rd *connReader) {
 	if len(p) > 0 && h.items == nil {
 		// The first message held on this attempt: one allocation for
 		// both item slices, each with room for a message of this size
@@ -213,10 +224,18 @@ func (h *holdback) keep(p []byte, mem *bufBudget) {
 		both := make([]outItem, 2*c)
 		h.items, h.out = both[:0:c], both[c:c:2*c]
 	}
+	if rd != nil && len(p) >= vecMin {
+		if v := rd.view(p); v != nil {
+			mem.add(len(v.b))
+			h.items = append(h.items, outItem{kind: itemData, buf: v, n: len(p)})
+			h.held += len(p)
+			return
+		}
+	}
 	for len(p) > 0 {
 		if n := len(h.items); n > 0 {
 			t := &h.items[n-1]
-			if c := copy((*t.buf)[t.n:], p); c > 0 {
+			if c := copy(t.buf.b[t.n:], p); c > 0 {
 				t.n += c
 				h.held += c
 				p = p[c:]
@@ -228,7 +247,7 @@ func (h *holdback) keep(p []byte, mem *bufBudget) {
 			want = max(want, int(h.cur.left)+len(p)) // what is left of the message
 		}
 		buf := getBuf(want)
-		mem.add(len(*buf))
+		mem.add(len(buf.b))
 		h.items = append(h.items, outItem{kind: itemData, buf: buf})
 	}
 }
@@ -269,7 +288,7 @@ func heldBytes(items []outItem) int {
 // then frees the items and credits the bytes back. On success the items'
 // buffers belong to the queue. Called by the backend reader, not holding
 // b.mu.
-func (c *serverConn) enqueueHeld(a *attempt, items []outItem, data []byte, end bool) bool {
+func (c *serverConn) enqueueHeld(a *attempt, items []outItem, data []byte, v *pbuf, end bool) bool {
 	s := a.s
 	c.mu.Lock()
 	if s.att != a || s.down.closed {
@@ -279,11 +298,14 @@ func (c *serverConn) enqueueHeld(a *attempt, items []outItem, data []byte, end b
 	s.active = true
 	for i := range items {
 		it := items[i]
-		it.msgAt = s.msgs.nextAt((*it.buf)[:it.n])
-		s.countDown((*it.buf)[:it.n])
+		it.msgAt = s.msgs.nextAt(it.buf.b[:it.n])
+		s.countDown(it.buf.b[:it.n])
 		s.down.push(it)
 	}
-	if len(data) > 0 || end {
+	switch {
+	case v != nil:
+		s.pushDownView(v, end)
+	case len(data) > 0 || end:
 		s.pushDownData(data, end)
 	}
 	if end {
@@ -299,11 +321,14 @@ func (c *serverConn) enqueueHeld(a *attempt, items []outItem, data []byte, end b
 // connection; when the attempt is over it frees them and credits the
 // bytes back to the backend. items are cleared for their storage's reuse.
 // Backend reader only, not holding b.mu.
-func (b *backendConn) relayHeld(a *attempt, items []outItem, data []byte, end bool) {
-	if !a.s.cc.enqueueHeld(a, items, data, end) {
+func (b *backendConn) relayHeld(a *attempt, items []outItem, data []byte, v *pbuf, end bool) {
+	if !a.s.cc.enqueueHeld(a, items, data, v, end) {
 		n := heldBytes(items) + len(data)
 		for i := range items {
 			a.s.cc.bufs.freeBuf(items[i].buf)
+		}
+		if v != nil {
+			putBuf(v) // not counted yet
 		}
 		b.creditStream(&a.downRecv, int32(n))
 	}

@@ -191,7 +191,7 @@ func (q *sendQueue) readData(pos int64, p []byte) bool {
 		}
 		end := base + int64(it.n)
 		if pos < end {
-			k := copy(p, (*it.buf)[pos-base:it.n])
+			k := copy(p, it.buf.b[pos-base:it.n])
 			p = p[k:]
 			pos += int64(k)
 		}

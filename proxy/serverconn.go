@@ -817,6 +817,15 @@ func (s *stream) pushDownData(data []byte, end bool) {
 	s.countDown(data)
 }
 
+// pushDownView queues v, a view of a backend connection's read buffer
+// (readref.go), as pushDownData queues a copy: it is counted in the
+// budget by its bytes and freed by the writer that sends it.
+func (s *stream) pushDownView(v *pbuf, end bool) {
+	s.down.mem.add(len(v.b))
+	s.down.push(outItem{kind: itemData, end: end, buf: v, n: len(v.b), msgAt: s.msgs.nextAt(v.b)})
+	s.countDown(v.b)
+}
+
 // countDown counts response payload queued toward the client: the bytes,
 // and the gRPC messages they complete. Caller must hold the client
 // connection's mu.
@@ -836,7 +845,9 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 		return false
 	}
 	s.active = true
-	if it.kind == itemData {
+	if it.kind == itemData && it.buf != nil {
+		s.pushDownView(it.buf, it.end)
+	} else if it.kind == itemData {
 		s.pushDownData(data, it.end)
 	} else {
 		if c.responseOverPeerLocked(a, it.fields) || c.responseOverBudgetLocked(a, it.fields) {

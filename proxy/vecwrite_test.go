@@ -25,15 +25,15 @@ func TestConnWriterGathers(t *testing.T) {
 	}
 	var mem bufBudget
 	var want bytes.Buffer
-	var bufs []*[]byte
+	var bufs []*pbuf
 	for i := range 3 {
 		hdr := []byte{byte(i), 'h', 'd', 'r'}
 		w.Write(hdr)
 		want.Write(hdr)
 		buf := getBuf(maxFrameSize)
-		mem.add(len(*buf))
+		mem.add(len(buf.b))
 		bufs = append(bufs, buf)
-		p := (*buf)[:5<<10+i]
+		p := buf.b[:5<<10+i]
 		for j := range p {
 			p[j] = byte(i*7 + j)
 		}
@@ -43,8 +43,8 @@ func TestConnWriterGathers(t *testing.T) {
 		want.Write(p)
 	}
 	small := getBuf(100)
-	mem.add(len(*small))
-	sp := (*small)[:100]
+	mem.add(len(small.b))
+	sp := small.b[:100]
 	copy(sp, "a small payload is copied")
 	if err := w.writePayload(sp, small, &mem, true); err != nil {
 		t.Fatal(err)
@@ -117,12 +117,12 @@ func TestConnWriterGathersPastFullSocket(t *testing.T) {
 		}
 		want.Write(h[:])
 		buf := getBuf(maxFrameSize)
-		mem.add(len(*buf))
-		for j := range *buf {
-			(*buf)[j] = byte(i + j/97)
+		mem.add(len(buf.b))
+		for j := range buf.b {
+			buf.b[j] = byte(i + j/97)
 		}
-		want.Write(*buf)
-		if err := w.writePayload(*buf, buf, &mem, true); err != nil {
+		want.Write(buf.b)
+		if err := w.writePayload(buf.b, buf, &mem, true); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -153,8 +153,8 @@ func TestConnWriterDiscard(t *testing.T) {
 	w := newConnWriter(a)
 	var mem bufBudget
 	buf := getBuf(maxFrameSize)
-	mem.add(len(*buf))
-	if err := w.writePayload(*buf, buf, &mem, true); err != nil {
+	mem.add(len(buf.b))
+	if err := w.writePayload(buf.b, buf, &mem, true); err != nil {
 		t.Fatal(err)
 	}
 	w.discard()
@@ -181,11 +181,11 @@ func TestConnWriterPushesAfterMore(t *testing.T) {
 		w.Write(h[:])
 		want.Write(h[:])
 		buf := getBuf(maxFrameSize)
-		for j := range *buf {
-			(*buf)[j] = byte(i + j)
+		for j := range buf.b {
+			buf.b[j] = byte(i + j)
 		}
-		want.Write(*buf)
-		if err := w.writePayload(*buf, buf, nil, true); err != nil {
+		want.Write(buf.b)
+		if err := w.writePayload(buf.b, buf, nil, true); err != nil {
 			t.Fatal(err)
 		}
 	}

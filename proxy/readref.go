@@ -1,0 +1,133 @@
+package proxy
+
+import (
+	"io"
+	"sync/atomic"
+	"unsafe"
+)
+
+// Response payloads by reference. A backend connection's reader reads
+// 64 KiB at a time into its read buffer (connReader), and a streamed
+// response's DATA frames, 16 KiB each, were copied from there into pooled
+// buffers for the queue toward the client (or the hold-back's): one copy
+// of every relayed byte in user space, about 7% of the proxy's CPU per MiB
+// streamed (perf, issue 12), and a quarter of the frames, those the read
+// buffer's end cut in two, went through the Framer's own buffer first.
+//
+// Now a DATA payload of vecMin bytes or more in the read buffer is queued
+// as a view of it (pbuf.rb): the buffer is not filled again while a view
+// of it lives, and goes back to its pool when the last view is freed, by
+// the writer that sent the bytes on (putBuf). The reader takes another
+// buffer for its next fill. A frame the buffer's end cuts is completed in
+// the buffer first (fillTo: the part read moves to the front of a fresh
+// buffer, at most one frame), so large frames reach the views whole.
+//
+// What views may pin beyond the bytes they carry (the budgets count a
+// view's bytes, not the 64 KiB buffer under it) is bounded per
+// connection: at most maxPinnedReadBufs read buffers with live views; past
+// that, payloads are copied as before. Only backend connections make
+// views: a handful per process, so at most 4 x 64 KiB each. Client
+// connections, thousands of them, keep copying: the budget of each counts
+// what its peer makes it hold, and a view would hide the rest of a buffer
+// from it.
+
+// maxPinnedReadBufs bounds the read buffers of one connection that views
+// keep from reuse (readBuf): 256 KiB of 64 KiB buffers.
+const maxPinnedReadBufs = 4
+
+// readBuf is a read buffer that views were made of. refs counts the views
+// alive, plus one while the reader still uses the buffer; the last to let
+// go returns it to readBufPool.
+type readBuf struct {
+	buf    *[]byte
+	refs   atomic.Int32
+	pinned *atomic.Int32 // the reader's count of such buffers
+}
+
+// unref lets go of one reference.
+func (r *readBuf) unref() {
+	if r.refs.Add(-1) == 0 {
+		r.pinned.Add(-1)
+		readBufPool.Put(r.buf)
+	}
+}
+
+// view returns a payload buffer of p, unread bytes of c's read buffer, that
+// keeps the buffer from reuse until it is freed (putBuf). It returns nil,
+// and the caller copies p, when c is not a plain socket's reader, when p is
+// not in the read buffer, or when maxPinnedReadBufs of c's buffers already
+// have views. A view's length is its bytes: nothing may be appended to it.
+// Reader only.
+func (c *connReader) view(p []byte) *pbuf {
+	if c.raw == nil || c.big == nil || len(p) == 0 {
+		return nil
+	}
+	base := uintptr(unsafe.Pointer(unsafe.SliceData(*c.big)))
+	at := uintptr(unsafe.Pointer(unsafe.SliceData(p)))
+	if at < base || at+uintptr(len(p)) > base+uintptr(len(*c.big)) {
+		return nil
+	}
+	if c.shared == nil {
+		if c.pinned.Load() >= maxPinnedReadBufs {
+			return nil
+		}
+		c.shared = &readBuf{buf: c.big, pinned: &c.pinned}
+		c.shared.refs.Store(1)
+		c.pinned.Add(1)
+	}
+	c.shared.refs.Add(1)
+	return &pbuf{b: p[:len(p):len(p)], rb: c.shared}
+}
+
+// detach lets go of a read buffer that views were made of: the reader's
+// next fill takes another. Reader only.
+func (c *connReader) detach() {
+	if c.shared != nil {
+		c.shared.unref()
+		c.shared, c.big = nil, nil
+	}
+}
+
+// fillTo reads until n bytes are unread, n <= connBufSize, and reports
+// whether they are. The unread bytes move to the front of the buffer
+// first when n would not fit behind them, or to a fresh buffer when views
+// of this one live. A read error is kept for Read, which returns it once
+// the bytes are drained, as after any fill. Plain sockets only.
+func (c *connReader) fillTo(n int) bool {
+	if c.raw == nil || n > connBufSize {
+		return false
+	}
+	for c.w-c.r < n {
+		if c.err != nil {
+			return false
+		}
+		switch {
+		case c.r == c.w:
+			c.r, c.w = 0, 0
+			c.detach() // as Read: a buffer with views alive is not filled again
+		case c.shared != nil:
+			nb := readBufPool.Get().(*[]byte)
+			copy(*nb, c.buf[c.r:c.w])
+			c.detach()
+			c.big = nb
+			c.buf, c.r, c.w = *c.big, 0, c.w-c.r
+		case c.r+n > len(*c.big):
+			copy(*c.big, c.buf[c.r:c.w])
+			c.r, c.w = 0, c.w-c.r
+		}
+		c.fillAt = c.w
+		m, err := c.readRaw()
+		c.fillAt = 0
+		c.stamp(m)
+		if m == 0 {
+			if err == nil {
+				err = io.ErrNoProgress
+			}
+			c.err = err
+			return false
+		}
+		c.buf = *c.big
+		c.w += m
+	}
+	return true
+}

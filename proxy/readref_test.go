@@ -1,0 +1,233 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"testing"
+)
+
+// TestConnReaderViews reads records (a 4-byte length, then that many
+// bytes) from a TCP socket written in random pieces, with fillTo as the
+// frame loop does, and takes every large record as a view of the read
+// buffer. Some views are kept to the end, the others freed a few records
+// later. A buffer filled again while a view of it lived would change what
+// the view holds: every view must hold its record at the end. The buffers
+// with views stay within maxPinnedReadBufs (a view is refused, and the
+// record copied, at the limit), and all are back once the views are freed.
+func TestConnReaderViews(t *testing.T) {
+	t.Parallel()
+	client, server := tcpPair(t)
+	r := newConnReader(server)
+	rng := rand.New(rand.NewPCG(5, 6))
+	var records [][]byte
+	var stream []byte
+	for range 400 {
+		n := rng.IntN(maxFrameSize + 1)
+		if rng.IntN(4) == 0 {
+			n = rng.IntN(100) // small ones between, as frame headers go
+		}
+		rec := make([]byte, n)
+		for i := range rec {
+			rec[i] = byte(rng.IntN(256))
+		}
+		records = append(records, rec)
+		stream = binary.BigEndian.AppendUint32(stream, uint32(n))
+		stream = append(stream, rec...)
+	}
+	done := make(chan error, 1)
+	go func() {
+		wr := rand.New(rand.NewPCG(7, 8))
+		rest := stream
+		for len(rest) > 0 {
+			k := min(len(rest), 1+wr.IntN(50_000))
+			if _, err := client.Write(rest[:k]); err != nil {
+				done <- err
+				return
+			}
+			rest = rest[k:]
+		}
+		done <- client.Close()
+	}()
+
+	type kept struct {
+		v    *pbuf
+		want []byte
+	}
+	var keep, recent []kept
+	views, refused := 0, 0
+	for i, want := range records {
+		if !r.fillTo(4) {
+			t.Fatalf("record %d: no length: %v", i, r.err)
+		}
+		n := int(binary.BigEndian.Uint32(r.buffered()))
+		r.discard(4)
+		if n == 0 {
+			continue
+		}
+		if !r.fillTo(n) {
+			t.Fatalf("record %d: %d bytes not read: %v", i, n, r.err)
+		}
+		p := r.buffered()[:n]
+		if !bytes.Equal(p, want) {
+			t.Fatalf("record %d read wrong", i)
+		}
+		if n >= vecMin {
+			v := r.view(p)
+			if v == nil {
+				refused++
+				if got := r.pinned.Load(); got < maxPinnedReadBufs {
+					t.Fatalf("record %d: view refused with %d buffers pinned, under the limit %d", i, got, maxPinnedReadBufs)
+				}
+			} else {
+				views++
+				if len(v.b) != n || cap(v.b) != n {
+					t.Fatalf("view of %d bytes has len %d cap %d", n, len(v.b), cap(v.b))
+				}
+				k := kept{v, want}
+				if rng.IntN(8) == 0 {
+					keep = append(keep, k)
+				} else {
+					recent = append(recent, k)
+				}
+			}
+		}
+		r.discard(n)
+		if got := r.pinned.Load(); got > maxPinnedReadBufs {
+			t.Fatalf("record %d: %d read buffers pinned, over %d", i, got, maxPinnedReadBufs)
+		}
+		for len(recent) > 3 {
+			if !bytes.Equal(recent[0].v.b, recent[0].want) {
+				t.Fatalf("a view changed before it was freed (record %d)", i)
+			}
+			putBuf(recent[0].v)
+			recent = recent[1:]
+		}
+	}
+	if _, err := r.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		t.Fatalf("after the last record: %v, want EOF", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if views == 0 || refused == 0 {
+		t.Errorf("%d views made, %d refused: the test should see both", views, refused)
+	}
+	for _, k := range append(keep, recent...) {
+		if !bytes.Equal(k.v.b, k.want) {
+			t.Fatal("a view changed before it was freed")
+		}
+		putBuf(k.v)
+	}
+	if got := r.pinned.Load(); got != 0 {
+		t.Errorf("%d read buffers still pinned after every view was freed", got)
+	}
+}
+
+// TestFillToKeepsErrorForRead: the end of the stream in the middle of what
+// fillTo waits for leaves the bytes that came readable, and Read returns
+// the end after them, as it does after any fill.
+func TestFillToKeepsErrorForRead(t *testing.T) {
+	t.Parallel()
+	client, server := tcpPair(t)
+	r := newConnReader(server)
+	if _, err := client.Write([]byte("partial")); err != nil {
+		t.Fatal(err)
+	}
+	client.Close()
+	if r.fillTo(100) {
+		t.Fatal("fillTo(100) reported 100 bytes of a 7-byte stream")
+	}
+	got, err := io.ReadAll(r)
+	if string(got) != "partial" || err != nil {
+		t.Errorf("after fillTo: read %q, %v; want \"partial\" then EOF", got, err)
+	}
+}
+
+// TestHoldTarget: with the window target holdTarget(n), a message of n
+// bytes arrives whole while none of it is returned, even with
+// target/creditDiv of credited bytes not yet returned; one less and it
+// might not. And the default ResponseHoldback shrinks to what
+// BackendMaxStreamWindow lets arrive whole, while a larger one asked for
+// is an error.
+func TestHoldTarget(t *testing.T) {
+	t.Parallel()
+	rng := rand.New(rand.NewPCG(9, 10))
+	for range 100_000 {
+		n := 1 + rng.Int64N(1<<24)
+		w := holdTarget(n)
+		if w-w/creditDiv < n {
+			t.Fatalf("holdTarget(%d) = %d leaves %d for the message", n, w, w-w/creditDiv)
+		}
+		if w--; w-w/creditDiv >= n+1 {
+			t.Fatalf("holdTarget(%d) is not the least: %d would do", n, w)
+		}
+	}
+	for _, tc := range []struct {
+		window, hold int
+		want         int
+		err          bool
+	}{
+		{window: DefaultBackendMaxStreamWindow, want: DefaultResponseHoldback},
+		{window: 256 << 10, want: int(((256<<10)-1)*(creditDiv-1)/creditDiv) - 5},
+		{window: 256 << 10, hold: DefaultResponseHoldback, err: true},
+		{window: 256 << 10, hold: -1, want: 0},
+	} {
+		c := Config{BackendStreamWindow: 16 << 10, BackendMaxStreamWindow: int32(tc.window), ResponseHoldback: tc.hold, Picker: PickerFunc(nil)}
+		err := c.setDefaults()
+		if tc.err {
+			if err == nil {
+				t.Errorf("window %d, hold-back %d: no error", tc.window, tc.hold)
+			}
+			continue
+		}
+		if err != nil || c.ResponseHoldback != tc.want {
+			t.Errorf("window %d, hold-back %d: got %d, %v; want %d", tc.window, tc.hold, c.ResponseHoldback, err, tc.want)
+		}
+		if h := c.ResponseHoldback; h > 0 && holdTarget(int64(h)+5) > int64(tc.window) {
+			t.Errorf("window %d: default hold-back %d cannot arrive whole", tc.window, h)
+		}
+	}
+}
+
+// TestConnReaderViewSurvivesRefill: a view of a drained buffer outlives the
+// reader's next fill, by fillTo or by Read (the Framer's way): the fill
+// goes into another buffer.
+func TestConnReaderViewSurvivesRefill(t *testing.T) {
+	t.Parallel()
+	for _, viaRead := range []bool{false, true} {
+		client, server := tcpPair(t)
+		r := newConnReader(server)
+		first := bytes.Repeat([]byte{'a'}, 8000)
+		if _, err := client.Write(first); err != nil {
+			t.Fatal(err)
+		}
+		if !r.fillTo(len(first)) {
+			t.Fatal(r.err)
+		}
+		v := r.view(r.buffered()[:len(first)])
+		if v == nil {
+			t.Fatal("no view of a plain socket's buffer")
+		}
+		r.discard(len(first)) // drained: the next fill starts a buffer
+		if _, err := client.Write(bytes.Repeat([]byte{'b'}, 8000)); err != nil {
+			t.Fatal(err)
+		}
+		if viaRead {
+			if _, err := io.ReadFull(r, make([]byte, 8000)); err != nil {
+				t.Fatal(err)
+			}
+		} else if !r.fillTo(8000) {
+			t.Fatal(r.err)
+		}
+		if !bytes.Equal(v.b, first) {
+			t.Errorf("fill by Read %v: the view's bytes changed", viaRead)
+		}
+		putBuf(v)
+		if viaRead && r.pinned.Load() != 0 {
+			t.Errorf("%d buffers pinned after the view was freed", r.pinned.Load())
+		}
+	}
+}
