@@ -61,7 +61,7 @@ func proxyCommand() *cli.Command {
 			&cli.StringFlag{Name: "engine", Value: cluster.EngineFrame, Usage: "data plane: frame (relays HTTP/2 frames) or grpc-proxy (message-level reference engine)"},
 			&cli.DurationFlag{Name: "drain-timeout", Value: cluster.DefaultDrainTimeout, Usage: "how long in-flight streams may run on SIGINT/SIGTERM, and on a backend that left the set, before they are cut"},
 			&cli.StringFlag{Name: "admin-listen", Usage: "`ADDR` for the admin HTTP endpoints / (live status page), /status.json, /healthz, /readyz, /backends, /metrics and /debug/pprof/ (off when empty)"},
-			&cli.StringFlag{Name: "access-log", Usage: "write one line per call to `PATH` (appended, and opened again on SIGHUP; - or stderr for stderr), in --log-format"},
+			&cli.StringFlag{Name: "access-log", Usage: "write one line per call to `PATH` (appended, and opened again on SIGHUP; - or stderr for stderr), in --log-format; allowed beside --config"},
 			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once started, unmap the binary's code and read-only data that start-up touched and drop them from the page cache, so RSS counts what the running proxy uses (Linux; pages touched later are read from the file; the only flag besides --log-* allowed with --config)"},
 			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "keep Prometheus metrics, served on /metrics of --admin-listen (--metrics=false: none)"},
 			&cli.IntFlag{Name: "mutex-profile-fraction", Usage: "record one contended unlock in `N` for /debug/pprof/mutex of --admin-listen (0: off, and that endpoint answers 404; costs CPU: for diagnosis); allowed beside --config"},
@@ -321,11 +321,12 @@ func fileConfig(c *cli.Context, path string, logger *slog.Logger) (cluster.Serve
 		if env, ok := fromEnv[name]; ok && c.String(name) == os.Getenv(env) {
 			continue
 		}
-		// --release-startup-pages and the contention profiles are about the
-		// process, not the proxy's configuration, like the log flags.
-		if name != "config" && name != "release-startup-pages" && name != "gc-min-heap" && !strings.HasPrefix(name, "log-") && !strings.HasSuffix(name, "-profile-fraction") &&
+		// --release-startup-pages, the contention profiles and the access
+		// log are about the process, not the proxy's configuration, like
+		// the log flags.
+		if name != "config" && name != "release-startup-pages" && name != "gc-min-heap" && name != "access-log" && !strings.HasPrefix(name, "log-") && !strings.HasSuffix(name, "-profile-fraction") &&
 			!strings.HasSuffix(name, "-profile-rate") && c.IsSet(name) {
-			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level, --log-format, --log-buffer, --release-startup-pages, --gc-min-heap, --mutex-profile-fraction and --block-profile-rate go beside --config)", name, path)
+			return zero, "", "", usageErr("--%s cannot be used with --config: put the setting in %s (only --log-level, --log-format, --log-buffer, --access-log, --release-startup-pages, --gc-min-heap, --mutex-profile-fraction and --block-profile-rate go beside --config)", name, path)
 		}
 	}
 	f, err := cluster.LoadFile(path)

@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -170,6 +171,41 @@ func TestProxySighup(t *testing.T) {
 		}
 		if got := lines(t, path+".1", 1); len(got) != 1 {
 			t.Errorf("rotated access log file: %q, want the 1 call before SIGHUP", got)
+		}
+		stop(t, p)
+	})
+
+	t.Run("access log beside --config", func(t *testing.T) {
+		// The access log is the process's, as the log flags: it goes
+		// beside --config, and SIGHUP then reopens it and reloads the
+		// file. It was refused there, which left no way to an access log
+		// for a proxy configured by file.
+		dir := t.TempDir()
+		path := filepath.Join(dir, "access.log")
+		conf := filepath.Join(dir, "streamlb.yaml")
+		text := fmt.Sprintf("listen: 127.0.0.1:0\nclusters:\n  - {name: a, targets: [%s]}\nroutes:\n  - {cluster: a}\n", ts.Addr())
+		if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		p := startProc(t, "proxy", "--config", conf, "--access-log", path, "--log-format", "json", "--release-startup-pages=false")
+		rec, at := p.waitLog(ctx, t, 0, "listening")
+		if err := call(t, rec.Addr); err != nil {
+			t.Fatal(err)
+		}
+		if got := lines(t, path, 1); !strings.Contains(got[0], `"cluster":"a"`) {
+			t.Errorf("access log line %q does not name the file's cluster", got[0])
+		}
+		if err := os.Rename(path, path+".1"); err != nil {
+			t.Fatal(err)
+		}
+		p.cmd.Process.Signal(syscall.SIGHUP)
+		p.waitLog(ctx, t, at, "access log reopened")
+		p.waitLog(ctx, t, at, "configuration reloaded")
+		if err := call(t, rec.Addr); err != nil {
+			t.Errorf("call after SIGHUP: %v", err)
+		}
+		if got := lines(t, path, 1); len(got) != 1 {
+			t.Errorf("new access log file: %q, want the call since SIGHUP", got)
 		}
 		stop(t, p)
 	})
