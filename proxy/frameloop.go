@@ -89,9 +89,10 @@ func (t *transport) readLoop(p h2role) error {
 			t.df = dataFrame{}
 			t.cr.discard(frameHeaderLen + len(payload))
 		} else if ok && t.takeHeaders(fh) {
-			// The decoder copies what it keeps: the block may go with the
+			// The decoder copies the fields it keeps, and is given a copy
+			// of the block (ownBlock): nothing of it refers to the read
 			// buffer once it is decoded.
-			f, ferr := t.readHeaderBlock(&t.hf, payload)
+			f, ferr := t.readHeaderBlock(&t.hf, t.hd.ownBlock(payload))
 			t.cr.discard(frameHeaderLen + len(payload))
 			if err = ferr; err == nil {
 				err = t.dispatch(p, f)

@@ -54,6 +54,32 @@ type hdecState struct {
 	// block failed, so that the Framer, which then expects CONTINUATION,
 	// reads every later frame (bufferedFrame).
 	open bool
+	// own holds the last header block taken from the read buffer
+	// (ownBlock).
+	own []byte
+}
+
+// ownBlockMax is the largest header block ownBlock keeps storage for: a
+// gRPC call's blocks are a few hundred bytes.
+const ownBlockMax = 1 << 10
+
+// ownBlock returns a copy of p, a header block in the read buffer, for the
+// decoder. The decoder keeps a zero-length slice of what it was given
+// (x/net hpack.Decoder.buf) until its next block: given the read buffer,
+// it kept the connection's 64 KiB read buffer from the collector once the
+// pool had let go of it, and 100 client connections idle after a call
+// held 6.3 MiB (TestIdleConnsKeepNoReadBuffer). The copy goes into storage
+// of the connection's own, reused block after block, sized to the block:
+// a few hundred bytes; a block over ownBlockMax gets a copy of its own.
+func (h *hdecState) ownBlock(p []byte) []byte {
+	if len(p) > ownBlockMax {
+		return append([]byte(nil), p...)
+	}
+	if cap(h.own) < len(p) {
+		h.own = make([]byte, 0, max(len(p), 128))
+	}
+	h.own = append(h.own[:0], p...)
+	return h.own
 }
 
 var errPseudoAfterRegular = errors.New("pseudo header field after regular")

@@ -1,0 +1,42 @@
+package proxy_test
+
+import (
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/streamlb/streamlb/internal/testkit"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+)
+
+// TestIdleConnsKeepNoReadBuffer: client connections that made a call and
+// went idle hold no 64 KiB read buffer, however the collector ran in
+// between (it empties the buffer pool, so each fill may take a fresh
+// buffer). The header block taken from the read buffer was handed to the
+// HPACK decoder, which keeps a zero-length slice of what it decoded (x/net
+// hpack.Decoder.buf): each idle connection kept the read buffer its last
+// request headers came in, 64 KiB, from the collector.
+func TestIdleConnsKeepNoReadBuffer(t *testing.T) {
+	e := newEnv(t, envOpts{backends: 1})
+	ctx := testkit.Context(t, 60*time.Second)
+	const conns = 100
+	// Warm up: the first call builds what every later one shares.
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	base := heapInuse()
+	for range conns {
+		cc := e.dial(e.addr)
+		if _, err := testgrpc.NewTestServiceClient(cc).EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatal(err)
+		}
+		runtime.GC() // the pool's buffers go: the next fill takes a new one
+		runtime.GC()
+	}
+	time.Sleep(100 * time.Millisecond)
+	per := (int64(heapInuse()) - int64(base)) / conns
+	t.Logf("heap per idle client connection after a call: %d B", per)
+	if per > 32<<10 {
+		t.Errorf("each idle client connection holds %d KiB of heap: a read buffer kept", per>>10)
+	}
+}
