@@ -232,6 +232,10 @@ func (b *backendConn) run(ctx context.Context) {
 	writerDone := make(chan struct{})
 	go func() {
 		err := b.readLoop(b)
+		// The read buffer goes back to its pool (or to the views that
+		// still need it): the attempts of calls in flight keep b, and
+		// with it the reader, until they end.
+		b.cr.release()
 		b.awaitGoAway(writerDone)
 		b.close(err) // stops the writer too
 		readerDone <- err

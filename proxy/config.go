@@ -370,8 +370,8 @@ type Config struct {
 	// torn message (see holdback.go). A larger message goes on as it
 	// arrives. Zero means DefaultResponseHoldback (128 KiB: a message of
 	// a 64 KiB payload, a common chunk size, is a few bytes over 64 KiB
-	// encoded, or less when BackendMaxStreamWindow is under twice that),
-	// negative off. It needs a BackendMaxStreamWindow of at least twice it
+	// encoded, or less when BackendMaxStreamWindow is under 4/3 of that),
+	// negative off. It needs a BackendMaxStreamWindow of at least 4/3 of it
 	// plus the prefix (holdTarget): a held message must be able to arrive
 	// whole.
 	ResponseHoldback int

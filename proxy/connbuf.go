@@ -69,7 +69,7 @@ type connReader struct {
 	// buffer is not filled again; pinned counts c's buffers with views
 	// alive. fillAt is where the next raw fill goes in *big (fillTo).
 	shared *readBuf
-	pinned atomic.Int32
+	pinned *atomic.Int32 // its own object: see view
 	fillAt int
 	// lastRead, when set (with now), is stamped with the time of every
 	// read that brought bytes: once per syscall, not per frame. Backend
@@ -107,7 +107,7 @@ func plainSocket(nc net.Conn) syscall.RawConn {
 }
 
 func newConnReader(nc net.Conn) *connReader {
-	c := &connReader{nc: nc}
+	c := &connReader{nc: nc, pinned: new(atomic.Int32)}
 	if raw := plainSocket(nc); raw != nil {
 		c.raw = raw
 		c.rawFill = c.fillRaw

@@ -35,7 +35,7 @@ import (
 // written to the client), so they add nothing to what the windows already
 // bound. A held message must never wait for window only its own
 // forwarding would free: before a message of n bytes is held, the
-// stream's window target is raised to at least holdTarget(n), 2n (the
+// stream's window target is raised to at least holdTarget(n), 4n/3 (the
 // crediting returns window in steps of 1/creditDiv of the target, so up to
 // that can be unreturned), taken from the connection's response share like any
 // growth (transport.growLocked); without room for it, the message goes

@@ -23,17 +23,29 @@ import (
 // buffer, at most one frame), so large frames reach the views whole.
 //
 // What views may pin beyond the bytes they carry (the budgets count a
-// view's bytes, not the 64 KiB buffer under it) is bounded per
-// connection: at most maxPinnedReadBufs read buffers with live views; past
-// that, payloads are copied as before. Only backend connections make
-// views: a handful per process, so at most 4 x 64 KiB each. Client
-// connections, thousands of them, keep copying: the budget of each counts
-// what its peer makes it hold, and a view would hide the rest of a buffer
-// from it.
+// view's bytes, not the 64 KiB buffer under it: a 4 KiB view can keep 64
+// KiB) is bounded: at most maxPinnedReadBufs read buffers with live views
+// per connection, and maxPinnedReadBufsTotal in the process, 2 MiB; past
+// either, payloads are copied into pooled buffers as before, which the
+// budgets count by capacity. The bound is the process's, not a
+// connection's: a backend that answers each call on a new connection,
+// then closes it, leaves the views of its dead connections queued toward
+// clients (attack on the first version: 256 calls of four 4 KiB frames
+// toward a client that never reads, 2.7 MiB counted, 45 MiB of heap). Only
+// backend connections make views. Client connections, thousands of them,
+// keep copying: the budget of each counts what its peer makes it hold.
 
 // maxPinnedReadBufs bounds the read buffers of one connection that views
-// keep from reuse (readBuf): 256 KiB of 64 KiB buffers.
+// keep from reuse (readBuf): 256 KiB of 64 KiB buffers, so that one
+// backend cannot take every view the process allows.
 const maxPinnedReadBufs = 4
+
+// maxPinnedReadBufsTotal bounds the read buffers all views of the process
+// keep from reuse: 2 MiB of 64 KiB buffers, beyond what the budgets count.
+const maxPinnedReadBufsTotal = 32
+
+// pinnedReadBufs counts the read buffers of the process with live views.
+var pinnedReadBufs atomic.Int32
 
 // readBuf is a read buffer that views were made of. refs counts the views
 // alive, plus one while the reader still uses the buffer; the last to let
@@ -48,6 +60,7 @@ type readBuf struct {
 func (r *readBuf) unref() {
 	if r.refs.Add(-1) == 0 {
 		r.pinned.Add(-1)
+		pinnedReadBufs.Add(-1)
 		readBufPool.Put(r.buf)
 	}
 }
@@ -55,8 +68,8 @@ func (r *readBuf) unref() {
 // view returns a payload buffer of p, unread bytes of c's read buffer, that
 // keeps the buffer from reuse until it is freed (putBuf). It returns nil,
 // and the caller copies p, when c is not a plain socket's reader, when p is
-// not in the read buffer, or when maxPinnedReadBufs of c's buffers already
-// have views. A view's length is its bytes: nothing may be appended to it.
+// not in the read buffer, or when maxPinnedReadBufs of c's buffers, or
+// maxPinnedReadBufsTotal of the process's, already have views. A view's length is its bytes: nothing may be appended to it.
 // Reader only.
 func (c *connReader) view(p []byte) *pbuf {
 	if c.raw == nil || c.big == nil || len(p) == 0 {
@@ -71,13 +84,22 @@ func (c *connReader) view(p []byte) *pbuf {
 		if c.pinned.Load() >= maxPinnedReadBufs {
 			return nil
 		}
-		c.shared = &readBuf{buf: c.big, pinned: &c.pinned}
+		if pinnedReadBufs.Add(1) > maxPinnedReadBufsTotal {
+			pinnedReadBufs.Add(-1)
+			return nil
+		}
+		// pinned is an object of its own: a view must not keep the
+		// reader, and with it a closed connection, from the collector.
+		c.shared = &readBuf{buf: c.big, pinned: c.pinned}
 		c.shared.refs.Store(1)
 		c.pinned.Add(1)
 	}
 	c.shared.refs.Add(1)
 	return &pbuf{b: p[:len(p):len(p)], rb: c.shared}
 }
+
+// pinnedBufs is how many of c's read buffers views keep from reuse.
+func (c *connReader) pinnedBufs() int32 { return c.pinned.Load() }
 
 // detach lets go of a read buffer that views were made of: the reader's
 // next fill takes another. Reader only.

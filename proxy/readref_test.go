@@ -17,8 +17,10 @@ import (
 // the view holds: every view must hold its record at the end. The buffers
 // with views stay within maxPinnedReadBufs (a view is refused, and the
 // record copied, at the limit), and all are back once the views are freed.
+//
+// Not parallel: the process-wide bound (maxPinnedReadBufsTotal) is shared
+// with the other tests' backend connections.
 func TestConnReaderViews(t *testing.T) {
-	t.Parallel()
 	client, server := tcpPair(t)
 	r := newConnReader(server)
 	rng := rand.New(rand.NewPCG(5, 6))
@@ -78,8 +80,8 @@ func TestConnReaderViews(t *testing.T) {
 			v := r.view(p)
 			if v == nil {
 				refused++
-				if got := r.pinned.Load(); got < maxPinnedReadBufs {
-					t.Fatalf("record %d: view refused with %d buffers pinned, under the limit %d", i, got, maxPinnedReadBufs)
+				if got, all := r.pinnedBufs(), pinnedReadBufs.Load(); got < maxPinnedReadBufs && all < maxPinnedReadBufsTotal {
+					t.Fatalf("record %d: view refused with %d buffers pinned (%d in the process), under the limits %d and %d", i, got, all, maxPinnedReadBufs, maxPinnedReadBufsTotal)
 				}
 			} else {
 				views++
@@ -95,7 +97,7 @@ func TestConnReaderViews(t *testing.T) {
 			}
 		}
 		r.discard(n)
-		if got := r.pinned.Load(); got > maxPinnedReadBufs {
+		if got := r.pinnedBufs(); got > maxPinnedReadBufs {
 			t.Fatalf("record %d: %d read buffers pinned, over %d", i, got, maxPinnedReadBufs)
 		}
 		for len(recent) > 3 {
@@ -121,7 +123,7 @@ func TestConnReaderViews(t *testing.T) {
 		}
 		putBuf(k.v)
 	}
-	if got := r.pinned.Load(); got != 0 {
+	if got := r.pinnedBufs(); got != 0 {
 		t.Errorf("%d read buffers still pinned after every view was freed", got)
 	}
 }
@@ -171,9 +173,9 @@ func TestHoldTarget(t *testing.T) {
 		err          bool
 	}{
 		{window: DefaultBackendMaxStreamWindow, want: DefaultResponseHoldback},
-		{window: 256 << 10, want: int(((256<<10)-1)*(creditDiv-1)/creditDiv) - 5},
-		{window: 256 << 10, hold: DefaultResponseHoldback, err: true},
-		{window: 256 << 10, hold: -1, want: 0},
+		{window: 128 << 10, want: int(((128<<10)-1)*(creditDiv-1)/creditDiv) - 5},
+		{window: 128 << 10, hold: DefaultResponseHoldback, err: true},
+		{window: 128 << 10, hold: -1, want: 0},
 	} {
 		c := Config{BackendStreamWindow: 16 << 10, BackendMaxStreamWindow: int32(tc.window), ResponseHoldback: tc.hold, Picker: PickerFunc(nil)}
 		err := c.setDefaults()
@@ -226,8 +228,8 @@ func TestConnReaderViewSurvivesRefill(t *testing.T) {
 			t.Errorf("fill by Read %v: the view's bytes changed", viaRead)
 		}
 		putBuf(v)
-		if viaRead && r.pinned.Load() != 0 {
-			t.Errorf("%d buffers pinned after the view was freed", r.pinned.Load())
+		if viaRead && r.pinnedBufs() != 0 {
+			t.Errorf("%d buffers pinned after the view was freed", r.pinnedBufs())
 		}
 	}
 }

@@ -55,7 +55,11 @@ func getBuf(n int) *pbuf {
 // buffer instead.
 func putBuf(b *pbuf) {
 	if b.rb != nil {
+		// A view is not reused: it lets go of the read buffer, which a
+		// stale pointer to the view (a queue slot not yet cleared)
+		// would otherwise keep from the collector.
 		b.rb.unref()
+		*b = pbuf{}
 		return
 	}
 	if len(b.b) == smallBufSize {
@@ -655,6 +659,7 @@ func (t *transport) runWriter() {
 		switch st, err := t.writeStep(t.owner); st {
 		case stepExit:
 			t.wstate.Store(wDone)
+			t.freeReleased()
 			t.owner.writerFinished(err)
 			return
 		case stepIdle:
@@ -684,6 +689,25 @@ func (t *transport) runWriter() {
 			// Signalled while letting go: take the scratch again.
 		}
 	}
+}
+
+// freeReleased returns to their pools the buffers left for the writer to
+// release (toRelease) once it has exited, when no write can read them:
+// the closed connection's queues, dropped while the writer ran (or was
+// blocked on a client that stopped reading), put them there, and
+// releaseLocked puts a buffer back at once only after wDone. Dropping
+// them to the collector was harmless for pooled buffers; a view holds its
+// read buffer from reuse, and the count of pinned buffers (readref.go),
+// until freed (attack: 1-3 buffers pinned for good on a live backend
+// connection per client that stopped reading, then closed).
+func (t *transport) freeReleased() {
+	t.mu.Lock()
+	for i, b := range t.toRelease {
+		putBuf(b)
+		t.toRelease[i] = nil
+	}
+	t.toRelease = t.toRelease[:0]
+	t.mu.Unlock()
 }
 
 // releaseIdle lets go of what only a writer needs, before an on-demand
@@ -727,12 +751,13 @@ func (t *transport) markReadyLocked(q *sendQueue) {
 
 // creditDiv is how finely windows are returned: a WINDOW_UPDATE goes once
 // 1/creditDiv of the window is unreturned, for a stream (of its target)
-// and for the connection. Half, as x/net's transport does for its
-// connection window: a 1 MiB answer took 4 writes of WINDOW_UPDATEs to
-// its backend instead of 8 with a quarter, about 3-4% of the proxy's CPU
-// per MiB streamed (issue 12). The hold-back's window target rests on it
-// (holdTarget).
-const creditDiv = 2
+// and for the connection, so that a steady stream costs few control
+// frames. The hold-back's window target rests on it (holdTarget). Half
+// would halve the WINDOW_UPDATEs of a 1 MiB answer (8 to 4 per stream),
+// for no CPU per MiB a same-time A/B could tell here (BENCHMARKS.md,
+// "Session 11"), and would double the window a held message needs,
+// refusing settings that worked.
+const creditDiv = 4
 
 // creditLocked returns n handed-on bytes of stream r to the peer, sending a
 // WINDOW_UPDATE once 1/creditDiv of the stream's window (its target) has
@@ -1315,6 +1340,7 @@ func (t *transport) writeLoop(r role) error {
 	for {
 		switch st, err := t.writeStep(r); st {
 		case stepExit:
+			t.freeReleased()
 			return err
 		case stepIdle:
 			<-t.wake
