@@ -294,7 +294,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			RetryOn:                   c.StringSlice("retry-on"),
 			MaxRetries:                c.Int("max-retries"),
 			RetryBufferSize:           c.Int("retry-buffer"),
-			ResponseHoldback:          offIfZero(c.Int("response-holdback")),
+			ResponseHoldback:          holdbackFlag(c),
 			RetryBudget:               c.Int("retry-budget"),
 			RetryBudgetRatio:          c.Float64("retry-budget-ratio"),
 			MaxHeaderListSize:         uint32(c.Uint("max-header-list-size")),
@@ -308,6 +308,16 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 		Logger:       logger,
 		Metrics:      newRegistry(c.Bool("metrics")),
 	}, nil
+}
+
+// holdbackFlag is --response-holdback for proxy.Config: 0 (the library's
+// default, which shrinks to fit --backend-stream-window-max) when the flag
+// is not given, -1 (off) for 0.
+func holdbackFlag(c *cli.Context) int {
+	if !c.IsSet("response-holdback") {
+		return 0
+	}
+	return offIfZero(c.Int("response-holdback"))
 }
 
 // fileConfig loads the --config file and returns the server's settings
