@@ -141,17 +141,8 @@ func TestAttackViewsExactBytes(t *testing.T) {
 			addr := scriptBackend(t, func(id uint32) []byte {
 				return grpcStream(id, 1<<20, 4091, 10, 16379, 65536, 100000, 3, 200000, 8187)
 			})
-			srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog,
-				BackendStreamWindow: 256 << 10, BackendMaxStreamWindow: 512 << 10})
-			if err != nil {
-				t.Fatal(err)
-			}
-			ln := serveProxy(t, srv)
 			const window = 32 << 10
-			r := dialRawPreface(t, ln.Addr().String())
-			r.nc.SetDeadline(time.Now().Add(60 * time.Second))
-			r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: window})
-			r.fr.WriteWindowUpdate(0, 1<<30)
+			srv, r := viewsClient(t, addr, window)
 			want := map[uint32]int{}
 			scripts := map[uint32]string{}
 			for i := range 24 {
@@ -186,4 +177,23 @@ func seeds(n int) []uint64 {
 		out[i] = uint64(i + 1)
 	}
 	return out
+}
+
+// viewsClient starts a proxy to the backend at addr, with backend stream
+// windows wide enough for scripted answers sent without waiting, and
+// returns it and a raw client connection to it that grants window per
+// stream and the most the connection allows.
+func viewsClient(t *testing.T, addr string, window uint32) (*proxy.Server, *rawConn) {
+	t.Helper()
+	srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog,
+		BackendStreamWindow: 256 << 10, BackendMaxStreamWindow: 512 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := serveProxy(t, srv)
+	r := dialRawPreface(t, ln.Addr().String())
+	r.nc.SetDeadline(time.Now().Add(60 * time.Second))
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: window})
+	r.fr.WriteWindowUpdate(0, 1<<30)
+	return srv, r
 }

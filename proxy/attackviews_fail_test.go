@@ -7,11 +7,6 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
-	"time"
-
-	"golang.org/x/net/http2"
-
-	"github.com/streamlb/streamlb/proxy"
 )
 
 // boundary reports whether n bytes of the gRPC message stream p end at a
@@ -41,17 +36,8 @@ func TestAttackViewsBackendFailsMidAnswer(t *testing.T) {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(seed, 7))
 			addr := scriptBackend(t, func(id uint32) []byte { return grpcStream(id, 1<<20, sizes...) })
-			srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog,
-				BackendStreamWindow: 256 << 10, BackendMaxStreamWindow: 512 << 10})
-			if err != nil {
-				t.Fatal(err)
-			}
-			ln := serveProxy(t, srv)
 			const window = 32 << 10
-			r := dialRawPreface(t, ln.Addr().String())
-			r.nc.SetDeadline(time.Now().Add(60 * time.Second))
-			r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: window})
-			r.fr.WriteWindowUpdate(0, 1<<30)
+			srv, r := viewsClient(t, addr, window)
 			want := map[uint32]int{}
 			scripts := map[uint32]string{}
 			for i := range 16 {

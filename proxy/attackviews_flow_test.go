@@ -3,7 +3,6 @@ package proxy_test
 import (
 	"encoding/binary"
 	"fmt"
-	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -21,7 +20,7 @@ import (
 // whose handler reads a request of (seed, count, sizes...) as uint32s and
 // streams count seeded messages of the sizes, cycled.
 func rawStreamServer(t *testing.T) string {
-	gs := grpc.NewServer(grpc.ForceServerCodec(rawBytes{}), grpc.UnknownServiceHandler(func(_ any, ss grpc.ServerStream) error {
+	return serveRawGRPC(t, func(ss grpc.ServerStream) error {
 		var req []byte
 		if err := ss.RecvMsg(&req); err != nil {
 			return err
@@ -39,14 +38,7 @@ func rawStreamServer(t *testing.T) string {
 			}
 		}
 		return nil
-	}))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go gs.Serve(ln)
-	t.Cleanup(gs.Stop)
-	return ln.Addr().String()
+	})
 }
 
 // TestAttackViewsHoldbackSmallWindows: with small backend stream windows

@@ -23,6 +23,23 @@ func (rawBytes) Unmarshal(data []byte, v any) error {
 }
 func (rawBytes) Name() string { return "raw" }
 
+// serveRawGRPC serves every method with handle on a grpc-go server of
+// raw-bytes messages on 127.0.0.1, stopped at cleanup, and returns its
+// address.
+func serveRawGRPC(t *testing.T, handle func(grpc.ServerStream) error) string {
+	t.Helper()
+	gs := grpc.NewServer(grpc.ForceServerCodec(rawBytes{}), grpc.UnknownServiceHandler(func(_ any, ss grpc.ServerStream) error {
+		return handle(ss)
+	}))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go gs.Serve(ln)
+	t.Cleanup(gs.Stop)
+	return ln.Addr().String()
+}
+
 // seededMessage is message i of a stream seeded with seed: n bytes no other
 // message of the test has at the same place.
 func seededMessage(seed uint64, i, n int) []byte {
@@ -48,7 +65,7 @@ func seededMessage(seed uint64, i, n int) []byte {
 func TestRelayedBytesExact(t *testing.T) {
 	verifyNoLeaks(t)
 	sizes := []int{10, 4090, 5000, 16379, 16384, 16385, 40000, 65536, 100000, 131072, 200000}
-	gs := grpc.NewServer(grpc.ForceServerCodec(rawBytes{}), grpc.UnknownServiceHandler(func(_ any, ss grpc.ServerStream) error {
+	addr := serveRawGRPC(t, func(ss grpc.ServerStream) error {
 		var req []byte
 		if err := ss.RecvMsg(&req); err != nil {
 			return err
@@ -62,15 +79,9 @@ func TestRelayedBytesExact(t *testing.T) {
 			}
 		}
 		return nil
-	}))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go gs.Serve(ln)
-	t.Cleanup(gs.Stop)
+	})
 	e := newEnv(t, envOpts{backends: 1})
-	e.setBackends(ln.Addr().String())
+	e.setBackends(addr)
 	ctx := testkit.Context(t, 60*time.Second)
 	const calls = 8
 	errs := make(chan error, calls)
