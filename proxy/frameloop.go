@@ -173,7 +173,9 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		if f.HasPriority() && f.Priority.StreamDep == f.StreamID {
 			return selfDependency(f.StreamID)
 		}
-		return p.onHeaders(f)
+		err := p.onHeaders(f)
+		t.hd.blockDone()
+		return err
 	case *http2.PriorityFrame:
 		// Priorities are advisory and we follow none (§5.3.2), but one
 		// rule is not: a stream cannot depend on itself.
@@ -529,9 +531,13 @@ func (t *transport) takeData(fh http2.FrameHeader, payload []byte) bool {
 // the frame, whose payload is the block for readHeaderBlock. As the
 // Framer's checkFrameOrder, only an unfinished block expects CONTINUATION,
 // so taking a finished one here leaves the Framer's state right.
+//
+// A block over ownBlockMax is left to the Framer: the decoder keeps a
+// slice of its last input, and the Framer's buffer, which it then points
+// into, is the connection's anyway (see ownBlock).
 func (t *transport) takeHeaders(fh http2.FrameHeader) bool {
 	const plain = http2.FlagHeadersEndStream | http2.FlagHeadersEndHeaders
-	if fh.Type != http2.FrameHeaders || fh.Flags&^plain != 0 || !fh.Flags.Has(http2.FlagHeadersEndHeaders) {
+	if fh.Type != http2.FrameHeaders || fh.Flags&^plain != 0 || !fh.Flags.Has(http2.FlagHeadersEndHeaders) || fh.Length > ownBlockMax {
 		return false
 	}
 	t.hf = http2.HeadersFrame{FrameHeader: fh}

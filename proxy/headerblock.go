@@ -59,8 +59,8 @@ type hdecState struct {
 	own []byte
 }
 
-// ownBlockMax is the largest header block ownBlock keeps storage for: a
-// gRPC call's blocks are a few hundred bytes.
+// ownBlockMax is the largest header block taken from the read buffer and
+// copied by ownBlock: a gRPC call's blocks are a few hundred bytes.
 const ownBlockMax = 1 << 10
 
 // ownBlock returns a copy of p, a header block in the read buffer, for the
@@ -70,16 +70,26 @@ const ownBlockMax = 1 << 10
 // pool had let go of it, and 100 client connections idle after a call
 // held 6.3 MiB (TestIdleConnsKeepNoReadBuffer). The copy goes into storage
 // of the connection's own, reused block after block, sized to the block:
-// a few hundred bytes; a block over ownBlockMax gets a copy of its own.
+// a few hundred bytes. A block over ownBlockMax is not taken from the read
+// buffer (takeHeaders): it is read by the Framer, into the Framer's
+// buffer.
 func (h *hdecState) ownBlock(p []byte) []byte {
-	if len(p) > ownBlockMax {
-		return append([]byte(nil), p...)
-	}
 	if cap(h.own) < len(p) {
 		h.own = make([]byte, 0, max(len(p), 128))
 	}
 	h.own = append(h.own[:0], p...)
 	return h.own
+}
+
+// blockDone lets go of the decoded fields of the block just handled: the
+// roles copied what they keep (keepFields), and the scratch slice would
+// otherwise keep the last block's strings, up to MaxHeaderListSize, for as
+// long as the connection sits idle (attack: about 56 KB per connection
+// after one call with 56 KB of headers).
+func (h *hdecState) blockDone() {
+	clear(h.fields)
+	h.fields = h.fields[:0]
+	h.block = headerBlock{}
 }
 
 var errPseudoAfterRegular = errors.New("pseudo header field after regular")
@@ -181,6 +191,7 @@ func (t *transport) readHeaderBlock(hf *http2.HeadersFrame, frag []byte) (http2.
 	if maxString < 0 {
 		maxString = 0
 	}
+	clear(h.fields) // a block that failed left its fields (blockDone)
 	h.fields = h.fields[:0]
 	h.headersRemain, h.trailersRemain = limit, limit
 	h.sawRegular, h.truncated, h.invalid = false, false, nil
