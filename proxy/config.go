@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"strings"
 	"time"
@@ -508,6 +509,10 @@ func (c *Config) setDefaults() error {
 		c.ResponseHoldback = max(0, min(DefaultResponseHoldback, int((int64(c.BackendMaxStreamWindow)-1)*(creditDiv-1)/creditDiv)-5))
 	}
 	defaultOrOff(&c.ResponseHoldback, 0)
+	if c.ResponseHoldback > math.MaxInt32 {
+		// Past any window (int32), and holdTarget would overflow.
+		return fmt.Errorf("proxy: ResponseHoldback %d needs a BackendMaxStreamWindow of at least 4/3 of it, over the largest window (%d)", c.ResponseHoldback, math.MaxInt32)
+	}
 	if n := holdTarget(int64(c.ResponseHoldback) + 5); c.ResponseHoldback > 0 && n > int64(c.BackendMaxStreamWindow) {
 		return fmt.Errorf("proxy: ResponseHoldback %d needs a BackendMaxStreamWindow of at least %d, not %d", c.ResponseHoldback, n, c.BackendMaxStreamWindow)
 	}

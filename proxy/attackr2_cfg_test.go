@@ -1,0 +1,25 @@
+package proxy_test
+
+import (
+	"math"
+	"testing"
+
+	"github.com/streamlb/streamlb/proxy"
+)
+
+// TestAttackR2HoldbackOverflowAccepted: a ResponseHoldback too large for
+// BackendMaxStreamWindow is refused (holdTarget(n+5) > the window). Near
+// math.MaxInt the check's int64(ResponseHoldback)+5 wraps negative and the
+// value is accepted; the backend connections then use uint32(it) as the
+// bound (backendConn.holdBound), 4 GiB - 1 for MaxInt64: every message
+// the window lets arrive whole is held. The same value reaches the
+// library from --response-holdback and from a --config file's
+// response_holdback.
+func TestAttackR2HoldbackOverflowAccepted(t *testing.T) {
+	for _, rh := range []int{math.MaxInt, math.MaxInt - 4, math.MaxInt - 2, 1 << 62, 3 << 61, 1 << 40} {
+		_, err := proxy.New(proxy.Config{Picker: pickerTo("127.0.0.1:1"), Logger: quietLog, ResponseHoldback: rh, BackendMaxStreamWindow: 1 << 20})
+		if err == nil {
+			t.Errorf("ResponseHoldback %d with a 1 MiB BackendMaxStreamWindow: accepted, want refused", rh)
+		}
+	}
+}
