@@ -162,12 +162,16 @@ func (c *serverConn) tryPark() bool {
 	idle := !c.closed && !c.goingAway && c.drainPhase == drainNone && len(c.streams) == 0
 	if idle {
 		// What the connection's calls left behind goes with the reader:
-		// the empty stream map (onHeaders makes one at the next stream)
-		// and the decoder's scratch (reader only; its next block makes
-		// it again). The HPACK tables stay: they are the protocol's state.
+		// the empty stream map (onHeaders makes one at the next stream),
+		// the decoder's scratch and block copy, and the Framer with its
+		// buffer of the largest frame it read, up to 16 KiB after an
+		// upload (reader only; the next block, or frame, makes them
+		// again). The HPACK tables stay: they are the protocol's state.
 		c.streams = nil
 		c.hd.fields = nil
 		c.hd.block = headerBlock{} // its Fields are the same array
+		c.hd.own = nil
+		c.newReadFramer()
 	}
 	c.mu.Unlock()
 	if idle {

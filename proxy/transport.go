@@ -492,16 +492,25 @@ func (t *transport) init(streamWindow, connWindow int32, maxHeaderList uint32, l
 func (t *transport) attach(nc net.Conn) {
 	t.cr = newConnReader(nc)
 	t.cg = &contGuard{r: t.cr}
+	t.newReadFramer()
+	t.bw = newConnWriter(nc)
+	t.mu.Lock()
+	t.nc = nc
+	t.mu.Unlock()
+}
+
+// newReadFramer gives the reader a new Framer. Between frames, outside a
+// header block, a new one is as good as the old: it keeps no state across
+// frames but a buffer the size of the largest frame it read (x/net's
+// getReadBuf), which a parking connection lets go of this way. Reader
+// only.
+func (t *transport) newReadFramer() {
 	t.rfr = http2.NewFramer(nil, t.cg)
 	// ReadMetaHeaders stays nil: readFrame assembles header blocks.
 	// t.hd.dec and t.henc are made at their first header block.
 	t.rfr.MaxHeaderListSize = t.maxHeaderList
 	t.rfr.SetMaxReadFrameSize(maxFrameSize)
 	t.rfr.SetReuseFrames()
-	t.bw = newConnWriter(nc)
-	t.mu.Lock()
-	t.nc = nc
-	t.mu.Unlock()
 }
 
 // The on-demand writer's states. A connection that has nothing to write
