@@ -280,6 +280,10 @@ type contGuard struct {
 	nc      net.Conn
 	frames  uint64
 	inBlock bool
+	// largest is the largest payload of a frame read through the guard
+	// (by the Framer) since the reader last had a new Framer: the size
+	// of the Framer's read buffer (transport.newReadFramer).
+	largest int
 }
 
 func (g *contGuard) Read(p []byte) (int, error) {
@@ -306,6 +310,7 @@ func (g *contGuard) Read(p []byte) (int, error) {
 		g.nhdr = 0
 		g.frames++
 		g.payload = int(g.hdr[0])<<16 | int(g.hdr[1])<<8 | int(g.hdr[2])
+		g.largest = max(g.largest, g.payload)
 		switch {
 		case http2.FrameType(g.hdr[3]) != http2.FrameContinuation:
 			g.empty = 0

@@ -153,6 +153,10 @@ func (c *serverConn) askPark(now time.Time, after time.Duration) {
 	}
 }
 
+// parkFramerBuf is the largest read buffer of the Framer a connection keeps
+// when it parks.
+const parkFramerBuf = 1 << 10
+
 // tryPark runs on the reader after the frame loop returned errParkAsked:
 // it parks the connection if it is still idle and reports whether it did;
 // if so the caller's goroutine must return without touching the
@@ -163,15 +167,19 @@ func (c *serverConn) tryPark() bool {
 	if idle {
 		// What the connection's calls left behind goes with the reader:
 		// the empty stream map (onHeaders makes one at the next stream),
-		// the decoder's scratch and block copy, and the Framer with its
-		// buffer of the largest frame it read, up to 16 KiB after an
-		// upload (reader only; the next block, or frame, makes them
-		// again). The HPACK tables stay: they are the protocol's state.
+		// the decoder's scratch, and a Framer whose buffer of the
+		// largest frame it read is over parkFramerBuf, up to 16 KiB
+		// after an upload (reader only; the next block, or frame, makes
+		// them again; a new Framer costs about as much as a small
+		// buffer). The HPACK tables stay: they are the protocol's state;
+		// so does the header block copy (ownBlock), a few hundred bytes
+		// the decoder keeps a slice of anyway.
 		c.streams = nil
 		c.hd.fields = nil
 		c.hd.block = headerBlock{} // its Fields are the same array
-		c.hd.own = nil
-		c.newReadFramer()
+		if c.cg.largest > parkFramerBuf {
+			c.newReadFramer()
+		}
 	}
 	c.mu.Unlock()
 	if idle {

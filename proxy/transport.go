@@ -505,6 +505,7 @@ func (t *transport) attach(nc net.Conn) {
 // getReadBuf), which a parking connection lets go of this way. Reader
 // only.
 func (t *transport) newReadFramer() {
+	t.cg.largest = 0
 	t.rfr = http2.NewFramer(nil, t.cg)
 	// ReadMetaHeaders stays nil: readFrame assembles header blocks.
 	// t.hd.dec and t.henc are made at their first header block.
