@@ -120,14 +120,6 @@ func TestAttackR2AccessLogBesideConfig(t *testing.T) {
 		if len(got) != calls {
 			t.Errorf("%d access log lines, want %d", len(got), calls)
 		}
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-ctx.Done():
-			t.Fatal("the proxy did not exit on SIGTERM")
-		}
-		if p.err != nil {
-			t.Errorf("the proxy exited with %v after SIGTERM, want 0", p.err)
-		}
+		stopProc(ctx, t, p)
 	})
 }

@@ -129,18 +129,7 @@ func TestProxySighup(t *testing.T) {
 		})
 		return got
 	}
-	stop := func(t *testing.T, p *proc) {
-		t.Helper()
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-ctx.Done():
-			t.Fatal("the proxy did not exit on SIGTERM")
-		}
-		if p.err != nil {
-			t.Errorf("the proxy exited with %v after SIGTERM, want 0", p.err)
-		}
-	}
+	stop := func(t *testing.T, p *proc) { t.Helper(); stopProc(ctx, t, p) }
 
 	t.Run("access log", func(t *testing.T) {
 		dir := t.TempDir()
@@ -267,5 +256,19 @@ func TestProxySighupDuringLastFlush(t *testing.T) {
 	err = cmd.Wait()
 	if err != nil {
 		t.Errorf("the proxy exited with %v, want 0", err)
+	}
+}
+
+// stopProc sends SIGTERM to p and checks that it exits 0.
+func stopProc(ctx context.Context, t *testing.T, p *proc) {
+	t.Helper()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-ctx.Done():
+		t.Fatal("the proxy did not exit on SIGTERM")
+	}
+	if p.err != nil {
+		t.Errorf("the proxy exited with %v after SIGTERM, want 0", p.err)
 	}
 }

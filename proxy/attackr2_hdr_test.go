@@ -3,7 +3,6 @@ package proxy_test
 import (
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"strings"
 	"testing"
 	"time"
@@ -22,7 +21,7 @@ import (
 // back as header x-ra, x-b as trailer x-rb), and a message of their
 // lengths.
 func echoHeaderServer(t *testing.T) string {
-	gs := grpc.NewServer(grpc.ForceServerCodec(rawBytes{}), grpc.MaxHeaderListSize(1<<20), grpc.UnknownServiceHandler(func(_ any, ss grpc.ServerStream) error {
+	return serveRawGRPC(t, func(ss grpc.ServerStream) error {
 		var req []byte
 		if err := ss.RecvMsg(&req); err != nil {
 			return err
@@ -33,14 +32,7 @@ func echoHeaderServer(t *testing.T) string {
 		ss.SetTrailer(metadata.Pairs("x-rb", b))
 		m := []byte(fmt.Sprintf("%d %d", len(a), len(b)))
 		return ss.SendMsg(&m)
-	}))
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go gs.Serve(ln)
-	t.Cleanup(gs.Stop)
-	return ln.Addr().String()
+	}, grpc.MaxHeaderListSize(1<<20))
 }
 
 // seededValue is a printable header value of n bytes, different per seed.

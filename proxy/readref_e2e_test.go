@@ -24,13 +24,13 @@ func (rawBytes) Unmarshal(data []byte, v any) error {
 func (rawBytes) Name() string { return "raw" }
 
 // serveRawGRPC serves every method with handle on a grpc-go server of
-// raw-bytes messages on 127.0.0.1, stopped at cleanup, and returns its
-// address.
-func serveRawGRPC(t *testing.T, handle func(grpc.ServerStream) error) string {
+// raw-bytes messages (with opts) on 127.0.0.1, stopped at cleanup, and
+// returns its address.
+func serveRawGRPC(t *testing.T, handle func(grpc.ServerStream) error, opts ...grpc.ServerOption) string {
 	t.Helper()
-	gs := grpc.NewServer(grpc.ForceServerCodec(rawBytes{}), grpc.UnknownServiceHandler(func(_ any, ss grpc.ServerStream) error {
+	gs := grpc.NewServer(append([]grpc.ServerOption{grpc.ForceServerCodec(rawBytes{}), grpc.UnknownServiceHandler(func(_ any, ss grpc.ServerStream) error {
 		return handle(ss)
-	}))
+	})}, opts...)...)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
