@@ -18,7 +18,6 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
@@ -556,14 +555,8 @@ func TestBackendEndsMidStream(t *testing.T) {
 			srv := e.srv.(*proxy.Server)
 			e.setBackends(bad)
 			ctx := testkit.Context(t, 30*time.Second)
-			// A fixed window turns grpc-go's BDP estimation off, so the
-			// messages wait in the proxy until the client reads.
-			cc, err := grpc.NewClient("passthrough:///"+e.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-				grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { cc.Close() })
+			// The messages wait in the proxy until the client reads.
+			cc := fixedWindowConn(t, e.addr, 65535)
 			st, err := testgrpc.NewTestServiceClient(cc).StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
 			if err != nil {
 				t.Fatal(err)

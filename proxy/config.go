@@ -506,7 +506,7 @@ func (c *Config) setDefaults() error {
 	defaultOrOff(&c.RetryBufferSize, DefaultRetryBufferSize)
 	if c.ResponseHoldback == 0 {
 		// The default, within what the window cap lets arrive whole.
-		c.ResponseHoldback = max(0, min(DefaultResponseHoldback, int((int64(c.BackendMaxStreamWindow)-1)*(creditDiv-1)/creditDiv)-5))
+		c.ResponseHoldback = min(DefaultResponseHoldback, holdFits(c.BackendMaxStreamWindow))
 	}
 	defaultOrOff(&c.ResponseHoldback, 0)
 	if c.ResponseHoldback > math.MaxInt32 {

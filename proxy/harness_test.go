@@ -171,6 +171,21 @@ func (e *env) dial(addr string) *grpc.ClientConn {
 	return cc
 }
 
+// fixedWindowConn opens a client connection to addr with fixed stream and
+// connection windows of window bytes, closed at cleanup: a fixed window
+// turns grpc-go's BDP estimation off, so what the client does not read
+// waits in the proxy.
+func fixedWindowConn(t *testing.T, addr string, window int32, opts ...grpc.DialOption) *grpc.ClientConn {
+	t.Helper()
+	cc, err := grpc.NewClient("passthrough:///"+addr, append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(window), grpc.WithInitialConnWindowSize(window)}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return cc
+}
+
 // direct returns a client straight to backend i, for comparisons.
 func (e *env) direct(i int) testgrpc.TestServiceClient {
 	return testgrpc.NewTestServiceClient(e.dial(e.backends[i].Addr()))

@@ -175,6 +175,13 @@ func holdTarget(n int64) int64 {
 	return n*creditDiv/(creditDiv-1) + 1
 }
 
+// holdFits is the largest ResponseHoldback whose messages, prefix
+// included, can arrive whole within a window target of window bytes: the
+// inverse of holdTarget (0 when none can).
+func holdFits(window int32) int {
+	return max(0, int((int64(window)-1)*(creditDiv-1)/creditDiv)-5)
+}
+
 // roomToHoldLocked makes sure the backend can send the whole of a's
 // current message while the part received is held, raising the stream's
 // window target when it is too small (see the file comment), and reports

@@ -15,7 +15,6 @@ import (
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
@@ -312,12 +311,7 @@ func TestHoldbackLargeMessages(t *testing.T) {
 	for _, n := range sizes {
 		params = append(params, &testgrpc.ResponseParameters{Size: n})
 	}
-	slow, err := grpc.NewClient("passthrough:///"+e.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { slow.Close() })
+	slow := fixedWindowConn(t, e.addr, 65535)
 	for _, c := range []struct {
 		name string
 		cc   *grpc.ClientConn

@@ -11,7 +11,6 @@ import (
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
 
@@ -92,14 +91,8 @@ func TestProxyStatusAfterQueuedMessages(t *testing.T) {
 			srv := e.srv.(*proxy.Server)
 			e.setBackends(bad)
 			ctx := testkit.Context(t, 30*time.Second)
-			// A fixed window turns grpc-go's BDP estimation off, so the
-			// messages wait in the proxy until the client reads.
-			cc, err := grpc.NewClient("passthrough:///"+e.addr, append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
-				grpc.WithInitialWindowSize(16384), grpc.WithInitialConnWindowSize(16384)}, tc.opts...)...)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { cc.Close() })
+			// The messages wait in the proxy until the client reads.
+			cc := fixedWindowConn(t, e.addr, 16384, tc.opts...)
 			st, err := testgrpc.NewTestServiceClient(cc).StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
 			if err != nil {
 				t.Fatal(err)
