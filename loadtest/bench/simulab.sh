@@ -6,10 +6,18 @@
 # interference from whatever else runs on the machine. run.sh interleaves
 # paths instead, which a shared machine's drift between rounds can swamp
 # for changes of a few percent. Each round starts a fresh pair and prints
-# both CPU figures (user+system from /proc/PID/stat, per call) and B/A.
+# both CPU figures (the scheduler's CPU time of its threads, per call) and B/A.
 # Swap A and B for a second run to cancel any advantage of the order.
 #
 #   loadtest/bench/simulab.sh A_BIN B_BIN
+#
+# A or B may instead be the word haproxy or nginx: that side is then
+# HAProxy or nginx with run.sh's configuration (haproxy.cfg, nginx.conf:
+# one thread or worker, per-call balancing over the same backends), pinned
+# to CPU 0 as well, its CPU summed over its processes. That gives the
+# issue's ratios to HAProxy and nginx from two proxies that share every
+# moment of the machine, where run.sh's interleaved rounds can only
+# share its minutes.
 #
 # Knobs (environment): ROUNDS (8), SECS (5), BASE_PORT (24400; uses
 # BASE_PORT+1..3 for the backends, +10 and +20 for the proxies), WORK (a
@@ -32,6 +40,7 @@ WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/simulab.XXXXXX")}
 [[ -x $WORK/streamlb ]] || (cd "$REPO" && go build -o "$WORK/streamlb" .)
 [[ -x $WORK/gen ]] || (cd "$REPO" && go build -o "$WORK/gen" ./loadtest/bench/gen)
 pids=() round=()
+HERE=$REPO/loadtest/bench
 # Everything started is killed on the way out, the round's proxies and
 # scrapers too: a failed generator (set -e) must not leave the script
 # waiting on them.
@@ -57,15 +66,56 @@ backends_up() {
 	done
 }
 backends_up "" || exit 1
-tick=$(getconf CLK_TCK)
-cpu() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
+# cpu prints the CPU time in ns of process $1 and its children (nginx's
+# worker; a streamlb or HAProxy process has none): the sum over their
+# threads of the first field of /proc/PID/task/TID/schedstat, the
+# scheduler's own count. /proc/PID/stat's user and system time come in
+# 10 ms ticks, 1-2% of a round's figure here, as much as the differences
+# this script is for.
+cpu() {
+	local p
+	for p in $1 $(pgrep -P "$1" 2>/dev/null || true); do
+		cat /proc/"$p"/task/*/schedstat 2>/dev/null || true
+	done | awk '{t += $1} END {printf "%d\n", t}'
+}
+for side in "$A" "$B"; do
+	case $side in
+	haproxy | nginx) command -v "$side" >/dev/null || { echo "simulab: $side is not installed" >&2; exit 1; } ;;
+	*) [[ -x $side ]] || { echo "simulab: $side is not an executable" >&2; exit 1; } ;;
+	esac
+done
+# start starts side $1 (a streamlb binary, haproxy or nginx) on CPU 0,
+# listening on port $2, with the proxy flags in the array named $3; it
+# sets STARTED to the pid whose CPU counts.
+start() {
+	local name=sim-$2
+	case $1 in
+	haproxy | nginx)
+		local tmpl=$HERE/haproxy.cfg bind="proto h2"
+		[[ $1 == nginx ]] && tmpl=$HERE/nginx.conf bind=http2
+		sed -e "s|@PORT@|$2|g" -e "s|@B1@|$((PB + 1))|g" -e "s|@B2@|$((PB + 2))|g" -e "s|@B3@|$((PB + 3))|g" \
+			-e "s|@DIR@|$WORK|g" -e "s|@NAME@|$name|g" -e "s|@BIND@|$bind|g" -e "s|@LISTEN@|$bind|g" \
+			-e "s|@TLS@||g" -e "s|@THREADS@|1|g" "$tmpl" >"$WORK/$name.conf"
+		if [[ $1 == haproxy ]]; then
+			taskset -c 0 haproxy -db -f "$WORK/$name.conf" >"$WORK/$name.log" 2>&1 &
+		else
+			taskset -c 0 nginx -p "$WORK/" -c "$WORK/$name.conf" >"$WORK/$name.log" 2>&1 &
+		fi
+		;;
+	*)
+		local -n flags=$3
+		taskset -c 0 "$1" proxy --listen 127.0.0.1:"$2" "${backends[@]}" "${flags[@]}" --log-level warn &
+		;;
+	esac
+	STARTED=$!
+}
 count() { grep -o '"count":[0-9]*' "$1" | head -1 | cut -d: -f2; }
 backends=(--backend 127.0.0.1:$((PB + 1)) --backend 127.0.0.1:$((PB + 2)) --backend 127.0.0.1:$((PB + 3)))
 for r in $(seq 1 "$ROUNDS"); do
-	taskset -c 0 "$A" proxy --listen 127.0.0.1:$((PB + 10)) "${backends[@]}" "${AF[@]}" --log-level warn &
-	pa=$!
-	taskset -c 0 "$B" proxy --listen 127.0.0.1:$((PB + 20)) "${backends[@]}" "${BF[@]}" --log-level warn &
-	pb=$!
+	start "$A" $((PB + 10)) AF
+	pa=$STARTED
+	start "$B" $((PB + 20)) BF
+	pb=$STARTED
 	round=($pa $pb)
 	sleep 1
 	scrapers=()
@@ -87,7 +137,12 @@ for r in $(seq 1 "$ROUNDS"); do
 	kill $pa $pb "${scrapers[@]}"
 	wait $pa $pb "${scrapers[@]}" 2>/dev/null || true
 	round=()
-	awk -v r="$r" -v na="$(count "$WORK/a.json")" -v nb="$(count "$WORK/b.json")" -v a=$((a1 - a0)) -v b=$((b1 - b0)) -v t="$tick" 'BEGIN {
-		ca = a / t / na * 1e6; cb = b / t / nb * 1e6
-		printf "round %d  A %6d calls %6.2f µs/call   B %6d calls %6.2f µs/call   B/A %.3f\n", r, na, ca, nb, cb, cb / ca }'
+	awk -v r="$r" -v na="$(count "$WORK/a.json")" -v nb="$(count "$WORK/b.json")" -v a=$((a1 - a0)) -v b=$((b1 - b0)) 'BEGIN {
+		ca = a / na / 1e3; cb = b / nb / 1e3
+		printf "round %d  A %6d calls %6.2f µs/call   B %6d calls %6.2f µs/call   B/A %.3f\n", r, na, ca, nb, cb, cb / ca }' |
+		tee -a "$WORK/simulab-ratios.$$"
 done
+# The summary: the median of the rounds' B/A, and their range.
+awk '{print $NF}' "$WORK/simulab-ratios.$$" | sort -g | awk '{a[++n] = $1} END {
+	if (n) printf "median B/A %.3f over %d rounds (%.3f-%.3f)\n", (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2, n, a[1], a[n] }'
+rm -f "$WORK/simulab-ratios.$$"
