@@ -152,7 +152,6 @@ else
 	PIN_LOAD=()
 	PINNING="not pinned: only $NCPU CPU"
 fi
-CLK_TCK=$(getconf CLK_TCK)
 
 log "work dir $WORK"
 log "building streamlb (production and full), the load generator and idleconns"
@@ -381,22 +380,21 @@ start_path() {
 
 proc_pids() { pids_of "${PROC[$1]}"; }
 
-# cpu_ticks prints the user+system CPU time, in clock ticks, of a path's
-# processes, or of the three backends for "backends" (fields 14 and 15 of
-# /proc/PID/stat; the comm field may hold spaces, so count from after its
-# closing parenthesis).
-cpu_ticks() {
-	local total=0 pid t pids
+# cpu_ns prints the CPU time, in ns, of a path's processes, or of the
+# three backends for "backends": the sum over their threads of the first
+# field of /proc/PID/task/TID/schedstat, the scheduler's own count. (The
+# user and system times of /proc/PID/stat come in 10 ms ticks: 20-40 ticks
+# for the proxy over a unary workload, so a tick was 2-5% of a figure.)
+cpu_ns() {
+	local pids
 	if [[ $1 == backends ]]; then
 		pids=${BACKEND_PIDS[*]}
 	else
 		pids=$(proc_pids "$1")
 	fi
 	for pid in $pids; do
-		t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
-		total=$((total + ${t:-0}))
-	done
-	echo "$total"
+		cat /proc/"$pid"/task/*/schedstat 2>/dev/null || true
+	done | awk '{t += $1} END {printf "%.0f\n", t}' # not %d: mawk's stops at 2^31-1
 }
 
 # peak_rss_kib prints the summed VmHWM of a path's processes.
@@ -508,14 +506,14 @@ target_args() {
 has_proc() { [[ $1 != direct && $1 != client-rr ]]; }
 
 RAW=$WORK/raw.tsv
-printf 'round\tworkload\tpath\tcalls\terrors\trps\tp50_ms\tp99_ms\tcpu_ticks\tcpu_us_per_call\tsplit\tbackend_conns\tbackends_us_per_call\tanon_peak_kib\n' >"$RAW"
+printf 'round\tworkload\tpath\tcalls\terrors\trps\tp50_ms\tp99_ms\tcpu_ns\tcpu_us_per_call\tsplit\tbackend_conns\tbackends_us_per_call\tanon_peak_kib\n' >"$RAW"
 
 # run_load runs one workload through one path and appends a line to $RAW.
 run_load() {
 	local round=$1 w=$2 path=$3 json=$WORK/r$1-$2-$3.json before=0 after=0 bbefore bafter
 	local anon=$WORK/anon-r$1-$2-$3 sampler= anon_kib=-
 	if has_proc "$path"; then
-		before=$(cpu_ticks "$path")
+		before=$(cpu_ns "$path")
 		touch "$anon.on"
 		# shellcheck disable=SC2046
 		# On the proxy's CPU, which has room (the load generator's CPU is
@@ -524,7 +522,7 @@ run_load() {
 		"${PIN_PROXY[@]}" bash -c "$(declare -f anon_sampler); anon_sampler \"\$@\"" _ "$anon" $(proc_pids "$path") &
 		sampler=$!
 	fi
-	bbefore=$(cpu_ticks backends)
+	bbefore=$(cpu_ns backends)
 	# shellcheck disable=SC2046
 	if ! timeout 180 "${PIN_LOAD[@]}" "$GEN" $(workload_args "$w") $(target_args "$path") \
 		>"$json" 2>"$json.err"; then
@@ -533,8 +531,8 @@ run_load() {
 		[[ -n $sampler ]] && wait "$sampler" 2>/dev/null
 		return 0
 	fi
-	has_proc "$path" && after=$(cpu_ticks "$path")
-	bafter=$(cpu_ticks backends)
+	has_proc "$path" && after=$(cpu_ns "$path")
+	bafter=$(cpu_ns backends)
 	if [[ -n $sampler ]]; then
 		rm -f "$anon.on"
 		wait "$sampler" 2>/dev/null || true
@@ -549,9 +547,9 @@ run_load() {
 	split=$(jq -r '[.backends // [] | .[] | "\(.name | sub("backend-"; "b"))=\(.share | round)%"] | join(" ")' "$json")
 	conns=$(backend_conns "$path")
 	if has_proc "$path" && ((calls > 0)); then
-		cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$calls" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+		cpu_us=$(awk -v t=$((after - before)) -v n="$calls" 'BEGIN {printf "%.2f", t / 1e3 / n}')
 	fi
-	((calls > 0)) && bcpu_us=$(awk -v t=$((bafter - bbefore)) -v hz="$CLK_TCK" -v n="$calls" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+	((calls > 0)) && bcpu_us=$(awk -v t=$((bafter - bbefore)) -v n="$calls" 'BEGIN {printf "%.2f", t / 1e3 / n}')
 	if ((errors > 0)); then
 		note "round $round, $w via $path: $errors of $calls calls failed ($(jq -r '.error_messages // {} | to_entries | map("\(.value)× \(.key)") | join("; ")' "$json" | head -c 400))"
 	fi
@@ -662,7 +660,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
 	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS IDLE_SETTLE=$IDLE_SETTLE IDLE_CALL=$IDLE_CALL loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
-	echo "- CPU is the proxy process's user+system time over the workload (nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
+	echo "- CPU is the proxy process's CPU time over the workload as the scheduler counts it (its threads' /proc/PID/task/TID/schedstat; nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
 	for w in "${WORKLOADS[@]}"; do
 		echo "### $w: ${WDESC[$w]}"

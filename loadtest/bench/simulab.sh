@@ -76,7 +76,7 @@ cpu() {
 	local p
 	for p in $1 $(pgrep -P "$1" 2>/dev/null || true); do
 		cat /proc/"$p"/task/*/schedstat 2>/dev/null || true
-	done | awk '{t += $1} END {printf "%d\n", t}'
+	done | awk '{t += $1} END {printf "%.0f\n", t}' # not %d: mawk's stops at 2^31-1
 }
 for side in "$A" "$B"; do
 	case $side in
