@@ -62,6 +62,10 @@
 # frame proxy, HAProxy, nginx and a plain grpc-go server (testserver) each,
 # and reports the RSS each holds per idle connection; then again with
 # connections that each made one call before going idle (IDLE_CALL).
+# Last, the same-time step runs the production build beside HAProxy
+# (unary, rate) and nginx (stream) at the same time with simulab.sh, and
+# reports the ratio of their CPU per call: the steadier reading of the
+# issue's ratios, since both see the same moments of the machine.
 #
 # Usage: loadtest/bench/run.sh            (as root it installs haproxy and
 #                                          nginx with apt-get if missing)
@@ -77,7 +81,9 @@
 # wait after the last handshake; the frame proxy parks idle readers 1-3 s
 # after they go quiet), IDLE_CALL (/grpc.testing.TestService/EmptyCall:
 # the idle step runs again with connections that each made this call
-# first; empty skips that run), BASE_PORT (27000), BASE_BIN and
+# first; empty skips that run), SIMUL_ROUNDS (4; 0 skips the same-time
+# step) and SIMUL_SECS (4: each round's seconds), BASE_PORT (27000; the
+# script uses BASE_PORT+1 to +60), BASE_BIN and
 # BASE_METRICS (0; see frame-base), OUT (results
 # file; default in the work dir), KEEP_WORK (1 keeps the work dir with logs
 # and raw JSON).
@@ -85,10 +91,13 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=loadtest/bench/lib.sh
+source "$HERE/lib.sh"
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
 	ROUNDS=${ROUNDS:-1} UNARY_CALLS=${UNARY_CALLS:-5000} RATE_SECS=${RATE_SECS:-2}
 	STREAM_CALLS=${STREAM_CALLS:-60} IDLE_CONNS=${IDLE_CONNS:-1000}
+	SIMUL_ROUNDS=${SIMUL_ROUNDS:-1} SIMUL_SECS=${SIMUL_SECS:-2}
 fi
 ROUNDS=${ROUNDS:-3}
 PATHS=${PATHS:-"direct client-rr frame frame-full frame-nometrics grpc-proxy haproxy nginx frame-tls haproxy-tls nginx-tls"}
@@ -105,6 +114,8 @@ IDLE_CONNS=${IDLE_CONNS:-5000}
 IDLE_SETTLE=${IDLE_SETTLE:-8s}
 IDLE_PATHS=${IDLE_PATHS:-"frame haproxy nginx grpc-go"}
 IDLE_CALL=${IDLE_CALL-/grpc.testing.TestService/EmptyCall}
+SIMUL_ROUNDS=${SIMUL_ROUNDS:-4}
+SIMUL_SECS=${SIMUL_SECS:-4}
 BASE_PORT=${BASE_PORT:-27000}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/streamlb-bench.XXXXXX")
 OUT=${OUT:-$WORK/results.md}
@@ -407,28 +418,6 @@ peak_rss_kib() {
 	echo "$total"
 }
 
-# scraper FILE PORT: GET /metrics from 127.0.0.1:PORT once a second, at
-# most for an hour, reading the answer whole; FILE names its FIFO. It
-# stands for Prometheus, which runs elsewhere, so it must take next to
-# nothing from the CPUs: bash builtins only (/dev/tcp, `read -N`, which
-# reads a socket in large chunks) and `read -t` on a FIFO nobody writes
-# instead of forking sleep(1). The version before forked sleep(1) and
-# curl(1) each second: 12-14 ms of CPU per scrape, about 1.4% of CPU 1, the
-# generator's and the backends' CPU, taken from the frame path's calls/s
-# alone (HAProxy and nginx have no scraper); now about 1.5 ms, on CPU 0
-# (perf stat -e task-clock of the loop, 5 scrapes).
-scraper() {
-	local file=$1 port=$2 fd sock chunk i LC_ALL=C
-	mkfifo "$file.tick" && exec {fd}<>"$file.tick" && rm -f "$file.tick" || return 0
-	for ((i = 0; i < 3600; i++)); do
-		read -rt 1 -u "$fd" || true
-		exec {sock}<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null || continue
-		printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&"$sock"
-		while read -r -N 65536 -u "$sock" chunk; do :; done
-		exec {sock}<&-
-	done
-	exec {fd}<&-
-}
 
 # anon_sampler FILE PID...: every 0.1 s while FILE.on exists (at most
 # 200 s), sums the processes' anonymous RSS and writes the largest sum
@@ -629,6 +618,54 @@ if ((IDLE_CONNS > 0)); then
 	done
 fi
 
+# ---------------------------------------------------------------- same time
+# The rounds above run one proxy at a time, and a shared machine's speed
+# moves between them: rounds of one path differ by 30% and more, so one
+# run meets a goal the next misses. Here simulab.sh runs the production
+# build and HAProxy (unary, rate) or nginx (stream) AT THE SAME TIME, both
+# pinned to CPU 0, each with its own generator on CPU 1, so both see the
+# same moments of the machine; the build has frame's settings (metrics
+# on, its admin listener scraped once a second). Once with the build
+# started first, once with the other, SIMUL_ROUNDS rounds each.
+SIMUL_RAW=$WORK/simul.tsv
+printf 'workload\tother\tfirst\tmedian\tmin\tmax\trounds\n' >"$SIMUL_RAW"
+if ((SIMUL_ROUNDS > 0)) && [[ " ${ACTIVE[*]} " == *" frame "* ]] && ((NCPU >= 2)); then
+	mkdir -p "$WORK/simul"
+	ln -sf "$FULL_BIN" "$WORK/simul/streamlb"
+	ln -sf "$GEN" "$WORK/simul/gen"
+	frameflags="--metrics=true --admin-listen 127.0.0.1:$((BASE_PORT + 49))"
+	for w in "${WORKLOADS[@]}"; do
+		case $w in
+		unary) g="-c 50" other=haproxy warm=3000 ;;
+		rate) g="-c 50 -rate $RATE" other=haproxy warm=3000 ;;
+		stream) g="-stream -c 4" other=nginx warm=100 ;;
+		esac
+		[[ " ${ACTIVE[*]} " == *" $other "* ]] || continue
+		for first in frame "$other"; do
+			if [[ $first == frame ]]; then
+				a=$BIN b=$other af=$frameflags bf=--metrics=false
+			else
+				a=$other b=$BIN af=--metrics=false bf=$frameflags
+			fi
+			log "same time: $w, frame beside $other, $first started first"
+			line=$(WORK=$WORK/simul ROUNDS=$SIMUL_ROUNDS SECS=$SIMUL_SECS BASE_PORT=$((BASE_PORT + 40)) GEN="$g" WARM=$warm \
+				A_FLAGS="$af" B_FLAGS="$bf" timeout 600 "$HERE/simulab.sh" "$a" "$b" 2>>"$WORK/simul.log" | tee -a "$WORK/simul.log" |
+				awk '/^median B\/A/ {gsub(/[()]/, "", $7); split($7, r, "-"); print $3, r[1], r[2], $5}') || true
+			if [[ -z $line ]]; then
+				note "same time, $w beside $other: simulab.sh failed (see $WORK/simul.log)"
+				continue
+			fi
+			read -r med lo hi n <<<"$line"
+			# As frame's CPU over the other's: B/A when frame is B.
+			if [[ $first == frame ]]; then
+				read -r med lo hi <<<"$(awk -v m="$med" -v l="$lo" -v h="$hi" 'BEGIN {printf "%.3f %.3f %.3f", 1 / m, 1 / h, 1 / l}')"
+			fi
+			printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$w" "$other" "$first" "$med" "$lo" "$hi" "$n" >>"$SIMUL_RAW"
+			log "same time: $w, frame/$other $med ($lo-$hi, $n rounds)"
+		done
+	done
+fi
+
 # ---------------------------------------------------------------- report
 # median prints the median of the numbers on stdin, or - if there are none.
 median() {
@@ -658,7 +695,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "- Machine: $NCPU CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, $(uname -sr); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
 	echo "- Pinning: $PINNING.$([[ " ${ACTIVE[*]} " == *-unpinned\ * ]] && echo " The *-unpinned paths are not pinned (taskset -c 0-$((NCPU - 1))): frame-unpinned runs with GOMAXPROCS=2, haproxy-unpinned with nbthread 2; they share CPU 1 with the load generator and the backends.")"
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
-	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS IDLE_SETTLE=$IDLE_SETTLE IDLE_CALL=$IDLE_CALL loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
+	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS IDLE_SETTLE=$IDLE_SETTLE IDLE_CALL=$IDLE_CALL SIMUL_ROUNDS=$SIMUL_ROUNDS SIMUL_SECS=$SIMUL_SECS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
 	echo "- CPU is the proxy process's CPU time over the workload as the scheduler counts it (its threads' /proc/PID/task/TID/schedstat; nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s)."
 	echo
@@ -744,6 +781,18 @@ ELAPSED=$(($(date +%s) - START_TIME))
 			first="handshake only"
 			[[ $c != - ]] && first="one call"
 			echo "| $p | $first | $open of $n | $(fmt "$(awk -v x="$b" 'BEGIN {print x / 1024}')" 1) | $(fmt "$(awk -v x="$a" 'BEGIN {print x / 1024}')" 1) | $k |"
+		done
+	fi
+	if (($(wc -l <"$SIMUL_RAW") > 1)); then
+		echo
+		echo "### same time: the production build beside HAProxy or nginx"
+		echo
+		echo "CPU per call (per MiB for stream) of frame over the other's, both pinned to CPU 0 AT THE SAME TIME, each with its own generator on CPU 1 (\`simulab.sh\`, $SIMUL_ROUNDS rounds of ${SIMUL_SECS}s per line; frame with metrics on and scraped). Medians over the rounds, the range in brackets; the two lines of a workload differ in which proxy was started first."
+		echo
+		echo "| workload | frame over | started first | frame's CPU over the other's | rounds |"
+		echo "|---|---|---|---:|---:|"
+		tail -n +2 "$SIMUL_RAW" | while IFS=$'\t' read -r w o f m l h n; do
+			echo "| $w | $o | $f | $(fmt "$m" 2)× ($(fmt "$l" 2)-$(fmt "$h" 2)) | $n |"
 		done
 	fi
 	if ((${#NOTES[@]} > 0)); then

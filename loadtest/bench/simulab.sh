@@ -41,6 +41,8 @@ WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/simulab.XXXXXX")}
 [[ -x $WORK/gen ]] || (cd "$REPO" && go build -o "$WORK/gen" ./loadtest/bench/gen)
 pids=() round=()
 HERE=$REPO/loadtest/bench
+# shellcheck source=loadtest/bench/lib.sh
+source "$HERE/lib.sh"
 # Everything started is killed on the way out, the round's proxies and
 # scrapers too: a failed generator (set -e) must not leave the script
 # waiting on them.
@@ -121,7 +123,8 @@ for r in $(seq 1 "$ROUNDS"); do
 	scrapers=()
 	for f in "${A_FLAGS:-}" "${B_FLAGS:-}"; do
 		if [[ $f =~ --admin-listen[=\ ]([0-9.:]+) ]]; then
-			taskset -c 1 bash -c "while sleep 1; do curl -s -o /dev/null http://${BASH_REMATCH[1]}/metrics || true; done" &
+			# run.sh's scraper, on the proxies' CPU as there.
+			taskset -c 0 bash -c "$(declare -f scraper); scraper \"\$@\"" _ "$WORK/scrape-$RANDOM" "${BASH_REMATCH[1]##*:}" &
 			scrapers+=($!)
 			round+=($!)
 		fi
