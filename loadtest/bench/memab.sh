@@ -18,6 +18,8 @@
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=loadtest/bench/lib.sh
+source "$HERE/lib.sh"
 P=${PORT0:-26300}; ROUNDS=${ROUNDS:-3}; OUTD=${OUTD:-$(mktemp -d "${TMPDIR:-/tmp}/streamlb-memab.XXXXXX")}; mkdir -p "$OUTD"
 if [[ -z ${FULL:-} ]]; then FULL=$OUTD/streamlb; (cd "$REPO" && go build -o "$FULL" .) || exit 1; fi
 if [[ -z ${GEN:-} ]]; then GEN=$OUTD/gen; (cd "$REPO" && go build -o "$GEN" ./loadtest/bench/gen) || exit 1; fi
@@ -36,12 +38,13 @@ for c in "$@"; do
     --engine frame --admin-listen 127.0.0.1:$adm --log-level warn $flags >$OUTD/$name.log 2>&1 &
   PP[$name]=$!; PIDS+=($!)
   wp $port; wp $adm
-  taskset -c 1 bash -c "while sleep 1; do curl -s -o /dev/null http://127.0.0.1:$adm/metrics || true; done" & PIDS+=($!)
+  taskset -c 0 bash -c "$(declare -f scraper); scraper \"\$@\"" _ "$OUTD/scrape-$name" "$adm" & PIDS+=($!) # as run.sh's
+
 done
 sleep 1
 for n in "${NAMES[@]}"; do printf "%s start: %s\n" $n "$(awk '/^VmRSS|^RssAnon|^RssFile/{printf "%s %s ", $1, $2}' /proc/${PP[$n]}/status)"; done
 for n in "${NAMES[@]}"; do timeout 60 taskset -c 1 $GEN -c 10 -n 2000 -target 127.0.0.1:${PORT[$n]} >/dev/null; done
-tick(){ sed 's/^.*) //' /proc/$1/stat | awk '{print $12+$13}'; }
+tick(){ cat /proc/$1/task/*/schedstat | awk '{t += $1} END {printf "%.0f\n", t}'; } # CPU ns, as run.sh's cpu_ns
 samp(){ local f=$1 pid=$2 m=0 a; while [[ -e $f.on ]]; do a=$(awk '/^RssAnon:/{print $2}' /proc/$pid/status); ((a>m)) && m=$a; echo $m > $f; sleep 0.1; done; }
 declare -A T N A
 for r in $(seq $ROUNDS); do
@@ -57,13 +60,12 @@ for r in $(seq $ROUNDS); do
   done
  done
 done
-hz=$(getconf CLK_TCK)
 for n in "${NAMES[@]}"; do
  pid=${PP[$n]}
  printf "%-14s VmHWM %5.1f MiB  end RssFile %5.1f  peak RssAnon unary/rate/stream %4.1f/%4.1f/%4.1f MiB | us/call unary %5.1f rate %5.1f | us/MiB stream %6.0f | calls %s/%s/%s\n" $n \
   $(echo "$(awk '/^VmHWM:/{print $2}' /proc/$pid/status)/1024" | bc -l) $(echo "$(awk '/^RssFile:/{print $2}' /proc/$pid/status)/1024" | bc -l) \
   $(echo "${A[$n,unary]}/1024" | bc -l) $(echo "${A[$n,rate]}/1024" | bc -l) $(echo "${A[$n,stream]}/1024" | bc -l) \
-  $(echo "${T[$n,unary]}*1000000/$hz/${N[$n,unary]}" | bc -l) $(echo "${T[$n,rate]}*1000000/$hz/${N[$n,rate]}" | bc -l) $(echo "${T[$n,stream]}*1000000/$hz/${N[$n,stream]}" | bc -l) \
+  $(echo "${T[$n,unary]}/1000/${N[$n,unary]}" | bc -l) $(echo "${T[$n,rate]}/1000/${N[$n,rate]}" | bc -l) $(echo "${T[$n,stream]}/1000/${N[$n,stream]}" | bc -l) \
   ${N[$n,unary]} ${N[$n,rate]} ${N[$n,stream]}
 done
 echo "out=$OUTD"
