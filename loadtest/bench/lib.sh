@@ -1,4 +1,6 @@
-# loadtest/bench/lib.sh: what run.sh and simulab.sh share. Sourced.
+# shellcheck shell=bash
+# loadtest/bench/lib.sh: what run.sh, simulab.sh and memab.sh share.
+# Sourced.
 
 # scraper FILE PORT: GET /metrics from 127.0.0.1:PORT once a second, at
 # most for an hour, reading the answer whole; FILE names its FIFO. It
@@ -17,6 +19,7 @@ scraper() {
 		read -rt 1 -u "$fd" || true
 		exec {sock}<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null || continue
 		printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&"$sock"
+		# shellcheck disable=SC2034 # chunk is read to be dropped
 		while read -r -N 65536 -u "$sock" chunk; do :; done
 		exec {sock}<&-
 	done

@@ -649,10 +649,10 @@ if ((SIMUL_ROUNDS > 0)) && [[ " ${ACTIVE[*]} " == *" frame "* ]] && ((NCPU >= 2)
 			fi
 			log "same time: $w, frame beside $other, $first started first"
 			line=$(WORK=$WORK/simul ROUNDS=$SIMUL_ROUNDS SECS=$SIMUL_SECS BASE_PORT=$((BASE_PORT + 40)) GEN="$g" WARM=$warm \
-				A_FLAGS="$af" B_FLAGS="$bf" timeout 600 "$HERE/simulab.sh" "$a" "$b" 2>>"$WORK/simul.log" | tee -a "$WORK/simul.log" |
+				A_FLAGS="$af" B_FLAGS="$bf" timeout 600 "$HERE/simulab.sh" "$a" "$b" 2>>"$WORK/simul.err" | tee -a "$WORK/simul.log" |
 				awk '/^median B\/A/ {gsub(/[()]/, "", $7); split($7, r, "-"); print $3, r[1], r[2], $5}') || true
 			if [[ -z $line ]]; then
-				note "same time, $w beside $other: simulab.sh failed (see $WORK/simul.log)"
+				note "same time, $w beside $other: simulab.sh failed (see $WORK/simul.err)"
 				continue
 			fi
 			read -r med lo hi n <<<"$line"

@@ -32,7 +32,9 @@ set -euo pipefail
 A=${1:?usage: simulab.sh A_BIN B_BIN}
 B=${2:?usage: simulab.sh A_BIN B_BIN}
 ROUNDS=${ROUNDS:-8} SECS=${SECS:-5} PB=${BASE_PORT:-24400}
+# shellcheck disable=SC2034 # AF and BF are read through start's nameref
 read -r -a AF <<<"${A_FLAGS:---metrics=false}"
+# shellcheck disable=SC2034
 read -r -a BF <<<"${B_FLAGS:---metrics=false}"
 read -r -a GF <<<"${GEN:--c 50}"
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
