@@ -19,7 +19,7 @@ import (
 // set with [DNSServer.SetTTL] when [DNSConfig.DefaultTTL] is zero.
 const DefaultDNSTTL = 5
 
-// startAttempts bounds how often Start picks a new UDP port when the TCP
+// startAttempts bounds how often Start picks a new TCP port when the UDP
 // port of the same number is taken.
 const startAttempts = 10
 
@@ -167,7 +167,11 @@ func (s *DNSServer) Start(addr string) error {
 }
 
 // listenUDPTCP binds UDP and TCP on the same address. When the port is 0 it
-// retries with a new UDP port if TCP cannot have the one UDP got.
+// takes a TCP port first, then the same UDP port, and retries with a new
+// TCP port if UDP cannot have it. TCP first: a busy machine's outgoing
+// TCP connections hold thousands of ports of the ephemeral range, which a
+// listener cannot bind, while few UDP ports are taken; UDP first failed
+// ten times in a row beside a test holding thousands of connections.
 func listenUDPTCP(addr string) (net.PacketConn, net.Listener, error) {
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
@@ -178,16 +182,16 @@ func listenUDPTCP(addr string) (net.PacketConn, net.Listener, error) {
 		attempts = startAttempts
 	}
 	for i := 0; ; i++ {
-		pc, err := net.ListenPacket("udp", addr)
+		ln, err := net.Listen("tcp", addr)
 		if err != nil {
 			return nil, nil, err
 		}
-		udpPort := pc.LocalAddr().(*net.UDPAddr).Port
-		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(udpPort)))
+		tcpPort := ln.Addr().(*net.TCPAddr).Port
+		pc, err := net.ListenPacket("udp", net.JoinHostPort(host, strconv.Itoa(tcpPort)))
 		if err == nil {
 			return pc, ln, nil
 		}
-		pc.Close()
+		ln.Close()
 		if i+1 >= attempts {
 			return nil, nil, err
 		}
