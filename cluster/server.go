@@ -434,10 +434,15 @@ func (s *Server) Run(ctx context.Context, ln, admin net.Listener) error {
 		// the admin endpoints hold: /debug/pprof/trace?seconds=600 grew
 		// the proxy's RSS by 0.4 MB/s (attack round 3). It leaves room
 		// for pprof's default 30 s profile; pprof refuses a longer one.
-		hs := &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 5 * time.Second, WriteTimeout: adminWriteTimeout,
-			IdleTimeout: 2 * time.Minute, ErrorLog: slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug)}
+		// The connection cap, the header limit and the bound on bodies
+		// keep its clients off the file descriptors and the memory the
+		// data plane needs (adminconns.go).
+		capped := newAdminConns(admin, adminMaxConns)
+		hs := &http.Server{Handler: boundBody(s.AdminHandler()), ReadHeaderTimeout: adminReadTimeout, WriteTimeout: adminWriteTimeout,
+			IdleTimeout: 2 * time.Minute, MaxHeaderBytes: adminMaxHeaderBytes, ConnState: capped.ConnState,
+			ErrorLog: slog.NewLogLogger(s.logger.Handler(), slog.LevelDebug)}
 		g.Go(func() error {
-			if err := hs.Serve(admin); !errors.Is(err, http.ErrServerClosed) {
+			if err := hs.Serve(capped); !errors.Is(err, http.ErrServerClosed) {
 				s.logger.Error("admin endpoints stopped", "err", err)
 			}
 			return nil
