@@ -30,10 +30,12 @@ const (
 // adminConns caps the connections its listener accepts at max. At the cap
 // a new connection takes the place of the one that has waited longest for
 // a request (idle keep-alive, or not done sending its headers: each
-// bounded in time anyway), so a client holding idle connections cannot
-// lock out a liveness probe; when every connection is serving a request,
-// the new one is closed at once. ConnState must be the http.Server's
-// ConnState.
+// bounded in time anyway), or, when every connection is serving a
+// request, of the one serving its request longest: a client holding
+// connections, idle or busy (a body sent slowly, a profile's seconds),
+// cannot lock out a liveness probe, whose request takes a moment. It
+// would have to open max connections within that moment. ConnState must
+// be the http.Server's ConnState.
 type adminConns struct {
 	net.Listener
 	max int
@@ -46,43 +48,45 @@ type adminConns struct {
 
 type adminConn struct {
 	busy  bool   // serving a request
-	since uint64 // seq when it started waiting for one
+	since uint64 // seq when it started waiting for one, or serving it
 }
 
-func newAdminConns(ln net.Listener, max int) *adminConns {
-	return &adminConns{Listener: ln, max: max, conns: make(map[net.Conn]adminConn)}
+func newAdminConns(ln net.Listener, limit int) *adminConns {
+	return &adminConns{Listener: ln, max: max(limit, 1), conns: make(map[net.Conn]adminConn)}
 }
 
 func (l *adminConns) Accept() (net.Conn, error) {
-	for {
-		nc, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		l.mu.Lock()
-		var evict net.Conn
-		if len(l.conns) >= l.max {
-			var oldest uint64
-			for c, st := range l.conns {
-				if !st.busy && (evict == nil || st.since < oldest) {
-					evict, oldest = c, st.since
-				}
-			}
-			if evict == nil {
-				l.mu.Unlock()
-				nc.Close()
-				continue
-			}
-			delete(l.conns, evict)
-		}
-		l.seq++
-		l.conns[nc] = adminConn{since: l.seq}
-		l.mu.Unlock()
-		if evict != nil {
-			evict.Close()
-		}
-		return nc, nil
+	nc, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
 	}
+	l.mu.Lock()
+	var evict net.Conn
+	if len(l.conns) >= l.max {
+		var oldest adminConn
+		for c, st := range l.conns {
+			if evict == nil || older(st, oldest) {
+				evict, oldest = c, st
+			}
+		}
+		delete(l.conns, evict)
+	}
+	l.seq++
+	l.conns[nc] = adminConn{since: l.seq}
+	l.mu.Unlock()
+	if evict != nil {
+		evict.Close()
+	}
+	return nc, nil
+}
+
+// older reports whether a is to be evicted before b: waiting connections
+// before busy ones, then the longest waiting or busy.
+func older(a, b adminConn) bool {
+	if a.busy != b.busy {
+		return !a.busy
+	}
+	return a.since < b.since
 }
 
 // ConnState tracks which connections serve a request.
@@ -94,11 +98,9 @@ func (l *adminConns) ConnState(nc net.Conn, state http.ConnState) {
 		return // evicted
 	}
 	switch state {
-	case http.StateActive:
-		st.busy = true
-	case http.StateIdle:
+	case http.StateActive, http.StateIdle:
 		l.seq++
-		st.busy, st.since = false, l.seq
+		st.busy, st.since = state == http.StateActive, l.seq
 	case http.StateClosed, http.StateHijacked:
 		delete(l.conns, nc)
 		return
