@@ -250,10 +250,14 @@ func (s *serverTLS) configForClient(*tls.ClientHelloInfo) (*tls.Config, error) {
 		// of CPU per handshake, 18 times a normal one (attack round 3).
 		// The chain's length is checked first, as nginx's
 		// ssl_verify_depth and Envoy's max_verify_depth bound it.
+		// VerifyConnection, unlike VerifyPeerCertificate, also runs on
+		// resumed sessions, whose chain is then verified again against
+		// the CAs current now, as crypto/tls does for
+		// RequireAndVerifyClientCert.
 		cfg.ClientAuth = tls.RequireAnyClientCert
 		cfg.ClientCAs = cas // the CA names sent in CertificateRequest
-		cfg.VerifyPeerCertificate = func(raw [][]byte, _ [][]*x509.Certificate) error {
-			return verifyClientChain(raw, cas)
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+			return verifyClientChain(cs.PeerCertificates, cas)
 		}
 	}
 	// Concurrent handshakes may build the same config twice; either will do.
@@ -270,20 +274,12 @@ const maxClientChain = 4
 // verifyClientChain verifies a client's certificate chain against cas as
 // crypto/tls's RequireAndVerifyClientCert does, once its length is
 // within maxClientChain.
-func verifyClientChain(raw [][]byte, cas *x509.CertPool) error {
-	if len(raw) == 0 {
+func verifyClientChain(certs []*x509.Certificate, cas *x509.CertPool) error {
+	if len(certs) == 0 {
 		return errors.New("tls: client didn't provide a certificate")
 	}
-	if len(raw) > maxClientChain {
-		return fmt.Errorf("tls: client certificate chain of %d certificates, more than %d", len(raw), maxClientChain)
-	}
-	certs := make([]*x509.Certificate, len(raw))
-	for i, der := range raw {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return fmt.Errorf("tls: failed to parse client certificate: %w", err)
-		}
-		certs[i] = c
+	if len(certs) > maxClientChain {
+		return fmt.Errorf("tls: client certificate chain of %d certificates, more than %d", len(certs), maxClientChain)
 	}
 	opts := x509.VerifyOptions{
 		Roots:         cas,
