@@ -1,0 +1,145 @@
+package resolver
+
+import (
+	"fmt"
+
+	"net"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// hostileDNS is a DNS server on loopback whose every answer comes from a
+// function the test sets, for answers no well-behaved server gives.
+type hostileDNS struct {
+	addr    string
+	queries atomic.Int64
+}
+
+// startHostileDNS serves handle over UDP and TCP on 127.0.0.1 (port from
+// the kernel) until cleanup.
+func startHostileDNS(t *testing.T, handle func(w dns.ResponseWriter, q *dns.Msg)) *hostileDNS {
+	t.Helper()
+	h := &hostileDNS{}
+	var pc net.PacketConn
+	var ln net.Listener
+	for range 20 {
+		p, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := net.Listen("tcp", p.LocalAddr().String())
+		if err != nil {
+			p.Close()
+			continue
+		}
+		pc, ln = p, l
+		break
+	}
+	if pc == nil {
+		t.Fatal("no UDP and TCP port pair")
+	}
+	h.addr = pc.LocalAddr().String()
+	mux := dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+		h.queries.Add(1)
+		handle(w, q)
+	})
+	udp := &dns.Server{PacketConn: pc, Handler: mux}
+	tcp := &dns.Server{Listener: ln, Handler: mux}
+	started := make(chan struct{}, 2)
+	udp.NotifyStartedFunc = func() { started <- struct{}{} }
+	tcp.NotifyStartedFunc = func() { started <- struct{}{} }
+	done := make(chan struct{}, 2)
+	go func() { udp.ActivateAndServe(); done <- struct{}{} }()
+	go func() { tcp.ActivateAndServe(); done <- struct{}{} }()
+	<-started
+	<-started
+	t.Cleanup(func() {
+		udp.Shutdown()
+		tcp.Shutdown()
+		<-done
+		<-done
+	})
+	return h
+}
+
+// reply answers q with rrs, truncated (TC) over UDP when they do not fit
+// the client's EDNS0 size, as a real server does.
+func reply(w dns.ResponseWriter, q *dns.Msg, rrs ...dns.RR) {
+	m := new(dns.Msg)
+	m.SetReply(q)
+	m.Authoritative = true
+	m.Answer = rrs
+	if _, udp := w.RemoteAddr().(*net.UDPAddr); udp {
+		size := dns.MinMsgSize
+		if o := q.IsEdns0(); o != nil {
+			size = int(o.UDPSize())
+		}
+		m.Truncate(size)
+	}
+	w.WriteMsg(m)
+}
+
+func aRR(name string, ip net.IP, ttl uint32) dns.RR {
+	return &dns.A{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: ttl}, A: ip}
+}
+
+func srvRR(name, target string, port uint16, ttl uint32) dns.RR {
+	return &dns.SRV{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeSRV, Class: dns.ClassINET, Ttl: ttl}, Target: target, Port: port, Weight: 1}
+}
+
+// TestAttackR3DNSSRVAmplification: an SRV answer of 1,000 records, each
+// on its own port and all naming one target, and that target with 1,000 A
+// records: two answers of under 64 KiB each (over TCP) become a set of
+// 1,000 × 1,000 = 1,000,000 backends, handed to the director in one
+// UpdateState. The set must be bounded.
+func TestAttackR3DNSSRVAmplification(t *testing.T) {
+	const maxSet = 10000 // the limit the fix sets (MaxAddresses)
+	const srvs, as = 1000, 1000
+	h := startHostileDNS(t, func(w dns.ResponseWriter, q *dns.Msg) {
+		name := q.Question[0].Name
+		switch q.Question[0].Qtype {
+		case dns.TypeSRV:
+			var rrs []dns.RR
+			for i := range srvs {
+				rrs = append(rrs, srvRR(name, "h.amp.test.", uint16(20000+i), 30))
+			}
+			reply(w, q, rrs...)
+		case dns.TypeA:
+			var rrs []dns.RR
+			for i := range as {
+				rrs = append(rrs, aRR(name, net.IPv4(10, 1, byte(i>>8), byte(i)), 30))
+			}
+			reply(w, q, rrs...)
+		default:
+			reply(w, q)
+		}
+	})
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	start := time.Now()
+	_, u, _ := startWireDNS(t, "dns+srv://"+h.addr+"/_grpc._tcp.amp.test", DNSOptions{Refresh: time.Hour})
+	ctx := within(t, 30*time.Second)
+	u.waitFor(ctx, t, "a set or an error", func() bool {
+		states, errs := u.snapshot()
+		return len(states) > 0 || len(errs) > 0
+	})
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	states, errs := u.snapshot()
+	n := 0
+	if len(states) > 0 {
+		n = len(states[0].Addresses)
+	}
+	t.Logf("after %v: %d backends, %d errors, %d queries, %.1f MiB allocated", time.Since(start).Round(time.Millisecond), n, len(errs), h.queries.Load(), float64(after.TotalAlloc-before.TotalAlloc)/(1<<20))
+	if n > maxSet {
+		t.Errorf("the answers made a set of %d backends, want at most %d", n, maxSet)
+	}
+	if len(errs) > 0 && !strings.Contains(errs[0].Error(), fmt.Sprint(maxSet)) {
+		t.Errorf("error %q does not name the limit %d", errs[0], maxSet)
+	}
+}
