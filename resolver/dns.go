@@ -35,6 +35,14 @@ const (
 	DefaultBackoffMax     = 30 * time.Second
 	// DefaultQueryTimeout bounds one DNS query.
 	DefaultQueryTimeout = defaultQueryTimeout
+	// MaxAddresses bounds the set one DNS target may resolve to. An SRV
+	// answer multiplies: each record's port with each address of its
+	// target, so two answers of under 64 KiB (1,000 records on their own
+	// ports naming one target with 1,000 A records) would make a set of a
+	// million backends. A larger answer fails the lookup, which keeps the
+	// last set. A and AAAA answers alone stay far below it (a 64 KiB TCP
+	// answer holds about 4,000 A records).
+	MaxAddresses = 10000
 )
 
 // resolvConfPath is where the system resolver's configuration lives.
@@ -328,7 +336,11 @@ func (d *DNS) resolve(ctx context.Context) ([]Address, time.Duration, error) {
 		if err != nil {
 			return nil, 0, fmt.Errorf("resolver: %s: %w", d.target, err)
 		}
-		return srvAddresses(recs), ttl, nil
+		addrs, err := srvAddresses(recs)
+		if err != nil {
+			return nil, 0, fmt.Errorf("resolver: %s: %w", d.target, err)
+		}
+		return addrs, ttl, nil
 	}
 	// An IP literal needs no lookup, as in grpc-go's DNS resolver.
 	if _, err := netip.ParseAddr(d.target.Host); err == nil {
@@ -337,6 +349,9 @@ func (d *DNS) resolve(ctx context.Context) ([]Address, time.Duration, error) {
 	ips, ttl, err := d.lookup.lookupHost(ctx, d.target.Host)
 	if err != nil {
 		return nil, 0, fmt.Errorf("resolver: %s: %w", d.target, err)
+	}
+	if len(ips) > MaxAddresses {
+		return nil, 0, fmt.Errorf("resolver: %s: %d addresses, over the limit of %d", d.target, len(ips), MaxAddresses)
 	}
 	port := strconv.FormatUint(uint64(d.target.Port), 10)
 	addrs := make([]Address, 0, len(ips))
@@ -350,9 +365,18 @@ func (d *DNS) resolve(ctx context.Context) ([]Address, time.Duration, error) {
 // and port, for the lowest priority that has addresses only (see
 // firstUsableGroup), weighted by the record's weight. RFC 2782 weight 0
 // means "rarely chosen" among heavier targets; as a relative weight it
-// becomes 1, so such a target still gets traffic.
-func srvAddresses(recs []srvRecord) []Address {
+// becomes 1, so such a target still gets traffic. A group of more than
+// MaxAddresses addresses (counted before duplicates are dropped) is an
+// error, found before the set is built.
+func srvAddresses(recs []srvRecord) ([]Address, error) {
 	for _, group := range priorityGroups(recs) {
+		n := 0
+		for _, r := range group {
+			n += len(r.addrs)
+		}
+		if n > MaxAddresses {
+			return nil, fmt.Errorf("%d SRV records of priority %d give %d addresses, over the limit of %d", len(group), group[0].priority, n, MaxAddresses)
+		}
 		var addrs []Address
 		for _, r := range group {
 			w := uint32(max(r.weight, 1))
@@ -362,10 +386,10 @@ func srvAddresses(recs []srvRecord) []Address {
 			}
 		}
 		if len(addrs) > 0 {
-			return dedupAddresses(addrs)
+			return dedupAddresses(addrs), nil
 		}
 	}
-	return []Address{}
+	return []Address{}, nil
 }
 
 // dedupAddresses sorts addrs by Addr and drops later duplicates of an Addr.
