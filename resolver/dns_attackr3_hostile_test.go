@@ -5,6 +5,7 @@ import (
 
 	"net"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -141,5 +142,70 @@ func TestAttackR3DNSSRVAmplification(t *testing.T) {
 	}
 	if len(errs) > 0 && !strings.Contains(errs[0].Error(), fmt.Sprint(maxSet)) {
 		t.Errorf("error %q does not name the limit %d", errs[0], maxSet)
+	}
+}
+
+func aaaaRR(name string, ip net.IP, ttl uint32) dns.RR {
+	return &dns.AAAA{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeAAAA, Class: dns.ClassINET, Ttl: ttl}, AAAA: ip}
+}
+
+// TestAttackR3DNSUnusableAddresses: answers with addresses no backend can
+// have. DNS filters (Pi-hole, many corporate resolvers) answer a blocked
+// name with 0.0.0.0 or ::, and dialing 0.0.0.0:port on Linux reaches this
+// very host: the proxy would send the calls to whatever listens on the
+// port locally, itself included. Multicast and the broadcast address take
+// no TCP connection. The registries' decoding refuses an unspecified IP
+// already; DNS answers must not bring them in either, through A/AAAA,
+// through an SRV answer's additional section, or through an SRV target
+// written as an IP.
+func TestAttackR3DNSUnusableAddresses(t *testing.T) {
+	bad := []net.IP{net.IPv4zero, net.IPv4(224, 0, 0, 1), net.IPv4bcast, net.IPv6unspecified, net.ParseIP("ff02::1")}
+	h := startHostileDNS(t, func(w dns.ResponseWriter, q *dns.Msg) {
+		name := q.Question[0].Name
+		var rrs []dns.RR
+		switch q.Question[0].Qtype {
+		case dns.TypeA:
+			rrs = append(rrs, aRR(name, net.IPv4(10, 0, 0, 1), 30))
+			for _, ip := range bad {
+				if ip.To4() != nil {
+					rrs = append(rrs, aRR(name, ip, 30))
+				}
+			}
+		case dns.TypeAAAA:
+			for _, ip := range bad {
+				if ip.To4() == nil {
+					rrs = append(rrs, aaaaRR(name, ip, 30))
+				}
+			}
+		case dns.TypeSRV:
+			rrs = append(rrs, srvRR(name, "good.test.", 9000, 30), srvRR(name, "0.0.0.0.", 9001, 30), srvRR(name, "blocked.test.", 9002, 30))
+			m := new(dns.Msg)
+			m.SetReply(q)
+			m.Answer = rrs
+			m.Extra = []dns.RR{aRR("good.test.", net.IPv4(10, 0, 0, 2), 30), aRR("blocked.test.", net.IPv4zero, 30)}
+			w.WriteMsg(m)
+			return
+		}
+		reply(w, q, rrs...)
+	})
+	for _, tc := range []struct {
+		name, target string
+		want         []string
+	}{
+		{"A and AAAA", "dns://" + h.addr + "/blocked.test:443", []string{"10.0.0.1:443"}},
+		{"SRV", "dns+srv://" + h.addr + "/_grpc._tcp.blocked.test", []string{"10.0.0.2:9000;weight=1"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, u, _ := startWireDNS(t, tc.target, DNSOptions{Refresh: time.Hour})
+			ctx := within(t, 10*time.Second)
+			u.waitFor(ctx, t, "a set or an error", func() bool {
+				states, errs := u.snapshot()
+				return len(states) > 0 || len(errs) > 0
+			})
+			got, _ := u.last()
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("set = %v, want %v", got, tc.want)
+			}
+		})
 	}
 }
