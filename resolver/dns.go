@@ -340,6 +340,11 @@ func (d *DNS) resolve(ctx context.Context) ([]Address, time.Duration, error) {
 		if err != nil {
 			return nil, 0, fmt.Errorf("resolver: %s: %w", d.target, err)
 		}
+		var dropped []netip.Addr
+		for _, r := range recs {
+			dropped = append(dropped, r.dropped...)
+		}
+		d.warnDropped(dropped)
 		return addrs, ttl, nil
 	}
 	// An IP literal needs no lookup, as in grpc-go's DNS resolver.
@@ -350,6 +355,8 @@ func (d *DNS) resolve(ctx context.Context) ([]Address, time.Duration, error) {
 	if err != nil {
 		return nil, 0, fmt.Errorf("resolver: %s: %w", d.target, err)
 	}
+	ips, dropped := usableAddrs(ips)
+	d.warnDropped(dropped)
 	if len(ips) > MaxAddresses {
 		return nil, 0, fmt.Errorf("resolver: %s: %d addresses, over the limit of %d", d.target, len(ips), MaxAddresses)
 	}
@@ -359,6 +366,16 @@ func (d *DNS) resolve(ctx context.Context) ([]Address, time.Duration, error) {
 		addrs = append(addrs, Address{Addr: net.JoinHostPort(ip.String(), port)})
 	}
 	return dedupAddresses(addrs), ttl, nil
+}
+
+// warnDropped logs the addresses an answer gave that no backend can have
+// (see usableAddrs), which the set leaves out.
+func (d *DNS) warnDropped(dropped []netip.Addr) {
+	if len(dropped) == 0 {
+		return
+	}
+	shown := dropped[:min(len(dropped), 8)]
+	d.logger.Warn("skipping unspecified, multicast or broadcast addresses in the answer", "addrs", shown, "count", len(dropped))
 }
 
 // srvAddresses turns SRV records into a set: one address per target address

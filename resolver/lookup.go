@@ -58,6 +58,30 @@ type srvRecord struct {
 	priority uint16
 	weight   uint16
 	addrs    []netip.Addr
+	dropped  []netip.Addr // addresses of target no backend can have (see usableAddrs)
+}
+
+// usableAddrs returns addrs without the addresses no backend can have, and
+// those separately: the unspecified addresses (0.0.0.0 and ::, which DNS
+// filters answer for blocked names, and which a dial takes to this very
+// host), multicast addresses and the IPv4 broadcast address, none of which
+// takes a TCP connection. The registries' decoding refuses an unspecified
+// IP the same way. It returns addrs itself when all are usable.
+func usableAddrs(addrs []netip.Addr) (usable, dropped []netip.Addr) {
+	bad := func(a netip.Addr) bool {
+		return a.IsUnspecified() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255})
+	}
+	if !slices.ContainsFunc(addrs, bad) {
+		return addrs, nil
+	}
+	for _, a := range addrs {
+		if bad(a) {
+			dropped = append(dropped, a)
+		} else {
+			usable = append(usable, a)
+		}
+	}
+	return usable, dropped
 }
 
 // priorityGroups splits recs by priority, lowest priority first, keeping
@@ -339,11 +363,12 @@ func (c *dnsClient) lookupSRV(ctx context.Context, name string) ([]srvRecord, ti
 	recs, err := firstUsableGroup(recs, func(rec *srvRecord) error {
 		t := rec.target
 		if a, err := netip.ParseAddr(strings.TrimSuffix(t, ".")); err == nil {
-			rec.addrs = []netip.Addr{a.Unmap()} // not standard, but harmless
+			// not standard, but harmless
+			rec.addrs, rec.dropped = usableAddrs([]netip.Addr{a.Unmap()})
 			return nil
 		}
 		if addrs := extra[t]; len(addrs) > 0 {
-			rec.addrs = addrs
+			rec.addrs, rec.dropped = usableAddrs(addrs)
 			addrTTL = minTTL(addrTTL, extraTTL[t])
 			return nil
 		}
@@ -360,7 +385,7 @@ func (c *dnsClient) lookupSRV(ctx context.Context, name string) ([]srvRecord, ti
 				addrTTL = minTTL(addrTTL, attl)
 			}
 		}
-		rec.addrs = addrs
+		rec.addrs, rec.dropped = usableAddrs(addrs)
 		return nil
 	})
 	if err != nil {
