@@ -259,6 +259,9 @@ type etcdState struct {
 	warned   map[string]bool      // keys whose undecodable value was logged
 	last     []Address            // the last set u accepted
 	haveLast bool
+	// overLimit: the registrations add up to more than MaxAddresses, which
+	// was reported once.
+	overLimit bool
 }
 
 // list reads every key under the prefix, replaces st.keys with them,
@@ -372,16 +375,37 @@ func (e *Etcd) watch(ctx context.Context, cli *clientv3.Client, st *etcdState, u
 // push offers the union of st.keys to u if it differs from the last set u
 // accepted.
 func (e *Etcd) push(st *etcdState, u Updater) {
-	pushSet(e.logger, st.keys, &st.last, &st.haveLast, u)
+	pushSet(e.logger, st.keys, &st.last, &st.haveLast, &st.overLimit, u)
 }
 
 // pushSet offers the union of the registrations in byKey, in key order and
 // without duplicates, to u if it differs from *last, and records it in
 // *last once u accepts it. It is shared by the registry resolvers.
-func pushSet(logger *slog.Logger, byKey map[string][]Address, last *[]Address, haveLast *bool, u Updater) {
+//
+// Registrations that add up to more than MaxAddresses addresses (one
+// Kratos or go-micro value may list tens of thousands of endpoints) are
+// not pushed: the last set is kept, as on any failure, and the first push
+// over the limit is logged and reported to u; *overLimit remembers that
+// until the registrations fit again.
+func pushSet(logger *slog.Logger, byKey map[string][]Address, last *[]Address, haveLast, overLimit *bool, u Updater) {
 	keys := make([]string, 0, len(byKey))
-	for k := range byKey {
+	n := 0
+	for k, as := range byKey {
 		keys = append(keys, k)
+		n += len(as)
+	}
+	if n > MaxAddresses {
+		if !*overLimit {
+			*overLimit = true
+			err := fmt.Errorf("resolver: %d registrations give %d addresses, over the limit of %d; keeping the last set", len(byKey), n, MaxAddresses)
+			logger.Warn("registrations over the limit; keeping last set", "err", err, "backends", len(*last))
+			u.ReportError(err)
+		}
+		return
+	}
+	if *overLimit {
+		*overLimit = false
+		logger.Info("registrations back within the limit", "addresses", n, "limit", MaxAddresses)
 	}
 	sort.Strings(keys)
 	set := []Address{}

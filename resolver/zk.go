@@ -241,6 +241,8 @@ type zkState struct {
 	authed   bool                 // the digest credentials were added
 	last     []Address            // the last set u accepted
 	haveLast bool
+	// overLimit: as etcdState's.
+	overLimit bool
 }
 
 // awaitSession waits until conn has a session, for at most
@@ -402,5 +404,5 @@ func (z *ZK) wait(ctx context.Context, events <-chan zk.Event, watch <-chan zk.E
 // push offers the union of st.nodes to u if it differs from the last set u
 // accepted.
 func (z *ZK) push(st *zkState, u Updater) {
-	pushSet(z.logger, st.nodes, &st.last, &st.haveLast, u)
+	pushSet(z.logger, st.nodes, &st.last, &st.haveLast, &st.overLimit, u)
 }
