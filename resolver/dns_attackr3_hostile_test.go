@@ -209,3 +209,50 @@ func TestAttackR3DNSUnusableAddresses(t *testing.T) {
 		})
 	}
 }
+
+// TestAttackR3DNSSlowSRVTargets: an SRV answer naming 100 targets without
+// their addresses, from a server that takes 60 ms over each A and AAAA
+// answer (a loaded or distant resolver; each well within the 2 s query
+// timeout). The targets were looked up one after the other, so one
+// lookup took 100 × 60 ms = 6 s, longer than the 5 s refresh, and
+// nothing bounded it: 1,000 targets at 1.9 s each would hold the resolver
+// in one lookup for half an hour, the set unchanged. The lookups must
+// overlap.
+func TestAttackR3DNSSlowSRVTargets(t *testing.T) {
+	t.Parallel()
+	const targets, delay = 100, 60 * time.Millisecond
+	h := startHostileDNS(t, func(w dns.ResponseWriter, q *dns.Msg) {
+		name := q.Question[0].Name
+		switch q.Question[0].Qtype {
+		case dns.TypeSRV:
+			var rrs []dns.RR
+			for i := range targets {
+				rrs = append(rrs, srvRR(name, fmt.Sprintf("t%d.slow.test.", i), 9000, 30))
+			}
+			reply(w, q, rrs...)
+		case dns.TypeA:
+			time.Sleep(delay)
+			var i int
+			fmt.Sscanf(name, "t%d.", &i)
+			reply(w, q, aRR(name, net.IPv4(10, 3, byte(i>>8), byte(i)), 30))
+		default:
+			time.Sleep(delay)
+			reply(w, q)
+		}
+	})
+	start := time.Now()
+	_, u, _ := startWireDNS(t, "dns+srv://"+h.addr+"/_grpc._tcp.slow.test", DNSOptions{Refresh: time.Hour})
+	u.waitFor(within(t, 30*time.Second), t, "a set or an error", func() bool {
+		states, errs := u.snapshot()
+		return len(states) > 0 || len(errs) > 0
+	})
+	took := time.Since(start)
+	got, _ := u.last()
+	t.Logf("%d targets answered after %v each: %d backends after %v", targets, delay, len(got), took.Round(time.Millisecond))
+	if len(got) != targets {
+		t.Errorf("set of %d backends, want %d", len(got), targets)
+	}
+	if took > 2*time.Second {
+		t.Errorf("the lookup took %v, want the targets' lookups to overlap (under 2 s)", took.Round(time.Millisecond))
+	}
+}
