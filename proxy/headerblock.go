@@ -264,6 +264,20 @@ func keepFields(room *[]hpack.HeaderField, fields []hpack.HeaderField) []hpack.H
 	return out
 }
 
+// keepFieldsWith is keepFields of fields followed by extra.
+func keepFieldsWith(room *[]hpack.HeaderField, fields []hpack.HeaderField, extra hpack.HeaderField) []hpack.HeaderField {
+	n := len(fields) + 1
+	if n > len(*room) {
+		out := make([]hpack.HeaderField, 0, n)
+		return append(append(out, fields...), extra)
+	}
+	copy(*room, fields)
+	(*room)[len(fields)] = extra
+	out := (*room)[:n:n]
+	*room = (*room)[n:]
+	return out
+}
+
 // checkPseudos is x/net's MetaHeadersFrame.checkPseudos: known
 // pseudo-headers only, no duplicates, not both request and response ones
 // (RFC 9113 §8.3). emit already put them all first.

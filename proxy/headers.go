@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strconv"
@@ -38,6 +40,34 @@ func filterFields(fields []hpack.HeaderField) []hpack.HeaderField {
 		}
 	}
 	return fields
+}
+
+// loopHeader is the request header each proxy adds to the requests it
+// relays, with its own hopID as the value, one field per proxy passed; a
+// request that arrives with the proxy's own value went round a forwarding
+// loop (a backend that is the proxy itself, by a static address, a DNS name
+// or a registry entry, or two proxies that are each other's backend). The
+// call fails at that second pass instead of going round until some limit
+// stops it: --max-backend-conns' 8,000 streams, or none. Like RFC 8586's
+// CDN-Loop, each proxy adds its own token, so a chain of distinct proxies
+// passes.
+const loopHeader = "streamlb-via"
+
+// newHopID returns a random token naming one proxy in loopHeader.
+func newHopID() string {
+	var b [8]byte
+	rand.Read(b[:]) // never fails (crypto/rand)
+	return hex.EncodeToString(b[:])
+}
+
+// looped reports whether fields carry loopHeader with the value id.
+func looped(fields []hpack.HeaderField, id string) bool {
+	for i := range fields {
+		if fields[i].Name == loopHeader && fields[i].Value == id {
+			return true
+		}
+	}
+	return false
 }
 
 // maxInterimResponses bounds the informational (1xx) responses a backend

@@ -48,8 +48,10 @@ type Server struct {
 
 	// done is closed when Shutdown or Close begins; it cuts an accept
 	// back-off short.
-	done     chan struct{}
-	now      func() time.Time
+	done chan struct{}
+	now  func() time.Time
+	// hopID names this proxy in the loopHeader of the requests it relays.
+	hopID    string
 	refusals refusalLog
 	accepted atomic.Int64 // client connections accepted and served
 	// writerStarts counts the writer goroutines client connections
@@ -105,6 +107,7 @@ func New(cfg Config) (*Server, error) {
 		conns:     make(map[*serverConn]struct{}),
 		done:      make(chan struct{}),
 		now:       time.Now,
+		hopID:     newHopID(),
 	}
 	if cfg.OnCallEnd != nil {
 		s.ends = newEndQueue(cfg.OnCallEnd)

@@ -479,6 +479,9 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	case !isGRPCContentType(ri.contentType):
 		c.rejectStream(s, failure{kind: failBadContentType, detail: ri.contentType})
 		return nil
+	case looped(f.Fields, c.srv.hopID):
+		c.rejectStream(s, failure{kind: failLoop, method: ri.path})
+		return nil
 	}
 	if c.bufs.over() || !c.bufs.windowRoom(c.srv.cfg.BackendStreamWindow) {
 		// The connection holds its whole budget already, or its streams'
@@ -488,7 +491,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	}
 	s.method = ri.path
 	room := s.reqRoom[:]
-	s.reqFields = keepFields(&room, filterFields(f.Fields))
+	s.reqFields = keepFieldsWith(&room, filterFields(f.Fields), hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
 	s.reqSize = headerListSize(s.reqFields)
 	c.bufs.add(int(s.reqSize))
 	s.reqEnd = end

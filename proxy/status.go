@@ -103,6 +103,9 @@ const (
 	// failNoStreams: the backend advertised
 	// SETTINGS_MAX_CONCURRENT_STREAMS=0, so it takes no stream.
 	failNoStreams
+	// failLoop: the request carries this proxy's own hop header
+	// (loopHeader): it went round a forwarding loop and came back.
+	failLoop
 )
 
 // failure is one call the proxy ends itself: its kind and the details its
@@ -242,6 +245,8 @@ func statusOf(f failure) (*status.Status, int) {
 		return status.Newf(codes.Unavailable, "streamlb: backend %s: every connection is at its stream limit (limit %d connections)", f.backend, f.limit), http.StatusOK
 	case failNoStreams:
 		return status.Newf(codes.Unavailable, "streamlb: backend %s accepts no streams (SETTINGS_MAX_CONCURRENT_STREAMS=0)", f.backend), http.StatusOK
+	case failLoop:
+		return status.Newf(codes.Unavailable, "streamlb: forwarding loop: %s came back to this proxy (its %s header names it); a backend of its cluster is this proxy, or a proxy that forwards to it", f.method, loopHeader), http.StatusOK
 	case failDeadline:
 		return status.New(codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+f.method), http.StatusOK
 	case failRequestIdle:
