@@ -103,7 +103,7 @@ func (s *systemLookuper) lookupSRV(ctx context.Context, name string) ([]srvRecor
 	for _, srv := range srvs {
 		recs = append(recs, srvRecord{target: srv.Target, port: srv.Port, priority: srv.Priority, weight: srv.Weight})
 	}
-	recs, err = firstUsableGroup(recs, func(rec *srvRecord) error {
+	recs, err = firstUsableGroup(ctx, recs, func(ctx context.Context, rec *srvRecord) error {
 		var err error
 		rec.addrs, _, err = s.lookupHost(ctx, strings.TrimSuffix(rec.target, "."))
 		return err
