@@ -256,3 +256,36 @@ func TestAttackR3DNSSlowSRVTargets(t *testing.T) {
 		t.Errorf("the lookup took %v, want the targets' lookups to overlap (under 2 s)", took.Round(time.Millisecond))
 	}
 }
+
+// TestAttackR3BadPortsAndMulticast: an SRV record with port 0 (RFC 2782
+// gives it no meaning; nothing listens there) made a backend "ip:0", and
+// the registries took multicast and broadcast addresses, which no TCP
+// connection reaches, where the DNS answers now leave them out.
+func TestAttackR3BadPortsAndMulticast(t *testing.T) {
+	t.Run("SRV port 0", func(t *testing.T) {
+		h := startHostileDNS(t, func(w dns.ResponseWriter, q *dns.Msg) {
+			name := q.Question[0].Name
+			if q.Question[0].Qtype != dns.TypeSRV {
+				reply(w, q)
+				return
+			}
+			m := new(dns.Msg)
+			m.SetReply(q)
+			m.Answer = []dns.RR{srvRR(name, "a.test.", 0, 30), srvRR(name, "b.test.", 9000, 30)}
+			m.Extra = []dns.RR{aRR("a.test.", net.IPv4(10, 0, 0, 1), 30), aRR("b.test.", net.IPv4(10, 0, 0, 2), 30)}
+			w.WriteMsg(m)
+		})
+		_, u, _ := startWireDNS(t, "dns+srv://"+h.addr+"/_grpc._tcp.port0.test", DNSOptions{Refresh: time.Hour})
+		u.waitFor(within(t, 10*time.Second), t, "a set", func() bool { _, ok := u.last(); return ok })
+		if got, _ := u.last(); !slices.Equal(got, []string{"10.0.0.2:9000;weight=1"}) {
+			t.Errorf("set = %v, want only the record with a port", got)
+		}
+	})
+	t.Run("registries", func(t *testing.T) {
+		for _, s := range []string{"224.0.0.1:80", "255.255.255.255:80", "[ff02::1]:80"} {
+			if as, err := decodeHostPort(s, 0); err == nil {
+				t.Errorf("decodeHostPort(%q) = %v, want an error", s, as)
+			}
+		}
+	})
+}
