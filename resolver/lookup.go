@@ -62,6 +62,12 @@ type srvRecord struct {
 	dropped  []netip.Addr // addresses of target no backend can have (see usableAddrs)
 }
 
+// usableAddr reports whether a can be a backend's address: not
+// unspecified, multicast or the IPv4 broadcast address (see usableAddrs).
+func usableAddr(a netip.Addr) bool {
+	return !a.IsUnspecified() && !a.IsMulticast() && a != netip.AddrFrom4([4]byte{255, 255, 255, 255})
+}
+
 // usableAddrs returns addrs without the addresses no backend can have, and
 // those separately: the unspecified addresses (0.0.0.0 and ::, which DNS
 // filters answer for blocked names, and which a dial takes to this very
@@ -69,9 +75,7 @@ type srvRecord struct {
 // takes a TCP connection. The registries' decoding refuses an unspecified
 // IP the same way. It returns addrs itself when all are usable.
 func usableAddrs(addrs []netip.Addr) (usable, dropped []netip.Addr) {
-	bad := func(a netip.Addr) bool {
-		return a.IsUnspecified() || a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255})
-	}
+	bad := func(a netip.Addr) bool { return !usableAddr(a) }
 	if !slices.ContainsFunc(addrs, bad) {
 		return addrs, nil
 	}
@@ -392,6 +396,9 @@ func (c *dnsClient) lookupSRV(ctx context.Context, name string) ([]srvRecord, ti
 		}
 		if srv.Target == "." {
 			continue // RFC 2782: "service decidedly not available" at this entry
+		}
+		if srv.Port == 0 {
+			continue // no service listens on port 0, and a dial to it fails
 		}
 		ttl = minTTL(ttl, rrTTL(srv))
 		recs = append(recs, srvRecord{
