@@ -3,9 +3,14 @@ package main
 import (
 	"bufio"
 	"context"
+	"fmt"
+	"log/slog"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/testserver"
 )
 
 // relayedCalls sums streamlb_call_duration_seconds_count on an admin
@@ -103,3 +109,95 @@ func TestAttackR3ForwardingLoop(t *testing.T) {
 	})
 }
 
+
+// TestAttackR3DNSFlipUnderLoad: a DNS name whose single A record flips
+// between two pods every 120 ms (40 flips), followed with a 100 ms
+// refresh, while 4 clients call a method that takes 150 ms: every flip
+// removes the pod that holds calls in flight, which must finish on it
+// (drained, not cut), and no call may fail. At the end the proxy holds no
+// more backend connections than the two pods need.
+func TestAttackR3DNSFlipUnderLoad(t *testing.T) {
+	prev := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(prev) })
+	quiet := slog.New(slog.DiscardHandler)
+	ctx := testkit.Context(t, 60*time.Second)
+	dnsSrv := testserver.NewDNSServer(testserver.DNSConfig{DefaultTTL: 1, Logger: quiet})
+	if err := dnsSrv.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(dnsSrv.Stop)
+	const name = "flip.test.svc"
+	port := ""
+	var pods []*testserver.Server
+	for i := range 2 {
+		ts, err := testserver.New(testserver.Config{Name: fmt.Sprintf("pod-%d", i), Latency: 150 * time.Millisecond, Logger: quiet})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ts.Start(fmt.Sprintf("127.0.0.%d:%s", 41+i, cmpOr(port, "0"))); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(ts.Stop)
+		_, port, _ = net.SplitHostPort(ts.Addr())
+		pods = append(pods, ts)
+	}
+	dnsSrv.SetA(name, "127.0.0.41")
+	app := startApp(ctx, t, []string{"proxy", "--listen", "127.0.0.1:0",
+		"--backend", fmt.Sprintf("dns://%s/%s:%s", dnsSrv.Addr(), name, port),
+		"--dns-refresh", "100ms", "--admin-listen", "127.0.0.1:0", "--release-startup-pages=false",
+		"--drain-timeout", "5s", "--log-format", "json"}, "listening", "admin listening")
+	got := app.wait(ctx, t)
+	t.Cleanup(func() { app.shutdown(t) })
+	proxyAddr, admin := got["listening"].Addr, got["admin listening"].Addr
+
+	cc, err := grpc.NewClient("passthrough:///"+proxyAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	client := testgrpc.NewTestServiceClient(cc)
+	var calls, failed atomic.Int64
+	var firstErr atomic.Value
+	loadCtx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for i := 0; i < 1000 && loadCtx.Err() == nil; i++ {
+				cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				_, err := client.EmptyCall(cctx, &testgrpc.Empty{})
+				cancel()
+				calls.Add(1)
+				if err != nil {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+				}
+			}
+		})
+	}
+	tick := time.NewTicker(120 * time.Millisecond)
+	for i := range 40 {
+		<-tick.C
+		dnsSrv.SetA(name, fmt.Sprintf("127.0.0.%d", 41+(i+1)%2))
+	}
+	tick.Stop()
+	stop()
+	wg.Wait()
+	t.Logf("%d calls, %d failed (first: %v); pod calls %d and %d", calls.Load(), failed.Load(), firstErr.Load(), pods[0].Calls(), pods[1].Calls())
+	if failed.Load() > 0 {
+		t.Errorf("%d of %d calls failed while the record flipped; first: %v", failed.Load(), calls.Load(), firstErr.Load())
+	}
+	if pods[0].Calls() == 0 || pods[1].Calls() == 0 {
+		t.Errorf("pod calls %d and %d, want both pods used", pods[0].Calls(), pods[1].Calls())
+	}
+	body := httpBody(t, "http://"+admin+"/metrics")
+	t.Logf("metrics: %d bytes, connections: %v", len(body), strings.Contains(body, "streamlb_backend_connections"))
+	for _, line := range strings.Split(body, "\n") {
+		if strings.HasPrefix(line, "streamlb_backend_connections{") {
+			n, _ := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
+			t.Logf("%s", line)
+			if n > 4 {
+				t.Errorf("%v backend connections after the flips, want at most 4", n)
+			}
+		}
+	}
+}
