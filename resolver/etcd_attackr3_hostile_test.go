@@ -70,8 +70,8 @@ func TestAttackR3EtcdOneKeyManyEndpoints(t *testing.T) {
 // follows each step, the churned key is not left behind, and a key with
 // a bad port or duplicate address changes nothing. At Debug, each push
 // logged its diff computed in O(N·M) (slices.Contains per address): the
-// 3,000 keys took 18.6 s to follow, 3,001 pushes, and the 500 pairs 17 s
-// (at Info 1.2 s and 0.8 s).
+// set was complete 18-20 s after the last of the 3,000 puts (3,001
+// pushes), and the 500 pairs took 17 s (at Info 1.2 s and 0.8 s).
 func TestAttackR3EtcdManyKeysChurn(t *testing.T) {
 	t.Parallel()
 	srv := etcdtest.Start(t)
@@ -114,13 +114,20 @@ func TestAttackR3EtcdManyKeysChurn(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	t.Logf("%d puts took %v", n, time.Since(start).Round(time.Millisecond))
+	putsDone := time.Now()
+	t.Logf("%d puts took %v", n, putsDone.Sub(start).Round(time.Millisecond))
+	// The writers' own time varies; what is bounded is how far the set
+	// lags behind them. The race detector slows the resolver about 4×.
+	bound := 3 * time.Second
+	if raceEnabled {
+		bound *= 4
+	}
 	waitQuiet(within(t, 60*time.Second), t, u, fmt.Sprint(n+1, " backends"), func() bool { return size() == n+1 })
 	states, _ := u.snapshot()
-	took := time.Since(start)
-	t.Logf("%d keys → set: %v, %d sets pushed", n, took.Round(time.Millisecond), len(states))
-	if took > 5*time.Second {
-		t.Errorf("%d keys took %v to follow, want under 5 s", n, took.Round(time.Millisecond))
+	lag := time.Since(putsDone)
+	t.Logf("%d keys → set: %v after the first put, %v after the last, %d sets pushed", n, time.Since(start).Round(time.Millisecond), lag.Round(time.Millisecond), len(states))
+	if lag > bound {
+		t.Errorf("the set was complete %v after the last of %d puts, want within %v", lag.Round(time.Millisecond), n, bound)
 	}
 
 	srv.Put(cli, "churn/dup", "10.210.0.1:1")     // the base's address again
@@ -137,10 +144,10 @@ func TestAttackR3EtcdManyKeysChurn(t *testing.T) {
 	if has("10.212.0.1:1") || has("10.210.0.2:0") || size() != n+2 {
 		t.Errorf("set of %d (flapping key %v, bad port %v), want %d without either", size(), has("10.212.0.1:1"), has("10.210.0.2:0"), n+2)
 	}
-	took = time.Since(start)
+	took := time.Since(start)
 	t.Logf("500 put/delete pairs followed in %v", took.Round(time.Millisecond))
-	if took > 5*time.Second {
-		t.Errorf("500 put/delete pairs took %v to follow, want under 5 s", took.Round(time.Millisecond))
+	if took > 2*bound {
+		t.Errorf("500 put/delete pairs took %v to follow, want under %v", took.Round(time.Millisecond), 2*bound)
 	}
 
 	start = time.Now()
