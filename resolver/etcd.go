@@ -344,32 +344,55 @@ func (e *Etcd) watch(ctx context.Context, cli *clientv3.Client, st *etcdState, u
 				return fmt.Errorf("probe: %w", err)
 			}
 		case resp, ok := <-wch:
-			if !ok {
-				return errors.New("watch closed")
+			if err := e.apply(st, resp, ok); err != nil {
+				return err
 			}
-			if resp.CompactRevision != 0 {
-				return errCompacted
-			}
-			if err := resp.Err(); err != nil {
-				return fmt.Errorf("watch: %w", err)
-			}
-			if resp.Canceled {
-				return errors.New("watch cancelled by the server")
-			}
-			for _, ev := range resp.Events {
-				k := string(ev.Kv.Key)
-				if ev.Type == clientv3.EventTypeDelete {
-					delete(st.keys, k)
-					delete(st.warned, k)
-					continue
-				}
-				if as, ok := e.decode(st, k, ev.Kv.Value); ok {
-					st.keys[k] = as
+			// Apply the responses already waiting too, then push once: a
+			// burst of registrations (a fleet starting, keys flapping)
+			// arrives as one response per write, and a push per response
+			// rebuilt the whole set each time (3,000 keys, 3,001 pushes).
+			for more := true; more; {
+				select {
+				case resp, ok := <-wch:
+					if err := e.apply(st, resp, ok); err != nil {
+						return err
+					}
+				default:
+					more = false
 				}
 			}
 			e.push(st, u)
 		}
 	}
+}
+
+// apply applies one watch response (ok false: the channel was closed) to
+// st.keys, or returns why the watch ended.
+func (e *Etcd) apply(st *etcdState, resp clientv3.WatchResponse, ok bool) error {
+	if !ok {
+		return errors.New("watch closed")
+	}
+	if resp.CompactRevision != 0 {
+		return errCompacted
+	}
+	if err := resp.Err(); err != nil {
+		return fmt.Errorf("watch: %w", err)
+	}
+	if resp.Canceled {
+		return errors.New("watch cancelled by the server")
+	}
+	for _, ev := range resp.Events {
+		k := string(ev.Kv.Key)
+		if ev.Type == clientv3.EventTypeDelete {
+			delete(st.keys, k)
+			delete(st.warned, k)
+			continue
+		}
+		if as, ok := e.decode(st, k, ev.Kv.Value); ok {
+			st.keys[k] = as
+		}
+	}
+	return nil
 }
 
 // push offers the union of st.keys to u if it differs from the last set u
