@@ -289,3 +289,52 @@ func TestAttackR3BadPortsAndMulticast(t *testing.T) {
 		}
 	})
 }
+
+func cnameRR(name, target string, ttl uint32) dns.RR {
+	return &dns.CNAME{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeCNAME, Class: dns.ClassINET, Ttl: ttl}, Target: target}
+}
+
+// TestAttackR3DNSCNAMEs: an answer that is only a CNAME, whose target's
+// records the server left out (an authoritative server does, for a target
+// outside its zone), was taken for an authoritative empty answer and
+// emptied the set, where a stub resolver asks for the target. A CNAME
+// loop emptied it too, where a recursive server answers SERVFAIL: it is
+// a broken zone, and the last set must be kept.
+func TestAttackR3DNSCNAMEs(t *testing.T) {
+	var mode atomic.Int64 // 0: A records; 1: a CNAME to out.test.; 2: a CNAME loop
+	h := startHostileDNS(t, func(w dns.ResponseWriter, q *dns.Msg) {
+		name := q.Question[0].Name
+		if q.Question[0].Qtype != dns.TypeA {
+			reply(w, q)
+			return
+		}
+		switch {
+		case name == "out.test.":
+			reply(w, q, aRR(name, net.IPv4(10, 0, 0, 9), 30))
+		case mode.Load() == 0:
+			reply(w, q, aRR(name, net.IPv4(10, 0, 0, 1), 30))
+		case mode.Load() == 1:
+			reply(w, q, cnameRR(name, "out.test.", 30))
+		default:
+			reply(w, q, cnameRR(name, "b.test.", 30), cnameRR("b.test.", name, 30))
+		}
+	})
+	_, u, _ := startWireDNS(t, "dns://"+h.addr+"/svc.test:443", DNSOptions{Refresh: 50 * time.Millisecond})
+	ctx := within(t, 10*time.Second)
+	u.waitSet(ctx, t, "10.0.0.1:443")
+
+	mode.Store(2)
+	u.waitFor(ctx, t, "a new set or an error", func() bool {
+		states, errs := u.snapshot()
+		return len(states) > 1 || len(errs) > 0
+	})
+	if got, _ := u.last(); !slices.Equal(got, []string{"10.0.0.1:443"}) {
+		t.Errorf("after a CNAME loop the set is %v, want the last one kept", got)
+	}
+	if _, errs := u.snapshot(); len(errs) == 0 || !strings.Contains(errs[0].Error(), "CNAME loop") {
+		t.Errorf("errors = %v, want one naming the CNAME loop", errs)
+	}
+
+	mode.Store(1)
+	u.waitSet(within(t, 5*time.Second), t, "10.0.0.9:443")
+}
