@@ -299,7 +299,7 @@ func (c *dnsClient) lookupName(ctx context.Context, name string) ([]netip.Addr, 
 	var wg sync.WaitGroup
 	for i, qtype := range []uint16{dns.TypeA, dns.TypeAAAA} {
 		wg.Go(func() {
-			r, err := c.exchange(ctx, name, qtype)
+			r, err := c.exchangeChain(ctx, name, qtype)
 			if err != nil {
 				res[i].err = fmt.Errorf("%s: %w", dns.TypeToString[qtype], err)
 				return
@@ -320,6 +320,58 @@ func (c *dnsClient) lookupName(ctx context.Context, name string) ([]netip.Addr, 
 		return nil, 0, aaaa.err
 	}
 	return append(a.addrs, aaaa.addrs...), minTTL(a.ttl, aaaa.ttl), nil
+}
+
+// maxCNAMEQueries bounds the queries exchangeChain makes for one name,
+// as a stub resolver bounds a CNAME chain it follows.
+const maxCNAMEQueries = 8
+
+// exchangeChain asks qname/qtype and, while the answer has no record of
+// qtype but a CNAME chain from qname (an authoritative server leaves out
+// the records of a target outside its zone), asks the chain's last name,
+// up to maxCNAMEQueries queries. A chain that loops, within an answer or
+// across queries, is a failure, as a recursive server answers SERVFAIL
+// for it: taken as an empty answer, it emptied the set.
+func (c *dnsClient) exchangeChain(ctx context.Context, qname string, qtype uint16) (*dns.Msg, error) {
+	seen := map[string]bool{strings.ToLower(qname): true}
+	name := qname
+	for range maxCNAMEQueries {
+		r, err := c.exchange(ctx, name, qtype)
+		if err != nil || hasType(r.Answer, qtype) {
+			return r, err
+		}
+		tail, err := cnameTail(r, name, seen)
+		if err != nil || tail == "" {
+			return r, err
+		}
+		name = tail
+	}
+	return nil, fmt.Errorf("CNAME chain from %s longer than %d queries", strings.TrimSuffix(qname, "."), maxCNAMEQueries)
+}
+
+// cnameTail follows the CNAME records of r's answer from name and returns
+// the last name of the chain, "" when name has no CNAME. Names already in
+// seen, to which it adds the chain's, are a loop.
+func cnameTail(r *dns.Msg, name string, seen map[string]bool) (string, error) {
+	next := make(map[string]string)
+	for _, rr := range r.Answer {
+		if cn, ok := rr.(*dns.CNAME); ok {
+			next[strings.ToLower(cn.Hdr.Name)] = strings.ToLower(cn.Target)
+		}
+	}
+	cur := strings.ToLower(name)
+	tail := ""
+	for {
+		t, ok := next[cur]
+		if !ok {
+			return tail, nil
+		}
+		if seen[t] {
+			return "", fmt.Errorf("CNAME loop at %s", strings.TrimSuffix(t, "."))
+		}
+		seen[t] = true
+		cur, tail = t, t
+	}
 }
 
 // addressesOf returns the addresses of type qtype in r's answer section and
