@@ -338,3 +338,49 @@ func TestAttackR3DNSCNAMEs(t *testing.T) {
 	mode.Store(1)
 	u.waitSet(within(t, 5*time.Second), t, "10.0.0.9:443")
 }
+
+// TestAttackR3DNSSilentOrTruncating: after a good answer the server
+// stops answering, or answers every UDP query truncated (TC) and every
+// TCP query with TC too: each lookup fails within its query timeouts and
+// the last set is kept.
+func TestAttackR3DNSSilentOrTruncating(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		break_ func(w dns.ResponseWriter, q *dns.Msg)
+	}{
+		{"silent", func(w dns.ResponseWriter, q *dns.Msg) {}},
+		{"always truncated", func(w dns.ResponseWriter, q *dns.Msg) {
+			m := new(dns.Msg)
+			m.SetReply(q)
+			m.Truncated = true
+			w.WriteMsg(m)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var broken atomic.Bool
+			h := startHostileDNS(t, func(w dns.ResponseWriter, q *dns.Msg) {
+				if broken.Load() {
+					tc.break_(w, q)
+					return
+				}
+				if q.Question[0].Qtype == dns.TypeA {
+					reply(w, q, aRR(q.Question[0].Name, net.IPv4(10, 0, 0, 1), 30))
+					return
+				}
+				reply(w, q)
+			})
+			const qt = 100 * time.Millisecond
+			_, u, _ := startWireDNS(t, "dns://"+h.addr+"/svc.test:443", DNSOptions{Refresh: 50 * time.Millisecond, QueryTimeout: qt})
+			u.waitSet(within(t, 5*time.Second), t, "10.0.0.1:443")
+			broken.Store(true)
+			start := time.Now()
+			u.waitFor(within(t, 5*time.Second), t, "an error", func() bool { _, errs := u.snapshot(); return len(errs) > 0 })
+			_, errs := u.snapshot()
+			t.Logf("error after %v: %v", time.Since(start).Round(time.Millisecond), errs[0])
+			if got, _ := u.last(); !slices.Equal(got, []string{"10.0.0.1:443"}) {
+				t.Errorf("set = %v, want the last one kept", got)
+			}
+		})
+	}
+}
