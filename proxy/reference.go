@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -52,6 +53,7 @@ type Reference struct {
 	drain  time.Duration
 	creds  credentials.TransportCredentials
 	onEnd  func(CallInfo)
+	hopID  string // names this proxy in loopHeader
 
 	mu sync.Mutex
 	// mu guards the fields below.
@@ -85,6 +87,7 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	r := &Reference{
 		creds:    cfg.Credentials,
 		onEnd:    cfg.OnCallEnd,
+		hopID:    newHopID(),
 		picker:   cfg.Picker,
 		log:      cfg.Logger.With("component", "proxy", "engine", "grpc-proxy"),
 		drain:    cfg.DrainTimeout,
@@ -135,6 +138,12 @@ func (s *holderStream) Context() context.Context { return s.ctx }
 // direct is the grpc-proxy StreamDirector: pick, then forward metadata on
 // a client connection to the backend.
 func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Context, grpc.ClientConnInterface, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if slices.Contains(md.Get(loopHeader), r.hopID) {
+		// A forwarding loop, found as the frame engine finds it (see
+		// loopHeader); nothing else bounds one here.
+		return nil, nil, failure{kind: failLoop, method: fullMethod}.statusErr()
+	}
 	addr, done, err := r.picker.Pick(ctx, fullMethod)
 	if err != nil {
 		return nil, nil, failure{kind: failNoBackend, method: fullMethod, cause: err}.statusErr()
@@ -147,8 +156,9 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 	if err != nil {
 		return nil, nil, failure{kind: failDial, backend: addr, cause: err}.statusErr()
 	}
-	md, _ := metadata.FromIncomingContext(ctx)
-	return metadata.NewOutgoingContext(ctx, md.Copy()), cc, nil
+	out := md.Copy()
+	out.Append(loopHeader, r.hopID)
+	return metadata.NewOutgoingContext(ctx, out), cc, nil
 }
 
 func (r *Reference) conn(addr string) (*grpc.ClientConn, error) {
