@@ -233,7 +233,13 @@ func (c *dnsClient) exchangeOne(ctx context.Context, server, qname string, qtype
 		return nil, err
 	}
 	if r.Truncated {
-		return c.exchangeNet(ctx, "tcp", server, m)
+		r, err = c.exchangeNet(ctx, "tcp", server, m)
+		if err == nil && r.Truncated {
+			// Truncated over TCP too: what is missing is unknown, so an
+			// answer without records says nothing about the name.
+			return nil, errors.New("answer truncated over TCP too")
+		}
+		return r, err
 	}
 	return r, nil
 }
