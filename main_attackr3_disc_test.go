@@ -120,7 +120,6 @@ func TestAttackR3ForwardingLoop(t *testing.T) {
 	})
 }
 
-
 // TestAttackR3DNSFlipUnderLoad: a DNS name whose single A record flips
 // between two pods every 120 ms (40 flips), followed with a 100 ms
 // refresh, while 4 clients call a method that takes 150 ms: every flip
