@@ -92,6 +92,38 @@ func healthz(addr string) (string, error) {
 	return bufio.NewReader(c).ReadString('\n')
 }
 
+// holdConns opens n connections to addr, par at a time, runs send on each
+// one it could open, and returns them; they are closed when t ends.
+func holdConns(t *testing.T, addr string, n, par int, send func(net.Conn)) []net.Conn {
+	var mu sync.Mutex
+	var held []net.Conn
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, par)
+	for range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+			send(c)
+		}()
+	}
+	wg.Wait()
+	t.Cleanup(func() {
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	return held
+}
+
 // TestAttackR3AdminConnsKeepDataPlane: admin connections that asked for
 // /healthz once and then stay open (keep-alive: two minutes each, renewed
 // by one request) used to be unlimited, so one client of the admin port
@@ -114,35 +146,11 @@ func TestAttackR3AdminConnsKeepDataPlane(t *testing.T) {
 		t.Fatalf("before the attack: %v", err)
 	}
 
-	const conns = 300
-	var mu sync.Mutex
-	var held []net.Conn
-	defer func() {
-		for _, c := range held {
-			c.Close()
-		}
-	}()
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 32)
-	for range conns {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			c, err := net.DialTimeout("tcp", adminAddr, 2*time.Second)
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, c)
-			mu.Unlock()
-			c.SetDeadline(time.Now().Add(2 * time.Second))
-			fmt.Fprint(c, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-			bufio.NewReader(c).ReadString('\n')
-		}()
-	}
-	wg.Wait()
+	held := holdConns(t, adminAddr, 300, 32, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		fmt.Fprint(c, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+		bufio.NewReader(c).ReadString('\n')
+	})
 	fds := openFDs(pid)
 	t.Logf("%d admin connections opened; the proxy holds %d file descriptors (limit %d)", len(held), fds, limit)
 
@@ -192,40 +200,17 @@ func TestAttackR3AdminHugeHeaders(t *testing.T) {
 			t.Fatal(err)
 		}
 		before := procStatus(t, pid, "VmRSS")
-		const conns, size = 100, 1 << 20
+		const size = 1 << 20
 		line := []byte("X-A: " + strings.Repeat("a", 8000) + "\r\n")
-		var mu sync.Mutex
-		var held []net.Conn
-		defer func() {
-			for _, c := range held {
-				c.Close()
+		held := holdConns(t, adminAddr, 100, 16, func(c net.Conn) {
+			c.SetWriteDeadline(time.Now().Add(3 * time.Second))
+			fmt.Fprint(c, "GET /healthz HTTP/1.1\r\nHost: x\r\n")
+			for sent := 0; sent < size-len(line); sent += len(line) {
+				if _, err := c.Write(line); err != nil {
+					return // refused or answered
+				}
 			}
-		}()
-		var wg sync.WaitGroup
-		sem := make(chan struct{}, 16)
-		for range conns {
-			wg.Add(1)
-			sem <- struct{}{}
-			go func() {
-				defer wg.Done()
-				defer func() { <-sem }()
-				c, err := net.DialTimeout("tcp", adminAddr, 2*time.Second)
-				if err != nil {
-					return
-				}
-				mu.Lock()
-				held = append(held, c)
-				mu.Unlock()
-				c.SetWriteDeadline(time.Now().Add(3 * time.Second))
-				fmt.Fprint(c, "GET /healthz HTTP/1.1\r\nHost: x\r\n")
-				for sent := 0; sent < size-len(line); sent += len(line) {
-					if _, err := c.Write(line); err != nil {
-						return // refused or answered
-					}
-				}
-			}()
-		}
-		wg.Wait()
+		})
 		time.Sleep(300 * time.Millisecond)
 		after := procStatus(t, pid, "VmRSS")
 		t.Logf("RSS %d KiB before, %d KiB with %d connections of 1 MiB unfinished headers", before, after, len(held))
