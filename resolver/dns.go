@@ -35,6 +35,11 @@ const (
 	DefaultBackoffMax     = 30 * time.Second
 	// DefaultQueryTimeout bounds one DNS query.
 	DefaultQueryTimeout = defaultQueryTimeout
+	// LookupTimeoutQueries is the default LookupTimeout in query
+	// timeouts. Without a bound on the whole, a server answering each of
+	// thousands of SRV targets just inside the query timeout held one
+	// lookup, and the set with it, for minutes.
+	LookupTimeoutQueries = 8
 	// MaxAddresses bounds the set one DNS target may resolve to. An SRV
 	// answer multiplies: each record's port with each address of its
 	// target, so two answers of under 64 KiB (1,000 records on their own
@@ -76,6 +81,11 @@ type DNSOptions struct {
 	// QueryTimeout bounds one DNS query; a lookup makes a few attempts.
 	// Zero means DefaultQueryTimeout.
 	QueryTimeout time.Duration
+	// LookupTimeout bounds one lookup as a whole: an SRV answer's targets
+	// (looked up 16 at a time), a CNAME chain, the servers tried in turn.
+	// Past it the lookup fails and the last set is kept. Zero means
+	// LookupTimeoutQueries times QueryTimeout (16 s by default).
+	LookupTimeout time.Duration
 
 	// Logger receives the resolver's logs, with component=resolver added.
 	// Nil means slog.Default().
@@ -119,6 +129,7 @@ func (o DNSOptions) withDefaults() (DNSOptions, error) {
 		{"BackoffInitial", &o.BackoffInitial, DefaultBackoffInitial},
 		{"BackoffMax", &o.BackoffMax, DefaultBackoffMax},
 		{"QueryTimeout", &o.QueryTimeout, DefaultQueryTimeout},
+		{"LookupTimeout", &o.LookupTimeout, 0}, // below, from QueryTimeout
 	} {
 		switch {
 		case *d.p < 0:
@@ -126,6 +137,9 @@ func (o DNSOptions) withDefaults() (DNSOptions, error) {
 		case *d.p == 0:
 			*d.p = d.def
 		}
+	}
+	if o.LookupTimeout == 0 {
+		o.LookupTimeout = LookupTimeoutQueries * o.QueryTimeout
 	}
 	switch {
 	case math.IsNaN(o.Jitter) || o.Jitter >= 1:
@@ -262,9 +276,14 @@ func (d *DNS) Run(ctx context.Context, u Updater) error {
 		default:
 		}
 		started := d.opts.Now()
-		addrs, ttl, err := d.resolve(ctx)
+		lctx, cancel := context.WithTimeout(ctx, d.opts.LookupTimeout)
+		addrs, ttl, err := d.resolve(lctx)
+		cancel()
 		if ctx.Err() != nil {
 			return nil
+		}
+		if err != nil && errors.Is(lctx.Err(), context.DeadlineExceeded) {
+			err = fmt.Errorf("%w (the lookup took longer than its bound, %v)", err, d.opts.LookupTimeout)
 		}
 		if d.opts.OnLookup != nil {
 			d.opts.OnLookup(d.target.String(), err)

@@ -395,3 +395,46 @@ func TestAttackR3DNSSilentOrTruncating(t *testing.T) {
 		})
 	}
 }
+
+// TestAttackR3DNSLookupBound: a lookup had no bound as a whole, only its
+// queries had (QueryTimeout): a server answering each of an SRV answer's
+// many targets just inside the query timeout held one lookup, and the set
+// it would bring, for as long as it liked (thousands of targets at 2 s
+// each, 16 at a time: minutes). Here 400 targets answered after 60 ms
+// each take 1.5 s to look up, and the lookup is bounded at 500 ms: it
+// must fail with the bound named, and no set come from it.
+func TestAttackR3DNSLookupBound(t *testing.T) {
+	t.Parallel()
+	const targets, delay = 400, 60 * time.Millisecond
+	h := startHostileDNS(t, func(w dns.ResponseWriter, q *dns.Msg) {
+		name := q.Question[0].Name
+		switch q.Question[0].Qtype {
+		case dns.TypeSRV:
+			var rrs []dns.RR
+			for i := range targets {
+				rrs = append(rrs, srvRR(name, fmt.Sprintf("t%d.bound.test.", i), 9000, 30))
+			}
+			reply(w, q, rrs...)
+		case dns.TypeA:
+			time.Sleep(delay)
+			var i int
+			fmt.Sscanf(name, "t%d.", &i)
+			reply(w, q, aRR(name, net.IPv4(10, 4, byte(i>>8), byte(i)), 30))
+		default:
+			time.Sleep(delay)
+			reply(w, q)
+		}
+	})
+	_, u, _ := startWireDNS(t, "dns+srv://"+h.addr+"/_grpc._tcp.bound.test", DNSOptions{Refresh: time.Hour, LookupTimeout: 500 * time.Millisecond})
+	u.waitFor(within(t, 30*time.Second), t, "a set or an error", func() bool {
+		states, errs := u.snapshot()
+		return len(states) > 0 || len(errs) > 0
+	})
+	states, errs := u.snapshot()
+	if len(states) > 0 {
+		t.Errorf("a set of %d backends came from a lookup past its bound, want none", len(states[len(states)-1].Addresses))
+	}
+	if len(errs) == 0 || !strings.Contains(errs[0].Error(), "longer than its bound, 500ms") {
+		t.Errorf("errors = %v, want the lookup's bound (500ms) named", errs)
+	}
+}
