@@ -25,6 +25,13 @@ const (
 	// not fail: etcd's client reconnects it silently, so without a probe
 	// the set would freeze without anyone being told.
 	DefaultEtcdProbeInterval = 5 * time.Second
+	// DefaultEtcdMaxResponseBytes bounds one response from etcd: a list of
+	// the prefix, or a watch response. etcd's client takes up to 2 GiB by
+	// default, and a list holds every value under the prefix at once: a
+	// registry of 10,000 endpoints (MaxAddresses) in values of a few
+	// hundred bytes is a few MiB, while keys of etcd's largest value (1.5
+	// MiB by default) under the prefix would have the proxy hold them all.
+	DefaultEtcdMaxResponseBytes = 64 << 20
 )
 
 // EtcdOptions configures [Etcd] resolvers, and through [New] (as
@@ -49,6 +56,10 @@ type EtcdOptions struct {
 	// consecutive failure doubles it, up to BackoffMax. Zero means
 	// DefaultBackoffInitial and DefaultBackoffMax.
 	BackoffInitial, BackoffMax time.Duration
+	// MaxResponseBytes bounds one response from etcd (a list, a watch
+	// response); a list over it fails, and the last set is kept. Zero
+	// means DefaultEtcdMaxResponseBytes.
+	MaxResponseBytes int
 	// Logger receives the resolver's logs, with component=resolver added.
 	// Nil means slog.Default().
 	Logger *slog.Logger
@@ -76,6 +87,12 @@ func (o EtcdOptions) withDefaults() (EtcdOptions, error) {
 	}
 	if o.BackoffInitial > o.BackoffMax {
 		errs = append(errs, fmt.Errorf("resolver: etcd options: BackoffInitial %v above BackoffMax %v", o.BackoffInitial, o.BackoffMax))
+	}
+	switch {
+	case o.MaxResponseBytes < 0:
+		errs = append(errs, fmt.Errorf("resolver: etcd options: negative MaxResponseBytes %d", o.MaxResponseBytes))
+	case o.MaxResponseBytes == 0:
+		o.MaxResponseBytes = DefaultEtcdMaxResponseBytes
 	}
 	if (o.CertFile == "") != (o.KeyFile == "") {
 		errs = append(errs, errors.New("resolver: etcd options: CertFile and KeyFile go together"))
@@ -186,6 +203,9 @@ func (e *Etcd) Run(ctx context.Context, u Updater) error {
 		Password:    e.opts.Password,
 		Logger:      zap.NewNop(), // failures are logged here, once each
 		Context:     ctx,
+		// What one response may make the proxy hold (etcd's own
+		// default is 2 GiB).
+		MaxCallRecvMsgSize: e.opts.MaxResponseBytes,
 	}
 	var tlsErrs *tlsErrors // nil for cleartext
 	if e.tls != nil {

@@ -171,3 +171,32 @@ func waitQuiet(ctx context.Context, t *testing.T, u *recUpdater, what string, co
 		}
 	}
 }
+
+// TestAttackR3EtcdListBound: etcd's client takes responses of up to 2
+// GiB, and a list holds every value under the prefix at once, so keys of
+// etcd's largest value (1.5 MiB) under a registry's prefix had the proxy
+// hold them all. A response is now bounded (MaxResponseBytes, 64 MiB by
+// default): here three values of 400 KiB beside a good key, against a
+// bound of 1 MiB, make the list fail with the bound named, and no set.
+func TestAttackR3EtcdListBound(t *testing.T) {
+	t.Parallel()
+	srv := etcdtest.Start(t)
+	cli := srv.Client()
+	srv.Put(cli, "/reg/bound/good", "10.9.1.1:9000")
+	for i := range 3 {
+		srv.Put(cli, fmt.Sprintf("/reg/bound/big%d", i), strings.Repeat("x", 400<<10))
+	}
+	u := newRecUpdater()
+	startEtcdResolver(t, "etcd://"+srv.Endpoint()+"//reg/bound", EtcdOptions{MaxResponseBytes: 1 << 20}, u)
+	u.waitFor(within(t, 20*time.Second), t, "a set or an error", func() bool {
+		states, errs := u.snapshot()
+		return len(states) > 0 || len(errs) > 0
+	})
+	states, errs := u.snapshot()
+	if len(states) > 0 {
+		t.Errorf("a list of 1.2 MiB against a 1 MiB bound pushed a set of %d, want none", len(states[len(states)-1].Addresses))
+	}
+	if len(errs) == 0 || !strings.Contains(errs[0].Error(), "larger than max") {
+		t.Errorf("errors = %v, want the list refused as larger than the bound", errs)
+	}
+}
