@@ -117,8 +117,10 @@ func TestAttackR3EtcdManyKeysChurn(t *testing.T) {
 	putsDone := time.Now()
 	t.Logf("%d puts took %v", n, putsDone.Sub(start).Round(time.Millisecond))
 	// The writers' own time varies; what is bounded is how far the set
-	// lags behind them. The race detector slows the resolver about 4×.
-	bound := 3 * time.Second
+	// lags behind them: 18.9 s before, 0.67 s after, so the bound leaves
+	// this machine's noise a factor of 9. The race detector slows the
+	// resolver about 4×.
+	bound := 6 * time.Second
 	if raceEnabled {
 		bound *= 4
 	}
