@@ -209,6 +209,31 @@ func TestAttackR3DNSUnusableAddresses(t *testing.T) {
 	}
 }
 
+// startSlowSRV serves an SRV answer of n targets t0.DOMAIN, t1.DOMAIN...
+// on port 9000, each target's A (10.3.x.y) and AAAA (none) answered once
+// slow returns.
+func startSlowSRV(t *testing.T, domain string, n int, slow func()) *hostileDNS {
+	return startHostileDNS(t, func(w dns.ResponseWriter, q *dns.Msg) {
+		name := q.Question[0].Name
+		switch q.Question[0].Qtype {
+		case dns.TypeSRV:
+			var rrs []dns.RR
+			for i := range n {
+				rrs = append(rrs, srvRR(name, fmt.Sprintf("t%d.%s", i, domain), 9000, 30))
+			}
+			reply(w, q, rrs...)
+		case dns.TypeA:
+			slow()
+			var i int
+			fmt.Sscanf(name, "t%d.", &i)
+			reply(w, q, aRR(name, net.IPv4(10, 3, byte(i>>8), byte(i)), 30))
+		default:
+			slow()
+			reply(w, q)
+		}
+	})
+}
+
 // TestAttackR3DNSSlowSRVTargets: an SRV answer naming 100 targets without
 // their addresses, from a server that takes 60 ms over each A and AAAA
 // answer (a loaded or distant resolver; each well within the 2 s query
@@ -231,25 +256,7 @@ func TestAttackR3DNSSlowSRVTargets(t *testing.T) {
 		time.Sleep(delay)
 		inFlight.Add(-1)
 	}
-	h := startHostileDNS(t, func(w dns.ResponseWriter, q *dns.Msg) {
-		name := q.Question[0].Name
-		switch q.Question[0].Qtype {
-		case dns.TypeSRV:
-			var rrs []dns.RR
-			for i := range targets {
-				rrs = append(rrs, srvRR(name, fmt.Sprintf("t%d.slow.test.", i), 9000, 30))
-			}
-			reply(w, q, rrs...)
-		case dns.TypeA:
-			slow()
-			var i int
-			fmt.Sscanf(name, "t%d.", &i)
-			reply(w, q, aRR(name, net.IPv4(10, 3, byte(i>>8), byte(i)), 30))
-		default:
-			slow()
-			reply(w, q)
-		}
-	})
+	h := startSlowSRV(t, "slow.test.", targets, slow)
 	start := time.Now()
 	_, u, _ := startWireDNS(t, "dns+srv://"+h.addr+"/_grpc._tcp.slow.test", DNSOptions{Refresh: time.Hour})
 	u.waitFor(within(t, 30*time.Second), t, "a set or an error", func() bool {
@@ -406,25 +413,7 @@ func TestAttackR3DNSSilentOrTruncating(t *testing.T) {
 func TestAttackR3DNSLookupBound(t *testing.T) {
 	t.Parallel()
 	const targets, delay = 400, 60 * time.Millisecond
-	h := startHostileDNS(t, func(w dns.ResponseWriter, q *dns.Msg) {
-		name := q.Question[0].Name
-		switch q.Question[0].Qtype {
-		case dns.TypeSRV:
-			var rrs []dns.RR
-			for i := range targets {
-				rrs = append(rrs, srvRR(name, fmt.Sprintf("t%d.bound.test.", i), 9000, 30))
-			}
-			reply(w, q, rrs...)
-		case dns.TypeA:
-			time.Sleep(delay)
-			var i int
-			fmt.Sscanf(name, "t%d.", &i)
-			reply(w, q, aRR(name, net.IPv4(10, 4, byte(i>>8), byte(i)), 30))
-		default:
-			time.Sleep(delay)
-			reply(w, q)
-		}
-	})
+	h := startSlowSRV(t, "bound.test.", targets, func() { time.Sleep(delay) })
 	_, u, _ := startWireDNS(t, "dns+srv://"+h.addr+"/_grpc._tcp.bound.test", DNSOptions{Refresh: time.Hour, LookupTimeout: 500 * time.Millisecond})
 	u.waitFor(within(t, 30*time.Second), t, "a set or an error", func() bool {
 		states, errs := u.snapshot()
