@@ -44,14 +44,23 @@ func filterFields(fields []hpack.HeaderField) []hpack.HeaderField {
 
 // loopHeader is the request header each proxy adds to the requests it
 // relays, with its own hopID as the value, one field per proxy passed; a
-// request that arrives with the proxy's own value went round a forwarding
-// loop (a backend that is the proxy itself, by a static address, a DNS name
-// or a registry entry, or two proxies that are each other's backend). The
-// call fails at that second pass instead of going round until some limit
-// stops it: --max-backend-conns' 8,000 streams, or none. Like RFC 8586's
-// CDN-Loop, each proxy adds its own token, so a chain of distinct proxies
-// passes.
+// request that arrives with the proxy's own value maxLoopPasses times went
+// round a forwarding loop (a backend that is the proxy itself, by a static
+// address, a DNS name or a registry entry, or two proxies that are each
+// other's backend). The call fails then instead of going round until some
+// limit stops it: --max-backend-conns' 8,000 streams, or none. Like RFC
+// 8586's CDN-Loop, each proxy adds its own token, so a chain of distinct
+// proxies passes.
 const loopHeader = "streamlb-via"
+
+// maxLoopPasses is how many times a request may pass through one proxy
+// before the next pass is taken for a loop. Not once: a service called
+// through the proxy may call another through the same proxy (a central
+// proxy in front of every service), and a framework that copies every
+// incoming header onto its outgoing calls carries the first pass's token
+// into the second; refused at once, that hairpin would fail as a loop. A
+// real loop costs three relays, where it cost thousands.
+const maxLoopPasses = 3
 
 // newHopID returns a random token naming one proxy in loopHeader.
 func newHopID() string {
@@ -60,14 +69,16 @@ func newHopID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// looped reports whether fields carry loopHeader with the value id.
+// looped reports whether fields carry loopHeader with the value id
+// maxLoopPasses times or more.
 func looped(fields []hpack.HeaderField, id string) bool {
+	n := 0
 	for i := range fields {
 		if fields[i].Name == loopHeader && fields[i].Value == id {
-			return true
+			n++
 		}
 	}
-	return false
+	return n >= maxLoopPasses
 }
 
 // maxInterimResponses bounds the informational (1xx) responses a backend

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"math"
 	"net"
-	"slices"
 	"sync"
 	"time"
 
@@ -139,7 +138,7 @@ func (s *holderStream) Context() context.Context { return s.ctx }
 // a client connection to the backend.
 func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Context, grpc.ClientConnInterface, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
-	if slices.Contains(md.Get(loopHeader), r.hopID) {
+	if countOf(md.Get(loopHeader), r.hopID) >= maxLoopPasses {
 		// A forwarding loop, found as the frame engine finds it (see
 		// loopHeader); nothing else bounds one here.
 		return nil, nil, failure{kind: failLoop, method: fullMethod}.statusErr()
@@ -252,4 +251,15 @@ func (r *Reference) RetainBackends(addrs []string) {
 			}
 		})
 	}
+}
+
+// countOf returns how many of vs are v.
+func countOf(vs []string, v string) int {
+	n := 0
+	for _, x := range vs {
+		if x == v {
+			n++
+		}
+	}
+	return n
 }

@@ -246,7 +246,7 @@ func statusOf(f failure) (*status.Status, int) {
 	case failNoStreams:
 		return status.Newf(codes.Unavailable, "streamlb: backend %s accepts no streams (SETTINGS_MAX_CONCURRENT_STREAMS=0)", f.backend), http.StatusOK
 	case failLoop:
-		return status.Newf(codes.Unavailable, "streamlb: forwarding loop: %s came back to this proxy (its %s header names it); a backend of its cluster is this proxy, or a proxy that forwards to it", f.method, loopHeader), http.StatusOK
+		return status.Newf(codes.Unavailable, "streamlb: forwarding loop: %s came back to this proxy %d times (its %s header names it); a backend of its cluster is this proxy, or a proxy that forwards to it", f.method, maxLoopPasses, loopHeader), http.StatusOK
 	case failDeadline:
 		return status.New(codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+f.method), http.StatusOK
 	case failRequestIdle:
