@@ -191,7 +191,7 @@ type headerMatch struct {
 // backend TLS files it names (an error names the setting), but opens no
 // connection and starts nothing.
 func LoadFile(path string) (*File, error) {
-	data, err := os.ReadFile(path)
+	data, err := readConfig(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
