@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"reflect"
 	"regexp"
@@ -499,6 +500,10 @@ func (f *File) check(root *yaml.Node) error {
 			}
 		}
 		if rl := r.RateLimit; rl != nil {
+			if math.IsNaN(rl.Rate) || math.IsInf(rl.Rate, 0) {
+				// NaN passes the check below and admits every call.
+				return errAt("must be a finite number (calls per second)", "routes", i, "rate_limit", "rate")
+			}
 			if rl.Rate <= 0 {
 				return errAt("must be positive (calls per second)", "routes", i, "rate_limit", "rate")
 			}

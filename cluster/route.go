@@ -261,7 +261,9 @@ func buildTable(f *File, clusters map[string]*Cluster, old *routeTable, limited 
 		if rl := fr.RateLimit; rl != nil {
 			burst := rl.Burst
 			if burst == 0 {
-				burst = max(1, int(math.Ceil(rl.Rate))) // one second's worth
+				// One second's worth, within an int32 (a float64 over an
+				// int's range converts to an undefined int).
+				burst = int(max(1, min(math.Ceil(rl.Rate), math.MaxInt32)))
 			}
 			b := oldLimits[r.name]
 			if b == nil || b.rate != rl.Rate || b.burst != float64(burst) {
