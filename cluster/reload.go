@@ -421,7 +421,8 @@ func (s *clusterSet) apply(ctx context.Context, g *errgroup.Group, nf *File) err
 			}
 		}
 	}
-	s.router.table.Store(table)
+	oldTable := s.router.table.Swap(table)
+	s.dropLimitedCounters(oldTable, table)
 	if changed := s.file.restartOnly(nf); len(changed) > 0 {
 		s.logger.Warn("settings changed that take effect only after a restart", "settings", changed)
 	}
@@ -447,6 +448,28 @@ func (s *clusterSet) apply(ctx context.Context, g *errgroup.Group, nf *File) err
 	s.logger.Info("configuration reloaded", "routes", len(table.routes),
 		"clusters_started", freshNames, "clusters_kept", keptNames, "clusters_stopped", goneNames)
 	return nil
+}
+
+// dropLimitedCounters removes the streamlb_route_rate_limited_total
+// series of the rate-limited routes of old that next does not limit (a
+// route removed, renamed or without its limit now), as a removed
+// cluster's metrics are withdrawn: route names a generator changes at
+// each reload must not pile up series for the process's life.
+func (s *clusterSet) dropLimitedCounters(old, next *routeTable) {
+	if s.limited == nil || old == nil {
+		return
+	}
+	keep := map[string]bool{}
+	for _, r := range next.routes {
+		if r.limit != nil {
+			keep[r.name] = true
+		}
+	}
+	for _, r := range old.routes {
+		if r.limit != nil && !keep[r.name] {
+			s.limited.DeleteLabelValues(r.name)
+		}
+	}
 }
 
 // Reload re-reads the file and applies it; it returns the reason a file
