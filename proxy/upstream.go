@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"strings"
@@ -50,10 +51,20 @@ type UpstreamConfig struct {
 	RetryBudgetRatio float64
 }
 
+// maxRetryBudget bounds RetryBudget and RetryBudgetRatio.
+const maxRetryBudget int64 = 1_000_000_000_000
+
 // NewUpstream validates cfg and returns its Upstream. It starts nothing.
 func NewUpstream(cfg UpstreamConfig) (*Upstream, error) {
 	if cfg.RetryBudget < 0 || cfg.RetryBudgetRatio < 0 {
 		return nil, errors.New("proxy: RetryBudget and RetryBudgetRatio must not be negative")
+	}
+	// The budget keeps thousandths of tokens in an int64: beyond these
+	// bounds, or for NaN and infinities, whose conversion to an integer
+	// is undefined (math.MinInt64 on amd64), retries would be silently
+	// off instead.
+	if int64(cfg.RetryBudget) > maxRetryBudget || !(cfg.RetryBudgetRatio <= float64(maxRetryBudget)) {
+		return nil, fmt.Errorf("proxy: RetryBudget and RetryBudgetRatio must be finite numbers of at most %d", maxRetryBudget)
 	}
 	if cfg.RetryBudget == 0 {
 		cfg.RetryBudget = DefaultRetryBudget
