@@ -120,7 +120,11 @@ func (rt *router) admit(ctx context.Context, fullMethod string) (*route, error) 
 		if r.limited != nil {
 			r.limited.Inc()
 		}
-		return nil, status.Errorf(codes.ResourceExhausted, "streamlb: route %s: rate limit exceeded", r.name)
+		return nil, &proxy.PickLimitError{
+			Status:   status.Newf(codes.ResourceExhausted, "streamlb: route %s: rate limit exceeded", r.name),
+			Limit:    LimitRateLimit,
+			Upstream: r.cluster.name,
+		}
 	}
 	return r, nil
 }
@@ -189,6 +193,10 @@ func (rt *router) route(ctx context.Context, fullMethod string) (*route, error) 
 	}
 	return nil, status.Errorf(codes.Unimplemented, "streamlb: no route for %s", fullMethod)
 }
+
+// LimitRateLimit is the access log's limit of a call a route's rate limit
+// refused.
+const LimitRateLimit = "rate_limit"
 
 // tokenBucket admits calls at rate per second with bursts of up to burst.
 // It starts full. allow never blocks beyond a short critical section.

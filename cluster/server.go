@@ -283,6 +283,8 @@ func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
 				name := ""
 				if c := s.set.clusterFor(ci.Upstream, ci.Backend); c != nil {
 					name = c.Name()
+				} else if ci.Backend == "" && ci.Limit != "" {
+					name = ci.Upstream // a call a route's limit refused
 				}
 				al.callEnd(name, ci)
 			}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"net"
 	"sync"
 	"time"
@@ -40,7 +41,8 @@ type CallInfo struct {
 	// "max_header_size" or "max_conn_buffer" (RESOURCE_EXHAUSTED), or
 	// "max_backend_conns"
 	// (UNAVAILABLE: every connection to the backend was full and no other
-	// backend took the call); empty otherwise.
+	// backend took the call), or a Picker's own (PickLimitError); empty
+	// otherwise.
 	Limit string
 	// Start is when the request headers arrived.
 	Start time.Time
@@ -54,6 +56,21 @@ type CallInfo struct {
 	// Client is the client connection's remote address.
 	Client net.Addr
 }
+
+// PickLimitError is a Picker's error for a call a limit of its own
+// refused (a route's rate limit, say): the client gets Status, and the
+// call's CallInfo names Limit and, as its Upstream, the Upstream the call
+// was routed to (frame engine).
+type PickLimitError struct {
+	Status   *status.Status
+	Limit    string
+	Upstream string
+}
+
+func (e *PickLimitError) Error() string { return e.Status.Err().Error() }
+
+// GRPCStatus is the status the client gets.
+func (e *PickLimitError) GRPCStatus() *status.Status { return e.Status }
 
 // Limit names, see CallInfo.Limit.
 const (
@@ -107,6 +124,13 @@ func (s *stream) callInfo(end time.Time) CallInfo {
 			ci.Message = st.Message()
 			if ci.Code != codes.OK {
 				ci.Limit = limitName(s.failKind)
+			}
+			var le *PickLimitError
+			if ci.Limit == "" && errors.As(s.pickErr, &le) {
+				ci.Limit = le.Limit
+				if ci.Upstream == "" {
+					ci.Upstream = le.Upstream
+				}
 			}
 		}
 	}

@@ -47,6 +47,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 				// Picker's having nothing else.
 				return *refused, false
 			}
+			s.pickErr = err
 			return failure{kind: failNoBackend, method: s.method, cause: err}, false
 		}
 		if up == nil {

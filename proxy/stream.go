@@ -54,6 +54,7 @@ type stream struct {
 	msgs        msgCursor     // gRPC message boundaries in that payload (see failLost)
 	fromBackend bool          // result is the backend's own status
 	failKind    failKind      // what failLocked ended the call for
+	pickErr     error         // the error of the Picker that failed the call, if one did
 	active      bool          // a frame moved either way since the last request-idle sweep
 	idleSweeps  uint8         // request-idle sweeps in a row that found it inactive
 	message     string        // the backend's grpc-message, with Config.OnCallEnd
