@@ -1,19 +1,18 @@
 package cluster
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"os"
 	"syscall"
 )
 
-// MaxFileSize bounds a configuration file: a larger one is refused
-// rather than read. A file of thousands of clusters and routes is well
-// under a megabyte.
+// MaxFileSize bounds a configuration file, and the TLS files it names: a
+// larger one is refused rather than read. A file of thousands of clusters
+// and routes is well under a megabyte.
 const MaxFileSize = 16 << 20
 
-// readConfig reads the configuration file at path, which must be a
+// readConfig reads the configuration file (or TLS file) at path, which must be a
 // regular file (or a symlink to one) of at most MaxFileSize bytes. It
 // never blocks on the path: a FIFO, a device such as /dev/zero or a
 // directory put there by mistake is refused with an error that says so,
@@ -35,14 +34,14 @@ func readConfig(path string) ([]byte, error) {
 		return nil, fmt.Errorf("%s: not a regular file but %s", path, fileKind(st.Mode()))
 	}
 	if st.Size() > MaxFileSize {
-		return nil, fmt.Errorf("%s: %d bytes, over the %d bytes a configuration file may have", path, st.Size(), MaxFileSize)
+		return nil, fmt.Errorf("%s: %d bytes, over the %d bytes the proxy reads of a file", path, st.Size(), MaxFileSize)
 	}
 	data, err := io.ReadAll(io.LimitReader(fd, MaxFileSize+1))
 	if err != nil {
 		return nil, err
 	}
 	if len(data) > MaxFileSize {
-		return nil, errors.New(path + ": grew over the size a configuration file may have while it was read")
+		return nil, fmt.Errorf("%s: grew over %d bytes while it was read", path, MaxFileSize)
 	}
 	return data, nil
 }
