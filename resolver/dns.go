@@ -278,13 +278,17 @@ func (d *DNS) Run(ctx context.Context, u Updater) error {
 		started := d.opts.Now()
 		lctx, cancel := context.WithTimeout(ctx, d.opts.LookupTimeout)
 		addrs, ttl, err := d.resolve(lctx)
-		cancel()
 		if ctx.Err() != nil {
+			cancel()
 			return nil
 		}
-		if err != nil && errors.Is(lctx.Err(), context.DeadlineExceeded) {
+		// The bound passed: the context says so, or, if a query's own
+		// deadline (taken from it) fired before the context's timer did,
+		// the clock does.
+		if deadline, _ := lctx.Deadline(); err != nil && (errors.Is(lctx.Err(), context.DeadlineExceeded) || !time.Now().Before(deadline)) {
 			err = fmt.Errorf("%w (the lookup took longer than its bound, %v)", err, d.opts.LookupTimeout)
 		}
+		cancel()
 		if d.opts.OnLookup != nil {
 			d.opts.OnLookup(d.target.String(), err)
 		}
