@@ -275,13 +275,9 @@ func (e *Etcd) Run(ctx context.Context, u Updater) error {
 // etcdState is what Run knows of the prefix. It is used by Run's goroutine
 // only.
 type etcdState struct {
-	keys     map[string][]Address // decoded addresses per key
-	warned   map[string]bool      // keys whose undecodable value was logged
-	last     []Address            // the last set u accepted
-	haveLast bool
-	// overLimit: the registrations add up to more than MaxAddresses, which
-	// was reported once.
-	overLimit bool
+	keys   map[string][]Address // decoded addresses per key
+	warned map[string]bool      // keys whose undecodable value was logged
+	pushed
 }
 
 // list reads every key under the prefix, replaces st.keys with them,
@@ -418,19 +414,27 @@ func (e *Etcd) apply(st *etcdState, resp clientv3.WatchResponse, ok bool) error 
 // push offers the union of st.keys to u if it differs from the last set u
 // accepted.
 func (e *Etcd) push(st *etcdState, u Updater) {
-	pushSet(e.logger, st.keys, &st.last, &st.haveLast, &st.overLimit, u)
+	st.pushSet(e.logger, st.keys, u)
+}
+
+// pushed is what a registry resolver pushed: the last set its Updater
+// accepted, and whether the registrations are over MaxAddresses (reported
+// once until they fit again).
+type pushed struct {
+	last      []Address
+	haveLast  bool
+	overLimit bool
 }
 
 // pushSet offers the union of the registrations in byKey, in key order and
-// without duplicates, to u if it differs from *last, and records it in
-// *last once u accepts it. It is shared by the registry resolvers.
+// without duplicates, to u if it differs from p.last, and records it there
+// once u accepts it. It is shared by the registry resolvers.
 //
 // Registrations that add up to more than MaxAddresses addresses (one
 // Kratos or go-micro value may list tens of thousands of endpoints) are
 // not pushed: the last set is kept, as on any failure, and the first push
-// over the limit is logged and reported to u; *overLimit remembers that
-// until the registrations fit again.
-func pushSet(logger *slog.Logger, byKey map[string][]Address, last *[]Address, haveLast, overLimit *bool, u Updater) {
+// over the limit is logged and reported to u.
+func (p *pushed) pushSet(logger *slog.Logger, byKey map[string][]Address, u Updater) {
 	keys := make([]string, 0, len(byKey))
 	n := 0
 	for k, as := range byKey {
@@ -438,16 +442,16 @@ func pushSet(logger *slog.Logger, byKey map[string][]Address, last *[]Address, h
 		n += len(as)
 	}
 	if n > MaxAddresses {
-		if !*overLimit {
-			*overLimit = true
+		if !p.overLimit {
+			p.overLimit = true
 			err := fmt.Errorf("resolver: %d registrations give %d addresses, over the limit of %d; keeping the last set", len(byKey), n, MaxAddresses)
-			logger.Warn("registrations over the limit; keeping last set", "err", err, "backends", len(*last))
+			logger.Warn("registrations over the limit; keeping last set", "err", err, "backends", len(p.last))
 			u.ReportError(err)
 		}
 		return
 	}
-	if *overLimit {
-		*overLimit = false
+	if p.overLimit {
+		p.overLimit = false
 		logger.Info("registrations back within the limit", "addresses", n, "limit", MaxAddresses)
 	}
 	sort.Strings(keys)
@@ -456,7 +460,7 @@ func pushSet(logger *slog.Logger, byKey map[string][]Address, last *[]Address, h
 		set = append(set, byKey[k]...)
 	}
 	set = dedupAddresses(set)
-	if *haveLast && slices.Equal(set, *last) {
+	if p.haveLast && slices.Equal(set, p.last) {
 		return
 	}
 	if err := u.UpdateState(State{Addresses: slices.Clone(set)}); err != nil {
@@ -464,10 +468,10 @@ func pushSet(logger *slog.Logger, byKey map[string][]Address, last *[]Address, h
 		return
 	}
 	if logger.Enabled(context.Background(), slog.LevelDebug) {
-		added, removed := diffAddresses(*last, set)
+		added, removed := diffAddresses(p.last, set)
 		logger.Debug("backend set changed", "added", added, "removed", removed, "backends", len(set))
 	}
-	*last, *haveLast = set, true
+	p.last, p.haveLast = set, true
 }
 
 // backoff returns the wait after the given number of consecutive failures

@@ -235,14 +235,11 @@ func (z *ZK) Run(ctx context.Context, u Updater) error {
 // zkState is what Run knows of the node. It is used by Run's goroutine
 // only.
 type zkState struct {
-	nodes    map[string][]Address // decoded addresses per child name
-	warned   map[string]bool      // children whose undecodable data was logged
-	stale    bool                 // nodes' data must be read again
-	authed   bool                 // the digest credentials were added
-	last     []Address            // the last set u accepted
-	haveLast bool
-	// overLimit: as etcdState's.
-	overLimit bool
+	nodes  map[string][]Address // decoded addresses per child name
+	warned map[string]bool      // children whose undecodable data was logged
+	stale  bool                 // nodes' data must be read again
+	authed bool                 // the digest credentials were added
+	pushed
 }
 
 // awaitSession waits until conn has a session, for at most
@@ -404,5 +401,5 @@ func (z *ZK) wait(ctx context.Context, events <-chan zk.Event, watch <-chan zk.E
 // push offers the union of st.nodes to u if it differs from the last set u
 // accepted.
 func (z *ZK) push(st *zkState, u Updater) {
-	pushSet(z.logger, st.nodes, &st.last, &st.haveLast, &st.overLimit, u)
+	st.pushSet(z.logger, st.nodes, u)
 }
