@@ -3,7 +3,6 @@ package proxy
 import (
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 
 	"golang.org/x/net/http/httpguts"
@@ -249,30 +248,17 @@ func (t *transport) readHeaderBlock(hf *http2.HeadersFrame, frag []byte) (http2.
 	return &h.block, nil
 }
 
-// keepFields copies fields into the unused room of *room, which it
-// shrinks by as much, or into a new slice when they do not fit. It is how a
-// header block outlives the reader's next frame without an allocation of
-// its own: streams and attempts carry room for the blocks of a typical
-// call.
-func keepFields(room *[]hpack.HeaderField, fields []hpack.HeaderField) []hpack.HeaderField {
-	if len(fields) > len(*room) {
-		return slices.Clone(fields)
-	}
-	n := copy(*room, fields)
-	out := (*room)[:n:n]
-	*room = (*room)[n:]
-	return out
-}
-
-// keepFieldsWith is keepFields of fields followed by extra.
-func keepFieldsWith(room *[]hpack.HeaderField, fields []hpack.HeaderField, extra hpack.HeaderField) []hpack.HeaderField {
-	n := len(fields) + 1
+// keepFields copies fields, then extra, into the unused room of *room,
+// which it shrinks by as much, or into a new slice when they do not fit.
+// It is how a header block outlives the reader's next frame without an
+// allocation of its own: streams and attempts carry room for the blocks
+// of a typical call.
+func keepFields(room *[]hpack.HeaderField, fields []hpack.HeaderField, extra ...hpack.HeaderField) []hpack.HeaderField {
+	n := len(fields) + len(extra)
 	if n > len(*room) {
-		out := make([]hpack.HeaderField, 0, n)
-		return append(append(out, fields...), extra)
+		return append(append(make([]hpack.HeaderField, 0, n), fields...), extra...)
 	}
-	copy(*room, fields)
-	(*room)[len(fields)] = extra
+	copy((*room)[copy(*room, fields):], extra)
 	out := (*room)[:n:n]
 	*room = (*room)[n:]
 	return out

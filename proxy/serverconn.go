@@ -491,7 +491,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	}
 	s.method = ri.path
 	room := s.reqRoom[:]
-	s.reqFields = keepFieldsWith(&room, filterFields(f.Fields), hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
+	s.reqFields = keepFields(&room, filterFields(f.Fields), hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
 	s.reqSize = headerListSize(s.reqFields)
 	c.bufs.add(int(s.reqSize))
 	s.reqEnd = end
