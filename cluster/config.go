@@ -192,7 +192,7 @@ type headerMatch struct {
 // backend TLS files it names (an error names the setting), but opens no
 // connection and starts nothing.
 func LoadFile(path string) (*File, error) {
-	data, err := readConfig(path)
+	data, err := readRegularFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}

@@ -18,7 +18,7 @@ const MaxFileSize = 16 << 20
 // directory put there by mistake is refused with an error that says so,
 // where os.ReadFile waited for a FIFO's writer forever (the reload loop,
 // and with it shutdown, stuck) or read /dev/zero until memory ran out.
-func readConfig(path string) ([]byte, error) {
+func readRegularFile(path string) ([]byte, error) {
 	// O_NONBLOCK: opening a FIFO without a writer returns at once; for a
 	// regular file it changes nothing.
 	fd, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)

@@ -326,7 +326,7 @@ func (s *clusterSet) watch(ctx context.Context, g *errgroup.Group) error {
 		case reply = <-s.reqs:
 			why = "requested"
 		}
-		data, err := readConfig(s.file.Path)
+		data, err := readRegularFile(s.file.Path)
 		if err != nil {
 			if reply != nil {
 				reply <- fmt.Errorf("config: %w", err)

@@ -96,7 +96,7 @@ func newReloading[T any](what string, files []string, parse func([][]byte) (T, e
 func (r *reloading[T]) read() ([][]byte, error) {
 	data := make([][]byte, len(r.files))
 	for i, f := range r.files {
-		b, err := readConfig(f) // never blocks: get holds mu
+		b, err := readRegularFile(f) // never blocks: get holds mu
 		if err != nil {
 			return nil, fmt.Errorf("cluster: %s: %w", r.what, err)
 		}
@@ -366,7 +366,7 @@ func newBackendTLS(bt BackendTLS, logger *slog.Logger) (*backendTLS, error) {
 	if (bt.CertFile == "") != (bt.KeyFile == "") {
 		return nil, errors.New("cluster: a backend TLS client certificate needs both a certificate and a key file")
 	}
-	pem, err := readConfig(bt.CAFile)
+	pem, err := readRegularFile(bt.CAFile)
 	if err != nil {
 		return nil, fmt.Errorf("cluster: backend CA: %w", err)
 	}
