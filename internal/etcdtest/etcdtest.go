@@ -10,6 +10,7 @@ import (
 	"errors"
 	"net"
 	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -36,6 +37,9 @@ type Server struct {
 	// (or package, running at the same time) starts a server on them and
 	// answers for this one while it is down; Start lets them go.
 	held []net.Listener
+	// served is set once the server first served: its ports are its
+	// own from then on, and a restart must keep them.
+	served bool
 }
 
 // Options configures [StartWith]. The zero value is a cleartext server,
@@ -126,12 +130,21 @@ func (s *Server) Start() {
 		err error
 	)
 	// The ports were free when picked, and are again a moment after a
-	// Stop; retry briefly in case the kernel has not let go yet.
+	// Stop; retry briefly in case the kernel has not let go yet. Before
+	// the first start, a port taken meanwhile (a busy machine's outgoing
+	// connections use the same range) is replaced by a new one.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		e, err = embed.StartEtcd(cfg)
 		if err == nil || time.Now().After(deadline) {
 			break
+		}
+		if !s.served && strings.Contains(err.Error(), "address already in use") {
+			s.clientURL.Host, s.peerURL.Host = testkit.FreeAddr(s.t), testkit.FreeAddr(s.t)
+			cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{s.clientURL}, []url.URL{s.clientURL}
+			cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{s.peerURL}, []url.URL{s.peerURL}
+			cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
+			continue
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -144,7 +157,7 @@ func (s *Server) Start() {
 		e.Close()
 		s.t.Fatal("etcdtest: server not ready after 10s")
 	}
-	s.e = e
+	s.e, s.served = e, true
 }
 
 // Stop stops the server; its data stays for Start.
