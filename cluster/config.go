@@ -21,6 +21,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/streamlb/streamlb/director"
+	"github.com/streamlb/streamlb/internal/fileread"
 	"github.com/streamlb/streamlb/proxy"
 	"github.com/streamlb/streamlb/resolver"
 )
@@ -192,7 +193,7 @@ type headerMatch struct {
 // backend TLS files it names (an error names the setting), but opens no
 // connection and starts nothing.
 func LoadFile(path string) (*File, error) {
-	data, err := readRegularFile(path)
+	data, err := fileread.Regular(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}

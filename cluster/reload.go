@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/streamlb/streamlb/internal/fileread"
 	"github.com/streamlb/streamlb/proxy"
 )
 
@@ -326,7 +327,7 @@ func (s *clusterSet) watch(ctx context.Context, g *errgroup.Group) error {
 		case reply = <-s.reqs:
 			why = "requested"
 		}
-		data, err := readRegularFile(s.file.Path)
+		data, err := fileread.Regular(s.file.Path)
 		if err != nil {
 			if reply != nil {
 				reply <- fmt.Errorf("config: %w", err)

@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/streamlb/streamlb/internal/fileread"
 	"github.com/streamlb/streamlb/proxy"
 	"google.golang.org/grpc/credentials"
 )
@@ -96,7 +97,7 @@ func newReloading[T any](what string, files []string, parse func([][]byte) (T, e
 func (r *reloading[T]) read() ([][]byte, error) {
 	data := make([][]byte, len(r.files))
 	for i, f := range r.files {
-		b, err := readRegularFile(f) // never blocks: get holds mu
+		b, err := fileread.Regular(f) // never blocks: get holds mu
 		if err != nil {
 			return nil, fmt.Errorf("cluster: %s: %w", r.what, err)
 		}
@@ -366,7 +367,7 @@ func newBackendTLS(bt BackendTLS, logger *slog.Logger) (*backendTLS, error) {
 	if (bt.CertFile == "") != (bt.KeyFile == "") {
 		return nil, errors.New("cluster: a backend TLS client certificate needs both a certificate and a key file")
 	}
-	pem, err := readRegularFile(bt.CAFile)
+	pem, err := fileread.Regular(bt.CAFile)
 	if err != nil {
 		return nil, fmt.Errorf("cluster: backend CA: %w", err)
 	}

@@ -11,12 +11,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"sync"
 	"time"
 
 	"github.com/go-zookeeper/zk"
 	"google.golang.org/grpc/credentials"
+
+	"github.com/streamlb/streamlb/internal/fileread"
 )
 
 // tlsErrors remembers the last TLS failure of an etcd client's
@@ -116,7 +117,7 @@ func clientTLS(registry, caFile, certFile, keyFile string) (*tls.Config, error) 
 	}
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
+		pem, err := fileread.Regular(caFile)
 		if err != nil {
 			return nil, fmt.Errorf("resolver: %s CA: %w", registry, err)
 		}
@@ -126,13 +127,28 @@ func clientTLS(registry, caFile, certFile, keyFile string) (*tls.Config, error) 
 		}
 	}
 	if certFile != "" {
-		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		cert, err := loadKeyPair(certFile, keyFile)
 		if err != nil {
 			return nil, fmt.Errorf("resolver: %s client certificate: %w", registry, err)
 		}
 		cfg.Certificates = []tls.Certificate{cert}
 	}
 	return cfg, nil
+}
+
+// loadKeyPair is tls.LoadX509KeyPair, reading the files as the
+// configuration's TLS files are read (fileread.Regular): a FIFO or a
+// device put in their place is refused, not waited on or read for ever.
+func loadKeyPair(certFile, keyFile string) (tls.Certificate, error) {
+	certPEM, err := fileread.Regular(certFile)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	keyPEM, err := fileread.Regular(keyFile)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.X509KeyPair(certPEM, keyPEM)
 }
 
 // zkDialer dials ZooKeeper for go-zookeeper, over TLS if tls is set, and
