@@ -57,9 +57,16 @@ type clusterSet struct {
 	boot *File // the file the server started with: restart-only settings
 
 	// Owned by Run's goroutine once Run has started (by NewServer before).
-	file    *File
-	seen    []byte // the last contents of the file read
-	entries map[string]*entry
+	file *File
+	seen []byte // the last contents of the file read
+	// changed is the file's new contents as the poll last read them,
+	// when they differ from seen: they are applied only once the next
+	// look reads them unchanged, so that a file being written in place
+	// is not taken half-written (hasChanged tells an empty file from
+	// none).
+	changed    []byte
+	hasChanged bool
+	entries    map[string]*entry
 
 	// mu guards live and each entry's addrs. It is held across the calls
 	// to retain and retainUpstream, on purpose: that orders the calls, so
@@ -338,9 +345,21 @@ func (s *clusterSet) watch(ctx context.Context, g *errgroup.Group) error {
 			continue
 		}
 		readErr = ""
-		if reply == nil && why == "file changed" && bytes.Equal(data, s.seen) {
-			continue
+		if reply == nil && why == "file changed" {
+			if bytes.Equal(data, s.seen) {
+				s.changed, s.hasChanged = nil, false
+				continue
+			}
+			if !s.hasChanged || !bytes.Equal(data, s.changed) {
+				// Changed since the last look: a writer may still be
+				// at it (an editor saving in place, a slow copy), and a
+				// truncated file can parse (fewer routes). Wait for a
+				// look that finds it as it was.
+				s.changed, s.hasChanged = data, true
+				continue
+			}
 		}
+		s.changed, s.hasChanged = nil, false
 		s.seen = data
 		err = s.reload(ctx, g, data, why)
 		if reply != nil {
