@@ -70,6 +70,9 @@ const (
 	DefaultHealthCheckTimeout = time.Second
 	DefaultHealthyThreshold   = 1
 	DefaultUnhealthyThreshold = 2
+	// MinHealthCheckInterval is the shortest HealthCheckInterval other
+	// than 0 (off).
+	MinHealthCheckInterval = time.Millisecond
 )
 
 // Policies returns the policy names [New] accepts, for flag help and error

@@ -104,6 +104,7 @@ func TestNew(t *testing.T) {
 		{name: "negative penalty", cfg: Config{FailurePenalty: -time.Second}, wantErr: "director: failure penalty -1s is negative"},
 		{name: "negative slow start", cfg: Config{SlowStart: -time.Second}, wantErr: "director: slow start -1s is negative"},
 		{name: "negative interval", cfg: Config{HealthCheckInterval: -time.Second}, wantErr: "director: health check interval -1s is negative"},
+		{name: "interval under the minimum", cfg: Config{HealthCheckInterval: time.Nanosecond}, wantErr: "director: health check interval 1ns under the minimum 1ms"},
 		{name: "negative timeout", cfg: Config{HealthCheckTimeout: -time.Second}, wantErr: "director: health check timeout -1s is negative"},
 		{name: "negative healthy threshold", cfg: Config{HealthyThreshold: -1}, wantErr: "director: healthy threshold -1 is negative"},
 		{name: "negative unhealthy threshold", cfg: Config{UnhealthyThreshold: -1}, wantErr: "director: unhealthy threshold -1 is negative"},

@@ -65,6 +65,9 @@ func newHealthConfig(cfg Config) (healthConfig, error) {
 	switch {
 	case hc.interval < 0:
 		return hc, fmt.Errorf("director: health check interval %v is negative", hc.interval)
+	case hc.interval > 0 && hc.interval < MinHealthCheckInterval:
+		// 1ns meant a check per backend as soon as the last one ended.
+		return hc, fmt.Errorf("director: health check interval %v under the minimum %v", hc.interval, MinHealthCheckInterval)
 	case hc.timeout < 0:
 		return hc, fmt.Errorf("director: health check timeout %v is negative", hc.timeout)
 	case hc.healthyAfter < 0:

@@ -20,6 +20,9 @@ const (
 	// DefaultRefresh is how often a DNS target is re-resolved, Envoy's
 	// default dns_refresh_rate.
 	DefaultRefresh = 5 * time.Second
+	// MinRefresh is the shortest Refresh and MinTTL, Envoy's floor on
+	// dns_refresh_rate.
+	MinRefresh = time.Millisecond
 	// DefaultJitter spreads refreshes by ±10% so that a fleet of proxies
 	// started together does not query in lockstep.
 	DefaultJitter = 0.1
@@ -136,6 +139,16 @@ func (o DNSOptions) withDefaults() (DNSOptions, error) {
 			errs = append(errs, fmt.Errorf("resolver: options: negative %s %v", d.name, *d.p))
 		case *d.p == 0:
 			*d.p = d.def
+		}
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"Refresh", o.Refresh}, {"MinTTL", o.MinTTL}} {
+		if d.v > 0 && d.v < MinRefresh {
+			// 1ns meant a lookup as soon as the last one ended: a DNS
+			// server flooded by one cluster, for a typo of 1s.
+			errs = append(errs, fmt.Errorf("resolver: options: %s %v under the minimum %v", d.name, d.v, MinRefresh))
 		}
 	}
 	if o.LookupTimeout == 0 {

@@ -524,6 +524,8 @@ func TestNewDNSValidation(t *testing.T) {
 		{name: "unknown scheme", target: Target{Scheme: "http", Host: "a", Port: 1}, wantErr: "unknown scheme"},
 		{name: "no port", target: Target{Scheme: SchemeDNS, Host: "a"}, wantErr: "incomplete"},
 		{name: "negative refresh", target: Target{Scheme: SchemeDNS, Host: "a", Port: 1}, opts: DNSOptions{Refresh: -1}, wantErr: "negative Refresh"},
+		{name: "refresh under the minimum", target: Target{Scheme: SchemeDNS, Host: "a", Port: 1}, opts: DNSOptions{Refresh: time.Nanosecond}, wantErr: "Refresh 1ns under the minimum 1ms"},
+		{name: "min TTL under the minimum", target: Target{Scheme: SchemeDNS, Host: "a", Port: 1}, opts: DNSOptions{MinTTL: time.Microsecond}, wantErr: "MinTTL 1µs under the minimum 1ms"},
 		{name: "jitter 1", target: Target{Scheme: SchemeDNS, Host: "a", Port: 1}, opts: DNSOptions{Jitter: 1}, wantErr: "Jitter 1 not below 1"},
 		{name: "ttl bounds", target: Target{Scheme: SchemeDNS, Host: "a", Port: 1}, opts: DNSOptions{MinTTL: time.Hour}, wantErr: "MinTTL 1h0m0s above MaxTTL"},
 		{name: "backoff bounds", target: Target{Scheme: SchemeDNS, Host: "a", Port: 1}, opts: DNSOptions{BackoffInitial: time.Hour}, wantErr: "BackoffInitial 1h0m0s above BackoffMax"},
