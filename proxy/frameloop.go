@@ -98,6 +98,20 @@ func (t *transport) readLoop(p h2role) error {
 				err = t.dispatch(p, f)
 			}
 			t.hf = http2.HeadersFrame{}
+		} else if ok && plainControl(fh, payload) {
+			// PING and WINDOW_UPDATE, about one of each per gRPC call
+			// (BDP pings, window returns): handled from the buffer, not
+			// parsed by the Framer into a frame it allocates.
+			t.tookBuffered()
+			if fh.Type == http2.FramePing {
+				data := [8]byte(payload)
+				t.cr.discard(frameHeaderLen + len(payload))
+				err = t.onPing(p, fh.Flags.Has(http2.FlagPingAck), data)
+			} else {
+				inc := binary.BigEndian.Uint32(payload) & (1<<31 - 1)
+				t.cr.discard(frameHeaderLen + len(payload))
+				err = t.onWindowUpdate(p, fh.StreamID, inc)
+			}
 		} else if f, ferr := t.readFrame(); ferr == nil {
 			if _, ok := f.(*http2.SettingsFrame); !t.sawFrame && !ok {
 				// §3.4: each side's preface ends with a SETTINGS frame,
@@ -222,43 +236,9 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		}
 		p.settingsApplied()
 	case *http2.WindowUpdateFrame:
-		t.mu.Lock()
-		defer t.mu.Unlock()
-		var q *sendQueue
-		if id := f.StreamID; id != 0 {
-			st, sq := p.streamLocked(id)
-			if st == nil {
-				// §6.9: on an idle stream a connection error; on a
-				// closed one legal in a race, useless in a flood.
-				return t.unknownStreamLocked(p, id, evRecvWindowUpdate, "WINDOW_UPDATE on a closed stream", strayCost)
-			}
-			q = sq
-		}
-		if t.windowUpdateOverLocked(p.meterLocked()) {
-			if err := p.glitchLocked(1, "WINDOW_UPDATE beyond the frames we sent"); err != nil {
-				return err
-			}
-		}
-		return t.handleWindowUpdateLocked(q, f)
+		return t.onWindowUpdate(p, f.StreamID, f.Increment)
 	case *http2.PingFrame:
-		if f.IsAck() {
-			p.onPingAck(f.Data)
-			return nil
-		}
-		t.mu.Lock()
-		// As grpc-go's server counts ping strikes: a PING after we sent
-		// HEADERS or DATA is a peer measuring the link (BDP estimation,
-		// keepalive under load); PINGs with nothing sent in between are a
-		// flood.
-		if !t.dataSent.Swap(false) {
-			if err := p.glitchLocked(1, "PING"); err != nil {
-				t.mu.Unlock()
-				return err
-			}
-		}
-		t.queueCtrlLocked(writeOp{kind: opPing, end: true, ping: f.Data})
-		t.mu.Unlock()
-		t.signalPingAck()
+		return t.onPing(p, f.IsAck(), f.Data)
 	case *http2.GoAwayFrame:
 		p.onGoAway(f)
 	case *http2.PushPromiseFrame:
@@ -266,6 +246,67 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		// backends.
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
+	return nil
+}
+
+// plainControl reports whether the buffered frame fh, payload is a PING
+// or WINDOW_UPDATE the frame loop may handle from the read buffer: one
+// the Framer would parse without an error (RFC 9113 §6.7: 8 bytes on
+// stream 0; §6.9: 4 bytes, an increment other than 0). Any other is left
+// to the Framer, which reports it.
+func plainControl(fh http2.FrameHeader, payload []byte) bool {
+	switch fh.Type {
+	case http2.FramePing:
+		return fh.StreamID == 0 && len(payload) == 8
+	case http2.FrameWindowUpdate:
+		return len(payload) == 4 && binary.BigEndian.Uint32(payload)&(1<<31-1) != 0
+	}
+	return false
+}
+
+// onWindowUpdate handles a WINDOW_UPDATE of stream id (0: the
+// connection) by inc, not 0.
+func (t *transport) onWindowUpdate(p h2role, id, inc uint32) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var q *sendQueue
+	if id != 0 {
+		st, sq := p.streamLocked(id)
+		if st == nil {
+			// §6.9: on an idle stream a connection error; on a
+			// closed one legal in a race, useless in a flood.
+			return t.unknownStreamLocked(p, id, evRecvWindowUpdate, "WINDOW_UPDATE on a closed stream", strayCost)
+		}
+		q = sq
+	}
+	if t.windowUpdateOverLocked(p.meterLocked()) {
+		if err := p.glitchLocked(1, "WINDOW_UPDATE beyond the frames we sent"); err != nil {
+			return err
+		}
+	}
+	return t.handleWindowUpdateLocked(q, id, inc)
+}
+
+// onPing handles a PING, an answer (ack) or one to answer.
+func (t *transport) onPing(p h2role, ack bool, data [8]byte) error {
+	if ack {
+		p.onPingAck(data)
+		return nil
+	}
+	t.mu.Lock()
+	// As grpc-go's server counts ping strikes: a PING after we sent
+	// HEADERS or DATA is a peer measuring the link (BDP estimation,
+	// keepalive under load); PINGs with nothing sent in between are a
+	// flood.
+	if !t.dataSent.Swap(false) {
+		if err := p.glitchLocked(1, "PING"); err != nil {
+			t.mu.Unlock()
+			return err
+		}
+	}
+	t.queueCtrlLocked(writeOp{kind: opPing, end: true, ping: data})
+	t.mu.Unlock()
+	t.signalPingAck()
 	return nil
 }
 
@@ -323,9 +364,9 @@ func (t *transport) handleSettings(f *http2.SettingsFrame, eachQueue func(func(*
 // handleWindowUpdateLocked applies a WINDOW_UPDATE (RFC 9113 §6.9.1). q is
 // the stream's send queue (nil for stream 0 or an unknown stream). Caller
 // must hold mu.
-func (t *transport) handleWindowUpdateLocked(q *sendQueue, f *http2.WindowUpdateFrame) error {
-	inc := int32(f.Increment)
-	if f.StreamID == 0 {
+func (t *transport) handleWindowUpdateLocked(q *sendQueue, id, increment uint32) error {
+	inc := int32(increment)
+	if id == 0 {
 		if t.sendWindow > maxWindow-inc {
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
@@ -337,7 +378,7 @@ func (t *transport) handleWindowUpdateLocked(q *sendQueue, f *http2.WindowUpdate
 		return nil
 	}
 	if q.window > maxWindow-inc {
-		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeFlowControl}
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeFlowControl}
 	}
 	q.window += inc
 	t.markReadyLocked(q)
@@ -450,10 +491,13 @@ func (f *dataFrame) StreamEnded() bool { return f.end }
 // first copy into a buffer of its own (one more copy of every relayed
 // byte), and HEADERS holding a whole block, for which the Framer would
 // allocate a HeadersFrame and copy the block (three per gRPC call; issue
-// 12). ok is false, and so is every take, where the Framer has something
-// to say: the first frame, a frame over the size limit, stream 0, a frame
-// inside a header block, the contGuard's error; the Framer then reads the
-// frame and checks it as before. Reader goroutine only.
+// 12); and PING and WINDOW_UPDATE (plainControl), which the Framer
+// would parse into frames it allocates. ok is false, and so is every
+// take, where the Framer has something to say: the first frame, a frame
+// over the size limit, a frame inside a header block, the contGuard's
+// error; the takes refuse DATA and HEADERS on stream 0 and malformed PING
+// and WINDOW_UPDATE frames. The Framer then reads the frame and checks it
+// as before. Reader goroutine only.
 func (t *transport) bufferedFrame() (fh http2.FrameHeader, payload []byte, ok bool) {
 	b := t.cr.buffered()
 	if len(b) < frameHeaderLen || !t.sawFrame || t.hd.open || t.cg.err != nil {
@@ -464,9 +508,6 @@ func (t *transport) bufferedFrame() (fh http2.FrameHeader, payload []byte, ok bo
 		return fh, nil, false
 	}
 	id := binary.BigEndian.Uint32(b[5:]) & (1<<31 - 1)
-	if id == 0 {
-		return fh, nil, false // a connection error for DATA and HEADERS (§6.1, §6.2), the Framer's to report
-	}
 	fh = http2.FrameHeader{Type: http2.FrameType(b[3]), Flags: http2.Flags(b[4]), Length: uint32(n), StreamID: id}
 	return fh, b[frameHeaderLen : frameHeaderLen+n], true
 }
@@ -508,8 +549,8 @@ func (t *transport) nextBuffered() (fh http2.FrameHeader, payload []byte, ok boo
 // takeData takes the buffered frame fh, payload if it is DATA with valid
 // padding: t.df becomes the frame, its data a slice of the read buffer.
 func (t *transport) takeData(fh http2.FrameHeader, payload []byte) bool {
-	if fh.Type != http2.FrameData {
-		return false
+	if fh.Type != http2.FrameData || fh.StreamID == 0 {
+		return false // on stream 0 a connection error (§6.1), the Framer's to report
 	}
 	data := payload
 	if fh.Flags.Has(http2.FlagDataPadded) {
@@ -537,7 +578,7 @@ func (t *transport) takeData(fh http2.FrameHeader, payload []byte) bool {
 // into, is the connection's anyway (see ownBlock).
 func (t *transport) takeHeaders(fh http2.FrameHeader) bool {
 	const plain = http2.FlagHeadersEndStream | http2.FlagHeadersEndHeaders
-	if fh.Type != http2.FrameHeaders || fh.Flags&^plain != 0 || !fh.Flags.Has(http2.FlagHeadersEndHeaders) || fh.Length > ownBlockMax {
+	if fh.Type != http2.FrameHeaders || fh.StreamID == 0 || fh.Flags&^plain != 0 || !fh.Flags.Has(http2.FlagHeadersEndHeaders) || fh.Length > ownBlockMax {
 		return false
 	}
 	t.hf = http2.HeadersFrame{FrameHeader: fh}

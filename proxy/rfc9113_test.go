@@ -272,6 +272,51 @@ func TestRFC9113ClientSide(t *testing.T) {
 			},
 			id: 1, want: "GOAWAY PROTOCOL_ERROR",
 		},
+		// DATA on stream 0, and PING and WINDOW_UPDATE, are handled from
+		// the read buffer too (frameloop.go plainControl): held to the
+		// Framer's rules.
+		{
+			name:   "§6.1 DATA on stream 0",
+			frames: func(r *rawConn) { r.fr.WriteRawFrame(http2.FrameData, 0, 0, msg) },
+			id:     1, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§6.7 PING on a stream",
+			frames: func(r *rawConn) { r.fr.WriteRawFrame(http2.FramePing, 0, 1, make([]byte, 8)) },
+			id:     1, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§6.7 PING of 7 bytes",
+			frames: func(r *rawConn) { r.fr.WriteRawFrame(http2.FramePing, 0, 0, make([]byte, 7)) },
+			id:     1, want: "GOAWAY FRAME_SIZE_ERROR",
+		},
+		{
+			name:   "§6.9 WINDOW_UPDATE of 5 bytes",
+			frames: func(r *rawConn) { r.fr.WriteRawFrame(http2.FrameWindowUpdate, 0, 0, []byte{0, 0, 0, 1, 0}) },
+			id:     1, want: "GOAWAY FRAME_SIZE_ERROR",
+		},
+		{
+			name:   "§6.9 WINDOW_UPDATE of 0 on the connection",
+			frames: func(r *rawConn) { r.fr.WriteRawFrame(http2.FrameWindowUpdate, 0, 0, []byte{0x80, 0, 0, 0}) },
+			id:     1, want: "GOAWAY PROTOCOL_ERROR",
+		},
+		{
+			name:   "§6.9 WINDOW_UPDATE of 0 on a stream",
+			setup:  func(r *rawConn) { r.headers(1, unaryPath, false) },
+			frames: func(r *rawConn) { r.fr.WriteRawFrame(http2.FrameWindowUpdate, 0, 1, []byte{0, 0, 0, 0}) },
+			id:     1, want: "RST_STREAM PROTOCOL_ERROR",
+		},
+		{
+			name:   "§6.9.1 a connection window over 2^31-1",
+			frames: func(r *rawConn) { r.fr.WriteWindowUpdate(0, 1<<31-1) },
+			id:     1, want: "GOAWAY FLOW_CONTROL_ERROR",
+		},
+		{
+			name:   "§6.9.1 a stream window over 2^31-1",
+			setup:  func(r *rawConn) { r.headers(1, unaryPath, false) },
+			frames: func(r *rawConn) { r.fr.WriteWindowUpdate(1, 1<<31-1) },
+			id:     1, want: "RST_STREAM FLOW_CONTROL_ERROR",
+		},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
