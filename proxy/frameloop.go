@@ -512,13 +512,17 @@ func (t *transport) bufferedFrame() (fh http2.FrameHeader, payload []byte, ok bo
 	return fh, b[frameHeaderLen : frameHeaderLen+n], true
 }
 
-// nextBuffered is bufferedFrame, except that on a connection that makes
-// views (readref.go) it reads into the read buffer first: the next frame
-// header when fewer bytes are buffered, and the rest of a DATA frame of
+// nextBuffered is bufferedFrame, except that on a plain socket it reads
+// into the read buffer first when fewer bytes than a frame header are
+// buffered, so that the first frame of a fill can be taken from there
+// too, not only those after it (a unary call's frames come a fill or two
+// at a time: before, about one frame in three went through the Framer,
+// which allocates PING, WINDOW_UPDATE and HEADERS frames); and on a
+// connection that makes views (readref.go), the rest of a DATA frame of
 // vecMin bytes or more whose start is buffered, so that the frame can be
 // taken from there whole. Reader goroutine only.
 func (t *transport) nextBuffered() (fh http2.FrameHeader, payload []byte, ok bool) {
-	if fh, payload, ok = t.bufferedFrame(); ok || !t.views {
+	if fh, payload, ok = t.bufferedFrame(); ok {
 		return fh, payload, ok
 	}
 	if !t.sawFrame || t.hd.open || t.cg.err != nil {
@@ -537,7 +541,7 @@ func (t *transport) nextBuffered() (fh http2.FrameHeader, payload []byte, ok boo
 		}
 		b = t.cr.buffered()
 	}
-	if http2.FrameType(b[3]) != http2.FrameData {
+	if !t.views || http2.FrameType(b[3]) != http2.FrameData {
 		return fh, payload, false
 	}
 	if n := int(b[0])<<16 | int(b[1])<<8 | int(b[2]); n < vecMin || n > maxFrameSize || !t.cr.fillTo(frameHeaderLen+n) {
