@@ -424,16 +424,26 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	// client: a backend repeating a small block of references to a large
 	// table entry made the proxy decode and hold a megabyte per 250 bytes
 	// it sent), a 1xx block that ends the stream or follows the final
-	// headers, and 101 (HTTP/2 has no upgrade, §8.6).
+	// headers, and 101 (HTTP/2 has no upgrade, §8.6). So are trailers
+	// with a pseudo-header (§8.1) and a response whose :status is missing
+	// or not three digits (§8.3.2, RFC 9110 §15): relayed, x/net's client
+	// answered the first with a connection error, which cut the client's
+	// other calls, and refused the others.
 	status := responseStatus(f.Fields)
 	interim := len(status) == 3 && status[0] == '1'
 	var malformed error
 	switch {
-	case interim && (end || a.finalHeaders || status == "101"):
+	case a.finalHeaders && !end:
+		malformed = errors.New("HEADERS without END_STREAM after the response headers")
+	case a.finalHeaders:
+		if len(f.PseudoFields()) > 0 {
+			malformed = errors.New("pseudo-header field in trailers")
+		}
+	case !validStatus(status):
+		malformed = fmt.Errorf("response :status %q is not three digits", status)
+	case interim && (end || status == "101"):
 		malformed = errors.New("malformed informational (1xx) response")
 	case end:
-	case a.finalHeaders:
-		malformed = errors.New("HEADERS without END_STREAM after the response headers")
 	case !interim:
 		a.finalHeaders = true
 	case a.interim >= maxInterimResponses:

@@ -97,6 +97,20 @@ func responseStatus(fields []hpack.HeaderField) string {
 	return ""
 }
 
+// validStatus reports whether a response's :status is three digits (RFC
+// 9110 §15; x/net's client refuses one that is not a number).
+func validStatus(s string) bool {
+	if len(s) != 3 {
+		return false
+	}
+	for i := range 3 {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
 // requestInfo is what the proxy reads from a request header block.
 type requestInfo struct {
 	method      string // :method
