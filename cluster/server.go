@@ -65,7 +65,8 @@ type ServerConfig struct {
 	// Engine is one of [Engines]; "" means [EngineFrame].
 	Engine string
 	// Proxy configures the frame engine. Its Picker, DrainTimeout and
-	// Logger are set by NewServer; the reference engine uses none of it.
+	// Logger are set by NewServer; the reference engine uses only its
+	// MaxConnections, MaxConcurrentStreams and MaxHeaderListSize.
 	Proxy proxy.Config
 	// DrainTimeout bounds a graceful drain, both when Run's ctx ends and
 	// for the connections of a backend that left the set; 0 means
@@ -238,7 +239,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			}
 		}
 	case EngineGRPCProxy:
-		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, OnCallEnd: s.callEndHook()}
+		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, OnCallEnd: s.callEndHook(),
+			MaxConnections: pc.MaxConnections, MaxConcurrentStreams: pc.MaxConcurrentStreams, MaxHeaderListSize: pc.MaxHeaderListSize}
 		if btls != nil {
 			rc.Credentials = btls.credentials()
 		}

@@ -8,6 +8,7 @@ import (
 	"math"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	grpcproxy "github.com/mwitkow/grpc-proxy/proxy"
@@ -37,6 +38,17 @@ type ReferenceConfig struct {
 	// Method, Backend, Attempts, Code, Message, Start, Duration and
 	// Client only: it does not see the bytes relayed.
 	OnCallEnd func(CallInfo)
+	// MaxConnections, MaxConcurrentStreams and MaxHeaderListSize are
+	// Config's limits of the same names, with the same defaults: client
+	// connections served at once (over it a connection is closed as soon
+	// as accepted; negative: no cap), streams per client connection
+	// (SETTINGS_MAX_CONCURRENT_STREAMS) and a request's header list size
+	// (SETTINGS_MAX_HEADER_LIST_SIZE). Without them grpc-go's server
+	// serves any number of connections and streams, each stream with its
+	// pump goroutines, and header lists of 16 MiB.
+	MaxConnections       int
+	MaxConcurrentStreams uint32
+	MaxHeaderListSize    uint32
 }
 
 // Reference is the message-level engine: mwitkow/grpc-proxy's transparent
@@ -53,6 +65,9 @@ type Reference struct {
 	creds  credentials.TransportCredentials
 	onEnd  func(CallInfo)
 	hopID  string // names this proxy in loopHeader
+
+	maxConns int // 0: no cap
+	refusals refusalLog
 
 	mu sync.Mutex
 	// mu guards the fields below.
@@ -83,6 +98,13 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	if cfg.Credentials == nil {
 		cfg.Credentials = insecure.NewCredentials()
 	}
+	defaultOrOff(&cfg.MaxConnections, DefaultMaxConnections)
+	if cfg.MaxConcurrentStreams == 0 {
+		cfg.MaxConcurrentStreams = DefaultMaxConcurrentStreams
+	}
+	if cfg.MaxHeaderListSize == 0 {
+		cfg.MaxHeaderListSize = DefaultMaxHeaderListSize
+	}
 	r := &Reference{
 		creds:    cfg.Credentials,
 		onEnd:    cfg.OnCallEnd,
@@ -90,6 +112,7 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		picker:   cfg.Picker,
 		log:      cfg.Logger.With("component", "proxy", "engine", "grpc-proxy"),
 		drain:    cfg.DrainTimeout,
+		maxConns: cfg.MaxConnections,
 		conns:    make(map[string]*grpc.ClientConn),
 		draining: make(map[*grpc.ClientConn]*time.Timer),
 	}
@@ -98,6 +121,8 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		grpc.StreamInterceptor(r.intercept),
 		grpc.MaxRecvMsgSize(math.MaxInt32),
 		grpc.MaxSendMsgSize(math.MaxInt32),
+		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
+		grpc.MaxHeaderListSize(cfg.MaxHeaderListSize),
 	)
 	return r, nil
 }
@@ -178,6 +203,11 @@ func (r *Reference) conn(addr string) (*grpc.ClientConn, error) {
 
 // Serve serves gRPC on ln until Shutdown or Close.
 func (r *Reference) Serve(ln net.Listener) error {
+	if r.maxConns > 0 {
+		ln = &capListener{Listener: ln, max: int64(r.maxConns), refused: func() {
+			r.refusals.note(time.Now(), r.log, slog.LevelDebug, "connections refused: at max connections", r.maxConns)
+		}}
+	}
 	err := r.srv.Serve(ln)
 	if err == nil || errors.Is(err, grpc.ErrServerStopped) {
 		return ErrServerClosed
@@ -262,4 +292,41 @@ func countOf(vs []string, v string) int {
 		}
 	}
 	return n
+}
+
+// capListener closes the connections it accepts while max of those it
+// handed on are open, as the frame engine's Serve does at
+// Config.MaxConnections; grpc-go's server has no such cap.
+type capListener struct {
+	net.Listener
+	max     int64
+	refused func()
+	open    atomic.Int64
+}
+
+func (l *capListener) Accept() (net.Conn, error) {
+	for {
+		nc, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if l.open.Add(1) <= l.max {
+			return &cappedConn{Conn: nc, open: &l.open}, nil
+		}
+		l.open.Add(-1)
+		nc.Close()
+		l.refused()
+	}
+}
+
+// cappedConn gives its place under capListener's cap back when closed.
+type cappedConn struct {
+	net.Conn
+	open *atomic.Int64
+	once sync.Once
+}
+
+func (c *cappedConn) Close() error {
+	c.once.Do(func() { c.open.Add(-1) })
+	return c.Conn.Close()
 }

@@ -1,0 +1,118 @@
+package cluster_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+
+	"github.com/streamlb/streamlb/cluster"
+	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/proxy"
+)
+
+// TestGRPCProxyEngineLimits: the grpc-proxy engine honours the client-side
+// limits the frame engine has, with the same defaults: connections over
+// --max-connections are closed as soon as accepted, and
+// --max-concurrent-streams and --max-header-list-size are advertised in
+// its SETTINGS. It used to ignore all three: 40 connections were all
+// served with --max-connections 5, and its SETTINGS carried neither limit
+// (grpc-go's server then allows any number of streams per connection, each
+// with its pump goroutines, and 16 MiB header lists).
+func TestGRPCProxyEngineLimits(t *testing.T) {
+	backend := startBackend(t, "b", "127.0.0.1:0")
+	for _, tc := range []struct {
+		name                string
+		cfg                 proxy.Config
+		maxConns            int
+		wantStreams, wantHL uint32
+	}{
+		{name: "defaults", maxConns: proxy.DefaultMaxConnections, wantStreams: proxy.DefaultMaxConcurrentStreams, wantHL: proxy.DefaultMaxHeaderListSize},
+		{name: "set", cfg: proxy.Config{MaxConnections: 2, MaxConcurrentStreams: 7, MaxHeaderListSize: 2000}, maxConns: 2, wantStreams: 7, wantHL: 2000},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, err := cluster.NewServer(cluster.ServerConfig{
+				Logger: quiet, Engine: cluster.EngineGRPCProxy, Proxy: tc.cfg,
+				Cluster: cluster.Config{Targets: []string{backend.Addr()}},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			ran := make(chan error, 1)
+			go func() { ran <- srv.Run(ctx, ln, nil) }()
+			t.Cleanup(func() {
+				cancel()
+				if err := <-ran; err != nil {
+					t.Errorf("Run: %v", err)
+				}
+			})
+			addr := ln.Addr().String()
+			wctx := testkit.Context(t, 8*time.Second)
+			first, settings := rawH2(t, addr)
+			if settings == nil {
+				t.Fatal("the first connection got no SETTINGS")
+			}
+			for _, s := range []struct {
+				id   http2.SettingID
+				want uint32
+			}{{http2.SettingMaxConcurrentStreams, tc.wantStreams}, {http2.SettingMaxHeaderListSize, tc.wantHL}} {
+				if got, ok := settings.Value(s.id); !ok || got != s.want {
+					t.Errorf("SETTINGS %v = %d (sent: %v), want %d", s.id, got, ok, s.want)
+				}
+			}
+			client := dial(t, addr)
+			if _, err := client.EmptyCall(wctx, &testgrpc.Empty{}); err != nil {
+				t.Fatalf("a call: %v", err)
+			}
+			if tc.maxConns > 2 {
+				return
+			}
+			// The cap is reached: the next connection is closed at once.
+			if _, s := rawH2(t, addr); s != nil {
+				t.Fatalf("a connection over --max-connections %d was served", tc.maxConns)
+			}
+			// One closes, and its place is taken again.
+			first.Close()
+			testkit.WaitFor(wctx, t, "a connection to be served after one closed", func() bool {
+				nc, s := rawH2(t, addr)
+				nc.Close()
+				return s != nil
+			})
+		})
+	}
+}
+
+// rawH2 opens an HTTP/2 connection to addr and returns it with the
+// server's SETTINGS, or nil when the server closed it instead.
+func rawH2(t *testing.T, addr string) (net.Conn, *http2.SettingsFrame) {
+	t.Helper()
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	nc.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(nc, http2.ClientPreface)
+	fr := http2.NewFramer(nc, nc)
+	fr.WriteSettings()
+	f, err := fr.ReadFrame()
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Fatalf("no answer from the proxy: %v", err)
+		}
+		return nc, nil
+	}
+	sf, _ := f.(*http2.SettingsFrame)
+	return nc, sf
+}
