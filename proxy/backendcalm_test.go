@@ -91,8 +91,9 @@ func twoBackendServer(t *testing.T, raw string, tcfg testserver.Config, cfg prox
 }
 
 // TestBackendGlitchFloods: a backend that floods its connection with
-// frames that do no work (PING, SETTINGS, one-byte WINDOW_UPDATEs, empty
-// DATA, empty CONTINUATION) loses that connection to
+// frames that do no work (PING, SETTINGS, acknowledgements of SETTINGS
+// and PINGs the proxy never sent, one-byte WINDOW_UPDATEs, empty DATA,
+// empty CONTINUATION) loses that connection to
 // GOAWAY(ENHANCE_YOUR_CALM), as a client would. The call on it ends
 // UNAVAILABLE, or succeeds on the other backend when its method may be
 // retried; the Picker hears UNAVAILABLE for the flooding backend; the
@@ -113,6 +114,16 @@ func TestBackendGlitchFloods(t *testing.T) {
 		{"SETTINGS", func(fr *http2.Framer, id uint32) {
 			for range 4 * budget {
 				fr.WriteSettings()
+			}
+		}},
+		{"SETTINGS ACK", func(fr *http2.Framer, id uint32) {
+			for range 4 * budget {
+				fr.WriteSettingsAck()
+			}
+		}},
+		{"PING ACK", func(fr *http2.Framer, id uint32) {
+			for i := range 4 * budget {
+				fr.WritePing(true, [8]byte{byte(i), byte(i >> 8)})
 			}
 		}},
 		{"connection WINDOW_UPDATE", func(fr *http2.Framer, id uint32) {

@@ -213,7 +213,9 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		return p.onReset(f.StreamID, f.ErrCode)
 	case *http2.SettingsFrame:
 		if f.IsAck() {
-			return nil
+			t.mu.Lock()
+			defer t.mu.Unlock()
+			return t.ackLocked(p, &t.settingsOut, "SETTINGS ACK for no SETTINGS")
 		}
 		if err := checkSettings(f); err != nil {
 			return err
@@ -290,6 +292,12 @@ func (t *transport) onWindowUpdate(p h2role, id, inc uint32) error {
 // onPing handles a PING, an answer (ack) or one to answer.
 func (t *transport) onPing(p h2role, ack bool, data [8]byte) error {
 	if ack {
+		t.mu.Lock()
+		err := t.ackLocked(p, &t.pingsOut, "PING ACK for no PING")
+		t.mu.Unlock()
+		if err != nil {
+			return err
+		}
 		p.onPingAck(data)
 		return nil
 	}

@@ -365,6 +365,10 @@ type transport struct {
 	// resets are the stream ids we reset last: frames on them are ignored
 	// after the streams are gone (RFC 9113 §5.1 "closed").
 	resets resetRing
+	// settingsOut and pingsOut count the SETTINGS and PINGs (not acks)
+	// we queued and the peer has not acknowledged: an acknowledgement
+	// beyond them answers nothing, and costs a glitch (ackLocked).
+	settingsOut, pingsOut int
 
 	// toRelease holds buffers no queue needs any more but that the write in
 	// progress may still be reading; the writer returns them to the pool
@@ -745,6 +749,25 @@ func (t *transport) queueCtrlLocked(op writeOp) {
 		return
 	}
 	t.ctrl = append(t.ctrl, op)
+	switch {
+	case op.kind == opSettings:
+		t.settingsOut++
+	case op.kind == opPing && !op.end:
+		t.pingsOut++
+	}
+}
+
+// ackLocked takes a peer's acknowledgement of one of our SETTINGS or
+// PINGs (out is settingsOut or pingsOut) and charges p a glitch for one
+// that answers nothing we sent: such acks do no work, and unbounded, a
+// flood of them (9 or 17 bytes each) kept a core busy for as long as the
+// peer sent them. Caller must hold mu.
+func (t *transport) ackLocked(p errorPolicy, out *int, what string) error {
+	if *out > 0 {
+		*out--
+		return nil
+	}
+	return p.glitchLocked(1, what)
 }
 
 // maxQueuedControlFrames bounds the control frames waiting for the writer.
