@@ -85,6 +85,7 @@ type fileProxy struct {
 	BackendStreamWindowMax    int32         `yaml:"backend_stream_window_max"`
 	RetryBuffer               int           `yaml:"retry_buffer"`
 	ResponseHoldback          int           `yaml:"response_holdback"`
+	MaxMessageSize            int           `yaml:"max_message_size"`
 	// The retry policy of the clusters without their own (see fileRetry).
 	RetryOn          []string `yaml:"retry_on"`
 	MaxRetries       int      `yaml:"max_retries"`
@@ -702,10 +703,11 @@ func (f *File) proxyConfig() proxy.Config {
 // the metrics registry (if [File.MetricsOn]) and OnDrain.
 func (f *File) ServerConfig() ServerConfig {
 	sc := ServerConfig{
-		Engine:       f.Engine,
-		Proxy:        f.proxyConfig(),
-		DrainTimeout: f.DrainTimeout,
-		File:         f,
+		Engine:         f.Engine,
+		Proxy:          f.proxyConfig(),
+		MaxMessageSize: f.Proxy.MaxMessageSize,
+		DrainTimeout:   f.DrainTimeout,
+		File:           f,
 	}
 	if t := f.TLS; t != nil {
 		sc.TLS = &ServerTLS{CertFile: t.Cert, KeyFile: t.Key, ClientCAFile: t.ClientCA}

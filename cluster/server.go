@@ -68,6 +68,10 @@ type ServerConfig struct {
 	// Logger are set by NewServer; the reference engine uses only its
 	// MaxConnections, MaxConcurrentStreams and MaxHeaderListSize.
 	Proxy proxy.Config
+	// MaxMessageSize is the grpc-proxy engine's bound on a message
+	// (proxy.ReferenceConfig.MaxMessageSize); the frame engine relays
+	// messages of any size without holding them whole.
+	MaxMessageSize int
 	// DrainTimeout bounds a graceful drain, both when Run's ctx ends and
 	// for the connections of a backend that left the set; 0 means
 	// DefaultDrainTimeout.
@@ -240,7 +244,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		}
 	case EngineGRPCProxy:
 		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, OnCallEnd: s.callEndHook(),
-			MaxConnections: pc.MaxConnections, MaxConcurrentStreams: pc.MaxConcurrentStreams, MaxHeaderListSize: pc.MaxHeaderListSize}
+			MaxConnections: pc.MaxConnections, MaxConcurrentStreams: pc.MaxConcurrentStreams, MaxHeaderListSize: pc.MaxHeaderListSize,
+			MaxMessageSize: cfg.MaxMessageSize}
 		if btls != nil {
 			rc.Credentials = btls.credentials()
 		}

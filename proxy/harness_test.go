@@ -122,7 +122,8 @@ func newEnv(t *testing.T, o envOpts) *env {
 		}
 		e.srv = s
 	case "grpc-proxy":
-		s, err := proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: quietLog})
+		// Messages as large as the testservers take (TestLargeMessage).
+		s, err := proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: quietLog, MaxMessageSize: 128 << 20})
 		if err != nil {
 			t.Fatal(err)
 		}

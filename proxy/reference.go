@@ -49,7 +49,18 @@ type ReferenceConfig struct {
 	MaxConnections       int
 	MaxConcurrentStreams uint32
 	MaxHeaderListSize    uint32
+	// MaxMessageSize bounds a gRPC message, request or response: this
+	// engine decodes each whole and re-encodes it, holding about three
+	// times its size, so without a bound a client or backend made it
+	// hold up to 2 GiB per message. A larger message fails the call
+	// RESOURCE_EXHAUSTED (grpc-go's MaxRecvMsgSize). Zero means
+	// DefaultReferenceMaxMessageSize, negative no bound.
+	MaxMessageSize int
 }
+
+// DefaultReferenceMaxMessageSize is ReferenceConfig.MaxMessageSize's
+// default: grpc-go's own receive limit.
+const DefaultReferenceMaxMessageSize = 4 << 20
 
 // Reference is the message-level engine: mwitkow/grpc-proxy's transparent
 // handler on a grpc-go server, with a goroutine pair per stream and a
@@ -67,6 +78,7 @@ type Reference struct {
 	hopID  string // names this proxy in loopHeader
 
 	maxConns int // 0: no cap
+	maxMsg   int // largest message received, either way
 	refusals refusalLog
 
 	mu sync.Mutex
@@ -99,6 +111,10 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		cfg.Credentials = insecure.NewCredentials()
 	}
 	defaultOrOff(&cfg.MaxConnections, DefaultMaxConnections)
+	defaultOrOff(&cfg.MaxMessageSize, DefaultReferenceMaxMessageSize)
+	if cfg.MaxMessageSize == 0 {
+		cfg.MaxMessageSize = math.MaxInt32
+	}
 	if cfg.MaxConcurrentStreams == 0 {
 		cfg.MaxConcurrentStreams = DefaultMaxConcurrentStreams
 	}
@@ -113,13 +129,14 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		log:      cfg.Logger.With("component", "proxy", "engine", "grpc-proxy"),
 		drain:    cfg.DrainTimeout,
 		maxConns: cfg.MaxConnections,
+		maxMsg:   cfg.MaxMessageSize,
 		conns:    make(map[string]*grpc.ClientConn),
 		draining: make(map[*grpc.ClientConn]*time.Timer),
 	}
 	r.srv = grpc.NewServer(
 		grpc.UnknownServiceHandler(grpcproxy.TransparentHandler(r.direct)),
 		grpc.StreamInterceptor(r.intercept),
-		grpc.MaxRecvMsgSize(math.MaxInt32),
+		grpc.MaxRecvMsgSize(cfg.MaxMessageSize),
 		grpc.MaxSendMsgSize(math.MaxInt32),
 		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
 		grpc.MaxHeaderListSize(cfg.MaxHeaderListSize),
@@ -193,7 +210,7 @@ func (r *Reference) conn(addr string) (*grpc.ClientConn, error) {
 	}
 	cc, err := grpc.NewClient("passthrough:///"+addr,
 		grpc.WithTransportCredentials(r.creds),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)))
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(r.maxMsg), grpc.MaxCallSendMsgSize(math.MaxInt32)))
 	if err != nil {
 		return nil, fmt.Errorf("proxy: client for %s: %w", addr, err)
 	}
