@@ -13,6 +13,7 @@ import (
 
 	grpcproxy "github.com/mwitkow/grpc-proxy/proxy"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
@@ -83,8 +84,8 @@ type Reference struct {
 
 	mu sync.Mutex
 	// mu guards the fields below.
-	conns    map[string]*grpc.ClientConn
-	draining map[*grpc.ClientConn]*time.Timer // connections of removed backends, closed when their timer fires
+	conns    map[string]*refConn
+	draining map[*refConn]*time.Timer // connections of removed backends, closed when their timer fires
 }
 
 type doneKey struct{}
@@ -94,6 +95,14 @@ type doneKey struct{}
 type doneHolder struct {
 	done func(error)
 	addr string
+	cc   *refConn
+}
+
+// refConn is the client connection to one backend, with why the engine
+// closed it under the calls still on it (RetainBackends), nil until then.
+type refConn struct {
+	*grpc.ClientConn
+	cut atomic.Pointer[error]
 }
 
 // NewReference builds the reference engine. It starts nothing.
@@ -130,8 +139,8 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		drain:    cfg.DrainTimeout,
 		maxConns: cfg.MaxConnections,
 		maxMsg:   cfg.MaxMessageSize,
-		conns:    make(map[string]*grpc.ClientConn),
-		draining: make(map[*grpc.ClientConn]*time.Timer),
+		conns:    make(map[string]*refConn),
+		draining: make(map[*refConn]*time.Timer),
 	}
 	r.srv = grpc.NewServer(
 		grpc.UnknownServiceHandler(grpcproxy.TransparentHandler(r.direct)),
@@ -152,6 +161,14 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	}
 	h := &doneHolder{}
 	err := handler(srv, &holderStream{ServerStream: ss, ctx: context.WithValue(ss.Context(), doneKey{}, h)})
+	if err != nil && h.cc != nil && status.Code(err) == codes.Canceled && ss.Context().Err() == nil {
+		// grpc-go ends the calls on a ClientConn we closed with CANCELED
+		// ("the client connection is closing"), which would tell the
+		// client it gave up itself: say what the frame engine says.
+		if why := h.cc.cut.Load(); why != nil {
+			err = failure{kind: failConnLost, backend: h.addr, cause: *why}.statusErr()
+		}
+	}
 	if h.done != nil {
 		h.done(err)
 	}
@@ -189,7 +206,8 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 	if err != nil {
 		return nil, nil, failure{kind: failNoBackend, method: fullMethod, cause: err}.statusErr()
 	}
-	if h, ok := ctx.Value(doneKey{}).(*doneHolder); ok {
+	h, _ := ctx.Value(doneKey{}).(*doneHolder)
+	if h != nil {
 		h.done = done
 		h.addr = addr
 	}
@@ -197,12 +215,15 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 	if err != nil {
 		return nil, nil, failure{kind: failDial, backend: addr, cause: err}.statusErr()
 	}
+	if h != nil {
+		h.cc = cc
+	}
 	out := md.Copy()
 	out.Append(loopHeader, r.hopID)
 	return metadata.NewOutgoingContext(ctx, out), cc, nil
 }
 
-func (r *Reference) conn(addr string) (*grpc.ClientConn, error) {
+func (r *Reference) conn(addr string) (*refConn, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if cc, ok := r.conns[addr]; ok {
@@ -214,8 +235,9 @@ func (r *Reference) conn(addr string) (*grpc.ClientConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("proxy: client for %s: %w", addr, err)
 	}
-	r.conns[addr] = cc
-	return cc, nil
+	rc := &refConn{ClientConn: cc}
+	r.conns[addr] = rc
+	return rc, nil
 }
 
 // Serve serves gRPC on ln until Shutdown or Close.
@@ -294,6 +316,8 @@ func (r *Reference) RetainBackends(addrs []string) {
 			delete(r.draining, cc)
 			r.mu.Unlock()
 			if ok {
+				why := fmt.Errorf("%w: drain timeout %v passed", errLeftSet, r.drain)
+				cc.cut.Store(&why)
 				cc.Close()
 			}
 		})
