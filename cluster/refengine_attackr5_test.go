@@ -165,3 +165,60 @@ func TestGRPCProxyEngineMessageSize(t *testing.T) {
 		}
 	}
 }
+
+// TestGRPCProxyEngineSilentAndIdleConns: the grpc-proxy engine closes a
+// connection that sends no preface within the preface timeout and shuts
+// down (GOAWAY) one without a stream for the idle timeout, as the frame
+// engine does, so neither holds a place under --max-connections. grpc-go's
+// server waited 120 s for a preface and never timed out idle connections:
+// with --max-connections N, N idle clients locked every other client out.
+func TestGRPCProxyEngineSilentAndIdleConns(t *testing.T) {
+	backend := startBackend(t, "b", "127.0.0.1:0")
+	srv, err := cluster.NewServer(cluster.ServerConfig{
+		Logger: quiet, Engine: cluster.EngineGRPCProxy,
+		Proxy:   proxy.Config{MaxConnections: 2, PrefaceTimeout: 300 * time.Millisecond, IdleTimeout: 300 * time.Millisecond},
+		Cluster: cluster.Config{Targets: []string{backend.Addr()}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- srv.Run(ctx, ln, nil) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-ran; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	addr := ln.Addr().String()
+	// A connection that never sends its preface is closed.
+	silent, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { silent.Close() })
+	silent.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.Copy(io.Discard, silent); err != nil {
+		t.Errorf("a connection without a preface: %v, want it closed", err)
+	}
+	// An idle one gets GOAWAY.
+	idle, settings := rawH2(t, addr)
+	if settings == nil {
+		t.Fatal("no SETTINGS")
+	}
+	fr := http2.NewFramer(idle, idle)
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("an idle connection: %v before GOAWAY", err)
+		}
+		if _, ok := f.(*http2.GoAwayFrame); ok {
+			break
+		}
+	}
+}

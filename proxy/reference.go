@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
@@ -57,6 +58,13 @@ type ReferenceConfig struct {
 	// RESOURCE_EXHAUSTED (grpc-go's MaxRecvMsgSize). Zero means
 	// DefaultReferenceMaxMessageSize, negative no bound.
 	MaxMessageSize int
+	// PrefaceTimeout and IdleTimeout are Config's of the same names, with
+	// the same defaults: a new connection must send its preface within
+	// the first (grpc-go's server waited 120 s), and one without a stream
+	// for the second is shut down (grpc-go's: never), so that silent or
+	// idle connections do not hold MaxConnections' places.
+	PrefaceTimeout time.Duration
+	IdleTimeout    time.Duration
 }
 
 // DefaultReferenceMaxMessageSize is ReferenceConfig.MaxMessageSize's
@@ -121,6 +129,10 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	}
 	defaultOrOff(&cfg.MaxConnections, DefaultMaxConnections)
 	defaultOrOff(&cfg.MaxMessageSize, DefaultReferenceMaxMessageSize)
+	defaultOrOff(&cfg.IdleTimeout, DefaultIdleTimeout)
+	if cfg.PrefaceTimeout <= 0 {
+		cfg.PrefaceTimeout = DefaultPrefaceTimeout
+	}
 	if cfg.MaxMessageSize == 0 {
 		cfg.MaxMessageSize = math.MaxInt32
 	}
@@ -149,6 +161,8 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		grpc.MaxSendMsgSize(math.MaxInt32),
 		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
 		grpc.MaxHeaderListSize(cfg.MaxHeaderListSize),
+		grpc.ConnectionTimeout(cfg.PrefaceTimeout),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: cfg.IdleTimeout}), // 0: never
 	)
 	return r, nil
 }
