@@ -5,17 +5,21 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/cluster"
 	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
+	"github.com/streamlb/streamlb/testserver"
 )
 
 // TestGRPCProxyEngineLimits: the grpc-proxy engine honours the client-side
@@ -220,5 +224,54 @@ func TestGRPCProxyEngineSilentAndIdleConns(t *testing.T) {
 		if _, ok := f.(*http2.GoAwayFrame); ok {
 			break
 		}
+	}
+}
+
+// TestGRPCProxyEngineResponseHeaderLimit: the grpc-proxy engine advertises
+// --max-response-header-list-size to its backends, as the frame engine
+// does, so a backend's headers over it fail the call instead of being
+// taken and relayed: grpc-go's client took 16 MiB of them.
+func TestGRPCProxyEngineResponseHeaderLimit(t *testing.T) {
+	const limit = 64 << 10
+	ts, err := testserver.New(testserver.Config{Name: "b", Logger: quiet,
+		UnaryCallF: func(ctx context.Context, in *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+			grpc.SetHeader(ctx, metadata.Pairs("x-big", strings.Repeat("a", int(in.GetResponseSize()))))
+			return &testgrpc.SimpleResponse{}, nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	srv, err := cluster.NewServer(cluster.ServerConfig{
+		Logger: quiet, Engine: cluster.EngineGRPCProxy,
+		Proxy:   proxy.Config{MaxResponseHeaderListSize: limit},
+		Cluster: cluster.Config{Targets: []string{ts.Addr()}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- srv.Run(ctx, ln, nil) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-ran; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	client := dial(t, ln.Addr().String())
+	wctx := testkit.Context(t, 8*time.Second)
+	if _, err := client.UnaryCall(wctx, &testgrpc.SimpleRequest{ResponseSize: limit / 4}); err != nil {
+		t.Errorf("headers under the limit: %v", err)
+	}
+	if _, err := client.UnaryCall(wctx, &testgrpc.SimpleRequest{ResponseSize: 2 * limit}); status.Code(err) != codes.Internal {
+		t.Errorf("headers of %d bytes, over the limit of %d: %v, want INTERNAL", 2*limit, limit, err)
 	}
 }

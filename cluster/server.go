@@ -67,7 +67,7 @@ type ServerConfig struct {
 	// Proxy configures the frame engine. Its Picker, DrainTimeout and
 	// Logger are set by NewServer; the reference engine uses only its
 	// MaxConnections, MaxConcurrentStreams, MaxHeaderListSize,
-	// PrefaceTimeout and IdleTimeout.
+	// MaxResponseHeaderListSize, PrefaceTimeout and IdleTimeout.
 	Proxy proxy.Config
 	// MaxMessageSize is the grpc-proxy engine's bound on a message
 	// (proxy.ReferenceConfig.MaxMessageSize); the frame engine relays
@@ -246,7 +246,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	case EngineGRPCProxy:
 		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, OnCallEnd: s.callEndHook(),
 			MaxConnections: pc.MaxConnections, MaxConcurrentStreams: pc.MaxConcurrentStreams, MaxHeaderListSize: pc.MaxHeaderListSize,
-			MaxMessageSize: cfg.MaxMessageSize, PrefaceTimeout: pc.PrefaceTimeout, IdleTimeout: pc.IdleTimeout}
+			MaxMessageSize: cfg.MaxMessageSize, PrefaceTimeout: pc.PrefaceTimeout, IdleTimeout: pc.IdleTimeout,
+			MaxResponseHeaderListSize: pc.MaxResponseHeaderListSize}
 		if btls != nil {
 			rc.Credentials = btls.credentials()
 		}

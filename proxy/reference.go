@@ -65,6 +65,10 @@ type ReferenceConfig struct {
 	// idle connections do not hold MaxConnections' places.
 	PrefaceTimeout time.Duration
 	IdleTimeout    time.Duration
+	// MaxResponseHeaderListSize is Config's: the size of a backend's
+	// response header or trailer list, advertised to backends (grpc-go's
+	// client took 16 MiB). Zero means DefaultMaxResponseHeaderListSize.
+	MaxResponseHeaderListSize uint32
 }
 
 // DefaultReferenceMaxMessageSize is ReferenceConfig.MaxMessageSize's
@@ -86,8 +90,9 @@ type Reference struct {
 	onEnd  func(CallInfo)
 	hopID  string // names this proxy in loopHeader
 
-	maxConns int // 0: no cap
-	maxMsg   int // largest message received, either way
+	maxConns int    // 0: no cap
+	maxMsg   int    // largest message received, either way
+	maxResp  uint32 // advertised to backends as SETTINGS_MAX_HEADER_LIST_SIZE
 	refusals refusalLog
 
 	mu sync.Mutex
@@ -142,6 +147,9 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	if cfg.MaxHeaderListSize == 0 {
 		cfg.MaxHeaderListSize = DefaultMaxHeaderListSize
 	}
+	if cfg.MaxResponseHeaderListSize == 0 {
+		cfg.MaxResponseHeaderListSize = DefaultMaxResponseHeaderListSize
+	}
 	r := &Reference{
 		creds:    cfg.Credentials,
 		onEnd:    cfg.OnCallEnd,
@@ -151,6 +159,7 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		drain:    cfg.DrainTimeout,
 		maxConns: cfg.MaxConnections,
 		maxMsg:   cfg.MaxMessageSize,
+		maxResp:  cfg.MaxResponseHeaderListSize,
 		conns:    make(map[string]*refConn),
 		draining: make(map[*refConn]*time.Timer),
 	}
@@ -245,6 +254,7 @@ func (r *Reference) conn(addr string) (*refConn, error) {
 	}
 	cc, err := grpc.NewClient("passthrough:///"+addr,
 		grpc.WithTransportCredentials(r.creds),
+		grpc.WithMaxHeaderListSize(r.maxResp),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(r.maxMsg), grpc.MaxCallSendMsgSize(math.MaxInt32)))
 	if err != nil {
 		return nil, fmt.Errorf("proxy: client for %s: %w", addr, err)
