@@ -84,3 +84,56 @@ func TestReferenceLeftSetIsUnavailable(t *testing.T) {
 		t.Errorf("a call on a backend that left the set, after the drain timeout: %v, want UNAVAILABLE naming the drain", err)
 	}
 }
+
+// TestReferenceShutdownStatus: the grpc-proxy engine's Shutdown, once its
+// context ends, cuts the calls still running with UNAVAILABLE "server is
+// shutting down", sent as their status, as the frame engine does. It
+// stopped the server hard, and the clients saw only their connection
+// breaking ("error reading from server: EOF").
+func TestReferenceShutdownStatus(t *testing.T) {
+	verifyNoLeaks(t)
+	ts, err := testserver.New(testserver.Config{Name: "b", Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	d, err := director.New(director.Config{Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.UpdateState(resolver.State{Addresses: []resolver.Address{{Addr: ts.Addr()}}}); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	e := &env{t: t}
+	client := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
+	ctx := testkit.Context(t, 8*time.Second)
+	hang := metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1")
+	ended := make(chan error, 1)
+	go func() { _, err := client.EmptyCall(hang, &testgrpc.Empty{}); ended <- err }()
+	testkit.WaitFor(ctx, t, "the call at the backend", func() bool { return ts.InFlight() > 0 })
+	sctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if err := srv.Shutdown(sctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Shutdown: %v, want its context's error", err)
+	}
+	if err := <-served; !errors.Is(err, proxy.ErrServerClosed) {
+		t.Errorf("Serve returned %v, want ErrServerClosed", err)
+	}
+	err = <-ended
+	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "shutting down") {
+		t.Errorf("a call cut by the shutdown: %v, want UNAVAILABLE \"server is shutting down\"", err)
+	}
+}

@@ -93,6 +93,12 @@ type Reference struct {
 	maxConns int    // 0: no cap
 	maxMsg   int    // largest message received, either way
 	maxResp  uint32 // advertised to backends as SETTINGS_MAX_HEADER_LIST_SIZE
+
+	// cut ends when Shutdown's drain ran out: every call's context
+	// derives from it (intercept), so the calls still running end and
+	// are answered with a status before the server stops.
+	cut      context.Context
+	cutAll   context.CancelFunc
 	refusals refusalLog
 
 	mu sync.Mutex
@@ -150,10 +156,13 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	if cfg.MaxResponseHeaderListSize == 0 {
 		cfg.MaxResponseHeaderListSize = DefaultMaxResponseHeaderListSize
 	}
+	cut, cutAll := context.WithCancel(context.Background())
 	r := &Reference{
 		creds:    cfg.Credentials,
 		onEnd:    cfg.OnCallEnd,
 		hopID:    newHopID(),
+		cut:      cut,
+		cutAll:   cutAll,
 		picker:   cfg.Picker,
 		log:      cfg.Logger.With("component", "proxy", "engine", "grpc-proxy"),
 		drain:    cfg.DrainTimeout,
@@ -183,7 +192,13 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 		start = time.Now()
 	}
 	h := &doneHolder{}
-	err := handler(srv, &holderStream{ServerStream: ss, ctx: context.WithValue(ss.Context(), doneKey{}, h)})
+	ctx, cancel := context.WithCancel(ss.Context())
+	defer cancel()
+	defer context.AfterFunc(r.cut, cancel)()
+	err := handler(srv, &holderStream{ServerStream: ss, ctx: context.WithValue(ctx, doneKey{}, h)})
+	if err != nil && r.cut.Err() != nil && ss.Context().Err() == nil {
+		err = failure{kind: failShuttingDown}.statusErr()
+	}
 	if err != nil && h.cc != nil && status.Code(err) == codes.Canceled && ss.Context().Err() == nil {
 		// grpc-go ends the calls on a ClientConn we closed with CANCELED
 		// ("the client connection is closing"), which would tell the
@@ -291,8 +306,19 @@ func (r *Reference) Shutdown(ctx context.Context) error {
 	case <-done:
 	case <-ctx.Done():
 		err = ctx.Err()
-		r.srv.Stop()
-		<-done
+		// End the calls still running, so that each is answered with
+		// UNAVAILABLE, and give those answers shutdownAbortGrace to go
+		// out before the connections are closed, as the frame engine
+		// does; grpc-go's Stop alone just closes them.
+		r.cutAll()
+		t := time.NewTimer(shutdownAbortGrace)
+		select {
+		case <-done:
+		case <-t.C:
+			r.srv.Stop()
+			<-done
+		}
+		t.Stop()
 	}
 	r.closeConns()
 	return err
@@ -300,6 +326,7 @@ func (r *Reference) Shutdown(ctx context.Context) error {
 
 // Close stops the engine at once.
 func (r *Reference) Close() error {
+	r.cutAll()
 	r.srv.Stop()
 	r.closeConns()
 	return nil
