@@ -691,6 +691,7 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 		b.pool.markRestarting(b.addr)
 	}
 	b.mu.Lock()
+	again := b.peerGoAway
 	b.peerGoAway = true
 	b.goingAway = true
 	b.drainAndClose = true
@@ -711,8 +712,10 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 	}
 	b.mu.Unlock()
 	b.signal()
-	if graceful {
-		b.log.Debug("backend sent GOAWAY", "last_stream", f.LastStreamID, "moved", len(unprocessed))
+	if graceful || again {
+		// Only the first is worth a Warn: a backend repeating GOAWAY
+		// (a glitch each) wrote one per frame.
+		b.log.Debug("backend sent GOAWAY", "code", f.ErrCode.String(), "last_stream", f.LastStreamID, "moved", len(unprocessed))
 	} else {
 		b.log.Warn("backend sent GOAWAY", "code", f.ErrCode.String(), "last_stream", f.LastStreamID, "moved", len(unprocessed), "debug", string(f.DebugData()))
 	}

@@ -242,6 +242,20 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 	case *http2.PingFrame:
 		return t.onPing(p, f.IsAck(), f.Data)
 	case *http2.GoAwayFrame:
+		// A graceful shutdown takes two GOAWAYs (§6.8); each after the
+		// first does no work but walk the streams, and a peer repeating
+		// them did so without end.
+		t.mu.Lock()
+		again := t.goAways > 0
+		t.goAways++
+		var err error
+		if again {
+			err = p.glitchLocked(1, "GOAWAY again")
+		}
+		t.mu.Unlock()
+		if err != nil {
+			return err
+		}
 		p.onGoAway(f)
 	case *http2.PushPromiseFrame:
 		// §8.4: a client cannot push, and we sent ENABLE_PUSH=0 to

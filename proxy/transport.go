@@ -369,6 +369,7 @@ type transport struct {
 	// we queued and the peer has not acknowledged: an acknowledgement
 	// beyond them answers nothing, and costs a glitch (ackLocked).
 	settingsOut, pingsOut int
+	goAways               int // GOAWAY frames received
 
 	// toRelease holds buffers no queue needs any more but that the write in
 	// progress may still be reading; the writer returns them to the pool
