@@ -42,27 +42,10 @@ func TestGRPCProxyEngineLimits(t *testing.T) {
 		{name: "set", cfg: proxy.Config{MaxConnections: 2, MaxConcurrentStreams: 7, MaxHeaderListSize: 2000}, maxConns: 2, wantStreams: 7, wantHL: 2000},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			srv, err := cluster.NewServer(cluster.ServerConfig{
+			addr := runServer(t, cluster.ServerConfig{
 				Logger: quiet, Engine: cluster.EngineGRPCProxy, Proxy: tc.cfg,
 				Cluster: cluster.Config{Targets: []string{backend.Addr()}},
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			ln, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			ctx, cancel := context.WithCancel(context.Background())
-			ran := make(chan error, 1)
-			go func() { ran <- srv.Run(ctx, ln, nil) }()
-			t.Cleanup(func() {
-				cancel()
-				if err := <-ran; err != nil {
-					t.Errorf("Run: %v", err)
-				}
-			})
-			addr := ln.Addr().String()
+			}).addr
 			wctx := testkit.Context(t, 8*time.Second)
 			first, settings := rawH2(t, addr)
 			if settings == nil {
@@ -132,27 +115,11 @@ func rawH2(t *testing.T, addr string) (net.Conn, *http2.SettingsFrame) {
 func TestGRPCProxyEngineMessageSize(t *testing.T) {
 	backend := startBackend(t, "b", "127.0.0.1:0")
 	const limit = 1 << 20
-	srv, err := cluster.NewServer(cluster.ServerConfig{
+	addr := runServer(t, cluster.ServerConfig{
 		Logger: quiet, Engine: cluster.EngineGRPCProxy, MaxMessageSize: limit,
 		Cluster: cluster.Config{Targets: []string{backend.Addr()}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ran := make(chan error, 1)
-	go func() { ran <- srv.Run(ctx, ln, nil) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-ran; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	client := dial(t, ln.Addr().String())
+	}).addr
+	client := dial(t, addr)
 	wctx := testkit.Context(t, 8*time.Second)
 	for _, tc := range []struct {
 		name          string
@@ -178,28 +145,11 @@ func TestGRPCProxyEngineMessageSize(t *testing.T) {
 // with --max-connections N, N idle clients locked every other client out.
 func TestGRPCProxyEngineSilentAndIdleConns(t *testing.T) {
 	backend := startBackend(t, "b", "127.0.0.1:0")
-	srv, err := cluster.NewServer(cluster.ServerConfig{
+	addr := runServer(t, cluster.ServerConfig{
 		Logger: quiet, Engine: cluster.EngineGRPCProxy,
 		Proxy:   proxy.Config{MaxConnections: 2, PrefaceTimeout: 300 * time.Millisecond, IdleTimeout: 300 * time.Millisecond},
 		Cluster: cluster.Config{Targets: []string{backend.Addr()}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ran := make(chan error, 1)
-	go func() { ran <- srv.Run(ctx, ln, nil) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-ran; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	addr := ln.Addr().String()
+	}).addr
 	// A connection that never sends its preface is closed.
 	silent, err := net.Dial("tcp", addr)
 	if err != nil {
@@ -245,28 +195,12 @@ func TestGRPCProxyEngineResponseHeaderLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(ts.Stop)
-	srv, err := cluster.NewServer(cluster.ServerConfig{
+	addr := runServer(t, cluster.ServerConfig{
 		Logger: quiet, Engine: cluster.EngineGRPCProxy,
 		Proxy:   proxy.Config{MaxResponseHeaderListSize: limit},
 		Cluster: cluster.Config{Targets: []string{ts.Addr()}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ran := make(chan error, 1)
-	go func() { ran <- srv.Run(ctx, ln, nil) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-ran; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
-	client := dial(t, ln.Addr().String())
+	}).addr
+	client := dial(t, addr)
 	wctx := testkit.Context(t, 8*time.Second)
 	if _, err := client.UnaryCall(wctx, &testgrpc.SimpleRequest{ResponseSize: limit / 4}); err != nil {
 		t.Errorf("headers under the limit: %v", err)

@@ -29,29 +29,7 @@ import (
 // client cancels itself still ends CANCELED.
 func TestReferenceLeftSetIsUnavailable(t *testing.T) {
 	verifyNoLeaks(t)
-	ts, err := testserver.New(testserver.Config{Name: "b", Logger: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
-	d, err := director.New(director.Config{Logger: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d.UpdateState(resolver.State{Addresses: []resolver.Address{{Addr: ts.Addr()}}}); err != nil {
-		t.Fatal(err)
-	}
-	srv, err := proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: quietLog, DrainTimeout: 200 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ts, srv, ln := startReference(t, proxy.ReferenceConfig{DrainTimeout: 200 * time.Millisecond})
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	t.Cleanup(func() {
@@ -79,7 +57,7 @@ func TestReferenceLeftSetIsUnavailable(t *testing.T) {
 	go func() { _, err := client.EmptyCall(hang, &testgrpc.Empty{}); ended <- err }()
 	testkit.WaitFor(ctx, t, "the call at the backend", func() bool { return ts.InFlight() > 0 })
 	srv.RetainBackends(nil) // the backend left the set
-	err = <-ended
+	err := <-ended
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "left the set") {
 		t.Errorf("a call on a backend that left the set, after the drain timeout: %v, want UNAVAILABLE naming the drain", err)
 	}
@@ -92,29 +70,7 @@ func TestReferenceLeftSetIsUnavailable(t *testing.T) {
 // breaking ("error reading from server: EOF").
 func TestReferenceShutdownStatus(t *testing.T) {
 	verifyNoLeaks(t)
-	ts, err := testserver.New(testserver.Config{Name: "b", Logger: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
-	d, err := director.New(director.Config{Logger: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := d.UpdateState(resolver.State{Addresses: []resolver.Address{{Addr: ts.Addr()}}}); err != nil {
-		t.Fatal(err)
-	}
-	srv, err := proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ts, srv, ln := startReference(t, proxy.ReferenceConfig{})
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	e := &env{t: t}
@@ -132,8 +88,40 @@ func TestReferenceShutdownStatus(t *testing.T) {
 	if err := <-served; !errors.Is(err, proxy.ErrServerClosed) {
 		t.Errorf("Serve returned %v, want ErrServerClosed", err)
 	}
-	err = <-ended
+	err := <-ended
 	if status.Code(err) != codes.Unavailable || !strings.Contains(status.Convert(err).Message(), "shutting down") {
 		t.Errorf("a call cut by the shutdown: %v, want UNAVAILABLE \"server is shutting down\"", err)
 	}
+}
+
+// startReference starts a testserver backend and, in front of it, the
+// grpc-proxy engine built from cfg with a director over the backend, and
+// a listener for it to serve; the caller serves it.
+func startReference(t *testing.T, cfg proxy.ReferenceConfig) (*testserver.Server, *proxy.Reference, net.Listener) {
+	t.Helper()
+	ts, err := testserver.New(testserver.Config{Name: "b", Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	d, err := director.New(director.Config{Logger: quietLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.UpdateState(resolver.State{Addresses: []resolver.Address{{Addr: ts.Addr()}}}); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Picker, cfg.Logger = d, quietLog
+	srv, err := proxy.NewReference(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ts, srv, ln
 }
