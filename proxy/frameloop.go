@@ -536,10 +536,11 @@ func (t *transport) bufferedFrame() (fh http2.FrameHeader, payload []byte, ok bo
 
 // nextBuffered is bufferedFrame, except that on a plain socket it reads
 // into the read buffer first when fewer bytes than a frame header are
-// buffered, so that the first frame of a fill can be taken from there
-// too, not only those after it (a unary call's frames come a fill or two
-// at a time: before, about one frame in three went through the Framer,
-// which allocates PING, WINDOW_UPDATE and HEADERS frames); and on a
+// buffered (on a client connection: when none are, one read), so that
+// the first frame of a fill can be taken from there too, not only those
+// after it (a unary call's frames come a fill or two at a time: before,
+// about one frame in three went through the Framer, which allocates
+// PING, WINDOW_UPDATE and HEADERS frames); and on a
 // connection that makes views (readref.go), the rest of a DATA frame of
 // vecMin bytes or more whose start is buffered, so that the frame can be
 // taken from there whole. Reader goroutine only.
@@ -555,7 +556,19 @@ func (t *transport) nextBuffered() (fh http2.FrameHeader, payload []byte, ok boo
 		// At a frame's start with too little buffered: the next fill
 		// goes into the buffer here, where its frames can be taken
 		// from, not through the Framer, which copies what it reads.
-		if !t.cr.fillTo(frameHeaderLen) {
+		want := frameHeaderLen
+		if !t.views {
+			// On a client connection one fill of an empty buffer, no
+			// more: fillTo waiting for the rest of a header would hold
+			// the pooled buffer (fillRaw lets go of it only when
+			// empty), 64 KiB for a client's few bytes. The Framer takes
+			// a part of a header and waits with no buffer held.
+			if len(b) > 0 {
+				return fh, payload, false
+			}
+			want = 1
+		}
+		if !t.cr.fillTo(want) {
 			return fh, payload, false
 		}
 		if fh, payload, ok = t.bufferedFrame(); ok {
@@ -563,7 +576,7 @@ func (t *transport) nextBuffered() (fh http2.FrameHeader, payload []byte, ok boo
 		}
 		b = t.cr.buffered()
 	}
-	if !t.views || http2.FrameType(b[3]) != http2.FrameData {
+	if !t.views || http2.FrameType(b[3]) != http2.FrameData { // views: b holds a header
 		return fh, payload, false
 	}
 	if n := int(b[0])<<16 | int(b[1])<<8 | int(b[2]); n < vecMin || n > maxFrameSize || !t.cr.fillTo(frameHeaderLen+n) {
