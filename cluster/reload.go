@@ -66,7 +66,12 @@ type clusterSet struct {
 	// none).
 	changed    []byte
 	hasChanged bool
-	entries    map[string]*entry
+	// rejectedAt is when the contents in seen were last tried and
+	// refused (zero: they were applied); rejectedErr is why. The poll
+	// tries them again every retryRejected while they stay.
+	rejectedAt  time.Time
+	rejectedErr string
+	entries     map[string]*entry
 
 	// mu guards live and each entry's addrs. It is held across the calls
 	// to retain and retainUpstream, on purpose: that orders the calls, so
@@ -348,6 +353,9 @@ func (s *clusterSet) watch(ctx context.Context, g *errgroup.Group) error {
 		if reply == nil && why == "file changed" {
 			if bytes.Equal(data, s.seen) {
 				s.changed, s.hasChanged = nil, false
+				if !s.rejectedAt.IsZero() && s.now().Sub(s.rejectedAt) >= retryRejected {
+					s.retry(ctx, g, data)
+				}
 				continue
 			}
 			if !s.hasChanged || !bytes.Equal(data, s.changed) {
@@ -362,9 +370,38 @@ func (s *clusterSet) watch(ctx context.Context, g *errgroup.Group) error {
 		s.changed, s.hasChanged = nil, false
 		s.seen = data
 		err = s.reload(ctx, g, data, why)
+		s.rejectedAt, s.rejectedErr = time.Time{}, ""
+		if err != nil {
+			s.rejectedAt, s.rejectedErr = s.now(), err.Error()
+		}
 		if reply != nil {
 			reply <- err
 		}
+	}
+}
+
+// retryRejected is how often the poll tries again a file it refused while
+// the file stays the same: a reload can fail on something outside the
+// file that is put right without touching it, such as a TLS file it names
+// that is not there yet (a Kubernetes Secret updated after the ConfigMap
+// that names it).
+const retryRejected = 10 * time.Second
+
+// retry tries the refused contents data again, logging the outcome only
+// if it is not the same refusal as before.
+func (s *clusterSet) retry(ctx context.Context, g *errgroup.Group, data []byte) {
+	nf, err := loadData(s.file.Path, data)
+	if err == nil {
+		err = s.apply(ctx, g, nf)
+	}
+	if err == nil {
+		s.rejectedAt, s.rejectedErr = time.Time{}, ""
+		return
+	}
+	s.rejectedAt = s.now()
+	if err.Error() != s.rejectedErr {
+		s.rejectedErr = err.Error()
+		s.logger.Error("configuration rejected; the running configuration stays", "reason", "retry of the refused file", "err", err)
 	}
 }
 
