@@ -66,7 +66,36 @@ func TestRun(t *testing.T) {
 			if len(got) != len(tc.wantSplit) {
 				t.Errorf("split %v, want %v", got, tc.wantSplit)
 			}
+			// The process's CPU (here the backends' and the parallel
+			// subtests' too: TestProcessCPU checks the figure itself).
+			if rep.CPUMS <= 0 {
+				t.Errorf("cpu_ms %.3f, want the CPU the calls took", rep.CPUMS)
+			}
 		})
+	}
+}
+
+// TestProcessCPU: processCPU follows the CPU a busy loop burns, and not
+// the wall clock while the process sleeps.
+func TestProcessCPU(t *testing.T) {
+	c0 := processCPU()
+	if c0 < 0 {
+		t.Fatal("processCPU: -1 on a unix system")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	x := 0
+	for processCPU()-c0 < 30*time.Millisecond && time.Now().Before(deadline) {
+		for i := range 100000 {
+			x += i
+		}
+	}
+	if burnt := processCPU() - c0; burnt < 30*time.Millisecond {
+		t.Fatalf("a busy loop of 10s raised processCPU by %v (%d), want 30ms", burnt, x)
+	}
+	c1 := processCPU()
+	time.Sleep(200 * time.Millisecond)
+	if slept := processCPU() - c1; slept >= 150*time.Millisecond {
+		t.Errorf("processCPU rose by %v over a 200ms sleep, want the CPU used, not the time passed", slept)
 	}
 }
 
