@@ -347,8 +347,24 @@ func (b *backendConn) connError(err error, code http2.ErrCode, detail error) err
 	return fmt.Errorf("protocol error from backend: %w", err)
 }
 
-// streamError implements errorPolicy.
+// streamError implements errorPolicy. A stream error on a stream the
+// connection no longer tracks costs a glitch: a frame the Framer rejects
+// with one (a WINDOW_UPDATE of 0, RFC 9113 §6.9) does no work there but
+// makes us write a RST_STREAM, and a backend repeating it was answered
+// frame for frame without end. One on an open stream ends its call, as
+// many as the calls it carries: not charged, so that answers a client
+// can have a backend send (headers over MaxResponseHeaderListSize) do not
+// cost the connection other clients' calls share.
 func (b *backendConn) streamError(se http2.StreamError) error {
+	b.mu.Lock()
+	var err error
+	if b.streams[se.StreamID] == nil {
+		err = b.glitchLocked(1, "stream error on a stream not open")
+	}
+	b.mu.Unlock()
+	if err != nil {
+		return err
+	}
 	b.resetFromBackend(se.StreamID, se.Code, true)
 	return nil
 }
