@@ -163,6 +163,18 @@ var wireNameByte = func() (t [256]bool) {
 func (t *transport) readFrame() (http2.Frame, error) {
 	f, err := t.rfr.ReadFrame()
 	if err != nil {
+		// A HEADERS frame refused with a stream error (padding longer
+		// than its payload) still opened a block for the Framer's
+		// checkFrameOrder if it had no END_HEADERS: only CONTINUATION
+		// may follow (RFC 9113 §6.2, §6.10). As after a block whose
+		// reading failed, the Framer reads every later frame, so that
+		// none is taken from the read buffer as if the block had ended.
+		// The contGuard holds the header of the frame the Framer read.
+		var se http2.StreamError
+		if h := t.cg.hdr; errors.As(err, &se) && t.cg.nhdr == 0 && t.cg.payload == 0 &&
+			http2.FrameType(h[3]) == http2.FrameHeaders && !http2.Flags(h[4]).Has(http2.FlagHeadersEndHeaders) {
+			t.hd.open = true
+		}
 		return nil, err
 	}
 	if hf, ok := f.(*http2.HeadersFrame); ok {
