@@ -177,8 +177,16 @@ func (t *transport) readFrame() (http2.Frame, error) {
 		}
 		return nil, err
 	}
-	if hf, ok := f.(*http2.HeadersFrame); ok {
-		return t.readHeaderBlock(hf, hf.HeaderBlockFragment())
+	switch f := f.(type) {
+	case *http2.HeadersFrame:
+		return t.readHeaderBlock(f, f.HeaderBlockFragment())
+	case *http2.ContinuationFrame:
+		// The end of a block refused above (the Framer passes no other
+		// CONTINUATION): its frames are ignored, and the frames after it
+		// may be taken from the read buffer again.
+		if f.HeadersEnded() {
+			t.hd.open = false
+		}
 	}
 	return f, nil
 }

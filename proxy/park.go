@@ -163,7 +163,9 @@ const parkFramerBuf = 1 << 10
 // connection. Otherwise the reader goes on.
 func (c *serverConn) tryPark() bool {
 	c.mu.Lock()
-	idle := !c.closed && !c.goingAway && c.drainPhase == drainNone && len(c.streams) == 0
+	// Not with a header block open (hd.open, reader only): the Framer
+	// expects its CONTINUATION, and a new Framer would not.
+	idle := !c.closed && !c.goingAway && c.drainPhase == drainNone && len(c.streams) == 0 && !c.hd.open
 	if idle {
 		// What the connection's calls left behind goes with the reader:
 		// the empty stream map (onHeaders makes one at the next stream),

@@ -28,13 +28,18 @@ func TestFramesAfterUnfinishedBlock(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		next func(r *rawConn)
+		ok   bool // the block ends, and the PING after it is answered
 	}{
-		{"PING", func(r *rawConn) { r.fr.WritePing(false, rfcPing) }},
-		{"WINDOW_UPDATE", func(r *rawConn) { r.fr.WriteWindowUpdate(0, 1); r.fr.WritePing(false, rfcPing) }},
+		{"CONTINUATION, then PING", func(r *rawConn) {
+			r.fr.WriteContinuation(1, true, nil)
+			r.fr.WritePing(false, rfcPing)
+		}, true},
+		{"PING", func(r *rawConn) { r.fr.WritePing(false, rfcPing) }, false},
+		{"WINDOW_UPDATE", func(r *rawConn) { r.fr.WriteWindowUpdate(0, 1); r.fr.WritePing(false, rfcPing) }, false},
 		{"HEADERS of a new stream", func(r *rawConn) {
 			r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: requestBlock(unaryPath), EndHeaders: true, EndStream: true})
 			r.fr.WritePing(false, rfcPing)
-		}},
+		}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := dialRaw(t, e.addr)
@@ -76,6 +81,12 @@ func TestFramesAfterUnfinishedBlock(t *testing.T) {
 				}
 			}
 			last := got[len(got)-1]
+			if tc.ok {
+				if last != "PING ack" {
+					t.Errorf("answers %q, want the PING after the block's end answered", got)
+				}
+				return
+			}
 			if last != "GOAWAY PROTOCOL_ERROR" {
 				t.Errorf("answers %q, want the connection to end with GOAWAY PROTOCOL_ERROR (§6.10)", got)
 			}
