@@ -157,20 +157,7 @@ func TestBackendGlitchFloods(t *testing.T) {
 			}
 			t.Run(name, func(t *testing.T) {
 				goAway := make(chan http2.ErrCode, 1)
-				raw := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
-					fr.AllowIllegalWrites = true
-					fl.flood(fr, id)
-					for {
-						f, err := fr.ReadFrame()
-						if err != nil {
-							return false
-						}
-						if ga, ok := f.(*http2.GoAwayFrame); ok {
-							goAway <- ga.ErrCode
-							return false
-						}
-					}
-				}))
+				raw := floodBackend(t, fl.flood, goAway)
 				cfg := proxy.Config{MaxGlitches: budget}
 				if retry {
 					cfg.RetryOn = []string{unaryPath}

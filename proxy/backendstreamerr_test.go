@@ -37,20 +37,7 @@ func TestBackendStreamErrorFloods(t *testing.T) {
 	for _, fl := range floods {
 		t.Run(fl.name, func(t *testing.T) {
 			goAway := make(chan http2.ErrCode, 1)
-			raw := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
-				fr.AllowIllegalWrites = true
-				fl.flood(fr, id)
-				for {
-					f, err := fr.ReadFrame()
-					if err != nil {
-						return false
-					}
-					if ga, ok := f.(*http2.GoAwayFrame); ok {
-						goAway <- ga.ErrCode
-						return false
-					}
-				}
-			}))
+			raw := floodBackend(t, fl.flood, goAway)
 			_, client := twoBackendProxy(t, raw, proxy.Config{MaxGlitches: budget})
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()

@@ -47,23 +47,13 @@ func TestBackendGoAwayRepeated(t *testing.T) {
 	const budget = 100
 	debug := []byte(strings.Repeat("x", 1024))
 	calm := make(chan http2.ErrCode, 1)
-	raw := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
+	raw := floodBackend(t, func(fr *http2.Framer, id uint32) {
 		for range 50 * budget {
 			if fr.WriteGoAway(id, http2.ErrCodeInternal, debug) != nil {
 				break
 			}
 		}
-		for {
-			f, err := fr.ReadFrame()
-			if err != nil {
-				return false
-			}
-			if ga, ok := f.(*http2.GoAwayFrame); ok {
-				calm <- ga.ErrCode
-				return false
-			}
-		}
-	}))
+	}, calm)
 	var logs syncBuffer
 	srv, err := proxy.New(proxy.Config{Picker: &twoPicker{first: raw, second: raw}, MaxGlitches: budget,
 		Logger: slog.New(slog.NewTextHandler(&logs, nil))})

@@ -151,3 +151,23 @@ func h2Frames(on func(s *h2Server, f http2.Frame) bool) func(net.Conn) {
 		s.serve(func(f http2.Frame) bool { return on(s, f) })
 	}
 }
+
+// floodBackend is a raw HTTP/2 backend that answers a request's HEADERS
+// with flood, illegal frames allowed, then reads until the proxy's GOAWAY
+// and sends its code on goAway (buffered, one).
+func floodBackend(t testing.TB, flood func(fr *http2.Framer, id uint32), goAway chan<- http2.ErrCode) string {
+	return rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
+		fr.AllowIllegalWrites = true
+		flood(fr, id)
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return false
+			}
+			if ga, ok := f.(*http2.GoAwayFrame); ok {
+				goAway <- ga.ErrCode
+				return false
+			}
+		}
+	}))
+}
