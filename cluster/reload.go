@@ -428,6 +428,16 @@ func (s *clusterSet) apply(ctx context.Context, g *errgroup.Group, nf *File) err
 			}
 		}
 	}
+	if s.boot.Engine == EngineGRPCProxy {
+		// That engine dials every cluster with the backend TLS it was
+		// built with (NewServer): a cluster given other settings would
+		// be health-checked with them while its calls dial with the old.
+		for _, fc := range nf.Clusters {
+			if !reflect.DeepEqual(nf.backendTLSOf(fc), s.boot.BackendTLS) {
+				return fmt.Errorf("config: cluster %s: backend_tls differs from the one the %s engine started with, which it dials every cluster with: restart the proxy to change it", fc.Name, EngineGRPCProxy)
+			}
+		}
+	}
 	next := make(map[string]*entry, len(nf.Clusters))
 	var fresh, kept []*entry
 	var freshNames, keptNames, goneNames []string
