@@ -50,7 +50,11 @@ const (
 	// DefaultBackendKeepaliveTimeout is grpc-go's client default
 	// (keepalive.ClientParameters.Timeout).
 	DefaultBackendKeepaliveTimeout = 20 * time.Second
-	DefaultBackendStreamWindow     = 16 << 10
+	// MinTimerSetting is the least positive IdleTimeout,
+	// RequestIdleTimeout, BackendIdleTimeout and BackendKeepaliveTime
+	// (the floor of the DNS refresh and the health-check interval too).
+	MinTimerSetting            = time.Millisecond
+	DefaultBackendStreamWindow = 16 << 10
 	// DefaultBackendMaxStreamWindow was 1 MiB: four 1 MiB answers to a
 	// client slower than the backends then held about 4 MiB of DATA in
 	// the proxy, which the GC's heap goal doubles. 512 KiB took the
@@ -474,6 +478,23 @@ func (c *Config) setDefaults() error {
 	defaultOrOff(&c.MaxBackendConns, DefaultMaxBackendConns)
 	defaultOrOff(&c.BackendIdleTimeout, DefaultBackendIdleTimeout)
 	defaultOrOff(&c.BackendKeepaliveTime, DefaultBackendKeepaliveTime)
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"BackendIdleTimeout", c.BackendIdleTimeout},
+		{"BackendKeepaliveTime", c.BackendKeepaliveTime},
+		{"IdleTimeout", c.IdleTimeout},
+		{"RequestIdleTimeout", c.RequestIdleTimeout},
+	} {
+		// Checked a quarter of it apart (the idle timeouts) or as often
+		// as it (keepalive): under 4ns the backend idle sweep's ticker
+		// panicked, the client ones were never checked, and a few ns
+		// made a timer that never let the CPU rest.
+		if d.v > 0 && d.v < MinTimerSetting {
+			return fmt.Errorf("proxy: %s %v under the minimum %v", d.name, d.v, MinTimerSetting)
+		}
+	}
 	if c.BackendKeepaliveTimeout <= 0 {
 		c.BackendKeepaliveTimeout = DefaultBackendKeepaliveTimeout
 	}
