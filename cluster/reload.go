@@ -558,15 +558,9 @@ func (s *clusterSet) Reload(ctx context.Context) error {
 }
 
 // current returns the clusters the route table uses, in route order,
-// each once.
+// each once. The slice is the table's: callers must not modify it.
 func (s *clusterSet) current() []*Cluster {
-	var cs []*Cluster
-	for _, r := range s.router.table.Load().routes {
-		if !slices.Contains(cs, r.cluster) {
-			cs = append(cs, r.cluster)
-		}
-	}
-	return cs
+	return s.router.table.Load().clusters
 }
 
 // clusterFor returns the routed cluster named name (the frame engine
@@ -580,12 +574,7 @@ func (s *clusterSet) clusterFor(name, addr string) *Cluster {
 		return nil
 	}
 	if name != "" {
-		for _, c := range s.current() {
-			if c.name == name {
-				return c
-			}
-		}
-		return nil
+		return s.router.table.Load().byName[name]
 	}
 	for _, c := range s.current() {
 		if c.metrics != nil {
@@ -657,7 +646,7 @@ func (l *laterRegisterer) withdraw() {
 // uses, in route order.
 func (s *Server) Clusters() []*Cluster {
 	if s.set != nil {
-		return s.set.current()
+		return slices.Clone(s.set.current())
 	}
 	return []*Cluster{s.cluster}
 }

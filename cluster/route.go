@@ -41,6 +41,11 @@ type router struct {
 type routeTable struct {
 	routes      []*route
 	headerMatch bool // some route matches headers: read the metadata
+	// clusters are the routes' clusters, in route order, each once, and
+	// byName the same by name: what clusterSet.current and clusterFor
+	// read, once per call, without walking the routes.
+	clusters []*Cluster
+	byName   map[string]*Cluster
 }
 
 // route sends the calls it matches to one cluster's picker.
@@ -246,9 +251,13 @@ func buildTable(f *File, clusters map[string]*Cluster, old *routeTable, limited 
 			}
 		}
 	}
-	t := &routeTable{}
+	t := &routeTable{byName: map[string]*Cluster{}}
 	for i, fr := range f.Routes {
 		c := clusters[fr.Cluster]
+		if t.byName[c.name] == nil {
+			t.byName[c.name] = c
+			t.clusters = append(t.clusters, c)
+		}
 		r := &route{
 			name:    f.routeName(i),
 			prefix:  fr.Match.MethodPrefix,
