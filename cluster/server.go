@@ -292,8 +292,10 @@ func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
 				name := ""
 				if c := s.set.clusterFor(ci.Upstream, ci.Backend); c != nil {
 					name = c.Name()
-				} else if ci.Backend == "" && ci.Limit != "" {
-					name = ci.Upstream // a call a route's limit refused
+				} else if ci.Backend != "" || ci.Limit != "" {
+					// A call a route's limit refused, or one that ran
+					// to its end on a cluster a reload removed since.
+					name = ci.Upstream
 				}
 				al.callEnd(name, ci)
 			}
