@@ -448,6 +448,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	status := responseStatus(f.Fields)
 	interim := len(status) == 3 && status[0] == '1'
 	var malformed error
+	final := false // this block is the final response headers
 	switch {
 	case a.finalHeaders && !end:
 		malformed = errors.New("HEADERS without END_STREAM after the response headers")
@@ -462,6 +463,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	case end:
 	case !interim:
 		a.finalHeaders = true
+		final = true
 	case a.interim >= maxInterimResponses:
 		malformed = fmt.Errorf("more than %d informational (1xx) responses", maxInterimResponses)
 	default:
@@ -475,7 +477,10 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		a.fieldRoom = a.fieldInl[:]
 	}
 	fields := keepFields(&a.fieldRoom, filterFields(f.Fields))
-	if !a.gotHeaders {
+	if final {
+		// Decided by the final headers, not the first block: an
+		// informational (1xx) block before them names no content-type,
+		// and turned the hold-back off for the whole response.
 		a.hold.on = b.holdBound > 0 && isGRPCResponse(fields)
 	}
 	if a.keepReplay && a.s.retryable && !a.forwarded {
