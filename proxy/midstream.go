@@ -200,11 +200,12 @@ func (q *sendQueue) readData(pos int64, p []byte) bool {
 	return len(p) == 0
 }
 
-// queuedHeaders reports whether a header block waits in q: a response
-// whose HEADERS are queued but not yet written is not trailers-only.
+// queuedHeaders reports whether a header block other than an
+// informational (1xx) one waits in q: a response whose HEADERS are queued
+// but not yet written is not trailers-only.
 func (q *sendQueue) queuedHeaders() bool {
 	for i := q.head; i < len(q.items); i++ {
-		if q.items[i].kind == itemHeaders {
+		if q.items[i].kind == itemHeaders && !interimBlock(q.items[i].fields) {
 			return true
 		}
 	}

@@ -1444,8 +1444,12 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 		}
 		batch = append(batch, op)
 		budget -= len(op.data) + 64
-		if op.kind == opHeaders && q.s != nil {
-			q.s.headersSent = true // from here on a failure must use trailers
+		if op.kind == opHeaders && q.s != nil && !interimBlock(op.fields) {
+			// From here on a failure must use trailers. Not after an
+			// informational (1xx) block: the final headers are still
+			// to come, and trailers without :status after it were a
+			// malformed response.
+			q.s.headersSent = true
 		}
 		if last {
 			q.closed = true
