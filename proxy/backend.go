@@ -505,7 +505,20 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 			a.s.cc.retryOrFail(a, false, failure{kind: failBackendUnavailable, backend: b.addr}, answer...)
 			return nil
 		}
-		if !end && !a.gotHeaders && b.holdHeadersLocked(a, fields) {
+		if interim {
+			// An informational block says nothing of the answer: it is
+			// relayed, and the call may still be retried (the client
+			// then sees the other backend's response after it, as
+			// after any 1xx). Held back, as it was, it took the place
+			// of the final headers, which then went on at once, and a
+			// headers-then-UNAVAILABLE answer after a 1xx was not
+			// retried.
+			a.gotHeaders = true
+			b.mu.Unlock()
+			a.s.cc.enqueueDown(a, outItem{kind: itemHeaders, fields: fields}, nil)
+			return nil
+		}
+		if !end && final && a.held == nil && b.holdHeadersLocked(a, fields) {
 			// Hold the response headers back until the first message or
 			// the trailers tell whether this is an UNAVAILABLE answer, so
 			// that headers-then-trailers failures are retried too, not

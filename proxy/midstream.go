@@ -212,6 +212,17 @@ func (q *sendQueue) queuedHeaders() bool {
 	return false
 }
 
+// onlyInterim reports whether q holds nothing but informational (1xx)
+// header blocks, if anything: nothing of the answer itself is queued.
+func (q *sendQueue) onlyInterim() bool {
+	for i := q.head; i < len(q.items); i++ {
+		if it := &q.items[i]; it.kind != itemHeaders || !interimBlock(it.fields) {
+			return false
+		}
+	}
+	return true
+}
+
 // resetAfterQueuedLocked relays a backend's RST_STREAM to the client
 // after the response bytes already queued, or at once when none are.
 // Caller must hold mu; the response must not have ended.

@@ -218,7 +218,7 @@ func (c *serverConn) releaseItemsLocked(items []outItem) {
 func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer ...[]hpack.HeaderField) {
 	s := a.s
 	c.mu.Lock()
-	eligible := s.att == a && !s.cst.ended() && !s.down.closed && !s.headersSent && s.down.empty() &&
+	eligible := s.att == a && !s.cst.ended() && !s.down.closed && !s.headersSent && s.down.onlyInterim() &&
 		s.attempts <= s.maxRetries
 	throttled := eligible && !transparent && s.retryable && !s.up.budget.allow()
 	if eligible && (transparent || (s.retryable && !throttled)) {
