@@ -110,7 +110,8 @@ type Config struct {
 	// FailurePenalty is the latency sample [PeakEWMA] records for a stream
 	// that ends with an error other than Canceled, if the stream took less
 	// than that; 0 means [DefaultFailurePenalty]. It keeps a backend that
-	// fails fast from looking fast.
+	// fails fast from looking fast. A Canceled stream's duration counts
+	// only if it is above the backend's estimate, as a lower bound.
 	FailurePenalty time.Duration
 
 	// HashHeader is the request header whose value [RingHash] hashes, for

@@ -71,12 +71,18 @@ func (p *peakEWMA) load(b *backend, now int64) float64 {
 // duration. Any other outcome except cancellation counts as at least
 // Config.FailurePenalty, so that a backend that fails fast does not look
 // fast: with the peak rule its estimate jumps to the penalty at once. A
-// cancelled stream (status Canceled or context.Canceled) says nothing
-// about the backend's speed and is not counted.
+// cancelled stream (status Canceled or context.Canceled) is not a
+// latency, but its duration is a lower bound on one: it only counts as a
+// peak, when it is above the estimate. So a cancel soon after the pick
+// says nothing, while a backend that never answers, whose every stream
+// ends when its client gives up, does not decay to looking fastest and
+// draw all the traffic (tower's PeakEwma, after which Linkerd's, records
+// a dropped request's time too).
 func (p *peakEWMA) observe(ctr *counters, start, end int64, err error) {
 	sample := float64(max(end-start, 0))
 	if err != nil {
 		if errors.Is(err, context.Canceled) || status.Code(err) == codes.Canceled {
+			ctr.latency.raise(sample, end, p.tau)
 			return
 		}
 		sample = max(sample, p.penalty)
@@ -121,6 +127,20 @@ func (e *ewma) estimate(now int64, tau float64) float64 {
 		v *= math.Exp(-float64(dt) / tau)
 	}
 	return v
+}
+
+// raise records s, in nanoseconds, taken at now, only if it is above the
+// estimate decayed to now: a lower bound on a latency, which is a peak or
+// says nothing.
+func (e *ewma) raise(s float64, now int64, tau float64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	at := max(now, e.at.Load())
+	if s <= e.estimate(at, tau) {
+		return
+	}
+	e.at.Store(at)
+	e.val.Store(math.Float64bits(s))
 }
 
 // update records sample s, in nanoseconds, taken at now.

@@ -94,8 +94,10 @@ func TestPeakEWMAObserve(t *testing.T) {
 		{name: "application error too", elapsed: time.Millisecond, err: errNotFound, want: time.Second},
 		{name: "deadline too", elapsed: time.Millisecond, err: errDeadline, want: time.Second},
 		{name: "failure slower than the penalty counts as itself", elapsed: 3 * time.Second, err: errors.New("reset"), want: 3 * time.Second},
-		{name: "cancel is not counted", elapsed: 5 * time.Second, err: errCanceled, want: 30 * time.Millisecond},
-		{name: "context cancel is not counted", elapsed: 5 * time.Second, err: fmt.Errorf("relay: %w", context.Canceled), want: 30 * time.Millisecond},
+		{name: "quick cancel is not counted", elapsed: 5 * time.Millisecond, err: errCanceled, want: 30 * time.Millisecond},
+		{name: "quick context cancel is not counted", elapsed: 5 * time.Millisecond, err: fmt.Errorf("relay: %w", context.Canceled), want: 30 * time.Millisecond},
+		{name: "long cancel is a peak", elapsed: 5 * time.Second, err: errCanceled, want: 5 * time.Second},
+		{name: "long context cancel is a peak", elapsed: 5 * time.Second, err: fmt.Errorf("relay: %w", context.Canceled), want: 5 * time.Second},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
