@@ -154,7 +154,8 @@ func (d *Director) ejectedNow(addr string, ctr *counters) bool {
 // h2Handshake is Director.handshake: it opens a connection to addr,
 // secured with creds unless nil, sends the HTTP/2 client preface and
 // SETTINGS (RFC 9113 §3.4) and waits for the server's SETTINGS, within
-// ctx. It then says goodbye (GOAWAY, NO_ERROR) and closes the connection.
+// ctx: its deadline or its cancellation ends the wait. It then says
+// goodbye (GOAWAY, NO_ERROR) and closes the connection.
 func h2Handshake(ctx context.Context, addr string, creds credentials.TransportCredentials) error {
 	var dialer net.Dialer
 	raw, err := dialer.DialContext(ctx, "tcp", addr)
@@ -163,6 +164,12 @@ func h2Handshake(ctx context.Context, addr string, creds credentials.TransportCr
 	}
 	conn := raw
 	defer func() { conn.Close() }()
+	// The deadline bounds the handshake, but cancelling ctx (the backend
+	// left the set, Run is returning) must end it too: a backend that
+	// accepts connections and never answers would otherwise hold the
+	// prober, and Run's return, for the whole timeout.
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
+	defer stop()
 	if dl, ok := ctx.Deadline(); ok {
 		if err := raw.SetDeadline(dl); err != nil {
 			return err
