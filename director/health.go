@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"time"
 
@@ -298,7 +299,10 @@ func dialGRPCHealth(addr string, hc healthConfig) (healthProber, error) {
 	if creds == nil {
 		creds = insecure.NewCredentials()
 	}
-	conn, err := grpc.NewClient("passthrough:///"+addr,
+	// The target is a URL: escape the "%" of an IPv6 zone
+	// ("[fe80::1%eth0]:port"), which the passthrough resolver gets back
+	// unescaped as the address to dial.
+	conn, err := grpc.NewClient("passthrough:///"+strings.ReplaceAll(addr, "%", "%25"),
 		grpc.WithTransportCredentials(creds),
 		grpc.WithNoProxy(),
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: bo, MinConnectTimeout: hc.timeout}),
