@@ -106,7 +106,9 @@ var _ resolver.Updater = (*Director)(nil)
 // functions already handed out for them stay safe to call. A new address
 // starts healthy, with fresh counters, and slow-starts if [Config.SlowStart]
 // is set and the set was not empty. If only ejected backends remain, the
-// ejection that would end first ends at once. Each change is logged: a
+// ejection that would end first ends at once; if more than
+// [Config.MaxEjectionPercent] of the new set is ejected, the ejections
+// that would end first end until it is not. Each change is logged: a
 // backend added, removed or reweighted at Info, an empty set as a warning
 // (Pick then returns [ErrNoBackend]). UpdateState wakes [Director.Run], if
 // running, to start and stop health checkers.

@@ -137,13 +137,15 @@ func minTime(a, b int64) int64 {
 // publishLocked builds a snapshot from bs and stores it. bs are fresh
 // backends, which publishLocked takes over. It sorts them, restores
 // ejections that have run out, makes sure a backend is pickable if any
-// exists, ends slow-start windows that have passed, sets the derived fields
+// exists and that at most MaxEjectionPercent of bs is ejected, ends
+// slow-start windows that have passed, sets the derived fields
 // and has the policy build the picker. It wakes Run, whose timer follows
 // the new snapshot's rebuildAt. Caller must hold mu.
 func (d *Director) publishLocked(bs []*backend, now time.Time) *snapshot {
 	sortBackends(bs)
 	d.restoreExpiredLocked(bs, now)
 	d.ensurePickableLocked(bs, now)
+	d.capEjectionsLocked(bs, now)
 
 	var rebuildAt int64
 	ready := make([]*backend, 0, len(bs))
@@ -243,6 +245,31 @@ func (d *Director) ensurePickableLocked(bs []*backend, now time.Time) {
 	if first != nil {
 		d.restoreLocked(first, now)
 		d.logger.Info("backend restored early: no other backend is pickable", "backend", first.addr)
+	}
+}
+
+// capEjectionsLocked restores ejected backends early, those whose
+// ejection would end first, while more than MaxEjectionPercent of bs are
+// ejected. ejectLocked keeps new ejections within the cap, but the set can
+// shrink under ejected backends. Caller must hold mu.
+func (d *Director) capEjectionsLocked(bs []*backend, now time.Time) {
+	for {
+		var first *backend
+		ejected := 0
+		for _, b := range bs {
+			if c := b.ctr; !c.ejectedUntil.IsZero() {
+				ejected++
+				if first == nil || c.ejectedUntil.Before(first.ctr.ejectedUntil) {
+					first = b
+				}
+			}
+		}
+		if ejected*100 <= len(bs)*d.outlier.maxPercent {
+			return
+		}
+		d.restoreLocked(first, now)
+		d.logger.Info("backend restored early: more than max ejection percent of the set ejected", "backend", first.addr,
+			"ejected", ejected, "backends", len(bs), "max_ejection_percent", d.outlier.maxPercent)
 	}
 }
 
