@@ -1,11 +1,10 @@
 package director
 
 import (
-	"net"
-	"net/netip"
 	"testing"
 	"time"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/resolver"
 	"github.com/streamlb/streamlb/testserver"
 )
@@ -15,18 +14,6 @@ import (
 // give up on the backend because "%zone" is not a valid URL escape.
 func TestHealthCheckZonedIPv6(t *testing.T) {
 	t.Parallel()
-	var zone string
-	if ifs, err := net.Interfaces(); err == nil {
-		for _, ifc := range ifs {
-			if ifc.Flags&net.FlagLoopback != 0 {
-				zone = ifc.Name
-				break
-			}
-		}
-	}
-	if zone == "" {
-		t.Skip("no loopback interface")
-	}
 	srv, err := testserver.New(testserver.Config{Name: "zoned", Logger: discardLogger()})
 	if err != nil {
 		t.Fatal(err)
@@ -35,13 +22,7 @@ func TestHealthCheckZonedIPv6(t *testing.T) {
 		t.Skipf("no IPv6 loopback: %v", err)
 	}
 	t.Cleanup(srv.Stop)
-	ap := netip.MustParseAddrPort(srv.Addr())
-	addr := netip.AddrPortFrom(ap.Addr().WithZone(zone), ap.Port()).String()
-	if c, err := net.Dial("tcp", addr); err != nil {
-		t.Skipf("cannot dial %s: %v", addr, err)
-	} else {
-		c.Close()
-	}
+	addr := testkit.Zoned(t, srv.Addr())
 	other := startBackends(t, 1)
 	d := newHealthDirector(t, Config{})
 	mustUpdate(t, d, resolver.State{Addresses: []resolver.Address{{Addr: addr}, {Addr: other[0].Addr()}}})

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -267,7 +268,9 @@ func (r *Reference) conn(addr string) (*refConn, error) {
 	if cc, ok := r.conns[addr]; ok {
 		return cc, nil
 	}
-	cc, err := grpc.NewClient("passthrough:///"+addr,
+	// The target is a URL: the "%" of an IPv6 zone ("[fe80::1%eth0]:port")
+	// is escaped, and the passthrough resolver dials it unescaped.
+	cc, err := grpc.NewClient("passthrough:///"+strings.ReplaceAll(addr, "%", "%25"),
 		grpc.WithTransportCredentials(r.creds),
 		grpc.WithMaxHeaderListSize(r.maxResp),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(r.maxMsg), grpc.MaxCallSendMsgSize(math.MaxInt32)))
