@@ -209,14 +209,7 @@ func newFuzzEnv(tb testing.TB, raw string) *fuzzEnv {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	tb.Cleanup(func() {
-		srv.Close()
-		if err := <-served; !errors.Is(err, proxy.ErrServerClosed) {
-			tb.Errorf("Serve returned %v, want ErrServerClosed", err)
-		}
-	})
+	serveOn(tb, srv, ln)
 	cc, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		tb.Fatal(err)

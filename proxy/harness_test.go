@@ -224,6 +224,16 @@ func serveProxy(t testing.TB, srv *proxy.Server) net.Listener {
 	if err != nil {
 		t.Fatal(err)
 	}
+	serveOn(t, srv, ln)
+	return ln
+}
+
+// serveOn serves srv, either engine, on ln until the test ends, then
+// closes srv and checks that Serve returned ErrServerClosed.
+func serveOn(t testing.TB, srv interface {
+	Serve(net.Listener) error
+	Close() error
+}, ln net.Listener) {
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	t.Cleanup(func() {
@@ -232,5 +242,4 @@ func serveProxy(t testing.TB, srv *proxy.Server) net.Listener {
 			t.Errorf("Serve returned %v, want ErrServerClosed", err)
 		}
 	})
-	return ln
 }

@@ -30,14 +30,7 @@ import (
 func TestReferenceLeftSetIsUnavailable(t *testing.T) {
 	verifyNoLeaks(t)
 	ts, srv, ln := startReference(t, proxy.ReferenceConfig{DrainTimeout: 200 * time.Millisecond})
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.Close()
-		if err := <-served; !errors.Is(err, proxy.ErrServerClosed) {
-			t.Errorf("Serve returned %v, want ErrServerClosed", err)
-		}
-	})
+	serveOn(t, srv, ln)
 	e := &env{t: t}
 	client := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
 	ctx := testkit.Context(t, 8*time.Second)

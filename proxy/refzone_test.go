@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"errors"
 	"net"
 	"testing"
 	"time"
@@ -44,14 +43,7 @@ func TestReferenceZonedIPv6(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.Close()
-		if err := <-served; !errors.Is(err, proxy.ErrServerClosed) {
-			t.Errorf("Serve returned %v, want ErrServerClosed", err)
-		}
-	})
+	serveOn(t, srv, ln)
 	e := &env{t: t}
 	client := testgrpc.NewTestServiceClient(e.dial(ln.Addr().String()))
 	ctx := testkit.Context(t, 10*time.Second)
