@@ -446,7 +446,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	// answered the first with a connection error, which cut the client's
 	// other calls, and refused the others.
 	status := responseStatus(f.Fields)
-	interim := len(status) == 3 && status[0] == '1'
+	interim := interimStatus(status)
 	var malformed error
 	final := false // this block is the final response headers
 	switch {

@@ -100,9 +100,11 @@ func responseStatus(fields []hpack.HeaderField) string {
 // interimBlock reports whether fields are an informational (1xx)
 // response header block, which the final response headers follow.
 func interimBlock(fields []hpack.HeaderField) bool {
-	s := responseStatus(fields)
-	return len(s) == 3 && s[0] == '1'
+	return interimStatus(responseStatus(fields))
 }
+
+// interimStatus reports whether :status value s is informational (1xx).
+func interimStatus(s string) bool { return len(s) == 3 && s[0] == '1' }
 
 // validStatus reports whether a response's :status is three digits (RFC
 // 9110 §15; x/net's client refuses one that is not a number).
