@@ -396,12 +396,24 @@ func (c *connWriter) writeSmall(p []byte) (int, error) {
 // be nil. On a plain socket a payload of vecMin bytes or more is written by
 // reference: p must stay unchanged until the next Flush, or the next
 // writePayload, which may write it (see transport.toRelease). Otherwise p
-// is copied and buf freed at once. On error, buf is freed all the same.
+// is copied, and buf freed at once unless a payload written by reference
+// is pending, which may be in buf too: then it is freed with those. On
+// error, buf is freed all the same.
 func (c *connWriter) writePayload(p []byte, buf *pbuf, mem *bufBudget, free bool) error {
 	if c.rs == nil || len(p) < vecMin {
 		_, err := c.Write(p)
 		if free {
-			mem.freeBuf(buf)
+			if c.refd && err == nil {
+				// An earlier part of buf may be pending by reference:
+				// a DATA item the window cut in two, whose first
+				// frame was large and whose last is small. Freed now,
+				// the buffer could be refilled by another stream
+				// before the flush writes that part (the replay test's
+				// wrong bytes, attack8_replay_test.go).
+				c.refs = append(c.refs, bufRef{buf, mem})
+			} else {
+				mem.freeBuf(buf)
+			}
 		}
 		return err
 	}

@@ -50,11 +50,13 @@ func TestConnWriterGathers(t *testing.T) {
 		t.Fatal(err)
 	}
 	want.Write(sp)
-	if !w.holdsRefs() || len(w.refs) != 3 {
-		t.Fatalf("before flush: holdsRefs %v, %d buffers held; want true, 3", w.holdsRefs(), len(w.refs))
+	// The small payload was copied, but its buffer waits for the flush
+	// with the others: it could hold a part written by reference.
+	if !w.holdsRefs() || len(w.refs) != 4 {
+		t.Fatalf("before flush: holdsRefs %v, %d buffers held; want true, 4", w.holdsRefs(), len(w.refs))
 	}
-	if got, want := mem.used.Load(), int64(3*maxFrameSize); got != want {
-		t.Fatalf("before flush: budget counts %d bytes, want %d (the small payload's buffer freed at once)", got, want)
+	if got, want := mem.used.Load(), int64(3*maxFrameSize+smallBufSize); got != want {
+		t.Fatalf("before flush: budget counts %d bytes, want %d", got, want)
 	}
 	// Nothing was written yet.
 	b.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
@@ -74,6 +76,50 @@ func TestConnWriterGathers(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got, want.Bytes()) {
+		t.Fatal("bytes read differ from the bytes written")
+	}
+}
+
+// TestConnWriterSplitPayloadFreedAfterFlush: a DATA item the flow-control
+// window cut in two is written as two frames from one buffer, the first
+// large (by reference, pending until the flush), the last small (copied,
+// and the buffer freed). The buffer must not go back to its pool before
+// the flush writes the first part: another stream's reader would refill
+// it, and the peer would get its bytes (found by TestAttack8ReplayIntegrity
+// as a retried request whose replayed message arrived with a wrong length
+// prefix, once in a few thousand calls).
+func TestConnWriterSplitPayloadFreedAfterFlush(t *testing.T) {
+	a, b := tcpPair(t)
+	t.Cleanup(func() { a.Close(); b.Close() })
+	w := newConnWriter(a)
+	var mem bufBudget
+	buf := getBuf(maxFrameSize)
+	mem.add(len(buf.b))
+	p := buf.b[:vecMin+100]
+	for j := range p {
+		p[j] = byte(j * 13)
+	}
+	want := bytes.Clone(p)
+	if err := w.writePayload(p[:vecMin], buf, &mem, false); err != nil { // the window's part
+		t.Fatal(err)
+	}
+	if err := w.writePayload(p[vecMin:], buf, &mem, true); err != nil { // the rest, releasing buf
+		t.Fatal(err)
+	}
+	if got := mem.used.Load(); got != int64(len(buf.b)) {
+		t.Fatalf("buffer freed (budget %d) while its first part waits for the flush", got)
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := mem.used.Load(); got != 0 {
+		t.Fatalf("after flush: budget %d, want 0", got)
+	}
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(b, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
 		t.Fatal("bytes read differ from the bytes written")
 	}
 }
