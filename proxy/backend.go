@@ -874,6 +874,9 @@ func (b *backendConn) harvest(a *attempt) ([]outItem, bool) {
 	take := func(it outItem, credited int) {
 		c := outItem{kind: it.kind, end: it.end, fields: it.fields, credited: credited}
 		if it.buf != nil {
+			if pbufDebug {
+				debugCheck(it.buf, "harvest")
+			}
 			c.buf = getBuf(it.n)
 			a.up.mem.add(len(c.buf.b))
 			c.n = copy(c.buf.b, it.buf.b[:it.n])

@@ -296,6 +296,9 @@ type connWriter struct {
 	refd    bool
 	// refs are the pooled buffers of payloads in segs, freed once written.
 	refs []bufRef
+	// dbgBufs are the buffers of every payload in segs, checked before
+	// the write in the pbufdebug build (pbufdebug.go).
+	dbgBufs []*pbuf
 	// corked is set when a write made because the pending bytes reached
 	// a limit went out with MSG_MORE, and the kernel may be keeping its
 	// last packet for the next write: Flush must push it.
@@ -421,6 +424,9 @@ func (c *connWriter) writePayload(p []byte, buf *pbuf, mem *bufBudget, free bool
 		c.vb = readBufPool.Get().(*[]byte) // for the frame headers around p
 	}
 	c.segs = append(c.segs, p)
+	if pbufDebug {
+		c.dbgBufs = append(c.dbgBufs, buf)
+	}
 	c.vsm = false
 	c.pending += len(p)
 	c.refd = true
@@ -451,6 +457,11 @@ func (c *connWriter) holdsRefs() bool { return c.refd }
 // that follow, and the packets are full ones.
 func (c *connWriter) flushSegs(more bool) error {
 	var err error
+	if pbufDebug {
+		for _, b := range c.dbgBufs {
+			debugCheck(b, "connWriter.flushSegs")
+		}
+	}
 	if c.pending > 0 {
 		err = c.rs.writeSegs(c.segs, more)
 		c.corked = more
@@ -461,6 +472,10 @@ func (c *connWriter) flushSegs(more bool) error {
 
 // resetSegs forgets what is pending and frees the referenced buffers.
 func (c *connWriter) resetSegs() {
+	if pbufDebug {
+		clear(c.dbgBufs)
+		c.dbgBufs = c.dbgBufs[:0]
+	}
 	clear(c.segs)
 	c.segs = c.segs[:0]
 	c.pending, c.vn, c.vsm, c.refd = 0, 0, false, false

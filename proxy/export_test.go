@@ -93,3 +93,7 @@ func (s *Server) ZeroStreamBackends() []string {
 // ParkedConns reports the client connections whose reader goroutine is
 // parked (park.go), for tests.
 func (s *Server) ParkedConns() int { return s.parker.parked() }
+
+// PbufDebug reports whether the package is built with -tags pbufdebug
+// (pbufdebug.go), whose freed buffers are kept: heap figures mean nothing.
+const PbufDebug = pbufDebug

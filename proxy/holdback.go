@@ -242,6 +242,9 @@ func (h *holdback) keep(p []byte, mem *bufBudget, rd *connReader) {
 	for len(p) > 0 {
 		if n := len(h.items); n > 0 {
 			t := &h.items[n-1]
+			if pbufDebug {
+				debugCheck(t.buf, "holdback.keep")
+			}
 			if c := copy(t.buf.b[t.n:], p); c > 0 {
 				t.n += c
 				h.held += c
@@ -305,6 +308,9 @@ func (c *serverConn) enqueueHeld(a *attempt, items []outItem, data []byte, v *pb
 	s.active = true
 	for i := range items {
 		it := items[i]
+		if pbufDebug {
+			debugCheck(it.buf, "enqueueHeld")
+		}
 		it.msgAt = s.msgs.nextAt(it.buf.b[:it.n])
 		s.countDown(it.buf.b[:it.n])
 		s.down.push(it)

@@ -367,6 +367,9 @@ func TestParkedCountTowardsMaxConnections(t *testing.T) {
 // buffer's end cut (they go through the Framer), each idle connection
 // kept 16 KiB more than after a small call.
 func TestParkedConnDropsFramerBuffer(t *testing.T) {
+	if proxy.PbufDebug {
+		t.Skip("the pbufdebug build keeps freed buffers: heap figures mean nothing")
+	}
 	e, srv := newParkEnv(t, nil)
 	ctx := testkit.Context(t, 60*time.Second)
 	const conns = 60

@@ -61,6 +61,10 @@ func (r *readBuf) unref() {
 	if r.refs.Add(-1) == 0 {
 		r.pinned.Add(-1)
 		pinnedReadBufs.Add(-1)
+		if pbufDebug {
+			fill(*r.buf, poisonReadBuf) // and not reused
+			return
+		}
 		readBufPool.Put(r.buf)
 	}
 }

@@ -54,6 +54,10 @@ func getBuf(n int) *pbuf {
 // putBuf returns b to the pool of its size; a view lets go of its read
 // buffer instead.
 func putBuf(b *pbuf) {
+	if pbufDebug {
+		debugFree(b)
+		return
+	}
 	if b.rb != nil {
 		// A view is not reused: it lets go of the read buffer, which a
 		// stale pointer to the view (a queue slot not yet cleared)
@@ -160,6 +164,9 @@ func (q *sendQueue) pushData(p []byte, end bool) {
 	if n := len(q.items); n > q.head && len(p) > 0 {
 		t := &q.items[n-1]
 		if t.kind == itemData && !t.end && t.buf != nil && t.off == 0 && t.n+len(p) <= len(t.buf.b) {
+			if pbufDebug {
+				debugCheck(t.buf, "pushData")
+			}
 			t.n += copy(t.buf.b[t.n:], p)
 			t.end = end
 			return
@@ -1093,6 +1100,9 @@ func (t *transport) writeFrames(batch []writeOp) error {
 // SETTINGS_MAX_FRAME_SIZE (popLocked takes no more) and the stream id is
 // one of ours.
 func (t *transport) writeData(op *writeOp) error {
+	if pbufDebug {
+		debugCheck(op.buf, "writeData")
+	}
 	h := &t.sc.dhdr
 	dataFrameHeader(h, op.streamID, op.end, len(op.data))
 	if _, err := t.bw.Write(h[:]); err != nil {
@@ -1240,6 +1250,12 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 // when a whole item fit, 9,000-byte messages kept a 16 KiB buffer each,
 // and a call of five (45 KB) was not retried with the 64 KiB default.
 func (t *transport) retainLocked(a *attempt, it *outItem, op *writeOp) {
+	if pbufDebug {
+		debugCheck(it.buf, "retainLocked")
+		for i := range a.replay {
+			debugCheck(a.replay[i].buf, "retainLocked (replay)")
+		}
+	}
 	if it.kind == itemData && it.buf != nil {
 		if last := len(a.replay) - 1; last >= 0 {
 			tail := &a.replay[last]
