@@ -746,3 +746,246 @@ func TestAtk1DyingBackendTinyWindows(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestAtk1RawRequestFragments: a raw client sends a client-streaming
+// request of messages around 4 KiB and 16 KiB in DATA frames of odd sizes
+// (1, 7, 4095 to 4097, 16384 bytes; some padded), which the proxy
+// coalesces into its queue's buffers while the window-playing backend
+// cuts them (partial items held across its updates, lowered below zero
+// mid-stream) and then fails the attempt; the retry's grpc-go backend
+// must get the request exactly as sent (SHA-256 of every message).
+func TestAtk1RawRequestFragments(t *testing.T) {
+	verifyNoLeaks(t)
+	good := serveRawGRPC(t, func(ss grpc.ServerStream) error {
+		h := sha256.New()
+		for {
+			var m []byte
+			if err := ss.RecvMsg(&m); err != nil {
+				break
+			}
+			binary.Write(h, binary.BigEndian, uint32(len(m)))
+			h.Write(m)
+		}
+		out := h.Sum(nil)
+		return ss.SendMsg(&out)
+	})
+	bad := windowGameBackend(t)
+	srv, err := proxy.New(proxy.Config{Picker: atk1Picker{bad, good}, Logger: quietLog, RetryOn: []string{"/x.Y/"},
+		RetryBudget: 1 << 20, RetryBufferSize: 1 << 20, MaxConnBufferedBytes: 64 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := serveProxy(t, srv)
+	sizes := []int{4091, 4096, 1, 4101, 16379, 0, 4095, 9000, 16384, 5}
+	frags := []int{1, 7, 4095, 4096, 4097, 16384, 100, 4090, 3}
+	failAts := []int{0, 1, 4096, 4100, 9000, 16384, 30000, 1 << 30}
+	calls := 48
+	if os.Getenv("STREAMLB_ATTACKS") != "" {
+		calls = 400
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, calls)
+	sem := make(chan struct{}, 8)
+	for call := range calls {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			if err := atk1FragCall(ln.Addr().String(), call, sizes, frags, failAts[call%len(failAts)], call/len(failAts)%2); err != nil {
+				errs <- fmt.Errorf("call %d: %v", call, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+func atk1FragCall(addr string, call int, sizes, frags []int, failAt, mode int) error {
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(30 * time.Second))
+	nc.Write([]byte(http2.ClientPreface))
+	bw := bufio.NewWriterSize(nc, 64<<10)
+	fr := http2.NewFramer(bw, nc)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	fr.WriteSettings()
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	for _, f := range [][2]string{{":method", "POST"}, {":scheme", "http"}, {":path", "/x.Y/Z"}, {":authority", "x"},
+		{"content-type", "application/grpc"}, {"te", "trailers"}, {"x-fail-at", strconv.Itoa(failAt)}, {"x-mode", strconv.Itoa(mode)}} {
+		enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+	}
+	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndHeaders: true})
+	h := sha256.New()
+	var body []byte
+	for i := range 7 {
+		m := seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])
+		binary.Write(h, binary.BigEndian, uint32(len(m)))
+		h.Write(m)
+		body = append(body, 0)
+		body = binary.BigEndian.AppendUint32(body, uint32(len(m)))
+		body = append(body, m...)
+	}
+	want := h.Sum(nil)
+	for i := 0; len(body) > 0; i++ {
+		n := min(frags[(i+call)%len(frags)], len(body))
+		if (i+call)%4 == 0 && n < 16000 {
+			fr.WriteDataPadded(1, false, body[:n], make([]byte, (i*37)%200))
+		} else {
+			fr.WriteData(1, false, body[:n])
+		}
+		body = body[n:]
+		if call%6 == 5 && len(body) < 30000 {
+			// The client gives up mid-request: its items, some cut by
+			// the backend's window, are dropped.
+			fr.WriteRSTStream(1, http2.ErrCodeCancel)
+			bw.Flush()
+			time.Sleep(time.Millisecond)
+			return nil
+		}
+		if i%5 == 4 {
+			bw.Flush()
+			time.Sleep(time.Duration(call%3) * 100 * time.Microsecond)
+		}
+	}
+	fr.WriteData(1, true, nil)
+	bw.Flush()
+	var got []byte
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			return fmt.Errorf("reading: %v", err)
+		}
+		switch f := f.(type) {
+		case *http2.GoAwayFrame:
+			return fmt.Errorf("GOAWAY %v %q", f.ErrCode, f.DebugData())
+		case *http2.RSTStreamFrame:
+			return fmt.Errorf("reset %v", f.ErrCode)
+		case *http2.DataFrame:
+			got = append(got, f.Data()...)
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				fr.WriteSettingsAck()
+				bw.Flush()
+			}
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				fr.WritePing(true, f.Data)
+				bw.Flush()
+			}
+		case *http2.MetaHeadersFrame:
+			if !f.StreamEnded() {
+				continue
+			}
+			for _, x := range f.Fields {
+				if x.Name == "grpc-status" && x.Value != "0" {
+					return fmt.Errorf("status %v", f.Fields)
+				}
+			}
+			if len(got) != 5+len(want) || !bytes.Equal(got[5:], want) {
+				return fmt.Errorf("the retry's backend got a request other than the one sent (%d bytes back)", len(got))
+			}
+			return nil
+		}
+	}
+}
+
+// TestAtk1BidiEchoSmallWindows: bidi echo calls through the proxy between
+// grpc-go clients and a grpc-go backend both with fixed 64 KiB windows
+// (no BDP growth), messages of sizes around 4 KiB and 16 KiB, some
+// clients slow to read, some cancelling mid-stream: both directions' items
+// are cut by the windows and some dropped with a part pending. Every echo
+// must come back as sent.
+func TestAtk1BidiEchoSmallWindows(t *testing.T) {
+	verifyNoLeaks(t)
+	addr := serveRawGRPC(t, func(ss grpc.ServerStream) error {
+		for {
+			var m []byte
+			if err := ss.RecvMsg(&m); err != nil {
+				return nil
+			}
+			if err := ss.SendMsg(&m); err != nil {
+				return err
+			}
+		}
+	}, grpc.InitialWindowSize(65535), grpc.InitialConnWindowSize(65535))
+	srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog, MaxConnBufferedBytes: 64 << 20,
+		BackendStreamWindow: 16 << 10, BackendMaxStreamWindow: 40000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := serveProxy(t, srv)
+	cc := fixedWindowConn(t, ln.Addr().String(), 65535)
+	ctx := testkit.Context(t, 60*time.Second)
+	sizes := []int{4091, 4096, 4101, 16379, 16384, 16389, 3, 8192, 12000, 4095, 20000, 0}
+	calls := 24
+	if os.Getenv("STREAMLB_ATTACKS") != "" {
+		calls = 200
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, calls)
+	sem := make(chan struct{}, 12)
+	for call := range calls {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			cctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			st, err := cc.NewStream(cctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true}, "/x.Y/Z", grpc.ForceCodec(rawBytes{}))
+			if err != nil {
+				errs <- err
+				return
+			}
+			const n = 40
+			cancelAt := -1
+			if call%4 == 3 {
+				cancelAt = 5 + call%17
+			}
+			sent := make(chan error, 1)
+			go func() {
+				for i := range n {
+					m := seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])
+					if err := st.SendMsg(&m); err != nil {
+						sent <- nil
+						return
+					}
+				}
+				sent <- st.CloseSend()
+			}()
+			for i := range n {
+				if i == cancelAt {
+					cancel()
+					<-sent
+					return
+				}
+				var got []byte
+				if err := st.RecvMsg(&got); err != nil {
+					errs <- fmt.Errorf("call %d, message %d: %v", call, i, err)
+					<-sent
+					return
+				}
+				if !bytes.Equal(got, seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])) {
+					errs <- fmt.Errorf("call %d, message %d: %d bytes differ from those sent", call, i, len(got))
+				}
+				if call%3 == 1 && i%4 == 0 {
+					time.Sleep(time.Millisecond)
+				}
+			}
+			<-sent
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
