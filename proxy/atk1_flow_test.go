@@ -24,7 +24,7 @@ import (
 	"github.com/streamlb/streamlb/proxy"
 )
 
-var atk1Bytes, atk1Frames, atk1Fails atomic.Int64
+var atk1Bytes, atk1Frames, atk1Fails, atk1Resets, atk1GoAways atomic.Int64
 
 // atk1Picker sends every first attempt to first, retries to other.
 type atk1Picker struct{ first, other string }
@@ -302,7 +302,7 @@ func TestAtk1RawClientWindowGames(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	t.Logf("clients: %d bytes in %d frames", atk1Bytes.Load(), atk1Frames.Load())
+	t.Logf("clients: %d bytes in %d frames; %d streams reset by the proxy, %d connections ended with GOAWAY", atk1Bytes.Load(), atk1Frames.Load(), atk1Resets.Swap(0), atk1GoAways.Swap(0))
 	close(errs)
 	for err := range errs {
 		t.Error(err)
@@ -414,6 +414,7 @@ func atk1RawClientOpts(addr string, ci int, sizes []int, count int, extra func(k
 			if !x.done {
 				x.done = true
 				left--
+				atk1Resets.Add(1)
 				if err := atk1Check(x.seed, x.got, x.shift, count, false); err != nil {
 					return fmt.Errorf("stream %d (reset by the proxy): %v", f.StreamID, err)
 				}
@@ -437,6 +438,33 @@ func atk1RawClientOpts(addr string, ci int, sizes []int, count int, extra func(k
 			if ci%5 == 3 && recvd >= 30000+ci*1000 {
 				nc.Close() // abruptly, items pending toward us
 				return nil
+			}
+			if ci%5 == 2 && f.StreamID == 3 && !x.lenient && len(x.got) >= 9000 {
+				// Overflow this stream's window (§6.9.1): the proxy resets
+				// it, dropping its queue with a part of an item pending.
+				x.lenient = true
+				fr.WriteWindowUpdate(f.StreamID, 1<<31-1)
+				fr.WriteWindowUpdate(f.StreamID, 1<<31-1)
+			}
+			if extra == nil && ci%10 == 1 && recvd >= 25000+ci*500 {
+				// Overflow the connection's window: GOAWAY, and the
+				// connection closes with items pending.
+				fr.WriteWindowUpdate(0, 1<<31-1)
+				fr.WriteWindowUpdate(0, 1<<31-1)
+				bw.Flush()
+				for {
+					f, err := fr.ReadFrame()
+					if err != nil {
+						return nil
+					}
+					if g, ok := f.(*http2.GoAwayFrame); ok {
+						atk1GoAways.Add(1)
+						if g.ErrCode != http2.ErrCodeFlowControl {
+							return fmt.Errorf("GOAWAY %v, want FLOW_CONTROL_ERROR", g.ErrCode)
+						}
+						return nil
+					}
+				}
 			}
 			if ci%5 == 4 && !goAway && recvd >= 20000+ci*1000 {
 				goAway = true
@@ -740,7 +768,7 @@ func TestAtk1DyingBackendTinyWindows(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	t.Logf("clients: %d bytes in %d frames", atk1Bytes.Load(), atk1Frames.Load())
+	t.Logf("clients: %d bytes in %d frames; %d streams reset by the proxy, %d connections ended with GOAWAY", atk1Bytes.Load(), atk1Frames.Load(), atk1Resets.Swap(0), atk1GoAways.Swap(0))
 	close(errs)
 	for err := range errs {
 		t.Error(err)
