@@ -48,8 +48,9 @@ func (p atk1Picker) PickExcluding(_ context.Context, _ string, tried []string) (
 // lower the initial window mid-stream (the proxy's stream windows go
 // negative) and raise it again; after failAt request bytes of a stream
 // (header x-fail-at), it ends the stream with UNAVAILABLE trailers-only
-// and RST_STREAM(NO_ERROR), or with RST_STREAM(REFUSED_STREAM) (header
-// x-mode 1). Both are retried by the proxy.
+// and RST_STREAM(NO_ERROR) (header x-mode 0), RST_STREAM(REFUSED_STREAM)
+// (1), a GOAWAY that says the stream was not processed (2), or closes
+// the connection (3). The proxy retries all of them.
 func windowGameBackend(t *testing.T) string {
 	var connN int
 	var mu sync.Mutex
@@ -78,6 +79,7 @@ func windowGameBackend(t *testing.T) string {
 		var hb bytes.Buffer
 		enc := hpack.NewEncoder(&hb)
 		step := 0
+		goneAway := false
 		s.serve(func(f http2.Frame) bool {
 			switch f := f.(type) {
 			case *http2.MetaHeadersFrame:
@@ -93,7 +95,7 @@ func windowGameBackend(t *testing.T) string {
 				streams[f.StreamID] = x
 				if x.failAt == 0 {
 					x.done = true
-					fail(s.fr, &hb, enc, f.StreamID, x.mode)
+					return fail(s.fr, &hb, enc, f.StreamID, x.mode, &goneAway)
 				}
 			case *http2.DataFrame:
 				n := len(f.Data())
@@ -110,8 +112,7 @@ func windowGameBackend(t *testing.T) string {
 				atk1Frames.Add(1)
 				if (x.failAt >= 0 && x.got >= x.failAt) || f.StreamEnded() {
 					x.done = true
-					fail(s.fr, &hb, enc, f.StreamID, x.mode)
-					return true
+					return fail(s.fr, &hb, enc, f.StreamID, x.mode, &goneAway)
 				}
 				if n == 0 {
 					return true
@@ -143,11 +144,22 @@ func windowGameBackend(t *testing.T) string {
 	})
 }
 
-func fail(fr *http2.Framer, hb *bytes.Buffer, enc *hpack.Encoder, id uint32, mode int) {
+// fail fails stream id as x-mode says; false: the connection is to close.
+func fail(fr *http2.Framer, hb *bytes.Buffer, enc *hpack.Encoder, id uint32, mode int, goneAway *bool) bool {
 	atk1Fails.Add(1)
-	if mode == 1 {
+	if mode == 2 && *goneAway {
+		mode = 1 // a second GOAWAY may not raise the last stream id
+	}
+	switch mode {
+	case 1:
 		fr.WriteRSTStream(id, http2.ErrCodeRefusedStream)
-		return
+		return true
+	case 2: // GOAWAY: this stream and those after it were not processed
+		*goneAway = true
+		fr.WriteGoAway(max(id, 2)-2, http2.ErrCodeNo, nil)
+		return true
+	case 3: // the connection dies
+		return false
 	}
 	hb.Reset()
 	for _, f := range [][2]string{{":status", "200"}, {"content-type", "application/grpc"}, {"grpc-status", "14"}, {"grpc-message", "try another"}} {
@@ -155,6 +167,7 @@ func fail(fr *http2.Framer, hb *bytes.Buffer, enc *hpack.Encoder, id uint32, mod
 	}
 	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
 	fr.WriteRSTStream(id, http2.ErrCodeNo)
+	return true
 }
 
 // TestAtk1RetryAfterWindowGames: client-streaming calls of a RetryOn method
@@ -197,12 +210,12 @@ func TestAtk1RetryAfterWindowGames(t *testing.T) {
 		reps = 20
 	}
 	var wg sync.WaitGroup
-	errs := make(chan error, 2*len(failAts)*reps)
+	errs := make(chan error, 4*len(failAts)*reps)
 	sem := make(chan struct{}, 16)
 	call := 0
 	for rep := range reps {
 		for _, failAt := range failAts {
-			for mode := range 2 {
+			for mode := range 4 {
 				call++
 				wg.Add(1)
 				go func(call, rep int) {
@@ -820,7 +833,7 @@ func TestAtk1RawRequestFragments(t *testing.T) {
 			defer wg.Done()
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			if err := atk1FragCall(ln.Addr().String(), call, sizes, frags, failAts[call%len(failAts)], call/len(failAts)%2); err != nil {
+			if err := atk1FragCall(ln.Addr().String(), call, sizes, frags, failAts[call%len(failAts)], call/len(failAts)%4); err != nil {
 				errs <- fmt.Errorf("call %d: %v", call, err)
 			}
 		}()
