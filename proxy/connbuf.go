@@ -433,7 +433,13 @@ func (c *connWriter) writePayload(p []byte, buf *pbuf, mem *bufBudget, free bool
 	if free {
 		c.refs = append(c.refs, bufRef{buf, mem})
 	}
-	if c.pending >= vecFlushAt || len(c.segs) >= maxSegs {
+	// A buffer whose budget is past half its limit is written and freed
+	// now: the source's window was credited when the frame was taken
+	// (writeFrames), so gathered until the flush it would be counted, up
+	// to vecFlushAt, beside the bytes that window let in (a 1 MiB request
+	// through a 32 KiB budget failed RESOURCE_EXHAUSTED on its answer's
+	// headers, TestConnWriterOverBudgetFreesAtOnce).
+	if c.pending >= vecFlushAt || len(c.segs) >= maxSegs || (free && !mem.belowHalf()) {
 		return c.flushSegs(true)
 	}
 	return nil
