@@ -184,6 +184,7 @@ func (b *backendConn) run(ctx context.Context) {
 		b.closeErr = fmt.Errorf("connecting: %w", err)
 		b.mu.Unlock()
 		b.stopDrainTimer()
+		b.writerGone() // no writer will run: what the attempts release is freed at once
 		b.failAll(failure{kind: failDial, backend: b.addr, cause: err, draining: b.pool.restarting(b.addr)})
 		return
 	}
@@ -206,6 +207,7 @@ func (b *backendConn) run(ctx context.Context) {
 	if closed {
 		nc.Close()
 		b.stopDrainTimer()
+		b.writerGone()
 		b.failAll(failure{kind: failConnLost, backend: b.addr, cause: closeErr})
 		return
 	}

@@ -412,15 +412,16 @@ func (t *transport) resetAllowance() int64 {
 // releaseLocked returns b to the pool once the writer is past the write in
 // progress. Caller must hold mu.
 func (t *transport) releaseLocked(b *pbuf) {
-	if t.wake == nil {
-		switch t.wstate.Load() {
-		case wNotStarted, wIdle, wParked, wDone:
-			// No writer runs, so no write is reading b, and the next
-			// writer must take mu first: back to the pool at once,
-			// rather than held by an idle connection.
-			putBuf(b)
-			return
-		}
+	switch st := t.wstate.Load(); {
+	case st == wDone, t.wake == nil && (st == wNotStarted || st == wIdle || st == wParked):
+		// No writer runs, so no write is reading b, and the next
+		// writer must take mu first: back to the pool at once,
+		// rather than held by an idle connection. wDone is also the
+		// persistent writer's once writeLoop returned: what is
+		// released after it would otherwise wait in toRelease for
+		// good.
+		putBuf(b)
+		return
 	}
 	t.toRelease = append(t.toRelease, b)
 }
@@ -730,6 +731,14 @@ func (t *transport) freeReleased() {
 	}
 	t.toRelease = t.toRelease[:0]
 	t.mu.Unlock()
+}
+
+// writerGone is called when a persistent writer will not run again
+// (writeLoop returned, or the connection ended before it started): from
+// then on releaseLocked frees at once, and what toRelease holds is freed.
+func (t *transport) writerGone() {
+	t.wstate.Store(wDone)
+	t.freeReleased()
 }
 
 // releaseIdle lets go of what only a writer needs, before an on-demand
@@ -1390,7 +1399,7 @@ func (t *transport) writeLoop(r role) error {
 	for {
 		switch st, err := t.writeStep(r); st {
 		case stepExit:
-			t.freeReleased()
+			t.writerGone()
 			return err
 		case stepIdle:
 			<-t.wake
