@@ -749,6 +749,16 @@ func (t *transport) releaseIdle() {
 	if len(t.ctrl) == 0 {
 		t.ctrl = nil
 	}
+	if !t.bw.holdsRefs() {
+		// Released after this writer's last step began: no write reads
+		// them (the step found nothing to write, and everything was
+		// flushed), and no step of this writer will free them.
+		for i, b := range t.toRelease {
+			putBuf(b)
+			t.toRelease[i] = nil
+		}
+		t.toRelease = t.toRelease[:0]
+	}
 	t.mu.Unlock()
 }
 
