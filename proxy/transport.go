@@ -163,7 +163,10 @@ func (q *sendQueue) needsWindow() bool {
 func (q *sendQueue) pushData(p []byte, end bool) {
 	if n := len(q.items); n > q.head && len(p) > 0 {
 		t := &q.items[n-1]
-		if t.kind == itemData && !t.end && t.buf != nil && t.off == 0 && t.n+len(p) <= len(t.buf.b) {
+		// Never into a view (rb): its room past n is the backend's read
+		// buffer. A view's n equals its length, but trimDownLocked and
+		// cutQueuedLocked may lower it.
+		if t.kind == itemData && !t.end && t.buf != nil && t.buf.rb == nil && t.off == 0 && t.n+len(p) <= len(t.buf.b) {
 			if pbufDebug {
 				debugCheck(t.buf, "pushData")
 			}
