@@ -178,19 +178,7 @@ func fail(fr *http2.Framer, hb *bytes.Buffer, enc *hpack.Encoder, id uint32, mod
 // request exactly as sent (SHA-256 of every message).
 func TestAtk1RetryAfterWindowGames(t *testing.T) {
 	verifyNoLeaks(t)
-	good := serveRawGRPC(t, func(ss grpc.ServerStream) error {
-		h := sha256.New()
-		for {
-			var m []byte
-			if err := ss.RecvMsg(&m); err != nil {
-				break
-			}
-			binary.Write(h, binary.BigEndian, uint32(len(m)))
-			h.Write(m)
-		}
-		out := h.Sum(nil)
-		return ss.SendMsg(&out)
-	})
+	good := hashingBackend(t)
 	atk1Bytes.Store(0)
 	atk1Frames.Store(0)
 	atk1Fails.Store(0)
@@ -231,8 +219,7 @@ func TestAtk1RetryAfterWindowGames(t *testing.T) {
 					h := sha256.New()
 					for i := range 12 {
 						m := seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])
-						binary.Write(h, binary.BigEndian, uint32(len(m)))
-						h.Write(m)
+						hashMsg(h, m)
 						if rep%2 == 1 && i%3 == 0 {
 							time.Sleep(time.Millisecond)
 						}
@@ -797,19 +784,7 @@ func TestAtk1DyingBackendTinyWindows(t *testing.T) {
 // must get the request exactly as sent (SHA-256 of every message).
 func TestAtk1RawRequestFragments(t *testing.T) {
 	verifyNoLeaks(t)
-	good := serveRawGRPC(t, func(ss grpc.ServerStream) error {
-		h := sha256.New()
-		for {
-			var m []byte
-			if err := ss.RecvMsg(&m); err != nil {
-				break
-			}
-			binary.Write(h, binary.BigEndian, uint32(len(m)))
-			h.Write(m)
-		}
-		out := h.Sum(nil)
-		return ss.SendMsg(&out)
-	})
+	good := hashingBackend(t)
 	bad := windowGameBackend(t)
 	srv, err := proxy.New(proxy.Config{Picker: atk1Picker{bad, good}, Logger: quietLog, RetryOn: []string{"/x.Y/"},
 		RetryBudget: 1 << 20, RetryBufferSize: 1 << 20, MaxConnBufferedBytes: 64 << 20})
@@ -868,8 +843,7 @@ func atk1FragCall(addr string, call int, sizes, frags []int, failAt, mode int) e
 	var body []byte
 	for i := range 7 {
 		m := seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])
-		binary.Write(h, binary.BigEndian, uint32(len(m)))
-		h.Write(m)
+		hashMsg(h, m)
 		body = append(body, 0)
 		body = binary.BigEndian.AppendUint32(body, uint32(len(m)))
 		body = append(body, m...)

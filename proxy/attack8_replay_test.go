@@ -3,7 +3,6 @@ package proxy_test
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"fmt"
 	"os"
 	"strconv"
@@ -56,8 +55,7 @@ func TestAttack8ReplayIntegrity(t *testing.T) {
 			if err := ss.RecvMsg(&m); err != nil {
 				break
 			}
-			binary.Write(h, binary.BigEndian, uint32(len(m)))
-			h.Write(m)
+			hashMsg(h, m)
 			n++
 		}
 		if !again {
@@ -106,8 +104,7 @@ func TestAttack8ReplayIntegrity(t *testing.T) {
 				h := sha256.New()
 				for i := range msgs {
 					m := seededMessage(uint64(call), i, sizes[i%len(sizes)])
-					binary.Write(h, binary.BigEndian, uint32(len(m)))
-					h.Write(m)
+					hashMsg(h, m)
 					if rep%3 == 1 {
 						time.Sleep(time.Millisecond)
 					}

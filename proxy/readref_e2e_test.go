@@ -1,8 +1,10 @@
 package proxy_test
 
 import (
+	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"hash"
 	"math/rand/v2"
 	"net"
 	"sync"
@@ -38,6 +40,30 @@ func serveRawGRPC(t *testing.T, handle func(grpc.ServerStream) error, opts ...gr
 	go gs.Serve(ln)
 	t.Cleanup(gs.Stop)
 	return ln.Addr().String()
+}
+
+// hashMsg adds message m to h as the request-integrity tests hash a
+// request: its length, then its bytes.
+func hashMsg(h hash.Hash, m []byte) {
+	binary.Write(h, binary.BigEndian, uint32(len(m)))
+	h.Write(m)
+}
+
+// hashingBackend serves a backend that answers every call with the
+// SHA-256 of the request messages it read (hashMsg).
+func hashingBackend(t *testing.T) string {
+	return serveRawGRPC(t, func(ss grpc.ServerStream) error {
+		h := sha256.New()
+		for {
+			var m []byte
+			if err := ss.RecvMsg(&m); err != nil {
+				break
+			}
+			hashMsg(h, m)
+		}
+		out := h.Sum(nil)
+		return ss.SendMsg(&out)
+	})
 }
 
 // seededMessage is message i of a stream seeded with seed: n bytes no other
