@@ -512,6 +512,11 @@ func (f *File) check(root *yaml.Node) error {
 			if rl.Burst < 0 {
 				return errAt("must not be negative", "routes", i, "rate_limit", "burst")
 			}
+			if rl.Burst > math.MaxInt32 {
+				// As Envoy's token bucket (max_tokens, a uint32): a
+				// larger one is no limit, and is most likely a typo.
+				return errAt("must be at most 2147483647 (2^31-1)", "routes", i, "rate_limit", "burst")
+			}
 		}
 	}
 	return nil
