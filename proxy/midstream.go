@@ -126,7 +126,10 @@ func resetCodeOf(f failure) http2.ErrCode {
 func (c *serverConn) cutQueuedLocked(s *stream) bool {
 	q := &s.down
 	if q.empty() {
-		return true
+		// Nothing queued, but the first part of a message may have been
+		// written already (one over the hold-back goes on as it
+		// arrives): the rest will never come.
+		return s.msgs.partial == 0
 	}
 	h := &q.items[q.head]
 	if h.kind != itemData || h.buf == nil {

@@ -1,0 +1,89 @@
+package proxy_test
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/status"
+
+	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/proxy"
+)
+
+// TestAtk5ShutdownMidMessageIsReset: a backend is in the middle of a
+// response message larger than the hold-back bound, so its first part
+// went on to the client as it arrived and the proxy's queue toward the
+// client is empty; the rest never comes. Server.Shutdown's drain runs
+// out. The call must end with RST_STREAM (a status the client reads), not
+// with trailers inside the message, which grpc-go's client reports as
+// INTERNAL "unexpected EOF". The proxy checked only its queue for a
+// message partly written, and found none when the queue was empty.
+func TestAtk5ShutdownMidMessageIsReset(t *testing.T) {
+	verifyNoLeaks(t)
+	const part = 200 << 10
+	bad := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello() != nil {
+			return
+		}
+		s.serve(func(f http2.Frame) bool {
+			if h, ok := f.(*http2.HeadersFrame); ok {
+				writeGRPCHeaders(s.fr, h.StreamID)
+				// A 1 MiB message, of which part bytes come.
+				msg := make([]byte, 5+part)
+				binary.BigEndian.PutUint32(msg[1:], 1<<20)
+				for len(msg) > 0 {
+					n := min(len(msg), 16384)
+					s.fr.WriteData(h.StreamID, false, msg[:n])
+					msg = msg[n:]
+				}
+			}
+			return true
+		})
+	})
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.BackendStreamWindow = 512 << 10 // the raw backend does not watch it
+	}})
+	srv := e.srv.(*proxy.Server)
+	e.setBackends(bad)
+	ctx := testkit.Context(t, 30*time.Second)
+	st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		_, err := st.Recv()
+		got <- err
+	}()
+	// The client's 64 KiB initial windows grow with what it reads; let
+	// the proxy write all it has.
+	time.Sleep(300 * time.Millisecond)
+	sctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if err := srv.Shutdown(sctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Shutdown: %v, want the deadline", err)
+	}
+	select {
+	case err := <-got:
+		s := status.Convert(err)
+		if err == nil || errors.Is(err, io.EOF) || strings.Contains(s.Message(), "unexpected EOF") {
+			t.Errorf("client: %v; want the call reset (RST_STREAM), not ended inside the message", err)
+		}
+		if s.Code() != codes.Internal && s.Code() != codes.Unavailable {
+			t.Errorf("client: %v; want INTERNAL (RST_STREAM INTERNAL_ERROR) or UNAVAILABLE", err)
+		}
+		t.Logf("client: %v", err)
+	case <-ctx.Done():
+		t.Fatal("the call hung")
+	}
+}
