@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
@@ -85,5 +87,77 @@ func TestAtk5ShutdownMidMessageIsReset(t *testing.T) {
 		t.Logf("client: %v", err)
 	case <-ctx.Done():
 		t.Fatal("the call hung")
+	}
+}
+
+// TestAtk5DeadlineMidMessageIsReset is TestAtk5ShutdownMidMessageIsReset
+// for the call's own grpc-timeout passing in the proxy, seen by a raw
+// client (a grpc-go client's own timer would fire first): the call ends
+// with RST_STREAM(CANCEL), never with trailers after half a message.
+func TestAtk5DeadlineMidMessageIsReset(t *testing.T) {
+	verifyNoLeaks(t)
+	const part = 200 << 10
+	bad := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello() != nil {
+			return
+		}
+		s.serve(func(f http2.Frame) bool {
+			if h, ok := f.(*http2.HeadersFrame); ok {
+				writeGRPCHeaders(s.fr, h.StreamID)
+				msg := make([]byte, 5+part)
+				binary.BigEndian.PutUint32(msg[1:], 1<<20)
+				for len(msg) > 0 {
+					n := min(len(msg), 16384)
+					s.fr.WriteData(h.StreamID, false, msg[:n])
+					msg = msg[n:]
+				}
+			}
+			return true
+		})
+	})
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.BackendStreamWindow = 512 << 10
+	}})
+	e.setBackends(bad)
+	r := dialRawWide(t, e.addr)
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	f := []string{":method", "POST", ":scheme", "http", ":path", "/grpc.testing.TestService/StreamingOutputCall", ":authority", "x",
+		"content-type", "application/grpc", "te", "trailers", "grpc-timeout", "300m"}
+	for i := 0; i < len(f); i += 2 {
+		enc.WriteField(hpack.HeaderField{Name: f[i], Value: f[i+1]})
+	}
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true}); err != nil {
+		t.Fatal(err)
+	}
+	data, headers := 0, 0
+	for {
+		fr, err := r.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("reading: %v (after %d DATA bytes)", err, data)
+		}
+		switch fr := fr.(type) {
+		case *http2.DataFrame:
+			data += len(fr.Data())
+			if fr.StreamEnded() {
+				t.Fatalf("END_STREAM on DATA after %d bytes of a %d-byte message", data, 5+1<<20)
+			}
+		case *http2.MetaHeadersFrame:
+			headers++
+			if fr.StreamEnded() {
+				t.Fatalf("trailers %v after %d bytes of a %d-byte message; want RST_STREAM(CANCEL)", fr.Fields, data, 5+1<<20)
+			}
+		case *http2.RSTStreamFrame:
+			if fr.ErrCode != http2.ErrCodeCancel {
+				t.Errorf("RST_STREAM(%v), want CANCEL", fr.ErrCode)
+			}
+			if data == 0 {
+				t.Errorf("no DATA before the reset: the test did not reach the case")
+			}
+			return
+		case *http2.GoAwayFrame:
+			t.Fatalf("GOAWAY %v", fr.ErrCode)
+		}
 	}
 }
