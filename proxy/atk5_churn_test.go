@@ -446,6 +446,7 @@ func atk5Restart(t *testing.T, e *env, idx int, graceful bool) {
 // meanwhile end the calls left with proper statuses.
 func TestAtk5ChurnByteExact(t *testing.T) {
 	verifyNoLeaks(t)
+	atk5Resources(t)
 	e := newEnv(t, envOpts{
 		backends: 3,
 		tscfg: func(i int, c *testserver.Config) {
@@ -565,6 +566,7 @@ func atk5Backend(t *testing.T, name, addr string) *testserver.Server {
 // call: nothing may fail but by the client's own cancel or deadline.
 func TestAtk5ReloadAndDNSByteExact(t *testing.T) {
 	verifyNoLeaks(t)
+	atk5Resources(t)
 	ctx := testkit.Context(t, 60*time.Second)
 	dns := testserver.NewDNSServer(testserver.DNSConfig{DefaultTTL: 1, Logger: quietLog})
 	if err := dns.Start("127.0.0.1:0"); err != nil {
@@ -708,4 +710,89 @@ clusters:
 	close(stop)
 	wg.Wait()
 	atk5Check(t, "reload+dns", tally.res, false, true)
+}
+
+// atk5Resources checks, after everything else the test set up is torn
+// down, that the process holds no more descriptors than before it and
+// that the heap is back near where it was. Call it right after
+// verifyNoLeaks, before anything else registers a cleanup.
+func atk5Resources(t *testing.T) {
+	t.Helper()
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			return -1
+		}
+		return len(ents)
+	}
+	fd0, heap0 := fds(), heapAfterGC()
+	t.Cleanup(func() {
+		if fd0 < 0 {
+			return
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for fds() > fd0 && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
+		if n := fds(); n > fd0 {
+			t.Errorf("descriptors: %d after the test, %d before", n, fd0)
+		}
+		// Pooled buffers the proxy keeps are a few MiB at most.
+		if h := heapAfterGC(); h > heap0+atk5HeapSlack {
+			t.Errorf("heap after GC: %d MiB after the test, %d MiB before", h, heap0)
+		}
+	})
+}
+
+// TestAtk5ShutdownNoDeadlineThenClose: Shutdown without a deadline while
+// calls of every kind run (slow readers, deadlines and cancels among
+// them) and new ones keep coming; during the drain a backend restarts
+// gracefully and another is hard-killed; then Close cuts the drain
+// short while a second Shutdown waits. Every call ends byte-exact or
+// with a proper status, Shutdown and Close return, nothing leaks.
+func TestAtk5ShutdownNoDeadlineThenClose(t *testing.T) {
+	verifyNoLeaks(t)
+	atk5Resources(t)
+	e := newEnv(t, envOpts{
+		backends: 3,
+		tscfg:    func(i int, c *testserver.Config) { *c = atk5Config(c.Name) },
+		pcfg:     func(c *proxy.Config) { c.RetryOn = []string{"/grpc.testing.TestService/"} },
+	})
+	ctx := testkit.Context(t, 60*time.Second)
+	clients := []testgrpc.TestServiceClient{e.client,
+		testgrpc.NewTestServiceClient(fixedWindowConn(t, e.addr, 64<<10, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4<<20)))),
+		testgrpc.NewTestServiceClient(e.dial(e.addr))}
+	var tally atk5Tally
+	stop := make(chan struct{})
+	wg := atk5Load(ctx, stop, clients, 12, &tally)
+	time.Sleep(400 * time.Millisecond)
+	srv := e.srv.(*proxy.Server)
+	first := make(chan error, 1)
+	go func() { first <- srv.Shutdown(context.Background()) }()
+	time.Sleep(100 * time.Millisecond)
+	atk5Restart(t, e, 0, true)
+	time.Sleep(100 * time.Millisecond)
+	e.backends[1].Stop()
+	time.Sleep(200 * time.Millisecond)
+	second := make(chan error, 1)
+	go func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		second <- srv.Shutdown(sctx)
+	}()
+	time.Sleep(50 * time.Millisecond)
+	closed := make(chan error, 1)
+	go func() { closed <- srv.Close() }()
+	for name, ch := range map[string]chan error{"Shutdown": first, "second Shutdown": second, "Close": closed} {
+		select {
+		case err := <-ch:
+			t.Logf("%s: %v", name, err)
+		case <-time.After(15 * time.Second):
+			t.Fatalf("%s did not return", name)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	atk5Check(t, "shutdown+close", tally.res, true, false)
 }
