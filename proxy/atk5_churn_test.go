@@ -540,7 +540,14 @@ func TestAtk5ChurnByteExact(t *testing.T) {
 // atk5Backend starts an echo backend on addr, stopped at cleanup.
 func atk5Backend(t *testing.T, name, addr string) *testserver.Server {
 	t.Helper()
-	ts, err := testserver.New(atk5Config(name))
+	return atk5BackendCfg(t, atk5Config(name), addr)
+}
+
+// atk5BackendCfg starts a testserver for cfg on addr, stopped at cleanup.
+func atk5BackendCfg(t *testing.T, cfg testserver.Config, addr string) *testserver.Server {
+	t.Helper()
+	cfg.Logger = quietLog
+	ts, err := testserver.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -552,7 +559,7 @@ func atk5Backend(t *testing.T, name, addr string) *testserver.Server {
 		time.Sleep(20 * time.Millisecond)
 	}
 	if serr != nil {
-		t.Fatalf("start on %s: %v", addr, serr)
+		t.Fatalf("start %s on %s: %v", cfg.Name, addr, serr)
 	}
 	t.Cleanup(ts.Stop)
 	return ts
