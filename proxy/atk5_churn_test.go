@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -457,8 +458,16 @@ func TestAtk5ChurnByteExact(t *testing.T) {
 		},
 	})
 	ctx := testkit.Context(t, 60*time.Second)
-	clients := []testgrpc.TestServiceClient{e.client,
-		testgrpc.NewTestServiceClient(fixedWindowConn(t, e.addr, 64<<10, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4<<20)))),
+	// The clients' connections to the proxy, counted: set changes and
+	// backend restarts must not make clients reconnect.
+	var dials atomic.Int64
+	counted := grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) {
+		dials.Add(1)
+		return (&net.Dialer{}).DialContext(ctx, "tcp", a)
+	})
+	clients := []testgrpc.TestServiceClient{
+		testgrpc.NewTestServiceClient(fixedWindowConn(t, e.addr, 1<<20, counted, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4<<20)))),
+		testgrpc.NewTestServiceClient(fixedWindowConn(t, e.addr, 64<<10, counted, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4<<20)))),
 		testgrpc.NewTestServiceClient(e.dial(e.addr))}
 
 	all := func() []string {
@@ -494,6 +503,9 @@ func TestAtk5ChurnByteExact(t *testing.T) {
 		close(stop)
 		wg.Wait()
 		atk5Check(t, "graceful", tally.res, false, true)
+		if n := dials.Load(); n != 2 {
+			t.Errorf("graceful: the two counted clients dialed the proxy %d times, want once each", n)
+		}
 	}
 
 	// Phase B: hard kills and restarts on the same port.
@@ -645,12 +657,17 @@ clusters:
 		}
 	}()
 	addr := ln.Addr().String()
+	var dials atomic.Int64
 	mk := func(window int32) *grpc.ClientConn {
 		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
 			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4 << 20))}
 		if window > 0 {
 			opts = append(opts, grpc.WithInitialWindowSize(window), grpc.WithInitialConnWindowSize(window))
 		}
+		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) {
+			dials.Add(1)
+			return (&net.Dialer{}).DialContext(ctx, "tcp", a)
+		}))
 		cc, err := grpc.NewClient("passthrough:///"+addr, opts...)
 		if err != nil {
 			t.Fatal(err)
@@ -717,6 +734,12 @@ clusters:
 	close(stop)
 	wg.Wait()
 	atk5Check(t, "reload+dns", tally.res, false, true)
+	if q := dns.Queries(); q < 10 {
+		t.Errorf("the DNS server saw %d queries: the proxy did not follow the answers' changes", q)
+	}
+	if n := dials.Load(); n != 2 {
+		t.Errorf("the two counted clients dialed the proxy %d times, want once each", n)
+	}
 }
 
 // atk5Resources checks, after everything else the test set up is torn
