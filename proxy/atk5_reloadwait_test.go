@@ -1,0 +1,153 @@
+package proxy_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/streamlb/streamlb/cluster"
+	"github.com/streamlb/streamlb/internal/testkit"
+)
+
+// atk5RunFile runs `streamlb proxy --config` for the file at path until
+// the test ends, and returns the server and its address.
+func atk5RunFile(t *testing.T, path string) (*cluster.Server, string) {
+	t.Helper()
+	f, err := cluster.LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := f.ServerConfig()
+	cfg.Logger = quietLog
+	srv, err := cluster.NewServer(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- srv.Run(rctx, ln, nil) }()
+	t.Cleanup(func() {
+		rcancel()
+		select {
+		case err := <-ran:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Error("Run did not return within 30s")
+		}
+	})
+	return srv, ln.Addr().String()
+}
+
+// TestAtk5ReloadRemovesClusterWithWaitingCalls: cluster b's one backend
+// takes one stream at a time, so calls routed to b queue in the proxy
+// for its slot. A reload removes cluster b (or replaces its target).
+// The calls running and waiting must end, OK or UNAVAILABLE, well
+// before their deadline: none may wait for a slot of a pool no one
+// looks after any more.
+func TestAtk5ReloadRemovesClusterWithWaitingCalls(t *testing.T) {
+	for _, change := range []string{"removed", "retargeted"} {
+		t.Run(change, func(t *testing.T) {
+			verifyNoLeaks(t)
+			a := atk5Backend(t, "a", "127.0.0.1:0")
+			cfgB := atk5Config("b")
+			cfgB.ServerOptions = []grpc.ServerOption{grpc.MaxConcurrentStreams(1)}
+			b := atk5BackendCfg(t, cfgB, "127.0.0.1:0")
+			b2 := atk5Backend(t, "b2", "127.0.0.1:0")
+			conf := func(bTarget string) string {
+				s := fmt.Sprintf(`
+listen: 127.0.0.1:0
+admin_listen: ""
+drain_timeout: 500ms
+proxy: {max_backend_conns: 1}
+clusters:
+  - {name: a, targets: [%s]}
+`, a.Addr())
+				if bTarget != "" {
+					return s + fmt.Sprintf("  - {name: b, targets: [%s]}\nroutes:\n  - {match: {headers: [{name: x-route, exact: b}]}, cluster: b}\n  - {cluster: a}\n", bTarget)
+				}
+				return s + "routes:\n  - {cluster: a}\n"
+			}
+			path := filepath.Join(t.TempDir(), "streamlb.yaml")
+			write := func(s string) {
+				if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			write(conf(b.Addr()))
+			srv, addr := atk5RunFile(t, path)
+			cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cc.Close()
+			client := testgrpc.NewTestServiceClient(cc)
+			ctx := testkit.Context(t, 30*time.Second)
+			bctx := metadata.AppendToOutgoingContext(ctx, "x-route", "b")
+			const n = 6
+			var wg sync.WaitGroup
+			type out struct {
+				err  error
+				took time.Duration
+			}
+			outs := make(chan out, n)
+			for i := 0; i < n; i++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					cctx, cancel := context.WithTimeout(bctx, 10*time.Second)
+					defer cancel()
+					start := time.Now()
+					st, err := client.StreamingOutputCall(cctx, &testgrpc.StreamingOutputCallRequest{
+						Payload:            &testgrpc.Payload{Body: []byte{byte(i), 1, 2, 3, 4, 5, 6, 7}},
+						ResponseParameters: []*testgrpc.ResponseParameters{{Size: 100, IntervalUs: 200_000}}})
+					if err == nil {
+						var msgs []*testgrpc.StreamingOutputCallResponse
+						msgs, err = drain(st.Recv)
+						if err == nil && (len(msgs) != 1 || atk5Sum(msgs[0].GetPayload().GetBody()) != atk5Sum(atk5Bytes([]byte{byte(i), 1, 2, 3, 4, 5, 6, 7}, 0, 100))) {
+							err = fmt.Errorf("wrong answer")
+						}
+					}
+					outs <- out{err, time.Since(start)}
+				}()
+			}
+			time.Sleep(100 * time.Millisecond)
+			if change == "removed" {
+				write(conf(""))
+			} else {
+				write(conf(b2.Addr()))
+			}
+			if err := srv.Reload(ctx); err != nil {
+				t.Fatal(err)
+			}
+			wg.Wait()
+			close(outs)
+			for o := range outs {
+				t.Logf("call: %v after %v", o.err, o.took.Round(time.Millisecond))
+				if o.err != nil && status.Code(o.err) != codes.Unavailable {
+					t.Errorf("call: %v after %v", o.err, o.took)
+				}
+				if o.took > 5*time.Second {
+					t.Errorf("call took %v", o.took)
+				}
+			}
+		})
+	}
+}
