@@ -43,7 +43,7 @@ func TestAtk5WaitingCallsSurviveBackendLoss(t *testing.T) {
 				go func() {
 					defer wg.Done()
 					st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{
-						Payload: &testgrpc.Payload{Body: []byte{byte(i)}},
+						Payload:            &testgrpc.Payload{Body: []byte{byte(i)}},
 						ResponseParameters: []*testgrpc.ResponseParameters{{Size: 10, IntervalUs: 400_000}, {Size: 10}}})
 					if err == nil {
 						_, err = drain(st.Recv)
