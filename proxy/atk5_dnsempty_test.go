@@ -3,8 +3,8 @@ package proxy_test
 import (
 	"context"
 	"errors"
-	"io"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
