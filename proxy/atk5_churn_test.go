@@ -503,6 +503,7 @@ func TestAtk5ChurnByteExact(t *testing.T) {
 		close(stop)
 		wg.Wait()
 		atk5Check(t, "graceful", tally.res, false, true)
+		atk5Budgets(ctx, t, e.srv.(*proxy.Server))
 		if n := dials.Load(); n != 2 {
 			t.Errorf("graceful: the two counted clients dialed the proxy %d times, want once each", n)
 		}
@@ -520,6 +521,7 @@ func TestAtk5ChurnByteExact(t *testing.T) {
 		close(stop)
 		wg.Wait()
 		atk5Check(t, "kill", tally.res, true, false)
+		atk5Budgets(ctx, t, e.srv.(*proxy.Server))
 	}
 
 	// Phase C: shutdown with a deadline while calls run and new ones come.
@@ -825,4 +827,13 @@ func TestAtk5ShutdownNoDeadlineThenClose(t *testing.T) {
 	close(stop)
 	wg.Wait()
 	atk5Check(t, "shutdown+close", tally.res, true, false)
+}
+
+// atk5Budgets waits until no client connection of srv holds buffered
+// response bytes or request bytes any more: every call has ended.
+func atk5Budgets(ctx context.Context, t *testing.T, srv *proxy.Server) {
+	t.Helper()
+	testkit.WaitFor(ctx, t, "the client connections' budgets to be given back", func() bool {
+		return srv.MaxBufferedBytes() == 0 && srv.MaxHeldBytes() == 0
+	})
 }

@@ -140,6 +140,7 @@ func TestAtk5ReplayByteExact(t *testing.T) {
 		e.backends[i] = atk5BackendCfg(t, c, addr)
 	}
 	wg.Wait()
+	atk5Budgets(ctx, t, e.srv.(*proxy.Server))
 	bad, ok := 0, 0
 	for _, r := range res {
 		if r.err == nil && r.corrupt == "" {
