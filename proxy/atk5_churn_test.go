@@ -483,7 +483,7 @@ func TestAtk5ChurnByteExact(t *testing.T) {
 		var tally atk5Tally
 		stop := make(chan struct{})
 		wg := atk5Load(ctx, stop, clients, 12, &tally)
-		for i := 0; i < 6; i++ {
+		for i := 0; i < 6*atk5Scale(); i++ {
 			time.Sleep(150 * time.Millisecond)
 			switch i % 3 {
 			case 0:
@@ -514,7 +514,7 @@ func TestAtk5ChurnByteExact(t *testing.T) {
 		var tally atk5Tally
 		stop := make(chan struct{})
 		wg := atk5Load(ctx, stop, clients, 12, &tally)
-		for i := 0; i < 3; i++ {
+		for i := 0; i < 3*atk5Scale(); i++ {
 			time.Sleep(250 * time.Millisecond)
 			atk5Restart(t, e, i%len(e.backends), false)
 		}
@@ -836,4 +836,13 @@ func atk5Budgets(ctx context.Context, t *testing.T, srv *proxy.Server) {
 	testkit.WaitFor(ctx, t, "the client connections' budgets to be given back", func() bool {
 		return srv.MaxBufferedBytes() == 0 && srv.MaxHeldBytes() == 0
 	})
+}
+
+// atk5Scale is how many times longer the churn phases run: 1, or 10
+// with STREAMLB_ATTACKS=1.
+func atk5Scale() int {
+	if os.Getenv("STREAMLB_ATTACKS") == "1" {
+		return 10
+	}
+	return 1
 }
