@@ -20,10 +20,11 @@ import (
 
 // TestAtk5WaitingCallsSurviveBackendLoss: a backend takes 2 streams at
 // a time (MAX_CONCURRENT_STREAMS) and the proxy keeps one connection to
-// it, so most calls picked for it wait in the proxy for a slot. The
-// backend is then hard-killed or stopped gracefully. The calls that were
-// waiting never reached it: they must go to the other backend and end
-// OK; only the two running on it may fail, UNAVAILABLE.
+// it, so most calls picked for it cannot go to it (the first ones wait
+// for a slot until its SETTINGS arrive; later ones are refused there and
+// sent to the other backend). The backend is then hard-killed or stopped
+// gracefully. The calls that never reached it must end OK on the other
+// backend; only the two running on it may fail, UNAVAILABLE.
 func TestAtk5WaitingCallsSurviveBackendLoss(t *testing.T) {
 	for _, how := range []string{"kill", "graceful"} {
 		t.Run(how, func(t *testing.T) {
@@ -80,11 +81,12 @@ func TestAtk5WaitingCallsSurviveBackendLoss(t *testing.T) {
 }
 
 // TestAtk5WaitingCallsCancelled: one backend taking one stream at a
-// time, one backend connection; many calls queue in the proxy for the
-// slot and most of them give up while waiting (deadline or cancel),
-// some while the backend restarts gracefully. Afterwards the slot
-// accounting is intact: calls go through one after another again, and
-// nothing is left held.
+// time, one backend connection; many calls at once, each giving up
+// (deadline) after 20 to 310 ms, some while the backend restarts
+// gracefully. The proxy refuses what it has no slot for (UNAVAILABLE, by
+// design) and the rest run or expire. Afterwards the slot accounting is
+// intact: calls go through one after another again, and nothing is left
+// held.
 func TestAtk5WaitingCallsCancelled(t *testing.T) {
 	verifyNoLeaks(t)
 	e := newEnv(t, envOpts{backends: 1,
