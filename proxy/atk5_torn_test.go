@@ -161,3 +161,63 @@ func TestAtk5DeadlineMidMessageIsReset(t *testing.T) {
 		}
 	}
 }
+
+// TestAtk5ShutdownMidHeldMessage: the message in the middle is under the
+// hold-back bound, so none of it went to the client: the expired drain
+// ends the call with UNAVAILABLE trailers, after the complete message
+// before it.
+func TestAtk5ShutdownMidHeldMessage(t *testing.T) {
+	verifyNoLeaks(t)
+	whole := payloadMsg(1000)
+	bad := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello() != nil {
+			return
+		}
+		s.serve(func(f http2.Frame) bool {
+			if h, ok := f.(*http2.HeadersFrame); ok {
+				writeGRPCHeaders(s.fr, h.StreamID)
+				s.fr.WriteData(h.StreamID, false, whole)
+				// A 100 KiB message, of which 50 KiB come.
+				msg := make([]byte, 5+50<<10)
+				binary.BigEndian.PutUint32(msg[1:], 100<<10)
+				for len(msg) > 0 {
+					n := min(len(msg), 16384)
+					s.fr.WriteData(h.StreamID, false, msg[:n])
+					msg = msg[n:]
+				}
+			}
+			return true
+		})
+	})
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.BackendStreamWindow = 512 << 10
+	}})
+	srv := e.srv.(*proxy.Server)
+	e.setBackends(bad)
+	ctx := testkit.Context(t, 30*time.Second)
+	st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatalf("the complete message: %v", err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		_, err := st.Recv()
+		got <- err
+	}()
+	time.Sleep(300 * time.Millisecond)
+	sctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	srv.Shutdown(sctx)
+	select {
+	case err := <-got:
+		if s := status.Convert(err); s.Code() != codes.Unavailable || !strings.Contains(s.Message(), "shutting down") {
+			t.Errorf("client: %v; want UNAVAILABLE, shutting down", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the call hung")
+	}
+}
