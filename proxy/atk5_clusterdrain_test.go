@@ -1,0 +1,123 @@
+package proxy_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+
+	"github.com/streamlb/streamlb/cluster"
+	"github.com/streamlb/streamlb/internal/testkit"
+)
+
+// TestAtk5ClusterDrainDuringReload: `streamlb proxy --config` under
+// byte-exact load of every kind gets SIGTERM (Run's context ends) while
+// a reload that retargets its cluster runs, and a backend restarts
+// gracefully during the drain. Run returns nil within the drain timeout
+// and a little; every call ends byte-exact or with a proper status; the
+// reload returns; nothing leaks.
+func TestAtk5ClusterDrainDuringReload(t *testing.T) {
+	verifyNoLeaks(t)
+	atk5Resources(t)
+	ctx := testkit.Context(t, 60*time.Second)
+	b0 := atk5Backend(t, "b0", "127.0.0.1:0")
+	b1 := atk5Backend(t, "b1", "127.0.0.1:0")
+	b2 := atk5Backend(t, "b2", "127.0.0.1:0")
+	conf := func(targets string) string {
+		return fmt.Sprintf(`
+listen: 127.0.0.1:0
+admin_listen: ""
+drain_timeout: 600ms
+proxy: {retry_on: [grpc.testing.TestService/]}
+clusters:
+  - {name: a, targets: [%s]}
+routes:
+  - {cluster: a}
+`, targets)
+	}
+	path := filepath.Join(t.TempDir(), "streamlb.yaml")
+	write := func(s string) {
+		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(conf(b0.Addr() + ", " + b1.Addr()))
+	f, err := cluster.LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := f.ServerConfig()
+	cfg.Logger = quietLog
+	srv, err := cluster.NewServer(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, rcancel := context.WithCancel(context.Background())
+	defer rcancel()
+	ran := make(chan error, 1)
+	go func() { ran <- srv.Run(rctx, ln, nil) }()
+	addr := ln.Addr().String()
+	var clients []testgrpc.TestServiceClient
+	for _, w := range []int32{0, 64 << 10, 0} {
+		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4 << 20))}
+		if w > 0 {
+			opts = append(opts, grpc.WithInitialWindowSize(w), grpc.WithInitialConnWindowSize(w))
+		}
+		cc, err := grpc.NewClient("passthrough:///"+addr, opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cc.Close()
+		clients = append(clients, testgrpc.NewTestServiceClient(cc))
+	}
+	testkit.WaitFor(ctx, t, "the cluster to answer", func() bool {
+		_, err := clients[0].EmptyCall(ctx, &testgrpc.Empty{})
+		return err == nil
+	})
+	var tally atk5Tally
+	stop := make(chan struct{})
+	wg := atk5Load(ctx, stop, clients, 12, &tally)
+	time.Sleep(400 * time.Millisecond)
+	write(conf(b1.Addr() + ", " + b2.Addr()))
+	reloaded := make(chan error, 1)
+	go func() { reloaded <- srv.Reload(ctx) }()
+	start := time.Now()
+	rcancel()
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		b1.GracefulStop()
+	}()
+	select {
+	case err := <-ran:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+		if took := time.Since(start); took > 5*time.Second {
+			t.Errorf("Run returned %v after its context ended, drain_timeout 600ms", took)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run did not return")
+	}
+	select {
+	case err := <-reloaded:
+		t.Logf("Reload: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Reload did not return")
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	atk5Check(t, "cluster drain", tally.res, true, false)
+}
