@@ -871,3 +871,189 @@ func TestAtk4TLSParkMidRecord(t *testing.T) {
 		}
 	}
 }
+
+// TestAtk4HoldbackNonRawBackend: TestHoldbackBackendFailsMidMessage with
+// the proxy's backend connections wrapped (no views), read in small
+// chunks, or over TLS: the client gets the whole messages before the torn
+// one and the status a direct client gets, never a torn message.
+func TestAtk4HoldbackNonRawBackend(t *testing.T) {
+	const size = 3000
+	msg := payloadMsg(size)
+	faults := []struct {
+		name string
+		do   func(s *h2Server, id uint32) bool
+	}{
+		{"connection closed", func(*h2Server, uint32) bool { return false }},
+		{"RST_STREAM INTERNAL_ERROR", func(s *h2Server, id uint32) bool {
+			s.fr.WriteRSTStream(id, http2.ErrCodeInternal)
+			return true
+		}},
+		{"GOAWAY and close", func(s *h2Server, id uint32) bool {
+			s.fr.WriteGoAway(id, http2.ErrCodeNo, nil)
+			return false
+		}},
+	}
+	a := newAtk4TLS(t)
+	for _, mode := range []string{"wrap", "chunk", "tls"} {
+		for _, fault := range faults {
+			for _, k := range []int{0, 3} {
+				for _, unary := range []bool{true, false} {
+					if unary && k > 0 {
+						continue
+					}
+					t.Run(fmt.Sprintf("%s/%s/k=%d/unary=%v", mode, fault.name, k, unary), func(t *testing.T) {
+						verifyNoLeaks(t)
+						bad := rawBackend(t, func(nc net.Conn) {
+							if mode == "tls" {
+								tc := tls.Server(nc, a.server())
+								defer tc.Close()
+								nc = tc
+							}
+							s, err := acceptH2(nc)
+							if err != nil || s.hello() != nil {
+								return
+							}
+							var id uint32
+							s.serve(func(f http2.Frame) bool {
+								switch f := f.(type) {
+								case *http2.HeadersFrame:
+									id = f.StreamID
+									writeGRPCHeaders(s.fr, id)
+									for range k {
+										s.fr.WriteData(id, false, msg)
+									}
+									s.fr.WriteData(id, false, msg[:len(msg)/2])
+									s.fr.WritePing(false, [8]byte{'h', 'o', 'l', 'd'})
+								case *http2.PingFrame:
+									if f.IsAck() && f.Data == [8]byte{'h', 'o', 'l', 'd'} {
+										return fault.do(s, id)
+									}
+								}
+								return true
+							})
+						})
+						e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.Dial = atk4Dial(a, mode) }})
+						e.setBackends(bad)
+						ctx := testkit.Context(t, 30*time.Second)
+						creds := insecure.NewCredentials()
+						if mode == "tls" {
+							creds = credentials.NewTLS(a.client())
+						}
+						direct, err := grpc.NewClient("passthrough:///"+bad, grpc.WithTransportCredentials(creds))
+						if err != nil {
+							t.Fatal(err)
+						}
+						defer direct.Close()
+						want := callRaw(ctx, direct, unary)
+						got := callRaw(ctx, e.cc, unary)
+						if want.msgs != k {
+							t.Fatalf("direct client: %d messages then %v, want %d", want.msgs, want.err, k)
+						}
+						if got.msgs != want.msgs || got.code != want.code {
+							t.Errorf("through the proxy: %d messages then %v; direct: %d messages then %v", got.msgs, got.err, want.msgs, want.err)
+						}
+					})
+				}
+			}
+		}
+	}
+}
+
+// TestAtk4NonRawCancels: calls canceled at varying points, among calls
+// that finish, over TLS and chunked connections on both sides: the
+// finished calls' bytes are exact, every canceled call ends CANCELED,
+// the backends see every call end, nothing is left.
+func TestAtk4NonRawCancels(t *testing.T) {
+	for _, m := range [][2]string{{"tls", "tls"}, {"chunk", "chunk"}, {"wrap", "tls"}} {
+		t.Run(m[0]+"-"+m[1], func(t *testing.T) {
+			verifyNoLeaks(t)
+			w := newAtk4World(t, m[0], m[1], 2, nil, func(c *proxy.Config) {
+				c.BackendStreamWindow = 4096
+			})
+			ctx := testkit.Context(t, 30*time.Second)
+			c := w.client()
+			var wg sync.WaitGroup
+			for k := range 24 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					cctx, cancel := context.WithCancel(ctx)
+					defer cancel()
+					cancelAt := k % 4 // 0: never
+					size := []int{513, 16385, 65536, 300 << 10}[k%4]
+					if k%3 == 0 {
+						req := &testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, size%7)}}
+						for range 5 {
+							req.ResponseParameters = append(req.ResponseParameters, &testgrpc.ResponseParameters{Size: int32(size)})
+						}
+						st, err := c.StreamingOutputCall(cctx, req)
+						if err != nil {
+							t.Error(err)
+							return
+						}
+						for i := 0; ; i++ {
+							if cancelAt != 0 && i == cancelAt {
+								cancel()
+							}
+							m, err := st.Recv()
+							if err == io.EOF {
+								if cancelAt != 0 && cancelAt < 5 {
+									t.Errorf("stream %d: ended OK after cancel", k)
+								}
+								return
+							}
+							if err != nil {
+								if status.Code(err) != codes.Canceled || cancelAt == 0 {
+									t.Errorf("stream %d msg %d: %v", k, i, err)
+								}
+								return
+							}
+							if atk4Sum(m.GetPayload().GetBody()) != atk4Sum(atk4Body(uint64((size%7)*1000+i), size)) {
+								t.Errorf("stream %d msg %d: wrong bytes", k, i)
+								return
+							}
+						}
+					}
+					st, err := c.FullDuplexCall(cctx)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					for i := range 5 {
+						if cancelAt != 0 && i == cancelAt {
+							cancel()
+						}
+						b := atk4Body(uint64(k*100+i), size)
+						if err := st.Send(&testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: b}}); err != nil {
+							_, err = st.Recv()
+							if status.Code(err) != codes.Canceled || cancelAt == 0 {
+								t.Errorf("bidi %d send %d: %v", k, i, err)
+							}
+							return
+						}
+						m, err := st.Recv()
+						if err != nil {
+							if status.Code(err) != codes.Canceled || cancelAt == 0 {
+								t.Errorf("bidi %d recv %d: %v", k, i, err)
+							}
+							return
+						}
+						if !bytes.Equal(m.GetPayload().GetBody(), b) {
+							t.Errorf("bidi %d msg %d: wrong bytes", k, i)
+							return
+						}
+					}
+					st.CloseSend()
+					if _, err := st.Recv(); err != io.EOF && status.Code(err) != codes.Canceled {
+						t.Errorf("bidi %d end: %v", k, err)
+					}
+				}()
+			}
+			wg.Wait()
+			testkit.WaitFor(ctx, t, "backend calls to end", func() bool {
+				return w.backends[0].InFlight() == 0 && w.backends[1].InFlight() == 0
+			})
+			atk4Calls(ctx, t, c, []int{1, 16385, 65536}, 0)
+		})
+	}
+}
