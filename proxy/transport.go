@@ -1019,6 +1019,13 @@ func (t *transport) close(err error) {
 	nc := t.nc
 	t.mu.Unlock()
 	if nc != nil {
+		if plainSocket(nc) == nil {
+			// A write of crypto/tls's own from Read (the answer to a
+			// KeyUpdate, see disarmWrite) may be waiting without a
+			// deadline on a peer that does not read, holding the lock
+			// that tls.Conn.Close takes to send its close_notify.
+			nc.SetWriteDeadline(aLongTimeAgo)
+		}
 		nc.Close()
 	}
 	t.signal()
@@ -1047,6 +1054,24 @@ func (t *transport) armWrite() {
 	}
 	t.armedAt = now
 	t.nc.SetWriteDeadline(now.Add(t.writeTimeout))
+}
+
+// disarmWrite clears the write deadline of a connection that is not a
+// plain socket when the writer has nothing more to write. On TLS the
+// writer is not the only one that writes: crypto/tls answers a peer's
+// KeyUpdate asking for one (RFC 8446 §4.6.3) from inside Read, with the
+// connection's write deadline; left armed, that deadline has passed once
+// the connection was idle for writeTimeout, the answer fails at once, and
+// crypto/tls keeps the error for the next write, which loses the
+// connection and every stream on it. The next write arms it again;
+// close moves it into the past first, so that nothing of crypto/tls's
+// blocks the close (transport.close). Writer goroutine only.
+func (t *transport) disarmWrite() {
+	if t.armedAt.IsZero() || t.bw.rs != nil {
+		return
+	}
+	t.armedAt = time.Time{}
+	t.nc.SetWriteDeadline(time.Time{})
 }
 
 // writeFrames writes one batch. It runs on the writer goroutine only.
@@ -1530,6 +1555,7 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 			return stepExit, t.bw.Flush()
 		}
 		if !t.dirty {
+			t.disarmWrite()
 			return stepIdle, nil
 		}
 		t.armWrite()

@@ -1,0 +1,226 @@
+package proxy_test
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hkdf"
+	"crypto/sha256"
+	"crypto/sha512"
+	"crypto/tls"
+	"encoding/binary"
+	"encoding/hex"
+	"hash"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/streamlb/streamlb/proxy"
+)
+
+// A TLS 1.3 client that asks for a key update (RFC 8446 §4.6.3,
+// KeyUpdate with update_requested) makes crypto/tls write a KeyUpdate of
+// its own from inside the proxy's Read, with whatever write deadline the
+// connection has.
+
+// tls13Writer writes TLS 1.3 records of a client's connection by hand,
+// from the client's application traffic secret, so that the test can send
+// a KeyUpdate, which crypto/tls has no API for.
+type tls13Writer struct {
+	nc     net.Conn
+	newH   func() hash.Hash
+	secret []byte
+	keyLen int
+	aead   cipher.AEAD
+	iv     []byte
+	seq    uint64
+}
+
+func hkdfLabel(newH func() hash.Hash, secret []byte, label string, n int) []byte {
+	var info []byte
+	info = binary.BigEndian.AppendUint16(info, uint16(n))
+	info = append(info, byte(len("tls13 "+label)))
+	info = append(info, "tls13 "+label...)
+	info = append(info, 0)
+	out, err := hkdf.Expand(newH, secret, string(info), n)
+	if err != nil {
+		panic(err)
+	}
+	return out
+}
+
+func (w *tls13Writer) setSecret(secret []byte, keyLen int) {
+	w.secret, w.keyLen = secret, keyLen
+	block, err := aes.NewCipher(hkdfLabel(w.newH, secret, "key", keyLen))
+	if err != nil {
+		panic(err)
+	}
+	w.aead, _ = cipher.NewGCM(block)
+	w.iv = hkdfLabel(w.newH, secret, "iv", 12)
+	w.seq = 0
+}
+
+func (w *tls13Writer) record(typ byte, content []byte) error {
+	inner := append(append([]byte{}, content...), typ)
+	nonce := append([]byte{}, w.iv...)
+	var s [8]byte
+	binary.BigEndian.PutUint64(s[:], w.seq)
+	for i := range s {
+		nonce[4+i] ^= s[i]
+	}
+	w.seq++
+	n := len(inner) + w.aead.Overhead()
+	hdr := []byte{23, 3, 3, byte(n >> 8), byte(n)}
+	_, err := w.nc.Write(w.aead.Seal(hdr, nonce, inner, hdr))
+	return err
+}
+
+// countingConn counts the writes made to it: crypto/tls writes one
+// record per Write once the handshake is done (records under 16 KiB).
+type countingConn struct {
+	net.Conn
+	mu     sync.Mutex
+	writes int
+}
+
+func (c *countingConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	c.writes++
+	c.mu.Unlock()
+	return c.Conn.Write(p)
+}
+
+// TestAtk4TLSKeyUpdateAfterIdle: a TLS 1.3 client with a bidi stream open
+// goes quiet for longer than WriteTimeout, asks for a key update, and
+// sends its next message under the new key: the proxy must answer the
+// key update and echo the message. crypto/tls writes its KeyUpdate from
+// the reader's Read, under the write deadline the writer armed for its
+// last write, long past: the write fails at once, crypto/tls keeps the
+// error for the connection's next write, and the connection dies with the
+// stream on it.
+func TestAtk4TLSKeyUpdateAfterIdle(t *testing.T) {
+	verifyNoLeaks(t)
+	const writeTimeout = 200 * time.Millisecond
+	w := newAtk4World(t, "tls", "plain", 1, nil, func(c *proxy.Config) { c.WriteTimeout = writeTimeout })
+	raw, err := net.Dial("tcp", w.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { raw.Close() })
+	var keylog bytes.Buffer
+	cfg := w.a.client()
+	cfg.MinVersion = tls.VersionTLS13
+	cfg.KeyLogWriter = &keylog
+	cc := &countingConn{Conn: raw}
+	tc := tls.Client(cc, cfg)
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	cc.mu.Lock()
+	cc.writes = 0 // application data records from here
+	cc.mu.Unlock()
+	tc.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(tc, http2ClientPreface)
+	fr := http2.NewFramer(tc, tc)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	fr.WriteSettings()
+	// Read the proxy's SETTINGS, acknowledge it.
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s, ok := f.(*http2.SettingsFrame); ok && !s.IsAck() {
+			fr.WriteSettingsAck()
+			break
+		}
+	}
+	const id = 1
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: requestBlock("/grpc.testing.TestService/FullDuplexCall"), EndHeaders: true}); err != nil {
+		t.Fatal(err)
+	}
+	msg := func(body []byte) []byte {
+		return grpcMsg(&testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: body}})
+	}
+	echoed := func(want []byte) {
+		t.Helper()
+		var got []byte
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				t.Fatalf("reading the echo: %v (got %d bytes of it)", err, len(got))
+			}
+			switch f := f.(type) {
+			case *http2.DataFrame:
+				got = append(got, f.Data()...)
+			case *http2.MetaHeadersFrame:
+				if f.StreamEnded() {
+					t.Fatalf("stream ended before the echo: %v", f.Fields)
+				}
+			case *http2.RSTStreamFrame:
+				t.Fatalf("stream reset before the echo: %v", f.ErrCode)
+			case *http2.GoAwayFrame:
+				t.Fatalf("GOAWAY before the echo: %v %q", f.ErrCode, f.DebugData())
+			}
+			if len(got) >= 5 && len(got) >= 5+int(binary.BigEndian.Uint32(got[1:])) {
+				break
+			}
+		}
+		var m testgrpc.StreamingOutputCallResponse
+		if err := proto.Unmarshal(got[5:], &m); err != nil || !bytes.Equal(m.GetPayload().GetBody(), want) {
+			t.Fatalf("echo: %v, %d bytes, want %d", err, len(m.GetPayload().GetBody()), len(want))
+		}
+	}
+	first := []byte("before the key update")
+	if err := fr.WriteData(id, false, msg(first)); err != nil {
+		t.Fatal(err)
+	}
+	echoed(first)
+
+	// Idle past WriteTimeout: the writer's deadline is in the past now.
+	time.Sleep(3 * writeTimeout)
+
+	// From here the client's records are written by hand.
+	var secret []byte
+	sc := bufio.NewScanner(&keylog)
+	for sc.Scan() {
+		if f := strings.Fields(sc.Text()); len(f) == 3 && f[0] == "CLIENT_TRAFFIC_SECRET_0" {
+			secret, _ = hex.DecodeString(f[2])
+		}
+	}
+	kw := &tls13Writer{nc: raw}
+	switch cs := tc.ConnectionState().CipherSuite; cs {
+	case tls.TLS_AES_128_GCM_SHA256:
+		kw.newH = sha256.New
+		kw.setSecret(secret, 16)
+	case tls.TLS_AES_256_GCM_SHA384:
+		kw.newH = sha512.New384
+		kw.setSecret(secret, 32)
+	default:
+		t.Skipf("cipher suite %s", tls.CipherSuiteName(cs))
+	}
+	cc.mu.Lock()
+	kw.seq = uint64(cc.writes)
+	cc.mu.Unlock()
+	if err := kw.record(22, []byte{24, 0, 0, 1, 1}); err != nil { // KeyUpdate, update_requested
+		t.Fatal(err)
+	}
+	kw.setSecret(hkdfLabel(kw.newH, kw.secret, "traffic upd", kw.newH().Size()), kw.keyLen)
+	second := []byte("after the key update")
+	var frame bytes.Buffer
+	http2.NewFramer(&frame, nil).WriteData(id, false, msg(second))
+	if err := kw.record(23, frame.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	echoed(second)
+}
