@@ -14,6 +14,7 @@ import (
 	"hash"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -223,4 +224,89 @@ func TestAtk4TLSKeyUpdateAfterIdle(t *testing.T) {
 		t.Fatal(err)
 	}
 	echoed(second)
+}
+
+// TestAtk4TLSKeyUpdateFloodClose: a TLS 1.3 client that asks for key
+// updates without end (a WINDOW_UPDATE between each, or crypto/tls ends
+// the connection after 16) and never reads, so that the answers,
+// crypto/tls's writes from the reader, may fill the proxy's socket with
+// no write deadline (disarmWrite). Closing the server then ends the
+// connection in bounded time. (In the runs so far the proxy ended the
+// connection itself before the flood stopped, after some 35,000.)
+func TestAtk4TLSKeyUpdateFloodClose(t *testing.T) {
+	if os.Getenv("STREAMLB_ATTACKS") == "" {
+		t.Skip("takes up to 6 s; set STREAMLB_ATTACKS=1")
+	}
+	w := newAtk4World(t, "tls", "plain", 1, nil, nil)
+	raw, err := net.Dial("tcp", w.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	raw.(*net.TCPConn).SetReadBuffer(4096)
+	var keylog bytes.Buffer
+	cfg := w.a.client()
+	cfg.MinVersion = tls.VersionTLS13
+	cfg.KeyLogWriter = &keylog
+	cc := &countingConn{Conn: raw}
+	tc := tls.Client(cc, cfg)
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	cc.mu.Lock()
+	cc.writes = 0
+	cc.mu.Unlock()
+	io.WriteString(tc, http2ClientPreface)
+	http2.NewFramer(tc, nil).WriteSettings()
+	time.Sleep(100 * time.Millisecond) // the proxy's SETTINGS written, its writer idle
+	var secret []byte
+	sc := bufio.NewScanner(&keylog)
+	for sc.Scan() {
+		if f := strings.Fields(sc.Text()); len(f) == 3 && f[0] == "CLIENT_TRAFFIC_SECRET_0" {
+			secret, _ = hex.DecodeString(f[2])
+		}
+	}
+	kw := &tls13Writer{nc: raw}
+	switch cs := tc.ConnectionState().CipherSuite; cs {
+	case tls.TLS_AES_128_GCM_SHA256:
+		kw.newH = sha256.New
+		kw.setSecret(secret, 16)
+	case tls.TLS_AES_256_GCM_SHA384:
+		kw.newH = sha512.New384
+		kw.setSecret(secret, 32)
+	default:
+		t.Skipf("cipher suite %s", tls.CipherSuiteName(cs))
+	}
+	cc.mu.Lock()
+	kw.seq = uint64(cc.writes)
+	cc.mu.Unlock()
+	var wub bytes.Buffer
+	http2.NewFramer(&wub, nil).WriteWindowUpdate(0, 1)
+	wu := wub.Bytes()
+	flooded := make(chan int)
+	go func() {
+		n := 0
+		raw.SetWriteDeadline(time.Now().Add(3 * time.Second))
+		for ; n < 200000; n++ {
+			if kw.record(22, []byte{24, 0, 0, 1, 1}) != nil {
+				break
+			}
+			kw.setSecret(hkdfLabel(kw.newH, kw.secret, "traffic upd", kw.newH().Size()), kw.keyLen)
+			// Application data between them: crypto/tls ends a
+			// connection after 16 records in a row that carry none.
+			if kw.record(23, wu) != nil {
+				break
+			}
+		}
+		flooded <- n
+	}()
+	n := <-flooded
+	t.Logf("%d key updates sent", n)
+	start := time.Now()
+	w.srv.Close()
+	if d := time.Since(start); d > 6*time.Second {
+		t.Errorf("Server.Close took %v", d)
+	} else {
+		t.Logf("Server.Close took %v", d)
+	}
 }
