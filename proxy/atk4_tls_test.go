@@ -997,8 +997,10 @@ func TestAtk4NonRawCancels(t *testing.T) {
 							}
 							m, err := st.Recv()
 							if err == io.EOF {
-								if cancelAt != 0 && cancelAt < 5 {
-									t.Errorf("stream %d: ended OK after cancel", k)
+								// A cancel may come after the whole answer
+								// arrived: then all of it is read.
+								if i != 5 {
+									t.Errorf("stream %d: ended OK after %d messages", k, i)
 								}
 								return
 							}
