@@ -17,6 +17,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -26,6 +27,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
 )
 
@@ -308,5 +310,110 @@ func TestAtk4TLSKeyUpdateFloodClose(t *testing.T) {
 		t.Errorf("Server.Close took %v", d)
 	} else {
 		t.Logf("Server.Close took %v", d)
+	}
+}
+
+// TestAtk4BackendTLSKeyUpdateAfterIdle: the backend side of
+// TestAtk4TLSKeyUpdateAfterIdle. A TLS 1.3 backend answers a call, its
+// connection from the proxy goes idle past WriteTimeout, and it asks for
+// a key update; the next call must go out on the same connection. Before
+// the fix the proxy's answer failed on the stale deadline, the
+// connection's next write failed, and the call went out on a new
+// connection.
+func TestAtk4BackendTLSKeyUpdateAfterIdle(t *testing.T) {
+	verifyNoLeaks(t)
+	const writeTimeout = 200 * time.Millisecond
+	a := newAtk4TLS(t)
+	var conns atomic.Int32
+	backend := rawBackend(t, func(nc net.Conn) {
+		conns.Add(1)
+		var keylog bytes.Buffer
+		cfg := a.server()
+		cfg.MinVersion = tls.VersionTLS13
+		cfg.KeyLogWriter = &keylog
+		cfg.SessionTicketsDisabled = true // no records after the handshake but ours
+		cc := &countingConn{Conn: nc}
+		tc := tls.Server(cc, cfg)
+		if err := tc.Handshake(); err != nil {
+			return
+		}
+		cc.mu.Lock()
+		cc.writes = 0
+		cc.mu.Unlock()
+		s, err := acceptH2(tc)
+		if err != nil || s.hello() != nil {
+			return
+		}
+		var kw *tls13Writer // set once the records are written by hand
+		answer := func(id uint32) error {
+			var buf bytes.Buffer
+			fr := http2.NewFramer(&buf, nil)
+			writeGRPCHeaders(fr, id)
+			fr.WriteData(id, false, grpcMsg(&testgrpc.SimpleResponse{Payload: &testgrpc.Payload{Body: []byte("answer")}}))
+			writeOKTrailers(fr, id)
+			if kw == nil {
+				_, err := tc.Write(buf.Bytes())
+				return err
+			}
+			return kw.record(23, buf.Bytes())
+		}
+		s.serve(func(f http2.Frame) bool {
+			h, ok := f.(*http2.HeadersFrame)
+			if !ok {
+				return true
+			}
+			if answer(h.StreamID) != nil {
+				return false
+			}
+			if kw != nil {
+				return true
+			}
+			// Idle past the proxy's WriteTimeout, then ask for a key
+			// update; from here the records are written by hand.
+			time.Sleep(3 * writeTimeout)
+			var secret []byte
+			sc := bufio.NewScanner(&keylog)
+			for sc.Scan() {
+				if f := strings.Fields(sc.Text()); len(f) == 3 && f[0] == "SERVER_TRAFFIC_SECRET_0" {
+					secret, _ = hex.DecodeString(f[2])
+				}
+			}
+			kw = &tls13Writer{nc: nc}
+			switch tc.ConnectionState().CipherSuite {
+			case tls.TLS_AES_128_GCM_SHA256:
+				kw.newH = sha256.New
+				kw.setSecret(secret, 16)
+			case tls.TLS_AES_256_GCM_SHA384:
+				kw.newH = sha512.New384
+				kw.setSecret(secret, 32)
+			default:
+				return false
+			}
+			cc.mu.Lock()
+			kw.seq = uint64(cc.writes)
+			cc.mu.Unlock()
+			if kw.record(22, []byte{24, 0, 0, 1, 1}) != nil {
+				return false
+			}
+			kw.setSecret(hkdfLabel(kw.newH, kw.secret, "traffic upd", kw.newH().Size()), kw.keyLen)
+			return true
+		})
+	})
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.Dial = atk4Dial(a, "tls")
+		c.WriteTimeout = writeTimeout
+	}})
+	e.setBackends(backend)
+	ctx := testkit.Context(t, 20*time.Second)
+	for i := range 2 {
+		if _, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{}); err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+		if i == 0 {
+			time.Sleep(5 * writeTimeout) // the backend's sleep, and its KeyUpdate read
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("the backend saw %d connections, want 1: the proxy's connection did not survive the key update", n)
 	}
 }
