@@ -317,12 +317,28 @@ func (s *Server) isShutdown() bool {
 	return s.shutdown
 }
 
+// closeConns closes every client connection. They close at the same
+// time, and not under mu: closing a TLS connection sends close_notify,
+// which crypto/tls lets wait up to 5 s for a peer that does not read
+// (tls.Conn.Close); one after the other, under mu, a few hundred such
+// clients would have held Close, and every accept, for that many times
+// 5 s.
 func (s *Server) closeConns() {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	conns := make([]*serverConn, 0, len(s.conns))
 	for c := range s.conns {
-		c.close(errServerClosing)
+		conns = append(conns, c)
 	}
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.close(errServerClosing)
+		}()
+	}
+	wg.Wait()
 }
 
 var errServerClosing = errors.New("proxy: server closing")
