@@ -180,6 +180,7 @@ func (d *Director) observe(b *backend, o outcome, connFail bool) {
 		// Add hands each count to exactly one caller, so one call per run
 		// sees the threshold.
 		if n := c.consecutive.Add(1); n == d.outlier.ejectAfter {
+			c.ejectConnRun.Store(c.connRun.Load())
 			c.ejectPending.Store(true)
 			d.kick()
 		}
@@ -206,7 +207,8 @@ func (d *Director) ejectLocked(all []*backend, b *backend, now time.Time) bool {
 	// Start a new run whatever happens, as Envoy does: a backend the cap
 	// keeps in is reconsidered after another full run, not every failure.
 	c.consecutive.Store(0)
-	connRun := c.connRun.Swap(0)
+	c.connRun.Store(0)
+	connRun := c.ejectConnRun.Swap(0)
 	if !c.ejectedUntil.IsZero() {
 		// Streams picked before the ejection are still ending.
 		return false

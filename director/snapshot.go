@@ -20,6 +20,12 @@ type counters struct {
 	// connRun counts the connection failures (see isConnectionFailure)
 	// at the end of the current run of Unavailable outcomes.
 	connRun atomic.Int64
+	// ejectConnRun is connRun when the run reached EjectAfter, taken by
+	// the outcome that set ejectPending: what the ejection decides on.
+	// Outcomes observed after it, before Run decides (a call that ended
+	// well on the backend just before it died, reported late), must
+	// not change what the run that ejects it said.
+	ejectConnRun atomic.Int64
 	// ejections counts ejections since the address joined the set.
 	ejections atomic.Int64
 	// ejectPending is set by the done call that completes a run of

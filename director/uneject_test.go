@@ -100,6 +100,48 @@ func TestRestartedBackendUnejectedByHandshake(t *testing.T) {
 	}
 }
 
+// TestLateSuccessKeepsProbe: a call that ended well on a backend just
+// before its connection failures ejected it, reported after them and
+// before Run decided the ejection, must not change what the run said: the
+// ejection followed connection failures and is probed. Before, the late
+// success reset the count of connection failures the decision read, and
+// the backend served its whole ejection (TestKilledBackendBackBeforeEjectionEnds
+// in package proxy failed so about one run in thirty under load).
+func TestLateSuccessKeepsProbe(t *testing.T) {
+	t.Parallel()
+	clk := newFakeClock()
+	other := startBackends(t, 2)
+	down := testkit.DeadAddr(t)
+	d := newOutlierDirector(t, Config{}, clk, down, other[0].Addr(), other[1].Addr())
+	// Picks without the test helpers' reconcile after each done: Run,
+	// started below, is the first to decide, as in production, where
+	// it decides on its own goroutine a moment after the outcomes.
+	rawPick := func() func(error) {
+		for range 100 {
+			addr, done, err := d.Pick(t.Context(), "/test.Service/Method")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if addr == down {
+				return done
+			}
+			done(nil)
+		}
+		t.Fatalf("Pick() did not return %s in 100 picks", down)
+		return nil
+	}
+	late := rawPick() // in flight while the backend dies
+	for range DefaultEjectAfter {
+		rawPick()(errRefused)
+	}
+	late(nil) // reported after the failures, before Run decides
+	runDirector(t, d)
+	waitFor(t, 5*time.Second, "ejection after refused connections", func() bool { return ejectedOf(d, down) })
+	startBackendAt(t, down)
+	// The clock never moves: only a probe can end the ejection.
+	waitFor(t, 5*time.Second, "un-ejection by a handshake", func() bool { return !ejectedOf(d, down) })
+}
+
 // TestAnsweredUnavailableNotProbed: an ejection that followed the backend's
 // own UNAVAILABLE answers is not ended by a handshake, which proves
 // nothing about it (Envoy keeps every ejection without active checks).
