@@ -243,3 +243,14 @@ func serveOn(t testing.TB, srv interface {
 		}
 	})
 }
+
+// wrapListener gives its connections to proxy.WrapSocket.
+type wrapListener struct{ net.Listener }
+
+func (l wrapListener) Accept() (net.Conn, error) {
+	nc, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return proxy.WrapSocket(nc), nil
+}

@@ -320,17 +320,6 @@ func TestManyParkedConns(t *testing.T) {
 	}
 }
 
-// wrapListener gives its connections to proxy.WrapSocket.
-type wrapListener struct{ net.Listener }
-
-func (l wrapListener) Accept() (net.Conn, error) {
-	nc, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	return proxy.WrapSocket(nc), nil
-}
-
 // TestParkedCountTowardsMaxConnections: parked connections are counted
 // against MaxConnections: one over the cap is closed at once, and a
 // parked one, woken by a call, still serves it.
