@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -1025,6 +1026,14 @@ func (t *transport) close(err error) {
 			// deadline on a peer that does not read, holding the lock
 			// that tls.Conn.Close takes to send its close_notify.
 			nc.SetWriteDeadline(aLongTimeAgo)
+			if u, ok := nc.(interface{ NetConn() net.Conn }); ok && errors.Is(err, os.ErrDeadlineExceeded) {
+				// A write timed out: the peer does not read, and
+				// tls.Conn.Close would wait up to 5 s more to send it
+				// a close_notify (its own deadline) before closing.
+				// The socket goes first; Close then fails that write
+				// at once.
+				u.NetConn().Close()
+			}
 		}
 		nc.Close()
 	}
