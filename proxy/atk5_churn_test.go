@@ -414,7 +414,10 @@ func atk5Restart(t *testing.T, e *env, idx int, graceful bool) {
 	old := e.backends[idx]
 	addr := old.Addr()
 	if graceful {
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		// Its calls end on their own: a few seconds at most, but 1 MiB
+		// bodies made a byte at a time under -race, beside the whole
+		// suite, once took the drain past 10 s.
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if err := old.Shutdown(sctx); err != nil {
 			t.Errorf("graceful stop of %s: %v", old.Name(), err)
 		}
