@@ -729,12 +729,24 @@ func (t *transport) runWriter() {
 // connection per client that stopped reading, then closed).
 func (t *transport) freeReleased() {
 	t.mu.Lock()
+	t.freeReleasedLocked()
+	t.mu.Unlock()
+}
+
+// freeReleasedLocked returns what toRelease holds to the pools; while the
+// writer holds payloads by reference (connWriter.writePayload), it frees
+// them after its next flush instead, since a pending write may read them.
+// Caller must hold mu and be the writer, or run when no writer can.
+func (t *transport) freeReleasedLocked() {
 	for i, b := range t.toRelease {
-		putBuf(b)
+		if t.bw != nil && t.bw.holdsRefs() { // nil: a dial that failed
+			t.bw.freeAfterWrite(b)
+		} else {
+			putBuf(b)
+		}
 		t.toRelease[i] = nil
 	}
 	t.toRelease = t.toRelease[:0]
-	t.mu.Unlock()
 }
 
 // writerGone is called when a persistent writer will not run again
@@ -753,16 +765,9 @@ func (t *transport) releaseIdle() {
 	if len(t.ctrl) == 0 {
 		t.ctrl = nil
 	}
-	if !t.bw.holdsRefs() {
-		// Released after this writer's last step began: no write reads
-		// them (the step found nothing to write, and everything was
-		// flushed), and no step of this writer will free them.
-		for i, b := range t.toRelease {
-			putBuf(b)
-			t.toRelease[i] = nil
-		}
-		t.toRelease = t.toRelease[:0]
-	}
+	// Released after this writer's last step began: no step of this
+	// writer will free them (everything was flushed, so none is read).
+	t.freeReleasedLocked()
 	t.mu.Unlock()
 }
 
@@ -1474,17 +1479,8 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 	}
 	t.maybeGiveBackLocked()
 	// The previous batch is written: buffers it may have been reading
-	// can go back to the pool now; while the writer holds payloads by
-	// reference (connWriter.writePayload), after its next flush.
-	for i, b := range t.toRelease {
-		if t.bw.holdsRefs() {
-			t.bw.freeAfterWrite(b)
-		} else {
-			putBuf(b)
-		}
-		t.toRelease[i] = nil
-	}
-	t.toRelease = t.toRelease[:0]
+	// can go back to the pool now, or after the next flush.
+	t.freeReleasedLocked()
 	t.takeScratch()
 	batch := append(t.sc.batch[:0], t.ctrl...)
 	clear(t.ctrl)
