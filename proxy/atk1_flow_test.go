@@ -1,14 +1,13 @@
 package proxy_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net"
-	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -193,59 +192,38 @@ func TestAtk1RetryAfterWindowGames(t *testing.T) {
 	ctx := testkit.Context(t, 60*time.Second)
 	sizes := []int{4091, 4096, 4101, 16379, 16384, 16389, 1, 0, 8192, 12000, 4095, 20000}
 	failAts := []int{0, 1, 4096, 4100, 4101 + 5, 9000, 16384, 30000, 50000, 1 << 30}
-	reps := 2
-	if os.Getenv("STREAMLB_ATTACKS") != "" {
-		reps = 20
-	}
-	var wg sync.WaitGroup
-	errs := make(chan error, 4*len(failAts)*reps)
-	sem := make(chan struct{}, 16)
-	call := 0
-	for rep := range reps {
-		for _, failAt := range failAts {
-			for mode := range 4 {
-				call++
-				wg.Add(1)
-				go func(call, rep int) {
-					defer wg.Done()
-					sem <- struct{}{}
-					defer func() { <-sem }()
-					cctx := metadata.AppendToOutgoingContext(ctx, "x-fail-at", strconv.Itoa(failAt), "x-mode", strconv.Itoa(mode))
-					st, err := cc.NewStream(cctx, &grpc.StreamDesc{ClientStreams: true}, "/x.Y/Z", grpc.ForceCodec(rawBytes{}))
-					if err != nil {
-						errs <- err
-						return
-					}
-					h := sha256.New()
-					for i := range 12 {
-						m := seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])
-						hashMsg(h, m)
-						if rep%2 == 1 && i%3 == 0 {
-							time.Sleep(time.Millisecond)
-						}
-						if err := st.SendMsg(&m); err != nil {
-							break
-						}
-					}
-					st.CloseSend()
-					var got []byte
-					if err := st.RecvMsg(&got); err != nil {
-						errs <- fmt.Errorf("call %d (fail at %d, mode %d): %v", call, failAt, mode, err)
-						return
-					}
-					if !bytes.Equal(got, h.Sum(nil)) {
-						errs <- fmt.Errorf("call %d (fail at %d, mode %d): the retry's backend got a request other than the one sent", call, failAt, mode)
-					}
-				}(call, rep)
+	reps := attackCount(2, 20)
+	// Call k (from 1) is repetition (k-1)/(4*len(failAts)), of every
+	// failAt in turn, and of every mode for each.
+	concurrently(t, reps*len(failAts)*4, 16, func(k int) error {
+		call, rep, failAt, mode := k+1, k/(4*len(failAts)), failAts[k/4%len(failAts)], k%4
+		cctx := metadata.AppendToOutgoingContext(ctx, "x-fail-at", strconv.Itoa(failAt), "x-mode", strconv.Itoa(mode))
+		st, err := cc.NewStream(cctx, &grpc.StreamDesc{ClientStreams: true}, "/x.Y/Z", grpc.ForceCodec(rawBytes{}))
+		if err != nil {
+			return err
+		}
+		h := sha256.New()
+		for i := range 12 {
+			m := seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])
+			hashMsg(h, m)
+			if rep%2 == 1 && i%3 == 0 {
+				time.Sleep(time.Millisecond)
+			}
+			if err := st.SendMsg(&m); err != nil {
+				break
 			}
 		}
-	}
-	wg.Wait()
+		st.CloseSend()
+		var got []byte
+		if err := st.RecvMsg(&got); err != nil {
+			return fmt.Errorf("call %d (fail at %d, mode %d): %v", call, failAt, mode, err)
+		}
+		if !bytes.Equal(got, h.Sum(nil)) {
+			return fmt.Errorf("call %d (fail at %d, mode %d): the retry's backend got a request other than the one sent", call, failAt, mode)
+		}
+		return nil
+	})
 	t.Logf("bad backend: %d bytes in %d frames, %d attempts failed", atk1Bytes.Load(), atk1Frames.Load(), atk1Fails.Load())
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
 }
 
 // atk1StreamReq is the request body (gRPC-framed) rawStreamServer takes:
@@ -283,30 +261,13 @@ func TestAtk1RawClientWindowGames(t *testing.T) {
 	atk1Frames.Store(0)
 	sizes := []int{4091, 4096, 4101, 16379, 16384, 16389, 3, 8192, 12000, 4095, 20000, 40000, 0, 65536}
 	const count = 30
-	conns := 4
-	if os.Getenv("STREAMLB_ATTACKS") != "" {
-		conns = 24
-	}
-	var wg sync.WaitGroup
-	errs := make(chan error, conns*8)
-	sem := make(chan struct{}, 4)
-	for ci := range conns {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			if err := atk1RawClient(t, ln.Addr().String(), ci, sizes, count); err != nil {
-				errs <- fmt.Errorf("conn %d: %v", ci, err)
-			}
-		}()
-	}
-	wg.Wait()
+	concurrently(t, attackCount(4, 24), 4, func(ci int) error {
+		if err := atk1RawClient(t, ln.Addr().String(), ci, sizes, count); err != nil {
+			return fmt.Errorf("conn %d: %v", ci, err)
+		}
+		return nil
+	})
 	t.Logf("clients: %d bytes in %d frames; %d streams reset by the proxy, %d connections ended with GOAWAY", atk1Bytes.Load(), atk1Frames.Load(), atk1Resets.Swap(0), atk1GoAways.Swap(0))
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
 }
 
 func atk1RawClient(t *testing.T, addr string, ci int, sizes []int, count int) error {
@@ -317,16 +278,11 @@ func atk1RawClient(t *testing.T, addr string, ci int, sizes []int, count int) er
 // request headers and whether its response may end early (a failure):
 // then only the bytes received are checked.
 func atk1RawClientOpts(addr string, ci int, sizes []int, count int, extra func(k int, seed uint32) ([][2]string, bool)) error {
-	nc, err := net.Dial("tcp", addr)
+	nc, bw, fr, err := dialRawBuffered(addr)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	nc.SetDeadline(time.Now().Add(30 * time.Second))
-	nc.Write([]byte(http2.ClientPreface))
-	bw := bufio.NewWriterSize(nc, 64<<10)
-	fr := http2.NewFramer(bw, nc)
-	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	wins := []uint32{1, 4095, 4096, 4097, 5000, 16383, 16385, 7, 0}
 	win := wins[ci%len(wins)]
 	fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: win})
@@ -736,43 +692,26 @@ func TestAtk1DyingBackendTinyWindows(t *testing.T) {
 	ln := serveProxy(t, srv)
 	atk1Bytes.Store(0)
 	atk1Frames.Store(0)
-	conns := 6
-	if os.Getenv("STREAMLB_ATTACKS") != "" {
-		conns = 40
-	}
 	total := len(atk1Body(0, sizes, count))
 	failAts := []int{1, 4096, 4100, 9000, 16384, 20000, 33000, 50000, total / 2, total - 1}
-	var wg sync.WaitGroup
-	errs := make(chan error, conns)
-	sem := make(chan struct{}, 4)
-	for ci := range conns {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			err := atk1RawClientOpts(ln.Addr().String(), ci, sizes, count, func(k int, seed uint32) ([][2]string, bool) {
-				mode := (ci + k) % 5
-				if k == 0 {
-					mode = 4
-				}
-				fa := failAts[(ci*7+k)%len(failAts)]
-				if mode == 4 {
-					fa = 1 << 30
-				}
-				return [][2]string{{"x-seed", strconv.Itoa(int(seed))}, {"x-fail-at", strconv.Itoa(fa)}, {"x-mode", strconv.Itoa(mode)}}, true
-			})
-			if err != nil {
-				errs <- fmt.Errorf("conn %d: %v", ci, err)
+	concurrently(t, attackCount(6, 40), 4, func(ci int) error {
+		err := atk1RawClientOpts(ln.Addr().String(), ci, sizes, count, func(k int, seed uint32) ([][2]string, bool) {
+			mode := (ci + k) % 5
+			if k == 0 {
+				mode = 4
 			}
-		}()
-	}
-	wg.Wait()
+			fa := failAts[(ci*7+k)%len(failAts)]
+			if mode == 4 {
+				fa = 1 << 30
+			}
+			return [][2]string{{"x-seed", strconv.Itoa(int(seed))}, {"x-fail-at", strconv.Itoa(fa)}, {"x-mode", strconv.Itoa(mode)}}, true
+		})
+		if err != nil {
+			return fmt.Errorf("conn %d: %v", ci, err)
+		}
+		return nil
+	})
 	t.Logf("clients: %d bytes in %d frames; %d streams reset by the proxy, %d connections ended with GOAWAY", atk1Bytes.Load(), atk1Frames.Load(), atk1Resets.Swap(0), atk1GoAways.Swap(0))
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
 }
 
 // TestAtk1RawRequestFragments: a raw client sends a client-streaming
@@ -795,50 +734,22 @@ func TestAtk1RawRequestFragments(t *testing.T) {
 	sizes := []int{4091, 4096, 1, 4101, 16379, 0, 4095, 9000, 16384, 5}
 	frags := []int{1, 7, 4095, 4096, 4097, 16384, 100, 4090, 3}
 	failAts := []int{0, 1, 4096, 4100, 9000, 16384, 30000, 1 << 30}
-	calls := 48
-	if os.Getenv("STREAMLB_ATTACKS") != "" {
-		calls = 400
-	}
-	var wg sync.WaitGroup
-	errs := make(chan error, calls)
-	sem := make(chan struct{}, 8)
-	for call := range calls {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			if err := atk1FragCall(ln.Addr().String(), call, sizes, frags, failAts[call%len(failAts)], call/len(failAts)%4); err != nil {
-				errs <- fmt.Errorf("call %d: %v", call, err)
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
+	concurrently(t, attackCount(48, 400), 8, func(call int) error {
+		if err := atk1FragCall(ln.Addr().String(), call, sizes, frags, failAts[call%len(failAts)], call/len(failAts)%4); err != nil {
+			return fmt.Errorf("call %d: %v", call, err)
+		}
+		return nil
+	})
 }
 
 func atk1FragCall(addr string, call int, sizes, frags []int, failAt, mode int) error {
-	nc, err := net.Dial("tcp", addr)
+	nc, bw, fr, err := dialRawBuffered(addr)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	nc.SetDeadline(time.Now().Add(30 * time.Second))
-	nc.Write([]byte(http2.ClientPreface))
-	bw := bufio.NewWriterSize(nc, 64<<10)
-	fr := http2.NewFramer(bw, nc)
-	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	fr.WriteSettings()
-	var hb bytes.Buffer
-	enc := hpack.NewEncoder(&hb)
-	for _, f := range [][2]string{{":method", "POST"}, {":scheme", "http"}, {":path", "/x.Y/Z"}, {":authority", "x"},
-		{"content-type", "application/grpc"}, {"te", "trailers"}, {"x-fail-at", strconv.Itoa(failAt)}, {"x-mode", strconv.Itoa(mode)}} {
-		enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
-	}
-	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndHeaders: true})
+	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: requestBlock("/x.Y/Z", "x-fail-at", strconv.Itoa(failAt), "x-mode", strconv.Itoa(mode)), EndHeaders: true})
 	h := sha256.New()
 	var body []byte
 	for i := range 7 {
@@ -940,67 +851,50 @@ func TestAtk1BidiEchoSmallWindows(t *testing.T) {
 	cc := fixedWindowConn(t, ln.Addr().String(), 65535)
 	ctx := testkit.Context(t, 60*time.Second)
 	sizes := []int{4091, 4096, 4101, 16379, 16384, 16389, 3, 8192, 12000, 4095, 20000, 0}
-	calls := 24
-	if os.Getenv("STREAMLB_ATTACKS") != "" {
-		calls = 200
-	}
-	var wg sync.WaitGroup
-	errs := make(chan error, calls)
-	sem := make(chan struct{}, 12)
-	for call := range calls {
-		wg.Add(1)
+	concurrently(t, attackCount(24, 200), 12, func(call int) error {
+		cctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		st, err := cc.NewStream(cctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true}, "/x.Y/Z", grpc.ForceCodec(rawBytes{}))
+		if err != nil {
+			return err
+		}
+		const n = 40
+		cancelAt := -1
+		if call%4 == 3 {
+			cancelAt = 5 + call%17
+		}
+		sent := make(chan error, 1)
 		go func() {
-			defer wg.Done()
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			cctx, cancel := context.WithCancel(ctx)
-			defer cancel()
-			st, err := cc.NewStream(cctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true}, "/x.Y/Z", grpc.ForceCodec(rawBytes{}))
-			if err != nil {
-				errs <- err
-				return
-			}
-			const n = 40
-			cancelAt := -1
-			if call%4 == 3 {
-				cancelAt = 5 + call%17
-			}
-			sent := make(chan error, 1)
-			go func() {
-				for i := range n {
-					m := seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])
-					if err := st.SendMsg(&m); err != nil {
-						sent <- nil
-						return
-					}
-				}
-				sent <- st.CloseSend()
-			}()
 			for i := range n {
-				if i == cancelAt {
-					cancel()
-					<-sent
+				m := seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])
+				if err := st.SendMsg(&m); err != nil {
+					sent <- nil
 					return
-				}
-				var got []byte
-				if err := st.RecvMsg(&got); err != nil {
-					errs <- fmt.Errorf("call %d, message %d: %v", call, i, err)
-					<-sent
-					return
-				}
-				if !bytes.Equal(got, seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])) {
-					errs <- fmt.Errorf("call %d, message %d: %d bytes differ from those sent", call, i, len(got))
-				}
-				if call%3 == 1 && i%4 == 0 {
-					time.Sleep(time.Millisecond)
 				}
 			}
-			<-sent
+			sent <- st.CloseSend()
 		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
+		// Every message that differs is reported, not only the first.
+		var differ []error
+		for i := range n {
+			if i == cancelAt {
+				cancel()
+				<-sent
+				return errors.Join(differ...)
+			}
+			var got []byte
+			if err := st.RecvMsg(&got); err != nil {
+				<-sent
+				return errors.Join(append(differ, fmt.Errorf("call %d, message %d: %v", call, i, err))...)
+			}
+			if !bytes.Equal(got, seededMessage(uint64(call), i, sizes[(i+call)%len(sizes)])) {
+				differ = append(differ, fmt.Errorf("call %d, message %d: %d bytes differ from those sent", call, i, len(got)))
+			}
+			if call%3 == 1 && i%4 == 0 {
+				time.Sleep(time.Millisecond)
+			}
+		}
+		<-sent
+		return errors.Join(differ...)
+	})
 }

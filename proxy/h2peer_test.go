@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -61,6 +62,23 @@ func dialRawPreface(t *testing.T, addr string) *rawConn {
 	fr := http2.NewFramer(nc, nc)
 	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	return &rawConn{t: t, nc: nc, fr: fr}
+}
+
+// dialRawBuffered is dialRawPreface for goroutines other than the test's:
+// it returns its errors and leaves closing nc to the caller. The
+// connection's deadline is 30 s away, and the Framer writes to bw (64 KiB),
+// which the caller flushes.
+func dialRawBuffered(addr string) (nc net.Conn, bw *bufio.Writer, fr *http2.Framer, err error) {
+	nc, err = net.Dial("tcp", addr)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	nc.SetDeadline(time.Now().Add(30 * time.Second))
+	nc.Write([]byte(http2.ClientPreface))
+	bw = bufio.NewWriterSize(nc, 64<<10)
+	fr = http2.NewFramer(bw, nc)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	return nc, bw, fr, nil
 }
 
 func (r *rawConn) headers(id uint32, path string, end bool) {

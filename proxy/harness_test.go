@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"os"
+	"sync"
 	"testing"
 
 	"go.uber.org/goleak"
@@ -253,4 +255,39 @@ func (l wrapListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	return proxy.WrapSocket(nc), nil
+}
+
+// attackCount is short, or long when STREAMLB_ATTACKS is set: how many
+// calls, connections or rounds an attack runs.
+func attackCount(short, long int) int {
+	if os.Getenv("STREAMLB_ATTACKS") != "" {
+		return long
+	}
+	return short
+}
+
+// concurrently runs call(0) to call(n-1), each in its own goroutine and
+// at most par at a time, waits for them all, then fails the test with
+// every error they returned.
+func concurrently(t *testing.T, n, par int, call func(i int) error) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	sem := make(chan struct{}, par)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			if err := call(i); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
 }
