@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -12,7 +11,6 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
@@ -31,27 +29,8 @@ import (
 // message partly written, and found none when the queue was empty.
 func TestAtk5ShutdownMidMessageIsReset(t *testing.T) {
 	verifyNoLeaks(t)
-	const part = 200 << 10
-	bad := rawBackend(t, func(nc net.Conn) {
-		s, err := acceptH2(nc)
-		if err != nil || s.hello() != nil {
-			return
-		}
-		s.serve(func(f http2.Frame) bool {
-			if h, ok := f.(*http2.HeadersFrame); ok {
-				writeGRPCHeaders(s.fr, h.StreamID)
-				// A 1 MiB message, of which part bytes come.
-				msg := make([]byte, 5+part)
-				binary.BigEndian.PutUint32(msg[1:], 1<<20)
-				for len(msg) > 0 {
-					n := min(len(msg), 16384)
-					s.fr.WriteData(h.StreamID, false, msg[:n])
-					msg = msg[n:]
-				}
-			}
-			return true
-		})
-	})
+	// A 1 MiB message, of which 200 KiB come.
+	bad := tornBackend(t, nil, 1<<20, 200<<10)
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
 		c.BackendStreamWindow = 512 << 10 // the raw backend does not watch it
 	}})
@@ -96,39 +75,14 @@ func TestAtk5ShutdownMidMessageIsReset(t *testing.T) {
 // with RST_STREAM(CANCEL), never with trailers after half a message.
 func TestAtk5DeadlineMidMessageIsReset(t *testing.T) {
 	verifyNoLeaks(t)
-	const part = 200 << 10
-	bad := rawBackend(t, func(nc net.Conn) {
-		s, err := acceptH2(nc)
-		if err != nil || s.hello() != nil {
-			return
-		}
-		s.serve(func(f http2.Frame) bool {
-			if h, ok := f.(*http2.HeadersFrame); ok {
-				writeGRPCHeaders(s.fr, h.StreamID)
-				msg := make([]byte, 5+part)
-				binary.BigEndian.PutUint32(msg[1:], 1<<20)
-				for len(msg) > 0 {
-					n := min(len(msg), 16384)
-					s.fr.WriteData(h.StreamID, false, msg[:n])
-					msg = msg[n:]
-				}
-			}
-			return true
-		})
-	})
+	bad := tornBackend(t, nil, 1<<20, 200<<10)
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
 		c.BackendStreamWindow = 512 << 10
 	}})
 	e.setBackends(bad)
 	r := dialRawWide(t, e.addr)
-	var hb bytes.Buffer
-	enc := hpack.NewEncoder(&hb)
-	f := []string{":method", "POST", ":scheme", "http", ":path", "/grpc.testing.TestService/StreamingOutputCall", ":authority", "x",
-		"content-type", "application/grpc", "te", "trailers", "grpc-timeout", "300m"}
-	for i := 0; i < len(f); i += 2 {
-		enc.WriteField(hpack.HeaderField{Name: f[i], Value: f[i+1]})
-	}
-	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true}); err != nil {
+	block := requestBlock("/grpc.testing.TestService/StreamingOutputCall", "grpc-timeout", "300m")
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block, EndHeaders: true, EndStream: true}); err != nil {
 		t.Fatal(err)
 	}
 	data, headers := 0, 0
@@ -169,27 +123,8 @@ func TestAtk5DeadlineMidMessageIsReset(t *testing.T) {
 func TestAtk5ShutdownMidHeldMessage(t *testing.T) {
 	verifyNoLeaks(t)
 	whole := payloadMsg(1000)
-	bad := rawBackend(t, func(nc net.Conn) {
-		s, err := acceptH2(nc)
-		if err != nil || s.hello() != nil {
-			return
-		}
-		s.serve(func(f http2.Frame) bool {
-			if h, ok := f.(*http2.HeadersFrame); ok {
-				writeGRPCHeaders(s.fr, h.StreamID)
-				s.fr.WriteData(h.StreamID, false, whole)
-				// A 100 KiB message, of which 50 KiB come.
-				msg := make([]byte, 5+50<<10)
-				binary.BigEndian.PutUint32(msg[1:], 100<<10)
-				for len(msg) > 0 {
-					n := min(len(msg), 16384)
-					s.fr.WriteData(h.StreamID, false, msg[:n])
-					msg = msg[n:]
-				}
-			}
-			return true
-		})
-	})
+	// A whole message, then a 100 KiB message of which 50 KiB come.
+	bad := tornBackend(t, whole, 100<<10, 50<<10)
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
 		c.BackendStreamWindow = 512 << 10
 	}})
@@ -220,4 +155,34 @@ func TestAtk5ShutdownMidHeldMessage(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("the call hung")
 	}
+}
+
+// tornBackend is a raw HTTP/2 backend that answers every request with
+// gRPC response headers, then before (the whole messages to come first;
+// none if nil) in one DATA frame, then of a message of size bytes only its
+// 5-byte prefix and part bytes, in DATA frames of at most 16 KiB. The rest
+// never comes; the backend does not watch its windows.
+func tornBackend(t *testing.T, before []byte, size, part int) string {
+	return rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello() != nil {
+			return
+		}
+		s.serve(func(f http2.Frame) bool {
+			if h, ok := f.(*http2.HeadersFrame); ok {
+				writeGRPCHeaders(s.fr, h.StreamID)
+				if before != nil {
+					s.fr.WriteData(h.StreamID, false, before)
+				}
+				msg := make([]byte, 5+part)
+				binary.BigEndian.PutUint32(msg[1:], uint32(size))
+				for len(msg) > 0 {
+					n := min(len(msg), 16384)
+					s.fr.WriteData(h.StreamID, false, msg[:n])
+					msg = msg[n:]
+				}
+			}
+			return true
+		})
+	})
 }
