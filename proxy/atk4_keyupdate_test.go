@@ -103,6 +103,77 @@ func (c *countingConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
+// tls13Peer is one end of a TLS 1.3 connection over raw whose records
+// the test may go on to write by hand (byHand).
+type tls13Peer struct {
+	raw    net.Conn
+	tc     *tls.Conn
+	cc     *countingConn // counts the records written since the handshake
+	keylog bytes.Buffer
+}
+
+// tls13Handshake makes raw one end of a TLS 1.3 connection with cfg (as
+// the server's end if server), keeping its key log and counting the
+// records it writes after the handshake.
+func tls13Handshake(raw net.Conn, cfg *tls.Config, server bool) (*tls13Peer, error) {
+	p := &tls13Peer{raw: raw, cc: &countingConn{Conn: raw}}
+	cfg.MinVersion = tls.VersionTLS13
+	cfg.KeyLogWriter = &p.keylog
+	if server {
+		p.tc = tls.Server(p.cc, cfg)
+	} else {
+		p.tc = tls.Client(p.cc, cfg)
+	}
+	if err := p.tc.Handshake(); err != nil {
+		return nil, err
+	}
+	p.cc.mu.Lock()
+	p.cc.writes = 0 // application data records from here
+	p.cc.mu.Unlock()
+	return p, nil
+}
+
+// byHand returns a tls13Writer that goes on from the records crypto/tls
+// wrote, with the traffic secret the key log names label
+// (CLIENT_TRAFFIC_SECRET_0 or SERVER_TRAFFIC_SECRET_0); false if the
+// connection's cipher suite is not one tls13Writer knows. From here the
+// test writes its side's records only by hand.
+func (p *tls13Peer) byHand(label string) (*tls13Writer, bool) {
+	var secret []byte
+	sc := bufio.NewScanner(&p.keylog)
+	for sc.Scan() {
+		if f := strings.Fields(sc.Text()); len(f) == 3 && f[0] == label {
+			secret, _ = hex.DecodeString(f[2])
+		}
+	}
+	kw := &tls13Writer{nc: p.raw}
+	switch p.tc.ConnectionState().CipherSuite {
+	case tls.TLS_AES_128_GCM_SHA256:
+		kw.newH = sha256.New
+		kw.setSecret(secret, 16)
+	case tls.TLS_AES_256_GCM_SHA384:
+		kw.newH = sha512.New384
+		kw.setSecret(secret, 32)
+	default:
+		return nil, false
+	}
+	p.cc.mu.Lock()
+	kw.seq = uint64(p.cc.writes)
+	p.cc.mu.Unlock()
+	return kw, true
+}
+
+// keyUpdate writes a KeyUpdate that asks the peer for one too
+// (update_requested), then moves to the next traffic secret
+// (RFC 8446 §4.6.3, §7.2).
+func (w *tls13Writer) keyUpdate() error {
+	if err := w.record(22, []byte{24, 0, 0, 1, 1}); err != nil {
+		return err
+	}
+	w.setSecret(hkdfLabel(w.newH, w.secret, "traffic upd", w.newH().Size()), w.keyLen)
+	return nil
+}
+
 // TestAtk4TLSKeyUpdateAfterIdle: a TLS 1.3 client with a bidi stream open
 // goes quiet for longer than WriteTimeout, asks for a key update, and
 // sends its next message under the new key: the proxy must answer the
@@ -120,18 +191,11 @@ func TestAtk4TLSKeyUpdateAfterIdle(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { raw.Close() })
-	var keylog bytes.Buffer
-	cfg := w.a.client()
-	cfg.MinVersion = tls.VersionTLS13
-	cfg.KeyLogWriter = &keylog
-	cc := &countingConn{Conn: raw}
-	tc := tls.Client(cc, cfg)
-	if err := tc.Handshake(); err != nil {
+	p, err := tls13Handshake(raw, w.a.client(), false)
+	if err != nil {
 		t.Fatal(err)
 	}
-	cc.mu.Lock()
-	cc.writes = 0 // application data records from here
-	cc.mu.Unlock()
+	tc := p.tc
 	tc.SetDeadline(time.Now().Add(10 * time.Second))
 	io.WriteString(tc, http2ClientPreface)
 	fr := http2.NewFramer(tc, tc)
@@ -194,31 +258,13 @@ func TestAtk4TLSKeyUpdateAfterIdle(t *testing.T) {
 	time.Sleep(3 * writeTimeout)
 
 	// From here the client's records are written by hand.
-	var secret []byte
-	sc := bufio.NewScanner(&keylog)
-	for sc.Scan() {
-		if f := strings.Fields(sc.Text()); len(f) == 3 && f[0] == "CLIENT_TRAFFIC_SECRET_0" {
-			secret, _ = hex.DecodeString(f[2])
-		}
+	kw, ok := p.byHand("CLIENT_TRAFFIC_SECRET_0")
+	if !ok {
+		t.Skipf("cipher suite %s", tls.CipherSuiteName(tc.ConnectionState().CipherSuite))
 	}
-	kw := &tls13Writer{nc: raw}
-	switch cs := tc.ConnectionState().CipherSuite; cs {
-	case tls.TLS_AES_128_GCM_SHA256:
-		kw.newH = sha256.New
-		kw.setSecret(secret, 16)
-	case tls.TLS_AES_256_GCM_SHA384:
-		kw.newH = sha512.New384
-		kw.setSecret(secret, 32)
-	default:
-		t.Skipf("cipher suite %s", tls.CipherSuiteName(cs))
-	}
-	cc.mu.Lock()
-	kw.seq = uint64(cc.writes)
-	cc.mu.Unlock()
-	if err := kw.record(22, []byte{24, 0, 0, 1, 1}); err != nil { // KeyUpdate, update_requested
+	if err := kw.keyUpdate(); err != nil {
 		t.Fatal(err)
 	}
-	kw.setSecret(hkdfLabel(kw.newH, kw.secret, "traffic upd", kw.newH().Size()), kw.keyLen)
 	second := []byte("after the key update")
 	var frame bytes.Buffer
 	http2.NewFramer(&frame, nil).WriteData(id, false, msg(second))
@@ -246,42 +292,18 @@ func TestAtk4TLSKeyUpdateFloodClose(t *testing.T) {
 	}
 	defer raw.Close()
 	raw.(*net.TCPConn).SetReadBuffer(4096)
-	var keylog bytes.Buffer
-	cfg := w.a.client()
-	cfg.MinVersion = tls.VersionTLS13
-	cfg.KeyLogWriter = &keylog
-	cc := &countingConn{Conn: raw}
-	tc := tls.Client(cc, cfg)
-	if err := tc.Handshake(); err != nil {
+	p, err := tls13Handshake(raw, w.a.client(), false)
+	if err != nil {
 		t.Fatal(err)
 	}
-	cc.mu.Lock()
-	cc.writes = 0
-	cc.mu.Unlock()
+	tc := p.tc
 	io.WriteString(tc, http2ClientPreface)
 	http2.NewFramer(tc, nil).WriteSettings()
 	time.Sleep(100 * time.Millisecond) // the proxy's SETTINGS written, its writer idle
-	var secret []byte
-	sc := bufio.NewScanner(&keylog)
-	for sc.Scan() {
-		if f := strings.Fields(sc.Text()); len(f) == 3 && f[0] == "CLIENT_TRAFFIC_SECRET_0" {
-			secret, _ = hex.DecodeString(f[2])
-		}
+	kw, ok := p.byHand("CLIENT_TRAFFIC_SECRET_0")
+	if !ok {
+		t.Skipf("cipher suite %s", tls.CipherSuiteName(tc.ConnectionState().CipherSuite))
 	}
-	kw := &tls13Writer{nc: raw}
-	switch cs := tc.ConnectionState().CipherSuite; cs {
-	case tls.TLS_AES_128_GCM_SHA256:
-		kw.newH = sha256.New
-		kw.setSecret(secret, 16)
-	case tls.TLS_AES_256_GCM_SHA384:
-		kw.newH = sha512.New384
-		kw.setSecret(secret, 32)
-	default:
-		t.Skipf("cipher suite %s", tls.CipherSuiteName(cs))
-	}
-	cc.mu.Lock()
-	kw.seq = uint64(cc.writes)
-	cc.mu.Unlock()
 	var wub bytes.Buffer
 	http2.NewFramer(&wub, nil).WriteWindowUpdate(0, 1)
 	wu := wub.Bytes()
@@ -290,10 +312,9 @@ func TestAtk4TLSKeyUpdateFloodClose(t *testing.T) {
 		n := 0
 		raw.SetWriteDeadline(time.Now().Add(3 * time.Second))
 		for ; n < 200000; n++ {
-			if kw.record(22, []byte{24, 0, 0, 1, 1}) != nil {
+			if kw.keyUpdate() != nil {
 				break
 			}
-			kw.setSecret(hkdfLabel(kw.newH, kw.secret, "traffic upd", kw.newH().Size()), kw.keyLen)
 			// Application data between them: crypto/tls ends a
 			// connection after 16 records in a row that carry none.
 			if kw.record(23, wu) != nil {
@@ -327,19 +348,13 @@ func TestAtk4BackendTLSKeyUpdateAfterIdle(t *testing.T) {
 	var conns atomic.Int32
 	backend := rawBackend(t, func(nc net.Conn) {
 		conns.Add(1)
-		var keylog bytes.Buffer
 		cfg := a.server()
-		cfg.MinVersion = tls.VersionTLS13
-		cfg.KeyLogWriter = &keylog
 		cfg.SessionTicketsDisabled = true // no records after the handshake but ours
-		cc := &countingConn{Conn: nc}
-		tc := tls.Server(cc, cfg)
-		if err := tc.Handshake(); err != nil {
+		p, err := tls13Handshake(nc, cfg, true)
+		if err != nil {
 			return
 		}
-		cc.mu.Lock()
-		cc.writes = 0
-		cc.mu.Unlock()
+		tc := p.tc
 		s, err := acceptH2(tc)
 		if err != nil || s.hello() != nil {
 			return
@@ -371,32 +386,12 @@ func TestAtk4BackendTLSKeyUpdateAfterIdle(t *testing.T) {
 			// Idle past the proxy's WriteTimeout, then ask for a key
 			// update; from here the records are written by hand.
 			time.Sleep(3 * writeTimeout)
-			var secret []byte
-			sc := bufio.NewScanner(&keylog)
-			for sc.Scan() {
-				if f := strings.Fields(sc.Text()); len(f) == 3 && f[0] == "SERVER_TRAFFIC_SECRET_0" {
-					secret, _ = hex.DecodeString(f[2])
-				}
-			}
-			kw = &tls13Writer{nc: nc}
-			switch tc.ConnectionState().CipherSuite {
-			case tls.TLS_AES_128_GCM_SHA256:
-				kw.newH = sha256.New
-				kw.setSecret(secret, 16)
-			case tls.TLS_AES_256_GCM_SHA384:
-				kw.newH = sha512.New384
-				kw.setSecret(secret, 32)
-			default:
+			hand, ok := p.byHand("SERVER_TRAFFIC_SECRET_0")
+			if !ok {
 				return false
 			}
-			cc.mu.Lock()
-			kw.seq = uint64(cc.writes)
-			cc.mu.Unlock()
-			if kw.record(22, []byte{24, 0, 0, 1, 1}) != nil {
-				return false
-			}
-			kw.setSecret(hkdfLabel(kw.newH, kw.secret, "traffic upd", kw.newH().Size()), kw.keyLen)
-			return true
+			kw = hand
+			return kw.keyUpdate() == nil
 		})
 	})
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
