@@ -661,28 +661,23 @@ func TestAtk4TLSHandshakeAbuse(t *testing.T) {
 		}()
 		return nc
 	})
-	run("handshake, preface, then an oversized record", func() net.Conn {
-		raw := dial()
-		tc := tls.Client(raw, w.a.client())
-		if err := tc.Handshake(); err != nil {
-			t.Error(err)
+	// After the handshake and the preface, b written to the socket
+	// itself, outside TLS records.
+	prefaceThen := func(b []byte) func() net.Conn {
+		return func() net.Conn {
+			raw := dial()
+			tc := tls.Client(raw, w.a.client())
+			if err := tc.Handshake(); err != nil {
+				t.Error(err)
+				return raw
+			}
+			tc.Write([]byte(http2ClientPreface))
+			raw.Write(b)
 			return raw
 		}
-		tc.Write([]byte(http2ClientPreface))
-		raw.Write(append([]byte{0x17, 3, 3, 0xff, 0xff}, atk4Body(2, 1000)...))
-		return raw
-	})
-	run("handshake, preface, then a cleartext frame", func() net.Conn {
-		raw := dial()
-		tc := tls.Client(raw, w.a.client())
-		if err := tc.Handshake(); err != nil {
-			t.Error(err)
-			return raw
-		}
-		tc.Write([]byte(http2ClientPreface))
-		raw.Write([]byte{0, 0, 0, 4, 0, 0, 0, 0, 0})
-		return raw
-	})
+	}
+	run("handshake, preface, then an oversized record", prefaceThen(append([]byte{0x17, 3, 3, 0xff, 0xff}, atk4Body(2, 1000)...)))
+	run("handshake, preface, then a cleartext frame", prefaceThen([]byte{0, 0, 0, 4, 0, 0, 0, 0, 0}))
 	wg.Wait()
 	testkit.WaitFor(ctx, t, "connections gone", func() bool { return w.srv.ClientConns() == 0 })
 	// The port still serves.
@@ -804,34 +799,14 @@ func TestAtk4HoldbackNonRawBackend(t *testing.T) {
 					}
 					t.Run(fmt.Sprintf("%s/%s/k=%d/unary=%v", mode, fault.name, k, unary), func(t *testing.T) {
 						verifyNoLeaks(t)
+						serve := halfMessageH2(msg, k, [8]byte{'h', 'o', 'l', 'd'}, fault.do)
 						bad := rawBackend(t, func(nc net.Conn) {
 							if mode == "tls" {
 								tc := tls.Server(nc, a.server())
 								defer tc.Close()
 								nc = tc
 							}
-							s, err := acceptH2(nc)
-							if err != nil || s.hello() != nil {
-								return
-							}
-							var id uint32
-							s.serve(func(f http2.Frame) bool {
-								switch f := f.(type) {
-								case *http2.HeadersFrame:
-									id = f.StreamID
-									writeGRPCHeaders(s.fr, id)
-									for range k {
-										s.fr.WriteData(id, false, msg)
-									}
-									s.fr.WriteData(id, false, msg[:len(msg)/2])
-									s.fr.WritePing(false, [8]byte{'h', 'o', 'l', 'd'})
-								case *http2.PingFrame:
-									if f.IsAck() && f.Data == [8]byte{'h', 'o', 'l', 'd'} {
-										return fault.do(s, id)
-									}
-								}
-								return true
-							})
+							serve(nc)
 						})
 						e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.Dial = atk4Dial(a, mode) }})
 						e.setBackends(bad)

@@ -2,7 +2,6 @@ package proxy_test
 
 import (
 	"bytes"
-	"net"
 	"testing"
 	"time"
 
@@ -20,33 +19,18 @@ func TestAttack8InterimThenDies(t *testing.T) {
 	verifyNoLeaks(t)
 	for _, fault := range []string{"close", "rst"} {
 		t.Run(fault, func(t *testing.T) {
-			bad := rawBackend(t, func(nc net.Conn) {
-				s, err := acceptH2(nc)
-				if err != nil || s.hello() != nil {
-					return
-				}
-				var id uint32
-				s.serve(func(f http2.Frame) bool {
-					switch f := f.(type) {
-					case *http2.HeadersFrame:
-						id = f.StreamID
-						var hb bytes.Buffer
-						hpack.NewEncoder(&hb).WriteField(hpack.HeaderField{Name: ":status", Value: "103"})
-						s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true})
-						s.fr.WritePing(false, [8]byte{'i'})
-					case *http2.PingFrame:
-						if f.IsAck() && f.Data == [8]byte{'i'} {
-							time.Sleep(50 * time.Millisecond)
-							if fault == "rst" {
-								s.fr.WriteRSTStream(id, http2.ErrCodeInternal)
-								return true
-							}
-							return false
-						}
-					}
+			bad := rawBackend(t, pingedH2([8]byte{'i'}, func(s *h2Server, id uint32) {
+				var hb bytes.Buffer
+				hpack.NewEncoder(&hb).WriteField(hpack.HeaderField{Name: ":status", Value: "103"})
+				s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true})
+			}, func(s *h2Server, id uint32) bool {
+				time.Sleep(50 * time.Millisecond)
+				if fault == "rst" {
+					s.fr.WriteRSTStream(id, http2.ErrCodeInternal)
 					return true
-				})
-			})
+				}
+				return false
+			}))
 			e := newEnv(t, envOpts{backends: 1})
 			e.setBackends(bad)
 			ctx := testkit.Context(t, 10*time.Second)

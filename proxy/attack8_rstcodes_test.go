@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"net"
 	"testing"
 	"time"
 
@@ -20,29 +19,10 @@ func TestAttack8ResetCodesMidMessage(t *testing.T) {
 	msg := payloadMsg(3000)
 	for _, code := range []http2.ErrCode{http2.ErrCodeNo, http2.ErrCodeProtocol, http2.ErrCodeFlowControl, http2.ErrCodeStreamClosed, http2.ErrCodeEnhanceYourCalm, http2.ErrCodeInadequateSecurity, http2.ErrCodeHTTP11Required, http2.ErrCode(0x77)} {
 		t.Run(code.String(), func(t *testing.T) {
-			bad := rawBackend(t, func(nc net.Conn) {
-				s, err := acceptH2(nc)
-				if err != nil || s.hello() != nil {
-					return
-				}
-				var id uint32
-				s.serve(func(f http2.Frame) bool {
-					switch f := f.(type) {
-					case *http2.HeadersFrame:
-						id = f.StreamID
-						writeGRPCHeaders(s.fr, id)
-						s.fr.WriteData(id, false, msg)
-						s.fr.WriteData(id, false, msg)
-						s.fr.WriteData(id, false, msg[:len(msg)/2])
-						s.fr.WritePing(false, [8]byte{'r', 's', 't'})
-					case *http2.PingFrame:
-						if f.IsAck() && f.Data == [8]byte{'r', 's', 't'} {
-							s.fr.WriteRSTStream(id, code)
-						}
-					}
-					return true
-				})
-			})
+			bad := rawBackend(t, halfMessageH2(msg, 2, [8]byte{'r', 's', 't'}, func(s *h2Server, id uint32) bool {
+				s.fr.WriteRSTStream(id, code)
+				return true
+			}))
 			e := newEnv(t, envOpts{backends: 1})
 			e.setBackends(bad)
 			ctx := testkit.Context(t, 10*time.Second)

@@ -171,3 +171,42 @@ func floodBackend(t testing.TB, flood func(fr *http2.Framer, id uint32), goAway 
 		}
 	}))
 }
+
+// pingedH2 is a raw HTTP/2 server for rawBackend: it answers each
+// request's HEADERS with answer, then a PING carrying ping; when the proxy
+// acknowledges that PING, so it has read all that answer wrote, it calls
+// then for the stream, whose false closes the connection.
+func pingedH2(ping [8]byte, answer func(s *h2Server, id uint32), then func(s *h2Server, id uint32) bool) func(net.Conn) {
+	return func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello() != nil {
+			return
+		}
+		var id uint32
+		s.serve(func(f http2.Frame) bool {
+			switch f := f.(type) {
+			case *http2.HeadersFrame:
+				id = f.StreamID
+				answer(s, id)
+				s.fr.WritePing(false, ping)
+			case *http2.PingFrame:
+				if f.IsAck() && f.Data == ping {
+					return then(s, id)
+				}
+			}
+			return true
+		})
+	}
+}
+
+// halfMessageH2 is pingedH2 answering with gRPC response headers, k
+// copies of msg and the first half of another.
+func halfMessageH2(msg []byte, k int, ping [8]byte, then func(s *h2Server, id uint32) bool) func(net.Conn) {
+	return pingedH2(ping, func(s *h2Server, id uint32) {
+		writeGRPCHeaders(s.fr, id)
+		for range k {
+			s.fr.WriteData(id, false, msg)
+		}
+		s.fr.WriteData(id, false, msg[:len(msg)/2])
+	}, then)
+}

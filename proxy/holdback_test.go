@@ -127,30 +127,7 @@ func TestHoldbackBackendFailsMidMessage(t *testing.T) {
 		for _, call := range calls {
 			t.Run(fault.name+"/"+call.name, func(t *testing.T) {
 				verifyNoLeaks(t)
-				bad := rawBackend(t, func(nc net.Conn) {
-					s, err := acceptH2(nc)
-					if err != nil || s.hello() != nil {
-						return
-					}
-					var id uint32
-					s.serve(func(f http2.Frame) bool {
-						switch f := f.(type) {
-						case *http2.HeadersFrame:
-							id = f.StreamID
-							writeGRPCHeaders(s.fr, id)
-							for range call.k {
-								s.fr.WriteData(id, false, msg)
-							}
-							s.fr.WriteData(id, false, msg[:len(msg)/2])
-							s.fr.WritePing(false, [8]byte{'h', 'o', 'l', 'd'})
-						case *http2.PingFrame:
-							if f.IsAck() && f.Data == [8]byte{'h', 'o', 'l', 'd'} {
-								return fault.do(s, id)
-							}
-						}
-						return true
-					})
-				})
+				bad := rawBackend(t, halfMessageH2(msg, call.k, [8]byte{'h', 'o', 'l', 'd'}, fault.do))
 				e := newEnv(t, envOpts{backends: 1})
 				e.setBackends(bad)
 				ctx := testkit.Context(t, 30*time.Second)

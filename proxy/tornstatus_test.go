@@ -2,7 +2,6 @@ package proxy_test
 
 import (
 	"bytes"
-	"net"
 	"strings"
 	"testing"
 	"time"
@@ -60,31 +59,17 @@ func TestProxyStatusAfterQueuedMessages(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			verifyNoLeaks(t)
 			sent := make(chan struct{})
-			bad := rawBackend(t, func(nc net.Conn) {
-				s, err := acceptH2(nc)
-				if err != nil || s.hello() != nil {
-					return
+			bad := rawBackend(t, pingedH2([8]byte{'t', 'o', 'r', 'n'}, func(s *h2Server, id uint32) {
+				writeGRPCHeaders(s.fr, id)
+				for range n {
+					s.fr.WriteData(id, false, msg)
 				}
-				var id uint32
-				s.serve(func(f http2.Frame) bool {
-					switch f := f.(type) {
-					case *http2.HeadersFrame:
-						id = f.StreamID
-						writeGRPCHeaders(s.fr, id)
-						for range n {
-							s.fr.WriteData(id, false, msg)
-						}
-						s.fr.WritePing(false, [8]byte{'t', 'o', 'r', 'n'})
-					case *http2.PingFrame:
-						if f.IsAck() && f.Data == [8]byte{'t', 'o', 'r', 'n'} {
-							// The proxy queued the messages.
-							tc.brk(s, id)
-							close(sent)
-						}
-					}
-					return true
-				})
-			})
+			}, func(s *h2Server, id uint32) bool {
+				// The proxy queued the messages.
+				tc.brk(s, id)
+				close(sent)
+				return true
+			}))
 			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
 				c.BackendStreamWindow = 128 << 10 // the raw backend does not watch it
 			}})
