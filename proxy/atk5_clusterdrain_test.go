@@ -1,11 +1,7 @@
 package proxy_test
 
 import (
-	"context"
 	"fmt"
-	"net"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -13,7 +9,6 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 
-	"github.com/streamlb/streamlb/cluster"
 	"github.com/streamlb/streamlb/internal/testkit"
 )
 
@@ -42,32 +37,11 @@ routes:
   - {cluster: a}
 `, targets)
 	}
-	path := filepath.Join(t.TempDir(), "streamlb.yaml")
-	write := func(s string) {
-		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
+	path, write := atk5ConfigFile(t)
 	write(conf(b0.Addr() + ", " + b1.Addr()))
-	f, err := cluster.LoadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := f.ServerConfig()
-	cfg.Logger = quietLog
-	srv, err := cluster.NewServer(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	rctx, rcancel := context.WithCancel(context.Background())
-	defer rcancel()
-	ran := make(chan error, 1)
-	go func() { ran <- srv.Run(rctx, ln, nil) }()
-	addr := ln.Addr().String()
+	run := atk5StartFile(t, path)
+	defer run.cancel()
+	srv, addr, ran := run.srv, run.addr, run.ran
 	var clients []testgrpc.TestServiceClient
 	for _, w := range []int32{0, 64 << 10, 0} {
 		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -94,7 +68,7 @@ routes:
 	reloaded := make(chan error, 1)
 	go func() { reloaded <- srv.Reload(ctx) }()
 	start := time.Now()
-	rcancel()
+	run.cancel()
 	go func() {
 		time.Sleep(100 * time.Millisecond)
 		b1.GracefulStop()

@@ -6,9 +6,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -20,7 +17,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/internal/testkit"
-	"github.com/streamlb/streamlb/testserver"
 )
 
 // TestAtk5DNSEmptiesAndReturns: a cluster on a DNS name; long
@@ -33,19 +29,10 @@ func TestAtk5DNSEmptiesAndReturns(t *testing.T) {
 	verifyNoLeaks(t)
 	atk5Resources(t)
 	ctx := testkit.Context(t, 60*time.Second)
-	dns := testserver.NewDNSServer(testserver.DNSConfig{DefaultTTL: 1, Logger: quietLog})
-	if err := dns.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	defer dns.Stop()
-	port := strings.Split(testkit.FreeAddr(t), ":")[1]
 	ips := []string{"127.0.0.1", "127.0.0.2"}
-	for i, ip := range ips {
-		atk5Backend(t, fmt.Sprintf("d%d", i), ip+":"+port)
-	}
-	dns.SetA("svc.atk5.test.", ips...)
-	path := filepath.Join(t.TempDir(), "streamlb.yaml")
-	if err := os.WriteFile(path, []byte(fmt.Sprintf(`
+	dns, port, _ := atk5DNSBackends(t, ips...)
+	path, write := atk5ConfigFile(t)
+	write(fmt.Sprintf(`
 listen: 127.0.0.1:0
 admin_listen: ""
 drain_timeout: 20s
@@ -53,9 +40,7 @@ clusters:
   - {name: a, targets: ["dns://%s/svc.atk5.test:%s"], dns_refresh: 100ms}
 routes:
   - {cluster: a}
-`, dns.Addr(), port)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+`, dns.Addr(), port))
 	_, addr := atk5RunFile(t, path)
 	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4<<20)))
@@ -82,10 +67,7 @@ routes:
 				return
 			}
 			for j := 0; j < 15; j++ {
-				b := make([]byte, atk5Sizes[r.IntN(len(atk5Sizes))])
-				for k := range b {
-					b[k] = byte(r.Uint32())
-				}
+				b := atk5RandBody(r, atk5Sizes[r.IntN(len(atk5Sizes))])
 				if err := st.Send(&testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: b}}); err != nil {
 					_, err = st.Recv()
 					long <- atk5Result{kind: "long bidi", err: err}

@@ -21,9 +21,28 @@ import (
 	"github.com/streamlb/streamlb/internal/testkit"
 )
 
-// atk5RunFile runs `streamlb proxy --config` for the file at path until
-// the test ends, and returns the server and its address.
-func atk5RunFile(t *testing.T, path string) (*cluster.Server, string) {
+// atk5ConfigFile is the path of a configuration file in a directory of
+// the test's, and write, which replaces its content.
+func atk5ConfigFile(t *testing.T) (path string, write func(string)) {
+	path = filepath.Join(t.TempDir(), "streamlb.yaml")
+	return path, func(s string) {
+		if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// atk5Running is `streamlb proxy --config` under Run.
+type atk5Running struct {
+	srv    *cluster.Server
+	addr   string
+	cancel context.CancelFunc // ends Run's context: SIGTERM
+	ran    <-chan error       // Run's result
+}
+
+// atk5StartFile starts `streamlb proxy --config` for the file at path on
+// a loopback listener. Ending it is the caller's: cancel, then read ran.
+func atk5StartFile(t *testing.T, path string) atk5Running {
 	t.Helper()
 	f, err := cluster.LoadFile(path)
 	if err != nil {
@@ -42,18 +61,31 @@ func atk5RunFile(t *testing.T, path string) (*cluster.Server, string) {
 	rctx, rcancel := context.WithCancel(context.Background())
 	ran := make(chan error, 1)
 	go func() { ran <- srv.Run(rctx, ln, nil) }()
-	t.Cleanup(func() {
-		rcancel()
-		select {
-		case err := <-ran:
-			if err != nil {
-				t.Errorf("Run: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Error("Run did not return within 30s")
+	return atk5Running{srv: srv, addr: ln.Addr().String(), cancel: rcancel, ran: ran}
+}
+
+// stop ends Run's context and fails the test unless Run then returns nil
+// within 30 s.
+func (r atk5Running) stop(t *testing.T) {
+	t.Helper()
+	r.cancel()
+	select {
+	case err := <-r.ran:
+		if err != nil {
+			t.Errorf("Run: %v", err)
 		}
-	})
-	return srv, ln.Addr().String()
+	case <-time.After(30 * time.Second):
+		t.Error("Run did not return within 30s")
+	}
+}
+
+// atk5RunFile runs `streamlb proxy --config` for the file at path until
+// the test ends (then stop), and returns the server and its address.
+func atk5RunFile(t *testing.T, path string) (*cluster.Server, string) {
+	t.Helper()
+	r := atk5StartFile(t, path)
+	t.Cleanup(func() { r.stop(t) })
+	return r.srv, r.addr
 }
 
 // TestAtk5ReloadRemovesClusterWithWaitingCalls: cluster b's one backend
@@ -85,12 +117,7 @@ clusters:
 				}
 				return s + "routes:\n  - {cluster: a}\n"
 			}
-			path := filepath.Join(t.TempDir(), "streamlb.yaml")
-			write := func(s string) {
-				if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
-					t.Fatal(err)
-				}
-			}
+			path, write := atk5ConfigFile(t)
 			write(conf(b.Addr()))
 			srv, addr := atk5RunFile(t, path)
 			cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))

@@ -3,7 +3,6 @@ package proxy_test
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -57,11 +56,7 @@ func TestAtk5ReplayByteExact(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				b := in.GetPayload().GetBody()
-				var l [4]byte
-				binary.LittleEndian.PutUint32(l[:], uint32(len(b)))
-				h.Write(l[:])
-				h.Write(b)
+				atk5HashBody(h, in.GetPayload().GetBody())
 			}
 		}
 		c.FullDuplexCallF = func(st testgrpc.TestService_FullDuplexCallServer) error {
@@ -167,14 +162,8 @@ func atk5ClientStream(ctx context.Context, client testgrpc.TestServiceClient, r 
 	}
 	h := sha256.New()
 	for i := 0; i < 1+r.IntN(5); i++ {
-		b := make([]byte, sizes[r.IntN(len(sizes))])
-		for j := range b {
-			b[j] = byte(r.Uint32())
-		}
-		var l [4]byte
-		binary.LittleEndian.PutUint32(l[:], uint32(len(b)))
-		h.Write(l[:])
-		h.Write(b)
+		b := atk5RandBody(r, sizes[r.IntN(len(sizes))])
+		atk5HashBody(h, b)
 		if st.Send(&testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: b}}) != nil {
 			break
 		}
@@ -200,11 +189,7 @@ func atk5BidiN(ctx context.Context, client testgrpc.TestServiceClient, r *rand.R
 	}
 	var sent [][]byte
 	for i := 0; i < 1+r.IntN(5); i++ {
-		b := make([]byte, sizes[r.IntN(len(sizes))])
-		for j := range b {
-			b[j] = byte(r.Uint32())
-		}
-		sent = append(sent, b)
+		sent = append(sent, atk5RandBody(r, sizes[r.IntN(len(sizes))]))
 	}
 	go func() {
 		for _, b := range sent {
