@@ -303,111 +303,109 @@ var atk4Modes = [][2]string{
 // checks every message's bytes. slow makes readers sleep between
 // messages.
 func atk4Calls(ctx context.Context, t *testing.T, c testgrpc.TestServiceClient, sizes []int, slow time.Duration) {
-	var wg sync.WaitGroup
-	errs := make(chan error, 4*len(sizes))
-	for si, size := range sizes {
-		wg.Add(4)
-		go func() { // unary
-			defer wg.Done()
-			body := atk4Body(uint64(si), size)
-			r, err := c.UnaryCall(ctx, &testgrpc.SimpleRequest{Payload: &testgrpc.Payload{Body: body}})
-			if err != nil {
-				errs <- fmt.Errorf("unary %d: %v", size, err)
-				return
-			}
-			if atk4Sum(r.GetPayload().GetBody()) != atk4Sum(body) {
-				errs <- fmt.Errorf("unary %d: wrong bytes (got %d)", size, len(r.GetPayload().GetBody()))
-			}
-		}()
-		go func() { // server streaming
-			defer wg.Done()
-			req := &testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, size%7)}}
-			for range 3 {
-				req.ResponseParameters = append(req.ResponseParameters, &testgrpc.ResponseParameters{Size: int32(size)})
-			}
-			st, err := c.StreamingOutputCall(ctx, req)
-			if err != nil {
-				errs <- fmt.Errorf("server-stream %d: %v", size, err)
-				return
-			}
-			for i := 0; ; i++ {
-				m, err := st.Recv()
-				if err == io.EOF {
-					if i != 3 {
-						errs <- fmt.Errorf("server-stream %d: %d messages", size, i)
-					}
-					return
-				}
-				if err != nil {
-					errs <- fmt.Errorf("server-stream %d msg %d: %v", size, i, err)
-					return
-				}
-				if atk4Sum(m.GetPayload().GetBody()) != atk4Sum(atk4Body(uint64((size%7)*1000+i), size)) {
-					errs <- fmt.Errorf("server-stream %d msg %d: wrong bytes", size, i)
-					return
-				}
-				time.Sleep(slow)
-			}
-		}()
-		go func() { // client streaming
-			defer wg.Done()
-			st, err := c.StreamingInputCall(ctx)
-			if err != nil {
-				errs <- fmt.Errorf("client-stream %d: %v", size, err)
-				return
-			}
-			h := sha256.New()
-			for i := range 3 {
-				b := atk4Body(uint64(si*10+i), size)
-				h.Write(b)
-				if err := st.Send(&testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: b}}); err != nil {
-					break // the status comes with CloseAndRecv
-				}
-			}
-			r, err := st.CloseAndRecv()
-			if err != nil {
-				errs <- fmt.Errorf("client-stream %d: %v", size, err)
-				return
-			}
-			if got, want := st.Trailer().Get("x-sha"), hex.EncodeToString(h.Sum(nil)); len(got) != 1 || got[0] != want || int(r.GetAggregatedPayloadSize()) != 3*size {
-				errs <- fmt.Errorf("client-stream %d: wrong bytes (size %d)", size, r.GetAggregatedPayloadSize())
-			}
-		}()
-		go func() { // bidi
-			defer wg.Done()
-			st, err := c.FullDuplexCall(ctx)
-			if err != nil {
-				errs <- fmt.Errorf("bidi %d: %v", size, err)
-				return
-			}
-			for i := range 3 {
-				b := atk4Body(uint64(si*100+i), size)
-				if err := st.Send(&testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: b}}); err != nil {
-					errs <- fmt.Errorf("bidi %d send %d: %v", size, i, err)
-					return
-				}
-				m, err := st.Recv()
-				if err != nil {
-					errs <- fmt.Errorf("bidi %d recv %d: %v", size, i, err)
-					return
-				}
-				if !bytes.Equal(m.GetPayload().GetBody(), b) {
-					errs <- fmt.Errorf("bidi %d msg %d: wrong bytes", size, i)
-					return
-				}
-				time.Sleep(slow)
-			}
-			st.CloseSend()
-			if _, err := st.Recv(); err != io.EOF {
-				errs <- fmt.Errorf("bidi %d end: %v", size, err)
-			}
-		}()
+	t.Helper()
+	// Call i is of kind i%4 for size i/4.
+	concurrently(t, 4*len(sizes), 4*len(sizes), func(i int) error {
+		si, size := i/4, sizes[i/4]
+		switch i % 4 {
+		case 0:
+			return atk4Unary(ctx, c, si, size)
+		case 1:
+			return atk4ServerStream(ctx, c, size, slow)
+		case 2:
+			return atk4ClientStream(ctx, c, si, size)
+		default:
+			return atk4Bidi(ctx, c, si, size, slow)
+		}
+	})
+}
+
+func atk4Unary(ctx context.Context, c testgrpc.TestServiceClient, si, size int) error {
+	body := atk4Body(uint64(si), size)
+	r, err := c.UnaryCall(ctx, &testgrpc.SimpleRequest{Payload: &testgrpc.Payload{Body: body}})
+	if err != nil {
+		return fmt.Errorf("unary %d: %v", size, err)
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
+	if atk4Sum(r.GetPayload().GetBody()) != atk4Sum(body) {
+		return fmt.Errorf("unary %d: wrong bytes (got %d)", size, len(r.GetPayload().GetBody()))
 	}
+	return nil
+}
+
+func atk4ServerStream(ctx context.Context, c testgrpc.TestServiceClient, size int, slow time.Duration) error {
+	req := &testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, size%7)}}
+	for range 3 {
+		req.ResponseParameters = append(req.ResponseParameters, &testgrpc.ResponseParameters{Size: int32(size)})
+	}
+	st, err := c.StreamingOutputCall(ctx, req)
+	if err != nil {
+		return fmt.Errorf("server-stream %d: %v", size, err)
+	}
+	for i := 0; ; i++ {
+		m, err := st.Recv()
+		if err == io.EOF {
+			if i != 3 {
+				return fmt.Errorf("server-stream %d: %d messages", size, i)
+			}
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("server-stream %d msg %d: %v", size, i, err)
+		}
+		if atk4Sum(m.GetPayload().GetBody()) != atk4Sum(atk4Body(uint64((size%7)*1000+i), size)) {
+			return fmt.Errorf("server-stream %d msg %d: wrong bytes", size, i)
+		}
+		time.Sleep(slow)
+	}
+}
+
+func atk4ClientStream(ctx context.Context, c testgrpc.TestServiceClient, si, size int) error {
+	st, err := c.StreamingInputCall(ctx)
+	if err != nil {
+		return fmt.Errorf("client-stream %d: %v", size, err)
+	}
+	h := sha256.New()
+	for i := range 3 {
+		b := atk4Body(uint64(si*10+i), size)
+		h.Write(b)
+		if err := st.Send(&testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: b}}); err != nil {
+			break // the status comes with CloseAndRecv
+		}
+	}
+	r, err := st.CloseAndRecv()
+	if err != nil {
+		return fmt.Errorf("client-stream %d: %v", size, err)
+	}
+	if got, want := st.Trailer().Get("x-sha"), hex.EncodeToString(h.Sum(nil)); len(got) != 1 || got[0] != want || int(r.GetAggregatedPayloadSize()) != 3*size {
+		return fmt.Errorf("client-stream %d: wrong bytes (size %d)", size, r.GetAggregatedPayloadSize())
+	}
+	return nil
+}
+
+func atk4Bidi(ctx context.Context, c testgrpc.TestServiceClient, si, size int, slow time.Duration) error {
+	st, err := c.FullDuplexCall(ctx)
+	if err != nil {
+		return fmt.Errorf("bidi %d: %v", size, err)
+	}
+	for i := range 3 {
+		b := atk4Body(uint64(si*100+i), size)
+		if err := st.Send(&testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: b}}); err != nil {
+			return fmt.Errorf("bidi %d send %d: %v", size, i, err)
+		}
+		m, err := st.Recv()
+		if err != nil {
+			return fmt.Errorf("bidi %d recv %d: %v", size, i, err)
+		}
+		if !bytes.Equal(m.GetPayload().GetBody(), b) {
+			return fmt.Errorf("bidi %d msg %d: wrong bytes", size, i)
+		}
+		time.Sleep(slow)
+	}
+	st.CloseSend()
+	if _, err := st.Recv(); err != io.EOF {
+		return fmt.Errorf("bidi %d end: %v", size, err)
+	}
+	return nil
 }
 
 // TestAtk4NonRawBytesExact: every call kind and message size, concurrent,
@@ -775,20 +773,7 @@ func TestAtk4TLSClientNeverReads(t *testing.T) {
 func TestAtk4HoldbackNonRawBackend(t *testing.T) {
 	const size = 3000
 	msg := payloadMsg(size)
-	faults := []struct {
-		name string
-		do   func(s *h2Server, id uint32) bool
-	}{
-		{"connection closed", func(*h2Server, uint32) bool { return false }},
-		{"RST_STREAM INTERNAL_ERROR", func(s *h2Server, id uint32) bool {
-			s.fr.WriteRSTStream(id, http2.ErrCodeInternal)
-			return true
-		}},
-		{"GOAWAY and close", func(s *h2Server, id uint32) bool {
-			s.fr.WriteGoAway(id, http2.ErrCodeNo, nil)
-			return false
-		}},
-	}
+	faults := []holdFault{faultClose, faultRSTInternal, faultGoAway}
 	a := newAtk4TLS(t)
 	for _, mode := range []string{"wrap", "chunk", "tls"} {
 		for _, fault := range faults {
@@ -848,86 +833,77 @@ func TestAtk4NonRawCancels(t *testing.T) {
 			})
 			ctx := testkit.Context(t, 30*time.Second)
 			c := w.client()
-			var wg sync.WaitGroup
-			for k := range 24 {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					cctx, cancel := context.WithCancel(ctx)
-					defer cancel()
-					cancelAt := k % 4 // 0: never
-					size := []int{513, 16385, 65536, 300 << 10}[k%4]
-					if k%3 == 0 {
-						req := &testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, size%7)}}
-						for range 5 {
-							req.ResponseParameters = append(req.ResponseParameters, &testgrpc.ResponseParameters{Size: int32(size)})
-						}
-						st, err := c.StreamingOutputCall(cctx, req)
-						if err != nil {
-							t.Error(err)
-							return
-						}
-						for i := 0; ; i++ {
-							if cancelAt != 0 && i == cancelAt {
-								cancel()
-							}
-							m, err := st.Recv()
-							if err == io.EOF {
-								// A cancel may come after the whole answer
-								// arrived: then all of it is read.
-								if i != 5 {
-									t.Errorf("stream %d: ended OK after %d messages", k, i)
-								}
-								return
-							}
-							if err != nil {
-								if status.Code(err) != codes.Canceled || cancelAt == 0 {
-									t.Errorf("stream %d msg %d: %v", k, i, err)
-								}
-								return
-							}
-							if atk4Sum(m.GetPayload().GetBody()) != atk4Sum(atk4Body(uint64((size%7)*1000+i), size)) {
-								t.Errorf("stream %d msg %d: wrong bytes", k, i)
-								return
-							}
-						}
+			concurrently(t, 24, 24, func(k int) error {
+				cctx, cancel := context.WithCancel(ctx)
+				defer cancel()
+				cancelAt := k % 4 // 0: never
+				size := []int{513, 16385, 65536, 300 << 10}[k%4]
+				if k%3 == 0 {
+					req := &testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, size%7)}}
+					for range 5 {
+						req.ResponseParameters = append(req.ResponseParameters, &testgrpc.ResponseParameters{Size: int32(size)})
 					}
-					st, err := c.FullDuplexCall(cctx)
+					st, err := c.StreamingOutputCall(cctx, req)
 					if err != nil {
-						t.Error(err)
-						return
+						return err
 					}
-					for i := range 5 {
+					for i := 0; ; i++ {
 						if cancelAt != 0 && i == cancelAt {
 							cancel()
 						}
-						b := atk4Body(uint64(k*100+i), size)
-						if err := st.Send(&testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: b}}); err != nil {
-							_, err = st.Recv()
-							if status.Code(err) != codes.Canceled || cancelAt == 0 {
-								t.Errorf("bidi %d send %d: %v", k, i, err)
-							}
-							return
-						}
 						m, err := st.Recv()
+						if err == io.EOF {
+							// A cancel may come after the whole answer
+							// arrived: then all of it is read.
+							if i != 5 {
+								return fmt.Errorf("stream %d: ended OK after %d messages", k, i)
+							}
+							return nil
+						}
 						if err != nil {
 							if status.Code(err) != codes.Canceled || cancelAt == 0 {
-								t.Errorf("bidi %d recv %d: %v", k, i, err)
+								return fmt.Errorf("stream %d msg %d: %v", k, i, err)
 							}
-							return
+							return nil
 						}
-						if !bytes.Equal(m.GetPayload().GetBody(), b) {
-							t.Errorf("bidi %d msg %d: wrong bytes", k, i)
-							return
+						if atk4Sum(m.GetPayload().GetBody()) != atk4Sum(atk4Body(uint64((size%7)*1000+i), size)) {
+							return fmt.Errorf("stream %d msg %d: wrong bytes", k, i)
 						}
 					}
-					st.CloseSend()
-					if _, err := st.Recv(); err != io.EOF && status.Code(err) != codes.Canceled {
-						t.Errorf("bidi %d end: %v", k, err)
+				}
+				st, err := c.FullDuplexCall(cctx)
+				if err != nil {
+					return err
+				}
+				for i := range 5 {
+					if cancelAt != 0 && i == cancelAt {
+						cancel()
 					}
-				}()
-			}
-			wg.Wait()
+					b := atk4Body(uint64(k*100+i), size)
+					if err := st.Send(&testgrpc.StreamingOutputCallRequest{Payload: &testgrpc.Payload{Body: b}}); err != nil {
+						_, err = st.Recv()
+						if status.Code(err) != codes.Canceled || cancelAt == 0 {
+							return fmt.Errorf("bidi %d send %d: %v", k, i, err)
+						}
+						return nil
+					}
+					m, err := st.Recv()
+					if err != nil {
+						if status.Code(err) != codes.Canceled || cancelAt == 0 {
+							return fmt.Errorf("bidi %d recv %d: %v", k, i, err)
+						}
+						return nil
+					}
+					if !bytes.Equal(m.GetPayload().GetBody(), b) {
+						return fmt.Errorf("bidi %d msg %d: wrong bytes", k, i)
+					}
+				}
+				st.CloseSend()
+				if _, err := st.Recv(); err != io.EOF && status.Code(err) != codes.Canceled {
+					return fmt.Errorf("bidi %d end: %v", k, err)
+				}
+				return nil
+			})
 			testkit.WaitFor(ctx, t, "backend calls to end", func() bool {
 				return w.backends[0].InFlight() == 0 && w.backends[1].InFlight() == 0
 			})

@@ -84,6 +84,29 @@ func callRaw(ctx context.Context, cc *grpc.ClientConn, unary bool) holdResult {
 	return holdResult{msgs: len(msgs), code: status.Code(err), err: err}
 }
 
+// holdFault is a way for a raw backend to fail stream id once the proxy
+// has read its answer (halfMessageH2's then).
+type holdFault struct {
+	name string
+	do   func(s *h2Server, id uint32) bool // false: close the connection
+}
+
+var (
+	faultClose     = holdFault{"connection closed", func(*h2Server, uint32) bool { return false }}
+	faultRSTCancel = holdFault{"RST_STREAM CANCEL", func(s *h2Server, id uint32) bool {
+		s.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+		return true
+	}}
+	faultRSTInternal = holdFault{"RST_STREAM INTERNAL_ERROR", func(s *h2Server, id uint32) bool {
+		s.fr.WriteRSTStream(id, http2.ErrCodeInternal)
+		return true
+	}}
+	faultGoAway = holdFault{"GOAWAY and close", func(s *h2Server, id uint32) bool {
+		s.fr.WriteGoAway(id, http2.ErrCodeNo, nil)
+		return false
+	}}
+)
+
 // TestHoldbackBackendFailsMidMessage: a backend sends its response
 // HEADERS, k complete messages and half of the next, waits until its peer
 // has read them (a PING acknowledged), then fails: it closes the
@@ -95,24 +118,7 @@ func callRaw(ctx context.Context, cc *grpc.ClientConn, unary bool) holdResult {
 func TestHoldbackBackendFailsMidMessage(t *testing.T) {
 	const size = 3000 // a message of about 3 KiB: half of it is in one DATA frame
 	msg := payloadMsg(size)
-	faults := []struct {
-		name string
-		do   func(s *h2Server, id uint32) bool // false: close the connection
-	}{
-		{"connection closed", func(*h2Server, uint32) bool { return false }},
-		{"RST_STREAM CANCEL", func(s *h2Server, id uint32) bool {
-			s.fr.WriteRSTStream(id, http2.ErrCodeCancel)
-			return true
-		}},
-		{"RST_STREAM INTERNAL_ERROR", func(s *h2Server, id uint32) bool {
-			s.fr.WriteRSTStream(id, http2.ErrCodeInternal)
-			return true
-		}},
-		{"GOAWAY and close", func(s *h2Server, id uint32) bool {
-			s.fr.WriteGoAway(id, http2.ErrCodeNo, nil)
-			return false
-		}},
-	}
+	faults := []holdFault{faultClose, faultRSTCancel, faultRSTInternal, faultGoAway}
 	calls := []struct {
 		name  string
 		unary bool
