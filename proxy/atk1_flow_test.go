@@ -143,6 +143,19 @@ func windowGameBackend(t *testing.T) string {
 	})
 }
 
+// atk1RetryProxy serves a proxy that sends the first attempt of every
+// /x.Y/ call to bad and its retries to good, with retry budget and buffer
+// for requests of up to 1 MiB.
+func atk1RetryProxy(t *testing.T, bad, good string) net.Listener {
+	t.Helper()
+	srv, err := proxy.New(proxy.Config{Picker: atk1Picker{bad, good}, Logger: quietLog, RetryOn: []string{"/x.Y/"},
+		RetryBudget: 1 << 20, RetryBufferSize: 1 << 20, MaxConnBufferedBytes: 64 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return serveProxy(t, srv)
+}
+
 // fail fails stream id as x-mode says; false: the connection is to close.
 func fail(fr *http2.Framer, hb *bytes.Buffer, enc *hpack.Encoder, id uint32, mode int, goneAway *bool) bool {
 	atk1Fails.Add(1)
@@ -182,12 +195,7 @@ func TestAtk1RetryAfterWindowGames(t *testing.T) {
 	atk1Frames.Store(0)
 	atk1Fails.Store(0)
 	bad := windowGameBackend(t)
-	srv, err := proxy.New(proxy.Config{Picker: atk1Picker{bad, good}, Logger: quietLog, RetryOn: []string{"/x.Y/"},
-		RetryBudget: 1 << 20, RetryBufferSize: 1 << 20, MaxConnBufferedBytes: 64 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := serveProxy(t, srv)
+	ln := atk1RetryProxy(t, bad, good)
 	cc := fixedWindowConn(t, ln.Addr().String(), 1<<20)
 	ctx := testkit.Context(t, 60*time.Second)
 	sizes := []int{4091, 4096, 4101, 16379, 16384, 16389, 1, 0, 8192, 12000, 4095, 20000}
@@ -480,14 +488,8 @@ func atk1RawClientOpts(addr string, ci int, sizes []int, count int, extra func(k
 					}
 				}
 			}
-		case *http2.SettingsFrame:
-			if !f.IsAck() {
-				fr.WriteSettingsAck()
-			}
-		case *http2.PingFrame:
-			if !f.IsAck() {
-				fr.WritePing(true, f.Data)
-			}
+		case *http2.SettingsFrame, *http2.PingFrame:
+			ackControl(fr, f)
 		}
 		bw.Flush()
 	}
@@ -725,12 +727,7 @@ func TestAtk1RawRequestFragments(t *testing.T) {
 	verifyNoLeaks(t)
 	good := hashingBackend(t)
 	bad := windowGameBackend(t)
-	srv, err := proxy.New(proxy.Config{Picker: atk1Picker{bad, good}, Logger: quietLog, RetryOn: []string{"/x.Y/"},
-		RetryBudget: 1 << 20, RetryBufferSize: 1 << 20, MaxConnBufferedBytes: 64 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := serveProxy(t, srv)
+	ln := atk1RetryProxy(t, bad, good)
 	sizes := []int{4091, 4096, 1, 4101, 16379, 0, 4095, 9000, 16384, 5}
 	frags := []int{1, 7, 4095, 4096, 4097, 16384, 100, 4090, 3}
 	failAts := []int{0, 1, 4096, 4100, 9000, 16384, 30000, 1 << 30}
@@ -796,16 +793,9 @@ func atk1FragCall(addr string, call int, sizes, frags []int, failAt, mode int) e
 			return fmt.Errorf("reset %v", f.ErrCode)
 		case *http2.DataFrame:
 			got = append(got, f.Data()...)
-		case *http2.SettingsFrame:
-			if !f.IsAck() {
-				fr.WriteSettingsAck()
-				bw.Flush()
-			}
-		case *http2.PingFrame:
-			if !f.IsAck() {
-				fr.WritePing(true, f.Data)
-				bw.Flush()
-			}
+		case *http2.SettingsFrame, *http2.PingFrame:
+			ackControl(fr, f)
+			bw.Flush()
 		case *http2.MetaHeadersFrame:
 			if !f.StreamEnded() {
 				continue

@@ -48,14 +48,8 @@ func heldThenFaultBackend(calls int, fault string) func(net.Conn) {
 				return
 			}
 			switch f := f.(type) {
-			case *http2.SettingsFrame:
-				if !f.IsAck() {
-					fr.WriteSettingsAck()
-				}
-			case *http2.PingFrame:
-				if !f.IsAck() {
-					fr.WritePing(true, f.Data)
-				}
+			case *http2.SettingsFrame, *http2.PingFrame:
+				ackControl(fr, f)
 			case *http2.MetaHeadersFrame:
 				id := f.StreamID
 				ids = append(ids, id)
