@@ -31,21 +31,14 @@ func TestAtk5ShutdownMidMessageIsReset(t *testing.T) {
 	verifyNoLeaks(t)
 	// A 1 MiB message, of which 200 KiB come.
 	bad := tornBackend(t, nil, 1<<20, 200<<10)
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-		c.BackendStreamWindow = 512 << 10 // the raw backend does not watch it
-	}})
+	e := envBehind(t, bad, 512<<10)
 	srv := e.srv.(*proxy.Server)
-	e.setBackends(bad)
 	ctx := testkit.Context(t, 30*time.Second)
 	st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := make(chan error, 1)
-	go func() {
-		_, err := st.Recv()
-		got <- err
-	}()
+	got := recvLater(st.Recv)
 	// The client's 64 KiB initial windows grow with what it reads; let
 	// the proxy write all it has.
 	time.Sleep(300 * time.Millisecond)
@@ -76,10 +69,7 @@ func TestAtk5ShutdownMidMessageIsReset(t *testing.T) {
 func TestAtk5DeadlineMidMessageIsReset(t *testing.T) {
 	verifyNoLeaks(t)
 	bad := tornBackend(t, nil, 1<<20, 200<<10)
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-		c.BackendStreamWindow = 512 << 10
-	}})
-	e.setBackends(bad)
+	e := envBehind(t, bad, 512<<10)
 	r := dialRawWide(t, e.addr)
 	block := requestBlock("/grpc.testing.TestService/StreamingOutputCall", "grpc-timeout", "300m")
 	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block, EndHeaders: true, EndStream: true}); err != nil {
@@ -125,11 +115,8 @@ func TestAtk5ShutdownMidHeldMessage(t *testing.T) {
 	whole := payloadMsg(1000)
 	// A whole message, then a 100 KiB message of which 50 KiB come.
 	bad := tornBackend(t, whole, 100<<10, 50<<10)
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-		c.BackendStreamWindow = 512 << 10
-	}})
+	e := envBehind(t, bad, 512<<10)
 	srv := e.srv.(*proxy.Server)
-	e.setBackends(bad)
 	ctx := testkit.Context(t, 30*time.Second)
 	st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
 	if err != nil {
@@ -138,11 +125,7 @@ func TestAtk5ShutdownMidHeldMessage(t *testing.T) {
 	if _, err := st.Recv(); err != nil {
 		t.Fatalf("the complete message: %v", err)
 	}
-	got := make(chan error, 1)
-	go func() {
-		_, err := st.Recv()
-		got <- err
-	}()
+	got := recvLater(st.Recv)
 	time.Sleep(300 * time.Millisecond)
 	sctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 	defer cancel()

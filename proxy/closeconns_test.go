@@ -57,14 +57,7 @@ func (l *slowCloseListener) Accept() (net.Conn, error) {
 // first had, and each such connection added its wait to Close's.
 func TestCloseClosesConnsTogether(t *testing.T) {
 	verifyNoLeaks(t)
-	ts, err := testserver.New(testserver.Config{Name: "b", Logger: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
+	ts := startTestserver(t, testserver.Config{Name: "b", Logger: quietLog})
 	srv, err := proxy.New(proxy.Config{Picker: pickerTo(ts.Addr()), Logger: quietLog})
 	if err != nil {
 		t.Fatal(err)

@@ -186,14 +186,7 @@ type fuzzEnv struct {
 
 func newFuzzEnv(tb testing.TB, raw string) *fuzzEnv {
 	tb.Helper()
-	ts, err := testserver.New(testserver.Config{Name: "b0", Logger: quietLog})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(ts.Stop)
+	ts := startTestserver(tb, testserver.Config{Name: "b0", Logger: quietLog})
 	good := ts.Addr()
 	pick := proxy.PickerFunc(func(ctx context.Context, method string) (string, func(error), error) {
 		if raw != "" && method == "/grpc.testing.TestService/UnaryCall" {

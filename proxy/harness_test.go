@@ -80,14 +80,7 @@ func newEnv(t *testing.T, o envOpts) *env {
 		if o.tscfg != nil {
 			o.tscfg(i, &cfg)
 		}
-		ts, err := testserver.New(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := ts.Start("127.0.0.1:0"); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(ts.Stop)
+		ts := startTestserver(t, cfg)
 		e.backends = append(e.backends, ts)
 		addrs = append(addrs, ts.Addr())
 	}
@@ -147,6 +140,31 @@ func newEnv(t *testing.T, o envOpts) *env {
 	})
 	e.cc = e.dial(e.addr)
 	e.client = testgrpc.NewTestServiceClient(e.cc)
+	return e
+}
+
+// startTestserver starts a testserver for cfg on loopback, stopped at
+// cleanup.
+func startTestserver(t testing.TB, cfg testserver.Config) *testserver.Server {
+	t.Helper()
+	ts, err := testserver.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	return ts
+}
+
+// envBehind is an env with one backend whose only address in the
+// director's set is bad's, a raw backend; the proxy's backend stream
+// window is window, as the raw backend does not watch it.
+func envBehind(t *testing.T, bad string, window int32) *env {
+	t.Helper()
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.BackendStreamWindow = window }})
+	e.setBackends(bad)
 	return e
 }
 
@@ -216,6 +234,17 @@ func drain[T any](recv func() (*T, error)) ([]*T, error) {
 		}
 		out = append(out, m)
 	}
+}
+
+// recvLater calls recv once, in a goroutine of its own, and sends the
+// error it returns on the channel (buffered, one).
+func recvLater[T any](recv func() (T, error)) <-chan error {
+	got := make(chan error, 1)
+	go func() {
+		_, err := recv()
+		got <- err
+	}()
+	return got
 }
 
 // serveProxy serves srv on a new loopback listener until the test ends,

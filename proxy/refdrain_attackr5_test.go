@@ -92,14 +92,7 @@ func TestReferenceShutdownStatus(t *testing.T) {
 // a listener for it to serve; the caller serves it.
 func startReference(t *testing.T, cfg proxy.ReferenceConfig) (*testserver.Server, *proxy.Reference, net.Listener) {
 	t.Helper()
-	ts, err := testserver.New(testserver.Config{Name: "b", Logger: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
+	ts := startTestserver(t, testserver.Config{Name: "b", Logger: quietLog})
 	d, err := director.New(director.Config{Logger: quietLog})
 	if err != nil {
 		t.Fatal(err)

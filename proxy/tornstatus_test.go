@@ -70,11 +70,8 @@ func TestProxyStatusAfterQueuedMessages(t *testing.T) {
 				close(sent)
 				return true
 			}))
-			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-				c.BackendStreamWindow = 128 << 10 // the raw backend does not watch it
-			}})
+			e := envBehind(t, bad, 128<<10)
 			srv := e.srv.(*proxy.Server)
-			e.setBackends(bad)
 			ctx := testkit.Context(t, 30*time.Second)
 			// The messages wait in the proxy until the client reads.
 			cc := fixedWindowConn(t, e.addr, 16384, tc.opts...)
