@@ -67,14 +67,7 @@ func twoBackendServer(t *testing.T, raw string, tcfg testserver.Config, cfg prox
 	if tcfg.Logger == nil {
 		tcfg.Logger = quietLog
 	}
-	ts, err := testserver.New(tcfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ts.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ts.Stop)
+	ts := startTestserver(t, tcfg)
 	pick := &twoPicker{first: raw, second: ts.Addr()}
 	cfg.Picker, cfg.Logger = pick, quietLog
 	srv, err := proxy.New(cfg)

@@ -143,14 +143,8 @@ func zeroStreamsBackend(t *testing.T, raise <-chan struct{}, accepted, served *a
 			}
 			wmu.Lock()
 			switch f := f.(type) {
-			case *http2.SettingsFrame:
-				if !f.IsAck() {
-					fr.WriteSettingsAck()
-				}
-			case *http2.PingFrame:
-				if !f.IsAck() {
-					fr.WritePing(true, f.Data)
-				}
+			case *http2.SettingsFrame, *http2.PingFrame:
+				ackControl(fr, f)
 			case *http2.HeadersFrame:
 				served.Add(1)
 				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: resp, EndHeaders: true})
