@@ -186,11 +186,7 @@ func TestAtk4TLSKeyUpdateAfterIdle(t *testing.T) {
 	verifyNoLeaks(t)
 	const writeTimeout = 200 * time.Millisecond
 	w := newAtk4World(t, "tls", "plain", 1, nil, func(c *proxy.Config) { c.WriteTimeout = writeTimeout })
-	raw, err := net.Dial("tcp", w.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { raw.Close() })
+	raw := dialTCP(t, w.addr)
 	p, err := tls13Handshake(raw, w.a.client(), false)
 	if err != nil {
 		t.Fatal(err)
@@ -286,11 +282,7 @@ func TestAtk4TLSKeyUpdateFloodClose(t *testing.T) {
 		t.Skip("takes up to 6 s; set STREAMLB_ATTACKS=1")
 	}
 	w := newAtk4World(t, "tls", "plain", 1, nil, nil)
-	raw, err := net.Dial("tcp", w.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Close()
+	raw := dialTCP(t, w.addr)
 	raw.(*net.TCPConn).SetReadBuffer(4096)
 	p, err := tls13Handshake(raw, w.a.client(), false)
 	if err != nil {

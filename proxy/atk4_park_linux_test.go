@@ -4,7 +4,6 @@ package proxy_test
 
 import (
 	"crypto/tls"
-	"io"
 	"net"
 	"sync"
 	"testing"
@@ -69,18 +68,13 @@ func TestAtk4TLSParkMidRecord(t *testing.T) {
 	verifyNoLeaks(t)
 	w := newAtk4World(t, "tls", "plain", 1, nil, func(c *proxy.Config) { c.ParkAfter = 20 * time.Millisecond })
 	ctx := testkit.Context(t, 20*time.Second)
-	nc, err := net.Dial("tcp", w.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { nc.Close() })
+	nc := dialTCP(t, w.addr)
 	sw := &splitWriter{Conn: nc}
 	tc := tls.Client(sw, w.a.client())
 	if err := tc.Handshake(); err != nil {
 		t.Fatal(err)
 	}
-	io.WriteString(tc, http2ClientPreface)
-	r := &rawConn{t: t, nc: tc, fr: http2.NewFramer(tc, tc)}
+	r := rawOver(t, tc)
 	r.fr.WriteSettings()
 	r.handshake()
 	parkedMid := 0

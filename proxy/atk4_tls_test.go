@@ -606,14 +606,7 @@ func TestAtk4TLSHandshakeAbuse(t *testing.T) {
 		c.WriteTimeout = 500 * time.Millisecond
 	})
 	ctx := testkit.Context(t, 20*time.Second)
-	dial := func() net.Conn {
-		nc, err := net.Dial("tcp", w.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { nc.Close() })
-		return nc
-	}
+	dial := func() net.Conn { return dialTCP(t, w.addr) }
 	tlsDial := func() *tls.Conn {
 		tc := tls.Client(dial(), w.a.client())
 		if err := tc.Handshake(); err != nil {
@@ -714,11 +707,7 @@ func TestAtk4TLSClientNeverReads(t *testing.T) {
 				c.MaxConnBufferedBytes = limit
 			})
 			ctx := testkit.Context(t, 20*time.Second)
-			nc, err := net.Dial("tcp", w.addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { nc.Close() })
+			nc := dialTCP(t, w.addr)
 			if cm == "tls" {
 				tc := tls.Client(nc, w.a.client())
 				if err := tc.Handshake(); err != nil {
@@ -726,8 +715,7 @@ func TestAtk4TLSClientNeverReads(t *testing.T) {
 				}
 				nc = tc
 			}
-			io.WriteString(nc, http2ClientPreface)
-			r := &rawConn{t: t, nc: nc, fr: http2.NewFramer(nc, nc)}
+			r := rawOver(t, nc)
 			r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 30})
 			r.fr.WriteWindowUpdate(0, 1<<30)
 			req := &testgrpc.StreamingOutputCallRequest{}

@@ -52,16 +52,30 @@ func dialRawWide(t *testing.T, addr string) *rawConn {
 // connection preface's magic has been written.
 func dialRawPreface(t *testing.T, addr string) *rawConn {
 	t.Helper()
+	nc := dialTCP(t, addr)
+	nc.SetDeadline(time.Now().Add(20 * time.Second))
+	r := rawOver(t, nc)
+	r.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	return r
+}
+
+// dialTCP dials addr; the connection is closed at cleanup.
+func dialTCP(t *testing.T, addr string) net.Conn {
+	t.Helper()
 	nc, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { nc.Close() })
-	nc.SetDeadline(time.Now().Add(20 * time.Second))
+	return nc
+}
+
+// rawOver is a rawConn on nc (a TLS connection, say), over which it has
+// written the client preface's magic. Its Framer hands on header blocks
+// as HEADERS and CONTINUATION frames, not merged as dialRawPreface's.
+func rawOver(t *testing.T, nc net.Conn) *rawConn {
 	io.WriteString(nc, http2.ClientPreface)
-	fr := http2.NewFramer(nc, nc)
-	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	return &rawConn{t: t, nc: nc, fr: fr}
+	return &rawConn{t: t, nc: nc, fr: http2.NewFramer(nc, nc)}
 }
 
 // dialRawBuffered is dialRawPreface for goroutines other than the test's:
