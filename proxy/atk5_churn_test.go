@@ -543,6 +543,24 @@ func TestAtk5ChurnByteExact(t *testing.T) {
 	}
 }
 
+// atk5Dial is a client of the proxy at addr that takes answers of up to
+// 4 MiB, with fixed windows of window bytes unless window is 0; its
+// connection is closed at cleanup.
+func atk5Dial(t *testing.T, addr string, window int32, opts ...grpc.DialOption) testgrpc.TestServiceClient {
+	t.Helper()
+	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4 << 20))}, opts...)
+	if window > 0 {
+		opts = append(opts, grpc.WithInitialWindowSize(window), grpc.WithInitialConnWindowSize(window))
+	}
+	cc, err := grpc.NewClient("passthrough:///"+addr, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return testgrpc.NewTestServiceClient(cc)
+}
+
 // atk5DNSBackends starts echo backends d0, d1, … on ips, all on one
 // port, and a DNS server whose svc.atk5.test. has the A records ips; all
 // stop at cleanup.
@@ -628,39 +646,20 @@ clusters:
 	defer run.stop(t)
 	srv, addr := run.srv, run.addr
 	var dials atomic.Int64
-	mk := func(window int32) *grpc.ClientConn {
-		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4 << 20))}
-		if window > 0 {
-			opts = append(opts, grpc.WithInitialWindowSize(window), grpc.WithInitialConnWindowSize(window))
-		}
-		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) {
-			dials.Add(1)
-			return (&net.Dialer{}).DialContext(ctx, "tcp", a)
-		}))
-		cc, err := grpc.NewClient("passthrough:///"+addr, opts...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cc.Close() })
-		return cc
-	}
-	ccB, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4<<20)),
-		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-			return invoker(metadata.AppendToOutgoingContext(ctx, "x-route", "b"), method, req, reply, cc, opts...)
-		}),
-		grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-			return streamer(metadata.AppendToOutgoingContext(ctx, "x-route", "b"), desc, cc, method, opts...)
-		}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ccB.Close() })
+	counted := grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) {
+		dials.Add(1)
+		return (&net.Dialer{}).DialContext(ctx, "tcp", a)
+	})
 	clients := []testgrpc.TestServiceClient{
-		testgrpc.NewTestServiceClient(mk(0)),
-		testgrpc.NewTestServiceClient(mk(64 << 10)),
-		testgrpc.NewTestServiceClient(ccB),
+		atk5Dial(t, addr, 0, counted),
+		atk5Dial(t, addr, 64<<10, counted),
+		atk5Dial(t, addr, 0,
+			grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+				return invoker(metadata.AppendToOutgoingContext(ctx, "x-route", "b"), method, req, reply, cc, opts...)
+			}),
+			grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+				return streamer(metadata.AppendToOutgoingContext(ctx, "x-route", "b"), desc, cc, method, opts...)
+			})),
 	}
 	// Wait until both clusters answer.
 	testkit.WaitFor(ctx, t, "both clusters to answer", func() bool {

@@ -5,8 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 
 	"github.com/streamlb/streamlb/internal/testkit"
@@ -44,17 +42,7 @@ routes:
 	srv, addr, ran := run.srv, run.addr, run.ran
 	var clients []testgrpc.TestServiceClient
 	for _, w := range []int32{0, 64 << 10, 0} {
-		opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4 << 20))}
-		if w > 0 {
-			opts = append(opts, grpc.WithInitialWindowSize(w), grpc.WithInitialConnWindowSize(w))
-		}
-		cc, err := grpc.NewClient("passthrough:///"+addr, opts...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer cc.Close()
-		clients = append(clients, testgrpc.NewTestServiceClient(cc))
+		clients = append(clients, atk5Dial(t, addr, w))
 	}
 	testkit.WaitFor(ctx, t, "the cluster to answer", func() bool {
 		_, err := clients[0].EmptyCall(ctx, &testgrpc.Empty{})

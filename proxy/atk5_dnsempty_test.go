@@ -10,9 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
 
@@ -42,13 +40,7 @@ routes:
   - {cluster: a}
 `, dns.Addr(), port))
 	_, addr := atk5RunFile(t, path)
-	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(4<<20)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	client := testgrpc.NewTestServiceClient(cc)
+	client := atk5Dial(t, addr, 0)
 	testkit.WaitFor(ctx, t, "the cluster to answer", func() bool {
 		_, err := client.EmptyCall(ctx, &testgrpc.Empty{})
 		return err == nil

@@ -142,16 +142,7 @@ clusters:
 					cctx, cancel := context.WithTimeout(bctx, 10*time.Second)
 					defer cancel()
 					start := time.Now()
-					st, err := client.StreamingOutputCall(cctx, &testgrpc.StreamingOutputCallRequest{
-						Payload:            &testgrpc.Payload{Body: []byte{byte(i), 1, 2, 3, 4, 5, 6, 7}},
-						ResponseParameters: []*testgrpc.ResponseParameters{{Size: 100, IntervalUs: 200_000}}})
-					if err == nil {
-						var msgs []*testgrpc.StreamingOutputCallResponse
-						msgs, err = drain(st.Recv)
-						if err == nil && (len(msgs) != 1 || atk5Sum(msgs[0].GetPayload().GetBody()) != atk5Sum(atk5Bytes([]byte{byte(i), 1, 2, 3, 4, 5, 6, 7}, 0, 100))) {
-							err = fmt.Errorf("wrong answer")
-						}
-					}
+					err := atk5OneMessage(cctx, client, []byte{byte(i), 1, 2, 3, 4, 5, 6, 7}, 100, 200_000)
 					outs <- out{err, time.Since(start)}
 				}()
 			}

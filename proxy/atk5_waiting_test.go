@@ -80,6 +80,23 @@ func TestAtk5WaitingCallsSurviveBackendLoss(t *testing.T) {
 	}
 }
 
+// atk5OneMessage is a server-streaming call of one message of size bytes,
+// sent after intervalUs, for a request body of seed; a message other than
+// the one asked for is an error.
+func atk5OneMessage(ctx context.Context, client testgrpc.TestServiceClient, seed []byte, size, intervalUs int32) error {
+	st, err := client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{
+		Payload:            &testgrpc.Payload{Body: seed},
+		ResponseParameters: []*testgrpc.ResponseParameters{{Size: size, IntervalUs: intervalUs}}})
+	if err != nil {
+		return err
+	}
+	msgs, err := drain(st.Recv)
+	if err == nil && (len(msgs) != 1 || atk5Sum(msgs[0].GetPayload().GetBody()) != atk5Sum(atk5Bytes(seed, 0, int(size)))) {
+		return errors.New("wrong answer")
+	}
+	return err
+}
+
 // TestAtk5WaitingCallsCancelled: one backend taking one stream at a
 // time, one backend connection; many calls at once, each giving up
 // (deadline) after 20 to 310 ms, some while the backend restarts
@@ -100,17 +117,7 @@ func TestAtk5WaitingCallsCancelled(t *testing.T) {
 	call := func(d time.Duration) error {
 		cctx, cancel := context.WithTimeout(ctx, d)
 		defer cancel()
-		st, err := e.client.StreamingOutputCall(cctx, &testgrpc.StreamingOutputCallRequest{
-			Payload:            &testgrpc.Payload{Body: []byte{1, 2, 3, 4, 5, 6, 7, 8}},
-			ResponseParameters: []*testgrpc.ResponseParameters{{Size: 1000, IntervalUs: 50_000}}})
-		if err != nil {
-			return err
-		}
-		msgs, err := drain(st.Recv)
-		if err == nil && (len(msgs) != 1 || atk5Sum(msgs[0].GetPayload().GetBody()) != atk5Sum(atk5Bytes([]byte{1, 2, 3, 4, 5, 6, 7, 8}, 0, 1000))) {
-			return errors.New("wrong answer")
-		}
-		return err
+		return atk5OneMessage(cctx, e.client, []byte{1, 2, 3, 4, 5, 6, 7, 8}, 1000, 50_000)
 	}
 	for round := 0; round < 3; round++ {
 		var wg sync.WaitGroup
