@@ -65,14 +65,8 @@ func zeroStreamsServer(t *testing.T) string {
 						return
 					}
 					switch f := f.(type) {
-					case *http2.SettingsFrame:
-						if !f.IsAck() {
-							fr.WriteSettingsAck()
-						}
-					case *http2.PingFrame:
-						if !f.IsAck() {
-							fr.WritePing(true, f.Data)
-						}
+					case *http2.SettingsFrame, *http2.PingFrame:
+						testkit.AckControl(fr, f)
 					case *http2.HeadersFrame:
 						// Over the advertised limit (RFC 9113 §5.1.2).
 						fr.WriteRSTStream(f.StreamID, http2.ErrCodeRefusedStream)

@@ -148,12 +148,8 @@ func windowGameBackend(t *testing.T) string {
 // for requests of up to 1 MiB.
 func atk1RetryProxy(t *testing.T, bad, good string) net.Listener {
 	t.Helper()
-	srv, err := proxy.New(proxy.Config{Picker: atk1Picker{bad, good}, Logger: quietLog, RetryOn: []string{"/x.Y/"},
+	return newProxyListener(t, proxy.Config{Picker: atk1Picker{bad, good}, Logger: quietLog, RetryOn: []string{"/x.Y/"},
 		RetryBudget: 1 << 20, RetryBufferSize: 1 << 20, MaxConnBufferedBytes: 64 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return serveProxy(t, srv)
 }
 
 // fail fails stream id as x-mode says; false: the connection is to close.
@@ -260,11 +256,7 @@ func atk1StreamReq(seed uint32, count int, sizes []int) []byte {
 func TestAtk1RawClientWindowGames(t *testing.T) {
 	verifyNoLeaks(t)
 	addr := rawStreamServer(t)
-	srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog, MaxConnBufferedBytes: 64 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := serveProxy(t, srv)
+	ln := newProxyListener(t, proxy.Config{Picker: pickerTo(addr), Logger: quietLog, MaxConnBufferedBytes: 64 << 20})
 	atk1Bytes.Store(0)
 	atk1Frames.Store(0)
 	sizes := []int{4091, 4096, 4101, 16379, 16384, 16389, 3, 8192, 12000, 4095, 20000, 40000, 0, 65536}
@@ -489,7 +481,7 @@ func atk1RawClientOpts(addr string, ci int, sizes []int, count int, extra func(k
 				}
 			}
 		case *http2.SettingsFrame, *http2.PingFrame:
-			ackControl(fr, f)
+			testkit.AckControl(fr, f)
 		}
 		bw.Flush()
 	}
@@ -687,11 +679,7 @@ func TestAtk1DyingBackendTinyWindows(t *testing.T) {
 	sizes := []int{4091, 4096, 16379, 3, 16384, 8192, 12000, 20000, 4101}
 	const count = 12
 	addr := dyingStreamBackend(t, sizes, count)
-	srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog, MaxConnBufferedBytes: 64 << 20, BackendStreamsPerConn: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := serveProxy(t, srv)
+	ln := newProxyListener(t, proxy.Config{Picker: pickerTo(addr), Logger: quietLog, MaxConnBufferedBytes: 64 << 20, BackendStreamsPerConn: 2})
 	atk1Bytes.Store(0)
 	atk1Frames.Store(0)
 	total := len(atk1Body(0, sizes, count))
@@ -794,7 +782,7 @@ func atk1FragCall(addr string, call int, sizes, frags []int, failAt, mode int) e
 		case *http2.DataFrame:
 			got = append(got, f.Data()...)
 		case *http2.SettingsFrame, *http2.PingFrame:
-			ackControl(fr, f)
+			testkit.AckControl(fr, f)
 			bw.Flush()
 		case *http2.MetaHeadersFrame:
 			if !f.StreamEnded() {
@@ -832,12 +820,8 @@ func TestAtk1BidiEchoSmallWindows(t *testing.T) {
 			}
 		}
 	}, grpc.InitialWindowSize(65535), grpc.InitialConnWindowSize(65535))
-	srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog, MaxConnBufferedBytes: 64 << 20,
+	ln := newProxyListener(t, proxy.Config{Picker: pickerTo(addr), Logger: quietLog, MaxConnBufferedBytes: 64 << 20,
 		BackendStreamWindow: 16 << 10, BackendMaxStreamWindow: 40000})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := serveProxy(t, srv)
 	cc := fixedWindowConn(t, ln.Addr().String(), 65535)
 	ctx := testkit.Context(t, 60*time.Second)
 	sizes := []int{4091, 4096, 4101, 16379, 16384, 16389, 3, 8192, 12000, 4095, 20000, 0}

@@ -49,7 +49,7 @@ func heldThenFaultBackend(calls int, fault string) func(net.Conn) {
 			}
 			switch f := f.(type) {
 			case *http2.SettingsFrame, *http2.PingFrame:
-				ackControl(fr, f)
+				testkit.AckControl(fr, f)
 			case *http2.MetaHeadersFrame:
 				id := f.StreamID
 				ids = append(ids, id)

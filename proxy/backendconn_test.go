@@ -144,7 +144,7 @@ func zeroStreamsBackend(t *testing.T, raise <-chan struct{}, accepted, served *a
 			wmu.Lock()
 			switch f := f.(type) {
 			case *http2.SettingsFrame, *http2.PingFrame:
-				ackControl(fr, f)
+				testkit.AckControl(fr, f)
 			case *http2.HeadersFrame:
 				served.Add(1)
 				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: resp, EndHeaders: true})

@@ -113,21 +113,6 @@ func (r *rawConn) writeHeaders(id uint32, path string, end bool) error {
 	return r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: end})
 }
 
-// ackControl answers f as an HTTP/2 peer must when it is a SETTINGS or a
-// PING that is not itself an acknowledgement.
-func ackControl(fr *http2.Framer, f http2.Frame) {
-	switch f := f.(type) {
-	case *http2.SettingsFrame:
-		if !f.IsAck() {
-			fr.WriteSettingsAck()
-		}
-	case *http2.PingFrame:
-		if !f.IsAck() {
-			fr.WritePing(true, f.Data)
-		}
-	}
-}
-
 // next reads frames until one that fn accepts, failing on GOAWAY.
 func (r *rawConn) next(fn func(http2.Frame) bool) http2.Frame {
 	r.t.Helper()

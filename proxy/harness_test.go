@@ -247,6 +247,17 @@ func recvLater[T any](recv func() (T, error)) <-chan error {
 	return got
 }
 
+// newProxyListener makes the frame engine for cfg and serves it as
+// serveProxy does.
+func newProxyListener(t testing.TB, cfg proxy.Config) net.Listener {
+	t.Helper()
+	srv, err := proxy.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return serveProxy(t, srv)
+}
+
 // serveProxy serves srv on a new loopback listener until the test ends,
 // then closes srv and checks that Serve returned ErrServerClosed.
 func serveProxy(t testing.TB, srv *proxy.Server) net.Listener {

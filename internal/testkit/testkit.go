@@ -1,6 +1,7 @@
 // Package testkit holds the few helpers that tests of several streamlb
 // packages share: a bounded context, polling for a condition, an address
-// that refuses connections and a certificate authority made in the test.
+// that refuses connections, a certificate authority made in the test and
+// the acknowledgements a raw HTTP/2 peer owes.
 // It is imported only by tests and imports nothing of streamlb's.
 package testkit
 
