@@ -28,7 +28,7 @@ func proxyCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "proxy",
 		Usage:     "run the proxy in front of gRPC backends",
-		UsageText: "streamlb proxy --backend TARGET [--backend TARGET ...] [options]\n   streamlb proxy --config FILE [--log-level L] [--log-format F] [--release-startup-pages=false]",
+		UsageText: "streamlb proxy --backend TARGET [--backend TARGET ...] [options]\n   streamlb proxy --config FILE [--log-level L] [--log-format F] [--access-log PATH] [--release-startup-pages=false]",
 		Description: "Accepts cleartext HTTP/2 (h2c) gRPC on --listen, or TLS with --tls-cert, and\n" +
 			"sends every stream to the backend the --policy picks. A TARGET is\n" +
 			"HOST:PORT[;weight=N], or a DNS name re-resolved every --dns-refresh:\n" +
@@ -44,12 +44,12 @@ func proxyCommand() *cli.Command {
 			"clusters, routes by gRPC service, method prefix and request headers, rate\n" +
 			"limits. Its clusters and routes are reloaded on SIGHUP and when the file\n" +
 			"changes. It cannot be mixed with the other flags, except --log-level,\n" +
-			"--log-format, --log-buffer, --release-startup-pages, --gc-min-heap and the contention\n" +
+			"--log-format, --log-buffer, --access-log, --release-startup-pages, --gc-min-heap and the contention\n" +
 			"profiles' --mutex-profile-fraction and --block-profile-rate: the file would\n" +
 			"silently win, so the mix is an error.",
 		OnUsageError: onUsageError,
 		Flags: append([]cli.Flag{
-			&cli.StringFlag{Name: "config", Usage: "YAML configuration `FILE` (clusters, routes, rate limits; reloaded on SIGHUP and on change); excludes the other flags but --log-*"},
+			&cli.StringFlag{Name: "config", Usage: "YAML configuration `FILE` (clusters, routes, rate limits; reloaded on SIGHUP and on change); excludes the other flags but --log-*, --access-log, --release-startup-pages, --gc-min-heap and the contention profiles'"},
 			&cli.StringFlag{Name: "listen", Value: ":8080", Usage: "`ADDR` to accept gRPC clients on (host:port; port 0 picks a free one)"},
 			// Required, but checked in runProxy: urfave/cli would answer a
 			// missing required flag with the whole help text.
@@ -62,7 +62,7 @@ func proxyCommand() *cli.Command {
 			&cli.DurationFlag{Name: "drain-timeout", Value: cluster.DefaultDrainTimeout, Usage: "how long in-flight streams may run on SIGINT/SIGTERM, and on a backend that left the set, before they are cut"},
 			&cli.StringFlag{Name: "admin-listen", Usage: "`ADDR` for the admin HTTP endpoints / (live status page), /status.json, /healthz, /readyz, /backends, /metrics and /debug/pprof/ (off when empty)"},
 			&cli.StringFlag{Name: "access-log", Usage: "write one line per call to `PATH` (appended, and opened again on SIGHUP; - or stderr for stderr), in --log-format; allowed beside --config"},
-			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once started, unmap the binary's code and read-only data that start-up touched and drop them from the page cache, so RSS counts what the running proxy uses (Linux; pages touched later are read from the file; the only flag besides --log-* allowed with --config)"},
+			&cli.BoolFlag{Name: "release-startup-pages", Value: true, Usage: "once started, unmap the binary's code and read-only data that start-up touched and drop them from the page cache, so RSS counts what the running proxy uses (Linux; pages touched later are read from the file); allowed beside --config"},
 			&cli.BoolFlag{Name: "metrics", Value: true, Usage: "keep Prometheus metrics, served on /metrics of --admin-listen (--metrics=false: none)"},
 			&cli.IntFlag{Name: "mutex-profile-fraction", Usage: "record one contended unlock in `N` for /debug/pprof/mutex of --admin-listen (0: off, and that endpoint answers 404; costs CPU: for diagnosis); allowed beside --config"},
 			&cli.Int64Flag{Name: "gc-min-heap", Value: cluster.DefaultMinHeapGoal, Usage: "keep the Go collector's heap goal at least `BYTES` while the live heap is small: fewer collections for at most this much heap (4 MiB or less: the runtime's own minimum, 4 MiB; ignored when GOGC is set); allowed beside --config"},
