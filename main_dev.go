@@ -192,13 +192,15 @@ func registerAddr(addr net.Addr) string {
 func demoCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "demo",
-		Usage: "the headless-service demo: pods scale up and down, streamlb follows them over DNS",
+		Usage: "the headless-service demo: pods scale up and down, streamlb follows them over DNS or an etcd registry",
 		Description: "Everything runs in this process on loopback and stops by itself (about 30 s\n" +
 			"by default). An embedded DNS server answers a headless service's name with one\n" +
 			"A record per pod; pods are test backends on 127.0.0.11, .12, ... sharing a\n" +
 			"port. streamlb re-resolves the name; one client sends steady load over ONE\n" +
 			"connection to it, while a plain grpc-go client dials the name directly. The\n" +
-			"pods are scaled through --steps and a table shows where both clients' calls land.",
+			"pods are scaled through --steps and a table shows where both clients' calls land.\n" +
+			"With --registry etcd the pods register in an embedded etcd instead, as Kitex\n" +
+			"services do, and streamlb watches it.",
 		OnUsageError: onUsageError,
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "steps", Value: "3,5,2", Usage: "pod counts to scale through, comma-separated"},
