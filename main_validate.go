@@ -41,8 +41,16 @@ func validateCommand() *cli.Command {
 			if _, err := cluster.NewServer(cfg); err != nil {
 				return usageErr("%s: %v", path, err)
 			}
-			fmt.Fprintf(c.App.Writer, "%s: ok (%d clusters, %d routes)\n", path, len(f.Clusters), len(f.Routes))
+			fmt.Fprintf(c.App.Writer, "%s: ok (%s, %s)\n", path, plural(len(f.Clusters), "cluster"), plural(len(f.Routes), "route"))
 			return nil
 		},
 	}
+}
+
+// plural is "1 cluster", "2 clusters".
+func plural(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
 }

@@ -32,7 +32,7 @@ func TestValidateCommand(t *testing.T) {
 		wantOut  string
 		wantErr  string
 	}{
-		{name: "good", args: []string{"validate", "--config", good}, wantOut: "ok (1 clusters, 1 routes)"},
+		{name: "good", args: []string{"validate", "--config", good}, wantOut: "ok (1 cluster, 1 route)"},
 		{name: "unknown field", args: []string{"validate", "--config", badField}, wantCode: 2, wantErr: "line 2: field polcy not found"},
 		{name: "unknown cluster", args: []string{"validate", "--config", badRef}, wantCode: 2, wantErr: `line 4: routes[0].cluster: unknown cluster "b"`},
 		{name: "missing TLS file", args: []string{"validate", "--config", badTLS}, wantCode: 2, wantErr: "/nonexistent/a.crt"},

@@ -43,7 +43,8 @@ const DefaultPollInterval = time.Second
 // with a logged error and the running configuration stays.
 type clusterSet struct {
 	router    router
-	logger    *slog.Logger
+	logger    *slog.Logger           // component=config
+	base      *slog.Logger           // the server's, for the clusters
 	metrics   prometheus.Registerer  // nil: metrics off
 	limited   *prometheus.CounterVec // nil: metrics off
 	headers   []string               // what the data plane hands Pick; nil: all
@@ -122,6 +123,7 @@ const maxRetiredGenerations = 8
 func newClusterSet(f *File, logger *slog.Logger, reg prometheus.Registerer, headers []string, warmup time.Duration, signals <-chan os.Signal) (*clusterSet, error) {
 	s := &clusterSet{
 		logger:    logger.With("component", "config"),
+		base:      logger,
 		metrics:   reg,
 		headers:   headers,
 		warmup:    warmup,
@@ -165,7 +167,7 @@ func newClusterSet(f *File, logger *slog.Logger, reg prometheus.Registerer, head
 // new cluster takes over its Upstream, and so its connections.
 func (s *clusterSet) newEntry(f *File, fc fileCluster, old *entry) (*entry, error) {
 	cfg := f.clusterConfig(fc)
-	cfg.Logger = s.logger.With("cluster", fc.Name)
+	cfg.Logger = s.base.With("cluster", fc.Name) // its parts name their own component
 	e := &entry{spec: fc, tls: f.backendTLSOf(fc), retry: f.retryOf(fc)}
 	if old != nil && old.sameUpstream(e) {
 		cfg.from = old.c
