@@ -3,7 +3,6 @@ package proxy
 import (
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -24,9 +23,11 @@ func hopByHop(name string) bool {
 	return false
 }
 
-// filterFields returns the fields to relay, without hop-by-hop headers. It
-// returns fields itself when nothing is dropped, which is the common case.
-// "te" may only be "trailers" in HTTP/2 and gRPC requires it, so it passes.
+// filterFields returns the fields of a response to relay, without
+// hop-by-hop headers. It returns fields itself when nothing is dropped,
+// which is the common case. A request with one is malformed instead
+// (parseRequest). "te" may only be "trailers" in HTTP/2 and gRPC requires
+// it, so it passes.
 func filterFields(fields []hpack.HeaderField) []hpack.HeaderField {
 	for i, f := range fields {
 		if hopByHop(f.Name) {
@@ -127,40 +128,83 @@ type requestInfo struct {
 	contentType string
 	timeout     time.Duration // grpc-timeout; 0 when absent
 	hasTimeout  bool
+	// contentLength is the content-length the request declares, -1 when
+	// it declares none: the sum of its DATA payloads must equal it (RFC
+	// 9113 §8.1.1).
+	contentLength int64
 }
 
-var errNoPath = errors.New("missing :path")
+// malformedRequest is why a request header block is malformed in the
+// sense of RFC 9113 §8.1.1: the request is not relayed (an intermediary
+// must not forward it) and its stream ends with RST_STREAM(PROTOCOL_ERROR),
+// as x/net's and grpc-go's servers end it. Other refusals (a method other
+// than POST, a content-type not gRPC's, a malformed grpc-timeout) are
+// well-formed HTTP and get a response with a gRPC status.
+type malformedRequest string
 
-// parseRequest checks a request header block as RFC 9113 §8.3.1 requires
-// and extracts what routing needs.
+func (m malformedRequest) Error() string { return "malformed request: " + string(m) }
+
+// parseRequest checks a request header block as RFC 9113 §8.2.2 and
+// §8.3.1 require and extracts what routing needs. The checks x/net's
+// Framer makes (known pseudo-headers, each once, before the regular
+// fields; lower-case names; valid values) are the header decoder's
+// (headerblock.go). A malformed block returns a malformedRequest, which
+// wins over a malformed grpc-timeout.
 func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
-	var ri requestInfo
-	var scheme bool
-	for _, f := range fields {
+	ri := requestInfo{contentLength: -1}
+	var scheme, path bool
+	var timeoutErr error
+	for i := range fields {
+		f := &fields[i]
 		switch f.Name {
 		case ":method":
 			ri.method = f.Value
 		case ":path":
-			ri.path = f.Value
+			ri.path, path = f.Value, true
 		case ":scheme":
-			scheme = true
+			scheme = f.Value != ""
 		case "content-type":
 			ri.contentType = f.Value
 		case "grpc-timeout":
 			d, err := parseTimeout(f.Value)
 			if err != nil {
-				return ri, err
+				timeoutErr = err
+				continue
 			}
 			ri.timeout, ri.hasTimeout = d, true
+		case "te":
+			// §8.2.2: the one connection-specific field a request may
+			// carry, and only with this value.
+			if f.Value != "trailers" {
+				return ri, malformedRequest(fmt.Sprintf("te %q: only \"trailers\" is allowed", f.Value))
+			}
+		case "content-length":
+			n, err := strconv.ParseUint(f.Value, 10, 63)
+			if err != nil || (ri.contentLength >= 0 && int64(n) != ri.contentLength) {
+				return ri, malformedRequest(fmt.Sprintf("content-length %q", f.Value))
+			}
+			ri.contentLength = int64(n)
+		default:
+			if hopByHop(f.Name) {
+				return ri, malformedRequest(fmt.Sprintf("connection-specific header field %q", f.Name))
+			}
 		}
 	}
-	if ri.method == "" || !scheme {
-		return ri, errors.New("missing :method or :scheme")
+	switch {
+	case ri.method == "":
+		return ri, malformedRequest("missing :method")
+	case ri.method == "CONNECT":
+		// §8.5: no :scheme or :path; refused later as a method other
+		// than POST.
+		if scheme || path {
+			return ri, malformedRequest("CONNECT with :scheme or :path")
+		}
+	case !scheme:
+		return ri, malformedRequest("missing :scheme")
+	case ri.path == "":
+		return ri, malformedRequest("missing or empty :path")
 	}
-	if ri.path == "" {
-		return ri, errNoPath
-	}
-	return ri, nil
+	return ri, timeoutErr
 }
 
 // isGRPCContentType reports whether ct is application/grpc or

@@ -398,6 +398,10 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 			c.mu.Unlock()
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 		}
+		if s.declLen >= 0 && s.bytesIn != s.declLen {
+			c.mu.Unlock()
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: malformedRequest(fmt.Sprintf("content-length %d, DATA of %d bytes", s.declLen, s.bytesIn))}
+		}
 		if a := s.att; a != nil {
 			// gRPC has no request trailers, and a grpc-go server closes
 			// the whole connection on a second HEADERS from the client
@@ -444,8 +448,26 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		c.signal()
 		return err
 	}
+	over := f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields
+	var ri requestInfo
+	var perr error
+	if !over {
+		ri, perr = parseRequest(f.Fields)
+		if perr == nil && end && ri.contentLength > 0 {
+			perr = malformedRequest(fmt.Sprintf("content-length %d and no DATA", ri.contentLength))
+		}
+		if m, ok := perr.(malformedRequest); ok {
+			// RFC 9113 §8.1.1: a stream error of type PROTOCOL_ERROR,
+			// and the request is not relayed. The stream never opens,
+			// as in x/net's server: after the stream limit, before the
+			// call is made.
+			c.mu.Unlock()
+			c.log.Debug("client stream refused", "remote", c.remote.String(), "stream", id, "err", m)
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: m}
+		}
+	}
 	now := c.srv.now()
-	s := &stream{cc: c, start: now}
+	s := &stream{cc: c, start: now, declLen: -1}
 	s.down = sendQueue{s: s, id: id, window: c.peerInitWin, mem: &c.bufs}
 	s.upRecv = recvState{id: id, window: c.streamWindow}
 	s.cst.apply(evRecvHeaders)
@@ -463,15 +485,14 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	c.streamOpenedLocked(now)
 	c.mu.Unlock()
 
-	if f.Truncated || len(f.Fields) > c.srv.cfg.MaxHeaderFields {
+	if over {
 		// As grpc-go's server answers a header list over its limit:
 		// RESOURCE_EXHAUSTED, HTTP 431, the stream alone.
 		return c.rejectOverLimit(s, failure{kind: failHeadersTooLarge}, "request headers over the limit")
 	}
-	ri, err := parseRequest(f.Fields)
 	switch {
-	case err != nil:
-		c.rejectStream(s, failure{kind: failBadRequest, cause: err})
+	case perr != nil: // a malformed grpc-timeout, as grpc-go's server answers it
+		c.rejectStream(s, failure{kind: failBadRequest, cause: perr})
 		return nil
 	case ri.method != "POST":
 		c.rejectStream(s, failure{kind: failBadMethod, detail: ri.method})
@@ -491,7 +512,8 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	}
 	s.method = ri.path
 	room := s.reqRoom[:]
-	s.reqFields = keepFields(&room, filterFields(f.Fields), hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
+	s.reqFields = keepFields(&room, f.Fields, hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
+	s.declLen = ri.contentLength
 	s.reqSize = headerListSize(s.reqFields)
 	c.bufs.add(int(s.reqSize))
 	s.reqEnd = end
@@ -729,6 +751,14 @@ func (c *serverConn) onData(f *dataFrame) error {
 	}
 	s.bytesIn += int64(len(data))
 	s.active = true
+	if s.declLen >= 0 && (s.bytesIn > s.declLen || (end && s.bytesIn != s.declLen)) {
+		// RFC 9113 §8.1.1: DATA that does not add up to the declared
+		// content-length makes the request malformed, as x/net's server
+		// finds it; the backend's stream is reset with the client's.
+		c.mu.Unlock()
+		c.signal() // the connection window was credited
+		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol, Cause: malformedRequest(fmt.Sprintf("content-length %d, DATA of %d bytes", s.declLen, s.bytesIn))}
+	}
 	if len(data) == 0 && !end {
 		// Says nothing, and would cost a queue entry per frame toward
 		// the backend: not relayed, and a glitch. Its padding was

@@ -221,10 +221,10 @@ func TestStatusOf(t *testing.T) {
 			wantHTTP: http.StatusRequestHeaderFieldsTooLarge,
 		},
 		{
-			name:     "malformed request",
-			f:        failure{kind: failBadRequest, cause: errNoPath},
+			name:     "malformed grpc-timeout",
+			f:        failure{kind: failBadRequest, cause: errors.New(`malformed grpc-timeout "1X": unknown unit`)},
 			wantCode: codes.Internal,
-			wantMsg:  "streamlb: malformed request headers: missing :path",
+			wantMsg:  `streamlb: malformed request headers: malformed grpc-timeout "1X": unknown unit`,
 			wantHTTP: http.StatusBadRequest,
 		},
 		{

@@ -50,6 +50,7 @@ type stream struct {
 	attempts    int           // attempts made so far
 	tried       []string      // backends of the attempts made, in order
 	bytesIn     int64         // DATA payload received from the client
+	declLen     int64         // the request's content-length, -1 when it declares none
 	bytesOut    int64         // DATA payload queued toward the client
 	msgs        msgCursor     // gRPC message boundaries in that payload (see failLost)
 	fromBackend bool          // result is the backend's own status
