@@ -23,6 +23,9 @@ const (
 	// DefaultZKConnectTimeout bounds the wait for a session before a
 	// list.
 	DefaultZKConnectTimeout = 5 * time.Second
+	// DefaultZKResync is how often a resolver lists its node again
+	// without a watch having fired (see ZKOptions.Resync).
+	DefaultZKResync = 30 * time.Second
 )
 
 // ZKOptions configures [ZK] resolvers, and through [New] (as
@@ -38,6 +41,15 @@ type ZKOptions struct {
 	// consecutive failure doubles it, up to BackoffMax. Zero means
 	// DefaultBackoffInitial and DefaultBackoffMax.
 	BackoffInitial, BackoffMax time.Duration
+	// Resync is how often the resolver lists its node again while no
+	// watch fires, without setting a new watch. ZooKeeper delivers a
+	// watch only to a session the node's ACL lets read it (since
+	// CVE-2024-23944; Debian's 3.8.0 behaves so too), so a node created
+	// with such an ACL under a resolver waiting for it, or an ACL changed
+	// to shut it out, would otherwise go unseen until a reconnection:
+	// the set empty or stale, and no NOAUTH warning. Zero means
+	// DefaultZKResync; negative, never.
+	Resync time.Duration
 	// Username and Password, if set, are added to the session as
 	// ZooKeeper's digest credentials ("addauth digest user:password"), so
 	// that nodes whose ACL grants READ to that digest identity (a
@@ -75,6 +87,9 @@ func (o ZKOptions) withDefaults() (ZKOptions, error) {
 		case *d.p == 0:
 			*d.p = d.def
 		}
+	}
+	if o.Resync == 0 {
+		o.Resync = DefaultZKResync
 	}
 	if o.BackoffInitial > o.BackoffMax {
 		errs = append(errs, fmt.Errorf("resolver: zk options: BackoffInitial %v above BackoffMax %v", o.BackoffInitial, o.BackoffMax))
@@ -167,6 +182,9 @@ func (zkNopLogger) Printf(string, ...any) {}
 // watch with it, and Run lists again at once on the new session.
 var errZKExpired = errors.New("session expired")
 
+// errZKResync is wait's answer when the resync ticker fired.
+var errZKResync = errors.New("resync")
+
 // Run connects to ZooKeeper, pushes the children of the node to u and
 // follows them until ctx is cancelled; then it closes its session and
 // returns nil. It returns an error only if the client cannot be built. It
@@ -207,7 +225,7 @@ func (z *ZK) Run(ctx context.Context, u Updater) error {
 			}
 			failures = 0
 			d.errs.take() // from before the recovery: not the cause of what follows
-			err = z.wait(ctx, events, watch)
+			err = z.follow(ctx, conn, events, st, u, watch)
 			if err == nil {
 				continue // the children changed: list again, re-arming the watch
 			}
@@ -269,6 +287,38 @@ func (z *ZK) awaitSession(ctx context.Context, conn *zk.Conn, events <-chan zk.E
 // list reads the children of the node with a watch, decodes the new ones,
 // pushes the set if it changed and returns the watch.
 func (z *ZK) list(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st *zkState, u Updater) (<-chan zk.Event, error) {
+	return z.listing(ctx, conn, events, st, u, true)
+}
+
+// follow waits for watch, as wait does, and every Resync lists the node
+// again without a new watch (listing): the ACL may keep ZooKeeper from
+// delivering the watch (ZKOptions.Resync). Run's goroutine only.
+func (z *ZK) follow(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st *zkState, u Updater, watch <-chan zk.Event) error {
+	var tick <-chan time.Time
+	if z.opts.Resync > 0 {
+		t := time.NewTicker(z.opts.Resync)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		err := z.wait(ctx, events, watch, tick)
+		if !errors.Is(err, errZKResync) {
+			return err
+		}
+		again, err := z.listing(ctx, conn, events, st, u, false)
+		if err != nil {
+			return err
+		}
+		if again != nil {
+			watch = again // the node exists now: list it with a watch
+		}
+	}
+}
+
+// listing is list; unless watched, it sets no watch and returns a nil
+// one, but when the node that was missing exists now: then a channel
+// with one event, to have it listed with a watch.
+func (z *ZK) listing(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st *zkState, u Updater, watched bool) (<-chan zk.Event, error) {
 	if err := z.awaitSession(ctx, conn, events); err != nil {
 		return nil, err
 	}
@@ -281,11 +331,22 @@ func (z *ZK) list(ctx context.Context, conn *zk.Conn, events <-chan zk.Event, st
 		st.authed = true
 	}
 	p := z.target.Host
-	children, _, watch, err := conn.ChildrenW(p)
+	var children []string
+	var watch <-chan zk.Event
+	var err error
+	if watched {
+		children, _, watch, err = conn.ChildrenW(p)
+	} else {
+		children, _, err = conn.Children(p)
+	}
 	if errors.Is(err, zk.ErrNoNode) {
 		// No node is an authoritative empty set; watch for its creation.
 		var exists bool
-		exists, _, watch, err = conn.ExistsW(p)
+		if watched {
+			exists, _, watch, err = conn.ExistsW(p)
+		} else {
+			exists, _, err = conn.Exists(p)
+		}
 		if err == nil && exists {
 			// Created since: have Run list again at once.
 			again := make(chan zk.Event, 1)
@@ -368,12 +429,15 @@ func (z *ZK) decode(st *zkState, full, name string, data []byte) ([]Address, boo
 }
 
 // wait blocks until the watch fires (nil: list again), the session is
-// lost or expires (an error), or ctx ends (nil).
-func (z *ZK) wait(ctx context.Context, events <-chan zk.Event, watch <-chan zk.Event) error {
+// lost or expires (an error), resync ticks (errZKResync), or ctx ends
+// (nil).
+func (z *ZK) wait(ctx context.Context, events <-chan zk.Event, watch <-chan zk.Event, resync <-chan time.Time) error {
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-resync:
+			return errZKResync
 		case ev := <-watch:
 			if ev.Err != nil {
 				if errors.Is(ev.Err, zk.ErrSessionExpired) {

@@ -143,3 +143,35 @@ func TestZKDigestAuth(t *testing.T) {
 	u.waitSet(ctx, t, "10.0.0.1:80;weight=10", "10.0.0.2:80;weight=10")
 	waitLog(ctx, t, logs, "zookeeper recovered")
 }
+
+// TestZKResyncSeesRefusedNode: ZooKeeper delivers no watch to a session
+// the node's ACL shuts out, so a resolver without credentials that waits
+// for a missing node (an empty set) never heard of its creation with such
+// an ACL: no NOAUTH error, no warning, until a reconnection. The resync
+// (ZKOptions.Resync) lists it and reports the refusal, and an ACL later
+// granting the resolver READ is followed by the next resync too.
+func TestZKResyncSeesRefusedNode(t *testing.T) {
+	srv := zktest.Start(t)
+	ctx := testContext(t)
+	c := newZKClient(t, srv.Addr(), 2*time.Second)
+	c.addAuth("svc", "s3cret")
+	u := newRecUpdater()
+	logs := startZKResolverOpts(t, "zk://"+srv.Addr()+"/late/echo", ZKOptions{Resync: 200 * time.Millisecond}, nil, u)
+	u.waitFor(ctx, t, "the empty set of the missing node", func() bool { s, _ := u.snapshot(); return len(s) > 0 })
+	time.Sleep(300 * time.Millisecond) // past a resync with no node: nothing to report
+	if n := u.errorCount(); n != 0 {
+		t.Fatalf("%d errors before the node exists, want 0", n)
+	}
+	c.createACL("/late/echo/10.0.0.1:80", `{"Weight":10,"Tags":{}}`, 0, zk.DigestACL(zk.PermAll, "svc", "s3cret"))
+	start := time.Now()
+	u.waitErr(ctx, t, "zk: not authenticated (the ACL requires credentials and none were given)")
+	t.Logf("node created with a refusing ACL → NOAUTH reported: %v", time.Since(start))
+	waitLog(ctx, t, logs, `level=WARN msg="zookeeper failed; keeping last set"`)
+	// Opened to anyone: listed at a retry, the node's child followed.
+	for _, p := range []string{"/late/echo/10.0.0.1:80", "/late/echo"} {
+		if _, err := c.conn.SetACL(p, zk.WorldACL(zk.PermAll), -1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	u.waitSet(ctx, t, "10.0.0.1:80;weight=10")
+}
