@@ -572,11 +572,13 @@ func (s *clusterSet) current() []*Cluster {
 // call by the data plane's call-end hook; it does not block on the set's
 // mutex.
 func (s *clusterSet) clusterFor(name, addr string) *Cluster {
+	if name != "" {
+		// Also for a call that reached no backend: the pool refused it
+		// at a cap, or its cluster had none to pick.
+		return s.router.table.Load().byName[name]
+	}
 	if addr == "" {
 		return nil
-	}
-	if name != "" {
-		return s.router.table.Load().byName[name]
 	}
 	for _, c := range s.current() {
 		if c.metrics != nil {

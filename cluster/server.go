@@ -292,9 +292,9 @@ func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
 				name := ""
 				if c := s.set.clusterFor(ci.Upstream, ci.Backend); c != nil {
 					name = c.Name()
-				} else if ci.Backend != "" || ci.Limit != "" {
-					// A call a route's limit refused, or one that ran
-					// to its end on a cluster a reload removed since.
+				} else {
+					// A call routed to a cluster a reload removed
+					// since; "" for one refused before it was routed.
 					name = ci.Upstream
 				}
 				al.callEnd(name, ci)

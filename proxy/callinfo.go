@@ -21,8 +21,10 @@ type CallInfo struct {
 	// the call reached none (no backend picked, or a limit rejected it).
 	Backend string
 	// Upstream is the name of the Upstream the final attempt's connection
-	// was dialed for (the cluster, with an UpstreamPicker); empty for the
-	// Server's own, or when the call reached no backend.
+	// was dialed for (the cluster, with an UpstreamPicker), or, for a call
+	// that reached no backend, the one its pick named (a limit refused
+	// the call, or the routed cluster had no backend); empty for the
+	// Server's own, or when the call was refused before it was routed.
 	Upstream string
 	// Attempts is how many backends were picked for the call, retries
 	// included; Attempts-1 are retries. Zero when no pick was made.
@@ -114,6 +116,11 @@ func (s *stream) callInfo(end time.Time) CallInfo {
 	if s.att != nil {
 		ci.Backend = s.att.bc.addr
 		ci.Upstream = s.att.bc.up.name
+	} else if s.up != nil {
+		// Picked, but refused before any backend took it (a cap of the
+		// pool), or routed to a cluster with nothing to pick: the call
+		// still belongs to that cluster's counts and log lines.
+		ci.Upstream = s.up.name
 	}
 	if s.result != nil {
 		st, _ := status.FromError(s.result)

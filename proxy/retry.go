@@ -40,6 +40,11 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		s.attempts++
 		addr, up, done, err := c.pickLocked(s)
 		if err != nil {
+			if s.up == nil && up != nil {
+				// The routed cluster had no backend: the call is still
+				// its (CallInfo.Upstream).
+				s.up = up
+			}
 			c.releaseItemsLocked(items)
 			if refused != nil {
 				// The backend that could take the call refused it (full,

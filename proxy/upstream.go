@@ -120,7 +120,9 @@ func (u *Upstream) retryable(method string) bool {
 // the addresses the call already tried, as for RetryPicker, and for every
 // attempt the backends that take no stream now (SETTINGS_MAX_CONCURRENT_STREAMS
 // of 0 on every connection). It returns, with the pick, the
-// Upstream of the backend picked; nil means the Server's own. The call's
+// Upstream of the backend picked; nil means the Server's own. With an
+// error it may still return the Upstream of the group that had no backend
+// to give, which the call's CallInfo then names. The call's
 // retry policy is the Upstream of its first pick; every attempt dials
 // with the Upstream of its own pick. The contract is otherwise Pick's:
 // it must not block or do I/O.

@@ -1,0 +1,140 @@
+package cluster_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/streamlb/streamlb/cluster"
+	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/testserver"
+)
+
+// TestAtk6FileLimitRejectionsCounted refuses calls at the backend
+// connection cap under a configuration file: each refusal must be counted
+// in streamlb_limit_rejections_total of the cluster the call was routed to,
+// as it is with the flags' one cluster, and logged under that cluster.
+// Before the fix the file's clusters counted none of them (the call-end
+// hook looked the cluster up by the call's backend, which a refused call
+// has none of) and the log named no cluster.
+func TestAtk6FileLimitRejectionsCounted(t *testing.T) {
+	ts, err := testserver.New(testserver.Config{Name: "a", Logger: quiet, ServerOptions: []grpc.ServerOption{grpc.MaxConcurrentStreams(1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	path := writeConfig(t, t.TempDir(), fmt.Sprintf(`
+clusters:
+  - {name: echo, targets: [%s]}
+routes:
+  - {cluster: echo}
+`, ts.Addr()))
+	f, err := cluster.LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := f.ServerConfig()
+	cfg.Metrics = prometheus.NewRegistry()
+	cfg.Proxy.MaxBackendConns = 1
+	logPath := filepath.Join(t.TempDir(), "access.log")
+	al, err := cluster.OpenAccessLog(logPath, "json", os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { al.Close() })
+	cfg.AccessLog = al
+	r := runServer(t, cfg)
+	client := dial(t, r.addr)
+	ctx := testkit.Context(t, 30*time.Second)
+
+	hctx, hang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
+	held := make(chan error, 1)
+	go func() {
+		_, err := client.UnaryCall(hctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
+		held <- err
+	}()
+	testkit.WaitFor(ctx, t, "the held call to reach the backend", func() bool { return ts.InFlight() == 1 })
+	const refused = 5
+	for i := range refused {
+		_, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+		if status.Code(err) != codes.Unavailable {
+			t.Fatalf("call %d: %v, want UNAVAILABLE at the connection cap", i, err)
+		}
+	}
+	hang()
+	<-held
+	var lines []accessLine
+	testkit.WaitFor(ctx, t, "a line per call", func() bool {
+		lines = readAccessLog(t, logPath)
+		return len(lines) >= refused+1
+	})
+	for i, l := range lines {
+		if l.Cluster != "echo" {
+			t.Errorf("line %d: cluster %q (code %s), want echo", i, l.Cluster, l.Code)
+		}
+	}
+	got := scrapeAll(t, r.admin, "streamlb_limit_rejections_total")
+	if v := got["cluster=echo,limit=max_backend_conns"]; v != refused {
+		t.Errorf("streamlb_limit_rejections_total = %v, want %d under cluster=echo,limit=max_backend_conns", got, refused)
+	}
+	assertSettled(ctx, t, r.admin)
+}
+
+// assertSettled checks, once every call ended, that no
+// streamlb_calls_in_flight series is left above 0 and that each backend's
+// calls started equal its calls finished.
+func assertSettled(ctx context.Context, t *testing.T, admin string) {
+	t.Helper()
+	var inflight, started, finished map[string]float64
+	ok := func() bool {
+		inflight = scrapeAll(t, admin, "streamlb_calls_in_flight")
+		started = scrapeAll(t, admin, "streamlb_calls_started_total")
+		fin := scrapeAll(t, admin, "streamlb_calls_finished_total")
+		finished = map[string]float64{}
+		for k, v := range fin {
+			finished[stripLabel(k, "code")] += v
+		}
+		for _, v := range inflight {
+			if v != 0 {
+				return false
+			}
+		}
+		for k, v := range started {
+			if finished[k] != v {
+				return false
+			}
+		}
+		return true
+	}
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for !ok() {
+		select {
+		case <-wctx.Done():
+			t.Errorf("after every call ended: in flight %v, started %v, finished %v", inflight, started, finished)
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// stripLabel removes label name from a "k=v,k=v" key of scrapeLabels.
+func stripLabel(key, name string) string {
+	kvs := strings.Split(key, ",")
+	return strings.Join(slices.DeleteFunc(kvs, func(kv string) bool { return strings.HasPrefix(kv, name+"=") }), ",")
+}
