@@ -40,6 +40,9 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		s.attempts++
 		addr, up, done, err := c.pickLocked(s)
 		if err != nil {
+			// No backend was picked: no attempt (CallInfo.Attempts), so
+			// a retry that found none is not counted as one.
+			s.attempts--
 			if s.up == nil && up != nil {
 				// The routed cluster had no backend: the call is still
 				// its (CallInfo.Upstream).
