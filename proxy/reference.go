@@ -200,6 +200,14 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	if err != nil && r.cut.Err() != nil && ss.Context().Err() == nil {
 		err = failure{kind: failShuttingDown}.statusErr()
 	}
+	if err != nil && ss.Context().Err() != nil {
+		// The client reset the call or its deadline passed: it gets no
+		// status from us, and grpc-proxy's pump reports the failed read
+		// of its stream as INTERNAL ("failed proxying s2c"), which would
+		// count and log a proxy fault. Say what happened, as the frame
+		// engine does.
+		err = clientEnded(ss.Context())
+	}
 	if err != nil && h.cc != nil && status.Code(err) == codes.Canceled && ss.Context().Err() == nil {
 		// grpc-go ends the calls on a ClientConn we closed with CANCELED
 		// ("the client connection is closing"), which would tell the
@@ -223,6 +231,19 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 		r.onEnd(ci)
 	}
 	return err
+}
+
+// clientEnded is the status of a call whose client side ended, ctx being
+// the server stream's context: DEADLINE_EXCEEDED if its grpc-timeout
+// passed, also when the client's reset came first (a gRPC client resets
+// with CANCEL as its deadline passes, a moment before the server's timer,
+// which started on the request's arrival), else CANCELLED.
+func clientEnded(ctx context.Context) error {
+	err := ctx.Err()
+	if d, ok := ctx.Deadline(); ok && errors.Is(err, context.Canceled) && time.Until(d) < deadlineSlack {
+		err = context.DeadlineExceeded
+	}
+	return status.FromContextError(err).Err()
 }
 
 type holderStream struct {

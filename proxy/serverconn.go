@@ -820,6 +820,13 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 	var err error
 	if !s.down.closed {
 		s.result = failure{kind: failClientReset}.statusErr()
+		if !sendRST && code == http2.ErrCodeCancel && !s.deadline.IsZero() && time.Until(s.deadline) < deadlineSlack {
+			// A gRPC client resets its call with CANCEL when its deadline
+			// passes, a moment before our timer (started on the request's
+			// arrival) would: the call ended for its deadline, as the
+			// client reports it, not for the client giving up.
+			s.result = failure{kind: failDeadline, method: s.method}.statusErr()
+		}
 		if !sendRST {
 			err = c.earlyResetLocked(s)
 		}
