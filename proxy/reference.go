@@ -38,8 +38,11 @@ type ReferenceConfig struct {
 	Credentials credentials.TransportCredentials
 	// OnCallEnd, if set, is called once per call when it ended, on the
 	// call's own goroutine and under no lock. This engine fills in
-	// Method, Backend, Attempts, Code, Message, Start, Duration and
-	// Client only: it does not see the bytes relayed.
+	// Method, Backend, Attempts, Code, Message, ProxyStatus (for the
+	// statuses it makes itself; those grpc-go's client makes for a lost
+	// backend pass as the backend's), Limit and Upstream (of a
+	// PickLimitError), Start, Duration and Client: it does not see the
+	// bytes relayed.
 	OnCallEnd func(CallInfo)
 	// MaxConnections, MaxConcurrentStreams and MaxHeaderListSize are
 	// Config's limits of the same names, with the same defaults: client
@@ -116,6 +119,10 @@ type doneHolder struct {
 	done func(error)
 	addr string
 	cc   *refConn
+	// proxyErr is the status direct failed the call with, the proxy's
+	// own; pickErr the Picker's error behind it, if that was the cause.
+	proxyErr error
+	pickErr  error
 }
 
 // refConn is the client connection to one backend, with why the engine
@@ -197,8 +204,10 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	defer cancel()
 	defer context.AfterFunc(r.cut, cancel)()
 	err := handler(srv, &holderStream{ServerStream: ss, ctx: context.WithValue(ctx, doneKey{}, h)})
+	// proxyStatus: the proxy made err (CallInfo.ProxyStatus).
+	proxyStatus := err != nil && err == h.proxyErr
 	if err != nil && r.cut.Err() != nil && ss.Context().Err() == nil {
-		err = failure{kind: failShuttingDown}.statusErr()
+		err, proxyStatus = failure{kind: failShuttingDown}.statusErr(), true
 	}
 	if err != nil && ss.Context().Err() != nil {
 		// The client reset the call or its deadline passed: it gets no
@@ -206,14 +215,14 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 		// of its stream as INTERNAL ("failed proxying s2c"), which would
 		// count and log a proxy fault. Say what happened, as the frame
 		// engine does.
-		err = clientEnded(ss.Context())
+		err, proxyStatus = clientEnded(ss.Context()), true
 	}
 	if err != nil && h.cc != nil && status.Code(err) == codes.Canceled && ss.Context().Err() == nil {
 		// grpc-go ends the calls on a ClientConn we closed with CANCELED
 		// ("the client connection is closing"), which would tell the
 		// client it gave up itself: say what the frame engine says.
 		if why := h.cc.cut.Load(); why != nil {
-			err = failure{kind: failConnLost, backend: h.addr, cause: *why}.statusErr()
+			err, proxyStatus = failure{kind: failConnLost, backend: h.addr, cause: *why}.statusErr(), true
 		}
 	}
 	if h.done != nil {
@@ -221,9 +230,14 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	}
 	if r.onEnd != nil {
 		st, _ := status.FromError(err)
-		ci := CallInfo{Method: info.FullMethod, Backend: h.addr, Code: st.Code(), Message: st.Message(), Start: start, Duration: time.Since(start)}
+		ci := CallInfo{Method: info.FullMethod, Backend: h.addr, Code: st.Code(), Message: st.Message(), Start: start, Duration: time.Since(start),
+			ProxyStatus: proxyStatus}
 		if h.addr != "" {
 			ci.Attempts = 1
+		}
+		var le *PickLimitError
+		if errors.As(h.pickErr, &le) {
+			ci.Limit, ci.Upstream = le.Limit, le.Upstream
 		}
 		if p, ok := peer.FromContext(ss.Context()); ok {
 			ci.Client = p.Addr
@@ -256,28 +270,32 @@ func (s *holderStream) Context() context.Context { return s.ctx }
 // direct is the grpc-proxy StreamDirector: pick, then forward metadata on
 // a client connection to the backend.
 func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Context, grpc.ClientConnInterface, error) {
+	h, _ := ctx.Value(doneKey{}).(*doneHolder)
+	if h == nil {
+		h = new(doneHolder) // not through intercept: nobody reads it
+	}
+	fail := func(f failure) (context.Context, grpc.ClientConnInterface, error) {
+		h.proxyErr = f.statusErr()
+		return nil, nil, h.proxyErr
+	}
 	md, _ := metadata.FromIncomingContext(ctx)
 	if countOf(md.Get(loopHeader), r.hopID) >= maxLoopPasses {
 		// A forwarding loop, found as the frame engine finds it (see
 		// loopHeader); nothing else bounds one here.
-		return nil, nil, failure{kind: failLoop, method: fullMethod}.statusErr()
+		return fail(failure{kind: failLoop, method: fullMethod})
 	}
 	addr, done, err := r.picker.Pick(ctx, fullMethod)
 	if err != nil {
-		return nil, nil, failure{kind: failNoBackend, method: fullMethod, cause: err}.statusErr()
+		h.pickErr = err
+		return fail(failure{kind: failNoBackend, method: fullMethod, cause: err})
 	}
-	h, _ := ctx.Value(doneKey{}).(*doneHolder)
-	if h != nil {
-		h.done = done
-		h.addr = addr
-	}
+	h.done = done
+	h.addr = addr
 	cc, err := r.conn(addr)
 	if err != nil {
-		return nil, nil, failure{kind: failDial, backend: addr, cause: err}.statusErr()
+		return fail(failure{kind: failDial, backend: addr, cause: err})
 	}
-	if h != nil {
-		h.cc = cc
-	}
+	h.cc = cc
 	out := md.Copy()
 	out.Append(loopHeader, r.hopID)
 	return metadata.NewOutgoingContext(ctx, out), cc, nil
