@@ -304,11 +304,16 @@ func outcome(fields []hpack.HeaderField) error {
 		if f.Value == "0" {
 			return nil
 		}
-		n, err := strconv.Atoi(f.Value)
+		// Parsed as grpc-go's client parses it (http2_client.go), since
+		// the client reads these very trailers: a value that is not a
+		// 32-bit number is malformed (UNKNOWN), and Atoi's wider int
+		// made 4294967310 UNAVAILABLE (14) here, and a failure of the
+		// backend's, while the client saw UNKNOWN.
+		n, err := strconv.ParseInt(f.Value, 10, 32)
 		if err != nil {
 			return status.Errorf(codes.Unknown, "malformed grpc-status %q", f.Value)
 		}
-		return status.Error(codes.Code(n), "backend returned status")
+		return status.Error(codes.Code(uint32(n)), "backend returned status")
 	}
 	return status.Error(codes.Unknown, "response without grpc-status")
 }
