@@ -138,3 +138,57 @@ func stripLabel(key, name string) string {
 	kvs := strings.Split(key, ",")
 	return strings.Join(slices.DeleteFunc(kvs, func(kv string) bool { return strings.HasPrefix(kv, name+"=") }), ",")
 }
+
+// TestAtk6FileListenerLimitsCounted: under a configuration file, a call
+// refused at one of the listener's own limits before it was routed
+// (max_streams here) is counted in streamlb_limit_rejections_total, with
+// no cluster, as the flags' one cluster counts it. Before the fix no
+// series moved: the refusal belonged to no cluster and was dropped.
+func TestAtk6FileListenerLimitsCounted(t *testing.T) {
+	ts := startBackend(t, "a", "127.0.0.1:0")
+	path := writeConfig(t, t.TempDir(), fmt.Sprintf(`
+proxy: {max_streams: 1}
+clusters:
+  - {name: echo, targets: [%s]}
+routes:
+  - {cluster: echo}
+`, ts.Addr()))
+	r := runFile(t, path, true)
+	client := dial(t, r.addr)
+	ctx := testkit.Context(t, 30*time.Second)
+	hctx, hang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
+	held := make(chan error, 1)
+	go func() {
+		_, err := client.UnaryCall(hctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
+		held <- err
+	}()
+	testkit.WaitFor(ctx, t, "the held call to reach the backend", func() bool { return ts.InFlight() == 1 })
+	const refused = 3
+	for i := range refused {
+		if _, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{}); status.Code(err) != codes.ResourceExhausted {
+			t.Fatalf("call %d: %v, want RESOURCE_EXHAUSTED at max_streams", i, err)
+		}
+	}
+	hang()
+	<-held
+	var got map[string]float64
+	total := func() float64 {
+		got = scrapeAll(t, r.admin, "streamlb_limit_rejections_total")
+		n := 0.0
+		for k, v := range got {
+			if strings.Contains(k, "limit=max_streams") && !strings.Contains(k, "per_backend") {
+				n += v
+			}
+		}
+		return n
+	}
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	for total() < refused && wctx.Err() == nil {
+		<-time.After(20 * time.Millisecond)
+	}
+	if n := total(); n != refused {
+		t.Errorf("limit=max_streams counted %v in all (%v), want %d", n, nonZero(got), refused)
+	}
+	assertSettled(ctx, t, r.admin)
+}

@@ -134,13 +134,8 @@ func newMetrics(reg prometheus.Registerer, name string, c *Cluster) (*metrics, e
 		Name: "streamlb_retries_total", Help: "Further attempts calls made on another backend, by the call's outcome (ok: it then succeeded).", ConstLabels: constLabels,
 	}, []string{"outcome"})
 	m.retriedOK, m.retriedNo = retries.WithLabelValues("ok"), retries.WithLabelValues("failed")
-	limits := prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "streamlb_limit_rejections_total", Help: "Calls the proxy refused at one of its limits, by the limit reached (RESOURCE_EXHAUSTED; UNAVAILABLE for max_backend_conns).", ConstLabels: constLabels,
-	}, []string{"limit"})
-	m.limits = make(map[string]prometheus.Counter)
-	for _, l := range []string{proxy.LimitMaxStreams, proxy.LimitMaxStreamsPerBackend, proxy.LimitMaxHeaderSize, proxy.LimitMaxConnBuffer, proxy.LimitMaxBackendConns} {
-		m.limits[l] = limits.WithLabelValues(l)
-	}
+	limits := newLimitsVec(constLabels)
+	m.limits = limitCounters(limits)
 	for _, col := range []prometheus.Collector{m.started, m.finished, m.inflight, m.duration, m.noBackend, m.setChange, m.resolveEr,
 		m.reqBytes, m.respBytes, retries, limits, lookups, &stateCollector{c: c, constLabels: constLabels}} {
 		if err := reg.Register(col); err != nil {
@@ -148,6 +143,25 @@ func newMetrics(reg prometheus.Registerer, name string, c *Cluster) (*metrics, e
 		}
 	}
 	return m, nil
+}
+
+// newLimitsVec is streamlb_limit_rejections_total with constLabels: a
+// cluster's, or, with a configuration file, the listener's (cluster ""),
+// for the calls refused before they were routed.
+func newLimitsVec(constLabels prometheus.Labels) *prometheus.CounterVec {
+	return prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "streamlb_limit_rejections_total", Help: "Calls the proxy refused at one of its limits, by the limit reached (RESOURCE_EXHAUSTED; UNAVAILABLE for max_backend_conns).", ConstLabels: constLabels,
+	}, []string{"limit"})
+}
+
+// limitCounters resolves the children of limits, one per limit name of
+// the data plane. The map is read-only once returned.
+func limitCounters(limits *prometheus.CounterVec) map[string]prometheus.Counter {
+	m := make(map[string]prometheus.Counter)
+	for _, l := range []string{proxy.LimitMaxStreams, proxy.LimitMaxStreamsPerBackend, proxy.LimitMaxHeaderSize, proxy.LimitMaxConnBuffer, proxy.LimitMaxBackendConns} {
+		m[l] = limits.WithLabelValues(l)
+	}
+	return m
 }
 
 // callEnd counts what the data plane reports about a call that ended.

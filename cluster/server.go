@@ -145,6 +145,11 @@ type Server struct {
 	// hupReload is the file's reload channel fed by Hangup; nil when
 	// there is no file, or Reload is set instead.
 	hupReload chan os.Signal
+	// listenerLimits count, with a file and metrics, the calls refused at
+	// a limit of the listener before they were routed to a cluster
+	// (max_streams, max_header_size, a new call over max_conn_buffer):
+	// streamlb_limit_rejections_total without a cluster. Read-only.
+	listenerLimits map[string]prometheus.Counter
 }
 
 // NewServer validates cfg and builds the cluster and the data plane. It
@@ -202,6 +207,13 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			return nil, err
 		}
 		s.set, picker = set, &set.router
+		if reg != nil {
+			limits := newLimitsVec(prometheus.Labels{"cluster": ""})
+			if err := reg.Register(limits); err != nil {
+				return nil, fmt.Errorf("cluster: metrics: %w", err)
+			}
+			s.listenerLimits = limitCounters(limits)
+		}
 		if cfg.Engine == EngineGRPCProxy {
 			// It dials every cluster alike: the file's backend_tls
 			// (File.check refuses a cluster's own).
@@ -282,8 +294,17 @@ func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
 	if s.set != nil {
 		if s.cfg.Metrics != nil {
 			count = func(ci proxy.CallInfo) {
-				if c := s.set.clusterFor(ci.Upstream, ci.Backend); c != nil && c.metrics != nil {
-					c.metrics.callEnd(ci)
+				if c := s.set.clusterFor(ci.Upstream, ci.Backend); c != nil {
+					if c.metrics != nil {
+						c.metrics.callEnd(ci)
+					}
+					return
+				}
+				if ci.Upstream == "" && ci.Backend == "" {
+					// Refused before it was routed: the listener's.
+					if l := s.listenerLimits[ci.Limit]; l != nil {
+						l.Inc()
+					}
 				}
 			}
 		}
