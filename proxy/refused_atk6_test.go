@@ -80,4 +80,3 @@ func TestAtk6RefusedRequestsReported(t *testing.T) {
 		})
 	}
 }
-
