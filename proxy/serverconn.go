@@ -866,11 +866,10 @@ func (s *stream) pushDownView(v *pbuf, end bool) {
 	s.countDown(v.b)
 }
 
-// countDown counts response payload queued toward the client: the bytes,
-// and the gRPC messages they complete. Caller must hold the client
-// connection's mu.
+// countDown counts response payload queued toward the client: the gRPC
+// messages it completes (the bytes are counted as they are written, in
+// popLocked). Caller must hold the client connection's mu.
 func (s *stream) countDown(p []byte) {
-	s.bytesOut += int64(len(p))
 	s.msgs.advance(p)
 }
 

@@ -1273,6 +1273,12 @@ func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
 		}
 		q.window -= int32(allowed)
 		t.sendWindow -= int32(allowed)
+		if s := q.s; s != nil {
+			// Counted as taken for writing, not as queued: what a
+			// failure or reset drops from the queue never reached the
+			// client (CallInfo.ResponseBytes).
+			s.bytesOut += int64(allowed)
+		}
 		if allowed < n {
 			it.off += allowed // partial: the rest waits for window
 			return op, false
