@@ -92,6 +92,26 @@ routes:
 	if v := got["cluster=echo,limit=max_backend_conns"]; v != refused {
 		t.Errorf("streamlb_limit_rejections_total = %v, want %d under cluster=echo,limit=max_backend_conns", got, refused)
 	}
+	// A refused call made no attempt on another backend: no retry. Before
+	// the fix each counted MaxRetries (2) retries on its one backend, in
+	// its line and in streamlb_retries_total{outcome="failed"}.
+	for i, l := range lines {
+		if l.Retries != 0 {
+			t.Errorf("line %d: %d retries, want 0", i, l.Retries)
+		}
+	}
+	if got := scrape(t, r.admin, "streamlb_retries_total"); got["outcome=failed"] != 0 {
+		t.Errorf("streamlb_retries_total = %v, want no failed retries", got)
+	}
+	// As the README says: a refused call counts as started twice (its
+	// pick, and the pick that looked for another backend and found the
+	// same), each finished Canceled; the held call was the one served.
+	// Before the fix: 3 per refused call.
+	started := scrape(t, r.admin, "streamlb_calls_started_total")["backend="+ts.Addr()]
+	canceled := scrape(t, r.admin, "streamlb_calls_finished_total")["backend="+ts.Addr()+",code=Canceled"]
+	if started != 2*refused+1 || canceled != 2*refused+1 || ts.Calls() != 1 {
+		t.Errorf("started %v, finished Canceled %v, served %d; want %d, %d, 1", started, canceled, ts.Calls(), 2*refused+1, 2*refused+1)
+	}
 	assertSettled(ctx, t, r.admin)
 }
 

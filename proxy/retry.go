@@ -58,6 +58,18 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			s.pickErr = err
 			return failure{kind: failNoBackend, method: s.method, cause: err}, false
 		}
+		if refused != nil && slices.Contains(s.tried, addr) {
+			// The Picker has no backend but those that just refused
+			// the call at the pool's caps, which would refuse it again:
+			// no attempt, and no retry counted for the call (with one
+			// backend, each refused call counted MaxRetries retries).
+			s.attempts--
+			if done != nil {
+				done(refused.pickerErr())
+			}
+			c.releaseItemsLocked(items)
+			return *refused, false
+		}
 		if up == nil {
 			up = c.srv.up
 		}
