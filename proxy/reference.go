@@ -40,9 +40,9 @@ type ReferenceConfig struct {
 	// call's own goroutine and under no lock. This engine fills in
 	// Method, Backend, Attempts, Code, Message, ProxyStatus (for the
 	// statuses it makes itself; those grpc-go's client makes for a lost
-	// backend pass as the backend's), Limit and Upstream (of a
-	// PickLimitError), Start, Duration and Client: it does not see the
-	// bytes relayed.
+	// backend pass as the backend's), Limit (of a PickLimitError),
+	// Upstream (an UpstreamPicker's, or a PickLimitError's), Start,
+	// Duration and Client: it does not see the bytes relayed.
 	OnCallEnd func(CallInfo)
 	// MaxConnections, MaxConcurrentStreams and MaxHeaderListSize are
 	// Config's limits of the same names, with the same defaults: client
@@ -123,6 +123,7 @@ type doneHolder struct {
 	// own; pickErr the Picker's error behind it, if that was the cause.
 	proxyErr error
 	pickErr  error
+	upstream string // the Upstream an UpstreamPicker named
 }
 
 // refConn is the client connection to one backend, with why the engine
@@ -235,6 +236,7 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 		if h.addr != "" {
 			ci.Attempts = 1
 		}
+		ci.Upstream = h.upstream
 		var le *PickLimitError
 		if errors.As(h.pickErr, &le) {
 			ci.Limit, ci.Upstream = le.Limit, le.Upstream
@@ -284,7 +286,7 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 		// loopHeader); nothing else bounds one here.
 		return fail(failure{kind: failLoop, method: fullMethod})
 	}
-	addr, done, err := r.picker.Pick(ctx, fullMethod)
+	addr, done, err := r.pick(ctx, fullMethod, h)
 	if err != nil {
 		h.pickErr = err
 		return fail(failure{kind: failNoBackend, method: fullMethod, cause: err})
@@ -299,6 +301,24 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 	out := md.Copy()
 	out.Append(loopHeader, r.hopID)
 	return metadata.NewOutgoingContext(ctx, out), cc, nil
+}
+
+// pick asks the Picker for the call's backend. An UpstreamPicker is asked
+// through PickUpstream, as the frame engine asks it, so that the call's
+// CallInfo names the cluster it was routed to (h.upstream): looked up by
+// its backend when the call ended, a call outliving its cluster (a reload
+// removed it) was logged with none, or with another cluster that has the
+// same backend.
+func (r *Reference) pick(ctx context.Context, fullMethod string, h *doneHolder) (string, func(error), error) {
+	up, ok := r.picker.(UpstreamPicker)
+	if !ok {
+		return r.picker.Pick(ctx, fullMethod)
+	}
+	addr, u, done, err := up.PickUpstream(ctx, fullMethod, true, nil)
+	if u != nil {
+		h.upstream = u.name
+	}
+	return addr, done, err
 }
 
 func (r *Reference) conn(addr string) (*refConn, error) {
