@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"sync"
@@ -302,6 +303,11 @@ func (p *meteredPicker) meter(addr string, done func(error), err error) (string,
 		code := status.Code(err)
 		if err != nil && code == codes.OK {
 			code = codes.Unknown
+		}
+		var cs proxy.ClientStatus
+		if errors.As(err, &cs) {
+			// The code the client got (a reset), not the failure's.
+			code = cs.ClientCode()
 		}
 		if int(code) < len(b.finished) {
 			b.finished[code].Inc()

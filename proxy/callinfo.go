@@ -125,6 +125,10 @@ func (s *stream) callInfo(end time.Time) CallInfo {
 	if s.result != nil {
 		st, _ := status.FromError(s.result)
 		ci.Code = st.Code()
+		var cs ClientStatus
+		if errors.As(s.result, &cs) {
+			ci.Code = cs.ClientCode()
+		}
 		if s.fromBackend {
 			ci.Message = s.message
 		} else {

@@ -84,7 +84,9 @@ func (c *serverConn) endStatusLocked(s *stream, f failure) {
 	blocks, result := endBlocks(f, !s.headersSent && !s.down.queuedHeaders(), nil)
 	s.result = result
 	if torn {
-		c.resetAfterQueuedLocked(s, resetCodeOf(f))
+		code := resetCodeOf(f)
+		s.result = sentAs(result, code) // the client reports the reset's code
+		c.resetAfterQueuedLocked(s, code)
 		return
 	}
 	c.endDownLocked(s, blocks...)

@@ -1,6 +1,10 @@
 package proxy
 
-import "context"
+import (
+	"context"
+
+	"google.golang.org/grpc/codes"
+)
 
 // Picker chooses a backend for one stream.
 //
@@ -69,4 +73,19 @@ type Draining interface {
 type ConnectionFailure interface {
 	error
 	ConnectionFailed() bool
+}
+
+// ClientStatus is implemented by the errors the proxy hands to done when
+// the client was sent another status than the failure's own: the proxy
+// could not end the response with trailers and reset the stream instead,
+// a part of a message being written already (INTERNAL_ERROR, which
+// grpc-go's client reports as INTERNAL), or relayed a backend's
+// REFUSED_STREAM after its answer started as INTERNAL_ERROR. The error's
+// own status stays the failure's (UNAVAILABLE for a lost backend, which a
+// Picker that ejects failing backends must see as such); ClientCode is the
+// code the client reported, which metrics and logs of what clients got
+// should count instead.
+type ClientStatus interface {
+	error
+	ClientCode() codes.Code
 }

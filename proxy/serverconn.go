@@ -973,6 +973,7 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		// run the call again (attack round 4); the backend broke the
 		// protocol, so the client gets INTERNAL_ERROR (codes.Internal).
 		code = http2.ErrCodeInternal
+		s.result = sentAs(s.result, code)
 	}
 	// Other codes are relayed as they are, so the client sees what a
 	// direct call would: grpc-go maps RST_STREAM codes to statuses itself.

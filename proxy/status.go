@@ -165,6 +165,37 @@ func (f failure) pickerErr() error {
 	return f.statusErr()
 }
 
+// clientStatusError is a failure whose client was sent code instead of
+// its status (ClientStatus). It keeps err's status and interfaces
+// (Draining, ConnectionFailure) for the Picker.
+type clientStatusError struct {
+	err  error
+	code codes.Code
+}
+
+func (e clientStatusError) Error() string          { return e.err.Error() }
+func (e clientStatusError) Unwrap() error          { return e.err }
+func (e clientStatusError) ClientCode() codes.Code { return e.code }
+
+// GRPCStatus is err's own: status.FromError of a wrapping error would
+// replace its message with Error's.
+func (e clientStatusError) GRPCStatus() *status.Status { return status.Convert(e.err) }
+
+var _ ClientStatus = clientStatusError{}
+
+// sentAs returns err, the outcome of a call whose client was reset with
+// code, as the client reports it: wrapped in a clientStatusError when
+// grpc-go's client turns that reset into another code than err's.
+// CANCEL is left alone: it ends a call that failed for the client's
+// deadline or going away, which the client reports as such.
+func sentAs(err error, code http2.ErrCode) error {
+	cc := rstCode(code)
+	if cc == codes.Canceled || cc == status.Code(err) {
+		return err
+	}
+	return clientStatusError{err: err, code: cc}
+}
+
 // drainingError is the status of an attempt that failed because its
 // backend is restarting gracefully; it implements Draining.
 type drainingError struct{ st *status.Status }
