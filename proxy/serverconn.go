@@ -820,6 +820,11 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 	var err error
 	if !s.down.closed {
 		s.result = failure{kind: failClientReset}.statusErr()
+		if sendRST {
+			// Our reset, for a stream error of the client's: it reports
+			// the code we sent, not a reset of its own.
+			s.result = sentAs(failure{kind: failClientStream, h2code: code}.statusErr(), code)
+		}
 		if !sendRST && code == http2.ErrCodeCancel && !s.deadline.IsZero() && time.Until(s.deadline) < deadlineSlack {
 			// A gRPC client resets its call with CANCEL when its deadline
 			// passes, a moment before our timer (started on the request's

@@ -72,6 +72,9 @@ const (
 	failClientReset
 	// failClientGone: the client connection ended with the call open.
 	failClientGone
+	// failClientStream: the client broke HTTP/2 on the stream (a stream
+	// error, RFC 9113 §5.4.2, h2code), which the proxy reset.
+	failClientStream
 	// failHeadersTooLarge: the request header list was over
 	// MaxHeaderListSize or MaxHeaderFields.
 	failHeadersTooLarge
@@ -286,6 +289,10 @@ func statusOf(f failure) (*status.Status, int) {
 		return status.New(codes.Canceled, "streamlb: client reset the stream"), http.StatusOK
 	case failClientGone:
 		return status.New(codes.Canceled, "streamlb: client connection closed"), http.StatusOK
+	case failClientStream:
+		// CANCELLED, as for a client that gave up: nothing the backend
+		// did. The client itself reports the reset's code (sentAs).
+		return status.Newf(codes.Canceled, "streamlb: stream error from the client: %v; the proxy reset the stream", f.h2code), http.StatusOK
 	case failHeadersTooLarge:
 		return status.New(codes.ResourceExhausted, "streamlb: request header list too large"), http.StatusRequestHeaderFieldsTooLarge
 	case failRequestHeadersOverPeer:
