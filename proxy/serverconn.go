@@ -818,23 +818,19 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 		return nil
 	}
 	var err error
-	if !s.down.closed {
-		s.result = failure{kind: failClientReset}.statusErr()
-		if sendRST {
-			// Our reset, for a stream error of the client's: it reports
-			// the code we sent, not a reset of its own.
-			s.result = sentAs(failure{kind: failClientStream, h2code: code}.statusErr(), code)
-		}
-		if !sendRST && code == http2.ErrCodeCancel && !s.deadline.IsZero() && time.Until(s.deadline) < deadlineSlack {
-			// A gRPC client resets its call with CANCEL when its deadline
-			// passes, a moment before our timer (started on the request's
-			// arrival) would: the call ended for its deadline, as the
-			// client reports it, not for the client giving up.
-			s.result = failure{kind: failDeadline, method: s.method}.statusErr()
-		}
+	switch {
+	case !s.down.closed:
+		s.result = s.resetResult(code, sendRST)
 		if !sendRST {
 			err = c.earlyResetLocked(s)
 		}
+	case s.down.statusQueued():
+		// The whole answer was queued, but the stream was reset before
+		// the client was sent its status (its window closed, and then
+		// its deadline passed, say): it never saw the backend's
+		// outcome, and the call ends as any call reset unanswered.
+		s.fromBackend = false
+		s.result = s.resetResult(code, sendRST)
 	}
 	a := s.att
 	if sendRST {
@@ -848,6 +844,24 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 		a.bc.resetUp(a, http2.ErrCodeCancel)
 	}
 	return err
+}
+
+// resetResult is the outcome of s, reset unanswered with code: by the
+// client (sendRST false), or by us for its stream error.
+func (s *stream) resetResult(code http2.ErrCode, sendRST bool) error {
+	switch {
+	case sendRST:
+		// Our reset, for a stream error of the client's: it reports the
+		// code we sent, not a reset of its own.
+		return sentAs(failure{kind: failClientStream, h2code: code}.statusErr(), code)
+	case code == http2.ErrCodeCancel && !s.deadline.IsZero() && time.Until(s.deadline) < deadlineSlack:
+		// A gRPC client resets its call with CANCEL when its deadline
+		// passes, a moment before our timer (started on the request's
+		// arrival) would: the call ended for its deadline, as the client
+		// reports it, not for the client giving up.
+		return failure{kind: failDeadline, method: s.method}.statusErr()
+	}
+	return failure{kind: failClientReset}.statusErr()
 }
 
 // pushDownData queues response DATA (copied) toward the client and counts

@@ -132,6 +132,19 @@ type sendQueue struct {
 
 func (q *sendQueue) empty() bool { return q.head == len(q.items) }
 
+// statusQueued reports whether q still holds the response's last header
+// block, or DATA before it, not yet taken for writing: a RST_STREAM
+// queued behind the response is all that may be left once the status
+// went.
+func (q *sendQueue) statusQueued() bool {
+	for i := q.head; i < len(q.items); i++ {
+		if q.items[i].kind != itemReset {
+			return true
+		}
+	}
+	return false
+}
+
 // push appends it to the queue, in the inline storage while it fits.
 func (q *sendQueue) push(it outItem) {
 	if q.items == nil {
