@@ -1185,7 +1185,10 @@ func (c *serverConn) cleanup() {
 	c.mu.Lock()
 	var left []*attempt
 	for _, s := range c.streams {
-		if !s.down.closed {
+		if !s.down.closed || s.down.statusQueued() {
+			// Also a call whose status was queued but never written:
+			// its client did not see the backend's outcome.
+			s.fromBackend = false
 			s.result = failure{kind: failClientGone}.statusErr()
 		}
 		if s.att != nil {

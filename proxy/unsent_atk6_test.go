@@ -20,6 +20,12 @@ import (
 // (access log code=OK, calls_finished_total{code="OK"}) for a call whose
 // client saw CANCELLED or DEADLINE_EXCEEDED.
 func TestAtk6StatusNotSentNotReported(t *testing.T) {
+	for _, how := range []string{"RST_STREAM", "connection closed"} {
+		t.Run(how, func(t *testing.T) { testStatusNotSent(t, how) })
+	}
+}
+
+func testStatusNotSent(t *testing.T, how string) {
 	ends := make(callEnds, 4)
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.CountCallEnd = func(ci proxy.CallInfo) { ends <- ci } }})
 	ctx := testkit.Context(t, 20*time.Second)
@@ -42,8 +48,12 @@ func TestAtk6StatusNotSentNotReported(t *testing.T) {
 		}
 	}
 	testkit.WaitFor(ctx, t, "the backend to finish the call", func() bool { return e.backends[0].InFlight() == 0 })
-	if err := r.fr.WriteRSTStream(1, http2.ErrCodeCancel); err != nil {
-		t.Fatal(err)
+	if how == "RST_STREAM" {
+		if err := r.fr.WriteRSTStream(1, http2.ErrCodeCancel); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		r.nc.Close()
 	}
 	if ci := ends.next(t, ctx); ci.Code != codes.Canceled || !ci.ProxyStatus {
 		t.Errorf("call reported %v (%q, proxy status %v), want Canceled: the client never read the backend's status", ci.Code, ci.Message, ci.ProxyStatus)
