@@ -132,7 +132,7 @@ func newMetrics(reg prometheus.Registerer, name string, c *Cluster) (*metrics, e
 	}, []string{"result"})
 	m.lookupOK, m.lookupErr = lookups.WithLabelValues("ok"), lookups.WithLabelValues("error")
 	retries := prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "streamlb_retries_total", Help: "Further attempts calls made on another backend, by the call's outcome (ok: it then succeeded).", ConstLabels: constLabels,
+		Name: "streamlb_retries_total", Help: "Further attempts calls made (on another backend while there is one), by the call's outcome (ok: it then succeeded).", ConstLabels: constLabels,
 	}, []string{"outcome"})
 	m.retriedOK, m.retriedNo = retries.WithLabelValues("ok"), retries.WithLabelValues("failed")
 	limits := newLimitsVec(constLabels)
