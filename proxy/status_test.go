@@ -212,6 +212,12 @@ func TestStatusOf(t *testing.T) {
 			wantCode: codes.Canceled,
 			wantMsg:  "streamlb: client connection closed",
 		},
+		{
+			name:     "client stream error",
+			f:        failure{kind: failClientStream, h2code: http2.ErrCodeProtocol},
+			wantCode: codes.Canceled,
+			wantMsg:  "streamlb: stream error from the client: PROTOCOL_ERROR; the proxy reset the stream",
+		},
 		// Requests that are not gRPC.
 		{
 			name:     "headers too large",
