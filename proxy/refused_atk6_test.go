@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
 
 	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
@@ -16,7 +17,9 @@ import (
 
 // TestAtk6RefusedRequestsReported sends requests the proxy answers itself
 // and compares the grpc-status it sent with the call it reported: one
-// report each, with that code and, for a limit, its name.
+// report each, with that code and, for a limit, its name. A malformed
+// request (no :path) is reset with PROTOCOL_ERROR instead, which grpc-go's
+// client reports as INTERNAL: so is the call.
 func TestAtk6RefusedRequestsReported(t *testing.T) {
 	big := strings.Repeat("x", 700)
 	for _, tc := range []struct {
@@ -67,6 +70,9 @@ func TestAtk6RefusedRequestsReported(t *testing.T) {
 			for _, s := range sent {
 				if v, ok := strings.CutPrefix(s, "grpc-status="); ok {
 					want = v
+				}
+				if s == "rst=PROTOCOL_ERROR" {
+					want = strconv.Itoa(int(codes.Internal))
 				}
 			}
 			if want == "" || want != strconv.Itoa(int(ci.Code)) || ci.Limit != tc.limit || !ci.ProxyStatus {

@@ -456,15 +456,6 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		if perr == nil && end && ri.contentLength > 0 {
 			perr = malformedRequest(fmt.Sprintf("content-length %d and no DATA", ri.contentLength))
 		}
-		if m, ok := perr.(malformedRequest); ok {
-			// RFC 9113 §8.1.1: a stream error of type PROTOCOL_ERROR,
-			// and the request is not relayed. The stream never opens,
-			// as in x/net's server: after the stream limit, before the
-			// call is made.
-			c.mu.Unlock()
-			c.log.Debug("client stream refused", "remote", c.remote.String(), "stream", id, "err", m)
-			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: m}
-		}
 	}
 	now := c.srv.now()
 	s := &stream{cc: c, start: now, declLen: -1}
@@ -490,7 +481,11 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		// RESOURCE_EXHAUSTED, HTTP 431, the stream alone.
 		return c.rejectOverLimit(s, failure{kind: failHeadersTooLarge}, "request headers over the limit")
 	}
+	s.method = ri.path // named in the call-end report of a refusal too
+	var malformed malformedRequest
 	switch {
+	case errors.As(perr, &malformed):
+		return c.rejectMalformed(s, malformed)
 	case perr != nil: // a malformed grpc-timeout, as grpc-go's server answers it
 		c.rejectStream(s, failure{kind: failBadRequest, cause: perr})
 		return nil
@@ -510,7 +505,6 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		// flight (budget.go).
 		return c.rejectOverLimit(s, failure{kind: failConnBudget, limit: c.bufs.limit}, "a stream over the connection's buffer budget")
 	}
-	s.method = ri.path
 	room := s.reqRoom[:]
 	s.reqFields = keepFields(&room, f.Fields, hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
 	s.declLen = ri.contentLength
@@ -575,6 +569,24 @@ func (c *serverConn) rejectStream(s *stream, f failure) {
 	c.failLocked(s, f)
 	c.mu.Unlock()
 	c.signal()
+}
+
+// rejectMalformed ends s, whose request is malformed (RFC 9113 §8.1.1),
+// with RST_STREAM(PROTOCOL_ERROR) instead of an answer: a stream error,
+// as x/net's and grpc-go's servers treat it, which costs the connection a
+// glitch point as any stream error does (past the budget, the connection
+// error is returned). The stream never had a backend side; its call-end
+// report says why it ended.
+func (c *serverConn) rejectMalformed(s *stream, why malformedRequest) error {
+	s.sides.Add(1) // no attempt
+	c.mu.Lock()
+	err := c.glitchLocked(1, "malformed request")
+	c.queueCtrlLocked(writeOp{kind: opReset, streamID: s.down.id, code: http2.ErrCodeProtocol})
+	s.result = sentAs(failure{kind: failClientStream, h2code: http2.ErrCodeProtocol, cause: why}.statusErr(), http2.ErrCodeProtocol)
+	c.stepLocked(s, evSendReset)
+	c.mu.Unlock()
+	c.signal()
+	return err
 }
 
 // rejectOverLimit is rejectStream for a stream refused because its

@@ -292,6 +292,9 @@ func statusOf(f failure) (*status.Status, int) {
 	case failClientStream:
 		// CANCELLED, as for a client that gave up: nothing the backend
 		// did. The client itself reports the reset's code (sentAs).
+		if f.cause != nil {
+			return status.Newf(codes.Canceled, "streamlb: stream error from the client: %v (%v); the proxy reset the stream", f.h2code, f.cause), http.StatusOK
+		}
 		return status.Newf(codes.Canceled, "streamlb: stream error from the client: %v; the proxy reset the stream", f.h2code), http.StatusOK
 	case failHeadersTooLarge:
 		return status.New(codes.ResourceExhausted, "streamlb: request header list too large"), http.StatusRequestHeaderFieldsTooLarge
