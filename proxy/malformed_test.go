@@ -92,17 +92,23 @@ func TestContentLengthKept(t *testing.T) {
 	e := newEnv(t, envOpts{backends: 1})
 	msg := grpcMsg(&testgrpc.SimpleRequest{ResponseSize: 10})
 	for _, tc := range []struct {
-		name string
-		data [][]byte
+		name   string
+		data   [][]byte
+		padded bool // padding does not count in the content-length (RFC 9113 §6.1)
 	}{
 		{name: "one frame", data: [][]byte{msg}},
 		{name: "three frames", data: [][]byte{msg[:2], msg[2:7], msg[7:]}},
+		{name: "padded frames", data: [][]byte{msg[:3], msg[3:]}, padded: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := dialRaw(t, e.addr)
 			r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: requestBlock("/grpc.testing.TestService/UnaryCall", "content-length", strconv.Itoa(len(msg))), EndHeaders: true})
 			for i, d := range tc.data {
-				r.fr.WriteData(1, i == len(tc.data)-1, d)
+				if tc.padded {
+					r.fr.WriteDataPadded(1, i == len(tc.data)-1, d, make([]byte, 17))
+				} else {
+					r.fr.WriteData(1, i == len(tc.data)-1, d)
+				}
 			}
 			end := r.next(func(f http2.Frame) bool {
 				if rst, ok := f.(*http2.RSTStreamFrame); ok {
