@@ -185,3 +185,25 @@ func TestAccessLogAndCallMetrics(t *testing.T) {
 		t.Errorf("streamlb_backend_connections = %v, want 3", got)
 	}
 }
+
+// openJSONLog opens a JSON access log in a temporary directory, closed at
+// cleanup, and returns it with its path.
+func openJSONLog(t *testing.T) (*cluster.AccessLog, string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "access.log")
+	al, err := cluster.OpenAccessLog(path, "json", os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { al.Close() })
+	return al, path
+}
+
+// jsonAccessLog gives cfg an access log of openJSONLog's and returns its
+// path.
+func jsonAccessLog(t *testing.T, cfg *cluster.ServerConfig) string {
+	t.Helper()
+	al, path := openJSONLog(t)
+	cfg.AccessLog = al
+	return path
+}

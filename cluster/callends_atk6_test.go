@@ -2,8 +2,6 @@ package cluster_test
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -92,12 +90,7 @@ func TestAtk6CallEndsTellTheTruth(t *testing.T) {
 		for _, engine := range cluster.Engines() {
 			t.Run(tc.name+"/"+engine, func(t *testing.T) {
 				ts := startBackend(t, "a", "127.0.0.1:0")
-				logPath := filepath.Join(t.TempDir(), "access.log")
-				al, err := cluster.OpenAccessLog(logPath, "json", os.Stderr)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { al.Close() })
+				al, logPath := openJSONLog(t)
 				r := runServer(t, cluster.ServerConfig{Engine: engine, Metrics: prometheus.NewRegistry(), AccessLog: al,
 					Cluster: cluster.Config{Name: "echo", Targets: []string{ts.Addr()}}})
 				ctx := testkit.Context(t, 20*time.Second)

@@ -3,8 +3,6 @@ package cluster_test
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -14,7 +12,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/cluster"
@@ -51,24 +48,12 @@ routes:
 	cfg := f.ServerConfig()
 	cfg.Metrics = prometheus.NewRegistry()
 	cfg.Proxy.MaxBackendConns = 1
-	logPath := filepath.Join(t.TempDir(), "access.log")
-	al, err := cluster.OpenAccessLog(logPath, "json", os.Stderr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { al.Close() })
-	cfg.AccessLog = al
+	logPath := jsonAccessLog(t, &cfg)
 	r := runServer(t, cfg)
 	client := dial(t, r.addr)
 	ctx := testkit.Context(t, 30*time.Second)
 
-	hctx, hang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
-	held := make(chan error, 1)
-	go func() {
-		_, err := client.UnaryCall(hctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
-		held <- err
-	}()
-	testkit.WaitFor(ctx, t, "the held call to reach the backend", func() bool { return ts.InFlight() == 1 })
+	release := holdCall(ctx, t, client, ts)
 	const refused = 5
 	for i := range refused {
 		_, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
@@ -76,8 +61,7 @@ routes:
 			t.Fatalf("call %d: %v, want UNAVAILABLE at the connection cap", i, err)
 		}
 	}
-	hang()
-	<-held
+	release()
 	var lines []accessLine
 	testkit.WaitFor(ctx, t, "a line per call", func() bool {
 		lines = readAccessLog(t, logPath)
@@ -176,21 +160,14 @@ routes:
 	r := runFile(t, path, true)
 	client := dial(t, r.addr)
 	ctx := testkit.Context(t, 30*time.Second)
-	hctx, hang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
-	held := make(chan error, 1)
-	go func() {
-		_, err := client.UnaryCall(hctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
-		held <- err
-	}()
-	testkit.WaitFor(ctx, t, "the held call to reach the backend", func() bool { return ts.InFlight() == 1 })
+	release := holdCall(ctx, t, client, ts)
 	const refused = 3
 	for i := range refused {
 		if _, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{}); status.Code(err) != codes.ResourceExhausted {
 			t.Fatalf("call %d: %v, want RESOURCE_EXHAUSTED at max_streams", i, err)
 		}
 	}
-	hang()
-	<-held
+	release()
 	var got map[string]float64
 	total := func() float64 {
 		got = scrapeAll(t, r.admin, "streamlb_limit_rejections_total")

@@ -198,13 +198,7 @@ func TestBackendConnsOverflowMetric(t *testing.T) {
 	client := dial(t, r.addr)
 	ctx := testkit.Context(t, 30*time.Second)
 	// One call holds the only stream of the only connection allowed.
-	hctx, hang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
-	held := make(chan error, 1)
-	go func() {
-		_, err := client.UnaryCall(hctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
-		held <- err
-	}()
-	testkit.WaitFor(ctx, t, "the held call to reach the backend", func() bool { return ts.InFlight() == 1 })
+	release := holdCall(ctx, t, client, ts)
 	const refused = 50
 	start := time.Now()
 	for i := range refused {
@@ -214,8 +208,7 @@ func TestBackendConnsOverflowMetric(t *testing.T) {
 		}
 	}
 	burst := time.Since(start)
-	hang()
-	if err := <-held; status.Code(err) != codes.Canceled {
+	if err := release(); status.Code(err) != codes.Canceled {
 		t.Errorf("held call: %v, want CANCELLED", err)
 	}
 	// A call is counted when both its sides are done, which may be a
@@ -237,5 +230,22 @@ func TestBackendConnsOverflowMetric(t *testing.T) {
 	// Once per second at most, whatever the burst's length on a slow machine.
 	if maxLines := 1 + int(burst/time.Second); lines < 1 || lines > maxLines {
 		t.Errorf("%d log lines for %d refusals in %v, want 1 to %d:\n%s", lines, refused, burst, maxLines, logs.String())
+	}
+}
+
+// holdCall starts a call that ts holds (testserver.MetadataHang) and waits
+// until ts has it in flight. release cancels it and returns its error.
+func holdCall(ctx context.Context, t *testing.T, client testgrpc.TestServiceClient, ts *testserver.Server) (release func() error) {
+	t.Helper()
+	hctx, hang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
+	held := make(chan error, 1)
+	go func() {
+		_, err := client.UnaryCall(hctx, &testgrpc.SimpleRequest{}, grpc.WaitForReady(true))
+		held <- err
+	}()
+	testkit.WaitFor(ctx, t, "the held call to reach the backend", func() bool { return ts.InFlight() == 1 })
+	return func() error {
+		hang()
+		return <-held
 	}
 }

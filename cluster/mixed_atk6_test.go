@@ -4,7 +4,6 @@ import (
 	"context"
 	"math/rand/v2"
 	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -53,12 +52,7 @@ func TestAtk6MixedEndings(t *testing.T) {
 				backends = append(backends, ts)
 				targets = append(targets, ts.Addr())
 			}
-			logPath := filepath.Join(t.TempDir(), "access.log")
-			al, err := cluster.OpenAccessLog(logPath, "json", os.Stderr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { al.Close() })
+			al, logPath := openJSONLog(t)
 			r := runServer(t, cluster.ServerConfig{Engine: engine, Metrics: prometheus.NewRegistry(), AccessLog: al,
 				Cluster: cluster.Config{Name: "echo", Targets: targets, Director: director.Config{EjectAfter: -1}},
 				Proxy:   proxy.Config{RetryOn: []string{"/grpc.testing.TestService/"}}})

@@ -2,8 +2,6 @@ package cluster_test
 
 import (
 	"fmt"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -45,13 +43,7 @@ routes:
 			cfg := f.ServerConfig()
 			cfg.Metrics = prometheus.NewRegistry()
 			cfg.Warmup = 50 * time.Millisecond
-			logPath := filepath.Join(t.TempDir(), "access.log")
-			al, err := cluster.OpenAccessLog(logPath, "json", os.Stderr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { al.Close() })
-			cfg.AccessLog = al
+			logPath := jsonAccessLog(t, &cfg)
 			r := runServer(t, cfg)
 			client := dial(t, r.addr)
 			ctx := testkit.Context(t, 20*time.Second)

@@ -4,8 +4,6 @@ import (
 	"context"
 	"io"
 	"net"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -48,12 +46,7 @@ func TestAtk6CancelWhileConnecting(t *testing.T) {
 	}()
 	for _, engine := range cluster.Engines() {
 		t.Run(engine, func(t *testing.T) {
-			logPath := filepath.Join(t.TempDir(), "access.log")
-			al, err := cluster.OpenAccessLog(logPath, "json", os.Stderr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { al.Close() })
+			al, logPath := openJSONLog(t)
 			r := runServer(t, cluster.ServerConfig{Engine: engine, Metrics: prometheus.NewRegistry(), AccessLog: al,
 				Cluster: cluster.Config{Name: "echo", Targets: []string{ln.Addr().String()}}})
 			client := dial(t, r.addr)

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -44,13 +43,7 @@ routes:
 			}
 			cfg := f.ServerConfig()
 			cfg.Metrics = prometheus.NewRegistry()
-			logPath := filepath.Join(t.TempDir(), "access.log")
-			al, err := cluster.OpenAccessLog(logPath, "json", os.Stderr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { al.Close() })
-			cfg.AccessLog = al
+			logPath := jsonAccessLog(t, &cfg)
 			r := runServer(t, cfg)
 			client := dial(t, r.addr)
 			ctx := testkit.Context(t, 20*time.Second)

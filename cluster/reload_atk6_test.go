@@ -2,8 +2,6 @@ package cluster_test
 
 import (
 	"fmt"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -39,13 +37,7 @@ func TestAtk6ReloadRemovesCallsCluster(t *testing.T) {
 				}
 				cfg := f.ServerConfig()
 				cfg.Metrics = prometheus.NewRegistry()
-				logPath := filepath.Join(t.TempDir(), "access.log")
-				al, err := cluster.OpenAccessLog(logPath, "json", os.Stderr)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { al.Close() })
-				cfg.AccessLog = al
+				logPath := jsonAccessLog(t, &cfg)
 				r := runServer(t, cfg)
 				client := dial(t, r.addr)
 				ctx := testkit.Context(t, 20*time.Second)

@@ -1,8 +1,6 @@
 package cluster_test
 
 import (
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -43,12 +41,7 @@ func TestAtk6RetriesCountedOnce(t *testing.T) {
 				good = startBackend(t, "good", "127.0.0.1:0")
 				targets = append(targets, good.Addr())
 			}
-			logPath := filepath.Join(t.TempDir(), "access.log")
-			al, err := cluster.OpenAccessLog(logPath, "json", os.Stderr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { al.Close() })
+			al, logPath := openJSONLog(t)
 			r := runServer(t, cluster.ServerConfig{Metrics: prometheus.NewRegistry(), AccessLog: al,
 				Cluster: cluster.Config{Name: "echo", Targets: targets, Director: director.Config{EjectAfter: -1}},
 				Proxy:   proxy.Config{RetryOn: []string{"grpc.testing.TestService/EmptyCall"}, MaxRetries: 2}})
