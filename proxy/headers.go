@@ -132,6 +132,9 @@ type requestInfo struct {
 	// it declares none: the sum of its DATA payloads must equal it (RFC
 	// 9113 §8.1.1).
 	contentLength int64
+	// dropFields is set when the request carries a field that is not
+	// relayed (http2-settings): the caller filters them (filterFields).
+	dropFields bool
 }
 
 // malformedRequest is why a request header block is malformed in the
@@ -156,11 +159,25 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 	var timeoutErr error
 	for i := range fields {
 		f := &fields[i]
+		if v := f.Value; v != "" && (isSPHT(v[0]) || isSPHT(v[len(v)-1])) {
+			// §8.2.1: a field value must not start or end with SP or
+			// HTAB. The Framer checks only the bytes that are never
+			// allowed (NUL, CR, LF); x/net's server lets this pass, as
+			// nghttp2's does not. The value may be sensitive: not named.
+			return ri, malformedRequest(fmt.Sprintf("value of %q starts or ends with whitespace", f.Name))
+		}
 		switch f.Name {
 		case ":method":
 			ri.method = f.Value
 		case ":path":
 			ri.path, path = f.Value, true
+		case ":protocol":
+			// RFC 8441 §3: extended CONNECT's pseudo-header is for a
+			// server that sent SETTINGS_ENABLE_CONNECT_PROTOCOL; we
+			// send none, so to us it is undefined (RFC 9113 §8.3), as
+			// x/net's server finds it. grpc-go ignores pseudo-headers
+			// it does not know: relayed, it passed.
+			return ri, malformedRequest(":protocol without SETTINGS_ENABLE_CONNECT_PROTOCOL")
 		case ":scheme":
 			scheme = f.Value != ""
 		case "content-type":
@@ -174,8 +191,10 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 			ri.timeout, ri.hasTimeout = d, true
 		case "te":
 			// §8.2.2: the one connection-specific field a request may
-			// carry, and only with this value.
-			if f.Value != "trailers" {
+			// carry, and only with this value; an ABNF literal, matched
+			// without regard to case (RFC 5234 §2.3), as grpc-go takes
+			// "Trailers".
+			if !strings.EqualFold(f.Value, "trailers") {
 				return ri, malformedRequest(fmt.Sprintf("te %q: only \"trailers\" is allowed", f.Value))
 			}
 		case "content-length":
@@ -184,6 +203,12 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 				return ri, malformedRequest(fmt.Sprintf("content-length %q", f.Value))
 			}
 			ri.contentLength = int64(n)
+		case "http2-settings":
+			// Connection-specific only when the Connection field names
+			// it (RFC 9110 §7.6.1; h2c upgrade, which RFC 9113 dropped);
+			// not among the fields §8.2.2 makes malformed, and grpc-go
+			// takes it: not relayed, not refused.
+			ri.dropFields = true
 		default:
 			if hopByHop(f.Name) {
 				return ri, malformedRequest(fmt.Sprintf("connection-specific header field %q", f.Name))
@@ -203,9 +228,18 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 		return ri, malformedRequest("missing :scheme")
 	case ri.path == "":
 		return ri, malformedRequest("missing or empty :path")
+	case ri.path[0] != '/' && ri.path != "*":
+		// §8.3.1: an absolute path (or "*"), as x/net's validPseudoPath;
+		// relayed, grpc-go's answer (UNIMPLEMENTED) hid that the proxy
+		// forwarded a malformed request.
+		return ri, malformedRequest(":path is not an absolute path")
 	}
 	return ri, timeoutErr
 }
+
+// isSPHT reports whether c is ASCII SP or HTAB, the whitespace a field
+// value must not start or end with (RFC 9113 §8.2.1).
+func isSPHT(c byte) bool { return c == ' ' || c == '\t' }
 
 // isGRPCContentType reports whether ct is application/grpc or
 // application/grpc+codec / ;params, per the gRPC over HTTP/2 spec.

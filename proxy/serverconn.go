@@ -506,7 +506,11 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		return c.rejectOverLimit(s, failure{kind: failConnBudget, limit: c.bufs.limit}, "a stream over the connection's buffer budget")
 	}
 	room := s.reqRoom[:]
-	s.reqFields = keepFields(&room, f.Fields, hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
+	fields := f.Fields
+	if ri.dropFields {
+		fields = filterFields(fields)
+	}
+	s.reqFields = keepFields(&room, fields, hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
 	s.declLen = ri.contentLength
 	s.reqSize = headerListSize(s.reqFields)
 	c.bufs.add(int(s.reqSize))

@@ -1,0 +1,89 @@
+package proxy_test
+
+import (
+	"context"
+	"sync"
+	"testing"
+
+	"golang.org/x/net/http2"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/streamlb/streamlb/testserver"
+)
+
+// TestAtk7RequestFields: the request fields the differential attack
+// (TestAtk7Differential) found judged otherwise than RFC 9113 judges
+// them. Malformed ones end their stream with RST_STREAM(PROTOCOL_ERROR)
+// and never reach the backend: :protocol without
+// SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441 §3, RFC 9113 §8.3; relayed
+// before), a :path that is not an absolute path (§8.3.1; relayed before,
+// grpc-go's UNIMPLEMENTED hid it), a value with leading or trailing
+// whitespace (§8.2.1; relayed before). Well-formed ones that grpc-go takes
+// are relayed: te "Trailers" (an ABNF literal, case-insensitive, RFC 5234
+// §2.3) and http2-settings (not one of §8.2.2's fields), both reset
+// before; http2-settings is connection-specific and not passed on.
+func TestAtk7RequestFields(t *testing.T) {
+	verifyNoLeaks(t)
+	var mu sync.Mutex
+	got := map[string]metadata.MD{} // by x-row
+	e := newEnv(t, envOpts{backends: 1, tscfg: func(_ int, c *testserver.Config) {
+		c.UnaryCallF = func(ctx context.Context, _ *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+			md, _ := metadata.FromIncomingContext(ctx)
+			mu.Lock()
+			got[md.Get("x-row")[0]] = md
+			mu.Unlock()
+			return &testgrpc.SimpleResponse{}, nil
+		}
+	}})
+	for _, tc := range []struct {
+		name  string
+		block []string // after :method; x-row is added
+		ok    bool
+	}{
+		{"protocol", []string{":scheme", "http", ":path", unaryPath, ":authority", "x", ":protocol", "websocket", "content-type", "application/grpc"}, false},
+		{"relative path", []string{":scheme", "http", ":path", unaryPath[1:], ":authority", "x", "content-type", "application/grpc"}, false},
+		{"leading space", []string{":scheme", "http", ":path", unaryPath, ":authority", "x", "content-type", "application/grpc", "x-a", " v"}, false},
+		{"trailing tab", []string{":scheme", "http", ":path", unaryPath, ":authority", "x", "content-type", "application/grpc", "x-a", "v\t"}, false},
+		{"te Trailers", []string{":scheme", "http", ":path", unaryPath, ":authority", "x", "content-type", "application/grpc", "te", "Trailers"}, true},
+		{"http2-settings", []string{":scheme", "http", ":path", unaryPath, ":authority", "x", "content-type", "application/grpc", "http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"}, true},
+		{"inner space", []string{":scheme", "http", ":path", unaryPath, ":authority", "x", "content-type", "application/grpc", "x-a", "a b"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := dialRaw(t, e.addr)
+			kv := append([]string{":method", "POST"}, tc.block...)
+			r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hpackBlock(append(kv, "x-row", tc.name)...), EndHeaders: true})
+			r.fr.WriteData(1, true, grpcMsg(&testgrpc.SimpleRequest{}))
+			f := r.next(func(f http2.Frame) bool {
+				switch f := f.(type) {
+				case *http2.RSTStreamFrame:
+					return true
+				case *http2.MetaHeadersFrame:
+					return f.StreamEnded()
+				}
+				return false
+			})
+			if !tc.ok {
+				wantRST(http2.ErrCodeProtocol)(t, f)
+				return
+			}
+			h, ok := f.(*http2.MetaHeadersFrame)
+			if !ok || field(h, "grpc-status") != "0" {
+				t.Fatalf("got %v, want the call answered grpc-status 0", f)
+			}
+			mu.Lock()
+			md := got[tc.name]
+			mu.Unlock()
+			if v := md.Get("http2-settings"); len(v) > 0 {
+				t.Errorf("backend got http2-settings %q, want it dropped (connection-specific)", v)
+			}
+		})
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, name := range []string{"protocol", "relative path", "leading space", "trailing tab"} {
+		if _, ok := got[name]; ok {
+			t.Errorf("%s: a malformed request reached the backend's handler", name)
+		}
+	}
+}
