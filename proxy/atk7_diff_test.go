@@ -52,6 +52,13 @@ type atk7Case struct {
 	// makes a connection error.
 	malformed string
 	dataFirst bool
+	selfDep   bool // HEADERS on 3 depends on 3: a stream error (§5.3.1)
+	// lateData marks DATA after the request's END_STREAM: a stream error
+	// (§5.1, half-closed (remote)) that may come before or after the
+	// answer.
+	lateData bool
+	// trailerBad is why the request's trailers make it malformed.
+	trailerBad string
 }
 
 // atk7Field is a header field the generator writes.
@@ -188,16 +195,31 @@ func atk7Gen(r *rand.Rand, id int) atk7Case {
 		fr.WriteData(3, false, msg)
 	}
 	// Where the request ends.
-	shape := r.IntN(9)
-	endOnHeaders := shape == 0
+	shape := r.IntN(11)
+	endOnHeaders := shape == 0 || shape == 9
+	hp := http2.HeadersFrameParam{StreamID: 3, EndStream: endOnHeaders}
+	switch r.IntN(8) {
+	case 0:
+		hp.PadLength = uint8(1 + r.IntN(40))
+		note("HEADERS padded %d", hp.PadLength)
+	case 1:
+		hp.Priority = http2.PriorityParam{StreamDep: 1, Weight: 7}
+		note("HEADERS priority on 1")
+	case 2:
+		hp.Priority = http2.PriorityParam{StreamDep: 3}
+		note("HEADERS depends on itself")
+		c.selfDep = true
+	}
 	split := r.IntN(4) == 0
 	if split && len(block) > 2 {
 		a := 1 + r.IntN(len(block)-1)
 		note("CONTINUATION at %d", a)
-		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: block[:a], EndStream: endOnHeaders})
+		hp.BlockFragment = block[:a]
+		fr.WriteHeaders(hp)
 		fr.WriteContinuation(3, true, block[a:])
 	} else {
-		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: block, EndHeaders: true, EndStream: endOnHeaders})
+		hp.BlockFragment, hp.EndHeaders = block, true
+		fr.WriteHeaders(hp)
 	}
 	switch shape {
 	case 0:
@@ -228,14 +250,35 @@ func atk7Gen(r *rand.Rand, id int) atk7Case {
 		note("empty DATA, DATA+END_STREAM")
 		fr.WriteData(3, false, nil)
 		fr.WriteData(3, true, body[0])
+	case 9:
+		note("END_STREAM on HEADERS, then DATA")
+		c.lateData = true
+		fr.WriteData(3, true, body[0])
+	case 10:
+		kv := pick("X-Trailer", "connection", "te", "grpc-status", "content-length")
+		note("DATA, trailers with %s", kv)
+		switch kv {
+		case "X-Trailer":
+			c.trailerBad = "§8.2.1 upper-case field name in trailers"
+		case "connection":
+			c.trailerBad = "§8.2.2 connection-specific field in trailers"
+		}
+		fr.WriteData(3, false, body[0])
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: hpackBlock(kv, "0"), EndHeaders: true, EndStream: true})
 	case 8:
 		note("DATA, trailers without END_STREAM, empty DATA+END_STREAM")
 		fr.WriteData(3, false, body[0])
 		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: hpackBlock("x-trailer", "v"), EndHeaders: true})
 		fr.WriteData(3, true, nil)
 	}
+	if c.malformed == "" && c.selfDep {
+		c.malformed = "§5.3.1 a stream that depends on itself"
+	}
 	if c.malformed == "" {
 		c.malformed = atk7BodyOracle(all, shape)
+	}
+	if c.malformed == "" {
+		c.malformed = c.trailerBad
 	}
 	if !goodFirst {
 		fr.WriteData(1, true, msg)
@@ -326,8 +369,8 @@ func atk7Oracle(fields []atk7Field) string {
 // well-formed malformed.
 func atk7BodyOracle(fields []atk7Field, shape int) string {
 	n := int64(5)
-	if shape == 0 {
-		n = 0
+	if shape == 0 || shape == 9 {
+		n = 0 // shape 9's DATA comes after END_STREAM (§5.1: a stream error)
 	}
 	var cl []int64
 	for _, f := range fields {
@@ -443,7 +486,7 @@ read:
 // HEADERS do not show: its DATA or trailers make it malformed, after the
 // proxy relayed its HEADERS (and the backend started its handler).
 func atk7BodyLevel(why string) bool {
-	return strings.HasPrefix(why, "§8.1 ") || strings.HasPrefix(why, "§8.1.1 content-length against")
+	return strings.HasPrefix(why, "§8.1 ") || strings.HasPrefix(why, "§8.1.1 content-length against") || strings.Contains(why, "in trailers")
 }
 
 // atk7Refused reports whether the probe was refused by a reset or with its
@@ -586,7 +629,7 @@ func TestAtk7Differential(t *testing.T) {
 	for _, d := range diffs {
 		why := atk7Acceptable(d)
 		if testingVerbose() || why == "" {
-			t.Logf("%v\n  proxy:  %v\n  direct: %v\n  %s", d.c.desc, d.proxy, d.direct, why)
+			t.Logf("%v | proxy: %v | direct: %v | %s", d.c.desc, d.proxy, d.direct, why)
 		}
 		if why == "" {
 			bad++
@@ -611,6 +654,9 @@ func atk7Acceptable(d atk7Diff) string {
 			return "acceptable: DATA on an idle stream is a connection error (RFC 9113 §5.1); grpc-go ignores it"
 		}
 		return ""
+	case c.lateData && c.malformed == "" && p.good == "status 0" && p.conn == "open" &&
+		(strings.HasPrefix(p.probe, "status ") || p.probe == "rst STREAM_CLOSED"):
+		return "acceptable: DATA after END_STREAM is a stream error (RFC 9113 §5.1), which may come before or after the answer"
 	case p.good != "status 0" && g.good == "status 0":
 		return "" // (3) a sibling killed
 	case c.malformed != "" && p.ran && !atk7BodyLevel(c.malformed):

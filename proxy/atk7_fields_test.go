@@ -4,11 +4,13 @@ import (
 	"context"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/net/http2"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/testserver"
 )
 
@@ -84,6 +86,75 @@ func TestAtk7RequestFields(t *testing.T) {
 	for _, name := range []string{"protocol", "relative path", "leading space", "trailing tab"} {
 		if _, ok := got[name]; ok {
 			t.Errorf("%s: a malformed request reached the backend's handler", name)
+		}
+	}
+}
+
+// TestAtk7TrailersMalformed: request trailers with a connection-specific
+// field (RFC 9113 §8.2.2, which holds for any message) or a value with
+// edge whitespace (§8.2.1) make the request malformed: its stream ends
+// with RST_STREAM(PROTOCOL_ERROR) and the backend never sees the request
+// end, so a unary handler never runs. The proxy used to drop the fields
+// and relay the end, completing the malformed request on the backend.
+// Well-formed trailers still end the request.
+func TestAtk7TrailersMalformed(t *testing.T) {
+	verifyNoLeaks(t)
+	var mu sync.Mutex
+	ran := map[string]bool{}
+	e := newEnv(t, envOpts{backends: 1, tscfg: func(_ int, c *testserver.Config) {
+		c.UnaryCallF = func(ctx context.Context, _ *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+			md, _ := metadata.FromIncomingContext(ctx)
+			mu.Lock()
+			ran[md.Get("x-row")[0]] = true
+			mu.Unlock()
+			return &testgrpc.SimpleResponse{}, nil
+		}
+	}})
+	for _, tc := range []struct {
+		name     string
+		trailers []string
+		ok       bool
+	}{
+		{"connection", []string{"connection", "close"}, false},
+		{"transfer-encoding", []string{"transfer-encoding", "chunked"}, false},
+		{"edge space", []string{"x-t", "v "}, false},
+		{"plain", []string{"x-t", "v"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := dialRaw(t, e.addr)
+			r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: requestBlock(unaryPath, "x-row", tc.name), EndHeaders: true})
+			r.fr.WriteData(1, false, grpcMsg(&testgrpc.SimpleRequest{}))
+			r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hpackBlock(tc.trailers...), EndHeaders: true, EndStream: true})
+			f := r.next(func(f http2.Frame) bool {
+				switch f := f.(type) {
+				case *http2.RSTStreamFrame:
+					return true
+				case *http2.MetaHeadersFrame:
+					return f.StreamEnded()
+				}
+				return false
+			})
+			if !tc.ok {
+				wantRST(http2.ErrCodeProtocol)(t, f)
+				return
+			}
+			if h, ok := f.(*http2.MetaHeadersFrame); !ok || field(h, "grpc-status") != "0" {
+				t.Errorf("got %v, want the call answered grpc-status 0", f)
+			}
+		})
+	}
+	// The backend's handler of a reset stream could only run late: a call
+	// after them on the same backend connection, answered, has been
+	// through the backend's reader after their resets.
+	ctx := metadata.AppendToOutgoingContext(testkit.Context(t, 10*time.Second), "x-row", "barrier")
+	if _, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{}); err != nil {
+		t.Fatalf("a call after them: %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, name := range []string{"connection", "transfer-encoding", "edge space"} {
+		if ran[name] {
+			t.Errorf("%s: the handler of a malformed request ran", name)
 		}
 	}
 }

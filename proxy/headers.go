@@ -237,6 +237,25 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 	return ri, timeoutErr
 }
 
+// checkTrailerFields returns a malformedRequest if a request's trailer
+// section carries a connection-specific field (RFC 9113 §8.2.2: any
+// message with one is malformed, trailers too) or a value starting or
+// ending with whitespace (§8.2.1). The trailers' fields are not relayed
+// (gRPC has no request trailers), but the request's end is: a malformed
+// request must not be completed on the backend.
+func checkTrailerFields(fields []hpack.HeaderField) error {
+	for i := range fields {
+		f := &fields[i]
+		if v := f.Value; v != "" && (isSPHT(v[0]) || isSPHT(v[len(v)-1])) {
+			return malformedRequest(fmt.Sprintf("trailer value of %q starts or ends with whitespace", f.Name))
+		}
+		if f.Name != "http2-settings" && hopByHop(f.Name) {
+			return malformedRequest(fmt.Sprintf("connection-specific trailer field %q", f.Name))
+		}
+	}
+	return nil
+}
+
 // isSPHT reports whether c is ASCII SP or HTAB, the whitespace a field
 // value must not start or end with (RFC 9113 §8.2.1).
 func isSPHT(c byte) bool { return c == ' ' || c == '\t' }

@@ -398,6 +398,12 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 			c.mu.Unlock()
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
 		}
+		if err := checkTrailerFields(f.Fields); err != nil {
+			// Malformed as a header section with them would be: the
+			// end of a malformed request is not relayed either.
+			c.mu.Unlock()
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: err}
+		}
 		if s.declLen >= 0 && s.bytesIn != s.declLen {
 			c.mu.Unlock()
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: malformedRequest(fmt.Sprintf("content-length %d, DATA of %d bytes", s.declLen, s.bytesIn))}
