@@ -150,7 +150,7 @@ func atk7Gen(r *rand.Rand, id int) atk7Case {
 			regular[0].name = "x-no-ct"
 		case 13:
 			if i := idx(":method"); i >= 0 {
-				v := pick("GET", "post", "CONNECT", "HEAD", "PUT")
+				v := pick("GET", "post", "CONNECT", "HEAD", "PUT", "OPTIONS")
 				note(":method=%q", v)
 				pseudo[i].value = v
 			}
@@ -362,7 +362,7 @@ func atk7Oracle(fields []atk7Field) string {
 		return "§8.3.1 no :scheme"
 	case path == "":
 		return "§8.3.1 no :path"
-	case path[0] != '/' && path != "*":
+	case path[0] != '/' && (path != "*" || method != "OPTIONS"):
 		return "§8.3.1 :path not an absolute path"
 	}
 	for _, f := range fields {

@@ -19,8 +19,8 @@ import (
 // them. Malformed ones end their stream with RST_STREAM(PROTOCOL_ERROR)
 // and never reach the backend: :protocol without
 // SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441 §3, RFC 9113 §8.3; relayed
-// before), a :path that is not an absolute path (§8.3.1; relayed before,
-// grpc-go's UNIMPLEMENTED hid it), a value with leading or trailing
+// before), a :path that is not an absolute path, or "*" on a POST
+// (§8.3.1; relayed before, grpc-go's UNIMPLEMENTED hid it), a value with leading or trailing
 // whitespace (§8.2.1; relayed before). Well-formed ones that grpc-go takes
 // are relayed: te "Trailers" (an ABNF literal, case-insensitive, RFC 5234
 // §2.3) and http2-settings (not one of §8.2.2's fields), both reset
@@ -45,6 +45,7 @@ func TestAtk7RequestFields(t *testing.T) {
 	}{
 		{"protocol", []string{":scheme", "http", ":path", unaryPath, ":authority", "x", ":protocol", "websocket", "content-type", "application/grpc"}, false},
 		{"relative path", []string{":scheme", "http", ":path", unaryPath[1:], ":authority", "x", "content-type", "application/grpc"}, false},
+		{"asterisk path", []string{":scheme", "http", ":path", "*", ":authority", "x", "content-type", "application/grpc"}, false},
 		{"leading space", []string{":scheme", "http", ":path", unaryPath, ":authority", "x", "content-type", "application/grpc", "x-a", " v"}, false},
 		{"trailing tab", []string{":scheme", "http", ":path", unaryPath, ":authority", "x", "content-type", "application/grpc", "x-a", "v\t"}, false},
 		{"te Trailers", []string{":scheme", "http", ":path", unaryPath, ":authority", "x", "content-type", "application/grpc", "te", "Trailers"}, true},
@@ -83,7 +84,7 @@ func TestAtk7RequestFields(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	for _, name := range []string{"protocol", "relative path", "leading space", "trailing tab"} {
+	for _, name := range []string{"protocol", "relative path", "asterisk path", "leading space", "trailing tab"} {
 		if _, ok := got[name]; ok {
 			t.Errorf("%s: a malformed request reached the backend's handler", name)
 		}

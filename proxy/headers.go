@@ -228,10 +228,11 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 		return ri, malformedRequest("missing :scheme")
 	case ri.path == "":
 		return ri, malformedRequest("missing or empty :path")
-	case ri.path[0] != '/' && ri.path != "*":
-		// §8.3.1: an absolute path (or "*"), as x/net's validPseudoPath;
-		// relayed, grpc-go's answer (UNIMPLEMENTED) hid that the proxy
-		// forwarded a malformed request.
+	case ri.path[0] != '/' && (ri.path != "*" || ri.method != "OPTIONS"):
+		// §8.3.1: an absolute path, or "*" for OPTIONS (RFC 9110
+		// §7.1's asterisk-form), which x/net's validPseudoPath takes
+		// with any method; relayed, grpc-go's answer (UNIMPLEMENTED)
+		// hid that the proxy forwarded a malformed request.
 		return ri, malformedRequest(":path is not an absolute path")
 	}
 	return ri, timeoutErr
