@@ -307,9 +307,9 @@ func atk7Oracle(fields []atk7Field) string {
 		if strings.ContainsAny(f.value, "\x00\r\n") {
 			return "§8.2.1 field value"
 		}
-		if f.value != strings.TrimSpace(f.value) {
-			return "§8.2.1 field value with leading or trailing whitespace"
-		}
+		// A value with leading or trailing whitespace is malformed by
+		// §8.2.1, but relayed by design, as Envoy, HAProxy, x/net and
+		// grpc-go take it (checkTrailerFields): not judged here.
 		if strings.HasPrefix(f.name, ":") {
 			if regular {
 				return "§8.3 pseudo-header after regular field"

@@ -159,13 +159,6 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 	var timeoutErr error
 	for i := range fields {
 		f := &fields[i]
-		if v := f.Value; v != "" && (isSPHT(v[0]) || isSPHT(v[len(v)-1])) {
-			// §8.2.1: a field value must not start or end with SP or
-			// HTAB. The Framer checks only the bytes that are never
-			// allowed (NUL, CR, LF); x/net's server lets this pass, as
-			// nghttp2's does not. The value may be sensitive: not named.
-			return ri, malformedRequest(fmt.Sprintf("value of %q starts or ends with whitespace", f.Name))
-		}
 		switch f.Name {
 		case ":method":
 			ri.method = f.Value
@@ -240,26 +233,26 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 
 // checkTrailerFields returns a malformedRequest if a request's trailer
 // section carries a connection-specific field (RFC 9113 §8.2.2: any
-// message with one is malformed, trailers too) or a value starting or
-// ending with whitespace (§8.2.1). The trailers' fields are not relayed
-// (gRPC has no request trailers), but the request's end is: a malformed
-// request must not be completed on the backend.
+// message with one is malformed, trailers too). The trailers' fields are
+// not relayed (gRPC has no request trailers), but the request's end is: a
+// malformed request must not be completed on the backend.
+//
+// A field value that starts or ends with SP or HTAB is malformed too
+// (§8.2.1), in headers and trailers, but the proxy relays it as it is, as
+// Envoy (which turned nghttp2's check off after it failed real clients,
+// envoyproxy/envoy#23267), HAProxy, x/net's server and grpc-go do: a
+// proxy stricter than the servers behind it breaks clients that work
+// without it, and the value reaches the backend unchanged, so the two
+// cannot disagree on it.
 func checkTrailerFields(fields []hpack.HeaderField) error {
 	for i := range fields {
 		f := &fields[i]
-		if v := f.Value; v != "" && (isSPHT(v[0]) || isSPHT(v[len(v)-1])) {
-			return malformedRequest(fmt.Sprintf("trailer value of %q starts or ends with whitespace", f.Name))
-		}
 		if f.Name != "http2-settings" && hopByHop(f.Name) {
 			return malformedRequest(fmt.Sprintf("connection-specific trailer field %q", f.Name))
 		}
 	}
 	return nil
 }
-
-// isSPHT reports whether c is ASCII SP or HTAB, the whitespace a field
-// value must not start or end with (RFC 9113 §8.2.1).
-func isSPHT(c byte) bool { return c == ' ' || c == '\t' }
 
 // isGRPCContentType reports whether ct is application/grpc or
 // application/grpc+codec / ;params, per the gRPC over HTTP/2 spec.
