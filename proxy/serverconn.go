@@ -297,7 +297,7 @@ func (c *serverConn) streamError(se http2.StreamError) error {
 	if err != nil {
 		return err
 	}
-	return c.resetFromClient(se.StreamID, se.Code, true)
+	return c.resetFromClient(se.StreamID, se.Code, true, se.Cause)
 }
 
 func (c *serverConn) goAwayFatal(code http2.ErrCode, detail error) {
@@ -346,7 +346,7 @@ func (c *serverConn) forgottenLocked(id uint32) h2state {
 
 // onReset implements frameHandler.
 func (c *serverConn) onReset(id uint32, code http2.ErrCode) error {
-	return c.resetFromClient(id, code, false)
+	return c.resetFromClient(id, code, false, nil)
 }
 
 // onGoAway implements frameHandler: the client will open no more streams;
@@ -406,7 +406,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		}
 		if s.declLen >= 0 && s.bytesIn != s.declLen {
 			c.mu.Unlock()
-			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: malformedRequest(fmt.Sprintf("content-length %d, DATA of %d bytes", s.declLen, s.bytesIn))}
+			return s.lengthMismatch()
 		}
 		if a := s.att; a != nil {
 			// gRPC has no request trailers, and a grpc-go server closes
@@ -582,21 +582,21 @@ func (c *serverConn) rejectStream(s *stream, f failure) {
 }
 
 // rejectMalformed ends s, whose request is malformed (RFC 9113 §8.1.1),
-// with RST_STREAM(PROTOCOL_ERROR) instead of an answer: a stream error,
-// as x/net's and grpc-go's servers treat it, which costs the connection a
-// glitch point as any stream error does (past the budget, the connection
-// error is returned). The stream never had a backend side; its call-end
-// report says why it ended.
+// with RST_STREAM(PROTOCOL_ERROR) instead of an answer: the stream error
+// x/net's and grpc-go's servers make of it, handled as any other
+// (streamError: a glitch point, the reset, a call-end report that says
+// why). The stream never had a backend side.
 func (c *serverConn) rejectMalformed(s *stream, why malformedRequest) error {
 	s.sides.Add(1) // no attempt
-	c.mu.Lock()
-	err := c.glitchLocked(1, "malformed request")
-	c.queueCtrlLocked(writeOp{kind: opReset, streamID: s.down.id, code: http2.ErrCodeProtocol})
-	s.result = sentAs(failure{kind: failClientStream, h2code: http2.ErrCodeProtocol, cause: why}.statusErr(), http2.ErrCodeProtocol)
-	c.stepLocked(s, evSendReset)
-	c.mu.Unlock()
-	c.signal()
-	return err
+	return http2.StreamError{StreamID: s.down.id, Code: http2.ErrCodeProtocol, Cause: why}
+}
+
+// lengthMismatch is the stream error of a request whose DATA does not add
+// up to the content-length it declared (RFC 9113 §8.1.1): malformed, as
+// x/net's server finds it; the backend's stream is reset with the
+// client's.
+func (s *stream) lengthMismatch() error {
+	return http2.StreamError{StreamID: s.down.id, Code: http2.ErrCodeProtocol, Cause: malformedRequest(fmt.Sprintf("content-length %d, DATA of %d bytes", s.declLen, s.bytesIn))}
 }
 
 // rejectOverLimit is rejectStream for a stream refused because its
@@ -774,12 +774,9 @@ func (c *serverConn) onData(f *dataFrame) error {
 	s.bytesIn += int64(len(data))
 	s.active = true
 	if s.declLen >= 0 && (s.bytesIn > s.declLen || (end && s.bytesIn != s.declLen)) {
-		// RFC 9113 §8.1.1: DATA that does not add up to the declared
-		// content-length makes the request malformed, as x/net's server
-		// finds it; the backend's stream is reset with the client's.
 		c.mu.Unlock()
 		c.signal() // the connection window was credited
-		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol, Cause: malformedRequest(fmt.Sprintf("content-length %d, DATA of %d bytes", s.declLen, s.bytesIn))}
+		return s.lengthMismatch()
 	}
 	if len(data) == 0 && !end {
 		// Says nothing, and would cost a queue entry per frame toward
@@ -822,7 +819,7 @@ func (c *serverConn) onData(f *dataFrame) error {
 // we detected (sendRST): the stream ends on both sides. A client's reset
 // of a stream whose response has not ended counts towards the rapid-reset
 // limit (calm.go); it returns the connection error once past it.
-func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool) error {
+func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool, cause error) error {
 	c.mu.Lock()
 	if sendRST {
 		c.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: code})
@@ -842,7 +839,7 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 	var err error
 	switch {
 	case !s.down.closed:
-		s.result = s.resetResult(code, sendRST)
+		s.result = s.resetResult(code, sendRST, cause)
 		if !sendRST {
 			err = c.earlyResetLocked(s)
 		}
@@ -852,7 +849,7 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 		// its deadline passed, say): it never saw the backend's
 		// outcome, and the call ends as any call reset unanswered.
 		s.fromBackend = false
-		s.result = s.resetResult(code, sendRST)
+		s.result = s.resetResult(code, sendRST, cause)
 	}
 	a := s.att
 	if sendRST {
@@ -869,13 +866,14 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 }
 
 // resetResult is the outcome of s, reset unanswered with code: by the
-// client (sendRST false), or by us for its stream error.
-func (s *stream) resetResult(code http2.ErrCode, sendRST bool) error {
+// client (sendRST false), or by us for its stream error, which cause says
+// (nil if nothing more than the code).
+func (s *stream) resetResult(code http2.ErrCode, sendRST bool, cause error) error {
 	switch {
 	case sendRST:
 		// Our reset, for a stream error of the client's: it reports the
 		// code we sent, not a reset of its own.
-		return sentAs(failure{kind: failClientStream, h2code: code}.statusErr(), code)
+		return sentAs(failure{kind: failClientStream, h2code: code, cause: cause}.statusErr(), code)
 	case code == http2.ErrCodeCancel && !s.deadline.IsZero() && time.Until(s.deadline) < deadlineSlack:
 		// A gRPC client resets its call with CANCEL when its deadline
 		// passes, a moment before our timer (started on the request's
