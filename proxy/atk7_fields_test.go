@@ -59,15 +59,7 @@ func TestAtk7RequestFields(t *testing.T) {
 			kv := append([]string{":method", "POST"}, tc.block...)
 			r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hpackBlock(append(kv, "x-row", tc.name)...), EndHeaders: true})
 			r.fr.WriteData(1, true, grpcMsg(&testgrpc.SimpleRequest{}))
-			f := r.next(func(f http2.Frame) bool {
-				switch f := f.(type) {
-				case *http2.RSTStreamFrame:
-					return true
-				case *http2.MetaHeadersFrame:
-					return f.StreamEnded()
-				}
-				return false
-			})
+			f := r.streamEnd(1)
 			if !tc.ok {
 				wantRST(http2.ErrCodeProtocol)(t, f)
 				return
@@ -128,15 +120,7 @@ func TestAtk7TrailersMalformed(t *testing.T) {
 			r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: requestBlock(unaryPath, "x-row", tc.name), EndHeaders: true})
 			r.fr.WriteData(1, false, grpcMsg(&testgrpc.SimpleRequest{}))
 			r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hpackBlock(tc.trailers...), EndHeaders: true, EndStream: true})
-			f := r.next(func(f http2.Frame) bool {
-				switch f := f.(type) {
-				case *http2.RSTStreamFrame:
-					return true
-				case *http2.MetaHeadersFrame:
-					return f.StreamEnded()
-				}
-				return false
-			})
+			f := r.streamEnd(1)
 			if !tc.ok {
 				wantRST(http2.ErrCodeProtocol)(t, f)
 				return

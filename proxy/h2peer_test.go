@@ -130,6 +130,21 @@ func (r *rawConn) next(fn func(http2.Frame) bool) http2.Frame {
 	}
 }
 
+// streamEnd reads frames until stream id ends: its RST_STREAM, or its
+// header block with END_STREAM, which it returns.
+func (r *rawConn) streamEnd(id uint32) http2.Frame {
+	r.t.Helper()
+	return r.next(func(f http2.Frame) bool {
+		switch f := f.(type) {
+		case *http2.RSTStreamFrame:
+			return f.StreamID == id
+		case *http2.MetaHeadersFrame:
+			return f.StreamID == id && f.StreamEnded()
+		}
+		return false
+	})
+}
+
 func grpcMsg(m proto.Message) []byte {
 	b, _ := proto.Marshal(m)
 	out := make([]byte, 5+len(b))

@@ -58,23 +58,14 @@ func TestMalformedRequests(t *testing.T) {
 			for i, d := range tc.data {
 				r.fr.WriteData(3, i == len(tc.data)-1, d)
 			}
-			got := r.next(func(f http2.Frame) bool {
-				switch f := f.(type) {
-				case *http2.RSTStreamFrame:
-					return f.StreamID == 3
-				case *http2.MetaHeadersFrame:
-					return f.StreamID == 3
-				}
-				return false
-			})
-			wantRST(http2.ErrCodeProtocol)(t, got)
+			wantRST(http2.ErrCodeProtocol)(t, r.streamEnd(3))
 			// The good call on stream 1 is answered.
 			r.fr.WriteData(1, true, grpcMsg(&testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{{Size: 3}}}))
-			end := r.next(func(f http2.Frame) bool {
-				h, ok := f.(*http2.MetaHeadersFrame)
-				return ok && h.StreamID == 1 && h.StreamEnded()
-			})
-			if s := field(end.(*http2.MetaHeadersFrame), "grpc-status"); s != "0" {
+			end, ok := r.streamEnd(1).(*http2.MetaHeadersFrame)
+			if !ok {
+				t.Fatal("the good call beside it was reset")
+			}
+			if s := field(end, "grpc-status"); s != "0" {
 				t.Errorf("the good call beside it ended with grpc-status %q, want 0", s)
 			}
 			// Only the good call reached the backend.
@@ -110,14 +101,11 @@ func TestContentLengthKept(t *testing.T) {
 					r.fr.WriteData(1, i == len(tc.data)-1, d)
 				}
 			}
-			end := r.next(func(f http2.Frame) bool {
-				if rst, ok := f.(*http2.RSTStreamFrame); ok {
-					t.Fatalf("stream reset: %v", rst.ErrCode)
-				}
-				h, ok := f.(*http2.MetaHeadersFrame)
-				return ok && h.StreamEnded()
-			})
-			if s := field(end.(*http2.MetaHeadersFrame), "grpc-status"); s != "0" {
+			end, ok := r.streamEnd(1).(*http2.MetaHeadersFrame)
+			if !ok {
+				t.Fatal("stream reset")
+			}
+			if s := field(end, "grpc-status"); s != "0" {
 				t.Errorf("grpc-status %q, want 0", s)
 			}
 		})
@@ -126,14 +114,11 @@ func TestContentLengthKept(t *testing.T) {
 	// the backend finds no message in it.
 	r := dialRaw(t, e.addr)
 	r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: requestBlock("/grpc.testing.TestService/UnaryCall", "content-length", "0"), EndHeaders: true, EndStream: true})
-	end := r.next(func(f http2.Frame) bool {
-		if rst, ok := f.(*http2.RSTStreamFrame); ok {
-			t.Fatalf("stream reset: %v", rst.ErrCode)
-		}
-		h, ok := f.(*http2.MetaHeadersFrame)
-		return ok && h.StreamEnded()
-	})
-	if s := field(end.(*http2.MetaHeadersFrame), "grpc-status"); s == "" {
+	end, ok := r.streamEnd(1).(*http2.MetaHeadersFrame)
+	if !ok {
+		t.Fatal("stream reset")
+	}
+	if s := field(end, "grpc-status"); s == "" {
 		t.Errorf("no grpc-status in the answer to an empty request with content-length 0")
 	}
 }

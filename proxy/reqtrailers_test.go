@@ -46,15 +46,7 @@ func TestRequestTrailers(t *testing.T) {
 			r.headers(1, "/grpc.testing.TestService/UnaryCall", false)
 			r.fr.WriteData(1, false, grpcMsg(&testgrpc.SimpleRequest{ResponseSize: 10}))
 			r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hpackBlock(tc.trailers...), EndHeaders: true, EndStream: true})
-			got := r.next(func(f http2.Frame) bool {
-				switch f := f.(type) {
-				case *http2.RSTStreamFrame:
-					return true
-				case *http2.MetaHeadersFrame:
-					return f.StreamEnded()
-				}
-				return false
-			})
+			got := r.streamEnd(1)
 			if tc.wantRST {
 				wantRST(http2.ErrCodeProtocol)(t, got)
 			} else if h, ok := got.(*http2.MetaHeadersFrame); !ok || field(h, "grpc-status") != "0" {
