@@ -134,27 +134,29 @@ func (rt *router) admit(ctx context.Context, fullMethod string) (*route, error) 
 	return r, nil
 }
 
-// PickUpstream is Pick for a call's first attempt (first: it takes a
+// PickUpstream is Pick for a call's first attempt (call nil: it takes a
 // token from the route's rate limit) and PickExcluding for a retry, both
 // avoiding the backends in avoid if another will do, and returns with the backend the routed
 // cluster's Upstream: the dial settings (backend TLS) and retry policy
 // the data plane uses for it. The route and the Upstream come from the
 // same route table, so a reload between two calls never pairs one
 // cluster's backend with another's TLS settings.
-func (rt *router) PickUpstream(ctx context.Context, fullMethod string, first bool, avoid []string) (string, *proxy.Upstream, func(error), error) {
+func (rt *router) PickUpstream(ctx context.Context, fullMethod string, call *proxy.Upstream, avoid []string) (proxy.UpstreamPick, error) {
 	var r *route
 	var err error
-	if first {
+	if call == nil { // the call's first attempt
 		r, err = rt.admit(ctx, fullMethod)
 	} else {
 		r, err = rt.route(ctx, fullMethod)
 	}
 	if err != nil {
-		return "", nil, nil, err
+		return proxy.UpstreamPick{}, err
 	}
 	addr, done, err := r.pick(ctx, fullMethod, avoid)
-	return addr, r.cluster.up, done, err
+	return proxy.UpstreamPick{Addr: addr, Upstream: r.cluster.up, Done: done}, err
 }
+
+var _ proxy.UpstreamPicker = (*router)(nil)
 
 // PickExcluding picks a retry's backend from the routed cluster, avoiding
 // the backends tried. A retry is part of a call already admitted, so it

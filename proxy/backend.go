@@ -911,7 +911,8 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		if a.bClosed {
 			continue
 		}
-		if f, over := b.requestOverPeerLocked(a); over {
+		fields := a.s.attemptFields()
+		if f, over := b.requestOverPeerLocked(fields); over {
 			// Never sent. failDown takes the client connection's mu,
 			// which must not be taken under ours: it runs on its own,
 			// short-lived goroutine (rare: only with a backend that
@@ -935,7 +936,7 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		b.streams[id] = a
 		b.calm.rollLocked(b.pool.srv.now())
 		b.calm.opened++ // the allowance for the backend's stray frames (calm.go)
-		batch = append(batch, writeOp{kind: opHeaders, streamID: id, end: a.s.reqEnd, fields: a.s.reqFields})
+		batch = append(batch, writeOp{kind: opHeaders, streamID: id, end: a.s.reqEnd, fields: fields})
 		b.transport.stepLocked(&a.bst, id, evSendHeaders)
 		if a.s.reqEnd {
 			b.transport.stepLocked(&a.bst, id, evSendEnd)

@@ -4,6 +4,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/net/http2/hpack"
 )
 
 // deadlineTimer is a stream's grpc-timeout timer. Timers are reused from
@@ -50,4 +52,54 @@ func (dt *deadlineTimer) stop() {
 		dt.s.Store(nil)
 		deadlinePool.Put(dt)
 	}
+}
+
+// routeTimeoutLocked applies the timeout d of the route s's first pick
+// named (UpstreamPick.Timeout): the call's deadline becomes the route's
+// if that comes before the client's own. One deadline, so one timer
+// (startDeadline) serves both. Called under cc.mu before any backend sees
+// the stream.
+func (s *stream) routeTimeoutLocked(d time.Duration) {
+	s.routeTimeout = d
+	if dl := time.Now().Add(d); s.deadline.IsZero() || dl.Before(s.deadline) {
+		s.deadline, s.routeDeadline = dl, true
+	}
+}
+
+// deadlineFailure is the failure of s when its deadline passes: the
+// client's grpc-timeout, or the route's timeout.
+func (s *stream) deadlineFailure() failure {
+	if s.routeDeadline {
+		return failure{kind: failRouteTimeout, method: s.method, limit: int64(s.routeTimeout)}
+	}
+	return failure{kind: failDeadline, method: s.method}
+}
+
+// attemptFields returns the request headers an attempt of s sends its
+// backend: reqFields as they are, or, on a route with a timeout, with a
+// grpc-timeout of what is left of the call's deadline, so that the
+// backend gives up when the proxy does (Envoy sets grpc-timeout to its
+// route timeout the same way). That copy is the one allocation a route
+// timeout costs per attempt; reqFields itself stays as received, for the
+// next attempt to count down from its own moment.
+func (s *stream) attemptFields() []hpack.HeaderField {
+	if s.routeTimeout == 0 {
+		return s.reqFields
+	}
+	v := formatTimeout(time.Until(s.deadline))
+	out := make([]hpack.HeaderField, 0, len(s.reqFields)+1)
+	set := false
+	for _, f := range s.reqFields {
+		if f.Name == "grpc-timeout" {
+			if set {
+				continue // the last one counted (parseRequest); one goes
+			}
+			f.Value, set = v, true
+		}
+		out = append(out, f)
+	}
+	if !set {
+		out = append(out, hpack.HeaderField{Name: "grpc-timeout", Value: v})
+	}
+	return out
 }

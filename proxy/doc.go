@@ -29,5 +29,8 @@
 // Picker over several groups of backends with their own dial settings and
 // retry policies (the clusters of a configuration file) implements
 // UpstreamPicker and names each pick's Upstream; the frame engine pools
-// backend connections per Upstream and address (upstream.go).
+// backend connections per Upstream and address (upstream.go). Such a pick
+// may also carry its route's timeout (UpstreamPick.Timeout), which both
+// engines enforce on the call's one deadline, the client's grpc-timeout's
+// if that is earlier.
 package proxy

@@ -56,6 +56,54 @@ func FuzzParseTimeout(f *testing.F) {
 	})
 }
 
+// TestFormatTimeout: formatTimeout writes what parseTimeout reads back
+// as at most the duration given, within a unit of its own (the rounding
+// down to the finest unit that fits 8 digits).
+func TestFormatTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		in   time.Duration
+		want string
+	}{
+		{in: 0, want: "0n"},
+		{in: -time.Second, want: "0n"},
+		{in: 7, want: "7n"},
+		{in: 99999999, want: "99999999n"},
+		{in: 100 * time.Millisecond, want: "100000u"},
+		{in: 200*time.Millisecond + 999, want: "200000u"},
+		{in: 2 * time.Minute, want: "120000m"},
+		{in: 30 * time.Hour, want: "108000S"},
+		{in: time.Duration(1<<63 - 1), want: "2562047H"},
+	} {
+		got := formatTimeout(tc.in)
+		if got != tc.want {
+			t.Errorf("formatTimeout(%v) = %q, want %q", tc.in, got, tc.want)
+		}
+		back, err := parseTimeout(got)
+		if err != nil || back > max(tc.in, 0) {
+			t.Errorf("parseTimeout(formatTimeout(%v) = %q) = %v, %v; want at most %v", tc.in, got, back, err, tc.in)
+		}
+	}
+}
+
+func FuzzFormatTimeout(f *testing.F) {
+	for _, d := range []int64{0, 7, 99999999, 100000000, int64(time.Hour), 1<<63 - 1} {
+		f.Add(d)
+	}
+	f.Fuzz(func(t *testing.T, n int64) {
+		d := time.Duration(n)
+		v := formatTimeout(d)
+		back, err := parseTimeout(v)
+		if err != nil {
+			t.Fatalf("formatTimeout(%v) = %q, which parseTimeout refuses: %v", d, v, err)
+		}
+		if d > 0 && (back > d || d-back > d/100_000) {
+			// Floored to the finest unit that fits 8 digits: the next
+			// finer one did not, so the unit is at most d/10^5.
+			t.Errorf("formatTimeout(%v) = %q = %v: more than it, or more than a unit below", d, v, back)
+		}
+	})
+}
+
 func TestClassifyPreface(t *testing.T) {
 	cases := []struct {
 		in   string

@@ -136,15 +136,16 @@ func (b *backendConn) releaseHeldHeadersLocked(a *attempt) {
 	}
 }
 
-// requestOverPeerLocked reports whether the request headers of a are over
-// the backend's advertised limit; openLocked then ends the attempt without
-// sending it (failRequestHeadersOverPeer). Caller must hold b.mu.
-func (b *backendConn) requestOverPeerLocked(a *attempt) (failure, bool) {
+// requestOverPeerLocked reports whether the request headers of an
+// attempt, fields, are over the backend's advertised limit; openLocked
+// then ends the attempt without sending it (failRequestHeadersOverPeer).
+// Caller must hold b.mu.
+func (b *backendConn) requestOverPeerLocked(fields []hpack.HeaderField) (failure, bool) {
 	limit := b.peerMaxHeaders
 	if limit == 0 {
 		return failure{}, false
 	}
-	n := headerListSize(a.s.reqFields)
+	n := headerListSize(fields)
 	if n <= limit {
 		return failure{}, false
 	}

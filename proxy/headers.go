@@ -312,6 +312,26 @@ func parseTimeout(v string) (time.Duration, error) {
 	return time.Duration(n) * unit, nil
 }
 
+// formatTimeout is d as a grpc-timeout value, rounded down to the finest
+// unit whose count fits the spec's 8 digits (as grpc-go's encodeTimeout,
+// which rounds up): never more than d. Zero or less is "0n".
+func formatTimeout(d time.Duration) string {
+	if d <= 0 {
+		return "0n"
+	}
+	units := [...]struct {
+		d time.Duration
+		c byte
+	}{{time.Nanosecond, 'n'}, {time.Microsecond, 'u'}, {time.Millisecond, 'm'}, {time.Second, 'S'}, {time.Minute, 'M'}, {time.Hour, 'H'}}
+	var b [9]byte
+	for _, u := range units {
+		if n := d / u.d; n < 1e8 {
+			return string(append(strconv.AppendInt(b[:0], int64(n), 10), u.c))
+		}
+	}
+	return "99999999H" // beyond time.Duration's range; unreachable
+}
+
 // encodeGRPCMessage percent-encodes a status message as the gRPC over
 // HTTP/2 spec requires: bytes outside 0x20–0x7E, and '%', become %XX.
 func encodeGRPCMessage(msg string) string {

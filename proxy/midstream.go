@@ -96,7 +96,7 @@ func (c *serverConn) endStatusLocked(s *stream, f failure) {
 // client still go when the proxy ends the call for f (endStatusLocked).
 func (f failure) keepsQueued() bool {
 	switch f.kind {
-	case failDeadline, failRequestIdle, failShuttingDown:
+	case failDeadline, failRouteTimeout, failRequestIdle, failShuttingDown:
 		return false
 	}
 	return true

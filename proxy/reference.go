@@ -124,6 +124,12 @@ type doneHolder struct {
 	proxyErr error
 	pickErr  error
 	upstream string // the Upstream an UpstreamPicker named
+	// routeTimeout is the pick's UpstreamPick.Timeout when it bounds the
+	// backend call before the client's deadline would, routeDeadline when
+	// it passes, and cancel releases that backend context's timer.
+	routeTimeout  time.Duration
+	routeDeadline time.Time
+	cancel        context.CancelFunc
 }
 
 // refConn is the client connection to one backend, with why the engine
@@ -205,8 +211,21 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	defer cancel()
 	defer context.AfterFunc(r.cut, cancel)()
 	err := handler(srv, &holderStream{ServerStream: ss, ctx: context.WithValue(ctx, doneKey{}, h)})
+	if h.cancel != nil {
+		h.cancel()
+	}
 	// proxyStatus: the proxy made err (CallInfo.ProxyStatus).
 	proxyStatus := err != nil && err == h.proxyErr
+	if err != nil && h.routeTimeout > 0 && ss.Context().Err() == nil && time.Until(h.routeDeadline) < deadlineSlack {
+		// The backend call's context ran out at the route's timeout
+		// (grpc-go's client: DEADLINE_EXCEEDED, "context deadline
+		// exceeded"), or the backend, sent what was left of it as its
+		// grpc-timeout, reset the stream a moment before (CANCEL): say
+		// which deadline it was, as the frame engine does.
+		if c := status.Code(err); c == codes.DeadlineExceeded || c == codes.Canceled {
+			err, proxyStatus = failure{kind: failRouteTimeout, method: info.FullMethod, limit: int64(h.routeTimeout)}.statusErr(), true
+		}
+	}
 	if err != nil && r.cut.Err() != nil && ss.Context().Err() == nil {
 		err, proxyStatus = failure{kind: failShuttingDown}.statusErr(), true
 	}
@@ -286,7 +305,7 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 		// loopHeader); nothing else bounds one here.
 		return fail(failure{kind: failLoop, method: fullMethod})
 	}
-	addr, done, err := r.pick(ctx, fullMethod, h)
+	addr, done, timeout, err := r.pick(ctx, fullMethod, h)
 	if err != nil {
 		h.pickErr = err
 		return fail(failure{kind: failNoBackend, method: fullMethod, cause: err})
@@ -300,6 +319,17 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 	h.cc = cc
 	out := md.Copy()
 	out.Append(loopHeader, r.hopID)
+	// grpc-go's client sends the backend the time left of the outgoing
+	// context's deadline as grpc-timeout: the client's (ctx derives from
+	// the server stream's), or the route's timeout if that is earlier.
+	// The handler's cancel of that context on its expiry resets the
+	// backend stream with CANCEL.
+	if timeout > 0 {
+		if d, ok := ctx.Deadline(); !ok || time.Until(d) > timeout {
+			h.routeTimeout, h.routeDeadline = timeout, time.Now().Add(timeout)
+			ctx, h.cancel = context.WithDeadline(ctx, h.routeDeadline)
+		}
+	}
 	return metadata.NewOutgoingContext(ctx, out), cc, nil
 }
 
@@ -309,16 +339,20 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 // its backend when the call ended, a call outliving its cluster (a reload
 // removed it) was logged with none, or with another cluster that has the
 // same backend.
-func (r *Reference) pick(ctx context.Context, fullMethod string, h *doneHolder) (string, func(error), error) {
+//
+// It also returns the pick's UpstreamPick.Timeout: this engine makes one
+// attempt, so the first pick is the call's only one.
+func (r *Reference) pick(ctx context.Context, fullMethod string, h *doneHolder) (string, func(error), time.Duration, error) {
 	up, ok := r.picker.(UpstreamPicker)
 	if !ok {
-		return r.picker.Pick(ctx, fullMethod)
+		addr, done, err := r.picker.Pick(ctx, fullMethod)
+		return addr, done, 0, err
 	}
-	addr, u, done, err := up.PickUpstream(ctx, fullMethod, true, nil)
-	if u != nil {
-		h.upstream = u.name
+	pk, err := up.PickUpstream(ctx, fullMethod, nil, nil)
+	if pk.Upstream != nil {
+		h.upstream = pk.Upstream.name
 	}
-	return addr, done, err
+	return pk.Addr, pk.Done, pk.Timeout, err
 }
 
 func (r *Reference) conn(addr string) (*refConn, error) {

@@ -38,7 +38,8 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 	var refused *failure // the last pick the pool refused without trying it
 	for {
 		s.attempts++
-		addr, up, done, err := c.pickLocked(s)
+		pk, err := c.pickLocked(s)
+		addr, up, done := pk.Addr, pk.Upstream, pk.Done
 		if err != nil {
 			// No backend was picked: no attempt (CallInfo.Attempts), so
 			// a retry that found none is not counted as one.
@@ -79,6 +80,9 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			s.retryable = up.retryable(s.method)
 			if c.srv.cfg.RetryBufferSize > 0 {
 				s.maxRetries = up.maxRetries
+			}
+			if pk.Timeout > 0 {
+				s.routeTimeoutLocked(pk.Timeout)
 			}
 		}
 		a := &s.first
@@ -178,35 +182,38 @@ const repickLimit = 3
 // pickLocked picks the backend of s's next attempt: any for the first,
 // one not yet tried for a retry, so that a retry does not land on the
 // backend that just refused the call (Envoy's previous_hosts predicate).
-// up is the Upstream an UpstreamPicker named, nil otherwise. Caller must
-// hold mu.
+// The pick's Upstream is the one an UpstreamPicker named, nil otherwise.
+// Caller must hold mu.
 //
 // Every attempt also avoids the backends that advertise
 // SETTINGS_MAX_CONCURRENT_STREAMS=0 (pool.avoid), which the pool would
 // refuse: they are not picked, rather than picked, refused and picked
 // again, and come back to the picks as soon as they raise the limit.
-func (c *serverConn) pickLocked(s *stream) (addr string, up *Upstream, done func(error), err error) {
+func (c *serverConn) pickLocked(s *stream) (UpstreamPick, error) {
 	ctx := c.pickContext(s.reqFields)
 	if up := c.srv.upPicker; up != nil {
-		return up.PickUpstream(ctx, s.method, len(s.tried) == 0, c.srv.pool.avoid(s.tried))
+		// s.up is nil until the call's first pick succeeded.
+		return up.PickUpstream(ctx, s.method, s.up, c.srv.pool.avoid(s.tried))
 	}
 	p := c.srv.cfg.Picker
 	avoid := c.srv.pool.avoid(s.tried)
+	var pk UpstreamPick
+	var err error
 	if len(avoid) == 0 {
-		addr, done, err = p.Pick(ctx, s.method)
-		return addr, nil, done, err
+		pk.Addr, pk.Done, err = p.Pick(ctx, s.method)
+		return pk, err
 	}
 	if rp, ok := p.(RetryPicker); ok {
-		addr, done, err = rp.PickExcluding(ctx, s.method, avoid)
-		return addr, nil, done, err
+		pk.Addr, pk.Done, err = rp.PickExcluding(ctx, s.method, avoid)
+		return pk, err
 	}
 	for i := 1; ; i++ {
-		addr, done, err = p.Pick(ctx, s.method)
-		if err != nil || i == repickLimit || !slices.Contains(avoid, addr) {
-			return addr, nil, done, err
+		pk.Addr, pk.Done, err = p.Pick(ctx, s.method)
+		if err != nil || i == repickLimit || !slices.Contains(avoid, pk.Addr) {
+			return pk, err
 		}
-		if done != nil {
-			done(failure{kind: failRepicked, backend: addr}.statusErr())
+		if pk.Done != nil {
+			pk.Done(failure{kind: failRepicked, backend: pk.Addr}.statusErr())
 		}
 	}
 }

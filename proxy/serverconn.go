@@ -533,11 +533,12 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		s.deadline = time.Now().Add(ri.timeout)
 	}
 	fail, ok := c.startAttemptLocked(s, nil)
-	if ok && ri.hasTimeout && !s.cst.ended() {
+	if ok && !s.deadline.IsZero() && !s.cst.ended() {
 		// Under the same hold of mu as the attempt's start: the client side
 		// cannot end before mu is released, so the stream's end
 		// (sideClosed) finds the timer to stop. An expiry that comes first
-		// waits for mu in deadlineExceeded.
+		// waits for mu in deadlineExceeded. The deadline is the earlier of
+		// grpc-timeout's and the route's (routeTimeoutLocked), if any.
 		s.timer = startDeadline(s, time.Until(s.deadline)) // the pick took some of it
 	}
 	c.mu.Unlock()
@@ -659,16 +660,17 @@ func (c *serverConn) failDown(a *attempt, f failure) {
 	c.signal()
 }
 
-// deadlineExceeded runs on the stream's timer when grpc-timeout passes
-// before the call ends: the client gets DEADLINE_EXCEEDED and the backend
-// stream is cancelled.
+// deadlineExceeded runs on the stream's timer when its deadline (the
+// client's grpc-timeout, or its route's timeout) passes before the call
+// ends: the client gets DEADLINE_EXCEEDED and the backend stream is
+// cancelled.
 func (c *serverConn) deadlineExceeded(s *stream) {
 	// One critical section, so a retry switching attempts meanwhile cannot
 	// make the deadline miss: whatever attempt is current now is cut.
 	c.mu.Lock()
 	a := s.att
 	if !s.down.closed && !s.cst.ended() {
-		c.failLocked(s, failure{kind: failDeadline, method: s.method})
+		c.failLocked(s, s.deadlineFailure())
 	}
 	c.mu.Unlock()
 	c.signal()
@@ -874,11 +876,12 @@ func (s *stream) resetResult(code http2.ErrCode, sendRST bool, cause error) erro
 		// Our reset, for a stream error of the client's: it reports the
 		// code we sent, not a reset of its own.
 		return sentAs(failure{kind: failClientStream, h2code: code, cause: cause}.statusErr(), code)
-	case code == http2.ErrCodeCancel && !s.deadline.IsZero() && time.Until(s.deadline) < deadlineSlack:
+	case code == http2.ErrCodeCancel && !s.deadline.IsZero() && !s.routeDeadline && time.Until(s.deadline) < deadlineSlack:
 		// A gRPC client resets its call with CANCEL when its deadline
 		// passes, a moment before our timer (started on the request's
 		// arrival) would: the call ended for its deadline, as the client
-		// reports it, not for the client giving up.
+		// reports it, not for the client giving up. (Not when the
+		// deadline is its route's: the client's own is later.)
 		return failure{kind: failDeadline, method: s.method}.statusErr()
 	}
 	return failure{kind: failClientReset}.statusErr()
@@ -996,10 +999,11 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		return
 	}
 	if code == http2.ErrCodeCancel && !s.deadline.IsZero() && time.Until(s.deadline) < deadlineSlack {
-		// The backend enforces the same grpc-timeout and cancelled the
-		// stream as it ran out, a moment before our own timer: the client
-		// is owed DEADLINE_EXCEEDED, not a bare reset.
-		c.failLocked(s, failure{kind: failDeadline, method: s.method})
+		// The backend enforces the same grpc-timeout (or the route's
+		// remaining time, attemptFields) and cancelled the stream as it
+		// ran out, a moment before our own timer: the client is owed
+		// DEADLINE_EXCEEDED, not a bare reset.
+		c.failLocked(s, s.deadlineFailure())
 		return
 	}
 	s.result = failure{kind: failBackendReset, backend: a.bc.addr, h2code: code}.statusErr()

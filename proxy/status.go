@@ -68,6 +68,10 @@ const (
 	failHandshake
 	// failDeadline: the call's grpc-timeout passed.
 	failDeadline
+	// failRouteTimeout: the timeout of the call's route passed
+	// (UpstreamPick.Timeout; limit, as a time.Duration), before the
+	// client's own deadline if it has one.
+	failRouteTimeout
 	// failClientReset: the client reset the stream.
 	failClientReset
 	// failClientGone: the client connection ended with the call open.
@@ -283,6 +287,8 @@ func statusOf(f failure) (*status.Status, int) {
 		return status.Newf(codes.Unavailable, "streamlb: forwarding loop: %s came back to this proxy %d times (its %s header names it); a backend of its cluster is this proxy, or a proxy that forwards to it", f.method, maxLoopPasses, loopHeader), http.StatusOK
 	case failDeadline:
 		return status.New(codes.DeadlineExceeded, "streamlb: deadline exceeded (grpc-timeout) waiting for "+f.method), http.StatusOK
+	case failRouteTimeout:
+		return status.Newf(codes.DeadlineExceeded, "streamlb: route timeout %v exceeded waiting for %s", time.Duration(f.limit), f.method), http.StatusOK
 	case failRequestIdle:
 		return status.Newf(codes.DeadlineExceeded, "streamlb: request idle for %v: no DATA or END_STREAM from the client", time.Duration(f.limit)*time.Millisecond), http.StatusOK
 	case failClientReset:

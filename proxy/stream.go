@@ -36,6 +36,15 @@ type stream struct {
 	up         *Upstream // its retry policy and budget
 	retryable  bool      // method opted in to retries of UNAVAILABLE
 	maxRetries int       // further attempts allowed
+	// deadline is the call's: from grpc-timeout, set before the first
+	// pick, or the route's if that is earlier (routeTimeoutLocked); zero
+	// when none. routeTimeout is the timeout of the route the first pick
+	// named (UpstreamPick.Timeout), 0 if none: each attempt's backend is
+	// then sent what is left of deadline as its grpc-timeout
+	// (attemptFields). routeDeadline: deadline is the route's.
+	deadline      time.Time
+	routeTimeout  time.Duration
+	routeDeadline bool
 
 	// Client side, guarded by cc.mu.
 	down        sendQueue     // toward the client
@@ -46,7 +55,6 @@ type stream struct {
 	rstCode     http2.ErrCode // its code
 	result      error         // outcome reported to done
 	att         *attempt      // current backend attempt; nil when none was made
-	deadline    time.Time     // from grpc-timeout; zero when none
 	attempts    int           // attempts made so far
 	tried       []string      // backends of the attempts made, in order
 	bytesIn     int64         // DATA payload received from the client

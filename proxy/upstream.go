@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"time"
 )
 
 // An Upstream is the dial and retry settings of a group of backends: one
@@ -114,20 +115,42 @@ func (u *Upstream) retryable(method string) bool {
 // UpstreamPicker is an optional interface of a Picker whose backends
 // belong to groups with their own dial and retry settings (the clusters of
 // a configuration file). When the Server's Picker implements it, the
-// Server calls PickUpstream instead of Pick and PickExcluding: first says
-// whether this is a call's first attempt (which a rate limit admits), and
-// avoid lists the backends not to pick if another will do: for a retry
-// the addresses the call already tried, as for RetryPicker, and for every
-// attempt the backends that take no stream now (SETTINGS_MAX_CONCURRENT_STREAMS
-// of 0 on every connection). It returns, with the pick, the
-// Upstream of the backend picked; nil means the Server's own. With an
-// error it may still return the Upstream of the group that had no backend
-// to give, which the call's CallInfo then names. The call's
-// retry policy is the Upstream of its first pick; every attempt dials
-// with the Upstream of its own pick. The contract is otherwise Pick's:
-// it must not block or do I/O.
+// Server calls PickUpstream instead of Pick and PickExcluding, for every
+// attempt of a call. call is nil for a call's first attempt (which a rate
+// limit admits) and, for a retry, the Upstream of the call's first pick:
+// a Picker that chose among several groups for the call (a route's
+// weighted clusters) keeps its retries in the group it chose. avoid lists
+// the backends not to pick if another will do: for a retry the addresses
+// the call already tried, as for RetryPicker, and for every attempt the
+// backends that take no stream now (SETTINGS_MAX_CONCURRENT_STREAMS of 0
+// on every connection). The answer names, with the backend, its
+// Upstream; see UpstreamPick. The call's retry policy is the Upstream of
+// its first pick; every attempt dials with the Upstream of its own pick.
+// The contract is otherwise Pick's: it must not block or do I/O.
 type UpstreamPicker interface {
-	PickUpstream(ctx context.Context, fullMethod string, first bool, avoid []string) (addr string, up *Upstream, done func(error), err error)
+	PickUpstream(ctx context.Context, fullMethod string, call *Upstream, avoid []string) (UpstreamPick, error)
+}
+
+// UpstreamPick is an UpstreamPicker's answer for one attempt of a call.
+type UpstreamPick struct {
+	// Addr is the backend picked.
+	Addr string
+	// Upstream is the group Addr was picked from; nil means the Server's
+	// own. With an error it may still name the group that had no backend
+	// to give, which the call's CallInfo then names.
+	Upstream *Upstream
+	// Done, if not nil, is called once when the attempt ends, as Pick's
+	// done.
+	Done func(error)
+	// Timeout, if positive, bounds the whole call, retries included, from
+	// its first pick (read from that pick only): a route's timeout, as
+	// Envoy's route timeout, gRPC-aware as its max_grpc_timeout. The
+	// call's deadline is the earlier of the client's (grpc-timeout) and
+	// this one; every attempt's backend is sent a grpc-timeout of what is
+	// left of it. When this one passes first, the client gets
+	// DEADLINE_EXCEEDED saying it was the route's timeout, and the
+	// backend stream is cancelled, as for the client's own deadline.
+	Timeout time.Duration
 }
 
 // DrainUpstream retires up and drains the backend connections opened for

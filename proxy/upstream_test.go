@@ -28,10 +28,12 @@ func (p *upstreamPicker) Pick(context.Context, string) (string, func(error), err
 	panic("the Server must call PickUpstream")
 }
 
-func (p *upstreamPicker) PickUpstream(_ context.Context, _ string, _ bool, tried []string) (string, *proxy.Upstream, func(error), error) {
+func (p *upstreamPicker) PickUpstream(_ context.Context, _ string, _ *proxy.Upstream, tried []string) (proxy.UpstreamPick, error) {
 	addr, up := p.pick(tried)
-	return addr, up, nil, nil
+	return proxy.UpstreamPick{Addr: addr, Upstream: up}, nil
 }
+
+var _ proxy.UpstreamPicker = (*upstreamPicker)(nil)
 
 // countingUpstream returns an Upstream named name whose Dial counts its
 // dials in n.
