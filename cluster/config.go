@@ -230,11 +230,13 @@ func ParseFile(name string, data []byte) (*File, error) {
 // discardLogger takes the logs of the clusters built only to check them.
 var discardLogger = slog.New(slog.DiscardHandler)
 
-// yamlInType matches the Go type names in yaml.v3's messages, and
-// yamlLineRE the line number that starts each.
+// yamlInType matches the Go type names in yaml.v3's messages,
+// yamlLineRE the line number that starts each, and yamlValueRE the value
+// a "cannot unmarshal" message quotes.
 var (
-	yamlInType = regexp.MustCompile(` in type [\w.]+`)
-	yamlLineRE = regexp.MustCompile(`^line (\d+): `)
+	yamlInType  = regexp.MustCompile(` in type [\w.]+`)
+	yamlLineRE  = regexp.MustCompile(`^line (\d+): `)
+	yamlValueRE = regexp.MustCompile("cannot unmarshal \\S+ `([^`]*)`")
 )
 
 func parseFile(data []byte) (*File, error) {
@@ -270,7 +272,16 @@ func cleanYAMLError(root *yaml.Node, err error) error {
 		m = strings.ReplaceAll(m, "into time.Duration", "as a duration (like 1s or 250ms)")
 		if sm := yamlLineRE.FindStringSubmatch(m); sm != nil && root != nil {
 			line, _ := strconv.Atoi(sm[1])
-			if path := pathAtLine(root, line); path != "" && !strings.Contains(m, "field ") {
+			// The value the message quotes tells apart the fields of a
+			// line in flow style ({name: a, weight: 0.5}).
+			path := ""
+			if vm := yamlValueRE.FindStringSubmatch(m); vm != nil {
+				path = pathAtLine(root, line, vm[1])
+			}
+			if path == "" {
+				path = pathAtLine(root, line, "")
+			}
+			if path != "" && !strings.Contains(m, "field ") {
 				m = fmt.Sprintf("line %d: %s: %s", line, path, m[len(sm[0]):])
 			}
 		}
@@ -279,9 +290,13 @@ func cleanYAMLError(root *yaml.Node, err error) error {
 	return errors.New(strings.Join(msgs, "; "))
 }
 
-// pathAtLine returns the path (as fieldName writes it) of the value that
-// starts at line, or "" if none does.
-func pathAtLine(root *yaml.Node, line int) string {
+// pathAtLine returns the path (as fieldName writes it) of the scalar value
+// that starts at line, the first whose value is value if that is not "",
+// or "" if none does.
+func pathAtLine(root *yaml.Node, line int, value string) string {
+	at := func(v *yaml.Node) bool {
+		return v.Kind == yaml.ScalarNode && v.Line == line && (value == "" || v.Value == value)
+	}
 	var walk func(n *yaml.Node, path []any) []any
 	walk = func(n *yaml.Node, path []any) []any {
 		switch n.Kind {
@@ -295,7 +310,7 @@ func pathAtLine(root *yaml.Node, line int) string {
 			for i := 0; i+1 < len(n.Content); i += 2 {
 				k, v := n.Content[i], n.Content[i+1]
 				p := append(append([]any(nil), path...), k.Value)
-				if v.Kind == yaml.ScalarNode && v.Line == line {
+				if at(v) {
 					return p
 				}
 				if q := walk(v, p); q != nil {
@@ -305,7 +320,7 @@ func pathAtLine(root *yaml.Node, line int) string {
 		case yaml.SequenceNode:
 			for i, v := range n.Content {
 				p := append(append([]any(nil), path...), i)
-				if v.Kind == yaml.ScalarNode && v.Line == line {
+				if at(v) {
 					return p
 				}
 				if q := walk(v, p); q != nil {

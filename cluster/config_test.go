@@ -75,6 +75,7 @@ func TestParseFileErrors(t *testing.T) {
 		{name: "etcd password_env unset", replace: [2]string{"    dns_refresh: 10s", "    dns_refresh: 10s\n    etcd: {username: lb, password_env: STREAMLB_TEST_SURELY_UNSET}"}, want: []string{"line 18:", "clusters[1].etcd.password_env", "STREAMLB_TEST_SURELY_UNSET is not set"}},
 		{name: "zookeeper cert without key", replace: [2]string{"    dns_refresh: 10s", "    dns_refresh: 10s\n    zookeeper: {cert: a.pem}"}, want: []string{"line 18:", "clusters[1].zookeeper", "cert and key go together"}},
 		{name: "etcd CA missing", replace: [2]string{"[127.0.0.1:9003]", "[\"etcd://127.0.0.1:1/svc\"]\n    etcd: {ca: /nonexistent/ca.pem}"}, want: []string{"clusters[1]", "/nonexistent/ca.pem"}},
+		{name: "bad value in flow style", replace: [2]string{"  - cluster: users", "  - {cluster: users, rate_limit: {rate: fast}}"}, want: []string{"line 27:", "routes[2].rate_limit.rate", "cannot unmarshal"}},
 		{name: "syntax", replace: [2]string{"listen: 127.0.0.1:0", "listen: [127.0.0.1:0"}, want: []string{"line"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
