@@ -32,7 +32,17 @@ var quiet = slog.New(slog.DiscardHandler)
 // stopped at cleanup.
 func startBackend(t testing.TB, name, addr string) *testserver.Server {
 	t.Helper()
-	ts, err := testserver.New(testserver.Config{Name: name, Logger: quiet})
+	return startBackendConfig(t, testserver.Config{Name: name}, addr)
+}
+
+// startBackendConfig is startBackend for a testserver configured by cfg
+// (its Logger quiet if nil).
+func startBackendConfig(t testing.TB, cfg testserver.Config, addr string) *testserver.Server {
+	t.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = quiet
+	}
+	ts, err := testserver.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -173,12 +173,51 @@ type fileRoute struct {
 		MethodPrefix string        `yaml:"method_prefix"`
 		Headers      []headerMatch `yaml:"headers"`
 	} `yaml:"match"`
-	Cluster   string `yaml:"cluster"`
+	// Cluster names the one cluster the route's calls go to; Clusters,
+	// instead, several, each call going to one of them at random in
+	// proportion to their weights (Envoy's weighted_clusters).
+	Cluster  string            `yaml:"cluster"`
+	Clusters []weightedCluster `yaml:"clusters"`
+	// Timeout bounds each call on the route, with the client's own
+	// deadline if that is earlier (Envoy's route timeout); 0: none.
+	Timeout   time.Duration `yaml:"timeout"`
 	RateLimit *struct {
 		Rate  float64 `yaml:"rate"`
 		Burst int     `yaml:"burst"`
 	} `yaml:"rate_limit"`
 }
+
+// weightedCluster is one of a route's weighted clusters. Weight is
+// required, so that a weight left out is an error rather than a cluster
+// silently taking no calls.
+type weightedCluster struct {
+	Name   string       `yaml:"name"`
+	Weight *routeWeight `yaml:"weight"`
+}
+
+// routeWeight is a weighted cluster's weight: a YAML integer only, where
+// yaml.v3 would truncate a float into an int (0.5 to 0: a cluster
+// silently given no calls).
+type routeWeight int
+
+func (w *routeWeight) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!int" {
+		// A TypeError, which the decoder collects with its own: the
+		// message gains the field's path (cleanYAMLError).
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: cannot unmarshal %s `%s` as a weight (a whole number)", n.Line, n.ShortTag(), n.Value)}}
+	}
+	var v int
+	if err := n.Decode(&v); err != nil {
+		return err
+	}
+	*w = routeWeight(v)
+	return nil
+}
+
+// maxTotalWeight bounds the sum of a route's weights, as Envoy bounds
+// its total_weight to a uint32: the draw is an int, also on 32-bit
+// platforms.
+const maxTotalWeight = math.MaxInt32
 
 // headerMatch matches one request header: its first value equals Exact,
 // starts with Prefix, or (Present) the header is there at all. Exactly
@@ -489,8 +528,11 @@ func (f *File) check(root *yaml.Node) error {
 	}
 	routeNames := map[string]bool{}
 	for i, r := range f.Routes {
-		if !names[r.Cluster] {
-			return errAt(fmt.Sprintf("unknown cluster %q", r.Cluster), "routes", i, "cluster")
+		if err := checkRouteClusters(r, names, errAt, i); err != nil {
+			return err
+		}
+		if r.Timeout < 0 {
+			return errAt("must not be negative (0: no route timeout)", "routes", i, "timeout")
 		}
 		if name := f.routeName(i); routeNames[name] {
 			return errAt(fmt.Sprintf("route %q is defined twice", name), "routes", i, "name")
@@ -533,6 +575,50 @@ func (f *File) check(root *yaml.Node) error {
 				return errAt("must be at most 2147483647 (2^31-1)", "routes", i, "rate_limit", "burst")
 			}
 		}
+	}
+	return nil
+}
+
+// checkRouteClusters checks where route i sends its calls: one known
+// cluster, or known weighted clusters, each once, whose weights are not
+// negative and add up to more than 0.
+func checkRouteClusters(r fileRoute, names map[string]bool, errAt func(string, ...any) error, i int) error {
+	switch {
+	case r.Cluster != "" && r.Clusters != nil:
+		return errAt("give cluster or clusters, not both", "routes", i, "clusters")
+	case r.Clusters == nil:
+		if r.Cluster == "" {
+			return errAt("required: a cluster, or clusters with weights", "routes", i, "cluster")
+		}
+		if !names[r.Cluster] {
+			return errAt(fmt.Sprintf("unknown cluster %q", r.Cluster), "routes", i, "cluster")
+		}
+		return nil
+	case len(r.Clusters) == 0:
+		return errAt("at least one weighted cluster is required", "routes", i, "clusters")
+	}
+	seen := map[string]bool{}
+	total := 0
+	for j, wc := range r.Clusters {
+		switch {
+		case wc.Name == "":
+			return errAt("required", "routes", i, "clusters", j, "name")
+		case !names[wc.Name]:
+			return errAt(fmt.Sprintf("unknown cluster %q", wc.Name), "routes", i, "clusters", j, "name")
+		case seen[wc.Name]:
+			return errAt(fmt.Sprintf("cluster %q is listed twice", wc.Name), "routes", i, "clusters", j, "name")
+		case wc.Weight == nil:
+			return errAt("required: a whole number, 0 or more (0: no calls)", "routes", i, "clusters", j, "weight")
+		case *wc.Weight < 0:
+			return errAt("must not be negative", "routes", i, "clusters", j, "weight")
+		case int(*wc.Weight) > maxTotalWeight-total:
+			return errAt(fmt.Sprintf("the route's weights must add up to at most %d", maxTotalWeight), "routes", i, "clusters", j, "weight")
+		}
+		seen[wc.Name] = true
+		total += int(*wc.Weight)
+	}
+	if total == 0 {
+		return errAt("the weights add up to 0: at least one must be above 0", "routes", i, "clusters")
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/streamlb/streamlb/cluster"
 )
@@ -51,6 +52,26 @@ func TestParseFileGood(t *testing.T) {
 	}
 }
 
+// TestParseFileRouteSplitAndTimeout: a route with weighted clusters and
+// a timeout parses, and builds with either engine.
+func TestParseFileRouteSplitAndTimeout(t *testing.T) {
+	t.Parallel()
+	for _, engine := range cluster.Engines() {
+		data := strings.Replace(goodConfig, "  - cluster: users", "  - clusters: [{name: users, weight: 9}, {name: canary, weight: 1}]\n    timeout: 2s", 1)
+		f, err := cluster.ParseFile("good.yaml", []byte("engine: "+engine+"\n"+data))
+		if err != nil {
+			t.Fatalf("%s: ParseFile: %v", engine, err)
+		}
+		r := f.Routes[2]
+		if len(r.Clusters) != 2 || r.Clusters[1].Name != "canary" || r.Timeout != 2*time.Second {
+			t.Errorf("%s: route parsed as %+v, want two weighted clusters and timeout 2s", engine, r)
+		}
+		if _, err := cluster.NewServer(f.ServerConfig()); err != nil {
+			t.Errorf("%s: NewServer(ServerConfig()) = %v", engine, err)
+		}
+	}
+}
+
 // TestParseFileErrors checks that each error names the line and the field.
 func TestParseFileErrors(t *testing.T) {
 	t.Parallel()
@@ -75,6 +96,19 @@ func TestParseFileErrors(t *testing.T) {
 		{name: "etcd password_env unset", replace: [2]string{"    dns_refresh: 10s", "    dns_refresh: 10s\n    etcd: {username: lb, password_env: STREAMLB_TEST_SURELY_UNSET}"}, want: []string{"line 18:", "clusters[1].etcd.password_env", "STREAMLB_TEST_SURELY_UNSET is not set"}},
 		{name: "zookeeper cert without key", replace: [2]string{"    dns_refresh: 10s", "    dns_refresh: 10s\n    zookeeper: {cert: a.pem}"}, want: []string{"line 18:", "clusters[1].zookeeper", "cert and key go together"}},
 		{name: "etcd CA missing", replace: [2]string{"[127.0.0.1:9003]", "[\"etcd://127.0.0.1:1/svc\"]\n    etcd: {ca: /nonexistent/ca.pem}"}, want: []string{"clusters[1]", "/nonexistent/ca.pem"}},
+		{name: "cluster and clusters", replace: [2]string{"  - cluster: users", "  - cluster: users\n    clusters: [{name: users, weight: 1}]"}, want: []string{"line 28:", "routes[2].clusters", "not both"}},
+		{name: "neither cluster nor clusters", replace: [2]string{"  - cluster: users", "  - name: last"}, want: []string{"line 27:", "routes[2].cluster", "required"}},
+		{name: "empty clusters", replace: [2]string{"  - cluster: users", "  - clusters: []"}, want: []string{"line 27:", "routes[2].clusters", "at least one"}},
+		{name: "zero total weight", replace: [2]string{"  - cluster: users", "  - clusters: [{name: users, weight: 0}, {name: canary, weight: 0}]"}, want: []string{"line 27:", "routes[2].clusters", "add up to 0"}},
+		{name: "unknown weighted cluster", replace: [2]string{"  - cluster: users", "  - clusters: [{name: users, weight: 9}, {name: canry, weight: 1}]"}, want: []string{"line 27:", "routes[2].clusters[1].name", `unknown cluster "canry"`}},
+		{name: "weighted cluster twice", replace: [2]string{"  - cluster: users", "  - clusters: [{name: users, weight: 9}, {name: users, weight: 1}]"}, want: []string{"routes[2].clusters[1].name", `"users" is listed twice`}},
+		{name: "negative weight", replace: [2]string{"  - cluster: users", "  - clusters: [{name: users, weight: -1}, {name: canary, weight: 1}]"}, want: []string{"line 27:", "routes[2].clusters[0].weight", "negative"}},
+		{name: "weight left out", replace: [2]string{"  - cluster: users", "  - clusters:\n      - {name: users, weight: 1}\n      - {name: canary}"}, want: []string{"line 29:", "routes[2].clusters[1].weight", "required"}},
+		{name: "weights over the total", replace: [2]string{"  - cluster: users", "  - clusters: [{name: users, weight: 2147483647}, {name: canary, weight: 1}]"}, want: []string{"routes[2].clusters[1].weight", "at most 2147483647"}},
+		{name: "fractional weight", replace: [2]string{"  - cluster: users", "  - clusters: [{name: users, weight: 0.5}]"}, want: []string{"line 27:", "routes[2].clusters[0].weight"}},
+		{name: "negative timeout", replace: [2]string{"  - cluster: users", "  - cluster: users\n    timeout: -1s"}, want: []string{"line 28:", "routes[2].timeout", "negative"}},
+		{name: "bad timeout", replace: [2]string{"  - cluster: users", "  - cluster: users\n    timeout: soon"}, want: []string{"line 28:", "routes[2].timeout", "duration"}},
+		{name: "bad timeout in flow style", replace: [2]string{"  - cluster: users", "  - {cluster: users, timeout: soon}"}, want: []string{"line 27:", "routes[2].timeout", "duration"}},
 		{name: "bad value in flow style", replace: [2]string{"  - cluster: users", "  - {cluster: users, rate_limit: {rate: fast}}"}, want: []string{"line 27:", "routes[2].rate_limit.rate", "cannot unmarshal"}},
 		{name: "syntax", replace: [2]string{"listen: 127.0.0.1:0", "listen: [127.0.0.1:0"}, want: []string{"line"}},
 	} {

@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"math"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -26,6 +27,13 @@ import (
 // incoming gRPC metadata: the server lists the matched header names in
 // proxy.Config.PickMetadata. A Pick error carrying a gRPC status (no
 // route, rate limited) is answered to the client with that status.
+//
+// A route with weighted clusters draws one of them per call (one IntN,
+// no lock, no allocation) and answers with that cluster's Upstream; the
+// data plane hands that Upstream back with each retry (the call argument
+// of PickUpstream), so a call's retries stay in the cluster first drawn.
+// A route's timeout goes to the data plane with every pick
+// (UpstreamPick.Timeout), which bounds the call by it.
 
 // router is the proxy.Picker, proxy.RetryPicker and proxy.UpstreamPicker
 // of a server with a configuration file: the frame engine calls
@@ -34,6 +42,17 @@ import (
 // methods are safe for concurrent use.
 type router struct {
 	table atomic.Pointer[routeTable]
+	// rand draws a route's weighted cluster; nil means math/rand/v2's
+	// global source. Set before the router is used; called concurrently.
+	rand interface{ IntN(n int) int }
+}
+
+// intN is rand.IntN, or math/rand/v2's.
+func (rt *router) intN(n int) int {
+	if rt.rand != nil {
+		return rt.rand.IntN(n)
+	}
+	return rand.IntN(n)
 }
 
 // routeTable is one configuration's routes, in order. It is never
@@ -48,16 +67,54 @@ type routeTable struct {
 	byName   map[string]*Cluster
 }
 
-// route sends the calls it matches to one cluster's picker.
+// route sends the calls it matches to one cluster's picker, or to one of
+// its weighted clusters'.
 type route struct {
 	name    string
 	service string // "/pkg.Service/" or ""
 	prefix  string // method prefix or ""
 	headers []headerMatch
-	cluster *Cluster
-	picker  proxy.Picker
+	// dests are the route's clusters: its one, or its weighted ones in
+	// the file's order; total is the sum of their weights, 0 for a route
+	// with one cluster (no draw).
+	dests   []dest
+	total   int
+	timeout time.Duration      // 0: none
 	limit   *tokenBucket       // nil: no rate limit
 	limited prometheus.Counter // nil if metrics are off
+}
+
+// dest is one cluster of a route.
+type dest struct {
+	cluster *Cluster
+	picker  proxy.Picker
+	upTo    int // the running sum of the route's weights, through this one
+}
+
+// choose returns the cluster of a call on r: the route's one; for a
+// retry (call, the Upstream of the call's first pick, not nil) the
+// weighted cluster of that name if r still lists it; else one drawn in
+// proportion to the weights (a cluster of weight 0 never is).
+func (r *route) choose(rt *router, call *proxy.Upstream) *dest {
+	if r.total == 0 {
+		return &r.dests[0]
+	}
+	if call != nil {
+		// By name: a reload may have rebuilt the cluster (a new
+		// Upstream), and the retry still belongs to it.
+		for i := range r.dests {
+			if r.dests[i].cluster.name == call.Name() {
+				return &r.dests[i]
+			}
+		}
+	}
+	x := rt.intN(r.total)
+	for i := range r.dests {
+		if x < r.dests[i].upTo {
+			return &r.dests[i]
+		}
+	}
+	return &r.dests[len(r.dests)-1] // unreachable: x < total = the last upTo
 }
 
 // matches reports whether r takes a call to fullMethod with metadata md.
@@ -102,85 +159,86 @@ func (t *routeTable) match(ctx context.Context, fullMethod string) *route {
 	return nil
 }
 
-// Pick routes the call and asks the route's cluster for a backend. A call
-// no route takes fails with UNIMPLEMENTED, as Envoy answers a gRPC call
-// without a route; a call over its route's rate limit fails at once with
-// RESOURCE_EXHAUSTED.
+// Pick routes the call and asks the route's cluster (one drawn, with
+// weighted clusters) for a backend. A call no route takes fails with
+// UNIMPLEMENTED, as Envoy answers a gRPC call without a route; a call
+// over its route's rate limit fails at once with RESOURCE_EXHAUSTED.
 func (rt *router) Pick(ctx context.Context, fullMethod string) (string, func(error), error) {
-	r, err := rt.admit(ctx, fullMethod)
+	r, err := rt.route(ctx, fullMethod)
 	if err != nil {
 		return "", nil, err
 	}
-	return r.picker.Pick(ctx, fullMethod)
+	d := r.choose(rt, nil)
+	if err := r.admit(d); err != nil {
+		return "", nil, err
+	}
+	return d.picker.Pick(ctx, fullMethod)
 }
 
-// admit routes a call's first attempt and takes a token of the route's
-// rate limit.
-func (rt *router) admit(ctx context.Context, fullMethod string) (*route, error) {
-	r, err := rt.route(ctx, fullMethod)
-	if err != nil {
-		return nil, err
-	}
+// admit takes a token of r's rate limit for a call's first attempt, to go
+// to d.
+func (r *route) admit(d *dest) error {
 	if r.limit != nil && !r.limit.allow() {
 		if r.limited != nil {
 			r.limited.Inc()
 		}
-		return nil, &proxy.PickLimitError{
+		return &proxy.PickLimitError{
 			Status:   status.Newf(codes.ResourceExhausted, "streamlb: route %s: rate limit exceeded", r.name),
 			Limit:    LimitRateLimit,
-			Upstream: r.cluster.name,
+			Upstream: d.cluster.name,
 		}
 	}
-	return r, nil
+	return nil
 }
 
 // PickUpstream is Pick for a call's first attempt (call nil: it takes a
-// token from the route's rate limit) and PickExcluding for a retry, both
-// avoiding the backends in avoid if another will do, and returns with the backend the routed
-// cluster's Upstream: the dial settings (backend TLS) and retry policy
-// the data plane uses for it. The route and the Upstream come from the
-// same route table, so a reload between two calls never pairs one
-// cluster's backend with another's TLS settings.
+// token from the route's rate limit) and PickExcluding for a retry, which
+// stays in the cluster of call, the Upstream of the call's first pick,
+// if the route still has it (see route.choose); both avoid the backends
+// in avoid if another will do. It answers with the backend the routed
+// cluster's Upstream, the dial settings (backend TLS) and retry policy
+// the data plane uses for it, and the route's timeout. The route and the
+// Upstream come from the same route table, so a reload between two calls
+// never pairs one cluster's backend with another's TLS settings.
 func (rt *router) PickUpstream(ctx context.Context, fullMethod string, call *proxy.Upstream, avoid []string) (proxy.UpstreamPick, error) {
-	var r *route
-	var err error
-	if call == nil { // the call's first attempt
-		r, err = rt.admit(ctx, fullMethod)
-	} else {
-		r, err = rt.route(ctx, fullMethod)
-	}
+	r, err := rt.route(ctx, fullMethod)
 	if err != nil {
 		return proxy.UpstreamPick{}, err
 	}
-	addr, done, err := r.pick(ctx, fullMethod, avoid)
-	return proxy.UpstreamPick{Addr: addr, Upstream: r.cluster.up, Done: done}, err
+	d := r.choose(rt, call)
+	if call == nil {
+		if err := r.admit(d); err != nil {
+			return proxy.UpstreamPick{}, err
+		}
+	}
+	addr, done, err := d.pick(ctx, fullMethod, avoid)
+	return proxy.UpstreamPick{Addr: addr, Upstream: d.cluster.up, Done: done, Timeout: r.timeout}, err
 }
 
-var _ proxy.UpstreamPicker = (*router)(nil)
-
-// PickExcluding picks a retry's backend from the routed cluster, avoiding
-// the backends tried. A retry is part of a call already admitted, so it
-// takes no token from the rate limit.
+// PickExcluding picks a retry's backend from the routed cluster (one
+// drawn anew, with weighted clusters: only PickUpstream knows the call's
+// first), avoiding the backends tried. A retry is part of a call already
+// admitted, so it takes no token from the rate limit.
 func (rt *router) PickExcluding(ctx context.Context, fullMethod string, tried []string) (string, func(error), error) {
 	r, err := rt.route(ctx, fullMethod)
 	if err != nil {
 		return "", nil, err
 	}
-	return r.pick(ctx, fullMethod, tried)
+	return r.choose(rt, nil).pick(ctx, fullMethod, tried)
 }
 
-// pick asks r's cluster for a backend, avoiding tried if not empty.
-func (r *route) pick(ctx context.Context, fullMethod string, tried []string) (string, func(error), error) {
+// pick asks d's cluster for a backend, avoiding tried if not empty.
+func (d *dest) pick(ctx context.Context, fullMethod string, tried []string) (string, func(error), error) {
 	if len(tried) == 0 {
-		return r.picker.Pick(ctx, fullMethod)
+		return d.picker.Pick(ctx, fullMethod)
 	}
-	if p, ok := r.picker.(proxy.RetryPicker); ok {
+	if p, ok := d.picker.(proxy.RetryPicker); ok {
 		return p.PickExcluding(ctx, fullMethod, tried)
 	}
 	// The cluster's picker cannot exclude (the metered wrapper before it
 	// learned to): ask it again a few times, as the proxy would.
 	for i := 1; ; i++ {
-		addr, done, err := r.picker.Pick(ctx, fullMethod)
+		addr, done, err := d.picker.Pick(ctx, fullMethod)
 		if err != nil || i == retryRepicks || !slices.Contains(tried, addr) {
 			return addr, done, err
 		}
@@ -255,17 +313,33 @@ func buildTable(f *File, clusters map[string]*Cluster, old *routeTable, limited 
 	}
 	t := &routeTable{byName: map[string]*Cluster{}}
 	for i, fr := range f.Routes {
-		c := clusters[fr.Cluster]
-		if t.byName[c.name] == nil {
-			t.byName[c.name] = c
-			t.clusters = append(t.clusters, c)
-		}
 		r := &route{
 			name:    f.routeName(i),
 			prefix:  fr.Match.MethodPrefix,
 			headers: slices.Clone(fr.Match.Headers),
-			cluster: c,
-			picker:  c.Picker(),
+			timeout: fr.Timeout,
+		}
+		if fr.Clusters == nil {
+			c := clusters[fr.Cluster]
+			r.dests = []dest{{cluster: c, picker: c.Picker()}}
+		} else {
+			total := 0
+			for _, wc := range fr.Clusters {
+				c := clusters[wc.Name]
+				total += int(*wc.Weight)
+				r.dests = append(r.dests, dest{cluster: c, picker: c.Picker(), upTo: total})
+			}
+			if len(r.dests) > 1 {
+				r.total = total
+			}
+		}
+		for _, d := range r.dests {
+			// A cluster of weight 0 too: a retry may still go to it
+			// (route.choose), and its calls are counted by name.
+			if c := d.cluster; t.byName[c.name] == nil {
+				t.byName[c.name] = c
+				t.clusters = append(t.clusters, c)
+			}
 		}
 		if s := strings.Trim(fr.Match.Service, "/"); s != "" {
 			r.service = "/" + s + "/"
