@@ -32,7 +32,10 @@ import (
 // re-executed with benchChildEnv set) so that its CPU time can be read
 // from /proc apart from the client's and the backends'. They report
 // proxy-µs/call and proxy-ms/MiB: CPU time (user+system) the proxy
-// process spent per call or per MiB relayed.
+// process spent per call or per MiB relayed; and proxy-allocs/op and
+// proxy-B/op: the proxy process's heap allocations per op and their
+// bytes (runtime.MemStats Mallocs and TotalAlloc; B/op and allocs/op are
+// the benchmark process's, client and backends).
 //
 //	go test -run '^$' -bench Unary -benchtime 20000x ./proxy/
 //	go test -run '^$' -bench Stream -benchtime 300x ./proxy/
@@ -133,7 +136,7 @@ func runBenchChild(spec string) int {
 	for sc.Scan() {
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
-		fmt.Println(ms.Mallocs)
+		fmt.Println(ms.Mallocs, ms.TotalAlloc)
 	}
 	srv.Close()
 	return 0
@@ -147,8 +150,8 @@ type child struct {
 	addr   string
 }
 
-// mallocs returns the child's heap allocations so far.
-func (c *child) mallocs(b testing.TB) uint64 {
+// mallocs returns the child's heap allocations so far, and their bytes.
+func (c *child) mallocs(b testing.TB) (n, bytes uint64) {
 	b.Helper()
 	if _, err := io.WriteString(c.stdin, "\n"); err != nil {
 		b.Fatal(err)
@@ -157,11 +160,10 @@ func (c *child) mallocs(b testing.TB) uint64 {
 	if err != nil {
 		b.Fatal(err)
 	}
-	n, err := strconv.ParseUint(strings.TrimSpace(line), 10, 64)
-	if err != nil {
+	if _, err := fmt.Sscan(line, &n, &bytes); err != nil {
 		b.Fatal(err)
 	}
-	return n
+	return n, bytes
 }
 
 func startChild(b testing.TB, engine string, backends []string) *child {
@@ -287,9 +289,9 @@ func benchCalls(b *testing.B, paths []string, warmup, conc int, bytes int64, uni
 			call := mk(testgrpc.NewTestServiceClient(cc))
 			runLoad(b, warmup, conc, call) // warm up connections and pools
 			var before time.Duration
-			var allocs uint64
+			var allocs, allocBytes uint64
 			if c != nil {
-				allocs = c.mallocs(b)
+				allocs, allocBytes = c.mallocs(b)
 				before = c.cpu(b)
 			}
 			b.SetBytes(bytes)
@@ -298,7 +300,9 @@ func benchCalls(b *testing.B, paths []string, warmup, conc int, bytes int64, uni
 			b.StopTimer()
 			if c != nil {
 				b.ReportMetric(float64(c.cpu(b)-before)/float64(unit)/float64(b.N), metric)
-				b.ReportMetric(float64(c.mallocs(b)-allocs)/float64(b.N), "proxy-allocs/op")
+				n, bytes := c.mallocs(b)
+				b.ReportMetric(float64(n-allocs)/float64(b.N), "proxy-allocs/op")
+				b.ReportMetric(float64(bytes-allocBytes)/float64(b.N), "proxy-B/op")
 			}
 		})
 	}
