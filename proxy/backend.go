@@ -1009,7 +1009,7 @@ type pool struct {
 }
 
 // retain drains the connections of every backend not in keep, within
-// Config.DrainTimeout. A retired Upstream's connections are left alone:
+// Config.DrainTimeout, and forgets their restarts (markRestarting). A retired Upstream's connections are left alone:
 // the union of the live sets loses the backends of a cluster that a
 // reload removed, and those carry their calls to their end (see
 // Server.DrainUpstream); RetainUpstreamBackends still bounds them.
@@ -1027,6 +1027,15 @@ func (p *pool) retain(keep map[string]bool) {
 	for addr, n := range p.inflight {
 		if !keep[addr] && n.Load() == 0 {
 			delete(p.inflight, addr)
+		}
+	}
+	// A backend that left every set is not dialed again: its restart,
+	// if it was one, no longer matters, and in a rolling restart, where
+	// each pod sends GOAWAY and leaves for good, the notes would pile up
+	// for the life of the process.
+	for addr := range p.goneAt {
+		if !keep[addr] {
+			delete(p.goneAt, addr)
 		}
 	}
 }

@@ -97,3 +97,12 @@ func (s *Server) ParkedConns() int { return s.parker.parked() }
 // PbufDebug reports whether the package is built with -tags pbufdebug
 // (pbufdebug.go), whose freed buffers are kept: heap figures mean nothing.
 const PbufDebug = pbufDebug
+
+// RestartingBackends reports how many backend addresses the pool holds
+// as restarting (a graceful GOAWAY not yet followed by a handshake), for
+// tests.
+func (s *Server) RestartingBackends() int {
+	s.pool.mu.Lock()
+	defer s.pool.mu.Unlock()
+	return len(s.pool.goneAt)
+}
