@@ -153,9 +153,10 @@ func TestProxyCommand(t *testing.T) {
 
 // logRecord is what the tests read of a JSON log line.
 type logRecord struct {
-	Msg  string `json:"msg"`
-	Addr string `json:"addr"`
-	Key  string `json:"key"`
+	Msg   string `json:"msg"`
+	Addr  string `json:"addr"`
+	Key   string `json:"key"`
+	Level string `json:"level"`
 }
 
 // appRun is the app running one command line in a goroutine of its own,
