@@ -775,6 +775,25 @@ func runChaos(t *testing.T, chaosFor time.Duration) {
 			hup := step%16 == 1
 			r.writeConfig(hup)
 			counts["reloads"]++
+			if step%16 == 5 {
+				// A burst of SIGHUPs: reloads of an unchanged file and
+				// access log reopenings, one after the other.
+				for range 10 {
+					r.p.cmd.Process.Signal(syscall.SIGHUP)
+					time.Sleep(10 * time.Millisecond)
+				}
+				counts["sighup bursts"]++
+			}
+			if step%24 == 1 {
+				// The service has no pods for a moment: an empty answer
+				// empties the set (calls fail fast), then they are back.
+				from := time.Now()
+				r.dns.SetSRV(chaosSRV)
+				time.Sleep(time.Duration(200+rand.IntN(300)) * time.Millisecond)
+				r.publishDyn()
+				r.event(chaosEvent{from: from, to: time.Now(), kind: "empty", cluster: "dyn"})
+				counts["dyn emptied"]++
+			}
 		case 2:
 			r.roll("stat", rand.IntN(3), "graceful")
 			counts["stat rolled"]++
@@ -992,6 +1011,14 @@ func runChaos(t *testing.T, chaosFor time.Duration) {
 				e.from.Before(f.end) && e.to.After(f.start.Add(-100*time.Millisecond))
 		}) {
 			explained[fmt.Sprintf("UNAVAILABLE around a hard kill: %s %s", f.kind, chaosShort(f.err))]++
+			continue
+		}
+		// While the set is empty (and a refresh, 150 ms, after), new
+		// calls fail fast with UNAVAILABLE; calls in flight go on.
+		if f.code == codes.Unavailable && slices.ContainsFunc(r.events, func(e chaosEvent) bool {
+			return e.kind == "empty" && e.cluster == f.cluster && f.start.After(e.from) && f.start.Before(e.to.Add(time.Second))
+		}) {
+			explained[fmt.Sprintf("UNAVAILABLE while the set was empty: %s %s", f.kind, chaosShort(f.err))]++
 			continue
 		}
 		if os.Getenv("STREAMLB_SOAK_ENGINE") == "grpc-proxy" && f.code == codes.Unavailable && strings.Contains(f.err, "connection refused") {
