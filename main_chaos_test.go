@@ -61,7 +61,8 @@ import (
 // STREAMLB_SOAK_ENGINE=grpc-proxy runs the reference engine instead (which
 // retries nothing, so a refused call is not counted against it), and
 // STREAMLB_SOAK_PROFILES=DIR saves the proxy's heap profiles before and
-// after the churn, for go tool pprof -base.
+// after the churn, for go tool pprof -base; STREAMLB_SOAK_CLIENTS=N runs N
+// steady clients instead of 6 (and N/3 churning ones).
 func TestChaosSoak(t *testing.T) {
 	d := 5 * time.Second
 	if os.Getenv("STREAMLB_SOAK") == "1" {
@@ -686,7 +687,10 @@ func runChaos(t *testing.T, chaosFor time.Duration) {
 		}()
 	}
 	// Steady clients, each on a connection of its own.
-	const steady, churn = 6, 2
+	steady, churn := 6, 2
+	if n, err := strconv.Atoi(os.Getenv("STREAMLB_SOAK_CLIENTS")); err == nil && n > 0 {
+		steady, churn = n, max(2, n/3)
+	}
 	for i := range steady {
 		wg.Add(1)
 		go func() {
