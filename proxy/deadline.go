@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // deadlineTimer is a stream's grpc-timeout timer. Timers are reused from
@@ -73,6 +75,21 @@ func (s *stream) deadlineFailure() failure {
 		return failure{kind: failRouteTimeout, method: s.method, limit: int64(s.routeTimeout)}
 	}
 	return failure{kind: failDeadline, method: s.method}
+}
+
+// routeTimedOut reports whether fields, a backend's final header block
+// for s, are the backend giving up on the route's timeout: s's deadline
+// is its route's, it is less than deadlineSlack away, and the status is
+// DEADLINE_EXCEEDED (or CANCELLED, as the grpc-proxy engine takes it).
+// The backend was sent what was left of that deadline as its
+// grpc-timeout (attemptFields), so its own timer runs out at about the
+// moment ours does, and first when ours runs late.
+func (s *stream) routeTimedOut(fields []hpack.HeaderField) bool {
+	if !s.routeDeadline || time.Until(s.deadline) >= deadlineSlack {
+		return false
+	}
+	code := status.Code(outcome(fields))
+	return code == codes.DeadlineExceeded || code == codes.Canceled
 }
 
 // attemptFields returns the request headers an attempt of s sends its

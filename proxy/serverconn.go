@@ -942,6 +942,22 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 			a.bc.resetUp(a, http2.ErrCodeCancel)
 			return true
 		}
+		if it.end && s.routeTimedOut(it.fields) {
+			// The backend gave up on the grpc-timeout it was sent, what
+			// was left of the route's timeout, a moment before our own
+			// timer: the client is owed the route's timeout, as when the
+			// backend resets the stream then (backendReset), and as the
+			// grpc-proxy engine says it.
+			clear(it.fields)
+			cancelUp := !s.cst.recvEnded()
+			c.failLocked(s, s.deadlineFailure())
+			c.mu.Unlock()
+			c.signal()
+			if cancelUp {
+				a.bc.resetUp(a, http2.ErrCodeCancel)
+			}
+			return true
+		}
 		if it.end {
 			s.result = outcome(it.fields)
 			c.noteBackendStatusLocked(s, it.fields)
