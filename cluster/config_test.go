@@ -109,6 +109,11 @@ func TestParseFileErrors(t *testing.T) {
 		{name: "negative timeout", replace: [2]string{"  - cluster: users", "  - cluster: users\n    timeout: -1s"}, want: []string{"line 28:", "routes[2].timeout", "negative"}},
 		{name: "bad timeout", replace: [2]string{"  - cluster: users", "  - cluster: users\n    timeout: soon"}, want: []string{"line 28:", "routes[2].timeout", "duration"}},
 		{name: "bad timeout in flow style", replace: [2]string{"  - cluster: users", "  - {cluster: users, timeout: soon}"}, want: []string{"line 27:", "routes[2].timeout", "duration"}},
+		// yaml.v3 quotes a value of more than 10 bytes cut to its first
+		// 7 and "...": the field is still the one whose value starts so,
+		// not the line's first (routes[2].cluster, routes[2].clusters[0].name).
+		{name: "long bad timeout in flow style", replace: [2]string{"  - cluster: users", "  - {cluster: users, timeout: 3000000000h}"}, want: []string{"line 27:", "routes[2].timeout:", "duration"}},
+		{name: "weight over int64 in flow style", replace: [2]string{"  - cluster: users", "  - clusters: [{name: users, weight: 9223372036854775808}]"}, want: []string{"line 27:", "routes[2].clusters[0].weight:", "cannot unmarshal"}},
 		{name: "bad value in flow style", replace: [2]string{"  - cluster: users", "  - {cluster: users, rate_limit: {rate: fast}}"}, want: []string{"line 27:", "routes[2].rate_limit.rate", "cannot unmarshal"}},
 		{name: "syntax", replace: [2]string{"listen: 127.0.0.1:0", "listen: [127.0.0.1:0"}, want: []string{"line"}},
 	} {
