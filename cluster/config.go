@@ -331,10 +331,16 @@ func cleanYAMLError(root *yaml.Node, err error) error {
 
 // pathAtLine returns the path (as fieldName writes it) of the scalar value
 // that starts at line, the first whose value is value if that is not "",
-// or "" if none does.
+// or "" if none does. A value as yaml.v3 quotes one of more than 10 bytes,
+// its first 7 and "...", matches the values that start so.
 func pathAtLine(root *yaml.Node, line int, value string) string {
+	cut, cutOK := strings.CutSuffix(value, "...")
+	cutOK = cutOK && len(cut) == 7
+	is := func(v string) bool {
+		return value == "" || v == value || cutOK && len(v) > 10 && strings.HasPrefix(v, cut)
+	}
 	at := func(v *yaml.Node) bool {
-		return v.Kind == yaml.ScalarNode && v.Line == line && (value == "" || v.Value == value)
+		return v.Kind == yaml.ScalarNode && v.Line == line && is(v.Value)
 	}
 	var walk func(n *yaml.Node, path []any) []any
 	walk = func(n *yaml.Node, path []any) []any {
