@@ -8,7 +8,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
 
@@ -109,6 +111,84 @@ routes:
 			finished := scrape(t, r.admin, "streamlb_calls_finished_total")
 			if got := finished["backend="+ts.Addr()+",code=DeadlineExceeded"]; got != 2 {
 				t.Errorf("streamlb_calls_finished_total = %v, want 2 DeadlineExceeded", nonZero(finished))
+			}
+		})
+	}
+}
+
+// TestRouteTimeoutTornMessage: the route's timeout passes while a large
+// response message is partly written to a client that does not read (a
+// small window), the rest of it still at the backend. The frame engine
+// cannot end the call with trailers there and resets the stream with
+// CANCEL, which grpc-go's client reports as DEADLINE_EXCEEDED only once
+// its own deadline passed: this client's is far off, so it sees
+// CANCELLED. The access log and streamlb_calls_finished_total must say
+// what the client saw (they said DEADLINE_EXCEEDED), with either engine.
+func TestRouteTimeoutTornMessage(t *testing.T) {
+	const routeTimeout = 300 * time.Millisecond
+	for _, engine := range cluster.Engines() {
+		t.Run(engine, func(t *testing.T) {
+			ts := startBackendConfig(t, testserver.Config{
+				Name: "s",
+				StreamingOutputCallF: func(_ *testgrpc.StreamingOutputCallRequest, st testgrpc.TestService_StreamingOutputCallServer) error {
+					// Under the grpc-proxy engine's 4 MiB message limit.
+					if err := st.Send(&testgrpc.StreamingOutputCallResponse{Payload: &testgrpc.Payload{Body: make([]byte, 3<<20)}}); err != nil {
+						return err
+					}
+					<-st.Context().Done()
+					return st.Context().Err()
+				},
+			}, "127.0.0.1:0")
+			f, err := cluster.LoadFile(writeConfig(t, t.TempDir(), fmt.Sprintf(`
+engine: %s
+clusters: [{name: slow, targets: [%s]}]
+routes:
+  - {name: bounded, cluster: slow, timeout: %v}
+`, engine, ts.Addr(), routeTimeout)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := f.ServerConfig()
+			cfg.Metrics = prometheus.NewRegistry()
+			logPath := fileAccessLog(t, &cfg)
+			r := runServer(t, cfg)
+			// Fixed 64 KiB windows: the client's transport takes that
+			// much of the message and no more until the call reads.
+			cc, err := grpc.NewClient(r.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+				grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10),
+				grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { cc.Close() })
+			client := testgrpc.NewTestServiceClient(cc)
+			ctx := testkit.Context(t, 60*time.Second)
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second) // far later than the route's
+			defer cancel()
+			st, err := client.StreamingOutputCall(cctx, &testgrpc.StreamingOutputCallRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Not reading until the route's timeout has surely passed.
+			time.Sleep(routeTimeout + 500*time.Millisecond)
+			for err == nil {
+				_, err = st.Recv()
+			}
+			code := status.Code(err)
+			if code != codes.DeadlineExceeded && code != codes.Canceled {
+				t.Fatalf("Recv = %v, want DEADLINE_EXCEEDED or CANCELLED", err)
+			}
+			var lines []accessLine
+			testkit.WaitFor(ctx, t, "the access-log line", func() bool {
+				lines = readAccessLog(t, logPath)
+				return len(lines) >= 1
+			})
+			if l := lines[0]; l.Code != code.String() || !strings.Contains(l.Message, "route timeout") {
+				t.Errorf("access-log line %+v, want code %v (the client's: %v) and a message naming the route timeout", l, code, err)
+			}
+			finished := scrape(t, r.admin, "streamlb_calls_finished_total")
+			if got := finished["backend="+ts.Addr()+",code="+code.String()]; got != 1 {
+				t.Errorf("streamlb_calls_finished_total = %v, want 1 %v (the client's code)", nonZero(finished), code)
 			}
 		})
 	}
