@@ -86,6 +86,13 @@ func (c *serverConn) endStatusLocked(s *stream, f failure) {
 	if torn {
 		code := resetCodeOf(f)
 		s.result = sentAs(result, code) // the client reports the reset's code
+		if f.kind == failRouteTimeout {
+			// sentAs takes a CANCEL for a deadline as reported
+			// DEADLINE_EXCEEDED, by a client whose own deadline passed;
+			// the route's came first, so this client's has not (or it
+			// has none): it reports CANCELLED.
+			s.result = clientStatusError{err: result, code: codes.Canceled}
+		}
 		c.resetAfterQueuedLocked(s, code)
 		return
 	}
