@@ -942,7 +942,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 			a.bc.resetUp(a, http2.ErrCodeCancel)
 			return true
 		}
-		if it.end && s.routeTimedOut(it.fields) {
+		if it.end && !s.cst.ended() && s.routeTimedOut(it.fields) {
 			// The backend gave up on the grpc-timeout it was sent, what
 			// was left of the route's timeout, a moment before our own
 			// timer: the client is owed the route's timeout, as when the
