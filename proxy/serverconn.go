@@ -531,6 +531,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		// Before the first attempt: its wait for a backend's handshake is
 		// bounded by the time the deadline leaves (handshakeWait).
 		s.deadline = time.Now().Add(ri.timeout)
+		s.clientDeadline = s.deadline
 	}
 	fail, ok := c.startAttemptLocked(s, nil)
 	if ok && !s.deadline.IsZero() && !s.cst.ended() {
@@ -876,12 +877,16 @@ func (s *stream) resetResult(code http2.ErrCode, sendRST bool, cause error) erro
 		// Our reset, for a stream error of the client's: it reports the
 		// code we sent, not a reset of its own.
 		return sentAs(failure{kind: failClientStream, h2code: code, cause: cause}.statusErr(), code)
-	case code == http2.ErrCodeCancel && !s.deadline.IsZero() && !s.routeDeadline && time.Until(s.deadline) < deadlineSlack:
+	case code == http2.ErrCodeCancel && !s.clientDeadline.IsZero() && time.Until(s.clientDeadline) < deadlineSlack:
 		// A gRPC client resets its call with CANCEL when its deadline
 		// passes, a moment before our timer (started on the request's
 		// arrival) would: the call ended for its deadline, as the client
-		// reports it, not for the client giving up. (Not when the
-		// deadline is its route's: the client's own is later.)
+		// reports it, not for the client giving up. The client's own
+		// deadline, also when a route's timeout made the call's earlier:
+		// that timer, running late, had not fired yet.
+		if s.routeDeadline && !time.Now().Before(s.deadline) {
+			return s.deadlineFailure().statusErr() // the route's passed first
+		}
 		return failure{kind: failDeadline, method: s.method}.statusErr()
 	}
 	return failure{kind: failClientReset}.statusErr()

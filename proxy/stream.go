@@ -108,9 +108,12 @@ type stream struct {
 	// named (UpstreamPick.Timeout), 0 if none: each attempt's backend is
 	// then sent what is left of deadline as its grpc-timeout
 	// (attemptFields). routeDeadline: deadline is the route's.
-	deadline      time.Time
-	routeTimeout  time.Duration
-	routeDeadline bool
+	// clientDeadline is the client's own (grpc-timeout), zero if none:
+	// what a reset of the client's is measured against (resetResult).
+	deadline       time.Time
+	clientDeadline time.Time
+	routeTimeout   time.Duration
+	routeDeadline  bool
 
 	// Client side, guarded by cc.mu.
 	down        sendQueue     // toward the client
