@@ -70,6 +70,21 @@ func fileAccessLog(t *testing.T, cfg *cluster.ServerConfig) string {
 	return path
 }
 
+// serveLogged runs a server of the configuration file at path, with
+// metrics in a registry of its own and a JSON access log in a file: the
+// server, and the log's path for readAccessLog.
+func serveLogged(t *testing.T, path string) (running, string) {
+	t.Helper()
+	f, err := cluster.LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := f.ServerConfig()
+	cfg.Metrics = prometheus.NewRegistry()
+	logPath := fileAccessLog(t, &cfg)
+	return runServer(t, cfg), logPath
+}
+
 // TestWeightedClusters sends 2,000 calls through a route that splits them
 // 90/10 between two clusters and gives a third a weight of 0, with each
 // engine: the split is 90/10 within a tolerance (4.5 standard deviations
@@ -95,14 +110,7 @@ routes:
     clusters: [{name: users, weight: %d}, {name: users-canary, weight: %d}, {name: idle, weight: 0}]
 `, engine, a.Addr(), b.Addr(), z.Addr(), wa, wb)
 			}
-			f, err := cluster.LoadFile(writeConfig(t, dir, conf(90, 10)))
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg := f.ServerConfig()
-			cfg.Metrics = prometheus.NewRegistry()
-			logPath := fileAccessLog(t, &cfg)
-			r := runServer(t, cfg)
+			r, logPath := serveLogged(t, writeConfig(t, dir, conf(90, 10)))
 			client := dial(t, r.addr)
 			ctx := testkit.Context(t, 60*time.Second)
 
@@ -157,7 +165,7 @@ func TestWeightedClusterRetries(t *testing.T) {
 	bad := startBackendConfig(t, testserver.Config{Name: "bad", ErrorRate: 1}, "127.0.0.1:0")
 	good := startBackend(t, "good", "127.0.0.1:0")
 	y := startBackend(t, "y", "127.0.0.1:0")
-	f, err := cluster.LoadFile(writeConfig(t, t.TempDir(), fmt.Sprintf(`
+	r, logPath := serveLogged(t, writeConfig(t, t.TempDir(), fmt.Sprintf(`
 clusters:
   - name: x
     targets: [%s, %s]
@@ -167,12 +175,6 @@ clusters:
 routes:
   - clusters: [{name: x, weight: 1}, {name: y, weight: 1}]
 `, bad.Addr(), good.Addr(), y.Addr())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := f.ServerConfig()
-	logPath := fileAccessLog(t, &cfg)
-	r := runServer(t, cfg)
 	client := dial(t, r.addr)
 	ctx := testkit.Context(t, 60*time.Second)
 

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
@@ -77,7 +76,7 @@ func TestRouteTimeout(t *testing.T) {
 	for _, engine := range cluster.Engines() {
 		t.Run(engine, func(t *testing.T) {
 			ts, backendLeft := deadlineBackend(t, "s")
-			f, err := cluster.LoadFile(writeConfig(t, t.TempDir(), fmt.Sprintf(`
+			r, logPath := serveLogged(t, writeConfig(t, t.TempDir(), fmt.Sprintf(`
 engine: %s
 clusters: [{name: slow, targets: [%s]}]
 routes:
@@ -87,13 +86,6 @@ routes:
     timeout: %v
   - {name: open, cluster: slow}
 `, engine, ts.Addr(), routeTimeout)))
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg := f.ServerConfig()
-			cfg.Metrics = prometheus.NewRegistry()
-			logPath := fileAccessLog(t, &cfg)
-			r := runServer(t, cfg)
 			client := dial(t, r.addr)
 			ctx := testkit.Context(t, 60*time.Second)
 			blocked := metadata.AppendToOutgoingContext(context.Background(), mdBlock, "1")

@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -60,19 +59,12 @@ func TestRouteTimeoutBackendFirst(t *testing.T) {
 					return giveUp(st.Context())
 				},
 			}, "127.0.0.1:0")
-			f, err := cluster.LoadFile(writeConfig(t, t.TempDir(), fmt.Sprintf(`
+			r, logPath := serveLogged(t, writeConfig(t, t.TempDir(), fmt.Sprintf(`
 engine: %s
 clusters: [{name: slow, targets: [%s]}]
 routes:
   - {name: bounded, cluster: slow, timeout: %v}
 `, engine, ts.Addr(), routeTimeout)))
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg := f.ServerConfig()
-			cfg.Metrics = prometheus.NewRegistry()
-			logPath := fileAccessLog(t, &cfg)
-			r := runServer(t, cfg)
 			client := dial(t, r.addr)
 			ctx := testkit.Context(t, 60*time.Second)
 
@@ -82,7 +74,7 @@ routes:
 					t.Errorf("%s = %v, want DEADLINE_EXCEEDED naming the route timeout", what, err)
 				}
 			}
-			_, err = client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+			_, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
 			check("UnaryCall", err)
 
 			st, err := client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
@@ -139,19 +131,12 @@ func TestRouteTimeoutTornMessage(t *testing.T) {
 					return st.Context().Err()
 				},
 			}, "127.0.0.1:0")
-			f, err := cluster.LoadFile(writeConfig(t, t.TempDir(), fmt.Sprintf(`
+			r, logPath := serveLogged(t, writeConfig(t, t.TempDir(), fmt.Sprintf(`
 engine: %s
 clusters: [{name: slow, targets: [%s]}]
 routes:
   - {name: bounded, cluster: slow, timeout: %v}
 `, engine, ts.Addr(), routeTimeout)))
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg := f.ServerConfig()
-			cfg.Metrics = prometheus.NewRegistry()
-			logPath := fileAccessLog(t, &cfg)
-			r := runServer(t, cfg)
 			// Fixed 64 KiB windows: the client's transport takes that
 			// much of the message and no more until the call reads.
 			cc, err := grpc.NewClient(r.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
