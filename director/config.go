@@ -151,7 +151,8 @@ type Config struct {
 	// for a while. 0 means [DefaultEjectAfter]; a negative value disables
 	// ejection. A stream that ends in success or with another backend
 	// status ends the run; Canceled and DeadlineExceeded neither count nor
-	// end it. See [Director.Pick].
+	// end it, except a route's timeout that the backend let pass without
+	// answering, which counts. See [Director.Pick].
 	EjectAfter int
 	// BaseEjection is how long a first ejection lasts; the n-th lasts n
 	// times as long, up to MaxEjection. The count decays by one for every

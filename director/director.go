@@ -210,8 +210,11 @@ func (d *Director) Ready() bool { return d.snap.Load().healthy }
 // lost connections and refused streams so), Canceled and DeadlineExceeded
 // (or context.Canceled and context.DeadlineExceeded) count as nothing, as
 // does an error with a method Draining() bool that returns true (the
-// backend announced a graceful restart), and
-// anything else means the backend answered; see [Config.EjectAfter].
+// backend announced a graceful restart), an error with a method
+// Unanswered() bool that returns true (a route's timeout passed with the
+// backend given the whole request and no answer from it) counts as
+// unreachable, and anything else means the backend answered; see
+// [Config.EjectAfter].
 // Calling done more than once is safe: only the first call counts. done may
 // be called from any goroutine, also while the caller holds its own locks:
 // it updates atomics, with [PeakEWMA] takes the backend's estimate's own

@@ -74,6 +74,11 @@ type drainingErr struct{ error }
 
 func (drainingErr) Draining() bool { return true }
 
+// unansweredErr is the shape of the proxy's Unanswered errors.
+type unansweredErr struct{ error }
+
+func (unansweredErr) Unanswered() bool { return true }
+
 func TestClassify(t *testing.T) {
 	t.Parallel()
 	unavailable := status.Error(codes.Unavailable, "refused")
@@ -89,6 +94,9 @@ func TestClassify(t *testing.T) {
 		{name: "context deadline", err: context.DeadlineExceeded, want: outcomeNeutral},
 		{name: "draining backend", err: drainingErr{unavailable}, want: outcomeNeutral},
 		{name: "draining, wrapped", err: fmt.Errorf("attempt: %w", drainingErr{unavailable}), want: outcomeNeutral},
+		{name: "deadline", err: status.Error(codes.DeadlineExceeded, "x"), want: outcomeNeutral},
+		{name: "route timeout unanswered", err: unansweredErr{status.Error(codes.DeadlineExceeded, "route timeout")}, want: outcomeUnreachable},
+		{name: "unanswered, wrapped", err: fmt.Errorf("attempt: %w", unansweredErr{status.Error(codes.DeadlineExceeded, "route timeout")}), want: outcomeUnreachable},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

@@ -94,8 +94,10 @@ const (
 	outcomeReachable
 	// outcomeUnreachable is codes.Unavailable: connect refused, a lost
 	// connection, REFUSED_STREAM or GOAWAY, or a backend saying it is
-	// unavailable. Envoy's gateway failures (502, 503, 504) are the same
-	// idea, minus the timeout.
+	// unavailable; and a route's timeout that passed with the backend
+	// given the whole request and no answer from it (the proxy's
+	// Unanswered errors). Envoy's gateway failures (502, 503, 504) are the
+	// same idea; a client's deadline is not.
 	outcomeUnreachable
 )
 
@@ -108,13 +110,27 @@ type draining interface {
 	Draining() bool
 }
 
+// unanswered is implemented by the errors the proxy reports for attempts
+// that their route's timeout ended unanswered (the proxy's Unanswered
+// interface, matched by shape like draining).
+type unanswered interface {
+	error
+	Unanswered() bool
+}
+
 // classify maps the error a done call received to an outcome.
 // DeadlineExceeded and Canceled are neutral because the client's deadline or
 // cancellation, not the backend, usually causes them; counting them would
-// let one impatient client eject a healthy backend.
+// let one impatient client eject a healthy backend. A route's timeout
+// that the backend let pass without answering at all is the operator's
+// bound, not a client's: it counts as a failure (unanswered).
 func classify(err error) outcome {
 	if err == nil {
 		return outcomeReachable
+	}
+	var un unanswered
+	if errors.As(err, &un) && un.Unanswered() {
+		return outcomeUnreachable
 	}
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return outcomeNeutral

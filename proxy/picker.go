@@ -75,6 +75,20 @@ type ConnectionFailure interface {
 	ConnectionFailed() bool
 }
 
+// Unanswered is implemented by the errors the proxy hands to done for an
+// attempt that its route's timeout (UpstreamPick.Timeout) ended while the
+// backend had the whole request and had sent no response headers: it did
+// not answer at all within the time the operator allows, as a hung
+// backend does. The status is DEADLINE_EXCEEDED, which a Picker otherwise
+// takes as the client's doing; one that ejects failing backends may count
+// this one against the backend, as Envoy counts its upstream timeouts as
+// gateway failures. A client's own deadline never makes one. Like
+// Draining it uses only standard types.
+type Unanswered interface {
+	error
+	Unanswered() bool
+}
+
 // ClientStatus is implemented by the errors the proxy hands to done when
 // the client was sent another status than the failure's own: the proxy
 // could not end the response with trailers and reset the stream instead,

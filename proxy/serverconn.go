@@ -671,7 +671,11 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 	c.mu.Lock()
 	a := s.att
 	if !s.down.closed && !s.cst.ended() {
-		c.failLocked(s, s.deadlineFailure())
+		f := s.deadlineFailure()
+		// The route's timeout with the request sent whole and no
+		// response headers: the backend did not answer (Unanswered).
+		f.unanswered = f.kind == failRouteTimeout && a != nil && s.cst.recvEnded() && !s.headersSent && !s.down.queuedHeaders()
+		c.failLocked(s, f)
 	}
 	c.mu.Unlock()
 	c.signal()

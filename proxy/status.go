@@ -129,6 +129,9 @@ type failure struct {
 	// draining: the backend is restarting gracefully (see Draining); set
 	// on failGoAway, failDial and failConnLost only.
 	draining bool
+	// unanswered: a failRouteTimeout whose backend had the whole request
+	// and had sent no response headers (see Unanswered).
+	unanswered bool
 }
 
 func (f failure) Error() string {
@@ -140,11 +143,20 @@ func (f failure) Error() string {
 // Picker.done.
 func (f failure) statusErr() error {
 	st, _ := statusOf(f)
+	return f.doneErr(st)
+}
+
+// doneErr is st, f's status, as an error with the interfaces that tell a
+// Picker what f says of the backend (Draining, ConnectionFailure,
+// Unanswered).
+func (f failure) doneErr(st *status.Status) error {
 	switch {
 	case f.draining:
 		return drainingError{st}
 	case f.connectionLevel():
 		return connectionError{st}
+	case f.unanswered:
+		return unansweredError{st}
 	}
 	return st.Err()
 }
@@ -227,6 +239,19 @@ func (e connectionError) GRPCStatus() *status.Status { return e.st }
 func (connectionError) ConnectionFailed() bool { return true }
 
 var _ ConnectionFailure = connectionError{}
+
+// unansweredError is the status of an attempt that its route's timeout
+// ended with the whole request sent and no response headers from the
+// backend; it implements Unanswered.
+type unansweredError struct{ st *status.Status }
+
+func (e unansweredError) Error() string              { return e.st.Err().Error() }
+func (e unansweredError) GRPCStatus() *status.Status { return e.st }
+
+// Unanswered implements the Unanswered interface.
+func (unansweredError) Unanswered() bool { return true }
+
+var _ Unanswered = unansweredError{}
 
 // statusOf is the one mapping from a proxy-generated failure to the status
 // the call ends with, and the HTTP status of the response: 200 except for
@@ -356,12 +381,12 @@ func endBlocks(f failure, trailersOnly bool, answer [][]hpack.HeaderField) ([][]
 		return answer, outcome(answer[len(answer)-1])
 	}
 	st, httpStatus := statusOf(f)
-	err := st.Err()
-	if !f.draining && f.connectionLevel() {
-		// For outlier detection: a call that ends because its backend
-		// connection was lost says the connection failed (see
-		// ConnectionFailure).
-		err = connectionError{st}
+	// For outlier detection: a call that ends because its backend
+	// connection was lost says the connection failed (ConnectionFailure),
+	// one its route's timeout ended unanswered says so (Unanswered).
+	err := f.doneErr(st)
+	if _, ok := err.(drainingError); ok {
+		err = st.Err() // as before: a drain ending a call is no more than its status
 	}
 	return [][]hpack.HeaderField{statusFields(st, httpStatus, trailersOnly)}, err
 }
