@@ -105,3 +105,40 @@ func TestReloadFollowsConfigMapSwap(t *testing.T) {
 		return got == "a"
 	})
 }
+
+// TestReadyzWeightZeroCluster: a cluster a route lists with weight 0 gets
+// no new calls, so its usable backend does not make the proxy ready while
+// the clusters its calls do go to have none: /readyz is 503, and turns
+// 200 once a reload gives the usable cluster a weight. Before, any routed
+// cluster counted, and /readyz said ready while every call failed.
+func TestReadyzWeightZeroCluster(t *testing.T) {
+	good := startBackend(t, "good", "127.0.0.1:0")
+	dead := testkit.DeadAddr(t)
+	conf := `
+clusters:
+  - name: dead
+    targets: [%s]
+    health_check: {interval: 50ms, timeout: 500ms, service: %s}
+  - name: idle
+    targets: [%s]
+routes:
+  - clusters: [{name: dead, weight: 1}, {name: idle, weight: %d}]
+`
+	dir := t.TempDir()
+	path := writeConfig(t, dir, fmt.Sprintf(conf, dead, testserver.ServiceName, good.Addr(), 0))
+	r := runFile(t, path, false)
+	testkit.WaitFor(testkit.Context(t, 10*time.Second), t, "the dead backend's check to fail", func() bool {
+		_, body := get(t, r.admin+"/backends")
+		var bs map[string][]map[string]any
+		return json.Unmarshal([]byte(body), &bs) == nil && len(bs["dead"]) == 1 && bs["dead"][0]["healthy"] == false &&
+			len(bs["idle"]) == 1
+	})
+	if code, body := get(t, r.admin+"/readyz"); code != http.StatusServiceUnavailable {
+		t.Errorf("/readyz with the only cluster calls go to unusable = %d %q, want 503", code, body)
+	}
+	writeConfig(t, dir, fmt.Sprintf(conf, dead, testserver.ServiceName, good.Addr(), 1))
+	if err := r.srv.Reload(testkit.Context(t, 10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	waitStatus(t, r.admin+"/readyz", http.StatusOK)
+}

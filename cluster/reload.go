@@ -596,9 +596,10 @@ func (s *clusterSet) clusterFor(name, addr string) *Cluster {
 	return nil
 }
 
-// Ready reports whether some routed cluster has a usable backend.
+// Ready reports whether some routed cluster that new calls can go to (not
+// one a route lists with weight 0 only) has a usable backend.
 func (s *clusterSet) Ready() bool {
-	for _, c := range s.current() {
+	for _, c := range s.router.table.Load().drawn {
 		if c.Ready() {
 			return true
 		}

@@ -65,6 +65,9 @@ type routeTable struct {
 	// read, once per call, without walking the routes.
 	clusters []*Cluster
 	byName   map[string]*Cluster
+	// drawn are the clusters that new calls can go to: those of routes
+	// with one cluster, and the weighted ones above 0 (clusterSet.Ready).
+	drawn []*Cluster
 }
 
 // route sends the calls it matches to one cluster's picker, or to one of
@@ -333,12 +336,18 @@ func buildTable(f *File, clusters map[string]*Cluster, old *routeTable, limited 
 				r.total = total
 			}
 		}
-		for _, d := range r.dests {
+		for k, d := range r.dests {
 			// A cluster of weight 0 too: a retry may still go to it
 			// (route.choose), and its calls are counted by name.
 			if c := d.cluster; t.byName[c.name] == nil {
 				t.byName[c.name] = c
 				t.clusters = append(t.clusters, c)
+			}
+			if k > 0 && d.upTo == r.dests[k-1].upTo || k == 0 && r.total > 0 && d.upTo == 0 {
+				continue // weight 0: no new call is drawn to it
+			}
+			if !slices.Contains(t.drawn, d.cluster) {
+				t.drawn = append(t.drawn, d.cluster)
 			}
 		}
 		if s := strings.Trim(fr.Match.Service, "/"); s != "" {

@@ -377,7 +377,8 @@ func (s *Server) ready() bool {
 // and its cluster has a healthy backend. /readyz answers from it.
 //
 // With a configuration file it is ready while some routed cluster has a
-// usable backend, not every one: the proxy is one endpoint for all its
+// usable backend (one that new calls can go to: not a cluster the routes
+// list with weight 0 only), not every one: the proxy is one endpoint for all its
 // routes, and taking it out of its Service because one cluster is down
 // would fail the calls of the others too (Envoy's /ready, likewise, does
 // not follow upstream health). Probes that need a cluster ask
