@@ -64,14 +64,20 @@ func (dt *deadlineTimer) stop() {
 func (s *stream) routeTimeoutLocked(d time.Duration) {
 	s.routeTimeout = d
 	if dl := time.Now().Add(d); s.deadline.IsZero() || dl.Before(s.deadline) {
-		s.deadline, s.routeDeadline = dl, true
+		s.deadline = dl
 	}
+}
+
+// routeDeadline reports whether s's deadline is its route's: one came
+// before the client's own (clientDeadline, zero if none).
+func (s *stream) routeDeadline() bool {
+	return s.routeTimeout > 0 && !s.deadline.Equal(s.clientDeadline)
 }
 
 // deadlineFailure is the failure of s when its deadline passes: the
 // client's grpc-timeout, or the route's timeout.
 func (s *stream) deadlineFailure() failure {
-	if s.routeDeadline {
+	if s.routeDeadline() {
 		return failure{kind: failRouteTimeout, method: s.method, limit: int64(s.routeTimeout)}
 	}
 	return failure{kind: failDeadline, method: s.method}
@@ -85,7 +91,7 @@ func (s *stream) deadlineFailure() failure {
 // grpc-timeout (attemptFields), so its own timer runs out at about the
 // moment ours does, and first when ours runs late.
 func (s *stream) routeTimedOut(fields []hpack.HeaderField) bool {
-	if !s.routeDeadline || time.Until(s.deadline) >= deadlineSlack {
+	if !s.routeDeadline() || time.Until(s.deadline) >= deadlineSlack {
 		return false
 	}
 	code := status.Code(outcome(fields))

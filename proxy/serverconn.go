@@ -888,7 +888,7 @@ func (s *stream) resetResult(code http2.ErrCode, sendRST bool, cause error) erro
 		// reports it, not for the client giving up. The client's own
 		// deadline, also when a route's timeout made the call's earlier:
 		// that timer, running late, had not fired yet.
-		if s.routeDeadline && !time.Now().Before(s.deadline) {
+		if s.routeDeadline() && !time.Now().Before(s.deadline) {
 			return s.deadlineFailure().statusErr() // the route's passed first
 		}
 		return failure{kind: failDeadline, method: s.method}.statusErr()

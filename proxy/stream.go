@@ -107,13 +107,13 @@ type stream struct {
 	// when none. routeTimeout is the timeout of the route the first pick
 	// named (UpstreamPick.Timeout), 0 if none: each attempt's backend is
 	// then sent what is left of deadline as its grpc-timeout
-	// (attemptFields). routeDeadline: deadline is the route's.
-	// clientDeadline is the client's own (grpc-timeout), zero if none:
-	// what a reset of the client's is measured against (resetResult).
+	// (attemptFields). clientDeadline is the client's own (grpc-timeout),
+	// zero if none: what a reset of the client's is measured against
+	// (resetResult); deadline differs from it when the route's is the
+	// earlier (routeDeadline).
 	deadline       time.Time
 	clientDeadline time.Time
 	routeTimeout   time.Duration
-	routeDeadline  bool
 
 	// Client side, guarded by cc.mu.
 	down        sendQueue     // toward the client
