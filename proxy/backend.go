@@ -544,7 +544,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	stopUp := false
 	if end {
 		b.stepLocked(a, evRecvEnd)
-		stopUp = !a.bClosed
+		stopUp = b.answeredEarlyLocked(a)
 	}
 	b.mu.Unlock()
 	cc := a.s.cc
@@ -556,7 +556,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	}
 	cc.enqueueDown(a, outItem{kind: itemHeaders, end: end, fields: fields}, nil)
 	if stopUp {
-		b.resetUp(a, http2.ErrCodeCancel) // the request was not all sent: see onData
+		b.endAnsweredEarly(a) // the request was not all sent: see onData
 	}
 	return nil
 }
@@ -629,7 +629,7 @@ func (b *backendConn) onData(f *dataFrame) error {
 	stopUp := false
 	if end {
 		b.stepLocked(a, evRecvEnd)
-		stopUp = !a.bClosed
+		stopUp = b.answeredEarlyLocked(a)
 	}
 	// Wake the writer for a WINDOW_UPDATE queued here (the connection
 	// window must be returned even if no client reads), not per frame.
@@ -657,7 +657,7 @@ func (b *backendConn) onData(f *dataFrame) error {
 		}
 	}
 	if stopUp {
-		b.resetUp(a, http2.ErrCodeCancel) // see below
+		b.endAnsweredEarly(a) // see below
 	}
 	return nil
 }
@@ -676,6 +676,52 @@ func (b *backendConn) onData(f *dataFrame) error {
 // queued toward the client first, so the reset cannot overtake it. The
 // client's side is ended separately (enqueueDown: RST_STREAM(NO_ERROR)
 // if it still sends).
+//
+// The attempt's slot on b, and its place in the backend's in-flight count,
+// are given back before the answer is queued (answeredEarlyLocked): a
+// client that has the answer may send its next call at once, and on a
+// backend with one slot left (MAX_CONCURRENT_STREAMS 1, or at
+// MaxStreamsPerBackend) that call found it still taken and failed
+// UNAVAILABLE, every connection at its stream limit. The next stream's
+// HEADERS cannot overtake the reset: the stream stays in b.streams, where
+// openLocked counts it against the backend's limit, until resetUp has
+// queued its RST_STREAM, and the writer writes control frames before it
+// opens streams.
+
+// answeredEarlyLocked reports whether a's answer is complete (the
+// backend's END_STREAM just arrived) while its request is not all sent,
+// and then gives back its slot and its in-flight count at once; the
+// caller ends a with endAnsweredEarly once the answer is queued toward
+// the client. Caller must hold mu.
+func (b *backendConn) answeredEarlyLocked(a *attempt) bool {
+	if a.bClosed {
+		return false
+	}
+	b.releaseSlotLocked(a)
+	return true
+}
+
+// endAnsweredEarly resets an attempt answered before its request was all
+// sent (see answeredEarlyLocked).
+func (b *backendConn) endAnsweredEarly(a *attempt) {
+	if h := b.pool.srv.beforeEarlyReset; h != nil {
+		h()
+	}
+	b.resetUp(a, http2.ErrCodeCancel)
+}
+
+// releaseSlotLocked gives back a's stream slot on b and its place in the
+// backend's in-flight count, once. Caller must hold mu.
+func (b *backendConn) releaseSlotLocked(a *attempt) {
+	if a.slotFreed {
+		return
+	}
+	a.slotFreed = true
+	b.reserved--
+	if a.backendCount != nil {
+		a.backendCount.Add(-1)
+	}
+}
 
 // resetFromBackend handles a RST_STREAM from the backend, or a stream error
 // we detected (sendRST). REFUSED_STREAM before any answer means the backend
@@ -833,10 +879,7 @@ func (b *backendConn) unlinkLocked(a *attempt) {
 	if a.up.id != 0 {
 		delete(b.streams, a.up.id)
 	}
-	b.reserved--
-	if a.backendCount != nil {
-		a.backendCount.Add(-1)
-	}
+	b.releaseSlotLocked(a)
 	b.signal()
 }
 

@@ -34,6 +34,11 @@ func (s *Server) MaxHeldBytes() int64 {
 // and queueing the attempt on it. Call before Serve.
 func SetAfterReserve(s *Server, fn func(addr string)) { s.afterReserve = fn }
 
+// SetBeforeEarlyReset sets a hook called between queueing toward the
+// client an answer that came before its request was all sent and
+// resetting the backend's stream. Call before Serve.
+func SetBeforeEarlyReset(s *Server, fn func()) { s.beforeEarlyReset = fn }
+
 // WriterStarts reports how many writer goroutines client connections
 // started, for tests.
 func (s *Server) WriterStarts() int64 { return s.writerStarts.Load() }

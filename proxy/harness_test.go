@@ -58,6 +58,7 @@ type envOpts struct {
 	tscfg    func(i int, c *testserver.Config)
 	pcfg     func(c *proxy.Config)
 	dcfg     func(c *director.Config)
+	hook     func(s *proxy.Server) // called before Serve, with the frame engine
 }
 
 func verifyNoLeaks(t *testing.T) {
@@ -114,6 +115,9 @@ func newEnv(t *testing.T, o envOpts) *env {
 		s, err := proxy.New(cfg)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if o.hook != nil {
+			o.hook(s)
 		}
 		e.srv = s
 	case "grpc-proxy":

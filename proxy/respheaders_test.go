@@ -298,6 +298,70 @@ func TestEarlyAnswerToQueuedUpload(t *testing.T) {
 	testkit.WaitFor(ctx, t, "the backend's streams reset with CANCEL", func() bool { return resets.Load() == calls })
 }
 
+// TestEarlyAnswerSlotFreedFirst: a backend with one stream slot
+// (SETTINGS_MAX_CONCURRENT_STREAMS 1, one connection) that answers each
+// call completely before reading its request. The proxy resets the
+// backend's stream to free the slot; a client that has the answer sends
+// its next call at once, and that call must find the slot free. The slot
+// was given back only after the answer had been queued toward the client,
+// so now and then the next call found the only connection full and failed
+// UNAVAILABLE "every connection is at its stream limit". A hook holds the
+// reset back for a moment after the answer, so the next call arrives in
+// between every time; with MaxStreamsPerBackend 1 too, its count must be
+// given back as early.
+func TestEarlyAnswerSlotFreedFirst(t *testing.T) {
+	for _, perBackend := range []int64{0, 1} {
+		t.Run(fmt.Sprintf("max streams per backend %d", perBackend), func(t *testing.T) {
+			testEarlyAnswerSlotFreedFirst(t, perBackend)
+		})
+	}
+}
+
+func testEarlyAnswerSlotFreedFirst(t *testing.T, perBackend int64) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.MaxBackendConns = 1
+		c.MaxStreamsPerBackend = perBackend
+	}, hook: func(s *proxy.Server) {
+		proxy.SetBeforeEarlyReset(s, func() { time.Sleep(20 * time.Millisecond) })
+	}})
+	final := hpackBlock(":status", "200", "content-type", "application/grpc")
+	trailers := hpackBlock("grpc-status", "0")
+	var resets atomic.Int32
+	bad := rawBackend(t, func(nc net.Conn) {
+		s, err := acceptH2(nc)
+		if err != nil || s.hello(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0},
+			http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 1}) != nil {
+			return
+		}
+		msg := grpcMsg(&testgrpc.SimpleResponse{})
+		s.serve(func(f http2.Frame) bool {
+			switch f := f.(type) {
+			case *http2.HeadersFrame:
+				id := f.StreamID
+				return s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: final, EndHeaders: true}) == nil &&
+					s.fr.WriteData(id, false, msg) == nil &&
+					s.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: trailers, EndHeaders: true, EndStream: true}) == nil
+			case *http2.RSTStreamFrame:
+				resets.Add(1)
+			}
+			return true
+		})
+	})
+	e.setBackends(bad)
+	ctx := testkit.Context(t, 60*time.Second)
+	const calls = 20
+	for i := range calls {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := e.client.UnaryCall(cctx, &testgrpc.SimpleRequest{Payload: &testgrpc.Payload{Body: make([]byte, 100)}})
+		cancel()
+		if err != nil {
+			t.Fatalf("call %d: %v, want the backend's answer", i, err)
+		}
+	}
+	testkit.WaitFor(ctx, t, "the backend's streams reset", func() bool { return resets.Load() == calls })
+}
+
 // TestRefusedAfterAnswerStarted: a backend that sends its response
 // headers, or headers and half a message, then RST_STREAM(REFUSED_STREAM)
 // claims it did not process a stream it answered. Relayed as it was, the

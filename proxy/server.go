@@ -65,6 +65,10 @@ type Server struct {
 	// connection and queueing the attempt there, so a test can land a
 	// GOAWAY in between. Set before Serve.
 	afterReserve func(addr string)
+	// beforeEarlyReset is a test hook, nil otherwise: called between
+	// queueing an answer that came before its request was all sent and
+	// resetting the backend's stream (backendConn.endAnsweredEarly).
+	beforeEarlyReset func()
 }
 
 // admit takes a unit of the MaxStreams budget for s, if one is left.

@@ -167,6 +167,7 @@ type attempt struct {
 	downRecv   recvState           // flow control of backend → proxy DATA
 	bst        h2state             // RFC 9113 §5.1 state on bc: idle while pending
 	bClosed    bool                // no longer in bc's tables nor holding a slot (also set to retry elsewhere)
+	slotFreed  bool                // its slot and in-flight count were given back (releaseSlotLocked), perhaps before bClosed
 	discarded  bool                // over for good: request items are refused
 	gotHeaders bool                // the backend sent its response headers
 	forwarded  bool                // the client has seen part of this attempt's answer
