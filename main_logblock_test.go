@@ -75,7 +75,7 @@ func TestProxyBlockedLogWriter(t *testing.T) {
 	sw := &stuckWriter{released: make(chan struct{})}
 	app := startAppWriter(ctx, t, func(w io.Writer) io.Writer { sw.w = w; return sw }, []string{"proxy",
 		"--listen", "127.0.0.1:0", "--backend", hln.Addr().String(), "--backend", ts.Addr(),
-		"--max-backend-conns", "1", "--drain-timeout", "5s", "--log-format", "json"}, "listening")
+		"--max-backend-conns", "1", "--max-backend-pending", "-1", "--drain-timeout", "5s", "--log-format", "json"}, "listening")
 	t.Cleanup(sw.unstick) // before the app's cleanup, which waits for it
 	addr := app.wait(ctx, t)["listening"].Addr
 

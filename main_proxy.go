@@ -99,7 +99,9 @@ func proxyCommand() *cli.Command {
 			&cli.Int64Flag{Name: "max-streams-per-backend", Usage: "calls in flight to one backend; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: proxy.DefaultConnectTimeout, Usage: "bound on dialing a backend (frame engine)"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: proxy.DefaultHandshakeTimeout, Usage: "bound on a backend's HTTP/2 handshake; a call waits at most this (and a quarter of its deadline) for a new connection before going elsewhere (frame engine)"},
-			&cli.IntFlag{Name: "max-backend-conns", Value: proxy.DefaultMaxBackendConns, Usage: "connections to one backend address; when all are full a call goes to another backend, else fails with UNAVAILABLE (negative: no cap; frame engine)"},
+			&cli.IntFlag{Name: "max-backend-conns", Value: proxy.DefaultMaxBackendConns, Usage: "connections to one backend address; when all are full a call goes to another backend, else waits for a slot (--max-backend-pending) (negative: no cap; frame engine)"},
+			&cli.IntFlag{Name: "max-backend-pending", Value: proxy.DefaultMaxBackendPending, Usage: "calls that may wait for a stream slot on one backend whose connections are all full (--max-backend-conns); past it a call fails with UNAVAILABLE (negative: none wait; frame engine)"},
+			&cli.DurationFlag{Name: "backend-pending-timeout", Value: proxy.DefaultBackendPendingTimeout, Usage: "how long a call waits for that slot before it fails with UNAVAILABLE (frame engine)"},
 			&cli.DurationFlag{Name: "backend-idle-timeout", Value: proxy.DefaultBackendIdleTimeout, Usage: "close a backend connection gracefully (GOAWAY) after this long without a stream (negative: never; frame engine)"},
 			&cli.DurationFlag{Name: "backend-keepalive-time", Value: proxy.DefaultBackendKeepaliveTime, Usage: "PING a backend connection with streams after this long without a frame from it; keep it at or above the backends' keepalive MinTime (negative: no PINGs; frame engine)"},
 			&cli.DurationFlag{Name: "backend-keepalive-timeout", Value: proxy.DefaultBackendKeepaliveTimeout, Usage: "close a backend connection, failing its calls with UNAVAILABLE, when nothing arrives this long after a keepalive PING (frame engine)"},
@@ -228,7 +230,10 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 	if c.Int("max-backend-conns") == 0 {
 		return zero, usageErr("--max-backend-conns must not be 0 (negative: no cap)")
 	}
-	for _, f := range []string{"connect-timeout", "handshake-timeout", "backend-keepalive-timeout", "dns-refresh"} {
+	if c.Int("max-backend-pending") == 0 {
+		return zero, usageErr("--max-backend-pending must not be 0 (negative: no call waits)")
+	}
+	for _, f := range []string{"connect-timeout", "handshake-timeout", "backend-keepalive-timeout", "backend-pending-timeout", "dns-refresh"} {
 		if c.Duration(f) <= 0 {
 			return zero, usageErr("--%s must be positive, got %v", f, c.Duration(f))
 		}
@@ -286,6 +291,8 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			IdleTimeout:               nonZero(c.Duration("idle-timeout")),
 			RequestIdleTimeout:        nonZero(c.Duration("request-idle-timeout")),
 			MaxBackendConns:           c.Int("max-backend-conns"),
+			MaxBackendPending:         c.Int("max-backend-pending"),
+			BackendPendingTimeout:     c.Duration("backend-pending-timeout"),
 			BackendIdleTimeout:        nonZero(c.Duration("backend-idle-timeout")),
 			BackendKeepaliveTime:      nonZero(c.Duration("backend-keepalive-time")),
 			BackendKeepaliveTimeout:   c.Duration("backend-keepalive-timeout"),

@@ -75,6 +75,8 @@ type fileProxy struct {
 	MaxStreams                int64         `yaml:"max_streams"`
 	MaxStreamsPerBackend      int64         `yaml:"max_streams_per_backend"`
 	MaxBackendConns           int           `yaml:"max_backend_conns"`
+	MaxBackendPending         int           `yaml:"max_backend_pending"`
+	BackendPendingTimeout     time.Duration `yaml:"backend_pending_timeout"`
 	BackendIdleTimeout        time.Duration `yaml:"backend_idle_timeout"`
 	BackendKeepaliveTime      time.Duration `yaml:"backend_keepalive_time"`
 	BackendKeepaliveTimeout   time.Duration `yaml:"backend_keepalive_timeout"`
@@ -799,6 +801,8 @@ func (f *File) proxyConfig() proxy.Config {
 		RetryBufferSize:           p.RetryBuffer,
 		ResponseHoldback:          p.ResponseHoldback,
 		MaxBackendConns:           p.MaxBackendConns,
+		MaxBackendPending:         p.MaxBackendPending,
+		BackendPendingTimeout:     p.BackendPendingTimeout,
 		BackendIdleTimeout:        p.BackendIdleTimeout,
 		BackendKeepaliveTime:      p.BackendKeepaliveTime,
 		BackendKeepaliveTimeout:   p.BackendKeepaliveTimeout,

@@ -48,6 +48,7 @@ routes:
 	cfg := f.ServerConfig()
 	cfg.Metrics = prometheus.NewRegistry()
 	cfg.Proxy.MaxBackendConns = 1
+	cfg.Proxy.MaxBackendPending = -1 // refused at once, not waiting
 	logPath := jsonAccessLog(t, &cfg)
 	r := runServer(t, cfg)
 	client := dial(t, r.addr)

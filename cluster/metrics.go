@@ -377,16 +377,17 @@ type connCollector struct {
 	stats       func() proxy.Stats
 	constLabels prometheus.Labels
 	ownCluster  string
-	descs       [5]*prometheus.Desc
+	descs       [6]*prometheus.Desc
 }
 
 func newConnCollector(stats func() proxy.Stats, constLabels prometheus.Labels, ownCluster string) *connCollector {
-	return &connCollector{stats: stats, constLabels: constLabels, ownCluster: ownCluster, descs: [5]*prometheus.Desc{
+	return &connCollector{stats: stats, constLabels: constLabels, ownCluster: ownCluster, descs: [6]*prometheus.Desc{
 		prometheus.NewDesc("streamlb_client_connections", "Client connections open.", nil, constLabels),
 		prometheus.NewDesc("streamlb_client_connections_accepted_total", "Client connections accepted and served.", nil, constLabels),
 		prometheus.NewDesc("streamlb_client_connections_refused_total", "Client connections closed as soon as accepted, over --max-connections.", nil, constLabels),
 		prometheus.NewDesc("streamlb_backend_connections", "Backend connections open or being opened, by the cluster they were opened for.", []string{"cluster"}, constLabels),
 		prometheus.NewDesc("streamlb_client_connections_parked", "Client connections idle without a reader goroutine (Linux), among those open.", nil, constLabels),
+		prometheus.NewDesc("streamlb_calls_waiting", "Calls waiting for a stream slot on a backend whose connections are all full (--max-backend-conns, --max-backend-pending), by the cluster of those connections.", []string{"cluster"}, constLabels),
 	}}
 }
 
@@ -407,5 +408,11 @@ func (cc *connCollector) Collect(ch chan<- prometheus.Metric) {
 			name = cc.ownCluster
 		}
 		ch <- prometheus.MustNewConstMetric(cc.descs[3], prometheus.GaugeValue, float64(n), name)
+	}
+	for name, n := range st.CallsWaitingByUpstream {
+		if name == "" {
+			name = cc.ownCluster
+		}
+		ch <- prometheus.MustNewConstMetric(cc.descs[5], prometheus.GaugeValue, float64(n), name)
 	}
 }

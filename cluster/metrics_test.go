@@ -192,7 +192,7 @@ func TestBackendConnsOverflowMetric(t *testing.T) {
 	r := runServer(t, cluster.ServerConfig{
 		Metrics: prometheus.NewRegistry(),
 		Logger:  slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})),
-		Proxy:   proxy.Config{MaxBackendConns: 1},
+		Proxy:   proxy.Config{MaxBackendConns: 1, MaxBackendPending: -1},
 		Cluster: cluster.Config{Name: "echo", Targets: []string{ts.Addr()}},
 	})
 	client := dial(t, r.addr)
@@ -235,6 +235,50 @@ func TestBackendConnsOverflowMetric(t *testing.T) {
 
 // holdCall starts a call that ts holds (testserver.MetadataHang) and waits
 // until ts has it in flight. release cancels it and returns its error.
+// TestCallsWaitingMetric: a call waiting for a slot on a backend whose
+// connections are all full (--max-backend-pending) is counted in
+// streamlb_calls_waiting{cluster} while it waits, and goes through when
+// the slot comes free.
+func TestCallsWaitingMetric(t *testing.T) {
+	ts, err := testserver.New(testserver.Config{Name: "a", Logger: quiet, ServerOptions: []grpc.ServerOption{grpc.MaxConcurrentStreams(1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ts.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ts.Stop)
+	r := runServer(t, cluster.ServerConfig{
+		Metrics: prometheus.NewRegistry(),
+		Logger:  quiet,
+		Proxy:   proxy.Config{MaxBackendConns: 1},
+		Cluster: cluster.Config{Name: "echo", Targets: []string{ts.Addr()}},
+	})
+	client := dial(t, r.addr)
+	ctx := testkit.Context(t, 30*time.Second)
+	release := holdCall(ctx, t, client, ts)
+	waited := make(chan error, 1)
+	go func() {
+		_, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+		waited <- err
+	}()
+	testkit.WaitFor(ctx, t, "streamlb_calls_waiting 1", func() bool {
+		return scrapeAll(t, r.admin, "streamlb_calls_waiting")["cluster=echo"] == 1
+	})
+	if err := release(); status.Code(err) != codes.Canceled {
+		t.Errorf("held call: %v, want CANCELLED", err)
+	}
+	if err := <-waited; err != nil {
+		t.Errorf("waiting call: %v", err)
+	}
+	if got := scrapeAll(t, r.admin, "streamlb_calls_waiting"); got["cluster=echo"] != 0 {
+		t.Errorf("streamlb_calls_waiting = %v after the wait, want 0", got)
+	}
+	if got := scrape(t, r.admin, "streamlb_limit_rejections_total"); got["limit=max_backend_conns"] != 0 {
+		t.Errorf("streamlb_limit_rejections_total = %v: a call that waited and went through counted as refused", got)
+	}
+}
+
 func holdCall(ctx context.Context, t *testing.T, client testgrpc.TestServiceClient, ts *testserver.Server) (release func() error) {
 	t.Helper()
 	hctx, hang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))

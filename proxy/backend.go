@@ -33,6 +33,7 @@ type backendConn struct {
 	streams    map[uint32]*attempt // open backend streams by backend stream id
 	pending    []*attempt          // waiting to be opened, in arrival order
 	reserved   uint32              // streams open or pending: what the pool counts
+	queued     uint32              // of the pending, those reserved over the cap to wait for a slot (pool.queueLocked)
 	nextID     uint32
 	goingAway  bool        // GOAWAY received, draining, or ids nearly exhausted: take no new streams
 	assumedMax uint32      // peer's stream limit assumed until its SETTINGS arrive
@@ -710,6 +711,15 @@ func (b *backendConn) endAnsweredEarly(a *attempt) {
 	b.resetUp(a, http2.ErrCodeCancel)
 }
 
+// opened reports whether a's stream was opened on b: a call still waiting
+// for a slot (queueLocked) or for b's handshake never reached the
+// backend. It takes b.mu: the caller may hold a.s.cc.mu, not b.mu.
+func (b *backendConn) opened(a *attempt) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return a.up.id != 0
+}
+
 // releaseSlotLocked gives back a's stream slot on b and its place in the
 // backend's in-flight count, once. Caller must hold mu.
 func (b *backendConn) releaseSlotLocked(a *attempt) {
@@ -880,6 +890,16 @@ func (b *backendConn) unlinkLocked(a *attempt) {
 		delete(b.streams, a.up.id)
 	}
 	b.releaseSlotLocked(a)
+	if a.queued {
+		// A call that stops waiting leaves pending now, not when a slot
+		// comes free: calls cancelled one after another while the
+		// backend stays full would pile up there.
+		a.queued = false
+		b.queued--
+		if i := slices.Index(b.pending, a); i >= 0 {
+			b.pending = slices.Delete(b.pending, i, i+1)
+		}
+	}
 	b.signal()
 }
 
@@ -972,6 +992,10 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		}
 		if a.hsTimer != nil {
 			a.hsTimer.Stop()
+		}
+		if a.queued {
+			a.queued = false
+			b.queued--
 		}
 		a.up.id = id
 		a.up.window = b.peerInitWin
@@ -1090,11 +1114,18 @@ func (p *pool) retain(keep map[string]bool) {
 // MaxStreamsPerBackend, or it has MaxBackendConns connections, all full.
 // The last is logged (at most once a second), after p.mu is released: a
 // logger that blocks holds up this call alone, not every pick.
-func (p *pool) get(up *Upstream, addr string, a *attempt) (*backendConn, error) {
+//
+// With wait, a call that finds every connection full at MaxBackendConns
+// waits for a slot on one of them instead, if the backend's queue has
+// room (queueLocked).
+func (p *pool) get(up *Upstream, addr string, a *attempt, wait bool) (*backendConn, error) {
 	p.mu.Lock()
-	b, err := p.getLocked(up, addr, a)
+	b, err := p.getLocked(up, addr, a, wait)
 	p.mu.Unlock()
-	if f, ok := err.(failure); ok && f.kind == failBackendConns {
+	if f, ok := err.(failure); ok && f.kind == failBackendConns && (wait || p.srv.cfg.MaxBackendPending <= 0) {
+		// Logged when the call fails for it: with calls allowed to wait,
+		// a refusal before the last pick sends the call elsewhere or to
+		// wait (see serverConn.startAttemptLocked).
 		p.overflows.note(p.srv.now(), p.srv.log, slog.LevelWarn,
 			"calls refused: every connection to the backend is full (max backend connections)", int(f.limit), "backend", addr)
 	}
@@ -1102,7 +1133,7 @@ func (p *pool) get(up *Upstream, addr string, a *attempt) (*backendConn, error) 
 }
 
 // getLocked is get under p.mu. Caller must hold p.mu.
-func (p *pool) getLocked(up *Upstream, addr string, a *attempt) (*backendConn, error) {
+func (p *pool) getLocked(up *Upstream, addr string, a *attempt, wait bool) (*backendConn, error) {
 	if p.closed {
 		return nil, failure{kind: failShuttingDown}
 	}
@@ -1137,6 +1168,11 @@ func (p *pool) getLocked(up *Upstream, addr string, a *attempt) (*backendConn, e
 	if max := p.srv.cfg.MaxBackendConns; max > 0 && len(p.conns[k]) >= max {
 		if b := p.reserveUnknownLocked(k); b != nil {
 			return b, nil
+		}
+		if wait {
+			if b := p.queueLocked(k, a); b != nil {
+				return b, nil
+			}
 		}
 		if a.backendCount != nil {
 			a.backendCount.Add(-1)
@@ -1242,8 +1278,8 @@ const minHandshakeWait = 50 * time.Millisecond
 func (b *backendConn) watchHandshake(a *attempt, wait time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.gotSettings || a.bClosed {
-		return
+	if b.gotSettings || a.bClosed || a.queued {
+		return // a waiting call's wait is bounded by watchQueue
 	}
 	a.hsTimer = time.AfterFunc(wait, func() { b.handshakeExpired(a, wait) })
 }

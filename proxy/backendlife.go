@@ -144,6 +144,81 @@ func (p *pool) avoid(tried []string) []string {
 	return out
 }
 
+// queueLocked is get's answer, for a call that may wait, when every
+// connection to k's backend is full at MaxBackendConns: a slot past the
+// cap of the connection with the fewest calls waiting, if the backend has
+// fewer than Config.MaxBackendPending waiting, else nil. The call waits in
+// that connection's pending list, after those that came before it, until
+// a stream ends there and openLocked opens it, or until
+// Config.BackendPendingTimeout (watchQueue). A connection that can take
+// no more streams (closed, going away, or at SETTINGS_MAX_CONCURRENT_
+// STREAMS=0) takes no waiting call. Caller must hold p.mu.
+func (p *pool) queueLocked(k poolKey, a *attempt) *backendConn {
+	max := p.srv.cfg.MaxBackendPending
+	if max <= 0 {
+		return nil
+	}
+	var best *backendConn
+	var fewest uint32
+	total := 0
+	for _, b := range p.conns[k] {
+		b.mu.Lock()
+		total += int(b.queued)
+		if b.takesWaitingLocked() && (best == nil || b.queued < fewest) {
+			best, fewest = b, b.queued
+		}
+		b.mu.Unlock()
+	}
+	if best == nil || total >= max {
+		return nil
+	}
+	best.mu.Lock()
+	defer best.mu.Unlock()
+	if !best.takesWaitingLocked() {
+		return nil
+	}
+	best.reserved++
+	best.queued++
+	best.used = true
+	a.queued = true
+	return best
+}
+
+// takesWaitingLocked reports whether a call may wait on b for a slot.
+// Caller must hold mu.
+func (b *backendConn) takesWaitingLocked() bool {
+	return !b.closed && !b.goingAway && !b.drainAndClose && !b.peerGoAway && !b.noStreams
+}
+
+// watchQueue bounds how long attempt a, queued on b past its cap
+// (queueLocked), waits for a slot: at most wait, after which the call
+// fails with UNAVAILABLE (queueExpired). Nothing is armed when a is
+// not waiting. Caller must hold a.s.cc.mu.
+func (b *backendConn) watchQueue(a *attempt, wait time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !a.queued || a.bClosed {
+		return
+	}
+	a.hsTimer = time.AfterFunc(wait, func() { b.queueExpired(a, wait) })
+}
+
+// queueExpired runs on a's queue timer: if a still waits for a slot on b,
+// it leaves b and its call fails with UNAVAILABLE, not retried: the
+// backends were full. Its Picker's done sees CANCELLED (failQueueTimeout's
+// doneErr): a full backend has not failed.
+func (b *backendConn) queueExpired(a *attempt, wait time.Duration) {
+	b.mu.Lock()
+	if a.bClosed || a.up.id != 0 || !a.queued {
+		b.mu.Unlock()
+		return
+	}
+	b.unlinkLocked(a) // and out of pending
+	b.mu.Unlock()
+	b.log.Debug("no stream slot on the backend in time; call fails", "method", a.s.method, "duration", wait)
+	a.s.cc.failUnlinked(a, failure{kind: failQueueTimeout, backend: b.addr, limit: wait.Milliseconds()})
+}
+
 // reserveUnknownLocked is get's last resort at MaxBackendConns: while no
 // connection to addr has had the backend's SETTINGS, their stream limit is
 // a guess (see capLocked), and a burst of calls to a new backend waits on

@@ -92,7 +92,7 @@ func limitName(k failKind) string {
 		return LimitMaxStreamsPerBackend
 	case failHeadersTooLarge:
 		return LimitMaxHeaderSize
-	case failBackendConns:
+	case failBackendConns, failQueueTimeout:
 		return LimitMaxBackendConns
 	case failConnBudget:
 		return LimitMaxConnBuffer
@@ -281,6 +281,10 @@ type Stats struct {
 	// BackendConnsByUpstream splits BackendConns by the name of the
 	// Upstream they were opened for ("" for the Server's own).
 	BackendConnsByUpstream map[string]int
+	// CallsWaitingByUpstream is the calls waiting for a stream slot on a
+	// backend whose connections are all full (Config.MaxBackendPending),
+	// by the same names, for every name in BackendConnsByUpstream.
+	CallsWaitingByUpstream map[string]int
 }
 
 // Stats reads the server's connection counts, for metrics read at scrape
@@ -294,10 +298,18 @@ func (s *Server) Stats() Stats {
 	st.ClientConnsAccepted = s.accepted.Load()
 	st.ClientConnsRefused = s.refusals.refused()
 	st.BackendConnsByUpstream = map[string]int{}
+	st.CallsWaitingByUpstream = map[string]int{}
 	s.pool.mu.Lock()
 	for k, cs := range s.pool.conns {
 		st.BackendConns += len(cs)
 		st.BackendConnsByUpstream[k.up.name] += len(cs)
+		n := 0
+		for _, b := range cs {
+			b.mu.Lock()
+			n += int(b.queued)
+			b.mu.Unlock()
+		}
+		st.CallsWaitingByUpstream[k.up.name] += n
 	}
 	s.pool.mu.Unlock()
 	return st

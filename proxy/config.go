@@ -41,6 +41,8 @@ const (
 	DefaultRequestIdleTimeout    = 5 * time.Minute
 	DefaultMaxConnBufferedBytes  = 16 << 20
 	DefaultMaxBackendConns       = 8
+	DefaultMaxBackendPending     = 1024
+	DefaultBackendPendingTimeout = 5 * time.Second
 	DefaultBackendIdleTimeout    = 5 * time.Minute
 	// DefaultBackendKeepaliveTime is grpc-go's server default of
 	// keepalive.EnforcementPolicy.MinTime: PINGs any closer together, on
@@ -194,14 +196,30 @@ type Config struct {
 	// MaxBackendConns caps the connections open to any one backend
 	// address, draining ones included. Another connection is opened only
 	// when every one is full (BackendStreamsPerConn or the backend's
-	// SETTINGS_MAX_CONCURRENT_STREAMS reached); at the cap a call is not
-	// queued: it goes to another backend as a transparent retry (it never
-	// reached this one), and when none can take it fails at once with
-	// UNAVAILABLE, as Envoy's max_connections circuit breaker overflows
-	// with 503. Such an overflow is not the backend's failure: the Picker's
-	// done sees CANCELLED, which counts neither for nor against it. Zero
-	// means DefaultMaxBackendConns, negative no cap.
+	// SETTINGS_MAX_CONCURRENT_STREAMS reached); at the cap a call goes to
+	// another backend as a transparent retry (it never reached this one),
+	// and when none can take it, it is picked once more, the backends it
+	// tried included, and waits for a slot on that backend
+	// (MaxBackendPending), or fails at once with UNAVAILABLE when that
+	// backend's queue is full. Such an overflow is not the backend's
+	// failure: the Picker's done sees CANCELLED, which counts neither for
+	// nor against it. Zero means DefaultMaxBackendConns, negative no cap.
 	MaxBackendConns int
+
+	// MaxBackendPending caps the calls waiting for a stream slot on one
+	// backend whose connections are all full at MaxBackendConns (HAProxy's
+	// server queue, Envoy's pending requests): they wait in order, on the
+	// connection with the fewest waiting, and each takes the next slot a
+	// finished stream gives back there, before any new call. A call that
+	// does not get one within BackendPendingTimeout fails with
+	// UNAVAILABLE, not retried (the backends were full), as does a call
+	// that finds the queue full; its deadline, route timeout and the
+	// client's cancel end the wait too. Zero means
+	// DefaultMaxBackendPending, negative none wait.
+	MaxBackendPending int
+	// BackendPendingTimeout bounds that wait. Zero or negative means
+	// DefaultBackendPendingTimeout.
+	BackendPendingTimeout time.Duration
 
 	// BackendIdleTimeout closes a backend connection that carried no
 	// stream for that long (checked every quarter of it, so it may live
@@ -476,6 +494,10 @@ func (c *Config) setDefaults() error {
 		c.BackendStreamsPerConn = DefaultBackendStreamsPerConn
 	}
 	defaultOrOff(&c.MaxBackendConns, DefaultMaxBackendConns)
+	defaultOrOff(&c.MaxBackendPending, DefaultMaxBackendPending)
+	if c.BackendPendingTimeout <= 0 {
+		c.BackendPendingTimeout = DefaultBackendPendingTimeout
+	}
 	defaultOrOff(&c.BackendIdleTimeout, DefaultBackendIdleTimeout)
 	defaultOrOff(&c.BackendKeepaliveTime, DefaultBackendKeepaliveTime)
 	for _, d := range []struct {

@@ -111,3 +111,32 @@ func (s *Server) RestartingBackends() int {
 	defer s.pool.mu.Unlock()
 	return len(s.pool.goneAt)
 }
+
+// Waiting reports the calls waiting for a slot past MaxBackendConns
+// (pool.queueLocked), over every backend connection, for tests.
+func (s *Server) Waiting() int {
+	n, _ := s.waitingPending()
+	return n
+}
+
+// PendingAttempts reports the attempts in the pending lists of every
+// backend connection, those that left them included, for tests.
+func (s *Server) PendingAttempts() int {
+	_, n := s.waitingPending()
+	return n
+}
+
+func (s *Server) waitingPending() (waiting, pending int) {
+	p := &s.pool
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, cs := range p.conns {
+		for _, b := range cs {
+			b.mu.Lock()
+			waiting += int(b.queued)
+			pending += len(b.pending)
+			b.mu.Unlock()
+		}
+	}
+	return waiting, pending
+}

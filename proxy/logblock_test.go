@@ -46,7 +46,7 @@ func TestBackendConnCapLoggerBlocks(t *testing.T) {
 		if i == 0 {
 			c.ServerOptions = append(c.ServerOptions, grpc.MaxConcurrentStreams(2))
 		}
-	}, pcfg: func(c *proxy.Config) { c.MaxBackendConns = 1; c.Logger = slog.New(h) }})
+	}, pcfg: func(c *proxy.Config) { c.MaxBackendConns = 1; c.MaxBackendPending = -1; c.Logger = slog.New(h) }})
 	var releaseOnce sync.Once
 	unblock := func() { releaseOnce.Do(func() { close(h.release) }) }
 	t.Cleanup(unblock) // before the env's teardown, which waits for the proxy

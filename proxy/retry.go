@@ -34,11 +34,21 @@ import (
 // reports the failure to end the call with when no attempt could be made.
 // Caller must hold mu; the connection's and pool's locks are taken inside
 // (cc.mu → pool.mu → bc.mu is the lock order).
+//
+// A call that every backend the Picker named refused at MaxBackendConns
+// (all their connections full) is picked once more, the backends it
+// tried included, and waits for a slot on the backend picked, if its
+// queue has room (pool.queueLocked, Config.MaxBackendPending): wait.
 func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bool) {
 	var refused *failure // the last pick the pool refused without trying it
+	wait := false
 	for {
 		s.attempts++
-		pk, err := c.pickLocked(s)
+		tried := s.tried
+		if wait {
+			tried = nil
+		}
+		pk, err := c.pickLocked(s, tried)
 		addr, up, done := pk.Addr, pk.Upstream, pk.Done
 		if err != nil {
 			// No backend was picked: no attempt (CallInfo.Attempts), so
@@ -48,6 +58,11 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 				// The routed cluster had no backend: the call is still
 				// its (CallInfo.Upstream).
 				s.up = up
+			}
+			if c.mayWait(refused, wait) {
+				wait = true
+				s.waitInsteadOfLast()
+				continue
 			}
 			c.releaseItemsLocked(items)
 			if refused != nil {
@@ -59,7 +74,13 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			s.pickErr = err
 			return failure{kind: failNoBackend, method: s.method, cause: err}, false
 		}
-		if refused != nil && slices.Contains(s.tried, addr) {
+		if refused != nil && !wait && slices.Contains(s.tried, addr) && c.mayWait(refused, wait) {
+			// The Picker has no backend but those that just refused the
+			// call at their connection cap: it waits for a slot on the
+			// one picked.
+			wait = true
+			s.waitInsteadOfLast()
+		} else if refused != nil && !wait && slices.Contains(s.tried, addr) {
 			// The Picker has no backend but those that just refused
 			// the call at the pool's caps, which would refuse it again:
 			// no attempt, and no retry counted for the call (with one
@@ -94,7 +115,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		for _, it := range items {
 			a.up.push(it) // a copy: items may sit in a failed attempt's inline storage
 		}
-		bc, err := c.srv.pool.get(up, addr, a)
+		bc, err := c.srv.pool.get(up, addr, a, wait)
 		if err != nil {
 			f, ok := err.(failure)
 			if !ok {
@@ -103,7 +124,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			if done != nil {
 				done(f.pickerErr())
 			}
-			if (f.kind == failBackendConns || f.kind == failNoStreams) && s.attempts <= c.srv.cfg.MaxRetries {
+			if (f.kind == failBackendConns || f.kind == failNoStreams) && (s.attempts <= c.srv.cfg.MaxRetries || c.mayWait(&f, wait)) {
 				refused = &f
 				// Never reached the backend: another may take the call
 				// (see Config.MaxBackendConns, pool.noStreamsLocked).
@@ -112,6 +133,13 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 					s.tried = s.triedInl[:0]
 				}
 				s.tried = append(s.tried, addr)
+				if s.attempts > c.srv.cfg.MaxRetries {
+					// No retry left, but a refusal at the connection
+					// cap may still wait for a slot (mayWait): the next
+					// pick waits.
+					wait = true
+					s.waitInsteadOfLast()
+				}
 				continue
 			}
 			c.releaseItemsLocked(items)
@@ -135,6 +163,9 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			bc.mu.Lock()
 			bc.markReadyLocked(&a.up)
 			bc.mu.Unlock()
+			if wait {
+				bc.watchQueue(a, c.srv.cfg.BackendPendingTimeout)
+			}
 			if s.attempts <= s.maxRetries {
 				// Only a call that may still go elsewhere gives up on a
 				// slow handshake; the last attempt waits for it.
@@ -189,14 +220,14 @@ const repickLimit = 3
 // SETTINGS_MAX_CONCURRENT_STREAMS=0 (pool.avoid), which the pool would
 // refuse: they are not picked, rather than picked, refused and picked
 // again, and come back to the picks as soon as they raise the limit.
-func (c *serverConn) pickLocked(s *stream) (UpstreamPick, error) {
+func (c *serverConn) pickLocked(s *stream, tried []string) (UpstreamPick, error) {
 	ctx := c.pickContext(s.reqFields)
 	if up := c.srv.upPicker; up != nil {
 		// s.up is nil until the call's first pick succeeded.
-		return up.PickUpstream(ctx, s.method, s.up, c.srv.pool.avoid(s.tried))
+		return up.PickUpstream(ctx, s.method, s.up, c.srv.pool.avoid(tried))
 	}
 	p := c.srv.cfg.Picker
-	avoid := c.srv.pool.avoid(s.tried)
+	avoid := c.srv.pool.avoid(tried)
 	var pk UpstreamPick
 	var err error
 	if len(avoid) == 0 {
@@ -216,6 +247,25 @@ func (c *serverConn) pickLocked(s *stream) (UpstreamPick, error) {
 			pk.Done(failure{kind: failRepicked, backend: pk.Addr}.statusErr())
 		}
 	}
+}
+
+// waitInsteadOfLast makes the pick that waits for a slot take the place
+// of the last pick the pool refused (mayWait): the refusal is not counted
+// as an attempt of its own (CallInfo.Attempts), nor its backend as tried.
+// Caller must hold cc.mu.
+func (s *stream) waitInsteadOfLast() {
+	s.attempts--
+	if n := len(s.tried); n > 0 {
+		s.tried = s.tried[:n-1]
+	}
+}
+
+// mayWait reports whether a call that the pool refused, for refused, may
+// be picked once more to wait for a slot: the refusal was at
+// MaxBackendConns, calls may wait (Config.MaxBackendPending), and it is
+// not waiting already.
+func (c *serverConn) mayWait(refused *failure, wait bool) bool {
+	return !wait && refused != nil && refused.kind == failBackendConns && c.srv.cfg.MaxBackendPending > 0
 }
 
 // handshakeWait is how long an attempt of s waits for its backend
@@ -281,6 +331,25 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 	}
 	if throttled {
 		c.srv.warnThrottled(s.up)
+	}
+}
+
+// failUnlinked ends the call of attempt a, which its backend connection
+// unlinked before opening it, with f: retryOrFail's end, without a retry.
+func (c *serverConn) failUnlinked(a *attempt, f failure) {
+	s := a.s
+	c.mu.Lock()
+	a.bc.mu.Lock()
+	a.bc.discardLocked(a)
+	a.bc.mu.Unlock()
+	current := s.att == a
+	if current && !s.cst.ended() && !s.down.closed {
+		c.failLocked(s, f)
+	}
+	c.mu.Unlock()
+	c.signal()
+	if current {
+		s.sideClosed()
 	}
 }
 

@@ -674,7 +674,7 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 		f := s.deadlineFailure()
 		// The route's timeout with the request sent whole and no
 		// response headers: the backend did not answer (Unanswered).
-		f.unanswered = f.kind == failRouteTimeout && a != nil && s.cst.recvEnded() && !s.headersSent && !s.down.queuedHeaders()
+		f.unanswered = f.kind == failRouteTimeout && a != nil && s.cst.recvEnded() && !s.headersSent && !s.down.queuedHeaders() && a.bc.opened(a)
 		c.failLocked(s, f)
 	}
 	c.mu.Unlock()

@@ -107,6 +107,10 @@ const (
 	// has Config.MaxBackendConns of them (limit). The Picker sees
 	// CANCELLED (see pickerErr): the backend did not fail.
 	failBackendConns
+	// failQueueTimeout: every connection to the backend was full at
+	// MaxBackendConns and the call waited BackendPendingTimeout (limit,
+	// in ms) for a slot in vain (pool.queueLocked).
+	failQueueTimeout
 	// failNoStreams: the backend advertised
 	// SETTINGS_MAX_CONCURRENT_STREAMS=0, so it takes no stream.
 	failNoStreams
@@ -151,6 +155,11 @@ func (f failure) statusErr() error {
 // Unanswered).
 func (f failure) doneErr(st *status.Status) error {
 	switch {
+	case f.kind == failQueueTimeout:
+		// The client is told UNAVAILABLE; the Picker, CANCELLED: a
+		// backend whose connections are all busy has not failed (as
+		// pickerErr says of failBackendConns).
+		return clientStatusError{err: status.Error(codes.Canceled, st.Message()), code: st.Code()}
 	case f.draining:
 		return drainingError{st}
 	case f.connectionLevel():
@@ -306,6 +315,8 @@ func statusOf(f failure) (*status.Status, int) {
 		return status.Newf(codes.Unavailable, "streamlb: backend %s: no HTTP/2 handshake within %v", f.backend, time.Duration(f.limit)*time.Millisecond), http.StatusOK
 	case failBackendConns:
 		return status.Newf(codes.Unavailable, "streamlb: backend %s: every connection is at its stream limit (limit %d connections)", f.backend, f.limit), http.StatusOK
+	case failQueueTimeout:
+		return status.Newf(codes.Unavailable, "streamlb: backend %s: every connection is at its stream limit, and no slot came free within %v", f.backend, time.Duration(f.limit)*time.Millisecond), http.StatusOK
 	case failNoStreams:
 		return status.Newf(codes.Unavailable, "streamlb: backend %s accepts no streams (SETTINGS_MAX_CONCURRENT_STREAMS=0)", f.backend), http.StatusOK
 	case failLoop:

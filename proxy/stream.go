@@ -160,7 +160,7 @@ type attempt struct {
 	bc           *backendConn
 	done         func(error)
 	backendCount *atomic.Int64 // the backend's in-flight count, when capped
-	hsTimer      *time.Timer   // bounds the wait for bc's handshake; set once under bc.mu, before the timer can fire
+	hsTimer      *time.Timer   // bounds the wait for bc's handshake, or for a slot when queued (watchQueue); set once under bc.mu, before the timer can fire
 
 	// Guarded by bc.mu.
 	up         sendQueue           // toward the backend
@@ -168,6 +168,7 @@ type attempt struct {
 	bst        h2state             // RFC 9113 §5.1 state on bc: idle while pending
 	bClosed    bool                // no longer in bc's tables nor holding a slot (also set to retry elsewhere)
 	slotFreed  bool                // its slot and in-flight count were given back (releaseSlotLocked), perhaps before bClosed
+	queued     bool                // reserved over the cap, it waits in bc.pending for a slot (pool.queueLocked)
 	discarded  bool                // over for good: request items are refused
 	gotHeaders bool                // the backend sent its response headers
 	forwarded  bool                // the client has seen part of this attempt's answer
