@@ -143,3 +143,44 @@ func testCallEnd(t *testing.T, hook string) {
 	default:
 	}
 }
+
+// TestCallEndBytesBothEngines: the grpc-proxy engine reports the bytes a
+// call relayed as the frame engine does (each message and its 5-byte
+// prefix, both ways): the same calls give the same counts. It reported
+// none (0 in the access log's bytes_in and bytes_out, and in
+// streamlb_request_bytes_total and streamlb_response_bytes_total).
+func TestCallEndBytesBothEngines(t *testing.T) {
+	type counts struct{ in, out int64 }
+	got := map[string][]counts{}
+	for _, engine := range []string{"frame", "grpc-proxy"} {
+		ends := make(callEnds, 4)
+		e := newEnv(t, envOpts{backends: 1, engine: engine,
+			pcfg: func(c *proxy.Config) { c.OnCallEnd = func(ci proxy.CallInfo) { ends <- ci } },
+			rcfg: func(c *proxy.ReferenceConfig) { c.OnCallEnd = func(ci proxy.CallInfo) { ends <- ci } },
+		})
+		ctx := testkit.Context(t, 20*time.Second)
+		req := &testgrpc.SimpleRequest{Payload: &testgrpc.Payload{Body: make([]byte, 1000)}, ResponseSize: 500}
+		if _, err := e.client.UnaryCall(ctx, req); err != nil {
+			t.Fatal(err)
+		}
+		ci := ends.next(t, ctx)
+		got[engine] = append(got[engine], counts{ci.RequestBytes, ci.ResponseBytes})
+		st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{{Size: 70000}, {Size: 3}, {Size: 0}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for {
+			if _, err := st.Recv(); err != nil {
+				break
+			}
+		}
+		ci = ends.next(t, ctx)
+		got[engine] = append(got[engine], counts{ci.RequestBytes, ci.ResponseBytes})
+	}
+	f, r := got["frame"], got["grpc-proxy"]
+	for i := range f {
+		if f[i].in == 0 || f[i].out == 0 || f[i] != r[i] {
+			t.Errorf("call %d: frame engine counted %+v, grpc-proxy engine %+v; want the same, not zero", i, f[i], r[i])
+		}
+	}
+}

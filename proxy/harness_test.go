@@ -59,6 +59,7 @@ type envOpts struct {
 	pcfg     func(c *proxy.Config)
 	dcfg     func(c *director.Config)
 	hook     func(s *proxy.Server) // called before Serve, with the frame engine
+	rcfg     func(c *proxy.ReferenceConfig)
 }
 
 func verifyNoLeaks(t *testing.T) {
@@ -122,7 +123,11 @@ func newEnv(t *testing.T, o envOpts) *env {
 		e.srv = s
 	case "grpc-proxy":
 		// Messages as large as the testservers take (TestLargeMessage).
-		s, err := proxy.NewReference(proxy.ReferenceConfig{Picker: d, Logger: quietLog, MaxMessageSize: 128 << 20})
+		rc := proxy.ReferenceConfig{Picker: d, Logger: quietLog, MaxMessageSize: 128 << 20}
+		if o.rcfg != nil {
+			o.rcfg(&rc)
+		}
+		s, err := proxy.NewReference(rc)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 )
 
 // ReferenceConfig configures the message-level reference engine.
@@ -210,7 +211,8 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 	defer context.AfterFunc(r.cut, cancel)()
-	err := handler(srv, &holderStream{ServerStream: ss, ctx: context.WithValue(ctx, doneKey{}, h)})
+	hs := &holderStream{ServerStream: ss, ctx: context.WithValue(ctx, doneKey{}, h), count: r.onEnd != nil}
+	err := handler(srv, hs)
 	if h.cancel != nil {
 		h.cancel()
 	}
@@ -251,7 +253,7 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	if r.onEnd != nil {
 		st, _ := status.FromError(err)
 		ci := CallInfo{Method: info.FullMethod, Backend: h.addr, Code: st.Code(), Message: st.Message(), Start: start, Duration: time.Since(start),
-			ProxyStatus: proxyStatus}
+			ProxyStatus: proxyStatus, RequestBytes: hs.in.Load(), ResponseBytes: hs.out.Load()}
 		if h.addr != "" {
 			ci.Attempts = 1
 		}
@@ -284,9 +286,39 @@ func clientEnded(ctx context.Context) error {
 type holderStream struct {
 	grpc.ServerStream
 	ctx context.Context
+	// count: in and out add up the messages received from the client and
+	// sent to it, as the frame engine counts DATA payload (CallInfo): each
+	// message's bytes and its 5-byte gRPC prefix. grpc-proxy's handler
+	// carries a message's bytes as the unknown fields of an emptypb.Empty
+	// (proto.Size), and receives and sends on goroutines of their own.
+	count   bool
+	in, out atomic.Int64
 }
 
 func (s *holderStream) Context() context.Context { return s.ctx }
+
+// grpcPrefix is the length prefix of a gRPC message on the wire.
+const grpcPrefix = 5
+
+func (s *holderStream) RecvMsg(m any) error {
+	err := s.ServerStream.RecvMsg(m)
+	if err == nil && s.count {
+		if pm, ok := m.(proto.Message); ok {
+			s.in.Add(int64(proto.Size(pm)) + grpcPrefix)
+		}
+	}
+	return err
+}
+
+func (s *holderStream) SendMsg(m any) error {
+	err := s.ServerStream.SendMsg(m)
+	if err == nil && s.count {
+		if pm, ok := m.(proto.Message); ok {
+			s.out.Add(int64(proto.Size(pm)) + grpcPrefix)
+		}
+	}
+	return err
+}
 
 // direct is the grpc-proxy StreamDirector: pick, then forward metadata on
 // a client connection to the backend.
