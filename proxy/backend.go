@@ -159,6 +159,7 @@ func (b *backendConn) addAttempt(a *attempt) error {
 		b.unlinkLocked(a)
 		return errNoStreams
 	}
+	a.s.ref() // pending's, until the attempt leaves the list
 	b.pending = append(b.pending, a)
 	b.signal()
 	return nil
@@ -290,13 +291,19 @@ func (b *backendConn) failAll(f failure) {
 		a           *attempt
 		transparent bool
 	}
+	// left owns a reference to the stream of each of its attempts, until
+	// retryOrFail or failLost returned: a pending attempt's is the one
+	// the list had.
 	var left []failed
 	for _, a := range b.streams {
+		a.s.ref() // left's
 		left = append(left, failed{a, false})
 	}
 	for _, a := range b.pending {
 		if !a.bClosed {
 			left = append(left, failed{a, true})
+		} else {
+			a.s.unref() // pending's; a may be reset by it
 		}
 	}
 	b.pending = nil
@@ -321,10 +328,14 @@ func (b *backendConn) failAll(f failure) {
 	}
 	b.mu.Unlock()
 	for _, r := range retry {
-		r.a.s.cc.retryOrFail(r.a, r.transparent, f)
+		s := r.a.s
+		s.cc.retryOrFail(r.a, r.transparent, f)
+		s.unref() // left's
 	}
 	for _, a := range gone {
-		a.s.cc.failLost(a, f)
+		s := a.s
+		s.cc.failLost(a, f)
+		s.unref() // left's
 	}
 }
 
@@ -424,6 +435,12 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		b.mu.Unlock()
 		return err
 	}
+	// The reader's reference, until it is done with a: stepLocked may
+	// end the attempt, and with it the call, and what follows hands a
+	// to the client connection after mu is released.
+	s := a.s
+	s.ref()
+	defer s.unref()
 	if b.stepLocked(a, evRecvHeaders) != resOK {
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed} // §5.1 half-closed (remote)
@@ -595,6 +612,10 @@ func (b *backendConn) onData(f *dataFrame) error {
 		b.signal() // the connection window was credited
 		return err
 	}
+	// The reader's reference, as in onHeaders.
+	s := a.s
+	s.ref()
+	defer s.unref()
 	if !a.gotHeaders {
 		// A response starts with HEADERS (RFC 9113 §8.1); without them
 		// it is malformed, a stream error PROTOCOL_ERROR (§8.1.1), as
@@ -750,6 +771,11 @@ func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bo
 		b.signal()
 		return
 	}
+	// Ours, until the client connection is told: closeAttLocked may end
+	// the call.
+	s := a.s
+	s.ref()
+	defer s.unref()
 	if !sendRST && code == http2.ErrCodeRefusedStream && !a.forwarded {
 		b.transport.stepLocked(&a.bst, id, evRecvReset)
 		b.unlinkLocked(a)
@@ -787,15 +813,20 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 	b.peerGoAway = true
 	b.goingAway = true
 	b.drainAndClose = true
+	// unprocessed owns a reference to the stream of each of its attempts
+	// until retryOrFail returned (a pending one's is the list's).
 	var unprocessed []*attempt
 	for id, a := range b.streams {
 		if id > f.LastStreamID {
+			a.s.ref() // unprocessed's
 			unprocessed = append(unprocessed, a)
 		}
 	}
 	for _, a := range b.pending {
 		if !a.bClosed {
 			unprocessed = append(unprocessed, a)
+		} else {
+			a.s.unref() // pending's; a may be reset by it
 		}
 	}
 	b.pending = nil
@@ -812,7 +843,9 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 		b.log.Warn("backend sent GOAWAY", "code", f.ErrCode.String(), "last_stream", f.LastStreamID, "moved", len(unprocessed), "debug", string(f.DebugData()))
 	}
 	for _, a := range unprocessed {
-		a.s.cc.retryOrFail(a, true, failure{kind: failGoAway, backend: b.addr, draining: graceful})
+		s := a.s
+		s.cc.retryOrFail(a, true, failure{kind: failGoAway, backend: b.addr, draining: graceful})
+		s.unref() // unprocessed's
 	}
 }
 
@@ -821,6 +854,9 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 // is over and DATA must be credited back by the caller. Caller must hold
 // a.s.cc.mu, not b.mu.
 func (b *backendConn) enqueueUp(a *attempt, it outItem, data []byte) bool {
+	if streamDebug {
+		a.s.live("enqueueUp")
+	}
 	b.mu.Lock()
 	if a.up.closed || a.discarded {
 		b.mu.Unlock()
@@ -844,8 +880,13 @@ func (b *backendConn) enqueueUp(a *attempt, it outItem, data []byte) bool {
 	return true
 }
 
-// resetUp cancels attempt a: a RST_STREAM if it was opened.
+// resetUp cancels attempt a: a RST_STREAM if it was opened. The caller
+// owns a reference to a.s: a's bClosed is then a's own, not that of the
+// attempt of another call in the same memory.
 func (b *backendConn) resetUp(a *attempt, code http2.ErrCode) {
+	if streamDebug {
+		a.s.live("resetUp")
+	}
 	b.mu.Lock()
 	if a.bClosed {
 		b.mu.Unlock()
@@ -971,17 +1012,23 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 	for ; i < len(b.pending) && uint32(len(b.streams)) < limit; i++ {
 		a := b.pending[i]
 		b.pending[i] = nil
+		s := a.s
 		if a.bClosed {
+			s.unref() // pending's; a may be reset by it
 			continue
 		}
-		fields := a.s.attemptFields()
+		fields := s.attemptFields()
 		if f, over := b.requestOverPeerLocked(fields); over {
 			// Never sent. failDown takes the client connection's mu,
 			// which must not be taken under ours: it runs on its own,
 			// short-lived goroutine (rare: only with a backend that
-			// advertises a small limit).
+			// advertises a small limit), which takes over pending's
+			// reference.
 			b.closeAttLocked(a)
-			go a.s.cc.failDown(a, f)
+			go func() {
+				s.cc.failDown(a, f)
+				s.unref()
+			}()
 			continue
 		}
 		id := b.nextID
@@ -990,8 +1037,8 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 			b.goingAway = true // leave room for what is reserved; the pool opens a new connection
 			b.drainAndClose = true
 		}
-		if a.hsTimer != nil {
-			a.hsTimer.Stop()
+		if a.hsTimer != nil && a.hsTimer.Stop() {
+			s.unref() // the timer's; pending's is still ours
 		}
 		if a.queued {
 			a.queued = false
@@ -1004,6 +1051,10 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		b.calm.rollLocked(b.pool.srv.now())
 		b.calm.opened++ // the allowance for the backend's stray frames (calm.go)
 		batch = append(batch, writeOp{kind: opHeaders, streamID: id, end: a.s.reqEnd, fields: fields})
+		// pending's reference goes to the batch: fields may be
+		// reqFields, in the stream's reqRoom, which the HPACK encoding
+		// reads after mu is released.
+		b.sc.refs = append(b.sc.refs, s)
 		b.transport.stepLocked(&a.bst, id, evSendHeaders)
 		if a.s.reqEnd {
 			b.transport.stepLocked(&a.bst, id, evSendEnd)
@@ -1281,12 +1332,23 @@ func (b *backendConn) watchHandshake(a *attempt, wait time.Duration) {
 	if b.gotSettings || a.bClosed || a.queued {
 		return // a waiting call's wait is bounded by watchQueue
 	}
-	a.hsTimer = time.AfterFunc(wait, func() { b.handshakeExpired(a, wait) })
+	// The timer owns a reference to the stream until handshakeExpired
+	// returned, or until a Stop that kept it from running
+	// (openLocked, onPeerSettings) lets go of it.
+	s := a.s
+	s.ref()
+	a.hsTimer = time.AfterFunc(wait, func() {
+		b.handshakeExpired(a, wait)
+		s.unref()
+	})
 }
 
 // handshakeExpired runs on a's handshake timer: if a still waits for b's
 // SETTINGS, it leaves b and is retried elsewhere, and b is reported failing.
 func (b *backendConn) handshakeExpired(a *attempt, wait time.Duration) {
+	if streamDebug {
+		a.s.live("handshakeExpired")
+	}
 	b.mu.Lock()
 	if a.bClosed || a.up.id != 0 || b.gotSettings {
 		b.mu.Unlock()
@@ -1294,6 +1356,7 @@ func (b *backendConn) handshakeExpired(a *attempt, wait time.Duration) {
 	}
 	if i := slices.Index(b.pending, a); i >= 0 {
 		b.pending = slices.Delete(b.pending, i, i+1)
+		a.s.unref() // pending's; the timer's is still held
 	}
 	b.unlinkLocked(a)
 	b.mu.Unlock()

@@ -37,17 +37,21 @@ func (b *backendConn) onPeerSettings() {
 	zero := b.peerMaxStream == 0 && !b.closed && !b.drainAndClose
 	changed := zero != b.noStreams
 	b.noStreams = zero
+	// moved owns the references the pending list had to the streams of
+	// its attempts, until retryOrFail returned.
 	var moved []*attempt
 	if zero {
 		for _, a := range b.pending {
 			if !a.bClosed {
 				moved = append(moved, a)
+			} else {
+				a.s.unref() // pending's; a may be reset by it
 			}
 		}
 		b.pending = nil
 		for _, a := range moved {
-			if a.hsTimer != nil {
-				a.hsTimer.Stop()
+			if a.hsTimer != nil && a.hsTimer.Stop() {
+				a.s.unref() // the timer's; moved's is still held
 			}
 			b.unlinkLocked(a)
 		}
@@ -66,7 +70,9 @@ func (b *backendConn) onPeerSettings() {
 		b.log.Debug("backend raised SETTINGS_MAX_CONCURRENT_STREAMS from 0; it takes calls again")
 	}
 	for _, a := range moved {
-		a.s.cc.retryOrFail(a, true, failure{kind: failNoStreams, backend: b.addr})
+		s := a.s
+		s.cc.retryOrFail(a, true, failure{kind: failNoStreams, backend: b.addr})
+		s.unref() // moved's
 	}
 }
 

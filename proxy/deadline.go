@@ -25,8 +25,11 @@ type deadlineTimer struct {
 var deadlinePool sync.Pool // of *deadlineTimer, stopped, s nil
 
 // startDeadline starts a timer that fails s with DEADLINE_EXCEEDED after d
-// (serverConn.deadlineExceeded), unless stopped first.
+// (serverConn.deadlineExceeded), unless stopped first. The armed timer
+// owns a reference to s: fire lets go of it once deadlineExceeded
+// returned, stop when it kept the timer from firing.
 func startDeadline(s *stream, d time.Duration) *deadlineTimer {
+	s.ref() // the timer's
 	dt, _ := deadlinePool.Get().(*deadlineTimer)
 	if dt == nil {
 		dt = new(deadlineTimer)
@@ -42,6 +45,7 @@ func startDeadline(s *stream, d time.Duration) *deadlineTimer {
 func (dt *deadlineTimer) fire() {
 	if s := dt.s.Swap(nil); s != nil {
 		s.cc.deadlineExceeded(s)
+		s.unref() // the timer's
 	}
 }
 
@@ -51,8 +55,11 @@ func (dt *deadlineTimer) fire() {
 // garbage collector.
 func (dt *deadlineTimer) stop() {
 	if dt.t.Stop() {
-		dt.s.Store(nil)
+		s := dt.s.Swap(nil)
 		deadlinePool.Put(dt)
+		if s != nil {
+			s.unref() // the timer's
+		}
 	}
 }
 

@@ -300,6 +300,9 @@ func heldBytes(items []outItem) int {
 // b.mu.
 func (c *serverConn) enqueueHeld(a *attempt, items []outItem, data []byte, v *pbuf, end bool) bool {
 	s := a.s
+	if streamDebug {
+		s.live("enqueueHeld")
+	}
 	c.mu.Lock()
 	if s.att != a || s.down.closed {
 		c.mu.Unlock()

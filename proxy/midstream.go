@@ -32,6 +32,9 @@ import (
 // stream's attempt.
 func (c *serverConn) failLost(a *attempt, f failure) {
 	s := a.s
+	if streamDebug {
+		s.live("failLost")
+	}
 	c.mu.Lock()
 	if s.att != a || s.down.closed || s.cst.ended() {
 		c.mu.Unlock()

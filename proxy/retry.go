@@ -292,8 +292,15 @@ func (c *serverConn) releaseItemsLocked(items []outItem) {
 // The call goes to another backend if it may (see the comment at the top
 // of this file); otherwise it ends: with answer, the backend's own answer
 // as header blocks, if there is one, else with the status of f.
+//
+// The caller owns a reference to a.s, which it lets go of after this
+// returned: this may end the call (sideClosed), and a.done and s.up are
+// read after that.
 func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer ...[]hpack.HeaderField) {
 	s := a.s
+	if streamDebug {
+		s.live("retryOrFail")
+	}
 	c.mu.Lock()
 	eligible := s.att == a && !s.cst.ended() && !s.down.closed && !s.headersSent && s.down.onlyInterim() &&
 		s.attempts <= s.maxRetries

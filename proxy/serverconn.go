@@ -405,8 +405,9 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: err}
 		}
 		if s.declLen >= 0 && s.bytesIn != s.declLen {
+			err := s.lengthMismatch() // under mu: s may end once it is released
 			c.mu.Unlock()
-			return s.lengthMismatch()
+			return err
 		}
 		if a := s.att; a != nil {
 			// gRPC has no request trailers, and a grpc-go server closes
@@ -464,7 +465,12 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		}
 	}
 	now := c.srv.now()
-	s := &stream{cc: c, start: now, declLen: -1}
+	s := newStream()
+	// The reader's reference, while it sets the stream up: once in the
+	// table, its client side may end (abortCalls, sweepRequestIdle) as
+	// soon as mu is released.
+	defer s.unref()
+	s.cc, s.start, s.declLen = c, now, -1
 	s.down = sendQueue{s: s, id: id, window: c.peerInitWin, mem: &c.bufs}
 	s.upRecv = recvState{id: id, window: c.streamWindow}
 	s.cst.apply(evRecvHeaders)
@@ -576,7 +582,7 @@ func (c *serverConn) pickContext(fields []hpack.HeaderField) context.Context {
 // is still sending, as grpc-go's server does. The stream never had a
 // backend side.
 func (c *serverConn) rejectStream(s *stream, f failure) {
-	s.sides.Add(1) // no attempt
+	s.noBackendSide() // no attempt; the caller holds a reference
 	c.mu.Lock()
 	c.failLocked(s, f)
 	c.mu.Unlock()
@@ -589,8 +595,9 @@ func (c *serverConn) rejectStream(s *stream, f failure) {
 // (streamError: a glitch point, the reset, a call-end report that says
 // why). The stream never had a backend side.
 func (c *serverConn) rejectMalformed(s *stream, why malformedRequest) error {
-	s.sides.Add(1) // no attempt
-	return http2.StreamError{StreamID: s.down.id, Code: http2.ErrCodeProtocol, Cause: why}
+	id := s.down.id
+	s.noBackendSide() // no attempt; the caller holds a reference
+	return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: why}
 }
 
 // lengthMismatch is the stream error of a request whose DATA does not add
@@ -648,9 +655,12 @@ func queueResetLocked(s *stream, code http2.ErrCode) {
 
 // failDown ends a call with the status of f (see failLocked). Nothing
 // happens if the response already ended or a is no longer the stream's
-// attempt.
+// attempt. The caller owns a reference to a.s.
 func (c *serverConn) failDown(a *attempt, f failure) {
 	s := a.s
+	if streamDebug {
+		s.live("failDown")
+	}
 	c.mu.Lock()
 	if s.att != a || s.down.closed || s.cst.ended() {
 		c.mu.Unlock()
@@ -664,8 +674,11 @@ func (c *serverConn) failDown(a *attempt, f failure) {
 // deadlineExceeded runs on the stream's timer when its deadline (the
 // client's grpc-timeout, or its route's timeout) passes before the call
 // ends: the client gets DEADLINE_EXCEEDED and the backend stream is
-// cancelled.
+// cancelled. The timer owns a reference to s until this returns.
 func (c *serverConn) deadlineExceeded(s *stream) {
+	if streamDebug {
+		s.live("deadlineExceeded")
+	}
 	// One critical section, so a retry switching attempts meanwhile cannot
 	// make the deadline miss: whatever attempt is current now is cut.
 	c.mu.Lock()
@@ -700,6 +713,7 @@ func (c *serverConn) abortCalls() {
 			continue
 		}
 		if a := s.att; a != nil {
+			s.ref() // cut's, until resetUp: failLocked may end s
 			cut = append(cut, a)
 		}
 		c.failLocked(s, failure{kind: failShuttingDown, method: s.method})
@@ -711,8 +725,16 @@ func (c *serverConn) abortCalls() {
 	c.drainAndClose = true
 	c.mu.Unlock()
 	c.signal()
+	resetCut(cut)
+}
+
+// resetCut cancels the backend streams of attempts cut, as resetUp, and
+// lets go of the reference to each one's stream that the list owned.
+func resetCut(cut []*attempt) {
 	for _, a := range cut {
+		s := a.s
 		a.bc.resetUp(a, http2.ErrCodeCancel)
+		s.unref() // cut's
 	}
 }
 
@@ -743,11 +765,12 @@ func (c *serverConn) sweepRequestIdle(now time.Time) {
 		if s.idleSweeps++; s.idleSweeps < 4 {
 			continue
 		}
+		if a := s.att; a != nil {
+			s.ref() // cut's, until resetUp: failLocked may end s
+			cut = append(cut, a)
+		}
 		c.failLocked(s, failure{kind: failRequestIdle, limit: d.Milliseconds()})
 		failed = true
-		if s.att != nil {
-			cut = append(cut, s.att)
-		}
 	}
 	c.nextSweep = now.Add(d / 4)
 	c.mu.Unlock()
@@ -757,9 +780,7 @@ func (c *serverConn) sweepRequestIdle(now time.Time) {
 	if failed {
 		c.signal() // the failed streams' trailers or resets
 	}
-	for _, a := range cut {
-		a.bc.resetUp(a, http2.ErrCodeCancel)
-	}
+	resetCut(cut)
 }
 
 func (c *serverConn) onData(f *dataFrame) error {
@@ -781,9 +802,10 @@ func (c *serverConn) onData(f *dataFrame) error {
 	s.bytesIn += int64(len(data))
 	s.active = true
 	if s.declLen >= 0 && (s.bytesIn > s.declLen || (end && s.bytesIn != s.declLen)) {
+		err := s.lengthMismatch() // under mu: s may end once it is released
 		c.mu.Unlock()
 		c.signal() // the connection window was credited
-		return s.lengthMismatch()
+		return err
 	}
 	if len(data) == 0 && !end {
 		// Says nothing, and would cost a queue entry per frame toward
@@ -859,6 +881,9 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 		s.result = s.resetResult(code, sendRST, cause)
 	}
 	a := s.att
+	if a != nil {
+		s.ref() // ours, until resetUp: stepLocked may end s
+	}
 	if sendRST {
 		c.stepLocked(s, evSendReset)
 	} else {
@@ -868,6 +893,7 @@ func (c *serverConn) resetFromClient(id uint32, code http2.ErrCode, sendRST bool
 	c.signal()
 	if a != nil {
 		a.bc.resetUp(a, http2.ErrCodeCancel)
+		s.unref()
 	}
 	return err
 }
@@ -929,6 +955,9 @@ func (s *stream) countDown(p []byte) {
 // back by the caller.
 func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 	s := a.s
+	if streamDebug {
+		s.live("enqueueDown")
+	}
 	c.mu.Lock()
 	if s.att != a || s.down.closed {
 		c.mu.Unlock()
@@ -1002,6 +1031,9 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 // follows the response; any other aborts it.
 func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 	s := a.s
+	if streamDebug {
+		s.live("backendReset")
+	}
 	c.mu.Lock()
 	defer c.signal()
 	defer c.mu.Unlock()
@@ -1240,13 +1272,12 @@ func (c *serverConn) cleanup() {
 			s.fromBackend = false
 			s.result = failure{kind: failClientGone}.statusErr()
 		}
-		if s.att != nil {
-			left = append(left, s.att)
+		if a := s.att; a != nil {
+			s.ref() // left's, until resetUp: closeSideLocked may end s
+			left = append(left, a)
 		}
 		c.closeSideLocked(s)
 	}
 	c.mu.Unlock()
-	for _, a := range left {
-		a.bc.resetUp(a, http2.ErrCodeCancel)
-	}
+	resetCut(left)
 }

@@ -149,6 +149,9 @@ type stream struct {
 	// sides counts the sides that are done: the client side and the final
 	// attempt. The second reports the outcome.
 	sides atomic.Int32
+	// refs counts the owners of the stream (see the comment above the
+	// type); the last unref resets it and returns it to streamPool.
+	refs atomic.Int32
 }
 
 // attempt is one try of a stream on one backend: the backend stream and
@@ -198,11 +201,33 @@ type attempt struct {
 }
 
 // sideClosed is called once by the client side and once for the final
-// attempt when they are done. The second call reports the outcome.
+// attempt when they are done. The second call reports the outcome. Each
+// call lets go of its side's reference last: a caller that uses the
+// stream after it must hold a reference of its own.
 func (s *stream) sideClosed() {
-	if s.sides.Add(1) != 2 {
-		return
+	if streamDebug {
+		s.live("sideClosed")
 	}
+	n := s.sides.Add(1)
+	if streamDebug && n > 2 {
+		panic("streamdebug: a side of the stream closed twice")
+	}
+	if n == 2 {
+		s.ended()
+	}
+	s.unref() // the side's
+}
+
+// noBackendSide is sideClosed for a stream that never had an attempt
+// (rejectStream, rejectMalformed): its backend side is done at once, and
+// nothing is reported for it (the client side's close reports the call).
+func (s *stream) noBackendSide() {
+	s.sides.Add(1)
+	s.unref() // the backend side's
+}
+
+// ended reports the outcome of s, once both sides are done.
+func (s *stream) ended() {
 	if s.timer != nil {
 		s.timer.stop()
 	}

@@ -462,6 +462,11 @@ type writeScratch struct {
 	// blocked holds, during writeStep, the streams whose DATA waits for
 	// the connection window.
 	blocked []*sendQueue
+	// refs holds the batch's references to the streams its ops refer to
+	// (their header fields, their credit's recvState, their queues):
+	// taken under mu as the ops are built, let go of once writeFrames
+	// and applyCredits are done with the batch (writeStep).
+	refs []*stream
 }
 
 var scratchPool = sync.Pool{New: func() any {
@@ -824,9 +829,15 @@ const maxQueuedControlFrames = 10000
 
 // markReadyLocked puts q in the ready ring if its head item can be written.
 // Caller must hold mu.
+//
+// The ring owns a reference to q's stream while q is in it (q.ready):
+// the writer pops and inspects queues that were emptied (removeLocked,
+// discardLocked) after their stream may have ended, and must not find
+// them another call's. readyPopLocked hands the reference to its caller.
 func (t *transport) markReadyLocked(q *sendQueue) {
 	if !q.ready && q.eligible() {
 		q.ready = true
+		q.refOwner() // the ring's
 		t.ready = append(t.ready, q)
 	}
 }
@@ -1244,6 +1255,16 @@ func (t *transport) maxFrame() uint32 {
 	return t.peerMaxFrame
 }
 
+// unrefBatch lets go of the batch's references to streams, once the batch
+// is written and its credits applied. Writer only, with no mu held.
+func (t *transport) unrefBatch() {
+	for i, s := range t.sc.refs {
+		s.unref()
+		t.sc.refs[i] = nil
+	}
+	t.sc.refs = t.sc.refs[:0]
+}
+
 // applyCredits returns the window for bytes this writer sent on to their
 // source connections. Runs on the writer, with no mu held.
 func (t *transport) applyCredits() {
@@ -1259,6 +1280,11 @@ func (t *transport) applyCredits() {
 // Caller must hold mu. end reports whether the op carries END_STREAM or is
 // a reset, i.e. whether the stream is done being sent on this connection.
 func (t *transport) popLocked(q *sendQueue, id uint32) (op writeOp, last bool) {
+	if streamDebug {
+		if s := q.owner(); s != nil {
+			s.live("popLocked")
+		}
+	}
 	it := &q.items[q.head]
 	switch it.kind {
 	case itemHeaders:
@@ -1416,7 +1442,8 @@ func (t *transport) releaseReplayLocked(a *attempt) {
 	a.replayBytes = 0
 }
 
-// readyPopLocked removes and returns the first stream of the ready ring.
+// readyPopLocked removes and returns the first stream of the ready ring,
+// with the ring's reference to its stream, which the caller now owns.
 // Caller must hold mu.
 func (t *transport) readyPopLocked() *sendQueue {
 	if t.readyHead == len(t.ready) {
@@ -1514,20 +1541,28 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 			// SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 §6.9.2) while it
 			// waited; a WINDOW_UPDATE puts it back.
 			t.readyPopLocked()
+			q.unrefOwner() // the ring's; q may be reset by it
 			continue
 		}
-		t.readyPopLocked()
+		t.readyPopLocked() // the ring's reference is ours now
 		if q.needsWindow() && t.sendWindow <= 0 {
 			// RFC 9113 §6.9.1: its DATA waits for a connection
 			// WINDOW_UPDATE. Only DATA is flow-controlled: the header
 			// blocks, resets and empty END_STREAM frames of the streams
 			// behind it go on.
-			blocked = append(blocked, q)
+			blocked = append(blocked, q) // with the reference
 			continue
 		}
 		op, last := t.popLocked(q, q.id)
 		if op.streamID == 0 {
+			q.unrefOwner()
 			continue // nothing could be taken (unreachable after eligible)
+		}
+		if qs := q.owner(); qs != nil {
+			// The ring's reference goes to the batch: the op may
+			// refer to the stream's fields or recvState, and
+			// sentLastLocked below may end the stream.
+			t.sc.refs = append(t.sc.refs, qs)
 		}
 		batch = append(batch, op)
 		budget -= len(op.data) + 64
@@ -1550,7 +1585,8 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 	// ring, in their order, for the WINDOW_UPDATE that reopens it
 	// (handleWindowUpdateLocked wakes the writer).
 	for i, q := range blocked {
-		t.markReadyLocked(q)
+		t.markReadyLocked(q) // a reference of the ring's again
+		q.unrefOwner()       // the one it held while blocked
 		blocked[i] = nil
 	}
 	t.sc.blocked = blocked[:0]
@@ -1593,6 +1629,7 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 	err := t.writeFrames(batch)
 	t.sc.batch = batch[:0]
 	t.applyCredits()
+	t.unrefBatch()
 	if err != nil {
 		t.bw.discard()
 		t.close(err)

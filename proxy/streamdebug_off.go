@@ -1,0 +1,6 @@
+//go:build !streamdebug
+
+package proxy
+
+// streamDebug turns on the checks of streamdebug.go: see there.
+const streamDebug = false
