@@ -95,3 +95,13 @@ func debugStreamPanic(s *stream, why string) {
 	}
 	panic("streamdebug: " + why)
 }
+
+// debugCheckFields panics if fields are a released stream's, poisoned:
+// their stream was released while a header block of it was on its way.
+func debugCheckFields(fields []hpack.HeaderField, where string) {
+	for _, f := range fields {
+		if f.Name == poisonStream {
+			panic("streamdebug: " + where + ": a header block of a released stream")
+		}
+	}
+}

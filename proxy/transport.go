@@ -1216,6 +1216,9 @@ func dataFrameHeader(h *[9]byte, id uint32, end bool, n int) {
 // (RFC 9113 §6.10). The encoder's dynamic table follows the order blocks
 // are written in, which is why only the writer encodes.
 func (t *transport) writeHeaders(id uint32, end bool, fields []hpack.HeaderField) error {
+	if streamDebug {
+		debugCheckFields(fields, "writeHeaders")
+	}
 	block := t.encoder().appendBlock(t.sc.hbuf[:0], fields)
 	t.sc.hbuf = block
 	max := int(t.maxFrame())
