@@ -21,71 +21,71 @@ import (
 // other way round: backend connections release their mu before calling
 // into the client connection.
 //
-// A stream is not reused (no pool, no free list): the collector frees it
-// once nothing refers to it. It is 2,072 bytes (size class 2,304), nearly
-// all of what a unary call allocates, and reusing it was looked at
-// (branch wpool) and left out. The point where both sides are done (the
-// second sideClosed) is not a point where nothing refers to the stream
-// any more, and the checks that keep late users away from it (s.att == a,
-// a.bClosed, s.down.closed, recvState.done) compare identities and flags
-// that a reused stream passes for its new call (ABA). What can still hold
-// the stream, its embedded first attempt, or slices of its inline storage
-// after that point:
+// A stream is reused: once its last owner lets go of it (unref), it is
+// reset to its zero value and goes back to streamPool, and a later call,
+// on any connection, may take it (newStream). It is 2,088 bytes (size
+// class 2,304), nearly all of what a unary call allocates. The point
+// where both sides are done (the second sideClosed) is not the point
+// where nothing refers to the stream any more, so a reference count
+// (refs) says when that is. Each owner below holds one reference, taken
+// while the stream is surely live (the taker holds one itself, or holds a
+// lock over a structure that holds one) and let go of exactly once; code
+// that is not an owner uses the stream only under such a lock. The
+// checks that keep late users away from a stream (s.att == a, a.bClosed,
+// s.down.closed, recvState.done) are then a call's own: no one holds a
+// stream while it is reused, so no one can mistake the next call's
+// state for the old one's (ABA).
 //
-//   - The writers' batches. writeStep calls sentLastLocked, and through it
-//     the final sideClosed, under mu, before writeFrames: the frame being
-//     written is often the call's last (its trailers, whose fields are in
-//     first.fieldInl), and the HPACK encoding reads them after mu is
-//     released. A DATA op's credit is &s.upRecv or &a.downRecv;
-//     applyCredits credits it after the write, and on a reused stream
-//     would credit the new call's window, on the old call's connection,
-//     under the new call's stream id. (A pool filled at the second
-//     sideClosed failed BenchmarkUnary within a few hundred calls:
-//     "invalid header field name \"\"": a response block of a stream
-//     zeroed for its next call.)
-//     A backend writer's HEADERS op (openLocked) carries attemptFields,
-//     which is reqFields, a slice of reqRoom.
-//   - The ready rings (transport.ready): removeLocked and discardLocked
-//     empty s.down and a.up but leave them in the ring; the writer pops
-//     and inspects them (eligible) later.
-//   - A backend connection's pending list: a closed attempt stays there
-//     until openLocked, failAll, onGoAway or onPeerSettings sweeps it
-//     (they skip it by a.bClosed, which a reused first attempt has not).
-//   - Timers: a deadlineTimer that fired while stop ran keeps s, and its
-//     fire calls s.cc.deadlineExceeded(s) and then resetUp(s.att) later. A
-//     handshake timer (a.hsTimer) is stopped only in openLocked and
-//     onPeerSettings; otherwise its func keeps a until it fires
-//     (handshakeExpired).
-//   - Goroutines: openLocked runs `go failDown(a, f)` just after
-//     closeAttLocked(a), which can be the final sideClosed.
-//   - sideClosed's own callers: retryOrFail reads s.up after it
-//     (warnThrottled).
-//   - Code that lets go of a lock and then uses the stream or an attempt:
-//     after cc.mu, the resetUp(a) of deadlineExceeded, the client's
-//     RST_STREAM, enqueueDown, abortCalls, sweepRequestIdle and cleanup,
-//     and the client reader's lengthMismatch (s.down.id, the stream its
-//     RST_STREAM names, while the client writer may end the stream with
-//     a reset a deadline queued); after bc.mu, the backend reader in
-//     onHeaders and onData (enqueueDown with fields in a.fieldInl,
-//     relayHeld and its creditStream(&a.downRecv), resetUp),
-//     handshakeExpired, and the lists of failAll, onGoAway and
-//     onPeerSettings handed to retryOrFail or failLost.
-//   - Not holders: the Picker's done funcs (they have no stream), CallInfo
+//   - The client side: from the stream's creation until it leaves its
+//     connection's table (removeLocked, through sideClosed). A stream
+//     found in c.streams under cc.mu is live.
+//   - The backend side: until the call's final attempt is done
+//     (closeAttLocked, or retryOrFail when the call is not retried, both
+//     through sideClosed), or at once when it never had one
+//     (noBackendSide). At most one attempt of a stream is linked in a
+//     backend connection's tables (bClosed false) at a time, and only
+//     until its side is done: a linked attempt found in b.streams under
+//     bc.mu is live.
+//   - The client reader setting a new stream up (onHeaders), until it
+//     returns.
+//   - A queue in a ready ring (markReadyLocked; the stream of &s.down or
+//     of &a.up, for any attempt a): readyPopLocked hands the reference to
+//     the writer, which passes it to its batch, puts it back with the
+//     queue (blocked), or lets go of it (a queue emptied meanwhile).
+//   - A writer's batch (writeScratch.refs), for each op taken from a
+//     queue, and each HEADERS op of openLocked: the op may refer to the
+//     stream's fields (trailers in first.fieldInl, the request's in
+//     reqRoom) and its credit to &s.upRecv or &a.downRecv. The writer
+//     lets go of them once writeFrames and applyCredits are done
+//     (unrefBatch).
+//   - An attempt on a backend connection's pending list (addAttempt),
+//     until it leaves it: openLocked (the reference goes to the batch, or
+//     to failDown's goroutine), failAll, onGoAway, onPeerSettings (to
+//     their lists) or handshakeExpired.
+//   - An armed timer: the deadlineTimer (startDeadline; fire lets go
+//     after deadlineExceeded, stop when it kept the timer from firing)
+//     and a.hsTimer (watchHandshake; handshakeExpired, or a Stop that
+//     kept it from firing in openLocked or onPeerSettings).
+//   - Lists and callers that keep using a stream or attempt after a lock
+//     is released or a side may have ended: the backend reader in
+//     onHeaders, onData (through enqueueDown, relayHeld, resetUp) and
+//     resetFromBackend; the lists of failAll, onGoAway and onPeerSettings
+//     (handed to retryOrFail or failLost, which rely on their caller's
+//     reference); the attempts abortCalls, sweepRequestIdle and cleanup
+//     cancel, and resetFromClient's (resetCut); failDown's goroutine.
+//     lengthMismatch is built before cc.mu is released instead.
+//   - Not owners: the Picker's done funcs (they have no stream), CallInfo
 //     (copied in sideClosed; its strings are immutable), the endQueue,
 //     views and payload buffers (they have their own reference counts),
 //     the replay and hold-back items (pbufs, released by discardLocked),
-//     control ops (stream ids only).
+//     control ops (stream ids only), the tried list handed to a Picker
+//     (read during the pick only: RetryPicker).
 //
-// Reuse would take a reference count: the two sides; a writer op that
-// refers to the stream, released after writeFrames and applyCredits; a
-// queue in a ready ring; an entry in pending; an armed timer; each
-// unlock-then-use above, and failDown's goroutine; and a debug build that
-// poisons a released stream, like pbufdebug. What it would buy, measured
-// with a prototype that delays each stream's reuse by 1,024 calls (a
-// quarantine, not a proof): 2,430 → 75 proxy-B/op and 4.04 → 3.01
-// proxy-allocs/op in BenchmarkUnary/frame, 7 → 0 collections per 20,000
-// unary calls, and 3.7-4% less proxy CPU per call at full speed, 1.5-2%
-// at 2,000 calls/s (loadtest/bench/simulab.sh, both orders).
+// Attempts other than first (retries) are allocated and left to the
+// collector; what keeps them from acting on a reused stream (a.s) is the
+// same set of owners, each holding the stream of the attempt it refers
+// to. The build tag streamdebug (streamdebug.go) never reuses a stream:
+// it poisons it on release and checks each owner's use.
 type stream struct {
 	// Immutable after the stream is set up.
 	cc        *serverConn
