@@ -140,3 +140,7 @@ func (s *Server) waitingPending() (waiting, pending int) {
 	}
 	return waiting, pending
 }
+
+// UnsettledStreams reports how many streams lost their last reference
+// while still in use (stream.settled): zero unless an owner was missed.
+func UnsettledStreams() int64 { return unsettledStreams.Load() }

@@ -84,8 +84,12 @@ import (
 // Attempts other than first (retries) are allocated and left to the
 // collector; what keeps them from acting on a reused stream (a.s) is the
 // same set of owners, each holding the stream of the attempt it refers
-// to. The build tag streamdebug (streamdebug.go) never reuses a stream:
-// it poisons it on release and checks each owner's use.
+// to. Behind the count, a stream whose last reference goes while it is
+// visibly in use (settled: a side not done, a queue in a ready ring, its
+// deadline timer armed) is not reused but left to the collector, and
+// counted (unsettledStreams). The build tag streamdebug (streamdebug.go)
+// never reuses a stream: it poisons it on release and checks each
+// owner's use.
 type stream struct {
 	// Immutable after the stream is set up.
 	cc        *serverConn

@@ -619,6 +619,9 @@ func TestStreamReuseNoCrossTalk(t *testing.T) {
 		}
 	}
 	t.Logf("%d calls, %d kills, %d graceful restarts: %v", len(results), kills, restarts, counts)
+	if n := proxy.UnsettledStreams(); n > 0 {
+		t.Errorf("%d streams lost their last reference while still in use", n)
+	}
 	if counts["OK"] < len(results)/4 {
 		t.Errorf("only %d of %d calls succeeded", counts["OK"], len(results))
 	}
