@@ -939,6 +939,9 @@ func (b *backendConn) unlinkLocked(a *attempt) {
 		b.queued--
 		if i := slices.Index(b.pending, a); i >= 0 {
 			b.pending = slices.Delete(b.pending, i, i+1)
+			// pending's reference; not the last: the backend side's is
+			// held until sideClosed, after this.
+			a.s.unref()
 		}
 	}
 	b.signal()

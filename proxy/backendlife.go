@@ -206,7 +206,15 @@ func (b *backendConn) watchQueue(a *attempt, wait time.Duration) {
 	if !a.queued || a.bClosed {
 		return
 	}
-	a.hsTimer = time.AfterFunc(wait, func() { b.queueExpired(a, wait) })
+	// The timer owns a reference to the stream until queueExpired
+	// returned, or until a Stop that kept it from running (openLocked,
+	// onPeerSettings) lets go of it, as watchHandshake's.
+	s := a.s
+	s.ref()
+	a.hsTimer = time.AfterFunc(wait, func() {
+		b.queueExpired(a, wait)
+		s.unref()
+	})
 }
 
 // queueExpired runs on a's queue timer: if a still waits for a slot on b,
@@ -214,6 +222,9 @@ func (b *backendConn) watchQueue(a *attempt, wait time.Duration) {
 // backends were full. Its Picker's done sees CANCELLED (failQueueTimeout's
 // doneErr): a full backend has not failed.
 func (b *backendConn) queueExpired(a *attempt, wait time.Duration) {
+	if streamDebug {
+		a.s.live("queueExpired")
+	}
 	b.mu.Lock()
 	if a.bClosed || a.up.id != 0 || !a.queued {
 		b.mu.Unlock()

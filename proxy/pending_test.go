@@ -156,6 +156,7 @@ func TestPendingCallsWaitForSlot(t *testing.T) {
 // through.
 func TestPendingCallTimesOut(t *testing.T) {
 	verifyNoLeaks(t)
+	unsettled := proxy.UnsettledStreams()
 	p := newPendingEnv(t, 300*time.Millisecond)
 	ctx := testkit.Context(t, 30*time.Second)
 	release, hung := p.fill(t, ctx)
@@ -205,5 +206,10 @@ func TestPendingCallTimesOut(t *testing.T) {
 		if _, err := p.client.UnaryCall(ctx, &testgrpc.SimpleRequest{}); err != nil {
 			t.Fatalf("call %d after the waits: %v", i, err)
 		}
+	}
+	// Each stream's references, the wait's (pending list, queue timer)
+	// among them, were given back in step with its use.
+	if n := proxy.UnsettledStreams() - unsettled; n != 0 {
+		t.Errorf("%d streams lost their last reference while still in use", n)
 	}
 }

@@ -343,8 +343,12 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 
 // failUnlinked ends the call of attempt a, which its backend connection
 // unlinked before opening it, with f: retryOrFail's end, without a retry.
+// The caller owns a reference to a.s, as retryOrFail's does.
 func (c *serverConn) failUnlinked(a *attempt, f failure) {
 	s := a.s
+	if streamDebug {
+		s.live("failUnlinked")
+	}
 	c.mu.Lock()
 	a.bc.mu.Lock()
 	a.bc.discardLocked(a)
