@@ -61,11 +61,13 @@ import (
 //   - An attempt on a backend connection's pending list (addAttempt),
 //     until it leaves it: openLocked (the reference goes to the batch, or
 //     to failDown's goroutine), failAll, onGoAway, onPeerSettings (to
-//     their lists) or handshakeExpired.
+//     their lists), handshakeExpired, or unlinkLocked for a call that
+//     waited for a slot past the cap (queued) and stops waiting.
 //   - An armed timer: the deadlineTimer (startDeadline; fire lets go
 //     after deadlineExceeded, stop when it kept the timer from firing)
-//     and a.hsTimer (watchHandshake; handshakeExpired, or a Stop that
-//     kept it from firing in openLocked or onPeerSettings).
+//     and a.hsTimer (watchHandshake, or watchQueue for a call waiting
+//     for a slot; handshakeExpired or queueExpired, or a Stop that kept
+//     it from firing in openLocked or onPeerSettings).
 //   - Lists and callers that keep using a stream or attempt after a lock
 //     is released or a side may have ended: the backend reader in
 //     onHeaders, onData (through enqueueDown, relayHeld, resetUp) and
