@@ -72,10 +72,25 @@ func (p *pendingEnv) fill(t *testing.T, ctx context.Context) (cancel func(), don
 	return cancel, done
 }
 
-func (p *pendingEnv) lastEnd() proxy.CallInfo {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.ends[len(p.ends)-1]
+// endOf waits for the end of the call to method (a suffix of its full
+// name) that ended with code, and returns it. OnCallEnd is called on a
+// goroutine of its own: a call's end may come after its client saw its
+// status, and after later calls' ends.
+func (p *pendingEnv) endOf(ctx context.Context, t *testing.T, method string, code codes.Code) proxy.CallInfo {
+	t.Helper()
+	var found proxy.CallInfo
+	testkit.WaitFor(ctx, t, "the end of a call to "+method+" "+code.String(), func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, ci := range p.ends {
+			if strings.HasSuffix(ci.Method, method) && ci.Code == code {
+				found = ci
+				return true
+			}
+		}
+		return false
+	})
+	return found
 }
 
 // TestPendingCallsWaitForSlot: with every connection to the only backend
@@ -109,7 +124,7 @@ func TestPendingCallsWaitForSlot(t *testing.T) {
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "every connection is at its stream limit") {
 		t.Fatalf("call past a full queue: %v, want UNAVAILABLE at the stream limit", err)
 	}
-	if ci := p.lastEnd(); ci.Limit != proxy.LimitMaxBackendConns {
+	if ci := p.endOf(ctx, t, "/EmptyCall", codes.Unavailable); ci.Limit != proxy.LimitMaxBackendConns {
 		t.Errorf("call past a full queue logged limit %q, want %q", ci.Limit, proxy.LimitMaxBackendConns)
 	}
 	select {
@@ -167,8 +182,8 @@ func TestPendingCallTimesOut(t *testing.T) {
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "no slot came free within 300ms") {
 		t.Fatalf("call waiting past BackendPendingTimeout: %v, want UNAVAILABLE, no slot within 300ms", err)
 	}
-	if ci := p.lastEnd(); ci.Code != codes.Unavailable || ci.Limit != proxy.LimitMaxBackendConns {
-		t.Errorf("logged %v limit %q, want UNAVAILABLE limit %q", ci.Code, ci.Limit, proxy.LimitMaxBackendConns)
+	if ci := p.endOf(ctx, t, "/UnaryCall", codes.Unavailable); ci.Limit != proxy.LimitMaxBackendConns {
+		t.Errorf("logged limit %q, want %q", ci.Limit, proxy.LimitMaxBackendConns)
 	}
 	if n := p.unavailable.Load(); n != 0 {
 		t.Errorf("the director saw %d calls UNAVAILABLE: a wait at the connection cap counted against the backend", n)
