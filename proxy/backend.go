@@ -1135,6 +1135,8 @@ type pool struct {
 // reload removed, and those carry their calls to their end (see
 // Server.DrainUpstream); RetainUpstreamBackends still bounds them.
 func (p *pool) retain(keep map[string]bool) {
+	var moved []*attempt
+	defer func() { p.moveWaiting(moved) }() // after p.mu is released
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for k, cs := range p.conns {
@@ -1143,6 +1145,7 @@ func (p *pool) retain(keep map[string]bool) {
 		}
 		for _, b := range cs {
 			b.drain(p.srv.cfg.DrainTimeout)
+			moved = b.takeWaiting(moved)
 		}
 	}
 	for addr, n := range p.inflight {

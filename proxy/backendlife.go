@@ -190,6 +190,42 @@ func (p *pool) queueLocked(k poolKey, a *attempt) *backendConn {
 	return best
 }
 
+// takeWaiting takes the calls waiting for a slot on b (queueLocked) off
+// it, appended to out, for a connection drained because its backend left
+// the set: they would wait for the slots of the removed backend's long
+// calls, and then be sent to it, or fail at BackendPendingTimeout while
+// the new set's backends are free. The caller sends them elsewhere with
+// moveWaiting once it holds no pool lock.
+func (b *backendConn) takeWaiting(out []*attempt) []*attempt {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.queued == 0 {
+		return out
+	}
+	n := len(out)
+	for _, a := range b.pending {
+		if a.queued && !a.bClosed {
+			out = append(out, a)
+		}
+	}
+	for _, a := range out[n:] {
+		if a.hsTimer != nil {
+			a.hsTimer.Stop()
+		}
+		b.unlinkLocked(a) // and out of pending
+	}
+	return out
+}
+
+// moveWaiting sends the calls takeWaiting took to another backend, as
+// transparent retries: they never reached theirs. Caller must hold no
+// lock.
+func (p *pool) moveWaiting(moved []*attempt) {
+	for _, a := range moved {
+		a.s.cc.retryOrFail(a, true, failure{kind: failConnLost, backend: a.bc.addr, cause: errLeftSet, draining: true})
+	}
+}
+
 // takesWaitingLocked reports whether a call may wait on b for a slot.
 // Caller must hold mu.
 func (b *backendConn) takesWaitingLocked() bool {

@@ -199,6 +199,8 @@ func (s *Server) RetainUpstreamBackends(up *Upstream, addrs []string) {
 	if up == nil {
 		return
 	}
+	var moved []*attempt
+	defer func() { s.pool.moveWaiting(moved) }() // after pool.mu is released
 	s.pool.mu.Lock()
 	defer s.pool.mu.Unlock()
 	for k, cs := range s.pool.conns {
@@ -207,6 +209,7 @@ func (s *Server) RetainUpstreamBackends(up *Upstream, addrs []string) {
 		}
 		for _, b := range cs {
 			b.drain(s.cfg.DrainTimeout)
+			moved = b.takeWaiting(moved)
 		}
 	}
 }
