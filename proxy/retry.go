@@ -124,6 +124,14 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			if done != nil {
 				done(f.pickerErr())
 			}
+			if wait && f.kind == failBackendConns {
+				// The backend's queue is full too: the call fails at
+				// once, one attempt as any refused call (picked again,
+				// it made MaxRetries more, each logged and counted a
+				// retry, to find the same queue full).
+				c.releaseItemsLocked(items)
+				return f, false
+			}
 			if (f.kind == failBackendConns || f.kind == failNoStreams) && (s.attempts <= c.srv.cfg.MaxRetries || c.mayWait(&f, wait)) {
 				refused = &f
 				// Never reached the backend: another may take the call
