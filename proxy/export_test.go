@@ -144,3 +144,23 @@ func (s *Server) waitingPending() (waiting, pending int) {
 // UnsettledStreams reports how many streams lost their last reference
 // while still in use (stream.settled): zero unless an owner was missed.
 func UnsettledStreams() int64 { return unsettledStreams.Load() }
+
+// WaitingOn reports the calls waiting for a slot on the connections to
+// addr, for tests.
+func (s *Server) WaitingOn(addr string) int {
+	p := &s.pool
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for k, cs := range p.conns {
+		if k.addr != addr {
+			continue
+		}
+		for _, b := range cs {
+			b.mu.Lock()
+			n += int(b.queued)
+			b.mu.Unlock()
+		}
+	}
+	return n
+}

@@ -193,3 +193,104 @@ func TestQueueFullCallAttempts(t *testing.T) {
 		})
 	}
 }
+
+// TestWaitingCallBackendGoesAway: the backend a call waits on sends
+// GOAWAY (graceful stop, its long call still running) or dies; the
+// waiting call goes to the other backend, waits there, and succeeds when
+// its slot comes free. Nothing stays counted.
+func TestWaitingCallBackendGoesAway(t *testing.T) {
+	for _, how := range []string{"goaway", "kill"} {
+		t.Run(how, func(t *testing.T) {
+			verifyNoLeaks(t)
+			e := oneSlotEnv(t, 2, 10*time.Second, nil)
+			srv := e.srv.(*proxy.Server)
+			ctx := testkit.Context(t, 30*time.Second)
+			for range 4 {
+				if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var releases []func()
+			var hungs []*sync.WaitGroup
+			defer func() {
+				for i := range releases {
+					releases[i]()
+					hungs[i].Wait()
+				}
+			}()
+			for _, ts := range e.backends {
+				// A hang call goes to whichever backend: wait for each to have one.
+				r, h := hangOnAny(ctx, t, e)
+				releases, hungs = append(releases, r), append(hungs, h)
+				_ = ts
+			}
+			testkit.WaitFor(ctx, t, "one hung call per backend", func() bool {
+				return e.backends[0].InFlight() == 1 && e.backends[1].InFlight() == 1
+			})
+			res := make(chan error, 1)
+			go func() {
+				_, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+				res <- err
+			}()
+			testkit.WaitFor(ctx, t, "a call waiting", func() bool { return srv.Waiting() == 1 })
+			var on, other *testserver.Server
+			for i, ts := range e.backends {
+				if srv.WaitingOn(ts.Addr()) == 1 {
+					on, other = ts, e.backends[1-i]
+				}
+			}
+			stopped := make(chan struct{})
+			switch how {
+			case "goaway":
+				go func() { on.GracefulStop(); close(stopped) }()
+			case "kill":
+				on.Stop()
+				close(stopped)
+			}
+			for srv.WaitingOn(other.Addr()) != 1 {
+				select {
+				case err := <-res:
+					t.Fatalf("waiting call ended before a slot came free: %v", err)
+				case <-ctx.Done():
+					t.Fatal("the call does not wait on the other backend")
+				case <-time.After(5 * time.Millisecond):
+				}
+			}
+			// Free the other backend's slot: its hung call is the one
+			// still in flight there.
+			for i := range releases {
+				releases[i]()
+			}
+			if err := <-res; err != nil {
+				t.Errorf("waiting call: %v", err)
+			}
+			<-stopped
+			testkit.WaitFor(ctx, t, "nothing waiting", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+			for i := range 5 {
+				if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+					t.Fatalf("call %d after: %v", i, err)
+				}
+			}
+		})
+	}
+}
+
+// hangOnAny starts a call that hangs on whichever backend it is sent to.
+func hangOnAny(ctx context.Context, t *testing.T, e *env) (cancel func(), done *sync.WaitGroup) {
+	hang, cancel := context.WithCancel(metadata.AppendToOutgoingContext(ctx, testserver.MetadataHang, "1"))
+	done = new(sync.WaitGroup)
+	var before int64
+	for _, ts := range e.backends {
+		before += ts.InFlight()
+	}
+	done.Add(1)
+	go func() { defer done.Done(); e.client.EmptyCall(hang, &testgrpc.Empty{}) }()
+	testkit.WaitFor(ctx, t, "the hanging call on a backend", func() bool {
+		var n int64
+		for _, ts := range e.backends {
+			n += ts.InFlight()
+		}
+		return n == before+1
+	})
+	return cancel, done
+}

@@ -42,11 +42,12 @@ import (
 func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bool) {
 	var refused *failure // the last pick the pool refused without trying it
 	wait := false
+	var full []string // with wait: the backends whose queue refused the call too
 	for {
 		s.attempts++
 		tried := s.tried
 		if wait {
-			tried = nil
+			tried = full
 		}
 		pk, err := c.pickLocked(s, tried)
 		addr, up, done := pk.Addr, pk.Upstream, pk.Done
@@ -91,6 +92,15 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			}
 			c.releaseItemsLocked(items)
 			return *refused, false
+		} else if wait && slices.Contains(full, addr) {
+			// No backend left but those whose queues are full: the
+			// call fails, as a refused call does.
+			s.attempts--
+			if done != nil {
+				done(refused.pickerErr())
+			}
+			c.releaseItemsLocked(items)
+			return *refused, false
 		}
 		if up == nil {
 			up = c.srv.up
@@ -125,12 +135,16 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 				done(f.pickerErr())
 			}
 			if wait && f.kind == failBackendConns {
-				// The backend's queue is full too: the call fails at
-				// once, one attempt as any refused call (picked again,
-				// it made MaxRetries more, each logged and counted a
-				// retry, to find the same queue full).
-				c.releaseItemsLocked(items)
-				return f, false
+				// The backend's queue is full too, or none of its
+				// connections takes a waiting call (going away): the
+				// call may wait on another backend, but is not picked
+				// for this one again, nor is the refusal an attempt
+				// (picked again, it made MaxRetries more, each logged
+				// and counted a retry, to find the same queue full).
+				s.attempts--
+				refused = &f
+				full = append(full, addr)
+				continue
 			}
 			if (f.kind == failBackendConns || f.kind == failNoStreams) && (s.attempts <= c.srv.cfg.MaxRetries || c.mayWait(&f, wait)) {
 				refused = &f
