@@ -226,6 +226,54 @@ func (p *pool) moveWaiting(moved []*attempt) {
 	}
 }
 
+// waiting reports whether a waits on b for a slot (queueLocked). It
+// takes b.mu: the caller may hold a.s.cc.mu.
+func (b *backendConn) waiting(a *attempt) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return a.queued && !a.bClosed
+}
+
+// shedWaiting ends calls of c that wait for a backend slot
+// (pool.queueLocked) with request data held, the last come first, while
+// c withholds its connection window for its buffer budget
+// (transport.creditConnLocked) and until it gives it back. No backend
+// reads the data of a waiting call, so the budget would not come back
+// before slots came free for them, while the calls that hold the slots
+// could not receive the rest of their requests to finish and free one:
+// every call on the connection stalled until BackendPendingTimeout failed
+// the waiting ones. They fail with RESOURCE_EXHAUSTED (max_conn_buffer),
+// as a new stream past the budget does.
+func (c *serverConn) shedWaiting() {
+	cut := 0
+	for {
+		c.mu.Lock()
+		var last *stream
+		var lastID uint32
+		if c.withheld && !c.bufs.belowHalf() {
+			for id, s := range c.streams {
+				a := s.att
+				if (last == nil || id > lastID) && a != nil && a.bc != nil && !s.down.closed && !s.cst.ended() && s.upRecv.held > 0 && a.bc.waiting(a) {
+					last, lastID = s, id
+				}
+			}
+		}
+		if last == nil {
+			c.mu.Unlock()
+			break
+		}
+		a := last.att
+		c.failLocked(last, failure{kind: failConnBudget, limit: c.bufs.limit})
+		c.mu.Unlock()
+		c.signal()
+		a.bc.resetUp(a, http2.ErrCodeCancel) // its buffers go back to the budget
+		cut++
+	}
+	if cut > 0 {
+		c.log.Debug("calls waiting for a backend slot failed: their request data held the connection's buffer budget", "calls", cut)
+	}
+}
+
 // takesWaitingLocked reports whether a call may wait on b for a slot.
 // Caller must hold mu.
 func (b *backendConn) takesWaitingLocked() bool {

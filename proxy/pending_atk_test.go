@@ -294,3 +294,97 @@ func hangOnAny(ctx context.Context, t *testing.T, e *env) (cancel func(), done *
 	})
 	return cancel, done
 }
+
+// TestWaitingUploadsDoNotStallConnection: a client's uploads wait for a
+// slot on a full backend (one stream at a time) and fill, with the
+// request data the proxy takes for them (each stream's window), the
+// client connection's buffer budget (MaxConnBufferedBytes). The
+// connection then withholds its window, so the call that gets the slot
+// cannot receive the rest of its request and never ends, and the calls
+// behind it never get the slot: the connection stalls, every call on it
+// included, until BackendPendingTimeout fails the waiting calls. Waiting
+// calls, which no backend is reading, must not be able to take the
+// window from the calls that are running.
+func TestWaitingUploadsDoNotStallConnection(t *testing.T) {
+	verifyNoLeaks(t)
+	const budget = 1 << 20
+	e := oneSlotEnv(t, 1, 5*time.Second, func(c *proxy.Config) {
+		c.MaxBackendPending = 64
+		c.MaxConnBufferedBytes = budget
+	})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	release, hung := hangOn(ctx, t, e, e.backends[0])
+	defer hung.Wait()
+	defer release()
+	const streams, msgs, size = 12, 8, 64 << 10
+	var wg sync.WaitGroup
+	errs := make(chan error, streams)
+	for range streams {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, err := e.client.StreamingInputCall(ctx)
+			if err != nil {
+				errs <- err
+				return
+			}
+			for range msgs {
+				if err := st.Send(&testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: make([]byte, size)}}); err != nil {
+					break
+				}
+			}
+			resp, err := st.CloseAndRecv()
+			if err == nil && resp.AggregatedPayloadSize != msgs*size {
+				err = fmt.Errorf("backend got %d bytes, want %d", resp.AggregatedPayloadSize, msgs*size)
+			}
+			errs <- err
+		}()
+	}
+	// Past the budget a new stream is refused RESOURCE_EXHAUSTED
+	// (max_conn_buffer).
+	var early []error
+	testkit.WaitFor(ctx, t, "every stream waiting or refused", func() bool {
+		for len(errs) > 0 {
+			early = append(early, <-errs)
+		}
+		return srv.Waiting()+len(early) == streams && (srv.MaxBufferedBytes() > budget || len(early) > 0)
+	})
+	t.Logf("%d streams waiting, %d ended: %v; %d bytes buffered", srv.Waiting(), len(early), early, srv.MaxBufferedBytes())
+	release()
+	start := time.Now()
+	wg.Wait()
+	close(errs)
+	ok := 0
+	for _, err := range append(early, drainErrs(errs)...) {
+		switch {
+		case err == nil:
+			ok++
+		case status.Code(err) == codes.ResourceExhausted:
+		default:
+			t.Errorf("upload: %v", err)
+		}
+	}
+	t.Logf("%d uploads OK, %v after the slot came free", ok, time.Since(start))
+	if ok == 0 {
+		t.Error("no upload went through")
+	}
+	if ok == streams {
+		t.Error("every upload went through: the test did not fill the budget")
+	}
+	testkit.WaitFor(ctx, t, "nothing waiting", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Errorf("call after: %v", err)
+	}
+}
+
+func drainErrs(errs <-chan error) []error {
+	var l []error
+	for err := range errs {
+		l = append(l, err)
+	}
+	return l
+}

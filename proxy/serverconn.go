@@ -74,6 +74,9 @@ func newServerConn(srv *Server, nc net.Conn) *serverConn {
 	c.writeTimeout = cfg.WriteTimeout
 	c.bufs = bufBudget{limit: cfg.MaxConnBufferedBytes, owner: &c.transport}
 	c.budget = &c.bufs
+	if cfg.MaxBackendPending > 0 {
+		c.onWithhold = func() { go c.shedWaiting() }
+	}
 	c.attach(nc)
 	if rc := parkRawConn(nc); rc != nil {
 		c.pk.rc = rc

@@ -383,6 +383,10 @@ type transport struct {
 	// withheld is set while the connection-level window is withheld
 	// because budget is past its limit (budget.go).
 	withheld bool
+	// onWithhold, if set, is called under mu when the connection starts
+	// withholding its window (client connections: see
+	// serverConn.shedWaiting). Immutable after construction.
+	onWithhold func()
 	// budget is the client connection's buffer budget; nil on backend
 	// connections. Immutable after construction.
 	budget *bufBudget
@@ -982,6 +986,9 @@ func (t *transport) creditConnLocked(n int32) {
 	if t.budget.over() {
 		t.withheld = true
 		t.budget.waiting.Store(true)
+		if t.onWithhold != nil {
+			t.onWithhold()
+		}
 		return
 	}
 	if t.recvUnacked >= t.connWindow/creditDiv {
