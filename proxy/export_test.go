@@ -164,3 +164,21 @@ func (s *Server) WaitingOn(addr string) int {
 	}
 	return n
 }
+
+// ClientStreams reports the streams open on every client connection, for
+// tests.
+func (s *Server) ClientStreams() int {
+	s.mu.Lock()
+	conns := make([]*serverConn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	n := 0
+	for _, c := range conns {
+		c.mu.Lock()
+		n += len(c.streams)
+		c.mu.Unlock()
+	}
+	return n
+}
