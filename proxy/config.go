@@ -200,8 +200,15 @@ type Config struct {
 	// another backend as a transparent retry (it never reached this one),
 	// and when none can take it, it is picked once more, the backends it
 	// tried included, and waits for a slot on that backend
-	// (MaxBackendPending), or fails at once with UNAVAILABLE when that
-	// backend's queue is full. Such an overflow is not the backend's
+	// (MaxBackendPending); when that backend's queue is full, or its
+	// connections are going away, it is picked again among the others,
+	// and fails at once with UNAVAILABLE when none has room in its queue.
+	// A call waiting on a backend that leaves the set (RetainBackends)
+	// goes to another as a transparent retry. A client connection that
+	// withholds its window for its buffer budget fails its waiting calls
+	// that hold request data, the last come first, with
+	// RESOURCE_EXHAUSTED: no backend reads that data, and the calls
+	// running could not finish. Such an overflow is not the backend's
 	// failure: the Picker's done sees CANCELLED, which counts neither for
 	// nor against it. Zero means DefaultMaxBackendConns, negative no cap.
 	MaxBackendConns int
@@ -213,7 +220,7 @@ type Config struct {
 	// finished stream gives back there, before any new call. A call that
 	// does not get one within BackendPendingTimeout fails with
 	// UNAVAILABLE, not retried (the backends were full), as does a call
-	// that finds the queue full; its deadline, route timeout and the
+	// that finds the queues full; its deadline, route timeout and the
 	// client's cancel end the wait too. Zero means
 	// DefaultMaxBackendPending, negative none wait.
 	MaxBackendPending int
