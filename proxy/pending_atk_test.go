@@ -388,3 +388,47 @@ func drainErrs(errs <-chan error) []error {
 	}
 	return l
 }
+
+// TestWaitingCallsAtShutdown: calls wait for a slot when the server shuts
+// down. Shutdown's drain bounds them: they end with a status (no hang, no
+// bare reset seen as INTERNAL), and Shutdown returns; then Close.
+func TestWaitingCallsAtShutdown(t *testing.T) {
+	for _, how := range []string{"shutdown", "close"} {
+		t.Run(how, func(t *testing.T) {
+			verifyNoLeaks(t)
+			e := oneSlotEnv(t, 1, 20*time.Second, nil)
+			srv := e.srv.(*proxy.Server)
+			ctx := testkit.Context(t, 30*time.Second)
+			if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+				t.Fatal(err)
+			}
+			release, hung := hangOn(ctx, t, e, e.backends[0])
+			defer hung.Wait()
+			defer release()
+			res := make(chan error, 3)
+			for i := range 3 {
+				go func() {
+					_, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+					res <- err
+				}()
+				testkit.WaitFor(ctx, t, "calls waiting", func() bool { return srv.Waiting() == i+1 })
+			}
+			switch how {
+			case "shutdown":
+				sctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+				err := srv.Shutdown(sctx)
+				cancel()
+				t.Logf("Shutdown: %v", err)
+			case "close":
+				srv.Close()
+			}
+			for range 3 {
+				err := <-res
+				t.Logf("waiting call: %v", err)
+				if c := status.Code(err); c != codes.Unavailable && c != codes.Canceled {
+					t.Errorf("waiting call at %s: %v, want UNAVAILABLE", how, err)
+				}
+			}
+		})
+	}
+}
