@@ -1136,7 +1136,7 @@ type pool struct {
 // Server.DrainUpstream); RetainUpstreamBackends still bounds them.
 func (p *pool) retain(keep map[string]bool) {
 	var moved []*attempt
-	defer func() { p.moveWaiting(moved) }() // after p.mu is released
+	defer func() { p.moveWaiting(moved, errLeftSet) }() // after p.mu is released
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for k, cs := range p.conns {

@@ -192,9 +192,10 @@ func (p *pool) queueLocked(k poolKey, a *attempt) *backendConn {
 
 // takeWaiting takes the calls waiting for a slot on b (queueLocked) off
 // it, appended to out, for a connection drained because its backend left
-// the set: they would wait for the slots of the removed backend's long
-// calls, and then be sent to it, or fail at BackendPendingTimeout while
-// the new set's backends are free. The caller sends them elsewhere with
+// the set or its Upstream was retired: they would wait for the slots of
+// the long calls it carries to their end, and then be sent to the removed
+// backend, or fail at BackendPendingTimeout while the backends the Picker
+// names now are free. The caller sends them elsewhere with
 // moveWaiting once it holds no pool lock.
 func (b *backendConn) takeWaiting(out []*attempt) []*attempt {
 	b.mu.Lock()
@@ -218,13 +219,17 @@ func (b *backendConn) takeWaiting(out []*attempt) []*attempt {
 }
 
 // moveWaiting sends the calls takeWaiting took to another backend, as
-// transparent retries: they never reached theirs. Caller must hold no
-// lock.
-func (p *pool) moveWaiting(moved []*attempt) {
+// transparent retries: they never reached theirs, which left the set or
+// whose Upstream was retired (why). Caller must hold no lock.
+func (p *pool) moveWaiting(moved []*attempt, why error) {
 	for _, a := range moved {
-		a.s.cc.retryOrFail(a, true, failure{kind: failConnLost, backend: a.bc.addr, cause: errLeftSet, draining: true})
+		a.s.cc.retryOrFail(a, true, failure{kind: failConnLost, backend: a.bc.addr, cause: why, draining: true})
 	}
 }
+
+// errUpstreamRetired is why a call waiting on a connection of a retired
+// Upstream (Server.DrainUpstream) was moved, should it fail instead.
+var errUpstreamRetired = errors.New("draining because its cluster was removed or reloaded")
 
 // waiting reports whether a waits on b for a slot (queueLocked). It
 // takes b.mu: the caller may hold a.s.cc.mu.

@@ -7,6 +7,7 @@ import (
 	"google.golang.org/grpc/status"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -430,5 +431,46 @@ func TestWaitingCallsAtShutdown(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestWaitingCallLeavesRetiredUpstream: a call waits for a slot on a
+// connection of an Upstream that a reload retires (DrainUpstream), its
+// long call still running there; the Picker now names another Upstream
+// for the same backend, whose connection has room. The waiting call goes
+// there, as new calls do, rather than wait for the retired connection's
+// long call (and fail at BackendPendingTimeout).
+func TestWaitingCallLeavesRetiredUpstream(t *testing.T) {
+	verifyNoLeaks(t)
+	var dialsA, dialsB atomic.Int64
+	upA := countingUpstream(t, "a", &dialsA)
+	upB := countingUpstream(t, "b", &dialsB)
+	var cur atomic.Pointer[proxy.Upstream]
+	cur.Store(upA)
+	var backend string
+	p := &upstreamPicker{pick: func([]string) (string, *proxy.Upstream) { return backend, cur.Load() }}
+	e := oneSlotEnv(t, 1, 2*time.Second, func(c *proxy.Config) { c.Picker = p })
+	backend = e.backends[0].Addr()
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	release, hung := hangOn(ctx, t, e, e.backends[0])
+	defer hung.Wait()
+	defer release()
+	res := make(chan error, 1)
+	go func() {
+		_, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+		res <- err
+	}()
+	testkit.WaitFor(ctx, t, "a call waiting", func() bool { return srv.Waiting() == 1 })
+	cur.Store(upB) // the reload
+	srv.DrainUpstream(upA)
+	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+		t.Fatalf("new call after the reload: %v", err)
+	}
+	if err := <-res; err != nil {
+		t.Errorf("call waiting on the retired Upstream's connection: %v, want OK through the new one", err)
 	}
 }

@@ -173,6 +173,10 @@ func (s *Server) DrainUpstream(up *Upstream) {
 	if up == nil || up == s.up {
 		return
 	}
+	// Its calls waiting for a slot go where the Picker sends them now,
+	// rather than wait for the slots of the calls it carries to the end.
+	var moved []*attempt
+	defer func() { s.pool.moveWaiting(moved, errUpstreamRetired) }() // after pool.mu is released
 	s.pool.mu.Lock()
 	up.retired.Store(true)
 	defer s.pool.mu.Unlock()
@@ -182,6 +186,7 @@ func (s *Server) DrainUpstream(up *Upstream) {
 		}
 		for _, b := range cs {
 			b.drain(0)
+			moved = b.takeWaiting(moved)
 		}
 	}
 }
@@ -200,7 +205,7 @@ func (s *Server) RetainUpstreamBackends(up *Upstream, addrs []string) {
 		return
 	}
 	var moved []*attempt
-	defer func() { s.pool.moveWaiting(moved) }() // after pool.mu is released
+	defer func() { s.pool.moveWaiting(moved, errLeftSet) }() // after pool.mu is released
 	s.pool.mu.Lock()
 	defer s.pool.mu.Unlock()
 	for k, cs := range s.pool.conns {
