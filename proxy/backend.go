@@ -752,6 +752,11 @@ func (b *backendConn) releaseSlotLocked(a *attempt) {
 	if a.backendCount != nil {
 		a.backendCount.Add(-1)
 	}
+	if !a.queued && b.queued == 0 && b.pool.waiting.Load() > 0 && b.takesWaitingLocked() && b.gotSettings && b.reserved < b.capLocked() {
+		// A slot came free here and calls wait on this backend's other
+		// connections: the first of them takes it (rebalance).
+		go b.pool.rebalance(poolKey{b.up, b.addr})
+	}
 }
 
 // resetFromBackend handles a RST_STREAM from the backend, or a stream error
@@ -937,6 +942,7 @@ func (b *backendConn) unlinkLocked(a *attempt) {
 		// backend stays full would pile up there.
 		a.queued = false
 		b.queued--
+		b.pool.waiting.Add(-1)
 		if i := slices.Index(b.pending, a); i >= 0 {
 			b.pending = slices.Delete(b.pending, i, i+1)
 			// pending's reference; not the last: the backend side's is
@@ -1046,6 +1052,7 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		if a.queued {
 			a.queued = false
 			b.queued--
+			b.pool.waiting.Add(-1)
 		}
 		a.up.id = id
 		a.up.window = b.peerInitWin
@@ -1127,6 +1134,11 @@ type pool struct {
 	// overflows counts and logs the picks refused at MaxBackendConns,
 	// once per burst.
 	overflows refusalLog
+	// waiting counts the calls waiting for a slot on every connection
+	// (the sum of their queued): while there are any, a slot that comes
+	// free on a connection with none waiting is offered to them
+	// (rebalance).
+	waiting atomic.Int64
 }
 
 // retain drains the connections of every backend not in keep, within

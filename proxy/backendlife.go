@@ -185,6 +185,7 @@ func (p *pool) queueLocked(k poolKey, a *attempt) *backendConn {
 	}
 	best.reserved++
 	best.queued++
+	p.waiting.Add(1)
 	best.used = true
 	a.queued = true
 	return best
@@ -276,6 +277,94 @@ func (c *serverConn) shedWaiting() {
 	}
 	if cut > 0 {
 		c.log.Debug("calls waiting for a backend slot failed: their request data held the connection's buffer budget", "calls", cut)
+	}
+}
+
+// rebalance gives the slots free on connections of k with no call
+// waiting to the calls waiting on its other connections, the first in
+// each connection's order from the connection with the most waiting: a
+// call waits on one connection (queueLocked), and without it a slot that
+// came free on another went to the next new call while the waiting call
+// failed at BackendPendingTimeout. Each call moved leaves its connection
+// and is started again (serverConn.moveWaiter), which takes the free slot
+// unless a new call took it first, and then waits again.
+func (p *pool) rebalance(k poolKey) {
+	var moved []*attempt
+	p.mu.Lock()
+	cs := p.conns[k]
+	for _, x := range cs {
+		x.mu.Lock()
+		free := 0
+		if x.queued == 0 && x.takesWaitingLocked() && x.gotSettings && x.reserved < x.capLocked() {
+			free = int(x.capLocked() - x.reserved)
+		}
+		x.mu.Unlock()
+		for ; free > 0; free-- {
+			var from *backendConn
+			var most uint32
+			for _, y := range cs {
+				y.mu.Lock()
+				if y != x && y.queued > most {
+					from, most = y, y.queued
+				}
+				y.mu.Unlock()
+			}
+			if from == nil {
+				break
+			}
+			from.mu.Lock()
+			for _, a := range from.pending {
+				if a.queued && !a.bClosed {
+					if a.hsTimer != nil {
+						a.hsTimer.Stop()
+					}
+					from.unlinkLocked(a) // and out of pending
+					moved = append(moved, a)
+					break
+				}
+			}
+			from.mu.Unlock()
+		}
+	}
+	p.mu.Unlock()
+	for _, a := range moved {
+		a.s.cc.moveWaiter(a)
+	}
+}
+
+// moveWaiter starts the call of a, a call waiting for a slot that
+// rebalance took off its connection, again: picked anew, which is not
+// counted as an attempt. Caller must hold no lock.
+func (c *serverConn) moveWaiter(a *attempt) {
+	s := a.s
+	f := failure{kind: failBackendConns, backend: a.bc.addr, limit: int64(c.srv.cfg.MaxBackendConns)}
+	c.mu.Lock()
+	if s.att == a && !s.cst.ended() && !s.down.closed {
+		if items, ok := a.bc.harvest(a); ok {
+			s.waitInsteadOfLast() // a's pick is made again
+			g, started := c.startAttemptLocked(s, items)
+			if started {
+				c.mu.Unlock()
+				c.signal()
+				if a.done != nil {
+					a.done(f.pickerErr())
+				}
+				return
+			}
+			f = g
+		}
+	}
+	a.bc.mu.Lock()
+	a.bc.discardLocked(a)
+	a.bc.mu.Unlock()
+	current := s.att == a
+	if current && !s.cst.ended() && !s.down.closed {
+		c.failLocked(s, f)
+	}
+	c.mu.Unlock()
+	c.signal()
+	if current {
+		s.sideClosed()
 	}
 }
 

@@ -217,7 +217,10 @@ type Config struct {
 	// backend whose connections are all full at MaxBackendConns (HAProxy's
 	// server queue, Envoy's pending requests): they wait in order, on the
 	// connection with the fewest waiting, and each takes the next slot a
-	// finished stream gives back there, before any new call. A call that
+	// finished stream gives back there, before any new call; a slot that
+	// comes free on a connection with none waiting is offered to the
+	// calls waiting on the others (they are moved and picked again). A
+	// call that
 	// does not get one within BackendPendingTimeout fails with
 	// UNAVAILABLE, not retried (the backends were full), as does a call
 	// that finds the queues full; its deadline, route timeout and the

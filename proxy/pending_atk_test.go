@@ -96,11 +96,10 @@ func TestWaitingCallLeavesRemovedBackend(t *testing.T) {
 // backend (MaxBackendConns 2, each at its one stream); a slot comes free
 // on the other connection. The waiting call should take it, as the
 // documentation's "each takes the next slot a finished stream gives back,
-// before any new call" promises for the backend; instead it stays on its
-// connection, where the long call does not end, while new calls take the
-// free slot, and fails UNAVAILABLE at BackendPendingTimeout.
+// before any new call" promises for the backend; it stayed on its
+// connection, where the long call does not end, while new calls took the
+// free slot, and failed UNAVAILABLE at BackendPendingTimeout.
 func TestWaitingCallTakesSiblingSlot(t *testing.T) {
-	t.Skip("defect: a call waits on one backend connection only (pool.queueLocked); a slot freed on a sibling connection goes to new calls, and the waiting call fails at BackendPendingTimeout. Needs a per-backend queue.")
 	verifyNoLeaks(t)
 	e := oneSlotEnv(t, 1, time.Second, func(c *proxy.Config) { c.MaxBackendConns = 2 })
 	srv := e.srv.(*proxy.Server)
