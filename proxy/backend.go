@@ -34,6 +34,7 @@ type backendConn struct {
 	pending    []*attempt          // waiting to be opened, in arrival order
 	reserved   uint32              // streams open or pending: what the pool counts
 	queued     uint32              // of the pending, those reserved over the cap to wait for a slot (pool.queueLocked)
+	keyWaiting *atomic.Int64       // the queued of every connection of this one's pool key; shared with them, set at creation
 	nextID     uint32
 	goingAway  bool        // GOAWAY received, draining, or ids nearly exhausted: take no new streams
 	assumedMax uint32      // peer's stream limit assumed until its SETTINGS arrive
@@ -752,7 +753,7 @@ func (b *backendConn) releaseSlotLocked(a *attempt) {
 	if a.backendCount != nil {
 		a.backendCount.Add(-1)
 	}
-	if !a.queued && b.queued == 0 && b.pool.waiting.Load() > 0 && b.takesWaitingLocked() && b.gotSettings && b.reserved < b.capLocked() {
+	if !a.queued && b.queued == 0 && b.keyWaiting.Load() > 0 && b.takesWaitingLocked() && b.gotSettings && b.reserved < b.capLocked() {
 		// A slot came free here and calls wait on this backend's other
 		// connections: the first of them takes it (rebalance).
 		go b.pool.rebalance(poolKey{b.up, b.addr})
@@ -942,7 +943,7 @@ func (b *backendConn) unlinkLocked(a *attempt) {
 		// backend stays full would pile up there.
 		a.queued = false
 		b.queued--
-		b.pool.waiting.Add(-1)
+		b.keyWaiting.Add(-1)
 		if i := slices.Index(b.pending, a); i >= 0 {
 			b.pending = slices.Delete(b.pending, i, i+1)
 			// pending's reference; not the last: the backend side's is
@@ -1052,7 +1053,7 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		if a.queued {
 			a.queued = false
 			b.queued--
-			b.pool.waiting.Add(-1)
+			b.keyWaiting.Add(-1)
 		}
 		a.up.id = id
 		a.up.window = b.peerInitWin
@@ -1134,11 +1135,6 @@ type pool struct {
 	// overflows counts and logs the picks refused at MaxBackendConns,
 	// once per burst.
 	overflows refusalLog
-	// waiting counts the calls waiting for a slot on every connection
-	// (the sum of their queued): while there are any, a slot that comes
-	// free on a connection with none waiting is offered to them
-	// (rebalance).
-	waiting atomic.Int64
 }
 
 // retain drains the connections of every backend not in keep, within
@@ -1251,7 +1247,9 @@ func (p *pool) getLocked(up *Upstream, addr string, a *attempt, wait bool) (*bac
 	}
 	b := newBackendConn(p, k)
 	b.assumedMax = assumedPeerMaxStreams
+	b.keyWaiting = new(atomic.Int64)
 	for _, sib := range p.conns[k] {
+		b.keyWaiting = sib.keyWaiting
 		sib.mu.Lock()
 		if sib.gotSettings {
 			b.assumedMax = max(1, sib.peerMaxStream)

@@ -185,7 +185,7 @@ func (p *pool) queueLocked(k poolKey, a *attempt) *backendConn {
 	}
 	best.reserved++
 	best.queued++
-	p.waiting.Add(1)
+	best.keyWaiting.Add(1)
 	best.used = true
 	a.queued = true
 	return best
