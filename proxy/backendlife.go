@@ -211,10 +211,11 @@ func (b *backendConn) takeWaiting(out []*attempt) []*attempt {
 		}
 	}
 	for _, a := range out[n:] {
-		if a.hsTimer != nil {
-			a.hsTimer.Stop()
+		a.s.ref() // out's, until moveWaiting's retryOrFail returned
+		if a.hsTimer != nil && a.hsTimer.Stop() {
+			a.s.unref() // the timer's; out's is still held
 		}
-		b.unlinkLocked(a) // and out of pending
+		b.unlinkLocked(a) // and out of pending, letting go of pending's
 	}
 	return out
 }
@@ -224,7 +225,9 @@ func (b *backendConn) takeWaiting(out []*attempt) []*attempt {
 // whose Upstream was retired (why). Caller must hold no lock.
 func (p *pool) moveWaiting(moved []*attempt, why error) {
 	for _, a := range moved {
-		a.s.cc.retryOrFail(a, true, failure{kind: failConnLost, backend: a.bc.addr, cause: why, draining: true})
+		s := a.s
+		s.cc.retryOrFail(a, true, failure{kind: failConnLost, backend: a.bc.addr, cause: why, draining: true})
+		s.unref() // takeWaiting's
 	}
 }
 
@@ -269,10 +272,12 @@ func (c *serverConn) shedWaiting() {
 			break
 		}
 		a := last.att
+		last.ref() // until resetUp returned
 		c.failLocked(last, failure{kind: failConnBudget, limit: c.bufs.limit})
 		c.mu.Unlock()
 		c.signal()
 		a.bc.resetUp(a, http2.ErrCodeCancel) // its buffers go back to the budget
+		last.unref()
 		cut++
 	}
 	if cut > 0 {
@@ -315,10 +320,11 @@ func (p *pool) rebalance(k poolKey) {
 			from.mu.Lock()
 			for _, a := range from.pending {
 				if a.queued && !a.bClosed {
-					if a.hsTimer != nil {
-						a.hsTimer.Stop()
+					a.s.ref() // moved's, until moveWaiter returned
+					if a.hsTimer != nil && a.hsTimer.Stop() {
+						a.s.unref() // the timer's; moved's is still held
 					}
-					from.unlinkLocked(a) // and out of pending
+					from.unlinkLocked(a) // and out of pending, letting go of pending's
 					moved = append(moved, a)
 					break
 				}
@@ -328,13 +334,16 @@ func (p *pool) rebalance(k poolKey) {
 	}
 	p.mu.Unlock()
 	for _, a := range moved {
-		a.s.cc.moveWaiter(a)
+		s := a.s
+		s.cc.moveWaiter(a)
+		s.unref() // moved's
 	}
 }
 
 // moveWaiter starts the call of a, a call waiting for a slot that
 // rebalance took off its connection, again: picked anew, which is not
-// counted as an attempt. Caller must hold no lock.
+// counted as an attempt. Caller must hold no lock, and own a reference to
+// a.s, as retryOrFail's does.
 func (c *serverConn) moveWaiter(a *attempt) {
 	s := a.s
 	f := failure{kind: failBackendConns, backend: a.bc.addr, limit: int64(c.srv.cfg.MaxBackendConns)}

@@ -58,6 +58,12 @@ func hangOn(ctx context.Context, t *testing.T, e *env, ts *testserver.Server) (c
 // wait for a slot on the removed backend (or fail when
 // BackendPendingTimeout passes while it still carries its long calls).
 func TestWaitingCallLeavesRemovedBackend(t *testing.T) {
+	unsettled := proxy.UnsettledStreams()
+	defer func() {
+		if n := proxy.UnsettledStreams() - unsettled; n != 0 {
+			t.Errorf("%d streams lost their last reference while in use", n)
+		}
+	}()
 	verifyNoLeaks(t)
 	e := oneSlotEnv(t, 2, 2*time.Second, nil)
 	srv := e.srv.(*proxy.Server)
@@ -100,6 +106,12 @@ func TestWaitingCallLeavesRemovedBackend(t *testing.T) {
 // connection, where the long call does not end, while new calls took the
 // free slot, and failed UNAVAILABLE at BackendPendingTimeout.
 func TestWaitingCallTakesSiblingSlot(t *testing.T) {
+	unsettled := proxy.UnsettledStreams()
+	defer func() {
+		if n := proxy.UnsettledStreams() - unsettled; n != 0 {
+			t.Errorf("%d streams lost their last reference while in use", n)
+		}
+	}()
 	verifyNoLeaks(t)
 	e := oneSlotEnv(t, 1, time.Second, func(c *proxy.Config) { c.MaxBackendConns = 2 })
 	srv := e.srv.(*proxy.Server)
@@ -307,6 +319,7 @@ func hangOnAny(ctx context.Context, t *testing.T, e *env) (cancel func(), done *
 // window from the calls that are running.
 func TestWaitingUploadsDoNotStallConnection(t *testing.T) {
 	verifyNoLeaks(t)
+	unsettled := proxy.UnsettledStreams()
 	const budget = 1 << 20
 	e := oneSlotEnv(t, 1, 5*time.Second, func(c *proxy.Config) {
 		c.MaxBackendPending = 64
@@ -379,6 +392,9 @@ func TestWaitingUploadsDoNotStallConnection(t *testing.T) {
 	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 		t.Errorf("call after: %v", err)
 	}
+	if n := proxy.UnsettledStreams() - unsettled; n != 0 {
+		t.Errorf("%d streams lost their last reference while in use", n)
+	}
 }
 
 func drainErrs(errs <-chan error) []error {
@@ -440,6 +456,12 @@ func TestWaitingCallsAtShutdown(t *testing.T) {
 // there, as new calls do, rather than wait for the retired connection's
 // long call (and fail at BackendPendingTimeout).
 func TestWaitingCallLeavesRetiredUpstream(t *testing.T) {
+	unsettled := proxy.UnsettledStreams()
+	defer func() {
+		if n := proxy.UnsettledStreams() - unsettled; n != 0 {
+			t.Errorf("%d streams lost their last reference while in use", n)
+		}
+	}()
 	verifyNoLeaks(t)
 	var dialsA, dialsB atomic.Int64
 	upA := countingUpstream(t, "a", &dialsA)

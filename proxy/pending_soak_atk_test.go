@@ -72,6 +72,7 @@ func testWaitQueueChurn(t *testing.T, perBackend int64, conns int) {
 		},
 		dcfg: func(c *director.Config) { c.ResolveNow = func() { unavailable.Add(1) } },
 	})
+	unsettled := proxy.UnsettledStreams()
 	srv := e.srv.(*proxy.Server)
 	ctx := testkit.Context(t, 60*time.Second)
 	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
@@ -176,6 +177,9 @@ func testWaitQueueChurn(t *testing.T, perBackend int64, conns int) {
 	hw.Wait()
 	if err := <-res; err != nil {
 		t.Errorf("waiting call after the churn: %v", err)
+	}
+	if n := proxy.UnsettledStreams() - unsettled; n != 0 {
+		t.Errorf("%d streams lost their last reference while in use", n)
 	}
 }
 
