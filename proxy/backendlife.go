@@ -363,18 +363,7 @@ func (c *serverConn) moveWaiter(a *attempt) {
 			f = g
 		}
 	}
-	a.bc.mu.Lock()
-	a.bc.discardLocked(a)
-	a.bc.mu.Unlock()
-	current := s.att == a
-	if current && !s.cst.ended() && !s.down.closed {
-		c.failLocked(s, f)
-	}
-	c.mu.Unlock()
-	c.signal()
-	if current {
-		s.sideClosed()
-	}
+	c.failUnlinkedLocked(a, f)
 }
 
 // takesWaitingLocked reports whether a call may wait on b for a slot.

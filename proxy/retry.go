@@ -367,11 +367,17 @@ func (c *serverConn) retryOrFail(a *attempt, transparent bool, f failure, answer
 // unlinked before opening it, with f: retryOrFail's end, without a retry.
 // The caller owns a reference to a.s, as retryOrFail's does.
 func (c *serverConn) failUnlinked(a *attempt, f failure) {
-	s := a.s
 	if streamDebug {
-		s.live("failUnlinked")
+		a.s.live("failUnlinked")
 	}
 	c.mu.Lock()
+	c.failUnlinkedLocked(a, f)
+}
+
+// failUnlinkedLocked is failUnlinked for a caller that holds mu; it
+// releases it.
+func (c *serverConn) failUnlinkedLocked(a *attempt, f failure) {
+	s := a.s
 	a.bc.mu.Lock()
 	a.bc.discardLocked(a)
 	a.bc.mu.Unlock()
