@@ -1348,13 +1348,20 @@ func (b *backendConn) watchHandshake(a *attempt, wait time.Duration) {
 	if b.gotSettings || a.bClosed || a.queued {
 		return // a waiting call's wait is bounded by watchQueue
 	}
-	// The timer owns a reference to the stream until handshakeExpired
-	// returned, or until a Stop that kept it from running
-	// (openLocked, onPeerSettings) lets go of it.
+	b.armWaitLocked(a, wait, b.handshakeExpired)
+}
+
+// armWaitLocked arms a.hsTimer, the bound of a's wait on b for its
+// handshake (watchHandshake) or for a slot (watchQueue), to run
+// expired(a, wait) after wait. The timer owns a reference to the stream
+// until expired returned, or until a Stop that kept it from running
+// (openLocked, onPeerSettings, takeWaiting, rebalance) lets go of it.
+// Caller must hold mu.
+func (b *backendConn) armWaitLocked(a *attempt, wait time.Duration, expired func(*attempt, time.Duration)) {
 	s := a.s
 	s.ref()
 	a.hsTimer = time.AfterFunc(wait, func() {
-		b.handshakeExpired(a, wait)
+		expired(a, wait)
 		s.unref()
 	})
 }

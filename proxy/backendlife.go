@@ -382,15 +382,7 @@ func (b *backendConn) watchQueue(a *attempt, wait time.Duration) {
 	if !a.queued || a.bClosed {
 		return
 	}
-	// The timer owns a reference to the stream until queueExpired
-	// returned, or until a Stop that kept it from running (openLocked,
-	// onPeerSettings) lets go of it, as watchHandshake's.
-	s := a.s
-	s.ref()
-	a.hsTimer = time.AfterFunc(wait, func() {
-		b.queueExpired(a, wait)
-		s.unref()
-	})
+	b.armWaitLocked(a, wait, b.queueExpired)
 }
 
 // queueExpired runs on a's queue timer: if a still waits for a slot on b,
