@@ -66,8 +66,9 @@ import (
 //   - An armed timer: the deadlineTimer (startDeadline; fire lets go
 //     after deadlineExceeded, stop when it kept the timer from firing)
 //     and a.hsTimer (watchHandshake, or watchQueue for a call waiting
-//     for a slot; handshakeExpired or queueExpired, or a Stop that kept
-//     it from firing in openLocked or onPeerSettings).
+//     for a slot, both through armWaitLocked; handshakeExpired or
+//     queueExpired, or a Stop that kept it from firing in openLocked,
+//     onPeerSettings, takeWaiting or rebalance).
 //   - Lists and callers that keep using a stream or attempt after a lock
 //     is released or a side may have ended: the backend reader in
 //     onHeaders, onData (through enqueueDown, relayHeld, resetUp) and
