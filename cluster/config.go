@@ -458,6 +458,11 @@ func (f *File) check(root *yaml.Node) error {
 	if f.DrainTimeout < 0 {
 		return errAt("must not be negative", "drain_timeout")
 	}
+	if f.Proxy.BackendPendingTimeout < 0 {
+		// As --backend-pending-timeout: a wait must be bounded, and a
+		// negative value silently meant the default.
+		return errAt("must not be negative (0: the default, 5s)", "proxy", "backend_pending_timeout")
+	}
 	if t := f.TLS; t != nil && (t.Cert == "" || t.Key == "") {
 		return errAt("cert and key are both required", "tls")
 	}

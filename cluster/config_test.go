@@ -92,6 +92,7 @@ func TestParseFileErrors(t *testing.T) {
 		{name: "zero rate", replace: [2]string{"rate: 100", "rate: 0"}, want: []string{"line 24:", "routes[0].rate_limit.rate"}},
 		{name: "service with method", replace: [2]string{"service: grpc.testing.TestService", "service: grpc.testing.TestService/EmptyCall"}, want: []string{"line 21:", "routes[0].match.service"}},
 		{name: "bad proxy limit", replace: [2]string{"max_streams: 1000", "max_streams: -1"}, want: []string{"line 5:", "proxy:", "MaxStreams"}},
+		{name: "negative backend_pending_timeout", replace: [2]string{"  max_streams: 1000", "  max_streams: 1000\n  backend_pending_timeout: -1s"}, want: []string{"line 7:", "proxy.backend_pending_timeout", "must not be negative"}},
 		{name: "etcd user without password_env", replace: [2]string{"    dns_refresh: 10s", "    dns_refresh: 10s\n    etcd: {username: lb}"}, want: []string{"line 18:", "clusters[1].etcd.password_env", "required with username"}},
 		{name: "etcd password_env unset", replace: [2]string{"    dns_refresh: 10s", "    dns_refresh: 10s\n    etcd: {username: lb, password_env: STREAMLB_TEST_SURELY_UNSET}"}, want: []string{"line 18:", "clusters[1].etcd.password_env", "STREAMLB_TEST_SURELY_UNSET is not set"}},
 		{name: "zookeeper cert without key", replace: [2]string{"    dns_refresh: 10s", "    dns_refresh: 10s\n    zookeeper: {cert: a.pem}"}, want: []string{"line 18:", "clusters[1].zookeeper", "cert and key go together"}},
