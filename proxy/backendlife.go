@@ -273,7 +273,7 @@ func (c *serverConn) shedWaiting() {
 		}
 		a := last.att
 		last.ref() // until resetUp returned
-		c.failLocked(last, failure{kind: failConnBudget, limit: c.bufs.limit})
+		c.failLocked(last, failure{kind: failConnBudget, limit: c.bufs.limit, unsent: true})
 		c.mu.Unlock()
 		c.signal()
 		a.bc.resetUp(a, http2.ErrCodeCancel) // its buffers go back to the budget

@@ -136,6 +136,10 @@ type failure struct {
 	// unanswered: a failRouteTimeout whose backend had the whole request
 	// and had sent no response headers (see Unanswered).
 	unanswered bool
+	// unsent: the call's attempt was never opened on its backend (it
+	// waited for a slot): its Picker's done sees CANCELLED whatever the
+	// client is told, as for failQueueTimeout.
+	unsent bool
 }
 
 func (f failure) Error() string {
@@ -155,10 +159,11 @@ func (f failure) statusErr() error {
 // Unanswered).
 func (f failure) doneErr(st *status.Status) error {
 	switch {
-	case f.kind == failQueueTimeout:
-		// The client is told UNAVAILABLE; the Picker, CANCELLED: a
+	case f.kind == failQueueTimeout || f.unsent:
+		// The client is told UNAVAILABLE (or, shed for its connection's
+		// buffer budget, RESOURCE_EXHAUSTED); the Picker, CANCELLED: a
 		// backend whose connections are all busy has not failed (as
-		// pickerErr says of failBackendConns).
+		// pickerErr says of failBackendConns), nor answered.
 		return clientStatusError{err: status.Error(codes.Canceled, st.Message()), code: st.Code()}
 	case f.draining:
 		return drainingError{st}

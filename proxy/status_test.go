@@ -398,3 +398,31 @@ func TestEndBlocks(t *testing.T) {
 		})
 	}
 }
+
+// TestUnsentFailuresNeutral: a call that failed while it waited for a
+// slot, never opened on its backend, tells the client its status
+// (UNAVAILABLE at the wait's timeout, RESOURCE_EXHAUSTED when shed for its
+// connection's buffer budget) and the Picker's done CANCELLED, which
+// counts neither for nor against the backend. Shed for the budget, the
+// director was told RESOURCE_EXHAUSTED, which it takes for the backend
+// answering.
+func TestUnsentFailuresNeutral(t *testing.T) {
+	for _, tc := range []struct {
+		f    failure
+		want codes.Code
+	}{
+		{failure{kind: failQueueTimeout, backend: "b:1", limit: 5000}, codes.Unavailable},
+		{failure{kind: failConnBudget, limit: 1 << 20, unsent: true}, codes.ResourceExhausted},
+	} {
+		_, err := endBlocks(tc.f, true, nil)
+		var cs ClientStatus
+		if status.Code(err) != codes.Canceled || !errors.As(err, &cs) || cs.ClientCode() != tc.want {
+			t.Errorf("%+v: done sees %v (client code %v), want CANCELLED, client %v", tc.f, status.Code(err), cs, tc.want)
+		}
+	}
+	// Sent to the client in the clear: a budget refusal of a call that
+	// was not waiting is what it was.
+	if _, err := endBlocks(failure{kind: failConnBudget, limit: 1 << 20}, true, nil); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("budget refusal: done sees %v, want RESOURCE_EXHAUSTED", status.Code(err))
+	}
+}
