@@ -100,8 +100,8 @@ func atk5OneMessage(ctx context.Context, client testgrpc.TestServiceClient, seed
 // TestAtk5WaitingCallsCancelled: one backend taking one stream at a
 // time, one backend connection; many calls at once, each giving up
 // (deadline) after 20 to 310 ms, some while the backend restarts
-// gracefully. The proxy refuses what it has no slot for (UNAVAILABLE, by
-// design) and the rest run or expire. Afterwards the slot accounting is
+// gracefully. What has no slot waits for one (--max-backend-pending),
+// and the calls run, expire, or are refused UNAVAILABLE past the queue. Afterwards the slot accounting is
 // intact: calls go through one after another again, and nothing is left
 // held.
 func TestAtk5WaitingCallsCancelled(t *testing.T) {
@@ -126,8 +126,8 @@ func TestAtk5WaitingCallsCancelled(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				err := call(time.Duration(20+i*10) * time.Millisecond)
-				// Past MaxBackendConns, all full, the proxy refuses at
-				// once (UNAVAILABLE), by design.
+				// Past MaxBackendConns, all full, a call waits for a
+				// slot; past the queue it is refused (UNAVAILABLE).
 				if c := status.Code(err); err != nil && c != codes.DeadlineExceeded && c != codes.Unavailable {
 					t.Errorf("round %d call %d: %v", round, i, err)
 				}
