@@ -75,32 +75,26 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			s.pickErr = err
 			return failure{kind: failNoBackend, method: s.method, cause: err}, false
 		}
-		if refused != nil && !wait && slices.Contains(s.tried, addr) && c.mayWait(refused, wait) {
-			// The Picker has no backend but those that just refused the
-			// call at their connection cap: it waits for a slot on the
-			// one picked.
-			wait = true
-			s.waitInsteadOfLast()
-		} else if refused != nil && !wait && slices.Contains(s.tried, addr) {
-			// The Picker has no backend but those that just refused
-			// the call at the pool's caps, which would refuse it again:
-			// no attempt, and no retry counted for the call (with one
-			// backend, each refused call counted MaxRetries retries).
-			s.attempts--
-			if done != nil {
-				done(refused.pickerErr())
+		if refused != nil && (!wait && slices.Contains(s.tried, addr) || wait && slices.Contains(full, addr)) {
+			if c.mayWait(refused, wait) {
+				// The Picker has no backend but those that just refused
+				// the call at their connection cap: it waits for a slot
+				// on the one picked.
+				wait = true
+				s.waitInsteadOfLast()
+			} else {
+				// No backend left but those that refused the call at the
+				// pool's caps (with wait, their queues too), which would
+				// refuse it again: no attempt, and no retry counted for
+				// the call (with one backend, each refused call counted
+				// MaxRetries retries).
+				s.attempts--
+				if done != nil {
+					done(refused.pickerErr())
+				}
+				c.releaseItemsLocked(items)
+				return *refused, false
 			}
-			c.releaseItemsLocked(items)
-			return *refused, false
-		} else if wait && slices.Contains(full, addr) {
-			// No backend left but those whose queues are full: the
-			// call fails, as a refused call does.
-			s.attempts--
-			if done != nil {
-				done(refused.pickerErr())
-			}
-			c.releaseItemsLocked(items)
-			return *refused, false
 		}
 		if up == nil {
 			up = c.srv.up
