@@ -696,9 +696,12 @@ func TestCancelObserved(t *testing.T) {
 				if _, err := stream.Header(); err != nil {
 					t.Fatalf("Header() error = %v", err)
 				}
+				// Wait for the end without half-closing: CloseAndRecv
+				// could send END_STREAM before the client's cancel is
+				// acted on, and the backend would then finish the call
+				// normally (no cancel to observe).
 				return func() error {
-					_, err := stream.CloseAndRecv()
-					return err
+					return stream.RecvMsg(new(testgrpc.StreamingInputCallResponse))
 				}
 			},
 		},
