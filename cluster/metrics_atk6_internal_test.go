@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -49,21 +50,50 @@ func TestAtk6FinishedCountsClientCode(t *testing.T) {
 		t.Fatal(err)
 	}
 	done(resetAs{error: status.Error(codes.Unavailable, "backend lost"), code: codes.Internal})
-	if got := counterValue(m.finished.WithLabelValues("10.0.0.1:80", "Internal")); got != 1 {
-		t.Errorf("finished{code=Internal} = %v, want 1", got)
+	got := gathered(t, reg)
+	if v := got["streamlb_calls_finished_total,backend=10.0.0.1:80,code=Internal"]; v != 1 {
+		t.Errorf("finished{code=Internal} = %v, want 1", v)
 	}
-	if got := counterValue(m.finished.WithLabelValues("10.0.0.1:80", "Unavailable")); got != 0 {
-		t.Errorf("finished{code=Unavailable} = %v, want 0", got)
+	if v := got["streamlb_calls_finished_total,backend=10.0.0.1:80,code=Unavailable"]; v != 0 {
+		t.Errorf("finished{code=Unavailable} = %v, want 0", v)
 	}
 	if status.Code(told) != codes.Unavailable {
 		t.Errorf("the director was told %v, want Unavailable", told)
 	}
 }
 
-func counterValue(c prometheus.Counter) float64 {
-	var mt dto.Metric
-	if err := c.Write(&mt); err != nil {
-		return -1
+// gathered is reg's samples by name and labels but the cluster's
+// ("name,label=value,..."): a counter's or gauge's value, a histogram's
+// count (its sum and buckets under name_sum and name_bucket,le=...).
+func gathered(t *testing.T, reg *prometheus.Registry) map[string]float64 {
+	t.Helper()
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return mt.GetCounter().GetValue()
+	got := map[string]float64{}
+	for _, f := range fams {
+		for _, mt := range f.GetMetric() {
+			labels := ""
+			for _, l := range mt.GetLabel() {
+				if l.GetName() != "cluster" {
+					labels += "," + l.GetName() + "=" + l.GetValue()
+				}
+			}
+			switch f.GetType() {
+			case dto.MetricType_COUNTER:
+				got[f.GetName()+labels] = mt.GetCounter().GetValue()
+			case dto.MetricType_GAUGE:
+				got[f.GetName()+labels] = mt.GetGauge().GetValue()
+			case dto.MetricType_HISTOGRAM:
+				h := mt.GetHistogram()
+				got[f.GetName()+labels] = float64(h.GetSampleCount())
+				got[f.GetName()+"_sum"+labels] = h.GetSampleSum()
+				for _, b := range h.GetBucket() {
+					got[fmt.Sprintf("%s_bucket%s,le=%g", f.GetName(), labels, b.GetUpperBound())] = float64(b.GetCumulativeCount())
+				}
+			}
+		}
+	}
+	return got
 }
