@@ -1054,6 +1054,7 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 			a.queued = false
 			b.queued--
 			b.keyWaiting.Add(-1)
+			s.waitEnd.Store(0) // a later wait has its own bound
 		}
 		a.up.id = id
 		a.up.window = b.peerInitWin

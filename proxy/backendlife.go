@@ -373,17 +373,35 @@ func (b *backendConn) takesWaitingLocked() bool {
 }
 
 // watchQueue bounds how long attempt a, queued on b past its cap
-// (queueLocked), waits for a slot: at most wait, after which the call
-// fails with UNAVAILABLE (queueExpired). Nothing is armed when a is
-// not waiting. Caller must hold a.s.cc.mu.
-func (b *backendConn) watchQueue(a *attempt, wait time.Duration) {
+// (queueLocked), waits for a slot: the call waits at most limit
+// (BackendPendingTimeout) over all its waits, so a call the queue moved
+// here from another connection (rebalance, takeWaiting) waits for what
+// is left of it (stream.waitEnd); then it fails with UNAVAILABLE
+// (queueExpired). Nothing is armed when a is not waiting. Caller must
+// hold a.s.cc.mu.
+func (b *backendConn) watchQueue(a *attempt, limit time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	s := a.s
 	if !a.queued || a.bClosed {
+		s.waitEnd.Store(0) // it got a slot, or is over
 		return
 	}
-	b.armWaitLocked(a, wait, b.queueExpired)
+	now := monoNow()
+	end := time.Duration(s.waitEnd.Load())
+	if end == 0 {
+		end = now + limit
+		s.waitEnd.Store(int64(end))
+	}
+	b.armWaitLocked(a, max(end-now, 0), func(a *attempt, _ time.Duration) { b.queueExpired(a, limit) })
 }
+
+// monoBase is the origin of monoNow.
+var monoBase = time.Now()
+
+// monoNow reads the monotonic clock alone (time.Since of a time with a
+// monotonic reading), as a duration since monoBase.
+func monoNow() time.Duration { return time.Since(monoBase) }
 
 // queueExpired runs on a's queue timer: if a still waits for a slot on b,
 // it leaves b and its call fails with UNAVAILABLE, not retried: the

@@ -495,3 +495,68 @@ func TestWaitingCallLeavesRetiredUpstream(t *testing.T) {
 		t.Errorf("call waiting on the retired Upstream's connection: %v, want OK through the new one", err)
 	}
 }
+
+// TestMovedWaitKeepsItsBound: a call waiting for a slot that the queue
+// moves to another backend (its own left the set) and that waits there
+// again is bound by BackendPendingTimeout over both waits, not by a fresh
+// one per move: the wait on the second backend started its timer anew, so
+// the call waited 0.8 s + 1.5 s before its UNAVAILABLE.
+func TestMovedWaitKeepsItsBound(t *testing.T) {
+	verifyNoLeaks(t)
+	const bound = 1500 * time.Millisecond
+	e := oneSlotEnv(t, 2, bound, nil)
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	first, second := e.backends[0], e.backends[1]
+	e.setBackends(first.Addr(), second.Addr())
+	srv.RetainBackends([]string{first.Addr(), second.Addr()})
+	for range 4 { // learns both backends' SETTINGS
+		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// One hangs on each: a call the full one refuses goes to the other.
+	for range 2 {
+		release, hung := hangOnAny(ctx, t, e)
+		defer hung.Wait()
+		defer release()
+	}
+	if first.InFlight() != 1 || second.InFlight() != 1 {
+		t.Fatalf("hanging calls in flight: %d and %d, want one on each backend", first.InFlight(), second.InFlight())
+	}
+
+	res := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		_, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+		res <- err
+	}()
+	testkit.WaitFor(ctx, t, "a call waiting", func() bool { return srv.Waiting() == 1 })
+	time.Sleep(800 * time.Millisecond)
+	// Whichever backend it waits on leaves; the other stays, full.
+	var stays *testserver.Server
+	select {
+	case err := <-res:
+		t.Fatalf("call ended while waiting: %v", err)
+	default:
+	}
+	stays = first
+	if srv.WaitingOn(first.Addr()) == 1 {
+		stays = second
+	}
+	e.setBackends(stays.Addr())
+	srv.RetainBackends([]string{stays.Addr()})
+	testkit.WaitFor(ctx, t, "the call waiting on the backend left", func() bool { return srv.WaitingOn(stays.Addr()) == 1 })
+	err := <-res
+	took := time.Since(start)
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("call waiting on full backends: %v, want UNAVAILABLE", err)
+	}
+	// The bound is 1.5 s; a fresh one after the move ends it at 2.3 s.
+	if took > bound+500*time.Millisecond {
+		t.Errorf("call failed after %v, want about %v: the move restarted its wait", took.Round(time.Millisecond), bound)
+	}
+	if took < bound-100*time.Millisecond {
+		t.Errorf("call failed after %v, before its %v bound", took.Round(time.Millisecond), bound)
+	}
+}

@@ -181,6 +181,8 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			bc.mu.Unlock()
 			if wait {
 				bc.watchQueue(a, c.srv.cfg.BackendPendingTimeout)
+			} else {
+				s.waitEnd.Store(0) // not waiting
 			}
 			if s.attempts <= s.maxRetries {
 				// Only a call that may still go elsewhere gives up on a

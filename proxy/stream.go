@@ -159,6 +159,13 @@ type stream struct {
 	// refs counts the owners of the stream (see the comment above the
 	// type); the last unref resets it and returns it to streamPool.
 	refs atomic.Int32
+	// waitEnd bounds the call's wait for a backend slot over every
+	// connection the queue moves it to (pool.queueLocked,
+	// Config.BackendPendingTimeout), in monoNow's time; zero while it
+	// has not waited since it last got a slot. Set under cc.mu
+	// (startAttemptLocked), cleared under the backend's mu when a wait
+	// ends with a slot (openLocked).
+	waitEnd atomic.Int64
 }
 
 // attempt is one try of a stream on one backend: the backend stream and
