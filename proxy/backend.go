@@ -937,6 +937,13 @@ func (b *backendConn) unlinkLocked(a *attempt) {
 		delete(b.streams, a.up.id)
 	}
 	b.releaseSlotLocked(a)
+	if a.hsTimer != nil && a.hsTimer.Stop() {
+		// Its wait is over: the timer's reference goes now, not when
+		// it fires (up to BackendPendingTimeout later, holding the
+		// stream from reuse). Not the last: the caller's, or the
+		// backend side's, is held.
+		a.s.unref()
+	}
 	if a.queued {
 		// A call that stops waiting leaves pending now, not when a slot
 		// comes free: calls cancelled one after another while the

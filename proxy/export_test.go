@@ -145,6 +145,10 @@ func (s *Server) waitingPending() (waiting, pending int) {
 // while still in use (stream.settled): zero unless an owner was missed.
 func UnsettledStreams() int64 { return unsettledStreams.Load() }
 
+// LiveStreams reports how many streams were made and not released yet,
+// and whether it can tell: only the streamdebug build counts them.
+func LiveStreams() (n int64, counted bool) { return sdbgLive.Load(), streamDebug }
+
 // WaitingOn reports the calls waiting for a slot on the connections to
 // addr, for tests.
 func (s *Server) WaitingOn(addr string) int {

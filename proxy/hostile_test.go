@@ -104,6 +104,9 @@ func (r *rawConn) awaitGoAway() *http2.GoAwayFrame {
 			if errors.As(err, &ne) && ne.Timeout() {
 				r.t.Fatalf("connection still open: %v", err)
 			}
+			if g == nil {
+				r.t.Logf("connection ended without a GOAWAY: %v", err)
+			}
 			return g
 		}
 		if ga, ok := f.(*http2.GoAwayFrame); ok {

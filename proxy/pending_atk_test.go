@@ -214,6 +214,7 @@ func TestWaitingCallBackendGoesAway(t *testing.T) {
 	for _, how := range []string{"goaway", "kill"} {
 		t.Run(how, func(t *testing.T) {
 			verifyNoLeaks(t)
+			live0, _ := proxy.LiveStreams()
 			e := oneSlotEnv(t, 2, 10*time.Second, nil)
 			srv := e.srv.(*proxy.Server)
 			ctx := testkit.Context(t, 30*time.Second)
@@ -281,6 +282,19 @@ func TestWaitingCallBackendGoesAway(t *testing.T) {
 			for i := range 5 {
 				if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 					t.Fatalf("call %d after: %v", i, err)
+				}
+			}
+			// The first attempt's queue timer (10 s) must not hold the
+			// call's stream past the call: stopped when the backend's
+			// connection let go of the attempt.
+			if _, counted := proxy.LiveStreams(); counted {
+				soon := testkit.Context(t, 3*time.Second)
+				for n, _ := proxy.LiveStreams(); n != live0; n, _ = proxy.LiveStreams() {
+					select {
+					case <-soon.Done():
+						t.Fatalf("%d streams still held 3 s after their calls ended", n-live0)
+					case <-time.After(10 * time.Millisecond):
+					}
 				}
 			}
 		})

@@ -3,6 +3,7 @@ package proxy
 import (
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"weak"
 
 	"golang.org/x/net/http2/hpack"
@@ -49,7 +50,13 @@ var sdbg struct {
 
 // debugReleaseStream is the end of a stream's last reference in the
 // checking mode.
+// sdbgLive counts the streams made and not yet released, in the
+// streamdebug build: tests check that none is held past its call
+// (LiveStreams in export_test.go).
+var sdbgLive atomic.Int64
+
 func debugReleaseStream(s *stream) {
+	sdbgLive.Add(-1)
 	stack := string(debug.Stack())
 	w := weak.Make(s)
 	sdbg.mu.Lock()

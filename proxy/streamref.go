@@ -19,6 +19,7 @@ func newStream() *stream {
 	var s *stream
 	if streamDebug {
 		s = new(stream) // never reused: see streamdebug.go
+		sdbgLive.Add(1)
 	} else {
 		s = streamPool.Get().(*stream)
 	}
