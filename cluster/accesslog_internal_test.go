@@ -70,22 +70,7 @@ func TestCallEndMetrics(t *testing.T) {
 	}
 	m.callEnd(proxy.CallInfo{Code: codes.ResourceExhausted, ProxyStatus: true, Limit: proxy.LimitMaxStreamsPerBackend})
 	m.callEnd(proxy.CallInfo{Backend: "10.0.0.1:80", Attempts: 3, Code: codes.Unavailable, RequestBytes: 10, ResponseBytes: 20})
-	fams, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := map[string]float64{}
-	for _, f := range fams {
-		for _, mt := range f.GetMetric() {
-			key := f.GetName()
-			for _, l := range mt.GetLabel() {
-				if l.GetName() != "cluster" {
-					key += "," + l.GetName() + "=" + l.GetValue()
-				}
-			}
-			got[key] = mt.GetCounter().GetValue()
-		}
-	}
+	got := gathered(t, reg)
 	for key, want := range map[string]float64{
 		"streamlb_limit_rejections_total,limit=max_streams_per_backend": 1,
 		"streamlb_limit_rejections_total,limit=max_streams":             0,
