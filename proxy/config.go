@@ -335,10 +335,11 @@ type Config struct {
 	// Zero means DefaultShutdownPingTimeout.
 	ShutdownPingTimeout time.Duration
 
-	// ShutdownLinger is how long a drained client connection, its final
-	// GOAWAY written, waits for the client to close before the proxy
-	// closes it, so the GOAWAY is not lost to a TCP reset. Zero means
-	// DefaultShutdownLinger, negative none.
+	// ShutdownLinger is how long a drained client connection, or one
+	// ended by a connection error, its final GOAWAY written, waits for
+	// the client to close before the proxy closes it, so the GOAWAY is
+	// not lost to a TCP reset. Zero means DefaultShutdownLinger,
+	// negative none.
 	ShutdownLinger time.Duration
 
 	// DrainTimeout bounds how long connections to a backend that left the

@@ -303,6 +303,34 @@ type connWriter struct {
 	// a limit went out with MSG_MORE, and the kernel may be keeping its
 	// last packet for the next write: Flush must push it.
 	corked bool
+	// progress counts the socket writes begun, those of their system
+	// calls that moved bytes, and the batches the writer finished
+	// (writeStep); inWrite is set during a socket write. They are what
+	// another goroutine sees of the writer: going on, or stuck in a write
+	// to a client that does not read (serverConn.drainAfterError).
+	progress atomic.Uint32
+	inWrite  atomic.Bool
+}
+
+// sockWrite brackets a write to the socket (progress, inWrite).
+func (c *connWriter) sockWrite(begin bool) {
+	if begin {
+		c.progress.Add(1)
+	}
+	c.inWrite.Store(begin)
+}
+
+// progressWriter is a connWriter's socket where it is not a rawSock.
+type progressWriter struct {
+	w io.Writer
+	c *connWriter
+}
+
+func (p progressWriter) Write(b []byte) (int, error) {
+	p.c.sockWrite(true)
+	n, err := p.w.Write(b)
+	p.c.sockWrite(false)
+	return n, err
 }
 
 // bufRef is a pooled DATA buffer and the budget it counts in.
@@ -331,8 +359,9 @@ const (
 
 func newConnWriter(nc net.Conn) *connWriter {
 	c := &connWriter{nc: nc}
-	c.out = nc
+	c.out = progressWriter{nc, c}
 	if s := newRawSock(nc); s != nil {
+		s.progress = &c.progress
 		c.out = s
 		c.rs = s
 	}
@@ -377,8 +406,11 @@ func (c *connWriter) writeSmall(p []byte) (int, error) {
 			return 0, err
 		}
 		if len(p) > len(*c.vb) {
-			c.corked = false     // write(2) pushes
-			return c.rs.Write(p) // larger than the buffer: nothing is pending
+			c.corked = false // write(2) pushes
+			c.sockWrite(true)
+			n, err := c.rs.Write(p) // larger than the buffer: nothing is pending
+			c.sockWrite(false)
+			return n, err
 		}
 	}
 	start := c.vn
@@ -469,7 +501,9 @@ func (c *connWriter) flushSegs(more bool) error {
 		}
 	}
 	if c.pending > 0 {
+		c.sockWrite(true)
 		err = c.rs.writeSegs(c.segs, more)
+		c.sockWrite(false)
 		c.corked = more
 	}
 	c.resetSegs()

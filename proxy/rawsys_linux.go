@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 )
@@ -52,6 +53,8 @@ type rawSock struct {
 	iov   []syscall.Iovec
 	vi    int
 	flags int
+	// progress, if set, counts the writes that moved bytes (connWriter).
+	progress *atomic.Uint32
 }
 
 // newRawSock returns a rawSock for a plain TCP or Unix socket, nil for
@@ -89,6 +92,9 @@ func (s *rawSock) write(fd uintptr) bool {
 		switch e {
 		case 0:
 			s.n += int(r)
+			if s.progress != nil {
+				s.progress.Add(1)
+			}
 		case syscall.EINTR:
 		case syscall.EAGAIN:
 			return false
@@ -147,6 +153,9 @@ func (s *rawSock) writev(fd uintptr) bool {
 		default:
 			s.errno = e
 			return true
+		}
+		if s.progress != nil {
+			s.progress.Add(1)
 		}
 		// Skip what was written: whole segments, then into the next.
 		n := uint64(r)

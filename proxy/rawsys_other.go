@@ -2,10 +2,16 @@
 
 package proxy
 
-import "net"
+import (
+	"net"
+	"sync/atomic"
+)
 
 // rawSock is Linux-only (rawsys_linux.go); elsewhere the writer writes nc.
-type rawSock struct{ net.Conn }
+type rawSock struct {
+	net.Conn
+	progress *atomic.Uint32
+}
 
 func newRawSock(net.Conn) *rawSock { return nil }
 

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -51,7 +53,8 @@ type serverConn struct {
 	// housekeeper runs the sweeps and the idle check (Server.housekeep).
 	nextSweep  time.Time
 	drainTimer *time.Timer   // ends the PING wait of a graceful shutdown; guarded by mu
-	readerDone chan struct{} // closed when readLoop returned; ends the linger
+	readerDone chan struct{} // closed when the reader stopped reading; ends the linger
+	lingering  atomic.Bool   // the writer half-closed the socket and waits in linger
 	writerDone chan struct{} // closed when the last writer finished; set by serve
 	pk         parkCtl       // the reader's goroutine while idle: park.go
 }
@@ -128,8 +131,10 @@ func (c *serverConn) run() (parked bool) {
 			}
 			continue
 		}
-		close(c.readerDone)
-		c.awaitGoAway(c.writerDone)
+		if !c.drainAfterError() {
+			close(c.readerDone)
+			c.awaitGoAway(c.writerDone)
+		}
 		c.close(err)
 		<-c.writerDone
 		c.cleanup()
@@ -1252,6 +1257,7 @@ func (c *serverConn) linger() {
 	if closed || d <= 0 {
 		return
 	}
+	c.lingering.Store(true)
 	if cw, ok := c.nc.(interface{ CloseWrite() error }); ok {
 		cw.CloseWrite()
 	}
@@ -1261,6 +1267,100 @@ func (c *serverConn) linger() {
 	case <-c.readerDone:
 	case <-t.C:
 	}
+}
+
+// goAwayWait is how long a write to the socket may go without moving a
+// byte, after a connection error, before the reader judges that the
+// client does not read and closes the connection (drainAfterError).
+// goAwayMaxWait bounds the whole wait for a writer that is not stuck on
+// the socket but does not finish either.
+const (
+	goAwayWait    = time.Second
+	goAwayMaxWait = 10 * time.Second
+)
+
+// drainAfterError runs on the reader after the frame loop ended in a
+// connection error (goAwayFatal), in place of transport.awaitGoAway: it
+// reports false, doing nothing, after any other end. While the writer
+// writes the GOAWAY and then lingers, the reader goes on reading what
+// the client sends, and throws it away. A socket closed with bytes unread
+// makes the kernel send a TCP RST at once and drop what it had not yet
+// sent of ours: the GOAWAY, to a client that reads slowly (the client
+// sees "connection reset by peer", never why; a client flooding us
+// always has bytes in flight). Read and discarded, they leave nothing
+// unread, the half-close (linger) sends the GOAWAY then FIN, and the
+// linger ends when the client closes its side, as after a graceful
+// shutdown.
+//
+// The reader used to wait a fixed second for the writer, then close the
+// socket, GOAWAY written or not: a writer short of CPU (the race build
+// under load), or behind a client that reads slowly, lost it. Now the
+// client is judged not to read only when the writer has been in one
+// socket write without moving a byte for goAwayWait (connWriter.progress,
+// inWrite), or after goAwayMaxWait in all. After the first goAwayWait the
+// writer still going gives up the streams' queued frames
+// (transport.abandon), which a backend could go on feeding: what is left
+// is the rest of its batch, the GOAWAY and control frames. From its
+// linger on, ShutdownLinger bounds the wait. A client that does not read
+// is closed after one or two goAwayWait, as before after one. It returns
+// with the writer finished, or given up on, and readerDone closed.
+func (c *serverConn) drainAfterError() bool {
+	c.mu.Lock()
+	fatal := c.fatal
+	c.mu.Unlock()
+	if !fatal {
+		return false
+	}
+	buf := make([]byte, 4<<10)
+	start := time.Now()
+	w := c.bw
+	seen, stuck := w.progress.Load(), w.inWrite.Load()
+	c.nc.SetReadDeadline(start.Add(goAwayWait))
+	for {
+		_, err := c.nc.Read(buf)
+		if err == nil {
+			continue
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			// The client closed its side (or reset), or the writer
+			// closed the socket at the end of its linger.
+			break
+		}
+		select {
+		case <-c.writerDone:
+			close(c.readerDone)
+			return true
+		default:
+		}
+		now := time.Now()
+		if c.lingering.Load() {
+			// The writer's linger closes the socket when it ends.
+			c.nc.SetReadDeadline(now.Add(goAwayWait))
+			continue
+		}
+		n, in := w.progress.Load(), w.inWrite.Load()
+		if (n == seen && in && stuck) || now.Sub(start) >= goAwayMaxWait {
+			// In the same write as at the last look, and no byte moved
+			// since: the client does not read.
+			close(c.readerDone)
+			return true
+		}
+		seen, stuck = n, in
+		c.mu.Lock()
+		if !c.abandon {
+			c.abandon = true
+			c.mu.Unlock()
+			c.signal()
+		} else {
+			c.mu.Unlock()
+		}
+		c.nc.SetReadDeadline(now.Add(goAwayWait))
+	}
+	// The writer finishes on its own, or on the closed socket: its
+	// linger, if it began one, ends with readerDone.
+	close(c.readerDone)
+	c.awaitGoAway(c.writerDone)
+	return true
 }
 
 // cleanup fails every stream left when the connection ended: the backend

@@ -377,6 +377,11 @@ type transport struct {
 	closeErr       error
 	drainAndClose  bool // writer exits once everything queued is written
 	fatal          bool // connection error: the writer exits once its GOAWAY is written
+	// abandon is set after a connection error whose writer took too long
+	// to finish (serverConn.drainAfterError): it writes what control
+	// frames are queued (the GOAWAY among them), none of the streams'
+	// frames, and exits.
+	abandon bool
 	// held is the DATA payload received on open streams and not yet
 	// handed on (credited back), for tests and the stream's own books.
 	held int64
@@ -1541,6 +1546,9 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 	batch := append(t.sc.batch[:0], t.ctrl...)
 	clear(t.ctrl)
 	t.ctrl = t.ctrl[:0]
+	for t.abandon && t.readyHead < len(t.ready) {
+		t.readyPopLocked().unrefOwner() // the ring's reference
+	}
 	batch = r.openLocked(batch)
 	budget := batchBudget
 	blocked := t.sc.blocked[:0]
@@ -1633,6 +1641,7 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 			t.close(err)
 		}
 		t.dirty = false
+		t.bw.progress.Add(1)
 		return stepWrote, nil
 	}
 	t.armWrite()
@@ -1645,5 +1654,6 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 		t.close(err)
 		return stepExit, err
 	}
+	t.bw.progress.Add(1)
 	return stepWrote, nil
 }
