@@ -111,7 +111,10 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			}
 		}
 		a := &s.first
-		if s.attempts > 1 {
+		if s.attempts > 1 || s.att != nil {
+			// s.first is taken: by an earlier attempt, or by the first,
+			// which a move (moveWaiter) picks again without counting it,
+			// and whose done and connection the caller still uses.
 			a = new(attempt)
 		}
 		*a = attempt{s: s, done: done, keepReplay: c.srv.cfg.RetryBufferSize > 0}
