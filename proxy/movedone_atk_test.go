@@ -2,13 +2,17 @@ package proxy_test
 
 import (
 	"context"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
@@ -125,4 +129,158 @@ func TestMovedFirstWaiterDoneOnce(t *testing.T) {
 	if _, counted := proxy.LiveStreams(); counted {
 		testkit.WaitFor(ctx, t, "no stream held past its call", func() bool { n, _ := proxy.LiveStreams(); return n == live0 })
 	}
+}
+
+// phasePicker picks addrs[phase] for every pick and retry.
+type phasePicker struct {
+	addrs []string
+	phase atomic.Int32
+}
+
+func (p *phasePicker) Pick(context.Context, string) (string, func(error), error) {
+	return p.addrs[p.phase.Load()], nil, nil
+}
+
+func (p *phasePicker) PickExcluding(ctx context.Context, m string, _ []string) (string, func(error), error) {
+	return p.Pick(ctx, m)
+}
+
+// TestRetryAfterSlotWaitsAFreshBound: a call waits for a slot on a full
+// backend for most of BackendPendingTimeout, gets it, is answered
+// UNAVAILABLE there (a RetryOn method) and is retried on another full
+// backend, where it waits again: that wait has a bound of its own, not
+// what was left of the first one.
+func TestRetryAfterSlotWaitsAFreshBound(t *testing.T) {
+	verifyNoLeaks(t)
+	const bound = 1500 * time.Millisecond
+	pk := &phasePicker{}
+	e := oneSlotEnv(t, 2, bound, func(c *proxy.Config) {
+		c.Picker = pk
+		c.RetryOn = []string{"/grpc.testing.TestService/UnaryCall"}
+		c.MaxRetries = 5
+	})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	first, second := e.backends[0], e.backends[1]
+	pk.addrs = []string{first.Addr(), second.Addr()}
+	for i := range 2 { // learns both backends' SETTINGS
+		pk.phase.Store(int32(i))
+		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pk.phase.Store(1)
+	relSecond, hungSecond := hangOn(ctx, t, e, second)
+	defer hungSecond.Wait()
+	defer relSecond()
+	pk.phase.Store(0)
+	relFirst, hungFirst := hangOn(ctx, t, e, first)
+	defer hungFirst.Wait()
+	defer relFirst()
+
+	res := make(chan error, 1)
+	go func() {
+		fail := metadata.AppendToOutgoingContext(ctx, testserver.MetadataFailCode, strconv.Itoa(int(codes.Unavailable)))
+		_, err := e.client.UnaryCall(fail, &testgrpc.SimpleRequest{})
+		res <- err
+	}()
+	testkit.WaitFor(ctx, t, "the call waiting on the first backend", func() bool { return srv.WaitingOn(first.Addr()) == 1 })
+	time.Sleep(bound * 2 / 3)
+	// Its retry goes to the second backend, full.
+	pk.phase.Store(1)
+	relFirst()
+	testkit.WaitFor(ctx, t, "the retry waiting on the second backend", func() bool { return srv.WaitingOn(second.Addr()) == 1 })
+	slot := time.Now()
+	err := <-res
+	took := time.Since(slot)
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("call: %v, want UNAVAILABLE", err)
+	}
+	if took < bound-200*time.Millisecond {
+		t.Errorf("retry's wait failed after %v, want about %v: it kept the first wait's bound", took.Round(time.Millisecond), bound)
+	}
+}
+
+// TestWaitersChurnDoneOnce: calls wait for slots on a full backend's
+// connections while slots come free on one connection or another (the
+// queue moves waiters), some waiters are cancelled, some time out, and the
+// backend's set changes under them: every pick's done runs once, no
+// stream is released while in use or held past its call.
+func TestWaitersChurnDoneOnce(t *testing.T) {
+	verifyNoLeaks(t)
+	unsettled := proxy.UnsettledStreams()
+	live0, _ := proxy.LiveStreams()
+	var pk *onceCheckPicker
+	e := newEnv(t, envOpts{backends: 2,
+		tscfg: func(i int, c *testserver.Config) {
+			c.ServerOptions = append(c.ServerOptions, grpc.MaxConcurrentStreams(1))
+		},
+		pcfg: func(c *proxy.Config) {
+			pk = &onceCheckPicker{next: c.Picker}
+			c.Picker = pk
+			c.MaxBackendConns = 2
+			c.MaxBackendPending = 64
+			c.BackendPendingTimeout = 100 * time.Millisecond
+		},
+	})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 60*time.Second)
+	addrs := []string{e.backends[0].Addr(), e.backends[1].Addr()}
+	var wg sync.WaitGroup
+	const workers, perWorker = 12, 40
+	var codesSeen sync.Map
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range perWorker {
+				cctx, cancel := context.WithCancel(ctx)
+				md := []string{testserver.MetadataDelay, strconv.Itoa((w*7+i*13)%40) + "ms"}
+				if (w+i)%4 == 0 {
+					time.AfterFunc(time.Duration((w+i)%50)*time.Millisecond, cancel)
+				}
+				_, err := e.client.UnaryCall(metadata.AppendToOutgoingContext(cctx, md...), &testgrpc.SimpleRequest{})
+				cancel()
+				codesSeen.Store(status.Code(err), true)
+			}
+		}()
+	}
+	// The set changes under the calls: one backend leaves and returns.
+	churned := make(chan struct{})
+	go func() {
+		defer close(churned)
+		for i := range 10 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(40 * time.Millisecond):
+			}
+			if i%2 == 0 {
+				e.setBackends(addrs[0])
+				srv.RetainBackends(addrs[:1])
+			} else {
+				e.setBackends(addrs...)
+				srv.RetainBackends(addrs)
+			}
+		}
+	}()
+	wg.Wait()
+	<-churned
+	testkit.WaitFor(ctx, t, "nothing waiting", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	testkit.WaitFor(ctx, t, "every pick done", func() bool { return pk.dones.Load()+pk.twice.Load() >= pk.picks.Load() })
+	if n := pk.twice.Load(); n != 0 {
+		t.Errorf("%d dones called twice", n)
+	}
+	if p, d := pk.picks.Load(), pk.dones.Load(); p != d {
+		t.Errorf("picks %d, dones %d: want one done per pick", p, d)
+	}
+	if n := proxy.UnsettledStreams() - unsettled; n != 0 {
+		t.Errorf("%d streams lost their last reference while in use", n)
+	}
+	if _, counted := proxy.LiveStreams(); counted {
+		testkit.WaitFor(ctx, t, "no stream held past its call", func() bool { n, _ := proxy.LiveStreams(); return n == live0 })
+	}
+	var seen []codes.Code
+	codesSeen.Range(func(k, _ any) bool { seen = append(seen, k.(codes.Code)); return true })
+	t.Logf("codes seen: %v; picks %d", seen, pk.picks.Load())
 }
