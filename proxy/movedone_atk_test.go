@@ -284,3 +284,57 @@ func TestWaitersChurnDoneOnce(t *testing.T) {
 	codesSeen.Range(func(k, _ any) bool { seen = append(seen, k.(codes.Code)); return true })
 	t.Logf("codes seen: %v; picks %d", seen, pk.picks.Load())
 }
+
+// TestWaitersAtCloseDoneOnce: the server closes while calls wait for a
+// slot and one holds it: every pick's done runs once.
+func TestWaitersAtCloseDoneOnce(t *testing.T) {
+	for _, how := range []string{"shutdown", "close"} {
+		t.Run(how, func(t *testing.T) {
+			verifyNoLeaks(t)
+			unsettled := proxy.UnsettledStreams()
+			var pk *onceCheckPicker
+			e := oneSlotEnv(t, 1, 10*time.Second, func(c *proxy.Config) {
+				pk = &onceCheckPicker{next: c.Picker}
+				c.Picker = pk
+			})
+			srv := e.srv.(*proxy.Server)
+			ctx := testkit.Context(t, 30*time.Second)
+			if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+				t.Fatal(err)
+			}
+			rel, hung := hangOn(ctx, t, e, e.backends[0])
+			defer hung.Wait()
+			defer rel()
+			var wg sync.WaitGroup
+			for range 5 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+				}()
+			}
+			testkit.WaitFor(ctx, t, "calls waiting", func() bool { return srv.Waiting() == 5 })
+			switch how {
+			case "shutdown":
+				sctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+				srv.Shutdown(sctx)
+				cancel()
+			case "close":
+				srv.Close()
+			}
+			wg.Wait()
+			rel()
+			hung.Wait()
+			testkit.WaitFor(ctx, t, "every pick done", func() bool { return pk.dones.Load()+pk.twice.Load() >= pk.picks.Load() })
+			if n := pk.twice.Load(); n != 0 {
+				t.Errorf("%d dones called twice", n)
+			}
+			if p, d := pk.picks.Load(), pk.dones.Load(); p != d {
+				t.Errorf("picks %d, dones %d: want one done per pick", p, d)
+			}
+			if n := proxy.UnsettledStreams() - unsettled; n != 0 {
+				t.Errorf("%d streams lost their last reference while in use", n)
+			}
+		})
+	}
+}
