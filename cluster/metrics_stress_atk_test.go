@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -194,6 +195,104 @@ func TestMetricsUnderLoadMatchClients(t *testing.T) {
 			}
 			if total != 1+workers*perWorker {
 				t.Fatalf("tallied %d calls", total)
+			}
+		})
+	}
+}
+
+// TestMetricsValidAcrossReloads: reloads that change the cluster's
+// backends (a new cluster of the same name, its series withdrawn and
+// registered again) run under load while /metrics is scraped: every
+// scrape is a valid exposition, no call fails but those the clients
+// cancel, and at the end nothing is in flight. For both engines.
+func TestMetricsValidAcrossReloads(t *testing.T) {
+	for _, engine := range cluster.Engines() {
+		t.Run(engine, func(t *testing.T) {
+			a := startBackend(t, "a", "127.0.0.1:0")
+			b := startBackend(t, "b", "127.0.0.1:0")
+			dir := t.TempDir()
+			conf := "engine: %s\nclusters: [{name: echo, targets: [%s]}]\nroutes: [{cluster: echo}]\n"
+			sets := []string{a.Addr() + ", " + b.Addr(), a.Addr(), b.Addr()}
+			path := writeConfig(t, dir, fmt.Sprintf(conf, engine, sets[0]))
+			f, err := cluster.LoadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := f.ServerConfig()
+			cfg.Metrics = prometheus.NewRegistry()
+			r := runServer(t, cfg)
+			client := dial(t, r.addr)
+			ctx := testkit.Context(t, 60*time.Second)
+			if _, err := client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+				t.Fatal(err)
+			}
+			// Calls and scrapes run until the reloads are done (at most
+			// perWorker calls each, 300 scrapes).
+			const workers, perWorker, reloads = 6, 400, 8
+			reloaded := make(chan struct{})
+			var ended atomic.Int64 // calls ended
+			var wg sync.WaitGroup
+			for w := range workers {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := range perWorker {
+						select {
+						case <-reloaded:
+							return
+						default:
+						}
+						cctx, cancel := context.WithCancel(ctx)
+						md := []string{testserver.MetadataDelay, strconv.Itoa((w+i)%10) + "ms"}
+						if (w+i)%4 == 0 {
+							time.AfterFunc(time.Duration(i%5)*time.Millisecond, cancel)
+						}
+						_, err := client.UnaryCall(metadata.AppendToOutgoingContext(cctx, md...), &testgrpc.SimpleRequest{ResponseSize: 10})
+						gaveUp := cctx.Err() != nil
+						cancel()
+						ended.Add(1)
+						if err != nil && !gaveUp {
+							t.Errorf("call: %v", err)
+						}
+					}
+				}()
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for range 300 {
+					for _, bad := range checkExposition(scrapeFamilies(t, r.admin)) {
+						t.Errorf("while calls run: %s", bad)
+					}
+					select {
+					case <-reloaded:
+						return
+					default:
+					}
+				}
+			}()
+			for i := 1; i <= reloads; i++ {
+				writeConfig(t, dir, fmt.Sprintf(conf, engine, sets[i%len(sets)]))
+				if err := r.srv.Reload(ctx); err != nil {
+					t.Errorf("reload %d: %v", i, err)
+					break
+				}
+				// Calls run on each set a while.
+				n := ended.Load()
+				testkit.WaitFor(ctx, t, "calls on the new set", func() bool { return ended.Load() >= n+24 })
+			}
+			close(reloaded)
+			wg.Wait()
+			testkit.WaitFor(ctx, t, "nothing in flight", func() bool {
+				for _, v := range scrape(t, r.admin, "streamlb_calls_in_flight") {
+					if v != 0 {
+						return false
+					}
+				}
+				return true
+			})
+			for _, bad := range checkExposition(scrapeFamilies(t, r.admin)) {
+				t.Error(bad)
 			}
 		})
 	}
