@@ -383,8 +383,14 @@ func (b *backendConn) watchQueue(a *attempt, limit time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	s := a.s
-	if !a.queued || a.bClosed {
-		s.waitEnd.Store(0) // it got a slot, or is over
+	if a.bClosed {
+		// Let go of already: the call is over, or was moved (takeWaiting,
+		// rebalance, a GOAWAY) and keeps what is left of its bound for
+		// its next wait.
+		return
+	}
+	if !a.queued {
+		s.waitEnd.Store(0) // it got a slot
 		return
 	}
 	now := monoNow()

@@ -34,6 +34,11 @@ func (s *Server) MaxHeldBytes() int64 {
 // and queueing the attempt on it. Call before Serve.
 func SetAfterReserve(s *Server, fn func(addr string)) { s.afterReserve = fn }
 
+// SetBeforeWatchQueue sets a hook called, with the client connection's
+// lock held, between queueing an attempt that may wait for a slot on a
+// backend connection to addr and bounding its wait. Call before Serve.
+func SetBeforeWatchQueue(s *Server, fn func(addr string)) { s.beforeWatchQueue = fn }
+
 // SetBeforeEarlyReset sets a hook called between queueing toward the
 // client an answer that came before its request was all sent and
 // resetting the backend's stream. Call before Serve.

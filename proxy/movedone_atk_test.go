@@ -338,3 +338,102 @@ func TestWaitersAtCloseDoneOnce(t *testing.T) {
 		})
 	}
 }
+
+// TestMovedBeforeBoundKeepsItsBound: a waiting call the queue moves
+// (its backend left the set) is moved again before its new wait was
+// bounded (watchQueue): its wait still ends at BackendPendingTimeout
+// from its first. watchQueue took the attempt unlinked by the move for
+// one whose wait was over and forgot the call's bound, so its third
+// wait had a fresh one: 0.7 s + 1.5 s.
+func TestMovedBeforeBoundKeepsItsBound(t *testing.T) {
+	verifyNoLeaks(t)
+	const bound = 1500 * time.Millisecond
+	var srv *proxy.Server
+	var armed atomic.Bool
+	var e *env
+	var moving sync.WaitGroup
+	defer moving.Wait()
+	e = newEnv(t, envOpts{backends: 3,
+		tscfg: func(i int, c *testserver.Config) {
+			c.ServerOptions = append(c.ServerOptions, grpc.MaxConcurrentStreams(1))
+		},
+		pcfg: func(c *proxy.Config) {
+			c.MaxBackendConns = 1
+			c.MaxBackendPending = 8
+			c.BackendPendingTimeout = bound
+			c.MaxRetries = 5 // each move is a transparent retry
+		},
+		hook: func(s *proxy.Server) {
+			srv = s
+			proxy.SetBeforeWatchQueue(s, func(addr string) {
+				if !armed.CompareAndSwap(true, false) {
+					return
+				}
+				// The call is queued on addr, not yet bounded: addr
+				// leaves the set, which moves it to the one left.
+				var keep []string
+				for _, ts := range e.backends {
+					if ts.Addr() != addr && srv.WaitingOn(ts.Addr()) == 0 && ts.Addr() != e.backends[0].Addr() {
+						keep = append(keep, ts.Addr())
+					}
+				}
+				moving.Add(1)
+				go func() {
+					defer moving.Done()
+					e.setBackends(keep...)
+					srv.RetainBackends(keep)
+				}()
+				deadline := time.Now().Add(5 * time.Second)
+				for srv.WaitingOn(addr) != 0 && time.Now().Before(deadline) {
+					time.Sleep(time.Millisecond)
+				}
+			})
+		},
+	})
+	ctx := testkit.Context(t, 30*time.Second)
+	for range 6 { // learns every backend's SETTINGS
+		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 3 {
+		release, hung := hangOnAny(ctx, t, e)
+		defer hung.Wait()
+		defer release()
+	}
+	for _, ts := range e.backends {
+		if ts.InFlight() != 1 {
+			t.Fatalf("hanging calls: %d on %s, want one on each backend", ts.InFlight(), ts.Addr())
+		}
+	}
+	// The call waits on the first backend alone.
+	e.setBackends(e.backends[0].Addr())
+	res := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		_, err := e.client.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+		res <- err
+	}()
+	testkit.WaitFor(ctx, t, "the call waiting on the first backend", func() bool { return srv.WaitingOn(e.backends[0].Addr()) == 1 })
+	time.Sleep(700 * time.Millisecond)
+	// The first backend leaves: the call moves to the second or the
+	// third, and from there (the hook) to the other.
+	armed.Store(true)
+	rest := []string{e.backends[1].Addr(), e.backends[2].Addr()}
+	e.setBackends(rest...)
+	srv.RetainBackends(rest)
+	err := <-res
+	took := time.Since(start)
+	if armed.Load() {
+		t.Fatal("the call was not moved a second time")
+	}
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("call waiting on full backends: %v, want UNAVAILABLE", err)
+	}
+	if took > bound+500*time.Millisecond {
+		t.Errorf("call failed after %v, want about %v: a move restarted its wait", took.Round(time.Millisecond), bound)
+	}
+	if took < bound-100*time.Millisecond {
+		t.Errorf("call failed after %v, before its %v bound", took.Round(time.Millisecond), bound)
+	}
+}

@@ -183,6 +183,9 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			bc.markReadyLocked(&a.up)
 			bc.mu.Unlock()
 			if wait {
+				if h := c.srv.beforeWatchQueue; h != nil {
+					h(addr)
+				}
 				bc.watchQueue(a, c.srv.cfg.BackendPendingTimeout)
 			} else {
 				s.waitEnd.Store(0) // not waiting

@@ -65,6 +65,11 @@ type Server struct {
 	// connection and queueing the attempt there, so a test can land a
 	// GOAWAY in between. Set before Serve.
 	afterReserve func(addr string)
+	// beforeWatchQueue is a test hook, nil otherwise: startAttemptLocked
+	// calls it with cc.mu held between queueing an attempt that may wait
+	// for a slot on a backend connection to addr and bounding its wait
+	// (watchQueue), so a test can move the waiting call in between.
+	beforeWatchQueue func(addr string)
 	// beforeEarlyReset is a test hook, nil otherwise: called between
 	// queueing an answer that came before its request was all sent and
 	// resetting the backend's stream (backendConn.endAnsweredEarly).
