@@ -357,15 +357,14 @@ func (cc *callCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (cc *callCollector) Collect(ch chan<- prometheus.Metric) {
 	for addr, b := range *cc.m.backends.Load() {
-		ch <- prometheus.MustNewConstMetric(cc.started, prometheus.CounterValue, float64(b.started.Load()), addr)
-		ch <- prometheus.MustNewConstMetric(cc.inflight, prometheus.GaugeValue, float64(b.inflight.Load()), addr)
-		ch <- prometheus.MustNewConstMetric(cc.reqBytes, prometheus.CounterValue, float64(b.reqBytes.Load()), addr)
-		ch <- prometheus.MustNewConstMetric(cc.respBytes, prometheus.CounterValue, float64(b.respBytes.Load()), addr)
+		// The ends first, the starts after: a call is counted started
+		// before it can end, so a scrape never shows more calls finished
+		// (or timed) than started, however calls go on meanwhile.
 		for code := range b.finished {
 			ch <- prometheus.MustNewConstMetric(cc.finished, prometheus.CounterValue, float64(b.finished[code].Load()), addr, codeNames[code])
 		}
 		// The count is the buckets' own total, read once each, so that
-		// no bucket exceeds it however calls end during the scrape.
+		// no bucket exceeds it.
 		buckets := make(map[float64]uint64, len(durationBounds))
 		var n uint64
 		for i, bound := range durationBounds {
@@ -374,6 +373,10 @@ func (cc *callCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		n += b.durCounts[len(durationBounds)].Load()
 		ch <- prometheus.MustNewConstHistogram(cc.duration, n, float64(b.durSumNs.Load())/1e9, buckets, addr)
+		ch <- prometheus.MustNewConstMetric(cc.inflight, prometheus.GaugeValue, float64(b.inflight.Load()), addr)
+		ch <- prometheus.MustNewConstMetric(cc.started, prometheus.CounterValue, float64(b.started.Load()), addr)
+		ch <- prometheus.MustNewConstMetric(cc.reqBytes, prometheus.CounterValue, float64(b.reqBytes.Load()), addr)
+		ch <- prometheus.MustNewConstMetric(cc.respBytes, prometheus.CounterValue, float64(b.respBytes.Load()), addr)
 	}
 }
 

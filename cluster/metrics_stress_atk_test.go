@@ -79,6 +79,36 @@ func checkExposition(fams map[string]*dto.MetricFamily) []string {
 			}
 		}
 	}
+	// No backend has more calls ended, by code or timed, than started.
+	backendOf := func(m *dto.Metric) string {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == "backend" {
+				return l.GetValue()
+			}
+		}
+		return ""
+	}
+	started, ended, timed := map[string]float64{}, map[string]float64{}, map[string]float64{}
+	if f := fams["streamlb_calls_started_total"]; f != nil {
+		for _, m := range f.GetMetric() {
+			started[backendOf(m)] = m.GetCounter().GetValue()
+		}
+	}
+	if f := fams["streamlb_calls_finished_total"]; f != nil {
+		for _, m := range f.GetMetric() {
+			ended[backendOf(m)] += m.GetCounter().GetValue()
+		}
+	}
+	if f := fams["streamlb_call_duration_seconds"]; f != nil {
+		for _, m := range f.GetMetric() {
+			timed[backendOf(m)] = float64(m.GetHistogram().GetSampleCount())
+		}
+	}
+	for b, n := range ended {
+		if n > started[b] || timed[b] > started[b] {
+			bad = append(bad, fmt.Sprintf("backend %s: %v calls finished and %v timed, %v started", b, n, timed[b], started[b]))
+		}
+	}
 	return bad
 }
 
