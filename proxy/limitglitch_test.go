@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -206,96 +205,4 @@ func TestGoodClientManySmallMessages(t *testing.T) {
 	if n := dials.Load(); n != 1 {
 		t.Errorf("the client dialed the proxy %d times, want once: the proxy cut its connection", n)
 	}
-}
-
-// TestGoAwayReachesSlowReader: a client whose connection ends in a
-// connection error (here the glitch budget, spent on header lists over
-// the limit) while it is still sending, and that reads the proxy's
-// answers slowly (a 4 KiB receive buffer, 25 KB/s), still gets the GOAWAY
-// that says why. It takes the proxy's writer more than a second to get
-// through the answers queued before it. Before, the reader gave the
-// writer a second, then closed the socket with the client's frames unread,
-// so the kernel answered with a TCP RST and dropped what the client had
-// not taken yet: the client saw "connection reset by peer" and no GOAWAY.
-// The reader now waits while the writer makes progress, reading and
-// dropping what the client sends (transport.drainAfterError).
-func TestGoAwayReachesSlowReader(t *testing.T) {
-	verifyNoLeaks(t)
-	const call = "/grpc.testing.TestService/UnaryCall"
-	huge := []string{testserver.MetadataHang, "1"}
-	for range 70 {
-		huge = append(huge, "x-a", strings.Repeat("v", 1000))
-	}
-	// The linger after the GOAWAY is long enough for the slow client
-	// to read up to it on a loaded machine; what comes after it, the
-	// proxy's close, resets a client still sending.
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.ShutdownLinger = 10 * time.Second }})
-	r := dialRaw(t, e.addr)
-	if err := r.nc.(*net.TCPConn).SetReadBuffer(4 << 10); err != nil {
-		t.Fatal(err)
-	}
-	r.nc.SetReadDeadline(time.Now().Add(30 * time.Second))
-	r.fr = http2.NewFramer(r.nc, bufio.NewReader(&pacedReader{r: r.nc, n: 256, every: 10 * time.Millisecond}))
-	r.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	w := newReqWriter(r)
-	start := time.Now()
-	sent := r.flood(4096, func(i int) error { return w.write(uint32(2*i+1), call, huge...) })
-	g := r.awaitGoAway()
-	r.nc.Close()
-	<-sent
-	if g == nil || g.ErrCode != http2.ErrCodeEnhanceYourCalm {
-		t.Fatalf("got GOAWAY %+v after %v, want ENHANCE_YOUR_CALM", g, time.Since(start))
-	}
-	t.Logf("GOAWAY (last stream %d) read after %v", g.LastStreamID, time.Since(start))
-}
-
-// pacedReader reads at most n bytes per every.
-type pacedReader struct {
-	r     io.Reader
-	n     int
-	every time.Duration
-}
-
-func (p *pacedReader) Read(b []byte) (int, error) {
-	time.Sleep(p.every)
-	return p.r.Read(b[:min(len(b), p.n)])
-}
-
-// TestConnErrorNonReaderClosed: a client that does not read, with
-// streams of responses queued toward it, then makes a connection error:
-// the proxy closes it within a couple of seconds, although its reader
-// now goes on draining the client's bytes after the error
-// (drainAfterError): once the writer has written the GOAWAY into the
-// socket's buffer, at the end of its linger (ShutdownLinger); if it is
-// stuck in a write, once the write moved no byte for a second; never
-// at drainAfterError's ten-second bound.
-func TestConnErrorNonReaderClosed(t *testing.T) {
-	verifyNoLeaks(t)
-	addr := rawStreamServer(t)
-	srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln := serveProxy(t, srv)
-	ctx := testkit.Context(t, 30*time.Second)
-	r := dialTiny(t, ln.Addr().String())
-	const streams = 8
-	for i := range streams {
-		id := uint32(2*i + 1)
-		r.headers(id, "/x.Y/Z", false)
-		r.fr.WriteData(id, true, streamRequest(uint32(i), 4000, 16379, 8000, 5000))
-	}
-	testkit.WaitFor(ctx, t, "a blocked writer", func() bool { return srv.MaxBufferedBytes() > 100_000 })
-	// A WINDOW_UPDATE of 0 on the connection: a connection error
-	// PROTOCOL_ERROR (RFC 9113 §6.9).
-	r.fr.AllowIllegalWrites = true
-	if err := r.fr.WriteWindowUpdate(0, 0); err != nil {
-		t.Fatal(err)
-	}
-	start := time.Now()
-	testkit.WaitFor(ctx, t, "the connection to close", func() bool { return srv.ClientConns() == 0 })
-	if d := time.Since(start); d > 6*time.Second {
-		t.Errorf("closed %v after the connection error", d)
-	}
-	t.Logf("closed %v after the connection error", time.Since(start))
 }
