@@ -376,7 +376,11 @@ type transport struct {
 	closed         bool
 	closeErr       error
 	drainAndClose  bool // writer exits once everything queued is written
-	fatal          bool // connection error: the writer exits once its GOAWAY is written
+	// fatal: a connection error. The writer writes its GOAWAY first (a
+	// control frame), then what the streams still have queued, and
+	// exits when nothing is left; once abandon is set it drops the
+	// streams' frames instead (serverConn.drainAfterError).
+	fatal bool
 	// abandon is set after a connection error whose writer took too long
 	// to finish (serverConn.drainAfterError): it writes what control
 	// frames are queued (the GOAWAY among them), none of the streams'
