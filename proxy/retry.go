@@ -187,8 +187,8 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 					h(addr)
 				}
 				bc.watchQueue(a, c.srv.cfg.BackendPendingTimeout)
-			} else {
-				s.waitEnd.Store(0) // not waiting
+			} else if s.waitEnd.Load() != 0 {
+				s.waitEnd.Store(0) // not waiting; a load, not a store, per call
 			}
 			if s.attempts <= s.maxRetries {
 				// Only a call that may still go elsewhere gives up on a

@@ -162,9 +162,10 @@ type stream struct {
 	// waitEnd bounds the call's wait for a backend slot over every
 	// connection the queue moves it to (pool.queueLocked,
 	// Config.BackendPendingTimeout), in monoNow's time; zero while it
-	// has not waited since it last got a slot. Set under cc.mu
-	// (startAttemptLocked), cleared under the backend's mu when a wait
-	// ends with a slot (openLocked).
+	// has not waited since it last got a slot. Set when a wait is
+	// bounded (watchQueue), cleared when an attempt starts without
+	// waiting (startAttemptLocked) or a wait ends with a slot
+	// (openLocked, watchQueue).
 	waitEnd atomic.Int64
 }
 

@@ -48,13 +48,13 @@ var sdbg struct {
 	next  int
 }
 
-// debugReleaseStream is the end of a stream's last reference in the
-// checking mode.
 // sdbgLive counts the streams made and not yet released, in the
 // streamdebug build: tests check that none is held past its call
 // (LiveStreams in export_test.go).
 var sdbgLive atomic.Int64
 
+// debugReleaseStream is the end of a stream's last reference in the
+// checking mode.
 func debugReleaseStream(s *stream) {
 	sdbgLive.Add(-1)
 	stack := string(debug.Stack())
