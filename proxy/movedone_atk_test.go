@@ -123,9 +123,7 @@ func TestMovedFirstWaiterDoneOnce(t *testing.T) {
 	if p, d := pk.picks.Load(), pk.dones.Load(); p != d {
 		t.Errorf("picks %d, dones %d: want one done per pick", p, d)
 	}
-	if n := proxy.UnsettledStreams() - unsettled; n != 0 {
-		t.Errorf("%d streams lost their last reference while in use", n)
-	}
+	checkSettled(t, unsettled)
 	if _, counted := proxy.LiveStreams(); counted {
 		testkit.WaitFor(ctx, t, "no stream held past its call", func() bool { n, _ := proxy.LiveStreams(); return n == live0 })
 	}
@@ -274,9 +272,7 @@ func TestWaitersChurnDoneOnce(t *testing.T) {
 	if p, d := pk.picks.Load(), pk.dones.Load(); p != d {
 		t.Errorf("picks %d, dones %d: want one done per pick", p, d)
 	}
-	if n := proxy.UnsettledStreams() - unsettled; n != 0 {
-		t.Errorf("%d streams lost their last reference while in use", n)
-	}
+	checkSettled(t, unsettled)
 	if _, counted := proxy.LiveStreams(); counted {
 		testkit.WaitFor(ctx, t, "no stream held past its call", func() bool { n, _ := proxy.LiveStreams(); return n == live0 })
 	}
@@ -332,9 +328,7 @@ func TestWaitersAtCloseDoneOnce(t *testing.T) {
 			if p, d := pk.picks.Load(), pk.dones.Load(); p != d {
 				t.Errorf("picks %d, dones %d: want one done per pick", p, d)
 			}
-			if n := proxy.UnsettledStreams() - unsettled; n != 0 {
-				t.Errorf("%d streams lost their last reference while in use", n)
-			}
+			checkSettled(t, unsettled)
 		})
 	}
 }

@@ -59,11 +59,7 @@ func hangOn(ctx context.Context, t *testing.T, e *env, ts *testserver.Server) (c
 // BackendPendingTimeout passes while it still carries its long calls).
 func TestWaitingCallLeavesRemovedBackend(t *testing.T) {
 	unsettled := proxy.UnsettledStreams()
-	defer func() {
-		if n := proxy.UnsettledStreams() - unsettled; n != 0 {
-			t.Errorf("%d streams lost their last reference while in use", n)
-		}
-	}()
+	defer checkSettled(t, unsettled)
 	verifyNoLeaks(t)
 	e := oneSlotEnv(t, 2, 2*time.Second, nil)
 	srv := e.srv.(*proxy.Server)
@@ -107,11 +103,7 @@ func TestWaitingCallLeavesRemovedBackend(t *testing.T) {
 // free slot, and failed UNAVAILABLE at BackendPendingTimeout.
 func TestWaitingCallTakesSiblingSlot(t *testing.T) {
 	unsettled := proxy.UnsettledStreams()
-	defer func() {
-		if n := proxy.UnsettledStreams() - unsettled; n != 0 {
-			t.Errorf("%d streams lost their last reference while in use", n)
-		}
-	}()
+	defer checkSettled(t, unsettled)
 	verifyNoLeaks(t)
 	e := oneSlotEnv(t, 1, time.Second, func(c *proxy.Config) { c.MaxBackendConns = 2 })
 	srv := e.srv.(*proxy.Server)
@@ -406,9 +398,7 @@ func TestWaitingUploadsDoNotStallConnection(t *testing.T) {
 	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 		t.Errorf("call after: %v", err)
 	}
-	if n := proxy.UnsettledStreams() - unsettled; n != 0 {
-		t.Errorf("%d streams lost their last reference while in use", n)
-	}
+	checkSettled(t, unsettled)
 }
 
 func drainErrs(errs <-chan error) []error {
@@ -471,11 +461,7 @@ func TestWaitingCallsAtShutdown(t *testing.T) {
 // long call (and fail at BackendPendingTimeout).
 func TestWaitingCallLeavesRetiredUpstream(t *testing.T) {
 	unsettled := proxy.UnsettledStreams()
-	defer func() {
-		if n := proxy.UnsettledStreams() - unsettled; n != 0 {
-			t.Errorf("%d streams lost their last reference while in use", n)
-		}
-	}()
+	defer checkSettled(t, unsettled)
 	verifyNoLeaks(t)
 	var dialsA, dialsB atomic.Int64
 	upA := countingUpstream(t, "a", &dialsA)

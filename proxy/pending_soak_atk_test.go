@@ -178,9 +178,7 @@ func testWaitQueueChurn(t *testing.T, perBackend int64, conns int) {
 	if err := <-res; err != nil {
 		t.Errorf("waiting call after the churn: %v", err)
 	}
-	if n := proxy.UnsettledStreams() - unsettled; n != 0 {
-		t.Errorf("%d streams lost their last reference while in use", n)
-	}
+	checkSettled(t, unsettled)
 }
 
 // oneChurnCall makes one call of a random shape and returns its code, and

@@ -224,6 +224,13 @@ func TestPendingCallTimesOut(t *testing.T) {
 	}
 	// Each stream's references, the wait's (pending list, queue timer)
 	// among them, were given back in step with its use.
+	checkSettled(t, unsettled)
+}
+
+// checkSettled fails t if a stream lost its last reference while still
+// in use (proxy.UnsettledStreams) since the count was unsettled.
+func checkSettled(t *testing.T, unsettled int64) {
+	t.Helper()
 	if n := proxy.UnsettledStreams() - unsettled; n != 0 {
 		t.Errorf("%d streams lost their last reference while still in use", n)
 	}
