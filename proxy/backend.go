@@ -105,8 +105,9 @@ func newBackendConn(p *pool, k poolKey) *backendConn {
 // initial value is "unlimited"; we assume 100, the smallest limit RFC 9113
 // §6.5.2 recommends, so a new connection never takes more streams than a
 // well-behaved server accepts. Streams beyond a lower advertised limit wait
-// for a slot on this connection (at most 100 of them); later streams go to
-// another connection, which assumes the limit its siblings learned.
+// for a slot on this connection (at most 100 of them), as waiting calls
+// do, bounded by BackendPendingTimeout (overLimitLocked); later streams go
+// to another connection, which assumes the limit its siblings learned.
 func (b *backendConn) capLocked() uint32 {
 	c := b.pool.srv.cfg.BackendStreamsPerConn
 	peer := b.assumedMax

@@ -55,6 +55,8 @@ func (b *backendConn) onPeerSettings() {
 			}
 			b.unlinkLocked(a)
 		}
+	} else {
+		moved = b.overLimitLocked()
 	}
 	open := len(b.streams)
 	b.mu.Unlock()
@@ -69,11 +71,65 @@ func (b *backendConn) onPeerSettings() {
 	} else if changed {
 		b.log.Debug("backend raised SETTINGS_MAX_CONCURRENT_STREAMS from 0; it takes calls again")
 	}
+	f := failure{kind: failNoStreams, backend: b.addr}
+	if !zero {
+		f = failure{kind: failBackendConns, backend: b.addr, limit: int64(b.pool.srv.cfg.MaxBackendConns)}
+	}
 	for _, a := range moved {
 		s := a.s
-		s.cc.retryOrFail(a, true, failure{kind: failNoStreams, backend: b.addr})
+		s.cc.retryOrFail(a, true, f)
 		s.unref() // moved's
 	}
+}
+
+// overLimitLocked deals with the attempts pending on b that the
+// backend's SETTINGS_MAX_CONCURRENT_STREAMS, just applied, leaves no slot
+// for: slots were reserved on an assumed limit before the backend's first
+// SETTINGS (capLocked), or the backend lowered its limit. openLocked
+// opens pending attempts in order while slots are free; those past the
+// free slots wait for a slot as calls at the connection cap do
+// (queueLocked): counted as waiting and bounded by
+// Config.BackendPendingTimeout (watchQueue), not left waiting for as long
+// as the backend's long calls run; they may take the backend past
+// MaxBackendPending, by at most the slots reserved over the limit. With
+// the wait queue off (MaxBackendPending negative) they are returned, to go elsewhere as
+// transparent retries (they never reached the backend), with their
+// pending list's references. Caller must hold mu.
+func (b *backendConn) overLimitLocked() (moved []*attempt) {
+	free := 0
+	if c, n := b.capLocked(), uint32(len(b.streams)); n < c {
+		free = int(c - n)
+	}
+	cfg := &b.pool.srv.cfg
+	for i := 0; i < len(b.pending); i++ {
+		a := b.pending[i]
+		if a.bClosed {
+			continue
+		}
+		if free > 0 {
+			free--
+			continue
+		}
+		if a.queued {
+			continue // it waits already, within its bound
+		}
+		if a.hsTimer != nil && a.hsTimer.Stop() {
+			a.s.unref() // the handshake timer's: the handshake is done
+		}
+		a.hsTimer = nil
+		if cfg.MaxBackendPending <= 0 {
+			b.pending = slices.Delete(b.pending, i, i+1) // pending's reference goes to moved
+			i--
+			b.unlinkLocked(a)
+			moved = append(moved, a)
+			continue
+		}
+		a.queued = true
+		b.queued++
+		b.keyWaiting.Add(1)
+		b.armQueueLocked(a, cfg.BackendPendingTimeout)
+	}
+	return moved
 }
 
 // noStreamsLocked reports whether the backend of k advertised
@@ -393,6 +449,14 @@ func (b *backendConn) watchQueue(a *attempt, limit time.Duration) {
 		s.waitEnd.Store(0) // it got a slot
 		return
 	}
+	b.armQueueLocked(a, limit)
+}
+
+// armQueueLocked arms the bound of a's wait for a slot on b: what is left
+// of limit over all the call's waits (stream.waitEnd). Caller must hold
+// mu; a is queued and its hsTimer free.
+func (b *backendConn) armQueueLocked(a *attempt, limit time.Duration) {
+	s := a.s
 	now := monoNow()
 	end := time.Duration(s.waitEnd.Load())
 	if end == 0 {

@@ -224,8 +224,13 @@ type Config struct {
 	// does not get one within BackendPendingTimeout fails with
 	// UNAVAILABLE, not retried (the backends were full), as does a call
 	// that finds the queues full; its deadline, route timeout and the
-	// client's cancel end the wait too. Zero means
-	// DefaultMaxBackendPending, negative none wait.
+	// client's cancel end the wait too. Calls that took a slot a
+	// connection's backend then has no room for (reserved on the assumed
+	// limit before its first SETTINGS, or before it lowered
+	// SETTINGS_MAX_CONCURRENT_STREAMS) wait on it the same way, counted
+	// and bounded alike, even past this cap. Zero means
+	// DefaultMaxBackendPending, negative none wait (those calls then go
+	// to another backend, as transparent retries).
 	MaxBackendPending int
 	// BackendPendingTimeout bounds that wait. Zero or negative means
 	// DefaultBackendPendingTimeout.

@@ -27,12 +27,18 @@ type settingsBackend struct {
 	mu   sync.Mutex
 	fr   *http2.Framer
 	held []uint32
+	// gate, when set, holds back the backend's SETTINGS until closed:
+	// the proxy's calls wait for its handshake meanwhile.
+	gate <-chan struct{}
 }
 
 func (b *settingsBackend) serve(nc net.Conn) {
 	s, err := acceptH2(nc)
 	if err != nil {
 		return
+	}
+	if b.gate != nil {
+		<-b.gate
 	}
 	s.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	b.mu.Lock()
