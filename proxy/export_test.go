@@ -19,6 +19,19 @@ func (s *Server) MaxBufferedBytes() int64 {
 	return s.maxOverConns(func(c *serverConn) int64 { return c.bufs.used.Load() })
 }
 
+// AnyWindowWithheld reports whether a client connection withholds its
+// connection window for its buffer budget, for tests.
+func (s *Server) AnyWindowWithheld() bool {
+	return s.maxOverConns(func(c *serverConn) int64 {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.withheld {
+			return 1
+		}
+		return 0
+	}) > 0
+}
+
 // MaxHeldBytes reports the largest count of request bytes held by any of
 // its client connections now, for tests.
 func (s *Server) MaxHeldBytes() int64 {
