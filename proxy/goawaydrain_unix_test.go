@@ -4,8 +4,11 @@ package proxy_test
 
 import (
 	"bufio"
+	"bytes"
+	"errors"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -108,4 +111,120 @@ func TestConnErrorNonReaderClosed(t *testing.T) {
 		t.Errorf("closed %v after the connection error", d)
 	}
 	t.Logf("closed %v after the connection error", time.Since(start))
+}
+
+// TestConnErrorStuckWriterClosed is drainAfterError's stuck-write path on
+// its own: a client that does not read (a 4 KiB receive buffer), with
+// responses queued toward it, blocks the proxy's writer in a socket write;
+// it then makes a connection error, so the GOAWAY is queued behind that
+// write and can never be written, and goes on sending (a PING every few
+// milliseconds: the reader's drain always has bytes to read). Nothing but
+// the stuck-write judgement can end the connection soon: the write
+// timeout is off, the linger a minute, and goAwayMaxWait (10 s) is the
+// bound it must beat. The proxy must close the connection after one or two
+// goAwayWait (1 s) of a write that moved no byte, well within
+// goAwayMaxWait; its writer goroutine must be gone once it did, and the
+// client, reading at last, must find the socket closed (EOF or reset, not
+// a read that waits).
+func TestConnErrorStuckWriterClosed(t *testing.T) {
+	verifyNoLeaks(t)
+	addr := rawStreamServer(t)
+	srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog,
+		WriteTimeout: -1, ShutdownLinger: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := serveProxy(t, srv)
+	ctx := testkit.Context(t, 40*time.Second)
+	writers0, _ := goroutinesIn(writerFrame) // left by earlier tests, if any
+	r := dialTiny(t, ln.Addr().String())
+	r.nc.SetDeadline(time.Now().Add(40 * time.Second))
+	const streams = 8
+	for i := range streams {
+		id := uint32(2*i + 1)
+		r.headers(id, "/x.Y/Z", false)
+		r.fr.WriteData(id, true, streamRequest(uint32(i), 4000, 16379, 8000, 5000))
+	}
+	// Until the writer waits for the socket to take more: the client
+	// never reads, so it waits for good, and what it queues next, the
+	// GOAWAY among it, is never written. (Data queued on the streams is
+	// not enough: a writer between writes, with room in the socket,
+	// writes the GOAWAY and lingers, ShutdownLinger.)
+	testkit.WaitFor(ctx, t, "the writer blocked in a socket write", func() bool {
+		return srv.MaxBufferedBytes() > 100_000 && writersWaitingToWrite() > 0
+	})
+	if w, _ := goroutinesIn(writerFrame); w <= writers0 {
+		t.Fatalf("%d writer goroutines with a writer blocked, %d before the client came", w, writers0)
+	}
+	// A WINDOW_UPDATE of 0 on the connection: a connection error
+	// PROTOCOL_ERROR (RFC 9113 §6.9).
+	r.fr.AllowIllegalWrites = true
+	if err := r.fr.WriteWindowUpdate(0, 0); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	stop := make(chan struct{})
+	pinged := make(chan int, 1)
+	go func() {
+		n := 0
+		defer func() { pinged <- n }()
+		tk := time.NewTicker(5 * time.Millisecond)
+		defer tk.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tk.C:
+			}
+			if r.fr.WritePing(false, [8]byte{byte(n)}) != nil {
+				return // the proxy closed the connection
+			}
+			n++
+		}
+	}()
+	testkit.WaitFor(ctx, t, "the connection to close", func() bool { return srv.ClientConns() == 0 })
+	closed := time.Since(start)
+	close(stop)
+	n := <-pinged
+	t.Logf("closed %v after the connection error; %d PINGs sent meanwhile", closed, n)
+	// Stuck from the first look: closed at the second, after goAwayWait;
+	// at the third if the writer only blocked after the first. 5 s leaves
+	// room for a loaded race build and is half of goAwayMaxWait.
+	if closed > 5*time.Second {
+		t.Errorf("closed %v after the connection error, want the stuck write judged within 2 x goAwayWait (1 s), long before goAwayMaxWait (10 s)", closed)
+	}
+	testkit.WaitFor(ctx, t, "the writer goroutine to exit", func() bool {
+		w, _ := goroutinesIn(writerFrame)
+		return w <= writers0
+	})
+	// The socket is closed: what the proxy's kernel still had for the
+	// client comes, then the end, or a reset (our PINGs were unread).
+	r.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.Copy(io.Discard, r.nc)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("connection still open after the proxy ended it (%d bytes read): %v", got, err)
+	}
+	t.Logf("read %d bytes, then %v", got, err)
+}
+
+// writersWaitingToWrite counts the client connections' writer goroutines
+// that wait in the netpoller for their socket to take more bytes.
+func writersWaitingToWrite() int {
+	buf := make([]byte, 1<<20)
+	for {
+		k := runtime.Stack(buf, true)
+		if k < len(buf) {
+			buf = buf[:k]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	n := 0
+	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+		if bytes.Contains(g, []byte(writerFrame)) && bytes.Contains(g, []byte("waitWrite")) {
+			n++
+		}
+	}
+	return n
 }
