@@ -320,17 +320,36 @@ func (c *connWriter) sockWrite(begin bool) {
 	c.inWrite.Store(begin)
 }
 
-// progressWriter is a connWriter's socket where it is not a rawSock.
+// progressWriter is a connWriter's socket where it is not a rawSock: TLS,
+// a wrapper, any socket off Linux. It hands the socket at most
+// progressChunk bytes per Write, so that progress moves with the bytes,
+// as a rawSock's does with each system call that moved some: a Write of
+// the whole 64 KiB buffer ticked once, and to a client reading it at 50
+// KB/s it took over a second, so that drainAfterError took the writer
+// for stuck on a client that does not read, closed the connection, and
+// the client lost the GOAWAY (TestGoAwayReachesSlowReaderStreams, "opaque").
+// 16 KiB is a whole TLS record (crypto/tls writes each record to the
+// socket on its own anyway); a client reading at least that much per
+// goAwayWait is never taken for one that does not read.
 type progressWriter struct {
 	w io.Writer
 	c *connWriter
 }
 
+const progressChunk = 16 << 10
+
 func (p progressWriter) Write(b []byte) (int, error) {
-	p.c.sockWrite(true)
-	n, err := p.w.Write(b)
-	p.c.sockWrite(false)
-	return n, err
+	n := 0
+	for {
+		k := min(len(b)-n, progressChunk)
+		p.c.sockWrite(true)
+		m, err := p.w.Write(b[n : n+k])
+		p.c.sockWrite(false)
+		n += m
+		if err != nil || n == len(b) {
+			return n, err
+		}
+	}
 }
 
 // bufRef is a pooled DATA buffer and the budget it counts in.

@@ -127,6 +127,18 @@ func TestConnErrorNonReaderClosed(t *testing.T) {
 // client, reading at last, must find the socket closed (EOF or reset, not
 // a read that waits).
 func TestConnErrorStuckWriterClosed(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		opaque bool
+	}{{"plain", false}, {"opaque", true}} {
+		t.Run(tc.name, func(t *testing.T) { testConnErrorStuckWriterClosed(t, tc.opaque) })
+	}
+}
+
+// testConnErrorStuckWriterClosed is TestConnErrorStuckWriterClosed on a
+// socket the proxy's writer writes with raw system calls, or, opaque, on
+// one it writes through progressWriter.
+func testConnErrorStuckWriterClosed(t *testing.T, opaque bool) {
 	verifyNoLeaks(t)
 	addr := rawStreamServer(t)
 	srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog,
@@ -134,7 +146,11 @@ func TestConnErrorStuckWriterClosed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln := serveProxy(t, srv)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveOn(t, srv, sockListener{ln, 0, opaque})
 	ctx := testkit.Context(t, 40*time.Second)
 	writers0, _ := goroutinesIn(writerFrame) // left by earlier tests, if any
 	r := dialTiny(t, ln.Addr().String())
@@ -227,4 +243,93 @@ func writersWaitingToWrite() int {
 		}
 	}
 	return n
+}
+
+// TestGoAwayReachesSlowReaderStreams: a client that stopped reading, with
+// the proxy's writer blocked in a write of stream data toward it, makes a
+// connection error and then reads again, slowly (50 KB/s, a 4 KiB
+// receive buffer; the proxy's send buffer is 8 KiB, so what is in flight
+// is mostly in the writer's hands). It must get the GOAWAY, on a plain
+// socket and on one the writer cannot write with raw system calls (TLS,
+// and every platform but Linux, write through progressWriter). There a
+// Write of the whole 64 KiB buffer counted as one step of progress, took
+// more than a second at that pace, and drainAfterError took the writer
+// for stuck on a client that does not read: it closed the connection
+// before the GOAWAY went (3 runs of 4 failed, "unexpected EOF").
+func TestGoAwayReachesSlowReaderStreams(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		opaque bool
+	}{{"plain", false}, {"opaque", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			verifyNoLeaks(t)
+			addr := rawStreamServer(t)
+			srv, err := proxy.New(proxy.Config{Picker: pickerTo(addr), Logger: quietLog, ShutdownLinger: 10 * time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			serveOn(t, srv, sockListener{ln, 8 << 10, tc.opaque})
+			ctx := testkit.Context(t, 30*time.Second)
+			r := dialTiny(t, ln.Addr().String())
+			for i := range 4 {
+				id := uint32(2*i + 1)
+				r.headers(id, "/x.Y/Z", false)
+				r.fr.WriteData(id, true, streamRequest(uint32(i), 4000, 16379, 8000, 5000))
+			}
+			testkit.WaitFor(ctx, t, "the writer blocked in a socket write", func() bool {
+				return srv.MaxBufferedBytes() > 10_000 && writersWaitingToWrite() > 0
+			})
+			// A WINDOW_UPDATE of 0 on the connection: a connection
+			// error PROTOCOL_ERROR (RFC 9113 §6.9).
+			r.fr.AllowIllegalWrites = true
+			if err := r.fr.WriteWindowUpdate(0, 0); err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			r.fr = http2.NewFramer(r.nc, bufio.NewReader(&pacedReader{r: r.nc, n: 256, every: 5 * time.Millisecond}))
+			r.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+			r.fr.MaxHeaderListSize = 1 << 20
+			for n := 0; ; n++ {
+				f, err := r.fr.ReadFrame()
+				if err != nil {
+					t.Fatalf("read %d frames, then %v, %v after the connection error: no GOAWAY", n, err, time.Since(start))
+				}
+				if g, ok := f.(*http2.GoAwayFrame); ok {
+					if g.ErrCode != http2.ErrCodeProtocol {
+						t.Errorf("GOAWAY %v, want PROTOCOL_ERROR", g.ErrCode)
+					}
+					t.Logf("GOAWAY after %d frames, %v after the connection error", n, time.Since(start))
+					return
+				}
+			}
+		})
+	}
+}
+
+// sockListener gives the connections it accepts a send buffer of sendBuf
+// bytes (0: the kernel's) and, if opaque is set, hides their socket from
+// the proxy (opaqueConn), whose writer then writes them through
+// progressWriter, as it writes TLS and every socket off Linux.
+type sockListener struct {
+	net.Listener
+	sendBuf int
+	opaque  bool
+}
+
+func (l sockListener) Accept() (net.Conn, error) {
+	nc, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	if l.sendBuf > 0 {
+		nc.(*net.TCPConn).SetWriteBuffer(l.sendBuf)
+	}
+	if l.opaque {
+		return opaqueConn{nc}, nil
+	}
+	return nc, nil
 }
