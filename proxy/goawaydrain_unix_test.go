@@ -81,7 +81,12 @@ func (p *pacedReader) Read(b []byte) (int, error) {
 // (drainAfterError): once the writer has written the GOAWAY into the
 // socket's buffer, at the end of its linger (ShutdownLinger); if it is
 // stuck in a write, once the write moved no byte for a second; never
-// at drainAfterError's ten-second bound.
+// at drainAfterError's ten-second bound. Which of the two it takes
+// depends on where the writer is at the error: in runs measured it was
+// between writes, wrote the GOAWAY and closed at the end of its 1 s
+// linger, also with the stuck-write judgement disabled;
+// TestConnErrorStuckWriterClosed waits for a blocked write and tests
+// that judgement alone.
 func TestConnErrorNonReaderClosed(t *testing.T) {
 	verifyNoLeaks(t)
 	addr := rawStreamServer(t)
