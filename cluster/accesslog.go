@@ -2,12 +2,14 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/streamlb/streamlb/proxy"
@@ -42,7 +44,8 @@ func OpenAccessLog(path, format string, stderr io.Writer) (*AccessLog, error) {
 		if err != nil {
 			return nil, err
 		}
-		file = &logFile{path: path, f: f}
+		file = &logFile{path: path}
+		file.f.Store(f)
 		w = file
 	}
 	var h slog.Handler
@@ -99,9 +102,18 @@ func (a *AccessLog) Reopen() error {
 type logFile struct {
 	path string
 
+	// f is the file lines go to; nil once closed. Write loads it and
+	// writes without a lock, so a write that blocks (a FIFO nobody
+	// reads, a hung disk) holds up neither a reopen nor Close: Write held
+	// a mutex while it wrote, so a SIGHUP (and the configuration reload
+	// after it) and the shutdown's Close waited behind it for ever.
+	// os.File keeps a descriptor open until the writes in progress on
+	// it are done, so a line being written while a reopen closes its
+	// file still goes whole to that file, as before; Close wakes a write
+	// blocked on a FIFO.
+	f atomic.Pointer[os.File]
+	// mu orders reopen and Close, never held while writing.
 	mu sync.Mutex
-	// mu guards f; Write holds it while it writes.
-	f *os.File // nil once closed
 }
 
 // openLogFile opens path for appending. O_NONBLOCK makes the open of a
@@ -118,15 +130,24 @@ func openLogFile(path string) (*os.File, error) {
 }
 
 func (l *logFile) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.f == nil {
-		return 0, os.ErrClosed
+	written := 0
+	for {
+		f := l.f.Load()
+		if f == nil {
+			return written, os.ErrClosed
+		}
+		n, err := f.Write(p[written:])
+		written += n
+		if err != nil && errors.Is(err, os.ErrClosed) && l.f.Load() != f && l.f.Load() != nil {
+			// Reopened between the load and the write: the rest of
+			// the line goes to the new file.
+			continue
+		}
+		return written, err
 	}
-	return l.f.Write(p)
 }
 
-// reopen opens path (outside mu, so a slow open holds up no line), swaps
+// reopen opens path (outside mu, so a slow open holds up nothing), swaps
 // the new file in and closes the old one.
 func (l *logFile) reopen() error {
 	f, err := openLogFile(l.path)
@@ -134,27 +155,27 @@ func (l *logFile) reopen() error {
 		return err
 	}
 	l.mu.Lock()
-	old := l.f
+	old := l.f.Load()
 	if old == nil { // closed meanwhile
 		l.mu.Unlock()
 		f.Close()
 		return nil
 	}
-	l.f = f
+	l.f.Store(f)
 	l.mu.Unlock()
 	return old.Close()
 }
 
-// Close closes the file; later Writes fail with os.ErrClosed.
+// Close closes the file; later Writes fail with os.ErrClosed, and so
+// does one blocked on a FIFO.
 func (l *logFile) Close() error {
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.f == nil {
+	old := l.f.Swap(nil)
+	l.mu.Unlock()
+	if old == nil {
 		return nil
 	}
-	err := l.f.Close()
-	l.f = nil
-	return err
+	return old.Close()
 }
 
 // callEnd writes ci's line.

@@ -256,10 +256,11 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			}
 		}
 	case EngineGRPCProxy:
-		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, OnCallEnd: s.callEndHook(),
+		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger,
 			MaxConnections: pc.MaxConnections, MaxConcurrentStreams: pc.MaxConcurrentStreams, MaxHeaderListSize: pc.MaxHeaderListSize,
 			MaxMessageSize: cfg.MaxMessageSize, PrefaceTimeout: pc.PrefaceTimeout, IdleTimeout: pc.IdleTimeout,
 			MaxResponseHeaderListSize: pc.MaxResponseHeaderListSize}
+		rc.CountCallEnd, rc.OnCallEnd = s.callEndHooks()
 		if btls != nil {
 			rc.Credentials = btls.credentials()
 		}
@@ -285,8 +286,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 
 // callEndHooks are the data plane's call-end hooks: count, the metrics
 // counted per call, which only adds to counters and so runs inline
-// (proxy.Config.CountCallEnd), and log, the access log, which writes and
-// so is delivered on the data plane's own goroutine (OnCallEnd). Each is
+// (proxy.Config.CountCallEnd, ReferenceConfig.CountCallEnd), and log, the
+// access log, which writes and so is delivered on the data plane's own
+// goroutine (OnCallEnd), with either engine. Each is
 // nil when off. With a configuration file, a call is counted in the
 // cluster whose current set holds the call's backend.
 func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
@@ -331,23 +333,6 @@ func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
 		log = func(ci proxy.CallInfo) { al.callEnd(name, ci) }
 	}
 	return count, log
-}
-
-// callEndHook is both callEndHooks in one, for an engine with a single
-// hook delivered off its data path (the grpc-proxy engine's); nil when
-// neither is on.
-func (s *Server) callEndHook() func(proxy.CallInfo) {
-	count, log := s.callEndHooks()
-	switch {
-	case count == nil:
-		return log
-	case log == nil:
-		return count
-	}
-	return func(ci proxy.CallInfo) {
-		count(ci)
-		log(ci)
-	}
 }
 
 // Cluster returns the server's cluster; nil when it serves a

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"errors"
+	"log/slog"
 	"net"
 	"sync"
 	"time"
@@ -159,6 +160,7 @@ const maxPendingEnds = 1 << 16
 // relay. Calls are collected under mu and delivered in batches.
 type endQueue struct {
 	fn   func(CallInfo)
+	log  *slog.Logger  // set by start
 	wake chan struct{} // capacity 1: a coalescing "something is pending"
 	done chan struct{} // closed when deliverLoop returns
 
@@ -192,19 +194,29 @@ func (q *endQueue) push(ci CallInfo) {
 	}
 }
 
-// start starts deliverLoop once. The Server calls it from Serve.
-func (q *endQueue) start(s *Server) {
+// start starts deliverLoop once, logging to log. The Server calls it
+// from Serve.
+func (q *endQueue) start(log *slog.Logger) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.started || q.closed {
 		return
 	}
 	q.started = true
-	go q.deliverLoop(s)
+	q.log = log
+	go q.deliverLoop()
 }
 
-// stop delivers what is pending, then ends deliverLoop and waits for it.
-// The Server calls it after its connections and streams are gone.
+// endStopWait bounds how long stop waits for the hook to take the calls
+// still pending, as the process log's writer bounds its last lines.
+var endStopWait = 2 * time.Second
+
+// stop delivers what is pending, then ends deliverLoop and waits for it,
+// for up to endStopWait: a hook that blocks (an access log on a FIFO
+// nobody reads, or a hung disk) held up the shutdown for as long as it
+// blocked, so SIGTERM never ended the process. Past the wait the calls
+// not delivered yet are left to deliverLoop, which delivers them (and
+// then returns) if the hook ever returns.
 func (q *endQueue) stop() {
 	q.mu.Lock()
 	started := q.started
@@ -214,14 +226,24 @@ func (q *endQueue) stop() {
 	case q.wake <- struct{}{}:
 	default:
 	}
-	if started {
-		<-q.done
+	if !started {
+		return
+	}
+	t := time.NewTimer(endStopWait)
+	defer t.Stop()
+	select {
+	case <-q.done:
+	case <-t.C:
+		q.mu.Lock()
+		left := len(q.pending)
+		q.mu.Unlock()
+		q.log.Warn("call-end hook still busy at shutdown; not waiting for it", "waited", endStopWait, "pending", left)
 	}
 }
 
 // deliverLoop calls the hook for every queued call, in order, holding no
 // lock.
-func (q *endQueue) deliverLoop(s *Server) {
+func (q *endQueue) deliverLoop() {
 	defer close(q.done)
 	var batch []CallInfo
 	for range q.wake {
@@ -235,7 +257,7 @@ func (q *endQueue) deliverLoop(s *Server) {
 			batch[i] = CallInfo{}
 		}
 		if dropped > 0 {
-			s.log.Warn("call-end hook too slow; calls not reported", "dropped", dropped)
+			q.log.Warn("call-end hook too slow; calls not reported", "dropped", dropped)
 		}
 		if closed {
 			return

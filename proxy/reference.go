@@ -37,14 +37,20 @@ type ReferenceConfig struct {
 	// Credentials secure the connections to backends. Nil means
 	// cleartext (h2c).
 	Credentials credentials.TransportCredentials
-	// OnCallEnd, if set, is called once per call when it ended, on the
-	// call's own goroutine and under no lock. This engine fills in
+	// OnCallEnd, if set, is called once per call when it ended, on a
+	// goroutine of its own, as Config.OnCallEnd is: an access log that
+	// writes must not hold up the call (it was called on the call's own
+	// goroutine, before grpc-go sent the status, so a log whose writes
+	// blocked held every call at its end). CountCallEnd, if set, is
+	// called on the call's own goroutine, under no lock, before the
+	// status is sent: for counters only. This engine fills in
 	// Method, Backend, Attempts, Code, Message, ProxyStatus (for the
 	// statuses it makes itself; those grpc-go's client makes for a lost
 	// backend pass as the backend's), Limit (of a PickLimitError),
 	// Upstream (an UpstreamPicker's, or a PickLimitError's), Start,
 	// Duration and Client: it does not see the bytes relayed.
-	OnCallEnd func(CallInfo)
+	OnCallEnd    func(CallInfo)
+	CountCallEnd func(CallInfo)
 	// MaxConnections, MaxConcurrentStreams and MaxHeaderListSize are
 	// Config's limits of the same names, with the same defaults: client
 	// connections served at once (over it a connection is closed as soon
@@ -92,8 +98,9 @@ type Reference struct {
 	srv    *grpc.Server
 	drain  time.Duration
 	creds  credentials.TransportCredentials
-	onEnd  func(CallInfo)
-	hopID  string // names this proxy in loopHeader
+	ends   *endQueue      // OnCallEnd's; nil without one
+	count  func(CallInfo) // CountCallEnd
+	hopID  string         // names this proxy in loopHeader
 
 	maxConns int    // 0: no cap
 	maxMsg   int    // largest message received, either way
@@ -175,7 +182,7 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	cut, cutAll := context.WithCancel(context.Background())
 	r := &Reference{
 		creds:    cfg.Credentials,
-		onEnd:    cfg.OnCallEnd,
+		count:    cfg.CountCallEnd,
 		hopID:    newHopID(),
 		cut:      cut,
 		cutAll:   cutAll,
@@ -187,6 +194,9 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		maxResp:  cfg.MaxResponseHeaderListSize,
 		conns:    make(map[string]*refConn),
 		draining: make(map[*refConn]*time.Timer),
+	}
+	if cfg.OnCallEnd != nil {
+		r.ends = newEndQueue(cfg.OnCallEnd)
 	}
 	r.srv = grpc.NewServer(
 		grpc.UnknownServiceHandler(grpcproxy.TransparentHandler(r.direct)),
@@ -204,14 +214,14 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 // intercept reports each stream's outcome to the Picker's done.
 func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	var start time.Time
-	if r.onEnd != nil {
+	if r.reportsEnds() {
 		start = time.Now()
 	}
 	h := &doneHolder{}
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()
 	defer context.AfterFunc(r.cut, cancel)()
-	hs := &holderStream{ServerStream: ss, ctx: context.WithValue(ctx, doneKey{}, h), count: r.onEnd != nil}
+	hs := &holderStream{ServerStream: ss, ctx: context.WithValue(ctx, doneKey{}, h), count: r.reportsEnds()}
 	err := handler(srv, hs)
 	if h.cancel != nil {
 		h.cancel()
@@ -250,7 +260,7 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	if h.done != nil {
 		h.done(err)
 	}
-	if r.onEnd != nil {
+	if r.reportsEnds() {
 		st, _ := status.FromError(err)
 		ci := CallInfo{Method: info.FullMethod, Backend: h.addr, Code: st.Code(), Message: st.Message(), Start: start, Duration: time.Since(start),
 			ProxyStatus: proxyStatus, RequestBytes: hs.in.Load(), ResponseBytes: hs.out.Load()}
@@ -265,10 +275,18 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 		if p, ok := peer.FromContext(ss.Context()); ok {
 			ci.Client = p.Addr
 		}
-		r.onEnd(ci)
+		if r.count != nil {
+			r.count(ci)
+		}
+		if r.ends != nil {
+			r.ends.push(ci)
+		}
 	}
 	return err
 }
+
+// reportsEnds reports whether ended calls are described to a hook.
+func (r *Reference) reportsEnds() bool { return r.ends != nil || r.count != nil }
 
 // clientEnded is the status of a call whose client side ended, ctx being
 // the server stream's context: DEADLINE_EXCEEDED if its grpc-timeout
@@ -414,6 +432,9 @@ func (r *Reference) Serve(ln net.Listener) error {
 			r.refusals.note(time.Now(), r.log, slog.LevelDebug, "connections refused: at max connections", r.maxConns)
 		}}
 	}
+	if r.ends != nil {
+		r.ends.start(r.log)
+	}
 	err := r.srv.Serve(ln)
 	if err == nil || errors.Is(err, grpc.ErrServerStopped) {
 		return ErrServerClosed
@@ -449,6 +470,7 @@ func (r *Reference) Shutdown(ctx context.Context) error {
 		t.Stop()
 	}
 	r.closeConns()
+	r.stopEnds()
 	return err
 }
 
@@ -457,7 +479,16 @@ func (r *Reference) Close() error {
 	r.cutAll()
 	r.srv.Stop()
 	r.closeConns()
+	r.stopEnds()
 	return nil
+}
+
+// stopEnds delivers the ended calls still queued for OnCallEnd (for a
+// bounded time) once no call runs.
+func (r *Reference) stopEnds() {
+	if r.ends != nil {
+		r.ends.stop()
+	}
 }
 
 func (r *Reference) closeConns() {

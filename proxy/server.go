@@ -154,7 +154,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 	s.listeners[ln] = struct{}{}
 	if s.ends != nil {
-		s.ends.start(s)
+		s.ends.start(s.log)
 	}
 	s.mu.Unlock()
 	defer func() {
