@@ -154,6 +154,20 @@ func (s *stream) callInfo(end time.Time) CallInfo {
 // cannot grow the proxy's memory without bound.
 const maxPendingEnds = 1 << 16
 
+// maxPendingEndBytes bounds the bytes of the strings those calls hold
+// (pendingSize): the count alone let a client that sends 60 KiB request
+// paths (the backend's "unknown service" message repeats them) make the
+// queue of a log that fell behind hold 65,536 times 120 KiB, 7.5 GiB.
+// Calls of ordinary size stay under the count first (about 4 MiB of
+// strings at 65,536 calls). The batch being delivered holds as much again
+// at most. A variable for tests.
+var maxPendingEndBytes = 16 << 20
+
+// pendingSize is what ci's strings count in maxPendingEndBytes.
+func pendingSize(ci *CallInfo) int {
+	return len(ci.Method) + len(ci.Message) + len(ci.Backend) + len(ci.Upstream) + len(ci.Limit)
+}
+
 // endQueue hands ended calls to Config.OnCallEnd on a goroutine of its
 // own: streams end under connection locks, and the hook (an access log
 // writing a file, say) must run under none and must not hold up the
@@ -167,6 +181,7 @@ type endQueue struct {
 	mu sync.Mutex
 	// mu guards the fields below.
 	pending []CallInfo
+	bytes   int // pendingSize of pending
 	dropped int64
 	started bool
 	closed  bool
@@ -182,10 +197,11 @@ func (q *endQueue) push(ci CallInfo) {
 	q.mu.Lock()
 	switch {
 	case q.closed:
-	case len(q.pending) >= maxPendingEnds:
+	case len(q.pending) >= maxPendingEnds, q.bytes+pendingSize(&ci) > maxPendingEndBytes:
 		q.dropped++
 	default:
 		q.pending = append(q.pending, ci)
+		q.bytes += pendingSize(&ci)
 	}
 	q.mu.Unlock()
 	select {
@@ -249,6 +265,7 @@ func (q *endQueue) deliverLoop() {
 	for range q.wake {
 		q.mu.Lock()
 		batch, q.pending = q.pending, batch[:0]
+		q.bytes = 0
 		dropped, closed := q.dropped, q.closed
 		q.dropped = 0
 		q.mu.Unlock()

@@ -204,3 +204,11 @@ func (s *Server) ClientStreams() int {
 	}
 	return n
 }
+
+// SetMaxPendingEndBytes sets the bound on the bytes of the calls waiting
+// for OnCallEnd until the test ends.
+func SetMaxPendingEndBytes(t interface{ Cleanup(func()) }, n int) {
+	old := maxPendingEndBytes
+	maxPendingEndBytes = n
+	t.Cleanup(func() { maxPendingEndBytes = old })
+}
