@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/streamlb/streamlb/proxy"
 )
@@ -25,7 +26,17 @@ import (
 type AccessLog struct {
 	log  *slog.Logger
 	file *logFile // nil when the log does not own its writer
+
+	mu sync.Mutex
+	// mu guards the fields below: the lines whose write failed, reported
+	// to the process log at most every accessLogErrorEvery.
+	lost, lostTotal int64
+	lostLogged      time.Time
 }
+
+// accessLogErrorEvery is how often at most a failing access log is
+// reported to the process log.
+const accessLogErrorEvery = 10 * time.Second
 
 // NewAccessLog returns an access log writing records to h, at level Info.
 func NewAccessLog(h slog.Handler) *AccessLog {
@@ -178,8 +189,9 @@ func (l *logFile) Close() error {
 	return old.Close()
 }
 
-// callEnd writes ci's line.
-func (a *AccessLog) callEnd(cluster string, ci proxy.CallInfo) {
+// callEnd writes ci's line; a failed write is reported to errLog (see
+// failed).
+func (a *AccessLog) callEnd(cluster string, ci proxy.CallInfo, errLog *slog.Logger) {
 	retries := 0
 	if ci.Attempts > 1 {
 		retries = ci.Attempts - 1
@@ -209,5 +221,35 @@ func (a *AccessLog) callEnd(cluster string, ci proxy.CallInfo) {
 	if ci.Limit != "" {
 		attrs = append(attrs, slog.String("limit", ci.Limit))
 	}
-	a.log.LogAttrs(context.Background(), slog.LevelInfo, "call", attrs...)
+	// Logger.LogAttrs drops the handler's error: a full disk (ENOSPC), an
+	// I/O error or a closed file lost every line without a word. Report
+	// them, as nginx reports its failed access-log writes in its error
+	// log.
+	h := a.log.Handler()
+	if !h.Enabled(context.Background(), slog.LevelInfo) {
+		return
+	}
+	r := slog.NewRecord(time.Now(), slog.LevelInfo, "call", 0)
+	r.AddAttrs(attrs...)
+	if err := h.Handle(context.Background(), r); err != nil {
+		a.failed(err, errLog)
+	}
+}
+
+// failed counts a line whose write failed with err and reports the lines
+// lost to errLog (nil: not reported) at most every accessLogErrorEvery.
+func (a *AccessLog) failed(err error, errLog *slog.Logger) {
+	now := time.Now()
+	a.mu.Lock()
+	a.lost++
+	a.lostTotal++
+	if errLog == nil || now.Sub(a.lostLogged) < accessLogErrorEvery {
+		a.mu.Unlock()
+		return
+	}
+	a.lostLogged = now
+	lost, total := a.lost, a.lostTotal
+	a.lost = 0
+	a.mu.Unlock()
+	errLog.Error("access log: writing lines failed; they are lost", "path", a.Path(), "err", err, "lost", lost, "lost_total", total)
 }

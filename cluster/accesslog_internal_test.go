@@ -45,7 +45,7 @@ func TestOpenAccessLog(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			al.callEnd("c", ci)
+			al.callEnd("c", ci, nil)
 			if err := al.Close(); err != nil {
 				t.Fatal(err)
 			}

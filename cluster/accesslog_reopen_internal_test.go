@@ -28,7 +28,7 @@ func TestAccessLogReopenConcurrent(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for range each {
-				al.callEnd("c", proxy.CallInfo{Method: "/s/M"})
+				al.callEnd("c", proxy.CallInfo{Method: "/s/M"}, nil)
 			}
 		}()
 	}

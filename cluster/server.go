@@ -320,7 +320,7 @@ func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
 					// since; "" for one refused before it was routed.
 					name = ci.Upstream
 				}
-				al.callEnd(name, ci)
+				al.callEnd(name, ci, s.logger)
 			}
 		}
 		return count, log
@@ -330,7 +330,7 @@ func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
 	}
 	if al != nil {
 		name := s.cluster.Name()
-		log = func(ci proxy.CallInfo) { al.callEnd(name, ci) }
+		log = func(ci proxy.CallInfo) { al.callEnd(name, ci, s.logger) }
 	}
 	return count, log
 }
