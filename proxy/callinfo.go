@@ -163,6 +163,10 @@ const maxPendingEnds = 1 << 16
 // at most. A variable for tests.
 var maxPendingEndBytes = 16 << 20
 
+// keepEndBatch is the largest batch deliverLoop keeps for the next
+// batch, as LogWriter's keepLogBatch.
+const keepEndBatch = 1024
+
 // pendingSize is what ci's strings count in maxPendingEndBytes.
 func pendingSize(ci *CallInfo) int {
 	return len(ci.Method) + len(ci.Message) + len(ci.Backend) + len(ci.Upstream) + len(ci.Limit)
@@ -272,6 +276,13 @@ func (q *endQueue) deliverLoop() {
 		for i := range batch {
 			q.fn(batch[i])
 			batch[i] = CallInfo{}
+		}
+		if cap(batch) > keepEndBatch {
+			// What a burst grew is not kept while idle: the slices
+			// swapped here, of up to 65,536 calls (about 200 bytes
+			// each), stayed live at their largest, 13 MiB each, after
+			// a burst the hook fell behind.
+			batch = nil
 		}
 		if dropped > 0 {
 			q.log.Warn("call-end hook too slow; calls not reported", "dropped", dropped)
