@@ -229,7 +229,7 @@ func (q *endQueue) start(log *slog.Logger) {
 
 // endStopWait bounds how long stop waits for the hook to take the calls
 // still pending, as the process log's writer bounds its last lines.
-var endStopWait = 2 * time.Second
+const endStopWait = 2 * time.Second
 
 // stop delivers what is pending, then ends deliverLoop and waits for it,
 // for up to endStopWait: a hook that blocks (an access log on a FIFO
