@@ -161,6 +161,15 @@ func (b *backendConn) addAttempt(a *attempt) error {
 		b.unlinkLocked(a)
 		return errNoStreams
 	}
+	if b.overLimitAddLocked(a) && !b.waitOverLimitLocked(a) {
+		// The backend's SETTINGS came, or lowered its limit, after the
+		// slot was reserved, and leave it none: a waits for one as the
+		// attempts onPeerSettings found pending do (overLimitLocked; its
+		// caller bounds the wait), or, with the wait queue off, goes
+		// elsewhere.
+		b.unlinkLocked(a)
+		return errOverLimit
+	}
 	a.s.ref() // pending's, until the attempt leaves the list
 	b.pending = append(b.pending, a)
 	b.signal()
@@ -170,6 +179,11 @@ func (b *backendConn) addAttempt(a *attempt) error {
 // errPeerGoAway is addAttempt's answer when the backend's GOAWAY arrived
 // after the attempt's slot was reserved.
 var errPeerGoAway = errors.New("backend sent GOAWAY")
+
+// errOverLimit is addAttempt's answer, with the wait queue off, when the
+// backend's SETTINGS_MAX_CONCURRENT_STREAMS, learned or lowered after the
+// attempt's slot was reserved, leaves it no slot.
+var errOverLimit = errors.New("backend's stream limit leaves no slot")
 
 // errNoStreams is addAttempt's answer when the backend advertised
 // SETTINGS_MAX_CONCURRENT_STREAMS=0 after the attempt's slot was reserved.

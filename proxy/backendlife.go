@@ -113,23 +113,55 @@ func (b *backendConn) overLimitLocked() (moved []*attempt) {
 		if a.queued {
 			continue // it waits already, within its bound
 		}
-		if a.hsTimer != nil && a.hsTimer.Stop() {
-			a.s.unref() // the handshake timer's: the handshake is done
-		}
-		a.hsTimer = nil
-		if cfg.MaxBackendPending <= 0 {
+		if !b.waitOverLimitLocked(a) {
 			b.pending = slices.Delete(b.pending, i, i+1) // pending's reference goes to moved
 			i--
 			b.unlinkLocked(a)
 			moved = append(moved, a)
 			continue
 		}
-		a.queued = true
-		b.queued++
-		b.keyWaiting.Add(1)
 		b.armQueueLocked(a, cfg.BackendPendingTimeout)
 	}
 	return moved
+}
+
+// waitOverLimitLocked makes a, an attempt the backend's known
+// SETTINGS_MAX_CONCURRENT_STREAMS leaves no slot for, a call waiting for
+// one (queued, counted in keyWaiting), and reports true, if calls may wait
+// (MaxBackendPending); else it reports false and a must go elsewhere. Its
+// handshake timer is stopped either way: the handshake is done. The
+// caller arms the bound of the wait (armQueueLocked, watchQueue). Caller
+// must hold mu.
+func (b *backendConn) waitOverLimitLocked(a *attempt) bool {
+	if a.hsTimer != nil && a.hsTimer.Stop() {
+		a.s.unref() // the handshake timer's: the handshake is done
+	}
+	a.hsTimer = nil
+	if b.pool.srv.cfg.MaxBackendPending <= 0 {
+		return false
+	}
+	a.queued = true
+	b.queued++
+	b.keyWaiting.Add(1)
+	return true
+}
+
+// overLimitAddLocked reports whether a, about to join b's pending list,
+// would find no slot there: b has had the backend's SETTINGS, and its
+// open streams and the attempts pending before a take every slot they
+// allow (a's slot was reserved on the limit assumed before them, or
+// before the backend lowered it). Caller must hold mu.
+func (b *backendConn) overLimitAddLocked(a *attempt) bool {
+	if !b.gotSettings || a.queued {
+		return false
+	}
+	n := uint32(len(b.streams))
+	for _, p := range b.pending {
+		if !p.bClosed {
+			n++
+		}
+	}
+	return n >= b.capLocked()
 }
 
 // noStreamsLocked reports whether the backend of k advertised

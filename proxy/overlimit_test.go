@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -94,6 +95,97 @@ func TestOverLimitAtHandshakeWaitsBounded(t *testing.T) {
 				t.Errorf("the call the backend took: %v", r.err)
 			}
 			testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+		})
+	}
+}
+
+// TestOverLimitAfterReserveWaitsBounded: a call takes a slot on a new
+// backend connection on the assumed limit, and the backend's SETTINGS
+// (MAX_CONCURRENT_STREAMS 1) are applied, with another call opened on
+// the one slot, before the call is queued on the connection (the
+// afterReserve hook holds it there). It is then past the backend's limit
+// as the calls onPeerSettings found pending are, and waits as they do:
+// counted as waiting and failing with UNAVAILABLE at
+// BackendPendingTimeout (before: uncounted, with no bound, until the
+// client's deadline); with the wait queue off it fails at once.
+func TestOverLimitAfterReserveWaitsBounded(t *testing.T) {
+	const pendingTimeout = 1500 * time.Millisecond
+	for _, queue := range []bool{true, false} {
+		t.Run(map[bool]string{true: "queue", false: "noqueue"}[queue], func(t *testing.T) {
+			verifyNoLeaks(t)
+			unsettled := proxy.UnsettledStreams()
+			gate := make(chan struct{})
+			b := &settingsBackend{gate: gate}
+			addr := rawBackend(t, b.serve)
+			ctx := testkit.Context(t, 30*time.Second)
+			heldOne := func() bool {
+				b.mu.Lock()
+				defer b.mu.Unlock()
+				return len(b.held) == 1
+			}
+			var reserved atomic.Int32
+			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+				c.MaxBackendConns = 1
+				c.BackendPendingTimeout = pendingTimeout
+				c.HandshakeTimeout = 20 * time.Second
+				if !queue {
+					c.MaxBackendPending = -1
+				}
+			}, hook: func(s *proxy.Server) {
+				proxy.SetAfterReserve(s, func(string) {
+					if reserved.Add(1) != 2 {
+						return
+					}
+					// The second call's slot is reserved on the assumed
+					// limit: the backend's SETTINGS arrive, and the first
+					// call takes the one slot, before it is queued.
+					close(gate)
+					testkit.WaitFor(ctx, t, "the first call on the backend", heldOne)
+				})
+			}})
+			e.setBackends(addr)
+			srv := e.srv.(*proxy.Server)
+			hang := metadata.AppendToOutgoingContext(ctx, "x-hang", "1")
+			first := make(chan error, 1)
+			go func() {
+				_, err := e.client.EmptyCall(hang, &testgrpc.Empty{})
+				first <- err
+			}()
+			testkit.WaitFor(ctx, t, "the first call waiting for the handshake", func() bool { return srv.PendingAttempts() == 1 })
+			second := testgrpc.NewTestServiceClient(e.dial(e.addr))
+			start := time.Now()
+			cctx, cancel := context.WithTimeout(hang, 10*time.Second)
+			defer cancel()
+			done := make(chan error, 1)
+			go func() {
+				_, err := second.EmptyCall(cctx, &testgrpc.Empty{})
+				done <- err
+			}()
+			if queue {
+				testkit.WaitFor(ctx, t, "the second call counted as waiting", func() bool { return srv.Waiting() == 1 })
+			}
+			err := <-done
+			at := time.Since(start)
+			st := status.Convert(err)
+			want := "every connection is at its stream limit"
+			if queue {
+				want = "no slot came free within"
+			}
+			if st.Code() != codes.Unavailable || !strings.Contains(st.Message(), want) {
+				t.Errorf("call over the backend's limit: %v after %v, want UNAVAILABLE %q", err, at, want)
+			}
+			if at > 8*time.Second {
+				t.Errorf("call over the backend's limit ended after %v, not within its bound", at)
+			}
+			if n := srv.Waiting(); n != 0 {
+				t.Errorf("%d calls still counted waiting", n)
+			}
+			b.release()
+			if err := <-first; err != nil {
+				t.Errorf("the call the backend took: %v", err)
+			}
+			testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+			checkSettled(t, unsettled)
 		})
 	}
 }

@@ -181,8 +181,9 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		if cause == nil {
 			bc.mu.Lock()
 			bc.markReadyLocked(&a.up)
+			over := a.queued && !wait // past the backend's limit (addAttempt)
 			bc.mu.Unlock()
-			if wait {
+			if wait || over {
 				if h := c.srv.beforeWatchQueue; h != nil {
 					h(addr)
 				}
@@ -201,6 +202,20 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		// still whole in a.up, so try once more elsewhere.
 		s.att = prev
 		items = a.up.items[a.up.head:]
+		if errors.Is(cause, errOverLimit) {
+			// Never reached the backend, as when the pool refuses it at
+			// the connection cap (above), with the wait queue off.
+			f := failure{kind: failBackendConns, backend: addr, limit: int64(c.srv.cfg.MaxBackendConns)}
+			if done != nil {
+				done(f.pickerErr())
+			}
+			if s.attempts <= c.srv.cfg.MaxRetries {
+				refused = &f
+				continue
+			}
+			c.releaseItemsLocked(items)
+			return f, false
+		}
 		if errors.Is(cause, errNoStreams) {
 			// Never reached the backend, as when the pool refuses it
 			// (above): another may take the call.
