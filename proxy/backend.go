@@ -161,12 +161,11 @@ func (b *backendConn) addAttempt(a *attempt) error {
 		b.unlinkLocked(a)
 		return errNoStreams
 	}
-	if b.overLimitAddLocked(a) && !b.waitOverLimitLocked(a) {
+	if b.overLimitAddLocked(a) {
 		// The backend's SETTINGS came, or lowered its limit, after the
-		// slot was reserved, and leave it none: a waits for one as the
-		// attempts onPeerSettings found pending do (overLimitLocked; its
-		// caller bounds the wait), or, with the wait queue off, goes
-		// elsewhere.
+		// slot was reserved, and leave it none: a is picked again, as
+		// the attempts onPeerSettings found pending are
+		// (overLimitLocked).
 		b.unlinkLocked(a)
 		return errOverLimit
 	}
@@ -180,9 +179,9 @@ func (b *backendConn) addAttempt(a *attempt) error {
 // after the attempt's slot was reserved.
 var errPeerGoAway = errors.New("backend sent GOAWAY")
 
-// errOverLimit is addAttempt's answer, with the wait queue off, when the
-// backend's SETTINGS_MAX_CONCURRENT_STREAMS, learned or lowered after the
-// attempt's slot was reserved, leaves it no slot.
+// errOverLimit is addAttempt's answer when the backend's
+// SETTINGS_MAX_CONCURRENT_STREAMS, learned or lowered after the attempt's
+// slot was reserved, leaves it no slot.
 var errOverLimit = errors.New("backend's stream limit leaves no slot")
 
 // errNoStreams is addAttempt's answer when the backend advertised

@@ -71,36 +71,36 @@ func (b *backendConn) onPeerSettings() {
 	} else if changed {
 		b.log.Debug("backend raised SETTINGS_MAX_CONCURRENT_STREAMS from 0; it takes calls again")
 	}
-	f := failure{kind: failNoStreams, backend: b.addr}
-	if !zero {
-		f = failure{kind: failBackendConns, backend: b.addr, limit: int64(b.pool.srv.cfg.MaxBackendConns)}
-	}
 	for _, a := range moved {
 		s := a.s
-		s.cc.retryOrFail(a, true, f)
+		if zero {
+			s.cc.retryOrFail(a, true, failure{kind: failNoStreams, backend: b.addr})
+		} else {
+			s.cc.moveWaiter(a)
+		}
 		s.unref() // moved's
 	}
 }
 
-// overLimitLocked deals with the attempts pending on b that the
+// overLimitLocked takes off b the attempts pending on it that the
 // backend's SETTINGS_MAX_CONCURRENT_STREAMS, just applied, leaves no slot
 // for: slots were reserved on an assumed limit before the backend's first
 // SETTINGS (capLocked), or the backend lowered its limit. openLocked
 // opens pending attempts in order while slots are free; those past the
-// free slots wait for a slot as calls at the connection cap do
-// (queueLocked): counted as waiting and bounded by
-// Config.BackendPendingTimeout (watchQueue), not left waiting for as long
-// as the backend's long calls run; they may take the backend past
-// MaxBackendPending, by at most the slots reserved over the limit. With
-// the wait queue off (MaxBackendPending negative) they are returned, to go elsewhere as
-// transparent retries (they never reached the backend), with their
-// pending list's references. Caller must hold mu.
+// free slots, never sent, are returned, with their pending list's
+// references, to be started again (serverConn.moveWaiter) as if picked
+// now, which the slot's reservation missed: on another connection to
+// the backend if the pool may open one, else waiting for a slot as calls
+// at the connection cap do (counted as waiting, bounded by
+// Config.BackendPendingTimeout and Config.MaxBackendPending), or, with
+// the wait queue off, elsewhere. Left waiting on b, they waited for the
+// long calls it carries while a new connection could serve them. Calls
+// waiting already (queued) stay. Caller must hold mu.
 func (b *backendConn) overLimitLocked() (moved []*attempt) {
 	free := 0
 	if c, n := b.capLocked(), uint32(len(b.streams)); n < c {
 		free = int(c - n)
 	}
-	cfg := &b.pool.srv.cfg
 	for i := 0; i < len(b.pending); i++ {
 		a := b.pending[i]
 		if a.bClosed {
@@ -113,44 +113,20 @@ func (b *backendConn) overLimitLocked() (moved []*attempt) {
 		if a.queued {
 			continue // it waits already, within its bound
 		}
-		if !b.waitOverLimitLocked(a) {
-			b.pending = slices.Delete(b.pending, i, i+1) // pending's reference goes to moved
-			i--
-			b.unlinkLocked(a)
-			moved = append(moved, a)
-			continue
-		}
-		b.armQueueLocked(a, cfg.BackendPendingTimeout)
+		b.pending = slices.Delete(b.pending, i, i+1) // pending's reference goes to moved
+		i--
+		b.unlinkLocked(a) // and its handshake timer
+		moved = append(moved, a)
 	}
 	return moved
-}
-
-// waitOverLimitLocked makes a, an attempt the backend's known
-// SETTINGS_MAX_CONCURRENT_STREAMS leaves no slot for, a call waiting for
-// one (queued, counted in keyWaiting), and reports true, if calls may wait
-// (MaxBackendPending); else it reports false and a must go elsewhere. Its
-// handshake timer is stopped either way: the handshake is done. The
-// caller arms the bound of the wait (armQueueLocked, watchQueue). Caller
-// must hold mu.
-func (b *backendConn) waitOverLimitLocked(a *attempt) bool {
-	if a.hsTimer != nil && a.hsTimer.Stop() {
-		a.s.unref() // the handshake timer's: the handshake is done
-	}
-	a.hsTimer = nil
-	if b.pool.srv.cfg.MaxBackendPending <= 0 {
-		return false
-	}
-	a.queued = true
-	b.queued++
-	b.keyWaiting.Add(1)
-	return true
 }
 
 // overLimitAddLocked reports whether a, about to join b's pending list,
 // would find no slot there: b has had the backend's SETTINGS, and its
 // open streams and the attempts pending before a take every slot they
 // allow (a's slot was reserved on the limit assumed before them, or
-// before the backend lowered it). Caller must hold mu.
+// before the backend lowered it), as overLimitLocked finds of those
+// pending when the SETTINGS come. Caller must hold mu.
 func (b *backendConn) overLimitAddLocked(a *attempt) bool {
 	if !b.gotSettings || a.queued {
 		return false
@@ -429,8 +405,9 @@ func (p *pool) rebalance(k poolKey) {
 }
 
 // moveWaiter starts the call of a, a call waiting for a slot that
-// rebalance took off its connection, again: picked anew, which is not
-// counted as an attempt. Caller must hold no lock, and own a reference to
+// rebalance took off its connection, or one past its backend's stream
+// limit (overLimitLocked), again: picked anew, which is not counted as an
+// attempt. Caller must hold no lock, and own a reference to
 // a.s, as retryOrFail's does.
 func (c *serverConn) moveWaiter(a *attempt) {
 	s := a.s

@@ -189,3 +189,57 @@ func TestOverLimitAfterReserveWaitsBounded(t *testing.T) {
 		})
 	}
 }
+
+// TestOverLimitAtHandshakeTakesNewConn: two calls take slots on a new
+// backend connection on the assumed limit, before the backend's SETTINGS
+// say MAX_CONCURRENT_STREAMS 1; the first opened hangs on the backend.
+// The pool may open another connection to the backend (MaxBackendConns
+// 2), so the second call goes there and is answered at once, as a call
+// picked after the SETTINGS would be (before: it waited on the full
+// connection for BackendPendingTimeout, here past the client's
+// deadline). Nothing stays waiting or pending.
+func TestOverLimitAtHandshakeTakesNewConn(t *testing.T) {
+	verifyNoLeaks(t)
+	unsettled := proxy.UnsettledStreams()
+	gate := make(chan struct{})
+	b := &settingsBackend{gate: gate}
+	addr := rawBackend(t, b.serve)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.MaxBackendConns = 2
+		c.BackendPendingTimeout = 20 * time.Second
+		c.HandshakeTimeout = 20 * time.Second
+	}})
+	e.setBackends(addr)
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	hctx, cancelHang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, "x-hang", "1"))
+	defer cancelHang()
+	first := make(chan error, 1)
+	go func() {
+		_, err := e.client.EmptyCall(hctx, &testgrpc.Empty{})
+		first <- err
+	}()
+	testkit.WaitFor(ctx, t, "the first call waiting for the handshake", func() bool { return srv.PendingAttempts() == 1 })
+	cctx, cancel := context.WithTimeout(ctx, 8*time.Second)
+	defer cancel()
+	second := make(chan error, 1)
+	go func() {
+		_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+		second <- err
+	}()
+	testkit.WaitFor(ctx, t, "both calls waiting for the handshake", func() bool { return srv.PendingAttempts() == 2 })
+	start := time.Now()
+	close(gate)
+	if err := <-second; err != nil {
+		t.Errorf("the call over the first connection's limit: %v after %v, want it served on another connection", err, time.Since(start))
+	}
+	if n := srv.BackendConns(addr); n != 2 {
+		t.Errorf("%d connections to the backend, want 2", n)
+	}
+	cancelHang() // the first connection's framer is no longer the backend's last
+	if err := <-first; status.Code(err) != codes.Canceled {
+		t.Errorf("the held call: %v, want CANCELLED", err)
+	}
+	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	checkSettled(t, unsettled)
+}

@@ -43,6 +43,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 	var refused *failure // the last pick the pool refused without trying it
 	wait := false
 	var full []string // with wait: the backends whose queue refused the call too
+	repicked := false // picked again after addAttempt's errOverLimit
 	for {
 		s.attempts++
 		tried := s.tried
@@ -181,9 +182,8 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		if cause == nil {
 			bc.mu.Lock()
 			bc.markReadyLocked(&a.up)
-			over := a.queued && !wait // past the backend's limit (addAttempt)
 			bc.mu.Unlock()
-			if wait || over {
+			if wait {
 				if h := c.srv.beforeWatchQueue; h != nil {
 					h(addr)
 				}
@@ -203,11 +203,20 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		s.att = prev
 		items = a.up.items[a.up.head:]
 		if errors.Is(cause, errOverLimit) {
-			// Never reached the backend, as when the pool refuses it at
-			// the connection cap (above), with the wait queue off.
+			// Never reached the backend: its SETTINGS came, or lowered
+			// its limit, after the slot was reserved, and leave it none.
 			f := failure{kind: failBackendConns, backend: addr, limit: int64(c.srv.cfg.MaxBackendConns)}
 			if done != nil {
 				done(f.pickerErr())
+			}
+			if !repicked {
+				// Picked again, not counted, as if picked now (see
+				// backendConn.overLimitLocked). Once: a slot reserved now
+				// is within the limit, unless the backend lowers it
+				// again meanwhile.
+				repicked = true
+				s.waitInsteadOfLast()
+				continue
 			}
 			if s.attempts <= c.srv.cfg.MaxRetries {
 				refused = &f
