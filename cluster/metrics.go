@@ -20,9 +20,10 @@ import (
 // Prometheus metrics of a cluster, with Prometheus naming: streamlb_ prefix,
 // _total for counters, _seconds for durations. Two kinds of source:
 //
-//   - Per call, a metered Picker wraps the director: Pick counts the call
-//     started and in flight, its done counts it finished by status code and
-//     observes its duration. Each backend's per-call counts are plain
+//   - Per call, a metered Picker wraps the director: a pick counts the
+//     call in flight, the proxy's sending it (proxy.UpstreamPick.Sent)
+//     counts it started, and its done counts it finished by status code
+//     and observes its duration if it was sent. Each backend's per-call counts are plain
 //     atomic integers in one backendMetrics (about five cache lines, the
 //     two or three a call touches next to each other), found through a map
 //     read without locking, and turned into Prometheus series only at
@@ -39,8 +40,10 @@ import (
 //     (health, ejection, ejections) and the backend set's size, so none of
 //     that costs anything between scrapes.
 //
-// The per-backend counts of calls finished equal the calls the proxy sent
-// each backend, retries included: every attempt is its own pick.
+// The per-backend counts of calls started and finished are the calls
+// (stream attempts, retries included) the proxy sent each backend: a pick
+// it refused or an attempt that never reached the backend counts in
+// neither (meteredPicker.PickUpstream).
 
 // metrics is one cluster's instruments. Its methods are safe for
 // concurrent use.
@@ -279,28 +282,93 @@ func (p *meteredPicker) PickExcluding(ctx context.Context, fullMethod string, tr
 
 var _ proxy.RetryPicker = (*meteredPicker)(nil)
 
-// meter counts one pick's result and wraps its done.
+// meter counts one pick's result and wraps its done: a Picker without
+// UpstreamPick.Sent (the reference engine asked through Pick) counts
+// the call started when picked.
 func (p *meteredPicker) meter(addr string, done func(error), err error) (string, func(error), error) {
 	if err != nil {
 		p.m.noBackend.Inc()
 		return addr, done, err
 	}
-	b := p.m.backend(addr)
-	b.started.Add(1)
-	b.inflight.Add(1)
-	start := time.Since(clockBase)
-	// The proxy calls done exactly once (proxy.Picker), so it needs no
-	// sync.Once. A closure per pick, not a pooled one: a done called twice
-	// by mistake then counts a call twice, where a pooled one would end
-	// the next call that got it (its director's done included).
-	return addr, func(err error) {
-		b.inflight.Add(-1)
-		b.observe(int64(time.Since(clockBase) - start))
-		b.finished[finishedCode(err)].Add(1)
-		if done != nil {
-			done(err)
-		}
-	}, nil
+	c := p.call(addr, done)
+	c.markSent()
+	return addr, c.done, nil
+}
+
+// PickUpstream is the frame engine's pick (proxy.UpstreamPicker): Pick,
+// or PickExcluding with avoid when it is not empty, whose attempt is
+// counted started when the proxy sends it (proxy.UpstreamPick.Sent),
+// not when picked: a pick the proxy refuses (at its connection cap, a
+// backend taking no stream) or an attempt that never reached the
+// backend (it waited for a slot, or its connection could not be opened)
+// counts neither started nor finished, as Envoy's upstream_rq_total
+// counts requests attached to an upstream connection. The Upstream is
+// the Server's own: the proxy's retry policy.
+func (p *meteredPicker) PickUpstream(ctx context.Context, fullMethod string, _ *proxy.Upstream, avoid []string) (proxy.UpstreamPick, error) {
+	addr, sent, done, err := p.pickSent(ctx, fullMethod, avoid)
+	return proxy.UpstreamPick{Addr: addr, Sent: sent, Done: done}, err
+}
+
+var _ proxy.UpstreamPicker = (*meteredPicker)(nil)
+
+// pickSent is PickUpstream's pick, also for a router's cluster (dest.pick):
+// Pick, or PickExcluding avoiding tried when it is not empty, with the
+// attempt's Sent, which counts it started.
+func (p *meteredPicker) pickSent(ctx context.Context, fullMethod string, tried []string) (string, func(), func(error), error) {
+	var addr string
+	var done func(error)
+	var err error
+	if rp, ok := p.next.(proxy.RetryPicker); ok && len(tried) > 0 {
+		addr, done, err = rp.PickExcluding(ctx, fullMethod, tried)
+	} else {
+		addr, done, err = p.next.Pick(ctx, fullMethod)
+	}
+	if err != nil {
+		p.m.noBackend.Inc()
+		return addr, nil, done, err
+	}
+	c := p.call(addr, done)
+	return addr, c.markSent, c.done, nil
+}
+
+// call counts a pick of addr in flight and returns its metered call.
+func (p *meteredPicker) call(addr string, done func(error)) *meteredCall {
+	c := &meteredCall{b: p.m.backend(addr), next: done, start: time.Since(clockBase)}
+	c.b.inflight.Add(1)
+	return c
+}
+
+// meteredCall is one picked attempt's counts. The proxy calls done
+// exactly once (proxy.Picker), so it needs no sync.Once. One per pick,
+// not pooled: a done called twice by mistake then counts a call twice,
+// where a pooled one would end the next call that got it (its
+// director's done included).
+type meteredCall struct {
+	b     *backendMetrics
+	next  func(error)
+	start time.Duration
+	sent  atomic.Bool // markSent ran: the call is counted started
+}
+
+// markSent counts the call started, once: it was sent to the backend.
+// It runs under the proxy's locks (proxy.UpstreamPick.Sent).
+func (c *meteredCall) markSent() {
+	if !c.sent.Swap(true) {
+		c.b.started.Add(1)
+	}
+}
+
+// done ends the call: out of flight, and, if it was sent, finished with
+// its duration, after it was counted started; then the director's done.
+func (c *meteredCall) done(err error) {
+	c.b.inflight.Add(-1)
+	if c.sent.Load() {
+		c.b.observe(int64(time.Since(clockBase) - c.start))
+		c.b.finished[finishedCode(err)].Add(1)
+	}
+	if c.next != nil {
+		c.next(err)
+	}
 }
 
 // clockBase is what a metered call's times are read against: time.Since

@@ -214,6 +214,10 @@ func (rt *router) PickUpstream(ctx context.Context, fullMethod string, call *pro
 			return proxy.UpstreamPick{}, err
 		}
 	}
+	if mp, ok := d.picker.(*meteredPicker); ok {
+		addr, sent, done, err := mp.pickSent(ctx, fullMethod, avoid)
+		return proxy.UpstreamPick{Addr: addr, Upstream: d.cluster.up, Done: done, Sent: sent, Timeout: r.timeout}, err
+	}
 	addr, done, err := d.pick(ctx, fullMethod, avoid)
 	return proxy.UpstreamPick{Addr: addr, Upstream: d.cluster.up, Done: done, Timeout: r.timeout}, err
 }

@@ -1077,6 +1077,10 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 			b.keyWaiting.Add(-1)
 			s.waitEnd.Store(0) // a later wait has its own bound
 		}
+		if a.sent != nil {
+			a.sent() // the Picker's (UpstreamPick.Sent): quick, under mu so that it comes before done
+			a.sent = nil
+		}
 		a.up.id = id
 		a.up.window = b.peerInitWin
 		a.downRecv.id = id

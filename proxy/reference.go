@@ -355,7 +355,7 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 		// loopHeader); nothing else bounds one here.
 		return fail(failure{kind: failLoop, method: fullMethod})
 	}
-	addr, done, timeout, err := r.pick(ctx, fullMethod, h)
+	addr, sent, done, timeout, err := r.pick(ctx, fullMethod, h)
 	if err != nil {
 		h.pickErr = err
 		return fail(failure{kind: failNoBackend, method: fullMethod, cause: err})
@@ -367,6 +367,11 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 		return fail(failure{kind: failDial, backend: addr, cause: err})
 	}
 	h.cc = cc
+	if sent != nil {
+		// The handler opens the backend stream next; a call of this
+		// engine that got this far is sent (UpstreamPick.Sent).
+		sent()
+	}
 	out := md.Copy()
 	out.Append(loopHeader, r.hopID)
 	// grpc-go's client sends the backend the time left of the outgoing
@@ -390,19 +395,19 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 // removed it) was logged with none, or with another cluster that has the
 // same backend.
 //
-// It also returns the pick's UpstreamPick.Timeout: this engine makes one
-// attempt, so the first pick is the call's only one.
-func (r *Reference) pick(ctx context.Context, fullMethod string, h *doneHolder) (string, func(error), time.Duration, error) {
+// It also returns the pick's UpstreamPick.Sent and Timeout: this engine
+// makes one attempt, so the first pick is the call's only one.
+func (r *Reference) pick(ctx context.Context, fullMethod string, h *doneHolder) (string, func(), func(error), time.Duration, error) {
 	up, ok := r.picker.(UpstreamPicker)
 	if !ok {
 		addr, done, err := r.picker.Pick(ctx, fullMethod)
-		return addr, done, 0, err
+		return addr, nil, done, 0, err
 	}
 	pk, err := up.PickUpstream(ctx, fullMethod, nil, nil)
 	if pk.Upstream != nil {
 		h.upstream = pk.Upstream.name
 	}
-	return pk.Addr, pk.Done, pk.Timeout, err
+	return pk.Addr, pk.Sent, pk.Done, pk.Timeout, err
 }
 
 func (r *Reference) conn(addr string) (*refConn, error) {

@@ -177,6 +177,7 @@ type attempt struct {
 	s            *stream
 	bc           *backendConn
 	done         func(error)
+	sent         func()        // UpstreamPick.Sent; called, and cleared, under bc.mu when the attempt's stream is opened
 	backendCount *atomic.Int64 // the backend's in-flight count, when capped
 	hsTimer      *time.Timer   // bounds the wait for bc's handshake, or for a slot when queued (watchQueue); set once under bc.mu, before the timer can fire
 

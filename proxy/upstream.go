@@ -142,6 +142,20 @@ type UpstreamPick struct {
 	// Done, if not nil, is called once when the attempt ends, as Pick's
 	// done.
 	Done func(error)
+	// Sent, if not nil, is called at most once, before Done, when the
+	// attempt is sent to the backend: its stream is opened on a
+	// connection to Addr, its HEADERS the next frame written for it. An
+	// attempt never sent does not see it, and its Done is called alone: a
+	// pick the proxy refused (at MaxStreamsPerBackend, at MaxBackendConns
+	// with no room to wait, or for a backend that takes no stream), a call
+	// that waited for a slot or for the connection's handshake and ended
+	// or went elsewhere first, a connection that could not be opened.
+	// Metrics count calls sent to a backend with it, as Envoy's
+	// upstream_rq_total counts requests attached to an upstream
+	// connection. It runs under the proxy's locks: it must return
+	// quickly, never block and never call back into the Server, as
+	// Config.CountCallEnd.
+	Sent func()
 	// Timeout, if positive, bounds the whole call, retries included, from
 	// its first pick (read from that pick only): a route's timeout, as
 	// Envoy's route timeout, gRPC-aware as its max_grpc_timeout. The
