@@ -27,8 +27,12 @@ type CallInfo struct {
 	// the call, or the routed cluster had no backend); empty for the
 	// Server's own, or when the call was refused before it was routed.
 	Upstream string
-	// Attempts is how many backends were picked for the call, retries
-	// included; Attempts-1 are retries. Zero when no pick was made.
+	// Attempts is how many times the call was given to a backend,
+	// retries included; Attempts-1 are retries. A pick the proxy refused
+	// without trying it (at MaxBackendConns, a backend that takes no
+	// streams) is none: a call that waited for a slot after such
+	// refusals made one attempt, and one refused everywhere none. Zero
+	// when no backend was tried.
 	Attempts int
 	// Code is the gRPC status the client was sent (or, when the client
 	// reset the stream or went away, CANCELLED).

@@ -44,6 +44,12 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 	wait := false
 	var full []string // with wait: the backends whose queue refused the call too
 	repicked := false // picked again after addAttempt's errOverLimit
+	// refusals counts the picks the pool refused without trying them
+	// (at its connection cap, a backend taking no streams): none is an
+	// attempt (CallInfo.Attempts), the call was not sent, but they are
+	// bounded by MaxRetries, with the attempts, as the retries they
+	// replace.
+	refusals := 0
 	for {
 		s.attempts++
 		tried := s.tried
@@ -63,7 +69,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			}
 			if c.mayWait(refused, wait) {
 				wait = true
-				s.waitInsteadOfLast()
+				s.untryLast()
 				continue
 			}
 			c.releaseItemsLocked(items)
@@ -80,9 +86,10 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			if c.mayWait(refused, wait) {
 				// The Picker has no backend but those that just refused
 				// the call at their connection cap: it waits for a slot
-				// on the one picked.
+				// on the one picked: its one attempt, however many
+				// backends refused it.
 				wait = true
-				s.waitInsteadOfLast()
+				s.untryLast()
 			} else {
 				// No backend left but those that refused the call at the
 				// pool's caps (with wait, their queues too), which would
@@ -112,7 +119,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			}
 		}
 		a := &s.first
-		if s.attempts > 1 || s.att != nil {
+		if s.attempts > 1 || s.att != nil || refusals > 0 || repicked {
 			// s.first is taken: by an earlier attempt, or by the first,
 			// which a move (moveWaiter) picks again without counting it,
 			// and whose done and connection the caller still uses.
@@ -144,7 +151,12 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 				full = append(full, addr)
 				continue
 			}
-			if (f.kind == failBackendConns || f.kind == failNoStreams) && (s.attempts <= c.srv.cfg.MaxRetries || c.mayWait(&f, wait)) {
+			if f.kind == failBackendConns || f.kind == failNoStreams {
+				// Refused without trying: not an attempt.
+				s.attempts--
+				refusals++
+			}
+			if (f.kind == failBackendConns || f.kind == failNoStreams) && (s.attempts+refusals <= c.srv.cfg.MaxRetries || c.mayWait(&f, wait)) {
 				refused = &f
 				// Never reached the backend: another may take the call
 				// (see Config.MaxBackendConns, pool.noStreamsLocked).
@@ -153,12 +165,12 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 					s.tried = s.triedInl[:0]
 				}
 				s.tried = append(s.tried, addr)
-				if s.attempts > c.srv.cfg.MaxRetries {
+				if s.attempts+refusals > c.srv.cfg.MaxRetries {
 					// No retry left, but a refusal at the connection
 					// cap may still wait for a slot (mayWait): the next
 					// pick waits.
 					wait = true
-					s.waitInsteadOfLast()
+					s.untryLast()
 				}
 				continue
 			}
@@ -218,7 +230,9 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 				s.waitInsteadOfLast()
 				continue
 			}
-			if s.attempts <= c.srv.cfg.MaxRetries {
+			s.attempts-- // refused without trying: not an attempt
+			refusals++
+			if s.attempts+refusals <= c.srv.cfg.MaxRetries {
 				refused = &f
 				continue
 			}
@@ -232,7 +246,9 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			if done != nil {
 				done(f.pickerErr())
 			}
-			if s.attempts <= c.srv.cfg.MaxRetries {
+			s.attempts-- // refused without trying: not an attempt
+			refusals++
+			if s.attempts+refusals <= c.srv.cfg.MaxRetries {
 				refused = &f
 				continue
 			}
@@ -297,12 +313,20 @@ func (c *serverConn) pickLocked(s *stream, tried []string) (UpstreamPick, error)
 	}
 }
 
-// waitInsteadOfLast makes the pick that waits for a slot take the place
-// of the last pick the pool refused (mayWait): the refusal is not counted
-// as an attempt of its own (CallInfo.Attempts), nor its backend as tried.
+// waitInsteadOfLast undoes the last attempt, whose call is picked again
+// (moveWaiter, addAttempt's errOverLimit): it is not counted as an
+// attempt of its own (CallInfo.Attempts), nor its backend as tried.
 // Caller must hold cc.mu.
 func (s *stream) waitInsteadOfLast() {
 	s.attempts--
+	s.untryLast()
+}
+
+// untryLast makes the pick that waits for a slot take the place of the
+// last pick the pool refused (mayWait) in tried: its backend is not
+// noted as tried. The refusal was not counted as an attempt. Caller must
+// hold cc.mu.
+func (s *stream) untryLast() {
 	if n := len(s.tried); n > 0 {
 		s.tried = s.tried[:n-1]
 	}
