@@ -243,3 +243,62 @@ func TestOverLimitAtHandshakeTakesNewConn(t *testing.T) {
 	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
 	checkSettled(t, unsettled)
 }
+
+// TestOverLimitAfterReserveTakesNewConn: as
+// TestOverLimitAfterReserveWaitsBounded, the second call's slot is
+// reserved on the assumed limit and the backend's SETTINGS
+// (MAX_CONCURRENT_STREAMS 1) applied, the first call on the one slot,
+// before the call is queued; the pool may open a second connection
+// (MaxBackendConns 2). The call is picked again and served there,
+// opening that connection (before: it waited on the full one).
+func TestOverLimitAfterReserveTakesNewConn(t *testing.T) {
+	verifyNoLeaks(t)
+	unsettled := proxy.UnsettledStreams()
+	gate := make(chan struct{})
+	b := &settingsBackend{gate: gate}
+	addr := rawBackend(t, b.serve)
+	ctx := testkit.Context(t, 30*time.Second)
+	var reserved atomic.Int32
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.MaxBackendConns = 2
+		c.BackendPendingTimeout = 20 * time.Second
+		c.HandshakeTimeout = 20 * time.Second
+	}, hook: func(s *proxy.Server) {
+		proxy.SetAfterReserve(s, func(string) {
+			if reserved.Add(1) != 2 {
+				return
+			}
+			close(gate)
+			testkit.WaitFor(ctx, t, "the first call on the backend", func() bool {
+				b.mu.Lock()
+				defer b.mu.Unlock()
+				return len(b.held) == 1
+			})
+		})
+	}})
+	e.setBackends(addr)
+	srv := e.srv.(*proxy.Server)
+	hctx, cancelHang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, "x-hang", "1"))
+	defer cancelHang()
+	first := make(chan error, 1)
+	go func() {
+		_, err := e.client.EmptyCall(hctx, &testgrpc.Empty{})
+		first <- err
+	}()
+	testkit.WaitFor(ctx, t, "the first call waiting for the handshake", func() bool { return srv.PendingAttempts() == 1 })
+	second := testgrpc.NewTestServiceClient(e.dial(e.addr))
+	cctx, cancel := context.WithTimeout(ctx, 8*time.Second)
+	defer cancel()
+	if _, err := second.EmptyCall(cctx, &testgrpc.Empty{}); err != nil {
+		t.Errorf("the call past the first connection's limit: %v, want it served on another connection", err)
+	}
+	if n := srv.BackendConns(addr); n != 2 {
+		t.Errorf("%d connections to the backend, want 2", n)
+	}
+	cancelHang()
+	if err := <-first; status.Code(err) != codes.Canceled {
+		t.Errorf("the held call: %v, want CANCELLED", err)
+	}
+	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	checkSettled(t, unsettled)
+}
