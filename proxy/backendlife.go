@@ -59,7 +59,13 @@ func (b *backendConn) onPeerSettings() {
 		moved = b.overLimitLocked()
 	}
 	open := len(b.streams)
+	// A raised limit frees slots as a stream's end does (releaseSlotLocked):
+	// calls waiting on the backend's other connections take them.
+	give := !zero && b.keyWaiting.Load() > 0 && b.takesWaitingLocked() && b.reserved < b.capLocked()
 	b.mu.Unlock()
+	if give {
+		go b.pool.rebalance(poolKey{b.up, b.addr})
+	}
 	if changed {
 		b.pool.mu.Lock()
 		b.pool.refreshZeroLocked(b.addr)
@@ -349,9 +355,10 @@ func (c *serverConn) shedWaiting() {
 	}
 }
 
-// rebalance gives the slots free on connections of k with no call
-// waiting to the calls waiting on its other connections, the first in
-// each connection's order from the connection with the most waiting: a
+// rebalance gives the slots free on connections of k, past those their
+// own waiting calls take, to the calls waiting on its other connections,
+// the first in each connection's order from the connection with the
+// most waiting: a
 // call waits on one connection (queueLocked), and without it a slot that
 // came free on another went to the next new call while the waiting call
 // failed at BackendPendingTimeout. Each call moved leaves its connection
@@ -364,7 +371,10 @@ func (p *pool) rebalance(k poolKey) {
 	for _, x := range cs {
 		x.mu.Lock()
 		free := 0
-		if x.queued == 0 && x.takesWaitingLocked() && x.gotSettings && x.reserved < x.capLocked() {
+		// reserved counts x's own waiting calls, which its writer opens
+		// first: what is left is free (a raised limit leaves such room
+		// while they wait).
+		if x.takesWaitingLocked() && x.gotSettings && x.reserved < x.capLocked() {
 			free = int(x.capLocked() - x.reserved)
 		}
 		x.mu.Unlock()

@@ -302,3 +302,61 @@ func TestOverLimitAfterReserveTakesNewConn(t *testing.T) {
 	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
 	checkSettled(t, unsettled)
 }
+
+// TestRaisedLimitTakesSiblingsWaiters: two connections to a backend
+// (MaxBackendConns 2) at its one stream each carry a long call, and two
+// more calls wait for a slot. The backend raises the second
+// connection's SETTINGS_MAX_CONCURRENT_STREAMS to 3: its slots take the
+// calls waiting on either connection, as a slot freed there does
+// (rebalance), not only those waiting on it (before: a call waiting on
+// the first connection stayed there, up to BackendPendingTimeout, beside
+// the free slot).
+func TestRaisedLimitTakesSiblingsWaiters(t *testing.T) {
+	verifyNoLeaks(t)
+	unsettled := proxy.UnsettledStreams()
+	b := &settingsBackend{}
+	addr := rawBackend(t, b.serve)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.MaxBackendConns = 2
+		c.MaxBackendPending = 8
+		c.BackendPendingTimeout = 20 * time.Second
+	}})
+	e.setBackends(addr)
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	held := func() int {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return len(b.held)
+	}
+	hctx, cancelHang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, "x-hang", "1"))
+	defer cancelHang()
+	errs := make(chan error, 4)
+	call := func() {
+		go func() {
+			_, err := e.client.EmptyCall(hctx, &testgrpc.Empty{})
+			errs <- err
+		}()
+	}
+	call()
+	testkit.WaitFor(ctx, t, "the first call on the backend", func() bool { return held() == 1 })
+	call()
+	testkit.WaitFor(ctx, t, "the second call on the backend's second connection", func() bool {
+		return held() == 2 && srv.BackendConns(addr) == 2
+	})
+	call()
+	call()
+	testkit.WaitFor(ctx, t, "two calls waiting", func() bool { return srv.Waiting() == 2 })
+	b.set(3) // on the connection accepted last, the second
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	testkit.WaitFor(wctx, t, "every call on the backend, none waiting", func() bool { return held() == 4 && srv.Waiting() == 0 })
+	cancelHang()
+	for range 4 {
+		if err := <-errs; status.Code(err) != codes.Canceled {
+			t.Errorf("held call: %v, want CANCELLED", err)
+		}
+	}
+	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	checkSettled(t, unsettled)
+}
