@@ -280,6 +280,11 @@ func (b *backendConn) run(ctx context.Context) {
 	}
 	b.mu.Unlock()
 	b.stopDrainTimer()
+	// Forgotten first: the calls failAll sends elsewhere, those never
+	// sent among them, may take a new connection to the backend in its
+	// place (at MaxBackendConns, b counted against the cap and they
+	// failed with its error).
+	b.pool.remove(b)
 	b.failAll(failure{kind: failConnLost, backend: b.addr, cause: cause})
 }
 

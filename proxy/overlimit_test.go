@@ -2,7 +2,9 @@ package proxy_test
 
 import (
 	"context"
+	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -355,6 +357,74 @@ func TestRaisedLimitTakesSiblingsWaiters(t *testing.T) {
 	for range 4 {
 		if err := <-errs; status.Code(err) != codes.Canceled {
 			t.Errorf("held call: %v, want CANCELLED", err)
+		}
+	}
+	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	checkSettled(t, unsettled)
+}
+
+// TestOverLimitWaitersSurviveConnLoss: three calls take slots on a new
+// backend connection before its SETTINGS (MAX_CONCURRENT_STREAMS 1); the
+// first opened hangs, the other two wait for a slot (MaxBackendConns 1).
+// The backend then closes the connection: the opened call fails
+// UNAVAILABLE, and the two that waited, never sent, go to a new
+// connection and are served. Nothing stays waiting, pending, or
+// referenced.
+func TestOverLimitWaitersSurviveConnLoss(t *testing.T) {
+	verifyNoLeaks(t)
+	unsettled := proxy.UnsettledStreams()
+	gate := make(chan struct{})
+	b := &settingsBackend{gate: gate}
+	var mu sync.Mutex
+	var first net.Conn
+	addr := rawBackend(t, func(nc net.Conn) {
+		mu.Lock()
+		if first == nil {
+			first = nc
+		}
+		mu.Unlock()
+		b.serve(nc)
+	})
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.MaxBackendConns = 1
+		c.BackendPendingTimeout = 20 * time.Second
+		c.HandshakeTimeout = 20 * time.Second
+	}})
+	e.setBackends(addr)
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	held := make(chan error, 1)
+	go func() {
+		_, err := e.client.EmptyCall(metadata.AppendToOutgoingContext(cctx, "x-hang", "1"), &testgrpc.Empty{})
+		held <- err
+	}()
+	testkit.WaitFor(ctx, t, "the first call waiting for the handshake", func() bool { return srv.PendingAttempts() == 1 })
+	waiters := make(chan error, 2)
+	for range 2 {
+		go func() {
+			_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+			waiters <- err
+		}()
+	}
+	testkit.WaitFor(ctx, t, "three calls waiting for the handshake", func() bool { return srv.PendingAttempts() == 3 })
+	close(gate)
+	testkit.WaitFor(ctx, t, "two calls waiting for a slot", func() bool { return srv.Waiting() == 2 })
+	testkit.WaitFor(ctx, t, "the first call on the backend", func() bool {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return len(b.held) == 1
+	})
+	mu.Lock()
+	first.Close()
+	mu.Unlock()
+	if err := <-held; status.Code(err) != codes.Unavailable {
+		t.Errorf("the call on the lost connection: %v, want UNAVAILABLE", err)
+	}
+	for range 2 {
+		if err := <-waiters; err != nil {
+			t.Errorf("a call that waited, never sent: %v, want it served on a new connection", err)
 		}
 	}
 	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
