@@ -430,3 +430,61 @@ func TestOverLimitWaitersSurviveConnLoss(t *testing.T) {
 	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
 	checkSettled(t, unsettled)
 }
+
+// TestOverLimitDoneOnce: eight calls take slots on a new backend
+// connection before its SETTINGS say MAX_CONCURRENT_STREAMS 1, each
+// hanging on the backend once sent and ending at its deadline, 0.2 to
+// 3 s; two are cancelled by their clients while they wait. Those past
+// the limit are picked again (a second connection takes one, the rest
+// wait, bounded by BackendPendingTimeout), some ending while they wait.
+// Every pick's done is called exactly once, and nothing stays waiting,
+// pending or referenced.
+func TestOverLimitDoneOnce(t *testing.T) {
+	verifyNoLeaks(t)
+	unsettled := proxy.UnsettledStreams()
+	gate := make(chan struct{})
+	b := &settingsBackend{gate: gate}
+	addr := rawBackend(t, b.serve)
+	var pk *onceCheckPicker
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		pk = &onceCheckPicker{next: c.Picker}
+		c.Picker = pk
+		c.MaxBackendConns = 2
+		c.MaxBackendPending = 8
+		c.BackendPendingTimeout = 2 * time.Second
+		c.HandshakeTimeout = 20 * time.Second
+	}})
+	e.setBackends(addr)
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	hang := metadata.AppendToOutgoingContext(ctx, "x-hang", "1")
+	const n = 8
+	var wg sync.WaitGroup
+	cancels := make([]context.CancelFunc, n)
+	for i := range n {
+		cctx, cancel := context.WithTimeout(hang, time.Duration(200+400*i)*time.Millisecond)
+		cancels[i] = cancel
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer cancel()
+			_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+			if c := status.Code(err); c != codes.DeadlineExceeded && c != codes.Canceled && c != codes.Unavailable {
+				t.Errorf("call %d: %v", i, err)
+			}
+		}()
+	}
+	testkit.WaitFor(ctx, t, "the calls waiting for the handshake", func() bool { return srv.PendingAttempts() == n })
+	close(gate)
+	testkit.WaitFor(ctx, t, "calls waiting for a slot", func() bool { return srv.Waiting() > 0 })
+	cancels[5]()
+	cancels[6]()
+	wg.Wait()
+	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	testkit.WaitFor(ctx, t, "every pick done", func() bool { return pk.dones.Load()+pk.twice.Load() >= pk.picks.Load() })
+	if tw, d, p := pk.twice.Load(), pk.dones.Load(), pk.picks.Load(); tw != 0 || d != p {
+		t.Errorf("%d picks, %d dones, %d called again", p, d, tw)
+	}
+	t.Logf("%d picks for %d calls", pk.picks.Load(), n)
+	checkSettled(t, unsettled)
+}
