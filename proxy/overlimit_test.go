@@ -488,3 +488,59 @@ func TestOverLimitDoneOnce(t *testing.T) {
 	t.Logf("%d picks for %d calls", pk.picks.Load(), n)
 	checkSettled(t, unsettled)
 }
+
+// TestOverLimitWaitersAtShutdown: three calls take slots on a new
+// backend connection before its SETTINGS say MAX_CONCURRENT_STREAMS 1;
+// the one sent hangs, the two past the limit wait for a slot
+// (MaxBackendConns 1, BackendPendingTimeout 20 s). Shutdown, bounded at
+// 500 ms, ends them all with a status the client sees (none waits to its
+// own deadline), returns in time, and leaves nothing waiting, pending or
+// referenced.
+func TestOverLimitWaitersAtShutdown(t *testing.T) {
+	verifyNoLeaks(t)
+	unsettled := proxy.UnsettledStreams()
+	gate := make(chan struct{})
+	b := &settingsBackend{gate: gate}
+	addr := rawBackend(t, b.serve)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.MaxBackendConns = 1
+		c.BackendPendingTimeout = 20 * time.Second
+		c.HandshakeTimeout = 20 * time.Second
+	}})
+	e.setBackends(addr)
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	cctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, "x-hang", "1"), 15*time.Second)
+	defer cancel()
+	errs := make(chan error, 3)
+	for range 3 {
+		go func() {
+			_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+			errs <- err
+		}()
+	}
+	testkit.WaitFor(ctx, t, "three calls waiting for the handshake", func() bool { return srv.PendingAttempts() == 3 })
+	close(gate)
+	testkit.WaitFor(ctx, t, "two calls waiting for a slot", func() bool { return srv.Waiting() == 2 })
+	start := time.Now()
+	sctx, scancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer scancel()
+	err := srv.Shutdown(sctx)
+	if took := time.Since(start); took > 3*time.Second {
+		t.Errorf("Shutdown took %v (%v)", took, err)
+	}
+	for range 3 {
+		select {
+		case err := <-errs:
+			if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "shutting down") {
+				t.Errorf("call at shutdown: %v, want UNAVAILABLE saying the server is shutting down", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("a call did not end at shutdown")
+		}
+	}
+	if n, p := srv.Waiting(), srv.PendingAttempts(); n != 0 || p != 0 {
+		t.Errorf("%d waiting, %d pending after Shutdown", n, p)
+	}
+	checkSettled(t, unsettled)
+}
