@@ -104,10 +104,10 @@ func newBackendConn(p *pool, k poolKey) *backendConn {
 // Until the backend's SETTINGS arrive its limit is unknown, and the RFC's
 // initial value is "unlimited"; we assume 100, the smallest limit RFC 9113
 // §6.5.2 recommends, so a new connection never takes more streams than a
-// well-behaved server accepts. Streams beyond a lower advertised limit wait
-// for a slot on this connection (at most 100 of them), as waiting calls
-// do, bounded by BackendPendingTimeout (overLimitLocked); later streams go
-// to another connection, which assumes the limit its siblings learned.
+// well-behaved server accepts. Streams beyond a lower advertised limit are
+// picked again (overLimitLocked): another connection, which assumes the
+// limit its siblings learned, takes them, or they wait for a slot as
+// calls at MaxBackendConns do.
 func (b *backendConn) capLocked() uint32 {
 	c := b.pool.srv.cfg.BackendStreamsPerConn
 	peer := b.assumedMax

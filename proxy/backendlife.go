@@ -516,8 +516,9 @@ func (b *backendConn) queueExpired(a *attempt, wait time.Duration) {
 // a guess (see capLocked), and a burst of calls to a new backend waits on
 // one of them, up to BackendStreamsPerConn each, for the SETTINGS to tell
 // how many it takes, rather than fail on the guess. Those over the limit
-// the backend then advertises wait on their connection for a slot, as they
-// do whenever SETTINGS come in lower than assumed. Caller must hold p.mu.
+// the backend then advertises are picked again, as whenever SETTINGS come
+// in lower than assumed (overLimitLocked): at the cap they wait for a
+// slot (MaxBackendPending). Caller must hold p.mu.
 func (p *pool) reserveUnknownLocked(k poolKey) *backendConn {
 	cs := p.conns[k]
 	for _, b := range cs {

@@ -227,10 +227,11 @@ type Config struct {
 	// client's cancel end the wait too. Calls that took a slot a
 	// connection's backend then has no room for (reserved on the assumed
 	// limit before its first SETTINGS, or before it lowered
-	// SETTINGS_MAX_CONCURRENT_STREAMS) wait on it the same way, counted
-	// and bounded alike, even past this cap. Zero means
+	// SETTINGS_MAX_CONCURRENT_STREAMS) are picked again, uncounted, as
+	// if picked then: another connection takes them if the pool may open
+	// one, else they wait the same way, within this cap. Zero means
 	// DefaultMaxBackendPending, negative none wait (those calls then go
-	// to another backend, as transparent retries).
+	// to another backend, or fail UNAVAILABLE).
 	MaxBackendPending int
 	// BackendPendingTimeout bounds that wait. Zero or negative means
 	// DefaultBackendPendingTimeout.
