@@ -103,28 +103,38 @@ func (b *backendConn) onPeerSettings() {
 // long calls it carries while a new connection could serve them. Calls
 // waiting already (queued) stay. Caller must hold mu.
 func (b *backendConn) overLimitLocked() (moved []*attempt) {
-	free := 0
-	if c, n := b.capLocked(), uint32(len(b.streams)); n < c {
-		free = int(c - n)
-	}
+	n := b.slotsOpenLocked()
+	limit := b.capLocked()
 	for i := 0; i < len(b.pending); i++ {
 		a := b.pending[i]
 		if a.bClosed {
 			continue
 		}
-		if free > 0 {
-			free--
-			continue
+		if n++; n <= limit || a.queued {
+			continue // it has a slot, or waits already, within its bound
 		}
-		if a.queued {
-			continue // it waits already, within its bound
-		}
+		n--
 		b.pending = slices.Delete(b.pending, i, i+1) // pending's reference goes to moved
 		i--
 		b.unlinkLocked(a) // and its handshake timer
 		moved = append(moved, a)
 	}
 	return moved
+}
+
+// slotsOpenLocked counts the open streams on b that hold a slot: not one
+// answered before its request was sent, which gave its slot back while it
+// waits for its reset (answeredEarlyLocked). Slots reserved for attempts
+// not yet queued (pool.get, then addAttempt) are not counted: they join
+// the pending list after those in it. Caller must hold mu.
+func (b *backendConn) slotsOpenLocked() uint32 {
+	n := uint32(0)
+	for _, a := range b.streams {
+		if !a.slotFreed {
+			n++
+		}
+	}
+	return n
 }
 
 // overLimitAddLocked reports whether a, about to join b's pending list,
@@ -134,16 +144,17 @@ func (b *backendConn) overLimitLocked() (moved []*attempt) {
 // before the backend lowered it), as overLimitLocked finds of those
 // pending when the SETTINGS come. Caller must hold mu.
 func (b *backendConn) overLimitAddLocked(a *attempt) bool {
-	if !b.gotSettings || a.queued {
-		return false
+	limit := b.capLocked()
+	if !b.gotSettings || a.queued || b.reserved <= limit {
+		return false // the slots reserved, a's included, are within the limit
 	}
-	n := uint32(len(b.streams))
+	n := b.slotsOpenLocked()
 	for _, p := range b.pending {
 		if !p.bClosed {
 			n++
 		}
 	}
-	return n >= b.capLocked()
+	return n >= limit
 }
 
 // noStreamsLocked reports whether the backend of k advertised

@@ -142,7 +142,7 @@ func TestOverLimitAfterReserveWaitsBounded(t *testing.T) {
 					// limit: the backend's SETTINGS arrive, and the first
 					// call takes the one slot, before it is queued.
 					close(gate)
-					testkit.WaitFor(ctx, t, "the first call on the backend", heldOne)
+					waitInHook(t, "the first call on the backend", heldOne)
 				})
 			}})
 			e.setBackends(addr)
@@ -271,7 +271,7 @@ func TestOverLimitAfterReserveTakesNewConn(t *testing.T) {
 				return
 			}
 			close(gate)
-			testkit.WaitFor(ctx, t, "the first call on the backend", func() bool {
+			waitInHook(t, "the first call on the backend", func() bool {
 				b.mu.Lock()
 				defer b.mu.Unlock()
 				return len(b.held) == 1
@@ -543,4 +543,22 @@ func TestOverLimitWaitersAtShutdown(t *testing.T) {
 		t.Errorf("%d waiting, %d pending after Shutdown", n, p)
 	}
 	checkSettled(t, unsettled)
+}
+
+// waitInHook waits, up to 10 s, for cond in a hook the proxy calls on its
+// own goroutine, under its locks: a test failure there must not end that
+// goroutine (t.Fatal would, and hang the test), so it is reported and the
+// hook returns.
+func waitInHook(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Errorf("timed out waiting for %s", what)
+			return
+		}
+		<-tick.C
+	}
 }
