@@ -230,9 +230,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 				s.waitInsteadOfLast()
 				continue
 			}
-			s.attempts-- // refused without trying: not an attempt
-			refusals++
-			if s.attempts+refusals <= c.srv.cfg.MaxRetries {
+			if c.refusedUntried(s, &refusals) {
 				refused = &f
 				continue
 			}
@@ -246,9 +244,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			if done != nil {
 				done(f.pickerErr())
 			}
-			s.attempts-- // refused without trying: not an attempt
-			refusals++
-			if s.attempts+refusals <= c.srv.cfg.MaxRetries {
+			if c.refusedUntried(s, &refusals) {
 				refused = &f
 				continue
 			}
@@ -357,6 +353,17 @@ func (c *serverConn) releaseItemsLocked(items []outItem) {
 			c.bufs.freeBuf(it.buf) // copies made by harvest: no writer has seen them
 		}
 	}
+}
+
+// refusedUntried counts a backend's refusal of s's call without trying
+// it (never sent: its connection's limit left no slot, or it takes no
+// streams), which is no attempt, and reports whether the call may still
+// be picked again: refusals stay bounded by MaxRetries with the attempts.
+// Caller must hold mu.
+func (c *serverConn) refusedUntried(s *stream, refusals *int) bool {
+	s.attempts--
+	*refusals++
+	return s.attempts+*refusals <= c.srv.cfg.MaxRetries
 }
 
 // retryOrFail is called by a backend connection for an attempt it
