@@ -214,12 +214,13 @@ func (rt *router) PickUpstream(ctx context.Context, fullMethod string, call *pro
 			return proxy.UpstreamPick{}, err
 		}
 	}
+	pk := proxy.UpstreamPick{Upstream: d.cluster.up, Timeout: r.timeout}
 	if mp, ok := d.picker.(*meteredPicker); ok {
-		addr, sent, done, err := mp.pickSent(ctx, fullMethod, avoid)
-		return proxy.UpstreamPick{Addr: addr, Upstream: d.cluster.up, Done: done, Sent: sent, Timeout: r.timeout}, err
+		pk.Addr, pk.Sent, pk.Done, err = mp.pickSent(ctx, fullMethod, avoid) // counted started when sent
+	} else {
+		pk.Addr, pk.Done, err = d.pick(ctx, fullMethod, avoid)
 	}
-	addr, done, err := d.pick(ctx, fullMethod, avoid)
-	return proxy.UpstreamPick{Addr: addr, Upstream: d.cluster.up, Done: done, Timeout: r.timeout}, err
+	return pk, err
 }
 
 // PickExcluding picks a retry's backend from the routed cluster (one

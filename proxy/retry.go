@@ -153,26 +153,25 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			}
 			if f.kind == failBackendConns || f.kind == failNoStreams {
 				// Refused without trying: not an attempt.
-				s.attempts--
-				refusals++
-			}
-			if (f.kind == failBackendConns || f.kind == failNoStreams) && (s.attempts+refusals <= c.srv.cfg.MaxRetries || c.mayWait(&f, wait)) {
-				refused = &f
-				// Never reached the backend: another may take the call
-				// (see Config.MaxBackendConns, pool.noStreamsLocked).
-				// Noted as tried, so the next pick avoids it.
-				if s.tried == nil {
-					s.tried = s.triedInl[:0]
+				if again := c.refusedUntried(s, &refusals); again || c.mayWait(&f, wait) {
+					refused = &f
+					// Never reached the backend: another may take the
+					// call (see Config.MaxBackendConns,
+					// pool.noStreamsLocked). Noted as tried, so the next
+					// pick avoids it.
+					if s.tried == nil {
+						s.tried = s.triedInl[:0]
+					}
+					s.tried = append(s.tried, addr)
+					if !again {
+						// No retry left, but a refusal at the connection
+						// cap may still wait for a slot (mayWait): the
+						// next pick waits.
+						wait = true
+						s.untryLast()
+					}
+					continue
 				}
-				s.tried = append(s.tried, addr)
-				if s.attempts+refusals > c.srv.cfg.MaxRetries {
-					// No retry left, but a refusal at the connection
-					// cap may still wait for a slot (mayWait): the next
-					// pick waits.
-					wait = true
-					s.untryLast()
-				}
-				continue
 			}
 			c.releaseItemsLocked(items)
 			return f, false
@@ -356,8 +355,8 @@ func (c *serverConn) releaseItemsLocked(items []outItem) {
 }
 
 // refusedUntried counts a backend's refusal of s's call without trying
-// it (never sent: its connection's limit left no slot, or it takes no
-// streams), which is no attempt, and reports whether the call may still
+// it (never sent: the pool's connection cap, or its connection's limit
+// left no slot, or it takes no streams), which is no attempt, and reports whether the call may still
 // be picked again: refusals stay bounded by MaxRetries with the attempts.
 // Caller must hold mu.
 func (c *serverConn) refusedUntried(s *stream, refusals *int) bool {
