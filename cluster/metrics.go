@@ -36,6 +36,11 @@ import (
 //     bytes relayed, retries and limit rejections. It runs inline where the
 //     call ended (proxy.Config.CountCallEnd: a handful of atomic adds, no
 //     goroutine hand-off per call), and uses the same backendMetrics.
+//   - Per backend connection that could not be opened, the data plane's
+//     connect-failure hook (connectFailure, proxy.Config.
+//     CountConnectFailure) counts it on the backend, off the calls' path:
+//     no call was sent on it, so calls started and finished do not show
+//     it.
 //   - At scrape time, a Collector reads the director's per-backend state
 //     (health, ejection, ejections) and the backend set's size, so none of
 //     that costs anything between scrapes.
@@ -109,6 +114,9 @@ type backendMetrics struct {
 	// summed at scrape time.
 	durCounts [len(durationBounds) + 1]atomic.Uint64
 	finished  [numCodes]atomic.Uint64 // by codes.Code
+	// connectFails counts the connections to the backend that could not
+	// be opened (connectFailure); no call touches it.
+	connectFails atomic.Uint64
 }
 
 // observe counts a duration of d nanoseconds.
@@ -198,6 +206,15 @@ func (m *metrics) callEnd(ci proxy.CallInfo) {
 			c.Inc()
 		}
 	}
+}
+
+// connectFailure counts a connection to backend addr that could not be
+// opened (proxy.Config.CountConnectFailure): refused, timed out, or its
+// TLS or HTTP/2 handshake failed. It runs on the connection's goroutine,
+// under no lock of the proxy's; an address not in the current set counts
+// nowhere, as its calls do (backend).
+func (m *metrics) connectFailure(addr string) {
+	m.backend(addr).connectFails.Add(1)
 }
 
 // backend returns addr's counts, made on first use.
@@ -402,6 +419,7 @@ func finishedCode(err error) codes.Code {
 type callCollector struct {
 	m                                                          *metrics
 	started, finished, inflight, duration, reqBytes, respBytes *prometheus.Desc
+	connectFails                                               *prometheus.Desc
 }
 
 func newCallCollector(m *metrics, constLabels prometheus.Labels) *callCollector {
@@ -414,11 +432,13 @@ func newCallCollector(m *metrics, constLabels prometheus.Labels) *callCollector 
 		duration:  prometheus.NewDesc("streamlb_call_duration_seconds", "Time from picking a backend to the end of the call's stream.", backend, constLabels),
 		reqBytes:  prometheus.NewDesc("streamlb_request_bytes_total", "Request DATA payload bytes received from clients, by the backend of the call's final attempt.", backend, constLabels),
 		respBytes: prometheus.NewDesc("streamlb_response_bytes_total", "Response DATA payload bytes relayed to clients, by backend.", backend, constLabels),
+		connectFails: prometheus.NewDesc("streamlb_backend_connect_failures_total",
+			"Connections to the backend that could not be opened: refused, timed out, or their TLS or HTTP/2 handshake failed (frame engine).", backend, constLabels),
 	}
 }
 
 func (cc *callCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{cc.started, cc.finished, cc.inflight, cc.duration, cc.reqBytes, cc.respBytes} {
+	for _, d := range []*prometheus.Desc{cc.started, cc.finished, cc.inflight, cc.duration, cc.reqBytes, cc.respBytes, cc.connectFails} {
 		ch <- d
 	}
 }
@@ -445,6 +465,7 @@ func (cc *callCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(cc.started, prometheus.CounterValue, float64(b.started.Load()), addr)
 		ch <- prometheus.MustNewConstMetric(cc.reqBytes, prometheus.CounterValue, float64(b.reqBytes.Load()), addr)
 		ch <- prometheus.MustNewConstMetric(cc.respBytes, prometheus.CounterValue, float64(b.respBytes.Load()), addr)
+		ch <- prometheus.MustNewConstMetric(cc.connectFails, prometheus.CounterValue, float64(b.connectFails.Load()), addr)
 	}
 }
 

@@ -247,6 +247,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		pc.DrainTimeout = cfg.DrainTimeout
 		pc.Logger = cfg.Logger
 		pc.CountCallEnd, pc.OnCallEnd = s.callEndHooks()
+		pc.CountConnectFailure = s.connectFailureHook()
 		var fs *proxy.Server
 		if fs, err = proxy.New(pc); err == nil {
 			s.engine = fs
@@ -333,6 +334,29 @@ func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
 		log = func(ci proxy.CallInfo) { al.callEnd(name, ci, s.logger) }
 	}
 	return count, log
+}
+
+// connectFailureHook is the frame engine's connect-failure hook
+// (proxy.Config.CountConnectFailure): the failure is counted on the
+// backend in its cluster's metrics, found as a call's is (clusterFor:
+// with a configuration file, the cluster named by the connection's
+// Upstream). Nil when metrics are off.
+func (s *Server) connectFailureHook() func(upstream, backend string, err error) {
+	if s.cfg.Metrics == nil {
+		return nil
+	}
+	if s.set != nil {
+		return func(upstream, backend string, _ error) {
+			if c := s.set.clusterFor(upstream, backend); c != nil && c.metrics != nil {
+				c.metrics.connectFailure(backend)
+			}
+		}
+	}
+	m := s.cluster.metrics
+	if m == nil {
+		return nil
+	}
+	return func(_, backend string, _ error) { m.connectFailure(backend) }
 }
 
 // Cluster returns the server's cluster; nil when it serves a

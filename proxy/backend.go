@@ -202,6 +202,10 @@ func (b *backendConn) run(ctx context.Context) {
 		b.mu.Unlock()
 		b.stopDrainTimer()
 		b.writerGone() // no writer will run: what the attempts release is freed at once
+		if ctx.Err() == nil {
+			// Not the pool's own cancel (Shutdown, Close).
+			b.countConnectFailure(err)
+		}
 		b.failAll(failure{kind: failDial, backend: b.addr, cause: err, draining: b.pool.restarting(b.addr)})
 		return
 	}
@@ -278,7 +282,11 @@ func (b *backendConn) run(ctx context.Context) {
 	if errors.Is(b.closeErr, errKeepalive) || errors.Is(b.closeErr, errNoSettings) || errors.Is(b.closeErr, errLeftSet) {
 		cause = b.closeErr // the reader and writer only saw the socket closed
 	}
+	handshakeFailed := b.handshakeFailedLocked()
 	b.mu.Unlock()
+	if handshakeFailed && ctx.Err() == nil {
+		b.countConnectFailure(cause)
+	}
 	b.stopDrainTimer()
 	// Forgotten first: the calls failAll sends elsewhere, those never
 	// sent among them, may take a new connection to the backend in its
@@ -291,6 +299,36 @@ func (b *backendConn) run(ctx context.Context) {
 // errNoSettings closes a backend connection whose peer sent no SETTINGS
 // within HandshakeTimeout of the dial (RFC 9113 §3.4: it must send them first).
 var errNoSettings = errors.New("backend sent no HTTP/2 SETTINGS in time")
+
+// handshakeFailedLocked reports whether b, its socket closed, ended before
+// the backend's first SETTINGS for the backend's doing, not the proxy's:
+// no SETTINGS in time, a connection error of the backend's (fatal: it
+// broke the protocol, its first frame not SETTINGS among others), or the
+// socket failing under the reader or the writer (reset, EOF, a write
+// error). The proxy's own closes are not: closeAll (errClosed), a drain
+// bound (errLeftSet), and a writer that exited, nothing left to write,
+// on a connection drained or closed as idle (closeErr nil). See
+// Config.CountConnectFailure. Caller must hold mu.
+func (b *backendConn) handshakeFailedLocked() bool {
+	switch {
+	case b.gotSettings:
+		return false
+	case errors.Is(b.closeErr, errNoSettings), b.fatal:
+		return true
+	case b.closeErr == nil, errors.Is(b.closeErr, errClosed), errors.Is(b.closeErr, errLeftSet):
+		return false
+	}
+	return true
+}
+
+// countConnectFailure reports b as a connection that could not be
+// opened, for err, to Config.CountConnectFailure. It runs on b's run
+// goroutine, with no lock held.
+func (b *backendConn) countConnectFailure(err error) {
+	if count := b.pool.srv.cfg.CountConnectFailure; count != nil {
+		count(b.up.name, b.addr, err)
+	}
+}
 
 func (b *backendConn) stopDrainTimer() {
 	b.mu.Lock()

@@ -464,6 +464,28 @@ type Config struct {
 	// hand-off per call the way OnCallEnd's delivery does. Nil costs
 	// nothing per call.
 	CountCallEnd func(CallInfo)
+
+	// CountConnectFailure, if set, is called once for every backend
+	// connection that could not be opened, as Envoy counts
+	// upstream_cx_connect_fail: the dial failed (refused, ConnectTimeout
+	// passed, or, with a Dial that does TLS, its handshake failed), or the
+	// backend did not complete the HTTP/2 handshake: it closed or reset
+	// the connection, broke the protocol, or sent no SETTINGS within
+	// HandshakeTimeout (RFC 9113 §3.4: its SETTINGS come first). Since
+	// streams are opened only after those SETTINGS, no call was sent on
+	// such a connection (UpstreamPick.Sent), so nothing else counts it
+	// per backend. A connection that completed its handshake and failed
+	// later is not counted, nor one the proxy closed itself before the
+	// handshake (Shutdown, Close, a drained backend or Upstream).
+	//
+	// upstream names the Upstream the connection was dialed for, as
+	// CallInfo.Upstream does ("" for the Server's own), backend is its
+	// address and err why it failed. It is called on the connection's own
+	// goroutine, off the calls' path and under no lock of the proxy's,
+	// before the calls that waited for the connection go elsewhere or
+	// fail: it must return quickly and never block, since they wait for
+	// it. Nil costs nothing.
+	CountConnectFailure func(upstream, backend string, err error)
 }
 
 func (c *Config) setDefaults() error {
