@@ -40,6 +40,7 @@ func (b *backendConn) onPeerSettings() {
 	// moved owns the references the pending list had to the streams of
 	// its attempts, until retryOrFail returned.
 	var moved []*attempt
+	over := failure{kind: failOverLimit, backend: b.addr, limit: int64(b.peerMaxStream)}
 	if zero {
 		for _, a := range b.pending {
 			if !a.bClosed {
@@ -82,7 +83,7 @@ func (b *backendConn) onPeerSettings() {
 		if zero {
 			s.cc.retryOrFail(a, true, failure{kind: failNoStreams, backend: b.addr})
 		} else {
-			s.cc.moveWaiter(a)
+			s.cc.moveWaiter(a, over)
 		}
 		s.unref() // moved's
 	}
@@ -94,12 +95,12 @@ func (b *backendConn) onPeerSettings() {
 // SETTINGS (capLocked), or the backend lowered its limit. openLocked
 // opens pending attempts in order while slots are free; those past the
 // free slots, never sent, are returned, with their pending list's
-// references, to be started again (serverConn.moveWaiter) as if picked
-// now, which the slot's reservation missed: on another connection to
-// the backend if the pool may open one, else waiting for a slot as calls
-// at the connection cap do (counted as waiting, bounded by
-// Config.BackendPendingTimeout and Config.MaxBackendPending), or, with
-// the wait queue off, elsewhere. Left waiting on b, they waited for the
+// references, to be started again (serverConn.moveWaiter, their picks'
+// done told failOverLimit) as if picked now, which the slot's
+// reservation missed: on another connection to the backend if the pool
+// may open one, else waiting for a slot as calls at the connection cap
+// do (counted as waiting, bounded by Config.BackendPendingTimeout and
+// Config.MaxBackendPending), or, with the wait queue off, elsewhere. Left waiting on b, they waited for the
 // long calls it carries while a new connection could serve them. Calls
 // waiting already (queued) stay. Caller must hold mu.
 func (b *backendConn) overLimitLocked() (moved []*attempt) {
@@ -420,7 +421,8 @@ func (p *pool) rebalance(k poolKey) {
 	p.mu.Unlock()
 	for _, a := range moved {
 		s := a.s
-		s.cc.moveWaiter(a)
+		// It waited because every connection was full at the cap.
+		s.cc.moveWaiter(a, failure{kind: failBackendConns, backend: a.bc.addr, limit: int64(p.srv.cfg.MaxBackendConns)})
 		s.unref() // moved's
 	}
 }
@@ -428,11 +430,14 @@ func (p *pool) rebalance(k poolKey) {
 // moveWaiter starts the call of a, a call waiting for a slot that
 // rebalance took off its connection, or one past its backend's stream
 // limit (overLimitLocked), again: picked anew, which is not counted as an
-// attempt. Caller must hold no lock, and own a reference to
-// a.s, as retryOrFail's does.
-func (c *serverConn) moveWaiter(a *attempt) {
+// attempt. f is why a's pick was not used (failBackendConns, the wait
+// at the connection cap, or failOverLimit), which its done is told as
+// the other picks placed again unsent are (pickerErr: CANCELLED); the
+// call fails with it if its request cannot be taken for a new attempt.
+// Caller must hold no lock, and own a reference to a.s, as retryOrFail's
+// does.
+func (c *serverConn) moveWaiter(a *attempt, f failure) {
 	s := a.s
-	f := failure{kind: failBackendConns, backend: a.bc.addr, limit: int64(c.srv.cfg.MaxBackendConns)}
 	c.mu.Lock()
 	if s.att == a && !s.cst.ended() && !s.down.closed {
 		if items, ok := a.bc.harvest(a); ok {

@@ -216,10 +216,16 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		if errors.Is(cause, errOverLimit) {
 			// Never reached the backend: its SETTINGS came, or lowered
 			// its limit, after the slot was reserved, and leave it none.
-			f := failure{kind: failBackendConns, backend: addr, limit: int64(c.srv.cfg.MaxBackendConns)}
+			// Its done is told so (failOverLimit); the call goes on as if
+			// the pool had refused it at its connection cap, where it
+			// may wait for a slot (mayWait).
 			if done != nil {
-				done(f.pickerErr())
+				bc.mu.Lock()
+				limit := bc.peerMaxStream
+				bc.mu.Unlock()
+				done(failure{kind: failOverLimit, backend: addr, limit: int64(limit)}.pickerErr())
 			}
+			f := failure{kind: failBackendConns, backend: addr, limit: int64(c.srv.cfg.MaxBackendConns)}
 			if !repicked {
 				// Picked again, not counted, as if picked now (see
 				// backendConn.overLimitLocked). Once: a slot reserved now

@@ -114,6 +114,13 @@ const (
 	// failNoStreams: the backend advertised
 	// SETTINGS_MAX_CONCURRENT_STREAMS=0, so it takes no stream.
 	failNoStreams
+	// failOverLimit: the attempt's slot was reserved on a connection's
+	// assumed stream limit, or before the backend lowered it, and the
+	// backend's SETTINGS_MAX_CONCURRENT_STREAMS (limit) leaves it none:
+	// it was never sent, and the call is placed again
+	// (backendConn.overLimitLocked). The Picker sees CANCELLED (see
+	// pickerErr): the backend did not fail.
+	failOverLimit
 	// failLoop: the request carries this proxy's own hop header
 	// (loopHeader): it went round a forwarding loop and came back.
 	failLoop
@@ -184,16 +191,21 @@ func (f failure) connectionLevel() bool {
 
 // pickerErr is the outcome of f as handed to the Picker's done when the
 // attempt never got a stream and the call went on elsewhere: statusErr,
-// except for an overflow of the proxy's own connection cap and a backend
-// that advertises SETTINGS_MAX_CONCURRENT_STREAMS=0, which say nothing of
-// the backend's health (the second is alive and says "not now") and are
-// reported as CANCELLED, as failRepicked is, so they never eject it.
+// except for an overflow of the proxy's own connection cap, a backend
+// that advertises SETTINGS_MAX_CONCURRENT_STREAMS=0 and an attempt its
+// backend's lower SETTINGS_MAX_CONCURRENT_STREAMS left without a slot,
+// which say nothing of the backend's health (it is alive and says "not
+// now") and are reported as CANCELLED, as failRepicked is, so they never
+// eject it. None of them was sent (UpstreamPick.Sent), so metrics count
+// none as finished either.
 func (f failure) pickerErr() error {
 	switch f.kind {
 	case failBackendConns:
 		return status.Errorf(codes.Canceled, "streamlb: backend %s not used: at its connection cap", f.backend)
 	case failNoStreams:
 		return status.Errorf(codes.Canceled, "streamlb: backend %s not used: it takes no streams (SETTINGS_MAX_CONCURRENT_STREAMS=0)", f.backend)
+	case failOverLimit:
+		return status.Errorf(codes.Canceled, "streamlb: backend %s not used: its SETTINGS_MAX_CONCURRENT_STREAMS (%d) left the call no stream slot", f.backend, f.limit)
 	}
 	return f.statusErr()
 }
@@ -324,6 +336,8 @@ func statusOf(f failure) (*status.Status, int) {
 		return status.Newf(codes.Unavailable, "streamlb: backend %s: every connection is at its stream limit, and no slot came free within %v", f.backend, time.Duration(f.limit)*time.Millisecond), http.StatusOK
 	case failNoStreams:
 		return status.Newf(codes.Unavailable, "streamlb: backend %s accepts no streams (SETTINGS_MAX_CONCURRENT_STREAMS=0)", f.backend), http.StatusOK
+	case failOverLimit:
+		return status.Newf(codes.Unavailable, "streamlb: backend %s: its SETTINGS_MAX_CONCURRENT_STREAMS (%d) left the call no stream slot", f.backend, f.limit), http.StatusOK
 	case failLoop:
 		return status.Newf(codes.Unavailable, "streamlb: forwarding loop: %s came back to this proxy %d times (its %s header names it); a backend of its cluster is this proxy, or a proxy that forwards to it", f.method, maxLoopPasses, loopHeader), http.StatusOK
 	case failDeadline:

@@ -132,6 +132,12 @@ func TestStatusOf(t *testing.T) {
 			wantCode: codes.Unavailable,
 			wantMsg:  "streamlb: backend connection to 10.0.0.7:50051 lost: connecting: dial tcp 10.0.0.7:50051: connect: connection refused",
 		},
+		{
+			name:     "over the backend's stream limit",
+			f:        failure{kind: failOverLimit, backend: be, limit: 1},
+			wantCode: codes.Unavailable,
+			wantMsg:  "streamlb: backend 10.0.0.7:50051: its SETTINGS_MAX_CONCURRENT_STREAMS (1) left the call no stream slot",
+		},
 		// Backend stream.
 		{
 			name:     "refused stream",
