@@ -19,33 +19,6 @@ import (
 	"github.com/streamlb/streamlb/testserver"
 )
 
-// onceCheckPicker wraps a Picker and checks its contract with the
-// proxy: every pick's done is called exactly once (proxy.Picker).
-type onceCheckPicker struct {
-	next         proxy.Picker
-	picks, dones atomic.Int64
-	twice        atomic.Int64 // dones called again
-}
-
-func (p *onceCheckPicker) Pick(ctx context.Context, m string) (string, func(error), error) {
-	addr, done, err := p.next.Pick(ctx, m)
-	if err != nil {
-		return addr, done, err
-	}
-	p.picks.Add(1)
-	var calls atomic.Int32
-	return addr, func(err error) {
-		if calls.Add(1) > 1 {
-			p.twice.Add(1)
-			return
-		}
-		p.dones.Add(1)
-		if done != nil {
-			done(err)
-		}
-	}, nil
-}
-
 // TestMovedFirstWaiterDoneOnce: a call's first attempt waits for a slot
 // on one connection of a full backend, and a slot comes free on its
 // other connection (rebalance moves it there). The pick it made to wait
@@ -60,26 +33,14 @@ func TestMovedFirstWaiterDoneOnce(t *testing.T) {
 	unsettled := proxy.UnsettledStreams()
 	live0, _ := proxy.LiveStreams()
 	var pk *onceCheckPicker
-	e := newEnv(t, envOpts{backends: 1,
-		tscfg: func(i int, c *testserver.Config) {
-			c.ServerOptions = append(c.ServerOptions, grpc.MaxConcurrentStreams(1))
-		},
-		pcfg: func(c *proxy.Config) {
-			pk = &onceCheckPicker{next: c.Picker}
-			c.Picker = pk
-			c.MaxBackendConns = 2
-			c.MaxBackendPending = 8
-			c.BackendPendingTimeout = 10 * time.Second
-		},
+	e := oneSlotEnv(t, 1, 10*time.Second, func(c *proxy.Config) {
+		pk = checkDoneOnce(c)
+		c.MaxBackendConns = 2
 	})
 	srv := e.srv.(*proxy.Server)
 	ctx := testkit.Context(t, 30*time.Second)
 	ts := e.backends[0]
-	for range 2 { // learns the backend's SETTINGS
-		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	mustEmptyCalls(ctx, t, e, 2) // learns the backend's SETTINGS
 	// Either hanging call may share a connection with the waiting call:
 	// freeing the other's moves it (rebalance); freeing its own's gives
 	// it the slot in place. Both orders, so one of them moves it.
@@ -116,17 +77,9 @@ func TestMovedFirstWaiterDoneOnce(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	testkit.WaitFor(ctx, t, "every pick done", func() bool { return pk.dones.Load()+pk.twice.Load() >= pk.picks.Load() })
-	if n := pk.twice.Load(); n != 0 {
-		t.Errorf("%d dones called twice", n)
-	}
-	if p, d := pk.picks.Load(), pk.dones.Load(); p != d {
-		t.Errorf("picks %d, dones %d: want one done per pick", p, d)
-	}
+	pk.check(ctx, t)
 	checkSettled(t, unsettled)
-	if _, counted := proxy.LiveStreams(); counted {
-		testkit.WaitFor(ctx, t, "no stream held past its call", func() bool { n, _ := proxy.LiveStreams(); return n == live0 })
-	}
+	waitStreamsReleased(ctx, t, live0)
 }
 
 // phasePicker picks addrs[phase] for every pick and retry.
@@ -209,17 +162,10 @@ func TestWaitersChurnDoneOnce(t *testing.T) {
 	unsettled := proxy.UnsettledStreams()
 	live0, _ := proxy.LiveStreams()
 	var pk *onceCheckPicker
-	e := newEnv(t, envOpts{backends: 2,
-		tscfg: func(i int, c *testserver.Config) {
-			c.ServerOptions = append(c.ServerOptions, grpc.MaxConcurrentStreams(1))
-		},
-		pcfg: func(c *proxy.Config) {
-			pk = &onceCheckPicker{next: c.Picker}
-			c.Picker = pk
-			c.MaxBackendConns = 2
-			c.MaxBackendPending = 64
-			c.BackendPendingTimeout = 100 * time.Millisecond
-		},
+	e := oneSlotEnv(t, 2, 100*time.Millisecond, func(c *proxy.Config) {
+		pk = checkDoneOnce(c)
+		c.MaxBackendConns = 2
+		c.MaxBackendPending = 64
 	})
 	srv := e.srv.(*proxy.Server)
 	ctx := testkit.Context(t, 60*time.Second)
@@ -265,17 +211,9 @@ func TestWaitersChurnDoneOnce(t *testing.T) {
 	wg.Wait()
 	<-churned
 	testkit.WaitFor(ctx, t, "nothing waiting", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
-	testkit.WaitFor(ctx, t, "every pick done", func() bool { return pk.dones.Load()+pk.twice.Load() >= pk.picks.Load() })
-	if n := pk.twice.Load(); n != 0 {
-		t.Errorf("%d dones called twice", n)
-	}
-	if p, d := pk.picks.Load(), pk.dones.Load(); p != d {
-		t.Errorf("picks %d, dones %d: want one done per pick", p, d)
-	}
+	pk.check(ctx, t)
 	checkSettled(t, unsettled)
-	if _, counted := proxy.LiveStreams(); counted {
-		testkit.WaitFor(ctx, t, "no stream held past its call", func() bool { n, _ := proxy.LiveStreams(); return n == live0 })
-	}
+	waitStreamsReleased(ctx, t, live0)
 	var seen []codes.Code
 	codesSeen.Range(func(k, _ any) bool { seen = append(seen, k.(codes.Code)); return true })
 	t.Logf("codes seen: %v; picks %d", seen, pk.picks.Load())
@@ -290,14 +228,11 @@ func TestWaitersAtCloseDoneOnce(t *testing.T) {
 			unsettled := proxy.UnsettledStreams()
 			var pk *onceCheckPicker
 			e := oneSlotEnv(t, 1, 10*time.Second, func(c *proxy.Config) {
-				pk = &onceCheckPicker{next: c.Picker}
-				c.Picker = pk
+				pk = checkDoneOnce(c)
 			})
 			srv := e.srv.(*proxy.Server)
 			ctx := testkit.Context(t, 30*time.Second)
-			if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
-				t.Fatal(err)
-			}
+			mustEmptyCalls(ctx, t, e, 1)
 			rel, hung := hangOn(ctx, t, e, e.backends[0])
 			defer hung.Wait()
 			defer rel()
@@ -321,13 +256,7 @@ func TestWaitersAtCloseDoneOnce(t *testing.T) {
 			wg.Wait()
 			rel()
 			hung.Wait()
-			testkit.WaitFor(ctx, t, "every pick done", func() bool { return pk.dones.Load()+pk.twice.Load() >= pk.picks.Load() })
-			if n := pk.twice.Load(); n != 0 {
-				t.Errorf("%d dones called twice", n)
-			}
-			if p, d := pk.picks.Load(), pk.dones.Load(); p != d {
-				t.Errorf("picks %d, dones %d: want one done per pick", p, d)
-			}
+			pk.check(ctx, t)
 			checkSettled(t, unsettled)
 		})
 	}
@@ -385,11 +314,7 @@ func TestMovedBeforeBoundKeepsItsBound(t *testing.T) {
 		},
 	})
 	ctx := testkit.Context(t, 30*time.Second)
-	for range 6 { // learns every backend's SETTINGS
-		if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	mustEmptyCalls(ctx, t, e, 6) // learns every backend's SETTINGS
 	for range 3 {
 		release, hung := hangOnAny(ctx, t, e)
 		defer hung.Wait()

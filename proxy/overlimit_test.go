@@ -5,13 +5,11 @@ import (
 	"net"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/internal/testkit"
@@ -33,70 +31,41 @@ func TestOverLimitAtHandshakeWaitsBounded(t *testing.T) {
 	for _, queue := range []bool{true, false} {
 		t.Run(map[bool]string{true: "queue", false: "noqueue"}[queue], func(t *testing.T) {
 			verifyNoLeaks(t)
-			gate := make(chan struct{})
-			b := &settingsBackend{gate: gate}
-			addr := rawBackend(t, b.serve)
-			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-				c.MaxBackendConns = 1
-				c.BackendPendingTimeout = pendingTimeout
-				c.HandshakeTimeout = 20 * time.Second // the calls wait for the handshake, not elsewhere
-				if !queue {
-					c.MaxBackendPending = -1
-				}
-			}})
-			e.setBackends(addr)
-			srv := e.srv.(*proxy.Server)
-			ctx := testkit.Context(t, 30*time.Second)
-			hang := metadata.AppendToOutgoingContext(ctx, "x-hang", "1")
+			le := newLimitEnv(t, limitOpts{gated: true, conns: 1, wait: pendingTimeout, queueOff: !queue})
 			type result struct {
 				err error
 				end time.Time
 			}
 			res := make(chan result, 3)
-			var start time.Time
 			for range 3 {
 				go func() {
-					cctx, cancel := context.WithTimeout(hang, 10*time.Second)
+					cctx, cancel := context.WithTimeout(hanging(le.ctx), 10*time.Second)
 					defer cancel()
-					_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+					_, err := le.client.EmptyCall(cctx, &testgrpc.Empty{})
 					res <- result{err, time.Now()}
 				}()
 			}
-			testkit.WaitFor(ctx, t, "three calls waiting for the handshake", func() bool { return srv.PendingAttempts() == 3 })
-			start = time.Now()
-			close(gate)
+			le.waitPending("three calls waiting for the handshake", 3)
+			start := time.Now()
+			close(le.gate)
 			if queue {
-				testkit.WaitFor(ctx, t, "two calls counted as waiting", func() bool { return srv.Waiting() == 2 })
+				le.waitWaiting("two calls counted as waiting", 2)
 			}
 			for range 2 {
 				r := <-res
 				at := r.end.Sub(start)
-				st := status.Convert(r.err)
-				want := "every connection is at its stream limit"
-				if queue {
-					want = "no slot came free within"
-				}
-				if st.Code() != codes.Unavailable || !strings.Contains(st.Message(), want) {
-					t.Errorf("call over the backend's limit: %v after %v, want UNAVAILABLE %q", r.err, at, want)
-				}
-				if at > 8*time.Second {
-					t.Errorf("call over the backend's limit ended after %v, not within its bound", at)
-				}
-				t.Logf("over the limit: %v after %v", st.Code(), at)
+				checkOverLimitEnd(t, queue, r.err, at)
+				t.Logf("over the limit: %v after %v", status.Code(r.err), at)
 			}
-			testkit.WaitFor(ctx, t, "the held call on the backend", func() bool {
-				b.mu.Lock()
-				defer b.mu.Unlock()
-				return len(b.held) == 1
-			})
-			if n := srv.Waiting(); n != 0 {
+			le.waitHeld("the held call on the backend", 1)
+			if n := le.srv.Waiting(); n != 0 {
 				t.Errorf("%d calls still counted waiting", n)
 			}
-			b.release()
+			le.b.release()
 			if r := <-res; r.err != nil {
 				t.Errorf("the call the backend took: %v", r.err)
 			}
-			testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+			le.waitNothingPending()
 		})
 	}
 }
@@ -116,77 +85,31 @@ func TestOverLimitAfterReserveWaitsBounded(t *testing.T) {
 		t.Run(map[bool]string{true: "queue", false: "noqueue"}[queue], func(t *testing.T) {
 			verifyNoLeaks(t)
 			unsettled := proxy.UnsettledStreams()
-			gate := make(chan struct{})
-			b := &settingsBackend{gate: gate}
-			addr := rawBackend(t, b.serve)
-			ctx := testkit.Context(t, 30*time.Second)
-			heldOne := func() bool {
-				b.mu.Lock()
-				defer b.mu.Unlock()
-				return len(b.held) == 1
-			}
-			var reserved atomic.Int32
-			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-				c.MaxBackendConns = 1
-				c.BackendPendingTimeout = pendingTimeout
-				c.HandshakeTimeout = 20 * time.Second
-				if !queue {
-					c.MaxBackendPending = -1
-				}
-			}, hook: func(s *proxy.Server) {
-				proxy.SetAfterReserve(s, func(string) {
-					if reserved.Add(1) != 2 {
-						return
-					}
-					// The second call's slot is reserved on the assumed
-					// limit: the backend's SETTINGS arrive, and the first
-					// call takes the one slot, before it is queued.
-					close(gate)
-					waitInHook(t, "the first call on the backend", heldOne)
-				})
-			}})
-			e.setBackends(addr)
-			srv := e.srv.(*proxy.Server)
-			hang := metadata.AppendToOutgoingContext(ctx, "x-hang", "1")
+			le := newLimitEnv(t, limitOpts{gated: true, conns: 1, wait: pendingTimeout, queueOff: !queue,
+				settleAtSecondReserve: true})
+			hang := hanging(le.ctx)
 			first := make(chan error, 1)
-			go func() {
-				_, err := e.client.EmptyCall(hang, &testgrpc.Empty{})
-				first <- err
-			}()
-			testkit.WaitFor(ctx, t, "the first call waiting for the handshake", func() bool { return srv.PendingAttempts() == 1 })
-			second := testgrpc.NewTestServiceClient(e.dial(e.addr))
+			goEmptyCall(hang, le.client, first)
+			le.waitPending("the first call waiting for the handshake", 1)
+			second := testgrpc.NewTestServiceClient(le.dial(le.addr))
 			start := time.Now()
 			cctx, cancel := context.WithTimeout(hang, 10*time.Second)
 			defer cancel()
 			done := make(chan error, 1)
-			go func() {
-				_, err := second.EmptyCall(cctx, &testgrpc.Empty{})
-				done <- err
-			}()
+			goEmptyCall(cctx, second, done)
 			if queue {
-				testkit.WaitFor(ctx, t, "the second call counted as waiting", func() bool { return srv.Waiting() == 1 })
+				le.waitWaiting("the second call counted as waiting", 1)
 			}
 			err := <-done
-			at := time.Since(start)
-			st := status.Convert(err)
-			want := "every connection is at its stream limit"
-			if queue {
-				want = "no slot came free within"
-			}
-			if st.Code() != codes.Unavailable || !strings.Contains(st.Message(), want) {
-				t.Errorf("call over the backend's limit: %v after %v, want UNAVAILABLE %q", err, at, want)
-			}
-			if at > 8*time.Second {
-				t.Errorf("call over the backend's limit ended after %v, not within its bound", at)
-			}
-			if n := srv.Waiting(); n != 0 {
+			checkOverLimitEnd(t, queue, err, time.Since(start))
+			if n := le.srv.Waiting(); n != 0 {
 				t.Errorf("%d calls still counted waiting", n)
 			}
-			b.release()
+			le.b.release()
 			if err := <-first; err != nil {
 				t.Errorf("the call the backend took: %v", err)
 			}
-			testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+			le.waitNothingPending()
 			checkSettled(t, unsettled)
 		})
 	}
@@ -203,46 +126,30 @@ func TestOverLimitAfterReserveWaitsBounded(t *testing.T) {
 func TestOverLimitAtHandshakeTakesNewConn(t *testing.T) {
 	verifyNoLeaks(t)
 	unsettled := proxy.UnsettledStreams()
-	gate := make(chan struct{})
-	b := &settingsBackend{gate: gate}
-	addr := rawBackend(t, b.serve)
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-		c.MaxBackendConns = 2
-		c.BackendPendingTimeout = 20 * time.Second
-		c.HandshakeTimeout = 20 * time.Second
-	}})
-	e.setBackends(addr)
-	srv := e.srv.(*proxy.Server)
-	ctx := testkit.Context(t, 30*time.Second)
-	hctx, cancelHang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, "x-hang", "1"))
+	le := newLimitEnv(t, limitOpts{gated: true, conns: 2, wait: 20 * time.Second})
+	hctx, cancelHang := context.WithCancel(hanging(le.ctx))
 	defer cancelHang()
 	first := make(chan error, 1)
-	go func() {
-		_, err := e.client.EmptyCall(hctx, &testgrpc.Empty{})
-		first <- err
-	}()
-	testkit.WaitFor(ctx, t, "the first call waiting for the handshake", func() bool { return srv.PendingAttempts() == 1 })
-	cctx, cancel := context.WithTimeout(ctx, 8*time.Second)
+	goEmptyCall(hctx, le.client, first)
+	le.waitPending("the first call waiting for the handshake", 1)
+	cctx, cancel := context.WithTimeout(le.ctx, 8*time.Second)
 	defer cancel()
 	second := make(chan error, 1)
-	go func() {
-		_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
-		second <- err
-	}()
-	testkit.WaitFor(ctx, t, "both calls waiting for the handshake", func() bool { return srv.PendingAttempts() == 2 })
+	goEmptyCall(cctx, le.client, second)
+	le.waitPending("both calls waiting for the handshake", 2)
 	start := time.Now()
-	close(gate)
+	close(le.gate)
 	if err := <-second; err != nil {
 		t.Errorf("the call over the first connection's limit: %v after %v, want it served on another connection", err, time.Since(start))
 	}
-	if n := srv.BackendConns(addr); n != 2 {
+	if n := le.srv.BackendConns(le.backend); n != 2 {
 		t.Errorf("%d connections to the backend, want 2", n)
 	}
 	cancelHang() // the first connection's framer is no longer the backend's last
 	if err := <-first; status.Code(err) != codes.Canceled {
 		t.Errorf("the held call: %v, want CANCELLED", err)
 	}
-	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	le.waitNothingPending()
 	checkSettled(t, unsettled)
 }
 
@@ -256,52 +163,26 @@ func TestOverLimitAtHandshakeTakesNewConn(t *testing.T) {
 func TestOverLimitAfterReserveTakesNewConn(t *testing.T) {
 	verifyNoLeaks(t)
 	unsettled := proxy.UnsettledStreams()
-	gate := make(chan struct{})
-	b := &settingsBackend{gate: gate}
-	addr := rawBackend(t, b.serve)
-	ctx := testkit.Context(t, 30*time.Second)
-	var reserved atomic.Int32
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-		c.MaxBackendConns = 2
-		c.BackendPendingTimeout = 20 * time.Second
-		c.HandshakeTimeout = 20 * time.Second
-	}, hook: func(s *proxy.Server) {
-		proxy.SetAfterReserve(s, func(string) {
-			if reserved.Add(1) != 2 {
-				return
-			}
-			close(gate)
-			waitInHook(t, "the first call on the backend", func() bool {
-				b.mu.Lock()
-				defer b.mu.Unlock()
-				return len(b.held) == 1
-			})
-		})
-	}})
-	e.setBackends(addr)
-	srv := e.srv.(*proxy.Server)
-	hctx, cancelHang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, "x-hang", "1"))
+	le := newLimitEnv(t, limitOpts{gated: true, conns: 2, wait: 20 * time.Second, settleAtSecondReserve: true})
+	hctx, cancelHang := context.WithCancel(hanging(le.ctx))
 	defer cancelHang()
 	first := make(chan error, 1)
-	go func() {
-		_, err := e.client.EmptyCall(hctx, &testgrpc.Empty{})
-		first <- err
-	}()
-	testkit.WaitFor(ctx, t, "the first call waiting for the handshake", func() bool { return srv.PendingAttempts() == 1 })
-	second := testgrpc.NewTestServiceClient(e.dial(e.addr))
-	cctx, cancel := context.WithTimeout(ctx, 8*time.Second)
+	goEmptyCall(hctx, le.client, first)
+	le.waitPending("the first call waiting for the handshake", 1)
+	second := testgrpc.NewTestServiceClient(le.dial(le.addr))
+	cctx, cancel := context.WithTimeout(le.ctx, 8*time.Second)
 	defer cancel()
 	if _, err := second.EmptyCall(cctx, &testgrpc.Empty{}); err != nil {
 		t.Errorf("the call past the first connection's limit: %v, want it served on another connection", err)
 	}
-	if n := srv.BackendConns(addr); n != 2 {
+	if n := le.srv.BackendConns(le.backend); n != 2 {
 		t.Errorf("%d connections to the backend, want 2", n)
 	}
 	cancelHang()
 	if err := <-first; status.Code(err) != codes.Canceled {
 		t.Errorf("the held call: %v, want CANCELLED", err)
 	}
-	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	le.waitNothingPending()
 	checkSettled(t, unsettled)
 }
 
@@ -316,50 +197,31 @@ func TestOverLimitAfterReserveTakesNewConn(t *testing.T) {
 func TestRaisedLimitTakesSiblingsWaiters(t *testing.T) {
 	verifyNoLeaks(t)
 	unsettled := proxy.UnsettledStreams()
-	b := &settingsBackend{}
-	addr := rawBackend(t, b.serve)
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-		c.MaxBackendConns = 2
-		c.MaxBackendPending = 8
-		c.BackendPendingTimeout = 20 * time.Second
-	}})
-	e.setBackends(addr)
-	srv := e.srv.(*proxy.Server)
-	ctx := testkit.Context(t, 30*time.Second)
-	held := func() int {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		return len(b.held)
-	}
-	hctx, cancelHang := context.WithCancel(metadata.AppendToOutgoingContext(ctx, "x-hang", "1"))
+	le := newLimitEnv(t, limitOpts{conns: 2, maxPending: 8, wait: 20 * time.Second})
+	hctx, cancelHang := context.WithCancel(hanging(le.ctx))
 	defer cancelHang()
 	errs := make(chan error, 4)
-	call := func() {
-		go func() {
-			_, err := e.client.EmptyCall(hctx, &testgrpc.Empty{})
-			errs <- err
-		}()
-	}
+	call := func() { goEmptyCall(hctx, le.client, errs) }
 	call()
-	testkit.WaitFor(ctx, t, "the first call on the backend", func() bool { return held() == 1 })
+	le.waitHeld("the first call on the backend", 1)
 	call()
-	testkit.WaitFor(ctx, t, "the second call on the backend's second connection", func() bool {
-		return held() == 2 && srv.BackendConns(addr) == 2
+	testkit.WaitFor(le.ctx, t, "the second call on the backend's second connection", func() bool {
+		return le.b.heldCalls() == 2 && le.srv.BackendConns(le.backend) == 2
 	})
 	call()
 	call()
-	testkit.WaitFor(ctx, t, "two calls waiting", func() bool { return srv.Waiting() == 2 })
-	b.set(3) // on the connection accepted last, the second
-	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	le.waitWaiting("two calls waiting", 2)
+	le.b.set(3) // on the connection accepted last, the second
+	wctx, cancel := context.WithTimeout(le.ctx, 5*time.Second)
 	defer cancel()
-	testkit.WaitFor(wctx, t, "every call on the backend, none waiting", func() bool { return held() == 4 && srv.Waiting() == 0 })
+	testkit.WaitFor(wctx, t, "every call on the backend, none waiting", func() bool { return le.b.heldCalls() == 4 && le.srv.Waiting() == 0 })
 	cancelHang()
 	for range 4 {
 		if err := <-errs; status.Code(err) != codes.Canceled {
 			t.Errorf("held call: %v, want CANCELLED", err)
 		}
 	}
-	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	le.waitNothingPending()
 	checkSettled(t, unsettled)
 }
 
@@ -373,49 +235,28 @@ func TestRaisedLimitTakesSiblingsWaiters(t *testing.T) {
 func TestOverLimitWaitersSurviveConnLoss(t *testing.T) {
 	verifyNoLeaks(t)
 	unsettled := proxy.UnsettledStreams()
-	gate := make(chan struct{})
-	b := &settingsBackend{gate: gate}
 	var mu sync.Mutex
 	var first net.Conn
-	addr := rawBackend(t, func(nc net.Conn) {
+	le := newLimitEnv(t, limitOpts{gated: true, conns: 1, wait: 20 * time.Second, onConn: func(nc net.Conn) {
 		mu.Lock()
 		if first == nil {
 			first = nc
 		}
 		mu.Unlock()
-		b.serve(nc)
-	})
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-		c.MaxBackendConns = 1
-		c.BackendPendingTimeout = 20 * time.Second
-		c.HandshakeTimeout = 20 * time.Second
 	}})
-	e.setBackends(addr)
-	srv := e.srv.(*proxy.Server)
-	ctx := testkit.Context(t, 30*time.Second)
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	cctx, cancel := context.WithTimeout(le.ctx, 10*time.Second)
 	defer cancel()
 	held := make(chan error, 1)
-	go func() {
-		_, err := e.client.EmptyCall(metadata.AppendToOutgoingContext(cctx, "x-hang", "1"), &testgrpc.Empty{})
-		held <- err
-	}()
-	testkit.WaitFor(ctx, t, "the first call waiting for the handshake", func() bool { return srv.PendingAttempts() == 1 })
+	goEmptyCall(hanging(cctx), le.client, held)
+	le.waitPending("the first call waiting for the handshake", 1)
 	waiters := make(chan error, 2)
 	for range 2 {
-		go func() {
-			_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
-			waiters <- err
-		}()
+		goEmptyCall(cctx, le.client, waiters)
 	}
-	testkit.WaitFor(ctx, t, "three calls waiting for the handshake", func() bool { return srv.PendingAttempts() == 3 })
-	close(gate)
-	testkit.WaitFor(ctx, t, "two calls waiting for a slot", func() bool { return srv.Waiting() == 2 })
-	testkit.WaitFor(ctx, t, "the first call on the backend", func() bool {
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		return len(b.held) == 1
-	})
+	le.waitPending("three calls waiting for the handshake", 3)
+	close(le.gate)
+	le.waitWaiting("two calls waiting for a slot", 2)
+	le.waitHeld("the first call on the backend", 1)
 	mu.Lock()
 	first.Close()
 	mu.Unlock()
@@ -427,7 +268,7 @@ func TestOverLimitWaitersSurviveConnLoss(t *testing.T) {
 			t.Errorf("a call that waited, never sent: %v, want it served on a new connection", err)
 		}
 	}
-	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
+	le.waitNothingPending()
 	checkSettled(t, unsettled)
 }
 
@@ -442,22 +283,8 @@ func TestOverLimitWaitersSurviveConnLoss(t *testing.T) {
 func TestOverLimitDoneOnce(t *testing.T) {
 	verifyNoLeaks(t)
 	unsettled := proxy.UnsettledStreams()
-	gate := make(chan struct{})
-	b := &settingsBackend{gate: gate}
-	addr := rawBackend(t, b.serve)
-	var pk *onceCheckPicker
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-		pk = &onceCheckPicker{next: c.Picker}
-		c.Picker = pk
-		c.MaxBackendConns = 2
-		c.MaxBackendPending = 8
-		c.BackendPendingTimeout = 2 * time.Second
-		c.HandshakeTimeout = 20 * time.Second
-	}})
-	e.setBackends(addr)
-	srv := e.srv.(*proxy.Server)
-	ctx := testkit.Context(t, 30*time.Second)
-	hang := metadata.AppendToOutgoingContext(ctx, "x-hang", "1")
+	le := newLimitEnv(t, limitOpts{gated: true, conns: 2, maxPending: 8, wait: 2 * time.Second, checkOnce: true})
+	hang := hanging(le.ctx)
 	const n = 8
 	var wg sync.WaitGroup
 	cancels := make([]context.CancelFunc, n)
@@ -468,24 +295,21 @@ func TestOverLimitDoneOnce(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			defer cancel()
-			_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
+			_, err := le.client.EmptyCall(cctx, &testgrpc.Empty{})
 			if c := status.Code(err); c != codes.DeadlineExceeded && c != codes.Canceled && c != codes.Unavailable {
 				t.Errorf("call %d: %v", i, err)
 			}
 		}()
 	}
-	testkit.WaitFor(ctx, t, "the calls waiting for the handshake", func() bool { return srv.PendingAttempts() == n })
-	close(gate)
-	testkit.WaitFor(ctx, t, "calls waiting for a slot", func() bool { return srv.Waiting() > 0 })
+	le.waitPending("the calls waiting for the handshake", n)
+	close(le.gate)
+	testkit.WaitFor(le.ctx, t, "calls waiting for a slot", func() bool { return le.srv.Waiting() > 0 })
 	cancels[5]()
 	cancels[6]()
 	wg.Wait()
-	testkit.WaitFor(ctx, t, "nothing pending", func() bool { return srv.Waiting() == 0 && srv.PendingAttempts() == 0 })
-	testkit.WaitFor(ctx, t, "every pick done", func() bool { return pk.dones.Load()+pk.twice.Load() >= pk.picks.Load() })
-	if tw, d, p := pk.twice.Load(), pk.dones.Load(), pk.picks.Load(); tw != 0 || d != p {
-		t.Errorf("%d picks, %d dones, %d called again", p, d, tw)
-	}
-	t.Logf("%d picks for %d calls", pk.picks.Load(), n)
+	le.waitNothingPending()
+	le.pk.check(le.ctx, t)
+	t.Logf("%d picks for %d calls", le.pk.picks.Load(), n)
 	checkSettled(t, unsettled)
 }
 
@@ -499,33 +323,20 @@ func TestOverLimitDoneOnce(t *testing.T) {
 func TestOverLimitWaitersAtShutdown(t *testing.T) {
 	verifyNoLeaks(t)
 	unsettled := proxy.UnsettledStreams()
-	gate := make(chan struct{})
-	b := &settingsBackend{gate: gate}
-	addr := rawBackend(t, b.serve)
-	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-		c.MaxBackendConns = 1
-		c.BackendPendingTimeout = 20 * time.Second
-		c.HandshakeTimeout = 20 * time.Second
-	}})
-	e.setBackends(addr)
-	srv := e.srv.(*proxy.Server)
-	ctx := testkit.Context(t, 30*time.Second)
-	cctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, "x-hang", "1"), 15*time.Second)
+	le := newLimitEnv(t, limitOpts{gated: true, conns: 1, wait: 20 * time.Second})
+	cctx, cancel := context.WithTimeout(hanging(le.ctx), 15*time.Second)
 	defer cancel()
 	errs := make(chan error, 3)
 	for range 3 {
-		go func() {
-			_, err := e.client.EmptyCall(cctx, &testgrpc.Empty{})
-			errs <- err
-		}()
+		goEmptyCall(cctx, le.client, errs)
 	}
-	testkit.WaitFor(ctx, t, "three calls waiting for the handshake", func() bool { return srv.PendingAttempts() == 3 })
-	close(gate)
-	testkit.WaitFor(ctx, t, "two calls waiting for a slot", func() bool { return srv.Waiting() == 2 })
+	le.waitPending("three calls waiting for the handshake", 3)
+	close(le.gate)
+	le.waitWaiting("two calls waiting for a slot", 2)
 	start := time.Now()
-	sctx, scancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	sctx, scancel := context.WithTimeout(le.ctx, 500*time.Millisecond)
 	defer scancel()
-	err := srv.Shutdown(sctx)
+	err := le.srv.Shutdown(sctx)
 	if took := time.Since(start); took > 3*time.Second {
 		t.Errorf("Shutdown took %v (%v)", took, err)
 	}
@@ -539,26 +350,8 @@ func TestOverLimitWaitersAtShutdown(t *testing.T) {
 			t.Fatal("a call did not end at shutdown")
 		}
 	}
-	if n, p := srv.Waiting(), srv.PendingAttempts(); n != 0 || p != 0 {
+	if n, p := le.srv.Waiting(), le.srv.PendingAttempts(); n != 0 || p != 0 {
 		t.Errorf("%d waiting, %d pending after Shutdown", n, p)
 	}
 	checkSettled(t, unsettled)
-}
-
-// waitInHook waits, up to 10 s, for cond in a hook the proxy calls on its
-// own goroutine, under its locks: a test failure there must not end that
-// goroutine (t.Fatal would, and hang the test), so it is reported and the
-// hook returns.
-func waitInHook(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	tick := time.NewTicker(time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Errorf("timed out waiting for %s", what)
-			return
-		}
-		<-tick.C
-	}
 }
