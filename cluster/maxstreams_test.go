@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,62 +19,30 @@ import (
 // nothing else. It returns its address.
 func zeroStreamsServer(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
+	return testkit.ServeTCP(t, func(c net.Conn) {
+		defer c.Close()
+		preface := make([]byte, len(http2.ClientPreface))
+		if _, err := io.ReadFull(c, preface); err != nil || string(preface) != http2.ClientPreface {
+			return
 		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+		fr := http2.NewFramer(c, c)
+		if fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0}) != nil {
+			return
+		}
 		for {
-			c, err := ln.Accept()
+			f, err := fr.ReadFrame()
 			if err != nil {
 				return
 			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				preface := make([]byte, len(http2.ClientPreface))
-				if _, err := io.ReadFull(c, preface); err != nil || string(preface) != http2.ClientPreface {
-					return
-				}
-				fr := http2.NewFramer(c, c)
-				if fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 0}) != nil {
-					return
-				}
-				for {
-					f, err := fr.ReadFrame()
-					if err != nil {
-						return
-					}
-					switch f := f.(type) {
-					case *http2.SettingsFrame, *http2.PingFrame:
-						testkit.AckControl(fr, f)
-					case *http2.HeadersFrame:
-						// Over the advertised limit (RFC 9113 §5.1.2).
-						fr.WriteRSTStream(f.StreamID, http2.ErrCodeRefusedStream)
-					}
-				}
-			}()
+			switch f := f.(type) {
+			case *http2.SettingsFrame, *http2.PingFrame:
+				testkit.AckControl(fr, f)
+			case *http2.HeadersFrame:
+				// Over the advertised limit (RFC 9113 §5.1.2).
+				fr.WriteRSTStream(f.StreamID, http2.ErrCodeRefusedStream)
+			}
 		}
-	}()
-	return ln.Addr().String()
+	})
 }
 
 // TestConfigClusterAvoidsZeroStreamBackend: a configured cluster's calls,

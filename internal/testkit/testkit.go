@@ -1,13 +1,15 @@
 // Package testkit holds the few helpers that tests of several streamlb
 // packages share: a bounded context, polling for a condition, an address
-// that refuses connections, a certificate authority made in the test and
-// the acknowledgements a raw HTTP/2 peer owes.
+// that refuses connections, a loopback server for hand-written peers, a
+// certificate authority made in the test and the acknowledgements a raw
+// HTTP/2 peer owes.
 // It is imported only by tests and imports nothing of streamlb's.
 package testkit
 
 import (
 	"context"
 	"net"
+	"sync"
 	"testing"
 	"time"
 )
@@ -61,5 +63,58 @@ func FreeAddr(t testing.TB) string {
 		t.Fatal(err)
 	}
 	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// ServeTCP listens on a loopback port and runs handle on a goroutine of
+// its own for each connection accepted, until the test ends: then the
+// listener and every connection are closed, and it waits for the accept
+// loop and the handlers, which must return once their connection is
+// closed. It returns the listener's address: a backend that speaks raw
+// TCP or hand-written HTTP/2 frames.
+func ServeTCP(t testing.TB, handle func(c net.Conn)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	closed := false
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		closed = true
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			if closed {
+				// Accepted as the test ended: no handler to wait for.
+				mu.Unlock()
+				c.Close()
+				return
+			}
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				handle(c)
+			}()
+		}
+	}()
 	return ln.Addr().String()
 }
