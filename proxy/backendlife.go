@@ -100,9 +100,10 @@ func (b *backendConn) onPeerSettings() {
 // reservation missed: on another connection to the backend if the pool
 // may open one, else waiting for a slot as calls at the connection cap
 // do (counted as waiting, bounded by Config.BackendPendingTimeout and
-// Config.MaxBackendPending), or, with the wait queue off, elsewhere. Left waiting on b, they waited for the
-// long calls it carries while a new connection could serve them. Calls
-// waiting already (queued) stay. Caller must hold mu.
+// Config.MaxBackendPending), or, with the wait queue off, elsewhere.
+// Left waiting on b, they waited for the long calls it carries while a
+// new connection could serve them. Calls waiting already (queued) stay.
+// Caller must hold mu.
 func (b *backendConn) overLimitLocked() (moved []*attempt) {
 	n := b.slotsOpenLocked()
 	limit := b.capLocked()
