@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# loadtest/bench/lib.sh: what run.sh, simulab.sh and memab.sh share.
+# loadtest/bench/lib.sh: what run.sh, simulab.sh, pgo.sh and memab.sh share.
 # Sourced.
 
 # scraper FILE PORT: GET /metrics from 127.0.0.1:PORT once a second, at
@@ -24,4 +24,35 @@ scraper() {
 		exec {sock}<&-
 	done
 	exec {fd}<&-
+}
+
+# start_backends BIN PB LOG: starts three `BIN testserver` backends on CPU
+# 1, named b1-b3, at 127.0.0.1:PB+1 to PB+3, their errors appended to LOG,
+# and appends their pids to the caller's array pids (which must be empty
+# before: backends_up reads the first three).
+start_backends() {
+	local i
+	for i in 1 2 3; do
+		taskset -c 1 "$1" testserver --listen 127.0.0.1:$(($2 + i)) --name b$i --log-level warn 2>>"$3" &
+		pids+=($!)
+	done
+}
+
+# up PORT: whether 127.0.0.1:PORT accepts a connection.
+up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# backends_up PB LOG [PREFIX]: waits up to 10 s for the three backends
+# start_backends started to accept connections, and fails at once if one
+# exited (its port taken), saying so on stderr after PREFIX.
+backends_up() {
+	local i t
+	for i in 1 2 3; do
+		for t in $(seq 50); do
+			kill -0 "${pids[i - 1]}" 2>/dev/null || break
+			up $(($1 + i)) && continue 2
+			sleep 0.2
+		done
+		echo "$(basename "$0"): ${3:-}backend 127.0.0.1:$(($1 + i)) is not serving (port taken? see $2)" >&2
+		return 1
+	done
 }

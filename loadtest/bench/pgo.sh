@@ -30,15 +30,8 @@ source "$HERE/lib.sh"
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
-for i in 1 2 3; do
-	taskset -c 1 "$WORK/streamlb" testserver --listen 127.0.0.1:$((PB + i)) --name b$i --log-level warn 2>>"$WORK/testserver.log" &
-	pids+=($!)
-done
-up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in 1 2 3; do
-	for _ in $(seq 50); do up $((PB + p)) && break; sleep 0.2; done
-	up $((PB + p)) || { echo "pgo: backend 127.0.0.1:$((PB + p)) is not serving (see $WORK/testserver.log)" >&2; exit 1; }
-done
+start_backends "$WORK/streamlb" "$PB" "$WORK/testserver.log"
+backends_up "$PB" "$WORK/testserver.log" || exit 1
 taskset -c 0 "$WORK/streamlb-prod" proxy --listen 127.0.0.1:$((PB + 10)) \
 	--backend 127.0.0.1:$((PB + 1)) --backend 127.0.0.1:$((PB + 2)) --backend 127.0.0.1:$((PB + 3)) \
 	--metrics=true --admin-listen 127.0.0.1:$((PB + 11)) --log-level warn &

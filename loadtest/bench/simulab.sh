@@ -50,26 +50,8 @@ source "$HERE/lib.sh"
 # waiting on them.
 cleanup() { kill "${pids[@]}" "${round[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
-for i in 1 2 3; do
-	taskset -c 1 "$WORK/streamlb" testserver --listen 127.0.0.1:$((PB + i)) --name b$i --log-level warn 2>>"$WORK/testserver.log" &
-	pids+=($!)
-done
-up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# backends_up waits up to 10 s for the three backends to accept
-# connections, and fails at once if one exited (its port taken).
-backends_up() {
-	local i t
-	for i in 1 2 3; do
-		for t in $(seq 50); do
-			kill -0 "${pids[i - 1]}" 2>/dev/null || break
-			up $((PB + i)) && continue 2
-			sleep 0.2
-		done
-		echo "simulab: $1backend 127.0.0.1:$((PB + i)) is not serving (port taken? see $WORK/testserver.log)" >&2
-		return 1
-	done
-}
-backends_up "" || exit 1
+start_backends "$WORK/streamlb" "$PB" "$WORK/testserver.log"
+backends_up "$PB" "$WORK/testserver.log" || exit 1
 # cpu prints the CPU time in ns of process $1 and its children (nginx's
 # worker; a streamlb or HAProxy process has none): the sum over their
 # threads of the first field of /proc/PID/task/TID/schedstat, the
@@ -131,7 +113,7 @@ for r in $(seq 1 "$ROUNDS"); do
 			round+=($!)
 		fi
 	done
-	backends_up "round $r: " || exit 1
+	backends_up "$PB" "$WORK/testserver.log" "round $r: " || exit 1
 	for p in 10 20; do taskset -c 1 "$WORK/gen" "${GF[@]}" -n "${WARM:-3000}" -target 127.0.0.1:$((PB + p)) >/dev/null; done # warm-up
 	a0=$(cpu $pa) b0=$(cpu $pb)
 	taskset -c 1 "$WORK/gen" "${GF[@]}" -duration "${SECS}s" -n 100000000 -target 127.0.0.1:$((PB + 10)) >"$WORK/a.json" &
