@@ -35,6 +35,19 @@ func rawRead(fd uintptr, p []byte) (int, error) {
 	return int(r), nil
 }
 
+// rawReadv is readv(2) into a, then b, as rawRead: one syscall that fills
+// the rest of a frame and goes on into the next buffer (fillTo).
+func rawReadv(fd uintptr, a, b []byte) (int, error) {
+	iov := [2]syscall.Iovec{{Base: &a[0]}, {Base: &b[0]}}
+	iov[0].SetLen(len(a))
+	iov[1].SetLen(len(b))
+	r, _, e := syscall.RawSyscall(syscall.SYS_READV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
+	if e != 0 {
+		return -1, e
+	}
+	return int(r), nil
+}
+
 // rawSock writes a plain socket's descriptor through syscall.RawConn with
 // rawWrite, waiting in the netpoller (and honouring write deadlines and
 // Close) when the socket's buffer is full. It is used by one writer

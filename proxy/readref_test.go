@@ -6,6 +6,8 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net"
+	"path/filepath"
 	"testing"
 )
 
@@ -232,4 +234,142 @@ func TestConnReaderViewSurvivesRefill(t *testing.T) {
 			t.Errorf("%d buffers pinned after the view was freed", r.pinnedBufs())
 		}
 	}
+}
+
+// TestFillToCompletesFrameInSlack: records the size of a full DATA frame
+// with its header (16,393 bytes), all queued before the first read, come
+// four to a read buffer: the fourth, which the end of the first full 64
+// KiB read cuts, is completed in the buffer's slack, so its view shares the
+// buffer of the three before it, and eight records take two buffers.
+// Before the slack, the part of it read was copied to the front of a fresh
+// buffer, and so was a frame of almost every full read after it: three
+// buffers here, and a fifth of a streamed answer's bytes copied.
+//
+// Not parallel: views count in the process-wide bound
+// (maxPinnedReadBufsTotal).
+func TestFillToCompletesFrameInSlack(t *testing.T) {
+	const n = maxFrameSize + frameHeaderLen - 4 // with its 4-byte length, a full frame
+	// The fifth length through Read: the fourth record left the bytes
+	// after it in the next buffer.
+	views := readRecords(t, []int{n, n, n, n, n, n, n, n}, 0)
+	bufs := map[*readBuf]bool{}
+	for _, v := range views {
+		bufs[v.rb] = true
+	}
+	if views[3].rb != views[0].rb {
+		t.Error("the record cut by the end of the first 64 KiB read went to another buffer: its start was copied")
+	}
+	if len(bufs) != 2 {
+		t.Errorf("8 records of %d bytes took %d read buffers, want 2", 4+n, len(bufs))
+	}
+}
+
+// TestFillToLengthCutAtBufferEnd: a record whose length field the end of
+// the first 64 KiB read cuts (as a frame header can be) is completed in
+// the slack, the fill going on into the next buffer with the record's
+// bytes; the record is then taken from there, and every record reads and
+// stays as written. The first version of the readv fill read the socket
+// again into the next buffer, over those bytes.
+func TestFillToLengthCutAtBufferEnd(t *testing.T) {
+	// 3 x 16,388 bytes, then a record ending 2 bytes before 64 KiB: the
+	// fifth one's length straddles it.
+	const full = maxFrameSize
+	last := connBufSize - 2 - 3*(4+full) - 4
+	readRecords(t, []int{full, full, full, last, 16000, full, full, 100, full, full}, 1)
+}
+
+// readRecords writes records of the sizes given (a 4-byte length, then
+// that many bytes of 'a'+i) at once to a unix socket, reads them with a
+// connReader as the frame loop does, the lengths of records i with i%2 ==
+// viaRead through Read as the Framer reads, the others with fillTo, takes
+// each record as a view, and checks every view still holds its record at
+// the end. It returns the views, freed when the test ends.
+func readRecords(t *testing.T, sizes []int, viaRead int) []*pbuf {
+	t.Helper()
+	ln, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
+	if err != nil {
+		t.Skipf("no unix sockets: %v", err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	client, err := net.Dial("unix", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	server := <-accepted
+	if server == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { server.Close() })
+
+	record := func(i int) []byte { return bytes.Repeat([]byte{byte('a' + i)}, sizes[i]) }
+	var stream []byte
+	for i, n := range sizes {
+		stream = binary.BigEndian.AppendUint32(stream, uint32(n))
+		stream = append(stream, record(i)...)
+	}
+	// A unix stream socket queues what is written at the receiver at
+	// once: every record is there for the first read.
+	if _, err := client.Write(stream); err != nil {
+		t.Fatal(err)
+	}
+
+	r := newConnReader(server)
+	var views []*pbuf
+	t.Cleanup(func() {
+		// The views and the reader let go of their buffers: the
+		// process-wide count of pinned buffers, which other tests
+		// read, comes back.
+		for _, v := range views {
+			putBuf(v)
+		}
+		r.release()
+		if got := r.pinnedBufs(); got != 0 {
+			t.Errorf("%d read buffers still pinned after the views and the reader let go", got)
+		}
+	})
+	for i, n := range sizes {
+		// Through fillTo, the length stays unread until the record is
+		// taken, as a frame's header does (nextBuffered).
+		var l [4]byte
+		head := 0
+		if i%2 == viaRead {
+			if _, err := io.ReadFull(r, l[:]); err != nil {
+				t.Fatalf("record %d: no length: %v", i, err)
+			}
+		} else {
+			if !r.fillTo(4) {
+				t.Fatalf("record %d: no length: %v", i, r.err)
+			}
+			copy(l[:], r.buffered())
+			head = 4
+		}
+		if got := binary.BigEndian.Uint32(l[:]); got != uint32(n) {
+			t.Fatalf("record %d: length %d, want %d", i, got, n)
+		}
+		if !r.fillTo(head + n) {
+			t.Fatalf("record %d: %d bytes not read: %v", i, n, r.err)
+		}
+		p := r.buffered()[head : head+n]
+		if !bytes.Equal(p, record(i)) {
+			t.Fatalf("record %d read wrong", i)
+		}
+		v := r.view(p)
+		if v == nil {
+			t.Fatalf("record %d: no view (%d buffers pinned)", i, r.pinnedBufs())
+		}
+		views = append(views, v)
+		r.discard(head + n)
+	}
+	for i, v := range views {
+		if !bytes.Equal(v.b, record(i)) {
+			t.Fatalf("view %d changed", i)
+		}
+	}
+	return views
 }
