@@ -24,11 +24,11 @@ import (
 // large frames reach the views whole.
 //
 // What views may pin beyond the bytes they carry (the budgets count a
-// view's bytes, not the 64 KiB buffer under it: a 4 KiB view can keep 64
-// KiB) is bounded: at most maxPinnedReadBufs read buffers with live views
-// per connection, and maxPinnedReadBufsTotal in the process, 2 MiB; past
-// either, payloads are copied into pooled buffers as before, which the
-// budgets count by capacity. The bound is the process's, not a
+// view's bytes, not the 80 KiB buffer under it, slack included: a 4 KiB
+// view can keep 80 KiB) is bounded: at most maxPinnedReadBufs read buffers
+// with live views per connection, and maxPinnedReadBufsTotal in the
+// process, 2.5 MiB; past either, payloads are copied into pooled buffers
+// as before, which the budgets count by capacity. The bound is the process's, not a
 // connection's: a backend that answers each call on a new connection,
 // then closes it, leaves the views of its dead connections queued toward
 // clients (attack on the first version: 256 calls of four 4 KiB frames
@@ -37,12 +37,13 @@ import (
 // keep copying: the budget of each counts what its peer makes it hold.
 
 // maxPinnedReadBufs bounds the read buffers of one connection that views
-// keep from reuse (readBuf): 256 KiB of 64 KiB buffers, so that one
+// keep from reuse (readBuf): 320 KiB of 80 KiB buffers, so that one
 // backend cannot take every view the process allows.
 const maxPinnedReadBufs = 4
 
 // maxPinnedReadBufsTotal bounds the read buffers all views of the process
-// keep from reuse: 2 MiB of 64 KiB buffers, beyond what the budgets count.
+// keep from reuse: 2.5 MiB of 80 KiB buffers (connBufSize and readSlack),
+// beyond what the budgets count.
 const maxPinnedReadBufsTotal = 32
 
 // pinnedReadBufs counts the read buffers of the process with live views.
