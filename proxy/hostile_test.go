@@ -49,12 +49,11 @@ func startGoodClient(t *testing.T, e *env) *goodClient {
 	}
 	go func() {
 		defer close(g.done)
+		// At least one call before stop is looked at: a test whose
+		// attack is over in a few milliseconds (TestMaxConnections: 0.01
+		// s) could otherwise check before the loop's first turn, and
+		// fail with "no call" though nothing went wrong (seen in CI).
 		for {
-			select {
-			case <-g.stop:
-				return
-			default:
-			}
 			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			_, err := client.UnaryCall(cctx, &testgrpc.SimpleRequest{ResponseSize: 100})
 			cancel()
@@ -62,6 +61,11 @@ func startGoodClient(t *testing.T, e *env) *goodClient {
 			if err != nil {
 				g.errs.Add(1)
 				g.lastErr.Store(err)
+			}
+			select {
+			case <-g.stop:
+				return
+			default:
 			}
 		}
 	}()
