@@ -408,6 +408,19 @@ cpu_ns() {
 	done | awk '{t += $1} END {printf "%.0f\n", t}' # not %d: mawk's stops at 2^31-1
 }
 
+# backend_runs prints how many times the three backends' threads were
+# put on a CPU (the third field of /proc/PID/task/TID/schedstat), which is
+# their context switches in. Per call, it is what explains calls/s against
+# client-rr: the backends share CPU 1 with the load generator, and a proxy
+# on CPU 0 wakes them with fewer calls each time than a client on their
+# own CPU does (BENCHMARKS.md, session 22).
+backend_runs() {
+	local pid
+	for pid in "${BACKEND_PIDS[@]}"; do
+		cat /proc/"$pid"/task/*/schedstat 2>/dev/null || true
+	done | awk '{t += $3} END {printf "%.0f\n", t}'
+}
+
 # peak_rss_kib prints the summed VmHWM of a path's processes.
 peak_rss_kib() {
 	local total=0 pid k
@@ -495,11 +508,11 @@ target_args() {
 has_proc() { [[ $1 != direct && $1 != client-rr ]]; }
 
 RAW=$WORK/raw.tsv
-printf 'round\tworkload\tpath\tcalls\terrors\trps\tp50_ms\tp99_ms\tcpu_ns\tcpu_us_per_call\tsplit\tbackend_conns\tbackends_us_per_call\tanon_peak_kib\tgen_us_per_call\n' >"$RAW"
+printf 'round\tworkload\tpath\tcalls\terrors\trps\tp50_ms\tp99_ms\tcpu_ns\tcpu_us_per_call\tsplit\tbackend_conns\tbackends_us_per_call\tanon_peak_kib\tgen_us_per_call\tbackends_runs_per_call\n' >"$RAW"
 
 # run_load runs one workload through one path and appends a line to $RAW.
 run_load() {
-	local round=$1 w=$2 path=$3 json=$WORK/r$1-$2-$3.json before=0 after=0 bbefore bafter
+	local round=$1 w=$2 path=$3 json=$WORK/r$1-$2-$3.json before=0 after=0 bbefore bafter rbefore rafter
 	local anon=$WORK/anon-r$1-$2-$3 sampler= anon_kib=-
 	if has_proc "$path"; then
 		before=$(cpu_ns "$path")
@@ -512,6 +525,7 @@ run_load() {
 		sampler=$!
 	fi
 	bbefore=$(cpu_ns backends)
+	rbefore=$(backend_runs)
 	# shellcheck disable=SC2046
 	if ! timeout 180 "${PIN_LOAD[@]}" "$GEN" $(workload_args "$w") $(target_args "$path") \
 		>"$json" 2>"$json.err"; then
@@ -522,12 +536,13 @@ run_load() {
 	fi
 	has_proc "$path" && after=$(cpu_ns "$path")
 	bafter=$(cpu_ns backends)
+	rafter=$(backend_runs)
 	if [[ -n $sampler ]]; then
 		rm -f "$anon.on"
 		wait "$sampler" 2>/dev/null || true
 		[[ -s $anon ]] && anon_kib=$(<"$anon")
 	fi
-	local calls errors rps p50 p99 split cpu_us=- conns bcpu_us=- gcpu_us=-
+	local calls errors rps p50 p99 split cpu_us=- conns bcpu_us=- gcpu_us=- bruns=-
 	calls=$(jq .count "$json")
 	errors=$(jq .errors "$json")
 	rps=$(jq .rps "$json")
@@ -539,15 +554,16 @@ run_load() {
 		cpu_us=$(awk -v t=$((after - before)) -v n="$calls" 'BEGIN {printf "%.2f", t / 1e3 / n}')
 	fi
 	((calls > 0)) && bcpu_us=$(awk -v t=$((bafter - bbefore)) -v n="$calls" 'BEGIN {printf "%.2f", t / 1e3 / n}')
+	((calls > 0)) && bruns=$(awk -v t=$((rafter - rbefore)) -v n="$calls" 'BEGIN {printf "%.3f", t / n}')
 	# The generator's own CPU over its calls (gen's cpu_ms): with the
 	# backends', what CPU 1 spends per call, which bounds calls/s.
 	((calls > 0)) && gcpu_us=$(jq -r --argjson n "$calls" 'if .cpu_ms then .cpu_ms * 1000 / $n * 100 | round / 100 else "-" end' "$json")
 	if ((errors > 0)); then
 		note "round $round, $w via $path: $errors of $calls calls failed ($(jq -r '.error_messages // {} | to_entries | map("\(.value)× \(.key)") | join("; ")' "$json" | head -c 400))"
 	fi
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$w" "$path" "$calls" "$errors" "$rps" \
-		"$p50" "$p99" "$((after - before))" "$cpu_us" "$split" "$conns" "$bcpu_us" "$anon_kib" "$gcpu_us" >>"$RAW"
-	log "round $round $w via $path: $calls calls ($errors failed), $(fmt "$rps" 0)/s, p50 ${p50}ms p99 ${p99}ms, CPU ${cpu_us}µs/call (backends ${bcpu_us}, generator ${gcpu_us}), $split, $conns backend conns"
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$w" "$path" "$calls" "$errors" "$rps" \
+		"$p50" "$p99" "$((after - before))" "$cpu_us" "$split" "$conns" "$bcpu_us" "$anon_kib" "$gcpu_us" "$bruns" >>"$RAW"
+	log "round $round $w via $path: $calls calls ($errors failed), $(fmt "$rps" 0)/s, p50 ${p50}ms p99 ${p99}ms, CPU ${cpu_us}µs/call (backends ${bcpu_us} in ${bruns} runs, generator ${gcpu_us}), $split, $conns backend conns"
 }
 
 fmt() { # number, decimals -> formatted, or - for none
@@ -700,18 +716,18 @@ ELAPSED=$(($(date +%s) - START_TIME))
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
 	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS IDLE_SETTLE=$IDLE_SETTLE IDLE_CALL=$IDLE_CALL SIMUL_ROUNDS=$SIMUL_ROUNDS SIMUL_SECS=$SIMUL_SECS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
-	echo "- CPU is the proxy process's CPU time over the workload as the scheduler counts it (its threads' /proc/PID/task/TID/schedstat; nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s); generator's CPU is the load generator's own (getrusage), per call: CPU 1 runs it and the backends and is what bounds calls/s, so a path's calls/s against client-rr follows the two CPU-1 figures of client-rr over its own."
+	echo "- CPU is the proxy process's CPU time over the workload as the scheduler counts it (its threads' /proc/PID/task/TID/schedstat; nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s); generator's CPU is the load generator's own (getrusage), per call: CPU 1 runs it and the backends and is what bounds calls/s, so a path's calls/s against client-rr follows the two CPU-1 figures of client-rr over its own; backends' runs are how many times their threads were put on a CPU (the third field of schedstat), per call: a proxy on CPU 0 wakes them with fewer calls each time than a client sharing their CPU does."
 	echo
 	for w in "${WORKLOADS[@]}"; do
 		echo "### $w: ${WDESC[$w]}"
 		echo
 		if [[ $w == stream ]]; then
-			unit="CPU ms/MiB"
+			unit="CPU ms/MiB" per="/MiB"
 		else
-			unit="CPU µs/call"
+			unit="CPU µs/call" per="/call"
 		fi
-		echo "| path | calls/s | vs client-rr | p50 ms | p99 ms | p50 added | p99 added | $unit | vs HAProxy | vs nginx | peak RSS MiB | peak RssAnon MiB | failed | backend conns | backends' $unit | generator's $unit | split |"
-		echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+		echo "| path | calls/s | vs client-rr | p50 ms | p99 ms | p50 added | p99 added | $unit | vs HAProxy | vs nginx | peak RSS MiB | peak RssAnon MiB | failed | backend conns | backends' $unit | backends' runs $per | generator's $unit | split |"
+		echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 		d50=$(med "$w" direct p50_ms)
 		d99=$(med "$w" direct p99_ms)
 		rr=$(med "$w" client-rr rps)
@@ -742,6 +758,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 			conns=$(col "$w" "$path" backend_conns | tail -1)
 			bcpu=$(med "$w" "$path" backends_us_per_call)
 			gcpu=$(med "$w" "$path" gen_us_per_call)
+			bruns=$(fmt "$(med "$w" "$path" backends_runs_per_call)" 3)
 			if [[ $w == stream ]]; then
 				bshown=$(fmt "$([[ $bcpu != - ]] && awk -v c="$bcpu" 'BEGIN {print c / 1000}')" 2)
 				gshown=$(fmt "$([[ $gcpu != - ]] && awk -v c="$gcpu" 'BEGIN {print c / 1000}')" 2)
@@ -753,7 +770,7 @@ ELAPSED=$(($(date +%s) - START_TIME))
 			else
 				a50=$(added "$p50" "$d50") a99=$(added "$p99" "$d99")
 			fi
-			echo "| $path | $(fmt "$rps" 0) | $(ratio "$rps" "$rr") | $(fmt "$p50" 2) | $(fmt "$p99" 2) | $a50 | $a99 | $shown | $(ratio "$cpu" "$hc") | $(ratio "$cpu" "$nc") | $rss | $anonpk | $(sum "$w" "$path" errors) | ${conns:--} | $bshown | $gshown | ${split:--} |"
+			echo "| $path | $(fmt "$rps" 0) | $(ratio "$rps" "$rr") | $(fmt "$p50" 2) | $(fmt "$p99" 2) | $a50 | $a99 | $shown | $(ratio "$cpu" "$hc") | $(ratio "$cpu" "$nc") | $rss | $anonpk | $(sum "$w" "$path" errors) | ${conns:--} | $bshown | $bruns | $gshown | ${split:--} |"
 		done
 		echo
 	done
