@@ -165,3 +165,64 @@ routes:
 		t.Errorf("connect failures of the up cluster's backend = %v (exported %v), want 0 (all: %v)", got, ok, fails)
 	}
 }
+
+// TestBackendConnectFailuresReference: streamlb_backend_connect_failures_total
+// with the grpc-proxy engine, which counted nothing before (its grpc-go
+// clients dialed out of sight): a refusing backend's failed dials, and a
+// cleartext backend's failed TLS handshakes, count on that backend; a
+// working one's count stays 0. grpc-go fails calls at once while it waits
+// to dial again, so a failed call does not always mean a dial: at least
+// one each is counted.
+func TestBackendConnectFailuresReference(t *testing.T) {
+	t.Run("refused", func(t *testing.T) {
+		refusing := testkit.RefusingAddr(t)
+		good := startBackend(t, "good", "127.0.0.1:0")
+		r := runServer(t, cluster.ServerConfig{Metrics: prometheus.NewRegistry(), Engine: cluster.EngineGRPCProxy,
+			Cluster: cluster.Config{Name: "echo", Targets: []string{refusing, good.Addr()},
+				Director: director.Config{Policy: director.RoundRobin, EjectAfter: -1}}})
+		client := dial(t, r.addr)
+		ctx := testkit.Context(t, 30*time.Second)
+		failed, ok := 0, 0
+		for i := range 6 {
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, err := client.EmptyCall(cctx, &testgrpc.Empty{})
+			cancel()
+			switch {
+			case err == nil:
+				ok++
+			case status.Code(err) == codes.Unavailable:
+				failed++
+			default:
+				t.Fatalf("call %d: %v, want OK or UNAVAILABLE", i, err)
+			}
+		}
+		if failed == 0 || ok == 0 {
+			t.Fatalf("%d calls failed, %d succeeded: want some of each (round robin over a refusing and a working backend)", failed, ok)
+		}
+		fails := scrape(t, r.admin, "streamlb_backend_connect_failures_total")
+		if got := fails["backend="+refusing]; got < 1 {
+			t.Errorf("connect failures of the refusing backend = %v, want at least 1 (%d calls failed on it)", got, failed)
+		}
+		if got, ok := fails["backend="+good.Addr()]; !ok || got != 0 {
+			t.Errorf("connect failures of the working backend = %v (exported %v), want 0", got, ok)
+		}
+	})
+	t.Run("tls", func(t *testing.T) {
+		plain := startBackend(t, "plain", "127.0.0.1:0")
+		ca := testkit.NewCA(t, "backend-ca")
+		bt := cluster.BackendTLS{CAFile: ca.WriteCA(t, t.TempDir(), "ca.crt")}
+		r := runServer(t, cluster.ServerConfig{Metrics: prometheus.NewRegistry(), Engine: cluster.EngineGRPCProxy,
+			Cluster: cluster.Config{Name: "echo", Targets: []string{plain.Addr()}, BackendTLS: &bt,
+				Director: director.Config{EjectAfter: -1}}})
+		client := dial(t, r.addr)
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		_, err := client.EmptyCall(ctx, &testgrpc.Empty{})
+		cancel()
+		if status.Code(err) != codes.Unavailable {
+			t.Fatalf("call: %v, want UNAVAILABLE (the backend does not speak TLS)", err)
+		}
+		if got := scrape(t, r.admin, "streamlb_backend_connect_failures_total")["backend="+plain.Addr()]; got < 1 {
+			t.Errorf("connect failures = %v, want at least 1: the TLS handshake failed", got)
+		}
+	})
+}

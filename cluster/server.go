@@ -262,6 +262,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			MaxMessageSize: cfg.MaxMessageSize, PrefaceTimeout: pc.PrefaceTimeout, IdleTimeout: pc.IdleTimeout,
 			MaxResponseHeaderListSize: pc.MaxResponseHeaderListSize}
 		rc.CountCallEnd, rc.OnCallEnd = s.callEndHooks()
+		rc.CountConnectFailure = s.connectFailureHook()
 		if btls != nil {
 			rc.Credentials = btls.credentials()
 		}
@@ -336,11 +337,13 @@ func (s *Server) callEndHooks() (count, log func(proxy.CallInfo)) {
 	return count, log
 }
 
-// connectFailureHook is the frame engine's connect-failure hook
-// (proxy.Config.CountConnectFailure): the failure is counted on the
-// backend in its cluster's metrics, found as a call's is (clusterFor:
-// with a configuration file, the cluster named by the connection's
-// Upstream). Nil when metrics are off.
+// connectFailureHook is either engine's connect-failure hook
+// (proxy.Config.CountConnectFailure, ReferenceConfig.CountConnectFailure):
+// the failure is counted on the backend in its cluster's metrics, found as
+// a call's is (clusterFor: with a configuration file, the cluster named by
+// the connection's Upstream, or, from the grpc-proxy engine, which names
+// none, the current cluster that has the backend). Nil when metrics are
+// off.
 func (s *Server) connectFailureHook() func(upstream, backend string, err error) {
 	if s.cfg.Metrics == nil {
 		return nil

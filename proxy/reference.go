@@ -80,6 +80,19 @@ type ReferenceConfig struct {
 	// response header or trailer list, advertised to backends (grpc-go's
 	// client took 16 MiB). Zero means DefaultMaxResponseHeaderListSize.
 	MaxResponseHeaderListSize uint32
+	// CountConnectFailure is Config's, for this engine's backend
+	// connections: called once for every connection to a backend that
+	// could not be opened, its dial refused or timed out, or its TLS
+	// handshake failed (with Credentials), with upstream "" (a connection
+	// here serves every cluster with that backend). grpc-go's client does
+	// the HTTP/2 handshake out of sight, so a backend that accepts and
+	// never speaks HTTP/2 is not counted by this engine. While a backend
+	// is down grpc-go dials it again with backoff, and every attempt that
+	// fails counts, as Envoy's upstream_cx_connect_fail counts each; one
+	// the engine cancels itself (a drained backend, Shutdown) does not.
+	// It is called on grpc-go's connecting goroutine and must not block.
+	// Nil costs nothing.
+	CountConnectFailure func(upstream, backend string, err error)
 }
 
 // DefaultReferenceMaxMessageSize is ReferenceConfig.MaxMessageSize's
@@ -98,9 +111,10 @@ type Reference struct {
 	srv    *grpc.Server
 	drain  time.Duration
 	creds  credentials.TransportCredentials
-	ends   *endQueue      // OnCallEnd's; nil without one
-	count  func(CallInfo) // CountCallEnd
-	hopID  string         // names this proxy in loopHeader
+	fails  func(upstream, backend string, err error) // CountConnectFailure
+	ends   *endQueue                                 // OnCallEnd's; nil without one
+	count  func(CallInfo)                            // CountCallEnd
+	hopID  string                                    // names this proxy in loopHeader
 
 	maxConns int    // 0: no cap
 	maxMsg   int    // largest message received, either way
@@ -182,6 +196,7 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	cut, cutAll := context.WithCancel(context.Background())
 	r := &Reference{
 		creds:    cfg.Credentials,
+		fails:    cfg.CountConnectFailure,
 		count:    cfg.CountCallEnd,
 		hopID:    newHopID(),
 		cut:      cut,
@@ -418,8 +433,13 @@ func (r *Reference) conn(addr string) (*refConn, error) {
 	}
 	// The target is a URL: the "%" of an IPv6 zone ("[fe80::1%eth0]:port")
 	// is escaped, and the passthrough resolver dials it unescaped.
+	creds := r.creds
+	if r.fails != nil {
+		creds = countingCreds{TransportCredentials: creds, backend: addr, fails: r.fails}
+	}
 	cc, err := grpc.NewClient("passthrough:///"+strings.ReplaceAll(addr, "%", "%25"),
-		grpc.WithTransportCredentials(r.creds),
+		grpc.WithContextDialer(r.dialer(addr)),
+		grpc.WithTransportCredentials(creds),
 		grpc.WithMaxHeaderListSize(r.maxResp),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(r.maxMsg), grpc.MaxCallSendMsgSize(math.MaxInt32)))
 	if err != nil {
@@ -428,6 +448,45 @@ func (r *Reference) conn(addr string) (*refConn, error) {
 	rc := &refConn{ClientConn: cc}
 	r.conns[addr] = rc
 	return rc, nil
+}
+
+// dialer opens backend addr's connections for its grpc-go client, as the
+// frame engine opens its own: straight to the backend with a net.Dialer.
+// grpc-go's own dialer would go through an HTTP CONNECT proxy named by
+// HTTPS_PROXY in the environment (its delegating resolver), which the
+// frame engine never does; a dial that fails is counted
+// (CountConnectFailure), unless grpc-go cancelled it. One that ran out of
+// grpc-go's connect deadline did fail: a connect timeout, as Envoy counts.
+func (r *Reference) dialer(addr string) func(context.Context, string) (net.Conn, error) {
+	return func(ctx context.Context, a string) (net.Conn, error) {
+		var d net.Dialer
+		nc, err := d.DialContext(ctx, "tcp", a)
+		if err != nil && r.fails != nil && !errors.Is(ctx.Err(), context.Canceled) {
+			r.fails("", addr, err)
+		}
+		return nc, err
+	}
+}
+
+// countingCreds counts the TLS handshakes with backend that fail
+// (ReferenceConfig.CountConnectFailure); otherwise they are its
+// TransportCredentials'.
+type countingCreds struct {
+	credentials.TransportCredentials
+	backend string
+	fails   func(upstream, backend string, err error)
+}
+
+func (c countingCreds) ClientHandshake(ctx context.Context, authority string, raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	nc, ai, err := c.TransportCredentials.ClientHandshake(ctx, authority, raw)
+	if err != nil && !errors.Is(ctx.Err(), context.Canceled) {
+		c.fails("", c.backend, err)
+	}
+	return nc, ai, err
+}
+
+func (c countingCreds) Clone() credentials.TransportCredentials {
+	return countingCreds{TransportCredentials: c.TransportCredentials.Clone(), backend: c.backend, fails: c.fails}
 }
 
 // Serve serves gRPC on ln until Shutdown or Close.
