@@ -105,18 +105,32 @@ func (s *stream) routeTimedOut(fields []hpack.HeaderField) bool {
 	return code == codes.DeadlineExceeded || code == codes.Canceled
 }
 
+// timeoutPassAfter is how long a call with the client's grpc-timeout may
+// wait in the proxy before its attempt is sent and still pass that
+// grpc-timeout on as received (attemptFields).
+const timeoutPassAfter = time.Millisecond
+
 // attemptFields returns the request headers an attempt of s sends its
-// backend: reqFields as they are, or, on a route with a timeout, with a
-// grpc-timeout of what is left of the call's deadline, so that the
-// backend gives up when the proxy does (Envoy sets grpc-timeout to its
-// route timeout the same way). That copy is the one allocation a route
-// timeout costs per attempt; reqFields itself stays as received, for the
-// next attempt to count down from its own moment.
+// backend: reqFields as they are, or with a grpc-timeout of what is left
+// of the call's deadline, so that the backend gives up when the proxy
+// does: on a route with a timeout (Envoy sets grpc-timeout to its route
+// timeout the same way), and for the client's own grpc-timeout once the
+// call has waited in the proxy for timeoutPassAfter or more (for a new
+// backend connection's handshake, a slot, or a retry). Passed on as
+// received after such a wait, it gave the backend a deadline later than
+// the client's by the wait, which its handler would pass on to the calls
+// it makes; a grpc-go client, or proxy, computes it when it sends. That
+// copy is the one allocation it costs per attempt; reqFields itself stays
+// as received, for the next attempt to count down from its own moment.
 func (s *stream) attemptFields() []hpack.HeaderField {
-	if s.routeTimeout == 0 {
+	if s.deadline.IsZero() {
 		return s.reqFields
 	}
-	v := formatTimeout(time.Until(s.deadline))
+	left := time.Until(s.deadline)
+	if s.routeTimeout == 0 && s.clientTimeout-left < timeoutPassAfter {
+		return s.reqFields
+	}
+	v := formatTimeout(left)
 	out := make([]hpack.HeaderField, 0, len(s.reqFields)+1)
 	set := false
 	for _, f := range s.reqFields {

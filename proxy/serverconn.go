@@ -545,7 +545,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 		// Before the first attempt: its wait for a backend's handshake is
 		// bounded by the time the deadline leaves (handshakeWait).
 		s.deadline = time.Now().Add(ri.timeout)
-		s.clientDeadline = s.deadline
+		s.clientDeadline, s.clientTimeout = s.deadline, ri.timeout
 	}
 	fail, ok := c.startAttemptLocked(s, nil)
 	if ok && !s.deadline.IsZero() && !s.cst.ended() {

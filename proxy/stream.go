@@ -120,6 +120,7 @@ type stream struct {
 	// earlier (routeDeadline).
 	deadline       time.Time
 	clientDeadline time.Time
+	clientTimeout  time.Duration // the client's grpc-timeout, with clientDeadline
 	routeTimeout   time.Duration
 
 	// Client side, guarded by cc.mu.

@@ -1,0 +1,78 @@
+package proxy_test
+
+import (
+	"context"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+
+	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/proxy"
+)
+
+// TestGRPCTimeoutAfterProxyWait: a call that waits in the proxy before
+// its attempt is sent (a new backend connection whose handshake takes
+// 300 ms; a first backend that never completes its handshake, then a
+// retry) is sent what is left of the client's grpc-timeout, not the value
+// the client sent: with that value the backend's deadline came 300 ms
+// after the client's (found from outside by comparing with a direct
+// grpc-go client, which computes grpc-timeout when it sends). A call sent
+// at once keeps the client's value as it came.
+func TestGRPCTimeoutAfterProxyWait(t *testing.T) {
+	const wait = 300 * time.Millisecond
+	call := func(t *testing.T, addr string, timeouts chan string) time.Duration {
+		t.Helper()
+		ctx := testkit.Context(t, 10*time.Second)
+		resp, err := rawClient(t).Do(grpcRequest(ctx, t, addr, "/grpc.testing.TestService/EmptyCall", map[string]string{"grpc-timeout": "1S"}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code, msg := grpcStatusOf(t, resp); code != "4" {
+			t.Fatalf("grpc-status %s (%q), want 4: the backend never answers", code, msg)
+		}
+		select {
+		case v := <-timeouts:
+			return grpcTimeout(t, v)
+		default:
+			t.Fatal("the backend saw no request")
+			return 0
+		}
+	}
+	t.Run("handshake", func(t *testing.T) {
+		timeouts := make(chan string, 8)
+		slow := testkit.ServeTCP(t, func(c net.Conn) {
+			time.Sleep(wait)
+			hangingH2(timeouts, make(chan http2.ErrCode, 8))(c)
+		})
+		addr := newProxyListener(t, proxy.Config{Picker: pickerTo(slow), Logger: quietLog}).Addr().String()
+		if got := call(t, addr, timeouts); got > time.Second-wait+50*time.Millisecond {
+			t.Errorf("after a %v handshake the backend was sent grpc-timeout %v, want at most %v", wait, got, time.Second-wait+50*time.Millisecond)
+		}
+		// The connection is up now: sent at once, the value passes as it came.
+		if got := call(t, addr, timeouts); got != time.Second {
+			t.Errorf("sent at once, the backend got grpc-timeout %v, want the client's 1S", got)
+		}
+	})
+	t.Run("retry", func(t *testing.T) {
+		timeouts := make(chan string, 8)
+		silent := testkit.ServeTCP(t, func(c net.Conn) { <-t.Context().Done() })
+		hanging := testkit.ServeTCP(t, hangingH2(timeouts, make(chan http2.ErrCode, 8)))
+		var n atomic.Int32
+		pick := proxy.PickerFunc(func(context.Context, string) (string, func(error), error) {
+			if n.Add(1) == 1 {
+				return silent, nil, nil
+			}
+			return hanging, nil, nil
+		})
+		addr := newProxyListener(t, proxy.Config{Picker: pick, Logger: quietLog, HandshakeTimeout: wait}).Addr().String()
+		if got := call(t, addr, timeouts); got > time.Second-wait+50*time.Millisecond {
+			t.Errorf("retried after a %v handshake timeout, the backend was sent grpc-timeout %v, want at most %v", wait, got, time.Second-wait+50*time.Millisecond)
+		}
+		if n.Load() < 2 {
+			t.Errorf("%d picks, want a retry", n.Load())
+		}
+	})
+}
