@@ -1091,7 +1091,7 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 			s.unref() // pending's; a may be reset by it
 			continue
 		}
-		fields := s.attemptFields()
+		fields := s.attemptFields(a)
 		if f, over := b.requestOverPeerLocked(fields); over {
 			// Never sent. failDown takes the client connection's mu,
 			// which must not be taken under ours: it runs on its own,

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/proxy"
@@ -20,7 +21,8 @@ import (
 // the client sent: with that value the backend's deadline came 300 ms
 // after the client's (found from outside by comparing with a direct
 // grpc-go client, which computes grpc-timeout when it sends). A call sent
-// at once keeps the client's value as it came.
+// at once keeps the client's value as it came. The same for a call that
+// waited for a stream slot on a backend that takes one at a time.
 func TestGRPCTimeoutAfterProxyWait(t *testing.T) {
 	const wait = 300 * time.Millisecond
 	call := func(t *testing.T, addr string, timeouts chan string) time.Duration {
@@ -54,6 +56,50 @@ func TestGRPCTimeoutAfterProxyWait(t *testing.T) {
 		// The connection is up now: sent at once, the value passes as it came.
 		if got := call(t, addr, timeouts); got != time.Second {
 			t.Errorf("sent at once, the backend got grpc-timeout %v, want the client's 1S", got)
+		}
+	})
+	t.Run("slot", func(t *testing.T) {
+		// The backend takes one stream at a time; a call that waits for
+		// the slot a hanging one holds until its 600 ms deadline is sent
+		// what is left of its 1 s.
+		timeouts := make(chan string, 8)
+		one := testkit.ServeTCP(t, func(nc net.Conn) {
+			s, err := acceptH2(nc)
+			if err != nil || s.hello(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 1}) != nil {
+				return
+			}
+			s.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+			s.serve(func(f http2.Frame) bool {
+				if h, ok := f.(*http2.MetaHeadersFrame); ok {
+					for _, hf := range h.Fields {
+						if hf.Name == "grpc-timeout" {
+							timeouts <- hf.Value
+						}
+					}
+				}
+				return true
+			})
+		})
+		addr := newProxyListener(t, proxy.Config{Picker: pickerTo(one), Logger: quietLog, MaxBackendConns: 1}).Addr().String()
+		ctx := testkit.Context(t, 10*time.Second)
+		first := make(chan string, 1)
+		go func() {
+			resp, err := rawClient(t).Do(grpcRequest(ctx, t, addr, "/grpc.testing.TestService/EmptyCall", map[string]string{"grpc-timeout": "600m"}))
+			if err != nil {
+				first <- err.Error()
+				return
+			}
+			code, _ := grpcStatusOf(t, resp)
+			first <- code
+		}()
+		if v := <-timeouts; v != "600m" {
+			t.Fatalf("the first call, sent at once, was sent grpc-timeout %q, want the client's 600m", v)
+		}
+		if got := call(t, addr, timeouts); got > time.Second-400*time.Millisecond {
+			t.Errorf("after waiting about 600 ms for a slot the backend was sent grpc-timeout %v, want at most %v", got, time.Second-400*time.Millisecond)
+		}
+		if code := <-first; code != "4" {
+			t.Errorf("the first call ended %s, want 4 (its deadline)", code)
 		}
 	})
 	t.Run("retry", func(t *testing.T) {
