@@ -876,9 +876,12 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 	b.peerGoAway = true
 	b.goingAway = true
 	b.drainAndClose = true
-	// unprocessed owns a reference to the stream of each of its attempts
-	// until retryOrFail returned (a pending one's is the list's).
-	var unprocessed []*attempt
+	// unprocessed, the streams opened past the GOAWAY's last stream id,
+	// and unsent, the attempts still pending (waiting for a slot or to
+	// be opened), own a reference to the stream of each of their
+	// attempts until retryOrFail or moveUnsent returned (a pending one's
+	// is the list's).
+	var unprocessed, unsent []*attempt
 	for id, a := range b.streams {
 		if id > f.LastStreamID {
 			a.s.ref() // unprocessed's
@@ -887,7 +890,7 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 	}
 	for _, a := range b.pending {
 		if !a.bClosed {
-			unprocessed = append(unprocessed, a)
+			unsent = append(unsent, a)
 		} else {
 			a.s.unref() // pending's; a may be reset by it
 		}
@@ -896,19 +899,28 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 	for _, a := range unprocessed {
 		b.unlinkLocked(a)
 	}
+	for _, a := range unsent {
+		b.unlinkLocked(a)
+	}
 	b.mu.Unlock()
 	b.signal()
 	if graceful || again {
 		// Only the first is worth a Warn: a backend repeating GOAWAY
 		// (a glitch each) wrote one per frame.
-		b.log.Debug("backend sent GOAWAY", "code", f.ErrCode.String(), "last_stream", f.LastStreamID, "moved", len(unprocessed))
+		b.log.Debug("backend sent GOAWAY", "code", f.ErrCode.String(), "last_stream", f.LastStreamID, "moved", len(unprocessed)+len(unsent))
 	} else {
-		b.log.Warn("backend sent GOAWAY", "code", f.ErrCode.String(), "last_stream", f.LastStreamID, "moved", len(unprocessed), "debug", string(f.DebugData()))
+		b.log.Warn("backend sent GOAWAY", "code", f.ErrCode.String(), "last_stream", f.LastStreamID, "moved", len(unprocessed)+len(unsent), "debug", string(f.DebugData()))
 	}
+	gone := failure{kind: failGoAway, backend: b.addr, draining: graceful}
 	for _, a := range unprocessed {
 		s := a.s
-		s.cc.retryOrFail(a, true, failure{kind: failGoAway, backend: b.addr, draining: graceful})
+		s.cc.retryOrFail(a, true, gone)
 		s.unref() // unprocessed's
+	}
+	for _, a := range unsent {
+		s := a.s
+		s.cc.moveUnsent(a, gone)
+		s.unref() // unsent's (pending's before)
 	}
 }
 

@@ -428,6 +428,38 @@ func (p *pool) rebalance(k poolKey) {
 	}
 }
 
+// maxUnsentMoves bounds how many times one call is moved off a backend
+// connection that sent GOAWAY before the call was sent on it
+// (moveUnsent) without counting as an attempt.
+const maxUnsentMoves = 16
+
+// moveUnsent starts the call of a again, which a backend connection's
+// GOAWAY took off it before it was sent there (it waited for a slot, or
+// to be opened): picked anew, as moveWaiter does, which is not counted as
+// an attempt, since the backend never saw it. A connection going away
+// gracefully is how a backend restarts, or cycles its connections
+// (grpc-go's MaxConnectionAge): counted, a call waiting at a stream limit
+// while connections cycled failed UNAVAILABLE once it had met MaxRetries+1
+// GOAWAYs, which a direct grpc-go client, retrying such calls
+// transparently, never did. Past maxUnsentMoves moves of the call (a
+// backend that sends GOAWAY on every connection it is given) it is a
+// transparent retry, counted, as before. Caller must hold no lock, and own
+// a reference to a.s, as retryOrFail's does.
+func (c *serverConn) moveUnsent(a *attempt, f failure) {
+	s := a.s
+	c.mu.Lock()
+	moved := s.unsentMoves < c.srv.unsentMoves
+	if moved {
+		s.unsentMoves++
+	}
+	c.mu.Unlock()
+	if !moved {
+		c.retryOrFail(a, true, f)
+		return
+	}
+	c.moveWaiter(a, f)
+}
+
 // moveWaiter starts the call of a, a call waiting for a slot that
 // rebalance took off its connection, or one past its backend's stream
 // limit (overLimitLocked), again: picked anew, which is not counted as an

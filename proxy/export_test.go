@@ -212,3 +212,8 @@ func SetMaxPendingEndBytes(t interface{ Cleanup(func()) }, n int) {
 	maxPendingEndBytes = n
 	t.Cleanup(func() { maxPendingEndBytes = old })
 }
+
+// SetMaxUnsentMoves sets how many times one call may be moved off a
+// backend connection that sent GOAWAY before the call was sent there
+// without counting as an attempt (maxUnsentMoves). Call it before Serve.
+func (s *Server) SetMaxUnsentMoves(n uint8) { s.unsentMoves = n }

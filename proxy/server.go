@@ -23,6 +23,8 @@ type Server struct {
 	cfg  Config
 	log  *slog.Logger
 	pool pool
+	// unsentMoves is maxUnsentMoves; tests lower it (export_test.go).
+	unsentMoves uint8
 
 	mu sync.Mutex
 	// mu guards the fields below.
@@ -118,6 +120,7 @@ func New(cfg Config) (*Server, error) {
 		now:       time.Now,
 		hopID:     newHopID(),
 	}
+	s.unsentMoves = maxUnsentMoves
 	if cfg.OnCallEnd != nil {
 		s.ends = newEndQueue(cfg.OnCallEnd)
 	}

@@ -133,6 +133,7 @@ type stream struct {
 	result      error         // outcome reported to done
 	att         *attempt      // current backend attempt; nil when none was made
 	attempts    int           // attempts made so far
+	unsentMoves uint8         // moves off connections that went away before the call was sent there (moveUnsent)
 	tried       []string      // backends of the attempts made, in order
 	bytesIn     int64         // DATA payload received from the client
 	declLen     int64         // the request's content-length, -1 when it declares none
