@@ -461,9 +461,9 @@ func (c *serverConn) moveUnsent(a *attempt, f failure) {
 }
 
 // moveWaiter starts the call of a, a call waiting for a slot that
-// rebalance took off its connection, or one past its backend's stream
-// limit (overLimitLocked), again: picked anew, which is not counted as an
-// attempt. f is why a's pick was not used (failBackendConns, the wait
+// rebalance took off its connection, one past its backend's stream limit
+// (overLimitLocked), or one a GOAWAY took off before it was sent
+// (moveUnsent), again: picked anew, which is not counted as an attempt. f is why a's pick was not used (failBackendConns, the wait
 // at the connection cap, or failOverLimit), which its done is told as
 // the other picks placed again unsent are (pickerErr: CANCELLED); the
 // call fails with it if its request cannot be taken for a new attempt.
