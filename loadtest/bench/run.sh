@@ -84,7 +84,8 @@
 # first; empty skips that run), SIMUL_ROUNDS (4; 0 skips the same-time
 # step) and SIMUL_SECS (4: each round's seconds), BASE_PORT (27000; the
 # script uses BASE_PORT+1 to +60), BASE_BIN and
-# BASE_METRICS (0; see frame-base), OUT (results
+# BASE_METRICS (0; see frame-base), TCP_CC (a TCP congestion control,
+# e.g. cubic, set for the run; the host's by default), OUT (results
 # file; default in the work dir), KEEP_WORK (1 keeps the work dir with logs
 # and raw JSON).
 set -euo pipefail
@@ -139,6 +140,9 @@ cleanup() {
 	if [[ $KEEP_WORK != 1 ]]; then
 		rm -rf "$WORK"
 	fi
+	if [[ ${CC_SET:-0} == 1 ]]; then
+		sysctl -qw net.ipv4.tcp_congestion_control="$CC_ORIG" || true
+	fi
 	exit "$status"
 }
 trap cleanup EXIT
@@ -149,6 +153,20 @@ for tool in jq taskset awk sed ss; do
 	command -v "$tool" >/dev/null || die "$tool is required"
 done
 command -v go >/dev/null || die "go is required to build streamlb"
+
+# The TCP congestion control the connections use: the proxies' CPU per
+# MiB on loopback depends on it, nginx's most (1.3-2 times as much with
+# cubic, Linux's default, as with bbr, whose pacing gathers its 4 KiB
+# writes into larger packets), HAProxy's by about a quarter, streamlb's
+# within the noise (BENCHMARKS.md, session 23). The report names it;
+# TCP_CC sets it for the run (root), and it is set back at the end.
+CC_ORIG=$(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo unknown)
+CC=$CC_ORIG
+if [[ -n ${TCP_CC:-} && $TCP_CC != "$CC_ORIG" ]]; then
+	sysctl -qw net.ipv4.tcp_congestion_control="$TCP_CC" ||
+		die "TCP_CC=$TCP_CC: cannot set net.ipv4.tcp_congestion_control (needs root; available: $(sysctl -n net.ipv4.tcp_available_congestion_control 2>/dev/null))"
+	CC_SET=1 CC=$TCP_CC
+fi
 
 NCPU=$(nproc)
 if ((NCPU >= 2)); then
@@ -711,10 +729,10 @@ ELAPSED=$(($(date +%s) - START_TIME))
 {
 	echo "## streamlb benchmark: $(date -u '+%Y-%m-%d %H:%M UTC')"
 	echo
-	echo "- Machine: $NCPU CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, $(uname -sr); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
+	echo "- Machine: $NCPU CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, $(uname -sr), TCP congestion control $CC$([[ ${CC_SET:-0} == 1 ]] && echo " (TCP_CC; the host's is $CC_ORIG)"); load average at the end $(cut -d' ' -f1-3 /proc/loadavg)."
 	echo "- Pinning: $PINNING.$([[ " ${ACTIVE[*]} " == *-unpinned\ * ]] && echo " The *-unpinned paths are not pinned (taskset -c 0-$((NCPU - 1))): frame-unpinned runs with GOMAXPROCS=2, haproxy-unpinned with nbthread 2; they share CPU 1 with the load generator and the backends.")"
 	echo "- Versions: $(go version | awk '{print $3}'), streamlb $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet 2>/dev/null || echo '+dirty')$(command -v haproxy >/dev/null && echo ", $(haproxy -v | head -1 | awk '{print "HAProxy", $3}')")$(command -v nginx >/dev/null && echo ", $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |')")."
-	echo "- Command: \`PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS IDLE_SETTLE=$IDLE_SETTLE IDLE_CALL=$IDLE_CALL SIMUL_ROUNDS=$SIMUL_ROUNDS SIMUL_SECS=$SIMUL_SECS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
+	echo "- Command: \`$([[ ${CC_SET:-0} == 1 ]] && echo "TCP_CC=$CC ")PATHS=\"$PATHS\" WORKLOADS=\"${WORKLOADS[*]}\" QUICK=$QUICK ROUNDS=$ROUNDS UNARY_CALLS=$UNARY_CALLS RATE=$RATE RATE_SECS=$RATE_SECS STREAM_CALLS=$STREAM_CALLS MAX_SECS=$MAX_SECS IDLE_CONNS=$IDLE_CONNS IDLE_SETTLE=$IDLE_SETTLE IDLE_CALL=$IDLE_CALL SIMUL_ROUNDS=$SIMUL_ROUNDS SIMUL_SECS=$SIMUL_SECS loadtest/bench/run.sh\` ($ROUNDS rounds, paths interleaved, medians shown; run took ${ELAPSED}s)."
 	echo "- Every workload runs over ONE client connection (client-rr: one per backend); the proxies balance per call over 3 backends. Load generator: loadtest/bench/gen (grpc-go)."
 	echo "- CPU is the proxy process's CPU time over the workload as the scheduler counts it (its threads' /proc/PID/task/TID/schedstat; nginx: master and worker), per call; peak RSS is its VmHWM at the end of the run (all workloads; HAProxy and nginx: summed over their processes); peak RssAnon is the largest anonymous RSS sampled every 0.1 s during this workload, over the rounds; the frame paths run the production build (\`CGO_ENABLED=0 go build -tags proxyonly,grpcnotrace,urfave_cli_no_docs\`), frame-full the full \`go build .\`; backend conns are its established connections to the backends after the workload (last round); failed is summed over the rounds; backends' CPU is the three backends' together, per call (they share CPU 1 with the load generator, so what a proxy costs them lowers every path's calls/s); generator's CPU is the load generator's own (getrusage), per call: CPU 1 runs it and the backends and is what bounds calls/s, so a path's calls/s against client-rr follows the two CPU-1 figures of client-rr over its own; backends' runs are how many times their threads were put on a CPU (the third field of schedstat), per call: a proxy on CPU 0 wakes them with fewer calls each time than a client sharing their CPU does."
 	echo
