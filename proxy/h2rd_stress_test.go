@@ -437,6 +437,8 @@ func TestH2rdReaderStress(t *testing.T) {
 	if v := os.Getenv("H2RD_SEED"); v != "" {
 		fmt.Sscan(v, &seed0)
 	}
+	// Process-wide: other tests' connections still closing may free theirs
+	// meanwhile; only a rise is this test's.
 	base := pinnedReadBufs.Load()
 	for it := 0; it < iters; it++ {
 		for _, mode := range []struct {
@@ -506,8 +508,8 @@ func TestH2rdReaderStress(t *testing.T) {
 				if got := c.pinnedBufs(); got != 0 {
 					t.Errorf("%d read buffers still pinned", got)
 				}
-				if got := pinnedReadBufs.Load(); got != base {
-					t.Errorf("process-wide pinned read buffers %d, want %d", got, base)
+				if got := pinnedReadBufs.Load(); got > base {
+					t.Errorf("process-wide pinned read buffers %d, was %d before", got, base)
 				}
 			})
 			if !ok {
@@ -593,8 +595,8 @@ func TestH2rdCloseWhileParkedInSlackFill(t *testing.T) {
 				putBuf(v)
 			}
 			c.release()
-			if c.big != nil || c.next != nil || c.pinnedBufs() != 0 || pinnedReadBufs.Load() != base {
-				t.Errorf("after release: big %p next %p pinned %d, process %d (want %d)", c.big, c.next, c.pinnedBufs(), pinnedReadBufs.Load(), base)
+			if c.big != nil || c.next != nil || c.pinnedBufs() != 0 || pinnedReadBufs.Load() > base {
+				t.Errorf("after release: big %p next %p pinned %d, process %d (was %d)", c.big, c.next, c.pinnedBufs(), pinnedReadBufs.Load(), base)
 			}
 		})
 	}
@@ -658,8 +660,8 @@ func TestH2rdEOFAfterSlackFill(t *testing.T) {
 				putBuf(v)
 			}
 			c.release()
-			if c.big != nil || c.next != nil || c.pinnedBufs() != 0 || pinnedReadBufs.Load() != base {
-				t.Errorf("after release: big %p next %p pinned %d, process %d (want %d)", c.big, c.next, c.pinnedBufs(), pinnedReadBufs.Load(), base)
+			if c.big != nil || c.next != nil || c.pinnedBufs() != 0 || pinnedReadBufs.Load() > base {
+				t.Errorf("after release: big %p next %p pinned %d, process %d (was %d)", c.big, c.next, c.pinnedBufs(), pinnedReadBufs.Load(), base)
 			}
 		})
 	}
