@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -110,6 +111,13 @@ func (c *connReader) stamp(n int) {
 // that embeds one may do more in its Read and Write (count, inject
 // faults, TLS), which using the descriptor would skip.
 func plainSocket(nc net.Conn) syscall.RawConn {
+	if runtime.GOOS == "windows" {
+		// RawConn.Read there waits with a zero-byte overlapped read and
+		// hands over a socket handle opened for overlapped I/O, which a
+		// plain ReadFile (syscall.Read) must not be given: Windows reads
+		// through nc, as any other connection.
+		return nil
+	}
 	var sc syscall.Conn
 	switch v := nc.(type) {
 	case *net.TCPConn:
@@ -182,6 +190,12 @@ func (c *connReader) fillRaw(fd uintptr) bool {
 		c.rawN, c.rawErr = 0, nil
 		if c.fillAt == 0 {
 			c.release() // nothing unread in it
+		} else if c.fillEnd > 0 {
+			// A fill of the slack: next is still empty (nextW is 0
+			// while a fill runs), and a connection that stalls here
+			// would hold it beside big. Taken again when the socket
+			// has bytes.
+			c.dropNext()
 		}
 		return false // wait until readable, then call again
 	}

@@ -2,7 +2,9 @@ package proxy
 
 import "syscall"
 
-// rawRead is read(2); see rawsys_linux.go.
+// rawRead is never called on Windows: plainSocket returns no RawConn
+// there, so connections are read through net.Conn.Read. It keeps
+// connReader's raw path building.
 func rawRead(fd uintptr, p []byte) (int, error) { return syscall.Read(syscall.Handle(fd), p) }
 
 // rawReadv reads into a only: readv(2) is rawsys_linux.go's; b is for a
