@@ -169,7 +169,8 @@ func (b *backendConn) addAttempt(a *attempt) error {
 		b.unlinkLocked(a)
 		return errOverLimit
 	}
-	a.s.ref() // pending's, until the attempt leaves the list
+	a.s.ref()                // pending's, until the attempt leaves the list
+	a.waits = !b.gotSettings // for the handshake (attemptFields), with or without a timer
 	b.pending = append(b.pending, a)
 	b.signal()
 	return nil

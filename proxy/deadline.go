@@ -120,13 +120,14 @@ const timeoutPassAfter = time.Millisecond
 // received after such a wait, it gave the backend a deadline later than
 // the client's by the wait, which its handler would pass on to the calls
 // it makes; a grpc-go client, or proxy, computes it when it sends. The
-// first attempt of a call that did not wait (no timer was armed for it,
-// it was not queued for a slot) is sent without a look at the clock. The
+// first attempt of a call that did not wait (its connection had done its
+// handshake when it was added, and it was not queued for a slot) is sent
+// without a look at the clock. The
 // copy is the one allocation it costs per attempt; reqFields itself stays
 // as received, for the next attempt to count down from its own moment.
 // a is the attempt being opened; caller must hold its connection's mu.
 func (s *stream) attemptFields(a *attempt) []hpack.HeaderField {
-	if s.deadline.IsZero() || (s.routeTimeout == 0 && a == &s.first && a.hsTimer == nil && !a.queued) {
+	if s.deadline.IsZero() || (s.routeTimeout == 0 && a == &s.first && !a.waits && !a.queued) {
 		return s.reqFields
 	}
 	left := time.Until(s.deadline)

@@ -190,6 +190,7 @@ type attempt struct {
 	bClosed    bool                // no longer in bc's tables nor holding a slot (also set to retry elsewhere)
 	slotFreed  bool                // its slot and in-flight count were given back (releaseSlotLocked), perhaps before bClosed
 	queued     bool                // reserved over the cap, it waits in bc.pending for a slot (pool.queueLocked)
+	waits      bool                // added to bc.pending before bc's handshake: it waits for it (attemptFields)
 	discarded  bool                // over for good: request items are refused
 	gotHeaders bool                // the backend sent its response headers
 	forwarded  bool                // the client has seen part of this attempt's answer

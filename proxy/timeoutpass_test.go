@@ -43,21 +43,12 @@ func TestGRPCTimeoutAfterProxyWait(t *testing.T) {
 			return 0
 		}
 	}
-	t.Run("handshake", func(t *testing.T) {
-		timeouts := make(chan string, 8)
-		slow := testkit.ServeTCP(t, func(c net.Conn) {
-			time.Sleep(wait)
-			hangingH2(timeouts, make(chan http2.ErrCode, 8))(c)
-		})
-		addr := newProxyListener(t, proxy.Config{Picker: pickerTo(slow), Logger: quietLog}).Addr().String()
-		if got := call(t, addr, timeouts); got > time.Second-wait+50*time.Millisecond {
-			t.Errorf("after a %v handshake the backend was sent grpc-timeout %v, want at most %v", wait, got, time.Second-wait+50*time.Millisecond)
-		}
-		// The connection is up now: sent at once, the value passes as it came.
-		if got := call(t, addr, timeouts); got != time.Second {
-			t.Errorf("sent at once, the backend got grpc-timeout %v, want the client's 1S", got)
-		}
-	})
+	for _, retries := range []int{0, -1} {
+		// With no retry left the handshake's wait has no timer (the call
+		// has nowhere else to go); it waited all the same.
+		name := map[int]string{0: "handshake", -1: "handshake-no-retries"}[retries]
+		t.Run(name, func(t *testing.T) { handshakeWait(t, retries, wait, call) })
+	}
 	t.Run("slot", func(t *testing.T) {
 		// The backend takes one stream at a time; a call that waits for
 		// the slot a hanging one holds until its 600 ms deadline is sent
@@ -121,4 +112,22 @@ func TestGRPCTimeoutAfterProxyWait(t *testing.T) {
 			t.Errorf("%d picks, want a retry", n.Load())
 		}
 	})
+}
+
+// handshakeWait is TestGRPCTimeoutAfterProxyWait's handshake case, with
+// Config.MaxRetries retries.
+func handshakeWait(t *testing.T, retries int, wait time.Duration, call func(*testing.T, string, chan string) time.Duration) {
+	timeouts := make(chan string, 8)
+	slow := testkit.ServeTCP(t, func(c net.Conn) {
+		time.Sleep(wait)
+		hangingH2(timeouts, make(chan http2.ErrCode, 8))(c)
+	})
+	addr := newProxyListener(t, proxy.Config{Picker: pickerTo(slow), Logger: quietLog, MaxRetries: retries}).Addr().String()
+	if got := call(t, addr, timeouts); got > time.Second-wait+50*time.Millisecond {
+		t.Errorf("after a %v handshake the backend was sent grpc-timeout %v, want at most %v", wait, got, time.Second-wait+50*time.Millisecond)
+	}
+	// The connection is up now: sent at once, the value passes as it came.
+	if got := call(t, addr, timeouts); got != time.Second {
+		t.Errorf("sent at once, the backend got grpc-timeout %v, want the client's 1S", got)
+	}
 }
