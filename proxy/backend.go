@@ -903,7 +903,16 @@ func (b *backendConn) onGoAway(f *http2.GoAwayFrame) {
 	for _, a := range unsent {
 		b.unlinkLocked(a)
 	}
+	idle := len(b.streams) == 0
 	b.mu.Unlock()
+	if idle {
+		// Nothing left on it: it closes on its own (drainAndClose), and
+		// leaves the pool first, so that the calls moved below may take
+		// a new connection in its place. Still counted at
+		// MaxBackendConns, it made them fail at once (every connection
+		// full, and none taking waiting calls).
+		b.pool.remove(b)
+	}
 	b.signal()
 	if graceful || again {
 		// Only the first is worth a Warn: a backend repeating GOAWAY

@@ -44,6 +44,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 	wait := false
 	var full []string // with wait: the backends whose queue refused the call too
 	repicked := false // picked again after addAttempt's errOverLimit
+	goneAway := false // picked again after addAttempt's errPeerGoAway
 	// refusals counts the picks the pool refused without trying them
 	// (at its connection cap, a backend taking no streams): none is an
 	// attempt (CallInfo.Attempts), the call was not sent, but they are
@@ -119,7 +120,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			}
 		}
 		a := &s.first
-		if s.attempts > 1 || s.att != nil || refusals > 0 || repicked {
+		if s.attempts > 1 || s.att != nil || refusals > 0 || repicked || goneAway {
 			// s.first is taken: by an earlier attempt, or by the first,
 			// which a move (moveWaiter) picks again without counting it,
 			// and whose done and connection the caller still uses.
@@ -259,6 +260,20 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		f := failure{kind: failConnLost, backend: addr, cause: cause, draining: c.srv.pool.restarting(addr)}
 		if errors.Is(cause, errPeerGoAway) {
 			f.kind = failGoAway
+			if s.unsentMoves < c.srv.unsentMoves {
+				// The connection's GOAWAY came after the slot was
+				// reserved: never sent, the call is picked again without
+				// counting as an attempt, as the calls the GOAWAY found
+				// waiting on it are (moveUnsent), and within the same
+				// bound.
+				s.unsentMoves++
+				goneAway = true // s.first, unlinked, is not taken again
+				if done != nil {
+					done(f.statusErr())
+				}
+				s.waitInsteadOfLast()
+				continue
+			}
 		}
 		if done != nil {
 			done(f.statusErr())
