@@ -156,8 +156,8 @@ command -v go >/dev/null || die "go is required to build streamlb"
 
 # The TCP congestion control the connections use: the proxies' CPU per
 # MiB on loopback depends on it, nginx's most (1.3-2 times as much with
-# cubic, Linux's default, as with bbr, whose pacing gathers its 4 KiB
-# writes into larger packets), HAProxy's by about a quarter, streamlb's
+# cubic, Linux's default, as with bbr, whose pacing likely gathers its
+# 4 KiB writes into larger packets), HAProxy's by about a quarter, streamlb's
 # within the noise (BENCHMARKS.md, session 23). The report names it;
 # TCP_CC sets it for the run (root), and it is set back at the end.
 CC_ORIG=$(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo unknown)
