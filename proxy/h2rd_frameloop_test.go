@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"os"
 	"testing"
 	"time"
 
@@ -84,14 +83,7 @@ func h2rdFrames(rng *rand.Rand, total int) ([]byte, []h2rdWant, []int) {
 }
 
 func TestH2rdFrameLoopStress(t *testing.T) {
-	iters := 3
-	if v := os.Getenv("H2RD_ITER"); v != "" {
-		fmt.Sscan(v, &iters)
-	}
-	seed0 := uint64(time.Now().UnixNano())
-	if v := os.Getenv("H2RD_SEED"); v != "" {
-		fmt.Sscan(v, &seed0)
-	}
+	iters, seed0 := h2rdKnobs()
 	var taken, framer, views int
 	for it := 0; it < iters; it++ {
 		for _, mode := range []struct {

@@ -429,14 +429,7 @@ func h2rdRead(t *testing.T, c *connReader, rc net.Conn, s []byte, frames []h2rdF
 // TestH2rdReaderStress is the differential stress test; H2RD_ITER sets how
 // many streams of each kind it reads (default a few, about 2 s).
 func TestH2rdReaderStress(t *testing.T) {
-	iters := 3
-	if v := os.Getenv("H2RD_ITER"); v != "" {
-		fmt.Sscan(v, &iters)
-	}
-	seed0 := uint64(time.Now().UnixNano())
-	if v := os.Getenv("H2RD_SEED"); v != "" {
-		fmt.Sscan(v, &seed0)
-	}
+	iters, seed0 := h2rdKnobs()
 	// Process-wide: other tests' connections still closing may free theirs
 	// meanwhile; only a rise is this test's.
 	base := pinnedReadBufs.Load()
@@ -587,17 +580,7 @@ func TestH2rdCloseWhileParkedInSlackFill(t *testing.T) {
 			if want := sent[3*(frameHeaderLen+maxFrameSize):]; !bytes.Equal(rest, want) {
 				t.Fatalf("Read returned %d bytes after the fill failed, want %d as sent", len(rest), len(want))
 			}
-			for i, v := range views {
-				off := i*(frameHeaderLen+maxFrameSize) + frameHeaderLen
-				if !bytes.Equal(v.b, s[off:off+maxFrameSize]) {
-					t.Errorf("view %d changed", i)
-				}
-				putBuf(v)
-			}
-			c.release()
-			if c.big != nil || c.next != nil || c.pinnedBufs() != 0 || pinnedReadBufs.Load() > base {
-				t.Errorf("after release: big %p next %p pinned %d, process %d (was %d)", c.big, c.next, c.pinnedBufs(), pinnedReadBufs.Load(), base)
-			}
+			releaseFrameViews(t, c, views, s, base)
 		})
 	}
 }
@@ -652,17 +635,40 @@ func TestH2rdEOFAfterSlackFill(t *testing.T) {
 			if n, err := c.Read(make([]byte, 10)); n != 0 || err == nil {
 				t.Fatalf("Read after EOF: %d, %v", n, err)
 			}
-			for i, v := range views {
-				off := i*(frameHeaderLen+maxFrameSize) + frameHeaderLen
-				if !bytes.Equal(v.b, s[off:off+maxFrameSize]) {
-					t.Errorf("view %d changed", i)
-				}
-				putBuf(v)
-			}
-			c.release()
-			if c.big != nil || c.next != nil || c.pinnedBufs() != 0 || pinnedReadBufs.Load() > base {
-				t.Errorf("after release: big %p next %p pinned %d, process %d (was %d)", c.big, c.next, c.pinnedBufs(), pinnedReadBufs.Load(), base)
-			}
+			releaseFrameViews(t, c, views, s, base)
 		})
+	}
+}
+
+// h2rdKnobs returns the stress tests' iteration count (H2RD_ITER, 3 by
+// default) and first seed (H2RD_SEED, the clock's by default).
+func h2rdKnobs() (iters int, seed uint64) {
+	iters = 3
+	if v := os.Getenv("H2RD_ITER"); v != "" {
+		fmt.Sscan(v, &iters)
+	}
+	seed = uint64(time.Now().UnixNano())
+	if v := os.Getenv("H2RD_SEED"); v != "" {
+		fmt.Sscan(v, &seed)
+	}
+	return iters, seed
+}
+
+// releaseFrameViews checks that each view i still holds the payload of
+// the i-th whole frame of sent, s, and frees it; then releases c and
+// checks that it holds no buffer and that the process pins no more read
+// buffers than base.
+func releaseFrameViews(t *testing.T, c *connReader, views []*pbuf, s []byte, base int32) {
+	t.Helper()
+	for i, v := range views {
+		off := i*(frameHeaderLen+maxFrameSize) + frameHeaderLen
+		if !bytes.Equal(v.b, s[off:off+maxFrameSize]) {
+			t.Errorf("view %d changed", i)
+		}
+		putBuf(v)
+	}
+	c.release()
+	if c.big != nil || c.next != nil || c.pinnedBufs() != 0 || pinnedReadBufs.Load() > base {
+		t.Errorf("after release: big %p next %p pinned %d, process %d (was %d)", c.big, c.next, c.pinnedBufs(), pinnedReadBufs.Load(), base)
 	}
 }

@@ -286,26 +286,7 @@ func TestFillToLengthCutAtBufferEnd(t *testing.T) {
 // the end. It returns the views, freed when the test ends.
 func readRecords(t *testing.T, sizes []int, viaRead int) []*pbuf {
 	t.Helper()
-	ln, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
-	if err != nil {
-		t.Skipf("no unix sockets: %v", err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	client, err := net.Dial("unix", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close() })
-	server := <-accepted
-	if server == nil {
-		t.Fatal("accept failed")
-	}
-	t.Cleanup(func() { server.Close() })
+	client, server := unixPair(t)
 
 	record := func(i int) []byte { return bytes.Repeat([]byte{byte('a' + i)}, sizes[i]) }
 	var stream []byte
@@ -381,26 +362,7 @@ func readRecords(t *testing.T, sizes []int, viaRead int) []*pbuf {
 // stalls there costs the connection one pooled buffer, not two (it kept
 // both, 160 KiB; found by a helper's review).
 func TestSlackFillParkedHoldsOneBuffer(t *testing.T) {
-	ln, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
-	if err != nil {
-		t.Skipf("no unix sockets: %v", err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	client, err := net.Dial("unix", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	server := <-accepted
-	if server == nil {
-		t.Fatal("accept failed")
-	}
-	defer server.Close()
+	_, server := unixPair(t)
 	c := newConnReader(server)
 	if c.raw == nil {
 		t.Skip("no raw reads on this platform")
@@ -427,4 +389,31 @@ func TestSlackFillParkedHoldsOneBuffer(t *testing.T) {
 	c.fillAt, c.fillEnd = 0, 0
 	c.r = c.w
 	c.release()
+}
+
+// unixPair returns the two ends of a unix stream socket, closed when the
+// test ends; it skips the test where there are none.
+func unixPair(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("unix", filepath.Join(t.TempDir(), "s"))
+	if err != nil {
+		t.Skipf("no unix sockets: %v", err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	client, err = net.Dial("unix", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	server = <-accepted
+	if server == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { server.Close() })
+	return client, server
 }
