@@ -446,12 +446,8 @@ const maxUnsentMoves = 16
 // transparent retry, counted, as before. Caller must hold no lock, and own
 // a reference to a.s, as retryOrFail's does.
 func (c *serverConn) moveUnsent(a *attempt, f failure) {
-	s := a.s
 	c.mu.Lock()
-	moved := s.unsentMoves < c.srv.unsentMoves
-	if moved {
-		s.unsentMoves++
-	}
+	moved := c.unsentMoveLocked(a.s)
 	c.mu.Unlock()
 	if !moved {
 		c.retryOrFail(a, true, f)
@@ -460,10 +456,23 @@ func (c *serverConn) moveUnsent(a *attempt, f failure) {
 	c.moveWaiter(a, f)
 }
 
+// unsentMoveLocked counts one more move of s off a connection that went
+// away before s was sent there, and reports whether it is still within
+// maxUnsentMoves: if not, the move is a counted retry. Caller must hold
+// mu.
+func (c *serverConn) unsentMoveLocked(s *stream) bool {
+	if s.unsentMoves >= c.srv.unsentMoves {
+		return false
+	}
+	s.unsentMoves++
+	return true
+}
+
 // moveWaiter starts the call of a, a call waiting for a slot that
 // rebalance took off its connection, one past its backend's stream limit
 // (overLimitLocked), or one a GOAWAY took off before it was sent
-// (moveUnsent), again: picked anew, which is not counted as an attempt. f is why a's pick was not used (failBackendConns, the wait
+// (moveUnsent), again: picked anew, which is not counted as an attempt.
+// f is why a's pick was not used (failBackendConns, the wait
 // at the connection cap, or failOverLimit), which its done is told as
 // the other picks placed again unsent are (pickerErr: CANCELLED); the
 // call fails with it if its request cannot be taken for a new attempt.

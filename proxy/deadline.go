@@ -122,9 +122,9 @@ const timeoutPassAfter = time.Millisecond
 // it makes; a grpc-go client, or proxy, computes it when it sends. The
 // first attempt of a call that did not wait (its connection had done its
 // handshake when it was added, and it was not queued for a slot) is sent
-// without a look at the clock. The
-// copy is the one allocation it costs per attempt; reqFields itself stays
-// as received, for the next attempt to count down from its own moment.
+// without a look at the clock. The copy is the one allocation it costs
+// per attempt; reqFields itself stays as received, for the next attempt
+// to count down from its own moment.
 // a is the attempt being opened; caller must hold its connection's mu.
 func (s *stream) attemptFields(a *attempt) []hpack.HeaderField {
 	if s.deadline.IsZero() || (s.routeTimeout == 0 && a == &s.first && !a.waits && !a.queued) {

@@ -260,13 +260,12 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 		f := failure{kind: failConnLost, backend: addr, cause: cause, draining: c.srv.pool.restarting(addr)}
 		if errors.Is(cause, errPeerGoAway) {
 			f.kind = failGoAway
-			if s.unsentMoves < c.srv.unsentMoves {
+			if c.unsentMoveLocked(s) {
 				// The connection's GOAWAY came after the slot was
 				// reserved: never sent, the call is picked again without
 				// counting as an attempt, as the calls the GOAWAY found
 				// waiting on it are (moveUnsent), and within the same
 				// bound.
-				s.unsentMoves++
 				goneAway = true // s.first, unlinked, is not taken again
 				if done != nil {
 					done(f.statusErr())
