@@ -201,8 +201,10 @@ func TestBackendMaxStreamsZero(t *testing.T) {
 	if n := served.Load(); n != 0 {
 		t.Errorf("the zero-streams backend got %d calls", n)
 	}
-	if n := srv.BackendConns(zero); n != 1 {
-		t.Errorf("%d connections to the zero-streams backend kept, want 1", n)
+	// Kept: the one dial's, or both when the handshake raced (above);
+	// none made per call.
+	if n := srv.BackendConns(zero); n < 1 || int64(n) > accepted.Load() {
+		t.Errorf("%d connections to the zero-streams backend kept, want 1, or one per dial (%d)", n, accepted.Load())
 	}
 	for _, b := range e.dir.Backends() {
 		// Its refusals reach the Picker as CANCELLED, which outlier
