@@ -217,3 +217,13 @@ func SetMaxPendingEndBytes(t interface{ Cleanup(func()) }, n int) {
 // backend connection that sent GOAWAY before the call was sent there
 // without counting as an attempt (maxUnsentMoves). Call it before Serve.
 func (s *Server) SetMaxUnsentMoves(n uint8) { s.unsentMoves = n }
+
+// MaxReadyQueues reports the most queues any of its client connections
+// has in its ready ring now, for tests.
+func (s *Server) MaxReadyQueues() int64 {
+	return s.maxOverConns(func(c *serverConn) int64 {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return int64(len(c.ready) - c.readyHead)
+	})
+}

@@ -847,8 +847,10 @@ const maxQueuedControlFrames = 10000
 // the writer pops and inspects queues that were emptied (removeLocked,
 // discardLocked) after their stream may have ended, and must not find
 // them another call's. readyPopLocked hands the reference to its caller.
+// A closed connection's ring stays empty (close, dropReadyLocked): it
+// will not be written.
 func (t *transport) markReadyLocked(q *sendQueue) {
-	if !q.ready && q.eligible() {
+	if !q.ready && !t.closed && q.eligible() {
 		q.ready = true
 		q.refOwner() // the ring's
 		t.ready = append(t.ready, q)
@@ -1061,6 +1063,11 @@ func (t *transport) close(err error) {
 			}
 		}
 		t.ctrl = nil
+		// Nothing in the ready ring will be written: its references
+		// go now, or the streams they hold were never reused (a
+		// writer blocked on a client that reset the connection left
+		// them there).
+		t.dropReadyLocked()
 	}
 	nc := t.nc
 	t.mu.Unlock()
@@ -1484,6 +1491,14 @@ func (t *transport) readyPopLocked() *sendQueue {
 	return q
 }
 
+// dropReadyLocked empties the ready ring, letting go of its references.
+// Caller must hold mu.
+func (t *transport) dropReadyLocked() {
+	for t.readyHead < len(t.ready) {
+		t.readyPopLocked().unrefOwner()
+	}
+}
+
 // role is what differs between the two kinds of connection as seen by the
 // writer. Both methods are called with mu held.
 type role interface {
@@ -1550,8 +1565,8 @@ func (t *transport) writeStep(r role) (writeStepResult, error) {
 	batch := append(t.sc.batch[:0], t.ctrl...)
 	clear(t.ctrl)
 	t.ctrl = t.ctrl[:0]
-	for t.abandon && t.readyHead < len(t.ready) {
-		t.readyPopLocked().unrefOwner() // the ring's reference
+	if t.abandon {
+		t.dropReadyLocked()
 	}
 	batch = r.openLocked(batch)
 	budget := batchBudget
