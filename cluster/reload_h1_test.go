@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"runtime"
 	"strings"
@@ -292,6 +293,34 @@ func TestH1ReloadStorm(t *testing.T) {
 		worker("bidi", md, bidi)
 	}
 
+	// The admin endpoints are read all along: a scrape that races a
+	// swap must answer, and -race must find nothing.
+	var scrapes, badScrapes atomic.Int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		paths := []string{"/metrics", "/backends", "/status.json", "/readyz", "/readyz?cluster=x"}
+		for i := 0; i < 2000; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			resp, err := http.Get(r.admin + paths[i%len(paths)])
+			scrapes.Add(1)
+			if err != nil {
+				badScrapes.Add(1)
+				continue
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				badScrapes.Add(1)
+				firstErr.CompareAndSwap(nil, fmt.Sprintf("GET %s: %s", paths[i%len(paths)], resp.Status))
+			}
+		}
+	}()
+
 	const reloads = 200
 	start := time.Now()
 	for gen := 1; gen <= reloads && time.Since(start) < 40*time.Second; gen++ {
@@ -310,6 +339,9 @@ func TestH1ReloadStorm(t *testing.T) {
 		}
 	}
 	t.Logf("%d reloads in %v; %d calls, %d failed", reloads, took, calls.Load(), fails.Load())
+	if badScrapes.Load() != 0 {
+		t.Errorf("%d of %d admin requests failed across the reload storm; first error: %v", badScrapes.Load(), scrapes.Load(), firstErr.Load())
+	}
 	if fails.Load() != 0 {
 		t.Errorf("%d of %d calls failed across the reload storm, want 0; first: %v", fails.Load(), calls.Load(), firstErr.Load())
 	}
