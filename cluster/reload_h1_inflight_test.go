@@ -109,6 +109,14 @@ routes:
 	if err := <-lc.done; err != nil {
 		t.Fatal(err)
 	}
+	// Its connection closes after its last call; a's is kept.
+	testkit.WaitFor(ctx, t, "b's connection to close after its last call", func() bool { return lnB.open.Load() == 0 })
+	if got, err := backendOf(ctx, client); err != nil || got != "a" {
+		t.Errorf("call after the reload: %q, %v; want a", got, err)
+	}
+	if a := lnA.open.Load(); a != 1 {
+		t.Errorf("a's backend connections: %d, want 1", a)
+	}
 }
 
 // TestH1ReloadDuringShutdown: a reload that removes and adds clusters

@@ -119,7 +119,7 @@ func fdCount() int {
 // generations the retry policy changes (cluster x gets a new Upstream),
 // the policy of x flips (rebuilt, same Upstream), the header route moves
 // between x and y, and y leaves and comes back.
-func stormConf(gen int, addrX, addrY string) string {
+func stormConf(engine string, gen int, addrX, addrY string) string {
 	policy := []string{"round_robin", "random", "least_request"}[gen%3]
 	retries := 1 + (gen/5)%2
 	to := "x"
@@ -130,14 +130,15 @@ func stormConf(gen int, addrX, addrY string) string {
 	case 3:
 		yc = ""
 	}
-	return fmt.Sprintf(`drain_timeout: 60s
+	return fmt.Sprintf(`engine: %s
+drain_timeout: 60s
 proxy: {max_retries: %d, retry_on: [grpc.testing.TestService/EmptyCall]}
 clusters:
   - {name: x, targets: [%s], policy: %s}
 %sroutes:
   - {match: {headers: [{name: x-route, exact: y}]}, cluster: %s}
   - {cluster: x}
-`, retries, addrX, policy, yc, to)
+`, engine, retries, addrX, policy, yc, to)
 }
 
 // TestH1ReloadStorm reloads the file 200 times, as fast as reloads go,
@@ -146,13 +147,20 @@ clusters:
 // end OK; afterwards the goroutines, file descriptors and backend
 // connections go back to what one configuration needs, and the metrics
 // gather without error and name only the clusters of the last file.
+// For both engines.
 func TestH1ReloadStorm(t *testing.T) {
+	for _, engine := range cluster.Engines() {
+		t.Run(engine, func(t *testing.T) { testReloadStorm(t, engine) })
+	}
+}
+
+func testReloadStorm(t *testing.T, engine string) {
 	tsX, lnX := serveLive(t, "x")
 	tsY, lnY := serveLive(t, "y")
 	_ = tsX
 	_ = tsY
 	dir := t.TempDir()
-	path := writeConfig(t, dir, stormConf(0, lnX.Addr().String(), lnY.Addr().String()))
+	path := writeConfig(t, dir, stormConf(engine, 0, lnX.Addr().String(), lnY.Addr().String()))
 	f, err := cluster.LoadFile(path)
 	if err != nil {
 		t.Fatal(err)
@@ -324,7 +332,7 @@ func TestH1ReloadStorm(t *testing.T) {
 	const reloads = 200
 	start := time.Now()
 	for gen := 1; gen <= reloads && time.Since(start) < 40*time.Second; gen++ {
-		writeConfig(t, dir, stormConf(gen, lnX.Addr().String(), lnY.Addr().String()))
+		writeConfig(t, dir, stormConf(engine, gen, lnX.Addr().String(), lnY.Addr().String()))
 		if err := r.srv.Reload(ctx); err != nil {
 			t.Fatalf("Reload %d: %v", gen, err)
 		}
