@@ -3,6 +3,7 @@ package cluster_test
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,14 +17,16 @@ import (
 
 // hangHealth makes a backend's health checks hang until the checker gives
 // up (its timeout), as a backend that accepts connections and no longer
-// answers does.
-var hangHealth = grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	if info.FullMethod == "/grpc.health.v1.Health/Check" {
-		<-ctx.Done()
-		return nil, status.FromContextError(ctx.Err()).Err()
-	}
-	return handler(ctx, req)
-})
+// answers does, while *hang is true.
+func hangHealth(hang *atomic.Bool) grpc.ServerOption {
+	return grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		if info.FullMethod == "/grpc.health.v1.Health/Check" && hang.Load() {
+			<-ctx.Done()
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
+		return handler(ctx, req)
+	})
+}
 
 // TestH1ReloadKeepsHealthVerdict: backend b of cluster x fails every
 // call UNAVAILABLE and its health checks time out, so they have taken it
@@ -33,11 +36,14 @@ var hangHealth = grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, i
 // a check says otherwise"), though the proxy knew it was not, and calls
 // fail on b until the first check times out again: a reload of an
 // unrelated setting fails calls. Ejection is off to show the health
-// verdict alone.
+// verdict alone. Once b answers its checks again, the rebuilt cluster's
+// checks bring it back.
 func TestH1ReloadKeepsHealthVerdict(t *testing.T) {
 	a := startBackend(t, "a", "127.0.0.1:0")
+	var hang atomic.Bool
+	hang.Store(true)
 	b := startBackendConfig(t, testserver.Config{Name: "b", ErrorRate: 1,
-		ServerOptions: []grpc.ServerOption{hangHealth}}, "127.0.0.1:0")
+		ServerOptions: []grpc.ServerOption{hangHealth(&hang)}}, "127.0.0.1:0")
 	dir := t.TempDir()
 	conf := `clusters:
   - name: x
@@ -83,6 +89,8 @@ routes: [{cluster: x}]
 	if n != 0 {
 		t.Errorf("%d of 20 calls right after a reload that changed only x's policy failed on b, which the health checks had taken out; want 0", n)
 	}
+	hang.Store(false)
+	testkit.WaitFor(ctx, t, "b healthy again once it answers its checks", func() bool { return !unhealthy() })
 }
 
 // TestH1ReloadKeepsEjection: backend b of cluster x fails every call
