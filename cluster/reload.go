@@ -178,6 +178,13 @@ func (s *clusterSet) newEntry(f *File, fc fileCluster, old *entry) (*entry, erro
 	if old != nil && old.sameUpstream(e) {
 		cfg.from = old.c
 	}
+	if old != nil {
+		// Backends known to fail stay out of the picks: a reload of
+		// another setting is no reason to send them calls again. An
+		// ejection, for failures the dial settings may have caused,
+		// only while those stay the same.
+		cfg.prev, cfg.prevEjections = old.c, reflect.DeepEqual(e.tls, old.tls)
+	}
 	if s.metrics != nil {
 		e.reg = &laterRegisterer{reg: s.metrics}
 		cfg.Metrics = e.reg
