@@ -42,4 +42,14 @@ func TestH1ClientCABundleHalfWritten(t *testing.T) {
 	if err := call(); err != nil {
 		t.Errorf("client of CA 2 while the bundle is half written: %v; want the bundle in use kept", err)
 	}
+	// The write completes, with a third CA: taken at the next read.
+	ca3 := newCA(t, "client-ca-3")
+	if err := os.WriteFile(st.ClientCAFile, append(bundle, ca3.pem...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(cluster.ReloadInterval + 100*time.Millisecond)
+	client := dialTLS(t, r.addr, &tls.Config{RootCAs: ca.pool(), Certificates: []tls.Certificate{ca3.keyPair(t, "client", false)}})
+	if _, err := client.EmptyCall(t.Context(), &testgrpc.Empty{}); err != nil {
+		t.Errorf("client of CA 3 once the bundle is whole: %v", err)
+	}
 }
