@@ -303,13 +303,16 @@ func (b *backendConn) takeWaiting(out []*attempt) []*attempt {
 	return out
 }
 
-// moveWaiting sends the calls takeWaiting took to another backend, as
-// transparent retries: they never reached theirs, which left the set or
-// whose Upstream was retired (why). Caller must hold no lock.
+// moveWaiting picks the calls takeWaiting took anew (moveUnsent): they
+// never reached their backend, which left the set or whose Upstream was
+// retired (why), so the move is not counted as an attempt, as a GOAWAY's
+// is not. Counted, a call without retries (MaxRetries 0) failed at the
+// first reload that retired its cluster's Upstream while it waited, and
+// one with MaxRetries 2 at the third. Caller must hold no lock.
 func (p *pool) moveWaiting(moved []*attempt, why error) {
 	for _, a := range moved {
 		s := a.s
-		s.cc.retryOrFail(a, true, failure{kind: failConnLost, backend: a.bc.addr, cause: why, draining: true})
+		s.cc.moveUnsent(a, failure{kind: failConnLost, backend: a.bc.addr, cause: why, draining: true})
 		s.unref() // takeWaiting's
 	}
 }
@@ -429,8 +432,8 @@ func (p *pool) rebalance(k poolKey) {
 }
 
 // maxUnsentMoves bounds how many times one call is moved off a backend
-// connection that sent GOAWAY before the call was sent on it
-// (moveUnsent) without counting as an attempt.
+// connection that sent GOAWAY, left the set or was retired before the
+// call was sent on it (moveUnsent) without counting as an attempt.
 const maxUnsentMoves = 16
 
 // moveUnsent starts the call of a again, which a backend connection's
