@@ -1,0 +1,99 @@
+package cluster_test
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/streamlb/streamlb/internal/testkit"
+)
+
+// TestH1ReloadRoutesAtOnce flips a weighted route between clusters a and
+// b (weights 1/0 and 0/1) and a header route's cluster, 40 times, for
+// both engines, while 8 workers call: a call that starts after a reload
+// returned and before the next began must go where that reload says.
+func TestH1ReloadRoutesAtOnce(t *testing.T) {
+	for _, engine := range []string{"frame", "grpc-proxy"} {
+		t.Run(engine, func(t *testing.T) {
+			a := startBackend(t, "a", "127.0.0.1:0")
+			b := startBackend(t, "b", "127.0.0.1:0")
+			conf := func(gen int) string {
+				wa, wb, hdr := 1, 0, "b"
+				if gen%2 == 1 {
+					wa, wb, hdr = 0, 1, "a"
+				}
+				return fmt.Sprintf(`engine: %s
+clusters: [{name: a, targets: [%s]}, {name: b, targets: [%s]}]
+routes:
+  - {match: {headers: [{name: x-h, present: true}]}, cluster: %s}
+  - {clusters: [{name: a, weight: %d}, {name: b, weight: %d}]}
+`, engine, a.Addr(), b.Addr(), hdr, wa, wb)
+			}
+			dir := t.TempDir()
+			r := runFile(t, writeConfig(t, dir, conf(0)), false)
+			client := dial(t, r.addr)
+			ctx := testkit.Context(t, 60*time.Second)
+			// gen is the generation in force: set after Reload returned,
+			// and to -1 while a reload runs.
+			var gen atomic.Int64
+			var calls, stale, fails atomic.Int64
+			var firstErr atomic.Value
+			stop := make(chan struct{})
+			var wg sync.WaitGroup
+			for w := range 8 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := 0; i < 20000; i++ {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						g := gen.Load()
+						md := []string{}
+						if w%2 == 1 {
+							md = []string{"x-h", "1"}
+						}
+						got, err := backendOf(ctx, client, md...)
+						calls.Add(1)
+						if err != nil {
+							fails.Add(1)
+							firstErr.CompareAndSwap(nil, err.Error())
+							continue
+						}
+						if g < 0 || gen.Load() != g {
+							continue // a reload ran meanwhile
+						}
+						want := "a"
+						if (g%2 == 1) != (w%2 == 1) {
+							want = "b"
+						}
+						if got != want {
+							stale.Add(1)
+							firstErr.CompareAndSwap(nil, fmt.Sprintf("gen %d worker %d: %s, want %s", g, w, got, want))
+						}
+					}
+				}()
+			}
+			for g := 1; g <= 40; g++ {
+				time.Sleep(20 * time.Millisecond)
+				gen.Store(-1)
+				writeConfig(t, dir, conf(g))
+				if err := r.srv.Reload(ctx); err != nil {
+					t.Fatalf("Reload %d: %v", g, err)
+				}
+				gen.Store(int64(g))
+			}
+			time.Sleep(20 * time.Millisecond)
+			close(stop)
+			wg.Wait()
+			t.Logf("%d calls, %d failed, %d stale", calls.Load(), fails.Load(), stale.Load())
+			if fails.Load() != 0 || stale.Load() != 0 {
+				t.Errorf("%d failed, %d went where an earlier reload said; first: %v", fails.Load(), stale.Load(), firstErr.Load())
+			}
+		})
+	}
+}
