@@ -175,6 +175,15 @@ func (d *Director) Inherit(old *Director, ejections bool) {
 	if old == nil || old == d {
 		return
 	}
+	old.mu.Lock()
+	from, fromEjections := old.inherit, old.inheritEjections
+	old.mu.Unlock()
+	if from != nil {
+		// old never got a set: what it was to inherit. Directors that
+		// never get one, rebuilt reload after reload, hold one other
+		// director, not a chain of them.
+		old, ejections = from, ejections && fromEjections
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.inherit, d.inheritEjections = old, ejections

@@ -68,3 +68,31 @@ func TestH1Inherit(t *testing.T) {
 		})
 	}
 }
+
+// TestH1InheritSkipsSetless: a director that never got a set passes on
+// what it was to inherit, so directors rebuilt reload after reload
+// without a set never hold a chain of their predecessors.
+func TestH1InheritSkipsSetless(t *testing.T) {
+	t.Parallel()
+	clk := newFakeClock()
+	old := newOutlierDirector(t, Config{HealthCheckInterval: time.Hour}, clk, "a:1", "b:1")
+	setHealthOf(t, old, "b:1", false)
+	newDir := func() *Director {
+		d, err := New(Config{HealthCheckInterval: time.Hour, Logger: discardLogger(), Now: clk.Now})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	setless := newDir()
+	setless.Inherit(old, true)
+	d := newDir()
+	d.Inherit(setless, true)
+	if d.inherit != old {
+		t.Fatalf("inherits from %p, want the set-less director's own %p", d.inherit, old)
+	}
+	mustUpdate(t, d, state("a:1", "b:1"))
+	if statsOf(t, d, "b:1").Healthy {
+		t.Error("b healthy, want the verdict of the last director that had a set")
+	}
+}
