@@ -7,6 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/streamlb/streamlb/cluster"
 	"github.com/streamlb/streamlb/internal/testkit"
 )
 
@@ -93,6 +96,73 @@ routes:
 			t.Logf("%d calls, %d failed, %d stale", calls.Load(), fails.Load(), stale.Load())
 			if fails.Load() != 0 || stale.Load() != 0 {
 				t.Errorf("%d failed, %d went where an earlier reload said; first: %v", fails.Load(), stale.Load(), firstErr.Load())
+			}
+		})
+	}
+}
+
+// TestH1RemovedClusterSeriesGo: once a reload removed cluster y and its
+// last call ended, no metric series names it any more (its collectors
+// withdrawn, its connections closed), for both engines; x's remain.
+func TestH1RemovedClusterSeriesGo(t *testing.T) {
+	for _, engine := range []string{"frame", "grpc-proxy"} {
+		t.Run(engine, func(t *testing.T) {
+			_, lnX := serveLive(t, "x")
+			_, lnY := serveLive(t, "y")
+			conf := `engine: %s
+clusters: [{name: x, targets: [%s]}%s]
+routes:
+%s  - {cluster: x, rate_limit: {rate: 1000}}
+`
+			dir := t.TempDir()
+			path := writeConfig(t, dir, fmt.Sprintf(conf, engine, lnX.Addr(), fmt.Sprintf(", {name: y, targets: [%s], health_check: {interval: 100ms}}", lnY.Addr()),
+				"  - {name: to-y, match: {headers: [{name: x-y, present: true}]}, cluster: y, rate_limit: {rate: 1000}}\n"))
+			f, err := cluster.LoadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := f.ServerConfig()
+			reg := prometheus.NewRegistry()
+			cfg.Metrics = reg
+			r := runServer(t, cfg)
+			client := dial(t, r.addr)
+			ctx := testkit.Context(t, 30*time.Second)
+			for _, md := range [][]string{nil, {"x-y", "1"}} {
+				if _, err := backendOf(ctx, client, md...); err != nil {
+					t.Fatal(err)
+				}
+			}
+			names := func() map[string]bool {
+				mfs, err := reg.Gather()
+				if err != nil {
+					t.Fatalf("Gather: %v", err)
+				}
+				got := map[string]bool{}
+				for _, mf := range mfs {
+					for _, m := range mf.GetMetric() {
+						for _, l := range m.GetLabel() {
+							if l.GetName() == "cluster" || l.GetName() == "route" {
+								got[l.GetValue()] = true
+							}
+						}
+					}
+				}
+				return got
+			}
+			if got := names(); !got["y"] || !got["to-y"] {
+				t.Fatalf("series before the reload name %v, want y and to-y among them", got)
+			}
+			writeConfig(t, dir, fmt.Sprintf(conf, engine, lnX.Addr(), "", ""))
+			if err := r.srv.Reload(ctx); err != nil {
+				t.Fatal(err)
+			}
+			testkit.WaitFor(ctx, t, "y's connection to close", func() bool { return lnY.open.Load() == 0 })
+			if _, err := backendOf(ctx, client); err != nil {
+				t.Fatal(err)
+			}
+			got := names()
+			if got["y"] || got["to-y"] || !got["x"] {
+				t.Errorf("series after the reload name %v; want x and neither y nor to-y", got)
 			}
 		})
 	}
