@@ -41,7 +41,9 @@ routes:
 			res <- err
 		}()
 	}
-	testkit.WaitFor(ctx, t, "calls on a1", func() bool { return a1.InFlight() >= 1 })
+	// All four routed and on a backend (a1 holds its for 300ms) before
+	// the route goes: a call that started after would rightly find none.
+	testkit.WaitFor(ctx, t, "the calls on a1 and a2", func() bool { return a1.InFlight() >= 1 && a1.Calls()+a2.Calls() == 4 })
 	writeConfig(t, dir, fmt.Sprintf(conf, a1.Addr(), a2.Addr(), "other.v1.Other"))
 	if err := r.srv.Reload(ctx); err != nil {
 		t.Fatal(err)
