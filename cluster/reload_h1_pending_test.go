@@ -2,14 +2,17 @@ package cluster_test
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/testserver"
@@ -144,6 +147,58 @@ routes: [{cluster: c}]
 	for i := range 4 {
 		if err := <-waiting; err != nil {
 			t.Errorf("waiting call %d across the reload: %v; want OK", i, err)
+		}
+	}
+	for i := range 2 {
+		if err := <-long; err != nil {
+			t.Errorf("long call %d across the reload: %v; want OK", i, err)
+		}
+	}
+}
+
+// TestH1ReloadRemovesRouteOfWaitingCalls: calls wait for a slot on
+// cluster c when a reload removes c and the only route to it. They cannot
+// be placed again anywhere; they fail UNAVAILABLE, "draining because its
+// cluster was removed or reloaded" (retryable: they reached no backend),
+// not UNIMPLEMENTED "no route" as if they had never been routed. The
+// long calls that hold the slots run to their end.
+func TestH1ReloadRemovesRouteOfWaitingCalls(t *testing.T) {
+	var addrs []string
+	for _, n := range []string{"p", "q"} {
+		ts := startBackendConfig(t, testserver.Config{Name: n, ServerOptions: []grpc.ServerOption{grpc.MaxConcurrentStreams(1)}}, "127.0.0.1:0")
+		addrs = append(addrs, ts.Addr())
+	}
+	const limits = "proxy: {max_backend_conns: 1, max_backend_pending: 100, backend_pending_timeout: 20s}\n"
+	dir := t.TempDir()
+	r := runFile(t, writeConfig(t, dir, limits+fmt.Sprintf(`clusters:
+  - {name: c, targets: [%s, %s]}
+  - {name: d, targets: [%s]}
+routes: [{match: {service: grpc.testing.TestService}, cluster: c}, {match: {service: other.v1.Other}, cluster: d}]
+`, addrs[0], addrs[1], addrs[0])), false)
+	client := dial(t, r.addr)
+	ctx := testkit.Context(t, 30*time.Second)
+	call := func(delay string, res chan<- error) {
+		_, err := client.EmptyCall(metadata.AppendToOutgoingContext(ctx, testserver.MetadataDelay, delay), &testgrpc.Empty{})
+		res <- err
+	}
+	long := make(chan error, 2)
+	for range 2 {
+		go call("1500ms", long)
+	}
+	time.Sleep(300 * time.Millisecond)
+	waiting := make(chan error, 4)
+	for range 4 {
+		go call("10ms", waiting)
+	}
+	time.Sleep(300 * time.Millisecond)
+	writeConfig(t, dir, limits+fmt.Sprintf("clusters: [{name: d, targets: [%s]}]\nroutes: [{match: {service: other.v1.Other}, cluster: d}]\n", addrs[0]))
+	if err := r.srv.Reload(ctx); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	for i := range 4 {
+		err := <-waiting
+		if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "removed or reloaded") {
+			t.Errorf("waiting call %d: %v; want UNAVAILABLE draining because its cluster was removed or reloaded", i, err)
 		}
 	}
 	for i := range 2 {
