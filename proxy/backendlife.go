@@ -312,7 +312,7 @@ func (b *backendConn) takeWaiting(out []*attempt) []*attempt {
 func (p *pool) moveWaiting(moved []*attempt, why error) {
 	for _, a := range moved {
 		s := a.s
-		s.cc.moveUnsent(a, failure{kind: failConnLost, backend: a.bc.addr, cause: why, draining: true})
+		s.cc.moveDrained(a, failure{kind: failConnLost, backend: a.bc.addr, cause: why, draining: true})
 		s.unref() // takeWaiting's
 	}
 }
@@ -459,6 +459,24 @@ func (c *serverConn) moveUnsent(a *attempt, f failure) {
 	c.moveWaiter(a, f)
 }
 
+// moveDrained is moveUnsent for a call moveWaiting took off a connection
+// drained because its backend left the set or its Upstream was retired:
+// if it cannot be placed again because no backend can be picked for it
+// now (the reload that retired its cluster took its route too), it fails
+// with f, UNAVAILABLE, why it was moved, rather than with the pick's
+// error (UNIMPLEMENTED "no route" for a call that was routed). Caller
+// must hold no lock, and own a reference to a.s.
+func (c *serverConn) moveDrained(a *attempt, f failure) {
+	c.mu.Lock()
+	moved := c.unsentMoveLocked(a.s)
+	c.mu.Unlock()
+	if !moved {
+		c.retryOrFail(a, true, f)
+		return
+	}
+	c.placeAgain(a, f, true)
+}
+
 // unsentMoveLocked counts one more move of s off a connection that went
 // away before s was sent there, and reports whether it is still within
 // maxUnsentMoves: if not, the move is a counted retry. Caller must hold
@@ -481,7 +499,11 @@ func (c *serverConn) unsentMoveLocked(s *stream) bool {
 // call fails with it if its request cannot be taken for a new attempt.
 // Caller must hold no lock, and own a reference to a.s, as retryOrFail's
 // does.
-func (c *serverConn) moveWaiter(a *attempt, f failure) {
+func (c *serverConn) moveWaiter(a *attempt, f failure) { c.placeAgain(a, f, false) }
+
+// placeAgain is moveWaiter; keepIfNoPick: if no backend can be picked,
+// the call fails with f rather than the pick's failure.
+func (c *serverConn) placeAgain(a *attempt, f failure, keepIfNoPick bool) {
 	s := a.s
 	c.mu.Lock()
 	if s.att == a && !s.cst.ended() && !s.down.closed {
@@ -496,7 +518,9 @@ func (c *serverConn) moveWaiter(a *attempt, f failure) {
 				}
 				return
 			}
-			f = g
+			if !keepIfNoPick || g.kind != failNoBackend {
+				f = g
+			}
 		}
 	}
 	c.failUnlinkedLocked(a, f)
