@@ -167,3 +167,48 @@ routes:
 		})
 	}
 }
+
+// TestH1ReloadKeepsRingHashMapping: a ring_hash cluster rebuilt by a
+// reload that changes another of its settings (its ejection) sends each
+// key to the backend it went to before: a reload must not move sessions.
+func TestH1ReloadKeepsRingHashMapping(t *testing.T) {
+	var addrs []string
+	for _, n := range []string{"a", "b", "c"} {
+		addrs = append(addrs, startBackend(t, n, "127.0.0.1:0").Addr())
+	}
+	conf := `clusters:
+  - {name: s, targets: [%s, %s, %s], policy: ring_hash, hash_header: x-user, ejection: {after: %d}}
+routes: [{cluster: s}]
+`
+	dir := t.TempDir()
+	r := runFile(t, writeConfig(t, dir, fmt.Sprintf(conf, addrs[0], addrs[1], addrs[2], 3)), false)
+	client := dial(t, r.addr)
+	ctx := testkit.Context(t, 30*time.Second)
+	mapping := func() map[string]string {
+		m := map[string]string{}
+		for i := range 40 {
+			key := fmt.Sprintf("user-%d", i)
+			got, err := backendOf(ctx, client, "x-user", key)
+			if err != nil {
+				t.Fatalf("call: %v", err)
+			}
+			m[key] = got
+		}
+		return m
+	}
+	before := mapping()
+	writeConfig(t, dir, fmt.Sprintf(conf, addrs[0], addrs[1], addrs[2], 5))
+	if err := r.srv.Reload(ctx); err != nil {
+		t.Fatal(err)
+	}
+	after := mapping()
+	moved := 0
+	for k, v := range before {
+		if after[k] != v {
+			moved++
+		}
+	}
+	if moved != 0 {
+		t.Errorf("%d of %d keys went to another backend after a reload that changed only the ejection", moved, len(before))
+	}
+}
