@@ -76,6 +76,12 @@ type Config struct {
 	// equal BackendTLS and Retry: its backend TLS and Upstream are reused,
 	// so the replacement keeps the data plane's connections.
 	from *Cluster
+	// prev, if set, is the running cluster this one replaces on a reload,
+	// whatever changed: its director's verdicts on the backends both
+	// have, health and, if prevEjections (the backend TLS is the same),
+	// outlier ejections, carry over (director.Director.Inherit).
+	prev          *Cluster
+	prevEjections bool
 }
 
 // Retry is a cluster's retry policy: what proxy.Config's fields of the
@@ -174,6 +180,9 @@ func New(cfg Config) (*Cluster, error) {
 	dir, err := director.New(dc)
 	if err != nil {
 		return nil, fmt.Errorf("cluster %s: %w", cfg.Name, err)
+	}
+	if cfg.prev != nil {
+		dir.Inherit(cfg.prev.dir, cfg.prevEjections)
 	}
 	c = &Cluster{
 		name:     cfg.Name,

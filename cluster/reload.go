@@ -91,6 +91,12 @@ type clusterSet struct {
 	// (entry.prev), to backends that left its set. Set before Run.
 	drainUpstream  func(*proxy.Upstream)
 	retainUpstream func(*proxy.Upstream, []string)
+	// retireBackends, if set (the grpc-proxy engine's RetireBackends,
+	// which pools connections by address alone), takes the connections
+	// of a removed cluster's backends that no running cluster lists out
+	// of use without a drain timeout, as drainUpstream does the frame
+	// engine's: retain would bound them. Set before Run.
+	retireBackends func(addrs []string)
 }
 
 // entry is one running cluster.
@@ -171,6 +177,13 @@ func (s *clusterSet) newEntry(f *File, fc fileCluster, old *entry) (*entry, erro
 	e := &entry{spec: fc, tls: f.backendTLSOf(fc), retry: f.retryOf(fc)}
 	if old != nil && old.sameUpstream(e) {
 		cfg.from = old.c
+	}
+	if old != nil {
+		// Backends known to fail stay out of the picks: a reload of
+		// another setting is no reason to send them calls again. An
+		// ejection, for failures the dial settings may have caused,
+		// only while those stay the same.
+		cfg.prev, cfg.prevEjections = old.c, reflect.DeepEqual(e.tls, old.tls)
 	}
 	if s.metrics != nil {
 		e.reg = &laterRegisterer{reg: s.metrics}
@@ -277,6 +290,38 @@ func (s *clusterSet) succeed(old, next *entry) {
 		for _, up := range next.prev {
 			s.retainUpstream(up, next.addrs)
 		}
+	}
+}
+
+// retire hands retireBackends the backends of e, a stopped cluster that
+// no cluster of its name replaced, that no other running cluster lists:
+// their calls in flight run to their end, however long, before drop's
+// retain would bound them by the drain timeout.
+func (s *clusterSet) retire(e *entry) {
+	if s.retireBackends == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.live[e] {
+		return
+	}
+	kept := map[string]bool{}
+	for o := range s.live {
+		if o != e {
+			for _, a := range o.addrs {
+				kept[a] = true
+			}
+		}
+	}
+	var gone []string
+	for _, a := range e.addrs {
+		if !kept[a] {
+			gone = append(gone, a)
+		}
+	}
+	if len(gone) > 0 {
+		s.retireBackends(gone)
 	}
 }
 
@@ -510,6 +555,9 @@ func (s *clusterSet) apply(ctx context.Context, g *errgroup.Group, nf *File) err
 			// drop, whose retain would otherwise bound the connections
 			// to backends no other cluster lists.
 			s.drainUpstream(e.c.up)
+		}
+		if next[e.c.name] == nil {
+			s.retire(e)
 		}
 		s.drop(e)
 		s.succeed(e, next[e.c.name])

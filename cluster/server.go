@@ -266,7 +266,13 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		if btls != nil {
 			rc.Credentials = btls.credentials()
 		}
-		s.engine, err = proxy.NewReference(rc)
+		var ref *proxy.Reference
+		if ref, err = proxy.NewReference(rc); err == nil {
+			s.engine = ref
+			if s.set != nil {
+				s.set.retireBackends = ref.RetireBackends
+			}
+		}
 	default:
 		return nil, fmt.Errorf("cluster: unknown engine %q (want %s or %s)", cfg.Engine, EngineFrame, EngineGRPCProxy)
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -156,6 +157,27 @@ func (r *reloading[T]) get() T {
 	return v
 }
 
+// pemComplete fails if data holds a PEM block that begins and does not
+// end: a file read while it is being written in place, cut off in a
+// block. crypto/tls and x509 stop at such a block and keep the blocks
+// before it, so a CA bundle or a certificate chain read halfway would
+// load as its first CAs or its leaf alone; refused, the files in use are
+// kept until the file is whole (reloading.get).
+func pemComplete(data []byte) error {
+	rest := data
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+	}
+	if bytes.Contains(rest, []byte("-----BEGIN")) {
+		return errors.New("a PEM block begins and does not end (the file is still being written?)")
+	}
+	return nil
+}
+
 func equalData(a, b [][]byte) bool {
 	if len(a) != len(b) || a == nil || b == nil {
 		return false
@@ -169,6 +191,11 @@ func equalData(a, b [][]byte) bool {
 }
 
 func parseKeyPair(data [][]byte) (*tls.Certificate, error) {
+	for i, what := range []string{"certificate", "key"} {
+		if err := pemComplete(data[i]); err != nil {
+			return nil, fmt.Errorf("%s file: %w", what, err)
+		}
+	}
 	c, err := tls.X509KeyPair(data[0], data[1])
 	if err != nil {
 		return nil, err
@@ -177,6 +204,9 @@ func parseKeyPair(data [][]byte) (*tls.Certificate, error) {
 }
 
 func parseCAs(data [][]byte) (*x509.CertPool, error) {
+	if err := pemComplete(data[0]); err != nil {
+		return nil, err
+	}
 	p := x509.NewCertPool()
 	if !p.AppendCertsFromPEM(data[0]) {
 		return nil, errors.New("no PEM certificate found")

@@ -64,6 +64,11 @@ type Director struct {
 	// panicking reports that the last published snapshot was in panic
 	// mode, so the transitions are logged once.
 	panicking bool
+	// inherit is the director this one replaces (Inherit), whose
+	// verdicts the backends of the first set start with; nil once that
+	// set is in. inheritEjections: its ejections too.
+	inherit          *Director
+	inheritEjections bool
 }
 
 // New validates cfg and returns a Director with an empty backend set, so
@@ -141,15 +146,76 @@ func (d *Director) UpdateState(s resolver.State) error {
 			if d.slowStart > 0 && len(old.all) > 0 {
 				c.slowStartAt = now
 			}
+			if d.inherit != nil {
+				d.inheritLocked(a.Addr, c, now)
+			}
 		}
 		next[a.Addr] = c
 		bs = append(bs, &backend{addr: a.Addr, weight: max(a.Weight, 1), ctr: c})
 	}
+	d.inherit = nil // the first set only: a backend that joins later is new
 	sortBackends(bs)
 	d.logChanges(old.all, bs)
 	d.counters = next
 	d.publishLocked(bs, now) // wakes Run to start and stop health checkers
 	return nil
+}
+
+// Inherit makes d, built to replace old (a reload rebuilt their cluster
+// for other settings), start the backends of its first set that old has
+// with old's verdicts on them rather than as new backends, so that a
+// reload of an unrelated setting does not send calls to a backend known
+// to fail them: unhealthy, if old's health checks said so and d checks
+// health too (d's checks then decide, as after any verdict); and, if
+// ejections and d ejects, ejected until old's ejection ends (within d's
+// MaxEjection), with old's ejection count and length multiplier. Call it
+// before d's first UpdateState, while old still runs: a director whose
+// Run ended counts every backend healthy.
+func (d *Director) Inherit(old *Director, ejections bool) {
+	if old == nil || old == d {
+		return
+	}
+	old.mu.Lock()
+	from, fromEjections := old.inherit, old.inheritEjections
+	old.mu.Unlock()
+	if from != nil {
+		// old never got a set: what it was to inherit. Directors that
+		// never get one, rebuilt reload after reload, hold one other
+		// director, not a chain of them.
+		old, ejections = from, ejections && fromEjections
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.inherit, d.inheritEjections = old, ejections
+}
+
+// inheritLocked gives c, the new counters of addr, what d.inherit knows
+// of addr (see Inherit). Caller must hold d.mu; it takes the old
+// director's, which never takes d's.
+func (d *Director) inheritLocked(addr string, c *counters, now time.Time) {
+	o := d.inherit
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	oc := o.counters[addr]
+	if oc == nil {
+		return
+	}
+	if oc.unhealthy && d.health.interval > 0 && o.health.interval > 0 {
+		c.unhealthy, c.unhealthyReason = true, oc.unhealthyReason
+	}
+	if !d.inheritEjections || d.outlier.ejectAfter == 0 {
+		return
+	}
+	c.ejections.Store(oc.ejections.Load())
+	c.multiplier = min(oc.multiplier, d.outlier.maxMultiplier)
+	c.restoredAt = oc.restoredAt
+	if !oc.ejectedUntil.IsZero() && now.Before(oc.ejectedUntil) {
+		c.ejectedUntil = oc.ejectedUntil
+		if limit := now.Add(d.outlier.max); c.ejectedUntil.After(limit) {
+			c.ejectedUntil = limit
+		}
+		c.reconnectProbe, c.ejectReason = oc.reconnectProbe, oc.ejectReason
+	}
 }
 
 // kick wakes Run without blocking; see Director.wake.

@@ -150,7 +150,12 @@ func (d *Director) checkLoop(ctx context.Context, addr string, ctr *counters) {
 	}
 	defer p.Close()
 
-	hr := healthRun{healthyAfter: d.health.healthyAfter, unhealthyAfter: d.health.unhealthyAfter, healthy: true}
+	// A backend starts healthy, unless its director inherited a verdict
+	// (Inherit): the checks go on from it.
+	d.mu.Lock()
+	healthy := !ctr.unhealthy
+	d.mu.Unlock()
+	hr := healthRun{healthyAfter: d.health.healthyAfter, unhealthyAfter: d.health.unhealthyAfter, healthy: healthy}
 	warnedUnimplemented := false
 	t := time.NewTicker(d.health.interval)
 	defer t.Stop()

@@ -303,13 +303,16 @@ func (b *backendConn) takeWaiting(out []*attempt) []*attempt {
 	return out
 }
 
-// moveWaiting sends the calls takeWaiting took to another backend, as
-// transparent retries: they never reached theirs, which left the set or
-// whose Upstream was retired (why). Caller must hold no lock.
+// moveWaiting picks the calls takeWaiting took anew (moveUnsent): they
+// never reached their backend, which left the set or whose Upstream was
+// retired (why), so the move is not counted as an attempt, as a GOAWAY's
+// is not. Counted, a call without retries (MaxRetries 0) failed at the
+// first reload that retired its cluster's Upstream while it waited, and
+// one with MaxRetries 2 at the third. Caller must hold no lock.
 func (p *pool) moveWaiting(moved []*attempt, why error) {
 	for _, a := range moved {
 		s := a.s
-		s.cc.retryOrFail(a, true, failure{kind: failConnLost, backend: a.bc.addr, cause: why, draining: true})
+		s.cc.moveDrained(a, failure{kind: failConnLost, backend: a.bc.addr, cause: why, draining: true})
 		s.unref() // takeWaiting's
 	}
 }
@@ -429,8 +432,8 @@ func (p *pool) rebalance(k poolKey) {
 }
 
 // maxUnsentMoves bounds how many times one call is moved off a backend
-// connection that sent GOAWAY before the call was sent on it
-// (moveUnsent) without counting as an attempt.
+// connection that sent GOAWAY, left the set or was retired before the
+// call was sent on it (moveUnsent) without counting as an attempt.
 const maxUnsentMoves = 16
 
 // moveUnsent starts the call of a again, which a backend connection's
@@ -456,6 +459,24 @@ func (c *serverConn) moveUnsent(a *attempt, f failure) {
 	c.moveWaiter(a, f)
 }
 
+// moveDrained is moveUnsent for a call moveWaiting took off a connection
+// drained because its backend left the set or its Upstream was retired:
+// if it cannot be placed again because no backend can be picked for it
+// now (the reload that retired its cluster took its route too), it fails
+// with f, UNAVAILABLE, why it was moved, rather than with the pick's
+// error (UNIMPLEMENTED "no route" for a call that was routed). Caller
+// must hold no lock, and own a reference to a.s.
+func (c *serverConn) moveDrained(a *attempt, f failure) {
+	c.mu.Lock()
+	moved := c.unsentMoveLocked(a.s)
+	c.mu.Unlock()
+	if !moved {
+		c.retryOrFail(a, true, f)
+		return
+	}
+	c.placeAgain(a, f, true)
+}
+
 // unsentMoveLocked counts one more move of s off a connection that went
 // away before s was sent there, and reports whether it is still within
 // maxUnsentMoves: if not, the move is a counted retry. Caller must hold
@@ -478,7 +499,11 @@ func (c *serverConn) unsentMoveLocked(s *stream) bool {
 // call fails with it if its request cannot be taken for a new attempt.
 // Caller must hold no lock, and own a reference to a.s, as retryOrFail's
 // does.
-func (c *serverConn) moveWaiter(a *attempt, f failure) {
+func (c *serverConn) moveWaiter(a *attempt, f failure) { c.placeAgain(a, f, false) }
+
+// placeAgain is moveWaiter; keepIfNoPick: if no backend can be picked,
+// the call fails with f rather than the pick's failure.
+func (c *serverConn) placeAgain(a *attempt, f failure, keepIfNoPick bool) {
 	s := a.s
 	c.mu.Lock()
 	if s.att == a && !s.cst.ended() && !s.down.closed {
@@ -493,7 +518,9 @@ func (c *serverConn) moveWaiter(a *attempt, f failure) {
 				}
 				return
 			}
-			f = g
+			if !keepIfNoPick || g.kind != failNoBackend {
+				f = g
+			}
 		}
 	}
 	c.failUnlinkedLocked(a, f)

@@ -131,6 +131,7 @@ type Reference struct {
 	// mu guards the fields below.
 	conns    map[string]*refConn
 	draining map[*refConn]*time.Timer // connections of removed backends, closed when their timer fires
+	retired  map[*refConn]bool        // connections RetireBackends took out of use, closed after their last call
 }
 
 type doneKey struct{}
@@ -159,6 +160,10 @@ type doneHolder struct {
 type refConn struct {
 	*grpc.ClientConn
 	cut atomic.Pointer[error]
+	// calls counts the calls that took the connection (conn) and have not
+	// ended (release): a retired connection closes when it is back to 0.
+	// Guarded by Reference.mu.
+	calls int
 }
 
 // NewReference builds the reference engine. It starts nothing.
@@ -209,6 +214,7 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		maxResp:  cfg.MaxResponseHeaderListSize,
 		conns:    make(map[string]*refConn),
 		draining: make(map[*refConn]*time.Timer),
+		retired:  make(map[*refConn]bool),
 	}
 	if cfg.OnCallEnd != nil {
 		r.ends = newEndQueue(cfg.OnCallEnd)
@@ -240,6 +246,9 @@ func (r *Reference) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	err := handler(srv, hs)
 	if h.cancel != nil {
 		h.cancel()
+	}
+	if h.cc != nil {
+		r.release(h.cc)
 	}
 	// proxyStatus: the proxy made err (CallInfo.ProxyStatus).
 	proxyStatus := err != nil && err == h.proxyErr
@@ -357,6 +366,7 @@ func (s *holderStream) SendMsg(m any) error {
 // a client connection to the backend.
 func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Context, grpc.ClientConnInterface, error) {
 	h, _ := ctx.Value(doneKey{}).(*doneHolder)
+	counted := h != nil // intercept releases h.cc when the call ends
 	if h == nil {
 		h = new(doneHolder) // not through intercept: nobody reads it
 	}
@@ -377,11 +387,13 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 	}
 	h.done = done
 	h.addr = addr
-	cc, err := r.conn(addr)
+	cc, err := r.conn(addr, counted)
 	if err != nil {
 		return fail(failure{kind: failDial, backend: addr, cause: err})
 	}
-	h.cc = cc
+	if counted {
+		h.cc = cc
+	}
 	if sent != nil {
 		// The handler opens the backend stream next; a call of this
 		// engine that got this far is sent (UpstreamPick.Sent).
@@ -425,10 +437,15 @@ func (r *Reference) pick(ctx context.Context, fullMethod string, h *doneHolder) 
 	return pk.Addr, pk.Sent, pk.Done, pk.Timeout, err
 }
 
-func (r *Reference) conn(addr string) (*refConn, error) {
+// conn returns the client connection to addr, opening it if there is
+// none; count: the call that takes it is counted on it until release.
+func (r *Reference) conn(addr string, count bool) (*refConn, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if cc, ok := r.conns[addr]; ok {
+		if count {
+			cc.calls++
+		}
 		return cc, nil
 	}
 	// The target is a URL: the "%" of an IPv6 zone ("[fe80::1%eth0]:port")
@@ -446,8 +463,26 @@ func (r *Reference) conn(addr string) (*refConn, error) {
 		return nil, fmt.Errorf("proxy: client for %s: %w", addr, err)
 	}
 	rc := &refConn{ClientConn: cc}
+	if count {
+		rc.calls = 1
+	}
 	r.conns[addr] = rc
 	return rc, nil
+}
+
+// release ends a call's use of cc (conn): a connection RetireBackends
+// took out of use closes after its last call.
+func (r *Reference) release(cc *refConn) {
+	r.mu.Lock()
+	cc.calls--
+	last := cc.calls == 0 && r.retired[cc]
+	if last {
+		delete(r.retired, cc)
+	}
+	r.mu.Unlock()
+	if last {
+		cc.Close()
+	}
 }
 
 // dialer opens backend addr's connections for its grpc-go client, as the
@@ -566,6 +601,37 @@ func (r *Reference) closeConns() {
 		t.Stop()
 		cc.Close()
 		delete(r.draining, cc)
+	}
+	for cc := range r.retired {
+		cc.Close()
+		delete(r.retired, cc)
+	}
+}
+
+// RetireBackends takes the client connections of the backends addrs out
+// of use without a drain timeout: new calls to them get a new connection,
+// and each closes after its last call, however long (an idle one at
+// once), as the frame engine's DrainUpstream does for a cluster a reload
+// removed. Calls on it are bounded only by Shutdown. Safe for concurrent
+// use.
+func (r *Reference) RetireBackends(addrs []string) {
+	var idle []*refConn
+	r.mu.Lock()
+	for _, addr := range addrs {
+		cc, ok := r.conns[addr]
+		if !ok {
+			continue
+		}
+		delete(r.conns, addr)
+		if cc.calls == 0 {
+			idle = append(idle, cc)
+			continue
+		}
+		r.retired[cc] = true
+	}
+	r.mu.Unlock()
+	for _, cc := range idle {
+		cc.Close()
 	}
 }
 

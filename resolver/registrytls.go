@@ -131,9 +131,43 @@ func clientTLS(registry, caFile, certFile, keyFile string) (*tls.Config, error) 
 		if err != nil {
 			return nil, fmt.Errorf("resolver: %s client certificate: %w", registry, err)
 		}
-		cfg.Certificates = []tls.Certificate{cert}
+		kp := &clientKeyPair{certFile: certFile, keyFile: keyFile, cert: &cert, next: time.Now().Add(clientCertReload)}
+		cfg.GetClientCertificate = kp.get
 	}
 	return cfg, nil
+}
+
+// clientCertReload is the least time between two reads of a registry
+// client certificate's files.
+const clientCertReload = time.Second
+
+// clientKeyPair is a registry client's certificate, read again from its
+// files at most once a clientCertReload when a connection asks for it,
+// as the backend client certificate is: rotated in place (cert-manager, a
+// Kubernetes Secret), it is used from the next connection on. Read once,
+// the registry kept getting the old one, until it expired or its CA was
+// no longer trusted, and a reload kept the cluster and so the old one
+// (its settings, the file paths, had not changed): only a restart helped.
+// Files that do not load (one of the two rewritten, or cut off while
+// being written) leave the pair in use. Safe for concurrent use.
+type clientKeyPair struct {
+	certFile, keyFile string
+
+	mu   sync.Mutex // guards the fields below
+	next time.Time  // no read before this
+	cert *tls.Certificate
+}
+
+func (k *clientKeyPair) get(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if now := time.Now(); !now.Before(k.next) {
+		k.next = now.Add(clientCertReload)
+		if c, err := loadKeyPair(k.certFile, k.keyFile); err == nil {
+			k.cert = &c
+		}
+	}
+	return k.cert, nil
 }
 
 // loadKeyPair is tls.LoadX509KeyPair, reading the files as the

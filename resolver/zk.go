@@ -187,14 +187,14 @@ var errZKResync = errors.New("resync")
 
 // Run connects to ZooKeeper, pushes the children of the node to u and
 // follows them until ctx is cancelled; then it closes its session and
-// returns nil. It returns an error only if the client cannot be built. It
-// blocks; Run must not be called concurrently with itself.
+// returns nil. It blocks; Run must not be called concurrently with itself.
 //
 // u.UpdateState is called with the first list and then only when the
 // sorted set changes; a node without children, or no node at all, pushes
 // an empty set, since that is ZooKeeper's authoritative answer. After a
-// session expiry Run lists again at once. On any other failure — the
-// connection lost, no session within ConnectTimeout, a failed request —
+// session expiry Run lists again at once. On any other failure — a host
+// that does not resolve, the connection lost, no session within
+// ConnectTimeout, a failed request —
 // it keeps the last set, logs a warning, calls u.ReportError, and lists
 // again after a backoff of BackoffInitial doubling to BackoffMax. A node
 // whose ACL refuses the session (NOAUTH: wrong or missing digest
@@ -205,18 +205,37 @@ func (z *ZK) Run(ctx context.Context, u Updater) error {
 	if d.dial == nil {
 		d.dial = net.DialTimeout
 	}
-	conn, events, err := zk.Connect(strings.Split(z.target.Authority, ","), z.opts.SessionTimeout,
-		zk.WithDialer(d.Dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
-	if err != nil {
-		return fmt.Errorf("resolver: %s: zk client: %w", z.target, err)
+	st := &zkState{nodes: make(map[string][]Address), warned: make(map[string]bool)}
+	failures := 0
+	var conn *zk.Conn
+	var events <-chan zk.Event
+	for {
+		// go-zookeeper looks its hosts up once, here: a name that does
+		// not resolve now (a Service not created yet, a DNS failure) is
+		// a failure like the others, tried again after the backoff.
+		// Returned, it ended this target for good (a Group does not run
+		// a resolver again).
+		var err error
+		conn, events, err = zk.Connect(strings.Split(z.target.Authority, ","), z.opts.SessionTimeout,
+			zk.WithDialer(d.Dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
+		if err == nil {
+			break
+		}
+		failures++
+		err = fmt.Errorf("resolver: %s: zk client: %w", z.target, err)
+		z.logger.Warn("zookeeper failed; keeping last set", "err", err, "backends", len(st.last), "failures", failures)
+		u.ReportError(err)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff(z.opts.BackoffInitial, z.opts.BackoffMax, failures)):
+		}
 	}
 	defer conn.Close()
 	// A request cannot be cancelled; closing the connection fails it.
 	stopClose := context.AfterFunc(ctx, conn.Close)
 	defer stopClose()
 
-	st := &zkState{nodes: make(map[string][]Address), warned: make(map[string]bool)}
-	failures := 0
 	for {
 		watch, err := z.list(ctx, conn, events, st, u)
 		if err == nil {
