@@ -81,6 +81,22 @@ func (b *backendConn) drain(timeout time.Duration) {
 	b.signal()
 }
 
+// rejoined lifts the bound drain put on b when its backend left the set,
+// now that the backend is in the set again (a DNS answer or registry
+// listing that left it out once, a flap): the streams b carries are no
+// longer cut when the drain timeout passes, "because the backend left
+// the set", which it no longer has. b still takes no new stream (a new
+// connection takes the backend's new calls) and closes once its streams
+// are done; a later departure bounds it again, from then. A bound whose
+// timer already fired is left to close b.
+func (b *backendConn) rejoined() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.drainTimer != nil && !b.closed && b.drainTimer.Stop() {
+		b.drainTimer = nil
+	}
+}
+
 func newBackendConn(p *pool, k poolKey) *backendConn {
 	cfg := &p.srv.cfg
 	addr := k.addr
@@ -1229,7 +1245,9 @@ type pool struct {
 }
 
 // retain drains the connections of every backend not in keep, within
-// Config.DrainTimeout, and forgets their restarts (markRestarting). A retired Upstream's connections are left alone:
+// Config.DrainTimeout, and forgets their restarts (markRestarting); the
+// connections of a backend in keep that a drain bounded (it left the set
+// and is back) are no longer cut at the timeout (backendConn.rejoined). A retired Upstream's connections are left alone:
 // the union of the live sets loses the backends of a cluster that a
 // reload removed, and those carry their calls to their end (see
 // Server.DrainUpstream); RetainUpstreamBackends still bounds them.
@@ -1239,7 +1257,13 @@ func (p *pool) retain(keep map[string]bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for k, cs := range p.conns {
-		if keep[k.addr] || k.up.retired.Load() {
+		if k.up.retired.Load() {
+			continue
+		}
+		if keep[k.addr] {
+			for _, b := range cs {
+				b.rejoined()
+			}
 			continue
 		}
 		for _, b := range cs {

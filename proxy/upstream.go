@@ -223,7 +223,13 @@ func (s *Server) RetainUpstreamBackends(up *Upstream, addrs []string) {
 	s.pool.mu.Lock()
 	defer s.pool.mu.Unlock()
 	for k, cs := range s.pool.conns {
-		if k.up != up || slices.Contains(addrs, k.addr) {
+		if k.up != up {
+			continue
+		}
+		if slices.Contains(addrs, k.addr) {
+			for _, b := range cs {
+				b.rejoined() // back in the set: see backendConn.rejoined
+			}
 			continue
 		}
 		for _, b := range cs {
