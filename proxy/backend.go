@@ -1345,7 +1345,7 @@ func (p *pool) getLocked(up *Upstream, addr string, a *attempt, wait bool) (*bac
 		}
 		return nil, failure{kind: failNoStreams, backend: addr}
 	}
-	if max := p.srv.cfg.MaxBackendConns; max > 0 && len(p.conns[k]) >= max {
+	if max := p.srv.cfg.MaxBackendConns; max > 0 && (wait && len(p.conns[k]) >= max || !wait && p.takingLocked(k) >= max) {
 		if b := p.reserveUnknownLocked(k); b != nil {
 			return b, nil
 		}
@@ -1385,6 +1385,33 @@ func (p *pool) getLocked(up *Upstream, addr string, a *attempt, wait bool) (*bac
 		p.remove(b)
 	}()
 	return b, nil
+}
+
+// takingLocked counts the connections to k's backend that may still take
+// new streams: those MaxBackendConns caps. A connection going away (the
+// backend's GOAWAY, as grpc-go's MaxConnectionAge sends, or a drain)
+// takes none; it carries its streams to their end and closes. Counted,
+// the connections that long streams (watches) kept open after their
+// GOAWAY took the cap's places for as long as the streams ran, and every
+// new call to a healthy backend failed "every connection is at its stream
+// limit". Each such connection carries one stream at least (one without
+// any leaves the pool), so their number stays bounded by the backend's
+// streams in flight. Caller must hold p.mu.
+//
+// A call about to wait for a slot (getLocked's wait) still counts them:
+// it waits on a connection that takes waiting calls rather than dial a
+// backend whose connections all go away, which may be one shutting down
+// (grpc-go's GracefulStop): refused, the call had spent its attempts.
+func (p *pool) takingLocked(k poolKey) int {
+	n := 0
+	for _, b := range p.conns[k] {
+		b.mu.Lock()
+		if !b.closed && !b.goingAway && !b.drainAndClose {
+			n++
+		}
+		b.mu.Unlock()
+	}
+	return n
 }
 
 func (p *pool) remove(b *backendConn) {

@@ -194,7 +194,12 @@ type Config struct {
 	BackendStreamsPerConn uint32
 
 	// MaxBackendConns caps the connections open to any one backend
-	// address, draining ones included. Another connection is opened only
+	// address that take new streams: a connection going away (the
+	// backend's GOAWAY, a drain) carries its streams to their end outside
+	// the cap, so that long streams left on connections a backend cycles
+	// (grpc-go's MaxConnectionAge) do not take the cap's places; a call
+	// that waits for a slot (below) still counts them, and waits rather
+	// than dial a backend that may be shutting down. Another connection is opened only
 	// when every one is full (BackendStreamsPerConn or the backend's
 	// SETTINGS_MAX_CONCURRENT_STREAMS reached); at the cap a call goes to
 	// another backend as a transparent retry (it never reached this one),
