@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"slices"
 	"sync"
 	"testing"
@@ -120,6 +121,57 @@ func TestH2llUploadBackendFailsMidStream(t *testing.T) {
 			waitViewsFreed(t, srv, "after the upload")
 			testkit.WaitFor(ctx, t, "no stream left", func() bool {
 				return srv.ClientStreams() == 0 && srv.MaxHeldBytes() == 0
+			})
+		})
+	}
+}
+
+// TestH2llUploadPastBufferNeverSent: uploads of 1 MiB, sent as fast as
+// the windows allow (far past the 64 KiB retry buffer), to a method not
+// named for retries, whose first backend accepts the connection and never
+// completes the HTTP/2 handshake, or whose first backend refuses
+// connections. Nothing reached that backend: the call goes to the second
+// one with all it had queued, and the second must see the whole upload.
+func TestH2llUploadPastBufferNeverSent(t *testing.T) {
+	verifyNoLeaks(t)
+	silent := testkit.ServeTCP(t, func(nc net.Conn) { io.Copy(io.Discard, nc) })
+	refusing := func() string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		return addr
+	}()
+	good := startTestserver(t, testserver.Config{Name: "good", Logger: quietLog})
+	for _, tc := range []struct{ name, first string }{{"no handshake", silent}, {"refused", refusing}} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, err := proxy.New(proxy.Config{Picker: firstThenOthers{tc.first, good.Addr()}, Logger: quietLog,
+				HandshakeTimeout: 300 * time.Millisecond})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln := serveProxy(t, srv)
+			client := testgrpc.NewTestServiceClient(e2eConn(t, ln.Addr().String()))
+			ctx := testkit.Context(t, 20*time.Second)
+			const total = 1 << 20
+			st, err := client.StreamingInputCall(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body := make([]byte, 16<<10)
+			for sent := 0; sent < total; sent += len(body) {
+				if err := st.Send(&testgrpc.StreamingInputCallRequest{Payload: &testgrpc.Payload{Body: body}}); err != nil {
+					break
+				}
+			}
+			resp, err := st.CloseAndRecv()
+			if err != nil || resp.GetAggregatedPayloadSize() != total {
+				t.Errorf("upload whose first backend never took it: %v, %d bytes at the second, want %d", err, resp.GetAggregatedPayloadSize(), total)
+			}
+			testkit.WaitFor(ctx, t, "nothing held", func() bool {
+				return srv.ClientStreams() == 0 && srv.MaxBufferedBytes() == 0 && srv.MaxHeldBytes() == 0
 			})
 		})
 	}
