@@ -2,6 +2,9 @@ package proxy_test
 
 import (
 	"context"
+	"fmt"
+	"io"
+	"sync"
 	"testing"
 	"time"
 
@@ -85,4 +88,79 @@ func TestH2llConnAgeLongStreamsAtCap(t *testing.T) {
 			t.Errorf("long stream %d at the end: %v", i, err)
 		}
 	}
+}
+
+// TestH2llConnAgeChurnUnderLongStreams: the same backend (connections
+// aged every 100 ms, grace unbounded) under 30 long streams started over
+// a second, each lasting 200-700 ms, beside unary calls, with
+// --max-backend-conns 2. No call may fail; once the streams are done the
+// connections they kept open close: no more than the cap stay, and the
+// backend's count of streams in flight is back to zero.
+func TestH2llConnAgeChurnUnderLongStreams(t *testing.T) {
+	verifyNoLeaks(t)
+	ts := startTestserver(t, testserver.Config{Name: "aged", Logger: quietLog,
+		ServerOptions: []grpc.ServerOption{grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: 100 * time.Millisecond})}})
+	srv, err := proxy.New(proxy.Config{Picker: pickerTo(ts.Addr()), Logger: quietLog,
+		MaxBackendConns: 2, BackendPendingTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := serveProxy(t, srv)
+	client := testgrpc.NewTestServiceClient(e2eConn(t, ln.Addr().String()))
+	ctx := testkit.Context(t, 30*time.Second)
+	var wg sync.WaitGroup
+	errs := make(chan error, 1000)
+	for i := 0; i < 30; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(time.Duration(i) * 33 * time.Millisecond)
+			st, err := client.FullDuplexCall(ctx)
+			if err != nil {
+				errs <- err
+				return
+			}
+			end := time.Now().Add(time.Duration(200+i*17) * time.Millisecond)
+			for time.Now().Before(end) {
+				if err := st.Send(&testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{{Size: 1000}}}); err != nil {
+					_, err = st.Recv()
+					errs <- fmt.Errorf("long stream %d: %w", i, err)
+					return
+				}
+				if _, err := st.Recv(); err != nil {
+					errs <- fmt.Errorf("long stream %d: %w", i, err)
+					return
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			st.CloseSend()
+			if _, err := st.Recv(); err != io.EOF {
+				errs <- fmt.Errorf("long stream %d at its end: %v", i, err)
+			}
+		}()
+	}
+	stop := time.Now().Add(1500 * time.Millisecond)
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; n < 2000 && time.Now().Before(stop); n++ {
+				cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				_, err := client.UnaryCall(cctx, &testgrpc.SimpleRequest{})
+				cancel()
+				if err != nil {
+					errs <- fmt.Errorf("unary: %w", err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	testkit.WaitFor(ctx, t, "the aged connections to close", func() bool {
+		return srv.BackendConns(ts.Addr()) <= 2 && ts.InFlight() == 0 && srv.ClientStreams() == 0
+	})
 }
