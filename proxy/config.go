@@ -311,7 +311,10 @@ type Config struct {
 
 	// RequestIdleTimeout bounds how long a client stream whose request is
 	// not complete (no END_STREAM yet) may go with no DATA from the client
-	// and no response frame toward it: past it the call ends with
+	// and no response frame toward it, while the proxy holds none of its
+	// request bytes for the backend (one that stopped reading, or a slot
+	// the call waits for, holds the client by its window, and the stream
+	// is not idle then): past it the call ends with
 	// DEADLINE_EXCEEDED, the stream is reset (NO_ERROR) and the backend
 	// stream cancelled, so a client cannot hold streams (and the backend's
 	// handlers) by never finishing its requests. Checked on a sweep every
