@@ -2,15 +2,18 @@ package proxy_test
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
@@ -169,6 +172,86 @@ func TestH2llUploadPastBufferNeverSent(t *testing.T) {
 			resp, err := st.CloseAndRecv()
 			if err != nil || resp.GetAggregatedPayloadSize() != total {
 				t.Errorf("upload whose first backend never took it: %v, %d bytes at the second, want %d", err, resp.GetAggregatedPayloadSize(), total)
+			}
+			testkit.WaitFor(ctx, t, "nothing held", func() bool {
+				return srv.ClientStreams() == 0 && srv.MaxBufferedBytes() == 0 && srv.MaxHeldBytes() == 0
+			})
+		})
+	}
+}
+
+// TestH2llUploadTrailersOnlyUnavailable: as TestH2llUploadBackendFailsMidStream,
+// with a first backend that answers UNAVAILABLE trailers-only (no
+// response headers before) after reading the first 16 KiB message, while
+// the client pauses (retryable: the second backend must get the whole
+// upload), or after reading 256 KiB (past the buffer: the client must get
+// UNAVAILABLE).
+func TestH2llUploadTrailersOnlyUnavailable(t *testing.T) {
+	verifyNoLeaks(t)
+	const msg = 16 << 10
+	var failAfter atomic.Int64
+	bad := serveRawGRPC(t, func(ss grpc.ServerStream) error {
+		got := 0
+		for got < int(failAfter.Load()) {
+			var m []byte
+			if err := ss.RecvMsg(&m); err != nil {
+				return err
+			}
+			got += len(m)
+		}
+		return status.Error(codes.Unavailable, "bad: gone, trailers only")
+	})
+	good := serveRawGRPC(t, func(ss grpc.ServerStream) error {
+		got := 0
+		for {
+			var m []byte
+			err := ss.RecvMsg(&m)
+			if errors.Is(err, io.EOF) {
+				out := binary.BigEndian.AppendUint32(nil, uint32(got))
+				return ss.SendMsg(&out)
+			}
+			if err != nil {
+				return err
+			}
+			got += len(m)
+		}
+	})
+	srv, err := proxy.New(proxy.Config{Picker: firstThenOthers{bad, good}, Logger: quietLog,
+		RetryOn: []string{"/x.Y/"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := serveProxy(t, srv)
+	cc := e2eConn(t, ln.Addr().String())
+	ctx := testkit.Context(t, 30*time.Second)
+	for _, after := range []int{msg, 16 * msg} {
+		t.Run(fmt.Sprintf("after %d KiB", after>>10), func(t *testing.T) {
+			failAfter.Store(int64(after))
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			st, err := cc.NewStream(cctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true}, "/x.Y/Up", grpc.ForceCodec(rawBytes{}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			body := make([]byte, msg)
+			const total = 64 * msg
+			for sent := 0; sent < total; sent += msg {
+				if sent == 2*msg {
+					time.Sleep(100 * time.Millisecond)
+				}
+				if err := st.SendMsg(&body); err != nil {
+					break
+				}
+			}
+			st.CloseSend()
+			var out []byte
+			err = st.RecvMsg(&out)
+			if after == msg {
+				if err != nil || len(out) != 4 || binary.BigEndian.Uint32(out) != total {
+					t.Errorf("trailers-only UNAVAILABLE within the retry buffer: %v (%x), want the second backend's count of %d", err, out, total)
+				}
+			} else if status.Code(err) != codes.Unavailable {
+				t.Errorf("trailers-only UNAVAILABLE past the retry buffer: %v, want UNAVAILABLE", err)
 			}
 			testkit.WaitFor(ctx, t, "nothing held", func() bool {
 				return srv.ClientStreams() == 0 && srv.MaxBufferedBytes() == 0 && srv.MaxHeldBytes() == 0
