@@ -81,6 +81,63 @@ func (b *backendConn) drain(timeout time.Duration) {
 	b.signal()
 }
 
+// requestStartedLocked reports whether the client sent a's backend any of
+// its request: a DATA payload, or its end. While the attempt keeps its
+// request for a retry (keepReplay), what it wrote is in replay and what
+// it did not in its queue. Caller must hold b.mu.
+func (a *attempt) requestStartedLocked() bool {
+	if a.up.closed || a.replayBytes > 0 {
+		return true
+	}
+	for _, it := range a.up.items[a.up.head:] {
+		if it.kind == itemData {
+			return true
+		}
+	}
+	return false
+}
+
+// heldHeadersWait is how long response headers held back for a retry
+// (see onHeaders) wait for the client to start its request before they
+// go on: a client that reads them before it sends would otherwise wait
+// for its deadline. A variable for tests.
+var heldHeadersWait = 100 * time.Millisecond
+
+// releaseUnstartedHeaders relays the response headers held back on
+// attempt a if the client has still sent none of its request: the call
+// can no longer be retried. Under the client connection's mu, so that
+// the headers are queued before anything the backend reader relays
+// next. Called with no lock held; the caller holds a reference to a.s.
+func (c *serverConn) releaseUnstartedHeaders(a *attempt) {
+	s := a.s
+	c.mu.Lock()
+	if s.att != a || s.down.closed || s.cst.ended() {
+		c.mu.Unlock()
+		return
+	}
+	b := a.bc
+	b.mu.Lock()
+	if a.discarded || a.held == nil || a.forwarded || a.requestStartedLocked() {
+		b.mu.Unlock()
+		c.mu.Unlock()
+		return
+	}
+	held := b.forwardLocked(a)
+	b.mu.Unlock()
+	s.active = true
+	if c.responseOverPeerLocked(a, held) || c.responseOverBudgetLocked(a, held) {
+		clear(held)
+		c.mu.Unlock()
+		c.signal()
+		b.resetUp(a, http2.ErrCodeCancel)
+		return
+	}
+	s.down.push(outItem{kind: itemHeaders, fields: held})
+	c.markReadyLocked(&s.down)
+	c.mu.Unlock()
+	c.signal()
+}
+
 // rejoined lifts the bound drain put on b when its backend left the set,
 // now that the backend is in the set again (a DNS answer or registry
 // listing that left it out once, a flap): the streams b carries are no
@@ -621,7 +678,23 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 			// buffer budget they are queued now instead, and refused.
 			a.gotHeaders = true
 			a.held = fields
+			started := a.requestStartedLocked()
 			b.mu.Unlock()
+			if !started {
+				// The client has sent none of its request: it may be
+				// waiting for these headers to send it (grpc-go's
+				// ClientStream.Header blocks until they come), and a
+				// backend that answers the client's messages only
+				// would never send the message they wait for. Unless
+				// the request starts meanwhile, they go on after
+				// heldHeadersWait.
+				s := a.s
+				s.ref() // the timer's
+				time.AfterFunc(heldHeadersWait, func() {
+					s.cc.releaseUnstartedHeaders(a)
+					s.unref()
+				})
+			}
 			return nil
 		}
 	}
