@@ -57,3 +57,42 @@ func TestH2llRetryOnBidiHeadersFirst(t *testing.T) {
 		})
 	}
 }
+
+// TestH2llRetryOnWatchHeaders: a server-streaming method named in
+// --retry-on whose backend sends its response headers at once and its
+// first message 3 s later (a watch, waiting for its first event). A
+// client that reads the headers first gets them at once directly; through
+// the proxy they must not wait for the first event either (the proxy
+// holds them back for a retry, for a second at most).
+func TestH2llRetryOnWatchHeaders(t *testing.T) {
+	verifyNoLeaks(t)
+	ts := startTestserver(t, testserver.Config{Name: "b", Logger: quietLog})
+	srv, err := proxy.New(proxy.Config{Picker: pickerTo(ts.Addr()), Logger: quietLog,
+		RetryOn: []string{"/grpc.testing.TestService/StreamingOutputCall"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := serveProxy(t, srv)
+	ctx := testkit.Context(t, 20*time.Second)
+	for _, via := range []struct{ name, addr string }{{"direct", ts.Addr()}, {"proxy", ln.Addr().String()}} {
+		t.Run(via.name, func(t *testing.T) {
+			client := testgrpc.NewTestServiceClient(e2eConn(t, via.addr))
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			st, err := client.StreamingOutputCall(cctx, &testgrpc.StreamingOutputCallRequest{
+				ResponseParameters: []*testgrpc.ResponseParameters{{Size: 10, IntervalUs: 3_000_000}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			h, err := st.Header()
+			took := time.Since(start)
+			if err != nil || len(h.Get(testserver.HeaderBackend)) == 0 || took > 2*time.Second {
+				t.Errorf("response headers of a watch: %v, %v after %v, want the backend's well before its first message (3s)", h, err, took.Round(time.Millisecond))
+			}
+			if _, err := st.Recv(); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
