@@ -97,31 +97,77 @@ func (a *attempt) requestStartedLocked() bool {
 	return false
 }
 
-// heldHeadersWait is how long response headers held back for a retry
-// (see onHeaders) wait for the client to start its request before they
-// go on: a client that reads them before it sends would otherwise wait
-// for its deadline. A variable for tests.
-var heldHeadersWait = 100 * time.Millisecond
+// Response headers held back for a retry (see onHeaders) wait for the
+// first message or the trailers at most heldHeadersMax, and only
+// heldHeadersWait while the client has sent none of its request; then
+// they go on, and the call is no longer retried. A client may read them
+// before it sends (grpc-go's ClientStream.Header blocks until they
+// come): on a backend that answers the client's messages only, it waited
+// for its deadline. And a long stream (a watch) may send its first
+// message minutes after its headers: the client saw none of its answer
+// meanwhile. Variables for tests.
+var (
+	heldHeadersWait = 100 * time.Millisecond
+	heldHeadersMax  = time.Second
+)
 
-// releaseUnstartedHeaders relays the response headers held back on
-// attempt a if the client has still sent none of its request: the call
-// can no longer be retried. Under the client connection's mu, so that
-// the headers are queued before anything the backend reader relays
-// next. Called with no lock held; the caller holds a reference to a.s.
-func (c *serverConn) releaseUnstartedHeaders(a *attempt) {
+// armHoldTimerLocked bounds the hold of a's response headers, just held.
+// Caller must hold b.mu.
+func (b *backendConn) armHoldTimerLocked(a *attempt) {
+	at := time.Now()
+	d := heldHeadersMax
+	if !a.requestStartedLocked() {
+		d = heldHeadersWait
+	}
+	s := a.s
+	s.ref() // the timer's
+	a.holdTimer = time.AfterFunc(d, func() {
+		if s.cc.releaseHeldHeaders(a, at) {
+			return // armed again, with its reference
+		}
+		s.unref()
+	})
+}
+
+// stopHoldTimerLocked stops a's hold timer, if one is armed, and lets go
+// of its reference. The caller holds a reference of its own to a.s, so
+// this one is never the last. Caller must hold b.mu.
+func (b *backendConn) stopHoldTimerLocked(a *attempt) {
+	if t := a.holdTimer; t != nil {
+		a.holdTimer = nil
+		if t.Stop() {
+			a.s.unref() // the timer's
+		}
+	}
+}
+
+// releaseHeldHeaders is a's hold timer, armed at: it relays the response
+// headers held back on a, unless the client has started its request and
+// heldHeadersMax has not passed (it then arms the timer again for the
+// rest and reports true). Under the client connection's mu, so that the
+// headers are queued before anything the backend reader relays next.
+// Called with no lock held; the timer holds a reference to a.s.
+func (c *serverConn) releaseHeldHeaders(a *attempt, at time.Time) (again bool) {
 	s := a.s
 	c.mu.Lock()
-	if s.att != a || s.down.closed || s.cst.ended() {
-		c.mu.Unlock()
-		return
-	}
 	b := a.bc
 	b.mu.Lock()
-	if a.discarded || a.held == nil || a.forwarded || a.requestStartedLocked() {
+	t := a.holdTimer
+	if t == nil || s.att != a || s.down.closed || s.cst.ended() || a.discarded || a.held == nil || a.forwarded {
+		if t != nil {
+			a.holdTimer = nil
+		}
 		b.mu.Unlock()
 		c.mu.Unlock()
-		return
+		return false
 	}
+	if left := heldHeadersMax - time.Since(at); left > 0 && a.requestStartedLocked() {
+		t.Reset(left)
+		b.mu.Unlock()
+		c.mu.Unlock()
+		return true
+	}
+	a.holdTimer = nil
 	held := b.forwardLocked(a)
 	b.mu.Unlock()
 	s.active = true
@@ -130,12 +176,13 @@ func (c *serverConn) releaseUnstartedHeaders(a *attempt) {
 		c.mu.Unlock()
 		c.signal()
 		b.resetUp(a, http2.ErrCodeCancel)
-		return
+		return false
 	}
 	s.down.push(outItem{kind: itemHeaders, fields: held})
 	c.markReadyLocked(&s.down)
 	c.mu.Unlock()
 	c.signal()
+	return false
 }
 
 // rejoined lifts the bound drain put on b when its backend left the set,
@@ -678,23 +725,8 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 			// buffer budget they are queued now instead, and refused.
 			a.gotHeaders = true
 			a.held = fields
-			started := a.requestStartedLocked()
+			b.armHoldTimerLocked(a)
 			b.mu.Unlock()
-			if !started {
-				// The client has sent none of its request: it may be
-				// waiting for these headers to send it (grpc-go's
-				// ClientStream.Header blocks until they come), and a
-				// backend that answers the client's messages only
-				// would never send the message they wait for. Unless
-				// the request starts meanwhile, they go on after
-				// heldHeadersWait.
-				s := a.s
-				s.ref() // the timer's
-				time.AfterFunc(heldHeadersWait, func() {
-					s.cc.releaseUnstartedHeaders(a)
-					s.unref()
-				})
-			}
 			return nil
 		}
 	}
@@ -737,6 +769,7 @@ func (b *backendConn) forwardLocked(a *attempt) (held []hpack.HeaderField) {
 	}
 	a.forwarded = true
 	held, a.held = a.held, nil
+	b.stopHoldTimerLocked(a)
 	if a.keepReplay {
 		a.keepReplay = false
 		b.releaseReplayLocked(a)

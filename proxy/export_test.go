@@ -1,6 +1,9 @@
 package proxy
 
-import "slices"
+import (
+	"slices"
+	"time"
+)
 
 // RefusedConns reports the connections refused over MaxConnections, for
 // tests.
@@ -217,3 +220,11 @@ func SetMaxPendingEndBytes(t interface{ Cleanup(func()) }, n int) {
 // backend connection that sent GOAWAY before the call was sent there
 // without counting as an attempt (maxUnsentMoves). Call it before Serve.
 func (s *Server) SetMaxUnsentMoves(n uint8) { s.unsentMoves = n }
+
+// SetHeldHeadersMax sets how long response headers held back for a retry
+// wait for the first message (heldHeadersMax) until the test ends.
+func SetHeldHeadersMax(t interface{ Cleanup(func()) }, d time.Duration) {
+	old := heldHeadersMax
+	heldHeadersMax = d
+	t.Cleanup(func() { heldHeadersMax = old })
+}
