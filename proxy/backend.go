@@ -39,6 +39,7 @@ type backendConn struct {
 	goingAway  bool        // GOAWAY received, draining, or ids nearly exhausted: take no new streams
 	assumedMax uint32      // peer's stream limit assumed until its SETTINGS arrive
 	drainTimer *time.Timer // forces the close of a draining connection
+	leftBy     uint8       // the set whose departure armed drainTimer (drain)
 	// peerGoAway: the backend sent GOAWAY. No stream is opened on b from
 	// then on (RFC 9113 §6.8), not even one whose slot was reserved just
 	// before: grpc-go accepts a stream that races its second GOAWAY into
@@ -66,7 +67,11 @@ var errLeftSet = errors.New("draining because the backend left the set")
 // nothing (a retired Upstream's connections: their calls run to their
 // end, see Server.DrainUpstream); a later drain with a timeout bounds such
 // a connection all the same, and the first bound armed stays.
-func (b *backendConn) drain(timeout time.Duration) {
+//
+// by says which set b's backend left (leftAll, leftUpstream; 0 for a
+// drain without a bound): only the same set taking it back lifts the
+// bound (rejoined).
+func (b *backendConn) drain(timeout time.Duration, by uint8) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.drainTimer != nil || b.closed {
@@ -77,9 +82,16 @@ func (b *backendConn) drain(timeout time.Duration) {
 	if timeout > 0 {
 		why := fmt.Errorf("%w: drain timeout %v passed", errLeftSet, timeout)
 		b.drainTimer = time.AfterFunc(timeout, func() { b.close(why) })
+		b.leftBy = by
 	}
 	b.signal()
 }
+
+// The sets a backend leaves (backendConn.drain's by).
+const (
+	leftAll      = 1 + iota // the union of the sets (RetainBackends)
+	leftUpstream            // its Upstream's own (RetainUpstreamBackends)
+)
 
 // requestStartedLocked reports whether the client sent a's backend any of
 // its request: a DATA payload, or its end. While the attempt keeps its
@@ -193,11 +205,16 @@ func (c *serverConn) releaseHeldHeaders(a *attempt, at time.Time) (again bool) {
 // connection takes the backend's new calls) and closes once its streams
 // are done; a later departure bounds it again, from then. A bound whose
 // timer already fired is left to close b.
-func (b *backendConn) rejoined() {
+//
+// by is the set that has it again (leftAll, leftUpstream): the union of
+// the sets keeps an address that one Upstream's set left while another's
+// still lists it, and must not lift that Upstream's bound.
+func (b *backendConn) rejoined(by uint8) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.drainTimer != nil && !b.closed && b.drainTimer.Stop() {
+	if b.drainTimer != nil && b.leftBy == by && !b.closed && b.drainTimer.Stop() {
 		b.drainTimer = nil
+		b.leftBy = 0
 	}
 }
 
@@ -1368,12 +1385,12 @@ func (p *pool) retain(keep map[string]bool) {
 		}
 		if keep[k.addr] {
 			for _, b := range cs {
-				b.rejoined()
+				b.rejoined(leftAll)
 			}
 			continue
 		}
 		for _, b := range cs {
-			b.drain(p.srv.cfg.DrainTimeout)
+			b.drain(p.srv.cfg.DrainTimeout, leftAll)
 			moved = b.takeWaiting(moved)
 		}
 	}
@@ -1481,7 +1498,7 @@ func (p *pool) getLocked(up *Upstream, addr string, a *attempt, wait bool) (*bac
 	if up.retired.Load() {
 		// Picked just before the Picker stopped naming up: serve this
 		// call, then close (see Server.DrainUpstream).
-		b.drain(0)
+		b.drain(0, 0)
 	}
 	p.conns[k] = append(p.conns[k], b)
 	p.wg.Add(1)

@@ -199,7 +199,7 @@ func (s *Server) DrainUpstream(up *Upstream) {
 			continue
 		}
 		for _, b := range cs {
-			b.drain(0)
+			b.drain(0, 0)
 			moved = b.takeWaiting(moved)
 		}
 	}
@@ -228,12 +228,12 @@ func (s *Server) RetainUpstreamBackends(up *Upstream, addrs []string) {
 		}
 		if slices.Contains(addrs, k.addr) {
 			for _, b := range cs {
-				b.rejoined() // back in the set: see backendConn.rejoined
+				b.rejoined(leftUpstream) // back in the set: see backendConn.rejoined
 			}
 			continue
 		}
 		for _, b := range cs {
-			b.drain(s.cfg.DrainTimeout)
+			b.drain(s.cfg.DrainTimeout, leftUpstream)
 			moved = b.takeWaiting(moved)
 		}
 	}
