@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -106,6 +107,13 @@ func TestH2llUploadsCutKeepConnWindow(t *testing.T) {
 				for err := range errs {
 					if err == nil {
 						t.Fatalf("round %d: an endless upload succeeded", round)
+					}
+					want, msg := codes.FailedPrecondition, "enough"
+					if how == "drain timeout" {
+						want, msg = codes.Unavailable, "drain timeout"
+					}
+					if status.Code(err) != want || !strings.Contains(status.Convert(err).Message(), msg) {
+						t.Errorf("round %d: a cut upload ended with %v, want %v naming %q", round, err, want, msg)
 					}
 				}
 				if how == "early answer" {
