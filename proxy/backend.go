@@ -197,6 +197,10 @@ func (c *serverConn) releaseHeldHeaders(a *attempt, at time.Time) (again bool) {
 	return false
 }
 
+// goingAwayConnsFactor bounds the connections to one backend, going
+// away or not, at this many times MaxBackendConns (see takingLocked).
+const goingAwayConnsFactor = 16
+
 // rejoined lifts the bound drain put on b when its backend left the set,
 // now that the backend is in the set again (a DNS answer or registry
 // listing that left it out once, a flap): the streams b carries are no
@@ -1468,7 +1472,7 @@ func (p *pool) getLocked(up *Upstream, addr string, a *attempt, wait bool) (*bac
 		}
 		return nil, failure{kind: failNoStreams, backend: addr}
 	}
-	if max := p.srv.cfg.MaxBackendConns; max > 0 && (wait && len(p.conns[k]) >= max || !wait && p.takingLocked(k) >= max) {
+	if max := p.srv.cfg.MaxBackendConns; max > 0 && (wait && len(p.conns[k]) >= max || !wait && (p.takingLocked(k) >= max || len(p.conns[k]) >= max*goingAwayConnsFactor)) {
 		if b := p.reserveUnknownLocked(k); b != nil {
 			return b, nil
 		}
@@ -1525,6 +1529,11 @@ func (p *pool) getLocked(up *Upstream, addr string, a *attempt, wait bool) (*bac
 // it waits on a connection that takes waiting calls rather than dial a
 // backend whose connections all go away, which may be one shutting down
 // (grpc-go's GracefulStop): refused, the call had spent its attempts.
+//
+// Connections going away are bounded all the same, at goingAwayConnsFactor
+// times MaxBackendConns with the others: a backend that ages its
+// connections every second under streams that last hours would otherwise
+// leave thousands open, one descriptor each.
 func (p *pool) takingLocked(k poolKey) int {
 	n := 0
 	for _, b := range p.conns[k] {

@@ -197,7 +197,8 @@ type Config struct {
 	// address that take new streams: a connection going away (the
 	// backend's GOAWAY, a drain) carries its streams to their end outside
 	// the cap, so that long streams left on connections a backend cycles
-	// (grpc-go's MaxConnectionAge) do not take the cap's places; a call
+	// (grpc-go's MaxConnectionAge) do not take the cap's places (all
+	// together, going away or not, are bounded at 16 times the cap); a call
 	// that waits for a slot (below) still counts them, and waits rather
 	// than dial a backend that may be shutting down. Another connection is opened only
 	// when every one is full (BackendStreamsPerConn or the backend's

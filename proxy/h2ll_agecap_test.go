@@ -164,3 +164,46 @@ func TestH2llConnAgeChurnUnderLongStreams(t *testing.T) {
 		return srv.BackendConns(ts.Addr()) <= 2 && ts.InFlight() == 0 && srv.ClientStreams() == 0
 	})
 }
+
+// TestH2llConnAgeGoingAwayBounded: connections going away do not count at
+// --max-backend-conns, but are bounded all the same, at 16 times it: a
+// backend aging its connections every 40 ms under 24 long streams, one
+// opened every 60 ms (each on a connection of its own), with the cap at
+// 1, never has more than 16 connections open from the proxy.
+func TestH2llConnAgeGoingAwayBounded(t *testing.T) {
+	verifyNoLeaks(t)
+	ts := startTestserver(t, testserver.Config{Name: "aged", Logger: quietLog,
+		ServerOptions: []grpc.ServerOption{grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: 40 * time.Millisecond})}})
+	srv, err := proxy.New(proxy.Config{Picker: pickerTo(ts.Addr()), Logger: quietLog,
+		MaxBackendConns: 1, BackendPendingTimeout: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := serveProxy(t, srv)
+	client := testgrpc.NewTestServiceClient(e2eConn(t, ln.Addr().String()))
+	ctx := testkit.Context(t, 30*time.Second)
+	lctx, stop := context.WithCancel(ctx)
+	defer stop()
+	most, opened := 0, 0
+	for i := 0; i < 24; i++ {
+		st, err := client.FullDuplexCall(lctx)
+		if err == nil {
+			err = st.Send(&testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{{Size: 1}}})
+		}
+		if err == nil {
+			_, err = st.Recv()
+		}
+		if err == nil {
+			opened++
+		}
+		most = max(most, srv.BackendConns(ts.Addr()))
+		time.Sleep(60 * time.Millisecond)
+	}
+	t.Logf("%d long streams opened, at most %d backend connections", opened, most)
+	if most > 16 {
+		t.Errorf("%d connections to one backend with --max-backend-conns 1, want 16 at most", most)
+	}
+	if opened < 16 {
+		t.Errorf("only %d long streams opened, want 16 at least (one per connection within the bound)", opened)
+	}
+}
