@@ -39,6 +39,7 @@ type backendConn struct {
 	goingAway  bool        // GOAWAY received, draining, or ids nearly exhausted: take no new streams
 	assumedMax uint32      // peer's stream limit assumed until its SETTINGS arrive
 	drainTimer *time.Timer // forces the close of a draining connection
+	leftBy     uint8       // the set whose departure armed drainTimer (drain)
 	// peerGoAway: the backend sent GOAWAY. No stream is opened on b from
 	// then on (RFC 9113 §6.8), not even one whose slot was reserved just
 	// before: grpc-go accepts a stream that races its second GOAWAY into
@@ -66,7 +67,11 @@ var errLeftSet = errors.New("draining because the backend left the set")
 // nothing (a retired Upstream's connections: their calls run to their
 // end, see Server.DrainUpstream); a later drain with a timeout bounds such
 // a connection all the same, and the first bound armed stays.
-func (b *backendConn) drain(timeout time.Duration) {
+//
+// by says which set b's backend left (leftAll, leftUpstream; 0 for a
+// drain without a bound): only the same set taking it back lifts the
+// bound (rejoined).
+func (b *backendConn) drain(timeout time.Duration, by uint8) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.drainTimer != nil || b.closed {
@@ -77,8 +82,144 @@ func (b *backendConn) drain(timeout time.Duration) {
 	if timeout > 0 {
 		why := fmt.Errorf("%w: drain timeout %v passed", errLeftSet, timeout)
 		b.drainTimer = time.AfterFunc(timeout, func() { b.close(why) })
+		b.leftBy = by
 	}
 	b.signal()
+}
+
+// The sets a backend leaves (backendConn.drain's by).
+const (
+	leftAll      = 1 + iota // the union of the sets (RetainBackends)
+	leftUpstream            // its Upstream's own (RetainUpstreamBackends)
+)
+
+// requestStartedLocked reports whether the client sent a's backend any of
+// its request: a DATA payload, or its end. While the attempt keeps its
+// request for a retry (keepReplay), what it wrote is in replay and what
+// it did not in its queue. Caller must hold b.mu.
+func (a *attempt) requestStartedLocked() bool {
+	if a.up.closed || a.replayBytes > 0 {
+		return true
+	}
+	for _, it := range a.up.items[a.up.head:] {
+		if it.kind == itemData {
+			return true
+		}
+	}
+	return false
+}
+
+// Response headers held back for a retry (see onHeaders) wait for the
+// first message or the trailers at most heldHeadersMax, and only
+// heldHeadersWait while the client has sent none of its request; then
+// they go on, and the call is no longer retried. A client may read them
+// before it sends (grpc-go's ClientStream.Header blocks until they
+// come): on a backend that answers the client's messages only, it waited
+// for its deadline. And a long stream (a watch) may send its first
+// message minutes after its headers: the client saw none of its answer
+// meanwhile. Variables for tests.
+var (
+	heldHeadersWait = 100 * time.Millisecond
+	heldHeadersMax  = time.Second
+)
+
+// armHoldTimerLocked bounds the hold of a's response headers, just held.
+// Caller must hold b.mu.
+func (b *backendConn) armHoldTimerLocked(a *attempt) {
+	at := time.Now()
+	d := heldHeadersMax
+	if !a.requestStartedLocked() {
+		d = heldHeadersWait
+	}
+	s := a.s
+	s.ref() // the timer's
+	a.holdTimer = time.AfterFunc(d, func() {
+		if s.cc.releaseHeldHeaders(a, at) {
+			return // armed again, with its reference
+		}
+		s.unref()
+	})
+}
+
+// stopHoldTimerLocked stops a's hold timer, if one is armed, and lets go
+// of its reference. The caller holds a reference of its own to a.s, so
+// this one is never the last. Caller must hold b.mu.
+func (b *backendConn) stopHoldTimerLocked(a *attempt) {
+	if t := a.holdTimer; t != nil {
+		a.holdTimer = nil
+		if t.Stop() {
+			a.s.unref() // the timer's
+		}
+	}
+}
+
+// releaseHeldHeaders is a's hold timer, armed at: it relays the response
+// headers held back on a, unless the client has started its request and
+// heldHeadersMax has not passed (it then arms the timer again for the
+// rest and reports true). Under the client connection's mu, so that the
+// headers are queued before anything the backend reader relays next.
+// Called with no lock held; the timer holds a reference to a.s.
+func (c *serverConn) releaseHeldHeaders(a *attempt, at time.Time) (again bool) {
+	s := a.s
+	c.mu.Lock()
+	b := a.bc
+	b.mu.Lock()
+	t := a.holdTimer
+	if t == nil || s.att != a || s.down.closed || s.cst.ended() || a.discarded || a.held == nil || a.forwarded {
+		if t != nil {
+			a.holdTimer = nil
+		}
+		b.mu.Unlock()
+		c.mu.Unlock()
+		return false
+	}
+	if left := heldHeadersMax - time.Since(at); left > 0 && a.requestStartedLocked() {
+		t.Reset(left)
+		b.mu.Unlock()
+		c.mu.Unlock()
+		return true
+	}
+	a.holdTimer = nil
+	held := b.forwardLocked(a)
+	b.mu.Unlock()
+	s.active = true
+	if c.responseOverPeerLocked(a, held) || c.responseOverBudgetLocked(a, held) {
+		clear(held)
+		c.mu.Unlock()
+		c.signal()
+		b.resetUp(a, http2.ErrCodeCancel)
+		return false
+	}
+	s.down.push(outItem{kind: itemHeaders, fields: held})
+	c.markReadyLocked(&s.down)
+	c.mu.Unlock()
+	c.signal()
+	return false
+}
+
+// goingAwayConnsFactor bounds the connections to one backend, going
+// away or not, at this many times MaxBackendConns (see takingLocked).
+const goingAwayConnsFactor = 16
+
+// rejoined lifts the bound drain put on b when its backend left the set,
+// now that the backend is in the set again (a DNS answer or registry
+// listing that left it out once, a flap): the streams b carries are no
+// longer cut when the drain timeout passes, "because the backend left
+// the set", which it no longer has. b still takes no new stream (a new
+// connection takes the backend's new calls) and closes once its streams
+// are done; a later departure bounds it again, from then. A bound whose
+// timer already fired is left to close b.
+//
+// by is the set that has it again (leftAll, leftUpstream): the union of
+// the sets keeps an address that one Upstream's set left while another's
+// still lists it, and must not lift that Upstream's bound.
+func (b *backendConn) rejoined(by uint8) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.drainTimer != nil && b.leftBy == by && !b.closed && b.drainTimer.Stop() {
+		b.drainTimer = nil
+		b.leftBy = 0
+	}
 }
 
 func newBackendConn(p *pool, k poolKey) *backendConn {
@@ -605,6 +746,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 			// buffer budget they are queued now instead, and refused.
 			a.gotHeaders = true
 			a.held = fields
+			b.armHoldTimerLocked(a)
 			b.mu.Unlock()
 			return nil
 		}
@@ -648,6 +790,7 @@ func (b *backendConn) forwardLocked(a *attempt) (held []hpack.HeaderField) {
 	}
 	a.forwarded = true
 	held, a.held = a.held, nil
+	b.stopHoldTimerLocked(a)
 	if a.keepReplay {
 		a.keepReplay = false
 		b.releaseReplayLocked(a)
@@ -1229,7 +1372,9 @@ type pool struct {
 }
 
 // retain drains the connections of every backend not in keep, within
-// Config.DrainTimeout, and forgets their restarts (markRestarting). A retired Upstream's connections are left alone:
+// Config.DrainTimeout, and forgets their restarts (markRestarting); the
+// connections of a backend in keep that a drain bounded (it left the set
+// and is back) are no longer cut at the timeout (backendConn.rejoined). A retired Upstream's connections are left alone:
 // the union of the live sets loses the backends of a cluster that a
 // reload removed, and those carry their calls to their end (see
 // Server.DrainUpstream); RetainUpstreamBackends still bounds them.
@@ -1239,11 +1384,17 @@ func (p *pool) retain(keep map[string]bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for k, cs := range p.conns {
-		if keep[k.addr] || k.up.retired.Load() {
+		if k.up.retired.Load() {
+			continue
+		}
+		if keep[k.addr] {
+			for _, b := range cs {
+				b.rejoined(leftAll)
+			}
 			continue
 		}
 		for _, b := range cs {
-			b.drain(p.srv.cfg.DrainTimeout)
+			b.drain(p.srv.cfg.DrainTimeout, leftAll)
 			moved = b.takeWaiting(moved)
 		}
 	}
@@ -1321,7 +1472,7 @@ func (p *pool) getLocked(up *Upstream, addr string, a *attempt, wait bool) (*bac
 		}
 		return nil, failure{kind: failNoStreams, backend: addr}
 	}
-	if max := p.srv.cfg.MaxBackendConns; max > 0 && len(p.conns[k]) >= max {
+	if max := p.srv.cfg.MaxBackendConns; max > 0 && (wait && len(p.conns[k]) >= max || !wait && (p.takingLocked(k) >= max || len(p.conns[k]) >= max*goingAwayConnsFactor)) {
 		if b := p.reserveUnknownLocked(k); b != nil {
 			return b, nil
 		}
@@ -1351,7 +1502,7 @@ func (p *pool) getLocked(up *Upstream, addr string, a *attempt, wait bool) (*bac
 	if up.retired.Load() {
 		// Picked just before the Picker stopped naming up: serve this
 		// call, then close (see Server.DrainUpstream).
-		b.drain(0)
+		b.drain(0, 0)
 	}
 	p.conns[k] = append(p.conns[k], b)
 	p.wg.Add(1)
@@ -1361,6 +1512,38 @@ func (p *pool) getLocked(up *Upstream, addr string, a *attempt, wait bool) (*bac
 		p.remove(b)
 	}()
 	return b, nil
+}
+
+// takingLocked counts the connections to k's backend that may still take
+// new streams: those MaxBackendConns caps. A connection going away (the
+// backend's GOAWAY, as grpc-go's MaxConnectionAge sends, or a drain)
+// takes none; it carries its streams to their end and closes. Counted,
+// the connections that long streams (watches) kept open after their
+// GOAWAY took the cap's places for as long as the streams ran, and every
+// new call to a healthy backend failed "every connection is at its stream
+// limit". Each such connection carries one stream at least (one without
+// any leaves the pool), so their number stays bounded by the backend's
+// streams in flight. Caller must hold p.mu.
+//
+// A call about to wait for a slot (getLocked's wait) still counts them:
+// it waits on a connection that takes waiting calls rather than dial a
+// backend whose connections all go away, which may be one shutting down
+// (grpc-go's GracefulStop): refused, the call had spent its attempts.
+//
+// Connections going away are bounded all the same, at goingAwayConnsFactor
+// times MaxBackendConns with the others: a backend that ages its
+// connections every second under streams that last hours would otherwise
+// leave thousands open, one descriptor each.
+func (p *pool) takingLocked(k poolKey) int {
+	n := 0
+	for _, b := range p.conns[k] {
+		b.mu.Lock()
+		if !b.closed && !b.goingAway && !b.drainAndClose {
+			n++
+		}
+		b.mu.Unlock()
+	}
+	return n
 }
 
 func (p *pool) remove(b *backendConn) {

@@ -194,7 +194,13 @@ type Config struct {
 	BackendStreamsPerConn uint32
 
 	// MaxBackendConns caps the connections open to any one backend
-	// address, draining ones included. Another connection is opened only
+	// address that take new streams: a connection going away (the
+	// backend's GOAWAY, a drain) carries its streams to their end outside
+	// the cap, so that long streams left on connections a backend cycles
+	// (grpc-go's MaxConnectionAge) do not take the cap's places (all
+	// together, going away or not, are bounded at 16 times the cap); a call
+	// that waits for a slot (below) still counts them, and waits rather
+	// than dial a backend that may be shutting down. Another connection is opened only
 	// when every one is full (BackendStreamsPerConn or the backend's
 	// SETTINGS_MAX_CONCURRENT_STREAMS reached); at the cap a call goes to
 	// another backend as a transparent retry (it never reached this one),
@@ -306,7 +312,10 @@ type Config struct {
 
 	// RequestIdleTimeout bounds how long a client stream whose request is
 	// not complete (no END_STREAM yet) may go with no DATA from the client
-	// and no response frame toward it: past it the call ends with
+	// and no response frame toward it, while the proxy holds none of its
+	// request bytes for the backend (one that stopped reading, or a slot
+	// the call waits for, holds the client by its window, and the stream
+	// is not idle then): past it the call ends with
 	// DEADLINE_EXCEEDED, the stream is reset (NO_ERROR) and the backend
 	// stream cancelled, so a client cannot hold streams (and the backend's
 	// handlers) by never finishing its requests. Checked on a sweep every

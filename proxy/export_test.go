@@ -1,6 +1,9 @@
 package proxy
 
-import "slices"
+import (
+	"slices"
+	"time"
+)
 
 // RefusedConns reports the connections refused over MaxConnections, for
 // tests.
@@ -226,4 +229,12 @@ func (s *Server) MaxReadyQueues() int64 {
 		defer c.mu.Unlock()
 		return int64(len(c.ready) - c.readyHead)
 	})
+}
+
+// SetHeldHeadersMax sets how long response headers held back for a retry
+// wait for the first message (heldHeadersMax) until the test ends.
+func SetHeldHeadersMax(t interface{ Cleanup(func()) }, d time.Duration) {
+	old := heldHeadersMax
+	heldHeadersMax = d
+	t.Cleanup(func() { heldHeadersMax = old })
 }

@@ -31,7 +31,7 @@ import (
 // connection's grace ends may still be lost (EOF); none the backend never
 // saw may be.
 func TestGoAwayMovesUnsentCalls(t *testing.T) {
-	calls, unsent, fails := cycleUnderLoad(t, nil)
+	calls, unsent, fails := cycleUnderLoad(t, nil, nil)
 	t.Logf("%d calls, failures %v", calls, fails)
 	if unsent > 0 {
 		t.Errorf("%d calls failed that the backend never processed: %v", unsent, fails)
@@ -47,7 +47,10 @@ func TestGoAwayMovesUnsentCalls(t *testing.T) {
 // the bound, calls in TestGoAwayMovesUnsentCalls's load fail on their
 // third GOAWAY.
 func TestGoAwayUnsentMovesBounded(t *testing.T) {
-	calls, unsent, fails := cycleUnderLoad(t, func(s *proxy.Server) { s.SetMaxUnsentMoves(0) })
+	// No retries: since the connections going away no longer count at
+	// MaxBackendConns, calls wait less, and few met the three GOAWAYs
+	// that MaxRetries 2 lets pass; with none, one GOAWAY fails a call.
+	calls, unsent, fails := cycleUnderLoad(t, func(s *proxy.Server) { s.SetMaxUnsentMoves(0) }, func(c *proxy.Config) { c.MaxRetries = -1 })
 	t.Logf("%d calls, failures %v", calls, fails)
 	if unsent == 0 {
 		t.Errorf("with the bound at 0, no call of %d failed on a GOAWAY before it was sent: the bound is not applied", calls)
@@ -57,8 +60,8 @@ func TestGoAwayUnsentMovesBounded(t *testing.T) {
 // cycleUnderLoad runs TestGoAwayMovesUnsentCalls's load for 1.5 s and
 // returns the calls made, those that failed because a backend connection
 // went away before the call was sent on it, and every failure by status.
-func cycleUnderLoad(t *testing.T, hook func(*proxy.Server)) (int64, int, map[string]int) {
-	e := newEnv(t, envOpts{backends: 1, hook: hook, tscfg: func(_ int, c *testserver.Config) {
+func cycleUnderLoad(t *testing.T, hook func(*proxy.Server), pcfg func(*proxy.Config)) (int64, int, map[string]int) {
+	e := newEnv(t, envOpts{backends: 1, hook: hook, pcfg: pcfg, tscfg: func(_ int, c *testserver.Config) {
 		c.ServerOptions = append(c.ServerOptions, grpc.MaxConcurrentStreams(2),
 			grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: 50 * time.Millisecond, MaxConnectionAgeGrace: 50 * time.Millisecond}))
 	}})

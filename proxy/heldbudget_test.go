@@ -26,6 +26,9 @@ import (
 // calls are over.
 func TestBudgetCountsHeldResponseHeaders(t *testing.T) {
 	verifyNoLeaks(t)
+	// The requests have started: the headers are held for up to
+	// heldHeadersMax, a second, which -race can take to get here.
+	proxy.SetHeldHeadersMax(t, time.Minute)
 	const budget = 4 << 20
 	var overBudget atomic.Int32
 	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {

@@ -747,7 +747,9 @@ func resetCut(cut []*attempt) {
 }
 
 // sweepRequestIdle runs on the server's housekeeper, every quarter of
-// Config.RequestIdleTimeout: a stream whose request is not complete and on
+// Config.RequestIdleTimeout: a stream whose request is not complete, that
+// holds no request bytes its backend has yet to take (or has answers
+// queued that the client does not take), and on
 // which no frame moved either way for four sweeps in a row ends with
 // DEADLINE_EXCEEDED, and its backend stream is cancelled. One sweep per
 // connection, not a timer per stream, keeps the cost off the per-frame
@@ -765,7 +767,15 @@ func (c *serverConn) sweepRequestIdle(now time.Time) {
 		if s.cst.recvEnded() || s.down.closed {
 			continue
 		}
-		if s.active {
+		if s.active || s.upRecv.held > 0 && s.down.empty() {
+			// Active, or waiting on its backend: the proxy holds request
+			// bytes the backend has not taken (it stopped reading, or
+			// the call waits for a slot), and returns the client's
+			// window only as it takes them. The client may have more to
+			// send and no window to send it with: not idle. Unless
+			// answers wait for the client to read them: a backend
+			// that stopped reading because its answers do not go (an
+			// echo to a client that never reads) waits on the client.
 			s.active = false
 			s.idleSweeps = 0
 			continue

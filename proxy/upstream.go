@@ -199,7 +199,7 @@ func (s *Server) DrainUpstream(up *Upstream) {
 			continue
 		}
 		for _, b := range cs {
-			b.drain(0)
+			b.drain(0, 0)
 			moved = b.takeWaiting(moved)
 		}
 	}
@@ -223,11 +223,17 @@ func (s *Server) RetainUpstreamBackends(up *Upstream, addrs []string) {
 	s.pool.mu.Lock()
 	defer s.pool.mu.Unlock()
 	for k, cs := range s.pool.conns {
-		if k.up != up || slices.Contains(addrs, k.addr) {
+		if k.up != up {
+			continue
+		}
+		if slices.Contains(addrs, k.addr) {
+			for _, b := range cs {
+				b.rejoined(leftUpstream) // back in the set: see backendConn.rejoined
+			}
 			continue
 		}
 		for _, b := range cs {
-			b.drain(s.cfg.DrainTimeout)
+			b.drain(s.cfg.DrainTimeout, leftUpstream)
 			moved = b.takeWaiting(moved)
 		}
 	}
