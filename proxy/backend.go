@@ -1296,6 +1296,11 @@ func (b *backendConn) openLocked(batch []writeOp) []writeOp {
 		b.calm.rollLocked(b.pool.srv.now())
 		b.calm.opened++ // the allowance for the backend's stray frames (calm.go)
 		batch = append(batch, writeOp{kind: opHeaders, streamID: id, end: a.s.reqEnd, fields: fields})
+		if d := b.startWindowLocked(&a.downRecv); d > 0 {
+			// In the same write as the HEADERS, behind them: the
+			// stream must be open to take it (RFC 9113 §6.9).
+			batch = append(batch, writeOp{kind: opWindowUpdate, streamID: id, val: uint32(d)})
+		}
 		// pending's reference goes to the batch: fields may be
 		// reqFields, in the stream's reqRoom, which the HPACK encoding
 		// reads after mu is released.

@@ -442,3 +442,90 @@ func TestForgedProbeAcks(t *testing.T) {
 		}
 	}
 }
+
+// TestDrainedConnStartsWithGrownWindow: on a client connection that has
+// shown it reads (a large answer drained, its drain probes acknowledged),
+// a new backend stream starts with the grown window, granted with its
+// HEADERS, before the backend sent anything (transport.startWindowLocked):
+// the growth is counted while the backend still waits to answer. Such
+// starts take at most half the connection's response share, whatever the
+// number of streams; every call completes, and the windows and their
+// growth are given back when the streams end. A connection that never
+// drained gets no such start (TestNeverReaderWindowsDoNotGrow).
+func TestDrainedConnStartsWithGrownWindow(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 60*time.Second)
+	const size = 64 << 10
+	given := func(what string) {
+		t.Helper()
+		testkit.WaitFor(ctx, t, what, func() bool {
+			return srv.MaxWindowGrowth() == 0 && srv.MaxBackendWindows() == 0
+		})
+	}
+	// Streams whose backend waits before its first answer: whatever
+	// window they have until then was granted at their start.
+	delayed := func(us int32) *testgrpc.StreamingOutputCallRequest {
+		r := bigStream(2, size)
+		r.ResponseParameters[0].IntervalUs = us
+		return r
+	}
+	run := func(req *testgrpc.StreamingOutputCallRequest, msgs int, errc chan<- error) {
+		st, err := e.client.StreamingOutputCall(ctx, req)
+		if err == nil {
+			var got int
+			if got, err = recvAll(st, size, nil); err == nil && got != msgs*size {
+				err = fmt.Errorf("%d of %d bytes", got, msgs*size)
+			}
+		}
+		errc <- err
+	}
+	errc := make(chan error, 32)
+	// Before the connection drained anything: the initial window.
+	go run(delayed(300_000), 2, errc)
+	testkit.WaitFor(ctx, t, "the stream to open", func() bool {
+		return srv.MaxBackendWindows() == proxy.DefaultBackendStreamWindow
+	})
+	if g := srv.MaxWindowGrowth(); g != 0 {
+		t.Errorf("a stream of a connection that never drained started with %d bytes of growth", g)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	run(bigStream(16, size), 16, errc)
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	given("the first streams' windows to be given back")
+	grow := int64(proxy.DefaultBackendMaxStreamWindow - proxy.DefaultBackendStreamWindow)
+	go run(delayed(300_000), 2, errc)
+	testkit.WaitFor(ctx, t, "the new stream's window to start grown", func() bool {
+		return srv.MaxWindowGrowth() == grow && srv.MaxBackendWindows() == proxy.DefaultBackendMaxStreamWindow
+	})
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	given("the grown stream's window to be given back")
+	// Many at once: the starts stop at half the share, the others start
+	// with the initial window.
+	const n = 20
+	half := int64(proxy.DefaultMaxConnBufferedBytes / 4 / 2)
+	k := half / grow
+	for range n {
+		go run(delayed(2_000_000), 2, errc)
+	}
+	want := k*proxy.DefaultBackendMaxStreamWindow + (n-k)*proxy.DefaultBackendStreamWindow
+	testkit.WaitFor(ctx, t, "the streams to open", func() bool {
+		return srv.MaxBackendWindows() == want
+	})
+	if g := srv.MaxWindowGrowth(); g != k*grow {
+		t.Errorf("%d streams opened with %d bytes of growth, want %d (%d grown starts within half the share, %d)", n, g, k*grow, k, half)
+	}
+	for range n {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	given("the growth and the windows to be given back")
+}
