@@ -1,12 +1,10 @@
 package cluster_test
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -64,24 +62,7 @@ type running struct {
 // that Run then returns nil. A nil cfg.Logger means no logs.
 func runServer(t testing.TB, cfg cluster.ServerConfig) running {
 	t.Helper()
-	if cfg.Logger == nil {
-		cfg.Logger = quiet
-	}
-	srv, err := cluster.NewServer(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	aln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ran := make(chan error, 1)
-	go func() { ran <- srv.Run(ctx, ln, aln) }()
+	r, ran, cancel := runServerStop(t, cfg)
 	t.Cleanup(func() {
 		cancel()
 		select {
@@ -93,7 +74,7 @@ func runServer(t testing.TB, cfg cluster.ServerConfig) running {
 			t.Error("Run did not return within 20s of cancel")
 		}
 	})
-	return running{srv: srv, addr: ln.Addr().String(), admin: "http://" + aln.Addr().String()}
+	return r
 }
 
 // get returns the status code and body of an admin endpoint.

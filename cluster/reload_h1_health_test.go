@@ -9,6 +9,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
 
 	"github.com/streamlb/streamlb/internal/testkit"
@@ -66,17 +67,7 @@ routes: [{cluster: x}]
 		return false
 	}
 	testkit.WaitFor(ctx, t, "b unhealthy", unhealthy)
-	calls := func() (failed int) {
-		for range 20 {
-			if _, err := backendOf(ctx, client); err != nil {
-				if status.Code(err) != codes.Unavailable {
-					t.Fatalf("call: %v", err)
-				}
-				failed++
-			}
-		}
-		return failed
-	}
+	calls := func() int { return failedOf20(ctx, t, client) }
 	if n := calls(); n != 0 {
 		t.Fatalf("%d of 20 calls failed before the reload, want 0 (b is out of the picks)", n)
 	}
@@ -125,17 +116,7 @@ routes: [{cluster: x}]
 		backendOf(ctx, client)
 		return ejected()
 	})
-	calls := func() (failed int) {
-		for range 20 {
-			if _, err := backendOf(ctx, client); err != nil {
-				if status.Code(err) != codes.Unavailable {
-					t.Fatalf("call: %v", err)
-				}
-				failed++
-			}
-		}
-		return failed
-	}
+	calls := func() int { return failedOf20(ctx, t, client) }
 	if n := calls(); n != 0 {
 		t.Fatalf("%d of 20 calls failed before the reload, want 0 (b is ejected)", n)
 	}
@@ -148,4 +129,19 @@ routes: [{cluster: x}]
 	if n != 0 {
 		t.Errorf("%d of 20 calls right after a reload that changed only x's policy failed on b, which outlier detection had ejected for 30s; want 0", n)
 	}
+}
+
+// failedOf20 makes 20 calls through client and returns how many failed,
+// each of which must have failed UNAVAILABLE.
+func failedOf20(ctx context.Context, t *testing.T, client testgrpc.TestServiceClient) (failed int) {
+	t.Helper()
+	for range 20 {
+		if _, err := backendOf(ctx, client); err != nil {
+			if status.Code(err) != codes.Unavailable {
+				t.Fatalf("call: %v", err)
+			}
+			failed++
+		}
+	}
+	return failed
 }

@@ -393,7 +393,7 @@ func testReloadStorm(t *testing.T, engine string) {
 
 // runServerStop runs a Server for cfg as runServer does and hands back
 // Run's outcome and the function that starts its shutdown.
-func runServerStop(t *testing.T, cfg cluster.ServerConfig) (running, <-chan error, func()) {
+func runServerStop(t testing.TB, cfg cluster.ServerConfig) (running, <-chan error, func()) {
 	t.Helper()
 	if cfg.Logger == nil {
 		cfg.Logger = quiet
