@@ -40,6 +40,13 @@ type backendConn struct {
 	assumedMax uint32      // peer's stream limit assumed until its SETTINGS arrive
 	drainTimer *time.Timer // forces the close of a draining connection
 	leftBy     uint8       // the set whose departure armed drainTimer (drain)
+	// holds are the attempts holding response headers back for a retry
+	// (listHoldLocked), each at its holdIdx-1; holdTimer sweeps them
+	// (sweepHolds), armed to fire at holdFireAt (monoNow's time; zero
+	// while not armed).
+	holds      []*attempt
+	holdTimer  *time.Timer
+	holdFireAt time.Duration
 	// peerGoAway: the backend sent GOAWAY. No stream is opened on b from
 	// then on (RFC 9113 §6.8), not even one whose slot was reserved just
 	// before: grpc-go accepts a stream that races its second GOAWAY into
@@ -123,63 +130,131 @@ var (
 	heldHeadersMax  = time.Second
 )
 
-// armHoldTimerLocked bounds the hold of a's response headers, just held.
+// holdSweepMin is the shortest wait between two sweeps of a connection's
+// held headers (sweepHolds): a hold may go on that much past its bound.
+const holdSweepMin = 10 * time.Millisecond
+
+// listHoldLocked bounds the hold of a's response headers, just held: a
+// joins b's holds, which one timer per connection sweeps (sweepHolds).
+// A timer per call (time.AfterFunc, then Stop) made a unary call of a
+// --retry-on method cost 1.05x the CPU; a hold mostly lasts until the
+// message that follows the headers in the same read, and the
+// connection's timer, armed for the earliest bound, is reset only when
+// a hold's bound comes before it. The list owns a reference to a.s.
 // Caller must hold b.mu.
-func (b *backendConn) armHoldTimerLocked(a *attempt) {
-	at := time.Now()
-	d := heldHeadersMax
-	if !a.requestStartedLocked() {
-		d = heldHeadersWait
-	}
-	s := a.s
-	s.ref() // the timer's
-	a.holdTimer = time.AfterFunc(d, func() {
-		if s.cc.releaseHeldHeaders(a, at) {
-			return // armed again, with its reference
-		}
-		s.unref()
-	})
+func (b *backendConn) listHoldLocked(a *attempt) {
+	now := monoNow()
+	a.holdAt = now
+	a.s.ref() // the list's
+	b.holds = append(b.holds, a)
+	a.holdIdx = int32(len(b.holds))
+	b.armHoldsLocked(a.holdBoundLocked(), now)
 }
 
-// stopHoldTimerLocked stops a's hold timer, if one is armed, and lets go
-// of its reference. The caller holds a reference of its own to a.s, so
-// this one is never the last. Caller must hold b.mu.
-func (b *backendConn) stopHoldTimerLocked(a *attempt) {
-	if t := a.holdTimer; t != nil {
-		a.holdTimer = nil
-		if t.Stop() {
-			a.s.unref() // the timer's
+// holdBoundLocked is when a's held headers go on: heldHeadersMax after
+// they came, or heldHeadersWait while the client has sent none of its
+// request (the bound only grows: a request, once started, stays so).
+// Caller must hold a.bc.mu.
+func (a *attempt) holdBoundLocked() time.Duration {
+	if a.requestStartedLocked() {
+		return a.holdAt + heldHeadersMax
+	}
+	return a.holdAt + min(heldHeadersWait, heldHeadersMax)
+}
+
+// armHoldsLocked makes b's hold timer fire at the latest at at (monoNow's
+// time; now is the current one), and no sooner than holdSweepMin from
+// now. Caller must hold b.mu.
+func (b *backendConn) armHoldsLocked(at, now time.Duration) {
+	if b.holdFireAt != 0 && b.holdFireAt <= at {
+		return
+	}
+	d := max(at-now, holdSweepMin)
+	b.holdFireAt = now + d
+	if b.holdTimer == nil {
+		b.holdTimer = time.AfterFunc(d, b.sweepHolds)
+		return
+	}
+	b.holdTimer.Reset(d)
+}
+
+// unlistHoldLocked takes a out of b's holds, if it is there, and lets go
+// of the list's reference. The caller holds a reference of its own to
+// a.s, so this one is never the last. Caller must hold b.mu.
+func (b *backendConn) unlistHoldLocked(a *attempt) {
+	i := int(a.holdIdx) - 1
+	if i < 0 {
+		return
+	}
+	a.holdIdx = 0
+	last := len(b.holds) - 1
+	if i != last {
+		m := b.holds[last]
+		b.holds[i] = m
+		m.holdIdx = int32(i + 1)
+	}
+	b.holds[last] = nil
+	b.holds = b.holds[:last]
+	a.s.unref() // the list's
+}
+
+// sweepHolds is b's hold timer: it relays the held headers whose bound
+// passed (releaseHeldHeaders) and arms the timer for the next bound.
+func (b *backendConn) sweepHolds() {
+	var dueInl [8]*attempt
+	due := dueInl[:0]
+	b.mu.Lock()
+	b.holdFireAt = 0
+	now := monoNow()
+	var next time.Duration
+	for _, a := range b.holds {
+		if at := a.holdBoundLocked(); at <= now {
+			a.s.ref() // this sweep's
+			due = append(due, a)
+		} else if next == 0 || at < next {
+			next = at
 		}
+	}
+	if next != 0 {
+		b.armHoldsLocked(next, now)
+	}
+	b.mu.Unlock()
+	for i, a := range due {
+		s := a.s
+		s.cc.releaseHeldHeaders(a)
+		s.unref() // this sweep's
+		due[i] = nil
 	}
 }
 
-// releaseHeldHeaders is a's hold timer, armed at: it relays the response
-// headers held back on a, unless the client has started its request and
-// heldHeadersMax has not passed (it then arms the timer again for the
-// rest and reports true). Under the client connection's mu, so that the
-// headers are queued before anything the backend reader relays next.
-// Called with no lock held; the timer holds a reference to a.s.
-func (c *serverConn) releaseHeldHeaders(a *attempt, at time.Time) (again bool) {
+// releaseHeldHeaders relays the response headers held back on a, listed
+// in its connection's holds, once their bound passed (holdBoundLocked;
+// the sweep found it passed, but the client may have started its request
+// since). Under the client connection's mu, so that the headers are
+// queued before anything the backend reader relays next. Called with no
+// lock held and a reference to a.s.
+func (c *serverConn) releaseHeldHeaders(a *attempt) {
 	s := a.s
 	c.mu.Lock()
 	b := a.bc
 	b.mu.Lock()
-	t := a.holdTimer
-	if t == nil || s.att != a || s.down.closed || s.cst.ended() || a.discarded || a.held == nil || a.forwarded {
-		if t != nil {
-			a.holdTimer = nil
-		}
+	if a.holdIdx == 0 {
 		b.mu.Unlock()
 		c.mu.Unlock()
-		return false
+		return
 	}
-	if left := heldHeadersMax - time.Since(at); left > 0 && a.requestStartedLocked() {
-		t.Reset(left)
+	if s.att != a || s.down.closed || s.cst.ended() || a.discarded || a.held == nil || a.forwarded {
+		b.unlistHoldLocked(a)
 		b.mu.Unlock()
 		c.mu.Unlock()
-		return true
+		return
 	}
-	a.holdTimer = nil
+	if at, now := a.holdBoundLocked(), monoNow(); at > now {
+		b.armHoldsLocked(at, now)
+		b.mu.Unlock()
+		c.mu.Unlock()
+		return
+	}
 	held := b.forwardLocked(a)
 	b.mu.Unlock()
 	s.active = true
@@ -188,13 +263,12 @@ func (c *serverConn) releaseHeldHeaders(a *attempt, at time.Time) (again bool) {
 		c.mu.Unlock()
 		c.signal()
 		b.resetUp(a, http2.ErrCodeCancel)
-		return false
+		return
 	}
 	s.down.push(outItem{kind: itemHeaders, fields: held})
 	c.markReadyLocked(&s.down)
 	c.mu.Unlock()
 	c.signal()
-	return false
 }
 
 // goingAwayConnsFactor bounds the connections to one backend, going
@@ -718,6 +792,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 			if a.held != nil {
 				answer = [][]hpack.HeaderField{a.held, fields}
 				a.held = nil
+				b.unlistHoldLocked(a)
 			}
 			b.unlinkLocked(a)
 			b.mu.Unlock()
@@ -746,7 +821,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 			// buffer budget they are queued now instead, and refused.
 			a.gotHeaders = true
 			a.held = fields
-			b.armHoldTimerLocked(a)
+			b.listHoldLocked(a)
 			b.mu.Unlock()
 			return nil
 		}
@@ -790,7 +865,7 @@ func (b *backendConn) forwardLocked(a *attempt) (held []hpack.HeaderField) {
 	}
 	a.forwarded = true
 	held, a.held = a.held, nil
-	b.stopHoldTimerLocked(a)
+	b.unlistHoldLocked(a)
 	if a.keepReplay {
 		a.keepReplay = false
 		b.releaseReplayLocked(a)

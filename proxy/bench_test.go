@@ -91,6 +91,11 @@ func runBenchChild(spec string) int {
 				slog.Int64("bytes_in", ci.RequestBytes), slog.Int64("bytes_out", ci.ResponseBytes),
 				slog.Int("retries", max(ci.Attempts-1, 0)), slog.String("client", ci.Client.String()))
 		}})
+	case "frame-retry-on":
+		// Every call of the benchmark's service may be retried on
+		// UNAVAILABLE: its response headers are held back until its
+		// message comes (listHoldLocked).
+		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog, RetryOn: []string{"/grpc.testing.TestService/"}})
 	case "frame-holdback-off":
 		srv, err = proxy.New(proxy.Config{Picker: d, Logger: quietLog, ResponseHoldback: -1})
 	case "frame-holdback-64k":
@@ -336,6 +341,19 @@ func BenchmarkUnaryDeadline(b *testing.B) {
 			_, err := client.UnaryCall(ctx, req)
 			return err
 		}
+	})
+}
+
+// BenchmarkUnaryRetryOn is BenchmarkUnary with the called method in
+// Config.RetryOn, beside the frame engine without it: the response
+// headers of each call are held back until its message tells it is not
+// an UNAVAILABLE answer.
+//
+//	go test -run '^$' -bench UnaryRetryOn -benchtime 20000x ./proxy/
+func BenchmarkUnaryRetryOn(b *testing.B) {
+	req := &testgrpc.SimpleRequest{ResponseSize: 100, Payload: &testgrpc.Payload{Body: make([]byte, 100)}}
+	benchCalls(b, []string{"frame", "frame-retry-on"}, 2000, 50, 0, time.Microsecond, "proxy-µs/call", func(client testgrpc.TestServiceClient) func() error {
+		return func() error { _, err := client.UnaryCall(context.Background(), req); return err }
 	})
 }
 

@@ -124,7 +124,7 @@ func (b *backendConn) holdHeadersLocked(a *attempt, fields []hpack.HeaderField) 
 // count in the budget, unless it moved to the stream's respSize already.
 // Caller must hold b.mu.
 func (b *backendConn) releaseHeldHeadersLocked(a *attempt) {
-	b.stopHoldTimerLocked(a)
+	b.unlistHoldLocked(a)
 	if n := a.heldSize.Swap(0); n > 0 {
 		a.s.cc.bufs.sub(int(n))
 	}

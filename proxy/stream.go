@@ -195,10 +195,11 @@ type attempt struct {
 	gotHeaders bool                // the backend sent its response headers
 	forwarded  bool                // the client has seen part of this attempt's answer
 	held       []hpack.HeaderField // response headers held back while a retry is possible
-	// holdTimer bounds how long held waits (heldHeadersWait,
-	// heldHeadersMax); it owns a reference to s while armed.
-	holdTimer *time.Timer
-	hold      holdback // the incomplete response message held back (holdback.go)
+	// holdAt is when held came (monoNow); holdIdx is a's place+1 in
+	// bc.holds while held waits there, bounded (listHoldLocked).
+	holdAt  time.Duration
+	holdIdx int32
+	hold    holdback // the incomplete response message held back (holdback.go)
 	// heldSize is the HPACK size of held, counted in the client
 	// connection's budget while they are held (holdHeadersLocked), until
 	// the count moves to the stream's respSize as they are queued toward
