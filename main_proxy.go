@@ -90,7 +90,7 @@ func proxyCommand() *cli.Command {
 
 			// Retries and limits.
 			&cli.StringSliceFlag{Name: "retry-on", Usage: "`METHOD` (/pkg.Service/Method, or /pkg.Service/ for all) whose UNAVAILABLE answers are retried on another backend; only idempotent methods (frame engine)"},
-			&cli.IntFlag{Name: "max-retries", Value: proxy.DefaultMaxRetries, Usage: "further attempts a call may make, transparent retries included (0: the default; negative: none; frame engine)"},
+			&cli.IntFlag{Name: "max-retries", Value: proxy.DefaultMaxRetries, Usage: "further attempts a call may make, transparent retries included (0 or negative: none; frame engine)"},
 			&cli.IntFlag{Name: "retry-buffer", Value: proxy.DefaultRetryBufferSize, Usage: "request bytes kept per call so it can be retried; a larger request is not retried once sent (0: the default; negative: no retries; frame engine)"},
 			&cli.IntFlag{Name: "response-holdback", Value: proxy.DefaultResponseHoldback, Usage: "largest gRPC response message (bytes, the length in its prefix) held back until complete, so a backend dying mid-message gives the client the whole messages before it and UNAVAILABLE, not a torn message (0: off; frame engine)"},
 			&cli.IntFlag{Name: "retry-budget", Value: proxy.DefaultRetryBudget, Usage: "retry throttling (gRFC A6): tokens in the bucket; failed calls take one, UNAVAILABLE answers of --retry-on methods are retried only while over half are left (0: the default; frame engine)"},
@@ -300,7 +300,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			MaxStreams:                c.Int64("max-streams"),
 			MaxStreamsPerBackend:      c.Int64("max-streams-per-backend"),
 			RetryOn:                   c.StringSlice("retry-on"),
-			MaxRetries:                c.Int("max-retries"),
+			MaxRetries:                retriesFlag(c.Int("max-retries")),
 			RetryBufferSize:           c.Int("retry-buffer"),
 			ResponseHoldback:          holdbackFlag(c),
 			RetryBudget:               c.Int("retry-budget"),
@@ -491,4 +491,14 @@ func registryOptions(c *cli.Context) (resolver.EtcdOptions, resolver.ZKOptions, 
 		return e, z, usageErr("--zk-username must not contain ':'")
 	}
 	return e, z, nil
+}
+
+// retriesFlag is proxy.Config's MaxRetries for --max-retries: 0 means no
+// retries, as Envoy's num_retries: 0 does, where proxy.Config's own 0 is
+// its default (2).
+func retriesFlag(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }

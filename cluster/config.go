@@ -90,7 +90,7 @@ type fileProxy struct {
 	MaxMessageSize            int           `yaml:"max_message_size"`
 	// The retry policy of the clusters without their own (see fileRetry).
 	RetryOn          []string `yaml:"retry_on"`
-	MaxRetries       int      `yaml:"max_retries"`
+	MaxRetries       *int     `yaml:"max_retries"` // see retriesOf
 	RetryBudget      int      `yaml:"retry_budget"`
 	RetryBudgetRatio float64  `yaml:"retry_budget_ratio"`
 }
@@ -101,7 +101,7 @@ type fileProxy struct {
 // the cluster.
 type fileRetry struct {
 	RetryOn     *[]string `yaml:"retry_on"`
-	MaxRetries  int       `yaml:"max_retries"`
+	MaxRetries  *int      `yaml:"max_retries"` // see retriesOf
 	Budget      int       `yaml:"budget"`
 	BudgetRatio float64   `yaml:"budget_ratio"`
 }
@@ -458,6 +458,20 @@ func (f *File) check(root *yaml.Node) error {
 	if f.DrainTimeout < 0 {
 		return errAt("must not be negative", "drain_timeout")
 	}
+	for _, d := range []struct {
+		key string
+		v   time.Duration
+	}{
+		{"connect_timeout", f.Proxy.ConnectTimeout},
+		{"handshake_timeout", f.Proxy.HandshakeTimeout},
+		{"backend_keepalive_timeout", f.Proxy.BackendKeepaliveTimeout},
+	} {
+		if d.v < 0 {
+			// As the flags, which must be positive: a negative value
+			// silently meant the default.
+			return errAt("must not be negative (0: the default)", "proxy", d.key)
+		}
+	}
 	if f.Proxy.BackendPendingTimeout < 0 {
 		// As --backend-pending-timeout: a wait must be bounded, and a
 		// negative value silently meant the default.
@@ -759,13 +773,13 @@ func (f *File) backendTLSOf(c fileCluster) *fileBackendTL {
 // from proxy.
 func (f *File) retryOf(c fileCluster) Retry {
 	p := f.Proxy
-	r := Retry{On: p.RetryOn, MaxRetries: p.MaxRetries, Budget: p.RetryBudget, BudgetRatio: p.RetryBudgetRatio}
+	r := Retry{On: p.RetryOn, MaxRetries: retriesOf(p.MaxRetries), Budget: p.RetryBudget, BudgetRatio: p.RetryBudgetRatio}
 	if cr := c.Retry; cr != nil {
 		if cr.RetryOn != nil {
 			r.On = *cr.RetryOn
 		}
-		if cr.MaxRetries != 0 {
-			r.MaxRetries = cr.MaxRetries
+		if cr.MaxRetries != nil {
+			r.MaxRetries = retriesOf(cr.MaxRetries)
 		}
 		if cr.Budget != 0 {
 			r.Budget = cr.Budget
@@ -775,6 +789,20 @@ func (f *File) retryOf(c fileCluster) Retry {
 		}
 	}
 	return r
+}
+
+// retriesOf is proxy.Config's MaxRetries for a max_retries field: left
+// out, the default (0); 0, none (-1), as Envoy's num_retries: 0 and
+// --max-retries 0 mean. proxy.Config's own 0 is its default, 2, which a
+// file's "max_retries: 0" silently gave before.
+func retriesOf(n *int) int {
+	switch {
+	case n == nil:
+		return 0
+	case *n == 0:
+		return -1
+	}
+	return *n
 }
 
 // password reads the password from the environment.
@@ -800,7 +828,7 @@ func (f *File) proxyConfig() proxy.Config {
 		MaxStreams:                p.MaxStreams,
 		MaxStreamsPerBackend:      p.MaxStreamsPerBackend,
 		RetryOn:                   p.RetryOn,
-		MaxRetries:                p.MaxRetries,
+		MaxRetries:                retriesOf(p.MaxRetries),
 		RetryBudget:               p.RetryBudget,
 		RetryBudgetRatio:          p.RetryBudgetRatio,
 		RetryBufferSize:           p.RetryBuffer,
@@ -865,6 +893,6 @@ func (f *File) restartOnly(g *File) []string {
 // restartOnly returns p without the retry policy, which clusters take
 // on reload: what of proxy a reload cannot apply.
 func (p fileProxy) restartOnly() fileProxy {
-	p.RetryOn, p.MaxRetries, p.RetryBudget, p.RetryBudgetRatio = nil, 0, 0, 0
+	p.RetryOn, p.MaxRetries, p.RetryBudget, p.RetryBudgetRatio = nil, nil, 0, 0
 	return p
 }

@@ -1,0 +1,102 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/streamlb/streamlb/testserver"
+)
+
+// TestMaxRetriesZero: a max_retries of 0, given as --max-retries 0, as
+// the file's proxy.max_retries or as a cluster's retry.max_retries, means
+// no retries, as Envoy's num_retries: 0 does. It meant the default (2):
+// a call answered UNAVAILABLE by every backend was tried three times.
+// Absent, the default still holds, and 1 is one retry.
+func TestMaxRetriesZero(t *testing.T) {
+	prev := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(prev) })
+	var backends []*testserver.Server
+	for _, name := range []string{"b1", "b2"} {
+		ts, err := testserver.New(testserver.Config{Name: name, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ts.Start("127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(ts.Stop)
+		backends = append(backends, ts)
+	}
+	conf := func(proxyRetries, clusterRetries string) []string {
+		path := filepath.Join(t.TempDir(), "streamlb.yaml")
+		data := fmt.Sprintf(`listen: 127.0.0.1:0
+proxy:
+  retry_on: ["/grpc.testing.TestService/"]
+%s
+clusters:
+  - name: a
+    targets: [%q, %q]
+    ejection: {after: -1}
+%s
+routes:
+  - cluster: a
+`, proxyRetries, backends[0].Addr(), backends[1].Addr(), clusterRetries)
+		if err := os.WriteFile(path, []byte(data), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return []string{"proxy", "--config", path, "--log-format", "json"}
+	}
+	flags := func(extra ...string) []string {
+		return append([]string{"proxy", "--listen", "127.0.0.1:0", "--backend", backends[0].Addr(), "--backend", backends[1].Addr(),
+			"--retry-on", "/grpc.testing.TestService/", "--eject-after", "-1", "--log-format", "json"}, extra...)
+	}
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		attempts int64
+	}{
+		{"flag 0", flags("--max-retries", "0"), 1},
+		{"flag 1", flags("--max-retries", "1"), 2},
+		{"flag absent", flags(), 3},
+		{"file proxy 0", conf("  max_retries: 0", ""), 1},
+		{"file absent", conf("", ""), 3},
+		{"file cluster 0 over proxy 2", conf("  max_retries: 2", "    retry: {max_retries: 0}"), 1},
+		{"file cluster 1 over proxy 0", conf("  max_retries: 0", "    retry: {max_retries: 1}"), 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			app := startApp(ctx, t, tc.args, "listening")
+			addr := app.wait(ctx, t)["listening"].Addr
+			cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cc.Close()
+			before := backends[0].Calls() + backends[1].Calls()
+			cctx := metadata.AppendToOutgoingContext(ctx, testserver.MetadataFailCode, fmt.Sprint(int(codes.Unavailable)))
+			_, err = testgrpc.NewTestServiceClient(cc).EmptyCall(cctx, &testgrpc.Empty{})
+			if status.Code(err) != codes.Unavailable {
+				t.Fatalf("call answered UNAVAILABLE by every backend: %v", err)
+			}
+			if got := backends[0].Calls() + backends[1].Calls() - before; got != tc.attempts {
+				t.Errorf("the backends saw %d attempts, want %d", got, tc.attempts)
+			}
+			if err := app.shutdown(t); err != nil {
+				t.Errorf("proxy command returned %v", err)
+			}
+		})
+	}
+}
