@@ -28,8 +28,8 @@ scraper() {
 
 # start_backends BIN PB LOG: starts three `BIN testserver` backends on CPU
 # 1, named b1-b3, at 127.0.0.1:PB+1 to PB+3, their errors appended to LOG,
-# and appends their pids to the caller's array pids (which must be empty
-# before: backends_up reads the first three).
+# and appends their pids to the caller's array pids (empty before, or
+# holding other sets of three: backends_up finds a set by its FIRST).
 start_backends() {
 	local i
 	for i in 1 2 3; do
@@ -41,14 +41,15 @@ start_backends() {
 # up PORT: whether 127.0.0.1:PORT accepts a connection.
 up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# backends_up PB LOG [PREFIX]: waits up to 10 s for the three backends
-# start_backends started to accept connections, and fails at once if one
-# exited (its port taken), saying so on stderr after PREFIX.
+# backends_up PB LOG [PREFIX [FIRST]]: waits up to 10 s for the three
+# backends start_backends started at PB to accept connections, and fails at
+# once if one exited (its port taken), saying so on stderr after PREFIX.
+# FIRST is the index in pids of the set's first backend (0: the first set).
 backends_up() {
-	local i t
+	local i t first=${4:-0}
 	for i in 1 2 3; do
 		for t in $(seq 50); do
-			kill -0 "${pids[i - 1]}" 2>/dev/null || break
+			kill -0 "${pids[first + i - 1]}" 2>/dev/null || break
 			up $(($1 + i)) && continue 2
 			sleep 0.2
 		done

@@ -27,7 +27,18 @@
 # --admin-listen HOST:PORT` the admin listener is scraped once a second,
 # as run.sh does), GEN (the workload's generator flags, `-c 50` by
 # default; `-stream -c 4` for 1 MiB server streams: a call is a MiB),
-# WARM (warm-up calls per proxy, 3000).
+# WARM (warm-up calls per proxy, 3000), SPLIT (0; 1 gives B three
+# backends of its own, at BASE_PORT+4..6, see below).
+#
+# With shared backends a proxy that costs the backends more per call (a
+# larger header block, more frames or wake-ups) slows both sides alike:
+# the calls made stay equal and only the proxies' own CPU shows. SPLIT=1
+# gives each side its own three backends (still all on CPU 1), so that
+# what a proxy costs its backends and its generator shows in the calls it
+# makes; each round then also prints the calls made and each side's
+# backends' CPU per call and runs per call (how often their threads were
+# put on a CPU, schedstat's third field), and the summary their medians
+# B/A.
 set -euo pipefail
 A=${1:?usage: simulab.sh A_BIN B_BIN}
 B=${2:?usage: simulab.sh A_BIN B_BIN}
@@ -37,6 +48,7 @@ read -r -a AF <<<"${A_FLAGS:---metrics=false}"
 # shellcheck disable=SC2034
 read -r -a BF <<<"${B_FLAGS:---metrics=false}"
 read -r -a GF <<<"${GEN:--c 50}"
+SPLIT=${SPLIT:-0}
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/simulab.XXXXXX")}
 [[ -x $WORK/streamlb ]] || (cd "$REPO" && go build -o "$WORK/streamlb" .)
@@ -52,6 +64,13 @@ cleanup() { kill "${pids[@]}" "${round[@]}" 2>/dev/null || true; wait 2>/dev/nul
 trap cleanup EXIT
 start_backends "$WORK/streamlb" "$PB" "$WORK/testserver.log"
 backends_up "$PB" "$WORK/testserver.log" || exit 1
+# B's backends: its own set with SPLIT=1, else A's.
+BB=$PB
+if [[ $SPLIT == 1 ]]; then
+	BB=$((PB + 3))
+	start_backends "$WORK/streamlb" "$BB" "$WORK/testserver.log"
+	backends_up "$BB" "$WORK/testserver.log" "" 3 || exit 1
+fi
 # cpu prints the CPU time in ns of process $1 and its children (nginx's
 # worker; a streamlb or HAProxy process has none): the sum over their
 # threads of the first field of /proc/PID/task/TID/schedstat, the
@@ -64,6 +83,15 @@ cpu() {
 		cat /proc/"$p"/task/*/schedstat 2>/dev/null || true
 	done | awk '{t += $1} END {printf "%.0f\n", t}' # not %d: mawk's stops at 2^31-1
 }
+# sched prints the CPU time in ns and the runs (schedstat's third field:
+# how often a thread was put on a CPU) of the processes given, summed over
+# their threads.
+sched() {
+	local p
+	for p in "$@"; do
+		cat /proc/"$p"/task/*/schedstat 2>/dev/null || true
+	done | awk '{t += $1; n += $3} END {printf "%.0f %.0f\n", t, n}'
+}
 for side in "$A" "$B"; do
 	case $side in
 	haproxy | nginx) command -v "$side" >/dev/null || { echo "simulab: $side is not installed" >&2; exit 1; } ;;
@@ -71,15 +99,16 @@ for side in "$A" "$B"; do
 	esac
 done
 # start starts side $1 (a streamlb binary, haproxy or nginx) on CPU 0,
-# listening on port $2, with the proxy flags in the array named $3; it
-# sets STARTED to the pid whose CPU counts.
+# listening on port $2, with the proxy flags in the array named $3, in
+# front of the backends at $4+1 to $4+3; it sets STARTED to the pid whose
+# CPU counts.
 start() {
-	local name=sim-$2
+	local name=sim-$2 bp=$4
 	case $1 in
 	haproxy | nginx)
 		local tmpl=$HERE/haproxy.cfg bind="proto h2"
 		[[ $1 == nginx ]] && tmpl=$HERE/nginx.conf bind=http2
-		sed -e "s|@PORT@|$2|g" -e "s|@B1@|$((PB + 1))|g" -e "s|@B2@|$((PB + 2))|g" -e "s|@B3@|$((PB + 3))|g" \
+		sed -e "s|@PORT@|$2|g" -e "s|@B1@|$((bp + 1))|g" -e "s|@B2@|$((bp + 2))|g" -e "s|@B3@|$((bp + 3))|g" \
 			-e "s|@DIR@|$WORK|g" -e "s|@NAME@|$name|g" -e "s|@BIND@|$bind|g" -e "s|@LISTEN@|$bind|g" \
 			-e "s|@TLS@||g" -e "s|@THREADS@|1|g" "$tmpl" >"$WORK/$name.conf"
 		if [[ $1 == haproxy ]]; then
@@ -90,17 +119,17 @@ start() {
 		;;
 	*)
 		local -n flags=$3
-		taskset -c 0 "$1" proxy --listen 127.0.0.1:"$2" "${backends[@]}" "${flags[@]}" --log-level warn &
+		taskset -c 0 "$1" proxy --listen 127.0.0.1:"$2" --backend 127.0.0.1:$((bp + 1)) --backend 127.0.0.1:$((bp + 2)) \
+			--backend 127.0.0.1:$((bp + 3)) "${flags[@]}" --log-level warn &
 		;;
 	esac
 	STARTED=$!
 }
 count() { grep -o '"count":[0-9]*' "$1" | head -1 | cut -d: -f2; }
-backends=(--backend 127.0.0.1:$((PB + 1)) --backend 127.0.0.1:$((PB + 2)) --backend 127.0.0.1:$((PB + 3)))
 for r in $(seq 1 "$ROUNDS"); do
-	start "$A" $((PB + 10)) AF
+	start "$A" $((PB + 10)) AF "$PB"
 	pa=$STARTED
-	start "$B" $((PB + 20)) BF
+	start "$B" $((PB + 20)) BF "$BB"
 	pb=$STARTED
 	round=($pa $pb)
 	sleep 1
@@ -114,13 +143,22 @@ for r in $(seq 1 "$ROUNDS"); do
 		fi
 	done
 	backends_up "$PB" "$WORK/testserver.log" "round $r: " || exit 1
+	[[ $SPLIT != 1 ]] || backends_up "$BB" "$WORK/testserver.log" "round $r: " 3 || exit 1
 	for p in 10 20; do taskset -c 1 "$WORK/gen" "${GF[@]}" -n "${WARM:-3000}" -target 127.0.0.1:$((PB + p)) >/dev/null; done # warm-up
 	a0=$(cpu $pa) b0=$(cpu $pb)
+	if [[ $SPLIT == 1 ]]; then
+		read -r ba0 ra0 <<<"$(sched "${pids[@]:0:3}")"
+		read -r bb0 rb0 <<<"$(sched "${pids[@]:3:3}")"
+	fi
 	taskset -c 1 "$WORK/gen" "${GF[@]}" -duration "${SECS}s" -n 100000000 -target 127.0.0.1:$((PB + 10)) >"$WORK/a.json" &
 	ga=$!
 	taskset -c 1 "$WORK/gen" "${GF[@]}" -duration "${SECS}s" -n 100000000 -target 127.0.0.1:$((PB + 20)) >"$WORK/b.json"
 	wait $ga
 	a1=$(cpu $pa) b1=$(cpu $pb)
+	if [[ $SPLIT == 1 ]]; then
+		read -r ba1 ra1 <<<"$(sched "${pids[@]:0:3}")"
+		read -r bb1 rb1 <<<"$(sched "${pids[@]:3:3}")"
+	fi
 	kill $pa $pb "${scrapers[@]}"
 	wait $pa $pb "${scrapers[@]}" 2>/dev/null || true
 	round=()
@@ -128,8 +166,23 @@ for r in $(seq 1 "$ROUNDS"); do
 		ca = a / na / 1e3; cb = b / nb / 1e3
 		printf "round %d  A %6d calls %6.2f µs/call   B %6d calls %6.2f µs/call   B/A %.3f\n", r, na, ca, nb, cb, cb / ca }' |
 		tee -a "$WORK/simulab-ratios.$$"
+	if [[ $SPLIT == 1 ]]; then
+		awk -v na="$(count "$WORK/a.json")" -v nb="$(count "$WORK/b.json")" -v ba=$((ba1 - ba0)) -v bb=$((bb1 - bb0)) \
+			-v ra=$((ra1 - ra0)) -v rb=$((rb1 - rb0)) 'BEGIN {
+			ca = ba / na / 1e3; cb = bb / nb / 1e3
+			printf "         backends: A %6.2f µs/call %.3f runs/call   B %6.2f µs/call %.3f runs/call   calls B/A %.3f   backends B/A %.3f\n", ca, ra / na, cb, rb / nb, nb / na, cb / ca }' |
+			tee -a "$WORK/simulab-split.$$"
+	fi
 done
 # The summary: the median of the rounds' B/A, and their range.
 awk '{print $NF}' "$WORK/simulab-ratios.$$" | sort -g | awk '{a[++n] = $1} END {
 	if (n) printf "median B/A %.3f over %d rounds (%.3f-%.3f)\n", (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2, n, a[1], a[n] }'
 rm -f "$WORK/simulab-ratios.$$"
+if [[ $SPLIT == 1 ]]; then
+	for f in 'calls B/A' 'backends B/A'; do
+		awk -v f="$f" '{for (i = 1; i <= NF; i++) if ($i " " $(i + 1) == f) print $(i + 2)}' "$WORK/simulab-split.$$" | sort -g |
+			awk -v f="$f" '{a[++n] = $1} END {
+			if (n) printf "median %s %.3f over %d rounds (%.3f-%.3f)\n", f, (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2, n, a[1], a[n] }'
+	done
+	rm -f "$WORK/simulab-split.$$"
+fi
