@@ -9,9 +9,18 @@ import (
 
 // counters are the long-lived per-backend counters. One instance exists per
 // address for as long as the address stays in the set; snapshots and
-// outstanding done functions point at it.
+// outstanding done functions point at it. Make them with newCounters.
 type counters struct {
-	inflight  atomic.Int64
+	// inflight counts the backend's picked streams whose done has not
+	// been called. Unlike the rest, it is not the address's for as long
+	// as it stays in the set, but for as long as calls run on it: an
+	// address that leaves the set with calls in flight and comes back
+	// before they end (a DNS answer without it, a registry blip; the
+	// proxy keeps those calls running) gets its count back, so that
+	// least_request and peak_ewma count the calls still on it
+	// (Director.departed). Hence a pointer, shared by the counters of
+	// the address's stays in the set.
+	inflight  *atomic.Int64
 	successes atomic.Int64
 	failures  atomic.Int64
 	// consecutive counts Unavailable outcomes since the last outcome that
@@ -59,6 +68,9 @@ type counters struct {
 	// it is not (or no longer) slow-starting. See slowstart.go.
 	slowStartAt time.Time
 }
+
+// newCounters returns fresh counters with an in-flight count of their own.
+func newCounters() *counters { return &counters{inflight: new(atomic.Int64)} }
 
 // backend is one address as seen by one snapshot. It is immutable; only the
 // counters it points at change.
