@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 
 	"github.com/streamlb/streamlb/cluster"
@@ -23,8 +24,8 @@ import (
 // its in-flight counts match the calls actually on each backend, and 15
 // more calls keep the spread even. Before, the backend came back with a
 // count of 0 and drew about two thirds of the new calls until its count
-// caught up with calls it already had. Once every call ended, no count
-// is left over.
+// caught up with calls it already had. streamlb_calls_in_flight counts
+// them too. Once every call ended, no count is left over.
 func TestS25LeastRequestCountsCallsAcrossFlap(t *testing.T) {
 	ctx := testkit.Context(t, 30*time.Second)
 	ips := []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"}
@@ -42,6 +43,7 @@ func TestS25LeastRequestCountsCallsAcrossFlap(t *testing.T) {
 	}
 	dns.SetA("svc.s25.test.", ips...)
 	r := runServer(t, cluster.ServerConfig{
+		Metrics:      prometheus.NewRegistry(),
 		DrainTimeout: 30 * time.Second,
 		Cluster: cluster.Config{
 			Targets:    []string{"dns://" + dns.Addr() + "/svc.s25.test:" + port},
@@ -109,9 +111,13 @@ func TestS25LeastRequestCountsCallsAcrossFlap(t *testing.T) {
 			t.Fatalf("call %d on %s after the flap: %v", i, c.backend, err)
 		}
 	}
+	gauge := scrape(t, r.admin, "streamlb_calls_in_flight")
 	for addr, n := range actual() {
 		if got := counted()[addr]; got != n {
 			t.Errorf("after the flap, the director counts %d calls in flight on %s, which has %d", got, addr, n)
+		}
+		if got := gauge["backend="+addr]; got != float64(n) {
+			t.Errorf("after the flap, streamlb_calls_in_flight{backend=%q} = %v, want %d", addr, got, n)
 		}
 	}
 
@@ -135,6 +141,11 @@ func TestS25LeastRequestCountsCallsAcrossFlap(t *testing.T) {
 	}
 	testkit.WaitFor(ctx, t, "no calls counted in flight", func() bool {
 		for _, n := range counted() {
+			if n != 0 {
+				return false
+			}
+		}
+		for _, n := range scrape(t, r.admin, "streamlb_calls_in_flight") {
 			if n != 0 {
 				return false
 			}
