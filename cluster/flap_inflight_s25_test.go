@@ -25,8 +25,14 @@ import (
 // more calls keep the spread even. Before, the backend came back with a
 // count of 0 and drew about two thirds of the new calls until its count
 // caught up with calls it already had. streamlb_calls_in_flight counts
-// them too. Once every call ended, no count is left over.
+// them too. Once every call ended, no count is left over. Both engines.
 func TestS25LeastRequestCountsCallsAcrossFlap(t *testing.T) {
+	for _, engine := range cluster.Engines() {
+		t.Run(engine, func(t *testing.T) { testS25LeastRequestAcrossFlap(t, engine) })
+	}
+}
+
+func testS25LeastRequestAcrossFlap(t *testing.T, engine string) {
 	ctx := testkit.Context(t, 30*time.Second)
 	ips := []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"}
 	dns := testserver.NewDNSServer(testserver.DNSConfig{DefaultTTL: 1, Logger: quiet})
@@ -43,6 +49,7 @@ func TestS25LeastRequestCountsCallsAcrossFlap(t *testing.T) {
 	}
 	dns.SetA("svc.s25.test.", ips...)
 	r := runServer(t, cluster.ServerConfig{
+		Engine:       engine,
 		Metrics:      prometheus.NewRegistry(),
 		DrainTimeout: 30 * time.Second,
 		Cluster: cluster.Config{
