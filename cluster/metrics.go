@@ -68,8 +68,14 @@ type metrics struct {
 	// callCollector exports. Readers load it without locking (Pick must
 	// not block); writers copy it under mu and store the copy.
 	backends atomic.Pointer[map[string]*backendMetrics]
-	mu       sync.Mutex // mu serialises writers of backends and guards current
+	mu       sync.Mutex // mu serialises writers of backends and guards current and departed
 	current  map[string]bool
+	// departed holds the counts of backends that left the set with calls
+	// in flight, while those run: a backend back in the set before they
+	// end (a DNS or registry flap; the data plane keeps its calls) takes
+	// its counts back, so streamlb_calls_in_flight still counts them.
+	// UpdateState drops one once its calls ended.
+	departed map[string]*backendMetrics
 	// detached counts picks of addresses not in the current set (a pick
 	// from the director's previous snapshot that races a set change),
 	// exported nowhere: counting them must not bring back the series of
@@ -145,6 +151,7 @@ func newMetrics(reg prometheus.Registerer, name string, c *Cluster) (*metrics, e
 			Name: "streamlb_resolver_errors_total", Help: "Failed lookups of the backend targets (the last set was kept).", ConstLabels: constLabels,
 		}),
 		current:  make(map[string]bool),
+		departed: make(map[string]*backendMetrics),
 		detached: &backendMetrics{},
 	}
 	m.backends.Store(&map[string]*backendMetrics{})
@@ -242,8 +249,10 @@ func (m *metrics) backend(addr string) *backendMetrics {
 // UpdateState records the current set and forgets the series of backends
 // that left it, so a churning deployment does not grow the exposition
 // without bound; calls still in flight to them end on children nobody
-// exports any more. The cluster hands it each set before the director
-// does, so the first pick of a new backend finds it current.
+// exports any more, unless the backend is back in the set before they
+// end: then its series come back with them (departed). The cluster hands
+// it each set before the director does, so the first pick of a new
+// backend finds it current.
 func (m *metrics) UpdateState(s resolver.State) error {
 	m.setChange.Inc()
 	keep := make(map[string]bool, len(s.Addresses))
@@ -258,6 +267,17 @@ func (m *metrics) UpdateState(s resolver.State) error {
 	for addr, b := range cur {
 		if keep[addr] {
 			next[addr] = b
+		} else if b.inflight.Load() > 0 {
+			m.departed[addr] = b
+		}
+	}
+	for addr, b := range m.departed {
+		switch {
+		case b.inflight.Load() <= 0:
+			delete(m.departed, addr) // its calls ended: back later, it starts afresh
+		case keep[addr]:
+			next[addr] = b // back while its calls run
+			delete(m.departed, addr)
 		}
 	}
 	m.backends.Store(&next)

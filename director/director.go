@@ -59,6 +59,13 @@ type Director struct {
 	// for exactly the addresses of the current snapshot. Their outlier,
 	// health and slow-start fields are guarded by mu too.
 	counters map[string]*counters
+	// departed holds the in-flight counts (counters.inflight) of
+	// addresses that left the set with calls still in flight, for the
+	// address's next counters should it come back while they run.
+	// UpdateState drops a count once its calls ended, so an address that
+	// never comes back is held only while its calls run (and until the
+	// next update).
+	departed map[string]*atomic.Int64
 	// ejectEpoch counts changes of the ejected set; see counters.capWarned.
 	ejectEpoch uint64
 	// panicking reports that the last published snapshot was in panic
@@ -96,6 +103,7 @@ func New(cfg Config) (*Director, error) {
 		handshake:  h2Handshake,
 		wake:       make(chan struct{}, 1),
 		counters:   make(map[string]*counters),
+		departed:   make(map[string]*atomic.Int64),
 	}
 	d.ewma, _ = p.(*peakEWMA)
 	d.snap.Store(emptySnapshot)
@@ -110,7 +118,9 @@ var _ resolver.Updater = (*Director)(nil)
 // after survive; those of removed addresses are dropped, though done
 // functions already handed out for them stay safe to call. A new address
 // starts healthy, with fresh counters, and slow-starts if [Config.SlowStart]
-// is set and the set was not empty. If only ejected backends remain, the
+// is set and the set was not empty; but an address back in the set while
+// calls picked before it left still run keeps counting them in flight
+// ([BackendStats.InFlight], what LeastRequest and PeakEWMA compare). If only ejected backends remain, the
 // ejection that would end first ends at once; if more than
 // [Config.MaxEjectionPercent] of the new set is ejected, the ejections
 // that would end first end until it is not. Each change is logged: a
@@ -141,7 +151,13 @@ func (d *Director) UpdateState(s resolver.State) error {
 	for _, a := range s.Addresses {
 		c := d.counters[a.Addr]
 		if c == nil {
-			c = new(counters)
+			c = newCounters()
+			if n := d.departed[a.Addr]; n != nil {
+				// Back while its calls from before still run: they
+				// are still in flight on it.
+				c.inflight = n
+				delete(d.departed, a.Addr)
+			}
 			c.latency.reset(d.initialRTT, now)
 			if d.slowStart > 0 && len(old.all) > 0 {
 				c.slowStartAt = now
@@ -154,6 +170,16 @@ func (d *Director) UpdateState(s resolver.State) error {
 		bs = append(bs, &backend{addr: a.Addr, weight: max(a.Weight, 1), ctr: c})
 	}
 	d.inherit = nil // the first set only: a backend that joins later is new
+	for addr, c := range d.counters {
+		if _, ok := next[addr]; !ok && c.inflight.Load() > 0 {
+			d.departed[addr] = c.inflight
+		}
+	}
+	for addr, n := range d.departed {
+		if n.Load() <= 0 {
+			delete(d.departed, addr) // its calls ended
+		}
+	}
 	sortBackends(bs)
 	d.logChanges(old.all, bs)
 	d.counters = next

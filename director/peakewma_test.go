@@ -102,7 +102,7 @@ func TestPeakEWMAObserve(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			c := new(counters)
+			c := newCounters()
 			start := clk.Now()
 			c.latency.reset(30*time.Millisecond, start)
 			end := start.Add(tc.elapsed).UnixNano()

@@ -48,7 +48,7 @@ func noRand(t *testing.T) fakeRand {
 func testPool(inflight ...int64) []*backend {
 	bs := make([]*backend, len(inflight))
 	for i, n := range inflight {
-		bs[i] = &backend{addr: fmt.Sprintf("b%d", i), weight: 1, ctr: new(counters), slowFactor: 1}
+		bs[i] = &backend{addr: fmt.Sprintf("b%d", i), weight: 1, ctr: newCounters(), slowFactor: 1}
 		bs[i].ctr.inflight.Store(n)
 	}
 	return bs

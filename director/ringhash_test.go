@@ -32,7 +32,7 @@ func ringOwners(t *testing.T, bs []*backend, n int) map[string]string {
 func poolOf(addrs ...string) []*backend {
 	bs := make([]*backend, len(addrs))
 	for i, a := range addrs {
-		bs[i] = &backend{addr: a, weight: 1, ctr: new(counters), slowFactor: 1}
+		bs[i] = &backend{addr: a, weight: 1, ctr: newCounters(), slowFactor: 1}
 	}
 	return bs
 }

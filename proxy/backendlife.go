@@ -518,6 +518,10 @@ func (c *serverConn) placeAgain(a *attempt, f failure, keepIfNoPick bool) {
 				}
 				return
 			}
+			// No new attempt took a's place: a, given to its backend
+			// (it waited there, or was sent there before a GOAWAY), stays
+			// the call's attempt (CallInfo.Attempts, Backend).
+			s.attempts++
 			if !keepIfNoPick || g.kind != failNoBackend {
 				f = g
 			}

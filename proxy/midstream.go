@@ -78,9 +78,20 @@ func (c *serverConn) endStatusLocked(s *stream, f failure) {
 				torn = true // part of the message is on its way
 			}
 		}
-	} else if !c.cutQueuedLocked(s) {
-		s.down.drop(&c.transport)
-		torn = true
+	} else {
+		if !c.cutQueuedLocked(s) {
+			s.down.drop(&c.transport)
+			torn = true
+		}
+		// The backend stream is cancelled next (resetUp), and the
+		// request bytes held for it go with it (discardLocked): they
+		// are held no more, though the client's stream may stay in
+		// the table until the client reads the rest of the message
+		// being written and the status, or never does. DATA the client
+		// sends meanwhile is credited as it arrives (onData).
+		if s.upRecv.held > 0 {
+			c.unholdLocked(&s.upRecv, s.upRecv.held)
+		}
 	}
 	// A response whose HEADERS are queued but not yet written is not
 	// trailers-only.

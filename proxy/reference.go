@@ -131,7 +131,7 @@ type Reference struct {
 	// mu guards the fields below.
 	conns    map[string]*refConn
 	draining map[*refConn]*time.Timer // connections of removed backends, closed when their timer fires
-	retired  map[*refConn]bool        // connections RetireBackends took out of use, closed after their last call
+	retired  map[*refConn]bool        // connections out of use, closed after their last call: RetireBackends', and those of backends back in the set (RetainBackends)
 }
 
 type doneKey struct{}
@@ -159,7 +159,8 @@ type doneHolder struct {
 // closed it under the calls still on it (RetainBackends), nil until then.
 type refConn struct {
 	*grpc.ClientConn
-	cut atomic.Pointer[error]
+	addr string // the backend's
+	cut  atomic.Pointer[error]
 	// calls counts the calls that took the connection (conn) and have not
 	// ended (release): a retired connection closes when it is back to 0.
 	// Guarded by Reference.mu.
@@ -462,7 +463,7 @@ func (r *Reference) conn(addr string, count bool) (*refConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("proxy: client for %s: %w", addr, err)
 	}
-	rc := &refConn{ClientConn: cc}
+	rc := &refConn{ClientConn: cc, addr: addr}
 	if count {
 		rc.calls = 1
 	}
@@ -637,14 +638,37 @@ func (r *Reference) RetireBackends(addrs []string) {
 
 // RetainBackends takes the client connections of backends not in addrs out
 // of use; grpc-go cannot drain a ClientConn, so each is closed after
-// DrainTimeout, which fails calls still on it. Safe for concurrent use.
+// DrainTimeout, which fails calls still on it. A backend back in addrs
+// before then (a DNS answer or a registry listing that left it out once)
+// has its calls kept, as the frame engine keeps them: its old connection
+// takes no new call (they get a new one) and closes after its last call,
+// as RetireBackends' do. Safe for concurrent use.
 func (r *Reference) RetainBackends(addrs []string) {
 	keep := make(map[string]bool, len(addrs))
 	for _, a := range addrs {
 		keep[a] = true
 	}
+	var idle []*refConn
 	r.mu.Lock()
-	defer r.mu.Unlock()
+	defer func() {
+		r.mu.Unlock()
+		for _, cc := range idle {
+			cc.Close()
+		}
+	}()
+	for cc, t := range r.draining {
+		if !keep[cc.addr] {
+			continue
+		}
+		// Deleted under mu, the timer, if it fired, finds it gone.
+		t.Stop()
+		delete(r.draining, cc)
+		if cc.calls == 0 {
+			idle = append(idle, cc)
+			continue
+		}
+		r.retired[cc] = true
+	}
 	for addr, cc := range r.conns {
 		if keep[addr] {
 			continue
