@@ -389,7 +389,8 @@ type Config struct {
 	// MaxGlitches is the points a client connection may spend per 10 s
 	// window on frames that do no work (empty DATA, PINGs with nothing sent
 	// in between, SETTINGS, frames on closed streams beyond 4 per stream
-	// opened in the window, stream errors), one point each; past it the connection ends with
+	// opened in the window, PRIORITY and unknown-type frames beyond 100 plus
+	// 100 per stream opened, stream errors), one point each; past it the connection ends with
 	// GOAWAY(ENHANCE_YOUR_CALM), as HAProxy's glitch threshold does. Zero
 	// means DefaultMaxGlitches, negative no limit.
 	MaxGlitches int
