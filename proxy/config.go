@@ -143,7 +143,8 @@ type Config struct {
 	//     always comes back once the backends take the queued bytes.
 	// The response direction is bounded by the windows granted to
 	// backends: streams × BackendStreamWindow, plus at most a quarter of
-	// this budget of window growth (see BackendStreamWindow); the
+	// this budget of window growth (see BackendStreamWindow), and those
+	// windows, growth included, never add up to more than it; the
 	// response buffers count in the budget too, and new streams are
 	// refused (RESOURCE_EXHAUSTED) once the windows of the open ones
 	// would exceed it: 1,024 streams of 16 KiB with the defaults.
