@@ -141,7 +141,8 @@ func (b *bufBudget) shareFull() bool {
 }
 
 // takeGrowth counts up to d bytes more of window growth, as much as fits
-// in the response share, and returns how much it counted. With no budget
+// in the response share and beside the windows granted in the budget,
+// and returns how much it counted. With no budget
 // limit growth is not bounded here (only by Config.BackendMaxStreamWindow).
 func (b *bufBudget) takeGrowth(d int64) int64 {
 	if b.limit <= 0 {
@@ -150,7 +151,13 @@ func (b *bufBudget) takeGrowth(d int64) int64 {
 	}
 	for {
 		g := b.grown.Load()
-		take := min(d, b.responseShare()-g)
+		// Within the share, and within the budget beside the windows
+		// already granted: windowRoom keeps the windows of a
+		// connection's streams within the budget when each opens, and
+		// growth after that took them past it by up to the share (a
+		// client that drained once, then opened 869 streams and stopped
+		// reading, made the proxy hold 18.5 MiB of a 16 MiB budget).
+		take := min(d, b.responseShare()-g, b.limit-b.windows.Load())
 		if take <= 0 {
 			return 0
 		}

@@ -34,6 +34,7 @@ type calmMeter struct {
 	resets   int // streams the client reset before their response ended
 	glitches int
 	strays   int // frames on closed streams
+	ignored  int // PRIORITY frames and frames of unknown types
 	// dataFrames and dataBytes count the client's non-empty DATA frames
 	// and their payload in the window (see dataLocked).
 	dataFrames, dataBytes int
@@ -219,6 +220,44 @@ func (c *serverConn) strayLocked(what string) error {
 // must hold mu.
 func (b *backendConn) strayLocked(what string) error {
 	return b.calm.strayLocked(b.pool.srv.now(), b.pool.srv.cfg.MaxGlitches, what)
+}
+
+// PRIORITY frames (RFC 9113 §5.3.2: deprecated; we follow none) and
+// frames of types we do not know (§4.1, §5.5: ignored) do no work
+// either, but a peer may send them: a browser-style client a few PRIORITY
+// frames for its dependency tree and a PRIORITY_UPDATE (RFC 9218) per
+// request. Unmetered, a flood of them (9 to 14 bytes each) kept a core
+// busy for as long as the peer sent them, as §10.5 warns. Envoy allows
+// 100 PRIORITY frames per stream opened
+// (max_inbound_priority_frames_per_stream) and closes the connection
+// past that; here each beyond ignoredFree plus ignoredPerStream per
+// stream opened in the window is a glitch point.
+const (
+	ignoredFree      = 100
+	ignoredPerStream = 100
+)
+
+// ignoredLocked counts a PRIORITY frame or a frame of an unknown type:
+// free up to the allowance above, a glitch point beyond. Caller must
+// hold mu.
+func (m *calmMeter) ignoredLocked(now time.Time, max int, what string) error {
+	m.rollLocked(now)
+	m.ignored++
+	if m.ignored <= ignoredFree+ignoredPerStream*m.opened {
+		return nil
+	}
+	return m.chargeLocked(now, max, 1, what)
+}
+
+// ignoredLocked implements errorPolicy. Caller must hold mu.
+func (c *serverConn) ignoredLocked(what string) error {
+	return c.calm.ignoredLocked(c.srv.now(), c.srv.cfg.MaxGlitches, what)
+}
+
+// ignoredLocked implements errorPolicy, with the allowance per stream the
+// proxy opened on the backend. Caller must hold mu.
+func (b *backendConn) ignoredLocked(what string) error {
+	return b.calm.ignoredLocked(b.pool.srv.now(), b.pool.srv.cfg.MaxGlitches, what)
 }
 
 // Envoy's allowance for WINDOW_UPDATE frames

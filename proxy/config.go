@@ -143,7 +143,8 @@ type Config struct {
 	//     always comes back once the backends take the queued bytes.
 	// The response direction is bounded by the windows granted to
 	// backends: streams × BackendStreamWindow, plus at most a quarter of
-	// this budget of window growth (see BackendStreamWindow); the
+	// this budget of window growth (see BackendStreamWindow), and those
+	// windows, growth included, never add up to more than it; the
 	// response buffers count in the budget too, and new streams are
 	// refused (RESOURCE_EXHAUSTED) once the windows of the open ones
 	// would exceed it: 1,024 streams of 16 KiB with the defaults.
@@ -389,7 +390,8 @@ type Config struct {
 	// MaxGlitches is the points a client connection may spend per 10 s
 	// window on frames that do no work (empty DATA, PINGs with nothing sent
 	// in between, SETTINGS, frames on closed streams beyond 4 per stream
-	// opened in the window, stream errors), one point each; past it the connection ends with
+	// opened in the window, PRIORITY and unknown-type frames beyond 100 plus
+	// 100 per stream opened, stream errors), one point each; past it the connection ends with
 	// GOAWAY(ENHANCE_YOUR_CALM), as HAProxy's glitch threshold does. Zero
 	// means DefaultMaxGlitches, negative no limit.
 	MaxGlitches int

@@ -64,6 +64,9 @@ type errorPolicy interface {
 	// strayLocked charges a frame on a closed stream, legal in a race
 	// (RFC 9113 §5.1, §6.9): a few per stream opened are free (calm.go).
 	strayLocked(what string) error
+	// ignoredLocked charges a PRIORITY frame or a frame of an unknown
+	// type: a number per stream opened are free (calm.go).
+	ignoredLocked(what string) error
 	// meterLocked is the connection's calm meter (calm.go).
 	meterLocked() *calmMeter
 	// streamError resets the stream of se (RFC 9113 §5.4.2); a non-nil
@@ -196,6 +199,9 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		if f.StreamDep == f.StreamID {
 			return selfDependency(f.StreamID)
 		}
+		return t.ignoredFrame(p, "PRIORITY")
+	case *http2.UnknownFrame:
+		return t.ignoredFrame(p, "frames of unknown types")
 	case *http2.DataFrame:
 		t.df = dataFrame{StreamID: f.StreamID, Length: f.Length, end: f.StreamEnded(), data: f.Data()}
 		err := p.onData(&t.df)
@@ -263,6 +269,14 @@ func (t *transport) dispatch(p h2role, f http2.Frame) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	return nil
+}
+
+// ignoredFrame charges p for a frame we ignore (see calm.go's
+// ignoredLocked).
+func (t *transport) ignoredFrame(p h2role, what string) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return p.ignoredLocked(what)
 }
 
 // plainControl reports whether the buffered frame fh, payload is a PING

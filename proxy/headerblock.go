@@ -223,6 +223,17 @@ func (t *transport) readHeaderBlock(hf *http2.HeadersFrame, frag []byte) (http2.
 	h.dec.SetMaxStringLength(maxString)
 	var hc headersOrContinuation = hf
 	h.open = true
+	// The whole block's encoded bytes are bounded too, at what the check
+	// below lets its first fragment have: a dynamic table size update
+	// (RFC 7541 §6.3) emits no field, so fragments made of them never
+	// lowered the budgets (x/net's decoder takes any number of them while
+	// its table is empty), and a client kept a reader decoding
+	// CONTINUATION frames for as long as it sent them: 373 MiB in 5 s,
+	// its connection open. A block of fields is smaller encoded than
+	// counted (32 bytes a field), unless Huffman-coded to more than its
+	// length, which no encoder does.
+	maxBlock := 2 * (int64(h.headersRemain) + int64(h.trailersRemain))
+	var blockBytes int64
 	for first := true; ; first = false {
 		if !first {
 			frag = hc.HeaderBlockFragment()
@@ -230,7 +241,8 @@ func (t *transport) readHeaderBlock(hf *http2.HeadersFrame, frag []byte) (http2.
 		// Stop parsing a block far over the limit, and any CONTINUATION
 		// once over it (both budgets 0) or after an invalid field, whose
 		// size is no longer tracked: CVE-2023-45288, as x/net does.
-		if int64(len(frag)) > 2*int64(h.headersRemain+h.trailersRemain) {
+		blockBytes += int64(len(frag))
+		if int64(len(frag)) > 2*int64(h.headersRemain+h.trailersRemain) || blockBytes > maxBlock {
 			return nil, http2.ConnectionError(http2.ErrCodeProtocol)
 		}
 		if h.invalid != nil {

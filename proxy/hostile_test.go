@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -436,6 +437,28 @@ func TestGlitchFloods(t *testing.T) {
 			send: func(r *rawConn, i int) error { return r.fr.WriteWindowUpdate(0, 1<<10) },
 		},
 		{
+			// PRIORITY frames do nothing here (RFC 9113 §5.3.2); a
+			// flood of them ran unmetered for as long as it was sent.
+			name:  "PRIORITY on an open stream",
+			n:     1 << 20,
+			setup: func(r *rawConn) { r.headers(1, path, false) },
+			send: func(r *rawConn, i int) error {
+				return r.fr.WritePriority(1, http2.PriorityParam{Weight: uint8(i)})
+			},
+		},
+		{
+			name: "PRIORITY on idle streams",
+			n:    1 << 20,
+			send: func(r *rawConn, i int) error {
+				return r.fr.WritePriority(uint32(2*i+1), http2.PriorityParam{Weight: 1})
+			},
+		},
+		{
+			name: "frames of an unknown type",
+			n:    1 << 20,
+			send: func(r *rawConn, i int) error { return r.fr.WriteRawFrame(0xa5, 0, 0, nil) },
+		},
+		{
 			name:  "WINDOW_UPDATE on an open stream with a full window",
 			n:     1 << 20,
 			setup: func(r *rawConn) { r.headers(1, path, false) },
@@ -609,4 +632,29 @@ func field(h *http2.MetaHeadersFrame, name string) string {
 		}
 	}
 	return ""
+}
+
+// TestPriorityFramesOfAGoodClient: a client that sends PRIORITY frames
+// for its dependency tree (a browser-style client: a few on idle streams
+// at the start, then one per stream) and a PRIORITY_UPDATE (RFC 9218,
+// type 0x10, unknown to us) with each request is within the allowance
+// for ignored frames: its calls complete and its connection is not cut.
+func TestPriorityFramesOfAGoodClient(t *testing.T) {
+	verifyNoLeaks(t)
+	e := newEnv(t, envOpts{backends: 1})
+	r := dialRaw(t, e.addr)
+	for id := uint32(3); id <= 11; id += 2 {
+		r.fr.WritePriority(id, http2.PriorityParam{Weight: 200})
+	}
+	for i := range 300 {
+		id := uint32(101 + 2*i)
+		r.fr.WriteRawFrame(0x10, 0, 0, binary.BigEndian.AppendUint32(nil, id)) // PRIORITY_UPDATE on stream 0
+		r.headers(id, "/grpc.testing.TestService/EmptyCall", false)
+		r.fr.WritePriority(id, http2.PriorityParam{StreamDep: 3, Weight: 16})
+		r.fr.WriteData(id, true, grpcMsg(&testgrpc.Empty{}))
+		end, ok := r.streamEnd(id).(*http2.MetaHeadersFrame)
+		if !ok || field(end, "grpc-status") != "0" {
+			t.Fatalf("call %d on stream %d: %v, want grpc-status 0", i, id, end)
+		}
+	}
 }

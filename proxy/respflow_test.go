@@ -529,3 +529,56 @@ func TestDrainedConnStartsWithGrownWindow(t *testing.T) {
 	}
 	given("the growth and the windows to be given back")
 }
+
+// TestDrainedThenStalledWindowsWithinBudget: a client that drains one
+// large answer (acknowledging the drain probes), then opens more streams
+// of large answers than its budget has windows for and reads nothing.
+// The windows granted to backends for its streams, growth included, must
+// stay within MaxConnBufferedBytes: windowRoom kept them within it at
+// each stream's start, but growth after that (the streams' grown starts
+// and their growth on the earlier probes) took them past it by up to the
+// response share: 18 MiB of windows, 18.5 MiB held, with the default
+// 16 MiB budget; 5 MiB of 4 MiB here.
+func TestDrainedThenStalledWindowsWithinBudget(t *testing.T) {
+	verifyNoLeaks(t)
+	const limit = 4 << 20
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) { c.MaxConnBufferedBytes = limit }})
+	srv := e.srv.(*proxy.Server)
+	ctx := testkit.Context(t, 30*time.Second)
+	r := dialRawWide(t, e.addr)
+	msg := grpcMsg(bigStream(64, 128<<10))
+	r.headers(1, "/grpc.testing.TestService/StreamingOutputCall", false)
+	r.fr.WriteData(1, true, msg)
+	for {
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		testkit.AckControl(r.fr, f)
+		if h, ok := f.(*http2.MetaHeadersFrame); ok && h.StreamEnded() {
+			break
+		}
+	}
+	testkit.WaitFor(ctx, t, "the first stream's window to be given back", func() bool {
+		return srv.MaxBackendWindows() == 0
+	})
+	// Open more streams than the budget has windows for, reading nothing
+	// from now on.
+	const n = limit/proxy.DefaultBackendStreamWindow + 64
+	for i := range n {
+		id := uint32(2*i + 3)
+		r.headers(id, "/grpc.testing.TestService/StreamingOutputCall", false)
+		r.fr.WriteData(id, true, msg)
+	}
+	var peak int64
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for range 200 {
+		<-tick.C
+		peak = max(peak, srv.MaxBackendWindows())
+	}
+	t.Logf("windows at most %d KiB, growth %d KiB, %d streams open", peak>>10, srv.MaxWindowGrowth()>>10, srv.ClientStreams())
+	if peak > limit {
+		t.Errorf("the backend windows of a client connection reached %d bytes, over its budget of %d", peak, limit)
+	}
+}

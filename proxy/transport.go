@@ -922,11 +922,13 @@ func (t *transport) creditLocked(r *recvState, n int32) {
 //     grows its window only when a round trip's bytes filled it;
 //   - while the client connection's buffers are at most half its budget
 //     (MaxConnBufferedBytes), and the growth of all its streams together
-//     stays within a quarter of that budget (responseShare), counted in
-//     the budget until the stream ends (retireLocked).
+//     stays within a quarter of that budget (responseShare), and the
+//     windows of all its streams within the budget (takeGrowth), counted
+//     in the budget until the stream ends (retireLocked).
 //
 // So a client connection makes the proxy hold at most streams ×
-// BackendStreamWindow plus its response share of response bytes, and a
+// BackendStreamWindow plus its response share of response bytes, and no
+// more than its budget, and a
 // fast client's streams run with large windows: few WINDOW_UPDATEs and
 // large batches. Caller must hold mu.
 func (t *transport) growLocked(r *recvState, target int32) int32 {
