@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -50,7 +51,7 @@ type adminGate chan struct{}
 
 func (g adminGate) wrap(h http.Handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Query().Has("seconds") {
+		if strings.HasPrefix(r.URL.Path, "/debug/pprof/") && r.URL.Query().Has("seconds") {
 			h.ServeHTTP(w, r)
 			return
 		}

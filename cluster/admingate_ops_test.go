@@ -92,4 +92,26 @@ func TestAdminScrapesOneAtATime(t *testing.T) {
 	if col.overlap.Load() {
 		t.Errorf("%d concurrent /metrics requests were collected at the same time, want one at a time", scrapers)
 	}
+
+	// A delta profile over seconds sleeps without a turn: /metrics
+	// answers meanwhile.
+	profiled := make(chan error, 1)
+	go func() {
+		resp, err := http.Get(r.admin + "/debug/pprof/allocs?seconds=4")
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		profiled <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // let the profile begin
+	c := &http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get(r.admin + "/metrics")
+	if err != nil {
+		t.Fatalf("/metrics while a 4 s delta profile runs: %v, want an answer at once", err)
+	}
+	resp.Body.Close()
+	if err := <-profiled; err != nil {
+		t.Errorf("delta profile: %v", err)
+	}
 }
