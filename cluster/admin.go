@@ -66,6 +66,9 @@ func (g adminGate) wrap(h http.Handler) http.HandlerFunc {
 			h.ServeHTTP(buf, r)
 		}()
 		maps.Copy(w.Header(), buf.header)
+		if w.Header().Get("Content-Length") == "" {
+			w.Header().Set("Content-Length", strconv.Itoa(buf.body.Len()))
+		}
 		if buf.code != 0 {
 			w.WriteHeader(buf.code)
 		}
