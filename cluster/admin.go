@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/http"
 	"net/http/pprof"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -136,8 +137,15 @@ func (s *Server) AdminHandler() http.Handler {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		q, err := url.ParseQuery(r.URL.RawQuery)
+		if err != nil {
+			// url.Values drops a pair that does not parse: the probe of
+			// one cluster got the answer for all.
+			http.Error(w, "malformed query: "+err.Error(), http.StatusBadRequest)
+			return
+		}
 		ok, reason := s.Ready()
-		if names := r.URL.Query()["cluster"]; len(names) > 0 && ok {
+		if names := q["cluster"]; len(names) > 0 && ok {
 			var known bool
 			ok, known, reason = s.ClustersReady(names...)
 			if !known {

@@ -115,3 +115,21 @@ func TestAdminScrapesOneAtATime(t *testing.T) {
 		t.Errorf("delta profile: %v", err)
 	}
 }
+
+// TestReadyzMalformedQuery: /readyz?cluster=NAME with a query that does
+// not parse (a bad escape, as in a name cut after its %) is refused with
+// 400. url.Values dropped the pair, and the probe got the answer for all
+// clusters (200 while any had a backend) instead of the one it named.
+func TestReadyzMalformedQuery(t *testing.T) {
+	a := startBackend(t, "a", "127.0.0.1:0")
+	r := runServer(t, cluster.ServerConfig{Cluster: cluster.Config{Name: "a", Targets: []string{a.Addr()}}})
+	waitStatus(t, r.admin+"/readyz", http.StatusOK)
+	for _, q := range []string{"cluster=%zz", "cluster=users%", "cluster=a&x=%"} {
+		if code, body := get(t, r.admin+"/readyz?"+q); code != http.StatusBadRequest {
+			t.Errorf("/readyz?%s = %d %q, want 400", q, code, body)
+		}
+	}
+	if code, body := get(t, r.admin+"/readyz?cluster=a"); code != http.StatusOK {
+		t.Errorf("/readyz?cluster=a = %d %q, want 200", code, body)
+	}
+}
