@@ -123,6 +123,12 @@ type logFile struct {
 	// file still goes whole to that file, as before; Close wakes a write
 	// blocked on a FIFO.
 	f atomic.Pointer[os.File]
+	// torn is the file whose last line a failed write cut short (a full
+	// disk takes the bytes that fit, then fails with ENOSPC): the next
+	// line written to it first ends the cut one, so that each stays a
+	// line of its own. The next line was glued to the cut one, and a log
+	// collector dropped both, or the file.
+	torn atomic.Pointer[os.File]
 	// mu orders reopen and Close, never held while writing.
 	mu sync.Mutex
 }
@@ -140,6 +146,9 @@ func openLogFile(path string) (*os.File, error) {
 	return f, nil
 }
 
+var newline = []byte{'\n'}
+
+// Write writes p, one line, to the file in use.
 func (l *logFile) Write(p []byte) (int, error) {
 	written := 0
 	for {
@@ -147,7 +156,17 @@ func (l *logFile) Write(p []byte) (int, error) {
 		if f == nil {
 			return written, os.ErrClosed
 		}
+		if l.torn.Load() == f {
+			if _, err := f.Write(newline); err != nil {
+				// Still no room: this line is lost whole.
+				return written, err
+			}
+			l.torn.CompareAndSwap(f, nil)
+		}
 		n, err := f.Write(p[written:])
+		if err != nil && n > 0 {
+			l.torn.Store(f)
+		}
 		written += n
 		if err != nil && errors.Is(err, os.ErrClosed) && l.f.Load() != f && l.f.Load() != nil {
 			// Reopened between the load and the write: the rest of

@@ -108,6 +108,21 @@ func (l *LogWriter) Dropped() int64 {
 func (l *LogWriter) writeLoop() {
 	defer close(l.done)
 	var batch []byte
+	// torn: the last write failed in the middle of a line (a full disk
+	// takes the bytes that fit, then fails with ENOSPC); the next write
+	// first ends that line, so that the lines after it are whole.
+	torn := false
+	write := func(p []byte) {
+		if torn {
+			if _, err := l.w.Write(newline); err != nil {
+				return // still no room: p is lost whole
+			}
+			torn = false
+		}
+		if n, err := l.w.Write(p); err != nil && n > 0 && p[n-1] != '\n' {
+			torn = true
+		}
+	}
 	for range l.wake {
 		l.mu.Lock()
 		batch, l.buf = l.buf, batch[:0]
@@ -115,10 +130,10 @@ func (l *LogWriter) writeLoop() {
 		l.dropped = 0
 		l.mu.Unlock()
 		if len(batch) > 0 {
-			l.w.Write(batch)
+			write(batch)
 		}
 		if dropped > 0 {
-			l.w.Write(l.notice(dropped))
+			write(l.notice(dropped))
 		}
 		l.mu.Lock()
 		l.queued -= len(batch)
