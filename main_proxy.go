@@ -114,6 +114,7 @@ func proxyCommand() *cli.Command {
 			&cli.IntFlag{Name: "backend-stream-window", Value: proxy.DefaultBackendStreamWindow, Usage: "initial flow-control window granted to backends per stream: what a client that does not read can make the proxy hold per stream (frame engine)"},
 			&cli.IntFlag{Name: "backend-stream-window-max", Value: proxy.DefaultBackendMaxStreamWindow, Usage: "what a backend stream's window grows to while its client drains the answer, within the connection's buffer budget (frame engine)"},
 			&cli.Int64Flag{Name: "max-conn-buffer", Value: proxy.DefaultMaxConnBufferedBytes, Usage: "bytes of buffers one client connection may hold in the proxy, requests, answers, retry copies and header blocks together; past it new calls, and answers whose headers would not fit, fail RESOURCE_EXHAUSTED (negative: no bound; frame engine)"},
+			&cli.BoolFlag{Name: "loop-header", Value: true, Usage: "add a streamlb-via request header naming this proxy, and refuse a request that comes back with it three times (a forwarding loop); =false for backends known not to be proxies, which then decode one field less per call"},
 			&cli.IntFlag{Name: "max-message-size", Value: proxy.DefaultReferenceMaxMessageSize, Usage: "largest gRPC message in `BYTES`, either way, for the grpc-proxy engine, which holds each whole; over it a call fails RESOURCE_EXHAUSTED (negative: no bound; the frame engine relays any size)"},
 			&cli.UintFlag{Name: "max-concurrent-streams", Value: proxy.DefaultMaxConcurrentStreams, Usage: "streams one client connection may have open, advertised as SETTINGS_MAX_CONCURRENT_STREAMS (both engines)"},
 
@@ -301,6 +302,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			MaxStreamsPerBackend:      c.Int64("max-streams-per-backend"),
 			RetryOn:                   c.StringSlice("retry-on"),
 			MaxRetries:                retriesFlag(c.Int("max-retries")),
+			NoLoopHeader:              !c.Bool("loop-header"),
 			RetryBufferSize:           c.Int("retry-buffer"),
 			ResponseHoldback:          holdbackFlag(c),
 			RetryBudget:               c.Int("retry-budget"),

@@ -88,6 +88,9 @@ type fileProxy struct {
 	RetryBuffer               int           `yaml:"retry_buffer"`
 	ResponseHoldback          int           `yaml:"response_holdback"`
 	MaxMessageSize            int           `yaml:"max_message_size"`
+	// LoopHeader is the forwarding-loop guard (--loop-header); absent
+	// means on.
+	LoopHeader *bool `yaml:"loop_header"`
 	// The retry policy of the clusters without their own (see fileRetry).
 	RetryOn          []string `yaml:"retry_on"`
 	MaxRetries       *int     `yaml:"max_retries"` // see retriesOf
@@ -829,6 +832,7 @@ func (f *File) proxyConfig() proxy.Config {
 		MaxStreamsPerBackend:      p.MaxStreamsPerBackend,
 		RetryOn:                   p.RetryOn,
 		MaxRetries:                retriesOf(p.MaxRetries),
+		NoLoopHeader:              p.LoopHeader != nil && !*p.LoopHeader,
 		RetryBudget:               p.RetryBudget,
 		RetryBudgetRatio:          p.RetryBudgetRatio,
 		RetryBufferSize:           p.RetryBuffer,

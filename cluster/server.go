@@ -257,7 +257,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			}
 		}
 	case EngineGRPCProxy:
-		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger,
+		rc := proxy.ReferenceConfig{Picker: picker, DrainTimeout: cfg.DrainTimeout, Logger: cfg.Logger, NoLoopHeader: pc.NoLoopHeader,
 			MaxConnections: pc.MaxConnections, MaxConcurrentStreams: pc.MaxConcurrentStreams, MaxHeaderListSize: pc.MaxHeaderListSize,
 			MaxMessageSize: cfg.MaxMessageSize, PrefaceTimeout: pc.PrefaceTimeout, IdleTimeout: pc.IdleTimeout,
 			MaxResponseHeaderListSize: pc.MaxResponseHeaderListSize}

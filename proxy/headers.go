@@ -63,6 +63,15 @@ const loopHeader = "streamlb-via"
 // real loop costs three relays, where it cost thousands.
 const maxLoopPasses = 3
 
+// hopIDUnless returns a new hop token (newHopID), or none when off: the
+// proxy then adds no loopHeader and refuses no request as looped.
+func hopIDUnless(off bool) string {
+	if off {
+		return ""
+	}
+	return newHopID()
+}
+
 // newHopID returns a random token naming one proxy in loopHeader.
 func newHopID() string {
 	var b [8]byte

@@ -32,6 +32,8 @@ type ReferenceConfig struct {
 	// left the set (see RetainBackends) stays open for calls in flight.
 	// Zero means DefaultDrainTimeout.
 	DrainTimeout time.Duration
+	// NoLoopHeader is Config.NoLoopHeader.
+	NoLoopHeader bool
 	// Logger receives the engine's logs. Nil means slog.Default().
 	Logger *slog.Logger
 	// Credentials secure the connections to backends. Nil means
@@ -204,7 +206,7 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		creds:    cfg.Credentials,
 		fails:    cfg.CountConnectFailure,
 		count:    cfg.CountCallEnd,
-		hopID:    newHopID(),
+		hopID:    hopIDUnless(cfg.NoLoopHeader),
 		cut:      cut,
 		cutAll:   cutAll,
 		picker:   cfg.Picker,
@@ -376,7 +378,7 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 		return nil, nil, h.proxyErr
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
-	if countOf(md.Get(loopHeader), r.hopID) >= maxLoopPasses {
+	if r.hopID != "" && countOf(md.Get(loopHeader), r.hopID) >= maxLoopPasses {
 		// A forwarding loop, found as the frame engine finds it (see
 		// loopHeader); nothing else bounds one here.
 		return fail(failure{kind: failLoop, method: fullMethod})
@@ -401,7 +403,9 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 		sent()
 	}
 	out := md.Copy()
-	out.Append(loopHeader, r.hopID)
+	if r.hopID != "" {
+		out.Append(loopHeader, r.hopID)
+	}
 	// grpc-go's client sends the backend the time left of the outgoing
 	// context's deadline as grpc-timeout: the client's (ctx derives from
 	// the server stream's), or the route's timeout if that is earlier.

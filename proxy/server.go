@@ -118,7 +118,7 @@ func New(cfg Config) (*Server, error) {
 		conns:     make(map[*serverConn]struct{}),
 		done:      make(chan struct{}),
 		now:       time.Now,
-		hopID:     newHopID(),
+		hopID:     hopIDUnless(cfg.NoLoopHeader),
 	}
 	s.unsentMoves = maxUnsentMoves
 	if cfg.OnCallEnd != nil {

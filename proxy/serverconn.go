@@ -515,7 +515,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	case !isGRPCContentType(ri.contentType):
 		c.rejectStream(s, failure{kind: failBadContentType, detail: ri.contentType})
 		return nil
-	case looped(f.Fields, c.srv.hopID):
+	case c.srv.hopID != "" && looped(f.Fields, c.srv.hopID):
 		c.rejectStream(s, failure{kind: failLoop, method: ri.path})
 		return nil
 	}
@@ -530,7 +530,11 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	if ri.dropFields {
 		fields = filterFields(fields)
 	}
-	s.reqFields = keepFields(&room, fields, hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
+	if c.srv.hopID != "" {
+		s.reqFields = keepFields(&room, fields, hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
+	} else {
+		s.reqFields = keepFields(&room, fields)
+	}
 	s.declLen = ri.contentLength
 	s.reqSize = headerListSize(s.reqFields)
 	c.bufs.add(int(s.reqSize))
