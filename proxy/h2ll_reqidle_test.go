@@ -86,7 +86,28 @@ func TestH2llRequestIdleClientNotReading(t *testing.T) {
 	ctx := testkit.Context(t, 30*time.Second)
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	st, err := client.FullDuplexCall(cctx)
+	_, sent := sendWithoutReading(t, cctx, client)
+	testkit.WaitFor(ctx, t, "the call on the backend", func() bool { return ts.InFlight() == 1 })
+	start := time.Now()
+	for ts.InFlight() != 0 {
+		if time.Since(start) > 20*idle {
+			t.Fatalf("a client that sends and never reads held the backend's handler for %v, RequestIdleTimeout %v", time.Since(start).Round(time.Millisecond), idle)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Logf("the call ended after %v", time.Since(start).Round(time.Millisecond))
+	cancel()
+	<-sent
+}
+
+// sendWithoutReading opens a bidi call on client under ctx and sends it
+// 8 KiB messages, each asking a 32 KiB answer, until a send fails (at
+// most 100,000), reading nothing. It returns the call, for the caller to
+// read, and the channel on which the error that ended the sends, or nil,
+// comes.
+func sendWithoutReading(t *testing.T, ctx context.Context, client testgrpc.TestServiceClient) (testgrpc.TestService_FullDuplexCallClient, <-chan error) {
+	t.Helper()
+	st, err := client.FullDuplexCall(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,15 +123,5 @@ func TestH2llRequestIdleClientNotReading(t *testing.T) {
 		}
 		sent <- nil
 	}()
-	testkit.WaitFor(ctx, t, "the call on the backend", func() bool { return ts.InFlight() == 1 })
-	start := time.Now()
-	for ts.InFlight() != 0 {
-		if time.Since(start) > 20*idle {
-			t.Fatalf("a client that sends and never reads held the backend's handler for %v, RequestIdleTimeout %v", time.Since(start).Round(time.Millisecond), idle)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	t.Logf("the call ended after %v", time.Since(start).Round(time.Millisecond))
-	cancel()
-	<-sent
+	return st, sent
 }

@@ -48,22 +48,7 @@ func TestS25CutReleasesHeldRequestBytes(t *testing.T) {
 			ctx := testkit.Context(t, 30*time.Second)
 			cctx, cancel := context.WithCancel(ctx)
 			defer cancel()
-			st, err := client.FullDuplexCall(cctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			sent := make(chan error, 1)
-			go func() {
-				req := &testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{{Size: 32 << 10}},
-					Payload: &testgrpc.Payload{Body: make([]byte, 8<<10)}}
-				for i := 0; i < 100_000; i++ {
-					if err := st.Send(req); err != nil {
-						sent <- err
-						return
-					}
-				}
-				sent <- nil
-			}()
+			st, sent := sendWithoutReading(t, cctx, client)
 			testkit.WaitFor(ctx, t, "the call on the backend", func() bool { return ts.InFlight() == 1 })
 			testkit.WaitFor(ctx, t, "request bytes held", func() bool { return srv.MaxHeldBytes() > 0 })
 			testkit.WaitFor(ctx, t, "the cut (the backend's handler ended)", func() bool { return ts.InFlight() == 0 })
