@@ -628,16 +628,24 @@ func (r *Reference) RetireBackends(addrs []string) {
 			continue
 		}
 		delete(r.conns, addr)
-		if cc.calls == 0 {
-			idle = append(idle, cc)
-			continue
-		}
-		r.retired[cc] = true
+		idle = r.retireLocked(cc, idle)
 	}
 	r.mu.Unlock()
 	for _, cc := range idle {
 		cc.Close()
 	}
+}
+
+// retireLocked takes cc, already out of r.conns and r.draining, out of
+// use: it closes after its last call (r.retired), or, with none, at once:
+// it is appended to idle, for the caller to close once r.mu is released.
+// Caller must hold r.mu.
+func (r *Reference) retireLocked(cc *refConn, idle []*refConn) []*refConn {
+	if cc.calls == 0 {
+		return append(idle, cc)
+	}
+	r.retired[cc] = true
+	return idle
 }
 
 // RetainBackends takes the client connections of backends not in addrs out
@@ -667,11 +675,7 @@ func (r *Reference) RetainBackends(addrs []string) {
 		// Deleted under mu, the timer, if it fired, finds it gone.
 		t.Stop()
 		delete(r.draining, cc)
-		if cc.calls == 0 {
-			idle = append(idle, cc)
-			continue
-		}
-		r.retired[cc] = true
+		idle = r.retireLocked(cc, idle)
 	}
 	for addr, cc := range r.conns {
 		if keep[addr] {
