@@ -141,7 +141,7 @@ func runBenchChild(spec string) int {
 	for sc.Scan() {
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
-		fmt.Println(ms.Mallocs, ms.TotalAlloc)
+		fmt.Println(ms.Mallocs, ms.TotalAlloc, proxy.ViewsRefused())
 	}
 	srv.Close()
 	return 0
@@ -155,8 +155,10 @@ type child struct {
 	addr   string
 }
 
-// mallocs returns the child's heap allocations so far, and their bytes.
-func (c *child) mallocs(b testing.TB) (n, bytes uint64) {
+// counts returns the child's heap allocations so far, their bytes, and
+// the payloads it copied at the bounds on pinned read buffers
+// (proxy.ViewsRefused).
+func (c *child) counts(b testing.TB) (n, bytes, copies uint64) {
 	b.Helper()
 	if _, err := io.WriteString(c.stdin, "\n"); err != nil {
 		b.Fatal(err)
@@ -165,10 +167,10 @@ func (c *child) mallocs(b testing.TB) (n, bytes uint64) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	if _, err := fmt.Sscan(line, &n, &bytes); err != nil {
+	if _, err := fmt.Sscan(line, &n, &bytes, &copies); err != nil {
 		b.Fatal(err)
 	}
-	return n, bytes
+	return n, bytes, copies
 }
 
 func startChild(b testing.TB, engine string, backends []string) *child {
@@ -294,9 +296,9 @@ func benchCalls(b *testing.B, paths []string, warmup, conc int, bytes int64, uni
 			call := mk(testgrpc.NewTestServiceClient(cc))
 			runLoad(b, warmup, conc, call) // warm up connections and pools
 			var before time.Duration
-			var allocs, allocBytes uint64
+			var allocs, allocBytes, copies uint64
 			if c != nil {
-				allocs, allocBytes = c.mallocs(b)
+				allocs, allocBytes, copies = c.counts(b)
 				before = c.cpu(b)
 			}
 			b.SetBytes(bytes)
@@ -305,9 +307,15 @@ func benchCalls(b *testing.B, paths []string, warmup, conc int, bytes int64, uni
 			b.StopTimer()
 			if c != nil {
 				b.ReportMetric(float64(c.cpu(b)-before)/float64(unit)/float64(b.N), metric)
-				n, bytes := c.mallocs(b)
+				n, bytes, cp := c.counts(b)
 				b.ReportMetric(float64(n-allocs)/float64(b.N), "proxy-allocs/op")
 				b.ReportMetric(float64(bytes-allocBytes)/float64(b.N), "proxy-B/op")
+				if metric == "proxy-ms/MiB" {
+					// Payloads copied where a view of the read
+					// buffer was refused (readref.go): 0 while the
+					// bounds on pinned buffers fit the workload.
+					b.ReportMetric(float64(cp-copies)/float64(b.N), "proxy-copies/MiB")
+				}
 			}
 		})
 	}

@@ -238,3 +238,7 @@ func SetHeldHeadersMax(t interface{ Cleanup(func()) }, d time.Duration) {
 	heldHeadersMax = d
 	t.Cleanup(func() { heldHeadersMax = old })
 }
+
+// ViewsRefused is how many payloads the process copied because the bounds
+// on read buffers pinned by views were reached (readref.go).
+func ViewsRefused() int64 { return viewsRefused.Load() }
