@@ -235,14 +235,25 @@ type headerMatch struct {
 }
 
 // LoadFile reads and checks the configuration file at path. It reads the
-// backend TLS files it names (an error names the setting), but opens no
-// connection and starts nothing.
+// TLS files it names, the listener's and the backends' (an error names
+// the setting and its line), but opens no connection and starts nothing.
 func LoadFile(path string) (*File, error) {
 	data, err := fileread.Regular(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	return loadData(path, data)
+	f, err := loadData(path, data)
+	if err != nil {
+		return nil, err
+	}
+	// Not in loadData, which a reload calls too: a reload keeps the
+	// listener's TLS as it runs (tls needs a restart), its files reloaded
+	// on their own, so a certificate being rotated on disk must not refuse
+	// a reload of the rest.
+	if err := f.checkServerTLS(); err != nil {
+		return nil, fmt.Errorf("config: %s: %w", path, err)
+	}
+	return f, nil
 }
 
 // loadData is ParseFile plus the reading of the backend TLS files.
@@ -698,6 +709,33 @@ func (f *File) checkFiles() error {
 	for i, c := range f.Clusters {
 		if err := load(c.BackendTLS, "clusters", i, "backend_tls"); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+// checkServerTLS reads the listener's TLS files (tls), as NewServer
+// will, and names the setting and its line of those that do not load:
+// NewServer's error named neither.
+func (f *File) checkServerTLS() error {
+	t := f.TLS
+	if t == nil {
+		return nil
+	}
+	var root yaml.Node
+	if err := yaml.Unmarshal(f.raw, &root); err != nil {
+		return err
+	}
+	errAt := func(msg string, path ...any) error {
+		return &fieldError{line: lineOf(&root, path...), field: fieldName(path...), msg: msg}
+	}
+	// The certificate and key are one pair: either may be the bad one.
+	if _, err := newServerTLS(ServerTLS{CertFile: t.Cert, KeyFile: t.Key}, discardLogger); err != nil {
+		return errAt(err.Error(), "tls")
+	}
+	if t.ClientCA != "" {
+		if _, err := newServerTLS(ServerTLS{CertFile: t.Cert, KeyFile: t.Key, ClientCAFile: t.ClientCA}, discardLogger); err != nil {
+			return errAt(err.Error(), "tls", "client_ca")
 		}
 	}
 	return nil
