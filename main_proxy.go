@@ -93,7 +93,7 @@ func proxyCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-retries", Value: proxy.DefaultMaxRetries, Usage: "further attempts a call may make, transparent retries included (0 or negative: none; frame engine)"},
 			&cli.IntFlag{Name: "retry-buffer", Value: proxy.DefaultRetryBufferSize, Usage: "request bytes kept per call so it can be retried; a larger request is not retried once sent (0: the default; negative: no retries; frame engine)"},
 			&cli.IntFlag{Name: "response-holdback", Value: proxy.DefaultResponseHoldback, Usage: "largest gRPC response message (bytes, the length in its prefix) held back until complete, so a backend dying mid-message gives the client the whole messages before it and UNAVAILABLE, not a torn message (0: off; frame engine)"},
-			&cli.IntFlag{Name: "retry-budget", Value: proxy.DefaultRetryBudget, Usage: "retry throttling (gRFC A6): tokens in the bucket; failed calls take one, UNAVAILABLE answers of --retry-on methods are retried only while over half are left (0: the default; frame engine)"},
+			&cli.IntFlag{Name: "retry-budget", Value: proxy.DefaultRetryBudget, Usage: "retry throttling (gRFC A6): tokens in the bucket; failed calls take one, UNAVAILABLE answers of --retry-on methods are retried only while over half are left (0: none, no UNAVAILABLE answer is retried; frame engine)"},
 			&cli.Float64Flag{Name: "retry-budget-ratio", Value: proxy.DefaultRetryBudgetRatio, Usage: "tokens a successful call gives back to the retry budget (0: the default; frame engine)"},
 			&cli.Int64Flag{Name: "max-streams", Usage: "calls in flight through the proxy; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.Int64Flag{Name: "max-streams-per-backend", Usage: "calls in flight to one backend; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
@@ -234,6 +234,9 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 	if c.Int("max-backend-pending") == 0 {
 		return zero, usageErr("--max-backend-pending must not be 0 (negative: no call waits)")
 	}
+	if c.Int("retry-budget") < 0 {
+		return zero, usageErr("--retry-budget must not be negative (0: no UNAVAILABLE answer is retried), got %d", c.Int("retry-budget"))
+	}
 	for _, f := range []string{"connect-timeout", "handshake-timeout", "backend-keepalive-timeout", "backend-pending-timeout", "dns-refresh"} {
 		if c.Duration(f) <= 0 {
 			return zero, usageErr("--%s must be positive, got %v", f, c.Duration(f))
@@ -305,7 +308,7 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			NoLoopHeader:              !c.Bool("loop-header"),
 			RetryBufferSize:           c.Int("retry-buffer"),
 			ResponseHoldback:          holdbackFlag(c),
-			RetryBudget:               c.Int("retry-budget"),
+			RetryBudget:               budgetFlag(c.Int("retry-budget")),
 			RetryBudgetRatio:          c.Float64("retry-budget-ratio"),
 			MaxHeaderListSize:         uint32(c.Uint("max-header-list-size")),
 			MaxResponseHeaderListSize: uint32(c.Uint("max-response-header-list-size")),
@@ -493,6 +496,17 @@ func registryOptions(c *cli.Context) (resolver.EtcdOptions, resolver.ZKOptions, 
 		return e, z, usageErr("--zk-username must not contain ':'")
 	}
 	return e, z, nil
+}
+
+// budgetFlag is proxy.Config's RetryBudget for --retry-budget: 0 means a
+// bucket of no tokens (no UNAVAILABLE answer is retried), where
+// proxy.Config's own 0 is its default (10 tokens). The flag's default is
+// that 10, given as such.
+func budgetFlag(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }
 
 // retriesFlag is proxy.Config's MaxRetries for --max-retries: 0 means no

@@ -100,3 +100,87 @@ routes:
 		})
 	}
 }
+
+// TestRetryBudgetZero: a retry budget of 0, given as --retry-budget 0, as
+// the file's proxy.retry_budget or as a cluster's retry.budget, is a
+// bucket of no tokens: an UNAVAILABLE answer of a --retry-on method is not
+// retried (max_retries 2 notwithstanding). It meant the default (10
+// tokens, so the call was tried three times), and a cluster's budget: 0
+// took the proxy's. Absent, the default still holds (a negative budget
+// is refused: TestUsage, TestParseFileErrors).
+func TestRetryBudgetZero(t *testing.T) {
+	prev := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(prev) })
+	var backends []*testserver.Server
+	for _, name := range []string{"b1", "b2"} {
+		ts, err := testserver.New(testserver.Config{Name: name, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ts.Start("127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(ts.Stop)
+		backends = append(backends, ts)
+	}
+	conf := func(proxyBudget, clusterBudget string) []string {
+		path := filepath.Join(t.TempDir(), "streamlb.yaml")
+		data := fmt.Sprintf(`listen: 127.0.0.1:0
+proxy:
+  retry_on: ["/grpc.testing.TestService/"]
+%s
+clusters:
+  - name: a
+    targets: [%q, %q]
+    ejection: {after: -1}
+%s
+routes:
+  - cluster: a
+`, proxyBudget, backends[0].Addr(), backends[1].Addr(), clusterBudget)
+		if err := os.WriteFile(path, []byte(data), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return []string{"proxy", "--config", path, "--log-format", "json"}
+	}
+	flags := func(extra ...string) []string {
+		return append([]string{"proxy", "--listen", "127.0.0.1:0", "--backend", backends[0].Addr(), "--backend", backends[1].Addr(),
+			"--retry-on", "/grpc.testing.TestService/", "--eject-after", "-1", "--log-format", "json"}, extra...)
+	}
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		attempts int64
+	}{
+		{"flag 0", flags("--retry-budget", "0"), 1},
+		{"flag 1", flags("--retry-budget", "1"), 3},
+		{"flag absent", flags(), 3},
+		{"file proxy 0", conf("  retry_budget: 0", ""), 1},
+		{"file absent", conf("", ""), 3},
+		{"file cluster 0 over proxy 10", conf("  retry_budget: 10", "    retry: {budget: 0}"), 1},
+		{"file cluster 4 over proxy 0", conf("  retry_budget: 0", "    retry: {budget: 4}"), 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			app := startApp(ctx, t, tc.args, "listening")
+			addr := app.wait(ctx, t)["listening"].Addr
+			cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cc.Close()
+			before := backends[0].Calls() + backends[1].Calls()
+			cctx := metadata.AppendToOutgoingContext(ctx, testserver.MetadataFailCode, fmt.Sprint(int(codes.Unavailable)))
+			_, err = testgrpc.NewTestServiceClient(cc).EmptyCall(cctx, &testgrpc.Empty{})
+			if status.Code(err) != codes.Unavailable {
+				t.Fatalf("call answered UNAVAILABLE by every backend: %v", err)
+			}
+			if got := backends[0].Calls() + backends[1].Calls() - before; got != tc.attempts {
+				t.Errorf("the backends saw %d attempts, want %d", got, tc.attempts)
+			}
+			if err := app.shutdown(t); err != nil {
+				t.Errorf("proxy command returned %v", err)
+			}
+		})
+	}
+}

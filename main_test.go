@@ -82,6 +82,7 @@ func TestUsage(t *testing.T) {
 		{name: "zk user with a colon", args: []string{"proxy", "--backend", "zk://127.0.0.1:1/svc", "--zk-username", "a:b", "--zk-password", "x"}, wantCode: 2, wantErr: "must not contain ':'"},
 		{name: "testserver zk user without password", args: []string{"testserver", "--name", "a", "--register", "zk://127.0.0.1:1/svc", "--zk-username", "svc"}, wantCode: 2, wantErr: "STREAMLB_ZK_PASSWORD"},
 		{name: "testserver missing etcd CA", args: []string{"testserver", "--name", "a", "--register", "etcd://127.0.0.1:1/svc", "--etcd-ca", "/nonexistent/ca.pem"}, wantCode: 2, wantErr: "/nonexistent/ca.pem"},
+		{name: "negative retry budget", args: []string{"proxy", "--backend", "127.0.0.1:1", "--retry-budget=-1"}, wantCode: 2, wantErr: "--retry-budget must not be negative"},
 		{name: "negative GC minimum heap", args: []string{"proxy", "--backend", "127.0.0.1:1", "--gc-min-heap=-1"}, wantCode: 2, wantErr: "--gc-min-heap must not be negative"},
 		{name: "stray argument", args: []string{"proxy", "--backend", "127.0.0.1:1", "extra"}, wantCode: 2, wantErr: `unexpected argument "extra"`},
 	}

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/streamlb/streamlb/internal/testkit"
 )
 
 // TestValidateCommand checks the validate command's exit codes and
@@ -25,6 +27,11 @@ func TestValidateCommand(t *testing.T) {
 	badField := write("bad.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1], polcy: random}\nroutes:\n  - {cluster: a}\n")
 	badRef := write("ref.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: b}\n")
 	badTLS := write("tls.yaml", "tls: {cert: /nonexistent/a.crt, key: /nonexistent/a.key}\nclusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: a}\n")
+	ca := testkit.NewCA(t, "validate CA")
+	cert, key := ca.WriteIssued(t, dir, "proxy", true)
+	badKey := write("key.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: a}\ntls:\n  cert: "+cert+"\n  key: "+cert+"\n")
+	badClientCA := write("clientca.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: a}\ntls:\n  cert: "+cert+"\n  key: "+key+"\n  client_ca: /nonexistent/ca.pem\n")
+	goodTLS := write("goodtls.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: a}\ntls:\n  cert: "+cert+"\n  key: "+key+"\n  client_ca: "+ca.WriteCA(t, dir, "ca.pem")+"\n")
 	for _, tc := range []struct {
 		name     string
 		args     []string
@@ -35,7 +42,13 @@ func TestValidateCommand(t *testing.T) {
 		{name: "good", args: []string{"validate", "--config", good}, wantOut: "ok (1 cluster, 1 route)"},
 		{name: "unknown field", args: []string{"validate", "--config", badField}, wantCode: 2, wantErr: "line 2: field polcy not found"},
 		{name: "unknown cluster", args: []string{"validate", "--config", badRef}, wantCode: 2, wantErr: `line 4: routes[0].cluster: unknown cluster "b"`},
-		{name: "missing TLS file", args: []string{"validate", "--config", badTLS}, wantCode: 2, wantErr: "/nonexistent/a.crt"},
+		// The listener's TLS files' errors name the line and the setting,
+		// as the others do (they named neither).
+		{name: "missing TLS file", args: []string{"validate", "--config", badTLS}, wantCode: 2, wantErr: "line 1: tls: cluster: certificate: open /nonexistent/a.crt"},
+		{name: "TLS key not a key", args: []string{"validate", "--config", badKey}, wantCode: 2, wantErr: "line 5: tls: cluster: certificate"},
+		{name: "missing client CA", args: []string{"validate", "--config", badClientCA}, wantCode: 2, wantErr: "line 8: tls.client_ca: cluster: client CA: open /nonexistent/ca.pem"},
+		{name: "proxy missing TLS file", args: []string{"proxy", "--config", badTLS}, wantCode: 2, wantErr: "line 1: tls: "},
+		{name: "good TLS", args: []string{"validate", "--config", goodTLS}, wantOut: "ok (1 cluster, 1 route)"},
 		{name: "missing file", args: []string{"validate", "--config", filepath.Join(dir, "none.yaml")}, wantCode: 2, wantErr: "none.yaml"},
 		{name: "no config", args: []string{"validate"}, wantCode: 2, wantErr: "--config FILE"},
 		{name: "config and flags", args: []string{"proxy", "--config", good, "--backend", "127.0.0.1:2"}, wantCode: 2, wantErr: "--backend cannot be used with --config"},

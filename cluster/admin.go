@@ -26,13 +26,38 @@ const adminWriteTimeout = 35 * time.Second
 // admin endpoints take (pprof's default is 30 s).
 const maxProfileSeconds = 60
 
-// capSeconds refuses a profile or trace longer than maxProfileSeconds with
-// 400, and hands the others to h.
-func capSeconds(h http.HandlerFunc) http.HandlerFunc {
+// capSeconds refuses with 400 a profile or trace longer than
+// maxProfileSeconds, and a seconds that is not a positive number (an
+// integer for a CPU profile, whole seconds: integer): net/http/pprof takes
+// those for its default, so ?seconds=-5, ?seconds=x or, for a CPU
+// profile, ?seconds=0.5 ran a 30 s profile the client did not ask for.
+// It hands the others, and a request without seconds (the default: 30 s
+// of CPU profile, 1 s of trace), to h.
+func capSeconds(h http.HandlerFunc, integer bool) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if sec, err := strconv.ParseFloat(r.FormValue("seconds"), 64); err == nil && sec > maxProfileSeconds {
-			http.Error(w, fmt.Sprintf("seconds must be at most %d", maxProfileSeconds), http.StatusBadRequest)
-			return
+		if q := r.URL.Query(); q.Has("seconds") {
+			v := q.Get("seconds")
+			var sec float64
+			var err error
+			if integer {
+				var n int64
+				n, err = strconv.ParseInt(v, 10, 64)
+				sec = float64(n)
+			} else {
+				sec, err = strconv.ParseFloat(v, 64)
+			}
+			switch {
+			case err != nil || !(sec > 0): // !(>): NaN too
+				what := "a positive number"
+				if integer {
+					what = "a positive whole number"
+				}
+				http.Error(w, fmt.Sprintf("seconds must be %s, got %q", what, v), http.StatusBadRequest)
+				return
+			case sec > maxProfileSeconds:
+				http.Error(w, fmt.Sprintf("seconds must be at most %d", maxProfileSeconds), http.StatusBadRequest)
+				return
+			}
 		}
 		h(w, r)
 	}
@@ -128,9 +153,9 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("GET /status.json", gate.wrap(http.HandlerFunc(s.serveStatusJSON)))
 	mux.HandleFunc("GET /debug/pprof/", gate.wrap(http.HandlerFunc(pprof.Index)))
 	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("GET /debug/pprof/profile", capSeconds(pprof.Profile))
+	mux.HandleFunc("GET /debug/pprof/profile", capSeconds(pprof.Profile, true))
 	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("GET /debug/pprof/trace", capSeconds(pprof.Trace))
+	mux.HandleFunc("GET /debug/pprof/trace", capSeconds(pprof.Trace, false))
 	mux.Handle("GET /debug/pprof/mutex", gate.wrap(contentionProfile("mutex", s.cfg.MutexProfileFraction, "MutexProfileFraction (--mutex-profile-fraction)")))
 	mux.Handle("GET /debug/pprof/block", gate.wrap(contentionProfile("block", s.cfg.BlockProfileRate, "BlockProfileRate (--block-profile-rate)")))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {

@@ -1,6 +1,7 @@
 package cluster_test
 
 import (
+	"io"
 	"net/http"
 	"regexp"
 	"runtime"
@@ -107,5 +108,43 @@ func TestAdminBoundsLongResponses(t *testing.T) {
 	}
 	if code, body := get(t, srv.admin+"/debug/pprof/trace?seconds=0.05"); code != http.StatusOK {
 		t.Errorf("/debug/pprof/trace?seconds=0.05 = %d %q, want 200", code, head(body))
+	}
+}
+
+// TestAdminRefusesBadProfileSeconds: a CPU profile or trace whose seconds
+// is not a positive number (a whole one for the CPU profile, as
+// net/http/pprof parses it) is refused with 400 at once. net/http/pprof
+// takes such a value for its default: ?seconds=-5 ran a 30 s CPU profile
+// (here it fails the 5 s client timeout). A valid one is served.
+func TestAdminRefusesBadProfileSeconds(t *testing.T) {
+	b := startBackend(t, "b", "127.0.0.1:0")
+	srv := runServer(t, cluster.ServerConfig{Cluster: cluster.Config{Targets: []string{b.Addr()}}})
+	client := &http.Client{Timeout: 5 * time.Second}
+	for _, tc := range []struct {
+		query string
+		code  int
+		body  string
+	}{
+		{"profile?seconds=-5", http.StatusBadRequest, `seconds must be a positive whole number, got "-5"`},
+		{"profile?seconds=0", http.StatusBadRequest, "positive whole number"},
+		{"profile?seconds=", http.StatusBadRequest, "positive whole number"},
+		{"profile?seconds=soon", http.StatusBadRequest, "positive whole number"},
+		{"profile?seconds=0.5", http.StatusBadRequest, "positive whole number"},
+		{"trace?seconds=-1", http.StatusBadRequest, `seconds must be a positive number, got "-1"`},
+		{"trace?seconds=NaN", http.StatusBadRequest, "positive number"},
+		{"trace?seconds=x", http.StatusBadRequest, "positive number"},
+		{"trace?seconds=0.05", http.StatusOK, ""},
+		{"profile?seconds=1", http.StatusOK, ""},
+	} {
+		resp, err := client.Get(srv.admin + "/debug/pprof/" + tc.query)
+		if err != nil {
+			t.Errorf("/debug/pprof/%s: %v, want %d at once", tc.query, err, tc.code)
+			continue
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.code || !strings.Contains(string(body), tc.body) {
+			t.Errorf("/debug/pprof/%s = %d %q, want %d %q", tc.query, resp.StatusCode, head(string(body)), tc.code, tc.body)
+		}
 	}
 }

@@ -93,8 +93,8 @@ type fileProxy struct {
 	LoopHeader *bool `yaml:"loop_header"`
 	// The retry policy of the clusters without their own (see fileRetry).
 	RetryOn          []string `yaml:"retry_on"`
-	MaxRetries       *int     `yaml:"max_retries"` // see retriesOf
-	RetryBudget      int      `yaml:"retry_budget"`
+	MaxRetries       *int     `yaml:"max_retries"`  // see retriesOf
+	RetryBudget      *int     `yaml:"retry_budget"` // see budgetOf
 	RetryBudgetRatio float64  `yaml:"retry_budget_ratio"`
 }
 
@@ -105,7 +105,7 @@ type fileProxy struct {
 type fileRetry struct {
 	RetryOn     *[]string `yaml:"retry_on"`
 	MaxRetries  *int      `yaml:"max_retries"` // see retriesOf
-	Budget      int       `yaml:"budget"`
+	Budget      *int      `yaml:"budget"`      // see budgetOf
 	BudgetRatio float64   `yaml:"budget_ratio"`
 }
 
@@ -235,14 +235,25 @@ type headerMatch struct {
 }
 
 // LoadFile reads and checks the configuration file at path. It reads the
-// backend TLS files it names (an error names the setting), but opens no
-// connection and starts nothing.
+// TLS files it names, the listener's and the backends' (an error names
+// the setting and its line), but opens no connection and starts nothing.
 func LoadFile(path string) (*File, error) {
 	data, err := fileread.Regular(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	return loadData(path, data)
+	f, err := loadData(path, data)
+	if err != nil {
+		return nil, err
+	}
+	// Not in loadData, which a reload calls too: a reload keeps the
+	// listener's TLS as it runs (tls needs a restart), its files reloaded
+	// on their own, so a certificate being rotated on disk must not refuse
+	// a reload of the rest.
+	if err := f.checkServerTLS(); err != nil {
+		return nil, fmt.Errorf("config: %s: %w", path, err)
+	}
+	return f, nil
 }
 
 // loadData is ParseFile plus the reading of the backend TLS files.
@@ -489,6 +500,10 @@ func (f *File) check(root *yaml.Node) error {
 	if err := checkRetryOn(f.Proxy.RetryOn, errAt, "proxy", "retry_on"); err != nil {
 		return err
 	}
+	if n := f.Proxy.RetryBudget; n != nil && *n < 0 {
+		// proxy.Config takes a negative budget for none.
+		return errAt("must not be negative (0: no UNAVAILABLE answer is retried)", "proxy", "retry_budget")
+	}
 	pc := f.proxyConfig()
 	pc.Picker = proxy.PickerFunc(func(context.Context, string) (string, func(error), error) { return "", nil, nil })
 	pc.Logger = discardLogger
@@ -533,8 +548,8 @@ func (f *File) check(root *yaml.Node) error {
 				}
 			}
 			switch {
-			case r.Budget < 0:
-				return errAt("must not be negative", "clusters", i, "retry", "budget")
+			case r.Budget != nil && *r.Budget < 0:
+				return errAt("must not be negative (0: no UNAVAILABLE answer is retried)", "clusters", i, "retry", "budget")
 			case r.BudgetRatio < 0:
 				return errAt("must not be negative", "clusters", i, "retry", "budget_ratio")
 			}
@@ -699,6 +714,33 @@ func (f *File) checkFiles() error {
 	return nil
 }
 
+// checkServerTLS reads the listener's TLS files (tls), as NewServer
+// will, and names the setting and its line of those that do not load:
+// NewServer's error named neither.
+func (f *File) checkServerTLS() error {
+	t := f.TLS
+	if t == nil {
+		return nil
+	}
+	var root yaml.Node
+	if err := yaml.Unmarshal(f.raw, &root); err != nil {
+		return err
+	}
+	errAt := func(msg string, path ...any) error {
+		return &fieldError{line: lineOf(&root, path...), field: fieldName(path...), msg: msg}
+	}
+	// The certificate and key are one pair: either may be the bad one.
+	if _, err := newServerTLS(ServerTLS{CertFile: t.Cert, KeyFile: t.Key}, discardLogger); err != nil {
+		return errAt(err.Error(), "tls")
+	}
+	if t.ClientCA != "" {
+		if _, err := newServerTLS(ServerTLS{CertFile: t.Cert, KeyFile: t.Key, ClientCAFile: t.ClientCA}, discardLogger); err != nil {
+			return errAt(err.Error(), "tls", "client_ca")
+		}
+	}
+	return nil
+}
+
 // checkRetryOn checks each method of the retry_on list at path, so that an
 // error names its entry.
 func checkRetryOn(methods []string, errAt func(string, ...any) error, path ...any) error {
@@ -776,7 +818,7 @@ func (f *File) backendTLSOf(c fileCluster) *fileBackendTL {
 // from proxy.
 func (f *File) retryOf(c fileCluster) Retry {
 	p := f.Proxy
-	r := Retry{On: p.RetryOn, MaxRetries: retriesOf(p.MaxRetries), Budget: p.RetryBudget, BudgetRatio: p.RetryBudgetRatio}
+	r := Retry{On: p.RetryOn, MaxRetries: retriesOf(p.MaxRetries), Budget: budgetOf(p.RetryBudget), BudgetRatio: p.RetryBudgetRatio}
 	if cr := c.Retry; cr != nil {
 		if cr.RetryOn != nil {
 			r.On = *cr.RetryOn
@@ -784,8 +826,8 @@ func (f *File) retryOf(c fileCluster) Retry {
 		if cr.MaxRetries != nil {
 			r.MaxRetries = retriesOf(cr.MaxRetries)
 		}
-		if cr.Budget != 0 {
-			r.Budget = cr.Budget
+		if cr.Budget != nil {
+			r.Budget = budgetOf(cr.Budget)
 		}
 		if cr.BudgetRatio != 0 {
 			r.BudgetRatio = cr.BudgetRatio
@@ -799,6 +841,22 @@ func (f *File) retryOf(c fileCluster) Retry {
 // --max-retries 0 mean. proxy.Config's own 0 is its default, 2, which a
 // file's "max_retries: 0" silently gave before.
 func retriesOf(n *int) int {
+	switch {
+	case n == nil:
+		return 0
+	case *n == 0:
+		return -1
+	}
+	return *n
+}
+
+// budgetOf is proxy.Config's RetryBudget for a retry_budget (or a
+// cluster's retry.budget) field: left out, the default (0); 0, a bucket
+// of no tokens (-1), so that no UNAVAILABLE answer is retried.
+// proxy.Config's own 0 is its default, 10 tokens, which a file's
+// "retry_budget: 0" silently gave before (and a cluster's "budget: 0"
+// silently took the proxy's).
+func budgetOf(n *int) int {
 	switch {
 	case n == nil:
 		return 0
@@ -833,7 +891,7 @@ func (f *File) proxyConfig() proxy.Config {
 		RetryOn:                   p.RetryOn,
 		MaxRetries:                retriesOf(p.MaxRetries),
 		NoLoopHeader:              p.LoopHeader != nil && !*p.LoopHeader,
-		RetryBudget:               p.RetryBudget,
+		RetryBudget:               budgetOf(p.RetryBudget),
 		RetryBudgetRatio:          p.RetryBudgetRatio,
 		RetryBufferSize:           p.RetryBuffer,
 		ResponseHoldback:          p.ResponseHoldback,
@@ -897,6 +955,6 @@ func (f *File) restartOnly(g *File) []string {
 // restartOnly returns p without the retry policy, which clusters take
 // on reload: what of proxy a reload cannot apply.
 func (p fileProxy) restartOnly() fileProxy {
-	p.RetryOn, p.MaxRetries, p.RetryBudget, p.RetryBudgetRatio = nil, nil, 0, 0
+	p.RetryOn, p.MaxRetries, p.RetryBudget, p.RetryBudgetRatio = nil, nil, nil, 0
 	return p
 }

@@ -64,6 +64,49 @@ routes: [{cluster: inherits}]
 	}
 }
 
+// TestRetryBudgetZeroFromFile: a retry budget of 0, as the file's
+// proxy.retry_budget or a cluster's retry.budget, is a bucket of no
+// tokens (proxy.Config's -1: no UNAVAILABLE answer is retried), as
+// max_retries: 0 is no retries. It meant the default (10 tokens), and a
+// cluster's budget: 0 took the proxy's. Absent, the default still holds
+// (0) or the proxy's is inherited.
+func TestRetryBudgetZeroFromFile(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name        string
+		proxy       string // proxy's fields
+		retry       string // the cluster's retry fields
+		wantProxy   int    // proxy.Config.RetryBudget
+		wantCluster int    // the cluster's Retry.Budget
+	}{
+		{name: "absent", wantProxy: 0, wantCluster: 0},
+		{name: "proxy 0", proxy: "retry_budget: 0", wantProxy: -1, wantCluster: -1},
+		{name: "proxy 5", proxy: "retry_budget: 5", wantProxy: 5, wantCluster: 5},
+		{name: "cluster 0 over proxy 5", proxy: "retry_budget: 5", retry: "budget: 0", wantProxy: 5, wantCluster: -1},
+		{name: "cluster 3 over proxy 0", proxy: "retry_budget: 0", retry: "budget: 3", wantProxy: -1, wantCluster: 3},
+		{name: "cluster absent over proxy 0", proxy: "retry_budget: 0", retry: "max_retries: 1", wantProxy: -1, wantCluster: -1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			data := "proxy: {" + tc.proxy + "}\nclusters:\n  - name: a\n    targets: [127.0.0.1:1]\n"
+			if tc.retry != "" {
+				data += "    retry: {" + tc.retry + "}\n"
+			}
+			data += "routes: [{cluster: a}]\n"
+			f, err := ParseFile("f.yaml", []byte(data))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := f.proxyConfig().RetryBudget; got != tc.wantProxy {
+				t.Errorf("proxy.Config.RetryBudget = %d, want %d", got, tc.wantProxy)
+			}
+			if got := f.retryOf(f.Clusters[0]).Budget; got != tc.wantCluster {
+				t.Errorf("cluster's Retry.Budget = %d, want %d", got, tc.wantCluster)
+			}
+		})
+	}
+}
+
 func replaceOnce(t *testing.T, s, old, new string) string {
 	t.Helper()
 	if !strings.Contains(s, old) {

@@ -56,7 +56,8 @@ type statusBackend struct {
 	Ejections int64  `json:"ejections"`
 	InFlight  int64  `json:"in_flight"`
 	// Successes and Failures are the director's counts since the backend
-	// joined the set; they are what the page shows with metrics off.
+	// joined the set (calls that ended CANCELLED count in neither); they
+	// are what the page shows with metrics off.
 	Successes int64 `json:"successes"`
 	Failures  int64 `json:"failures"`
 

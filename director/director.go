@@ -296,7 +296,8 @@ func (d *Director) Ready() bool { return d.snap.Load().healthy }
 // and does no I/O. On success it returns the backend's "host:port" and a
 // done function that the caller must call exactly once when the stream ends:
 // with nil if it ended with grpc-status 0, with the error otherwise, carrying
-// the gRPC status (status.Code must read it). Any non-nil error counts in
+// the gRPC status (status.Code must read it). Any non-nil error but a
+// cancel (codes.Canceled or context.Canceled) counts in
 // [BackendStats.Failures]. For outlier ejection, codes.Unavailable counts
 // as the backend being unreachable (the proxy reports connect failures,
 // lost connections and refused streams so), Canceled and DeadlineExceeded
@@ -397,7 +398,9 @@ type BackendStats struct {
 	// called yet.
 	InFlight int64 `json:"in_flight"`
 	// Successes and Failures count done calls with a nil and a non-nil
-	// error, since the address last joined the set.
+	// error, since the address last joined the set. A call that ended
+	// CANCELLED (or context.Canceled: the client gave up or went away,
+	// or the proxy did not use the pick) counts in neither.
 	Successes int64 `json:"successes"`
 	Failures  int64 `json:"failures"`
 	// Ejected reports whether outlier ejection currently keeps the backend

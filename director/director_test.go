@@ -14,6 +14,9 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/streamlb/streamlb/resolver"
 )
 
@@ -612,5 +615,38 @@ func TestResolveNowConcurrent(t *testing.T) {
 	wg.Wait()
 	if got := calls.Load(); got != 800 {
 		t.Errorf("ResolveNow called %d times, want 800", got)
+	}
+}
+
+// TestDoneCountsCancelsAsNeither: a call that ended CANCELLED (the client
+// gave up or went away, or the proxy did not use the pick) is neither a
+// success nor a failure of its backend; any other error is a failure.
+func TestDoneCountsCancelsAsNeither(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name          string
+		err           error
+		wantSuccesses int64
+		wantFailures  int64
+	}{
+		{name: "ok", err: nil, wantSuccesses: 1},
+		{name: "status CANCELLED", err: status.Error(codes.Canceled, "streamlb: client reset the stream")},
+		{name: "context.Canceled", err: context.Canceled},
+		{name: "wrapped context.Canceled", err: fmt.Errorf("call: %w", context.Canceled)},
+		{name: "DEADLINE_EXCEEDED", err: status.Error(codes.DeadlineExceeded, "deadline"), wantFailures: 1},
+		{name: "UNAVAILABLE", err: status.Error(codes.Unavailable, "down"), wantFailures: 1},
+		{name: "INTERNAL", err: status.Error(codes.Internal, "bug"), wantFailures: 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			d := newTestDirector(t)
+			mustUpdate(t, d, state("a:1"))
+			_, done := mustPick(t, d)
+			done(tc.err)
+			want := []BackendStats{{Addr: "a:1", Weight: 1, Successes: tc.wantSuccesses, Failures: tc.wantFailures, Healthy: true}}
+			if diff := cmp.Diff(want, d.Backends()); diff != "" {
+				t.Errorf("Backends() after done(%v) (-want +got):\n%s", tc.err, diff)
+			}
+		})
 	}
 }

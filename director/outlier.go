@@ -151,6 +151,17 @@ func classify(err error) outcome {
 	return outcomeReachable
 }
 
+// cancelled reports whether err ended a call as CANCELLED (or
+// context.Canceled): the client gave up on it or went away, or the proxy
+// did not use the pick (the proxy's "not used" errors). Such a call is
+// neither a success nor a failure of its backend in [BackendStats]: a
+// client cancelling its calls must not paint a healthy backend as failing
+// (Envoy counts downstream resets against no upstream either), as
+// classify makes them neutral for outlier ejection.
+func cancelled(err error) bool {
+	return errors.Is(err, context.Canceled) || status.Code(err) == codes.Canceled
+}
+
 // connectionFailure is implemented by the errors the proxy reports for
 // attempts whose backend connection could not be opened or was lost (the
 // proxy's ConnectionFailure interface, matched by shape like draining).

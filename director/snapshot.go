@@ -336,7 +336,7 @@ type call struct {
 }
 
 // done records the end of the stream: the first call decrements in-flight,
-// counts err (nil is a success), feeds it to the latency estimate and
+// counts err (nil is a success, a cancel neither: see cancelled), feeds it to the latency estimate and
 // outlier detection, and asks for re-resolution on Unavailable; later calls
 // do nothing. The backend may have left the set since; then the update
 // lands on counters nobody reads, which is harmless, and outlier detection
@@ -348,9 +348,10 @@ func (c *call) done(err error) {
 	d := c.d
 	ctr := c.b.ctr
 	ctr.inflight.Add(-1)
-	if err == nil {
+	switch {
+	case err == nil:
 		ctr.successes.Add(1)
-	} else {
+	case !cancelled(err):
 		ctr.failures.Add(1)
 	}
 	if d.ewma != nil {

@@ -455,8 +455,10 @@ type Config struct {
 	// RetryBudgetRatio, and UNAVAILABLE answers are retried only while more
 	// than half the tokens are left, so a fleet-wide failure does not
 	// multiply the load. Zero means DefaultRetryBudget and
-	// DefaultRetryBudgetRatio. Transparent retries (the call never reached
-	// a backend) do not use the budget.
+	// DefaultRetryBudgetRatio; a negative RetryBudget is a bucket of no
+	// tokens: no UNAVAILABLE answer is retried (as retry_on: [] says, but
+	// for every cluster a file's retry_budget: 0 applies to). Transparent
+	// retries (the call never reached a backend) do not use the budget.
 	RetryBudget      int
 	RetryBudgetRatio float64
 
@@ -648,11 +650,14 @@ func (c *Config) setDefaults() error {
 		}
 		c.PickMetadata = keys
 	}
-	if c.RetryBudget < 0 || c.RetryBudgetRatio < 0 {
-		return errors.New("proxy: RetryBudget and RetryBudgetRatio must not be negative")
+	if c.RetryBudgetRatio < 0 {
+		return errors.New("proxy: RetryBudgetRatio must not be negative")
 	}
-	if c.RetryBudget == 0 {
+	switch {
+	case c.RetryBudget == 0:
 		c.RetryBudget = DefaultRetryBudget
+	case c.RetryBudget < 0:
+		c.RetryBudget = -1 // none; NewUpstream's bucket of no tokens
 	}
 	if c.RetryBudgetRatio == 0 {
 		c.RetryBudgetRatio = DefaultRetryBudgetRatio

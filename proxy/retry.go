@@ -476,6 +476,9 @@ const throttleWarnEvery = 10 * time.Second
 // the budget, the operator should know that UNAVAILABLE answers now reach
 // clients on purpose. It is called with no lock held.
 func (s *Server) warnThrottled(up *Upstream) {
+	if up.budgetSize == 0 {
+		return // a budget of none: the operator's choice, not exhaustion
+	}
 	now := s.now().UnixNano()
 	last := s.throttleWarned.Load()
 	if now-last < int64(throttleWarnEvery) || !s.throttleWarned.CompareAndSwap(last, now) {

@@ -57,8 +57,8 @@ const maxRetryBudget int64 = 1_000_000_000_000
 
 // NewUpstream validates cfg and returns its Upstream. It starts nothing.
 func NewUpstream(cfg UpstreamConfig) (*Upstream, error) {
-	if cfg.RetryBudget < 0 || cfg.RetryBudgetRatio < 0 {
-		return nil, errors.New("proxy: RetryBudget and RetryBudgetRatio must not be negative")
+	if cfg.RetryBudgetRatio < 0 {
+		return nil, errors.New("proxy: RetryBudgetRatio must not be negative")
 	}
 	// The budget keeps thousandths of tokens in an int64: beyond these
 	// bounds, or for NaN and infinities, whose conversion to an integer
@@ -67,8 +67,11 @@ func NewUpstream(cfg UpstreamConfig) (*Upstream, error) {
 	if int64(cfg.RetryBudget) > maxRetryBudget || !(cfg.RetryBudgetRatio <= float64(maxRetryBudget)) {
 		return nil, fmt.Errorf("proxy: RetryBudget and RetryBudgetRatio must be finite numbers of at most %d", maxRetryBudget)
 	}
-	if cfg.RetryBudget == 0 {
+	switch {
+	case cfg.RetryBudget == 0:
 		cfg.RetryBudget = DefaultRetryBudget
+	case cfg.RetryBudget < 0:
+		cfg.RetryBudget = 0 // a bucket of no tokens: allow never says yes
 	}
 	if cfg.RetryBudgetRatio == 0 {
 		cfg.RetryBudgetRatio = DefaultRetryBudgetRatio

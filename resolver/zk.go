@@ -141,6 +141,9 @@ type ZK struct {
 
 	// dialer, if set, replaces the client's dialer; for tests.
 	dialer zk.Dialer
+	// lookupHost, if set, resolves the servers' names instead of
+	// net.DefaultResolver (zkHosts); for tests.
+	lookupHost func(ctx context.Context, host string) ([]string, error)
 }
 
 var _ Resolver = (*ZK)(nil)
@@ -210,14 +213,17 @@ func (z *ZK) Run(ctx context.Context, u Updater) error {
 	var conn *zk.Conn
 	var events <-chan zk.Event
 	for {
-		// go-zookeeper looks its hosts up once, here: a name that does
-		// not resolve now (a Service not created yet, a DNS failure) is
-		// a failure like the others, tried again after the backoff.
-		// Returned, it ended this target for good (a Group does not run
-		// a resolver again).
+		// The servers' names are looked up here, and again each time
+		// the client has tried every address without a session (zkHosts;
+		// go-zookeeper's own provider looked them up here only): no
+		// server that resolves now (a Service not created yet, a DNS
+		// failure) is a failure like the others, tried again after the
+		// backoff. Returned, it ended this target for good (a Group does
+		// not run a resolver again).
 		var err error
 		conn, events, err = zk.Connect(strings.Split(z.target.Authority, ","), z.opts.SessionTimeout,
-			zk.WithDialer(d.Dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
+			zk.WithDialer(d.Dial), zk.WithHostProvider(newZKHosts(ctx, z.lookupHost)),
+			zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
 		if err == nil {
 			break
 		}
