@@ -56,6 +56,12 @@ const maxPinnedReadBufsTotal = 32
 // pinnedReadBufs counts the read buffers of the process with live views.
 var pinnedReadBufs atomic.Int32
 
+// viewsRefused counts the payloads copied because a view would have
+// passed maxPinnedReadBufs or maxPinnedReadBufsTotal: the benchmarks
+// report it per MiB streamed (proxy-copies/MiB), where a bound too tight
+// for the hold-back shows (maxPinnedReadBufs).
+var viewsRefused atomic.Int64
+
 // readBuf is a read buffer that views were made of. refs counts the views
 // alive, plus one while the reader still uses the buffer; the last to let
 // go returns it to readBufPool.
@@ -95,10 +101,12 @@ func (c *connReader) view(p []byte) *pbuf {
 	}
 	if c.shared == nil {
 		if c.pinned.Load() >= maxPinnedReadBufs {
+			viewsRefused.Add(1)
 			return nil
 		}
 		if pinnedReadBufs.Add(1) > maxPinnedReadBufsTotal {
 			pinnedReadBufs.Add(-1)
+			viewsRefused.Add(1)
 			return nil
 		}
 		// pinned is an object of its own: a view must not keep the
