@@ -539,6 +539,9 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	if ri.dropFields {
 		fields = filterFields(fields)
 	}
+	if ri.contentTypes > 1 {
+		fields = oneContentType(fields, ri.contentType)
+	}
 	if c.srv.hopID != "" {
 		s.reqFields = keepFields(&room, fields, hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
 	} else {
