@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -653,7 +654,7 @@ func (b *backendConn) streamError(se http2.StreamError) error {
 	if err != nil {
 		return err
 	}
-	b.resetFromBackend(se.StreamID, se.Code, true)
+	b.resetFromBackend(se.StreamID, se.Code, true, se.Cause)
 	return nil
 }
 
@@ -677,7 +678,7 @@ func (b *backendConn) forgottenLocked(id uint32) h2state {
 
 // onReset implements frameHandler.
 func (b *backendConn) onReset(id uint32, code http2.ErrCode) error {
-	b.resetFromBackend(id, code, false)
+	b.resetFromBackend(id, code, false, nil)
 	return nil
 }
 
@@ -762,6 +763,9 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 		malformed = fmt.Errorf("more than %d informational (1xx) responses", maxInterimResponses)
 	default:
 		a.interim++
+	}
+	if malformed == nil && !interim {
+		malformed = a.responseLength(f.Fields, status, final, end)
 	}
 	if malformed != nil {
 		b.mu.Unlock()
@@ -855,6 +859,54 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	return nil
 }
 
+// responseLength checks the content-length of a response header block
+// (RFC 9113 §8.1.1): it must be one valid value (repeated, the same), as
+// a request's is (parseRequest). The final headers' declares what the
+// DATA of the response must add up to (checked in onData, and against
+// the trailers here); a response without DATA (the headers end the
+// stream) may declare only 0. 304 is the one final status whose
+// content-length is not about its own content (RFC 9110 §8.6); a gRPC
+// POST never gets one. nghttp2 and oghttp2, Envoy's HTTP/2 codecs, treat
+// each mismatch as a stream error PROTOCOL_ERROR, and x/net's client
+// fails the body's read. Caller must hold bc.mu.
+func (a *attempt) responseLength(fields []hpack.HeaderField, status string, final, end bool) error {
+	if a.finalHeaders && !final {
+		// Trailers: the content is complete.
+		if a.respLen >= 0 && a.respGot != a.respLen {
+			return a.lengthMismatch()
+		}
+		return nil
+	}
+	n := int64(-1)
+	for i := range fields {
+		if fields[i].Name != "content-length" {
+			continue
+		}
+		v, err := strconv.ParseUint(fields[i].Value, 10, 63)
+		if err != nil || (n >= 0 && int64(v) != n) {
+			return fmt.Errorf("invalid or conflicting response content-length %q", fields[i].Value)
+		}
+		n = int64(v)
+	}
+	switch {
+	case n < 0 || status == "304":
+	case end && n > 0:
+		return fmt.Errorf("response content-length %d and no DATA", n)
+	default:
+		a.respLen = n
+	}
+	return nil
+}
+
+// lengthMismatch is the cause of the stream error of a response whose
+// DATA does not add up to its content-length.
+func (a *attempt) lengthMismatch() error {
+	if a.respGot > a.respLen {
+		return fmt.Errorf("response DATA past its content-length %d (%d bytes)", a.respLen, a.respGot)
+	}
+	return fmt.Errorf("response content-length %d, DATA of %d bytes", a.respLen, a.respGot)
+}
+
 // forwardLocked marks the point where the client starts seeing the
 // backend's answer: the call can no longer be retried, so the request
 // bytes kept for that go, and held-back response headers are returned for
@@ -899,6 +951,15 @@ func (b *backendConn) onData(f *dataFrame) error {
 		// x/net's client answers "DATA before a HEADERS frame".
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol, Cause: errors.New("DATA before the response HEADERS")}
+	}
+	if a.respLen >= 0 {
+		// Checked before any of it is relayed: the client gets the
+		// bytes up to the content-length at most.
+		a.respGot += int64(len(data))
+		if a.respGot > a.respLen || end && a.respGot != a.respLen {
+			b.mu.Unlock()
+			return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol, Cause: a.lengthMismatch()}
+		}
 	}
 	if len(data) == 0 && !end {
 		// Says nothing, and would cost a queue entry per frame toward
@@ -1037,9 +1098,10 @@ func (b *backendConn) releaseSlotLocked(a *attempt) {
 }
 
 // resetFromBackend handles a RST_STREAM from the backend, or a stream error
-// we detected (sendRST). REFUSED_STREAM before any answer means the backend
-// did not process the stream (RFC 9113 §8.7), so it is retried elsewhere.
-func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bool) {
+// we detected (sendRST), whose cause, if any, the client's status names.
+// REFUSED_STREAM before any answer means the backend did not process the
+// stream (RFC 9113 §8.7), so it is retried elsewhere.
+func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bool, cause error) {
 	b.mu.Lock()
 	if sendRST {
 		b.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: code})
@@ -1074,7 +1136,7 @@ func (b *backendConn) resetFromBackend(id uint32, code http2.ErrCode, sendRST bo
 	b.mu.Unlock()
 	b.signal()
 	if sendRST {
-		a.s.cc.failDown(a, failure{kind: failBackendProtocol, backend: b.addr, h2code: code})
+		a.s.cc.failDown(a, failure{kind: failBackendProtocol, backend: b.addr, h2code: code, cause: cause})
 		return
 	}
 	a.s.cc.backendReset(a, code)

@@ -142,29 +142,64 @@ func (b *bufBudget) shareFull() bool {
 
 // takeGrowth counts up to d bytes more of window growth, as much as fits
 // in the response share and beside the windows granted in the budget,
-// and returns how much it counted. With no budget
-// limit growth is not bounded here (only by Config.BackendMaxStreamWindow).
+// in both grown and windows, and returns how much it counted. With no
+// budget limit growth is not bounded here (only by
+// Config.BackendMaxStreamWindow).
+//
+// The growths of one client connection's streams run concurrently, on
+// the readers of their backend connections, each under its own lock, so
+// the check against the budget and the count are one step: a CAS on
+// windows reserves the growth within the budget, a CAS on grown takes it
+// from the share, and what the share refuses is given back to windows.
+// With the check here and the count of windows in the callers after it,
+// two growths that both read the windows before either counted fitted
+// together and went past the budget by a growth each
+// (TestConcurrentGrowthWithinBudget). The reservation can make a
+// concurrent growth see less room than there turns out to be, never more.
 func (b *bufBudget) takeGrowth(d int64) int64 {
 	if b.limit <= 0 {
 		b.grown.Add(d)
+		b.windows.Add(d)
 		return d
 	}
+	// Within the budget beside the windows already granted: windowRoom
+	// keeps the windows of a connection's streams within the budget when
+	// each opens, and growth after that took them past it by up to the
+	// share (a client that drained once, then opened 869 streams and
+	// stopped reading, made the proxy hold 18.5 MiB of a 16 MiB budget).
+	var take int64
 	for {
-		g := b.grown.Load()
-		// Within the share, and within the budget beside the windows
-		// already granted: windowRoom keeps the windows of a
-		// connection's streams within the budget when each opens, and
-		// growth after that took them past it by up to the share (a
-		// client that drained once, then opened 869 streams and stopped
-		// reading, made the proxy hold 18.5 MiB of a 16 MiB budget).
-		take := min(d, b.responseShare()-g, b.limit-b.windows.Load())
+		w := b.windows.Load()
+		take = min(d, b.limit-w)
 		if take <= 0 {
 			return 0
 		}
-		if b.grown.CompareAndSwap(g, g+take) {
-			return take
+		if b.windows.CompareAndSwap(w, w+take) {
+			break
 		}
 	}
+	// And within the share.
+	for {
+		g := b.grown.Load()
+		got := min(take, b.responseShare()-g)
+		if got <= 0 {
+			b.windows.Add(-take)
+			return 0
+		}
+		if b.grown.CompareAndSwap(g, g+got) {
+			if got < take {
+				b.windows.Add(got - take)
+			}
+			return got
+		}
+	}
+}
+
+// giveGrowth gives back n bytes of growth takeGrowth counted and the
+// stream did not use.
+func (b *bufBudget) giveGrowth(n int64) {
+	b.grown.Add(-n)
+	b.windows.Add(-n)
 }
 
 // add counts n more bytes. Nil-safe: backend-only buffers have no budget.

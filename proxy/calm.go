@@ -34,7 +34,7 @@ type calmMeter struct {
 	resets   int // streams the client reset before their response ended
 	glitches int
 	strays   int // frames on closed streams
-	ignored  int // PRIORITY frames and frames of unknown types
+	ignored  int // PRIORITY frames, frames of unknown types, HEADERS above our GOAWAY
 	// dataFrames and dataBytes count the client's non-empty DATA frames
 	// and their payload in the window (see dataLocked).
 	dataFrames, dataBytes int
@@ -237,9 +237,10 @@ const (
 	ignoredPerStream = 100
 )
 
-// ignoredLocked counts a PRIORITY frame or a frame of an unknown type:
-// free up to the allowance above, a glitch point beyond. Caller must
-// hold mu.
+// ignoredLocked counts a PRIORITY frame, a frame of an unknown type or,
+// on a client connection, a HEADERS frame above the last stream id of
+// our final GOAWAY (serverConn.onHeaders): free up to the allowance
+// above, a glitch point beyond. Caller must hold mu.
 func (m *calmMeter) ignoredLocked(now time.Time, max int, what string) error {
 	m.rollLocked(now)
 	m.ignored++

@@ -43,6 +43,29 @@ func filterFields(fields []hpack.HeaderField) []hpack.HeaderField {
 	return fields
 }
 
+// oneContentType returns the fields of a request with more than one
+// content-type field, in a new slice, with one content-type field left:
+// the first whose value is ct, the one parseRequest judged the request
+// by. grpc-go's server takes a request if any of its content-types is
+// gRPC's and ignores the others; relayed as they came, a backend that
+// reads the first, or joins them with a comma (as Envoy's header map
+// does, a value no gRPC server takes), would judge the request otherwise
+// than the proxy did (TestDuplicateContentType).
+func oneContentType(fields []hpack.HeaderField, ct string) []hpack.HeaderField {
+	out := make([]hpack.HeaderField, 0, len(fields)-1)
+	kept := false
+	for _, f := range fields {
+		if f.Name == "content-type" {
+			if kept || f.Value != ct {
+				continue
+			}
+			kept = true
+		}
+		out = append(out, f)
+	}
+	return out
+}
+
 // loopHeader is the request header each proxy adds to the requests it
 // relays, with its own hopID as the value, one field per proxy passed; a
 // request that arrives with the proxy's own value maxLoopPasses times went
@@ -144,6 +167,10 @@ type requestInfo struct {
 	// dropFields is set when the request carries a field that is not
 	// relayed (http2-settings): the caller filters them (filterFields).
 	dropFields bool
+	// contentTypes counts the request's content-type fields; with more
+	// than one, contentType is the one grpc-go's server would use, and
+	// the only one relayed (oneContentType).
+	contentTypes int
 }
 
 // malformedRequest is why a request header block is malformed in the
@@ -183,7 +210,14 @@ func parseRequest(fields []hpack.HeaderField) (requestInfo, error) {
 		case ":scheme":
 			scheme = f.Value != ""
 		case "content-type":
-			ri.contentType = f.Value
+			// As grpc-go's server (operateHeaders): the request is gRPC
+			// if any of its content-types is, the last gRPC one is the
+			// one used, and without one the last is the one named in the
+			// refusal.
+			ri.contentTypes++
+			if isGRPCContentType(f.Value) || !isGRPCContentType(ri.contentType) {
+				ri.contentType = f.Value
+			}
 		case "grpc-timeout":
 			d, err := parseTimeout(f.Value)
 			if err != nil {

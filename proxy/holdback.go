@@ -206,10 +206,9 @@ func (b *backendConn) roomToHoldLocked(a *attempt) bool {
 	}
 	d := need - target
 	if got := r.grow.takeGrowth(d); got < d {
-		r.grow.grown.Add(-got)
+		r.grow.giveGrowth(got)
 		return false
 	}
-	r.grow.windows.Add(d)
 	r.target = int32(need)
 	r.window += int32(d)
 	b.queueCtrlLocked(writeOp{kind: opWindowUpdate, streamID: r.id, val: uint32(d)})

@@ -126,7 +126,7 @@ func (c *serverConn) startAttemptLocked(s *stream, items []outItem) (failure, bo
 			// and whose done and connection the caller still uses.
 			a = new(attempt)
 		}
-		*a = attempt{s: s, done: done, sent: pk.Sent, keepReplay: c.srv.cfg.RetryBufferSize > 0}
+		*a = attempt{s: s, done: done, sent: pk.Sent, keepReplay: c.srv.cfg.RetryBufferSize > 0, respLen: -1}
 		a.up = sendQueue{a: a, src: &c.transport, credit: &s.upRecv, mem: &c.bufs}
 		for _, it := range items {
 			a.up.push(it) // a copy: items may sit in a failed attempt's inline storage

@@ -452,8 +452,17 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	}
 	c.lastID = id
 	if c.goingAway {
+		// RFC 9113 §6.8: streams above the GOAWAY's id are ignored. The
+		// block was decoded all the same (the HPACK state is the
+		// connection's), so the frame is metered as the other frames we
+		// ignore: a client racing the GOAWAY with the streams it had in
+		// flight stays within the allowance, one that keeps opening
+		// streams is cut with ENHANCE_YOUR_CALM rather than having us
+		// decode its header blocks for free until the drain ends
+		// (TestHeadersAfterGoAwayMetered).
+		err := c.ignoredLocked("HEADERS above the GOAWAY's last stream id")
 		c.mu.Unlock()
-		return nil // RFC 9113 §6.8: streams above the GOAWAY's id are ignored
+		return err
 	}
 	if uint32(len(c.streams)) >= c.srv.cfg.MaxConcurrentStreams {
 		c.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeRefusedStream})
@@ -529,6 +538,9 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	fields := f.Fields
 	if ri.dropFields {
 		fields = filterFields(fields)
+	}
+	if ri.contentTypes > 1 {
+		fields = oneContentType(fields, ri.contentType)
 	}
 	if c.srv.hopID != "" {
 		s.reqFields = keepFields(&room, fields, hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})

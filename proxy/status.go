@@ -323,6 +323,9 @@ func statusOf(f failure) (*status.Status, int) {
 	case failBackendUnavailable:
 		return status.Newf(codes.Unavailable, "streamlb: backend %s answered UNAVAILABLE", f.backend), http.StatusOK
 	case failBackendProtocol:
+		if f.cause != nil {
+			return status.Newf(codes.Internal, "streamlb: protocol error from backend %s: %v: %v", f.backend, f.h2code, f.cause), http.StatusOK
+		}
 		return status.Newf(codes.Internal, "streamlb: protocol error from backend %s: %v", f.backend, f.h2code), http.StatusOK
 	case failBackendReset:
 		return status.Newf(rstCode(f.h2code), "streamlb: backend %s reset the stream: %v", f.backend, f.h2code), http.StatusOK

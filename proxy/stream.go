@@ -210,6 +210,10 @@ type attempt struct {
 	// headers; interim counts the informational ones before them.
 	finalHeaders bool
 	interim      uint8
+	// respLen is the content-length the final response headers
+	// declared, -1 for none; respGot counts the response's DATA payload
+	// against it (RFC 9113 §8.1.1, backendConn.responseLengthLocked).
+	respLen, respGot int64
 	// replay keeps the request items already written, while a retry is
 	// still possible and they fit Config.RetryBufferSize.
 	replay      []outItem

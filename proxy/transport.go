@@ -942,7 +942,6 @@ func (t *transport) growLocked(r *recvState, target int32) int32 {
 		return 0
 	}
 	d := int32(b.takeGrowth(int64(t.maxStreamWindow - target)))
-	b.windows.Add(int64(d))
 	r.target = target + d
 	return d
 }
@@ -980,7 +979,6 @@ func (t *transport) startWindowLocked(r *recvState) int32 {
 	if d <= 0 {
 		return 0
 	}
-	b.windows.Add(int64(d))
 	r.target += d
 	r.window += d
 	return d
