@@ -695,12 +695,26 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 	// make the deadline miss: whatever attempt is current now is cut.
 	c.mu.Lock()
 	a := s.att
-	if !s.down.closed && !s.cst.ended() {
+	switch {
+	case s.cst.ended():
+	case !s.down.closed:
 		f := s.deadlineFailure()
 		// The route's timeout with the request sent whole and no
 		// response headers: the backend did not answer (Unanswered).
 		f.unanswered = f.kind == failRouteTimeout && a != nil && s.cst.recvEnded() && !s.headersSent && !s.down.queuedHeaders() && a.bc.opened(a)
 		c.failLocked(s, f)
+	case !s.routeDeadline() && !s.down.empty():
+		// The answer ended in time, but the client has not taken all
+		// of it by its own grpc-timeout: it grants no window. A client
+		// keeping to its deadline has given up (its deadline comes
+		// before the proxy's), so what is queued goes and the call
+		// ends DEADLINE_EXCEEDED (a reset if part of a message went).
+		// Otherwise the stream, the bytes it holds and the connection
+		// were kept for as long as the client kept the connection:
+		// neither --write-timeout (the socket takes writes) nor
+		// --idle-timeout (a stream is open) ends that. A route's
+		// timeout bounds the backend's answer only, as Envoy's does.
+		c.endStatusLocked(s, s.deadlineFailure())
 	}
 	c.mu.Unlock()
 	c.signal()
