@@ -769,9 +769,15 @@ func resetCut(cut []*attempt) {
 // holds no request bytes its backend has yet to take (or has answers
 // queued that the client does not take), and on
 // which no frame moved either way for four sweeps in a row ends with
-// DEADLINE_EXCEEDED, and its backend stream is cancelled. One sweep per
+// DEADLINE_EXCEEDED, and its backend stream is cancelled. So does a
+// stream whose request is complete while answers queued for it wait for a
+// client that takes none of them (it grants no window): a stuck consumer
+// of a server stream held the stream, the answer's bytes and the
+// backend's handler and slot for as long as it kept its connection, as
+// one of a bidi stream did only until this bound. One sweep per
 // connection, not a timer per stream, keeps the cost off the per-frame
-// path: a frame only sets a flag.
+// path: a frame only sets a flag, and answer bytes the client took
+// (bytesOut) count as a frame moving.
 func (c *serverConn) sweepRequestIdle(now time.Time) {
 	d := c.srv.cfg.RequestIdleTimeout
 	var cut []*attempt
@@ -782,8 +788,12 @@ func (c *serverConn) sweepRequestIdle(now time.Time) {
 		return
 	}
 	for _, s := range c.streams {
-		if s.cst.recvEnded() || s.down.closed {
-			continue
+		if (s.cst.recvEnded() || s.down.closed) && s.down.empty() {
+			continue // the backend's to answer, within the grpc-timeout
+		}
+		if s.bytesOut != s.sweptOut {
+			s.sweptOut = s.bytesOut // the client took answer bytes
+			s.active = true
 		}
 		if s.active || s.upRecv.held > 0 && s.down.empty() {
 			// Active, or waiting on its backend: the proxy holds request
