@@ -224,6 +224,14 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 	if mcs == 0 || mcs > math.MaxUint32 {
 		return zero, usageErr("--max-concurrent-streams must be in 1..%d, got %d", uint32(math.MaxUint32), mcs)
 	}
+	// The header list sizes are SETTINGS values, 32 bits: a larger flag
+	// value wrapped, 4294967297 to a limit of 1 byte that failed every
+	// call, 4294967296 to 0, the default.
+	for _, f := range []string{"max-header-list-size", "max-response-header-list-size"} {
+		if v := c.Uint(f); v > math.MaxUint32 {
+			return zero, usageErr("--%s must be at most %d, got %d", f, uint32(math.MaxUint32), v)
+		}
+	}
 	maxConns := c.Int("max-connections")
 	if maxConns == 0 {
 		return zero, usageErr("--max-connections must not be 0 (negative: no cap)")
@@ -313,8 +321,8 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 			MaxHeaderListSize:         uint32(c.Uint("max-header-list-size")),
 			MaxResponseHeaderListSize: uint32(c.Uint("max-response-header-list-size")),
 			MaxConnBufferedBytes:      c.Int64("max-conn-buffer"),
-			BackendStreamWindow:       int32(min(c.Int("backend-stream-window"), math.MaxInt32)),
-			BackendMaxStreamWindow:    int32(min(c.Int("backend-stream-window-max"), math.MaxInt32)),
+			BackendStreamWindow:       clampInt32(c.Int("backend-stream-window")),
+			BackendMaxStreamWindow:    clampInt32(c.Int("backend-stream-window-max")),
 		},
 		MaxMessageSize: c.Int("max-message-size"),
 		DrainTimeout:   drain,
@@ -322,6 +330,13 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 		Logger:         logger,
 		Metrics:        newRegistry(c.Bool("metrics")),
 	}, nil
+}
+
+// clampInt32 is v within int32's range, for proxy.Config to check: a
+// conversion alone wrapped a value past it, -4294867296 to a valid
+// 100000.
+func clampInt32(v int) int32 {
+	return int32(min(max(v, math.MinInt32), math.MaxInt32))
 }
 
 // holdbackFlag is --response-holdback for proxy.Config: 0 (the library's

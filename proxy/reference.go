@@ -169,6 +169,44 @@ type refConn struct {
 	calls int
 }
 
+// NewStream is the ClientConn's, with the stream's Trailer guarded
+// (trailerGuard): grpc-proxy's handler opens the backend stream with it.
+func (c *refConn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method string, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	cs, err := c.ClientConn.NewStream(ctx, desc, method, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return &trailerGuard{ClientStream: cs}, nil
+}
+
+// trailerGuard answers Trailer with nil until RecvMsg has returned an
+// error. grpc-proxy's handler reads the backend stream's trailers when
+// its relay toward the client ended, which is also when sending to the
+// client failed (the client's deadline passed, or it went away) while
+// the backend stream still runs; grpc-go allows Trailer only once
+// RecvMsg returned an error, and its transport wrote the trailers
+// meanwhile (a data race the race detector reported). Those trailers
+// are of no use then: the client's call has already failed.
+type trailerGuard struct {
+	grpc.ClientStream
+	recvDone atomic.Bool
+}
+
+func (g *trailerGuard) RecvMsg(m any) error {
+	err := g.ClientStream.RecvMsg(m)
+	if err != nil {
+		g.recvDone.Store(true)
+	}
+	return err
+}
+
+func (g *trailerGuard) Trailer() metadata.MD {
+	if !g.recvDone.Load() {
+		return nil
+	}
+	return g.ClientStream.Trailer()
+}
+
 // NewReference builds the reference engine. It starts nothing.
 func NewReference(cfg ReferenceConfig) (*Reference, error) {
 	if cfg.Picker == nil {

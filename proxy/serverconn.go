@@ -707,12 +707,26 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 	// make the deadline miss: whatever attempt is current now is cut.
 	c.mu.Lock()
 	a := s.att
-	if !s.down.closed && !s.cst.ended() {
+	switch {
+	case s.cst.ended():
+	case !s.down.closed:
 		f := s.deadlineFailure()
 		// The route's timeout with the request sent whole and no
 		// response headers: the backend did not answer (Unanswered).
 		f.unanswered = f.kind == failRouteTimeout && a != nil && s.cst.recvEnded() && !s.headersSent && !s.down.queuedHeaders() && a.bc.opened(a)
 		c.failLocked(s, f)
+	case !s.routeDeadline() && !s.down.empty():
+		// The answer ended in time, but the client has not taken all
+		// of it by its own grpc-timeout: it grants no window. A client
+		// keeping to its deadline has given up (its deadline comes
+		// before the proxy's), so what is queued goes and the call
+		// ends DEADLINE_EXCEEDED (a reset if part of a message went).
+		// Otherwise the stream, the bytes it holds and the connection
+		// were kept for as long as the client kept the connection:
+		// neither --write-timeout (the socket takes writes) nor
+		// --idle-timeout (a stream is open) ends that. A route's
+		// timeout bounds the backend's answer only, as Envoy's does.
+		c.endStatusLocked(s, s.deadlineFailure())
 	}
 	c.mu.Unlock()
 	c.signal()
@@ -767,9 +781,15 @@ func resetCut(cut []*attempt) {
 // holds no request bytes its backend has yet to take (or has answers
 // queued that the client does not take), and on
 // which no frame moved either way for four sweeps in a row ends with
-// DEADLINE_EXCEEDED, and its backend stream is cancelled. One sweep per
+// DEADLINE_EXCEEDED, and its backend stream is cancelled. So does a
+// stream whose request is complete while answers queued for it wait for a
+// client that takes none of them (it grants no window): a stuck consumer
+// of a server stream held the stream, the answer's bytes and the
+// backend's handler and slot for as long as it kept its connection, as
+// one of a bidi stream did only until this bound. One sweep per
 // connection, not a timer per stream, keeps the cost off the per-frame
-// path: a frame only sets a flag.
+// path: a frame only sets a flag, and answer bytes the client took
+// (bytesOut) count as a frame moving.
 func (c *serverConn) sweepRequestIdle(now time.Time) {
 	d := c.srv.cfg.RequestIdleTimeout
 	var cut []*attempt
@@ -780,8 +800,12 @@ func (c *serverConn) sweepRequestIdle(now time.Time) {
 		return
 	}
 	for _, s := range c.streams {
-		if s.cst.recvEnded() || s.down.closed {
-			continue
+		if (s.cst.recvEnded() || s.down.closed) && s.down.empty() {
+			continue // the backend's to answer, within the grpc-timeout
+		}
+		if s.bytesOut != s.sweptOut {
+			s.sweptOut = s.bytesOut // the client took answer bytes
+			s.active = true
 		}
 		if s.active || s.upRecv.held > 0 && s.down.empty() {
 			// Active, or waiting on its backend: the proxy holds request

@@ -138,6 +138,7 @@ type stream struct {
 	bytesIn     int64         // DATA payload received from the client
 	declLen     int64         // the request's content-length, -1 when it declares none
 	bytesOut    int64         // DATA payload taken for writing toward the client (popLocked)
+	sweptOut    int64         // bytesOut at the last request-idle sweep
 	msgs        msgCursor     // gRPC message boundaries in that payload (see failLost)
 	fromBackend bool          // result is the backend's own status
 	failKind    failKind      // what failLocked ended the call for
