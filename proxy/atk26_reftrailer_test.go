@@ -1,12 +1,10 @@
 package proxy_test
 
 import (
-	"bytes"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 )
 
@@ -32,14 +30,7 @@ func TestAtk26GRPCProxyDeadlineWhileAnswering(t *testing.T) {
 	req := grpcMsg(&testgrpc.StreamingOutputCallRequest{ResponseParameters: ps})
 	for i := range 20 {
 		id := uint32(2*i + 1)
-		var hb bytes.Buffer
-		enc := hpack.NewEncoder(&hb)
-		f := []string{":method", "POST", ":scheme", "http", ":path", "/grpc.testing.TestService/StreamingOutputCall", ":authority", "x",
-			"content-type", "application/grpc", "te", "trailers", "grpc-timeout", "30m"}
-		for i := 0; i < len(f); i += 2 {
-			enc.WriteField(hpack.HeaderField{Name: f[i], Value: f[i+1]})
-		}
-		r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true})
+		r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: requestBlock("/grpc.testing.TestService/StreamingOutputCall", "grpc-timeout", "30m"), EndHeaders: true})
 		r.fr.WriteData(id, true, req)
 		// The deadline passes while the handler waits to send; a client
 		// keeping to it cancels the stream, as this one does 100 ms on.

@@ -1,14 +1,12 @@
 package proxy_test
 
 import (
-	"bytes"
 	"errors"
 	"os"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 )
 
@@ -38,14 +36,7 @@ func TestAtk26AnswerUntakenPastDeadline(t *testing.T) {
 				e := newEnv(t, envOpts{backends: 1, engine: engine})
 				r := dialRawPreface(t, e.addr)
 				r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 0})
-				var hb bytes.Buffer
-				enc := hpack.NewEncoder(&hb)
-				f := []string{":method", "POST", ":scheme", "http", ":path", "/grpc.testing.TestService/StreamingOutputCall", ":authority", "x",
-					"content-type", "application/grpc", "te", "trailers", "grpc-timeout", "300m"}
-				for i := 0; i < len(f); i += 2 {
-					enc.WriteField(hpack.HeaderField{Name: f[i], Value: f[i+1]})
-				}
-				r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndHeaders: true})
+				r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: requestBlock("/grpc.testing.TestService/StreamingOutputCall", "grpc-timeout", "300m"), EndHeaders: true})
 				var ps []*testgrpc.ResponseParameters
 				for range 10 {
 					ps = append(ps, &testgrpc.ResponseParameters{Size: size})
