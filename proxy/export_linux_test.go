@@ -20,3 +20,23 @@ func (s *Server) CallLeftovers() int64 {
 	}
 	return n
 }
+
+// ParkedReadBufBytes sums the read buffers the parked client connections'
+// socket readers hold: the small buffer of a TLS connection's reader, a
+// pooled buffer. Under the parker's lock, as CallLeftovers.
+func (s *Server) ParkedReadBufBytes() int {
+	p := &s.parker
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, c := range p.conns {
+		n += cap(c.cr.small)
+		if c.cr.big != nil {
+			n += cap(*c.cr.big)
+		}
+		if c.cr.next != nil {
+			n += cap(*c.cr.next)
+		}
+	}
+	return n
+}

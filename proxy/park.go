@@ -173,7 +173,8 @@ func (c *serverConn) tryPark() bool {
 		// largest frame it read is over parkFramerBuf, up to 16 KiB
 		// after an upload (reader only; the next block, or frame, makes
 		// them again; a new Framer costs about as much as a small
-		// buffer). The HPACK tables stay: they are the protocol's state;
+		// buffer), and the socket reader's small buffer (TLS: 512
+		// bytes). The HPACK tables stay: they are the protocol's state;
 		// so does the header block copy (ownBlock), a few hundred bytes
 		// the decoder keeps a slice of anyway.
 		c.streams = nil
@@ -182,6 +183,7 @@ func (c *serverConn) tryPark() bool {
 		if c.cg.largest > parkFramerBuf {
 			c.newReadFramer()
 		}
+		c.cr.parked()
 	}
 	c.mu.Unlock()
 	if idle {

@@ -83,6 +83,35 @@ func TestParkedConnResumesForCall(t *testing.T) {
 	}
 }
 
+// TestParkedTLSConnDropsReadBuffer: a parked TLS connection's socket
+// reader lets go of its small read buffer (crypto/tls reads into it: 512
+// bytes per idle TLS connection), and a call after makes it again; a
+// plain socket's reader holds none.
+func TestParkedTLSConnDropsReadBuffer(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		tls  bool
+	}{{"tcp", false}, {"tls", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, s := newParkEnv(t, nil)
+			client := e.client
+			if tc.tls {
+				s, client = startTLSProxy(t, e)
+			}
+			ctx := testkit.Context(t, 20*time.Second)
+			for round := range 3 {
+				if _, err := client.UnaryCall(ctx, &testgrpc.SimpleRequest{Payload: &testgrpc.Payload{Body: make([]byte, 100)}}); err != nil {
+					t.Fatalf("call %d: %v", round, err)
+				}
+				waitParked(ctx, t, s, 1)
+				if n := s.ParkedReadBufBytes(); n != 0 {
+					t.Errorf("call %d: the parked connection's reader holds %d bytes of read buffer, want 0", round, n)
+				}
+			}
+		})
+	}
+}
+
 // startTLSProxy serves a second frame proxy over TLS in front of e's
 // director, with a certificate made here, and returns it with a client.
 func startTLSProxy(t *testing.T, e *env) (*proxy.Server, testgrpc.TestServiceClient) {

@@ -77,7 +77,8 @@
 # WORKLOADS ("unary rate stream"), UNARY_CALLS (20000), RATE (2000),
 # RATE_SECS (5), STREAM_CALLS (300), MAX_SECS (3: bound on the unary and
 # stream workloads, whichever of it and the call count comes first), IDLE_CONNS (5000; 0 skips the step),
-# IDLE_PATHS ("frame haproxy nginx grpc-go"), IDLE_SETTLE (8s: idleconns'
+# IDLE_PATHS ("frame haproxy nginx grpc-go"; frame-tls, haproxy-tls and
+# nginx-tls are measured over TLS), IDLE_SETTLE (8s: idleconns'
 # wait after the last handshake; the frame proxy parks idle readers 1-3 s
 # after they go quiet), IDLE_CALL (/grpc.testing.TestService/EmptyCall:
 # the idle step runs again with connections that each made this call
@@ -631,6 +632,8 @@ if ((IDLE_CONNS > 0)); then
 			if [[ $mode != - ]]; then
 				tag=$path-call callflag=(-call "$mode")
 			fi
+			# The *-tls paths terminate TLS: the connections speak it.
+			[[ $path == *-tls ]] && callflag+=(-cacert "$TLS_DIR/ca.crt" -servername localhost)
 			STARTED=
 			if ! start_proc "$path" "$port" "idle-$tag"; then
 				note "idle connections via $path skipped"

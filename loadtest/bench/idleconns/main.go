@@ -15,6 +15,14 @@
 // then stays idle: what an idle connection of a real client holds, its
 // HPACK tables and whatever its call left behind included.
 //
+// With -cacert FILE, the connections speak TLS instead (ALPN h2, the
+// server's certificate verified against the PEM CAs in FILE for the name
+// -servername, localhost by default), as loadtest/bench/gen's -cacert: what
+// an idle connection costs a proxy terminating TLS. The handshake counted
+// is then TLS's and HTTP/2's; the session tickets a TLS 1.3 server sends
+// after it are read (and kept, by crypto/tls's client, which has no
+// session cache here) by the watcher of each connection.
+//
 // The output is one line of JSON. It exits 1 if fewer than N connections
 // complete the handshake (and the call) or stay open until the second
 // reading.
@@ -24,6 +32,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -45,6 +55,7 @@ import (
 type result struct {
 	Target       string `json:"target"`
 	Call         string `json:"call,omitempty"`
+	TLS          bool   `json:"tls,omitempty"`
 	PIDs         []int  `json:"pids"`
 	Conns        int    `json:"conns"`
 	Handshaken   int    `json:"handshaken"`
@@ -70,8 +81,18 @@ func main() {
 	settle := flag.Duration("settle", 2*time.Second, "wait after the last handshake before the second RSS reading")
 	timeout := flag.Duration("timeout", 60*time.Second, "bound on opening all connections")
 	call := flag.String("call", "", "gRPC method path (/pkg.Service/Method) each connection calls once, with an empty message, before it goes idle")
+	caFile := flag.String("cacert", "", "PEM CA `FILE`: speak TLS (ALPN h2), verifying the server's certificate against it")
+	serverName := flag.String("servername", "localhost", "with -cacert: the name the server's certificate is checked against (and sent as SNI)")
 	flag.Parse()
-	res, err := run(*target, *pidList, *n, *settle, *timeout, *call)
+	var tlsCfg *tls.Config
+	if *caFile != "" {
+		var err error
+		if tlsCfg, err = clientTLS(*caFile, *serverName); err != nil {
+			fmt.Fprintln(os.Stderr, "idleconns:", err)
+			os.Exit(2)
+		}
+	}
+	res, err := run(*target, *pidList, *n, *settle, *timeout, *call, tlsCfg)
 	if res != nil {
 		json.NewEncoder(os.Stdout).Encode(res)
 	}
@@ -81,10 +102,24 @@ func main() {
 	}
 }
 
+// clientTLS is the TLS config of -cacert and -servername.
+func clientTLS(caFile, serverName string) (*tls.Config, error) {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s: no PEM certificates", caFile)
+	}
+	return &tls.Config{RootCAs: pool, ServerName: serverName, NextProtos: []string{http2.NextProtoTLS}}, nil
+}
+
 // run opens the connections, takes the readings and closes the
-// connections again. With an error it may still return a result: the
-// readings of a run in which not every connection stayed open.
-func run(target, pidList string, n int, settle, timeout time.Duration, call string) (*result, error) {
+// connections again; with tlsCfg not nil they speak TLS with it. With an
+// error it may still return a result: the readings of a run in which not
+// every connection stayed open.
+func run(target, pidList string, n int, settle, timeout time.Duration, call string, tlsCfg *tls.Config) (*result, error) {
 	host, _, err := net.SplitHostPort(target)
 	if err != nil {
 		return nil, fmt.Errorf("target %q: %w", target, err)
@@ -116,7 +151,7 @@ func run(target, pidList string, n int, settle, timeout time.Duration, call stri
 	// --release-startup-pages) would otherwise count them against the n
 	// connections: about 2 MiB, 0.4 KiB each of 5,000.
 	wctx, wcancel := context.WithTimeout(context.Background(), timeout)
-	wc, err := handshake(wctx, target, call)
+	wc, err := handshake(wctx, target, call, tlsCfg)
 	wcancel()
 	if err != nil {
 		return nil, fmt.Errorf("warm-up connection: %w", err)
@@ -146,7 +181,7 @@ func run(target, pidList string, n int, settle, timeout time.Duration, call stri
 		go func() {
 			defer wg.Done()
 			for i := range next {
-				c, err := handshake(ctx, target, call)
+				c, err := handshake(ctx, target, call, tlsCfg)
 				if err != nil {
 					errOnce.Do(func() { firstErr = err })
 					continue
@@ -161,7 +196,7 @@ func run(target, pidList string, n int, settle, timeout time.Duration, call stri
 	}
 	close(next)
 	wg.Wait()
-	res := result{Target: target, Call: call, PIDs: pids, Conns: n, HandshakeSecs: time.Since(start).Seconds()}
+	res := result{Target: target, Call: call, TLS: tlsCfg != nil, PIDs: pids, Conns: n, HandshakeSecs: time.Since(start).Seconds()}
 	res.Handshaken = int(open.Load())
 	if firstErr != nil {
 		res.FirstDialError = firstErr.Error()
@@ -221,13 +256,14 @@ func run(target, pidList string, n int, settle, timeout time.Duration, call stri
 	return &res, nil
 }
 
-// handshake dials target and completes the HTTP/2 handshake (RFC 9113
+// handshake dials target (and, with tlsCfg, completes a TLS handshake
+// that must negotiate h2) and completes the HTTP/2 handshake (RFC 9113
 // §3.4): the client preface and an empty SETTINGS out, the server's
 // SETTINGS in and acknowledged, and our SETTINGS acknowledged; then, with
 // call set, it makes that gRPC call on stream 1 and reads its answer to
 // the trailers, which must say grpc-status 0. Frames the server sends
 // meanwhile (WINDOW_UPDATE, PING) are read past; a PING is answered.
-func handshake(ctx context.Context, target, call string) (net.Conn, error) {
+func handshake(ctx context.Context, target, call string, tlsCfg *tls.Config) (net.Conn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", target)
 	if err != nil {
@@ -236,7 +272,20 @@ func handshake(ctx context.Context, target, call string) (net.Conn, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
 	}
-	if err := converse(c, target, call); err != nil {
+	scheme := "http"
+	if tlsCfg != nil {
+		tc := tls.Client(c, tlsCfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("TLS handshake with %s: %w", target, err)
+		}
+		if p := tc.ConnectionState().NegotiatedProtocol; p != http2.NextProtoTLS {
+			tc.Close()
+			return nil, fmt.Errorf("TLS handshake with %s: ALPN %q, want %q", target, p, http2.NextProtoTLS)
+		}
+		c, scheme = tc, "https"
+	}
+	if err := converse(c, target, scheme, call); err != nil {
 		c.Close()
 		return nil, err
 	}
@@ -245,7 +294,7 @@ func handshake(ctx context.Context, target, call string) (net.Conn, error) {
 }
 
 // converse is handshake's exchange on the connection c.
-func converse(c net.Conn, target, call string) error {
+func converse(c net.Conn, target, scheme, call string) error {
 	bw := bufio.NewWriter(c)
 	fr := http2.NewFramer(bw, c)
 	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
@@ -258,7 +307,7 @@ func converse(c net.Conn, target, call string) error {
 	if call != "" {
 		var block bytes.Buffer
 		enc := hpack.NewEncoder(&block)
-		for _, f := range [][2]string{{":method", "POST"}, {":scheme", "http"}, {":path", call}, {":authority", target},
+		for _, f := range [][2]string{{":method", "POST"}, {":scheme", scheme}, {":path", call}, {":authority", target},
 			{"content-type", "application/grpc"}, {"te", "trailers"}} {
 			enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
 		}

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"crypto/tls"
 	"log/slog"
 	"net"
 	"net/http"
@@ -34,7 +35,7 @@ func startH2C(t *testing.T) (addr string, accepted func() int) {
 
 func TestRun(t *testing.T) {
 	addr, accepted := startH2C(t)
-	res, err := run(addr, strconv.Itoa(os.Getpid()), 20, 50*time.Millisecond, 10*time.Second, "")
+	res, err := run(addr, strconv.Itoa(os.Getpid()), 20, 50*time.Millisecond, 10*time.Second, "", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,6 +46,63 @@ func TestRun(t *testing.T) {
 	}
 	if res.RSSBeforeKiB <= 0 || res.RSSAfterKiB <= 0 {
 		t.Errorf("RSS before %d KiB, after %d KiB; want both positive", res.RSSBeforeKiB, res.RSSAfterKiB)
+	}
+}
+
+// TestRunTLS: with -cacert, the connections speak TLS (ALPN h2) to an
+// HTTP/2 server terminating it, and make their call over it; a server
+// name the certificate does not carry fails the run.
+func TestRunTLS(t *testing.T) {
+	ca := testkit.NewCA(t, "idleconns-ca")
+	certPEM, keyPEM := ca.Issue(t, "localhost", true)
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n, calls atomic.Int64
+	srv := &http2.Server{}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		if r.TLS == nil || r.URL.Path != "/grpc.testing.TestService/EmptyCall" {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/grpc")
+		w.Header().Set("Trailer", "Grpc-Status")
+		w.WriteHeader(http.StatusOK)
+		w.Write(make([]byte, 5))
+		w.Header().Set("Grpc-Status", "0")
+	})
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{http2.NextProtoTLS}}
+	addr := testkit.ServeTCP(t, func(c net.Conn) {
+		n.Add(1)
+		tc := tls.Server(c, cfg)
+		if err := tc.Handshake(); err != nil {
+			tc.Close()
+			return
+		}
+		srv.ServeConn(tc, &http2.ServeConnOpts{Handler: h})
+	})
+	caFile := ca.WriteCA(t, t.TempDir(), "ca")
+	ccfg, err := clientTLS(caFile, "localhost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := strconv.Itoa(os.Getpid())
+	res, err := run(addr, pid, 10, 50*time.Millisecond, 10*time.Second, "/grpc.testing.TestService/EmptyCall", ccfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.TLS || res.Handshaken != 10 || res.OpenAtEnd != 10 || n.Load() != 11 || calls.Load() != 11 {
+		t.Errorf("tls %v, handshaken %d, open at the end %d, accepted %d, calls %d; want true, 10, 10, 11, 11",
+			res.TLS, res.Handshaken, res.OpenAtEnd, n.Load(), calls.Load())
+	}
+	ccfg, err = clientTLS(caFile, "not-the-name")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := run(addr, pid, 2, 0, 5*time.Second, "", ccfg); err == nil || !strings.Contains(err.Error(), "TLS handshake") {
+		t.Errorf("a server name the certificate lacks: err %v, want a TLS handshake error", err)
 	}
 }
 
@@ -61,7 +119,7 @@ func TestRunCall(t *testing.T) {
 	}
 	t.Cleanup(ts.Stop)
 	pid := strconv.Itoa(os.Getpid())
-	res, err := run(ts.Addr(), pid, 10, 0, 10*time.Second, "/grpc.testing.TestService/EmptyCall")
+	res, err := run(ts.Addr(), pid, 10, 0, 10*time.Second, "/grpc.testing.TestService/EmptyCall", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +130,7 @@ func TestRunCall(t *testing.T) {
 	if got := ts.Calls(); got != 11 {
 		t.Errorf("the server answered %d calls, want 11", got)
 	}
-	_, err = run(ts.Addr(), pid, 2, 0, 10*time.Second, "/grpc.testing.TestService/NoSuchMethod")
+	_, err = run(ts.Addr(), pid, 2, 0, 10*time.Second, "/grpc.testing.TestService/NoSuchMethod", nil)
 	if err == nil || !strings.Contains(err.Error(), `grpc-status "12"`) {
 		t.Errorf("a call to a missing method: err %v, want grpc-status 12 (UNIMPLEMENTED)", err)
 	}
@@ -97,7 +155,7 @@ func TestRunNotHTTP2(t *testing.T) {
 		}
 	}()
 	t.Cleanup(func() { ln.Close(); <-done })
-	res, err := run(ln.Addr().String(), strconv.Itoa(os.Getpid()), 3, 0, 5*time.Second, "")
+	res, err := run(ln.Addr().String(), strconv.Itoa(os.Getpid()), 3, 0, 5*time.Second, "", nil)
 	if err == nil {
 		t.Fatalf("got no error (%+v), want one", res)
 	}
@@ -119,7 +177,7 @@ func TestRunRejects(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := run(tc.target, tc.pids, tc.n, 0, time.Second, "")
+			_, err := run(tc.target, tc.pids, tc.n, 0, time.Second, "", nil)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("got error %v, want one containing %q", err, tc.want)
 			}
