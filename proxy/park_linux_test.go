@@ -420,10 +420,20 @@ func TestParkedConnDropsFramerBuffer(t *testing.T) {
 	}
 	settled = runtime.NumGoroutine()
 	perConn(10) // warm up
-	small := perConn(10)
-	upload := perConn(200 << 10)
-	t.Logf("heap per parked connection (client side included): %.0f B after a small call, %.0f B after a 200 KiB upload", small, upload)
-	if upload-small > 8<<10 {
-		t.Errorf("a parked connection keeps %.0f B more after an upload than after a small call", upload-small)
+	// The heap is the whole test process's: once in a CI run, 573 KB (seven
+	// 80 KiB buffers) let go during the small round and taken during the
+	// upload one read as 19 KB per connection. A connection that keeps its
+	// Framer's buffer keeps it in every pair of rounds, so the bound must
+	// hold in one of three.
+	var diffs []float64
+	for range 3 {
+		small := perConn(10)
+		upload := perConn(200 << 10)
+		t.Logf("heap per parked connection (client side included): %.0f B after a small call, %.0f B after a 200 KiB upload", small, upload)
+		if upload-small <= 8<<10 {
+			return
+		}
+		diffs = append(diffs, upload-small)
 	}
+	t.Errorf("a parked connection keeps more after an upload than after a small call, in three pairs of rounds: %.0f B", diffs)
 }
