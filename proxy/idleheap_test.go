@@ -24,19 +24,29 @@ func TestIdleConnsKeepNoReadBuffer(t *testing.T) {
 	if _, err := e.client.EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
 		t.Fatal(err)
 	}
-	base := heapInuse()
-	for range conns {
-		cc := e.dial(e.addr)
-		if _, err := testgrpc.NewTestServiceClient(cc).EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
-			t.Fatal(err)
+	// The heap is the whole test process's, and under CI's load (every
+	// package's tests at once) one round read 37 KB per connection where
+	// they take 19-24 alone: the bound must hold in one of three rounds of
+	// connections. A read buffer kept per connection (64 KiB) exceeds it
+	// in every round.
+	var pers []int64
+	for range 3 {
+		base := heapInuse()
+		for range conns {
+			cc := e.dial(e.addr)
+			if _, err := testgrpc.NewTestServiceClient(cc).EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
+				t.Fatal(err)
+			}
+			runtime.GC() // the pool's buffers go: the next fill takes a new one
+			runtime.GC()
 		}
-		runtime.GC() // the pool's buffers go: the next fill takes a new one
-		runtime.GC()
+		time.Sleep(100 * time.Millisecond)
+		per := (int64(heapInuse()) - int64(base)) / conns
+		t.Logf("heap per idle client connection after a call: %d B", per)
+		if per <= 32<<10 {
+			return
+		}
+		pers = append(pers, per)
 	}
-	time.Sleep(100 * time.Millisecond)
-	per := (int64(heapInuse()) - int64(base)) / conns
-	t.Logf("heap per idle client connection after a call: %d B", per)
-	if per > 32<<10 {
-		t.Errorf("each idle client connection holds %d KiB of heap: a read buffer kept", per>>10)
-	}
+	t.Errorf("each idle client connection holds more than 32 KiB of heap in three rounds, %d B: a read buffer kept", pers)
 }
