@@ -32,9 +32,12 @@ func (m *mdServer) EmptyCall(ctx context.Context, _ *testgrpc.Empty) (*testgrpc.
 	return &testgrpc.Empty{}, nil
 }
 
-// TestLoopHeaderFlag: by default both engines send the backend one
-// streamlb-via field naming the proxy (the forwarding-loop guard);
-// --loop-header=false sends none, and the call still goes through.
+// TestLoopHeaderFlag: by default both engines send the backend a
+// streamlb-via field naming the proxy (the forwarding-loop guard) in one
+// request in 16, at random (proxy.loopMark), and in every request that
+// arrives with one already, beside it; --loop-header=false sends none,
+// and relays a client's field as it came. The calls go through either
+// way.
 func TestLoopHeaderFlag(t *testing.T) {
 	prev := slog.Default()
 	t.Cleanup(func() { slog.SetDefault(prev) })
@@ -48,13 +51,16 @@ func TestLoopHeaderFlag(t *testing.T) {
 	go gs.Serve(ln)
 	t.Cleanup(gs.Stop)
 
+	// 320 calls without a field: 20 marked on average; none with a
+	// chance of 1e-9, 80 or more far less.
+	const calls = 320
 	for _, engine := range cluster.Engines() {
 		for _, tc := range []struct {
 			flag string
-			want int
-		}{{"", 1}, {"--loop-header=false", 0}, {"loop_header: true", 1}, {"loop_header: false", 0}} {
+			on   bool
+		}{{"", true}, {"--loop-header=false", false}, {"loop_header: true", true}, {"loop_header: false", false}} {
 			t.Run(engine+" "+tc.flag, func(t *testing.T) {
-				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 				defer cancel()
 				args := []string{"proxy", "--listen", "127.0.0.1:0", "--backend", ln.Addr().String(), "--engine", engine, "--log-format", "json"}
 				if strings.HasPrefix(tc.flag, "--") {
@@ -74,12 +80,41 @@ func TestLoopHeaderFlag(t *testing.T) {
 					t.Fatal(err)
 				}
 				defer cc.Close()
-				if _, err := testgrpc.NewTestServiceClient(cc).EmptyCall(ctx, &testgrpc.Empty{}); err != nil {
-					t.Fatalf("call through the proxy: %v", err)
+				client := testgrpc.NewTestServiceClient(cc)
+				// fields makes one call, the client's own streamlb-via
+				// field with it if carried, and returns the backend's.
+				fields := func(carried bool) []string {
+					cctx := ctx
+					if carried {
+						cctx = metadata.AppendToOutgoingContext(ctx, "streamlb-via", "ffeeddccbbaa9988")
+					}
+					if _, err := client.EmptyCall(cctx, &testgrpc.Empty{}); err != nil {
+						t.Fatalf("call through the proxy: %v", err)
+					}
+					return (<-backend.seen).Get("streamlb-via")
 				}
-				md := <-backend.seen
-				if got := len(md.Get("streamlb-via")); got != tc.want {
-					t.Errorf("the backend got %d streamlb-via fields (%v), want %d", got, md.Get("streamlb-via"), tc.want)
+				marked := 0
+				for range calls {
+					switch got := fields(false); {
+					case len(got) > 1 || len(got) == 1 && !tc.on:
+						t.Fatalf("the backend got streamlb-via %v, want at most one field, none with the guard off", got)
+					case len(got) == 1:
+						marked++
+					}
+				}
+				if tc.on && (marked == 0 || marked >= 80) {
+					t.Errorf("%d of %d calls reached the backend with a streamlb-via field, want about 1 in 16", marked, calls)
+				} else if !tc.on && marked != 0 {
+					t.Errorf("%d calls reached the backend with a streamlb-via field, want none with the guard off", marked)
+				}
+				for range 20 {
+					want := 1
+					if tc.on {
+						want = 2 // a marked request always gets this proxy's mark
+					}
+					if got := fields(true); len(got) != want || got[0] != "ffeeddccbbaa9988" {
+						t.Fatalf("a call carrying another proxy's field reached the backend with streamlb-via %v, want that field and %d in all", got, want)
+					}
 				}
 				if err := app.shutdown(t); err != nil {
 					t.Errorf("proxy command returned %v", err)

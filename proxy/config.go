@@ -389,14 +389,11 @@ type Config struct {
 
 	// NoLoopHeader turns the forwarding-loop guard off: requests go to
 	// the backends without the loopHeader field (streamlb-via) this
-	// proxy adds, and one that arrives carrying this proxy's token is not
-	// refused (it cannot carry it). For backends known not to be
-	// proxies: a grpc-go backend decodes a request's fields into a slice
-	// grown by appending, and a request of exactly 8 fields (a grpc-go
-	// client with a deadline) takes it from 8 to 16 with the header,
-	// about 6% of a trivial backend's CPU per call (BENCHMARKS.md,
-	// "Session 25"). A loop is then bounded only by the limits
-	// (MaxBackendConns and the backends' stream limits, MaxStreams).
+	// proxy adds to some of them (loopMark), and one that arrives
+	// carrying this proxy's token is not refused (it cannot carry it).
+	// For backends known not to be proxies. A loop is then bounded only
+	// by the limits (MaxBackendConns and the backends' stream limits,
+	// MaxStreams).
 	NoLoopHeader bool
 
 	// MaxGlitches is the points a client connection may spend per 10 s

@@ -1,9 +1,10 @@
 package proxy
 
 import (
-	"crypto/rand"
+	crand "crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"math/rand/v2"
 	"strconv"
 	"strings"
 	"time"
@@ -66,7 +67,7 @@ func oneContentType(fields []hpack.HeaderField, ct string) []hpack.HeaderField {
 	return out
 }
 
-// loopHeader is the request header each proxy adds to the requests it
+// loopHeader is the request header a proxy adds to the requests it
 // relays, with its own hopID as the value, one field per proxy passed; a
 // request that arrives with the proxy's own value maxLoopPasses times went
 // round a forwarding loop (a backend that is the proxy itself, by a static
@@ -75,7 +76,37 @@ func oneContentType(fields []hpack.HeaderField, ct string) []hpack.HeaderField {
 // limit stops it: --max-backend-conns' 8,000 streams, or none. Like RFC
 // 8586's CDN-Loop, each proxy adds its own token, so a chain of distinct
 // proxies passes.
+//
+// Not every request carries it: see loopMark.
 const loopHeader = "streamlb-via"
+
+// loopSample is how many requests without a loopHeader field there are,
+// on average, for each that a proxy marks (loopMark).
+const loopSample = 16
+
+// loopMark reports whether a request with fields gets this proxy's
+// loopHeader field: always when it carries one already (any proxy's),
+// else one request in loopSample, at random. A grpc-go backend pays for
+// the field in every request that has it (its decoder appends each field
+// to a slice, its server puts it in the call's metadata): 6% of a trivial
+// backend's CPU per call where it made a grpc-go client's 8 fields 9
+// (BENCHMARKS.md, "Session 27"). A loop needs no mark on every request to
+// be found: each pass of a looping call is a new request to this proxy,
+// marked with chance 1/loopSample, and from its first mark on every pass
+// carries one, so every proxy in the loop adds its own on every pass and
+// the call is refused maxLoopPasses passes later; about loopSample passes
+// more than with every request marked, each a relay of a call that is
+// held anyway, where an unmarked loop goes on until a limit stops it.
+// The chance is drawn per request, not counted, so no interleaving of
+// other calls can keep one loop from being marked.
+func loopMark(fields []hpack.HeaderField) bool {
+	for i := range fields {
+		if fields[i].Name == loopHeader {
+			return true
+		}
+	}
+	return rand.Uint32N(loopSample) == 0
+}
 
 // maxLoopPasses is how many times a request may pass through one proxy
 // before the next pass is taken for a loop. Not once: a service called
@@ -98,7 +129,7 @@ func hopIDUnless(off bool) string {
 // newHopID returns a random token naming one proxy in loopHeader.
 func newHopID() string {
 	var b [8]byte
-	rand.Read(b[:]) // never fails (crypto/rand)
+	crand.Read(b[:]) // never fails (crypto/rand)
 	return hex.EncodeToString(b[:])
 }
 

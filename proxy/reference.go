@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"math/rand/v2"
 	"net"
 	"strings"
 	"sync"
@@ -416,7 +417,8 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 		return nil, nil, h.proxyErr
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
-	if r.hopID != "" && countOf(md.Get(loopHeader), r.hopID) >= maxLoopPasses {
+	marks := md.Get(loopHeader)
+	if r.hopID != "" && countOf(marks, r.hopID) >= maxLoopPasses {
 		// A forwarding loop, found as the frame engine finds it (see
 		// loopHeader); nothing else bounds one here.
 		return fail(failure{kind: failLoop, method: fullMethod})
@@ -441,7 +443,7 @@ func (r *Reference) direct(ctx context.Context, fullMethod string) (context.Cont
 		sent()
 	}
 	out := md.Copy()
-	if r.hopID != "" {
+	if r.hopID != "" && (len(marks) > 0 || rand.Uint32N(loopSample) == 0) { // as loopMark
 		out.Append(loopHeader, r.hopID)
 	}
 	// grpc-go's client sends the backend the time left of the outgoing

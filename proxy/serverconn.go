@@ -542,7 +542,7 @@ func (c *serverConn) onHeaders(f *headerBlock) error {
 	if ri.contentTypes > 1 {
 		fields = oneContentType(fields, ri.contentType)
 	}
-	if c.srv.hopID != "" {
+	if c.srv.hopID != "" && loopMark(fields) {
 		s.reqFields = keepFields(&room, fields, hpack.HeaderField{Name: loopHeader, Value: c.srv.hopID})
 	} else {
 		s.reqFields = keepFields(&room, fields)
