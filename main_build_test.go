@@ -29,6 +29,7 @@ var devOnlyPackages = []string{
 // uses; the rest of internal/ are test kits.
 var prodInternal = []string{
 	"github.com/streamlb/streamlb/internal/fileread",
+	"github.com/streamlb/streamlb/internal/zkhosts", // the resolver's ZooKeeper host provider
 }
 
 // productionTags are the build tags of the production binary, as the

@@ -94,7 +94,7 @@ func proxyCommand() *cli.Command {
 			&cli.IntFlag{Name: "retry-buffer", Value: proxy.DefaultRetryBufferSize, Usage: "request bytes kept per call so it can be retried; a larger request is not retried once sent (0: the default; negative: no retries; frame engine)"},
 			&cli.IntFlag{Name: "response-holdback", Value: proxy.DefaultResponseHoldback, Usage: "largest gRPC response message (bytes, the length in its prefix) held back until complete, so a backend dying mid-message gives the client the whole messages before it and UNAVAILABLE, not a torn message (0: off; frame engine)"},
 			&cli.IntFlag{Name: "retry-budget", Value: proxy.DefaultRetryBudget, Usage: "retry throttling (gRFC A6): tokens in the bucket; failed calls take one, UNAVAILABLE answers of --retry-on methods are retried only while over half are left (0: none, no UNAVAILABLE answer is retried; frame engine)"},
-			&cli.Float64Flag{Name: "retry-budget-ratio", Value: proxy.DefaultRetryBudgetRatio, Usage: "tokens a successful call gives back to the retry budget (0: the default; frame engine)"},
+			&cli.Float64Flag{Name: "retry-budget-ratio", Value: proxy.DefaultRetryBudgetRatio, Usage: "tokens a successful call gives back to the retry budget (above 0, gRFC A6; frame engine)"},
 			&cli.Int64Flag{Name: "max-streams", Usage: "calls in flight through the proxy; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.Int64Flag{Name: "max-streams-per-backend", Usage: "calls in flight to one backend; over it calls fail with RESOURCE_EXHAUSTED (0: no cap; frame engine)"},
 			&cli.DurationFlag{Name: "connect-timeout", Value: proxy.DefaultConnectTimeout, Usage: "bound on dialing a backend (frame engine)"},
@@ -244,6 +244,11 @@ func proxyConfig(c *cli.Context, logger *slog.Logger) (cluster.ServerConfig, err
 	}
 	if c.Int("retry-budget") < 0 {
 		return zero, usageErr("--retry-budget must not be negative (0: no UNAVAILABLE answer is retried), got %d", c.Int("retry-budget"))
+	}
+	if r := c.Float64("retry-budget-ratio"); r <= 0 {
+		// gRFC A6: token_ratio must be greater than 0; 0 silently meant
+		// the default.
+		return zero, usageErr("--retry-budget-ratio must be positive (gRFC A6), got %v", r)
 	}
 	for _, f := range []string{"connect-timeout", "handshake-timeout", "backend-keepalive-timeout", "backend-pending-timeout", "dns-refresh"} {
 		if c.Duration(f) <= 0 {

@@ -32,6 +32,11 @@ func TestValidateCommand(t *testing.T) {
 	badKey := write("key.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: a}\ntls:\n  cert: "+cert+"\n  key: "+cert+"\n")
 	badClientCA := write("clientca.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: a}\ntls:\n  cert: "+cert+"\n  key: "+key+"\n  client_ca: /nonexistent/ca.pem\n")
 	goodTLS := write("goodtls.yaml", "clusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: a}\ntls:\n  cert: "+cert+"\n  key: "+key+"\n  client_ca: "+ca.WriteCA(t, dir, "ca.pem")+"\n")
+	// gRFC A6 needs a ratio above 0: 0 silently meant the default.
+	zeroRatio := write("ratio.yaml", "proxy:\n  retry_budget_ratio: 0\nclusters:\n  - {name: a, targets: [127.0.0.1:1]}\nroutes:\n  - {cluster: a}\n")
+	zeroClusterRatio := write("cratio.yaml", "clusters:\n  - name: a\n    targets: [127.0.0.1:1]\n    retry: {budget_ratio: 0}\nroutes:\n  - {cluster: a}\n")
+	// An unspecified address is no backend: Linux connects it to this host.
+	zeroBackend := write("zero.yaml", "clusters:\n  - name: a\n    targets: [127.0.0.1:1, \"[::]:2\"]\nroutes:\n  - {cluster: a}\n")
 	for _, tc := range []struct {
 		name     string
 		args     []string
@@ -49,6 +54,11 @@ func TestValidateCommand(t *testing.T) {
 		{name: "missing client CA", args: []string{"validate", "--config", badClientCA}, wantCode: 2, wantErr: "line 8: tls.client_ca: cluster: client CA: open /nonexistent/ca.pem"},
 		{name: "proxy missing TLS file", args: []string{"proxy", "--config", badTLS}, wantCode: 2, wantErr: "line 1: tls: "},
 		{name: "good TLS", args: []string{"validate", "--config", goodTLS}, wantOut: "ok (1 cluster, 1 route)"},
+		{name: "zero retry budget ratio", args: []string{"validate", "--config", zeroRatio}, wantCode: 2, wantErr: "line 2: proxy.retry_budget_ratio: must be positive"},
+		{name: "zero cluster budget ratio", args: []string{"validate", "--config", zeroClusterRatio}, wantCode: 2, wantErr: "line 4: clusters[0].retry.budget_ratio: must be positive"},
+		{name: "zero retry budget ratio flag", args: []string{"proxy", "--backend", "127.0.0.1:1", "--retry-budget-ratio", "0"}, wantCode: 2, wantErr: "--retry-budget-ratio must be positive"},
+		{name: "unspecified backend", args: []string{"validate", "--config", zeroBackend}, wantCode: 2, wantErr: `line 3: clusters[0].targets: resolver: target "[::]:2": unspecified IP :: is not a backend address`},
+		{name: "unspecified backend flag", args: []string{"proxy", "--backend", "0.0.0.0:9090"}, wantCode: 2, wantErr: `--backend: resolver: target "0.0.0.0:9090": unspecified IP 0.0.0.0 is not a backend address`},
 		{name: "missing file", args: []string{"validate", "--config", filepath.Join(dir, "none.yaml")}, wantCode: 2, wantErr: "none.yaml"},
 		{name: "no config", args: []string{"validate"}, wantCode: 2, wantErr: "--config FILE"},
 		{name: "config and flags", args: []string{"proxy", "--config", good, "--backend", "127.0.0.1:2"}, wantCode: 2, wantErr: "--backend cannot be used with --config"},

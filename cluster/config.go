@@ -93,9 +93,9 @@ type fileProxy struct {
 	LoopHeader *bool `yaml:"loop_header"`
 	// The retry policy of the clusters without their own (see fileRetry).
 	RetryOn          []string `yaml:"retry_on"`
-	MaxRetries       *int     `yaml:"max_retries"`  // see retriesOf
-	RetryBudget      *int     `yaml:"retry_budget"` // see budgetOf
-	RetryBudgetRatio float64  `yaml:"retry_budget_ratio"`
+	MaxRetries       *int     `yaml:"max_retries"`        // see retriesOf
+	RetryBudget      *int     `yaml:"retry_budget"`       // see budgetOf
+	RetryBudgetRatio *float64 `yaml:"retry_budget_ratio"` // see ratioOf
 }
 
 // fileRetry is a cluster's own retry policy. A field left out takes the
@@ -104,9 +104,9 @@ type fileProxy struct {
 // the cluster.
 type fileRetry struct {
 	RetryOn     *[]string `yaml:"retry_on"`
-	MaxRetries  *int      `yaml:"max_retries"` // see retriesOf
-	Budget      *int      `yaml:"budget"`      // see budgetOf
-	BudgetRatio float64   `yaml:"budget_ratio"`
+	MaxRetries  *int      `yaml:"max_retries"`  // see retriesOf
+	Budget      *int      `yaml:"budget"`       // see budgetOf
+	BudgetRatio *float64  `yaml:"budget_ratio"` // see ratioOf
 }
 
 // fileCluster is one cluster's settings. Two clusters with equal
@@ -504,6 +504,11 @@ func (f *File) check(root *yaml.Node) error {
 		// proxy.Config takes a negative budget for none.
 		return errAt("must not be negative (0: no UNAVAILABLE answer is retried)", "proxy", "retry_budget")
 	}
+	if r := f.Proxy.RetryBudgetRatio; r != nil && *r <= 0 {
+		// gRFC A6: token_ratio must be greater than 0. A 0 silently
+		// meant the default (proxy.Config's 0).
+		return errAt("must be positive (gRFC A6; absent: the default, 0.1)", "proxy", "retry_budget_ratio")
+	}
 	pc := f.proxyConfig()
 	pc.Picker = proxy.PickerFunc(func(context.Context, string) (string, func(error), error) { return "", nil, nil })
 	pc.Logger = discardLogger
@@ -550,8 +555,9 @@ func (f *File) check(root *yaml.Node) error {
 			switch {
 			case r.Budget != nil && *r.Budget < 0:
 				return errAt("must not be negative (0: no UNAVAILABLE answer is retried)", "clusters", i, "retry", "budget")
-			case r.BudgetRatio < 0:
-				return errAt("must not be negative", "clusters", i, "retry", "budget_ratio")
+			case r.BudgetRatio != nil && *r.BudgetRatio <= 0:
+				// As proxy.retry_budget_ratio: 0 silently took the proxy's.
+				return errAt("must be positive (gRFC A6; absent: proxy.retry_budget_ratio)", "clusters", i, "retry", "budget_ratio")
 			}
 		}
 		if f.Engine == EngineGRPCProxy && !reflect.DeepEqual(f.backendTLSOf(c), f.BackendTLS) {
@@ -818,7 +824,7 @@ func (f *File) backendTLSOf(c fileCluster) *fileBackendTL {
 // from proxy.
 func (f *File) retryOf(c fileCluster) Retry {
 	p := f.Proxy
-	r := Retry{On: p.RetryOn, MaxRetries: retriesOf(p.MaxRetries), Budget: budgetOf(p.RetryBudget), BudgetRatio: p.RetryBudgetRatio}
+	r := Retry{On: p.RetryOn, MaxRetries: retriesOf(p.MaxRetries), Budget: budgetOf(p.RetryBudget), BudgetRatio: ratioOf(p.RetryBudgetRatio)}
 	if cr := c.Retry; cr != nil {
 		if cr.RetryOn != nil {
 			r.On = *cr.RetryOn
@@ -829,8 +835,8 @@ func (f *File) retryOf(c fileCluster) Retry {
 		if cr.Budget != nil {
 			r.Budget = budgetOf(cr.Budget)
 		}
-		if cr.BudgetRatio != 0 {
-			r.BudgetRatio = cr.BudgetRatio
+		if cr.BudgetRatio != nil {
+			r.BudgetRatio = *cr.BudgetRatio
 		}
 	}
 	return r
@@ -866,6 +872,16 @@ func budgetOf(n *int) int {
 	return *n
 }
 
+// ratioOf is proxy.Config's RetryBudgetRatio for a retry_budget_ratio
+// (or a cluster's retry.budget_ratio) field: left out, the default (0).
+// validate refuses a ratio of 0 or less (gRFC A6 wants it positive).
+func ratioOf(r *float64) float64 {
+	if r == nil {
+		return 0
+	}
+	return *r
+}
+
 // password reads the password from the environment.
 func (r *fileRegistry) password() string {
 	if r.PasswordEnv == "" {
@@ -892,7 +908,7 @@ func (f *File) proxyConfig() proxy.Config {
 		MaxRetries:                retriesOf(p.MaxRetries),
 		NoLoopHeader:              p.LoopHeader != nil && !*p.LoopHeader,
 		RetryBudget:               budgetOf(p.RetryBudget),
-		RetryBudgetRatio:          p.RetryBudgetRatio,
+		RetryBudgetRatio:          ratioOf(p.RetryBudgetRatio),
 		RetryBufferSize:           p.RetryBuffer,
 		ResponseHoldback:          p.ResponseHoldback,
 		MaxBackendConns:           p.MaxBackendConns,
@@ -955,6 +971,6 @@ func (f *File) restartOnly(g *File) []string {
 // restartOnly returns p without the retry policy, which clusters take
 // on reload: what of proxy a reload cannot apply.
 func (p fileProxy) restartOnly() fileProxy {
-	p.RetryOn, p.MaxRetries, p.RetryBudget, p.RetryBudgetRatio = nil, nil, nil, 0
+	p.RetryOn, p.MaxRetries, p.RetryBudget, p.RetryBudgetRatio = nil, nil, nil, nil
 	return p
 }

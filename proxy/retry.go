@@ -491,8 +491,9 @@ func (s *Server) warnThrottled(up *Upstream) {
 // retryBudget is gRFC A6 retry throttling (Config.RetryBudget and
 // RetryBudgetRatio): a token bucket of maxTokens;
 // every failed call takes one token, every success gives back ratio; a
-// retry is allowed only while more than half the tokens are left. Tokens
-// are kept in thousandths so the bucket is a single atomic.
+// retry is allowed only while more than half the tokens are left. A call
+// its client cancelled counts neither way (stream.ended). Tokens are kept
+// in thousandths so the bucket is a single atomic.
 type retryBudget struct {
 	tokens    atomic.Int64
 	maxTokens int64

@@ -271,7 +271,13 @@ func (s *stream) ended() {
 		s.cc.bufs.sub(int(s.respSize))
 	}
 	if a := s.att; a != nil {
-		s.up.budget.record(status.Code(s.result) == codes.Unavailable)
+		// gRFC A6 counts the answers of servers: a call its client
+		// cancelled (a reset, its connection closed) neither takes retry
+		// tokens nor gives them back. Counted a success, each cancel
+		// refilled the bucket by the ratio while every backend failed.
+		if code := status.Code(s.result); s.fromBackend || code != codes.Canceled {
+			s.up.budget.record(code == codes.Unavailable)
+		}
 		if a.done != nil {
 			a.done(s.result)
 		}

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/netip"
 	"net/url"
 	"path"
 	"strconv"
@@ -238,14 +237,7 @@ func decodeHostPort(s string, weight uint32) ([]Address, error) {
 	if err != nil {
 		return nil, fmt.Errorf("address %q: %w", s, err)
 	}
-	if ip, err := netip.ParseAddr(host); err == nil && !usableAddr(ip.Unmap()) {
-		what := "unspecified IP"
-		switch {
-		case ip.IsMulticast():
-			what = "multicast IP"
-		case !ip.IsUnspecified():
-			what = "broadcast IP"
-		}
+	if what := unusableKind(host); what != "" {
 		return nil, fmt.Errorf("address %q: %s", s, what)
 	}
 	return []Address{{Addr: net.JoinHostPort(host, strconv.FormatUint(uint64(port), 10)), Weight: weight}}, nil

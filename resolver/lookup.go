@@ -68,6 +68,25 @@ func usableAddr(a netip.Addr) bool {
 	return !a.IsUnspecified() && !a.IsMulticast() && a != netip.AddrFrom4([4]byte{255, 255, 255, 255})
 }
 
+// unusableKind names what keeps host, an IP literal, from being a
+// backend's address (usableAddr): "unspecified IP", "multicast IP" or
+// "broadcast IP"; "" for a usable IP or a host name.
+func unusableKind(host string) string {
+	ip, err := netip.ParseAddr(host)
+	if err != nil {
+		return ""
+	}
+	switch ip = ip.Unmap(); {
+	case usableAddr(ip):
+		return ""
+	case ip.IsUnspecified():
+		return "unspecified IP"
+	case ip.IsMulticast():
+		return "multicast IP"
+	}
+	return "broadcast IP"
+}
+
 // usableAddrs returns addrs without the addresses no backend can have, and
 // those separately: the unspecified addresses (0.0.0.0 and ::, which DNS
 // filters answer for blocked names, and which a dial takes to this very

@@ -150,6 +150,9 @@ func parseTarget(s string) (Target, error) {
 	if err != nil {
 		return Target{}, err
 	}
+	if err := checkBackendHost(host); err != nil {
+		return Target{}, err
+	}
 	t := Target{Host: host, Port: port}
 	if hasParams {
 		if t.Weight, err = parseParams(params); err != nil {
@@ -193,8 +196,29 @@ func parseSchemeTarget(scheme, rest string) (Target, error) {
 	if err != nil {
 		return Target{}, err
 	}
+	if err := checkBackendHost(host); err != nil {
+		return Target{}, err // an IP literal needs no lookup (DNS.resolve): it is the backend
+	}
 	t.Host, t.Port = host, port
 	return t, nil
+}
+
+// checkBackendHost refuses a backend given as an IP literal that no
+// backend can have (usableAddr): an unspecified address (0.0.0.0, ::),
+// which a dial on Linux takes to this very host, the proxy itself
+// included, and multicast or broadcast addresses, which take no TCP
+// connection. DNS and registry answers of such addresses are skipped with
+// a warning instead (usableAddrs, decodeHostPort): the other addresses of
+// the answer still make a set.
+func checkBackendHost(host string) error {
+	what := unusableKind(host)
+	switch what {
+	case "":
+		return nil
+	case "unspecified IP":
+		return fmt.Errorf("%s %s is not a backend address: a dial to it reaches this host; give the backend's own address", what, host)
+	}
+	return fmt.Errorf("%s %s is not a backend address: it takes no TCP connection", what, host)
 }
 
 // parseRegistryTarget parses what follows "etcd://" or "zk://":

@@ -74,6 +74,17 @@ var targetCases = []targetCase{
 	{name: "ipv4 in brackets", in: "[10.0.0.1]:80", wantErr: "brackets are only for IPv6"},
 	{name: "bad ipv6", in: "[::g]:80", wantErr: "invalid IPv6 address"},
 	{name: "bad ipv6 zone", in: "[fe80::1%a/b]:80", wantErr: "invalid IPv6 zone"},
+	// An unspecified address is no backend: a dial to it reaches this
+	// host (Linux), the proxy itself included. DNS and registry answers
+	// of one are skipped with a warning instead (usableAddrs,
+	// decodeHostPort).
+	{name: "unspecified ipv4", in: "0.0.0.0:8080", wantErr: "unspecified IP 0.0.0.0 is not a backend address"},
+	{name: "unspecified ipv6", in: "[::]:8080", wantErr: "unspecified IP :: is not a backend address"},
+	{name: "unspecified mapped", in: "[::ffff:0.0.0.0]:8080", wantErr: "unspecified IP"},
+	{name: "unspecified weighted", in: "0.0.0.0:8080;weight=2", wantErr: "unspecified IP"},
+	{name: "dns unspecified literal", in: "dns:///0.0.0.0:8080", wantErr: "unspecified IP"},
+	{name: "multicast", in: "224.0.0.1:8080", wantErr: "multicast IP 224.0.0.1 is not a backend address"},
+	{name: "broadcast", in: "255.255.255.255:8080", wantErr: "broadcast IP"},
 	{name: "bad ipv4", in: "10.0.0.256:80", wantErr: "neither an IP address nor a host name"},
 	{name: "ipv4 leading zero", in: "010.0.0.1:80", wantErr: "neither an IP address nor a host name"},
 	{name: "bad hostname char", in: "back_end:80", wantErr: "not allowed"},

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/go-zookeeper/zk"
+
+	"github.com/streamlb/streamlb/internal/zkhosts"
 )
 
 // Defaults of [ZKOptions].
@@ -142,7 +144,7 @@ type ZK struct {
 	// dialer, if set, replaces the client's dialer; for tests.
 	dialer zk.Dialer
 	// lookupHost, if set, resolves the servers' names instead of
-	// net.DefaultResolver (zkHosts); for tests.
+	// net.DefaultResolver (zkhosts.Provider); for tests.
 	lookupHost func(ctx context.Context, host string) ([]string, error)
 }
 
@@ -214,7 +216,7 @@ func (z *ZK) Run(ctx context.Context, u Updater) error {
 	var events <-chan zk.Event
 	for {
 		// The servers' names are looked up here, and again each time
-		// the client has tried every address without a session (zkHosts;
+		// the client has tried every address without a session (zkhosts;
 		// go-zookeeper's own provider looked them up here only): no
 		// server that resolves now (a Service not created yet, a DNS
 		// failure) is a failure like the others, tried again after the
@@ -222,7 +224,7 @@ func (z *ZK) Run(ctx context.Context, u Updater) error {
 		// not run a resolver again).
 		var err error
 		conn, events, err = zk.Connect(strings.Split(z.target.Authority, ","), z.opts.SessionTimeout,
-			zk.WithDialer(d.Dial), zk.WithHostProvider(newZKHosts(ctx, z.lookupHost)),
+			zk.WithDialer(d.Dial), zk.WithHostProvider(zkhosts.New(ctx, z.lookupHost)),
 			zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
 		if err == nil {
 			break

@@ -31,6 +31,11 @@ func TestDecodeZKNode(t *testing.T) {
 		{name: "dubbo with curator data", path: dubboKey, data: "10.0.0.5", want: []string{"10.0.0.5:20000"}, wantFormat: ZKFormatDubbo},
 		{name: "unknown", path: "/svc/some-id", data: "hello", wantErr: "not a known"},
 		{name: "kitex bad name", path: "/svc/some-id", data: `{"Weight":1}`, format: ZKFormatKitex, wantErr: "missing port"},
+		// Registered by mistake (a service that registers its listen
+		// address): skipped with a warning, as DNS answers of it are.
+		{name: "kitex unspecified ip", path: "/svc/0.0.0.0:8888", wantErr: "unspecified IP"},
+		{name: "kitex unspecified ipv6", path: "/svc/[::]:8888", wantErr: "unspecified IP"},
+		{name: "kitex unspecified mapped", path: "/svc/[::ffff:0.0.0.0]:8888", wantErr: "unspecified IP"},
 		{name: "kitex bad json", path: "/svc/10.0.0.1:1", data: `{"Weight":`, wantErr: "kitex data"},
 		{name: "kratos without grpc", path: "/m/x", data: `{"endpoints":["http://10.0.0.2:8000"]}`, wantErr: "grpc://"},
 	}
@@ -183,11 +188,18 @@ func TestZKFormatsAndRegistrations(t *testing.T) {
 
 	// The watch was re-armed: a second and third change are followed too.
 	c.create("/kitex/echo/junk", "{not json", 0)
+	c.create("/kitex/echo/0.0.0.0:1", `{"Weight":10,"Tags":{}}`, zk.FlagEphemeral)
 	c.create("/kitex/echo/10.0.0.3:1", `{"Weight":10,"Tags":{}}`, zk.FlagEphemeral)
 	u.waitSet(ctx, t, "10.0.0.1:8888;weight=25", "10.0.0.2:1;weight=10", "10.0.0.3:1;weight=10")
 	if n := strings.Count(logs.String(), "node=/kitex/echo/junk"); n != 1 {
 		t.Errorf("%d warnings for the junk node, want 1; logs:\n%s", n, logs)
 	}
+	// An unspecified address, which a dial takes to this host, is no
+	// backend: skipped with a warning, as a static target of it is refused.
+	if n := strings.Count(logs.String(), `node=/kitex/echo/0.0.0.0:1 format=kitex err="address \"0.0.0.0:1\": unspecified IP"`); n != 1 {
+		t.Errorf("%d warnings for the unspecified address, want 1; logs:\n%s", n, logs)
+	}
+	c.delete("/kitex/echo/0.0.0.0:1")
 
 	// Deregistration.
 	start = time.Now()

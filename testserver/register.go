@@ -38,6 +38,10 @@ type RegisterOptions struct {
 	// granting that user everything and nobody else anything, as a
 	// registry that only its services may read.
 	Username, Password string
+
+	// lookupHost, if set, resolves ZooKeeper servers' names instead of
+	// net.DefaultResolver (zkhosts.Provider); for tests.
+	lookupHost func(ctx context.Context, host string) ([]string, error)
 }
 
 // Registration is one backend registered by [Register], kept alive until

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/go-zookeeper/zk"
+
+	"github.com/streamlb/streamlb/internal/zkhosts"
 )
 
 // zkKitexData is the data kitex-contrib/registry-zookeeper writes on an
@@ -96,7 +98,22 @@ func RegisterZK(ctx context.Context, target, addr string, opts RegisterOptions) 
 		nc = c
 		return c, nil
 	}
-	conn, events, err := zk.Connect(servers, opts.TTL, zk.WithDialer(dial), zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
+	// The servers' names are looked up again when the addresses known
+	// fail, as the resolver's client does (zkhosts.Provider):
+	// go-zookeeper's own provider looked them up once, and a ZooKeeper
+	// server that moved to another address was never found again, so the
+	// session expired and the registration went with it. Lookups end
+	// with the registration.
+	hostsCtx, stopLookups := context.WithCancel(context.Background())
+	registered := false
+	defer func() {
+		if !registered {
+			stopLookups()
+		}
+	}()
+	conn, events, err := zk.Connect(servers, opts.TTL, zk.WithDialer(dial),
+		zk.WithHostProvider(zkhosts.New(hostsCtx, opts.lookupHost)),
+		zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
 	if err != nil {
 		return nil, fmt.Errorf("testserver: register: zk client: %w", err)
 	}
@@ -119,10 +136,12 @@ func RegisterZK(ctx context.Context, target, addr string, opts RegisterOptions) 
 		conn.Close()
 		return nil, fmt.Errorf("testserver: register %s: %w", key, err)
 	}
+	registered = true
 	return &Registration{
 		key: key,
 		deregister: func(context.Context) error {
 			conn.Close() // closeSession: ZooKeeper deletes the ephemeral node
+			stopLookups()
 			return nil
 		},
 		abandon: func() {
@@ -133,6 +152,7 @@ func RegisterZK(ctx context.Context, target, addr string, opts RegisterOptions) 
 			}
 			mu.Unlock()
 			conn.Close() // no server to tell: stops the client's goroutines
+			stopLookups()
 		},
 	}, nil
 }

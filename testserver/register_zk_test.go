@@ -3,12 +3,15 @@ package testserver
 import (
 	"context"
 	"encoding/json"
+	"log/slog"
+	"net"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/go-zookeeper/zk"
 
+	"github.com/streamlb/streamlb/internal/testkit"
 	"github.com/streamlb/streamlb/internal/zktest"
 )
 
@@ -83,5 +86,82 @@ func TestRegisterZKBadTarget(t *testing.T) {
 		if _, err := RegisterZK(t.Context(), target, "127.0.0.1:1", RegisterOptions{}); err == nil || !strings.Contains(err.Error(), "want zk://") {
 			t.Errorf("RegisterZK(%q) error = %v, want a usage error", target, err)
 		}
+	}
+}
+
+// TestRegisterZKServerMovesInDNS: the ZooKeeper server of a registration
+// is given by a DNS name (a real DNS server's), and moves: the name points
+// at a new address and the old one goes away. The registration's client
+// looks the name up again once the addresses it knows fail
+// (zkhosts.Provider, as the resolver's), reconnects at the new address
+// within its session timeout, and the node stays. Before, go-zookeeper's
+// provider looked the name up once and dialled the old address for ever:
+// the session expired and the backend was deregistered.
+func TestRegisterZKServerMovesInDNS(t *testing.T) {
+	srv := zktest.Start(t)
+	ctx := testkit.Context(t, 30*time.Second)
+	dns := NewDNSServer(DNSConfig{DefaultTTL: 1, Logger: slog.New(slog.DiscardHandler)})
+	if err := dns.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(dns.Stop)
+	old := testkit.StartForwarder(t, "127.0.0.2:0", srv.Addr())
+	_, port, _ := net.SplitHostPort(old.Addr())
+	moved := testkit.StartForwarder(t, net.JoinHostPort("127.0.0.3", port), srv.Addr())
+	const name = "zk-0.zk.test.svc.cluster.local"
+	dns.SetA(name, "127.0.0.2")
+	resolver := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, dns.Addr())
+	}}
+
+	const ttl = 2 * time.Second
+	target := "zk://" + net.JoinHostPort(name, port) + "/svc"
+	r, err := RegisterZK(ctx, target, "10.0.0.1:80", RegisterOptions{TTL: ttl, lookupHost: resolver.LookupHost})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = r.Deregister(context.Background()) })
+	conn, _, err := zk.Connect([]string{srv.Addr()}, ttl, zk.WithLogger(zkNopLogger{}), zk.WithLogInfo(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(conn.Close)
+	_, stat, err := conn.Get(r.Key())
+	if err != nil {
+		t.Fatal(err)
+	}
+	owner := stat.EphemeralOwner
+
+	dns.SetA(name, "127.0.0.3")
+	moveAt := time.Now()
+	old.Close()
+	// Within the session timeout, or the session is gone: the client
+	// notices the lost connection, tries the old address, looks the
+	// name up again and connects at the new one in about a second.
+	wctx, cancel := context.WithDeadline(ctx, moveAt.Add(ttl))
+	defer cancel()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for moved.Accepted() == 0 {
+		select {
+		case <-wctx.Done():
+			t.Fatalf("no connection at the new address %v after the move: the name was not looked up again", time.Since(moveAt).Round(time.Millisecond))
+		case <-tick.C:
+		}
+	}
+	// Past the session timeout since the move: the session, and so the
+	// node, lived on.
+	select {
+	case <-ctx.Done():
+		t.Fatal(ctx.Err())
+	case <-time.After(time.Until(moveAt.Add(2 * ttl))):
+	}
+	_, stat, err = conn.Get(r.Key())
+	if err != nil {
+		t.Fatalf("%s after the move: %v (the session expired)", r.Key(), err)
+	}
+	if stat.EphemeralOwner != owner {
+		t.Errorf("node owned by session %#x, want %#x (registered again, not kept)", stat.EphemeralOwner, owner)
 	}
 }

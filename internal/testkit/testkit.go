@@ -1,6 +1,7 @@
 // Package testkit holds the few helpers that tests of several streamlb
 // packages share: a bounded context, polling for a condition, an address
 // that refuses connections, a loopback server for hand-written peers, a
+// TCP forwarder that stands for a server moving between addresses, a
 // certificate authority made in the test and the acknowledgements a raw
 // HTTP/2 peer owes.
 // It is imported only by tests and imports nothing of streamlb's.

@@ -1,18 +1,34 @@
-package resolver
+package zkhosts_test
 
 import (
 	"context"
+	"log/slog"
 	"net"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/go-zookeeper/zk"
 
+	"github.com/streamlb/streamlb/internal/testkit"
+	"github.com/streamlb/streamlb/internal/zkhosts"
 	"github.com/streamlb/streamlb/testserver"
 )
 
-// Compile-time check that zkHosts is go-zookeeper's HostProvider.
-var _ zk.HostProvider = (*zkHosts)(nil)
+// Compile-time check that Provider is go-zookeeper's HostProvider.
+var _ zk.HostProvider = (*zkhosts.Provider)(nil)
+
+// startDNSServer starts a real DNS server on loopback for the test.
+func startDNSServer(t *testing.T, cfg testserver.DNSConfig) *testserver.DNSServer {
+	t.Helper()
+	cfg.Logger = slog.New(slog.DiscardHandler)
+	s := testserver.NewDNSServer(cfg)
+	if err := s.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
 
 // dnsLookupVia returns a LookupHost that asks the DNS server at addr only,
 // over the network (Go's resolver, which caches nothing).
@@ -52,9 +68,9 @@ func TestZKHostsFollowsDNS(t *testing.T) {
 	dns := startDNSServer(t, testserver.DNSConfig{DefaultTTL: 1})
 	const name = "zk-0.zk.test.svc.cluster.local"
 	dns.SetA(name, "127.0.0.2")
-	ctx := testContext(t)
-	h := newZKHosts(ctx, dnsLookupVia(dns.Addr()))
-	h.shuffle = func(int, func(i, j int)) {} // the order given
+	ctx := testkit.Context(t, 30*time.Second)
+	h := zkhosts.New(ctx, dnsLookupVia(dns.Addr()))
+	h.InOrder()
 
 	if err := h.Init([]string{name + ":2181", "10.9.9.9:2181"}); err != nil {
 		t.Fatal(err)
@@ -97,7 +113,7 @@ func TestZKHostsInit(t *testing.T) {
 	t.Parallel()
 	dns := startDNSServer(t, testserver.DNSConfig{DefaultTTL: 1})
 	dns.SetA("zk-0.test", "127.0.0.2")
-	ctx := testContext(t)
+	ctx := testkit.Context(t, 30*time.Second)
 	for _, tc := range []struct {
 		name    string
 		servers []string
@@ -110,8 +126,8 @@ func TestZKHostsInit(t *testing.T) {
 		{name: "no port", servers: []string{"zk-0.test"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newZKHosts(ctx, dnsLookupVia(dns.Addr()))
-			h.shuffle = func(int, func(i, j int)) {}
+			h := zkhosts.New(ctx, dnsLookupVia(dns.Addr()))
+			h.InOrder()
 			err := h.Init(tc.servers)
 			if tc.want == nil {
 				if err == nil {
@@ -139,8 +155,8 @@ func TestZKHostsInit(t *testing.T) {
 func TestZKHostsIPLiteralsAsBefore(t *testing.T) {
 	t.Parallel()
 	dns := startDNSServer(t, testserver.DNSConfig{DefaultTTL: 1})
-	ctx := testContext(t)
-	ours := newZKHosts(ctx, dnsLookupVia(dns.Addr()))
+	ctx := testkit.Context(t, 30*time.Second)
+	ours := zkhosts.New(ctx, dnsLookupVia(dns.Addr()))
 	theirs := zk.NewDNSHostProvider()
 	servers := []string{"127.0.0.9:2181"}
 	for _, h := range []zk.HostProvider{ours, theirs} {

@@ -1,4 +1,7 @@
-package resolver
+// Package zkhosts is the ZooKeeper host provider (zk.HostProvider) of the
+// resolver's zk:// targets and of testserver's ZooKeeper registration: it
+// looks the servers' names up again when the addresses it knows fail.
+package zkhosts
 
 import (
 	"context"
@@ -11,17 +14,17 @@ import (
 	"time"
 )
 
-// zkLookupTimeout bounds one lookup of the ZooKeeper servers' names, as
+// lookupTimeout bounds one lookup of the ZooKeeper servers' names, as
 // go-zookeeper's own DNSHostProvider bounds its (3 s).
-const zkLookupTimeout = 3 * time.Second
+const lookupTimeout = 3 * time.Second
 
-// zkHosts is the resolver's zk.HostProvider: the ZooKeeper servers of a
-// zk:// target, their names resolved to addresses. go-zookeeper's own
+// Provider is a zk.HostProvider: the ZooKeeper servers of a zk://
+// target, their names resolved to addresses. go-zookeeper's own
 // DNSHostProvider looks the names up once, when the client is made, and
 // tries those addresses for ever after: a ZooKeeper server given by a DNS
 // name that later points elsewhere (a pod rescheduled behind a headless
 // Service, a VM replaced) was never found again, and the resolver kept a
-// set that went stale. zkHosts looks the names up again each time the
+// set that went stale. Provider looks the names up again each time the
 // client has tried every address without getting a session (go-zookeeper's
 // retryStart, after which it waits a second): so when the connection is
 // lost and the addresses it knows fail, the next round tries what the
@@ -32,7 +35,7 @@ const zkLookupTimeout = 3 * time.Second
 //
 // Init, Len, Next and Connected are called by the client's connection
 // loop, one at a time; mu makes them safe from any goroutine anyway.
-type zkHosts struct {
+type Provider struct {
 	// ctx ends lookups early when the resolver stops.
 	ctx context.Context
 	// lookup resolves a name to IP addresses (net.Resolver.LookupHost).
@@ -51,20 +54,20 @@ type zkHosts struct {
 	last    int                 // index of the last connected address; -1: none yet
 }
 
-// newZKHosts returns the provider of a resolver running under ctx; nil
-// lookup means net.DefaultResolver's.
-func newZKHosts(ctx context.Context, lookup func(ctx context.Context, host string) ([]string, error)) *zkHosts {
+// New returns the provider of a client running under ctx (lookups end
+// with it); nil lookup means net.DefaultResolver's.
+func New(ctx context.Context, lookup func(ctx context.Context, host string) ([]string, error)) *Provider {
 	if lookup == nil {
 		lookup = net.DefaultResolver.LookupHost
 	}
-	return &zkHosts{ctx: ctx, lookup: lookup, shuffle: rand.Shuffle}
+	return &Provider{ctx: ctx, lookup: lookup, shuffle: rand.Shuffle}
 }
 
 // Init takes the servers of the target ("host:port") and resolves them.
 // It fails when none has an address, so that zk.Connect fails and Run
 // tries again after its backoff; a server whose name does not resolve
 // beside others that do is left out until a later lookup finds it.
-func (h *zkHosts) Init(servers []string) error {
+func (h *Provider) Init(servers []string) error {
 	named := false
 	for _, s := range servers {
 		host, _, err := net.SplitHostPort(s)
@@ -93,8 +96,8 @@ func (h *zkHosts) Init(servers []string) error {
 // server whose lookup failed or found nothing keeping those it had in
 // prev, all of them shuffled, and the lookup errors. It takes no lock: it
 // may wait for DNS.
-func (h *zkHosts) resolve(servers []string, prev map[string][]string) (map[string][]string, []string, error) {
-	ctx, cancel := context.WithTimeout(h.ctx, zkLookupTimeout)
+func (h *Provider) resolve(servers []string, prev map[string][]string) (map[string][]string, []string, error) {
+	ctx, cancel := context.WithTimeout(h.ctx, lookupTimeout)
 	defer cancel()
 	known := make(map[string][]string, len(servers))
 	var addrs []string
@@ -131,7 +134,7 @@ func (h *zkHosts) resolve(servers []string, prev map[string][]string) (map[strin
 }
 
 // Len returns the number of addresses known.
-func (h *zkHosts) Len() int {
+func (h *Provider) Len() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return len(h.addrs)
@@ -141,7 +144,7 @@ func (h *zkHosts) Len() int {
 // client has tried every address since it last got a session (or since
 // the first); then the names are looked up again first, and the round
 // starts over with what they say.
-func (h *zkHosts) Next() (server string, retryStart bool) {
+func (h *Provider) Next() (server string, retryStart bool) {
 	h.mu.Lock()
 	h.curr = (h.curr + 1) % len(h.addrs)
 	retryStart = h.curr == h.last
@@ -163,7 +166,7 @@ func (h *zkHosts) Next() (server string, retryStart bool) {
 }
 
 // Connected notes that the address Next returned last got a session.
-func (h *zkHosts) Connected() {
+func (h *Provider) Connected() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.last = h.curr
