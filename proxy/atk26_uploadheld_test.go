@@ -20,14 +20,15 @@ import (
 // bytes the client got off its hands, less what the backend and the
 // client's own transport can hold (64 KiB each per stream, plus the
 // message being sent), are held by the proxy, and must stay within the
-// documented per-connection budget, --max-conn-buffer (16 MiB).
+// documented per-connection budget, --max-conn-buffer (16 MiB). The
+// grpc-proxy engine, whose grpc-go server grew each stream's window by
+// BDP, held at least 39 MiB here; with its fixed 256 KiB stream windows
+// it holds 16 x (256 KiB + one 64 KiB message), 5 MiB: its bound
+// (ReferenceConfig), reached.
 func TestAtk26UploadToBackendNotReading(t *testing.T) {
 	verifyNoLeaks(t)
 	for _, engine := range engines {
 		t.Run(engine, func(t *testing.T) {
-			if engine == "grpc-proxy" {
-				t.Skip("defect: the grpc-proxy engine has no per-connection bound on what it takes from a client: grpc-go's server grows each stream's window by BDP (up to 16 MiB) and buffers what the client sends while the handler waits on a backend that does not read, besides the message the handler holds; here the proxy held at least 29 MiB of 16 streams' 64 KiB messages (3 MiB with the frame engine), and 20 streams of 4 MB messages took a grpc-proxy process to 449 MiB of RSS, so one connection with the default 1,024 streams can hold tens of GiB")
-			}
 			const streams, msg, sends = 16, 64 << 10, 200
 			e := newEnv(t, envOpts{backends: 1, engine: engine, tscfg: func(_ int, c *testserver.Config) {
 				c.ServerOptions = []grpc.ServerOption{grpc.InitialWindowSize(64 << 10), grpc.InitialConnWindowSize(64 << 10)}

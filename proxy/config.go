@@ -449,7 +449,9 @@ type Config struct {
 	// RetryBudget and RetryBudgetRatio are gRFC A6 retry throttling for
 	// the RetryOn methods: a token bucket of RetryBudget tokens; every
 	// failed call takes one, every successful call gives back
-	// RetryBudgetRatio, and UNAVAILABLE answers are retried only while more
+	// RetryBudgetRatio (only backends' answers count, OK and UNAVAILABLE,
+	// and a backend unreachable before its headers as a failure; see
+	// stream.budgetOutcome), and UNAVAILABLE answers are retried only while more
 	// than half the tokens are left, so a fleet-wide failure does not
 	// multiply the load. Zero means DefaultRetryBudget and
 	// DefaultRetryBudgetRatio; a negative RetryBudget is a bucket of no

@@ -26,6 +26,29 @@ import (
 )
 
 // ReferenceConfig configures the message-level reference engine.
+//
+// What one client connection makes it hold: grpc-go's server buffers what
+// a client sends on a stream until the stream's handler reads it, up to
+// the stream's flow-control window, and the handler holds the message it
+// is sending on to the backend. grpc-go grows each stream's window by BDP
+// estimation up to 16 MiB, so a client uploading to a backend that did
+// not read made one connection hold 16 streams x about 2.5 MiB (at least
+// 39 MiB seen, TestAtk26UploadToBackendNotReading). The engine's server
+// has fixed windows instead, those the frame engine grants clients:
+// DefaultStreamWindow (256 KiB) per stream and DefaultConnWindow (4 MiB)
+// per connection, which turns BDP estimation off. (grpc-go sends the
+// connection's WINDOW_UPDATE as data arrives, not as it is read, so the
+// stream window is the bound.) One connection can then make it hold
+// about MaxConcurrentStreams x (256 KiB + MaxMessageSize x 3): the
+// window, and the message being relayed (decoded and re-encoded), plus
+// the backend connection's 64 KiB write quota per stream. That is a
+// bound, not a small one: 1,024 streams x (256 KiB + 12 MiB) with the
+// defaults; MaxConcurrentStreams and MaxMessageSize are what lower it.
+// The frame engine bounds a connection by one budget instead
+// (Config.MaxConnBufferedBytes). The fixed windows cost uploads on fast
+// links what BDP would have gained (16 x 64 KiB client streams on
+// loopback: 367-447 MB/s before, 279-391 MB/s after, noisy); responses
+// flow on the client's window and do not change.
 type ReferenceConfig struct {
 	// Picker chooses the backend of every stream. Required.
 	Picker Picker
@@ -268,6 +291,10 @@ func NewReference(cfg ReferenceConfig) (*Reference, error) {
 		grpc.MaxSendMsgSize(math.MaxInt32),
 		grpc.MaxConcurrentStreams(cfg.MaxConcurrentStreams),
 		grpc.MaxHeaderListSize(cfg.MaxHeaderListSize),
+		// Fixed windows (grpc-go's BDP estimation off): see
+		// ReferenceConfig's "What one client connection makes it hold".
+		grpc.StaticStreamWindowSize(DefaultStreamWindow),
+		grpc.StaticConnWindowSize(DefaultConnWindow),
 		grpc.ConnectionTimeout(cfg.PrefaceTimeout),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: cfg.IdleTimeout}), // 0: never
 	)

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // Retries come in two kinds.
@@ -491,9 +493,9 @@ func (s *Server) warnThrottled(up *Upstream) {
 // retryBudget is gRFC A6 retry throttling (Config.RetryBudget and
 // RetryBudgetRatio): a token bucket of maxTokens;
 // every failed call takes one token, every success gives back ratio; a
-// retry is allowed only while more than half the tokens are left. A call
-// its client cancelled counts neither way (stream.ended). Tokens are kept
-// in thousandths so the bucket is a single atomic.
+// retry is allowed only while more than half the tokens are left. What
+// is a failure and what a success is stream.budgetOutcome's. Tokens are
+// kept in thousandths so the bucket is a single atomic.
 type retryBudget struct {
 	tokens    atomic.Int64
 	maxTokens int64
@@ -521,4 +523,69 @@ func (b *retryBudget) record(failed bool) {
 			return
 		}
 	}
+}
+
+// budgetOutcome is what a call's end does to its retry budget.
+type budgetOutcome uint8
+
+const (
+	budgetNone    budgetOutcome = iota // neither takes nor gives back
+	budgetSuccess                      // gives back the ratio
+	budgetFailure                      // takes a token
+)
+
+// budgetOutcome says how s's end counts in its retry budget, as gRFC A6
+// and grpc-go's retryThrottler count a call: "The only RPCs that are
+// counted as failures ... fail with a status code that qualifies as
+// retryable", and a success is a call that ended OK (grpc-go calls
+// successfulRPC when the call's error is nil, throttle only for a
+// retryable code). So:
+//
+//   - an answer of the backend's own (fromBackend) counts: OK is a
+//     success, UNAVAILABLE (the one code retried, Config.RetryOn) a
+//     failure, any other code neither (a NOT_FOUND or INVALID_ARGUMENT
+//     says nothing of the backend's health: counted a success, a
+//     backend answering errors refilled the bucket);
+//   - a status the proxy made itself is no backend's answer and counts
+//     neither way: its client cancelled the call, its grpc-timeout or its
+//     route's timeout ran out while the backend had not answered
+//     (DEADLINE_EXCEEDED), the proxy's own limits (RESOURCE_EXHAUSTED),
+//     a request it refused, its shutdown, or INTERNAL. Counted a success,
+//     each of them refilled the bucket while every backend failed;
+//   - except a backend that could not be reached or took no part of the
+//     call before any response header: its connection refused, lost or
+//     never past the handshake, REFUSED_STREAM, or a GOAWAY that left the
+//     stream unprocessed, when that ends the call UNAVAILABLE (the
+//     transparent retries these allow are not throttled). That is a
+//     failure, as in grpc-go: a stream that ends before any header is a
+//     trailers-only UNAVAILABLE there (http2Client.closeStream sets
+//     noHeaders), and a pick that fails because no subchannel could
+//     connect is an UNAVAILABLE that throttle counts too. Without it a
+//     fleet that is down, refusing connections, would never throttle.
+//     Once the backend sent its response headers, a lost connection
+//     counts neither way (grpc-go retries, and so throttles,
+//     trailers-only answers only).
+//
+// Caller: ended, with s.att set. Only reads fields: no allocation.
+func (s *stream) budgetOutcome() budgetOutcome {
+	code := status.Code(s.result)
+	if s.fromBackend {
+		switch code {
+		case codes.OK:
+			return budgetSuccess
+		case codes.Unavailable:
+			return budgetFailure
+		}
+		return budgetNone
+	}
+	if code != codes.Unavailable || s.att.gotHeaders {
+		// gotHeaders: written under bc.mu before the attempt's side
+		// closed (sideClosed), which ended follows.
+		return budgetNone
+	}
+	switch s.failKind {
+	case failDial, failConnLost, failHandshake, failRefused, failGoAway:
+		return budgetFailure
+	}
+	return budgetNone
 }

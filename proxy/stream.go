@@ -6,8 +6,6 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
 // stream is one proxied gRPC call as the client sees it: a stream on a
@@ -271,12 +269,9 @@ func (s *stream) ended() {
 		s.cc.bufs.sub(int(s.respSize))
 	}
 	if a := s.att; a != nil {
-		// gRFC A6 counts the answers of servers: a call its client
-		// cancelled (a reset, its connection closed) neither takes retry
-		// tokens nor gives them back. Counted a success, each cancel
-		// refilled the bucket by the ratio while every backend failed.
-		if code := status.Code(s.result); s.fromBackend || code != codes.Canceled {
-			s.up.budget.record(code == codes.Unavailable)
+		// gRFC A6 counts backends' answers only (budgetOutcome).
+		if outcome := s.budgetOutcome(); outcome != budgetNone {
+			s.up.budget.record(outcome == budgetFailure)
 		}
 		if a.done != nil {
 			a.done(s.result)
