@@ -23,20 +23,37 @@ import (
 // A client's own deadline, shorter than the route's, never ejects: the
 // hung backend keeps getting its share. Before, route timeouts counted for
 // nothing and the hung backend got every other call for ever.
+//
+// The backend is sent what is left of the route's timeout as its
+// grpc-timeout, and its own timer may run out a moment before the
+// proxy's: its trailers-only DEADLINE_EXCEEDED then ends the call
+// ("backend gives up first", which answers 10 ms early). That is the same
+// unanswered call and must eject the same; it counted for nothing, and
+// under load (a CI run: the hung backend got 5 calls) the race made the
+// first case fail.
 func TestRouteTimeoutEjectsHungBackend(t *testing.T) {
 	for _, tc := range []struct {
 		name          string
 		routeTimeout  time.Duration
 		clientTimeout time.Duration
+		early         time.Duration // the hung backend answers DEADLINE_EXCEEDED this long before its deadline
 		ejected       bool
 	}{
 		{name: "route timeout", routeTimeout: 150 * time.Millisecond, ejected: true},
+		{name: "backend gives up first", routeTimeout: 150 * time.Millisecond, early: 10 * time.Millisecond, ejected: true},
 		{name: "client deadline", routeTimeout: 20 * time.Second, clientTimeout: 150 * time.Millisecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			hung := startBackendConfig(t, testserver.Config{
 				Name: "hung",
 				UnaryCallF: func(ctx context.Context, _ *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+					if d, ok := ctx.Deadline(); ok && tc.early > 0 {
+						select {
+						case <-time.After(time.Until(d) - tc.early):
+							return nil, status.Error(codes.DeadlineExceeded, "hung: deadline")
+						case <-ctx.Done():
+						}
+					}
 					<-ctx.Done()
 					return nil, status.FromContextError(ctx.Err()).Err()
 				},

@@ -952,6 +952,9 @@ func (b *backendConn) onData(f *dataFrame) error {
 		b.mu.Unlock()
 		return http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol, Cause: errors.New("DATA before the response HEADERS")}
 	}
+	if len(data) > 0 {
+		a.gotData = true
+	}
 	if a.respLen >= 0 {
 		// Checked before any of it is relayed: the client gets the
 		// bytes up to the content-length at most.
@@ -1070,13 +1073,14 @@ func (b *backendConn) endAnsweredEarly(a *attempt) {
 	b.resetUp(a, http2.ErrCodeCancel)
 }
 
-// opened reports whether a's stream was opened on b: a call still waiting
-// for a slot (queueLocked) or for b's handshake never reached the
-// backend. It takes b.mu: the caller may hold a.s.cc.mu, not b.mu.
-func (b *backendConn) opened(a *attempt) bool {
+// silent reports whether a's stream was opened on b and b sent no
+// response message on it: a call still waiting for a slot (queueLocked)
+// or for b's handshake never reached the backend. It takes b.mu: the
+// caller may hold a.s.cc.mu, not b.mu.
+func (b *backendConn) silent(a *attempt) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return a.up.id != 0
+	return a.up.id != 0 && !a.gotData
 }
 
 // releaseSlotLocked gives back a's stream slot on b and its place in the

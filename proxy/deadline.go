@@ -90,6 +90,23 @@ func (s *stream) deadlineFailure() failure {
 	return failure{kind: failDeadline, method: s.method}
 }
 
+// unansweredLocked reports whether s's deadline passing now is its
+// backend not answering (Unanswered, which counts towards the backend's
+// ejection, as Envoy counts its upstream timeouts): the deadline is the
+// route's, the backend has the whole request, and (silent) it sent no
+// response message. Response headers alone are no answer: grpc-go's
+// server sends them with its first message or its status. The same
+// whichever timer saw the deadline first: ours (deadlineExceeded), or the
+// backend's, which was sent what was left of the route's timeout as its
+// grpc-timeout (attemptFields) and may end the stream a moment earlier,
+// with headers and DEADLINE_EXCEEDED (routeTimedOut) or a CANCEL
+// (backendReset). Counted only when ours came first, a backend that never
+// answered escaped ejection whenever its timer won the race, as under
+// load. Caller must hold s.cc.mu.
+func (s *stream) unansweredLocked(silent bool) bool {
+	return silent && s.routeDeadline() && s.cst.recvEnded()
+}
+
 // routeTimedOut reports whether fields, a backend's final header block
 // for s, are the backend giving up on the route's timeout: s's deadline
 // is its route's, it is less than deadlineSlack away, and the status is

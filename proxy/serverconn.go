@@ -711,9 +711,7 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 	case s.cst.ended():
 	case !s.down.closed:
 		f := s.deadlineFailure()
-		// The route's timeout with the request sent whole and no
-		// response headers: the backend did not answer (Unanswered).
-		f.unanswered = f.kind == failRouteTimeout && a != nil && s.cst.recvEnded() && !s.headersSent && !s.down.queuedHeaders() && a.bc.opened(a)
+		f.unanswered = a != nil && s.unansweredLocked(true) && a.bc.silent(a)
 		c.failLocked(s, f)
 	case !s.routeDeadline() && !s.down.empty():
 		// The answer ended in time, but the client has not taken all
@@ -1046,7 +1044,9 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 			// grpc-proxy engine says it.
 			clear(it.fields)
 			cancelUp := !s.cst.recvEnded()
-			c.failLocked(s, s.deadlineFailure())
+			f := s.deadlineFailure()
+			f.unanswered = s.unansweredLocked(!a.gotData) // this goroutine writes gotData
+			c.failLocked(s, f)
 			c.mu.Unlock()
 			c.signal()
 			if cancelUp {
@@ -1118,7 +1118,9 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		// remaining time, attemptFields) and cancelled the stream as it
 		// ran out, a moment before our own timer: the client is owed
 		// DEADLINE_EXCEEDED, not a bare reset.
-		c.failLocked(s, s.deadlineFailure())
+		f := s.deadlineFailure()
+		f.unanswered = s.unansweredLocked(!a.gotData) // this goroutine writes gotData
+		c.failLocked(s, f)
 		return
 	}
 	s.result = failure{kind: failBackendReset, backend: a.bc.addr, h2code: code}.statusErr()

@@ -192,6 +192,7 @@ type attempt struct {
 	waits      bool                // added to bc.pending before bc's handshake: it waits for it (attemptFields)
 	discarded  bool                // over for good: request items are refused
 	gotHeaders bool                // the backend sent its response headers
+	gotData    bool                // the backend sent response DATA (unansweredLocked)
 	forwarded  bool                // the client has seen part of this attempt's answer
 	held       []hpack.HeaderField // response headers held back while a retry is possible
 	// holdAt is when held came (monoNow); holdIdx is a's place+1 in
