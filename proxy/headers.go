@@ -404,37 +404,50 @@ func encodeGRPCMessage(msg string) string {
 	return b.String()
 }
 
+// grpcStatus returns the value of the grpc-status field of a response's
+// final header block, and whether it has one. A block with the field more
+// than once is relayed as it is, and grpc-go's client takes the last
+// (http2_client.go operateHeaders overwrites the code field by field, as
+// grpc-java's Metadata.get returns the last value): so does the proxy,
+// which reports and retries the answer the client reads. Taking the
+// first, a block with grpc-status 0 then 14 was reported OK while the
+// client got UNAVAILABLE, and 14 then 0 was retried on a --retry-on
+// method, run again, though the client would have read OK
+// (TestAtk27DuplicateGRPCStatus).
+func grpcStatus(fields []hpack.HeaderField) (string, bool) {
+	for i := len(fields) - 1; i >= 0; i-- {
+		if fields[i].Name == "grpc-status" {
+			return fields[i].Value, true
+		}
+	}
+	return "", false
+}
+
 // outcome derives the error reported to Picker.done from a response's
 // final header block: nil for grpc-status 0.
 func outcome(fields []hpack.HeaderField) error {
-	for _, f := range fields {
-		if f.Name != "grpc-status" {
-			continue
-		}
-		if f.Value == "0" {
-			return nil
-		}
-		// Parsed as grpc-go's client parses it (http2_client.go), since
-		// the client reads these very trailers: a value that is not a
-		// 32-bit number is malformed (UNKNOWN), and Atoi's wider int
-		// made 4294967310 UNAVAILABLE (14) here, and a failure of the
-		// backend's, while the client saw UNKNOWN.
-		n, err := strconv.ParseInt(f.Value, 10, 32)
-		if err != nil {
-			return status.Errorf(codes.Unknown, "malformed grpc-status %q", f.Value)
-		}
-		return status.Error(codes.Code(uint32(n)), "backend returned status")
+	v, ok := grpcStatus(fields)
+	switch {
+	case !ok:
+		return status.Error(codes.Unknown, "response without grpc-status")
+	case v == "0":
+		return nil
 	}
-	return status.Error(codes.Unknown, "response without grpc-status")
+	// Parsed as grpc-go's client parses it (http2_client.go), since the
+	// client reads these very trailers: a value that is not a 32-bit
+	// number is malformed (UNKNOWN), and Atoi's wider int made 4294967310
+	// UNAVAILABLE (14) here, and a failure of the backend's, while the
+	// client saw UNKNOWN.
+	n, err := strconv.ParseInt(v, 10, 32)
+	if err != nil {
+		return status.Errorf(codes.Unknown, "malformed grpc-status %q", v)
+	}
+	return status.Error(codes.Code(uint32(n)), "backend returned status")
 }
 
 // isUnavailable reports whether a final header block carries grpc-status
-// 14 (UNAVAILABLE).
+// 14 (UNAVAILABLE), as the client reads it (grpcStatus).
 func isUnavailable(fields []hpack.HeaderField) bool {
-	for _, f := range fields {
-		if f.Name == "grpc-status" {
-			return f.Value == "14"
-		}
-	}
-	return false
+	v, _ := grpcStatus(fields)
+	return v == "14"
 }
