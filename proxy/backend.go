@@ -784,7 +784,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	if a.keepReplay && a.s.retryable && !a.forwarded {
 		// The method may be retried on UNAVAILABLE and the client has seen
 		// nothing yet.
-		if end && isUnavailable(fields) {
+		if end && answerUnavailable(a.held, fields) {
 			// Try another backend; the headers held back, if any, are
 			// dropped with this answer (their count in the budget goes
 			// with the attempt, discardLocked).

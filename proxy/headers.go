@@ -451,3 +451,80 @@ func isUnavailable(fields []hpack.HeaderField) bool {
 	v, _ := grpcStatus(fields)
 	return v == "14"
 }
+
+// httpStatusCodes is grpc-go's HTTPStatusConvTab: the status its client
+// reads from a response without a gRPC content-type, by :status; any
+// other :status is UNKNOWN.
+var httpStatusCodes = map[string]codes.Code{
+	"400": codes.Internal,
+	"401": codes.Unauthenticated,
+	"403": codes.PermissionDenied,
+	"404": codes.Unimplemented,
+	"429": codes.Unavailable,
+	"502": codes.Unavailable,
+	"503": codes.Unavailable,
+	"504": codes.Unavailable,
+}
+
+// nonGRPCCode reports whether fields, a response's final headers or its
+// trailers-only block, name no gRPC content-type, and then the code a
+// gRPC client reads from the response: grpc-go's (http2_client.go
+// operateHeaders) comes from the :status alone, whatever grpc-status or
+// trailers follow, as a 503 or 502 page of an HTTP proxy in front of the
+// backend reads UNAVAILABLE. The proxy relays such a response as it is.
+func nonGRPCCode(fields []hpack.HeaderField) (codes.Code, bool) {
+	for i := range fields {
+		if fields[i].Name == "content-type" && isGRPCContentType(fields[i].Value) {
+			return codes.OK, false // grpc-go: any gRPC content-type makes it gRPC
+		}
+	}
+	c, ok := httpStatusCodes[responseStatus(fields)]
+	if !ok {
+		c = codes.Unknown
+	}
+	return c, true
+}
+
+// nonGRPCOutcome is the outcome of a response whose final headers,
+// fields, are not gRPC's (nonGRPCCode), nil for a gRPC response.
+func nonGRPCOutcome(fields []hpack.HeaderField) error {
+	c, ok := nonGRPCCode(fields)
+	if !ok {
+		return nil
+	}
+	return status.Errorf(c, "non-gRPC response: HTTP status %s", responseStatus(fields))
+}
+
+// errNoTrailers is the outcome of a gRPC response that ends without
+// trailers (DATA with END_STREAM): grpc-go's client fails it INTERNAL.
+var errNoTrailers = status.Error(codes.Internal, "server closed the stream without sending trailers")
+
+// answerOutcome is outcome for a complete answer relayed at once: its
+// header blocks in order (informational ones and nil skipped), the last
+// ending the response.
+func answerOutcome(answer [][]hpack.HeaderField) error {
+	for _, b := range answer {
+		if b == nil || interimBlock(b) {
+			continue
+		}
+		if err := nonGRPCOutcome(b); err != nil {
+			return err
+		}
+		break
+	}
+	return outcome(answer[len(answer)-1])
+}
+
+// answerUnavailable reports whether a backend's answer ending with fields,
+// after the final headers held (nil: fields are a trailers-only block),
+// is UNAVAILABLE as a gRPC client reads it.
+func answerUnavailable(held, fields []hpack.HeaderField) bool {
+	first := held
+	if first == nil {
+		first = fields
+	}
+	if c, ok := nonGRPCCode(first); ok {
+		return c == codes.Unavailable
+	}
+	return isUnavailable(fields)
+}
