@@ -110,3 +110,51 @@ func TestAtk27AnswersWithoutGRPCStatus(t *testing.T) {
 		})
 	}
 }
+
+// TestAtk27HeldHeadersReleasedThenTrailers: response headers of a
+// --retry-on method held back, then released on their own when the hold
+// ends (releaseHeldHeaders, not enqueueDown), and trailers after them:
+// the call is reported with the trailers' status. Unrecorded, the
+// trailers were taken for a trailers-only block without :status or gRPC
+// content-type, and a call the client saw OK (TestChaosSoak's long bidi
+// calls) was reported UNKNOWN.
+func TestAtk27HeldHeadersReleasedThenTrailers(t *testing.T) {
+	proxy.SetHeldHeadersMax(t, 10*time.Millisecond)
+	ends := make(callEnds, 4)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.CountCallEnd = func(ci proxy.CallInfo) { ends <- ci }
+		c.RetryOn = []string{"/grpc.testing.TestService/"}
+	}})
+	release := make(chan struct{})
+	bad := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
+		block := func(fields ...string) []byte {
+			var hb bytes.Buffer
+			enc := hpack.NewEncoder(&hb)
+			for i := 0; i < len(fields); i += 2 {
+				enc.WriteField(hpack.HeaderField{Name: fields[i], Value: fields[i+1]})
+			}
+			return hb.Bytes()
+		}
+		if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block(":status", "200", "content-type", "application/grpc"), EndHeaders: true}) != nil {
+			return false
+		}
+		<-release // the client has the headers: the hold ended
+		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block("grpc-status", "5"), EndHeaders: true, EndStream: true}) == nil
+	}))
+	e.setBackends(bad)
+	ctx := testkit.Context(t, 20*time.Second)
+	st, err := e.client.StreamingOutputCall(ctx, &testgrpc.StreamingOutputCallRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Header(); err != nil {
+		t.Fatalf("headers: %v", err)
+	}
+	close(release)
+	_, err = st.Recv()
+	got := status.Code(err)
+	ci := ends.next(t, ctx)
+	if got != codes.NotFound || ci.Code != got {
+		t.Errorf("client got %v (%v), proxy reported %v (%q); want NotFound both", got, err, ci.Code, ci.Message)
+	}
+}

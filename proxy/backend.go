@@ -266,6 +266,7 @@ func (c *serverConn) releaseHeldHeaders(a *attempt) {
 		b.resetUp(a, http2.ErrCodeCancel)
 		return
 	}
+	s.noteResponseHeadersLocked(held)
 	s.down.push(outItem{kind: itemHeaders, fields: held})
 	c.markReadyLocked(&s.down)
 	c.mu.Unlock()

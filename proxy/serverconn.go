@@ -1022,6 +1022,17 @@ func (s *stream) endedByDataLocked() {
 	s.fromBackend = true
 }
 
+// noteResponseHeadersLocked records a response header block of the
+// backend's, not ending the response, queued toward the client: the first
+// final one tells whether the response is gRPC's (nonGRPC). Caller must
+// hold cc.mu.
+func (s *stream) noteResponseHeadersLocked(fields []hpack.HeaderField) {
+	if !s.respHeaders && !interimBlock(fields) {
+		s.respHeaders = true
+		s.nonGRPC = nonGRPCOutcome(fields)
+	}
+}
+
 // enqueueDown queues a response item from the backend. It reports false if
 // the response was already ended, in which case DATA bytes must be credited
 // back by the caller.
@@ -1073,24 +1084,23 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 			}
 			return true
 		}
-		switch {
-		case it.end:
+		if it.end {
 			switch {
-			case s.nonGRPC != nil:
-				s.result = s.nonGRPC // grpc-go ignores the trailers of such a response
-			case !s.respHeaders:
-				// Trailers-only: a block without a gRPC content-type
-				// is read by its :status.
+			case responseStatus(it.fields) != "":
+				// Trailers-only (trailers carry no pseudo-header, onHeaders):
+				// a block without a gRPC content-type is read by its
+				// :status.
 				if s.result = nonGRPCOutcome(it.fields); s.result == nil {
 					s.result = outcome(it.fields)
 				}
+			case s.nonGRPC != nil:
+				s.result = s.nonGRPC // grpc-go ignores the trailers of such a response
 			default:
 				s.result = outcome(it.fields)
 			}
 			c.noteBackendStatusLocked(s, it.fields)
-		case !s.respHeaders && !interimBlock(it.fields):
-			s.respHeaders = true
-			s.nonGRPC = nonGRPCOutcome(it.fields)
+		} else {
+			s.noteResponseHeadersLocked(it.fields)
 		}
 		s.down.push(it)
 	}
