@@ -25,21 +25,34 @@ import (
 // reads as OK was taken for UNAVAILABLE and retried on a --retry-on
 // method, running the call again.
 func TestAtk27DuplicateGRPCStatus(t *testing.T) {
-	for _, tc := range []struct {
-		name     string
-		statuses []string
-		headers  bool // response headers and a message before the trailers
-		want     codes.Code
-		// retried: the answer is UNAVAILABLE as the client reads it, and
-		// trailers-only, so the call goes to the testserver (OK).
-		retried bool
-	}{
+	testTrailerRows(t, []trailerRow{
 		{name: "trailers-only OK then NOT_FOUND", statuses: []string{"0", "5"}, want: codes.NotFound},
 		{name: "trailers-only UNAVAILABLE then NOT_FOUND", statuses: []string{"14", "5"}, want: codes.NotFound},
 		{name: "trailers-only NOT_FOUND then UNAVAILABLE", statuses: []string{"5", "14"}, want: codes.OK, retried: true},
 		{name: "trailers OK then NOT_FOUND", statuses: []string{"0", "5"}, headers: true, want: codes.NotFound},
 		{name: "trailers UNAVAILABLE then OK", statuses: []string{"14", "0"}, headers: true, want: codes.OK},
-	} {
+	})
+}
+
+// trailerRow is a backend's answer for testTrailerRows: its grpc-status
+// fields, then extra fields, ending the stream.
+type trailerRow struct {
+	name     string
+	statuses []string
+	extra    []string
+	headers  bool // response headers and a message before the trailers
+	want     codes.Code
+	// retried: the answer is UNAVAILABLE as the client reads it, and
+	// trailers-only, so the call goes to the testserver (OK).
+	retried bool
+}
+
+// testTrailerRows has a raw backend, beside a testserver, answer a call of
+// a --retry-on method with each row's trailers, and checks that the proxy
+// reports (CountCallEnd) what the client got, and retries the answers the
+// client would read as UNAVAILABLE, those only.
+func testTrailerRows(t *testing.T, rows []trailerRow) {
+	for _, tc := range rows {
 		t.Run(tc.name, func(t *testing.T) {
 			ends := make(callEnds, 8)
 			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
@@ -69,6 +82,7 @@ func TestAtk27DuplicateGRPCStatus(t *testing.T) {
 				for _, s := range tc.statuses {
 					trailers = append(trailers, "grpc-status", s)
 				}
+				trailers = append(trailers, tc.extra...)
 				return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block(trailers...), EndHeaders: true, EndStream: true}) == nil
 			}))
 			e.setBackends(bad, e.backends[0].Addr())
@@ -92,7 +106,7 @@ func TestAtk27DuplicateGRPCStatus(t *testing.T) {
 				t.Fatalf("no call reached the raw backend %s (last: %+v)", bad, ci)
 			}
 			if got != tc.want {
-				t.Errorf("client got %v (%v), want %v: grpc-go reads the last grpc-status", got, err, tc.want)
+				t.Errorf("client got %v (%v), want %v", got, err, tc.want)
 			}
 			if asked.Load() != 1 {
 				t.Errorf("raw backend asked %d times, want 1", asked.Load())
@@ -109,4 +123,20 @@ func TestAtk27DuplicateGRPCStatus(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestAtk27TrailersMalformedForClient: grpc-go's client reads a final
+// block with a grpc-status that is not a number as UNKNOWN wherever that
+// field is (it stops at it), and one with a -bin field that is not base64
+// (decodeMetadataHeader) as INTERNAL, whatever its grpc-status. The proxy
+// reported the last grpc-status (OK, NOT_FOUND), and retried a
+// trailers-only UNAVAILABLE the client reads as INTERNAL.
+func TestAtk27TrailersMalformedForClient(t *testing.T) {
+	testTrailerRows(t, []trailerRow{
+		{name: "malformed then OK", statuses: []string{"x", "0"}, headers: true, want: codes.Unknown},
+		{name: "OK, a -bin field not base64", statuses: []string{"0"}, extra: []string{"x-detail-bin", "!!!!"}, headers: true, want: codes.Internal},
+		{name: "NOT_FOUND, details not base64", statuses: []string{"5"}, extra: []string{"grpc-status-details-bin", "a"}, headers: true, want: codes.Internal},
+		{name: "trailers-only UNAVAILABLE, a -bin field not base64", statuses: []string{"14"}, extra: []string{"x-detail-bin", "@@"}, want: codes.Internal},
+		{name: "NOT_FOUND, -bin fields padded and not", statuses: []string{"5"}, extra: []string{"x-a-bin", "AQI=", "x-b-bin", "AQI"}, headers: true, want: codes.NotFound},
+	})
 }

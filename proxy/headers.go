@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/hex"
 	"fmt"
 	"strconv"
@@ -424,8 +425,32 @@ func grpcStatus(fields []hpack.HeaderField) (string, bool) {
 }
 
 // outcome derives the error reported to Picker.done from a response's
-// final header block: nil for grpc-status 0.
+// final header block: nil for grpc-status 0. It reads the block as
+// grpc-go's client does (http2_client.go operateHeaders), since the client
+// reads these very trailers: a grpc-status that is not a 32-bit number,
+// wherever it is, makes it malformed (UNKNOWN; Atoi's wider int made
+// 4294967310 UNAVAILABLE (14) here, and a failure of the backend's, while
+// the client saw UNKNOWN); then a -bin field that is not base64 fails it
+// INTERNAL, whatever its grpc-status; then the last grpc-status counts
+// (grpcStatus).
 func outcome(fields []hpack.HeaderField) error {
+	badBin := ""
+	for i := range fields {
+		f := &fields[i]
+		switch {
+		case f.Name == "grpc-status":
+			if _, err := strconv.ParseInt(f.Value, 10, 32); err != nil {
+				return status.Errorf(codes.Unknown, "malformed grpc-status %q", f.Value)
+			}
+		case badBin == "" && strings.HasSuffix(f.Name, "-bin") && !validBinValue(f.Value):
+			badBin = f.Name
+		}
+	}
+	if badBin != "" {
+		// grpc-go's decodeMetadataHeader: the reserved names it skips
+		// end in no -bin.
+		return status.Errorf(codes.Internal, "malformed %s: not base64", badBin)
+	}
 	v, ok := grpcStatus(fields)
 	switch {
 	case !ok:
@@ -433,23 +458,28 @@ func outcome(fields []hpack.HeaderField) error {
 	case v == "0":
 		return nil
 	}
-	// Parsed as grpc-go's client parses it (http2_client.go), since the
-	// client reads these very trailers: a value that is not a 32-bit
-	// number is malformed (UNKNOWN), and Atoi's wider int made 4294967310
-	// UNAVAILABLE (14) here, and a failure of the backend's, while the
-	// client saw UNKNOWN.
-	n, err := strconv.ParseInt(v, 10, 32)
-	if err != nil {
-		return status.Errorf(codes.Unknown, "malformed grpc-status %q", v)
-	}
+	n, _ := strconv.ParseInt(v, 10, 32) // checked above
 	return status.Error(codes.Code(uint32(n)), "backend returned status")
 }
 
-// isUnavailable reports whether a final header block carries grpc-status
-// 14 (UNAVAILABLE), as the client reads it (grpcStatus).
+// validBinValue reports whether a binary (-bin) metadata value decodes as
+// grpc-go's client decodes it (decodeBinHeader): padded base64 when its
+// length is a multiple of 4, unpadded otherwise. A field value holds no
+// CR or LF, which the decoder would skip.
+func validBinValue(v string) bool {
+	enc := base64.RawStdEncoding
+	if len(v)%4 == 0 {
+		enc = base64.StdEncoding
+	}
+	_, err := enc.DecodeString(v)
+	return err == nil
+}
+
+// isUnavailable reports whether a final header block is UNAVAILABLE as
+// the client reads it (outcome).
 func isUnavailable(fields []hpack.HeaderField) bool {
 	v, _ := grpcStatus(fields)
-	return v == "14"
+	return v == "14" && status.Code(outcome(fields)) == codes.Unavailable
 }
 
 // httpStatusCodes is grpc-go's HTTPStatusConvTab: the status its client
