@@ -41,7 +41,8 @@ func TestAtk27AnswersWithoutGRPCStatus(t *testing.T) {
 		// the --retry-on call goes to the testserver (OK).
 		retried bool
 	}{
-		{name: "503 page", fields: []string{":status", "503", "content-type", "text/html"}, body: "<html>no</html>", want: codes.Unavailable},
+		{name: "503 page", fields: []string{":status", "503", "content-type", "text/html"}, body: "<html>no</html>", want: codes.OK, retried: true},
+		{name: "502 page in two frames", fields: []string{":status", "502", "content-type", "text/html"}, body: "<html>bad gateway</html>", split: true, want: codes.OK, retried: true},
 		{name: "404 page", fields: []string{":status", "404", "content-type", "text/html"}, body: "<html>no</html>", want: codes.Unimplemented},
 		{name: "200 page", fields: []string{":status", "200", "content-type", "text/html"}, body: "<html></html>", want: codes.Unknown},
 		{name: "trailers-only 404", fields: []string{":status", "404"}, want: codes.Unimplemented},
@@ -156,5 +157,38 @@ func TestAtk27HeldHeadersReleasedThenTrailers(t *testing.T) {
 	ci := ends.next(t, ctx)
 	if got != codes.NotFound || ci.Code != got {
 		t.Errorf("client got %v (%v), proxy reported %v (%q); want NotFound both", got, err, ci.Code, ci.Message)
+	}
+}
+
+// TestAtk27PageRetriesExhausted: a 503 page retried on a --retry-on
+// method until no retry is left is answered with its headers, the body
+// dropped: the client and the report read UNAVAILABLE.
+func TestAtk27PageRetriesExhausted(t *testing.T) {
+	ends := make(callEnds, 4)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.CountCallEnd = func(ci proxy.CallInfo) { ends <- ci }
+		c.RetryOn = []string{"/grpc.testing.TestService/"}
+	}})
+	var asked atomic.Int32
+	bad := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
+		asked.Add(1)
+		var hb bytes.Buffer
+		enc := hpack.NewEncoder(&hb)
+		enc.WriteField(hpack.HeaderField{Name: ":status", Value: "503"})
+		enc.WriteField(hpack.HeaderField{Name: "content-type", Value: "text/html"})
+		if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true}) != nil {
+			return false
+		}
+		return fr.WriteData(id, true, []byte("<html>busy</html>")) == nil
+	}))
+	e.setBackends(bad)
+	ctx := testkit.Context(t, 20*time.Second)
+	_, err := e.client.EmptyCall(ctx, &testgrpc.Empty{})
+	ci := ends.next(t, ctx)
+	if got := status.Code(err); got != codes.Unavailable || ci.Code != got {
+		t.Errorf("client got %v (%v), proxy reported %v; want Unavailable both", got, err, ci.Code)
+	}
+	if ci.Attempts < 2 || int(asked.Load()) != ci.Attempts {
+		t.Errorf("%d attempts reported, the backend asked %d times; want the call retried", ci.Attempts, asked.Load())
 	}
 }

@@ -975,6 +975,29 @@ func (b *backendConn) onData(f *dataFrame) error {
 		}
 		return err
 	}
+	if a.held != nil && a.keepReplay && a.s.retryable && !a.forwarded {
+		if answerUnavailable(a.held, nil) {
+			// Held headers that name no gRPC content-type and a :status
+			// a gRPC client reads as UNAVAILABLE (an HTTP proxy's 502 or
+			// 503 page in front of the backend), then their body: the
+			// answer is retried as a trailers-only UNAVAILABLE is
+			// (onHeaders), its body dropped. Relayed, the client got
+			// UNAVAILABLE from a backend that a retry may have passed
+			// by.
+			if !a.bst.sentEnded() {
+				b.queueCtrlLocked(writeOp{kind: opReset, streamID: f.StreamID, code: http2.ErrCodeCancel})
+				b.transport.stepLocked(&a.bst, f.StreamID, evSendReset)
+			}
+			answer := a.held
+			a.held = nil
+			b.unlistHoldLocked(a)
+			b.unlinkLocked(a)
+			b.mu.Unlock()
+			b.signal()
+			a.s.cc.retryOrFail(a, false, failure{kind: failBackendUnavailable, backend: b.addr}, answer)
+			return nil
+		}
+	}
 	held := b.forwardLocked(a)
 	// The bytes of an incomplete gRPC message wait for the rest of it
 	// (holdback.go); items are held bytes that go on first.

@@ -547,7 +547,8 @@ func answerOutcome(answer [][]hpack.HeaderField) error {
 
 // answerUnavailable reports whether a backend's answer ending with fields,
 // after the final headers held (nil: fields are a trailers-only block),
-// is UNAVAILABLE as a gRPC client reads it.
+// is UNAVAILABLE as a gRPC client reads it. With fields nil, it reports
+// whether held alone make it so (headers that are not gRPC's).
 func answerUnavailable(held, fields []hpack.HeaderField) bool {
 	first := held
 	if first == nil {
