@@ -266,6 +266,7 @@ func (c *serverConn) releaseHeldHeaders(a *attempt) {
 		b.resetUp(a, http2.ErrCodeCancel)
 		return
 	}
+	s.noteResponseHeadersLocked(held)
 	s.down.push(outItem{kind: itemHeaders, fields: held})
 	c.markReadyLocked(&s.down)
 	c.mu.Unlock()
@@ -784,7 +785,7 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 	if a.keepReplay && a.s.retryable && !a.forwarded {
 		// The method may be retried on UNAVAILABLE and the client has seen
 		// nothing yet.
-		if end && isUnavailable(fields) {
+		if end && answerUnavailable(a.held, fields) {
 			// Try another backend; the headers held back, if any, are
 			// dropped with this answer (their count in the budget goes
 			// with the attempt, discardLocked).
@@ -976,6 +977,29 @@ func (b *backendConn) onData(f *dataFrame) error {
 			b.signal()
 		}
 		return err
+	}
+	if a.held != nil && a.keepReplay && a.s.retryable && !a.forwarded {
+		if answerUnavailable(a.held, nil) {
+			// Held headers that name no gRPC content-type and a :status
+			// a gRPC client reads as UNAVAILABLE (an HTTP proxy's 502 or
+			// 503 page in front of the backend), then their body: the
+			// answer is retried as a trailers-only UNAVAILABLE is
+			// (onHeaders), its body dropped. Relayed, the client got
+			// UNAVAILABLE from a backend that a retry may have passed
+			// by.
+			if !a.bst.sentEnded() {
+				b.queueCtrlLocked(writeOp{kind: opReset, streamID: f.StreamID, code: http2.ErrCodeCancel})
+				b.transport.stepLocked(&a.bst, f.StreamID, evSendReset)
+			}
+			answer := a.held
+			a.held = nil
+			b.unlistHoldLocked(a)
+			b.unlinkLocked(a)
+			b.mu.Unlock()
+			b.signal()
+			a.s.cc.retryOrFail(a, false, failure{kind: failBackendUnavailable, backend: b.addr}, answer)
+			return nil
+		}
 	}
 	held := b.forwardLocked(a)
 	// The bytes of an incomplete gRPC message wait for the rest of it

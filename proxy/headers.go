@@ -2,6 +2,7 @@ package proxy
 
 import (
 	crand "crypto/rand"
+	"encoding/base64"
 	"encoding/hex"
 	"fmt"
 	"math/rand/v2"
@@ -435,37 +436,157 @@ func encodeGRPCMessage(msg string) string {
 	return b.String()
 }
 
-// outcome derives the error reported to Picker.done from a response's
-// final header block: nil for grpc-status 0.
-func outcome(fields []hpack.HeaderField) error {
-	for _, f := range fields {
-		if f.Name != "grpc-status" {
-			continue
+// grpcStatus returns the value of the grpc-status field of a response's
+// final header block, and whether it has one. A block with the field more
+// than once is relayed as it is, and grpc-go's client takes the last
+// (http2_client.go operateHeaders overwrites the code field by field, as
+// grpc-java's Metadata.get returns the last value): so does the proxy,
+// which reports and retries the answer the client reads. Taking the
+// first, a block with grpc-status 0 then 14 was reported OK while the
+// client got UNAVAILABLE, and 14 then 0 was retried on a --retry-on
+// method, run again, though the client would have read OK
+// (TestAtk27DuplicateGRPCStatus).
+func grpcStatus(fields []hpack.HeaderField) (string, bool) {
+	for i := len(fields) - 1; i >= 0; i-- {
+		if fields[i].Name == "grpc-status" {
+			return fields[i].Value, true
 		}
-		if f.Value == "0" {
-			return nil
-		}
-		// Parsed as grpc-go's client parses it (http2_client.go), since
-		// the client reads these very trailers: a value that is not a
-		// 32-bit number is malformed (UNKNOWN), and Atoi's wider int
-		// made 4294967310 UNAVAILABLE (14) here, and a failure of the
-		// backend's, while the client saw UNKNOWN.
-		n, err := strconv.ParseInt(f.Value, 10, 32)
-		if err != nil {
-			return status.Errorf(codes.Unknown, "malformed grpc-status %q", f.Value)
-		}
-		return status.Error(codes.Code(uint32(n)), "backend returned status")
 	}
-	return status.Error(codes.Unknown, "response without grpc-status")
+	return "", false
 }
 
-// isUnavailable reports whether a final header block carries grpc-status
-// 14 (UNAVAILABLE).
-func isUnavailable(fields []hpack.HeaderField) bool {
-	for _, f := range fields {
-		if f.Name == "grpc-status" {
-			return f.Value == "14"
+// outcome derives the error reported to Picker.done from a response's
+// final header block: nil for grpc-status 0. It reads the block as
+// grpc-go's client does (http2_client.go operateHeaders), since the client
+// reads these very trailers: a grpc-status that is not a 32-bit number,
+// wherever it is, makes it malformed (UNKNOWN; Atoi's wider int made
+// 4294967310 UNAVAILABLE (14) here, and a failure of the backend's, while
+// the client saw UNKNOWN); then a -bin field that is not base64 fails it
+// INTERNAL, whatever its grpc-status; then the last grpc-status counts
+// (grpcStatus).
+func outcome(fields []hpack.HeaderField) error {
+	badBin := ""
+	for i := range fields {
+		f := &fields[i]
+		switch {
+		case f.Name == "grpc-status":
+			if _, err := strconv.ParseInt(f.Value, 10, 32); err != nil {
+				return status.Errorf(codes.Unknown, "malformed grpc-status %q", f.Value)
+			}
+		case badBin == "" && strings.HasSuffix(f.Name, "-bin") && !validBinValue(f.Value):
+			badBin = f.Name
 		}
 	}
-	return false
+	if badBin != "" {
+		// grpc-go's decodeMetadataHeader: the reserved names it skips
+		// end in no -bin.
+		return status.Errorf(codes.Internal, "malformed %s: not base64", badBin)
+	}
+	v, ok := grpcStatus(fields)
+	switch {
+	case !ok:
+		return status.Error(codes.Unknown, "response without grpc-status")
+	case v == "0":
+		return nil
+	}
+	n, _ := strconv.ParseInt(v, 10, 32) // checked above
+	return status.Error(codes.Code(uint32(n)), "backend returned status")
+}
+
+// validBinValue reports whether a binary (-bin) metadata value decodes as
+// grpc-go's client decodes it (decodeBinHeader): padded base64 when its
+// length is a multiple of 4, unpadded otherwise. A field value holds no
+// CR or LF, which the decoder would skip.
+func validBinValue(v string) bool {
+	enc := base64.RawStdEncoding
+	if len(v)%4 == 0 {
+		enc = base64.StdEncoding
+	}
+	_, err := enc.DecodeString(v)
+	return err == nil
+}
+
+// isUnavailable reports whether a final header block is UNAVAILABLE as
+// the client reads it (outcome).
+func isUnavailable(fields []hpack.HeaderField) bool {
+	v, _ := grpcStatus(fields)
+	return v == "14" && status.Code(outcome(fields)) == codes.Unavailable
+}
+
+// httpStatusCodes is grpc-go's HTTPStatusConvTab: the status its client
+// reads from a response without a gRPC content-type, by :status; any
+// other :status is UNKNOWN.
+var httpStatusCodes = map[string]codes.Code{
+	"400": codes.Internal,
+	"401": codes.Unauthenticated,
+	"403": codes.PermissionDenied,
+	"404": codes.Unimplemented,
+	"429": codes.Unavailable,
+	"502": codes.Unavailable,
+	"503": codes.Unavailable,
+	"504": codes.Unavailable,
+}
+
+// nonGRPCCode reports whether fields, a response's final headers or its
+// trailers-only block, name no gRPC content-type, and then the code a
+// gRPC client reads from the response: grpc-go's (http2_client.go
+// operateHeaders) comes from the :status alone, whatever grpc-status or
+// trailers follow, as a 503 or 502 page of an HTTP proxy in front of the
+// backend reads UNAVAILABLE. The proxy relays such a response as it is.
+func nonGRPCCode(fields []hpack.HeaderField) (codes.Code, bool) {
+	for i := range fields {
+		if fields[i].Name == "content-type" && isGRPCContentType(fields[i].Value) {
+			return codes.OK, false // grpc-go: any gRPC content-type makes it gRPC
+		}
+	}
+	c, ok := httpStatusCodes[responseStatus(fields)]
+	if !ok {
+		c = codes.Unknown
+	}
+	return c, true
+}
+
+// nonGRPCOutcome is the outcome of a response whose final headers,
+// fields, are not gRPC's (nonGRPCCode), nil for a gRPC response.
+func nonGRPCOutcome(fields []hpack.HeaderField) error {
+	c, ok := nonGRPCCode(fields)
+	if !ok {
+		return nil
+	}
+	return status.Errorf(c, "non-gRPC response: HTTP status %s", responseStatus(fields))
+}
+
+// errNoTrailers is the outcome of a gRPC response that ends without
+// trailers (DATA with END_STREAM): grpc-go's client fails it INTERNAL.
+var errNoTrailers = status.Error(codes.Internal, "server closed the stream without sending trailers")
+
+// answerOutcome is outcome for a complete answer relayed at once: its
+// header blocks in order (informational ones and nil skipped), the last
+// ending the response.
+func answerOutcome(answer [][]hpack.HeaderField) error {
+	for _, b := range answer {
+		if b == nil || interimBlock(b) {
+			continue
+		}
+		if err := nonGRPCOutcome(b); err != nil {
+			return err
+		}
+		break
+	}
+	return outcome(answer[len(answer)-1])
+}
+
+// answerUnavailable reports whether a backend's answer ending with fields,
+// after the final headers held (nil: fields are a trailers-only block),
+// is UNAVAILABLE as a gRPC client reads it. With fields nil, it reports
+// whether held alone make it so (headers that are not gRPC's).
+func answerUnavailable(held, fields []hpack.HeaderField) bool {
+	first := held
+	if first == nil {
+		first = fields
+	}
+	if c, ok := nonGRPCCode(first); ok {
+		return c == codes.Unavailable
+	}
+	return isUnavailable(fields)
 }

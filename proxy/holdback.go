@@ -324,6 +324,7 @@ func (c *serverConn) enqueueHeld(a *attempt, items []outItem, data []byte, v *pb
 		s.pushDownData(data, end)
 	}
 	if end {
+		s.endedByDataLocked()
 		s.down.closed = true
 	}
 	c.markReadyLocked(&s.down)

@@ -1006,6 +1006,31 @@ func (s *stream) countDown(p []byte) {
 	s.msgs.advance(p)
 }
 
+// endedByDataLocked sets the outcome of s, whose backend ended the
+// response with DATA, without trailers: its own answer, relayed, which a
+// gRPC client fails (errNoTrailers), or reads from the :status of headers
+// that were not gRPC's (nonGRPC). Reported OK, a backend answering every
+// call so was a success to the director, the metrics and the access log.
+// Caller must hold cc.mu.
+func (s *stream) endedByDataLocked() {
+	s.result = s.nonGRPC
+	if s.result == nil {
+		s.result = errNoTrailers
+	}
+	s.fromBackend = true
+}
+
+// noteResponseHeadersLocked records a response header block of the
+// backend's, not ending the response, queued toward the client: the first
+// final one tells whether the response is gRPC's (nonGRPC). Caller must
+// hold cc.mu.
+func (s *stream) noteResponseHeadersLocked(fields []hpack.HeaderField) {
+	if !s.respHeaders && !interimBlock(fields) {
+		s.respHeaders = true
+		s.nonGRPC = nonGRPCOutcome(fields)
+	}
+}
+
 // enqueueDown queues a response item from the backend. It reports false if
 // the response was already ended, in which case DATA bytes must be credited
 // back by the caller.
@@ -1020,10 +1045,15 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 		return false
 	}
 	s.active = true
-	if it.kind == itemData && it.buf != nil {
-		s.pushDownView(it.buf, it.end)
-	} else if it.kind == itemData {
-		s.pushDownData(data, it.end)
+	if it.kind == itemData {
+		if it.end {
+			s.endedByDataLocked()
+		}
+		if it.buf != nil {
+			s.pushDownView(it.buf, it.end)
+		} else {
+			s.pushDownData(data, it.end)
+		}
 	} else {
 		if c.responseOverPeerLocked(a, it.fields) || c.responseOverBudgetLocked(a, it.fields) {
 			// The block is not sent: let go of its decoded strings,
@@ -1055,8 +1085,22 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 			return true
 		}
 		if it.end {
-			s.result = outcome(it.fields)
+			switch {
+			case responseStatus(it.fields) != "":
+				// Trailers-only (trailers carry no pseudo-header, onHeaders):
+				// a block without a gRPC content-type is read by its
+				// :status.
+				if s.result = nonGRPCOutcome(it.fields); s.result == nil {
+					s.result = outcome(it.fields)
+				}
+			case s.nonGRPC != nil:
+				s.result = s.nonGRPC // grpc-go ignores the trailers of such a response
+			default:
+				s.result = outcome(it.fields)
+			}
 			c.noteBackendStatusLocked(s, it.fields)
+		} else {
+			s.noteResponseHeadersLocked(it.fields)
 		}
 		s.down.push(it)
 	}

@@ -411,7 +411,7 @@ func rstCode(c http2.ErrCode) codes.Code {
 // else trailers after the headers already sent.
 func endBlocks(f failure, trailersOnly bool, answer [][]hpack.HeaderField) ([][]hpack.HeaderField, error) {
 	if len(answer) > 0 {
-		return answer, outcome(answer[len(answer)-1])
+		return answer, answerOutcome(answer)
 	}
 	st, httpStatus := statusOf(f)
 	// For outlier detection: a call that ends because its backend

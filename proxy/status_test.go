@@ -311,7 +311,7 @@ func TestEndBlocks(t *testing.T) {
 		{Name: "grpc-message", Value: "backend says: draining %E2%9C%93"},
 		{Name: "x-backend-id", Value: "pod-a"},
 	}
-	backendHeaders := []hpack.HeaderField{{Name: ":status", Value: "200"}, {Name: "x-backend-id", Value: "pod-b"}}
+	backendHeaders := []hpack.HeaderField{{Name: ":status", Value: "200"}, {Name: "content-type", Value: "application/grpc"}, {Name: "x-backend-id", Value: "pod-b"}}
 	backendTrailers := []hpack.HeaderField{{Name: "grpc-status", Value: "14"}, {Name: "grpc-message", Value: "overloaded"}}
 	cases := []struct {
 		name         string

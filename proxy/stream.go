@@ -145,6 +145,12 @@ type stream struct {
 	idleSweeps  uint8         // request-idle sweeps in a row that found it inactive
 	message     string        // the backend's grpc-message, with Config.OnCallEnd
 	start       time.Time     // request headers arrived, with Config.OnCallEnd
+	// respHeaders: the backend's final response headers were queued
+	// toward the client; nonGRPC is then, for headers without a gRPC
+	// content-type, the outcome a gRPC client reads from them
+	// (nonGRPCOutcome), whatever ends the response.
+	respHeaders bool
+	nonGRPC     error
 
 	// first is the storage of the first attempt and triedInl of tried:
 	// most calls make one attempt, so they cost no allocation of their own.
