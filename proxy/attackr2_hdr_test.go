@@ -167,8 +167,12 @@ func settledHeap() uint64 {
 // large block is read by the Framer: 62 KB more, which is x/net's, as in
 // Go's own HTTP/2 server: the HPACK decoder's save buffer for fields that
 // span frames keeps its capacity (about 48 KB here), and the Framer keeps
-// a read buffer of its largest frame (16 KiB). Failed over 80 KiB. Run
-// without -race for stable numbers.
+// a read buffer of its largest frame (16 KiB). Failed over 80 KiB in
+// each of three rounds: the heap is the test process's, and a fresh-clone
+// CI run (every package's tests at once, the pbufdebug build) read -16 KB
+// per connection after the small block, the rest of the process freeing
+// meanwhile, and 87 KB between the two; a connection keeping the values
+// exceeds it in every round. Run without -race for stable numbers.
 func TestAttackR2IdleConnHeapAfterLargeHeaderBlock(t *testing.T) {
 	verifyNoLeaks(t)
 	addr := echoHeaderServer(t)
@@ -179,16 +183,21 @@ func TestAttackR2IdleConnHeapAfterLargeHeaderBlock(t *testing.T) {
 	ln := serveProxy(t, srv)
 	const n = 150
 	idleHeapPerConn(t, ln.Addr().String(), 10, 100, 1) // warm up: the backend connection, pools
-	small := idleHeapPerConn(t, ln.Addr().String(), n, 100, 1)
-	one := idleHeapPerConn(t, ln.Addr().String(), n, 15000, 1)
-	limit := idleHeapPerConn(t, ln.Addr().String(), n, 14000, 4)
-	t.Logf("heap per idle connection: %.0f B after a small header block, %.0f B after one of a 15 kB value (one frame), %.0f B after 56 kB of values (CONTINUATION, under the 60 KiB default MaxHeaderListSize)", small, one, limit)
-	if one-small > 8<<10 {
-		t.Logf("an idle connection whose last header block (one frame) was large keeps %.0f B more than one whose block was small", one-small)
+	var over []float64
+	for range 3 {
+		small := idleHeapPerConn(t, ln.Addr().String(), n, 100, 1)
+		one := idleHeapPerConn(t, ln.Addr().String(), n, 15000, 1)
+		limit := idleHeapPerConn(t, ln.Addr().String(), n, 14000, 4)
+		t.Logf("heap per idle connection: %.0f B after a small header block, %.0f B after one of a 15 kB value (one frame), %.0f B after 56 kB of values (CONTINUATION, under the 60 KiB default MaxHeaderListSize)", small, one, limit)
+		if one-small > 8<<10 {
+			t.Logf("an idle connection whose last header block (one frame) was large keeps %.0f B more than one whose block was small", one-small)
+		}
+		if limit-small <= 80<<10 {
+			return
+		}
+		over = append(over, limit-small)
 	}
-	if limit-small > 80<<10 {
-		t.Errorf("an idle connection whose last header list was near MaxHeaderListSize keeps %.0f B more than one whose block was small", limit-small)
-	}
+	t.Errorf("an idle connection whose last header list was near MaxHeaderListSize keeps more than one whose block was small, by over 80 KiB in every round: %.0f B", over)
 }
 
 type http2Frame = http2.Frame
