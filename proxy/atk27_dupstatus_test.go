@@ -1,13 +1,11 @@
 package proxy_test
 
 import (
-	"bytes"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
@@ -48,33 +46,16 @@ type trailerRow struct {
 }
 
 // testTrailerRows has a raw backend, beside a testserver, answer a call of
-// a --retry-on method with each row's trailers, and checks that the proxy
-// reports (CountCallEnd) what the client got, and retries the answers the
-// client would read as UNAVAILABLE, those only.
+// a --retry-on method with each row's trailers (retryOnRawAnswer).
 func testTrailerRows(t *testing.T, rows []trailerRow) {
 	for _, tc := range rows {
 		t.Run(tc.name, func(t *testing.T) {
-			ends := make(callEnds, 8)
-			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-				c.CountCallEnd = func(ci proxy.CallInfo) { ends <- ci }
-				c.RetryOn = []string{"/grpc.testing.TestService/"}
-			}})
-			var asked atomic.Int32
-			bad := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
-				asked.Add(1)
-				block := func(fields ...string) []byte {
-					var hb bytes.Buffer
-					enc := hpack.NewEncoder(&hb)
-					for i := 0; i < len(fields); i += 2 {
-						enc.WriteField(hpack.HeaderField{Name: fields[i], Value: fields[i+1]})
-					}
-					return hb.Bytes()
-				}
+			retryOnRawAnswer(t, tc.want, tc.retried, func(fr *http2.Framer, id uint32) bool {
 				var trailers []string
 				if !tc.headers {
 					trailers = []string{":status", "200", "content-type", "application/grpc"}
 				} else {
-					if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block(":status", "200", "content-type", "application/grpc"), EndHeaders: true}) != nil ||
+					if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hpackBlock(":status", "200", "content-type", "application/grpc"), EndHeaders: true}) != nil ||
 						fr.WriteData(id, false, grpcMsg(&testgrpc.Empty{})) != nil {
 						return false
 					}
@@ -83,45 +64,60 @@ func testTrailerRows(t *testing.T, rows []trailerRow) {
 					trailers = append(trailers, "grpc-status", s)
 				}
 				trailers = append(trailers, tc.extra...)
-				return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block(trailers...), EndHeaders: true, EndStream: true}) == nil
-			}))
-			e.setBackends(bad, e.backends[0].Addr())
-			ctx := testkit.Context(t, 20*time.Second)
-			// Round robin over the raw backend and a testserver: calls
-			// until one reached the raw backend (the director's order is
-			// not the test's to know); a retry would go to the
-			// testserver.
-			var got codes.Code
-			var err error
-			var ci proxy.CallInfo
-			for range 4 {
-				_, err = e.client.EmptyCall(ctx, &testgrpc.Empty{})
-				ci = ends.next(t, ctx)
-				if asked.Load() > 0 {
-					got = status.Code(err)
-					break
-				}
-			}
-			if asked.Load() == 0 {
-				t.Fatalf("no call reached the raw backend %s (last: %+v)", bad, ci)
-			}
-			if got != tc.want {
-				t.Errorf("client got %v (%v), want %v", got, err, tc.want)
-			}
-			if asked.Load() != 1 {
-				t.Errorf("raw backend asked %d times, want 1", asked.Load())
-			}
-			if ci.Code != got {
-				t.Errorf("client got %v, proxy reported %v", got, ci.Code)
-			}
-			wantAttempts, wantLast := 1, bad
-			if tc.retried {
-				wantAttempts, wantLast = 2, e.backends[0].Addr()
-			}
-			if ci.Attempts != wantAttempts || ci.Backend != wantLast {
-				t.Errorf("call made %d attempts, the last on %s; want %d, the last on %s (raw backend %s)", ci.Attempts, ci.Backend, wantAttempts, wantLast, bad)
-			}
+				return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hpackBlock(trailers...), EndHeaders: true, EndStream: true}) == nil
+			})
 		})
+	}
+}
+
+// retryOnRawAnswer has a raw backend, beside a testserver, answer a call
+// of a --retry-on method with answer, and checks that the proxy reports
+// (CountCallEnd) what the client got, want, and that the call was retried
+// on the testserver (which answers OK) exactly when retried: the answers
+// the client reads as UNAVAILABLE, and those only.
+func retryOnRawAnswer(t *testing.T, want codes.Code, retried bool, answer func(fr *http2.Framer, id uint32) bool) {
+	t.Helper()
+	ends := make(callEnds, 8)
+	e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
+		c.CountCallEnd = func(ci proxy.CallInfo) { ends <- ci }
+		c.RetryOn = []string{"/grpc.testing.TestService/"}
+	}})
+	var asked atomic.Int32
+	bad := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
+		asked.Add(1)
+		return answer(fr, id)
+	}))
+	e.setBackends(bad, e.backends[0].Addr())
+	ctx := testkit.Context(t, 20*time.Second)
+	// Round robin over the raw backend and a testserver: calls until one
+	// reached the raw backend (the director's order is not the test's to
+	// know); a retry would go to the testserver.
+	var got codes.Code
+	var err error
+	var ci proxy.CallInfo
+	for range 4 {
+		_, err = e.client.EmptyCall(ctx, &testgrpc.Empty{})
+		ci = ends.next(t, ctx)
+		if asked.Load() > 0 {
+			got = status.Code(err)
+			break
+		}
+	}
+	if asked.Load() != 1 {
+		t.Fatalf("raw backend %s asked %d times, want 1 (last call: %+v)", bad, asked.Load(), ci)
+	}
+	if got != want {
+		t.Errorf("client got %v (%v), want %v", got, err, want)
+	}
+	if ci.Code != got {
+		t.Errorf("client got %v, proxy reported %v", got, ci.Code)
+	}
+	wantAttempts, wantLast := 1, bad
+	if retried {
+		wantAttempts, wantLast = 2, e.backends[0].Addr()
+	}
+	if ci.Attempts != wantAttempts || ci.Backend != wantLast {
+		t.Errorf("call made %d attempts, the last on %s; want %d, the last on %s (raw backend %s)", ci.Attempts, ci.Backend, wantAttempts, wantLast, bad)
 	}
 }
 

@@ -1,13 +1,11 @@
 package proxy_test
 
 import (
-	"bytes"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
@@ -52,20 +50,8 @@ func TestAtk27AnswersWithoutGRPCStatus(t *testing.T) {
 		{name: "gRPC message held back, without trailers", fields: []string{":status", "200", "content-type", "application/grpc"}, body: "\x00\x00\x00\x00\x02\x08\x01", split: true, want: codes.Internal},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ends := make(callEnds, 8)
-			e := newEnv(t, envOpts{backends: 1, pcfg: func(c *proxy.Config) {
-				c.CountCallEnd = func(ci proxy.CallInfo) { ends <- ci }
-				c.RetryOn = []string{"/grpc.testing.TestService/"}
-			}})
-			var asked atomic.Int32
-			bad := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
-				asked.Add(1)
-				var hb bytes.Buffer
-				enc := hpack.NewEncoder(&hb)
-				for i := 0; i < len(tc.fields); i += 2 {
-					enc.WriteField(hpack.HeaderField{Name: tc.fields[i], Value: tc.fields[i+1]})
-				}
-				if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: tc.body == ""}); err != nil || tc.body == "" {
+			retryOnRawAnswer(t, tc.want, tc.retried, func(fr *http2.Framer, id uint32) bool {
+				if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hpackBlock(tc.fields...), EndHeaders: true, EndStream: tc.body == ""}); err != nil || tc.body == "" {
 					return err == nil
 				}
 				body := []byte(tc.body)
@@ -76,38 +62,7 @@ func TestAtk27AnswersWithoutGRPCStatus(t *testing.T) {
 					body = body[3:]
 				}
 				return fr.WriteData(id, true, body) == nil
-			}))
-			e.setBackends(bad, e.backends[0].Addr())
-			ctx := testkit.Context(t, 20*time.Second)
-			// Calls until one reached the raw backend (round robin over it
-			// and a testserver; a retry goes to the testserver).
-			var got codes.Code
-			var err error
-			var ci proxy.CallInfo
-			for range 4 {
-				_, err = e.client.EmptyCall(ctx, &testgrpc.Empty{})
-				ci = ends.next(t, ctx)
-				if asked.Load() > 0 {
-					got = status.Code(err)
-					break
-				}
-			}
-			if asked.Load() != 1 {
-				t.Fatalf("raw backend %s asked %d times, want 1 (last call: %+v)", bad, asked.Load(), ci)
-			}
-			if got != tc.want {
-				t.Errorf("client got %v (%v), want %v", got, err, tc.want)
-			}
-			if ci.Code != got {
-				t.Errorf("client got %v, proxy reported %v", got, ci.Code)
-			}
-			wantAttempts, wantLast := 1, bad
-			if tc.retried {
-				wantAttempts, wantLast = 2, e.backends[0].Addr()
-			}
-			if ci.Attempts != wantAttempts || ci.Backend != wantLast {
-				t.Errorf("call made %d attempts, the last on %s; want %d, the last on %s (raw backend %s)", ci.Attempts, ci.Backend, wantAttempts, wantLast, bad)
-			}
+			})
 		})
 	}
 }
@@ -128,19 +83,11 @@ func TestAtk27HeldHeadersReleasedThenTrailers(t *testing.T) {
 	}})
 	release := make(chan struct{})
 	bad := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
-		block := func(fields ...string) []byte {
-			var hb bytes.Buffer
-			enc := hpack.NewEncoder(&hb)
-			for i := 0; i < len(fields); i += 2 {
-				enc.WriteField(hpack.HeaderField{Name: fields[i], Value: fields[i+1]})
-			}
-			return hb.Bytes()
-		}
-		if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block(":status", "200", "content-type", "application/grpc"), EndHeaders: true}) != nil {
+		if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hpackBlock(":status", "200", "content-type", "application/grpc"), EndHeaders: true}) != nil {
 			return false
 		}
 		<-release // the client has the headers: the hold ended
-		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block("grpc-status", "5"), EndHeaders: true, EndStream: true}) == nil
+		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hpackBlock("grpc-status", "5"), EndHeaders: true, EndStream: true}) == nil
 	}))
 	e.setBackends(bad)
 	ctx := testkit.Context(t, 20*time.Second)
@@ -172,11 +119,7 @@ func TestAtk27PageRetriesExhausted(t *testing.T) {
 	var asked atomic.Int32
 	bad := rawBackend(t, h2Backend(func(fr *http2.Framer, id uint32) bool {
 		asked.Add(1)
-		var hb bytes.Buffer
-		enc := hpack.NewEncoder(&hb)
-		enc.WriteField(hpack.HeaderField{Name: ":status", Value: "503"})
-		enc.WriteField(hpack.HeaderField{Name: "content-type", Value: "text/html"})
-		if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true}) != nil {
+		if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hpackBlock(":status", "503", "content-type", "text/html"), EndHeaders: true}) != nil {
 			return false
 		}
 		return fr.WriteData(id, true, []byte("<html>busy</html>")) == nil

@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -49,16 +50,19 @@ func (p timeoutPicker) PickUpstream(ctx context.Context, method string, _ *proxy
 // bucket, nor may a backend's NOT_FOUND (not a success). A backend that
 // cannot be reached (connection refused) still takes tokens, as grpc-go's
 // UNAVAILABLE for a stream that ended before any header does; otherwise a
-// fleet whose every backend is down would never throttle.
+// fleet whose every backend is down would never throttle. A call its
+// client cancelled is no answer either (it refilled the bucket as a
+// success before).
 //
 // EmptyCall fails UNAVAILABLE on every backend: 100 calls empty the
 // bucket of 10 tokens (ratio 1: each success gives back a whole token).
 // After each kind of outcome that must not refill it, 10 failing calls
 // must make no retry. Before, each proxy-made DEADLINE_EXCEEDED and each
-// backend NOT_FOUND gave back a token: the bucket was full again and the
-// 10 calls made about 5 retries.
+// backend NOT_FOUND or client cancel gave back a token: the bucket was
+// full again and the 10 calls made about 5 retries.
 func TestRetryBudgetCountsBackendAnswers(t *testing.T) {
 	verifyNoLeaks(t)
+	var cancelled atomic.Int64
 	e := newEnv(t, envOpts{backends: 3,
 		tscfg: func(_ int, c *testserver.Config) {
 			c.EmptyCallF = func(context.Context, *testgrpc.Empty) (*testgrpc.Empty, error) {
@@ -80,6 +84,11 @@ func TestRetryBudgetCountsBackendAnswers(t *testing.T) {
 			c.RetryOn = []string{emptyCall}
 			c.RetryBudget = 10
 			c.RetryBudgetRatio = 1
+			c.CountCallEnd = func(ci proxy.CallInfo) {
+				if ci.Code == codes.Canceled {
+					cancelled.Add(1)
+				}
+			}
 		},
 		dcfg: func(c *director.Config) { c.EjectAfter = -1 },
 	})
@@ -125,6 +134,29 @@ func TestRetryBudgetCountsBackendAnswers(t *testing.T) {
 	unary(20, 2, codes.NotFound)
 	if n := retries(); n != 0 {
 		t.Errorf("after 20 NOT_FOUND answers, 10 failing calls made %d retries, want 0: a backend's error was counted a success", n)
+	}
+
+	const cancels = 20
+	for range cancels {
+		cctx, cancel := context.WithCancel(ctx)
+		st, err := e.client.FullDuplexCall(cctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Send(&testgrpc.StreamingOutputCallRequest{ResponseParameters: []*testgrpc.ResponseParameters{{Size: 1}}}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := st.Recv(); err != nil { // at the backend, answering
+			t.Fatal(err)
+		}
+		cancel()
+		if _, err := st.Recv(); status.Code(err) != codes.Canceled {
+			t.Fatalf("cancelled call: got %v, want CANCELLED", err)
+		}
+	}
+	testkit.WaitFor(ctx, t, "the proxy to end the cancelled calls", func() bool { return cancelled.Load() == cancels })
+	if n := retries(); n != 0 {
+		t.Errorf("after %d client cancels, 10 failing calls made %d retries, want 0: the cancels gave back retry tokens", cancels, n)
 	}
 
 	// The control: OK answers do refill the bucket (20 tokens, capped at
