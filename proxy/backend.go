@@ -789,20 +789,11 @@ func (b *backendConn) onHeaders(f *headerBlock) error {
 			// Try another backend; the headers held back, if any, are
 			// dropped with this answer (their count in the budget goes
 			// with the attempt, discardLocked).
-			if !a.bst.sentEnded() {
-				b.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeCancel})
-				b.transport.stepLocked(&a.bst, id, evSendReset)
-			}
-			answer := [][]hpack.HeaderField{fields}
 			if a.held != nil {
-				answer = [][]hpack.HeaderField{a.held, fields}
-				a.held = nil
-				b.unlistHoldLocked(a)
+				b.retryUnavailable(a, id, a.held, fields)
+			} else {
+				b.retryUnavailable(a, id, fields)
 			}
-			b.unlinkLocked(a)
-			b.mu.Unlock()
-			b.signal()
-			a.s.cc.retryOrFail(a, false, failure{kind: failBackendUnavailable, backend: b.addr}, answer...)
 			return nil
 		}
 		if interim {
@@ -978,28 +969,15 @@ func (b *backendConn) onData(f *dataFrame) error {
 		}
 		return err
 	}
-	if a.held != nil && a.keepReplay && a.s.retryable && !a.forwarded {
-		if answerUnavailable(a.held, nil) {
-			// Held headers that name no gRPC content-type and a :status
-			// a gRPC client reads as UNAVAILABLE (an HTTP proxy's 502 or
-			// 503 page in front of the backend), then their body: the
-			// answer is retried as a trailers-only UNAVAILABLE is
-			// (onHeaders), its body dropped. Relayed, the client got
-			// UNAVAILABLE from a backend that a retry may have passed
-			// by.
-			if !a.bst.sentEnded() {
-				b.queueCtrlLocked(writeOp{kind: opReset, streamID: f.StreamID, code: http2.ErrCodeCancel})
-				b.transport.stepLocked(&a.bst, f.StreamID, evSendReset)
-			}
-			answer := a.held
-			a.held = nil
-			b.unlistHoldLocked(a)
-			b.unlinkLocked(a)
-			b.mu.Unlock()
-			b.signal()
-			a.s.cc.retryOrFail(a, false, failure{kind: failBackendUnavailable, backend: b.addr}, answer)
-			return nil
-		}
+	if a.held != nil && a.keepReplay && a.s.retryable && !a.forwarded && answerUnavailable(a.held, nil) {
+		// Held headers that name no gRPC content-type and a :status a
+		// gRPC client reads as UNAVAILABLE (an HTTP proxy's 502 or 503
+		// page in front of the backend), then their body: the answer is
+		// retried as a trailers-only UNAVAILABLE is (onHeaders), its
+		// body dropped. Relayed, the client got UNAVAILABLE from a
+		// backend that a retry may have passed by.
+		b.retryUnavailable(a, f.StreamID, a.held)
+		return nil
 	}
 	held := b.forwardLocked(a)
 	// The bytes of an incomplete gRPC message wait for the rest of it
@@ -1095,6 +1073,26 @@ func (b *backendConn) endAnsweredEarly(a *attempt) {
 		h()
 	}
 	b.resetUp(a, http2.ErrCodeCancel)
+}
+
+// retryUnavailable ends a's stream, answered UNAVAILABLE with answer
+// (its header blocks, the held ones first), with a reset if it is still
+// open on b, and hands the call to retryOrFail: another backend, or the
+// answer relayed. The held headers, if any, go with it. Caller must hold
+// b.mu; it is released.
+func (b *backendConn) retryUnavailable(a *attempt, id uint32, answer ...[]hpack.HeaderField) {
+	if !a.bst.sentEnded() {
+		b.queueCtrlLocked(writeOp{kind: opReset, streamID: id, code: http2.ErrCodeCancel})
+		b.transport.stepLocked(&a.bst, id, evSendReset)
+	}
+	if a.held != nil {
+		a.held = nil
+		b.unlistHoldLocked(a)
+	}
+	b.unlinkLocked(a)
+	b.mu.Unlock()
+	b.signal()
+	a.s.cc.retryOrFail(a, false, failure{kind: failBackendUnavailable, backend: b.addr}, answer...)
 }
 
 // silent reports whether a's stream was opened on b and b sent no

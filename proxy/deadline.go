@@ -93,9 +93,10 @@ func (s *stream) deadlineFailure() failure {
 // unansweredLocked reports whether s's deadline passing now is its
 // backend not answering (Unanswered, which counts towards the backend's
 // ejection, as Envoy counts its upstream timeouts): the deadline is the
-// route's, the backend has the whole request, and (silent) it sent no
-// response message. Response headers alone are no answer: grpc-go's
-// server sends them with its first message or its status. The same
+// route's and the backend has the whole request; the caller adds that
+// the backend sent no response message (attempt.gotData). Response
+// headers alone are no answer: grpc-go's server sends them with its
+// first message or its status. The same
 // whichever timer saw the deadline first: ours (deadlineExceeded), or the
 // backend's, which was sent what was left of the route's timeout as its
 // grpc-timeout (attemptFields) and may end the stream a moment earlier,
@@ -103,8 +104,8 @@ func (s *stream) deadlineFailure() failure {
 // (backendReset). Counted only when ours came first, a backend that never
 // answered escaped ejection whenever its timer won the race, as under
 // load. Caller must hold s.cc.mu.
-func (s *stream) unansweredLocked(silent bool) bool {
-	return silent && s.routeDeadline() && s.cst.recvEnded()
+func (s *stream) unansweredLocked() bool {
+	return s.routeDeadline() && s.cst.recvEnded()
 }
 
 // routeTimedOut reports whether fields, a backend's final header block

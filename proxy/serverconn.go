@@ -711,7 +711,7 @@ func (c *serverConn) deadlineExceeded(s *stream) {
 	case s.cst.ended():
 	case !s.down.closed:
 		f := s.deadlineFailure()
-		f.unanswered = a != nil && s.unansweredLocked(true) && a.bc.silent(a)
+		f.unanswered = a != nil && s.unansweredLocked() && a.bc.silent(a)
 		c.failLocked(s, f)
 	case !s.routeDeadline() && !s.down.empty():
 		// The answer ended in time, but the client has not taken all
@@ -1075,7 +1075,7 @@ func (c *serverConn) enqueueDown(a *attempt, it outItem, data []byte) bool {
 			clear(it.fields)
 			cancelUp := !s.cst.recvEnded()
 			f := s.deadlineFailure()
-			f.unanswered = s.unansweredLocked(!a.gotData) // this goroutine writes gotData
+			f.unanswered = s.unansweredLocked() && !a.gotData // this goroutine writes gotData
 			c.failLocked(s, f)
 			c.mu.Unlock()
 			c.signal()
@@ -1163,7 +1163,7 @@ func (c *serverConn) backendReset(a *attempt, code http2.ErrCode) {
 		// ran out, a moment before our own timer: the client is owed
 		// DEADLINE_EXCEEDED, not a bare reset.
 		f := s.deadlineFailure()
-		f.unanswered = s.unansweredLocked(!a.gotData) // this goroutine writes gotData
+		f.unanswered = s.unansweredLocked() && !a.gotData // this goroutine writes gotData
 		c.failLocked(s, f)
 		return
 	}
